@@ -1,0 +1,226 @@
+"""Settings: every environment variable read, typed and validated in one place."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+DEFAULT_CORS_ORIGINS = (
+    "http://localhost:8080",
+    "http://localhost:3000",
+    "https://call-flow-weaver.vercel.app",
+    "https://call-flow-weaver-backend.onrender.com",
+)
+
+SECRET_SETTINGS = frozenset(
+    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key"}
+)
+
+
+class ConfigError(ValueError):
+    """Raised at start with every bad variable named, so a deploy fails loudly and early."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("Invalid configuration: " + "; ".join(problems))
+        self.problems = problems
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None or value.strip() == "":
+        return default
+    v = value.strip().lower()
+    if v in {"1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected a boolean (1/0/true/false), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Frozen view of the environment; the engine gets plain values from here, never Flask config."""
+
+    port: int = 3000
+    node_env: str = "development"
+    public_base_url: str | None = None
+    # Twilio
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_phone_number: str = ""
+    twilio_api_base_url: str | None = None
+    twilio_validate_signatures: bool = True
+    allow_request_credentials: bool = False
+    allowed_destination_prefixes: tuple[str, ...] = ("+1",)
+    record_calls: bool = False
+    call_timeout_s: int = 30
+    # LLM providers
+    llm_providers: tuple[str, ...] = ("azure", "openai")
+    azure_openai_api_key: str = ""
+    azure_openai_endpoint: str = ""
+    azure_openai_deployment: str = ""
+    azure_openai_api_version: str = "2025-01-01-preview"
+    openai_api_key: str = ""
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    llm_first_token_timeout_s: float = 1.5
+    llm_connect_timeout_s: float = 2.0
+    llm_stall_timeout_s: float = 5.0
+    llm_circuit_failures: int = 3
+    llm_circuit_cooldown_s: float = 30.0
+    # State
+    db_path: str = "instance/callweaver.sqlite3"
+    redis_url: str | None = None
+    cache_type: str = ""
+    cache_dir: str = "instance/cache"
+    cache_ttl_s: int = 86400
+    cache_prewarm: bool = True
+    metrics_window_s: int = 3600
+    # Web
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    secret_key: str = ""
+    max_body_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+    log_format: str = "json"
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_twilio_credentials(self) -> bool:
+        return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def signatures_enforced(self) -> bool:
+        """Validation is on whenever a token exists, unless explicitly disabled for a local tunnel."""
+        return self.twilio_validate_signatures
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings safe to log: secrets reduced to whether they are set."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = bool(value) if f.name in SECRET_SETTINGS else value
+        return out
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> "Settings":
+        """Read variables (overrides win, same names as the environment); raise ConfigError naming each bad one."""
+        env: dict[str, Any] = dict(os.environ if environ is None else environ)
+        if overrides:
+            env.update({k: v for k, v in overrides.items() if isinstance(k, str) and k.isupper()})
+        problems: list[str] = []
+        warnings: list[str] = []
+        values: dict[str, Any] = {}
+
+        def text(name: str, default: str = "") -> str:
+            raw = env.get(name)
+            return default if raw is None else str(raw).strip()
+
+        def number(name: str, default: float, kind: type = float, low: float | None = None) -> Any:
+            raw = env.get(name)
+            if raw is None or str(raw).strip() == "":
+                return default
+            try:
+                val = kind(str(raw).strip())
+            except ValueError:
+                problems.append(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}")
+                return default
+            if low is not None and val < low:
+                problems.append(f"{name} must be >= {low}, got {raw!r}")
+                return default
+            return val
+
+        def flag(name: str, default: bool) -> bool:
+            try:
+                return _flag(None if env.get(name) is None else str(env.get(name)), default)
+            except ValueError as e:
+                problems.append(f"{name}: {e}")
+                return default
+
+        def url(name: str, *aliases: str, schemes=("http", "https")) -> str | None:
+            for key in (name, *aliases):
+                raw = text(key)
+                if raw:
+                    parsed = urlparse(raw)
+                    if parsed.scheme not in schemes or not parsed.netloc:
+                        problems.append(f"{key} must be an absolute {'/'.join(schemes)} URL, got {raw!r}")
+                        return None
+                    return raw.rstrip("/")
+            return None
+
+        values["port"] = number("PORT", 3000, int, 1)
+        values["node_env"] = text("NODE_ENV", "development") or "development"
+        values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL")
+        values["twilio_account_sid"] = text("TWILIO_ACCOUNT_SID")
+        values["twilio_auth_token"] = text("TWILIO_AUTH_TOKEN")
+        values["twilio_phone_number"] = text("TWILIO_PHONE_NUMBER")
+        values["twilio_api_base_url"] = url("TWILIO_API_BASE_URL")
+        sid = values["twilio_account_sid"]
+        if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
+            problems.append("TWILIO_ACCOUNT_SID must be 'AC' followed by 32 hex characters")
+        phone = values["twilio_phone_number"]
+        if phone and not re.fullmatch(r"\+[1-9]\d{6,14}", phone):
+            problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone!r}")
+        values["twilio_validate_signatures"] = flag("TWILIO_VALIDATE_SIGNATURES", True)
+        if not values["twilio_validate_signatures"]:
+            warnings.append("TWILIO_VALIDATE_SIGNATURES=0: Twilio webhook signatures are NOT checked "
+                            "(use only for local tunnels)")
+        values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
+        prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
+        for p in prefixes:
+            if p != "*" and not re.fullmatch(r"\+\d{1,6}", p):
+                problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
+        values["allowed_destination_prefixes"] = prefixes or ("+1",)
+        values["record_calls"] = flag("RECORD_CALLS", False)
+        values["call_timeout_s"] = number("CALL_TIMEOUT_S", 30, int, 5)
+
+        providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
+        for p in providers:
+            if p not in {"azure", "openai"}:
+                problems.append(f"LLM_PROVIDERS entries must be azure or openai, got {p!r}")
+        values["llm_providers"] = providers or ("azure", "openai")
+        values["azure_openai_api_key"] = text("AZURE_OPENAI_API_KEY")
+        values["azure_openai_endpoint"] = url("AZURE_OPENAI_ENDPOINT") or ""
+        values["azure_openai_deployment"] = text("AZURE_OPENAI_DEPLOYMENT")
+        values["azure_openai_api_version"] = text("AZURE_OPENAI_API_VERSION", "2025-01-01-preview") or "2025-01-01-preview"
+        values["openai_api_key"] = text("OPENAI_API_KEY")
+        values["openai_base_url"] = url("OPENAI_BASE_URL")
+        values["openai_model"] = text("OPENAI_MODEL", "gpt-4o-mini") or "gpt-4o-mini"
+        values["llm_first_token_timeout_s"] = number("LLM_FIRST_TOKEN_TIMEOUT_S", 1.5, float, 0.05)
+        values["llm_connect_timeout_s"] = number("LLM_CONNECT_TIMEOUT_S", 2.0, float, 0.05)
+        values["llm_stall_timeout_s"] = number("LLM_STALL_TIMEOUT_S", 5.0, float, 0.05)
+        values["llm_circuit_failures"] = number("LLM_CIRCUIT_FAILURES", 3, int, 1)
+        values["llm_circuit_cooldown_s"] = number("LLM_CIRCUIT_COOLDOWN_S", 30.0, float, 0)
+
+        values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
+        values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+        cache_type = text("CACHE_TYPE")
+        if cache_type and cache_type not in {"SimpleCache", "FileSystemCache", "RedisCache", "NullCache"}:
+            problems.append(f"CACHE_TYPE must be SimpleCache, FileSystemCache, RedisCache or NullCache, got {cache_type!r}")
+        values["cache_type"] = cache_type
+        values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"
+        values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
+        values["cache_prewarm"] = flag("CACHE_PREWARM", True)
+        values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
+
+        origins = text("CORS_ORIGINS")
+        values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
+                                  if origins else DEFAULT_CORS_ORIGINS)
+        values["secret_key"] = text("SECRET_KEY")
+        if values["allow_request_credentials"] and not values["secret_key"]:
+            problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
+        values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
+        values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
+        if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")
+        values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
+        if values["log_format"] not in {"json", "console"}:
+            problems.append("LOG_FORMAT must be json or console")
+
+        if values["twilio_account_sid"] and not values["twilio_auth_token"]:
+            warnings.append("TWILIO_ACCOUNT_SID is set but TWILIO_AUTH_TOKEN is not: calls cannot be placed")
+        if problems:
+            raise ConfigError(problems)
+        values["warnings"] = tuple(warnings)
+        return cls(**values)

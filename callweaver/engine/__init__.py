@@ -1,0 +1,1 @@
+"""The conversation engine: plain Python, never imports Flask."""

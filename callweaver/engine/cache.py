@@ -1,0 +1,349 @@
+"""Reply cache: a known caller utterance at a workflow node is answered without an LLM round trip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+import unicodedata
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import structlog
+
+log = structlog.get_logger()
+
+# Replies longer than this are too specific to be worth sharing between callers (and too long to cache).
+MAX_REPLY_CHARS = 600
+# A backend failure is logged at most once per this many seconds; the rest are only counted.
+ERROR_LOG_INTERVAL_S = 60.0
+# Redis waits at most this long per operation, so an outage costs a miss, never a stalled turn.
+REDIS_SOCKET_TIMEOUT_S = 0.5
+# Per-process and per-machine backends prune past this many entries (cachelib's default of 500 is too few).
+LOCAL_CACHE_MAX_ENTRIES = 5000
+# The health probe is removed right after the round trip; the expiry only matters if that delete fails.
+HEALTH_PROBE_TTL_S = 30
+# Bumped when the stored entry layout changes, so old entries read as misses instead of garbage.
+ENTRY_FORMAT_VERSION = 1
+
+# Fillers callers commonly open with; callers of normalize_utterance pass their language's own list.
+COMMON_FILLERS: tuple[str, ...] = ("um", "umm", "uh", "uhh", "er", "erm", "hmm", "eh", "呃", "嗯", "啊", "哦")
+
+# Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
+_APOSTROPHES = frozenset("'’ʼ‘`´")
+_DIGIT_RUN = re.compile(r"\d(?:[\s,.\-/:]?\d){3,}")
+_EMAIL_LIKE = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
+
+
+@dataclass(frozen=True)
+class CachedReply:
+    """A reply that is the same for every caller who says the same thing at the same node."""
+
+    text: str
+    provider: str | None  # provider that originally generated it
+    created_at: float  # epoch seconds
+    language: str
+    node_id: str
+
+
+def _is_unspaced_script(char: str) -> bool:
+    """CJK ideographs and kana: scripts written without spaces, so fillers and spacing work by character."""
+    code = ord(char)
+    return (
+        0x3400 <= code <= 0x4DBF  # CJK extension A
+        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
+        or 0xF900 <= code <= 0xFAFF  # CJK compatibility ideographs
+        or 0x20000 <= code <= 0x3FFFF  # CJK extensions B and later
+        or 0x3040 <= code <= 0x30FF  # hiragana, katakana
+        or 0x31F0 <= code <= 0x31FF  # katakana phonetic extensions
+        or 0x3005 <= code <= 0x3007  # 々 〆 〇
+    )
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _split_words(text: str) -> list[str]:
+    """Fold, then turn punctuation and symbols (ASCII, CJK, emoji) into word breaks."""
+    out: list[str] = []
+    for char in _fold(text):
+        if char in _APOSTROPHES:
+            continue
+        category = unicodedata.category(char)
+        if category[0] in "PSZC":
+            out.append(" ")
+        else:
+            out.append(char)
+    return "".join(out).split()
+
+
+def _strip_unspaced_fillers(word: str, fillers: list[str]) -> str:
+    """Drop CJK fillers at either end of a run of CJK text ("呃你好" → "你好"), repeatedly ("嗯嗯" → "")."""
+    changed = True
+    while word and changed:
+        changed = False
+        for filler in fillers:
+            if word.startswith(filler):
+                word, changed = word[len(filler):], True
+            if word.endswith(filler):
+                word, changed = word[: len(word) - len(filler)], True
+    return word
+
+
+def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
+    """Map the ways a caller (or the speech recogniser) writes the same words to one string.
+
+    Traditional and Simplified Chinese stay distinct: they belong to different languages, whose replies differ.
+    """
+    word_fillers: list[tuple[str, ...]] = []
+    unspaced_fillers: list[str] = []
+    for filler in fillers:
+        words = tuple(_split_words(filler))
+        if not words:
+            continue
+        word_fillers.append(words)
+        if len(words) == 1 and any(_is_unspaced_script(c) for c in words[0]):
+            unspaced_fillers.append(words[0])
+    # Longest first, so "嗯嗯" is stripped as one filler before "嗯" is tried.
+    unspaced_fillers.sort(key=len, reverse=True)
+    word_fillers.sort(key=len, reverse=True)
+
+    words = _split_words(utterance)
+    kept: list[str] = []
+    i = 0
+    while i < len(words):
+        matched = next((f for f in word_fillers if tuple(words[i:i + len(f)]) == f), None)
+        if matched is not None:
+            i += len(matched)
+            continue
+        word = words[i]
+        if unspaced_fillers and any(_is_unspaced_script(c) for c in word):
+            word = _strip_unspaced_fillers(word, unspaced_fillers)
+        if word:
+            kept.append(word)
+        i += 1
+
+    # Punctuation between CJK characters became a space; remove it so "你好，我想問" == "你好我想問".
+    joined: list[str] = []
+    for word in kept:
+        if joined and _is_unspaced_script(joined[-1][-1]) and _is_unspaced_script(word[0]):
+            joined[-1] += word
+        else:
+            joined.append(word)
+    return " ".join(joined)
+
+
+def reply_is_safe_to_cache(
+    reply_text: str,
+    *,
+    variables: dict,
+    tool_calls: list,
+    node_cacheable: bool,
+    system_prompt_has_variables: bool = False,
+) -> bool:
+    """Only a reply that would be the same for every caller may be served to the next one.
+
+    Anything that could carry one caller's data (their variables, numbers, e-mail) or that moved the call
+    (a tool call: routing, extraction) is refused; wrongly refusing costs one LLM call, wrongly caching leaks data.
+    """
+    if not node_cacheable or tool_calls or system_prompt_has_variables:
+        return False
+    if not reply_text or not reply_text.strip():
+        return False
+    folded_reply = _fold(reply_text)
+    for value in (variables or {}).values():
+        if value is None or value == "" or value == [] or value == {}:
+            continue
+        value_text = _fold(str(value)).strip()
+        if len(value_text) >= 2 and value_text in folded_reply:
+            return False
+    if _DIGIT_RUN.search(folded_reply):
+        return False
+    if _EMAIL_LIKE.search(folded_reply):
+        return False
+    return True
+
+
+class ReplyCache:
+    """Reply cache over a cachelib-style backend; every backend failure degrades to a miss, never an exception."""
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        ttl_s: int = 86400,
+        key_prefix: str = "cw:reply:",
+        clock: Callable[[], float] = time.time,
+        max_utterance_chars: int = 80,
+    ) -> None:
+        self.backend = backend
+        self.ttl_s = int(ttl_s)
+        self.key_prefix = key_prefix
+        self.max_utterance_chars = max_utterance_chars
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "misses": 0, "puts": 0, "errors": 0}
+        self._last_error_logged_at: float | None = None
+        self._errors_not_logged = 0
+        self._probe_key = f"{key_prefix}health:{uuid.uuid4().hex}"
+
+    @property
+    def backend_name(self) -> str:
+        return type(self.backend).__name__
+
+    def key(
+        self,
+        *,
+        workflow_hash: str,
+        node_id: str,
+        language: str,
+        utterance: str,
+        fillers: Iterable[str] = (),
+    ) -> str | None:
+        """A hash of where and what was said; None when the utterance is empty or too long to recur."""
+        normalized = normalize_utterance(utterance or "", fillers)
+        if not normalized or len(normalized) > self.max_utterance_chars:
+            return None
+        # JSON keeps the fields apart, so ("a b", "c") and ("a", "b c") can never collide.
+        material = json.dumps(
+            [str(workflow_hash), str(node_id), str(language).strip().casefold(), normalized],
+            ensure_ascii=False,
+        )
+        return self.key_prefix + hashlib.sha256(material.encode("utf-8")).hexdigest()
+
+    def get(self, key: str | None) -> CachedReply | None:
+        """The cached reply, or None on a miss, an expired or unreadable entry, or a backend failure."""
+        if key is None:
+            return None
+        try:
+            entry = self.backend.get(key)
+        except Exception as exc:  # any backend, any outage: a miss
+            self._record_error("get", exc)
+            return None
+        reply = self._decode(entry)
+        if reply is not None and self.ttl_s > 0 and self._clock() - reply.created_at > self.ttl_s:
+            reply = None  # the backend keeps it a little longer than asked (second granularity); we do not
+        self._count("hits" if reply is not None else "misses")
+        return reply
+
+    def put(self, key: str | None, reply: CachedReply) -> bool:
+        """Store a reply; False (never an exception) when refused or when the backend fails."""
+        if key is None or not isinstance(reply, CachedReply):
+            return False
+        if not reply.text or not reply.text.strip() or len(reply.text) > MAX_REPLY_CHARS:
+            return False
+        entry = {"v": ENTRY_FORMAT_VERSION, **asdict(reply)}
+        try:
+            stored = self.backend.set(key, entry, timeout=self.ttl_s)
+        except Exception as exc:
+            self._record_error("put", exc)
+            return False
+        if stored is False or stored is None:
+            self._record_error("put", RuntimeError(f"{self.backend_name} refused the write"))
+            return False
+        self._count("puts")
+        return True
+
+    def stats(self) -> dict:
+        """This process's counters since start; diagnostics only (the store holds the measured hit rate)."""
+        with self._lock:
+            return {**self._counts, "backend": self.backend_name}
+
+    def health(self) -> dict:
+        """A real round trip through the backend: write a probe, read it back, remove it."""
+        token = uuid.uuid4().hex
+        try:
+            self.backend.set(self._probe_key, token, timeout=HEALTH_PROBE_TTL_S)
+            echoed = self.backend.get(self._probe_key)
+            try:
+                self.backend.delete(self._probe_key)
+            except Exception:
+                pass  # the probe expires on its own
+        except Exception as exc:
+            return {"ok": False, "backend": self.backend_name, "error": _describe(exc)}
+        if echoed != token:
+            return {"ok": False, "backend": self.backend_name,
+                    "error": f"{self.backend_name} did not return the value just written"}
+        return {"ok": True, "backend": self.backend_name, "error": None}
+
+    def _decode(self, entry: Any) -> CachedReply | None:
+        """Entries are plain dicts (not pickled classes) so a code change never breaks reading old entries."""
+        if not isinstance(entry, dict) or entry.get("v") != ENTRY_FORMAT_VERSION:
+            return None
+        try:
+            text = entry["text"]
+            if not isinstance(text, str) or not text:
+                return None
+            provider = entry.get("provider")
+            return CachedReply(
+                text=text,
+                provider=str(provider) if provider is not None else None,
+                created_at=float(entry["created_at"]),
+                language=str(entry["language"]),
+                node_id=str(entry["node_id"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def _record_error(self, operation: str, exc: BaseException) -> None:
+        """Count every failure; log one a minute, so a Redis outage does not flood the log on every turn."""
+        now = self._clock()
+        with self._lock:
+            self._counts["errors"] += 1
+            due = self._last_error_logged_at is None or now - self._last_error_logged_at >= ERROR_LOG_INTERVAL_S
+            if not due:
+                self._errors_not_logged += 1
+                return
+            suppressed, self._errors_not_logged = self._errors_not_logged, 0
+            self._last_error_logged_at = now
+        log.warning("reply_cache_backend_error", operation=operation, backend=self.backend_name,
+                    error=_describe(exc), errors_not_logged=suppressed)
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def build_cache_backend(cache_type: str, *, redis_url: str | None, cache_dir: str, default_timeout: int) -> Any:
+    """The reply cache's backend from settings.
+
+    Auto ("") picks Redis when there is one (shared by every instance), else a directory shared by the
+    workers of this machine; a per-process SimpleCache would make each worker warm its own copy.
+    """
+    # Imported here: flask_caching.backends imports flask, and importing the engine must not.
+    from flask_caching.backends import FileSystemCache, NullCache, RedisCache, SimpleCache
+
+    kind = (cache_type or "").strip()
+    if not kind:
+        kind = "RedisCache" if redis_url else "FileSystemCache"
+    if kind == "SimpleCache":
+        return SimpleCache(threshold=LOCAL_CACHE_MAX_ENTRIES, default_timeout=default_timeout)
+    if kind == "FileSystemCache":
+        return FileSystemCache(cache_dir, threshold=LOCAL_CACHE_MAX_ENTRIES, default_timeout=default_timeout)
+    if kind == "NullCache":
+        return NullCache(default_timeout=default_timeout)
+    if kind == "RedisCache":
+        if not redis_url:
+            raise ValueError("CACHE_TYPE=RedisCache needs a Redis URL (REDIS_URL)")
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # No retries and short timeouts: the cache is optional, so a down Redis must cost one quick miss.
+        client = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return RedisCache(host=client, default_timeout=default_timeout)
+    raise ValueError(f"unknown cache type {cache_type!r}: SimpleCache, FileSystemCache, RedisCache or NullCache")

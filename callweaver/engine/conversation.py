@@ -1,0 +1,370 @@
+"""The engine turn: a caller utterance in, a stream of text to speak out — cache first, one LLM request, routing."""
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import structlog
+
+from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
+from .languages import LanguageEntry, LanguageTable
+from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
+                       termination_outcome)
+
+log = structlog.get_logger()
+
+_WORD_CHUNK = re.compile(r"\s*\S+")
+DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
+                         "natural.")
+
+
+def default_workflow() -> Workflow:
+    """A call with no call flow: one conversation step driven by a generic global prompt."""
+    return Workflow.from_payload({"globalPrompt": DEFAULT_GLOBAL_PROMPT})
+
+
+def split_tokens(text: str) -> list[str]:
+    """Split canned or cached text into word tokens (leading space kept) so it streams like an LLM reply."""
+    return _WORD_CHUNK.findall(text) or ([text] if text else [])
+
+
+def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
+    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt.
+
+    Whitespace and case may differ between what we sent and what Twilio reports, so matching is done on a
+    whitespace-folded copy and mapped back to the original text; no match → the reported text itself.
+    """
+    if not utterance_until_interrupt:
+        return ""
+    target = " ".join(utterance_until_interrupt.split()).casefold()
+    if not target:
+        return ""
+    folded_chars: list[str] = []
+    index_map: list[int] = []
+    prev_space = True
+    for i, ch in enumerate(spoken):
+        if ch.isspace():
+            if prev_space:
+                continue
+            folded_chars.append(" ")
+            prev_space = True
+        else:
+            folded_chars.append(ch.casefold())
+            prev_space = False
+        index_map.append(i)
+    folded = "".join(folded_chars)
+    pos = folded.rfind(target)
+    if pos < 0:
+        return utterance_until_interrupt.strip()
+    end = index_map[pos + len(target) - 1] + 1
+    return spoken[:end].strip()
+
+
+@dataclass
+class TurnResult:
+    """What one turn did; filled in while the turn streams, complete once it is exhausted."""
+
+    node_id: str
+    language: str
+    next_node: str | None = None
+    variables: dict = field(default_factory=dict)
+    action: str | None = None
+    action_message: str | None = None
+    destination: str | None = None
+    source: str = "llm"                # llm | cache | canned | apology
+    provider: str | None = None
+    provider_ttft_ms: float | None = None
+    failovers: list = field(default_factory=list)
+    cache_hit: bool = False
+    cacheable: bool = False
+    reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
+    transitioned_via: str | None = None
+    llm_requests: int = 0
+    language_switched: bool = False
+    completed: bool = False
+
+
+class Turn:
+    """Iterate for the text chunks to speak; `result` describes the turn; `close()` cancels the LLM stream."""
+
+    def __init__(self, result: TurnResult, chunks: Iterator[str], utterance: str):
+        self.result = result
+        self.utterance = utterance
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[str]:
+        return self._chunks
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+class ConversationEngine:
+    """Runs turns of any call (relay, Gather flow, playground) from the call's record in the store."""
+
+    def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
+                 history_limit: int = 20, clock: Callable[[], float] = time.monotonic):
+        self.store = store
+        self.providers = providers
+        self.languages = languages
+        self.cache = cache
+        self.history_limit = history_limit
+        self.clock = clock
+        self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
+
+    # ---- call state ---------------------------------------------------------------------------
+    def workflow_for(self, record) -> Workflow:
+        key = record.workflow_hash or ""
+        wf = self._workflows.get(key)
+        if wf is None:
+            wf = Workflow.from_snapshot(record.workflow) if record.workflow else default_workflow()
+            self._workflows[key] = wf
+            while len(self._workflows) > 256:
+                self._workflows.popitem(last=False)
+        else:
+            self._workflows.move_to_end(key)
+        return wf
+
+    def language_of(self, record) -> LanguageEntry:
+        return self.languages.get(record.language)
+
+    def state_of(self, record, workflow: Workflow) -> ConversationState:
+        node = record.current_node if record.current_node in workflow.nodes else workflow.entry_node_id()
+        return ConversationState(current_node=node, variables=dict(record.variables or {}),
+                                 messages=list(record.messages or []))
+
+    # ---- one turn ------------------------------------------------------------------------------
+    def start_turn(self, record, utterance: str, *, lang: str | None = None) -> Turn:
+        workflow = self.workflow_for(record)
+        entry = self.language_of(record)
+        switched = False
+        if lang:
+            target = self.languages.switch_target(entry.code, lang)
+            if target is not None:
+                entry, switched = target, True
+        state = self.state_of(record, workflow)
+        result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
+                            variables=dict(state.variables))
+        return Turn(result, self._run(workflow, state, entry, utterance, result), utterance)
+
+    def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
+             result: TurnResult) -> Iterator[str]:
+        if detect_termination(utterance, entry.termination_phrases):
+            outcome = termination_outcome(workflow, state)
+            self._apply_outcome(result, outcome)
+            result.source = "canned"
+            text = outcome.action_message or entry.line("goodbye")
+            result.action_message = text
+            yield from self._emit(result, text)
+            result.completed = True
+            return
+
+        plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
+                         history_limit=self.history_limit)
+        result.cacheable = plan.cacheable
+        key = None
+        if self.cache is not None and plan.cacheable:
+            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
+                                 utterance=utterance, fillers=entry.fillers)
+            hit = self.cache.get(key)
+            if hit is not None:
+                result.source, result.cache_hit, result.provider = "cache", True, None
+                result.next_node = plan.node_id
+                yield from self._emit(result, hit.text)
+                result.completed = True
+                return
+
+        options = workflow.llm_options
+        stream = self.providers.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
+                                       max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
+        result.llm_requests += 1
+        try:
+            for token in stream:
+                result.reply_text += token
+                yield token
+        finally:
+            stream.close()
+            result.provider = stream.provider
+            result.provider_ttft_ms = stream.provider_ttft_ms
+            result.failovers = list(stream.failovers)
+        if stream.apology_used:
+            result.source = "apology"
+            result.next_node = state.current_node
+            result.completed = True
+            return
+
+        outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
+        self._apply_outcome(result, outcome)
+        if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
+            # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
+            # case with a second request; it only happens when the model ignores "speak first".
+            log.info("tool_only_reply_followup", node=outcome.next_node)
+            moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
+            plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
+                              history_limit=self.history_limit)
+            stream2 = self.providers.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
+                                            max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
+            result.llm_requests += 1
+            try:
+                for token in stream2:
+                    result.reply_text += token
+                    yield token
+            finally:
+                stream2.close()
+                result.failovers += list(stream2.failovers)
+        if outcome.action_message:
+            sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
+            yield from self._emit(result, sep + outcome.action_message)
+        elif not result.reply_text.strip() and outcome.action:
+            yield from self._emit(result, entry.line("goodbye"))
+        if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
+                and outcome.next_node == state.current_node
+                and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
+                                           node_cacheable=plan.cacheable)):
+            self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider, created_at=time.time(),
+                                            language=entry.code, node_id=plan.node_id))
+        result.completed = True
+
+    @staticmethod
+    def _emit(result: TurnResult, text: str) -> Iterator[str]:
+        for token in split_tokens(text):
+            result.reply_text += token
+            yield token
+
+    @staticmethod
+    def _apply_outcome(result: TurnResult, outcome: TurnOutcome) -> None:
+        result.next_node = outcome.next_node
+        result.variables = dict(outcome.variables)
+        result.action = outcome.action
+        result.action_message = outcome.action_message
+        result.destination = outcome.destination
+        result.transitioned_via = outcome.transitioned_via
+
+    # ---- after the turn --------------------------------------------------------------------------
+    def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
+                    heard_text: str | None = None, interrupted: bool = False):
+        """Persist history as heard, node, variables and the measured turn; an interrupted action never fires."""
+        r = turn.result
+        heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
+        messages = list(record.messages or [])
+        messages.append({"role": "user", "content": turn.utterance})
+        if heard:
+            messages.append({"role": "assistant", "content": heard})
+        action = None if interrupted or not r.completed else r.action
+        next_node = r.next_node or r.node_id
+        if action is None and r.action is not None:
+            next_node = r.node_id  # the end/transfer was not heard: stay where we were
+        fields: dict[str, Any] = {"messages": messages[-200:], "current_node": next_node,
+                                  "variables": r.variables, "language": r.language}
+        if action:
+            fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
+        updated = self.store.update_call(record.tracking_id, **fields)
+        turn_row = {
+            "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
+            "source": r.source, "provider": r.provider, "providerTtftMs": r.provider_ttft_ms,
+            "firstTokenMs": timings.get("firstTokenMs"), "lastTokenMs": timings.get("lastTokenMs"),
+            "interrupted": interrupted, "failovers": r.failovers, "cacheHit": r.cache_hit,
+            "cacheable": r.cacheable, "action": action, "language": r.language,
+            "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
+            "languageSwitched": r.language_switched,
+        }
+        self.store.append_turn(record.tracking_id, turn_row)
+        log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
+                 source=r.source, provider=r.provider, provider_ttft_ms=r.provider_ttft_ms,
+                 first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
+        return updated
+
+    # ---- while the phone rings ------------------------------------------------------------------
+    def prewarm(self, record, max_nodes: int = 1) -> int:
+        """Generate replies to the utterances callers open with, off the critical path, so they hit the cache."""
+        if self.cache is None:
+            return 0
+        workflow = self.workflow_for(record)
+        entry = self.language_of(record)
+        node_id = workflow.entry_node_id()
+        state = ConversationState(node_id, {}, list(record.messages or []))
+        stored = 0
+        for utterance in entry.prewarm_utterances:
+            plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
+                             history_limit=self.history_limit)
+            if not plan.cacheable:
+                return stored
+            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
+                                 utterance=utterance, fillers=entry.fillers)
+            if key is None or self.cache.get(key) is not None:
+                continue
+            stream = self.providers.complete(plan.messages, tools=plan.tools,
+                                             temperature=workflow.llm_options.get("temperature"),
+                                             max_tokens=workflow.llm_options.get("max_tokens"),
+                                             apology=entry.line("apology"))
+            if stream.apology_used:
+                break
+            outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
+            if outcome.next_node == node_id and outcome.action is None and reply_is_safe_to_cache(
+                    stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
+                    node_cacheable=plan.cacheable):
+                stored += bool(self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider,
+                                                              created_at=time.time(), language=entry.code,
+                                                              node_id=node_id)))
+        log.info("cache_prewarmed", tracking_id=record.tracking_id, node=node_id, stored=stored)
+        return stored
+
+
+def turn_to_dict(result: TurnResult) -> dict[str, Any]:
+    return asdict(result)
+
+
+def _ms(since: float, clock: Callable[[], float]) -> float:
+    return round((clock() - since) * 1000, 3)
+
+
+def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[str, Any]:
+    """Run the real pipeline once (language entry → cache → provider chain) and time each stage."""
+    clock = engine.clock
+    t0 = clock()
+    entry = engine.languages.resolve(language)
+    known = entry is not None
+    entry = entry or engine.languages.get(language)
+    stages: dict[str, Any] = {"languageMs": _ms(t0, clock)}
+    workflow = default_workflow()
+    state = ConversationState(workflow.entry_node_id(), {}, [])
+    plan = plan_turn(workflow, state, message, language_instruction=entry.llm_instruction)
+    t1 = clock()
+    hit = None
+    key = None
+    if engine.cache is not None and plan.cacheable:
+        key = engine.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
+                               utterance=message, fillers=entry.fillers)
+        hit = engine.cache.get(key)
+    stages["cacheLookupMs"] = _ms(t1, clock)
+    first_token_ms = None
+    provider = None
+    failovers: list = []
+    if hit is not None:
+        text = hit.text
+        first_token_ms = _ms(t0, clock)
+    else:
+        stream = engine.providers.stream(plan.messages, apology=entry.line("apology"))
+        parts = []
+        for token in stream:
+            if first_token_ms is None:
+                first_token_ms = _ms(t0, clock)
+            parts.append(token)
+        text = "".join(parts)
+        provider, failovers = stream.provider, list(stream.failovers)
+        stages["providerTtftMs"] = stream.provider_ttft_ms
+        if key and not stream.apology_used and reply_is_safe_to_cache(text, variables={}, tool_calls=stream.tool_calls,
+                                                                      node_cacheable=True):
+            engine.cache.put(key, CachedReply(text=text, provider=provider, created_at=time.time(),
+                                              language=entry.code, node_id=plan.node_id))
+    total = _ms(t0, clock)
+    stages.update(firstTokenMs=first_token_ms, totalMs=total)
+    return {"language": entry.code, "languageKnown": known, "cacheHit": hit is not None, "text": text,
+            "provider": provider, "failovers": failovers, "stages": stages, "firstTokenMs": first_token_ms,
+            "totalMs": total}
+

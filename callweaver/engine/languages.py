@@ -1,0 +1,506 @@
+"""Language table: per-language voices, speech models, canned lines and Cantonese settings, loaded from languages.json."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+DEFAULT_CODE = "en-US"
+DEFAULT_TABLE_PATH = Path(__file__).with_name("languages.json")
+
+LINE_KEYS: tuple[str, ...] = (
+    "apology",           # every LLM provider failed this turn
+    "reprompt",          # caller silent
+    "listening",         # caller asked us to wait / said "hold on"
+    "goodbye",           # engine-initiated end of call
+    "oneMoment",         # filler while a slow action runs
+    "resumed",           # relay reconnected after a lost socket
+    "callEnded",         # closing line when a relay session ends
+    "fallbackGreeting",  # workflow has no greeting of its own
+)
+RELAY_KEYS: tuple[str, ...] = ("language", "ttsProvider", "voice", "transcriptionProvider", "speechModel")
+MIN_TERMINATION_PHRASES = 4
+MAX_TERMINATION_PHRASES = 10
+MIN_PREWARM_UTTERANCES = 3
+
+# --- Allowed provider combinations, as data (twilio.md §1, §3, §4) -----------------------------
+
+# Deepgram nova-3, per twilio.md §3. Keys are what deepgram_language_key() returns: the primary
+# subtag, except where Deepgram distinguishes regions or scripts (Chinese, Flemish, Swiss German).
+DEEPGRAM_NOVA3_LANGUAGES: frozenset[str] = frozenset({
+    "en", "es", "fr", "de", "pt", "nl", "it", "tr", "no", "id", "bg", "cs", "fi", "hi", "hu", "ja",
+    "ko", "pl", "ru", "uk", "vi", "ca", "et", "nl-BE", "de-CH", "el", "lv", "lt", "ms", "ro", "sk",
+    "zh-CN", "zh-TW", "zh-HK", "th", "bn", "mr", "ta", "te",
+})
+# Deepgram nova-2: used only where nova-3 does not cover the language (Danish, Swedish).
+DEEPGRAM_NOVA2_LANGUAGES: frozenset[str] = frozenset({
+    "bg", "ca", "zh-CN", "zh-TW", "zh-HK", "cs", "da", "nl", "en", "et", "fi", "nl-BE", "fr", "de",
+    "de-CH", "el", "hi", "hu", "id", "it", "ja", "ko", "lv", "lt", "ms", "no", "pl", "pt", "ro",
+    "ru", "sk", "es", "sv", "th", "tr", "uk", "vi",
+})
+# Codes Deepgram keys by full tag rather than by primary subtag.
+_DEEPGRAM_FULL_CODE_KEYS = frozenset({"zh-CN", "zh-TW", "zh-HK", "nl-BE", "de-CH"})
+_DEEPGRAM_PRIMARY_ALIASES = {"nb": "no", "nn": "no"}
+
+ALLOWED_STT: dict[str, frozenset[str]] = {
+    "Deepgram": frozenset({"nova-3-general", "nova-2-general"}),
+    "Google": frozenset({"telephony"}),
+}
+
+# Google voice names are <locale>-<Type>-<X>; the locale is Google's, which differs from the call's
+# BCP-47 code for Chinese and Arabic (Cantonese speaks through yue-HK voices on a zh-HK call).
+GOOGLE_TTS_LOCALE_BY_CODE: dict[str, str] = {
+    "zh-CN": "cmn-CN", "zh-TW": "cmn-TW", "zh-HK": "yue-HK", "ar-SA": "ar-XA",
+}
+GOOGLE_CHIRP3_HD_VOICE_NAMES: frozenset[str] = frozenset({
+    "Achernar", "Achird", "Algenib", "Algieba", "Alnilam", "Aoede", "Autonoe", "Callirrhoe", "Charon",
+    "Despina", "Enceladus", "Erinome", "Fenrir", "Gacrux", "Iapetus", "Kore", "Laomedeia", "Leda",
+    "Orus", "Pulcherrima", "Puck", "Rasalgethi", "Sadachbia", "Sadaltager", "Schedar", "Sulafat",
+    "Umbriel", "Vindemiatrix", "Zephyr", "Zubenelgenubi",
+})
+_GOOGLE_CHIRP3_HD_LOCALES = frozenset({
+    "ar-XA", "bn-IN", "bg-BG", "hr-HR", "cs-CZ", "da-DK", "nl-BE", "nl-NL", "en-AU", "en-IN", "en-GB",
+    "en-US", "et-EE", "fi-FI", "fr-CA", "fr-FR", "de-DE", "el-GR", "gu-IN", "he-IL", "hi-IN", "hu-HU",
+    "id-ID", "it-IT", "ja-JP", "kn-IN", "ko-KR", "lv-LV", "lt-LT", "ml-IN", "cmn-CN", "mr-IN", "nb-NO",
+    "pl-PL", "pt-BR", "ro-RO", "ru-RU", "sr-RS", "sk-SK", "sl-SI", "es-ES", "es-US", "sw-KE", "sv-SE",
+    "ta-IN", "te-IN", "th-TH", "tr-TR", "uk-UA", "ur-IN", "vi-VN", "yue-HK",
+})
+_STD = frozenset({"Standard"})
+_WAVENET = frozenset({"Standard", "Wavenet"})
+_NEURAL2 = frozenset({"Standard", "Wavenet", "Neural2"})
+_GOOGLE_CLASSIC_TYPES: dict[str, frozenset[str]] = {
+    "en-US": _NEURAL2 | {"Journey"}, "en-GB": _NEURAL2, "en-AU": _NEURAL2, "en-IN": _NEURAL2,
+    "es-ES": _NEURAL2, "es-US": _NEURAL2, "fr-FR": _NEURAL2, "fr-CA": _NEURAL2, "de-DE": _NEURAL2,
+    "it-IT": _NEURAL2, "pt-BR": _NEURAL2, "ja-JP": _NEURAL2, "ko-KR": _NEURAL2, "hi-IN": _NEURAL2,
+    "vi-VN": _NEURAL2, "da-DK": _NEURAL2, "th-TH": frozenset({"Standard", "Neural2"}),
+    "pt-PT": _WAVENET, "nl-NL": _WAVENET, "nl-BE": _WAVENET, "sv-SE": _WAVENET, "nb-NO": _WAVENET,
+    "fi-FI": _WAVENET, "pl-PL": _WAVENET, "cs-CZ": _WAVENET, "sk-SK": _WAVENET, "hu-HU": _WAVENET,
+    "ro-RO": _WAVENET, "el-GR": _WAVENET, "tr-TR": _WAVENET, "ru-RU": _WAVENET, "uk-UA": _WAVENET,
+    "he-IL": _WAVENET, "ar-XA": _WAVENET, "bn-IN": _WAVENET, "ta-IN": _WAVENET, "mr-IN": _WAVENET,
+    "gu-IN": _WAVENET, "kn-IN": _WAVENET, "ml-IN": _WAVENET, "id-ID": _WAVENET, "ms-MY": _WAVENET,
+    "fil-PH": _WAVENET, "cmn-CN": _WAVENET, "cmn-TW": _WAVENET,
+    "te-IN": _STD, "yue-HK": _STD, "bg-BG": _STD, "ca-ES": _STD, "et-EE": _STD, "lv-LV": _STD,
+    "lt-LT": _STD, "is-IS": _STD, "sr-RS": _STD, "af-ZA": _STD,
+}
+
+# Amazon Polly neural voices by Polly locale; Polly files Cantonese under yue-CN.
+AMAZON_TTS_LOCALE_BY_CODE: dict[str, str] = {"zh-CN": "cmn-CN", "zh-HK": "yue-CN", "ar-SA": "ar-AE"}
+_AMAZON_NEURAL_VOICES: dict[str, frozenset[str]] = {
+    "en-US": frozenset({"Danielle", "Gregory", "Ivy", "Joanna", "Kendra", "Kimberly", "Salli", "Joey",
+                        "Justin", "Kevin", "Matthew", "Ruth", "Stephen"}),
+    "en-GB": frozenset({"Amy", "Emma", "Brian", "Arthur"}), "en-AU": frozenset({"Olivia"}),
+    "en-IN": frozenset({"Kajal"}), "en-NZ": frozenset({"Aria"}), "en-ZA": frozenset({"Ayanda"}),
+    "en-IE": frozenset({"Niamh"}), "es-ES": frozenset({"Lucia", "Sergio"}),
+    "es-MX": frozenset({"Mia", "Andres"}), "es-US": frozenset({"Lupe", "Pedro"}),
+    "fr-FR": frozenset({"Lea", "Remi"}), "fr-CA": frozenset({"Gabrielle", "Liam"}),
+    "de-DE": frozenset({"Vicki", "Daniel"}), "de-AT": frozenset({"Hannah"}),
+    "it-IT": frozenset({"Bianca", "Adriano"}), "pt-BR": frozenset({"Camila", "Vitoria", "Thiago"}),
+    "pt-PT": frozenset({"Ines"}), "nl-NL": frozenset({"Laura"}), "nl-BE": frozenset({"Lisa"}),
+    "da-DK": frozenset({"Sofie"}), "nb-NO": frozenset({"Ida"}), "fi-FI": frozenset({"Suvi"}),
+    "sv-SE": frozenset({"Elin"}), "pl-PL": frozenset({"Ola"}), "ca-ES": frozenset({"Arlet"}),
+    "ja-JP": frozenset({"Takumi", "Kazuha", "Tomoko"}), "ko-KR": frozenset({"Seoyeon"}),
+    "cmn-CN": frozenset({"Zhiyu"}), "yue-CN": frozenset({"Hiujin"}), "ar-AE": frozenset({"Hala", "Zayd"}),
+    "hi-IN": frozenset({"Kajal"}),
+}
+# ElevenLabs Flash/Turbo v2.5 languages (primary subtags). Cantonese is not among them (twilio.md §3).
+_ELEVENLABS_LANGUAGES = frozenset({
+    "en", "ja", "zh", "de", "hi", "fr", "ko", "pt", "it", "es", "id", "nl", "tr", "fil", "pl", "sv",
+    "bg", "ro", "ar", "cs", "el", "fi", "hr", "ms", "sk", "da", "ta", "uk", "ru", "hu", "no", "nb", "vi",
+})
+ELEVENLABS_EXCLUDED_CODES: frozenset[str] = frozenset({"zh-HK"})
+
+ALLOWED_TTS: dict[str, Any] = {
+    # Google: Google locale -> voice types that exist there.
+    "Google": {
+        locale: _GOOGLE_CLASSIC_TYPES.get(locale, frozenset())
+        | (frozenset({"Chirp3-HD"}) if locale in _GOOGLE_CHIRP3_HD_LOCALES else frozenset())
+        for locale in set(_GOOGLE_CLASSIC_TYPES) | _GOOGLE_CHIRP3_HD_LOCALES
+    },
+    # Amazon: Polly locale -> neural voice names (used as "<Name>-Neural").
+    "Amazon": _AMAZON_NEURAL_VOICES,
+    # ElevenLabs: voice ids are language-agnostic; the language must be one the model speaks.
+    "ElevenLabs": _ELEVENLABS_LANGUAGES,
+}
+
+_BCP47 = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
+_GOOGLE_VOICE = re.compile(
+    r"^(?P<locale>[a-z]{2,3}-[A-Z]{2})-(?P<type>Standard|Wavenet|Neural2|Journey|Chirp3-HD|Chirp-HD|Studio|News|Polyglot)"
+    r"-(?P<variant>[A-Za-z]+)$"
+)
+_AMAZON_VOICE = re.compile(r"^(?P<name>[A-Z][a-z]+)-Neural$")
+_ELEVENLABS_VOICE = re.compile(r"^[A-Za-z0-9]{20}(-[A-Za-z0-9_.\-]+)?$")
+# Speech-recognition codes a <Gather> may use for each call language, by primary subtag.
+_SPEECH_PRIMARIES_BY_CODE = {
+    "zh-CN": {"cmn", "zh"}, "zh-TW": {"cmn", "zh"}, "zh-HK": {"yue"},
+    "nb-NO": {"nb", "no"}, "he-IL": {"he", "iw"}, "fil-PH": {"fil", "tl"},
+}
+
+
+def primary_subtag(code: str) -> str:
+    """The language part of a BCP-47 tag ("zh" for "zh-HK")."""
+    return code.split("-", 1)[0]
+
+
+def google_tts_locale(code: str) -> str:
+    """Google's locale for a call language; voice names must start with it."""
+    return GOOGLE_TTS_LOCALE_BY_CODE.get(code, code)
+
+
+def amazon_tts_locale(code: str) -> str:
+    """Polly's locale for a call language (Polly files Cantonese under yue-CN)."""
+    return AMAZON_TTS_LOCALE_BY_CODE.get(code, code)
+
+
+def deepgram_language_key(code: str) -> str:
+    """The key Deepgram's language lists use for a call language."""
+    if code in _DEEPGRAM_FULL_CODE_KEYS:
+        return code
+    primary = primary_subtag(code)
+    return _DEEPGRAM_PRIMARY_ALIASES.get(primary, primary)
+
+
+def preferred_stt(code: str) -> tuple[str, str]:
+    """(transcriptionProvider, speechModel) by twilio.md's rule: nova-3, else nova-2, else Google telephony."""
+    key = deepgram_language_key(code)
+    if key in DEEPGRAM_NOVA3_LANGUAGES:
+        return "Deepgram", "nova-3-general"
+    if key in DEEPGRAM_NOVA2_LANGUAGES:
+        return "Deepgram", "nova-2-general"
+    return "Google", "telephony"
+
+
+@dataclass(frozen=True)
+class LanguageEntry:
+    """Everything a call needs for one language: relay voice/STT, <Say>/<Gather>, LLM steer, canned lines."""
+
+    code: str
+    name: str
+    native_name: str
+    relay: dict
+    say_voice: str
+    say_language: str
+    gather_language: str
+    llm_instruction: str
+    termination_phrases: tuple[str, ...]
+    fillers: tuple[str, ...]
+    prewarm_utterances: tuple[str, ...]
+    lines: dict[str, str]
+    # en-US lines, so a line missing here is still spoken rather than silence.
+    fallback_lines: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __hash__(self) -> int:
+        return hash(self.code)
+
+    def line(self, key: str) -> str:
+        """A canned line in this language, or the en-US line when this entry lacks it."""
+        text = self.lines.get(key) or self.fallback_lines.get(key)
+        if not text:
+            raise KeyError(f"no canned line {key!r} for {self.code} or {DEFAULT_CODE}")
+        return text
+
+    def relay_kwargs(self) -> dict:
+        """Keyword arguments for twilio's Connect.conversation_relay() (snake_case)."""
+        return {
+            "language": self.relay["language"],
+            "tts_provider": self.relay["ttsProvider"],
+            "voice": self.relay["voice"],
+            "transcription_provider": self.relay["transcriptionProvider"],
+            "speech_model": self.relay["speechModel"],
+        }
+
+    def language_element_kwargs(self) -> dict:
+        """Keyword arguments for ConversationRelay.language(), to pre-declare this language for a switch."""
+        kwargs = self.relay_kwargs()
+        kwargs["code"] = kwargs.pop("language")
+        return kwargs
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], fallback_lines: Mapping[str, str] | None = None) -> "LanguageEntry":
+        """Build an entry from one languages.json object; a missing key is a ValueError naming the code."""
+        code = data.get("code", "?") if isinstance(data, Mapping) else "?"
+        try:
+            return cls(
+                code=data["code"],
+                name=data["name"],
+                native_name=data["nativeName"],
+                relay=dict(data["relay"]),
+                say_voice=data["say"]["voice"],
+                say_language=data["say"]["language"],
+                gather_language=data["gather"]["language"],
+                llm_instruction=data["llmInstruction"],
+                termination_phrases=tuple(data["terminationPhrases"]),
+                fillers=tuple(data["fillers"]),
+                prewarm_utterances=tuple(data["prewarmUtterances"]),
+                lines=dict(data["lines"]),
+                fallback_lines=dict(fallback_lines or {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"language entry {code}: missing or malformed field {e}") from e
+
+
+def _tts_problems(provider: str, voice: str, code: str) -> list[str]:
+    if provider == "Google":
+        match = _GOOGLE_VOICE.match(voice or "")
+        if not match:
+            return [f"relay voice {voice!r} is not a Google <locale>-<Type>-<X> voice name"]
+        return _google_voice_problems(match, code, "relay voice")
+    if provider == "Amazon":
+        match = _AMAZON_VOICE.match(voice or "")
+        locale = amazon_tts_locale(code)
+        if not match:
+            return [f"relay voice {voice!r} is not an Amazon <Name>-Neural voice"]
+        if match["name"] not in ALLOWED_TTS["Amazon"].get(locale, ()):
+            return [f"Amazon voice {match['name']} is not a neural voice for {locale}"]
+        return []
+    if provider == "ElevenLabs":
+        problems = []
+        if not _ELEVENLABS_VOICE.match(voice or ""):
+            problems.append(f"relay voice {voice!r} is not an ElevenLabs voice id")
+        primary = primary_subtag(code)
+        if code in ELEVENLABS_EXCLUDED_CODES or primary not in ALLOWED_TTS["ElevenLabs"]:
+            problems.append(f"ElevenLabs does not speak {code}")
+        return problems
+    return [f"ttsProvider {provider!r} is not one of {sorted(ALLOWED_TTS)}"]
+
+
+def _google_voice_problems(match: re.Match, code: str, what: str) -> list[str]:
+    problems = []
+    expected_locale = google_tts_locale(code)
+    locale, voice_type, variant = match["locale"], match["type"], match["variant"]
+    if locale != expected_locale:
+        problems.append(f"{what} locale {locale} does not speak {code} (expected {expected_locale})")
+    allowed_types = ALLOWED_TTS["Google"].get(locale, frozenset())
+    if voice_type not in allowed_types:
+        problems.append(f"{what}: Google has no {voice_type} voices for {locale}")
+    if voice_type == "Chirp3-HD":
+        if variant not in GOOGLE_CHIRP3_HD_VOICE_NAMES:
+            problems.append(f"{what}: {variant} is not a Chirp3-HD voice name")
+    elif not re.fullmatch(r"[A-Z]", variant):
+        problems.append(f"{what}: {voice_type} voices are lettered A-Z, not {variant!r}")
+    return problems
+
+
+def _stt_problems(provider: str, model: str, code: str) -> list[str]:
+    if provider not in ALLOWED_STT:
+        return [f"transcriptionProvider {provider!r} is not one of {sorted(ALLOWED_STT)}"]
+    if model not in ALLOWED_STT[provider]:
+        return [f"speechModel {model!r} is not valid for {provider} (allowed: {sorted(ALLOWED_STT[provider])})"]
+    key = deepgram_language_key(code)
+    if model == "nova-3-general" and key not in DEEPGRAM_NOVA3_LANGUAGES:
+        return [f"Deepgram nova-3 does not support {code}"]
+    if model == "nova-2-general" and key not in DEEPGRAM_NOVA2_LANGUAGES:
+        return [f"Deepgram nova-2 does not support {code}"]
+    preferred = preferred_stt(code)
+    if (provider, model) != preferred:
+        return [f"{code} should use {preferred[0]} {preferred[1]}, not {provider} {model}"]
+    return []
+
+
+def _say_problems(entry: LanguageEntry) -> list[str]:
+    voice, language = entry.say_voice or "", entry.say_language or ""
+    if voice.startswith("Google."):
+        match = _GOOGLE_VOICE.match(voice[len("Google."):])
+        if not match:
+            return [f"say voice {voice!r} is not Google.<locale>-<Type>-<X>"]
+        problems = _google_voice_problems(match, entry.code, "say voice")
+        if language != match["locale"]:
+            problems.append(f"say language {language!r} must match the voice locale {match['locale']}")
+        return problems
+    if voice.startswith("Polly."):
+        match = _AMAZON_VOICE.match(voice[len("Polly."):])
+        locale = amazon_tts_locale(entry.code)
+        if not match:
+            return [f"say voice {voice!r} is not Polly.<Name>-Neural"]
+        problems = []
+        if match["name"] not in ALLOWED_TTS["Amazon"].get(locale, ()):
+            problems.append(f"Polly voice {match['name']} is not a neural voice for {locale}")
+        if language != locale:
+            problems.append(f"say language {language!r} must match the Polly locale {locale}")
+        return problems
+    return [f"say voice {voice!r} is neither Google.* nor Polly.*"]
+
+
+def _gather_problems(entry: LanguageEntry) -> list[str]:
+    language = entry.gather_language or ""
+    if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,4})*", language):
+        return [f"gather language {language!r} is not a BCP-47 tag"]
+    allowed = _SPEECH_PRIMARIES_BY_CODE.get(entry.code, {primary_subtag(entry.code)})
+    if primary_subtag(language) not in allowed:
+        return [f"gather language {language} does not recognise {entry.code} (expected one of {sorted(allowed)})"]
+    return []
+
+
+def _text_problems(entry: LanguageEntry) -> list[str]:
+    problems = []
+    for label, value in (("name", entry.name), ("nativeName", entry.native_name), ("llmInstruction", entry.llm_instruction)):
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{label} is empty")
+    phrases = entry.termination_phrases
+    if not MIN_TERMINATION_PHRASES <= len(phrases) <= MAX_TERMINATION_PHRASES:
+        problems.append(f"{len(phrases)} termination phrases (need {MIN_TERMINATION_PHRASES}-{MAX_TERMINATION_PHRASES})")
+    if any(not isinstance(p, str) or not p.strip() for p in phrases):
+        problems.append("a termination phrase is empty")
+    elif len({p.casefold() for p in phrases}) != len(phrases):
+        problems.append("termination phrases repeat")
+    if not entry.fillers or any(not isinstance(f, str) or not f.strip() for f in entry.fillers):
+        problems.append("fillers are missing or empty")
+    if len(entry.prewarm_utterances) < MIN_PREWARM_UTTERANCES or any(
+        not isinstance(u, str) or not u.strip() for u in entry.prewarm_utterances
+    ):
+        problems.append(f"need at least {MIN_PREWARM_UTTERANCES} non-empty prewarm utterances")
+    for key in LINE_KEYS:
+        text = entry.lines.get(key)
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"line {key!r} is missing")
+    return problems
+
+
+def entry_problems(entry: LanguageEntry) -> list[str]:
+    """Every way this entry would fail on a call: invalid provider/voice/model pairs and missing fields.
+
+    Twilio drops the call on an invalid provider/voice or provider/model pair (twilio.md §1), so the
+    table is checked as data rather than discovered on a live call.
+    """
+    problems: list[str] = []
+    if not _BCP47.match(entry.code or ""):
+        problems.append(f"code {entry.code!r} is not a BCP-47 language-REGION tag")
+    missing = [key for key in RELAY_KEYS if not entry.relay.get(key)]
+    if missing:
+        problems.append(f"relay is missing {', '.join(missing)}")
+    else:
+        if entry.relay["language"] != entry.code:
+            problems.append(f"relay language {entry.relay['language']!r} differs from code {entry.code!r}")
+        problems += _tts_problems(entry.relay["ttsProvider"], entry.relay["voice"], entry.code)
+        problems += _stt_problems(entry.relay["transcriptionProvider"], entry.relay["speechModel"], entry.code)
+    problems += _say_problems(entry)
+    problems += _gather_problems(entry)
+    problems += _text_problems(entry)
+    return problems
+
+
+def _normalise(code: str) -> str:
+    return code.strip().replace("_", "-").lower()
+
+
+class LanguageTable:
+    """The loaded language table with alias-aware lookup; build once (per worker) and share."""
+
+    def __init__(
+        self,
+        entries: list[LanguageEntry],
+        aliases: Mapping[str, str] | None = None,
+        primary_defaults: Mapping[str, str] | None = None,
+        default_code: str = DEFAULT_CODE,
+    ) -> None:
+        self._entries = list(entries)
+        self._by_key: dict[str, LanguageEntry] = {}
+        for entry in self._entries:
+            key = _normalise(entry.code)
+            if key in self._by_key:
+                raise ValueError(f"language {entry.code} appears twice")
+            self._by_key[key] = entry
+        if _normalise(default_code) not in self._by_key:
+            raise ValueError(f"default language {default_code} is not in the table")
+        self._default = self._by_key[_normalise(default_code)]
+        self._aliases = {_normalise(a): self._target(t, f"alias {a}") for a, t in (aliases or {}).items()}
+        # A bare primary subtag ("fr") means the first entry of that language unless the data says otherwise.
+        self._by_primary: dict[str, LanguageEntry] = {}
+        for entry in self._entries:
+            self._by_primary.setdefault(_normalise(primary_subtag(entry.code)), entry)
+        for primary, target in (primary_defaults or {}).items():
+            self._by_primary[_normalise(primary)] = self._target(target, f"primary default {primary}")
+
+    def _target(self, code: str, what: str) -> LanguageEntry:
+        entry = self._by_key.get(_normalise(code))
+        if entry is None:
+            raise ValueError(f"{what} points at {code}, which is not in the table")
+        return entry
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "LanguageTable":
+        """Parse languages.json (the packaged one by default); callers keep the returned table."""
+        source = Path(path) if path is not None else DEFAULT_TABLE_PATH
+        try:
+            data = json.loads(source.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LanguageTable":
+        """Build a table from the parsed JSON document."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("languages"), list) or not data["languages"]:
+            raise ValueError("language table needs a non-empty 'languages' list")
+        default_code = data.get("default", DEFAULT_CODE)
+        raw_default = next((raw for raw in data["languages"] if isinstance(raw, Mapping) and raw.get("code") == default_code), None)
+        if raw_default is None:
+            raise ValueError(f"default language {default_code} is not in the table")
+        fallback_lines = dict(raw_default.get("lines") or {})
+        entries = [LanguageEntry.from_json(raw, fallback_lines) for raw in data["languages"]]
+        return cls(entries, data.get("aliases"), data.get("primaryDefaults"), default_code)
+
+    @property
+    def codes(self) -> list[str]:
+        """Every language code in table order."""
+        return [entry.code for entry in self._entries]
+
+    @property
+    def default(self) -> LanguageEntry:
+        """The entry used when a code is unknown (en-US)."""
+        return self._default
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[LanguageEntry]:
+        return iter(self._entries)
+
+    def __contains__(self, code: object) -> bool:
+        return isinstance(code, str) and self.resolve(code) is not None
+
+    def resolve(self, code: str | None) -> LanguageEntry | None:
+        """The entry for a code, alias or bare language ("yue", "zh-Hant", "fr"), or None when unknown.
+
+        Follows BCP-47 lookup: the full tag first, then shorter prefixes ("zh-Hant-MO" -> "zh-Hant"),
+        each tried as a code and as an alias; a lone primary subtag maps to that language's default region.
+        """
+        if not isinstance(code, str) or not code.strip():
+            return None
+        subtags = _normalise(code).split("-")
+        for length in range(len(subtags), 0, -1):
+            prefix = "-".join(subtags[:length])
+            entry = self._by_key.get(prefix) or self._aliases.get(prefix)
+            if entry is None and length == 1:
+                entry = self._by_primary.get(prefix)
+            if entry is not None:
+                return entry
+        return None
+
+    def get(self, code: str | None) -> LanguageEntry:
+        """Like resolve(), but never fails: unknown or empty codes give en-US."""
+        return self.resolve(code) or self._default
+
+    def switch_target(self, current_code: str, prompt_lang: str | None) -> LanguageEntry | None:
+        """The language to switch to for a caller utterance tagged prompt_lang, or None to stay.
+
+        With Deepgram `multi`, prompt.lang carries only the primary subtag ("en"), so a bare subtag
+        that matches the current language is the same language, not a switch (en-GB stays en-GB).
+        """
+        if not isinstance(prompt_lang, str) or not prompt_lang.strip():
+            return None
+        target = self.resolve(prompt_lang)
+        if target is None:
+            return None
+        current = self.get(current_code)
+        if target.code == current.code:
+            return None
+        spoken = _normalise(prompt_lang)
+        if "-" not in spoken and spoken == _normalise(primary_subtag(current.code)):
+            return None
+        return target
+
+    def problems(self) -> dict[str, list[str]]:
+        """entry_problems() for every entry that has any, keyed by code (for tests and health checks)."""
+        return {entry.code: found for entry in self._entries if (found := entry_problems(entry))}

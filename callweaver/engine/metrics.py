@@ -1,0 +1,202 @@
+"""Latency, cache and failover figures computed from the measured per-turn timings in the store.
+
+Nothing here estimates: a figure with no samples is None, with a reason next to it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+NO_SAMPLES = "no measured turns in this window"
+
+# Published figures, quoted with their source; measured elsewhere, on other set-ups (voice-to-voice, not our
+# prompt-to-first-token), so they are context, never a "% slower than us" claim.
+PUBLISHED_PEER_FIGURES = [
+    {"name": "Vapi", "metric": "voice-to-voice latency p50 (third-party tests)", "valueMs": [720, 900],
+     "source": "docs/peers.md (third-party tests summarised there)", "comparable": False},
+    {"name": "Retell AI", "metric": "voice-to-voice latency p50 (third-party tests)", "valueMs": [620, 680],
+     "source": "docs/peers.md (third-party tests summarised there)", "comparable": False},
+    {"name": "Bland AI", "metric": "voice-to-voice latency p50 (third-party tests)", "valueMs": [850, 850],
+     "source": "docs/peers.md (third-party tests summarised there)", "comparable": False},
+    {"name": "Twilio latency guide", "metric": "LLM time to first token target / upper limit",
+     "valueMs": [375, 750], "source": "Twilio blog 'A Guide to Core Latency in AI Voice Agents', 2025-11-17",
+     "comparable": False},
+]
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile; None for no samples (never a made-up number)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return round(ordered[rank - 1], 3)
+
+
+def distribution(values: Iterable[float | None]) -> dict[str, Any]:
+    samples = [float(v) for v in values if v is not None]
+    if not samples:
+        return {"samples": 0, "p50": None, "p95": None, "p99": None, "mean": None, "reason": NO_SAMPLES}
+    return {"samples": len(samples), "p50": percentile(samples, 50), "p95": percentile(samples, 95),
+            "p99": percentile(samples, 99), "mean": round(sum(samples) / len(samples), 3)}
+
+
+def ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def added_latency_ms(turn: dict) -> float | None:
+    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token."""
+    if turn.get("source") != "llm" or turn.get("firstTokenMs") is None or turn.get("providerTtftMs") is None:
+        return None
+    return max(0.0, turn["firstTokenMs"] - turn["providerTtftMs"])
+
+
+def turn_view(turn: dict) -> dict[str, Any]:
+    """One turn as the metrics API shows it (no caller text: only its length)."""
+    return {
+        "index": turn.get("index"), "at": turn.get("at"), "path": turn.get("path"),
+        "nodeId": turn.get("nodeId"), "nextNodeId": turn.get("nextNodeId"),
+        "callerTextChars": turn.get("callerTextChars"), "source": turn.get("source"),
+        "provider": turn.get("provider"), "providerTtftMs": turn.get("providerTtftMs"),
+        "firstTokenMs": turn.get("firstTokenMs"), "lastTokenMs": turn.get("lastTokenMs"),
+        "addedLatencyMs": added_latency_ms(turn), "interrupted": bool(turn.get("interrupted")),
+        "cacheHit": bool(turn.get("cacheHit")), "failovers": turn.get("failovers") or [],
+        "language": turn.get("language"), "action": turn.get("action"),
+    }
+
+
+def summarize_turns(turns: list[dict]) -> dict[str, Any]:
+    n = len(turns)
+    hits = sum(1 for t in turns if t.get("cacheHit"))
+    errors = sum(1 for t in turns if t.get("source") == "apology")
+    with_failover = sum(1 for t in turns if t.get("failovers"))
+    first = distribution(t.get("firstTokenMs") for t in turns)
+    return {
+        "turns": n, "firstTokenMs": first, "lastTokenMs": distribution(t.get("lastTokenMs") for t in turns),
+        "providerTtftMs": distribution(t.get("providerTtftMs") for t in turns),
+        "addedLatencyMs": distribution(added_latency_ms(t) for t in turns),
+        "cacheHits": hits, "cacheHitRate": ratio(hits, n), "errors": errors, "errorRate": ratio(errors, n),
+        "failovers": sum(len(t.get("failovers") or []) for t in turns), "providerFailoverRate": ratio(with_failover, n),
+        "interrupted": sum(1 for t in turns if t.get("interrupted")),
+    }
+
+
+class MetricsReader:
+    """Aggregates over the store's turns, so every worker and instance reports the same figures."""
+
+    def __init__(self, store, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.clock = clock
+
+    def summary(self, window_s: int = 3600) -> dict[str, Any]:
+        turns = self.store.recent_turns(self.clock() - window_s)
+        s = summarize_turns(turns)
+        return {"windowSeconds": window_s, "turns": s["turns"], "firstTokenMs": s["firstTokenMs"],
+                "cacheHitRate": s["cacheHitRate"]}
+
+    def call(self, tracking_id: str) -> dict[str, Any] | None:
+        record = self.store.get_call(tracking_id)
+        if record is None:
+            return None
+        turns = self.store.turns(tracking_id)
+        history = self.store.status_history(tracking_id)
+        s = summarize_turns(turns)
+        end = record.ended_at or self.clock()
+        duration_s = round(end - record.created_at, 3)
+        first = s["firstTokenMs"]
+        reasons = {}
+        if not turns:
+            reasons["latency"] = "no caller turns yet"
+        metrics = {
+            "averageLatency": first["mean"], "p50Latency": first["p50"], "p95Latency": first["p95"],
+            "p99Latency": first["p99"], "errorRate": s["errorRate"], "cacheHitRate": s["cacheHitRate"],
+            "languageOptimizationRate": None, "providerFailoverRate": s["providerFailoverRate"],
+            "totalProcessedRequests": s["turns"], "uptime": duration_s,
+            "currentThroughput": round(s["turns"] / (duration_s / 60), 3) if duration_s > 0 and turns else None,
+            "addedLatency": s["addedLatencyMs"], "providerTtft": s["providerTtftMs"],
+            "lastTokenLatency": s["lastTokenMs"], "failovers": s["failovers"], "interrupted": s["interrupted"],
+        }
+        reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
+        call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
+                              if h.get("payload", {}).get("CallDuration")), None)
+        return {
+            "trackingId": tracking_id,
+            "metrics": metrics,
+            "callData": {
+                "callSid": record.call_sid, "status": record.status, "path": record.path,
+                "language": record.language, "workflowId": record.workflow_id,
+                "duration": int(call_duration) if call_duration else duration_s,
+                "totalLatency": round(sum(t.get("firstTokenMs") or 0 for t in turns), 3) if turns else None,
+                "cacheHits": s["cacheHits"], "qualityScore": None, "currentNode": record.current_node,
+                "createdAt": record.created_at, "endedAt": record.ended_at,
+                "statusHistory": [{"status": h["status"], "sequence": h["sequence"], "receivedAt": h["receivedAt"]}
+                                  for h in history],
+                "turns": [turn_view(t) for t in turns],
+            },
+            "reasons": {**reasons, "qualityScore": "no call-quality measurement is taken"},
+            "optimization": {"enabled": record.path == "optimized", "path": record.path,
+                             "conversationRelay": record.path == "optimized",
+                             "cacheable": any(t.get("cacheable") for t in turns)},
+        }
+
+    def aggregate(self, window_s: int) -> dict[str, Any]:
+        now = self.clock()
+        turns = self.store.recent_turns(now - window_s)
+        by_path: dict[str, list[dict]] = defaultdict(list)
+        by_provider: dict[str, list[dict]] = defaultdict(list)
+        for t in turns:
+            by_path[t.get("path") or "unknown"].append(t)
+            if t.get("provider"):
+                by_provider[t["provider"]].append(t)
+        s = summarize_turns(turns)
+        calls = self.store.list_calls(since=now - window_s)
+        active = [c for c in calls if c.ended_at is None and c.status not in ("failed",)]
+        return {
+            "windowSeconds": window_s,
+            "activeCalls": len(active), "calls": len(calls),
+            "totalProcessedRequests": s["turns"], "turns": s["turns"],
+            "averageLatency": s["firstTokenMs"]["mean"],
+            "cacheHitRate": s["cacheHitRate"], "errorRate": s["errorRate"],
+            "errors": s["errors"], "failovers": s["failovers"],
+            "firstTokenMs": {p: distribution(t.get("firstTokenMs") for t in by_path.get(p, []))
+                             for p in ("optimized", "traditional")},
+            "addedLatencyMs": distribution(added_latency_ms(t) for t in by_path.get("optimized", [])),
+            "cache": {"hits": s["cacheHits"], "turns": s["turns"], "hitRate": s["cacheHitRate"],
+                      "hitFirstTokenMs": distribution(t.get("firstTokenMs") for t in turns if t.get("cacheHit")),
+                      "missFirstTokenMs": distribution(t.get("firstTokenMs") for t in turns
+                                                       if not t.get("cacheHit") and t.get("source") == "llm")},
+            "providers": {name: {"turns": len(ts), "ttftMs": distribution(t.get("providerTtftMs") for t in ts)}
+                          for name, ts in sorted(by_provider.items())},
+        }
+
+    def comparison(self, window_s: int) -> dict[str, Any]:
+        turns = self.store.recent_turns(self.clock() - window_s)
+        trad = distribution(t.get("firstTokenMs") for t in turns if t.get("path") == "traditional")
+        opt = distribution(t.get("firstTokenMs") for t in turns if t.get("path") == "optimized")
+        improvement: dict[str, Any]
+        if trad["samples"] and opt["samples"]:
+            improvement = {"p50Ms": round(trad["p50"] - opt["p50"], 3),
+                           "p50Percent": round((trad["p50"] - opt["p50"]) / trad["p50"] * 100, 2) if trad["p50"] else None,
+                           "basis": "caller speech received → first reply text on its way to TTS, measured per turn"}
+        else:
+            missing = [name for name, d in (("traditional", trad), ("optimized", opt)) if not d["samples"]]
+            improvement = {"p50Ms": None, "p50Percent": None,
+                           "reason": f"no measured {' or '.join(missing)} turns in the last {window_s} s"}
+        return {"windowSeconds": window_s, "traditional": trad, "optimized": opt, "improvement": improvement}
+
+    def timeline(self, window_s: int, bucket_s: int = 60) -> list[dict[str, Any]]:
+        """Per-bucket p50 first-token latency by path, for the dashboard chart."""
+        now = self.clock()
+        turns = self.store.recent_turns(now - window_s)
+        buckets: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for t in turns:
+            if t.get("firstTokenMs") is None:
+                continue
+            b = int((t.get("at") or now) // bucket_s * bucket_s)
+            buckets[b][t.get("path") or "unknown"].append(t["firstTokenMs"])
+        return [{"at": b, "optimizedP50": percentile(v.get("optimized", []), 50),
+                 "traditionalP50": percentile(v.get("traditional", []), 50),
+                 "turns": sum(len(x) for x in v.values())} for b, v in sorted(buckets.items())]

@@ -1,0 +1,762 @@
+"""LLM providers (openai SDK) behind one ordered failover chain with deadlines and circuit breakers."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+def _hide_trio_when_gevent_patched() -> None:
+    """httpcore2 imports trio when it is installed, and trio's import crashes once gevent has patched `select`
+    (it removes epoll). The sync client never uses trio, so under gevent we make trio look absent."""
+    if "trio" in sys.modules or "gevent.monkey" not in sys.modules:
+        return
+    from gevent import monkey
+
+    if monkey.is_module_patched("select"):
+        sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` now raises ImportError
+
+
+_hide_trio_when_gevent_patched()
+
+import httpcore2  # noqa: E402  (after the gevent guard above)
+import httpx2  # noqa: E402
+import openai  # noqa: E402
+import structlog  # noqa: E402
+
+log = structlog.get_logger()
+
+DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+DEFAULT_APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
+SELF_HOSTED_API_KEY = "not-needed"
+
+CONTINUE_INSTRUCTION = (
+    "Your previous reply was cut off after the assistant text above, and the caller already heard it. "
+    "Continue exactly where it stopped. Do not repeat anything already said; output only the rest of the reply."
+)
+
+# The read deadline (time.monotonic) of the LLM request this greenlet/thread is driving right now.
+# Context-local, so concurrent calls under gevent never see each other's deadline.
+_READ_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("callweaver_llm_read_deadline", default=None)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One LLM endpoint; `model` is the Azure deployment for kind "azure"."""
+
+    name: str
+    kind: str  # "azure" | "openai"
+    api_key: str
+    model: str
+    base_url: str | None = None
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+
+    def __repr__(self) -> str:  # never let the key reach a log line or a traceback
+        return (f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, model={self.model!r}, "
+                f"base_url={self.base_url!r}, azure_endpoint={self.azure_endpoint!r}, api_version={self.api_version!r})")
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """Deadlines and breaker limits; a phone caller notices silence after about a second."""
+
+    first_token_timeout_s: float = 1.5
+    connect_timeout_s: float = 2.0
+    stall_timeout_s: float = 5.0
+    circuit_failures: int = 3
+    circuit_cooldown_s: float = 30.0
+
+
+def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
+    """Accept the original backend's full chat-completions URL or a plain resource URL.
+
+    Returns (resource_url, deployment or None, api_version or None), so users keep their old AZURE_OPENAI_ENDPOINT.
+    """
+    text = url.strip()
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    resource_url = f"{parts.scheme}://{parts.netloc}"
+    match = re.search(r"/openai/deployments/([^/?#]+)", parts.path)
+    deployment = unquote(match.group(1)) if match else None
+    api_versions = parse_qs(parts.query).get("api-version")
+    return resource_url, deployment, (api_versions[0] if api_versions else None)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProviderError(Exception):
+    """One provider attempt failed; `kind` says how (it is what failover logs and counts)."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def _status_kind(status_code: int) -> str:
+    return "rate_limited" if status_code == 429 else f"http_{status_code}"
+
+
+# --------------------------------------------------------------------------- deadline-aware HTTP
+
+
+class _DeadlineNetworkStream(httpcore2.NetworkStream):
+    """Reads honour the context's wall-clock deadline instead of a fixed per-read timeout.
+
+    httpcore fixes one read timeout per request, so it can neither tell "no first token for 1.5 s" (keep-alive
+    comments would reset it) from "a 5 s gap after the first token"; the chain moves this deadline as the stream
+    progresses.
+    """
+
+    def __init__(self, inner: httpcore2.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        deadline = _READ_DEADLINE.get()
+        if deadline is not None:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise httpcore2.ReadTimeout("read deadline passed")
+            timeout = remaining_s
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None):
+        return _DeadlineNetworkStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineNetworkBackend(httpcore2.NetworkBackend):
+    def __init__(self, inner: httpcore2.NetworkBackend) -> None:
+        self._inner = inner
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        deadline = _READ_DEADLINE.get()
+        if deadline is not None:  # opening a connection is part of the wait for the first token
+            remaining_s = max(0.001, deadline - time.monotonic())
+            timeout = remaining_s if timeout is None else min(timeout, remaining_s)
+        return _DeadlineNetworkStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        return _DeadlineNetworkStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _install_read_deadlines(http_client: httpx2.Client) -> bool:
+    """Wrap the client's connection pools so reads obey _READ_DEADLINE; False if httpx2's internals changed.
+
+    Without it the chain still works, with the per-read timeout plus a check between lines.
+    """
+    transports = [http_client._transport, *http_client._mounts.values()]
+    installed = False
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None:
+            continue
+        if not isinstance(backend, _DeadlineNetworkBackend):
+            pool._network_backend = _DeadlineNetworkBackend(backend)
+        installed = True
+    return installed
+
+
+def _default_http_client() -> httpx2.Client:
+    # The SDK's default pool keeps 100 idle connections; a worker with hundreds of calls needs more.
+    return httpx2.Client(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=500))
+
+
+def _call_with_read_deadline(deadline: float, function: Callable, *args):
+    token = _READ_DEADLINE.set(deadline)
+    try:
+        return function(*args)
+    finally:
+        _READ_DEADLINE.reset(token)
+
+
+def _abort_http_response(http_response: httpx2.Response | None) -> None:
+    """Hang up a response that another greenlet/thread is reading: shutting the socket wakes its blocked read."""
+    if http_response is None:
+        return
+    network_stream = http_response.extensions.get("network_stream")
+    raw_socket = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if raw_socket is not None:
+        try:
+            raw_socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- one provider + its breaker
+
+
+class _Provider:
+    """A configured endpoint, its lazily built SDK client and its circuit breaker."""
+
+    def __init__(self, config: ProviderConfig, settings: ChainSettings,
+                 http_client_factory: Callable[[], httpx2.Client] | None) -> None:
+        self.config = config
+        self._settings = settings
+        self._http_client_factory = http_client_factory or _default_http_client
+        self._client: openai.OpenAI | None = None
+        self._lock = threading.Lock()
+        self.state = "closed"
+        self.consecutive_failures = 0
+        self.opened_at: float | None = None  # chain clock
+        self.opened_at_epoch: float | None = None
+        self.probe_in_flight = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def client(self) -> openai.OpenAI:
+        """Built on first use: each gunicorn worker (post-fork) gets its own connection pool."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._build_client()
+        return self._client
+
+    def _build_client(self) -> openai.OpenAI:
+        settings = self._settings
+        timeout = httpx2.Timeout(
+            connect=settings.connect_timeout_s,
+            read=settings.first_token_timeout_s,
+            write=settings.connect_timeout_s,
+            pool=settings.connect_timeout_s,
+        )
+        http_client = self._http_client_factory()
+        if not _install_read_deadlines(http_client):
+            log.warning("llm_read_deadlines_unavailable", provider=self.name)
+        config = self.config
+        if config.kind == "azure":
+            return openai.AzureOpenAI(
+                azure_endpoint=config.azure_endpoint or "",
+                api_key=config.api_key,
+                api_version=config.api_version or DEFAULT_AZURE_API_VERSION,
+                max_retries=0,
+                timeout=timeout,
+                http_client=http_client,
+            )
+        return openai.OpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key or SELF_HOSTED_API_KEY,
+            max_retries=0,
+            timeout=timeout,
+            http_client=http_client,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # breaker: closed → (N failures) open → (cooldown) half_open with one probe → closed | open
+
+    def try_acquire(self, now: float) -> bool:
+        """May this turn use the provider? Claims the single probe slot of a half-open circuit."""
+        with self._lock:
+            if self.state == "closed":
+                return True
+            if self.probe_in_flight:
+                return False
+            if self.state == "open" and (self.opened_at is None or now - self.opened_at < self._settings.circuit_cooldown_s):
+                return False
+            self.state = "half_open"
+            self.probe_in_flight = True
+            return True
+
+    def record_success(self) -> None:
+        with self._lock:
+            was_state = self.state
+            self.state, self.consecutive_failures, self.probe_in_flight = "closed", 0, False
+            self.opened_at = self.opened_at_epoch = None
+        if was_state != "closed":
+            log.info("provider_circuit_closed", provider=self.name)
+
+    def record_failure(self, now: float) -> None:
+        with self._lock:
+            self.consecutive_failures += 1
+            self.probe_in_flight = False
+            opens = self.state == "half_open" or self.consecutive_failures >= self._settings.circuit_failures
+            if opens:
+                self.state, self.opened_at, self.opened_at_epoch = "open", now, time.time()
+        if opens:
+            log.warning("provider_circuit_opened", provider=self.name, consecutive_failures=self.consecutive_failures)
+
+    def release_probe(self) -> None:
+        """The turn was cancelled before the provider proved anything: let the next turn probe."""
+        with self._lock:
+            self.probe_in_flight = False
+
+    def health(self, now: float) -> dict:
+        with self._lock:
+            state = self.state
+            if state == "open" and self.opened_at is not None and now - self.opened_at >= self._settings.circuit_cooldown_s:
+                state = "half_open"  # the next turn will probe it
+            return {
+                "name": self.name,
+                "kind": self.config.kind,
+                "model": self.config.model,
+                "state": state,
+                "consecutiveFailures": self.consecutive_failures,
+                "openedAt": self.opened_at_epoch,
+            }
+
+
+# --------------------------------------------------------------------------- continuation seam
+
+
+def _normalised_word(word: str) -> str:
+    return re.sub(r"[^\w]", "", word.lower())
+
+
+class _ContinuationJoiner:
+    """Joins a continuation onto the already-spoken prefix so the caller never hears a repeat.
+
+    Models asked to continue sometimes restart the reply or repeat its last words; this holds back the first
+    words of the continuation until it is clear whether they repeat the end of the prefix, and drops the repeat.
+    """
+
+    MAX_HELD_CHARS = 400
+
+    def __init__(self, spoken: str) -> None:
+        self._spoken = spoken
+        self._spoken_words = [_normalised_word(word) for word in spoken.split()]
+        self._held = ""
+        self._decided = False
+
+    def feed(self, piece: str) -> str:
+        """Returns the text that may be spoken now ("" while still deciding)."""
+        if self._decided:
+            return piece
+        self._held += piece
+        return self._decide(final=False)
+
+    def finish(self) -> str:
+        return "" if self._decided else self._decide(final=True)
+
+    def _decide(self, final: bool) -> str:
+        words = [(match.group(), match.end()) for match in re.finditer(r"\S+", self._held)]
+        partial = ""
+        if words and not final and not self._held[-1].isspace():
+            partial = _normalised_word(words.pop()[0])
+        if not words and not partial and not final:
+            return ""  # only whitespace so far
+        spoken_words = self._spoken_words
+        confirmed_overlap_words = 0
+        still_possible = False
+        for start in range(len(spoken_words)):
+            suffix = spoken_words[start:]
+            compared = min(len(words), len(suffix))
+            if any(_normalised_word(words[i][0]) != suffix[i] for i in range(compared)):
+                continue
+            if len(words) >= len(suffix):
+                confirmed_overlap_words = len(suffix)
+                break  # smallest start = longest overlap
+            if partial and not suffix[len(words)].startswith(partial):
+                continue
+            still_possible = True
+            break  # a longer overlap may still be forming: wait for more words
+        if still_possible and not final and len(self._held) < self.MAX_HELD_CHARS:
+            return ""
+        self._decided = True
+        rest = self._held
+        if confirmed_overlap_words:
+            rest = self._held[words[confirmed_overlap_words - 1][1]:]
+        return self._seam(rest)
+
+    def _seam(self, rest: str) -> str:
+        # A fresh completion rarely starts with a space, while the cut almost always falls at a word end.
+        if not rest or not self._spoken or self._spoken[-1].isspace() or rest[0].isspace() or rest[0] in ".,!?;:)'\"":
+            return rest
+        return " " + rest
+
+
+def continuation_messages(messages: list[dict], spoken: str) -> list[dict]:
+    """The request that resumes a reply which broke after `spoken` was already heard."""
+    return [*messages, {"role": "assistant", "content": spoken}, {"role": "system", "content": CONTINUE_INSTRUCTION}]
+
+
+# --------------------------------------------------------------------------- one turn
+
+
+@dataclass
+class _TurnRequest:
+    messages: list[dict]
+    tools: list[dict] | None
+    temperature: float | None
+    max_tokens: int | None
+    model: str | None
+    apology: str
+
+
+@dataclass
+class _TurnState:
+    """What a ReplyStream reports; kept apart from the stream so a dropped stream is freed (and closed) at once."""
+
+    text: str = ""
+    tool_calls: list[tuple[str, dict]] = field(default_factory=list)
+    provider: str | None = None
+    provider_ttft_ms: float | None = None
+    failovers: list[dict] = field(default_factory=list)
+    apology_used: bool = False
+    cancelled: bool = False
+    active_response: httpx2.Response | None = None
+
+
+class ReplyStream:
+    """Iterate it for the spoken text tokens (str) as they arrive; after iteration its attributes describe the turn.
+
+    Nothing is sent upstream until iteration starts. Use close() (or `with`) to cancel: the upstream HTTP
+    response is closed at once, so the provider stops generating.
+    """
+
+    def __init__(self, chain: "ProviderChain", request: _TurnRequest) -> None:
+        self._state = _TurnState()
+        self._tokens = _run_turn(chain, self._state, request)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._tokens
+
+    def __enter__(self) -> "ReplyStream":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the turn; safe from the iterating greenlet/thread or from another one."""
+        self._state.cancelled = True
+        if inspect.getgeneratorstate(self._tokens) == inspect.GEN_RUNNING:
+            # Another greenlet/thread is blocked reading inside the generator: wake it by hanging up the socket;
+            # it sees `cancelled` and finishes quietly (no failover, no apology).
+            _abort_http_response(self._state.active_response)
+        else:
+            self._tokens.close()  # GeneratorExit at the yield leaves the `with`, closing the response
+
+    @property
+    def text(self) -> str:
+        return self._state.text
+
+    @property
+    def tool_calls(self) -> list[tuple[str, dict]]:
+        return self._state.tool_calls
+
+    @property
+    def provider(self) -> str | None:
+        return self._state.provider
+
+    @property
+    def provider_ttft_ms(self) -> float | None:
+        return self._state.provider_ttft_ms
+
+    @property
+    def failovers(self) -> list[dict]:
+        return self._state.failovers
+
+    @property
+    def apology_used(self) -> bool:
+        return self._state.apology_used
+
+
+def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) -> Iterator[str]:
+    """Ordered failover: each provider in turn, open circuits skipped, a broken reply continued; never raises."""
+    for provider in chain._providers:
+        if state.cancelled:
+            return
+        if not provider.try_acquire(chain._clock()):
+            continue
+        attempt = _stream_from_provider(provider, chain._settings, state, request)
+        try:
+            yield from attempt
+        except ProviderError as error:
+            if state.cancelled:
+                _settle_cancelled(provider, state)
+                return
+            provider.record_failure(chain._clock())
+            state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
+            log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
+            continue
+        except BaseException:
+            # Cancelled by the caller (GeneratorExit, GreenletExit): closing the attempt closes its HTTP response.
+            attempt.close()
+            _settle_cancelled(provider, state)
+            raise
+        provider.record_success()
+        return
+    if state.cancelled:
+        return
+    log.error("all_llm_providers_failed", providers=[p.name for p in chain._providers], spoken_chars=len(state.text))
+    state.apology_used = True
+    state.provider = None
+    apology = request.apology
+    if state.text and not state.text[-1].isspace():
+        apology = " " + apology
+    state.text += apology
+    yield apology
+
+
+def _settle_cancelled(provider: _Provider, state: _TurnState) -> None:
+    """A cancelled turn proves a provider healthy only if it had already answered."""
+    if state.provider == provider.name:
+        provider.record_success()
+    else:
+        provider.release_probe()
+
+
+def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _TurnState,
+                          request: _TurnRequest) -> Iterator[str]:
+    """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from SDK/httpx errors)."""
+    spoken_before = state.text
+    joiner = _ContinuationJoiner(spoken_before) if spoken_before else None
+    messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
+    config = provider.config
+    kwargs: dict[str, Any] = {
+        "model": request.model if (request.model and config.kind != "azure") else config.model,
+        "messages": messages,
+        "stream": True,
+    }
+    if request.tools:
+        kwargs["tools"] = request.tools
+    if request.temperature is not None:
+        kwargs["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        kwargs["max_tokens"] = request.max_tokens
+
+    first_token_seen = False
+    sent_at = time.monotonic()
+    deadline = sent_at + settings.first_token_timeout_s
+    try:
+        client = provider.client()
+        response_context = client.chat.completions.with_streaming_response.create(**kwargs)
+        raw_response = _call_with_read_deadline(deadline, response_context.__enter__)
+        http_response: httpx2.Response = raw_response.http_response
+        state.active_response = http_response
+        try:
+            if state.cancelled:  # close() ran while we waited for the headers
+                raise ProviderError("cancelled")
+            tool_parts: dict[int, dict] = {}
+            done = False
+            finish_reason = None
+            pending = b""
+            byte_chunks = http_response.iter_bytes()
+            while not done:
+                if state.cancelled:
+                    raise ProviderError("cancelled")
+                if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
+                    raise httpx2.ReadTimeout("deadline passed between lines")
+                chunk = _call_with_read_deadline(deadline, next, byte_chunks, None)
+                if chunk is None:
+                    break
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    if not line.startswith(b"data:"):
+                        continue  # comments (": keep-alive"), "event:", blank separators
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    event = json.loads(payload)
+                    if event.get("error"):
+                        raise ProviderError("stream_error")
+                    for choice in event.get("choices") or ():  # Azure opens with a choices-less filter event
+                        if choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or {}
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                        content = delta.get("content")
+                        tool_deltas = delta.get("tool_calls")
+                        if content or tool_deltas:
+                            now = time.monotonic()
+                            if not first_token_seen:
+                                first_token_seen = True
+                                if state.provider_ttft_ms is None:
+                                    state.provider_ttft_ms = (now - sent_at) * 1000.0
+                            deadline = now + settings.stall_timeout_s
+                            state.provider = provider.name
+                        for tool_delta in tool_deltas or ():
+                            parts = tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
+                            function = tool_delta.get("function") or {}
+                            if function.get("name") and not parts["name"]:
+                                parts["name"] = function["name"]
+                            if function.get("arguments"):
+                                parts["arguments"].append(function["arguments"])
+                        if content:
+                            speakable = joiner.feed(content) if joiner is not None else content
+                            if speakable:
+                                state.text += speakable
+                                yield speakable
+                                # time the consumer spent with the token is not upstream silence
+                                deadline = time.monotonic() + settings.stall_timeout_s
+            if not done and finish_reason is None:
+                raise ProviderError("dropped", "stream ended without finishing")
+            if joiner is not None:
+                tail = joiner.finish()
+                if tail:
+                    state.text += tail
+                    yield tail
+            tool_calls = _parse_tool_calls(provider.name, tool_parts)
+            if not state.text and not tool_calls:
+                raise ProviderError("empty_reply")
+            state.tool_calls.extend(tool_calls)
+            state.provider = provider.name
+        finally:
+            state.active_response = None
+            response_context.__exit__(None, None, None)
+    except ProviderError:
+        raise
+    except openai.APIStatusError as error:
+        raise ProviderError(_status_kind(error.status_code)) from None
+    except openai.APITimeoutError as error:
+        connect_phase = isinstance(error.__cause__, (httpx2.ConnectTimeout, httpx2.PoolTimeout))
+        raise ProviderError("connect" if connect_phase else "timeout_first_token") from None
+    except openai.APIConnectionError as error:
+        connect_phase = isinstance(error.__cause__, httpx2.ConnectError)
+        raise ProviderError("connect" if connect_phase else "dropped") from None
+    except httpx2.TimeoutException:
+        raise ProviderError("stalled" if first_token_seen else "timeout_first_token") from None
+    except (httpx2.TransportError, httpx2.StreamError):
+        raise ProviderError("dropped") from None
+    except ValueError:
+        raise ProviderError("malformed_chunk") from None
+    except Exception as error:  # the caller must never see a provider's exception
+        # no traceback: rendered locals could carry the client and its key
+        log.error("provider_unexpected_error", provider=provider.name, error_type=type(error).__name__,
+                  error=str(error)[:300])
+        raise ProviderError("unexpected", type(error).__name__) from None
+
+
+def _parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
+    tool_calls: list[tuple[str, dict]] = []
+    for index in sorted(tool_parts):
+        name = tool_parts[index]["name"]
+        arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
+        try:
+            arguments = json.loads(arguments_json)
+        except ValueError:
+            arguments = None
+        if not name or not isinstance(arguments, dict):
+            log.warning("tool_call_skipped_unparseable", provider=provider_name, tool=name or None,
+                        arguments_chars=len(arguments_json))
+            continue
+        tool_calls.append((name, arguments))
+    return tool_calls
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+class ProviderChain:
+    """The one place that owns LLM failover: ordered providers, first-token/stall deadlines, circuit breakers.
+
+    `clock` drives the circuit breakers only (tests inject a fake one); request deadlines and TTFT are always
+    measured with the real monotonic clock.
+    """
+
+    def __init__(self, providers: list[ProviderConfig], settings: ChainSettings = ChainSettings(),
+                 clock: Callable[[], float] = time.monotonic,
+                 http_client_factory: Callable[[], httpx2.Client] | None = None) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._providers = [_Provider(config, settings, http_client_factory) for config in providers]
+
+    @property
+    def names(self) -> list[str]:
+        return [provider.name for provider in self._providers]
+
+    def stream(self, messages: list[dict], *, tools: list[dict] | None = None, temperature: float | None = None,
+               max_tokens: int | None = None, model: str | None = None, apology: str = DEFAULT_APOLOGY) -> ReplyStream:
+        """Start a turn (lazily: nothing is sent until iterated).
+
+        `model` overrides the model of "openai"-kind providers only; an Azure provider always uses its deployment.
+        """
+        request = _TurnRequest(list(messages), tools, temperature, max_tokens, model, apology)
+        return ReplyStream(self, request)
+
+    def complete(self, messages: list[dict], **options: Any) -> ReplyStream:
+        """Run a whole turn and return the finished stream (for non-streaming callers such as the playground)."""
+        reply = self.stream(messages, **options)
+        for _ in reply:
+            pass
+        return reply
+
+    def health(self) -> list[dict]:
+        """Per-provider breaker state for health endpoints; never includes keys or endpoints."""
+        now = self._clock()
+        return [provider.health(now) for provider in self._providers]
+
+    def close(self) -> None:
+        """Release the HTTP connection pools (tests, shutdown)."""
+        for provider in self._providers:
+            provider.close()
+
+
+def build_provider_chain(settings: Any) -> ProviderChain:
+    """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out."""
+    configs: list[ProviderConfig] = []
+    for name in getattr(settings, "llm_providers", ("azure", "openai")):
+        if name == "azure":
+            api_key = getattr(settings, "azure_openai_api_key", None)
+            endpoint = getattr(settings, "azure_openai_endpoint", None)
+            if not api_key or not endpoint:
+                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_API_KEY/ENDPOINT")
+                continue
+            resource_url, url_deployment, url_api_version = parse_azure_endpoint(endpoint)
+            deployment = getattr(settings, "azure_openai_deployment", None) or url_deployment
+            if not deployment:
+                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_DEPLOYMENT")
+                continue
+            configs.append(ProviderConfig(
+                name="azure", kind="azure", api_key=api_key, model=deployment, azure_endpoint=resource_url,
+                # the version inside the user's full URL wins over the settings default
+                api_version=url_api_version or getattr(settings, "azure_openai_api_version", None)
+                or DEFAULT_AZURE_API_VERSION,
+            ))
+        elif name == "openai":
+            api_key = getattr(settings, "openai_api_key", None)
+            base_url = getattr(settings, "openai_base_url", None)
+            if not api_key and not base_url:
+                log.warning("llm_provider_not_configured", provider=name, missing="OPENAI_API_KEY")
+                continue
+            configs.append(ProviderConfig(
+                name="openai", kind="openai", api_key=api_key or SELF_HOSTED_API_KEY,
+                model=getattr(settings, "openai_model", None) or DEFAULT_OPENAI_MODEL, base_url=base_url or None,
+            ))
+        else:
+            log.warning("llm_provider_unknown", provider=name)
+    defaults = ChainSettings()
+    chain_settings = ChainSettings(
+        first_token_timeout_s=float(getattr(settings, "llm_first_token_timeout_s", defaults.first_token_timeout_s)),
+        connect_timeout_s=float(getattr(settings, "llm_connect_timeout_s", defaults.connect_timeout_s)),
+        stall_timeout_s=float(getattr(settings, "llm_stall_timeout_s", defaults.stall_timeout_s)),
+        circuit_failures=int(getattr(settings, "llm_circuit_failures", defaults.circuit_failures)),
+        circuit_cooldown_s=float(getattr(settings, "llm_circuit_cooldown_s", defaults.circuit_cooldown_s)),
+    )
+    return ProviderChain(configs, chain_settings)

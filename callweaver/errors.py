@@ -1,0 +1,59 @@
+"""One error path: every failure of the HTTP API becomes {"success": false, "error": ...} JSON."""
+from __future__ import annotations
+
+import uuid
+
+import structlog
+from flask import Flask, jsonify, request
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .api_errors import ApiError
+
+log = structlog.get_logger()
+
+
+def twilio_error_status(exc: TwilioRestException) -> int:
+    """Twilio's 4xx (bad number, unverified caller id…) stay 4xx; anything else is a bad gateway."""
+    status = getattr(exc, "status", None) or 502
+    if status in (401, 403):
+        return 502  # our credentials are wrong: not the client's fault
+    return status if 400 <= status < 500 else 502
+
+
+def init_errors(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError):
+        return jsonify(success=False, error=e.message, **e.extra), e.status
+
+    @app.errorhandler(TwilioRestException)
+    def _twilio_error(e: TwilioRestException):
+        log.warning("twilio_error", status=e.status, code=e.code, message=e.msg)
+        return jsonify(success=False, error=str(e.msg), code=e.code), twilio_error_status(e)
+
+    @app.errorhandler(TwilioException)
+    def _twilio_generic(e: TwilioException):
+        log.warning("twilio_error", message=str(e))
+        return jsonify(success=False, error=f"Twilio request failed: {e}"), 502
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(e):
+        return jsonify(success=False, error="Request body too large (limit 1 MiB)"), 413
+
+    @app.errorhandler(404)
+    def _not_found(e):
+        return jsonify(success=False, error="Endpoint not found", path=request.path), 404
+
+    @app.errorhandler(405)
+    def _method(e):
+        return jsonify(success=False, error=f"Method {request.method} not allowed on {request.path}"), 405
+
+    @app.errorhandler(HTTPException)
+    def _http(e: HTTPException):
+        return jsonify(success=False, error=e.description or e.name), e.code or 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        request_id = getattr(request, "request_id", None) or ("req_" + uuid.uuid4().hex[:24])
+        log.exception("unhandled_error", request_id=request_id, path=request.path)
+        return jsonify(success=False, error="Internal server error", requestId=request_id), 500

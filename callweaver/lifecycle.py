@@ -1,0 +1,219 @@
+"""Call lifecycle: validate a make-call request, record the call, place it through Twilio, track its status, end it."""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlencode
+
+import structlog
+
+from .api_errors import ApiError
+from .config import Settings
+from .engine.languages import LanguageTable
+from .engine.workflow import Workflow, WorkflowError
+from .security import CredentialBox
+from .store import TERMINAL_STATUSES, CallRecord, Store
+from .twilio_client import PlacedCall, TwilioGateway
+
+log = structlog.get_logger()
+
+E164 = re.compile(r"\+[1-9]\d{7,14}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+
+
+def normalize_phone(raw: Any) -> str:
+    """Normalise as the original did (strip formatting, +1 for 10 US digits, + otherwise), then require E.164."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise ApiError(400, "Phone number (to) is required")
+    if not isinstance(raw, (str, int)):
+        raise ApiError(400, "Invalid phone number format. Use E.164 format, e.g. +15551234567")
+    number = re.sub(r"[\s\-().]", "", str(raw))
+    if number.startswith("00"):
+        number = "+" + number[2:]
+    if not number.startswith("+"):
+        if len(number) == 10:
+            number = "+1" + number
+        elif len(number) == 11 and number.startswith("1"):
+            number = "+" + number
+        else:
+            number = "+" + number
+    if not E164.fullmatch(number):
+        raise ApiError(400, "Invalid phone number format. Use E.164 format, e.g. +15551234567")
+    return number
+
+
+def new_tracking_id() -> str:
+    return f"call_{int(time.time() * 1000)}_{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class StartedCall:
+    record: CallRecord
+    placed: PlacedCall
+
+
+class CallLifecycle:
+    """Everything make-call, status callbacks and end-call do, with no Flask in sight."""
+
+    def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable):
+        self.settings = settings
+        self.store = store
+        self.twilio = twilio
+        self.languages = languages
+        self.credential_box = CredentialBox(settings.secret_key or "callweaver-dev-only")
+
+    # ---- credentials -------------------------------------------------------------------
+    def request_credentials(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Body credentials count only when allowed and well-formed; stale or masked ones are ignored."""
+        if not self.settings.allow_request_credentials:
+            return None
+        sid, token = body.get("twilioAccountSid"), body.get("twilioAuthToken")
+        if (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
+                and isinstance(token, str) and re.fullmatch(r"[0-9a-fA-F]{32}", token.strip())):
+            return sid.strip(), token.strip()
+        return None
+
+    def credentials_for(self, record: CallRecord | None) -> tuple[str, str] | None:
+        return self.credential_box.open(record.credentials) if record and record.credentials else None
+
+    def auth_token_for(self, record: CallRecord | None) -> str:
+        """The token a webhook of this call is signed with: the call's own, else the server's."""
+        creds = self.credentials_for(record)
+        return creds[1] if creds else self.settings.twilio_auth_token
+
+    # ---- make-call -----------------------------------------------------------------------
+    def start_call(self, body: Mapping[str, Any], *, path: str, base_url: str) -> StartedCall:
+        to = normalize_phone(body.get("to"))
+        prefixes = self.settings.allowed_destination_prefixes
+        if "*" not in prefixes and not any(to.startswith(p) for p in prefixes):
+            raise ApiError(400, f"Destination {to} is not allowed: only numbers starting with "
+                                f"{', '.join(prefixes)} can be called (ALLOWED_DESTINATION_PREFIXES)")
+        workflow = self._workflow_from(body)
+        creds = self.request_credentials(body)
+        if creds is None and not self.twilio.configured:
+            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID, "
+                                "TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER")
+        from_number = self._from_number(body, creds)
+        timeout_s = self._timeout(body.get("timeout"))
+        record_flag = body.get("record")
+        record = bool(record_flag) if isinstance(record_flag, bool) else self.settings.record_calls
+        language = self.languages.get(body.get("language") or workflow.default_language)
+
+        greeting = workflow.greeting or language.line("fallbackGreeting")
+        tracking_id = new_tracking_id()
+        workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
+        call = CallRecord(
+            tracking_id=tracking_id, path=path, workflow_id=workflow_id,
+            workflow=workflow.to_snapshot(), workflow_hash=workflow.version_hash,
+            language=language.code, greeting=greeting,
+            messages=[{"role": "assistant", "content": greeting}],
+            to=to, from_number=from_number, current_node=workflow.entry_node_id(),
+            credentials=self.credential_box.seal(*creds) if creds else None,
+        )
+        self.store.create_call(call)
+        if workflow_id:
+            self.store.save_workflow(workflow_id, workflow.to_snapshot())
+        query = {"id": workflow_id or "", "trackingId": tracking_id}
+        twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
+        status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
+        url = self._twiml_url(body.get("twimlUrl"), base_url) or f"{base_url}{twiml_path}?{urlencode(query)}"
+        status_callback = f"{base_url}{status_path}?{urlencode({'trackingId': tracking_id})}"
+        try:
+            placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
+                                             status_callback=status_callback, timeout_s=timeout_s,
+                                             record=record, credentials=creds)
+        except Exception as exc:
+            self.store.update_call(tracking_id, status="failed", ended_at=time.time(), credentials=None,
+                                   meta={"error": str(getattr(exc, "msg", exc))[:300]})
+            raise
+        updated = self.store.update_call(tracking_id, call_sid=placed.sid, status=placed.status or "queued")
+        log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, path=path,
+                 language=language.code, nodes=len(workflow.nodes))
+        return StartedCall(record=updated or call, placed=placed)
+
+    def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
+        try:
+            workflow = Workflow.from_payload(dict(body))
+            workflow.validate()
+        except WorkflowError as exc:
+            raise ApiError(400, "Invalid workflow: " + "; ".join(exc.problems), problems=exc.problems)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ApiError(400, f"Invalid workflow: {exc}")
+        return workflow
+
+    def _from_number(self, body: Mapping[str, Any], creds: tuple[str, str] | None) -> str:
+        server_number = self.settings.twilio_phone_number
+        body_from = body.get("from")
+        if isinstance(body_from, str) and body_from.strip():
+            candidate = normalize_phone(body_from)
+            # With server credentials only the server's own number can call; a different `from` is a stale
+            # value baked into the web app's bundle, so the configured number wins.
+            if creds or not server_number:
+                return candidate
+            if candidate != server_number:
+                log.warning("from_number_ignored", reason="differs from TWILIO_PHONE_NUMBER")
+            return server_number
+        if server_number:
+            return server_number
+        raise ApiError(503, "No caller number: set TWILIO_PHONE_NUMBER or send `from`")
+
+    @staticmethod
+    def _timeout(raw: Any) -> int:
+        try:
+            value = int(raw) if raw not in (None, "", 0) else 30
+        except (TypeError, ValueError):
+            raise ApiError(400, "timeout must be a number of seconds")
+        return max(5, min(600, value))
+
+    @staticmethod
+    def _twiml_url(raw: Any, base_url: str) -> str | None:
+        if raw in (None, ""):
+            return None
+        if not isinstance(raw, str) or not raw.startswith(base_url + "/"):
+            raise ApiError(400, "twimlUrl must point at this service's own TwiML endpoints")
+        return raw
+
+    # ---- status callbacks and end-call ------------------------------------------------------
+    def find(self, tracking_id: str | None, call_sid: str | None) -> CallRecord | None:
+        record = self.store.get_call(tracking_id) if tracking_id else None
+        if record is None and call_sid:
+            tid = self.store.find_tracking_id(call_sid)
+            record = self.store.get_call(tid) if tid else None
+        return record
+
+    def record_status(self, record: CallRecord, form: Mapping[str, str]) -> bool:
+        """Store a status callback in SequenceNumber order; a terminal status drops per-call credentials."""
+        status = (form.get("CallStatus") or "").strip()
+        if not status:
+            raise ApiError(400, "CallStatus is required")
+        raw_seq = form.get("SequenceNumber")
+        try:
+            sequence = int(raw_seq) if raw_seq not in (None, "") else None
+        except ValueError:
+            raise ApiError(400, "SequenceNumber must be a whole number")
+        payload = {k: form.get(k) for k in ("CallSid", "CallStatus", "CallDuration", "Timestamp",
+                                             "SequenceNumber", "AnsweredBy", "Duration") if form.get(k) is not None}
+        current = self.store.append_status(record.tracking_id, status, sequence, payload)
+        if record.call_sid is None and form.get("CallSid"):
+            self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
+        if status in TERMINAL_STATUSES and record.credentials:
+            self.store.update_call(record.tracking_id, credentials=None)
+        log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
+                 status=status, sequence=sequence, current=current)
+        return current
+
+    def end_call(self, call_sid: str) -> str:
+        if not CALL_SID.fullmatch(call_sid):
+            raise ApiError(400, "Invalid Call SID: expected CA followed by 32 hex characters")
+        record = self.find(None, call_sid)
+        creds = self.credentials_for(record)
+        if creds is None and not self.twilio.configured:
+            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        status = self.twilio.end_call(call_sid, credentials=creds)
+        if record:
+            self.store.update_call(record.tracking_id, credentials=None)
+        return status

@@ -1,0 +1,75 @@
+"""structlog setup: JSON lines, bound call context, secrets redacted before anything is written."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET_KEY_RE = re.compile(
+    r"(auth_?token|api_?key|secret|password|authorization|twilioauthtoken|credentials|signature)", re.I)
+_SECRET_VALUE_PATTERNS = (
+    re.compile(r"sk-[A-Za-z0-9_\-]{8,}"),                 # OpenAI-style keys
+    re.compile(r"(?i)(api-key|authorization)[:=]\s*\S+"),
+    re.compile(r"\b[0-9a-f]{32}\b"),                       # Twilio auth tokens (32 hex)
+)
+REDACTED = "[REDACTED]"
+_known_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Remember a configured secret so its exact value is scrubbed from any log line."""
+    if value and len(value) >= 6:
+        _known_secrets.add(value)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _known_secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        for pattern in _SECRET_VALUE_PATTERNS:
+            value = pattern.sub(REDACTED, value)
+        return value
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) and v else _scrub(v))
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: dict) -> dict:
+    """structlog processor: drop secret-named fields and scrub secret-looking values."""
+    return _scrub(event_dict)
+
+
+def init_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it."""
+    renderer = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
+                else structlog.dev.ConsoleRenderer(colors=False))
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level, logging.INFO))
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,100 @@
+"""Call lifecycle endpoints: make-call (traditional and optimized), end-call, call-status, twilio-config."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify, request
+from twilio.base.exceptions import TwilioRestException
+
+from ..api_errors import ApiError
+from ..errors import twilio_error_status
+from ..services import services
+from .common import base_url, body_params, twilio_params, twilio_webhook
+
+bp = Blueprint("calls", __name__)
+
+FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimization": True,
+            "providerFailover": True}
+
+
+@bp.post("/api/make-call")
+def make_call():
+    started = services().lifecycle.start_call(body_params(), path="traditional", base_url=base_url())
+    return jsonify(success=True, callSid=started.placed.sid,
+                   message=f"Call initiated successfully to {started.placed.to}",
+                   status=started.placed.status, trackingId=started.record.tracking_id)
+
+
+@bp.post("/api/make-call-optimized")
+def make_call_optimized():
+    svc = services()
+    try:
+        started = svc.lifecycle.start_call(body_params(), path="optimized", base_url=base_url())
+    except TwilioRestException as exc:
+        return jsonify(success=False, error=str(exc.msg), code=exc.code,
+                       optimization={"enabled": False, "fallbackUsed": True}), twilio_error_status(exc)
+    record, placed = started.record, started.placed
+    svc.prepare_call(record.tracking_id)  # cache warm-up while the phone rings; never blocks
+    return jsonify(
+        success=True, callSid=placed.sid, status=placed.status, to=placed.to, **{"from": placed.from_number},
+        optimization={"enabled": True, "trackingId": record.tracking_id, "expectedLatency": None,
+                      "language": record.language, "features": FEATURES},
+        message=f"Optimized call initiated successfully to {placed.to}",
+    )
+
+
+@bp.post("/api/end-call")
+def end_call():
+    body = body_params()
+    call_sid = body.get("callSid") or request.args.get("callSid")
+    if not call_sid or not isinstance(call_sid, str):
+        raise ApiError(400, "Call SID is required")
+    status = services().lifecycle.end_call(call_sid.strip())
+    return jsonify(success=True, message="Call ended successfully", callSid=call_sid.strip(), status=status)
+
+
+@bp.get("/api/call-status")
+def call_status_poll():
+    call_sid = request.args.get("callSid")
+    if not call_sid:
+        raise ApiError(400, "Call SID is required")
+    svc = services()
+    from ..lifecycle import CALL_SID
+    if not CALL_SID.fullmatch(call_sid):
+        raise ApiError(400, "Invalid Call SID: expected CA followed by 32 hex characters")
+    if not svc.twilio.configured:
+        raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+    call = svc.twilio.fetch_call(call_sid)
+    record = svc.lifecycle.find(None, call_sid)
+    if record:
+        call["trackingId"] = record.tracking_id
+        call["statusHistory"] = [h["status"] for h in svc.store.status_history(record.tracking_id)]
+    return jsonify(success=True, call=call)
+
+
+def _status_callback(record, optimized: bool):
+    params = twilio_params()
+    if record is None:
+        # A callback for a call we never placed (or already purged): acknowledge so Twilio stops retrying.
+        return (jsonify(success=True, known=False) if optimized else Response("OK", mimetype="text/plain"))
+    services().lifecycle.record_status(record, params)
+    return jsonify(success=True) if optimized else Response("OK", mimetype="text/plain")
+
+
+@bp.post("/api/call-status")
+@twilio_webhook
+def call_status_callback(record=None):
+    return _status_callback(record, optimized=False)
+
+
+@bp.post("/api/call-status-optimized")
+@twilio_webhook
+def call_status_optimized(record=None):
+    return _status_callback(record, optimized=True)
+
+
+@bp.get("/api/twilio-config")
+def twilio_config():
+    s = services().settings
+    return jsonify(success=True, config={
+        "accountSid": s.twilio_account_sid, "authToken": "", "phoneNumber": s.twilio_phone_number,
+        "recordCalls": s.record_calls, "callTimeout": s.call_timeout_s,
+        "hasAuthToken": bool(s.twilio_auth_token)})

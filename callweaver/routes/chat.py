@@ -1,0 +1,34 @@
+"""POST /api/chat: the web app's playground, served by the same provider chain (and failover) as calls."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from flask import Blueprint, jsonify
+
+from ..engine.playground import playground_messages, validate_messages
+from ..services import services
+from .common import body_params
+
+bp = Blueprint("chat", __name__)
+
+
+@bp.post("/api/chat")
+def chat():
+    body = body_params()
+    client_messages = validate_messages(body.get("messages"))
+    svc = services()
+    workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
+    stored = svc.store.get_workflow(workflow_id) if workflow_id else None
+    messages = playground_messages(client_messages, stored_workflow=stored, global_prompt=body.get("globalPrompt"),
+                                   node_id=body.get("currentNodeId"))
+    started = time.perf_counter()
+    reply = svc.providers.complete(messages, temperature=0.7, max_tokens=1000)
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    if reply.apology_used:
+        return jsonify(success=False, error="Failed to generate AI response",
+                       details="every LLM provider failed", failovers=reply.failovers), 502
+    return jsonify(success=True, response=reply.text,
+                   timestamp=datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                   provider=reply.provider, latencyMs=latency_ms, providerTtftMs=reply.provider_ttft_ms,
+                   failovers=reply.failovers)

@@ -1,0 +1,77 @@
+"""Twilio webhook signatures, the public URL Twilio used, and encryption of request-supplied credentials."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from cryptography.fernet import Fernet, InvalidToken
+from twilio.request_validator import (SIGNATURE_SETTINGS_HEADER, RequestValidator,
+                                      get_signature_algorithm)
+
+
+def public_base_url(configured: str | None, headers: Mapping[str, str], scheme: str, host: str) -> str:
+    """The https origin Twilio sees: configured PUBLIC_BASE_URL, else rebuilt from proxy headers."""
+    if configured:
+        return configured.rstrip("/")
+    proto = (headers.get("X-Forwarded-Proto") or scheme or "http").split(",")[0].strip()
+    fwd_host = (headers.get("X-Forwarded-Host") or host or "localhost").split(",")[0].strip()
+    return f"{proto}://{fwd_host}"
+
+
+def request_public_url(base: str, path: str, raw_query: str) -> str:
+    """The exact URL Twilio requested: public origin + path + the raw (not re-encoded) query."""
+    url = base.rstrip("/") + path
+    return f"{url}?{raw_query}" if raw_query else url
+
+
+def websocket_url(base: str, path: str) -> str:
+    """ws(s) URL for ConversationRelay: wss:// for an https base, ws:// for local http runs."""
+    parts = urlsplit(base)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
+
+
+def signature_is_valid(auth_token: str, url: str, params: Mapping | str | None, signature: str | None,
+                       settings_header: str | None = None) -> bool:
+    """Check X-Twilio-Signature with the SDK; for WebSocket upgrades also try the https/wss twin."""
+    if not signature or not auth_token:
+        return False
+    validator = RequestValidator(auth_token)
+    algorithm = get_signature_algorithm(settings_header)
+    candidates = [url]
+    if url.startswith("wss://"):
+        candidates.append("https://" + url[len("wss://"):])
+    elif url.startswith("ws://"):
+        candidates.append("http://" + url[len("ws://"):])
+    elif url.startswith("https://"):
+        candidates.append("wss://" + url[len("https://"):])
+    elif url.startswith("http://"):
+        candidates.append("ws://" + url[len("http://"):])
+    return any(validator.validate(u, params if params is not None else {}, signature, algorithm)
+               for u in candidates)
+
+
+SIGNATURE_SETTINGS = SIGNATURE_SETTINGS_HEADER
+
+
+class CredentialBox:
+    """Fernet encryption (key derived from SECRET_KEY) for per-call Twilio credentials kept at rest."""
+
+    def __init__(self, secret_key: str):
+        digest = hashlib.sha256(("callweaver-credentials:" + secret_key).encode()).digest()
+        self._fernet = Fernet(base64.urlsafe_b64encode(digest))
+
+    def seal(self, account_sid: str, auth_token: str) -> str:
+        return self._fernet.encrypt(json.dumps({"sid": account_sid, "token": auth_token}).encode()).decode()
+
+    def open(self, blob: str | None) -> tuple[str, str] | None:
+        if not blob:
+            return None
+        try:
+            data = json.loads(self._fernet.decrypt(blob.encode()))
+        except (InvalidToken, ValueError):
+            return None
+        return data["sid"], data["token"]

@@ -1,0 +1,101 @@
+"""Services: the store, clients and engine of one worker, built lazily (after the fork) and shared by routes."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
+
+import structlog
+from flask import current_app
+
+from .config import Settings
+from .engine.cache import ReplyCache, build_cache_backend
+from .engine.conversation import ConversationEngine
+from .engine.languages import LanguageTable
+from .lifecycle import CallLifecycle
+from .store import Store, build_store
+from .twilio_client import TwilioGateway
+
+log = structlog.get_logger()
+
+
+def spawn(fn: Callable, *args: Any):
+    """Run off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests)."""
+    from gevent import monkey
+    if monkey.is_module_patched("socket"):
+        import gevent
+        return gevent.spawn(fn, *args)
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+@dataclass
+class Services:
+    settings: Settings
+    started_at: float = field(default_factory=time.time)
+
+    @cached_property
+    def store(self) -> Store:
+        if not self.settings.redis_url:
+            os.makedirs(os.path.dirname(os.path.abspath(self.settings.db_path)), exist_ok=True)
+        return build_store(self.settings.db_path, self.settings.redis_url)
+
+    @cached_property
+    def twilio(self) -> TwilioGateway:
+        return TwilioGateway(self.settings.twilio_account_sid, self.settings.twilio_auth_token,
+                             self.settings.twilio_api_base_url)
+
+    @cached_property
+    def languages(self) -> LanguageTable:
+        return LanguageTable.load()
+
+    @cached_property
+    def lifecycle(self) -> CallLifecycle:
+        return CallLifecycle(self.settings, self.store, self.twilio, self.languages)
+
+    @cached_property
+    def providers(self):
+        from .engine.providers import build_provider_chain
+        return build_provider_chain(self.settings)
+
+    @cached_property
+    def reply_cache(self) -> ReplyCache:
+        s = self.settings
+        backend = build_cache_backend(s.cache_type, redis_url=s.redis_url, cache_dir=s.cache_dir,
+                                      default_timeout=s.cache_ttl_s)
+        return ReplyCache(backend, ttl_s=s.cache_ttl_s)
+
+    @cached_property
+    def engine(self) -> ConversationEngine:
+        return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache)
+
+    def warm_up(self) -> None:
+        """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""
+        self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
+        warm = getattr(self.providers, "warm_up", None)
+        if warm:
+            warm()
+
+    def prepare_call(self, tracking_id: str):
+        """While the phone rings: warm the cache for the entry node, never on the request path."""
+        if not self.settings.cache_prewarm:
+            return None
+
+        def work() -> None:
+            try:
+                record = self.store.get_call(tracking_id)
+                if record is not None:
+                    self.engine.prewarm(record)
+            except Exception:
+                log.exception("prewarm_failed", tracking_id=tracking_id)
+
+        return spawn(work)
+
+
+def services() -> Services:
+    """The current worker's services (routes call this; the engine gets them through constructors)."""
+    return current_app.extensions["callweaver"]

@@ -1,0 +1,192 @@
+"""A scripted caller that plays Twilio's part of an optimized call: webhooks, TwiML, the ConversationRelay socket."""
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import websocket  # websocket-client
+
+from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_signature
+
+
+@dataclass
+class RelayTwiml:
+    """The parts of <Connect><ConversationRelay> a caller needs, parsed from CallWeaver's TwiML."""
+
+    xml: str
+    url: str
+    action: str
+    attributes: dict[str, str]
+    parameters: dict[str, str]
+
+    @classmethod
+    def parse(cls, xml: str) -> "RelayTwiml":
+        root = ET.fromstring(xml)
+        connect = root.find("Connect")
+        relay = connect.find("ConversationRelay") if connect is not None else None
+        if relay is None:
+            raise ValueError(f"no <Connect><ConversationRelay> in TwiML: {xml[:300]}")
+        params = {p.get("name"): p.get("value") for p in relay.findall("Parameter")}
+        return cls(xml=xml, url=relay.get("url"), action=connect.get("action"), attributes=dict(relay.attrib),
+                   parameters=params)
+
+
+@dataclass
+class Reply:
+    """One talk cycle as the caller received it, with client-side timings (monotonic, ms)."""
+
+    tokens: list[str] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)   # every message received during the cycle
+    sent_at: float = 0.0
+    first_token_ms: float | None = None
+    last_token_ms: float | None = None
+    end: dict | None = None                               # the `end` message, if the session ended
+    language: dict | None = None                          # a `language` message, if one came
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+
+class RelayCaller:
+    """Places a call through make-call-optimized and talks to CallWeaver the way Twilio would."""
+
+    def __init__(self, base_url: str, auth_token: str, account_sid: str = "AC" + "0" * 32,
+                 timeout_s: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.hooks = TwilioWebhooks(self.base_url, auth_token, account_sid)
+        self.auth_token = auth_token
+        self.account_sid = account_sid
+        self.timeout_s = timeout_s
+        self.call_sid: str | None = None
+        self.tracking_id: str | None = None
+        self.twiml: RelayTwiml | None = None
+        self.ws: websocket.WebSocket | None = None
+        self.call_url: str | None = None
+
+    # ---- call set-up ----------------------------------------------------------------------------
+    def place_call(self, body: dict) -> dict:
+        resp = http("POST", self.base_url + "/api/make-call-optimized", json_body=body, timeout_s=self.timeout_s)
+        data = resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"make-call-optimized failed ({resp.status}): {data.get('error')}")
+        self.call_sid, self.tracking_id = data["callSid"], data["optimization"]["trackingId"]
+        return data
+
+    def answer(self, twiml_url: str | None = None) -> RelayTwiml:
+        """Twilio fetching the call's TwiML once the callee picks up."""
+        url = twiml_url or self.call_url or f"/api/twiml-optimized?id=&trackingId={self.tracking_id}"
+        resp = self.hooks.post(url, self._call_params(CallStatus="in-progress"))
+        if resp.status != 200:
+            raise RuntimeError(f"twiml-optimized failed ({resp.status}): {resp.text[:300]}")
+        self.twiml = RelayTwiml.parse(resp.text)
+        return self.twiml
+
+    def connect(self, signature: str | None = None, sign: bool = True, setup: bool = True) -> None:
+        """Open the relay socket with a signed upgrade (URL from the TwiML, empty params), then send `setup`."""
+        url = self.twiml.url
+        headers = []
+        if signature is not None:
+            headers.append(f"X-Twilio-Signature: {signature}")
+        elif sign:
+            headers.append(f"X-Twilio-Signature: {twilio_signature(self.auth_token, url, {})}")
+        self.ws = websocket.create_connection(url, header=headers, timeout=self.timeout_s)
+        if setup:
+            self.send({"type": "setup", "sessionId": "VX" + "0" * 32, "accountSid": self.account_sid,
+                       "callSid": self.call_sid, "from": "+15005550006", "to": "+15551234567",
+                       "direction": "outbound-api", "callStatus": "IN-PROGRESS",
+                       "customParameters": dict(self.twiml.parameters)})
+
+    def _call_params(self, **extra: str) -> dict[str, str]:
+        return {"AccountSid": self.account_sid, "CallSid": self.call_sid or new_call_sid(),
+                "From": "+15005550006", "To": "+15551234567", "Direction": "outbound-api",
+                "ApiVersion": "2010-04-01", **extra}
+
+    # ---- talking --------------------------------------------------------------------------------
+    def send(self, message: dict | str) -> None:
+        self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def recv(self, timeout_s: float | None = None) -> dict | None:
+        self.ws.settimeout(timeout_s if timeout_s is not None else self.timeout_s)
+        try:
+            raw = self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return None
+        return json.loads(raw) if raw else None
+
+    def prompt(self, text: str, lang: str = "en-US") -> float:
+        sent = time.monotonic()
+        self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True})
+        return sent
+
+    def say(self, text: str, lang: str = "en-US", *, stop_after_tokens: int | None = None) -> Reply:
+        """Speak one utterance and read the streamed reply until `last: true` (and a following `end`, if any)."""
+        reply = Reply(sent_at=self.prompt(text, lang))
+        return self.read_reply(reply, stop_after_tokens=stop_after_tokens)
+
+    def read_reply(self, reply: Reply, *, stop_after_tokens: int | None = None) -> Reply:
+        while True:
+            msg = self.recv()
+            if msg is None:
+                raise TimeoutError(f"no reply within {self.timeout_s}s; got {reply.text!r}")
+            reply.messages.append(msg)
+            now = time.monotonic()
+            if msg.get("type") == "language":
+                reply.language = msg
+                continue
+            if msg.get("type") == "end":
+                reply.end = msg
+                return reply
+            if msg.get("type") != "text":
+                continue
+            if msg.get("token"):
+                reply.tokens.append(msg["token"])
+                if reply.first_token_ms is None:
+                    reply.first_token_ms = (now - reply.sent_at) * 1000
+            if stop_after_tokens is not None and len(reply.tokens) >= stop_after_tokens:
+                return reply
+            if msg.get("last"):
+                reply.last_token_ms = (now - reply.sent_at) * 1000
+                # an end/transfer follows immediately after the closing line
+                follow = self.recv(timeout_s=0.5)
+                if follow is not None:
+                    reply.messages.append(follow)
+                    if follow.get("type") == "end":
+                        reply.end = follow
+                return reply
+
+    def interrupt(self, heard: str, played_ms: int = 800) -> None:
+        self.send({"type": "interrupt", "utteranceUntilInterrupt": heard, "durationUntilInterruptMs": played_ms})
+
+    def drain(self, quiet_s: float = 0.3) -> list[dict]:
+        """Read and drop whatever is still in flight (e.g. tokens sent before an interrupt took effect)."""
+        out = []
+        while (msg := self.recv(timeout_s=quiet_s)) is not None:
+            out.append(msg)
+        return out
+
+    def connect_action(self, session_status: str, handoff: dict | None = None, **extra: str) -> HttpResult:
+        params = self._call_params(SessionStatus=session_status, SessionId="VX" + "0" * 32,
+                                   SessionDuration="42", **extra)
+        if handoff is not None:
+            params["HandoffData"] = json.dumps(handoff)
+        return self.hooks.post(self.twiml.action, params)
+
+    def status(self, status: str, sequence: int) -> HttpResult:
+        return self.hooks.status_callback(f"/api/call-status-optimized?trackingId={self.tracking_id}",
+                                          self.call_sid, status, sequence)
+
+    def hangup(self) -> None:
+        if self.ws is not None:
+            try:
+                self.ws.close()
+            finally:
+                self.ws = None
+
+
+def query_of(url: str) -> dict[str, Any]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}

@@ -1,0 +1,144 @@
+"""The call store: state that outlives one request (call records, statuses, turns, workflows)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "CallRecord",
+    "Store",
+    "StoreError",
+    "build_store",
+]
+
+# Twilio CallStatus values after which no further audio happens on the call.
+TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
+
+class StoreError(Exception):
+    """A backend failure (unreachable, locked, corrupt); callers degrade instead of dropping the call."""
+
+
+@dataclass
+class CallRecord:
+    """One call as every worker sees it; any worker or instance may serve its next webhook."""
+
+    tracking_id: str
+    path: str = "optimized"  # "optimized" (ConversationRelay) | "traditional" (Gather)
+    call_sid: str | None = None
+    workflow_id: str | None = None
+    workflow: dict | None = None  # normalised workflow snapshot, opaque to the store
+    workflow_hash: str | None = None
+    language: str = "en-US"
+    greeting: str | None = None
+    to: str | None = None
+    from_number: str | None = None
+    status: str = "queued"  # the status with the highest SequenceNumber seen so far
+    status_sequence: int = -1
+    current_node: str | None = None
+    variables: dict = field(default_factory=dict)
+    messages: list[dict] = field(default_factory=list)  # history as the caller heard it
+    resume_count: int = 0
+    credentials: str | None = None  # opaque encrypted blob, never plain secrets
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = 0.0  # 0.0 means "same as created_at"
+    ended_at: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.updated_at:
+            self.updated_at = self.created_at
+
+    def to_dict(self) -> dict:
+        """A JSON-safe deep copy; the stored form of the record."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CallRecord:
+        """Rebuild from `to_dict` output; unknown keys are ignored so older workers read newer rows."""
+        known = {key: value for key, value in data.items() if key in CALL_RECORD_FIELDS}
+        return cls(**known)
+
+
+CALL_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(CallRecord))
+# Fields update_call may write: the tracking id is the identity, never rewritten.
+UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id"}
+
+
+def check_update_fields(fields: dict[str, Any]) -> None:
+    """Reject misspelt field names up front, so a typo never silently writes nothing."""
+    unknown = set(fields) - UPDATABLE_FIELDS
+    if unknown:
+        raise ValueError(f"not updatable CallRecord fields: {sorted(unknown)}")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the engine and the routes need from persistent state; SQLite and Redis both provide it."""
+
+    def create_call(self, record: CallRecord) -> None:
+        """Insert a new call; StoreError if the tracking id already exists."""
+        ...
+
+    def get_call(self, tracking_id: str) -> CallRecord | None: ...
+
+    def find_tracking_id(self, call_sid: str) -> str | None:
+        """Map a Twilio CallSid to our tracking id (webhooks may carry only the CallSid)."""
+        ...
+
+    def update_call(self, tracking_id: str, **fields: Any) -> CallRecord | None:
+        """Write only the named fields, atomically; returns the new record or None if unknown."""
+        ...
+
+    def append_status(
+        self,
+        tracking_id: str,
+        status: str,
+        sequence: int | None,
+        payload: dict,
+        received_at: float | None = None,
+    ) -> bool:
+        """Record a status callback; the highest SequenceNumber wins. True if it became current."""
+        ...
+
+    def status_history(self, tracking_id: str) -> list[dict]: ...
+
+    def append_turn(self, tracking_id: str, turn: dict) -> int:
+        """Append one conversation turn; returns its index (0, 1, 2, ...)."""
+        ...
+
+    def turns(self, tracking_id: str) -> list[dict]: ...
+
+    def recent_turns(self, since: float) -> list[dict]:
+        """All calls' turns with at >= since, oldest first (rolling-window metrics)."""
+        ...
+
+    def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]: ...
+
+    def save_workflow(self, workflow_id: str, snapshot: dict) -> None: ...
+
+    def get_workflow(self, workflow_id: str) -> dict | None: ...
+
+    def ping(self) -> float:
+        """Round trip to the backend in ms; StoreError when it is unreachable."""
+        ...
+
+    def purge(self, older_than: float) -> int:
+        """Delete calls that ended before this epoch, with their turns and statuses; returns the count."""
+        ...
+
+
+def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = "cw:") -> Store:
+    """Redis when a URL is configured (shared by many instances), else SQLite (shared by one machine's workers)."""
+    # Imported here: the backends import this module, and a SQLite-only deploy never loads redis.
+    if redis_url:
+        from callweaver.store.redis import RedisStore
+
+        return RedisStore(redis_url, key_prefix=key_prefix)
+    from callweaver.store.sqlite import SQLiteStore
+
+    return SQLiteStore(db_path)

@@ -1,0 +1,369 @@
+"""Redis call store: used when REDIS_URL is set, so many instances share every call's state."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from callweaver.store import (
+    TERMINAL_STATUSES,
+    CallRecord,
+    StoreError,
+    check_update_fields,
+)
+
+# Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
+SOCKET_TIMEOUT_S = 1.0
+CONNECT_TIMEOUT_S = 1.0
+
+# Layout (all under the key prefix):
+#   call:<tid>       hash, one JSON-encoded value per CallRecord field (field writes never clobber others)
+#   statuses:<tid>   hash sequence -> {"status","receivedAt","payload"}
+#   turns:<tid>      list of turn JSON, index = turn index
+#   sid:<call_sid>   string -> tracking id
+#   calls:created    zset tracking id by created_at (list_calls)
+#   calls:ended      zset tracking id by ended_at (purge)
+#   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
+#   workflow:<id>    string, snapshot JSON
+
+# KEYS: call, sid index (or call again), calls:created, calls:ended
+# ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", then field/value pairs
+_CREATE_CALL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
+return 1
+"""
+
+# KEYS: call, sid index (or call again), calls:created, calls:ended
+# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at, pairs...
+_UPDATE_CALL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
+if ARGV[4] == 'set' then
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+elseif ARGV[4] == 'clear' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: call, statuses, calls:ended
+# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at
+# Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
+_APPEND_STATUS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local current = tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1
+local sequence
+if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
+if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then return 0 end
+local changes = {'updated_at', ARGV[7]}
+local became = 0
+if sequence > current then
+  table.insert(changes, 'status'); table.insert(changes, ARGV[2])
+  table.insert(changes, 'status_sequence'); table.insert(changes, tostring(sequence))
+  became = 1
+end
+if ARGV[6] == '1' then
+  local ended = redis.call('HGET', KEYS[1], 'ended_at')
+  if (not ended) or ended == 'null' then
+    table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
+    redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+  end
+end
+redis.call('HSET', KEYS[1], unpack(changes))
+return became
+"""
+
+# KEYS: turns list, turns:by_time   ARGV: turn JSON, at
+_APPEND_TURN = """
+local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
+redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+return index
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_number(value: float) -> str:
+    """A float as both a JSON number and a Redis score."""
+    return repr(float(value))
+
+
+def _record_from_hash(fields: dict | list) -> CallRecord | None:
+    if isinstance(fields, list):  # a Lua reply is a flat [field, value, ...] list
+        fields = dict(zip(fields[::2], fields[1::2]))
+    if not fields:
+        return None
+    return CallRecord.from_dict({key: json.loads(value) for key, value in fields.items()})
+
+
+class RedisStore:
+    """Call state in Redis; the client is built on first use so no socket crosses a fork."""
+
+    def __init__(self, url: str, key_prefix: str = "cw:") -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    # -- connection -------------------------------------------------------
+
+    def _redis(self) -> redis.Redis:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._client = None
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                client = redis.Redis.from_url(
+                    self.url,
+                    decode_responses=True,
+                    socket_timeout=SOCKET_TIMEOUT_S,
+                    socket_connect_timeout=CONNECT_TIMEOUT_S,
+                    # One immediate retry heals a pooled connection that a Redis restart closed;
+                    # more would turn an outage into a stall on the hot path.
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                    retry_on_timeout=False,
+                    health_check_interval=30,
+                )
+                self._scripts = {
+                    "create_call": client.register_script(_CREATE_CALL),
+                    "update_call": client.register_script(_UPDATE_CALL),
+                    "append_status": client.register_script(_APPEND_STATUS),
+                    "append_turn": client.register_script(_APPEND_TURN),
+                }
+                self._client = client
+            return self._client
+
+    @contextmanager
+    def _backend(self) -> Iterator[redis.Redis]:
+        """The client; Redis and socket failures surface as StoreError."""
+        try:
+            yield self._redis()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        with self._backend():
+            return self._scripts[name](keys=keys, args=args)
+
+    def close(self) -> None:
+        """Drop this process's connections (tests, shutdown)."""
+        client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+    def _key(self, *parts: str) -> str:
+        return self.key_prefix + ":".join(parts)
+
+    # -- calls ----------------------------------------------------------------
+
+    def create_call(self, record: CallRecord) -> None:
+        data = record.to_dict()
+        pairs: list[str] = []
+        for name, value in data.items():
+            pairs += [name, _dumps(value)]
+        sid_key = self._key("sid", record.call_sid) if record.call_sid else self._key("call", record.tracking_id)
+        created = self._script(
+            "create_call",
+            [self._key("call", record.tracking_id), sid_key, self._key("calls", "created"), self._key("calls", "ended")],
+            [
+                record.tracking_id,
+                "1" if record.call_sid else "0",
+                _json_number(record.created_at),
+                "" if record.ended_at is None else _json_number(record.ended_at),
+                *pairs,
+            ],
+        )
+        if not created:
+            raise StoreError(f"call {record.tracking_id!r} already exists")
+
+    def get_call(self, tracking_id: str) -> CallRecord | None:
+        with self._backend() as client:
+            fields = client.hgetall(self._key("call", tracking_id))
+        return _record_from_hash(fields)
+
+    def find_tracking_id(self, call_sid: str) -> str | None:
+        with self._backend() as client:
+            return client.get(self._key("sid", call_sid))
+
+    def update_call(self, tracking_id: str, **fields: Any) -> CallRecord | None:
+        check_update_fields(fields)
+        fields = {"updated_at": time.time(), **fields}
+        pairs: list[str] = []
+        for name, value in fields.items():
+            pairs += [name, _dumps(value)]
+        call_sid = fields.get("call_sid")
+        ended_action, ended_score = "", ""
+        if "ended_at" in fields:
+            if fields["ended_at"] is None:
+                ended_action = "clear"
+            else:
+                ended_action, ended_score = "set", _json_number(fields["ended_at"])
+        reply = self._script(
+            "update_call",
+            [
+                self._key("call", tracking_id),
+                self._key("sid", call_sid) if call_sid else self._key("call", tracking_id),
+                self._key("calls", "created"),
+                self._key("calls", "ended"),
+            ],
+            [
+                tracking_id,
+                "1" if call_sid else "0",
+                _json_number(fields["created_at"]) if "created_at" in fields else "",
+                ended_action,
+                ended_score,
+                *pairs,
+            ],
+        )
+        return _record_from_hash(reply) if reply else None
+
+    def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
+        with self._backend() as client:
+            tracking_ids = client.zrangebyscore(self._key("calls", "created"), since, "+inf")
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.hgetall(self._key("call", tracking_id))
+            hashes = pipe.execute() if tracking_ids else []
+        records = [record for record in map(_record_from_hash, hashes) if record is not None]
+        if active_only:
+            records = [record for record in records if record.ended_at is None]
+        return records
+
+    # -- status callbacks -----------------------------------------------------
+
+    def append_status(
+        self,
+        tracking_id: str,
+        status: str,
+        sequence: int | None,
+        payload: dict,
+        received_at: float | None = None,
+    ) -> bool:
+        """Record a Twilio status callback; Twilio may deliver out of order, so SequenceNumber wins."""
+        received_at = time.time() if received_at is None else float(received_at)
+        entry = {"status": status, "receivedAt": received_at, "payload": payload}
+        result = self._script(
+            "append_status",
+            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended")],
+            [
+                tracking_id,
+                _dumps(status),
+                "" if sequence is None else str(int(sequence)),
+                _dumps(entry),
+                _json_number(received_at),
+                "1" if status in TERMINAL_STATUSES else "0",
+                _json_number(time.time()),
+            ],
+        )
+        return result == 1
+
+    def status_history(self, tracking_id: str) -> list[dict]:
+        with self._backend() as client:
+            entries = client.hgetall(self._key("statuses", tracking_id))
+        history = []
+        for sequence, entry_json in entries.items():
+            entry = json.loads(entry_json)
+            history.append(
+                {
+                    "status": entry["status"],
+                    "sequence": int(sequence),
+                    "receivedAt": entry["receivedAt"],
+                    "payload": entry["payload"],
+                }
+            )
+        history.sort(key=lambda item: item["sequence"])
+        return history
+
+    # -- turns ----------------------------------------------------------------
+
+    def append_turn(self, tracking_id: str, turn: dict) -> int:
+        stored = dict(turn)
+        stored["trackingId"] = tracking_id
+        stored["at"] = float(stored.get("at") or time.time())
+        index = self._script(
+            "append_turn",
+            [self._key("turns", tracking_id), self._key("turns", "by_time")],
+            [_dumps(stored), _json_number(stored["at"])],
+        )
+        return int(index)
+
+    def turns(self, tracking_id: str) -> list[dict]:
+        with self._backend() as client:
+            items = client.lrange(self._key("turns", tracking_id), 0, -1)
+        return [json.loads(item) for item in items]
+
+    def recent_turns(self, since: float) -> list[dict]:
+        with self._backend() as client:
+            members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
+        # A member is "<index>:<turn JSON>"; the index only keeps identical turns distinct.
+        return [json.loads(member.split(":", 1)[1]) for member in members]
+
+    # -- workflows --------------------------------------------------------------
+
+    def save_workflow(self, workflow_id: str, snapshot: dict) -> None:
+        with self._backend() as client:
+            client.set(self._key("workflow", workflow_id), _dumps(snapshot))
+
+    def get_workflow(self, workflow_id: str) -> dict | None:
+        with self._backend() as client:
+            value = client.get(self._key("workflow", workflow_id))
+        return json.loads(value) if value is not None else None
+
+    # -- operations -------------------------------------------------------------
+
+    def ping(self) -> float:
+        with self._backend() as client:
+            started = time.perf_counter()
+            client.ping()
+            return (time.perf_counter() - started) * 1000
+
+    def purge(self, older_than: float) -> int:
+        ended_key = self._key("calls", "ended")
+        with self._backend() as client:
+            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            purged = 0
+            for tracking_id in tracking_ids:
+                call_key = self._key("call", tracking_id)
+                turns_key = self._key("turns", tracking_id)
+                call_sid_json, turn_items = client.hget(call_key, "call_sid"), client.lrange(turns_key, 0, -1)
+                pipe = client.pipeline(transaction=True)
+                pipe.delete(call_key, turns_key, self._key("statuses", tracking_id))
+                pipe.zrem(self._key("calls", "created"), tracking_id)
+                pipe.zrem(ended_key, tracking_id)
+                if turn_items:
+                    pipe.zrem(
+                        self._key("turns", "by_time"),
+                        *(f"{index:010d}:{item}" for index, item in enumerate(turn_items)),
+                    )
+                call_sid = json.loads(call_sid_json) if call_sid_json else None
+                if call_sid:
+                    # Only if the index still points at this call.
+                    sid_key = self._key("sid", call_sid)
+                    if client.get(sid_key) == tracking_id:
+                        pipe.delete(sid_key)
+                deleted = pipe.execute()[0]
+                purged += 1 if deleted else 0
+        return purged

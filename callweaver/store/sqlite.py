@@ -1,0 +1,328 @@
+"""SQLite (WAL) call store: the zero-setup default, shared by all workers on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from callweaver.store import (
+    TERMINAL_STATUSES,
+    CallRecord,
+    StoreError,
+    check_update_fields,
+)
+
+# How long a writer waits for another process's write transaction before giving up.
+BUSY_TIMEOUT_MS = 5000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cw_calls (
+    tracking_id TEXT PRIMARY KEY,
+    call_sid    TEXT,
+    created_at  REAL NOT NULL,
+    ended_at    REAL,
+    data        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cw_calls_call_sid ON cw_calls (call_sid);
+CREATE INDEX IF NOT EXISTS cw_calls_created_at ON cw_calls (created_at);
+CREATE INDEX IF NOT EXISTS cw_calls_ended_at ON cw_calls (ended_at);
+CREATE TABLE IF NOT EXISTS cw_statuses (
+    tracking_id TEXT NOT NULL,
+    sequence    INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    payload     TEXT NOT NULL,
+    PRIMARY KEY (tracking_id, sequence)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cw_turns (
+    tracking_id TEXT NOT NULL,
+    turn_index  INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    data        TEXT NOT NULL,
+    PRIMARY KEY (tracking_id, turn_index)
+);
+CREATE INDEX IF NOT EXISTS cw_turns_at ON cw_turns (at);
+CREATE TABLE IF NOT EXISTS cw_workflows (
+    workflow_id TEXT PRIMARY KEY,
+    snapshot    TEXT NOT NULL,
+    saved_at    REAL NOT NULL
+);
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class SQLiteStore:
+    """One SQLite file; one connection per process, opened on first use so it is never shared across a fork."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pid = os.getpid()
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(parent, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,  # autocommit; writes open their own BEGIN IMMEDIATE
+            check_same_thread=False,  # greenlets/threads share it, serialised by self._lock
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL: a commit survives a crashed process; only an OS crash can lose the last ones.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")  # several workers may start at once
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """The process's connection under its lock; backend errors surface as StoreError."""
+        pid = os.getpid()
+        if self._pid != pid:
+            # A forked worker: abandon the parent's handle and lock unclosed; closing
+            # them here could release locks the parent still holds.
+            self._lock = threading.Lock()
+            self._conn = None
+            self._pid = pid
+        with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = self._open()
+                yield self._conn
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database write lock at once, so read-modify-write is atomic."""
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # Never leave the shared connection inside a transaction: the next caller's BEGIN would fail.
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        """Close this process's connection (tests, shutdown); the next call reopens it."""
+        if self._pid != os.getpid():
+            self._conn = None  # inherited from the parent: not ours to close
+            return
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+
+    # -- calls ----------------------------------------------------------------
+
+    def create_call(self, record: CallRecord) -> None:
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        record.tracking_id,
+                        record.call_sid,
+                        record.created_at,
+                        record.ended_at,
+                        _dumps(record.to_dict()),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(f"call {record.tracking_id!r} already exists") from exc
+
+    def get_call(self, tracking_id: str) -> CallRecord | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+        return CallRecord.from_dict(json.loads(row[0])) if row else None
+
+    def find_tracking_id(self, call_sid: str) -> str | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT tracking_id FROM cw_calls WHERE call_sid = ?"
+                " ORDER BY created_at DESC LIMIT 1",
+                (call_sid,),
+            ).fetchone()
+        return row[0] if row else None
+
+    def update_call(self, tracking_id: str, **fields: Any) -> CallRecord | None:
+        check_update_fields(fields)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            data = json.loads(row[0])
+            data["updated_at"] = time.time()
+            data.update(fields)
+            stored_json = self._write_data(conn, tracking_id, data)
+        # Decoded from what was stored, so the record never aliases the caller's objects.
+        return CallRecord.from_dict(json.loads(stored_json))
+
+    @staticmethod
+    def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
+        """Store a record's dict as is: the hot path skips dataclass copies (a workflow snapshot is large)."""
+        stored_json = _dumps(data)
+        conn.execute(
+            "UPDATE cw_calls SET call_sid = ?, created_at = ?, ended_at = ?, data = ?"
+            " WHERE tracking_id = ?",
+            (data.get("call_sid"), data["created_at"], data.get("ended_at"), stored_json, tracking_id),
+        )
+        return stored_json
+
+    def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
+        query = "SELECT data FROM cw_calls WHERE created_at >= ?"
+        if active_only:
+            query += " AND ended_at IS NULL"
+        with self._connection() as conn:
+            rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
+        return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    # -- status callbacks -----------------------------------------------------
+
+    def append_status(
+        self,
+        tracking_id: str,
+        status: str,
+        sequence: int | None,
+        payload: dict,
+        received_at: float | None = None,
+    ) -> bool:
+        """Record a Twilio status callback; Twilio may deliver out of order, so SequenceNumber wins."""
+        received_at = time.time() if received_at is None else float(received_at)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            data = json.loads(row[0])
+            current_sequence = int(data.get("status_sequence", -1))
+            sequence = current_sequence + 1 if sequence is None else int(sequence)
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO cw_statuses"
+                " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)",
+                (tracking_id, sequence, status, received_at, _dumps(payload)),
+            ).rowcount
+            if not inserted:
+                return False  # a retried callback: already recorded
+            became_current = sequence > current_sequence
+            if became_current:
+                data["status"] = status
+                data["status_sequence"] = sequence
+            if status in TERMINAL_STATUSES and data.get("ended_at") is None:
+                data["ended_at"] = received_at
+            data["updated_at"] = time.time()
+            self._write_data(conn, tracking_id, data)
+        return became_current
+
+    def status_history(self, tracking_id: str) -> list[dict]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT status, sequence, received_at, payload FROM cw_statuses"
+                " WHERE tracking_id = ? ORDER BY sequence",
+                (tracking_id,),
+            ).fetchall()
+        return [
+            {"status": status, "sequence": sequence, "receivedAt": received_at, "payload": json.loads(payload)}
+            for status, sequence, received_at, payload in rows
+        ]
+
+    # -- turns ----------------------------------------------------------------
+
+    def append_turn(self, tracking_id: str, turn: dict) -> int:
+        stored = dict(turn)
+        stored["trackingId"] = tracking_id
+        stored["at"] = float(stored.get("at") or time.time())
+        with self._write() as conn:
+            (turn_index,) = conn.execute(
+                "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM cw_turns WHERE tracking_id = ?",
+                (tracking_id,),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
+                (tracking_id, turn_index, stored["at"], _dumps(stored)),
+            )
+        return turn_index
+
+    def turns(self, tracking_id: str) -> list[dict]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT data FROM cw_turns WHERE tracking_id = ? ORDER BY turn_index",
+                (tracking_id,),
+            ).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    def recent_turns(self, since: float) -> list[dict]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT data FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
+                (since,),
+            ).fetchall()
+        return [json.loads(row[0]) for row in rows]
+
+    # -- workflows --------------------------------------------------------------
+
+    def save_workflow(self, workflow_id: str, snapshot: dict) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO cw_workflows (workflow_id, snapshot, saved_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (workflow_id) DO UPDATE SET snapshot = excluded.snapshot,"
+                " saved_at = excluded.saved_at",
+                (workflow_id, _dumps(snapshot), time.time()),
+            )
+
+    def get_workflow(self, workflow_id: str) -> dict | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT snapshot FROM cw_workflows WHERE workflow_id = ?", (workflow_id,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- operations -------------------------------------------------------------
+
+    def ping(self) -> float:
+        started = time.perf_counter()
+        with self._connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+        return (time.perf_counter() - started) * 1000
+
+    def purge(self, older_than: float) -> int:
+        ended_before = "SELECT tracking_id FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?"
+        with self._write() as conn:
+            conn.execute(f"DELETE FROM cw_turns WHERE tracking_id IN ({ended_before})", (older_than,))
+            conn.execute(f"DELETE FROM cw_statuses WHERE tracking_id IN ({ended_before})", (older_than,))
+            deleted = conn.execute(
+                "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
+            ).rowcount
+        return deleted

@@ -1,0 +1,24 @@
+"""gunicorn settings: gevent workers so one worker holds many live ConversationRelay sockets."""
+import json
+import multiprocessing
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
+worker_class = "gevent"
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(1, min(multiprocessing.cpu_count(), 4)))
+worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+# With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
+keepalive = 5
+preload_app = False          # clients (SQLite, Redis, httpx pools) must be built per worker, after the fork
+control_socket_disable = True
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+access_log_format = json.dumps({
+    "event": "access", "remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "query": "%(q)s",
+    "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s", "user_agent": "%(a)s",
+    "request_id": "%({x-request-id}o)s",
+})

@@ -1,0 +1,30 @@
+"""Builders for request bodies in the web app's shapes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "workflows"
+LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "workflows"
+
+
+def load_workflow(name: str = "real_estate_property_dealer") -> dict:
+    for folder in (LOCAL_FIXTURES, SHARED_FIXTURES):
+        path = folder / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(name)
+
+
+def make_call_body(to: str = "+15551234567", workflow: str | None = "real_estate_property_dealer", **extra) -> dict:
+    """What PlaygroundModal.handleMakeCall sends (contract.md §2), with stale bundle credentials."""
+    body = {"to": to, "from": "+15005550006", "record": False, "timeout": 30,
+            "twilioAccountSid": "AC" + "0" * 32, "twilioAuthToken": "stale-bundle-token"}
+    if workflow:
+        wf = load_workflow(workflow)
+        start = next(n for n in wf["nodes"] if n["type"] == "startNode")
+        body.update(workflowId="wf_" + workflow, nodes=wf["nodes"], edges=wf["edges"],
+                    globalPrompt=start["data"].get("globalPrompt", ""), config=wf["config"],
+                    variables=wf.get("variables", []))
+    body.update(extra)
+    return body

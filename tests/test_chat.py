@@ -1,0 +1,60 @@
+"""POST /api/chat: the web app's playground, verbatim messages after our system prompt, with failover."""
+from __future__ import annotations
+
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+
+
+def test_chat_sends_client_messages_verbatim_after_the_system_prompt(client, fake_llm):
+    fake_llm.push(Reply(text="YES"))
+    messages = [{"role": "system", "content": "Evaluate: has the caller said what they want? Answer YES or NO."},
+                {"role": "user", "content": "I want to buy a flat"},
+                {"role": "assistant", "content": "Great!"},
+                {"role": "user", "content": "In Kowloon"}]
+    resp = client.post("/api/chat", json={"messages": messages, "workflowId": None,
+                                          "globalPrompt": "You are a property assistant.",
+                                          "currentNodeId": None})
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["success"] is True and body["response"] == "YES" and body["timestamp"]
+    assert body["provider"] == "azure" and body["latencyMs"] > 0
+    (req,) = fake_llm.requests
+    assert req.messages[0] == {"role": "system", "content": "You are a property assistant."}
+    assert req.messages[1:] == messages
+
+
+def test_chat_uses_stored_workflow_prompt_and_current_node(client, fake_llm, fake_twilio):
+    client.post("/api/make-call-optimized", json=make_call_body())  # stores the workflow under its id
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                          "workflowId": "wf_real_estate_property_dealer",
+                                          "globalPrompt": "ignored when the workflow is stored",
+                                          "currentNodeId": "inquiry_type_node"})
+    assert resp.status_code == 200
+    system = fake_llm.requests[-1].messages[0]["content"]
+    assert "Premier Properties" in system and "Determine the type of property inquiry" in system
+    assert "ignored when" not in system
+
+
+def test_chat_fails_over_to_the_secondary(client, fake_llm, fake_llm2):
+    fake_llm.fault = "500"
+    fake_llm2.push(Reply(text="From the backup."))
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hello"}]})
+    assert resp.status_code == 200
+    assert resp.get_json()["response"] == "From the backup." and resp.get_json()["provider"] == "openai"
+    assert len(fake_llm2.requests) == 1
+
+
+def test_chat_all_providers_down_is_a_json_error(client, fake_llm, fake_llm2):
+    fake_llm.fault = fake_llm2.fault = "429"
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hello"}]})
+    assert resp.status_code == 502
+    assert resp.get_json()["success"] is False and resp.get_json()["error"] == "Failed to generate AI response"
+
+
+def test_chat_without_messages_is_400(client):
+    for body in ({}, {"messages": []}, {"messages": "hi"}):
+        resp = client.post("/api/chat", json=body)
+        assert resp.status_code == 400
+        assert resp.get_json() == {"success": False, "error": "Messages array is required"}
+    resp = client.post("/api/chat", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert resp.status_code == 400 and resp.get_json()["success"] is False

@@ -1,0 +1,144 @@
+"""The traditional <Gather> flow end to end through signed webhooks, and the one-request-per-turn rule."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import PUBLIC
+from tests.helpers import load_workflow, make_call_body
+from tests.scripted_brain import real_estate_brain
+
+
+def _twiml(resp):
+    assert resp.status_code == 200, resp.data
+    assert resp.headers["Content-Type"].startswith("text/xml")
+    return ET.fromstring(resp.data)
+
+
+class GatherCall:
+    """Twilio's side of a traditional call, driven through the Flask test client with signed webhooks."""
+
+    def __init__(self, app, client, twilio, fake_twilio):
+        self.app, self.client, self.twilio = app, client, twilio
+        data = client.post("/api/make-call", json=make_call_body()).get_json()
+        assert data["success"], data
+        self.call_sid, self.tracking_id = data["callSid"], data["trackingId"]
+        self.url = fake_twilio.creates()[-1].one("Url")
+        self.path = self.url[len(PUBLIC):]
+
+    def answer(self):
+        return _twiml(self.twilio.post(self.path, {"CallSid": self.call_sid, "CallStatus": "in-progress"}))
+
+    def say(self, root, speech):
+        gather = root.find("Gather")
+        assert gather is not None, ET.tostring(root)
+        action = gather.get("action")
+        assert action.startswith(PUBLIC + "/api/twiml-ai?"), action  # absolute action URL
+        return _twiml(self.twilio.post(action[len(PUBLIC):], {"CallSid": self.call_sid, "SpeechResult": speech,
+                                                               "Confidence": "0.93"}))
+
+    @property
+    def record(self):
+        return self.app.extensions["callweaver"].store.get_call(self.tracking_id)
+
+
+@pytest.fixture
+def call(app, client, twilio, fake_twilio, fake_llm):
+    fake_llm.responder = real_estate_brain
+    return GatherCall(app, client, twilio, fake_twilio)
+
+
+def said(root) -> str:
+    return " ".join((s.text or "") for s in root.iter("Say"))
+
+
+def test_greeting_is_first_message_without_llm_and_gather_pattern(call, fake_llm):
+    root = call.answer()
+    says = root.findall("Say")
+    assert says[0].text.startswith("Hello! Thank you for calling Premier Properties")
+    assert says[0].get("language") == "en-US" and says[0].get("voice")
+    gathers = root.findall("Gather")
+    assert len(gathers) == 2 and gathers[0].get("input") == "speech"  # re-prompt once, then goodbye
+    assert [c.tag for c in root][-1] == "Hangup"
+    assert fake_llm.requests == []
+
+
+def test_buyer_path_to_end_node_with_one_llm_request_per_turn(call, fake_llm):
+    root = call.answer()
+    path = [call.record.current_node]
+    turns = ["I want to buy a house", "A three bedroom house near good schools",
+             "My name is Ann Lee, my number is 555 0100", "That's everything, thanks"]
+    for i, speech in enumerate(turns, start=1):
+        root = call.say(root, speech)
+        assert len(fake_llm.requests) == i, "exactly one LLM request per caller turn"
+        path.append(call.record.current_node)
+    assert path == ["inquiry_type_node", "buyer_requirements_node", "contact_details_node",
+                    "summary_confirmation_node", "end_call_node"]
+    end_message = load_workflow()["nodes"][-1]["data"]["endMessage"]
+    assert end_message in said(root)
+    assert [c.tag for c in root] == ["Say", "Hangup"]
+    # routing rode in the same request: the tools offered at the inquiry node were the four branches
+    first = fake_llm.requests[0].body
+    assert {t["function"]["name"] for t in first["tools"]} >= {"transition"}
+    assert first["stream"] is True
+    # history as heard went into later requests
+    later = fake_llm.requests[2].messages
+    assert any(m["role"] == "user" and "three bedroom" in m["content"] for m in later)
+    assert later[0]["role"] == "system" and "Premier Properties" in later[0]["content"]
+
+
+@pytest.mark.parametrize("speech,node", [("I'd like to sell my condo", "seller_details_node"),
+                                         ("We want to rent an apartment", "rental_requirements_node"),
+                                         ("I want to invest in property", "investment_consultation_node")])
+def test_inquiry_branches(call, speech, node):
+    root = call.answer()
+    call.say(root, speech)
+    assert call.record.current_node == node
+
+
+def test_transfer_path_dials_the_destination(call, fake_llm):
+    root = call.answer()
+    for speech in ["I want to buy", "A three bedroom house", "My name is Bo"]:
+        root = call.say(root, speech)
+    root = call.say(root, "Can I talk to a human please")
+    transfer = next(n for n in load_workflow()["nodes"] if n["type"] == "transferCall")["data"]
+    assert transfer["transferMessage"] in said(root)
+    dial = root.find("Dial")
+    assert dial is not None and dial.text == transfer["destination"]
+    assert call.record.current_node == "transfer_to_agent_node"
+
+
+def test_goodbye_phrase_ends_without_llm(call, fake_llm):
+    root = call.answer()
+    root = call.say(root, "ok bye!")
+    assert fake_llm.requests == []
+    assert "Premier Properties" in said(root) and [c.tag for c in root][-1] == "Hangup"
+
+
+def test_every_provider_down_speaks_apology_and_the_call_goes_on(call, fake_llm, fake_llm2):
+    fake_llm.fault = "500"
+    fake_llm2.fault = "500"
+    root = call.answer()
+    root = call.say(root, "I want to buy a house")
+    assert "trouble" in said(root).lower()
+    assert root.find("Gather") is not None  # still listening
+    fake_llm.fault = fake_llm2.fault = None
+    fake_llm2.responder = real_estate_brain
+    root = call.say(root, "I want to buy a house")
+    assert call.record.current_node == "buyer_requirements_node"
+
+
+def test_turn_timings_are_stored_per_turn(call, app):
+    root = call.answer()
+    call.say(root, "I want to buy a house")
+    (turn,) = app.extensions["callweaver"].store.turns(call.tracking_id)
+    assert turn["path"] == "traditional" and turn["source"] == "llm" and turn["provider"] == "azure"
+    assert turn["firstTokenMs"] > 0 and turn["providerTtftMs"] is not None
+    assert turn["nodeId"] == "inquiry_type_node" and turn["nextNodeId"] == "buyer_requirements_node"
+
+
+def test_unsigned_twiml_webhook_is_403(call):
+    resp = call.twilio.post(call.path, {"CallSid": call.call_sid}, sign=False)
+    assert resp.status_code == 403

@@ -1,0 +1,546 @@
+"""Tests for the LLM provider chain: failover, deadlines, continuation, circuit breakers, cancellation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import structlog
+
+from callweaver.engine.providers import (
+    CONTINUE_INSTRUCTION,
+    ChainSettings,
+    ProviderChain,
+    ProviderConfig,
+    _parse_tool_calls,
+    build_provider_chain,
+    parse_azure_endpoint,
+)
+from tests.fakes.fake_llm import DEFAULT_REPLY_TEXT, FakeLLM, Reply, split_into_word_tokens
+
+REPO_ROOT = Path(__file__).absolute().parents[1]
+MESSAGES = [{"role": "system", "content": "You are a property dealer's assistant."},
+            {"role": "user", "content": "Do you have flats in Kowloon?"}]
+SIX_WORDS = "One two three four five six."
+AZURE_KEY = "azure-secret-key-0123456789"
+OPENAI_KEY = "sk-openai-secret-abcdef"
+APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
+# Generous deadlines: a loaded 2-core CI box must never trip them by accident.
+FIRST_TOKEN_TIMEOUT_S = 1.0
+
+
+class FakeClock:
+    """Drives the circuit breaker's cooldown without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def azure_fake():
+    fake = FakeLLM("azure").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def openai_fake():
+    fake = FakeLLM("openai").start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def make_chain(azure_fake, openai_fake, clock):
+    chains: list[ProviderChain] = []
+
+    def build(**overrides) -> ProviderChain:
+        settings = ChainSettings(**{"first_token_timeout_s": FIRST_TOKEN_TIMEOUT_S, "stall_timeout_s": 2.0,
+                                    "circuit_failures": 3, "circuit_cooldown_s": 30.0, **overrides})
+        chain = ProviderChain(
+            [ProviderConfig("azure", "azure", AZURE_KEY, "gpt4omini", azure_endpoint=azure_fake.root_url,
+                            api_version="2025-01-01-preview"),
+             ProviderConfig("openai", "openai", OPENAI_KEY, "gpt-4o-mini", base_url=openai_fake.url)],
+            settings, clock=clock)
+        chains.append(chain)
+        return chain
+
+    yield build
+    for chain in chains:
+        chain.close()
+
+
+def test_streams_the_primary_reply_in_order_and_measures_its_ttft(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="We have three flats in Kowloon.", ttft_s=0.3))
+
+    reply = make_chain().stream(MESSAGES, temperature=0.4, max_tokens=120)
+    tokens = list(reply)
+
+    assert tokens == split_into_word_tokens("We have three flats in Kowloon.")
+    assert reply.text == "We have three flats in Kowloon."
+    assert reply.provider == "azure"
+    assert reply.provider_ttft_ms is not None and 290 <= reply.provider_ttft_ms < FIRST_TOKEN_TIMEOUT_S * 1000
+    assert reply.failovers == [] and reply.apology_used is False
+    request = azure_fake.requests[0]
+    assert request.path == "/openai/deployments/gpt4omini/chat/completions?api-version=2025-01-01-preview"
+    assert request.headers["api-key"] == AZURE_KEY
+    assert (request.messages, request.body["stream"]) == (MESSAGES, True)
+    assert (request.body["temperature"], request.body["max_tokens"]) == (0.4, 120)
+    assert openai_fake.requests == []
+
+
+@pytest.mark.parametrize("fault, reason", [("500", "http_500"), ("429", "rate_limited")])
+def test_primary_error_moves_the_same_turn_to_the_secondary(make_chain, azure_fake, openai_fake, fault, reason):
+    azure_fake.push(Reply(fault=fault))
+    openai_fake.push(Reply(text="Yes, two in Mong Kok."))
+
+    reply = make_chain().stream(MESSAGES)
+
+    assert "".join(reply) == "Yes, two in Mong Kok."
+    assert reply.provider == "openai"
+    assert reply.failovers == [{"provider": "azure", "reason": reason, "spoken_chars": 0}]
+    assert openai_fake.requests[0].messages == MESSAGES
+    assert openai_fake.requests[0].headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert openai_fake.requests[0].body["model"] == "gpt-4o-mini"
+
+
+def test_silent_primary_is_abandoned_at_the_first_token_deadline(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(fault="hang"))
+    openai_fake.push(Reply(text="Here I am."))
+
+    started = time.monotonic()
+    reply = make_chain().stream(MESSAGES)
+    text = "".join(reply)
+    elapsed_s = time.monotonic() - started
+
+    assert text == "Here I am."
+    assert reply.failovers == [{"provider": "azure", "reason": "timeout_first_token", "spoken_chars": 0}]
+    assert FIRST_TOKEN_TIMEOUT_S * 0.9 <= elapsed_s < FIRST_TOKEN_TIMEOUT_S + 5
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+
+
+def test_keepalive_comments_do_not_extend_the_first_token_deadline(make_chain, azure_fake, openai_fake):
+    # Comments every 100 ms would keep a per-read timeout alive for the whole 60 s hang.
+    azure_fake.push(Reply(fault="hang", keepalive_interval_s=0.1))
+    openai_fake.push(Reply(text="Here I am."))
+
+    started = time.monotonic()
+    reply = make_chain().stream(MESSAGES)
+    text = "".join(reply)
+
+    assert text == "Here I am."
+    assert reply.failovers[0]["reason"] == "timeout_first_token"
+    assert time.monotonic() - started < FIRST_TOKEN_TIMEOUT_S + 5
+
+
+def test_slow_but_steady_stream_within_the_stall_limit_is_not_abandoned(make_chain, azure_fake, openai_fake):
+    # 1.4 s between tokens: longer than the first-token deadline, shorter than the stall limit.
+    azure_fake.push(Reply(text="Slow and steady.", token_interval_s=1.4))
+
+    reply = make_chain(stall_timeout_s=4.0).stream(MESSAGES)
+
+    assert "".join(reply) == "Slow and steady."
+    assert reply.failovers == [] and openai_fake.requests == []
+
+
+def test_reply_dropped_mid_stream_continues_on_the_secondary_from_what_was_spoken(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text=SIX_WORDS, fault="drop", drop_after_tokens=3))
+    openai_fake.push(Reply(text=" four five six."))
+
+    reply = make_chain().stream(MESSAGES)
+    tokens = list(reply)
+
+    assert "".join(tokens) == SIX_WORDS == reply.text
+    assert tokens[:3] == ["One", " two", " three"]
+    assert reply.provider == "openai"
+    assert reply.provider_ttft_ms is not None
+    assert reply.failovers == [{"provider": "azure", "reason": "dropped", "spoken_chars": len("One two three")}]
+    continuation_request = openai_fake.requests[0].messages
+    assert continuation_request[:len(MESSAGES)] == MESSAGES
+    assert continuation_request[len(MESSAGES)] == {"role": "assistant", "content": "One two three"}
+    assert continuation_request[len(MESSAGES) + 1] == {"role": "system", "content": CONTINUE_INSTRUCTION}
+
+
+@pytest.mark.parametrize("continuation", [
+    SIX_WORDS,                     # the model restarted the whole reply
+    "three four five six.",        # it repeated the last word
+    "two three four five six.",    # it repeated the last words
+    "Three. Four five six.",       # ... with different case and punctuation
+    "four five six.",              # it continued without a leading space
+])
+def test_continuation_never_repeats_what_the_caller_already_heard(make_chain, azure_fake, openai_fake, continuation):
+    azure_fake.push(Reply(text=SIX_WORDS, fault="drop", drop_after_tokens=3))
+    openai_fake.push(Reply(text=continuation))
+
+    reply = make_chain().stream(MESSAGES)
+    text = "".join(reply)
+
+    assert text.lower().replace(".", "") == "one two three four five six"
+    assert text.startswith("One two three ")
+
+
+def test_stream_that_stalls_after_its_first_token_continues_on_the_secondary(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text=SIX_WORDS, token_interval_s=30.0))
+    openai_fake.push(Reply(text=" two three four five six."))
+
+    started = time.monotonic()
+    reply = make_chain(stall_timeout_s=1.0).stream(MESSAGES)
+    text = "".join(reply)
+
+    assert text == SIX_WORDS
+    assert reply.failovers == [{"provider": "azure", "reason": "stalled", "spoken_chars": len("One")}]
+    assert time.monotonic() - started < 10
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+
+
+def test_unreachable_primary_fails_over_as_a_connect_error(openai_fake):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    chain = ProviderChain([
+        ProviderConfig("dead", "openai", "k", "m", base_url=f"http://127.0.0.1:{dead_port}/v1"),
+        ProviderConfig("openai", "openai", OPENAI_KEY, "gpt-4o-mini", base_url=openai_fake.url),
+    ], ChainSettings(first_token_timeout_s=FIRST_TOKEN_TIMEOUT_S))
+
+    reply = chain.stream(MESSAGES)
+
+    assert "".join(reply) == DEFAULT_REPLY_TEXT
+    assert reply.provider == "openai"
+    assert reply.failovers == [{"provider": "dead", "reason": "connect", "spoken_chars": 0}]
+    chain.close()
+
+
+def test_circuit_opens_after_consecutive_failures_and_the_primary_is_skipped(make_chain, azure_fake, openai_fake):
+    chain = make_chain(circuit_failures=2)
+    azure_fake.fault = "500"
+    for _ in range(2):
+        assert make_and_finish(chain).provider == "openai"
+    assert len(azure_fake.requests) == 2
+
+    reply = make_and_finish(chain)
+
+    assert reply.provider == "openai"
+    assert reply.failovers == []  # skipped, not tried
+    assert len(azure_fake.requests) == 2
+    assert chain.health()[0]["state"] == "open"
+    assert chain.health()[0]["consecutiveFailures"] == 2
+
+
+def test_half_open_probe_after_cooldown_closes_the_circuit_on_success(make_chain, azure_fake, openai_fake, clock):
+    chain = make_chain(circuit_failures=2, circuit_cooldown_s=30.0)
+    azure_fake.fault = "500"
+    make_and_finish(chain), make_and_finish(chain)
+    azure_fake.fault = None
+    clock.now += 29.0
+    assert make_and_finish(chain).provider == "openai" and len(azure_fake.requests) == 2  # still cooling down
+
+    clock.now += 2.0
+    assert chain.health()[0]["state"] == "half_open"
+    reply = make_and_finish(chain)
+
+    assert reply.provider == "azure"
+    assert len(azure_fake.requests) == 3
+    assert chain.health()[0] | {"openedAt": None} == {
+        "name": "azure", "kind": "azure", "model": "gpt4omini", "state": "closed",
+        "consecutiveFailures": 0, "openedAt": None}
+    assert chain.health()[0]["openedAt"] is None
+
+
+def test_failed_half_open_probe_reopens_the_circuit(make_chain, azure_fake, openai_fake, clock):
+    chain = make_chain(circuit_failures=2, circuit_cooldown_s=30.0)
+    azure_fake.fault = "500"
+    make_and_finish(chain), make_and_finish(chain)
+    first_opened_at = chain.health()[0]["openedAt"]
+    clock.now += 31.0
+
+    probe = make_and_finish(chain)  # one real request to the primary, which fails again
+    skipped = make_and_finish(chain)
+
+    assert probe.failovers == [{"provider": "azure", "reason": "http_500", "spoken_chars": 0}]
+    assert skipped.failovers == []
+    assert len(azure_fake.requests) == 3
+    assert chain.health()[0]["state"] == "open"
+    assert chain.health()[0]["openedAt"] >= first_opened_at
+
+
+def test_health_reports_every_provider_without_secrets(make_chain, azure_fake):
+    chain = make_chain()
+
+    health = chain.health()
+
+    assert [entry["name"] for entry in health] == chain.names == ["azure", "openai"]
+    assert health[1] == {"name": "openai", "kind": "openai", "model": "gpt-4o-mini", "state": "closed",
+                         "consecutiveFailures": 0, "openedAt": None}
+    rendered = json.dumps(health) + repr(chain._providers[0].config)
+    assert AZURE_KEY not in rendered and OPENAI_KEY not in rendered
+
+
+def test_every_provider_down_yields_the_apology_and_never_raises(make_chain, azure_fake, openai_fake):
+    azure_fake.fault = "500"
+    openai_fake.fault = "429"
+
+    reply = make_chain().stream(MESSAGES, apology="Lo siento, un momento.")
+    tokens = list(reply)
+
+    assert tokens == ["Lo siento, un momento."]
+    assert reply.apology_used is True and reply.provider is None
+    assert [f["reason"] for f in reply.failovers] == ["http_500", "rate_limited"]
+
+
+def test_all_circuits_open_yields_the_apology_without_calling_anyone(make_chain, azure_fake, openai_fake):
+    chain = make_chain(circuit_failures=1)
+    azure_fake.fault = openai_fake.fault = "500"
+    make_and_finish(chain)
+    requests_before = (len(azure_fake.requests), len(openai_fake.requests))
+
+    reply = make_and_finish(chain)
+
+    assert reply.text == APOLOGY and reply.apology_used
+    assert (len(azure_fake.requests), len(openai_fake.requests)) == requests_before == (1, 1)
+
+
+def test_failure_after_text_ends_with_the_apology_after_a_space(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text=SIX_WORDS, fault="drop", drop_after_tokens=2))
+    openai_fake.fault = "500"
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text == "One two " + APOLOGY
+    assert reply.apology_used
+
+
+def test_close_mid_stream_closes_the_upstream_response(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="a b c d e f g h i j", token_interval_s=0.2))
+    reply = make_chain().stream(MESSAGES)
+    tokens = iter(reply)
+
+    assert [next(tokens), next(tokens)] == ["a", " b"]
+    reply.close()
+
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+    assert not azure_fake.requests[0].finished
+    assert list(reply) == []
+    assert reply.text == "a b" and reply.failovers == [] and not reply.apology_used
+    assert openai_fake.requests == []
+
+
+def test_close_from_another_thread_wakes_a_blocked_reader(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="a b c d", token_interval_s=30.0))
+    reply = make_chain(stall_timeout_s=60.0).stream(MESSAGES)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.extend(reply), daemon=True)
+    reader.start()
+    assert azure_fake.wait_until(lambda: received == ["a"], timeout_s=5)
+
+    reply.close()  # the reader is blocked waiting ~30 s for " b"
+    reader.join(timeout=10)
+
+    assert not reader.is_alive()
+    assert received == ["a"]
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+    assert openai_fake.requests == [] and not reply.apology_used
+
+
+def test_close_while_waiting_for_the_first_token_cancels_without_failover(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(fault="hang"))
+    reply = make_chain().stream(MESSAGES)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.extend(reply), daemon=True)
+    reader.start()
+    azure_fake.wait_for_requests(1)
+
+    reply.close()
+    reader.join(timeout=10)
+
+    assert not reader.is_alive()
+    assert received == [] and reply.failovers == [] and not reply.apology_used
+    assert openai_fake.requests == []
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+
+
+def test_consumer_that_stops_and_drops_the_stream_closes_the_response(make_chain, azure_fake):
+    azure_fake.push(Reply(text="a b c d e f g h", token_interval_s=0.2))
+    chain = make_chain()
+
+    def hear_two_words() -> None:
+        for index, _token in enumerate(chain.stream(MESSAGES)):
+            if index == 1:
+                break
+
+    hear_two_words()
+
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed, timeout_s=5)
+
+
+def test_tool_calls_come_through_alongside_the_text(make_chain, azure_fake):
+    tools = [{"type": "function", "function": {"name": "goto_node", "parameters": {"type": "object"}}}]
+    azure_fake.push(Reply(text="Let me check prices.",
+                          tool_calls=[("goto_node", {"node": "pricing"}), ("set_variable", {"budget": 500000})]))
+
+    reply = make_chain().stream(MESSAGES, tools=tools)
+
+    assert "".join(reply) == "Let me check prices."
+    assert reply.tool_calls == [("goto_node", {"node": "pricing"}), ("set_variable", {"budget": 500000})]
+    assert azure_fake.requests[0].body["tools"] == tools
+
+
+def test_tool_call_without_text_counts_as_an_answer(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="", tool_calls=[("end_call", {})]))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text == "" and reply.tool_calls == [("end_call", {})]
+    assert reply.provider == "azure" and reply.failovers == [] and openai_fake.requests == []
+
+
+def test_tool_calls_with_unparseable_arguments_are_skipped():
+    parts = {0: {"name": "good", "arguments": ['{"a":', ' 1}']}, 1: {"name": "bad", "arguments": ['{"a": ']}}
+
+    assert _parse_tool_calls("azure", parts) == [("good", {"a": 1})]
+
+
+def test_model_override_applies_to_openai_kind_and_azure_keeps_its_deployment(make_chain, azure_fake, openai_fake):
+    chain = make_chain()
+    make_and_finish(chain, model="gpt-4.1-mini")
+    azure_fake.fault = "500"
+    make_and_finish(chain, model="gpt-4.1-mini")
+
+    assert "/deployments/gpt4omini/" in azure_fake.requests[0].path
+    assert openai_fake.requests[0].body["model"] == "gpt-4.1-mini"
+
+
+def test_complete_runs_the_whole_turn(make_chain, azure_fake):
+    azure_fake.push(Reply(text="Done."))
+
+    reply = make_chain().complete(MESSAGES)
+
+    assert (reply.text, reply.provider) == ("Done.", "azure")
+
+
+def test_nothing_is_sent_until_the_stream_is_iterated(make_chain, azure_fake):
+    make_chain().stream(MESSAGES)
+
+    time.sleep(0.2)
+    assert azure_fake.requests == []
+
+
+def test_api_keys_never_reach_the_logs(make_chain, azure_fake, openai_fake):
+    azure_fake.fault = "500"
+    openai_fake.fault = "hang"
+    with structlog.testing.capture_logs() as logs:
+        make_and_finish(make_chain())
+
+    rendered = repr(logs)
+    assert any(entry["event"] == "provider_failover" for entry in logs)
+    assert AZURE_KEY not in rendered and OPENAI_KEY not in rendered
+
+
+def test_parse_azure_endpoint_accepts_the_full_chat_completions_url():
+    url = "https://my-res.openai.azure.com/openai/deployments/gpt4omini/chat/completions?api-version=2025-01-01-preview"
+
+    assert parse_azure_endpoint(url) == ("https://my-res.openai.azure.com", "gpt4omini", "2025-01-01-preview")
+
+
+@pytest.mark.parametrize("url", ["https://my-res.openai.azure.com", "https://my-res.openai.azure.com/",
+                                 "my-res.openai.azure.com"])
+def test_parse_azure_endpoint_accepts_a_plain_resource_url(url):
+    assert parse_azure_endpoint(url) == ("https://my-res.openai.azure.com", None, None)
+
+
+def test_build_provider_chain_uses_the_full_azure_url_and_a_keyless_self_hosted_server(azure_fake, openai_fake):
+    settings = SimpleNamespace(
+        llm_providers=("azure", "openai"), azure_openai_api_key=AZURE_KEY,
+        azure_openai_endpoint=azure_fake.azure_full_endpoint("prod-dep", "2024-10-21"),
+        azure_openai_deployment=None, azure_openai_api_version="2025-01-01-preview",
+        openai_api_key=None, openai_base_url=openai_fake.url, openai_model="llama-3",
+        llm_first_token_timeout_s=1.0, llm_connect_timeout_s=2.0, llm_stall_timeout_s=3.0,
+        llm_circuit_failures=3, llm_circuit_cooldown_s=30.0)
+    chain = build_provider_chain(settings)
+    azure_fake.fault = "500"
+
+    reply = make_and_finish(chain)
+
+    assert chain.names == ["azure", "openai"]
+    assert azure_fake.requests[0].path == "/openai/deployments/prod-dep/chat/completions?api-version=2024-10-21"
+    assert azure_fake.requests[0].headers["api-key"] == AZURE_KEY
+    assert reply.provider == "openai"
+    assert openai_fake.requests[0].headers["authorization"] == "Bearer not-needed"
+    assert openai_fake.requests[0].body["model"] == "llama-3"
+    chain.close()
+
+
+def test_build_provider_chain_leaves_out_unconfigured_providers_with_a_warning():
+    settings = SimpleNamespace(
+        llm_providers=("openai", "azure"), azure_openai_api_key="", azure_openai_endpoint=None,
+        azure_openai_deployment=None, azure_openai_api_version="2025-01-01-preview",
+        openai_api_key="sk-x", openai_base_url=None, openai_model="gpt-4o-mini",
+        llm_first_token_timeout_s=1.5, llm_connect_timeout_s=2.0, llm_stall_timeout_s=5.0,
+        llm_circuit_failures=3, llm_circuit_cooldown_s=30.0)
+
+    with structlog.testing.capture_logs() as logs:
+        chain = build_provider_chain(settings)
+
+    assert chain.names == ["openai"]
+    assert any(entry["event"] == "llm_provider_not_configured" and entry["provider"] == "azure" for entry in logs)
+
+
+GEVENT_SCRIPT = textwrap.dedent("""
+    from gevent import monkey; monkey.patch_all()
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    import gevent
+    from callweaver.engine.providers import ProviderChain, ProviderConfig
+
+    chain = ProviderChain([ProviderConfig("openai", "openai", "k", "m", base_url=sys.argv[1])])
+    heard = []
+
+    def speak():
+        for token in chain.stream([{"role": "user", "content": "hi"}]):
+            heard.append(token)
+
+    speaker = gevent.spawn(speak)
+    with gevent.Timeout(10):
+        while len(heard) < 2:
+            gevent.sleep(0.01)
+    speaker.kill(block=True, timeout=5)   # barge-in: kill the reply greenlet
+    turns = [gevent.spawn(lambda: chain.complete([{"role": "user", "content": "x"}]).text) for _ in range(30)]
+    gevent.joinall(turns, timeout=30)
+    print(json.dumps({"heard": heard, "killed": speaker.dead, "texts": sorted({t.value for t in turns})}))
+""")
+
+
+def test_under_gevent_killing_the_reply_greenlet_closes_the_upstream_response():
+    with FakeLLM("gevent") as fake:
+        fake.push(Reply(text="a b c d e f g h i j", token_interval_s=0.3))
+        fake.responder = lambda body: Reply(text="Concurrent turn.", ttft_s=0.2)
+
+        finished = subprocess.run([sys.executable, "-c", GEVENT_SCRIPT, fake.url, str(REPO_ROOT)],
+                                  capture_output=True, text=True, timeout=90)
+
+        assert finished.returncode == 0, finished.stderr[-3000:]
+        result = json.loads(finished.stdout.strip().splitlines()[-1])
+        assert result == {"heard": ["a", " b"], "killed": True, "texts": ["Concurrent turn."]}
+        assert fake.wait_until(lambda: fake.requests[0].client_closed, timeout_s=5)
+        assert fake.requests[0].tokens_sent < 10
+        assert len(fake.requests) == 31
+
+
+def make_and_finish(chain: ProviderChain, **options):
+    """One whole turn with the default conversation."""
+    return chain.complete(MESSAGES, **options)

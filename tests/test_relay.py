@@ -1,0 +1,210 @@
+"""ConversationRelay over the real production server (gunicorn, gevent workers), driven by the scripted caller."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import websocket
+
+from callweaver.simulate import RelayCaller
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.fakes.fake_twilio import FakeTwilio
+from tests.fakes.live_server import LiveServer
+from tests.helpers import load_workflow, make_call_body
+from tests.scripted_brain import real_estate_brain
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("relay")
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
+    env = base_env(tmp, twilio, primary, secondary)
+    env.pop("PUBLIC_BASE_URL")
+    server = LiveServer(env, workers=2).start()
+    yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary}
+    server.stop()
+    for fake in (twilio, primary, secondary):
+        fake.stop()
+
+
+@pytest.fixture
+def llm(stack):
+    stack["llm"].reset()
+    stack["llm2"].reset()
+    return stack["llm"]
+
+
+def new_call(stack, body=None) -> RelayCaller:
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+    caller.place_call(body or make_call_body())
+    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    return caller
+
+
+def test_twiml_optimized_is_a_signed_relay_with_greeting_and_parameters(stack, llm):
+    caller = new_call(stack)
+    attrs = caller.twiml.attributes
+    assert caller.twiml.url == f"ws://127.0.0.1:{stack['server'].port}/api/conversationrelay-ws?trackingId={caller.tracking_id}"
+    assert attrs["welcomeGreeting"].startswith("Hello! Thank you for calling Premier Properties")
+    assert attrs["language"] == "en-US" and attrs["dtmfDetection"] == "true" and attrs["interruptible"] == "any"
+    assert attrs["ttsProvider"] and attrs["voice"] and attrs["transcriptionProvider"] and attrs["speechModel"]
+    assert caller.twiml.parameters == {"trackingId": caller.tracking_id}
+    assert caller.twiml.action.endswith(f"/api/connect-action?trackingId={caller.tracking_id}")
+    assert llm.requests == []  # no LLM call inside the webhook
+
+
+def test_tokens_stream_one_by_one_before_the_llm_finishes(stack, llm):
+    words = "One two three four five six seven eight nine ten eleven twelve."
+    llm.push(Reply(text=words, ttft_s=0.3, token_interval_s=0.05))
+    caller = new_call(stack)
+    caller.connect()
+    reply = caller.say("Hello, who is this?")
+    caller.hangup()
+    generation_ms = 300 + 50 * (len(words.split()) - 1)
+    assert reply.text == words
+    assert len(reply.tokens) == len(words.split())  # one message per token, nothing buffered
+    assert reply.first_token_ms >= 290
+    assert reply.first_token_ms < generation_ms - 200, "first token must arrive while the LLM still generates"
+    texts = [m for m in reply.messages if m["type"] == "text"]
+    assert texts[-1] == {"type": "text", "token": "", "last": True}
+    assert all(m["last"] is False for m in texts[:-1])
+
+
+def test_interrupt_cancels_the_llm_stream_and_history_keeps_the_heard_prefix(stack, llm):
+    long_text = " ".join(f"word{i}" for i in range(60)) + "."
+    llm.push(Reply(text=long_text, ttft_s=0.05, token_interval_s=0.05), Reply(text="Sure, go ahead."))
+    caller = new_call(stack)
+    caller.connect()
+    partial = caller.say("Tell me everything", stop_after_tokens=5)
+    heard = "".join(partial.tokens)
+    caller.interrupt(heard.strip())
+    assert llm.wait_until(lambda: llm.requests and llm.requests[0].client_closed, timeout_s=5), \
+        "the upstream LLM stream must be closed on interrupt"
+    assert llm.requests[0].tokens_sent < 60
+    caller.drain()
+    reply = caller.say("Wait, one question")
+    caller.hangup()
+    assert reply.text == "Sure, go ahead."
+    history = llm.requests[1].messages
+    assistant = [m["content"] for m in history if m["role"] == "assistant"]
+    assert assistant[-1] == heard.strip()
+    assert history[-1] == {"role": "user", "content": "Wait, one question"}
+
+
+def test_unsigned_or_wrongly_signed_upgrade_is_refused(stack, llm):
+    caller = new_call(stack)
+    with pytest.raises(websocket.WebSocketBadStatusException) as err:
+        caller.connect(sign=False)
+    assert err.value.status_code == 403
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        caller.connect(signature="d3Jvbmc=")
+
+
+def test_prompt_before_setup_and_invalid_json_are_logged_and_socket_stays_usable(stack, llm):
+    caller = new_call(stack)
+    caller.connect(setup=False)
+    caller.prompt("hello?")
+    caller.send("this is not json")
+    assert caller.recv(timeout_s=0.5) is None
+    caller.send({"type": "setup", "callSid": caller.call_sid, "customParameters": caller.twiml.parameters})
+    llm.push(Reply(text="Hi there!"))
+    reply = caller.say("hello?")
+    caller.hangup()
+    assert reply.text == "Hi there!"
+    logs = stack["server"].logs()
+    assert "relay_prompt_before_setup" in logs and "relay_bad_message" in logs
+
+
+def drive_to_summary(caller):
+    for speech in ["I want to buy a house", "A three bedroom house", "My name is Ann"]:
+        reply = caller.say(speech)
+        assert reply.end is None
+
+
+def test_end_node_speaks_end_message_then_end_and_connect_action_hangs_up(stack, llm):
+    llm.responder = real_estate_brain
+    caller = new_call(stack)
+    caller.connect()
+    drive_to_summary(caller)
+    reply = caller.say("That's everything, thank you")
+    end_message = load_workflow()["nodes"][-1]["data"]["endMessage"]
+    assert reply.text.endswith(end_message)
+    assert reply.end is not None
+    import json
+    handoff = json.loads(reply.end["handoffData"])
+    assert handoff["reason"] == "end"
+    caller.hangup()
+    twiml = caller.connect_action("ended", handoff)
+    root = ET.fromstring(twiml.text)
+    assert [c.tag for c in root] == ["Hangup"]
+
+
+def test_transfer_node_speaks_transfer_message_and_connect_action_dials(stack, llm):
+    import json
+    llm.responder = real_estate_brain
+    caller = new_call(stack)
+    caller.connect()
+    drive_to_summary(caller)
+    reply = caller.say("I need a human agent")
+    transfer = next(n for n in load_workflow()["nodes"] if n["type"] == "transferCall")["data"]
+    assert transfer["transferMessage"] in reply.text
+    handoff = json.loads(reply.end["handoffData"])
+    assert handoff == {"reason": "transfer", "destination": transfer["destination"],
+                       "node": "transfer_to_agent_node"}
+    caller.hangup()
+    root = ET.fromstring(caller.connect_action("ended", handoff).text)
+    assert root.find("Dial").text == transfer["destination"]
+
+
+def test_sigkill_worker_mid_call_resumes_the_conversation(stack, llm):
+    server = stack["server"]
+    llm.responder = real_estate_brain
+    caller = new_call(stack)
+    caller.connect()
+    caller.say("I want to buy a house")
+    # a reply is streaming when the workers die
+    llm.responder = None
+    llm.push(Reply(text=" ".join(["slow"] * 40), ttft_s=0.05, token_interval_s=0.1))
+    caller.prompt("Tell me more")
+    assert caller.recv(timeout_s=5)["type"] == "text"
+    old = set(server.worker_pids())
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = set(server.worker_pids())
+        if len(now) == 2 and not (now & old):
+            break
+        time.sleep(0.1)
+    caller.hangup()
+    resp = caller.connect_action("failed", ErrorCode="39001",
+                                 ErrorMessage="Network connection to WebSocket server failed")
+    assert resp.status == 200
+    root = ET.fromstring(resp.text)
+    relay = root.find("Connect/ConversationRelay")
+    assert relay is not None, resp.text
+    assert "back" in relay.get("welcomeGreeting").lower()
+    caller.twiml = type(caller.twiml).parse(resp.text)
+    assert caller.twiml.parameters["trackingId"] == caller.tracking_id
+    caller.connect()
+    llm.responder = real_estate_brain
+    n_before = len(llm.requests)
+    caller.say("A three bedroom house please")
+    caller.hangup()
+    history = llm.requests[n_before].messages
+    assert any(m["role"] == "user" and m["content"] == "I want to buy a house" for m in history)
+    assert history[0]["role"] == "system" and "buyer" in history[0]["content"].lower()
+
+
+def test_resume_is_limited_to_two_per_call(stack, llm):
+    caller = new_call(stack)
+    for _ in range(2):
+        root = ET.fromstring(caller.connect_action("failed").text)
+        assert root.find("Connect/ConversationRelay") is not None
+    root = ET.fromstring(caller.connect_action("failed").text)
+    assert root.find("Connect") is None and root.find("Hangup") is not None

@@ -1,0 +1,484 @@
+"""One behaviour suite for the call store, run against both backends (SQLite and a real Redis)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from callweaver.store import CallRecord, Store, StoreError, build_store
+from callweaver.store.redis import RedisStore
+from callweaver.store.sqlite import SQLiteStore
+from tests.fakes.redis_server import RedisServer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CANTONESE = "你好，我想查詢一下旺角嘅兩房單位，唔該晒！"
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_spec(request, tmp_path) -> dict:
+    """build_store arguments for a fresh, empty store: a new SQLite file or a new Redis key prefix."""
+    if request.param == "sqlite":
+        return {"db_path": str(tmp_path / "state" / "cw.sqlite3")}
+    server = request.getfixturevalue("redis_server")
+    return {
+        "db_path": str(tmp_path / "unused.sqlite3"),
+        "redis_url": server.url,
+        "key_prefix": f"cwtest:{uuid.uuid4().hex}:",
+    }
+
+
+@pytest.fixture
+def store(store_spec):
+    built = build_store(**store_spec)
+    yield built
+    built.close()
+
+
+def make_record(tracking_id: str = "call_1", **fields) -> CallRecord:
+    return CallRecord(tracking_id=tracking_id, **fields)
+
+
+# -- records -------------------------------------------------------------------
+
+
+def test_both_backends_satisfy_the_store_protocol(store):
+    assert isinstance(store, Store)
+
+
+def test_created_call_reads_back_identically_including_cantonese_text(store):
+    record = make_record(
+        call_sid="CA" + "1" * 32,
+        workflow_id="wf_real_estate",
+        workflow={"nodes": [{"id": "start", "data": {"firstMessage": CANTONESE}}], "edges": []},
+        workflow_hash="abc123",
+        language="zh-HK",
+        greeting=CANTONESE,
+        to="+85291234567",
+        from_number="+15005550006",
+        variables={"區域": "旺角", "rooms": 2, "budget": 8.5, "ok": True, "none": None},
+        messages=[{"role": "assistant", "content": CANTONESE}, {"role": "user", "content": "😀 係呀"}],
+        credentials="gAAAAB-opaque",
+        meta={"nested": {"list": [1, "二", 3.0]}},
+    )
+    store.create_call(record)
+
+    assert store.get_call("call_1") == record
+
+
+def test_record_dict_round_trip_is_json_safe_and_ignores_unknown_keys():
+    record = make_record(greeting=CANTONESE, variables={"a": [1, 2]})
+    data = json.loads(json.dumps(record.to_dict(), ensure_ascii=False))
+    data["field_from_a_newer_worker"] = 1
+
+    assert CallRecord.from_dict(data) == record
+
+
+def test_new_record_starts_with_updated_at_equal_to_created_at():
+    record = make_record(created_at=1000.0)
+
+    assert record.updated_at == 1000.0
+
+
+def test_unknown_call_reads_as_none(store):
+    assert store.get_call("nope") is None
+
+
+def test_creating_an_existing_tracking_id_raises_store_error_and_keeps_the_first(store):
+    store.create_call(make_record(greeting="first"))
+
+    with pytest.raises(StoreError):
+        store.create_call(make_record(greeting="second"))
+    assert store.get_call("call_1").greeting == "first"
+
+
+def test_update_writes_only_named_fields_and_bumps_updated_at(store):
+    store.create_call(make_record(greeting="hello", current_node="start", created_at=1000.0))
+
+    updated = store.update_call("call_1", current_node="ask_budget", variables={"rooms": 2})
+
+    assert updated.current_node == "ask_budget"
+    assert updated.variables == {"rooms": 2}
+    assert updated.greeting == "hello"
+    assert updated.updated_at > 1000.0
+    assert store.get_call("call_1") == updated
+
+
+def test_update_of_unknown_call_returns_none_and_creates_nothing(store):
+    assert store.update_call("ghost", current_node="x") is None
+    assert store.get_call("ghost") is None
+    assert store.list_calls() == []
+
+
+def test_update_with_a_misspelt_field_is_rejected_before_writing(store):
+    store.create_call(make_record())
+
+    with pytest.raises(ValueError):
+        store.update_call("call_1", curent_node="typo", greeting="written?")
+    assert store.get_call("call_1").greeting is None
+
+
+def test_returned_record_is_a_copy_not_a_live_view(store):
+    store.create_call(make_record(variables={"a": 1}))
+    record = store.get_call("call_1")
+    record.variables["a"] = 99
+
+    assert store.get_call("call_1").variables == {"a": 1}
+
+
+def _update_own_field_repeatedly(spec: dict, tracking_id: str, field_name: str, iterations: int, barrier, results) -> None:
+    """Child process: write one field over and over; count the times another writer clobbered it."""
+    store = build_store(**spec)
+    clobbered = 0
+    try:
+        barrier.wait(timeout=120)
+        for i in range(iterations):
+            store.update_call(tracking_id, **{field_name: {"writer": field_name, "n": i}})
+            if getattr(store.get_call(tracking_id), field_name) != {"writer": field_name, "n": i}:
+                clobbered += 1
+        results.put((field_name, clobbered, None))
+    except Exception as exc:  # reported to the parent, which fails the test with it
+        results.put((field_name, -1, repr(exc)))
+
+
+def test_two_processes_updating_different_fields_lose_nothing(store, store_spec):
+    store.create_call(make_record("shared"))
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    iterations = 150
+    workers = [
+        ctx.Process(target=_update_own_field_repeatedly, args=(store_spec, "shared", name, iterations, barrier, results))
+        for name in ("variables", "meta")
+    ]
+    for worker in workers:
+        worker.start()
+    reports = [results.get(timeout=180) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+
+    assert sorted(reports) == [("meta", 0, None), ("variables", 0, None)]
+    final = store.get_call("shared")
+    assert final.variables == {"writer": "variables", "n": iterations - 1}
+    assert final.meta == {"writer": "meta", "n": iterations - 1}
+
+
+def test_find_tracking_id_uses_the_call_sid_set_on_create_or_update(store):
+    store.create_call(make_record("with_sid", call_sid="CA_created"))
+    store.create_call(make_record("sid_later"))
+
+    assert store.find_tracking_id("CA_created") == "with_sid"
+    assert store.find_tracking_id("CA_later") is None
+    store.update_call("sid_later", call_sid="CA_later")
+    assert store.find_tracking_id("CA_later") == "sid_later"
+    assert store.find_tracking_id("CA_unknown") is None
+
+
+# -- status callbacks ---------------------------------------------------------------
+
+
+def test_out_of_order_callbacks_leave_the_highest_sequence_current_and_history_sorted(store):
+    store.create_call(make_record())
+    deliveries = [(2, "in-progress"), (0, "initiated"), (3, "completed"), (1, "ringing")]
+
+    became_current = [
+        store.append_status("call_1", status, seq, {"CallStatus": status, "SequenceNumber": str(seq)}, received_at=1000.0 + seq)
+        for seq, status in deliveries
+    ]
+
+    assert became_current == [True, False, True, False]
+    record = store.get_call("call_1")
+    assert (record.status, record.status_sequence) == ("completed", 3)
+    history = store.status_history("call_1")
+    assert [(item["sequence"], item["status"]) for item in history] == [
+        (0, "initiated"), (1, "ringing"), (2, "in-progress"), (3, "completed"),
+    ]
+    assert history[3]["receivedAt"] == 1003.0
+    assert history[3]["payload"] == {"CallStatus": "completed", "SequenceNumber": "3"}
+
+
+def test_a_redelivered_sequence_is_ignored(store):
+    store.create_call(make_record())
+    store.append_status("call_1", "ringing", 1, {"try": 1})
+
+    assert store.append_status("call_1", "ringing", 1, {"try": 2}) is False
+    history = store.status_history("call_1")
+    assert [item["payload"] for item in history] == [{"try": 1}]
+
+
+def test_terminal_status_sets_ended_at_even_when_delivered_early(store):
+    store.create_call(make_record())
+    store.append_status("call_1", "in-progress", 2, {}, received_at=1000.0)
+    assert store.get_call("call_1").ended_at is None
+
+    store.append_status("call_1", "completed", 3, {}, received_at=1010.0)
+    store.append_status("call_1", "ringing", 1, {}, received_at=1020.0)
+
+    record = store.get_call("call_1")
+    assert record.ended_at == 1010.0
+    assert record.status == "completed"
+    assert store.list_calls(active_only=True) == []
+
+
+def test_status_without_sequence_becomes_the_next_one(store):
+    store.create_call(make_record())
+    store.append_status("call_1", "ringing", 4, {})
+
+    assert store.append_status("call_1", "in-progress", None, {}) is True
+    record = store.get_call("call_1")
+    assert (record.status, record.status_sequence) == ("in-progress", 5)
+    assert [item["sequence"] for item in store.status_history("call_1")] == [4, 5]
+
+
+def test_status_for_an_unknown_call_is_not_recorded(store):
+    assert store.append_status("ghost", "completed", 0, {}) is False
+    assert store.status_history("ghost") == []
+    assert store.get_call("ghost") is None
+
+
+# -- turns ---------------------------------------------------------------------------
+
+
+def test_turns_are_numbered_in_order_and_stamped_with_call_and_time(store):
+    store.create_call(make_record())
+    before = time.time()
+
+    indexes = [store.append_turn("call_1", {"caller": CANTONESE, "n": n}) for n in range(3)]
+
+    assert indexes == [0, 1, 2]
+    turns = store.turns("call_1")
+    assert [turn["n"] for turn in turns] == [0, 1, 2]
+    assert all(turn["trackingId"] == "call_1" and turn["caller"] == CANTONESE for turn in turns)
+    assert all(turn["at"] >= before - 1 for turn in turns)
+    assert store.turns("other") == []
+
+
+def test_recent_turns_returns_only_the_window_across_calls_oldest_first(store):
+    store.create_call(make_record("a"))
+    store.create_call(make_record("b"))
+    store.append_turn("a", {"n": "a0", "at": 100.0})
+    store.append_turn("b", {"n": "b0", "at": 300.0})
+    store.append_turn("a", {"n": "a1", "at": 200.0})
+    store.append_turn("a", {"n": "a2", "at": 200.0})  # identical time: both kept
+
+    recent = store.recent_turns(since=150.0)
+
+    assert [(turn["trackingId"], turn["n"], turn["at"]) for turn in recent] == [
+        ("a", "a1", 200.0), ("a", "a2", 200.0), ("b", "b0", 300.0),
+    ]
+    assert store.recent_turns(since=1000.0) == []
+
+
+# -- listing, workflows, health, purge ---------------------------------------------------
+
+
+def test_list_calls_filters_by_creation_time_and_activity(store):
+    store.create_call(make_record("old", created_at=100.0))
+    store.create_call(make_record("ended", created_at=200.0))
+    store.create_call(make_record("live", created_at=300.0))
+    store.append_status("ended", "busy", 0, {}, received_at=250.0)
+
+    assert [r.tracking_id for r in store.list_calls()] == ["old", "ended", "live"]
+    assert [r.tracking_id for r in store.list_calls(since=150.0)] == ["ended", "live"]
+    assert [r.tracking_id for r in store.list_calls(since=150.0, active_only=True)] == ["live"]
+    store.update_call("live", ended_at=400.0)
+    assert store.list_calls(since=150.0, active_only=True) == []
+
+
+def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
+    fixture = os.path.join("/work/shared/fixtures/workflows/real_estate_property_dealer.json")
+    snapshot = {"nodes": [{"id": "start", "data": {"firstMessage": CANTONESE}}], "edges": []}
+    if os.path.exists(fixture):
+        with open(fixture, encoding="utf-8") as handle:
+            snapshot = json.load(handle)
+
+    store.save_workflow("wf_1", snapshot)
+    assert store.get_workflow("wf_1") == snapshot
+    store.save_workflow("wf_1", {"version": 2})
+    assert store.get_workflow("wf_1") == {"version": 2}
+    assert store.get_workflow("unknown") is None
+
+
+def test_ping_reports_a_round_trip_in_ms(store):
+    round_trip_ms = store.ping()
+
+    assert isinstance(round_trip_ms, float)
+    assert round_trip_ms >= 0.0
+
+
+def test_purge_deletes_only_calls_ended_before_the_cutoff_with_their_turns_and_statuses(store):
+    store.create_call(make_record("gone", call_sid="CA_gone", created_at=10.0))
+    store.create_call(make_record("recent", call_sid="CA_recent", created_at=20.0))
+    store.create_call(make_record("live", call_sid="CA_live", created_at=30.0))
+    for tracking_id in ("gone", "recent", "live"):
+        store.append_turn(tracking_id, {"n": tracking_id, "at": 50.0})
+    store.append_status("gone", "completed", 1, {}, received_at=100.0)
+    store.append_status("recent", "completed", 1, {}, received_at=200.0)
+
+    assert store.purge(older_than=150.0) == 1
+
+    assert store.get_call("gone") is None
+    assert store.turns("gone") == []
+    assert store.status_history("gone") == []
+    assert store.find_tracking_id("CA_gone") is None
+    assert {turn["trackingId"] for turn in store.recent_turns(0.0)} == {"recent", "live"}
+    assert [r.tracking_id for r in store.list_calls()] == ["recent", "live"]
+    assert store.get_call("recent").ended_at == 200.0
+    assert store.purge(older_than=150.0) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork, as gunicorn does")
+def test_a_store_used_before_a_fork_keeps_working_in_parent_and_child(store):
+    store.create_call(make_record())  # the parent now holds an open connection
+    store.append_turn("call_1", {"by": "parent"})
+
+    child_pid = os.fork()
+    if child_pid == 0:  # the forked "worker": must open its own connection
+        exit_code = 1
+        try:
+            store.append_turn("call_1", {"by": "child"})
+            store.update_call("call_1", meta={"child": True})
+            exit_code = 0 if store.get_call("call_1").meta == {"child": True} else 2
+        finally:
+            os._exit(exit_code)
+    _, wait_status = os.waitpid(child_pid, 0)
+
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    store.append_turn("call_1", {"by": "parent again"})
+    assert [turn["by"] for turn in store.turns("call_1")] == ["parent", "child", "parent again"]
+    assert store.get_call("call_1").meta == {"child": True}
+
+
+# -- concurrency under gevent --------------------------------------------------------------
+
+GEVENT_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+    import json, sys
+    import gevent
+    from callweaver.store import CallRecord, build_store
+
+    store = build_store(**json.loads(sys.argv[1]))
+    store.create_call(CallRecord(tracking_id="g"))
+
+    def converse(caller):
+        for n in range(20):
+            store.append_turn("g", {"caller": caller, "n": n})
+            store.update_call("g", meta={"last": caller})
+            gevent.sleep(0)
+
+    gevent.joinall([gevent.spawn(converse, caller) for caller in range(10)], raise_error=True)
+    turns = store.turns("g")
+    print(json.dumps({"turns": len(turns), "ping_ms": store.ping()}))
+    """
+)
+
+
+def test_store_serves_many_greenlets_under_gevent_monkey_patching(store_spec):
+    result = subprocess.run(
+        [sys.executable, "-c", GEVENT_SCRIPT, json.dumps(store_spec)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["turns"] == 200
+
+
+# -- backend specifics -----------------------------------------------------------------------
+
+
+def test_build_store_picks_redis_only_when_a_url_is_given(tmp_path):
+    assert isinstance(build_store(str(tmp_path / "a.sqlite3")), SQLiteStore)
+    assert isinstance(build_store(str(tmp_path / "a.sqlite3"), redis_url=""), SQLiteStore)
+    redis_store = build_store(str(tmp_path / "a.sqlite3"), redis_url="redis://127.0.0.1:1/0", key_prefix="x:")
+    assert isinstance(redis_store, RedisStore)
+    assert redis_store.key_prefix == "x:"
+
+
+def test_sqlite_opens_lazily_in_wal_mode_and_creates_the_parent_directory(tmp_path):
+    path = tmp_path / "nested" / "dir" / "cw.sqlite3"
+    store = SQLiteStore(str(path))
+    assert not path.exists()  # nothing opened before first use (i.e. never before a fork)
+
+    store.create_call(make_record())
+
+    assert path.exists()
+    with sqlite3.connect(str(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_sqlite_stores_text_as_readable_utf8(tmp_path):
+    path = tmp_path / "cw.sqlite3"
+    store = SQLiteStore(str(path))
+    store.create_call(make_record(greeting=CANTONESE))
+    store.close()
+
+    with sqlite3.connect(str(path)) as conn:
+        (data,) = conn.execute("SELECT data FROM cw_calls").fetchone()
+    assert CANTONESE in data
+
+
+def test_sqlite_failure_to_open_is_a_store_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    store = SQLiteStore(str(blocker / "cw.sqlite3"))
+
+    with pytest.raises(StoreError):
+        store.get_call("call_1")
+
+
+def test_redis_store_connects_lazily_so_building_it_never_fails():
+    store = RedisStore("redis://127.0.0.1:1/0")  # nothing listens on port 1
+
+    with pytest.raises(StoreError):
+        store.ping()
+
+
+def test_redis_prefixes_keep_stores_apart(redis_server):
+    first = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    second = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    first.create_call(make_record())
+
+    assert second.get_call("call_1") is None
+    second.create_call(make_record())  # no clash with the first prefix's record
+
+
+def test_stopped_redis_raises_store_error_quickly_and_recovers_after_restart():
+    with RedisServer() as server:
+        store = RedisStore(server.url, key_prefix="cwtest:outage:")
+        store.create_call(make_record())
+        server.stop()
+
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            store.ping()
+        with pytest.raises(StoreError):
+            store.get_call("call_1")
+        with pytest.raises(StoreError):
+            store.append_turn("call_1", {"caller": "hello"})
+        assert time.monotonic() - started < 20  # seconds: a failure, not a hang (timeouts are 1 s)
+
+        server.start()
+        assert store.ping() >= 0.0
+        assert store.get_call("call_1") is None  # the server kept nothing on disk
+        store.create_call(make_record())
+        assert store.get_call("call_1").tracking_id == "call_1"
+        store.close()
