@@ -73,6 +73,7 @@ class Settings:
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
     cache_type: str = ""
+    cache_redis_url: str | None = None
     cache_dir: str = "instance/cache"
     cache_ttl_s: int = 86400
     cache_prewarm: bool = True
@@ -199,6 +200,7 @@ class Settings:
         if cache_type and cache_type not in {"SimpleCache", "FileSystemCache", "RedisCache", "NullCache"}:
             problems.append(f"CACHE_TYPE must be SimpleCache, FileSystemCache, RedisCache or NullCache, got {cache_type!r}")
         values["cache_type"] = cache_type
+        values["cache_redis_url"] = url("CACHE_REDIS_URL", schemes=("redis", "rediss", "unix")) or values["redis_url"]
         values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"
         values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)

@@ -65,7 +65,7 @@ class Services:
     @cached_property
     def reply_cache(self) -> ReplyCache:
         s = self.settings
-        backend = build_cache_backend(s.cache_type, redis_url=s.redis_url, cache_dir=s.cache_dir,
+        backend = build_cache_backend(s.cache_type, redis_url=s.cache_redis_url, cache_dir=s.cache_dir,
                                       default_timeout=s.cache_ttl_s)
         return ReplyCache(backend, ttl_s=s.cache_ttl_s)
 

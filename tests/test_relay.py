@@ -208,3 +208,45 @@ def test_resume_is_limited_to_two_per_call(stack, llm):
         assert root.find("Connect/ConversationRelay") is not None
     root = ET.fromstring(caller.connect_action("failed").text)
     assert root.find("Connect") is None and root.find("Hangup") is not None
+
+
+def test_caller_switching_language_gets_a_language_message_and_new_instruction(stack, llm):
+    caller = new_call(stack)
+    caller.connect()
+    llm.push(Reply(text="Claro, hablamos en español."), Reply(text="Perfecto."))
+    reply = caller.say("Hola, ¿podemos hablar en español?", lang="es-ES")
+    assert reply.language == {"type": "language", "ttsLanguage": "es-ES", "transcriptionLanguage": "es-ES"}
+    assert reply.messages[0]["type"] == "language"  # before the first token, so the reply is voiced in Spanish
+    assert "Spanish" in llm.requests[0].messages[0]["content"]
+    second = caller.say("Quiero comprar una casa", lang="es")
+    caller.hangup()
+    assert second.language is None  # already Spanish: no new switch
+    assert "Spanish" in llm.requests[1].messages[0]["content"]
+
+
+def test_primary_hang_fails_over_to_secondary_within_the_same_turn(stack, llm):
+    llm.push(Reply(fault="hang"))
+    stack["llm2"].push(Reply(text="Backup here, how can I help?"))
+    caller = new_call(stack)
+    caller.connect()
+    reply = caller.say("Is anyone there?")
+    caller.hangup()
+    assert reply.text == "Backup here, how can I help?"
+    assert reply.first_token_ms >= 900  # the first-token deadline (1.0 s) passed on the primary
+    assert llm.wait_until(lambda: llm.requests[0].client_closed, timeout_s=5)
+
+
+def test_stream_dropped_mid_reply_continues_on_secondary_without_repeating(stack, llm):
+    llm.push(Reply(text="Our office opens at nine and closes at six.", fault="drop", drop_after_tokens=4))
+    stack["llm2"].push(Reply(text="nine and closes at six."))
+    caller = new_call(stack)
+    caller.connect()
+    reply = caller.say("When are you open?")
+    caller.hangup()
+    assert reply.text == "Our office opens at nine and closes at six."
+    continuation = stack["llm2"].requests[0].messages
+    assert any(m["role"] == "assistant" and m["content"].startswith("Our office opens at") for m in continuation)
+    metrics = caller.hooks.url(f"/api/performance-metrics/{caller.tracking_id}")
+    from callweaver.simulate import http
+    turn = http("GET", metrics).json()["callData"]["turns"][0]
+    assert turn["failovers"] and turn["failovers"][0]["provider"] == "azure"

@@ -144,6 +144,7 @@ def reply_is_safe_to_cache(
     tool_calls: list,
     node_cacheable: bool,
     system_prompt_has_variables: bool = False,
+    utterance: str = "",
 ) -> bool:
     """Only a reply that would be the same for every caller may be served to the next one.
 
@@ -165,7 +166,24 @@ def reply_is_safe_to_cache(
         return False
     if _EMAIL_LIKE.search(folded_reply):
         return False
+    if _echoes_proper_names(utterance, reply_text):
+        return False
     return True
+
+
+_WORD = re.compile(r"[^\W\d_][\w'-]*", re.UNICODE)
+
+
+def _echoes_proper_names(utterance: str, reply_text: str) -> bool:
+    """A reply that repeats a capitalised word the caller said (a name, a street) carries that caller's details."""
+    if not utterance:
+        return False
+    words = _WORD.findall(utterance)
+    names = {w.casefold() for i, w in enumerate(words) if i > 0 and len(w) >= 2 and w[0].isupper()
+             and w.casefold() not in {"i", "i'm", "i'd", "i'll"}}
+    if not names:
+        return False
+    return any(w.casefold() in names for w in _WORD.findall(reply_text))
 
 
 class ReplyCache:

@@ -225,7 +225,7 @@ class ConversationEngine:
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
-                                           node_cacheable=plan.cacheable)):
+                                           node_cacheable=plan.cacheable, utterance=utterance)):
             self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider, created_at=time.time(),
                                             language=entry.code, node_id=plan.node_id))
         result.completed = True

@@ -1,0 +1,53 @@
+"""A Cantonese (zh-HK) call: relay attributes, Gather voices, the Cantonese instruction, canned lines, goodbye."""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from tests.conftest import PUBLIC
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+
+
+def _call(client, twilio, fake_twilio, route="/api/make-call-optimized"):
+    data = client.post(route, json=make_call_body(workflow="clinic_cantonese_transfer", to="+15551230000")).get_json()
+    assert data["success"], data
+    url = fake_twilio.creates()[-1].one("Url")
+    root = ET.fromstring(twilio.post(url[len(PUBLIC):], {"CallSid": data["callSid"]}).data)
+    return data, root
+
+
+def test_cantonese_relay_attributes(client, twilio, fake_twilio, fake_llm):
+    data, root = _call(client, twilio, fake_twilio)
+    assert data["optimization"]["language"] == "zh-HK"
+    relay = root.find("Connect/ConversationRelay")
+    assert relay.get("language") == "zh-HK"
+    assert relay.get("ttsProvider") == "Google" and relay.get("voice").startswith("yue-HK-Chirp3-HD-")
+    assert relay.get("transcriptionProvider") == "Deepgram" and relay.get("speechModel") == "nova-3-general"
+    assert relay.get("welcomeGreeting") == "你好，呢度係康健診所。請問有咩可以幫到你？"
+    assert fake_llm.requests == []
+
+
+def test_cantonese_gather_flow_voice_instruction_and_goodbye(client, twilio, fake_twilio, fake_llm, fake_llm2):
+    data, root = _call(client, twilio, fake_twilio, route="/api/make-call")
+    say = root.find("Say")
+    assert say.get("voice") == "Google.yue-HK-Standard-A" and say.get("language") == "yue-HK"
+    assert root.find("Gather").get("language") == "yue-HK"
+    action = root.find("Gather").get("action")[len(PUBLIC):]
+
+    fake_llm.push(Reply(text="好呀，你想預約邊一日？", tool_calls=[("transition", {"edge_id": "e_book"})]))
+    root = ET.fromstring(twilio.post(action, {"CallSid": data["callSid"], "SpeechResult": "我想预约睇医生"}).data)
+    system = fake_llm.requests[0].messages[0]["content"]
+    assert "Cantonese" in system and "Traditional" in system and "係" in system
+    assert "好呀，你想預約邊一日？" in root.find("Say").text
+
+    # every provider down: the apology is spoken in Cantonese and the call goes on
+    fake_llm.fault = fake_llm2.fault = "500"
+    root = ET.fromstring(twilio.post(action, {"CallSid": data["callSid"], "SpeechResult": "聽日得唔得？"}).data)
+    assert "唔好意思" in root.find("Say").text and root.find("Gather") is not None
+    fake_llm.fault = fake_llm2.fault = None
+
+    n = len(fake_llm.requests)
+    root = ET.fromstring(twilio.post(action, {"CallSid": data["callSid"], "SpeechResult": "唔該，拜拜"}).data)
+    assert len(fake_llm.requests) == n  # the goodbye is recognised without an LLM call
+    assert [c.tag for c in root] == ["Say", "Hangup"]
+    assert "拜拜" in root.find("Say").text
