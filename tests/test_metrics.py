@@ -1,0 +1,150 @@
+"""Measured metrics: per-call and aggregate figures match what the scripted caller timed, from any worker."""
+from __future__ import annotations
+
+import statistics
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from callweaver.simulate import RelayCaller, TwilioWebhooks, http
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.fakes.fake_twilio import FakeTwilio
+from tests.fakes.live_server import LiveServer
+from tests.helpers import make_call_body
+
+TOLERANCE_MS = 15.0  # loopback transit + framing between the server's clock and the caller's
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("metrics")
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    llm = FakeLLM("primary", ttft_s=0.12, token_interval_s=0.01).start()
+    llm.responder = lambda body: Reply(text=f"Reply number {len(body['messages'])} for you.")
+    env = base_env(tmp, twilio, llm)
+    env.pop("PUBLIC_BASE_URL")
+    env["CACHE_TYPE"] = "NullCache"
+    server = LiveServer(env, workers=2).start()
+    yield {"server": server, "twilio": twilio, "llm": llm}
+    server.stop()
+    twilio.stop()
+    llm.stop()
+
+
+def get_from_both_workers(url: str) -> dict:
+    """Ask until two different workers answered; their bodies (minus timestamps) must be identical."""
+    bodies = {}
+    for _ in range(200):
+        r = http("GET", url)
+        assert r.status == 200, r.text
+        bodies[r.headers["X-CallWeaver-Worker"]] = r.json()
+        if len(bodies) == 2:
+            break
+    assert len(bodies) == 2, "both workers should have answered"
+    a, b = bodies.values()
+    for body in (a, b):
+        body.get("callData", {}).pop("duration", None)
+        body.get("metrics", {}).pop("uptime", None)
+        body.get("metrics", {}).pop("currentThroughput", None)
+    assert a == b
+    return a
+
+
+def test_comparison_with_no_traffic_is_null_with_a_reason(stack):
+    body = http("GET", stack["server"].url + "/api/performance-comparison").json()
+    comp = body["comparison"]
+    assert comp["traditional"]["samples"] == 0 and comp["traditional"]["p50"] is None
+    assert comp["optimized"]["p50"] is None and comp["improvement"]["p50Ms"] is None
+    assert "no measured" in comp["improvement"]["reason"]
+    assert all(not e["comparable"] and e["source"] for e in body["competitors"]["entries"])
+    agg = http("GET", stack["server"].url + "/api/performance-metrics").json()["aggregatedMetrics"]
+    assert agg["turns"] == 0 and agg["averageLatency"] is None and agg["cacheHitRate"] is None
+
+
+def test_unknown_tracking_id_is_404_json(stack):
+    r = http("GET", stack["server"].url + "/api/performance-metrics/call_nope")
+    assert r.status == 404 and r.json()["success"] is False
+
+
+def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
+    server, twilio = stack["server"], stack["twilio"]
+    optimized_client: dict[str, list[float]] = {}
+    for _ in range(2):
+        caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+        caller.place_call(make_call_body())
+        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.connect()
+        optimized_client[caller.tracking_id] = [caller.say(f"Question number {i}, please?").first_token_ms
+                                                for i in range(3)]
+        caller.hangup()
+
+    hooks = TwilioWebhooks(server.url, AUTH_TOKEN, ACCOUNT_SID)
+    traditional_client: dict[str, list[float]] = {}
+    data = http("POST", server.url + "/api/make-call", json_body=make_call_body()).json()
+    url = twilio.creates()[-1].one("Url")
+    root = ET.fromstring(hooks.post(url, {"CallSid": data["callSid"]}).text)
+    times = []
+    for i in range(3):
+        action = root.find("Gather").get("action")
+        t0 = time.monotonic()
+        resp = hooks.post(action, {"CallSid": data["callSid"], "SpeechResult": f"Traditional question {i}"})
+        times.append((time.monotonic() - t0) * 1000)
+        root = ET.fromstring(resp.text)
+    traditional_client[data["trackingId"]] = times
+
+    server_first: dict[str, list[float]] = {}
+    for tid, client_ms in {**optimized_client, **traditional_client}.items():
+        body = get_from_both_workers(f"{server.url}/api/performance-metrics/{tid}")
+        turns = body["callData"]["turns"]
+        assert len(turns) == 3
+        server_ms = [t["firstTokenMs"] for t in turns]
+        server_first[tid] = server_ms
+        for c, s in zip(client_ms, server_ms):
+            assert s <= c + 1.0 and c - s <= TOLERANCE_MS, (c, s)
+        assert body["metrics"]["averageLatency"] == pytest.approx(statistics.mean(server_ms), abs=0.01)
+        assert body["metrics"]["totalProcessedRequests"] == 3
+        assert body["trackingId"] == tid and body["callData"]["callSid"]
+        for t in turns:
+            assert t["providerTtftMs"] >= 110 and t["source"] == "llm" and t["provider"] == "azure"
+            if t["path"] == "optimized":
+                assert t["addedLatencyMs"] == pytest.approx(t["firstTokenMs"] - t["providerTtftMs"], abs=0.01)
+
+    agg = get_from_both_workers(server.url + "/api/performance-metrics?window=600")["aggregatedMetrics"]
+    opt_server = sorted(v for tid in optimized_client for v in server_first[tid])
+    trad_server = sorted(v for tid in traditional_client for v in server_first[tid])
+    assert agg["firstTokenMs"]["optimized"]["samples"] == 6 and agg["firstTokenMs"]["traditional"]["samples"] == 3
+    assert agg["firstTokenMs"]["optimized"]["p50"] == pytest.approx(opt_server[2], abs=0.01)  # nearest rank
+    assert agg["firstTokenMs"]["traditional"]["p50"] == pytest.approx(trad_server[1], abs=0.01)
+    opt_client = sorted(v for vs in optimized_client.values() for v in vs)
+    assert abs(agg["firstTokenMs"]["optimized"]["p50"] - opt_client[2]) <= TOLERANCE_MS
+    assert agg["turns"] == 9 and agg["cacheHitRate"] == 0.0 and agg["providers"]["azure"]["turns"] == 9
+
+    comp = http("GET", server.url + "/api/performance-comparison?window=600").json()["comparison"]
+    assert comp["optimized"]["samples"] == 6 and comp["traditional"]["samples"] == 3
+    assert comp["improvement"]["p50Ms"] == pytest.approx(comp["traditional"]["p50"] - comp["optimized"]["p50"], abs=0.01)
+
+    text = http("GET", server.url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    hist = families["callweaver_turn_first_token_ms"]
+    counts = {tuple(sorted(s.labels.items())): s.value for s in hist.samples if s.name.endswith("_count")}
+    assert sum(counts.values()) == 9
+    assert any(dict(k)["path"] == "optimized" for k in counts) and any(dict(k)["path"] == "traditional" for k in counts)
+    assert "callweaver_provider_circuit_state" in families and "callweaver_calls" in families
+
+
+def test_test_optimization_reports_measured_stages(stack):
+    r = http("POST", stack["server"].url + "/api/test-optimization", json_body={"message": "What are your hours?",
+                                                                             "language": "fr-FR"})
+    body = r.json()
+    assert r.status == 200 and body["success"] is True
+    test = body["test"]
+    assert test["language"] == "fr-FR" and test["optimization"]["cacheUsed"] is False
+    perf = test["optimization"]["performance"]
+    assert perf["providerTtftMs"] >= 110 and perf["firstTokenMs"] >= perf["providerTtftMs"]
+    assert test["processingTime"] == perf["totalMs"] and body["result"]["response"]
+    assert "French" in stack["llm"].requests[-1].messages[0]["content"]
+    bad = http("POST", stack["server"].url + "/api/test-optimization", json_body={"language": "en-US"})
+    assert bad.status == 400 and bad.json()["success"] is False
