@@ -12,6 +12,7 @@ import structlog
 
 from .api_errors import ApiError
 from .config import Settings
+from .engine.conversation import default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .security import CredentialBox
@@ -136,6 +137,8 @@ class CallLifecycle:
         return StartedCall(record=updated or call, placed=placed)
 
     def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
+        if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():
+            return default_workflow()  # the original placed such calls with a generic prompt
         try:
             workflow = Workflow.from_payload(dict(body))
             workflow.validate()

@@ -182,16 +182,7 @@ class ConversationEngine:
         options = workflow.llm_options
         stream = self.providers.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
                                        max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
-        result.llm_requests += 1
-        try:
-            for token in stream:
-                result.reply_text += token
-                yield token
-        finally:
-            stream.close()
-            result.provider = stream.provider
-            result.provider_ttft_ms = stream.provider_ttft_ms
-            result.failovers = list(stream.failovers)
+        yield from self._relay_stream(result, stream)
         if stream.apology_used:
             result.source = "apology"
             result.next_node = state.current_node
@@ -209,14 +200,7 @@ class ConversationEngine:
                               history_limit=self.history_limit)
             stream2 = self.providers.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
                                             max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
-            result.llm_requests += 1
-            try:
-                for token in stream2:
-                    result.reply_text += token
-                    yield token
-            finally:
-                stream2.close()
-                result.failovers += list(stream2.failovers)
+            yield from self._relay_stream(result, stream2)
         if outcome.action_message:
             sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
             yield from self._emit(result, sep + outcome.action_message)
@@ -229,6 +213,21 @@ class ConversationEngine:
             self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider, created_at=time.time(),
                                             language=entry.code, node_id=plan.node_id))
         result.completed = True
+
+    @staticmethod
+    def _relay_stream(result: TurnResult, stream) -> Iterator[str]:
+        """Pass an LLM stream's tokens through; closing this generator (barge-in) closes the HTTP stream."""
+        result.llm_requests += 1
+        try:
+            for token in stream:
+                result.reply_text += token
+                yield token
+        finally:
+            stream.close()
+            result.failovers += list(stream.failovers)
+            result.provider = stream.provider or result.provider
+            if result.provider_ttft_ms is None:
+                result.provider_ttft_ms = stream.provider_ttft_ms
 
     @staticmethod
     def _emit(result: TurnResult, text: str) -> Iterator[str]:

@@ -17,7 +17,9 @@ FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimiz
 
 @bp.post("/api/make-call")
 def make_call():
-    started = services().lifecycle.start_call(body_params(), path="traditional", base_url=base_url())
+    svc = services()
+    started = svc.lifecycle.start_call(body_params(), path="traditional", base_url=base_url())
+    svc.prepare_call(started.record.tracking_id)
     return jsonify(success=True, callSid=started.placed.sid,
                    message=f"Call initiated successfully to {started.placed.to}",
                    status=started.placed.status, trackingId=started.record.tracking_id)

@@ -1,0 +1,50 @@
+"""The README's promises: the service runs on embedded defaults, and the simulator tries a flow with no phone."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from callweaver.simulate import http
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.fakes.fake_llm import FakeLLM
+from tests.fakes.live_server import REPO, LiveServer, free_port
+from tests.helpers import LOCAL_FIXTURES
+from tests.scripted_brain import real_estate_brain
+
+
+def test_service_starts_on_embedded_defaults_and_says_what_is_missing(tmp_path):
+    env = {k: "" for k in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_PHONE_NUMBER", "AZURE_OPENAI_API_KEY",
+                           "AZURE_OPENAI_ENDPOINT", "OPENAI_API_KEY", "OPENAI_BASE_URL", "REDIS_URL",
+                           "PUBLIC_BASE_URL", "WEBHOOK_BASE_URL")}
+    env["CALLWEAVER_DB"] = str(tmp_path / "default.sqlite3")
+    env["CACHE_DIR"] = str(tmp_path / "cache")
+    with LiveServer(env, workers=1) as server:
+        health = http("GET", server.url + "/health")
+        assert health.status == 200 and health.json()["status"] == "degraded"
+        assert any("TWILIO_AUTH_TOKEN" in w for w in health.json()["warnings"])
+        resp = http("POST", server.url + "/api/make-call-optimized", json_body={"to": "+15551234567"})
+        assert resp.status == 503 and "TWILIO_ACCOUNT_SID" in resp.json()["error"]
+
+
+def test_simulator_cli_replays_a_script_through_the_relay(tmp_path):
+    twilio_port = free_port()
+    with FakeLLM("sim") as llm:
+        llm.responder = real_estate_brain
+        env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+               "TWILIO_PHONE_NUMBER": "+15005550006", "TWILIO_API_BASE_URL": f"http://127.0.0.1:{twilio_port}",
+               "LLM_PROVIDERS": "openai", "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": "sk-sim-000000",
+               "AZURE_OPENAI_API_KEY": "", "REDIS_URL": "", "CALLWEAVER_DB": str(tmp_path / "sim.sqlite3"),
+               "CACHE_DIR": str(tmp_path / "cache"), "CACHE_PREWARM": "0"}
+        script = tmp_path / "caller.txt"
+        script.write_text("I want to buy a house\nA three bedroom house\nMy name is Ann\nThat's everything\n")
+        with LiveServer(env, workers=1) as server:
+            out = subprocess.run(
+                [sys.executable, "-m", "callweaver.simulate", "--base-url", server.url,
+                 "--workflow", str(LOCAL_FIXTURES / "real_estate_property_dealer.json"), "--script", str(script),
+                 "--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--twilio-port", str(twilio_port)],
+                cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr + out.stdout
+    text = out.stdout
+    assert "agent (welcome greeting): Hello! Thank you for calling Premier Properties" in text
+    assert "Wonderful, let's find you a home." in text and "first token" in text
+    assert "session ended: {'reason': 'end'" in text and "<Hangup />" in text
