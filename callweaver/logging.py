@@ -46,6 +46,25 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict) -> dict:
     return _scrub(event_dict)
 
 
+class _StdoutLogger:
+    """Writes each line to whatever sys.stdout is at that moment (gunicorn, tests capturing output)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stdout, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+class _StdoutHandler(logging.StreamHandler):
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def init_logging(level: str = "INFO", fmt: str = "json") -> None:
     """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it."""
     renderer = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
@@ -60,10 +79,10 @@ def init_logging(level: str = "INFO", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=lambda *args: _StdoutLogger(),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

@@ -250,3 +250,40 @@ def test_stream_dropped_mid_reply_continues_on_secondary_without_repeating(stack
     from callweaver.simulate import http
     turn = http("GET", metrics).json()["callData"]["turns"][0]
     assert turn["failovers"] and turn["failovers"][0]["provider"] == "azure"
+
+
+def test_dtmf_goes_to_the_engine_as_caller_input(stack, llm):
+    caller = new_call(stack)
+    caller.connect()
+    llm.push(Reply(text="You chose option two."))
+    caller.send({"type": "dtmf", "digit": "2"})
+    from callweaver.simulate import Reply as CallerReply
+    reply = caller.read_reply(CallerReply(sent_at=time.monotonic()))
+    caller.hangup()
+    assert reply.text == "You chose option two."
+    assert "pressed 2" in llm.requests[0].messages[-1]["content"]
+
+
+def test_interrupted_end_never_fires(stack, llm):
+    llm.responder = real_estate_brain
+    caller = new_call(stack)
+    caller.connect()
+    drive_to_summary(caller)
+    llm.responder = None
+    llm.push(Reply(text="Perfect, I have all I need and " + " ".join(["more"] * 40), ttft_s=0.05,
+                   token_interval_s=0.05, tool_calls=[("transition", {"edge_id": "edge_12"})]),
+             Reply(text="Sure, what else?"))
+    partial = caller.say("That's everything", stop_after_tokens=3)
+    caller.interrupt("".join(partial.tokens).strip())
+    caller.drain()
+    reply = caller.say("Actually, one more thing")
+    caller.hangup()
+    assert reply.end is None and reply.text == "Sure, what else?"
+    record = http_json(stack, f"/api/performance-metrics/{caller.tracking_id}")
+    assert record["callData"]["currentNode"] == "summary_confirmation_node"
+    assert record["callData"]["turns"][3]["interrupted"] is True and record["callData"]["turns"][3]["action"] is None
+
+
+def http_json(stack, path):
+    from callweaver.simulate import http
+    return http("GET", stack["server"].url + path).json()
