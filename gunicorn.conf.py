@@ -19,6 +19,6 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = json.dumps({
     "event": "access", "remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "query": "%(q)s",
-    "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s", "user_agent": "%(a)s",
+    "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s",
     "request_id": "%({x-request-id}o)s",
 })

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from typing import Any, Mapping
@@ -17,6 +18,7 @@ from .logging import init_logging, register_secret
 from .services import Services
 
 __version__ = "2.1.0"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
 log = structlog.get_logger()
 
 
@@ -54,7 +56,8 @@ def _init_request_logging(app: Flask) -> None:
     @app.before_request
     def _bind_request() -> None:
         structlog.contextvars.clear_contextvars()
-        g.request_id = request.headers.get("X-Request-Id") or "req_" + uuid.uuid4().hex[:24]
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + uuid.uuid4().hex[:24]
         request.request_id = g.request_id  # type: ignore[attr-defined]
         g.started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)

@@ -152,7 +152,8 @@ class Settings:
 
         values["port"] = number("PORT", 3000, int, 1)
         values["node_env"] = text("NODE_ENV", "development") or "development"
-        values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL")
+        # Render sets RENDER_EXTERNAL_URL for every web service: a trustworthy default for the public URL.
+        values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", "RENDER_EXTERNAL_URL")
         values["twilio_account_sid"] = text("TWILIO_ACCOUNT_SID")
         values["twilio_auth_token"] = text("TWILIO_AUTH_TOKEN")
         values["twilio_phone_number"] = text("TWILIO_PHONE_NUMBER")
@@ -220,6 +221,9 @@ class Settings:
         if values["log_format"] not in {"json", "console"}:
             problems.append("LOG_FORMAT must be json or console")
 
+        if not values["public_base_url"]:
+            warnings.append("PUBLIC_BASE_URL is not set: callback URLs follow each request's Host/X-Forwarded-* "
+                            "headers; set it in production")
         if values["twilio_account_sid"] and not values["twilio_auth_token"]:
             warnings.append("TWILIO_ACCOUNT_SID is set but TWILIO_AUTH_TOKEN is not: calls cannot be placed")
         if problems:

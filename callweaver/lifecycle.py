@@ -24,6 +24,7 @@ log = structlog.get_logger()
 E164 = re.compile(r"\+[1-9]\d{7,14}")
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
+MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 
 
 def normalize_phone(raw: Any) -> str:
@@ -89,11 +90,16 @@ class CallLifecycle:
     # ---- make-call -----------------------------------------------------------------------
     def start_call(self, body: Mapping[str, Any], *, path: str, base_url: str) -> StartedCall:
         to = normalize_phone(body.get("to"))
-        prefixes = self.settings.allowed_destination_prefixes
-        if "*" not in prefixes and not any(to.startswith(p) for p in prefixes):
+        prefixes = ", ".join(self.settings.allowed_destination_prefixes)
+        if not self.destination_allowed(to):
             raise ApiError(400, f"Destination {to} is not allowed: only numbers starting with "
-                                f"{', '.join(prefixes)} can be called (ALLOWED_DESTINATION_PREFIXES)")
+                                f"{prefixes} can be called (ALLOWED_DESTINATION_PREFIXES)")
         workflow = self._workflow_from(body)
+        blocked = [f"transfer node '{n.id}' destination {n.destination} is outside ALLOWED_DESTINATION_PREFIXES "
+                   f"({prefixes})" for n in workflow.nodes.values()
+                   if n.kind == "transfer" and not self.destination_allowed(n.destination)]
+        if blocked:
+            raise ApiError(400, "Invalid workflow: " + "; ".join(blocked), problems=blocked)
         creds = self.request_credentials(body)
         if creds is None and not self.twilio.configured:
             raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID, "
@@ -172,13 +178,23 @@ class CallLifecycle:
             raise ApiError(400, "timeout must be a number of seconds")
         return max(5, min(600, value))
 
-    @staticmethod
-    def _twiml_url(raw: Any, base_url: str) -> str | None:
+    def _twiml_url(self, raw: Any, base_url: str) -> str | None:
+        """The original let callers pick any TwiML URL; only our own TwiML endpoints are accepted now, so a
+        request cannot make the server's account run foreign TwiML (e.g. <Dial> a premium-rate number)."""
         if raw in (None, ""):
             return None
-        if not isinstance(raw, str) or not raw.startswith(base_url + "/"):
-            raise ApiError(400, "twimlUrl must point at this service's own TwiML endpoints")
-        return raw
+        path = raw
+        configured = self.settings.public_base_url
+        if isinstance(raw, str) and configured and raw.startswith(configured + "/"):
+            path = raw[len(configured):]
+        if not isinstance(path, str) or not re.fullmatch(r"/api/twiml-(ai|optimized|default)(\?[^#\s]*)?", path):
+            raise ApiError(400, "twimlUrl must be one of this service's TwiML endpoints "
+                                "(/api/twiml-ai, /api/twiml-optimized, /api/twiml-default)")
+        return base_url + path
+
+    def destination_allowed(self, number: str | None) -> bool:
+        prefixes = self.settings.allowed_destination_prefixes
+        return bool(number) and ("*" in prefixes or any(number.startswith(p) for p in prefixes))
 
     # ---- status callbacks and end-call ------------------------------------------------------
     def find(self, tracking_id: str | None, call_sid: str | None) -> CallRecord | None:
@@ -209,14 +225,56 @@ class CallLifecycle:
                  status=status, sequence=sequence, current=current)
         return current
 
-    def end_call(self, call_sid: str) -> str:
+    def inbound_call(self, workflow_id: str | None, call_sid: str | None, to: str | None,
+                     from_number: str | None) -> CallRecord:
+        """A Gather-flow webhook for a call we have no record of (placed by an old URL): start one for it."""
+        snapshot = self.store.get_workflow(workflow_id) if workflow_id else None
+        workflow = Workflow.from_snapshot(snapshot) if snapshot else default_workflow()
+        language = self.languages.get(workflow.default_language)
+        greeting = workflow.greeting or language.line("fallbackGreeting")
+        record = CallRecord(tracking_id=new_tracking_id(), path="traditional", call_sid=call_sid,
+                            workflow_id=workflow_id, workflow=workflow.to_snapshot(),
+                            workflow_hash=workflow.version_hash, language=language.code, greeting=greeting,
+                            to=to, from_number=from_number, current_node=workflow.entry_node_id(),
+                            messages=[{"role": "assistant", "content": greeting}])
+        self.store.create_call(record)
+        return record
+
+    def attach_call_sid(self, record: CallRecord, call_sid: str | None) -> CallRecord:
+        if call_sid and record.call_sid != call_sid:
+            return self.store.update_call(record.tracking_id, call_sid=call_sid) or record
+        return record
+
+    def try_resume(self, record: CallRecord | None) -> CallRecord | None:
+        """A relay socket broke: allow a reconnect (at most MAX_RESUMES per call); None when out of attempts."""
+        if record is None or record.resume_count >= MAX_RESUMES:
+            return None
+        resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1) or record
+        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count)
+        return resumed
+
+    def fetch_status(self, call_sid: str) -> dict:
+        """Twilio's view of a call plus, when we placed it, our tracking id and stored status history."""
+        self._require_call_sid(call_sid)
+        if not self.twilio.configured:
+            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        call = self.twilio.fetch_call(call_sid)
+        record = self.find(None, call_sid)
+        if record:
+            call["trackingId"] = record.tracking_id
+            call["statusHistory"] = [h["status"] for h in self.store.status_history(record.tracking_id)]
+        return call
+
+    @staticmethod
+    def _require_call_sid(call_sid: str) -> None:
         if not CALL_SID.fullmatch(call_sid):
             raise ApiError(400, "Invalid Call SID: expected CA followed by 32 hex characters")
+
+    def end_call(self, call_sid: str) -> str:
+        self._require_call_sid(call_sid)
         record = self.find(None, call_sid)
         creds = self.credentials_for(record)
         if creds is None and not self.twilio.configured:
             raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-        status = self.twilio.end_call(call_sid, credentials=creds)
-        if record:
-            self.store.update_call(record.tracking_id, credentials=None)
-        return status
+        # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
+        return self.twilio.end_call(call_sid, credentials=creds)

@@ -1,6 +1,7 @@
 """Services: the store, clients and engine of one worker, built lazily (after the fork) and shared by routes."""
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -12,7 +13,8 @@ import structlog
 from flask import current_app
 
 from .config import Settings
-from .engine.cache import ReplyCache, build_cache_backend
+from .cache_backends import build_cache_backend
+from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine
 from .engine.languages import LanguageTable
 from .lifecycle import CallLifecycle
@@ -25,10 +27,11 @@ log = structlog.get_logger()
 def spawn(fn: Callable, *args: Any):
     """Run off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests)."""
     from gevent import monkey
+    context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
     if monkey.is_module_patched("socket"):
         import gevent
-        return gevent.spawn(fn, *args)
-    thread = threading.Thread(target=fn, args=args, daemon=True)
+        return gevent.spawn(context.run, fn, *args)
+    thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
     thread.start()
     return thread
 

@@ -13,10 +13,10 @@ from callweaver.engine.cache import (
     MAX_REPLY_CHARS,
     CachedReply,
     ReplyCache,
-    build_cache_backend,
     normalize_utterance,
     reply_is_safe_to_cache,
 )
+from callweaver.cache_backends import build_cache_backend
 
 EN_FILLERS = ("um", "uh", "er")
 ZH_FILLERS = ("呃", "嗯")

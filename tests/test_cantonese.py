@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from tests.conftest import PUBLIC
+import pytest
+
+from tests.conftest import PUBLIC, base_env
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
+
+
+@pytest.fixture
+def env(tmp_path, fake_twilio, fake_llm, fake_llm2):
+    # the clinic transfers to a Hong Kong nurse line, so +852 must be an allowed destination
+    return {**base_env(tmp_path, fake_twilio, fake_llm, fake_llm2), "ALLOWED_DESTINATION_PREFIXES": "+1,+852"}
 
 
 def _call(client, twilio, fake_twilio, route="/api/make-call-optimized"):
@@ -24,6 +32,7 @@ def test_cantonese_relay_attributes(client, twilio, fake_twilio, fake_llm):
     assert relay.get("ttsProvider") == "Google" and relay.get("voice").startswith("yue-HK-Chirp3-HD-")
     assert relay.get("transcriptionProvider") == "Deepgram" and relay.get("speechModel") == "nova-3-general"
     assert relay.get("welcomeGreeting") == "你好，呢度係康健診所。請問有咩可以幫到你？"
+    assert relay.get("transcriptionLanguage") is None  # Deepgram `multi` has no Chinese: recognition stays zh-HK
     assert fake_llm.requests == []
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import structlog
@@ -80,6 +80,7 @@ class TurnResult:
     failovers: list = field(default_factory=list)
     cache_hit: bool = False
     cacheable: bool = False
+    cache_lookup_ms: float | None = None
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     llm_requests: int = 0
@@ -87,18 +88,38 @@ class TurnResult:
     completed: bool = False
 
 
-class Turn:
-    """Iterate for the text chunks to speak; `result` describes the turn; `close()` cancels the LLM stream."""
+class TurnControl:
+    """Shared between the greenlet streaming a turn and the one that may cancel it (barge-in)."""
 
-    def __init__(self, result: TurnResult, chunks: Iterator[str], utterance: str):
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.stream = None  # the provider stream in flight, closable from another greenlet
+
+
+class Turn:
+    """Iterate for the text chunks to speak; `result` describes the turn.
+
+    `cancel()` may be called from another greenlet: it closes the LLM's HTTP stream at once and the iteration
+    ends quietly; `close()` is for the iterating greenlet itself.
+    """
+
+    def __init__(self, result: TurnResult, chunks: Iterator[str], utterance: str, control: TurnControl):
         self.result = result
         self.utterance = utterance
         self._chunks = chunks
+        self._control = control
 
     def __iter__(self) -> Iterator[str]:
         return self._chunks
 
+    def cancel(self) -> None:
+        self._control.cancelled = True
+        stream = self._control.stream
+        if stream is not None:
+            stream.close()
+
     def close(self) -> None:
+        self._control.cancelled = True
         close = getattr(self._chunks, "close", None)
         if close:
             close()
@@ -150,10 +171,11 @@ class ConversationEngine:
         state = self.state_of(record, workflow)
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
                             variables=dict(state.variables))
-        return Turn(result, self._run(workflow, state, entry, utterance, result), utterance)
+        control = TurnControl()
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control), utterance, control)
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult) -> Iterator[str]:
+             result: TurnResult, control: TurnControl) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -169,9 +191,11 @@ class ConversationEngine:
         result.cacheable = plan.cacheable
         key = None
         if self.cache is not None and plan.cacheable:
+            started = self.clock()
             key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                                  utterance=utterance, fillers=entry.fillers)
             hit = self.cache.get(key)
+            result.cache_lookup_ms = round((self.clock() - started) * 1000, 3)
             if hit is not None:
                 result.source, result.cache_hit, result.provider = "cache", True, None
                 result.next_node = plan.node_id
@@ -181,8 +205,11 @@ class ConversationEngine:
 
         options = workflow.llm_options
         stream = self.providers.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
-                                       max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
-        yield from self._relay_stream(result, stream)
+                                       max_tokens=options.get("max_tokens"), model=options.get("model"),
+                                       apology=entry.line("apology"))
+        yield from self._relay_stream(result, stream, control)
+        if control.cancelled:
+            return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
             result.source = "apology"
             result.next_node = state.current_node
@@ -199,8 +226,11 @@ class ConversationEngine:
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
             stream2 = self.providers.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
-                                            max_tokens=options.get("max_tokens"), apology=entry.line("apology"))
-            yield from self._relay_stream(result, stream2)
+                                            max_tokens=options.get("max_tokens"), model=options.get("model"),
+                                            apology=entry.line("apology"))
+            yield from self._relay_stream(result, stream2, control)
+            if control.cancelled:
+                return
         if outcome.action_message:
             sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
             yield from self._emit(result, sep + outcome.action_message)
@@ -209,17 +239,21 @@ class ConversationEngine:
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
-                                           node_cacheable=plan.cacheable, utterance=utterance)):
+                                           node_cacheable=plan.cacheable,
+                                           utterance=" ".join([*self._caller_texts(state), utterance]))):
             self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider, created_at=time.time(),
                                             language=entry.code, node_id=plan.node_id))
         result.completed = True
 
     @staticmethod
-    def _relay_stream(result: TurnResult, stream) -> Iterator[str]:
-        """Pass an LLM stream's tokens through; closing this generator (barge-in) closes the HTTP stream."""
+    def _relay_stream(result: TurnResult, stream, control: TurnControl) -> Iterator[str]:
+        """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
         result.llm_requests += 1
+        control.stream = stream
         try:
             for token in stream:
+                if control.cancelled:
+                    break
                 result.reply_text += token
                 yield token
         finally:
@@ -228,6 +262,11 @@ class ConversationEngine:
             result.provider = stream.provider or result.provider
             if result.provider_ttft_ms is None:
                 result.provider_ttft_ms = stream.provider_ttft_ms
+            control.stream = None
+
+    @staticmethod
+    def _caller_texts(state: ConversationState) -> list[str]:
+        return [m["content"] for m in state.messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
 
     @staticmethod
     def _emit(result: TurnResult, text: str) -> Iterator[str]:
@@ -314,56 +353,29 @@ class ConversationEngine:
         return stored
 
 
-def turn_to_dict(result: TurnResult) -> dict[str, Any]:
-    return asdict(result)
-
-
-def _ms(since: float, clock: Callable[[], float]) -> float:
-    return round((clock() - since) * 1000, 3)
-
-
 def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[str, Any]:
-    """Run the real pipeline once (language entry → cache → provider chain) and time each stage."""
+    """Run the real turn pipeline once on a throwaway call (nothing stored) and time each stage."""
+    from ..store import CallRecord
+
     clock = engine.clock
-    t0 = clock()
+    started = clock()
     entry = engine.languages.resolve(language)
     known = entry is not None
     entry = entry or engine.languages.get(language)
-    stages: dict[str, Any] = {"languageMs": _ms(t0, clock)}
+    language_ms = round((clock() - started) * 1000, 3)
     workflow = default_workflow()
-    state = ConversationState(workflow.entry_node_id(), {}, [])
-    plan = plan_turn(workflow, state, message, language_instruction=entry.llm_instruction)
-    t1 = clock()
-    hit = None
-    key = None
-    if engine.cache is not None and plan.cacheable:
-        key = engine.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
-                               utterance=message, fillers=entry.fillers)
-        hit = engine.cache.get(key)
-    stages["cacheLookupMs"] = _ms(t1, clock)
+    record = CallRecord(tracking_id="probe", path="probe", workflow=workflow.to_snapshot(),
+                        workflow_hash=workflow.version_hash, language=entry.code,
+                        current_node=workflow.entry_node_id())
+    turn = engine.start_turn(record, message)
     first_token_ms = None
-    provider = None
-    failovers: list = []
-    if hit is not None:
-        text = hit.text
-        first_token_ms = _ms(t0, clock)
-    else:
-        stream = engine.providers.stream(plan.messages, apology=entry.line("apology"))
-        parts = []
-        for token in stream:
-            if first_token_ms is None:
-                first_token_ms = _ms(t0, clock)
-            parts.append(token)
-        text = "".join(parts)
-        provider, failovers = stream.provider, list(stream.failovers)
-        stages["providerTtftMs"] = stream.provider_ttft_ms
-        if key and not stream.apology_used and reply_is_safe_to_cache(text, variables={}, tool_calls=stream.tool_calls,
-                                                                      node_cacheable=True):
-            engine.cache.put(key, CachedReply(text=text, provider=provider, created_at=time.time(),
-                                              language=entry.code, node_id=plan.node_id))
-    total = _ms(t0, clock)
-    stages.update(firstTokenMs=first_token_ms, totalMs=total)
-    return {"language": entry.code, "languageKnown": known, "cacheHit": hit is not None, "text": text,
-            "provider": provider, "failovers": failovers, "stages": stages, "firstTokenMs": first_token_ms,
-            "totalMs": total}
-
+    for _token in turn:
+        if first_token_ms is None:
+            first_token_ms = round((clock() - started) * 1000, 3)
+    r = turn.result
+    total_ms = round((clock() - started) * 1000, 3)
+    stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
+              "firstTokenMs": first_token_ms, "totalMs": total_ms}
+    return {"language": entry.code, "languageKnown": known, "cacheHit": r.cache_hit, "text": r.reply_text,
+            "provider": r.provider, "failovers": r.failovers, "stages": stages, "firstTokenMs": first_token_ms,
+            "totalMs": total_ms}

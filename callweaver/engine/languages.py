@@ -504,3 +504,25 @@ class LanguageTable:
     def problems(self) -> dict[str, list[str]]:
         """entry_problems() for every entry that has any, keyed by code (for tests and health checks)."""
         return {entry.code: found for entry in self._entries if (found := entry_problems(entry))}
+
+
+# Languages Deepgram's `multi` model recognises (twilio.md §3); a call in one of them can auto-detect a switch.
+DEEPGRAM_MULTI_LANGUAGES = frozenset({"en", "es", "fr", "de", "hi", "ru", "pt", "ja", "it", "nl"})
+
+
+def multilingual_partners(table: "LanguageTable", entry: LanguageEntry) -> list[LanguageEntry]:
+    """When `entry` can run Deepgram `multi` recognition, the other languages a caller may switch to.
+
+    Empty when it cannot (e.g. Cantonese: `multi` has no Chinese), in which case recognition stays fixed.
+    """
+    primary = entry.code.split("-")[0].lower()
+    relay = entry.relay
+    if (primary not in DEEPGRAM_MULTI_LANGUAGES or relay.get("transcriptionProvider") != "Deepgram"
+            or relay.get("speechModel") not in {"nova-2-general", "nova-3-general"}):
+        return []
+    partners = []
+    for code in sorted(DEEPGRAM_MULTI_LANGUAGES - {primary}):
+        other = table.resolve(code)
+        if other is not None and other.relay.get("transcriptionProvider") == "Deepgram":
+            partners.append(other)
+    return partners

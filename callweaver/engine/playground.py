@@ -3,23 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api_errors import ApiError
 from .workflow import Workflow
 
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful AI voice assistant on a phone call. Keep replies short, natural and "
                          "conversational.")
-ROLES = {"system", "user", "assistant"}
-
-
-def validate_messages(raw: Any) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "Messages array is required")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ApiError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
 
 
 def playground_messages(client_messages: list[dict[str, str]], *, stored_workflow: dict | None,

@@ -30,7 +30,8 @@ class RelaySession:
         self.clock = clock
         self.record = None
         self.call_sid: str | None = None
-        self._reply = None           # greenlet streaming the current reply
+        self._reply = None           # greenlet streaming (then committing) the current reply
+        self._streaming = False      # True while that greenlet is still sending tokens
         self._turn: Turn | None = None
         self._sent = ""              # text of the current reply already sent to Twilio
         self._committed = True
@@ -87,8 +88,7 @@ class RelaySession:
         text = (message.get("voicePrompt") or "").strip()
         if not text:
             return
-        if self._reply is not None:
-            self._cancel(heard=self._sent)  # caller spoke again before our reply finished
+        self._settle_previous()
         self._start_reply(text, received, lang=message.get("lang"))
 
     def _on_dtmf(self, message: dict) -> None:
@@ -96,16 +96,40 @@ class RelaySession:
         if self.record is None:
             log.error("relay_dtmf_before_setup")
             return
-        if self._reply is not None:
-            self._cancel(heard=self._sent)
+        self._settle_previous()
         self._start_reply(f"[The caller pressed {digit} on the keypad]", self.clock())
 
     def _on_interrupt(self, message: dict) -> None:
         heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
                  played_ms=message.get("durationUntilInterruptMs"))
-        if self._reply is not None:
+        if self._reply is not None and self._streaming:
             self._cancel(heard=heard)
+        elif self.record is not None:
+            self._settle_previous()
+            self._trim_heard(heard, message.get("utteranceUntilInterrupt"))
+
+    def _settle_previous(self) -> None:
+        """Before a new turn: cut off a reply still streaming; wait for a finished one's commit."""
+        if self._reply is None:
+            return
+        if self._streaming:
+            self._cancel(heard=self._sent)  # the caller spoke again before our reply finished
+        else:
+            self._reply.join(timeout=5)
+
+    def _trim_heard(self, heard: str, reported: str | None) -> None:
+        """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard."""
+        messages = list(self.record.messages or [])
+        for i in range(len(messages) - 1, -1, -1):
+            if messages[i].get("role") == "assistant":
+                cut = heard_prefix(messages[i]["content"], reported)
+                if cut and cut != messages[i]["content"]:
+                    messages[i] = {"role": "assistant", "content": cut}
+                    updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
+                    self.record = updated or self.record
+                    log.info("relay_history_trimmed", heard_chars=len(cut))
+                return
 
     def _on_error(self, message: dict) -> None:
         log.error("relay_twilio_error", description=str(message.get("description"))[:300])
@@ -116,7 +140,7 @@ class RelaySession:
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:
         turn = self.engine.start_turn(self.record, utterance, lang=lang)
-        self._turn, self._sent, self._committed = turn, "", False
+        self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
         self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
         self._reply = self.spawn(self._stream_reply, turn)
 
@@ -124,25 +148,30 @@ class RelaySession:
         received = self._timings["receivedAt"]
         try:
             if turn.result.language_switched:
-                code = turn.result.language
-                self.sender.send_json({"type": "language", "ttsLanguage": code, "transcriptionLanguage": code})
+                self.sender.send_json(self._language_message(turn.result.language))
             for token in turn:
+                if not self._streaming:
+                    return  # cancelled: the canceller commits what was heard
                 if not token:
                     continue
                 self.sender.send_json({"type": "text", "token": token, "last": False})
                 if self._timings["firstTokenMs"] is None:
                     self._timings["firstTokenMs"] = round((self.clock() - received) * 1000, 3)
                 self._sent += token
+            if not self._streaming:
+                return
             self.sender.send_json({"type": "text", "token": "", "last": True})
             self._timings["lastTokenMs"] = round((self.clock() - received) * 1000, 3)
         except Exception:
             log.exception("relay_reply_failed")
-            self._reply = None
+            self._streaming = False
             turn.close()
             self._commit(turn, heard=self._sent, interrupted=True)
+            self._reply = None
             return
-        self._reply = None  # fully sent: a new prompt from here on must not kill the commit below
+        self._streaming = False  # fully sent; a new prompt now waits for the commit instead of cancelling
         self._commit(turn, heard=None, interrupted=False)
+        self._reply = None
         action = turn.result.action if turn.result.completed else None
         if action == "end":
             self.sender.send_json({"type": "end", "handoffData": json.dumps({"reason": "end",
@@ -153,14 +182,29 @@ class RelaySession:
                 {"reason": "transfer", "destination": turn.result.destination, "node": turn.result.next_node})})
             self.ended = True
 
+    def _language_message(self, code: str) -> dict[str, Any]:
+        """Switch the voice; switch recognition too unless it is auto-detecting (`multi`)."""
+        message: dict[str, Any] = {"type": "language", "ttsLanguage": code}
+        if not (self.record and (self.record.meta or {}).get("multilingualStt")):
+            message["transcriptionLanguage"] = code
+        return message
+
     def _cancel(self, heard: str) -> None:
-        """Barge-in: stop the reply greenlet (closing the LLM stream) and keep only what was heard."""
+        """Barge-in: stop sending, close the LLM stream, keep only what was heard.
+
+        Cancellation is cooperative (a flag plus closing the provider's socket) so a frame being written is
+        never cut in half; a greenlet that does not finish promptly is killed as a last resort.
+        """
         greenlet, turn = self._reply, self._turn
-        self._reply = None
-        if greenlet is not None:
-            greenlet.kill(block=True, timeout=2)
+        self._streaming = False
         if turn is not None:
-            turn.close()
+            turn.cancel()
+        if greenlet is not None:
+            greenlet.join(timeout=1.0)
+            if not greenlet.dead:
+                greenlet.kill(block=True, timeout=1.0)
+        self._reply = None
+        if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
                 self._timings["lastTokenMs"] = round((self.clock() - self._timings["receivedAt"]) * 1000, 3)
             self._commit(turn, heard=heard, interrupted=True)
@@ -187,5 +231,7 @@ class RelaySession:
 
     def close(self) -> None:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
-        if self._reply is not None:
+        if self._reply is not None and self._streaming:
             self._cancel(heard=self._sent)
+        elif self._reply is not None:
+            self._reply.join(timeout=5)

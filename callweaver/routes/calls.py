@@ -58,18 +58,7 @@ def call_status_poll():
     call_sid = request.args.get("callSid")
     if not call_sid:
         raise ApiError(400, "Call SID is required")
-    svc = services()
-    from ..lifecycle import CALL_SID
-    if not CALL_SID.fullmatch(call_sid):
-        raise ApiError(400, "Invalid Call SID: expected CA followed by 32 hex characters")
-    if not svc.twilio.configured:
-        raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-    call = svc.twilio.fetch_call(call_sid)
-    record = svc.lifecycle.find(None, call_sid)
-    if record:
-        call["trackingId"] = record.tracking_id
-        call["statusHistory"] = [h["status"] for h in svc.store.status_history(record.tracking_id)]
-    return jsonify(success=True, call=call)
+    return jsonify(success=True, call=services().lifecycle.fetch_status(call_sid))
 
 
 def _status_callback(record, optimized: bool):

@@ -2,15 +2,29 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from datetime import datetime, timezone
 
 from flask import Blueprint, jsonify
 
-from ..engine.playground import playground_messages, validate_messages
+from ..api_errors import ApiError
+from ..engine.playground import playground_messages
 from ..services import services
 from .common import body_params
 
 bp = Blueprint("chat", __name__)
+ROLES = {"system", "user", "assistant"}
+
+
+def validate_messages(raw: Any) -> list[dict[str, str]]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "Messages array is required")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ApiError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 @bp.post("/api/chat")

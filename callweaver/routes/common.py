@@ -52,24 +52,38 @@ def signature_ok(auth_token: str, url: str | None = None, params: Any = None) ->
                               request.headers.get(SIGNATURE_SETTINGS))
 
 
+def verify_twilio(*, url: str | None = None, params: Any = None):
+    """Find the call a Twilio request is about and check its signature with that call's token.
+
+    Returns (ok, record); a failure is logged with what is known about the request, never the token.
+    """
+    svc = services()
+    tracking_id = request.args.get("trackingId") or request.form.get("trackingId")
+    call_sid = request.form.get("CallSid") or request.args.get("CallSid")
+    record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
+    ok = signature_ok(svc.lifecycle.auth_token_for(record), url=url, params=params)
+    if not ok:
+        log.warning("twilio_signature_rejected", path=request.path, tracking_id=tracking_id, call_sid=call_sid,
+                    has_signature=bool(request.headers.get("X-Twilio-Signature")))
+    elif tracking_id or call_sid:
+        structlog.contextvars.bind_contextvars(tracking_id=tracking_id or (record and record.tracking_id),
+                                               call_sid=call_sid)
+    return ok, record
+
+
+def forbidden() -> Response:
+    return Response('{"success": false, "error": "Invalid Twilio signature"}', status=403,
+                    mimetype="application/json")
+
+
 def twilio_webhook(view: Callable) -> Callable:
     """Reject a webhook whose X-Twilio-Signature does not validate (403, logged, nothing stored)."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        svc = services()
-        tracking_id = request.args.get("trackingId") or request.form.get("trackingId")
-        call_sid = request.form.get("CallSid") or request.args.get("CallSid")
-        record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
-        token = svc.lifecycle.auth_token_for(record)
-        if not signature_ok(token):
-            log.warning("twilio_signature_rejected", path=request.path, tracking_id=tracking_id,
-                        call_sid=call_sid, has_signature=bool(request.headers.get("X-Twilio-Signature")))
-            return Response('{"success": false, "error": "Invalid Twilio signature"}', status=403,
-                            mimetype="application/json")
-        if tracking_id or call_sid:
-            structlog.contextvars.bind_contextvars(tracking_id=tracking_id or (record and record.tracking_id),
-                                                   call_sid=call_sid)
+        ok, record = verify_twilio()
+        if not ok:
+            return forbidden()
         return view(*args, record=record, **kwargs)
 
     return wrapper

@@ -14,6 +14,7 @@ from ..services import services
 from .common import body_params
 
 bp = Blueprint("metrics", __name__)
+PROMETHEUS_WINDOW_S = 86400
 
 
 def _window() -> int:
@@ -87,7 +88,9 @@ def test_optimization():
 @bp.get("/metrics")
 def prometheus_metrics():
     svc = services()
-    registry = build_registry(StoreCollector(svc.store, svc.providers.health))
+    # Bounded scrape: counters cover the last 24 h of turns (older turns drop out like a counter reset).
+    registry = build_registry(StoreCollector(svc.store, svc.providers.health,
+                                             since=lambda: time.time() - PROMETHEUS_WINDOW_S))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import structlog
-from flask import Blueprint, Response, request
+from flask import Blueprint, request
 
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
 from ..security import websocket_url
 from ..services import services, spawn
-from .common import base_url, signature_ok
+from .common import base_url, forbidden, verify_twilio
+from .twiml import RELAY_PATH
 
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()
-
-RELAY_PATH = "/api/conversationrelay-ws"
 
 
 class LockedSender:
@@ -23,9 +23,8 @@ class LockedSender:
     reader and interleave frames across greenlets, so frames are built under a lock and written with sendall."""
 
     def __init__(self, ws):
-        from gevent.lock import Semaphore
         self.ws = ws
-        self._lock = Semaphore()
+        self._lock = threading.Lock()  # a gevent lock once wsgi.py has monkey-patched threading
 
     def send_json(self, message: dict) -> None:
         from wsproto.events import TextMessage
@@ -43,14 +42,8 @@ def _refuse_unsigned_upgrade():
         return None
     query = request.query_string.decode("latin-1")
     url = websocket_url(base_url(), RELAY_PATH) + (f"?{query}" if query else "")
-    svc = services()
-    tracking_id = request.args.get("trackingId")
-    token = svc.lifecycle.auth_token_for(svc.lifecycle.find(tracking_id, None) if tracking_id else None)
-    if not signature_ok(token, url=url, params={}):
-        log.warning("relay_upgrade_rejected", has_signature=bool(request.headers.get("X-Twilio-Signature")))
-        return Response('{"success": false, "error": "Invalid Twilio signature"}', status=403,
-                        mimetype="application/json")
-    return None
+    ok, _record = verify_twilio(url=url, params={})
+    return None if ok else forbidden()
 
 
 @sock.route(RELAY_PATH, bp=bp)

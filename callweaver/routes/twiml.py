@@ -9,10 +9,7 @@ import structlog
 from flask import Blueprint, request
 from twilio.twiml.voice_response import VoiceResponse
 
-from ..engine.conversation import default_workflow
-from ..engine.languages import LanguageEntry
-from ..engine.workflow import Workflow
-from ..lifecycle import new_tracking_id
+from ..engine.languages import LanguageEntry, multilingual_partners
 from ..security import websocket_url
 from ..services import services
 from ..store import CallRecord
@@ -21,8 +18,21 @@ from .common import base_url, twilio_params, twilio_webhook, twiml_response
 bp = Blueprint("twiml", __name__)
 log = structlog.get_logger()
 
-MAX_RESUMES = 2
 RELAY_PATH = "/api/conversationrelay-ws"
+
+
+@bp.errorhandler(Exception)
+def _twiml_error(exc: Exception):
+    """Twilio hangs up with "an application error has occurred" on a non-TwiML answer: apologise instead."""
+    from werkzeug.exceptions import HTTPException
+    if isinstance(exc, HTTPException) and exc.code and exc.code < 500:
+        return exc
+    log.exception("twiml_failed", path=request.path)
+    entry = services().languages.get(None)
+    vr = VoiceResponse()
+    vr.say(entry.line("apology"), voice=entry.say_voice, language=entry.say_language)
+    vr.hangup()
+    return twiml_response(str(vr))
 
 
 @bp.route("/api/twiml-default", methods=["GET", "POST"])
@@ -58,23 +68,6 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
     vr.hangup()
 
 
-def _inbound_record(workflow_id: str | None, call_sid: str | None, params: dict) -> CallRecord | None:
-    """A Gather-flow call we did not place (or placed by the old make-call URL): start a record for it."""
-    svc = services()
-    snapshot = svc.store.get_workflow(workflow_id) if workflow_id else None
-    workflow = Workflow.from_snapshot(snapshot) if snapshot else default_workflow()
-    entry = svc.languages.get(workflow.default_language)
-    greeting = workflow.greeting or entry.line("fallbackGreeting")
-    record = CallRecord(tracking_id=new_tracking_id(), path="traditional", call_sid=call_sid,
-                        workflow_id=workflow_id, workflow=workflow.to_snapshot(),
-                        workflow_hash=workflow.version_hash, language=entry.code, greeting=greeting,
-                        to=params.get("To"), from_number=params.get("From"),
-                        current_node=workflow.entry_node_id(),
-                        messages=[{"role": "assistant", "content": greeting}])
-    svc.store.create_call(record)
-    return record
-
-
 @bp.route("/api/twiml-ai", methods=["GET", "POST"])
 @twilio_webhook
 def twiml_ai(record=None):
@@ -83,9 +76,10 @@ def twiml_ai(record=None):
     params = twilio_params()
     workflow_id = request.args.get("id")
     if record is None:
-        record = _inbound_record(workflow_id if workflow_id != "fallback" else None, params.get("CallSid"), params)
-    elif params.get("CallSid") and not record.call_sid:
-        record = svc.store.update_call(record.tracking_id, call_sid=params["CallSid"]) or record
+        record = svc.lifecycle.inbound_call(workflow_id if workflow_id != "fallback" else None,
+                                            params.get("CallSid"), params.get("To"), params.get("From"))
+    else:
+        record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
     action = _gather_url(record, workflow_id)
     vr = VoiceResponse()
@@ -106,9 +100,13 @@ def twiml_ai(record=None):
     if result.action == "end":
         vr.say(text or entry.line("goodbye"), **say)
         vr.hangup()
-    elif result.action == "transfer" and result.destination:
+    elif result.action == "transfer" and svc.lifecycle.destination_allowed(result.destination):
         vr.say(text, **say)
         vr.dial(result.destination)
+    elif result.action == "transfer":
+        log.error("transfer_blocked", destination_allowed=False)
+        vr.say(entry.line("apology"), **say)
+        vr.hangup()
     else:
         _say_and_listen(vr, text or entry.line("apology"), entry, action)
     return twiml_response(str(vr))
@@ -121,13 +119,21 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
     base = base_url()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
                          method="POST")
+    partners = multilingual_partners(services().languages, entry)
     relay = connect.conversation_relay(
         url=websocket_url(base, RELAY_PATH) + "?" + urlencode({"trackingId": record.tracking_id}),
         welcome_greeting=greeting, welcome_greeting_interruptible="any", interruptible="any",
-        dtmf_detection=True, **entry.relay_kwargs())
+        dtmf_detection=True, **entry.relay_kwargs(),
+        # Deepgram `multi` reports the language the caller actually speaks (prompt.lang), so a switch is seen.
+        transcription_language="multi" if partners else None)
+    for other in partners:  # declared so a `language` message can switch the voice at once
+        relay.language(**other.language_element_kwargs())
     relay.parameter(name="trackingId", value=record.tracking_id)
     if resumed:
         relay.parameter(name="resumed", value="1")
+    if bool(partners) != bool((record.meta or {}).get("multilingualStt")):
+        services().store.update_call(record.tracking_id, meta={**(record.meta or {}),
+                                                               "multilingualStt": bool(partners)})
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])
@@ -142,8 +148,7 @@ def twiml_optimized(record=None):
         entry = svc.languages.get(None)
         _say_and_listen(vr, entry.line("fallbackGreeting"), entry, _gather_url(None, request.args.get("id")))
         return twiml_response(str(vr))
-    if params.get("CallSid") and record.call_sid != params["CallSid"]:
-        record = svc.store.update_call(record.tracking_id, call_sid=params["CallSid"]) or record
+    record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
     _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"))
     return twiml_response(str(vr))
@@ -156,26 +161,25 @@ def connect_action(record=None):
     params = twilio_params()
     status = (params.get("SessionStatus") or params.get("ConnectStatus") or "").lower()
     duration = params.get("SessionDuration") or params.get("ConnectDuration")
-    handoff = {}
+    handoff: dict = {}
     if params.get("HandoffData"):
         try:
-            handoff = json.loads(params["HandoffData"])
+            parsed = json.loads(params["HandoffData"])
+            handoff = parsed if isinstance(parsed, dict) else {}
         except ValueError:
-            handoff = {"raw": params["HandoffData"][:200]}
+            handoff = {}
     entry = svc.languages.get(record.language if record else None)
     say = {"voice": entry.say_voice, "language": entry.say_language}
     log.info("connect_action", session_status=status, duration_s=duration, handoff=handoff.get("reason"),
              error_code=params.get("ErrorCode"))
     vr = VoiceResponse()
-    if handoff.get("reason") == "transfer" and handoff.get("destination"):
+    resumed = svc.lifecycle.try_resume(record) if status == "failed" else None
+    if handoff.get("reason") == "transfer" and svc.lifecycle.destination_allowed(handoff.get("destination")):
         vr.dial(handoff["destination"])
-    elif status == "failed" and record is not None and record.resume_count < MAX_RESUMES:
+    elif resumed is not None:
         # The socket broke (deploy, crashed worker): reconnect and carry on from the store.
-        record = svc.store.update_call(record.tracking_id, resume_count=record.resume_count + 1) or record
-        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=record.resume_count,
-                    error_code=params.get("ErrorCode"))
-        _connect_relay(vr, record, entry, entry.line("resumed"), resumed=True)
-    elif status == "failed":
+        _connect_relay(vr, resumed, entry, entry.line("resumed"), resumed=True)
+    elif status == "failed" or handoff.get("reason") == "transfer":
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     elif handoff.get("reason") == "end":
