@@ -251,3 +251,49 @@ def test_cors_preflight_allows_the_web_app(client):
     assert "content-type" in resp.headers["Access-Control-Allow-Headers"].lower()
     got = client.get("/api/twilio-config", headers={"Origin": "http://localhost:8080"})
     assert got.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
+
+
+def test_without_public_base_url_callbacks_follow_forwarded_headers_and_signatures_use_them(env, fake_twilio):
+    from callweaver import create_app
+    from callweaver.simulate.webhooks import twilio_signature
+    app = create_app({**env, "PUBLIC_BASE_URL": ""})
+    client = app.test_client()
+    proxy = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "cw.onrender.example"}
+    data = client.post("/api/make-call-optimized", json=make_call_body(), headers=proxy).get_json()
+    tid = data["optimization"]["trackingId"]
+    callback = fake_twilio.creates()[-1].one("StatusCallback")
+    assert callback == f"https://cw.onrender.example/api/call-status-optimized?trackingId={tid}"
+    params = {"CallSid": data["callSid"], "CallStatus": "ringing", "SequenceNumber": "1"}
+    good = twilio_signature(AUTH_TOKEN, callback, params)
+    assert client.post(callback[len("https://cw.onrender.example"):], data=params,
+                       headers={**proxy, "X-Twilio-Signature": good}).status_code == 200
+    # the same signature over the internal http:// URL does not validate
+    internal = twilio_signature(AUTH_TOKEN, "http://localhost" + callback[len("https://cw.onrender.example"):], params)
+    assert client.post(callback[len("https://cw.onrender.example"):], data=params,
+                       headers={**proxy, "X-Twilio-Signature": internal}).status_code == 403
+
+
+def test_foreign_twiml_url_and_premium_transfer_destinations_are_refused(client, fake_twilio):
+    resp = client.post("/api/make-call-optimized", json=make_call_body(twimlUrl="https://evil.example/x"),
+                       headers={"X-Forwarded-Host": "evil.example"})
+    assert resp.status_code == 400 and "twimlUrl" in resp.get_json()["error"]
+    body = make_call_body()
+    for node in body["nodes"]:
+        if node["type"] == "transferCall":
+            node["data"]["destination"] = "+882345678901"
+    resp = client.post("/api/make-call-optimized", json=body)
+    assert resp.status_code == 400 and "ALLOWED_DESTINATION_PREFIXES" in resp.get_json()["error"]
+    assert fake_twilio.creates() == []
+
+
+def test_twiml_route_failure_answers_an_apology_in_twiml(app, client, twilio, monkeypatch):
+    data = client.post("/api/make-call", json=make_call_body()).get_json()
+    store = app.extensions["callweaver"].store
+
+    def broken(*a, **k):
+        raise RuntimeError("store down")
+    monkeypatch.setattr(store, "update_call", broken)
+    resp = twilio.post(f"/api/twiml-ai?id=wf&trackingId={data['trackingId']}",
+                       {"CallSid": "CA" + "9" * 32, "SpeechResult": "hello"})
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/xml")
+    assert b"<Say" in resp.data and b"<Hangup" in resp.data

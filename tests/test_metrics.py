@@ -15,7 +15,10 @@ from tests.fakes.fake_twilio import FakeTwilio
 from tests.fakes.live_server import LiveServer
 from tests.helpers import make_call_body
 
-TOLERANCE_MS = 15.0  # loopback transit + framing between the server's clock and the caller's
+# loopback transit + framing between the server's clock and the caller's; the Gather path also includes the
+# store commit and TwiML serialisation after the reply text exists. Medians must agree within a few ms.
+TOLERANCE_MS = {"optimized": 25.0, "traditional": 60.0}
+MEDIAN_TOLERANCE_MS = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +99,17 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
     traditional_client[data["trackingId"]] = times
 
     server_first: dict[str, list[float]] = {}
+    diffs: list[float] = []
     for tid, client_ms in {**optimized_client, **traditional_client}.items():
+        path = "optimized" if tid in optimized_client else "traditional"
         body = get_from_both_workers(f"{server.url}/api/performance-metrics/{tid}")
         turns = body["callData"]["turns"]
         assert len(turns) == 3
         server_ms = [t["firstTokenMs"] for t in turns]
         server_first[tid] = server_ms
         for c, s in zip(client_ms, server_ms):
-            assert s <= c + 1.0 and c - s <= TOLERANCE_MS, (c, s)
+            assert s <= c + 1.0 and c - s <= TOLERANCE_MS[path], (c, s)
+            diffs.append(c - s)
         assert body["metrics"]["averageLatency"] == pytest.approx(statistics.mean(server_ms), abs=0.01)
         assert body["metrics"]["totalProcessedRequests"] == 3
         assert body["trackingId"] == tid and body["callData"]["callSid"]
@@ -112,6 +118,7 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
             if t["path"] == "optimized":
                 assert t["addedLatencyMs"] == pytest.approx(t["firstTokenMs"] - t["providerTtftMs"], abs=0.01)
 
+    assert statistics.median(diffs) <= MEDIAN_TOLERANCE_MS, diffs
     agg = get_from_both_workers(server.url + "/api/performance-metrics?window=600")["aggregatedMetrics"]
     opt_server = sorted(v for tid in optimized_client for v in server_first[tid])
     trad_server = sorted(v for tid in traditional_client for v in server_first[tid])
@@ -119,7 +126,7 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
     assert agg["firstTokenMs"]["optimized"]["p50"] == pytest.approx(opt_server[2], abs=0.01)  # nearest rank
     assert agg["firstTokenMs"]["traditional"]["p50"] == pytest.approx(trad_server[1], abs=0.01)
     opt_client = sorted(v for vs in optimized_client.values() for v in vs)
-    assert abs(agg["firstTokenMs"]["optimized"]["p50"] - opt_client[2]) <= TOLERANCE_MS
+    assert abs(agg["firstTokenMs"]["optimized"]["p50"] - opt_client[2]) <= TOLERANCE_MS["optimized"]
     assert agg["turns"] == 9 and agg["cacheHitRate"] == 0.0 and agg["providers"]["azure"]["turns"] == 9
 
     comp = http("GET", server.url + "/api/performance-comparison?window=600").json()["comparison"]

@@ -172,15 +172,16 @@ def test_sigkill_worker_mid_call_resumes_the_conversation(stack, llm):
     llm.push(Reply(text=" ".join(["slow"] * 40), ttft_s=0.05, token_interval_s=0.1))
     caller.prompt("Tell me more")
     assert caller.recv(timeout_s=5)["type"] == "text"
-    old = set(server.worker_pids())
-    for pid in old:
-        os.kill(pid, signal.SIGKILL)
+    serving = server.worker_serving(caller.ws.sock.getsockname()[1])
+    assert serving in server.worker_pids(), "the worker holding this call's socket must be found"
+    os.kill(serving, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         now = set(server.worker_pids())
-        if len(now) == 2 and not (now & old):
+        if len(now) == 2 and serving not in now:
             break
         time.sleep(0.1)
+    assert serving not in server.worker_pids()
     caller.hangup()
     resp = caller.connect_action("failed", ErrorCode="39001",
                                  ErrorMessage="Network connection to WebSocket server failed")

@@ -60,6 +60,35 @@ class LiveServer:
             return []
         return [int(p) for p in children]
 
+    def worker_serving(self, client_port: int) -> int | None:
+        """The worker pid holding the server end of the TCP connection from `client_port` (via /proc)."""
+        wanted = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                cols = line.split()
+                local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                remote_port = int(cols[2].rsplit(":", 1)[1], 16)
+                if local_port == self.port and remote_port == client_port:
+                    wanted = f"socket:[{cols[9]}]"
+        if wanted is None:
+            return None
+        for pid in self.worker_pids():
+            fd_dir = Path(f"/proc/{pid}/fd")
+            try:
+                for fd in fd_dir.iterdir():
+                    try:
+                        if os.readlink(fd) == wanted:
+                            return pid
+                    except OSError:
+                        continue
+            except OSError:
+                continue
+        return None
+
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
