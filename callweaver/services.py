@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .store import Store, build_store
 from .twilio_client import TwilioGateway
 
 log = structlog.get_logger()
+PURGE_EVERY_N_CALLS = 100
 
 
 def spawn(fn: Callable, *args: Any):
@@ -84,11 +86,17 @@ class Services:
             warm()
 
     def prepare_call(self, tracking_id: str):
-        """While the phone rings: warm the cache for the entry node, never on the request path."""
-        if not self.settings.cache_prewarm:
-            return None
-
+        """While the phone rings, off the request path: warm the cache for the entry node, and now and then
+        drop calls older than RETENTION_DAYS so the store does not grow without bound."""
         def work() -> None:
+            if secrets.randbelow(PURGE_EVERY_N_CALLS) == 0:
+                try:
+                    purged = self.store.purge(time.time() - self.settings.retention_days * 86400)
+                    log.info("store_purged", calls=purged)
+                except Exception:
+                    log.exception("purge_failed")
+            if not self.settings.cache_prewarm:
+                return
             try:
                 record = self.store.get_call(tracking_id)
                 if record is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -52,7 +53,9 @@ def _checks() -> dict:
                         "hasPhoneNumber": bool(s.twilio_phone_number),
                         "signatureValidation": bool(s.signatures_enforced and s.twilio_auth_token)}
     providers = svc.providers.health()
-    checks["llm"] = {"ok": any(p["state"] != "open" for p in providers), "providers": providers}
+    # Circuit breakers live in each worker; `worker` says whose view this is.
+    checks["llm"] = {"ok": any(p["state"] != "open" for p in providers), "providers": providers,
+                     "worker": os.getpid()}
     return checks
 
 
