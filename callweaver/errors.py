@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import uuid
 
+import requests
 import structlog
 from flask import Flask, jsonify, request
 from twilio.base.exceptions import TwilioException, TwilioRestException
@@ -35,6 +36,11 @@ def init_errors(app: Flask) -> None:
     def _twilio_generic(e: TwilioException):
         log.warning("twilio_error", message=str(e))
         return jsonify(success=False, error=f"Twilio request failed: {e}"), 502
+
+    @app.errorhandler(requests.exceptions.RequestException)
+    def _twilio_unreachable(e):
+        log.warning("twilio_unreachable", error=type(e).__name__)
+        return jsonify(success=False, error="Could not reach Twilio; try again"), 502
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(e):

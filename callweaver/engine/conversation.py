@@ -17,6 +17,7 @@ from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, det
 log = structlog.get_logger()
 
 _WORD_CHUNK = re.compile(r"\s*\S+")
+PREWARM_INTERVAL_S = 600.0
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
                          "natural.")
 
@@ -81,6 +82,7 @@ class TurnResult:
     cache_hit: bool = False
     cacheable: bool = False
     cache_lookup_ms: float | None = None
+    cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     llm_requests: int = 0
@@ -137,6 +139,7 @@ class ConversationEngine:
         self.history_limit = history_limit
         self.clock = clock
         self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
+        self._warmed: dict[tuple[str, str], float] = {}  # (workflow hash, language) → when this worker warmed it
 
     # ---- call state ---------------------------------------------------------------------------
     def workflow_for(self, record) -> Workflow:
@@ -241,8 +244,9 @@ class ConversationEngine:
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
                                            node_cacheable=plan.cacheable,
                                            utterance=" ".join([*self._caller_texts(state), utterance]))):
-            self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider, created_at=time.time(),
-                                            language=entry.code, node_id=plan.node_id))
+            result.cache_candidate = (key, CachedReply(text=stream.text, provider=stream.provider,
+                                                       created_at=time.time(), language=entry.code,
+                                                       node_id=plan.node_id))
         result.completed = True
 
     @staticmethod
@@ -312,6 +316,8 @@ class ConversationEngine:
             "languageSwitched": r.language_switched,
         }
         self.store.append_turn(record.tracking_id, turn_row)
+        if r.cache_candidate and not interrupted and self.cache is not None:
+            self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
                  source=r.source, provider=r.provider, provider_ttft_ms=r.provider_ttft_ms,
                  first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
@@ -324,6 +330,11 @@ class ConversationEngine:
             return 0
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
+        marker = (workflow.version_hash, entry.code)
+        now = time.monotonic()
+        if now - self._warmed.get(marker, -PREWARM_INTERVAL_S) < PREWARM_INTERVAL_S:
+            return 0  # this worker warmed (or is warming) the same flow recently: don't pay for it twice
+        self._warmed[marker] = now
         node_id = workflow.entry_node_id()
         state = ConversationState(node_id, {}, list(record.messages or []))
         stored = 0

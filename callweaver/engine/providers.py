@@ -48,6 +48,9 @@ CONTINUE_INSTRUCTION = (
 # The read deadline (time.monotonic) of the LLM request this greenlet/thread is driving right now.
 # Context-local, so concurrent calls under gevent never see each other's deadline.
 _READ_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("callweaver_llm_read_deadline", default=None)
+# Set per attempt: the wrapped socket records when the request's last byte was written, so the provider's
+# time to first token starts when the provider has the request (building it is our overhead, not theirs).
+_WRITE_MARK: contextvars.ContextVar[dict | None] = contextvars.ContextVar("callweaver_llm_write_mark", default=None)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -137,6 +140,9 @@ class _DeadlineNetworkStream(httpcore2.NetworkStream):
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, timeout)
+        mark = _WRITE_MARK.get()
+        if mark is not None:
+            mark["written_at"] = time.monotonic()
 
     def close(self) -> None:
         self._inner.close()
@@ -552,6 +558,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     first_token_seen = False
     sent_at = time.monotonic()
     deadline = sent_at + settings.first_token_timeout_s
+    write_mark: dict = {}
+    _WRITE_MARK.set(write_mark)
     try:
         client = provider.client()
         response_context = client.chat.completions.with_streaming_response.create(**kwargs)
@@ -598,7 +606,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                             if not first_token_seen:
                                 first_token_seen = True
                                 if state.provider_ttft_ms is None:
-                                    state.provider_ttft_ms = (now - sent_at) * 1000.0
+                                    started = write_mark.get("written_at", sent_at)
+                                    state.provider_ttft_ms = (now - started) * 1000.0
                             deadline = now + settings.stall_timeout_s
                             state.provider = provider.name
                         for tool_delta in tool_deltas or ():

@@ -119,7 +119,11 @@ class TwilioRestStandIn:
             def do_GET(self):
                 self._handle("GET")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024  # many calls placed at once (benchmarks) must not be reset
+            daemon_threads = True
+
+        self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

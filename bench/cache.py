@@ -1,0 +1,148 @@
+"""Reply cache benchmark: the same scripted calls on the real-estate flow, with and without CACHE_PREWARM."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402  (after patch_all)
+import random  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayCall,  # noqa: E402
+                          converse, destination, fetch_turns, fmt_ms, machine_summary, markdown_table, percentile,
+                          progress, unique_utterance)
+
+WORKFLOW = "real_estate_property_dealer"
+# What callers say over and over; the service's en-US prewarm list covers all five (and three more).
+RECURRING_UTTERANCES = ("hello?", "yes", "who is this?", "can you repeat that?", "sorry?")
+
+
+def scripted_calls(calls: int, turns: int, seed: int) -> list[list[str]]:
+    """Even turns are recurring lines, odd turns unique ones; the same seed replays the very same calls."""
+    rng = random.Random(seed)
+    scripts = []
+    for i in range(calls):
+        script = []
+        for t in range(turns):
+            if t % 2 == 0:
+                script.append(RECURRING_UTTERANCES[(i + t // 2) % len(RECURRING_UTTERANCES)])
+            else:
+                script.append(unique_utterance(rng, i, t))
+        scripts.append(script)
+    return scripts
+
+
+def run_once(stack: BenchStack, prewarm: bool, args: argparse.Namespace, run_index: int) -> dict:
+    """A fresh server (empty cache, empty store) replaying the scripted calls; counts from both ends."""
+    with stack.server(workers=1, CACHE_PREWARM="1" if prewarm else "0") as server:
+        llm_before = stack.llm.stats()["requests"]
+        calls = [RelayCall(stack, server.url, destination(i, run_index), WORKFLOW) for i in range(args.calls)]
+        scripts = scripted_calls(args.calls, args.turns, args.seed)
+        errors: dict[str, int] = {}
+
+        def ring_then_answer(call: RelayCall) -> None:
+            call.place()
+            gevent.sleep(args.ring_s)  # the phone rings; the prewarm (if on) runs now
+            call.answer_and_connect()
+
+        talk_s = converse(calls, scripts, rng=random.Random(args.seed + 1), stagger_s=args.stagger_s,
+                          think_s=(args.think_min_s, args.think_max_s), deadline=time.monotonic() + args.time_limit_s,
+                          errors=errors, before_first_turn=ring_then_answer)
+        for call in calls:
+            call.hang_up()
+        gevent.sleep(1.0)
+        # Prewarm requests may still be running for the last calls; they count (they were spent for this run).
+        gevent.sleep(args.ring_s if prewarm else 0)
+        llm_requests = stack.llm.stats()["requests"] - llm_before
+        stored = fetch_turns(server.url, [c.tracking_id for c in calls if c.tracking_id])
+    recurring_turns = recurring_hits = 0
+    for call, script in zip(calls, scripts):
+        turns = stored.get(call.tracking_id or "", [])
+        for utterance, turn in zip(script, turns):
+            if utterance in RECURRING_UTTERANCES:
+                recurring_turns += 1
+                recurring_hits += bool(turn.get("cacheHit"))
+    all_turns = [t for turns in stored.values() for t in turns]
+    hits = [t for t in all_turns if t.get("cacheHit")]
+    llm_turns = [t for t in all_turns if t.get("source") == "llm"]
+    apologies = sum(1 for t in all_turns if t.get("source") == "apology")
+    if apologies:
+        errors["server: apology turns"] = apologies
+    progress(f"prewarm={int(prewarm)}: {len(all_turns)} turns, {len(hits)} hits, {llm_requests} LLM requests, "
+             f"{talk_s:.1f}s, errors {errors or 0}")
+    return {"prewarm": prewarm, "turns": len(all_turns), "hits": len(hits), "llm_turns": len(llm_turns),
+            "recurring_turns": recurring_turns, "recurring_hits": recurring_hits, "llm_requests": llm_requests,
+            "hit_ms": [t["firstTokenMs"] for t in hits if t.get("firstTokenMs") is not None],
+            "miss_ms": [t["firstTokenMs"] for t in llm_turns if t.get("firstTokenMs") is not None],
+            "errors": errors}
+
+
+def pct(part: int, whole: int) -> str:
+    return f"{part / whole * 100:.1f} %" if whole else "—"
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> str:
+    rows = []
+    for r in runs:
+        saved = r["turns"] - r["llm_requests"]
+        rows.append([
+            "on" if r["prewarm"] else "off", r["turns"], f"{r['hits']} ({pct(r['hits'], r['turns'])})",
+            f"{r['recurring_hits']}/{r['recurring_turns']} ({pct(r['recurring_hits'], r['recurring_turns'])})",
+            f"{fmt_ms(percentile(r['hit_ms'], 50), 2)} / {fmt_ms(percentile(r['hit_ms'], 95), 2)}",
+            f"{fmt_ms(percentile(r['miss_ms'], 50))} / {fmt_ms(percentile(r['miss_ms'], 95))}",
+            r["llm_turns"], r["llm_requests"] - r["llm_turns"], r["llm_requests"],
+            f"{saved} ({pct(saved, r['turns'])})", sum(r["errors"].values()),
+        ])
+    lines = [
+        f"### Reply cache: {args.calls} calls × {args.turns} turns on the real-estate flow, replayed twice",
+        "",
+        f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
+        f"{args.token_interval_ms:g} ms/token. Each run: fresh server, empty FileSystemCache, calls placed within "
+        f"{args.stagger_s:g} s, the first utterance comes {args.ring_s:g} s after a call is placed (ringing, "
+        f"greeting). Turns alternate recurring lines "
+        f"({', '.join(RECURRING_UTTERANCES)}) and unique ones.",
+        "",
+        markdown_table(["CACHE_PREWARM", "turns", "cache hits (rate)", "recurring lines hit",
+                        "first token, hits p50 / p95 ms", "first token, misses p50 / p95 ms", "LLM turns",
+                        "prewarm LLM requests", "LLM requests total", "LLM requests saved vs one per turn",
+                        "errors"], rows),
+        "",
+        "First-token figures are server-measured (prompt received → first token sent, monotonic clock in the "
+        "worker).",
+    ]
+    for r in runs:
+        if r["errors"]:
+            lines += ["", f"Errors with prewarm {'on' if r['prewarm'] else 'off'}: "
+                          + ", ".join(f"{k}: {v}" for k, v in r["errors"].items())]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=24)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--stagger-s", type=float, default=12.0, help="calls are placed within this many seconds")
+    parser.add_argument("--ring-s", type=float, default=8.0,
+                        help="placing a call → its first utterance (ringing plus the spoken greeting)")
+    parser.add_argument("--think-min-s", type=float, default=1.0)
+    parser.add_argument("--think-max-s", type=float, default=2.0)
+    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
+    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS)
+    parser.add_argument("--time-limit-s", type=float, default=120.0, help="per run")
+    parser.add_argument("--seed", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress(f"cache bench: {args.calls} calls × {args.turns} turns, prewarm off then on")
+    with BenchStack("cache", args.ttft_ms, args.token_interval_ms) as stack:
+        runs = [run_once(stack, prewarm, args, index) for index, prewarm in enumerate((False, True))]
+    print(report(runs, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
