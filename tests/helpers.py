@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from callweaver.simulate.bodies import make_call_body as build_body
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "workflows"
 LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "workflows"
 
@@ -18,13 +20,11 @@ def load_workflow(name: str = "real_estate_property_dealer") -> dict:
 
 def make_call_body(to: str = "+15551234567", workflow: str | None = "real_estate_property_dealer", **extra) -> dict:
     """What PlaygroundModal.handleMakeCall sends (contract.md §2), with stale bundle credentials."""
-    body = {"to": to, "from": "+15005550006", "record": False, "timeout": 30,
-            "twilioAccountSid": "AC" + "0" * 32, "twilioAuthToken": "stale-bundle-token"}
-    if workflow:
-        wf = load_workflow(workflow)
-        start = next(n for n in wf["nodes"] if n["type"] == "startNode")
-        body.update(workflowId="wf_" + workflow, nodes=wf["nodes"], edges=wf["edges"],
-                    globalPrompt=start["data"].get("globalPrompt", ""), config=wf["config"],
-                    variables=wf.get("variables", []))
+    defaults = {"from": "+15005550006", "record": False, "timeout": 30,
+                "twilioAccountSid": "AC" + "0" * 32, "twilioAuthToken": "stale-bundle-token"}
+    export = load_workflow(workflow) if workflow else None
+    body = build_body(export, to, **defaults)
+    if export:
+        body["workflowId"] = "wf_" + workflow
     body.update(extra)
     return body

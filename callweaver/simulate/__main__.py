@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .bodies import make_call_body
 from .caller import RelayCaller
 from .twilio_rest import TwilioRestStandIn
 
@@ -31,16 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--auth-token (or TWILIO_AUTH_TOKEN) is required: webhooks are signed with it")
 
     standin = TwilioRestStandIn(args.account_sid, args.auth_token).start(port=args.twilio_port)
-    body: dict = {"to": args.to}
     if args.workflow:
         with open(args.workflow, encoding="utf-8") as fh:
-            wf = json.load(fh)
-        start = next((n for n in wf.get("nodes", []) if n.get("type") == "startNode"), {"data": {}})
-        body.update(workflowId=wf.get("config", {}).get("id") or wf.get("name") or "simulated",
-                    nodes=wf.get("nodes"), edges=wf.get("edges"), variables=wf.get("variables"),
-                    config=wf.get("config"), globalPrompt=start["data"].get("globalPrompt", ""))
+            body = make_call_body(json.load(fh), args.to)
     else:
-        body["globalPrompt"] = args.prompt
+        body = make_call_body(None, args.to, globalPrompt=args.prompt)
     caller = RelayCaller(args.base_url, args.auth_token, args.account_sid)
     try:
         placed = caller.place_call(body)
