@@ -142,3 +142,27 @@ def test_turn_timings_are_stored_per_turn(call, app):
 def test_unsigned_twiml_webhook_is_403(call):
     resp = call.twilio.post(call.path, {"CallSid": call.call_sid}, sign=False)
     assert resp.status_code == 403
+
+
+def test_twiml_optimized_for_an_unknown_call_falls_back_to_the_gather_flow(twilio):
+    root = _twiml(twilio.post("/api/twiml-optimized?id=wf_x&trackingId=call_unknown", {"CallSid": "CA" + "1" * 32}))
+    assert root.find("Connect") is None
+    gather = root.find("Gather")
+    assert gather is not None and "/api/twiml-ai?id=wf_x" in gather.get("action")
+
+
+def test_connect_action_closing_lines(app, client, twilio, fake_twilio):
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    path = f"/api/connect-action?trackingId={data['optimization']['trackingId']}"
+    caller_hung_up = _twiml(twilio.post(path, {"CallSid": data["callSid"], "SessionStatus": "completed",
+                                               "SessionDuration": "42"}))
+    assert [c.tag for c in caller_hung_up] == ["Say", "Hangup"]
+    legacy = _twiml(twilio.post(path, {"CallSid": data["callSid"], "ConnectStatus": "completed",
+                                       "ConnectDuration": "12"}))
+    assert [c.tag for c in legacy] == ["Say", "Hangup"]
+    weird = _twiml(twilio.post(path, {"CallSid": data["callSid"], "SessionStatus": "ended",
+                                      "HandoffData": '"not an object"'}))
+    assert weird.find("Hangup") is not None
+    blocked = _twiml(twilio.post(path, {"CallSid": data["callSid"], "SessionStatus": "ended",
+                                        "HandoffData": '{"reason": "transfer", "destination": "+882345678901"}'}))
+    assert blocked.find("Dial") is None and blocked.find("Hangup") is not None  # outside allowed prefixes
