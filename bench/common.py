@@ -38,7 +38,6 @@ DEFAULT_TTFT_MS = 300.0
 DEFAULT_TOKEN_INTERVAL_MS = 20.0
 READY_TIMEOUT_S = 30.0
 OPEN_FILES_WANTED = 65536
-TWILIO_LISTEN_BACKLOG = 1024
 
 # Words for utterances that can never repeat across calls or turns (so they miss the reply cache).
 TOPIC_WORDS = ("garden", "river", "school", "station", "harbour", "museum", "library", "stadium", "orchard",
@@ -217,10 +216,7 @@ class BenchStack:
         raise_open_files_limit()
         stop_on_sigterm()
         self.llm.start()
-        self.twilio.start()
-        # The stand-in's ThreadingHTTPServer listens with the stdlib's backlog of 5: with ~25 calls being placed
-        # at once, connections are reset and make-call answers 500. Re-listening raises the backlog in place.
-        self.twilio._server.socket.listen(TWILIO_LISTEN_BACKLOG)
+        self.twilio.start()  # listens with a backlog of 1024, enough for the calls a bench places at once
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -48,7 +48,7 @@ def report(result: RelayLoadResult, args: argparse.Namespace) -> str:
             ["added latency, client (first token seen − configured TTFT)", len(client), *distribution_cells(client)],
             ["first token, server (prompt received → first token sent)", len(result.server_first_token_ms),
              *distribution_cells(result.server_first_token_ms)],
-            ["provider TTFT, server (LLM request → first content chunk)", len(result.provider_ttft_ms),
+            ["provider TTFT, server (request written → first content chunk)", len(result.provider_ttft_ms),
              *distribution_cells(result.provider_ttft_ms)],
             ["TTFT the fake LLM delivered (its own clock, whole run)", delivered.get("samples", 0),
              fmt_ms(delivered.get("p50")), fmt_ms(delivered.get("p95")), fmt_ms(delivered.get("p99"))],

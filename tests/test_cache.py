@@ -181,9 +181,9 @@ def test_workers_sharing_a_cache_directory_see_each_others_replies(tmp_path):
     assert worker_b.stats()["hits"] == 1 and worker_b.stats()["backend"] == "FileSystemCache"
 
 
-def test_auto_backend_is_the_shared_directory_without_redis_and_redis_with_it(tmp_path):
+def test_auto_backend_is_per_process_memory_without_redis_and_redis_with_it(tmp_path):
     assert type(build_cache_backend("", redis_url=None, cache_dir=str(tmp_path), default_timeout=60)).__name__ \
-        == "FileSystemCache"
+        == "SimpleCache"
     assert type(build_cache_backend("", redis_url="redis://127.0.0.1:1/0", cache_dir=str(tmp_path),
                                     default_timeout=60)).__name__ == "RedisCache"
 

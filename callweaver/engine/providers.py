@@ -543,13 +543,17 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     joiner = _ContinuationJoiner(spoken_before) if spoken_before else None
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     config = provider.config
+    # Messages and tools travel in extra_body, verbatim: they are plain JSON already, and the SDK's TypedDict
+    # transform walks every message of every request (measured: ~2.4 ms of CPU per turn, most of our overhead).
+    body: dict[str, Any] = {"messages": messages}
+    if request.tools:
+        body["tools"] = request.tools
     kwargs: dict[str, Any] = {
         "model": request.model if (request.model and config.kind != "azure") else config.model,
-        "messages": messages,
+        "messages": [],
         "stream": True,
+        "extra_body": body,
     }
-    if request.tools:
-        kwargs["tools"] = request.tools
     if request.temperature is not None:
         kwargs["temperature"] = request.temperature
     if request.max_tokens is not None:

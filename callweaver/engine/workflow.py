@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -319,9 +320,11 @@ class Workflow:
             "variables": [_variable_to_dict(v) for v in self.variables],
         }
 
-    @property
+    @functools.cached_property
     def version_hash(self) -> str:
-        """sha256 of the canonical snapshot: any change to prompts, edges or messages changes it."""
+        """sha256 of the canonical snapshot: any change to prompts, edges or messages changes it.
+
+        Computed once: a Workflow is immutable, and the cache key of every turn needs it."""
         canonical = json.dumps(self.to_snapshot(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
