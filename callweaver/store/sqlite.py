@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sqlite3
@@ -184,10 +185,9 @@ class SQLiteStore:
                 return None
             data = json.loads(row[0])
             data["updated_at"] = time.time()
-            data.update(fields)
-            stored_json = self._write_data(conn, tracking_id, data)
-        # Decoded from what was stored, so the record never aliases the caller's objects.
-        return CallRecord.from_dict(json.loads(stored_json))
+            data.update(copy.deepcopy(fields))  # the returned record never aliases the caller's objects
+            self._write_data(conn, tracking_id, data)
+        return CallRecord.from_dict(data)
 
     @staticmethod
     def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
