@@ -1,0 +1,71 @@
+"""The app factory: the only place the settings, logging, services and blueprints are wired together."""
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+import structlog
+from flask import Flask, g, request
+from flask_cors import CORS
+
+from .config import Settings
+from .errors import init_errors
+from .extensions import sock
+from .logging import init_logging, register_secret
+from .services import Services
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
+log = structlog.get_logger()
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build one worker's app; `config` overrides environment variables by name (tests use it)."""
+    settings = Settings.from_env(os.environ, overrides=config)
+    init_logging(settings.log_level, settings.log_format)
+    for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
+                   settings.secret_key):
+        register_secret(secret)
+    for warning in settings.warnings:
+        log.warning("config_warning", message=warning)
+    if not settings.twilio_auth_token:
+        log.warning("config_warning", message="TWILIO_AUTH_TOKEN is not set: webhook signatures cannot be checked")
+
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
+                      SECRET_KEY=settings.secret_key or uuid.uuid4().hex)
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    app.extensions["callweaver"] = Services(settings)
+    app.extensions["callweaver"].warm_up()
+    CORS(app, origins=list(settings.cors_origins), supports_credentials=True,
+         methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+         allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
+    sock.init_app(app)
+    _init_request_logging(app)
+    init_errors(app)
+    from .routes import register_blueprints
+    register_blueprints(app)
+    return app
+
+
+def _init_request_logging(app: Flask) -> None:
+    @app.before_request
+    def _bind_request() -> None:
+        structlog.contextvars.clear_contextvars()
+        incoming = request.headers.get("X-Request-Id", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + uuid.uuid4().hex[:24]
+        request.request_id = g.request_id  # type: ignore[attr-defined]
+        g.started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+
+    @app.after_request
+    def _log_request(response):
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        response.headers["X-CallWeaver-Worker"] = str(os.getpid())  # which worker answered (multi-worker tests, ops)
+        log.info("http_request", method=request.method, path=request.path, status=response.status_code,
+                 duration_ms=round(elapsed_ms, 2))
+        return response
