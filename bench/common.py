@@ -416,6 +416,15 @@ class GatherCall:
         pass
 
 
+def cache_backend(base_url: str) -> str:
+    """The reply cache's backend as the worker reports it (GET /api/health-optimized), e.g. "SimpleCache"."""
+    resp = http("GET", f"{base_url}/api/health-optimized", timeout_s=30)
+    try:
+        return str(resp.json()["services"]["cache"]["backend"])
+    except (KeyError, TypeError, ValueError):
+        return "unknown"
+
+
 def fetch_turns(base_url: str, tracking_ids: list[str], concurrency: int = 20) -> dict[str, list[dict]]:
     """Server-measured turns per call from GET /api/performance-metrics/<trackingId> (callData.turns)."""
     out: dict[str, list[dict]] = {}
@@ -518,6 +527,7 @@ class RelayLoadResult:
     llm_stats: dict = field(default_factory=dict)
     # CPU seconds used during the talk phase, per process: "worker", "fake LLM", "load generator".
     talk_cpu_s: dict[str, float] = field(default_factory=dict)
+    cache_backend: str = ""  # the reply cache's backend as the worker reported it
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -571,6 +581,7 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
     warm.set_up()
     warm.say("Warm-up turn before the measured calls start.")
     warm.hang_up()
+    result.cache_backend = cache_backend(base_url)
     gevent.sleep(1.0)
     result.rss_before_kib = rss_kib(pid)
     llm_before = stack.llm.stats()

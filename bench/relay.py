@@ -68,6 +68,7 @@ def report(result: RelayLoadResult, args: argparse.Namespace) -> str:
             ["worker RSS before calls → all calls connected and idle",
              f"{result.rss_before_kib / 1024:.1f} → {result.rss_connected_kib / 1024:.1f} MiB"],
             ["memory per live call", "—" if memory is None else f"{memory:.1f} KiB"],
+            ["reply cache backend (as the worker reports it)", result.cache_backend or "—"],
             ["errors", result.error_count],
             *[[f"  {kind}", count] for kind, count in sorted(result.errors.items())],
         ]),

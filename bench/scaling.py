@@ -43,7 +43,9 @@ def report(results: list[RelayLoadResult], args: argparse.Namespace, elapsed_s: 
         "",
         "added = firstTokenMs − providerTtftMs (server clock); server − fake TTFT = firstTokenMs minus the TTFT "
         "the fake LLM delivered for the same request (its own clock); client − TTFT = first token seen by the "
-        "caller minus the configured TTFT; worker CPU = its CPU time during the talk phase ÷ the phase's length.",
+        "caller minus the configured TTFT; worker CPU = its CPU time during the talk phase ÷ the phase's length. "
+        "Reply cache backend, as the worker reported it: "
+        + ", ".join(sorted({r.cache_backend or "—" for r in results})) + ".",
     ]
     for r in results:
         if r.errors:

@@ -79,6 +79,32 @@ class CallLifecycle:
             return sid.strip(), token.strip()
         return None
 
+    def workflow_llm_credentials(self, body: Mapping[str, Any]) -> dict | None:
+        """A workflow's own LLM account (config.llm), used for that call only when ALLOW_REQUEST_CREDENTIALS=1.
+
+        Placeholder keys from exported samples ("YOUR_API_KEY") are ignored; the server's providers stay behind
+        it for failover.
+        """
+        if not self.settings.allow_request_credentials:
+            return None
+        llm = ((body.get("config") or {}) if isinstance(body.get("config"), dict) else {}).get("llm") or {}
+        if not isinstance(llm, dict):
+            return None
+
+        def real(key: Any) -> bool:
+            return isinstance(key, str) and len(key.strip()) >= 16 and "YOUR" not in key.upper()
+
+        azure = llm.get("azure") if isinstance(llm.get("azure"), dict) else None
+        if llm.get("provider") in ("azure_openai", "azure") and azure and real(azure.get("apiKey")) \
+                and isinstance(azure.get("endpoint"), str) and azure["endpoint"].startswith(("https://", "http://")):
+            return {"kind": "azure", "apiKey": azure["apiKey"].strip(), "endpoint": azure["endpoint"],
+                    "deployment": azure.get("deploymentName"), "apiVersion": azure.get("apiVersion")}
+        openai_cfg = llm.get("openai") if isinstance(llm.get("openai"), dict) else None
+        if llm.get("provider") == "openai" and openai_cfg and real(openai_cfg.get("apiKey")):
+            return {"kind": "openai", "apiKey": openai_cfg["apiKey"].strip(), "model": openai_cfg.get("model"),
+                    "baseUrl": openai_cfg.get("baseUrl")}
+        return None
+
     def credentials_for(self, record: CallRecord | None) -> tuple[str, str] | None:
         return self.credential_box.open(record.credentials) if record and record.credentials else None
 
@@ -113,6 +139,7 @@ class CallLifecycle:
         greeting = workflow.greeting or language.line("fallbackGreeting")
         tracking_id = new_tracking_id()
         workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
+        llm_credentials = self.workflow_llm_credentials(body)
         call = CallRecord(
             tracking_id=tracking_id, path=path, workflow_id=workflow_id,
             workflow=workflow.to_snapshot(), workflow_hash=workflow.version_hash,
@@ -120,6 +147,7 @@ class CallLifecycle:
             messages=[{"role": "assistant", "content": greeting}],
             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
             credentials=self.credential_box.seal(*creds) if creds else None,
+            meta={"llm": self.credential_box.seal_json(llm_credentials)} if llm_credentials else {},
         )
         self.store.create_call(call)
         if workflow_id:
@@ -219,8 +247,9 @@ class CallLifecycle:
         current = self.store.append_status(record.tracking_id, status, sequence, payload)
         if record.call_sid is None and form.get("CallSid"):
             self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
-        if status in TERMINAL_STATUSES and record.credentials:
-            self.store.update_call(record.tracking_id, credentials=None)
+        if status in TERMINAL_STATUSES and (record.credentials or (record.meta or {}).get("llm")):
+            meta = {k: v for k, v in (record.meta or {}).items() if k != "llm"}
+            self.store.update_call(record.tracking_id, credentials=None, meta=meta)
         log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                  status=status, sequence=sequence, current=current)
         return current

@@ -64,14 +64,21 @@ class CredentialBox:
         digest = hashlib.sha256(("callweaver-credentials:" + secret_key).encode()).digest()
         self._fernet = Fernet(base64.urlsafe_b64encode(digest))
 
-    def seal(self, account_sid: str, auth_token: str) -> str:
-        return self._fernet.encrypt(json.dumps({"sid": account_sid, "token": auth_token}).encode()).decode()
+    def seal_json(self, value: dict) -> str:
+        return self._fernet.encrypt(json.dumps(value).encode()).decode()
 
-    def open(self, blob: str | None) -> tuple[str, str] | None:
+    def open_json(self, blob: str | None) -> dict | None:
         if not blob:
             return None
         try:
-            data = json.loads(self._fernet.decrypt(blob.encode()))
+            value = json.loads(self._fernet.decrypt(blob.encode()))
         except (InvalidToken, ValueError):
             return None
-        return data["sid"], data["token"]
+        return value if isinstance(value, dict) else None
+
+    def seal(self, account_sid: str, auth_token: str) -> str:
+        return self.seal_json({"sid": account_sid, "token": auth_token})
+
+    def open(self, blob: str | None) -> tuple[str, str] | None:
+        data = self.open_json(blob)
+        return (data["sid"], data["token"]) if data and "sid" in data and "token" in data else None

@@ -6,6 +6,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
@@ -76,7 +77,39 @@ class Services:
 
     @cached_property
     def engine(self) -> ConversationEngine:
-        return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache)
+        return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
+                                  chain_for=self.chain_for)
+
+    @cached_property
+    def _call_chains(self) -> OrderedDict:
+        return OrderedDict()
+
+    def chain_for(self, record):
+        """The server's provider chain, or — for a call that brought its own LLM account (kept encrypted in
+        the record, ALLOW_REQUEST_CREDENTIALS=1) — that account first with the server's behind it."""
+        blob = (record.meta or {}).get("llm") if record is not None else None
+        if not blob:
+            return self.providers
+        chain = self._call_chains.get(blob)
+        if chain is None:
+            creds = self.lifecycle.credential_box.open_json(blob)
+            if not creds:
+                return self.providers
+            from .engine.providers import ProviderConfig, parse_azure_endpoint
+            if creds["kind"] == "azure":
+                resource, deployment, version = parse_azure_endpoint(creds["endpoint"])
+                config = ProviderConfig(name="workflow-azure", kind="azure", api_key=creds["apiKey"],
+                                        model=creds.get("deployment") or deployment or "",
+                                        azure_endpoint=resource,
+                                        api_version=creds.get("apiVersion") or version or "2025-01-01-preview")
+            else:
+                config = ProviderConfig(name="workflow-openai", kind="openai", api_key=creds["apiKey"],
+                                        model=creds.get("model") or self.settings.openai_model,
+                                        base_url=creds.get("baseUrl"))
+            chain = self._call_chains[blob] = self.providers.with_first(config)
+            while len(self._call_chains) > 64:  # clients for recent calls only
+                self._call_chains.popitem(last=False)
+        return chain
 
     def warm_up(self) -> None:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""

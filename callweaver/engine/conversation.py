@@ -131,9 +131,12 @@ class ConversationEngine:
     """Runs turns of any call (relay, Gather flow, playground) from the call's record in the store."""
 
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
-                 history_limit: int = 20, clock: Callable[[], float] = time.monotonic):
+                 history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
+                 chain_for: Callable[[Any], Any] | None = None):
         self.store = store
         self.providers = providers
+        # A call may bring its own LLM account (ALLOW_REQUEST_CREDENTIALS); chain_for picks its provider chain.
+        self.chain_for = chain_for or (lambda record: self.providers)
         self.languages = languages
         self.cache = cache
         self.history_limit = history_limit
@@ -175,10 +178,12 @@ class ConversationEngine:
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
                             variables=dict(state.variables))
         control = TurnControl()
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control), utterance, control)
+        chain = self.chain_for(record)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
+                    control)
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl) -> Iterator[str]:
+             result: TurnResult, control: TurnControl, chain) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -207,7 +212,7 @@ class ConversationEngine:
                 return
 
         options = workflow.llm_options
-        stream = self.providers.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
+        stream = chain.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
                                        max_tokens=options.get("max_tokens"), model=options.get("model"),
                                        apology=entry.line("apology"))
         yield from self._relay_stream(result, stream, control)
@@ -228,7 +233,7 @@ class ConversationEngine:
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
-            stream2 = self.providers.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
+            stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
                                             max_tokens=options.get("max_tokens"), model=options.get("model"),
                                             apology=entry.line("apology"))
             yield from self._relay_stream(result, stream2, control)
@@ -347,7 +352,7 @@ class ConversationEngine:
                                  utterance=utterance, fillers=entry.fillers)
             if key is None or self.cache.get(key) is not None:
                 continue
-            stream = self.providers.complete(plan.messages, tools=plan.tools,
+            stream = self.chain_for(record).complete(plan.messages, tools=plan.tools,
                                              temperature=workflow.llm_options.get("temperature"),
                                              max_tokens=workflow.llm_options.get("max_tokens"),
                                              apology=entry.line("apology"))

@@ -698,7 +698,15 @@ class ProviderChain:
                  http_client_factory: Callable[[], httpx2.Client] | None = None) -> None:
         self._settings = settings
         self._clock = clock
+        self._http_client_factory = http_client_factory
         self._providers = [_Provider(config, settings, http_client_factory) for config in providers]
+
+    def with_first(self, config: ProviderConfig) -> "ProviderChain":
+        """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
+        clients and circuit breakers are shared, not copied."""
+        chain = ProviderChain([], self._settings, self._clock, self._http_client_factory)
+        chain._providers = [_Provider(config, self._settings, self._http_client_factory), *self._providers]
+        return chain
 
     @property
     def names(self) -> list[str]:

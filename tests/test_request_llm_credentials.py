@@ -1,0 +1,68 @@
+"""A workflow's own LLM account is used for its call only when ALLOW_REQUEST_CREDENTIALS=1, kept encrypted."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from callweaver import create_app
+from tests.conftest import PUBLIC, Signer
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.helpers import make_call_body
+
+WORKFLOW_KEY = "workflow-own-key-0123456789"
+
+
+@pytest.fixture
+def own_llm():
+    with FakeLLM("workflow-account") as fake:
+        yield fake
+
+
+def _body(own_llm):
+    body = make_call_body()
+    body["config"] = {**body["config"], "llm": {"provider": "azure_openai", "azure": {
+        "apiKey": WORKFLOW_KEY, "endpoint": own_llm.azure_full_endpoint("wf-deploy")}}}
+    return body
+
+
+def _one_turn(app, fake_twilio, body):
+    client, twilio = app.test_client(), Signer(app.test_client())
+    data = client.post("/api/make-call", json=body).get_json()
+    url = fake_twilio.creates()[-1].one("Url")[len(PUBLIC):]
+    root = ET.fromstring(twilio.post(url, {"CallSid": data["callSid"]}).data)
+    action = root.find("Gather").get("action")[len(PUBLIC):]
+    root = ET.fromstring(twilio.post(action, {"CallSid": data["callSid"], "SpeechResult": "hi there"}).data)
+    return data, root, twilio
+
+
+def test_workflow_llm_account_is_used_first_when_allowed(env, fake_twilio, fake_llm, own_llm):
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    own_llm.push(Reply(text="From the workflow's own account."))
+    data, root, twilio = _one_turn(app, fake_twilio, _body(own_llm))
+    assert "workflow's own account" in root.find("Say").text
+    (req,) = own_llm.requests
+    assert req.headers["api-key"] == WORKFLOW_KEY and "/deployments/wf-deploy/" in req.path
+    assert fake_llm.requests == []
+    store = app.extensions["callweaver"].store
+    record = store.get_call(data["trackingId"])
+    assert record.meta["llm"] and WORKFLOW_KEY not in json.dumps(record.to_dict())  # encrypted at rest
+    twilio.post(f"/api/call-status?trackingId={data['trackingId']}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "4"})
+    assert "llm" not in store.get_call(data["trackingId"]).meta  # deleted when the call ends
+
+
+def test_workflow_llm_account_falls_back_to_the_servers_providers(env, fake_twilio, fake_llm, own_llm):
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    own_llm.fault = "500"
+    fake_llm.push(Reply(text="Server account answered."))
+    _data, root, _ = _one_turn(app, fake_twilio, _body(own_llm))
+    assert "Server account answered." in root.find("Say").text
+
+
+def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, own_llm):
+    app = create_app(env)
+    fake_llm.push(Reply(text="Server account."))
+    _data, root, _ = _one_turn(app, fake_twilio, _body(own_llm))
+    assert own_llm.requests == [] and "Server account." in root.find("Say").text
