@@ -11,8 +11,8 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 
 from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayCall,  # noqa: E402
-                          converse, destination, fetch_turns, fmt_ms, machine_summary, markdown_table, percentile,
-                          progress, unique_utterance)
+                          cache_backend, converse, destination, fetch_turns, fmt_ms, machine_summary, markdown_table,
+                          parse_env_pairs, percentile, progress, unique_utterance)
 
 WORKFLOW = "real_estate_property_dealer"
 # What callers say over and over; the service's en-US prewarm list covers all five (and three more).
@@ -36,7 +36,9 @@ def scripted_calls(calls: int, turns: int, seed: int) -> list[list[str]]:
 
 def run_once(stack: BenchStack, prewarm: bool, args: argparse.Namespace, run_index: int) -> dict:
     """A fresh server (empty cache, empty store) replaying the scripted calls; counts from both ends."""
-    with stack.server(workers=1, CACHE_PREWARM="1" if prewarm else "0") as server:
+    env = {**parse_env_pairs(args.server_env), "CACHE_PREWARM": "1" if prewarm else "0"}
+    with stack.server(workers=1, **env) as server:
+        backend = cache_backend(server.url)
         llm_before = stack.llm.stats()["requests"]
         calls = [RelayCall(stack, server.url, destination(i, run_index), WORKFLOW) for i in range(args.calls)]
         scripts = scripted_calls(args.calls, args.turns, args.seed)
@@ -72,7 +74,8 @@ def run_once(stack: BenchStack, prewarm: bool, args: argparse.Namespace, run_ind
         errors["server: apology turns"] = apologies
     progress(f"prewarm={int(prewarm)}: {len(all_turns)} turns, {len(hits)} hits, {llm_requests} LLM requests, "
              f"{talk_s:.1f}s, errors {errors or 0}")
-    return {"prewarm": prewarm, "turns": len(all_turns), "hits": len(hits), "llm_turns": len(llm_turns),
+    return {"prewarm": prewarm, "backend": backend, "turns": len(all_turns), "hits": len(hits),
+            "llm_turns": len(llm_turns),
             "recurring_turns": recurring_turns, "recurring_hits": recurring_hits, "llm_requests": llm_requests,
             "hit_ms": [t["firstTokenMs"] for t in hits if t.get("firstTokenMs") is not None],
             "miss_ms": [t["firstTokenMs"] for t in llm_turns if t.get("firstTokenMs") is not None],
@@ -99,10 +102,12 @@ def report(runs: list[dict], args: argparse.Namespace) -> str:
         f"### Reply cache: {args.calls} calls × {args.turns} turns on the real-estate flow, replayed twice",
         "",
         f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
-        f"{args.token_interval_ms:g} ms/token. Each run: fresh server, empty FileSystemCache, calls placed within "
+        f"{args.token_interval_ms:g} ms/token. Each run: fresh server with one worker, empty reply cache "
+        f"({' / '.join(sorted({r['backend'] for r in runs}))}, as the worker reports it), calls placed within "
         f"{args.stagger_s:g} s, the first utterance comes {args.ring_s:g} s after a call is placed (ringing, "
         f"greeting). Turns alternate recurring lines "
-        f"({', '.join(RECURRING_UTTERANCES)}) and unique ones.",
+        f"({', '.join(RECURRING_UTTERANCES)}) and unique ones."
+        + (f" Server environment extras: {', '.join(args.server_env)}." if args.server_env else ""),
         "",
         markdown_table(["CACHE_PREWARM", "turns", "cache hits (rate)", "recurring lines hit",
                         "first token, hits p50 / p95 ms", "first token, misses p50 / p95 ms", "LLM turns",
@@ -131,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
     parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS)
     parser.add_argument("--time-limit-s", type=float, default=120.0, help="per run")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the server (repeatable), e.g. CACHE_TYPE=FileSystemCache")
     parser.add_argument("--seed", type=int, default=5)
     return parser.parse_args(argv)
 

@@ -544,3 +544,13 @@ def test_under_gevent_killing_the_reply_greenlet_closes_the_upstream_response():
 def make_and_finish(chain: ProviderChain, **options):
     """One whole turn with the default conversation."""
     return chain.complete(MESSAGES, **options)
+
+
+def test_consecutive_turns_reuse_one_upstream_connection(make_chain, azure_fake):
+    """Reading past `[DONE]` to the body's end keeps the connection pooled: no new TCP/TLS handshake per turn."""
+    chain = make_chain()
+    for _ in range(3):
+        azure_fake.push(Reply(text="Pooled reply."))
+        assert "".join(chain.stream(MESSAGES)) == "Pooled reply."
+    assert len(azure_fake.requests) == 3
+    assert azure_fake.connections_opened == 1

@@ -203,6 +203,17 @@ def _call_with_read_deadline(deadline: float, function: Callable, *args):
         _READ_DEADLINE.reset(token)
 
 
+def _drain(byte_chunks: Iterator[bytes], budget_s: float = 0.25) -> None:
+    """Read what follows `[DONE]` (the chunked terminator) so the next turn reuses this connection instead of
+    paying a new TCP+TLS handshake; a slow or broken tail is not worth waiting for."""
+    deadline = time.monotonic() + budget_s
+    try:
+        while _call_with_read_deadline(deadline, next, byte_chunks, None) is not None:
+            pass
+    except Exception:
+        pass
+
+
 def _abort_http_response(http_response: httpx2.Response | None) -> None:
     """Hang up a response that another greenlet/thread is reading: shutting the socket wakes its blocked read."""
     if http_response is None:
@@ -630,6 +641,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                                 deadline = time.monotonic() + settings.stall_timeout_s
             if not done and finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
+            if done:
+                _drain(byte_chunks)  # reading to the body's end returns the connection to the pool
             if joiner is not None:
                 tail = joiner.finish()
                 if tail:

@@ -352,6 +352,7 @@ class FakeLLM:
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+        self.connections_opened = 0  # TCP connections accepted: shows whether clients reuse keep-alive connections
         self._completion_counter = 0
         self._server: _Server | None = None
         self._serve_thread: threading.Thread | None = None
@@ -467,5 +468,6 @@ class FakeLLM:
         with self._lock:
             if add:
                 self._connections.add(connection)
+                self.connections_opened += 1
             else:
                 self._connections.discard(connection)
