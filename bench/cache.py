@@ -10,7 +10,7 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 
-from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayCall,  # noqa: E402
+from bench.common import (add_load_options, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayCall,  # noqa: E402
                           cache_backend, converse, destination, fetch_turns, fmt_ms, machine_summary, markdown_table,
                           parse_env_pairs, percentile, progress, unique_utterance)
 
@@ -128,17 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=24)
     parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--stagger-s", type=float, default=12.0, help="calls are placed within this many seconds")
     parser.add_argument("--ring-s", type=float, default=8.0,
                         help="placing a call → its first utterance (ringing plus the spoken greeting)")
-    parser.add_argument("--think-min-s", type=float, default=1.0)
-    parser.add_argument("--think-max-s", type=float, default=2.0)
-    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
-    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS)
     parser.add_argument("--time-limit-s", type=float, default=120.0, help="per run")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server (repeatable), e.g. CACHE_TYPE=FileSystemCache")
-    parser.add_argument("--seed", type=int, default=5)
+    add_load_options(parser, stagger_s=12.0, seed=5, server_env_example="CACHE_TYPE=FileSystemCache")
     return parser.parse_args(argv)
 
 

@@ -3,6 +3,7 @@
 Import this only after `gevent.monkey.patch_all()` (the bench modules do that first): the load generator runs
 hundreds of callers as greenlets. Everything listens on 127.0.0.1 and every wait has a deadline.
 """
+import argparse
 import json
 import math
 import os
@@ -253,6 +254,20 @@ class BenchStack:
 
 
 # ---------------------------------------------------------------------------------------------- calls
+
+def add_load_options(parser: argparse.ArgumentParser, *, stagger_s: float, seed: int,
+                     server_env_example: str = "CACHE_TYPE=NullCache") -> None:
+    """Options every load benchmark shares: call pacing, the fake LLM's speed, server environment, seed."""
+    parser.add_argument("--stagger-s", type=float, default=stagger_s, help="calls start within this many seconds")
+    parser.add_argument("--think-min-s", type=float, default=1.0, help="shortest pause after a reply")
+    parser.add_argument("--think-max-s", type=float, default=2.0, help="longest pause after a reply")
+    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS, help="fake LLM time to first token")
+    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS,
+                        help="fake LLM ms per token")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"extra environment for the server (repeatable), e.g. {server_env_example}")
+    parser.add_argument("--seed", type=int, default=seed)
+
 
 def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
     """`--server-env KEY=VALUE` options → a dict (e.g. CACHE_TYPE=NullCache to measure without the cache)."""

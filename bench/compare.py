@@ -10,9 +10,9 @@ import time  # noqa: E402
 
 import gevent.pool  # noqa: E402
 
-from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, GatherCall,  # noqa: E402
+from bench.common import (add_load_options, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, GatherCall,  # noqa: E402
                           RelayCall, converse, describe, destination, fetch_turns, fmt_ms, machine_summary,
-                          markdown_table, percentile, progress, unique_utterance)
+                          markdown_table, parse_env_pairs, percentile, progress, unique_utterance)
 
 
 def set_up_all(calls: list, concurrency: int, errors: dict[str, int], limit_s: float) -> list:
@@ -97,13 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=20, help="concurrent calls per path")
     parser.add_argument("--turns", type=int, default=5, help="turns per call")
-    parser.add_argument("--stagger-s", type=float, default=3.0)
-    parser.add_argument("--think-min-s", type=float, default=1.0)
-    parser.add_argument("--think-max-s", type=float, default=2.0)
-    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
-    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS)
     parser.add_argument("--time-limit-s", type=float, default=120.0, help="per path")
-    parser.add_argument("--seed", type=int, default=11)
+    add_load_options(parser, stagger_s=3.0, seed=11)
     return parser.parse_args(argv)
 
 
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"compare bench: {args.calls} calls × {args.turns} turns per path")
     results = []
     with BenchStack("compare", args.ttft_ms, args.token_interval_ms) as stack:
-        with stack.server(workers=1, CACHE_TYPE="NullCache") as server:
+        with stack.server(workers=1, **{"CACHE_TYPE": "NullCache", **parse_env_pairs(args.server_env)}) as server:
             for run_index, path in enumerate(("traditional", "optimized")):
                 results.append(run_path(stack, server.url, path, args, run_index))
     print(report(results, args))

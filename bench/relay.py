@@ -6,7 +6,7 @@ monkey.patch_all()
 import argparse  # noqa: E402  (after patch_all)
 import sys  # noqa: E402
 
-from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayLoadResult,  # noqa: E402
+from bench.common import (add_load_options, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayLoadResult,  # noqa: E402
                           client_added_ms, distribution_cells, fmt_ms, machine_summary, markdown_table,
                           parse_env_pairs, percentile, progress, run_relay_load)
 
@@ -92,16 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
     parser.add_argument("--turns", type=int, default=5, help="turns per call")
-    parser.add_argument("--stagger-s", type=float, default=5.0, help="calls start talking within this many seconds")
-    parser.add_argument("--think-min-s", type=float, default=1.0, help="shortest pause after a reply")
-    parser.add_argument("--think-max-s", type=float, default=2.0, help="longest pause after a reply")
-    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS, help="fake LLM time to first token")
-    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS,
-                        help="fake LLM ms per token")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="give up on calls still talking after this")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server (repeatable), e.g. CACHE_TYPE=NullCache")
-    parser.add_argument("--seed", type=int, default=7)
+    add_load_options(parser, stagger_s=5.0, seed=7)
     return parser.parse_args(argv)
 
 

@@ -7,7 +7,7 @@ import argparse  # noqa: E402  (after patch_all)
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from bench.common import (DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayLoadResult,  # noqa: E402
+from bench.common import (add_load_options, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayLoadResult,  # noqa: E402
                           client_added_ms, fmt_ms, machine_summary, markdown_table, parse_env_pairs, percentile,
                           progress, raise_open_files_limit, run_relay_load)
 
@@ -58,15 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", default="1,50,200,500", help="comma-separated concurrent call counts")
     parser.add_argument("--turns", type=int, default=3, help="turns per call up to 200 calls")
     parser.add_argument("--large-turns", type=int, default=2, help="turns per call above 200 calls")
-    parser.add_argument("--stagger-s", type=float, default=5.0)
-    parser.add_argument("--think-min-s", type=float, default=1.0)
-    parser.add_argument("--think-max-s", type=float, default=2.0)
-    parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
-    parser.add_argument("--token-interval-ms", type=float, default=DEFAULT_TOKEN_INTERVAL_MS)
     parser.add_argument("--level-time-limit-s", type=float, default=90.0, help="give up on a level after this")
-    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment for the server (repeatable), e.g. CACHE_TYPE=NullCache")
-    parser.add_argument("--seed", type=int, default=3)
+    add_load_options(parser, stagger_s=5.0, seed=3)
     return parser.parse_args(argv)
 
 
