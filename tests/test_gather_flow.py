@@ -166,3 +166,10 @@ def test_connect_action_closing_lines(app, client, twilio, fake_twilio):
     blocked = _twiml(twilio.post(path, {"CallSid": data["callSid"], "SessionStatus": "ended",
                                         "HandoffData": '{"reason": "transfer", "destination": "+882345678901"}'}))
     assert blocked.find("Dial") is None and blocked.find("Hangup") is not None  # outside allowed prefixes
+
+
+def test_twiml_default_is_a_signed_twilio_route(client, twilio):
+    assert client.post("/api/twiml-default").status_code == 403
+    root = _twiml(twilio.post("/api/twiml-default", {"CallSid": "CA" + "2" * 32}))
+    assert [c.tag for c in root] == ["Say", "Pause", "Say"]
+    assert _twiml(twilio.get("/api/twiml-default")).find("Say") is not None

@@ -36,7 +36,8 @@ def _twiml_error(exc: Exception):
 
 
 @bp.route("/api/twiml-default", methods=["GET", "POST"])
-def twiml_default():
+@twilio_webhook
+def twiml_default(record=None):
     vr = VoiceResponse()
     vr.say("Hello! This is a test call from CallWeaver. Your Twilio configuration is working.", voice="alice")
     vr.pause(length=1)
