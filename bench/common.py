@@ -28,7 +28,7 @@ import gevent.pool
 from callweaver.simulate.caller import RelayCaller
 from callweaver.simulate.twilio_rest import TwilioRestStandIn
 from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
-from tests.fakes.live_server import LiveServer
+from tests.fakes.live_server import LiveServer, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "tests" / "fixtures" / "workflows"
@@ -174,13 +174,7 @@ class FakeLLMProcess:
             return json.loads(resp.read())
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s=10)
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         if getattr(self, "_log", None):

@@ -54,8 +54,6 @@ def signature_is_valid(auth_token: str, url: str, params: Mapping | str | None, 
                for u in candidates)
 
 
-SIGNATURE_SETTINGS = SIGNATURE_SETTINGS_HEADER
-
 
 class CredentialBox:
     """Fernet encryption (key derived from SECRET_KEY) for per-call Twilio credentials kept at rest."""

@@ -114,9 +114,7 @@ class Services:
     def warm_up(self) -> None:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
-        warm = getattr(self.providers, "warm_up", None)
-        if warm:
-            warm()
+        self.providers.warm_up()
 
     def prepare_call(self, tracking_id: str):
         """While the phone rings, off the request path: warm the cache for the entry node, and now and then

@@ -29,9 +29,6 @@ HEALTH_PROBE_TTL_S = 30
 # Bumped when the stored entry layout changes, so old entries read as misses instead of garbage.
 ENTRY_FORMAT_VERSION = 1
 
-# Fillers callers commonly open with; callers of normalize_utterance pass their language's own list.
-COMMON_FILLERS: tuple[str, ...] = ("um", "umm", "uh", "uhh", "er", "erm", "hmm", "eh", "呃", "嗯", "啊", "哦")
-
 # Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
 _APOSTROPHES = frozenset("'’ʼ‘`´")
 _DIGIT_RUN = re.compile(r"\d(?:[\s,.\-/:]?\d){3,}")

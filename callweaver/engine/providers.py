@@ -746,6 +746,11 @@ class ProviderChain:
         now = self._clock()
         return [provider.health(now) for provider in self._providers]
 
+    def warm_up(self) -> None:
+        """Build every provider's client now (no network), so a worker's first turn does not pay for it."""
+        for provider in self._providers:
+            provider.client()
+
     def close(self) -> None:
         """Release the HTTP connection pools (tests, shutdown)."""
         for provider in self._providers:

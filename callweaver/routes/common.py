@@ -9,7 +9,7 @@ import structlog
 from flask import Response, request
 
 from ..api_errors import ApiError
-from ..security import SIGNATURE_SETTINGS, public_base_url, request_public_url, signature_is_valid
+from ..security import SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid
 from ..services import services
 
 log = structlog.get_logger()
@@ -49,7 +49,7 @@ def signature_ok(auth_token: str, url: str | None = None, params: Any = None) ->
     if params is None:
         params = request.form if request.method == "POST" else {}
     return signature_is_valid(auth_token, url, params, request.headers.get("X-Twilio-Signature"),
-                              request.headers.get(SIGNATURE_SETTINGS))
+                              request.headers.get(SIGNATURE_SETTINGS_HEADER))
 
 
 def verify_twilio(*, url: str | None = None, params: Any = None):
