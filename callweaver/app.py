@@ -26,7 +26,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_env(os.environ, overrides=config)
     init_logging(settings.log_level, settings.log_format)
     for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
-                   settings.secret_key):
+                   settings.secret_key, settings.call_report_secret):
         register_secret(secret)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)

@@ -15,7 +15,7 @@ DEFAULT_CORS_ORIGINS = (
 )
 
 SECRET_SETTINGS = frozenset(
-    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key"}
+    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key", "call_report_secret"}
 )
 
 
@@ -85,6 +85,11 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
+    # Observability
+    call_report_url: str | None = None
+    call_report_secret: str = ""
+    call_report_max_attempts: int = 10
+    call_report_backoff_s: float = 2.0
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -222,6 +227,13 @@ class Settings:
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
         if values["log_format"] not in {"json", "console"}:
             problems.append("LOG_FORMAT must be json or console")
+
+        values["call_report_url"] = url("CALL_REPORT_URL")
+        values["call_report_secret"] = text("CALL_REPORT_SECRET")
+        if values["call_report_url"] and len(values["call_report_secret"]) < 16:
+            problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
+        values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
+        values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
 
         if not values["public_base_url"]:
             warnings.append("PUBLIC_BASE_URL is not set: callback URLs follow each request's Host/X-Forwarded-* "

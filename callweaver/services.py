@@ -14,6 +14,7 @@ from typing import Any, Callable
 import structlog
 from flask import current_app
 
+from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
@@ -61,7 +62,16 @@ class Services:
 
     @cached_property
     def lifecycle(self) -> CallLifecycle:
-        return CallLifecycle(self.settings, self.store, self.twilio, self.languages)
+        return CallLifecycle(self.settings, self.store, self.twilio, self.languages,
+                             on_call_ended=self.call_reporter.call_ended if self.call_reporter else None)
+
+    @cached_property
+    def call_reporter(self) -> CallReporter | None:
+        s = self.settings
+        if not s.call_report_url:
+            return None
+        return CallReporter(self.store, s.call_report_url, s.call_report_secret, spawn=spawn,
+                            max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s)
 
     @cached_property
     def providers(self):
