@@ -90,6 +90,7 @@ class Settings:
     call_report_secret: str = ""
     call_report_max_attempts: int = 10
     call_report_backoff_s: float = 2.0
+    otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -234,6 +235,7 @@ class Settings:
             problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
         values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
         values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
+        values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         if not values["public_base_url"]:
             warnings.append("PUBLIC_BASE_URL is not set: callback URLs follow each request's Host/X-Forwarded-* "

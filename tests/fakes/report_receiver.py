@@ -1,4 +1,4 @@
-"""A real loopback HTTP receiver for end-of-call reports: records every POST, answers scripted statuses."""
+"""A real loopback HTTP receiver (end-of-call reports, OTLP/HTTP traces): records every POST, answers scripted statuses."""
 from __future__ import annotations
 
 import threading
@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class ReceivedReport:
     headers: dict[str, str]  # keys lower-cased
     body: bytes
+    path: str = "/"
 
 
 class ReportReceiver:
@@ -27,8 +28,12 @@ class ReportReceiver:
         self._server: ThreadingHTTPServer | None = None
 
     @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/call-ended"
+        return self.base_url + "/hooks/call-ended"
 
     def start(self) -> "ReportReceiver":
         receiver = self
@@ -40,7 +45,8 @@ class ReportReceiver:
                 receiver.release.wait(timeout=30)
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 if status == 200:
-                    receiver.reports.append(ReceivedReport({k.lower(): v for k, v in self.headers.items()}, body))
+                    receiver.reports.append(ReceivedReport({k.lower(): v for k, v in self.headers.items()}, body,
+                                                          self.path))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
