@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import pytest
@@ -14,10 +15,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from callweaver import create_app
 from callweaver.engine.tracing import trace_id_hex
-from tests.conftest import Signer
-from tests.fakes.live_server import REPO
+from callweaver.simulate import RelayCaller
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, Signer, base_env
+from tests.fakes.live_server import REPO, LiveServer
 from tests.fakes.report_receiver import ReportReceiver
 from tests.scripted_brain import real_estate_brain
+from tests.helpers import make_call_body
 from tests.test_gather_flow import GatherCall
 
 QUESTION = "What are your opening hours?"  # no routing: the reply is cached for the entry node
@@ -136,3 +139,39 @@ def test_without_the_endpoint_nothing_of_opentelemetry_is_loaded(env):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False []"
+
+
+def test_relay_call_on_the_production_server_exports_its_trace_over_otlp(tmp_path, fake_twilio, fake_llm, collector):
+    """gunicorn, gevent workers, the batch processor's greenlet: spans of a relay call reach the collector."""
+    env = {**base_env(tmp_path, fake_twilio, fake_llm), "OTEL_EXPORTER_OTLP_ENDPOINT": collector.base_url,
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    env.pop("PUBLIC_BASE_URL")
+    fake_llm.responder = real_estate_brain
+    server = LiveServer(env, workers=1).start()
+    try:
+        caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+        caller.place_call(make_call_body())
+        caller.answer(fake_twilio.creates()[-1].one("Url"))
+        caller.connect()
+        caller.say("I want to buy a house")
+        caller.say("A three bedroom house, please")
+        caller.hangup()
+        assert caller.status("completed", 3).status == 200
+        spans: dict[str, list] = defaultdict(list)
+        deadline = time.monotonic() + 20
+        while len(spans["call"]) < 1 and time.monotonic() < deadline:
+            spans.clear()
+            for post in collector.reports:
+                for resource_spans in ExportTraceServiceRequest.FromString(post.body).resource_spans:
+                    for scope in resource_spans.scope_spans:
+                        for span in scope.spans:
+                            spans[span.name.split(" ")[0]].append(span)
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    (call,) = spans["call"]
+    assert call.trace_id.hex() == trace_id_hex(caller.tracking_id) and not call.parent_span_id
+    assert len(spans["turn"]) == 2 and len(spans["chat"]) == 2 and len(spans["cache.lookup"]) == 2
+    assert all(t.parent_span_id == call.span_id and t.trace_id == call.trace_id for t in spans["turn"])
+    turn_ids = {t.span_id for t in spans["turn"]}
+    assert all(c.parent_span_id in turn_ids for c in spans["chat"] + spans["cache.lookup"])
