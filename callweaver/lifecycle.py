@@ -64,7 +64,7 @@ class CallLifecycle:
     def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
                  on_call_ended: Callable[[str], Any] | None = None):
         self.settings = settings
-        self.on_call_ended = on_call_ended  # the end-of-call report (CALL_REPORT_URL); must return at once
+        self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
         self.store = store
         self.twilio = twilio
         self.languages = languages
