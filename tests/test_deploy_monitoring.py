@@ -1,5 +1,5 @@
 """deploy/: the Grafana dashboard and the Prometheus alerts only use metric names a live /metrics scrape exposes,
-and every expression in them passes `promtool check rules`."""
+every expression in them passes `promtool check rules`, and each alert fires when it should (`promtool test rules`)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from tests.scripted_brain import real_estate_brain
 from tests.test_gather_flow import GatherCall
 
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "callweaver-dashboard.json"
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
@@ -51,6 +52,12 @@ def dashboard_expressions() -> list[str]:
                 expr = expr.replace(variable, value)
             exprs.append(expr)
     return exprs
+
+
+def alert_test_series() -> set[str]:
+    """Metric names of the synthetic series alerts_test.yml feeds promtool."""
+    return {re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", series["series"]).group(0)
+            for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for series in test["input_series"]}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -94,6 +101,7 @@ def test_every_metric_the_dashboard_and_alerts_use_is_on_the_live_scrape(scraped
     assert {"callweaver_turn_first_token_ms_bucket", "callweaver_provider_circuit_state"} <= scraped_names
     used = {name: "alerts.yml" for rule in alert_rules() for name in metric_names(rule["expr"])}
     used |= {name: "callweaver-dashboard.json" for expr in dashboard_expressions() for name in metric_names(expr)}
+    used |= {name: "alerts_test.yml" for name in alert_test_series()}
     assert len(used) >= 5
     unknown = {name: where for name, where in used.items() if name not in scraped_names}
     assert unknown == {}, f"not exposed by /metrics (exposed: {sorted(scraped_names)})"
@@ -111,6 +119,16 @@ def test_alert_rules_pass_promtool():
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+def test_each_alert_fires_on_its_situation_and_not_on_a_healthy_service():
+    """promtool's rule unit tests (alerts_test.yml): every alert fires, at the right time, with its labels."""
+    result = subprocess.run([promtool(), "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = {case["alertname"] for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+              for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert tested == {rule["alert"] for rule in alert_rules()}
 
 
 def test_dashboard_queries_parse(tmp_path):
