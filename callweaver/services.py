@@ -92,10 +92,17 @@ class Services:
     @cached_property
     def engine(self) -> ConversationEngine:
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
-                                  chain_for=self.chain_for, tracer=self.tracer)
+                                  chain_for=self.chain_for, tracer=self.tracer,
+                                  record_transcripts=self.settings.record_transcripts)
 
     def call_ended(self, tracking_id: str) -> None:
-        """Twilio reported the call's final status: record its root span and queue its end-of-call report."""
+        """Twilio reported the call's final status: record its root span and queue its end-of-call report.
+        With RECORD_TRANSCRIPTS=0 the history the call needed while live is emptied first: timings only."""
+        if not self.settings.record_transcripts:
+            try:
+                self.store.update_call(tracking_id, messages=[])
+            except Exception:
+                log.exception("transcript_drop_failed", tracking_id=tracking_id)
         if self.tracer.enabled:
             try:
                 record = self.store.get_call(tracking_id)
@@ -149,7 +156,9 @@ class Services:
             if secrets.randbelow(PURGE_EVERY_N_CALLS) == 0:
                 try:
                     purged = self.store.purge(time.time() - self.settings.retention_days * 86400)
-                    log.info("store_purged", calls=purged)
+                    emptied = self.store.purge_transcripts(
+                        time.time() - self.settings.transcript_retention_days * 86400)
+                    log.info("store_purged", calls=purged, transcripts=emptied)
                 except Exception:
                     log.exception("purge_failed")
             if not self.settings.cache_prewarm:

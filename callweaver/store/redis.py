@@ -15,11 +15,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from callweaver.store import (
+    CALL_LOG_FIELDS,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
 )
+
+# Calls read per round trip while a filtered call-log page walks the created-at index.
+PAGE_SCAN_CHUNK = 500
 
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
 SOCKET_TIMEOUT_S = 1.0
@@ -252,6 +256,43 @@ class RedisStore:
             records = [record for record in records if record.ended_at is None]
         return records
 
+    def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
+                  language: str | None = None) -> tuple[list[CallRecord], int]:
+        wanted = {name: _dumps(value) for name, value in (("status", status), ("path", path),
+                                                           ("language", language)) if value is not None}
+        created_key = self._key("calls", "created")
+        with self._backend() as client:
+            if not wanted:
+                total = client.zcard(created_key)
+                page_ids = client.zrevrange(created_key, offset, offset + limit - 1) if limit > 0 else []
+            else:
+                # Filters walk the index newest first, reading only the filtered fields, a chunk per round trip.
+                names = list(wanted)
+                total, page_ids, start = 0, [], 0
+                while True:
+                    chunk = client.zrevrange(created_key, start, start + PAGE_SCAN_CHUNK - 1)
+                    if not chunk:
+                        break
+                    pipe = client.pipeline(transaction=False)
+                    for tracking_id in chunk:
+                        pipe.hmget(self._key("call", tracking_id), names)
+                    for tracking_id, values in zip(chunk, pipe.execute()):
+                        if list(values) == [wanted[name] for name in names]:
+                            if offset <= total < offset + limit:
+                                page_ids.append(tracking_id)
+                            total += 1
+                    start += PAGE_SCAN_CHUNK
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in page_ids:
+                pipe.hmget(self._key("call", tracking_id), CALL_LOG_FIELDS)
+            rows = pipe.execute() if page_ids else []
+        records = []
+        for values in rows:
+            if values[0] is not None:  # purged between the index read and this one
+                records.append(CallRecord.from_dict({name: json.loads(value) for name, value
+                                                     in zip(CALL_LOG_FIELDS, values) if value is not None}))
+        return records, total
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -315,6 +356,16 @@ class RedisStore:
             items = client.lrange(self._key("turns", tracking_id), 0, -1)
         return [json.loads(item) for item in items]
 
+    def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
+        if not tracking_ids:
+            return {}
+        with self._backend() as client:
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.lrange(self._key("turns", tracking_id), 0, -1)
+            lists = pipe.execute()
+        return {tracking_id: [json.loads(item) for item in items] for tracking_id, items in zip(tracking_ids, lists)}
+
     def recent_turns(self, since: float) -> list[dict]:
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
@@ -366,4 +417,26 @@ class RedisStore:
                         pipe.delete(sid_key)
                 deleted = pipe.execute()[0]
                 purged += 1 if deleted else 0
+        return purged
+
+    def purge_transcripts(self, older_than: float) -> int:
+        ended_key = self._key("calls", "ended")
+        purged_at = time.time()
+        purged = 0
+        with self._backend() as client:
+            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
+                chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
+                pipe = client.pipeline(transaction=False)
+                for tracking_id in chunk:
+                    pipe.hmget(self._key("call", tracking_id), ["messages", "transcript", "meta"])
+                writes = client.pipeline(transaction=False)
+                for tracking_id, (messages, transcript, meta) in zip(chunk, pipe.execute()):
+                    if not any(value not in (None, "[]") for value in (messages, transcript)):
+                        continue
+                    meta_dict = {**(json.loads(meta) if meta else {}), "transcriptPurgedAt": purged_at}
+                    writes.hset(self._key("call", tracking_id),
+                                mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(meta_dict)})
+                    purged += 1
+                writes.execute()
         return purged

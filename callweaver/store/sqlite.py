@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from callweaver.store import (
+    CALL_LOG_FIELDS,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
@@ -208,6 +209,24 @@ class SQLiteStore:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
         return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
 
+    def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
+                  language: str | None = None) -> tuple[list[CallRecord], int]:
+        conditions, params = [], []
+        for name, value in (("status", status), ("path", path), ("language", language)):
+            if value is not None:
+                conditions.append(f"json_extract(data, '$.{name}') = ?")
+                params.append(value)
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        # Only the list's fields leave SQLite: the workflow snapshot and history stay on disk.
+        columns = ", ".join(f"json_extract(data, '$.{name}')" for name in CALL_LOG_FIELDS)
+        with self._connection() as conn:
+            (total,) = conn.execute(f"SELECT COUNT(*) FROM cw_calls{where}", params).fetchone()
+            rows = conn.execute(
+                f"SELECT {columns} FROM cw_calls{where} ORDER BY created_at DESC, tracking_id DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [CallRecord.from_dict(dict(zip(CALL_LOG_FIELDS, row))) for row in rows], total
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -283,6 +302,21 @@ class SQLiteStore:
             ).fetchall()
         return [json.loads(row[0]) for row in rows]
 
+    def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {tracking_id: [] for tracking_id in tracking_ids}
+        if not tracking_ids:
+            return found
+        marks = ", ".join("?" * len(tracking_ids))
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT tracking_id, data FROM cw_turns WHERE tracking_id IN ({marks})"
+                " ORDER BY tracking_id, turn_index",
+                list(tracking_ids),
+            ).fetchall()
+        for tracking_id, data in rows:
+            found[tracking_id].append(json.loads(data))
+        return found
+
     def recent_turns(self, since: float) -> list[dict]:
         with self._connection() as conn:
             rows = conn.execute(
@@ -326,3 +360,13 @@ class SQLiteStore:
                 "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
             ).rowcount
         return deleted
+
+    def purge_transcripts(self, older_than: float) -> int:
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE cw_calls SET data = json_set(data, '$.messages', json('[]'), '$.transcript', json('[]'),"
+                " '$.meta.transcriptPurgedAt', ?)"
+                " WHERE ended_at IS NOT NULL AND ended_at < ?"
+                " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
+                (time.time(), older_than),
+            ).rowcount
