@@ -149,16 +149,22 @@ class Services:
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
         self.providers.warm_up()
 
+    def purge_expired(self) -> tuple[int, int]:
+        """The retention job: drop calls ended RETENTION_DAYS ago, and empty transcripts (what callers said and
+        heard) of calls ended TRANSCRIPT_RETENTION_DAYS ago. Returns (calls purged, transcripts emptied)."""
+        now = time.time()
+        purged = self.store.purge(now - self.settings.retention_days * 86400)
+        emptied = self.store.purge_transcripts(now - self.settings.transcript_retention_days * 86400)
+        log.info("store_purged", calls=purged, transcripts=emptied)
+        return purged, emptied
+
     def prepare_call(self, tracking_id: str):
         """While the phone rings, off the request path: warm the cache for the entry node, and now and then
         drop calls older than RETENTION_DAYS so the store does not grow without bound."""
         def work() -> None:
             if secrets.randbelow(PURGE_EVERY_N_CALLS) == 0:
                 try:
-                    purged = self.store.purge(time.time() - self.settings.retention_days * 86400)
-                    emptied = self.store.purge_transcripts(
-                        time.time() - self.settings.transcript_retention_days * 86400)
-                    log.info("store_purged", calls=purged, transcripts=emptied)
+                    self.purge_expired()
                 except Exception:
                     log.exception("purge_failed")
             if not self.settings.cache_prewarm:
