@@ -9,7 +9,8 @@ from ..engine.metrics import MetricsReader
 from ..services import services
 
 bp = Blueprint("call_log", __name__)
-LATENCY_POINTS = 120  # buckets across the chosen window
+LATENCY_POINTS = 360  # at most this many buckets across the chosen window
+MIN_BUCKET_S = 10
 PATHS = ("optimized", "traditional")
 
 
@@ -56,9 +57,9 @@ def call_log_detail(tracking_id: str):
 
 @bp.get("/api/call-latency")
 def call_latency():
-    """First-token p50/p95 across all calls' turns, bucketed over the window (default 24 h)."""
-    window = _whole_number("window", 86400, 60, 30 * 86400)
-    bucket = max(60, window // LATENCY_POINTS // 60 * 60)
+    """First-token p50/p95 across all calls' turns, bucketed over the window (default 1 h)."""
+    window = _whole_number("window", 3600, 60, 30 * 86400)
+    bucket = max(MIN_BUCKET_S, window // LATENCY_POINTS // MIN_BUCKET_S * MIN_BUCKET_S)
     points = MetricsReader(services().store).timeline(window, bucket_s=bucket)
     return jsonify(success=True, windowSeconds=window, bucketSeconds=bucket,
                    points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points])

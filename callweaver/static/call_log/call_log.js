@@ -54,6 +54,8 @@
     var q = new URLSearchParams();
     ["status", "path", "language"].forEach(function (k) { if (query[k]) q.set(k, query[k]); });
     if (query.offset) q.set("offset", String(query.offset));
+    var windowS = new URLSearchParams(location.search).get("window");
+    if (windowS) q.set("window", windowS);
     location.search = q.toString();
   }
 
@@ -99,8 +101,8 @@
     var host = $("latency-plot");
     var points = data.points.filter(function (p) { return isNum(p.p50); });
     host.setAttribute("data-points", String(points.length));
-    $("latency-caption").textContent = "p50 and p95 per " + Math.round(data.bucketSeconds / 60) +
-      " min, last " + Math.round(data.windowSeconds / 3600) + " h, measured per turn";
+    $("latency-caption").textContent = "p50 and p95 of every turn's first token, per " +
+      (data.bucketSeconds < 60 ? data.bucketSeconds + " s" : Math.round(data.bucketSeconds / 60) + " min");
     if (!points.length) {
       $("latency-reason").textContent = DASH + " no measured turns in this window";
       host.setAttribute("data-rendered", "true");
@@ -110,9 +112,13 @@
     var p50 = points.map(function (p) { return p.p50; });
     var p95 = points.map(function (p) { return p.p95; });
     var width = Math.max(320, host.clientWidth || 900);
+    var now = Date.now() / 1000;
     new uPlot({
       width: width, height: 240,
-      scales: { x: { time: true } },
+      scales: {
+        x: { time: true, range: function () { return [now - data.windowSeconds, now]; } },
+        y: { range: function (u, min, max) { return [0, Math.max(100, max * 1.15)]; } }
+      },
       axes: [{}, { label: "ms", values: function (u, ticks) { return ticks.map(function (t) { return t + ""; }); } }],
       series: [
         {},
@@ -137,7 +143,16 @@
     $("next").addEventListener("click", function () { go(Object.assign(query, { offset: query.offset + PAGE_SIZE })); });
     var params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(query.offset) });
     ["status", "path", "language"].forEach(function (k) { if (query[k]) params.set(k, query[k]); });
-    Promise.all([getJson("/api/call-log?" + params.toString()), getJson("/api/call-latency")]).then(function (res) {
+    var windowSelect = $("window-select");
+    var windowS = parseInt(new URLSearchParams(location.search).get("window") || "3600", 10) || 3600;
+    windowSelect.value = String(windowS);
+    windowSelect.addEventListener("change", function () {
+      var q = new URLSearchParams(location.search);
+      q.set("window", windowSelect.value);
+      location.search = q.toString();
+    });
+    Promise.all([getJson("/api/call-log?" + params.toString()),
+                 getJson("/api/call-latency?window=" + windowS)]).then(function (res) {
       renderRows(res[0]);
       renderLatency(res[1]);
       document.body.setAttribute("data-state", "ready");
