@@ -8,7 +8,7 @@ import uuid
 from typing import Any, Mapping
 
 import structlog
-from flask import Flask, g, request
+from flask import Flask, g, jsonify, request
 from flask_cors import CORS
 
 from .config import Settings
@@ -26,12 +26,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = Settings.from_env(os.environ, overrides=config)
     init_logging(settings.log_level, settings.log_format)
     for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
-                   settings.secret_key):
+                   settings.secret_key, settings.ops_token):
         register_secret(secret)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
-    if not settings.twilio_auth_token:
-        log.warning("config_warning", message="TWILIO_AUTH_TOKEN is not set: webhook signatures cannot be checked")
+    if not settings.twilio_auth_token and settings.signatures_enforced:
+        log.warning("config_warning", message="TWILIO_AUTH_TOKEN is not set: every Twilio webhook is refused (403)")
 
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
@@ -45,10 +45,26 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
          allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
     sock.init_app(app)
     _init_request_logging(app)
+    _refuse_foreign_origins(app, settings)
     init_errors(app)
     from .routes import register_blueprints
     register_blueprints(app)
+    from .rate_limits import init_rate_limits
+    init_rate_limits(app, settings)
     return app
+
+
+def _refuse_foreign_origins(app: Flask, settings: Settings) -> None:
+    """A state-changing request that names an Origin outside CORS_ORIGINS is another site's page acting through a
+    visitor's browser: refused (403). Twilio and server-to-server clients send no Origin and are unaffected."""
+
+    @app.before_request
+    def _check_origin():
+        origin = request.headers.get("Origin")
+        if request.method in ("GET", "HEAD", "OPTIONS") or origin is None or settings.origin_allowed(origin):
+            return None
+        log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
+        return jsonify(success=False, error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403
 
 
 def _init_request_logging(app: Flask) -> None:

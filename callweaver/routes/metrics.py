@@ -11,7 +11,7 @@ from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
 from ..services import services
-from .common import body_params
+from .common import body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
 PROMETHEUS_WINDOW_S = 86400
@@ -86,6 +86,7 @@ def test_optimization():
 
 
 @bp.get("/metrics")
+@operator_only
 def prometheus_metrics():
     svc = services()
     # Bounded scrape: counters cover the last 24 h of turns (older turns drop out like a counter reset).
@@ -96,6 +97,7 @@ def prometheus_metrics():
 
 
 @bp.get("/api/dashboard-data")
+@operator_only
 def dashboard_data():
     svc = services()
     window = _window()
@@ -109,5 +111,6 @@ def dashboard_data():
 
 
 @bp.get("/dashboard")
+@operator_only
 def dashboard():
     return render_template("dashboard.html")
