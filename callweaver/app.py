@@ -45,26 +45,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
          allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
     sock.init_app(app)
     _init_request_logging(app)
-    _refuse_foreign_origins(app, settings)
+    _refuse_cross_site(app, settings)
     init_errors(app)
     from .routes import register_blueprints
     register_blueprints(app)
     from .rate_limits import init_rate_limits
     init_rate_limits(app, settings)
     return app
-
-
-def _refuse_foreign_origins(app: Flask, settings: Settings) -> None:
-    """A state-changing request that names an Origin outside CORS_ORIGINS is another site's page acting through a
-    visitor's browser: refused (403). Twilio and server-to-server clients send no Origin and are unaffected."""
-
-    @app.before_request
-    def _check_origin():
-        origin = request.headers.get("Origin")
-        if request.method in ("GET", "HEAD", "OPTIONS") or origin is None or settings.origin_allowed(origin):
-            return None
-        log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
-        return jsonify(success=False, error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403
 
 
 def _init_request_logging(app: Flask) -> None:
@@ -85,3 +72,24 @@ def _init_request_logging(app: Flask) -> None:
         log.info("http_request", method=request.method, path=request.path, status=response.status_code,
                  duration_ms=round(elapsed_ms, 2))
         return response
+
+
+def _refuse_cross_site(app: Flask, settings: Settings) -> None:
+    """What another site's page could make a visitor's browser send is refused before any view runs:
+    - a state-changing request to the JSON API that is not application/json (415): forms and text/plain bodies
+      need no CORS preflight, JSON does, so only JSON is accepted (Twilio's signed form webhooks are exempt);
+    - a state-changing request naming an Origin outside CORS_ORIGINS (403). Twilio and server-to-server clients
+      send no Origin and are unaffected."""
+
+    @app.before_request
+    def _check_cross_site():
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        view = app.view_functions.get(request.endpoint or "")
+        if view is not None and not getattr(view, "twilio_webhook", False) and not request.is_json:
+            return jsonify(success=False, error="Content-Type must be application/json"), 415
+        origin = request.headers.get("Origin")
+        if origin is None or settings.origin_allowed(origin):
+            return None
+        log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
+        return jsonify(success=False, error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403
