@@ -214,7 +214,7 @@ class Settings:
         values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
         prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
         for p in prefixes:
-            if p != "*" and not re.fullmatch(r"\+\d{1,6}", p):
+            if p != "*" and not re.fullmatch(r"\+[0-9]{1,6}", p):
                 problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
         values["allowed_destination_prefixes"] = prefixes or ("+1",)
         raw_blocked = env.get("BLOCKED_DESTINATION_PREFIXES")

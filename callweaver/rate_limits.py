@@ -70,7 +70,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
 
 
 def _log_breach(limit: RequestLimit) -> Response | None:
-    log.warning("rate_limited", path=request.path, limit=str(limit.limit), client=limit.request_args[0])
+    log.warning("rate_limited", path=request.path, limit=str(limit.limit), key=limit.key)
     return None
 
 
