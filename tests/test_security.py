@@ -286,6 +286,17 @@ def test_oversized_workflows_get_a_clear_400(client, fake_twilio):
     assert fake_twilio.creates() == []
 
 
+def test_oversized_chat_requests_get_a_clear_400(client, fake_llm):
+    too_many = [{"role": "user", "content": "hi"}] * 201
+    resp = client.post("/api/chat", json={"messages": too_many})
+    assert resp.status_code == 400 and "at most 200" in resp.get_json()["error"]
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 20_001}]})
+    assert resp.status_code == 400 and "at most 20000" in resp.get_json()["error"]
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "globalPrompt": "g" * 20_001})
+    assert resp.status_code == 400 and "globalPrompt" in resp.get_json()["error"]
+    assert fake_llm.requests == []
+
+
 # ---- 9. hostile input and log lines ---------------------------------------------------------------------
 
 def test_deeply_nested_json_gets_400_not_500(client):
