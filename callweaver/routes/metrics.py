@@ -10,6 +10,7 @@ from ..api_errors import ApiError
 from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
+from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
 from .common import body_params, operator_only
 
@@ -71,6 +72,8 @@ def test_optimization():
     message = body.get("message")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(400, "Message is required")
+    if len(message) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"message has {len(message)} characters (at most {MAX_PROMPT_CHARS})")
     language = body.get("language") or "en-US"
     if not isinstance(language, str):
         raise ApiError(400, "language must be a BCP-47 code such as en-US")
