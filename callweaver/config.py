@@ -247,6 +247,8 @@ class Settings:
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
         values["trusted_proxy_hops"] = number("TRUSTED_PROXY_HOPS", 1 if values["on_render"] else 0, int, 0)
         values["ops_token"] = text("OPS_TOKEN")
+        if values["ops_token"] and len(values["ops_token"]) < 16:
+            problems.append("OPS_TOKEN must be at least 16 characters (it guards live-call data)")
 
         providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
         for p in providers:

@@ -255,6 +255,11 @@ def test_operator_surfaces_need_ops_token(env):
     assert client.get("/dashboard", headers={"Authorization": f"Basic {basic}"}).status_code == 200
 
 
+def test_a_short_ops_token_is_refused_at_start():
+    with pytest.raises(ConfigError, match="OPS_TOKEN"):
+        Settings.from_env({"OPS_TOKEN": "short"})
+
+
 def test_operator_surfaces_are_off_in_production_without_a_token(env):
     client = create_app({**env, "NODE_ENV": "production"}).test_client()
     for path in ("/dashboard", "/api/dashboard-data", "/metrics"):
