@@ -123,5 +123,5 @@ def init_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level, logging.INFO))
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client", "flask-limiter"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
