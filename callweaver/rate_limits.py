@@ -22,14 +22,14 @@ log = structlog.get_logger()
 SQLITE_SCHEME = "callweaver+sqlite"
 
 
-def client_address(trusted_proxy_hops: int) -> str:
+def client_address(environ: dict, trusted_proxy_hops: int) -> str:
     """The client as the last trusted proxy saw it: with N trusted hops, the N-th X-Forwarded-For entry from the
     right (entries left of it are whatever the client wrote); with none, the socket's peer address."""
     if trusted_proxy_hops > 0:
-        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+        forwarded = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
         if forwarded:
-            return forwarded[-min(trusted_proxy_hops, len(forwarded))]
-    return request.remote_addr or "unknown"
+            return forwarded[-min(trusted_proxy_hops, len(forwarded))][:64]
+    return environ.get("REMOTE_ADDR") or "unknown"
 
 
 def storage_uri(settings: Settings) -> str:
@@ -43,7 +43,7 @@ def storage_uri(settings: Settings) -> str:
 def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     """Build this app's limiter and wrap the limited views (after the blueprints are registered)."""
     limiter = Limiter(
-        key_func=lambda: client_address(settings.trusted_proxy_hops), app=app, storage_uri=storage_uri(settings),
+        key_func=lambda: client_address(request.environ, settings.trusted_proxy_hops), app=app, storage_uri=storage_uri(settings),
         strategy="moving-window", headers_enabled=True, key_prefix="callweaver", on_breach=_log_breach)
 
     per_client = {  # scope: (variable, limit, endpoints sharing it)
