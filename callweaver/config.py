@@ -19,7 +19,7 @@ DEFAULT_CORS_ORIGINS = (
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 
 SECRET_SETTINGS = frozenset(
-    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key", "ops_token"}
+    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key", "ops_token", "call_report_secret"}
 )
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
@@ -117,6 +117,12 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
+    # Observability
+    call_report_url: str | None = None
+    call_report_secret: str = ""
+    call_report_max_attempts: int = 10
+    call_report_backoff_s: float = 2.0
+    otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -294,6 +300,14 @@ class Settings:
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
         if values["log_format"] not in {"json", "console"}:
             problems.append("LOG_FORMAT must be json or console")
+
+        values["call_report_url"] = url("CALL_REPORT_URL")
+        values["call_report_secret"] = text("CALL_REPORT_SECRET")
+        if values["call_report_url"] and len(values["call_report_secret"]) < 16:
+            problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
+        values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
+        values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
+        values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         production = values["node_env"] == "production" or values["on_render"]
         if production and not values["public_base_url"]:

@@ -5,7 +5,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 import structlog
@@ -61,8 +61,10 @@ class StartedCall:
 class CallLifecycle:
     """Everything make-call, status callbacks and end-call do, with no Flask in sight."""
 
-    def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable):
+    def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
+                 on_call_ended: Callable[[str], Any] | None = None):
         self.settings = settings
+        self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
         self.store = store
         self.twilio = twilio
         self.languages = languages
@@ -274,6 +276,8 @@ class CallLifecycle:
             self.store.update_call(record.tracking_id, credentials=None, meta=meta)
         log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                  status=status, sequence=sequence, current=current)
+        if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
+            self.on_call_ended(record.tracking_id)
         return current
 
     def inbound_call(self, workflow_id: str | None, call_sid: str | None, to: str | None,

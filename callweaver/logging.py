@@ -10,6 +10,8 @@ from typing import Any
 import structlog
 from gunicorn import glogging
 
+from .engine.tracing import add_trace_id
+
 _SECRET_KEY_RE = re.compile(
     r"(auth_?token|api_?key|secret|password|authorization|twilioauthtoken|credentials|signature)", re.I)
 REDACTED = "[REDACTED]"
@@ -97,8 +99,9 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def init_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it."""
+def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False) -> None:
+    """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it; with
+    `trace_ids` (tracing on) every line about a call carries its OpenTelemetry trace id."""
     renderer = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     shared = [
@@ -107,6 +110,7 @@ def init_logging(level: str = "INFO", fmt: str = "json") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact_secrets,
+        *([add_trace_id] if trace_ids else []),
         *([] if fmt == "json" else [_escape_strings]),
     ]
     structlog.configure(
