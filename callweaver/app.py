@@ -92,4 +92,5 @@ def _refuse_cross_site(app: Flask, settings: Settings) -> None:
         if origin is None or settings.origin_allowed(origin):
             return None
         log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
-        return jsonify(success=False, error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403
+        return jsonify(success=False,
+                       error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403

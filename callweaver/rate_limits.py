@@ -43,7 +43,8 @@ def storage_uri(settings: Settings) -> str:
 def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     """Build this app's limiter and wrap the limited views (after the blueprints are registered)."""
     limiter = Limiter(
-        key_func=lambda: client_address(request.environ, settings.trusted_proxy_hops), app=app, storage_uri=storage_uri(settings),
+        key_func=lambda: client_address(request.environ, settings.trusted_proxy_hops), app=app,
+        storage_uri=storage_uri(settings),
         strategy="moving-window", headers_enabled=True, key_prefix="callweaver", on_breach=_log_breach)
 
     per_client = {  # scope: (variable, limit, endpoints sharing it)

@@ -297,7 +297,8 @@ def test_oversized_chat_requests_get_a_clear_400(client, fake_llm):
     assert resp.status_code == 400 and "at most 200" in resp.get_json()["error"]
     resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 20_001}]})
     assert resp.status_code == 400 and "at most 20000" in resp.get_json()["error"]
-    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "globalPrompt": "g" * 20_001})
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                          "globalPrompt": "g" * 20_001})
     assert resp.status_code == 400 and "globalPrompt" in resp.get_json()["error"]
     resp = client.post("/api/test-optimization", json={"message": "m" * 20_001})
     assert resp.status_code == 400 and "at most 20000" in resp.get_json()["error"]

@@ -28,7 +28,8 @@ def validate_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ApiError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
         if len(m["content"]) > MAX_PROMPT_CHARS:
-            raise ApiError(400, f"messages[{i}].content has {len(m['content'])} characters (at most {MAX_PROMPT_CHARS})")
+            raise ApiError(400, f"messages[{i}].content has {len(m['content'])} characters "
+                                f"(at most {MAX_PROMPT_CHARS})")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
