@@ -216,3 +216,17 @@ def test_retention_job_empties_transcripts_after_transcript_retention_days(tmp_p
     assert old_detail["transcript"] == {"kept": False, "reason": TRANSCRIPT_PURGED}
     assert old_detail["turns"][0]["said"] is None and old_detail["turns"][0]["firstTokenMs"] is not None
     assert client.get(f"/api/call-log/{recent.tracking_id}").get_json()["turns"][0]["said"] == "I want to sell"
+
+
+def test_call_log_pages_and_api_are_operator_only(tmp_path, fake_twilio):
+    token = "ops-token-for-tests-0123"
+    client = create_app({**base_env(tmp_path, fake_twilio), "OPS_TOKEN": token}).test_client()
+    paths = ("/dashboard/calls", "/dashboard/calls/call_x", "/api/call-log", "/api/call-log/call_x",
+             "/api/call-latency")
+
+    for path in paths:
+        assert client.get(path).status_code == 401, path
+    authorized = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/call-log", headers=authorized).get_json()["total"] == 0
+    assert client.get("/dashboard/calls", headers=authorized).status_code == 200
+    assert client.get("/api/call-log/call_x", headers=authorized).status_code == 404

@@ -7,6 +7,7 @@ from .. import call_log
 from ..api_errors import ApiError
 from ..engine.metrics import MetricsReader
 from ..services import services
+from .common import operator_only
 
 bp = Blueprint("call_log", __name__)
 LATENCY_POINTS = 360  # at most this many buckets across the chosen window
@@ -35,6 +36,7 @@ def _filter(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
 
 
 @bp.get("/api/call-log")
+@operator_only
 def call_log_page():
     limit = _whole_number("limit", 25, 1, call_log.MAX_PAGE_SIZE)
     offset = _whole_number("offset", 0, 0, 10_000_000)
@@ -46,6 +48,7 @@ def call_log_page():
 
 
 @bp.get("/api/call-log/<tracking_id>")
+@operator_only
 def call_log_detail(tracking_id: str):
     svc = services()
     detail = call_log.call_detail(svc.store, tracking_id, mask=svc.settings.mask_phone_numbers,
@@ -56,6 +59,7 @@ def call_log_detail(tracking_id: str):
 
 
 @bp.get("/api/call-latency")
+@operator_only
 def call_latency():
     """First-token p50/p95 across all calls' turns, bucketed over the window (default 1 h)."""
     window = _whole_number("window", 3600, 60, 30 * 86400)
@@ -66,10 +70,12 @@ def call_latency():
 
 
 @bp.get("/dashboard/calls")
+@operator_only
 def call_log_view():
     return render_template("call_log.html")
 
 
 @bp.get("/dashboard/calls/<tracking_id>")
+@operator_only
 def call_detail_view(tracking_id: str):
     return render_template("call_detail.html", tracking_id=tracking_id)

@@ -102,7 +102,7 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
            "LLM_PROVIDERS": "openai", "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": "sk-stand-in-not-a-real-key",
            "AZURE_OPENAI_API_KEY": "", "REDIS_URL": "", "CALLWEAVER_DB": db_path, "CACHE_TYPE": "SimpleCache",
            "CACHE_PREWARM": "0", "LOG_LEVEL": "WARNING", "NODE_ENV": "development", "OPS_TOKEN": "",
-           "CALL_REPORT_URL": "", "OTEL_EXPORTER_OTLP_ENDPOINT": ""}
+           "CALL_REPORT_URL": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "", "RENDER": ""}
     server = LiveServer(env, workers=1, port=port or free_port())
     try:
         say(f"replies come from a local stand-in LLM (first token after {llm_ttft_ms:g} ms, a word every "
