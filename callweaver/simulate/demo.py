@@ -9,6 +9,7 @@ prints says the replies come from a stand-in, never a real model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import sys
@@ -100,7 +101,7 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
     env = {"TWILIO_ACCOUNT_SID": account_sid, "TWILIO_AUTH_TOKEN": auth_token,
            "TWILIO_PHONE_NUMBER": "+15005550006", "TWILIO_API_BASE_URL": twilio.url,
            "LLM_PROVIDERS": "openai", "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": "sk-stand-in-not-a-real-key",
-           "AZURE_OPENAI_API_KEY": "", "REDIS_URL": "", "CALLWEAVER_DB": db_path, "CACHE_TYPE": "SimpleCache",
+           "AZURE_OPENAI_API_KEY": "", "REDIS_URL": "", "CALLWEAVER_DB": os.path.abspath(db_path), "CACHE_TYPE": "SimpleCache",
            "CACHE_PREWARM": "0", "LOG_LEVEL": "WARNING", "NODE_ENV": "development", "OPS_TOKEN": "",
            "CALL_REPORT_URL": "", "OTEL_EXPORTER_OTLP_ENDPOINT": "", "RENDER": ""}
     server = LiveServer(env, workers=1, port=port or free_port())

@@ -65,6 +65,13 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 # KEYS: call, statuses, calls:ended
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
@@ -156,6 +163,7 @@ class RedisStore:
                     "update_call": client.register_script(_UPDATE_CALL),
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
+                    "set_if_exists": client.register_script(_SET_IF_EXISTS),
                 }
                 self._client = client
             return self._client
@@ -435,8 +443,8 @@ class RedisStore:
                     if not any(value not in (None, "[]") for value in (messages, transcript)):
                         continue
                     meta_dict = {**(json.loads(meta) if meta else {}), "transcriptPurgedAt": purged_at}
-                    writes.hset(self._key("call", tracking_id),
-                                mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(meta_dict)})
-                    purged += 1
-                writes.execute()
+                    self._scripts["set_if_exists"](
+                        keys=[self._key("call", tracking_id)],
+                        args=["messages", "[]", "transcript", "[]", "meta", _dumps(meta_dict)], client=writes)
+                purged += sum(writes.execute())
         return purged
