@@ -160,6 +160,14 @@ class ConversationEngine:
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
 
+    def declared_languages(self, record) -> list[str]:
+        """The languages the call's relay TwiML declared (home first); a switch may only land on these."""
+        declared = (record.meta or {}).get("relayLanguages")
+        if declared:
+            return list(declared)
+        home = self.languages.get((record.meta or {}).get("homeLanguage") or record.language)
+        return [entry.code for entry in self.languages.switch_targets(home)]
+
     def state_of(self, record, workflow: Workflow) -> ConversationState:
         node = record.current_node if record.current_node in workflow.nodes else workflow.entry_node_id()
         return ConversationState(current_node=node, variables=dict(record.variables or {}),
@@ -171,7 +179,7 @@ class ConversationEngine:
         entry = self.language_of(record)
         switched = False
         if lang:
-            target = self.languages.switch_target(entry.code, lang)
+            target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
                 entry, switched = target, True
         state = self.state_of(record, workflow)

@@ -5,7 +5,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 DEFAULT_CODE = "en-US"
 DEFAULT_TABLE_PATH = Path(__file__).with_name("languages.json")
@@ -482,11 +482,15 @@ class LanguageTable:
         """Like resolve(), but never fails: unknown or empty codes give en-US."""
         return self.resolve(code) or self._default
 
-    def switch_target(self, current_code: str, prompt_lang: str | None) -> LanguageEntry | None:
+    def switch_target(self, current_code: str, prompt_lang: str | None,
+                      declared: Sequence[str] | None = None) -> LanguageEntry | None:
         """The language to switch to for a caller utterance tagged prompt_lang, or None to stay.
 
         With Deepgram `multi`, prompt.lang carries only the primary subtag ("en"), so a bare subtag
         that matches the current language is the same language, not a switch (en-GB stays en-GB).
+        `declared` lists the languages the call's TwiML declared, the call's home language first: a
+        switch only ever lands on one of them (Twilio refuses the others), and a bare subtag picks the
+        first declared language of that subtag, so en-GB → es-ES → "en" returns to en-GB, not en-US.
         """
         if not isinstance(prompt_lang, str) or not prompt_lang.strip():
             return None
@@ -494,12 +498,27 @@ class LanguageTable:
         if target is None:
             return None
         current = self.get(current_code)
-        if target.code == current.code:
-            return None
         spoken = _normalise(prompt_lang)
         if "-" not in spoken and spoken == _normalise(primary_subtag(current.code)):
             return None
+        if declared is not None:
+            allowed = [entry for code in declared if (entry := self.resolve(code)) is not None]
+            if target not in allowed or "-" not in spoken:
+                primary = primary_subtag(target.code)
+                target = next((e for e in allowed if primary_subtag(e.code) == primary), None)
+                if target is None:
+                    return None
+        if target.code == current.code:
+            return None
         return target
+
+    def switch_targets(self, home: LanguageEntry) -> list[LanguageEntry]:
+        """Every language a relay call that starts in `home` can switch to, home first.
+
+        These are all declared as <Language> in the TwiML, so each `language` message names one Twilio
+        has configured (voice and recognition); empty besides home when recognition cannot auto-detect.
+        """
+        return [home, *multilingual_partners(self, home)]
 
     def problems(self) -> dict[str, list[str]]:
         """entry_problems() for every entry that has any, keyed by code (for tests and health checks)."""
