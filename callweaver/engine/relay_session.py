@@ -277,15 +277,15 @@ class RelaySession:
             message = protocol.end("end", node=r.next_node)
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
-        self._end_after_playback(message, spoken=r.reply_text, cleared=True)
+        self._end_after_playback(message, r.reply_text, cleared=True)
 
     def _end_soon(self, message: dict, spoken: str) -> None:
         """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read."""
         self._closing = True
         self._fell_silent.clear()
-        self.spawn(self._end_after_playback, message, spoken=spoken, cleared=True)
+        self.spawn(self._end_after_playback, message, spoken, True)
 
-    def _end_after_playback(self, message: dict, *, spoken: str, cleared: bool = False) -> None:
+    def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False) -> None:
         """Send `end` once Twilio has finished speaking `spoken`: Twilio closes the session at `end`, and
         anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow speaking rate."""
         if not cleared:

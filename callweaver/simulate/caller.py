@@ -64,13 +64,14 @@ class RelayCaller:
     """
 
     def __init__(self, base_url: str, auth_token: str, account_sid: str = "AC" + "0" * 32,
-                 timeout_s: float = 30.0, speaking_rate_cps: float = 80.0):
+                 timeout_s: float = 30.0, speaking_rate_cps: float = 80.0, closing_quiet_s: float = 0.5):
         self.base_url = base_url.rstrip("/")
         self.hooks = TwilioWebhooks(self.base_url, auth_token, account_sid)
         self.auth_token = auth_token
         self.account_sid = account_sid
         self.timeout_s = timeout_s
         self.speaking_rate_cps = speaking_rate_cps
+        self.closing_quiet_s = closing_quiet_s  # how long to listen for an `end` once a reply has played
         self.call_sid: str | None = None
         self.tracking_id: str | None = None
         self.twiml: RelayTwiml | None = None
@@ -78,6 +79,7 @@ class RelayCaller:
         self.call_url: str | None = None
         self.twilio: TwilioRelayModel | None = None
         self.received: list[dict] = []       # every message CallWeaver sent on the current socket
+        self._unread: list[dict] = []        # messages read ahead while waiting for an `end`, not yet returned
         self.closed_by_server = False
         self.caller = {"from": "+15005550006", "to": "+15551234567", "direction": "outbound-api",
                        "callerName": "Ann Example", "forwardedFrom": "+15005550009", "callType": "PSTN",
@@ -122,7 +124,7 @@ class RelayCaller:
         self.twilio = TwilioRelayModel.from_twiml(self.twiml.attributes,
                                                   [lang["code"] for lang in self.twiml.languages],
                                                   self.speaking_rate_cps)
-        self.received, self.closed_by_server = [], False
+        self.received, self._unread, self.closed_by_server = [], [], False
         if setup:
             self.send(self.setup_message())
 
@@ -144,6 +146,8 @@ class RelayCaller:
 
         While waiting, the playback model keeps speaking and reports `agentSpeaking off` when it falls silent.
         """
+        if self._unread:
+            return self._unread.pop(0)
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         while True:
             self._tick()
@@ -212,17 +216,19 @@ class RelayCaller:
                 return reply
 
     def _read_closing(self, reply: Reply) -> None:
-        """After `last: true`: an `end` may follow once the closing line has played; wait that long, then 0.5 s."""
+        """After `last: true`: an `end` may follow once the closing line has played; wait that long, then a bit."""
         while True:
             playing_until = self.twilio.playback.next_event_at()
-            quiet_s = 0.5 + max(0.0, (playing_until or 0.0) - time.monotonic())
+            quiet_s = self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic())
             follow = self.recv(timeout_s=quiet_s)
             if follow is None:
                 return
-            reply.messages.append(follow)
-            if follow.get("type") == "end":
-                reply.end, reply.unheard_at_end = follow, follow.get("unheard")
+            if follow.get("type") != "end":
+                self._unread.append(follow)  # the start of something else: leave it for the next read
                 return
+            reply.messages.append(follow)
+            reply.end, reply.unheard_at_end = follow, follow.get("unheard")
+            return
 
     def interrupt(self, heard: str | None = None, played_ms: int | None = None) -> None:
         """Barge in: Twilio stops speaking and reports what was spoken (by default, the playback model's)."""
