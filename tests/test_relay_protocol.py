@@ -288,3 +288,25 @@ def test_relay_url_is_wss_for_a_public_host_even_behind_a_proxy_that_drops_the_s
     assert resp.status == 200, resp.text
     relay = ET.fromstring(resp.text).find("Connect/ConversationRelay")
     assert relay.get("url").startswith("wss://callweaver.example.com/")
+
+
+def test_an_outbound_call_that_reaches_a_phone_menu_presses_keys(stack, llm):
+    llm.push(Reply(text="", tool_calls=[("press_keys", {"digits": "2"})]), Reply(text="Hello, I'm calling about"))
+    caller = new_call(stack, closing_quiet_s=0.3)
+    caller.connect()  # setup says direction outbound-api: we placed this call
+    caller.say("Thank you for calling. For sales press 1, for support press 2.")
+    caller.hangup()
+    assert caller.twilio.digits_sent == ["2"] and caller.twilio.errors == []
+    assert "press_keys" in [t["function"]["name"] for t in llm.requests[0].body.get("tools") or []]
+    assistant = [m["content"] for m in record_of(stack, caller).messages if m["role"] == "assistant"]
+    assert assistant[-1] == "[pressed 2 on the keypad]"
+
+
+def test_an_inbound_call_is_not_offered_the_keypad(stack, llm):
+    llm.push(Reply(text="Hi!"))
+    caller = new_call(stack, closing_quiet_s=0.05)
+    caller.caller["direction"] = "inbound"
+    caller.connect()
+    caller.say("Hello")
+    caller.hangup()
+    assert "press_keys" not in [t["function"]["name"] for t in llm.requests[0].body.get("tools") or []]

@@ -87,6 +87,7 @@ class TurnResult:
     transitioned_via: str | None = None
     llm_requests: int = 0
     language_switched: bool = False
+    keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
 
 
@@ -187,11 +188,17 @@ class ConversationEngine:
                             variables=dict(state.variables))
         control = TurnControl()
         chain = self.chain_for(record)
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
-                    control)
+        keypad = self.may_press_keys(record)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
+                    utterance, control)
+
+    @staticmethod
+    def may_press_keys(record) -> bool:
+        """A relay call we placed may reach a phone menu: Twilio's setup says it is outbound."""
+        return str(((record.meta or {}).get("setup") or {}).get("direction", "")).startswith("outbound")
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl, chain) -> Iterator[str]:
+             result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -203,7 +210,7 @@ class ConversationEngine:
             return
 
         plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
-                         history_limit=self.history_limit)
+                         history_limit=self.history_limit, keypad=keypad)
         result.cacheable = plan.cacheable
         key = None
         if self.cache is not None and plan.cacheable:
@@ -299,6 +306,7 @@ class ConversationEngine:
         result.action_message = outcome.action_message
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
+        result.keys = outcome.keys
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
@@ -308,6 +316,8 @@ class ConversationEngine:
         heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
         messages = list(record.messages or [])
         messages.append({"role": "user", "content": turn.utterance})
+        if r.keys and not interrupted:
+            heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
         action = None if interrupted or not r.completed else r.action

@@ -45,7 +45,8 @@ class RelaySession:
       closed with `last: true`, so the next reply is a new utterance rather than appended to the old one;
     - a closing line (goodbye, transfer message): `end` is sent only once Twilio reports the agent fell
       silent (`info` agentSpeaking off, from `debug="speaker-events"`), or after a bounded wait;
-    - keypad digits are collected into one turn (inter-digit timeout, `#` ends early).
+    - keypad digits are collected into one turn (inter-digit timeout, `#` ends early);
+    - on calls we placed, the model may press keys (`press_keys` → `sendDigits`) to get through a phone menu.
     """
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
@@ -270,6 +271,9 @@ class RelaySession:
         self._streaming = False  # fully sent; a new prompt now waits for the commit instead of cancelling
         self._commit(turn, heard=None, interrupted=False)
         self._reply = None
+        if turn.result.completed and turn.result.keys:
+            log.info("relay_pressing_keys", digits=len(turn.result.keys))
+            self._send(protocol.send_digits(turn.result.keys))  # a phone menu answered: press what it asked
         if not closing:
             return
         r = turn.result
