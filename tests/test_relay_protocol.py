@@ -62,6 +62,16 @@ def drive_to_summary(caller):
         assert caller.say(speech).end is None
 
 
+def read_until_end(caller, quiet_s: float = 8) -> list[dict]:
+    """Everything CallWeaver sends up to its `end` (or until it falls quiet or closes the socket)."""
+    messages = []
+    while (msg := caller.recv(timeout_s=quiet_s)) is not None:
+        messages.append(msg)
+        if msg.get("type") == "end":
+            break
+    return messages
+
+
 def texts(messages):
     return [m for m in messages if m.get("type") == "text"]
 
@@ -100,43 +110,43 @@ def test_a_language_that_was_not_declared_is_never_named(stack, llm):
 
 # ---- 2. closing lines are heard to the end before `end` ----------------------------------------------
 
-def test_goodbye_is_heard_to_the_end_before_the_session_ends(stack, llm):
+def closing_line(kind: str) -> str:
+    nodes = load_workflow()["nodes"]
+    if kind == "end":
+        return nodes[-1]["data"]["endMessage"]
+    return next(n for n in nodes if n["type"] == "transferCall")["data"]["transferMessage"]
+
+
+@pytest.mark.parametrize("kind, speech", [("end", "That's everything, thank you"), ("transfer", "I need a human agent")])
+def test_goodbye_and_transfer_message_are_heard_to_the_end_before_the_session_ends(stack, llm, kind, speech):
     llm.responder = real_estate_brain
     caller = new_call(stack, speaking_rate_cps=60)
     caller.connect()
     drive_to_summary(caller)
-    reply = caller.say("That's everything, thank you")
+    reply = caller.say(speech)
     caller.hangup()
-    end_message = load_workflow()["nodes"][-1]["data"]["endMessage"]
-    assert reply.text.endswith(end_message) and reply.end is not None
-    assert reply.unheard_at_end == "", "the caller lost the end of the goodbye"
+    assert reply.text.endswith(closing_line(kind)) and reply.end is not None
+    assert reply.unheard_at_end == "", "the caller lost the end of the closing line"
     assert caller.twiml.attributes["debug"] == "speaker-events"  # how CallWeaver learns playback finished
-    assert caller.twilio.playback.heard.endswith(end_message)
-    assert json.loads(reply.end["handoffData"])["reason"] == "end"
-
-
-def test_transfer_message_is_heard_to_the_end_before_the_session_ends(stack, llm):
-    llm.responder = real_estate_brain
-    caller = new_call(stack, speaking_rate_cps=60)
-    caller.connect()
-    drive_to_summary(caller)
-    reply = caller.say("I need a human agent")
-    caller.hangup()
-    transfer = next(n for n in load_workflow()["nodes"] if n["type"] == "transferCall")["data"]
-    assert transfer["transferMessage"] in reply.text
-    assert reply.end is not None and reply.unheard_at_end == ""
-    assert json.loads(reply.end["handoffData"])["reason"] == "transfer"
+    assert caller.twilio.playback.heard.endswith(closing_line(kind))
+    assert json.loads(reply.end["handoffData"])["reason"] == kind
 
 
 # ---- 3. talk cycles: a reply cut by a new prompt is closed before the next one -------------------------
 
-def test_a_new_prompt_while_streaming_closes_the_cut_reply_before_the_next_one(stack, llm):
-    llm.push(Reply(text=" ".join(f"first{i}" for i in range(40)), ttft_s=0.05, token_interval_s=0.05),
-             Reply(text="Second answer here."))
+def start_a_long_reply(stack, llm, word: str, then: str):
+    """A call whose first reply streams slowly (40 tokens), cut after 3 tokens; `then` answers next."""
+    llm.push(Reply(text=" ".join(f"{word}{i}" for i in range(40)), ttft_s=0.05, token_interval_s=0.05),
+             Reply(text=then))
     caller = new_call(stack, closing_quiet_s=0.05)
     caller.connect()
     partial = caller.say("Tell me a long story", stop_after_tokens=3)
     assert partial.tokens
+    return caller, partial
+
+
+def test_a_new_prompt_while_streaming_closes_the_cut_reply_before_the_next_one(stack, llm):
+    caller, partial = start_a_long_reply(stack, llm, "first", "Second answer here.")
     second = caller.say("Actually, just the price")  # a final prompt with no barge-in (interrupt) before it
     if not second.text:  # the first `last: true` read was the cut reply's close: read the new reply too
         second = caller.read_reply(second)
@@ -152,11 +162,7 @@ def test_a_new_prompt_while_streaming_closes_the_cut_reply_before_the_next_one(s
 
 
 def test_barge_in_stops_the_reply_without_further_messages_for_it(stack, llm):
-    llm.push(Reply(text=" ".join(f"word{i}" for i in range(40)), ttft_s=0.05, token_interval_s=0.05),
-             Reply(text="Sure."))
-    caller = new_call(stack, closing_quiet_s=0.05)
-    caller.connect()
-    partial = caller.say("Tell me everything", stop_after_tokens=3)
+    caller, _partial = start_a_long_reply(stack, llm, "word", "Sure.")
     caller.interrupt()  # what the playback model actually spoke
     stray = caller.drain(quiet_s=0.4)
     reply = caller.say("Wait")
@@ -164,7 +170,6 @@ def test_barge_in_stops_the_reply_without_further_messages_for_it(stack, llm):
     assert len(texts(stray)) <= 2, "at most a token already in flight"
     assert not any(m.get("last") for m in texts(stray)), "Twilio already closed the interrupted cycle"
     assert reply.text == "Sure."
-    assert partial.tokens
 
 
 # ---- 4. keypad: one turn per entry; sendDigits and play are valid messages -----------------------------
@@ -243,11 +248,7 @@ def test_setup_for_an_unknown_call_apologises_and_ends_the_session(stack, llm):
     setup = caller.setup_message()
     setup.update(callSid="CA" + "f" * 32, customParameters={"trackingId": "no-such-call"})
     caller.send(setup)
-    messages = []
-    while (msg := caller.recv(timeout_s=8)) is not None:
-        messages.append(msg)
-        if msg.get("type") == "end":
-            break
+    messages = read_until_end(caller)
     caller.hangup()
     assert messages, "dead air: nothing was said"
     assert messages[-1].get("type") == "end" or caller.closed_by_server, "the session must end"
@@ -264,11 +265,7 @@ def test_twilio_errors_are_logged_and_repeated_ones_end_the_call(stack, llm):
     assert caller.say("Are you there?").text == "Still here.", "one refused message does not end the call"
     for _ in range(3):
         caller.send({"type": "error", "description": "Error 64107: invalid message received"})
-    messages = []
-    while (msg := caller.recv(timeout_s=8)) is not None:
-        messages.append(msg)
-        if msg.get("type") == "end":
-            break
+    messages = read_until_end(caller)
     caller.hangup()
     assert messages and messages[-1]["type"] == "end"
     assert json.loads(messages[-1]["handoffData"])["reason"] == "error"
