@@ -250,9 +250,9 @@ def test_setup_for_an_unknown_call_apologises_and_ends_the_session(stack, llm):
     caller.send(setup)
     messages = read_until_end(caller)
     caller.hangup()
-    assert messages, "dead air: nothing was said"
-    assert messages[-1].get("type") == "end" or caller.closed_by_server, "the session must end"
-    if messages[-1].get("type") == "end":
+    # Either the session ends after an apology, or the socket is refused outright — never dead air.
+    assert (messages and messages[-1].get("type") == "end") or caller.closed_by_server, "the session must end"
+    if messages and messages[-1].get("type") == "end":
         assert json.loads(messages[-1]["handoffData"])["reason"] == "error"
         assert messages[-1]["unheard"] == "", "the apology is heard before the session ends"
 
