@@ -37,6 +37,7 @@ __all__ = [
 
 TRANSITION_TOOL = "transition"
 RECORD_VARIABLES_TOOL = "record_variables"
+MAX_SPEECH_HINTS = 50
 PRESS_KEYS_TOOL = "press_keys"   # outbound calls: get through a phone menu (IVR) at the other end
 _KEYS = re.compile(r"^[0-9*#w]{1,32}$")
 SNAPSHOT_VERSION = 1
@@ -324,6 +325,17 @@ class Workflow:
             "edges": [_edge_to_dict(e) for e in self.edges],
             "variables": [_variable_to_dict(v) for v in self.variables],
         }
+
+    @functools.cached_property
+    def speech_hints(self) -> tuple[str, ...]:
+        """Names a caller may say — the flow's listed values, such as its doctors — for recognition `hints`."""
+        hints: list[str] = []
+        for spec in self.variables:
+            for value in spec.enum_values or ():
+                text = " ".join(str(value).replace(",", " ").split())
+                if isinstance(value, str) and text and text not in hints:
+                    hints.append(text)
+        return tuple(hints[:MAX_SPEECH_HINTS])
 
     @functools.cached_property
     def version_hash(self) -> str:

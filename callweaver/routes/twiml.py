@@ -131,6 +131,7 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
         url=websocket_url(base, RELAY_PATH) + "?" + urlencode({"trackingId": record.tracking_id}),
         welcome_greeting=greeting, welcome_greeting_interruptible="any", interruptible="any",
         dtmf_detection=True, debug=relay_protocol.DEBUG_EVENTS, **entry.relay_kwargs(),
+        hints=",".join(svc.engine.workflow_for(record).speech_hints) or None,
         # Deepgram `multi` reports the language the caller actually speaks (prompt.lang), so a switch is seen.
         transcription_language="multi" if multilingual else None)
     declared = [target.code for target in targets] if multilingual else [entry.code]
