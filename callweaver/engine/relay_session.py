@@ -1,4 +1,5 @@
-"""One live ConversationRelay socket: setup, prompt, interrupt, dtmf in; text, language, end out.
+"""One live ConversationRelay socket: setup, prompt, interrupt, dtmf, info, error in; text, language, sendDigits,
+end out (docs/twilio.md describes each case).
 
 The session is the only in-memory state of a call and lives as long as its socket; everything that must
 survive (history, node, variables, timings) is written to the store after every turn, so a lost socket resumes.
