@@ -352,6 +352,8 @@ class RelaySession:
     def _send(self, message: dict) -> None:
         try:
             self.sender.send_json(message)
+        except ConnectionError:
+            log.info("relay_send_after_close", message_type=message.get("type"))  # the caller already hung up
         except Exception:
             log.exception("relay_send_failed", message_type=message.get("type"))
 
