@@ -58,6 +58,7 @@ def test_call_page_filters_in_the_store(store):
 
     assert [r.tracking_id for r in traditional] == ["call_6", "call_3", "call_0"] and total == 3
     assert [r.tracking_id for r in live] == ["call_6"] and live_total == 2
+    assert [r.tracking_id for r in store.call_page(1, 1, status="in-progress")[0]] == ["call_5"]
     assert [r.tracking_id for r in spanish] == ["call_4"]
     assert store.call_page(10, path="optimized", language="fr-FR") == ([], 0)
 

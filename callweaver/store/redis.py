@@ -65,6 +65,21 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: calls:created. ARGV: key prefix, start, count, then field/JSON value pairs to match.
+# One chunk of the created-at index, newest first, filtered inside Redis: returns {index size, matching ids...}.
+_FILTER_CALLS = """
+local ids = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[2]) + tonumber(ARGV[3]) - 1)
+local out = {redis.call('ZCARD', KEYS[1])}
+for _, id in ipairs(ids) do
+  local ok = true
+  for i = 4, #ARGV, 2 do
+    if redis.call('HGET', ARGV[1] .. id, ARGV[i]) ~= ARGV[i + 1] then ok = false; break end
+  end
+  if ok then table.insert(out, id) end
+end
+return out
+"""
+
 # KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
 _SET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -164,6 +179,7 @@ class RedisStore:
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
                     "set_if_exists": client.register_script(_SET_IF_EXISTS),
+                    "filter_calls": client.register_script(_FILTER_CALLS),
                 }
                 self._client = client
             return self._client
@@ -274,21 +290,15 @@ class RedisStore:
                 total = client.zcard(created_key)
                 page_ids = client.zrevrange(created_key, offset, offset + limit - 1) if limit > 0 else []
             else:
-                # Filters walk the index newest first, reading only the filtered fields, a chunk per round trip.
-                names = list(wanted)
-                total, page_ids, start = 0, [], 0
-                while True:
-                    chunk = client.zrevrange(created_key, start, start + PAGE_SCAN_CHUNK - 1)
-                    if not chunk:
-                        break
-                    pipe = client.pipeline(transaction=False)
-                    for tracking_id in chunk:
-                        pipe.hmget(self._key("call", tracking_id), names)
-                    for tracking_id, values in zip(chunk, pipe.execute()):
-                        if list(values) == [wanted[name] for name in names]:
-                            if offset <= total < offset + limit:
-                                page_ids.append(tracking_id)
-                            total += 1
+                # Filters walk the index newest first inside Redis, a chunk per round trip (short scripts, so
+                # other clients are never held up), and only matching ids come back.
+                pairs = [item for name_value in wanted.items() for item in name_value]
+                total, page_ids, start, size = 0, [], 0, 1
+                while start < size:
+                    size, *matches = self._scripts["filter_calls"](
+                        keys=[created_key], args=[self._key("call", ""), start, PAGE_SCAN_CHUNK, *pairs])
+                    page_ids += matches[max(0, offset - total):max(0, offset + limit - total)]
+                    total += len(matches)
                     start += PAGE_SCAN_CHUNK
             pipe = client.pipeline(transaction=False)
             for tracking_id in page_ids:
