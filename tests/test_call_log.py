@@ -231,3 +231,22 @@ def test_call_log_pages_and_api_are_operator_only(tmp_path, fake_twilio):
     assert client.get("/api/call-log", headers=authorized).get_json()["total"] == 0
     assert client.get("/dashboard/calls", headers=authorized).status_code == 200
     assert client.get("/api/call-log/call_x", headers=authorized).status_code == 404
+
+
+def test_a_sqlite_store_made_before_the_call_log_gets_its_filter_columns(tmp_path):
+    import sqlite3
+
+    from callweaver.store.sqlite import SQLiteStore
+    path = str(tmp_path / "old.sqlite3")
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE cw_calls (tracking_id TEXT PRIMARY KEY, call_sid TEXT, created_at REAL NOT NULL,"
+                " ended_at REAL, data TEXT NOT NULL)")
+    record = CallRecord(tracking_id="old_1", path="traditional", status="completed", created_at=NOW)
+    old.execute("INSERT INTO cw_calls VALUES (?, NULL, ?, NULL, ?)", ("old_1", NOW, json.dumps(record.to_dict())))
+    old.commit()
+    old.close()
+
+    store = SQLiteStore(path)
+    assert [r.tracking_id for r in store.call_page(5, path="traditional", status="completed")[0]] == ["old_1"]
+    assert store.call_page(5, path="optimized") == ([], 0)
+    store.close()
