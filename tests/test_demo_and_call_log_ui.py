@@ -92,7 +92,7 @@ def test_call_log_and_timeline_in_chromium_match_the_store(chromium, tmp_path): 
             for row, record in zip(rows, records):
                 turns = store.turns(record.tracking_id)
                 first_tokens = [t["firstTokenMs"] for t in turns if t.get("firstTokenMs") is not None]
-                assert row["turns"] == str(len(turns)) and len(turns) == 4
+                assert row["turns"] == str(len(turns)) and len(turns) == 5
                 assert row["p50"] == js_ms(percentile(first_tokens, 50))
                 assert row["failovers"] == str(sum(len(t.get("failovers") or []) for t in turns))
                 assert row["cache"] == str(sum(1 for t in turns if t.get("cacheHit")))
@@ -106,6 +106,8 @@ def test_call_log_and_timeline_in_chromium_match_the_store(chromium, tmp_path): 
             timeline = browser.evaluate("""Array.from(document.querySelectorAll('#timeline li.turn')).map(li => ({
                 said: li.querySelector('.said') ? li.querySelector('.said').lastChild.textContent : null,
                 heard: li.querySelector('.heard-text') ? li.querySelector('.heard-text').textContent : null,
+                unheard: li.querySelector('.unheard') ? li.querySelector('.unheard').textContent : null,
+                who: Array.from(li.querySelectorAll('.who')).map(w => w.textContent),
                 facts: Object.fromEntries(Array.from(li.querySelectorAll('.facts dt')).map(
                     dt => [dt.textContent, dt.nextElementSibling.textContent]))}))""")
             summary = browser.evaluate("['d-turns', 'd-p50', 'd-outcome', 'd-path'].map("
@@ -114,7 +116,7 @@ def test_call_log_and_timeline_in_chromium_match_the_store(chromium, tmp_path): 
                 browser.screenshot(REPO / "docs" / "call-detail.png")
             record = store.get_call(target)
             turns = store.turns(target)
-            assert len(timeline) == len(turns) == len(record.transcript) == 4
+            assert len(timeline) == len(turns) == len(record.transcript) == 5
             for shown, turn, said in zip(timeline, turns, record.transcript):
                 assert shown["said"] == said["said"] and shown["heard"] == said["heard"]
                 assert shown["facts"]["first token"] == js_ms(turn["firstTokenMs"])
@@ -123,7 +125,15 @@ def test_call_log_and_timeline_in_chromium_match_the_store(chromium, tmp_path): 
                 assert shown["facts"]["provider"] == f"{turn['provider']} (TTFT {js_ms(turn['providerTtftMs'])})"
                 assert shown["facts"]["cache hit"] == ("yes" if turn.get("cacheHit") else "no")
             assert timeline[0]["said"] == "Hi, I'd like to buy a house."
-            assert summary[0] == "4" and summary[2] == "end node" and summary[3] == "optimized"
+            assert summary[0] == "5" and summary[2] == "end node" and summary[3] == "optimized"
+            # the demo's caller barges in on the second reply: the timeline shows only what they heard
+            barged = timeline[1]
+            assert turns[1]["interrupted"] and record.transcript[1]["interrupted"]
+            assert barged["who"] == ["caller said", "caller heard (interrupted)"]
+            spoken = record.transcript[1]["spoken"]
+            assert len(barged["heard"].split()) == 4 and spoken.startswith(barged["heard"])
+            assert barged["unheard"] == ((" " + spoken[len(barged["heard"]):].strip()) if spoken.strip() != barged["heard"] else None)
+            assert turns[1]["nodeId"] == turns[1]["nextNodeId"]  # an interrupted reply never moves the flow
         store.close()
         checked["done"] = True
 

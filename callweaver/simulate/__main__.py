@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workflow", help="a Call Flow Weaver export (JSON); omit for a global-prompt-only call")
     p.add_argument("--prompt", default="You are a friendly assistant.", help="globalPrompt when no workflow")
     p.add_argument("--to", default="+15551234567")
-    p.add_argument("--script", help="file with one caller utterance per line (default: type them)")
+    p.add_argument("--script", help="file with one caller utterance per line (default: type them; with --demo, "
+                                    "a line ending in '[barge in]' talks over the agent's reply to it)")
     p.add_argument("--lang", default="en-US", help="language reported with each utterance (prompt.lang)")
     p.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN", ""),
                    help="the TWILIO_AUTH_TOKEN CallWeaver runs with (webhooks are signed with it)")

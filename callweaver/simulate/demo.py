@@ -26,9 +26,13 @@ from .twilio_rest import TwilioRestStandIn
 from .webhooks import http
 
 EXAMPLE_WORKFLOW = Path(__file__).with_name("examples") / "real_estate_property_dealer.json"
+# A line ending in BARGE_IN: the caller talks over the agent's reply to it after BARGE_IN_AFTER_WORDS words.
+BARGE_IN = "[barge in]"
+BARGE_IN_AFTER_WORDS = 4
 DEMO_CALLER_SCRIPT = (
     "Hi, I'd like to buy a house.",
-    "A three bedroom house near a good school, up to 600 thousand.",
+    "A three bedroom house near a good school. [barge in]",
+    "Sorry, one more thing: it needs a garden, and up to 600 thousand.",
     "My name is Ann Lee and my contact number is 555 0134.",
     "That's everything, thanks. You can end the call.",
 )
@@ -120,10 +124,17 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
         say(f"agent (greeting): {caller.twiml.attributes.get('welcomeGreeting')}")
         caller.connect()
         ended = None
-        for index, text in enumerate(lines):
+        for index, line in enumerate(lines):
+            text, barge_in = line.removesuffix(BARGE_IN).strip(), line.endswith(BARGE_IN)
             say(f"caller: {text}")
-            reply = caller.say(text)
-            say(f"agent:  {reply.text}")
+            if barge_in:
+                reply = caller.say(text, stop_after_tokens=BARGE_IN_AFTER_WORDS)
+                caller.interrupt("".join(reply.tokens).strip())
+                caller.drain()
+                say(f"agent:  {reply.text.strip()} … (the caller barged in here)")
+            else:
+                reply = caller.say(text)
+                say(f"agent:  {reply.text}")
             turn = _server_turn(server.url, caller.tracking_id, index)
             say("        " + _timings(reply.first_token_ms, reply.last_token_ms, turn))
             if reply.end:
@@ -169,7 +180,8 @@ def _timings(first_ms: float | None, last_ms: float | None, turn: dict) -> str:
         return "—" if value is None else f"{value:.0f} ms"
 
     provider = turn.get("provider") or turn.get("source") or "—"
-    return (f"caller heard first word after {ms(first_ms)}, last after {ms(last_ms)}; server: first token "
+    last = "the rest was cut off" if last_ms is None else f"last after {ms(last_ms)}"
+    return (f"caller heard first word after {ms(first_ms)}, {last}; server: first token "
             f"{ms(turn.get('firstTokenMs'))}, {provider} TTFT {ms(turn.get('providerTtftMs'))}, "
             f"cache {'hit' if turn.get('cacheHit') else 'miss'}, node {turn.get('nodeId')} → {turn.get('nextNodeId')}")
 
