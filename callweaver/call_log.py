@@ -95,7 +95,7 @@ def call_detail(store: Store, tracking_id: str, *, mask: bool = True,
             reason = "no transcript was recorded for this call"
     return {
         "call": call_row(record, turns, mask=mask),
-        "workflowName": (record.workflow or {}).get("name") if isinstance(record.workflow, dict) else None,
+        "workflowName": record.workflow.get("name") if isinstance(record.workflow, dict) else None,
         "statusHistory": [{"status": h["status"], "sequence": h["sequence"], "receivedAt": h["receivedAt"]}
                           for h in store.status_history(tracking_id)],
         "transcript": {"kept": bool(transcript), "reason": reason},
