@@ -2,7 +2,8 @@
 
 Two attacks, each against a fresh `gunicorn -c gunicorn.conf.py wsgi:app` on 127.0.0.1 and bounded in time:
 - slow bodies: N connections each declare a 1 MB JSON body on POST /api/chat and send one byte every few
-  seconds (a connection the server closes is reopened, so N stay open for the whole window);
+  seconds; a connection the server answers or closes is reopened at its next tick, so each of the N attackers
+  keeps one connection going for the whole window at one network action per tick (slow, not a flood);
 - socket replay: one captured signed ConversationRelay upgrade (URL + X-Twilio-Signature of a live call)
   replayed N times; every socket that opens is held open, silent, until the window ends.
 During each window a probe opens a new connection every `--probe-interval-s` and times GET /health to the last
@@ -98,10 +99,12 @@ class AttackStats:
 
 
 def slow_body_connection(port: int, until: float, byte_interval_s: float, declared: int, stats: AttackStats) -> None:
-    """Declare `declared` bytes, send one every `byte_interval_s`; reopen when the server answers or closes."""
+    """Declare `declared` bytes and send one every `byte_interval_s`; when the server answers or closes, open a
+    new connection at the next tick. One network action per tick keeps this a slow attack, not a flood."""
     head = (f"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Origin: http://localhost:8080\r\nContent-Length: {declared}\r\n\r\n").encode()
     while time.monotonic() < until:
+        tick = time.monotonic()
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5,
                                           source_address=(ATTACKER_ADDRESS, 0)) as sock:
@@ -111,7 +114,8 @@ def slow_body_connection(port: int, until: float, byte_interval_s: float, declar
                 while time.monotonic() < until and sent < declared:
                     sock.sendall(b" ")
                     sent += 1
-                    sock.settimeout(max(0.01, min(byte_interval_s, until - time.monotonic())))
+                    tick = time.monotonic()
+                    sock.settimeout(max(0.01, min(byte_interval_s, until - tick)))
                     try:
                         answer = sock.recv(4096)
                     except socket.timeout:
@@ -121,7 +125,7 @@ def slow_body_connection(port: int, until: float, byte_interval_s: float, declar
                     break
         except OSError as exc:
             stats.count(stats.errors, describe(exc))
-            gevent.sleep(0.5)
+        gevent.sleep(max(0.0, min(tick + byte_interval_s, until) - time.monotonic()))
 
 
 def run_slow_body(port: int, args: argparse.Namespace) -> tuple[Probes, AttackStats]:

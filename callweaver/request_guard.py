@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import time
 from collections import Counter
 from typing import Any, Callable, Iterable
 
@@ -23,6 +24,7 @@ log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
 LOGGED_PATH_CHARS = 120
+REFUSAL_LOG_INTERVAL_S = 10.0
 
 
 def client_address(environ: dict, trusted_proxy_hops: int) -> str:
@@ -103,16 +105,18 @@ class RequestBodyGuard:
         self.max_uploads_per_client = max_uploads_per_client
         self.trusted_proxy_hops = trusted_proxy_hops
         self.uploads: Counter[str] = Counter()  # client → bodies being received right now
+        self.refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}  # (event, client) → (logged at, since)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         declared = environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not chunked and declared in ("", "0"):
             return self.app(environ, start_response)
+        client = client_address(environ, self.trusted_proxy_hops)
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return self._refuse(environ, "413 Request Entity Too Large", "request_body_too_large",
-                                f"Request body too large (limit {self.max_body_bytes} bytes)")(start_response)
-        client = client_address(environ, self.trusted_proxy_hops)
+                                f"Request body too large (limit {self.max_body_bytes} bytes)",
+                                client=client)(start_response)
         if self.max_uploads_per_client and self.uploads[client] >= self.max_uploads_per_client:
             return self._refuse(environ, "429 Too Many Requests", "client_upload_limit",
                                 "Too many requests from this client are still sending their bodies",
@@ -130,14 +134,25 @@ class RequestBodyGuard:
                 del self.uploads[client]
         if len(body) > self.max_body_bytes:
             return self._refuse(environ, "413 Request Entity Too Large", "request_body_too_large",
-                                f"Request body too large (limit {self.max_body_bytes} bytes)")(start_response)
+                                f"Request body too large (limit {self.max_body_bytes} bytes)",
+                                client=client)(start_response)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
-    @staticmethod
-    def _refuse(environ: dict, status: str, event: str, error: str, **fields: Any) -> _Refusal:
-        log.warning(event, status=int(status[:3]), method=environ.get("REQUEST_METHOD", "")[:10],
-                    path=environ.get("PATH_INFO", "")[:LOGGED_PATH_CHARS], **fields)
+    def _refuse(self, environ: dict, status: str, event: str, error: str, client: str = "") -> _Refusal:
+        """Answer and log; one client's repeated refusals are logged once per REFUSAL_LOG_INTERVAL_S with a
+        count, so an attack costs neither log volume nor the CPU to write it."""
+        now = time.monotonic()
+        logged_at, suppressed = self.refusals_logged.get((event, client), (0.0, 0))
+        if now - logged_at >= REFUSAL_LOG_INTERVAL_S:
+            if len(self.refusals_logged) > 10_000:
+                self.refusals_logged.clear()
+            self.refusals_logged[(event, client)] = (now, 0)
+            log.warning(event, status=int(status[:3]), method=environ.get("REQUEST_METHOD", "")[:10],
+                        path=environ.get("PATH_INFO", "")[:LOGGED_PATH_CHARS], client=client or None,
+                        suppressed_since_last=suppressed)
+        else:
+            self.refusals_logged[(event, client)] = (logged_at, suppressed + 1)
         return _Refusal(environ, status, error)
