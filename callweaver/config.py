@@ -83,14 +83,14 @@ class Settings:
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
     max_body_bytes: int = 1024 * 1024
-    # Transport limits (slow bodies, relay sockets)
-    body_read_timeout_s: float = 10.0
-    max_uploads_per_client: int = 20
-    on_render: bool = False
-    trusted_proxy_hops: int = 0
-    relay_setup_timeout_s: float = 5.0
-    relay_max_message_bytes: int = 64 * 1024
-    relay_socket_lease_s: float = 30.0
+    # Transport limits (README "Security"): slow bodies and the relay socket
+    body_read_timeout_s: float = 10.0        # whole body within this, else 408
+    max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
+    on_render: bool = False                  # RENDER is set by the platform
+    trusted_proxy_hops: int = 0              # X-Forwarded-For entries (from the right) written by our proxies
+    relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
+    relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
+    relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
     log_level: str = "INFO"
     log_format: str = "json"
     warnings: tuple[str, ...] = field(default_factory=tuple)

@@ -7,7 +7,7 @@ import yaml
 
 from tests.fakes.live_server import REPO
 
-SET_BY_PLATFORM = {"PORT", "RENDER_EXTERNAL_URL"}
+SET_BY_PLATFORM = {"PORT", "RENDER_EXTERNAL_URL", "RENDER"}
 
 
 def variables_read() -> set[str]:

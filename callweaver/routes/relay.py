@@ -14,8 +14,9 @@ import time
 import uuid
 
 import structlog
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, g, request
 
+from ..api_errors import ApiError
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
 from ..lifecycle import CALL_SID
@@ -84,10 +85,6 @@ class RelayClaim:
             log.warning("relay_claim_release_failed")  # the lease runs out by itself
 
 
-def _refusal(status: int, error: str) -> Response:
-    return Response(json.dumps({"success": False, "error": error}), status=status, mimetype="application/json")
-
-
 def _is_live(record: CallRecord | None) -> bool:
     return record is not None and record.ended_at is None and record.status not in TERMINAL_STATUSES
 
@@ -107,17 +104,17 @@ def _refuse_unsigned_upgrade():
         return None  # not a socket: routing answers it
     if not _is_live(record) or record.tracking_id != request.args.get("trackingId"):
         log.warning("relay_socket_refused", reason="no live call")
-        return _refusal(403, "No live call for this relay socket")
+        raise ApiError(403, "No live call for this relay socket")
     svc = services()
     claim = RelayClaim(svc.store, record, svc.settings.relay_socket_lease_s)
     try:
         claimed = claim.acquire()
     except StoreError:
         log.exception("relay_claim_failed")
-        return _refusal(503, "Call state is unavailable")
+        raise ApiError(503, "Call state is unavailable")
     if not claimed:
         log.warning("relay_socket_refused", reason="call already has a live socket")
-        return _refusal(409, "This call already has a live relay socket")
+        raise ApiError(409, "This call already has a live relay socket")
     g.relay_claim = claim
     return None
 
