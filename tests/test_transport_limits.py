@@ -31,13 +31,18 @@ def fakes():
     llm.stop()
 
 
+def start_server(tmp_path, fakes, workers: int, **limits: str) -> LiveServer:
+    twilio, llm = fakes
+    env = base_env(tmp_path, twilio, llm)
+    env.pop("PUBLIC_BASE_URL")
+    env.update(limits)
+    return LiveServer(env, workers=workers).start()
+
+
 @pytest.fixture(scope="module")
 def relay_server(tmp_path_factory, fakes):
-    twilio, llm = fakes
-    env = base_env(tmp_path_factory.mktemp("relay-limits"), twilio, llm)
-    env.pop("PUBLIC_BASE_URL")
-    env.update(LOG_LEVEL="INFO", RELAY_SETUP_TIMEOUT_S="1", RELAY_MAX_MESSAGE_BYTES="4096")
-    server = LiveServer(env, workers=2).start()
+    server = start_server(tmp_path_factory.mktemp("relay-limits"), fakes, 2, LOG_LEVEL="INFO",
+                          RELAY_SETUP_TIMEOUT_S="1", RELAY_MAX_MESSAGE_BYTES="4096")
     yield server
     server.stop()
 
@@ -45,12 +50,8 @@ def relay_server(tmp_path_factory, fakes):
 @pytest.fixture(scope="module")
 def body_server(tmp_path_factory, fakes):
     """One worker with few connection slots, so a handful of slow clients could fill them all."""
-    twilio, llm = fakes
-    env = base_env(tmp_path_factory.mktemp("body-limits"), twilio, llm)
-    env.pop("PUBLIC_BASE_URL")
-    env.update(BODY_READ_TIMEOUT_S="1", MAX_UPLOADS_PER_CLIENT="3", WORKER_CONNECTIONS="20",
-               MAX_BODY_BYTES="65536")
-    server = LiveServer(env, workers=1).start()
+    server = start_server(tmp_path_factory.mktemp("body-limits"), fakes, 1, BODY_READ_TIMEOUT_S="1",
+                          MAX_UPLOADS_PER_CLIENT="3", WORKER_CONNECTIONS="20", MAX_BODY_BYTES="65536")
     yield server
     server.stop()
 
