@@ -20,21 +20,13 @@ from typing import Any, Callable, Iterable
 
 import structlog
 
+from .rate_limits import client_address
+
 log = structlog.get_logger()
 
 READ_CHUNK = 64 * 1024
 LOGGED_PATH_CHARS = 120
 REFUSAL_LOG_INTERVAL_S = 10.0
-
-
-def client_address(environ: dict, trusted_proxy_hops: int) -> str:
-    """The client as the last trusted proxy saw it: with N trusted hops, the N-th X-Forwarded-For entry from the
-    right (entries left of it are whatever the client wrote); with none, the socket's peer address."""
-    if trusted_proxy_hops > 0:
-        forwarded = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
-        if forwarded:
-            return forwarded[-min(trusted_proxy_hops, len(forwarded))][:64]
-    return environ.get("REMOTE_ADDR") or "unknown"
 
 
 class _Refusal:
