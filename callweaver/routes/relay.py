@@ -28,6 +28,7 @@ from .twiml import RELAY_PATH
 
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()
+CLOSE_POLICY_VIOLATION = 1008
 
 
 class LockedSender:
@@ -45,9 +46,6 @@ class LockedSender:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
             self.ws.sock.sendall(self.ws.ws.send(TextMessage(data=data)))
-
-
-CLOSE_POLICY_VIOLATION = 1008
 
 
 class RelayClaim:
