@@ -25,6 +25,9 @@ E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
+# <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
+# worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
+RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 
 
 def normalize_phone(raw: Any) -> str:
@@ -300,12 +303,30 @@ class CallLifecycle:
             return self.store.update_call(record.tracking_id, call_sid=call_sid) or record
         return record
 
-    def try_resume(self, record: CallRecord | None) -> CallRecord | None:
-        """A relay socket broke: allow a reconnect (at most MAX_RESUMES per call); None when out of attempts."""
-        if record is None or record.resume_count >= MAX_RESUMES:
+    def try_resume(self, record: CallRecord | None, greeting: str, error_code: str | None = None,
+                   error_message: str | None = None) -> CallRecord | None:
+        """A relay session failed: reconnect when that can help, with `greeting` spoken and kept in the history.
+
+        Only a broken socket is worth a reconnect (no ErrorCode, or a network error); after a configuration
+        error (bad voice, refused TwiML...) the same TwiML would fail again, so None: end with an apology.
+        At most MAX_RESUMES reconnects per call.
+        """
+        if record is None:
             return None
-        resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1) or record
-        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count)
+        if error_code and error_code not in RECONNECTABLE_ERROR_CODES:
+            log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="configuration error",
+                      error_code=error_code, error_message=(error_message or "")[:300])
+            return None
+        if record.resume_count >= MAX_RESUMES:
+            log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="resume limit reached",
+                      error_code=error_code)
+            return None
+        # The caller hears the greeting: it belongs in the history, so a barge-in trims it, not an older turn.
+        messages = [*(record.messages or []), {"role": "assistant", "content": greeting}]
+        resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1,
+                                         messages=messages[-200:]) or record
+        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count,
+                    error_code=error_code)
         return resumed
 
     def fetch_status(self, call_sid: str) -> dict:

@@ -30,10 +30,18 @@ def request_public_url(base: str, path: str, raw_query: str) -> str:
     return f"{url}?{raw_query}" if raw_query else url
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def websocket_url(base: str, path: str) -> str:
-    """ws(s) URL for ConversationRelay: wss:// for an https base, ws:// for local http runs."""
+    """ws(s) URL for ConversationRelay: always wss://, except ws:// for an http base on this machine.
+
+    Twilio only connects to wss://; a proxy that forgets X-Forwarded-Proto must not turn a public
+    host's relay URL into ws://, so plain ws:// is reserved for local runs (tests, the simulator).
+    """
     parts = urlsplit(base)
-    scheme = "wss" if parts.scheme == "https" else "ws"
+    local = parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
+    scheme = "ws" if local else "wss"
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
 
 

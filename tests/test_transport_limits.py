@@ -41,7 +41,7 @@ def start_server(tmp_path, fakes, workers: int, **limits: str) -> LiveServer:
 
 @pytest.fixture(scope="module")
 def relay_server(tmp_path_factory, fakes):
-    server = start_server(tmp_path_factory.mktemp("relay-limits"), fakes, 2, LOG_LEVEL="INFO",
+    server = start_server(tmp_path_factory.mktemp("relay-limits"), fakes, 2, LOG_LEVEL="DEBUG",
                           RELAY_SETUP_TIMEOUT_S="1", RELAY_MAX_MESSAGE_BYTES="4096")
     yield server
     server.stop()

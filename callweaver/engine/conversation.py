@@ -89,6 +89,7 @@ class TurnResult:
     transitioned_via: str | None = None
     llm_requests: int = 0
     language_switched: bool = False
+    keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
     trace_span: Any = NULL_SPAN        # the turn's span (tracing.py); NULL_SPAN when tracing is off
 
@@ -164,6 +165,14 @@ class ConversationEngine:
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
 
+    def declared_languages(self, record) -> list[str]:
+        """The languages the call's relay TwiML declared (home first); a switch may only land on these."""
+        declared = (record.meta or {}).get("relayLanguages")
+        if declared:
+            return list(declared)
+        home = self.languages.get((record.meta or {}).get("homeLanguage") or record.language)
+        return [entry.code for entry in self.languages.switch_targets(home)]
+
     def state_of(self, record, workflow: Workflow) -> ConversationState:
         node = record.current_node if record.current_node in workflow.nodes else workflow.entry_node_id()
         return ConversationState(current_node=node, variables=dict(record.variables or {}),
@@ -175,7 +184,7 @@ class ConversationEngine:
         entry = self.language_of(record)
         switched = False
         if lang:
-            target = self.languages.switch_target(entry.code, lang)
+            target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
                 entry, switched = target, True
         state = self.state_of(record, workflow)
@@ -185,11 +194,17 @@ class ConversationEngine:
                                                               language=entry.code, path=record.path))
         control = TurnControl()
         chain = self.chain_for(record)
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
-                    control)
+        keypad = self.may_press_keys(record)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
+                    utterance, control)
+
+    @staticmethod
+    def may_press_keys(record) -> bool:
+        """A relay call we placed may reach a phone menu: Twilio's setup says it is outbound."""
+        return str(((record.meta or {}).get("setup") or {}).get("direction", "")).startswith("outbound")
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl, chain) -> Iterator[str]:
+             result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -201,7 +216,7 @@ class ConversationEngine:
             return
 
         plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
-                         history_limit=self.history_limit)
+                         history_limit=self.history_limit, keypad=keypad)
         result.cacheable = plan.cacheable
         key = None
         if self.cache is not None and plan.cacheable:
@@ -306,6 +321,7 @@ class ConversationEngine:
         result.action_message = outcome.action_message
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
+        result.keys = outcome.keys
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
@@ -315,6 +331,8 @@ class ConversationEngine:
         heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
         messages = list(record.messages or [])
         messages.append({"role": "user", "content": turn.utterance})
+        if r.keys and not interrupted:
+            heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
         action = None if interrupted or not r.completed else r.action
