@@ -7,11 +7,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+# The original backend's origins (its backend/server.js): local dev servers, the deployed web app, the backend.
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:8080",
     "http://localhost:3000",
-    "https://call-flow-weaver.vercel.app",
-    "https://call-flow-weaver-backend.onrender.com",
+    "https://kimiya-ai.vercel.app",
+    "https://kimiyi-ai.onrender.com",
 )
 
 SECRET_SETTINGS = frozenset(
@@ -90,6 +91,11 @@ class Settings:
     @property
     def has_twilio_credentials(self) -> bool:
         return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def cors_any_origin(self) -> bool:
+        """CORS_ORIGINS=*: any page may call the API, so browsers never get credentials with the answer."""
+        return self.cors_origins == ("*",)
 
     @property
     def signatures_enforced(self) -> bool:
@@ -212,6 +218,9 @@ class Settings:
         origins = text("CORS_ORIGINS")
         values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
                                   if origins else DEFAULT_CORS_ORIGINS)
+        if "*" in values["cors_origins"] and len(values["cors_origins"]) > 1:
+            problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of "
+                            "origins, not both")
         values["secret_key"] = text("SECRET_KEY")
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
