@@ -27,16 +27,40 @@ log = structlog.get_logger()
 PURGE_EVERY_N_CALLS = 100
 
 
-def spawn(fn: Callable, *args: Any):
-    """Run off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests)."""
-    from gevent import monkey
-    context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
-    if monkey.is_module_patched("socket"):
-        import gevent
-        return gevent.spawn(context.run, fn, *args)
-    thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
-    thread.start()
-    return thread
+class Task:
+    """Work running off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests,
+    CLI commands). Callers see one surface (join, dead, kill) whichever it is."""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        from gevent import monkey
+        context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
+        self._greenlet = self._thread = None
+        if monkey.is_module_patched("socket"):
+            import gevent
+            self._greenlet = gevent.spawn(context.run, fn, *args)
+        else:
+            self._thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
+            self._thread.start()
+
+    @property
+    def dead(self) -> bool:
+        return self._greenlet.dead if self._greenlet is not None else not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        (self._greenlet or self._thread).join(timeout=timeout)
+
+    def kill(self, timeout: float | None = None) -> None:
+        """Stop it now: a greenlet is killed; a thread cannot be interrupted from outside, so it is given up to
+        `timeout` to finish the work it was already told to stop (cancellation here is cooperative)."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=timeout)
+        else:
+            self._thread.join(timeout=timeout)
+
+
+def spawn(fn: Callable, *args: Any) -> Task:
+    """Run `fn(*args)` off the request path."""
+    return Task(fn, *args)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
 from ..services import services
-from .common import body_params
+from .common import all_providers_failed, body_params
 
 bp = Blueprint("metrics", __name__)
 PROMETHEUS_WINDOW_S = 86400
@@ -75,6 +75,8 @@ def test_optimization():
     if not isinstance(language, str):
         raise ApiError(400, "language must be a BCP-47 code such as en-US")
     result = probe_turn(services().engine, message.strip(), language)
+    if result["source"] == "apology":  # the canned apology is not an answer: say the pipeline failed
+        return all_providers_failed(result["failovers"], optimization={"enabled": False, "fallbackUsed": True})
     return jsonify(success=True, test={
         "message": message, "language": result["language"], "processingTime": result["totalMs"],
         "optimization": {"enabled": True, "cacheUsed": result["cacheHit"],
