@@ -50,6 +50,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     init_errors(app)
     from .routes import register_blueprints
     register_blueprints(app)
+    from .cli import register_cli
+    register_cli(app)
     return app
 
 

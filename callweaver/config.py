@@ -80,6 +80,7 @@ class Settings:
     cache_prewarm: bool = True
     metrics_window_s: int = 3600
     retention_days: int = 30
+    retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
@@ -214,6 +215,7 @@ class Settings:
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
+        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")
         values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
-import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -20,11 +21,11 @@ from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine
 from .engine.languages import LanguageTable
 from .lifecycle import CallLifecycle
+from .retention import run_periodically
 from .store import Store, build_store
 from .twilio_client import TwilioGateway
 
 log = structlog.get_logger()
-PURGE_EVERY_N_CALLS = 100
 
 
 class Task:
@@ -140,18 +141,12 @@ class Services:
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
         self.providers.warm_up()
 
-    def prepare_call(self, tracking_id: str):
-        """While the phone rings, off the request path: warm the cache for the entry node, and now and then
-        drop calls older than RETENTION_DAYS so the store does not grow without bound."""
+    def prepare_call(self, tracking_id: str) -> Task | None:
+        """While the phone rings, off the request path: warm the cache for the entry node."""
+        if not self.settings.cache_prewarm:
+            return None
+
         def work() -> None:
-            if secrets.randbelow(PURGE_EVERY_N_CALLS) == 0:
-                try:
-                    purged = self.store.purge(time.time() - self.settings.retention_days * 86400)
-                    log.info("store_purged", calls=purged)
-                except Exception:
-                    log.exception("purge_failed")
-            if not self.settings.cache_prewarm:
-                return
             try:
                 record = self.store.get_call(tracking_id)
                 if record is not None:
@@ -160,6 +155,13 @@ class Services:
                 log.exception("prewarm_failed", tracking_id=tracking_id)
 
         return spawn(work)
+
+    def start_background_jobs(self) -> Task:
+        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval."""
+        s = self.settings
+        return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,
+                                       interval_s=s.retention_interval_s,
+                                       holder=f"{socket.gethostname()}:{os.getpid()}"))
 
 
 def services() -> Services:

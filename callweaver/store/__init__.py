@@ -131,6 +131,11 @@ class Store(Protocol):
         """Delete calls that ended before this epoch, with their turns and statuses; returns the count."""
         ...
 
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the named lease for ttl_s if nobody holds it: True for exactly one taker per period, across every
+        worker and instance sharing the store (periodic jobs run once per store, not once per worker)."""
+        ...
+
 
 def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = "cw:") -> Store:
     """Redis when a URL is configured (shared by many instances), else SQLite (shared by one machine's workers)."""

@@ -34,6 +34,7 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
 # KEYS: call, sid index (or call again), calls:created, calls:ended
 # ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", then field/value pairs
@@ -367,3 +368,7 @@ class RedisStore:
                 deleted = pipe.execute()[0]
                 purged += 1 if deleted else 0
         return purged
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._backend() as client:
+            return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))

@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS cw_turns (
     PRIMARY KEY (tracking_id, turn_index)
 );
 CREATE INDEX IF NOT EXISTS cw_turns_at ON cw_turns (at);
+CREATE TABLE IF NOT EXISTS cw_leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cw_workflows (
     workflow_id TEXT PRIMARY KEY,
     snapshot    TEXT NOT NULL,
@@ -326,3 +331,16 @@ class SQLiteStore:
                 "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
             ).rowcount
         return deleted
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT expires_at FROM cw_leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            conn.execute(
+                "INSERT INTO cw_leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                (name, holder, now + ttl_s),
+            )
+        return True
