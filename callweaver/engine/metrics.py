@@ -21,7 +21,7 @@ PUBLISHED_PEER_FIGURES = [
     {"name": "Bland AI", "metric": "voice-to-voice latency p50 (third-party tests)", "valueMs": [850, 850],
      "source": "docs/peers.md (third-party tests summarised there)", "comparable": False},
     {"name": "Twilio latency guide", "metric": "LLM time to first token target / upper limit",
-     "valueMs": [375, 750], "source": "Twilio blog 'A Guide to Core Latency in AI Voice Agents', 2025-11-17",
+     "valueMs": [375, 750], "source": "docs/peers.md (Twilio blog 'A Guide to Core Latency in AI Voice Agents', 2025-11-17)",
      "comparable": False},
 ]
 
