@@ -20,6 +20,7 @@ from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine
 from .engine.languages import LanguageTable
+from .engine.metrics import RecentTurns
 from .lifecycle import CallLifecycle
 from .retention import run_periodically
 from .store import Store, build_store
@@ -99,6 +100,11 @@ class Services:
         backend = build_cache_backend(s.cache_type, redis_url=s.cache_redis_url, cache_dir=s.cache_dir,
                                       default_timeout=s.cache_ttl_s)
         return ReplyCache(backend, ttl_s=s.cache_ttl_s)
+
+    @cached_property
+    def recent_turns(self) -> RecentTurns:
+        """This worker's copy of the recent turns behind the windowed JSON metrics (topped up per poll)."""
+        return RecentTurns(self.store)
 
     @cached_property
     def engine(self) -> ConversationEngine:

@@ -12,6 +12,7 @@ import structlog
 from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
+from .prometheus import turn_counters
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
 
@@ -329,7 +330,7 @@ class ConversationEngine:
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
             "languageSwitched": r.language_switched,
         }
-        self.store.append_turn(record.tracking_id, turn_row)
+        self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,

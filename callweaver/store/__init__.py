@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -107,17 +107,30 @@ class Store(Protocol):
 
     def status_history(self, tracking_id: str) -> list[dict]: ...
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
-        """Append one conversation turn; returns its index (0, 1, 2, ...)."""
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
+        """Append one conversation turn and add `counters` (series key → increment) in the same write, so the
+        cumulative metrics always agree with the turns stored; returns the turn's index (0, 1, 2, ...)."""
+        ...
+
+    def counters(self) -> dict[str, float]:
+        """Every cumulative counter since the store began (series key → value); never decreases."""
         ...
 
     def turns(self, tracking_id: str) -> list[dict]: ...
 
     def recent_turns(self, since: float) -> list[dict]:
-        """All calls' turns with at >= since, oldest first (rolling-window metrics)."""
+        """All calls' turns with at >= since, oldest first, each with its `index` in its call (rolling windows)."""
         ...
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]: ...
+
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        """Calls created at or after `since` that have not ended; reads only those, not every call."""
+        ...
+
+    def count_calls(self, since: float = 0.0) -> int:
+        """How many calls were created at or after `since`, without reading them."""
+        ...
 
     def save_workflow(self, workflow_id: str, snapshot: dict) -> None: ...
 

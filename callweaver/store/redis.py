@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Mapping
 
 import redis
 from redis.backoff import NoBackoff
@@ -34,6 +34,7 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   counters         hash series -> cumulative value (incremented in the script that appends the turn)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
 # KEYS: call, sid index (or call again), calls:created, calls:ended
@@ -89,10 +90,11 @@ redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: turns list, turns:by_time   ARGV: turn JSON, at
+# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, then series/increment pairs
 _APPEND_TURN = """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
 redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 return index
 """
 
@@ -253,6 +255,20 @@ class RedisStore:
             records = [record for record in records if record.ended_at is None]
         return records
 
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        with self._backend() as client:
+            created = client.zdiff([self._key("calls", "created"), self._key("calls", "ended")], withscores=True)
+            tracking_ids = [tid for tid, created_at in created if float(created_at) >= since]
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.hgetall(self._key("call", tracking_id))
+            hashes = pipe.execute() if tracking_ids else []
+        return [record for record in map(_record_from_hash, hashes) if record is not None]
+
+    def count_calls(self, since: float = 0.0) -> int:
+        with self._backend() as client:
+            return int(client.zcount(self._key("calls", "created"), since, "+inf"))
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -300,16 +316,23 @@ class RedisStore:
 
     # -- turns ----------------------------------------------------------------
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         stored = dict(turn)
         stored["trackingId"] = tracking_id
         stored["at"] = float(stored.get("at") or time.time())
+        increments: list[str] = []
+        for series, value in (counters or {}).items():
+            increments += [series, repr(float(value))]
         index = self._script(
             "append_turn",
-            [self._key("turns", tracking_id), self._key("turns", "by_time")],
-            [_dumps(stored), _json_number(stored["at"])],
+            [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
+            [_dumps(stored), _json_number(stored["at"]), *increments],
         )
         return int(index)
+
+    def counters(self) -> dict[str, float]:
+        with self._backend() as client:
+            return {series: float(value) for series, value in client.hgetall(self._key("counters")).items()}
 
     def turns(self, tracking_id: str) -> list[dict]:
         with self._backend() as client:
@@ -319,8 +342,13 @@ class RedisStore:
     def recent_turns(self, since: float) -> list[dict]:
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
-        # A member is "<index>:<turn JSON>"; the index only keeps identical turns distinct.
-        return [json.loads(member.split(":", 1)[1]) for member in members]
+        # A member is "<index>:<turn JSON>": the turn's index within its call, which also keeps identical turns
+        # distinct.
+        out = []
+        for member in members:
+            index, turn_json = member.split(":", 1)
+            out.append({**json.loads(turn_json), "index": int(index)})
+        return out
 
     # -- workflows --------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, Mapping
 
 from callweaver.store import (
     TERMINAL_STATUSES,
@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS cw_turns (
     PRIMARY KEY (tracking_id, turn_index)
 );
 CREATE INDEX IF NOT EXISTS cw_turns_at ON cw_turns (at);
+CREATE TABLE IF NOT EXISTS cw_counters (
+    series TEXT PRIMARY KEY,
+    value  REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cw_leases (
     name       TEXT PRIMARY KEY,
     holder     TEXT NOT NULL,
@@ -213,6 +217,20 @@ class SQLiteStore:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
         return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
 
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT data FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
+                " ORDER BY created_at",
+                (since,),
+            ).fetchall()
+        return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    def count_calls(self, since: float = 0.0) -> int:
+        with self._connection() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM cw_calls WHERE created_at >= ?", (since,)).fetchone()
+        return count
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -265,7 +283,7 @@ class SQLiteStore:
 
     # -- turns ----------------------------------------------------------------
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         stored = dict(turn)
         stored["trackingId"] = tracking_id
         stored["at"] = float(stored.get("at") or time.time())
@@ -278,7 +296,17 @@ class SQLiteStore:
                 "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
                 (tracking_id, turn_index, stored["at"], _dumps(stored)),
             )
+            if counters:
+                conn.executemany(
+                    "INSERT INTO cw_counters (series, value) VALUES (?, ?)"
+                    " ON CONFLICT (series) DO UPDATE SET value = value + excluded.value",
+                    list(counters.items()),
+                )
         return turn_index
+
+    def counters(self) -> dict[str, float]:
+        with self._connection() as conn:
+            return dict(conn.execute("SELECT series, value FROM cw_counters").fetchall())
 
     def turns(self, tracking_id: str) -> list[dict]:
         with self._connection() as conn:
@@ -291,10 +319,10 @@ class SQLiteStore:
     def recent_turns(self, since: float) -> list[dict]:
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT data FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
+                "SELECT data, turn_index FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
                 (since,),
             ).fetchall()
-        return [json.loads(row[0]) for row in rows]
+        return [{**json.loads(data), "index": turn_index} for data, turn_index in rows]
 
     # -- workflows --------------------------------------------------------------
 
