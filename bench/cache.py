@@ -133,8 +133,8 @@ HIT_P99_TARGET_MS = 5.0
 
 def replay_twice(stack: BenchStack, args: argparse.Namespace) -> list[dict]:
     """One server, the same scripted calls twice. A turn's context is what the caller answers (the line heard
-    before it) plus what they say; the second replay's hit rate is counted on turns whose context the first
-    replay already had, so it shows the context-keyed cache paying off where it may, and nowhere else."""
+    before it) plus what they say; a turn "repeats" when an earlier turn (this replay or the first) had its
+    context. Hits on repeated contexts show the cache paying off; a hit anywhere else would be a wrong answer."""
     scripts = scripted_calls(args.calls, args.turns, args.seed)
     seen: set[tuple[str, str]] = set()
     replays = []
@@ -157,15 +157,16 @@ def replay_twice(stack: BenchStack, args: argparse.Namespace) -> list[dict]:
                 call.hang_up()
             gevent.sleep(1.0 + args.ring_s)  # let any prewarm of the last calls finish: it counts for this replay
             stored = fetch_turns(server.url, [c.tracking_id for c in calls if c.tracking_id])
-            rows, contexts = [], set()
+            turns = []
             for call in calls:
                 heard_before = GREETING
                 for sample, turn in zip(call.samples, stored.get(call.tracking_id or "", [])):
-                    context = (heard_before, sample.utterance)
-                    rows.append({"repeats": context in seen, **turn})
-                    contexts.add(context)
+                    turns.append(((heard_before, sample.utterance), turn))
                     heard_before = sample.text
-            seen |= contexts
+            rows = []
+            for context, turn in sorted(turns, key=lambda item: item[1].get("at") or 0):  # in the order answered
+                rows.append({"repeats": context in seen, **turn})
+                seen.add(context)
             repeated = [r for r in rows if r["repeats"]]
             hits = [r for r in rows if r.get("cacheHit")]
             progress(f"replay {replay}: {len(rows)} turns, {len(hits)} hits, {len(repeated)} repeated contexts")
@@ -203,8 +204,8 @@ def replay_report(replays: list[dict], args: argparse.Namespace) -> str:
         f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
         f"{args.token_interval_ms:g} ms/token, the same reply text every time. One server, one worker, reply "
         f"cache {', '.join(sorted({r['backend'] for r in replays}))}, kept between the replays. A turn's context is "
-        "the line the caller heard before it (the greeting on the first turn) and what they say; \"repeated\" "
-        "turns are those whose context the first replay already had."
+        "the line the caller heard before it (the greeting on the first turn) and what they say; a turn is "
+        "\"repeated\" when an earlier-answered turn (in this replay or the first) had its context."
         + (f" Server environment extras: {', '.join(args.server_env)}." if args.server_env else ""),
         "",
         markdown_table(["replay", "turns", "cache hits (rate)", "repeated-context turns hit",
