@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
 from .prometheus import turn_counters
+from .tracing import NULL_SPAN, NullTracer
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
 
@@ -91,7 +93,9 @@ class TurnResult:
     transitioned_via: str | None = None
     llm_requests: int = 0
     language_switched: bool = False
+    keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
+    trace_span: Any = NULL_SPAN        # the turn's span (tracing.py); NULL_SPAN when tracing is off
 
 
 class TurnControl:
@@ -136,8 +140,9 @@ class ConversationEngine:
 
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
                  history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
-                 chain_for: Callable[[Any], Any] | None = None):
+                 chain_for: Callable[[Any], Any] | None = None, tracer: Any = None):
         self.store = store
+        self.tracer = tracer or NullTracer()  # OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.providers = providers
         # A call may bring its own LLM account (ALLOW_REQUEST_CREDENTIALS); chain_for picks its provider chain.
         self.chain_for = chain_for or (lambda record: self.providers)
@@ -164,6 +169,14 @@ class ConversationEngine:
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
 
+    def declared_languages(self, record) -> list[str]:
+        """The languages the call's relay TwiML declared (home first); a switch may only land on these."""
+        declared = (record.meta or {}).get("relayLanguages")
+        if declared:
+            return list(declared)
+        home = self.languages.get((record.meta or {}).get("homeLanguage") or record.language)
+        return [entry.code for entry in self.languages.switch_targets(home)]
+
     def state_of(self, record, workflow: Workflow) -> ConversationState:
         node = record.current_node if record.current_node in workflow.nodes else workflow.entry_node_id()
         return ConversationState(current_node=node, variables=dict(record.variables or {}),
@@ -175,19 +188,27 @@ class ConversationEngine:
         entry = self.language_of(record)
         switched = False
         if lang:
-            target = self.languages.switch_target(entry.code, lang)
+            target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
                 entry, switched = target, True
         state = self.state_of(record, workflow)
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
-                            variables=dict(state.variables))
+                            variables=dict(state.variables),
+                            trace_span=self.tracer.start_turn(record.tracking_id, node=state.current_node,
+                                                              language=entry.code, path=record.path))
         control = TurnControl()
         chain = self.chain_for(record)
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
-                    control)
+        keypad = self.may_press_keys(record)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
+                    utterance, control)
+
+    @staticmethod
+    def may_press_keys(record) -> bool:
+        """A relay call we placed may reach a phone menu: Twilio's setup says it is outbound."""
+        return str(((record.meta or {}).get("setup") or {}).get("direction", "")).startswith("outbound")
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl, chain) -> Iterator[str]:
+             result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -199,13 +220,15 @@ class ConversationEngine:
             return
 
         plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
-                         history_limit=self.history_limit)
+                         history_limit=self.history_limit, keypad=keypad)
         result.cacheable = plan.cacheable
         key = None
         if self.cache is not None and plan.cacheable:
             started = self.clock()
             key = self._cache_key(workflow, plan, entry, state, utterance)
-            hit = self.cache.get(key)
+            with self.tracer.child(result.trace_span, "cache.lookup") as span:
+                hit = self.cache.get(key)
+                span.set_attribute("callweaver.cache.hit", hit is not None)
             result.cache_lookup_ms = round((self.clock() - started) * 1000, 3)
             if hit is not None:
                 result.source, result.cache_hit, result.provider = "cache", True, None
@@ -215,10 +238,11 @@ class ConversationEngine:
                 return
 
         options = workflow.llm_options
+        llm_span = self._llm_span(result, plan.tools, options)
         stream = chain.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
                                        max_tokens=options.get("max_tokens"), model=options.get("model"),
                                        apology=entry.line("apology"))
-        yield from self._relay_stream(result, stream, control)
+        yield from self._relay_stream(result, stream, control, llm_span)
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
@@ -236,10 +260,11 @@ class ConversationEngine:
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
+            llm_span = self._llm_span(result, None, options)
             stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
                                             max_tokens=options.get("max_tokens"), model=options.get("model"),
                                             apology=entry.line("apology"))
-            yield from self._relay_stream(result, stream2, control)
+            yield from self._relay_stream(result, stream2, control, llm_span)
             if control.cancelled:
                 return
         if outcome.action_message:
@@ -257,8 +282,12 @@ class ConversationEngine:
                                                        node_id=plan.node_id))
         result.completed = True
 
-    @staticmethod
-    def _relay_stream(result: TurnResult, stream, control: TurnControl) -> Iterator[str]:
+    def _llm_span(self, result: TurnResult, tools: list | None, options: dict):
+        return self.tracer.start_llm_request(result.trace_span, model=options.get("model"),
+                                             temperature=options.get("temperature"),
+                                             max_tokens=options.get("max_tokens"), tools=len(tools or ()))
+
+    def _relay_stream(self, result: TurnResult, stream, control: TurnControl, llm_span) -> Iterator[str]:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
         result.llm_requests += 1
         control.stream = stream
@@ -275,6 +304,7 @@ class ConversationEngine:
             if result.provider_ttft_ms is None:
                 result.provider_ttft_ms = stream.provider_ttft_ms
             control.stream = None
+            self.tracer.end_llm_request(llm_span, stream)
 
     def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
                    utterance: str) -> str | None:
@@ -301,6 +331,7 @@ class ConversationEngine:
         result.action_message = outcome.action_message
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
+        result.keys = outcome.keys
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
@@ -310,6 +341,8 @@ class ConversationEngine:
         heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
         messages = list(record.messages or [])
         messages.append({"role": "user", "content": turn.utterance})
+        if r.keys and not interrupted:
+            heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
         action = None if interrupted or not r.completed else r.action
@@ -331,6 +364,7 @@ class ConversationEngine:
             "languageSwitched": r.language_switched,
         }
         self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
+        self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
@@ -430,7 +464,7 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     entry = entry or engine.languages.get(language)
     language_ms = round((clock() - started) * 1000, 3)
     workflow = default_workflow()
-    record = CallRecord(tracking_id="probe", path="probe", workflow=workflow.to_snapshot(),
+    record = CallRecord(tracking_id=f"probe_{secrets.token_hex(4)}", path="probe", workflow=workflow.to_snapshot(),
                         workflow_hash=workflow.version_hash, language=entry.code,
                         current_node=workflow.entry_node_id())
     turn = engine.start_turn(record, message)
@@ -440,6 +474,8 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
             first_token_ms = round((clock() - started) * 1000, 3)
     r = turn.result
     total_ms = round((clock() - started) * 1000, 3)
+    engine.tracer.end_turn(r.trace_span, {"source": r.source, "provider": r.provider, "cacheHit": r.cache_hit,
+                                          "firstTokenMs": first_token_ms, "lastTokenMs": total_ms})
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
     return {"language": entry.code, "languageKnown": known, "source": r.source, "cacheHit": r.cache_hit,

@@ -10,8 +10,9 @@ from ..api_errors import ApiError
 from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
+from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from .common import all_providers_failed, body_params
+from .common import all_providers_failed, body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
 # A call whose terminal status never arrived stops counting as live after this long.
@@ -73,6 +74,8 @@ def test_optimization():
     message = body.get("message")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(400, "Message is required")
+    if len(message) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"message has {len(message)} characters (at most {MAX_PROMPT_CHARS})")
     language = body.get("language") or "en-US"
     if not isinstance(language, str):
         raise ApiError(400, "language must be a BCP-47 code such as en-US")
@@ -90,6 +93,7 @@ def test_optimization():
 
 
 @bp.get("/metrics")
+@operator_only
 def prometheus_metrics():
     svc = services()
     # Cumulative counters read from the store's counter rows: one row per series, whatever the history.
@@ -100,6 +104,7 @@ def prometheus_metrics():
 
 
 @bp.get("/api/dashboard-data")
+@operator_only
 def dashboard_data():
     svc = services()
     window = _window()
@@ -113,5 +118,6 @@ def dashboard_data():
 
 
 @bp.get("/dashboard")
+@operator_only
 def dashboard():
     return render_template("dashboard.html")
