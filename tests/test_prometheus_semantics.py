@@ -92,8 +92,20 @@ def test_the_store_adds_counters_in_the_same_write_as_the_turn(store_spec):
         assert counters[series_key("callweaver_turn_first_token_ms_sum", labels)] == 22.5
         assert counters[series_key("callweaver_provider_failures", {"provider": "openai", "reason": "timeout"})] == 3
         store.update_call("call_1", ended_at=1.0)
+        counters = {k: v for k, v in store.counters().items() if not k.startswith('["callweaver_calls",')}
         store.purge(time.time())
-        assert store.turns("call_1") == [] and store.counters() == counters  # cumulative: purge keeps them
+        assert store.turns("call_1") == [] and {
+            k: v for k, v in store.counters().items() if not k.startswith('["callweaver_calls",')} == counters  # cumulative: purge keeps them
+        store.create_call(CallRecord(tracking_id="call_2"))
+        store.append_status("call_2", "completed", 3, {})
+        store.append_status("call_2", "completed", 3, {})  # a retried callback: counted once
+        store.create_call(CallRecord(tracking_id="call_3"))
+        store.update_call("call_3", status="failed", ended_at=time.time())  # Twilio refused the call
+        store.update_call("call_3", ended_at=time.time())
+        ended = {k: v for k, v in store.counters().items() if k.startswith('["callweaver_calls",')}
+        assert ended == {series_key("callweaver_calls", {"status": "queued"}): 1,  # call_1, ended while queued
+                         series_key("callweaver_calls", {"status": "completed"}): 1,
+                         series_key("callweaver_calls", {"status": "failed"}): 1}
     finally:
         store.close()
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from ..store import CALLS_ENDED_COUNTER, counter_series as series_key
 from .metrics import added_latency_ms
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 750, 1000, 1500, 2500, 5000, 10000)
@@ -24,11 +25,6 @@ HISTOGRAMS = {
     "callweaver_turn_first_token_ms": "Caller prompt received to first reply token sent (ms)",
     "callweaver_turn_added_latency_ms": "First token sent minus provider first token (ms)",
 }
-
-
-def series_key(name: str, labels: Mapping[str, str]) -> str:
-    """One stored counter: a metric sample's name and labels (order-free), as the store's opaque key."""
-    return json.dumps([name, sorted(labels.items())], separators=(",", ":"))
 
 
 def _parse_series(key: str) -> tuple[str, dict[str, str]] | None:
@@ -78,6 +74,8 @@ class StoreCollector:
                                     labels=list(TURN_LABELS))
         failures = CounterMetricFamily(PROVIDER_FAILURES, "LLM provider attempts that failed over",
                                        labels=["provider", "reason"])
+        calls = CounterMetricFamily(CALLS_ENDED_COUNTER, "Calls that ended, by final Twilio status",
+                                    labels=["status"])
         # histogram name → label values → {"buckets": {le: n}, "count": n, "sum": s}
         histograms: dict[str, dict[tuple, dict]] = {name: defaultdict(lambda: {"buckets": {}, "count": 0.0,
                                                                                "sum": 0.0})
@@ -91,6 +89,8 @@ class StoreCollector:
                 turns.add_metric([labels.get(k, "") for k in TURN_LABELS], value)
             elif name == PROVIDER_FAILURES:
                 failures.add_metric([labels.get("provider", ""), labels.get("reason", "")], value)
+            elif name == CALLS_ENDED_COUNTER:
+                calls.add_metric([labels.get("status", "")], value)
             else:
                 base, _, part = name.rpartition("_")
                 if base not in histograms:
@@ -102,6 +102,7 @@ class StoreCollector:
                     series[part] = value
         yield turns
         yield failures
+        yield calls
         for name, doc in HISTOGRAMS.items():
             family = HistogramMetricFamily(name, doc, labels=list(TURN_LABELS))
             for label_values, series in sorted(histograms[name].items()):

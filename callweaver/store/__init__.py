@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 __all__ = [
+    "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
+    "counter_series",
     "CallRecord",
     "Store",
     "StoreError",
@@ -17,6 +20,13 @@ __all__ = [
 
 # Twilio CallStatus values after which no further audio happens on the call.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+# The cumulative counter of ended calls, by final status: the store adds 1 in the write that ends a call.
+CALLS_ENDED_COUNTER = "callweaver_calls"
+
+
+def counter_series(name: str, labels: Mapping[str, str]) -> str:
+    """A stored counter's key: a metric sample's name and labels (order-free); opaque to the store."""
+    return json.dumps([name, sorted(labels.items())], separators=(",", ":"))
 
 
 class StoreError(Exception):
@@ -113,7 +123,8 @@ class Store(Protocol):
         ...
 
     def counters(self) -> dict[str, float]:
-        """Every cumulative counter since the store began (series key → value); never decreases."""
+        """Every cumulative counter since the store began (series key → value); never decreases. Besides what
+        append_turn adds, the write that ends a call (terminal status or ended_at set) counts it by status."""
         ...
 
     def turns(self, tracking_id: str) -> list[dict]: ...

@@ -15,10 +15,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from callweaver.store import (
+    CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
+    counter_series,
 )
 
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
@@ -34,7 +36,7 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
-#   counters         hash series -> cumulative value (incremented in the script that appends the turn)
+#   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
 # KEYS: call, sid index (or call again), calls:created, calls:ended
@@ -48,11 +50,16 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
-# KEYS: call, sid index (or call again), calls:created, calls:ended
-# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at, pairs...
+# KEYS: call, sid index (or call again), calls:created, calls:ended, counters
+# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at,
+#       ended-calls series to count if this write ends the call (or ""), pairs...
 _UPDATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[6] ~= '' then
+  local ended = redis.call('HGET', KEYS[1], 'ended_at')
+  if (not ended) or ended == 'null' then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[6], 1) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] == 'set' then
@@ -63,8 +70,9 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: call, statuses, calls:ended
-# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at
+# KEYS: call, statuses, calls:ended, counters
+# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
+#       ended-calls series of this status
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -84,6 +92,7 @@ if ARGV[6] == '1' then
   if (not ended) or ended == 'null' then
     table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
     redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
   end
 end
 redis.call('HSET', KEYS[1], unpack(changes))
@@ -218,12 +227,18 @@ class RedisStore:
         for name, value in fields.items():
             pairs += [name, _dumps(value)]
         call_sid = fields.get("call_sid")
-        ended_action, ended_score = "", ""
+        ended_action, ended_score, ended_series = "", "", ""
         if "ended_at" in fields:
             if fields["ended_at"] is None:
                 ended_action = "clear"
             else:
                 ended_action, ended_score = "set", _json_number(fields["ended_at"])
+                status = fields.get("status")
+                if status is None:
+                    with self._backend() as client:
+                        stored = client.hget(self._key("call", tracking_id), "status")
+                    status = json.loads(stored) if stored else None
+                ended_series = counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"})
         reply = self._script(
             "update_call",
             [
@@ -231,6 +246,7 @@ class RedisStore:
                 self._key("sid", call_sid) if call_sid else self._key("call", tracking_id),
                 self._key("calls", "created"),
                 self._key("calls", "ended"),
+                self._key("counters"),
             ],
             [
                 tracking_id,
@@ -238,6 +254,7 @@ class RedisStore:
                 _json_number(fields["created_at"]) if "created_at" in fields else "",
                 ended_action,
                 ended_score,
+                ended_series,
                 *pairs,
             ],
         )
@@ -284,7 +301,8 @@ class RedisStore:
         entry = {"status": status, "receivedAt": received_at, "payload": payload}
         result = self._script(
             "append_status",
-            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended")],
+            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended"),
+             self._key("counters")],
             [
                 tracking_id,
                 _dumps(status),
@@ -293,6 +311,7 @@ class RedisStore:
                 _json_number(received_at),
                 "1" if status in TERMINAL_STATUSES else "0",
                 _json_number(time.time()),
+                counter_series(CALLS_ENDED_COUNTER, {"status": status}),
             ],
         )
         return result == 1

@@ -13,10 +13,12 @@ from contextlib import contextmanager, suppress
 from typing import Any, Mapping
 
 from callweaver.store import (
+    CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
+    counter_series,
 )
 
 # How long a writer waits for another process's write transaction before giving up.
@@ -68,6 +70,20 @@ CREATE TABLE IF NOT EXISTS cw_workflows (
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _add_counters(conn: sqlite3.Connection, counters: Mapping[str, float]) -> None:
+    """Add to cumulative counters inside the caller's write transaction."""
+    if counters:
+        conn.executemany(
+            "INSERT INTO cw_counters (series, value) VALUES (?, ?)"
+            " ON CONFLICT (series) DO UPDATE SET value = value + excluded.value",
+            list(counters.items()),
+        )
+
+
+def _count_call_ended(conn: sqlite3.Connection, status: str | None) -> None:
+    _add_counters(conn, {counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"}): 1})
 
 
 class SQLiteStore:
@@ -193,9 +209,12 @@ class SQLiteStore:
             if row is None:
                 return None
             data = json.loads(row[0])
+            ends_now = data.get("ended_at") is None and fields.get("ended_at") is not None
             data["updated_at"] = time.time()
             data.update(copy.deepcopy(fields))  # the returned record never aliases the caller's objects
             self._write_data(conn, tracking_id, data)
+            if ends_now:
+                _count_call_ended(conn, data.get("status"))
         return CallRecord.from_dict(data)
 
     @staticmethod
@@ -265,6 +284,7 @@ class SQLiteStore:
                 data["status_sequence"] = sequence
             if status in TERMINAL_STATUSES and data.get("ended_at") is None:
                 data["ended_at"] = received_at
+                _count_call_ended(conn, status)
             data["updated_at"] = time.time()
             self._write_data(conn, tracking_id, data)
         return became_current
@@ -296,12 +316,7 @@ class SQLiteStore:
                 "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
                 (tracking_id, turn_index, stored["at"], _dumps(stored)),
             )
-            if counters:
-                conn.executemany(
-                    "INSERT INTO cw_counters (series, value) VALUES (?, ?)"
-                    " ON CONFLICT (series) DO UPDATE SET value = value + excluded.value",
-                    list(counters.items()),
-                )
+            _add_counters(conn, counters or {})
         return turn_index
 
     def counters(self) -> dict[str, float]:
