@@ -10,6 +10,8 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
+# The gevent worker also bounds reading each request line and headers by `keepalive` seconds; request bodies
+# are bounded by the app itself (callweaver/request_guard.py: BODY_READ_TIMEOUT_S, MAX_BODY_BYTES).
 keepalive = 5
 preload_app = False          # clients (SQLite, Redis, httpx pools) must be built per worker, after the fork
 control_socket_disable = True
@@ -23,3 +25,8 @@ access_log_format = json.dumps({
     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s",
     "request_id": "%({x-request-id}o)s",
 })
+
+
+def post_worker_init(worker):
+    """Start the worker's background jobs (retention) once its app is loaded, on the worker's own hub."""
+    worker.wsgi.extensions["callweaver"].start_background_jobs()

@@ -9,11 +9,12 @@ from urllib.parse import urlparse
 
 from limits import parse_many
 
+# The original backend's origins (its backend/server.js): local dev servers, the deployed web app, the backend.
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:8080",
     "http://localhost:3000",
-    "https://call-flow-weaver.vercel.app",
-    "https://call-flow-weaver-backend.onrender.com",
+    "https://kimiya-ai.vercel.app",
+    "https://kimiyi-ai.onrender.com",
 )
 
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
@@ -114,10 +115,17 @@ class Settings:
     transcript_retention_days: int = 30
     record_transcripts: bool = True
     mask_phone_numbers: bool = True
+    retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
     max_body_bytes: int = 1024 * 1024
+    # Transport limits (README "Security"): slow bodies and the relay socket
+    body_read_timeout_s: float = 10.0        # whole body within this, else 408
+    max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
+    relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
+    relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
+    relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
     log_level: str = "INFO"
     log_format: str = "json"
     # Observability
@@ -140,6 +148,11 @@ class Settings:
     def production(self) -> bool:
         """NODE_ENV=production or running on Render: no header-derived URLs, operator pages need OPS_TOKEN."""
         return self.node_env == "production" or self.on_render
+
+    @property
+    def cors_any_origin(self) -> bool:
+        """CORS_ORIGINS=*: any page may call the API, so browsers never get credentials with the answer."""
+        return self.cors_origins == ("*",)
 
     @property
     def signatures_enforced(self) -> bool:
@@ -292,14 +305,23 @@ class Settings:
         values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
         values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
         values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
+        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")
         values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
                                   if origins else DEFAULT_CORS_ORIGINS)
+        if "*" in values["cors_origins"] and len(values["cors_origins"]) > 1:
+            problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of "
+                            "origins, not both")
         values["secret_key"] = text("SECRET_KEY")
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
+        values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
+        values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
+        values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
+        values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
+        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
         if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")

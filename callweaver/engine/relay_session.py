@@ -59,7 +59,7 @@ class RelaySession:
         self.inter_digit_s = inter_digit_s
         self.record = None
         self.call_sid: str | None = None
-        self._reply = None           # greenlet streaming (then committing) the current reply
+        self._reply = None           # task (services.Task) streaming, then committing, the current reply
         self._streaming = False      # True while that greenlet is still sending tokens
         self._turn: Turn | None = None
         self._sent = ""              # text of the current reply already sent to Twilio
@@ -179,8 +179,9 @@ class RelaySession:
     def _on_interrupt(self, message: dict) -> None:
         self._fell_silent.set()  # Twilio stopped speaking
         heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
+        played_ms = message.get("durationUntilInterruptMs")
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
-                 played_ms=message.get("durationUntilInterruptMs"))
+                 played_ms=played_ms if isinstance(played_ms, (int, float)) else None)
         if self._reply is not None and self._streaming:
             self._cancel(heard=heard)
         elif self.record is not None:
@@ -231,7 +232,7 @@ class RelaySession:
     def _on_info(self, message: dict) -> None:
         if protocol.agent_fell_silent(message):
             self._fell_silent.set()
-        log.debug("relay_info", name=message.get("name"), value=message.get("value"))
+        log.debug("relay_info", name=str(message.get("name"))[:40], value=str(message.get("value"))[:100])
 
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:
@@ -315,14 +316,14 @@ class RelaySession:
         Cancellation is cooperative (a flag plus closing the provider's socket) so a frame being written is
         never cut in half; a greenlet that does not finish promptly is killed as a last resort.
         """
-        greenlet, turn = self._reply, self._turn
+        task, turn = self._reply, self._turn
         self._streaming = False
         if turn is not None:
             turn.cancel()
-        if greenlet is not None:
-            greenlet.join(timeout=1.0)
-            if not greenlet.dead:
-                greenlet.kill(block=True, timeout=1.0)
+        if task is not None:
+            task.join(timeout=1.0)
+            if not task.dead:
+                task.kill(timeout=1.0)
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:

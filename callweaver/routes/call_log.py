@@ -64,7 +64,9 @@ def call_latency():
     """First-token p50/p95 across all calls' turns, bucketed over the window (default 1 h)."""
     window = _whole_number("window", 3600, 60, 30 * 86400)
     bucket = max(MIN_BUCKET_S, window // LATENCY_POINTS // MIN_BUCKET_S * MIN_BUCKET_S)
-    points = MetricsReader(services().store).timeline(window, bucket_s=bucket)
+    svc = services()
+    # The worker's recent turns, topped up per poll like the dashboard's (not the whole window from the store).
+    points = MetricsReader(svc.store, recent=svc.recent_turns).timeline(window, bucket_s=bucket)
     return jsonify(success=True, windowSeconds=window, bucketSeconds=bucket,
                    points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points])
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Mapping
 
 import redis
 from redis.backoff import NoBackoff
@@ -16,10 +16,12 @@ from redis.retry import Retry
 
 from callweaver.store import (
     CALL_LOG_FIELDS,
+    CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
+    counter_series,
 )
 
 # Calls read per round trip while a filtered call-log page walks the created-at index.
@@ -38,6 +40,9 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   relay:<tid>      hash {owner, generation}, expiring with the claim's lease (the live relay socket)
+#   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
+#   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
 # KEYS: call, sid index (or call again), calls:created, calls:ended
 # ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", then field/value pairs
@@ -50,11 +55,16 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
-# KEYS: call, sid index (or call again), calls:created, calls:ended
-# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at, pairs...
+# KEYS: call, sid index (or call again), calls:created, calls:ended, counters
+# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at,
+#       ended-calls series to count if this write ends the call (or ""), pairs...
 _UPDATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[6] ~= '' then
+  local ended = redis.call('HGET', KEYS[1], 'ended_at')
+  if (not ended) or ended == 'null' then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[6], 1) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] == 'set' then
@@ -87,8 +97,9 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS: call, statuses, calls:ended
-# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at
+# KEYS: call, statuses, calls:ended, counters
+# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
+#       ended-calls series of this status
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -108,17 +119,38 @@ if ARGV[6] == '1' then
   if (not ended) or ended == 'null' then
     table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
     redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
   end
 end
 redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: turns list, turns:by_time   ARGV: turn JSON, at
+# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, then series/increment pairs
 _APPEND_TURN = """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
 redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 return index
+"""
+
+
+# KEYS: relay claim   ARGV: owner, generation, lease ms.  Returns 1 claimed, 0 held by another owner.
+_CLAIM_RELAY = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'generation')) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: relay claim   ARGV: owner, lease ms (0 = release).  Returns 1 when the owner held the claim.
+_RENEW_RELAY = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
 """
 
 
@@ -180,6 +212,8 @@ class RedisStore:
                     "append_turn": client.register_script(_APPEND_TURN),
                     "set_if_exists": client.register_script(_SET_IF_EXISTS),
                     "filter_calls": client.register_script(_FILTER_CALLS),
+                    "claim_relay": client.register_script(_CLAIM_RELAY),
+                    "renew_relay": client.register_script(_RENEW_RELAY),
                 }
                 self._client = client
             return self._client
@@ -243,12 +277,18 @@ class RedisStore:
         for name, value in fields.items():
             pairs += [name, _dumps(value)]
         call_sid = fields.get("call_sid")
-        ended_action, ended_score = "", ""
+        ended_action, ended_score, ended_series = "", "", ""
         if "ended_at" in fields:
             if fields["ended_at"] is None:
                 ended_action = "clear"
             else:
                 ended_action, ended_score = "set", _json_number(fields["ended_at"])
+                status = fields.get("status")
+                if status is None:
+                    with self._backend() as client:
+                        stored = client.hget(self._key("call", tracking_id), "status")
+                    status = json.loads(stored) if stored else None
+                ended_series = counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"})
         reply = self._script(
             "update_call",
             [
@@ -256,6 +296,7 @@ class RedisStore:
                 self._key("sid", call_sid) if call_sid else self._key("call", tracking_id),
                 self._key("calls", "created"),
                 self._key("calls", "ended"),
+                self._key("counters"),
             ],
             [
                 tracking_id,
@@ -263,6 +304,7 @@ class RedisStore:
                 _json_number(fields["created_at"]) if "created_at" in fields else "",
                 ended_action,
                 ended_score,
+                ended_series,
                 *pairs,
             ],
         )
@@ -311,6 +353,20 @@ class RedisStore:
                                                      in zip(CALL_LOG_FIELDS, values) if value is not None}))
         return records, total
 
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        with self._backend() as client:
+            created = client.zdiff([self._key("calls", "created"), self._key("calls", "ended")], withscores=True)
+            tracking_ids = [tid for tid, created_at in created if float(created_at) >= since]
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.hgetall(self._key("call", tracking_id))
+            hashes = pipe.execute() if tracking_ids else []
+        return [record for record in map(_record_from_hash, hashes) if record is not None]
+
+    def count_calls(self, since: float = 0.0) -> int:
+        with self._backend() as client:
+            return int(client.zcount(self._key("calls", "created"), since, "+inf"))
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -326,7 +382,8 @@ class RedisStore:
         entry = {"status": status, "receivedAt": received_at, "payload": payload}
         result = self._script(
             "append_status",
-            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended")],
+            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended"),
+             self._key("counters")],
             [
                 tracking_id,
                 _dumps(status),
@@ -335,6 +392,7 @@ class RedisStore:
                 _json_number(received_at),
                 "1" if status in TERMINAL_STATUSES else "0",
                 _json_number(time.time()),
+                counter_series(CALLS_ENDED_COUNTER, {"status": status}),
             ],
         )
         return result == 1
@@ -358,16 +416,23 @@ class RedisStore:
 
     # -- turns ----------------------------------------------------------------
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         stored = dict(turn)
         stored["trackingId"] = tracking_id
         stored["at"] = float(stored.get("at") or time.time())
+        increments: list[str] = []
+        for series, value in (counters or {}).items():
+            increments += [series, repr(float(value))]
         index = self._script(
             "append_turn",
-            [self._key("turns", tracking_id), self._key("turns", "by_time")],
-            [_dumps(stored), _json_number(stored["at"])],
+            [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
+            [_dumps(stored), _json_number(stored["at"]), *increments],
         )
         return int(index)
+
+    def counters(self) -> dict[str, float]:
+        with self._backend() as client:
+            return {series: float(value) for series, value in client.hgetall(self._key("counters")).items()}
 
     def turns(self, tracking_id: str) -> list[dict]:
         with self._backend() as client:
@@ -387,8 +452,13 @@ class RedisStore:
     def recent_turns(self, since: float) -> list[dict]:
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
-        # A member is "<index>:<turn JSON>"; the index only keeps identical turns distinct.
-        return [json.loads(member.split(":", 1)[1]) for member in members]
+        # A member is "<index>:<turn JSON>": the turn's index within its call, which also keeps identical turns
+        # distinct.
+        out = []
+        for member in members:
+            index, turn_json = member.split(":", 1)
+            out.append({**json.loads(turn_json), "index": int(index)})
+        return out
 
     # -- workflows --------------------------------------------------------------
 
@@ -400,6 +470,20 @@ class RedisStore:
         with self._backend() as client:
             value = client.get(self._key("workflow", workflow_id))
         return json.loads(value) if value is not None else None
+
+    # -- relay socket claims ------------------------------------------------------
+    # Redis expires a claim itself, on its own clock, so instances with skewed clocks agree on the lease.
+
+    def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
+        return self._script("claim_relay", [self._key("relay", tracking_id)],
+                            [owner, str(int(generation)), str(max(1, int(lease_s * 1000)))]) == 1
+
+    def renew_relay_socket(self, tracking_id: str, owner: str, lease_s: float) -> bool:
+        return self._script("renew_relay", [self._key("relay", tracking_id)],
+                            [owner, str(max(1, int(lease_s * 1000)))]) == 1
+
+    def release_relay_socket(self, tracking_id: str, owner: str) -> None:
+        self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0"])
 
     # -- operations -------------------------------------------------------------
 
@@ -458,3 +542,7 @@ class RedisStore:
                         args=["messages", "[]", "transcript", "[]", "meta", _dumps(meta_dict)], client=writes)
                 purged += sum(writes.execute())
         return purged
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._backend() as client:
+            return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
