@@ -7,12 +7,13 @@ import json
 import re
 import threading
 import time
-import unicodedata
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import structlog
+
+from .speech import fold, is_cjk, speech_words
 
 log = structlog.get_logger()
 
@@ -31,8 +32,6 @@ ENTRY_FORMAT_VERSION = 1
 # Part of every key: entries stored under an older key layout (without the caller's context) are never read.
 KEY_FORMAT = "ctx1:"
 
-# Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
-_APOSTROPHES = frozenset("'’ʼ‘`´")
 _DIGIT_RUN = re.compile(r"\d(?:[\s,.\-/:]?\d){3,}")
 _EMAIL_LIKE = re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")
 
@@ -46,38 +45,6 @@ class CachedReply:
     created_at: float  # epoch seconds
     language: str
     node_id: str
-
-
-def _is_unspaced_script(char: str) -> bool:
-    """CJK ideographs and kana: scripts written without spaces, so fillers and spacing work by character."""
-    code = ord(char)
-    return (
-        0x3400 <= code <= 0x4DBF  # CJK extension A
-        or 0x4E00 <= code <= 0x9FFF  # CJK unified ideographs
-        or 0xF900 <= code <= 0xFAFF  # CJK compatibility ideographs
-        or 0x20000 <= code <= 0x3FFFF  # CJK extensions B and later
-        or 0x3040 <= code <= 0x30FF  # hiragana, katakana
-        or 0x31F0 <= code <= 0x31FF  # katakana phonetic extensions
-        or 0x3005 <= code <= 0x3007  # 々 〆 〇
-    )
-
-
-def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
-
-
-def _split_words(text: str) -> list[str]:
-    """Fold, then turn punctuation and symbols (ASCII, CJK, emoji) into word breaks."""
-    out: list[str] = []
-    for char in _fold(text):
-        if char in _APOSTROPHES:
-            continue
-        category = unicodedata.category(char)
-        if category[0] in "PSZC":
-            out.append(" ")
-        else:
-            out.append(char)
-    return "".join(out).split()
 
 
 def _strip_unspaced_fillers(word: str, fillers: list[str]) -> str:
@@ -101,17 +68,17 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
     word_fillers: list[tuple[str, ...]] = []
     unspaced_fillers: list[str] = []
     for filler in fillers:
-        words = tuple(_split_words(filler))
+        words = tuple(speech_words(filler))
         if not words:
             continue
         word_fillers.append(words)
-        if len(words) == 1 and any(_is_unspaced_script(c) for c in words[0]):
+        if len(words) == 1 and any(is_cjk(c) for c in words[0]):
             unspaced_fillers.append(words[0])
     # Longest first, so "嗯嗯" is stripped as one filler before "嗯" is tried.
     unspaced_fillers.sort(key=len, reverse=True)
     word_fillers.sort(key=len, reverse=True)
 
-    words = _split_words(utterance)
+    words = speech_words(utterance)
     kept: list[str] = []
     i = 0
     while i < len(words):
@@ -120,7 +87,7 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
             i += len(matched)
             continue
         word = words[i]
-        if unspaced_fillers and any(_is_unspaced_script(c) for c in word):
+        if unspaced_fillers and any(is_cjk(c) for c in word):
             word = _strip_unspaced_fillers(word, unspaced_fillers)
         if word:
             kept.append(word)
@@ -129,7 +96,7 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
     # Punctuation between CJK characters became a space; remove it so "你好，我想問" == "你好我想問".
     joined: list[str] = []
     for word in kept:
-        if joined and _is_unspaced_script(joined[-1][-1]) and _is_unspaced_script(word[0]):
+        if joined and is_cjk(joined[-1][-1]) and is_cjk(word[0]):
             joined[-1] += word
         else:
             joined.append(word)
@@ -154,11 +121,11 @@ def reply_is_safe_to_cache(
         return False
     if not reply_text or not reply_text.strip():
         return False
-    folded_reply = _fold(reply_text)
+    folded_reply = fold(reply_text)
     for value in (variables or {}).values():
         if value is None or value == "" or value == [] or value == {}:
             continue
-        value_text = _fold(str(value)).strip()
+        value_text = fold(str(value)).strip()
         if len(value_text) >= 2 and value_text in folded_reply:
             return False
     if _DIGIT_RUN.search(folded_reply):
@@ -232,7 +199,7 @@ class ReplyCache:
         normalized = normalize_utterance(utterance or "", fillers)
         if not normalized or len(normalized) > self.max_utterance_chars:
             return None
-        variables = sorted((str(name), _fold(str(value)).strip())
+        variables = sorted((str(name), fold(str(value)).strip())
                            for name, value in (prompt_variables or {}).items())
         # JSON keeps the fields apart, so ("a b", "c") and ("a", "b c") can never collide.
         material = json.dumps(

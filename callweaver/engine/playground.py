@@ -18,7 +18,7 @@ def playground_messages(client_messages: list[dict[str, str]], *, stored_workflo
         (global_prompt.strip() if isinstance(global_prompt, str) and global_prompt.strip() else DEFAULT_SYSTEM_PROMPT)
     if workflow and node_id and node_id in workflow.nodes:
         node = workflow.nodes[node_id]
-        parts = [p for p in (node.prompt, node.data.get("instructions")) if isinstance(p, str) and p.strip()]
+        parts = [p for p in (node.prompt, node.instructions) if p]
         if parts:
             system += f"\n\nCurrent step ({node.label or node.id}):\n" + "\n".join(parts)
     return [{"role": "system", "content": system}, *client_messages]

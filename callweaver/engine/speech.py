@@ -1,0 +1,50 @@
+"""How the engine reads what a caller said: the one normaliser behind goodbye phrases and reply-cache keys.
+
+Speech recognisers write the same words in several ways ("that's" / "thats" / "THAT’S", full-width forms,
+punctuation they guess); everything that compares a caller's words goes through here, so a fix lands everywhere.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
+APOSTROPHES = frozenset("'\u2019\u2018`\u00b4\u02bc\uff07")
+# Scripts written without spaces between words, so matching and filler removal work by character there.
+_CJK_RANGES = (
+    (0x3005, 0x3007),  # 々 〆 〇
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3100, 0x312F),  # Bopomofo
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK Extension A
+    (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+    (0xAC00, 0xD7AF),  # Hangul syllables
+    (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
+    (0x20000, 0x3FFFF),  # CJK Extensions B and later
+)
+
+
+def fold(text: str) -> str:
+    """NFKC (full-width forms to ASCII) and casefold: the comparison form of any text."""
+    return unicodedata.normalize("NFKC", text or "").casefold()
+
+
+def speech_words(text: str) -> list[str]:
+    """Folded words: apostrophes removed, other punctuation, symbols and spaces (ASCII, CJK, emoji) as breaks."""
+    out: list[str] = []
+    for char in fold(text):
+        if char in APOSTROPHES:
+            continue
+        out.append(" " if unicodedata.category(char)[0] in "PSZC" else char)
+    return "".join(out).split()
+
+
+def normalise_speech(text: str) -> str:
+    """The words of `text` joined by single spaces."""
+    return " ".join(speech_words(text))
+
+
+def is_cjk(char: str) -> bool:
+    """True for a character of a script written without spaces (Chinese, Japanese kana) or Hangul."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK_RANGES)

@@ -1,0 +1,355 @@
+"""The web app's export format ↔ the model: the only module that knows the export's field names."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Mapping
+
+from .conditions import as_number
+from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, Edge, LlmOptions,
+                    LogicalCondition, Node, VariableSpec, Workflow, WorkflowError)
+
+# Node `type` strings the web app (and its older versions) writes, by the kind the engine runs.
+_NODE_KINDS: dict[str, str] = {
+    "startnode": "start", "start": "start", "startcall": "start",
+    "conversationnode": "conversation", "conversation": "conversation", "ainode": "conversation",
+    "endcall": "end", "endnode": "end", "end": "end",
+    "transfercall": "transfer", "transfer": "transfer", "transfernode": "transfer",
+    "playaudio": "audio", "audio": "audio", "audionode": "audio", "playaudionode": "audio",
+    "toolnode": "tool", "tool": "tool", "apirequest": "tool", "apirequestnode": "tool",
+}
+_PHONE_SEPARATORS_RE = re.compile(r"[\s().\-]")
+_PROVIDER_SUB_CONFIG = {"azure_openai": "azure", "azure": "azure", "openai": "openai",
+                        "anthropic": "anthropic", "google_palm": "google"}
+
+
+def workflow_from_payload(payload: Mapping) -> Workflow:
+    """An export file or a make-call body as a Workflow; raises only for shape, content problems are kept."""
+    if not isinstance(payload, Mapping):
+        raise WorkflowError(["workflow payload must be a JSON object"])
+    problems: list[str] = []
+    config = payload.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise WorkflowError(["config must be an object"])
+    config = strip_secrets(dict(config))
+
+    raw_nodes = payload.get("nodes")
+    raw_edges = payload.get("edges")
+    if raw_nodes is not None and not isinstance(raw_nodes, list):
+        raise WorkflowError(["nodes must be a list"])
+    if raw_edges is not None and not isinstance(raw_edges, list):
+        raise WorkflowError(["edges must be a list"])
+    raw_variables = payload.get("variables")
+    if raw_variables is not None and not isinstance(raw_variables, list):
+        raise WorkflowError(["variables must be a list"])
+
+    too_big = [f"{what} has {len(items)} entries (at most {limit})"
+               for what, items, limit in (("nodes", raw_nodes or [], MAX_NODES), ("edges", raw_edges or [], MAX_EDGES),
+                                          ("variables", raw_variables or [], MAX_NODES))
+               if len(items) > limit]
+    if too_big:
+        raise WorkflowError(too_big)
+
+    nodes = _parse_nodes(raw_nodes or [], problems)
+    edges = _parse_edges(raw_edges or [], problems)
+    variables = _parse_variables(raw_variables or [], problems)
+
+    start_nodes = [n for n in nodes.values() if n.kind == "start"]
+    global_prompt = (
+        _text(payload.get("globalPrompt"))
+        or (_text(start_nodes[0].data.get("globalPrompt")) if start_nodes else "")
+        or _config_system_prompt(config)
+    )
+    if not nodes and global_prompt:
+        nodes, edges = _synthetic_graph()
+
+    language = _text(payload.get("language")) or None
+    name = (
+        _text(payload.get("name"))
+        or _text(config.get("name"))
+        or _text(payload.get("workflowId"))
+        or "Untitled workflow"
+    )
+    return _workflow(name, global_prompt, nodes, edges, variables, config, language, problems)
+
+
+def workflow_from_snapshot(snapshot: Mapping) -> Workflow:
+    """Rebuild exactly what `workflow_to_snapshot` stored (any worker can then run the call)."""
+    if not isinstance(snapshot, Mapping) or snapshot.get("snapshotVersion") != SNAPSHOT_VERSION:
+        raise WorkflowError([f"not a workflow snapshot (snapshotVersion {SNAPSHOT_VERSION} expected)"])
+    problems: list[str] = []
+    return _workflow(
+        _text(snapshot.get("name")),
+        _text(snapshot.get("globalPrompt")),
+        _parse_nodes(snapshot.get("nodes") or [], problems),
+        _parse_edges(snapshot.get("edges") or [], problems),
+        _parse_variables(snapshot.get("variables") or [], problems),
+        strip_secrets(dict(snapshot.get("config") or {})),
+        snapshot.get("language"),
+        problems,
+    )
+
+
+def workflow_to_snapshot(workflow: Workflow) -> dict:
+    """JSON-safe canonical form in the export's own field names, without secrets."""
+    return {
+        "snapshotVersion": SNAPSHOT_VERSION,
+        "name": workflow.name,
+        "globalPrompt": workflow.global_prompt,
+        "language": workflow.language,
+        "config": strip_secrets(copy.deepcopy(workflow.config)),
+        "nodes": [
+            {"id": n.id, "type": n.type, "data": strip_secrets(copy.deepcopy(n.data))}
+            for n in workflow.nodes.values()
+        ],
+        "edges": [_edge_to_dict(e) for e in workflow.edges],
+        "variables": [_variable_to_dict(v) for v in workflow.variables],
+    }
+
+
+def strip_secrets(value: Any) -> Any:
+    """Drop secret-looking keys at any depth: snapshots are stored and logged, credentials come from the server."""
+    if isinstance(value, Mapping):
+        return {k: strip_secrets(v) for k, v in value.items() if not (isinstance(k, str) and _is_secret_key(k))}
+    if isinstance(value, list):
+        return [strip_secrets(v) for v in value]
+    return value
+
+
+def _workflow(name: str, global_prompt: str, nodes: dict[str, Node], edges: tuple[Edge, ...],
+              variables: tuple[VariableSpec, ...], config: dict, language: str | None,
+              problems: list[str]) -> Workflow:
+    return Workflow(
+        name=name,
+        global_prompt=global_prompt,
+        nodes=nodes,
+        edges=edges,
+        variables=variables,
+        config=config,
+        language=language,
+        default_language=_default_language(config, language),
+        llm_settings=_llm_options(config),
+        parse_problems=tuple(problems),
+    )
+
+
+def _default_language(config: Mapping, language: Any) -> str:
+    settings = config.get("globalSettings")
+    if isinstance(settings, Mapping) and _text(settings.get("defaultLanguage")):
+        return _text(settings.get("defaultLanguage"))
+    return _text(config.get("language")) or _text(language) or DEFAULT_LANGUAGE
+
+
+def _llm_options(config: Mapping) -> LlmOptions:
+    """config.llm's settings: the active provider's sub-config, azure, then the top level."""
+    llm = config.get("llm")
+    llm = llm if isinstance(llm, Mapping) else {}
+    sources = [*_llm_sub_configs(llm), llm]
+    return LlmOptions(
+        temperature=_first(sources, ("temperature",), as_number),
+        max_tokens=_first(sources, ("maxTokens", "max_tokens"), _as_int),
+        model=_first(sources, ("model", "deploymentName"), lambda v: _text(v) or None),
+    )
+
+
+def _node(node_id: str, node_type: str, data: dict) -> Node:
+    explicit_cacheable = data.get("cacheable")
+    return Node(
+        id=node_id,
+        type=node_type,
+        kind=_NODE_KINDS.get(node_type.replace("_", "").replace("-", "").lower(), "other"),
+        label=_text(data.get("label")),
+        data=data,
+        prompt=_text(data.get("prompt")),
+        instructions=_text(data.get("instructions")),
+        objective=_text(data.get("objective")),
+        first_message=_text(data.get("firstMessage")) or None,
+        # The editor's schema names the field `farewell`; the exports write `endMessage`.
+        end_message=_text(data.get("endMessage")) or _text(data.get("farewell")) or None,
+        transfer_message=_text(data.get("transferMessage")) or None,
+        destination=_destination(_text(data.get("destination")) or _text(data.get("phoneNumber"))),
+        cacheable_override=explicit_cacheable if isinstance(explicit_cacheable, bool) else None,
+    )
+
+
+def _destination(raw: str) -> str | None:
+    if not raw:
+        return None
+    compact = _PHONE_SEPARATORS_RE.sub("", raw)
+    return compact if E164_RE.fullmatch(compact) else raw
+
+
+def _parse_nodes(raw_nodes: list, problems: list[str]) -> dict[str, Node]:
+    nodes: dict[str, Node] = {}
+    for index, raw in enumerate(raw_nodes):
+        if not isinstance(raw, Mapping):
+            problems.append(f"node #{index + 1} is not an object")
+            continue
+        node_id = _text(raw.get("id"))
+        if not node_id:
+            problems.append(f"node #{index + 1} has no id")
+            continue
+        if node_id in nodes:
+            problems.append(f"duplicate node id '{node_id}'")
+            continue
+        data = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+        # Only id, type and data are kept: React Flow's canvas keys (position, measured, selected, dragging)
+        # must not change the version hash.
+        data = strip_secrets(copy.deepcopy(dict(data)))
+        nodes[node_id] = _node(node_id, _text(raw.get("type")) or "unknown", data)
+    return nodes
+
+
+def _parse_edges(raw_edges: list, problems: list[str]) -> tuple[Edge, ...]:
+    edges: list[Edge] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_edges):
+        if not isinstance(raw, Mapping):
+            problems.append(f"edge #{index + 1} is not an object")
+            continue
+        edge_id = _text(raw.get("id"))
+        if not edge_id:
+            problems.append(f"edge #{index + 1} has no id")
+            continue
+        if edge_id in seen:
+            problems.append(f"duplicate edge id '{edge_id}'")
+            continue
+        seen.add(edge_id)
+        data = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+        conditions = []
+        raw_conditions = data.get("logicalConditions")
+        for c_index, c in enumerate(raw_conditions if isinstance(raw_conditions, list) else []):
+            if not isinstance(c, Mapping):
+                problems.append(f"edge '{edge_id}' condition {c_index + 1} is not an object")
+                continue
+            combine = _text(c.get("combineWith")).lower() or None
+            conditions.append(LogicalCondition(
+                variable=_text(c.get("variable")),
+                operator=_text(c.get("operator")).lower(),
+                value=copy.deepcopy(c.get("value")),
+                combine_with=combine,
+            ))
+        edges.append(Edge(
+            id=edge_id,
+            source=_text(raw.get("source")),
+            target=_text(raw.get("target")),
+            kind=_text(data.get("type")) or "none",
+            is_default=bool(data.get("isDefault")),
+            ai_condition=_text(data.get("aiCondition")) or None,
+            logical_conditions=tuple(conditions),
+            combined_condition=_text(data.get("combinedCondition")) or None,
+            description=_text(data.get("description")) or None,
+        ))
+    return tuple(edges)
+
+
+def _parse_variables(raw_variables: list, problems: list[str]) -> tuple[VariableSpec, ...]:
+    specs: list[VariableSpec] = []
+    for index, raw in enumerate(raw_variables):
+        if raw is None:  # real exports contain [null]
+            continue
+        if not isinstance(raw, Mapping) or not _text(raw.get("name")):
+            problems.append(f"variable #{index + 1} has no name")
+            continue
+        enum = raw.get("enumValues")
+        enum_values = tuple(e for e in enum if e is not None and e != "") if isinstance(enum, list) else ()
+        specs.append(VariableSpec(
+            name=_text(raw.get("name")),
+            type=(_text(raw.get("type")) or "string").lower(),
+            description=_text(raw.get("description")) or None,
+            enum_values=enum_values or None,
+            node_id=_text(raw.get("nodeId")) or None,
+        ))
+    return tuple(specs)
+
+
+def _edge_to_dict(edge: Edge) -> dict:
+    data: dict[str, Any] = {"type": edge.kind, "isDefault": edge.is_default}
+    if edge.ai_condition is not None:
+        data["aiCondition"] = edge.ai_condition
+    if edge.logical_conditions:
+        data["logicalConditions"] = [
+            {"variable": c.variable, "operator": c.operator, "value": copy.deepcopy(c.value),
+             **({"combineWith": c.combine_with} if c.combine_with else {})}
+            for c in edge.logical_conditions
+        ]
+    if edge.combined_condition is not None:
+        data["combinedCondition"] = edge.combined_condition
+    if edge.description is not None:
+        data["description"] = edge.description
+    return {"id": edge.id, "source": edge.source, "target": edge.target, "data": data}
+
+
+def _variable_to_dict(spec: VariableSpec) -> dict:
+    return {
+        "name": spec.name,
+        "type": spec.type,
+        "description": spec.description,
+        "enumValues": list(spec.enum_values) if spec.enum_values else None,
+        "nodeId": spec.node_id,
+    }
+
+
+def _synthetic_graph() -> tuple[dict[str, Node], tuple[Edge, ...]]:
+    """The original accepted a bare globalPrompt: one start step leading to one step run by that prompt."""
+    start = _node("start", "startNode", {"label": "Start"})
+    talk = _node("conversation", "conversationNode",
+                 {"label": "Conversation", "prompt": "Help the caller, following the instructions above."})
+    edge = Edge(
+        id="start_to_conversation", source="start", target="conversation", kind="none", is_default=True,
+        ai_condition=None, logical_conditions=(), combined_condition=None, description=None,
+    )
+    return {start.id: start, talk.id: talk}, (edge,)
+
+
+def _is_secret_key(key: str) -> bool:
+    normal = re.sub(r"[^a-z0-9]", "", key.lower())
+    return (
+        normal.endswith("token")  # authToken, accessToken, token; not maxTokens
+        or any(part in normal for part in ("apikey", "secret", "password", "passwd", "privatekey", "accesskey"))
+        or normal == "authorization"
+    )
+
+
+def _llm_sub_configs(llm: Mapping) -> list[Mapping]:
+    """The active provider's sub-config first, then azure's, then any other (the exports use `azure`)."""
+    keys = [_PROVIDER_SUB_CONFIG.get(_text(llm.get("provider")).lower(), ""), "azure"]
+    keys += [k for k, v in llm.items() if isinstance(v, Mapping)]
+    seen: list[str] = []
+    for key in keys:
+        if key and key not in seen and isinstance(llm.get(key), Mapping):
+            seen.append(key)
+    return [llm[k] for k in seen]
+
+
+def _config_system_prompt(config: Mapping) -> str:
+    llm = config.get("llm")
+    if not isinstance(llm, Mapping):
+        return ""
+    for source in [*_llm_sub_configs(llm), llm]:
+        text = _text(source.get("systemPrompt"))
+        if text:
+            return text
+    return ""
+
+
+def _first(sources: list[Mapping], keys: tuple[str, ...], convert) -> Any:
+    for source in sources:
+        for key in keys:
+            if key in source:
+                value = convert(source[key])
+                if value is not None:
+                    return value
+    return None
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _as_int(value: Any) -> int | None:
+    number = as_number(value)
+    return int(number) if number is not None and float(number).is_integer() else None

@@ -1,0 +1,365 @@
+"""One caller turn through the flow: the LLM request that carries the routing and recording tools, and its outcome.
+
+`plan_turn` builds the turn's single LLM request; `apply_turn` reads the streamed reply's tool calls and moves the call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace as replace_fields
+from typing import Any, Iterable, Mapping
+
+from ..speech import is_cjk, normalise_speech
+from .conditions import coerce_variable, first_true_logical_edge, plain
+from .model import PLACEHOLDER_RE, Edge, VariableSpec, Workflow
+
+TRANSITION_TOOL = "transition"
+RECORD_VARIABLES_TOOL = "record_variables"
+PRESS_KEYS_TOOL = "press_keys"   # outbound calls: get through a phone menu (IVR) at the other end
+_KEYS = re.compile(r"^[0-9*#w]{1,32}$")
+DEFAULT_HISTORY_LIMIT = 20
+_JSON_SCHEMA_TYPES = {"string": "string", "number": "number", "integer": "integer", "boolean": "boolean"}
+_UNKNOWN_VALUE_TEXT = "(not known yet)"
+
+_PHONE_CALL_GUIDANCE = (
+    "You are speaking on a live phone call and everything you write is read aloud. "
+    "Answer in short spoken sentences, without markdown, lists, headings, emoji or links. "
+    "Ask one question at a time."
+)
+_REPLY_FIRST_GUIDANCE = "Always say your reply to the caller first; only then call a tool, and only if it applies."
+_TRANSITION_GUIDANCE = "Call `transition` when one of its conditions is clearly met by what the caller said."
+_RECORD_GUIDANCE = "Call `record_variables` with any of its details the caller has stated; never guess values."
+_KEYPAD_GUIDANCE = ("If a recorded phone menu answers instead of a person, call `press_keys` with the key it asks "
+                    "for, and say nothing.")
+_CLOSING_GUIDANCE = (
+    "When moving to an end or transfer step, do not say goodbye or announce the transfer yourself: "
+    "the system speaks the closing line."
+)
+
+
+@dataclass
+class ConversationState:
+    """Where a call is in the flow; the caller of this module persists it between turns."""
+
+    current_node: str
+    variables: dict[str, Any]
+    messages: list[dict]
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """The single LLM request of a caller turn: reply text plus the routing/extraction tools."""
+
+    node_id: str
+    messages: list[dict]
+    tools: list[dict] | None
+    cacheable: bool
+    system_prompt: str
+    # Values of the variables the global and node prompts name ({{name}}): part of the reply cache's key.
+    prompt_variables: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    """Where the call goes after a turn, and what (if anything) to speak and do next."""
+
+    next_node: str
+    variables: dict[str, Any]
+    action: str | None
+    action_message: str | None
+    destination: str | None
+    transitioned_via: str | None
+    keys: str | None = None          # keypad presses the model asked for (press_keys), sent as sendDigits
+
+
+def plan_turn(
+    workflow: Workflow,
+    state: ConversationState,
+    utterance: str,
+    *,
+    language_instruction: str = "",
+    history_limit: int = DEFAULT_HISTORY_LIMIT,
+    keypad: bool = False,
+) -> TurnPlan:
+    """Build the turn's one LLM request; routing and extraction ride along as tools so no second call is needed.
+
+    `keypad` offers `press_keys` (calls we placed may reach a phone menu rather than a person).
+    """
+    node_id = workflow.settle(state.current_node, state.variables)
+    node = workflow.node(node_id)
+
+    offered = [e for e in workflow.outgoing(node_id) if e.decided_by_llm and e.target in workflow.nodes]
+    specs = workflow.variables_for(node_id)
+    tools: list[dict] = []
+    if offered:
+        tools.append(_transition_tool(workflow, offered))
+    if specs:
+        tools.append(_record_variables_tool(specs))
+    if keypad:
+        tools.append(_PRESS_KEYS_TOOL_SPEC)
+
+    values_used = False
+    sections: list[str] = []
+    prompt_texts = [workflow.global_prompt, *node.prompt_texts()]
+    prompt_variables = {name: state.variables.get(name)
+                        for text in prompt_texts for name in PLACEHOLDER_RE.findall(text or "")}
+    global_prompt, used = _fill_placeholders(workflow.global_prompt, state.variables)
+    values_used |= used
+    if global_prompt:
+        sections.append(global_prompt)
+    step_lines = [f"Current step: {node.label}"] if node.label else []
+    for heading, text in (("", node.prompt), ("Instructions: ", node.instructions),
+                          ("Objective: ", node.objective)):
+        filled, used = _fill_placeholders(text, state.variables)
+        values_used |= used
+        if filled:
+            step_lines.append(heading + filled)
+    if step_lines:
+        sections.append("\n".join(step_lines))
+    if language_instruction.strip():
+        sections.append(language_instruction.strip())
+    sections.append(_PHONE_CALL_GUIDANCE)
+    routing = []
+    if tools:
+        routing.append(_REPLY_FIRST_GUIDANCE)
+    if offered:
+        routing.append(_TRANSITION_GUIDANCE)
+    if specs:
+        routing.append(_RECORD_GUIDANCE)
+    if keypad:
+        routing.append(_KEYPAD_GUIDANCE)
+    if any(workflow.nodes[e.target].kind in ("end", "transfer") for e in workflow.outgoing(node_id)
+           if e.target in workflow.nodes):
+        routing.append(_CLOSING_GUIDANCE)
+    if routing:
+        sections.append(" ".join(routing))
+    system_prompt = "\n\n".join(sections)
+
+    history = [
+        {"role": m["role"], "content": m.get("content") or ""}
+        for m in state.messages
+        if isinstance(m, Mapping) and m.get("role") in ("user", "assistant")
+    ]
+    history = history[-history_limit:] if history_limit > 0 else []
+    messages = [{"role": "system", "content": system_prompt}, *history, {"role": "user", "content": utterance}]
+    return TurnPlan(
+        node_id=node_id,
+        messages=messages,
+        tools=tools or None,
+        cacheable=node.cacheable and not values_used,
+        system_prompt=system_prompt,
+        prompt_variables=prompt_variables,
+    )
+
+
+def apply_turn(
+    workflow: Workflow,
+    state: ConversationState,
+    reply_text: str,
+    tool_calls: list[tuple[str, Any]],
+) -> TurnOutcome:
+    """Interpret the streamed reply's tool calls: record variables, then a true logical edge, else `transition`, else stay.
+
+    `reply_text` is what was spoken; routing never depends on it (it is accepted so callers pass the whole result).
+    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored.
+    """
+    node_id = workflow.settle(state.current_node, state.variables)
+    workflow.node(node_id)  # an unknown node is a caller bug: fail loudly rather than stall the call
+    variables = dict(state.variables)
+    transition_ids: list[str] = []
+    keys = ""
+    for name, raw_args in tool_calls:
+        args = _tool_arguments(raw_args)
+        if name == RECORD_VARIABLES_TOOL:
+            for var_name, value in args.items():
+                spec = workflow.variable(var_name)
+                if spec is None or value is None:
+                    continue
+                fits, coerced = coerce_variable(spec, value)
+                if fits:
+                    variables[var_name] = coerced
+        elif name == TRANSITION_TOOL and isinstance(args.get("edge_id"), str):
+            transition_ids.append(args["edge_id"])
+        elif name == PRESS_KEYS_TOOL and isinstance(args.get("digits"), str) and _KEYS.match(args["digits"]):
+            keys += args["digits"]
+
+    outgoing = workflow.outgoing(node_id)
+    via: str | None = None
+    next_node = node_id
+    logical = first_true_logical_edge(outgoing, variables)
+    if logical is not None and logical.target in workflow.nodes:
+        next_node, via = logical.target, f"logical:{logical.id}"
+    else:
+        offered = {e.id: e for e in outgoing if e.decided_by_llm and e.target in workflow.nodes}
+        chosen = next((offered[i] for i in transition_ids if i in offered), None)
+        if chosen is not None:
+            next_node, via = chosen.target, chosen.id
+    if via is not None:
+        next_node = workflow.settle(next_node, variables)
+    landing = _landing(workflow, next_node, variables, via)
+    return replace_fields(landing, keys=keys[:32]) if keys else landing
+
+
+def termination_outcome(workflow: Workflow, state: ConversationState) -> TurnOutcome:
+    """The caller said goodbye: end via the nearest endCall node (one reachable from here, else the first)."""
+    ends = [n for n in workflow.nodes.values() if n.kind == "end"]
+    if not ends:
+        return TurnOutcome(
+            next_node=state.current_node,
+            variables=dict(state.variables),
+            action="end",
+            action_message=None,
+            destination=None,
+            transitioned_via="termination_phrase",
+        )
+    reachable = workflow.reachable_from(state.current_node) if state.current_node in workflow.nodes else set()
+    end = next((n for n in ends if n.id in reachable), ends[0])
+    return TurnOutcome(
+        next_node=end.id,
+        variables=dict(state.variables),
+        action="end",
+        action_message=end.end_message,
+        destination=None,
+        transitioned_via="termination_phrase",
+    )
+
+
+def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
+    """True when the utterance is, or ends with, a goodbye phrase at a word boundary; no LLM involved.
+
+    Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
+    "ok, that's all, thanks bye" ends the call. CJK phrases match as plain suffixes (no spaces between words).
+    """
+    text = normalise_speech(utterance)
+    if not text:
+        return False
+    compact = text.replace(" ", "")
+    for raw_phrase in phrases:
+        phrase = normalise_speech(raw_phrase)
+        if not phrase:
+            continue
+        if any(is_cjk(ch) for ch in phrase):
+            if compact.endswith(phrase.replace(" ", "")):
+                return True
+            continue
+        if text == phrase:
+            return True
+        if text.endswith(phrase):
+            before = text[-len(phrase) - 1]
+            if before == " " or is_cjk(before):
+                return True
+    return False
+
+
+def _transition_tool(workflow: Workflow, edges: list[Edge]) -> dict:
+    lines = []
+    for edge in edges:
+        target = workflow.nodes[edge.target]
+        lines.append(f"- {edge.id}: {edge.condition_text()} (next step: {target.label or target.id})")
+    description = (
+        "Move the conversation to the next step. Call it after your spoken reply, "
+        "and only when one of these conditions is met:\n" + "\n".join(lines)
+    )
+    return {
+        "type": "function",
+        "function": {
+            "name": TRANSITION_TOOL,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "edge_id": {
+                        "type": "string",
+                        "enum": [e.id for e in edges],
+                        "description": "The id of the condition that is met.",
+                    }
+                },
+                "required": ["edge_id"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+_PRESS_KEYS_TOOL_SPEC = {
+    "type": "function",
+    "function": {
+        "name": PRESS_KEYS_TOOL,
+        "description": ("Press keys on the phone keypad, to get through an automated phone menu that asks you to "
+                        "press a key. Use only when a recorded menu asks for it."),
+        "parameters": {
+            "type": "object",
+            "properties": {"digits": {"type": "string", "pattern": "^[0-9*#w]{1,32}$",
+                                      "description": "Keys to press in order: 0-9, * and #; w waits half a second."}},
+            "required": ["digits"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _record_variables_tool(specs: list[VariableSpec]) -> dict:
+    properties = {}
+    for spec in specs:
+        schema: dict[str, Any] = {"type": _JSON_SCHEMA_TYPES.get(spec.type, "string")}
+        if spec.description:
+            schema["description"] = spec.description
+        if spec.enum_values:
+            schema["enum"] = list(spec.enum_values)
+        properties[spec.name] = schema
+    return {
+        "type": "function",
+        "function": {
+            "name": RECORD_VARIABLES_TOOL,
+            "description": (
+                "Record details the caller has given. Call it after your spoken reply; "
+                "include only values the caller actually stated."
+            ),
+            "parameters": {"type": "object", "properties": properties, "additionalProperties": False},
+        },
+    }
+
+
+def _landing(workflow: Workflow, node_id: str, variables: dict[str, Any], via: str | None) -> TurnOutcome:
+    node = workflow.nodes.get(node_id)
+    action = message = destination = None
+    if node is not None and node.kind == "end":
+        action, message = "end", node.end_message
+    elif node is not None and node.kind == "transfer":
+        action, message, destination = "transfer", node.transfer_message, node.destination
+    return TurnOutcome(
+        next_node=node_id,
+        variables=variables,
+        action=action,
+        action_message=message,
+        destination=destination,
+        transitioned_via=via,
+    )
+
+
+def _tool_arguments(raw: Any) -> dict:
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if isinstance(raw, (str, bytes)):
+        try:
+            parsed = json.loads(raw or "{}")
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
+
+
+def _fill_placeholders(text: str, variables: Mapping[str, Any]) -> tuple[str, bool]:
+    """Replace {{name}} with the variable's value; report whether any value went in (that turn is then not cacheable)."""
+    used = False
+
+    def replace(match: re.Match) -> str:
+        nonlocal used
+        value = variables.get(match.group(1))
+        if value is None or value == "":
+            return _UNKNOWN_VALUE_TEXT
+        used = True
+        return plain(value)
+
+    return PLACEHOLDER_RE.sub(replace, text), used
