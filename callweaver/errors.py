@@ -1,7 +1,10 @@
-"""One error path: every failure of the HTTP API becomes {"success": false, "error": ...} JSON."""
+"""One error path: every failure of the HTTP API becomes {"success": false, "error": ...} JSON.
+
+ApiError is what routes raise; the lifecycle's domain exceptions are mapped to statuses here, and only here."""
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import requests
 import structlog
@@ -9,9 +12,19 @@ from flask import Flask, jsonify, request
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .api_errors import ApiError
+from .lifecycle import CallRequestError, NotConfigured
 
 log = structlog.get_logger()
+
+
+class ApiError(Exception):
+    """A client-visible failure with its HTTP status: {"success": false, "error": message, **extra}."""
+
+    def __init__(self, status: int, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
 
 
 def twilio_error_status(exc: TwilioRestException) -> int:
@@ -26,6 +39,14 @@ def init_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return jsonify(success=False, error=e.message, **e.extra), e.status
+
+    @app.errorhandler(CallRequestError)
+    def _call_request_error(e: CallRequestError):
+        return jsonify(success=False, error=e.message, **e.details), 400
+
+    @app.errorhandler(NotConfigured)
+    def _not_configured(e: NotConfigured):
+        return jsonify(success=False, error=e.message), 503
 
     @app.errorhandler(TwilioRestException)
     def _twilio_error(e: TwilioRestException):

@@ -1,4 +1,6 @@
-"""Call lifecycle: validate a make-call request, record the call, place it through Twilio, track its status, end it."""
+"""Call lifecycle: validate a make-call request, record the call, place it through Twilio, track its status, end it.
+
+It knows no HTTP: refusals are CallRequestError / NotConfigured, which errors.py turns into responses."""
 from __future__ import annotations
 
 import re
@@ -10,7 +12,6 @@ from urllib.parse import urlencode
 
 import structlog
 
-from .api_errors import ApiError
 from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import default_workflow
 from .engine.languages import LanguageTable
@@ -30,12 +31,31 @@ MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 
 
+class CallRequestError(Exception):
+    """A call request that cannot be honoured as sent: the client can fix it (a 400 at the HTTP edge).
+
+    `details` are extra fields for the client, such as the list of a workflow's `problems`."""
+
+    def __init__(self, message: str, **details: Any):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotConfigured(Exception):
+    """The server lacks a setting this request needs: only the operator can fix it (a 503 at the HTTP edge)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 def normalize_phone(raw: Any) -> str:
     """Normalise as the original did (strip formatting, +1 for 10 US digits, + otherwise), then require E.164."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
-        raise ApiError(400, "Phone number (to) is required")
+        raise CallRequestError("Phone number (to) is required")
     if not isinstance(raw, (str, int)):
-        raise ApiError(400, "Invalid phone number format. Use E.164 format, e.g. +15551234567")
+        raise CallRequestError("Invalid phone number format. Use E.164 format, e.g. +15551234567")
     number = re.sub(r"[\s\-().]", "", str(raw))
     if number.startswith("00"):
         number = "+" + number[2:]
@@ -47,7 +67,7 @@ def normalize_phone(raw: Any) -> str:
         else:
             number = "+" + number
     if not E164.fullmatch(number):
-        raise ApiError(400, "Invalid phone number format. Use E.164 format, e.g. +15551234567")
+        raise CallRequestError("Invalid phone number format. Use E.164 format, e.g. +15551234567")
     return number
 
 
@@ -121,7 +141,7 @@ class CallLifecycle:
             base_url = openai_cfg.get("baseUrl")
             if base_url is not None:
                 if not isinstance(base_url, str):
-                    raise ApiError(400, "config.llm.openai.baseUrl must be a URL")
+                    raise CallRequestError("config.llm.openai.baseUrl must be a URL")
                 self._check_llm_url("config.llm.openai.baseUrl", base_url)
             return {"kind": "openai", "apiKey": openai_cfg["apiKey"].strip(), "model": openai_cfg.get("model"),
                     "baseUrl": base_url}
@@ -130,7 +150,7 @@ class CallLifecycle:
     def _check_llm_url(self, field: str, url: str) -> None:
         refusal = outbound_url_refusal(url, allow_private=self.settings.allow_private_llm_urls)
         if refusal:
-            raise ApiError(400, f"{field} is refused: {refusal}")
+            raise CallRequestError(f"{field} is refused: {refusal}")
 
     def credentials_for(self, record: CallRecord | None) -> tuple[str, str] | None:
         return self.credential_box.open(record.credentials) if record and record.credentials else None
@@ -145,16 +165,16 @@ class CallLifecycle:
         to = normalize_phone(body.get("to"))
         refusal = self.destination_refusal(to)
         if refusal:
-            raise ApiError(400, f"Destination {to} is not allowed: {refusal}")
+            raise CallRequestError(f"Destination {to} is not allowed: {refusal}")
         workflow = self._workflow_from(body)
         blocked = [f"transfer node '{n.id}' destination {n.destination} is not allowed: "
                    f"{self.destination_refusal(n.destination)}" for n in workflow.nodes.values()
                    if n.kind == "transfer" and not self.destination_allowed(n.destination)]
         if blocked:
-            raise ApiError(400, "Invalid workflow: " + "; ".join(blocked), problems=blocked)
+            raise CallRequestError("Invalid workflow: " + "; ".join(blocked), problems=blocked)
         creds = self.request_credentials(body)
         if creds is None and not self.twilio.configured:
-            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID, "
+            raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID, "
                                 "TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER")
         from_number = self._from_number(body, creds)
         timeout_s = self._timeout(body.get("timeout"))
@@ -203,9 +223,9 @@ class CallLifecycle:
             workflow = Workflow.from_payload(dict(body))
             workflow.validate()
         except WorkflowError as exc:
-            raise ApiError(400, "Invalid workflow: " + "; ".join(exc.problems), problems=exc.problems)
+            raise CallRequestError("Invalid workflow: " + "; ".join(exc.problems), problems=exc.problems)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            raise ApiError(400, f"Invalid workflow: {exc}")
+            raise CallRequestError(f"Invalid workflow: {exc}")
         return workflow
 
     def _from_number(self, body: Mapping[str, Any], creds: tuple[str, str] | None) -> str:
@@ -222,14 +242,14 @@ class CallLifecycle:
             return server_number
         if server_number:
             return server_number
-        raise ApiError(503, "No caller number: set TWILIO_PHONE_NUMBER or send `from`")
+        raise NotConfigured("No caller number: set TWILIO_PHONE_NUMBER or send `from`")
 
     def _timeout(self, raw: Any) -> int:
         """Ring timeout: the request's, clamped to 5..MAX_RING_TIMEOUT_S; CALL_TIMEOUT_S when absent."""
         try:
             value = int(raw) if raw not in (None, "", 0) else self.settings.call_timeout_s
         except (TypeError, ValueError, OverflowError):
-            raise ApiError(400, "timeout must be a number of seconds")
+            raise CallRequestError("timeout must be a number of seconds")
         return max(5, min(MAX_RING_TIMEOUT_S, value))
 
     def _twiml_url(self, raw: Any, base_url: str) -> str | None:
@@ -242,7 +262,7 @@ class CallLifecycle:
         if isinstance(raw, str) and configured and raw.startswith(configured + "/"):
             path = raw[len(configured):]
         if not isinstance(path, str) or not re.fullmatch(r"/api/twiml-(ai|optimized|default)(\?[^#\s]*)?", path):
-            raise ApiError(400, "twimlUrl must be one of this service's TwiML endpoints "
+            raise CallRequestError("twimlUrl must be one of this service's TwiML endpoints "
                                 "(/api/twiml-ai, /api/twiml-optimized, /api/twiml-default)")
         return base_url + path
 
@@ -274,12 +294,12 @@ class CallLifecycle:
         """Store a status callback in SequenceNumber order; a terminal status drops per-call credentials."""
         status = (form.get("CallStatus") or "").strip()
         if not status:
-            raise ApiError(400, "CallStatus is required")
+            raise CallRequestError("CallStatus is required")
         raw_seq = form.get("SequenceNumber")
         try:
             sequence = int(raw_seq) if raw_seq not in (None, "") else None
         except ValueError:
-            raise ApiError(400, "SequenceNumber must be a whole number")
+            raise CallRequestError("SequenceNumber must be a whole number")
         payload = {k: form.get(k) for k in ("CallSid", "CallStatus", "CallDuration", "Timestamp",
                                              "SequenceNumber", "AnsweredBy", "Duration") if form.get(k) is not None}
         current = self.store.append_status(record.tracking_id, status, sequence, payload)
@@ -344,7 +364,7 @@ class CallLifecycle:
         """Twilio's view of a call plus, when we placed it, our tracking id and stored status history."""
         self._require_call_sid(call_sid)
         if not self.twilio.configured:
-            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+            raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
         call = self.twilio.fetch_call(call_sid)
         record = self.find(None, call_sid)
         if record:
@@ -355,13 +375,13 @@ class CallLifecycle:
     @staticmethod
     def _require_call_sid(call_sid: str) -> None:
         if not CALL_SID.fullmatch(call_sid):
-            raise ApiError(400, "Invalid Call SID: expected CA followed by 32 hex characters")
+            raise CallRequestError("Invalid Call SID: expected CA followed by 32 hex characters")
 
     def end_call(self, call_sid: str) -> str:
         self._require_call_sid(call_sid)
         record = self.find(None, call_sid)
         creds = self.credentials_for(record)
         if creds is None and not self.twilio.configured:
-            raise ApiError(503, "Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+            raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
         # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
         return self.twilio.end_call(call_sid, credentials=creds)

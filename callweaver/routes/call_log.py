@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, render_template, request
 
 from .. import call_log
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..engine.metrics import MetricsReader
 from ..services import services
 from .common import operator_only

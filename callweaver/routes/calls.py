@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 from twilio.base.exceptions import TwilioRestException
 
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..errors import twilio_error_status
 from ..services import services
 from .common import base_url, body_params, twilio_params, twilio_webhook

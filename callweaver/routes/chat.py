@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 from flask import Blueprint, jsonify
 
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..engine.playground import playground_messages
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services

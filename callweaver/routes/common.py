@@ -8,7 +8,7 @@ from typing import Any, Callable
 import structlog
 from flask import Response, jsonify, request
 
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
 from ..services import services

@@ -6,7 +6,7 @@ import time
 from flask import Blueprint, Response, jsonify, render_template, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry

@@ -16,7 +16,7 @@ import uuid
 import structlog
 from flask import Blueprint, g, request
 
-from ..api_errors import ApiError
+from ..errors import ApiError
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
 from ..lifecycle import CALL_SID
