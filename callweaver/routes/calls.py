@@ -4,16 +4,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 from twilio.base.exceptions import TwilioRestException
 
-from ..errors import ApiError
-from ..errors import twilio_error_status
+from ..errors import ApiError, twilio_error_status
 from ..services import services
-from .common import base_url, body_params, twilio_params, twilio_webhook
+from .common import FEATURES, base_url, body_params, twilio_params, twilio_webhook
 
 bp = Blueprint("calls", __name__)
-
-FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimization": True,
-            "providerFailover": True}
-
 
 @bp.post("/api/make-call")
 def make_call():

@@ -12,8 +12,15 @@ from ..errors import ApiError
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
 from ..services import services
+from ..units import SECONDS_PER_DAY
 
 log = structlog.get_logger()
+
+# What the optimized path offers, as the web app's make-call and comparison responses name it.
+FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimization": True,
+            "providerFailover": True}
+# The longest window a metrics or call-log query may ask for.
+MAX_WINDOW_S = 30 * SECONDS_PER_DAY
 
 
 def all_providers_failed(failovers: list[dict], **extra: Any) -> tuple[Response, int]:

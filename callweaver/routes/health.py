@@ -11,11 +11,15 @@ from flask import Blueprint, jsonify, request
 
 from .. import __version__
 from ..engine.workflow import Workflow
+from ..lifecycle import MAX_ERROR_TEXT_CHARS
 from ..services import services
 from ..store import StoreError
 from .common import body_params
 
 bp = Blueprint("health", __name__)
+KIB_PER_MIB = 1024
+# Language optimisation is "active" when the language table holds at least this many entries (it ships ~60).
+MIN_LANGUAGES_FOR_ACTIVE = 50
 
 
 def _now_iso() -> str:
@@ -36,7 +40,7 @@ def _memory_mb() -> tuple[float, float]:
                     total_kb = int(line.split()[1])
     except OSError:
         pass
-    return rss_kb / 1024, total_kb / 1024
+    return rss_kb / KIB_PER_MIB, total_kb / KIB_PER_MIB
 
 
 def _checks() -> dict:
@@ -47,7 +51,7 @@ def _checks() -> dict:
         checks["store"] = {"ok": True, "backend": "redis" if s.redis_url else "sqlite",
                            "pingMs": round(svc.store.ping(), 3)}
     except StoreError as exc:
-        checks["store"] = {"ok": False, "backend": "redis" if s.redis_url else "sqlite", "error": str(exc)[:200]}
+        checks["store"] = {"ok": False, "backend": "redis" if s.redis_url else "sqlite", "error": str(exc)[:MAX_ERROR_TEXT_CHARS]}
     checks["twilio"] = {"ok": bool(s.twilio_account_sid and s.twilio_auth_token and s.twilio_phone_number),
                         "hasAccountSid": bool(s.twilio_account_sid), "hasAuthToken": bool(s.twilio_auth_token),
                         "hasPhoneNumber": bool(s.twilio_phone_number),
@@ -142,7 +146,7 @@ def health_optimized():
         optimization={"enabled": True, "features": {
             "conversationRelay": relay,
             "predictiveCache": "active" if cache_state.get("ok") else "degraded",
-            "languageOptimization": "active" if len(svc.languages) >= 50 else "degraded",
+            "languageOptimization": "active" if len(svc.languages) >= MIN_LANGUAGES_FOR_ACTIVE else "degraded",
             "providerFailover": failover}},
         services={"performanceOrchestrator": "active" if status != "unhealthy" else "degraded",
                   "store": checks["store"], "providers": providers, "cache": cache_state},
@@ -172,7 +176,7 @@ def test_workflow():
                              "nodeCount": len(payload["nodes"] or []), "edgeCount": len(payload["edges"] or []),
                              "problems": wf.problems()}
         except Exception as exc:  # diagnostics endpoint: report, don't fail
-            workflow_info = {"error": f"could not parse wd: {exc}"[:300]}
+            workflow_info = {"error": f"could not parse wd: {exc}"[:MAX_ERROR_TEXT_CHARS]}
     return jsonify(
         success=True, timestamp=_now_iso(),
         environment={"hasTwilioSid": bool(s.twilio_account_sid), "hasTwilioToken": bool(s.twilio_auth_token),

@@ -6,7 +6,6 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import websocket  # websocket-client
 
@@ -265,6 +264,3 @@ class RelayCaller:
             finally:
                 self.ws = None
 
-
-def query_of(url: str) -> dict[str, Any]:
-    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
