@@ -380,6 +380,17 @@ class ConversationEngine:
                  first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
         return updated
 
+    def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
+        """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.
+
+        `received_at` is this engine's clock when the caller's words arrived; the whole reply must exist before it
+        can be spoken, so its first and last "token" are the same moment."""
+        turn = self.start_turn(record, utterance)
+        text = "".join(turn).strip()
+        elapsed_ms = round((self.clock() - received_at) * 1000, 3)
+        self.commit_turn(record, turn, path=path, timings={"firstTokenMs": elapsed_ms, "lastTokenMs": elapsed_ms})
+        return text, turn.result
+
     # ---- while the phone rings ------------------------------------------------------------------
     def prewarm(self, record) -> int:
         """Answer the utterances callers open with while the phone rings, so the first turn hits the cache.

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from urllib.parse import urlencode
 
 import structlog
@@ -73,8 +72,8 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
 @bp.route("/api/twiml-ai", methods=["GET", "POST"])
 @twilio_webhook
 def twiml_ai(record=None):
-    started = time.monotonic()
     svc = services()
+    received_at = svc.engine.clock()  # the turn's timings start when Twilio's webhook arrives
     params = twilio_params()
     workflow_id = request.args.get("id")
     if record is None:
@@ -90,13 +89,7 @@ def twiml_ai(record=None):
         _say_and_listen(vr, record.greeting or entry.line("fallbackGreeting"), entry, action)
         return twiml_response(str(vr))
 
-    turn = svc.engine.start_turn(record, speech)
-    text = "".join(turn).strip()
-    elapsed_ms = round((time.monotonic() - started) * 1000, 3)
-    # The whole reply must exist before <Say> can speak it: first and last "token" are the same moment.
-    svc.engine.commit_turn(record, turn, path="traditional",
-                           timings={"firstTokenMs": elapsed_ms, "lastTokenMs": elapsed_ms})
-    result = turn.result
+    text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at)
     entry = svc.languages.get(result.language)
     say = {"voice": entry.say_voice, "language": entry.say_language}
     if result.action == "end":
