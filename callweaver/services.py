@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable
@@ -121,6 +120,12 @@ class Services:
         return build_tracer(self.settings.otel_exporter_otlp_endpoint)
 
     @cached_property
+    def chain_for(self):
+        """Each call's provider chain (its own LLM account first, when it brought one)."""
+        from .engine.call_chains import CallChains
+        return CallChains(self.providers, self.lifecycle.credential_box.open_json, self.settings.openai_model)
+
+    @cached_property
     def engine(self) -> ConversationEngine:
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
                                   chain_for=self.chain_for, tracer=self.tracer,
@@ -143,37 +148,6 @@ class Services:
                 log.exception("call_span_failed", tracking_id=tracking_id)
         if self.call_reporter is not None:
             self.call_reporter.call_ended(tracking_id)
-
-    @cached_property
-    def _call_chains(self) -> OrderedDict:
-        return OrderedDict()
-
-    def chain_for(self, record):
-        """The server's provider chain, or — for a call that brought its own LLM account (kept encrypted in
-        the record, ALLOW_REQUEST_CREDENTIALS=1) — that account first with the server's behind it."""
-        blob = (record.meta or {}).get("llm") if record is not None else None
-        if not blob:
-            return self.providers
-        chain = self._call_chains.get(blob)
-        if chain is None:
-            creds = self.lifecycle.credential_box.open_json(blob)
-            if not creds:
-                return self.providers
-            from .engine.providers import ProviderConfig, parse_azure_endpoint
-            if creds["kind"] == "azure":
-                resource, deployment, version = parse_azure_endpoint(creds["endpoint"])
-                config = ProviderConfig(name="workflow-azure", kind="azure", api_key=creds["apiKey"],
-                                        model=creds.get("deployment") or deployment or "",
-                                        azure_endpoint=resource,
-                                        api_version=creds.get("apiVersion") or version or "2025-01-01-preview")
-            else:
-                config = ProviderConfig(name="workflow-openai", kind="openai", api_key=creds["apiKey"],
-                                        model=creds.get("model") or self.settings.openai_model,
-                                        base_url=creds.get("baseUrl"))
-            chain = self._call_chains[blob] = self.providers.with_first(config)
-            while len(self._call_chains) > 64:  # clients for recent calls only
-                self._call_chains.popitem(last=False)
-        return chain
 
     def warm_up(self) -> None:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""

@@ -1,0 +1,53 @@
+"""Which LLM providers answer a call: the server's chain, or the call's own LLM account in front of it."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
+
+from .providers import ProviderConfig, parse_azure_endpoint
+
+# Chains (and their HTTP clients) are kept for this many recent calls that brought their own LLM account.
+MAX_CALL_CHAINS = 64
+DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
+
+
+def provider_config_for(credentials: Mapping[str, Any], default_openai_model: str) -> ProviderConfig:
+    """The provider a call's own LLM account (as the lifecycle accepted it from the make-call body) describes."""
+    if credentials["kind"] == "azure":
+        resource, deployment, version = parse_azure_endpoint(credentials["endpoint"])
+        return ProviderConfig(name="workflow-azure", kind="azure", api_key=credentials["apiKey"],
+                              model=credentials.get("deployment") or deployment or "",
+                              azure_endpoint=resource,
+                              api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION)
+    return ProviderConfig(name="workflow-openai", kind="openai", api_key=credentials["apiKey"],
+                          model=credentials.get("model") or default_openai_model,
+                          base_url=credentials.get("baseUrl"))
+
+
+class CallChains:
+    """`chains(record)`: the server's provider chain, or — for a call that brought its own LLM account (kept
+    sealed in the record, ALLOW_REQUEST_CREDENTIALS=1) — that account first with the server's behind it."""
+
+    def __init__(self, server_chain: Any, open_credentials: Callable[[str], dict | None],
+                 default_openai_model: str, max_chains: int = MAX_CALL_CHAINS):
+        self.server_chain = server_chain
+        self._open_credentials = open_credentials  # sealed blob → the account, or None when it cannot be opened
+        self._default_openai_model = default_openai_model
+        self._max_chains = max_chains
+        self._chains: OrderedDict[str, Any] = OrderedDict()
+
+    def __call__(self, record: Any) -> Any:
+        sealed = (record.meta or {}).get("llm") if record is not None else None
+        if not sealed:
+            return self.server_chain
+        chain = self._chains.get(sealed)
+        if chain is None:
+            credentials = self._open_credentials(sealed)
+            if not credentials:
+                return self.server_chain
+            config = provider_config_for(credentials, self._default_openai_model)
+            chain = self._chains[sealed] = self.server_chain.with_first(config)
+            while len(self._chains) > self._max_chains:
+                self._chains.popitem(last=False)
+        return chain
