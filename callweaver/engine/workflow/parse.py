@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .conditions import as_number
 from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, Edge, LlmOptions,
@@ -182,20 +182,27 @@ def _destination(raw: str) -> str | None:
     return compact if E164_RE.fullmatch(compact) else raw
 
 
+def _with_unique_ids(raw_items: list, what: str, problems: list[str]) -> Iterator[tuple[str, Mapping, Mapping]]:
+    """(id, entry, entry's data) for each object with an id not seen before; every other entry becomes a problem."""
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_items):
+        if not isinstance(raw, Mapping):
+            problems.append(f"{what} #{index + 1} is not an object")
+            continue
+        item_id = _text(raw.get("id"))
+        if not item_id:
+            problems.append(f"{what} #{index + 1} has no id")
+            continue
+        if item_id in seen:
+            problems.append(f"duplicate {what} id '{item_id}'")
+            continue
+        seen.add(item_id)
+        yield item_id, raw, raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+
+
 def _parse_nodes(raw_nodes: list, problems: list[str]) -> dict[str, Node]:
     nodes: dict[str, Node] = {}
-    for index, raw in enumerate(raw_nodes):
-        if not isinstance(raw, Mapping):
-            problems.append(f"node #{index + 1} is not an object")
-            continue
-        node_id = _text(raw.get("id"))
-        if not node_id:
-            problems.append(f"node #{index + 1} has no id")
-            continue
-        if node_id in nodes:
-            problems.append(f"duplicate node id '{node_id}'")
-            continue
-        data = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+    for node_id, raw, data in _with_unique_ids(raw_nodes, "node", problems):
         # Only id, type and data are kept: React Flow's canvas keys (position, measured, selected, dragging)
         # must not change the version hash.
         data = strip_secrets(copy.deepcopy(dict(data)))
@@ -205,20 +212,7 @@ def _parse_nodes(raw_nodes: list, problems: list[str]) -> dict[str, Node]:
 
 def _parse_edges(raw_edges: list, problems: list[str]) -> tuple[Edge, ...]:
     edges: list[Edge] = []
-    seen: set[str] = set()
-    for index, raw in enumerate(raw_edges):
-        if not isinstance(raw, Mapping):
-            problems.append(f"edge #{index + 1} is not an object")
-            continue
-        edge_id = _text(raw.get("id"))
-        if not edge_id:
-            problems.append(f"edge #{index + 1} has no id")
-            continue
-        if edge_id in seen:
-            problems.append(f"duplicate edge id '{edge_id}'")
-            continue
-        seen.add(edge_id)
-        data = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+    for edge_id, raw, data in _with_unique_ids(raw_edges, "edge", problems):
         conditions = []
         raw_conditions = data.get("logicalConditions")
         for c_index, c in enumerate(raw_conditions if isinstance(raw_conditions, list) else []):
