@@ -1,66 +1,250 @@
-"""ConversationRelay messages CallWeaver sends, built in one place with the documented field names.
+"""ConversationRelay messages as small typed classes: what Twilio sends us, what we send Twilio, in one place.
 
-See docs/twilio.md: `text` (token, last, lang, interruptible, preemptible), `play`, `sendDigits`,
-`language` and `end`. Inbound `info` names are the ones `debug="speaker-events"` produces.
+In (docs/twilio.md): `setup`, `prompt`, `interrupt`, `dtmf`, `info`, `error`; `parse` turns a frame into one of
+them, and a frame that is not a message becomes one logged error and None — never an exception for the socket.
+Out: `text`, `language`, `sendDigits`, `play`, `end`; `serialise` gives the JSON object Twilio reads. The
+inbound `info` names are the ones `debug="speaker-events"` produces.
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+import structlog
+
+log = structlog.get_logger()
 
 # What the TwiML `debug` attribute asks for: agentSpeaking on/off tells us when a closing line has played.
 DEBUG_EVENTS = "speaker-events"
 AGENT_SPEAKING = "agentSpeaking"
 SEND_DIGITS = re.compile(r"^[0-9w#*]{1,64}$")
+MAX_LOGGED_ERROR_CHARS = 200
 
+
+# ---- in: Twilio → CallWeaver ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    """The session opened: who called whom, and the <Parameter>s of our TwiML (`custom_parameters`)."""
+
+    call_sid: str | None
+    custom_parameters: Mapping[str, Any]
+    details: Mapping[str, Any]  # every other field of the frame (from, to, direction, callerName...)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the caller said; `last` False marks an interim transcript (partialPrompts)."""
+
+    voice_prompt: str
+    last: bool = True
+    lang: str | None = None
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Barge-in: Twilio stopped speaking; `utterance_until_interrupt` is what the caller heard of the reply."""
+
+    utterance_until_interrupt: str | None = None
+    duration_until_interrupt_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Dtmf:
+    """One keypad press."""
+
+    digit: str
+
+
+@dataclass(frozen=True)
+class Info:
+    """A debug event (`debug="speaker-events"`): agentSpeaking / clientSpeaking on or off."""
+
+    name: str | None
+    value: str | None
+
+    @property
+    def agent_fell_silent(self) -> bool:
+        """Twilio finished speaking everything it was given."""
+        return self.name == AGENT_SPEAKING and str(self.value).lower() == "off"
+
+
+@dataclass(frozen=True)
+class Error:
+    """Twilio refused something we sent (the description carries its error code)."""
+
+    description: str
+
+
+Inbound = Union[Setup, Prompt, Interrupt, Dtmf, Info, Error]
+
+
+def parse(raw: str | bytes) -> Inbound | None:
+    """The message in a frame, or None after logging why the frame is not one (never raises)."""
+    try:
+        frame = json.loads(raw)
+        if not isinstance(frame, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
+        log.error("relay_bad_message", error=str(exc)[:MAX_LOGGED_ERROR_CHARS], size=len(raw or ""))
+        return None
+    kind = frame.get("type")
+    reader = _READERS.get(kind) if isinstance(kind, str) else None
+    if reader is None:
+        log.warning("relay_unknown_message", message_type=str(kind)[:40])
+        return None
+    return reader(frame)
+
+
+def _setup(frame: dict) -> Setup:
+    params = frame.get("customParameters")
+    call_sid = frame.get("callSid")
+    return Setup(call_sid=call_sid if isinstance(call_sid, str) and call_sid else None,
+                 custom_parameters=dict(params) if isinstance(params, dict) else {},
+                 details={k: v for k, v in frame.items() if k not in ("type", "callSid", "customParameters")})
+
+
+def _prompt(frame: dict) -> Prompt:
+    text = frame.get("voicePrompt")
+    lang = frame.get("lang")
+    return Prompt(voice_prompt=text if isinstance(text, str) else "", last=frame.get("last") is not False,
+                  lang=lang if isinstance(lang, str) and lang else None)
+
+
+def _interrupt(frame: dict) -> Interrupt:
+    heard = frame.get("utteranceUntilInterrupt")
+    played = frame.get("durationUntilInterruptMs")
+    return Interrupt(utterance_until_interrupt=heard if isinstance(heard, str) else None,
+                     duration_until_interrupt_ms=played if isinstance(played, (int, float))
+                     and not isinstance(played, bool) else None)
+
+
+def _dtmf(frame: dict) -> Dtmf:
+    return Dtmf(digit=str(frame.get("digit", ""))[:1])
+
+
+def _info(frame: dict) -> Info:
+    name, value = frame.get("name"), frame.get("value")
+    return Info(name=None if name is None else str(name), value=None if value is None else str(value))
+
+
+def _error(frame: dict) -> Error:
+    return Error(description=str(frame.get("description")))
+
+
+_READERS = {"setup": _setup, "prompt": _prompt, "interrupt": _interrupt, "dtmf": _dtmf, "info": _info,
+            "error": _error}
+
+
+# ---- out: CallWeaver → Twilio --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Text:
+    """One text token; `last=True` closes the talk cycle (Twilio speaks what it holds and waits)."""
+
+    token: str
+    last: bool = False
+    interruptible: bool | None = None
+    preemptible: bool | None = None
+
+
+@dataclass(frozen=True)
+class Language:
+    """Switch the active voice and/or recognition language; both must be declared in the TwiML."""
+
+    tts: str | None
+    transcription: str | None
+
+
+@dataclass(frozen=True)
+class End:
+    """End the session; Twilio posts `handoffData` to the <Connect action> URL."""
+
+    reason: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendDigits:
+    """Press keys on the far end (0-9, *, #, and w for a half-second pause)."""
+
+    digits: str
+
+    def __post_init__(self) -> None:
+        if not SEND_DIGITS.match(self.digits):
+            raise ValueError("digits may only use 0-9, *, # and w")
+
+
+@dataclass(frozen=True)
+class Play:
+    """Play an audio file by URL in the talk cycle."""
+
+    source: str
+    loop: int = 1
+    interruptible: bool | None = None
+
+
+Outbound = Union[Text, Language, End, SendDigits, Play]
+
+
+def serialise(message: Outbound) -> dict[str, Any]:
+    """The JSON object Twilio reads for a message, with the documented field names; unset options left out."""
+    if isinstance(message, Text):
+        frame: dict[str, Any] = {"type": "text", "token": message.token, "last": message.last}
+        _set_if_given(frame, interruptible=message.interruptible, preemptible=message.preemptible)
+        return frame
+    if isinstance(message, Language):
+        frame = {"type": "language"}
+        if message.tts:
+            frame["ttsLanguage"] = message.tts
+        if message.transcription:
+            frame["transcriptionLanguage"] = message.transcription
+        return frame
+    if isinstance(message, End):
+        return {"type": "end", "handoffData": json.dumps({"reason": message.reason, **message.data})}
+    if isinstance(message, SendDigits):
+        return {"type": "sendDigits", "digits": message.digits}
+    if isinstance(message, Play):
+        frame = {"type": "play", "source": message.source, "loop": message.loop}
+        _set_if_given(frame, interruptible=message.interruptible)
+        return frame
+    raise TypeError(f"not a ConversationRelay message: {type(message).__name__}")
+
+
+def _set_if_given(frame: dict[str, Any], **options: bool | None) -> None:
+    frame.update({name: value for name, value in options.items() if value is not None})
+
+
+# ---- the frames the relay session sends, by name ---------------------------------------------------------
 
 def text(token: str, *, last: bool = False, interruptible: bool | None = None,
          preemptible: bool | None = None) -> dict[str, Any]:
-    """One text token; `last=True` closes the talk cycle (Twilio speaks what it holds and waits)."""
-    message: dict[str, Any] = {"type": "text", "token": token, "last": last}
-    if interruptible is not None:
-        message["interruptible"] = interruptible
-    if preemptible is not None:
-        message["preemptible"] = preemptible
-    return message
+    return serialise(Text(token, last, interruptible, preemptible))
 
 
 def close_cycle() -> dict[str, Any]:
     """The empty final token that closes a talk cycle."""
-    return text("", last=True)
+    return serialise(Text("", last=True))
 
 
 def language(tts: str | None, transcription: str | None) -> dict[str, Any]:
-    """Switch the active voice and/or recognition language; both must be declared in the TwiML."""
-    message: dict[str, Any] = {"type": "language"}
-    if tts:
-        message["ttsLanguage"] = tts
-    if transcription:
-        message["transcriptionLanguage"] = transcription
-    return message
+    return serialise(Language(tts, transcription))
 
 
 def end(reason: str, **data: Any) -> dict[str, Any]:
-    """End the session; Twilio posts `handoffData` to the <Connect action> URL."""
-    return {"type": "end", "handoffData": json.dumps({"reason": reason, **data})}
+    return serialise(End(reason, data))
 
 
 def send_digits(digits: str) -> dict[str, Any]:
-    """Press keys on the far end (0-9, *, #, and w for a half-second pause)."""
-    if not SEND_DIGITS.match(digits):
-        raise ValueError("digits may only use 0-9, *, # and w")
-    return {"type": "sendDigits", "digits": digits}
+    return serialise(SendDigits(digits))
 
 
 def play(source: str, *, loop: int = 1, interruptible: bool | None = None) -> dict[str, Any]:
-    """Play an audio file by URL in the talk cycle."""
-    message: dict[str, Any] = {"type": "play", "source": source, "loop": loop}
-    if interruptible is not None:
-        message["interruptible"] = interruptible
-    return message
+    return serialise(Play(source, loop, interruptible))
 
 
 def agent_fell_silent(message: dict) -> bool:
-    """An `info` event saying Twilio finished speaking everything it was given."""
-    return message.get("name") == AGENT_SPEAKING and str(message.get("value")).lower() == "off"
+    """An `info` frame (as a dict) saying Twilio finished speaking everything it was given."""
+    return Info(name=message.get("name"), value=message.get("value")).agent_fell_silent
