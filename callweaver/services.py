@@ -18,7 +18,7 @@ from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
-from .engine.conversation import ConversationEngine
+from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .lifecycle import CallLifecycle
@@ -91,8 +91,11 @@ class Services:
 
     @cached_property
     def engine(self) -> ConversationEngine:
+        s = self.settings
+        speculation = SpeculationPolicy(enabled=s.preemptive_generation, stable_ms=s.preemptive_stable_ms,
+                                        max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars)
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
-                                  chain_for=self.chain_for, tracer=self.tracer)
+                                  chain_for=self.chain_for, tracer=self.tracer, speculation=speculation)
 
     def call_ended(self, tracking_id: str) -> None:
         """Twilio reported the call's final status: record its root span and queue its end-of-call report."""
