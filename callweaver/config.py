@@ -103,7 +103,7 @@ class Settings:
     llm_circuit_cooldown_s: float = 30.0
     # Preemptive generation: relay turns started on stable interim transcripts (partialPrompts)
     preemptive_generation: bool = True
-    preemptive_stable_ms: float = 150.0
+    preemptive_stable_ms: float = 400.0
     preemptive_max_speculations: int = 2
     preemptive_max_chars: int = 200
     # State
@@ -279,7 +279,7 @@ class Settings:
         values["llm_circuit_failures"] = number("LLM_CIRCUIT_FAILURES", 3, int, 1)
         values["llm_circuit_cooldown_s"] = number("LLM_CIRCUIT_COOLDOWN_S", 30.0, float, 0)
         values["preemptive_generation"] = flag("PREEMPTIVE_GENERATION", True)
-        values["preemptive_stable_ms"] = number("PREEMPTIVE_STABLE_MS", 150.0, float, 0)
+        values["preemptive_stable_ms"] = number("PREEMPTIVE_STABLE_MS", 400.0, float, 0)
         values["preemptive_max_speculations"] = number("PREEMPTIVE_MAX_SPECULATIONS", 2, int, 1)
         values["preemptive_max_chars"] = number("PREEMPTIVE_MAX_CHARS", 200, int, 1)
 

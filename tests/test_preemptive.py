@@ -181,3 +181,27 @@ def test_limits_per_turn_and_length(stack, llm):
     caller.hangup()
     assert reply.text == "Long one." and len(llm.requests) == 4
     assert stored(stack, caller)[1][-1]["speculation"] is None
+
+
+def test_metrics_report_adoption_saving_and_cost(stack, llm):
+    llm.push(Reply(text="Adopted reply."), Reply(text="SPECULATIVE"), Reply(text="Second reply."))
+    caller = new_call(stack)
+    speak(caller, "Is the shop open today")
+    speak(caller, "Do you sell bread", final="Do you sell cakes")
+    caller.hangup()
+    per_call = turns(stack, caller)["metrics"]["preemption"]
+    assert per_call["turns"] == 2 and per_call["turnsSpeculated"] == 2
+    assert per_call["adopted"] == 1 and per_call["discarded"] == 1 and per_call["adoptionRate"] == 0.5
+    assert per_call["extraLlmRequests"] == 1 and per_call["extraLlmRequestsPerTurn"] == 0.5
+    assert per_call["llmRequestsPerTurn"] == 1.5 and per_call["extraTokensPerTurn"] > 0
+    assert per_call["savedMs"]["samples"] == 1 and per_call["savedMs"]["p50"] > 0
+    assert per_call["finalToFirstTokenMs"]["adopted"]["samples"] == 1
+    aggregate = http("GET", stack["server"].url + "/api/performance-metrics").json()["aggregatedMetrics"]
+    assert aggregate["preemption"]["adopted"] >= 1 and aggregate["preemption"]["extraLlmRequests"] >= 1
+    exposition = http("GET", stack["server"].url + "/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in exposition.splitlines() if line and not line.startswith("#"))
+    assert float(samples['callweaver_speculations_total{outcome="adopted"}']) >= 1
+    assert float(samples['callweaver_speculations_total{outcome="discarded"}']) >= 1
+    assert float(samples["callweaver_speculative_llm_requests_total"]) >= 1
+    assert float(samples["callweaver_speculation_saved_ms_count"]) >= 1
+    assert float(samples['callweaver_relay_final_to_first_token_ms_count{speculation="adopted"}']) >= 1

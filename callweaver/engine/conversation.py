@@ -138,7 +138,7 @@ class SpeculationPolicy:
     """When a relay call may start a turn on an interim transcript (PREEMPTIVE_* settings, README)."""
 
     enabled: bool = False
-    stable_ms: float = 150.0         # an unchanged partial this long starts a speculation
+    stable_ms: float = 400.0         # an unchanged partial this long starts a speculation
     max_per_turn: int = 2            # speculations per caller turn (each discarded one is an extra LLM request)
     max_chars: int = 200             # longer utterances are not speculated on
 

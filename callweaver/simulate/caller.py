@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_sig
 
 NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a second)
 END_OF_SPEECH_MS = 500.0          # what a recogniser's end-pointing waits after the last word
+_SENTENCE_MARKS = re.compile(r"[.?!]")
 
 
 @dataclass
@@ -195,15 +197,16 @@ class RelayCaller:
 
     def speak(self, text: str, lang: str = "en-US", *, words_per_minute: float = NORMAL_WORDS_PER_MINUTE,
               end_of_speech_ms: float = END_OF_SPEECH_MS, final: str | None = None,
-              interrupt_after_words: int | None = None) -> Reply:
+              interrupt_after_words: int | None = None, punctuated_partials: bool = True) -> Reply:
         """Speak as Twilio reports speech with `partialPrompts`: the growing transcript as `prompt` `last:false`
         word by word at `words_per_minute`, then, `end_of_speech_ms` after the last word (the recogniser's
         end-pointing), the final `prompt` `last:true` — `final` when the recogniser settled on other words.
         `interrupt_after_words`: Twilio reports a barge-in once that many words were heard.
+        `punctuated_partials=False`: a recogniser that leaves sentence marks (. ? !) out of interim transcripts.
 
         Whatever CallWeaver sends while the caller speaks is kept and read as the start of the reply.
         """
-        words = text.split()
+        words = text.split() if punctuated_partials else _SENTENCE_MARKS.sub("", text).split()
         word_s = 60.0 / words_per_minute
         for count in range(1, len(words) + 1):
             if count > 1:
