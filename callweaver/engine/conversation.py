@@ -90,6 +90,7 @@ class TurnResult:
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     llm_requests: int = 0
+    hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
     keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
@@ -173,11 +174,13 @@ class SpeculativeTurn:
         self.first_token_at: float | None = None
         self.tokens: list[str] = []
         self.done = False
+        self.failed = False
         self.discarded = False
         self._changed = threading.Condition()  # a gevent condition once wsgi.py has monkey-patched threading
 
     def matches(self, utterance: str, lang: str | None) -> bool:
-        return not self.discarded and self.key == normalise_utterance(utterance) and self.lang == lang
+        return (not self.discarded and not self.failed and self.key == normalise_utterance(utterance)
+                and self.lang == lang)
 
     def pump(self) -> None:
         try:
@@ -188,6 +191,7 @@ class SpeculativeTurn:
                     self.tokens.append(token)
                     self._changed.notify_all()
         except Exception:
+            self.failed = True  # never adopted: the final transcript starts a normal turn
             log.exception("speculation_failed")
         finally:
             with self._changed:
@@ -419,6 +423,7 @@ class ConversationEngine:
         finally:
             stream.close()
             result.failovers += list(stream.failovers)
+            result.hedged_requests += stream.hedged_requests
             result.provider = stream.provider or result.provider
             if result.provider_ttft_ms is None:
                 result.provider_ttft_ms = stream.provider_ttft_ms
@@ -474,7 +479,7 @@ class ConversationEngine:
             "interrupted": interrupted, "failovers": r.failovers, "cacheHit": r.cache_hit,
             "cacheable": r.cacheable, "action": action, "language": r.language,
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
-            "languageSwitched": r.language_switched, **(speculation or {}),
+            "languageSwitched": r.language_switched, "hedgedRequests": r.hedged_requests, **(speculation or {}),
         }
         self.store.append_turn(record.tracking_id, turn_row)
         self.tracer.end_turn(r.trace_span, turn_row)
