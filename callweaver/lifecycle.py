@@ -15,7 +15,7 @@ from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
-from .security import CredentialBox, outbound_url_refusal
+from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
@@ -75,14 +75,25 @@ class CallLifecycle:
 
     # ---- credentials -------------------------------------------------------------------
     def request_credentials(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
-        """Body credentials count only when allowed and well-formed; stale or masked ones are ignored."""
+        """Another Twilio account's credentials for this call, or None: use the server's own.
+
+        Body credentials count only when allowed and well-formed. The web app echoes /api/twilio-config's
+        accountSid (the server's) with the token built into its bundle, so "body SID = TWILIO_ACCOUNT_SID" means
+        the server's account, and the bundle's fallback values are treated as absent.
+        """
         if not self.settings.allow_request_credentials:
             return None
         sid, token = body.get("twilioAccountSid"), body.get("twilioAuthToken")
-        if (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
+        if not (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
                 and isinstance(token, str) and re.fullmatch(r"[0-9a-fA-F]{32}", token.strip())):
-            return sid.strip(), token.strip()
-        return None
+            return None
+        sid, token = sid.strip(), token.strip()
+        if sid == self.settings.twilio_account_sid:
+            return None
+        if is_bundle_fallback_credential(sid) or is_bundle_fallback_credential(token):
+            log.warning("request_credentials_ignored", reason="the web app bundle's built-in fallback credentials")
+            return None
+        return sid, token
 
     def workflow_llm_credentials(self, body: Mapping[str, Any]) -> dict | None:
         """A workflow's own LLM account (config.llm), used for that call only when ALLOW_REQUEST_CREDENTIALS=1.

@@ -11,8 +11,10 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
+from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
+from .prometheus import turn_counters
 from .tracing import NULL_SPAN, NullTracer
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
@@ -22,6 +24,8 @@ log = structlog.get_logger()
 _WORD_CHUNK = re.compile(r"\s*\S+")
 _NOT_WORD = re.compile(r"[^\w\s]+")
 PREWARM_INTERVAL_S = 600.0
+# How often a running prewarm looks in the store for the end of its call.
+CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
                          "natural.")
 
@@ -347,8 +351,7 @@ class ConversationEngine:
         key = None
         if self.cache is not None and plan.cacheable:
             started = self.clock()
-            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
-                                 utterance=utterance, fillers=entry.fillers)
+            key = self._cache_key(workflow, plan, entry, state, utterance)
             with self.tracer.child(result.trace_span, "cache.lookup") as span:
                 hit = self.cache.get(key)
                 span.set_attribute("callweaver.cache.hit", hit is not None)
@@ -430,6 +433,13 @@ class ConversationEngine:
             control.stream = None
             self.tracer.end_llm_request(llm_span, stream)
 
+    def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
+                   utterance: str) -> str | None:
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) too."""
+        return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
+                              heard_before=last_assistant_line(state.messages), utterance=utterance,
+                              prompt_variables=plan.prompt_variables, fillers=entry.fillers)
+
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
         return [m["content"] for m in state.messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
@@ -481,7 +491,7 @@ class ConversationEngine:
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
             "languageSwitched": r.language_switched, "hedgedRequests": r.hedged_requests, **(speculation or {}),
         }
-        self.store.append_turn(record.tracking_id, turn_row)
+        self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
@@ -491,8 +501,12 @@ class ConversationEngine:
         return updated
 
     # ---- while the phone rings ------------------------------------------------------------------
-    def prewarm(self, record, max_nodes: int = 1) -> int:
-        """Generate replies to the utterances callers open with, off the critical path, so they hit the cache."""
+    def prewarm(self, record) -> int:
+        """Answer the utterances callers open with while the phone rings, so the first turn hits the cache.
+
+        Each reply is generated with the greeting as the only history and keyed to it, so it serves only callers
+        answering the greeting. The work stops as soon as the call is over (no cost after hang-up).
+        """
         if self.cache is None:
             return 0
         workflow = self.workflow_for(record)
@@ -503,21 +517,32 @@ class ConversationEngine:
             return 0  # this worker warmed (or is warming) the same flow recently: don't pay for it twice
         self._warmed[marker] = now
         node_id = workflow.entry_node_id()
-        state = ConversationState(node_id, {}, list(record.messages or []))
+        greeting = [{"role": "assistant", "content": record.greeting}] if record.greeting else []
+        state = ConversationState(node_id, {}, greeting)
+        call_over = _CallOverCheck(self.store, record.tracking_id)
         stored = 0
         for utterance in entry.prewarm_utterances:
+            if call_over():
+                log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                return stored
             plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
                              history_limit=self.history_limit)
             if not plan.cacheable:
-                return stored
-            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
-                                 utterance=utterance, fillers=entry.fillers)
+                break
+            key = self._cache_key(workflow, plan, entry, state, utterance)
             if key is None or self.cache.get(key) is not None:
                 continue
-            stream = self.chain_for(record).complete(plan.messages, tools=plan.tools,
-                                             temperature=workflow.llm_options.get("temperature"),
-                                             max_tokens=workflow.llm_options.get("max_tokens"),
-                                             apology=entry.line("apology"))
+            stream = self.chain_for(record).stream(plan.messages, tools=plan.tools,
+                                                   temperature=workflow.llm_options.get("temperature"),
+                                                   max_tokens=workflow.llm_options.get("max_tokens"),
+                                                   apology=entry.line("apology"))
+            with stream:
+                for _token in stream:
+                    if call_over():
+                        break
+            if call_over():
+                log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                return stored
             if stream.apology_used:
                 break
             outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
@@ -529,6 +554,31 @@ class ConversationEngine:
                                                               node_id=node_id)))
         log.info("cache_prewarmed", tracking_id=record.tracking_id, node=node_id, stored=stored)
         return stored
+
+
+class _CallOverCheck:
+    """Whether a call has ended (terminal status in the store), read at most every CALL_OVER_CHECK_S."""
+
+    def __init__(self, store, tracking_id: str, clock: Callable[[], float] = time.monotonic):
+        self.store, self.tracking_id, self.clock = store, tracking_id, clock
+        self._checked_at: float | None = None
+        self._over = False
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if not self._over and (self._checked_at is None or now - self._checked_at >= CALL_OVER_CHECK_S):
+            self._checked_at = now
+            record = self.store.get_call(self.tracking_id)
+            self._over = record is None or record.ended_at is not None or record.status in TERMINAL_STATUSES
+        return self._over
+
+
+def last_assistant_line(messages: list[dict]) -> str:
+    """The last thing the caller heard from the assistant (history holds what was heard); "" before any."""
+    for message in reversed(messages or []):
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
 
 
 def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[str, Any]:
@@ -556,6 +606,7 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
                                           "firstTokenMs": first_token_ms, "lastTokenMs": total_ms})
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
-    return {"language": entry.code, "languageKnown": known, "cacheHit": r.cache_hit, "text": r.reply_text,
+    return {"language": entry.code, "languageKnown": known, "source": r.source, "cacheHit": r.cache_hit,
+            "text": r.reply_text,
             "provider": r.provider, "failovers": r.failovers, "stages": stages, "firstTokenMs": first_token_ms,
             "totalMs": total_ms}

@@ -62,7 +62,7 @@ class RelaySession:
         self.inter_digit_s = inter_digit_s
         self.record = None
         self.call_sid: str | None = None
-        self._reply = None           # greenlet streaming (then committing) the current reply
+        self._reply = None           # task (services.Task) streaming, then committing, the current reply
         self._streaming = False      # True while that greenlet is still sending tokens
         self._turn: Turn | None = None
         self._sent = ""              # text of the current reply already sent to Twilio
@@ -396,14 +396,14 @@ class RelaySession:
         Cancellation is cooperative (a flag plus closing the provider's socket) so a frame being written is
         never cut in half; a greenlet that does not finish promptly is killed as a last resort.
         """
-        greenlet, turn = self._reply, self._turn
+        task, turn = self._reply, self._turn
         self._streaming = False
         if turn is not None:
             turn.cancel()
-        if greenlet is not None:
-            greenlet.join(timeout=1.0)
-            if not greenlet.dead:
-                greenlet.kill(block=True, timeout=1.0)
+        if task is not None:
+            task.join(timeout=1.0)
+            if not task.dead:
+                task.kill(timeout=1.0)
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:

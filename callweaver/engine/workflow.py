@@ -574,6 +574,8 @@ class TurnPlan:
     tools: list[dict] | None
     cacheable: bool
     system_prompt: str
+    # Values of the variables the global and node prompts name ({{name}}): part of the reply cache's key.
+    prompt_variables: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -617,6 +619,9 @@ def plan_turn(
 
     values_used = False
     sections: list[str] = []
+    prompt_texts = [workflow.global_prompt, *node.prompt_texts()]
+    prompt_variables = {name: state.variables.get(name)
+                        for text in prompt_texts for name in _PLACEHOLDER_RE.findall(text or "")}
     global_prompt, used = _fill_placeholders(workflow.global_prompt, state.variables)
     values_used |= used
     if global_prompt:
@@ -662,6 +667,7 @@ def plan_turn(
         tools=tools or None,
         cacheable=node.cacheable and not values_used,
         system_prompt=system_prompt,
+        prompt_variables=prompt_variables,
     )
 
 
