@@ -32,7 +32,9 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None):
+    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+                 repo: Path = REPO):
+        self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
         self.port = free_port()
         self.workers = workers
         self.env = {**os.environ, **env, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers),
@@ -48,7 +50,7 @@ class LiveServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-             "wsgi:app"], cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+             "wsgi:app"], cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
