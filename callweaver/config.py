@@ -118,6 +118,9 @@ class Settings:
     cache_prewarm: bool = True
     metrics_window_s: int = 3600
     retention_days: int = 30
+    transcript_retention_days: int = 30
+    record_transcripts: bool = True
+    mask_phone_numbers: bool = True
     retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
@@ -316,6 +319,9 @@ class Settings:
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
+        values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
+        values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
+        values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
         values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")

@@ -93,6 +93,7 @@ class TurnResult:
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
+    tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
     llm_requests: int = 0
     hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
@@ -254,8 +255,9 @@ class ConversationEngine:
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
                  history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
                  chain_for: Callable[[Any], Any] | None = None, tracer: Any = None,
-                 speculation: SpeculationPolicy = SpeculationPolicy()):
+                 record_transcripts: bool = True, speculation: SpeculationPolicy = SpeculationPolicy()):
         self.store = store
+        self.record_transcripts = record_transcripts  # RECORD_TRANSCRIPTS=0: the call log keeps timings only
         self.speculation = speculation  # relay calls: start turns on stable interim transcripts
         self.tracer = tracer or NullTracer()  # OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.providers = providers
@@ -379,6 +381,7 @@ class ConversationEngine:
 
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
         self._apply_outcome(result, outcome)
+        result.tool_calls = list(stream.tool_calls)
         if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
             # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
             # case with a second request; it only happens when the model ignores "speak first".
@@ -481,6 +484,10 @@ class ConversationEngine:
                                   "variables": r.variables, "language": r.language}
         if action:
             fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
+        if self.record_transcripts:
+            fields["transcript"] = [*(record.transcript or []), {
+                "said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
+                "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}]
         updated = self.store.update_call(record.tracking_id, **fields)
         turn_row = {
             "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
@@ -489,7 +496,8 @@ class ConversationEngine:
             "interrupted": interrupted, "failovers": r.failovers, "cacheHit": r.cache_hit,
             "cacheable": r.cacheable, "action": action, "language": r.language,
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
-            "languageSwitched": r.language_switched, "hedgedRequests": r.hedged_requests, **(speculation or {}),
+            "languageSwitched": r.language_switched, "toolNames": [name for name, _ in r.tool_calls],
+            "hedgedRequests": r.hedged_requests, **(speculation or {}),
         }
         self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         self.tracer.end_turn(r.trace_span, turn_row)

@@ -270,7 +270,7 @@ class MetricsReader:
         return {"windowSeconds": window_s, "traditional": trad, "optimized": opt, "improvement": improvement}
 
     def timeline(self, window_s: int, bucket_s: int = 60) -> list[dict[str, Any]]:
-        """Per-bucket p50 first-token latency by path, for the dashboard chart."""
+        """Per-bucket first-token latency: p50 by path (dashboard chart), p50/p95 over all calls (call log)."""
         now = self.clock()
         turns = self.recent.since(now - window_s)
         buckets: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -279,6 +279,10 @@ class MetricsReader:
                 continue
             b = int((t.get("at") or now) // bucket_s * bucket_s)
             buckets[b][t.get("path") or "unknown"].append(t["firstTokenMs"])
-        return [{"at": b, "optimizedP50": percentile(v.get("optimized", []), 50),
-                 "traditionalP50": percentile(v.get("traditional", []), 50),
-                 "turns": sum(len(x) for x in v.values())} for b, v in sorted(buckets.items())]
+        out = []
+        for b, v in sorted(buckets.items()):
+            every = [ms for values in v.values() for ms in values]
+            out.append({"at": b, "optimizedP50": percentile(v.get("optimized", []), 50),
+                        "traditionalP50": percentile(v.get("traditional", []), 50),
+                        "p50": percentile(every, 50), "p95": percentile(every, 95), "turns": len(every)})
+        return out
