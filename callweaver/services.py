@@ -18,7 +18,7 @@ from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
-from .engine.conversation import ConversationEngine
+from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.metrics import RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
@@ -127,9 +127,12 @@ class Services:
 
     @cached_property
     def engine(self) -> ConversationEngine:
+        s = self.settings
+        speculation = SpeculationPolicy(enabled=s.preemptive_generation, stable_ms=s.preemptive_stable_ms,
+                                        max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars)
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
                                   chain_for=self.chain_for, tracer=self.tracer,
-                                  record_transcripts=self.settings.record_transcripts)
+                                  record_transcripts=self.settings.record_transcripts, speculation=speculation)
 
     def call_ended(self, tracking_id: str) -> None:
         """Twilio reported the call's final status: record its root span and queue its end-of-call report.

@@ -8,7 +8,7 @@ import sys
 import time
 
 from .bodies import make_call_body
-from .caller import RelayCaller
+from .caller import END_OF_SPEECH_MS, NORMAL_WORDS_PER_MINUTE, RelayCaller
 from .twilio_rest import TwilioRestStandIn
 
 
@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--script", help="file with one caller utterance per line (default: type them; with --demo, "
                                     "a line ending in '[barge in]' talks over the agent's reply to it)")
     p.add_argument("--lang", default="en-US", help="language reported with each utterance (prompt.lang)")
+    p.add_argument("--partials", action="store_true",
+                   help="speak word by word as interim transcripts (partialPrompts), then the final one")
+    p.add_argument("--words-per-minute", type=float, default=NORMAL_WORDS_PER_MINUTE,
+                   help="speaking rate with --partials (default %(default)s)")
+    p.add_argument("--end-of-speech-ms", type=float, default=END_OF_SPEECH_MS,
+                   help="wait between the last interim transcript and the final one (default %(default)s)")
     p.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN", ""),
                    help="the TWILIO_AUTH_TOKEN CallWeaver runs with (webhooks are signed with it)")
     p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32))
@@ -91,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             print("agent: ", end="", flush=True)
             refused = len(caller.twilio.errors)
-            reply = caller.say(text, args.lang)
+            if args.partials:
+                reply = caller.speak(text, args.lang, words_per_minute=args.words_per_minute,
+                                     end_of_speech_ms=args.end_of_speech_ms)
+            else:
+                reply = caller.say(text, args.lang)
             print(reply.text)
             for error in caller.twilio.errors[refused:]:
                 print(f"        Twilio refused a message: {error['description']}")
