@@ -15,6 +15,7 @@ from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
 from .prometheus import turn_counters
+from .speech import normalise_speech
 from .tracing import NULL_SPAN, NullTracer
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
@@ -22,7 +23,6 @@ from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, det
 log = structlog.get_logger()
 
 _WORD_CHUNK = re.compile(r"\s*\S+")
-_NOT_WORD = re.compile(r"[^\w\s]+")
 PREWARM_INTERVAL_S = 600.0
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
@@ -149,13 +149,6 @@ class SpeculationPolicy:
     max_chars: int = 200             # longer utterances are not speculated on
 
 
-def normalise_utterance(text: str) -> str:
-    """What must match between a speculated partial and the final transcript: words, case-folded, no punctuation.
-
-    Recognisers add punctuation and capitals to the final transcript; those change nothing the model reads."""
-    return " ".join(_NOT_WORD.sub(" ", text).casefold().split())
-
-
 def looks_complete(text: str) -> bool:
     """A partial the recogniser already ended with a sentence mark: worth starting on without waiting."""
     return text.rstrip().endswith((".", "?", "!"))
@@ -173,7 +166,8 @@ class SpeculativeTurn:
     def __init__(self, turn: Turn, lang: str | None, clock: Callable[[], float]):
         self.turn = turn
         self.lang = lang
-        self.key = normalise_utterance(turn.utterance)
+        # Recognisers add punctuation and capitals to the final transcript: those change nothing the model reads.
+        self.key = normalise_speech(turn.utterance)
         self.clock = clock
         self.started_at = clock()
         self.first_token_at: float | None = None
@@ -184,7 +178,7 @@ class SpeculativeTurn:
         self._changed = threading.Condition()  # a gevent condition once wsgi.py has monkey-patched threading
 
     def matches(self, utterance: str, lang: str | None) -> bool:
-        return (not self.discarded and not self.failed and self.key == normalise_utterance(utterance)
+        return (not self.discarded and not self.failed and self.key == normalise_speech(utterance)
                 and self.lang == lang)
 
     def pump(self) -> None:
@@ -497,7 +491,8 @@ class ConversationEngine:
             "cacheable": r.cacheable, "action": action, "language": r.language,
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
             "languageSwitched": r.language_switched, "toolNames": [name for name, _ in r.tool_calls],
-            "hedgedRequests": r.hedged_requests, **(speculation or {}),
+            # Every turn row has the speculation fields: a turn that never speculated (the <Gather> path) has none.
+            "hedgedRequests": r.hedged_requests, **(speculation or speculation_row(None, [], None)),
         }
         self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         self.tracer.end_turn(r.trace_span, turn_row)
