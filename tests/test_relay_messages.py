@@ -50,4 +50,3 @@ def test_outbound_messages_serialise_with_the_documented_field_names():
     assert protocol.play("https://x.test/a.mp3", interruptible=False) == {
         "type": "play", "source": "https://x.test/a.mp3", "loop": 1, "interruptible": False}
     assert protocol.Info("agentSpeaking", "OFF").agent_fell_silent
-    assert protocol.agent_fell_silent({"name": "agentSpeaking", "value": "off"})

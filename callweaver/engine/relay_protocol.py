@@ -244,7 +244,3 @@ def send_digits(digits: str) -> dict[str, Any]:
 def play(source: str, *, loop: int = 1, interruptible: bool | None = None) -> dict[str, Any]:
     return serialise(Play(source, loop, interruptible))
 
-
-def agent_fell_silent(message: dict) -> bool:
-    """An `info` frame (as a dict) saying Twilio finished speaking everything it was given."""
-    return Info(name=message.get("name"), value=message.get("value")).agent_fell_silent

@@ -28,6 +28,8 @@ MAX_CONSECUTIVE_ERRORS = 3      # Twilio `error` messages in a row before we giv
 PLAYBACK_WAIT_MIN_S = 2.0
 PLAYBACK_WAIT_MAX_S = 20.0
 SLOW_SPEECH_CHARS_PER_S = 10.0
+MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
+MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -82,29 +84,32 @@ class RelaySession:
 
     # ---- inbound ------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
-        try:
-            message = json.loads(raw)
-            if not isinstance(message, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            log.error("relay_bad_message", error=str(exc)[:200], size=len(raw or ""))
-            return
-        kind = message.get("type")
-        handler = {"setup": self._on_setup, "prompt": self._on_prompt, "interrupt": self._on_interrupt,
-                   "dtmf": self._on_dtmf, "error": self._on_error, "info": self._on_info}.get(kind)
-        if handler is None:
-            log.warning("relay_unknown_message", message_type=str(kind)[:40])
+        """One frame from Twilio; a frame that is not a message was logged by `parse` and changes nothing."""
+        message = protocol.parse(raw)
+        if message is None:
             return
         try:
-            handler(message)
+            match message:
+                case protocol.Setup():
+                    self._on_setup(message)
+                case protocol.Prompt():
+                    self._on_prompt(message)
+                case protocol.Interrupt():
+                    self._on_interrupt(message)
+                case protocol.Dtmf():
+                    self._on_dtmf(message)
+                case protocol.Error():
+                    self._on_error(message)
+                case protocol.Info():
+                    self._on_info(message)
         except Exception:
             # One bad message must not end the call: log it, apologise, keep listening.
-            log.exception("relay_handler_failed", message_type=kind)
+            log.exception("relay_handler_failed", message_type=type(message).__name__.lower())
             self._speak_canned("apology")
 
-    def _on_setup(self, message: dict) -> None:
-        params = message.get("customParameters") or {}
-        self.call_sid = message.get("callSid")
+    def _on_setup(self, message: protocol.Setup) -> None:
+        params = message.custom_parameters
+        self.call_sid = message.call_sid
         tracking_id = params.get("trackingId")
         store = self.engine.store
         if not tracking_id and self.call_sid:
@@ -117,7 +122,8 @@ class RelaySession:
             self._speak_canned("apology")
             self._end_soon(protocol.end("error", detail="unknown call"), self._canned("apology"))
             return
-        setup = {key: str(message[key])[:200] for key in SETUP_FIELDS if message.get(key) not in (None, "")}
+        setup = {key: str(message.details[key])[:MAX_SETUP_FIELD_CHARS] for key in SETUP_FIELDS
+                 if message.details.get(key) not in (None, "")}
         fields: dict[str, Any] = {"meta": {**(record.meta or {}), "setup": setup}}
         if self.call_sid and record.call_sid != self.call_sid:
             fields["call_sid"] = self.call_sid
@@ -126,40 +132,40 @@ class RelaySession:
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
 
-    def _on_prompt(self, message: dict) -> None:
+    def _on_prompt(self, message: protocol.Prompt) -> None:
         received = self.clock()
         if self.record is None:
             log.error("relay_prompt_before_setup")
             return
-        if message.get("last") is False:
+        if not message.last:
             self._on_partial(message)  # interim transcript (partialPrompts): maybe start the turn early
             return
         if self._closing:
             log.info("relay_prompt_while_closing")
             return
-        text = (message.get("voicePrompt") or "").strip()
+        text = message.voice_prompt.strip()
         if not text:
             return
         if self._digits:  # the caller spoke while typing: the digits so far go with the words
             text = f"{self._keypad_note(self._take_digits())} {text}"
         self._partial_seq += 1
         speculation, self._speculation = self._speculation, None
-        if speculation is not None and not speculation.matches(text, message.get("lang")):
+        if speculation is not None and not speculation.matches(text, message.lang):
             self._drop_speculation(speculation, "final_differs")
             speculation = None
         self._settle_previous()
         if speculation is not None:
             self._adopt(speculation, received)
         else:
-            self._start_reply(text, received, lang=message.get("lang"))
+            self._start_reply(text, received, lang=message.lang)
 
     # ---- speculation on interim transcripts --------------------------------------------------------
-    def _on_partial(self, message: dict) -> None:
+    def _on_partial(self, message: protocol.Prompt) -> None:
         policy = self.engine.speculation
-        text = (message.get("voicePrompt") or "").strip()
+        text = message.voice_prompt.strip()
         if not policy.enabled or self._closing or self.ended or not text:
             return
-        lang = message.get("lang")
+        lang = message.lang
         self._partial_seq += 1
         if self._speculation is not None:
             if self._speculation.matches(text, lang):
@@ -206,9 +212,9 @@ class RelaySession:
         self._begin_reply(speculation.turn, received, adopted=speculation)
         self._reply = self.spawn(self._stream_reply, speculation.turn, speculation.replay())
 
-    def _on_dtmf(self, message: dict) -> None:
+    def _on_dtmf(self, message: protocol.Dtmf) -> None:
         """Collect keypad digits into one turn: a pause of `inter_digit_s` or `#` ends the entry."""
-        digit = str(message.get("digit", ""))[:1]
+        digit = message.digit
         if self.record is None:
             log.error("relay_dtmf_before_setup")
             return
@@ -247,20 +253,19 @@ class RelaySession:
     def _keypad_note(digits: str) -> str:
         return f"[The caller pressed {digits} on the keypad]"
 
-    def _on_interrupt(self, message: dict) -> None:
+    def _on_interrupt(self, message: protocol.Interrupt) -> None:
         self._fell_silent.set()  # Twilio stopped speaking
         # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
         # another one on the trimmed history).
         self._discard_speculation("barge_in")
-        heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
-        played_ms = message.get("durationUntilInterruptMs")
+        heard = heard_prefix(self._sent, message.utterance_until_interrupt)
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
-                 played_ms=played_ms if isinstance(played_ms, (int, float)) else None)
+                 played_ms=message.duration_until_interrupt_ms)
         if self._reply is not None and self._streaming:
             self._cancel(heard=heard)
         elif self.record is not None:
             self._settle_previous()
-            self._trim_heard(heard, message.get("utteranceUntilInterrupt"))
+            self._trim_heard(heard, message.utterance_until_interrupt)
 
     def _settle_previous(self) -> None:
         """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
@@ -287,11 +292,11 @@ class RelaySession:
                     log.info("relay_history_trimmed", heard_chars=len(cut))
                 return
 
-    def _on_error(self, message: dict) -> None:
+    def _on_error(self, message: protocol.Error) -> None:
         """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
         session on its side (the action URL then reports them). We log each with the call, and stop after
         MAX_CONSECUTIVE_ERRORS in a row: something we keep sending is wrong, so apologise and end."""
-        description = str(message.get("description"))[:300]
+        description = message.description[:MAX_ERROR_TEXT_CHARS]
         code = _ERROR_CODE.search(description)
         self._errors_in_a_row += 1
         log.error("relay_twilio_error", description=description, error_code=code.group(1) if code else None,
@@ -303,10 +308,10 @@ class RelaySession:
             self._speak_canned("apology")
             self._end_soon(protocol.end("error", detail="repeated Twilio errors"), self._canned("apology"))
 
-    def _on_info(self, message: dict) -> None:
-        if protocol.agent_fell_silent(message):
+    def _on_info(self, message: protocol.Info) -> None:
+        if message.agent_fell_silent:
             self._fell_silent.set()
-        log.debug("relay_info", name=str(message.get("name"))[:40], value=str(message.get("value"))[:100])
+        log.debug("relay_info", name=str(message.name)[:40], value=str(message.value)[:100])
 
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:
