@@ -303,13 +303,17 @@ class ConversationEngine:
             if target is not None:
                 entry, switched = target, True
         state = self.state_of(record, workflow)
-        result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
-                            variables=dict(state.variables),
-                            trace_span=self.tracer.start_turn(record.tracking_id, node=state.current_node,
-                                                              language=entry.code, path=record.path))
+        span = self.tracer.start_turn(record.tracking_id, node=state.current_node, language=entry.code,
+                                      path=record.path)
+        return self._turn(workflow, state, entry, utterance, self.chain_for(record),
+                          keypad=self.may_press_keys(record), language_switched=switched, trace_span=span)
+
+    def _turn(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str, chain, *,
+              keypad: bool = False, language_switched: bool = False, trace_span: Any = NULL_SPAN) -> Turn:
+        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm)."""
+        result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=language_switched,
+                            variables=dict(state.variables), trace_span=trace_span)
         control = TurnControl()
-        chain = self.chain_for(record)
-        keypad = self.may_press_keys(record)
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
                     utterance, control)
 
@@ -362,8 +366,8 @@ class ConversationEngine:
         options = workflow.llm_options
         llm_span = self._llm_span(result, plan.tools, options)
         stream = chain.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
-                                       max_tokens=options.get("max_tokens"), model=options.get("model"),
-                                       apology=entry.line("apology"))
+                              max_tokens=options.get("max_tokens"), model=options.get("model"),
+                              apology=entry.line("apology"))
         yield from self._relay_stream(result, stream, control, llm_span)
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
@@ -385,8 +389,8 @@ class ConversationEngine:
                               history_limit=self.history_limit)
             llm_span = self._llm_span(result, None, options)
             stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
-                                            max_tokens=options.get("max_tokens"), model=options.get("model"),
-                                            apology=entry.line("apology"))
+                                   max_tokens=options.get("max_tokens"), model=options.get("model"),
+                                   apology=entry.line("apology"))
             yield from self._relay_stream(result, stream2, control, llm_span)
             if control.cancelled:
                 return
@@ -531,41 +535,32 @@ class ConversationEngine:
             return 0  # this worker warmed (or is warming) the same flow recently: don't pay for it twice
         self._warmed[marker] = now
         node_id = workflow.entry_node_id()
+        if not workflow.node(node_id).cacheable:
+            log.info("cache_prewarmed", tracking_id=record.tracking_id, node=node_id, stored=0)
+            return 0  # replies there depend on the caller: nothing to warm
         greeting = [{"role": "assistant", "content": record.greeting}] if record.greeting else []
         state = ConversationState(node_id, {}, greeting)
         call_over = _CallOverCheck(self.store, record.tracking_id)
+        chain = self.chain_for(record)
         stored = 0
         for utterance in entry.prewarm_utterances:
             if call_over():
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
                 return stored
-            plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
-                             history_limit=self.history_limit)
-            if not plan.cacheable:
-                break
-            key = self._cache_key(workflow, plan, entry, state, utterance)
-            if key is None or self.cache.get(key) is not None:
-                continue
-            stream = self.chain_for(record).stream(plan.messages, tools=plan.tools,
-                                                   temperature=workflow.llm_options.get("temperature"),
-                                                   max_tokens=workflow.llm_options.get("max_tokens"),
-                                                   apology=entry.line("apology"))
-            with stream:
-                for _token in stream:
-                    if call_over():
-                        break
+            # The same pipeline as a caller's turn (termination, plan, cache lookup, stream, routing, what is safe
+            # to cache), from the state a caller answering the greeting would be in; only the cache write is here.
+            turn = self._turn(workflow, state, entry, utterance, chain)
+            for _token in turn:
+                if call_over():
+                    turn.close()
+                    break
             if call_over():
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
                 return stored
-            if stream.apology_used:
-                break
-            outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
-            if outcome.next_node == node_id and outcome.action is None and reply_is_safe_to_cache(
-                    stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
-                    node_cacheable=plan.cacheable):
-                stored += bool(self.cache.put(key, CachedReply(text=stream.text, provider=stream.provider,
-                                                              created_at=time.time(), language=entry.code,
-                                                              node_id=node_id)))
+            if turn.result.source == "apology":
+                break  # every provider failed: the next utterance would fail too
+            if turn.result.cache_candidate:
+                stored += bool(self.cache.put(*turn.result.cache_candidate))
         log.info("cache_prewarmed", tracking_id=record.tracking_id, node=node_id, stored=stored)
         return stored
 
