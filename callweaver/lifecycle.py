@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import structlog
 
 from .config import MAX_RING_TIMEOUT_S, Settings
-from .engine.conversation import default_workflow
+from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
@@ -31,7 +31,6 @@ MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
-MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
 
 

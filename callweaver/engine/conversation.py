@@ -14,9 +14,11 @@ import structlog
 from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
+from .metrics import elapsed_ms
 from .prometheus import turn_counters
 from .speech import normalise_speech
 from .tracing import NULL_SPAN, NullTracer
+from .workflow.turn import DEFAULT_HISTORY_LIMIT
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
 
@@ -24,6 +26,8 @@ log = structlog.get_logger()
 
 _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
+MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
+MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -219,7 +223,7 @@ class SpeculativeTurn:
         """Start of the speculation to its first token: what the turn would have waited without speculating."""
         if self.first_token_at is None:
             return None
-        return round((self.first_token_at - self.started_at) * 1000, 3)
+        return elapsed_ms(self.started_at, self.first_token_at)
 
     @property
     def token_count(self) -> int:
@@ -247,7 +251,7 @@ class ConversationEngine:
     """Runs turns of any call (relay, Gather flow, playground) from the call's record in the store."""
 
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
-                 history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
+                 history_limit: int = DEFAULT_HISTORY_LIMIT, clock: Callable[[], float] = time.monotonic,
                  chain_for: Callable[[Any], Any] | None = None, tracer: Any = None,
                  record_transcripts: bool = True, speculation: SpeculationPolicy = SpeculationPolicy()):
         self.store = store
@@ -271,7 +275,7 @@ class ConversationEngine:
         if wf is None:
             wf = Workflow.from_snapshot(record.workflow) if record.workflow else default_workflow()
             self._workflows[key] = wf
-            while len(self._workflows) > 256:
+            while len(self._workflows) > MAX_PARSED_WORKFLOWS:
                 self._workflows.popitem(last=False)
         else:
             self._workflows.move_to_end(key)
@@ -355,7 +359,7 @@ class ConversationEngine:
             with self.tracer.child(result.trace_span, "cache.lookup") as span:
                 hit = self.cache.get(key)
                 span.set_attribute("callweaver.cache.hit", hit is not None)
-            result.cache_lookup_ms = round((self.clock() - started) * 1000, 3)
+            result.cache_lookup_ms = elapsed_ms(started, self.clock())
             if hit is not None:
                 result.source, result.cache_hit, result.provider = "cache", True, None
                 result.next_node = plan.node_id
@@ -478,7 +482,7 @@ class ConversationEngine:
         next_node = r.next_node or r.node_id
         if action is None and r.action is not None:
             next_node = r.node_id  # the end/transfer was not heard: stay where we were
-        fields: dict[str, Any] = {"messages": messages[-200:], "current_node": next_node,
+        fields: dict[str, Any] = {"messages": messages[-MAX_KEPT_MESSAGES:], "current_node": next_node,
                                   "variables": r.variables, "language": r.language}
         if action:
             fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
@@ -514,8 +518,8 @@ class ConversationEngine:
         can be spoken, so its first and last "token" are the same moment."""
         turn = self.start_turn(record, utterance)
         text = "".join(turn).strip()
-        elapsed_ms = round((self.clock() - received_at) * 1000, 3)
-        self.commit_turn(record, turn, path=path, timings={"firstTokenMs": elapsed_ms, "lastTokenMs": elapsed_ms})
+        waited_ms = elapsed_ms(received_at, self.clock())
+        self.commit_turn(record, turn, path=path, timings={"firstTokenMs": waited_ms, "lastTokenMs": waited_ms})
         return text, turn.result
 
     # ---- while the phone rings ------------------------------------------------------------------
@@ -599,7 +603,7 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     entry = engine.languages.resolve(language)
     known = entry is not None
     entry = entry or engine.languages.get(language)
-    language_ms = round((clock() - started) * 1000, 3)
+    language_ms = elapsed_ms(started, clock())
     workflow = default_workflow()
     record = CallRecord(tracking_id=f"probe_{secrets.token_hex(4)}", path="probe", workflow=workflow.to_snapshot(),
                         workflow_hash=workflow.version_hash, language=entry.code,
@@ -608,9 +612,9 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     first_token_ms = None
     for _token in turn:
         if first_token_ms is None:
-            first_token_ms = round((clock() - started) * 1000, 3)
+            first_token_ms = elapsed_ms(started, clock())
     r = turn.result
-    total_ms = round((clock() - started) * 1000, 3)
+    total_ms = elapsed_ms(started, clock())
     engine.tracer.end_turn(r.trace_span, {"source": r.source, "provider": r.provider, "cacheHit": r.cache_hit,
                                           "firstTokenMs": first_token_ms, "lastTokenMs": total_ms})
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,

@@ -29,6 +29,11 @@ PUBLISHED_PEER_FIGURES = [
 ]
 
 
+def elapsed_ms(since: float, now: float) -> float:
+    """Milliseconds between two readings of one clock, rounded as every stored timing is."""
+    return round((now - since) * 1000, 3)
+
+
 def percentile(values: list[float], pct: float) -> float | None:
     """Nearest-rank percentile; None for no samples (never a made-up number)."""
     if not values:

@@ -16,6 +16,7 @@ import structlog
 
 from . import relay_protocol as protocol
 from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, looks_complete, speculation_row
+from .metrics import elapsed_ms
 
 log = structlog.get_logger()
 
@@ -339,7 +340,7 @@ class RelaySession:
                     continue
                 self.sender.send_json(protocol.text(token))
                 if self._timings["firstTokenMs"] is None:
-                    self._timings["firstTokenMs"] = round((self.clock() - received) * 1000, 3)
+                    self._timings["firstTokenMs"] = elapsed_ms(received, self.clock())
                 self._sent += token
             if not self._streaming:
                 return
@@ -348,7 +349,7 @@ class RelaySession:
                 self._closing = True
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
             self.sender.send_json(protocol.close_cycle())
-            self._timings["lastTokenMs"] = round((self.clock() - received) * 1000, 3)
+            self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
             self._streaming = False
@@ -387,7 +388,7 @@ class RelaySession:
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
         log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
-                 waited_ms=round((self.clock() - started) * 1000, 3))
+                 waited_ms=elapsed_ms(started, self.clock()))
         self.ended = True
         self._send(message)
 
@@ -413,7 +414,7 @@ class RelaySession:
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
-                self._timings["lastTokenMs"] = round((self.clock() - self._timings["receivedAt"]) * 1000, 3)
+                self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
             self._commit(turn, heard=heard, interrupted=True)
 
     def _commit(self, turn: Turn, *, heard: str | None, interrupted: bool) -> None:
