@@ -66,7 +66,7 @@ class Services:
     @cached_property
     def providers(self):
         from .engine.providers import build_provider_chain
-        return build_provider_chain(self.settings)
+        return build_provider_chain(self.settings, circuit_states=self.store)
 
     @cached_property
     def reply_cache(self) -> ReplyCache:

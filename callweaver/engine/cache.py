@@ -263,6 +263,17 @@ class ReplyCache:
         self._count("puts")
         return True
 
+    def claim_prewarm(self, marker: str, interval_s: float) -> bool:
+        """True for exactly one caller per `marker` per interval among everyone sharing the backend (the
+        workers of a machine, or every instance with Redis): only that one spends LLM requests warming."""
+        if self.backend_name == "NullCache":
+            return False  # a cache that keeps nothing is not worth warming
+        try:
+            return bool(self.backend.add(f"{self.key_prefix}prewarm:{marker}", 1, timeout=max(1, int(interval_s))))
+        except Exception as exc:
+            self._record_error("claim_prewarm", exc)
+            return False
+
     def stats(self) -> dict:
         """This process's counters since start; diagnostics only (the store holds the measured hit rate)."""
         with self._lock:

@@ -142,7 +142,6 @@ class ConversationEngine:
         self.history_limit = history_limit
         self.clock = clock
         self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
-        self._warmed: dict[tuple[str, str], float] = {}  # (workflow hash, language) → when this worker warmed it
 
     # ---- call state ---------------------------------------------------------------------------
     def workflow_for(self, record) -> Workflow:
@@ -335,11 +334,8 @@ class ConversationEngine:
             return 0
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
-        marker = (workflow.version_hash, entry.code)
-        now = time.monotonic()
-        if now - self._warmed.get(marker, -PREWARM_INTERVAL_S) < PREWARM_INTERVAL_S:
-            return 0  # this worker warmed (or is warming) the same flow recently: don't pay for it twice
-        self._warmed[marker] = now
+        if not self.cache.claim_prewarm(f"{workflow.version_hash}:{entry.code}", PREWARM_INTERVAL_S):
+            return 0  # a worker of this instance (or, with Redis, of the service) warmed or is warming this flow
         node_id = workflow.entry_node_id()
         state = ConversationState(node_id, {}, list(record.messages or []))
         stored = 0

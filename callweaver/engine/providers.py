@@ -33,6 +33,7 @@ import httpx2  # noqa: E402
 import openai  # noqa: E402
 import structlog  # noqa: E402
 
+from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates  # noqa: E402
 log = structlog.get_logger()
 
 DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
@@ -231,20 +232,17 @@ def _abort_http_response(http_response: httpx2.Response | None) -> None:
 
 
 class _Provider:
-    """A configured endpoint, its lazily built SDK client and its circuit breaker."""
+    """A configured endpoint, its lazily built SDK client and its (shared) circuit breaker."""
 
     def __init__(self, config: ProviderConfig, settings: ChainSettings,
-                 http_client_factory: Callable[[], httpx2.Client] | None) -> None:
+                 http_client_factory: Callable[[], httpx2.Client] | None, circuit_states: CircuitStates) -> None:
         self.config = config
         self._settings = settings
         self._http_client_factory = http_client_factory or _default_http_client
         self._client: openai.OpenAI | None = None
         self._lock = threading.Lock()
-        self.state = "closed"
-        self.consecutive_failures = 0
-        self.opened_at: float | None = None  # chain clock
-        self.opened_at_epoch: float | None = None
-        self.probe_in_flight = False
+        self.circuit = CircuitBreaker(config.name, circuit_states, failures=settings.circuit_failures,
+                                      cooldown_s=settings.circuit_cooldown_s)
 
     @property
     def name(self) -> str:
@@ -293,57 +291,9 @@ class _Provider:
         if client is not None:
             client.close()
 
-    # breaker: closed → (N failures) open → (cooldown) half_open with one probe → closed | open
-
-    def try_acquire(self, now: float) -> bool:
-        """May this turn use the provider? Claims the single probe slot of a half-open circuit."""
-        with self._lock:
-            if self.state == "closed":
-                return True
-            if self.probe_in_flight:
-                return False
-            if self.state == "open" and (self.opened_at is None or now - self.opened_at < self._settings.circuit_cooldown_s):
-                return False
-            self.state = "half_open"
-            self.probe_in_flight = True
-            return True
-
-    def record_success(self) -> None:
-        with self._lock:
-            was_state = self.state
-            self.state, self.consecutive_failures, self.probe_in_flight = "closed", 0, False
-            self.opened_at = self.opened_at_epoch = None
-        if was_state != "closed":
-            log.info("provider_circuit_closed", provider=self.name)
-
-    def record_failure(self, now: float) -> None:
-        with self._lock:
-            self.consecutive_failures += 1
-            self.probe_in_flight = False
-            opens = self.state == "half_open" or self.consecutive_failures >= self._settings.circuit_failures
-            if opens:
-                self.state, self.opened_at, self.opened_at_epoch = "open", now, time.time()
-        if opens:
-            log.warning("provider_circuit_opened", provider=self.name, consecutive_failures=self.consecutive_failures)
-
-    def release_probe(self) -> None:
-        """The turn was cancelled before the provider proved anything: let the next turn probe."""
-        with self._lock:
-            self.probe_in_flight = False
-
     def health(self, now: float) -> dict:
-        with self._lock:
-            state = self.state
-            if state == "open" and self.opened_at is not None and now - self.opened_at >= self._settings.circuit_cooldown_s:
-                state = "half_open"  # the next turn will probe it
-            return {
-                "name": self.name,
-                "kind": self.config.kind,
-                "model": self.config.model,
-                "state": state,
-                "consecutiveFailures": self.consecutive_failures,
-                "openedAt": self.opened_at_epoch,
-            }
+        return {"name": self.name, "kind": self.config.kind, "model": self.config.model,
+                **self.circuit.snapshot(now)}
 
 
 # --------------------------------------------------------------------------- continuation seam
@@ -507,25 +457,26 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
     for provider in chain._providers:
         if state.cancelled:
             return
-        if not provider.try_acquire(chain._clock()):
+        seen = provider.circuit.acquire(chain._clock())
+        if seen is None:
             continue
         attempt = _stream_from_provider(provider, chain._settings, state, request)
         try:
             yield from attempt
         except ProviderError as error:
             if state.cancelled:
-                _settle_cancelled(provider, state)
+                _settle_cancelled(provider, state, seen)
                 return
-            provider.record_failure(chain._clock())
+            provider.circuit.record_failure(chain._clock())
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
             continue
         except BaseException:
             # Cancelled by the caller (GeneratorExit, GreenletExit): closing the attempt closes its HTTP response.
             attempt.close()
-            _settle_cancelled(provider, state)
+            _settle_cancelled(provider, state, seen)
             raise
-        provider.record_success()
+        provider.circuit.record_success(seen)
         return
     if state.cancelled:
         return
@@ -539,12 +490,12 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
     yield apology
 
 
-def _settle_cancelled(provider: _Provider, state: _TurnState) -> None:
+def _settle_cancelled(provider: _Provider, state: _TurnState, seen: CircuitRecord) -> None:
     """A cancelled turn proves a provider healthy only if it had already answered."""
     if state.provider == provider.name:
-        provider.record_success()
-    else:
-        provider.release_probe()
+        provider.circuit.record_success(seen)
+    elif seen.probe_until is not None:  # this turn held the half-open probe
+        provider.circuit.release_probe()
 
 
 def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _TurnState,
@@ -702,23 +653,30 @@ def _parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[t
 class ProviderChain:
     """The one place that owns LLM failover: ordered providers, first-token/stall deadlines, circuit breakers.
 
-    `clock` drives the circuit breakers only (tests inject a fake one); request deadlines and TTFT are always
-    measured with the real monotonic clock.
+    `clock` (epoch seconds: the circuit records are shared across processes and instances) drives the circuit
+    breakers only (tests inject a fake one); request deadlines and TTFT are always measured with the real
+    monotonic clock. `circuit_states` is where the breakers keep their records (the store, shared by every
+    worker); by default this process only.
     """
 
     def __init__(self, providers: list[ProviderConfig], settings: ChainSettings = ChainSettings(),
-                 clock: Callable[[], float] = time.monotonic,
-                 http_client_factory: Callable[[], httpx2.Client] | None = None) -> None:
+                 clock: Callable[[], float] = time.time,
+                 http_client_factory: Callable[[], httpx2.Client] | None = None,
+                 circuit_states: CircuitStates | None = None) -> None:
         self._settings = settings
         self._clock = clock
         self._http_client_factory = http_client_factory
-        self._providers = [_Provider(config, settings, http_client_factory) for config in providers]
+        self._circuit_states = circuit_states or LocalCircuitStates()
+        self._providers = [_Provider(config, settings, http_client_factory, self._circuit_states)
+                           for config in providers]
 
     def with_first(self, config: ProviderConfig) -> "ProviderChain":
         """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
         clients and circuit breakers are shared, not copied."""
-        chain = ProviderChain([], self._settings, self._clock, self._http_client_factory)
-        chain._providers = [_Provider(config, self._settings, self._http_client_factory), *self._providers]
+        chain = ProviderChain([], self._settings, self._clock, self._http_client_factory, self._circuit_states)
+        # The call's own account gets a breaker of its own, in this process: its name is not unique service-wide.
+        chain._providers = [_Provider(config, self._settings, self._http_client_factory, LocalCircuitStates()),
+                            *self._providers]
         return chain
 
     @property
@@ -757,8 +715,9 @@ class ProviderChain:
             provider.close()
 
 
-def build_provider_chain(settings: Any) -> ProviderChain:
-    """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out."""
+def build_provider_chain(settings: Any, circuit_states: CircuitStates | None = None) -> ProviderChain:
+    """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out.
+    `circuit_states`: the store, so every worker shares the breakers."""
     configs: list[ProviderConfig] = []
     for name in getattr(settings, "llm_providers", ("azure", "openai")):
         if name == "azure":
@@ -798,4 +757,4 @@ def build_provider_chain(settings: Any) -> ProviderChain:
         circuit_failures=int(getattr(settings, "llm_circuit_failures", defaults.circuit_failures)),
         circuit_cooldown_s=float(getattr(settings, "llm_circuit_cooldown_s", defaults.circuit_cooldown_s)),
     )
-    return ProviderChain(configs, chain_settings)
+    return ProviderChain(configs, chain_settings, circuit_states=circuit_states)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -122,6 +122,15 @@ class Store(Protocol):
     def save_workflow(self, workflow_id: str, snapshot: dict) -> None: ...
 
     def get_workflow(self, workflow_id: str) -> dict | None: ...
+
+    def read_shared(self, key: str) -> dict | None:
+        """A small record every worker (SQLite) or instance (Redis) sees, e.g. a provider's circuit; one read."""
+        ...
+
+    def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
+        """Apply `change` to the record atomically (no other writer in between); `change` returns the new
+        record, or None to leave it as it is. Returns (record now, whether `change` wrote it)."""
+        ...
 
     def ping(self) -> float:
         """Round trip to the backend in ms; StoreError when it is unreachable."""
