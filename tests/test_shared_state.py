@@ -4,13 +4,17 @@ not the worker a request happened to land on."""
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from callweaver.simulate import RelayCaller, http
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
-from tests.fakes.fake_llm import FakeLLM
+from tests.fakes.fake_llm import FakeLLM, Reply
 from tests.fakes.fake_twilio import FakeTwilio
 from tests.fakes.live_server import LiveServer
 from tests.fakes.redis_server import RedisServer
@@ -21,21 +25,23 @@ CIRCUIT_FAILURES = 2
 CACHE_PAIRS = 10
 
 
-@pytest.fixture(scope="module", params=["one_instance_two_workers_sqlite", "two_instances_two_workers_redis"])
-def service(request, tmp_path_factory):
-    """Every server of the deployment under test, with its fakes; torn down after the module."""
-    tmp = tmp_path_factory.mktemp(request.param)
+MODES = ["one_instance_two_workers_sqlite", "two_instances_two_workers_redis"]
+
+
+@contextmanager
+def running_service(tmp: Path, mode: str, **env_extra: str) -> Iterator[dict]:
+    """Every server of the deployment under test (two gevent workers each), with its fakes."""
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
     primary = FakeLLM("primary", ttft_s=0.02, token_interval_s=0.002).start()
     secondary = FakeLLM("secondary", ttft_s=0.02, token_interval_s=0.002).start()
-    redis = RedisServer().start() if "redis" in request.param else None
+    redis = RedisServer().start() if "redis" in mode else None
     servers: list[LiveServer] = []
     try:
         for index in range(2 if redis else 1):
             env = base_env(tmp / f"instance{index}", twilio, primary, secondary)
             env.pop("PUBLIC_BASE_URL")
             env.update(LLM_CIRCUIT_FAILURES=str(CIRCUIT_FAILURES), LLM_CIRCUIT_COOLDOWN_S="600",
-                       REDIS_URL=redis.url if redis else "")
+                       REDIS_URL=redis.url if redis else "", **env_extra)
             servers.append(LiveServer(env, workers=2).start())
         yield {"servers": servers, "twilio": twilio, "primary": primary, "secondary": secondary}
     finally:
@@ -45,6 +51,12 @@ def service(request, tmp_path_factory):
             fake.stop()
         if redis is not None:
             redis.close()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def service(request, tmp_path_factory):
+    with running_service(tmp_path_factory.mktemp(request.param), request.param) as deployment:
+        yield deployment
 
 
 def fresh_flow_body(label: str) -> dict:
@@ -130,3 +142,38 @@ def test_failing_primary_gets_at_most_the_failure_count_from_the_whole_service(s
             break
     assert seen == workers
     assert len(secondary.requests) > 0
+
+
+def wait_until_quiet(fake: FakeLLM, quiet_s: float = 1.0, limit_s: float = 20.0) -> int:
+    """The fake's request count once no request has arrived for `quiet_s` (background prewarms are done)."""
+    count, changed_at, started = len(fake.requests), time.monotonic(), time.monotonic()
+    while time.monotonic() - changed_at < quiet_s and time.monotonic() - started < limit_s:
+        time.sleep(0.05)
+        if len(fake.requests) != count:
+            count, changed_at = len(fake.requests), time.monotonic()
+    return count
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_flow_is_prewarmed_once_however_many_workers_place_its_calls(tmp_path, mode):
+    with running_service(tmp_path, mode, CACHE_PREWARM="1") as deployment:
+        primary, servers = deployment["primary"], deployment["servers"]
+        primary.responder = lambda body: Reply(text="This is Premier Properties. How can I help you today?")
+        body = fresh_flow_body("prewarm")
+        placed_by: Counter = Counter()
+        resp = http("POST", servers[0].url + "/api/make-call-optimized", json_body=body)
+        assert resp.status == 200, resp.text
+        placed_by[(0, resp.headers["X-CallWeaver-Worker"])] += 1
+        warmed = wait_until_quiet(primary)
+        assert warmed >= 3  # the language's opening lines were generated once, while the first call rang
+
+        workers = every_worker(deployment)
+        for attempt in range(1, 80):  # more calls of the same flow until every worker has placed one
+            index = attempt % len(servers)
+            resp = http("POST", servers[index].url + "/api/make-call-optimized", json_body=body)
+            assert resp.status == 200, resp.text
+            placed_by[(index, resp.headers["X-CallWeaver-Worker"])] += 1
+            if set(placed_by) == workers:
+                break
+        assert set(placed_by) == workers, placed_by
+        assert wait_until_quiet(primary) == warmed
