@@ -14,9 +14,12 @@ from flask_caching.backends.base import BaseCache
 
 from .engine.cache import LOCAL_CACHE_MAX_ENTRIES, REDIS_SOCKET_TIMEOUT_S
 
-# SQLiteCache: file name inside CACHE_DIR; a write waits at most this long for another worker's write.
+# SQLiteCache: file name inside CACHE_DIR; an operation waits at most this long for another worker's write,
+# in steps of SQLITE_CACHE_RETRY_S slept in Python (a gevent sleep), never inside SQLite's C busy handler, whose
+# sleep would freeze every call on the worker.
 SQLITE_CACHE_FILE = "reply-cache.sqlite3"
 SQLITE_CACHE_BUSY_TIMEOUT_S = 0.5
+SQLITE_CACHE_RETRY_S = 0.002
 # Expired and surplus entries are pruned on one write in this many (the count query is not free).
 SQLITE_CACHE_PRUNE_EVERY_N_WRITES = 200
 
@@ -65,13 +68,12 @@ class SQLiteCache(BaseCache):
             self._pid, self._lock, self._conn = os.getpid(), threading.Lock(), None
         with self._lock:
             if self._conn is None:
-                self._conn = self._open()
+                self._conn = self._run(self._open)
             yield self._conn
 
     def _open(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=SQLITE_CACHE_BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             # A cache may lose its last writes in an OS crash; it must never make a turn wait for fsync.
@@ -81,6 +83,27 @@ class SQLiteCache(BaseCache):
             conn.close()
             raise
         return conn
+
+    def _run(self, operation: Callable[[], Any]) -> Any:
+        """`operation`, retried while another worker holds the write lock (SQLITE_BUSY), up to the busy timeout."""
+        deadline = time.monotonic() + SQLITE_CACHE_BUSY_TIMEOUT_S
+        while True:
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(SQLITE_CACHE_RETRY_S)
+
+    def _execute(self, sql: str, params: tuple = ()) -> tuple[Any, int]:
+        """(first row or None, rows changed), read under the lock that guards this process's connection."""
+        def run() -> tuple[Any, int]:
+            cursor = conn.execute(sql, params)
+            return cursor.fetchone(), cursor.rowcount
+
+        with self._connection() as conn:
+            return self._run(run)
 
     def close(self) -> None:
         """Close this process's connection (tests); the next operation reopens it."""
@@ -96,16 +119,14 @@ class SQLiteCache(BaseCache):
         return 0.0 if seconds == 0 else self._clock() + seconds
 
     def get(self, key: str) -> Any:
-        with self._connection() as conn:
-            row = conn.execute("SELECT value, expires_at FROM cw_cache WHERE key = ?", (key,)).fetchone()
+        row, _ = self._execute("SELECT value, expires_at FROM cw_cache WHERE key = ?", (key,))
         if row is None or (row[1] and row[1] <= self._clock()):
             return None
         return json.loads(row[0])
 
     def has(self, key: str) -> bool:
-        with self._connection() as conn:
-            row = conn.execute("SELECT 1 FROM cw_cache WHERE key = ? AND (expires_at = 0 OR expires_at > ?)",
-                               (key, self._clock())).fetchone()
+        row, _ = self._execute("SELECT 1 FROM cw_cache WHERE key = ? AND (expires_at = 0 OR expires_at > ?)",
+                               (key, self._clock()))
         return row is not None
 
     def set(self, key: str, value: Any, timeout: Any = None) -> bool:
@@ -113,11 +134,10 @@ class SQLiteCache(BaseCache):
             encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError):
             return False
-        with self._connection() as conn:
-            conn.execute("INSERT INTO cw_cache (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO "
-                         "UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
-                         (key, encoded, self._expires_at(timeout)))
-            self._after_write(conn)
+        self._execute("INSERT INTO cw_cache (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO "
+                      "UPDATE SET value = excluded.value, expires_at = excluded.expires_at",
+                      (key, encoded, self._expires_at(timeout)))
+        self._after_write()
         return True
 
     def add(self, key: str, value: Any, timeout: Any = None) -> bool:
@@ -127,35 +147,31 @@ class SQLiteCache(BaseCache):
         except (TypeError, ValueError):
             return False
         now = self._clock()
-        with self._connection() as conn:
-            cursor = conn.execute(
-                "INSERT INTO cw_cache (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                "value = excluded.value, expires_at = excluded.expires_at "
-                "WHERE cw_cache.expires_at != 0 AND cw_cache.expires_at <= ?",
-                (key, encoded, self._expires_at(timeout), now))
-            added = cursor.rowcount == 1
-            self._after_write(conn)
-        return added
+        _, changed = self._execute(
+            "INSERT INTO cw_cache (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "value = excluded.value, expires_at = excluded.expires_at "
+            "WHERE cw_cache.expires_at != 0 AND cw_cache.expires_at <= ?",
+            (key, encoded, self._expires_at(timeout), now))
+        self._after_write()
+        return changed == 1
 
     def delete(self, key: str) -> bool:
-        with self._connection() as conn:
-            return conn.execute("DELETE FROM cw_cache WHERE key = ?", (key,)).rowcount == 1
+        return self._execute("DELETE FROM cw_cache WHERE key = ?", (key,))[1] == 1
 
     def clear(self) -> bool:
-        with self._connection() as conn:
-            conn.execute("DELETE FROM cw_cache")
+        self._execute("DELETE FROM cw_cache")
         return True
 
-    def _after_write(self, conn: sqlite3.Connection) -> None:
+    def _after_write(self) -> None:
         """Now and then drop expired entries, then the soonest-expiring ones beyond the threshold."""
         self._writes += 1
         if self._writes % SQLITE_CACHE_PRUNE_EVERY_N_WRITES:
             return
-        conn.execute("DELETE FROM cw_cache WHERE expires_at != 0 AND expires_at <= ?", (self._clock(),))
-        surplus = conn.execute("SELECT COUNT(*) FROM cw_cache").fetchone()[0] - self.threshold
+        self._execute("DELETE FROM cw_cache WHERE expires_at != 0 AND expires_at <= ?", (self._clock(),))
+        surplus = self._execute("SELECT COUNT(*) FROM cw_cache")[0][0] - self.threshold
         if surplus > 0:
-            conn.execute("DELETE FROM cw_cache WHERE key IN (SELECT key FROM cw_cache WHERE expires_at != 0 "
-                         "ORDER BY expires_at LIMIT ?)", (surplus,))
+            self._execute("DELETE FROM cw_cache WHERE key IN (SELECT key FROM cw_cache WHERE expires_at != 0 "
+                          "ORDER BY expires_at LIMIT ?)", (surplus,))
 
 
 def build_cache_backend(cache_type: str, *, redis_url: str | None, cache_dir: str, default_timeout: int) -> Any:

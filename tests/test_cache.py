@@ -232,6 +232,24 @@ def test_sqlite_cache_stores_json_values_only_and_prunes_to_its_threshold(tmp_pa
     assert len(kept) <= 10 and kept[-1] == SQLITE_CACHE_PRUNE_EVERY_N_WRITES - 1  # the longest-lived stay
 
 
+def test_sqlite_cache_write_waits_in_python_for_another_workers_write_lock(tmp_path):
+    import sqlite3
+    import threading
+
+    cache = SQLiteCache(str(tmp_path / "c.sqlite3"))
+    assert cache.set("warm", 1) is True  # creates the file and its table
+    other_worker = sqlite3.connect(str(tmp_path / "c.sqlite3"), isolation_level=None, check_same_thread=False)
+    other_worker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    release = threading.Timer(0.1, lambda: other_worker.execute("COMMIT"))
+    release.start()
+    try:
+        assert cache.set("after", 2) is True
+    finally:
+        release.join()
+        other_worker.close()
+    assert cache.get("after") == 2
+
+
 def test_sqlite_cache_is_a_flask_caching_backend(tmp_path):
     from flask import Flask
     from flask_caching import Cache

@@ -43,6 +43,7 @@ def running_service(tmp: Path, mode: str, **env_extra: str) -> Iterator[dict]:
             env.update(LLM_CIRCUIT_FAILURES=str(CIRCUIT_FAILURES), LLM_CIRCUIT_COOLDOWN_S="600",
                        REDIS_URL=redis.url if redis else "", **env_extra)
             servers.append(LiveServer(env, workers=2).start())
+            assert len(servers[-1].worker_pids()) == 2  # really two worker processes, not one
         yield {"servers": servers, "twilio": twilio, "primary": primary, "secondary": secondary}
     finally:
         for server in servers:
