@@ -7,8 +7,7 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from flask_caching.backends.base import BaseCache
 
@@ -62,15 +61,6 @@ class SQLiteCache(BaseCache):
 
     # -- connection (one per process, opened after the fork) -------------------------------------------------
 
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        if self._pid != os.getpid():  # inherited across a fork: never use the parent's handle
-            self._pid, self._lock, self._conn = os.getpid(), threading.Lock(), None
-        with self._lock:
-            if self._conn is None:
-                self._conn = self._run(self._open)
-            yield self._conn
-
     def _open(self) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -84,26 +74,25 @@ class SQLiteCache(BaseCache):
             raise
         return conn
 
-    def _run(self, operation: Callable[[], Any]) -> Any:
-        """`operation`, retried while another worker holds the write lock (SQLITE_BUSY), up to the busy timeout."""
+    def _execute(self, sql: str, params: tuple = ()) -> tuple[Any, int]:
+        """(first row or None, rows changed). While another worker holds the write lock (SQLITE_BUSY) this
+        retries up to the busy timeout, sleeping outside the connection's lock, so this worker's lookups
+        never queue behind a waiting write."""
         deadline = time.monotonic() + SQLITE_CACHE_BUSY_TIMEOUT_S
         while True:
+            if self._pid != os.getpid():  # inherited across a fork: never use the parent's handle
+                self._pid, self._lock, self._conn = os.getpid(), threading.Lock(), None
             try:
-                return operation()
+                with self._lock:
+                    if self._conn is None:
+                        self._conn = self._open()
+                    cursor = self._conn.execute(sql, params)
+                    return cursor.fetchone(), cursor.rowcount
             except sqlite3.OperationalError as exc:
                 busy = "locked" in str(exc) or "busy" in str(exc)
                 if not busy or time.monotonic() >= deadline:
                     raise
             time.sleep(SQLITE_CACHE_RETRY_S)
-
-    def _execute(self, sql: str, params: tuple = ()) -> tuple[Any, int]:
-        """(first row or None, rows changed), read under the lock that guards this process's connection."""
-        def run() -> tuple[Any, int]:
-            cursor = conn.execute(sql, params)
-            return cursor.fetchone(), cursor.rowcount
-
-        with self._connection() as conn:
-            return self._run(run)
 
     def close(self) -> None:
         """Close this process's connection (tests); the next operation reopens it."""

@@ -115,6 +115,7 @@ class Services:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
         self.providers.warm_up()
+        self.reply_cache.connect()
 
     def prepare_call(self, tracking_id: str):
         """While the phone rings, off the request path: warm the cache for the entry node, and now and then

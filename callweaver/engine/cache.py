@@ -263,6 +263,13 @@ class ReplyCache:
         self._count("puts")
         return True
 
+    def connect(self) -> None:
+        """Open the backend's connection now (worker start), so the first caller's lookup does not pay for it."""
+        try:
+            self.backend.has(self._probe_key)
+        except Exception as exc:
+            self._record_error("connect", exc)
+
     def claim_prewarm(self, marker: str, interval_s: float) -> bool:
         """True for exactly one caller per `marker` per interval among everyone sharing the backend (the
         workers of a machine, or every instance with Redis): only that one spends LLM requests warming."""

@@ -118,7 +118,7 @@ class CircuitBreaker:
         """Close the circuit; no write when the record seen at acquire was already clean (the common turn)."""
         if seen == CLOSED:
             return
-        data, _ = self._update(lambda current: asdict(CLOSED) if current and current != asdict(CLOSED) else None)
+        self._update(lambda current: asdict(CLOSED) if current and current != asdict(CLOSED) else None)
         if seen.open_until is not None:
             log.info("provider_circuit_closed", provider=self.name)
 

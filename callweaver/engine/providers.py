@@ -34,6 +34,7 @@ import openai  # noqa: E402
 import structlog  # noqa: E402
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates  # noqa: E402
+
 log = structlog.get_logger()
 
 DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
