@@ -15,6 +15,7 @@ preload_app = False          # clients (SQLite, Redis, httpx pools) must be buil
 control_socket_disable = True
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")
 accesslog = "-"
+logger_class = "callweaver.logging.AccessLogger"   # redacts secret query parameters, escapes every value
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 access_log_format = json.dumps({

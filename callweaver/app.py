@@ -8,7 +8,7 @@ import uuid
 from typing import Any, Mapping
 
 import structlog
-from flask import Flask, g, request
+from flask import Flask, g, jsonify, request
 from flask_cors import CORS
 
 from .config import Settings
@@ -24,14 +24,14 @@ log = structlog.get_logger()
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one worker's app; `config` overrides environment variables by name (tests use it)."""
     settings = Settings.from_env(os.environ, overrides=config)
-    init_logging(settings.log_level, settings.log_format)
+    init_logging(settings.log_level, settings.log_format, trace_ids=bool(settings.otel_exporter_otlp_endpoint))
     for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
-                   settings.secret_key):
+                   settings.secret_key, settings.ops_token, settings.call_report_secret):
         register_secret(secret)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
-    if not settings.twilio_auth_token:
-        log.warning("config_warning", message="TWILIO_AUTH_TOKEN is not set: webhook signatures cannot be checked")
+    if not settings.twilio_auth_token and settings.signatures_enforced:
+        log.warning("config_warning", message="TWILIO_AUTH_TOKEN is not set: every Twilio webhook is refused (403)")
 
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
@@ -45,9 +45,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
          allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
     sock.init_app(app)
     _init_request_logging(app)
+    _refuse_cross_site(app, settings)
     init_errors(app)
     from .routes import register_blueprints
     register_blueprints(app)
+    from .rate_limits import init_rate_limits
+    init_rate_limits(app, settings)
     return app
 
 
@@ -69,3 +72,25 @@ def _init_request_logging(app: Flask) -> None:
         log.info("http_request", method=request.method, path=request.path, status=response.status_code,
                  duration_ms=round(elapsed_ms, 2))
         return response
+
+
+def _refuse_cross_site(app: Flask, settings: Settings) -> None:
+    """What another site's page could make a visitor's browser send is refused before any view runs:
+    - a state-changing request to the JSON API that is not application/json (415): forms and text/plain bodies
+      need no CORS preflight, JSON does, so only JSON is accepted (Twilio's signed form webhooks are exempt);
+    - a state-changing request naming an Origin outside CORS_ORIGINS (403). Twilio and server-to-server clients
+      send no Origin and are unaffected."""
+
+    @app.before_request
+    def _check_cross_site():
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return None
+        view = app.view_functions.get(request.endpoint or "")
+        if view is not None and not getattr(view, "twilio_webhook", False) and not request.is_json:
+            return jsonify(success=False, error="Content-Type must be application/json"), 415
+        origin = request.headers.get("Origin")
+        if origin is None or settings.origin_allowed(origin):
+            return None
+        log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
+        return jsonify(success=False,
+                       error="Origin not allowed: requests from this site are refused (CORS_ORIGINS)"), 403

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from limits import parse_many
+
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:8080",
     "http://localhost:3000",
@@ -16,10 +18,29 @@ DEFAULT_CORS_ORIGINS = (
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
+MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 
 SECRET_SETTINGS = frozenset(
-    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key"}
+    {"twilio_auth_token", "azure_openai_api_key", "openai_api_key", "secret_key", "ops_token", "call_report_secret"}
 )
+
+# NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
+# listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
+# Caribbean and Atlantic countries that share +1 but bill at international rates, the classic toll-fraud and
+# "one-ring" destinations (Twilio groups them as separate countries in its Voice Dialing Geographic
+# Permissions). US territories (+1340, +1670, +1671, +1684, +1787, +1939) bill as domestic and stay allowed.
+# Sources: NANPA area-code list (nationalnanpa.com), Twilio "Voice Dialing Geographic Permissions" docs.
+NANP_PREMIUM_PREFIXES = ("+1900", "+1976")
+NANP_NON_US_CANADA_AREA_CODES = {
+    "242": "Bahamas", "246": "Barbados", "264": "Anguilla", "268": "Antigua and Barbuda",
+    "284": "British Virgin Islands", "345": "Cayman Islands", "441": "Bermuda", "473": "Grenada",
+    "649": "Turks and Caicos Islands", "658": "Jamaica", "664": "Montserrat", "721": "Sint Maarten",
+    "758": "Saint Lucia", "767": "Dominica", "784": "Saint Vincent and the Grenadines",
+    "809": "Dominican Republic", "829": "Dominican Republic", "849": "Dominican Republic",
+    "868": "Trinidad and Tobago", "869": "Saint Kitts and Nevis", "876": "Jamaica",
+}
+DEFAULT_BLOCKED_DESTINATION_PREFIXES = NANP_PREMIUM_PREFIXES + tuple(
+    "+1" + code for code in NANP_NON_US_CANADA_AREA_CODES)
 
 
 class ConfigError(ValueError):
@@ -55,9 +76,19 @@ class Settings:
     twilio_api_base_url: str | None = None
     twilio_validate_signatures: bool = True
     allow_request_credentials: bool = False
+    allow_private_llm_urls: bool = False
     allowed_destination_prefixes: tuple[str, ...] = ("+1",)
+    blocked_destination_prefixes: tuple[str, ...] = DEFAULT_BLOCKED_DESTINATION_PREFIXES
     record_calls: bool = False
     call_timeout_s: int = 30
+    # Abuse limits (flask-limiter notation) and operator surfaces
+    rate_limit_make_call: str = "30 per minute"
+    rate_limit_chat: str = "60 per minute"
+    rate_limit_end_call: str = "60 per minute"
+    max_calls_per_day: int = 1000
+    trusted_proxy_hops: int = 0
+    ops_token: str = ""
+    on_render: bool = False
     # LLM providers
     llm_providers: tuple[str, ...] = ("azure", "openai")
     azure_openai_api_key: str = ""
@@ -88,15 +119,30 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
     log_format: str = "json"
+    # Observability
+    call_report_url: str | None = None
+    call_report_secret: str = ""
+    call_report_max_attempts: int = 10
+    call_report_backoff_s: float = 2.0
+    otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def has_twilio_credentials(self) -> bool:
         return bool(self.twilio_account_sid and self.twilio_auth_token)
 
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser Origin is one of CORS_ORIGINS (the one list CORS and the Origin check share)."""
+        return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+
+    @property
+    def production(self) -> bool:
+        """NODE_ENV=production or running on Render: no header-derived URLs, operator pages need OPS_TOKEN."""
+        return self.node_env == "production" or self.on_render
+
     @property
     def signatures_enforced(self) -> bool:
-        """Validation is on whenever a token exists, unless explicitly disabled for a local tunnel."""
+        """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
 
     def public_dict(self) -> dict[str, Any]:
@@ -173,13 +219,44 @@ class Settings:
             warnings.append("TWILIO_VALIDATE_SIGNATURES=0: Twilio webhook signatures are NOT checked "
                             "(use only for local tunnels)")
         values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
+        values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
         prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
         for p in prefixes:
-            if p != "*" and not re.fullmatch(r"\+\d{1,6}", p):
+            if p != "*" and not re.fullmatch(r"\+[0-9]{1,6}", p):
                 problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
         values["allowed_destination_prefixes"] = prefixes or ("+1",)
+        raw_blocked = env.get("BLOCKED_DESTINATION_PREFIXES")
+        blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if raw_blocked is None else
+                   tuple(p.strip() for p in text("BLOCKED_DESTINATION_PREFIXES").split(",") if p.strip()))
+        for p in blocked:
+            if not re.fullmatch(r"\+[0-9]{1,8}", p):
+                problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876, got {p!r}")
+        values["blocked_destination_prefixes"] = blocked
         values["record_calls"] = flag("RECORD_CALLS", False)
         values["call_timeout_s"] = number("CALL_TIMEOUT_S", 30, int, 5)
+        if values["call_timeout_s"] > MAX_RING_TIMEOUT_S:
+            problems.append(f"CALL_TIMEOUT_S must be <= {MAX_RING_TIMEOUT_S}, got {values['call_timeout_s']}")
+            values["call_timeout_s"] = 30
+
+        def rate(name: str, default: str) -> str:
+            value = text(name, default) or default
+            try:
+                parse_many(value)
+            except ValueError:
+                problems.append(f"{name} must be a rate limit such as '30 per minute' or '10/second', got {value!r}")
+                return default
+            return value
+
+        values["rate_limit_make_call"] = rate("RATE_LIMIT_MAKE_CALL", "30 per minute")
+        values["rate_limit_chat"] = rate("RATE_LIMIT_CHAT", "60 per minute")
+        values["rate_limit_end_call"] = rate("RATE_LIMIT_END_CALL", "60 per minute")
+        values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
+        values["on_render"] = bool(text("RENDER"))
+        # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
+        values["trusted_proxy_hops"] = number("TRUSTED_PROXY_HOPS", 1 if values["on_render"] else 0, int, 0)
+        values["ops_token"] = text("OPS_TOKEN")
+        if values["ops_token"] and len(values["ops_token"]) < 16:
+            problems.append("OPS_TOKEN must be at least 16 characters (it guards live-call data)")
 
         providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
         for p in providers:
@@ -226,7 +303,24 @@ class Settings:
         if values["log_format"] not in {"json", "console"}:
             problems.append("LOG_FORMAT must be json or console")
 
-        if not values["public_base_url"]:
+        values["call_report_url"] = url("CALL_REPORT_URL")
+        values["call_report_secret"] = text("CALL_REPORT_SECRET")
+        if values["call_report_url"] and len(values["call_report_secret"]) < 16:
+            problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
+        values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
+        values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
+        values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+        production = values["node_env"] == "production" or values["on_render"]
+        if production and not values["public_base_url"]:
+            problems.append("PUBLIC_BASE_URL is required in production (NODE_ENV=production or on Render): set "
+                            "PUBLIC_BASE_URL (or WEBHOOK_BASE_URL; Render's RENDER_EXTERNAL_URL also counts) so "
+                            "Twilio callback URLs never follow a request's Host/X-Forwarded-* headers")
+        if production and values["allow_private_llm_urls"]:
+            problems.append("ALLOW_PRIVATE_LLM_URLS=1 is for development only: unset it in production")
+        if production and not values["ops_token"]:
+            warnings.append("OPS_TOKEN is not set: /dashboard, /api/dashboard-data and /metrics are off")
+        if not values["public_base_url"] and not production:
             warnings.append("PUBLIC_BASE_URL is not set: callback URLs follow each request's Host/X-Forwarded-* "
                             "headers; set it in production")
         if values["twilio_account_sid"] and not values["twilio_auth_token"]:

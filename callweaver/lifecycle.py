@@ -5,23 +5,23 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 import structlog
 
 from .api_errors import ApiError
-from .config import Settings
+from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
-from .security import CredentialBox
+from .security import CredentialBox, outbound_url_refusal
 from .store import TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
 
-E164 = re.compile(r"\+[1-9]\d{7,14}")
+E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
@@ -61,8 +61,10 @@ class StartedCall:
 class CallLifecycle:
     """Everything make-call, status callbacks and end-call do, with no Flask in sight."""
 
-    def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable):
+    def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
+                 on_call_ended: Callable[[str], Any] | None = None):
         self.settings = settings
+        self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
         self.store = store
         self.twilio = twilio
         self.languages = languages
@@ -97,13 +99,24 @@ class CallLifecycle:
         azure = llm.get("azure") if isinstance(llm.get("azure"), dict) else None
         if llm.get("provider") in ("azure_openai", "azure") and azure and real(azure.get("apiKey")) \
                 and isinstance(azure.get("endpoint"), str) and azure["endpoint"].startswith(("https://", "http://")):
+            self._check_llm_url("config.llm.azure.endpoint", azure["endpoint"])
             return {"kind": "azure", "apiKey": azure["apiKey"].strip(), "endpoint": azure["endpoint"],
                     "deployment": azure.get("deploymentName"), "apiVersion": azure.get("apiVersion")}
         openai_cfg = llm.get("openai") if isinstance(llm.get("openai"), dict) else None
         if llm.get("provider") == "openai" and openai_cfg and real(openai_cfg.get("apiKey")):
+            base_url = openai_cfg.get("baseUrl")
+            if base_url is not None:
+                if not isinstance(base_url, str):
+                    raise ApiError(400, "config.llm.openai.baseUrl must be a URL")
+                self._check_llm_url("config.llm.openai.baseUrl", base_url)
             return {"kind": "openai", "apiKey": openai_cfg["apiKey"].strip(), "model": openai_cfg.get("model"),
-                    "baseUrl": openai_cfg.get("baseUrl")}
+                    "baseUrl": base_url}
         return None
+
+    def _check_llm_url(self, field: str, url: str) -> None:
+        refusal = outbound_url_refusal(url, allow_private=self.settings.allow_private_llm_urls)
+        if refusal:
+            raise ApiError(400, f"{field} is refused: {refusal}")
 
     def credentials_for(self, record: CallRecord | None) -> tuple[str, str] | None:
         return self.credential_box.open(record.credentials) if record and record.credentials else None
@@ -116,13 +129,12 @@ class CallLifecycle:
     # ---- make-call -----------------------------------------------------------------------
     def start_call(self, body: Mapping[str, Any], *, path: str, base_url: str) -> StartedCall:
         to = normalize_phone(body.get("to"))
-        prefixes = ", ".join(self.settings.allowed_destination_prefixes)
-        if not self.destination_allowed(to):
-            raise ApiError(400, f"Destination {to} is not allowed: only numbers starting with "
-                                f"{prefixes} can be called (ALLOWED_DESTINATION_PREFIXES)")
+        refusal = self.destination_refusal(to)
+        if refusal:
+            raise ApiError(400, f"Destination {to} is not allowed: {refusal}")
         workflow = self._workflow_from(body)
-        blocked = [f"transfer node '{n.id}' destination {n.destination} is outside ALLOWED_DESTINATION_PREFIXES "
-                   f"({prefixes})" for n in workflow.nodes.values()
+        blocked = [f"transfer node '{n.id}' destination {n.destination} is not allowed: "
+                   f"{self.destination_refusal(n.destination)}" for n in workflow.nodes.values()
                    if n.kind == "transfer" and not self.destination_allowed(n.destination)]
         if blocked:
             raise ApiError(400, "Invalid workflow: " + "; ".join(blocked), problems=blocked)
@@ -132,8 +144,8 @@ class CallLifecycle:
                                 "TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER")
         from_number = self._from_number(body, creds)
         timeout_s = self._timeout(body.get("timeout"))
-        record_flag = body.get("record")
-        record = bool(record_flag) if isinstance(record_flag, bool) else self.settings.record_calls
+        # RECORD_CALLS is the operator's ceiling: a request may turn recording off, never on.
+        record = self.settings.record_calls and body.get("record") is not False
         language = self.languages.get(body.get("language") or workflow.default_language)
 
         greeting = workflow.greeting or language.line("fallbackGreeting")
@@ -198,13 +210,13 @@ class CallLifecycle:
             return server_number
         raise ApiError(503, "No caller number: set TWILIO_PHONE_NUMBER or send `from`")
 
-    @staticmethod
-    def _timeout(raw: Any) -> int:
+    def _timeout(self, raw: Any) -> int:
+        """Ring timeout: the request's, clamped to 5..MAX_RING_TIMEOUT_S; CALL_TIMEOUT_S when absent."""
         try:
-            value = int(raw) if raw not in (None, "", 0) else 30
-        except (TypeError, ValueError):
+            value = int(raw) if raw not in (None, "", 0) else self.settings.call_timeout_s
+        except (TypeError, ValueError, OverflowError):
             raise ApiError(400, "timeout must be a number of seconds")
-        return max(5, min(600, value))
+        return max(5, min(MAX_RING_TIMEOUT_S, value))
 
     def _twiml_url(self, raw: Any, base_url: str) -> str | None:
         """The original let callers pick any TwiML URL; only our own TwiML endpoints are accepted now, so a
@@ -220,9 +232,21 @@ class CallLifecycle:
                                 "(/api/twiml-ai, /api/twiml-optimized, /api/twiml-default)")
         return base_url + path
 
+    def destination_refusal(self, number: str | None) -> str | None:
+        """Why a destination may not be called (None when it may): outside ALLOWED_DESTINATION_PREFIXES, or
+        under a BLOCKED_DESTINATION_PREFIXES entry (premium-rate and non-US/Canada NANP codes by default)."""
+        allowed = self.settings.allowed_destination_prefixes
+        if not number or not E164.fullmatch(number):
+            return "not an E.164 number"
+        if "*" not in allowed and not any(number.startswith(p) for p in allowed):
+            return f"only numbers starting with {', '.join(allowed)} can be called (ALLOWED_DESTINATION_PREFIXES)"
+        blocked = next((p for p in self.settings.blocked_destination_prefixes if number.startswith(p)), None)
+        if blocked:
+            return f"prefix {blocked} is blocked (BLOCKED_DESTINATION_PREFIXES: premium-rate or toll-fraud destination)"
+        return None
+
     def destination_allowed(self, number: str | None) -> bool:
-        prefixes = self.settings.allowed_destination_prefixes
-        return bool(number) and ("*" in prefixes or any(number.startswith(p) for p in prefixes))
+        return self.destination_refusal(number) is None
 
     # ---- status callbacks and end-call ------------------------------------------------------
     def find(self, tracking_id: str | None, call_sid: str | None) -> CallRecord | None:
@@ -252,6 +276,8 @@ class CallLifecycle:
             self.store.update_call(record.tracking_id, credentials=None, meta=meta)
         log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                  status=status, sequence=sequence, current=current)
+        if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
+            self.on_call_ended(record.tracking_id)
         return current
 
     def inbound_call(self, workflow_id: str | None, call_sid: str | None, to: str | None,

@@ -1,21 +1,29 @@
 """structlog setup: JSON lines, bound call context, secrets redacted before anything is written."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 from typing import Any
 
 import structlog
+from gunicorn import glogging
+
+from .engine.tracing import add_trace_id
 
 _SECRET_KEY_RE = re.compile(
     r"(auth_?token|api_?key|secret|password|authorization|twilioauthtoken|credentials|signature)", re.I)
-_SECRET_VALUE_PATTERNS = (
-    re.compile(r"sk-[A-Za-z0-9_\-]{8,}"),                 # OpenAI-style keys
-    re.compile(r"(?i)(api-key|authorization)[:=]\s*\S+"),
-    re.compile(r"\b[0-9a-f]{32}\b"),                       # Twilio auth tokens (32 hex)
-)
 REDACTED = "[REDACTED]"
+_SECRET_VALUE_PATTERNS = (
+    (re.compile(r"sk-[A-Za-z0-9_\-]{8,}"), REDACTED),                 # OpenAI-style keys
+    (re.compile(r"(?i)(api-key|authorization)[:=]\s*\S+"), REDACTED),
+    (re.compile(r"\b[0-9a-f]{32}\b"), REDACTED),                       # Twilio auth tokens (32 hex)
+    # secret-looking query parameters, in a URL (?a=..&twilioAuthToken=..) or a bare query string
+    (re.compile(r"(?i)((?:^|[?&])[^=&\s]*(?:token|key|secret|password|signature|credential|authorization)"
+                r"[^=&\s]*=)[^&\s\"']*"), r"\1" + REDACTED),
+)
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _known_secrets: set[str] = set()
 
 
@@ -30,8 +38,8 @@ def _scrub(value: Any) -> Any:
         for secret in _known_secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        for pattern in _SECRET_VALUE_PATTERNS:
-            value = pattern.sub(REDACTED, value)
+        for pattern, replacement in _SECRET_VALUE_PATTERNS:
+            value = pattern.sub(replacement, value)
         return value
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) and v else _scrub(v))
@@ -44,6 +52,32 @@ def _scrub(value: Any) -> Any:
 def redact_secrets(_logger: Any, _method: str, event_dict: dict) -> dict:
     """structlog processor: drop secret-named fields and scrub secret-looking values."""
     return _scrub(event_dict)
+
+
+def escape_control_chars(text: str) -> str:
+    """Control characters as visible escapes (\\x0a), so a value cannot start a new, forged log line."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _escape_strings(_logger: Any, _method: str, event_dict: dict) -> dict:
+    """structlog processor for the console format (JSON lines are escaped by the JSON renderer itself)."""
+    return {k: escape_control_chars(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+
+
+class _JsonSafeAtoms(glogging.SafeAtoms):
+    """gunicorn access-log values made safe for the JSON line format: secrets redacted, then each value escaped as
+    a JSON string body (gunicorn's own wrapper escapes only quotes, so a backslash or newline could forge a line)."""
+
+    def __init__(self, atoms: dict) -> None:
+        dict.__init__(self)
+        for key, value in atoms.items():
+            self[key] = json.dumps(_scrub(value), ensure_ascii=False)[1:-1] if isinstance(value, str) else value
+
+
+class AccessLogger(glogging.Logger):
+    """gunicorn logger (gunicorn.conf.py `logger_class`) whose access lines redact and escape every value."""
+
+    atoms_wrapper_class = _JsonSafeAtoms
 
 
 class _StdoutLogger:
@@ -65,8 +99,9 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def init_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it."""
+def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False) -> None:
+    """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it; with
+    `trace_ids` (tracing on) every line about a call carries its OpenTelemetry trace id."""
     renderer = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     shared = [
@@ -75,6 +110,8 @@ def init_logging(level: str = "INFO", fmt: str = "json") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact_secrets,
+        *([add_trace_id] if trace_ids else []),
+        *([] if fmt == "json" else [_escape_strings]),
     ]
     structlog.configure(
         processors=[*shared, renderer],
@@ -90,5 +127,5 @@ def init_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level, logging.INFO))
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client", "flask-limiter"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

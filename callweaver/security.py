@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import ipaddress
 import json
+import socket
 from typing import Mapping
 from urllib.parse import urlsplit
 
@@ -53,6 +56,33 @@ def signature_is_valid(auth_token: str, url: str, params: Mapping | str | None, 
     return any(validator.validate(u, params if params is not None else {}, signature, algorithm)
                for u in candidates)
 
+
+
+def outbound_url_refusal(url: str, *, allow_private: bool = False) -> str | None:
+    """Why the server must not fetch a request-supplied URL (None when it may): it must be https and every
+    address its host resolves to must be public, so a request cannot aim the server at its own network (SSRF).
+    `allow_private` (ALLOW_PRIVATE_LLM_URLS, development only) lifts both rules for a local LLM server."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an absolute https URL"
+    if allow_private:
+        return None
+    if parts.scheme != "https":
+        return "must use https"
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return f"host {parts.hostname!r} does not resolve"
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not address.is_global or address.is_multicast:
+            return f"host {parts.hostname!r} resolves to a non-public address"
+    return None
+
+
+def token_matches(expected: str, presented: str | None) -> bool:
+    """Constant-time comparison of a configured token with what a request presented."""
+    return bool(expected) and presented is not None and hmac.compare_digest(expected.encode(), presented.encode())
 
 
 class CredentialBox:

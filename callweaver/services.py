@@ -14,11 +14,13 @@ from typing import Any, Callable
 import structlog
 from flask import current_app
 
+from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine
 from .engine.languages import LanguageTable
+from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .lifecycle import CallLifecycle
 from .store import Store, build_store
 from .twilio_client import TwilioGateway
@@ -61,7 +63,15 @@ class Services:
 
     @cached_property
     def lifecycle(self) -> CallLifecycle:
-        return CallLifecycle(self.settings, self.store, self.twilio, self.languages)
+        return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended)
+
+    @cached_property
+    def call_reporter(self) -> CallReporter | None:
+        s = self.settings
+        if not s.call_report_url:
+            return None
+        return CallReporter(self.store, s.call_report_url, s.call_report_secret, spawn=spawn,
+                            max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s)
 
     @cached_property
     def providers(self):
@@ -76,9 +86,25 @@ class Services:
         return ReplyCache(backend, ttl_s=s.cache_ttl_s)
 
     @cached_property
+    def tracer(self) -> NullTracer | CallTracer:
+        return build_tracer(self.settings.otel_exporter_otlp_endpoint)
+
+    @cached_property
     def engine(self) -> ConversationEngine:
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
-                                  chain_for=self.chain_for)
+                                  chain_for=self.chain_for, tracer=self.tracer)
+
+    def call_ended(self, tracking_id: str) -> None:
+        """Twilio reported the call's final status: record its root span and queue its end-of-call report."""
+        if self.tracer.enabled:
+            try:
+                record = self.store.get_call(tracking_id)
+                if record is not None:
+                    self.tracer.record_call(record, turns=len(self.store.turns(tracking_id)))
+            except Exception:
+                log.exception("call_span_failed", tracking_id=tracking_id)
+        if self.call_reporter is not None:
+            self.call_reporter.call_ended(tracking_id)
 
     @cached_property
     def _call_chains(self) -> OrderedDict:

@@ -38,7 +38,7 @@ def _one_turn(app, fake_twilio, body):
 
 
 def test_workflow_llm_account_is_used_first_when_allowed(env, fake_twilio, fake_llm, own_llm):
-    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1", "ALLOW_PRIVATE_LLM_URLS": "1"})  # fake LLM: http://127.0.0.1
     own_llm.push(Reply(text="From the workflow's own account."))
     data, root, twilio = _one_turn(app, fake_twilio, _body(own_llm))
     assert "workflow's own account" in root.find("Say").text
@@ -54,7 +54,7 @@ def test_workflow_llm_account_is_used_first_when_allowed(env, fake_twilio, fake_
 
 
 def test_workflow_llm_account_falls_back_to_the_servers_providers(env, fake_twilio, fake_llm, own_llm):
-    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1", "ALLOW_PRIVATE_LLM_URLS": "1"})  # fake LLM: http://127.0.0.1
     own_llm.fault = "500"
     fake_llm.push(Reply(text="Server account answered."))
     _data, root, _ = _one_turn(app, fake_twilio, _body(own_llm))
@@ -66,3 +66,27 @@ def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, 
     fake_llm.push(Reply(text="Server account."))
     _data, root, _ = _one_turn(app, fake_twilio, _body(own_llm))
     assert own_llm.requests == [] and "Server account." in root.find("Say").text
+
+
+@pytest.mark.parametrize("endpoint, reason", [
+    ("http://llm.example.com/openai/deployments/d/chat/completions", "must use https"),
+    ("https://127.0.0.1:9/openai/deployments/d/chat/completions", "non-public address"),
+    ("https://169.254.169.254/openai/deployments/d", "non-public address"),
+    ("https://[::1]/openai/deployments/d", "non-public address"),
+    ("https://localhost/openai/deployments/d", "non-public address"),
+])
+def test_request_supplied_llm_urls_must_be_public_https(env, fake_twilio, own_llm, endpoint, reason):
+    """SSRF: with ALLOW_REQUEST_CREDENTIALS=1 a caller-supplied LLM URL is fetched by the server, so it must be https
+    and must not resolve to a private, loopback or link-local address; refused with 400 before any call is placed."""
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    body = _body(own_llm)
+    body["config"]["llm"]["azure"]["endpoint"] = endpoint
+    resp = app.test_client().post("/api/make-call", json=body)
+    assert resp.status_code == 400 and reason in resp.get_json()["error"]
+    assert "config.llm.azure.endpoint" in resp.get_json()["error"]
+    assert fake_twilio.creates() == [] and own_llm.requests == []
+
+    body = _body(own_llm)
+    body["config"]["llm"] = {"provider": "openai", "openai": {"apiKey": WORKFLOW_KEY, "baseUrl": endpoint}}
+    resp = app.test_client().post("/api/make-call", json=body)
+    assert resp.status_code == 400 and "config.llm.openai.baseUrl" in resp.get_json()["error"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import structlog
 
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
+from .tracing import NULL_SPAN, NullTracer
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
 
@@ -88,6 +90,7 @@ class TurnResult:
     llm_requests: int = 0
     language_switched: bool = False
     completed: bool = False
+    trace_span: Any = NULL_SPAN        # the turn's span (tracing.py); NULL_SPAN when tracing is off
 
 
 class TurnControl:
@@ -132,8 +135,9 @@ class ConversationEngine:
 
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
                  history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
-                 chain_for: Callable[[Any], Any] | None = None):
+                 chain_for: Callable[[Any], Any] | None = None, tracer: Any = None):
         self.store = store
+        self.tracer = tracer or NullTracer()  # OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.providers = providers
         # A call may bring its own LLM account (ALLOW_REQUEST_CREDENTIALS); chain_for picks its provider chain.
         self.chain_for = chain_for or (lambda record: self.providers)
@@ -175,7 +179,9 @@ class ConversationEngine:
                 entry, switched = target, True
         state = self.state_of(record, workflow)
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=switched,
-                            variables=dict(state.variables))
+                            variables=dict(state.variables),
+                            trace_span=self.tracer.start_turn(record.tracking_id, node=state.current_node,
+                                                              language=entry.code, path=record.path))
         control = TurnControl()
         chain = self.chain_for(record)
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
@@ -201,7 +207,9 @@ class ConversationEngine:
             started = self.clock()
             key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                                  utterance=utterance, fillers=entry.fillers)
-            hit = self.cache.get(key)
+            with self.tracer.child(result.trace_span, "cache.lookup") as span:
+                hit = self.cache.get(key)
+                span.set_attribute("callweaver.cache.hit", hit is not None)
             result.cache_lookup_ms = round((self.clock() - started) * 1000, 3)
             if hit is not None:
                 result.source, result.cache_hit, result.provider = "cache", True, None
@@ -211,10 +219,11 @@ class ConversationEngine:
                 return
 
         options = workflow.llm_options
+        llm_span = self._llm_span(result, plan.tools, options)
         stream = chain.stream(plan.messages, tools=plan.tools, temperature=options.get("temperature"),
                                        max_tokens=options.get("max_tokens"), model=options.get("model"),
                                        apology=entry.line("apology"))
-        yield from self._relay_stream(result, stream, control)
+        yield from self._relay_stream(result, stream, control, llm_span)
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
@@ -232,10 +241,11 @@ class ConversationEngine:
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
+            llm_span = self._llm_span(result, None, options)
             stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
                                             max_tokens=options.get("max_tokens"), model=options.get("model"),
                                             apology=entry.line("apology"))
-            yield from self._relay_stream(result, stream2, control)
+            yield from self._relay_stream(result, stream2, control, llm_span)
             if control.cancelled:
                 return
         if outcome.action_message:
@@ -253,8 +263,12 @@ class ConversationEngine:
                                                        node_id=plan.node_id))
         result.completed = True
 
-    @staticmethod
-    def _relay_stream(result: TurnResult, stream, control: TurnControl) -> Iterator[str]:
+    def _llm_span(self, result: TurnResult, tools: list | None, options: dict):
+        return self.tracer.start_llm_request(result.trace_span, model=options.get("model"),
+                                             temperature=options.get("temperature"),
+                                             max_tokens=options.get("max_tokens"), tools=len(tools or ()))
+
+    def _relay_stream(self, result: TurnResult, stream, control: TurnControl, llm_span) -> Iterator[str]:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
         result.llm_requests += 1
         control.stream = stream
@@ -271,6 +285,7 @@ class ConversationEngine:
             if result.provider_ttft_ms is None:
                 result.provider_ttft_ms = stream.provider_ttft_ms
             control.stream = None
+            self.tracer.end_llm_request(llm_span, stream)
 
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
@@ -320,6 +335,7 @@ class ConversationEngine:
             "languageSwitched": r.language_switched,
         }
         self.store.append_turn(record.tracking_id, turn_row)
+        self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
@@ -376,7 +392,7 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     entry = entry or engine.languages.get(language)
     language_ms = round((clock() - started) * 1000, 3)
     workflow = default_workflow()
-    record = CallRecord(tracking_id="probe", path="probe", workflow=workflow.to_snapshot(),
+    record = CallRecord(tracking_id=f"probe_{secrets.token_hex(4)}", path="probe", workflow=workflow.to_snapshot(),
                         workflow_hash=workflow.version_hash, language=entry.code,
                         current_node=workflow.entry_node_id())
     turn = engine.start_turn(record, message)
@@ -386,6 +402,8 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
             first_token_ms = round((clock() - started) * 1000, 3)
     r = turn.result
     total_ms = round((clock() - started) * 1000, 3)
+    engine.tracer.end_turn(r.trace_span, {"source": r.source, "provider": r.provider, "cacheHit": r.cache_hit,
+                                          "firstTokenMs": first_token_ms, "lastTokenMs": total_ms})
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
     return {"language": entry.code, "languageKnown": known, "cacheHit": r.cache_hit, "text": r.reply_text,

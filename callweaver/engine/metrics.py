@@ -98,6 +98,7 @@ class MetricsReader:
                 "cacheHitRate": s["cacheHitRate"]}
 
     def call(self, tracking_id: str) -> dict[str, Any] | None:
+        """One call's measurements, safe to serve publicly: no callSid, phone numbers or caller text."""
         record = self.store.get_call(tracking_id)
         if record is None:
             return None
@@ -126,7 +127,7 @@ class MetricsReader:
             "trackingId": tracking_id,
             "metrics": metrics,
             "callData": {
-                "callSid": record.call_sid, "status": record.status, "path": record.path,
+                "callSid": None, "status": record.status, "path": record.path,
                 "language": record.language, "workflowId": record.workflow_id,
                 "duration": int(call_duration) if call_duration else duration_s,
                 "totalLatency": round(sum(t.get("firstTokenMs") or 0 for t in turns), 3) if turns else None,
@@ -136,7 +137,8 @@ class MetricsReader:
                                   for h in history],
                 "turns": [turn_view(t) for t in turns],
             },
-            "reasons": {**reasons, "qualityScore": "no call-quality measurement is taken"},
+            "reasons": {**reasons, "qualityScore": "no call-quality measurement is taken",
+                        "callSid": "withheld: this endpoint is public and a callSid is what end-call acts on"},
             "optimization": {"enabled": record.path == "optimized", "path": record.path,
                              "conversationRelay": record.path == "optimized",
                              "cacheable": any(t.get("cacheable") for t in turns)},

@@ -57,7 +57,7 @@ _JSON_SCHEMA_TYPES = {"string": "string", "number": "number", "integer": "intege
 _SYSTEM_NODE_ID = "system"
 
 _PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_][\w.\-]*)\s*\}\}")
-_E164_RE = re.compile(r"^\+[1-9]\d{1,14}$")
+_E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")  # ASCII digits only: "\d" would accept full-width ones
 _PHONE_SEPARATORS_RE = re.compile(r"[\s().\-]")
 _UNKNOWN_VALUE_TEXT = "(not known yet)"
 _UNCONDITIONAL_EDGE_TEXT = "the goal of this step is complete"
@@ -86,6 +86,13 @@ _CJK_RANGES = (
     (0x20000, 0x3FFFF),  # CJK Extensions B..
 )
 _REJECTED = object()  # coerce_variable's "this value does not fit the declared type"
+
+
+# Size limits: far above any real flow (the largest sample has 10 nodes and 1.2 kB per node), low enough that one
+# request cannot make every turn of a call carry megabytes of prompt.
+MAX_NODES = 200
+MAX_EDGES = 1000
+MAX_PROMPT_CHARS = 20_000
 
 
 class WorkflowError(ValueError):
@@ -137,7 +144,7 @@ class Node:
         if not raw:
             return None
         compact = _PHONE_SEPARATORS_RE.sub("", raw)
-        return compact if _E164_RE.match(compact) else raw
+        return compact if _E164_RE.fullmatch(compact) else raw
 
     @property
     def cacheable(self) -> bool:
@@ -145,9 +152,9 @@ class Node:
         explicit = self.data.get("cacheable")
         if isinstance(explicit, bool):
             return explicit
-        return not any(_PLACEHOLDER_RE.search(text) for text in self._prompt_texts())
+        return not any(_PLACEHOLDER_RE.search(text) for text in self.prompt_texts())
 
-    def _prompt_texts(self) -> list[str]:
+    def prompt_texts(self) -> list[str]:
         return [self.prompt, _text(self.data.get("instructions")), _text(self.data.get("objective"))]
 
 
@@ -256,6 +263,13 @@ class Workflow:
         if raw_variables is not None and not isinstance(raw_variables, list):
             raise WorkflowError(["variables must be a list"])
 
+        too_big = [f"{what} has {len(items)} entries (at most {limit})"
+                   for what, items, limit in (("nodes", raw_nodes or [], MAX_NODES), ("edges", raw_edges or [], MAX_EDGES),
+                                              ("variables", raw_variables or [], MAX_NODES))
+                   if len(items) > limit]
+        if too_big:
+            raise WorkflowError(too_big)
+
         nodes = _parse_nodes(raw_nodes or [], problems)
         edges = _parse_edges(raw_edges or [], problems)
         variables = _parse_variables(raw_variables or [], problems)
@@ -333,6 +347,13 @@ class Workflow:
     def problems(self) -> list[str]:
         """Everything that makes the workflow unusable, in a stable order."""
         problems = list(self._parse_problems)
+        if len(self.global_prompt) > MAX_PROMPT_CHARS:
+            problems.append(f"globalPrompt has {len(self.global_prompt)} characters (at most {MAX_PROMPT_CHARS})")
+        for node in self.nodes.values():
+            for text in node.prompt_texts():
+                if len(text) > MAX_PROMPT_CHARS:
+                    problems.append(f"{node.type} '{node.id}' has a prompt of {len(text)} characters "
+                                    f"(at most {MAX_PROMPT_CHARS})")
         if not self.nodes:
             problems.append("workflow has no nodes and no globalPrompt to build one from")
             return problems
@@ -357,7 +378,7 @@ class Workflow:
                 destination = node.destination
                 if destination is None:
                     problems.append(f"{node.type} '{node.id}' has no destination (an E.164 number such as +14155550100)")
-                elif not _E164_RE.match(destination):
+                elif not _E164_RE.fullmatch(destination):
                     problems.append(
                         f"{node.type} '{node.id}' destination '{destination}' is not a valid E.164 number"
                     )

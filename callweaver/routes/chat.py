@@ -9,20 +9,27 @@ from flask import Blueprint, jsonify
 
 from ..api_errors import ApiError
 from ..engine.playground import playground_messages
+from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
 from .common import body_params
 
 bp = Blueprint("chat", __name__)
 ROLES = {"system", "user", "assistant"}
+MAX_MESSAGES = 200  # a long playground conversation, with the app's evaluation requests, stays far below this
 
 
 def validate_messages(raw: Any) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise ApiError(400, "Messages array is required")
+    if len(raw) > MAX_MESSAGES:
+        raise ApiError(400, f"messages has {len(raw)} entries (at most {MAX_MESSAGES})")
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ApiError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
+        if len(m["content"]) > MAX_PROMPT_CHARS:
+            raise ApiError(400, f"messages[{i}].content has {len(m['content'])} characters "
+                                f"(at most {MAX_PROMPT_CHARS})")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -31,6 +38,9 @@ def validate_messages(raw: Any) -> list[dict[str, str]]:
 def chat():
     body = body_params()
     client_messages = validate_messages(body.get("messages"))
+    global_prompt = body.get("globalPrompt")
+    if isinstance(global_prompt, str) and len(global_prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"globalPrompt has {len(global_prompt)} characters (at most {MAX_PROMPT_CHARS})")
     svc = services()
     workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
     stored = svc.store.get_workflow(workflow_id) if workflow_id else None

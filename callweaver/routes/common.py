@@ -9,7 +9,8 @@ import structlog
 from flask import Response, request
 
 from ..api_errors import ApiError
-from ..security import SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid
+from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
+                        token_matches)
 from ..services import services
 
 log = structlog.get_logger()
@@ -20,20 +21,42 @@ def base_url() -> str:
     return public_base_url(services().settings.public_base_url, request.headers, request.scheme, request.host)
 
 
+MAX_JSON_DEPTH = 32  # the web app's deepest body (a workflow export) nests well under this
+
+
 def body_params() -> dict[str, Any]:
-    """JSON or form body as a dict; an empty body is {} (the web app posts end-call with an empty JSON body)."""
+    """The JSON object body; an empty body is {} (the web app posts end-call with an empty JSON body).
+
+    Anything but application/json was already refused (415) by the app's cross-site check.
+    """
     raw = request.get_data(cache=True)
-    if request.is_json or (raw[:1] in (b"{", b"[") and not request.form):
-        if not raw.strip():
-            return {}
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "Malformed JSON body")
-        if not isinstance(data, dict):
-            raise ApiError(400, "JSON body must be an object")
-        return data
-    return request.form.to_dict()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "Malformed JSON body")
+    if not isinstance(data, dict):
+        raise ApiError(400, "JSON body must be an object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (deep input must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if level <= MAX_JSON_DEPTH:
+                stack.extend((child, level + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
 
 
 def twilio_params() -> dict[str, str]:
@@ -42,9 +65,12 @@ def twilio_params() -> dict[str, str]:
 
 
 def signature_ok(auth_token: str, url: str | None = None, params: Any = None) -> bool:
+    """Fail closed: with no auth token nothing validates, unless TWILIO_VALIDATE_SIGNATURES=0 was set."""
     settings = services().settings
-    if not settings.signatures_enforced or not (auth_token or settings.twilio_auth_token):
+    if not settings.signatures_enforced:
         return True
+    if not auth_token:
+        return False
     url = url or request_public_url(base_url(), request.path, request.query_string.decode("latin-1"))
     if params is None:
         params = request.form if request.method == "POST" else {}
@@ -85,6 +111,32 @@ def twilio_webhook(view: Callable) -> Callable:
         if not ok:
             return forbidden()
         return view(*args, record=record, **kwargs)
+
+    wrapper.twilio_webhook = True  # type: ignore[attr-defined]  # form bodies allowed (app._refuse_cross_site)
+    return wrapper
+
+
+def operator_only(view: Callable) -> Callable:
+    """Operator surfaces (/dashboard, /api/dashboard-data, /metrics) need OPS_TOKEN, sent as a bearer token or as
+    the basic-auth password (what a browser can send). With no OPS_TOKEN they are open in development and off in
+    production."""
+
+    @functools.wraps(view)
+    def wrapper(*args, **kwargs):
+        settings = services().settings
+        if not settings.ops_token:
+            if settings.production:
+                raise ApiError(403, "Operator pages are off: set OPS_TOKEN to enable them")
+            return view(*args, **kwargs)
+        auth = request.authorization
+        presented = None if auth is None else (auth.token if auth.type == "bearer" else auth.password)
+        if token_matches(settings.ops_token, presented):
+            return view(*args, **kwargs)
+        log.warning("operator_auth_refused", path=request.path, scheme=auth.type if auth else None)
+        response = Response('{"success": false, "error": "OPS_TOKEN required (Authorization: Bearer <token>)"}',
+                            status=401, mimetype="application/json")
+        response.headers["WWW-Authenticate"] = 'Basic realm="CallWeaver operations", charset="UTF-8"'
+        return response
 
     return wrapper
 

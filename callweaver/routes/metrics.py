@@ -10,8 +10,9 @@ from ..api_errors import ApiError
 from ..engine.conversation import probe_turn
 from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
+from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from .common import body_params
+from .common import body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
 PROMETHEUS_WINDOW_S = 86400
@@ -71,6 +72,8 @@ def test_optimization():
     message = body.get("message")
     if not isinstance(message, str) or not message.strip():
         raise ApiError(400, "Message is required")
+    if len(message) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"message has {len(message)} characters (at most {MAX_PROMPT_CHARS})")
     language = body.get("language") or "en-US"
     if not isinstance(language, str):
         raise ApiError(400, "language must be a BCP-47 code such as en-US")
@@ -86,6 +89,7 @@ def test_optimization():
 
 
 @bp.get("/metrics")
+@operator_only
 def prometheus_metrics():
     svc = services()
     # Bounded scrape: counters cover the last 24 h of turns (older turns drop out like a counter reset).
@@ -96,6 +100,7 @@ def prometheus_metrics():
 
 
 @bp.get("/api/dashboard-data")
+@operator_only
 def dashboard_data():
     svc = services()
     window = _window()
@@ -109,5 +114,6 @@ def dashboard_data():
 
 
 @bp.get("/dashboard")
+@operator_only
 def dashboard():
     return render_template("dashboard.html")

@@ -1,0 +1,168 @@
+"""End-of-call report: when a call ends, POST a signed JSON summary to CALL_REPORT_URL, off the call's path.
+
+Delivery runs on its own greenlet, retries with exponential backoff (bounded attempts and pending reports), and
+never touches the call: a slow or dead receiver costs a sleeping greenlet, nothing more. Reports wait in the
+worker's memory while they retry, so a worker restart drops the ones still pending. A report may arrive twice
+(a retry after a lost answer): receivers treat `reportId` as an idempotency key.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import requests
+import structlog
+
+from .engine.metrics import MetricsReader
+from .store import Store
+
+log = structlog.get_logger()
+
+SIGNATURE_HEADER = "X-CallWeaver-Signature"
+MAX_BACKOFF_S = 300.0
+MAX_PENDING_REPORTS = 1000
+ATTEMPT_TIMEOUT_S = 10.0
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+NOT_ANSWERED = frozenset({"busy", "no-answer", "canceled"})
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`: the timestamp is signed so a report cannot be replayed."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify_signature(secret: str, header: str, body: bytes, *, tolerance_s: float = 300.0,
+                     now: float | None = None) -> bool:
+    """What a receiver does: recompute the HMAC over the raw body and reject stale timestamps."""
+    parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), f"t={timestamp},v1={parts.get('v1', '')}")
+
+
+def call_outcome(status: str, turns: list[dict]) -> str:
+    """How the call ended: end_node, transfer, hang_up (the caller left), error, or Twilio's not-answered status."""
+    if status in NOT_ANSWERED:
+        return status.replace("-", "_")
+    if status == "failed":
+        return "error"
+    last_action = next((t.get("action") for t in reversed(turns) if t.get("action")), None)
+    return {"end": "end_node", "transfer": "transfer"}.get(last_action or "", "hang_up")
+
+
+def build_report(store: Store, tracking_id: str) -> dict[str, Any] | None:
+    """The summary a receiver gets: transcript as heard, per-turn timings, outcome and the variables collected."""
+    record = store.get_call(tracking_id)
+    if record is None:
+        return None
+    view = MetricsReader(store).call(tracking_id) or {}
+    turns = store.turns(tracking_id)
+    return {
+        "event": "call.ended", "reportId": tracking_id, "trackingId": tracking_id, "callSid": record.call_sid,
+        "status": record.status, "outcome": call_outcome(record.status, turns), "path": record.path,
+        "language": record.language, "workflowId": record.workflow_id, "to": record.to,
+        "from": record.from_number, "startedAt": record.created_at, "endedAt": record.ended_at,
+        "endNode": record.current_node, "variables": dict(record.variables or {}),
+        "transcript": [{"role": m.get("role"), "content": m.get("content")} for m in record.messages or []
+                       if m.get("role") in ("user", "assistant")],
+        "metrics": view.get("metrics"), "call": view.get("callData"),
+    }
+
+
+@dataclass
+class Delivery:
+    """How one report's delivery went (returned by `deliver`, logged as call_report_*)."""
+
+    tracking_id: str
+    delivered: bool = False
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class CallReporter:
+    """Sends one report per ended call; `call_ended` returns at once, delivery happens on a spawned greenlet."""
+
+    def __init__(self, store: Store, url: str, secret: str, *, spawn: Callable, max_attempts: int = 10,
+                 backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep):
+        self.store = store
+        self.url = url
+        self.secret = secret
+        self.spawn = spawn
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.sleep = sleep
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_REPORTS)
+        self._session = requests.Session()
+
+    def call_ended(self, tracking_id: str):
+        """Queue the report; drop it (logged) when too many are already waiting for a dead receiver."""
+        if not self._pending.acquire(blocking=False):
+            log.error("call_report_dropped", tracking_id=tracking_id, reason="too many pending reports")
+            return None
+        return self.spawn(self._deliver_and_release, tracking_id)
+
+    def _deliver_and_release(self, tracking_id: str) -> Delivery:
+        try:
+            return self.deliver(tracking_id)
+        finally:
+            self._pending.release()
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential (backoff_s · 2^(attempt-1), capped) with jitter, so many reports don't retry in lockstep."""
+        return min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
+
+    def deliver(self, tracking_id: str) -> Delivery:
+        """POST the report until the receiver answers 2xx, a non-retryable status, or attempts run out."""
+        result = Delivery(tracking_id)
+        try:
+            report = build_report(self.store, tracking_id)
+        except Exception:
+            log.exception("call_report_failed", tracking_id=tracking_id, reason="could not read the call")
+            return result
+        if report is None:
+            log.warning("call_report_failed", tracking_id=tracking_id, reason="unknown call")
+            return result
+        body = json.dumps(report, ensure_ascii=False, separators=(",", ":")).encode()
+        while result.attempts < self.max_attempts:
+            result.attempts += 1
+            headers = {"Content-Type": "application/json", "X-CallWeaver-Event": "call.ended",
+                       "X-CallWeaver-Delivery": tracking_id, "X-CallWeaver-Attempt": str(result.attempts),
+                       SIGNATURE_HEADER: sign(self.secret, body, int(time.time()))}
+            retry_after = None
+            try:
+                resp = self._session.post(self.url, data=body, headers=headers, timeout=ATTEMPT_TIMEOUT_S)
+                result.last_status, result.last_error = resp.status_code, None
+                if 200 <= resp.status_code < 300:
+                    result.delivered = True
+                    log.info("call_report_delivered", tracking_id=tracking_id, attempts=result.attempts,
+                             status=resp.status_code)
+                    return result
+                if resp.status_code not in RETRYABLE_STATUS:
+                    log.error("call_report_rejected", tracking_id=tracking_id, status=resp.status_code,
+                              attempts=result.attempts)
+                    return result
+                retry_after = resp.headers.get("Retry-After")
+            except requests.RequestException as exc:
+                result.last_status, result.last_error = None, type(exc).__name__
+            if result.attempts < self.max_attempts:
+                delay = self.backoff(result.attempts)
+                if retry_after and retry_after.isdigit():
+                    delay = min(MAX_BACKOFF_S, max(delay, float(retry_after)))
+                log.warning("call_report_retrying", tracking_id=tracking_id, attempt=result.attempts,
+                            status=result.last_status, error=result.last_error, retry_in_s=round(delay, 3))
+                self.sleep(delay)
+        log.error("call_report_gave_up", tracking_id=tracking_id, attempts=result.attempts,
+                  status=result.last_status, error=result.last_error)
+        return result

@@ -1,0 +1,187 @@
+"""Per-client rate limits and the service-wide calls-per-day cap (flask-limiter, moving windows).
+
+Limits are counted in Redis when REDIS_URL is set (every worker of every instance sees the same counts), else in
+a SQLite file beside the call store, shared by the workers of one instance. Only the endpoints below are limited:
+Twilio's signed webhooks and the relay socket never are.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+
+import structlog
+from flask import Flask, Response, jsonify, request
+from flask_limiter import Limiter, RequestLimit
+from limits.storage import MovingWindowSupport, Storage
+
+from .config import Settings
+
+log = structlog.get_logger()
+SQLITE_SCHEME = "callweaver+sqlite"
+
+
+def client_address(environ: dict, trusted_proxy_hops: int) -> str:
+    """The client as the last trusted proxy saw it: with N trusted hops, the N-th X-Forwarded-For entry from the
+    right (entries left of it are whatever the client wrote); with none, the socket's peer address."""
+    if trusted_proxy_hops > 0:
+        forwarded = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
+        if forwarded:
+            return forwarded[-min(trusted_proxy_hops, len(forwarded))][:64]
+    return environ.get("REMOTE_ADDR") or "unknown"
+
+
+def storage_uri(settings: Settings) -> str:
+    if settings.redis_url:
+        url = settings.redis_url
+        return "redis+unix://" + url[len("unix://"):] if url.startswith("unix://") else url
+    base, _ext = os.path.splitext(os.path.abspath(settings.db_path))
+    return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
+
+
+def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
+    """Build this app's limiter and wrap the limited views (after the blueprints are registered)."""
+    limiter = Limiter(
+        key_func=lambda: client_address(request.environ, settings.trusted_proxy_hops), app=app,
+        storage_uri=storage_uri(settings),
+        strategy="moving-window", headers_enabled=True, key_prefix="callweaver", on_breach=_log_breach)
+
+    per_client = {  # scope: (variable, limit, endpoints sharing it)
+        "make-call": ("RATE_LIMIT_MAKE_CALL", settings.rate_limit_make_call,
+                      ("calls.make_call", "calls.make_call_optimized")),
+        "llm": ("RATE_LIMIT_CHAT", settings.rate_limit_chat, ("chat.chat", "metrics.test_optimization")),
+        "end-call": ("RATE_LIMIT_END_CALL", settings.rate_limit_end_call, ("calls.end_call",)),
+    }
+    daily_calls = limiter.shared_limit(
+        f"{settings.max_calls_per_day} per day", scope="calls-per-day", key_func=lambda: "service",
+        deduct_when=lambda response: response.status_code < 400,  # counts calls placed, not refused requests
+        error_message=f"the service places at most {settings.max_calls_per_day} calls a day (MAX_CALLS_PER_DAY)")
+    for scope, (variable, limit, endpoints) in per_client.items():
+        shared = limiter.shared_limit(limit, scope=scope, error_message=f"at most {limit} per client ({variable})")
+        for endpoint in endpoints:
+            view = shared(app.view_functions[endpoint])
+            app.view_functions[endpoint] = daily_calls(view) if scope == "make-call" else view
+
+    @app.errorhandler(429)
+    def _too_many(e):
+        return jsonify(success=False, error=f"Too many requests: {e.description}; try again later"), 429
+
+    return limiter
+
+
+def _log_breach(limit: RequestLimit) -> Response | None:
+    log.warning("rate_limited", path=request.path, limit=str(limit.limit), key=limit.key)
+    return None
+
+
+class SQLiteLimitStorage(Storage, MovingWindowSupport):
+    """limits storage in one SQLite file, so every worker of an instance counts against the same windows.
+
+    Registered with limits under the `callweaver+sqlite://<path>` scheme. Each acquire is one IMMEDIATE
+    transaction, so concurrent workers cannot both take the last slot of a window.
+    """
+
+    STORAGE_SCHEME = [SQLITE_SCHEME]
+
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        self.path = uri.split("://", 1)[1]
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return sqlite3.Error
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("CREATE TABLE IF NOT EXISTS hits (key TEXT NOT NULL, at REAL NOT NULL, "
+                         "expires_at REAL NOT NULL)")
+            conn.execute("CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at)")
+            conn.execute("CREATE INDEX IF NOT EXISTS hits_expires_at ON hits (expires_at)")
+            conn.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                         "expires_at REAL NOT NULL)")
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _transaction(self, work):
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    # moving window (the strategy the app uses)
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM hits WHERE expires_at <= ?", (now,))  # every key's expired entries
+            (count,) = conn.execute("SELECT COUNT(*) FROM hits WHERE key = ?", (key,)).fetchone()
+            if count + amount > limit:
+                return False
+            conn.executemany("INSERT INTO hits (key, at, expires_at) VALUES (?, ?, ?)",
+                             [(key, now, now + expiry)] * amount)
+            return True
+
+        return self._transaction(work)
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = time.time()
+        with self._lock:
+            oldest, count = self._connection().execute(
+                "SELECT MIN(at), COUNT(*) FROM hits WHERE key = ? AND at > ?", (key, now - expiry)).fetchone()
+        return (oldest, count) if count else (now, 0)
+
+    # fixed-window counters (required by the Storage interface)
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM counters WHERE key = ? AND expires_at <= ?", (key, now))
+            conn.execute("INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET count = count + excluded.count", (key, amount, now + expiry))
+            return conn.execute("SELECT count FROM counters WHERE key = ?", (key,)).fetchone()[0]
+
+        return self._transaction(work)
+
+    def get(self, key: str) -> int:
+        with self._lock:
+            row = self._connection().execute("SELECT count FROM counters WHERE key = ? AND expires_at > ?",
+                                             (key, time.time())).fetchone()
+        return row[0] if row else 0
+
+    def get_expiry(self, key: str) -> float:
+        with self._lock:
+            row = self._connection().execute("SELECT expires_at FROM counters WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else time.time()
+
+    def check(self) -> bool:
+        try:
+            with self._lock:
+                self._connection().execute("SELECT 1")
+            return True
+        except sqlite3.Error:
+            return False
+
+    def reset(self) -> int | None:
+        def work(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM hits").rowcount + conn.execute("DELETE FROM counters").rowcount
+
+        return self._transaction(work)
+
+    def clear(self, key: str) -> None:
+        self._transaction(lambda conn: (conn.execute("DELETE FROM hits WHERE key = ?", (key,)),
+                                        conn.execute("DELETE FROM counters WHERE key = ?", (key,))))

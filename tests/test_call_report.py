@@ -1,0 +1,139 @@
+"""End-of-call report: a signed JSON summary reaches CALL_REPORT_URL after the call, retried while the receiver
+is down, and never holds up the call."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from callweaver.call_report import CallReporter, call_outcome, verify_signature
+from callweaver.config import ConfigError, Settings
+from callweaver.simulate import RelayCaller, http
+from callweaver.store import CallRecord, build_store
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
+from tests.fakes.fake_llm import Reply
+from tests.fakes.live_server import LiveServer, free_port
+from tests.fakes.report_receiver import ReportReceiver
+from tests.helpers import make_call_body
+
+SECRET = "report-secret-0123456789"
+
+
+def spawn_thread(fn, *args):
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def receiver():
+    r = ReportReceiver(hold=True).start()
+    yield r
+    r.stop()
+
+
+def test_relay_call_report_is_signed_complete_and_sent_after_the_status_callback_returns(
+        tmp_path, fake_twilio, fake_llm, receiver):
+    env = {**base_env(tmp_path, fake_twilio, fake_llm), "CALL_REPORT_URL": receiver.url,
+           "CALL_REPORT_SECRET": SECRET, "CALL_REPORT_BACKOFF_S": "0.05"}
+    env.pop("PUBLIC_BASE_URL")
+    server = LiveServer(env, workers=1).start()
+    try:
+        caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+        caller.place_call(make_call_body(workflow="loan_prequalification_logical"))
+        caller.answer(fake_twilio.creates()[-1].one("Url"))
+        caller.connect()
+        fake_llm.push(Reply(text="I see.", tool_calls=[("record_variables", {"employment_status": "unemployed"})]))
+        reply = caller.say("I'm between jobs right now")
+        assert reply.end is not None, reply.text  # the decline end node closed the call
+        caller.hangup()
+        assert caller.status("completed", 3).status == 200  # answered while the receiver still holds the report
+        assert receiver.request_started.wait(timeout=15)
+        assert receiver.reports == []
+        receiver.release.set()
+        (report,) = receiver.wait_for(1)
+        assert caller.status("completed", 4).status == 200  # a repeated terminal callback is not a new report
+        stored = http("GET", server.url + f"/api/performance-metrics/{caller.tracking_id}").json()["callData"]
+    finally:
+        server.stop()
+
+    assert verify_signature(SECRET, report.headers["x-callweaver-signature"], report.body)
+    assert not verify_signature("another-secret-000000", report.headers["x-callweaver-signature"], report.body)
+    assert not verify_signature(SECRET, report.headers["x-callweaver-signature"], report.body + b" ")
+    assert report.headers["x-callweaver-event"] == "call.ended"
+    body = json.loads(report.body)
+    assert body["trackingId"] == body["reportId"] == caller.tracking_id == report.headers["x-callweaver-delivery"]
+    assert body["status"] == "completed" and body["outcome"] == "end_node" and body["path"] == "optimized"
+    assert body["variables"] == {"employment_status": "unemployed"}
+    assert [m["role"] for m in body["transcript"]] == ["assistant", "user", "assistant"]
+    assert body["transcript"][1]["content"] == "I'm between jobs right now"
+    assert body["transcript"][2]["content"] == reply.text.strip()
+    assert [t["firstTokenMs"] for t in body["call"]["turns"]] == [t["firstTokenMs"] for t in stored["turns"]]
+    assert body["call"]["turns"][0]["firstTokenMs"] > 0 and body["endedAt"] >= body["startedAt"]
+    assert body["metrics"]["totalProcessedRequests"] == 1
+    assert len(receiver.reports) == 1
+
+
+def test_receiver_down_for_a_while_then_up_gets_the_report(tmp_path):
+    store = build_store(str(tmp_path / "cw.sqlite3"))
+    store.create_call(CallRecord(tracking_id="call_1", status="completed", variables={"name": "Dana"},
+                                 messages=[{"role": "assistant", "content": "Hi"}]))
+    port = free_port()  # nothing listens here until the receiver comes up
+    receiver = ReportReceiver(port=port, statuses=[503])
+    waits: list[float] = []
+
+    def sleep(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) == 2:  # two connection failures so far: the receiver comes back, first answering 503
+            receiver.start()
+        time.sleep(delay)
+
+    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawn_thread, max_attempts=8, backoff_s=0.05,
+                            sleep=sleep)
+    try:
+        delivery = reporter.deliver("call_1")
+        (report,) = receiver.reports
+    finally:
+        receiver.stop()
+    assert delivery.delivered and delivery.attempts == 4 and delivery.last_status == 200
+    assert report.headers["x-callweaver-attempt"] == "4"
+    assert verify_signature(SECRET, report.headers["x-callweaver-signature"], report.body)
+    assert json.loads(report.body)["variables"] == {"name": "Dana"}
+    assert waits[1] > waits[0] and waits[2] > waits[1]  # exponential backoff between attempts
+
+
+def test_bounded_retries_and_no_retry_on_a_rejection(tmp_path):
+    store = build_store(str(tmp_path / "cw.sqlite3"))
+    store.create_call(CallRecord(tracking_id="call_2", status="failed"))
+    dead = CallReporter(store, f"http://127.0.0.1:{free_port()}/x", SECRET, spawn=spawn_thread, max_attempts=3,
+                        backoff_s=0.01)
+    result = dead.call_ended("call_2")
+    result.join(timeout=30)
+    assert not result.is_alive()
+    gave_up = dead.deliver("call_2")
+    assert not gave_up.delivered and gave_up.attempts == 3 and gave_up.last_error
+    rejecting = ReportReceiver(statuses=[400]).start()
+    try:
+        rejected = CallReporter(store, rejecting.url, SECRET, spawn=spawn_thread, backoff_s=0.01).deliver("call_2")
+    finally:
+        rejecting.stop()
+    assert not rejected.delivered and rejected.attempts == 1 and rejected.last_status == 400
+    assert [dead.backoff(n) <= 0.01 * 2 ** (n - 1) for n in (1, 2, 3)] == [True] * 3
+    assert CallReporter(store, "http://x", SECRET, spawn=spawn_thread, backoff_s=2).backoff(30) <= 300
+
+
+def test_outcomes():
+    assert call_outcome("completed", [{"action": None}, {"action": "end"}]) == "end_node"
+    assert call_outcome("completed", [{"action": "transfer"}]) == "transfer"
+    assert call_outcome("completed", [{"action": None}]) == "hang_up"
+    assert call_outcome("failed", []) == "error"
+    assert call_outcome("no-answer", []) == "no_answer"
+
+
+def test_report_url_needs_a_secret():
+    with pytest.raises(ConfigError, match="CALL_REPORT_SECRET"):
+        Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook"})
+    settings = Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook", "CALL_REPORT_SECRET": SECRET})
+    assert settings.public_dict()["call_report_secret"] is True

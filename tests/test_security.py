@@ -1,0 +1,331 @@
+"""Safe on the public internet: toll-fraud destinations, rate limits, cross-site requests, fail-closed signatures,
+the production public URL, operator surfaces, hostile input and log lines (issue 11, application level)."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from callweaver import create_app
+from callweaver.config import ConfigError, Settings
+from callweaver.simulate.webhooks import twilio_signature
+from tests.conftest import AUTH_TOKEN, PUBLIC, base_env
+from tests.fakes.redis_server import RedisServer
+from tests.helpers import make_call_body
+
+CALL_SID = "CA" + "b2" * 16
+
+
+def _post_call(client, to: str, **extra):
+    return client.post("/api/make-call-optimized", json=make_call_body(to=to, **extra))
+
+
+# ---- 1. destination policy ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("to, prefix", [("+19005550123", "+1900"), ("+18765550123", "+1876"),
+                                        ("+18095550123", "+1809"), ("+12685550123", "+1268"),
+                                        ("+14415550123", "+1441")])
+def test_premium_and_caribbean_nanp_numbers_are_refused_naming_the_prefix(client, fake_twilio, to, prefix):
+    resp = _post_call(client, to)
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert f"prefix {prefix} is blocked" in error and "BLOCKED_DESTINATION_PREFIXES" in error
+    assert fake_twilio.creates() == []
+
+
+def test_us_canada_and_us_territories_stay_callable(client, fake_twilio):
+    for to in ("+14155550123", "+14165550123", "+17875550123"):  # US, Canada (Toronto), Puerto Rico
+        assert _post_call(client, to).status_code == 200, to
+    assert len(fake_twilio.creates()) == 3
+
+
+def test_full_width_digits_are_not_a_phone_number(client, fake_twilio):
+    resp = _post_call(client, "+1415555010\uff10")
+    assert resp.status_code == 400 and "E.164" in resp.get_json()["error"]
+    body = make_call_body()
+    body["nodes"] = [*body["nodes"], {"id": "xfer", "type": "transferNode", "position": {"x": 0, "y": 0},
+                                      "data": {"label": "Transfer", "destination": "+1415555010\u0660"}}]
+    assert client.post("/api/make-call-optimized", json=body).status_code == 400
+    assert fake_twilio.creates() == []
+
+
+def test_transfer_node_to_a_premium_number_is_refused(client, fake_twilio):
+    body = make_call_body()
+    body["nodes"] = [*body["nodes"], {"id": "xfer", "type": "transferNode", "position": {"x": 0, "y": 0},
+                                      "data": {"label": "Transfer", "destination": "+19005550199"}}]
+    resp = client.post("/api/make-call-optimized", json=body)
+    assert resp.status_code == 400 and "prefix +1900 is blocked" in resp.get_json()["error"]
+    assert fake_twilio.creates() == []
+
+
+def test_blocked_prefixes_are_configurable(env, fake_twilio):
+    client = create_app({**env, "BLOCKED_DESTINATION_PREFIXES": "+1415"}).test_client()
+    assert _post_call(client, "+14155550123").status_code == 400
+    assert _post_call(client, "+18765550123").status_code == 200  # the operator chose to allow Jamaica
+    with pytest.raises(ConfigError, match="BLOCKED_DESTINATION_PREFIXES"):
+        Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "1900"})
+
+
+def test_ring_timeout_is_capped_and_recording_follows_record_calls(env, fake_twilio):
+    client = create_app(env).test_client()  # RECORD_CALLS unset: never record
+    assert _post_call(client, "+14155550123", timeout=600, record=True).status_code == 200
+    placed = fake_twilio.creates()[-1]
+    assert placed.one("Timeout") == "60" and placed.one("Record") in (None, "false", "False")
+    client = create_app({**env, "RECORD_CALLS": "1"}).test_client()
+    assert _post_call(client, "+14155550123", record=False).status_code == 200
+    assert fake_twilio.creates()[-1].one("Record") in (None, "false", "False")
+    assert _post_call(client, "+14155550123", record=True).status_code == 200
+    assert fake_twilio.creates()[-1].one("Record") in ("true", "True")
+
+
+# ---- 2. rate limits and caps ----------------------------------------------------------------------------
+
+def test_make_call_is_limited_per_client_with_retry_after(env, fake_twilio, capsys):
+    client = create_app({**env, "RATE_LIMIT_MAKE_CALL": "5 per minute"}).test_client()
+    statuses = [_post_call(client, "+14155550123").status_code for _ in range(12)]
+    assert statuses == [200] * 5 + [429] * 7
+    assert len(fake_twilio.creates()) == 5
+    resp = client.post("/api/make-call", json=make_call_body())  # the traditional path shares the budget
+    assert resp.status_code == 429
+    assert resp.get_json()["success"] is False and "RATE_LIMIT_MAKE_CALL" in resp.get_json()["error"]
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert '"rate_limited"' in capsys.readouterr().out
+    other = client.post("/api/make-call-optimized", json=make_call_body(),
+                        environ_base={"REMOTE_ADDR": "127.0.0.9"})
+    assert other.status_code == 200  # per client
+
+
+def test_forwarded_for_is_not_trusted_without_a_proxy(env, fake_twilio):
+    client = create_app({**env, "RATE_LIMIT_MAKE_CALL": "2 per minute"}).test_client()
+    codes = [client.post("/api/make-call-optimized", json=make_call_body(),
+                         headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(4)]
+    assert codes == [200, 200, 429, 429]
+
+
+def test_behind_one_trusted_proxy_the_appended_address_is_the_client(env, fake_twilio):
+    client = create_app({**env, "RATE_LIMIT_MAKE_CALL": "1 per minute", "TRUSTED_PROXY_HOPS": "1"}).test_client()
+
+    def call(xff: str) -> int:
+        return client.post("/api/make-call-optimized", json=make_call_body(),
+                           headers={"X-Forwarded-For": xff}).status_code
+
+    assert call("203.0.113.5") == 200
+    assert call("1.2.3.4, 203.0.113.5") == 429   # a spoofed left part does not make a new client
+    assert call("203.0.113.6") == 200
+
+
+def test_calls_per_day_cap_holds_across_clients_and_counts_only_placed_calls(env, fake_twilio):
+    client = create_app({**env, "MAX_CALLS_PER_DAY": "3"}).test_client()
+    assert _post_call(client, "+19005550123").status_code == 400  # refused requests do not use the cap
+    codes = [client.post("/api/make-call-optimized", json=make_call_body(),
+                         environ_base={"REMOTE_ADDR": f"127.0.0.{i + 2}"}).status_code for i in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    resp = client.post("/api/make-call", json=make_call_body(), environ_base={"REMOTE_ADDR": "127.0.1.1"})
+    assert resp.status_code == 429 and "MAX_CALLS_PER_DAY" in resp.get_json()["error"]
+    assert len(fake_twilio.creates()) == 3
+
+
+def test_chat_and_test_optimization_share_the_llm_limit(env, fake_llm):
+    client = create_app({**env, "RATE_LIMIT_CHAT": "3 per minute"}).test_client()
+    chat = {"messages": [{"role": "user", "content": "hello"}]}
+    codes = [client.post("/api/chat", json=chat).status_code for _ in range(2)]
+    codes.append(client.post("/api/test-optimization", json={"message": "hi"}).status_code)
+    codes.append(client.post("/api/chat", json=chat).status_code)
+    codes.append(client.post("/api/test-optimization", json={"message": "hi"}).status_code)
+    assert codes == [200, 200, 200, 429, 429]
+
+
+def test_end_call_is_limited(env, fake_twilio):
+    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()
+    codes = [client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json").status_code
+             for _ in range(3)]
+    assert codes[2] == 429 and 429 not in codes[:2]
+
+
+def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
+    app = create_app({**env, "RATE_LIMIT_MAKE_CALL": "1 per minute", "RATE_LIMIT_CHAT": "1 per minute",
+                      "RATE_LIMIT_END_CALL": "1 per minute", "MAX_CALLS_PER_DAY": "1"})
+    client = app.test_client()
+    tid = _post_call(client, "+14155550123").get_json()["optimization"]["trackingId"]
+    for seq in range(40):
+        path = f"/api/call-status-optimized?trackingId={tid}"
+        params = {"CallSid": CALL_SID, "CallStatus": "ringing", "SequenceNumber": str(seq)}
+        resp = client.post(path, data=params,
+                           headers={"X-Twilio-Signature": twilio_signature(AUTH_TOKEN, PUBLIC + path, params)})
+        assert resp.status_code == 200
+
+
+def test_limits_are_shared_by_apps_on_one_sqlite_file_and_on_one_redis(tmp_path, fake_twilio):
+    """Two apps stand for two workers (same SQLite file) or two instances (same Redis)."""
+    env = {**base_env(tmp_path, fake_twilio), "RATE_LIMIT_MAKE_CALL": "4 per minute"}
+    first, second = create_app(env).test_client(), create_app(env).test_client()
+    codes = [c.post("/api/make-call-optimized", json=make_call_body()).status_code for c in (first, second) * 3]
+    assert codes == [200, 200, 200, 200, 429, 429]
+    with RedisServer() as redis:
+        env = {**env, "REDIS_URL": redis.url, "CALLWEAVER_DB": str(tmp_path / "other.sqlite3")}
+        first, second = create_app(env).test_client(), create_app(env).test_client()
+        codes = [c.post("/api/make-call-optimized", json=make_call_body()).status_code for c in (first, second) * 3]
+        assert codes == [200, 200, 200, 200, 429, 429]
+
+
+def test_bad_limit_notation_fails_at_start_naming_the_variable():
+    with pytest.raises(ConfigError, match="RATE_LIMIT_MAKE_CALL"):
+        Settings.from_env({"RATE_LIMIT_MAKE_CALL": "lots"})
+    with pytest.raises(ConfigError, match="MAX_CALLS_PER_DAY"):
+        Settings.from_env({"MAX_CALLS_PER_DAY": "0"})
+
+
+# ---- 3. cross-site requests -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data"])
+def test_form_and_text_bodies_get_415(client, fake_twilio, content_type):
+    for origin in ("https://evil.example", None):
+        headers = {"Origin": origin} if origin else {}
+        resp = client.post("/api/make-call-optimized", data="to=%2B14155550123", content_type=content_type,
+                           headers=headers)
+        assert resp.status_code == 415 and resp.get_json()["success"] is False
+    resp = client.post("/api/chat", data='{"messages": [{"role": "user", "content": "hi"}]}',
+                       content_type="text/plain")
+    assert resp.status_code == 415
+    resp = client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="text/plain")
+    assert resp.status_code == 415
+    assert fake_twilio.creates() == [] and fake_twilio.updates() == []
+
+
+def test_state_changing_request_from_a_foreign_origin_gets_403(client, fake_twilio):
+    resp = client.post("/api/make-call-optimized", json=make_call_body(), headers={"Origin": "https://evil.example"})
+    assert resp.status_code == 403 and "Origin" in resp.get_json()["error"]
+    resp = client.post("/api/make-call-optimized", json=make_call_body(), headers={"Origin": "null"})
+    assert resp.status_code == 403
+    assert fake_twilio.creates() == []
+    resp = client.post("/api/make-call-optimized", json=make_call_body(), headers={"Origin": "http://localhost:8080"})
+    assert resp.status_code == 200
+    assert client.get("/api/twilio-config", headers={"Origin": "https://evil.example"}).status_code == 200
+
+
+# ---- 4. production public URL ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("production", [{"NODE_ENV": "production"}, {"RENDER": "true"}])
+def test_production_refuses_to_start_without_a_public_url(production):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({**production, "OPS_TOKEN": "x" * 32})
+    assert "PUBLIC_BASE_URL" in str(err.value) and "WEBHOOK_BASE_URL" in str(err.value)
+    assert "RENDER_EXTERNAL_URL" in str(err.value)
+    for name in ("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", "RENDER_EXTERNAL_URL"):
+        assert Settings.from_env({**production, name: "https://cw.example"}).public_base_url == "https://cw.example"
+
+
+def test_production_callbacks_never_follow_request_headers(env, fake_twilio):
+    client = create_app({**env, "NODE_ENV": "production", "OPS_TOKEN": "o" * 32}).test_client()
+    resp = client.post("/api/make-call-optimized", json=make_call_body(),
+                       headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"})
+    assert resp.status_code == 200
+    placed = fake_twilio.creates()[-1]
+    assert placed.one("Url").startswith(PUBLIC + "/") and placed.one("StatusCallback").startswith(PUBLIC + "/")
+
+
+# ---- 5. signatures fail closed --------------------------------------------------------------------------
+
+def test_unsigned_webhook_with_no_auth_token_gets_403(tmp_path, fake_twilio):
+    env = {**base_env(tmp_path, fake_twilio), "TWILIO_ACCOUNT_SID": "", "TWILIO_AUTH_TOKEN": ""}
+    client = create_app(env).test_client()
+    for path in ("/api/call-status", "/api/call-status-optimized?trackingId=x", "/api/twiml-ai?id=fallback",
+                 "/api/twiml-optimized", "/api/twiml-default", "/api/connect-action"):
+        resp = client.post(path, data={"CallSid": CALL_SID, "CallStatus": "completed"})
+        assert resp.status_code == 403, path
+    assert client.get("/api/conversationrelay-ws?trackingId=x").status_code == 403
+    opened = create_app({**env, "TWILIO_VALIDATE_SIGNATURES": "0"}).test_client()
+    assert opened.post("/api/twiml-default", data={"CallSid": CALL_SID}).status_code == 200
+
+
+# ---- 6. operator surfaces -------------------------------------------------------------------------------
+
+OPS = "ops-token-0123456789abcdef"
+
+
+def test_operator_surfaces_need_ops_token(env):
+    client = create_app({**env, "OPS_TOKEN": OPS}).test_client()
+    for path in ("/dashboard", "/api/dashboard-data", "/metrics"):
+        refused = client.get(path)
+        assert refused.status_code == 401 and "Basic" in refused.headers["WWW-Authenticate"]
+        assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get(path, headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+    basic = base64.b64encode(f"ops:{OPS}".encode()).decode()
+    assert client.get("/dashboard", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+
+
+def test_a_short_ops_token_is_refused_at_start():
+    with pytest.raises(ConfigError, match="OPS_TOKEN"):
+        Settings.from_env({"OPS_TOKEN": "short"})
+
+
+def test_operator_surfaces_are_off_in_production_without_a_token(env):
+    client = create_app({**env, "NODE_ENV": "production"}).test_client()
+    for path in ("/dashboard", "/api/dashboard-data", "/metrics"):
+        resp = client.get(path, headers={"Authorization": "Bearer "})
+        assert resp.status_code == 403 and "OPS_TOKEN" in resp.get_json()["error"]
+
+
+def test_public_per_call_metrics_carry_no_call_sid_numbers_or_transcript(client, fake_twilio):
+    data = _post_call(client, "+14155550123").get_json()
+    body = client.get(f"/api/performance-metrics/{data['optimization']['trackingId']}").get_json()
+    text = json.dumps(body)
+    assert data["callSid"] not in text and "+1415555" not in text and PUBLIC not in text
+    assert body["callData"]["callSid"] is None and "callSid" in body["reasons"]
+
+
+# ---- 8 (part). workflow size ----------------------------------------------------------------------------
+
+def test_oversized_workflows_get_a_clear_400(client, fake_twilio):
+    body = make_call_body()
+    body["nodes"] = [{"id": f"n{i}", "type": "conversationNode", "data": {"prompt": "p"}} for i in range(201)]
+    resp = client.post("/api/make-call-optimized", json=body)
+    assert resp.status_code == 400 and "nodes has 201 entries (at most 200)" in resp.get_json()["error"]
+    body = make_call_body()
+    body["nodes"][1]["data"]["prompt"] = "x" * 20_001
+    resp = client.post("/api/make-call-optimized", json=body)
+    assert resp.status_code == 400 and "20001 characters (at most 20000)" in resp.get_json()["error"]
+    body = make_call_body(globalPrompt="y" * 20_001)
+    assert client.post("/api/make-call-optimized", json=body).status_code == 400
+    assert fake_twilio.creates() == []
+
+
+def test_oversized_chat_requests_get_a_clear_400(client, fake_llm):
+    too_many = [{"role": "user", "content": "hi"}] * 201
+    resp = client.post("/api/chat", json={"messages": too_many})
+    assert resp.status_code == 400 and "at most 200" in resp.get_json()["error"]
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 20_001}]})
+    assert resp.status_code == 400 and "at most 20000" in resp.get_json()["error"]
+    resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                          "globalPrompt": "g" * 20_001})
+    assert resp.status_code == 400 and "globalPrompt" in resp.get_json()["error"]
+    resp = client.post("/api/test-optimization", json={"message": "m" * 20_001})
+    assert resp.status_code == 400 and "at most 20000" in resp.get_json()["error"]
+    assert fake_llm.requests == []
+
+
+# ---- 9. hostile input and log lines ---------------------------------------------------------------------
+
+def test_deeply_nested_json_gets_400_not_500(client):
+    for depth in (10_000, 200):
+        raw = '{"to": "+14155550123", "x": ' + "[" * depth + "]" * depth + "}"
+        for path in ("/api/make-call-optimized", "/api/chat", "/api/end-call"):
+            resp = client.post(path, data=raw, content_type="application/json")
+            assert resp.status_code == 400 and "nests deeper" in resp.get_json()["error"], (path, depth)
+
+
+def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(env, capsys):
+    from callweaver.logging import escape_control_chars
+    import structlog
+    app = create_app({**env, "LOG_LEVEL": "INFO"})
+    app.test_client().get("/ping?twilioAuthToken=hunter2secret&apiKey=k123456&id=7")
+    structlog.get_logger().warning("webhook_url", url="https://x.test/a?twilioAuthToken=hunter2secret&b=1")
+    out = capsys.readouterr().out
+    assert "hunter2secret" not in out and "k123456" not in out and "twilioAuthToken=[REDACTED]" in out
+    assert escape_control_chars('/x\n{"event": "forged"}') == '/x\\x0a{"event": "forged"}'
+    create_app({**env, "LOG_LEVEL": "INFO", "LOG_FORMAT": "console"})
+    structlog.get_logger().warning("path_seen", path='/x\n{"event": "forged"}')
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith('{"event": "forged"') for line in lines)
+    create_app(env)  # back to JSON logs for the tests that follow
