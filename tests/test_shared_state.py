@@ -41,7 +41,8 @@ def running_service(tmp: Path, mode: str, **env_extra: str) -> Iterator[dict]:
             env = base_env(tmp / f"instance{index}", twilio, primary, secondary)
             env.pop("PUBLIC_BASE_URL")
             env.update(LLM_CIRCUIT_FAILURES=str(CIRCUIT_FAILURES), LLM_CIRCUIT_COOLDOWN_S="600",
-                       REDIS_URL=redis.url if redis else "", **env_extra)
+                       REDIS_URL=redis.url if redis else "", RATE_LIMIT_MAKE_CALL="1000 per minute",
+                       RATE_LIMIT_CHAT="1000 per minute", **env_extra)
             servers.append(LiveServer(env, workers=2).start())
             assert len(servers[-1].worker_pids()) == 2  # really two worker processes, not one
         yield {"servers": servers, "twilio": twilio, "primary": primary, "secondary": secondary}
