@@ -189,7 +189,11 @@ def pair_calls(stack: BenchStack, kind: str, args: argparse.Namespace, run_index
                     call.caller.place_call({**call_body(call.to, WORKFLOW),
                                             "globalPrompt": call_body(call.to, WORKFLOW)["globalPrompt"] + body_tag})
                     call.answer_and_connect()
-                    for line in lines:
+                    for index, line in enumerate(lines):
+                        if index:
+                            # the caller hears the reply before speaking again; without this pause the next
+                            # prompt would also wait for the previous turn's commit (store writes, cache put)
+                            gevent.sleep(args.line_pause_s)
                         call.say(line)
                     call.hang_up()
                     if role == "B":
@@ -251,7 +255,8 @@ def compare_backends(args: argparse.Namespace) -> str:
         "",
         f"**Served** (real gunicorn, two gevent workers, a fresh server per backend; {args.pairs} pairs of calls, "
         f"{args.pair_concurrency} pairs at a time, each pair on a flow of its own: call A says "
-        f"{', '.join(RECURRING_UTTERANCES[: args.lines_per_call])}, then call B says the same; fake LLM TTFT "
+        f"{', '.join(RECURRING_UTTERANCES[: args.lines_per_call])} ({args.line_pause_s:g} s after each reply), "
+        f"then call B says the same; fake LLM TTFT "
         f"{args.ttft_ms:g} ms, {args.token_interval_ms:g} ms/token). Figures are call B's turns, server-measured "
         f"first token (prompt received → first token sent):",
         "",
@@ -281,6 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     backends.add_argument("--pair-concurrency", type=int, default=4)
     backends.add_argument("--lines-per-call", type=int, default=5)
     backends.add_argument("--rounds", type=int, default=2, help="served part: the backends in turn, this many times")
+    backends.add_argument("--line-pause-s", type=float, default=0.5, help="pause between a reply and the next line")
     return parser.parse_args(argv)
 
 

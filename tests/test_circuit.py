@@ -110,3 +110,12 @@ def test_the_common_turn_reads_once_and_writes_nothing():
     for _ in range(5):
         breaker.record_success(breaker.acquire(1000.0))
     assert (CountingStates.reads, CountingStates.writes) == (5, 0)
+
+
+def test_a_request_sent_before_the_circuit_opened_that_fails_later_does_not_extend_it(shared_store):
+    a, b = breakers(shared_store)
+    for _ in range(3):
+        a.record_failure(1000.0)
+    b.record_failure(1010.0)  # b's request was in flight when a opened the circuit
+    assert b.snapshot(1010.0) == {"state": "open", "consecutiveFailures": 4, "openedAt": 1000.0}
+    assert b.acquire(1000.0 + COOLDOWN_S + 1) is not None  # the cooldown still ends on time

@@ -126,12 +126,13 @@ class CircuitBreaker:
         opened: list[int] = []
 
         def count(data: dict | None) -> dict:
+            opened.clear()  # Redis replays this function when another instance wrote in between
             current = CircuitRecord.from_dict(data)
             failures = current.failures + 1
-            # A failed probe (or a straggler answering after the circuit opened) keeps it open for another cooldown.
-            if current.open_until is not None or failures >= self._failures:
-                if current.open_until is None or current.probe_until is not None:
-                    opened.append(failures)
+            # Opens on the N-th failure, or when the probe fails (open for another cooldown). A request sent
+            # before the circuit opened that fails afterwards only counts.
+            if (current.open_until is None and failures >= self._failures) or current.probe_until is not None:
+                opened.append(failures)
                 return asdict(CircuitRecord(failures=failures, opened_at=now, open_until=now + self._cooldown_s))
             return asdict(replace(current, failures=failures))
 
