@@ -23,3 +23,8 @@ access_log_format = json.dumps({
     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s",
     "request_id": "%({x-request-id}o)s",
 })
+
+
+def post_worker_init(worker):
+    """Start the worker's background jobs (retention) once its app is loaded, on the worker's own hub."""
+    worker.wsgi.extensions["callweaver"].start_background_jobs()

@@ -40,7 +40,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
     app.extensions["callweaver"].warm_up()
-    CORS(app, origins=list(settings.cors_origins), supports_credentials=True,
+    # `*` with credentials would let any page act with a visitor's cookies; browsers refuse it anyway.
+    CORS(app, origins="*" if settings.cors_any_origin else list(settings.cors_origins),
+         supports_credentials=not settings.cors_any_origin, send_wildcard=settings.cors_any_origin,
          methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
     sock.init_app(app)
@@ -49,6 +51,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     init_errors(app)
     from .routes import register_blueprints
     register_blueprints(app)
+    from .cli import register_cli
+    register_cli(app)
     from .rate_limits import init_rate_limits
     init_rate_limits(app, settings)
     return app

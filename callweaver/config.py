@@ -9,11 +9,12 @@ from urllib.parse import urlparse
 
 from limits import parse_many
 
+# The original backend's origins (its backend/server.js): local dev servers, the deployed web app, the backend.
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:8080",
     "http://localhost:3000",
-    "https://call-flow-weaver.vercel.app",
-    "https://call-flow-weaver-backend.onrender.com",
+    "https://kimiya-ai.vercel.app",
+    "https://kimiyi-ai.onrender.com",
 )
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
@@ -113,6 +114,7 @@ class Settings:
     cache_prewarm: bool = True
     metrics_window_s: int = 3600
     retention_days: int = 30
+    retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
@@ -139,6 +141,11 @@ class Settings:
     def production(self) -> bool:
         """NODE_ENV=production or running on Render: no header-derived URLs, operator pages need OPS_TOKEN."""
         return self.node_env == "production" or self.on_render
+
+    @property
+    def cors_any_origin(self) -> bool:
+        """CORS_ORIGINS=*: any page may call the API, so browsers never get credentials with the answer."""
+        return self.cors_origins == ("*",)
 
     @property
     def signatures_enforced(self) -> bool:
@@ -288,10 +295,14 @@ class Settings:
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
+        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")
         values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
                                   if origins else DEFAULT_CORS_ORIGINS)
+        if "*" in values["cors_origins"] and len(values["cors_origins"]) > 1:
+            problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of "
+                            "origins, not both")
         values["secret_key"] = text("SECRET_KEY")
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")

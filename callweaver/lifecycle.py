@@ -15,7 +15,7 @@ from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
-from .security import CredentialBox, outbound_url_refusal
+from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
@@ -25,6 +25,9 @@ E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
+# <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
+# worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
+RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 
 
 def normalize_phone(raw: Any) -> str:
@@ -72,14 +75,25 @@ class CallLifecycle:
 
     # ---- credentials -------------------------------------------------------------------
     def request_credentials(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
-        """Body credentials count only when allowed and well-formed; stale or masked ones are ignored."""
+        """Another Twilio account's credentials for this call, or None: use the server's own.
+
+        Body credentials count only when allowed and well-formed. The web app echoes /api/twilio-config's
+        accountSid (the server's) with the token built into its bundle, so "body SID = TWILIO_ACCOUNT_SID" means
+        the server's account, and the bundle's fallback values are treated as absent.
+        """
         if not self.settings.allow_request_credentials:
             return None
         sid, token = body.get("twilioAccountSid"), body.get("twilioAuthToken")
-        if (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
+        if not (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
                 and isinstance(token, str) and re.fullmatch(r"[0-9a-fA-F]{32}", token.strip())):
-            return sid.strip(), token.strip()
-        return None
+            return None
+        sid, token = sid.strip(), token.strip()
+        if sid == self.settings.twilio_account_sid:
+            return None
+        if is_bundle_fallback_credential(sid) or is_bundle_fallback_credential(token):
+            log.warning("request_credentials_ignored", reason="the web app bundle's built-in fallback credentials")
+            return None
+        return sid, token
 
     def workflow_llm_credentials(self, body: Mapping[str, Any]) -> dict | None:
         """A workflow's own LLM account (config.llm), used for that call only when ALLOW_REQUEST_CREDENTIALS=1.
@@ -300,12 +314,30 @@ class CallLifecycle:
             return self.store.update_call(record.tracking_id, call_sid=call_sid) or record
         return record
 
-    def try_resume(self, record: CallRecord | None) -> CallRecord | None:
-        """A relay socket broke: allow a reconnect (at most MAX_RESUMES per call); None when out of attempts."""
-        if record is None or record.resume_count >= MAX_RESUMES:
+    def try_resume(self, record: CallRecord | None, greeting: str, error_code: str | None = None,
+                   error_message: str | None = None) -> CallRecord | None:
+        """A relay session failed: reconnect when that can help, with `greeting` spoken and kept in the history.
+
+        Only a broken socket is worth a reconnect (no ErrorCode, or a network error); after a configuration
+        error (bad voice, refused TwiML...) the same TwiML would fail again, so None: end with an apology.
+        At most MAX_RESUMES reconnects per call.
+        """
+        if record is None:
             return None
-        resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1) or record
-        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count)
+        if error_code and error_code not in RECONNECTABLE_ERROR_CODES:
+            log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="configuration error",
+                      error_code=error_code, error_message=(error_message or "")[:300])
+            return None
+        if record.resume_count >= MAX_RESUMES:
+            log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="resume limit reached",
+                      error_code=error_code)
+            return None
+        # The caller hears the greeting: it belongs in the history, so a barge-in trims it, not an older turn.
+        messages = [*(record.messages or []), {"role": "assistant", "content": greeting}]
+        resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1,
+                                         messages=messages[-200:]) or record
+        log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count,
+                    error_code=error_code)
         return resumed
 
     def fetch_status(self, call_sid: str) -> dict:

@@ -30,10 +30,18 @@ def request_public_url(base: str, path: str, raw_query: str) -> str:
     return f"{url}?{raw_query}" if raw_query else url
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def websocket_url(base: str, path: str) -> str:
-    """ws(s) URL for ConversationRelay: wss:// for an https base, ws:// for local http runs."""
+    """ws(s) URL for ConversationRelay: always wss://, except ws:// for an http base on this machine.
+
+    Twilio only connects to wss://; a proxy that forgets X-Forwarded-Proto must not turn a public
+    host's relay URL into ws://, so plain ws:// is reserved for local runs (tests, the simulator).
+    """
     parts = urlsplit(base)
-    scheme = "wss" if parts.scheme == "https" else "ws"
+    local = parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
+    scheme = "ws" if local else "wss"
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
 
 
@@ -110,3 +118,20 @@ class CredentialBox:
     def open(self, blob: str | None) -> tuple[str, str] | None:
         data = self.open_json(blob)
         return (data["sid"], data["token"]) if data and "sid" in data and "token" in data else None
+
+
+# SHA-256 of the Twilio account SID and auth tokens built into the Call Flow Weaver web app's bundle as fallbacks
+# (Darken11011/call-flow-weaver, src/services/twilioService.ts and PlaygroundModal.tsx, current and earlier
+# versions). They are another account's leaked credentials: a make-call body carrying them means "the web app had
+# nothing better", never "use this account". Only fingerprints are kept, so the secrets are not copied here.
+BUNDLE_FALLBACK_CREDENTIAL_SHA256 = frozenset({
+    "881a23b6f3ff2b49fd940fe272126fa1e5d0b68b193a856c46560565ef09f1a9",  # account SID AC64208c…
+    "b7ae93eabbc75a8753c2e8b7edce9638ec80d13d27b947e017744a9eb9484e50",  # auth token 587e27…
+    "011138b49782844fc7e28083b386aa7af23627dfcd73e7120b0498e301007e16",  # auth token ab3924… (earlier)
+    "beee68c47526abae91d00abff94a9ba288e841d6d857e00cc334c572c23c2524",  # auth token 6322a7… (earlier)
+})
+
+
+def is_bundle_fallback_credential(value: str) -> bool:
+    """True for a value built into the web app's bundle (recognised by its SHA-256, never by the value)."""
+    return hashlib.sha256(value.encode()).hexdigest() in BUNDLE_FALLBACK_CREDENTIAL_SHA256

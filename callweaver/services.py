@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
-import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -20,25 +21,50 @@ from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine
 from .engine.languages import LanguageTable
+from .engine.metrics import RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .lifecycle import CallLifecycle
+from .retention import run_periodically
 from .store import Store, build_store
 from .twilio_client import TwilioGateway
 
 log = structlog.get_logger()
-PURGE_EVERY_N_CALLS = 100
 
 
-def spawn(fn: Callable, *args: Any):
-    """Run off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests)."""
-    from gevent import monkey
-    context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
-    if monkey.is_module_patched("socket"):
-        import gevent
-        return gevent.spawn(context.run, fn, *args)
-    thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
-    thread.start()
-    return thread
+class Task:
+    """Work running off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests,
+    CLI commands). Callers see one surface (join, dead, kill) whichever it is."""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        from gevent import monkey
+        context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
+        self._greenlet = self._thread = None
+        if monkey.is_module_patched("socket"):
+            import gevent
+            self._greenlet = gevent.spawn(context.run, fn, *args)
+        else:
+            self._thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
+            self._thread.start()
+
+    @property
+    def dead(self) -> bool:
+        return self._greenlet.dead if self._greenlet is not None else not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        (self._greenlet or self._thread).join(timeout=timeout)
+
+    def kill(self, timeout: float | None = None) -> None:
+        """Stop it now: a greenlet is killed; a thread cannot be interrupted from outside, so it is given up to
+        `timeout` to finish the work it was already told to stop (cancellation here is cooperative)."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=timeout)
+        else:
+            self._thread.join(timeout=timeout)
+
+
+def spawn(fn: Callable, *args: Any) -> Task:
+    """Run `fn(*args)` off the request path."""
+    return Task(fn, *args)
 
 
 @dataclass
@@ -84,6 +110,11 @@ class Services:
         backend = build_cache_backend(s.cache_type, redis_url=s.cache_redis_url, cache_dir=s.cache_dir,
                                       default_timeout=s.cache_ttl_s)
         return ReplyCache(backend, ttl_s=s.cache_ttl_s)
+
+    @cached_property
+    def recent_turns(self) -> RecentTurns:
+        """This worker's copy of the recent turns behind the windowed JSON metrics (topped up per poll)."""
+        return RecentTurns(self.store)
 
     @cached_property
     def tracer(self) -> NullTracer | CallTracer:
@@ -143,18 +174,12 @@ class Services:
         self.providers.warm_up()
         self.reply_cache.connect()
 
-    def prepare_call(self, tracking_id: str):
-        """While the phone rings, off the request path: warm the cache for the entry node, and now and then
-        drop calls older than RETENTION_DAYS so the store does not grow without bound."""
+    def prepare_call(self, tracking_id: str) -> Task | None:
+        """While the phone rings, off the request path: warm the cache for the entry node."""
+        if not self.settings.cache_prewarm:
+            return None
+
         def work() -> None:
-            if secrets.randbelow(PURGE_EVERY_N_CALLS) == 0:
-                try:
-                    purged = self.store.purge(time.time() - self.settings.retention_days * 86400)
-                    log.info("store_purged", calls=purged)
-                except Exception:
-                    log.exception("purge_failed")
-            if not self.settings.cache_prewarm:
-                return
             try:
                 record = self.store.get_call(tracking_id)
                 if record is not None:
@@ -163,6 +188,13 @@ class Services:
                 log.exception("prewarm_failed", tracking_id=tracking_id)
 
         return spawn(work)
+
+    def start_background_jobs(self) -> Task:
+        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval."""
+        s = self.settings
+        return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,
+                                       interval_s=s.retention_interval_s,
+                                       holder=f"{socket.gethostname()}:{os.getpid()}"))
 
 
 def services() -> Services:

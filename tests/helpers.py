@@ -6,16 +6,11 @@ from pathlib import Path
 
 from callweaver.simulate.bodies import make_call_body as build_body
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "workflows"
-LOCAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "workflows"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "workflows"
 
 
 def load_workflow(name: str = "real_estate_property_dealer") -> dict:
-    for folder in (LOCAL_FIXTURES, SHARED_FIXTURES):
-        path = folder / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(name)
+    return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
 def make_call_body(to: str = "+15551234567", workflow: str | None = "real_estate_property_dealer", **extra) -> dict:

@@ -26,7 +26,8 @@ from callweaver.cache_backends import (
 EN_FILLERS = ("um", "uh", "er")
 ZH_FILLERS = ("呃", "嗯")
 YUE_FILLERS = ("嗯", "呃", "啊", "喎")
-KEY_ARGS = {"workflow_hash": "wfhash-1", "node_id": "node-greet", "language": "en-US"}
+KEY_ARGS = {"workflow_hash": "wfhash-1", "node_id": "node-greet", "language": "en-US",
+            "heard_before": "Hi, this is Ava from Sunrise Realty. How can I help?"}
 # Outage and reconnect bounds are deliberately loose: a loaded 2-core CI box must not make them flaky.
 OUTAGE_BOUND_S = 1.5
 
@@ -116,11 +117,22 @@ def test_chinese_punctuation_variants_map_to_one_key():
 
 
 @pytest.mark.parametrize("changed", [{"node_id": "node-other"}, {"language": "es-ES"},
-                                     {"workflow_hash": "wfhash-2"}, {"utterance": "goodbye"}])
+                                     {"workflow_hash": "wfhash-2"}, {"utterance": "goodbye"},
+                                     {"heard_before": "Shall I book the evening slot?"},
+                                     {"prompt_variables": {"city": "Leeds"}}])
 def test_different_node_language_workflow_or_words_give_different_keys(changed):
     cache = memory_cache()
     base = {**KEY_ARGS, "utterance": "hello"}
     assert cache.key(**base) != cache.key(**{**base, **changed})
+
+
+def test_the_last_assistant_line_is_normalised_and_prompt_variables_are_order_free():
+    cache = memory_cache()
+    base = {**KEY_ARGS, "utterance": "Yes.", "prompt_variables": {"a": "1", "b": "Two"}}
+    same = {**base, "heard_before": "  hi, THIS is Ava from Sunrise Realty... how can i help ", "utterance": "yes",
+            "prompt_variables": {"b": "two", "a": 1}}
+    assert cache.key(**base) == cache.key(**same)
+    assert cache.key(**base) != cache.key(**{**base, "prompt_variables": {"a": "1", "b": "Three"}})
 
 
 def test_cantonese_and_mandarin_keys_differ_for_the_same_characters():
@@ -131,15 +143,17 @@ def test_cantonese_and_mandarin_keys_differ_for_the_same_characters():
 
 def test_key_fields_cannot_bleed_into_each_other():
     cache = memory_cache()
-    assert cache.key(workflow_hash="a", node_id="b c", language="en", utterance="x") != \
-        cache.key(workflow_hash="a b", node_id="c", language="en", utterance="x")
+    assert cache.key(workflow_hash="a", node_id="b c", language="en", heard_before="", utterance="x") != \
+        cache.key(workflow_hash="a b", node_id="c", language="en", heard_before="", utterance="x")
+    assert cache.key(workflow_hash="a", node_id="b", language="en", heard_before="c d", utterance="x") != \
+        cache.key(workflow_hash="a", node_id="b", language="en", heard_before="c", utterance="d x")
 
 
 def test_key_contains_no_raw_caller_text():
     cache = memory_cache()
     key = cache.key(**KEY_ARGS, utterance="My name is Jonathan Smithers")
-    assert key is not None and key.startswith("cw:reply:")
-    digest = key[len("cw:reply:"):]
+    assert key is not None and key.startswith("cw:reply:ctx1:")
+    digest = key[len("cw:reply:ctx1:"):]
     assert len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
     for word in ("jonathan", "smithers", "name", "node-greet", "wfhash"):
         assert word not in key.lower()
@@ -267,6 +281,8 @@ def test_prewarm_is_claimed_once_per_marker_by_workers_sharing_the_cache(tmp_pat
     assert worker_a.claim_prewarm("flow-1:en-US", 600) is True
     assert worker_b.claim_prewarm("flow-1:en-US", 600) is False
     assert worker_b.claim_prewarm("flow-2:en-US", 600) is True
+    worker_a.release_prewarm("flow-1:en-US")  # its call ended before the warm-up finished
+    assert worker_b.claim_prewarm("flow-1:en-US", 600) is True
     assert ReplyCache(build_cache_backend("NullCache", redis_url=None, cache_dir="", default_timeout=60)) \
         .claim_prewarm("flow-1:en-US", 600) is False
 

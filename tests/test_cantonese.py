@@ -33,6 +33,7 @@ def test_cantonese_relay_attributes(client, twilio, fake_twilio, fake_llm):
     assert relay.get("transcriptionProvider") == "Deepgram" and relay.get("speechModel") == "nova-3-general"
     assert relay.get("welcomeGreeting") == "你好，呢度係康健診所。請問有咩可以幫到你？"
     assert relay.get("transcriptionLanguage") is None  # Deepgram `multi` has no Chinese: recognition stays zh-HK
+    assert relay.get("hints") == "Dr Chan,Dr Wong"  # the flow's doctors, so recognition spells them right
     assert fake_llm.requests == []
 
 

@@ -58,3 +58,14 @@ def test_chat_without_messages_is_400(client):
         assert resp.get_json() == {"success": False, "error": "Messages array is required"}
     resp = client.post("/api/chat", json={"messages": [{"role": "robot", "content": "x"}]})
     assert resp.status_code == 400 and resp.get_json()["success"] is False
+
+
+def test_test_optimization_reports_all_providers_down_as_a_failure(client, fake_llm, fake_llm2):
+    fake_llm.fault = fake_llm2.fault = "500"
+    resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": "en-US"})
+    assert resp.status_code == 502
+    data = resp.get_json()
+    assert data["success"] is False and data["error"] == "Failed to generate AI response"
+    assert data["status"] == "failed" and "every LLM provider failed" in data["details"]
+    assert {f["provider"] for f in data["failovers"]} == {"azure", "openai"}
+    assert data["optimization"] == {"enabled": False, "fallbackUsed": True}

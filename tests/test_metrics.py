@@ -139,7 +139,7 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
     counts = {tuple(sorted(s.labels.items())): s.value for s in hist.samples if s.name.endswith("_count")}
     assert sum(counts.values()) == 9
     assert any(dict(k)["path"] == "optimized" for k in counts) and any(dict(k)["path"] == "traditional" for k in counts)
-    assert "callweaver_provider_circuit_state" in families and "callweaver_calls" in families
+    assert "callweaver_provider_circuit_state" in families and "callweaver_live_calls" in families
 
 
 def test_test_optimization_reports_measured_stages(stack):

@@ -8,7 +8,7 @@ from callweaver.simulate import http
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.fakes.fake_llm import FakeLLM
 from tests.fakes.live_server import REPO, LiveServer, free_port
-from tests.helpers import LOCAL_FIXTURES
+from tests.helpers import FIXTURES
 from tests.scripted_brain import real_estate_brain
 
 
@@ -35,12 +35,11 @@ def test_simulator_cli_replays_a_script_through_the_relay(tmp_path):
                "LLM_PROVIDERS": "openai", "OPENAI_BASE_URL": llm.url, "OPENAI_API_KEY": "sk-sim-000000",
                "AZURE_OPENAI_API_KEY": "", "REDIS_URL": "", "CALLWEAVER_DB": str(tmp_path / "sim.sqlite3"),
                "CACHE_DIR": str(tmp_path / "cache"), "CACHE_PREWARM": "0"}
-        script = tmp_path / "caller.txt"
-        script.write_text("I want to buy a house\nA three bedroom house\nMy name is Ann\nThat's everything\n")
+        script = REPO / "tests" / "fixtures" / "scripts" / "real_estate_buyer.txt"  # the README's example
         with LiveServer(env, workers=1) as server:
             out = subprocess.run(
                 [sys.executable, "-m", "callweaver.simulate", "--base-url", server.url,
-                 "--workflow", str(LOCAL_FIXTURES / "real_estate_property_dealer.json"), "--script", str(script),
+                 "--workflow", str(FIXTURES / "real_estate_property_dealer.json"), "--script", str(script),
                  "--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--twilio-port", str(twilio_port)],
                 cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr + out.stdout

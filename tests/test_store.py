@@ -299,11 +299,10 @@ def test_list_calls_filters_by_creation_time_and_activity(store):
 
 
 def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
-    fixture = os.path.join("/work/shared/fixtures/workflows/real_estate_property_dealer.json")
-    snapshot = {"nodes": [{"id": "start", "data": {"firstMessage": CANTONESE}}], "edges": []}
-    if os.path.exists(fixture):
-        with open(fixture, encoding="utf-8") as handle:
-            snapshot = json.load(handle)
+    fixture = os.path.join(REPO_ROOT, "tests", "fixtures", "workflows", "real_estate_property_dealer.json")
+    with open(fixture, encoding="utf-8") as handle:
+        snapshot = json.load(handle)
+    snapshot["nodes"][0]["data"]["firstMessage"] = CANTONESE
 
     store.save_workflow("wf_1", snapshot)
     assert store.get_workflow("wf_1") == snapshot

@@ -68,3 +68,20 @@ def test_prewarm_fills_the_cache_while_the_phone_rings(env, fake_twilio, fake_ll
     assert "This is Premier Properties" in root.find("Say").text
     (turn,) = app.extensions["callweaver"].store.turns(data["trackingId"])
     assert turn["cacheHit"] is True and turn["source"] == "cache"
+
+
+def test_prewarm_stops_when_its_call_ends(env, fake_twilio, fake_llm):
+    import threading
+    app = create_app({**env, "CACHE_PREWARM": "0", "CACHE_TYPE": "SimpleCache"})
+    svc = app.extensions["callweaver"]
+    fake_llm.responder = lambda body: Reply(text=" ".join(["word"] * 40), ttft_s=0.05, token_interval_s=0.1)
+    data = app.test_client().post("/api/make-call", json=make_call_body()).get_json()
+    record = svc.store.get_call(data["trackingId"])
+    warming = threading.Thread(target=svc.engine.prewarm, args=(record,), daemon=True)
+    warming.start()
+    fake_llm.wait_for_requests(1, timeout_s=10)
+    svc.store.append_status(record.tracking_id, "completed", 5, {"CallStatus": "completed"})  # caller hung up
+    warming.join(timeout=20)
+    assert not warming.is_alive()
+    assert len(fake_llm.requests) == 1  # the reply in flight was abandoned and no further one was asked for
+    assert svc.reply_cache.stats()["puts"] == 0

@@ -10,7 +10,7 @@ import time
 import unicodedata
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import structlog
 
@@ -28,6 +28,8 @@ LOCAL_CACHE_MAX_ENTRIES = 5000
 HEALTH_PROBE_TTL_S = 30
 # Bumped when the stored entry layout changes, so old entries read as misses instead of garbage.
 ENTRY_FORMAT_VERSION = 1
+# Part of every key: entries stored under an older key layout (without the caller's context) are never read.
+KEY_FORMAT = "ctx1:"
 
 # Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
 _APOSTROPHES = frozenset("'’ʼ‘`´")
@@ -216,19 +218,29 @@ class ReplyCache:
         workflow_hash: str,
         node_id: str,
         language: str,
+        heard_before: str,
         utterance: str,
+        prompt_variables: Mapping[str, Any] | None = None,
         fillers: Iterable[str] = (),
     ) -> str | None:
-        """A hash of where and what was said; None when the utterance is empty or too long to recur."""
+        """A hash of what the caller is answering and what they said; None when the words cannot recur.
+
+        The same words answer different questions ("Yes." to the morning slot or to the evening slot), so the key
+        holds the last assistant line the caller heard (normalised) next to the workflow version, node, language,
+        the normalised utterance and the values of the variables the node's prompt uses.
+        """
         normalized = normalize_utterance(utterance or "", fillers)
         if not normalized or len(normalized) > self.max_utterance_chars:
             return None
+        variables = sorted((str(name), _fold(str(value)).strip())
+                           for name, value in (prompt_variables or {}).items())
         # JSON keeps the fields apart, so ("a b", "c") and ("a", "b c") can never collide.
         material = json.dumps(
-            [str(workflow_hash), str(node_id), str(language).strip().casefold(), normalized],
+            [str(workflow_hash), str(node_id), str(language).strip().casefold(), normalize_utterance(heard_before),
+             variables, normalized],
             ensure_ascii=False,
         )
-        return self.key_prefix + hashlib.sha256(material.encode("utf-8")).hexdigest()
+        return self.key_prefix + KEY_FORMAT + hashlib.sha256(material.encode("utf-8")).hexdigest()
 
     def get(self, key: str | None) -> CachedReply | None:
         """The cached reply, or None on a miss, an expired or unreadable entry, or a backend failure."""
@@ -276,10 +288,20 @@ class ReplyCache:
         if self.backend_name == "NullCache":
             return False  # a cache that keeps nothing is not worth warming
         try:
-            return bool(self.backend.add(f"{self.key_prefix}prewarm:{marker}", 1, timeout=max(1, int(interval_s))))
+            return bool(self.backend.add(self._prewarm_key(marker), 1, timeout=max(1, int(interval_s))))
         except Exception as exc:
             self._record_error("claim_prewarm", exc)
             return False
+
+    def release_prewarm(self, marker: str) -> None:
+        """A prewarm stopped before it finished (its call ended): let the next call of the flow warm it."""
+        try:
+            self.backend.delete(self._prewarm_key(marker))
+        except Exception as exc:
+            self._record_error("release_prewarm", exc)
+
+    def _prewarm_key(self, marker: str) -> str:
+        return f"{self.key_prefix}prewarm:{hashlib.sha256(marker.encode('utf-8')).hexdigest()}"
 
     def stats(self) -> dict:
         """This process's counters since start; diagnostics only (the store holds the measured hit rate)."""

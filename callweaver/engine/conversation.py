@@ -10,8 +10,10 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
+from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .languages import LanguageEntry, LanguageTable
+from .prometheus import turn_counters
 from .tracing import NULL_SPAN, NullTracer
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
@@ -20,6 +22,8 @@ log = structlog.get_logger()
 
 _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
+# How often a running prewarm looks in the store for the end of its call.
+CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
                          "natural.")
 
@@ -89,6 +93,7 @@ class TurnResult:
     transitioned_via: str | None = None
     llm_requests: int = 0
     language_switched: bool = False
+    keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
     trace_span: Any = NULL_SPAN        # the turn's span (tracing.py); NULL_SPAN when tracing is off
 
@@ -163,6 +168,14 @@ class ConversationEngine:
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
 
+    def declared_languages(self, record) -> list[str]:
+        """The languages the call's relay TwiML declared (home first); a switch may only land on these."""
+        declared = (record.meta or {}).get("relayLanguages")
+        if declared:
+            return list(declared)
+        home = self.languages.get((record.meta or {}).get("homeLanguage") or record.language)
+        return [entry.code for entry in self.languages.switch_targets(home)]
+
     def state_of(self, record, workflow: Workflow) -> ConversationState:
         node = record.current_node if record.current_node in workflow.nodes else workflow.entry_node_id()
         return ConversationState(current_node=node, variables=dict(record.variables or {}),
@@ -174,7 +187,7 @@ class ConversationEngine:
         entry = self.language_of(record)
         switched = False
         if lang:
-            target = self.languages.switch_target(entry.code, lang)
+            target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
                 entry, switched = target, True
         state = self.state_of(record, workflow)
@@ -184,11 +197,17 @@ class ConversationEngine:
                                                               language=entry.code, path=record.path))
         control = TurnControl()
         chain = self.chain_for(record)
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain), utterance,
-                    control)
+        keypad = self.may_press_keys(record)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
+                    utterance, control)
+
+    @staticmethod
+    def may_press_keys(record) -> bool:
+        """A relay call we placed may reach a phone menu: Twilio's setup says it is outbound."""
+        return str(((record.meta or {}).get("setup") or {}).get("direction", "")).startswith("outbound")
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl, chain) -> Iterator[str]:
+             result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome)
@@ -200,13 +219,12 @@ class ConversationEngine:
             return
 
         plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
-                         history_limit=self.history_limit)
+                         history_limit=self.history_limit, keypad=keypad)
         result.cacheable = plan.cacheable
         key = None
         if self.cache is not None and plan.cacheable:
             started = self.clock()
-            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
-                                 utterance=utterance, fillers=entry.fillers)
+            key = self._cache_key(workflow, plan, entry, state, utterance)
             with self.tracer.child(result.trace_span, "cache.lookup") as span:
                 hit = self.cache.get(key)
                 span.set_attribute("callweaver.cache.hit", hit is not None)
@@ -287,6 +305,13 @@ class ConversationEngine:
             control.stream = None
             self.tracer.end_llm_request(llm_span, stream)
 
+    def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
+                   utterance: str) -> str | None:
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) too."""
+        return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
+                              heard_before=last_assistant_line(state.messages), utterance=utterance,
+                              prompt_variables=plan.prompt_variables, fillers=entry.fillers)
+
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
         return [m["content"] for m in state.messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
@@ -305,6 +330,7 @@ class ConversationEngine:
         result.action_message = outcome.action_message
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
+        result.keys = outcome.keys
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
@@ -314,6 +340,8 @@ class ConversationEngine:
         heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
         messages = list(record.messages or [])
         messages.append({"role": "user", "content": turn.utterance})
+        if r.keys and not interrupted:
+            heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
         action = None if interrupted or not r.completed else r.action
@@ -334,7 +362,7 @@ class ConversationEngine:
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
             "languageSwitched": r.language_switched,
         }
-        self.store.append_turn(record.tracking_id, turn_row)
+        self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply
@@ -344,30 +372,50 @@ class ConversationEngine:
         return updated
 
     # ---- while the phone rings ------------------------------------------------------------------
-    def prewarm(self, record, max_nodes: int = 1) -> int:
-        """Generate replies to the utterances callers open with, off the critical path, so they hit the cache."""
+    def prewarm(self, record) -> int:
+        """Answer the utterances callers open with while the phone rings, so the first turn hits the cache.
+
+        Each reply is generated with the greeting as the only history and keyed to it, so it serves only callers
+        answering the greeting. The work stops as soon as the call is over (no cost after hang-up).
+        """
         if self.cache is None:
             return 0
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
-        if not self.cache.claim_prewarm(f"{workflow.version_hash}:{entry.code}", PREWARM_INTERVAL_S):
-            return 0  # a worker of this instance (or, with Redis, of the service) warmed or is warming this flow
+        # Once per flow, language and greeting (the context the replies are keyed to) per PREWARM_INTERVAL_S, for
+        # every worker sharing the cache (one machine's, or with Redis every instance's).
+        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or ""))
+        if not self.cache.claim_prewarm(marker, PREWARM_INTERVAL_S):
+            return 0  # another call of this flow warmed it, or is warming it
         node_id = workflow.entry_node_id()
-        state = ConversationState(node_id, {}, list(record.messages or []))
+        greeting = [{"role": "assistant", "content": record.greeting}] if record.greeting else []
+        state = ConversationState(node_id, {}, greeting)
+        call_over = _CallOverCheck(self.store, record.tracking_id)
         stored = 0
         for utterance in entry.prewarm_utterances:
+            if call_over():
+                log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                self.cache.release_prewarm(marker)
+                return stored
             plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
                              history_limit=self.history_limit)
             if not plan.cacheable:
-                return stored
-            key = self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
-                                 utterance=utterance, fillers=entry.fillers)
+                break
+            key = self._cache_key(workflow, plan, entry, state, utterance)
             if key is None or self.cache.get(key) is not None:
                 continue
-            stream = self.chain_for(record).complete(plan.messages, tools=plan.tools,
-                                             temperature=workflow.llm_options.get("temperature"),
-                                             max_tokens=workflow.llm_options.get("max_tokens"),
-                                             apology=entry.line("apology"))
+            stream = self.chain_for(record).stream(plan.messages, tools=plan.tools,
+                                                   temperature=workflow.llm_options.get("temperature"),
+                                                   max_tokens=workflow.llm_options.get("max_tokens"),
+                                                   apology=entry.line("apology"))
+            with stream:
+                for _token in stream:
+                    if call_over():
+                        break
+            if call_over():
+                log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                self.cache.release_prewarm(marker)
+                return stored
             if stream.apology_used:
                 break
             outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
@@ -379,6 +427,31 @@ class ConversationEngine:
                                                               node_id=node_id)))
         log.info("cache_prewarmed", tracking_id=record.tracking_id, node=node_id, stored=stored)
         return stored
+
+
+class _CallOverCheck:
+    """Whether a call has ended (terminal status in the store), read at most every CALL_OVER_CHECK_S."""
+
+    def __init__(self, store, tracking_id: str, clock: Callable[[], float] = time.monotonic):
+        self.store, self.tracking_id, self.clock = store, tracking_id, clock
+        self._checked_at: float | None = None
+        self._over = False
+
+    def __call__(self) -> bool:
+        now = self.clock()
+        if not self._over and (self._checked_at is None or now - self._checked_at >= CALL_OVER_CHECK_S):
+            self._checked_at = now
+            record = self.store.get_call(self.tracking_id)
+            self._over = record is None or record.ended_at is not None or record.status in TERMINAL_STATUSES
+        return self._over
+
+
+def last_assistant_line(messages: list[dict]) -> str:
+    """The last thing the caller heard from the assistant (history holds what was heard); "" before any."""
+    for message in reversed(messages or []):
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
 
 
 def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[str, Any]:
@@ -406,6 +479,7 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
                                           "firstTokenMs": first_token_ms, "lastTokenMs": total_ms})
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
-    return {"language": entry.code, "languageKnown": known, "cacheHit": r.cache_hit, "text": r.reply_text,
+    return {"language": entry.code, "languageKnown": known, "source": r.source, "cacheHit": r.cache_hit,
+            "text": r.reply_text,
             "provider": r.provider, "failovers": r.failovers, "stages": stages, "firstTokenMs": first_token_ms,
             "totalMs": total_ms}

@@ -5,7 +5,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 DEFAULT_CODE = "en-US"
 DEFAULT_TABLE_PATH = Path(__file__).with_name("languages.json")
@@ -25,28 +25,24 @@ MIN_TERMINATION_PHRASES = 4
 MAX_TERMINATION_PHRASES = 10
 MIN_PREWARM_UTTERANCES = 3
 
-# --- Allowed provider combinations, as data (twilio.md §1, §3, §4) -----------------------------
+# --- Allowed provider combinations, as data -----------------------------------------------------
+# Twilio's published ConversationRelay voice and provider lists, with their sources and date, live in
+# relay_voice_lists.json; the table may only name what is listed there.
+VOICE_LISTS_PATH = Path(__file__).with_name("relay_voice_lists.json")
+VOICE_LISTS: Mapping[str, Any] = json.loads(VOICE_LISTS_PATH.read_text(encoding="utf-8"))
+_DEEPGRAM = VOICE_LISTS["stt"]["Deepgram"]
 
-# Deepgram nova-3, per twilio.md §3. Keys are what deepgram_language_key() returns: the primary
-# subtag, except where Deepgram distinguishes regions or scripts (Chinese, Flemish, Swiss German).
-DEEPGRAM_NOVA3_LANGUAGES: frozenset[str] = frozenset({
-    "en", "es", "fr", "de", "pt", "nl", "it", "tr", "no", "id", "bg", "cs", "fi", "hi", "hu", "ja",
-    "ko", "pl", "ru", "uk", "vi", "ca", "et", "nl-BE", "de-CH", "el", "lv", "lt", "ms", "ro", "sk",
-    "zh-CN", "zh-TW", "zh-HK", "th", "bn", "mr", "ta", "te",
-})
+# Deepgram keys by primary subtag, except where it distinguishes regions or scripts (Chinese, Flemish,
+# Swiss German); see deepgram_language_key().
+DEEPGRAM_NOVA3_LANGUAGES: frozenset[str] = frozenset(_DEEPGRAM["models"]["nova-3-general"])
 # Deepgram nova-2: used only where nova-3 does not cover the language (Danish, Swedish).
-DEEPGRAM_NOVA2_LANGUAGES: frozenset[str] = frozenset({
-    "bg", "ca", "zh-CN", "zh-TW", "zh-HK", "cs", "da", "nl", "en", "et", "fi", "nl-BE", "fr", "de",
-    "de-CH", "el", "hi", "hu", "id", "it", "ja", "ko", "lv", "lt", "ms", "no", "pl", "pt", "ro",
-    "ru", "sk", "es", "sv", "th", "tr", "uk", "vi",
-})
+DEEPGRAM_NOVA2_LANGUAGES: frozenset[str] = frozenset(_DEEPGRAM["models"]["nova-2-general"])
 # Codes Deepgram keys by full tag rather than by primary subtag.
 _DEEPGRAM_FULL_CODE_KEYS = frozenset({"zh-CN", "zh-TW", "zh-HK", "nl-BE", "de-CH"})
 _DEEPGRAM_PRIMARY_ALIASES = {"nb": "no", "nn": "no"}
 
 ALLOWED_STT: dict[str, frozenset[str]] = {
-    "Deepgram": frozenset({"nova-3-general", "nova-2-general"}),
-    "Google": frozenset({"telephony"}),
+    provider: frozenset(listing["models"]) for provider, listing in VOICE_LISTS["stt"].items()
 }
 
 # Google voice names are <locale>-<Type>-<X>; the locale is Google's, which differs from the call's
@@ -54,74 +50,22 @@ ALLOWED_STT: dict[str, frozenset[str]] = {
 GOOGLE_TTS_LOCALE_BY_CODE: dict[str, str] = {
     "zh-CN": "cmn-CN", "zh-TW": "cmn-TW", "zh-HK": "yue-HK", "ar-SA": "ar-XA",
 }
-GOOGLE_CHIRP3_HD_VOICE_NAMES: frozenset[str] = frozenset({
-    "Achernar", "Achird", "Algenib", "Algieba", "Alnilam", "Aoede", "Autonoe", "Callirrhoe", "Charon",
-    "Despina", "Enceladus", "Erinome", "Fenrir", "Gacrux", "Iapetus", "Kore", "Laomedeia", "Leda",
-    "Orus", "Pulcherrima", "Puck", "Rasalgethi", "Sadachbia", "Sadaltager", "Schedar", "Sulafat",
-    "Umbriel", "Vindemiatrix", "Zephyr", "Zubenelgenubi",
-})
-_GOOGLE_CHIRP3_HD_LOCALES = frozenset({
-    "ar-XA", "bn-IN", "bg-BG", "hr-HR", "cs-CZ", "da-DK", "nl-BE", "nl-NL", "en-AU", "en-IN", "en-GB",
-    "en-US", "et-EE", "fi-FI", "fr-CA", "fr-FR", "de-DE", "el-GR", "gu-IN", "he-IL", "hi-IN", "hu-HU",
-    "id-ID", "it-IT", "ja-JP", "kn-IN", "ko-KR", "lv-LV", "lt-LT", "ml-IN", "cmn-CN", "mr-IN", "nb-NO",
-    "pl-PL", "pt-BR", "ro-RO", "ru-RU", "sr-RS", "sk-SK", "sl-SI", "es-ES", "es-US", "sw-KE", "sv-SE",
-    "ta-IN", "te-IN", "th-TH", "tr-TR", "uk-UA", "ur-IN", "vi-VN", "yue-HK",
-})
-_STD = frozenset({"Standard"})
-_WAVENET = frozenset({"Standard", "Wavenet"})
-_NEURAL2 = frozenset({"Standard", "Wavenet", "Neural2"})
-_GOOGLE_CLASSIC_TYPES: dict[str, frozenset[str]] = {
-    "en-US": _NEURAL2 | {"Journey"}, "en-GB": _NEURAL2, "en-AU": _NEURAL2, "en-IN": _NEURAL2,
-    "es-ES": _NEURAL2, "es-US": _NEURAL2, "fr-FR": _NEURAL2, "fr-CA": _NEURAL2, "de-DE": _NEURAL2,
-    "it-IT": _NEURAL2, "pt-BR": _NEURAL2, "ja-JP": _NEURAL2, "ko-KR": _NEURAL2, "hi-IN": _NEURAL2,
-    "vi-VN": _NEURAL2, "da-DK": _NEURAL2, "th-TH": frozenset({"Standard", "Neural2"}),
-    "pt-PT": _WAVENET, "nl-NL": _WAVENET, "nl-BE": _WAVENET, "sv-SE": _WAVENET, "nb-NO": _WAVENET,
-    "fi-FI": _WAVENET, "pl-PL": _WAVENET, "cs-CZ": _WAVENET, "sk-SK": _WAVENET, "hu-HU": _WAVENET,
-    "ro-RO": _WAVENET, "el-GR": _WAVENET, "tr-TR": _WAVENET, "ru-RU": _WAVENET, "uk-UA": _WAVENET,
-    "he-IL": _WAVENET, "ar-XA": _WAVENET, "bn-IN": _WAVENET, "ta-IN": _WAVENET, "mr-IN": _WAVENET,
-    "gu-IN": _WAVENET, "kn-IN": _WAVENET, "ml-IN": _WAVENET, "id-ID": _WAVENET, "ms-MY": _WAVENET,
-    "fil-PH": _WAVENET, "cmn-CN": _WAVENET, "cmn-TW": _WAVENET,
-    "te-IN": _STD, "yue-HK": _STD, "bg-BG": _STD, "ca-ES": _STD, "et-EE": _STD, "lv-LV": _STD,
-    "lt-LT": _STD, "is-IS": _STD, "sr-RS": _STD, "af-ZA": _STD,
-}
+GOOGLE_CHIRP3_HD_VOICE_NAMES: frozenset[str] = frozenset(VOICE_LISTS["tts"]["Google"]["chirp3HdVoiceNames"])
 
 # Amazon Polly neural voices by Polly locale; Polly files Cantonese under yue-CN.
 AMAZON_TTS_LOCALE_BY_CODE: dict[str, str] = {"zh-CN": "cmn-CN", "zh-HK": "yue-CN", "ar-SA": "ar-AE"}
-_AMAZON_NEURAL_VOICES: dict[str, frozenset[str]] = {
-    "en-US": frozenset({"Danielle", "Gregory", "Ivy", "Joanna", "Kendra", "Kimberly", "Salli", "Joey",
-                        "Justin", "Kevin", "Matthew", "Ruth", "Stephen"}),
-    "en-GB": frozenset({"Amy", "Emma", "Brian", "Arthur"}), "en-AU": frozenset({"Olivia"}),
-    "en-IN": frozenset({"Kajal"}), "en-NZ": frozenset({"Aria"}), "en-ZA": frozenset({"Ayanda"}),
-    "en-IE": frozenset({"Niamh"}), "es-ES": frozenset({"Lucia", "Sergio"}),
-    "es-MX": frozenset({"Mia", "Andres"}), "es-US": frozenset({"Lupe", "Pedro"}),
-    "fr-FR": frozenset({"Lea", "Remi"}), "fr-CA": frozenset({"Gabrielle", "Liam"}),
-    "de-DE": frozenset({"Vicki", "Daniel"}), "de-AT": frozenset({"Hannah"}),
-    "it-IT": frozenset({"Bianca", "Adriano"}), "pt-BR": frozenset({"Camila", "Vitoria", "Thiago"}),
-    "pt-PT": frozenset({"Ines"}), "nl-NL": frozenset({"Laura"}), "nl-BE": frozenset({"Lisa"}),
-    "da-DK": frozenset({"Sofie"}), "nb-NO": frozenset({"Ida"}), "fi-FI": frozenset({"Suvi"}),
-    "sv-SE": frozenset({"Elin"}), "pl-PL": frozenset({"Ola"}), "ca-ES": frozenset({"Arlet"}),
-    "ja-JP": frozenset({"Takumi", "Kazuha", "Tomoko"}), "ko-KR": frozenset({"Seoyeon"}),
-    "cmn-CN": frozenset({"Zhiyu"}), "yue-CN": frozenset({"Hiujin"}), "ar-AE": frozenset({"Hala", "Zayd"}),
-    "hi-IN": frozenset({"Kajal"}),
-}
-# ElevenLabs Flash/Turbo v2.5 languages (primary subtags). Cantonese is not among them (twilio.md §3).
-_ELEVENLABS_LANGUAGES = frozenset({
-    "en", "ja", "zh", "de", "hi", "fr", "ko", "pt", "it", "es", "id", "nl", "tr", "fil", "pl", "sv",
-    "bg", "ro", "ar", "cs", "el", "fi", "hr", "ms", "sk", "da", "ta", "uk", "ru", "hu", "no", "nb", "vi",
-})
-ELEVENLABS_EXCLUDED_CODES: frozenset[str] = frozenset({"zh-HK"})
+# ElevenLabs Flash/Turbo v2.5 languages (primary subtags). Cantonese is not among them.
+ELEVENLABS_EXCLUDED_CODES: frozenset[str] = frozenset(VOICE_LISTS["tts"]["ElevenLabs"]["excludedCodes"])
 
 ALLOWED_TTS: dict[str, Any] = {
     # Google: Google locale -> voice types that exist there.
-    "Google": {
-        locale: _GOOGLE_CLASSIC_TYPES.get(locale, frozenset())
-        | (frozenset({"Chirp3-HD"}) if locale in _GOOGLE_CHIRP3_HD_LOCALES else frozenset())
-        for locale in set(_GOOGLE_CLASSIC_TYPES) | _GOOGLE_CHIRP3_HD_LOCALES
-    },
+    "Google": {locale: frozenset(types)
+               for locale, types in VOICE_LISTS["tts"]["Google"]["voiceTypesByLocale"].items()},
     # Amazon: Polly locale -> neural voice names (used as "<Name>-Neural").
-    "Amazon": _AMAZON_NEURAL_VOICES,
+    "Amazon": {locale: frozenset(names)
+               for locale, names in VOICE_LISTS["tts"]["Amazon"]["neuralVoicesByLocale"].items()},
     # ElevenLabs: voice ids are language-agnostic; the language must be one the model speaks.
-    "ElevenLabs": _ELEVENLABS_LANGUAGES,
+    "ElevenLabs": frozenset(VOICE_LISTS["tts"]["ElevenLabs"]["languages"]),
 }
 
 _BCP47 = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
@@ -482,11 +426,15 @@ class LanguageTable:
         """Like resolve(), but never fails: unknown or empty codes give en-US."""
         return self.resolve(code) or self._default
 
-    def switch_target(self, current_code: str, prompt_lang: str | None) -> LanguageEntry | None:
+    def switch_target(self, current_code: str, prompt_lang: str | None,
+                      declared: Sequence[str] | None = None) -> LanguageEntry | None:
         """The language to switch to for a caller utterance tagged prompt_lang, or None to stay.
 
         With Deepgram `multi`, prompt.lang carries only the primary subtag ("en"), so a bare subtag
         that matches the current language is the same language, not a switch (en-GB stays en-GB).
+        `declared` lists the languages the call's TwiML declared, the call's home language first: a
+        switch only ever lands on one of them (Twilio refuses the others), and a bare subtag picks the
+        first declared language of that subtag, so en-GB → es-ES → "en" returns to en-GB, not en-US.
         """
         if not isinstance(prompt_lang, str) or not prompt_lang.strip():
             return None
@@ -494,20 +442,35 @@ class LanguageTable:
         if target is None:
             return None
         current = self.get(current_code)
-        if target.code == current.code:
-            return None
         spoken = _normalise(prompt_lang)
         if "-" not in spoken and spoken == _normalise(primary_subtag(current.code)):
             return None
+        if declared is not None:
+            allowed = [entry for code in declared if (entry := self.resolve(code)) is not None]
+            if target not in allowed or "-" not in spoken:
+                primary = primary_subtag(target.code)
+                target = next((e for e in allowed if primary_subtag(e.code) == primary), None)
+                if target is None:
+                    return None
+        if target.code == current.code:
+            return None
         return target
+
+    def switch_targets(self, home: LanguageEntry) -> list[LanguageEntry]:
+        """Every language a relay call that starts in `home` can switch to, home first.
+
+        These are all declared as <Language> in the TwiML, so each `language` message names one Twilio
+        has configured (voice and recognition); empty besides home when recognition cannot auto-detect.
+        """
+        return [home, *multilingual_partners(self, home)]
 
     def problems(self) -> dict[str, list[str]]:
         """entry_problems() for every entry that has any, keyed by code (for tests and health checks)."""
         return {entry.code: found for entry in self._entries if (found := entry_problems(entry))}
 
 
-# Languages Deepgram's `multi` model recognises (twilio.md §3); a call in one of them can auto-detect a switch.
-DEEPGRAM_MULTI_LANGUAGES = frozenset({"en", "es", "fr", "de", "hi", "ru", "pt", "ja", "it", "nl"})
+# Languages Deepgram's `multi` model recognises; a call in one of them can auto-detect a switch.
+DEEPGRAM_MULTI_LANGUAGES: frozenset[str] = frozenset(_DEEPGRAM["multi"])
 
 
 def multilingual_partners(table: "LanguageTable", entry: LanguageEntry) -> list[LanguageEntry]:

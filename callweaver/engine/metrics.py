@@ -5,6 +5,7 @@ Nothing here estimates: a figure with no samples is None, with a reason next to 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
@@ -21,7 +22,7 @@ PUBLISHED_PEER_FIGURES = [
     {"name": "Bland AI", "metric": "voice-to-voice latency p50 (third-party tests)", "valueMs": [850, 850],
      "source": "docs/peers.md (third-party tests summarised there)", "comparable": False},
     {"name": "Twilio latency guide", "metric": "LLM time to first token target / upper limit",
-     "valueMs": [375, 750], "source": "Twilio blog 'A Guide to Core Latency in AI Voice Agents', 2025-11-17",
+     "valueMs": [375, 750], "source": "docs/peers.md (Twilio blog 'A Guide to Core Latency in AI Voice Agents', 2025-11-17)",
      "comparable": False},
 ]
 
@@ -84,15 +85,58 @@ def summarize_turns(turns: list[dict]) -> dict[str, Any]:
     }
 
 
-class MetricsReader:
-    """Aggregates over the store's turns, so every worker and instance reports the same figures."""
+class RecentTurns:
+    """The turns of the recent windows, kept by one worker and topped up with only what is new.
+
+    A dashboard polls every 2 s: the first poll reads its window from the store, later ones read the last few
+    seconds (plus OVERLAP_S, so a turn committed a moment after its timestamp is not missed); turns that leave
+    every window are dropped. Windows longer than MAX_KEPT_S are read from the store each time (rare, by hand).
+    """
+
+    OVERLAP_S = 5.0
+    MAX_KEPT_S = 86400.0
 
     def __init__(self, store, clock: Callable[[], float] = time.time):
         self.store = store
         self.clock = clock
+        self._lock = threading.Lock()
+        self._turns: dict[tuple, dict] = {}  # (trackingId, index) → turn
+        self._kept_s = 0.0                   # the widest window asked for: everything newer is held
+        self._read_at: float | None = None   # when the store was last read
+
+    def since(self, since: float) -> list[dict]:
+        """Turns with at >= since, oldest first; the same rows the store would return."""
+        now = self.clock()
+        if now - since > self.MAX_KEPT_S:
+            return self.store.recent_turns(since)
+        with self._lock:
+            if self._read_at is None or now - since > self._kept_s:
+                # A minute of margin: the same window asked again a moment later must not count as wider.
+                self._kept_s = now - since + 60.0
+                self._turns = {}
+                fresh = self.store.recent_turns(now - self._kept_s)
+            else:
+                fresh = self.store.recent_turns(self._read_at - self.OVERLAP_S)
+            self._read_at = now
+            for turn in fresh:
+                self._turns[(turn.get("trackingId"), turn.get("index"))] = turn
+            horizon = now - self._kept_s
+            self._turns = {k: t for k, t in self._turns.items() if (t.get("at") or 0) >= horizon}
+            kept = [t for t in self._turns.values() if (t.get("at") or 0) >= since]
+        kept.sort(key=lambda t: t.get("at") or 0)
+        return kept
+
+
+class MetricsReader:
+    """Aggregates over the store's turns, so every worker and instance reports the same figures."""
+
+    def __init__(self, store, clock: Callable[[], float] = time.time, recent: RecentTurns | None = None):
+        self.store = store
+        self.clock = clock
+        self.recent = recent or RecentTurns(store, clock)
 
     def summary(self, window_s: int = 3600) -> dict[str, Any]:
-        turns = self.store.recent_turns(self.clock() - window_s)
+        turns = self.recent.since(self.clock() - window_s)
         s = summarize_turns(turns)
         return {"windowSeconds": window_s, "turns": s["turns"], "firstTokenMs": s["firstTokenMs"],
                 "cacheHitRate": s["cacheHitRate"]}
@@ -146,7 +190,7 @@ class MetricsReader:
 
     def aggregate(self, window_s: int) -> dict[str, Any]:
         now = self.clock()
-        turns = self.store.recent_turns(now - window_s)
+        turns = self.recent.since(now - window_s)
         by_path: dict[str, list[dict]] = defaultdict(list)
         by_provider: dict[str, list[dict]] = defaultdict(list)
         for t in turns:
@@ -154,11 +198,10 @@ class MetricsReader:
             if t.get("provider"):
                 by_provider[t["provider"]].append(t)
         s = summarize_turns(turns)
-        calls = self.store.list_calls(since=now - window_s)
-        active = [c for c in calls if c.ended_at is None and c.status not in ("failed",)]
+        active = [c for c in self.store.live_calls(since=now - window_s) if c.status != "failed"]
         return {
             "windowSeconds": window_s,
-            "activeCalls": len(active), "calls": len(calls),
+            "activeCalls": len(active), "calls": self.store.count_calls(since=now - window_s),
             "totalProcessedRequests": s["turns"], "turns": s["turns"],
             "averageLatency": s["firstTokenMs"]["mean"],
             "cacheHitRate": s["cacheHitRate"], "errorRate": s["errorRate"],
@@ -175,7 +218,7 @@ class MetricsReader:
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:
-        turns = self.store.recent_turns(self.clock() - window_s)
+        turns = self.recent.since(self.clock() - window_s)
         trad = distribution(t.get("firstTokenMs") for t in turns if t.get("path") == "traditional")
         opt = distribution(t.get("firstTokenMs") for t in turns if t.get("path") == "optimized")
         improvement: dict[str, Any]
@@ -192,7 +235,7 @@ class MetricsReader:
     def timeline(self, window_s: int, bucket_s: int = 60) -> list[dict[str, Any]]:
         """Per-bucket p50 first-token latency by path, for the dashboard chart."""
         now = self.clock()
-        turns = self.store.recent_turns(now - window_s)
+        turns = self.recent.since(now - window_s)
         buckets: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for t in turns:
             if t.get("firstTokenMs") is None:

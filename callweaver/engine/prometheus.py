@@ -1,65 +1,120 @@
-"""Prometheus exposition built from the store at scrape time: the same figures from every worker and instance."""
+"""Prometheus metrics with Prometheus semantics, the same from every worker and instance.
+
+Counters and histograms are cumulative since the store began: each turn adds its increments in the same store
+write that records it (`turn_counters`), so they never go down when old turns leave a window or are purged, and a
+scrape reads one row per series, whatever the stored history. Gauges (live calls, circuit state) are read now.
+"""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from ..store import CALLS_ENDED_COUNTER, counter_series as series_key
 from .metrics import added_latency_ms
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 750, 1000, 1500, 2500, 5000, 10000)
 CIRCUIT_STATES = ("closed", "half_open", "open")
+TURN_LABELS = ("path", "provider", "cache")
+TURNS = "callweaver_turns"
+PROVIDER_FAILURES = "callweaver_provider_failures"
+HISTOGRAMS = {
+    "callweaver_turn_first_token_ms": "Caller prompt received to first reply token sent (ms)",
+    "callweaver_turn_added_latency_ms": "First token sent minus provider first token (ms)",
+}
 
 
-def _histogram(name: str, doc: str, labels: list[str], series: dict[tuple, list[float]]) -> HistogramMetricFamily:
-    fam = HistogramMetricFamily(name, doc, labels=labels)
-    for key, values in sorted(series.items()):
-        buckets = [(str(b), sum(1 for v in values if v <= b)) for b in BUCKETS_MS]
-        buckets.append(("+Inf", len(values)))
-        fam.add_metric(list(key), buckets, sum_value=sum(values))
-    return fam
+def _parse_series(key: str) -> tuple[str, dict[str, str]] | None:
+    try:
+        name, labels = json.loads(key)
+        return str(name), {str(k): str(v) for k, v in labels}
+    except (ValueError, TypeError):
+        return None
+
+
+def _bucket(value: float) -> str:
+    """The one bucket an observation is stored in; the exposition makes buckets cumulative."""
+    return next((str(b) for b in BUCKETS_MS if value <= b), "+Inf")
+
+
+def turn_counters(turn: Mapping) -> dict[str, float]:
+    """What one turn adds to the cumulative metrics; written by the store together with the turn itself."""
+    labels = {"path": turn.get("path") or "unknown", "provider": turn.get("provider") or "none",
+              "cache": "hit" if turn.get("cacheHit") else "miss"}
+    out: dict[str, float] = defaultdict(float)
+    out[series_key(TURNS, labels)] += 1
+    observed = {"callweaver_turn_first_token_ms": turn.get("firstTokenMs"),
+                "callweaver_turn_added_latency_ms": added_latency_ms(dict(turn))}
+    for name, value in observed.items():
+        if value is None:
+            continue
+        out[series_key(name + "_bucket", {**labels, "le": _bucket(float(value))})] += 1
+        out[series_key(name + "_count", labels)] += 1
+        out[series_key(name + "_sum", labels)] += float(value)
+    for failover in turn.get("failovers") or []:
+        out[series_key(PROVIDER_FAILURES, {"provider": failover.get("provider") or "unknown",
+                                           "reason": failover.get("reason") or "unknown"})] += 1
+    return dict(out)
 
 
 class StoreCollector:
-    """Turn latency histograms, calls by status, provider failures and circuit state, read from the store."""
+    """Cumulative counters and histograms from the store's counter rows; live calls and circuit state now."""
 
-    def __init__(self, store, provider_health: Callable[[], list[dict]], since: Callable[[], float] = lambda: 0.0):
+    def __init__(self, store, provider_health: Callable[[], list[dict]],
+                 live_since: Callable[[], float] = lambda: 0.0):
         self.store = store
         self.provider_health = provider_health
-        self.since = since
+        self.live_since = live_since
 
     def collect(self) -> Iterable:
-        turns = self.store.recent_turns(self.since())
-        first: dict[tuple, list[float]] = defaultdict(list)
-        added: dict[tuple, list[float]] = defaultdict(list)
-        failures: dict[tuple, int] = defaultdict(int)
-        for t in turns:
-            key = (t.get("path") or "unknown", t.get("provider") or "none", "hit" if t.get("cacheHit") else "miss")
-            if t.get("firstTokenMs") is not None:
-                first[key].append(float(t["firstTokenMs"]))
-            extra = added_latency_ms(t)
-            if extra is not None:
-                added[key].append(extra)
-            for f in t.get("failovers") or []:
-                failures[(f.get("provider") or "unknown", f.get("reason") or "unknown")] += 1
-        yield _histogram("callweaver_turn_first_token_ms", "Caller prompt received to first reply token sent (ms)",
-                         ["path", "provider", "cache"], first)
-        yield _histogram("callweaver_turn_added_latency_ms", "First token sent minus provider first token (ms)",
-                         ["path", "provider", "cache"], added)
-        fail = CounterMetricFamily("callweaver_provider_failures", "LLM provider attempts that failed over",
-                                   labels=["provider", "reason"])
-        for (provider, reason), n in sorted(failures.items()):
-            fail.add_metric([provider, reason], n)
-        yield fail
-        calls = GaugeMetricFamily("callweaver_calls", "Calls in the store by current status", labels=["status"])
-        counts: dict[str, int] = defaultdict(int)
-        for c in self.store.list_calls(since=self.since()):
-            counts[c.status] += 1
-        for status, n in sorted(counts.items()):
-            calls.add_metric([status], n)
+        turns = CounterMetricFamily(TURNS, "Caller turns answered, by path, provider and cache",
+                                    labels=list(TURN_LABELS))
+        failures = CounterMetricFamily(PROVIDER_FAILURES, "LLM provider attempts that failed over",
+                                       labels=["provider", "reason"])
+        calls = CounterMetricFamily(CALLS_ENDED_COUNTER, "Calls that ended, by final Twilio status",
+                                    labels=["status"])
+        # histogram name → label values → {"buckets": {le: n}, "count": n, "sum": s}
+        histograms: dict[str, dict[tuple, dict]] = {name: defaultdict(lambda: {"buckets": {}, "count": 0.0,
+                                                                               "sum": 0.0})
+                                                    for name in HISTOGRAMS}
+        for key, value in sorted(self.store.counters().items()):
+            parsed = _parse_series(key)
+            if parsed is None:
+                continue
+            name, labels = parsed
+            if name == TURNS:
+                turns.add_metric([labels.get(k, "") for k in TURN_LABELS], value)
+            elif name == PROVIDER_FAILURES:
+                failures.add_metric([labels.get("provider", ""), labels.get("reason", "")], value)
+            elif name == CALLS_ENDED_COUNTER:
+                calls.add_metric([labels.get("status", "")], value)
+            else:
+                base, _, part = name.rpartition("_")
+                if base not in histograms:
+                    continue
+                series = histograms[base][tuple(labels.get(k, "") for k in TURN_LABELS)]
+                if part == "bucket":
+                    series["buckets"][labels.get("le", "+Inf")] = value
+                elif part in ("count", "sum"):
+                    series[part] = value
+        yield turns
+        yield failures
         yield calls
+        for name, doc in HISTOGRAMS.items():
+            family = HistogramMetricFamily(name, doc, labels=list(TURN_LABELS))
+            for label_values, series in sorted(histograms[name].items()):
+                running, buckets = 0.0, []
+                for le in [*map(str, BUCKETS_MS), "+Inf"]:
+                    running += series["buckets"].get(le, 0.0)
+                    buckets.append((le, running))
+                family.add_metric(list(label_values), buckets, sum_value=series["sum"])
+            yield family
+        live = GaugeMetricFamily("callweaver_live_calls", "Calls placed and not yet ended")
+        live.add_metric([], len(self.store.live_calls(since=self.live_since())))
+        yield live
         circuit = GaugeMetricFamily("callweaver_provider_circuit_state",
                                     "1 for the provider's current circuit state", labels=["provider", "state"])
         for p in self.provider_health():

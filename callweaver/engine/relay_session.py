@@ -1,4 +1,5 @@
-"""One live ConversationRelay socket: setup, prompt, interrupt, dtmf in; text, language, end out.
+"""One live ConversationRelay socket: setup, prompt, interrupt, dtmf, info, error in; text, language, sendDigits,
+end out (docs/twilio.md describes each case).
 
 The session is the only in-memory state of a call and lives as long as its socket; everything that must
 survive (history, node, variables, timings) is written to the store after every turn, so a lost socket resumes.
@@ -6,14 +7,28 @@ survive (history, node, variables, timings) is written to the store after every 
 from __future__ import annotations
 
 import json
+import re
+import threading
 import time
 from typing import Any, Callable, Protocol
 
 import structlog
 
+from . import relay_protocol as protocol
 from .conversation import ConversationEngine, Turn, heard_prefix
 
 log = structlog.get_logger()
+
+# The `setup` fields an operator needs to know who called whom; kept on the call record.
+SETUP_FIELDS = ("from", "to", "direction", "callerName", "forwardedFrom", "callType", "parentCallSid", "sessionId")
+DTMF_INTER_DIGIT_S = 2.0        # keypad silence that ends a typed entry ("#" ends it at once)
+DTMF_MAX_DIGITS = 32
+MAX_CONSECUTIVE_ERRORS = 3      # Twilio `error` messages in a row before we give up on the session
+# Bound on waiting for a closing line to play: generous speaking time for the text, never longer than this.
+PLAYBACK_WAIT_MIN_S = 2.0
+PLAYBACK_WAIT_MAX_S = 20.0
+SLOW_SPEECH_CHARS_PER_S = 10.0
+_ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
 class Sender(Protocol):
@@ -21,21 +36,40 @@ class Sender(Protocol):
 
 
 class RelaySession:
-    """Reads on the socket's greenlet; each reply streams on its own greenlet so `interrupt` is seen at once."""
+    """Reads on the socket's greenlet; each reply streams on its own greenlet so `interrupt` is seen at once.
 
-    def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic):
+    What Twilio hears, message by message:
+    - a reply streams as `text` tokens and is closed by an empty `text` with `last: true`;
+    - barge-in (`interrupt`): Twilio has already stopped speaking and dropped the talk cycle, so we stop
+      sending and keep what was heard; nothing more is sent for that reply;
+    - a new final prompt while a reply still streams (no barge-in): the reply is cut and its talk cycle is
+      closed with `last: true`, so the next reply is a new utterance rather than appended to the old one;
+    - a closing line (goodbye, transfer message): `end` is sent only once Twilio reports the agent fell
+      silent (`info` agentSpeaking off, from `debug="speaker-events"`), or after a bounded wait;
+    - keypad digits are collected into one turn (inter-digit timeout, `#` ends early);
+    - on calls we placed, the model may press keys (`press_keys` → `sendDigits`) to get through a phone menu.
+    """
+
+    def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
+                 inter_digit_s: float = DTMF_INTER_DIGIT_S):
         self.engine = engine
         self.sender = sender
         self.spawn = spawn
         self.clock = clock
+        self.inter_digit_s = inter_digit_s
         self.record = None
         self.call_sid: str | None = None
-        self._reply = None           # greenlet streaming (then committing) the current reply
+        self._reply = None           # task (services.Task) streaming, then committing, the current reply
         self._streaming = False      # True while that greenlet is still sending tokens
         self._turn: Turn | None = None
         self._sent = ""              # text of the current reply already sent to Twilio
         self._committed = True
         self._timings: dict[str, Any] = {}
+        self._fell_silent = threading.Event()  # set by `info` agentSpeaking off (a gevent Event under gevent)
+        self._digits = ""
+        self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
+        self._errors_in_a_row = 0
+        self._closing = False        # a closing line is playing: `end` follows, new input is not answered
         self.ended = False
 
     # ---- inbound ------------------------------------------------------------------------------
@@ -70,13 +104,19 @@ class RelaySession:
         record = store.get_call(tracking_id) if tracking_id else None
         structlog.contextvars.bind_contextvars(tracking_id=tracking_id, call_sid=self.call_sid)
         if record is None:
+            # Nothing to talk about: apologise and end the session rather than leave the caller in silence.
             log.error("relay_setup_unknown_call", tracking_id=tracking_id, call_sid=self.call_sid)
             self._speak_canned("apology")
+            self._end_soon(protocol.end("error", detail="unknown call"), self._canned("apology"))
             return
+        setup = {key: str(message[key])[:200] for key in SETUP_FIELDS if message.get(key) not in (None, "")}
+        fields: dict[str, Any] = {"meta": {**(record.meta or {}), "setup": setup}}
         if self.call_sid and record.call_sid != self.call_sid:
-            record = store.update_call(record.tracking_id, call_sid=self.call_sid) or record
+            fields["call_sid"] = self.call_sid
+        record = store.update_call(record.tracking_id, **fields) or record
         self.record = record
-        log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")))
+        log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
+                 direction=setup.get("direction"))
 
     def _on_prompt(self, message: dict) -> None:
         received = self.clock()
@@ -85,21 +125,59 @@ class RelaySession:
             return
         if message.get("last") is False:
             return  # interim transcript (partialPrompts): wait for the final one
+        if self._closing:
+            log.info("relay_prompt_while_closing")
+            return
         text = (message.get("voicePrompt") or "").strip()
         if not text:
             return
+        if self._digits:  # the caller spoke while typing: the digits so far go with the words
+            text = f"{self._keypad_note(self._take_digits())} {text}"
         self._settle_previous()
         self._start_reply(text, received, lang=message.get("lang"))
 
     def _on_dtmf(self, message: dict) -> None:
-        digit = str(message.get("digit", ""))[:8]
+        """Collect keypad digits into one turn: a pause of `inter_digit_s` or `#` ends the entry."""
+        digit = str(message.get("digit", ""))[:1]
         if self.record is None:
             log.error("relay_dtmf_before_setup")
             return
+        if digit not in "0123456789*#" or not digit:
+            log.warning("relay_bad_digit")
+            return
+        if self._closing:
+            return
+        if not self._digits:
+            self._settle_previous()  # the caller started typing: stop talking over them
+        self._digit_batch += 1
+        if digit == "#":
+            self._flush_digits(self._digit_batch)
+            return
+        self._digits = (self._digits + digit)[-DTMF_MAX_DIGITS:]
+        self.spawn(self._digits_after_pause, self._digit_batch)
+
+    def _digits_after_pause(self, batch: int) -> None:
+        time.sleep(self.inter_digit_s)
+        self._flush_digits(batch)
+
+    def _flush_digits(self, batch: int) -> None:
+        if batch != self._digit_batch or not self._digits or self.ended:
+            return  # another digit came since (its own timer will flush), or already flushed
+        digits = self._take_digits()
         self._settle_previous()
-        self._start_reply(f"[The caller pressed {digit} on the keypad]", self.clock())
+        self._start_reply(self._keypad_note(digits), self.clock())
+
+    def _take_digits(self) -> str:
+        digits, self._digits = self._digits, ""
+        self._digit_batch += 1
+        return digits
+
+    @staticmethod
+    def _keypad_note(digits: str) -> str:
+        return f"[The caller pressed {digits} on the keypad]"
 
     def _on_interrupt(self, message: dict) -> None:
+        self._fell_silent.set()  # Twilio stopped speaking
         heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
                  played_ms=message.get("durationUntilInterruptMs"))
@@ -110,11 +188,14 @@ class RelaySession:
             self._trim_heard(heard, message.get("utteranceUntilInterrupt"))
 
     def _settle_previous(self) -> None:
-        """Before a new turn: cut off a reply still streaming; wait for a finished one's commit."""
+        """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
         if self._reply is None:
             return
         if self._streaming:
-            self._cancel(heard=self._sent)  # the caller spoke again before our reply finished
+            # The caller spoke again before our reply finished, without barging in: Twilio still holds an
+            # open talk cycle, so close it; the next reply then starts a new utterance of its own.
+            self._cancel(heard=self._sent)
+            self._send(protocol.close_cycle())
         else:
             self._reply.join(timeout=5)
 
@@ -132,10 +213,25 @@ class RelaySession:
                 return
 
     def _on_error(self, message: dict) -> None:
-        log.error("relay_twilio_error", description=str(message.get("description"))[:300])
+        """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
+        session on its side (the action URL then reports them). We log each with the call, and stop after
+        MAX_CONSECUTIVE_ERRORS in a row: something we keep sending is wrong, so apologise and end."""
+        description = str(message.get("description"))[:300]
+        code = _ERROR_CODE.search(description)
+        self._errors_in_a_row += 1
+        log.error("relay_twilio_error", description=description, error_code=code.group(1) if code else None,
+                  tracking_id=self.record.tracking_id if self.record else None, in_a_row=self._errors_in_a_row)
+        if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS and not self.ended:
+            log.error("relay_ending_after_errors", errors=self._errors_in_a_row)
+            if self._reply is not None and self._streaming:
+                self._cancel(heard=self._sent)
+            self._speak_canned("apology")
+            self._end_soon(protocol.end("error", detail="repeated Twilio errors"), self._canned("apology"))
 
     def _on_info(self, message: dict) -> None:
-        log.info("relay_info", name=message.get("name"), value=message.get("value"))
+        if protocol.agent_fell_silent(message):
+            self._fell_silent.set()
+        log.debug("relay_info", name=message.get("name"), value=message.get("value"))
 
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:
@@ -154,13 +250,17 @@ class RelaySession:
                     return  # cancelled: the canceller commits what was heard
                 if not token:
                     continue
-                self.sender.send_json({"type": "text", "token": token, "last": False})
+                self.sender.send_json(protocol.text(token))
                 if self._timings["firstTokenMs"] is None:
                     self._timings["firstTokenMs"] = round((self.clock() - received) * 1000, 3)
                 self._sent += token
             if not self._streaming:
                 return
-            self.sender.send_json({"type": "text", "token": "", "last": True})
+            closing = turn.result.completed and turn.result.action in ("end", "transfer")
+            if closing:
+                self._closing = True
+                self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
+            self.sender.send_json(protocol.close_cycle())
             self._timings["lastTokenMs"] = round((self.clock() - received) * 1000, 3)
         except Exception:
             log.exception("relay_reply_failed")
@@ -172,22 +272,42 @@ class RelaySession:
         self._streaming = False  # fully sent; a new prompt now waits for the commit instead of cancelling
         self._commit(turn, heard=None, interrupted=False)
         self._reply = None
-        action = turn.result.action if turn.result.completed else None
-        if action == "end":
-            self.sender.send_json({"type": "end", "handoffData": json.dumps({"reason": "end",
-                                                                            "node": turn.result.next_node})})
-            self.ended = True
-        elif action == "transfer":
-            self.sender.send_json({"type": "end", "handoffData": json.dumps(
-                {"reason": "transfer", "destination": turn.result.destination, "node": turn.result.next_node})})
-            self.ended = True
+        if turn.result.completed and turn.result.keys:
+            log.info("relay_pressing_keys", digits=len(turn.result.keys))
+            self._send(protocol.send_digits(turn.result.keys))  # a phone menu answered: press what it asked
+        if not closing:
+            return
+        r = turn.result
+        if r.action == "end":
+            message = protocol.end("end", node=r.next_node)
+        else:
+            message = protocol.end("transfer", destination=r.destination, node=r.next_node)
+        self._end_after_playback(message, r.reply_text, cleared=True)
+
+    def _end_soon(self, message: dict, spoken: str) -> None:
+        """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read."""
+        self._closing = True
+        self._fell_silent.clear()
+        self.spawn(self._end_after_playback, message, spoken, True)
+
+    def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False) -> None:
+        """Send `end` once Twilio has finished speaking `spoken`: Twilio closes the session at `end`, and
+        anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow speaking rate."""
+        if not cleared:
+            self._fell_silent.clear()
+        bound = min(PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + len(spoken) / SLOW_SPEECH_CHARS_PER_S)
+        started = self.clock()
+        if not self._fell_silent.wait(timeout=bound):
+            log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
+        log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
+                 waited_ms=round((self.clock() - started) * 1000, 3))
+        self.ended = True
+        self._send(message)
 
     def _language_message(self, code: str) -> dict[str, Any]:
         """Switch the voice; switch recognition too unless it is auto-detecting (`multi`)."""
-        message: dict[str, Any] = {"type": "language", "ttsLanguage": code}
-        if not (self.record and (self.record.meta or {}).get("multilingualStt")):
-            message["transcriptionLanguage"] = code
-        return message
+        multi = bool(self.record and (self.record.meta or {}).get("multilingualStt"))
+        return protocol.language(code, None if multi else code)
 
     def _cancel(self, heard: str) -> None:
         """Barge-in: stop sending, close the LLM stream, keep only what was heard.
@@ -195,14 +315,14 @@ class RelaySession:
         Cancellation is cooperative (a flag plus closing the provider's socket) so a frame being written is
         never cut in half; a greenlet that does not finish promptly is killed as a last resort.
         """
-        greenlet, turn = self._reply, self._turn
+        task, turn = self._reply, self._turn
         self._streaming = False
         if turn is not None:
             turn.cancel()
-        if greenlet is not None:
-            greenlet.join(timeout=1.0)
-            if not greenlet.dead:
-                greenlet.kill(block=True, timeout=1.0)
+        if task is not None:
+            task.join(timeout=1.0)
+            if not task.dead:
+                task.kill(timeout=1.0)
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
@@ -213,6 +333,7 @@ class RelaySession:
         if self._committed or self.record is None:
             return
         self._committed = True
+        self._errors_in_a_row = 0
         timings = {k: v for k, v in self._timings.items() if k != "receivedAt"}
         try:
             updated = self.engine.commit_turn(self.record, turn, path="optimized", timings=timings,
@@ -222,15 +343,24 @@ class RelaySession:
         except Exception:
             log.exception("relay_commit_failed", tracking_id=self.record.tracking_id)
 
+    def _canned(self, key: str) -> str:
+        return self.engine.languages.get(self.record.language if self.record else None).line(key)
+
     def _speak_canned(self, key: str) -> None:
-        entry = self.engine.languages.get(self.record.language if self.record else None)
+        self._send(protocol.text(self._canned(key), last=True))
+
+    def _send(self, message: dict) -> None:
         try:
-            self.sender.send_json({"type": "text", "token": entry.line(key), "last": True})
+            self.sender.send_json(message)
+        except ConnectionError:
+            log.info("relay_send_after_close", message_type=message.get("type"))  # the caller already hung up
         except Exception:
-            log.exception("relay_send_failed")
+            log.exception("relay_send_failed", message_type=message.get("type"))
 
     def close(self) -> None:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
+        self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
+        self._digit_batch += 1
         if self._reply is not None and self._streaming:
             self._cancel(heard=self._sent)
         elif self._reply is not None:

@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as replace_fields
 from typing import Any, Iterable, Mapping
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Node",
     "RECORD_VARIABLES_TOOL",
     "SNAPSHOT_VERSION",
+    "PRESS_KEYS_TOOL",
     "TRANSITION_TOOL",
     "TurnOutcome",
     "TurnPlan",
@@ -36,6 +37,9 @@ __all__ = [
 
 TRANSITION_TOOL = "transition"
 RECORD_VARIABLES_TOOL = "record_variables"
+MAX_SPEECH_HINTS = 50
+PRESS_KEYS_TOOL = "press_keys"   # outbound calls: get through a phone menu (IVR) at the other end
+_KEYS = re.compile(r"^[0-9*#w]{1,32}$")
 SNAPSHOT_VERSION = 1
 DEFAULT_LANGUAGE = "en-US"
 DEFAULT_HISTORY_LIMIT = 20
@@ -70,6 +74,8 @@ _PHONE_CALL_GUIDANCE = (
 _REPLY_FIRST_GUIDANCE = "Always say your reply to the caller first; only then call a tool, and only if it applies."
 _TRANSITION_GUIDANCE = "Call `transition` when one of its conditions is clearly met by what the caller said."
 _RECORD_GUIDANCE = "Call `record_variables` with any of its details the caller has stated; never guess values."
+_KEYPAD_GUIDANCE = ("If a recorded phone menu answers instead of a person, call `press_keys` with the key it asks "
+                    "for, and say nothing.")
 _CLOSING_GUIDANCE = (
     "When moving to an end or transfer step, do not say goodbye or announce the transfer yourself: "
     "the system speaks the closing line."
@@ -335,6 +341,17 @@ class Workflow:
         }
 
     @functools.cached_property
+    def speech_hints(self) -> tuple[str, ...]:
+        """Names a caller may say — the flow's listed values, such as its doctors — for recognition `hints`."""
+        hints: list[str] = []
+        for spec in self.variables:
+            for value in spec.enum_values or ():
+                text = " ".join(str(value).replace(",", " ").split())
+                if isinstance(value, str) and text and text not in hints:
+                    hints.append(text)
+        return tuple(hints[:MAX_SPEECH_HINTS])
+
+    @functools.cached_property
     def version_hash(self) -> str:
         """sha256 of the canonical snapshot: any change to prompts, edges or messages changes it.
 
@@ -557,6 +574,8 @@ class TurnPlan:
     tools: list[dict] | None
     cacheable: bool
     system_prompt: str
+    # Values of the variables the global and node prompts name ({{name}}): part of the reply cache's key.
+    prompt_variables: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -569,6 +588,7 @@ class TurnOutcome:
     action_message: str | None
     destination: str | None
     transitioned_via: str | None
+    keys: str | None = None          # keypad presses the model asked for (press_keys), sent as sendDigits
 
 
 def plan_turn(
@@ -578,8 +598,12 @@ def plan_turn(
     *,
     language_instruction: str = "",
     history_limit: int = DEFAULT_HISTORY_LIMIT,
+    keypad: bool = False,
 ) -> TurnPlan:
-    """Build the turn's one LLM request; routing and extraction ride along as tools so no second call is needed."""
+    """Build the turn's one LLM request; routing and extraction ride along as tools so no second call is needed.
+
+    `keypad` offers `press_keys` (calls we placed may reach a phone menu rather than a person).
+    """
     node_id = workflow._settle(state.current_node, state.variables)
     node = workflow._node(node_id)
 
@@ -590,9 +614,14 @@ def plan_turn(
         tools.append(_transition_tool(workflow, offered))
     if specs:
         tools.append(_record_variables_tool(specs))
+    if keypad:
+        tools.append(_PRESS_KEYS_TOOL_SPEC)
 
     values_used = False
     sections: list[str] = []
+    prompt_texts = [workflow.global_prompt, *node.prompt_texts()]
+    prompt_variables = {name: state.variables.get(name)
+                        for text in prompt_texts for name in _PLACEHOLDER_RE.findall(text or "")}
     global_prompt, used = _fill_placeholders(workflow.global_prompt, state.variables)
     values_used |= used
     if global_prompt:
@@ -616,6 +645,8 @@ def plan_turn(
         routing.append(_TRANSITION_GUIDANCE)
     if specs:
         routing.append(_RECORD_GUIDANCE)
+    if keypad:
+        routing.append(_KEYPAD_GUIDANCE)
     if any(workflow.nodes[e.target].kind in ("end", "transfer") for e in workflow.outgoing(node_id)
            if e.target in workflow.nodes):
         routing.append(_CLOSING_GUIDANCE)
@@ -636,6 +667,7 @@ def plan_turn(
         tools=tools or None,
         cacheable=node.cacheable and not values_used,
         system_prompt=system_prompt,
+        prompt_variables=prompt_variables,
     )
 
 
@@ -654,6 +686,7 @@ def apply_turn(
     workflow._node(node_id)  # an unknown node is a caller bug: fail loudly rather than stall the call
     variables = dict(state.variables)
     transition_ids: list[str] = []
+    keys = ""
     for name, raw_args in tool_calls:
         args = _tool_arguments(raw_args)
         if name == RECORD_VARIABLES_TOOL:
@@ -666,6 +699,8 @@ def apply_turn(
                     variables[var_name] = coerced
         elif name == TRANSITION_TOOL and isinstance(args.get("edge_id"), str):
             transition_ids.append(args["edge_id"])
+        elif name == PRESS_KEYS_TOOL and isinstance(args.get("digits"), str) and _KEYS.match(args["digits"]):
+            keys += args["digits"]
 
     outgoing = workflow.outgoing(node_id)
     via: str | None = None
@@ -680,7 +715,8 @@ def apply_turn(
             next_node, via = chosen.target, chosen.id
     if via is not None:
         next_node = workflow._settle(next_node, variables)
-    return _landing(workflow, next_node, variables, via)
+    landing = _landing(workflow, next_node, variables, via)
+    return replace_fields(landing, keys=keys[:32]) if keys else landing
 
 
 def termination_outcome(workflow: Workflow, state: ConversationState) -> TurnOutcome:
@@ -891,6 +927,23 @@ def _transition_tool(workflow: Workflow, edges: list[Edge]) -> dict:
             },
         },
     }
+
+
+_PRESS_KEYS_TOOL_SPEC = {
+    "type": "function",
+    "function": {
+        "name": PRESS_KEYS_TOOL,
+        "description": ("Press keys on the phone keypad, to get through an automated phone menu that asks you to "
+                        "press a key. Use only when a recorded menu asks for it."),
+        "parameters": {
+            "type": "object",
+            "properties": {"digits": {"type": "string", "pattern": "^[0-9*#w]{1,32}$",
+                                      "description": "Keys to press in order: 0-9, * and #; w waits half a second."}},
+            "required": ["digits"],
+            "additionalProperties": False,
+        },
+    },
+}
 
 
 def _record_variables_tool(specs: list[VariableSpec]) -> dict:

@@ -11,7 +11,7 @@ from ..api_errors import ApiError
 from ..engine.playground import playground_messages
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from .common import body_params
+from .common import all_providers_failed, body_params
 
 bp = Blueprint("chat", __name__)
 ROLES = {"system", "user", "assistant"}
@@ -50,8 +50,7 @@ def chat():
     reply = svc.providers.complete(messages, temperature=0.7, max_tokens=1000)
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
     if reply.apology_used:
-        return jsonify(success=False, error="Failed to generate AI response",
-                       details="every LLM provider failed", failovers=reply.failovers), 502
+        return all_providers_failed(reply.failovers)
     return jsonify(success=True, response=reply.text,
                    timestamp=datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
                    provider=reply.provider, latencyMs=latency_ms, providerTtftMs=reply.provider_ttft_ms,

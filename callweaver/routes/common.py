@@ -6,7 +6,7 @@ import json
 from typing import Any, Callable
 
 import structlog
-from flask import Response, request
+from flask import Response, jsonify, request
 
 from ..api_errors import ApiError
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
@@ -14,6 +14,12 @@ from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_publ
 from ..services import services
 
 log = structlog.get_logger()
+
+
+def all_providers_failed(failovers: list[dict], **extra: Any) -> tuple[Response, int]:
+    """Every LLM provider failed: the same honest JSON error (502, with the reason) from every endpoint."""
+    return jsonify(success=False, error="Failed to generate AI response", status="failed",
+                   details="every LLM provider failed", failovers=failovers, **extra), 502
 
 
 def base_url() -> str:

@@ -12,10 +12,11 @@ from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from .common import body_params, operator_only
+from .common import all_providers_failed, body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
-PROMETHEUS_WINDOW_S = 86400
+# A call whose terminal status never arrived stops counting as live after this long.
+LIVE_CALL_HORIZON_S = 86400
 
 
 def _window() -> int:
@@ -32,7 +33,8 @@ def _window() -> int:
 
 
 def _reader() -> MetricsReader:
-    return MetricsReader(services().store)
+    svc = services()
+    return MetricsReader(svc.store, recent=svc.recent_turns)
 
 
 @bp.get("/api/performance-metrics/<tracking_id>")
@@ -78,6 +80,8 @@ def test_optimization():
     if not isinstance(language, str):
         raise ApiError(400, "language must be a BCP-47 code such as en-US")
     result = probe_turn(services().engine, message.strip(), language)
+    if result["source"] == "apology":  # the canned apology is not an answer: say the pipeline failed
+        return all_providers_failed(result["failovers"], optimization={"enabled": False, "fallbackUsed": True})
     return jsonify(success=True, test={
         "message": message, "language": result["language"], "processingTime": result["totalMs"],
         "optimization": {"enabled": True, "cacheUsed": result["cacheHit"],
@@ -92,9 +96,9 @@ def test_optimization():
 @operator_only
 def prometheus_metrics():
     svc = services()
-    # Bounded scrape: counters cover the last 24 h of turns (older turns drop out like a counter reset).
+    # Cumulative counters read from the store's counter rows: one row per series, whatever the history.
     registry = build_registry(StoreCollector(svc.store, svc.providers.health,
-                                             since=lambda: time.time() - PROMETHEUS_WINDOW_S))
+                                             live_since=lambda: time.time() - LIVE_CALL_HORIZON_S))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -107,7 +111,7 @@ def dashboard_data():
     reader = _reader()
     live = [{"trackingId": c.tracking_id, "status": c.status, "path": c.path, "language": c.language,
              "currentNode": c.current_node, "startedAt": c.created_at}
-            for c in svc.store.list_calls(since=time.time() - 86400, active_only=True)]
+            for c in svc.store.live_calls(since=time.time() - LIVE_CALL_HORIZON_S)]
     return jsonify(success=True, generatedAt=time.time(), aggregated=reader.aggregate(window),
                    timeline=reader.timeline(window), liveCalls=live, providers=svc.providers.health(),
                    cache=svc.reply_cache.health())

@@ -9,7 +9,8 @@ import structlog
 from flask import Blueprint, request
 from twilio.twiml.voice_response import VoiceResponse
 
-from ..engine.languages import LanguageEntry, multilingual_partners
+from ..engine import relay_protocol
+from ..engine.languages import LanguageEntry
 from ..security import websocket_url
 from ..services import services
 from ..store import CallRecord
@@ -117,24 +118,34 @@ def twiml_ai(record=None):
 
 def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, greeting: str,
                    resumed: bool = False) -> None:
+    """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to."""
     base = base_url()
+    svc = services()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
                          method="POST")
-    partners = multilingual_partners(services().languages, entry)
+    meta = record.meta or {}
+    home = svc.languages.get(meta.get("homeLanguage") or record.language)
+    targets = svc.languages.switch_targets(home)
+    multilingual = len(targets) > 1
     relay = connect.conversation_relay(
         url=websocket_url(base, RELAY_PATH) + "?" + urlencode({"trackingId": record.tracking_id}),
         welcome_greeting=greeting, welcome_greeting_interruptible="any", interruptible="any",
-        dtmf_detection=True, **entry.relay_kwargs(),
+        dtmf_detection=True, debug=relay_protocol.DEBUG_EVENTS, **entry.relay_kwargs(),
+        hints=",".join(svc.engine.workflow_for(record).speech_hints) or None,
         # Deepgram `multi` reports the language the caller actually speaks (prompt.lang), so a switch is seen.
-        transcription_language="multi" if partners else None)
-    for other in partners:  # declared so a `language` message can switch the voice at once
-        relay.language(**other.language_element_kwargs())
+        transcription_language="multi" if multilingual else None)
+    declared = [target.code for target in targets] if multilingual else [entry.code]
+    if multilingual:
+        # A `language` message must name a language Twilio has configured: declare every possible target,
+        # the home language included, so switching back (es-ES → en-GB) lands on a configured voice too.
+        for target in targets:
+            relay.language(**target.language_element_kwargs())
     relay.parameter(name="trackingId", value=record.tracking_id)
     if resumed:
         relay.parameter(name="resumed", value="1")
-    if bool(partners) != bool((record.meta or {}).get("multilingualStt")):
-        services().store.update_call(record.tracking_id, meta={**(record.meta or {}),
-                                                               "multilingualStt": bool(partners)})
+    wanted = {"multilingualStt": multilingual, "homeLanguage": home.code, "relayLanguages": declared}
+    if any(meta.get(key) != value for key, value in wanted.items()):
+        svc.store.update_call(record.tracking_id, meta={**meta, **wanted})
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])
@@ -174,7 +185,8 @@ def connect_action(record=None):
     log.info("connect_action", session_status=status, duration_s=duration, handoff=handoff.get("reason"),
              error_code=params.get("ErrorCode"))
     vr = VoiceResponse()
-    resumed = svc.lifecycle.try_resume(record) if status == "failed" else None
+    resumed = svc.lifecycle.try_resume(record, entry.line("resumed"), params.get("ErrorCode"),
+                                       params.get("ErrorMessage")) if status == "failed" else None
     if handoff.get("reason") == "transfer" and svc.lifecycle.destination_allowed(handoff.get("destination")):
         vr.dial(handoff["destination"])
     elif resumed is not None:
@@ -183,8 +195,8 @@ def connect_action(record=None):
     elif status == "failed" or handoff.get("reason") == "transfer":
         vr.say(entry.line("apology"), **say)
         vr.hangup()
-    elif handoff.get("reason") == "end":
-        vr.hangup()
+    elif handoff.get("reason") in ("end", "error"):
+        vr.hangup()  # the closing line or the apology was already spoken on the relay
     else:
         vr.say(entry.line("callEnded"), **say)
         vr.hangup()

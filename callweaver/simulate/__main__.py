@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not text:
                     continue
             print("agent: ", end="", flush=True)
+            refused = len(caller.twilio.errors)
             reply = caller.say(text, args.lang)
             print(reply.text)
+            for error in caller.twilio.errors[refused:]:
+                print(f"        Twilio refused a message: {error['description']}")
             print(f"        first token {reply.first_token_ms:.1f} ms, last {reply.last_token_ms or 0:.1f} ms"
                   if reply.first_token_ms is not None else "        (no reply text)")
             if reply.end:

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import websocket  # websocket-client
 
+from .relay_model import TwilioRelayModel
 from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_signature
 
 
@@ -22,6 +23,7 @@ class RelayTwiml:
     action: str
     attributes: dict[str, str]
     parameters: dict[str, str]
+    languages: list[dict[str, str]] = field(default_factory=list)  # the <Language> children, in order
 
     @classmethod
     def parse(cls, xml: str) -> "RelayTwiml":
@@ -32,7 +34,7 @@ class RelayTwiml:
             raise ValueError(f"no <Connect><ConversationRelay> in TwiML: {xml[:300]}")
         params = {p.get("name"): p.get("value") for p in relay.findall("Parameter")}
         return cls(xml=xml, url=relay.get("url"), action=connect.get("action"), attributes=dict(relay.attrib),
-                   parameters=params)
+                   parameters=params, languages=[dict(lang.attrib) for lang in relay.findall("Language")])
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Reply:
     last_token_ms: float | None = None
     end: dict | None = None                               # the `end` message, if the session ended
     language: dict | None = None                          # a `language` message, if one came
+    unheard_at_end: str | None = None                     # closing text still unspoken when `end` came
 
     @property
     def text(self) -> str:
@@ -53,20 +56,34 @@ class Reply:
 
 
 class RelayCaller:
-    """Places a call through make-call-optimized and talks to CallWeaver the way Twilio would."""
+    """Places a call through make-call-optimized and talks to CallWeaver the way Twilio would.
+
+    Every message CallWeaver sends goes through a `TwilioRelayModel`: malformed messages and undeclared
+    languages are answered with an `error` (and not applied), and with `debug="speaker-events"` in the
+    TwiML a playback model speaking `speaking_rate_cps` characters per second reports `agentSpeaking`.
+    """
 
     def __init__(self, base_url: str, auth_token: str, account_sid: str = "AC" + "0" * 32,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, speaking_rate_cps: float = 80.0, closing_quiet_s: float = 0.5):
         self.base_url = base_url.rstrip("/")
         self.hooks = TwilioWebhooks(self.base_url, auth_token, account_sid)
         self.auth_token = auth_token
         self.account_sid = account_sid
         self.timeout_s = timeout_s
+        self.speaking_rate_cps = speaking_rate_cps
+        self.closing_quiet_s = closing_quiet_s  # how long to listen for an `end` once a reply has played
         self.call_sid: str | None = None
         self.tracking_id: str | None = None
         self.twiml: RelayTwiml | None = None
         self.ws: websocket.WebSocket | None = None
         self.call_url: str | None = None
+        self.twilio: TwilioRelayModel | None = None
+        self.received: list[dict] = []       # every message CallWeaver sent on the current socket
+        self._unread: list[dict] = []        # messages read ahead while waiting for an `end`, not yet returned
+        self.closed_by_server = False
+        self.caller = {"from": "+15005550006", "to": "+15551234567", "direction": "outbound-api",
+                       "callerName": "Ann Example", "forwardedFrom": "+15005550009", "callType": "PSTN",
+                       "parentCallSid": ""}
 
     # ---- call set-up ----------------------------------------------------------------------------
     def place_call(self, body: dict) -> dict:
@@ -86,6 +103,15 @@ class RelayCaller:
         self.twiml = RelayTwiml.parse(resp.text)
         return self.twiml
 
+    def setup_message(self) -> dict:
+        """The documented `setup` message, every field filled the way Twilio fills it."""
+        return {"type": "setup", "sessionId": "VX" + "0" * 32, "accountSid": self.account_sid,
+                "parentCallSid": self.caller["parentCallSid"], "callSid": self.call_sid,
+                "from": self.caller["from"], "to": self.caller["to"], "forwardedFrom": self.caller["forwardedFrom"],
+                "callType": self.caller["callType"], "callerName": self.caller["callerName"],
+                "direction": self.caller["direction"], "callStatus": "RINGING",
+                "customParameters": dict(self.twiml.parameters)}
+
     def connect(self, signature: str | None = None, sign: bool = True, setup: bool = True) -> None:
         """Open the relay socket with a signed upgrade (URL from the TwiML, empty params), then send `setup`."""
         url = self.twiml.url
@@ -95,11 +121,12 @@ class RelayCaller:
         elif sign:
             headers.append(f"X-Twilio-Signature: {twilio_signature(self.auth_token, url, {})}")
         self.ws = websocket.create_connection(url, header=headers, timeout=self.timeout_s)
+        self.twilio = TwilioRelayModel.from_twiml(self.twiml.attributes,
+                                                  [lang["code"] for lang in self.twiml.languages],
+                                                  self.speaking_rate_cps)
+        self.received, self._unread, self.closed_by_server = [], [], False
         if setup:
-            self.send({"type": "setup", "sessionId": "VX" + "0" * 32, "accountSid": self.account_sid,
-                       "callSid": self.call_sid, "from": "+15005550006", "to": "+15551234567",
-                       "direction": "outbound-api", "callStatus": "IN-PROGRESS",
-                       "customParameters": dict(self.twiml.parameters)})
+            self.send(self.setup_message())
 
     def _call_params(self, **extra: str) -> dict[str, str]:
         return {"AccountSid": self.account_sid, "CallSid": self.call_sid or new_call_sid(),
@@ -110,13 +137,47 @@ class RelayCaller:
     def send(self, message: dict | str) -> None:
         self.ws.send(message if isinstance(message, str) else json.dumps(message))
 
+    def _tick(self) -> None:
+        for info in self.twilio.tick():
+            self.send(info)
+
     def recv(self, timeout_s: float | None = None) -> dict | None:
-        self.ws.settimeout(timeout_s if timeout_s is not None else self.timeout_s)
-        try:
-            raw = self.ws.recv()
-        except websocket.WebSocketTimeoutException:
-            return None
-        return json.loads(raw) if raw else None
+        """The next message from CallWeaver, after Twilio's model applied it (None on timeout/close).
+
+        While waiting, the playback model keeps speaking and reports `agentSpeaking off` when it falls silent.
+        """
+        if self._unread:
+            return self._unread.pop(0)
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        while True:
+            self._tick()
+            now = time.monotonic()
+            event_at = self.twilio.playback.next_event_at()
+            wait = min(deadline, event_at) - now if event_at is not None else deadline - now
+            if wait <= 0 and now >= deadline:
+                return None
+            self.ws.settimeout(max(wait, 0.001))
+            try:
+                raw = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except websocket.WebSocketConnectionClosedException:
+                self.closed_by_server = True
+                return None
+            if not raw:
+                self.closed_by_server = True
+                return None
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                msg = raw
+            self.received.append(msg)
+            accepted, replies = self.twilio.receive(msg)
+            for reply in replies:
+                self.send(reply)
+            if accepted and msg.get("type") == "end":
+                msg = {**msg, "unheard": self.twilio.playback.stop()}  # Twilio closes the session: speech stops
+            return msg if isinstance(msg, dict) else {"type": "invalid", "raw": raw}
 
     def prompt(self, text: str, lang: str = "en-US") -> float:
         sent = time.monotonic()
@@ -139,7 +200,7 @@ class RelayCaller:
                 reply.language = msg
                 continue
             if msg.get("type") == "end":
-                reply.end = msg
+                reply.end, reply.unheard_at_end = msg, msg.get("unheard")
                 return reply
             if msg.get("type") != "text":
                 continue
@@ -151,16 +212,33 @@ class RelayCaller:
                 return reply
             if msg.get("last"):
                 reply.last_token_ms = (now - reply.sent_at) * 1000
-                # an end/transfer follows immediately after the closing line
-                follow = self.recv(timeout_s=0.5)
-                if follow is not None:
-                    reply.messages.append(follow)
-                    if follow.get("type") == "end":
-                        reply.end = follow
+                self._read_closing(reply)
                 return reply
 
-    def interrupt(self, heard: str, played_ms: int = 800) -> None:
-        self.send({"type": "interrupt", "utteranceUntilInterrupt": heard, "durationUntilInterruptMs": played_ms})
+    def _read_closing(self, reply: Reply) -> None:
+        """After `last: true`: an `end` may follow once the closing line has played; wait that long, then a bit."""
+        while True:
+            playing_until = self.twilio.playback.next_event_at()
+            quiet_s = self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic())
+            follow = self.recv(timeout_s=quiet_s)
+            if follow is None:
+                return
+            if follow.get("type") != "end":
+                self._unread.append(follow)  # the start of something else: leave it for the next read
+                return
+            reply.messages.append(follow)
+            reply.end, reply.unheard_at_end = follow, follow.get("unheard")
+            return
+
+    def interrupt(self, heard: str | None = None, played_ms: int | None = None) -> None:
+        """Barge in: Twilio stops speaking and reports what was spoken (by default, the playback model's)."""
+        playback = self.twilio.playback
+        measured_ms = playback.played_ms()
+        playback.stop()
+        self.twilio.cycle_open = False
+        self.send({"type": "interrupt",
+                   "utteranceUntilInterrupt": playback.cycle_heard if heard is None else heard,
+                   "durationUntilInterruptMs": measured_ms if played_ms is None else played_ms})
 
     def drain(self, quiet_s: float = 0.3) -> list[dict]:
         """Read and drop whatever is still in flight (e.g. tokens sent before an interrupt took effect)."""

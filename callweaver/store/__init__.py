@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 __all__ = [
+    "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
+    "counter_series",
     "CallRecord",
     "Store",
     "StoreError",
@@ -17,6 +20,13 @@ __all__ = [
 
 # Twilio CallStatus values after which no further audio happens on the call.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+# The cumulative counter of ended calls, by final status: the store adds 1 in the write that ends a call.
+CALLS_ENDED_COUNTER = "callweaver_calls"
+
+
+def counter_series(name: str, labels: Mapping[str, str]) -> str:
+    """A stored counter's key: a metric sample's name and labels (order-free); opaque to the store."""
+    return json.dumps([name, sorted(labels.items())], separators=(",", ":"))
 
 
 class StoreError(Exception):
@@ -107,17 +117,31 @@ class Store(Protocol):
 
     def status_history(self, tracking_id: str) -> list[dict]: ...
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
-        """Append one conversation turn; returns its index (0, 1, 2, ...)."""
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
+        """Append one conversation turn and add `counters` (series key → increment) in the same write, so the
+        cumulative metrics always agree with the turns stored; returns the turn's index (0, 1, 2, ...)."""
+        ...
+
+    def counters(self) -> dict[str, float]:
+        """Every cumulative counter since the store began (series key → value); never decreases. Besides what
+        append_turn adds, the write that ends a call (terminal status or ended_at set) counts it by status."""
         ...
 
     def turns(self, tracking_id: str) -> list[dict]: ...
 
     def recent_turns(self, since: float) -> list[dict]:
-        """All calls' turns with at >= since, oldest first (rolling-window metrics)."""
+        """All calls' turns with at >= since, oldest first, each with its `index` in its call (rolling windows)."""
         ...
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]: ...
+
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        """Calls created at or after `since` that have not ended; reads only those, not every call."""
+        ...
+
+    def count_calls(self, since: float = 0.0) -> int:
+        """How many calls were created at or after `since`, without reading them."""
+        ...
 
     def save_workflow(self, workflow_id: str, snapshot: dict) -> None: ...
 
@@ -138,6 +162,11 @@ class Store(Protocol):
 
     def purge(self, older_than: float) -> int:
         """Delete calls that ended before this epoch, with their turns and statuses; returns the count."""
+        ...
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take the named lease for ttl_s if nobody holds it: True for exactly one taker per period, across every
+        worker and instance sharing the store (periodic jobs run once per store, not once per worker)."""
         ...
 
 

@@ -8,17 +8,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Mapping
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from callweaver.store import (
+    CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
+    counter_series,
 )
 
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
@@ -34,6 +36,8 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
+#   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
 # KEYS: call, sid index (or call again), calls:created, calls:ended
 # ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", then field/value pairs
@@ -46,11 +50,16 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
-# KEYS: call, sid index (or call again), calls:created, calls:ended
-# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at, pairs...
+# KEYS: call, sid index (or call again), calls:created, calls:ended, counters
+# ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at,
+#       ended-calls series to count if this write ends the call (or ""), pairs...
 _UPDATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if ARGV[6] ~= '' then
+  local ended = redis.call('HGET', KEYS[1], 'ended_at')
+  if (not ended) or ended == 'null' then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[6], 1) end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] == 'set' then
@@ -61,8 +70,9 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: call, statuses, calls:ended
-# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at
+# KEYS: call, statuses, calls:ended, counters
+# ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
+#       ended-calls series of this status
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -82,16 +92,18 @@ if ARGV[6] == '1' then
   if (not ended) or ended == 'null' then
     table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
     redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
   end
 end
 redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: turns list, turns:by_time   ARGV: turn JSON, at
+# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, then series/increment pairs
 _APPEND_TURN = """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
 redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 return index
 """
 
@@ -215,12 +227,18 @@ class RedisStore:
         for name, value in fields.items():
             pairs += [name, _dumps(value)]
         call_sid = fields.get("call_sid")
-        ended_action, ended_score = "", ""
+        ended_action, ended_score, ended_series = "", "", ""
         if "ended_at" in fields:
             if fields["ended_at"] is None:
                 ended_action = "clear"
             else:
                 ended_action, ended_score = "set", _json_number(fields["ended_at"])
+                status = fields.get("status")
+                if status is None:
+                    with self._backend() as client:
+                        stored = client.hget(self._key("call", tracking_id), "status")
+                    status = json.loads(stored) if stored else None
+                ended_series = counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"})
         reply = self._script(
             "update_call",
             [
@@ -228,6 +246,7 @@ class RedisStore:
                 self._key("sid", call_sid) if call_sid else self._key("call", tracking_id),
                 self._key("calls", "created"),
                 self._key("calls", "ended"),
+                self._key("counters"),
             ],
             [
                 tracking_id,
@@ -235,6 +254,7 @@ class RedisStore:
                 _json_number(fields["created_at"]) if "created_at" in fields else "",
                 ended_action,
                 ended_score,
+                ended_series,
                 *pairs,
             ],
         )
@@ -252,6 +272,20 @@ class RedisStore:
             records = [record for record in records if record.ended_at is None]
         return records
 
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        with self._backend() as client:
+            created = client.zdiff([self._key("calls", "created"), self._key("calls", "ended")], withscores=True)
+            tracking_ids = [tid for tid, created_at in created if float(created_at) >= since]
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.hgetall(self._key("call", tracking_id))
+            hashes = pipe.execute() if tracking_ids else []
+        return [record for record in map(_record_from_hash, hashes) if record is not None]
+
+    def count_calls(self, since: float = 0.0) -> int:
+        with self._backend() as client:
+            return int(client.zcount(self._key("calls", "created"), since, "+inf"))
+
     # -- status callbacks -----------------------------------------------------
 
     def append_status(
@@ -267,7 +301,8 @@ class RedisStore:
         entry = {"status": status, "receivedAt": received_at, "payload": payload}
         result = self._script(
             "append_status",
-            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended")],
+            [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended"),
+             self._key("counters")],
             [
                 tracking_id,
                 _dumps(status),
@@ -276,6 +311,7 @@ class RedisStore:
                 _json_number(received_at),
                 "1" if status in TERMINAL_STATUSES else "0",
                 _json_number(time.time()),
+                counter_series(CALLS_ENDED_COUNTER, {"status": status}),
             ],
         )
         return result == 1
@@ -299,16 +335,23 @@ class RedisStore:
 
     # -- turns ----------------------------------------------------------------
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         stored = dict(turn)
         stored["trackingId"] = tracking_id
         stored["at"] = float(stored.get("at") or time.time())
+        increments: list[str] = []
+        for series, value in (counters or {}).items():
+            increments += [series, repr(float(value))]
         index = self._script(
             "append_turn",
-            [self._key("turns", tracking_id), self._key("turns", "by_time")],
-            [_dumps(stored), _json_number(stored["at"])],
+            [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
+            [_dumps(stored), _json_number(stored["at"]), *increments],
         )
         return int(index)
+
+    def counters(self) -> dict[str, float]:
+        with self._backend() as client:
+            return {series: float(value) for series, value in client.hgetall(self._key("counters")).items()}
 
     def turns(self, tracking_id: str) -> list[dict]:
         with self._backend() as client:
@@ -318,8 +361,13 @@ class RedisStore:
     def recent_turns(self, since: float) -> list[dict]:
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
-        # A member is "<index>:<turn JSON>"; the index only keeps identical turns distinct.
-        return [json.loads(member.split(":", 1)[1]) for member in members]
+        # A member is "<index>:<turn JSON>": the turn's index within its call, which also keeps identical turns
+        # distinct.
+        out = []
+        for member in members:
+            index, turn_json = member.split(":", 1)
+            out.append({**json.loads(turn_json), "index": int(index)})
+        return out
 
     # -- workflows --------------------------------------------------------------
 
@@ -391,3 +439,7 @@ class RedisStore:
                 deleted = pipe.execute()[0]
                 purged += 1 if deleted else 0
         return purged
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        with self._backend() as client:
+            return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))

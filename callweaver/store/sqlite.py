@@ -10,13 +10,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, Mapping
 
 from callweaver.store import (
+    CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
     StoreError,
     check_update_fields,
+    counter_series,
 )
 
 # How long a writer waits for another process's write transaction before giving up.
@@ -53,6 +55,15 @@ CREATE TABLE IF NOT EXISTS cw_shared (
     key  TEXT PRIMARY KEY,
     data TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cw_counters (
+    series TEXT PRIMARY KEY,
+    value  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cw_leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cw_workflows (
     workflow_id TEXT PRIMARY KEY,
     snapshot    TEXT NOT NULL,
@@ -63,6 +74,20 @@ CREATE TABLE IF NOT EXISTS cw_workflows (
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _add_counters(conn: sqlite3.Connection, counters: Mapping[str, float]) -> None:
+    """Add to cumulative counters inside the caller's write transaction."""
+    if counters:
+        conn.executemany(
+            "INSERT INTO cw_counters (series, value) VALUES (?, ?)"
+            " ON CONFLICT (series) DO UPDATE SET value = value + excluded.value",
+            list(counters.items()),
+        )
+
+
+def _count_call_ended(conn: sqlite3.Connection, status: str | None) -> None:
+    _add_counters(conn, {counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"}): 1})
 
 
 class SQLiteStore:
@@ -188,9 +213,12 @@ class SQLiteStore:
             if row is None:
                 return None
             data = json.loads(row[0])
+            ends_now = data.get("ended_at") is None and fields.get("ended_at") is not None
             data["updated_at"] = time.time()
             data.update(copy.deepcopy(fields))  # the returned record never aliases the caller's objects
             self._write_data(conn, tracking_id, data)
+            if ends_now:
+                _count_call_ended(conn, data.get("status"))
         return CallRecord.from_dict(data)
 
     @staticmethod
@@ -211,6 +239,20 @@ class SQLiteStore:
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
         return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    def live_calls(self, since: float = 0.0) -> list[CallRecord]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT data FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
+                " ORDER BY created_at",
+                (since,),
+            ).fetchall()
+        return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    def count_calls(self, since: float = 0.0) -> int:
+        with self._connection() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM cw_calls WHERE created_at >= ?", (since,)).fetchone()
+        return count
 
     # -- status callbacks -----------------------------------------------------
 
@@ -246,6 +288,7 @@ class SQLiteStore:
                 data["status_sequence"] = sequence
             if status in TERMINAL_STATUSES and data.get("ended_at") is None:
                 data["ended_at"] = received_at
+                _count_call_ended(conn, status)
             data["updated_at"] = time.time()
             self._write_data(conn, tracking_id, data)
         return became_current
@@ -264,7 +307,7 @@ class SQLiteStore:
 
     # -- turns ----------------------------------------------------------------
 
-    def append_turn(self, tracking_id: str, turn: dict) -> int:
+    def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         stored = dict(turn)
         stored["trackingId"] = tracking_id
         stored["at"] = float(stored.get("at") or time.time())
@@ -277,7 +320,12 @@ class SQLiteStore:
                 "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
                 (tracking_id, turn_index, stored["at"], _dumps(stored)),
             )
+            _add_counters(conn, counters or {})
         return turn_index
+
+    def counters(self) -> dict[str, float]:
+        with self._connection() as conn:
+            return dict(conn.execute("SELECT series, value FROM cw_counters").fetchall())
 
     def turns(self, tracking_id: str) -> list[dict]:
         with self._connection() as conn:
@@ -290,10 +338,10 @@ class SQLiteStore:
     def recent_turns(self, since: float) -> list[dict]:
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT data FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
+                "SELECT data, turn_index FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
                 (since,),
             ).fetchall()
-        return [json.loads(row[0]) for row in rows]
+        return [{**json.loads(data), "index": turn_index} for data, turn_index in rows]
 
     # -- workflows --------------------------------------------------------------
 
@@ -348,3 +396,16 @@ class SQLiteStore:
                 "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
             ).rowcount
         return deleted
+
+    def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT expires_at FROM cw_leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            conn.execute(
+                "INSERT INTO cw_leases (name, holder, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+                (name, holder, now + ttl_s),
+            )
+        return True

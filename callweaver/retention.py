@@ -1,0 +1,42 @@
+"""Retention: calls that ended more than RETENTION_DAYS ago are deleted with their turns and statuses.
+
+It runs as a periodic job in every worker, but a store-wide lease lets exactly one worker (of every instance
+sharing the store) purge per RETENTION_INTERVAL_S; operators can also run it at once (`flask purge-calls`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import structlog
+
+from .store import Store
+
+log = structlog.get_logger()
+
+RETENTION_LEASE = "retention"
+
+
+def purge_ended_calls(store: Store, retention_days: float) -> int:
+    """Delete every call that ended more than retention_days ago; returns how many."""
+    purged = store.purge(time.time() - retention_days * 86400)
+    log.info("store_purged", calls=purged, retention_days=retention_days)
+    return purged
+
+
+def purge_if_due(store: Store, *, retention_days: float, interval_s: float, holder: str) -> int | None:
+    """Purge when this worker takes the store-wide lease for the next interval; None when another already has."""
+    if not store.try_lease(RETENTION_LEASE, holder, interval_s):
+        return None
+    return purge_ended_calls(store, retention_days)
+
+
+def run_periodically(store: Store, *, retention_days: float, interval_s: float, holder: str,
+                     sleep: Callable[[float], None] = time.sleep) -> None:
+    """The worker's retention loop (a background greenlet): try at start, then every interval, forever."""
+    while True:
+        try:
+            purge_if_due(store, retention_days=retention_days, interval_s=interval_s, holder=holder)
+        except Exception:
+            log.exception("purge_failed")
+        sleep(interval_s)

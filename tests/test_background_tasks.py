@@ -1,0 +1,65 @@
+"""Work off the request path has one surface (join, dead, kill) whether it runs on a greenlet or a thread."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+from callweaver.engine.relay_session import RelaySession
+from callweaver.services import spawn
+
+
+def test_spawn_without_gevent_gives_a_task_that_can_be_joined_checked_and_stopped():
+    release = threading.Event()
+    task = spawn(release.wait, 10)
+    assert task.dead is False
+    task.kill(timeout=0.05)  # a thread cannot be interrupted: kill waits (bounded) for its cooperative end
+    release.set()
+    task.join(timeout=5)
+    assert task.dead is True
+
+
+class _SlowTurn:
+    """Streams one token, then waits until cancelled (a reply still streaming when the caller barges in)."""
+
+    def __init__(self) -> None:
+        self.result = SimpleNamespace(language_switched=False, action=None, completed=False)
+        self.utterance = "hi"
+        self.stopped = threading.Event()
+
+    def __iter__(self):
+        yield "Hello"
+        self.stopped.wait(10)
+
+    def cancel(self) -> None:
+        self.stopped.set()
+
+    def close(self) -> None:
+        self.stopped.set()
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.committed: list[dict] = []
+
+    def start_turn(self, record, utterance, lang=None):
+        return _SlowTurn()
+
+    def commit_turn(self, record, turn, **kwargs):
+        self.committed.append(kwargs)
+        return record
+
+
+def test_barge_in_cancels_a_reply_running_on_a_thread():
+    sent: list[dict] = []
+    engine = _Engine()
+    session = RelaySession(engine, SimpleNamespace(send_json=sent.append), spawn=spawn)
+    session.record = SimpleNamespace(tracking_id="call_1", messages=[], meta={}, language="en-US")
+    session.handle(json.dumps({"type": "prompt", "voicePrompt": "hi", "last": True}))
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "Hello"}))
+    assert engine.committed == [{"path": "optimized", "timings": engine.committed[0]["timings"],
+                                 "heard_text": "Hello", "interrupted": True}]

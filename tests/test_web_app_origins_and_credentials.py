@@ -1,0 +1,102 @@
+"""The deployed web app can reach the API (the original's CORS origins) and its make-call body places calls
+with the server's own credentials (ALLOW_REQUEST_CREDENTIALS=1), never with the bundle's leaked fallback."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from callweaver import create_app
+from callweaver import security
+from callweaver.config import ConfigError
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.helpers import make_call_body
+
+ORIGINAL_ORIGINS = ("http://localhost:8080", "http://localhost:3000", "https://kimiya-ai.vercel.app",
+                    "https://kimiyi-ai.onrender.com")
+
+
+@pytest.mark.parametrize("origin", ORIGINAL_ORIGINS)
+def test_preflight_from_each_of_the_original_origins_gets_that_origin_back(client, origin):
+    resp = client.options("/api/make-call-optimized", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert resp.status_code == 200
+    assert resp.headers.get("Access-Control-Allow-Origin") == origin
+    assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+
+
+def test_default_origins_are_exactly_the_original_four(app):
+    assert app.extensions["callweaver"].settings.cors_origins == ORIGINAL_ORIGINS
+    other = app.test_client().options("/api/chat", headers={
+        "Origin": "https://call-flow-weaver.vercel.app", "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_wildcard_origins_are_served_without_credentials(env):
+    client = create_app({**env, "CORS_ORIGINS": "*"}).test_client()
+    resp = client.options("/api/chat", headers={"Origin": "https://anywhere.example",
+                                                "Access-Control-Request-Method": "POST"})
+    assert resp.headers.get("Access-Control-Allow-Origin") == "*"
+    assert "Access-Control-Allow-Credentials" not in resp.headers
+    got = client.get("/api/twilio-config", headers={"Origin": "https://anywhere.example"})
+    assert got.headers.get("Access-Control-Allow-Origin") == "*"
+    assert "Access-Control-Allow-Credentials" not in got.headers
+
+
+def test_wildcard_mixed_with_named_origins_is_refused_at_start(env):
+    with pytest.raises(ConfigError, match="CORS_ORIGINS"):
+        create_app({**env, "CORS_ORIGINS": "*,https://kimiya-ai.vercel.app"})
+
+
+BUNDLE_TOKEN = "e" * 32  # stands in for the token built into the web app's bundle (never the real value here)
+
+
+def _web_app_body() -> dict:
+    """The Playground's make-call body (contract §2, §7): /api/twilio-config's accountSid and phoneNumber, and
+    the bundle's fallback token because authToken came back empty."""
+    return make_call_body(twilioAccountSid=ACCOUNT_SID, twilioAuthToken=BUNDLE_TOKEN, **{"from": "+15005550006"})
+
+
+def test_web_app_body_with_the_servers_sid_places_the_call_with_the_servers_token(env, fake_twilio):
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    config = app.test_client().get("/api/twilio-config").get_json()["config"]
+    assert config["accountSid"] == ACCOUNT_SID and config["authToken"] == ""
+    resp = app.test_client().post("/api/make-call-optimized", json=_web_app_body())
+    assert resp.status_code == 200, resp.get_json()
+    created = fake_twilio.creates()[-1]
+    assert created.account_sid == ACCOUNT_SID and created.auth_ok  # the server's own token
+    record = app.extensions["callweaver"].store.get_call(resp.get_json()["optimization"]["trackingId"])
+    assert record.credentials is None  # nothing of the body's kept
+
+
+def test_bundle_fallback_credentials_are_recognised_by_fingerprint_and_treated_as_absent(env, fake_twilio,
+                                                                                        monkeypatch):
+    leaked_sid, leaked_token = "AC" + "d4" * 16, "9" * 32
+    fingerprints = {hashlib.sha256(v.encode()).hexdigest() for v in (leaked_sid, leaked_token)}
+    monkeypatch.setattr(security, "BUNDLE_FALLBACK_CREDENTIAL_SHA256",
+                        security.BUNDLE_FALLBACK_CREDENTIAL_SHA256 | fingerprints)
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    client = app.test_client()
+    for sid, token in ((leaked_sid, leaked_token), (leaked_sid, "a" * 32), ("AC" + "b2" * 16, leaked_token)):
+        resp = client.post("/api/make-call-optimized", json=make_call_body(twilioAccountSid=sid,
+                                                                          twilioAuthToken=token))
+        assert resp.status_code == 200, resp.get_json()
+        created = fake_twilio.creates()[-1]
+        assert created.account_sid == ACCOUNT_SID and created.auth_ok
+
+
+def test_the_shipped_fingerprints_name_the_bundles_values_without_containing_them():
+    prints = security.BUNDLE_FALLBACK_CREDENTIAL_SHA256
+    assert len(prints) >= 2 and all(len(p) == 64 and int(p, 16) >= 0 for p in prints)
+    assert not security.is_bundle_fallback_credential(ACCOUNT_SID)
+    assert not security.is_bundle_fallback_credential(AUTH_TOKEN)
+
+
+def test_a_genuinely_different_account_is_used_for_that_call(env, fake_twilio):
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    other_sid, other_token = "AC" + "b2" * 16, "c" * 32
+    fake_twilio.account_sid, fake_twilio.auth_token = other_sid, other_token
+    resp = app.test_client().post("/api/make-call-optimized",
+                                  json=make_call_body(twilioAccountSid=other_sid, twilioAuthToken=other_token))
+    assert resp.status_code == 200, resp.get_json()
+    assert fake_twilio.creates()[-1].account_sid == other_sid and fake_twilio.creates()[-1].auth_ok
