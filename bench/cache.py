@@ -147,7 +147,8 @@ def backend_micro(kind: str, directory: Path, entries: int, lookups: int) -> dic
 
     cache = ReplyCache(build_cache_backend(kind, redis_url=None, cache_dir=str(directory), default_timeout=3600),
                        ttl_s=3600)
-    args = {"workflow_hash": "bench-flow", "node_id": "greeting", "language": "en-US"}
+    args = {"workflow_hash": "bench-flow", "node_id": "greeting", "language": "en-US",
+            "heard_before": "Hi, this is Ava from Premier Properties."}
     keys = [cache.key(**args, utterance=f"caller line number {i} about the {TOPIC_WORDS[i % len(TOPIC_WORDS)]}")
             for i in range(entries)]
     reply = CachedReply(text="Hi, this is Ava from Premier Properties. How can I help you today?",
