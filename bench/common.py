@@ -220,13 +220,13 @@ class BenchStack:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     @contextmanager
-    def server(self, workers: int = 1, **env_overrides: str) -> Iterator[LiveServer]:
-        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` with its own database and cache directory."""
+    def server(self, workers: int = 1, repo: Path = REPO, **env_overrides: str) -> Iterator[LiveServer]:
+        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` (from `repo`) with its own database and cache directory."""
         self._runs += 1
         data_dir = self.work_dir / f"run{self._runs}"
         data_dir.mkdir()
         env = server_env(data_dir, self.llm.url, self.twilio.url, **env_overrides)
-        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log").start(timeout_s=60)
+        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", repo=repo).start(timeout_s=60)
         try:
             yield server
         finally:

@@ -104,6 +104,12 @@ class Settings:
     llm_stall_timeout_s: float = 5.0
     llm_circuit_failures: int = 3
     llm_circuit_cooldown_s: float = 30.0
+    llm_hedge_after_s: float | str | None = None  # seconds, "p95" (the provider's own), or None (off)
+    # Preemptive generation: relay turns started on stable interim transcripts (partialPrompts)
+    preemptive_generation: bool = True
+    preemptive_stable_ms: float = 400.0
+    preemptive_max_speculations: int = 2
+    preemptive_max_chars: int = 200
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
@@ -114,11 +120,20 @@ class Settings:
     cache_prewarm: bool = True
     metrics_window_s: int = 3600
     retention_days: int = 30
+    transcript_retention_days: int = 30
+    record_transcripts: bool = True
+    mask_phone_numbers: bool = True
     retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
     max_body_bytes: int = 1024 * 1024
+    # Transport limits (README "Security"): slow bodies and the relay socket
+    body_read_timeout_s: float = 10.0        # whole body within this, else 408
+    max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
+    relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
+    relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
+    relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
     log_level: str = "INFO"
     log_format: str = "json"
     # Observability
@@ -282,6 +297,17 @@ class Settings:
         values["llm_stall_timeout_s"] = number("LLM_STALL_TIMEOUT_S", 5.0, float, 0.05)
         values["llm_circuit_failures"] = number("LLM_CIRCUIT_FAILURES", 3, int, 1)
         values["llm_circuit_cooldown_s"] = number("LLM_CIRCUIT_COOLDOWN_S", 30.0, float, 0)
+        hedge = text("LLM_HEDGE_AFTER_MS").lower()
+        if hedge in ("", "off", "0"):
+            values["llm_hedge_after_s"] = None
+        elif hedge == "p95":
+            values["llm_hedge_after_s"] = "p95"
+        else:
+            values["llm_hedge_after_s"] = number("LLM_HEDGE_AFTER_MS", 0.0, float, 1.0) / 1000 or None
+        values["preemptive_generation"] = flag("PREEMPTIVE_GENERATION", True)
+        values["preemptive_stable_ms"] = number("PREEMPTIVE_STABLE_MS", 400.0, float, 0)
+        values["preemptive_max_speculations"] = number("PREEMPTIVE_MAX_SPECULATIONS", 2, int, 1)
+        values["preemptive_max_chars"] = number("PREEMPTIVE_MAX_CHARS", 200, int, 1)
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
@@ -295,6 +321,9 @@ class Settings:
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
+        values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
+        values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
+        values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
         values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")
@@ -307,6 +336,11 @@ class Settings:
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
+        values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
+        values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
+        values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
+        values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
+        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
         if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")

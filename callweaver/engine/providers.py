@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
+import math
 import re
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -84,6 +86,9 @@ class ChainSettings:
     stall_timeout_s: float = 5.0
     circuit_failures: int = 3
     circuit_cooldown_s: float = 30.0
+    # Hedged first tokens: no first token from a provider after this long → the same request also goes to the
+    # next provider and the first to answer wins. None = off; HEDGE_P95 = the provider's own recent TTFT p95.
+    hedge_after_s: float | str | None = None
 
 
 def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
@@ -384,6 +389,11 @@ class _TurnRequest:
     apology: str
 
 
+HEDGE_P95 = "p95"
+HEDGE_MIN_SAMPLES = 20          # recent first tokens a provider needs before its own p95 is a budget
+HEDGE_POLL_S = 0.05             # how often a race checks whether the turn was cancelled
+
+
 @dataclass
 class _TurnState:
     """What a ReplyStream reports; kept apart from the stream so a dropped stream is freed (and closed) at once."""
@@ -396,6 +406,7 @@ class _TurnState:
     apology_used: bool = False
     cancelled: bool = False
     active_response: httpx2.Response | None = None
+    hedged_requests: int = 0    # second requests started because a first token was late
 
 
 class ReplyStream:
@@ -452,22 +463,37 @@ class ReplyStream:
     def apology_used(self) -> bool:
         return self._state.apology_used
 
+    @property
+    def hedged_requests(self) -> int:
+        return self._state.hedged_requests
+
 
 def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) -> Iterator[str]:
     """Ordered failover: each provider in turn, open circuits skipped, a broken reply continued; never raises."""
+    raced: set[str] = set()  # providers a hedged race already tried (and settled) in this turn
     for provider in chain._providers:
         if state.cancelled:
             return
+        if provider.name in raced:
+            continue
         seen = provider.circuit.acquire(chain._clock())
         if seen is None:
             continue
-        attempt = _stream_from_provider(provider, chain._settings, state, request)
+        backup = chain.hedge_partner(provider, state, skip=raced)
+        if backup is not None:
+            raced.add(provider.name)
+            attempt = _hedged_attempt(chain, state, request, provider, seen, backup,
+                                      chain.hedge_budget_s(provider), raced)
+        else:
+            attempt = _stream_from_provider(provider, chain._settings, state, request)
         try:
             yield from attempt
         except ProviderError as error:
             if state.cancelled:
                 _settle_cancelled(provider, state, seen)
                 return
+            if error.kind == "hedge_failed":
+                continue  # the race recorded both providers' outcomes
             provider.circuit.record_failure(chain._clock())
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
@@ -477,7 +503,9 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
             attempt.close()
             _settle_cancelled(provider, state, seen)
             raise
-        provider.circuit.record_success(seen)
+        if backup is None:
+            provider.circuit.record_success(seen)
+        chain.note_first_token(state.provider, state.provider_ttft_ms)
         return
     if state.cancelled:
         return
@@ -489,6 +517,99 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
         apology = " " + apology
     state.text += apology
     yield apology
+
+
+class _Racer:
+    """One provider's attempt in a hedged race, streamed on its own greenlet/thread into a shared queue."""
+
+    def __init__(self, chain: "ProviderChain", provider: _Provider, seen: CircuitRecord, request: _TurnRequest,
+                 events) -> None:
+        self.provider, self.seen, self.state, self.events = provider, seen, _TurnState(), events
+        self._attempt = _stream_from_provider(provider, chain._settings, self.state, request)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for token in self._attempt:
+                self.events.put((self, "token", token))
+            self.events.put((self, "done", None))
+        except ProviderError as error:
+            self.events.put((self, "error", error))
+        except Exception as error:  # never let a racer die silently: the race would wait for it
+            self.events.put((self, "error", ProviderError("unexpected", type(error).__name__)))
+
+    def cancel(self) -> None:
+        self.state.cancelled = True
+        _abort_http_response(self.state.active_response)
+
+
+def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnRequest, primary: _Provider,
+                    primary_seen: CircuitRecord, backup: _Provider, budget_s: float,
+                    raced: set[str]) -> Iterator[str]:
+    """`primary`, and `backup` too if `primary` has no first token within `budget_s`: the first to produce a
+    token is streamed and the other cancelled.
+
+    Circuit bookkeeping for both providers is done here. A primary failing before the hedge raises its own
+    error (the chain fails over as usual); anything else that leaves no working stream raises `hedge_failed`.
+    """
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    racers = [_Racer(chain, primary, primary_seen, request, events)]
+    hedge_at = time.monotonic() + budget_s
+    winner: _Racer | None = None
+    failed = 0
+    try:
+        while True:
+            if state.cancelled:
+                raise ProviderError("cancelled")
+            if winner is None and len(racers) == 1 and time.monotonic() >= hedge_at:
+                hedge_at = float("inf")
+                backup_seen = backup.circuit.acquire(chain._clock())
+                if backup_seen is not None:
+                    raced.add(backup.name)
+                    state.hedged_requests += 1
+                    log.info("llm_request_hedged", primary=primary.name, backup=backup.name,
+                             after_ms=round(budget_s * 1000, 1))
+                    racers.append(_Racer(chain, backup, backup_seen, request, events))
+            wait = HEDGE_POLL_S if hedge_at == float("inf") else max(0.0, min(HEDGE_POLL_S,
+                                                                             hedge_at - time.monotonic()))
+            try:
+                racer, kind, value = events.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if winner is not None and racer is not winner:
+                continue  # the loser's last words before it noticed the cancel
+            if kind == "error":
+                if len(racers) == 1:
+                    raise value  # no hedge was started: the chain's own failover handles it
+                failed += 1
+                racer.provider.circuit.record_failure(chain._clock())
+                state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
+                                        "spoken_chars": len(state.text)})
+                if winner is not None or failed == len(racers):
+                    raise ProviderError("hedge_failed")
+                continue
+            if winner is None:
+                winner = racer
+                for other in racers:
+                    if other is not racer:
+                        other.cancel()
+                        _settle_cancelled(other.provider, other.state, other.seen)
+            if kind == "done":
+                break
+            state.text += value
+            yield value
+    except BaseException:
+        for racer in racers:
+            racer.cancel()
+        raise
+    won = winner.state
+    state.tool_calls.extend(won.tool_calls)
+    state.provider = won.provider
+    if state.provider_ttft_ms is None:
+        state.provider_ttft_ms = won.provider_ttft_ms
+    winner.provider.circuit.record_success(winner.seen)
 
 
 def _settle_cancelled(provider: _Provider, state: _TurnState, seen: CircuitRecord) -> None:
@@ -670,6 +791,30 @@ class ProviderChain:
         self._circuit_states = circuit_states or LocalCircuitStates()
         self._providers = [_Provider(config, settings, http_client_factory, self._circuit_states)
                            for config in providers]
+        self._recent_ttft_ms: dict[str, deque] = {}  # per provider, for a p95 hedge budget (this worker)
+
+    def hedge_budget_s(self, provider: _Provider) -> float | None:
+        """How long `provider` gets to send a first token before the request is hedged; None = never."""
+        setting = self._settings.hedge_after_s
+        if setting is None:
+            return None
+        if setting != HEDGE_P95:
+            return float(setting)
+        recent = sorted(self._recent_ttft_ms.get(provider.name, ()))
+        if len(recent) < HEDGE_MIN_SAMPLES:
+            return None  # no p95 to speak of yet
+        return recent[math.ceil(0.95 * len(recent)) - 1] / 1000
+
+    def hedge_partner(self, provider: _Provider, state: _TurnState, skip: set[str]) -> _Provider | None:
+        """The provider a hedge would start: the next one in the chain, only before any text was spoken."""
+        if state.text or self.hedge_budget_s(provider) is None:
+            return None
+        later = self._providers[self._providers.index(provider) + 1:]
+        return next((p for p in later if p.name not in skip), None)
+
+    def note_first_token(self, provider_name: str | None, ttft_ms: float | None) -> None:
+        if provider_name and ttft_ms is not None:
+            self._recent_ttft_ms.setdefault(provider_name, deque(maxlen=100)).append(ttft_ms)
 
     def with_first(self, config: ProviderConfig) -> "ProviderChain":
         """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
@@ -678,6 +823,7 @@ class ProviderChain:
         # The call's own account gets a breaker of its own, in this process: its name is not unique service-wide.
         chain._providers = [_Provider(config, self._settings, self._http_client_factory, LocalCircuitStates()),
                             *self._providers]
+        chain._recent_ttft_ms = self._recent_ttft_ms
         return chain
 
     @property
@@ -757,5 +903,6 @@ def build_provider_chain(settings: Any, circuit_states: CircuitStates | None = N
         stall_timeout_s=float(getattr(settings, "llm_stall_timeout_s", defaults.stall_timeout_s)),
         circuit_failures=int(getattr(settings, "llm_circuit_failures", defaults.circuit_failures)),
         circuit_cooldown_s=float(getattr(settings, "llm_circuit_cooldown_s", defaults.circuit_cooldown_s)),
+        hedge_after_s=getattr(settings, "llm_hedge_after_s", defaults.hedge_after_s),
     )
     return ProviderChain(configs, chain_settings, circuit_states=circuit_states)
