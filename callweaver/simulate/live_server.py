@@ -34,10 +34,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+    def __init__(self, env: dict[str, str], workers: int | None = None, log_path: Path | None = None,
                  repo: Path = REPO, port: int | None = None):
+        """`workers` (else the env's WEB_CONCURRENCY, else 2) gevent workers; start() waits until all run."""
         self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
         self.port = port or free_port()
+        workers = workers or int(env.get("WEB_CONCURRENCY") or 2)
         self.workers = workers
         self.env = {**os.environ, **env, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers),
                     "PUBLIC_BASE_URL": env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")}
