@@ -5,7 +5,6 @@ hundreds of callers as greenlets. Everything listens on 127.0.0.1 and every wait
 """
 import argparse
 import json
-import math
 import os
 import random
 import resource
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator
 import gevent
 import gevent.pool
 
+from callweaver.engine.metrics import nearest_rank as percentile  # noqa: F401  (the benches import it from here)
 from callweaver.simulate.caller import RelayCaller
 from callweaver.simulate.twilio_rest import TwilioRestStandIn
 from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
@@ -47,14 +47,6 @@ TOPIC_WORDS = ("garden", "river", "school", "station", "harbour", "museum", "lib
 
 
 # ---------------------------------------------------------------------------------------------- numbers
-
-def percentile(values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile, the same definition the service's metrics use; None for no samples."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
-
 
 def describe(exc: BaseException) -> str:
     """An error kind for the tables: the exception type and the start of its message."""

@@ -34,13 +34,20 @@ def elapsed_ms(since: float, now: float) -> float:
     return round((now - since) * 1000, 3)
 
 
-def percentile(values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile; None for no samples (never a made-up number)."""
+def nearest_rank(values: list[float], pct: float) -> float | None:
+    """The nearest-rank percentile (a measured sample, never an interpolation); None for no samples.
+
+    The one definition: the API's figures and the benchmarks' tables both use it."""
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, math.ceil(pct / 100 * len(ordered)))
-    return round(ordered[rank - 1], 3)
+    return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """`nearest_rank`, rounded as the API reports milliseconds."""
+    value = nearest_rank(values, pct)
+    return None if value is None else round(value, 3)
 
 
 def distribution(values: Iterable[float | None]) -> dict[str, Any]:
