@@ -190,6 +190,9 @@ def server_env(data_dir: Path, llm_url: str, twilio_url: str, **overrides: str) 
         "CACHE_PREWARM": "0", "LLM_PROVIDERS": "openai", "OPENAI_API_KEY": "sk-bench-0000",
         "OPENAI_BASE_URL": llm_url, "AZURE_OPENAI_API_KEY": "", "AZURE_OPENAI_ENDPOINT": "", "REDIS_URL": "",
         "GUNICORN_GRACEFUL_TIMEOUT": "5", "ALLOWED_DESTINATION_PREFIXES": "+1", "WORKER_CONNECTIONS": "5000",
+        # the load generator is one client placing thousands of calls: lift the per-client limits
+        "RATE_LIMIT_MAKE_CALL": "100000 per minute", "RATE_LIMIT_END_CALL": "100000 per minute",
+        "MAX_CALLS_PER_DAY": "1000000",
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
