@@ -200,3 +200,20 @@ def test_no_private_http_library_attributes_are_touched():
     source += (REPO / "callweaver" / "engine" / "llm_http.py").read_text()
     for private in ("._transport", "._mounts", "._pool._network_backend", "_network_backend"):
         assert private not in source
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_prebuilt_relay_frames_decode_as_the_same_message_for_a_websocket_client(size):
+    """relay_protocol.frame writes frames itself; a standard client (wsproto) must read them back unchanged."""
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+    from wsproto.events import TextMessage
+
+    from callweaver.engine import relay_protocol
+
+    message = relay_protocol.text("é" + "x" * max(0, size - 40), last=False)
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(relay_protocol.frame(message))
+    events = list(client.events())
+    assert len(events) == 1 and isinstance(events[0], TextMessage) and events[0].message_finished
+    assert __import__("json").loads(events[0].data) == message

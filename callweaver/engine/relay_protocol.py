@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 # What the TwiML `debug` attribute asks for: agentSpeaking on/off tells us when a closing line has played.
 DEBUG_EVENTS = "speaker-events"
 AGENT_SPEAKING = "agentSpeaking"
@@ -64,3 +66,21 @@ def play(source: str, *, loop: int = 1, interruptible: bool | None = None) -> di
 def agent_fell_silent(message: dict) -> bool:
     """An `info` event saying Twilio finished speaking everything it was given."""
     return message.get("name") == AGENT_SPEAKING and str(message.get("value")).lower() == "off"
+
+
+def frame(message: dict[str, Any]) -> bytes:
+    """The message as one whole, unmasked RFC 6455 text frame (server to client), JSON encoded once with orjson.
+
+    Sent as is, it skips the WebSocket library's per-message state machine; a frame without RSV1 is valid with or
+    without permessage-deflate, and every message CallWeaver sends takes this path, so no compressor state exists.
+    """
+    return text_frame(orjson.dumps(message))
+
+
+def text_frame(payload: bytes) -> bytes:
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload

@@ -1,12 +1,12 @@
 """ConversationRelay WebSocket: refuse unsigned upgrades, then hand every message to a RelaySession."""
 from __future__ import annotations
 
-import json
 import threading
 
 import structlog
 from flask import Blueprint, request
 
+from ..engine import relay_protocol
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
 from ..security import websocket_url
@@ -27,12 +27,11 @@ class LockedSender:
         self._lock = threading.Lock()  # a gevent lock once wsgi.py has monkey-patched threading
 
     def send_json(self, message: dict) -> None:
-        from wsproto.events import TextMessage
-        data = json.dumps(message, ensure_ascii=False)
+        frame = relay_protocol.frame(message)  # built outside the lock
         with self._lock:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
-            self.ws.sock.sendall(self.ws.ws.send(TextMessage(data=data)))
+            self.ws.sock.sendall(frame)
 
 
 @bp.before_app_request
