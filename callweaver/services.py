@@ -71,6 +71,7 @@ def spawn(fn: Callable, *args: Any) -> Task:
 class Services:
     settings: Settings
     started_at: float = field(default_factory=time.time)
+    _providers_warm: bool = False  # set when the first call's ring started building the providers' clients
 
     @cached_property
     def store(self) -> Store:
@@ -169,12 +170,16 @@ class Services:
         return chain
 
     def warm_up(self) -> None:
-        """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""
+        """Build the hot-path objects at worker start; the providers' SDK clients (the openai import, the costliest
+        part of a cold start) are built while the first call rings, see prepare_call."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
-        self.providers.warm_up()
 
     def prepare_call(self, tracking_id: str) -> Task | None:
-        """While the phone rings, off the request path: warm the cache for the entry node."""
+        """While the phone rings, off the request path: build the providers' clients (once per worker), then warm
+        the cache for the entry node."""
+        if not self._providers_warm:
+            self._providers_warm = True
+            spawn(self.providers.warm_up)
         if not self.settings.cache_prewarm:
             return None
 

@@ -9,8 +9,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import structlog
+
+from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange, ReadTimedOut, StatusError
+
+if TYPE_CHECKING:
+    import openai
+
+log = structlog.get_logger()
 
 
 def _hide_trio_when_gevent_patched() -> None:
@@ -24,16 +34,13 @@ def _hide_trio_when_gevent_patched() -> None:
         sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` now raises ImportError
 
 
-_hide_trio_when_gevent_patched()
+def _openai_sdk():
+    """The openai SDK, imported on first use (about half of a worker's import CPU, which on a 0.1-CPU instance is
+    seconds of cold start): a worker warms its providers while the first call rings (Services.prepare_call)."""
+    _hide_trio_when_gevent_patched()
+    import openai
+    return openai
 
-import openai  # noqa: E402  (after the gevent guard above)
-import orjson  # noqa: E402
-import structlog  # noqa: E402
-
-from .llm_http import (ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange,  # noqa: E402
-                       ReadTimedOut, StatusError)
-
-log = structlog.get_logger()
 
 DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
@@ -116,7 +123,7 @@ class _Provider:
     def __init__(self, config: ProviderConfig, settings: ChainSettings) -> None:
         self.config = config
         self._settings = settings
-        self._client: openai.OpenAI | None = None
+        self._client: "openai.OpenAI | None" = None
         self._pool: ConnectionPool | None = None
         self._lock = threading.Lock()
         self.state = "closed"
@@ -129,7 +136,7 @@ class _Provider:
     def name(self) -> str:
         return self.config.name
 
-    def client(self) -> openai.OpenAI:
+    def client(self) -> "openai.OpenAI":
         """The SDK client: the configuration surface (base URL, keys, api-version, headers)."""
         if self._client is None:
             with self._lock:
@@ -146,7 +153,8 @@ class _Provider:
                     self._pool = ConnectionPool(endpoint)
         return self._pool
 
-    def _build_client(self) -> openai.OpenAI:
+    def _build_client(self) -> "openai.OpenAI":
+        openai = _openai_sdk()
         config = self.config
         if config.kind == "azure":
             return openai.AzureOpenAI(
@@ -446,10 +454,11 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     joiner = _ContinuationJoiner(spoken_before) if spoken_before else None
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     first_token_seen = False
-    sent_at = time.monotonic()
-    deadline = sent_at + settings.first_token_timeout_s
     try:
-        exchange = Exchange(provider.pool())
+        pool = provider.pool()  # built before the clock starts: a cold worker's SDK import is ours, not the provider's
+        sent_at = time.monotonic()
+        deadline = sent_at + settings.first_token_timeout_s
+        exchange = Exchange(pool)
         state.active_exchange = exchange
         try:
             exchange.start(_request_body(provider, request, messages), deadline, settings.connect_timeout_s)
