@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n#### {calls} calls\n")
             print(side_by_side(sweep[calls], ready))
         else:
-            print(f"{LABELS[kinds[0]]} only: {sweep[calls][kinds[0]]}")
+            other = "callweaver" if kinds[0] == "naive" else "naive"
+            print(side_by_side({kinds[0]: sweep[calls][kinds[0]], other: RelayLoadResult(calls, args.turns)}, ready))
     return 0
 
 
