@@ -10,6 +10,8 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
+# The gevent worker also bounds reading each request line and headers by `keepalive` seconds; request bodies
+# are bounded by the app itself (callweaver/request_guard.py: BODY_READ_TIMEOUT_S, MAX_BODY_BYTES).
 keepalive = 5
 preload_app = False          # clients (SQLite, Redis, httpx pools) must be built per worker, after the fork
 control_socket_disable = True

@@ -223,11 +223,11 @@ class BenchStack:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     @contextmanager
-    def server(self, workers: int = 1, naive: bool = False, wrap: list[str] | None = None,
+    def server(self, workers: int = 1, repo: Path = REPO, naive: bool = False, wrap: list[str] | None = None,
                **env_overrides: str) -> Iterator[LiveServer]:
-        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` with its own database and cache directory, or with
-        `naive` the baseline relay (bench/naive_relay.py) on the same gunicorn gevent worker class.
-        `wrap` prefixes the server command (e.g. `systemd-run --scope -p CPUQuota=10%`)."""
+        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` (from `repo`) with its own database and cache directory,
+        or with `naive` the baseline relay (bench/naive_relay.py) on the same gunicorn gevent worker class.
+        `wrap` prefixes the server command with one that execs it (bench/relay.py's CPU-quota mode)."""
         self._runs += 1
         data_dir = self.work_dir / f"run{self._runs}"
         data_dir.mkdir()
@@ -236,8 +236,8 @@ class BenchStack:
         if naive:
             gunicorn_args = ["-c", "/dev/null", "-k", "gevent", "-w", str(workers), "--worker-connections", "5000",
                              "bench.naive_relay:app"]
-        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", gunicorn_args=gunicorn_args,
-                            wrap=wrap).start(timeout_s=120)
+        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", repo=repo,
+                            gunicorn_args=gunicorn_args, wrap=wrap).start(timeout_s=120)
         try:
             yield server
         finally:

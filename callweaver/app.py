@@ -15,6 +15,7 @@ from .config import Settings
 from .errors import init_errors
 from .extensions import sock
 from .logging import init_logging, register_secret
+from .request_guard import RequestBodyGuard
 from .services import Services
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
@@ -45,6 +46,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
          supports_credentials=not settings.cors_any_origin, send_wildcard=settings.cors_any_origin,
          methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
          allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
+    # simple-websocket closes a socket with 1009 (message too big) past this size.
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes}
     sock.init_app(app)
     _init_request_logging(app)
     _refuse_cross_site(app, settings)
@@ -55,6 +58,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_cli(app)
     from .rate_limits import init_rate_limits
     init_rate_limits(app, settings)
+    app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
+        app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
+        max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops)
     return app
 
 

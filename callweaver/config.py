@@ -117,6 +117,12 @@ class Settings:
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
     max_body_bytes: int = 1024 * 1024
+    # Transport limits (README "Security"): slow bodies and the relay socket
+    body_read_timeout_s: float = 10.0        # whole body within this, else 408
+    max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
+    relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
+    relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
+    relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
     log_level: str = "INFO"
     log_format: str = "json"
     # Observability
@@ -305,6 +311,11 @@ class Settings:
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
+        values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
+        values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
+        values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
+        values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
+        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
         if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")

@@ -481,3 +481,21 @@ def test_stopped_redis_raises_store_error_quickly_and_recovers_after_restart():
         store.create_call(make_record())
         assert store.get_call("call_1").tracking_id == "call_1"
         store.close()
+
+
+def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_expire(store):
+    store.create_call(make_record("call_claim"))
+    assert store.claim_relay_socket("call_claim", "socket-a", 0, 30)
+    assert not store.claim_relay_socket("call_claim", "socket-b", 0, 30)   # a second socket for the same call
+    assert store.renew_relay_socket("call_claim", "socket-a", 30)
+    assert not store.renew_relay_socket("call_claim", "socket-b", 30)
+    assert store.claim_relay_socket("call_claim", "socket-c", 1, 30)       # resumed: Twilio said a failed
+    assert not store.renew_relay_socket("call_claim", "socket-a", 30)      # the old socket learns it lost
+    store.release_relay_socket("call_claim", "socket-a")                   # not the owner: no effect
+    assert not store.claim_relay_socket("call_claim", "socket-d", 1, 30)
+    store.release_relay_socket("call_claim", "socket-c")
+    assert store.claim_relay_socket("call_claim", "socket-d", 1, 0.2)      # released: free again
+    deadline = time.monotonic() + 10
+    while not store.claim_relay_socket("call_claim", "socket-e", 1, 30):   # a killed worker's lease runs out
+        assert time.monotonic() < deadline, "an expired lease must free the call"
+        time.sleep(0.05)

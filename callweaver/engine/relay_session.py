@@ -179,8 +179,9 @@ class RelaySession:
     def _on_interrupt(self, message: dict) -> None:
         self._fell_silent.set()  # Twilio stopped speaking
         heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
+        played_ms = message.get("durationUntilInterruptMs")
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
-                 played_ms=message.get("durationUntilInterruptMs"))
+                 played_ms=played_ms if isinstance(played_ms, (int, float)) else None)
         if self._reply is not None and self._streaming:
             self._cancel(heard=heard)
         elif self.record is not None:
@@ -231,7 +232,7 @@ class RelaySession:
     def _on_info(self, message: dict) -> None:
         if protocol.agent_fell_silent(message):
             self._fell_silent.set()
-        log.debug("relay_info", name=message.get("name"), value=message.get("value"))
+        log.debug("relay_info", name=str(message.get("name"))[:40], value=str(message.get("value"))[:100])
 
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:

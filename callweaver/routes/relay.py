@@ -1,21 +1,35 @@
-"""ConversationRelay WebSocket: refuse unsigned upgrades, then hand every message to a RelaySession."""
+"""ConversationRelay WebSocket: refuse unsigned upgrades, then hand every message to a RelaySession.
+
+Socket-level rules (the session never sees a socket that breaks them):
+- the upgrade is signed and its trackingId names a live call that has no other live socket (a claim in the
+  store, so it holds across workers and instances; renewed while the socket lives, released when it closes);
+- `setup` arrives within RELAY_SETUP_TIMEOUT_S and names the signed trackingId, else the socket closes (1008);
+- a message over RELAY_MAX_MESSAGE_BYTES closes the socket with 1009 (simple-websocket, SOCK_SERVER_OPTIONS).
+"""
 from __future__ import annotations
 
+import json
 import threading
+import time
+import uuid
 
 import structlog
-from flask import Blueprint, request
+from flask import Blueprint, g, request
 
+from ..api_errors import ApiError
 from ..engine import relay_protocol
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
+from ..lifecycle import CALL_SID
 from ..security import websocket_url
 from ..services import services, spawn
+from ..store import TERMINAL_STATUSES, CallRecord, Store, StoreError
 from .common import base_url, forbidden, verify_twilio
 from .twiml import RELAY_PATH
 
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()
+CLOSE_POLICY_VIOLATION = 1008
 
 
 class LockedSender:
@@ -34,26 +48,135 @@ class LockedSender:
             self.ws.sock.sendall(frame)
 
 
+class RelayClaim:
+    """This socket's claim on its call in the store: at most one live relay socket per call, across workers."""
+
+    def __init__(self, store: Store, record: CallRecord, lease_s: float):
+        self.store, self.tracking_id, self.lease_s = store, record.tracking_id, lease_s
+        self.generation = record.resume_count
+        self.owner = uuid.uuid4().hex
+        self.renew_at = 0.0
+
+    def acquire(self) -> bool:
+        claimed = self.store.claim_relay_socket(self.tracking_id, self.owner, self.generation, self.lease_s)
+        self.renew_at = time.monotonic() + self.lease_s / 3
+        return claimed
+
+    def seconds_to_renewal(self) -> float:
+        return max(0.0, self.renew_at - time.monotonic())
+
+    def renew_if_due(self) -> bool:
+        """False once another socket holds the call (its resume replaced this claim)."""
+        if time.monotonic() < self.renew_at:
+            return True
+        self.renew_at = time.monotonic() + self.lease_s / 3
+        try:
+            return self.store.renew_relay_socket(self.tracking_id, self.owner, self.lease_s)
+        except StoreError:
+            log.warning("relay_claim_renew_failed")
+            return True  # a store outage must not hang up a live call; the lease covers it
+
+    def release(self) -> None:
+        try:
+            self.store.release_relay_socket(self.tracking_id, self.owner)
+        except StoreError:
+            log.warning("relay_claim_release_failed")  # the lease runs out by itself
+
+
+def _is_live(record: CallRecord | None) -> bool:
+    return record is not None and record.ended_at is None and record.status not in TERMINAL_STATUSES
+
+
 @bp.before_app_request
 def _refuse_unsigned_upgrade():
-    """Checked before the handshake: an upgrade whose signature fails never becomes a socket."""
+    """Checked before the handshake: an upgrade that is unsigned, names no live call, or names a call that
+    already has its socket never becomes a socket (so replays of one captured upgrade cost nothing)."""
     if request.path != RELAY_PATH:
         return None
     query = request.query_string.decode("latin-1")
     url = websocket_url(base_url(), RELAY_PATH) + (f"?{query}" if query else "")
-    ok, _record = verify_twilio(url=url, params={})
-    return None if ok else forbidden()
+    ok, record = verify_twilio(url=url, params={})
+    if not ok:
+        return forbidden()
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return None  # not a socket: routing answers it
+    if not _is_live(record) or record.tracking_id != request.args.get("trackingId"):
+        log.warning("relay_socket_refused", reason="no live call")
+        raise ApiError(403, "No live call for this relay socket")
+    svc = services()
+    claim = RelayClaim(svc.store, record, svc.settings.relay_socket_lease_s)
+    try:
+        claimed = claim.acquire()
+    except StoreError:
+        log.exception("relay_claim_failed")
+        raise ApiError(503, "Call state is unavailable")
+    if not claimed:
+        log.warning("relay_socket_refused", reason="call already has a live socket")
+        raise ApiError(409, "This call already has a live relay socket")
+    g.relay_claim = claim
+    return None
+
+
+@bp.teardown_app_request
+def _release_claim(_exc):
+    claim = g.pop("relay_claim", None)
+    if claim is not None:
+        claim.release()
+
+
+def check_setup(raw: str | bytes, signed_tracking_id: str) -> tuple[bool, str | None]:
+    """(is this a `setup` message, why it may not start this socket's session or None).
+
+    The trackingId in `customParameters` must be the one in the signed URL, so a socket can never be
+    pointed at another call; the callSid, when given, must look like one (it is logged and stored)."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return False, None  # not JSON: the session logs it as a bad message
+    if not isinstance(message, dict) or message.get("type") != "setup":
+        return False, None
+    params = message.get("customParameters")
+    if not isinstance(params, dict) or params.get("trackingId") != signed_tracking_id:
+        return True, "setup trackingId does not match the signed URL"
+    call_sid = message.get("callSid")
+    if call_sid is not None and not (isinstance(call_sid, str) and CALL_SID.fullmatch(call_sid)):
+        return True, "setup callSid is not a Call SID"
+    return True, None
 
 
 @sock.route(RELAY_PATH, bp=bp)
 def conversation_relay(ws):
     svc = services()
+    claim: RelayClaim = g.relay_claim
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn)
+    setup_deadline: float | None = time.monotonic() + svc.settings.relay_setup_timeout_s
     try:
         while True:
-            message = ws.receive()
-            if message is None:
+            wait = claim.seconds_to_renewal()
+            if setup_deadline is not None:
+                wait = min(wait, max(0.0, setup_deadline - time.monotonic()))
+            message = ws.receive(timeout=wait)
+            if message is not None:
+                is_setup, problem = check_setup(message, claim.tracking_id)
+                if problem is not None:
+                    _close(ws, "relay_setup_refused", problem)
+                    break
+                if is_setup:
+                    setup_deadline = None
+                session.handle(message)
+            elif setup_deadline is not None and time.monotonic() >= setup_deadline:
+                _close(ws, "relay_setup_timeout", "setup not received in time")
                 break
-            session.handle(message)
+            if not claim.renew_if_due():
+                _close(ws, "relay_socket_replaced", "another socket took over this call")
+                break
     finally:
         session.close()
+
+
+def _close(ws, event: str, reason: str) -> None:
+    log.warning(event, reason=reason)
+    try:
+        ws.close(reason=CLOSE_POLICY_VIOLATION, message=reason)
+    except Exception:  # already closed by the peer
+        pass

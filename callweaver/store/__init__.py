@@ -147,6 +147,23 @@ class Store(Protocol):
 
     def get_workflow(self, workflow_id: str) -> dict | None: ...
 
+    def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
+        """Make `owner` the one live relay socket of a call, for `lease_s`; False while another owner holds it.
+
+        A claim from a newer `generation` (the call's resume count: Twilio reported the old socket failed)
+        replaces an older one at once; otherwise a claim frees only when released or when its lease runs out
+        (a killed worker never releases).
+        """
+        ...
+
+    def renew_relay_socket(self, tracking_id: str, owner: str, lease_s: float) -> bool:
+        """Extend the owner's lease; False if the claim is no longer this owner's."""
+        ...
+
+    def release_relay_socket(self, tracking_id: str, owner: str) -> None:
+        """Drop the claim if `owner` still holds it."""
+        ...
+
     def ping(self) -> float:
         """Round trip to the backend in ms; StoreError when it is unreachable."""
         ...

@@ -36,6 +36,7 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   relay:<tid>      hash {owner, generation}, expiring with the claim's lease (the live relay socket)
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
@@ -108,6 +109,25 @@ return index
 """
 
 
+# KEYS: relay claim   ARGV: owner, generation, lease ms.  Returns 1 claimed, 0 held by another owner.
+_CLAIM_RELAY = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'generation')) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: relay claim   ARGV: owner, lease ms (0 = release).  Returns 1 when the owner held the claim.
+_RENEW_RELAY = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -164,6 +184,8 @@ class RedisStore:
                     "update_call": client.register_script(_UPDATE_CALL),
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
+                    "claim_relay": client.register_script(_CLAIM_RELAY),
+                    "renew_relay": client.register_script(_RENEW_RELAY),
                 }
                 self._client = client
             return self._client
@@ -379,6 +401,20 @@ class RedisStore:
         with self._backend() as client:
             value = client.get(self._key("workflow", workflow_id))
         return json.loads(value) if value is not None else None
+
+    # -- relay socket claims ------------------------------------------------------
+    # Redis expires a claim itself, on its own clock, so instances with skewed clocks agree on the lease.
+
+    def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
+        return self._script("claim_relay", [self._key("relay", tracking_id)],
+                            [owner, str(int(generation)), str(max(1, int(lease_s * 1000)))]) == 1
+
+    def renew_relay_socket(self, tracking_id: str, owner: str, lease_s: float) -> bool:
+        return self._script("renew_relay", [self._key("relay", tracking_id)],
+                            [owner, str(max(1, int(lease_s * 1000)))]) == 1
+
+    def release_relay_socket(self, tracking_id: str, owner: str) -> None:
+        self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0"])
 
     # -- operations -------------------------------------------------------------
 

@@ -51,6 +51,12 @@ CREATE TABLE IF NOT EXISTS cw_turns (
     PRIMARY KEY (tracking_id, turn_index)
 );
 CREATE INDEX IF NOT EXISTS cw_turns_at ON cw_turns (at);
+CREATE TABLE IF NOT EXISTS cw_relay_sockets (
+    tracking_id TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    generation  INTEGER NOT NULL,
+    expires_at  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cw_counters (
     series TEXT PRIMARY KEY,
     value  REAL NOT NULL
@@ -357,6 +363,35 @@ class SQLiteStore:
             ).fetchone()
         return json.loads(row[0]) if row else None
 
+    # -- relay socket claims ------------------------------------------------------
+
+    def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT owner, generation, expires_at FROM cw_relay_sockets WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is not None and row[2] > now and row[1] >= generation and row[0] != owner:
+                return False
+            conn.execute(
+                "INSERT INTO cw_relay_sockets (tracking_id, owner, generation, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (tracking_id) DO UPDATE SET owner = excluded.owner,"
+                " generation = excluded.generation, expires_at = excluded.expires_at",
+                (tracking_id, owner, generation, now + lease_s),
+            )
+        return True
+
+    def renew_relay_socket(self, tracking_id: str, owner: str, lease_s: float) -> bool:
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE cw_relay_sockets SET expires_at = ? WHERE tracking_id = ? AND owner = ?",
+                (time.time() + lease_s, tracking_id, owner),
+            ).rowcount == 1
+
+    def release_relay_socket(self, tracking_id: str, owner: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cw_relay_sockets WHERE tracking_id = ? AND owner = ?", (tracking_id, owner))
+
     # -- operations -------------------------------------------------------------
 
     def ping(self) -> float:
@@ -370,6 +405,7 @@ class SQLiteStore:
         with self._write() as conn:
             conn.execute(f"DELETE FROM cw_turns WHERE tracking_id IN ({ended_before})", (older_than,))
             conn.execute(f"DELETE FROM cw_statuses WHERE tracking_id IN ({ended_before})", (older_than,))
+            conn.execute(f"DELETE FROM cw_relay_sockets WHERE tracking_id IN ({ended_before})", (older_than,))
             deleted = conn.execute(
                 "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
             ).rowcount

@@ -33,9 +33,10 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
-                 gunicorn_args: list[str] | None = None, wrap: list[str] | None = None):
+                 repo: Path = REPO, gunicorn_args: list[str] | None = None, wrap: list[str] | None = None):
         """`gunicorn_args` replaces `-c gunicorn.conf.py wsgi:app` (the benches start a baseline app that way);
         `wrap` prefixes the command with one that execs it (the benches' CPU-quota mode)."""
+        self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
         self.wrap = wrap or []
         self.port = free_port()
         self.gunicorn_args = gunicorn_args or ["-c", "gunicorn.conf.py", "wsgi:app"]
@@ -53,7 +54,7 @@ class LiveServer:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [*self.wrap, sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", *self.gunicorn_args],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+            cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
         self.ready_s: float | None = None  # process start → first /ping 200 with every worker up
         deadline = self.started_at + timeout_s

@@ -1,0 +1,150 @@
+"""Slow and huge request bodies: read every body whole, under a deadline and a size cap, before the app runs.
+
+gunicorn gives a request body no time limit, so a client that declares 1 MB and sends a byte every few seconds
+holds a worker connection slot for as long as it likes; a thousand of them fill every slot and /health stops
+answering. This WSGI middleware reads the body itself first:
+- a declared body over MAX_BODY_BYTES → 413 at once, nothing read;
+- a body not complete within BODY_READ_TIMEOUT_S → 408;
+- more than MAX_UPLOADS_PER_CLIENT bodies arriving at once from one client (this worker) → 429 at once.
+These refusals also close the connection's reading side, so gunicorn does not keep the slot to drain the rest.
+The app then reads the buffered body as usual. WebSocket upgrades carry no body and pass straight through.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable
+
+import structlog
+
+from .rate_limits import client_address
+
+log = structlog.get_logger()
+
+READ_CHUNK = 64 * 1024
+LOGGED_PATH_CHARS = 120
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class _Refusal:
+    """A small JSON answer; when the server is gunicorn, reading stops afterwards so the connection closes
+    instead of waiting for (and draining) a body that the client may never finish."""
+
+    def __init__(self, environ: dict, status: str, error: str):
+        self.environ = environ
+        self.status = status
+        self.body = json.dumps({"success": False, "error": error}).encode()
+
+    def __call__(self, start_response: Callable) -> Iterable[bytes]:
+        start_response(self.status, [("Content-Type", "application/json"),
+                                     ("Content-Length", str(len(self.body)))])
+        return self
+
+    def __iter__(self):
+        yield self.body
+
+    def close(self) -> None:
+        sock = self.environ.get("gunicorn.socket")
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
+class BodyDeadlineExceeded(Exception):
+    """The client did not send its whole body in time."""
+
+
+def _read_with_deadline(stream: Any, limit: int, deadline_s: float) -> bytes:
+    """Read to EOF (at most limit + 1 bytes); under gevent the whole read is bounded by `deadline_s`.
+
+    Without gevent (the Flask test client, a debugger) reads come from memory or a local socket and no
+    deadline is armed: only gevent can interrupt a blocked read without threads.
+    """
+    def read_all() -> bytes:
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = stream.read(min(READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
+    from gevent import monkey
+    if not monkey.is_module_patched("socket"):
+        return read_all()
+    import gevent
+    try:
+        with gevent.Timeout(deadline_s):
+            return read_all()
+    except gevent.Timeout:
+        raise BodyDeadlineExceeded() from None
+
+
+class RequestBodyGuard:
+    """WSGI middleware; one per worker app, so the per-client counts are this worker's."""
+
+    def __init__(self, app: Callable, *, max_body_bytes: int, read_timeout_s: float, max_uploads_per_client: int,
+                 trusted_proxy_hops: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.read_timeout_s = read_timeout_s
+        self.max_uploads_per_client = max_uploads_per_client
+        self.trusted_proxy_hops = trusted_proxy_hops
+        self.uploads: Counter[str] = Counter()  # client → bodies being received right now
+        self.refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}  # (event, client) → (logged at, since)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        declared = environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if not chunked and declared in ("", "0"):
+            return self.app(environ, start_response)
+        client = client_address(environ, self.trusted_proxy_hops)
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return self._refuse(environ, "413 Request Entity Too Large", "request_body_too_large",
+                                f"Request body too large (limit {self.max_body_bytes} bytes)",
+                                client=client)(start_response)
+        if self.max_uploads_per_client and self.uploads[client] >= self.max_uploads_per_client:
+            return self._refuse(environ, "429 Too Many Requests", "client_upload_limit",
+                                "Too many requests from this client are still sending their bodies",
+                                client=client)(start_response)
+        self.uploads[client] += 1
+        try:
+            body = _read_with_deadline(environ["wsgi.input"], self.max_body_bytes, self.read_timeout_s)
+        except BodyDeadlineExceeded:
+            return self._refuse(environ, "408 Request Timeout", "request_body_timeout",
+                                f"Request body not received within {self.read_timeout_s:g} s",
+                                client=client)(start_response)
+        finally:
+            self.uploads[client] -= 1
+            if self.uploads[client] <= 0:
+                del self.uploads[client]
+        if len(body) > self.max_body_bytes:
+            return self._refuse(environ, "413 Request Entity Too Large", "request_body_too_large",
+                                f"Request body too large (limit {self.max_body_bytes} bytes)",
+                                client=client)(start_response)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        return self.app(environ, start_response)
+
+    def _refuse(self, environ: dict, status: str, event: str, error: str, client: str = "") -> _Refusal:
+        """Answer and log; one client's repeated refusals are logged once per REFUSAL_LOG_INTERVAL_S with a
+        count, so an attack costs neither log volume nor the CPU to write it."""
+        now = time.monotonic()
+        logged_at, suppressed = self.refusals_logged.get((event, client), (0.0, 0))
+        if now - logged_at >= REFUSAL_LOG_INTERVAL_S:
+            if len(self.refusals_logged) > 10_000:
+                self.refusals_logged.clear()
+            self.refusals_logged[(event, client)] = (now, 0)
+            log.warning(event, status=int(status[:3]), method=environ.get("REQUEST_METHOD", "")[:10],
+                        path=environ.get("PATH_INFO", "")[:LOGGED_PATH_CHARS], client=client or None,
+                        suppressed_since_last=suppressed)
+        else:
+            self.refusals_logged[(event, client)] = (logged_at, suppressed + 1)
+        return _Refusal(environ, status, error)
