@@ -13,12 +13,15 @@ import time
 sys.modules.setdefault("trio", None)  # httpcore2's optional trio import crashes under gevent's patched `select`
 from flask import Flask, jsonify
 from flask_sock import Sock
+import httpx2
 import openai
 
 app = Flask(__name__)
 sock = Sock(app)
+# A pool as large as the calls a worker holds (the SDK's default keeps 100 idle connections).
 client = openai.OpenAI(base_url=os.environ.get("OPENAI_BASE_URL"), api_key=os.environ.get("OPENAI_API_KEY", "x"),
-                       max_retries=0)
+                       max_retries=0, http_client=openai.DefaultHttpxClient(
+                           limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=2000)))
 MODEL = os.environ.get("OPENAI_MODEL", "gpt-4o-mini")
 first_tokens: list[tuple[str, float]] = []  # bench-only: (caller line, prompt → first token sent, ms)
 
