@@ -217,3 +217,20 @@ def test_prebuilt_relay_frames_decode_as_the_same_message_for_a_websocket_client
     events = list(client.events())
     assert len(events) == 1 and isinstance(events[0], TextMessage) and events[0].message_finished
     assert __import__("json").loads(events[0].data) == message
+
+
+def test_live_calls_of_one_flow_share_one_workflow_snapshot():
+    """Each call's record arrives with its own parsed copy of the workflow; the engine keeps one per version hash
+    (an idle call's memory was mostly that copy)."""
+    from callweaver.engine.conversation import ConversationEngine
+    from callweaver.engine.languages import LanguageTable
+    from callweaver.store import CallRecord
+
+    engine = ConversationEngine(None, None, LanguageTable.load())
+    snapshot = {"nodes": [{"id": "start"}], "edges": []}
+    first = engine.sharing_snapshot(CallRecord(tracking_id="a", workflow=dict(snapshot), workflow_hash="h1"))
+    second = engine.sharing_snapshot(CallRecord(tracking_id="b", workflow=dict(snapshot), workflow_hash="h1"))
+    other = engine.sharing_snapshot(CallRecord(tracking_id="c", workflow={"nodes": []}, workflow_hash="h2"))
+    assert first.workflow is second.workflow and second.workflow == snapshot
+    assert other.workflow == {"nodes": []} and other.workflow is not first.workflow
+    assert engine.sharing_snapshot(None) is None

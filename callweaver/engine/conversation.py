@@ -151,6 +151,7 @@ class ConversationEngine:
         self.history_limit = history_limit
         self.clock = clock
         self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
+        self._snapshots: OrderedDict[str, dict] = OrderedDict()  # one raw snapshot per version hash, shared
         self._warmed: dict[tuple[str, str], float] = {}  # (workflow hash, language) → when this worker warmed it
 
     # ---- call state ---------------------------------------------------------------------------
@@ -165,6 +166,20 @@ class ConversationEngine:
         else:
             self._workflows.move_to_end(key)
         return wf
+
+    def sharing_snapshot(self, record):
+        """The record with its workflow snapshot swapped for the copy this worker already holds for the same
+        version hash, so live calls of one flow share one snapshot instead of each keeping its own (the snapshot
+        was most of an idle call's memory). Snapshots are never mutated in place (updates replace fields)."""
+        if record is None or not record.workflow or not record.workflow_hash:
+            return record
+        shared = self._snapshots.get(record.workflow_hash)
+        if shared is None:
+            shared = self._snapshots[record.workflow_hash] = record.workflow
+            while len(self._snapshots) > 256:
+                self._snapshots.popitem(last=False)
+        record.workflow = shared
+        return record
 
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
@@ -370,7 +385,7 @@ class ConversationEngine:
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
                  source=r.source, provider=r.provider, provider_ttft_ms=r.provider_ttft_ms,
                  first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
-        return updated
+        return self.sharing_snapshot(updated)
 
     # ---- while the phone rings ------------------------------------------------------------------
     def prewarm(self, record) -> int:
