@@ -572,7 +572,7 @@ class RelayLoadResult:
 
     @property
     def memory_per_call_kib(self) -> float | None:
-        if not self.calls_connected:
+        if not self.calls_connected or not self.rss_connected_kib:  # arrival mode: never all idle at once
             return None
         return (self.rss_connected_kib - self.rss_before_kib) / self.calls_connected
 
@@ -594,9 +594,13 @@ class RelayLoadResult:
 
 
 def naive_first_tokens(base_url: str) -> dict[str, float]:
-    """The naive relay's server-side first tokens: caller line → ms from prompt received to first token sent."""
-    resp = http("GET", f"{base_url}/turns", timeout_s=60)
-    return {row["lastUser"]: row["firstTokenMs"] for row in resp.json()}
+    """The naive relay's server-side first tokens: caller line → ms from prompt received to first token sent
+    (the union over its workers)."""
+    out: dict[str, float] = {}
+    for _ in range(12):  # each worker keeps its own list: new connections land on every worker sooner or later
+        resp = http("GET", f"{base_url}/turns", timeout_s=60)
+        out.update((row["lastUser"], row["firstTokenMs"]) for row in resp.json())
+    return out
 
 
 def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: int, stagger_s: float,
