@@ -17,8 +17,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
-from tests.fakes import fake_llm
-from tests.fakes.fake_llm import FakeLLM
+from callweaver.simulate import llm_standin as fake_llm
+from callweaver.simulate.llm_standin import FakeLLM
 
 # ~25 word tokens: the fake streams one word per chunk.
 DEFAULT_REPLY_TEXT = ("Thanks for calling, I can certainly help with that. Let me check what we have available "

@@ -12,8 +12,9 @@ def register_cli(app: Flask) -> None:
     @click.option("--older-than-days", type=click.IntRange(min=1), default=None,
                   help="retention in days (default: RETENTION_DAYS)")
     def purge_calls(older_than_days: int | None) -> None:
-        """Delete calls (with their turns and statuses) that ended longer ago than the retention."""
+        """Delete calls (with their turns and statuses) that ended longer ago than the retention, and empty
+        transcripts older than TRANSCRIPT_RETENTION_DAYS."""
         svc = app.extensions["callweaver"]
         days = older_than_days or svc.settings.retention_days
-        purged = purge_ended_calls(svc.store, days)
+        purged = purge_ended_calls(svc.store, days, svc.settings.transcript_retention_days)
         click.echo(f"purged {purged} call(s) that ended more than {days} day(s) ago")

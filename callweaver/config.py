@@ -102,6 +102,12 @@ class Settings:
     llm_stall_timeout_s: float = 5.0
     llm_circuit_failures: int = 3
     llm_circuit_cooldown_s: float = 30.0
+    llm_hedge_after_s: float | str | None = None  # seconds, "p95" (the provider's own), or None (off)
+    # Preemptive generation: relay turns started on stable interim transcripts (partialPrompts)
+    preemptive_generation: bool = True
+    preemptive_stable_ms: float = 400.0
+    preemptive_max_speculations: int = 2
+    preemptive_max_chars: int = 200
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
@@ -112,6 +118,9 @@ class Settings:
     cache_prewarm: bool = True
     metrics_window_s: int = 3600
     retention_days: int = 30
+    transcript_retention_days: int = 30
+    record_transcripts: bool = True
+    mask_phone_numbers: bool = True
     retention_interval_s: int = 3600
     # Web
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
@@ -286,6 +295,17 @@ class Settings:
         values["llm_stall_timeout_s"] = number("LLM_STALL_TIMEOUT_S", 5.0, float, 0.05)
         values["llm_circuit_failures"] = number("LLM_CIRCUIT_FAILURES", 3, int, 1)
         values["llm_circuit_cooldown_s"] = number("LLM_CIRCUIT_COOLDOWN_S", 30.0, float, 0)
+        hedge = text("LLM_HEDGE_AFTER_MS").lower()
+        if hedge in ("", "off", "0"):
+            values["llm_hedge_after_s"] = None
+        elif hedge == "p95":
+            values["llm_hedge_after_s"] = "p95"
+        else:
+            values["llm_hedge_after_s"] = number("LLM_HEDGE_AFTER_MS", 0.0, float, 1.0) / 1000 or None
+        values["preemptive_generation"] = flag("PREEMPTIVE_GENERATION", True)
+        values["preemptive_stable_ms"] = number("PREEMPTIVE_STABLE_MS", 400.0, float, 0)
+        values["preemptive_max_speculations"] = number("PREEMPTIVE_MAX_SPECULATIONS", 2, int, 1)
+        values["preemptive_max_chars"] = number("PREEMPTIVE_MAX_CHARS", 200, int, 1)
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
@@ -299,6 +319,9 @@ class Settings:
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
+        values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
+        values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
+        values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
         values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
         origins = text("CORS_ORIGINS")

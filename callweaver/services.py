@@ -19,7 +19,7 @@ from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
-from .engine.conversation import ConversationEngine
+from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.metrics import RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
@@ -123,11 +123,21 @@ class Services:
 
     @cached_property
     def engine(self) -> ConversationEngine:
+        s = self.settings
+        speculation = SpeculationPolicy(enabled=s.preemptive_generation, stable_ms=s.preemptive_stable_ms,
+                                        max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars)
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
-                                  chain_for=self.chain_for, tracer=self.tracer)
+                                  chain_for=self.chain_for, tracer=self.tracer,
+                                  record_transcripts=self.settings.record_transcripts, speculation=speculation)
 
     def call_ended(self, tracking_id: str) -> None:
-        """Twilio reported the call's final status: record its root span and queue its end-of-call report."""
+        """Twilio reported the call's final status: record its root span and queue its end-of-call report.
+        With RECORD_TRANSCRIPTS=0 the history the call needed while live is emptied first: timings only."""
+        if not self.settings.record_transcripts:
+            try:
+                self.store.update_call(tracking_id, messages=[])
+            except Exception:
+                log.exception("transcript_drop_failed", tracking_id=tracking_id)
         if self.tracer.enabled:
             try:
                 record = self.store.get_call(tracking_id)
@@ -197,6 +207,7 @@ class Services:
         """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval."""
         s = self.settings
         return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,
+                                       transcript_retention_days=s.transcript_retention_days,
                                        interval_s=s.retention_interval_s,
                                        holder=f"{socket.gethostname()}:{os.getpid()}"))
 

@@ -62,4 +62,6 @@ def test_barge_in_cancels_a_reply_running_on_a_thread():
         time.sleep(0.01)
     session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "Hello"}))
     assert engine.committed == [{"path": "optimized", "timings": engine.committed[0]["timings"],
-                                 "heard_text": "Hello", "interrupted": True}]
+                                 "heard_text": "Hello", "interrupted": True,
+                                 "speculation": engine.committed[0]["speculation"]}]
+    assert engine.committed[0]["speculation"]["speculation"] is None  # no interim transcripts, no speculation

@@ -182,6 +182,11 @@ def seed_realistic_traffic(store, now: float, third_call_node: str = "contact_de
                         "provider": "openai" if failover else "azure"}
             if failover:
                 turn["failovers"] = [{"from": "azure", "to": "openai", "reason": "first_token_timeout"}]
+            if turn_no == 1:  # a speculation adopted, then one discarded, every minute
+                turn.update(speculation="adopted", speculationsStarted=1, savedMs=float(rng.randint(250, 300)))
+            elif turn_no == 2:
+                turn.update(speculation="discarded", speculationsStarted=1, speculationsDiscarded=1,
+                            speculativeLlmRequests=1, speculativeTokens=6)
             turn.update(path="optimized", firstTokenMs=first, lastTokenMs=first + rng.randint(600, 1900), at=at)
             store.append_turn(calls[turn_no % 3].tracking_id, turn)
             first_token_ms["optimized"].append(first)
@@ -229,6 +234,8 @@ def test_dashboard_renders_measured_latency_cache_and_live_calls_in_headless_chr
     assert dom.text("error-count") == "1"
     assert dom.text("cache-rate") != "\u2014"
     assert "azure" in dom.text("provider-list") and "openai" in dom.text("provider-list")
+    assert dom.text("pre-adoption") == "50%" and "10 of 20 speculated turns adopted" in dom.text("pre-caption")
+    assert dom.text("pre-extra") == "0.2"  # 10 discarded speculations over 60 relay turns
     assert "opt_live_3" in dom.text("live-rows") and "opt_done_1" not in dom.text("live-rows")
     # a workflow author's node name is shown as text, never parsed as markup
     assert HOSTILE_NODE in dom.text("live-rows")
@@ -248,6 +255,7 @@ def test_dashboard_shows_dash_and_reason_when_nothing_was_measured(chromium, ser
     assert dom.text("live-count") == "0"
     assert dom.text("ftl-optimized-samples") == "0"
     assert "no error rate" in dom.text("fail-reason")
+    assert dom.text("pre-adoption") == "\u2014" and dom.text("pre-extra") == "\u2014"
 
 
 def test_dashboard_page_is_self_contained_with_no_external_url(dashboard_app):

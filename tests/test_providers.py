@@ -554,3 +554,64 @@ def test_consecutive_turns_reuse_one_upstream_connection(make_chain, azure_fake)
         assert "".join(chain.stream(MESSAGES)) == "Pooled reply."
     assert len(azure_fake.requests) == 3
     assert azure_fake.connections_opened == 1
+
+
+# ---- hedged first tokens (LLM_HEDGE_AFTER_MS) ---------------------------------------------------------------
+
+def test_hedge_is_off_by_default_a_slow_primary_is_waited_for(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="Slow but fine.", ttft_s=0.4))
+    reply = make_chain().stream(MESSAGES)
+    assert "".join(reply) == "Slow but fine." and reply.provider == "azure"
+    assert reply.hedged_requests == 0 and openai_fake.requests == []
+
+
+def test_slow_primary_is_hedged_and_the_first_to_answer_wins(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="Primary, late.", ttft_s=0.9))
+    openai_fake.push(Reply(text="Backup answers first.", ttft_s=0.0))
+    reply = make_chain(hedge_after_s=0.1).stream(MESSAGES)
+    assert "".join(reply) == "Backup answers first."
+    assert reply.text == "Backup answers first." and reply.provider == "openai"
+    assert reply.hedged_requests == 1 and reply.failovers == []
+    assert openai_fake.requests[0].messages == MESSAGES
+    assert azure_fake.wait_until(lambda: azure_fake.requests[0].client_closed)  # the loser was cancelled
+
+
+def test_primary_that_answers_within_the_budget_is_not_hedged(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="On time.", ttft_s=0.0))
+    reply = make_chain(hedge_after_s=0.5).stream(MESSAGES)
+    assert "".join(reply) == "On time." and reply.hedged_requests == 0 and openai_fake.requests == []
+
+
+def test_hedged_race_where_the_primary_still_wins_cancels_the_backup(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="Primary first after all.", ttft_s=0.25))
+    openai_fake.push(Reply(text="Backup too slow.", ttft_s=1.0))
+    reply = make_chain(hedge_after_s=0.1).stream(MESSAGES)
+    assert "".join(reply) == "Primary first after all." and reply.provider == "azure"
+    assert reply.hedged_requests == 1
+    assert openai_fake.wait_until(lambda: openai_fake.requests and openai_fake.requests[0].client_closed)
+
+
+def test_both_hedged_providers_failing_yields_the_apology(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(fault="hang"))
+    openai_fake.push(Reply(fault="500"))
+    reply = make_chain(hedge_after_s=0.05).stream(MESSAGES)
+    text = "".join(reply)
+    assert reply.apology_used and text == reply.text
+    assert {f["provider"] for f in reply.failovers} == {"azure", "openai"} and reply.hedged_requests == 1
+
+
+def test_primary_failing_before_the_hedge_fails_over_as_usual(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(fault="500"))
+    openai_fake.push(Reply(text="Backup as plain failover."))
+    reply = make_chain(hedge_after_s=0.5).stream(MESSAGES)
+    assert "".join(reply) == "Backup as plain failover." and reply.hedged_requests == 0
+    assert reply.failovers == [{"provider": "azure", "reason": "http_500", "spoken_chars": 0}]
+
+
+def test_p95_budget_waits_for_enough_samples_of_the_providers_own_ttft(make_chain, azure_fake, openai_fake):
+    chain = make_chain(hedge_after_s="p95")
+    primary = chain._providers[0]
+    assert chain.hedge_budget_s(primary) is None  # no samples yet: never hedge on a guess
+    for ttft in range(1, 21):
+        chain.note_first_token("azure", float(ttft * 10))
+    assert chain.hedge_budget_s(primary) == 0.19  # nearest-rank p95 of 10..200 ms

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from callweaver.simulate import http
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.fakes.fake_llm import FakeLLM
@@ -26,7 +28,8 @@ def test_service_starts_on_embedded_defaults_and_says_what_is_missing(tmp_path):
         assert resp.status == 503 and "TWILIO_ACCOUNT_SID" in resp.json()["error"]
 
 
-def test_simulator_cli_replays_a_script_through_the_relay(tmp_path):
+@pytest.mark.parametrize("speech", [[], ["--partials", "--words-per-minute", "600"]], ids=["final", "partials"])
+def test_simulator_cli_replays_a_script_through_the_relay(tmp_path, speech):
     twilio_port = free_port()
     with FakeLLM("sim") as llm:
         llm.responder = real_estate_brain
@@ -40,7 +43,8 @@ def test_simulator_cli_replays_a_script_through_the_relay(tmp_path):
             out = subprocess.run(
                 [sys.executable, "-m", "callweaver.simulate", "--base-url", server.url,
                  "--workflow", str(FIXTURES / "real_estate_property_dealer.json"), "--script", str(script),
-                 "--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--twilio-port", str(twilio_port)],
+                 "--auth-token", AUTH_TOKEN, "--account-sid", ACCOUNT_SID, "--twilio-port", str(twilio_port),
+                 *speech],
                 cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr + out.stdout
     text = out.stdout

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, det
 log = structlog.get_logger()
 
 _WORD_CHUNK = re.compile(r"\s*\S+")
+_NOT_WORD = re.compile(r"[^\w\s]+")
 PREWARM_INTERVAL_S = 600.0
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
@@ -91,7 +93,9 @@ class TurnResult:
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
+    tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
     llm_requests: int = 0
+    hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
     keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
     completed: bool = False
@@ -135,13 +139,126 @@ class Turn:
             close()
 
 
+@dataclass(frozen=True)
+class SpeculationPolicy:
+    """When a relay call may start a turn on an interim transcript (PREEMPTIVE_* settings, README)."""
+
+    enabled: bool = False
+    stable_ms: float = 400.0         # an unchanged partial this long starts a speculation
+    max_per_turn: int = 2            # speculations per caller turn (each discarded one is an extra LLM request)
+    max_chars: int = 200             # longer utterances are not speculated on
+
+
+def normalise_utterance(text: str) -> str:
+    """What must match between a speculated partial and the final transcript: words, case-folded, no punctuation.
+
+    Recognisers add punctuation and capitals to the final transcript; those change nothing the model reads."""
+    return " ".join(_NOT_WORD.sub(" ", text).casefold().split())
+
+
+def looks_complete(text: str) -> bool:
+    """A partial the recogniser already ended with a sentence mark: worth starting on without waiting."""
+    return text.rstrip().endswith((".", "?", "!"))
+
+
+class SpeculativeTurn:
+    """A turn started on an interim transcript, its output held back until the final transcript adopts it.
+
+    It is the same `Turn` as any other: `pump()` (on its own greenlet) iterates it into a buffer, nothing is sent
+    and nothing is committed. Adoption replays the buffer and follows the rest of the stream; a discard cancels
+    the turn (closing the upstream stream) and the turn is never committed, so its history, variables, routing
+    and extraction tool calls, cache write and action are dropped with it.
+    """
+
+    def __init__(self, turn: Turn, lang: str | None, clock: Callable[[], float]):
+        self.turn = turn
+        self.lang = lang
+        self.key = normalise_utterance(turn.utterance)
+        self.clock = clock
+        self.started_at = clock()
+        self.first_token_at: float | None = None
+        self.tokens: list[str] = []
+        self.done = False
+        self.failed = False
+        self.discarded = False
+        self._changed = threading.Condition()  # a gevent condition once wsgi.py has monkey-patched threading
+
+    def matches(self, utterance: str, lang: str | None) -> bool:
+        return (not self.discarded and not self.failed and self.key == normalise_utterance(utterance)
+                and self.lang == lang)
+
+    def pump(self) -> None:
+        try:
+            for token in self.turn:
+                with self._changed:
+                    if self.first_token_at is None and token:
+                        self.first_token_at = self.clock()
+                    self.tokens.append(token)
+                    self._changed.notify_all()
+        except Exception:
+            self.failed = True  # never adopted: the final transcript starts a normal turn
+            log.exception("speculation_failed")
+        finally:
+            with self._changed:
+                self.done = True
+                self._changed.notify_all()
+
+    def replay(self) -> Iterator[str]:
+        """Adopted: the tokens already received at once, then the rest as it streams."""
+        sent = 0
+        while True:
+            with self._changed:
+                while sent >= len(self.tokens) and not self.done:
+                    self._changed.wait()
+                if sent >= len(self.tokens):
+                    return
+                token = self.tokens[sent]
+            sent += 1
+            yield token
+
+    def discard(self) -> None:
+        """Cancel the upstream request; the turn is dropped uncommitted."""
+        self.discarded = True
+        self.turn.cancel()
+
+    def first_token_ms(self) -> float | None:
+        """Start of the speculation to its first token: what the turn would have waited without speculating."""
+        if self.first_token_at is None:
+            return None
+        return round((self.first_token_at - self.started_at) * 1000, 3)
+
+    @property
+    def token_count(self) -> int:
+        return sum(1 for token in self.tokens if token)
+
+
+def speculation_row(adopted: SpeculativeTurn | None, discarded: list[SpeculativeTurn],
+                    first_token_ms: float | None) -> dict[str, Any]:
+    """The per-turn speculation fields stored with the turn; `savedMs` is the adopted speculation's own measured
+    time to first token minus what the caller actually waited after the final transcript."""
+    started = len(discarded) + (1 if adopted else 0)
+    saved = None
+    if adopted is not None and first_token_ms is not None and adopted.first_token_ms() is not None:
+        saved = round(max(0.0, adopted.first_token_ms() - first_token_ms), 3)
+    return {
+        "speculation": "adopted" if adopted else ("discarded" if discarded else None),
+        "speculationsStarted": started, "speculationsDiscarded": len(discarded),
+        "speculativeLlmRequests": sum(s.turn.result.llm_requests for s in discarded),
+        "speculativeTokens": sum(s.token_count for s in discarded if s.turn.result.llm_requests),
+        "savedMs": saved,
+    }
+
+
 class ConversationEngine:
     """Runs turns of any call (relay, Gather flow, playground) from the call's record in the store."""
 
     def __init__(self, store, providers, languages: LanguageTable, cache: ReplyCache | None = None, *,
                  history_limit: int = 20, clock: Callable[[], float] = time.monotonic,
-                 chain_for: Callable[[Any], Any] | None = None, tracer: Any = None):
+                 chain_for: Callable[[Any], Any] | None = None, tracer: Any = None,
+                 record_transcripts: bool = True, speculation: SpeculationPolicy = SpeculationPolicy()):
         self.store = store
+        self.record_transcripts = record_transcripts  # RECORD_TRANSCRIPTS=0: the call log keeps timings only
+        self.speculation = speculation  # relay calls: start turns on stable interim transcripts
         self.tracer = tracer or NullTracer()  # OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.providers = providers
         # A call may bring its own LLM account (ALLOW_REQUEST_CREDENTIALS); chain_for picks its provider chain.
@@ -217,6 +334,17 @@ class ConversationEngine:
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
                     utterance, control)
 
+    def speculate(self, record, utterance: str, *, lang: str | None = None) -> SpeculativeTurn:
+        """The turn `utterance` would start, begun early on an interim transcript; run `pump()` off the socket."""
+        return SpeculativeTurn(self.start_turn(record, utterance, lang=lang), lang, self.clock)
+
+    def drop_speculation(self, speculation: SpeculativeTurn, reason: str) -> None:
+        """Discard a speculation: cancel its request, end its span; it is never committed."""
+        speculation.discard()
+        self.tracer.end_turn(speculation.turn.result.trace_span, {"source": "speculation_discarded"})
+        log.info("speculation_discarded", reason=reason, utterance_chars=len(speculation.turn.utterance),
+                 tokens_held=speculation.token_count)
+
     @staticmethod
     def may_press_keys(record) -> bool:
         """A relay call we placed may reach a phone menu: Twilio's setup says it is outbound."""
@@ -268,6 +396,7 @@ class ConversationEngine:
 
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
         self._apply_outcome(result, outcome)
+        result.tool_calls = list(stream.tool_calls)
         if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
             # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
             # case with a second request; it only happens when the model ignores "speak first".
@@ -315,6 +444,7 @@ class ConversationEngine:
         finally:
             stream.close()
             result.failovers += list(stream.failovers)
+            result.hedged_requests += stream.hedged_requests
             result.provider = stream.provider or result.provider
             if result.provider_ttft_ms is None:
                 result.provider_ttft_ms = stream.provider_ttft_ms
@@ -350,7 +480,8 @@ class ConversationEngine:
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
-                    heard_text: str | None = None, interrupted: bool = False):
+                    heard_text: str | None = None, interrupted: bool = False,
+                    speculation: dict[str, Any] | None = None):
         """Persist history as heard, node, variables and the measured turn; an interrupted action never fires."""
         r = turn.result
         heard = r.reply_text.strip() if heard_text is None else heard_text.strip()
@@ -368,6 +499,10 @@ class ConversationEngine:
                                   "variables": r.variables, "language": r.language}
         if action:
             fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
+        if self.record_transcripts:
+            fields["transcript"] = [*(record.transcript or []), {
+                "said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
+                "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}]
         updated = self.store.update_call(record.tracking_id, **fields)
         turn_row = {
             "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
@@ -376,7 +511,8 @@ class ConversationEngine:
             "interrupted": interrupted, "failovers": r.failovers, "cacheHit": r.cache_hit,
             "cacheable": r.cacheable, "action": action, "language": r.language,
             "llmRequests": r.llm_requests, "transitionedVia": r.transitioned_via,
-            "languageSwitched": r.language_switched,
+            "languageSwitched": r.language_switched, "toolNames": [name for name, _ in r.tool_calls],
+            "hedgedRequests": r.hedged_requests, **(speculation or {}),
         }
         self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
         self.tracer.end_turn(r.trace_span, turn_row)

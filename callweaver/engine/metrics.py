@@ -66,6 +66,41 @@ def turn_view(turn: dict) -> dict[str, Any]:
         "addedLatencyMs": added_latency_ms(turn), "interrupted": bool(turn.get("interrupted")),
         "cacheHit": bool(turn.get("cacheHit")), "failovers": turn.get("failovers") or [],
         "language": turn.get("language"), "action": turn.get("action"),
+        "speculation": turn.get("speculation"), "speculationsStarted": turn.get("speculationsStarted") or 0,
+        "speculativeLlmRequests": turn.get("speculativeLlmRequests") or 0, "savedMs": turn.get("savedMs"),
+        "llmRequests": turn.get("llmRequests"), "hedgedRequests": turn.get("hedgedRequests") or 0,
+    }
+
+
+def preemption_summary(turns: list[dict]) -> dict[str, Any]:
+    """Speculative turns (PREEMPTIVE_GENERATION): how often a speculation was adopted, what it saved, what it cost.
+
+    Over relay turns only (the one path with interim transcripts). `savedMs` is measured per adopted turn: the
+    speculation's own time to first token minus the wait after the final prompt. Extra requests and tokens are
+    those of discarded speculations (tokens = streamed text chunks, about one model token each)."""
+    relay = [t for t in turns if t.get("path") == "optimized"]
+    n = len(relay)
+    speculated = [t for t in relay if t.get("speculationsStarted")]
+    adopted = [t for t in relay if t.get("speculation") == "adopted"]
+    extra_requests = sum(t.get("speculativeLlmRequests") or 0 for t in relay)
+    turn_requests = sum(t.get("llmRequests") or 0 for t in relay)
+    return {
+        "turns": n, "turnsSpeculated": len(speculated), "adopted": len(adopted),
+        "discarded": sum(1 for t in relay if t.get("speculation") == "discarded"),
+        "speculationsStarted": sum(t.get("speculationsStarted") or 0 for t in relay),
+        "speculationsDiscarded": sum(t.get("speculationsDiscarded") or 0 for t in relay),
+        "adoptionRate": ratio(len(adopted), len(speculated)),
+        "savedMs": distribution(t.get("savedMs") for t in adopted),
+        "finalToFirstTokenMs": {
+            "adopted": distribution(t.get("firstTokenMs") for t in adopted),
+            "notAdopted": distribution(t.get("firstTokenMs") for t in relay if t.get("speculation") != "adopted"),
+        },
+        "extraLlmRequests": extra_requests,
+        "extraLlmRequestsPerTurn": ratio(extra_requests, n),
+        "extraTokensPerTurn": ratio(sum(t.get("speculativeTokens") or 0 for t in relay), n),
+        "llmRequestsPerTurn": ratio(turn_requests + extra_requests, n),
+        "hedgedRequests": sum(t.get("hedgedRequests") or 0 for t in relay),
+        **({} if n else {"reason": "no relay turns in this window"}),
     }
 
 
@@ -163,6 +198,7 @@ class MetricsReader:
             "currentThroughput": round(s["turns"] / (duration_s / 60), 3) if duration_s > 0 and turns else None,
             "addedLatency": s["addedLatencyMs"], "providerTtft": s["providerTtftMs"],
             "lastTokenLatency": s["lastTokenMs"], "failovers": s["failovers"], "interrupted": s["interrupted"],
+            "preemption": preemption_summary(turns),
         }
         reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
@@ -215,6 +251,7 @@ class MetricsReader:
                                                        if not t.get("cacheHit") and t.get("source") == "llm")},
             "providers": {name: {"turns": len(ts), "ttftMs": distribution(t.get("providerTtftMs") for t in ts)}
                           for name, ts in sorted(by_provider.items())},
+            "preemption": preemption_summary(turns),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:
@@ -233,7 +270,7 @@ class MetricsReader:
         return {"windowSeconds": window_s, "traditional": trad, "optimized": opt, "improvement": improvement}
 
     def timeline(self, window_s: int, bucket_s: int = 60) -> list[dict[str, Any]]:
-        """Per-bucket p50 first-token latency by path, for the dashboard chart."""
+        """Per-bucket first-token latency: p50 by path (dashboard chart), p50/p95 over all calls (call log)."""
         now = self.clock()
         turns = self.recent.since(now - window_s)
         buckets: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -242,6 +279,10 @@ class MetricsReader:
                 continue
             b = int((t.get("at") or now) // bucket_s * bucket_s)
             buckets[b][t.get("path") or "unknown"].append(t["firstTokenMs"])
-        return [{"at": b, "optimizedP50": percentile(v.get("optimized", []), 50),
-                 "traditionalP50": percentile(v.get("traditional", []), 50),
-                 "turns": sum(len(x) for x in v.values())} for b, v in sorted(buckets.items())]
+        out = []
+        for b, v in sorted(buckets.items()):
+            every = [ms for values in v.values() for ms in values]
+            out.append({"at": b, "optimizedP50": percentile(v.get("optimized", []), 50),
+                        "traditionalP50": percentile(v.get("traditional", []), 50),
+                        "p50": percentile(every, 50), "p95": percentile(every, 95), "turns": len(every)})
+        return out

@@ -21,9 +21,22 @@ CIRCUIT_STATES = ("closed", "half_open", "open")
 TURN_LABELS = ("path", "provider", "cache")
 TURNS = "callweaver_turns"
 PROVIDER_FAILURES = "callweaver_provider_failures"
+SPECULATIONS = "callweaver_speculations"
+# Per-turn fields summed into plain counters: the cost of preemptive generation and hedged first tokens.
+TURN_SUMS = {
+    "callweaver_speculative_llm_requests": ("LLM requests of discarded speculations (extra cost)",
+                                            "speculativeLlmRequests"),
+    "callweaver_speculative_tokens": ("Streamed tokens of discarded speculations (extra cost)", "speculativeTokens"),
+    "callweaver_hedged_llm_requests": ("Second requests started by hedged first tokens", "hedgedRequests"),
+}
+# histogram → (help, label names)
 HISTOGRAMS = {
-    "callweaver_turn_first_token_ms": "Caller prompt received to first reply token sent (ms)",
-    "callweaver_turn_added_latency_ms": "First token sent minus provider first token (ms)",
+    "callweaver_turn_first_token_ms": ("Caller prompt received to first reply token sent (ms)", TURN_LABELS),
+    "callweaver_turn_added_latency_ms": ("First token sent minus provider first token (ms)", TURN_LABELS),
+    "callweaver_relay_final_to_first_token_ms": ("Relay turns: final prompt received to first reply token sent "
+                                                 "(ms), by speculation outcome", ("speculation",)),
+    "callweaver_speculation_saved_ms": ("Adopted speculations: their own time to first token minus the wait "
+                                        "after the final prompt (ms)", ()),
 }
 
 
@@ -46,14 +59,26 @@ def turn_counters(turn: Mapping) -> dict[str, float]:
               "cache": "hit" if turn.get("cacheHit") else "miss"}
     out: dict[str, float] = defaultdict(float)
     out[series_key(TURNS, labels)] += 1
-    observed = {"callweaver_turn_first_token_ms": turn.get("firstTokenMs"),
-                "callweaver_turn_added_latency_ms": added_latency_ms(dict(turn))}
-    for name, value in observed.items():
+    speculation = turn.get("speculation") or "none"
+    relay = turn.get("path") == "optimized"
+    observed = [("callweaver_turn_first_token_ms", labels, turn.get("firstTokenMs")),
+                ("callweaver_turn_added_latency_ms", labels, added_latency_ms(dict(turn))),
+                ("callweaver_relay_final_to_first_token_ms", {"speculation": speculation},
+                 turn.get("firstTokenMs") if relay else None),
+                ("callweaver_speculation_saved_ms", {}, turn.get("savedMs") if speculation == "adopted" else None)]
+    for name, series_labels, value in observed:
         if value is None:
             continue
-        out[series_key(name + "_bucket", {**labels, "le": _bucket(float(value))})] += 1
-        out[series_key(name + "_count", labels)] += 1
-        out[series_key(name + "_sum", labels)] += float(value)
+        out[series_key(name + "_bucket", {**series_labels, "le": _bucket(float(value))})] += 1
+        out[series_key(name + "_count", series_labels)] += 1
+        out[series_key(name + "_sum", series_labels)] += float(value)
+    if speculation == "adopted":
+        out[series_key(SPECULATIONS, {"outcome": "adopted"})] += 1
+    if turn.get("speculationsDiscarded"):
+        out[series_key(SPECULATIONS, {"outcome": "discarded"})] += int(turn["speculationsDiscarded"])
+    for name, (_doc, field) in TURN_SUMS.items():
+        if turn.get(field):
+            out[series_key(name, {})] += float(turn[field])
     for failover in turn.get("failovers") or []:
         out[series_key(PROVIDER_FAILURES, {"provider": failover.get("provider") or "unknown",
                                            "reason": failover.get("reason") or "unknown"})] += 1
@@ -76,6 +101,10 @@ class StoreCollector:
                                        labels=["provider", "reason"])
         calls = CounterMetricFamily(CALLS_ENDED_COUNTER, "Calls that ended, by final Twilio status",
                                     labels=["status"])
+        speculations = CounterMetricFamily(SPECULATIONS, "Speculative turns started on interim transcripts, by "
+                                           "outcome", labels=["outcome"])
+        sums = {name: CounterMetricFamily(name, doc) for name, (doc, _field) in TURN_SUMS.items()}
+        sum_values = dict.fromkeys(TURN_SUMS, 0.0)  # always exposed, 0 until the first such turn
         # histogram name → label values → {"buckets": {le: n}, "count": n, "sum": s}
         histograms: dict[str, dict[tuple, dict]] = {name: defaultdict(lambda: {"buckets": {}, "count": 0.0,
                                                                                "sum": 0.0})
@@ -91,11 +120,15 @@ class StoreCollector:
                 failures.add_metric([labels.get("provider", ""), labels.get("reason", "")], value)
             elif name == CALLS_ENDED_COUNTER:
                 calls.add_metric([labels.get("status", "")], value)
+            elif name == SPECULATIONS:
+                speculations.add_metric([labels.get("outcome", "")], value)
+            elif name in sums:
+                sum_values[name] = value
             else:
                 base, _, part = name.rpartition("_")
                 if base not in histograms:
                     continue
-                series = histograms[base][tuple(labels.get(k, "") for k in TURN_LABELS)]
+                series = histograms[base][tuple(labels.get(k, "") for k in HISTOGRAMS[base][1])]
                 if part == "bucket":
                     series["buckets"][labels.get("le", "+Inf")] = value
                 elif part in ("count", "sum"):
@@ -103,8 +136,12 @@ class StoreCollector:
         yield turns
         yield failures
         yield calls
-        for name, doc in HISTOGRAMS.items():
-            family = HistogramMetricFamily(name, doc, labels=list(TURN_LABELS))
+        yield speculations
+        for name, family in sums.items():
+            family.add_metric([], sum_values[name])
+            yield family
+        for name, (doc, label_names) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(name, doc, labels=list(label_names))
             for label_values, series in sorted(histograms[name].items()):
                 running, buckets = 0.0, []
                 for le in [*map(str, BUCKETS_MS), "+Inf"]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -81,6 +83,9 @@ class ChainSettings:
     stall_timeout_s: float = 5.0
     circuit_failures: int = 3
     circuit_cooldown_s: float = 30.0
+    # Hedged first tokens: no first token from a provider after this long → the same request also goes to the
+    # next provider and the first to answer wins. None = off; HEDGE_P95 = the provider's own recent TTFT p95.
+    hedge_after_s: float | str | None = None
 
 
 def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
@@ -314,6 +319,11 @@ class _TurnRequest:
     apology: str
 
 
+HEDGE_P95 = "p95"
+HEDGE_MIN_SAMPLES = 20          # recent first tokens a provider needs before its own p95 is a budget
+HEDGE_POLL_S = 0.05             # how often a race checks whether the turn was cancelled
+
+
 @dataclass
 class _TurnState:
     """What a ReplyStream reports; kept apart from the stream so a dropped stream is freed (and closed) at once."""
@@ -326,6 +336,7 @@ class _TurnState:
     apology_used: bool = False
     cancelled: bool = False
     active_exchange: Exchange | None = None
+    hedged_requests: int = 0    # second requests started because a first token was late
 
 
 class ReplyStream:
@@ -354,9 +365,7 @@ class ReplyStream:
         if inspect.getgeneratorstate(self._tokens) == inspect.GEN_RUNNING:
             # Another greenlet/thread is blocked reading inside the generator: wake it by hanging up the socket;
             # it sees `cancelled` and finishes quietly (no failover, no apology).
-            exchange = self._state.active_exchange
-            if exchange is not None:
-                exchange.abort()
+            _abort_exchange(self._state)
         else:
             self._tokens.close()  # GeneratorExit at the yield leaves the `with`, closing the response
 
@@ -384,21 +393,41 @@ class ReplyStream:
     def apology_used(self) -> bool:
         return self._state.apology_used
 
+    @property
+    def hedged_requests(self) -> int:
+        return self._state.hedged_requests
+
+
+def _abort_exchange(state: _TurnState) -> None:
+    """Hang up the request another greenlet/thread is reading: shutting its socket down wakes the blocked read."""
+    exchange = state.active_exchange
+    if exchange is not None:
+        exchange.abort()
+
 
 def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) -> Iterator[str]:
     """Ordered failover: each provider in turn, open circuits skipped, a broken reply continued; never raises."""
+    raced: set[str] = set()  # providers a hedged race already tried (and settled) in this turn
     for provider in chain._providers:
         if state.cancelled:
             return
-        if not provider.try_acquire(chain._clock()):
+        if provider.name in raced or not provider.try_acquire(chain._clock()):
             continue
-        attempt = _stream_from_provider(provider, chain._settings, state, request)
+        backup = chain.hedge_partner(provider, state, skip=raced)
+        if backup is not None:
+            raced.add(provider.name)
+            attempt = _hedged_attempt(chain, state, request, provider, backup, chain.hedge_budget_s(provider),
+                                      raced)
+        else:
+            attempt = _stream_from_provider(provider, chain._settings, state, request)
         try:
             yield from attempt
         except ProviderError as error:
             if state.cancelled:
                 _settle_cancelled(provider, state)
                 return
+            if error.kind == "hedge_failed":
+                continue  # the race recorded both providers' outcomes
             provider.record_failure(chain._clock())
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
@@ -408,7 +437,9 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
             attempt.close()
             _settle_cancelled(provider, state)
             raise
-        provider.record_success()
+        if backup is None:
+            provider.record_success()
+        chain.note_first_token(state.provider, state.provider_ttft_ms)
         return
     if state.cancelled:
         return
@@ -420,6 +451,96 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
         apology = " " + apology
     state.text += apology
     yield apology
+
+
+class _Racer:
+    """One provider's attempt in a hedged race, streamed on its own greenlet/thread into a shared queue."""
+
+    def __init__(self, chain: "ProviderChain", provider: _Provider, request: _TurnRequest, events) -> None:
+        self.provider, self.state, self.events = provider, _TurnState(), events
+        self._attempt = _stream_from_provider(provider, chain._settings, self.state, request)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for token in self._attempt:
+                self.events.put((self, "token", token))
+            self.events.put((self, "done", None))
+        except ProviderError as error:
+            self.events.put((self, "error", error))
+        except Exception as error:  # never let a racer die silently: the race would wait for it
+            self.events.put((self, "error", ProviderError("unexpected", type(error).__name__)))
+
+    def cancel(self) -> None:
+        self.state.cancelled = True
+        _abort_exchange(self.state)
+
+
+def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnRequest, primary: _Provider,
+                    backup: _Provider, budget_s: float, raced: set[str]) -> Iterator[str]:
+    """`primary`, and `backup` too if `primary` has no first token within `budget_s`: the first to produce a
+    token is streamed and the other cancelled.
+
+    Circuit bookkeeping for both providers is done here. A primary failing before the hedge raises its own
+    error (the chain fails over as usual); anything else that leaves no working stream raises `hedge_failed`.
+    """
+    import queue
+
+    events: queue.Queue = queue.Queue()
+    racers = [_Racer(chain, primary, request, events)]
+    hedge_at = time.monotonic() + budget_s
+    winner: _Racer | None = None
+    failed = 0
+    try:
+        while True:
+            if state.cancelled:
+                raise ProviderError("cancelled")
+            if winner is None and len(racers) == 1 and time.monotonic() >= hedge_at:
+                hedge_at = float("inf")
+                if backup.try_acquire(chain._clock()):
+                    raced.add(backup.name)
+                    state.hedged_requests += 1
+                    log.info("llm_request_hedged", primary=primary.name, backup=backup.name,
+                             after_ms=round(budget_s * 1000, 1))
+                    racers.append(_Racer(chain, backup, request, events))
+            wait = HEDGE_POLL_S if hedge_at == float("inf") else max(0.0, min(HEDGE_POLL_S,
+                                                                             hedge_at - time.monotonic()))
+            try:
+                racer, kind, value = events.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if winner is not None and racer is not winner:
+                continue  # the loser's last words before it noticed the cancel
+            if kind == "error":
+                if len(racers) == 1:
+                    raise value  # no hedge was started: the chain's own failover handles it
+                failed += 1
+                racer.provider.record_failure(chain._clock())
+                state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
+                                        "spoken_chars": len(state.text)})
+                if winner is not None or failed == len(racers):
+                    raise ProviderError("hedge_failed")
+                continue
+            if winner is None:
+                winner = racer
+                for other in racers:
+                    if other is not racer:
+                        other.cancel()
+                        _settle_cancelled(other.provider, other.state)
+            if kind == "done":
+                break
+            state.text += value
+            yield value
+    except BaseException:
+        for racer in racers:
+            racer.cancel()
+        raise
+    won = winner.state
+    state.tool_calls.extend(won.tool_calls)
+    state.provider = won.provider
+    if state.provider_ttft_ms is None:
+        state.provider_ttft_ms = won.provider_ttft_ms
+    winner.provider.record_success()
 
 
 def _settle_cancelled(provider: _Provider, state: _TurnState) -> None:
@@ -581,12 +702,37 @@ class ProviderChain:
         self._settings = settings
         self._clock = clock
         self._providers = [_Provider(config, settings) for config in providers]
+        self._recent_ttft_ms: dict[str, deque] = {}  # per provider, for a p95 hedge budget (this worker)
+
+    def hedge_budget_s(self, provider: _Provider) -> float | None:
+        """How long `provider` gets to send a first token before the request is hedged; None = never."""
+        setting = self._settings.hedge_after_s
+        if setting is None:
+            return None
+        if setting != HEDGE_P95:
+            return float(setting)
+        recent = sorted(self._recent_ttft_ms.get(provider.name, ()))
+        if len(recent) < HEDGE_MIN_SAMPLES:
+            return None  # no p95 to speak of yet
+        return recent[math.ceil(0.95 * len(recent)) - 1] / 1000
+
+    def hedge_partner(self, provider: _Provider, state: _TurnState, skip: set[str]) -> _Provider | None:
+        """The provider a hedge would start: the next one in the chain, only before any text was spoken."""
+        if state.text or self.hedge_budget_s(provider) is None:
+            return None
+        later = self._providers[self._providers.index(provider) + 1:]
+        return next((p for p in later if p.name not in skip), None)
+
+    def note_first_token(self, provider_name: str | None, ttft_ms: float | None) -> None:
+        if provider_name and ttft_ms is not None:
+            self._recent_ttft_ms.setdefault(provider_name, deque(maxlen=100)).append(ttft_ms)
 
     def with_first(self, config: ProviderConfig) -> "ProviderChain":
         """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
         clients and circuit breakers are shared, not copied."""
         chain = ProviderChain([], self._settings, self._clock)
         chain._providers = [_Provider(config, self._settings), *self._providers]
+        chain._recent_ttft_ms = self._recent_ttft_ms
         return chain
 
     @property
@@ -665,5 +811,6 @@ def build_provider_chain(settings: Any) -> ProviderChain:
         stall_timeout_s=float(getattr(settings, "llm_stall_timeout_s", defaults.stall_timeout_s)),
         circuit_failures=int(getattr(settings, "llm_circuit_failures", defaults.circuit_failures)),
         circuit_cooldown_s=float(getattr(settings, "llm_circuit_cooldown_s", defaults.circuit_cooldown_s)),
+        hedge_after_s=getattr(settings, "llm_hedge_after_s", defaults.hedge_after_s),
     )
     return ProviderChain(configs, chain_settings)

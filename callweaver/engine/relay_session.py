@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from . import relay_protocol as protocol
-from .conversation import ConversationEngine, Turn, heard_prefix
+from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, looks_complete, speculation_row
 
 log = structlog.get_logger()
 
@@ -47,7 +47,10 @@ class RelaySession:
     - a closing line (goodbye, transfer message): `end` is sent only once Twilio reports the agent fell
       silent (`info` agentSpeaking off, from `debug="speaker-events"`), or after a bounded wait;
     - keypad digits are collected into one turn (inter-digit timeout, `#` ends early);
-    - on calls we placed, the model may press keys (`press_keys` → `sendDigits`) to get through a phone menu.
+    - on calls we placed, the model may press keys (`press_keys` → `sendDigits`) to get through a phone menu;
+    - with preemptive generation, a stable interim transcript (`prompt` with `last: false`) starts the turn
+      early, silently; the final transcript adopts it when the words match, and otherwise (or on barge-in,
+      keypad, hang-up) it is discarded uncommitted (docs/twilio.md section 5a).
     """
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
@@ -71,6 +74,11 @@ class RelaySession:
         self._errors_in_a_row = 0
         self._closing = False        # a closing line is playing: `end` follows, new input is not answered
         self.ended = False
+        self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
+        self._discarded: list[SpeculativeTurn] = []        # this caller turn's dropped speculations (metrics)
+        self._partial_seq = 0        # bumps on every partial and final so a stale stability timer does nothing
+        self._adopted: SpeculativeTurn | None = None           # the current reply's, if it was speculated
+        self._dropped_this_turn: list[SpeculativeTurn] = []    # dropped before the current reply
 
     # ---- inbound ------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
@@ -124,7 +132,8 @@ class RelaySession:
             log.error("relay_prompt_before_setup")
             return
         if message.get("last") is False:
-            return  # interim transcript (partialPrompts): wait for the final one
+            self._on_partial(message)  # interim transcript (partialPrompts): maybe start the turn early
+            return
         if self._closing:
             log.info("relay_prompt_while_closing")
             return
@@ -133,8 +142,69 @@ class RelaySession:
             return
         if self._digits:  # the caller spoke while typing: the digits so far go with the words
             text = f"{self._keypad_note(self._take_digits())} {text}"
+        self._partial_seq += 1
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None and not speculation.matches(text, message.get("lang")):
+            self._drop_speculation(speculation, "final_differs")
+            speculation = None
         self._settle_previous()
-        self._start_reply(text, received, lang=message.get("lang"))
+        if speculation is not None:
+            self._adopt(speculation, received)
+        else:
+            self._start_reply(text, received, lang=message.get("lang"))
+
+    # ---- speculation on interim transcripts --------------------------------------------------------
+    def _on_partial(self, message: dict) -> None:
+        policy = self.engine.speculation
+        text = (message.get("voicePrompt") or "").strip()
+        if not policy.enabled or self._closing or self.ended or not text:
+            return
+        lang = message.get("lang")
+        self._partial_seq += 1
+        if self._speculation is not None:
+            if self._speculation.matches(text, lang):
+                return  # the same words again: the speculation in flight still fits
+            self._drop_speculation(self._speculation, "transcript_changed")
+            self._speculation = None
+        if not self._may_speculate(text):
+            return
+        if looks_complete(text):
+            self._speculate(text, lang)
+        else:
+            self.spawn(self._speculate_when_stable, self._partial_seq, text, lang)
+
+    def _may_speculate(self, text: str) -> bool:
+        """Only between replies (the history is committed), never while typing, within the per-turn limits."""
+        policy = self.engine.speculation
+        return (self.record is not None and self._reply is None and not self._digits and not self._closing
+                and self._speculation is None and len(text) <= policy.max_chars
+                and len(self._discarded) < policy.max_per_turn)
+
+    def _speculate_when_stable(self, seq: int, text: str, lang: str | None) -> None:
+        time.sleep(self.engine.speculation.stable_ms / 1000)
+        if seq == self._partial_seq and self._may_speculate(text):
+            self._speculate(text, lang)
+
+    def _speculate(self, text: str, lang: str | None) -> None:
+        speculation = self.engine.speculate(self.record, text, lang=lang)
+        self._speculation = speculation
+        self.spawn(speculation.pump)
+        log.info("speculation_started", utterance_chars=len(text))
+
+    def _drop_speculation(self, speculation: SpeculativeTurn, reason: str) -> None:
+        self.engine.drop_speculation(speculation, reason)
+        self._discarded.append(speculation)
+
+    def _discard_speculation(self, reason: str) -> None:
+        if self._speculation is not None:
+            speculation, self._speculation = self._speculation, None
+            self._drop_speculation(speculation, reason)
+
+    def _adopt(self, speculation: SpeculativeTurn, received: float) -> None:
+        """The final transcript is what we speculated on: send what it already produced, then the rest."""
+        log.info("speculation_adopted", tokens_ready=speculation.token_count)
+        self._begin_reply(speculation.turn, received, adopted=speculation)
+        self._reply = self.spawn(self._stream_reply, speculation.turn, speculation.replay())
 
     def _on_dtmf(self, message: dict) -> None:
         """Collect keypad digits into one turn: a pause of `inter_digit_s` or `#` ends the entry."""
@@ -148,6 +218,7 @@ class RelaySession:
         if self._closing:
             return
         if not self._digits:
+            self._discard_speculation("keypad")
             self._settle_previous()  # the caller started typing: stop talking over them
         self._digit_batch += 1
         if digit == "#":
@@ -178,6 +249,9 @@ class RelaySession:
 
     def _on_interrupt(self, message: dict) -> None:
         self._fell_silent.set()  # Twilio stopped speaking
+        # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
+        # another one on the trimmed history).
+        self._discard_speculation("barge_in")
         heard = heard_prefix(self._sent, message.get("utteranceUntilInterrupt"))
         played_ms = message.get("durationUntilInterruptMs")
         log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
@@ -236,17 +310,24 @@ class RelaySession:
 
     # ---- replies ------------------------------------------------------------------------------
     def _start_reply(self, utterance: str, received: float, lang: str | None = None) -> None:
+        self._discard_speculation("new_turn")  # keypad entries end a caller turn too
         turn = self.engine.start_turn(self.record, utterance, lang=lang)
-        self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
-        self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
+        self._begin_reply(turn, received)
         self._reply = self.spawn(self._stream_reply, turn)
 
-    def _stream_reply(self, turn: Turn) -> None:
+    def _begin_reply(self, turn: Turn, received: float, adopted: SpeculativeTurn | None = None) -> None:
+        """A caller turn ends here: its speculations (adopted or not) are accounted to this reply."""
+        self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
+        self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
+        self._adopted, self._dropped_this_turn, self._discarded = adopted, self._discarded, []
+
+    def _stream_reply(self, turn: Turn, tokens=None) -> None:
+        """Send a reply's tokens (`tokens`: an adopted speculation's replay, else the turn itself)."""
         received = self._timings["receivedAt"]
         try:
             if turn.result.language_switched:
                 self.sender.send_json(self._language_message(turn.result.language))
-            for token in turn:
+            for token in (turn if tokens is None else tokens):
                 if not self._streaming:
                     return  # cancelled: the canceller commits what was heard
                 if not token:
@@ -266,7 +347,7 @@ class RelaySession:
         except Exception:
             log.exception("relay_reply_failed")
             self._streaming = False
-            turn.close()
+            turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
             self._reply = None
             return
@@ -336,9 +417,10 @@ class RelaySession:
         self._committed = True
         self._errors_in_a_row = 0
         timings = {k: v for k, v in self._timings.items() if k != "receivedAt"}
+        speculation = speculation_row(self._adopted, self._dropped_this_turn, timings.get("firstTokenMs"))
         try:
             updated = self.engine.commit_turn(self.record, turn, path="optimized", timings=timings,
-                                              heard_text=heard, interrupted=interrupted)
+                                              heard_text=heard, interrupted=interrupted, speculation=speculation)
             if updated is not None:
                 self.record = updated
         except Exception:
@@ -362,6 +444,8 @@ class RelaySession:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         self._digit_batch += 1
+        self._partial_seq += 1
+        self._discard_speculation("hangup")
         if self._reply is not None and self._streaming:
             self._cancel(heard=self._sent)
         elif self._reply is not None:

@@ -3,6 +3,6 @@ from flask import Flask
 
 
 def register_blueprints(app: Flask) -> None:
-    from . import calls, chat, health, metrics, relay, twiml
-    for module in (health, calls, twiml, relay, chat, metrics):
+    from . import call_log, calls, chat, health, metrics, relay, twiml
+    for module in (health, calls, twiml, relay, chat, metrics, call_log):
         app.register_blueprint(module.bp)

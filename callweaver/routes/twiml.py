@@ -131,6 +131,8 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
         url=websocket_url(base, RELAY_PATH) + "?" + urlencode({"trackingId": record.tracking_id}),
         welcome_greeting=greeting, welcome_greeting_interruptible="any", interruptible="any",
         dtmf_detection=True, debug=relay_protocol.DEBUG_EVENTS, **entry.relay_kwargs(),
+        # interim transcripts (`prompt` with last:false) let a turn start before the caller finishes
+        partial_prompts=True if svc.engine.speculation.enabled else None,
         hints=",".join(svc.engine.workflow_for(record).speech_hints) or None,
         # Deepgram `multi` reports the language the caller actually speaks (prompt.lang), so a switch is seen.
         transcription_language="multi" if multilingual else None)

@@ -8,7 +8,7 @@ import sys
 import time
 
 from .bodies import make_call_body
-from .caller import RelayCaller
+from .caller import END_OF_SPEECH_MS, NORMAL_WORDS_PER_MINUTE, RelayCaller
 from .twilio_rest import TwilioRestStandIn
 
 
@@ -19,15 +19,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workflow", help="a Call Flow Weaver export (JSON); omit for a global-prompt-only call")
     p.add_argument("--prompt", default="You are a friendly assistant.", help="globalPrompt when no workflow")
     p.add_argument("--to", default="+15551234567")
-    p.add_argument("--script", help="file with one caller utterance per line (default: type them)")
+    p.add_argument("--script", help="file with one caller utterance per line (default: type them; with --demo, "
+                                    "a line ending in '[barge in]' talks over the agent's reply to it)")
     p.add_argument("--lang", default="en-US", help="language reported with each utterance (prompt.lang)")
+    p.add_argument("--partials", action="store_true",
+                   help="speak word by word as interim transcripts (partialPrompts), then the final one")
+    p.add_argument("--words-per-minute", type=float, default=NORMAL_WORDS_PER_MINUTE,
+                   help="speaking rate with --partials (default %(default)s)")
+    p.add_argument("--end-of-speech-ms", type=float, default=END_OF_SPEECH_MS,
+                   help="wait between the last interim transcript and the final one (default %(default)s)")
     p.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN", ""),
                    help="the TWILIO_AUTH_TOKEN CallWeaver runs with (webhooks are signed with it)")
     p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32))
     p.add_argument("--twilio-port", type=int, default=int(os.environ.get("SIMULATOR_TWILIO_PORT", "3099")),
                    help="port of the Twilio REST stand-in started here; run CallWeaver with "
                         "TWILIO_API_BASE_URL=http://127.0.0.1:<port> (default %(default)s)")
+    demo = p.add_argument_group("offline demo (--demo): starts everything itself, needs no keys")
+    demo.add_argument("--demo", action="store_true",
+                      help="start the real server, a Twilio stand-in and a stand-in LLM, and play the bundled "
+                           "example workflow over ConversationRelay")
+    demo.add_argument("--llm-ttft-ms", type=float, default=350.0,
+                      help="stand-in LLM: milliseconds before its first token (default %(default)s)")
+    demo.add_argument("--llm-token-ms", type=float, default=45.0,
+                      help="stand-in LLM: milliseconds between words (default %(default)s)")
+    demo.add_argument("--db", default="instance/demo.sqlite3",
+                      help="SQLite file the demo server stores calls in (default %(default)s)")
+    demo.add_argument("--port", type=int, default=None, help="demo server port (default: a free one)")
+    demo.add_argument("--keep-serving", dest="keep_serving", action="store_true", default=None,
+                      help="keep the server up after the call so its dashboard page can be opened "
+                           "(default when run from a terminal)")
+    demo.add_argument("--exit", dest="keep_serving", action="store_false",
+                      help="stop the server as soon as the call is over")
     args = p.parse_args(argv)
+    if args.demo:
+        from .demo import run_demo
+        script = None
+        if args.script:
+            with open(args.script, encoding="utf-8") as fh:
+                script = [line.strip() for line in fh if line.strip()]
+        keep = sys.stdin.isatty() if args.keep_serving is None else args.keep_serving
+        result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
+                          db_path=args.db, port=args.port, keep_serving=keep)
+        return 0 if result.outcome == "end_node" else 1
     if not args.auth_token:
         p.error("--auth-token (or TWILIO_AUTH_TOKEN) is required: webhooks are signed with it")
 
@@ -64,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             print("agent: ", end="", flush=True)
             refused = len(caller.twilio.errors)
-            reply = caller.say(text, args.lang)
+            if args.partials:
+                reply = caller.speak(text, args.lang, words_per_minute=args.words_per_minute,
+                                     end_of_speech_ms=args.end_of_speech_ms)
+            else:
+                reply = caller.say(text, args.lang)
             print(reply.text)
             for error in caller.twilio.errors[refused:]:
                 print(f"        Twilio refused a message: {error['description']}")

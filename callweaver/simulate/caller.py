@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -12,6 +13,10 @@ import websocket  # websocket-client
 
 from .relay_model import TwilioRelayModel
 from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_signature
+
+NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a second)
+END_OF_SPEECH_MS = 500.0          # what a recogniser's end-pointing waits after the last word
+_SENTENCE_MARKS = re.compile(r"[.?!]")
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Reply:
     end: dict | None = None                               # the `end` message, if the session ended
     language: dict | None = None                          # a `language` message, if one came
     unheard_at_end: str | None = None                     # closing text still unspoken when `end` came
+    while_speaking: list[dict] = field(default_factory=list)  # what came while the caller was still talking
 
     @property
     def text(self) -> str:
@@ -188,6 +194,44 @@ class RelayCaller:
         """Speak one utterance and read the streamed reply until `last: true` (and a following `end`, if any)."""
         reply = Reply(sent_at=self.prompt(text, lang))
         return self.read_reply(reply, stop_after_tokens=stop_after_tokens)
+
+    def speak(self, text: str, lang: str = "en-US", *, words_per_minute: float = NORMAL_WORDS_PER_MINUTE,
+              end_of_speech_ms: float = END_OF_SPEECH_MS, final: str | None = None,
+              interrupt_after_words: int | None = None, punctuated_partials: bool = True) -> Reply:
+        """Speak as Twilio reports speech with `partialPrompts`: the growing transcript as `prompt` `last:false`
+        word by word at `words_per_minute`, then, `end_of_speech_ms` after the last word (the recogniser's
+        end-pointing), the final `prompt` `last:true` — `final` when the recogniser settled on other words.
+        `interrupt_after_words`: Twilio reports a barge-in once that many words were heard.
+        `punctuated_partials=False`: a recogniser that leaves sentence marks (. ? !) out of interim transcripts.
+
+        Whatever CallWeaver sends while the caller speaks is kept and read as the start of the reply.
+        """
+        words = text.split() if punctuated_partials else _SENTENCE_MARKS.sub("", text).split()
+        word_s = 60.0 / words_per_minute
+        for count in range(1, len(words) + 1):
+            if count > 1:
+                self.listen(word_s)
+            self.partial(" ".join(words[:count]), lang)
+            if interrupt_after_words == count:
+                self.interrupt()
+        self.listen(end_of_speech_ms / 1000)
+        reply = Reply(sent_at=self.prompt(final if final is not None else text, lang),
+                      while_speaking=list(self._unread))
+        return self.read_reply(reply)
+
+    def partial(self, text: str, lang: str = "en-US") -> None:
+        """One interim transcript (`prompt` with `last: false`)."""
+        self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": False})
+
+    def listen(self, seconds: float) -> None:
+        """Let time pass on the line (playback goes on), keeping whatever CallWeaver sends for the next read."""
+        deadline = time.monotonic() + seconds
+        held = []
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.recv(timeout_s=left) if not self._unread else self._unread.pop(0)
+            if msg is not None:
+                held.append(msg)
+        self._unread.extend(held)
 
     def read_reply(self, reply: Reply, *, stop_after_tokens: int | None = None) -> Reply:
         while True:

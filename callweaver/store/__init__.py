@@ -11,6 +11,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 __all__ = [
     "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
+    "CALL_LOG_FIELDS",
     "counter_series",
     "CallRecord",
     "Store",
@@ -52,6 +53,7 @@ class CallRecord:
     current_node: str | None = None
     variables: dict = field(default_factory=dict)
     messages: list[dict] = field(default_factory=list)  # history as the caller heard it
+    transcript: list[dict] = field(default_factory=list)  # per turn, in turn order: said / heard / tool calls
     resume_count: int = 0
     credentials: str | None = None  # opaque encrypted blob, never plain secrets
     created_at: float = field(default_factory=time.time)
@@ -75,6 +77,9 @@ class CallRecord:
 
 
 CALL_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(CallRecord))
+# What a call-log row needs: never the workflow snapshot, history, transcript or credentials (large or private).
+CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language", "to", "from_number", "status",
+                   "current_node", "created_at", "updated_at", "ended_at")
 # Fields update_call may write: the tracking id is the identity, never rewritten.
 UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id"}
 
@@ -135,6 +140,15 @@ class Store(Protocol):
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]: ...
 
+    def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
+                  language: str | None = None) -> tuple[list[CallRecord], int]:
+        """Newest calls first, one page, with only CALL_LOG_FIELDS filled; and how many calls match in all."""
+        ...
+
+    def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
+        """Several calls' turns in one round trip (a call-log page)."""
+        ...
+
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         """Calls created at or after `since` that have not ended; reads only those, not every call."""
         ...
@@ -170,6 +184,10 @@ class Store(Protocol):
 
     def purge(self, older_than: float) -> int:
         """Delete calls that ended before this epoch, with their turns and statuses; returns the count."""
+        ...
+
+    def purge_transcripts(self, older_than: float) -> int:
+        """Empty the history and transcript of calls that ended before this epoch (timings stay); returns the count."""
         ...
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from callweaver.store import (
+    CALL_LOG_FIELDS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
@@ -22,6 +23,9 @@ from callweaver.store import (
     check_update_fields,
     counter_series,
 )
+
+# Calls read per round trip while a filtered call-log page walks the created-at index.
+PAGE_SCAN_CHUNK = 500
 
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
 SOCKET_TIMEOUT_S = 1.0
@@ -69,6 +73,28 @@ elseif ARGV[4] == 'clear' then
   redis.call('ZREM', KEYS[4], ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: calls:created. ARGV: key prefix, start, count, then field/JSON value pairs to match.
+# One chunk of the created-at index, newest first, filtered inside Redis: returns {index size, matching ids...}.
+_FILTER_CALLS = """
+local ids = redis.call('ZREVRANGE', KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[2]) + tonumber(ARGV[3]) - 1)
+local out = {redis.call('ZCARD', KEYS[1])}
+for _, id in ipairs(ids) do
+  local ok = true
+  for i = 4, #ARGV, 2 do
+    if redis.call('HGET', ARGV[1] .. id, ARGV[i]) ~= ARGV[i + 1] then ok = false; break end
+  end
+  if ok then table.insert(out, id) end
+end
+return out
+"""
+
+# KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 # KEYS: call, statuses, calls:ended, counters
@@ -184,6 +210,8 @@ class RedisStore:
                     "update_call": client.register_script(_UPDATE_CALL),
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
+                    "set_if_exists": client.register_script(_SET_IF_EXISTS),
+                    "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
                 }
@@ -294,6 +322,37 @@ class RedisStore:
             records = [record for record in records if record.ended_at is None]
         return records
 
+    def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
+                  language: str | None = None) -> tuple[list[CallRecord], int]:
+        wanted = {name: _dumps(value) for name, value in (("status", status), ("path", path),
+                                                           ("language", language)) if value is not None}
+        created_key = self._key("calls", "created")
+        with self._backend() as client:
+            if not wanted:
+                total = client.zcard(created_key)
+                page_ids = client.zrevrange(created_key, offset, offset + limit - 1) if limit > 0 else []
+            else:
+                # Filters walk the index newest first inside Redis, a chunk per round trip (short scripts, so
+                # other clients are never held up), and only matching ids come back.
+                pairs = [item for name_value in wanted.items() for item in name_value]
+                total, page_ids, start, size = 0, [], 0, 1
+                while start < size:
+                    size, *matches = self._scripts["filter_calls"](
+                        keys=[created_key], args=[self._key("call", ""), start, PAGE_SCAN_CHUNK, *pairs])
+                    page_ids += matches[max(0, offset - total):max(0, offset + limit - total)]
+                    total += len(matches)
+                    start += PAGE_SCAN_CHUNK
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in page_ids:
+                pipe.hmget(self._key("call", tracking_id), CALL_LOG_FIELDS)
+            rows = pipe.execute() if page_ids else []
+        records = []
+        for values in rows:
+            if values[0] is not None:  # purged between the index read and this one
+                records.append(CallRecord.from_dict({name: json.loads(value) for name, value
+                                                     in zip(CALL_LOG_FIELDS, values) if value is not None}))
+        return records, total
+
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._backend() as client:
             created = client.zdiff([self._key("calls", "created"), self._key("calls", "ended")], withscores=True)
@@ -380,6 +439,16 @@ class RedisStore:
             items = client.lrange(self._key("turns", tracking_id), 0, -1)
         return [json.loads(item) for item in items]
 
+    def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
+        if not tracking_ids:
+            return {}
+        with self._backend() as client:
+            pipe = client.pipeline(transaction=False)
+            for tracking_id in tracking_ids:
+                pipe.lrange(self._key("turns", tracking_id), 0, -1)
+            lists = pipe.execute()
+        return {tracking_id: [json.loads(item) for item in items] for tracking_id, items in zip(tracking_ids, lists)}
+
     def recent_turns(self, since: float) -> list[dict]:
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
@@ -450,6 +519,28 @@ class RedisStore:
                         pipe.delete(sid_key)
                 deleted = pipe.execute()[0]
                 purged += 1 if deleted else 0
+        return purged
+
+    def purge_transcripts(self, older_than: float) -> int:
+        ended_key = self._key("calls", "ended")
+        purged_at = time.time()
+        purged = 0
+        with self._backend() as client:
+            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
+                chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
+                pipe = client.pipeline(transaction=False)
+                for tracking_id in chunk:
+                    pipe.hmget(self._key("call", tracking_id), ["messages", "transcript", "meta"])
+                writes = client.pipeline(transaction=False)
+                for tracking_id, (messages, transcript, meta) in zip(chunk, pipe.execute()):
+                    if not any(value not in (None, "[]") for value in (messages, transcript)):
+                        continue
+                    meta_dict = {**(json.loads(meta) if meta else {}), "transcriptPurgedAt": purged_at}
+                    self._scripts["set_if_exists"](
+                        keys=[self._key("call", tracking_id)],
+                        args=["messages", "[]", "transcript", "[]", "meta", _dumps(meta_dict)], client=writes)
+                purged += sum(writes.execute())
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

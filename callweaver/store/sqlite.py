@@ -13,6 +13,7 @@ from contextlib import contextmanager, suppress
 from typing import Any, Mapping
 
 from callweaver.store import (
+    CALL_LOG_FIELDS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
@@ -20,6 +21,9 @@ from callweaver.store import (
     check_update_fields,
     counter_series,
 )
+
+# Call-log filters, kept as columns beside the JSON so filtering never parses a row's workflow snapshot.
+CALL_FILTER_COLUMNS = ("status", "path", "language")
 
 # How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
@@ -30,7 +34,10 @@ CREATE TABLE IF NOT EXISTS cw_calls (
     call_sid    TEXT,
     created_at  REAL NOT NULL,
     ended_at    REAL,
-    data        TEXT NOT NULL
+    data        TEXT NOT NULL,
+    status      TEXT,
+    path        TEXT,
+    language    TEXT
 );
 CREATE INDEX IF NOT EXISTS cw_calls_call_sid ON cw_calls (call_sid);
 CREATE INDEX IF NOT EXISTS cw_calls_created_at ON cw_calls (created_at);
@@ -122,11 +129,23 @@ class SQLiteStore:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            self._add_filter_columns(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _add_filter_columns(conn: sqlite3.Connection) -> None:
+        """Stores made before the call log get its filter columns, filled from the rows' JSON (once)."""
+        present = {row[1] for row in conn.execute("PRAGMA table_info(cw_calls)")}
+        for name in CALL_FILTER_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE cw_calls ADD COLUMN {name} TEXT")
+                conn.execute(f"UPDATE cw_calls SET {name} = json_extract(data, '$.{name}')")
+        # Covering index: a filtered page and its count never read the rows (whose JSON may be large).
+        conn.execute("CREATE INDEX IF NOT EXISTS cw_calls_log ON cw_calls (created_at, status, path, language)")
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -177,14 +196,17 @@ class SQLiteStore:
         with self._write() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data, status, path, language)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.tracking_id,
                         record.call_sid,
                         record.created_at,
                         record.ended_at,
                         _dumps(record.to_dict()),
+                        record.status,
+                        record.path,
+                        record.language,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -228,9 +250,10 @@ class SQLiteStore:
         """Store a record's dict as is: the hot path skips dataclass copies (a workflow snapshot is large)."""
         stored_json = _dumps(data)
         conn.execute(
-            "UPDATE cw_calls SET call_sid = ?, created_at = ?, ended_at = ?, data = ?"
-            " WHERE tracking_id = ?",
-            (data.get("call_sid"), data["created_at"], data.get("ended_at"), stored_json, tracking_id),
+            "UPDATE cw_calls SET call_sid = ?, created_at = ?, ended_at = ?, data = ?, status = ?, path = ?,"
+            " language = ? WHERE tracking_id = ?",
+            (data.get("call_sid"), data["created_at"], data.get("ended_at"), stored_json, data.get("status"),
+             data.get("path"), data.get("language"), tracking_id),
         )
         return stored_json
 
@@ -241,6 +264,27 @@ class SQLiteStore:
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
         return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+
+    def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
+                  language: str | None = None) -> tuple[list[CallRecord], int]:
+        conditions, params = [], []
+        for name, value in zip(CALL_FILTER_COLUMNS, (status, path, language)):
+            if value is not None:
+                conditions.append(f"{name} = ?")
+                params.append(value)
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        # The page is chosen on the created_at index and the filter columns; only its rows' JSON is read, and
+        # only the list's fields leave SQLite (the workflow snapshot and history stay on disk).
+        columns = ", ".join(f"json_extract(data, '$.{name}')" for name in CALL_LOG_FIELDS)
+        newest_first = "ORDER BY created_at DESC, rowid DESC"
+        with self._connection() as conn:
+            (total,) = conn.execute(f"SELECT COUNT(*) FROM cw_calls{where}", params).fetchone()
+            rows = conn.execute(
+                f"SELECT {columns} FROM cw_calls WHERE rowid IN"
+                f" (SELECT rowid FROM cw_calls{where} {newest_first} LIMIT ? OFFSET ?) {newest_first}",
+                (*params, limit, offset),
+            ).fetchall()
+        return [CallRecord.from_dict(dict(zip(CALL_LOG_FIELDS, row))) for row in rows], total
 
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._connection() as conn:
@@ -337,6 +381,21 @@ class SQLiteStore:
             ).fetchall()
         return [json.loads(row[0]) for row in rows]
 
+    def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
+        found: dict[str, list[dict]] = {tracking_id: [] for tracking_id in tracking_ids}
+        if not tracking_ids:
+            return found
+        marks = ", ".join("?" * len(tracking_ids))
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT tracking_id, data FROM cw_turns WHERE tracking_id IN ({marks})"
+                " ORDER BY tracking_id, turn_index",
+                list(tracking_ids),
+            ).fetchall()
+        for tracking_id, data in rows:
+            found[tracking_id].append(json.loads(data))
+        return found
+
     def recent_turns(self, since: float) -> list[dict]:
         with self._connection() as conn:
             rows = conn.execute(
@@ -410,6 +469,16 @@ class SQLiteStore:
                 "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
             ).rowcount
         return deleted
+
+    def purge_transcripts(self, older_than: float) -> int:
+        with self._write() as conn:
+            return conn.execute(
+                "UPDATE cw_calls SET data = json_set(data, '$.messages', json('[]'), '$.transcript', json('[]'),"
+                " '$.meta.transcriptPurgedAt', ?)"
+                " WHERE ended_at IS NOT NULL AND ended_at < ?"
+                " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
+                (time.time(), older_than),
+            ).rowcount
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         now = time.time()

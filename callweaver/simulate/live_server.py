@@ -1,0 +1,128 @@
+"""Runs the real production server (`gunicorn -c gunicorn.conf.py wsgi:app`, gevent workers) on a loopback port.
+
+Used by the offline demo and by the tests; it needs the repository checkout (gunicorn.conf.py, wsgi.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float = 15) -> None:
+    """SIGTERM, wait, then SIGKILL: how every server process started for tests or benchmarks is stopped."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+                 repo: Path = REPO, port: int | None = None, gunicorn_args: list[str] | None = None,
+                 wrap: list[str] | None = None):
+        """`gunicorn_args` replaces `-c gunicorn.conf.py wsgi:app` (the benches start a baseline app that way);
+        `wrap` prefixes the command with one that execs it (the benches' CPU-quota mode)."""
+        self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
+        self.wrap = wrap or []
+        self.gunicorn_args = gunicorn_args or ["-c", "gunicorn.conf.py", "wsgi:app"]
+        self.port = port or free_port()
+        self.workers = workers
+        self.env = {**os.environ, **env, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers),
+                    "PUBLIC_BASE_URL": env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")}
+        self.log_path = log_path or Path(f"/tmp/callweaver-live-{self.port}.log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> "LiveServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [*self.wrap, sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", *self.gunicorn_args],
+            cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.started_at = time.monotonic()
+        self.ready_s: float | None = None  # process start → first /ping 200 with every worker up
+        deadline = self.started_at + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/ping", timeout=1) as r:
+                    if r.status == 200 and len(self.worker_pids()) >= self.workers:
+                        self.ready_s = time.monotonic() - self.started_at
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not answer in {timeout_s}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def worker_pids(self) -> list[int]:
+        if not self.proc:
+            return []
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            return []
+        return [int(p) for p in children]
+
+    def worker_serving(self, client_port: int) -> int | None:
+        """The worker pid holding the server end of the TCP connection from `client_port` (via /proc)."""
+        wanted = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                cols = line.split()
+                local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                remote_port = int(cols[2].rsplit(":", 1)[1], 16)
+                if local_port == self.port and remote_port == client_port:
+                    wanted = f"socket:[{cols[9]}]"
+        if wanted is None:
+            return None
+        for pid in self.worker_pids():
+            fd_dir = Path(f"/proc/{pid}/fd")
+            try:
+                for fd in fd_dir.iterdir():
+                    try:
+                        if os.readlink(fd) == wanted:
+                            return pid
+                    except OSError:
+                        continue
+            except OSError:
+                continue
+        return None
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

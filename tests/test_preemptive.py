@@ -1,0 +1,207 @@
+"""Preemptive generation on ConversationRelay partial prompts, on the real gunicorn server.
+
+The scripted caller speaks word by word (`prompt` with `last: false`) and sends the final transcript after an
+end-of-speech delay. Three variants: the final equals the last partial (the speculation is adopted), the final
+differs (it is discarded), and the caller barges in while a speculation runs (it is discarded). Whatever a
+discarded speculation produced must reach neither the caller nor the history, the variables, the node, the
+reply cache nor the metrics' LLM-request count of the turn it was adopted into.
+"""
+from __future__ import annotations
+
+import pytest
+
+from callweaver.simulate import RelayCaller, http
+from callweaver.simulate import Reply as CallerReply
+from callweaver.store.sqlite import SQLiteStore
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.fakes.fake_twilio import FakeTwilio
+from tests.fakes.live_server import LiveServer
+from tests.helpers import make_call_body
+
+FAST_SPEECH_WPM = 1200  # 50 ms between words: shorter than the stability window, so only the end is stable
+STABLE_MS = 100
+TTFT_S = 0.3
+END_OF_SPEECH_MS = 700  # longer than stability + TTFT: the speculation's first token is in before the final
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("preemptive")
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    llm = FakeLLM("primary", ttft_s=TTFT_S).start()
+    env = base_env(tmp, twilio, llm)
+    env.update(PUBLIC_BASE_URL="", PREEMPTIVE_GENERATION="1", PREEMPTIVE_STABLE_MS=str(STABLE_MS),
+               PREEMPTIVE_MAX_SPECULATIONS="2", PREEMPTIVE_MAX_CHARS="80", CACHE_TYPE="SimpleCache")
+    server = LiveServer(env, workers=1).start()  # one worker: the per-worker reply cache is observable
+    yield {"server": server, "twilio": twilio, "llm": llm, "db": env["CALLWEAVER_DB"]}
+    server.stop()
+    twilio.stop()
+    llm.stop()
+
+
+@pytest.fixture
+def llm(stack):
+    stack["llm"].reset()
+    return stack["llm"]
+
+
+def new_call(stack, body=None, **options) -> RelayCaller:
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, **options)
+    caller.place_call(body or make_call_body(workflow=None, globalPrompt="You answer questions about the shop."))
+    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.connect()
+    return caller
+
+
+def speak(caller, text, **options):
+    return caller.speak(text, words_per_minute=FAST_SPEECH_WPM, end_of_speech_ms=END_OF_SPEECH_MS, **options)
+
+
+def turns(stack, caller):
+    return http("GET", stack["server"].url + f"/api/performance-metrics/{caller.tracking_id}").json()
+
+
+def stored(stack, caller):
+    store = SQLiteStore(stack["db"])
+    return store.get_call(caller.tracking_id), store.turns(caller.tracking_id)
+
+
+def texts_received(caller) -> str:
+    return "".join(m.get("token", "") for m in caller.received if isinstance(m, dict) and m.get("type") == "text")
+
+
+def test_twiml_asks_for_partial_prompts(stack):
+    caller = new_call(stack)
+    caller.hangup()
+    assert caller.twiml.attributes.get("partialPrompts") == "true"
+
+
+def test_final_equal_to_last_partial_adopts_the_speculation(stack, llm):
+    llm.push(Reply(text="We open at nine every weekday."))
+    caller = new_call(stack)
+    reply = speak(caller, "When do you open on Monday")
+    caller.hangup()
+    assert reply.while_speaking == []  # nothing was spoken while the caller was still talking
+    assert reply.text == "We open at nine every weekday."
+    assert len(llm.requests) == 1  # the speculation was the turn: no second request
+    assert llm.requests[0].messages[-1]["content"] == "When do you open on Monday"
+    record, rows = stored(stack, caller)
+    assert [m["content"] for m in record.messages[-2:]] == ["When do you open on Monday",
+                                                             "We open at nine every weekday."]
+    row = rows[-1]
+    assert row["speculation"] == "adopted" and row["speculationsStarted"] == 1
+    assert row["speculativeLlmRequests"] == 0 and row["llmRequests"] == 1
+    # The provider's first token arrived while the caller was still silent before the final: the reply did not
+    # wait a provider TTFT after the final prompt, and the saving is recorded.
+    assert row["firstTokenMs"] < row["providerTtftMs"]
+    assert row["savedMs"] > 0
+
+
+def test_final_with_different_words_discards_the_speculation(stack, llm):
+    llm.push(Reply(text="SPECULATIVE answer about hours."), Reply(text="Our prices start at ten dollars."))
+    caller = new_call(stack)
+    reply = speak(caller, "What are your hours", final="What are your prices?")
+    assert reply.text == "Our prices start at ten dollars."
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert len(llm.requests) == 2
+    assert llm.requests[0].messages[-1]["content"] == "What are your hours"
+    assert llm.requests[1].messages[-1]["content"] == "What are your prices?"
+    record, rows = stored(stack, caller)
+    assert not any("SPECULATIVE" in m["content"] or m["content"] == "What are your hours" for m in record.messages)
+    assert rows[-1]["speculation"] == "discarded" and rows[-1]["speculativeLlmRequests"] == 1
+    assert rows[-1]["speculativeTokens"] >= 1 and rows[-1]["llmRequests"] == 1
+    # The discarded reply was never cached: the same question on a new call goes to the LLM.
+    llm.push(Reply(text="We open at nine."))
+    other = new_call(stack)
+    again = other.say("What are your hours")
+    other.hangup()
+    caller.hangup()
+    assert again.text == "We open at nine." and len(llm.requests) == 3
+
+
+def test_discarded_speculation_drops_routing_and_extraction(stack, llm):
+    """A speculation that called `transition` and `record_variables` changes nothing once discarded."""
+    body = make_call_body()  # the real-estate flow: its entry node routes on buy/sell/rent/invest
+    caller = new_call(stack, body)
+    start_node = stored(stack, caller)[0].current_node
+    llm.push(Reply(text="SPECULATIVE buying reply.", tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="Could you tell me a bit more?"))
+    reply = speak(caller, "I want to buy", final="I want to buy or sell")
+    caller.hangup()
+    assert reply.text == "Could you tell me a bit more?"
+    assert "SPECULATIVE" not in texts_received(caller)
+    record, rows = stored(stack, caller)
+    assert record.current_node == start_node and record.variables == {}
+    assert rows[-1]["nextNodeId"] == start_node and rows[-1]["speculation"] == "discarded"
+
+
+def test_barge_in_during_a_speculation_discards_it(stack, llm):
+    llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
+                        "that you will surely like.", ttft_s=0.0))
+    caller = new_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
+    caller.prompt("Hello")
+    while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
+        assert message.get("type") == "text"
+    full = texts_received(caller)
+    caller.listen(1.0)  # a few words are played
+    llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
+    caller.partial("Stop I want to order")
+    llm.wait_for_requests(2)  # the speculation is in flight
+    caller.interrupt()        # Twilio reports the barge-in on the first reply
+    caller.listen(0.05)
+    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Stop I want to order")))
+    caller.hangup()
+    assert answer.text == "Sure, what would you like?"
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert len(llm.requests) == 3
+    # The final turn was planned on the history as heard, not on the one the speculation saw.
+    assistant = [m["content"] for m in llm.requests[2].messages if m["role"] == "assistant"]
+    assert full.startswith(assistant[-1]) and len(assistant[-1]) < len(full)
+    record, rows = stored(stack, caller)
+    assert not any("SPECULATIVE" in m["content"] for m in record.messages)
+    assert rows[-1]["speculation"] == "discarded" and rows[-1]["speculativeLlmRequests"] == 1
+
+
+def test_limits_per_turn_and_length(stack, llm):
+    # Slow speech (every gap longer than the stability window) would speculate after every word: the limit
+    # stops it at two, and the final starts a normal turn.
+    llm.push(Reply(text="A"), Reply(text="B"), Reply(text="Right."))
+    caller = new_call(stack)
+    reply = caller.speak("one two three four", words_per_minute=60000 / (STABLE_MS + 250),
+                         end_of_speech_ms=STABLE_MS + 250)
+    assert reply.text == "Right."
+    assert len(llm.requests) == 3
+    rows = stored(stack, caller)[1]
+    assert rows[-1]["speculationsStarted"] == 2 and rows[-1]["speculation"] == "discarded"
+    # An utterance longer than PREEMPTIVE_MAX_CHARS is never speculated on.
+    llm.push(Reply(text="Long one."))
+    long_text = " ".join(["word"] * 20)  # 99 characters
+    reply = speak(caller, long_text)
+    caller.hangup()
+    assert reply.text == "Long one." and len(llm.requests) == 4
+    assert stored(stack, caller)[1][-1]["speculation"] is None
+
+
+def test_metrics_report_adoption_saving_and_cost(stack, llm):
+    llm.push(Reply(text="Adopted reply."), Reply(text="SPECULATIVE"), Reply(text="Second reply."))
+    caller = new_call(stack)
+    speak(caller, "Is the shop open today")
+    speak(caller, "Do you sell bread", final="Do you sell cakes")
+    caller.hangup()
+    per_call = turns(stack, caller)["metrics"]["preemption"]
+    assert per_call["turns"] == 2 and per_call["turnsSpeculated"] == 2
+    assert per_call["adopted"] == 1 and per_call["discarded"] == 1 and per_call["adoptionRate"] == 0.5
+    assert per_call["extraLlmRequests"] == 1 and per_call["extraLlmRequestsPerTurn"] == 0.5
+    assert per_call["llmRequestsPerTurn"] == 1.5 and per_call["extraTokensPerTurn"] > 0
+    assert per_call["savedMs"]["samples"] == 1 and per_call["savedMs"]["p50"] > 0
+    assert per_call["finalToFirstTokenMs"]["adopted"]["samples"] == 1
+    aggregate = http("GET", stack["server"].url + "/api/performance-metrics").json()["aggregatedMetrics"]
+    assert aggregate["preemption"]["adopted"] >= 1 and aggregate["preemption"]["extraLlmRequests"] >= 1
+    exposition = http("GET", stack["server"].url + "/metrics").text
+    samples = dict(line.rsplit(" ", 1) for line in exposition.splitlines() if line and not line.startswith("#"))
+    assert float(samples['callweaver_speculations_total{outcome="adopted"}']) >= 1
+    assert float(samples['callweaver_speculations_total{outcome="discarded"}']) >= 1
+    assert float(samples["callweaver_speculative_llm_requests_total"]) >= 1
+    assert float(samples["callweaver_speculation_saved_ms_count"]) >= 1
+    assert float(samples['callweaver_relay_final_to_first_token_ms_count{speculation="adopted"}']) >= 1
