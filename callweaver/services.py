@@ -71,7 +71,6 @@ def spawn(fn: Callable, *args: Any) -> Task:
 class Services:
     settings: Settings
     started_at: float = field(default_factory=time.time)
-    _providers_warm: bool = False  # set when the first call's ring started building the providers' clients
 
     @cached_property
     def store(self) -> Store:
@@ -180,16 +179,16 @@ class Services:
         return chain
 
     def warm_up(self) -> None:
-        """Build the hot-path objects at worker start; the providers' SDK clients (the openai import, the costliest
-        part of a cold start) are built while the first call rings, see prepare_call."""
+        """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing.
+
+        The providers' SDK clients (the openai import, about half of a worker's import CPU) are built here too:
+        building them in a greenlet while the first call rang hung that worker's other requests under gevent
+        (tests/test_transport_limits.py showed it), so the cold-start saving was given up for now."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
+        self.providers.warm_up()
 
     def prepare_call(self, tracking_id: str) -> Task | None:
-        """While the phone rings, off the request path: build the providers' clients (once per worker), then warm
-        the cache for the entry node."""
-        if not self._providers_warm:
-            self._providers_warm = True
-            spawn(self.providers.warm_up)
+        """While the phone rings, off the request path: warm the cache for the entry node."""
         if not self.settings.cache_prewarm:
             return None
 

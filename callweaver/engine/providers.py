@@ -37,8 +37,8 @@ def _hide_trio_when_gevent_patched() -> None:
 
 
 def _openai_sdk():
-    """The openai SDK, imported on first use (about half of a worker's import CPU, which on a 0.1-CPU instance is
-    seconds of cold start): a worker warms its providers while the first call rings (Services.prepare_call)."""
+    """The openai SDK, imported when the first provider client is built (Services.warm_up at worker start), so
+    importing this module stays light for everything that does not talk to an LLM."""
     _hide_trio_when_gevent_patched()
     import openai
     return openai
