@@ -17,6 +17,8 @@ DEFAULT_CORS_ORIGINS = (
     "https://kimiyi-ai.onrender.com",
 )
 
+# Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
+CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 
 SECRET_SETTINGS = frozenset(
@@ -310,8 +312,8 @@ class Settings:
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
         cache_type = text("CACHE_TYPE")
-        if cache_type and cache_type not in {"SimpleCache", "FileSystemCache", "RedisCache", "NullCache"}:
-            problems.append(f"CACHE_TYPE must be SimpleCache, FileSystemCache, RedisCache or NullCache, got {cache_type!r}")
+        if cache_type and cache_type not in CACHE_TYPES:
+            problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         values["cache_type"] = cache_type
         values["cache_redis_url"] = url("CACHE_REDIS_URL", schemes=("redis", "rediss", "unix")) or values["redis_url"]
         values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"

@@ -102,7 +102,7 @@ class Services:
     @cached_property
     def providers(self):
         from .engine.providers import build_provider_chain
-        return build_provider_chain(self.settings)
+        return build_provider_chain(self.settings, circuit_states=self.store)
 
     @cached_property
     def reply_cache(self) -> ReplyCache:
@@ -186,6 +186,7 @@ class Services:
         (tests/test_transport_limits.py showed it), so the cold-start saving was given up for now."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
         self.providers.warm_up()
+        self.reply_cache.connect()
 
     def prepare_call(self, tracking_id: str) -> Task | None:
         """While the phone rings, off the request path: warm the cache for the entry node."""

@@ -16,7 +16,12 @@ from callweaver.engine.cache import (
     normalize_utterance,
     reply_is_safe_to_cache,
 )
-from callweaver.cache_backends import build_cache_backend
+from callweaver.cache_backends import (
+    SQLITE_CACHE_FILE,
+    SQLITE_CACHE_PRUNE_EVERY_N_WRITES,
+    SQLiteCache,
+    build_cache_backend,
+)
 
 EN_FILLERS = ("um", "uh", "er")
 ZH_FILLERS = ("呃", "嗯")
@@ -195,11 +200,91 @@ def test_workers_sharing_a_cache_directory_see_each_others_replies(tmp_path):
     assert worker_b.stats()["hits"] == 1 and worker_b.stats()["backend"] == "FileSystemCache"
 
 
-def test_auto_backend_is_per_process_memory_without_redis_and_redis_with_it(tmp_path):
+def test_auto_backend_is_the_machine_wide_sqlite_cache_without_redis_and_redis_with_it(tmp_path):
     assert type(build_cache_backend("", redis_url=None, cache_dir=str(tmp_path), default_timeout=60)).__name__ \
-        == "SimpleCache"
+        == "SQLiteCache"
     assert type(build_cache_backend("", redis_url="redis://127.0.0.1:1/0", cache_dir=str(tmp_path),
                                     default_timeout=60)).__name__ == "RedisCache"
+
+
+def sqlite_backend(cache_dir) -> SQLiteCache:
+    return build_cache_backend("SQLiteCache", redis_url=None, cache_dir=str(cache_dir), default_timeout=300)
+
+
+def test_workers_sharing_the_sqlite_cache_see_each_others_replies(tmp_path):
+    worker_a, worker_b = ReplyCache(sqlite_backend(tmp_path)), ReplyCache(sqlite_backend(tmp_path))
+    key = worker_a.key(**KEY_ARGS, utterance="Who is this?")
+    original = reply("This is Ava from Sunrise Realty.", provider="openai")
+    assert worker_a.put(key, original) is True
+    assert worker_b.get(worker_b.key(**KEY_ARGS, utterance="who is this")) == original
+    assert worker_b.stats()["hits"] == 1 and worker_b.stats()["backend"] == "SQLiteCache"
+    assert worker_b.health() == {"ok": True, "backend": "SQLiteCache", "error": None}
+
+
+def test_sqlite_cache_add_has_one_winner_across_processes_until_the_entry_expires(tmp_path):
+    now = [1_000_000.0]
+    worker_a = SQLiteCache(str(tmp_path / "c.sqlite3"), clock=lambda: now[0])
+    worker_b = SQLiteCache(str(tmp_path / "c.sqlite3"), clock=lambda: now[0])
+    assert worker_a.add("marker", 1, timeout=60) is True
+    assert worker_b.add("marker", 1, timeout=60) is False
+    assert worker_a.add("marker", 1, timeout=60) is False
+    now[0] += 61
+    assert worker_b.has("marker") is False and worker_b.get("marker") is None
+    assert worker_b.add("marker", 2, timeout=60) is True
+    assert worker_a.get("marker") == 2
+    assert worker_a.delete("marker") is True and worker_b.get("marker") is None
+
+
+def test_sqlite_cache_stores_json_values_only_and_prunes_to_its_threshold(tmp_path):
+    values = SQLiteCache(str(tmp_path / "values.sqlite3"))
+    assert values.set("object", object()) is False
+    assert values.set("plain", {"text": "hi", "n": [1, 2]}) is True and values.get("plain") == {"text": "hi", "n": [1, 2]}
+    cache = SQLiteCache(str(tmp_path / "c.sqlite3"), threshold=10)
+    for i in range(SQLITE_CACHE_PRUNE_EVERY_N_WRITES):
+        cache.set(f"k{i}", i, timeout=1000 + i)
+    kept = [i for i in range(SQLITE_CACHE_PRUNE_EVERY_N_WRITES) if cache.has(f"k{i}")]
+    assert len(kept) <= 10 and kept[-1] == SQLITE_CACHE_PRUNE_EVERY_N_WRITES - 1  # the longest-lived stay
+
+
+def test_sqlite_cache_write_waits_in_python_for_another_workers_write_lock(tmp_path):
+    import sqlite3
+    import threading
+
+    cache = SQLiteCache(str(tmp_path / "c.sqlite3"))
+    assert cache.set("warm", 1) is True  # creates the file and its table
+    other_worker = sqlite3.connect(str(tmp_path / "c.sqlite3"), isolation_level=None, check_same_thread=False)
+    other_worker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    release = threading.Timer(0.1, lambda: other_worker.execute("COMMIT"))
+    release.start()
+    try:
+        assert cache.set("after", 2) is True
+    finally:
+        release.join()
+        other_worker.close()
+    assert cache.get("after") == 2
+
+
+def test_sqlite_cache_is_a_flask_caching_backend(tmp_path):
+    from flask import Flask
+    from flask_caching import Cache
+
+    app = Flask(__name__)
+    cache = Cache(app, config={"CACHE_TYPE": "callweaver.cache_backends.SQLiteCache", "CACHE_DIR": str(tmp_path)})
+    with app.app_context():
+        cache.set("greeting", "hello", timeout=30)
+        assert cache.get("greeting") == "hello"
+    assert (tmp_path / SQLITE_CACHE_FILE).exists()
+
+
+def test_prewarm_is_claimed_once_per_marker_by_workers_sharing_the_cache(tmp_path):
+    worker_a, worker_b = ReplyCache(sqlite_backend(tmp_path)), ReplyCache(sqlite_backend(tmp_path))
+    assert worker_a.claim_prewarm("flow-1:en-US", 600) is True
+    assert worker_b.claim_prewarm("flow-1:en-US", 600) is False
+    assert worker_b.claim_prewarm("flow-2:en-US", 600) is True
+    worker_a.release_prewarm("flow-1:en-US")  # its call ended before the warm-up finished
+    assert worker_b.claim_prewarm("flow-1:en-US", 600) is True
+    assert ReplyCache(build_cache_backend("NullCache", redis_url=None, cache_dir="", default_timeout=60)) \
+        .claim_prewarm("flow-1:en-US", 600) is False
 
 
 def test_unknown_cache_type_and_redis_without_url_are_refused(tmp_path):

@@ -275,6 +275,34 @@ class ReplyCache:
         self._count("puts")
         return True
 
+    def connect(self) -> None:
+        """Open the backend's connection now (worker start), so the first caller's lookup does not pay for it."""
+        try:
+            self.backend.has(self._probe_key)
+        except Exception as exc:
+            self._record_error("connect", exc)
+
+    def claim_prewarm(self, marker: str, interval_s: float) -> bool:
+        """True for exactly one caller per `marker` per interval among everyone sharing the backend (the
+        workers of a machine, or every instance with Redis): only that one spends LLM requests warming."""
+        if self.backend_name == "NullCache":
+            return False  # a cache that keeps nothing is not worth warming
+        try:
+            return bool(self.backend.add(self._prewarm_key(marker), 1, timeout=max(1, int(interval_s))))
+        except Exception as exc:
+            self._record_error("claim_prewarm", exc)
+            return False
+
+    def release_prewarm(self, marker: str) -> None:
+        """A prewarm stopped before it finished (its call ended): let the next call of the flow warm it."""
+        try:
+            self.backend.delete(self._prewarm_key(marker))
+        except Exception as exc:
+            self._record_error("release_prewarm", exc)
+
+    def _prewarm_key(self, marker: str) -> str:
+        return f"{self.key_prefix}prewarm:{hashlib.sha256(marker.encode('utf-8')).hexdigest()}"
+
     def stats(self) -> dict:
         """This process's counters since start; diagnostics only (the store holds the measured hit rate)."""
         with self._lock:

@@ -269,7 +269,6 @@ class ConversationEngine:
         self.clock = clock
         self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
         self._snapshots: OrderedDict[str, dict] = OrderedDict()  # one raw snapshot per version hash, shared
-        self._warmed: dict[tuple[str, str], float] = {}  # (workflow hash, language) → when this worker warmed it
 
     # ---- call state ---------------------------------------------------------------------------
     def workflow_for(self, record) -> Workflow:
@@ -534,11 +533,11 @@ class ConversationEngine:
             return 0
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
-        marker = (workflow.version_hash, entry.code)
-        now = time.monotonic()
-        if now - self._warmed.get(marker, -PREWARM_INTERVAL_S) < PREWARM_INTERVAL_S:
-            return 0  # this worker warmed (or is warming) the same flow recently: don't pay for it twice
-        self._warmed[marker] = now
+        # Once per flow, language and greeting (the context the replies are keyed to) per PREWARM_INTERVAL_S, for
+        # every worker sharing the cache (one machine's, or with Redis every instance's).
+        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or ""))
+        if not self.cache.claim_prewarm(marker, PREWARM_INTERVAL_S):
+            return 0  # another call of this flow warmed it, or is warming it
         node_id = workflow.entry_node_id()
         greeting = [{"role": "assistant", "content": record.greeting}] if record.greeting else []
         state = ConversationState(node_id, {}, greeting)
@@ -547,6 +546,7 @@ class ConversationEngine:
         for utterance in entry.prewarm_utterances:
             if call_over():
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                self.cache.release_prewarm(marker)
                 return stored
             plan = plan_turn(workflow, state, utterance, language_instruction=entry.llm_instruction,
                              history_limit=self.history_limit)
@@ -565,6 +565,7 @@ class ConversationEngine:
                         break
             if call_over():
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
+                self.cache.release_prewarm(marker)
                 return stored
             if stream.apology_used:
                 break

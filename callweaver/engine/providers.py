@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 import structlog
 
+from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
 from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange, ReadTimedOut, StatusError
 
 if TYPE_CHECKING:
@@ -123,19 +124,17 @@ def _status_kind(status_code: int) -> str:
 
 
 class _Provider:
-    """A configured endpoint, its lazily built SDK client (the configuration), connection pool and circuit breaker."""
+    """A configured endpoint, its lazily built SDK client (the configuration), connection pool and (shared)
+    circuit breaker."""
 
-    def __init__(self, config: ProviderConfig, settings: ChainSettings) -> None:
+    def __init__(self, config: ProviderConfig, settings: ChainSettings, circuit_states: CircuitStates) -> None:
         self.config = config
         self._settings = settings
         self._client: "openai.OpenAI | None" = None
         self._pool: ConnectionPool | None = None
         self._lock = threading.Lock()
-        self.state = "closed"
-        self.consecutive_failures = 0
-        self.opened_at: float | None = None  # chain clock
-        self.opened_at_epoch: float | None = None
-        self.probe_in_flight = False
+        self.circuit = CircuitBreaker(config.name, circuit_states, failures=settings.circuit_failures,
+                                      cooldown_s=settings.circuit_cooldown_s)
 
     @property
     def name(self) -> str:
@@ -179,57 +178,9 @@ class _Provider:
         if client is not None:
             client.close()
 
-    # breaker: closed → (N failures) open → (cooldown) half_open with one probe → closed | open
-
-    def try_acquire(self, now: float) -> bool:
-        """May this turn use the provider? Claims the single probe slot of a half-open circuit."""
-        with self._lock:
-            if self.state == "closed":
-                return True
-            if self.probe_in_flight:
-                return False
-            if self.state == "open" and (self.opened_at is None or now - self.opened_at < self._settings.circuit_cooldown_s):
-                return False
-            self.state = "half_open"
-            self.probe_in_flight = True
-            return True
-
-    def record_success(self) -> None:
-        with self._lock:
-            was_state = self.state
-            self.state, self.consecutive_failures, self.probe_in_flight = "closed", 0, False
-            self.opened_at = self.opened_at_epoch = None
-        if was_state != "closed":
-            log.info("provider_circuit_closed", provider=self.name)
-
-    def record_failure(self, now: float) -> None:
-        with self._lock:
-            self.consecutive_failures += 1
-            self.probe_in_flight = False
-            opens = self.state == "half_open" or self.consecutive_failures >= self._settings.circuit_failures
-            if opens:
-                self.state, self.opened_at, self.opened_at_epoch = "open", now, time.time()
-        if opens:
-            log.warning("provider_circuit_opened", provider=self.name, consecutive_failures=self.consecutive_failures)
-
-    def release_probe(self) -> None:
-        """The turn was cancelled before the provider proved anything: let the next turn probe."""
-        with self._lock:
-            self.probe_in_flight = False
-
     def health(self, now: float) -> dict:
-        with self._lock:
-            state = self.state
-            if state == "open" and self.opened_at is not None and now - self.opened_at >= self._settings.circuit_cooldown_s:
-                state = "half_open"  # the next turn will probe it
-            return {
-                "name": self.name,
-                "kind": self.config.kind,
-                "model": self.config.model,
-                "state": state,
-                "consecutiveFailures": self.consecutive_failures,
-                "openedAt": self.opened_at_epoch,
-            }
+        return {"name": self.name, "kind": self.config.kind, "model": self.config.model,
+                **self.circuit.snapshot(now)}
 
 
 # --------------------------------------------------------------------------- continuation seam
@@ -411,34 +362,37 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
     for provider in chain._providers:
         if state.cancelled:
             return
-        if provider.name in raced or not provider.try_acquire(chain._clock()):
+        if provider.name in raced:
+            continue
+        seen = provider.circuit.acquire(chain._clock())
+        if seen is None:
             continue
         backup = chain.hedge_partner(provider, state, skip=raced)
         if backup is not None:
             raced.add(provider.name)
-            attempt = _hedged_attempt(chain, state, request, provider, backup, chain.hedge_budget_s(provider),
-                                      raced)
+            attempt = _hedged_attempt(chain, state, request, provider, seen, backup,
+                                      chain.hedge_budget_s(provider), raced)
         else:
             attempt = _stream_from_provider(provider, chain._settings, state, request)
         try:
             yield from attempt
         except ProviderError as error:
             if state.cancelled:
-                _settle_cancelled(provider, state)
+                _settle_cancelled(provider, state, seen)
                 return
             if error.kind == "hedge_failed":
                 continue  # the race recorded both providers' outcomes
-            provider.record_failure(chain._clock())
+            provider.circuit.record_failure(chain._clock())
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
             continue
         except BaseException:
             # Cancelled by the caller (GeneratorExit, GreenletExit): closing the attempt closes its HTTP response.
             attempt.close()
-            _settle_cancelled(provider, state)
+            _settle_cancelled(provider, state, seen)
             raise
         if backup is None:
-            provider.record_success()
+            provider.circuit.record_success(seen)
         chain.note_first_token(state.provider, state.provider_ttft_ms)
         return
     if state.cancelled:
@@ -456,8 +410,9 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
 class _Racer:
     """One provider's attempt in a hedged race, streamed on its own greenlet/thread into a shared queue."""
 
-    def __init__(self, chain: "ProviderChain", provider: _Provider, request: _TurnRequest, events) -> None:
-        self.provider, self.state, self.events = provider, _TurnState(), events
+    def __init__(self, chain: "ProviderChain", provider: _Provider, seen: CircuitRecord, request: _TurnRequest,
+                 events) -> None:
+        self.provider, self.seen, self.state, self.events = provider, seen, _TurnState(), events
         self._attempt = _stream_from_provider(provider, chain._settings, self.state, request)
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -477,7 +432,8 @@ class _Racer:
 
 
 def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnRequest, primary: _Provider,
-                    backup: _Provider, budget_s: float, raced: set[str]) -> Iterator[str]:
+                    primary_seen: CircuitRecord, backup: _Provider, budget_s: float,
+                    raced: set[str]) -> Iterator[str]:
     """`primary`, and `backup` too if `primary` has no first token within `budget_s`: the first to produce a
     token is streamed and the other cancelled.
 
@@ -487,7 +443,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     import queue
 
     events: queue.Queue = queue.Queue()
-    racers = [_Racer(chain, primary, request, events)]
+    racers = [_Racer(chain, primary, primary_seen, request, events)]
     hedge_at = time.monotonic() + budget_s
     winner: _Racer | None = None
     failed = 0
@@ -497,12 +453,13 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                 raise ProviderError("cancelled")
             if winner is None and len(racers) == 1 and time.monotonic() >= hedge_at:
                 hedge_at = float("inf")
-                if backup.try_acquire(chain._clock()):
+                backup_seen = backup.circuit.acquire(chain._clock())
+                if backup_seen is not None:
                     raced.add(backup.name)
                     state.hedged_requests += 1
                     log.info("llm_request_hedged", primary=primary.name, backup=backup.name,
                              after_ms=round(budget_s * 1000, 1))
-                    racers.append(_Racer(chain, backup, request, events))
+                    racers.append(_Racer(chain, backup, backup_seen, request, events))
             wait = HEDGE_POLL_S if hedge_at == float("inf") else max(0.0, min(HEDGE_POLL_S,
                                                                              hedge_at - time.monotonic()))
             try:
@@ -515,7 +472,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                 if len(racers) == 1:
                     raise value  # no hedge was started: the chain's own failover handles it
                 failed += 1
-                racer.provider.record_failure(chain._clock())
+                racer.provider.circuit.record_failure(chain._clock())
                 state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
                                         "spoken_chars": len(state.text)})
                 if winner is not None or failed == len(racers):
@@ -526,7 +483,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                 for other in racers:
                     if other is not racer:
                         other.cancel()
-                        _settle_cancelled(other.provider, other.state)
+                        _settle_cancelled(other.provider, other.state, other.seen)
             if kind == "done":
                 break
             state.text += value
@@ -540,15 +497,15 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     state.provider = won.provider
     if state.provider_ttft_ms is None:
         state.provider_ttft_ms = won.provider_ttft_ms
-    winner.provider.record_success()
+    winner.provider.circuit.record_success(winner.seen)
 
 
-def _settle_cancelled(provider: _Provider, state: _TurnState) -> None:
+def _settle_cancelled(provider: _Provider, state: _TurnState, seen: CircuitRecord) -> None:
     """A cancelled turn proves a provider healthy only if it had already answered."""
     if state.provider == provider.name:
-        provider.record_success()
-    else:
-        provider.release_probe()
+        provider.circuit.record_success(seen)
+    elif seen.probe_until is not None:  # this turn held the half-open probe
+        provider.circuit.release_probe()
 
 
 def _request_body(provider: _Provider, request: _TurnRequest, messages: list[dict]) -> bytes:
@@ -693,15 +650,19 @@ def _parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[t
 class ProviderChain:
     """The one place that owns LLM failover: ordered providers, first-token/stall deadlines, circuit breakers.
 
-    `clock` drives the circuit breakers only (tests inject a fake one); request deadlines and TTFT are always
-    measured with the real monotonic clock.
+    `clock` (epoch seconds: the circuit records are shared across processes and instances) drives the circuit
+    breakers only (tests inject a fake one); request deadlines and TTFT are always measured with the real
+    monotonic clock. `circuit_states` is where the breakers keep their records (the store, shared by every
+    worker); by default this process only.
     """
 
     def __init__(self, providers: list[ProviderConfig], settings: ChainSettings = ChainSettings(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time,
+                 circuit_states: CircuitStates | None = None) -> None:
         self._settings = settings
         self._clock = clock
-        self._providers = [_Provider(config, settings) for config in providers]
+        self._circuit_states = circuit_states or LocalCircuitStates()
+        self._providers = [_Provider(config, settings, self._circuit_states) for config in providers]
         self._recent_ttft_ms: dict[str, deque] = {}  # per provider, for a p95 hedge budget (this worker)
 
     def hedge_budget_s(self, provider: _Provider) -> float | None:
@@ -730,8 +691,9 @@ class ProviderChain:
     def with_first(self, config: ProviderConfig) -> "ProviderChain":
         """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
         clients and circuit breakers are shared, not copied."""
-        chain = ProviderChain([], self._settings, self._clock)
-        chain._providers = [_Provider(config, self._settings), *self._providers]
+        chain = ProviderChain([], self._settings, self._clock, self._circuit_states)
+        # The call's own account gets a breaker of its own, in this process: its name is not unique service-wide.
+        chain._providers = [_Provider(config, self._settings, LocalCircuitStates()), *self._providers]
         chain._recent_ttft_ms = self._recent_ttft_ms
         return chain
 
@@ -771,8 +733,9 @@ class ProviderChain:
             provider.close()
 
 
-def build_provider_chain(settings: Any) -> ProviderChain:
-    """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out."""
+def build_provider_chain(settings: Any, circuit_states: CircuitStates | None = None) -> ProviderChain:
+    """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out.
+    `circuit_states`: the store, so every worker shares the breakers."""
     configs: list[ProviderConfig] = []
     for name in getattr(settings, "llm_providers", ("azure", "openai")):
         if name == "azure":
@@ -813,4 +776,4 @@ def build_provider_chain(settings: Any) -> ProviderChain:
         circuit_cooldown_s=float(getattr(settings, "llm_circuit_cooldown_s", defaults.circuit_cooldown_s)),
         hedge_after_s=getattr(settings, "llm_hedge_after_s", defaults.hedge_after_s),
     )
-    return ProviderChain(configs, chain_settings)
+    return ProviderChain(configs, chain_settings, circuit_states=circuit_states)

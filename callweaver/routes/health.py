@@ -53,7 +53,8 @@ def _checks() -> dict:
                         "hasPhoneNumber": bool(s.twilio_phone_number),
                         "signatureValidation": bool(s.signatures_enforced and s.twilio_auth_token)}
     providers = svc.providers.health()
-    # Circuit breakers live in each worker; `worker` says whose view this is.
+    # Circuit records live in the store, so this is every worker's (with Redis: every instance's) view;
+    # `worker` only says which process answered.
     checks["llm"] = {"ok": any(p["state"] != "open" for p in providers), "providers": providers,
                      "worker": os.getpid()}
     return checks

@@ -34,15 +34,17 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+    def __init__(self, env: dict[str, str], workers: int | None = None, log_path: Path | None = None,
                  repo: Path = REPO, port: int | None = None, gunicorn_args: list[str] | None = None,
                  wrap: list[str] | None = None):
-        """`gunicorn_args` replaces `-c gunicorn.conf.py wsgi:app` (the benches start a baseline app that way);
+        """`workers` (else the env's WEB_CONCURRENCY, else 2) gevent workers; start() waits until all run.
+        `gunicorn_args` replaces `-c gunicorn.conf.py wsgi:app` (the benches start a baseline app that way);
         `wrap` prefixes the command with one that execs it (the benches' CPU-quota mode)."""
         self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
         self.wrap = wrap or []
         self.gunicorn_args = gunicorn_args or ["-c", "gunicorn.conf.py", "wsgi:app"]
         self.port = port or free_port()
+        workers = workers or int(env.get("WEB_CONCURRENCY") or 2)
         self.workers = workers
         self.env = {**os.environ, **env, "PORT": str(self.port), "WEB_CONCURRENCY": str(workers),
                     "PUBLIC_BASE_URL": env.get("PUBLIC_BASE_URL", f"http://127.0.0.1:{self.port}")}

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 __all__ = [
     "CALLS_ENDED_COUNTER",
@@ -160,6 +160,15 @@ class Store(Protocol):
     def save_workflow(self, workflow_id: str, snapshot: dict) -> None: ...
 
     def get_workflow(self, workflow_id: str) -> dict | None: ...
+
+    def read_shared(self, key: str) -> dict | None:
+        """A small record every worker (SQLite) or instance (Redis) sees, e.g. a provider's circuit; one read."""
+        ...
+
+    def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
+        """Apply `change` to the record atomically (no other writer in between); `change` returns the new
+        record, or None to leave it as it is. Returns (record now, whether `change` wrote it)."""
+        ...
 
     def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
         """Make `owner` the one live relay socket of a call, for `lease_s`; False while another owner holds it.

@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Mapping
 
@@ -486,6 +486,30 @@ class RedisStore:
         self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0"])
 
     # -- operations -------------------------------------------------------------
+
+    # -- small shared records (circuit breakers) -------------------------------
+
+    def read_shared(self, key: str) -> dict | None:
+        with self._backend() as client:
+            raw = client.get(self._key("shared", key))
+        return json.loads(raw) if raw else None
+
+    def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
+        """WATCH, read, MULTI/EXEC: redis-py replays `apply` if another instance wrote the key in between."""
+        name = self._key("shared", key)
+
+        def apply(pipe) -> tuple[dict | None, bool]:
+            raw = pipe.get(name)
+            current = json.loads(raw) if raw else None
+            new = change(current)
+            if new is None:
+                return current, False
+            pipe.multi()
+            pipe.set(name, _dumps(new))
+            return new, True
+
+        with self._backend() as client:
+            return client.transaction(apply, name, value_from_callable=True)
 
     def ping(self) -> float:
         with self._backend() as client:

@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Mapping
 
@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS cw_turns (
     PRIMARY KEY (tracking_id, turn_index)
 );
 CREATE INDEX IF NOT EXISTS cw_turns_at ON cw_turns (at);
+CREATE TABLE IF NOT EXISTS cw_shared (
+    key  TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cw_relay_sockets (
     tracking_id TEXT PRIMARY KEY,
     owner       TEXT NOT NULL,
@@ -452,6 +456,24 @@ class SQLiteStore:
             conn.execute("DELETE FROM cw_relay_sockets WHERE tracking_id = ? AND owner = ?", (tracking_id, owner))
 
     # -- operations -------------------------------------------------------------
+
+    # -- small shared records (circuit breakers) -------------------------------
+
+    def read_shared(self, key: str) -> dict | None:
+        with self._connection() as conn:
+            row = conn.execute("SELECT data FROM cw_shared WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
+        with self._write() as conn:
+            row = conn.execute("SELECT data FROM cw_shared WHERE key = ?", (key,)).fetchone()
+            current = json.loads(row[0]) if row else None
+            new = change(copy.deepcopy(current))
+            if new is None:
+                return current, False
+            conn.execute("INSERT INTO cw_shared (key, data) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                         "data = excluded.data", (key, _dumps(new)))
+        return new, True
 
     def ping(self) -> float:
         started = time.perf_counter()
