@@ -25,7 +25,7 @@ import gevent
 import gevent.pool
 
 from callweaver.engine.metrics import nearest_rank as percentile  # noqa: F401  (the benches import it from here)
-from callweaver.simulate.caller import RelayCaller
+from callweaver.simulate.caller import RelayCaller, RelayTwiml
 from callweaver.simulate.twilio_rest import TwilioRestStandIn
 from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
 from tests.fakes.live_server import LiveServer, stop_process
@@ -181,7 +181,10 @@ def server_env(data_dir: Path, llm_url: str, twilio_url: str, **overrides: str) 
         "CACHE_DIR": str(data_dir / "cache"), "LOG_LEVEL": "INFO", "SECRET_KEY": "bench-secret-key",
         "CACHE_PREWARM": "0", "LLM_PROVIDERS": "openai", "OPENAI_API_KEY": "sk-bench-0000",
         "OPENAI_BASE_URL": llm_url, "AZURE_OPENAI_API_KEY": "", "AZURE_OPENAI_ENDPOINT": "", "REDIS_URL": "",
-        "GUNICORN_GRACEFUL_TIMEOUT": "5", "ALLOWED_DESTINATION_PREFIXES": "+1",
+        "GUNICORN_GRACEFUL_TIMEOUT": "5", "ALLOWED_DESTINATION_PREFIXES": "+1", "WORKER_CONNECTIONS": "5000",
+        # the load generator is one client placing thousands of calls: lift the per-client limits
+        "RATE_LIMIT_MAKE_CALL": "100000 per minute", "RATE_LIMIT_END_CALL": "100000 per minute",
+        "MAX_CALLS_PER_DAY": "1000000",
     }
     env.update({key: str(value) for key, value in overrides.items()})
     return env
@@ -212,13 +215,21 @@ class BenchStack:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     @contextmanager
-    def server(self, workers: int = 1, repo: Path = REPO, **env_overrides: str) -> Iterator[LiveServer]:
-        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` (from `repo`) with its own database and cache directory."""
+    def server(self, workers: int = 1, repo: Path = REPO, naive: bool = False, wrap: list[str] | None = None,
+               **env_overrides: str) -> Iterator[LiveServer]:
+        """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` (from `repo`) with its own database and cache directory,
+        or with `naive` the baseline relay (bench/naive_relay.py) on the same gunicorn gevent worker class.
+        `wrap` prefixes the server command with one that execs it (bench/relay.py's CPU-quota mode)."""
         self._runs += 1
         data_dir = self.work_dir / f"run{self._runs}"
         data_dir.mkdir()
         env = server_env(data_dir, self.llm.url, self.twilio.url, **env_overrides)
-        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", repo=repo).start(timeout_s=60)
+        gunicorn_args = None
+        if naive:
+            gunicorn_args = ["-c", "/dev/null", "-k", "gevent", "-w", str(workers), "--worker-connections", "5000",
+                             "bench.naive_relay:app"]
+        server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", repo=repo,
+                            gunicorn_args=gunicorn_args, wrap=wrap).start(timeout_s=120)
         try:
             yield server
         finally:
@@ -362,6 +373,19 @@ class RelayCall:
             self.caller.hangup()
         except Exception:
             pass
+
+
+class NaiveCall(RelayCall):
+    """A call to the naive baseline relay: no make-call, no TwiML, no signature; just the socket and `setup`."""
+
+    def place(self) -> None:
+        pass
+
+    def answer_and_connect(self) -> None:
+        ws_url = self.caller.base_url.replace("http://", "ws://", 1) + "/ws"
+        self.caller.twiml = RelayTwiml.parse(
+            f'<Response><Connect action=""><ConversationRelay url="{ws_url}"/></Connect></Response>')
+        self.caller.connect(sign=False)
 
 
 class GatherCall:
@@ -529,6 +553,7 @@ class RelayLoadResult:
     # CPU seconds used during the talk phase, per process: "worker", "fake LLM", "load generator".
     talk_cpu_s: dict[str, float] = field(default_factory=dict)
     cache_backend: str = ""  # the reply cache's backend as the worker reported it
+    setup_cpu_ms_per_call: float | None = None  # worker CPU while all calls were set up (none talking) ÷ calls
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -539,7 +564,7 @@ class RelayLoadResult:
 
     @property
     def memory_per_call_kib(self) -> float | None:
-        if not self.calls_connected:
+        if not self.calls_connected or not self.rss_connected_kib:  # arrival mode: never all idle at once
             return None
         return (self.rss_connected_kib - self.rss_before_kib) / self.calls_connected
 
@@ -560,34 +585,49 @@ class RelayLoadResult:
         return self.talk_cpu_s["worker"] * 1000 / self.turns_completed
 
 
+def naive_first_tokens(base_url: str) -> dict[str, float]:
+    """The naive relay's server-side first tokens: caller line → ms from prompt received to first token sent
+    (the union over its workers)."""
+    out: dict[str, float] = {}
+    for _ in range(12):  # each worker keeps its own list: new connections land on every worker sooner or later
+        resp = http("GET", f"{base_url}/turns", timeout_s=60)
+        out.update((row["lastUser"], row["firstTokenMs"]) for row in resp.json())
+    return out
+
+
 def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: int, stagger_s: float,
                    think_s: tuple[float, float], seed: int, workflow: str | None = "real_estate_property_dealer",
                    setup_concurrency: int = 25, time_limit_s: float = 180.0,
-                   run_index: int = 0) -> RelayLoadResult:
+                   run_index: int = 0, naive: bool = False, arrival: bool = False) -> RelayLoadResult:
     """N concurrent optimized calls talking `turns` cache-missing turns each; bounded in count and in time.
 
     1. warm-up call (one turn) so one-time costs (first upstream connection, lazy imports) are not per-call memory;
     2. RSS of the worker; 3. set up all N calls (socket open, `setup` sent) and let them sit idle; 4. RSS again;
     5. each call starts talking at a random offset within `stagger_s`, pausing `think_s` between turns;
     6. hang up all, then read every call's server-measured turns from the per-call metrics endpoint.
+    With `arrival`, step 3 is skipped: each call is placed (make-call, TwiML, signed socket) at its offset,
+    while the earlier calls already talk. With `naive` the server is bench/naive_relay.py (no set-up at all).
     """
     rng = random.Random(seed)
     result = RelayLoadResult(calls=calls, turns_per_call=turns)
     base_url = server.url
-    pid = stack.worker_pid(server)
+    pids = server.worker_pids()
+    pid = pids[0]
     started = time.monotonic()
     hard_deadline = started + time_limit_s
+    call_class = NaiveCall if naive else RelayCall
 
-    warm = RelayCall(stack, base_url, destination(999_999 - run_index, run_index), workflow)
-    warm.set_up()
-    warm.say("Warm-up turn before the measured calls start.")
-    warm.hang_up()
-    result.cache_backend = cache_backend(base_url)
+    for worker_index in range(len(pids)):  # one warm-up call per worker, as far as the kernel spreads them
+        warm = call_class(stack, base_url, destination(999_999 - worker_index - 10 * run_index, run_index), workflow)
+        warm.set_up()
+        warm.say(f"Warm-up turn {worker_index} before the measured calls start.")
+        warm.hang_up()
+    result.cache_backend = "none (naive relay)" if naive else cache_backend(base_url)
     gevent.sleep(1.0)
-    result.rss_before_kib = rss_kib(pid)
+    result.rss_before_kib = sum(rss_kib(p) for p in pids)
     llm_before = stack.llm.stats()
 
-    live = [RelayCall(stack, base_url, destination(i, run_index), workflow) for i in range(calls)]
+    live = [call_class(stack, base_url, destination(i, run_index), workflow) for i in range(calls)]
     connected: list[RelayCall] = []
 
     def set_up(call: RelayCall) -> None:
@@ -597,25 +637,41 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
         except Exception as exc:
             result.error(f"setup: {describe(exc)}")
 
-    t0 = time.monotonic()
-    pool = gevent.pool.Pool(setup_concurrency)
-    for call in live:
-        pool.spawn(set_up, call)
-    pool.join(timeout=max(5.0, hard_deadline - time.monotonic()))
-    pool.kill()
-    result.setup_s = time.monotonic() - t0
-    result.calls_connected = len(connected)
-    gevent.sleep(1.5)  # let the worker finish reading every `setup` message before measuring
-    result.rss_connected_kib = rss_kib(pid)
-    progress(f"{len(connected)}/{calls} calls connected in {result.setup_s:.1f}s; "
-             f"worker RSS {result.rss_before_kib} → {result.rss_connected_kib} KiB")
+    processes = {"worker": pids, "fake LLM": [stack.llm.proc.pid], "load generator": [os.getpid()]}
 
-    scripts = [[unique_utterance(rng, i, t) for t in range(turns)] for i in range(len(connected))]
-    processes = {"worker": pid, "fake LLM": stack.llm.proc.pid, "load generator": os.getpid()}
-    cpu_before = {name: cpu_s(p) for name, p in processes.items()}
-    result.talk_s = converse(connected, scripts, rng=rng, stagger_s=stagger_s, think_s=think_s,
-                             deadline=hard_deadline, errors=result.errors)
-    result.talk_cpu_s = {name: cpu_s(p) - cpu_before[name] for name, p in processes.items()}
+    def cpu_now() -> dict[str, float]:
+        return {name: sum(cpu_s(p) for p in group) for name, group in processes.items()}
+
+    if not arrival:
+        cpu_setup_before = cpu_now()["worker"]
+        t0 = time.monotonic()
+        pool = gevent.pool.Pool(setup_concurrency)
+        for call in live:
+            pool.spawn(set_up, call)
+        pool.join(timeout=max(5.0, hard_deadline - time.monotonic()))
+        pool.kill()
+        result.setup_s = time.monotonic() - t0
+        result.calls_connected = len(connected)
+        gevent.sleep(1.5)  # let the worker finish reading every `setup` message before measuring
+        if connected:
+            result.setup_cpu_ms_per_call = (cpu_now()["worker"] - cpu_setup_before) * 1000 / len(connected)
+        result.rss_connected_kib = sum(rss_kib(p) for p in pids)
+        progress(f"{len(connected)}/{calls} calls connected in {result.setup_s:.1f}s; "
+                 f"worker RSS {result.rss_before_kib} → {result.rss_connected_kib} KiB")
+        talkers = connected
+    else:
+        talkers = live
+
+    scripts = [[unique_utterance(rng, i, t) for t in range(turns)] for i in range(len(talkers))]
+    cpu_before = cpu_now()
+    result.talk_s = converse(talkers, scripts, rng=rng, stagger_s=stagger_s, think_s=think_s,
+                             deadline=hard_deadline, errors=result.errors,
+                             before_first_turn=(lambda call: call.set_up()) if arrival else None)
+    cpu_after = cpu_now()
+    result.talk_cpu_s = {name: cpu_after[name] - cpu_before[name] for name in processes}
+    if arrival:
+        connected = [call for call in live if call.caller.ws is not None]
+        result.calls_connected = len(connected)
     result.turns_completed = sum(len(call.samples) for call in connected)
     result.client_first_token_ms = [s.first_token_ms for call in connected for s in call.samples
                                     if s.first_token_ms is not None]
@@ -624,39 +680,51 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
     gevent.sleep(1.0)  # sessions commit interrupted turns on close; let them land before reading
     result.llm_stats = {"before": llm_before, "after": stack.llm.stats()}
 
-    stored = fetch_turns(base_url, [c.tracking_id for c in connected if c.tracking_id])
     delivered = {r["lastUser"]: r for r in stack.llm.requests_since(llm_before["requests"])
                  if r["stream"] and r["ttftMs"] is not None}
+    server_first: dict[str, float] = {}  # caller line → server-side ms from prompt received to first token sent
+    if naive:
+        server_first = naive_first_tokens(base_url)
+        result.turns_stored = result.llm_turns = len([u for call in connected for u in
+                                                      (s.utterance for s in call.samples) if u in server_first])
+        result.server_first_token_ms = [server_first[s.utterance] for call in connected for s in call.samples
+                                        if s.utterance in server_first]
+    else:
+        stored = fetch_turns(base_url, [c.tracking_id for c in connected if c.tracking_id])
+        for call in connected:
+            server_turns = stored.get(call.tracking_id or "", [])
+            if len(server_turns) != len(call.samples):
+                continue  # a turn cut off by the time limit: pairing by position would be wrong
+            for sample, turn in zip(call.samples, server_turns):
+                if turn.get("source") == "llm" and turn.get("firstTokenMs") is not None:
+                    server_first[sample.utterance] = turn["firstTokenMs"]
+        for turns_of_call in stored.values():
+            for turn in turns_of_call:
+                result.turns_stored += 1
+                if turn.get("source") == "apology":
+                    result.apology_turns += 1
+                if turn.get("failovers"):
+                    result.failover_turns += 1
+                if turn.get("firstTokenMs") is not None:
+                    result.server_first_token_ms.append(turn["firstTokenMs"])
+                if turn.get("providerTtftMs") is not None:
+                    result.provider_ttft_ms.append(turn["providerTtftMs"])
+                added = server_added_ms(turn)
+                if added is not None:
+                    result.llm_turns += 1
+                    result.server_added_ms.append(added)
     for call in connected:
-        server_turns = stored.get(call.tracking_id or "", [])
-        if len(server_turns) != len(call.samples):
-            continue  # a turn cut off by the time limit: pairing by position would be wrong
-        for sample, turn in zip(call.samples, server_turns):
+        for sample in call.samples:
             fake = delivered.get(sample.utterance)
-            if fake is None or turn.get("source") != "llm":
+            if fake is None:
                 continue
-            if turn.get("firstTokenMs") is not None:
-                result.server_minus_delivered_ms.append(turn["firstTokenMs"] - fake["ttftMs"])
+            if sample.utterance in server_first:
+                result.server_minus_delivered_ms.append(server_first[sample.utterance] - fake["ttftMs"])
             if sample.first_token_ms is not None:
                 result.client_minus_delivered_ms.append(sample.first_token_ms - fake["ttftMs"])
                 result.to_llm_ms.append((fake["receivedAt"] - sample.sent_at) * 1000)
                 first_token_at = sample.sent_at + sample.first_token_ms / 1000
                 result.from_llm_ms.append((first_token_at - fake["firstTokenAt"]) * 1000)
-    for turns_of_call in stored.values():
-        for turn in turns_of_call:
-            result.turns_stored += 1
-            if turn.get("source") == "apology":
-                result.apology_turns += 1
-            if turn.get("failovers"):
-                result.failover_turns += 1
-            if turn.get("firstTokenMs") is not None:
-                result.server_first_token_ms.append(turn["firstTokenMs"])
-            if turn.get("providerTtftMs") is not None:
-                result.provider_ttft_ms.append(turn["providerTtftMs"])
-            added = server_added_ms(turn)
-            if added is not None:
-                result.llm_turns += 1
-                result.server_added_ms.append(added)
     if result.apology_turns:
         result.errors["server: apology turns (every provider failed)"] = result.apology_turns
     if result.failover_turns:

@@ -1,97 +1,166 @@
-"""Relay benchmark: added latency, turns/s and memory per call for N concurrent optimized calls on one worker."""
+"""Relay benchmark: CallWeaver beside the naive baseline relay (bench/naive_relay.py), same load, same invocation.
+
+Default: 200 calls on one gevent worker, set up first, then talking (starts over 5 s, 1–2 s pauses); prints added
+first-token latency (server- and client-side), worker CPU per turn, set-up CPU per call, memory per idle call and
+idle RSS for both servers with the ratio. Modes: `--arrival burst|steady` (calls placed through the real API while
+earlier ones talk), `--sweep 200,400,800,1200` (highest N with p99 added ≤ 50 ms and no errors), `--workers 2`,
+`--cpu-quota 0.1` (the server alone under a cgroup CPU quota, cold start included).
+"""
 from gevent import monkey
 
 monkey.patch_all()
 
 import argparse  # noqa: E402  (after patch_all)
+import os  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
-from bench.common import (add_load_options, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, BenchStack, RelayLoadResult,  # noqa: E402
-                          client_added_ms, distribution_cells, fmt_ms, machine_summary, markdown_table,
-                          parse_env_pairs, percentile, progress, run_relay_load)
+from bench.common import (add_load_options, BenchStack, RelayLoadResult, fmt_ms, machine_summary,  # noqa: E402
+                          markdown_table, parse_env_pairs, percentile, progress, run_relay_load)
 
-TARGET_P50_MS = 2.0
-TARGET_P99_MS = 10.0
-TARGET_MEMORY_KIB = 1024.0
-
-
-def verdict(ok: bool | None) -> str:
-    return "—" if ok is None else ("met" if ok else "**not met**")
+SERVERS = ("naive", "callweaver")
+LABELS = {"naive": "naive relay", "callweaver": "CallWeaver"}
+CAPACITY_P99_MS = 50.0
 
 
-def report(result: RelayLoadResult, args: argparse.Namespace) -> str:
-    """The Markdown report of one run: latency, throughput, memory, errors, and the targets."""
-    server = result.server_added_ms
-    client = client_added_ms(result, args.ttft_ms)
-    p50, p99 = percentile(server, 50), percentile(server, 99)
-    memory = result.memory_per_call_kib
-    llm_after, llm_before = result.llm_stats.get("after", {}), result.llm_stats.get("before", {})
-    delivered = llm_after.get("deliveredTtftMs", {})
-    lines = [
-        f"### Relay: {args.calls} concurrent calls × {args.turns} turns on one gevent worker",
-        "",
-        f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
-        f"{args.token_interval_ms:g} ms/token, ~25-token replies. Calls start within {args.stagger_s:g} s, "
-        f"pause {args.think_min_s:g}–{args.think_max_s:g} s between turns; every utterance misses the cache."
-        + (f" Server environment extras: {', '.join(args.server_env)}." if args.server_env else ""),
-        "",
-        markdown_table(["measure (ms)", "samples", "p50", "p95", "p99"], [
-            ["added latency, server (firstTokenMs − providerTtftMs)", len(server), *distribution_cells(server)],
-            ["server first token − TTFT the fake delivered, same request", len(result.server_minus_delivered_ms),
-             *distribution_cells(result.server_minus_delivered_ms)],
-            ["client first token − TTFT the fake delivered, same request", len(result.client_minus_delivered_ms),
-             *distribution_cells(result.client_minus_delivered_ms)],
-            ["  of which: prompt sent → fake LLM has read the request", len(result.to_llm_ms),
-             *distribution_cells(result.to_llm_ms)],
-            ["  of which: fake LLM writes first token → caller reads it", len(result.from_llm_ms),
-             *distribution_cells(result.from_llm_ms)],
-            ["added latency, client (first token seen − configured TTFT)", len(client), *distribution_cells(client)],
-            ["first token, server (prompt received → first token sent)", len(result.server_first_token_ms),
-             *distribution_cells(result.server_first_token_ms)],
-            ["provider TTFT, server (request written → first content chunk)", len(result.provider_ttft_ms),
-             *distribution_cells(result.provider_ttft_ms)],
-            ["TTFT the fake LLM delivered (its own clock, whole run)", delivered.get("samples", 0),
-             fmt_ms(delivered.get("p50")), fmt_ms(delivered.get("p95")), fmt_ms(delivered.get("p99"))],
-        ]),
-        "",
-        markdown_table(["measure", "value"], [
-            ["calls connected", f"{result.calls_connected}/{result.calls}"],
-            ["turns completed (client) / stored (server) / LLM turns", f"{result.turns_completed} / "
-             f"{result.turns_stored} / {result.llm_turns}"],
-            ["LLM requests received by the fake", llm_after.get("requests", 0) - llm_before.get("requests", 0)],
-            ["talk phase", f"{result.talk_s:.1f} s"],
-            ["turns/s (completed turns ÷ talk phase)", fmt_ms(result.turns_per_s, 1)],
-            ["CPU during the talk phase, share of one core: worker / fake LLM / load generator",
-             " / ".join(fmt_ms(result.core_share(name), 2) for name in ("worker", "fake LLM", "load generator"))],
-            ["worker CPU per completed turn", f"{fmt_ms(result.worker_cpu_ms_per_turn, 2)} ms"],
-            ["call set-up (make-call + TwiML + socket + setup)", f"{result.setup_s:.1f} s"],
-            ["worker RSS before calls → all calls connected and idle",
-             f"{result.rss_before_kib / 1024:.1f} → {result.rss_connected_kib / 1024:.1f} MiB"],
-            ["memory per live call", "—" if memory is None else f"{memory:.1f} KiB"],
-            ["reply cache backend (as the worker reports it)", result.cache_backend or "—"],
-            ["errors", result.error_count],
-            *[[f"  {kind}", count] for kind, count in sorted(result.errors.items())],
-        ]),
-        "",
-        markdown_table(["target", "measured", "verdict"], [
-            [f"added latency p50 ≤ {TARGET_P50_MS:g} ms", fmt_ms(p50, 2),
-             verdict(None if p50 is None else p50 <= TARGET_P50_MS)],
-            [f"added latency p99 ≤ {TARGET_P99_MS:g} ms", fmt_ms(p99, 2),
-             verdict(None if p99 is None else p99 <= TARGET_P99_MS)],
-            ["memory per live call ≤ 1 MiB", "—" if memory is None else f"{memory:.1f} KiB",
-             verdict(None if memory is None else memory <= TARGET_MEMORY_KIB)],
-            ["no errors", result.error_count, verdict(result.error_count == 0)],
-        ]),
-    ]
-    if args.calls != 200:
-        lines += ["", f"(The targets are stated for 200 calls; this run had {args.calls}.)"]
-    return "\n".join(lines)
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------- CPU quota
+
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@contextmanager
+def cpu_quota(cpus: float | None) -> Iterator[list[str]]:
+    """A command prefix that runs the server in its own cgroup limited to `cpus` of one core (CFS quota per
+    100 ms period), so its imports, workers and turns are all throttled the way Render's fractional CPUs are.
+    cgroup v2 `cpu.max` when the cpu controller is there, else cgroup v1 `cpu.cfs_quota_us`."""
+    if cpus is None:
+        yield []
+        return
+    name = f"callweaver-bench-{os.getpid()}"
+    period_us, quota_us = 100_000, max(1000, int(cpus * 100_000))
+    if "cpu" in (CGROUP_V2 / "cgroup.controllers").read_text().split() if (CGROUP_V2 / "cgroup.controllers").exists() else False:
+        group = CGROUP_V2 / name
+        group.mkdir()
+        (group / "cpu.max").write_text(f"{quota_us} {period_us}")
+    elif (CGROUP_V1_CPU / "cpu.cfs_quota_us").exists():
+        group = CGROUP_V1_CPU / name
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text(str(period_us))
+        (group / "cpu.cfs_quota_us").write_text(str(quota_us))
+    else:
+        raise SystemExit("no writable cgroup CPU controller here (neither cpu.max nor cpu.cfs_quota_us)")
+    try:
+        yield ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    finally:
+        for _ in range(50):  # the server has stopped; its cgroup is empty once the kernel reaped it
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                import gevent
+                gevent.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def run_one(stack: BenchStack, kind: str, args: argparse.Namespace, calls: int, run_index: int,
+            wrap: list[str]) -> tuple[RelayLoadResult, float | None]:
+    """One server (fresh process), one load; returns the result and its cold start (process → /ping 200)."""
+    env = parse_env_pairs(args.server_env) if kind == "callweaver" else {}
+    stagger_s = args.stagger_s if args.arrival != "steady" else max(args.stagger_s, calls / args.steady_rate)
+    progress(f"{LABELS[kind]}: {calls} calls × {args.turns} turns, {args.workers} worker(s)"
+             + (f", arrival {args.arrival}" if args.arrival else "") + (f", {args.cpu_quota} CPU" if wrap else ""))
+    with stack.server(workers=args.workers, naive=kind == "naive", wrap=wrap, **env) as server:
+        result = run_relay_load(stack, server, calls=calls, turns=args.turns, stagger_s=stagger_s,
+                                think_s=(args.think_min_s, args.think_max_s), seed=args.seed,
+                                time_limit_s=args.time_limit_s, run_index=run_index, naive=kind == "naive",
+                                arrival=bool(args.arrival))
+        ready_s = server.ready_s
+    if result.error_count:
+        progress(f"{LABELS[kind]} errors: {result.errors}")
+    return result, ready_s
+
+
+def p(values: list[float], pct: float) -> float | None:
+    return percentile(values, pct)
+
+
+def ratio(naive: float | None, ours: float | None) -> str:
+    if naive is None or ours is None or naive == 0:
+        return "—"
+    return f"{ours / naive:.2f}×"
+
+
+def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, float | None]) -> str:
+    """One row per measure, naive | CallWeaver | CallWeaver ÷ naive."""
+    rows = []
+
+    def row(label: str, values: dict[str, float | None], digits: int = 1) -> None:
+        rows.append([label, *(fmt_ms(values[k], digits) for k in SERVERS), ratio(values["naive"], values["callweaver"])])
+
+    for side, attr in (("server", "server_minus_delivered_ms"), ("client", "client_minus_delivered_ms")):
+        for pct in (50, 95, 99):
+            row(f"added first token, {side}-side p{pct} (ms)", {k: p(getattr(r, attr), pct) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"  prompt sent → LLM has the request, p{pct} (ms)", {k: p(r.to_llm_ms, pct) for k, r in results.items()})
+    row("worker CPU per turn (ms)", {k: r.worker_cpu_ms_per_turn for k, r in results.items()}, 2)
+    row("worker CPU per call set-up (ms)", {k: r.setup_cpu_ms_per_call for k, r in results.items()}, 2)
+    row("memory per idle call (KiB)", {k: r.memory_per_call_kib for k, r in results.items()})
+    row("idle worker RSS before calls (MiB)", {k: r.rss_before_kib / 1024 if r.rss_before_kib else None
+                                               for k, r in results.items()})
+    row("turns/s", {k: r.turns_per_s for k, r in results.items()})
+    row("cold start: process → first /ping 200 (s)", ready, 2)
+    rows.append(["turns completed / errors", *(f"{results[k].turns_completed} / {results[k].error_count}"
+                                               for k in SERVERS), ""])
+    return markdown_table(["measure", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
+
+
+def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
+    """p99 added (client-side, the caller's view) and errors per N; the highest N within the limit per server."""
+    rows, best = [], {k: None for k in SERVERS}
+    for calls, results in sorted(sweep.items()):
+        cells = []
+        for kind in SERVERS:
+            r = results.get(kind)
+            if r is None:
+                cells.append("—")
+                continue
+            p99 = p(r.client_minus_delivered_ms, 99)
+            ok = p99 is not None and p99 <= CAPACITY_P99_MS and r.error_count == 0
+            if ok:
+                best[kind] = calls
+            cells.append(f"{fmt_ms(p99)} ms, {r.error_count} errors, {fmt_ms(r.worker_cpu_ms_per_turn, 2)} ms CPU/turn"
+                         + (" ✓" if ok else ""))
+        rows.append([calls, *cells, ""])
+    rows.append(["highest N with p99 added ≤ 50 ms and 0 errors", *(str(best[k]) for k in SERVERS),
+                 ratio(best["naive"], best["callweaver"])])
+    return markdown_table(["calls", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200, help="concurrent calls")
     parser.add_argument("--turns", type=int, default=5, help="turns per call")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn gevent workers for both servers")
+    parser.add_argument("--arrival", choices=("burst", "steady"), default=None,
+                        help="place calls while earlier ones talk: burst = all within --stagger-s, "
+                             "steady = --steady-rate calls per second")
+    parser.add_argument("--steady-rate", type=float, default=10.0, help="calls per second in steady arrival")
+    parser.add_argument("--sweep", default=None, help="comma-separated call counts, e.g. 200,400,800,1200")
+    parser.add_argument("--cpu-quota", type=float, default=None, help="run the servers under this many CPUs")
+    parser.add_argument("--only", choices=SERVERS, default=None, help="run one server only")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="give up on calls still talking after this")
     add_load_options(parser, stagger_s=5.0, seed=7)
     return parser.parse_args(argv)
@@ -99,16 +168,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress(f"relay bench: {args.calls} calls × {args.turns} turns")
-    with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack:
-        with stack.server(workers=1, **parse_env_pairs(args.server_env)) as server:
-            result = run_relay_load(stack, server, calls=args.calls, turns=args.turns, stagger_s=args.stagger_s,
-                                    think_s=(args.think_min_s, args.think_max_s), seed=args.seed,
-                                    time_limit_s=args.time_limit_s)
-        if result.error_count:
-            tail = "\n".join(stack.last_server_log.splitlines()[-15:])
-            progress(f"server log tail:\n{tail}")
-    print(report(result, args))
+    kinds = [args.only] if args.only else list(SERVERS)
+    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.calls]
+    sweep: dict[int, dict[str, RelayLoadResult]] = {}
+    ready: dict[str, float | None] = {k: None for k in SERVERS}
+    run_index = 0
+    with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
+        for calls in counts:
+            sweep[calls] = {}
+            for kind in kinds:  # interleaved per N, so both servers see the same machine state
+                run_index += 1
+                sweep[calls][kind], ready_s = run_one(stack, kind, args, calls, run_index, wrap)
+                ready[kind] = ready_s if ready[kind] is None else ready[kind]
+    mode = (f"calls placed while others talk ({args.arrival})" if args.arrival else "calls set up first, then talking")
+    print(f"### Relay, side by side: {', '.join(map(str, counts))} calls × {args.turns} turns, "
+          f"{args.workers} gevent worker(s){f', {args.cpu_quota} CPU quota' if args.cpu_quota else ''}, {mode}\n")
+    print(f"{machine_summary()}; commit {commit()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
+          f"{args.token_interval_ms:g} ms/token. Command: `python -m bench.relay {' '.join(argv or sys.argv[1:])}`\n")
+    if len(counts) > 1 or args.cpu_quota:
+        print(capacity_table(sweep))
+        print()
+    for calls in counts:
+        if len(kinds) == 2:
+            if len(counts) > 1:
+                print(f"\n#### {calls} calls\n")
+            print(side_by_side(sweep[calls], ready))
+        else:
+            other = "callweaver" if kinds[0] == "naive" else "naive"
+            print(side_by_side({kinds[0]: sweep[calls][kinds[0]], other: RelayLoadResult(calls, args.turns)}, ready))
     return 0
 
 

@@ -153,7 +153,11 @@ class Services:
             self.call_reporter.call_ended(tracking_id)
 
     def warm_up(self) -> None:
-        """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing."""
+        """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing.
+
+        The providers' SDK clients (the openai import, about half of a worker's import CPU) are built here too:
+        building them in a greenlet while the first call rang hung that worker's other requests under gevent
+        (tests/test_transport_limits.py showed it), so the cold-start saving was given up for now."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
         self.providers.warm_up()
         self.reply_cache.connect()

@@ -266,6 +266,7 @@ class ConversationEngine:
         self.history_limit = history_limit
         self.clock = clock
         self._workflows: OrderedDict[str, Workflow] = OrderedDict()  # parsed, immutable; keyed by version hash
+        self._snapshots: OrderedDict[str, dict] = OrderedDict()  # one raw snapshot per version hash, shared
 
     # ---- call state ---------------------------------------------------------------------------
     def workflow_for(self, record) -> Workflow:
@@ -279,6 +280,20 @@ class ConversationEngine:
         else:
             self._workflows.move_to_end(key)
         return wf
+
+    def sharing_snapshot(self, record):
+        """The record with its workflow snapshot swapped for the copy this worker already holds for the same
+        version hash, so live calls of one flow share one snapshot instead of each keeping its own (the snapshot
+        was most of an idle call's memory). Snapshots are never mutated in place (updates replace fields)."""
+        if record is None or not record.workflow or not record.workflow_hash:
+            return record
+        shared = self._snapshots.get(record.workflow_hash)
+        if shared is None:
+            shared = self._snapshots[record.workflow_hash] = record.workflow
+            while len(self._snapshots) > 256:
+                self._snapshots.popitem(last=False)
+        record.workflow = shared
+        return record
 
     def language_of(self, record) -> LanguageEntry:
         return self.languages.get(record.language)
@@ -508,7 +523,7 @@ class ConversationEngine:
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
                  source=r.source, provider=r.provider, provider_ttft_ms=r.provider_ttft_ms,
                  first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
-        return updated
+        return self.sharing_snapshot(updated)
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
         """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.

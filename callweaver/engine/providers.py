@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import json
 import math
 import re
-import socket
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import structlog
+
+from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
+from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange, ReadTimedOut, StatusError
+
+if TYPE_CHECKING:
+    import openai
+
+log = structlog.get_logger()
 
 
 def _hide_trio_when_gevent_patched() -> None:
@@ -28,16 +37,13 @@ def _hide_trio_when_gevent_patched() -> None:
         sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` now raises ImportError
 
 
-_hide_trio_when_gevent_patched()
+def _openai_sdk():
+    """The openai SDK, imported when the first provider client is built (Services.warm_up at worker start), so
+    importing this module stays light for everything that does not talk to an LLM."""
+    _hide_trio_when_gevent_patched()
+    import openai
+    return openai
 
-import httpcore2  # noqa: E402  (after the gevent guard above)
-import httpx2  # noqa: E402
-import openai  # noqa: E402
-import structlog  # noqa: E402
-
-from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates  # noqa: E402
-
-log = structlog.get_logger()
 
 DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
@@ -48,14 +54,6 @@ CONTINUE_INSTRUCTION = (
     "Your previous reply was cut off after the assistant text above, and the caller already heard it. "
     "Continue exactly where it stopped. Do not repeat anything already said; output only the rest of the reply."
 )
-
-# The read deadline (time.monotonic) of the LLM request this greenlet/thread is driving right now.
-# Context-local, so concurrent calls under gevent never see each other's deadline.
-_READ_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("callweaver_llm_read_deadline", default=None)
-# Set per attempt: the wrapped socket records when the request's last byte was written, so the provider's
-# time to first token starts when the provider has the request (building it is our overhead, not theirs).
-_WRITE_MARK: contextvars.ContextVar[dict | None] = contextvars.ContextVar("callweaver_llm_write_mark", default=None)
-
 
 # --------------------------------------------------------------------------- configuration
 
@@ -122,130 +120,18 @@ def _status_kind(status_code: int) -> str:
     return "rate_limited" if status_code == 429 else f"http_{status_code}"
 
 
-# --------------------------------------------------------------------------- deadline-aware HTTP
-
-
-class _DeadlineNetworkStream(httpcore2.NetworkStream):
-    """Reads honour the context's wall-clock deadline instead of a fixed per-read timeout.
-
-    httpcore fixes one read timeout per request, so it can neither tell "no first token for 1.5 s" (keep-alive
-    comments would reset it) from "a 5 s gap after the first token"; the chain moves this deadline as the stream
-    progresses.
-    """
-
-    def __init__(self, inner: httpcore2.NetworkStream) -> None:
-        self._inner = inner
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        deadline = _READ_DEADLINE.get()
-        if deadline is not None:
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise httpcore2.ReadTimeout("read deadline passed")
-            timeout = remaining_s
-        return self._inner.read(max_bytes, timeout)
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-        mark = _WRITE_MARK.get()
-        if mark is not None:
-            mark["written_at"] = time.monotonic()
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(self, ssl_context, server_hostname: str | None = None, timeout: float | None = None):
-        return _DeadlineNetworkStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineNetworkBackend(httpcore2.NetworkBackend):
-    def __init__(self, inner: httpcore2.NetworkBackend) -> None:
-        self._inner = inner
-
-    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
-        deadline = _READ_DEADLINE.get()
-        if deadline is not None:  # opening a connection is part of the wait for the first token
-            remaining_s = max(0.001, deadline - time.monotonic())
-            timeout = remaining_s if timeout is None else min(timeout, remaining_s)
-        return _DeadlineNetworkStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
-
-    def connect_unix_socket(self, path, timeout=None, socket_options=None):
-        return _DeadlineNetworkStream(self._inner.connect_unix_socket(path, timeout, socket_options))
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
-
-
-def _install_read_deadlines(http_client: httpx2.Client) -> bool:
-    """Wrap the client's connection pools so reads obey _READ_DEADLINE; False if httpx2's internals changed.
-
-    Without it the chain still works, with the per-read timeout plus a check between lines.
-    """
-    transports = [http_client._transport, *http_client._mounts.values()]
-    installed = False
-    for transport in transports:
-        pool = getattr(transport, "_pool", None)
-        backend = getattr(pool, "_network_backend", None)
-        if backend is None:
-            continue
-        if not isinstance(backend, _DeadlineNetworkBackend):
-            pool._network_backend = _DeadlineNetworkBackend(backend)
-        installed = True
-    return installed
-
-
-def _default_http_client() -> httpx2.Client:
-    # The SDK's default pool keeps 100 idle connections; a worker with hundreds of calls needs more.
-    return httpx2.Client(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=500))
-
-
-def _call_with_read_deadline(deadline: float, function: Callable, *args):
-    token = _READ_DEADLINE.set(deadline)
-    try:
-        return function(*args)
-    finally:
-        _READ_DEADLINE.reset(token)
-
-
-def _drain(byte_chunks: Iterator[bytes], budget_s: float = 0.25) -> None:
-    """Read what follows `[DONE]` (the chunked terminator) so the next turn reuses this connection instead of
-    paying a new TCP+TLS handshake; a slow or broken tail is not worth waiting for."""
-    deadline = time.monotonic() + budget_s
-    try:
-        while _call_with_read_deadline(deadline, next, byte_chunks, None) is not None:
-            pass
-    except Exception:
-        pass
-
-
-def _abort_http_response(http_response: httpx2.Response | None) -> None:
-    """Hang up a response that another greenlet/thread is reading: shutting the socket wakes its blocked read."""
-    if http_response is None:
-        return
-    network_stream = http_response.extensions.get("network_stream")
-    raw_socket = network_stream.get_extra_info("socket") if network_stream is not None else None
-    if raw_socket is not None:
-        try:
-            raw_socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
 # --------------------------------------------------------------------------- one provider + its breaker
 
 
 class _Provider:
-    """A configured endpoint, its lazily built SDK client and its (shared) circuit breaker."""
+    """A configured endpoint, its lazily built SDK client (the configuration), connection pool and (shared)
+    circuit breaker."""
 
-    def __init__(self, config: ProviderConfig, settings: ChainSettings,
-                 http_client_factory: Callable[[], httpx2.Client] | None, circuit_states: CircuitStates) -> None:
+    def __init__(self, config: ProviderConfig, settings: ChainSettings, circuit_states: CircuitStates) -> None:
         self.config = config
         self._settings = settings
-        self._http_client_factory = http_client_factory or _default_http_client
-        self._client: openai.OpenAI | None = None
+        self._client: "openai.OpenAI | None" = None
+        self._pool: ConnectionPool | None = None
         self._lock = threading.Lock()
         self.circuit = CircuitBreaker(config.name, circuit_states, failures=settings.circuit_failures,
                                       cooldown_s=settings.circuit_cooldown_s)
@@ -254,25 +140,25 @@ class _Provider:
     def name(self) -> str:
         return self.config.name
 
-    def client(self) -> openai.OpenAI:
-        """Built on first use: each gunicorn worker (post-fork) gets its own connection pool."""
+    def client(self) -> "openai.OpenAI":
+        """The SDK client: the configuration surface (base URL, keys, api-version, headers)."""
         if self._client is None:
             with self._lock:
                 if self._client is None:
                     self._client = self._build_client()
         return self._client
 
-    def _build_client(self) -> openai.OpenAI:
-        settings = self._settings
-        timeout = httpx2.Timeout(
-            connect=settings.connect_timeout_s,
-            read=settings.first_token_timeout_s,
-            write=settings.connect_timeout_s,
-            pool=settings.connect_timeout_s,
-        )
-        http_client = self._http_client_factory()
-        if not _install_read_deadlines(http_client):
-            log.warning("llm_read_deadlines_unavailable", provider=self.name)
+    def pool(self) -> ConnectionPool:
+        """Built on first use: each gunicorn worker (post-fork) gets its own connections."""
+        if self._pool is None:
+            endpoint = Endpoint.from_sdk_client(self.client(), self.config.model if self.config.kind == "azure" else None)
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ConnectionPool(endpoint)
+        return self._pool
+
+    def _build_client(self) -> "openai.OpenAI":
+        openai = _openai_sdk()
         config = self.config
         if config.kind == "azure":
             return openai.AzureOpenAI(
@@ -280,20 +166,15 @@ class _Provider:
                 api_key=config.api_key,
                 api_version=config.api_version or DEFAULT_AZURE_API_VERSION,
                 max_retries=0,
-                timeout=timeout,
-                http_client=http_client,
             )
-        return openai.OpenAI(
-            base_url=config.base_url,
-            api_key=config.api_key or SELF_HOSTED_API_KEY,
-            max_retries=0,
-            timeout=timeout,
-            http_client=http_client,
-        )
+        return openai.OpenAI(base_url=config.base_url, api_key=config.api_key or SELF_HOSTED_API_KEY, max_retries=0)
 
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
         if client is not None:
             client.close()
 
@@ -405,7 +286,7 @@ class _TurnState:
     failovers: list[dict] = field(default_factory=list)
     apology_used: bool = False
     cancelled: bool = False
-    active_response: httpx2.Response | None = None
+    active_exchange: Exchange | None = None
     hedged_requests: int = 0    # second requests started because a first token was late
 
 
@@ -435,7 +316,7 @@ class ReplyStream:
         if inspect.getgeneratorstate(self._tokens) == inspect.GEN_RUNNING:
             # Another greenlet/thread is blocked reading inside the generator: wake it by hanging up the socket;
             # it sees `cancelled` and finishes quietly (no failover, no apology).
-            _abort_http_response(self._state.active_response)
+            _abort_exchange(self._state)
         else:
             self._tokens.close()  # GeneratorExit at the yield leaves the `with`, closing the response
 
@@ -466,6 +347,13 @@ class ReplyStream:
     @property
     def hedged_requests(self) -> int:
         return self._state.hedged_requests
+
+
+def _abort_exchange(state: _TurnState) -> None:
+    """Hang up the request another greenlet/thread is reading: shutting its socket down wakes the blocked read."""
+    exchange = state.active_exchange
+    if exchange is not None:
+        exchange.abort()
 
 
 def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) -> Iterator[str]:
@@ -540,7 +428,7 @@ class _Racer:
 
     def cancel(self) -> None:
         self.state.cancelled = True
-        _abort_http_response(self.state.active_response)
+        _abort_exchange(self.state)
 
 
 def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnRequest, primary: _Provider,
@@ -620,102 +508,93 @@ def _settle_cancelled(provider: _Provider, state: _TurnState, seen: CircuitRecor
         provider.circuit.release_probe()
 
 
+def _request_body(provider: _Provider, request: _TurnRequest, messages: list[dict]) -> bytes:
+    """The turn's JSON body, encoded once (orjson): messages and tools are plain JSON already."""
+    config = provider.config
+    body: dict[str, Any] = {
+        "model": request.model if (request.model and config.kind != "azure") else config.model,
+        "messages": messages,
+        "stream": True,
+    }
+    if request.tools:
+        body["tools"] = request.tools
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    return orjson.dumps(body)
+
+
 def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _TurnState,
                           request: _TurnRequest) -> Iterator[str]:
-    """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from SDK/httpx errors)."""
+    """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from llm_http's)."""
     spoken_before = state.text
     joiner = _ContinuationJoiner(spoken_before) if spoken_before else None
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
-    config = provider.config
-    # Messages and tools travel in extra_body, verbatim: they are plain JSON already, and the SDK's TypedDict
-    # transform walks every message of every request (measured: ~2.4 ms of CPU per turn, most of our overhead).
-    body: dict[str, Any] = {"messages": messages}
-    if request.tools:
-        body["tools"] = request.tools
-    kwargs: dict[str, Any] = {
-        "model": request.model if (request.model and config.kind != "azure") else config.model,
-        "messages": [],
-        "stream": True,
-        "extra_body": body,
-    }
-    if request.temperature is not None:
-        kwargs["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        kwargs["max_tokens"] = request.max_tokens
-
     first_token_seen = False
-    sent_at = time.monotonic()
-    deadline = sent_at + settings.first_token_timeout_s
-    write_mark: dict = {}
-    _WRITE_MARK.set(write_mark)
     try:
-        client = provider.client()
-        response_context = client.chat.completions.with_streaming_response.create(**kwargs)
-        raw_response = _call_with_read_deadline(deadline, response_context.__enter__)
-        http_response: httpx2.Response = raw_response.http_response
-        state.active_response = http_response
+        pool = provider.pool()  # built before the clock starts: a cold worker's SDK import is ours, not the provider's
+        sent_at = time.monotonic()
+        deadline = sent_at + settings.first_token_timeout_s
+        exchange = Exchange(pool)
+        state.active_exchange = exchange
         try:
+            exchange.start(_request_body(provider, request, messages), deadline, settings.connect_timeout_s)
             if state.cancelled:  # close() ran while we waited for the headers
                 raise ProviderError("cancelled")
             tool_parts: dict[int, dict] = {}
             done = False
             finish_reason = None
-            pending = b""
-            byte_chunks = http_response.iter_bytes()
             while not done:
                 if state.cancelled:
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
-                    raise httpx2.ReadTimeout("deadline passed between lines")
-                chunk = _call_with_read_deadline(deadline, next, byte_chunks, None)
-                if chunk is None:
+                    raise ReadTimedOut("deadline passed between lines")
+                line = exchange.next_line(deadline)
+                if line is None:
                     break
-                pending += chunk
-                while b"\n" in pending:
-                    line, pending = pending.split(b"\n", 1)
-                    if not line.startswith(b"data:"):
-                        continue  # comments (": keep-alive"), "event:", blank separators
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    event = json.loads(payload)
-                    if event.get("error"):
-                        raise ProviderError("stream_error")
-                    for choice in event.get("choices") or ():  # Azure opens with a choices-less filter event
-                        if choice.get("index", 0) != 0:
-                            continue
-                        delta = choice.get("delta") or {}
-                        finish_reason = choice.get("finish_reason") or finish_reason
-                        content = delta.get("content")
-                        tool_deltas = delta.get("tool_calls")
-                        if content or tool_deltas:
-                            now = time.monotonic()
-                            if not first_token_seen:
-                                first_token_seen = True
-                                if state.provider_ttft_ms is None:
-                                    started = write_mark.get("written_at", sent_at)
-                                    state.provider_ttft_ms = (now - started) * 1000.0
-                            deadline = now + settings.stall_timeout_s
-                            state.provider = provider.name
-                        for tool_delta in tool_deltas or ():
-                            parts = tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
-                            function = tool_delta.get("function") or {}
-                            if function.get("name") and not parts["name"]:
-                                parts["name"] = function["name"]
-                            if function.get("arguments"):
-                                parts["arguments"].append(function["arguments"])
-                        if content:
-                            speakable = joiner.feed(content) if joiner is not None else content
-                            if speakable:
-                                state.text += speakable
-                                yield speakable
-                                # time the consumer spent with the token is not upstream silence
-                                deadline = time.monotonic() + settings.stall_timeout_s
+                if not line.startswith(b"data:"):
+                    continue  # comments (": keep-alive"), "event:", blank separators
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                event = orjson.loads(payload)
+                if event.get("error"):
+                    raise ProviderError("stream_error")
+                for choice in event.get("choices") or ():  # Azure opens with a choices-less filter event
+                    if choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta") or {}
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    content = delta.get("content")
+                    tool_deltas = delta.get("tool_calls")
+                    if content or tool_deltas:
+                        now = time.monotonic()
+                        if not first_token_seen:
+                            first_token_seen = True
+                            if state.provider_ttft_ms is None:
+                                state.provider_ttft_ms = (now - (exchange.written_at or sent_at)) * 1000.0
+                        deadline = now + settings.stall_timeout_s
+                        state.provider = provider.name
+                    for tool_delta in tool_deltas or ():
+                        parts = tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
+                        function = tool_delta.get("function") or {}
+                        if function.get("name") and not parts["name"]:
+                            parts["name"] = function["name"]
+                        if function.get("arguments"):
+                            parts["arguments"].append(function["arguments"])
+                    if content:
+                        speakable = joiner.feed(content) if joiner is not None else content
+                        if speakable:
+                            state.text += speakable
+                            yield speakable
+                            # time the consumer spent with the token is not upstream silence
+                            deadline = time.monotonic() + settings.stall_timeout_s
             if not done and finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
             if done:
-                _drain(byte_chunks)  # reading to the body's end returns the connection to the pool
+                exchange.finish()  # reading to the body's end returns the connection to the pool
             if joiner is not None:
                 tail = joiner.finish()
                 if tail:
@@ -727,23 +606,19 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
             state.tool_calls.extend(tool_calls)
             state.provider = provider.name
         finally:
-            state.active_response = None
-            response_context.__exit__(None, None, None)
+            state.active_exchange = None
+            exchange.close()  # no-op once finish() pooled the connection
     except ProviderError:
         raise
-    except openai.APIStatusError as error:
-        raise ProviderError(_status_kind(error.status_code)) from None
-    except openai.APITimeoutError as error:
-        connect_phase = isinstance(error.__cause__, (httpx2.ConnectTimeout, httpx2.PoolTimeout))
-        raise ProviderError("connect" if connect_phase else "timeout_first_token") from None
-    except openai.APIConnectionError as error:
-        connect_phase = isinstance(error.__cause__, httpx2.ConnectError)
-        raise ProviderError("connect" if connect_phase else "dropped") from None
-    except httpx2.TimeoutException:
+    except StatusError as error:
+        raise ProviderError(_status_kind(error.status)) from None
+    except ConnectFailed:
+        raise ProviderError("connect") from None
+    except ReadTimedOut:
         raise ProviderError("stalled" if first_token_seen else "timeout_first_token") from None
-    except (httpx2.TransportError, httpx2.StreamError):
+    except ConnectionDropped:
         raise ProviderError("dropped") from None
-    except ValueError:
+    except ValueError:  # orjson.JSONDecodeError included
         raise ProviderError("malformed_chunk") from None
     except Exception as error:  # the caller must never see a provider's exception
         # no traceback: rendered locals could carry the client and its key
@@ -783,14 +658,11 @@ class ProviderChain:
 
     def __init__(self, providers: list[ProviderConfig], settings: ChainSettings = ChainSettings(),
                  clock: Callable[[], float] = time.time,
-                 http_client_factory: Callable[[], httpx2.Client] | None = None,
                  circuit_states: CircuitStates | None = None) -> None:
         self._settings = settings
         self._clock = clock
-        self._http_client_factory = http_client_factory
         self._circuit_states = circuit_states or LocalCircuitStates()
-        self._providers = [_Provider(config, settings, http_client_factory, self._circuit_states)
-                           for config in providers]
+        self._providers = [_Provider(config, settings, self._circuit_states) for config in providers]
         self._recent_ttft_ms: dict[str, deque] = {}  # per provider, for a p95 hedge budget (this worker)
 
     def hedge_budget_s(self, provider: _Provider) -> float | None:
@@ -819,10 +691,9 @@ class ProviderChain:
     def with_first(self, config: ProviderConfig) -> "ProviderChain":
         """A chain trying `config` first (a call's own LLM account), then this chain's providers, whose
         clients and circuit breakers are shared, not copied."""
-        chain = ProviderChain([], self._settings, self._clock, self._http_client_factory, self._circuit_states)
+        chain = ProviderChain([], self._settings, self._clock, self._circuit_states)
         # The call's own account gets a breaker of its own, in this process: its name is not unique service-wide.
-        chain._providers = [_Provider(config, self._settings, self._http_client_factory, LocalCircuitStates()),
-                            *self._providers]
+        chain._providers = [_Provider(config, self._settings, LocalCircuitStates()), *self._providers]
         chain._recent_ttft_ms = self._recent_ttft_ms
         return chain
 
@@ -852,9 +723,9 @@ class ProviderChain:
         return [provider.health(now) for provider in self._providers]
 
     def warm_up(self) -> None:
-        """Build every provider's client now (no network), so a worker's first turn does not pay for it."""
+        """Build every provider's client and request head now (no network), so a worker's first turn does not."""
         for provider in self._providers:
-            provider.client()
+            provider.pool()
 
     def close(self) -> None:
         """Release the HTTP connection pools (tests, shutdown)."""

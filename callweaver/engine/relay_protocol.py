@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+import orjson
 import structlog
 
 log = structlog.get_logger()
@@ -217,7 +218,7 @@ def _set_if_given(frame: dict[str, Any], **options: bool | None) -> None:
     frame.update({name: value for name, value in options.items() if value is not None})
 
 
-# ---- the frames the relay session sends, by name ---------------------------------------------------------
+# ---- the frames the relay session sends, by name (as JSON objects, or as whole WebSocket frames) ---------------------------------------------------------
 
 def text(token: str, *, last: bool = False, interruptible: bool | None = None,
          preemptible: bool | None = None) -> dict[str, Any]:
@@ -244,3 +245,20 @@ def send_digits(digits: str) -> dict[str, Any]:
 def play(source: str, *, loop: int = 1, interruptible: bool | None = None) -> dict[str, Any]:
     return serialise(Play(source, loop, interruptible))
 
+
+def frame(message: dict[str, Any]) -> bytes:
+    """The message as one whole, unmasked RFC 6455 text frame (server to client), JSON encoded once with orjson.
+
+    Sent as is, it skips the WebSocket library's per-message state machine; a frame without RSV1 is valid with or
+    without permessage-deflate, and every message CallWeaver sends takes this path, so no compressor state exists.
+    """
+    return text_frame(orjson.dumps(message))
+
+
+def text_frame(payload: bytes) -> bytes:
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload

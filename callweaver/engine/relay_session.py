@@ -129,7 +129,7 @@ class RelaySession:
         if self.call_sid and record.call_sid != self.call_sid:
             fields["call_sid"] = self.call_sid
         record = store.update_call(record.tracking_id, **fields) or record
-        self.record = record
+        self.record = self.engine.sharing_snapshot(record)
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
 
@@ -289,7 +289,7 @@ class RelaySession:
                 if cut and cut != messages[i]["content"]:
                     messages[i] = {"role": "assistant", "content": cut}
                     updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
-                    self.record = updated or self.record
+                    self.record = self.engine.sharing_snapshot(updated) or self.record
                     log.info("relay_history_trimmed", heard_chars=len(cut))
                 return
 

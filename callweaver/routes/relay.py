@@ -16,6 +16,7 @@ import uuid
 import structlog
 from flask import Blueprint, g, request
 
+from ..engine import relay_protocol
 from ..errors import ApiError
 from ..engine.relay_session import RelaySession
 from ..extensions import sock
@@ -40,12 +41,11 @@ class LockedSender:
         self._lock = threading.Lock()  # a gevent lock once wsgi.py has monkey-patched threading
 
     def send_json(self, message: dict) -> None:
-        from wsproto.events import TextMessage
-        data = json.dumps(message, ensure_ascii=False)
+        frame = relay_protocol.frame(message)  # built outside the lock
         with self._lock:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
-            self.ws.sock.sendall(self.ws.ws.send(TextMessage(data=data)))
+            self.ws.sock.sendall(frame)
 
 
 class RelayClaim:

@@ -35,9 +35,14 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, env: dict[str, str], workers: int | None = None, log_path: Path | None = None,
-                 repo: Path = REPO, port: int | None = None):
-        """`workers` (else the env's WEB_CONCURRENCY, else 2) gevent workers; start() waits until all run."""
+                 repo: Path = REPO, port: int | None = None, gunicorn_args: list[str] | None = None,
+                 wrap: list[str] | None = None):
+        """`workers` (else the env's WEB_CONCURRENCY, else 2) gevent workers; start() waits until all run.
+        `gunicorn_args` replaces `-c gunicorn.conf.py wsgi:app` (the benches start a baseline app that way);
+        `wrap` prefixes the command with one that execs it (the benches' CPU-quota mode)."""
         self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
+        self.wrap = wrap or []
+        self.gunicorn_args = gunicorn_args or ["-c", "gunicorn.conf.py", "wsgi:app"]
         self.port = port or free_port()
         workers = workers or int(env.get("WEB_CONCURRENCY") or 2)
         self.workers = workers
@@ -53,15 +58,18 @@ class LiveServer:
     def start(self, timeout_s: float = 30.0) -> "LiveServer":
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}",
-             "wsgi:app"], cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
+            [*self.wrap, sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", *self.gunicorn_args],
+            cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.started_at = time.monotonic()
+        self.ready_s: float | None = None  # process start → first /ping 200 with every worker up
+        deadline = self.started_at + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/ping", timeout=1) as r:
                     if r.status == 200 and len(self.worker_pids()) >= self.workers:
+                        self.ready_s = time.monotonic() - self.started_at
                         return self
             except OSError:
                 pass

@@ -1,0 +1,351 @@
+"""The LLM streaming hot path: one prebuilt HTTP/1.1 request per turn, a keep-alive socket pool, SSE lines as bytes.
+
+Built on the stdlib `socket`/`ssl` only (cooperative once gevent has patched them), so every read carries the
+turn's own wall-clock deadline through `settimeout` — no private attributes of any HTTP library. A pooled
+connection is checked only when it is taken (one non-blocking peek), never the whole pool per request.
+The openai SDK stays the configuration surface: `Endpoint.from_sdk_client` reads its public base URL, headers
+and query (Azure api-version, keys) once per provider.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+RECV_BYTES = 65536
+MAX_HEAD_BYTES = 65536
+
+
+class UpstreamError(Exception):
+    """The exchange failed; subclasses say how (providers.py maps them to failover reasons)."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection (refused, DNS, TLS, or the connect deadline passed)."""
+
+
+class ReadTimedOut(UpstreamError):
+    """The turn's read deadline passed while waiting for bytes."""
+
+
+class ConnectionDropped(UpstreamError):
+    """The connection closed or broke before the response was complete."""
+
+
+class StatusError(UpstreamError):
+    """The provider answered with an HTTP error status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class Endpoint:
+    """Where a provider's chat completions go, with the request head (request line + fixed headers) prebuilt."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parts = urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or "localhost"
+        self.port = parts.port or (443 if self.tls else 80)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc.rsplit("@", 1)[-1]
+        lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()
+                  if name.lower() not in ("host", "content-length", "connection", "accept-encoding")]
+        lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
+        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+    @classmethod
+    def from_sdk_client(cls, client: Any, deployment: str | None = None) -> "Endpoint":
+        """The chat-completions endpoint of a configured `openai.OpenAI`/`openai.AzureOpenAI` client, read through
+        its public `base_url`, `default_headers`, `auth_headers` and `default_query`; `deployment` for Azure."""
+        path = f"deployments/{quote(deployment, safe='')}/chat/completions" if deployment else "chat/completions"
+        url = str(client.base_url) + path
+        query = {key: value for key, value in client.default_query.items() if isinstance(value, str)}
+        if query:
+            url += "?" + urlencode(query)
+        headers = {name: value for name, value in {**client.default_headers, **client.auth_headers}.items()
+                   if isinstance(value, str)}  # the SDK marks unset optional headers with an Omit object
+        return cls(url, headers)
+
+    def request(self, body: bytes) -> bytes:
+        return b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
+
+
+class ConnectionPool:
+    """Idle keep-alive sockets of one endpoint, newest first; only the socket being taken is checked."""
+
+    def __init__(self, endpoint: Endpoint, max_idle: int = 500) -> None:
+        self.endpoint = endpoint
+        self.max_idle = max_idle
+        self._idle: list[socket.socket] = []
+        self._tls_context: ssl.SSLContext | None = None
+
+    def take(self, connect_deadline: float) -> tuple[socket.socket, bool]:
+        """(socket, reused): an idle connection the server has not closed, or a new one."""
+        while self._idle:
+            sock = self._idle.pop()
+            if _still_open(sock):
+                return sock, True
+            sock.close()
+        return self._connect(connect_deadline), False
+
+    def give_back(self, sock: socket.socket) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append(sock)
+        else:
+            sock.close()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def _connect(self, deadline: float) -> socket.socket:
+        endpoint = self.endpoint
+        try:
+            sock = socket.create_connection((endpoint.host, endpoint.port), timeout=_remaining(deadline, ConnectFailed))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if endpoint.tls:
+                sock.settimeout(_remaining(deadline, ConnectFailed))
+                sock = self._tls().wrap_socket(sock, server_hostname=endpoint.host)
+        except UpstreamError:
+            raise
+        except (OSError, ssl.SSLError) as error:
+            raise ConnectFailed(type(error).__name__) from None
+        return sock
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._tls_context is None:
+            try:
+                import certifi  # the CA bundle the openai SDK's own HTTP stack trusts
+                self._tls_context = ssl.create_default_context(cafile=certifi.where())
+            except ImportError:
+                self._tls_context = ssl.create_default_context()
+        return self._tls_context
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """A non-blocking peek: b"" (closed by the server) or stray bytes mean the socket cannot be reused."""
+    try:
+        sock.settimeout(0.0)
+        return not sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _remaining(deadline: float, error: type[UpstreamError]) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise error("deadline passed")
+    return remaining
+
+
+class Exchange:
+    """One streamed POST: send it, read the head, then the body's lines; abort() works from another greenlet."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._sock: socket.socket | None = None
+        self._aborted = False
+        self.written_at: float | None = None  # when the request's last byte was written (provider TTFT starts)
+        self.status = 0
+        self._raw = bytearray()    # bytes read, not yet decoded from the transfer encoding
+        self._body = bytearray()   # decoded body, not yet returned as lines
+        self._chunked = False
+        self._chunk_left = 0       # chunked: bytes of the current chunk still to decode
+        self._chunk_state = "size"  # size | data | crlf | trailer | done
+        self._length_left: int | None = None  # Content-Length bodies
+        self._keep_alive = True
+        self._complete = False
+
+    # ---- request and head -----------------------------------------------------------------------
+    def start(self, body: bytes, deadline: float, connect_timeout_s: float) -> None:
+        """Send the request and read the status line and headers; a reused connection the server had already
+        closed (nothing came back at all) is retried once on a new one."""
+        request = self._pool.endpoint.request(body)
+        for _ in range(2):
+            connect_deadline = min(deadline, time.monotonic() + connect_timeout_s)
+            sock, reused = self._pool.take(connect_deadline)
+            self._sock = sock
+            if self._aborted:
+                raise ConnectionDropped("cancelled")
+            try:
+                sock.settimeout(_remaining(deadline, ReadTimedOut))
+                sock.sendall(request)
+            except socket.timeout:
+                self.close()
+                raise ReadTimedOut("write deadline passed") from None
+            except OSError:
+                self.close()
+                if reused and not self._aborted:
+                    continue
+                raise ConnectionDropped("write failed") from None
+            self.written_at = time.monotonic()
+            try:
+                self._read_head(deadline)
+                return
+            except ConnectionDropped:
+                self.close()
+                if reused and not self._raw and not self._aborted:
+                    continue
+                raise
+        raise ConnectionDropped("reused connections closed")
+
+    def _read_head(self, deadline: float) -> None:
+        while True:
+            end = self._raw.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self._raw) > MAX_HEAD_BYTES:
+                raise ConnectionDropped("response head too large")
+            self._recv(deadline)
+        head = bytes(self._raw[:end]).decode("latin-1").split("\r\n")
+        del self._raw[:end + 4]
+        try:
+            version, status = head[0].split(" ", 2)[:2]
+            self.status = int(status)
+        except ValueError:
+            raise ConnectionDropped("malformed status line") from None
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if not self._chunked and "content-length" in headers:
+            self._length_left = int(headers["content-length"])
+        connection = headers.get("connection", "").lower()
+        self._keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+        if not self._chunked and self._length_left is None:
+            self._keep_alive = False  # the body ends when the server closes
+        self._decode()
+        if self.status >= 400:
+            raise StatusError(self.status)
+
+    # ---- body -------------------------------------------------------------------------------------
+    def next_line(self, deadline: float) -> bytes | None:
+        """The next body line without its line ending; None once the body is complete."""
+        while True:
+            newline = self._body.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._body[:newline])
+                del self._body[:newline + 1]
+                return line[:-1] if line.endswith(b"\r") else line
+            if self._complete:
+                if self._body:
+                    line = bytes(self._body)
+                    self._body.clear()
+                    return line
+                return None
+            if not self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
+                continue
+            self._decode()
+
+    def finish(self, budget_s: float = 0.25) -> None:
+        """Read to the body's end (the chunked terminator after `[DONE]`) and pool the connection; a slow or
+        broken tail is not worth waiting for."""
+        deadline = time.monotonic() + budget_s
+        try:
+            while self.next_line(deadline) is not None:
+                pass
+        except UpstreamError:
+            self.close()
+            return
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if self._keep_alive and not self._raw and not self._aborted:
+                self._pool.give_back(sock)
+            else:
+                sock.close()
+
+    def _recv(self, deadline: float, eof_ends_body: bool = False) -> bool:
+        """Read more bytes into the raw buffer; False when the body ended at EOF (close-delimited bodies)."""
+        sock = self._sock
+        if sock is None or self._aborted:
+            raise ConnectionDropped("cancelled")
+        try:
+            sock.settimeout(_remaining(deadline, ReadTimedOut))
+            data = sock.recv(RECV_BYTES)
+        except socket.timeout:
+            raise ReadTimedOut("read deadline passed") from None
+        except OSError as error:
+            raise ConnectionDropped(type(error).__name__) from None
+        if not data:
+            if eof_ends_body:
+                self._complete = True
+                return False
+            raise ConnectionDropped("connection closed mid-response")
+        self._raw += data
+        return True
+
+    def _decode(self) -> None:
+        """Move what the raw buffer holds of the body into the body buffer (chunked, Content-Length, or raw)."""
+        raw = self._raw
+        if not self._chunked:
+            if self._length_left is None:
+                self._body += raw
+                raw.clear()
+                return
+            take = min(len(raw), self._length_left)
+            self._body += raw[:take]
+            del raw[:take]
+            self._length_left -= take
+            self._complete = self._length_left == 0
+            return
+        while raw:
+            state = self._chunk_state
+            if state == "data":
+                take = min(len(raw), self._chunk_left)
+                self._body += raw[:take]
+                del raw[:take]
+                self._chunk_left -= take
+                if self._chunk_left:
+                    return
+                self._chunk_state = "crlf"
+            elif state == "crlf":
+                if len(raw) < 2:
+                    return
+                del raw[:2]
+                self._chunk_state = "size"
+            elif state in ("size", "trailer"):
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    return
+                line = bytes(raw[:end])
+                del raw[:end + 2]
+                if state == "trailer":
+                    if not line:
+                        self._chunk_state, self._complete = "done", True
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise ConnectionDropped("malformed chunk size") from None
+                if size == 0:
+                    self._chunk_state = "trailer"
+                else:
+                    self._chunk_left, self._chunk_state = size, "data"
+            else:  # done: bytes after the terminator mean the connection cannot be reused
+                return
+
+    # ---- ending ------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Hang up from another greenlet/thread: shutting the socket down wakes the read blocked on it."""
+        self._aborted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Drop the connection (not pooled): the provider sees the hang-up and stops generating."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()

@@ -1,0 +1,236 @@
+"""The LLM streaming hot path (engine/llm_http.py): request built once, chunked SSE lines, pooled connections,
+deadlines, and cancellation from another thread — against real sockets on 127.0.0.1."""
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from callweaver.engine.llm_http import (ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange,
+                                        ReadTimedOut, StatusError)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ScriptedServer:
+    """Accepts connections and answers each request with the next scripted list of byte pieces (sent one by one
+    with a short pause, so chunk boundaries fall anywhere); None as a piece closes the connection."""
+
+    def __init__(self, responses: list[list[bytes | None | float]]) -> None:
+        self.responses = list(responses)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            while self.responses:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + body)
+                for piece in self.responses.pop(0):
+                    if piece is None:
+                        return
+                    if isinstance(piece, float):
+                        time.sleep(piece)
+                        continue
+                    conn.sendall(piece)
+                    time.sleep(0.005)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def chunked(*parts: bytes) -> list[bytes]:
+    """A chunked SSE response, each part its own chunk, then split at awkward places."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    raw = head + body
+    return [raw[i:i + 7] for i in range(0, len(raw), 7)]
+
+
+SSE = [b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n',
+       b': keep-alive\n\ndata: {"choices":[{"index":0,"delta":{"content":"lo"}}]}\n',
+       b'\ndata: [DONE]\n\n']
+
+
+def read_lines(exchange: Exchange, deadline_s: float = 5.0) -> list[bytes]:
+    lines, deadline = [], time.monotonic() + deadline_s
+    while (line := exchange.next_line(deadline)) is not None:
+        lines.append(line)
+    return lines
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(*responses):
+        server = ScriptedServer(list(responses))
+        servers.append(server)
+        return server
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def pool_for(server: ScriptedServer) -> ConnectionPool:
+    return ConnectionPool(Endpoint(f"http://127.0.0.1:{server.port}/v1/chat/completions",
+                                   {"Authorization": "Bearer sk-test"}))
+
+
+def test_chunked_sse_split_anywhere_comes_back_as_whole_lines_and_the_connection_is_pooled(server_factory):
+    server = server_factory(chunked(*SSE), chunked(*SSE))
+    pool = pool_for(server)
+    for _ in range(2):
+        exchange = Exchange(pool)
+        exchange.start(b'{"stream":true}', time.monotonic() + 5, 2.0)
+        assert exchange.status == 200 and exchange.written_at is not None
+        lines = [line for line in read_lines(exchange) if line]
+        assert lines == [b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}', b": keep-alive",
+                         b'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}', b"data: [DONE]"]
+        exchange.finish()
+    assert server.connections == 1  # the second turn reused the first turn's connection
+    request = server.requests[0]
+    assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"Authorization: Bearer sk-test\r\n" in request and request.endswith(b'\r\n\r\n{"stream":true}')
+
+
+def test_a_pooled_connection_the_server_closed_is_replaced_without_failing_the_turn(server_factory):
+    server = server_factory(chunked(*SSE) + [None], chunked(*SSE))  # closes after the first response
+    pool = pool_for(server)
+    exchange = Exchange(pool)
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    read_lines(exchange)
+    exchange.finish()
+    time.sleep(0.1)
+    exchange = Exchange(pool)
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    assert [line for line in read_lines(exchange) if line][-1] == b"data: [DONE]"
+    assert server.connections == 2
+
+
+def test_content_length_error_status_raises_status_error(server_factory):
+    body = b'{"error":{"message":"slow down"}}'
+    server = server_factory([b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)])
+    exchange = Exchange(pool_for(server))
+    with pytest.raises(StatusError) as raised:
+        exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    assert raised.value.status == 429
+    exchange.close()
+
+
+def test_no_head_before_the_deadline_is_a_read_timeout(server_factory):
+    server = server_factory([2.0])
+    exchange = Exchange(pool_for(server))
+    with pytest.raises(ReadTimedOut):
+        exchange.start(b"{}", time.monotonic() + 0.3, 2.0)
+    exchange.close()
+
+
+def test_a_body_cut_off_mid_stream_is_a_dropped_connection(server_factory):
+    server = server_factory(chunked(*SSE)[:12] + [None])
+    exchange = Exchange(pool_for(server))
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    with pytest.raises(ConnectionDropped):
+        read_lines(exchange)
+    exchange.close()
+
+
+def test_refused_connection_is_a_connect_failure():
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    exchange = Exchange(ConnectionPool(Endpoint(f"http://127.0.0.1:{port}/v1/chat/completions", {})))
+    with pytest.raises(ConnectFailed):
+        exchange.start(b"{}", time.monotonic() + 5, 2.0)
+
+
+def test_abort_from_another_thread_wakes_a_blocked_read(server_factory):
+    server = server_factory(chunked(*SSE)[:14] + [5.0])
+    exchange = Exchange(pool_for(server))
+    exchange.start(b"{}", time.monotonic() + 10, 2.0)
+    threading.Timer(0.3, exchange.abort).start()
+    started = time.monotonic()
+    with pytest.raises(ConnectionDropped):
+        read_lines(exchange, deadline_s=10)
+    assert time.monotonic() - started < 4.0
+    exchange.close()
+
+
+def test_endpoints_come_from_the_sdk_clients_public_configuration():
+    azure = openai.AzureOpenAI(azure_endpoint="https://res.openai.azure.com", api_key="az-key",
+                               api_version="2024-10-21")
+    request = Endpoint.from_sdk_client(azure, "my deployment").request(b"{}").decode()
+    assert request.startswith("POST /openai/deployments/my%20deployment/chat/completions?api-version=2024-10-21 "
+                              "HTTP/1.1\r\nHost: res.openai.azure.com\r\n")
+    assert "api-key: az-key\r\n" in request
+    plain = openai.OpenAI(base_url="http://127.0.0.1:9/v1", api_key="sk-x")
+    request = Endpoint.from_sdk_client(plain).request(b"{}").decode()
+    assert request.startswith("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:9\r\n")
+    assert "Authorization: Bearer sk-x\r\n" in request and "Omit" not in request
+
+
+def test_no_private_http_library_attributes_are_touched():
+    source = (REPO / "callweaver" / "engine" / "providers.py").read_text()
+    source += (REPO / "callweaver" / "engine" / "llm_http.py").read_text()
+    for private in ("._transport", "._mounts", "._pool._network_backend", "_network_backend"):
+        assert private not in source
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_prebuilt_relay_frames_decode_as_the_same_message_for_a_websocket_client(size):
+    """relay_protocol.frame writes frames itself; a standard client (wsproto) must read them back unchanged."""
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+    from wsproto.events import TextMessage
+
+    from callweaver.engine import relay_protocol
+
+    message = relay_protocol.text("é" + "x" * max(0, size - 40), last=False)
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(relay_protocol.frame(message))
+    events = list(client.events())
+    assert len(events) == 1 and isinstance(events[0], TextMessage) and events[0].message_finished
+    assert __import__("json").loads(events[0].data) == message
+
+
+def test_live_calls_of_one_flow_share_one_workflow_snapshot():
+    """Each call's record arrives with its own parsed copy of the workflow; the engine keeps one per version hash
+    (an idle call's memory was mostly that copy)."""
+    from callweaver.engine.conversation import ConversationEngine
+    from callweaver.engine.languages import LanguageTable
+    from callweaver.store import CallRecord
+
+    engine = ConversationEngine(None, None, LanguageTable.load())
+    snapshot = {"nodes": [{"id": "start"}], "edges": []}
+    first = engine.sharing_snapshot(CallRecord(tracking_id="a", workflow=dict(snapshot), workflow_hash="h1"))
+    second = engine.sharing_snapshot(CallRecord(tracking_id="b", workflow=dict(snapshot), workflow_hash="h1"))
+    other = engine.sharing_snapshot(CallRecord(tracking_id="c", workflow={"nodes": []}, workflow_hash="h2"))
+    assert first.workflow is second.workflow and second.workflow == snapshot
+    assert other.workflow == {"nodes": []} and other.workflow is not first.workflow
+    assert engine.sharing_snapshot(None) is None
