@@ -15,15 +15,10 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from callweaver.engine.providers import (
-    CONTINUE_INSTRUCTION,
-    ChainSettings,
-    ProviderChain,
-    ProviderConfig,
-    _parse_tool_calls,
-    build_provider_chain,
-    parse_azure_endpoint,
-)
+from callweaver.engine.continuation import CONTINUE_INSTRUCTION
+from callweaver.engine.providers import ChainSettings, ProviderChain, build_provider_chain
+from callweaver.engine.sse import parse_tool_calls as _parse_tool_calls
+from callweaver.engine.vendors import ProviderConfig, parse_azure_endpoint
 from tests.fakes.fake_llm import DEFAULT_REPLY_TEXT, FakeLLM, Reply, split_into_word_tokens
 
 REPO_ROOT = Path(__file__).absolute().parents[1]
@@ -505,7 +500,8 @@ GEVENT_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[2])
     import gevent
-    from callweaver.engine.providers import ProviderChain, ProviderConfig
+    from callweaver.engine.providers import ProviderChain
+    from callweaver.engine.vendors import ProviderConfig
 
     chain = ProviderChain([ProviderConfig("openai", "openai", "k", "m", base_url=sys.argv[1])])
     heard = []

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from .providers import ProviderConfig, parse_azure_endpoint
+from .vendors import call_account_config
 
 # Chains (and their HTTP clients) are kept for this many recent calls that brought their own LLM account.
 MAX_CALL_CHAINS = 64
-DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
-
-
-def provider_config_for(credentials: Mapping[str, Any], default_openai_model: str) -> ProviderConfig:
-    """The provider a call's own LLM account (as the lifecycle accepted it from the make-call body) describes."""
-    if credentials["kind"] == "azure":
-        resource, deployment, version = parse_azure_endpoint(credentials["endpoint"])
-        return ProviderConfig(name="workflow-azure", kind="azure", api_key=credentials["apiKey"],
-                              model=credentials.get("deployment") or deployment or "",
-                              azure_endpoint=resource,
-                              api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION)
-    return ProviderConfig(name="workflow-openai", kind="openai", api_key=credentials["apiKey"],
-                          model=credentials.get("model") or default_openai_model,
-                          base_url=credentials.get("baseUrl"))
 
 
 class CallChains:
@@ -46,7 +32,7 @@ class CallChains:
             credentials = self._open_credentials(sealed)
             if not credentials:
                 return self.server_chain
-            config = provider_config_for(credentials, self._default_openai_model)
+            config = call_account_config(credentials, self._default_openai_model)
             chain = self._chains[sealed] = self.server_chain.with_first(config)
             while len(self._chains) > self._max_chains:
                 self._chains.popitem(last=False)

@@ -1,24 +1,27 @@
-"""LLM providers (openai SDK) behind one ordered failover chain with deadlines and circuit breakers."""
+"""LLM providers behind one ordered failover chain: deadlines, failover, hedged first tokens, continuation.
+
+By concern: vendors.py (each vendor's settings, SDK client, URL and model), llm_http.py (deadlines and HTTP),
+sse.py (the event stream), circuit.py (breakers), continuation.py (resuming a broken reply); this module is the
+chain that uses them."""
 
 from __future__ import annotations
 
 import inspect
-import json
 import math
-import re
-import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 import structlog
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
-from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange, ReadTimedOut, StatusError
+from .continuation import ContinuationJoiner, continuation_messages
+from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut, StatusError
+from .sse import ChatCompletionsStream, StreamReportedError
+from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
 if TYPE_CHECKING:
     import openai
@@ -26,53 +29,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-def _hide_trio_when_gevent_patched() -> None:
-    """httpcore2 imports trio when it is installed, and trio's import crashes once gevent has patched `select`
-    (it removes epoll). The sync client never uses trio, so under gevent we make trio look absent."""
-    if "trio" in sys.modules or "gevent.monkey" not in sys.modules:
-        return
-    from gevent import monkey
-
-    if monkey.is_module_patched("select"):
-        sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` now raises ImportError
-
-
-def _openai_sdk():
-    """The openai SDK, imported when the first provider client is built (Services.warm_up at worker start), so
-    importing this module stays light for everything that does not talk to an LLM."""
-    _hide_trio_when_gevent_patched()
-    import openai
-    return openai
-
-
-DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
-DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
 DEFAULT_APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
-SELF_HOSTED_API_KEY = "not-needed"
-
-CONTINUE_INSTRUCTION = (
-    "Your previous reply was cut off after the assistant text above, and the caller already heard it. "
-    "Continue exactly where it stopped. Do not repeat anything already said; output only the rest of the reply."
-)
 
 # --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    """One LLM endpoint; `model` is the Azure deployment for kind "azure"."""
-
-    name: str
-    kind: str  # "azure" | "openai"
-    api_key: str
-    model: str
-    base_url: str | None = None
-    azure_endpoint: str | None = None
-    api_version: str | None = None
-
-    def __repr__(self) -> str:  # never let the key reach a log line or a traceback
-        return (f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, model={self.model!r}, "
-                f"base_url={self.base_url!r}, azure_endpoint={self.azure_endpoint!r}, api_version={self.api_version!r})")
 
 
 @dataclass(frozen=True)
@@ -87,22 +46,6 @@ class ChainSettings:
     # Hedged first tokens: no first token from a provider after this long → the same request also goes to the
     # next provider and the first to answer wins. None = off; HEDGE_P95 = the provider's own recent TTFT p95.
     hedge_after_s: float | str | None = None
-
-
-def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
-    """Accept the original backend's full chat-completions URL or a plain resource URL.
-
-    Returns (resource_url, deployment or None, api_version or None), so users keep their old AZURE_OPENAI_ENDPOINT.
-    """
-    text = url.strip()
-    if "://" not in text:
-        text = "https://" + text
-    parts = urlsplit(text)
-    resource_url = f"{parts.scheme}://{parts.netloc}"
-    match = re.search(r"/openai/deployments/([^/?#]+)", parts.path)
-    deployment = unquote(match.group(1)) if match else None
-    api_versions = parse_qs(parts.query).get("api-version")
-    return resource_url, deployment, (api_versions[0] if api_versions else None)
 
 
 # --------------------------------------------------------------------------- errors
@@ -145,29 +88,17 @@ class _Provider:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = self._build_client()
+                    self._client = build_sdk_client(self.config)
         return self._client
 
     def pool(self) -> ConnectionPool:
         """Built on first use: each gunicorn worker (post-fork) gets its own connections."""
         if self._pool is None:
-            endpoint = Endpoint.from_sdk_client(self.client(), self.config.model if self.config.kind == "azure" else None)
+            endpoint = chat_endpoint(self.config, self.client())
             with self._lock:
                 if self._pool is None:
                     self._pool = ConnectionPool(endpoint)
         return self._pool
-
-    def _build_client(self) -> "openai.OpenAI":
-        openai = _openai_sdk()
-        config = self.config
-        if config.kind == "azure":
-            return openai.AzureOpenAI(
-                azure_endpoint=config.azure_endpoint or "",
-                api_key=config.api_key,
-                api_version=config.api_version or DEFAULT_AZURE_API_VERSION,
-                max_retries=0,
-            )
-        return openai.OpenAI(base_url=config.base_url, api_key=config.api_key or SELF_HOSTED_API_KEY, max_retries=0)
 
     def close(self) -> None:
         with self._lock:
@@ -181,80 +112,6 @@ class _Provider:
     def health(self, now: float) -> dict:
         return {"name": self.name, "kind": self.config.kind, "model": self.config.model,
                 **self.circuit.snapshot(now)}
-
-
-# --------------------------------------------------------------------------- continuation seam
-
-
-def _normalised_word(word: str) -> str:
-    return re.sub(r"[^\w]", "", word.lower())
-
-
-class _ContinuationJoiner:
-    """Joins a continuation onto the already-spoken prefix so the caller never hears a repeat.
-
-    Models asked to continue sometimes restart the reply or repeat its last words; this holds back the first
-    words of the continuation until it is clear whether they repeat the end of the prefix, and drops the repeat.
-    """
-
-    MAX_HELD_CHARS = 400
-
-    def __init__(self, spoken: str) -> None:
-        self._spoken = spoken
-        self._spoken_words = [_normalised_word(word) for word in spoken.split()]
-        self._held = ""
-        self._decided = False
-
-    def feed(self, piece: str) -> str:
-        """Returns the text that may be spoken now ("" while still deciding)."""
-        if self._decided:
-            return piece
-        self._held += piece
-        return self._decide(final=False)
-
-    def finish(self) -> str:
-        return "" if self._decided else self._decide(final=True)
-
-    def _decide(self, final: bool) -> str:
-        words = [(match.group(), match.end()) for match in re.finditer(r"\S+", self._held)]
-        partial = ""
-        if words and not final and not self._held[-1].isspace():
-            partial = _normalised_word(words.pop()[0])
-        if not words and not partial and not final:
-            return ""  # only whitespace so far
-        spoken_words = self._spoken_words
-        confirmed_overlap_words = 0
-        still_possible = False
-        for start in range(len(spoken_words)):
-            suffix = spoken_words[start:]
-            compared = min(len(words), len(suffix))
-            if any(_normalised_word(words[i][0]) != suffix[i] for i in range(compared)):
-                continue
-            if len(words) >= len(suffix):
-                confirmed_overlap_words = len(suffix)
-                break  # smallest start = longest overlap
-            if partial and not suffix[len(words)].startswith(partial):
-                continue
-            still_possible = True
-            break  # a longer overlap may still be forming: wait for more words
-        if still_possible and not final and len(self._held) < self.MAX_HELD_CHARS:
-            return ""
-        self._decided = True
-        rest = self._held
-        if confirmed_overlap_words:
-            rest = self._held[words[confirmed_overlap_words - 1][1]:]
-        return self._seam(rest)
-
-    def _seam(self, rest: str) -> str:
-        # A fresh completion rarely starts with a space, while the cut almost always falls at a word end.
-        if not rest or not self._spoken or self._spoken[-1].isspace() or rest[0].isspace() or rest[0] in ".,!?;:)'\"":
-            return rest
-        return " " + rest
-
-
-def continuation_messages(messages: list[dict], spoken: str) -> list[dict]:
-    """The request that resumes a reply which broke after `spoken` was already heard."""
-    return [*messages, {"role": "assistant", "content": spoken}, {"role": "system", "content": CONTINUE_INSTRUCTION}]
 
 
 # --------------------------------------------------------------------------- one turn
@@ -512,7 +369,7 @@ def _request_body(provider: _Provider, request: _TurnRequest, messages: list[dic
     """The turn's JSON body, encoded once (orjson): messages and tools are plain JSON already."""
     config = provider.config
     body: dict[str, Any] = {
-        "model": request.model if (request.model and config.kind != "azure") else config.model,
+        "model": request_model(config, request.model),
         "messages": messages,
         "stream": True,
     }
@@ -529,7 +386,7 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                           request: _TurnRequest) -> Iterator[str]:
     """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from llm_http's)."""
     spoken_before = state.text
-    joiner = _ContinuationJoiner(spoken_before) if spoken_before else None
+    joiner = ContinuationJoiner(spoken_before) if spoken_before else None
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     first_token_seen = False
     try:
@@ -542,10 +399,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
             exchange.start(_request_body(provider, request, messages), deadline, settings.connect_timeout_s)
             if state.cancelled:  # close() ran while we waited for the headers
                 raise ProviderError("cancelled")
-            tool_parts: dict[int, dict] = {}
-            done = False
-            finish_reason = None
-            while not done:
+            sse = ChatCompletionsStream()
+            while not sse.done:
                 if state.cancelled:
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
@@ -553,23 +408,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                 line = exchange.next_line(deadline)
                 if line is None:
                     break
-                if not line.startswith(b"data:"):
-                    continue  # comments (": keep-alive"), "event:", blank separators
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                event = orjson.loads(payload)
-                if event.get("error"):
-                    raise ProviderError("stream_error")
-                for choice in event.get("choices") or ():  # Azure opens with a choices-less filter event
-                    if choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") or {}
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                    content = delta.get("content")
-                    tool_deltas = delta.get("tool_calls")
-                    if content or tool_deltas:
+                for delta in sse.read_line(line):
+                    if delta.producing:
                         now = time.monotonic()
                         if not first_token_seen:
                             first_token_seen = True
@@ -577,30 +417,23 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                                 state.provider_ttft_ms = (now - (exchange.written_at or sent_at)) * 1000.0
                         deadline = now + settings.stall_timeout_s
                         state.provider = provider.name
-                    for tool_delta in tool_deltas or ():
-                        parts = tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
-                        function = tool_delta.get("function") or {}
-                        if function.get("name") and not parts["name"]:
-                            parts["name"] = function["name"]
-                        if function.get("arguments"):
-                            parts["arguments"].append(function["arguments"])
-                    if content:
-                        speakable = joiner.feed(content) if joiner is not None else content
+                    if delta.content:
+                        speakable = joiner.feed(delta.content) if joiner is not None else delta.content
                         if speakable:
                             state.text += speakable
                             yield speakable
                             # time the consumer spent with the token is not upstream silence
                             deadline = time.monotonic() + settings.stall_timeout_s
-            if not done and finish_reason is None:
+            if not sse.done and sse.finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
-            if done:
+            if sse.done:
                 exchange.finish()  # reading to the body's end returns the connection to the pool
             if joiner is not None:
                 tail = joiner.finish()
                 if tail:
                     state.text += tail
                     yield tail
-            tool_calls = _parse_tool_calls(provider.name, tool_parts)
+            tool_calls = sse.tool_calls(provider.name)
             if not state.text and not tool_calls:
                 raise ProviderError("empty_reply")
             state.tool_calls.extend(tool_calls)
@@ -610,6 +443,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
             exchange.close()  # no-op once finish() pooled the connection
     except ProviderError:
         raise
+    except StreamReportedError:
+        raise ProviderError("stream_error") from None
     except StatusError as error:
         raise ProviderError(_status_kind(error.status)) from None
     except ConnectFailed:
@@ -625,23 +460,6 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
         log.error("provider_unexpected_error", provider=provider.name, error_type=type(error).__name__,
                   error=str(error)[:300])
         raise ProviderError("unexpected", type(error).__name__) from None
-
-
-def _parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
-    tool_calls: list[tuple[str, dict]] = []
-    for index in sorted(tool_parts):
-        name = tool_parts[index]["name"]
-        arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
-        try:
-            arguments = json.loads(arguments_json)
-        except ValueError:
-            arguments = None
-        if not name or not isinstance(arguments, dict):
-            log.warning("tool_call_skipped_unparseable", provider=provider_name, tool=name or None,
-                        arguments_chars=len(arguments_json))
-            continue
-        tool_calls.append((name, arguments))
-    return tool_calls
 
 
 # --------------------------------------------------------------------------- the chain
@@ -736,37 +554,7 @@ class ProviderChain:
 def build_provider_chain(settings: Any, circuit_states: CircuitStates | None = None) -> ProviderChain:
     """Build the chain from app Settings; providers named in LLM_PROVIDERS but not configured are left out.
     `circuit_states`: the store, so every worker shares the breakers."""
-    configs: list[ProviderConfig] = []
-    for name in getattr(settings, "llm_providers", ("azure", "openai")):
-        if name == "azure":
-            api_key = getattr(settings, "azure_openai_api_key", None)
-            endpoint = getattr(settings, "azure_openai_endpoint", None)
-            if not api_key or not endpoint:
-                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_API_KEY/ENDPOINT")
-                continue
-            resource_url, url_deployment, url_api_version = parse_azure_endpoint(endpoint)
-            deployment = getattr(settings, "azure_openai_deployment", None) or url_deployment
-            if not deployment:
-                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_DEPLOYMENT")
-                continue
-            configs.append(ProviderConfig(
-                name="azure", kind="azure", api_key=api_key, model=deployment, azure_endpoint=resource_url,
-                # the version inside the user's full URL wins over the settings default
-                api_version=url_api_version or getattr(settings, "azure_openai_api_version", None)
-                or DEFAULT_AZURE_API_VERSION,
-            ))
-        elif name == "openai":
-            api_key = getattr(settings, "openai_api_key", None)
-            base_url = getattr(settings, "openai_base_url", None)
-            if not api_key and not base_url:
-                log.warning("llm_provider_not_configured", provider=name, missing="OPENAI_API_KEY")
-                continue
-            configs.append(ProviderConfig(
-                name="openai", kind="openai", api_key=api_key or SELF_HOSTED_API_KEY,
-                model=getattr(settings, "openai_model", None) or DEFAULT_OPENAI_MODEL, base_url=base_url or None,
-            ))
-        else:
-            log.warning("llm_provider_unknown", provider=name)
+    configs = provider_configs(settings)
     defaults = ChainSettings()
     chain_settings = ChainSettings(
         first_token_timeout_s=float(getattr(settings, "llm_first_token_timeout_s", defaults.first_token_timeout_s)),

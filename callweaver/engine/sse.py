@@ -1,0 +1,86 @@
+"""Reading an OpenAI-style chat-completions stream (server-sent events): text deltas, tool-call fragments, its end.
+
+Both vendors send the same events (Azure opens with a choices-less content-filter event); only the first choice is
+read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueError for a malformed chunk).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import orjson
+import structlog
+
+log = structlog.get_logger()
+
+
+class StreamReportedError(Exception):
+    """The stream carried an `error` event instead of a reply."""
+
+
+@dataclass(frozen=True)
+class ChatDelta:
+    """One choice's delta: `content` to speak (may be None), `producing` when text or a tool-call fragment came."""
+
+    content: str | None
+    producing: bool
+
+
+class ChatCompletionsStream:
+    """Feed it the stream's lines; `done` once `data: [DONE]` arrived, `finish_reason` once a choice gave one."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finish_reason: str | None = None
+        self._tool_parts: dict[int, dict] = {}
+
+    def read_line(self, line: bytes) -> list[ChatDelta]:
+        """The deltas of one line; none for comments (": keep-alive"), `event:` lines, separators and [DONE]."""
+        if not line.startswith(b"data:"):
+            return []
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return []
+        event = orjson.loads(payload)
+        if event.get("error"):
+            raise StreamReportedError()
+        deltas = []
+        for choice in event.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            content = delta.get("content")
+            tool_deltas = delta.get("tool_calls")
+            for tool_delta in tool_deltas or ():
+                parts = self._tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
+                function = tool_delta.get("function") or {}
+                if function.get("name") and not parts["name"]:
+                    parts["name"] = function["name"]
+                if function.get("arguments"):
+                    parts["arguments"].append(function["arguments"])
+            deltas.append(ChatDelta(content or None, bool(content or tool_deltas)))
+        return deltas
+
+    def tool_calls(self, provider_name: str) -> list[tuple[str, dict]]:
+        """The complete tool calls, in order; an unparseable one is logged and skipped."""
+        return parse_tool_calls(provider_name, self._tool_parts)
+
+
+def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
+    tool_calls: list[tuple[str, dict]] = []
+    for index in sorted(tool_parts):
+        name = tool_parts[index]["name"]
+        arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
+        try:
+            arguments = json.loads(arguments_json)
+        except ValueError:
+            arguments = None
+        if not name or not isinstance(arguments, dict):
+            log.warning("tool_call_skipped_unparseable", provider=provider_name, tool=name or None,
+                        arguments_chars=len(arguments_json))
+            continue
+        tool_calls.append((name, arguments))
+    return tool_calls

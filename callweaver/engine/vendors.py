@@ -1,0 +1,151 @@
+"""Each LLM vendor's differences in one small place: how its settings name it, how its SDK client is built, its
+chat-completions URL and the model a request names. Azure: resource URL + deployment + api-version, `api-key`
+header; OpenAI-compatible: `base_url` and a bearer key (self-hosted servers may need none). A new vendor is a new
+`kind` here; the chain, the HTTP path and the SSE parsing stay as they are.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import structlog
+
+from .llm_http import Endpoint
+
+if TYPE_CHECKING:
+    import openai
+
+log = structlog.get_logger()
+
+DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
+DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+SELF_HOSTED_API_KEY = "not-needed"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One LLM endpoint; `model` is the Azure deployment for kind "azure"."""
+
+    name: str
+    kind: str  # "azure" | "openai"
+    api_key: str
+    model: str
+    base_url: str | None = None
+    azure_endpoint: str | None = None
+    api_version: str | None = None
+
+    def __repr__(self) -> str:  # never let the key reach a log line or a traceback
+        return (f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, model={self.model!r}, "
+                f"base_url={self.base_url!r}, azure_endpoint={self.azure_endpoint!r}, api_version={self.api_version!r})")
+
+
+def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
+    """Accept the original backend's full chat-completions URL or a plain resource URL.
+
+    Returns (resource_url, deployment or None, api_version or None), so users keep their old AZURE_OPENAI_ENDPOINT.
+    """
+    text = url.strip()
+    if "://" not in text:
+        text = "https://" + text
+    parts = urlsplit(text)
+    resource_url = f"{parts.scheme}://{parts.netloc}"
+    match = re.search(r"/openai/deployments/([^/?#]+)", parts.path)
+    deployment = unquote(match.group(1)) if match else None
+    api_versions = parse_qs(parts.query).get("api-version")
+    return resource_url, deployment, (api_versions[0] if api_versions else None)
+
+
+def _hide_trio_when_gevent_patched() -> None:
+    """httpcore2 imports trio when it is installed, and trio's import crashes once gevent has patched `select`
+    (it removes epoll). The sync client never uses trio, so under gevent we make trio look absent."""
+    if "trio" in sys.modules or "gevent.monkey" not in sys.modules:
+        return
+    from gevent import monkey
+
+    if monkey.is_module_patched("select"):
+        sys.modules["trio"] = None  # type: ignore[assignment]  # `import trio` now raises ImportError
+
+
+def _openai_sdk():
+    """The openai SDK, imported when the first provider client is built (Services.warm_up at worker start), so
+    importing this module stays light for everything that does not talk to an LLM."""
+    _hide_trio_when_gevent_patched()
+    import openai
+    return openai
+
+
+def build_sdk_client(config: ProviderConfig) -> "openai.OpenAI":
+    """The SDK client: the configuration surface (base URL, keys, api-version, headers)."""
+    openai = _openai_sdk()
+    if config.kind == "azure":
+        return openai.AzureOpenAI(
+            azure_endpoint=config.azure_endpoint or "",
+            api_key=config.api_key,
+            api_version=config.api_version or DEFAULT_AZURE_API_VERSION,
+            max_retries=0,
+        )
+    return openai.OpenAI(base_url=config.base_url, api_key=config.api_key or SELF_HOSTED_API_KEY, max_retries=0)
+
+
+def chat_endpoint(config: ProviderConfig, client: Any) -> Endpoint:
+    """Where the provider's chat completions go: Azure addresses a deployment in the URL."""
+    return Endpoint.from_sdk_client(client, config.model if config.kind == "azure" else None)
+
+
+def request_model(config: ProviderConfig, requested: str | None) -> str:
+    """The model a request names: a workflow's own choice for OpenAI-compatible providers; an Azure provider
+    always uses its deployment."""
+    return requested if (requested and config.kind != "azure") else config.model
+
+
+def provider_configs(settings: Any) -> list[ProviderConfig]:
+    """The server's providers from Settings, in LLM_PROVIDERS order; named but unconfigured ones are left out."""
+    configs: list[ProviderConfig] = []
+    for name in getattr(settings, "llm_providers", ("azure", "openai")):
+        if name == "azure":
+            api_key = getattr(settings, "azure_openai_api_key", None)
+            endpoint = getattr(settings, "azure_openai_endpoint", None)
+            if not api_key or not endpoint:
+                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_API_KEY/ENDPOINT")
+                continue
+            resource_url, url_deployment, url_api_version = parse_azure_endpoint(endpoint)
+            deployment = getattr(settings, "azure_openai_deployment", None) or url_deployment
+            if not deployment:
+                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_DEPLOYMENT")
+                continue
+            configs.append(ProviderConfig(
+                name="azure", kind="azure", api_key=api_key, model=deployment, azure_endpoint=resource_url,
+                # the version inside the user's full URL wins over the settings default
+                api_version=url_api_version or getattr(settings, "azure_openai_api_version", None)
+                or DEFAULT_AZURE_API_VERSION,
+            ))
+        elif name == "openai":
+            api_key = getattr(settings, "openai_api_key", None)
+            base_url = getattr(settings, "openai_base_url", None)
+            if not api_key and not base_url:
+                log.warning("llm_provider_not_configured", provider=name, missing="OPENAI_API_KEY")
+                continue
+            configs.append(ProviderConfig(
+                name="openai", kind="openai", api_key=api_key or SELF_HOSTED_API_KEY,
+                model=getattr(settings, "openai_model", None) or DEFAULT_OPENAI_MODEL, base_url=base_url or None,
+            ))
+        else:
+            log.warning("llm_provider_unknown", provider=name)
+    return configs
+
+
+def call_account_config(credentials: Mapping[str, Any], default_openai_model: str) -> ProviderConfig:
+    """The provider a call's own LLM account (as the lifecycle accepted it from the make-call body) describes."""
+    if credentials["kind"] == "azure":
+        resource, deployment, version = parse_azure_endpoint(credentials["endpoint"])
+        return ProviderConfig(name="workflow-azure", kind="azure", api_key=credentials["apiKey"],
+                              model=credentials.get("deployment") or deployment or "",
+                              azure_endpoint=resource,
+                              api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION)
+    return ProviderConfig(name="workflow-openai", kind="openai", api_key=credentials["apiKey"],
+                          model=credentials.get("model") or default_openai_model,
+                          base_url=credentials.get("baseUrl"))
