@@ -102,7 +102,8 @@ def parse(raw: str | bytes) -> Inbound | None:
 def _setup(frame: dict) -> Setup:
     params = frame.get("customParameters")
     call_sid = frame.get("callSid")
-    return Setup(call_sid=call_sid if isinstance(call_sid, str) and call_sid else None,
+    # Any non-empty callSid is kept as text, so a malformed one is seen (and refused), never silently dropped.
+    return Setup(call_sid=str(call_sid) if call_sid not in (None, "") else None,
                  custom_parameters=dict(params) if isinstance(params, dict) else {},
                  details={k: v for k, v in frame.items() if k not in ("type", "callSid", "customParameters")})
 

@@ -87,8 +87,11 @@ class RelaySession:
     def handle(self, raw: str | bytes) -> None:
         """One frame from Twilio; a frame that is not a message was logged by `parse` and changes nothing."""
         message = protocol.parse(raw)
-        if message is None:
-            return
+        if message is not None:
+            self.handle_message(message)
+
+    def handle_message(self, message: protocol.Inbound) -> None:
+        """One parsed message from Twilio; a handler's failure is logged and apologised for, never raised."""
         try:
             match message:
                 case protocol.Setup():

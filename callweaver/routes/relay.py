@@ -8,7 +8,6 @@ Socket-level rules (the session never sees a socket that breaks them):
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -124,22 +123,16 @@ def _release_claim(_exc):
         claim.release()
 
 
-def check_setup(raw: str | bytes, signed_tracking_id: str) -> tuple[bool, str | None]:
+def check_setup(message: relay_protocol.Inbound | None, signed_tracking_id: str) -> tuple[bool, str | None]:
     """(is this a `setup` message, why it may not start this socket's session or None).
 
     The trackingId in `customParameters` must be the one in the signed URL, so a socket can never be
     pointed at another call; the callSid, when given, must look like one (it is logged and stored)."""
-    try:
-        message = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return False, None  # not JSON: the session logs it as a bad message
-    if not isinstance(message, dict) or message.get("type") != "setup":
-        return False, None
-    params = message.get("customParameters")
-    if not isinstance(params, dict) or params.get("trackingId") != signed_tracking_id:
+    if not isinstance(message, relay_protocol.Setup):
+        return False, None  # another message, or a bad frame (already logged by parse)
+    if message.custom_parameters.get("trackingId") != signed_tracking_id:
         return True, "setup trackingId does not match the signed URL"
-    call_sid = message.get("callSid")
-    if call_sid is not None and not (isinstance(call_sid, str) and CALL_SID.fullmatch(call_sid)):
+    if message.call_sid is not None and not CALL_SID.fullmatch(message.call_sid):
         return True, "setup callSid is not a Call SID"
     return True, None
 
@@ -155,15 +148,17 @@ def conversation_relay(ws):
             wait = claim.seconds_to_renewal()
             if setup_deadline is not None:
                 wait = min(wait, max(0.0, setup_deadline - time.monotonic()))
-            message = ws.receive(timeout=wait)
-            if message is not None:
+            raw = ws.receive(timeout=wait)
+            if raw is not None:
+                message = relay_protocol.parse(raw)
                 is_setup, problem = check_setup(message, claim.tracking_id)
                 if problem is not None:
                     _close(ws, "relay_setup_refused", problem)
                     break
                 if is_setup:
                     setup_deadline = None
-                session.handle(message)
+                if message is not None:
+                    session.handle_message(message)
             elif setup_deadline is not None and time.monotonic() >= setup_deadline:
                 _close(ws, "relay_setup_timeout", "setup not received in time")
                 break
