@@ -1,0 +1,56 @@
+"""Benchmark reports: number formats, Markdown tables, progress lines and the machine they ran on.
+
+Percentiles are the service's own definition (callweaver.engine.metrics.nearest_rank)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from callweaver.engine.metrics import nearest_rank as percentile
+
+
+def describe(exc: BaseException) -> str:
+    """An error kind for the tables: the exception type and the start of its message."""
+    text = str(exc).splitlines()[0][:90] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fmt_ms(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; cells are str()-ed as given."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr so stdout holds only the tables."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_summary() -> str:
+    """Date, CPU count and model, Python version: the context every table needs."""
+    import platform
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs ({model or platform.machine()}), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+
+
+def distribution_cells(values: list[float]) -> list[str]:
+    return [fmt_ms(percentile(values, 50)), fmt_ms(percentile(values, 95)), fmt_ms(percentile(values, 99))]
