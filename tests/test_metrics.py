@@ -108,7 +108,9 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
         server_ms = [t["firstTokenMs"] for t in turns]
         server_first[tid] = server_ms
         for c, s in zip(client_ms, server_ms):
-            assert s <= c + 1.0 and c - s <= TOLERANCE_MS[path], (c, s)
+            # the server stamps 'sent' after its write returns, which on a loaded machine can come a few ms after
+            # the caller already read the frame: allow that scheduling slack, never a speed assertion
+            assert s <= c + 5.0 and c - s <= TOLERANCE_MS[path], (c, s)
             diffs.append(c - s)
         assert body["metrics"]["averageLatency"] == pytest.approx(statistics.mean(server_ms), abs=0.01)
         assert body["metrics"]["totalProcessedRequests"] == 3
