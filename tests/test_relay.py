@@ -144,6 +144,38 @@ def test_end_node_speaks_end_message_then_end_and_connect_action_hangs_up(stack,
     assert [c.tag for c in root] == ["Hangup"]
 
 
+def test_entering_a_node_with_audio_url_plays_it_before_the_node_speaks(stack, llm):
+    import json
+    export = load_workflow()
+    sounds = {"buyer_requirements_node": "https://media.example.com/buyer-jingle.mp3",
+              "end_call_node": "https://media.example.com/goodbye.wav"}
+    for node in export["nodes"]:
+        if node["id"] in sounds:
+            node["data"]["audioUrl"] = sounds[node["id"]]
+    node_ids = [n["id"] for n in export["nodes"]]
+    export["nodes"][node_ids.index("end_call_node")]["data"]["audioInterruptible"] = False
+    llm.responder = real_estate_brain
+    caller = new_call(stack, body=make_call_body(nodes=export["nodes"]))
+    caller.connect()
+    entered = caller.say("I want to buy a house")  # inquiry -> buyer_requirements_node
+    assert {"type": "play", "source": sounds["buyer_requirements_node"], "loop": 1} in entered.messages
+    for speech in ["A three bedroom house", "My name is Ann"]:  # on to the summary: nodes without audio
+        caller.say(speech)
+    assert caller.twilio.played_audio == [sounds["buyer_requirements_node"]]  # played once, on entering
+
+    reply = caller.say("That's everything, thank you")
+    kinds = [m["type"] for m in reply.messages]
+    play = reply.messages[kinds.index("play")]
+    assert play == {"type": "play", "source": sounds["end_call_node"], "loop": 1, "interruptible": False}
+    end_message = export["nodes"][-1]["data"]["endMessage"]
+    first_closing_token = next(i for i, m in enumerate(reply.messages)
+                               if m["type"] == "text" and m["token"] and end_message.startswith(m["token"].strip()))
+    assert kinds.index("play") < first_closing_token  # the recording plays before the end node's words
+    assert reply.text.endswith(end_message) and json.loads(reply.end["handoffData"])["reason"] == "end"
+    assert reply.unheard_at_end in (None, "")  # `end` still waited for the closing line to play
+    caller.hangup()
+
+
 def test_transfer_node_speaks_transfer_message_and_connect_action_dials(stack, llm):
     import json
     llm.responder = real_estate_brain

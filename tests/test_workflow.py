@@ -296,6 +296,14 @@ def _break_no_destination(p):
     del node_data(p, "transfer_to_agent_node")["destination"]
 
 
+def _break_audio_url_scheme(p):
+    node_data(p, "end_call_node")["audioUrl"] = "ftp://media.example.com/goodbye.wav"
+
+
+def _break_audio_url_not_a_url(p):
+    node_data(p, "buyer_requirements_node")["audioUrl"] = "goodbye.wav"
+
+
 def _break_ai_without_condition(p):
     del edge_entry(p, "edge_3")["data"]["aiCondition"]
 
@@ -341,6 +349,10 @@ def _break_unknown_edge_type(p):
         (_break_bad_destination, "transferCall 'transfer_to_agent_node' destination '12345' is not a valid E.164 number"),
         (_break_no_destination,
          "transferCall 'transfer_to_agent_node' has no destination (an E.164 number such as +14155550100)"),
+        (_break_audio_url_scheme, "endCall 'end_call_node' audioUrl 'ftp://media.example.com/goodbye.wav' is not "
+                                  "an http(s) URL (Twilio fetches the recording from it)"),
+        (_break_audio_url_not_a_url, "conversationNode 'buyer_requirements_node' audioUrl 'goodbye.wav' is not "
+                                     "an http(s) URL (Twilio fetches the recording from it)"),
         (_break_ai_without_condition, "ai_based edge 'edge_3' has no aiCondition"),
         (_break_unknown_operator,
          "edge 'edge_6' condition 1 uses unknown operator 'like' (expected one of == != > < >= <= contains not_contains)"),
@@ -363,6 +375,18 @@ def test_broken_workflow_reports_a_precise_problem(real_estate_payload, breakage
         workflow.validate()
     assert expected in error.value.problems
     assert expected in str(error.value)
+
+
+def test_an_https_audio_url_is_valid_and_survives_the_snapshot(real_estate_payload):
+    payload = copy.deepcopy(real_estate_payload)
+    node_data(payload, "end_call_node").update(audioUrl="https://media.example.com/goodbye.wav",
+                                               audioInterruptible=False)
+    workflow = Workflow.from_payload(payload)
+    assert workflow.problems() == []
+    audio = workflow.nodes["end_call_node"].audio
+    assert (audio.url, audio.interruptible) == ("https://media.example.com/goodbye.wav", False)
+    assert Workflow.from_snapshot(workflow.to_snapshot()).nodes["end_call_node"].audio == audio
+    assert workflow.nodes["inquiry_type_node"].audio is None
 
 
 def test_validate_lists_every_problem_at_once(real_estate_payload):

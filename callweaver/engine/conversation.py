@@ -18,6 +18,7 @@ from .metrics import elapsed_ms
 from .prometheus import turn_counters
 from .speech import normalise_speech
 from .tracing import NULL_SPAN, NullTracer
+from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
 from .workflow import (ConversationState, TurnOutcome, Workflow, apply_turn, detect_termination, plan_turn,
                        termination_outcome)
@@ -102,6 +103,7 @@ class TurnResult:
     hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
     keys: str | None = None            # keypad presses to send to the far end (an IVR), after the reply
+    entered_audio: NodeAudio | None = None         # the NodeAudio of a node this turn moved into: played before it speaks
     completed: bool = False
     trace_span: Any = NULL_SPAN        # the turn's span (tracing.py); NULL_SPAN when tracing is off
 
@@ -355,7 +357,7 @@ class ConversationEngine:
              result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
         if detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
-            self._apply_outcome(result, outcome)
+            self._apply_outcome(result, outcome, workflow)
             result.source = "canned"
             text = outcome.action_message or entry.line("goodbye")
             result.action_message = text
@@ -396,7 +398,7 @@ class ConversationEngine:
             return
 
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
-        self._apply_outcome(result, outcome)
+        self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
         if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
             # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
@@ -470,7 +472,7 @@ class ConversationEngine:
             yield token
 
     @staticmethod
-    def _apply_outcome(result: TurnResult, outcome: TurnOutcome) -> None:
+    def _apply_outcome(result: TurnResult, outcome: TurnOutcome, workflow: Workflow) -> None:
         result.next_node = outcome.next_node
         result.variables = dict(outcome.variables)
         result.action = outcome.action
@@ -478,6 +480,9 @@ class ConversationEngine:
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
         result.keys = outcome.keys
+        entered = workflow.nodes.get(outcome.next_node)
+        if outcome.next_node != result.node_id and entered is not None:
+            result.entered_audio = entered.audio
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],

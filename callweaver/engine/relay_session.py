@@ -336,17 +336,20 @@ class RelaySession:
         try:
             if turn.result.language_switched:
                 self.sender.send_json(self._language_message(turn.result.language))
+            audio_sent = False
             for token in (turn if tokens is None else tokens):
                 if not self._streaming:
                     return  # cancelled: the canceller commits what was heard
                 if not token:
                     continue
+                audio_sent = audio_sent or self._play_entered_audio(turn)
                 self.sender.send_json(protocol.text(token))
                 if self._timings["firstTokenMs"] is None:
                     self._timings["firstTokenMs"] = elapsed_ms(received, self.clock())
                 self._sent += token
             if not self._streaming:
                 return
+            audio_sent = audio_sent or self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
                 self._closing = True
@@ -373,7 +376,16 @@ class RelaySession:
             message = protocol.end("end", node=r.next_node)
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
-        self._end_after_playback(message, r.reply_text, cleared=True)
+        self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
+
+    def _play_entered_audio(self, turn: Turn) -> bool:
+        """Once the turn has moved into a node with a recording: play it before that node's words."""
+        audio = turn.result.entered_audio
+        if audio is None:
+            return False
+        log.info("relay_playing_node_audio", node=turn.result.next_node)
+        self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
+        return True
 
     def _end_soon(self, message: dict, spoken: str) -> None:
         """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read."""
@@ -381,12 +393,15 @@ class RelaySession:
         self._fell_silent.clear()
         self.spawn(self._end_after_playback, message, spoken, True)
 
-    def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False) -> None:
+    def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
+                            with_audio: bool = False) -> None:
         """Send `end` once Twilio has finished speaking `spoken`: Twilio closes the session at `end`, and
-        anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow speaking rate."""
+        anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow speaking rate
+        (by the longest wait when a recording of unknown length plays too)."""
         if not cleared:
             self._fell_silent.clear()
-        bound = min(PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + len(spoken) / SLOW_SPEECH_CHARS_PER_S)
+        bound = PLAYBACK_WAIT_MAX_S if with_audio else min(
+            PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + len(spoken) / SLOW_SPEECH_CHARS_PER_S)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))

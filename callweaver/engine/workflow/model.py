@@ -43,6 +43,14 @@ class WorkflowError(ValueError):
 
 
 @dataclass(frozen=True)
+class NodeAudio:
+    """A recording played when the call enters a node (our `audioUrl` extension), before the node speaks."""
+
+    url: str
+    interruptible: bool | None = None  # None: Twilio's default
+
+
+@dataclass(frozen=True)
 class Node:
     """One step of the call flow; `data` is the web app's node data (without UI keys or secrets) for snapshots."""
 
@@ -59,6 +67,7 @@ class Node:
     transfer_message: str | None = None
     destination: str | None = None  # the transfer number, separators removed when that makes it valid E.164
     cacheable_override: bool | None = None  # the flow author's explicit choice, if any
+    audio: NodeAudio | None = None  # played on entering the node; validate checks the URL
 
     @property
     def cacheable(self) -> bool:

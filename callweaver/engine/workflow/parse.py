@@ -8,7 +8,7 @@ from typing import Any, Iterator, Mapping
 
 from .conditions import as_number
 from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, Edge, LlmOptions,
-                    LogicalCondition, Node, VariableSpec, Workflow, WorkflowError)
+                    LogicalCondition, Node, NodeAudio, VariableSpec, Workflow, WorkflowError)
 
 # Node `type` strings the web app (and its older versions) writes, by the kind the engine runs.
 _NODE_KINDS: dict[str, str] = {
@@ -157,6 +157,8 @@ def _llm_options(config: Mapping) -> LlmOptions:
 
 def _node(node_id: str, node_type: str, data: dict) -> Node:
     explicit_cacheable = data.get("cacheable")
+    audio_url = _text(data.get("audioUrl"))
+    audio_interruptible = data.get("audioInterruptible")
     return Node(
         id=node_id,
         type=node_type,
@@ -172,6 +174,8 @@ def _node(node_id: str, node_type: str, data: dict) -> Node:
         transfer_message=_text(data.get("transferMessage")) or None,
         destination=_destination(_text(data.get("destination")) or _text(data.get("phoneNumber"))),
         cacheable_override=explicit_cacheable if isinstance(explicit_cacheable, bool) else None,
+        audio=NodeAudio(audio_url, audio_interruptible if isinstance(audio_interruptible, bool) else None)
+        if audio_url else None,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from .model import (E164_RE, EDGE_KINDS, MAX_PROMPT_CHARS, OPERATORS, SYSTEM_NODE_ID, VARIABLE_TYPES, Edge,
                     Workflow)
 
@@ -36,6 +38,9 @@ def workflow_problems(workflow: Workflow) -> list[str]:
     for node in workflow.nodes.values():
         if node.kind == "conversation" and not node.prompt:
             problems.append(f"{node.type} '{node.id}' has no prompt")
+        if node.audio is not None and not _is_web_url(node.audio.url):
+            problems.append(f"{node.type} '{node.id}' audioUrl '{node.audio.url}' is not an http(s) URL "
+                            "(Twilio fetches the recording from it)")
         if node.kind == "transfer":
             destination = node.destination
             if destination is None:
@@ -86,6 +91,14 @@ def workflow_warnings(workflow: Workflow) -> list[str]:
         if spec.node_id not in (None, SYSTEM_NODE_ID) and spec.node_id not in workflow.nodes:
             warnings.append(f"variable '{spec.name}' belongs to unknown node '{spec.node_id}'; no step records it")
     return warnings
+
+
+# An absolute http(s) URL with a host: what Twilio can fetch a recording from.
+_WEB_URL_RE = re.compile(r"https?://[^\s/?#@]+(?:[/?#]\S*)?")
+
+
+def _is_web_url(url: str) -> bool:
+    return _WEB_URL_RE.fullmatch(url) is not None
 
 
 def _edge_condition_problems(edge: Edge, declared: set[str]) -> list[str]:
