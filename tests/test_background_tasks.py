@@ -24,7 +24,7 @@ class _SlowTurn:
     """Streams one token, then waits until cancelled (a reply still streaming when the caller barges in)."""
 
     def __init__(self) -> None:
-        self.result = SimpleNamespace(language_switched=False, action=None, completed=False)
+        self.result = SimpleNamespace(language_switched=False, action=None, completed=False, entered_audio=None)
         self.utterance = "hi"
         self.stopped = threading.Event()
 
