@@ -9,7 +9,7 @@ import argparse
 import os
 import random
 import time
-from dataclasses import field
+from dataclasses import dataclass, field
 
 import gevent
 import gevent.pool
@@ -48,6 +48,7 @@ def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 
+@dataclass
 class RelayLoadResult:
     """Everything one relay load run measured; the benches turn it into tables."""
 
