@@ -282,6 +282,70 @@ def test_recent_turns_returns_only_the_window_across_calls_oldest_first(store):
     assert store.recent_turns(since=1000.0) == []
 
 
+def test_commit_turn_sets_the_turn_fields_appends_transcript_and_turn_row_in_one_write(store):
+    snapshot = {"nodes": [{"id": "n1", "data": {"prompt": CANTONESE}}], "edges": []}
+    store.create_call(make_record(workflow=snapshot, workflow_hash="h1", status="in-progress",
+                                  meta={"setup": {"direction": "outbound-api"}}, transcript=[{"said": "first"}]))
+    store.append_status("call_1", "in-progress", 3, {})
+    before = time.time()
+
+    index = store.commit_turn(
+        "call_1", {"messages": [{"role": "user", "content": CANTONESE}], "current_node": "n2",
+                   "variables": {"name": "陳"}, "language": "zh-HK"},
+        {"firstTokenMs": 12.5, "at": 500.0}, counters={"series_a": 1.0},
+        transcript_entry={"said": CANTONESE, "heard": "好"})
+    second = store.commit_turn("call_1", {"current_node": "n3", "meta": {"pendingAction": "end"}},
+                               {"firstTokenMs": 7.0}, counters={"series_a": 2.0})
+
+    assert (index, second) == (0, 1)
+    record = store.get_call("call_1")
+    assert record.messages == [{"role": "user", "content": CANTONESE}]
+    assert (record.current_node, record.variables, record.language) == ("n3", {"name": "陳"}, "zh-HK")
+    assert record.meta == {"pendingAction": "end"}
+    assert record.transcript == [{"said": "first"}, {"said": CANTONESE, "heard": "好"}]  # no entry: unchanged
+    # What the turn does not own is untouched: the snapshot, the status other writers set.
+    assert (record.workflow, record.workflow_hash) == (snapshot, "h1")
+    assert (record.status, record.status_sequence) == ("in-progress", 3)
+    assert record.updated_at >= before
+    turns = store.turns("call_1")
+    assert [(t["firstTokenMs"], t["trackingId"]) for t in turns] == [(12.5, "call_1"), (7.0, "call_1")]
+    assert turns[0]["at"] == 500.0 and turns[1]["at"] >= before
+    assert store.counters()["series_a"] == 3.0
+    assert [t["index"] for t in store.recent_turns(0.0)] == [0, 1]
+    # The call log's language filter follows the language the turn switched to.
+    assert [r.tracking_id for r in store.call_page(10, language="zh-HK")[0]] == ["call_1"]
+    assert store.call_page(10, language="en-US")[1] == 0
+
+
+def test_commit_turn_of_an_unknown_call_writes_nothing(store):
+    assert store.commit_turn("nobody", {"current_node": "n1"}, {"n": 1}, counters={"series_a": 1.0},
+                             transcript_entry={"said": "hi"}) is None
+
+    assert store.get_call("nobody") is None
+    assert store.turns("nobody") == []
+    assert store.counters() == {}
+
+
+def test_commit_turn_rejects_fields_a_turn_does_not_own(store):
+    store.create_call(make_record())
+
+    for fields in ({"status": "completed"}, {"transcript": []}, {"ended_at": 1.0}, {"curent_node": "x"}):
+        with pytest.raises(ValueError):
+            store.commit_turn("call_1", fields, {"n": 1})
+    assert store.turns("call_1") == []
+
+
+def test_commit_turn_transcript_survives_a_purge_of_transcripts_and_appends_after_it(store):
+    store.create_call(make_record(created_at=10.0))
+    store.commit_turn("call_1", {}, {"n": 0}, transcript_entry={"said": "one"})
+    store.update_call("call_1", ended_at=20.0)
+
+    assert store.purge_transcripts(older_than=30.0) == 1
+    assert store.get_call("call_1").transcript == []
+    store.commit_turn("call_1", {}, {"n": 1}, transcript_entry={"said": "late"})
+    assert store.get_call("call_1").transcript == [{"said": "late"}]
+
+
 # -- listing, workflows, health, purge ---------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The engine turn: a caller utterance in, a stream of text to speak out — cache first, one LLM request, routing."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import threading
@@ -505,11 +506,10 @@ class ConversationEngine:
                                   "variables": r.variables, "language": r.language}
         if action:
             fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
+        entry = None
         if self.record_transcripts:
-            fields["transcript"] = [*(record.transcript or []), {
-                "said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
-                "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}]
-        updated = self.store.update_call(record.tracking_id, **fields)
+            entry = {"said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
+                     "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}
         turn_row = {
             "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
             "source": r.source, "provider": r.provider, "providerTtftMs": r.provider_ttft_ms,
@@ -521,7 +521,12 @@ class ConversationEngine:
             # Every turn row has the speculation fields: a turn that never speculated (the <Gather> path) has none.
             "hedgedRequests": r.hedged_requests, **(speculation or speculation_row(None, [], None)),
         }
-        self.store.append_turn(record.tracking_id, turn_row, counters=turn_counters(turn_row))
+        # One write, no read-back: the record this call goes on with is the one it had, with the turn applied.
+        index = self.store.commit_turn(record.tracking_id, fields, turn_row, counters=turn_counters(turn_row),
+                                       transcript_entry=entry)
+        updated = None if index is None else dataclasses.replace(
+            record, **fields, transcript=[*(record.transcript or []), entry] if entry else record.transcript,
+            updated_at=time.time())
         self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:
             self.cache.put(*r.cache_candidate)  # off the hot path: the caller already has the whole reply

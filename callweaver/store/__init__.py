@@ -16,6 +16,7 @@ __all__ = [
     "CallRecord",
     "Store",
     "StoreError",
+    "TURN_FIELDS",
     "build_store",
 ]
 
@@ -82,13 +83,24 @@ CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language",
                    "current_node", "created_at", "updated_at", "ended_at")
 # Fields update_call may write: the tracking id is the identity, never rewritten.
 UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id"}
+# Fields commit_turn may write: what a turn changes. Never the ones other writers own or that move indexes and
+# counters (status, call sid, times), and never the transcript, which a turn appends to instead.
+TURN_FIELDS = frozenset({"messages", "current_node", "variables", "language", "meta"})
 
 
-def check_update_fields(fields: dict[str, Any]) -> None:
+def check_update_fields(fields: dict[str, Any], allowed: frozenset[str] = UPDATABLE_FIELDS) -> None:
     """Reject misspelt field names up front, so a typo never silently writes nothing."""
-    unknown = set(fields) - UPDATABLE_FIELDS
+    unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"not updatable CallRecord fields: {sorted(unknown)}")
+
+
+def stored_turn(tracking_id: str, turn: dict) -> dict:
+    """A turn row as stored: stamped with its call and its time."""
+    stored = dict(turn)
+    stored["trackingId"] = tracking_id
+    stored["at"] = float(stored.get("at") or time.time())
+    return stored
 
 
 @runtime_checkable
@@ -125,6 +137,14 @@ class Store(Protocol):
     def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
         """Append one conversation turn and add `counters` (series key → increment) in the same write, so the
         cumulative metrics always agree with the turns stored; returns the turn's index (0, 1, 2, ...)."""
+        ...
+
+    def commit_turn(self, tracking_id: str, fields: dict[str, Any], turn: dict,
+                    counters: Mapping[str, float] | None = None, transcript_entry: dict | None = None) -> int | None:
+        """A finished turn in ONE write that never reads the record back: set `fields` (TURN_FIELDS only), append
+        `transcript_entry` to the transcript, append the turn row and add `counters`. The record's other fields
+        (its workflow snapshot above all) are neither decoded nor re-encoded by Python. Returns the turn's index,
+        or None (and writes nothing) when the call is unknown."""
         ...
 
     def counters(self) -> dict[str, float]:

@@ -19,9 +19,11 @@ from callweaver.store import (
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
+    TURN_FIELDS,
     StoreError,
     check_update_fields,
     counter_series,
+    stored_turn,
 )
 
 # Calls read per round trip while a filtered call-log page walks the created-at index.
@@ -134,6 +136,27 @@ for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1])
 return index
 """
 
+# KEYS: call, turns list, turns:by_time, counters
+# ARGV: turn JSON, at, transcript entry JSON or "", number of field/value pairs, the pairs, then series/increment
+# pairs. The transcript entry is spliced into the stored JSON array as text: nothing is decoded. -1: unknown call.
+_COMMIT_TURN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local pairs_end = 4 + 2 * tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5, pairs_end))
+if ARGV[3] ~= '' then
+  local transcript = redis.call('HGET', KEYS[1], 'transcript')
+  if (not transcript) or transcript == 'null' or transcript == '[]' then
+    transcript = '[' .. ARGV[3] .. ']'
+  else
+    transcript = string.sub(transcript, 1, -2) .. ',' .. ARGV[3] .. ']'
+  end
+  redis.call('HSET', KEYS[1], 'transcript', transcript)
+end
+local index = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
+redis.call('ZADD', KEYS[3], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]) end
+return index
+"""
 
 # KEYS: relay claim   ARGV: owner, generation, lease ms.  Returns 1 claimed, 0 held by another owner.
 _CLAIM_RELAY = """
@@ -161,6 +184,14 @@ def _dumps(value: Any) -> str:
 def _json_number(value: float) -> str:
     """A float as both a JSON number and a Redis score."""
     return repr(float(value))
+
+
+def _increments(counters: Mapping[str, float] | None) -> list[str]:
+    """Counter increments as flat series/value script arguments."""
+    flat: list[str] = []
+    for series, value in (counters or {}).items():
+        flat += [series, repr(float(value))]
+    return flat
 
 
 def _record_from_hash(fields: dict | list) -> CallRecord | None:
@@ -210,6 +241,7 @@ class RedisStore:
                     "update_call": client.register_script(_UPDATE_CALL),
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
+                    "commit_turn": client.register_script(_COMMIT_TURN),
                     "set_if_exists": client.register_script(_SET_IF_EXISTS),
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
@@ -417,18 +449,30 @@ class RedisStore:
     # -- turns ----------------------------------------------------------------
 
     def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
-        stored = dict(turn)
-        stored["trackingId"] = tracking_id
-        stored["at"] = float(stored.get("at") or time.time())
-        increments: list[str] = []
-        for series, value in (counters or {}).items():
-            increments += [series, repr(float(value))]
+        stored = stored_turn(tracking_id, turn)
         index = self._script(
             "append_turn",
             [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
-            [_dumps(stored), _json_number(stored["at"]), *increments],
+            [_dumps(stored), _json_number(stored["at"]), *_increments(counters)],
         )
         return int(index)
+
+    def commit_turn(self, tracking_id: str, fields: dict[str, Any], turn: dict,
+                    counters: Mapping[str, float] | None = None, transcript_entry: dict | None = None) -> int | None:
+        check_update_fields(fields, TURN_FIELDS)
+        pairs = ["updated_at", _dumps(time.time())]
+        for name, value in fields.items():
+            pairs += [name, _dumps(value)]
+        stored = stored_turn(tracking_id, turn)
+        index = int(self._script(
+            "commit_turn",
+            [self._key("call", tracking_id), self._key("turns", tracking_id), self._key("turns", "by_time"),
+             self._key("counters")],
+            [_dumps(stored), _json_number(stored["at"]),
+             "" if transcript_entry is None else _dumps(transcript_entry), str(len(pairs) // 2), *pairs,
+             *_increments(counters)],
+        ))
+        return None if index < 0 else index
 
     def counters(self) -> dict[str, float]:
         with self._backend() as client:

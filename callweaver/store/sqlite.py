@@ -17,9 +17,11 @@ from callweaver.store import (
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
+    TURN_FIELDS,
     StoreError,
     check_update_fields,
     counter_series,
+    stored_turn,
 )
 
 # Call-log filters, kept as columns beside the JSON so filtering never parses a row's workflow snapshot.
@@ -358,20 +360,45 @@ class SQLiteStore:
     # -- turns ----------------------------------------------------------------
 
     def append_turn(self, tracking_id: str, turn: dict, counters: Mapping[str, float] | None = None) -> int:
-        stored = dict(turn)
-        stored["trackingId"] = tracking_id
-        stored["at"] = float(stored.get("at") or time.time())
         with self._write() as conn:
-            (turn_index,) = conn.execute(
-                "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM cw_turns WHERE tracking_id = ?",
-                (tracking_id,),
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
-                (tracking_id, turn_index, stored["at"], _dumps(stored)),
-            )
-            _add_counters(conn, counters or {})
+            return self._insert_turn(conn, tracking_id, stored_turn(tracking_id, turn), counters)
+
+    @staticmethod
+    def _insert_turn(conn: sqlite3.Connection, tracking_id: str, stored: dict,
+                     counters: Mapping[str, float] | None) -> int:
+        """The next turn row of a call and its counters, inside the caller's write transaction."""
+        (turn_index,) = conn.execute(
+            "SELECT COALESCE(MAX(turn_index) + 1, 0) FROM cw_turns WHERE tracking_id = ?",
+            (tracking_id,),
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO cw_turns (tracking_id, turn_index, at, data) VALUES (?, ?, ?, ?)",
+            (tracking_id, turn_index, stored["at"], _dumps(stored)),
+        )
+        _add_counters(conn, counters or {})
         return turn_index
+
+    def commit_turn(self, tracking_id: str, fields: dict[str, Any], turn: dict,
+                    counters: Mapping[str, float] | None = None, transcript_entry: dict | None = None) -> int | None:
+        check_update_fields(fields, TURN_FIELDS)
+        # SQLite edits the stored JSON in C (json_set; `[#]` appends): Python never decodes the record.
+        paths, params = ["'$.updated_at', ?"], [time.time()]
+        for name, value in fields.items():
+            paths.append(f"'$.{name}', json(?)")
+            params.append(_dumps(value))
+        if transcript_entry is not None:
+            paths.append("'$.transcript[#]', json(?)")
+            params.append(_dumps(transcript_entry))
+        stored = stored_turn(tracking_id, turn)
+        with self._write() as conn:
+            changed = conn.execute(
+                f"UPDATE cw_calls SET data = json_set(data, {', '.join(paths)}), language = COALESCE(?, language)"
+                " WHERE tracking_id = ?",
+                (*params, fields.get("language"), tracking_id),
+            ).rowcount
+            if not changed:
+                return None
+            return self._insert_turn(conn, tracking_id, stored, counters)
 
     def counters(self) -> dict[str, float]:
         with self._connection() as conn:
