@@ -1,6 +1,7 @@
 """structlog setup: JSON lines, bound call context, secrets redacted before anything is written."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -23,6 +24,8 @@ _SECRET_VALUE_PATTERNS = (
     (re.compile(r"(?i)((?:^|[?&])[^=&\s]*(?:token|key|secret|password|signature|credential|authorization)"
                 r"[^=&\s]*=)[^&\s\"']*"), r"\1" + REDACTED),
 )
+# Cheap first look: a string none of these can be found in matches none of the patterns above, so it skips them.
+_MAYBE_SECRET_VALUE = re.compile(r"sk-|[0-9a-f]{32}|=|(?i:api-key|authorization)")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _known_secrets: set[str] = set()
 
@@ -33,16 +36,23 @@ def register_secret(value: str | None) -> None:
         _known_secrets.add(value)
 
 
+@functools.lru_cache(maxsize=1024)
+def _is_secret_key(key: str) -> bool:
+    """Log field names repeat on every line: decide each once."""
+    return _SECRET_KEY_RE.search(key) is not None
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         for secret in _known_secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        for pattern, replacement in _SECRET_VALUE_PATTERNS:
-            value = pattern.sub(replacement, value)
+        if _MAYBE_SECRET_VALUE.search(value):
+            for pattern, replacement in _SECRET_VALUE_PATTERNS:
+                value = pattern.sub(replacement, value)
         return value
     if isinstance(value, dict):
-        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEY_RE.search(k) and v else _scrub(v))
+        return {k: (REDACTED if isinstance(k, str) and v and _is_secret_key(k) else _scrub(v))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub(v) for v in value)

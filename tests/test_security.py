@@ -329,3 +329,18 @@ def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(e
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith('{"event": "forged"') for line in lines)
     create_app(env)  # back to JSON logs for the tests that follow
+
+
+@pytest.mark.parametrize("value, scrubbed", [
+    ("key sk-abcdefghijkl here", "key [REDACTED] here"),
+    ("x " + "0123456789abcdef" * 2 + " y", "x [REDACTED] y"),
+    ("/a?twilioAuthToken=zzz&b=1", "/a?twilioAuthToken=[REDACTED]&b=1"),
+    ("API-KEY=foo", "[REDACTED]"),
+    ("call_8f3a9c2b1d greeting 301.2", "call_8f3a9c2b1d greeting 301.2"),
+])
+def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrubbed):
+    from callweaver.logging import redact_secrets
+
+    line = redact_secrets(None, "info", {"event": value, "twilioAuthToken": "abc", "apiKey": "", "node": "n1"})
+
+    assert line == {"event": scrubbed, "twilioAuthToken": "[REDACTED]", "apiKey": "", "node": "n1"}
