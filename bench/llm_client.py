@@ -1,6 +1,7 @@
 """CPU of the LLM streaming client alone: engine/llm_http.py beside geventhttpclient, in one invocation.
 
     python -m bench.llm_client                       # 100 concurrent streams × 5 turns × ~25 SSE chunks, 3 rounds
+    python -m bench.llm_client --reference-rev main  # plus llm_http.py as committed on main: before/after
 
 geventhttpclient is not a dependency (measured, not adopted): install geventhttpclient==2.6.1 to see its rows.
 The fake LLM runs in its own process (bench/fake_llm_server.py); this process is gevent-patched like a gunicorn
@@ -24,6 +25,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import gevent  # noqa: E402
@@ -43,9 +45,21 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def llm_http_client(url: str) -> tuple[Callable[[], int], Callable[[], None]]:
-    """One turn through callweaver/engine/llm_http.py (the code under test); returns (turn, close)."""
-    from callweaver.engine.llm_http import ConnectionPool, Endpoint, Exchange
+def llm_http_at(revision: str) -> ModuleType:
+    """engine/llm_http.py as committed at `revision`, loaded beside today's (a before/after in one invocation)."""
+    source = subprocess.run(["git", "show", f"{revision}:callweaver/engine/llm_http.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    module = ModuleType(f"llm_http_at_{revision}")
+    exec(compile(source, f"llm_http.py@{revision}", "exec"), module.__dict__)  # noqa: S102 - our own file
+    return module
+
+
+def llm_http_client(url: str, llm_http: ModuleType | None = None) -> tuple[Callable[[], int], Callable[[], None]]:
+    """One turn through callweaver/engine/llm_http.py (the code under test, or `llm_http` of another
+    revision); returns (turn, close)."""
+    if llm_http is None:
+        from callweaver.engine import llm_http
+    ConnectionPool, Endpoint, Exchange = llm_http.ConnectionPool, llm_http.Endpoint, llm_http.Exchange
 
     pool = ConnectionPool(Endpoint(url, HEADERS))
 
@@ -130,6 +144,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per client, alternating")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--token-interval-ms", type=float, default=5.0)
+    parser.add_argument("--reference-rev", action="append", default=[],
+                        help="also measure engine/llm_http.py as committed at this git revision (repeatable)")
     args = parser.parse_args()
 
     fake = subprocess.Popen([sys.executable, "-m", "bench.fake_llm_server", "--ttft-ms", str(args.ttft_ms),
@@ -139,6 +155,8 @@ def main() -> int:
         port = json.loads(fake.stdout.readline())["port"]
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         clients = {"engine/llm_http.py (stdlib sockets)": llm_http_client(url)}
+        for revision in args.reference_rev:
+            clients[f"engine/llm_http.py at {revision}"] = llm_http_client(url, llm_http_at(revision))
         try:
             clients["geventhttpclient, gevent.Timeout per read"] = geventhttpclient_client(url, args.streams * 2)
             clients["geventhttpclient, no per-read deadline (lower bound)"] = geventhttpclient_client(
