@@ -248,3 +248,12 @@ def test_an_unsupported_proxy_scheme_fails_the_connect_instead_of_going_direct(c
     pool = ConnectionPool(Endpoint(f"{fake_llm.url}/chat/completions", {}))
     with pytest.raises(ConnectFailed):
         Exchange(pool).start(b"{}", time.monotonic() + 5, 2.0)
+
+
+def test_a_proxy_that_never_answers_the_connect_is_a_connect_failure_at_the_connect_deadline(clean_env, tls_llm):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never answers
+    clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    pool = ConnectionPool(Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {}))
+    with pytest.raises(ConnectFailed):
+        Exchange(pool).start(b"{}", time.monotonic() + 30, 0.3)
+    silent.close()
