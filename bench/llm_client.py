@@ -31,6 +31,8 @@ from typing import Callable  # noqa: E402
 import gevent  # noqa: E402
 import orjson  # noqa: E402
 
+from bench.stack import FakeLLMProcess  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 GEVENTHTTPCLIENT = "2.6.1"  # the release measured (latest on PyPI, 2026-11)
 DEADLINE_S = 10.0
@@ -148,12 +150,9 @@ def main() -> int:
                         help="also measure engine/llm_http.py as committed at this git revision (repeatable)")
     args = parser.parse_args()
 
-    fake = subprocess.Popen([sys.executable, "-m", "bench.fake_llm_server", "--ttft-ms", str(args.ttft_ms),
-                             "--token-interval-ms", str(args.token_interval_ms), "--max-lifetime-s", "600"],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    fake = FakeLLMProcess(ttft_ms=args.ttft_ms, token_interval_ms=args.token_interval_ms).start()
     try:
-        port = json.loads(fake.stdout.readline())["port"]
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        url = f"{fake.url}/chat/completions"
         clients = {"engine/llm_http.py (stdlib sockets)": llm_http_client(url)}
         for revision in args.reference_rev:
             clients[f"engine/llm_http.py at {revision}"] = llm_http_client(url, llm_http_at(revision))
@@ -173,13 +172,7 @@ def main() -> int:
         for _, close in clients.values():
             close()
     finally:
-        fake.terminate()
-        try:
-            fake.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            fake.kill()
-            fake.wait()
-        fake.stdout.close()
+        fake.stop()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()

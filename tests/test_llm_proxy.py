@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange
 from callweaver.engine.providers import ChainSettings, ProviderChain
 from callweaver.engine.vendors import ProviderConfig
+from tests.fakes.loopback import LoopbackServer
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                    "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
@@ -50,25 +51,15 @@ def pipe(source: socket.socket, sink: socket.socket) -> None:
                 pass
 
 
-class ProxyStandIn:
+class ProxyStandIn(LoopbackServer):
     """A forward proxy: CONNECT opens a tunnel; an absolute-form request is passed on in origin form. Records each
     connection's first request line and Proxy-Authorization."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.seen: list[tuple[str, str | None]] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         head, rest = read_head(conn)
         if not head:
             conn.close()
@@ -92,8 +83,6 @@ class ProxyStandIn:
         threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
         pipe(conn, upstream)
 
-    def stop(self) -> None:
-        self.listener.close()
 
 
 SSE_REPLY = (b'data: {"choices":[{"index":0,"delta":{"content":"Through"}}]}\n\n'
@@ -101,7 +90,7 @@ SSE_REPLY = (b'data: {"choices":[{"index":0,"delta":{"content":"Through"}}]}\n\n
              b"data: [DONE]\n\n")
 
 
-class TlsLLMStandIn:
+class TlsLLMStandIn(LoopbackServer):
     """An HTTPS chat-completions endpoint for `localhost` with a self-signed certificate: every request gets the
     same short SSE stream."""
 
@@ -122,20 +111,10 @@ class TlsLLMStandIn:
                                                serialization.NoEncryption()))
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(self.cert_file, key_file)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.requests: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, raw: socket.socket) -> None:
+    def handle(self, raw: socket.socket) -> None:
         try:
             with self.context.wrap_socket(raw, server_side=True) as conn:
                 while True:
@@ -151,9 +130,6 @@ class TlsLLMStandIn:
                                  b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SSE_REPLY), SSE_REPLY))
         except (OSError, ssl.SSLError):
             pass
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture
