@@ -3,6 +3,7 @@
     py-spy record --nonblocking -r 200 -d 12 -p <worker pid> -f raw -o worker.raw   # during a bench.relay run
     python -m bench.profile_shares worker.raw --rate 200 --turns-per-s 60
     python -m bench.profile_shares before.raw after.raw --label before --label after --rate 200 --turns-per-s 60
+    python -m bench.profile_shares worker.raw --talk-only    # only the talking calls (no set-up, no metrics reads)
 
 A component's share is the share of samples whose stack contains one of its frames (so components overlap: the
 reply-cache write is inside the turn commit). Samples of the gevent threadpool's threads (the DNS resolver) are
@@ -19,10 +20,12 @@ from pathlib import Path
 
 # (label, frame pattern, optional pattern of a frame that must come earlier in the same stack); each pattern is a
 # regular expression matched against frames "function (file:line)". Indented labels are parts of the row above.
+# py-spy names a method either plainly or as Class.method, depending on its version.
+ENGINE_COMMIT = r"^(ConversationEngine\.)?commit_turn \(callweaver/engine/conversation\.py:"
 COMPONENTS: list[tuple[str, str, str | None]] = [
-    ("turn commit (`ConversationEngine.commit_turn`)", r"^ConversationEngine\.commit_turn ", None),
-    ("  reply-cache write (`ReplyCache.put`)", r"^ReplyCache\.put ", None),
-    ("  SQLite store, in the commit", r"\(callweaver/store/sqlite\.py:", r"^ConversationEngine\.commit_turn "),
+    ("turn commit (`ConversationEngine.commit_turn`)", ENGINE_COMMIT, None),
+    ("  reply-cache write (`ReplyCache.put`)", r"^(ReplyCache\.)?put \(callweaver/engine/cache\.py:", None),
+    ("  SQLite store, in the commit", r"\(callweaver/store/sqlite\.py:", ENGINE_COMMIT),
     ("SQLite store, anywhere (`callweaver/store/sqlite.py`)", r"\(callweaver/store/sqlite\.py:", None),
     ("LLM provider stream (`_stream_from_provider`)", r"^_stream_from_provider ", None),
     ("  SDK: building and sending the request (`with_streaming_response.create(...).__enter__`)",
@@ -33,31 +36,42 @@ COMPONENTS: list[tuple[str, str, str | None]] = [
     ("  reading chunk bytes (`Response.iter_bytes`)", r"^Response\.iter_bytes ", None),
     ("  sending the request and reading its head (`Exchange.start`, engine/llm_http.py)", r"^(Exchange\.)?start \(callweaver/engine/llm_http\.py:", None),
     ("  reading SSE lines (`Exchange.next_line`, engine/llm_http.py)", r"^(Exchange\.)?next_line \(callweaver/engine/llm_http\.py:", None),
-    ("turn commit, store writes (`update_call`, `append_turn`)", r"^(\w+\.)?(update_call|append_turn) \(callweaver/store/", None),
+    ("turn commit, store writes (`update_call`, `append_turn`, `commit_turn`)",
+     r"^(\w+\.)?(update_call|append_turn|commit_turn) \(callweaver/store/", None),
     ("  chunk JSON (`json.loads` called by the provider loop)", r"^loads \(json/__init__\.py",
      r"^_stream_from_provider "),
-    ("reply-cache key and lookup (`ReplyCache.key`, `ReplyCache.get`)", r"^ReplyCache\.(get|key) ", None),
-    ("`Workflow.version_hash`", r"^Workflow\.version_hash ", None),
+    ("reply-cache key and lookup (`ReplyCache.key`, `ReplyCache.get`)", r"^(ReplyCache\.)?(get|key) \(callweaver/engine/cache\.py:", None),
+    ("`Workflow.version_hash`", r"^(Workflow\.)?version_hash ", None),
     ("workflow planning (`plan_turn`)", r"^plan_turn ", None),
-    ("writing WebSocket frames (`LockedSender.send_json`)", r"^LockedSender\.send_json ", None),
+    ("writing WebSocket frames (`LockedSender.send_json`)", r"^(LockedSender\.)?send_json \(callweaver/routes/relay\.py:", None),
     ("reading WebSocket frames (simple-websocket)", r"\(simple_websocket/", None),
     ("logging (structlog)", r"\(structlog/", None),
     ("cachelib (any backend)", r"\(cachelib/", None),
     ("garbage collection (native frames; `--native` profiles only)", r"^gc_collect_main ", None),
-    ("gevent hub loop (stacks rooted in `Hub.run`)", r"^Hub\.run ", None),
+    ("gevent hub loop (stacks rooted in `Hub.run`)", r"^(Hub\.)?run \(gevent/hub\.py:", None),
 ]
 HUB_ROOT = "gevent hub loop"
 THREADPOOL = re.compile(r"^_WorkerGreenlet\.run ")  # the gevent threadpool (resolver); Thread.run is a greenlet
 
 
-def read_raw(path: Path) -> list[tuple[list[str], int]]:
-    """py-spy's raw (collapsed) format: frames root-first, separated by ';', then a space and a count."""
+HTTP_REQUEST = re.compile(r"^handle_request \(gunicorn/")
+RELAY_SOCKET = re.compile(r"^websocket_route \(flask_sock/")
+
+
+def read_raw(path: Path, talk_only: bool = False) -> list[tuple[list[str], int]]:
+    """py-spy's raw (collapsed) format: frames root-first, separated by ';', then a space and a count. With
+    `talk_only`, HTTP requests other than the relay sockets (set-up, the bench reading metrics at the end) are
+    left out, so the shares describe the talking calls."""
     stacks = []
     for line in path.read_text().splitlines():
         frames, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        stacks.append(([f for f in frames.split(";") if f], int(count)))
+        stack = [f for f in frames.split(";") if f]
+        if (talk_only and any(HTTP_REQUEST.search(f) for f in stack)
+                and not any(RELAY_SOCKET.search(f) for f in stack)):
+            continue
+        stacks.append((stack, int(count)))
     return stacks
 
 
@@ -107,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="completed turns per second during each profile, in order (one value: all)")
     parser.add_argument("--seconds", type=float, default=12.0, help="the profiles' -d")
     parser.add_argument("--leaves", type=int, default=0, help="also list each profile's N most frequent leaf frames")
+    parser.add_argument("--talk-only", action="store_true",
+                        help="leave out HTTP requests other than the relay sockets (set-up, metrics reads)")
     args = parser.parse_args(argv)
-    results = [shares(read_raw(path)) for path in args.raw]
+    results = [shares(read_raw(path, args.talk_only)) for path in args.raw]
     labels = args.label + [path.name for path in args.raw[len(args.label):]]
     rates = args.turns_per_s * len(results) if len(args.turns_per_s) == 1 else args.turns_per_s
     per_turn = bool(args.rate) and len(rates) == len(results)
