@@ -147,6 +147,10 @@ class Store(Protocol):
         or None (and writes nothing) when the call is unknown."""
         ...
 
+    def add_counters(self, counters: Mapping[str, float]) -> None:
+        """Add to cumulative counters in one write, for a cost no turn row carries (e.g. unanswered speculations)."""
+        ...
+
     def counters(self) -> dict[str, float]:
         """Every cumulative counter since the store began (series key → value); never decreases. Besides what
         append_turn adds, the write that ends a call (terminal status or ended_at set) counts it by status."""

@@ -400,6 +400,10 @@ class SQLiteStore:
                 return None
             return self._insert_turn(conn, tracking_id, stored, counters)
 
+    def add_counters(self, counters: Mapping[str, float]) -> None:
+        with self._write() as conn:
+            _add_counters(conn, counters)
+
     def counters(self) -> dict[str, float]:
         with self._connection() as conn:
             return dict(conn.execute("SELECT series, value FROM cw_counters").fetchall())
