@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import structlog
 from flask import Flask, g, jsonify, request
+from flask.sessions import SessionInterface
 from flask_cors import CORS
 
 from .config import Settings
@@ -22,6 +23,17 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
 # Answered while the worker's SDK clients are still being built (Services.warm_up): they need none of them.
 ANSWERED_DURING_WARM_UP = frozenset({"health.health", "health.ping", "health.health_optimized", "static"})
 log = structlog.get_logger()
+
+
+class NoCookieSessions(SessionInterface):
+    """The API keeps no cookie sessions: no session is opened, signed or saved per request (any write to
+    `flask.session` fails loudly on Flask's null session)."""
+
+    def open_session(self, app: Flask, request):  # noqa: ANN001  (Flask's signature)
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session, response) -> None:  # noqa: ANN001
+        return None
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -39,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
                       SECRET_KEY=settings.secret_key or uuid.uuid4().hex)
+    app.session_interface = NoCookieSessions()
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)

@@ -58,7 +58,6 @@ class TwilioGateway:
             status_callback_event=STATUS_CALLBACK_EVENTS,
             timeout=timeout_s, record=record,
         )
-        log.info("twilio_call_created", call_sid=call.sid, status=call.status)
         return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number)
 
     def end_call(self, call_sid: str, credentials: tuple[str, str] | None = None) -> str:
