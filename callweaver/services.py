@@ -187,8 +187,8 @@ class Services:
     def warm_up(self) -> None:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing.
 
-        The store, languages, engine and cache are built here, before the worker serves. The providers' SDK clients
-        (the openai import: about half of a worker's boot CPU) are built right after, in an OS thread while the
+        The store, languages, engine and cache are built here, before the worker serves. The SDK clients (the openai
+        import: about half of a worker's boot CPU; the twilio client's call resources) are built right after, in an OS thread while the
         worker already serves: /health and /ping answer at once, and every other request waits (cooperatively,
         app.py) until they are built, so a call's turns never pay for them."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
@@ -198,8 +198,9 @@ class Services:
     def _build_sdk_clients(self) -> None:
         try:
             self.providers.warm_up()
-        except Exception:  # a provider that cannot be built fails its turns as before, lazily
-            log.exception("provider_warm_up_failed")
+            self.twilio.warm_up()
+        except Exception:  # a client that cannot be built fails its requests as before, lazily
+            log.exception("sdk_warm_up_failed")
 
     def wait_until_warm(self) -> None:
         """Block (cooperatively under gevent) until warm_up's background part has finished."""
