@@ -27,11 +27,29 @@ TARGET_P50_MS = 50.0
 TARGET_REQUESTS_PER_TURN = 1.5
 
 
+# Things callers say on the phone, each with one hesitation ("|"): mostly after a word that cannot end a sentence,
+# in a few after one that can (reading out a number). The hesitation is longer than a word gap but shorter than
+# the recogniser's end-pointing, so no final comes in it.
+REALISTIC_LINES = (
+    "I'd like to book a | table for two tonight",
+    "Can you tell me if the | pharmacy is open on Sunday",
+    "I need to move my | appointment to Thursday afternoon",
+    "What time does the | last train leave for the airport",
+    "My order number is four five | seven two and it has not arrived",
+    "I want to know whether | you deliver to my street",
+    "Is it possible to | pay by card when I arrive",
+    "Could you put me through to | someone in billing please",
+    "The parcel was left at | number nineteen | but I live at ninety",
+    "We would like a room with | two beds and a view of the sea",
+)
+
+
 @dataclass
 class Variant:
     label: str
     env: dict
     punctuated_partials: bool = True
+    realistic: bool = False   # REALISTIC_LINES with a hesitation, instead of the bench's generated question
 
 
 @dataclass
@@ -53,9 +71,27 @@ VARIANTS = [
     Variant("preemption on (defaults), recogniser punctuates partials", {"PREEMPTIVE_GENERATION": "1"}),
     Variant("preemption on (defaults), partials without sentence marks", {"PREEMPTIVE_GENERATION": "1"},
             punctuated_partials=False),
+    Variant("preemption on, PREEMPTIVE_END_OF_UTTERANCE=0 (plain window), partials without sentence marks",
+            {"PREEMPTIVE_GENERATION": "1", "PREEMPTIVE_END_OF_UTTERANCE": "0"}, punctuated_partials=False),
     Variant("preemption on, PREEMPTIVE_STABLE_MS=150, partials without sentence marks",
             {"PREEMPTIVE_GENERATION": "1", "PREEMPTIVE_STABLE_MS": "150"}, punctuated_partials=False),
+    Variant("preemption on (defaults), realistic lines with a hesitation, partials without sentence marks",
+            {"PREEMPTIVE_GENERATION": "1"}, punctuated_partials=False, realistic=True),
+    Variant("preemption on, PREEMPTIVE_END_OF_UTTERANCE=0 (plain window), realistic lines with a hesitation, "
+            "partials without sentence marks",
+            {"PREEMPTIVE_GENERATION": "1", "PREEMPTIVE_END_OF_UTTERANCE": "0"}, punctuated_partials=False,
+            realistic=True),
 ]
+
+
+def realistic_line(rng: random.Random, hesitation_s: float) -> tuple[str, dict[int, float]]:
+    """One of REALISTIC_LINES: its words and where the caller hesitates (after word n, 1-based)."""
+    words, pauses = [], {}
+    for part in rng.choice(REALISTIC_LINES).split(" | "):
+        words += part.split()
+        pauses[len(words)] = hesitation_s
+    pauses.pop(len(words))
+    return " ".join(words), pauses
 
 
 def corrected(utterance: str) -> str:
@@ -76,11 +112,15 @@ def run_variant(stack: BenchStack, variant: Variant, args: argparse.Namespace, r
             try:
                 call.set_up()
                 for turn in range(args.turns):
-                    utterance = unique_utterance(rng, index, turn)
+                    pauses: dict[int, float] = {}
+                    if variant.realistic:
+                        utterance, pauses = realistic_line(rng, args.hesitation_ms / 1000)
+                    else:
+                        utterance = unique_utterance(rng, index, turn)
                     final = corrected(utterance) if rng.random() < args.corrected_share else None
                     reply = call.caller.speak(utterance, words_per_minute=args.wpm,
                                               end_of_speech_ms=args.end_of_speech_ms, final=final,
-                                              punctuated_partials=variant.punctuated_partials)
+                                              punctuated_partials=variant.punctuated_partials, pauses_s=pauses)
                     if reply.first_token_ms is not None:
                         result.client_ms.append(reply.first_token_ms)
                     call.caller.listen(rng.uniform(args.think_min_s, args.think_max_s))
@@ -132,7 +172,10 @@ def report(results: list[VariantResult], args: argparse.Namespace) -> str:
         f"{args.token_interval_ms:g} ms/token. Callers speak {args.wpm:g} words/min (one partial prompt per "
         f"word), end of speech {args.end_of_speech_ms:g} ms before the final prompt; in "
         f"{args.corrected_share:.0%} of turns (drawn at random) the final differs from the last partial (the "
-        "recogniser corrected a word). Every utterance is new (reply cache off). Requests per turn are counted "
+        "recogniser corrected a word). The bench's own lines are generated questions (\"Turn N of caller M: is "
+        "there a place near the X or the Y?\"); the realistic lines are ten things callers say, each with one "
+        f"hesitation {args.hesitation_ms:g} ms longer than a word gap (mostly after a word that cannot end a "
+        "sentence, in two lines after one that can: a number read out). The reply cache is off. Requests per turn are counted "
         "by the fake LLM itself.",
         "",
         markdown_table(["configuration", "turns", "final → first token, caller p50 (ms)", "p95",
@@ -151,6 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=4, help="turns per call")
     parser.add_argument("--wpm", type=float, default=NORMAL_WORDS_PER_MINUTE, help="caller speaking rate")
     parser.add_argument("--end-of-speech-ms", type=float, default=END_OF_SPEECH_MS)
+    parser.add_argument("--hesitation-ms", type=float, default=100.0,
+                        help="realistic lines: how much longer than a word gap the caller hesitates (gap + this "
+                             "stays under --end-of-speech-ms, so no final comes in it)")
+    parser.add_argument("--only", default="", help="run only the variants whose label contains this text")
     parser.add_argument("--corrected-share", type=float, default=0.2,
                         help="share of turns whose final transcript differs from the last partial")
     parser.add_argument("--ttft-ms", type=float, default=DEFAULT_TTFT_MS)
@@ -168,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with BenchStack("preemptive", args.ttft_ms, args.token_interval_ms) as stack:
         for run, variant in enumerate(VARIANTS, start=1):
+            if args.only and args.only not in variant.label:
+                continue
             progress(f"preemptive bench: {variant.label}")
             results.append(run_variant(stack, variant, args, run))
     print(report(results, args))

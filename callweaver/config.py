@@ -106,6 +106,9 @@ class Settings:
     preemptive_stable_ms: float = 400.0
     preemptive_max_speculations: int = 2
     preemptive_max_chars: int = 200
+    preemptive_end_of_utterance: bool = True
+    preemptive_incomplete_ms: float = 1000.0
+    preemptive_cadence_margin_ms: float = 40.0
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
@@ -292,6 +295,9 @@ class Settings:
         values["preemptive_stable_ms"] = number("PREEMPTIVE_STABLE_MS", 400.0, float, 0)
         values["preemptive_max_speculations"] = number("PREEMPTIVE_MAX_SPECULATIONS", 2, int, 1)
         values["preemptive_max_chars"] = number("PREEMPTIVE_MAX_CHARS", 200, int, 1)
+        values["preemptive_end_of_utterance"] = flag("PREEMPTIVE_END_OF_UTTERANCE", True)
+        values["preemptive_incomplete_ms"] = number("PREEMPTIVE_INCOMPLETE_MS", 1000.0, float, 0)
+        values["preemptive_cadence_margin_ms"] = number("PREEMPTIVE_CADENCE_MARGIN_MS", 40.0, float, 0)
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))

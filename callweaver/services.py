@@ -161,7 +161,10 @@ class Services:
     def engine(self) -> ConversationEngine:
         s = self.settings
         speculation = SpeculationPolicy(enabled=s.preemptive_generation, stable_ms=s.preemptive_stable_ms,
-                                        max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars)
+                                        max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars,
+                                        end_of_utterance=s.preemptive_end_of_utterance,
+                                        incomplete_ms=s.preemptive_incomplete_ms,
+                                        cadence_margin_ms=s.preemptive_cadence_margin_ms)
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
                                   chain_for=self.chain_for, tracer=self.tracer,
                                   record_transcripts=self.settings.record_transcripts, speculation=speculation)

@@ -13,33 +13,21 @@ import pytest
 
 from callweaver.engine.llm_http import (ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange,
                                         ReadTimedOut, StatusError)
+from tests.fakes.loopback import LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """Accepts connections and answers each request with the next scripted list of byte pieces (sent one by one
     with a short pause, so chunk boundaries fall anywhere); None as a piece closes the connection."""
 
     def __init__(self, responses: list[list[bytes | None | float]]) -> None:
         self.responses = list(responses)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections = 0
         self.requests: list[bytes] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with conn:
             while self.responses:
                 data = b""
@@ -61,9 +49,6 @@ class ScriptedServer:
                         continue
                     conn.sendall(piece)
                     time.sleep(0.005)
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 def chunked(*parts: bytes) -> list[bytes]:

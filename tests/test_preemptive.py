@@ -4,9 +4,14 @@ The scripted caller speaks word by word (`prompt` with `last: false`) and sends 
 end-of-speech delay. Three variants: the final equals the last partial (the speculation is adopted), the final
 differs (it is discarded), and the caller barges in while a speculation runs (it is discarded). Whatever a
 discarded speculation produced must reach neither the caller nor the history, the variables, the node, the
-reply cache nor the metrics' LLM-request count of the turn it was adopted into.
+reply cache nor the metrics' LLM-request count of the turn it was adopted into. The end-of-utterance signal
+(how a partial ends, the caller's cadence) only moves when a speculation starts; a speculation it starts
+mid-sentence is discarded like any other, and speculations of a caller turn that never gets a final transcript
+(the call ends, or the recogniser sends none) still count in the cost.
 """
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -23,6 +28,7 @@ FAST_SPEECH_WPM = 1200  # 50 ms between words: shorter than the stability window
 STABLE_MS = 100
 TTFT_S = 0.3
 END_OF_SPEECH_MS = 700  # longer than stability + TTFT: the speculation's first token is in before the final
+CADENCE_MARGIN_MS = 150  # generous: a loaded test machine delays partials, and a late one must not look like a pause
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,8 @@ def stack(tmp_path_factory):
     llm = FakeLLM("primary", ttft_s=TTFT_S).start()
     env = base_env(tmp, twilio, llm)
     env.update(PUBLIC_BASE_URL="", PREEMPTIVE_GENERATION="1", PREEMPTIVE_STABLE_MS=str(STABLE_MS),
-               PREEMPTIVE_MAX_SPECULATIONS="2", PREEMPTIVE_MAX_CHARS="80", CACHE_TYPE="SimpleCache")
+               PREEMPTIVE_MAX_SPECULATIONS="2", PREEMPTIVE_MAX_CHARS="80", CACHE_TYPE="SimpleCache",
+               PREEMPTIVE_CADENCE_MARGIN_MS=str(CADENCE_MARGIN_MS))
     server = LiveServer(env, workers=1).start()  # one worker: the per-worker reply cache is observable
     yield {"server": server, "twilio": twilio, "llm": llm, "db": env["CALLWEAVER_DB"]}
     server.stop()
@@ -65,6 +72,22 @@ def turns(stack, caller):
 def stored(stack, caller):
     store = SQLiteStore(stack["db"])
     return store.get_call(caller.tracking_id), store.turns(caller.tracking_id)
+
+
+def metric_samples(stack) -> dict[str, float]:
+    exposition = http("GET", stack["server"].url + "/metrics").text
+    return {key: float(value) for key, value in (line.rsplit(" ", 1) for line in exposition.splitlines()
+                                                  if line and not line.startswith("#"))}
+
+
+def eventually(read, done, timeout_s: float = 15.0):
+    """Poll `read()` until `done(value)`: the server accounts a hang-up or a missing final after the fact."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
 
 
 def texts_received(caller) -> str:
@@ -186,8 +209,11 @@ def test_limits_per_turn_and_length(stack, llm):
 def test_metrics_report_adoption_saving_and_cost(stack, llm):
     llm.push(Reply(text="Adopted reply."), Reply(text="SPECULATIVE"), Reply(text="Second reply."))
     caller = new_call(stack)
-    speak(caller, "Is the shop open today")
-    speak(caller, "Do you sell bread", final="Do you sell cakes")
+    # The words follow each other within a millisecond: even on a loaded machine no gap between them outlasts the
+    # window, so each turn speculates exactly once (on its whole line) and the counts below are exact.
+    instant = dict(words_per_minute=60000, end_of_speech_ms=END_OF_SPEECH_MS)
+    caller.speak("Is the shop open today", **instant)
+    caller.speak("Do you sell bread", final="Do you sell cakes", **instant)
     caller.hangup()
     per_call = turns(stack, caller)["metrics"]["preemption"]
     assert per_call["turns"] == 2 and per_call["turnsSpeculated"] == 2
@@ -205,3 +231,109 @@ def test_metrics_report_adoption_saving_and_cost(stack, llm):
     assert float(samples["callweaver_speculative_llm_requests_total"]) >= 1
     assert float(samples["callweaver_speculation_saved_ms_count"]) >= 1
     assert float(samples['callweaver_relay_final_to_first_token_ms_count{speculation="adopted"}']) >= 1
+
+
+UNANSWERED = 'callweaver_speculations_total{outcome="unanswered"}'
+
+
+def test_call_ending_during_a_speculation_keeps_its_cost(stack, llm):
+    """The caller hangs up mid-sentence: no turn row is written, but the speculation's request is counted."""
+    llm.push(Reply(text="SPECULATIVE answer nobody asked for.", ttft_s=0.0))
+    before = metric_samples(stack)
+    caller = new_call(stack)
+    caller.partial("Do you deliver on Sundays?")  # a sentence mark: the speculation starts at once
+    llm.wait_for_requests(1)
+    caller.listen(0.3)  # its tokens are in (held back)
+    caller.hangup()
+    preemption = eventually(lambda: turns(stack, caller)["metrics"]["preemption"],
+                            lambda p: p["unanswered"]["speculations"] >= 1)
+    assert preemption["unanswered"]["speculations"] == 1 and preemption["unanswered"]["llmRequests"] == 1
+    assert preemption["unanswered"]["tokens"] >= 1 and preemption["unanswered"]["window"] == "call"
+    assert preemption["extraLlmRequests"] == 1 and preemption["turns"] == 0
+    assert "SPECULATIVE" not in texts_received(caller)
+    record, rows = stored(stack, caller)
+    assert rows == [] and record.variables == {} and not record.transcript
+    assert [m["role"] for m in record.messages] == ["assistant"]  # the greeting only
+    assert "SPECULATIVE" not in record.messages[0]["content"]
+    after = metric_samples(stack)
+    assert after[UNANSWERED] - before.get(UNANSWERED, 0) == 1
+    assert after["callweaver_speculative_llm_requests_total"] - before["callweaver_speculative_llm_requests_total"] == 1
+    aggregate = http("GET", stack["server"].url + "/api/performance-metrics").json()["aggregatedMetrics"]
+    assert aggregate["preemption"]["unanswered"]["speculations"] >= 1
+
+
+def test_speech_ending_without_a_final_keeps_its_cost_and_frees_the_turn(stack, llm):
+    """The recogniser never sends `last: true` for what the caller said: after a silence the speculation is
+    accounted as unanswered, and the caller's next turn starts with its own speculation budget."""
+    llm.push(Reply(text="SPECULATIVE", ttft_s=0.0), Reply(text="We deliver every day."))
+    caller = new_call(stack)
+    caller.partial("Do you deliver?")
+    llm.wait_for_requests(1)
+    preemption = eventually(lambda: turns(stack, caller)["metrics"]["preemption"],
+                            lambda p: p["unanswered"]["speculations"] >= 1)
+    assert preemption["unanswered"]["speculations"] == 1 and preemption["unanswered"]["llmRequests"] == 1
+    reply = speak(caller, "Do you deliver on Sundays")
+    caller.hangup()
+    assert reply.text == "We deliver every day." and "SPECULATIVE" not in texts_received(caller)
+    record, rows = stored(stack, caller)
+    assert len(rows) == 1 and rows[0]["speculation"] == "adopted" and rows[0]["speculationsStarted"] == 1
+    assert rows[0]["speculativeLlmRequests"] == 0  # the unanswered one is not charged to this turn twice
+    assert not any("SPECULATIVE" in m["content"] for m in record.messages)
+
+
+def test_a_partial_ending_mid_sentence_is_not_speculated_on(stack, llm):
+    """Hesitations after "a" and "for" are longer than PREEMPTIVE_STABLE_MS: the plain window would speculate in
+    both; the end-of-utterance signal waits PREEMPTIVE_INCOMPLETE_MS there and speculates only at the end."""
+    llm.push(Reply(text="A table for two, certainly."))
+    caller = new_call(stack)
+    reply = speak(caller, "I would like a table for two", punctuated_partials=False, pauses_s={4: 0.4, 6: 0.4})
+    caller.hangup()
+    assert reply.text == "A table for two, certainly."
+    assert len(llm.requests) == 1
+    row = stored(stack, caller)[1][-1]
+    assert row["speculation"] == "adopted" and row["speculationsStarted"] == 1
+
+
+def test_the_wait_follows_the_callers_cadence(stack, llm):
+    """A slow talker: the first turn speculates between words (the cadence is not known yet) until the cap; from
+    their pauses the wait grows past them, so the next turn speculates once, at the end, and adopts it."""
+    gap_ms = 350.0
+    llm.push(Reply(text="A"), Reply(text="B"), Reply(text="First."), Reply(text="Second."))
+    caller = new_call(stack)
+    first = caller.speak("one two three four five six", words_per_minute=60000 / gap_ms,
+                         end_of_speech_ms=gap_ms + CADENCE_MARGIN_MS + TTFT_S * 1000 + 300,
+                         punctuated_partials=False)
+    assert first.text == "First." and len(llm.requests) == 3
+    second = caller.speak("seven eight nine ten", words_per_minute=60000 / gap_ms,
+                          end_of_speech_ms=gap_ms + CADENCE_MARGIN_MS + TTFT_S * 1000 + 300,
+                          punctuated_partials=False)
+    caller.hangup()
+    assert second.text == "Second." and len(llm.requests) == 4
+    rows = stored(stack, caller)[1]
+    assert rows[0]["speculationsStarted"] == 2 and rows[0]["speculation"] == "discarded"
+    assert rows[1]["speculationsStarted"] == 1 and rows[1]["speculation"] == "adopted"
+
+
+def test_a_mid_sentence_speculation_from_the_cadence_changes_nothing(stack, llm):
+    """The cadence makes the wait short; a hesitation after a complete-looking word ("a house") starts a
+    speculation that routes, which the next word discards: not heard, not in the history, the node or the store."""
+    body = make_call_body()  # the real-estate flow: its entry node routes on buy/sell/rent/invest
+    caller = new_call(stack, body)
+    start_node = stored(stack, caller)[0].current_node
+    llm.push(Reply(text="Hello, how can I help?"))
+    speak(caller, "Hello there good morning to you", punctuated_partials=False)  # the caller's pace is learned
+    llm.push(Reply(text="SPECULATIVE buying reply.", ttft_s=0.0, tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="Could you tell me a bit more?"))
+    reply = speak(caller, "I want to buy a house or rent one", punctuated_partials=False, pauses_s={6: 0.4})
+    caller.hangup()
+    assert reply.text == "Could you tell me a bit more?" and reply.while_speaking == []
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert llm.requests[1].messages[-1]["content"] == "I want to buy a house"
+    record, rows = stored(stack, caller)
+    assert record.current_node == start_node and record.variables == {}
+    assert not any("SPECULATIVE" in m["content"] or m["content"] == "I want to buy a house"
+                   for m in record.messages)
+    assert not any("SPECULATIVE" in (entry.get("spoken") or "") for entry in record.transcript)
+    row = rows[-1]
+    assert row["speculation"] == "adopted" and row["speculationsStarted"] == 2
+    assert row["speculativeLlmRequests"] == 1 and row["nextNodeId"] == start_node and row["toolNames"] == []

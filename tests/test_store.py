@@ -266,6 +266,15 @@ def test_turns_are_numbered_in_order_and_stamped_with_call_and_time(store):
     assert store.turns("other") == []
 
 
+def test_counters_added_without_a_turn_accumulate_with_the_turns_ones(store):
+    store.create_call(make_record())
+    store.append_turn("call_1", {"n": 0}, counters={"a": 1})
+    store.add_counters({"a": 2, "b": 0.5})
+    store.add_counters({})
+    assert len(store.turns("call_1")) == 1  # no turn row was written
+    assert store.counters() == {"a": 3.0, "b": 0.5}
+
+
 def test_recent_turns_returns_only_the_window_across_calls_oldest_first(store):
     store.create_call(make_record("a"))
     store.create_call(make_record("b"))

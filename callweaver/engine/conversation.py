@@ -13,9 +13,10 @@ import structlog
 
 from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
+from .end_of_utterance import Completeness
 from .languages import LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
-from .prometheus import turn_counters
+from .prometheus import turn_counters, unanswered_speculation_counters
 from .speech import normalise_speech
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
@@ -150,14 +151,24 @@ class SpeculationPolicy:
     """When a relay call may start a turn on an interim transcript (PREEMPTIVE_* settings, README)."""
 
     enabled: bool = False
-    stable_ms: float = 400.0         # an unchanged partial this long starts a speculation
+    stable_ms: float = 400.0         # the plain window: an unchanged partial this long starts a speculation
     max_per_turn: int = 2            # speculations per caller turn (each discarded one is an extra LLM request)
     max_chars: int = 200             # longer utterances are not speculated on
+    end_of_utterance: bool = True    # the wait follows how the partial ends and the caller's cadence
+    incomplete_ms: float = 1000.0    # the wait after a partial ending mid-sentence ("near the", "and", "um")
+    cadence_margin_ms: float = 40.0  # after a complete-looking partial: the caller's usual pause plus this
 
-
-def looks_complete(text: str) -> bool:
-    """A partial the recogniser already ended with a sentence mark: worth starting on without waiting."""
-    return text.rstrip().endswith((".", "?", "!"))
+    def window_s(self, how: Completeness, usual_pause_s: float | None) -> float:
+        """How long a partial must stay unchanged before a speculation starts on it (end_of_utterance.py)."""
+        if how is Completeness.SENTENCE_END:
+            return 0.0  # the recogniser closed the sentence: start at once
+        if not self.end_of_utterance or how is Completeness.UNKNOWN:
+            return self.stable_ms / 1000
+        if how is Completeness.INCOMPLETE:
+            return max(self.stable_ms, self.incomplete_ms) / 1000
+        if usual_pause_s is None:
+            return self.stable_ms / 1000  # this caller's cadence is not known yet
+        return min(usual_pause_s + self.cadence_margin_ms / 1000, max(self.stable_ms, self.incomplete_ms) / 1000)
 
 
 class SpeculativeTurn:
@@ -240,13 +251,20 @@ def speculation_row(adopted: SpeculativeTurn | None, discarded: list[Speculative
     saved = None
     if adopted is not None and first_token_ms is not None and adopted.first_token_ms() is not None:
         saved = round(max(0.0, adopted.first_token_ms() - first_token_ms), 3)
+    cost = discarded_cost(discarded)
     return {
         "speculation": "adopted" if adopted else ("discarded" if discarded else None),
-        "speculationsStarted": started, "speculationsDiscarded": len(discarded),
-        "speculativeLlmRequests": sum(s.turn.result.llm_requests for s in discarded),
-        "speculativeTokens": sum(s.token_count for s in discarded if s.turn.result.llm_requests),
+        "speculationsStarted": started, "speculationsDiscarded": cost["speculations"],
+        "speculativeLlmRequests": cost["llmRequests"], "speculativeTokens": cost["tokens"],
         "savedMs": saved,
     }
+
+
+def discarded_cost(discarded: list[SpeculativeTurn]) -> dict[str, int]:
+    """What discarded speculations cost: how many, the LLM requests they made, the tokens they streamed."""
+    return {"speculations": len(discarded),
+            "llmRequests": sum(s.turn.result.llm_requests for s in discarded),
+            "tokens": sum(s.token_count for s in discarded if s.turn.result.llm_requests)}
 
 
 class ConversationEngine:
@@ -347,6 +365,21 @@ class ConversationEngine:
         self.tracer.end_turn(speculation.turn.result.trace_span, {"source": "speculation_discarded"})
         log.info("speculation_discarded", reason=reason, utterance_chars=len(speculation.turn.utterance),
                  tokens_held=speculation.token_count)
+
+    def record_unanswered_speculations(self, record, discarded: list[SpeculativeTurn], reason: str) -> None:
+        """Speculations of a caller turn that never got a final transcript (speech ended without one, or the call
+        ended): no turn row carries their cost, so it is added to the call (`meta.unansweredSpeculations`, the
+        per-call metrics) and to the cumulative counters (/metrics, the aggregate)."""
+        cost = discarded_cost(discarded)
+        log.info("speculations_unanswered", reason=reason, **cost)
+        self.store.add_counters(unanswered_speculation_counters(cost))
+        current = self.store.get_call(record.tracking_id)
+        if current is None:
+            return
+        meta = dict(current.meta or {})
+        kept = meta.get("unansweredSpeculations") or {}
+        meta["unansweredSpeculations"] = {key: int(kept.get(key) or 0) + value for key, value in cost.items()}
+        self.store.update_call(record.tracking_id, meta=meta)
 
     @staticmethod
     def may_press_keys(record) -> bool:

@@ -4,15 +4,25 @@ Built on the stdlib `socket`/`ssl` only (cooperative once gevent has patched the
 turn's own wall-clock deadline through `settimeout` — no private attributes of any HTTP library. A pooled
 connection is checked only when it is taken (one non-blocking peek), never the whole pool per request.
 The openai SDK stays the configuration surface: `Endpoint.from_sdk_client` reads its public base URL, headers
-and query (Azure api-version, keys) once per provider.
+and query (Azure api-version, keys) once per provider. The network around it is the SDK's too: HTTP_PROXY /
+HTTPS_PROXY / ALL_PROXY / NO_PROXY pick a forward proxy per endpoint (urllib.request's reading of them; HTTPS
+through a CONNECT tunnel), and TLS trusts what the SDK's HTTP stack trusts (`httpcore2.default_ssl_context`:
+SSL_CERT_FILE / SSL_CERT_DIR, else the system store).
+
+geventhttpclient (a C parser made for gevent) was measured as the replacement for the parsing here and kept out:
+`python -m bench.llm_client` (docs/performance.md) shows it using more CPU per streamed turn, and its per-request
+deadlines and cross-thread cancellation would need a `gevent.Timeout` per read and its private socket.
 """
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536
@@ -42,8 +52,35 @@ class StatusError(UpstreamError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """The forward proxy the environment names for one endpoint, as the SDK's HTTP stack would pick it."""
+
+    scheme: str
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization value, from credentials in the proxy URL
+
+    @classmethod
+    def from_environment(cls, scheme: str, host_and_port: str) -> "Proxy | None":
+        """HTTP(S)_PROXY for the endpoint's scheme, else ALL_PROXY; None when unset or NO_PROXY names the host
+        (urllib.request.getproxies/proxy_bypass). A proxy URL without a scheme means http://, as in the SDK."""
+        proxies = getproxies()
+        url = proxies.get(scheme) or proxies.get("all")
+        if not url or proxy_bypass(host_and_port):
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        authorization = None
+        if parts.username is not None or parts.password is not None:
+            credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(credentials.encode()).decode("ascii")
+        return cls(parts.scheme.lower(), parts.hostname or "localhost",
+                   parts.port or (443 if parts.scheme.lower() == "https" else 80), authorization)
+
+
 class Endpoint:
-    """Where a provider's chat completions go, with the request head (request line + fixed headers) prebuilt."""
+    """Where a provider's chat completions go, with the request head (request line + fixed headers) prebuilt,
+    and the proxy (if any) the environment routes it through."""
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parts = urlsplit(url)
@@ -52,11 +89,26 @@ class Endpoint:
         self.port = parts.port or (443 if self.tls else 80)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host_header = parts.netloc.rsplit("@", 1)[-1]
+        self.proxy = Proxy.from_environment(parts.scheme, host_header)
+        extra = []
+        if self.proxy is not None and not self.tls:
+            # a plain-HTTP proxy is the request's recipient: absolute-form target, and the proxy's credentials
+            target = f"http://{host_header}{target}"
+            if self.proxy.authorization:
+                extra.append(f"Proxy-Authorization: {self.proxy.authorization}")
         lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}"]
         lines += [f"{name}: {value}" for name, value in headers.items()
                   if name.lower() not in ("host", "content-length", "connection", "accept-encoding")]
-        lines += ["Accept-Encoding: identity", "Connection: keep-alive"]
+        lines += ["Accept-Encoding: identity", "Connection: keep-alive", *extra]
         self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+    def connect_request(self) -> bytes:
+        """The CONNECT request that opens a tunnel to this endpoint through its proxy (HTTPS endpoints)."""
+        authority = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if self.proxy is not None and self.proxy.authorization:
+            lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     @classmethod
     def from_sdk_client(cls, client: Any, deployment: str | None = None) -> "Endpoint":
@@ -105,27 +157,54 @@ class ConnectionPool:
             sock.close()
 
     def _connect(self, deadline: float) -> socket.socket:
-        endpoint = self.endpoint
+        endpoint, proxy = self.endpoint, self.endpoint.proxy
+        if proxy is not None and proxy.scheme != "http":
+            raise ConnectFailed("unsupported proxy scheme")  # never silently around the proxy
+        address = (proxy.host, proxy.port) if proxy is not None else (endpoint.host, endpoint.port)
+        sock = None
         try:
-            sock = socket.create_connection((endpoint.host, endpoint.port), timeout=_remaining(deadline, ConnectFailed))
+            sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:
+                if proxy is not None:
+                    _open_tunnel(sock, endpoint.connect_request(), deadline)
                 sock.settimeout(_remaining(deadline, ConnectFailed))
                 sock = self._tls().wrap_socket(sock, server_hostname=endpoint.host)
         except UpstreamError:
+            if sock is not None:
+                sock.close()
             raise
         except (OSError, ssl.SSLError) as error:
+            if sock is not None:
+                sock.close()
             raise ConnectFailed(type(error).__name__) from None
         return sock
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
-            try:
-                import certifi  # the CA bundle the openai SDK's own HTTP stack trusts
-                self._tls_context = ssl.create_default_context(cafile=certifi.where())
-            except ImportError:
-                self._tls_context = ssl.create_default_context()
+            import httpcore2  # the openai SDK's HTTP stack: trust what it trusts (SSL_CERT_FILE/SSL_CERT_DIR)
+
+            self._tls_context = httpcore2.default_ssl_context()
         return self._tls_context
+
+
+def _open_tunnel(sock: socket.socket, connect_request: bytes, deadline: float) -> None:
+    """Ask the proxy for a tunnel and read its answer head; anything but 2xx fails the connect."""
+    sock.settimeout(_remaining(deadline, ConnectFailed))
+    sock.sendall(connect_request)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        if len(answer) > MAX_HEAD_BYTES:
+            raise ConnectFailed("proxy answer too large")
+        sock.settimeout(_remaining(deadline, ConnectFailed))
+        more = sock.recv(4096)
+        if not more:
+            raise ConnectFailed("proxy closed the connection")
+        answer += more
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(status) < 2 or not status[1].startswith(b"2") or rest:
+        raise ConnectFailed(f"proxy refused the tunnel ({status[1][:3].decode('latin-1') if len(status) > 1 else '?'})")
 
 
 def _still_open(sock: socket.socket) -> bool:

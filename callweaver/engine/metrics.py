@@ -10,9 +10,14 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+from ..store import counter_series
 from ..units import SECONDS_PER_DAY
 
 NO_SAMPLES = "no measured turns in this window"
+# The stored counter (by field) of speculations whose caller turn never got a final transcript; for the API only,
+# /metrics exposes them as callweaver_speculations{outcome="unanswered"} and in the extra-cost sums.
+UNANSWERED = "cw_unanswered_speculations"
+UNANSWERED_FIELDS = ("speculations", "llmRequests", "tokens")
 
 # Published figures, quoted with their source; measured elsewhere, on other set-ups (voice-to-voice, not our
 # prompt-to-first-token), so they are context, never a "% slower than us" claim.
@@ -86,17 +91,29 @@ def turn_view(turn: dict) -> dict[str, Any]:
     }
 
 
-def preemption_summary(turns: list[dict]) -> dict[str, Any]:
+def unanswered_speculations(counters: dict[str, float]) -> dict[str, int]:
+    """The cumulative cost of unanswered speculations since the store began, from the store's counters."""
+    return {field: int(counters.get(counter_series(UNANSWERED, {"field": field}), 0)) for field in UNANSWERED_FIELDS}
+
+
+def preemption_summary(turns: list[dict], unanswered: dict[str, Any]) -> dict[str, Any]:
     """Speculative turns (PREEMPTIVE_GENERATION): how often a speculation was adopted, what it saved, what it cost.
 
     Over relay turns only (the one path with interim transcripts). `savedMs` is measured per adopted turn: the
     speculation's own time to first token minus the wait after the final prompt. Extra requests and tokens are
-    those of discarded speculations (tokens = streamed text chunks, about one model token each)."""
+    those of discarded speculations (tokens = streamed text chunks, about one model token each). `unanswered` is
+    the cost of speculations whose caller turn never got a final transcript (no turn row holds it), over its own
+    `window`: a call's own, or since the store began for the aggregate (counters have no window); when it is
+    this call's, the per-turn extra-cost figures include it."""
     relay = [t for t in turns if t.get("path") == "optimized"]
     n = len(relay)
     speculated = [t for t in relay if t.get("speculationsStarted")]
     adopted = [t for t in relay if t.get("speculation") == "adopted"]
-    extra_requests = sum(t.get("speculativeLlmRequests") or 0 for t in relay)
+    same_window = unanswered.get("window") == "call"
+    extra_requests = sum(t.get("speculativeLlmRequests") or 0 for t in relay) + (
+        unanswered.get("llmRequests", 0) if same_window else 0)
+    extra_tokens = sum(t.get("speculativeTokens") or 0 for t in relay) + (
+        unanswered.get("tokens", 0) if same_window else 0)
     turn_requests = sum(t.get("llmRequests") or 0 for t in relay)
     return {
         "turns": n, "turnsSpeculated": len(speculated), "adopted": len(adopted),
@@ -111,8 +128,9 @@ def preemption_summary(turns: list[dict]) -> dict[str, Any]:
         },
         "extraLlmRequests": extra_requests,
         "extraLlmRequestsPerTurn": ratio(extra_requests, n),
-        "extraTokensPerTurn": ratio(sum(t.get("speculativeTokens") or 0 for t in relay), n),
+        "extraTokensPerTurn": ratio(extra_tokens, n),
         "llmRequestsPerTurn": ratio(turn_requests + extra_requests, n),
+        "unanswered": unanswered,
         "hedgedRequests": sum(t.get("hedgedRequests") or 0 for t in relay),
         **({} if n else {"reason": "no relay turns in this window"}),
     }
@@ -212,7 +230,9 @@ class MetricsReader:
             "currentThroughput": round(s["turns"] / (duration_s / 60), 3) if duration_s > 0 and turns else None,
             "addedLatency": s["addedLatencyMs"], "providerTtft": s["providerTtftMs"],
             "lastTokenLatency": s["lastTokenMs"], "failovers": s["failovers"], "interrupted": s["interrupted"],
-            "preemption": preemption_summary(turns),
+            "preemption": preemption_summary(turns, {
+                **dict.fromkeys(UNANSWERED_FIELDS, 0),
+                **((record.meta or {}).get("unansweredSpeculations") or {}), "window": "call"}),
         }
         reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
@@ -265,7 +285,8 @@ class MetricsReader:
                                                        if not t.get("cacheHit") and t.get("source") == "llm")},
             "providers": {name: {"turns": len(ts), "ttftMs": distribution(t.get("providerTtftMs") for t in ts)}
                           for name, ts in sorted(by_provider.items())},
-            "preemption": preemption_summary(turns),
+            "preemption": preemption_summary(
+                turns, {**unanswered_speculations(self.store.counters()), "window": "since the store began"}),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import CollectorRegistry
 
 from ..store import CALLS_ENDED_COUNTER, counter_series as series_key
-from .metrics import added_latency_ms
+from .metrics import UNANSWERED, added_latency_ms
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 750, 1000, 1500, 2500, 5000, 10000)
 CIRCUIT_STATES = ("closed", "half_open", "open")
@@ -24,7 +24,8 @@ PROVIDER_FAILURES = "callweaver_provider_failures"
 SPECULATIONS = "callweaver_speculations"
 # Per-turn fields summed into plain counters: the cost of preemptive generation and hedged first tokens.
 TURN_SUMS = {
-    "callweaver_speculative_llm_requests": ("LLM requests of discarded speculations (extra cost)",
+    "callweaver_speculative_llm_requests": ("LLM requests of discarded speculations, with those of caller turns "
+                                            "that never got a final transcript (extra cost)",
                                             "speculativeLlmRequests"),
     "callweaver_speculative_tokens": ("Streamed tokens of discarded speculations (extra cost)", "speculativeTokens"),
     "callweaver_hedged_llm_requests": ("Second requests started by hedged first tokens", "hedgedRequests"),
@@ -83,6 +84,19 @@ def turn_counters(turn: Mapping) -> dict[str, float]:
         out[series_key(PROVIDER_FAILURES, {"provider": failover.get("provider") or "unknown",
                                            "reason": failover.get("reason") or "unknown"})] += 1
     return dict(out)
+
+
+def unanswered_speculation_counters(cost: Mapping[str, int]) -> dict[str, float]:
+    """What speculations of a caller turn that never got a final transcript add: no turn row carries them. Exposed
+    as speculations{outcome="unanswered"} and in the extra-cost sums; UNANSWERED keeps the parts for the API."""
+    out = {series_key(SPECULATIONS, {"outcome": "unanswered"}): float(cost["speculations"])}
+    for name, field in (("callweaver_speculative_llm_requests", "llmRequests"),
+                        ("callweaver_speculative_tokens", "tokens")):
+        if cost.get(field):
+            out[series_key(name, {})] = float(cost[field])
+    for field, value in cost.items():
+        out[series_key(UNANSWERED, {"field": field})] = float(value)
+    return out
 
 
 class StoreCollector:

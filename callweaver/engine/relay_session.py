@@ -15,7 +15,8 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from . import relay_protocol as protocol
-from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, looks_complete, speculation_row
+from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, speculation_row
+from .end_of_utterance import SpeechCadence, completeness
 from .metrics import elapsed_ms
 
 log = structlog.get_logger()
@@ -31,6 +32,9 @@ PLAYBACK_WAIT_MAX_S = 20.0
 SLOW_SPEECH_CHARS_PER_S = 10.0
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
+# No transcript for this long after an interim one: the caller's speech ended without a final transcript (the
+# recogniser dropped it), so that turn's speculations are accounted as unanswered (their cost is kept).
+NO_FINAL_AFTER_S = 5.0
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -82,6 +86,9 @@ class RelaySession:
         self._partial_seq = 0        # bumps on every partial and final so a stale stability timer does nothing
         self._adopted: SpeculativeTurn | None = None           # the current reply's, if it was speculated
         self._dropped_this_turn: list[SpeculativeTurn] = []    # dropped before the current reply
+        self._cadence = SpeechCadence()  # the caller's own pauses inside a sentence, in this call
+        self._last_partial_at = 0.0      # when the last interim transcript came (the no-final watch)
+        self._watching_for_final = False
 
     # ---- inbound ------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
@@ -142,8 +149,9 @@ class RelaySession:
             log.error("relay_prompt_before_setup")
             return
         if not message.last:
-            self._on_partial(message)  # interim transcript (partialPrompts): maybe start the turn early
+            self._on_partial(message, received)  # interim transcript (partialPrompts): maybe start the turn early
             return
+        self._cadence.turn_ended()
         if self._closing:
             log.info("relay_prompt_while_closing")
             return
@@ -164,13 +172,16 @@ class RelaySession:
             self._start_reply(text, received, lang=message.lang)
 
     # ---- speculation on interim transcripts --------------------------------------------------------
-    def _on_partial(self, message: protocol.Prompt) -> None:
+    def _on_partial(self, message: protocol.Prompt, received: float) -> None:
         policy = self.engine.speculation
         text = message.voice_prompt.strip()
         if not policy.enabled or self._closing or self.ended or not text:
             return
         lang = message.lang
+        how = completeness(text, lang or self.record.language)
+        self._cadence.heard(received, text, how)
         self._partial_seq += 1
+        self._watch_for_final(received)
         if self._speculation is not None:
             if self._speculation.matches(text, lang):
                 return  # the same words again: the speculation in flight still fits
@@ -178,10 +189,11 @@ class RelaySession:
             self._speculation = None
         if not self._may_speculate(text):
             return
-        if looks_complete(text):
+        window_s = policy.window_s(how, self._cadence.usual_pause_s())
+        if window_s <= 0:
             self._speculate(text, lang)
         else:
-            self.spawn(self._speculate_when_stable, self._partial_seq, text, lang)
+            self.spawn(self._speculate_when_stable, self._partial_seq, text, lang, window_s)
 
     def _may_speculate(self, text: str) -> bool:
         """Only between replies (the history is committed), never while typing, within the per-turn limits."""
@@ -190,8 +202,8 @@ class RelaySession:
                 and self._speculation is None and len(text) <= policy.max_chars
                 and len(self._discarded) < policy.max_per_turn)
 
-    def _speculate_when_stable(self, seq: int, text: str, lang: str | None) -> None:
-        time.sleep(self.engine.speculation.stable_ms / 1000)
+    def _speculate_when_stable(self, seq: int, text: str, lang: str | None, window_s: float) -> None:
+        time.sleep(window_s)
         if seq == self._partial_seq and self._may_speculate(text):
             self._speculate(text, lang)
 
@@ -209,6 +221,33 @@ class RelaySession:
         if self._speculation is not None:
             speculation, self._speculation = self._speculation, None
             self._drop_speculation(speculation, reason)
+
+    def _watch_for_final(self, received: float) -> None:
+        """One watcher per session while interim transcripts come: it notices speech that ends with no final."""
+        self._last_partial_at = received
+        if not self._watching_for_final:
+            self._watching_for_final = True
+            self.spawn(self._settle_if_no_final)
+
+    def _settle_if_no_final(self) -> None:
+        try:
+            while (left := self._last_partial_at + NO_FINAL_AFTER_S - self.clock()) > 0 and not self.ended:
+                time.sleep(left)
+        finally:
+            self._watching_for_final = False
+        if not self.ended and (self._speculation is not None or self._discarded):
+            self._settle_unanswered("no_final")  # a final would have taken them into its reply
+
+    def _settle_unanswered(self, reason: str) -> None:
+        """A caller turn ends with no final transcript: drop its speculation and keep what its speculations cost."""
+        self._discard_speculation(reason)
+        discarded, self._discarded = self._discarded, []
+        self._cadence.turn_ended()
+        if discarded and self.record is not None:
+            try:
+                self.engine.record_unanswered_speculations(self.record, discarded, reason)
+            except Exception:
+                log.exception("speculation_accounting_failed", reason=reason)
 
     def _adopt(self, speculation: SpeculativeTurn, received: float) -> None:
         """The final transcript is what we speculated on: send what it already produced, then the rest."""
@@ -469,7 +508,7 @@ class RelaySession:
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         self._digit_batch += 1
         self._partial_seq += 1
-        self._discard_speculation("hangup")
+        self._settle_unanswered("hangup")
         if self._reply is not None and self._streaming:
             self._cancel(heard=self._sent)
         elif self._reply is not None:

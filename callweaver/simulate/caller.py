@@ -196,12 +196,14 @@ class RelayCaller:
 
     def speak(self, text: str, lang: str = "en-US", *, words_per_minute: float = NORMAL_WORDS_PER_MINUTE,
               end_of_speech_ms: float = END_OF_SPEECH_MS, final: str | None = None,
-              interrupt_after_words: int | None = None, punctuated_partials: bool = True) -> Reply:
+              interrupt_after_words: int | None = None, punctuated_partials: bool = True,
+              pauses_s: dict[int, float] | None = None) -> Reply:
         """Speak as Twilio reports speech with `partialPrompts`: the growing transcript as `prompt` `last:false`
         word by word at `words_per_minute`, then, `end_of_speech_ms` after the last word (the recogniser's
         end-pointing), the final `prompt` `last:true` — `final` when the recogniser settled on other words.
         `interrupt_after_words`: Twilio reports a barge-in once that many words were heard.
         `punctuated_partials=False`: a recogniser that leaves sentence marks (. ? !) out of interim transcripts.
+        `pauses_s`: {n: seconds} — the caller hesitates that much longer after word n (1-based) and goes on.
 
         Whatever CallWeaver sends while the caller speaks is kept and read as the start of the reply.
         """
@@ -209,7 +211,7 @@ class RelayCaller:
         word_s = 60.0 / words_per_minute
         for count in range(1, len(words) + 1):
             if count > 1:
-                self.listen(word_s)
+                self.listen(word_s + (pauses_s or {}).get(count - 1, 0.0))
             self.partial(" ".join(words[:count]), lang)
             if interrupt_after_words == count:
                 self.interrupt()

@@ -127,6 +127,10 @@ class Store(Protocol):
         cumulative metrics always agree with the turns stored; returns the turn's index (0, 1, 2, ...)."""
         ...
 
+    def add_counters(self, counters: Mapping[str, float]) -> None:
+        """Add to cumulative counters in one write, for a cost no turn row carries (e.g. unanswered speculations)."""
+        ...
+
     def counters(self) -> dict[str, float]:
         """Every cumulative counter since the store began (series key → value); never decreases. Besides what
         append_turn adds, the write that ends a call (terminal status or ended_at set) counts it by status."""

@@ -430,6 +430,15 @@ class RedisStore:
         )
         return int(index)
 
+    def add_counters(self, counters: Mapping[str, float]) -> None:
+        if not counters:
+            return
+        with self._backend() as client:
+            pipe = client.pipeline(transaction=True)
+            for series, value in counters.items():
+                pipe.hincrbyfloat(self._key("counters"), series, float(value))
+            pipe.execute()
+
     def counters(self) -> dict[str, float]:
         with self._backend() as client:
             return {series: float(value) for series, value in client.hgetall(self._key("counters")).items()}

@@ -388,6 +388,10 @@ class SQLiteStore:
             _add_counters(conn, counters or {})
         return turn_index
 
+    def add_counters(self, counters: Mapping[str, float]) -> None:
+        with self._write() as conn:
+            _add_counters(conn, counters)
+
     def counters(self) -> dict[str, float]:
         with self._connection() as conn:
             return dict(conn.execute("SELECT series, value FROM cw_counters").fetchall())

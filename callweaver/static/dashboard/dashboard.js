@@ -158,6 +158,11 @@
     setFigure("pre-requests", pre.llmRequestsPerTurn, pre.reason, fmtNumber);
     setFigure("pre-tokens", pre.extraTokensPerTurn, pre.reason, fmtNumber);
     setFigure("pre-hedged", pre.hedgedRequests, null, fmtNumber);
+    var unanswered = pre.unanswered || {};
+    setText("pre-unanswered", isNum(unanswered.speculations)
+      ? unanswered.speculations + " speculations (" + unanswered.llmRequests + " LLM requests) of caller turns " +
+        "that never got a final transcript, since the store began"
+      : "");
     setText("pre-reason", pre.reason || "");
   }
 

@@ -1,0 +1,235 @@
+"""The LLM hot path honours HTTP_PROXY/HTTPS_PROXY/NO_PROXY (and SSL_CERT_FILE) the way the openai SDK's own HTTP
+stack does for the same endpoint: plain HTTP through the proxy in absolute form, HTTPS through a CONNECT tunnel,
+NO_PROXY hosts directly. A proxy stand-in and a TLS LLM stand-in on 127.0.0.1 see what arrives."""
+from __future__ import annotations
+
+import base64
+import datetime
+import socket
+import ssl
+import threading
+import time
+
+import openai
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange
+from callweaver.engine.providers import ChainSettings, ProviderChain
+from callweaver.engine.vendors import ProviderConfig
+from tests.fakes.loopback import LoopbackServer
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                   "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return b"", b""
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class ProxyStandIn(LoopbackServer):
+    """A forward proxy: CONNECT opens a tunnel; an absolute-form request is passed on in origin form. Records each
+    connection's first request line and Proxy-Authorization."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        head, rest = read_head(conn)
+        if not head:
+            conn.close()
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        auth = next((line.split(":", 1)[1].strip() for line in lines[1:]
+                     if line.lower().startswith("proxy-authorization:")), None)
+        self.seen.append((lines[0], auth))
+        method, target, version = lines[0].split(" ")
+        if method == "CONNECT":
+            host, port = target.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            hostport, _, path = target.split("://", 1)[1].partition("/")
+            host, _, port = hostport.partition(":")
+            upstream = socket.create_connection((host, int(port or 80)))
+            kept = [line for line in lines[1:] if not line.lower().startswith("proxy-")]
+            upstream.sendall(("\r\n".join([f"{method} /{path} {version}", *kept]) + "\r\n\r\n").encode("latin-1")
+                             + rest)
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+
+
+SSE_REPLY = (b'data: {"choices":[{"index":0,"delta":{"content":"Through"}}]}\n\n'
+             b'data: {"choices":[{"index":0,"delta":{"content":" the tunnel."},"finish_reason":"stop"}]}\n\n'
+             b"data: [DONE]\n\n")
+
+
+class TlsLLMStandIn(LoopbackServer):
+    """An HTTPS chat-completions endpoint for `localhost` with a self-signed certificate: every request gets the
+    same short SSE stream."""
+
+    def __init__(self, tmp_path) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(key, hashes.SHA256()))
+        self.cert_file = tmp_path / "llm-cert.pem"
+        self.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file = tmp_path / "llm-key.pem"
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(self.cert_file, key_file)
+        self.requests: list[str] = []
+        super().__init__()
+
+    def handle(self, raw: socket.socket) -> None:
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as conn:
+                while True:
+                    head, body = read_head(conn)
+                    if not head:
+                        return
+                    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                      if line.lower().startswith(b"content-length:")))
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    self.requests.append(head.split(b"\r\n")[0].decode())
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(SSE_REPLY), SSE_REPLY))
+        except (OSError, ssl.SSLError):
+            pass
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def proxy():
+    stand_in = ProxyStandIn()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def tls_llm(tmp_path):
+    stand_in = TlsLLMStandIn(tmp_path)
+    yield stand_in
+    stand_in.stop()
+
+
+def one_turn(base_url: str) -> str:
+    chain = ProviderChain([ProviderConfig("only", "openai", "sk-test", "gpt-4o-mini", base_url=base_url)],
+                          ChainSettings(first_token_timeout_s=5.0))
+    try:
+        reply = chain.complete([{"role": "user", "content": "hi"}])
+        assert not reply.failovers, reply.failovers
+        return reply.text
+    finally:
+        chain.close()
+
+
+def sdk_turn(base_url: str) -> str:
+    with openai.OpenAI(base_url=base_url, api_key="sk-test", max_retries=0) as client:
+        stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+                                                messages=[{"role": "user", "content": "hi"}])
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+def test_plain_http_goes_through_http_proxy_with_its_credentials_like_the_sdk(clean_env, proxy, fake_llm):
+    clean_env.setenv("HTTP_PROXY", f"http://us%40er:p%3Ass@127.0.0.1:{proxy.port}")
+    assert sdk_turn(fake_llm.url)  # the SDK's own stack: the reference behaviour
+    assert one_turn(fake_llm.url)
+    expected_auth = "Basic " + base64.b64encode(b"us@er:p:ss").decode()
+    target = f"POST http://127.0.0.1:{fake_llm.port}/v1/chat/completions HTTP/1.1"
+    assert proxy.seen == [(target, expected_auth), (target, expected_auth)]
+
+
+def test_https_goes_through_a_connect_tunnel_and_trusts_ssl_cert_file_like_the_sdk(clean_env, proxy, tls_llm):
+    clean_env.setenv("HTTPS_PROXY", f"127.0.0.1:{proxy.port}")  # no scheme: http:// as the SDK assumes
+    clean_env.setenv("SSL_CERT_FILE", str(tls_llm.cert_file))
+    base_url = f"https://localhost:{tls_llm.port}/v1"
+    assert sdk_turn(base_url) == "Through the tunnel."
+    assert one_turn(base_url) == "Through the tunnel."
+    assert proxy.seen == [(f"CONNECT localhost:{tls_llm.port} HTTP/1.1", None)] * 2
+    assert tls_llm.requests == ["POST /v1/chat/completions HTTP/1.1"] * 2  # origin form inside the tunnel
+
+
+def test_no_proxy_hosts_are_reached_directly(clean_env, proxy, fake_llm):
+    clean_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    clean_env.setenv("NO_PROXY", "example.org, 127.0.0.1")
+    assert one_turn(fake_llm.url)
+    assert proxy.seen == []
+
+
+def test_a_proxy_for_the_other_scheme_is_not_used(clean_env, proxy, fake_llm):
+    clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    assert one_turn(fake_llm.url)  # an http:// endpoint
+    assert proxy.seen == []
+
+
+def test_a_refused_connect_is_a_connect_failure(clean_env, tls_llm):
+    refusing = socket.create_server(("127.0.0.1", 0))
+
+    def answer_407() -> None:
+        conn, _ = refusing.accept()
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+    threading.Thread(target=answer_407, daemon=True).start()
+    clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{refusing.getsockname()[1]}")
+    pool = ConnectionPool(Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {}))
+    with pytest.raises(ConnectFailed):
+        Exchange(pool).start(b"{}", time.monotonic() + 5, 2.0)
+    refusing.close()
+
+
+def test_an_unsupported_proxy_scheme_fails_the_connect_instead_of_going_direct(clean_env, fake_llm):
+    clean_env.setenv("HTTP_PROXY", "socks5://127.0.0.1:9")
+    pool = ConnectionPool(Endpoint(f"{fake_llm.url}/chat/completions", {}))
+    with pytest.raises(ConnectFailed):
+        Exchange(pool).start(b"{}", time.monotonic() + 5, 2.0)
+
+
+def test_a_proxy_that_never_answers_the_connect_is_a_connect_failure_at_the_connect_deadline(clean_env, tls_llm):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never answers
+    clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    pool = ConnectionPool(Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {}))
+    with pytest.raises(ConnectFailed):
+        Exchange(pool).start(b"{}", time.monotonic() + 30, 0.3)
+    silent.close()
