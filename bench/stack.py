@@ -4,6 +4,7 @@ Everything listens on 127.0.0.1 and every wait has a deadline."""
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import resource
@@ -122,6 +123,15 @@ class FakeLLMProcess:
             self._log.close()
 
 
+def compile_sources(repo: Path) -> None:
+    """The build step of render.yaml's buildCommand: the app's (and the baseline's) bytecode is compiled before the
+    server starts, so a cold start does not compile sources (this machine sets PYTHONDONTWRITEBYTECODE)."""
+    for name in ("callweaver", "bench"):
+        compileall.compile_dir(str(repo / name), quiet=1)
+    for name in ("wsgi.py", "gunicorn.conf.py"):
+        compileall.compile_file(str(repo / name), quiet=1)
+
+
 def server_env(data_dir: Path, llm_url: str, twilio_url: str, **overrides: str) -> dict[str, str]:
     """The service's environment for a bench: one gevent worker, the fake LLM as the only provider."""
     env = {
@@ -170,6 +180,7 @@ class BenchStack:
         or with `naive` the baseline relay (bench/naive_relay.py) on the same gunicorn gevent worker class.
         `wrap` prefixes the server command with one that execs it (bench/relay.py's CPU-quota mode)."""
         self._runs += 1
+        compile_sources(repo)
         data_dir = self.work_dir / f"run{self._runs}"
         data_dir.mkdir()
         env = server_env(data_dir, self.llm.url, self.twilio.url, **env_overrides)

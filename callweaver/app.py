@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import structlog
 from flask import Flask, g, jsonify, request
+from flask.sessions import SessionInterface
 from flask_cors import CORS
 
 from .config import Settings
@@ -19,7 +20,20 @@ from .request_guard import RequestBodyGuard
 from .services import Services
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
+# Answered while the worker's SDK clients are still being built (Services.warm_up): they need none of them.
+ANSWERED_DURING_WARM_UP = frozenset({"health.health", "health.ping", "health.health_optimized", "static"})
 log = structlog.get_logger()
+
+
+class NoCookieSessions(SessionInterface):
+    """The API keeps no cookie sessions: no session is opened, signed or saved per request (any write to
+    `flask.session` fails loudly on Flask's null session)."""
+
+    def open_session(self, app: Flask, request):  # noqa: ANN001  (Flask's signature)
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session, response) -> None:  # noqa: ANN001
+        return None
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -37,6 +51,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__, instance_relative_config=True)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
                       SECRET_KEY=settings.secret_key or uuid.uuid4().hex)
+    app.session_interface = NoCookieSessions()
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
@@ -50,6 +65,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes}
     sock.init_app(app)
     _init_request_logging(app)
+    _wait_for_warm_up(app)
     _refuse_cross_site(app, settings)
     init_errors(app)
     from .routes import register_blueprints
@@ -82,6 +98,15 @@ def _init_request_logging(app: Flask) -> None:
         log.info("http_request", method=request.method, path=request.path, status=response.status_code,
                  duration_ms=round(elapsed_ms, 2))
         return response
+
+
+def _wait_for_warm_up(app: Flask) -> None:
+    """Requests that may need the SDK clients wait until the worker has built them (health checks do not)."""
+
+    @app.before_request
+    def _wait() -> None:
+        if request.endpoint not in ANSWERED_DURING_WARM_UP:
+            app.extensions["callweaver"].wait_until_warm()
 
 
 def _refuse_cross_site(app: Flask, settings: Settings) -> None:

@@ -191,7 +191,7 @@ class CallLifecycle:
         llm_credentials = self.workflow_llm_credentials(body)
         call = CallRecord(
             tracking_id=tracking_id, path=path, workflow_id=workflow_id,
-            workflow=workflow.to_snapshot(), workflow_hash=workflow.version_hash,
+            workflow=workflow.snapshot, workflow_hash=workflow.version_hash,
             language=language.code, greeting=greeting,
             messages=[{"role": "assistant", "content": greeting}],
             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
@@ -200,7 +200,7 @@ class CallLifecycle:
         )
         self.store.create_call(call)
         if workflow_id:
-            self.store.save_workflow(workflow_id, workflow.to_snapshot())
+            self.store.save_workflow(workflow_id, workflow.snapshot)
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
@@ -215,7 +215,7 @@ class CallLifecycle:
                                    meta={"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]})
             raise
         updated = self.store.update_call(tracking_id, call_sid=placed.sid, status=placed.status or "queued")
-        log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, path=path,
+        log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
                  language=language.code, nodes=len(workflow.nodes))
         return StartedCall(record=updated or call, placed=placed)
 

@@ -66,10 +66,42 @@ def spawn(fn: Callable, *args: Any) -> Task:
     return Task(fn, *args)
 
 
+class OsThreadWork:
+    """CPU-bound work (imports, SDK clients) in a real OS thread, so the worker's gevent hub keeps answering while
+    it runs: gevent's threadpool under gevent (waiters block cooperatively), a daemon thread otherwise.
+
+    A greenlet would not do: an import in one greenlet holds the module's import lock, and another greenlet importing
+    the same module blocks the whole hub on it (the first call's ring hung that way, tests/test_transport_limits.py)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        from gevent import monkey
+        context = contextvars.copy_context()
+        if monkey.is_module_patched("threading"):
+            import gevent
+            self._result = gevent.get_hub().threadpool.spawn(context.run, fn)
+            self._thread = None
+        else:
+            self._result = None
+            self._thread = threading.Thread(target=context.run, args=(fn,), daemon=True)
+            self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self._result.ready() if self._result is not None else not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Until the work has finished (it logs its own failures, so this never raises)."""
+        if self._result is not None:
+            self._result.wait()
+        else:
+            self._thread.join()
+
+
 @dataclass
 class Services:
     settings: Settings
     started_at: float = field(default_factory=time.time)
+    _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
 
     @cached_property
     def store(self) -> Store:
@@ -158,12 +190,25 @@ class Services:
     def warm_up(self) -> None:
         """Import and build the hot-path objects at worker start, so the first call's first turn pays nothing.
 
-        The providers' SDK clients (the openai import, about half of a worker's import CPU) are built here too:
-        building them in a greenlet while the first call rang hung that worker's other requests under gevent
-        (tests/test_transport_limits.py showed it), so the cold-start saving was given up for now."""
+        The store, languages, engine and cache are built here, before the worker serves. The SDK clients (the openai
+        import: about half of a worker's boot CPU; the twilio client's call resources) are built right after, in an OS thread while the
+        worker already serves: /health and /ping answer at once, and every other request waits (cooperatively,
+        app.py) until they are built, so a call's turns never pay for them."""
         self.engine  # noqa: B018  (builds store handle, provider chain, languages, cache)
-        self.providers.warm_up()
         self.reply_cache.connect()
+        self._sdk_warm_up = OsThreadWork(self._build_sdk_clients)
+
+    def _build_sdk_clients(self) -> None:
+        try:
+            self.providers.warm_up()
+            self.twilio.warm_up()
+        except Exception:  # a client that cannot be built fails its requests as before, lazily
+            log.exception("sdk_warm_up_failed")
+
+    def wait_until_warm(self) -> None:
+        """Block (cooperatively under gevent) until warm_up's background part has finished."""
+        if self._sdk_warm_up is not None and not self._sdk_warm_up.done:
+            self._sdk_warm_up.wait()
 
     def prepare_call(self, tracking_id: str) -> Task | None:
         """While the phone rings, off the request path: warm the cache for the entry node."""

@@ -50,6 +50,11 @@ class TwilioGateway:
             self._client = self._build(self._account_sid, self._auth_token)
         return self._client
 
+    def warm_up(self) -> None:
+        """Build the server's client and load the SDK's call resources now (worker start), not in the first make-call."""
+        if self.configured:
+            self.client().calls  # noqa: B018  (the SDK imports its API modules on first access)
+
     def create_call(self, *, to: str, from_number: str, url: str, status_callback: str,
                     timeout_s: int, record: bool, credentials: tuple[str, str] | None = None) -> PlacedCall:
         call = self.client(credentials).calls.create(
@@ -58,7 +63,6 @@ class TwilioGateway:
             status_callback_event=STATUS_CALLBACK_EVENTS,
             timeout=timeout_s, record=record,
         )
-        log.info("twilio_call_created", call_sid=call.sid, status=call.status)
         return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number)
 
     def end_call(self, call_sid: str, credentials: tuple[str, str] | None = None) -> str:

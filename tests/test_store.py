@@ -572,3 +572,25 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
     while not store.claim_relay_socket("call_claim", "socket-e", 1, 30):   # a killed worker's lease runs out
         assert time.monotonic() < deadline, "an expired lease must free the call"
         time.sleep(0.05)
+
+
+def test_values_the_fast_encoder_refuses_are_still_stored(store):
+    """Integers beyond 64 bits (orjson refuses them) and integer keys round-trip like the standard library's JSON."""
+    big = 2 ** 70
+    store.create_call(CallRecord(tracking_id="call_big", variables={"n": big, "nested": {1: "one"}}))
+    store.update_call("call_big", meta={"huge": [big, -big]})
+    record = store.get_call("call_big")
+    assert record.variables == {"n": big, "nested": {"1": "one"}}
+    assert record.meta == {"huge": [big, -big]}
+
+
+def test_rows_written_with_nan_by_the_standard_library_still_read(tmp_path):
+    path = str(tmp_path / "calls.db")
+    store = SQLiteStore(path)
+    store.create_call(CallRecord(tracking_id="call_nan"))
+    with sqlite3.connect(path) as conn:
+        data = json.loads(conn.execute("SELECT data FROM cw_calls WHERE tracking_id = 'call_nan'").fetchone()[0])
+        data["variables"] = {"x": float("nan")}
+        conn.execute("UPDATE cw_calls SET data = ? WHERE tracking_id = 'call_nan'", (json.dumps(data),))
+    value = store.get_call("call_nan").variables["x"]
+    assert value != value  # NaN

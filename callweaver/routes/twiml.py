@@ -110,8 +110,10 @@ def twiml_ai(record=None):
 # ---- ConversationRelay -------------------------------------------------------------------------------
 
 def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, greeting: str,
-                   resumed: bool = False) -> None:
-    """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to."""
+                   resumed: bool = False, call_sid: str | None = None) -> None:
+    """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to.
+
+    What the call's record gains (the CallSid Twilio now names, the languages declared) is written in one update."""
     base = base_url()
     svc = services()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
@@ -139,8 +141,13 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
     if resumed:
         relay.parameter(name="resumed", value="1")
     wanted = {"multilingualStt": multilingual, "homeLanguage": home.code, "relayLanguages": declared}
+    updates: dict = {}
+    if call_sid and record.call_sid != call_sid:
+        updates["call_sid"] = call_sid
     if any(meta.get(key) != value for key, value in wanted.items()):
-        svc.store.update_call(record.tracking_id, meta={**meta, **wanted})
+        updates["meta"] = {**meta, **wanted}
+    if updates:
+        svc.store.update_call(record.tracking_id, **updates)
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])
@@ -155,9 +162,8 @@ def twiml_optimized(record=None):
         entry = svc.languages.get(None)
         _say_and_listen(vr, entry.line("fallbackGreeting"), entry, _gather_url(None, request.args.get("id")))
         return twiml_response(str(vr))
-    record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
-    _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"))
+    _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"), call_sid=params.get("CallSid"))
     return twiml_response(str(vr))
 
 

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any, Mapping
 
+import orjson
+
 from callweaver.store import (
     CALL_LOG_FIELDS,
     CALLS_ENDED_COUNTER,
@@ -88,7 +90,20 @@ CREATE TABLE IF NOT EXISTS cw_workflows (
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON; orjson (a call record with its workflow is ~12 KB, written on every webhook), with the
+    standard library for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str) -> Any:
+    """The inverse of _dumps; rows the standard library wrote may hold NaN or Infinity, which orjson refuses."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _add_counters(conn: sqlite3.Connection, counters: Mapping[str, float]) -> None:
@@ -209,7 +224,7 @@ class SQLiteStore:
                         record.call_sid,
                         record.created_at,
                         record.ended_at,
-                        _dumps(record.to_dict()),
+                        _dumps(vars(record)),  # encoded at once: no deep copy (to_dict) needed
                         record.status,
                         record.path,
                         record.language,
@@ -223,7 +238,7 @@ class SQLiteStore:
             row = conn.execute(
                 "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
             ).fetchone()
-        return CallRecord.from_dict(json.loads(row[0])) if row else None
+        return CallRecord.from_dict(_loads(row[0])) if row else None
 
     def find_tracking_id(self, call_sid: str) -> str | None:
         with self._connection() as conn:
@@ -242,7 +257,7 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return None
-            data = json.loads(row[0])
+            data = _loads(row[0])
             ends_now = data.get("ended_at") is None and fields.get("ended_at") is not None
             data["updated_at"] = time.time()
             data.update(copy.deepcopy(fields))  # the returned record never aliases the caller's objects
@@ -269,7 +284,7 @@ class SQLiteStore:
             query += " AND ended_at IS NULL"
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
-        return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+        return [CallRecord.from_dict(_loads(row[0])) for row in rows]
 
     def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
                   language: str | None = None) -> tuple[list[CallRecord], int]:
@@ -299,7 +314,7 @@ class SQLiteStore:
                 " ORDER BY created_at",
                 (since,),
             ).fetchall()
-        return [CallRecord.from_dict(json.loads(row[0])) for row in rows]
+        return [CallRecord.from_dict(_loads(row[0])) for row in rows]
 
     def count_calls(self, since: float = 0.0) -> int:
         with self._connection() as conn:
@@ -324,7 +339,7 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return False
-            data = json.loads(row[0])
+            data = _loads(row[0])
             current_sequence = int(data.get("status_sequence", -1))
             sequence = current_sequence + 1 if sequence is None else int(sequence)
             inserted = conn.execute(
@@ -353,7 +368,7 @@ class SQLiteStore:
                 (tracking_id,),
             ).fetchall()
         return [
-            {"status": status, "sequence": sequence, "receivedAt": received_at, "payload": json.loads(payload)}
+            {"status": status, "sequence": sequence, "receivedAt": received_at, "payload": _loads(payload)}
             for status, sequence, received_at, payload in rows
         ]
 
@@ -414,7 +429,7 @@ class SQLiteStore:
                 "SELECT data FROM cw_turns WHERE tracking_id = ? ORDER BY turn_index",
                 (tracking_id,),
             ).fetchall()
-        return [json.loads(row[0]) for row in rows]
+        return [_loads(row[0]) for row in rows]
 
     def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:
         found: dict[str, list[dict]] = {tracking_id: [] for tracking_id in tracking_ids}
@@ -428,7 +443,7 @@ class SQLiteStore:
                 list(tracking_ids),
             ).fetchall()
         for tracking_id, data in rows:
-            found[tracking_id].append(json.loads(data))
+            found[tracking_id].append(_loads(data))
         return found
 
     def recent_turns(self, since: float) -> list[dict]:
@@ -437,7 +452,7 @@ class SQLiteStore:
                 "SELECT data, turn_index FROM cw_turns WHERE at >= ? ORDER BY at, tracking_id, turn_index",
                 (since,),
             ).fetchall()
-        return [{**json.loads(data), "index": turn_index} for data, turn_index in rows]
+        return [{**_loads(data), "index": turn_index} for data, turn_index in rows]
 
     # -- workflows --------------------------------------------------------------
 
@@ -455,7 +470,7 @@ class SQLiteStore:
             row = conn.execute(
                 "SELECT snapshot FROM cw_workflows WHERE workflow_id = ?", (workflow_id,)
             ).fetchone()
-        return json.loads(row[0]) if row else None
+        return _loads(row[0]) if row else None
 
     # -- relay socket claims ------------------------------------------------------
 
@@ -493,12 +508,12 @@ class SQLiteStore:
     def read_shared(self, key: str) -> dict | None:
         with self._connection() as conn:
             row = conn.execute("SELECT data FROM cw_shared WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return _loads(row[0]) if row else None
 
     def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
         with self._write() as conn:
             row = conn.execute("SELECT data FROM cw_shared WHERE key = ?", (key,)).fetchone()
-            current = json.loads(row[0]) if row else None
+            current = _loads(row[0]) if row else None
             new = change(copy.deepcopy(current))
             if new is None:
                 return current, False

@@ -5,6 +5,7 @@ Nothing here knows the web app's export format (that is `parse`); a Workflow is 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -180,7 +181,12 @@ class Workflow:
         return workflow_from_snapshot(snapshot)
 
     def to_snapshot(self) -> dict:
-        """JSON-safe canonical form, without secrets; `from_snapshot(s).to_snapshot() == s`."""
+        """JSON-safe canonical form, without secrets; `from_snapshot(s).to_snapshot() == s`. A fresh copy."""
+        return copy.deepcopy(self.snapshot)
+
+    @functools.cached_property
+    def snapshot(self) -> dict:
+        """`to_snapshot()` built once and shared: read it or store it, never change it (a Workflow is immutable)."""
         from .parse import workflow_to_snapshot
         return workflow_to_snapshot(self)
 
@@ -216,7 +222,7 @@ class Workflow:
         """sha256 of the canonical snapshot: any change to prompts, edges or messages changes it.
 
         Computed once: a Workflow is immutable, and the cache key of every turn needs it."""
-        canonical = json.dumps(self.to_snapshot(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        canonical = json.dumps(self.snapshot, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     # ---------------------------------------------------------------- navigation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from typing import Any, Iterator, Mapping
 
@@ -112,9 +113,9 @@ def workflow_to_snapshot(workflow: Workflow) -> dict:
 
 def strip_secrets(value: Any) -> Any:
     """Drop secret-looking keys at any depth: snapshots are stored and logged, credentials come from the server."""
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # the exact-type check first: ABC checks are slow
         return {k: strip_secrets(v) for k, v in value.items() if not (isinstance(k, str) and _is_secret_key(k))}
-    if isinstance(value, list):
+    if type(value) is list or isinstance(value, list):
         return [strip_secrets(v) for v in value]
     return value
 
@@ -303,6 +304,7 @@ def _synthetic_graph() -> tuple[dict[str, Node], tuple[Edge, ...]]:
     return {start.id: start, talk.id: talk}, (edge,)
 
 
+@functools.lru_cache(maxsize=4096)  # a flow's keys repeat in every node and every call
 def _is_secret_key(key: str) -> bool:
     normal = re.sub(r"[^a-z0-9]", "", key.lower())
     return (

@@ -1,0 +1,99 @@
+"""Set-up CPU per call, by request, in-process: make-call-optimized (with the twilio SDK's REST call to the stand-in,
+which runs in its own process), the signed TwiML webhook and four signed status callbacks, each timed with the
+thread's CPU clock. The socket upgrade is left out (the test client has no WebSocket); `python -m bench.relay`
+measures the whole set-up on the real server.
+
+    python -m bench.setup_cpu --calls 200          # about 10 s
+    python -m bench.setup_cpu --calls 200 --profile cumulative   # plus a cProfile table (slows everything ~5×)
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.callers import call_body, destination
+from bench.stack import ACCOUNT_SID, AUTH_TOKEN, server_env
+from callweaver.simulate.webhooks import twilio_signature
+
+BASE = "http://127.0.0.1:3000"  # PUBLIC_BASE_URL: what the webhooks are signed for
+STATUSES = ("initiated", "ringing", "answered", "in-progress")
+WARM_UP_CALLS = 5
+
+
+def start_twilio_stand_in() -> tuple[subprocess.Popen, str]:
+    """The REST stand-in in its own process, so its CPU is not this process's."""
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom callweaver.simulate.twilio_rest import TwilioRestStandIn\n"
+        f"s = TwilioRestStandIn({ACCOUNT_SID!r}, {AUTH_TOKEN!r}).start()\nprint(s.url, flush=True)\ntime.sleep(3600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--profile", choices=("cumulative", "tottime"), help="print a cProfile table")
+    args = parser.parse_args()
+    stand_in, twilio_url = start_twilio_stand_in()
+    try:
+        os.environ.update(server_env(Path(tempfile.mkdtemp(prefix="callweaver-setup-cpu-")), "http://127.0.0.1:9/v1",
+                                     twilio_url, PUBLIC_BASE_URL=BASE))
+        from callweaver import create_app
+        app = create_app()
+        app.extensions["callweaver"].wait_until_warm()
+        client = app.test_client()
+
+        def signed(path: str, params: dict) -> None:
+            resp = client.post(path, data=params,
+                               headers={"X-Twilio-Signature": twilio_signature(AUTH_TOKEN, BASE + path, params)})
+            assert resp.status_code == 200, resp.data
+
+        def one_call(index: int, spent: dict[str, float]) -> None:
+            started = time.thread_time()
+            resp = client.post("/api/make-call-optimized", json=call_body(destination(index), "real_estate_property_dealer"))
+            data = resp.get_json()
+            assert resp.status_code == 200, data
+            sid, tid = data["callSid"], data["optimization"]["trackingId"]
+            placed = time.thread_time()
+            signed(f"/api/twiml-optimized?id=wf_real_estate_property_dealer&trackingId={tid}",
+                   {"AccountSid": ACCOUNT_SID, "CallSid": sid, "From": "+15005550006", "To": destination(index),
+                    "Direction": "outbound-api", "ApiVersion": "2010-04-01", "CallStatus": "in-progress"})
+            answered = time.thread_time()
+            for sequence, status in enumerate(STATUSES):
+                signed(f"/api/call-status-optimized?trackingId={tid}",
+                       {"AccountSid": ACCOUNT_SID, "CallSid": sid, "CallStatus": status, "SequenceNumber": str(sequence),
+                        "CallbackSource": "call-progress-events", "ApiVersion": "2010-04-01",
+                        "Direction": "outbound-api"})
+            done = time.thread_time()
+            spent["make-call-optimized"] += placed - started
+            spent["TwiML webhook"] += answered - placed
+            spent["4 status callbacks"] += done - answered
+
+        for i in range(WARM_UP_CALLS):
+            one_call(100000 + i, {"make-call-optimized": 0.0, "TwiML webhook": 0.0, "4 status callbacks": 0.0})
+        spent = {"make-call-optimized": 0.0, "TwiML webhook": 0.0, "4 status callbacks": 0.0}
+        profile = cProfile.Profile(time.thread_time)
+        if args.profile:
+            profile.enable()
+        for i in range(args.calls):
+            one_call(i, spent)
+        profile.disable()
+        print(f"| request | CPU per call (ms), {args.calls} calls, in-process |\n|---|---|")
+        for name, seconds in spent.items():
+            print(f"| {name} | {seconds * 1000 / args.calls:.2f} |")
+        print(f"| all of them | {sum(spent.values()) * 1000 / args.calls:.2f} |")
+        if args.profile:
+            pstats.Stats(profile).sort_stats(args.profile).print_stats(60)
+    finally:
+        stand_in.kill()
+
+
+if __name__ == "__main__":
+    main()
