@@ -371,6 +371,15 @@ def test_list_calls_filters_by_creation_time_and_activity(store):
     assert store.list_calls(since=150.0, active_only=True) == []
 
 
+def test_live_calls_are_the_calls_created_since_that_have_not_ended(store):
+    store.create_call(make_record("old", created_at=100.0))
+    store.create_call(make_record("ended", created_at=200.0))
+    store.create_call(make_record("live", created_at=300.0))
+    store.append_status("ended", "completed", 1, {}, received_at=250.0)
+
+    assert [r.tracking_id for r in store.live_calls()] == ["old", "live"]
+    assert [r.tracking_id for r in store.live_calls(since=150.0)] == ["live"]
+
 def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     fixture = os.path.join(REPO_ROOT, "tests", "fixtures", "workflows", "real_estate_property_dealer.json")
     with open(fixture, encoding="utf-8") as handle:
@@ -382,6 +391,91 @@ def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     store.save_workflow("wf_1", {"version": 2})
     assert store.get_workflow("wf_1") == {"version": 2}
     assert store.get_workflow("unknown") is None
+
+
+# -- workflow snapshots: stored once per version, referenced by the call rows ------------------------
+
+
+SNAPSHOT = {"name": "Flow", "nodes": [{"id": "start", "data": {"prompt": "x" * 2000, "firstMessage": CANTONESE}}],
+            "edges": []}
+
+
+def _stored_call_fields(store, tracking_id: str) -> dict:
+    """The call as the backend holds it, undecoded by the store: its JSON row (SQLite) or hash (Redis)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            (data,) = conn.execute("SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)).fetchone()
+        return json.loads(data)
+    client = store._redis()
+    return {key: json.loads(value) for key, value in client.hgetall(store._key("call", tracking_id)).items()}
+
+
+def _embed_snapshot_as_older_workers_did(store, tracking_id: str, snapshot: dict) -> None:
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            (data,) = conn.execute("SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)).fetchone()
+            data = {**json.loads(data), "workflow": snapshot}
+            conn.execute("UPDATE cw_calls SET data = ? WHERE tracking_id = ?", (json.dumps(data), tracking_id))
+    else:
+        store._redis().hset(store._key("call", tracking_id), "workflow", json.dumps(snapshot))
+
+
+def test_calls_of_one_workflow_version_keep_only_a_reference_and_every_reader_sees_the_snapshot(store, store_spec):
+    for tracking_id in ("call_a", "call_b"):
+        store.create_call(make_record(tracking_id, workflow=SNAPSHOT, workflow_hash="v1"))
+
+    for tracking_id in ("call_a", "call_b"):
+        stored = _stored_call_fields(store, tracking_id)
+        assert "workflow" not in stored and stored["workflow_hash"] == "v1"
+    other_worker = build_store(**store_spec)  # nothing cached: resolves the reference from the store
+    try:
+        assert other_worker.get_call("call_a").workflow == SNAPSHOT
+        assert [r.workflow for r in other_worker.list_calls()] == [SNAPSHOT, SNAPSHOT]
+        assert [r.workflow for r in other_worker.live_calls()] == [SNAPSHOT, SNAPSHOT]
+    finally:
+        other_worker.close()
+    assert store.update_call("call_a", current_node="next").workflow == SNAPSHOT
+    store.append_status("call_a", "in-progress", 1, {})
+    store.commit_turn("call_a", {"current_node": "other"}, {"n": 1}, transcript_entry={"said": "hi"})
+    record = store.get_call("call_a")
+    assert (record.workflow, record.workflow_hash, record.current_node) == (SNAPSHOT, "v1", "other")
+    assert "workflow" not in _stored_call_fields(store, "call_a")
+
+
+def test_calls_without_a_version_hash_or_workflow_read_back_as_written(store):
+    store.create_call(make_record("no_hash", workflow={"nodes": []}))
+    store.create_call(make_record("no_workflow", workflow_hash="v9"))
+
+    assert store.get_call("no_hash").workflow == {"nodes": []}
+    assert store.get_call("no_workflow").workflow is None
+
+
+def test_rows_that_embed_the_snapshot_still_read_and_keep_it(store):
+    store.create_call(make_record("old", workflow=SNAPSHOT, workflow_hash="v_old"))
+    embedded = {**SNAPSHOT, "name": "Embedded"}
+    _embed_snapshot_as_older_workers_did(store, "old", embedded)
+
+    assert store.get_call("old").workflow == embedded
+    store.append_status("old", "ringing", 1, {})
+    store.commit_turn("old", {"current_node": "n2"}, {"n": 1})
+    assert store.update_call("old", variables={"a": 1}).workflow == embedded
+    assert store.get_call("old").workflow == embedded
+
+
+def test_purging_calls_keeps_the_snapshot_that_live_and_later_calls_of_the_version_read(store, store_spec):
+    store.create_call(make_record("ended", workflow=SNAPSHOT, workflow_hash="v1", created_at=10.0))
+    store.create_call(make_record("live", workflow=SNAPSHOT, workflow_hash="v1", created_at=20.0))
+    store.append_status("ended", "completed", 1, {}, received_at=100.0)
+
+    assert store.purge(older_than=150.0) == 1
+
+    fresh = build_store(**store_spec)
+    try:
+        assert fresh.get_call("live").workflow == SNAPSHOT
+        fresh.create_call(make_record("later", workflow=SNAPSHOT, workflow_hash="v1"))
+        assert fresh.get_call("later").workflow == SNAPSHOT
+    finally:
+        fresh.close()
 
 
 def test_ping_reports_a_round_trip_in_ms(store):

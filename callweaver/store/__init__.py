@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
@@ -17,6 +18,7 @@ __all__ = [
     "Store",
     "StoreError",
     "TURN_FIELDS",
+    "WorkflowSnapshots",
     "build_store",
 ]
 
@@ -43,8 +45,9 @@ class CallRecord:
     path: str = "optimized"  # "optimized" (ConversationRelay) | "traditional" (Gather)
     call_sid: str | None = None
     workflow_id: str | None = None
-    workflow: dict | None = None  # normalised workflow snapshot, opaque to the store
-    workflow_hash: str | None = None
+    # Normalised workflow snapshot, opaque to the store, shared by the records of one version: never mutate it.
+    workflow: dict | None = None
+    workflow_hash: str | None = None  # the snapshot's version hash: one hash, one snapshot (WorkflowSnapshots)
     language: str = "en-US"
     greeting: str | None = None
     to: str | None = None
@@ -101,6 +104,52 @@ def stored_turn(tracking_id: str, turn: dict) -> dict:
     stored["trackingId"] = tracking_id
     stored["at"] = float(stored.get("at") or time.time())
     return stored
+
+
+class WorkflowSnapshots:
+    """Workflow snapshots stored once per version, so a call's stored form holds only the version hash.
+
+    A snapshot is 11-15 KB and every call of a flow carries the same one; embedded in each call it was decoded and
+    re-encoded by every webhook of the call and rewritten by every turn commit. A version hash names exactly one
+    snapshot (sha256 of its canonical form), so each store instance (one per worker) keeps the encoded text and the
+    decoded snapshot by hash: a worker encodes and decodes a version once. A call whose stored form still embeds its
+    snapshot (written before this, or without a hash) reads as it is."""
+
+    LIMIT = 256  # versions kept per worker; a miss costs one read of the store
+
+    def __init__(self, dumps: Callable[[Any], str], loads: Callable[[str | bytes], Any]) -> None:
+        self._dumps, self._loads = dumps, loads
+        self._encoded: OrderedDict[str, str] = OrderedDict()
+        self._decoded: OrderedDict[str, dict] = OrderedDict()
+
+    def detach(self, data: dict) -> tuple[dict, tuple[str, str] | None]:
+        """A record's dict as stored, without its snapshot when it has a version hash; and (hash, snapshot JSON)
+        for the backend to store once (insert-if-absent, in the same write as the call)."""
+        version, snapshot = data.get("workflow_hash"), data.get("workflow")
+        if not version or not isinstance(snapshot, dict):
+            return data, None
+        encoded = self._encoded.get(version)
+        if encoded is None:
+            encoded = self._remember(self._encoded, version, self._dumps(snapshot))
+        return {name: value for name, value in data.items() if name != "workflow"}, (version, encoded)
+
+    def attach(self, data: dict, fetch: Callable[[str], str | bytes | None]) -> dict:
+        """Put the snapshot back into a stored dict that references one; `fetch` reads a version's JSON on a miss."""
+        version = data.get("workflow_hash")
+        if "workflow" in data or not version:
+            return data
+        snapshot = self._decoded.get(version)
+        if snapshot is None:
+            encoded = self._encoded.get(version) or fetch(version)
+            snapshot = None if encoded is None else self._remember(self._decoded, version, self._loads(encoded))
+        data["workflow"] = snapshot
+        return data
+
+    def _remember(self, cache: OrderedDict, version: str, value: Any) -> Any:
+        cache[version] = value
+        while len(cache) > self.LIMIT:
+            cache.popitem(last=False)
+        return value
 
 
 @runtime_checkable
@@ -216,7 +265,8 @@ class Store(Protocol):
         ...
 
     def purge(self, older_than: float) -> int:
-        """Delete calls that ended before this epoch, with their turns and statuses; returns the count."""
+        """Delete calls that ended before this epoch, with their turns and statuses; returns the count. Workflow
+        snapshots stay: one per version (not per call), and a live or later call of that version reads it."""
         ...
 
     def purge_transcripts(self, older_than: float) -> int:

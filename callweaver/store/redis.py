@@ -21,6 +21,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    WorkflowSnapshots,
     check_update_fields,
     counter_series,
     stored_turn,
@@ -42,15 +43,17 @@ CONNECT_TIMEOUT_S = 1.0
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
+#   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash)
 #   relay:<tid>      hash {owner, generation}, expiring with the claim's lease (the live relay socket)
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
-# KEYS: call, sid index (or call again), calls:created, calls:ended
-# ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", then field/value pairs
+# KEYS: call, sid index (or call again), calls:created, calls:ended, workflow version (or call again)
+# ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", snapshot JSON or "", then field/value pairs
 _CREATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'NX') end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
@@ -194,14 +197,6 @@ def _increments(counters: Mapping[str, float] | None) -> list[str]:
     return flat
 
 
-def _record_from_hash(fields: dict | list) -> CallRecord | None:
-    if isinstance(fields, list):  # a Lua reply is a flat [field, value, ...] list
-        fields = dict(zip(fields[::2], fields[1::2]))
-    if not fields:
-        return None
-    return CallRecord.from_dict({key: json.loads(value) for key, value in fields.items()})
-
-
 class RedisStore:
     """Call state in Redis; the client is built on first use so no socket crosses a fork."""
 
@@ -212,6 +207,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
+        self._snapshots = WorkflowSnapshots(_dumps, json.loads)
 
     # -- connection -------------------------------------------------------
 
@@ -274,19 +270,22 @@ class RedisStore:
     # -- calls ----------------------------------------------------------------
 
     def create_call(self, record: CallRecord) -> None:
-        data = record.to_dict()
+        data, version = self._snapshots.detach(vars(record))
         pairs: list[str] = []
         for name, value in data.items():
             pairs += [name, _dumps(value)]
-        sid_key = self._key("sid", record.call_sid) if record.call_sid else self._key("call", record.tracking_id)
+        call_key = self._key("call", record.tracking_id)
+        sid_key = self._key("sid", record.call_sid) if record.call_sid else call_key
         created = self._script(
             "create_call",
-            [self._key("call", record.tracking_id), sid_key, self._key("calls", "created"), self._key("calls", "ended")],
+            [call_key, sid_key, self._key("calls", "created"), self._key("calls", "ended"),
+             self._key("workflow_version", version[0]) if version else call_key],
             [
                 record.tracking_id,
                 "1" if record.call_sid else "0",
                 _json_number(record.created_at),
                 "" if record.ended_at is None else _json_number(record.ended_at),
+                version[1] if version else "",
                 *pairs,
             ],
         )
@@ -296,7 +295,20 @@ class RedisStore:
     def get_call(self, tracking_id: str) -> CallRecord | None:
         with self._backend() as client:
             fields = client.hgetall(self._key("call", tracking_id))
-        return _record_from_hash(fields)
+        return self._record_from_hash(fields)
+
+    def _record_from_hash(self, fields: dict | list) -> CallRecord | None:
+        """A stored call as a record, its workflow snapshot resolved from its version (cached per worker)."""
+        if isinstance(fields, list):  # a Lua reply is a flat [field, value, ...] list
+            fields = dict(zip(fields[::2], fields[1::2]))
+        if not fields:
+            return None
+        data = {key: json.loads(value) for key, value in fields.items()}
+        return CallRecord.from_dict(self._snapshots.attach(data, self._workflow_version))
+
+    def _workflow_version(self, version_hash: str) -> str | None:
+        with self._backend() as client:
+            return client.get(self._key("workflow_version", version_hash))
 
     def find_tracking_id(self, call_sid: str) -> str | None:
         with self._backend() as client:
@@ -340,7 +352,7 @@ class RedisStore:
                 *pairs,
             ],
         )
-        return _record_from_hash(reply) if reply else None
+        return self._record_from_hash(reply) if reply else None
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
         with self._backend() as client:
@@ -349,7 +361,7 @@ class RedisStore:
             for tracking_id in tracking_ids:
                 pipe.hgetall(self._key("call", tracking_id))
             hashes = pipe.execute() if tracking_ids else []
-        records = [record for record in map(_record_from_hash, hashes) if record is not None]
+        records = [record for record in map(self._record_from_hash, hashes) if record is not None]
         if active_only:
             records = [record for record in records if record.ended_at is None]
         return records
@@ -387,13 +399,15 @@ class RedisStore:
 
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._backend() as client:
-            created = client.zdiff([self._key("calls", "created"), self._key("calls", "ended")], withscores=True)
-            tracking_ids = [tid for tid, created_at in created if float(created_at) >= since]
+            # Created since, then those with no end score (redis-py 8 returns ZDIFF WITHSCORES as a flat list).
+            created = client.zrangebyscore(self._key("calls", "created"), since, "+inf")
+            ended = client.zmscore(self._key("calls", "ended"), created) if created else []
+            tracking_ids = [tid for tid, ended_at in zip(created, ended) if ended_at is None]
             pipe = client.pipeline(transaction=False)
             for tracking_id in tracking_ids:
                 pipe.hgetall(self._key("call", tracking_id))
             hashes = pipe.execute() if tracking_ids else []
-        return [record for record in map(_record_from_hash, hashes) if record is not None]
+        return [record for record in map(self._record_from_hash, hashes) if record is not None]
 
     def count_calls(self, since: float = 0.0) -> int:
         with self._backend() as client:

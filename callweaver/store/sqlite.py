@@ -21,6 +21,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    WorkflowSnapshots,
     check_update_fields,
     counter_series,
     stored_turn,
@@ -81,6 +82,11 @@ CREATE TABLE IF NOT EXISTS cw_leases (
     holder     TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cw_workflow_versions (
+    version_hash TEXT PRIMARY KEY,
+    snapshot     TEXT NOT NULL,
+    saved_at     REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cw_workflows (
     workflow_id TEXT PRIMARY KEY,
     snapshot    TEXT NOT NULL,
@@ -128,6 +134,7 @@ class SQLiteStore:
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._snapshots = WorkflowSnapshots(_dumps, _loads)
 
     # -- connection -------------------------------------------------------
 
@@ -214,7 +221,11 @@ class SQLiteStore:
     # -- calls ----------------------------------------------------------------
 
     def create_call(self, record: CallRecord) -> None:
+        data, version = self._snapshots.detach(vars(record))  # vars: no deep copy (to_dict) needed
         with self._write() as conn:
+            if version is not None:
+                conn.execute("INSERT OR IGNORE INTO cw_workflow_versions (version_hash, snapshot, saved_at)"
+                             " VALUES (?, ?, ?)", (*version, time.time()))
             try:
                 conn.execute(
                     "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data, status, path, language)"
@@ -224,7 +235,7 @@ class SQLiteStore:
                         record.call_sid,
                         record.created_at,
                         record.ended_at,
-                        _dumps(vars(record)),  # encoded at once: no deep copy (to_dict) needed
+                        _dumps(data),
                         record.status,
                         record.path,
                         record.language,
@@ -238,7 +249,19 @@ class SQLiteStore:
             row = conn.execute(
                 "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
             ).fetchone()
-        return CallRecord.from_dict(_loads(row[0])) if row else None
+        return self._record(row[0]) if row else None
+
+    def _record(self, stored_json: str | dict) -> CallRecord:
+        """A stored call as a record, its workflow snapshot resolved from its version (cached per worker)."""
+        data = _loads(stored_json) if isinstance(stored_json, str) else stored_json
+        return CallRecord.from_dict(self._snapshots.attach(data, self._workflow_version))
+
+    def _workflow_version(self, version_hash: str) -> str | None:
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT snapshot FROM cw_workflow_versions WHERE version_hash = ?", (version_hash,)
+            ).fetchone()
+        return row[0] if row else None
 
     def find_tracking_id(self, call_sid: str) -> str | None:
         with self._connection() as conn:
@@ -264,7 +287,7 @@ class SQLiteStore:
             self._write_data(conn, tracking_id, data)
             if ends_now:
                 _count_call_ended(conn, data.get("status"))
-        return CallRecord.from_dict(data)
+        return self._record(data)
 
     @staticmethod
     def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
@@ -284,7 +307,7 @@ class SQLiteStore:
             query += " AND ended_at IS NULL"
         with self._connection() as conn:
             rows = conn.execute(query + " ORDER BY created_at", (since,)).fetchall()
-        return [CallRecord.from_dict(_loads(row[0])) for row in rows]
+        return [self._record(row[0]) for row in rows]
 
     def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
                   language: str | None = None) -> tuple[list[CallRecord], int]:
@@ -314,7 +337,7 @@ class SQLiteStore:
                 " ORDER BY created_at",
                 (since,),
             ).fetchall()
-        return [CallRecord.from_dict(_loads(row[0])) for row in rows]
+        return [self._record(row[0]) for row in rows]
 
     def count_calls(self, since: float = 0.0) -> int:
         with self._connection() as conn:
