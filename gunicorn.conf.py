@@ -37,8 +37,12 @@ def post_fork(server, worker):
 def post_worker_init(worker):
     """Start the worker's background jobs (retention) once its app is loaded, on the worker's own hub. Then move
     everything loaded so far out of the collector's reach (gc.freeze): a full pass over ~145k start-up objects
-    took 75-85 ms in the middle of live calls; without them it takes a few ms. Then the collector runs again."""
-    worker.wsgi.extensions["callweaver"].start_background_jobs()
+    took 75-85 ms in the middle of live calls; without them it takes a few ms. Then the collector runs again.
+    The SDK clients are still being built in the warm-up thread then (callweaver/services.py), so what they load
+    is frozen too once that thread has finished (with whatever the first requests held at that moment)."""
+    services = worker.wsgi.extensions["callweaver"]
+    services.start_background_jobs()
     gc.freeze()
     gc.enable()
+    services.when_warm(gc.freeze)
 

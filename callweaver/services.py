@@ -210,6 +210,15 @@ class Services:
         if self._sdk_warm_up is not None and not self._sdk_warm_up.done:
             self._sdk_warm_up.wait()
 
+    def when_warm(self, fn: Callable[[], None]) -> Task:
+        """Run `fn` off the request path once warm_up's background part has finished (gunicorn's post_worker_init
+        freezes what the warm-up built out of the collector's passes)."""
+        def work() -> None:
+            self.wait_until_warm()
+            fn()
+
+        return spawn(work)
+
     def prepare_call(self, tracking_id: str) -> Task | None:
         """While the phone rings, off the request path: warm the cache for the entry node."""
         if not self.settings.cache_prewarm:

@@ -3,25 +3,72 @@ from __future__ import annotations
 
 import gc
 import runpy
+import threading
 from pathlib import Path
 from types import SimpleNamespace
+
+from callweaver.services import OsThreadWork, Services
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+class FakeServices:
+    """The hooks' view of the worker's services: background jobs, and work to run once the warm-up has finished."""
+
+    def __init__(self) -> None:
+        self.started: list[bool] = []
+        self.after_warm_up: list = []
+
+    def start_background_jobs(self) -> None:
+        self.started.append(True)
+
+    def when_warm(self, fn) -> None:
+        self.after_warm_up.append(fn)
+
+
 def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_collects_again():
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
-    started = []
-    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={
-        "callweaver": SimpleNamespace(start_background_jobs=lambda: started.append(True))}))
+    services = FakeServices()
+    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={"callweaver": services}))
     try:
         hooks["post_fork"](None, worker)
         assert not gc.isenabled()  # imports and app build: no passes over objects that live as long as the worker
         loaded = [[] for _ in range(10)]  # containers, which the collector tracks
         hooks["post_worker_init"](worker)
-        assert started == [True]
+        assert services.started == [True]
         assert gc.isenabled()
         assert gc.get_freeze_count() >= len(loaded)  # full passes no longer walk them
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_what_the_warm_up_thread_builds_is_frozen_once_it_has_finished():
+    hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    services = FakeServices()
+    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={"callweaver": services}))
+    try:
+        hooks["post_fork"](None, worker)
+        hooks["post_worker_init"](worker)
+        assert len(services.after_warm_up) == 1
+        frozen_before = gc.get_freeze_count()
+        built_by_warm_up = [[] for _ in range(10)]  # the SDK clients, imported modules
+        services.after_warm_up[0]()
+        assert gc.get_freeze_count() >= frozen_before + len(built_by_warm_up)
+        assert gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+def test_work_queued_for_after_the_warm_up_runs_only_once_it_has_finished():
+    services = Services.__new__(Services)  # only the warm-up's state: no app, store or clients
+    release = threading.Event()
+    ran: list[bool] = []
+    services._sdk_warm_up = OsThreadWork(release.wait)
+    task = services.when_warm(lambda: ran.append(True))
+    task.join(timeout=0.2)
+    assert ran == []
+    release.set()
+    task.join(timeout=10)
+    assert ran == [True]
