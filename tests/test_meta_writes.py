@@ -5,7 +5,6 @@ credentials never come back. Run against both backends (SQLite and a real redis-
 from __future__ import annotations
 
 import multiprocessing
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -15,31 +14,9 @@ from callweaver.engine.conversation import ConversationEngine, TurnResult
 from callweaver.engine.languages import LanguageTable
 from callweaver.lifecycle import CallLifecycle
 from callweaver.store import CallRecord, build_store
-from tests.fakes.redis_server import RedisServer
+from tests.test_store import redis_server, store, store_spec  # noqa: F401 (fixtures: both backends)
 
 SEALED = "sealed-llm-credentials-blob"
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store_spec(request, tmp_path) -> dict:
-    if request.param == "sqlite":
-        return {"db_path": str(tmp_path / "cw.sqlite3")}
-    server = request.getfixturevalue("redis_server")
-    return {"db_path": str(tmp_path / "unused.sqlite3"), "redis_url": server.url,
-            "key_prefix": f"cwmeta:{uuid.uuid4().hex}:"}
-
-
-@pytest.fixture
-def store(store_spec):
-    built = build_store(**store_spec)
-    yield built
-    built.close()
 
 
 @pytest.fixture
