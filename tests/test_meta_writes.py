@@ -200,3 +200,16 @@ def test_two_processes_merging_meta_lose_no_count_and_no_key(store, store_spec):
     assert reports == [("first", None), ("second", None)]
     assert store.get_call("shared").meta == {"first": iterations - 1, "second": iterations - 1,
                                              "count": {"n": 2 * iterations}}
+
+
+def test_purging_transcripts_marks_meta_and_keeps_the_keys_other_writers_set(store):
+    store.create_call(CallRecord(tracking_id="old", created_at=10.0, meta={"setup": {"direction": "inbound"}},
+                                 messages=[{"role": "user", "content": "hi"}]))
+    store.update_meta("old", add={"unansweredSpeculations": {"speculations": 1}})
+    store.update_call("old", ended_at=20.0)
+
+    assert store.purge_transcripts(older_than=30.0) == 1
+    meta = store.get_call("old").meta
+    assert meta["transcriptPurgedAt"] > 0
+    assert meta["setup"] == {"direction": "inbound"} and meta["unansweredSpeculations"] == {"speculations": 1}
+    assert store.purge_transcripts(older_than=30.0) == 0  # nothing left to purge: meta untouched
