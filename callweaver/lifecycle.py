@@ -211,8 +211,9 @@ class CallLifecycle:
                                              status_callback=status_callback, timeout_s=timeout_s,
                                              record=record, credentials=creds)
         except Exception as exc:
-            self.store.update_call(tracking_id, status="failed", ended_at=time.time(), credentials=None,
-                                   meta={"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]})
+            self.store.update_meta(tracking_id, {"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]},
+                                   remove=["llm"])
+            self.store.update_call(tracking_id, status="failed", ended_at=time.time(), credentials=None)
             raise
         updated = self.store.update_call(tracking_id, call_sid=placed.sid, status=placed.status or "queued")
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
@@ -309,8 +310,9 @@ class CallLifecycle:
         if record.call_sid is None and form.get("CallSid"):
             self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
         if status in TERMINAL_STATUSES and (record.credentials or (record.meta or {}).get("llm")):
-            meta = {k: v for k, v in (record.meta or {}).items() if k != "llm"}
-            self.store.update_call(record.tracking_id, credentials=None, meta=meta)
+            # Only the secrets go: the meta keys other writers set meanwhile stay (merged inside the store).
+            self.store.update_meta(record.tracking_id, remove=["llm"])
+            self.store.update_call(record.tracking_id, credentials=None)
         log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                  status=status, sequence=sequence, current=current)
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:

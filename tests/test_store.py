@@ -147,7 +147,11 @@ def _update_own_field_repeatedly(spec: dict, tracking_id: str, field_name: str, 
     try:
         barrier.wait(timeout=120)
         for i in range(iterations):
-            store.update_call(tracking_id, **{field_name: {"writer": field_name, "n": i}})
+            value = {"writer": field_name, "n": i}
+            if field_name == "meta":  # meta is only ever merged key by key
+                store.update_meta(tracking_id, value)
+            else:
+                store.update_call(tracking_id, **{field_name: value})
             if getattr(store.get_call(tracking_id), field_name) != {"writer": field_name, "n": i}:
                 clobbered += 1
         results.put((field_name, clobbered, None))
@@ -303,14 +307,14 @@ def test_commit_turn_sets_the_turn_fields_appends_transcript_and_turn_row_in_one
                    "variables": {"name": "陳"}, "language": "zh-HK"},
         {"firstTokenMs": 12.5, "at": 500.0}, counters={"series_a": 1.0},
         transcript_entry={"said": CANTONESE, "heard": "好"})
-    second = store.commit_turn("call_1", {"current_node": "n3", "meta": {"pendingAction": "end"}},
+    second = store.commit_turn("call_1", {"current_node": "n3"},
                                {"firstTokenMs": 7.0}, counters={"series_a": 2.0})
 
     assert (index, second) == (0, 1)
     record = store.get_call("call_1")
     assert record.messages == [{"role": "user", "content": CANTONESE}]
     assert (record.current_node, record.variables, record.language) == ("n3", {"name": "陳"}, "zh-HK")
-    assert record.meta == {"pendingAction": "end"}
+    assert record.meta == {"setup": {"direction": "outbound-api"}}  # meta is merged by update_meta only
     assert record.transcript == [{"said": "first"}, {"said": CANTONESE, "heard": "好"}]  # no entry: unchanged
     # What the turn does not own is untouched: the snapshot, the status other writers set.
     assert (record.workflow, record.workflow_hash) == (snapshot, "h1")
@@ -516,7 +520,7 @@ def test_a_store_used_before_a_fork_keeps_working_in_parent_and_child(store):
         exit_code = 1
         try:
             store.append_turn("call_1", {"by": "child"})
-            store.update_call("call_1", meta={"child": True})
+            store.update_meta("call_1", {"child": True})
             exit_code = 0 if store.get_call("call_1").meta == {"child": True} else 2
         finally:
             os._exit(exit_code)
@@ -544,7 +548,7 @@ GEVENT_SCRIPT = textwrap.dedent(
     def converse(caller):
         for n in range(20):
             store.append_turn("g", {"caller": caller, "n": n})
-            store.update_call("g", meta={"last": caller})
+            store.update_meta("g", {"last": caller})
             gevent.sleep(0)
 
     gevent.joinall([gevent.spawn(converse, caller) for caller in range(10)], raise_error=True)
@@ -672,7 +676,7 @@ def test_values_the_fast_encoder_refuses_are_still_stored(store):
     """Integers beyond 64 bits (orjson refuses them) and integer keys round-trip like the standard library's JSON."""
     big = 2 ** 70
     store.create_call(CallRecord(tracking_id="call_big", variables={"n": big, "nested": {1: "one"}}))
-    store.update_call("call_big", meta={"huge": [big, -big]})
+    store.update_meta("call_big", {"huge": [big, -big]})
     record = store.get_call("call_big")
     assert record.variables == {"n": big, "nested": {"1": "one"}}
     assert record.meta == {"huge": [big, -big]}

@@ -374,13 +374,8 @@ class ConversationEngine:
         cost = discarded_cost(discarded)
         log.info("speculations_unanswered", reason=reason, **cost)
         self.store.add_counters(unanswered_speculation_counters(cost))
-        current = self.store.get_call(record.tracking_id)
-        if current is None:
-            return
-        meta = dict(current.meta or {})
-        kept = meta.get("unansweredSpeculations") or {}
-        meta["unansweredSpeculations"] = {key: int(kept.get(key) or 0) + value for key, value in cost.items()}
-        self.store.update_call(record.tracking_id, meta=meta)
+        # Added inside the store: a turn or the terminal status callback may write the call's meta at this moment.
+        self.store.update_meta(record.tracking_id, add={"unansweredSpeculations": cost})
 
     @staticmethod
     def may_press_keys(record) -> bool:
@@ -537,8 +532,6 @@ class ConversationEngine:
             next_node = r.node_id  # the end/transfer was not heard: stay where we were
         fields: dict[str, Any] = {"messages": messages[-MAX_KEPT_MESSAGES:], "current_node": next_node,
                                   "variables": r.variables, "language": r.language}
-        if action:
-            fields["meta"] = {**(record.meta or {}), "pendingAction": action, "destination": r.destination}
         entry = None
         if self.record_transcripts:
             entry = {"said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
@@ -557,8 +550,14 @@ class ConversationEngine:
         # One write, no read-back: the record this call goes on with is the one it had, with the turn applied.
         index = self.store.commit_turn(record.tracking_id, fields, turn_row, counters=turn_counters(turn_row),
                                        transcript_entry=entry)
+        meta = record.meta
+        if action and index is not None:
+            # Merged key by key, never this session's copy of meta: other writers (the terminal status callback
+            # stripping credentials, hang-up accounting) may have changed it since the session read its record.
+            meta = self.store.update_meta(record.tracking_id, {"pendingAction": action,
+                                                               "destination": r.destination}) or meta
         updated = None if index is None else dataclasses.replace(
-            record, **fields, transcript=[*(record.transcript or []), entry] if entry else record.transcript,
+            record, **fields, meta=meta, transcript=[*(record.transcript or []), entry] if entry else record.transcript,
             updated_at=time.time())
         self.tracer.end_turn(r.trace_span, turn_row)
         if r.cache_candidate and not interrupted and self.cache is not None:

@@ -6,6 +6,7 @@ survive (history, node, variables, timings) is written to the store after every 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -135,10 +136,11 @@ class RelaySession:
             return
         setup = {key: str(message.details[key])[:MAX_SETUP_FIELD_CHARS] for key in SETUP_FIELDS
                  if message.details.get(key) not in (None, "")}
-        fields: dict[str, Any] = {"meta": {**(record.meta or {}), "setup": setup}}
         if self.call_sid and record.call_sid != self.call_sid:
-            fields["call_sid"] = self.call_sid
-        record = store.update_call(record.tracking_id, **fields) or record
+            record = store.update_call(record.tracking_id, call_sid=self.call_sid) or record
+        meta = store.update_meta(record.tracking_id, {"setup": setup})  # merged: meta has other writers
+        if meta is not None:
+            record = dataclasses.replace(record, meta=meta)
         self.record = self.engine.sharing_snapshot(record)
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))

@@ -113,7 +113,8 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
                    resumed: bool = False, call_sid: str | None = None) -> None:
     """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to.
 
-    What the call's record gains (the CallSid Twilio now names, the languages declared) is written in one update."""
+    What the call's record gains: the CallSid Twilio now names, and the languages declared, merged into its meta
+    key by key (never a whole copy of meta, which other writers change at the same time)."""
     base = base_url()
     svc = services()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
@@ -141,13 +142,10 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
     if resumed:
         relay.parameter(name="resumed", value="1")
     wanted = {"multilingualStt": multilingual, "homeLanguage": home.code, "relayLanguages": declared}
-    updates: dict = {}
     if call_sid and record.call_sid != call_sid:
-        updates["call_sid"] = call_sid
+        svc.store.update_call(record.tracking_id, call_sid=call_sid)
     if any(meta.get(key) != value for key, value in wanted.items()):
-        updates["meta"] = {**meta, **wanted}
-    if updates:
-        svc.store.update_call(record.tracking_id, **updates)
+        svc.store.update_meta(record.tracking_id, wanted)  # only these keys: meta has other writers
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 __all__ = [
     "CALLS_ENDED_COUNTER",
@@ -20,6 +21,7 @@ __all__ = [
     "TURN_FIELDS",
     "WorkflowSnapshots",
     "build_store",
+    "merge_meta",
 ]
 
 # Twilio CallStatus values after which no further audio happens on the call.
@@ -84,11 +86,14 @@ CALL_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(CallRecord))
 # What a call-log row needs: never the workflow snapshot, history, transcript or credentials (large or private).
 CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language", "to", "from_number", "status",
                    "current_node", "created_at", "updated_at", "ended_at")
-# Fields update_call may write: the tracking id is the identity, never rewritten.
-UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id"}
+# Fields update_call may write: the tracking id is the identity, never rewritten; `meta` has several writers at
+# once (turns, hang-up accounting, the terminal status), so it is only ever merged key by key (update_meta).
+UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id", "meta"}
 # Fields commit_turn may write: what a turn changes. Never the ones other writers own or that move indexes and
 # counters (status, call sid, times), and never the transcript, which a turn appends to instead.
-TURN_FIELDS = frozenset({"messages", "current_node", "variables", "language", "meta"})
+TURN_FIELDS = frozenset({"messages", "current_node", "variables", "language"})
+# A meta key update_meta may name: one top-level name, never a path.
+META_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def check_update_fields(fields: dict[str, Any], allowed: frozenset[str] = UPDATABLE_FIELDS) -> None:
@@ -96,6 +101,30 @@ def check_update_fields(fields: dict[str, Any], allowed: frozenset[str] = UPDATA
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"not updatable CallRecord fields: {sorted(unknown)}")
+
+
+def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None = None,
+               remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+    """`meta` with `changes` set, `remove` deleted and `add[key][name]` added to the counts in `meta[key]`; the
+    backends apply it inside one atomic write, so writers of different keys never undo each other."""
+    merged = dict(meta or {})
+    for key in merged.keys() & set(remove):
+        del merged[key]
+    merged.update(changes or {})
+    for key, increments in (add or {}).items():
+        counts = dict(merged.get(key) or {})
+        for name, value in increments.items():
+            counts[name] = (counts.get(name) or 0) + value
+        merged[key] = counts
+    return merged
+
+
+def check_meta_keys(changes: Mapping[str, Any] | None, remove: Iterable[str],
+                    add: Mapping[str, Mapping[str, float]] | None) -> None:
+    """Reject a meta key that is not one plain top-level name before writing anything."""
+    bad = [key for key in [*(changes or {}), *remove, *(add or {})] if not META_KEY.fullmatch(str(key))]
+    if bad:
+        raise ValueError(f"meta keys must be plain top-level names: {bad}")
 
 
 def stored_turn(tracking_id: str, turn: dict) -> dict:
@@ -168,6 +197,13 @@ class Store(Protocol):
 
     def update_call(self, tracking_id: str, **fields: Any) -> CallRecord | None:
         """Write only the named fields, atomically; returns the new record or None if unknown."""
+        ...
+
+    def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+        """Merge into the call's `meta` in ONE atomic write (see merge_meta): set `changes`, delete `remove`, add
+        to counts in `add`; other keys, whoever wrote them, are kept. The only way meta changes after creation.
+        Returns the meta now stored, or None (and writes nothing) when the call is unknown."""
         ...
 
     def append_status(

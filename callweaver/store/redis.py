@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,8 +22,10 @@ from callweaver.store import (
     TURN_FIELDS,
     StoreError,
     WorkflowSnapshots,
+    check_meta_keys,
     check_update_fields,
     counter_series,
+    merge_meta,
     stored_turn,
 )
 
@@ -354,6 +356,26 @@ class RedisStore:
         )
         return self._record_from_hash(reply) if reply else None
 
+    def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+        """WATCH the call, read its meta, MULTI/EXEC the merge: redis-py replays `apply` if any other writer
+        touched the call in between, so the merge always starts from what is stored."""
+        check_meta_keys(changes, remove, add)
+        remove = list(remove)
+        call_key = self._key("call", tracking_id)
+
+        def apply(pipe) -> dict | None:
+            stored = pipe.hmget(call_key, ["tracking_id", "meta"])
+            if stored[0] is None:
+                return None
+            meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add)
+            pipe.multi()
+            pipe.hset(call_key, mapping={"meta": _dumps(meta), "updated_at": _dumps(time.time())})
+            return meta
+
+        with self._backend() as client:
+            return client.transaction(apply, call_key, value_from_callable=True)
+
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
         with self._backend() as client:
             tracking_ids = client.zrangebyscore(self._key("calls", "created"), since, "+inf")
@@ -622,16 +644,20 @@ class RedisStore:
                 chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
                 pipe = client.pipeline(transaction=False)
                 for tracking_id in chunk:
-                    pipe.hmget(self._key("call", tracking_id), ["messages", "transcript", "meta"])
+                    pipe.hmget(self._key("call", tracking_id), ["messages", "transcript"])
                 writes = client.pipeline(transaction=False)
-                for tracking_id, (messages, transcript, meta) in zip(chunk, pipe.execute()):
+                emptied = []
+                for tracking_id, (messages, transcript) in zip(chunk, pipe.execute()):
                     if not any(value not in (None, "[]") for value in (messages, transcript)):
                         continue
-                    meta_dict = {**(json.loads(meta) if meta else {}), "transcriptPurgedAt": purged_at}
+                    emptied.append(tracking_id)
                     self._scripts["set_if_exists"](
                         keys=[self._key("call", tracking_id)],
-                        args=["messages", "[]", "transcript", "[]", "meta", _dumps(meta_dict)], client=writes)
-                purged += sum(writes.execute())
+                        args=["messages", "[]", "transcript", "[]"], client=writes)
+                for tracking_id, existed in zip(emptied, writes.execute()):
+                    if existed:
+                        purged += 1
+                        self.update_meta(tracking_id, {"transcriptPurgedAt": purged_at})
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

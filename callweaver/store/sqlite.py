@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import orjson
 
@@ -22,8 +22,10 @@ from callweaver.store import (
     TURN_FIELDS,
     StoreError,
     WorkflowSnapshots,
+    check_meta_keys,
     check_update_fields,
     counter_series,
+    merge_meta,
     stored_turn,
 )
 
@@ -288,6 +290,24 @@ class SQLiteStore:
             if ends_now:
                 _count_call_ended(conn, data.get("status"))
         return self._record(data)
+
+    def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+        check_meta_keys(changes, remove, add)
+        with self._write() as conn:  # the write lock is held from the read on: no writer lands in between
+            row = conn.execute(
+                "SELECT json_extract(data, '$.meta') FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add)
+            # Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL.
+            conn.execute(
+                "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?)"
+                " WHERE tracking_id = ?",
+                (_dumps(meta), time.time(), tracking_id),
+            )
+        return meta
 
     @staticmethod
     def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
