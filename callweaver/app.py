@@ -55,7 +55,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
-    app.extensions["callweaver"].warm_up()
     # `*` with credentials would let any page act with a visitor's cookies; browsers refuse it anyway.
     CORS(app, origins="*" if settings.cors_any_origin else list(settings.cors_origins),
          supports_credentials=not settings.cors_any_origin, send_wildcard=settings.cors_any_origin,
@@ -77,6 +76,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
         app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
         max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops)
+    # Last, once every route is compiled: warm_up starts an OS thread, and on CPython 3.11 `ast.parse` in two threads
+    # at once (werkzeug compiles each URL rule with it; a traceback's caret anchors use it) raises "AST constructor
+    # recursion depth mismatch" (python/cpython#106905), which tests/test_warm_up.py hit.
+    app.extensions["callweaver"].warm_up()
     return app
 
 
