@@ -110,11 +110,11 @@ def twiml_ai(record=None):
 # ---- ConversationRelay -------------------------------------------------------------------------------
 
 def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, greeting: str,
-                   resumed: bool = False, call_sid: str | None = None) -> None:
+                   resumed: bool = False) -> None:
     """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to.
 
-    What the call's record gains: the CallSid Twilio now names, and the languages declared, merged into its meta
-    key by key (never a whole copy of meta, which other writers change at the same time)."""
+    The languages declared are merged into the call's meta key by key (never a whole copy of meta, which other
+    writers change at the same time)."""
     base = base_url()
     svc = services()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
@@ -142,8 +142,6 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
     if resumed:
         relay.parameter(name="resumed", value="1")
     wanted = {"multilingualStt": multilingual, "homeLanguage": home.code, "relayLanguages": declared}
-    if call_sid and record.call_sid != call_sid:
-        svc.store.update_call(record.tracking_id, call_sid=call_sid)
     if any(meta.get(key) != value for key, value in wanted.items()):
         svc.store.update_meta(record.tracking_id, wanted)  # only these keys: meta has other writers
 
@@ -160,8 +158,9 @@ def twiml_optimized(record=None):
         entry = svc.languages.get(None)
         _say_and_listen(vr, entry.line("fallbackGreeting"), entry, _gather_url(None, request.args.get("id")))
         return twiml_response(str(vr))
+    record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
-    _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"), call_sid=params.get("CallSid"))
+    _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"))
     return twiml_response(str(vr))
 
 
