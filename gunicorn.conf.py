@@ -1,12 +1,11 @@
 """gunicorn settings: gevent workers so one worker holds many live ConversationRelay sockets."""
 import gc
 import json
-import multiprocessing
 import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY") or max(1, min(multiprocessing.cpu_count(), 4)))
+workers = int(os.environ.get("WEB_CONCURRENCY") or max(1, min(os.cpu_count() or 1, 4)))
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
@@ -35,14 +34,19 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    """Start the worker's background jobs (retention) once its app is loaded, on the worker's own hub. Then move
-    everything loaded so far out of the collector's reach (gc.freeze): a full pass over ~145k start-up objects
-    took 75-85 ms in the middle of live calls; without them it takes a few ms. Then the collector runs again.
-    The SDK clients are still being built in the warm-up thread then (callweaver/services.py), so what they load
-    is frozen too once that thread has finished (with whatever the first requests held at that moment)."""
-    services = worker.wsgi.extensions["callweaver"]
+    """The worker's app loads in the background (wsgi.py, callweaver/boot.py); once it is built, and before any
+    waiting request is let through, app_loaded runs."""
+    worker.wsgi.__self__.when_loaded(app_loaded)  # wsgi.py's `app` is the bound method AppLoader.wsgi
+
+
+def app_loaded(app):
+    """Start the worker's background jobs (retention) on the worker's own hub. Then move everything loaded so far
+    out of the collector's reach (gc.freeze): a full pass over ~145k start-up objects took 75-85 ms in the middle of
+    live calls; without them it takes a few ms. Then the collector runs again. The SDK clients are still being built
+    in the warm-up thread then (callweaver/services.py), so what they load is frozen too once that thread has
+    finished (with whatever the first requests held at that moment)."""
+    services = app.extensions["callweaver"]
     services.start_background_jobs()
     gc.freeze()
     gc.enable()
     services.when_warm(gc.freeze)
-

@@ -1,4 +1,5 @@
-"""gunicorn.conf.py worker hooks: the start-up objects are frozen out of the cyclic collector's passes."""
+"""gunicorn.conf.py worker hooks: once the worker's app has loaded, the start-up objects are frozen out of the cyclic
+collector's passes."""
 from __future__ import annotations
 
 import gc
@@ -26,15 +27,40 @@ class FakeServices:
         self.after_warm_up.append(fn)
 
 
+class FakeLoader:
+    """wsgi.py's AppLoader as the hooks see it: `app` is its bound method `wsgi`; work queued for once it has loaded."""
+
+    def __init__(self, services: FakeServices) -> None:
+        self.app = SimpleNamespace(extensions={"callweaver": services})
+        self.queued: list = []
+
+    def wsgi(self, environ, start_response):  # noqa: ANN001
+        raise AssertionError("not served in these tests")
+
+    def when_loaded(self, fn) -> None:
+        self.queued.append(fn)
+
+    def finish_loading(self) -> None:
+        for fn in self.queued:
+            fn(self.app)
+
+
+def worker_loading(services: FakeServices) -> tuple[SimpleNamespace, FakeLoader]:
+    loader = FakeLoader(services)
+    return SimpleNamespace(wsgi=loader.wsgi), loader
+
+
 def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_collects_again():
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
-    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={"callweaver": services}))
+    worker, loader = worker_loading(services)
     try:
         hooks["post_fork"](None, worker)
         assert not gc.isenabled()  # imports and app build: no passes over objects that live as long as the worker
         loaded = [[] for _ in range(10)]  # containers, which the collector tracks
         hooks["post_worker_init"](worker)
+        assert services.started == [] and not gc.isenabled()  # the app is still loading in the background
+        loader.finish_loading()
         assert services.started == [True]
         assert gc.isenabled()
         assert gc.get_freeze_count() >= len(loaded)  # full passes no longer walk them
@@ -46,10 +72,11 @@ def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_c
 def test_what_the_warm_up_thread_builds_is_frozen_once_it_has_finished():
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
-    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={"callweaver": services}))
+    worker, loader = worker_loading(services)
     try:
         hooks["post_fork"](None, worker)
         hooks["post_worker_init"](worker)
+        loader.finish_loading()
         assert len(services.after_warm_up) == 1
         frozen_before = gc.get_freeze_count()
         built_by_warm_up = [[] for _ in range(10)]  # the SDK clients, imported modules

@@ -5,42 +5,20 @@ import json
 import os
 import platform
 import time
-from datetime import datetime, timezone
 
 from flask import Blueprint, jsonify, request
 
 from .. import __version__
 from ..engine.workflow import Workflow
+from ..health_facts import SERVICE_NAME, memory_body, memory_mb, now_iso, ping_body
 from ..lifecycle import MAX_ERROR_TEXT_CHARS
 from ..services import services
 from ..store import StoreError
 from .common import body_params
 
 bp = Blueprint("health", __name__)
-KIB_PER_MIB = 1024
 # Language optimisation is "active" when the language table holds at least this many entries (it ships ~60).
 MIN_LANGUAGES_FOR_ACTIVE = 50
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _memory_mb() -> tuple[float, float]:
-    """Resident set size of this worker and total machine memory, from /proc (MB)."""
-    rss_kb = total_kb = 0
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    rss_kb = int(line.split()[1])
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    total_kb = int(line.split()[1])
-    except OSError:
-        pass
-    return rss_kb / KIB_PER_MIB, total_kb / KIB_PER_MIB
 
 
 def _checks() -> dict:
@@ -87,12 +65,11 @@ def health():
     s = svc.settings
     checks = _checks()
     status, warnings = _status(checks)
-    used, total = _memory_mb()
     body = {
         "status": status,
-        "timestamp": _now_iso(),
+        "timestamp": now_iso(),
         "uptime": round(time.time() - svc.started_at, 3),
-        "service": "Call Flow Weaver Backend",
+        "service": SERVICE_NAME,
         "environment": {
             "nodeEnv": s.node_env, "port": s.port,
             "hasTwilioSid": bool(s.twilio_account_sid), "hasTwilioToken": bool(s.twilio_auth_token),
@@ -101,7 +78,7 @@ def health():
             "hasTwilioConfig": checks["twilio"]["ok"],
             "hasAzureConfig": bool(s.azure_openai_api_key and s.azure_openai_endpoint),
         },
-        "memory": {"used": f"{round(used)} MB", "total": f"{round(total)} MB"},
+        "memory": memory_body(),
         "checks": checks,
     }
     if warnings:
@@ -111,7 +88,7 @@ def health():
 
 @bp.get("/ping")
 def ping():
-    return jsonify(pong=True, timestamp=int(time.time() * 1000))
+    return jsonify(ping_body())
 
 
 @bp.get("/")
@@ -140,10 +117,10 @@ def health_optimized():
     relay = "active" if checks["twilio"]["ok"] and checks["store"]["ok"] else "degraded"
     cache_state = svc.reply_cache.health()
     summary = MetricsReader(svc.store).summary(window_s=svc.settings.metrics_window_s) if checks["store"]["ok"] else None
-    used, _total = _memory_mb()
+    used, _total = memory_mb()
     return jsonify(
         status=status,
-        timestamp=_now_iso(),
+        timestamp=now_iso(),
         optimization={"enabled": True, "features": {
             "conversationRelay": relay,
             "predictiveCache": "active" if cache_state.get("ok") else "degraded",
@@ -179,7 +156,7 @@ def test_workflow():
         except Exception as exc:  # diagnostics endpoint: report, don't fail
             workflow_info = {"error": f"could not parse wd: {exc}"[:MAX_ERROR_TEXT_CHARS]}
     return jsonify(
-        success=True, timestamp=_now_iso(),
+        success=True, timestamp=now_iso(),
         environment={"hasTwilioSid": bool(s.twilio_account_sid), "hasTwilioToken": bool(s.twilio_auth_token),
                      "hasTwilioPhone": bool(s.twilio_phone_number), "hasAzureKey": bool(s.azure_openai_api_key),
                      "hasAzureEndpoint": bool(s.azure_openai_endpoint), "hasOpenAIKey": bool(s.openai_api_key),

@@ -1,0 +1,75 @@
+"""Work off the request path, in whichever concurrency the process runs: greenlets once gevent has patched the
+standard library (production), threads otherwise (tests, CLI commands). Import-light (wsgi.py's loader uses it
+before Flask is imported)."""
+from __future__ import annotations
+
+import contextvars
+import threading
+from typing import Any, Callable
+
+
+class Task:
+    """Work running off the request path: a greenlet under gevent (production), a daemon thread otherwise (tests,
+    CLI commands). Callers see one surface (join, dead, kill) whichever it is."""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        from gevent import monkey
+        context = contextvars.copy_context()  # keep call_sid/tracking_id bound in the new greenlet's log lines
+        self._greenlet = self._thread = None
+        if monkey.is_module_patched("socket"):
+            import gevent
+            self._greenlet = gevent.spawn(context.run, fn, *args)
+        else:
+            self._thread = threading.Thread(target=context.run, args=(fn, *args), daemon=True)
+            self._thread.start()
+
+    @property
+    def dead(self) -> bool:
+        return self._greenlet.dead if self._greenlet is not None else not self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        (self._greenlet or self._thread).join(timeout=timeout)
+
+    def kill(self, timeout: float | None = None) -> None:
+        """Stop it now: a greenlet is killed; a thread cannot be interrupted from outside, so it is given up to
+        `timeout` to finish the work it was already told to stop (cancellation here is cooperative)."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=timeout)
+        else:
+            self._thread.join(timeout=timeout)
+
+
+def spawn(fn: Callable, *args: Any) -> Task:
+    """Run `fn(*args)` off the request path."""
+    return Task(fn, *args)
+
+
+class OsThreadWork:
+    """CPU-bound work (imports, SDK clients) in a real OS thread, so the worker's gevent hub keeps answering while
+    it runs: gevent's threadpool under gevent (waiters block cooperatively), a daemon thread otherwise.
+
+    A greenlet would not do: an import in one greenlet holds the module's import lock, and another greenlet importing
+    the same module blocks the whole hub on it (the first call's ring hung that way, tests/test_transport_limits.py)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        from gevent import monkey
+        context = contextvars.copy_context()
+        if monkey.is_module_patched("threading"):
+            import gevent
+            self._result = gevent.get_hub().threadpool.spawn(context.run, fn)
+            self._thread = None
+        else:
+            self._result = None
+            self._thread = threading.Thread(target=context.run, args=(fn,), daemon=True)
+            self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return self._result.ready() if self._result is not None else not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Until the work has finished (it logs its own failures, so this never raises)."""
+        if self._result is not None:
+            self._result.wait()
+        else:
+            self._thread.join()
