@@ -8,10 +8,7 @@ import re
 import sys
 from typing import Any
 
-import structlog
 from gunicorn import glogging
-
-from .engine.tracing import add_trace_id
 
 _SECRET_KEY_RE = re.compile(
     r"(auth_?token|api_?key|secret|password|authorization|twilioauthtoken|credentials|signature)", re.I)
@@ -111,7 +108,12 @@ class _StdoutHandler(logging.StreamHandler):
 
 def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False) -> None:
     """Configure structlog and route stdlib logging (gunicorn, werkzeug, libraries) through it; with
-    `trace_ids` (tracing on) every line about a call carries its OpenTelemetry trace id."""
+    `trace_ids` (tracing on) every line about a call carries its OpenTelemetry trace id.
+    structlog is imported here, not at the top: gunicorn's master imports this module for AccessLogger before it
+    starts the worker, so a top-level import would add to every cold start before the first health check."""
+    import structlog
+
+    from .engine.tracing import add_trace_id
     renderer = (structlog.processors.JSONRenderer(ensure_ascii=False) if fmt == "json"
                 else structlog.dev.ConsoleRenderer(colors=False))
     shared = [
