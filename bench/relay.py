@@ -14,6 +14,8 @@ import argparse  # noqa: E402  (after patch_all)
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
@@ -76,13 +78,15 @@ def cpu_quota(cpus: float | None) -> Iterator[list[str]]:
 # ---------------------------------------------------------------------------------------------- runs
 
 def run_one(stack: BenchStack, kind: str, args: argparse.Namespace, calls: int, run_index: int,
-            wrap: list[str]) -> tuple[RelayLoadResult, float | None]:
-    """One server (fresh process), one load; returns the result and its cold start (process → /ping 200)."""
+            wrap: list[str]) -> tuple[RelayLoadResult, tuple[float | None, float | None]]:
+    """One server (fresh process), one load; returns the result and its cold start: process → first /ping 200, and
+    process → the app loaded (CallWeaver answers health checks while its app loads; the naive relay loads first)."""
     env = parse_env_pairs(args.server_env) if kind == "callweaver" else {}
     stagger_s = args.stagger_s if args.arrival != "steady" else max(args.stagger_s, calls / args.steady_rate)
     progress(f"{LABELS[kind]}: {calls} calls × {args.turns} turns, {args.workers} worker(s)"
              + (f", arrival {args.arrival}" if args.arrival else "") + (f", {args.cpu_quota} CPU" if wrap else ""))
     with stack.server(workers=args.workers, naive=kind == "naive", wrap=wrap, **env) as server:
+        loaded_s = server.ready_s if kind == "naive" else seconds_until_loaded(server)
         result = run_relay_load(stack, server, calls=calls, turns=args.turns, stagger_s=stagger_s,
                                 think_s=(args.think_min_s, args.think_max_s), seed=args.seed,
                                 time_limit_s=args.time_limit_s, run_index=run_index, naive=kind == "naive",
@@ -90,7 +94,14 @@ def run_one(stack: BenchStack, kind: str, args: argparse.Namespace, calls: int, 
         ready_s = server.ready_s
     if result.error_count:
         progress(f"{LABELS[kind]} errors: {result.errors}")
-    return result, ready_s
+    return result, (ready_s, loaded_s)
+
+
+def seconds_until_loaded(server) -> float:  # noqa: ANN001  (a LiveServer)
+    """Process start → CallWeaver's first answer from its loaded app (/api/twilio-config waits until it has loaded)."""
+    with urllib.request.urlopen(server.url + "/api/twilio-config", timeout=120) as response:
+        response.read()
+    return time.monotonic() - server.started_at
 
 
 def p(values: list[float], pct: float) -> float | None:
@@ -103,7 +114,8 @@ def ratio(naive: float | None, ours: float | None) -> str:
     return f"{ours / naive:.2f}×"
 
 
-def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, float | None]) -> str:
+def side_by_side(results: dict[str, RelayLoadResult],
+                 ready: dict[str, tuple[float | None, float | None]]) -> str:
     """One row per measure, naive | CallWeaver | CallWeaver ÷ naive."""
     rows = []
 
@@ -121,7 +133,8 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, float | N
     row("idle worker RSS before calls (MiB)", {k: r.rss_before_kib / 1024 if r.rss_before_kib else None
                                                for k, r in results.items()})
     row("turns/s", {k: r.turns_per_s for k, r in results.items()})
-    row("cold start: process → first /ping 200 (s)", ready, 2)
+    row("cold start: process → first /ping 200 (s)", {k: v[0] for k, v in ready.items()}, 2)
+    row("cold start: process → app loaded, first API answer (s)", {k: v[1] for k, v in ready.items()}, 2)
     rows.append(["turns completed / errors", *(f"{results[k].turns_completed} / {results[k].error_count}"
                                                for k in SERVERS), ""])
     return markdown_table(["measure", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
@@ -173,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [args.only] if args.only else list(SERVERS)
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.calls]
     sweep: dict[int, dict[str, RelayLoadResult]] = {}
-    ready: dict[str, float | None] = {k: None for k in SERVERS}
+    ready: dict[str, tuple[float | None, float | None]] = {k: (None, None) for k in SERVERS}
     run_index = 0
     with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
         for calls in counts:
@@ -181,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in kinds:  # interleaved per N, so both servers see the same machine state
                 run_index += 1
                 sweep[calls][kind], ready_s = run_one(stack, kind, args, calls, run_index, wrap)
-                ready[kind] = ready_s if ready[kind] is None else ready[kind]
+                ready[kind] = ready_s if ready[kind][0] is None else ready[kind]
     mode = (f"calls placed while others talk ({args.arrival})" if args.arrival else "calls set up first, then talking")
     print(f"### Relay, side by side: {', '.join(map(str, counts))} calls × {args.turns} turns, "
           f"{args.workers} gevent worker(s){f', {args.cpu_quota} CPU quota' if args.cpu_quota else ''}, {mode}\n")
