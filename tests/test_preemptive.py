@@ -53,8 +53,11 @@ def llm(stack):
     return stack["llm"]
 
 
-def new_call(stack, body=None, **options) -> RelayCaller:
-    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, **options)
+def new_call(stack, body=None, *, client_speaking_events: bool = False, **options) -> RelayCaller:
+    """A caller; by default Twilio sends no clientSpeaking events, so the text/cadence signal decides (the fallback);
+    `client_speaking_events=True` for the acoustic end-of-speech signal (test_preemptive_speaker_events.py)."""
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15,
+                         client_speaking_events=client_speaking_events, **options)
     caller.place_call(body or make_call_body(workflow=None, globalPrompt="You answer questions about the shop."))
     caller.answer(stack["twilio"].creates()[-1].one("Url"))
     caller.connect()
