@@ -340,3 +340,137 @@ def test_a_mid_sentence_speculation_from_the_cadence_changes_nothing(stack, llm)
     row = rows[-1]
     assert row["speculation"] == "adopted" and row["speculationsStarted"] == 2
     assert row["speculativeLlmRequests"] == 1 and row["nextNodeId"] == start_node and row["toolNames"] == []
+
+
+# ---- the acoustic end-of-speech signal: Twilio's clientSpeaking on/off (debug="speaker-events") ----------------
+
+HANGOVER_MS = 100  # the scripted caller's VAD hangover: silence this long after a word and Twilio reports "off"
+SLOW_GAP_MS = 250  # between words: longer than PREEMPTIVE_STABLE_MS, so the text window alone would fire in them
+
+
+def speaking_call(stack, body=None, **options) -> RelayCaller:
+    """A caller whose Twilio reports clientSpeaking on/off, as it does with debug="speaker-events"."""
+    return new_call(stack, body, client_speaking_events=True, vad_hangover_ms=HANGOVER_MS, **options)
+
+
+def test_twiml_asks_for_speaker_events(stack):
+    caller = new_call(stack)
+    caller.hangup()
+    assert "speaker-events" in caller.twiml.attributes.get("debug", "").split()
+
+
+def test_client_speaking_off_starts_the_speculation_and_the_final_adopts_it(stack, llm):
+    """Unpunctuated words with gaps longer than the text window: without the acoustic signal the window would
+    speculate between words; with it the only speculation starts at "off" after the last word, and is adopted."""
+    llm.push(Reply(text="We open at nine on Mondays."))
+    caller = speaking_call(stack)
+    reply = caller.speak("When do you open on Monday", words_per_minute=60000 / SLOW_GAP_MS,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False)
+    caller.hangup()
+    assert reply.while_speaking == []  # nothing was spoken while the caller was still talking
+    assert reply.text == "We open at nine on Mondays."
+    assert len(llm.requests) == 1 and llm.requests[0].messages[-1]["content"] == "When do you open on Monday"
+    record, rows = stored(stack, caller)
+    assert [m["content"] for m in record.messages[-2:]] == ["When do you open on Monday", "We open at nine on Mondays."]
+    row = rows[-1]
+    assert row["speculation"] == "adopted" and row["speculationsStarted"] == 1
+    assert row["speculationSignal"] == "end_of_speech" and row["speculationSignals"] == {"end_of_speech": 1}
+    assert row["firstTokenMs"] < row["providerTtftMs"] and row["savedMs"] > 0
+    preemption = turns(stack, caller)["metrics"]["preemption"]
+    assert preemption["bySignal"] == {"end_of_speech": {"started": 1, "adopted": 1}}
+    assert metric_samples(stack)['callweaver_speculations_by_signal_total{outcome="adopted",signal="end_of_speech"}'] >= 1
+
+
+def test_caller_resuming_after_client_speaking_off_and_a_different_final_discard_everything(stack, llm):
+    """A pause past the VAD hangover after a complete-looking word: "off" starts a speculation that routes; the
+    caller goes on ("on", then other words), so it is discarded; "off" at the end starts another, and the final
+    differs from it too. Neither reaches the caller, the history, the node, the variables or the store."""
+    body = make_call_body()  # the real-estate flow: its entry node routes on buy/sell/rent/invest
+    caller = speaking_call(stack, body)
+    start_node = stored(stack, caller)[0].current_node
+    llm.push(Reply(text="SPECULATIVE buying reply.", ttft_s=0.0, tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="SPECULATIVE second reply.", tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="Could you tell me a bit more?"))
+    reply = caller.speak("I want to buy a house or rent one", words_per_minute=FAST_SPEECH_WPM,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={6: 0.4},
+                         final="I want to buy a house or rent one please")
+    caller.hangup()
+    assert reply.text == "Could you tell me a bit more?" and reply.while_speaking == []
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert [r.messages[-1]["content"] for r in llm.requests] == [
+        "I want to buy a house", "I want to buy a house or rent one", "I want to buy a house or rent one please"]
+    record, rows = stored(stack, caller)
+    assert record.current_node == start_node and record.variables == {}
+    assert not any("SPECULATIVE" in m["content"] or m["content"] in ("I want to buy a house",
+                                                                     "I want to buy a house or rent one")
+                   for m in record.messages)
+    assert not any("SPECULATIVE" in (entry.get("spoken") or "") for entry in record.transcript)
+    row = rows[-1]
+    assert row["speculation"] == "discarded" and row["speculationsStarted"] == 2
+    assert row["speculationSignals"] == {"end_of_speech": 2} and row["speculationSignal"] is None
+    assert row["speculativeLlmRequests"] == 2 and row["nextNodeId"] == start_node and row["toolNames"] == []
+
+
+def test_a_hesitation_after_a_word_that_cannot_end_a_sentence_is_not_speculated_on(stack, llm):
+    """clientSpeaking off after "a" (past the hangover): the words say the caller is mid-sentence, so no request;
+    the "off" at the end starts the one speculation, which is adopted."""
+    llm.push(Reply(text="A table for two, certainly."))
+    caller = speaking_call(stack)
+    reply = caller.speak("I would like a table for two", words_per_minute=FAST_SPEECH_WPM,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={4: 0.4})
+    caller.hangup()
+    assert reply.text == "A table for two, certainly." and len(llm.requests) == 1
+    row = stored(stack, caller)[1][-1]
+    assert row["speculation"] == "adopted" and row["speculationSignals"] == {"end_of_speech": 1}
+
+
+def test_barge_in_during_a_speculation_started_by_client_speaking_off(stack, llm):
+    llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
+                        "that you will surely like.", ttft_s=0.0))
+    caller = speaking_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
+    caller.prompt("Hello")
+    while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
+        assert message.get("type") == "text"
+    full = texts_received(caller)
+    caller.listen(1.0)  # a few words are played
+    llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
+    caller.client_speaking(True)
+    caller.partial("Stop I want to order")
+    caller.listen(HANGOVER_MS / 1000)
+    caller.client_speaking(False)  # the speculation starts here
+    llm.wait_for_requests(2)
+    caller.interrupt()             # Twilio reports the barge-in on the first reply
+    caller.listen(0.05)
+    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Stop I want to order")))
+    caller.hangup()
+    assert answer.text == "Sure, what would you like?"
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert len(llm.requests) == 3
+    assistant = [m["content"] for m in llm.requests[2].messages if m["role"] == "assistant"]
+    assert full.startswith(assistant[-1]) and len(assistant[-1]) < len(full)  # planned on the history as heard
+    record, rows = stored(stack, caller)
+    assert not any("SPECULATIVE" in m["content"] for m in record.messages)
+    row = rows[-1]
+    assert row["speculation"] == "discarded" and row["speculationSignals"] == {"end_of_speech": 1}
+    assert row["speculativeLlmRequests"] == 1
+
+
+def test_a_transcript_arriving_after_client_speaking_off_starts_the_speculation(stack, llm):
+    """The recogniser's last interim transcript may come after Twilio's "off": it starts the speculation at once."""
+    llm.push(Reply(text="SPECULATIVE on two words."), Reply(text="Yes, we deliver."))
+    caller = speaking_call(stack)
+    caller.client_speaking(True)
+    caller.partial("Do you")
+    caller.listen(HANGOVER_MS / 1000)
+    caller.client_speaking(False)  # "Do you" ends in a pronoun, which can end a sentence: a speculation starts
+    llm.wait_for_requests(1)
+    caller.partial("Do you deliver")  # the transcript catches up while the caller is silent
+    llm.wait_for_requests(2)
+    caller.listen(0.5)
+    reply = caller.read_reply(CallerReply(sent_at=caller.prompt("Do you deliver")))
+    caller.hangup()
+    assert reply.text == "Yes, we deliver." and "SPECULATIVE" not in texts_received(caller)
+    assert len(llm.requests) == 2
+    row = stored(stack, caller)[1][-1]
+    assert row["speculation"] == "adopted" and row["speculationSignals"] == {"end_of_speech": 2}
+    assert row["firstTokenMs"] < row["providerTtftMs"]
