@@ -87,7 +87,7 @@ def turn_view(turn: dict) -> dict[str, Any]:
         "language": turn.get("language"), "action": turn.get("action"),
         "speculation": turn.get("speculation"), "speculationsStarted": turn.get("speculationsStarted") or 0,
         "speculativeLlmRequests": turn.get("speculativeLlmRequests") or 0, "savedMs": turn.get("savedMs"),
-        "speculationSignal": turn.get("speculationSignal"),
+        "speculationSignal": turn.get("speculationSignal"), "speculationSignals": turn.get("speculationSignals") or {},
         "llmRequests": turn.get("llmRequests"), "hedgedRequests": turn.get("hedgedRequests") or 0,
     }
 
