@@ -362,16 +362,16 @@ def test_twiml_asks_for_speaker_events(stack):
 def test_client_speaking_off_starts_the_speculation_and_the_final_adopts_it(stack, llm):
     """Unpunctuated words with gaps longer than the text window: without the acoustic signal the window would
     speculate between words; with it the only speculation starts at "off" after the last word, and is adopted."""
-    llm.push(Reply(text="We open at nine on Mondays."))
+    llm.push(Reply(text="We open at nine on Tuesdays."))
     caller = speaking_call(stack)
-    reply = caller.speak("When do you open on Monday", words_per_minute=60000 / SLOW_GAP_MS,
+    reply = caller.speak("When do you open on Tuesday", words_per_minute=60000 / SLOW_GAP_MS,
                          end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False)
     caller.hangup()
     assert reply.while_speaking == []  # nothing was spoken while the caller was still talking
-    assert reply.text == "We open at nine on Mondays."
-    assert len(llm.requests) == 1 and llm.requests[0].messages[-1]["content"] == "When do you open on Monday"
+    assert reply.text == "We open at nine on Tuesdays."
+    assert len(llm.requests) == 1 and llm.requests[0].messages[-1]["content"] == "When do you open on Tuesday"
     record, rows = stored(stack, caller)
-    assert [m["content"] for m in record.messages[-2:]] == ["When do you open on Monday", "We open at nine on Mondays."]
+    assert [m["content"] for m in record.messages[-2:]] == ["When do you open on Tuesday", "We open at nine on Tuesdays."]
     row = rows[-1]
     assert row["speculation"] == "adopted" and row["speculationsStarted"] == 1
     assert row["speculationSignal"] == "end_of_speech" and row["speculationSignals"] == {"end_of_speech": 1}
@@ -391,18 +391,18 @@ def test_caller_resuming_after_client_speaking_off_and_a_different_final_discard
     llm.push(Reply(text="SPECULATIVE buying reply.", ttft_s=0.0, tool_calls=[("transition", {"edge_id": "edge_2"})]),
              Reply(text="SPECULATIVE second reply.", tool_calls=[("transition", {"edge_id": "edge_2"})]),
              Reply(text="Could you tell me a bit more?"))
-    reply = caller.speak("I want to buy a house or rent one", words_per_minute=FAST_SPEECH_WPM,
+    reply = caller.speak("I want to buy a flat or rent one", words_per_minute=FAST_SPEECH_WPM,
                          end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={6: 0.4},
-                         final="I want to buy a house or rent one please")
+                         final="I want to buy a flat or rent one please")
     caller.hangup()
     assert reply.text == "Could you tell me a bit more?" and reply.while_speaking == []
     assert "SPECULATIVE" not in texts_received(caller)
     assert [r.messages[-1]["content"] for r in llm.requests] == [
-        "I want to buy a house", "I want to buy a house or rent one", "I want to buy a house or rent one please"]
+        "I want to buy a flat", "I want to buy a flat or rent one", "I want to buy a flat or rent one please"]
     record, rows = stored(stack, caller)
     assert record.current_node == start_node and record.variables == {}
-    assert not any("SPECULATIVE" in m["content"] or m["content"] in ("I want to buy a house",
-                                                                     "I want to buy a house or rent one")
+    assert not any("SPECULATIVE" in m["content"] or m["content"] in ("I want to buy a flat",
+                                                                     "I want to buy a flat or rent one")
                    for m in record.messages)
     assert not any("SPECULATIVE" in (entry.get("spoken") or "") for entry in record.transcript)
     row = rows[-1]
@@ -414,12 +414,12 @@ def test_caller_resuming_after_client_speaking_off_and_a_different_final_discard
 def test_a_hesitation_after_a_word_that_cannot_end_a_sentence_is_not_speculated_on(stack, llm):
     """clientSpeaking off after "a" (past the hangover): the words say the caller is mid-sentence, so no request;
     the "off" at the end starts the one speculation, which is adopted."""
-    llm.push(Reply(text="A table for two, certainly."))
+    llm.push(Reply(text="A table for three, certainly."))
     caller = speaking_call(stack)
-    reply = caller.speak("I would like a table for two", words_per_minute=FAST_SPEECH_WPM,
+    reply = caller.speak("We would like a table for three", words_per_minute=FAST_SPEECH_WPM,
                          end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={4: 0.4})
     caller.hangup()
-    assert reply.text == "A table for two, certainly." and len(llm.requests) == 1
+    assert reply.text == "A table for three, certainly." and len(llm.requests) == 1
     row = stored(stack, caller)[1][-1]
     assert row["speculation"] == "adopted" and row["speculationSignals"] == {"end_of_speech": 1}
 
@@ -428,20 +428,20 @@ def test_barge_in_during_a_speculation_started_by_client_speaking_off(stack, llm
     llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
                         "that you will surely like.", ttft_s=0.0))
     caller = speaking_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
-    caller.prompt("Hello")
+    caller.prompt("Good evening")
     while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
         assert message.get("type") == "text"
     full = texts_received(caller)
     caller.listen(1.0)  # a few words are played
     llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
     caller.client_speaking(True)
-    caller.partial("Stop I want to order")
+    caller.partial("Wait I would like to order")
     caller.listen(HANGOVER_MS / 1000)
     caller.client_speaking(False)  # the speculation starts here
     llm.wait_for_requests(2)
     caller.interrupt()             # Twilio reports the barge-in on the first reply
     caller.listen(0.05)
-    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Stop I want to order")))
+    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Wait I would like to order")))
     caller.hangup()
     assert answer.text == "Sure, what would you like?"
     assert "SPECULATIVE" not in texts_received(caller)
@@ -464,10 +464,10 @@ def test_a_transcript_arriving_after_client_speaking_off_starts_the_speculation(
     caller.listen(HANGOVER_MS / 1000)
     caller.client_speaking(False)  # "Do you" ends in a pronoun, which can end a sentence: a speculation starts
     llm.wait_for_requests(1)
-    caller.partial("Do you deliver")  # the transcript catches up while the caller is silent
+    caller.partial("Do you cater")  # the transcript catches up while the caller is silent
     llm.wait_for_requests(2)
     caller.listen(0.5)
-    reply = caller.read_reply(CallerReply(sent_at=caller.prompt("Do you deliver")))
+    reply = caller.read_reply(CallerReply(sent_at=caller.prompt("Do you cater")))
     caller.hangup()
     assert reply.text == "Yes, we deliver." and "SPECULATIVE" not in texts_received(caller)
     assert len(llm.requests) == 2
