@@ -14,6 +14,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (after patch_all)
+import math  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -102,7 +103,7 @@ VARIANTS = [
             "hesitation (past the VAD hangover), partials without sentence marks",
             {"PREEMPTIVE_GENERATION": "1", "PREEMPTIVE_END_OF_UTTERANCE": "0"}, punctuated_partials=False,
             realistic=True, speaker_events=True, hesitation_ms=400.0),
-    Variant("preemption on (defaults), clientSpeaking after a 350 ms VAD hangover, partials without sentence marks",
+    Variant("preemption on (defaults), clientSpeaking, a 350 ms VAD hangover, partials without sentence marks",
             {"PREEMPTIVE_GENERATION": "1"}, punctuated_partials=False, speaker_events=True, vad_hangover_ms=350.0),
 ]
 
@@ -117,6 +118,12 @@ def realistic_line(rng: random.Random, hesitation_s: float) -> tuple[str, dict[i
     return " ".join(words), pauses
 
 
+def is_corrected(k: int, share: float) -> bool:
+    """Turn k (0-based, over the run) is one whose final the recogniser corrects: evenly spread, `share` of them
+    rounded up, the same turns in every configuration."""
+    return math.ceil((k + 1) * share) > math.ceil(k * share)
+
+
 def corrected(utterance: str) -> str:
     """The final the recogniser settled on when it corrected the last word."""
     head, _, last = utterance.rpartition(" ")
@@ -125,7 +132,6 @@ def corrected(utterance: str) -> str:
 
 def run_variant(stack: BenchStack, variant: Variant, args: argparse.Namespace, run: int) -> VariantResult:
     result = VariantResult(variant)
-    rng = random.Random(args.seed + run)
     with stack.server(workers=1, CACHE_TYPE="NullCache", **variant.env) as server:
         before = stack.llm.stats().get("requests", 0)
         calls = [RelayCall(stack, server.url, destination(i, run), None) for i in range(args.calls)]
@@ -140,12 +146,16 @@ def run_variant(stack: BenchStack, variant: Variant, args: argparse.Namespace, r
             try:
                 call.set_up()
                 for turn in range(args.turns):
+                    # The same (call, turn) says the same line, thinks as long and is corrected or not in every
+                    # configuration: only the server's settings and the caller's voice-activity reports differ.
+                    rng = random.Random(f"{args.seed}:{index}:{turn}")
                     pauses: dict[int, float] = {}
                     if variant.realistic:
                         utterance, pauses = realistic_line(rng, hesitation_ms / 1000)
                     else:
                         utterance = unique_utterance(rng, index, turn)
-                    final = corrected(utterance) if rng.random() < args.corrected_share else None
+                    final = corrected(utterance) if is_corrected(index * args.turns + turn, args.corrected_share) \
+                        else None
                     reply = call.caller.speak(utterance, words_per_minute=args.wpm,
                                               end_of_speech_ms=args.end_of_speech_ms, final=final,
                                               punctuated_partials=variant.punctuated_partials, pauses_s=pauses)
@@ -205,11 +215,13 @@ def report(results: list[VariantResult], args: argparse.Namespace) -> str:
         f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
         f"{args.token_interval_ms:g} ms/token. Callers speak {args.wpm:g} words/min (one partial prompt per "
         f"word), end of speech {args.end_of_speech_ms:g} ms before the final prompt; in "
-        f"{args.corrected_share:.0%} of turns (drawn at random) the final differs from the last partial (the "
+        f"{args.corrected_share:.0%} of turns (evenly spread, rounded up; the same turns in "
+        "every configuration, which also share each turn's line and think time) the final differs from the last "
+        "partial (the "
         "recogniser corrected a word). The bench's own lines are generated questions (\"Turn N of caller M: is "
         "there a place near the X or the Y?\"); the realistic lines are ten things callers say, each with one "
-        f"hesitation {args.hesitation_ms:g} ms longer than a word gap (mostly after a word that cannot end a "
-        "sentence, in two lines after one that can: a number read out). The reply cache is off. Requests per turn are counted "
+        f"hesitation (two in one line) of {args.hesitation_ms:g} ms of silence unless the row says otherwise "
+        "(mostly after a word that cannot end a sentence, in two lines after one that can: a number read out). The reply cache is off. Requests per turn are counted "
         "by the fake LLM itself. \"clientSpeaking\" rows: the caller's Twilio reports voice activity, "
         f"clientSpeaking off after {args.vad_hangover_ms:g} ms of silence (unless the row says otherwise), so "
         "before the final when the end of speech is longer; words follow each other without silence, the silence "
