@@ -162,21 +162,23 @@ def test_discarded_speculation_drops_routing_and_extraction(stack, llm):
     assert rows[-1]["nextNodeId"] == start_node and rows[-1]["speculation"] == "discarded"
 
 
-def test_barge_in_during_a_speculation_discards_it(stack, llm):
+def barge_in_on_a_speculation(stack, llm, caller, first: str, utterance: str, start_speculation) -> dict:
+    """The reply to `first` is fully sent and still playing (a slow voice); `start_speculation()` starts a
+    speculation on `utterance`; Twilio reports the barge-in and then the final. The speculation is discarded and the
+    final turn is planned on the history as heard; returns the turn's row."""
     llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
                         "that you will surely like.", ttft_s=0.0))
-    caller = new_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
-    caller.prompt("Hello")
+    caller.prompt(first)
     while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
         assert message.get("type") == "text"
     full = texts_received(caller)
     caller.listen(1.0)  # a few words are played
     llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
-    caller.partial("Stop I want to order")
+    start_speculation()
     llm.wait_for_requests(2)  # the speculation is in flight
     caller.interrupt()        # Twilio reports the barge-in on the first reply
     caller.listen(0.05)
-    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Stop I want to order")))
+    answer = caller.read_reply(CallerReply(sent_at=caller.prompt(utterance)))
     caller.hangup()
     assert answer.text == "Sure, what would you like?"
     assert "SPECULATIVE" not in texts_received(caller)
@@ -187,6 +189,13 @@ def test_barge_in_during_a_speculation_discards_it(stack, llm):
     record, rows = stored(stack, caller)
     assert not any("SPECULATIVE" in m["content"] for m in record.messages)
     assert rows[-1]["speculation"] == "discarded" and rows[-1]["speculativeLlmRequests"] == 1
+    return rows[-1]
+
+
+def test_barge_in_during_a_speculation_discards_it(stack, llm):
+    caller = new_call(stack, speaking_rate_cps=15.0)
+    barge_in_on_a_speculation(stack, llm, caller, "Hello", "Stop I want to order",
+                              lambda: caller.partial("Stop I want to order"))
 
 
 def test_limits_per_turn_and_length(stack, llm):
@@ -425,34 +434,17 @@ def test_a_hesitation_after_a_word_that_cannot_end_a_sentence_is_not_speculated_
 
 
 def test_barge_in_during_a_speculation_started_by_client_speaking_off(stack, llm):
-    llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
-                        "that you will surely like.", ttft_s=0.0))
-    caller = speaking_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
-    caller.prompt("Good evening")
-    while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
-        assert message.get("type") == "text"
-    full = texts_received(caller)
-    caller.listen(1.0)  # a few words are played
-    llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
-    caller.client_speaking(True)
-    caller.partial("Wait I would like to order")
-    caller.listen(HANGOVER_MS / 1000)
-    caller.client_speaking(False)  # the speculation starts here
-    llm.wait_for_requests(2)
-    caller.interrupt()             # Twilio reports the barge-in on the first reply
-    caller.listen(0.05)
-    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Wait I would like to order")))
-    caller.hangup()
-    assert answer.text == "Sure, what would you like?"
-    assert "SPECULATIVE" not in texts_received(caller)
-    assert len(llm.requests) == 3
-    assistant = [m["content"] for m in llm.requests[2].messages if m["role"] == "assistant"]
-    assert full.startswith(assistant[-1]) and len(assistant[-1]) < len(full)  # planned on the history as heard
-    record, rows = stored(stack, caller)
-    assert not any("SPECULATIVE" in m["content"] for m in record.messages)
-    row = rows[-1]
-    assert row["speculation"] == "discarded" and row["speculationSignals"] == {"end_of_speech": 1}
-    assert row["speculativeLlmRequests"] == 1
+    caller = speaking_call(stack, speaking_rate_cps=15.0)
+
+    def speak_then_fall_silent():
+        caller.client_speaking(True)
+        caller.partial("Wait I would like to order")
+        caller.listen(HANGOVER_MS / 1000)
+        caller.client_speaking(False)  # the speculation starts here
+
+    row = barge_in_on_a_speculation(stack, llm, caller, "Good evening", "Wait I would like to order",
+                                    speak_then_fall_silent)
+    assert row["speculationSignals"] == {"end_of_speech": 1}
 
 
 def test_a_transcript_arriving_after_client_speaking_off_starts_the_speculation(stack, llm):
