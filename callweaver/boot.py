@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable
@@ -26,6 +28,7 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 WORKER_BOOT_ERROR = 3
 STARTING_WARNING = ("Starting: the app is still loading, so its checks (store, Twilio, LLM providers) have not run "
                     "yet; every request except /health and /ping waits until it has loaded")
+APP_LOADED = "app_loaded"  # the event of the line each worker writes once loaded (test and bench servers wait for it)
 # gunicorn's error log (its handlers are set up in the worker); a failed load is reported there.
 log = logging.getLogger("gunicorn.error")
 
@@ -86,6 +89,7 @@ class AppLoader:
             fn(app)
         self._serve = app.wsgi_app
         self._loaded.set()
+        _announce_loaded(time.time() - self.started_at)
 
     @staticmethod
     def _answers_while_starting(environ: dict) -> bool:
@@ -118,6 +122,13 @@ def _after_pending_requests() -> None:
     if monkey.is_module_patched("socket"):
         import gevent
         gevent.idle()
+
+
+def _announce_loaded(seconds: float) -> None:
+    """One JSON line per worker start, whatever LOG_LEVEL says (like gunicorn's "Booting worker"): when this worker
+    began serving every request, and how long its load took."""
+    print(json.dumps({"event": APP_LOADED, "seconds": round(seconds, 3), "pid": os.getpid()}), file=sys.stderr,
+          flush=True)
 
 
 def _import_all(modules: tuple[str, ...]) -> None:

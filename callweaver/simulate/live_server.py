@@ -12,7 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from callweaver.boot import APP_LOADED
+
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_GUNICORN_ARGS = ["-c", "gunicorn.conf.py", "wsgi:app"]
 
 
 def stop_process(proc: subprocess.Popen | None, timeout_s: float = 15) -> None:
@@ -42,7 +45,7 @@ class LiveServer:
         `wrap` prefixes the command with one that execs it (the benches' CPU-quota mode)."""
         self.repo = repo  # another checkout (a benchmark's baseline) runs its own code with this interpreter
         self.wrap = wrap or []
-        self.gunicorn_args = gunicorn_args or ["-c", "gunicorn.conf.py", "wsgi:app"]
+        self.gunicorn_args = gunicorn_args or DEFAULT_GUNICORN_ARGS
         self.port = port or free_port()
         workers = workers or int(env.get("WEB_CONCURRENCY") or 2)
         self.workers = workers
@@ -62,6 +65,7 @@ class LiveServer:
             cwd=self.repo, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         self.started_at = time.monotonic()
         self.ready_s: float | None = None  # process start → first /ping 200 with every worker up
+        self.loaded_s: float | None = None  # process start → every worker's app loaded (it logged app_loaded)
         deadline = self.started_at + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -70,12 +74,29 @@ class LiveServer:
                 with urllib.request.urlopen(self.url + "/ping", timeout=1) as r:
                     if r.status == 200 and len(self.worker_pids()) >= self.workers:
                         self.ready_s = time.monotonic() - self.started_at
-                        return self
+                        return self._wait_until_loaded(deadline)
             except OSError:
                 pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not answer in {timeout_s}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def _wait_until_loaded(self, deadline: float) -> "LiveServer":
+        """Each worker answers /ping and /health while its app loads (callweaver/boot.py); callers expect the app
+        itself, so wait until every worker has logged that it is loaded (a baseline app given by gunicorn_args
+        loads before it listens)."""
+        if self.gunicorn_args != DEFAULT_GUNICORN_ARGS:
+            self.loaded_s = self.ready_s
+            return self
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()[-3000:]}")
+            if self.logs().count(APP_LOADED) >= self.workers:
+                self.loaded_s = time.monotonic() - self.started_at
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gunicorn's app did not load in time:\n{self.log_path.read_text()[-3000:]}")
 
     def worker_pids(self) -> list[int]:
         if not self.proc:
