@@ -19,6 +19,7 @@ from . import relay_protocol as protocol
 from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, speculation_row
 from .end_of_utterance import SpeechCadence, completeness
 from .metrics import elapsed_ms
+from .reply_text import ReplyText
 
 log = structlog.get_logger()
 
@@ -62,8 +63,9 @@ class RelaySession:
     """
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
-                 inter_digit_s: float = DTMF_INTER_DIGIT_S):
+                 inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
         self.engine = engine
+        self.text_hold_s = text_hold_s  # RELAY_TEXT_HOLD_MS: after a reply's first clause, tokens per clause (reply_text.py)
         self.sender = sender
         self.spawn = spawn
         self.clock = clock
@@ -378,18 +380,19 @@ class RelaySession:
             if turn.result.language_switched:
                 self.sender.send_json(self._language_message(turn.result.language))
             audio_sent = False
+            out = ReplyText(self.text_hold_s)
             for token in (turn if tokens is None else tokens):
                 if not self._streaming:
-                    return  # cancelled: the canceller commits what was heard
+                    return  # cancelled: the canceller commits what was heard; held text was never sent
                 if not token:
                     continue
-                audio_sent = audio_sent or self._play_entered_audio(turn)
-                self.sender.send_json(protocol.text(token))
-                if self._timings["firstTokenMs"] is None:
-                    self._timings["firstTokenMs"] = elapsed_ms(received, self.clock())
-                self._sent += token
+                if not audio_sent and turn.result.entered_audio is not None:
+                    self._send_text(out.take())  # the words before the node's recording go before it
+                    audio_sent = self._play_entered_audio(turn)
+                self._send_text(out.add(token, self.clock()))
             if not self._streaming:
                 return
+            self._send_text(out.take())
             audio_sent = audio_sent or self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
@@ -418,6 +421,15 @@ class RelaySession:
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
         self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
+
+    def _send_text(self, chunk: str | None) -> None:
+        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent once written."""
+        if not chunk:
+            return
+        self.sender.send_json(protocol.text(chunk))
+        if self._timings["firstTokenMs"] is None:
+            self._timings["firstTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
+        self._sent += chunk
 
     def _play_entered_audio(self, turn: Turn) -> bool:
         """Once the turn has moved into a node with a recording: play it before that node's words."""
