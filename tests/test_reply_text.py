@@ -1,8 +1,9 @@
-"""A reply's `text` frames: one per token until its first clause ends, then one per clause (RELAY_TEXT_HOLD_MS).
+"""A reply's `text` frames: one per token until its first clause ends, then one per clause, and once the caller has
+speech queued, the stream read in batches (RELAY_TEXT_HOLD_MS).
 
 The policy itself (engine/reply_text.py) with explicit times, then a RelaySession sending a scripted reply on a
-clock the test moves: what Twilio receives, in order, and what is stored as heard when the caller barges in while
-words are held.
+clock the test moves (a token with no gap was already buffered when read): what Twilio receives, in order, and
+what is stored as heard when the caller barges in while words are held.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def frames_of(tokens_at: list[tuple[str, float]], hold_s: float = HOLD_S) -> lis
         if ready is not None:
             frames.append(ready)
     if out.holding:
-        frames.append(out.take())
+        frames.append(out.take(tokens_at[-1][1]))
     return frames
 
 
@@ -54,9 +55,40 @@ def test_spaces_newlines_and_other_scripts_pass_unchanged_and_in_order():
     assert frames[2] == "我可以帮你。"
 
 
-def test_hold_zero_sends_every_token_in_its_own_frame():
+def test_hold_zero_sends_every_token_in_its_own_frame_and_never_pauses():
     tokens = ["Hi,", " there.", " How", " are", " you?"]
     assert frames_of([(t, 0.0) for t in tokens], hold_s=0) == tokens
+    out = ReplyText(0)
+    assert [(out.add(t, 0.0), out.pause_s(0.0)) for t in tokens] == [(t, 0.0) for t in tokens]
+
+
+FIRST_SENTENCE = "Thanks for calling, I can certainly help with that."  # ~2 s of speech even spoken fast
+
+
+def test_after_the_first_sentence_the_stream_is_read_in_batches_while_the_caller_has_speech_queued():
+    out = ReplyText(HOLD_S)
+    assert out.add("Thanks for calling,", 0.0) == "Thanks for calling,"
+    assert out.pause_s(0.0) == 0  # the first sentence is not out yet: nothing is playing
+    assert out.add(" I can certainly help with that.", 0.02) == " I can certainly help with that."
+    assert out.pause_s(0.02) == HOLD_S  # ~2 s of speech queued: reading 80 ms later leaves no gap
+    # What arrived during the pause is read at once and held, a clause end included; the read that waits sends it.
+    assert out.add(" Let", 0.10, waited=False) is None
+    assert out.add(" me, see.", 0.10, waited=False) is None
+    assert out.pause_s(0.10) == 0  # words are held: read on
+    assert out.add(" Right", 0.12, waited=True) == " Let me, see. Right"
+    assert out.pause_s(0.12) == HOLD_S
+
+
+def test_no_batched_reads_for_a_reply_already_in_memory_or_without_speech_queued():
+    cached = ReplyText(HOLD_S)  # a cached reply or an adopted speculation's buffer: nothing waits for the network
+    cached.add(FIRST_SENTENCE, 0.0, waited=False)
+    assert cached.pause_s(0.0) == 0
+    short = ReplyText(HOLD_S)  # "Sure." is 0.2 s of speech: less than four hold periods queued
+    short.add("Sure.", 0.0)
+    assert short.pause_s(0.0) == 0
+    late = ReplyText(HOLD_S)  # the first sentence went out long ago and has played by now
+    late.add(FIRST_SENTENCE, 0.0)
+    assert late.pause_s(5.0) == 0
 
 
 # ---- a RelaySession sending a scripted reply ------------------------------------------------------------------
@@ -133,7 +165,8 @@ def say(session: RelaySession, text: str = "hi") -> None:
 
 
 REPLY = [("Thanks", 0.3), (" for", 0.03), (" calling,", 0.03), (" I", 0.03), (" can", 0.03), (" certainly", 0.03),
-         (" help", 0.03), (" with", 0.03), (" that.", 0.03), (" Let", 0.03), (" me", 0.03), (" check", 0.03)]
+         (" help", 0.03), (" with", 0.03), (" that.", 0.03), (" Let", 0), (" me,", 0), (" check", 0), (" now", 0.03),
+         (" please", 0)]
 
 
 def test_a_streamed_reply_reaches_twilio_token_by_token_then_clause_by_clause_and_is_stored_whole():
@@ -141,9 +174,11 @@ def test_a_streamed_reply_reaches_twilio_token_by_token_then_clause_by_clause_an
     say(session)
     assert engine.done.wait(5)
     texts = [m for m in sent if m["type"] == "text"]
-    # " I" waits from +0.39 s; " help" arrives 90 ms later (past the 80 ms bound); " that." ends a sentence.
+    # " I" waits from +0.39 s; " help" arrives 90 ms later (past the 80 ms bound); " that." ends a sentence, and
+    # ~2 s of speech is queued: the next read comes after a pause and finds three tokens buffered (the comma does
+    # not split them); " now" waited for the network, so the batch goes with it; " please" ends the reply.
     assert [m["token"] for m in texts] == ["Thanks", " for", " calling,", " I can certainly help", " with that.",
-                                           " Let me check", ""]
+                                           " Let me, check now", " please", ""]
     assert texts[-1] == {"type": "text", "token": "", "last": True}
     assert all(m["last"] is False for m in texts[:-1])
     assert "".join(m["token"] for m in texts) == "".join(token for token, _ in REPLY)
@@ -189,11 +224,29 @@ def test_a_reply_that_never_ends_a_clause_streams_token_by_token():
 
 
 def test_the_bound_is_on_the_session_clock_not_wall_time():
-    # Tokens 50 ms apart on the session's clock: every second one passes the 80 ms bound.
-    script = [("Okay.", 0.3)] + [(f" w{i}", 0.05) for i in range(6)]
+    # Tokens 50 ms apart on the session's clock: every third one passes the 80 ms bound. "Okay. a a a" is too
+    # little speech for batched reads.
+    script = [("Okay.", 0.3)] + [(" a", 0.05) for _ in range(6)]
     session, engine, sent = session_for(script)
     started = time.monotonic()
     say(session)
     assert engine.done.wait(5)
     assert time.monotonic() - started < 5
-    assert [m["token"] for m in sent if m["type"] == "text"] == ["Okay.", " w0 w1 w2", " w3 w4 w5", ""]
+    assert [m["token"] for m in sent if m["type"] == "text"] == ["Okay.", " a a a", " a a a", ""]
+
+
+def test_a_barge_in_during_a_batched_read_pause_ends_the_reply_at_once():
+    long_sentence = "Here is everything about the house" + ", and more" * 60 + "."  # ~25 s of speech queued
+    session, engine, sent = session_for([("Sure,", 0.3), (" " + long_sentence, 0.01), (" Next", 0.01)])
+    session.text_hold_s = 5.0  # a pause long enough that only the barge-in can end it
+    say(session)
+    deadline = time.monotonic() + 5
+    while len(sent) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [m["token"] for m in sent] == ["Sure,", " " + long_sentence]  # then the reply pauses before reading on
+    reply = session._reply
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "Sure, here is everything"}))
+    assert reply.dead  # the pause ended with the barge-in (it was not waited out: 5 s, beyond the join's bound)
+    assert engine.committed[0]["heard_text"] == "Sure, Here is everything"
+    assert engine.committed[0]["interrupted"] is True
+    assert [m["token"] for m in sent] == ["Sure,", " " + long_sentence]  # " Next" was never read nor sent

@@ -19,7 +19,7 @@ from . import relay_protocol as protocol
 from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, speculation_row
 from .end_of_utterance import SpeechCadence, completeness
 from .metrics import elapsed_ms
-from .reply_text import ReplyText
+from .reply_text import WAITED_S, ReplyText
 
 log = structlog.get_logger()
 
@@ -79,6 +79,7 @@ class RelaySession:
         self._committed = True
         self._timings: dict[str, Any] = {}
         self._fell_silent = threading.Event()  # set by `info` agentSpeaking off (a gevent Event under gevent)
+        self._reply_stopped = threading.Event()  # set when the current reply is cancelled: ends a paced read's pause
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
@@ -370,6 +371,7 @@ class RelaySession:
     def _begin_reply(self, turn: Turn, received: float, adopted: SpeculativeTurn | None = None) -> None:
         """A caller turn ends here: its speculations (adopted or not) are accounted to this reply."""
         self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
+        self._reply_stopped.clear()
         self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
         self._adopted, self._dropped_this_turn, self._discarded = adopted, self._discarded, []
 
@@ -381,18 +383,24 @@ class RelaySession:
                 self.sender.send_json(self._language_message(turn.result.language))
             audio_sent = False
             out = ReplyText(self.text_hold_s)
+            read_from = self.clock()
             for token in (turn if tokens is None else tokens):
+                now = self.clock()
                 if not self._streaming:
                     return  # cancelled: the canceller commits what was heard; held text was never sent
                 if not token:
                     continue
                 if not audio_sent and turn.result.entered_audio is not None:
-                    self._send_text(out.take())  # the words before the node's recording go before it
+                    self._send_text(out.take(now))  # the words before the node's recording go before it
                     audio_sent = self._play_entered_audio(turn)
-                self._send_text(out.add(token, self.clock()))
+                self._send_text(out.add(token, now, waited=now - read_from >= WAITED_S))
+                pause_s = out.pause_s(now)
+                if pause_s and self._reply_stopped.wait(pause_s):
+                    return  # cancelled during the pause
+                read_from = self.clock()
             if not self._streaming:
                 return
-            self._send_text(out.take())
+            self._send_text(out.take(self.clock()))
             audio_sent = audio_sent or self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
@@ -476,6 +484,7 @@ class RelaySession:
         """
         task, turn = self._reply, self._turn
         self._streaming = False
+        self._reply_stopped.set()
         if turn is not None:
             turn.cancel()
         if task is not None:
