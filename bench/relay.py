@@ -137,6 +137,9 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, float | N
     for pct in (50, 95, 99):
         row(f"prompt sent → end of the first sentence at the caller, p{pct} (ms)",
             {k: p(r.first_sentence_ms, pct) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"prompt sent → the reply's closing frame at the caller, p{pct} (ms)",
+            {k: p(r.reply_end_ms, pct) for k, r in results.items()})
     row("cold start: process → first /ping 200 (s)", ready, 2)
     done = [f"{results[k].turns_completed} / {results[k].error_count}" for k in columns]
     rows.append(["turns completed / errors", *done[:2], "", *done[2:]])
