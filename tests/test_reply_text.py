@@ -112,19 +112,26 @@ class _ScriptedTurn:
         self.utterance = "hi"
         self.stopped = threading.Event()
         self.waiting = threading.Event()
+        self._chunks = self._generate()  # held by the turn, as the engine's Turn holds its stream
 
     def __iter__(self):
-        for token, gap_s in self.script:
-            if token == "WAIT":
-                self.waiting.set()
-                self.stopped.wait(10)
-                return
-            if token == "AUDIO":
-                self.result.entered_audio = self._audio  # the turn moved into a node with a recording
-                continue
-            self.clock.now += gap_s
-            self.result.reply_text += token
-            yield token
+        return self._chunks
+
+    def _generate(self):
+        try:
+            for token, gap_s in self.script:
+                if token == "WAIT":
+                    self.waiting.set()
+                    self.stopped.wait(10)
+                    return
+                if token == "AUDIO":
+                    self.result.entered_audio = self._audio  # the turn moved into a node with a recording
+                    continue
+                self.clock.now += gap_s
+                self.result.reply_text += token
+                yield token
+        finally:
+            self.result.provider = "scripted"  # as the engine's stream accounts its provider on the way out
 
     def cancel(self) -> None:
         self.stopped.set()
@@ -145,7 +152,7 @@ class _Engine:
         return self.turn
 
     def commit_turn(self, record, turn, **kwargs):
-        self.committed.append(kwargs)
+        self.committed.append({**kwargs, "provider": getattr(turn.result, "provider", None)})
         self.done.set()
         return record
 
@@ -249,4 +256,5 @@ def test_a_barge_in_during_a_batched_read_pause_ends_the_reply_at_once():
     assert reply.dead  # the pause ended with the barge-in (it was not waited out: 5 s, beyond the join's bound)
     assert engine.committed[0]["heard_text"] == "Sure, Here is everything"
     assert engine.committed[0]["interrupted"] is True
+    assert engine.committed[0]["provider"] == "scripted"  # the stream was ended (and accounted) before the commit
     assert [m["token"] for m in sent] == ["Sure,", " " + long_sentence]  # " Next" was never read nor sent

@@ -384,10 +384,11 @@ class RelaySession:
             audio_sent = False
             out = ReplyText(self.text_hold_s)
             read_from = self.clock()
-            for token in (turn if tokens is None else tokens):
+            stream = iter(turn if tokens is None else tokens)
+            for token in stream:
                 now = self.clock()
                 if not self._streaming:
-                    return  # cancelled: the canceller commits what was heard; held text was never sent
+                    break  # cancelled: the canceller commits what was heard; held text was never sent
                 if not token:
                     continue
                 if not audio_sent and turn.result.entered_audio is not None:
@@ -396,9 +397,14 @@ class RelaySession:
                 self._send_text(out.add(token, now, waited=now - read_from >= WAITED_S))
                 pause_s = out.pause_s(now)
                 if pause_s and self._reply_stopped.wait(pause_s):
-                    return  # cancelled during the pause
+                    break  # cancelled during the pause
                 read_from = self.clock()
             if not self._streaming:
+                # Stopped between two tokens: end the stream here, so what it accounts on its way out (provider,
+                # TTFT, failovers, the LLM span) is in the turn before the canceller commits it.
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
                 return
             self._send_text(out.take(self.clock()))
             audio_sent = audio_sent or self._play_entered_audio(turn)
