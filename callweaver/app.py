@@ -21,9 +21,9 @@ from .request_guard import RequestBodyGuard
 from .services import Services
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
-# Answered while the worker's SDK clients are still being built (Services.warm_up): they need none of them.
 # The call a request was about (bound by the routes), carried onto gunicorn's access line (gunicorn.conf.py).
 ACCESS_LINE_CALL_FIELDS = ("tracking_id", "call_sid")
+# Answered while the worker's SDK clients are still being built (Services.warm_up): they need none of them.
 ANSWERED_DURING_WARM_UP = frozenset({"health.health", "health.ping", "health.health_optimized", "static"})
 log = structlog.get_logger()
 
@@ -90,6 +90,7 @@ def _init_request_logging(app: Flask) -> None:
     """One line per request. Under gunicorn that is gunicorn's access line (gunicorn.conf.py `access_log_format`:
     method, path, query, status, bytes, duration, request id, remote), to which the request hands the call it was
     about through the WSGI environ; gunicorn also writes it for requests the app never sees (refused bodies).
+    The server is started with that configuration (`gunicorn -c gunicorn.conf.py`, README, render.yaml).
     Elsewhere (the Flask test client, `flask run`) the app writes it as `http_request`."""
 
     @app.before_request
@@ -101,12 +102,10 @@ def _init_request_logging(app: Flask) -> None:
         g.started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)
 
-    worker = str(os.getpid())  # which worker answered (multi-worker tests, ops); the app is built per worker
-
     @app.after_request
     def _log_request(response):
         response.headers["X-Request-Id"] = g.get("request_id", "")
-        response.headers["X-CallWeaver-Worker"] = worker
+        response.headers["X-CallWeaver-Worker"] = str(os.getpid())  # which worker answered (multi-worker tests, ops)
         environ = request.environ
         call = structlog.contextvars.get_contextvars()
         if environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
