@@ -49,7 +49,10 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.root:
-        compare_roots(args.root, args.calls, args.rounds)
+        from bench.report import compare_checkouts  # this checkout's; the children import the measured one's
+
+        compare_checkouts(str(Path(__file__).resolve()), args.root, args.calls, args.rounds, STEPS,
+                          f"ms CPU per call, {args.calls} calls, in-process")
         return
     spent = measure(args.calls, args.profile)
     if args.child:
@@ -59,25 +62,6 @@ def main() -> None:
     for name, ms in spent.items():
         print(f"| {name} | {ms:.2f} |")
     print(f"| all of them | {sum(spent.values()):.2f} |")
-
-
-def compare_roots(roots: list[str], calls: int, rounds: int) -> None:
-    """Each checkout in its own process (this file, run against that checkout's code), alternating by round."""
-    roots = [str(Path(root).resolve()) for root in roots]
-    bench_file = str(Path(__file__).resolve())
-    rows: dict[str, list[dict[str, float]]] = {root: [] for root in roots}
-    for _ in range(rounds):
-        for root in roots:
-            out = subprocess.run([sys.executable, bench_file, "--child", "--calls", str(calls)], cwd=root,
-                                 env={**os.environ, "PYTHONPATH": root}, check=True, capture_output=True,
-                                 text=True).stdout
-            rows[root].append(json.loads(out.strip().splitlines()[-1]))
-    print(f"| checkout | {' | '.join(STEPS)} | all (ms CPU per call, {calls} calls, in-process) |")
-    print("|---" * (len(STEPS) + 2) + "|")
-    for root, runs in rows.items():
-        cells = [" / ".join(f"{run[step]:.2f}" for run in runs) for step in STEPS]
-        total = " / ".join(f"{sum(run.values()):.2f}" for run in runs)
-        print(f"| {root} | {' | '.join(cells)} | {total} |")
 
 
 def measure(calls: int, profile_sort: str | None = None) -> dict[str, float]:
