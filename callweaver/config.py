@@ -109,6 +109,7 @@ class Settings:
     preemptive_end_of_utterance: bool = True
     preemptive_incomplete_ms: float = 1000.0
     preemptive_cadence_margin_ms: float = 40.0
+    preemptive_speaker_events: bool = True
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
@@ -298,6 +299,7 @@ class Settings:
         values["preemptive_end_of_utterance"] = flag("PREEMPTIVE_END_OF_UTTERANCE", True)
         values["preemptive_incomplete_ms"] = number("PREEMPTIVE_INCOMPLETE_MS", 1000.0, float, 0)
         values["preemptive_cadence_margin_ms"] = number("PREEMPTIVE_CADENCE_MARGIN_MS", 40.0, float, 0)
+        values["preemptive_speaker_events"] = flag("PREEMPTIVE_SPEAKER_EVENTS", True)
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))

@@ -164,7 +164,8 @@ class Services:
                                         max_per_turn=s.preemptive_max_speculations, max_chars=s.preemptive_max_chars,
                                         end_of_utterance=s.preemptive_end_of_utterance,
                                         incomplete_ms=s.preemptive_incomplete_ms,
-                                        cadence_margin_ms=s.preemptive_cadence_margin_ms)
+                                        cadence_margin_ms=s.preemptive_cadence_margin_ms,
+                                        speaker_events=s.preemptive_speaker_events)
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
                                   chain_for=self.chain_for, tracer=self.tracer,
                                   record_transcripts=self.settings.record_transcripts, speculation=speculation)

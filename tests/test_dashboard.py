@@ -183,10 +183,11 @@ def seed_realistic_traffic(store, now: float, third_call_node: str = "contact_de
             if failover:
                 turn["failovers"] = [{"from": "azure", "to": "openai", "reason": "first_token_timeout"}]
             if turn_no == 1:  # a speculation adopted, then one discarded, every minute
-                turn.update(speculation="adopted", speculationsStarted=1, savedMs=float(rng.randint(250, 300)))
+                turn.update(speculation="adopted", speculationsStarted=1, savedMs=float(rng.randint(250, 300)),
+                            speculationSignal="end_of_speech", speculationSignals={"end_of_speech": 1})
             elif turn_no == 2:
                 turn.update(speculation="discarded", speculationsStarted=1, speculationsDiscarded=1,
-                            speculativeLlmRequests=1, speculativeTokens=6)
+                            speculativeLlmRequests=1, speculativeTokens=6, speculationSignals={"stable_window": 1})
             turn.update(path="optimized", firstTokenMs=first, lastTokenMs=first + rng.randint(600, 1900), at=at)
             store.append_turn(calls[turn_no % 3].tracking_id, turn)
             first_token_ms["optimized"].append(first)
@@ -236,6 +237,8 @@ def test_dashboard_renders_measured_latency_cache_and_live_calls_in_headless_chr
     assert "azure" in dom.text("provider-list") and "openai" in dom.text("provider-list")
     assert dom.text("pre-adoption") == "50%" and "10 of 20 speculated turns adopted" in dom.text("pre-caption")
     assert dom.text("pre-extra") == "0.2"  # 10 discarded speculations over 60 relay turns
+    assert "caller stopped speaking: 10 adopted of 10" in dom.text("pre-signals")
+    assert "unchanged transcript: 0 adopted of 10" in dom.text("pre-signals")
     assert "opt_live_3" in dom.text("live-rows") and "opt_done_1" not in dom.text("live-rows")
     # a workflow author's node name is shown as text, never parsed as markup
     assert HOSTILE_NODE in dom.text("live-rows")

@@ -68,3 +68,13 @@ def test_window_follows_how_the_partial_ends_and_the_cadence():
     plain = SpeculationPolicy(enabled=True, stable_ms=400, end_of_utterance=False)
     assert plain.window_s(C.INCOMPLETE, 0.2) == plain.window_s(C.COMPLETE, 0.2) == 0.4
     assert plain.window_s(C.SENTENCE_END, None) == 0.0
+
+
+def test_end_of_speech_starts_a_speculation_unless_the_words_are_mid_sentence():
+    policy = SpeculationPolicy(enabled=True)
+    assert policy.starts_at_end_of_speech(Completeness.COMPLETE)
+    assert policy.starts_at_end_of_speech(Completeness.UNKNOWN)
+    assert policy.starts_at_end_of_speech(Completeness.SENTENCE_END)
+    assert not policy.starts_at_end_of_speech(Completeness.INCOMPLETE)  # a hesitation after "the"
+    assert SpeculationPolicy(enabled=True, end_of_utterance=False).starts_at_end_of_speech(Completeness.INCOMPLETE)
+    assert not SpeculationPolicy(enabled=True, speaker_events=False).starts_at_end_of_speech(Completeness.COMPLETE)

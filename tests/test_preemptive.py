@@ -53,8 +53,11 @@ def llm(stack):
     return stack["llm"]
 
 
-def new_call(stack, body=None, **options) -> RelayCaller:
-    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, **options)
+def new_call(stack, body=None, *, client_speaking_events: bool = False, **options) -> RelayCaller:
+    """A caller; by default Twilio sends no clientSpeaking events, so the text/cadence signal decides (the fallback);
+    `client_speaking_events=True` for the acoustic end-of-speech signal (test_preemptive_speaker_events.py)."""
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15,
+                         client_speaking_events=client_speaking_events, **options)
     caller.place_call(body or make_call_body(workflow=None, globalPrompt="You answer questions about the shop."))
     caller.answer(stack["twilio"].creates()[-1].one("Url"))
     caller.connect()
@@ -159,21 +162,23 @@ def test_discarded_speculation_drops_routing_and_extraction(stack, llm):
     assert rows[-1]["nextNodeId"] == start_node and rows[-1]["speculation"] == "discarded"
 
 
-def test_barge_in_during_a_speculation_discards_it(stack, llm):
+def barge_in_on_a_speculation(stack, llm, caller, first: str, utterance: str, start_speculation) -> dict:
+    """The reply to `first` is fully sent and still playing (a slow voice); `start_speculation()` starts a
+    speculation on `utterance`; Twilio reports the barge-in and then the final. The speculation is discarded and the
+    final turn is planned on the history as heard; returns the turn's row."""
     llm.push(Reply(text="Welcome to the shop, we sell bread, cakes, coffee and a great many other things "
                         "that you will surely like.", ttft_s=0.0))
-    caller = new_call(stack, speaking_rate_cps=15.0)  # a slow voice: the first reply is still playing
-    caller.prompt("Hello")
+    caller.prompt(first)
     while not (message := caller.recv()).get("last"):  # the whole reply is sent; Twilio is still speaking it
         assert message.get("type") == "text"
     full = texts_received(caller)
     caller.listen(1.0)  # a few words are played
     llm.push(Reply(text="SPECULATIVE reply on the untrimmed history."), Reply(text="Sure, what would you like?"))
-    caller.partial("Stop I want to order")
+    start_speculation()
     llm.wait_for_requests(2)  # the speculation is in flight
     caller.interrupt()        # Twilio reports the barge-in on the first reply
     caller.listen(0.05)
-    answer = caller.read_reply(CallerReply(sent_at=caller.prompt("Stop I want to order")))
+    answer = caller.read_reply(CallerReply(sent_at=caller.prompt(utterance)))
     caller.hangup()
     assert answer.text == "Sure, what would you like?"
     assert "SPECULATIVE" not in texts_received(caller)
@@ -184,6 +189,13 @@ def test_barge_in_during_a_speculation_discards_it(stack, llm):
     record, rows = stored(stack, caller)
     assert not any("SPECULATIVE" in m["content"] for m in record.messages)
     assert rows[-1]["speculation"] == "discarded" and rows[-1]["speculativeLlmRequests"] == 1
+    return rows[-1]
+
+
+def test_barge_in_during_a_speculation_discards_it(stack, llm):
+    caller = new_call(stack, speaking_rate_cps=15.0)
+    barge_in_on_a_speculation(stack, llm, caller, "Hello", "Stop I want to order",
+                              lambda: caller.partial("Stop I want to order"))
 
 
 def test_limits_per_turn_and_length(stack, llm):
@@ -337,3 +349,120 @@ def test_a_mid_sentence_speculation_from_the_cadence_changes_nothing(stack, llm)
     row = rows[-1]
     assert row["speculation"] == "adopted" and row["speculationsStarted"] == 2
     assert row["speculativeLlmRequests"] == 1 and row["nextNodeId"] == start_node and row["toolNames"] == []
+
+
+# ---- the acoustic end-of-speech signal: Twilio's clientSpeaking on/off (debug="speaker-events") ----------------
+
+HANGOVER_MS = 100  # the scripted caller's VAD hangover: silence this long after a word and Twilio reports "off"
+SLOW_GAP_MS = 250  # between words: longer than PREEMPTIVE_STABLE_MS, so the text window alone would fire in them
+
+
+def speaking_call(stack, body=None, **options) -> RelayCaller:
+    """A caller whose Twilio reports clientSpeaking on/off, as it does with debug="speaker-events"."""
+    return new_call(stack, body, client_speaking_events=True, vad_hangover_ms=HANGOVER_MS, **options)
+
+
+def test_twiml_asks_for_speaker_events(stack):
+    caller = new_call(stack)
+    caller.hangup()
+    assert "speaker-events" in caller.twiml.attributes.get("debug", "").split()
+
+
+def test_client_speaking_off_starts_the_speculation_and_the_final_adopts_it(stack, llm):
+    """Unpunctuated words with gaps longer than the text window: without the acoustic signal the window would
+    speculate between words; with it the only speculation starts at "off" after the last word, and is adopted."""
+    llm.push(Reply(text="We open at nine on Tuesdays."))
+    caller = speaking_call(stack)
+    reply = caller.speak("When do you open on Tuesday", words_per_minute=60000 / SLOW_GAP_MS,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False)
+    caller.hangup()
+    assert reply.while_speaking == []  # nothing was spoken while the caller was still talking
+    assert reply.text == "We open at nine on Tuesdays."
+    assert len(llm.requests) == 1 and llm.requests[0].messages[-1]["content"] == "When do you open on Tuesday"
+    record, rows = stored(stack, caller)
+    assert [m["content"] for m in record.messages[-2:]] == ["When do you open on Tuesday", "We open at nine on Tuesdays."]
+    row = rows[-1]
+    assert row["speculation"] == "adopted" and row["speculationsStarted"] == 1
+    assert row["speculationSignal"] == "end_of_speech" and row["speculationSignals"] == {"end_of_speech": 1}
+    assert row["firstTokenMs"] < row["providerTtftMs"] and row["savedMs"] > 0
+    preemption = turns(stack, caller)["metrics"]["preemption"]
+    assert preemption["bySignal"] == {"end_of_speech": {"started": 1, "adopted": 1}}
+    assert metric_samples(stack)['callweaver_speculations_by_signal_total{outcome="adopted",signal="end_of_speech"}'] >= 1
+
+
+def test_caller_resuming_after_client_speaking_off_and_a_different_final_discard_everything(stack, llm):
+    """A pause past the VAD hangover after a complete-looking word: "off" starts a speculation that routes; the
+    caller goes on ("on", then other words), so it is discarded; "off" at the end starts another, and the final
+    differs from it too. Neither reaches the caller, the history, the node, the variables or the store."""
+    body = make_call_body()  # the real-estate flow: its entry node routes on buy/sell/rent/invest
+    caller = speaking_call(stack, body)
+    start_node = stored(stack, caller)[0].current_node
+    llm.push(Reply(text="SPECULATIVE buying reply.", ttft_s=0.0, tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="SPECULATIVE second reply.", tool_calls=[("transition", {"edge_id": "edge_2"})]),
+             Reply(text="Could you tell me a bit more?"))
+    reply = caller.speak("I want to buy a flat or rent one", words_per_minute=FAST_SPEECH_WPM,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={6: 0.4},
+                         final="I want to buy a flat or rent one please")
+    caller.hangup()
+    assert reply.text == "Could you tell me a bit more?" and reply.while_speaking == []
+    assert "SPECULATIVE" not in texts_received(caller)
+    assert [r.messages[-1]["content"] for r in llm.requests] == [
+        "I want to buy a flat", "I want to buy a flat or rent one", "I want to buy a flat or rent one please"]
+    record, rows = stored(stack, caller)
+    assert record.current_node == start_node and record.variables == {}
+    assert not any("SPECULATIVE" in m["content"] or m["content"] in ("I want to buy a flat",
+                                                                     "I want to buy a flat or rent one")
+                   for m in record.messages)
+    assert not any("SPECULATIVE" in (entry.get("spoken") or "") for entry in record.transcript)
+    row = rows[-1]
+    assert row["speculation"] == "discarded" and row["speculationsStarted"] == 2
+    assert row["speculationSignals"] == {"end_of_speech": 2} and row["speculationSignal"] is None
+    assert row["speculativeLlmRequests"] == 2 and row["nextNodeId"] == start_node and row["toolNames"] == []
+
+
+def test_a_hesitation_after_a_word_that_cannot_end_a_sentence_is_not_speculated_on(stack, llm):
+    """clientSpeaking off after "a" (past the hangover): the words say the caller is mid-sentence, so no request;
+    the "off" at the end starts the one speculation, which is adopted."""
+    llm.push(Reply(text="A table for three, certainly."))
+    caller = speaking_call(stack)
+    reply = caller.speak("We would like a table for three", words_per_minute=FAST_SPEECH_WPM,
+                         end_of_speech_ms=END_OF_SPEECH_MS, punctuated_partials=False, pauses_s={4: 0.4})
+    caller.hangup()
+    assert reply.text == "A table for three, certainly." and len(llm.requests) == 1
+    row = stored(stack, caller)[1][-1]
+    assert row["speculation"] == "adopted" and row["speculationSignals"] == {"end_of_speech": 1}
+
+
+def test_barge_in_during_a_speculation_started_by_client_speaking_off(stack, llm):
+    caller = speaking_call(stack, speaking_rate_cps=15.0)
+
+    def speak_then_fall_silent():
+        caller.client_speaking(True)
+        caller.partial("Wait I would like to order")
+        caller.listen(HANGOVER_MS / 1000)
+        caller.client_speaking(False)  # the speculation starts here
+
+    row = barge_in_on_a_speculation(stack, llm, caller, "Good evening", "Wait I would like to order",
+                                    speak_then_fall_silent)
+    assert row["speculationSignals"] == {"end_of_speech": 1}
+
+
+def test_a_transcript_arriving_after_client_speaking_off_starts_the_speculation(stack, llm):
+    """The recogniser's last interim transcript may come after Twilio's "off": it starts the speculation at once."""
+    llm.push(Reply(text="SPECULATIVE on two words."), Reply(text="Yes, we deliver."))
+    caller = speaking_call(stack)
+    caller.client_speaking(True)
+    caller.partial("Do you")
+    caller.listen(HANGOVER_MS / 1000)
+    caller.client_speaking(False)  # "Do you" ends in a pronoun, which can end a sentence: a speculation starts
+    llm.wait_for_requests(1)
+    caller.partial("Do you cater")  # the transcript catches up while the caller is silent
+    llm.wait_for_requests(2)
+    caller.listen(0.5)
+    reply = caller.read_reply(CallerReply(sent_at=caller.prompt("Do you cater")))
+    caller.hangup()
+    assert reply.text == "Yes, we deliver." and "SPECULATIVE" not in texts_received(caller)
+    assert len(llm.requests) == 2
+    row = stored(stack, caller)[1][-1]
+    assert row["speculation"] == "adopted" and row["speculationSignals"] == {"end_of_speech": 2}
+    assert row["firstTokenMs"] < row["providerTtftMs"]

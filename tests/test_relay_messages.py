@@ -50,3 +50,11 @@ def test_outbound_messages_serialise_with_the_documented_field_names():
     assert protocol.play("https://x.test/a.mp3", interruptible=False) == {
         "type": "play", "source": "https://x.test/a.mp3", "loop": 1, "interruptible": False}
     assert protocol.Info("agentSpeaking", "OFF").agent_fell_silent
+
+
+def test_client_speaking_events_say_when_the_caller_starts_and_stops():
+    assert protocol.parse('{"type": "info", "name": "clientSpeaking", "value": "off"}').client_speaking is False
+    assert protocol.Info("clientSpeaking", "ON").client_speaking is True
+    assert protocol.Info("clientSpeaking", "maybe").client_speaking is None
+    assert protocol.Info("agentSpeaking", "off").client_speaking is None
+    assert not protocol.Info("clientSpeaking", "off").agent_fell_silent

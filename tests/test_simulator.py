@@ -1,12 +1,16 @@
 """The README's promises: the service runs on embedded defaults, and the simulator tries a flow with no phone."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 
 import pytest
+import websocket
 
-from callweaver.simulate import http
+from callweaver.simulate import RelayCaller, http
+from callweaver.simulate.relay_model import TwilioRelayModel
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
 from tests.fakes.fake_llm import FakeLLM
 from tests.fakes.live_server import REPO, LiveServer, free_port
@@ -51,3 +55,46 @@ def test_simulator_cli_replays_a_script_through_the_relay(tmp_path, speech):
     assert "agent (welcome greeting): Hello! Thank you for calling Premier Properties" in text
     assert "Wonderful, let's find you a home." in text and "first token" in text
     assert "session ended: {'reason': 'end'" in text and "<Hangup />" in text
+
+
+class _RecordingSocket:
+    """Stands in for the relay socket: keeps what the scripted caller sends; CallWeaver never answers."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+        self._timeout = 0.0
+
+    def send(self, raw: str) -> None:
+        self.sent.append(json.loads(raw))
+
+    def settimeout(self, seconds: float) -> None:
+        self._timeout = seconds
+
+    def recv(self):
+        time.sleep(self._timeout)
+        raise websocket.WebSocketTimeoutException()
+
+
+def _spoken_events(debug: str, **options) -> list[tuple]:
+    caller = RelayCaller("http://127.0.0.1:9", AUTH_TOKEN, timeout_s=0.05, vad_hangover_ms=100, **options)
+    caller.twilio = TwilioRelayModel.from_twiml({"debug": debug}, [], 80.0)
+    caller.ws = _RecordingSocket()
+    with pytest.raises(TimeoutError):  # nobody answers the final
+        caller.speak("one two three four", words_per_minute=6000, end_of_speech_ms=300, punctuated_partials=False,
+                     pauses_s={1: 0.05, 2: 0.3})
+    return [(m["type"], m.get("value") if m["type"] == "info" else m.get("voicePrompt"), m.get("last"))
+            for m in caller.ws.sent]
+
+
+def test_scripted_caller_reports_its_voice_activity_around_speech():
+    """clientSpeaking on as speech starts; off only after a silence longer than the VAD hangover (the 300 ms pause,
+    not the 50 ms one), on again as the caller goes on; off at the end, before the final."""
+    assert _spoken_events("speaker-events") == [
+        ("info", "on", None), ("prompt", "one", False), ("prompt", "one two", False),
+        ("info", "off", None), ("info", "on", None), ("prompt", "one two three", False),
+        ("prompt", "one two three four", False), ("info", "off", None), ("prompt", "one two three four", True)]
+    # Without speaker events in the TwiML (or with a Twilio that sends none), only the transcripts.
+    plain = [("prompt", "one", False), ("prompt", "one two", False), ("prompt", "one two three", False),
+             ("prompt", "one two three four", False), ("prompt", "one two three four", True)]
+    assert _spoken_events("") == plain
+    assert _spoken_events("speaker-events", client_speaking_events=False) == plain

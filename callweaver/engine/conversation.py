@@ -158,6 +158,7 @@ class SpeculationPolicy:
     end_of_utterance: bool = True    # the wait follows how the partial ends and the caller's cadence
     incomplete_ms: float = 1000.0    # the wait after a partial ending mid-sentence ("near the", "and", "um")
     cadence_margin_ms: float = 40.0  # after a complete-looking partial: the caller's usual pause plus this
+    speaker_events: bool = True      # Twilio's clientSpeaking off starts a speculation at once (docs/twilio.md 5a)
 
     def window_s(self, how: Completeness, usual_pause_s: float | None) -> float:
         """How long a partial must stay unchanged before a speculation starts on it (end_of_utterance.py)."""
@@ -171,6 +172,17 @@ class SpeculationPolicy:
             return self.stable_ms / 1000  # this caller's cadence is not known yet
         return min(usual_pause_s + self.cadence_margin_ms / 1000, max(self.stable_ms, self.incomplete_ms) / 1000)
 
+    def starts_at_end_of_speech(self, how: Completeness) -> bool:
+        """The caller stopped speaking (clientSpeaking off): start now unless the words say they are mid-sentence
+        (with the end-of-utterance signal on, a pause after "the", "and" or a comma is a hesitation)."""
+        return self.speaker_events and not (self.end_of_utterance and how is Completeness.INCOMPLETE)
+
+
+# What started a speculation (per-turn rows and metrics attribute speculations to it).
+SIGNAL_END_OF_SPEECH = "end_of_speech"   # Twilio reported the caller stopped speaking (clientSpeaking off)
+SIGNAL_SENTENCE_END = "sentence_end"     # the interim transcript ends in . ? !
+SIGNAL_STABLE = "stable_window"          # the interim transcript stayed unchanged for the text/cadence window
+
 
 class SpeculativeTurn:
     """A turn started on an interim transcript, its output held back until the final transcript adopts it.
@@ -181,9 +193,10 @@ class SpeculativeTurn:
     and extraction tool calls, cache write and action are dropped with it.
     """
 
-    def __init__(self, turn: Turn, lang: str | None, clock: Callable[[], float]):
+    def __init__(self, turn: Turn, lang: str | None, clock: Callable[[], float], signal: str = SIGNAL_STABLE):
         self.turn = turn
         self.lang = lang
+        self.signal = signal  # what started it (SIGNAL_*)
         # Recognisers add punctuation and capitals to the final transcript: those change nothing the model reads.
         self.key = normalise_speech(turn.utterance)
         self.clock = clock
@@ -253,11 +266,15 @@ def speculation_row(adopted: SpeculativeTurn | None, discarded: list[Speculative
     if adopted is not None and first_token_ms is not None and adopted.first_token_ms() is not None:
         saved = round(max(0.0, adopted.first_token_ms() - first_token_ms), 3)
     cost = discarded_cost(discarded)
+    signals: dict[str, int] = {}
+    for speculation in [*discarded, *([adopted] if adopted else [])]:
+        signals[speculation.signal] = signals.get(speculation.signal, 0) + 1
     return {
         "speculation": "adopted" if adopted else ("discarded" if discarded else None),
         "speculationsStarted": started, "speculationsDiscarded": cost["speculations"],
         "speculativeLlmRequests": cost["llmRequests"], "speculativeTokens": cost["tokens"],
         "savedMs": saved,
+        "speculationSignal": adopted.signal if adopted else None, "speculationSignals": signals,
     }
 
 
@@ -356,9 +373,10 @@ class ConversationEngine:
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
                     utterance, control)
 
-    def speculate(self, record, utterance: str, *, lang: str | None = None) -> SpeculativeTurn:
+    def speculate(self, record, utterance: str, *, lang: str | None = None,
+                  signal: str = SIGNAL_STABLE) -> SpeculativeTurn:
         """The turn `utterance` would start, begun early on an interim transcript; run `pump()` off the socket."""
-        return SpeculativeTurn(self.start_turn(record, utterance, lang=lang), lang, self.clock)
+        return SpeculativeTurn(self.start_turn(record, utterance, lang=lang), lang, self.clock, signal)
 
     def drop_speculation(self, speculation: SpeculativeTurn, reason: str) -> None:
         """Discard a speculation: cancel its request, end its span; it is never committed."""

@@ -87,6 +87,7 @@ def turn_view(turn: dict) -> dict[str, Any]:
         "language": turn.get("language"), "action": turn.get("action"),
         "speculation": turn.get("speculation"), "speculationsStarted": turn.get("speculationsStarted") or 0,
         "speculativeLlmRequests": turn.get("speculativeLlmRequests") or 0, "savedMs": turn.get("savedMs"),
+        "speculationSignal": turn.get("speculationSignal"), "speculationSignals": turn.get("speculationSignals") or {},
         "llmRequests": turn.get("llmRequests"), "hedgedRequests": turn.get("hedgedRequests") or 0,
     }
 
@@ -94,6 +95,18 @@ def turn_view(turn: dict) -> dict[str, Any]:
 def unanswered_speculations(counters: dict[str, float]) -> dict[str, int]:
     """The cumulative cost of unanswered speculations since the store began, from the store's counters."""
     return {field: int(counters.get(counter_series(UNANSWERED, {"field": field}), 0)) for field in UNANSWERED_FIELDS}
+
+
+def speculations_by_signal(turns: list[dict]) -> dict[str, dict[str, int]]:
+    """Speculations started and adopted, by what started them (clientSpeaking off, a sentence mark, a stable
+    transcript); unanswered speculations (no turn row) are not in it."""
+    out: dict[str, dict[str, int]] = {}
+    for turn in turns:
+        for signal, started in (turn.get("speculationSignals") or {}).items():
+            out.setdefault(signal, {"started": 0, "adopted": 0})["started"] += int(started)
+        if turn.get("speculation") == "adopted" and turn.get("speculationSignal"):
+            out.setdefault(turn["speculationSignal"], {"started": 0, "adopted": 0})["adopted"] += 1
+    return out
 
 
 def preemption_summary(turns: list[dict], unanswered: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +134,7 @@ def preemption_summary(turns: list[dict], unanswered: dict[str, Any]) -> dict[st
         "speculationsStarted": sum(t.get("speculationsStarted") or 0 for t in relay),
         "speculationsDiscarded": sum(t.get("speculationsDiscarded") or 0 for t in relay),
         "adoptionRate": ratio(len(adopted), len(speculated)),
+        "bySignal": speculations_by_signal(relay),
         "savedMs": distribution(t.get("savedMs") for t in adopted),
         "finalToFirstTokenMs": {
             "adopted": distribution(t.get("firstTokenMs") for t in adopted),

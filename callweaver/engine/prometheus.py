@@ -22,6 +22,7 @@ TURN_LABELS = ("path", "provider", "cache")
 TURNS = "callweaver_turns"
 PROVIDER_FAILURES = "callweaver_provider_failures"
 SPECULATIONS = "callweaver_speculations"
+SPECULATION_SIGNALS = "callweaver_speculations_by_signal"
 # Per-turn fields summed into plain counters: the cost of preemptive generation and hedged first tokens.
 TURN_SUMS = {
     "callweaver_speculative_llm_requests": ("LLM requests of discarded speculations, with those of caller turns "
@@ -77,6 +78,11 @@ def turn_counters(turn: Mapping) -> dict[str, float]:
         out[series_key(SPECULATIONS, {"outcome": "adopted"})] += 1
     if turn.get("speculationsDiscarded"):
         out[series_key(SPECULATIONS, {"outcome": "discarded"})] += int(turn["speculationsDiscarded"])
+    for signal, started in (turn.get("speculationSignals") or {}).items():
+        adopted = 1 if speculation == "adopted" and turn.get("speculationSignal") == signal else 0
+        for outcome, count in (("adopted", adopted), ("discarded", int(started) - adopted)):
+            if count:
+                out[series_key(SPECULATION_SIGNALS, {"signal": signal, "outcome": outcome})] += count
     for name, (_doc, field) in TURN_SUMS.items():
         if turn.get(field):
             out[series_key(name, {})] += float(turn[field])
@@ -117,6 +123,8 @@ class StoreCollector:
                                     labels=["status"])
         speculations = CounterMetricFamily(SPECULATIONS, "Speculative turns started on interim transcripts, by "
                                            "outcome", labels=["outcome"])
+        by_signal = CounterMetricFamily(SPECULATION_SIGNALS, "Speculative turns with a final transcript, by what "
+                                        "started them and outcome", labels=["signal", "outcome"])
         sums = {name: CounterMetricFamily(name, doc) for name, (doc, _field) in TURN_SUMS.items()}
         sum_values = dict.fromkeys(TURN_SUMS, 0.0)  # always exposed, 0 until the first such turn
         # histogram name → label values → {"buckets": {le: n}, "count": n, "sum": s}
@@ -136,6 +144,8 @@ class StoreCollector:
                 calls.add_metric([labels.get("status", "")], value)
             elif name == SPECULATIONS:
                 speculations.add_metric([labels.get("outcome", "")], value)
+            elif name == SPECULATION_SIGNALS:
+                by_signal.add_metric([labels.get("signal", ""), labels.get("outcome", "")], value)
             elif name in sums:
                 sum_values[name] = value
             else:
@@ -151,6 +161,7 @@ class StoreCollector:
         yield failures
         yield calls
         yield speculations
+        yield by_signal
         for name, family in sums.items():
             family.add_metric([], sum_values[name])
             yield family

@@ -17,9 +17,11 @@ import structlog
 
 log = structlog.get_logger()
 
-# What the TwiML `debug` attribute asks for: agentSpeaking on/off tells us when a closing line has played.
+# What the TwiML `debug` attribute asks for: agentSpeaking on/off tells us when a closing line has played, and
+# clientSpeaking on/off when the caller starts and stops talking (preemptive generation starts a turn on "off").
 DEBUG_EVENTS = "speaker-events"
 AGENT_SPEAKING = "agentSpeaking"
+CLIENT_SPEAKING = "clientSpeaking"
 SEND_DIGITS = re.compile(r"^[0-9w#*]{1,64}$")
 MAX_LOGGED_ERROR_CHARS = 200
 
@@ -70,6 +72,15 @@ class Info:
     def agent_fell_silent(self) -> bool:
         """Twilio finished speaking everything it was given."""
         return self.name == AGENT_SPEAKING and str(self.value).lower() == "off"
+
+    @property
+    def client_speaking(self) -> bool | None:
+        """clientSpeaking: True when the caller started talking ("on"), False when they stopped ("off"), None for
+        any other event. Documented shape: `{"type": "info", "name": "clientSpeaking", "value": "on" | "off"}`."""
+        if self.name != CLIENT_SPEAKING:
+            return None
+        value = str(self.value).lower()
+        return True if value == "on" else False if value == "off" else None
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from typing import Any, Callable, Protocol
 import structlog
 
 from . import relay_protocol as protocol
-from .conversation import ConversationEngine, SpeculativeTurn, Turn, heard_prefix, speculation_row
-from .end_of_utterance import SpeechCadence, completeness
+from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
+                           SpeculativeTurn, Turn, heard_prefix, speculation_row)
+from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 
 log = structlog.get_logger()
@@ -58,7 +59,9 @@ class RelaySession:
     - on calls we placed, the model may press keys (`press_keys` → `sendDigits`) to get through a phone menu;
     - with preemptive generation, a stable interim transcript (`prompt` with `last: false`) starts the turn
       early, silently; the final transcript adopts it when the words match, and otherwise (or on barge-in,
-      keypad, hang-up) it is discarded uncommitted (docs/twilio.md section 5a).
+      keypad, hang-up) it is discarded uncommitted (docs/twilio.md section 5a); once Twilio reports the caller's
+      voice activity (`info` clientSpeaking on/off), "off" starts it at once on the latest interim transcript and
+      replaces the text windows.
     """
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
@@ -90,6 +93,9 @@ class RelaySession:
         self._cadence = SpeechCadence()  # the caller's own pauses inside a sentence, in this call
         self._last_partial_at = 0.0      # when the last interim transcript came (the no-final watch)
         self._watching_for_final = False
+        self._latest_partial: tuple[str, str | None] | None = None  # this caller turn's last interim transcript
+        self._speaker_events = False  # Twilio has sent clientSpeaking on this call: the acoustic signal is there
+        self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
 
     # ---- inbound ------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
@@ -154,6 +160,7 @@ class RelaySession:
             self._on_partial(message, received)  # interim transcript (partialPrompts): maybe start the turn early
             return
         self._cadence.turn_ended()
+        self._latest_partial, self._caller_silent = None, False
         if self._closing:
             log.info("relay_prompt_while_closing")
             return
@@ -184,6 +191,7 @@ class RelaySession:
         self._cadence.heard(received, text, how)
         self._partial_seq += 1
         self._watch_for_final(received)
+        self._latest_partial = (text, lang)
         if self._speculation is not None:
             if self._speculation.matches(text, lang):
                 return  # the same words again: the speculation in flight still fits
@@ -191,11 +199,38 @@ class RelaySession:
             self._speculation = None
         if not self._may_speculate(text):
             return
+        if self._hears_voice_activity():
+            # Twilio tells us when the caller stops talking: that (or a sentence mark) starts the speculation, not
+            # a guess from how long the transcript stayed the same.
+            if how is Completeness.SENTENCE_END:
+                self._speculate(text, lang, SIGNAL_SENTENCE_END)
+            elif self._caller_silent and policy.starts_at_end_of_speech(how):
+                self._speculate(text, lang, SIGNAL_END_OF_SPEECH)  # the transcript caught up after "off"
+            return
         window_s = policy.window_s(how, self._cadence.usual_pause_s())
         if window_s <= 0:
-            self._speculate(text, lang)
+            self._speculate(text, lang, SIGNAL_SENTENCE_END if how is Completeness.SENTENCE_END else SIGNAL_STABLE)
         else:
             self.spawn(self._speculate_when_stable, self._partial_seq, text, lang, window_s)
+
+    def _hears_voice_activity(self) -> bool:
+        """Speculations follow Twilio's clientSpeaking events: enabled, and Twilio has sent one on this call."""
+        return self.engine.speculation.speaker_events and self._speaker_events
+
+    def _on_client_speaking(self, speaking: bool) -> None:
+        """`info` clientSpeaking (from `debug="speaker-events"`): "off" means Twilio's voice activity detection
+        heard the caller stop, before the recogniser's end-pointing sends the final transcript. Start the turn on
+        the latest interim transcript now. "on" (the caller resumed) changes nothing by itself: a following interim
+        transcript with other words discards the speculation as any changed transcript does."""
+        self._speaker_events = True
+        self._caller_silent = not speaking
+        policy = self.engine.speculation
+        if speaking or not policy.enabled or not policy.speaker_events or self.ended or self._latest_partial is None:
+            return
+        text, lang = self._latest_partial
+        if self._may_speculate(text) and policy.starts_at_end_of_speech(
+                completeness(text, lang or self.record.language)):
+            self._speculate(text, lang, SIGNAL_END_OF_SPEECH)
 
     def _may_speculate(self, text: str) -> bool:
         """Only between replies (the history is committed), never while typing, within the per-turn limits."""
@@ -206,14 +241,14 @@ class RelaySession:
 
     def _speculate_when_stable(self, seq: int, text: str, lang: str | None, window_s: float) -> None:
         time.sleep(window_s)
-        if seq == self._partial_seq and self._may_speculate(text):
-            self._speculate(text, lang)
+        if seq == self._partial_seq and self._may_speculate(text) and not self._hears_voice_activity():
+            self._speculate(text, lang, SIGNAL_STABLE)
 
-    def _speculate(self, text: str, lang: str | None) -> None:
-        speculation = self.engine.speculate(self.record, text, lang=lang)
+    def _speculate(self, text: str, lang: str | None, signal: str) -> None:
+        speculation = self.engine.speculate(self.record, text, lang=lang, signal=signal)
         self._speculation = speculation
         self.spawn(speculation.pump)
-        log.info("speculation_started", utterance_chars=len(text))
+        log.info("speculation_started", utterance_chars=len(text), signal=signal)
 
     def _drop_speculation(self, speculation: SpeculativeTurn, reason: str) -> None:
         self.engine.drop_speculation(speculation, reason)
@@ -245,6 +280,7 @@ class RelaySession:
         self._discard_speculation(reason)
         discarded, self._discarded = self._discarded, []
         self._cadence.turn_ended()
+        self._latest_partial, self._caller_silent = None, False
         if discarded and self.record is not None:
             try:
                 self.engine.record_unanswered_speculations(self.record, discarded, reason)
@@ -356,6 +392,8 @@ class RelaySession:
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_fell_silent:
             self._fell_silent.set()
+        elif message.client_speaking is not None:
+            self._on_client_speaking(message.client_speaking)
         log.debug("relay_info", name=str(message.name)[:40], value=str(message.value)[:100])
 
     # ---- replies ------------------------------------------------------------------------------

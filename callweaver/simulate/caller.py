@@ -15,6 +15,8 @@ from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_sig
 
 NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a second)
 END_OF_SPEECH_MS = 500.0          # what a recogniser's end-pointing waits after the last word
+# Silence after which Twilio's voice activity detection reports clientSpeaking off (assumed: not documented).
+VAD_HANGOVER_MS = 200.0
 _SENTENCE_MARKS = re.compile(r"[.?!]")
 
 
@@ -69,7 +71,8 @@ class RelayCaller:
     """
 
     def __init__(self, base_url: str, auth_token: str, account_sid: str = "AC" + "0" * 32,
-                 timeout_s: float = 30.0, speaking_rate_cps: float = 80.0, closing_quiet_s: float = 0.5):
+                 timeout_s: float = 30.0, speaking_rate_cps: float = 80.0, closing_quiet_s: float = 0.5,
+                 vad_hangover_ms: float = VAD_HANGOVER_MS, client_speaking_events: bool = True):
         self.base_url = base_url.rstrip("/")
         self.hooks = TwilioWebhooks(self.base_url, auth_token, account_sid)
         self.auth_token = auth_token
@@ -77,6 +80,9 @@ class RelayCaller:
         self.timeout_s = timeout_s
         self.speaking_rate_cps = speaking_rate_cps
         self.closing_quiet_s = closing_quiet_s  # how long to listen for an `end` once a reply has played
+        self.vad_hangover_s = vad_hangover_ms / 1000  # the caller's silence before clientSpeaking off
+        # False: a Twilio that sends no clientSpeaking events even when asked (tests the server's text fallback).
+        self.client_speaking_events = client_speaking_events
         self.call_sid: str | None = None
         self.tracking_id: str | None = None
         self.twiml: RelayTwiml | None = None
@@ -205,20 +211,49 @@ class RelayCaller:
         `punctuated_partials=False`: a recogniser that leaves sentence marks (. ? !) out of interim transcripts.
         `pauses_s`: {n: seconds} — the caller hesitates that much longer after word n (1-based) and goes on.
 
+        With speaker events in the TwiML, Twilio's voice activity is reported too: `clientSpeaking` on as the
+        caller starts, off once they have been silent for the VAD hangover (`vad_hangover_ms`) — at the end, before
+        the final, and in a hesitation longer than the hangover, followed by on when they go on. Words follow each
+        other without silence; the silence is the hesitation and the end of speech.
+
         Whatever CallWeaver sends while the caller speaks is kept and read as the start of the reply.
         """
         words = text.split() if punctuated_partials else _SENTENCE_MARKS.sub("", text).split()
         word_s = 60.0 / words_per_minute
+        self.client_speaking(True)
         for count in range(1, len(words) + 1):
             if count > 1:
-                self.listen(word_s + (pauses_s or {}).get(count - 1, 0.0))
+                self.silence((pauses_s or {}).get(count - 1, 0.0), resumes=True)
+                self.listen(word_s)
             self.partial(" ".join(words[:count]), lang)
             if interrupt_after_words == count:
                 self.interrupt()
-        self.listen(end_of_speech_ms / 1000)
+        self.silence(end_of_speech_ms / 1000, resumes=False)
         reply = Reply(sent_at=self.prompt(final if final is not None else text, lang),
                       while_speaking=list(self._unread))
         return self.read_reply(reply)
+
+    def silence(self, seconds: float, *, resumes: bool) -> None:
+        """The caller is silent for `seconds`: past the VAD hangover Twilio reports clientSpeaking off (at the end of
+        an utterance always, before its final), and on again when the caller `resumes` after that."""
+        if seconds <= 0:
+            return
+        if resumes and seconds <= self.vad_hangover_s:
+            self.listen(seconds)
+            return
+        hangover = min(self.vad_hangover_s, seconds)
+        self.listen(hangover)
+        self.client_speaking(False)
+        self.listen(seconds - hangover)
+        if resumes:
+            self.client_speaking(True)
+
+    def client_speaking(self, speaking: bool) -> None:
+        """Twilio's `info` clientSpeaking on/off, when the TwiML asked for speaker events."""
+        if not self.client_speaking_events:
+            return
+        for message in self.twilio.client_speaking(speaking):
+            self.send(message)
 
     def partial(self, text: str, lang: str = "en-US") -> None:
         """One interim transcript (`prompt` with `last: false`)."""

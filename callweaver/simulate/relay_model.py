@@ -4,7 +4,7 @@ The scripted caller runs every message CallWeaver sends through `TwilioRelayMode
 the way Twilio does: an `error` message for a malformed message or a language that was never declared
 (the message is dropped, the session goes on), and — when the TwiML asked for `debug` speaker events —
 `info` messages from a playback model that speaks text at a fixed rate, so a test can tell whether a
-closing line was heard to the end before `end` arrived.
+closing line was heard to the end before `end` arrived, and `clientSpeaking` on/off around the caller's speech.
 """
 from __future__ import annotations
 
@@ -134,6 +134,16 @@ class TwilioRelayModel:
         elif kind == "play":
             self.played_audio.append(message["source"])
         return True, replies
+
+    def client_speaking(self, speaking: bool) -> list[dict]:
+        """What Twilio reports when its voice activity detection hears the caller start ("on") or stop ("off")
+        talking, with speaker events on: `{"type": "info", "name": "clientSpeaking", "value": "on" | "off"}`
+        (the documented `info` shape). That "off" comes before the final transcript is Twilio's Voice Insights
+        description of `end_of_customer_speech` ("transcription will be sent to your application"); how long
+        before it is not documented, so the caller's VAD hangover is a setting."""
+        if not self.speaker_events:
+            return []
+        return [{"type": "info", "name": "clientSpeaking", "value": "on" if speaking else "off"}]
 
     def tick(self) -> list[dict]:
         """Time passed: speech that finished produces agentSpeaking off (when speaker events are on)."""

@@ -163,8 +163,16 @@
       ? unanswered.speculations + " speculations (" + unanswered.llmRequests + " LLM requests) of caller turns " +
         "that never got a final transcript, since the store began"
       : "");
+    var signals = pre.bySignal || {};
+    var started = Object.keys(signals).sort().map(function (name) {
+      return (SIGNAL_LABEL[name] || name) + ": " + signals[name].adopted + " adopted of " + signals[name].started;
+    });
+    setText("pre-signals", started.length ? "Started by " + started.join("; ") : "");
     setText("pre-reason", pre.reason || "");
   }
+
+  var SIGNAL_LABEL = { end_of_speech: "caller stopped speaking", sentence_end: "sentence mark",
+                       stable_window: "unchanged transcript" };
 
   var STATE_LABEL = { closed: "Healthy", half_open: "Probing", open: "Circuit open" };
 
