@@ -24,6 +24,8 @@ access_log_format = json.dumps({
     "event": "access", "remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "query": "%(q)s",
     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s",
     "request_id": "%({x-request-id}o)s",
+    # the call the request was about, handed over by the app (callweaver/app.py _init_request_logging)
+    "tracking_id": "%({callweaver.tracking_id}e)s", "call_sid": "%({callweaver.call_sid}e)s",
 })
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
 from bench.report import describe
 from bench.stack import ACCOUNT_SID, AUTH_TOKEN, BenchStack, PHONE, WORKFLOWS
 
+SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]")  # the end of a reply's first sentence, as the caller reads it
 
 # Words for utterances that can never repeat across calls or turns (so they miss the reply cache).
 TOPIC_WORDS = ("garden", "river", "school", "station", "harbour", "museum", "library", "stadium", "orchard",
@@ -62,6 +64,8 @@ class TurnSample:
     text: str
     ended: bool = False
     sent_at: float = 0.0  # time.monotonic() when the prompt was sent (CLOCK_MONOTONIC: comparable across processes)
+    text_frames: int = 0  # `text` frames with a non-empty token (the closing empty one not counted)
+    first_sentence_ms: float | None = None  # prompt sent → the frame that ends the reply's first sentence read
 
 
 class RelayCall:
@@ -92,7 +96,7 @@ class RelayCall:
         """Speak one final transcript and read the streamed reply up to `last: true` (or an `end`)."""
         sent = self.caller.prompt(utterance)
         deadline = sent + self.timeout_s
-        first_ms = None
+        first_ms = sentence_ms = None
         tokens: list[str] = []
         while True:
             remaining = deadline - time.monotonic()
@@ -111,8 +115,11 @@ class RelayCall:
                 tokens.append(message["token"])
                 if first_ms is None:
                     first_ms = (now - sent) * 1000
+                if sentence_ms is None and SENTENCE_END.search(message["token"]):
+                    sentence_ms = (now - sent) * 1000
             if message.get("last"):
-                sample = TurnSample(utterance, first_ms, (now - sent) * 1000, "".join(tokens), sent_at=sent)
+                sample = TurnSample(utterance, first_ms, (now - sent) * 1000, "".join(tokens), sent_at=sent,
+                                    text_frames=len(tokens), first_sentence_ms=sentence_ms)
                 self.samples.append(sample)
                 return sample
 

@@ -73,6 +73,9 @@ class RelayLoadResult:
     client_minus_delivered_ms: list[float] = field(default_factory=list)
     # The same overhead split in two legs on the machine-wide monotonic clock:
     to_llm_ms: list[float] = field(default_factory=list)    # caller sends prompt → fake LLM has read the request
+    text_frames: list[int] = field(default_factory=list)     # per turn, `text` frames carrying words
+    first_sentence_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → first sentence's end read
+    reply_end_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → the reply's `last: true` read
     from_llm_ms: list[float] = field(default_factory=list)  # fake LLM writes first token → caller reads it
     errors: dict[str, int] = field(default_factory=dict)
     llm_stats: dict = field(default_factory=dict)
@@ -201,6 +204,10 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
     result.turns_completed = sum(len(call.samples) for call in connected)
     result.client_first_token_ms = [s.first_token_ms for call in connected for s in call.samples
                                     if s.first_token_ms is not None]
+    result.text_frames = [s.text_frames for call in connected for s in call.samples]
+    result.first_sentence_ms = [s.first_sentence_ms for call in connected for s in call.samples
+                                if s.first_sentence_ms is not None]
+    result.reply_end_ms = [s.last_token_ms for call in connected for s in call.samples if s.last_token_ms is not None]
     for call in connected:
         call.hang_up()
     gevent.sleep(1.0)  # sessions commit interrupted turns on close; let them land before reading

@@ -4,7 +4,8 @@ Default: 200 calls on one gevent worker, set up first, then talking (starts over
 first-token latency (server- and client-side), worker CPU per turn, set-up CPU per call, memory per idle call and
 idle RSS for both servers with the ratio. Modes: `--arrival burst|steady` (calls placed through the real API while
 earlier ones talk), `--sweep 200,400,800,1200` (highest N with p99 added ≤ 50 ms and no errors), `--workers 2`,
-`--cpu-quota 0.1` (the server alone under a cgroup CPU quota, cold start included).
+`--cpu-quota 0.1` (the server alone under a cgroup CPU quota, cold start included), `--variant-env KEY=VALUE` (a
+third column: CallWeaver again with that environment, e.g. RELAY_TEXT_HOLD_MS=0, in the same invocation).
 """
 from gevent import monkey
 
@@ -14,8 +15,6 @@ import argparse  # noqa: E402  (after patch_all)
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
@@ -24,6 +23,7 @@ from bench.common import (add_load_options, BenchStack, RelayLoadResult, fmt_ms,
                           markdown_table, parse_env_pairs, percentile, progress, run_relay_load)
 
 SERVERS = ("naive", "callweaver")
+VARIANT = "variant"  # CallWeaver again with --variant-env, a third column of the same invocation
 LABELS = {"naive": "naive relay", "callweaver": "CallWeaver"}
 CAPACITY_P99_MS = 50.0
 
@@ -81,27 +81,25 @@ def run_one(stack: BenchStack, kind: str, args: argparse.Namespace, calls: int, 
             wrap: list[str]) -> tuple[RelayLoadResult, tuple[float | None, float | None]]:
     """One server (fresh process), one load; returns the result and its cold start: process → first /ping 200, and
     process → the app loaded (CallWeaver answers health checks while its app loads; the naive relay loads first)."""
-    env = parse_env_pairs(args.server_env) if kind == "callweaver" else {}
+    env = parse_env_pairs(args.server_env) if kind != "naive" else {}
+    if kind == VARIANT:
+        env.update(parse_env_pairs(args.variant_env))
     stagger_s = args.stagger_s if args.arrival != "steady" else max(args.stagger_s, calls / args.steady_rate)
-    progress(f"{LABELS[kind]}: {calls} calls × {args.turns} turns, {args.workers} worker(s)"
+    progress(f"{label(kind, args)}: {calls} calls × {args.turns} turns, {args.workers} worker(s)"
              + (f", arrival {args.arrival}" if args.arrival else "") + (f", {args.cpu_quota} CPU" if wrap else ""))
     with stack.server(workers=args.workers, naive=kind == "naive", wrap=wrap, **env) as server:
-        loaded_s = server.ready_s if kind == "naive" else seconds_until_loaded(server)
         result = run_relay_load(stack, server, calls=calls, turns=args.turns, stagger_s=stagger_s,
                                 think_s=(args.think_min_s, args.think_max_s), seed=args.seed,
                                 time_limit_s=args.time_limit_s, run_index=run_index, naive=kind == "naive",
                                 arrival=bool(args.arrival))
-        ready_s = server.ready_s
+        ready_s, loaded_s = server.ready_s, server.loaded_s
     if result.error_count:
-        progress(f"{LABELS[kind]} errors: {result.errors}")
+        progress(f"{label(kind, args)} errors: {result.errors}")
     return result, (ready_s, loaded_s)
 
 
-def seconds_until_loaded(server) -> float:  # noqa: ANN001  (a LiveServer)
-    """Process start → CallWeaver's first answer from its loaded app (/api/twilio-config waits until it has loaded)."""
-    with urllib.request.urlopen(server.url + "/api/twilio-config", timeout=120) as response:
-        response.read()
-    return time.monotonic() - server.started_at
+def label(kind: str, args: argparse.Namespace) -> str:
+    return f"CallWeaver, {' '.join(args.variant_env)}" if kind == VARIANT else LABELS[kind]
 
 
 def p(values: list[float], pct: float) -> float | None:
@@ -114,13 +112,15 @@ def ratio(naive: float | None, ours: float | None) -> str:
     return f"{ours / naive:.2f}×"
 
 
-def side_by_side(results: dict[str, RelayLoadResult],
-                 ready: dict[str, tuple[float | None, float | None]]) -> str:
-    """One row per measure, naive | CallWeaver | CallWeaver ÷ naive."""
+def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, tuple[float | None, float | None]],
+                 variant: str | None = None) -> str:
+    """One row per measure, naive | CallWeaver | CallWeaver ÷ naive (| the variant, when one ran)."""
     rows = []
+    columns = SERVERS + ((VARIANT,) if variant else ())
 
     def row(label: str, values: dict[str, float | None], digits: int = 1) -> None:
-        rows.append([label, *(fmt_ms(values[k], digits) for k in SERVERS), ratio(values["naive"], values["callweaver"])])
+        cells = [fmt_ms(values.get(k), digits) for k in columns]
+        rows.append([label, *cells[:2], ratio(values["naive"], values["callweaver"]), *cells[2:]])
 
     for side, attr in (("server", "server_minus_delivered_ms"), ("client", "client_minus_delivered_ms")):
         for pct in (50, 95, 99):
@@ -133,11 +133,20 @@ def side_by_side(results: dict[str, RelayLoadResult],
     row("idle worker RSS before calls (MiB)", {k: r.rss_before_kib / 1024 if r.rss_before_kib else None
                                                for k, r in results.items()})
     row("turns/s", {k: r.turns_per_s for k, r in results.items()})
+    row("text frames per turn (mean)", {k: sum(r.text_frames) / len(r.text_frames) if r.text_frames else None
+                                        for k, r in results.items()})
+    for pct in (50, 95, 99):
+        row(f"prompt sent → end of the first sentence at the caller, p{pct} (ms)",
+            {k: p(r.first_sentence_ms, pct) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"prompt sent → the reply's closing frame at the caller, p{pct} (ms)",
+            {k: p(r.reply_end_ms, pct) for k, r in results.items()})
     row("cold start: process → first /ping 200 (s)", {k: v[0] for k, v in ready.items()}, 2)
-    row("cold start: process → app loaded, first API answer (s)", {k: v[1] for k, v in ready.items()}, 2)
-    rows.append(["turns completed / errors", *(f"{results[k].turns_completed} / {results[k].error_count}"
-                                               for k in SERVERS), ""])
-    return markdown_table(["measure", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
+    row("cold start: process → app loaded (s)", {k: v[1] for k, v in ready.items()}, 2)
+    done = [f"{results[k].turns_completed} / {results[k].error_count}" for k in columns]
+    rows.append(["turns completed / errors", *done[:2], "", *done[2:]])
+    return markdown_table(["measure", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive",
+                           *([variant] if variant else [])], rows)
 
 
 def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
@@ -176,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", default=None, help="comma-separated call counts, e.g. 200,400,800,1200")
     parser.add_argument("--cpu-quota", type=float, default=None, help="run the servers under this many CPUs")
     parser.add_argument("--only", choices=SERVERS, default=None, help="run one server only")
+    parser.add_argument("--variant-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run CallWeaver with this environment (repeatable), as a third column")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="give up on calls still talking after this")
     add_load_options(parser, stagger_s=5.0, seed=7)
     return parser.parse_args(argv)
@@ -183,10 +194,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    kinds = [args.only] if args.only else list(SERVERS)
+    kinds = ([args.only] if args.only else list(SERVERS)) + ([VARIANT] if args.variant_env else [])
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.calls]
     sweep: dict[int, dict[str, RelayLoadResult]] = {}
-    ready: dict[str, tuple[float | None, float | None]] = {k: (None, None) for k in SERVERS}
+    ready: dict[str, tuple[float | None, float | None]] = {k: (None, None) for k in (*SERVERS, VARIANT)}
     run_index = 0
     with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
         for calls in counts:
@@ -203,14 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(counts) > 1 or args.cpu_quota:
         print(capacity_table(sweep))
         print()
+    variant = label(VARIANT, args) if args.variant_env else None
     for calls in counts:
-        if len(kinds) == 2:
-            if len(counts) > 1:
-                print(f"\n#### {calls} calls\n")
-            print(side_by_side(sweep[calls], ready))
-        else:
-            other = "callweaver" if kinds[0] == "naive" else "naive"
-            print(side_by_side({kinds[0]: sweep[calls][kinds[0]], other: RelayLoadResult(calls, args.turns)}, ready))
+        if len(counts) > 1:
+            print(f"\n#### {calls} calls\n")
+        results = {k: sweep[calls].get(k) or RelayLoadResult(calls, args.turns) for k in SERVERS}
+        if variant:
+            results[VARIANT] = sweep[calls][VARIANT]
+        print(side_by_side(results, ready, variant))
     return 0
 
 

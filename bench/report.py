@@ -54,3 +54,27 @@ def machine_summary() -> str:
 
 def distribution_cells(values: list[float]) -> list[str]:
     return [fmt_ms(percentile(values, 50)), fmt_ms(percentile(values, 95)), fmt_ms(percentile(values, 99))]
+
+
+def compare_checkouts(bench_file: str, roots: list[str], calls: int, rounds: int, steps: tuple[str, ...],
+                      unit: str, digits: int = 2) -> None:
+    """Run `bench_file --child --calls N` against each checkout in its own process (that checkout's code first on
+    the path), the roots alternating round by round, and print one row per checkout: each step's ms per call,
+    one value per round. The child prints a JSON object {step: ms per call} as its last line."""
+    import json
+    import subprocess
+
+    roots = [str(Path(root).resolve()) for root in roots]
+    rows: dict[str, list[dict[str, float]]] = {root: [] for root in roots}
+    for _ in range(rounds):
+        for root in roots:
+            out = subprocess.run([sys.executable, bench_file, "--child", "--calls", str(calls)], cwd=root,
+                                 env={**os.environ, "PYTHONPATH": root}, check=True, capture_output=True,
+                                 text=True).stdout
+            rows[root].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"| checkout | {' | '.join(steps)} | all ({unit}) |")
+    print("|---" * (len(steps) + 2) + "|")
+    for root, runs in rows.items():
+        cells = [" / ".join(f"{run[step]:.{digits}f}" for run in runs) for step in steps]
+        total = " / ".join(f"{sum(run.values()):.{digits}f}" for run in runs)
+        print(f"| {root} | {' | '.join(cells)} | {total} |")

@@ -1,15 +1,18 @@
 """Set-up CPU per call, by request, in-process: make-call-optimized (with the twilio SDK's REST call to the stand-in,
 which runs in its own process), the signed TwiML webhook and four signed status callbacks, each timed with the
 thread's CPU clock. The socket upgrade is left out (the test client has no WebSocket); `python -m bench.relay`
-measures the whole set-up on the real server.
+measures the whole set-up on the real server. Each `--root` is a checkout (e.g. `git archive <commit> | tar -x -C
+DIR`), measured in its own process, the roots alternating round by round, so a reference runs in the same invocation.
 
     python -m bench.setup_cpu --calls 200          # about 10 s
+    python -m bench.setup_cpu --calls 200 --root /tmp/ref --root .   # a reference beside this checkout
     python -m bench.setup_cpu --calls 200 --profile cumulative   # plus a cProfile table (slows everything ~5×)
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import subprocess
@@ -24,6 +27,7 @@ from callweaver.simulate.webhooks import twilio_signature
 
 BASE = "http://127.0.0.1:3000"  # PUBLIC_BASE_URL: what the webhooks are signed for
 STATUSES = ("initiated", "ringing", "answered", "in-progress")
+STEPS = ("make-call-optimized", "TwiML webhook", "4 status callbacks")
 WARM_UP_CALLS = 5
 
 
@@ -40,7 +44,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--profile", choices=("cumulative", "tottime"), help="print a cProfile table")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the roots (with --root)")
+    parser.add_argument("--root", action="append", default=[], help="a checkout to measure (repeatable)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.root:
+        from bench.report import compare_checkouts  # this checkout's; the children import the measured one's
+
+        compare_checkouts(str(Path(__file__).resolve()), args.root, args.calls, args.rounds, STEPS,
+                          f"ms CPU per call, {args.calls} calls, in-process")
+        return
+    spent = measure(args.calls, args.profile)
+    if args.child:
+        print(json.dumps(spent))
+        return
+    print(f"| request | CPU per call (ms), {args.calls} calls, in-process |\n|---|---|")
+    for name, ms in spent.items():
+        print(f"| {name} | {ms:.2f} |")
+    print(f"| all of them | {sum(spent.values()):.2f} |")
+
+
+def measure(calls: int, profile_sort: str | None = None) -> dict[str, float]:
+    """ms of this thread's CPU per call, by step, after a few warm-up calls."""
     stand_in, twilio_url = start_twilio_stand_in()
     try:
         os.environ.update(server_env(Path(tempfile.mkdtemp(prefix="callweaver-setup-cpu-")), "http://127.0.0.1:9/v1",
@@ -77,20 +102,17 @@ def main() -> None:
             spent["4 status callbacks"] += done - answered
 
         for i in range(WARM_UP_CALLS):
-            one_call(100000 + i, {"make-call-optimized": 0.0, "TwiML webhook": 0.0, "4 status callbacks": 0.0})
-        spent = {"make-call-optimized": 0.0, "TwiML webhook": 0.0, "4 status callbacks": 0.0}
+            one_call(100000 + i, dict.fromkeys(STEPS, 0.0))
+        spent = dict.fromkeys(STEPS, 0.0)
         profile = cProfile.Profile(time.thread_time)
-        if args.profile:
+        if profile_sort:
             profile.enable()
-        for i in range(args.calls):
+        for i in range(calls):
             one_call(i, spent)
         profile.disable()
-        print(f"| request | CPU per call (ms), {args.calls} calls, in-process |\n|---|---|")
-        for name, seconds in spent.items():
-            print(f"| {name} | {seconds * 1000 / args.calls:.2f} |")
-        print(f"| all of them | {sum(spent.values()) * 1000 / args.calls:.2f} |")
-        if args.profile:
-            pstats.Stats(profile).sort_stats(args.profile).print_stats(60)
+        if profile_sort:
+            pstats.Stats(profile, stream=sys.stderr).sort_stats(profile_sort).print_stats(60)
+        return {name: seconds * 1000 / calls for name, seconds in spent.items()}
     finally:
         stand_in.kill()
 

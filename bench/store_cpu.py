@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,22 +66,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.calls)))
         return
-    roots = [str(Path(root).resolve()) for root in args.root] or [str(Path.cwd())]
-    bench_file = str(Path(__file__).resolve())
-    rows: dict[str, list[dict[str, float]]] = {root: [] for root in roots}
-    for _ in range(args.rounds):
-        for root in roots:
-            env = {**os.environ, "PYTHONPATH": root}
-            out = subprocess.run([sys.executable, bench_file, "--child", "--calls", str(args.calls)], cwd=root,
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            rows[root].append(json.loads(out.strip().splitlines()[-1]))
-    print(f"| checkout | {' | '.join(STEPS)} | all (ms per call, {args.calls} calls, SQLite) |")
-    print("|---" * (len(STEPS) + 2) + "|")
-    for root, runs in rows.items():
-        cells = [" / ".join(f"{run[step]:.3f}" for run in runs) for step in STEPS]
-        total = " / ".join(f"{sum(run.values()):.3f}" for run in runs)
-        print(f"| {root} | {' | '.join(cells)} | {total} |")
+    from bench.report import compare_checkouts  # this checkout's; the children import the measured one's
 
+    compare_checkouts(str(Path(__file__).resolve()), args.root or [str(Path.cwd())], args.calls, args.rounds, STEPS,
+                      f"ms per call, {args.calls} calls, SQLite", digits=3)
 
 if __name__ == "__main__":
     main()

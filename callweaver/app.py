@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import time
 import uuid
 from typing import Any, Mapping
@@ -20,6 +21,8 @@ from .request_guard import RequestBodyGuard
 from .services import Services
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{8,64}")
+# The call a request was about (bound by the routes), carried onto gunicorn's access line (gunicorn.conf.py).
+ACCESS_LINE_CALL_FIELDS = ("tracking_id", "call_sid")
 # Answered while the worker's SDK clients are still being built (Services.warm_up): they need none of them.
 ANSWERED_DURING_WARM_UP = frozenset({"health.health", "health.ping", "health.health_optimized", "static"})
 log = structlog.get_logger()
@@ -84,20 +87,33 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def _init_request_logging(app: Flask) -> None:
+    """One line per request. Under gunicorn that is gunicorn's access line (gunicorn.conf.py `access_log_format`:
+    method, path, query, status, bytes, duration, request id, remote), to which the request hands the call it was
+    about through the WSGI environ; gunicorn also writes it for requests the app never sees (refused bodies).
+    The server is started with that configuration (`gunicorn -c gunicorn.conf.py`, README, render.yaml).
+    Elsewhere (the Flask test client, `flask run`) the app writes it as `http_request`."""
+
     @app.before_request
     def _bind_request() -> None:
         structlog.contextvars.clear_contextvars()
         incoming = request.headers.get("X-Request-Id", "")
-        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + uuid.uuid4().hex[:24]
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
         request.request_id = g.request_id  # type: ignore[attr-defined]
         g.started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)
 
     @app.after_request
     def _log_request(response):
-        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
         response.headers["X-Request-Id"] = g.get("request_id", "")
         response.headers["X-CallWeaver-Worker"] = str(os.getpid())  # which worker answered (multi-worker tests, ops)
+        environ = request.environ
+        call = structlog.contextvars.get_contextvars()
+        if environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/"):
+            for key in ACCESS_LINE_CALL_FIELDS:
+                if call.get(key):
+                    environ[f"callweaver.{key}"] = call[key]
+            return response
+        elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
         log.info("http_request", method=request.method, path=request.path, status=response.status_code,
                  duration_ms=round(elapsed_ms, 2))
         return response

@@ -134,6 +134,7 @@ class Settings:
     relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
     relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
     relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
+    relay_text_hold_ms: float = 80.0         # after a reply's first clause, its tokens go out one frame per clause
     log_level: str = "INFO"
     log_format: str = "json"
     # Observability
@@ -333,6 +334,7 @@ class Settings:
         values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
         values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
         values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
+        values["relay_text_hold_ms"] = number("RELAY_TEXT_HOLD_MS", 80.0, float, 0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
         if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")

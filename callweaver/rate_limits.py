@@ -57,6 +57,14 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
         f"{settings.max_calls_per_day} per day", scope="calls-per-day", key_func=lambda: "service",
         deduct_when=lambda response: response.status_code < 400,  # counts calls placed, not refused requests
         error_message=f"the service places at most {settings.max_calls_per_day} calls a day (MAX_CALLS_PER_DAY)")
+    limited = frozenset(endpoint for _variable, _limit, endpoints in per_client.values() for endpoint in endpoints)
+
+    @limiter.request_filter
+    def _has_no_limit() -> bool:
+        """Only the endpoints above are limited: every other request (webhooks, the relay upgrade, health) skips
+        the limiter's per-request resolution of limits, which found none for it anyway."""
+        return request.endpoint not in limited
+
     for scope, (variable, limit, endpoints) in per_client.items():
         shared = limiter.shared_limit(limit, scope=scope, error_message=f"at most {limit} per client ({variable})")
         for endpoint in endpoints:

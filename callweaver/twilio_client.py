@@ -1,15 +1,42 @@
-"""The one module that talks to Twilio's REST API, through the twilio SDK."""
+"""The one module that talks to Twilio's REST API, through the twilio SDK.
+
+The SDK builds every request (URL, auth, the SDK's headers, the form) and parses every answer (TwilioRestException
+included); only its transport is ours, through the SDK's documented extension point (`Client(http_client=...)`):
+`PooledTwilioHttpClient` sends on the keep-alive socket pool of `engine/llm_http.py` instead of a requests Session,
+whose per-request environment merging, `email.feedparser` header parsing and charset guessing were most of the
+27 % of set-up CPU that placing a call cost (docs/performance.md).
+"""
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import os
+import ssl
+import time
+import zlib
 from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import quote, urlencode, urlsplit
 
+import requests
 import structlog
-from twilio.http.http_client import TwilioHttpClient
+from requests import certs
+from requests.structures import CaseInsensitiveDict
+from twilio.http import HttpClient
+from twilio.http.response import Response
 from twilio.rest import Client
 
+from .engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange, ReadTimedOut, UpstreamError
+
 log = structlog.get_logger()
+_sdk_logger = logging.getLogger("twilio.http_client")  # the SDK's own client logs here (request/response lines)
 
 STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
+# What requests leaves unescaped in a URL (requests.utils.requote_uri): control characters, spaces and non-ASCII
+# in a path the SDK formatted from a caller-supplied call SID are escaped, never written raw into the request line.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+_IDLE_CONNECTIONS_PER_ORIGIN = 32
 
 
 @dataclass(frozen=True)
@@ -20,15 +47,153 @@ class PlacedCall:
     from_number: str
 
 
+def _requests_trust() -> ssl.SSLContext:
+    """The CA bundle requests would use: REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE (a file or a directory), else
+    the bundle requests ships with (certifi's)."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certs.where()
+    if os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
+
+
+def _form(values: Mapping[str, Any]) -> str:
+    """application/x-www-form-urlencoded as requests encodes a dict: a list value repeats its key, None is left
+    out, everything else is its str()."""
+    pairs = []
+    for key, value in values.items():
+        for item in (value if isinstance(value, (list, tuple)) else (value,)):
+            if item is not None:
+                pairs.append((key, item))
+    return urlencode(pairs)
+
+
+def _basic_auth(username: str, password: str) -> str:
+    """The Authorization value requests sends for `auth=(username, password)` (latin-1, as requests encodes)."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode("latin-1")).decode("ascii")
+
+
+def _text(body: bytes, headers: Mapping[str, str]) -> str:
+    """The body as text: decompressed if the server compressed it anyway, decoded with its declared charset
+    (JSON without one is UTF-8)."""
+    encoding = headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "x-gzip"):
+        body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        body = zlib.decompress(body)
+    charset = "utf-8"
+    for param in headers.get("content-type", "").split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "charset" and value:
+            charset = value.strip('"')
+    try:
+        return body.decode(charset, errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
+
+
+class PooledTwilioHttpClient(HttpClient):
+    """A twilio SDK `HttpClient` on stdlib keep-alive sockets (`engine/llm_http.py`).
+
+    Honours what the SDK's requests-based client honours: HTTP(S)_PROXY / ALL_PROXY / NO_PROXY (read once per
+    origin), REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE, the timeout (here one deadline for the whole exchange), and it
+    raises requests' own exceptions when Twilio cannot be reached, so callers see the same errors. Redirects are
+    never followed (the SDK asks for none). A request that must not repeat (anything but GET/HEAD/DELETE) is never
+    re-sent on a new connection. No credentials are held: the SDK passes them with each request."""
+
+    def __init__(self, timeout: float | None = None, logger: logging.Logger = _sdk_logger) -> None:
+        super().__init__(logger, is_async=False, timeout=timeout)
+        self._pools: dict[tuple[str, str], ConnectionPool] = {}
+        self._trust: ssl.SSLContext | None = None
+
+    def warm_up(self, url: str) -> None:
+        """Open nothing, but build the origin's pool and its TLS trust (loading the CA bundle) now."""
+        pool = self._pool(urlsplit(url))
+        if pool.endpoint.tls:
+            self._tls()
+
+    def request(self, method: str, url: str, params: dict[str, object] | None = None,
+                data: dict[str, object] | None = None, headers: dict[str, str] | None = None,
+                auth: tuple[str, str] | None = None, timeout: float | None = None,
+                allow_redirects: bool = False) -> Response:
+        """Send one request the SDK built and hand its answer back for the SDK to parse."""
+        if timeout is None:
+            timeout = self.timeout
+        elif timeout <= 0:
+            raise ValueError(timeout)
+        method = method.upper()
+        headers = dict(headers or {})
+        if self.logger.isEnabledFor(logging.INFO):
+            self.log_request({"method": method, "url": url, "params": params, "headers": headers})
+        parts = urlsplit(url)
+        query = "&".join(q for q in (parts.query, _form(params) if params else "") if q)
+        target = quote((parts.path or "/") + (f"?{query}" if query else ""), safe=_URL_SAFE)
+        if auth is not None:
+            headers["Authorization"] = _basic_auth(*auth)
+        content_type = headers.get("Content-Type", "")
+        if data and content_type in ("application/json", "application/scim+json"):
+            body = json.dumps(data, allow_nan=False).encode()
+        elif data:
+            body = _form(data).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        else:
+            body = b""
+        for name, value in headers.items():
+            if any(c in f"{name}{value}" for c in "\r\n\0"):
+                raise requests.exceptions.InvalidHeader(f"invalid header {name!r}")
+        head = self._pool(parts).endpoint.head(method, target, headers)
+        if body or method not in ("GET", "HEAD"):
+            head += b"Content-Length: %d\r\n" % len(body)
+        response = self._exchange(parts, head + b"\r\n" + body, method, timeout)
+        if self.logger.isEnabledFor(logging.INFO):
+            self.log_response(response.status_code, response)
+        self._test_only_last_response = response
+        return response
+
+    def _exchange(self, parts: Any, request: bytes, method: str, timeout: float | None) -> Response:
+        timeout_s = timeout if timeout is not None else 60.0
+        deadline = time.monotonic() + timeout_s
+        exchange = Exchange(self._pool(parts))
+        try:
+            exchange.send(request, deadline, timeout_s, retry_stale=method in ("GET", "HEAD", "DELETE"),
+                          raise_for_status=False)
+            body = b"" if method == "HEAD" else exchange.read_body(deadline)
+        except ReadTimedOut as error:
+            exchange.close()
+            raise requests.exceptions.ReadTimeout(f"Twilio did not answer in time ({error})") from None
+        except ConnectFailed as error:
+            exchange.close()
+            raise requests.exceptions.ConnectionError(f"could not connect to Twilio ({error})") from None
+        except UpstreamError as error:
+            exchange.close()
+            raise requests.exceptions.ConnectionError(f"the connection to Twilio failed ({error})") from None
+        headers = exchange.headers
+        return Response(exchange.status, _text(body, headers), CaseInsensitiveDict(headers))
+
+    def _pool(self, parts: Any) -> ConnectionPool:
+        key = (parts.scheme, parts.netloc)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = ConnectionPool(Endpoint(f"{parts.scheme}://{parts.netloc}/", {}),
+                                  max_idle=_IDLE_CONNECTIONS_PER_ORIGIN, tls_context=self._tls)
+            self._pools[key] = pool
+        return pool
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._trust is None:
+            self._trust = _requests_trust()
+        return self._trust
+
+
 class TwilioGateway:
-    """Creates, ends and fetches calls; clients are built lazily so each gunicorn worker owns its own."""
+    """Creates, ends and fetches calls; clients are built lazily so each gunicorn worker owns its own. Every client
+    (the server's and one-off clients for request-supplied credentials) sends through one pooled transport."""
 
     def __init__(self, account_sid: str, auth_token: str, api_base_url: str | None = None,
                  timeout_s: float = 10.0):
         self._account_sid = account_sid
         self._auth_token = auth_token
         self._api_base_url = api_base_url
-        self._timeout_s = timeout_s
+        self._http = PooledTwilioHttpClient(timeout=timeout_s)
         self._client: Client | None = None
 
     @property
@@ -36,8 +201,7 @@ class TwilioGateway:
         return bool(self._account_sid and self._auth_token)
 
     def _build(self, account_sid: str, auth_token: str) -> Client:
-        client = Client(account_sid, auth_token,
-                        http_client=TwilioHttpClient(timeout=self._timeout_s, max_retries=0))
+        client = Client(account_sid, auth_token, http_client=self._http)
         if self._api_base_url:
             client.api.base_url = self._api_base_url
         return client
@@ -51,9 +215,12 @@ class TwilioGateway:
         return self._client
 
     def warm_up(self) -> None:
-        """Build the server's client and load the SDK's call resources now (worker start), not in the first make-call."""
+        """Build the server's client, load the SDK's call resources and the transport's TLS trust now (worker
+        start), not in the first make-call."""
         if self.configured:
-            self.client().calls  # noqa: B018  (the SDK imports its API modules on first access)
+            client = self.client()
+            client.calls  # noqa: B018  (the SDK imports its API modules on first access)
+            self._http.warm_up(client.api.base_url)
 
     def create_call(self, *, to: str, from_number: str, url: str, status_callback: str,
                     timeout_s: int, record: bool, credentials: tuple[str, str] | None = None) -> PlacedCall:

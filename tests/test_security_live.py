@@ -60,6 +60,22 @@ def test_access_log_redacts_secret_query_parameters_and_cannot_be_forged(live):
     assert not any(line.lstrip().startswith('{"event":"forged"') for line in logs.splitlines())
 
 
+def test_each_request_writes_one_access_line_naming_its_call(live):
+    """Under gunicorn the access line is the request's only line (no second `http_request` line from the app),
+    and it names the call the request placed."""
+    call = http("POST", live.url + "/api/make-call-optimized", json_body=make_call_body())
+    assert call.status == 200, call.text
+    http("GET", live.url + "/ping")
+    live.stop()
+    lines = [json.loads(line) for line in live.logs().splitlines() if line.startswith("{")]
+    assert not [line for line in lines if line.get("event") == "http_request"]
+    (placed,) = [a for a in lines if a.get("event") == "access" and a["path"] == "/api/make-call-optimized"]
+    assert placed["call_sid"] == call.json()["callSid"] and placed["status"] == "200"
+    assert placed["tracking_id"] == call.json()["optimization"]["trackingId"]
+    ping = [a for a in lines if a.get("event") == "access" and a["path"] == "/ping"][-1]  # LiveServer pings too
+    assert ping["call_sid"] == "-" and ping["request_id"].startswith("req_")
+
+
 def test_the_web_apps_own_requests_work_from_an_allowed_origin(live, fake_twilio, fake_llm):
     """Replays what the web app does in a browser (load, twilio-config, chat, make-call, end-call), preflights
     included, against the real server with every protection at its default."""

@@ -25,3 +25,21 @@ def test_termination_and_cache_keys_agree_on_the_words_of_an_utterance():
                          ("\u3067\u306f\u3001\u3055\u3088\u3046\u306a\u3089", "\u3055\u3088\u3046\u306a\u3089")):
         assert detect_termination(said, [phrase])
         assert normalize_utterance(said).endswith(normalize_utterance(phrase))
+
+
+def test_speech_words_reads_every_character_as_the_unicode_categories_say():
+    """The lookup table behind speech_words gives, for any character, what its Unicode category says: apostrophes
+    dropped, punctuation, symbols, separators and controls a break, anything else part of a word."""
+    import unicodedata
+
+    from callweaver.engine.speech import APOSTROPHES, fold, speech_words
+
+    def by_category(text: str) -> list[str]:
+        return "".join("" if c in APOSTROPHES else " " if unicodedata.category(c)[0] in "PSZC" else c
+                       for c in fold(text)).split()
+
+    samples = [chr(code) for code in range(0x3100) if not 0xD800 <= code <= 0xDFFF]
+    samples += ["你好，我想問", "don't ＴＨＡＴ’S", "🙂 ok 👍", "\u3000full\u3000width", "a\u200bb", "x\U00020000y"]
+    for start in range(0, len(samples), 50):
+        text = "a".join(samples[start:start + 50])
+        assert speech_words(text) == by_category(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -60,11 +61,10 @@ def _strip_unspaced_fillers(word: str, fillers: list[str]) -> str:
     return word
 
 
-def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
-    """Map the ways a caller (or the speech recogniser) writes the same words to one string.
-
-    Traditional and Simplified Chinese stay distinct: they belong to different languages, whose replies differ.
-    """
+@functools.lru_cache(maxsize=64)
+def _filler_words(fillers: tuple[str, ...]) -> tuple[dict[str, list[tuple[str, ...]]], list[str]]:
+    """A language's fillers as words, by their first word (longest first), and the CJK ones written unspaced;
+    worked out once per filler list (a language's), not on every turn."""
     word_fillers: list[tuple[str, ...]] = []
     unspaced_fillers: list[str] = []
     for filler in fillers:
@@ -77,12 +77,23 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
     # Longest first, so "嗯嗯" is stripped as one filler before "嗯" is tried.
     unspaced_fillers.sort(key=len, reverse=True)
     word_fillers.sort(key=len, reverse=True)
+    by_first_word: dict[str, list[tuple[str, ...]]] = {}
+    for words in word_fillers:
+        by_first_word.setdefault(words[0], []).append(words)
+    return by_first_word, unspaced_fillers
 
+
+def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
+    """Map the ways a caller (or the speech recogniser) writes the same words to one string.
+
+    Traditional and Simplified Chinese stay distinct: they belong to different languages, whose replies differ.
+    """
+    by_first_word, unspaced_fillers = _filler_words(tuple(fillers))
     words = speech_words(utterance)
     kept: list[str] = []
     i = 0
     while i < len(words):
-        matched = next((f for f in word_fillers if tuple(words[i:i + len(f)]) == f), None)
+        matched = next((f for f in by_first_word.get(words[i], ()) if tuple(words[i:i + len(f)]) == f), None)
         if matched is not None:
             i += len(matched)
             continue

@@ -8,6 +8,9 @@ and query (Azure api-version, keys) once per provider. The network around it is 
 HTTPS_PROXY / ALL_PROXY / NO_PROXY pick a forward proxy per endpoint (urllib.request's reading of them; HTTPS
 through a CONNECT tunnel), and TLS trusts what the SDK's HTTP stack trusts (`httpcore2.default_ssl_context`:
 SSL_CERT_FILE / SSL_CERT_DIR, else the system store).
+The same pool carries the twilio SDK's REST requests (callweaver/twilio_client.py: `Endpoint.head` for any method
+and target, `Exchange.send` and `read_body` for a whole, non-streamed answer), with the TLS trust that SDK's stack
+uses (`ConnectionPool(tls_context=...)`).
 
 geventhttpclient (a C parser made for gevent) was measured as the replacement for the parsing here and kept out:
 `python -m bench.llm_client` (docs/performance.md) shows it using more CPU per streamed turn, and its per-request
@@ -20,7 +23,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
@@ -82,25 +85,29 @@ class Endpoint:
     """Where a provider's chat completions go, with the request head (request line + fixed headers) prebuilt,
     and the proxy (if any) the environment routes it through."""
 
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
+    def __init__(self, url: str, headers: Mapping[str, str]) -> None:
         parts = urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or "localhost"
         self.port = parts.port or (443 if self.tls else 80)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc.rsplit("@", 1)[-1]
-        self.proxy = Proxy.from_environment(parts.scheme, host_header)
+        self.host_header = parts.netloc.rsplit("@", 1)[-1]
+        self.proxy = Proxy.from_environment(parts.scheme, self.host_header)
+        self._head = self.head("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers)
+
+    def head(self, method: str, target: str, headers: Mapping[str, str]) -> bytes:
+        """A request head to this endpoint's origin: request line, Host, `headers`, keep-alive; no Content-Length
+        line and no blank line (`request` and the twilio client add them). `target` is the path and query."""
         extra = []
         if self.proxy is not None and not self.tls:
             # a plain-HTTP proxy is the request's recipient: absolute-form target, and the proxy's credentials
-            target = f"http://{host_header}{target}"
+            target = f"http://{self.host_header}{target}"
             if self.proxy.authorization:
                 extra.append(f"Proxy-Authorization: {self.proxy.authorization}")
-        lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}"]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
         lines += [f"{name}: {value}" for name, value in headers.items()
                   if name.lower() not in ("host", "content-length", "connection", "accept-encoding")]
         lines += ["Accept-Encoding: identity", "Connection: keep-alive", *extra]
-        self._head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     def connect_request(self) -> bytes:
         """The CONNECT request that opens a tunnel to this endpoint through its proxy (HTTPS endpoints)."""
@@ -130,20 +137,25 @@ class Endpoint:
 class ConnectionPool:
     """Idle keep-alive sockets of one endpoint, newest first; only the socket being taken is checked."""
 
-    def __init__(self, endpoint: Endpoint, max_idle: int = 500) -> None:
+    def __init__(self, endpoint: Endpoint, max_idle: int = 500,
+                 tls_context: Callable[[], ssl.SSLContext] | None = None) -> None:
+        """`tls_context` builds the TLS trust on first use (default: the openai SDK's, `httpcore2`)."""
         self.endpoint = endpoint
         self.max_idle = max_idle
         self._idle: list[socket.socket] = []
         self._tls_context: ssl.SSLContext | None = None
+        self._build_tls_context = tls_context or _openai_sdk_tls_context
 
     def take(self, connect_deadline: float) -> tuple[socket.socket, bool]:
         """(socket, reused): an idle connection the server has not closed, or a new one."""
-        while self._idle:
-            sock = self._idle.pop()
+        while True:
+            try:
+                sock = self._idle.pop()  # atomic: OS threads may share a pool too (the twilio transport)
+            except IndexError:
+                return self._connect(connect_deadline), False
             if _still_open(sock):
                 return sock, True
             sock.close()
-        return self._connect(connect_deadline), False
 
     def give_back(self, sock: socket.socket) -> None:
         if len(self._idle) < self.max_idle:
@@ -182,10 +194,14 @@ class ConnectionPool:
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
-            import httpcore2  # the openai SDK's HTTP stack: trust what it trusts (SSL_CERT_FILE/SSL_CERT_DIR)
-
-            self._tls_context = httpcore2.default_ssl_context()
+            self._tls_context = self._build_tls_context()
         return self._tls_context
+
+
+def _openai_sdk_tls_context() -> ssl.SSLContext:
+    import httpcore2  # the openai SDK's HTTP stack: trust what it trusts (SSL_CERT_FILE/SSL_CERT_DIR)
+
+    return httpcore2.default_ssl_context()
 
 
 def _open_tunnel(sock: socket.socket, connect_request: bytes, deadline: float) -> None:
@@ -234,6 +250,7 @@ class Exchange:
         self._aborted = False
         self.written_at: float | None = None  # when the request's last byte was written (provider TTFT starts)
         self.status = 0
+        self.headers: dict[str, str] = {}  # the response's headers, names lowercased
         self._raw = bytearray()    # bytes read, not yet decoded from the transfer encoding
         self._body = bytearray()   # decoded body, not yet returned as lines
         self._chunked = False
@@ -245,9 +262,15 @@ class Exchange:
 
     # ---- request and head -----------------------------------------------------------------------
     def start(self, body: bytes, deadline: float, connect_timeout_s: float) -> None:
-        """Send the request and read the status line and headers; a reused connection the server had already
-        closed (nothing came back at all) is retried once on a new one."""
-        request = self._pool.endpoint.request(body)
+        """Send the endpoint's POST with `body` and read the status line and headers (StatusError on >= 400); a
+        reused connection the server had already closed (nothing came back at all) is retried once on a new one."""
+        self.send(self._pool.endpoint.request(body), deadline, connect_timeout_s)
+
+    def send(self, request: bytes, deadline: float, connect_timeout_s: float, *, retry_stale: bool = True,
+             raise_for_status: bool = True) -> None:
+        """Send a whole request and read the response head. `retry_stale=False` never sends it twice (a request
+        that must not repeat: a reused connection found closed fails instead); `raise_for_status=False` keeps an
+        error status's body readable (`read_body`)."""
         for _ in range(2):
             connect_deadline = min(deadline, time.monotonic() + connect_timeout_s)
             sock, reused = self._pool.take(connect_deadline)
@@ -262,21 +285,21 @@ class Exchange:
                 raise ReadTimedOut("write deadline passed") from None
             except OSError:
                 self.close()
-                if reused and not self._aborted:
+                if reused and retry_stale and not self._aborted:
                     continue
                 raise ConnectionDropped("write failed") from None
             self.written_at = time.monotonic()
             try:
-                self._read_head(deadline)
+                self._read_head(deadline, raise_for_status)
                 return
             except ConnectionDropped:
                 self.close()
-                if reused and not self._raw and not self._aborted:
+                if reused and retry_stale and not self._raw and not self._aborted:
                     continue
                 raise
         raise ConnectionDropped("reused connections closed")
 
-    def _read_head(self, deadline: float) -> None:
+    def _read_head(self, deadline: float, raise_for_status: bool = True) -> None:
         while True:
             end = self._raw.find(b"\r\n\r\n")
             if end >= 0:
@@ -295,15 +318,18 @@ class Exchange:
         for line in head[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        self.headers = headers
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        if not self._chunked and "content-length" in headers:
+        if self.status in (204, 304) or self.status < 200:
+            self._chunked, self._length_left = False, 0  # no body, whatever the headers say (RFC 9112 §6.3)
+        elif not self._chunked and "content-length" in headers:
             self._length_left = int(headers["content-length"])
         connection = headers.get("connection", "").lower()
         self._keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if not self._chunked and self._length_left is None:
             self._keep_alive = False  # the body ends when the server closes
         self._decode()
-        if self.status >= 400:
+        if self.status >= 400 and raise_for_status:
             raise StatusError(self.status)
 
     # ---- body -------------------------------------------------------------------------------------
@@ -325,6 +351,20 @@ class Exchange:
                 continue
             self._decode()
 
+    def read_body(self, deadline: float) -> bytes:
+        """The whole (rest of the) body, then the connection goes back to the pool; errors close it."""
+        try:
+            while not self._complete:
+                if self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
+                    self._decode()
+        except UpstreamError:
+            self.close()
+            raise
+        body = bytes(self._body)
+        self._body.clear()
+        self._release()
+        return body
+
     def finish(self, budget_s: float = 0.25) -> None:
         """Read to the body's end (the chunked terminator after `[DONE]`) and pool the connection; a slow or
         broken tail is not worth waiting for."""
@@ -335,6 +375,10 @@ class Exchange:
         except UpstreamError:
             self.close()
             return
+        self._release()
+
+    def _release(self) -> None:
+        """Pool the connection when the response ended cleanly on a keep-alive connection, else close it."""
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._keep_alive and not self._raw and not self._aborted:

@@ -20,6 +20,7 @@ from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STA
                            SpeculativeTurn, Turn, heard_prefix, speculation_row)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
+from .reply_text import WAITED_S, ReplyText
 
 log = structlog.get_logger()
 
@@ -65,8 +66,9 @@ class RelaySession:
     """
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
-                 inter_digit_s: float = DTMF_INTER_DIGIT_S):
+                 inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
         self.engine = engine
+        self.text_hold_s = text_hold_s  # RELAY_TEXT_HOLD_MS: after a reply's first clause, tokens per clause (reply_text.py)
         self.sender = sender
         self.spawn = spawn
         self.clock = clock
@@ -80,6 +82,7 @@ class RelaySession:
         self._committed = True
         self._timings: dict[str, Any] = {}
         self._fell_silent = threading.Event()  # set by `info` agentSpeaking off (a gevent Event under gevent)
+        self._reply_stopped = threading.Event()  # set when the current reply is cancelled: ends a paced read's pause
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
@@ -406,6 +409,7 @@ class RelaySession:
     def _begin_reply(self, turn: Turn, received: float, adopted: SpeculativeTurn | None = None) -> None:
         """A caller turn ends here: its speculations (adopted or not) are accounted to this reply."""
         self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
+        self._reply_stopped.clear()
         self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
         self._adopted, self._dropped_this_turn, self._discarded = adopted, self._discarded, []
 
@@ -416,18 +420,31 @@ class RelaySession:
             if turn.result.language_switched:
                 self.sender.send_json(self._language_message(turn.result.language))
             audio_sent = False
-            for token in (turn if tokens is None else tokens):
+            out = ReplyText(self.text_hold_s)
+            read_from = self.clock()
+            stream = iter(turn if tokens is None else tokens)
+            for token in stream:
+                now = self.clock()
                 if not self._streaming:
-                    return  # cancelled: the canceller commits what was heard
+                    break  # cancelled: the canceller commits what was heard; held text was never sent
                 if not token:
                     continue
-                audio_sent = audio_sent or self._play_entered_audio(turn)
-                self.sender.send_json(protocol.text(token))
-                if self._timings["firstTokenMs"] is None:
-                    self._timings["firstTokenMs"] = elapsed_ms(received, self.clock())
-                self._sent += token
+                if not audio_sent and turn.result.entered_audio is not None:
+                    self._send_text(out.take(now))  # the words before the node's recording go before it
+                    audio_sent = self._play_entered_audio(turn)
+                self._send_text(out.add(token, now, waited=now - read_from >= WAITED_S))
+                pause_s = out.pause_s(now)
+                if pause_s and self._reply_stopped.wait(pause_s):
+                    break  # cancelled during the pause
+                read_from = self.clock()
             if not self._streaming:
+                # Stopped between two tokens: end the stream here, so what it accounts on its way out (provider,
+                # TTFT, failovers, the LLM span) is in the turn before the canceller commits it.
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
                 return
+            self._send_text(out.take(self.clock()))
             audio_sent = audio_sent or self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
@@ -456,6 +473,15 @@ class RelaySession:
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
         self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
+
+    def _send_text(self, chunk: str | None) -> None:
+        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent once written."""
+        if not chunk:
+            return
+        self.sender.send_json(protocol.text(chunk))
+        if self._timings["firstTokenMs"] is None:
+            self._timings["firstTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
+        self._sent += chunk
 
     def _play_entered_audio(self, turn: Turn) -> bool:
         """Once the turn has moved into a node with a recording: play it before that node's words."""
@@ -502,6 +528,7 @@ class RelaySession:
         """
         task, turn = self._reply, self._turn
         self._streaming = False
+        self._reply_stopped.set()
         if turn is not None:
             turn.cancel()
         if task is not None:

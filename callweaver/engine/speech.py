@@ -22,6 +22,7 @@ _CJK_RANGES = (
     (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
     (0x20000, 0x3FFFF),  # CJK Extensions B and later
 )
+_CJK_FIRST = min(low for low, _ in _CJK_RANGES)
 
 
 def fold(text: str) -> str:
@@ -29,14 +30,25 @@ def fold(text: str) -> str:
     return unicodedata.normalize("NFKC", text or "").casefold()
 
 
+class _WordCharacters(dict):
+    """Code point → what `speech_words` keeps of it: None (an apostrophe: dropped), a space (punctuation, symbols,
+    separators, controls: a word break) or the character. Filled in advance for the first code points (Latin and
+    its accents, the usual text); any other character is looked up each time, so the table never grows."""
+
+    def __missing__(self, code: int) -> str | None:
+        char = chr(code)
+        if char in APOSTROPHES:
+            return None
+        return " " if unicodedata.category(char)[0] in "PSZC" else char
+
+
+_WORD_CHARACTERS = _WordCharacters()
+_WORD_CHARACTERS.update({code: _WORD_CHARACTERS[code] for code in range(0x250)})
+
+
 def speech_words(text: str) -> list[str]:
     """Folded words: apostrophes removed, other punctuation, symbols and spaces (ASCII, CJK, emoji) as breaks."""
-    out: list[str] = []
-    for char in fold(text):
-        if char in APOSTROPHES:
-            continue
-        out.append(" " if unicodedata.category(char)[0] in "PSZC" else char)
-    return "".join(out).split()
+    return fold(text).translate(_WORD_CHARACTERS).split()
 
 
 def normalise_speech(text: str) -> str:
@@ -47,4 +59,5 @@ def normalise_speech(text: str) -> str:
 def is_cjk(char: str) -> bool:
     """True for a character of a script written without spaces (Chinese, Japanese kana) or Hangul."""
     code = ord(char)
-    return any(low <= code <= high for low, high in _CJK_RANGES)
+    # Most text is below the first range (Latin, Cyrillic, Arabic, Devanagari...): one comparison decides it.
+    return code >= _CJK_FIRST and any(low <= code <= high for low, high in _CJK_RANGES)

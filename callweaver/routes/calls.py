@@ -6,7 +6,7 @@ from twilio.base.exceptions import TwilioRestException
 
 from ..errors import ApiError, twilio_error_status
 from ..services import services
-from .common import FEATURES, base_url, body_params, twilio_params, twilio_webhook
+from .common import FEATURES, base_url, bind_call, body_params, twilio_params, twilio_webhook
 
 bp = Blueprint("calls", __name__)
 
@@ -14,6 +14,7 @@ bp = Blueprint("calls", __name__)
 def make_call():
     svc = services()
     started = svc.lifecycle.start_call(body_params(), path="traditional", base_url=base_url())
+    bind_call(started.record.tracking_id, started.placed.sid)
     svc.prepare_call(started.record.tracking_id)
     return jsonify(success=True, callSid=started.placed.sid,
                    message=f"Call initiated successfully to {started.placed.to}",
@@ -29,6 +30,7 @@ def make_call_optimized():
         return jsonify(success=False, error=str(exc.msg), code=exc.code,
                        optimization={"enabled": False, "fallbackUsed": True}), twilio_error_status(exc)
     record, placed = started.record, started.placed
+    bind_call(record.tracking_id, placed.sid)
     svc.prepare_call(record.tracking_id)  # cache warm-up while the phone rings; never blocks
     return jsonify(
         success=True, callSid=placed.sid, status=placed.status, to=placed.to, **{"from": placed.from_number},

@@ -105,9 +105,13 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
         log.warning("twilio_signature_rejected", path=request.path, tracking_id=tracking_id, call_sid=call_sid,
                     has_signature=bool(request.headers.get("X-Twilio-Signature")))
     elif tracking_id or call_sid:
-        structlog.contextvars.bind_contextvars(tracking_id=tracking_id or (record and record.tracking_id),
-                                               call_sid=call_sid)
+        bind_call(tracking_id or (record and record.tracking_id), call_sid)
     return ok, record
+
+
+def bind_call(tracking_id: str | None, call_sid: str | None) -> None:
+    """Every later log line of this request, and its access line, names the call it is about."""
+    structlog.contextvars.bind_contextvars(tracking_id=tracking_id, call_sid=call_sid)
 
 
 def forbidden() -> Response:

@@ -141,7 +141,8 @@ def check_setup(message: relay_protocol.Inbound | None, signed_tracking_id: str)
 def conversation_relay(ws):
     svc = services()
     claim: RelayClaim = g.relay_claim
-    session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn)
+    session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
+                           text_hold_s=svc.settings.relay_text_hold_ms / 1000)
     setup_deadline: float | None = time.monotonic() + svc.settings.relay_setup_timeout_s
     try:
         while True:

@@ -61,6 +61,11 @@ class Reply:
     def text(self) -> str:
         return "".join(self.tokens)
 
+    def first_words(self, count: int) -> str:
+        """The first `count` words received, as Twilio reports what a caller heard (`utteranceUntilInterrupt`):
+        a `text` frame may carry several words, and a caller may barge in after any of them."""
+        return " ".join(self.text.split()[:count])
+
 
 class RelayCaller:
     """Places a call through make-call-optimized and talks to CallWeaver the way Twilio would.
@@ -195,10 +200,12 @@ class RelayCaller:
         self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True})
         return sent
 
-    def say(self, text: str, lang: str = "en-US", *, stop_after_tokens: int | None = None) -> Reply:
-        """Speak one utterance and read the streamed reply until `last: true` (and a following `end`, if any)."""
+    def say(self, text: str, lang: str = "en-US", *, stop_after_tokens: int | None = None,
+            stop_after_words: int | None = None) -> Reply:
+        """Speak one utterance and read the streamed reply until `last: true` (and a following `end`, if any), or
+        until `stop_after_tokens` `text` frames or `stop_after_words` words have come."""
         reply = Reply(sent_at=self.prompt(text, lang))
-        return self.read_reply(reply, stop_after_tokens=stop_after_tokens)
+        return self.read_reply(reply, stop_after_tokens=stop_after_tokens, stop_after_words=stop_after_words)
 
     def speak(self, text: str, lang: str = "en-US", *, words_per_minute: float = NORMAL_WORDS_PER_MINUTE,
               end_of_speech_ms: float = END_OF_SPEECH_MS, final: str | None = None,
@@ -269,7 +276,8 @@ class RelayCaller:
                 held.append(msg)
         self._unread.extend(held)
 
-    def read_reply(self, reply: Reply, *, stop_after_tokens: int | None = None) -> Reply:
+    def read_reply(self, reply: Reply, *, stop_after_tokens: int | None = None,
+                   stop_after_words: int | None = None) -> Reply:
         while True:
             msg = self.recv()
             if msg is None:
@@ -289,6 +297,8 @@ class RelayCaller:
                 if reply.first_token_ms is None:
                     reply.first_token_ms = (now - reply.sent_at) * 1000
             if stop_after_tokens is not None and len(reply.tokens) >= stop_after_tokens:
+                return reply
+            if stop_after_words is not None and len(reply.text.split()) >= stop_after_words:
                 return reply
             if msg.get("last"):
                 reply.last_token_ms = (now - reply.sent_at) * 1000

@@ -128,10 +128,11 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
             text, barge_in = line.removesuffix(BARGE_IN).strip(), line.endswith(BARGE_IN)
             say(f"caller: {text}")
             if barge_in:
-                reply = caller.say(text, stop_after_tokens=BARGE_IN_AFTER_WORDS)
-                caller.interrupt("".join(reply.tokens).strip())
+                reply = caller.say(text, stop_after_words=BARGE_IN_AFTER_WORDS)
+                heard = reply.first_words(BARGE_IN_AFTER_WORDS)
+                caller.interrupt(heard)
                 caller.drain()
-                say(f"agent:  {reply.text.strip()} … (the caller barged in here)")
+                say(f"agent:  {heard} … (the caller barged in here)")
             else:
                 reply = caller.say(text)
                 say(f"agent:  {reply.text}")

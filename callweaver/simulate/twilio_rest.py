@@ -21,6 +21,10 @@ class TwilioRequest:
     params: dict[str, list[str]]
     account_sid: str | None
     auth_ok: bool
+    headers: dict[str, str] = field(default_factory=dict)  # as received (names as sent)
+    body: str = ""                                          # the raw form body
+    target: str = ""                                        # the request line's target, as sent
+    client_port: int = 0                                    # one port for requests on one kept-alive connection
 
     def one(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -83,7 +87,8 @@ class TwilioRestStandIn:
                 if auth.startswith("Basic "):
                     sid, _, token = base64.b64decode(auth[6:]).decode().partition(":")
                 auth_ok = sid == fake.account_sid and token == fake.auth_token
-                req = TwilioRequest(method, parts.path, params, sid, auth_ok)
+                req = TwilioRequest(method, parts.path, params, sid, auth_ok, headers=dict(self.headers.items()),
+                                    body=raw, target=self.path, client_port=self.client_address[1])
                 with fake._lock:
                     fake.requests.append(req)
                 if not auth_ok:

@@ -1,0 +1,101 @@
+"""How a reply's text is cut into `text` frames, and when its stream is read: every token at once until the
+reply's first clause or sentence ends; then the following tokens coalesced into one frame per clause (or per
+`hold_s`); once the first sentence is out and the caller has plenty of speech queued, the stream is read in
+batches `hold_s` apart instead of waking for every token.
+
+Why this does not change what the caller hears: the first audio is the critical path, and it starts with the
+reply's first clause, which goes out token by token exactly as before. Twilio synthesises speech per sentence
+(docs/twilio.md, "TTS latency is measured per sentence"), so a clause that is still incomplete cannot be spoken
+anyway: holding its words until the clause ends costs nothing, and a token that ends a clause or a sentence is
+never held — it leaves with the words before it the moment it is read. No clause of the first sentence is read
+late. After the first sentence, the LLM writes far faster than a voice speaks (~50 tokens/s against ~3 words/s):
+while the text already sent takes longer to speak than `PACE_LEAD_FACTOR` × `hold_s` beyond now (counted at a
+fast speaking rate, from when the first sentence was sent), reading the rest up to `hold_s` later leaves no gap
+in the audio. Each frame saved is a socket write less, and each batch read is a wake-up of the worker less.
+
+The frames' texts concatenated are byte for byte the tokens concatenated (spaces kept, nothing trimmed, nothing
+reordered). Held text is not sent until it is returned here: a barge-in or cancellation drops it, so what was
+sent (and is stored as heard) never includes it. There is no timer: the time bound is checked when a token is
+read (a timer would cost the CPU this saves).
+"""
+from __future__ import annotations
+
+import re
+
+# Ends a clause or a sentence: Latin, CJK (full-width), Arabic, Urdu and Devanagari punctuation, and line breaks.
+CLAUSE_END = re.compile(r"[.!?,;:\u2026\n\u3002\uff01\uff1f\uff0c\uff1b\uff1a\u3001\u061f\u060c\u06d4\u0964]")
+SENTENCE_END = re.compile(r"[.!?\u2026\n\u3002\uff01\uff1f\u061f\u06d4\u0964]")
+# Faster than any voice speaks (~15 characters/s is usual): the queued speech is never overestimated.
+FAST_SPEECH_CHARS_PER_S = 25.0
+# Batched reads only while the speech already sent outlasts now by this many hold periods.
+PACE_LEAD_FACTOR = 4.0
+# A read that returned sooner than this found the token already buffered (it never waited for the network).
+WAITED_S = 0.002
+
+
+class ReplyText:
+    """One reply's text on its way to Twilio; `hold_s` 0 sends one frame per token and reads every token at once."""
+
+    __slots__ = ("hold_s", "_coalescing", "_held", "_held_since", "_speaking_from", "_chars_sent", "_batch", "_waited")
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self._coalescing = False  # set once the first clause or sentence has ended
+        self._held: list[str] = []
+        self._held_since = 0.0
+        self._speaking_from: float | None = None  # when the first sentence was sent: the earliest audio can play
+        self._chars_sent = 0
+        self._batch = False  # reading what arrived during a pause
+        self._waited = False  # the last token read waited for the network (the stream is slower than we are)
+
+    def add(self, token: str, now: float, waited: bool = True) -> str | None:
+        """The text to send now for a new non-empty token (it may carry held tokens before it), or None: held.
+
+        `waited`: reading this token waited for the network (False: it was already buffered, more may be)."""
+        self._waited = waited
+        if not self._coalescing:
+            if self.hold_s > 0 and CLAUSE_END.search(token):
+                self._coalescing = True
+            return self._sent(token, now)
+        if not self._held:
+            self._held_since = now
+        self._held.append(token)
+        if self._batch:
+            if not waited:
+                return None  # more of what arrived during the pause is probably buffered: read it first
+            self._batch = False  # the batch is read; this token came from the network
+            return self._sent(self._take(), now)
+        if now - self._held_since >= self.hold_s or CLAUSE_END.search(token):
+            return self._sent(self._take(), now)
+        return None
+
+    def take(self, now: float) -> str:
+        """Everything held, now (the reply ended, or something else must follow its words); "" when nothing is."""
+        self._batch = False
+        return self._sent(self._take(), now) if self._held else ""
+
+    def pause_s(self, now: float) -> float:
+        """How long to wait before reading on: `hold_s` after a frame, while the caller has enough speech queued
+        and the stream is slower than we are (a cached reply, all in memory, is never paused)."""
+        if self._speaking_from is None or self._held or self.hold_s <= 0 or not self._waited:
+            return 0.0
+        queued_s = self._speaking_from + self._chars_sent / FAST_SPEECH_CHARS_PER_S - now
+        if queued_s < PACE_LEAD_FACTOR * self.hold_s:
+            return 0.0
+        self._batch = True
+        return self.hold_s
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
+
+    def _take(self) -> str:
+        text = "".join(self._held)
+        self._held.clear()
+        return text
+
+    def _sent(self, text: str, now: float) -> str:
+        self._chars_sent += len(text)
+        if self._speaking_from is None and SENTENCE_END.search(text):
+            self._speaking_from = now
+        return text
