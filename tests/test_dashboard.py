@@ -166,7 +166,8 @@ def seed_realistic_traffic(store, now: float, third_call_node: str = "contact_de
     for minute in range(10):
         bucket_start = (now - 600) // 60 * 60 + 60 * (minute + 1)
         for turn_no in range(6):
-            at = min(now - 1, bucket_start + 5 + turn_no * 8 + rng.randint(0, 3))
+            # never before its bucket: in the first second of a minute `now - 1` is still in the previous one
+            at = max(bucket_start, min(now - 1, bucket_start + 5 + turn_no * 8 + rng.randint(0, 3)))
             cache_hit = turn_no == 0 and minute % 2 == 0
             failover = minute == 4 and turn_no == 3
             apology = minute == 7 and turn_no == 5
@@ -193,7 +194,7 @@ def seed_realistic_traffic(store, now: float, third_call_node: str = "contact_de
             first_token_ms["optimized"].append(first)
             buckets.add(int(at // 60 * 60))
         if minute % 2 == 1 or minute == 9:
-            at = min(now - 1, bucket_start + 30 + rng.randint(0, 9))
+            at = max(bucket_start, min(now - 1, bucket_start + 30 + rng.randint(0, 9)))
             first = float(rng.randint(1150, 1520))
             store.append_turn("trad_live_1", {
                 "path": "traditional", "source": "llm", "cacheHit": False, "provider": "azure",
