@@ -146,7 +146,6 @@ class PooledTwilioHttpClient(HttpClient):
         response = self._exchange(parts, head + b"\r\n" + body, method, timeout)
         if self.logger.isEnabledFor(logging.INFO):
             self.log_response(response.status_code, response)
-        self._test_only_last_response = response
         return response
 
     def _exchange(self, parts: Any, request: bytes, method: str, timeout: float | None) -> Response:
