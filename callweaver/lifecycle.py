@@ -16,6 +16,7 @@ from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageTable
 from .engine.workflow import Workflow, WorkflowError
+from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
@@ -95,6 +96,7 @@ class CallLifecycle:
         self.twilio = twilio
         self.languages = languages
         self.credential_box = CredentialBox(settings.secret_key or "callweaver-dev-only")
+        self.workflows = ValidatedWorkflows()  # the flows of recent make-calls, parsed once per flow
 
     # ---- credentials -------------------------------------------------------------------
     def request_credentials(self, body: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -224,8 +226,7 @@ class CallLifecycle:
         if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():
             return default_workflow()  # the original placed such calls with a generic prompt
         try:
-            workflow = Workflow.from_payload(dict(body))
-            workflow.validate()
+            workflow = self.workflows.get(body)
         except WorkflowError as exc:
             raise CallRequestError("Invalid workflow: " + "; ".join(exc.problems), problems=exc.problems)
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

@@ -895,3 +895,51 @@ def test_workflow_module_imports_nothing_from_flask():
     assert "flask" not in imported
     assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "math", "re", "unicodedata", "collections",
                         "dataclasses", "typing"}
+
+
+# ---- validated workflows shared by the calls of one flow (issue 12i) -----------------------------------------
+
+def test_payload_fields_are_every_field_the_parser_reads(real_estate_payload):
+    from callweaver.engine.workflow.parse import PAYLOAD_FIELDS, workflow_from_payload
+
+    class Recording(dict):
+        read: set = set()
+
+        def get(self, key, default=None):
+            self.read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    body = Recording({**real_estate_payload, "language": "en-US", "name": "Flow", "to": "+15551234567"})
+    workflow_from_payload(body)
+    assert {"nodes", "edges", "config"} <= Recording.read <= set(PAYLOAD_FIELDS)  # a field read but not in the key would share a stale flow
+
+
+def test_calls_of_one_flow_share_one_validated_workflow(real_estate_payload):
+    from callweaver.engine.workflow.parse import ValidatedWorkflows
+
+    flows = ValidatedWorkflows(limit=2)
+    first = flows.get({**real_estate_payload, "to": "+15551234567", "timeout": 30})
+    again = flows.get({**copy.deepcopy(real_estate_payload), "to": "+15557654321"})
+    assert again is first  # only the flow's own fields make the key
+    assert first.version_hash == Workflow.from_payload(real_estate_payload).version_hash
+    changed = copy.deepcopy(real_estate_payload)
+    changed["globalPrompt"] = (changed.get("globalPrompt") or "") + " Be brief."
+    other = flows.get(changed)
+    assert other is not first and other.global_prompt.endswith("Be brief.")
+    flows.get({"globalPrompt": "A third flow"})
+    assert flows.get(real_estate_payload) is not first  # bounded: the least recently used flow was dropped
+
+
+def test_a_workflow_with_problems_is_refused_every_time_and_never_kept():
+    from callweaver.engine.workflow.parse import ValidatedWorkflows
+
+    flows = ValidatedWorkflows()
+    broken = {"nodes": [{"id": "a", "type": "conversationNode", "data": {}}], "edges": []}
+    for _ in range(2):
+        with pytest.raises(WorkflowError):
+            flows.get(broken)
+    assert len(flows) == 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import re
+from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
 from .conditions import as_number
@@ -23,6 +26,45 @@ _NODE_KINDS: dict[str, str] = {
 _PHONE_SEPARATORS_RE = re.compile(r"[\s().\-]")
 _PROVIDER_SUB_CONFIG = {"azure_openai": "azure", "azure": "azure", "openai": "openai",
                         "anthropic": "anthropic", "google_palm": "google"}
+
+
+# Every field of an export or make-call body that `workflow_from_payload` reads (a test holds it to that).
+PAYLOAD_FIELDS = ("config", "nodes", "edges", "variables", "globalPrompt", "language", "name", "workflowId")
+
+
+class ValidatedWorkflows:
+    """Validated Workflows by the content of the body fields they were parsed from, shared by the calls of one flow.
+
+    The web app sends the whole flow with every make-call; parsing, validating and snapshotting it again for each
+    call of the same flow was most of make-call's own work. A Workflow is immutable, so calls can share it. The key
+    is a sha256 of those fields as JSON (a body's `to` or `timeout` never matter); a body whose fields come in
+    another order is a miss, never a wrong hit. Held by the worker's services, at most `limit` flows, least
+    recently used first out. A workflow with problems is never kept: it raises WorkflowError each time."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self._by_key: OrderedDict[bytes, Workflow] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, payload: Mapping) -> Workflow:
+        """`payload`'s workflow, parsed and validated (raises WorkflowError listing its problems)."""
+        fields = [payload.get(name) for name in PAYLOAD_FIELDS]
+        # The standard library's JSON: NaN stays NaN (orjson would write null, the same key as a real null).
+        key = hashlib.sha256(json.dumps(fields, ensure_ascii=False, separators=(",", ":"),
+                                        check_circular=False).encode("utf-8", "surrogatepass")).digest()
+        workflow = self._by_key.get(key)
+        if workflow is not None:
+            self._by_key.move_to_end(key)
+            return workflow
+        workflow = workflow_from_payload(dict(zip(PAYLOAD_FIELDS, fields)))
+        workflow.validate()
+        workflow.version_hash  # noqa: B018  (computed once here, shared by every call of the flow)
+        self._by_key[key] = workflow
+        while len(self._by_key) > self.limit:
+            self._by_key.popitem(last=False)
+        return workflow
 
 
 def workflow_from_payload(payload: Mapping) -> Workflow:
