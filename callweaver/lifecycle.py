@@ -314,8 +314,11 @@ class CallLifecycle:
             # Only the secrets go: the meta keys other writers set meanwhile stay (merged inside the store).
             self.store.update_meta(record.tracking_id, remove=["llm"])
             self.store.update_call(record.tracking_id, credentials=None)
-        log.info("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
-                 status=status, sequence=sequence, current=current)
+        # The call's end and any callback out of order are an operator's business; the steps on the way
+        # (initiated, ringing, in-progress) are in the status history and each has its access line.
+        report = log.info if status in TERMINAL_STATUSES or not current else log.debug
+        report("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
+               status=status, sequence=sequence, current=current)
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
             self.on_call_ended(record.tracking_id)
         return current

@@ -59,16 +59,19 @@ def body_params() -> dict[str, Any]:
 
 
 def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, iteratively (deep input must not exhaust the stack)."""
+    """Nesting depth of parsed JSON, iteratively (deep input must not exhaust the stack). json.loads builds only
+    exact dicts and lists, so exact type checks suffice, and only containers are visited."""
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, level)
-            if level <= MAX_JSON_DEPTH:
-                stack.extend((child, level + 1) for child in item if isinstance(child, (dict, list)))
+        kind = type(item)
+        if kind is not dict and kind is not list:
+            continue
+        if level > deepest:
+            deepest = level
+        if level <= MAX_JSON_DEPTH:
+            stack.extend((child, level + 1) for child in (item.values() if kind is dict else item)
+                         if type(child) is dict or type(child) is list)
     return deepest
 
 

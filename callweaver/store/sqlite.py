@@ -377,13 +377,15 @@ class SQLiteStore:
         """Record a Twilio status callback; Twilio may deliver out of order, so SequenceNumber wins."""
         received_at = time.time() if received_at is None else float(received_at)
         with self._write() as conn:
+            # Only the two values the decision needs leave SQLite, and the write edits the stored JSON in C
+            # (json_set): the record is never decoded or re-encoded by Python (one write per callback).
             row = conn.execute(
-                "SELECT data FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+                "SELECT json_extract(data, '$.status_sequence'), json_extract(data, '$.ended_at') FROM cw_calls"
+                " WHERE tracking_id = ?", (tracking_id,)
             ).fetchone()
             if row is None:
                 return False
-            data = _loads(row[0])
-            current_sequence = int(data.get("status_sequence", -1))
+            current_sequence = -1 if row[0] is None else int(row[0])
             sequence = current_sequence + 1 if sequence is None else int(sequence)
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO cw_statuses"
@@ -393,14 +395,23 @@ class SQLiteStore:
             if not inserted:
                 return False  # a retried callback: already recorded
             became_current = sequence > current_sequence
+            ends_now = status in TERMINAL_STATUSES and row[1] is None
+            # Times go in as JSON text (json(?)): SQLite would print a REAL with 15 digits, Python's float round-trips.
+            paths, params = ["'$.updated_at', json(?)"], [_dumps(time.time())]
             if became_current:
-                data["status"] = status
-                data["status_sequence"] = sequence
-            if status in TERMINAL_STATUSES and data.get("ended_at") is None:
-                data["ended_at"] = received_at
+                paths += ["'$.status', ?", "'$.status_sequence', ?"]
+                params += [status, sequence]
+            if ends_now:
+                paths.append("'$.ended_at', json(?)")
+                params.append(_dumps(received_at))
+            conn.execute(
+                f"UPDATE cw_calls SET data = json_set(data, {', '.join(paths)}),"
+                " status = CASE WHEN ? THEN ? ELSE status END, ended_at = COALESCE(ended_at, ?)"
+                " WHERE tracking_id = ?",
+                (*params, became_current, status, received_at if ends_now else None, tracking_id),
+            )
+            if ends_now:
                 _count_call_ended(conn, status)
-            data["updated_at"] = time.time()
-            self._write_data(conn, tracking_id, data)
         return became_current
 
     def status_history(self, tracking_id: str) -> list[dict]:
