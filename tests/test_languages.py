@@ -403,3 +403,24 @@ def test_languages_module_does_not_import_flask():
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert "flask" not in imported
+
+
+@pytest.mark.parametrize("code", ["en-US", "es-ES", "yue-HK"])
+def test_prebuilt_language_elements_serialise_as_freshly_built_ones(code):
+    """The <Language> elements a worker builds once per home language (routes/twiml.py) give the same TwiML, byte
+    for byte, as building them per call, also when two responses nest the same elements."""
+    from callweaver.routes.twiml import RelayLanguageDeclarations
+
+    home = TABLE.get(code)
+    declarations = RelayLanguageDeclarations(TABLE)
+    targets, elements = declarations.for_home(home)
+    assert targets == TABLE.switch_targets(home) and declarations.for_home(home)[1] is elements
+
+    def response(nest_prebuilt: bool) -> str:
+        vr = VoiceResponse()
+        relay = vr.connect().conversation_relay(url="wss://example.test/ws", **home.relay_kwargs())
+        for target, element in zip(targets, elements):
+            relay.nest(element) if nest_prebuilt else relay.language(**target.language_element_kwargs())
+        return str(vr)
+
+    assert response(True) == response(True) == response(False)
