@@ -78,7 +78,7 @@ class Settings:
     blocked_destination_prefixes: tuple[str, ...] = DEFAULT_BLOCKED_DESTINATION_PREFIXES
     record_calls: bool = False
     call_timeout_s: int = 30
-    # Abuse limits (flask-limiter notation) and operator surfaces
+    # Abuse limits (the `limits` notation: "30 per minute", "10/second") and operator surfaces
     rate_limit_make_call: str = "30 per minute"
     rate_limit_chat: str = "60 per minute"
     rate_limit_end_call: str = "60 per minute"

@@ -143,5 +143,5 @@ def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level, logging.INFO))
-    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client", "flask-limiter"):
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "twilio.http_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
