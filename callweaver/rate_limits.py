@@ -15,7 +15,7 @@ import time
 from typing import Callable
 
 import structlog
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, make_response, request
 from limits import RateLimitItem, parse, parse_many
 from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
@@ -76,7 +76,7 @@ class RateLimits:
             service = (KEY_PREFIX, "service", DAILY_SCOPE)
             if not self.windows.test(self.daily, *service):
                 return self._refuse(self.daily, service, self.daily_message)
-            response = current_response(view(*args, **kwargs))
+            response = make_response(view(*args, **kwargs))  # its status decides whether a call was placed
             if response.status_code < 400:
                 self.windows.hit(self.daily, *service)
             return response
@@ -92,15 +92,9 @@ class RateLimits:
         return response, 429
 
 
-def current_response(answer) -> Response:  # noqa: ANN001  (anything a Flask view may return)
-    """A view's return value as the Response Flask will send (its status decides the daily cap's deduction)."""
-    from flask import make_response
-    return make_response(answer)
-
-
 def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
     """Wrap the limited views (after the blueprints are registered); nothing else is touched."""
-    limits = RateLimits(settings)
+    rate_limits = RateLimits(settings)
     per_client = {  # scope: (variable, limit, endpoints sharing it)
         "make-call": ("RATE_LIMIT_MAKE_CALL", settings.rate_limit_make_call,
                       ("calls.make_call", "calls.make_call_optimized")),
@@ -109,10 +103,10 @@ def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:
-            app.view_functions[endpoint] = limits.limited(app.view_functions[endpoint], scope, variable, limit,
-                                                          daily_cap=scope == "make-call")
-    app.extensions["callweaver.rate_limits"] = limits
-    return limits
+            app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit,
+                                                               daily_cap=scope == "make-call")
+    app.extensions["callweaver.rate_limits"] = rate_limits
+    return rate_limits
 
 
 class SQLiteLimitStorage(Storage, MovingWindowSupport):
