@@ -44,7 +44,12 @@ class LockedSender:
         with self._lock:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
-            self.ws.sock.sendall(frame)
+            sock = self.ws.sock
+            # One send() takes a whole small frame at once; gevent's sendall() would first ask the kernel for the
+            # send buffer size (a getsockopt per frame) and run its chunking loop.
+            sent = sock.send(frame)
+            if sent < len(frame):
+                sock.sendall(memoryview(frame)[sent:])
 
 
 class RelayClaim:
