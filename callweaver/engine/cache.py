@@ -166,12 +166,9 @@ def _echoes_proper_names(utterance: str, reply_text: str) -> bool:
     """A reply that repeats a capitalised word the caller said (a name, a street) carries that caller's details."""
     if not utterance:
         return False
-    words = _WORD.findall(utterance)
-    names = {w.casefold() for i, w in enumerate(words) if i > 0 and len(w) >= 2 and w[0].isupper()
-             and w.casefold() not in {"i", "i'm", "i'd", "i'll"}}
-    if not names:
-        return False
-    return any(w.casefold() in names for w in _WORD.findall(reply_text))
+    replied = {w.casefold() for w in _WORD.findall(reply_text)}  # the reply is short; the callers' words grow
+    return any(i > 0 and len(w) >= 2 and w[0].isupper() and (folded := w.casefold()) in replied
+               and folded not in {"i", "i'm", "i'd", "i'll"} for i, w in enumerate(_WORD.findall(utterance)))
 
 
 class ReplyCache:
