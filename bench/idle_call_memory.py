@@ -118,6 +118,14 @@ def summary_table(results: dict[str, dict]) -> str:
         ["worker RSS before the calls (MiB)", *(cell(k, lambda r: f"{r['before']['rss_kib'] / 1024:.1f}") for k in SERVERS)],
         ["worker RSS with the calls idle (MiB)", *(cell(k, lambda r: f"{r['during']['rss_kib'] / 1024:.1f}") for k in SERVERS)],
         ["**RSS per idle call (KiB)**", *(cell(k, lambda r: f"**{per_call(r, 'rss_kib'):.1f}**") for k in SERVERS)],
+        ["RSS per idle call once glibc returned its free memory (malloc_trim; KiB)",
+         *(cell(k, lambda r: f"{per_call(r, 'rss_trimmed_kib'):.1f}" if r["during"]["rss_trimmed_kib"] else "—")
+           for k in SERVERS)],
+        ["  pymalloc arenas (1 MiB each) per call (KiB)", *(cell(k, lambda r: pym(r, "arenas", 1024)) for k in SERVERS)],
+        ["  in them: live small objects per call (KiB)", *(cell(k, lambda r: pym(r, "allocated")) for k in SERVERS)],
+        ["  in them: free blocks of partly used pools per call (KiB)",
+         *(cell(k, lambda r: pym(r, "available")) for k in SERVERS)],
+        ["  in them: unused pools per call (KiB)", *(cell(k, lambda r: pym(r, "unused_pools")) for k in SERVERS)],
         ["Python allocations still held per call (KiB, tracemalloc)",
          *(cell(k, lambda r: f"{r['top']['total_bytes_per_call'] / 1024:.1f}") for k in SERVERS)],
         ["greenlets per call", *(cell(k, lambda r: f"{per_call(r, 'greenlets'):.2f}") for k in SERVERS)],
@@ -125,6 +133,14 @@ def summary_table(results: dict[str, dict]) -> str:
         ["gc-tracked objects per call", *(cell(k, lambda r: f"{sum_types(r) / r['connected']:.0f}") for k in SERVERS)],
     ]
     return markdown_table(["per idle call", *(LABELS[k] for k in SERVERS)], rows)
+
+
+def pym(result: dict, key: str, scale_kib: float = 1 / 1024) -> str:
+    """A pymalloc figure's growth per idle call, in KiB (`scale_kib`: KiB per unit)."""
+    before, during = result["before"]["pymalloc"].get(key), result["during"]["pymalloc"].get(key)
+    if before is None or during is None or not result["connected"]:
+        return "—"
+    return f"{(during - before) * scale_kib / result['connected']:.1f}"
 
 
 def type_deltas(result: dict) -> dict[str, float]:

@@ -23,6 +23,48 @@ def rss_kib() -> int:
     return 0
 
 
+def trimmed_rss_kib() -> int | None:
+    """RSS once glibc has handed its free heap memory back (malloc_trim): what the allocator keeps but nobody uses
+    is the difference to the plain RSS. None off glibc."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return None
+    return rss_kib()
+
+
+PYMALLOC_LINES = {"# arenas allocated current": "arenas", "# bytes in allocated blocks": "allocated",
+                  "# bytes in available blocks": "available"}
+
+
+def pymalloc_stats() -> dict[str, int]:
+    """pymalloc's own account (sys._debugmallocstats, which writes to fd 2): arenas held, bytes in live small blocks,
+    bytes in free blocks of partly used pools (fragmentation)."""
+    import os
+    import re
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out:
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read()
+    stats = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        name = PYMALLOC_LINES.get(key.strip())
+        if name:
+            stats[name] = int(re.sub(r"[^0-9]", "", value))
+    stats["unused_pools"] = sum(int(m.group(1)) * int(m.group(2)) for m in
+                                re.finditer(r"^(\d+) unused pools \* (\d+) bytes", text, re.M))
+    return stats
+
+
 def type_counts() -> dict[str, int]:
     """gc-tracked objects by type (containers: dicts, lists, instances, frames, greenlets; not str/bytes/int)."""
     counts: collections.Counter = collections.Counter()
@@ -72,7 +114,8 @@ def answer(command: dict) -> dict:
     if cmd == "counts":
         from greenlet import greenlet
         greenlets = sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
-        return {"rss_kib": rss_kib(), "types": type_counts(), "greenlets": greenlets,
+        rss = rss_kib()
+        return {"rss_kib": rss, "rss_trimmed_kib": trimmed_rss_kib(), "pymalloc": pymalloc_stats(), "types": type_counts(), "greenlets": greenlets,
                 "threads": threading.active_count(), "gc_frozen": gc.get_freeze_count()}
     if cmd == "trace_start":
         tracemalloc.start(int(command.get("frames", 30)))
