@@ -146,6 +146,8 @@ def answer(command: dict) -> dict:
             "packages": [[pkg, per(size)] for pkg, size in by_package.most_common(limit)],
             "app_frames": [[app, per(size)] for app, size in by_app.most_common(limit)],
         }
+    if cmd == "stacks":
+        return {"stacks": waiting_stacks(int(command.get("samples", 2)))}
     if cmd == "sockets":
         return {"sockets": socket_peers()}
     return {"error": f"unknown command {cmd!r}"}
@@ -163,3 +165,18 @@ def socket_peers() -> dict[str, int]:
             except (OSError, IndexError, TypeError):
                 counts["unconnected or closed"] += 1
     return dict(counts)
+
+
+def waiting_stacks(samples: int) -> list[list[str]]:
+    """The Python frames of a few idle greenlets, innermost last (how deep each call's greenlets wait)."""
+    from greenlet import greenlet
+    stacks: dict[tuple, list[str]] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, greenlet) and obj.gr_frame is not None:
+            frames, frame = [], obj.gr_frame
+            while frame is not None:
+                frames.append(f"{short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}")
+                frame = frame.f_back
+            key = tuple(f.split(":")[0] for f in frames)
+            stacks.setdefault(key, frames[::-1])
+    return sorted(stacks.values(), key=len, reverse=True)[:samples * 4]

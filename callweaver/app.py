@@ -83,9 +83,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_cli(app)
     from .rate_limits import init_rate_limits
     init_rate_limits(app, settings)
+    # Its bound __call__, not the instance: calling an instance re-enters the interpreter from C, and every live
+    # call's request greenlet would keep that deeper C stack while it waits (bench/idle_call_memory.py).
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
         app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
-        max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops)
+        max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops,
+    ).__call__
     # Last, once every route is compiled: warm_up starts an OS thread, and on CPython 3.11 `ast.parse` in two threads
     # at once (werkzeug compiles each URL rule with it; a traceback's caret anchors use it) raises "AST constructor
     # recursion depth mismatch" (python/cpython#106905), which tests/test_warm_up.py hit.
