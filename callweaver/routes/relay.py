@@ -33,7 +33,7 @@ CLOSE_POLICY_VIOLATION = 1008
 
 class LockedSender:
     """Serialised, complete frame writes: simple-websocket's send() may write part of a frame to a slow
-    reader and interleave frames across greenlets, so frames are built under a lock and written with sendall."""
+    reader and interleave frames across greenlets, so frames are built whole and written under a lock, completely."""
 
     __slots__ = ("ws", "_lock")  # one per live call
 
