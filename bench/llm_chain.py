@@ -63,6 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     roots = [str(Path(root).resolve()) for root in (args.root or [REPO])]
     sys.path.insert(0, str(REPO))
+    from bench.report import markdown_table
     from bench.stack import FakeLLMProcess
 
     llm = FakeLLMProcess().start()
@@ -77,14 +78,12 @@ def main() -> int:
         llm.stop()
     print(f"{args.streams} concurrent streams × {args.turns} turns, {args.rounds} alternating rounds per root "
           f"(median shown); fake LLM TTFT {llm.ttft_ms:g} ms, {llm.token_interval_ms:g} ms/token\n")
-    print("| root | CPU per turn (µs), median | rounds (µs) | turns | failed |\n|---|---|---|---|---|")
-    first = None
-    for root, rounds in results.items():
-        median = statistics.median(r["us_per_turn"] for r in rounds)
-        first = first or median
-        print(f"| {root} | {median:.0f} ({median / first:.2f}×) | "
-              f"{', '.join('%.0f' % r['us_per_turn'] for r in rounds)} | {sum(r['turns'] for r in rounds)} | "
-              f"{sum(r['failed'] for r in rounds)} |")
+    medians = {root: statistics.median(r["us_per_turn"] for r in rounds) for root, rounds in results.items()}
+    first = medians[roots[0]]
+    print(markdown_table(["root", "CPU per turn (µs), median", "rounds (µs)", "turns", "failed"], [
+        [root, f"{medians[root]:.0f} ({medians[root] / first:.2f}×)",
+         ", ".join(f"{r['us_per_turn']:.0f}" for r in rounds), sum(r["turns"] for r in rounds),
+         sum(r["failed"] for r in rounds)] for root, rounds in results.items()]))
     return 0
 
 
