@@ -71,7 +71,9 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log_path.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/ping", timeout=1) as r:
+                # Once the port listens, the answer is awaited however slow the start (a CPU quota): a client
+                # timeout would cut a slow first answer short and add its own retry delay to ready_s.
+                with urllib.request.urlopen(self.url + "/ping", timeout=max(1.0, deadline - time.monotonic())) as r:
                     if r.status == 200 and len(self.worker_pids()) >= self.workers:
                         self.ready_s = time.monotonic() - self.started_at
                         return self._wait_until_loaded(deadline)
