@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     quota = f", {args.cpu_quota} CPU quota" if args.cpu_quota else ""
     print(f"### Cold start: process → first answers, 1 gevent worker{quota}, {args.runs} starts per checkout\n")
     print(f"{machine_summary()}; server interpreter {args.python} ({distributions(args.python)} installed "
-          f"distributions, which gevent's monkey-patching reads 25 times). Command: `python -m bench.cold_start {' '.join(argv or sys.argv[1:])}`\n")
+          f"distributions, which gevent's monkey-patching reads 25 times). "
+          f"Command: `python -m bench.cold_start {' '.join(argv or sys.argv[1:])}`\n")
     names = [*PROBES, LOADED]
     rows = []
     for root, runs in samples.items():

@@ -3,9 +3,10 @@
 
 Why: on Render's free plan (0.1 CPU) a worker's imports (Flask, the SDKs, the app's own modules) take seconds, and
 the web app's wake-up `GET /health` (a browser's cross-origin request) and Render's health check need only an
-honest 200, with the CORS headers the app would give (callweaver/cors.py, the policy both use). So the imports run in an OS
-thread (the gevent hub keeps answering meanwhile), then the app is built on the hub itself (Flask's route compilation
-and the store's clients belong to the worker's own thread), then its SDK clients as before (Services.warm_up).
+honest 200, with the CORS headers the app would give (callweaver/cors.py, the policy both use). So the imports run
+in an OS thread (the gevent hub keeps answering meanwhile), then the app is built on the hub itself (Flask's route
+compilation and the store's clients belong to the worker's own thread), then its SDK clients as before
+(Services.warm_up).
 Nothing is deferred into a call: a call's first request waits here until the app has loaded.
 
 Import-light on purpose: it must answer before Flask is imported."""
@@ -164,7 +165,8 @@ def _cors_request_headers(environ: dict) -> dict[str, str]:
     return {name: environ[key] for key, name in CORS_REQUEST_HEADERS.items() if key in environ}
 
 
-def _json(start_response: Callable, status: str, body: dict, extra: list[tuple[str, str]] = ()) -> list[bytes]:
+def _json(start_response: Callable, status: str, body: dict,
+          extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     data = json.dumps(body, separators=(",", ":")).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
                             ("Cache-Control", "no-store"), *extra])
