@@ -21,7 +21,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (after patch_all)
-import http.client  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -33,13 +32,12 @@ from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 
-from bench.relay import cpu_quota  # noqa: E402
+from bench.relay import WEB_APP_ORIGIN, cpu_quota  # noqa: E402
 from bench.report import machine_summary, markdown_table, progress  # noqa: E402
 from bench.stack import compile_sources, server_env  # noqa: E402
 from callweaver.boot import APP_LOADED  # noqa: E402
-from callweaver.simulate.live_server import free_port, stop_process  # noqa: E402
+from callweaver.simulate.live_server import first_200, free_port, stop_process  # noqa: E402
 
-WEB_APP_ORIGIN = "https://kimiya-ai.vercel.app"  # the deployed web app (one of CORS_ORIGINS' defaults)
 UNUSED_URL = "http://127.0.0.1:9"  # the LLM and Twilio are never called during a cold start
 PROBES = {
     "first /ping 200": ("/ping", {}),
@@ -76,32 +74,6 @@ def server_cpu_s(pid: int) -> tuple[float, float]:
     except OSError:
         workers = []
     return process_cpu_s(pid), sum(process_cpu_s(w) for w in workers)
-
-
-def readable_by_the_page(headers: dict[str, str], origin: str | None) -> bool:
-    return origin is None or headers.get("access-control-allow-origin") in (origin, "*")
-
-
-def first_200(port: int, path: str, headers: dict[str, str], started: float, deadline: float) -> float | None:
-    """Seconds from `started` to this request's first 200 the sender may read; it connects as soon as the port
-    listens and waits for the answer however long it takes."""
-    while time.monotonic() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=max(0.1, deadline - time.monotonic()))
-        try:
-            conn.request("GET", path, headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            got = {k.lower(): v for k, v in resp.getheaders()}
-            if resp.status == 200 and readable_by_the_page(got, headers.get("Origin")):
-                return time.monotonic() - started
-            gevent.sleep(0.05)
-        except ConnectionRefusedError:
-            gevent.sleep(0.005)  # not listening yet
-        except OSError:
-            gevent.sleep(0.05)
-        finally:
-            conn.close()
-    return None
 
 
 def one_start(root: Path, wrap: list[str], data_dir: Path, timeout_s: float, python: str) -> Sample:
