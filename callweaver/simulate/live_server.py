@@ -120,7 +120,7 @@ class LiveServer:
         """Each worker answers /ping and /health while its app loads (callweaver/boot.py); callers expect the app
         itself, so wait until every worker has logged that it is loaded (a baseline app given by gunicorn_args
         loads before it listens)."""
-        if self.gunicorn_args != DEFAULT_GUNICORN_ARGS:
+        if DEFAULT_GUNICORN_ARGS[-1] not in self.gunicorn_args:
             self.loaded_s = self.ready_s
             return self
         while time.monotonic() < deadline:
