@@ -64,11 +64,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
-    # `*` with credentials would let any page act with a visitor's cookies; browsers refuse it anyway.
-    CORS(app, origins="*" if settings.cors_any_origin else list(settings.cors_origins),
-         supports_credentials=not settings.cors_any_origin, send_wildcard=settings.cors_any_origin,
-         methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-         allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
+    # The one CORS policy (callweaver/cors.py), which the worker's loader also answers with while the app loads.
+    CORS(app, **settings.cors.flask_cors_options())
     # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader.
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes,
                                          "thread_class": SocketReader}
