@@ -31,14 +31,44 @@ access_log_format = json.dumps({
 
 def post_fork(server, worker):
     """The worker imports and builds the app with the cyclic collector off: those objects live as long as the
-    worker, and each full pass over them during the imports cost 30-85 ms of CPU (docs/performance.md)."""
+    worker, and each full pass over them during the imports cost 30-85 ms of CPU (docs/performance.md). Until it
+    serves, the installed packages' entry points are read once (entry_points_read_once)."""
     gc.disable()
+    entry_points_read_once()
 
 
 def post_worker_init(worker):
     """The worker's app loads in the background (wsgi.py, callweaver/boot.py); once it is built, and before any
-    waiting request is let through, app_loaded runs."""
+    waiting request is let through, app_loaded runs. The worker serves from now on, so entry points are read afresh
+    again before anything of the app is imported."""
+    entry_points_read_afresh()
     worker.wsgi.__self__.when_loaded(app_loaded)  # wsgi.py's `app` is the bound method AppLoader.wsgi
+
+
+def entry_points_read_once():
+    """Next, gunicorn's gevent worker monkey-patches the standard library (`gevent.monkey.patch_all()`), and gevent
+    emits 25 plugin events meanwhile, for each of which it reads the entry points of every installed distribution
+    (`importlib.metadata.entry_points(group=...)`): 45-130 ms of CPU, a second at Render's 0.1 CPU, before the worker
+    can answer its first health check (docs/performance.md, "Issue 12g"); gevent has no setting to skip them. Nothing
+    is installed while a worker starts, so they are read once and each call selects from that, exactly as
+    `entry_points(**selection)` selects from all of them, until entry_points_read_afresh puts the standard function
+    back. Only the worker's own start runs meanwhile (the app's imports begin once it serves)."""
+    from importlib import metadata
+    read_afresh = metadata.entry_points
+    if hasattr(read_afresh, "read_afresh"):
+        return
+    everything = read_afresh()
+
+    def read_once(**selection):
+        return everything.select(**selection) if selection else everything
+
+    read_once.read_afresh = read_afresh
+    metadata.entry_points = read_once
+
+
+def entry_points_read_afresh():
+    from importlib import metadata
+    metadata.entry_points = getattr(metadata.entry_points, "read_afresh", metadata.entry_points)
 
 
 def app_loaded(app):

@@ -26,6 +26,8 @@ SERVERS = ("naive", "callweaver")
 VARIANT = "variant"  # CallWeaver again with --variant-env, a third column of the same invocation
 LABELS = {"naive": "naive relay", "callweaver": "CallWeaver"}
 CAPACITY_P99_MS = 50.0
+WEB_APP_ORIGIN = "https://kimiya-ai.vercel.app"  # the deployed web app, one of CORS_ORIGINS' defaults
+ColdStart = tuple[float | None, float | None, float | None]  # first /ping 200, app loaded, web app's /health 200
 
 
 def commit() -> str:
@@ -78,24 +80,27 @@ def cpu_quota(cpus: float | None) -> Iterator[list[str]]:
 # ---------------------------------------------------------------------------------------------- runs
 
 def run_one(stack: BenchStack, kind: str, args: argparse.Namespace, calls: int, run_index: int,
-            wrap: list[str]) -> tuple[RelayLoadResult, tuple[float | None, float | None]]:
-    """One server (fresh process), one load; returns the result and its cold start: process → first /ping 200, and
-    process → the app loaded (CallWeaver answers health checks while its app loads; the naive relay loads first)."""
+            wrap: list[str]) -> tuple[RelayLoadResult, ColdStart]:
+    """One server (fresh process), one load; returns the result and its cold start: process → first /ping 200,
+    process → the app loaded (CallWeaver answers health checks while its app loads; the naive relay loads first),
+    and process → the web app's cross-origin /health answered readably (CallWeaver; the naive relay has none)."""
     env = parse_env_pairs(args.server_env) if kind != "naive" else {}
     if kind == VARIANT:
         env.update(parse_env_pairs(args.variant_env))
     stagger_s = args.stagger_s if args.arrival != "steady" else max(args.stagger_s, calls / args.steady_rate)
     progress(f"{label(kind, args)}: {calls} calls × {args.turns} turns, {args.workers} worker(s)"
              + (f", arrival {args.arrival}" if args.arrival else "") + (f", {args.cpu_quota} CPU" if wrap else ""))
-    with stack.server(workers=args.workers, naive=kind == "naive", wrap=wrap, **env) as server:
+    browser_origin = None if kind == "naive" else WEB_APP_ORIGIN
+    with stack.server(workers=args.workers, naive=kind == "naive", wrap=wrap, browser_origin=browser_origin,
+                      **env) as server:
         result = run_relay_load(stack, server, calls=calls, turns=args.turns, stagger_s=stagger_s,
                                 think_s=(args.think_min_s, args.think_max_s), seed=args.seed,
                                 time_limit_s=args.time_limit_s, run_index=run_index, naive=kind == "naive",
                                 arrival=bool(args.arrival))
-        ready_s, loaded_s = server.ready_s, server.loaded_s
+        cold_start = (server.ready_s, server.loaded_s, server.browser_ready_s)
     if result.error_count:
         progress(f"{label(kind, args)} errors: {result.errors}")
-    return result, (ready_s, loaded_s)
+    return result, cold_start
 
 
 def label(kind: str, args: argparse.Namespace) -> str:
@@ -112,7 +117,7 @@ def ratio(naive: float | None, ours: float | None) -> str:
     return f"{ours / naive:.2f}×"
 
 
-def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, tuple[float | None, float | None]],
+def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart],
                  variant: str | None = None) -> str:
     """One row per measure, naive | CallWeaver | CallWeaver ÷ naive (| the variant, when one ran)."""
     rows = []
@@ -142,6 +147,7 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, tuple[flo
         row(f"prompt sent → the reply's closing frame at the caller, p{pct} (ms)",
             {k: p(r.reply_end_ms, pct) for k, r in results.items()})
     row("cold start: process → first /ping 200 (s)", {k: v[0] for k, v in ready.items()}, 2)
+    row("cold start: process → the web app's cross-origin /health 200 (s)", {k: v[2] for k, v in ready.items()}, 2)
     row("cold start: process → app loaded (s)", {k: v[1] for k, v in ready.items()}, 2)
     done = [f"{results[k].turns_completed} / {results[k].error_count}" for k in columns]
     rows.append(["turns completed / errors", *done[:2], "", *done[2:]])
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ([args.only] if args.only else list(SERVERS)) + ([VARIANT] if args.variant_env else [])
     counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.calls]
     sweep: dict[int, dict[str, RelayLoadResult]] = {}
-    ready: dict[str, tuple[float | None, float | None]] = {k: (None, None) for k in (*SERVERS, VARIANT)}
+    ready: dict[str, ColdStart] = {k: (None, None, None) for k in (*SERVERS, VARIANT)}
     run_index = 0
     with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
         for calls in counts:

@@ -175,21 +175,24 @@ class BenchStack:
 
     @contextmanager
     def server(self, workers: int = 1, repo: Path = REPO, naive: bool = False, wrap: list[str] | None = None,
+               config: str | None = None, browser_origin: str | None = None,
                **env_overrides: str) -> Iterator[LiveServer]:
         """A fresh `gunicorn -c gunicorn.conf.py wsgi:app` (from `repo`) with its own database and cache directory,
         or with `naive` the baseline relay (bench/naive_relay.py) on the same gunicorn gevent worker class.
-        `wrap` prefixes the server command with one that execs it (bench/relay.py's CPU-quota mode)."""
+        `wrap` prefixes the server command with one that execs it (bench/relay.py's CPU-quota mode); `config`
+        replaces the gunicorn config file (bench/idle_call_memory.py's probe); `browser_origin` also times the first
+        cross-origin /health that origin's page may read (LiveServer)."""
         self._runs += 1
         compile_sources(repo)
         data_dir = self.work_dir / f"run{self._runs}"
         data_dir.mkdir()
         env = server_env(data_dir, self.llm.url, self.twilio.url, **env_overrides)
-        gunicorn_args = None
+        gunicorn_args = ["-c", config, "wsgi:app"] if config else None
         if naive:
-            gunicorn_args = ["-c", "/dev/null", "-k", "gevent", "-w", str(workers), "--worker-connections", "5000",
+            gunicorn_args = ["-c", config or "/dev/null", "-k", "gevent", "-w", str(workers), "--worker-connections", "5000",
                              "bench.naive_relay:app"]
         server = LiveServer(env, workers=workers, log_path=data_dir / "gunicorn.log", repo=repo,
-                            gunicorn_args=gunicorn_args, wrap=wrap).start(timeout_s=120)
+                            gunicorn_args=gunicorn_args, wrap=wrap, browser_origin=browser_origin).start(timeout_s=120)
         try:
             yield server
         finally:

@@ -13,6 +13,7 @@ from flask import Flask, g, jsonify, request
 from flask.sessions import SessionInterface
 from flask_cors import CORS
 
+from .background import SocketReader
 from .config import Settings
 from .errors import init_errors
 from .extensions import sock
@@ -32,8 +33,13 @@ class NoCookieSessions(SessionInterface):
     """The API keeps no cookie sessions: no session is opened, signed or saved per request (any write to
     `flask.session` fails loudly on Flask's null session)."""
 
+    def __init__(self) -> None:
+        # One read-only empty session for every request (writes raise): nothing built per request, and nothing
+        # kept by each live call's socket, whose request stays open as long as the call.
+        self._empty = self.null_session_class()
+
     def open_session(self, app: Flask, request):  # noqa: ANN001  (Flask's signature)
-        return self.make_null_session(app)
+        return self._empty
 
     def save_session(self, app: Flask, session, response) -> None:  # noqa: ANN001
         return None
@@ -58,13 +64,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
-    # `*` with credentials would let any page act with a visitor's cookies; browsers refuse it anyway.
-    CORS(app, origins="*" if settings.cors_any_origin else list(settings.cors_origins),
-         supports_credentials=not settings.cors_any_origin, send_wildcard=settings.cors_any_origin,
-         methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
-         allow_headers=["Content-Type", "Authorization", "X-Requested-With"])
-    # simple-websocket closes a socket with 1009 (message too big) past this size.
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes}
+    # The one CORS policy (callweaver/cors.py), which the worker's loader also answers with while the app loads.
+    CORS(app, **settings.cors.flask_cors_options())
+    # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader.
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes,
+                                         "thread_class": SocketReader}
     sock.init_app(app)
     _init_request_logging(app)
     _wait_for_warm_up(app)
@@ -76,9 +80,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     register_cli(app)
     from .rate_limits import init_rate_limits
     init_rate_limits(app, settings)
+    # Its bound __call__, not the instance: calling an instance re-enters the interpreter from C, and every live
+    # call's request greenlet would keep that deeper C stack while it waits (bench/idle_call_memory.py).
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
         app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
-        max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops)
+        max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops,
+    ).__call__
     # Last, once every route is compiled: warm_up starts an OS thread, and on CPython 3.11 `ast.parse` in two threads
     # at once (werkzeug compiles each URL rule with it; a traceback's caret anchors use it) raises "AST constructor
     # recursion depth mismatch" (python/cpython#106905), which tests/test_warm_up.py hit.

@@ -44,6 +44,35 @@ def spawn(fn: Callable, *args: Any) -> Task:
     return Task(fn, *args)
 
 
+class SocketReader:
+    """simple-websocket's `thread_class` (its documented option, via flask-sock's SOCK_SERVER_OPTIONS): each socket's
+    reader loop. Under gevent a bare greenlet: a `threading.Thread` adds its start-up handshake (an Event, locks, a
+    Greenlet, a name) to every live call, ~3.5 KiB of Python objects while the call is idle
+    (bench/idle_call_memory.py); the reader needs none of it (nobody joins it; it ends when its socket closes).
+    A daemon thread otherwise (tests, CLI)."""
+
+    __slots__ = ("target", "name")
+
+    def __init__(self, target: Callable[[], None]) -> None:
+        self.target = target
+        self.name = "websocket-reader"  # simple-websocket renames it
+
+    def start(self) -> None:
+        from gevent import monkey
+        if monkey.is_module_patched("threading"):
+            import gevent
+            gevent.spawn_raw(self._run)
+        else:
+            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.target()
+        except Exception:  # a bare greenlet's error would reach the hub; a thread's would only be printed
+            import structlog
+            structlog.get_logger().exception("websocket_reader_failed")
+
+
 class OsThreadWork:
     """CPU-bound work (imports, SDK clients) in a real OS thread, so the worker's gevent hub keeps answering while
     it runs: gevent's threadpool under gevent (waiters block cooperatively), a daemon thread otherwise.

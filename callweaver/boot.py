@@ -2,9 +2,11 @@
 /health answer that it is starting, and every other request waits until it has loaded.
 
 Why: on Render's free plan (0.1 CPU) a worker's imports (Flask, the SDKs, the app's own modules) take seconds, and
-the web app's wake-up `GET /health` and Render's health check need only an honest 200. So the imports run in an OS
-thread (the gevent hub keeps answering meanwhile), then the app is built on the hub itself (Flask's route compilation
-and the store's clients belong to the worker's own thread), then its SDK clients as before (Services.warm_up).
+the web app's wake-up `GET /health` (a browser's cross-origin request) and Render's health check need only an
+honest 200, with the CORS headers the app would give (callweaver/cors.py, the policy both use). So the imports run
+in an OS thread (the gevent hub keeps answering meanwhile), then the app is built on the hub itself (Flask's route
+compilation and the store's clients belong to the worker's own thread), then its SDK clients as before
+(Services.warm_up).
 Nothing is deferred into a call: a call's first request waits here until the app has loaded.
 
 Import-light on purpose: it must answer before Flask is imported."""
@@ -20,6 +22,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .background import OsThreadWork, spawn
+from .cors import CorsPolicy
 from .health_facts import SERVICE_NAME, memory_body, now_iso, ping_body
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -28,6 +31,13 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 WORKER_BOOT_ERROR = 3
 STARTING_WARNING = ("Starting: the app is still loading, so its checks (store, Twilio, LLM providers) have not run "
                     "yet; every request except /health and /ping waits until it has loaded")
+HEALTH_PATHS = ("/health", "/ping")
+# What Flask answers to OPTIONS on those routes (its automatic OPTIONS), with the CORS headers of a preflight.
+HEALTH_METHODS_ALLOWED = "GET, OPTIONS, HEAD"
+# The request headers CORS answers depend on (WSGI environ key → header name).
+CORS_REQUEST_HEADERS = {"HTTP_ORIGIN": "Origin", "HTTP_ACCESS_CONTROL_REQUEST_METHOD": "Access-Control-Request-Method",
+                        "HTTP_ACCESS_CONTROL_REQUEST_HEADERS": "Access-Control-Request-Headers",
+                        "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK": "Access-Control-Request-Private-Network"}
 APP_LOADED = "app_loaded"  # the event of the line each worker writes once loaded (test and bench servers wait for it)
 # gunicorn's error log (its handlers are set up in the worker); a failed load is reported there.
 log = logging.getLogger("gunicorn.error")
@@ -36,9 +46,12 @@ log = logging.getLogger("gunicorn.error")
 class AppLoader:
     """Loads a Flask app off the request path and serves it once loaded; answers health checks meanwhile."""
 
-    def __init__(self, modules: tuple[str, ...], build: Callable[[], Any]) -> None:
-        """`modules` are imported in an OS thread; then `build()` (which returns the Flask app) runs in a greenlet."""
+    def __init__(self, modules: tuple[str, ...], build: Callable[[], Any], cors: CorsPolicy | None = None) -> None:
+        """`modules` are imported in an OS thread; then `build()` (which returns the Flask app) runs in a greenlet.
+        `cors` is the app's own CORS policy (from the same environment); without one, a browser's request (it names
+        an Origin) waits for the app."""
         self.started_at = time.time()
+        self._cors = cors
         self.app: Any = None  # the Flask app once built
         self._serve: WSGIApp | None = None
         self._loaded = threading.Event()  # gevent's Event once wsgi.py has patched threading
@@ -91,16 +104,23 @@ class AppLoader:
         self._loaded.set()
         _announce_loaded(time.time() - self.started_at)
 
-    @staticmethod
-    def _answers_while_starting(environ: dict) -> bool:
-        """Health checks only. A browser's cross-origin request (it names an Origin) waits for the app, whose CORS
-        settings decide what may read the answer."""
-        return (environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO") in ("/health", "/ping")
-                and "HTTP_ORIGIN" not in environ)
+    def _answers_while_starting(self, environ: dict) -> bool:
+        """Health checks only: GET, and a browser's preflight (OPTIONS) of one. With no CORS policy, a browser's
+        request (it names an Origin) waits for the app, whose CORS settings decide what may read the answer."""
+        if environ.get("PATH_INFO") not in HEALTH_PATHS:
+            return False
+        if self._cors is None:
+            return environ.get("REQUEST_METHOD") == "GET" and "HTTP_ORIGIN" not in environ
+        return environ.get("REQUEST_METHOD") in ("GET", "OPTIONS")
 
     def _starting(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        cors = self._cors.headers(method, _cors_request_headers(environ)) if self._cors else []
+        if method == "OPTIONS":
+            start_response("200 OK", [("Allow", HEALTH_METHODS_ALLOWED), ("Content-Length", "0"), *cors])
+            return [b""]
         if environ["PATH_INFO"] == "/ping":
-            return _json(start_response, "200 OK", ping_body())
+            return _json(start_response, "200 OK", ping_body(), cors)
         # The contract's shape; `degraded` with the reason, and no figure the app has not measured yet.
         return _json(start_response, "200 OK", {
             "status": "degraded",
@@ -111,7 +131,7 @@ class AppLoader:
             "environment": None,
             "memory": memory_body(),
             "warnings": [STARTING_WARNING],
-        })
+        }, cors)
 
 
 def _after_pending_requests() -> None:
@@ -141,8 +161,13 @@ def _import_all(modules: tuple[str, ...]) -> None:
             return
 
 
-def _json(start_response: Callable, status: str, body: dict) -> list[bytes]:
+def _cors_request_headers(environ: dict) -> dict[str, str]:
+    return {name: environ[key] for key, name in CORS_REQUEST_HEADERS.items() if key in environ}
+
+
+def _json(start_response: Callable, status: str, body: dict,
+          extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     data = json.dumps(body, separators=(",", ":")).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
-                            ("Cache-Control", "no-store")])
+                            ("Cache-Control", "no-store"), *extra])
     return [data]

@@ -4,18 +4,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from limits import parse_many
 
-# The original backend's origins (its backend/server.js): local dev servers, the deployed web app, the backend.
-DEFAULT_CORS_ORIGINS = (
-    "http://localhost:8080",
-    "http://localhost:3000",
-    "https://kimiya-ai.vercel.app",
-    "https://kimiyi-ai.onrender.com",
-)
+from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
@@ -145,9 +140,14 @@ class Settings:
     otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
+    @cached_property
+    def cors(self) -> CorsPolicy:
+        """CORS_ORIGINS as a policy: the app's CORS headers, its Origin check and the loader's answers share it."""
+        return CorsPolicy(self.cors_origins)
+
     def origin_allowed(self, origin: str) -> bool:
-        """Whether a browser Origin is one of CORS_ORIGINS (the one list CORS and the Origin check share)."""
-        return "*" in self.cors_origins or origin.rstrip("/") in self.cors_origins
+        """Whether a browser Origin is one of CORS_ORIGINS (the one policy CORS and the Origin check share)."""
+        return self.cors.allows(origin)
 
     @property
     def production(self) -> bool:
@@ -157,7 +157,7 @@ class Settings:
     @property
     def cors_any_origin(self) -> bool:
         """CORS_ORIGINS=*: any page may call the API, so browsers never get credentials with the answer."""
-        return self.cors_origins == ("*",)
+        return self.cors.any_origin
 
     @property
     def signatures_enforced(self) -> bool:
@@ -319,12 +319,8 @@ class Settings:
         values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
         values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
 
-        origins = text("CORS_ORIGINS")
-        values["cors_origins"] = (tuple(o.strip().rstrip("/") for o in origins.split(",") if o.strip())
-                                  if origins else DEFAULT_CORS_ORIGINS)
-        if "*" in values["cors_origins"] and len(values["cors_origins"]) > 1:
-            problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of "
-                            "origins, not both")
+        values["cors_origins"], cors_problems = read_cors_origins(env)  # shared with the worker's loader
+        problems.extend(cors_problems)
         values["secret_key"] = text("SECRET_KEY")
         if values["allow_request_credentials"] and not values["secret_key"]:
             problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")

@@ -65,3 +65,34 @@ def test_barge_in_cancels_a_reply_running_on_a_thread():
                                  "heard_text": "Hello", "interrupted": True,
                                  "speculation": engine.committed[0]["speculation"]}]
     assert engine.committed[0]["speculation"]["speculation"] is None  # no interim transcripts, no speculation
+
+
+def test_socket_reader_runs_its_loop_off_the_request_path_and_logs_a_failure(capsys):
+    """simple-websocket's reader (SOCK_SERVER_OPTIONS thread_class): a daemon thread without gevent; an unexpected
+    error in the loop is logged, not lost."""
+    from callweaver.background import SocketReader
+    ran = threading.Event()
+    reader = SocketReader(ran.set)
+    reader.name = reader.name.replace("(_thread)", "")  # what simple-websocket does to its reader's name
+    reader.start()
+    assert ran.wait(5)
+
+    def broken() -> None:
+        raise RuntimeError("frame parser broke")
+
+    failed = SocketReader(broken)
+    failed.start()
+    deadline, logged = time.monotonic() + 5, ""
+    while "websocket_reader_failed" not in logged:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        captured = capsys.readouterr()
+        logged += captured.out + captured.err
+
+
+def test_an_idle_relay_session_holds_no_per_turn_machinery():
+    """A live call waits most of its life: its session has slots and no Event or cadence until a turn needs them
+    (bench/idle_call_memory.py measures what that saves)."""
+    session = RelaySession(_Engine(), SimpleNamespace(send_json=lambda message: None), spawn=spawn)
+    assert not hasattr(session, "__dict__")
+    assert (session._fell_silent_event, session._reply_stopped_event, session._speech_cadence) == (None, None, None)

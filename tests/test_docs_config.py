@@ -12,12 +12,12 @@ SET_BY_PLATFORM = {"PORT", "RENDER_EXTERNAL_URL", "RENDER"}
 
 def variables_read() -> set[str]:
     names = set()
-    for path in ("callweaver/config.py", "gunicorn.conf.py"):
+    for path in ("callweaver/config.py", "callweaver/cors.py", "gunicorn.conf.py"):
         source = (REPO / path).read_text()
         names |= set(re.findall(r'(?:text|number|flag|url|rate)\(\s*"([A-Z][A-Z0-9_]+)"', source))
         for args in re.findall(r'url\(([^)]*)\)', source):  # url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", ...)
             names |= set(re.findall(r'"([A-Z][A-Z0-9_]+)"', args))
-        names |= set(re.findall(r'os\.environ\.get\(\s*[\'"]([A-Z][A-Z0-9_]+)', source))
+        names |= set(re.findall(r'(?:os\.environ|env)\.get\(\s*[\'"]([A-Z][A-Z0-9_]+)', source))
     return names
 
 

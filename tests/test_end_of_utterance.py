@@ -26,9 +26,25 @@ C = Completeness
     ("Habari yako", "sw-KE", C.UNKNOWN),      # no word list: the plain window, never a guess
     ("Habari yako?", "sw-KE", C.SENTENCE_END),
     ("hello", None, C.UNKNOWN),
+    # The marks that end a sentence in the reply text end the caller's sentence too (one definition, speech.py).
+    ("هل لديكم طاولة؟", "ar-SA", C.SENTENCE_END),  # Arabic question mark
+    ("मुझे एक टेबल चाहिए।", "hi-IN", C.SENTENCE_END),  # Devanagari danda
+    ("我想訂一張枱，", "zh-HK", C.INCOMPLETE),  # a full-width comma: mid-sentence
+    ("مرحبا،", "ar-SA", C.INCOMPLETE),            # an Arabic comma: mid-sentence
+    ("¿Qué tal? ¿", "es-ES", C.INCOMPLETE),  # an opening "¿": a new sentence has begun
 ])
 def test_completeness(text, lang, expected):
     assert completeness(text, lang) is expected
+
+
+def test_reply_text_and_transcripts_share_the_sentence_marks():
+    """A mark that ends a sentence in the reply text ends the caller's transcript too, and the other way round."""
+    from callweaver.engine.reply_text import SENTENCE_END
+    from callweaver.engine.speech import SENTENCE_END_MARKS
+
+    for mark in SENTENCE_END_MARKS:
+        assert SENTENCE_END.search(f"done{mark}"), mark
+        assert completeness(f"done{mark}", "en-US") is C.SENTENCE_END, mark
 
 
 def test_word_lists_hold_no_word_that_ends_a_turn():

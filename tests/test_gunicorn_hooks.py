@@ -99,3 +99,25 @@ def test_work_queued_for_after_the_warm_up_runs_only_once_it_has_finished():
     release.set()
     task.join(timeout=10)
     assert ran == [True]
+
+
+def test_until_the_worker_serves_entry_points_are_read_once_then_afresh_again():
+    """gevent's monkey-patching reads every installed distribution's entry points for each of its 25 plugin
+    events; while the worker starts they are read once, with the same answers, and the standard function is back
+    before the worker serves (and so before the app is imported)."""
+    from importlib import metadata
+    hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    standard = metadata.entry_points
+    worker, _loader = worker_loading(FakeServices())
+    try:
+        hooks["post_fork"](None, worker)
+        read_once = metadata.entry_points
+        assert read_once is not standard
+        for group in ("gevent.plugins.monkey.will_patch_all", "gevent.plugins.monkey.did_patch_all",
+                      "console_scripts"):
+            assert list(read_once(group=group)) == list(standard(group=group))
+        hooks["post_worker_init"](worker)
+        assert metadata.entry_points is standard
+    finally:
+        metadata.entry_points = standard
+        gc.enable()

@@ -219,3 +219,28 @@ def test_live_calls_of_one_flow_share_one_workflow_snapshot():
     assert first.workflow is second.workflow and second.workflow == snapshot
     assert other.workflow == {"nodes": []} and other.workflow is not first.workflow
     assert engine.sharing_snapshot(None) is None
+
+
+GEVENT_RUN = """
+from gevent import monkey; monkey.patch_all()
+import sys, pytest
+from callweaver.engine import llm_http
+assert llm_http._cooperative_loop() is not None  # the exchanges below run on the event-loop deadline timer
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def test_deadlines_pooling_and_cancellation_hold_under_gevent():
+    """A gunicorn gevent worker bounds reads with one event-loop timer per exchange, not a socket timeout per read:
+    this module's exchange tests and the provider chain's deadline, failover, cancellation and continuation tests
+    run again in a gevent-patched interpreter (the SDK-configuration test is left out: it needs no sockets)."""
+    import subprocess
+    import sys
+
+    finished = subprocess.run(
+        [sys.executable, "-c", GEVENT_RUN, "-q", "-p", "no:cacheprovider", "-p", "no:anyio",
+         "tests/test_llm_http.py", "tests/test_providers.py",
+         "-k", "not sdk_clients_public_configuration and not under_gevent"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-2000:]
+    assert " passed" in finished.stdout and "failed" not in finished.stdout

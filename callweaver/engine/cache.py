@@ -90,19 +90,15 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
     """
     by_first_word, unspaced_fillers = _filler_words(tuple(fillers))
     words = speech_words(utterance)
+    words = _without_fillers(words, by_first_word)
+    if utterance.isascii():  # no CJK character anywhere: no unspaced filler or CJK join can apply
+        return " ".join(words)
     kept: list[str] = []
-    i = 0
-    while i < len(words):
-        matched = next((f for f in by_first_word.get(words[i], ()) if tuple(words[i:i + len(f)]) == f), None)
-        if matched is not None:
-            i += len(matched)
-            continue
-        word = words[i]
+    for word in words:
         if unspaced_fillers and any(is_cjk(c) for c in word):
             word = _strip_unspaced_fillers(word, unspaced_fillers)
         if word:
             kept.append(word)
-        i += 1
 
     # Punctuation between CJK characters became a space; remove it so "你好，我想問" == "你好我想問".
     joined: list[str] = []
@@ -112,6 +108,22 @@ def normalize_utterance(utterance: str, fillers: Iterable[str] = ()) -> str:
         else:
             joined.append(word)
     return " ".join(joined)
+
+
+def _without_fillers(words: list[str], by_first_word: dict[str, list[tuple[str, ...]]]) -> list[str]:
+    """`words` without the (multi-word) fillers, matched at word boundaries."""
+    if not by_first_word or by_first_word.keys().isdisjoint(words):
+        return words
+    kept: list[str] = []
+    i = 0
+    while i < len(words):
+        matched = next((f for f in by_first_word.get(words[i], ()) if tuple(words[i:i + len(f)]) == f), None)
+        if matched is not None:
+            i += len(matched)
+            continue
+        kept.append(words[i])
+        i += 1
+    return kept
 
 
 def reply_is_safe_to_cache(
@@ -154,12 +166,9 @@ def _echoes_proper_names(utterance: str, reply_text: str) -> bool:
     """A reply that repeats a capitalised word the caller said (a name, a street) carries that caller's details."""
     if not utterance:
         return False
-    words = _WORD.findall(utterance)
-    names = {w.casefold() for i, w in enumerate(words) if i > 0 and len(w) >= 2 and w[0].isupper()
-             and w.casefold() not in {"i", "i'm", "i'd", "i'll"}}
-    if not names:
-        return False
-    return any(w.casefold() in names for w in _WORD.findall(reply_text))
+    replied = {w.casefold() for w in _WORD.findall(reply_text)}  # the reply is short; the callers' words grow
+    return any(i > 0 and len(w) >= 2 and w[0].isupper() and (folded := w.casefold()) in replied
+               and folded not in {"i", "i'm", "i'd", "i'll"} for i, w in enumerate(_WORD.findall(utterance)))
 
 
 class ReplyCache:

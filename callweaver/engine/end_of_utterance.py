@@ -27,10 +27,11 @@ from collections import deque
 from enum import Enum
 
 from .metrics import nearest_rank
-from .speech import APOSTROPHES, fold
+from .speech import APOSTROPHES, CLAUSE_MARKS, SENTENCE_END_MARKS, fold
 
-SENTENCE_MARKS = (".", "?", "!", "\u3002", "\uff1f", "\uff01", "\u00bf", "\u00a1")  # incl. CJK full-width forms
-TRAILING_OFF = ("...", "\u2026", ",", ";", ":", "-", "\u2013", "\u2014", "\u3001")   # the caller is mid-sentence
+SENTENCE_MARKS = tuple(SENTENCE_END_MARKS)
+# The caller is mid-sentence: trailing off, a clause mark, a dash, or a sentence just opened (Spanish "¿", "¡").
+TRAILING_OFF = ("...", "\u2026", "-", "\u2013", "\u2014", "\u00bf", "\u00a1", *CLAUSE_MARKS)
 
 # Words after which a turn practically never ends, by language (ISO 639-1, the part before "-" in `lang`).
 # Only words that cannot close a sentence in ordinary speech: no verbs, no pronouns that can be objects, no

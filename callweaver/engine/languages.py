@@ -324,6 +324,9 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
     return problems
 
 
+MAX_REMEMBERED_CODES = 512  # resolve() remembers this many distinct codes per table
+
+
 def _normalise(code: str) -> str:
     return code.strip().replace("_", "-").lower()
 
@@ -355,6 +358,7 @@ class LanguageTable:
             self._by_primary.setdefault(_normalise(primary_subtag(entry.code)), entry)
         for primary, target in (primary_defaults or {}).items():
             self._by_primary[_normalise(primary)] = self._target(target, f"primary default {primary}")
+        self._resolved: dict[str, LanguageEntry | None] = {}  # resolve()'s answers (the table never changes)
 
     def _target(self, code: str, what: str) -> LanguageEntry:
         entry = self._by_key.get(_normalise(code))
@@ -410,7 +414,19 @@ class LanguageTable:
         Follows BCP-47 lookup: the full tag first, then shorter prefixes ("zh-Hant-MO" -> "zh-Hant"),
         each tried as a code and as an alias; a lone primary subtag maps to that language's default region.
         """
-        if not isinstance(code, str) or not code.strip():
+        if not isinstance(code, str):
+            return None
+        try:
+            return self._resolved[code]  # every turn resolves the call's declared languages again
+        except KeyError:
+            pass
+        entry = self._lookup(code)
+        if len(self._resolved) < MAX_REMEMBERED_CODES:  # codes come from callers' prompts: keep the memo bounded
+            self._resolved[code] = entry
+        return entry
+
+    def _lookup(self, code: str) -> LanguageEntry | None:
+        if not code.strip():
             return None
         subtags = _normalise(code).split("-")
         for length in range(len(subtags), 0, -1):

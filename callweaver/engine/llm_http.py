@@ -1,8 +1,11 @@
 """The LLM streaming hot path: one prebuilt HTTP/1.1 request per turn, a keep-alive socket pool, SSE lines as bytes.
 
 Built on the stdlib `socket`/`ssl` only (cooperative once gevent has patched them), so every read carries the
-turn's own wall-clock deadline through `settimeout` — no private attributes of any HTTP library. A pooled
-connection is checked only when it is taken (one non-blocking peek), never the whole pool per request.
+turn's own wall-clock deadline — no private attributes of any HTTP library. Under gevent the deadline is one event
+loop timer per exchange (`ExchangeDeadline`), re-armed only when it fires early, instead of a socket timeout per
+read (gevent starts and stops a `Timeout` for every blocking read of a socket with a timeout: measured at ~7 µs per
+wake-up, one wake-up per token); without gevent, `settimeout` before each read. A pooled connection is checked
+only when it is taken (one non-blocking peek), never the whole pool per request.
 The openai SDK stays the configuration surface: `Endpoint.from_sdk_client` reads its public base URL, headers
 and query (Azure api-version, keys) once per provider. The network around it is the SDK's too: HTTP_PROXY /
 HTTPS_PROXY / ALL_PROXY / NO_PROXY pick a forward proxy per endpoint (urllib.request's reading of them; HTTPS
@@ -29,6 +32,8 @@ from urllib.request import getproxies, proxy_bypass
 
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536
+# The deadline timer may fire this much before the deadline (libev's clock is the loop's cached time).
+DEADLINE_SLACK_S = 0.001
 
 
 class UpstreamError(Exception):
@@ -241,6 +246,73 @@ def _remaining(deadline: float, error: type[UpstreamError]) -> float:
     return remaining
 
 
+
+def _cooperative_loop() -> Any:
+    """The gevent event loop of this thread when gevent has patched `socket` (a gunicorn gevent worker), else None."""
+    from gevent import monkey
+    if not monkey.is_module_patched("socket"):
+        return None
+    import gevent
+    return gevent.get_hub().loop
+
+
+class ExchangeDeadline:
+    """One exchange's read/write deadline under gevent: a single event-loop timer (`loop.timer`, gevent's public
+    ILoop API) instead of a gevent `Timeout` per blocking socket call.
+
+    The deadline moves with every token (the stall deadline), so the timer is not restarted each time: when it
+    fires before the current deadline it is re-armed for the rest. When it fires past the deadline while the
+    exchange is blocked on its socket, the socket is shut down (as `Exchange.abort` does), which wakes the
+    blocked call; the exchange then raises ReadTimedOut. Outside a blocking call it does nothing: the next call
+    checks the deadline itself before blocking, exactly as a per-call socket timeout would."""
+
+    __slots__ = ("_loop", "_timer", "_armed_for", "deadline", "blocked_on", "expired")
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+        self._timer = None
+        self._armed_for = float("inf")  # the deadline the running timer was started for
+        self.deadline = float("inf")
+        self.blocked_on: socket.socket | None = None  # the socket a call is blocked on, while it is
+        self.expired = False
+
+    def set(self, deadline: float) -> None:
+        """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ReadTimedOut("deadline passed")
+        self.deadline = deadline
+        if deadline < self._armed_for:  # first call, or an earlier deadline (finish()'s short budget)
+            self._arm(remaining)
+
+    def _arm(self, after: float) -> None:
+        if self._timer is not None:
+            self._timer.close()
+        self._timer = self._loop.timer(after)
+        self._armed_for = self.deadline
+        self._timer.start(self._fired)
+
+    def _fired(self) -> None:
+        self._armed_for = float("inf")
+        remaining = self.deadline - time.monotonic()
+        if remaining > DEADLINE_SLACK_S:
+            self._arm(remaining)  # the deadline moved on since the timer was started
+            return
+        sock = self.blocked_on
+        if sock is not None:
+            self.expired = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self._armed_for = float("inf")
+
+
 class Exchange:
     """One streamed POST: send it, read the head, then the body's lines; abort() works from another greenlet."""
 
@@ -259,6 +331,8 @@ class Exchange:
         self._length_left: int | None = None  # Content-Length bodies
         self._keep_alive = True
         self._complete = False
+        loop = _cooperative_loop()
+        self._deadline = ExchangeDeadline(loop) if loop is not None else None
 
     # ---- request and head -----------------------------------------------------------------------
     def start(self, body: bytes, deadline: float, connect_timeout_s: float) -> None:
@@ -277,14 +351,17 @@ class Exchange:
             self._sock = sock
             if self._aborted:
                 raise ConnectionDropped("cancelled")
+            if self._deadline is not None:
+                sock.settimeout(None)  # blocking (cooperatively): the exchange's timer bounds every call
             try:
-                sock.settimeout(_remaining(deadline, ReadTimedOut))
-                sock.sendall(request)
+                self._blocking_call(sock, deadline, sock.sendall, request)
             except socket.timeout:
                 self.close()
                 raise ReadTimedOut("write deadline passed") from None
             except OSError:
                 self.close()
+                if self._deadline is not None and self._deadline.expired:
+                    raise ReadTimedOut("write deadline passed") from None
                 if reused and retry_stale and not self._aborted:
                     continue
                 raise ConnectionDropped("write failed") from None
@@ -351,6 +428,26 @@ class Exchange:
                 continue
             self._decode()
 
+    def next_lines(self, deadline: float) -> list[bytes] | None:
+        """Every complete body line already received (at least one; read from the network only when none is),
+        without line endings; None once the body is complete. One call per network read, not per line."""
+        while True:
+            body = self._body
+            end = body.rfind(b"\n")
+            if end >= 0:
+                lines = bytes(body[:end]).split(b"\n")
+                del body[:end + 1]
+                return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+            if self._complete:
+                if body:
+                    line = bytes(body)
+                    body.clear()
+                    return [line]
+                return None
+            if not self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
+                continue
+            self._decode()
+
     def read_body(self, deadline: float) -> bytes:
         """The whole (rest of the) body, then the connection goes back to the pool; errors close it."""
         try:
@@ -380,6 +477,8 @@ class Exchange:
     def _release(self) -> None:
         """Pool the connection when the response ended cleanly on a keep-alive connection, else close it."""
         sock, self._sock = self._sock, None
+        if self._deadline is not None:
+            self._deadline.close()
         if sock is not None:
             if self._keep_alive and not self._raw and not self._aborted:
                 self._pool.give_back(sock)
@@ -392,12 +491,15 @@ class Exchange:
         if sock is None or self._aborted:
             raise ConnectionDropped("cancelled")
         try:
-            sock.settimeout(_remaining(deadline, ReadTimedOut))
-            data = sock.recv(RECV_BYTES)
+            data = self._blocking_call(sock, deadline, sock.recv, RECV_BYTES)
         except socket.timeout:
             raise ReadTimedOut("read deadline passed") from None
         except OSError as error:
+            if self._deadline is not None and self._deadline.expired:
+                raise ReadTimedOut("read deadline passed") from None
             raise ConnectionDropped(type(error).__name__) from None
+        if self._deadline is not None and self._deadline.expired:
+            raise ReadTimedOut("read deadline passed")
         if not data:
             if eof_ends_body:
                 self._complete = True
@@ -405,6 +507,20 @@ class Exchange:
             raise ConnectionDropped("connection closed mid-response")
         self._raw += data
         return True
+
+    def _blocking_call(self, sock: socket.socket, deadline: float, call: Callable, argument: Any) -> Any:
+        """`call(argument)` on the socket, bounded by `deadline`: the exchange's timer under gevent, else a socket
+        timeout for this call."""
+        watch = self._deadline
+        if watch is None:
+            sock.settimeout(_remaining(deadline, ReadTimedOut))
+            return call(argument)
+        watch.set(deadline)
+        watch.blocked_on = sock
+        try:
+            return call(argument)
+        finally:
+            watch.blocked_on = None
 
     def _decode(self) -> None:
         """Move what the raw buffer holds of the body into the body buffer (chunked, Content-Length, or raw)."""
@@ -470,5 +586,7 @@ class Exchange:
     def close(self) -> None:
         """Drop the connection (not pooled): the provider sees the hang-up and stops generating."""
         sock, self._sock = self._sock, None
+        if self._deadline is not None:
+            self._deadline.close()
         if sock is not None:
             sock.close()

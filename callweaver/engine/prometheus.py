@@ -6,6 +6,7 @@ scrape reads one row per series, whatever the stored history. Gauges (live calls
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from typing import Callable, Iterable, Mapping
@@ -13,7 +14,7 @@ from typing import Callable, Iterable, Mapping
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from ..store import CALLS_ENDED_COUNTER, counter_series as series_key
+from ..store import CALLS_ENDED_COUNTER, counter_series
 from .metrics import UNANSWERED, added_latency_ms
 
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 750, 1000, 1500, 2500, 5000, 10000)
@@ -53,6 +54,16 @@ def _parse_series(key: str) -> tuple[str, dict[str, str]] | None:
 def _bucket(value: float) -> str:
     """The one bucket an observation is stored in; the exposition makes buckets cumulative."""
     return next((str(b) for b in BUCKETS_MS if value <= b), "+Inf")
+
+
+def series_key(name: str, labels: Mapping[str, str]) -> str:
+    """`counter_series`, remembered: a turn adds to ~10 series, and their names and labels repeat turn after turn."""
+    return _series_key(name, tuple(labels.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    return counter_series(name, dict(labels))
 
 
 def turn_counters(turn: Mapping) -> dict[str, float]:

@@ -405,10 +405,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
                     raise ReadTimedOut("deadline passed between lines")
-                line = exchange.next_line(deadline)
-                if line is None:
+                lines = exchange.next_lines(deadline)
+                if lines is None:
                     break
-                for delta in sse.read_line(line):
+                for delta in sse.read_lines(lines):
                     if delta.producing:
                         now = time.monotonic()
                         if not first_token_seen:
@@ -422,6 +422,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                         if speakable:
                             state.text += speakable
                             yield speakable
+                            if state.cancelled:  # while the consumer had the token (one read may bring several)
+                                raise ProviderError("cancelled")
                             # time the consumer spent with the token is not upstream silence
                             deadline = time.monotonic() + settings.stall_timeout_s
             if not sse.done and sse.finish_reason is None:

@@ -234,6 +234,8 @@ def _set_if_given(frame: dict[str, Any], **options: bool | None) -> None:
 
 def text(token: str, *, last: bool = False, interruptible: bool | None = None,
          preemptible: bool | None = None) -> dict[str, Any]:
+    if interruptible is None and preemptible is None:
+        return {"type": "text", "token": token, "last": last}  # serialise(Text(token, last)): one per frame sent
     return serialise(Text(token, last, interruptible, preemptible))
 
 

@@ -65,6 +65,13 @@ class RelaySession:
       replaces the text windows.
     """
 
+    # Every live call holds one while it is idle: slots, no per-instance dict (bench/idle_call_memory.py).
+    __slots__ = ("engine", "text_hold_s", "sender", "spawn", "clock", "inter_digit_s", "record", "call_sid",
+                 "_reply", "_streaming", "_turn", "_sent", "_committed", "_timings", "_fell_silent_event",
+                 "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
+                 "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
+                 "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent")
+
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
         self.engine = engine
@@ -81,8 +88,9 @@ class RelaySession:
         self._sent = ""              # text of the current reply already sent to Twilio
         self._committed = True
         self._timings: dict[str, Any] = {}
-        self._fell_silent = threading.Event()  # set by `info` agentSpeaking off (a gevent Event under gevent)
-        self._reply_stopped = threading.Event()  # set when the current reply is cancelled: ends a paced read's pause
+        # Made on first use (the properties below), like the cadence: an idle call holds none of them.
+        self._fell_silent_event: threading.Event | None = None    # set by `info` agentSpeaking off
+        self._reply_stopped_event: threading.Event | None = None  # set when the current reply is cancelled
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
@@ -93,12 +101,32 @@ class RelaySession:
         self._partial_seq = 0        # bumps on every partial and final so a stale stability timer does nothing
         self._adopted: SpeculativeTurn | None = None           # the current reply's, if it was speculated
         self._dropped_this_turn: list[SpeculativeTurn] = []    # dropped before the current reply
-        self._cadence = SpeechCadence()  # the caller's own pauses inside a sentence, in this call
+        self._speech_cadence: SpeechCadence | None = None  # the caller's own pauses inside a sentence, in this call
         self._last_partial_at = 0.0      # when the last interim transcript came (the no-final watch)
         self._watching_for_final = False
         self._latest_partial: tuple[str, str | None] | None = None  # this caller turn's last interim transcript
         self._speaker_events = False  # Twilio has sent clientSpeaking on this call: the acoustic signal is there
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
+
+    @property
+    def _fell_silent(self) -> threading.Event:
+        """Set by `info` agentSpeaking off (a gevent Event under gevent)."""
+        if self._fell_silent_event is None:
+            self._fell_silent_event = threading.Event()
+        return self._fell_silent_event
+
+    @property
+    def _reply_stopped(self) -> threading.Event:
+        """Set when the current reply is cancelled: ends a paced read's pause."""
+        if self._reply_stopped_event is None:
+            self._reply_stopped_event = threading.Event()
+        return self._reply_stopped_event
+
+    @property
+    def _cadence(self) -> SpeechCadence:
+        if self._speech_cadence is None:
+            self._speech_cadence = SpeechCadence()
+        return self._speech_cadence
 
     # ---- inbound ------------------------------------------------------------------------------
     def handle(self, raw: str | bytes) -> None:
@@ -162,7 +190,8 @@ class RelaySession:
         if not message.last:
             self._on_partial(message, received)  # interim transcript (partialPrompts): maybe start the turn early
             return
-        self._cadence.turn_ended()
+        if self._speech_cadence is not None:
+            self._speech_cadence.turn_ended()
         self._latest_partial, self._caller_silent = None, False
         if self._closing:
             log.info("relay_prompt_while_closing")
@@ -282,7 +311,8 @@ class RelaySession:
         """A caller turn ends with no final transcript: drop its speculation and keep what its speculations cost."""
         self._discard_speculation(reason)
         discarded, self._discarded = self._discarded, []
-        self._cadence.turn_ended()
+        if self._speech_cadence is not None:
+            self._speech_cadence.turn_ended()
         self._latest_partial, self._caller_silent = None, False
         if discarded and self.record is not None:
             try:

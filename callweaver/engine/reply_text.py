@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import re
 
-# Ends a clause or a sentence: Latin, CJK (full-width), Arabic, Urdu and Devanagari punctuation, and line breaks.
-CLAUSE_END = re.compile(r"[.!?,;:\u2026\n\u3002\uff01\uff1f\uff0c\uff1b\uff1a\u3001\u061f\u060c\u06d4\u0964]")
-SENTENCE_END = re.compile(r"[.!?\u2026\n\u3002\uff01\uff1f\u061f\u06d4\u0964]")
+from .speech import CLAUSE_MARKS, SENTENCE_END_MARKS
+
+# Where written text pauses besides its sentence marks: an ellipsis and a line break.
+_TEXT_PAUSES = "\u2026\n"
+# Ends a sentence (speech can start there) / ends a clause or a sentence (a frame can be sent there).
+SENTENCE_END = re.compile(f"[{re.escape(SENTENCE_END_MARKS + _TEXT_PAUSES)}]")
+CLAUSE_END = re.compile(f"[{re.escape(SENTENCE_END_MARKS + CLAUSE_MARKS + _TEXT_PAUSES)}]")
 # Faster than any voice speaks (~15 characters/s is usual): the queued speech is never overestimated.
 FAST_SPEECH_CHARS_PER_S = 25.0
 # Batched reads only while the speech already sent outlasts now by this many hold periods.

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import unicodedata
 
+# Marks that end a sentence: Latin, CJK full-width, Arabic, Urdu, Devanagari. One definition for both directions:
+# the caller's transcript (have they finished?) and the reply text (where a sentence can be spoken).
+SENTENCE_END_MARKS = ".!?\u3002\uff01\uff1f\u061f\u06d4\u0964"
+# Marks that end a clause inside a sentence (a pause, not an ending): Latin, CJK full-width, Arabic.
+CLAUSE_MARKS = ",;:\u3001\uff0c\uff1b\uff1a\u060c"
+
 # Apostrophes join a word ("don't" == "dont"); every other punctuation mark or symbol separates words.
 APOSTROPHES = frozenset("'\u2019\u2018`\u00b4\u02bc\uff07")
 # Scripts written without spaces between words, so matching and filler removal work by character there.

@@ -7,7 +7,7 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 import structlog
@@ -19,9 +19,9 @@ class StreamReportedError(Exception):
     """The stream carried an `error` event instead of a reply."""
 
 
-@dataclass(frozen=True)
-class ChatDelta:
-    """One choice's delta: `content` to speak (may be None), `producing` when text or a tool-call fragment came."""
+class ChatDelta(NamedTuple):
+    """One choice's delta: `content` to speak (may be None), `producing` when text or a tool-call fragment came.
+    (A tuple: one is built per streamed token.)"""
 
     content: str | None
     producing: bool
@@ -34,6 +34,16 @@ class ChatCompletionsStream:
         self.done = False
         self.finish_reason: str | None = None
         self._tool_parts: dict[int, dict] = {}
+
+    def read_lines(self, lines: list[bytes]) -> list[ChatDelta]:
+        """The deltas of several lines, in order (what one network read brought)."""
+        deltas: list[ChatDelta] = []
+        for line in lines:
+            if self.done:
+                break  # nothing after `[DONE]` is read
+            if line.startswith(b"data:"):  # separators, comments and `event:` lines carry no delta
+                deltas += self.read_line(line)
+        return deltas
 
     def read_line(self, line: bytes) -> list[ChatDelta]:
         """The deltas of one line; none for comments (": keep-alive"), `event:` lines, separators and [DONE]."""

@@ -33,7 +33,9 @@ CLOSE_POLICY_VIOLATION = 1008
 
 class LockedSender:
     """Serialised, complete frame writes: simple-websocket's send() may write part of a frame to a slow
-    reader and interleave frames across greenlets, so frames are built under a lock and written with sendall."""
+    reader and interleave frames across greenlets, so frames are built whole and written under a lock, completely."""
+
+    __slots__ = ("ws", "_lock")  # one per live call
 
     def __init__(self, ws):
         self.ws = ws
@@ -44,11 +46,18 @@ class LockedSender:
         with self._lock:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
-            self.ws.sock.sendall(frame)
+            sock = self.ws.sock
+            # One send() takes a whole small frame at once; gevent's sendall() would first ask the kernel for the
+            # send buffer size (a getsockopt per frame) and run its chunking loop.
+            sent = sock.send(frame)
+            if sent < len(frame):
+                sock.sendall(memoryview(frame)[sent:])
 
 
 class RelayClaim:
     """This socket's claim on its call in the store: at most one live relay socket per call, across workers."""
+
+    __slots__ = ("store", "tracking_id", "lease_s", "generation", "owner", "renew_at")  # one per live call
 
     def __init__(self, store: Store, record: CallRecord, lease_s: float):
         self.store, self.tracking_id, self.lease_s = store, record.tracking_id, lease_s
@@ -160,6 +169,7 @@ def conversation_relay(ws):
                     setup_deadline = None
                 if message is not None:
                     session.handle_message(message)
+                raw = message = None  # not kept while the call waits for its next message
             elif setup_deadline is not None and time.monotonic() >= setup_deadline:
                 _close(ws, "relay_setup_timeout", "setup not received in time")
                 break

@@ -10,6 +10,7 @@ from typing import Any
 
 import websocket  # websocket-client
 
+from ..engine.speech import SENTENCE_END_MARKS
 from .relay_model import TwilioRelayModel
 from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_signature
 
@@ -17,7 +18,7 @@ NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a se
 END_OF_SPEECH_MS = 500.0          # what a recogniser's end-pointing waits after the last word
 # Silence after which Twilio's voice activity detection reports clientSpeaking off (assumed: not documented).
 VAD_HANGOVER_MS = 200.0
-_SENTENCE_MARKS = re.compile(r"[.?!]")
+_SENTENCE_MARKS = re.compile(f"[{re.escape(SENTENCE_END_MARKS)}]")
 
 
 @dataclass

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, replace as replace_fields
@@ -235,12 +236,9 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     if not text:
         return False
     compact = text.replace(" ", "")
-    for raw_phrase in phrases:
-        phrase = normalise_speech(raw_phrase)
-        if not phrase:
-            continue
-        if any(is_cjk(ch) for ch in phrase):
-            if compact.endswith(phrase.replace(" ", "")):
+    for phrase, cjk in _termination_phrases(tuple(phrases)):
+        if cjk:
+            if compact.endswith(phrase):
                 return True
             continue
         if text == phrase:
@@ -250,6 +248,19 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
             if before == " " or is_cjk(before):
                 return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _termination_phrases(phrases: tuple[str, ...]) -> tuple[tuple[str, bool], ...]:
+    """A language's goodbye phrases normalised once (every turn checks them): (phrase, is CJK), CJK ones compacted."""
+    normalised = []
+    for raw_phrase in phrases:
+        phrase = normalise_speech(raw_phrase)
+        if not phrase:
+            continue
+        cjk = any(is_cjk(ch) for ch in phrase)
+        normalised.append((phrase.replace(" ", "") if cjk else phrase, cjk))
+    return tuple(normalised)
 
 
 def _transition_tool(workflow: Workflow, edges: list[Edge]) -> dict:

@@ -1,0 +1,106 @@
+"""Which browser pages may read the API's answers (CORS): one policy, read from CORS_ORIGINS here, that configures
+the app's flask-cors (callweaver/app.py) and answers for the worker's loader (callweaver/boot.py), which serves a
+browser's /health and /ping while the app is still loading, so both give the same headers for the same request.
+
+Import-light on purpose (the standard library only): the loader uses it before Flask is imported."""
+from __future__ import annotations
+
+from typing import Mapping
+
+# The original backend's origins (its backend/server.js): local dev servers, the deployed web app, the backend.
+DEFAULT_CORS_ORIGINS = (
+    "http://localhost:8080",
+    "http://localhost:3000",
+    "https://kimiya-ai.vercel.app",
+    "https://kimiyi-ai.onrender.com",
+)
+ANY_ORIGIN = "*"
+ALLOWED_METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
+ALLOWED_HEADERS = ("Content-Type", "Authorization", "X-Requested-With")
+# Characters that make flask-cors read a configured origin as a regular expression; CORS_ORIGINS names exact
+# origins, so the one policy below matches exactly what flask-cors matches.
+PATTERN_CHARACTERS = frozenset("*\\[]?$^()")
+
+Header = tuple[str, str]
+
+
+def read_cors_origins(env: Mapping[str, object]) -> tuple[tuple[str, ...], list[str]]:
+    """CORS_ORIGINS (config.py's Settings reads it through here): the origins, and the problems with the value."""
+    raw = env.get("CORS_ORIGINS")
+    text = "" if raw is None else str(raw).strip()
+    if not text:
+        return DEFAULT_CORS_ORIGINS, []
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    problems = []
+    if not origins:
+        problems.append(f"CORS_ORIGINS names no origin, got {text!r}")
+    elif ANY_ORIGIN in origins and len(origins) > 1:
+        problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of origins, "
+                        "not both")
+    for origin in origins:
+        if origin != ANY_ORIGIN and PATTERN_CHARACTERS.intersection(origin):
+            problems.append(f"CORS_ORIGINS entries are exact origins such as https://app.example.com (no patterns), "
+                            f"got {origin!r}")
+    return origins, problems
+
+
+class CorsPolicy:
+    """CORS_ORIGINS as the answer's headers. A listed origin is echoed back with credentials allowed; `*` alone lets
+    any page read the answers, never with credentials (`*` with credentials would let any page act with a visitor's
+    cookies; browsers refuse it anyway)."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.origins = origins
+        self.any_origin = origins == (ANY_ORIGIN,)
+        self._folded = frozenset(o.casefold() for o in origins)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, object]) -> "CorsPolicy | None":
+        """The policy CORS_ORIGINS sets, or None when it is invalid (the app then refuses to start, config.py)."""
+        origins, problems = read_cors_origins(env)
+        return None if problems else cls(origins)
+
+    def allows(self, origin: str) -> bool:
+        """Whether a browser page of `origin` may read the answers (origins compare case-insensitively)."""
+        return self.any_origin or origin.casefold() in self._folded
+
+    def flask_cors_options(self) -> dict:
+        """The app's `flask_cors.CORS(app, **options)`; every option that `headers` answers for is set here."""
+        return {"origins": ANY_ORIGIN if self.any_origin else list(self.origins),
+                "supports_credentials": not self.any_origin, "send_wildcard": self.any_origin,
+                "methods": list(ALLOWED_METHODS), "allow_headers": list(ALLOWED_HEADERS), "expose_headers": None,
+                "max_age": None, "vary_header": True, "always_send": True, "allow_private_network": False}
+
+    def headers(self, method: str, request_headers: Mapping[str, str]) -> list[Header]:
+        """The CORS headers flask-cors (6.x) adds, with `flask_cors_options()`, to the answer to a request with these
+        headers (title-cased names, e.g. "Origin"): the loader's answers while the app loads. tests/test_boot.py
+        compares them with the loaded app's for allowed, refused and absent origins, preflights included."""
+        origin = request_headers.get("Origin")
+        if origin:
+            if self.any_origin:
+                allowed = ANY_ORIGIN
+            elif self.allows(origin):
+                allowed = origin
+            else:
+                return []  # flask-cors adds nothing at all for a refused origin, not even Vary
+        else:  # always_send: flask-cors answers a request without an Origin too
+            allowed = ANY_ORIGIN if self.any_origin else sorted(self.origins)[0]
+        out: list[Header] = [("Access-Control-Allow-Origin", allowed)]
+        if not self.any_origin:
+            out.append(("Access-Control-Allow-Credentials", "true"))
+        if request_headers.get("Access-Control-Request-Private-Network") == "true":
+            out.append(("Access-Control-Allow-Private-Network", "false"))
+        methods = ", ".join(sorted(ALLOWED_METHODS))
+        requested_method = request_headers.get("Access-Control-Request-Method", "").upper()
+        # flask-cors tests the requested method against its joined list of methods (a substring test), kept as is
+        if method == "OPTIONS" and requested_method and requested_method in methods:
+            requested = request_headers.get("Access-Control-Request-Headers")
+            if requested:
+                allowed_headers = {h.casefold() for h in ALLOWED_HEADERS}
+                matching = sorted(h.strip() for h in requested.split(",") if h.strip().casefold() in allowed_headers)
+                if matching:
+                    out.append(("Access-Control-Allow-Headers", ", ".join(matching)))
+            out.append(("Access-Control-Allow-Methods", methods))
+        if allowed != ANY_ORIGIN and len(self.origins) > 1:
+            out.append(("Vary", "Origin"))
+        return out
