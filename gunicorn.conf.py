@@ -31,7 +31,7 @@ access_log_format = json.dumps({
 
 def post_fork(server, worker):
     """The worker imports and builds the app with the cyclic collector off: those objects live as long as the
-    worker, and each full pass over them during the imports cost 30-85 ms of CPU (docs/performance.md). Until it
+    worker, and each full pass over them during the imports cost 30-85 ms of CPU (docs/performance-history.md). Until it
     serves, the installed packages' entry points are read once (entry_points_read_once)."""
     gc.disable()
     entry_points_read_once()
@@ -49,7 +49,7 @@ def entry_points_read_once():
     """Next, gunicorn's gevent worker monkey-patches the standard library (`gevent.monkey.patch_all()`), and gevent
     emits 25 plugin events meanwhile, for each of which it reads the entry points of every installed distribution
     (`importlib.metadata.entry_points(group=...)`): 45-130 ms of CPU, a second at Render's 0.1 CPU, before the worker
-    can answer its first health check (docs/performance.md, "Issue 12g"); gevent has no setting to skip them. Nothing
+    can answer its first health check (docs/performance-history.md, "Issue 12g"); gevent has no setting to skip them. Nothing
     is installed while a worker starts, so they are read once and each call selects from that, exactly as
     `entry_points(**selection)` selects from all of them, until entry_points_read_afresh puts the standard function
     back. Only the worker's own start runs meanwhile (the app's imports begin once it serves)."""

@@ -4,7 +4,7 @@ The SDK builds every request (URL, auth, the SDK's headers, the form) and parses
 included); only its transport is ours, through the SDK's documented extension point (`Client(http_client=...)`):
 `PooledTwilioHttpClient` sends on the keep-alive socket pool of `engine/llm_http.py` instead of a requests Session,
 whose per-request environment merging, `email.feedparser` header parsing and charset guessing were most of the
-27 % of set-up CPU that placing a call cost (docs/performance.md).
+27 % of set-up CPU that placing a call cost (docs/performance-history.md).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ and target, `Exchange.send` and `read_body` for a whole, non-streamed answer), w
 uses (`ConnectionPool(tls_context=...)`).
 
 geventhttpclient (a C parser made for gevent) was measured as the replacement for the parsing here and kept out:
-`python -m bench.llm_client` (docs/performance.md) shows it using more CPU per streamed turn, and its per-request
+`python -m bench.llm_client` (docs/performance-history.md) shows it using more CPU per streamed turn, and its per-request
 deadlines and cross-thread cancellation would need a `gevent.Timeout` per read and its private socket.
 """
 from __future__ import annotations
