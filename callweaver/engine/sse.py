@@ -7,7 +7,7 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import orjson
 import structlog
@@ -35,15 +35,13 @@ class ChatCompletionsStream:
         self.finish_reason: str | None = None
         self._tool_parts: dict[int, dict] = {}
 
-    def read_lines(self, lines: list[bytes]) -> list[ChatDelta]:
-        """The deltas of several lines, in order (what one network read brought)."""
-        deltas: list[ChatDelta] = []
+    def read_lines(self, lines: list[bytes]) -> Iterator[ChatDelta]:
+        """The deltas of several lines (what one network read brought), line by line: a delta is handed out before
+        a later line of the same read is parsed, so tokens ahead of an `error` event are still spoken."""
         for line in lines:
             if self.done:
-                break  # nothing after `[DONE]` is read
-            if line.startswith(b"data:"):  # separators, comments and `event:` lines carry no delta
-                deltas += self.read_line(line)
-        return deltas
+                return  # nothing after `[DONE]` is read
+            yield from self.read_line(line)
 
     def read_line(self, line: bytes) -> list[ChatDelta]:
         """The deltas of one line; none for comments (": keep-alive"), `event:` lines, separators and [DONE]."""
