@@ -150,7 +150,7 @@ def _refuse_cross_site(app: Flask, settings: Settings) -> None:
         if view is not None and not getattr(view, "twilio_webhook", False) and not request.is_json:
             return jsonify(success=False, error="Content-Type must be application/json"), 415
         origin = request.headers.get("Origin")
-        if origin is None or settings.origin_allowed(origin):
+        if origin is None or settings.cors.allows(origin):
             return None
         log.warning("origin_refused", method=request.method, path=request.path, origin=origin[:200])
         return jsonify(success=False,

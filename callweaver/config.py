@@ -145,19 +145,10 @@ class Settings:
         """CORS_ORIGINS as a policy: the app's CORS headers, its Origin check and the loader's answers share it."""
         return CorsPolicy(self.cors_origins)
 
-    def origin_allowed(self, origin: str) -> bool:
-        """Whether a browser Origin is one of CORS_ORIGINS (the one policy CORS and the Origin check share)."""
-        return self.cors.allows(origin)
-
     @property
     def production(self) -> bool:
         """NODE_ENV=production or running on Render: no header-derived URLs, operator pages need OPS_TOKEN."""
         return self.node_env == "production" or self.on_render
-
-    @property
-    def cors_any_origin(self) -> bool:
-        """CORS_ORIGINS=*: any page may call the API, so browsers never get credentials with the answer."""
-        return self.cors.any_origin
 
     @property
     def signatures_enforced(self) -> bool:

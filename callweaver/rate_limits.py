@@ -105,7 +105,6 @@ def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
         for endpoint in endpoints:
             app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit,
                                                                daily_cap=scope == "make-call")
-    app.extensions["callweaver.rate_limits"] = rate_limits
     return rate_limits
 
 
