@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
 from bench.report import describe
 from bench.stack import ACCOUNT_SID, AUTH_TOKEN, BenchStack, PHONE, WORKFLOWS
 
-SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f]")  # the end of a reply's first sentence, as the caller reads it
+from callweaver.engine.reply_text import SENTENCE_END  # noqa: E402  (the end of a reply's first sentence)
 
 # Words for utterances that can never repeat across calls or turns (so they miss the reply cache).
 TOPIC_WORDS = ("garden", "river", "school", "station", "harbour", "museum", "library", "stadium", "orchard",

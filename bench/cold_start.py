@@ -22,7 +22,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402  (after patch_all)
 import os  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -33,7 +32,7 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 
 from bench.relay import WEB_APP_ORIGIN, cpu_quota  # noqa: E402
-from bench.report import machine_summary, markdown_table, progress  # noqa: E402
+from bench.report import machine_summary, markdown_table, percentile, progress  # noqa: E402
 from bench.stack import compile_sources, server_env  # noqa: E402
 from callweaver.boot import APP_LOADED  # noqa: E402
 from callweaver.simulate.live_server import first_200, free_port, stop_process  # noqa: E402
@@ -125,7 +124,7 @@ def summary(values: list[float | None]) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "—"
-    return f"{statistics.median(known):.2f} ({min(known):.2f}–{max(known):.2f})"
+    return f"{percentile(known, 50):.2f} ({min(known):.2f}–{max(known):.2f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     quota = f", {args.cpu_quota} CPU quota" if args.cpu_quota else ""
     print(f"### Cold start: process → first answers, 1 gevent worker{quota}, {args.runs} starts per checkout\n")
     print(f"{machine_summary()}; server interpreter {args.python} ({distributions(args.python)} installed "
-          f"distributions, which gevent's monkey-patching reads 25 times). "
+          f"distributions, whose entry points gevent's monkey-patching reads). "
           f"Command: `python -m bench.cold_start {' '.join(argv or sys.argv[1:])}`\n")
     names = [*PROBES, LOADED]
     rows = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +62,7 @@ def main() -> int:
     args = parser.parse_args()
     roots = [str(Path(root).resolve()) for root in (args.root or [REPO])]
     sys.path.insert(0, str(REPO))
-    from bench.report import markdown_table
+    from bench.report import markdown_table, percentile
     from bench.stack import FakeLLMProcess
 
     llm = FakeLLMProcess().start()
@@ -78,7 +77,7 @@ def main() -> int:
         llm.stop()
     print(f"{args.streams} concurrent streams × {args.turns} turns, {args.rounds} alternating rounds per root "
           f"(median shown); fake LLM TTFT {llm.ttft_ms:g} ms, {llm.token_interval_ms:g} ms/token\n")
-    medians = {root: statistics.median(r["us_per_turn"] for r in rounds) for root, rounds in results.items()}
+    medians = {root: percentile([r["us_per_turn"] for r in rounds], 50) for root, rounds in results.items()}
     first = medians[roots[0]]
     print(markdown_table(["root", "CPU per turn (µs), median", "rounds (µs)", "turns", "failed"], [
         [root, f"{medians[root]:.0f} ({medians[root] / first:.2f}×)",
