@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from .background import OsThreadWork, spawn
 from .cors import CorsPolicy
-from .health_facts import SERVICE_NAME, memory_body, now_iso, ping_body
+from .health_facts import SERVICE_NAME, memory_body, now_iso, ping_body, uptime_s
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 # gunicorn's exit status for "worker failed to boot": its master then stops instead of respawning the worker, as it
@@ -126,7 +126,7 @@ class AppLoader:
             "status": "degraded",
             "starting": True,
             "timestamp": now_iso(),
-            "uptime": round(time.time() - self.started_at, 3),
+            "uptime": uptime_s(),
             "service": SERVICE_NAME,
             "environment": None,
             "memory": memory_body(),

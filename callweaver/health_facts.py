@@ -7,6 +7,14 @@ from datetime import datetime, timezone
 
 SERVICE_NAME = "Call Flow Weaver Backend"
 KIB_PER_MIB = 1024
+# When this process began serving as CallWeaver (this module is among the first the worker imports): /health's
+# uptime counts from here whether the loader or the loaded app answers, as the original's process.uptime() did.
+PROCESS_STARTED_AT = time.time()
+
+
+def uptime_s() -> float:
+    """Seconds since PROCESS_STARTED_AT (/health's `uptime`)."""
+    return round(time.time() - PROCESS_STARTED_AT, 3)
 
 
 def now_iso() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
@@ -32,7 +31,6 @@ log = structlog.get_logger()
 @dataclass
 class Services:
     settings: Settings
-    started_at: float = field(default_factory=time.time)
     _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
 
     @cached_property

@@ -127,3 +127,24 @@ def test_cors_origins_are_exact_origins_so_the_loader_and_flask_cors_match_alike
     with pytest.raises(ConfigError, match="CORS_ORIGINS"):
         create_app(app_env(tmp_path, value))
     assert CorsPolicy.from_env({"CORS_ORIGINS": value}) is None
+
+
+def test_health_uptime_never_goes_back_when_the_app_takes_over(tmp_path):
+    """/health's uptime is the process's: the loader's answer and the loaded app's count from the same start, so
+    the figure a monitor plots does not drop by the load time when the app takes over."""
+    env = app_env(tmp_path, WEB_APP)
+    release = threading.Event()
+
+    def build():
+        assert release.wait(WAIT_S)
+        return create_app(env)
+
+    loader = AppLoader(modules=(), build=build, cors=CorsPolicy.from_env({**os.environ, **env}))
+    client = Client(loader.wsgi)
+    time.sleep(0.3)
+    early = client.get("/health").json
+    release.set()
+    assert loader.wait(WAIT_S) and early["starting"] is True
+    loaded = client.get("/health").json
+    assert "starting" not in loaded
+    assert loaded["uptime"] >= early["uptime"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 from flask import Blueprint, jsonify, request
 
 from .. import __version__
 from ..engine.workflow import Workflow
-from ..health_facts import SERVICE_NAME, memory_body, memory_mb, now_iso, ping_body
+from ..health_facts import SERVICE_NAME, memory_body, memory_mb, now_iso, ping_body, uptime_s
 from ..lifecycle import MAX_ERROR_TEXT_CHARS
 from ..services import services
 from ..store import StoreError
@@ -68,7 +67,7 @@ def health():
     body = {
         "status": status,
         "timestamp": now_iso(),
-        "uptime": round(time.time() - svc.started_at, 3),
+        "uptime": uptime_s(),
         "service": SERVICE_NAME,
         "environment": {
             "nodeEnv": s.node_env, "port": s.port,
@@ -131,7 +130,7 @@ def health_optimized():
         performance=summary,
         warnings=warnings,
         environment={"nodeVersion": f"python-{platform.python_version()}",
-                     "uptime": round(time.time() - svc.started_at, 3),
+                     "uptime": uptime_s(),
                      "memoryUsage": {"rssMB": round(used, 1)}},
     ), (503 if status == "unhealthy" else 200)
 
