@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
 import uuid
 from typing import Any, Mapping
@@ -15,7 +14,7 @@ from flask_cors import CORS
 
 from .background import SocketReader
 from .config import Settings
-from .errors import init_errors
+from .errors import init_errors, new_request_id
 from .extensions import sock
 from .logging import init_logging, register_secret
 from .request_guard import RequestBodyGuard
@@ -104,7 +103,7 @@ def _init_request_logging(app: Flask) -> None:
     def _bind_request() -> None:
         structlog.contextvars.clear_contextvars()
         incoming = request.headers.get("X-Request-Id", "")
-        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else "req_" + secrets.token_hex(12)
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else new_request_id()
         request.request_id = g.request_id  # type: ignore[attr-defined]
         g.started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)

@@ -3,7 +3,7 @@
 ApiError is what routes raise; the lifecycle's domain exceptions are mapped to statuses here, and only here."""
 from __future__ import annotations
 
-import uuid
+import secrets
 from typing import Any
 
 import requests
@@ -25,6 +25,11 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+def new_request_id() -> str:
+    """A request's id when the client sent no usable X-Request-Id: `req_` and 24 hex digits."""
+    return "req_" + secrets.token_hex(12)
 
 
 def twilio_error_status(exc: TwilioRestException) -> int:
@@ -81,6 +86,6 @@ def init_errors(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        request_id = getattr(request, "request_id", None) or ("req_" + uuid.uuid4().hex[:24])
+        request_id = getattr(request, "request_id", None) or new_request_id()
         log.exception("unhandled_error", request_id=request_id, path=request.path)
         return jsonify(success=False, error="Internal server error", requestId=request_id), 500
