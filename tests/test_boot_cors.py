@@ -52,8 +52,8 @@ def app_env(tmp_path, origins: str) -> dict[str, str]:
             "LOG_LEVEL": "WARNING", "CACHE_PREWARM": "0", "CORS_ORIGINS": origins}
 
 
-@pytest.mark.parametrize("origins", CONFIGS.values(), ids=CONFIGS.keys())
-def test_the_loader_answers_with_the_loaded_apps_cors_headers(tmp_path, origins):
+def held_loader(tmp_path, origins: str) -> tuple[AppLoader, threading.Event]:
+    """A loader whose app is built only once the returned event is set."""
     env = app_env(tmp_path, origins)
     release = threading.Event()
 
@@ -61,7 +61,12 @@ def test_the_loader_answers_with_the_loaded_apps_cors_headers(tmp_path, origins)
         assert release.wait(WAIT_S)
         return create_app(env)
 
-    loader = AppLoader(modules=(), build=build, cors=CorsPolicy.from_env({**os.environ, **env}))
+    return AppLoader(modules=(), build=build, cors=CorsPolicy.from_env({**os.environ, **env})), release
+
+
+@pytest.mark.parametrize("origins", CONFIGS.values(), ids=CONFIGS.keys())
+def test_the_loader_answers_with_the_loaded_apps_cors_headers(tmp_path, origins):
+    loader, release = held_loader(tmp_path, origins)
     client = Client(loader.wsgi)
     starting = [client.open(path, method=method, headers=headers) for method, path, headers in REQUESTS]
     assert loader.app is None  # every answer above came from the loader
@@ -132,14 +137,7 @@ def test_cors_origins_are_exact_origins_so_the_loader_and_flask_cors_match_alike
 def test_health_uptime_never_goes_back_when_the_app_takes_over(tmp_path):
     """/health's uptime is the process's: the loader's answer and the loaded app's count from the same start, so
     the figure a monitor plots does not drop by the load time when the app takes over."""
-    env = app_env(tmp_path, WEB_APP)
-    release = threading.Event()
-
-    def build():
-        assert release.wait(WAIT_S)
-        return create_app(env)
-
-    loader = AppLoader(modules=(), build=build, cors=CorsPolicy.from_env({**os.environ, **env}))
+    loader, release = held_loader(tmp_path, WEB_APP)
     client = Client(loader.wsgi)
     time.sleep(0.3)
     early = client.get("/health").json
