@@ -15,9 +15,9 @@ fast speaking rate, from when the first sentence was sent), reading the rest lat
 `PACE_LEAD_FACTOR - 1` hold periods of it queued after the pause leaves no gap in the audio. Each frame saved is
 a socket write less, and each batch read is a wake-up of the worker less. The first pause is the long one: a
 typical reply's words after its first sentence arrive within a few hundred ms (tens of tokens at ~50 per s), so
-one pause of up to `MAX_PAUSE_FACTOR` × `hold_s` reads most or all of them in one wake-up. A stream that outlasts it is read
-`hold_s` apart from then on, so a reply's end that arrives just after a pause (its last words, the stream's closing
-events, then the frame with `last: true`) waits one short pause at most.
+one pause of up to `MAX_PAUSE_FACTOR` × `hold_s` reads most or all of them in one wake-up. A stream that outlasts
+it is read `hold_s` apart from then on, so a reply's end that arrives just after a pause (its last words, the
+stream's closing events, then the frame with `last: true`) waits one short pause at most.
 
 The frames' texts concatenated are byte for byte the tokens concatenated (spaces kept, nothing trimmed, nothing
 reordered). Held text is not sent until it is returned here: a barge-in or cancellation drops it, so what was
