@@ -105,8 +105,11 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     Returns (ok, record); a failure is logged with what is known about the request, never the token.
     """
     svc = services()
-    tracking_id = request.args.get("trackingId") or request.form.get("trackingId")
-    call_sid = request.form.get("CallSid") or request.args.get("CallSid")
+    # A request with no body type (the relay socket's upgrade) has an empty form; werkzeug would still build one
+    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse).
+    form = request.form if request.want_form_data_parsed else {}
+    tracking_id = request.args.get("trackingId") or form.get("trackingId")
+    call_sid = form.get("CallSid") or request.args.get("CallSid")
     record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
     ok = signature_ok(svc.lifecycle.auth_token_for(record), url=url, params=params)
     if not ok:
