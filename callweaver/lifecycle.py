@@ -204,9 +204,7 @@ class CallLifecycle:
             credentials=self.credential_box.seal(*creds) if creds else None,
             meta=meta,
         )
-        self.store.create_call(call)
-        if workflow_id:
-            self.store.save_workflow(workflow_id, workflow.snapshot)
+        self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"

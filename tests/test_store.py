@@ -397,6 +397,20 @@ def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     assert store.get_workflow("unknown") is None
 
 
+def test_a_call_created_with_its_workflow_id_saves_the_workflow_as_that_ids_latest(store):
+    """make-call saves the flow with the call (one write in SQLite); a refused duplicate saves nothing."""
+    snapshot, other = {"nodes": [{"id": "a"}], "version": 1}, {"nodes": [{"id": "b"}], "version": 2}
+    store.create_call(CallRecord(tracking_id="wf_call", workflow=snapshot, workflow_hash="hash-1"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == snapshot and store.get_call("wf_call").workflow == snapshot
+    with pytest.raises(StoreError):
+        store.create_call(CallRecord(tracking_id="wf_call", workflow=other, workflow_hash="hash-2"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == snapshot
+    store.create_call(CallRecord(tracking_id="wf_call_2", workflow=other, workflow_hash="hash-2"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == other
+    store.create_call(CallRecord(tracking_id="no_id", workflow=snapshot, workflow_hash="hash-1"))
+    assert store.get_workflow("wf_9") == other
+
+
 # -- workflow snapshots: stored once per version, referenced by the call rows ------------------------
 
 

@@ -222,7 +222,7 @@ class SQLiteStore:
 
     # -- calls ----------------------------------------------------------------
 
-    def create_call(self, record: CallRecord) -> None:
+    def create_call(self, record: CallRecord, workflow_id: str | None = None) -> None:
         data, version = self._snapshots.detach(vars(record))  # vars: no deep copy (to_dict) needed
         with self._write() as conn:
             if version is not None:
@@ -245,6 +245,8 @@ class SQLiteStore:
                 )
             except sqlite3.IntegrityError as exc:
                 raise StoreError(f"call {record.tracking_id!r} already exists") from exc
+            if workflow_id:  # its JSON is already encoded for its version: saved with the call, in one write
+                self._save_workflow(conn, workflow_id, version[1] if version else _dumps(record.workflow))
 
     def get_call(self, tracking_id: str) -> CallRecord | None:
         with self._connection() as conn:
@@ -514,12 +516,16 @@ class SQLiteStore:
         """The web app sends the same flow with every call: an unchanged snapshot rewrites nothing (its ~12 KB row
         was ~5 WAL pages per make-call); `saved_at` is when this snapshot was first saved under the id."""
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO cw_workflows (workflow_id, snapshot, saved_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (workflow_id) DO UPDATE SET snapshot = excluded.snapshot,"
-                " saved_at = excluded.saved_at WHERE cw_workflows.snapshot IS NOT excluded.snapshot",
-                (workflow_id, _dumps(snapshot), time.time()),
-            )
+            self._save_workflow(conn, workflow_id, _dumps(snapshot))
+
+    @staticmethod
+    def _save_workflow(conn: sqlite3.Connection, workflow_id: str, encoded: str) -> None:
+        conn.execute(
+            "INSERT INTO cw_workflows (workflow_id, snapshot, saved_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (workflow_id) DO UPDATE SET snapshot = excluded.snapshot,"
+            " saved_at = excluded.saved_at WHERE cw_workflows.snapshot IS NOT excluded.snapshot",
+            (workflow_id, encoded, time.time()),
+        )
 
     def get_workflow(self, workflow_id: str) -> dict | None:
         with self._connection() as conn:
