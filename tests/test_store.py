@@ -688,12 +688,18 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
 
 def test_values_the_fast_encoder_refuses_are_still_stored(store):
     """Integers beyond 64 bits (orjson refuses them) and integer keys round-trip like the standard library's JSON."""
-    big = 2 ** 70
+    big = 2 ** 70 + 1  # not a float's exact value: read back as a float it would come back changed
     store.create_call(CallRecord(tracking_id="call_big", variables={"n": big, "nested": {1: "one"}}))
     store.update_meta("call_big", {"huge": [big, -big]})
     record = store.get_call("call_big")
     assert record.variables == {"n": big, "nested": {"1": "one"}}
     assert record.meta == {"huge": [big, -big]}
+    store.commit_turn("call_big", {"variables": {"n": big, "m": -big}}, {"n": 1},
+                      transcript_entry={"role": "user", "content": str(big)})
+    record = store.get_call("call_big")
+    assert record.variables == {"n": big, "m": -big}
+    assert record.meta == {"huge": [big, -big]}
+    assert type(record.variables["n"]) is int
 
 
 def test_rows_written_with_nan_by_the_standard_library_still_read(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -106,8 +107,15 @@ def _dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+# A run of 20 digits may be an integer beyond 64 bits, which orjson would read back as a float.
+_MAYBE_HUGE_INTEGER = re.compile(r"\d{20}")
+
+
 def _loads(text: str) -> Any:
-    """The inverse of _dumps; rows the standard library wrote may hold NaN or Infinity, which orjson refuses."""
+    """The inverse of _dumps; rows the standard library wrote may hold NaN or Infinity, which orjson refuses, or
+    integers beyond 64 bits, which it reads as floats (so those go to the standard library, which keeps them)."""
+    if _MAYBE_HUGE_INTEGER.search(text):
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
