@@ -71,14 +71,22 @@ def entry_points_read_afresh():
     metadata.entry_points = getattr(metadata.entry_points, "read_afresh", metadata.entry_points)
 
 
+# The cyclic collector's thresholds while the worker serves (gc.set_threshold; CPython's defaults are 700, 10, 10).
+# With 800 calls on one worker each pass walks the objects of every call in flight, and each pass is a pause for all
+# of them: a full (generation-2) pass took 87-102 ms and a generation-1 pass 8-11 ms (docs/performance-history.md,
+# "Issue 12p"). Fewer, larger young passes and a full pass only every 100 generation-1 passes instead of every 10.
+LIVE_CALL_GC_THRESHOLDS = (7000, 10, 100)
+
+
 def app_loaded(app):
     """Start the worker's background jobs (retention) on the worker's own hub. Then move everything loaded so far
     out of the collector's reach (gc.freeze): a full pass over ~145k start-up objects took 75-85 ms in the middle of
-    live calls; without them it takes a few ms. Then the collector runs again. The SDK clients are still being built
+    live calls; without them it takes a few ms. Then the collector runs again, with LIVE_CALL_GC_THRESHOLDS. The SDK clients are still being built
     in the warm-up thread then (callweaver/services.py), so what they load is frozen too once that thread has
     finished (with whatever the first requests held at that moment)."""
     services = app.extensions["callweaver"]
     services.start_background_jobs()
     gc.freeze()
+    gc.set_threshold(*LIVE_CALL_GC_THRESHOLDS)
     gc.enable()
     services.when_warm(gc.freeze)

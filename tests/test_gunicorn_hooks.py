@@ -121,3 +121,19 @@ def test_until_the_worker_serves_entry_points_are_read_once_then_afresh_again():
     finally:
         metadata.entry_points = standard
         gc.enable()
+
+
+def test_once_the_worker_serves_the_collector_runs_with_the_live_call_thresholds():
+    hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    services = FakeServices()
+    worker, loader = worker_loading(services)
+    defaults = gc.get_threshold()
+    try:
+        hooks["post_fork"](None, worker)
+        hooks["post_worker_init"](worker)
+        loader.finish_loading()
+        assert gc.get_threshold() == hooks["LIVE_CALL_GC_THRESHOLDS"]
+    finally:
+        gc.set_threshold(*defaults)
+        gc.unfreeze()
+        gc.enable()
