@@ -24,9 +24,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SPLIT_STEPS = ("prompt receipt (parse, start_turn)", "commit (store, cache write, counters, span, log line)",
-               "  store.commit_turn", "  reply-cache write")
-STEPS = ("talk phase", *SPLIT_STEPS)
+RECEIPT, COMMIT, STORE, CACHE = ("prompt receipt (parse, start_turn)", "commit", "store.commit_turn",
+                                 "reply-cache write")
+# The parts of a turn's CPU, each apart from the others, so a row sums to the talking phase's CPU per turn.
+STEPS = (RECEIPT, "commit: store.commit_turn", "commit: reply-cache write",
+         "commit: the rest (counters, span, log line, record)",
+         "the rest of the turn (LLM exchange, frames, greenlets, hub)")
 
 # A tiny HTTP/1.1 server (stdlib only, threads): every POST gets the prebuilt SSE reply in one sendall.
 ONE_WRITE_LLM = r'''
@@ -132,7 +135,7 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
                     "from": "+15005550006", "to": destination(index), "direction": "outbound-api",
                     "callStatus": "RINGING", "customParameters": {"trackingId": tid}}
 
-        split = dict.fromkeys(SPLIT_STEPS, 0.0)
+        split = dict.fromkeys((RECEIPT, COMMIT, STORE, CACHE), 0.0)
 
         class TimedSession(RelaySession):
             """Times the receipt of a frame (parse, end of utterance, `start_turn`) and the commit, on the CPU clock
@@ -143,12 +146,12 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
             def handle(self, raw):
                 started = time.thread_time()
                 super().handle(raw)
-                split["prompt receipt (parse, start_turn)"] += time.thread_time() - started
+                split[RECEIPT] += time.thread_time() - started
 
             def _commit(self, turn, **kwargs):
                 started = time.thread_time()
                 super()._commit(turn, **kwargs)
-                split["commit (store, cache write, counters, span, log line)"] += time.thread_time() - started
+                split[COMMIT] += time.thread_time() - started
 
         def timed(owner, name: str, step: str) -> None:
             """Time one method of the commit on the CPU clock (the instance attribute shadows the method)."""
@@ -162,9 +165,9 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
                     split[step] += time.thread_time() - started
             setattr(owner, name, run)
 
-        timed(svc.engine.store, "commit_turn", "  store.commit_turn")
+        timed(svc.engine.store, "commit_turn", STORE)
         if svc.engine.cache is not None:
-            timed(svc.engine.cache, "put", "  reply-cache write")
+            timed(svc.engine.cache, "put", CACHE)
 
         def talk(setup: dict, index: int, count: int) -> None:
             session = TimedSession(svc.engine, FrameSink(), spawn=spawn,
@@ -197,9 +200,9 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         turns_done = svc.store.get_call(setups[0]["customParameters"]["trackingId"])
         assert turns_done is not None and len(turns_done.messages) >= 2 * turns, "the turns did not complete"
-        out = {"talk phase": cpu * 1000 / (calls * turns)}
-        out.update({key: seconds * 1000 / (calls * turns) for key, seconds in split.items()})
-        return out
+        per_turn = {key: seconds * 1000 / (calls * turns) for key, seconds in split.items()}
+        parts = [per_turn[RECEIPT], per_turn[STORE], per_turn[CACHE], per_turn[COMMIT] - per_turn[STORE] - per_turn[CACHE]]
+        return dict(zip(STEPS, [*parts, cpu * 1000 / (calls * turns) - per_turn[RECEIPT] - per_turn[COMMIT]]))
     finally:
         stand_in.kill()
         llm.kill()
@@ -226,9 +229,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(spent))
         return
-    print(f"| step | CPU per turn (ms), {args.calls} calls × {turns} turns, one-write replies |\n|---|---|")
+    print(f"| part of a turn | CPU per turn (ms), {args.calls} calls × {turns} turns, one-write replies |\n|---|---|")
     for name, ms in spent.items():
         print(f"| {name} | {ms:.3f} |")
+    print(f"| all (the talking phase) | {sum(spent.values()):.3f} |")
 
 
 if __name__ == "__main__":
