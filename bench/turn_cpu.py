@@ -91,6 +91,7 @@ class FrameSink:
 
 def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float]:
     import cProfile
+    import gc
     import pstats
     import resource
     import tempfile
@@ -168,6 +169,30 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
         timed(svc.engine.store, "commit_turn", STORE)
         if svc.engine.cache is not None:
             timed(svc.engine.cache, "put", CACHE)
+        if os.environ.get("TURN_CPU_MORE"):
+            import callweaver.engine.conversation as conv
+            import callweaver.engine.llm_http as lh
+            for extra in ("cache.get", "plan_turn", "Exchange.start", "relay_protocol.parse", "log.info", "turn_counters"):
+                split[extra] = 0.0
+            timed(svc.engine.cache, "get", "cache.get")
+            timed(conv, "plan_turn", "plan_turn")
+            timed(lh.Exchange, "start", "Exchange.start")
+            from callweaver.engine import relay_protocol as rp
+            timed(rp, "parse", "relay_protocol.parse")
+            timed(conv, "turn_counters", "turn_counters")
+
+            class TimedLog:
+                def __init__(self, inner):
+                    self.inner = inner
+
+                def info(self, *a, **k):
+                    started = time.thread_time()
+                    self.inner.info(*a, **k)
+                    split["log.info"] += time.thread_time() - started
+
+                def __getattr__(self, name):
+                    return getattr(self.inner, name)
+            conv.log = TimedLog(conv.log)
 
         def talk(setup: dict, index: int, count: int) -> None:
             session = TimedSession(svc.engine, FrameSink(), spawn=spawn,
@@ -184,6 +209,8 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
         warm = [place(100000 + i) for i in range(3)]
         gevent.joinall([gevent.spawn(talk, setup, 100000 + i, 2) for i, setup in enumerate(warm)])
         setups = [place(i) for i in range(calls)]
+        gc.collect()
+        gc.freeze()  # as gunicorn.conf.py does once the worker has loaded: collections walk only the calls' objects
         for key in split:
             split[key] = 0.0
         profile = cProfile.Profile(time.thread_time)
@@ -202,6 +229,8 @@ def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float
         assert turns_done is not None and len(turns_done.messages) >= 2 * turns, "the turns did not complete"
         per_turn = {key: seconds * 1000 / (calls * turns) for key, seconds in split.items()}
         parts = [per_turn[RECEIPT], per_turn[STORE], per_turn[CACHE], per_turn[COMMIT] - per_turn[STORE] - per_turn[CACHE]]
+        if os.environ.get("TURN_CPU_MORE"):
+            print({k: round(v, 4) for k, v in per_turn.items()}, file=sys.stderr)
         return dict(zip(STEPS, [*parts, cpu * 1000 / (calls * turns) - per_turn[RECEIPT] - per_turn[COMMIT]]))
     finally:
         stand_in.kill()

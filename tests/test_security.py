@@ -344,3 +344,19 @@ def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrub
     line = redact_secrets(None, "info", {"event": value, "twilioAuthToken": "abc", "apiKey": "", "node": "n1"})
 
     assert line == {"event": scrubbed, "twilioAuthToken": "[REDACTED]", "apiKey": "", "node": "n1"}
+
+
+def test_a_log_value_found_clean_is_scrubbed_again_once_a_secret_it_holds_is_registered():
+    from callweaver.logging import redact_secrets, register_secret
+
+    sid = "CA" + "0123456789abcdef" * 2  # a Call SID: 32 hex after "CA" is no bare token
+    text = "retry with zq7-remembered-secret-x9"
+    first = [redact_secrets(None, "info", {"event": value})["event"] for value in (sid, text, sid, text)]
+    register_secret("zq7-remembered-secret-x9")
+    again = [redact_secrets(None, "info", {"event": value})["event"] for value in (sid, text, text)]
+    leaky = "key sk-abcdefghijkl here"
+    twice = [redact_secrets(None, "info", {"event": leaky})["event"] for _ in range(2)]
+
+    assert first == [sid, text, sid, text]
+    assert again == [sid, "retry with [REDACTED]", "retry with [REDACTED]"]
+    assert twice == ["key [REDACTED] here"] * 2
