@@ -10,7 +10,9 @@ a worker. The process's CPU (user+system, `getrusage`) over the talking phase ÷
 clock, two parts of it: the prompt frame's receipt (parse, end of utterance, `start_turn`) and the commit, with the
 store's `commit_turn` and the reply-cache write inside it. Each `--root` is a checkout (`git archive <commit> | tar
 -x -C DIR`) in its own process, roots alternating round by round. `TURN_CPU_SET=KEY=VALUE,...` changes the app's
-environment (what-ifs such as CACHE_TYPE=NullCache); `TURN_CPU_PROFILE_OUT=FILE` keeps the `--profile` data.
+environment (what-ifs such as CACHE_TYPE=NullCache); `TURN_CPU_PROFILE_OUT=FILE` keeps the `--profile` data;
+`TURN_CPU_MORE=1` also times the reply-cache lookup, `plan_turn`, the frame parse, the `turn_completed` line and
+`turn_counters` (printed on stderr).
 
     python -m bench.turn_cpu --calls 100 --turns 4 --root /tmp/ref --root .
     python -m bench.turn_cpu --calls 100 --turns 4 --profile tottime    # plus a cProfile table (CPU clock)
