@@ -260,10 +260,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(spent))
         return
-    print(f"| part of a turn | CPU per turn (ms), {args.calls} calls × {turns} turns, one-write replies |\n|---|---|")
-    for name, ms in spent.items():
-        print(f"| {name} | {ms:.3f} |")
-    print(f"| all (the talking phase) | {sum(spent.values()):.3f} |")
+    from bench.report import print_parts
+    print_parts("part of a turn", f"CPU per turn (ms), {args.calls} calls × {turns} turns, one-write replies", spent,
+                "all (the talking phase)", digits=3)
 
 
 if __name__ == "__main__":
