@@ -47,6 +47,7 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _scrub_text(text: str) -> str:
+    """`text` with configured secrets and secret-looking values redacted; a clean short text is remembered."""
     if text in _clean_texts:
         return text
     value = text
