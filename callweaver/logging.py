@@ -26,12 +26,19 @@ _MAYBE_SECRET_VALUE = re.compile(r"sk-|[0-9a-f]{32}|=|(?i:api-key|authorization)
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what a JSON string escapes (json.dumps, ensure_ascii=False)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _known_secrets: set[str] = set()
+# Short strings already looked at and found to hold nothing to redact. Log values repeat line after line (event
+# names, node ids, providers, a call's trackingId and callSid), so each is searched once, not on every line; a value
+# that had something redacted is never kept. Forgotten whenever a secret is registered, emptied when full.
+_CLEAN_TEXT_MAX_CHARS = 200
+_CLEAN_TEXTS_MAX = 4096
+_clean_texts: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
     """Remember a configured secret so its exact value is scrubbed from any log line."""
     if value and len(value) >= 6:
         _known_secrets.add(value)
+        _clean_texts.clear()  # a text found clean before may hold this secret
 
 
 @functools.lru_cache(maxsize=1024)
@@ -40,15 +47,27 @@ def _is_secret_key(key: str) -> bool:
     return _SECRET_KEY_RE.search(key) is not None
 
 
+def _scrub_text(text: str) -> str:
+    """`text` with configured secrets and secret-looking values redacted; a clean short text is remembered."""
+    if text in _clean_texts:
+        return text
+    value = text
+    for secret in _known_secrets:
+        if secret in value:
+            value = value.replace(secret, REDACTED)
+    if _MAYBE_SECRET_VALUE.search(value):
+        for pattern, replacement in _SECRET_VALUE_PATTERNS:
+            value = pattern.sub(replacement, value)
+    if value == text and len(text) <= _CLEAN_TEXT_MAX_CHARS:
+        if len(_clean_texts) >= _CLEAN_TEXTS_MAX:
+            _clean_texts.clear()
+        _clean_texts.add(text)
+    return value
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _known_secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        if _MAYBE_SECRET_VALUE.search(value):
-            for pattern, replacement in _SECRET_VALUE_PATTERNS:
-                value = pattern.sub(replacement, value)
-        return value
+        return _scrub_text(value)
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and v and _is_secret_key(k) else _scrub(v))
                 for k, v in value.items()}
@@ -185,10 +204,11 @@ def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False
                 else structlog.dev.ConsoleRenderer(colors=False))
     shared = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact_secrets,
+        # After the redaction: a level and our own timestamp never hold a secret (and never repeat, for the time).
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
         *([add_trace_id] if trace_ids else []),
         *([] if fmt == "json" else [_escape_strings]),
     ]
