@@ -397,6 +397,8 @@ def test_access_lines_build_only_the_atoms_the_format_reads_with_gunicorns_value
     other = '%(h)s %(l)s %(u)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s %(p)s'
     assert _access_lines(AccessLogger, other, requests) == _access_lines(GunicornAtoms, other, requests)
     assert "hunter2secret" not in "".join(_access_lines(AccessLogger, configured, requests))
+
+
 def test_a_log_value_found_clean_is_scrubbed_again_once_a_secret_it_holds_is_registered():
     from callweaver.logging import redact_secrets, register_secret
 
