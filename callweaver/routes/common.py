@@ -100,8 +100,11 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     Returns (ok, record); a failure is logged with what is known about the request, never the token.
     """
     svc = services()
-    tracking_id = request.args.get("trackingId") or request.form.get("trackingId")
-    call_sid = request.form.get("CallSid") or request.args.get("CallSid")
+    # Only a POST carries form fields; reading request.form on the socket's GET upgrade would build (and keep, for
+    # the whole call) an empty form, files and input stream (bench/idle_call_memory.py).
+    form = request.form if request.method == "POST" else {}
+    tracking_id = request.args.get("trackingId") or form.get("trackingId")
+    call_sid = form.get("CallSid") or request.args.get("CallSid")
     record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
     ok = signature_ok(svc.lifecycle.auth_token_for(record), url=url, params=params)
     if not ok:
