@@ -44,7 +44,7 @@ def greenlet_tree_untracked():
     keep its spawner, the spawner's locals and a capture of the spawning stack: each live call's request greenlet
     holds them while the call is idle, and every spawn pays for the capture. Off, unless the operator set gevent's
     own GEVENT_TRACK_GREENLET_TREE (docs/performance-history.md, "Issue 12o")."""
-    if "GEVENT_TRACK_GREENLET_TREE" not in os.environ:
+    if os.environ.get("GEVENT_TRACK_GREENLET_TREE") is None:
         import gevent
         gevent.config.track_greenlet_tree = False
 
