@@ -64,7 +64,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)
     # The one CORS policy (callweaver/cors.py), which the worker's loader also answers with while the app loads.
-    CORS(app, **settings.cors.flask_cors_options())
+    from .routes.common import BROWSERLESS_PATHS
+    CORS(app, **settings.cors.flask_cors_options(BROWSERLESS_PATHS))
     # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader,
     # and the handler waits for messages on a SocketEvent under gevent.
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes,

@@ -191,6 +191,10 @@ class CallLifecycle:
         tracking_id = new_tracking_id()
         workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
         llm_credentials = self.workflow_llm_credentials(body)
+        meta: dict[str, Any] = {"llm": self.credential_box.seal_json(llm_credentials)} if llm_credentials else {}
+        if path == "optimized":
+            # What its relay TwiML will declare, stored with the call, so the TwiML webhook has nothing to write.
+            meta.update(self.languages.relay_language_meta(language, language, self.languages.switch_targets(language)))
         call = CallRecord(
             tracking_id=tracking_id, path=path, workflow_id=workflow_id,
             workflow=workflow.snapshot, workflow_hash=workflow.version_hash,
@@ -198,11 +202,9 @@ class CallLifecycle:
             messages=[{"role": "assistant", "content": greeting}],
             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
             credentials=self.credential_box.seal(*creds) if creds else None,
-            meta={"llm": self.credential_box.seal_json(llm_credentials)} if llm_credentials else {},
+            meta=meta,
         )
-        self.store.create_call(call)
-        if workflow_id:
-            self.store.save_workflow(workflow_id, workflow.snapshot)
+        self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"

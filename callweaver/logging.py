@@ -23,6 +23,7 @@ _SECRET_VALUE_PATTERNS = (
 )
 # Cheap first look: a string none of these can be found in matches none of the patterns above, so it skips them.
 _MAYBE_SECRET_VALUE = re.compile(r"sk-|[0-9a-f]{32}|=|(?i:api-key|authorization)")
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what a JSON string escapes (json.dumps, ensure_ascii=False)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _known_secrets: set[str] = set()
 
@@ -82,13 +83,75 @@ class _JsonSafeAtoms(glogging.SafeAtoms):
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
-        return json.dumps(_scrub(value), ensure_ascii=False)[1:-1] if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        value = _scrub(value)
+        # json.dumps(ensure_ascii=False) changes only these; most values (paths, ids, numbers) have none of them
+        return json.dumps(value, ensure_ascii=False)[1:-1] if _JSON_ESCAPED.search(value) else value
+
+
+# The atoms of gunicorn's access-line format (`%(name)s`), e.g. "h", "{x-request-id}o", "{callweaver.call_sid}e".
+_FORMAT_ATOM = re.compile(r"%\(([^)]+)\)")
+# gunicorn's own atoms that cost next to nothing, with gunicorn's formulas (glogging.Logger.atoms): (environ, response,
+# request_time) → value.
+_CHEAP_ATOMS = {
+    "h": lambda environ, resp, took: environ.get("REMOTE_ADDR", "-"),
+    "m": lambda environ, resp, took: environ.get("REQUEST_METHOD"),
+    "U": lambda environ, resp, took: environ.get("PATH_INFO"),
+    "q": lambda environ, resp, took: environ.get("QUERY_STRING"),
+    "s": lambda environ, resp, took: resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status,
+    "B": lambda environ, resp, took: getattr(resp, "sent", None),
+    "M": lambda environ, resp, took: took.seconds * 1000 + int(took.microseconds / 1000),
+}
 
 
 class AccessLogger(glogging.Logger):
-    """gunicorn logger (gunicorn.conf.py `logger_class`) whose access lines redact and escape every value."""
+    """gunicorn logger (gunicorn.conf.py `logger_class`) whose access lines redact and escape every value.
+
+    gunicorn builds ~80 atoms per line (every request and response header, every environ entry, a strftime) for
+    the ~12 the format reads; when the format names only cheap atoms and headers/environ entries, only those are
+    built, with gunicorn's formulas (tests/test_security.py compares the two for the same requests)."""
 
     atoms_wrapper_class = _JsonSafeAtoms
+
+    def atoms(self, resp, req, environ, request_time):  # noqa: ANN001, ANN201  (gunicorn's signature)
+        names = self._format_atoms()
+        if names is None:
+            return super().atoms(resp, req, environ, request_time)
+        simple, request_headers, response_headers, environ_keys = names
+        atoms = {name: _CHEAP_ATOMS[name](environ, resp, request_time) for name in simple}
+        for wanted, headers, kind in ((request_headers, getattr(req, "headers", req), "i"),
+                                      (response_headers, resp.headers, "o")):
+            if wanted:
+                for key, value in (headers.items() if hasattr(headers, "items") else headers):
+                    if key.lower() in wanted:
+                        atoms["{%s}%s" % (key.lower(), kind)] = value  # the last one wins, as in gunicorn
+        if environ_keys:
+            lengths = {len(key) for key in environ_keys}
+            for key, value in environ.items():
+                if len(key) in lengths and key.lower() in environ_keys:  # gunicorn's lower-cased names
+                    atoms["{%s}e" % key.lower()] = value
+        return atoms
+
+    def _format_atoms(self) -> tuple[tuple[str, ...], frozenset, frozenset, frozenset] | None:
+        """The format's atoms by kind, or None when it names an atom outside _CHEAP_ATOMS (gunicorn builds them)."""
+        fmt = self.cfg.access_log_format
+        parsed = self.__dict__.get("_parsed_format")
+        if parsed is None or parsed[0] != fmt:
+            simple, by_kind = [], {"i": set(), "o": set(), "e": set()}
+            for name in _FORMAT_ATOM.findall(fmt):
+                if name.startswith("{") and name[-2:-1] == "}" and name[-1] in by_kind:
+                    by_kind[name[-1]].add(name[1:-2].lower())
+                elif name in _CHEAP_ATOMS:
+                    simple.append(name)
+                else:
+                    parsed = (fmt, None)
+                    break
+            else:
+                parsed = (fmt, (tuple(dict.fromkeys(simple)), frozenset(by_kind["i"]), frozenset(by_kind["o"]),
+                                frozenset(by_kind["e"])))
+            self._parsed_format = parsed
+        return parsed[1]
 
 
 class _StdoutLogger:

@@ -119,3 +119,23 @@ def test_the_playback_model_reports_speaking_at_its_rate():
 def test_without_debug_speaker_events_the_simulator_sends_no_info():
     model = _model()
     assert model.receive({"type": "text", "token": "Hi", "last": True}) == (True, [])
+
+
+@pytest.mark.parametrize("home", ["en-GB", "zh-HK", "pl-PL"])
+def test_make_call_stores_what_the_relay_twiml_declares_so_the_webhook_writes_nothing(client, twilio, fake_twilio,
+                                                                                       home, monkeypatch):
+    """The relay languages are recorded when the call is placed; the TwiML webhook finds them already stored."""
+    store = client.application.extensions["callweaver"].store
+    data = client.post("/api/make-call-optimized", json=make_call_body(language=home)).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    placed_meta = store.get_call(tracking_id).meta
+    writes = []
+    monkeypatch.setattr(store, "update_meta", lambda *args, **kwargs: writes.append(args))
+    url = fake_twilio.creates()[-1].one("Url")
+    relay = ET.fromstring(twilio.post(url[len(PUBLIC):], {"CallSid": data["callSid"]}).data).find(
+        "Connect/ConversationRelay")
+    targets = TABLE.switch_targets(TABLE.get(home))
+    declared = [element.get("code") for element in relay.iter("Language")] or [relay.get("language")]
+    assert placed_meta == {"multilingualStt": len(targets) > 1, "homeLanguage": TABLE.get(home).code,
+                           "relayLanguages": declared}
+    assert writes == []

@@ -344,3 +344,56 @@ def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrub
     line = redact_secrets(None, "info", {"event": value, "twilioAuthToken": "abc", "apiKey": "", "node": "n1"})
 
     assert line == {"event": scrubbed, "twilioAuthToken": "[REDACTED]", "apiKey": "", "node": "n1"}
+
+
+def _access_lines(logger_class, access_log_format: str, requests) -> list[str]:
+    """The access lines a gunicorn logger of `logger_class` writes for (response, request, environ) triples."""
+    import datetime
+    import io
+    import logging
+
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    cfg.set("access_log_format", access_log_format)
+    logger = logger_class(cfg)
+    out = io.StringIO()
+    logger.access_log.handlers[:] = [logging.StreamHandler(out)]
+    for response, request, environ in requests:
+        logger.access(response, request, environ, datetime.timedelta(seconds=1, microseconds=2345))
+    return out.getvalue().splitlines()
+
+
+def test_access_lines_build_only_the_atoms_the_format_reads_with_gunicorns_values():
+    """The access logger builds only the atoms its format names; each line is the one gunicorn's own atoms give."""
+    from types import SimpleNamespace
+
+    from gunicorn import glogging
+
+    from callweaver.logging import AccessLogger, _JsonSafeAtoms
+
+    namespace: dict = {}
+    exec(open("gunicorn.conf.py").read(), namespace)  # noqa: S102  (the repository's own configuration)
+
+    class GunicornAtoms(glogging.Logger):
+        atoms_wrapper_class = _JsonSafeAtoms
+
+    call_sid = "CA" + "ab" * 16
+    requests = [
+        (SimpleNamespace(status="200 OK", sent=321, headers=[("Content-Type", "text/xml"), ("X-Request-Id", "req_1")]),
+         SimpleNamespace(headers=[("HOST", "example.test"), ("X-REQUEST-ID", "incoming")]),
+         {"REQUEST_METHOD": "POST", "RAW_URI": "/api/twiml-optimized?id=&trackingId=t1", "SERVER_PROTOCOL": "HTTP/1.1",
+          "PATH_INFO": "/api/twiml-optimized", "QUERY_STRING": "id=&trackingId=t1", "REMOTE_ADDR": "10.0.0.1",
+          "callweaver.tracking_id": "t1", "callweaver.call_sid": call_sid}),
+        (SimpleNamespace(status=404, sent=None, headers=[("x-request-id", "a"), ("X-Request-Id", 'b"\\\n')]),
+         [("USER-AGENT", "x")],
+         {"REQUEST_METHOD": "GET", "RAW_URI": "/x", "SERVER_PROTOCOL": "HTTP/1.0", "PATH_INFO": '/p"\\\n\u2028é',
+          "QUERY_STRING": "twilioAuthToken=hunter2secret&id=7", "CALLWEAVER.TRACKING_ID": "upper"}),
+    ]
+    configured = namespace["access_log_format"]
+    assert _access_lines(AccessLogger, configured, requests) == _access_lines(GunicornAtoms, configured, requests)
+    # a format naming atoms outside the cheap set (time, user agent, pid) gets gunicorn's own atoms
+    other = '%(h)s %(l)s %(u)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s %(p)s'
+    assert _access_lines(AccessLogger, other, requests) == _access_lines(GunicornAtoms, other, requests)
+    assert "hunter2secret" not in "".join(_access_lines(AccessLogger, configured, requests))

@@ -397,6 +397,20 @@ def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     assert store.get_workflow("unknown") is None
 
 
+def test_a_call_created_with_its_workflow_id_saves_the_workflow_as_that_ids_latest(store):
+    """make-call saves the flow with the call (one write in SQLite); a refused duplicate saves nothing."""
+    snapshot, other = {"nodes": [{"id": "a"}], "version": 1}, {"nodes": [{"id": "b"}], "version": 2}
+    store.create_call(CallRecord(tracking_id="wf_call", workflow=snapshot, workflow_hash="hash-1"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == snapshot and store.get_call("wf_call").workflow == snapshot
+    with pytest.raises(StoreError):
+        store.create_call(CallRecord(tracking_id="wf_call", workflow=other, workflow_hash="hash-2"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == snapshot
+    store.create_call(CallRecord(tracking_id="wf_call_2", workflow=other, workflow_hash="hash-2"), workflow_id="wf_9")
+    assert store.get_workflow("wf_9") == other
+    store.create_call(CallRecord(tracking_id="no_id", workflow=snapshot, workflow_hash="hash-1"))
+    assert store.get_workflow("wf_9") == other
+
+
 # -- workflow snapshots: stored once per version, referenced by the call rows ------------------------
 
 
@@ -674,12 +688,18 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
 
 def test_values_the_fast_encoder_refuses_are_still_stored(store):
     """Integers beyond 64 bits (orjson refuses them) and integer keys round-trip like the standard library's JSON."""
-    big = 2 ** 70
+    big = 2 ** 70 + 1  # not a float's exact value: read back as a float it would come back changed
     store.create_call(CallRecord(tracking_id="call_big", variables={"n": big, "nested": {1: "one"}}))
     store.update_meta("call_big", {"huge": [big, -big]})
     record = store.get_call("call_big")
     assert record.variables == {"n": big, "nested": {"1": "one"}}
     assert record.meta == {"huge": [big, -big]}
+    store.commit_turn("call_big", {"variables": {"n": big, "m": -big}}, {"n": 1},
+                      transcript_entry={"role": "user", "content": str(big)})
+    record = store.get_call("call_big")
+    assert record.variables == {"n": big, "m": -big}
+    assert record.meta == {"huge": [big, -big]}
+    assert type(record.variables["n"]) is int
 
 
 def test_rows_written_with_nan_by_the_standard_library_still_read(tmp_path):

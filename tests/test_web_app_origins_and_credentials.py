@@ -9,7 +9,7 @@ import pytest
 from callweaver import create_app
 from callweaver import security
 from callweaver.config import ConfigError
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC
 from tests.helpers import make_call_body
 
 ORIGINAL_ORIGINS = ("http://localhost:8080", "http://localhost:3000", "https://kimiya-ai.vercel.app",
@@ -100,3 +100,29 @@ def test_a_genuinely_different_account_is_used_for_that_call(env, fake_twilio):
                                   json=make_call_body(twilioAccountSid=other_sid, twilioAuthToken=other_token))
     assert resp.status_code == 200, resp.get_json()
     assert fake_twilio.creates()[-1].account_sid == other_sid and fake_twilio.creates()[-1].auth_ok
+
+
+def test_paths_only_twilio_requests_are_exactly_the_ones_served_only_to_twilio(app):
+    """BROWSERLESS_PATHS (no CORS headers) lists every path whose every view is a signed Twilio webhook or the relay
+    socket, and nothing else."""
+    from callweaver.routes.common import BROWSERLESS_PATHS
+    from callweaver.routes.twiml import RELAY_PATH
+
+    views_by_path: dict[str, list] = {}
+    for rule in app.url_map.iter_rules():
+        views_by_path.setdefault(rule.rule, []).append(app.view_functions[rule.endpoint])
+    only_twilio = {path for path, views in views_by_path.items()
+                   if path == RELAY_PATH or all(getattr(view, "twilio_webhook", False) for view in views)}
+    assert set(BROWSERLESS_PATHS) == only_twilio
+
+
+def test_twilios_answers_carry_no_cors_headers_and_the_web_apps_still_do(client, twilio, fake_twilio):
+    data = client.post("/api/make-call-optimized", json=make_call_body(),
+                       headers={"Origin": "http://localhost:8080"})
+    assert data.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
+    url = fake_twilio.creates()[-1].one("Url")
+    twiml = twilio.post(url[len(PUBLIC):], {"CallSid": data.get_json()["callSid"]})
+    assert twiml.status_code == 200 and b"<ConversationRelay" in twiml.data
+    assert not [name for name in twiml.headers.keys() if name.startswith("Access-Control-") or name == "Vary"]
+    poll = client.get("/api/call-status?callSid=" + data.get_json()["callSid"], headers={"Origin": "http://localhost:3000"})
+    assert poll.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"

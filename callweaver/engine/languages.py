@@ -480,6 +480,16 @@ class LanguageTable:
         """
         return [home, *multilingual_partners(self, home)]
 
+    @staticmethod
+    def relay_language_meta(home: LanguageEntry, current: LanguageEntry,
+                            targets: Sequence[LanguageEntry]) -> dict[str, Any]:
+        """The meta keys that record what a relay call's <ConversationRelay> declares (`targets`, from
+        switch_targets(home)): whether recognition is multilingual, the home language, the declared languages.
+        The engine reads them on every turn (ConversationEngine.declared_languages, the relay session)."""
+        multilingual = len(targets) > 1
+        return {"multilingualStt": multilingual, "homeLanguage": home.code,
+                "relayLanguages": [target.code for target in targets] if multilingual else [current.code]}
+
     def problems(self) -> dict[str, list[str]]:
         """entry_problems() for every entry that has any, keyed by code (for tests and health checks)."""
         return {entry.code: found for entry in self._entries if (found := entry_problems(entry))}

@@ -19,6 +19,11 @@ log = structlog.get_logger()
 # What the optimized path offers, as the web app's make-call and comparison responses name it.
 FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimization": True,
             "providerFailover": True}
+# Paths only Twilio requests (its webhooks and the relay socket; /api/call-status is also the web app's poll, so it is
+# not here): no browser page reads their answers, so they get no CORS headers (app.py, cors.py).
+# tests/test_boot_cors.py checks the list against the routes.
+BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
+                     "/api/call-status-optimized", "/api/conversationrelay-ws")
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
 
@@ -100,9 +105,10 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     Returns (ok, record); a failure is logged with what is known about the request, never the token.
     """
     svc = services()
-    # Only a POST carries form fields; reading request.form on the socket's GET upgrade would build (and keep, for
-    # the whole call) an empty form, files and input stream (bench/idle_call_memory.py).
-    form = request.form if request.method == "POST" else {}
+    # A request with no body type (the relay socket's upgrade) has an empty form; werkzeug would still build one
+    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse). On the socket
+    # the request lives as long as the call: an empty form, files and input stream kept per idle call, too.
+    form = request.form if request.want_form_data_parsed else {}
     tracking_id = request.args.get("trackingId") or form.get("trackingId")
     call_sid = form.get("CallSid") or request.args.get("CallSid")
     record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None

@@ -160,7 +160,6 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
         hints=",".join(svc.engine.workflow_for(record).speech_hints) or None,
         # Deepgram `multi` reports the language the caller actually speaks (prompt.lang), so a switch is seen.
         transcription_language="multi" if multilingual else None)
-    declared = [target.code for target in targets] if multilingual else [entry.code]
     if multilingual:
         # A `language` message must name a language Twilio has configured: declare every possible target,
         # the home language included, so switching back (es-ES → en-GB) lands on a configured voice too.
@@ -169,7 +168,8 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
     relay.parameter(name="trackingId", value=record.tracking_id)
     if resumed:
         relay.parameter(name="resumed", value="1")
-    wanted = {"multilingualStt": multilingual, "homeLanguage": home.code, "relayLanguages": declared}
+    wanted = svc.languages.relay_language_meta(home, entry, targets)
+    # make-call already stored them for the call's own language (CallLifecycle.start_call): usually nothing to write
     if any(meta.get(key) != value for key, value in wanted.items()):
         svc.store.update_meta(record.tracking_id, wanted)  # only these keys: meta has other writers
 

@@ -185,8 +185,9 @@ class WorkflowSnapshots:
 class Store(Protocol):
     """What the engine and the routes need from persistent state; SQLite and Redis both provide it."""
 
-    def create_call(self, record: CallRecord) -> None:
-        """Insert a new call; StoreError if the tracking id already exists."""
+    def create_call(self, record: CallRecord, workflow_id: str | None = None) -> None:
+        """Insert a new call; StoreError if the tracking id already exists. With `workflow_id`, the call's workflow
+        snapshot is also saved as that id's latest (as save_workflow does), in the same write."""
         ...
 
     def get_call(self, tracking_id: str) -> CallRecord | None: ...

@@ -271,7 +271,7 @@ class RedisStore:
 
     # -- calls ----------------------------------------------------------------
 
-    def create_call(self, record: CallRecord) -> None:
+    def create_call(self, record: CallRecord, workflow_id: str | None = None) -> None:
         data, version = self._snapshots.detach(vars(record))
         pairs: list[str] = []
         for name, value in data.items():
@@ -293,6 +293,8 @@ class RedisStore:
         )
         if not created:
             raise StoreError(f"call {record.tracking_id!r} already exists")
+        if workflow_id:
+            self.save_workflow(workflow_id, record.workflow)
 
     def get_call(self, tracking_id: str) -> CallRecord | None:
         with self._backend() as client:
