@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from callweaver.engine.relay_session import RelaySession
-from callweaver.engine.reply_text import ReplyText
+from callweaver.engine.reply_text import FAST_SPEECH_CHARS_PER_S, MAX_PAUSE_FACTOR, PACE_LEAD_FACTOR, ReplyText
 from callweaver.services import spawn
 
 HOLD_S = 0.08
@@ -70,13 +70,34 @@ def test_after_the_first_sentence_the_stream_is_read_in_batches_while_the_caller
     assert out.add("Thanks for calling,", 0.0) == "Thanks for calling,"
     assert out.pause_s(0.0) == 0  # the first sentence is not out yet: nothing is playing
     assert out.add(" I can certainly help with that.", 0.02) == " I can certainly help with that."
-    assert out.pause_s(0.02) == HOLD_S  # ~2 s of speech queued: reading 80 ms later leaves no gap
+    # ~2 s of speech queued: reading four hold periods later still leaves far more than three of them queued
+    assert out.pause_s(0.02) == pytest.approx(MAX_PAUSE_FACTOR * HOLD_S)
     # What arrived during the pause is read at once and held, a clause end included; the read that waits sends it.
-    assert out.add(" Let", 0.10, waited=False) is None
-    assert out.add(" me, see.", 0.10, waited=False) is None
-    assert out.pause_s(0.10) == 0  # words are held: read on
-    assert out.add(" Right", 0.12, waited=True) == " Let me, see. Right"
-    assert out.pause_s(0.12) == HOLD_S
+    assert out.add(" Let", 0.34, waited=False) is None
+    assert out.add(" me, see.", 0.34, waited=False) is None
+    assert out.pause_s(0.34) == 0  # words are held: read on
+    assert out.add(" Right", 0.36, waited=True) == " Let me, see. Right"
+    # The stream outlasted the first pause: later pauses last one hold period, so a reply's end that arrives just
+    # after a pause (its last words, the stream's closing events) is not held back long.
+    assert out.pause_s(0.36) == pytest.approx(HOLD_S)
+
+
+def test_a_pause_always_leaves_three_hold_periods_of_speech_queued_and_lasts_one_to_four_of_them():
+    """The first pause after the first sentence as long as the queued speech allows (at most four hold periods),
+    later ones one hold period; every pause leaves at least three hold periods of speech queued."""
+    queued_at = len(FIRST_SENTENCE) / FAST_SPEECH_CHARS_PER_S  # when the speech sent so far has played (fast)
+    for step in range(300):
+        now = step * 0.01
+        out = ReplyText(HOLD_S)
+        out.add(FIRST_SENTENCE, 0.0)
+        first, later = out.pause_s(now), out.pause_s(now)
+        queued = queued_at - now
+        if queued < PACE_LEAD_FACTOR * HOLD_S:
+            assert first == later == 0
+            continue
+        assert first == pytest.approx(min(MAX_PAUSE_FACTOR * HOLD_S, queued - (PACE_LEAD_FACTOR - 1) * HOLD_S))
+        assert later == pytest.approx(HOLD_S)
+        assert queued - first >= (PACE_LEAD_FACTOR - 1) * HOLD_S - 1e-9
 
 
 def test_no_batched_reads_for_a_reply_already_in_memory_or_without_speech_queued():
