@@ -90,6 +90,37 @@ def test_socket_reader_runs_its_loop_off_the_request_path_and_logs_a_failure(cap
         logged += captured.out + captured.err
 
 
+def test_socket_event_wakes_its_waiter_when_set_and_times_out_otherwise():
+    """simple-websocket's event_class under gevent (SOCK_SERVER_OPTIONS): the socket's handler waits on it in
+    receive(), its reader greenlet sets it."""
+    import gevent
+
+    from callweaver.background import SocketEvent
+
+    event = SocketEvent()
+    assert event.wait(timeout=0) is False and event.wait(timeout=0.01) is False and not event.is_set()
+    waiting = gevent.spawn(event.wait, 30)
+    gevent.sleep(0)  # it waits now
+    gevent.spawn(event.set).join()  # another greenlet sets it, as the reader does
+    assert waiting.get(timeout=5) is True
+    assert event.wait() is True and event.wait(timeout=0) is True  # set stays set until cleared
+    event.clear()
+    assert not event.is_set() and event.wait(timeout=0.01) is False
+    late = gevent.spawn(event.wait, 0.01)
+    assert late.get(timeout=5) is False
+    event.set()  # nobody waits: nothing to wake
+    assert event.wait(timeout=0) is True
+    killed = gevent.spawn(SocketEvent().wait)
+    gevent.sleep(0)
+    killed.kill(timeout=5)  # a handler stopped mid-wait (worker shutdown) leaves no timer behind
+    assert killed.dead
+
+
+def test_the_socket_event_is_the_standard_one_without_gevent():
+    from callweaver.background import socket_event_class
+    assert socket_event_class() is threading.Event  # tests and CLI run unpatched
+
+
 def test_an_idle_relay_session_holds_no_per_turn_machinery():
     """A live call waits most of its life: its session has slots and no Event or cadence until a turn needs them
     (bench/idle_call_memory.py measures what that saves)."""

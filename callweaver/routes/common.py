@@ -106,7 +106,8 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     """
     svc = services()
     # A request with no body type (the relay socket's upgrade) has an empty form; werkzeug would still build one
-    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse).
+    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse). On the socket
+    # the request lives as long as the call: an empty form, files and input stream kept per idle call, too.
     form = request.form if request.want_form_data_parsed else {}
     tracking_id = request.args.get("trackingId") or form.get("trackingId")
     call_sid = form.get("CallSid") or request.args.get("CallSid")
