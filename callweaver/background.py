@@ -105,6 +105,8 @@ class SocketEvent:
             return True
         if timeout is not None and timeout <= 0:
             return False
+        if self._waiter is not None:  # a second waiter would replace the first, which would then never wake
+            raise RuntimeError("SocketEvent has one waiter at a time")
         import gevent
         from gevent.hub import Waiter
         waiter = self._waiter = Waiter()
@@ -113,7 +115,7 @@ class SocketEvent:
             timer = gevent.get_hub().loop.timer(timeout)
             timer.start(waiter.switch, False)
         try:
-            return waiter.get()
+            return waiter.get() or self._flag  # set() in the same loop turn as the timer: the message is there
         finally:
             if self._waiter is waiter:
                 self._waiter = None

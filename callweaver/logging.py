@@ -26,19 +26,12 @@ _MAYBE_SECRET_VALUE = re.compile(r"sk-|[0-9a-f]{32}|=|(?i:api-key|authorization)
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # what a JSON string escapes (json.dumps, ensure_ascii=False)
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _known_secrets: set[str] = set()
-# Short strings already looked at and found to hold nothing to redact. Log values repeat line after line (event
-# names, node ids, providers, a call's trackingId and callSid), so each is searched once, not on every line; a value
-# that had something redacted is never kept. Forgotten whenever a secret is registered, emptied when full.
-_CLEAN_TEXT_MAX_CHARS = 200
-_CLEAN_TEXTS_MAX = 4096
-_clean_texts: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
     """Remember a configured secret so its exact value is scrubbed from any log line."""
     if value and len(value) >= 6:
         _known_secrets.add(value)
-        _clean_texts.clear()  # a text found clean before may hold this secret
 
 
 @functools.lru_cache(maxsize=1024)
@@ -48,9 +41,7 @@ def _is_secret_key(key: str) -> bool:
 
 
 def _scrub_text(text: str) -> str:
-    """`text` with configured secrets and secret-looking values redacted; a clean short text is remembered."""
-    if text in _clean_texts:
-        return text
+    """`text` with configured secrets and secret-looking values redacted."""
     value = text
     for secret in _known_secrets:
         if secret in value:
@@ -58,10 +49,6 @@ def _scrub_text(text: str) -> str:
     if _MAYBE_SECRET_VALUE.search(value):
         for pattern, replacement in _SECRET_VALUE_PATTERNS:
             value = pattern.sub(replacement, value)
-    if value == text and len(text) <= _CLEAN_TEXT_MAX_CHARS:
-        if len(_clean_texts) >= _CLEAN_TEXTS_MAX:
-            _clean_texts.clear()
-        _clean_texts.add(text)
     return value
 
 

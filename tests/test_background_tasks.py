@@ -116,6 +116,43 @@ def test_socket_event_wakes_its_waiter_when_set_and_times_out_otherwise():
     assert killed.dead
 
 
+def test_a_socket_event_set_as_its_wait_times_out_reports_set():
+    """The reader's set() and the wait's timer can land in the same loop turn: the wait must then say True (the
+    message is buffered), or the handler takes a message that arrived as a timeout (found in review: ~4 % of tries)."""
+    import time
+
+    import gevent
+
+    from callweaver.background import SocketEvent
+
+    results = []
+    for _ in range(200):
+        event = SocketEvent()
+        waiting = gevent.spawn(event.wait, 0.001)
+        gevent.sleep(0)  # it waits now
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.0015:
+            pass  # the timer expires while this greenlet keeps the loop from running
+        event.set()
+        results.append(waiting.get(timeout=5))
+    assert all(results), f"{results.count(False)} of {len(results)} waits said False after set()"
+
+
+def test_a_second_waiter_on_a_socket_event_is_refused_not_left_hanging():
+    import gevent
+    import pytest
+
+    from callweaver.background import SocketEvent
+
+    event = SocketEvent()
+    first = gevent.spawn(event.wait, 5)
+    gevent.sleep(0)
+    with pytest.raises(RuntimeError):
+        event.wait(5)
+    event.set()
+    assert first.get(timeout=5) is True
+
+
 def test_the_socket_event_is_the_standard_one_without_gevent():
     from callweaver.background import socket_event_class
     assert socket_event_class() is threading.Event  # tests and CLI run unpatched

@@ -62,3 +62,12 @@ def test_the_sockets_get_upgrade_builds_no_form(app):
     with app.test_request_context("/twilio/status", method="POST", data={"CallSid": "CA" + "0" * 32}):
         verify_twilio()
         assert request.form["CallSid"] == "CA" + "0" * 32
+
+
+def test_a_record_whose_history_is_null_is_shared_without_failing():
+    """A stored record may carry `"messages": null` (CallRecord.from_dict keeps it); sharing must not raise."""
+    from callweaver.engine.conversation import share_repeated_values
+
+    record = CallRecord.from_dict({"tracking_id": "call_null", "messages": None, "greeting": "Hi"})
+    share_repeated_values(record)
+    assert record.messages is None and record.greeting == "Hi"

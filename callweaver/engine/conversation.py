@@ -303,7 +303,7 @@ def share_repeated_values(record) -> None:
         if type(value) is str:
             setattr(record, name, intern(value))
     greeting = record.greeting
-    for message in record.messages:
+    for message in record.messages or ():
         if type(message) is dict:
             role, content = message.get("role"), message.get("content")
             if type(role) is str:

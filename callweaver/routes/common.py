@@ -21,7 +21,7 @@ FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimiz
             "providerFailover": True}
 # Paths only Twilio requests (its webhooks and the relay socket; /api/call-status is also the web app's poll, so it is
 # not here): no browser page reads their answers, so they get no CORS headers (app.py, cors.py).
-# tests/test_boot_cors.py checks the list against the routes.
+# tests/test_web_app_origins_and_credentials.py checks the list against the routes.
 BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
                      "/api/call-status-optimized", "/api/conversationrelay-ws")
 # The longest window a metrics or call-log query may ask for.
