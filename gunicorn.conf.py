@@ -32,9 +32,21 @@ access_log_format = json.dumps({
 def post_fork(server, worker):
     """The worker imports and builds the app with the cyclic collector off: those objects live as long as the
     worker, and each full pass over them during the imports cost 30-85 ms of CPU (docs/performance-history.md). Until it
-    serves, the installed packages' entry points are read once (entry_points_read_once)."""
+    serves, the installed packages' entry points are read once (entry_points_read_once). Its greenlets are spawned
+    without gevent's spawn-tree records (greenlet_tree_untracked)."""
     gc.disable()
     entry_points_read_once()
+    greenlet_tree_untracked()
+
+
+def greenlet_tree_untracked():
+    """gevent's track_greenlet_tree setting (on by default, for its debugging reports) makes every greenlet it spawns
+    keep its spawner, the spawner's locals and a capture of the spawning stack: each live call's request greenlet
+    holds them while the call is idle, and every spawn pays for the capture. Off, unless the operator set gevent's
+    own GEVENT_TRACK_GREENLET_TREE (docs/performance-history.md, "Issue 12o")."""
+    if os.environ.get("GEVENT_TRACK_GREENLET_TREE") is None:
+        import gevent
+        gevent.config.track_greenlet_tree = False
 
 
 def post_worker_init(worker):

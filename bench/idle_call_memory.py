@@ -126,10 +126,20 @@ def summary_table(results: dict[str, dict]) -> str:
         ["  in them: free blocks of partly used pools per call (KiB)",
          *(cell(k, lambda r: pym(r, "available")) for k in SERVERS)],
         ["  in them: unused pools per call (KiB)", *(cell(k, lambda r: pym(r, "unused_pools")) for k in SERVERS)],
+        ["  RSS in glibc's heap per call (KiB)", *(cell(k, lambda r: grown(r, "kinds", "heap")) for k in SERVERS)],
+        ["    in it: glibc blocks in use per call (KiB, mallinfo2)", *(cell(k, lambda r: grown(r, "malloc", "in_use"))
+                                                                    for k in SERVERS)],
+        ["    in it: glibc free blocks per call (KiB)", *(cell(k, lambda r: grown(r, "malloc", "free")) for k in SERVERS)],
+        ["  RSS in other anonymous memory per call (KiB: pymalloc arenas, glibc's mmapped blocks, greenlets' frame "
+         "stacks)", *(cell(k, lambda r: grown(r, "kinds", "anon")) for k in SERVERS)],
+        ["    in it: glibc's mmapped blocks per call (KiB)", *(cell(k, lambda r: grown(r, "malloc", "mmapped"))
+                                                             for k in SERVERS)],
         ["Python allocations still held per call (KiB, tracemalloc)",
          *(cell(k, lambda r: f"{r['top']['total_bytes_per_call'] / 1024:.1f}") for k in SERVERS)],
         ["greenlets per call", *(cell(k, lambda r: f"{per_call(r, 'greenlets'):.2f}") for k in SERVERS)],
         ["threads (OS) per call", *(cell(k, lambda r: f"{per_call(r, 'threads'):.2f}") for k in SERVERS)],
+        ["cyclic garbage the probe's collection freed just before measuring, per call (objects)",
+         *(cell(k, lambda r: f"{r['during'].get('garbage', 0) / r['connected']:.1f}") for k in SERVERS)],
         ["gc-tracked objects per call", *(cell(k, lambda r: f"{sum_types(r) / r['connected']:.0f}") for k in SERVERS)],
     ]
     return markdown_table(["per idle call", *(LABELS[k] for k in SERVERS)], rows)
@@ -141,6 +151,14 @@ def pym(result: dict, key: str, scale_kib: float = 1 / 1024) -> str:
     if before is None or during is None or not result["connected"]:
         return "—"
     return f"{(during - before) * scale_kib / result['connected']:.1f}"
+
+
+def grown(result: dict, group: str, key: str) -> str:
+    """A probe figure's growth per idle call, in KiB (`group`: "kinds" or "malloc", already in KiB)."""
+    before, during = (result[phase].get(group) or {} for phase in ("before", "during"))
+    if key not in before or key not in during or not result["connected"]:
+        return "—"
+    return f"{(during[key] - before[key]) / result['connected']:.1f}"
 
 
 def type_deltas(result: dict) -> dict[str, float]:

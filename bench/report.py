@@ -56,6 +56,14 @@ def distribution_cells(values: list[float]) -> list[str]:
     return [fmt_ms(percentile(values, 50)), fmt_ms(percentile(values, 95)), fmt_ms(percentile(values, 99))]
 
 
+def print_parts(first_header: str, column: str, spent: dict[str, float], total_label: str, digits: int = 2) -> None:
+    """One checkout's table: a row per part (ms), then their sum."""
+    print(f"| {first_header} | {column} |\n|---|---|")
+    for name, ms in spent.items():
+        print(f"| {name} | {ms:.{digits}f} |")
+    print(f"| {total_label} | {sum(spent.values()):.{digits}f} |")
+
+
 def compare_checkouts(bench_file: str, roots: list[str], calls: int, rounds: int, steps: tuple[str, ...],
                       unit: str, digits: int = 2) -> None:
     """Run `bench_file --child --calls N` against each checkout in its own process (that checkout's code first on

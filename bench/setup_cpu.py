@@ -58,10 +58,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(spent))
         return
-    print(f"| request | CPU per call (ms), {args.calls} calls, in-process |\n|---|---|")
-    for name, ms in spent.items():
-        print(f"| {name} | {ms:.2f} |")
-    print(f"| all of them | {sum(spent.values()):.2f} |")
+    from bench.report import print_parts
+    print_parts("request", f"CPU per call (ms), {args.calls} calls, in-process", spent, "all of them")
 
 
 def measure(calls: int, profile_sort: str | None = None) -> dict[str, float]:

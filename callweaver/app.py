@@ -12,7 +12,7 @@ from flask import Flask, g, jsonify, request
 from flask.sessions import SessionInterface
 from flask_cors import CORS
 
-from .background import SocketReader
+from .background import SocketReader, socket_event_class
 from .config import Settings
 from .errors import init_errors, new_request_id
 from .extensions import sock
@@ -66,9 +66,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The one CORS policy (callweaver/cors.py), which the worker's loader also answers with while the app loads.
     from .routes.common import BROWSERLESS_PATHS
     CORS(app, **settings.cors.flask_cors_options(BROWSERLESS_PATHS))
-    # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader.
+    # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader,
+    # and the handler waits for messages on a SocketEvent under gevent.
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes,
-                                         "thread_class": SocketReader}
+                                         "thread_class": SocketReader, "event_class": socket_event_class()}
     sock.init_app(app)
     _init_request_logging(app)
     _wait_for_warm_up(app)

@@ -73,6 +73,62 @@ class SocketReader:
             structlog.get_logger().exception("websocket_reader_failed")
 
 
+class SocketEvent:
+    """simple-websocket's `event_class` under gevent (its documented option, via SOCK_SERVER_OPTIONS): how the
+    socket's handler waits for the next message (its reader sets it). gevent's Event waits through its link
+    machinery and a Timeout object, several C frames deep; every idle call's request greenlet keeps that C stack
+    saved while it waits (bench/idle_call_memory.py). This waits on one gevent Waiter and a timer, the documented
+    low-level pair. One waiter at a time: simple-websocket's receive(), called by the socket's handler only."""
+
+    __slots__ = ("_flag", "_waiter")  # one per live call
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:  # woken from the hub, as a Waiter must be (the reader is another greenlet)
+            import gevent
+            gevent.get_hub().loop.run_callback(waiter.switch, True)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once set; False when `timeout` seconds pass first."""
+        if self._flag:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        if self._waiter is not None:  # a second waiter would replace the first, which would then never wake
+            raise RuntimeError("SocketEvent has one waiter at a time")
+        import gevent
+        from gevent.hub import Waiter
+        waiter = self._waiter = Waiter()
+        timer = None
+        if timeout is not None:
+            timer = gevent.get_hub().loop.timer(timeout)
+            timer.start(waiter.switch, False)
+        try:
+            return waiter.get() or self._flag  # set() in the same loop turn as the timer: the message is there
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            if timer is not None:
+                timer.close()
+
+
+def socket_event_class() -> type:
+    """SocketEvent once gevent has patched threading (production), else the standard threading.Event."""
+    from gevent import monkey
+    return SocketEvent if monkey.is_module_patched("threading") else threading.Event
+
+
 class OsThreadWork:
     """CPU-bound work (imports, SDK clients) in a real OS thread, so the worker's gevent hub keeps answering while
     it runs: gevent's threadpool under gevent (waiters block cooperatively), a daemon thread otherwise.

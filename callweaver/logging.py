@@ -40,15 +40,21 @@ def _is_secret_key(key: str) -> bool:
     return _SECRET_KEY_RE.search(key) is not None
 
 
+def _scrub_text(text: str) -> str:
+    """`text` with configured secrets and secret-looking values redacted."""
+    value = text
+    for secret in _known_secrets:
+        if secret in value:
+            value = value.replace(secret, REDACTED)
+    if _MAYBE_SECRET_VALUE.search(value):
+        for pattern, replacement in _SECRET_VALUE_PATTERNS:
+            value = pattern.sub(replacement, value)
+    return value
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _known_secrets:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        if _MAYBE_SECRET_VALUE.search(value):
-            for pattern, replacement in _SECRET_VALUE_PATTERNS:
-                value = pattern.sub(replacement, value)
-        return value
+        return _scrub_text(value)
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and v and _is_secret_key(k) else _scrub(v))
                 for k, v in value.items()}
@@ -185,10 +191,11 @@ def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False
                 else structlog.dev.ConsoleRenderer(colors=False))
     shared = [
         structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         redact_secrets,
+        # After the redaction: a level and our own timestamp never hold a secret (and never repeat, for the time).
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
         *([add_trace_id] if trace_ids else []),
         *([] if fmt == "json" else [_escape_strings]),
     ]

@@ -90,6 +90,74 @@ def test_socket_reader_runs_its_loop_off_the_request_path_and_logs_a_failure(cap
         logged += captured.out + captured.err
 
 
+def test_socket_event_wakes_its_waiter_when_set_and_times_out_otherwise():
+    """simple-websocket's event_class under gevent (SOCK_SERVER_OPTIONS): the socket's handler waits on it in
+    receive(), its reader greenlet sets it."""
+    import gevent
+
+    from callweaver.background import SocketEvent
+
+    event = SocketEvent()
+    assert event.wait(timeout=0) is False and event.wait(timeout=0.01) is False and not event.is_set()
+    waiting = gevent.spawn(event.wait, 30)
+    gevent.sleep(0)  # it waits now
+    gevent.spawn(event.set).join()  # another greenlet sets it, as the reader does
+    assert waiting.get(timeout=5) is True
+    assert event.wait() is True and event.wait(timeout=0) is True  # set stays set until cleared
+    event.clear()
+    assert not event.is_set() and event.wait(timeout=0.01) is False
+    late = gevent.spawn(event.wait, 0.01)
+    assert late.get(timeout=5) is False
+    event.set()  # nobody waits: nothing to wake
+    assert event.wait(timeout=0) is True
+    killed = gevent.spawn(SocketEvent().wait)
+    gevent.sleep(0)
+    killed.kill(timeout=5)  # a handler stopped mid-wait (worker shutdown) leaves no timer behind
+    assert killed.dead
+
+
+def test_a_socket_event_set_as_its_wait_times_out_reports_set():
+    """The reader's set() and the wait's timer can land in the same loop turn: the wait must then say True (the
+    message is buffered), or the handler takes a message that arrived as a timeout (found in review: ~4 % of tries)."""
+    import time
+
+    import gevent
+
+    from callweaver.background import SocketEvent
+
+    results = []
+    for _ in range(200):
+        event = SocketEvent()
+        waiting = gevent.spawn(event.wait, 0.001)
+        gevent.sleep(0)  # it waits now
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.0015:
+            pass  # the timer expires while this greenlet keeps the loop from running
+        event.set()
+        results.append(waiting.get(timeout=5))
+    assert all(results), f"{results.count(False)} of {len(results)} waits said False after set()"
+
+
+def test_a_second_waiter_on_a_socket_event_is_refused_not_left_hanging():
+    import gevent
+    import pytest
+
+    from callweaver.background import SocketEvent
+
+    event = SocketEvent()
+    first = gevent.spawn(event.wait, 5)
+    gevent.sleep(0)
+    with pytest.raises(RuntimeError):
+        event.wait(5)
+    event.set()
+    assert first.get(timeout=5) is True
+
+
+def test_the_socket_event_is_the_standard_one_without_gevent():
+    from callweaver.background import socket_event_class
+    assert socket_event_class() is threading.Event  # tests and CLI run unpatched
+
+
 def test_an_idle_relay_session_holds_no_per_turn_machinery():
     """A live call waits most of its life: its session has slots and no Event or cadence until a turn needs them
     (bench/idle_call_memory.py measures what that saves)."""

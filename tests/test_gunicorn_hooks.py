@@ -50,7 +50,8 @@ def worker_loading(services: FakeServices) -> tuple[SimpleNamespace, FakeLoader]
     return SimpleNamespace(wsgi=loader.wsgi), loader
 
 
-def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_collects_again():
+def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_collects_again(monkeypatch):
+    untracked_greenlet_tree(monkeypatch)
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
     worker, loader = worker_loading(services)
@@ -67,6 +68,32 @@ def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_c
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def untracked_greenlet_tree(monkeypatch) -> None:
+    """post_fork switches gevent's track_greenlet_tree off for the process; put it back after the test."""
+    import gevent
+    monkeypatch.setattr(gevent.config, "track_greenlet_tree", gevent.config.track_greenlet_tree)
+
+
+def test_a_worker_spawns_greenlets_without_spawn_tree_records_unless_the_operator_asked(monkeypatch):
+    """gevent's track_greenlet_tree would make each live call's request greenlet keep its spawner, the spawner's
+    locals and a capture of the spawning stack; the operator's own GEVENT_TRACK_GREENLET_TREE still wins."""
+    import gevent
+    untracked_greenlet_tree(monkeypatch)
+    hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
+    monkeypatch.delenv("GEVENT_TRACK_GREENLET_TREE", raising=False)
+    gevent.config.track_greenlet_tree = True
+    hooks["greenlet_tree_untracked"]()
+    assert gevent.config.track_greenlet_tree is False
+    greenlet = gevent.spawn(lambda: None)
+    assert not hasattr(greenlet, "spawning_stack") or greenlet.spawning_stack is None
+    greenlet.join()
+
+    gevent.config.track_greenlet_tree = True
+    monkeypatch.setenv("GEVENT_TRACK_GREENLET_TREE", "true")
+    hooks["greenlet_tree_untracked"]()
+    assert gevent.config.track_greenlet_tree is True
 
 
 def test_what_the_warm_up_thread_builds_is_frozen_once_it_has_finished():

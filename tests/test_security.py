@@ -397,3 +397,19 @@ def test_access_lines_build_only_the_atoms_the_format_reads_with_gunicorns_value
     other = '%(h)s %(l)s %(u)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(D)s %(p)s'
     assert _access_lines(AccessLogger, other, requests) == _access_lines(GunicornAtoms, other, requests)
     assert "hunter2secret" not in "".join(_access_lines(AccessLogger, configured, requests))
+
+
+def test_a_log_value_found_clean_is_scrubbed_again_once_a_secret_it_holds_is_registered():
+    from callweaver.logging import redact_secrets, register_secret
+
+    sid = "CA" + "0123456789abcdef" * 2  # a Call SID: 32 hex after "CA" is no bare token
+    text = "retry with zq7-remembered-secret-x9"
+    first = [redact_secrets(None, "info", {"event": value})["event"] for value in (sid, text, sid, text)]
+    register_secret("zq7-remembered-secret-x9")
+    again = [redact_secrets(None, "info", {"event": value})["event"] for value in (sid, text, text)]
+    leaky = "key sk-abcdefghijkl here"
+    twice = [redact_secrets(None, "info", {"event": leaky})["event"] for _ in range(2)]
+
+    assert first == [sid, text, sid, text]
+    assert again == [sid, "retry with [REDACTED]", "retry with [REDACTED]"]
+    assert twice == ["key [REDACTED] here"] * 2

@@ -700,6 +700,9 @@ def test_values_the_fast_encoder_refuses_are_still_stored(store):
     assert record.variables == {"n": big, "m": -big}
     assert record.meta == {"huge": [big, -big]}
     assert type(record.variables["n"]) is int
+    below_int64 = -2 ** 63 - 1  # only 19 digits after its minus sign
+    store.update_meta("call_big", {"low": below_int64})
+    assert store.get_call("call_big").meta["low"] == below_int64
 
 
 def test_rows_written_with_nan_by_the_standard_library_still_read(tmp_path):

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import structlog
@@ -249,7 +249,7 @@ class ReplyCache:
             return False
         if not reply.text or not reply.text.strip() or len(reply.text) > MAX_REPLY_CHARS:
             return False
-        entry = {"v": ENTRY_FORMAT_VERSION, **asdict(reply)}
+        entry = {"v": ENTRY_FORMAT_VERSION, **vars(reply)}  # flat fields: no deep copy (asdict) needed
         try:
             stored = self.backend.set(key, entry, timeout=self.ttl_s)
         except Exception as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -285,6 +286,46 @@ def discarded_cost(discarded: list[SpeculativeTurn]) -> dict[str, int]:
             "tokens": sum(s.token_count for s in discarded if s.turn.result.llm_requests)}
 
 
+# The record fields whose values every call of a flow (or of a kind of call) repeats; each decoded record would
+# otherwise hold its own copy of them for as long as the call lives.
+_REPEATED_FIELDS = ("path", "language", "status", "workflow_id", "workflow_hash", "current_node", "greeting")
+_REPEATED_META = ("homeLanguage",)
+_REPEATED_SETUP = ("direction", "callType")
+
+
+def share_repeated_values(record) -> None:
+    """Swap the strings every live call of a flow holds alike (its greeting, also as the first line of the history,
+    language codes, status, hashes, `setup`'s direction) for one shared copy each (sys.intern), so an idle call keeps
+    only what is its own (bench/idle_call_memory.py). Values are unchanged; only equal strings become one object."""
+    intern = sys.intern
+    for name in _REPEATED_FIELDS:
+        value = getattr(record, name)
+        if type(value) is str:
+            setattr(record, name, intern(value))
+    greeting = record.greeting
+    for message in record.messages or ():
+        if type(message) is dict:
+            role, content = message.get("role"), message.get("content")
+            if type(role) is str:
+                message["role"] = intern(role)
+            if content is not None and content == greeting:
+                message["content"] = greeting
+    meta = record.meta
+    if type(meta) is not dict:
+        return
+    for name in _REPEATED_META:
+        if type(meta.get(name)) is str:
+            meta[name] = intern(meta[name])
+    languages = meta.get("relayLanguages")
+    if type(languages) is list and all(type(code) is str for code in languages):
+        meta["relayLanguages"] = [intern(code) for code in languages]
+    setup = meta.get("setup")
+    if type(setup) is dict:
+        for name in _REPEATED_SETUP:
+            if type(setup.get(name)) is str:
+                setup[name] = intern(setup[name])
+
+
 class ConversationEngine:
     """Runs turns of any call (relay, Gather flow, playground) from the call's record in the store."""
 
@@ -322,15 +363,18 @@ class ConversationEngine:
     def sharing_snapshot(self, record):
         """The record with its workflow snapshot swapped for the copy this worker already holds for the same
         version hash, so live calls of one flow share one snapshot instead of each keeping its own (the snapshot
-        was most of an idle call's memory). Snapshots are never mutated in place (updates replace fields)."""
-        if record is None or not record.workflow or not record.workflow_hash:
+        was most of an idle call's memory), and the values all its calls repeat shared too (share_repeated_values).
+        Snapshots are never mutated in place (updates replace fields)."""
+        if record is None:
             return record
-        shared = self._snapshots.get(record.workflow_hash)
-        if shared is None:
-            shared = self._snapshots[record.workflow_hash] = record.workflow
-            while len(self._snapshots) > 256:
-                self._snapshots.popitem(last=False)
-        record.workflow = shared
+        if record.workflow and record.workflow_hash:
+            shared = self._snapshots.get(record.workflow_hash)
+            if shared is None:
+                shared = self._snapshots[record.workflow_hash] = record.workflow
+                while len(self._snapshots) > 256:
+                    self._snapshots.popitem(last=False)
+            record.workflow = shared
+        share_repeated_values(record)
         return record
 
     def language_of(self, record) -> LanguageEntry:

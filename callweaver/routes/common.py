@@ -21,7 +21,7 @@ FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimiz
             "providerFailover": True}
 # Paths only Twilio requests (its webhooks and the relay socket; /api/call-status is also the web app's poll, so it is
 # not here): no browser page reads their answers, so they get no CORS headers (app.py, cors.py).
-# tests/test_boot_cors.py checks the list against the routes.
+# tests/test_web_app_origins_and_credentials.py checks the list against the routes.
 BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
                      "/api/call-status-optimized", "/api/conversationrelay-ws")
 # The longest window a metrics or call-log query may ask for.
@@ -106,7 +106,8 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     """
     svc = services()
     # A request with no body type (the relay socket's upgrade) has an empty form; werkzeug would still build one
-    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse).
+    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse). On the socket
+    # the request lives as long as the call: an empty form, files and input stream kept per idle call, too.
     form = request.form if request.want_form_data_parsed else {}
     tracking_id = request.args.get("trackingId") or form.get("trackingId")
     call_sid = form.get("CallSid") or request.args.get("CallSid")

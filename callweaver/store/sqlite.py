@@ -107,9 +107,9 @@ def _dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-# A run of 20 digits may be an integer beyond 64 bits, which orjson would read back as a float. (Twenty classes
-# written out: re scans them ~3× faster than "[0-9]{20}" or "\d{20}".)
-_MAYBE_HUGE_INTEGER = re.compile("[0-9]" * 20)
+# A run of 19 digits may be an integer beyond 64 bits (20 digits, or 19 after a minus sign below -2**63), which
+# orjson would read back as a float. (The classes written out: re scans them ~3× faster than "[0-9]{19}".)
+_MAYBE_HUGE_INTEGER = re.compile("[0-9]" * 19)
 
 
 def _loads(text: str) -> Any:
