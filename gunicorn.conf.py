@@ -97,8 +97,8 @@ LIVE_CALL_GC_THRESHOLDS = (7000, 10, 100)
 def app_loaded(app):
     """Start the worker's background jobs (retention) on the worker's own hub. Then move everything loaded so far
     out of the collector's reach (gc.freeze): a full pass over ~145k start-up objects took 75-85 ms in the middle of
-    live calls; without them it takes a few ms. Then the collector runs again, with LIVE_CALL_GC_THRESHOLDS. The SDK clients are still being built
-    in the warm-up thread then (callweaver/services.py), so what they load is frozen too once that thread has
+    live calls; without them it takes a few ms. Then the collector runs again, with LIVE_CALL_GC_THRESHOLDS. The SDK
+    clients are still being built in the warm-up thread then (callweaver/services.py), so what they load is frozen too once that thread has
     finished (with whatever the first requests held at that moment)."""
     services = app.extensions["callweaver"]
     services.start_background_jobs()
