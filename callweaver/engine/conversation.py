@@ -627,7 +627,9 @@ class ConversationEngine:
         log.info("turn_completed", tracking_id=record.tracking_id, node=r.node_id, next_node=next_node,
                  source=r.source, provider=r.provider, provider_ttft_ms=r.provider_ttft_ms,
                  first_token_ms=timings.get("firstTokenMs"), interrupted=interrupted, action=action)
-        return self.sharing_snapshot(updated)
+        # `updated` is `record` with the turn's fields replaced: a relay session's record was shared when the
+        # session read it (sharing_snapshot), so the turn does not walk its history again to share it.
+        return updated
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
         """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.
