@@ -192,6 +192,11 @@ class CallLifecycle:
         workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
         llm_credentials = self.workflow_llm_credentials(body)
         meta: dict[str, Any] = {"llm": self.credential_box.seal_json(llm_credentials)} if llm_credentials else {}
+        twiml_url = self._twiml_url(body.get("twimlUrl"), base_url)
+        # Everything the call needs from the body is taken: the decoded body (the whole flow, ~24 KB of objects
+        # for a 12 KB body) is not kept through the Twilio request, when other calls' set-ups run. The route
+        # passes it straight in, so this was its last reference (docs/performance-history.md, "Issue 12t").
+        del body
         if path == "optimized":
             # What its relay TwiML will declare, stored with the call, so the TwiML webhook has nothing to write.
             meta.update(self.languages.relay_language_meta(language, language, self.languages.switch_targets(language)))
@@ -208,7 +213,7 @@ class CallLifecycle:
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
-        url = self._twiml_url(body.get("twimlUrl"), base_url) or f"{base_url}{twiml_path}?{urlencode(query)}"
+        url = twiml_url or f"{base_url}{twiml_path}?{urlencode(query)}"
         status_callback = f"{base_url}{status_path}?{urlencode({'trackingId': tracking_id})}"
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,

@@ -19,6 +19,7 @@ from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.metrics import RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
+from .heap import HeapTrimmer, glibc_malloc_trim
 from .lifecycle import CallLifecycle
 from .background import OsThreadWork, Task, spawn
 from .retention import run_periodically
@@ -99,6 +100,11 @@ class Services:
         return ConversationEngine(self.store, self.providers, self.languages, self.reply_cache,
                                   chain_for=self.chain_for, tracer=self.tracer,
                                   record_transcripts=self.settings.record_transcripts, speculation=speculation)
+
+    @cached_property
+    def heap_trimmer(self) -> HeapTrimmer:
+        """Hands the C heap's free pages back once a burst of call set-ups is over (glibc only)."""
+        return HeapTrimmer(spawn, glibc_malloc_trim())
 
     def call_ended(self, tracking_id: str) -> None:
         """Twilio reported the call's final status: record its root span and queue its end-of-call report.

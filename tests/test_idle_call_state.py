@@ -71,3 +71,29 @@ def test_a_record_whose_history_is_null_is_shared_without_failing():
     record = CallRecord.from_dict({"tracking_id": "call_null", "messages": None, "greeting": "Hi"})
     share_repeated_values(record)
     assert record.messages is None and record.greeting == "Hi"
+
+
+def test_make_call_keeps_no_decoded_body_through_the_twilio_request(app, client, fake_twilio, monkeypatch):
+    """The decoded make-call body (the whole flow) is released before the Twilio request: while that request
+    waits, other calls' set-ups run, and 25 concurrent bodies left ~5 KiB of free gaps per live call between the
+    calls' long-lived objects (docs/performance-history.md, "Issue 12t")."""
+    import gc
+    import json
+
+    from tests.helpers import make_call_body
+
+    gateway = app.extensions["callweaver"].twilio
+    place = gateway.create_call
+    marker = "+15557654321"
+    bodies_alive = []
+
+    def create_call(**kwargs):
+        bodies_alive.append(sum(1 for obj in gc.get_objects()
+                                if type(obj) is dict and obj.get("to") == marker and "nodes" in obj))
+        return place(**kwargs)
+
+    monkeypatch.setattr(gateway, "create_call", create_call)
+    raw = json.dumps(make_call_body(to=marker))  # the test's own dict is gone: only the server's decoded copy counts
+    resp = client.post("/api/make-call-optimized", data=raw, content_type="application/json")
+    assert resp.status_code == 200, resp.get_json()
+    assert bodies_alive == [0]

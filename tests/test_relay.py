@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import time
 import xml.etree.ElementTree as ET
@@ -118,6 +119,26 @@ def test_prompt_before_setup_and_invalid_json_are_logged_and_socket_stays_usable
     assert reply.text == "Hi there!"
     logs = stack["server"].logs()
     assert "relay_prompt_before_setup" in logs and "relay_bad_message" in logs
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_after_calls_are_set_up_the_worker_hands_its_free_heap_back(stack, llm, tmp_path):
+    """callweaver/heap.py: once set-ups pause, the worker returns the C heap's free pages (one info line each)."""
+    env = base_env(tmp_path, stack["twilio"], stack["llm"], stack["llm2"])
+    env.pop("PUBLIC_BASE_URL")
+    server = LiveServer({**env, "LOG_LEVEL": "INFO"}, workers=1).start()
+    try:
+        callers = [new_call({**stack, "server": server}) for _ in range(3)]
+        for caller in callers:
+            caller.connect()
+        deadline = time.monotonic() + 20
+        while '"heap_trimmed"' not in server.logs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for caller in callers:
+            caller.hangup()
+        assert '"heap_trimmed"' in server.logs()
+    finally:
+        server.stop()
 
 
 def drive_to_summary(caller):

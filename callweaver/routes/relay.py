@@ -169,6 +169,8 @@ def conversation_relay(ws):
                     setup_deadline = None
                 if message is not None:
                     session.handle_message(message)
+                if is_setup:
+                    svc.heap_trimmer.call_set_up()  # the last step of a call's set-up
                 raw = message = None  # not kept while the call waits for its next message
             elif setup_deadline is not None and time.monotonic() >= setup_deadline:
                 _close(ws, "relay_setup_timeout", "setup not received in time")
