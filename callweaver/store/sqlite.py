@@ -36,11 +36,6 @@ CALL_FILTER_COLUMNS = ("status", "path", "language")
 # How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
 
-# The connection's page cache, in KiB (SQLite's default is 2000). The pages a turn's commit or a webhook's read
-# needs are read again from the OS's file cache when evicted (a few µs each); the default filled with every new
-# call's rows until 2 MB per worker: ~2 KiB per live call at 200 calls (docs/performance-history.md, "Issue 12t").
-PAGE_CACHE_KIB = 64
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cw_calls (
     tracking_id TEXT PRIMARY KEY,
@@ -169,7 +164,6 @@ class SQLiteStore:
             conn.execute("PRAGMA journal_mode = WAL")
             # WAL + NORMAL: a commit survives a crashed process; only an OS crash can lose the last ones.
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")  # several workers may start at once
             for statement in SCHEMA.split(";"):
                 if statement.strip():
