@@ -21,6 +21,7 @@ from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .config import Settings
+from .store.sqlite import BUSY_TIMEOUT_MS, use_wal
 
 log = structlog.get_logger()
 SQLITE_SCHEME = "callweaver+sqlite"
@@ -131,8 +132,9 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            use_wal(conn, BUSY_TIMEOUT_MS / 1000)
             # WAL + NORMAL (as the call store): no fsync per hit; an OS crash may forget the last hits, never
             # corrupt the file. With FULL each hit paid an fsync (~65 µs of CPU, ~160 µs blocking the worker).
             conn.execute("PRAGMA synchronous=NORMAL")

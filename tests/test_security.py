@@ -413,3 +413,24 @@ def test_a_log_value_found_clean_is_scrubbed_again_once_a_secret_it_holds_is_reg
     assert first == [sid, text, sid, text]
     assert again == [sid, "retry with [REDACTED]", "retry with [REDACTED]"]
     assert twice == ["key [REDACTED] here"] * 2
+
+
+def _hold_a_write_on_a_fresh_file(path: str, for_s: float) -> None:
+    """Another worker inside its first write to a file still in rollback-journal mode, committing after for_s."""
+    import sqlite3
+    import threading
+
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_worker (x)")
+    threading.Timer(for_s, lambda: (other.execute("COMMIT"), other.close())).start()
+
+
+def test_a_worker_opening_the_limit_file_while_another_writes_it_waits_instead_of_failing(tmp_path):
+    """Two workers' first make-calls in a burst open the fresh window file at once: switching it to WAL met the
+    other's lock and raised 'database is locked' at once (the busy timeout does not cover that switch), a 500."""
+    from callweaver.rate_limits import SQLITE_SCHEME, SQLiteLimitStorage
+
+    path = str(tmp_path / "cw-ratelimits.sqlite3")
+    _hold_a_write_on_a_fresh_file(path, 0.3)
+    assert SQLiteLimitStorage(f"{SQLITE_SCHEME}://{path}").acquire_entry("k", 30, 60) is True
