@@ -75,8 +75,8 @@ def test_a_record_whose_history_is_null_is_shared_without_failing():
 
 def test_make_call_keeps_no_decoded_body_through_the_twilio_request(app, client, fake_twilio, monkeypatch):
     """The decoded make-call body (the whole flow) is released before the Twilio request: while that request
-    waits, other calls' set-ups run, and 25 concurrent bodies left ~5 KiB of free gaps per live call between the
-    calls' long-lived objects (docs/performance-history.md, "Issue 12t")."""
+    waits, other calls' set-ups run, and 25 concurrent bodies left free gaps between the live calls' long-lived
+    objects (~1.4 KiB per idle call at 200 calls; docs/performance-history.md, "Issue 12t")."""
     import gc
     import json
 
