@@ -23,7 +23,7 @@ import structlog.contextvars
 log = structlog.get_logger()
 
 QUIET_S = 0.5          # no call set up for this long: the burst is over
-MIN_INTERVAL_S = 10.0  # a steady stream of set-ups pays for at most one trim per this many seconds
+MIN_INTERVAL_S = 2.0  # calls trickling in (a pause after each) pay for at most one trim per this many seconds
 
 
 def glibc_malloc_trim() -> Callable[[int], int] | None:
