@@ -21,6 +21,7 @@ from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .config import Settings
+from .store.sqlite import BUSY_TIMEOUT_MS, use_wal
 
 log = structlog.get_logger()
 SQLITE_SCHEME = "callweaver+sqlite"
@@ -113,9 +114,16 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
 
     Registered with limits under the `callweaver+sqlite://<path>` scheme. Each acquire is one IMMEDIATE
     transaction, so concurrent workers cannot both take the last slot of a window.
+
+    A window's hits are numbered per key (`seq`) and their times never decrease with it, so a window is checked
+    without counting its rows: it is full when the hit `limit - amount` places before the newest is still inside
+    it, and its size is the newest number minus the oldest one inside it (both index look-ups, whatever the
+    window holds: the calls-per-day window holds a day's calls). Hits that left their window are deleted once a
+    minute per worker (a scan of the table; nothing reads them meanwhile).
     """
 
     STORAGE_SCHEME = [SQLITE_SCHEME]
+    SWEEP_INTERVAL_S = 60.0
 
     def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
@@ -123,6 +131,7 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
         self._lock = threading.Lock()
         self._pid = 0
         self._conn: sqlite3.Connection | None = None
+        self._sweep_at = 0.0
 
     @property
     def base_exceptions(self) -> type[Exception]:
@@ -131,19 +140,35 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            use_wal(conn, BUSY_TIMEOUT_MS / 1000)
             # WAL + NORMAL (as the call store): no fsync per hit; an OS crash may forget the last hits, never
             # corrupt the file. With FULL each hit paid an fsync (~65 µs of CPU, ~160 µs blocking the worker).
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS hits (key TEXT NOT NULL, at REAL NOT NULL, "
-                         "expires_at REAL NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at)")
-            conn.execute("CREATE INDEX IF NOT EXISTS hits_expires_at ON hits (expires_at)")
-            conn.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
-                         "expires_at REAL NOT NULL)")
+            conn.execute("BEGIN IMMEDIATE")  # the workers' first requests open the file at once
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS window_hits (key TEXT NOT NULL, seq INTEGER NOT NULL, "
+                             "at REAL NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID")
+                conn.execute("CREATE INDEX IF NOT EXISTS window_hits_at ON window_hits (key, at)")
+                conn.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                             "expires_at REAL NOT NULL)")
+                self._adopt_unnumbered_hits(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    @staticmethod
+    def _adopt_unnumbered_hits(conn: sqlite3.Connection) -> None:
+        """A file written before hits were numbered keeps its live windows (today's calls count on)."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hits'").fetchone():
+            conn.execute("INSERT OR IGNORE INTO window_hits (key, seq, at, expires_at) SELECT key, "
+                         "ROW_NUMBER() OVER (PARTITION BY key ORDER BY at, rowid), at, expires_at FROM hits "
+                         "WHERE expires_at > ?", (time.time(),))
+            conn.execute("DROP TABLE hits")
 
     def _transaction(self, work):
         with self._lock:
@@ -161,15 +186,22 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
             return False
-        now = time.time()
 
         def work(conn: sqlite3.Connection) -> bool:
-            conn.execute("DELETE FROM hits WHERE expires_at <= ?", (now,))  # every key's expired entries
-            (count,) = conn.execute("SELECT COUNT(*) FROM hits WHERE key = ?", (key,)).fetchone()
-            if count + amount > limit:
+            now = time.time()  # read under the write lock: times never decrease along a key's numbers
+            newest = conn.execute("SELECT seq, at FROM window_hits WHERE key = ? ORDER BY seq DESC LIMIT 1",
+                                  (key,)).fetchone()
+            last, last_at = newest if newest else (0, now)
+            blocking = conn.execute("SELECT at FROM window_hits WHERE key = ? AND seq = ?",
+                                    (key, last - (limit - amount))).fetchone()
+            if blocking and blocking[0] > now - expiry:
                 return False
-            conn.executemany("INSERT INTO hits (key, at, expires_at) VALUES (?, ?, ?)",
-                             [(key, now, now + expiry)] * amount)
+            at = max(now, last_at)
+            conn.executemany("INSERT INTO window_hits (key, seq, at, expires_at) VALUES (?, ?, ?, ?)",
+                             [(key, last + i, at, at + expiry) for i in range(1, amount + 1)])
+            if now >= self._sweep_at:
+                conn.execute("DELETE FROM window_hits WHERE expires_at <= ?", (now,))
+                self._sweep_at = now + self.SWEEP_INTERVAL_S
             return True
 
         return self._transaction(work)
@@ -177,9 +209,13 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         now = time.time()
         with self._lock:
-            oldest, count = self._connection().execute(
-                "SELECT MIN(at), COUNT(*) FROM hits WHERE key = ? AND at > ?", (key, now - expiry)).fetchone()
-        return (oldest, count) if count else (now, 0)
+            conn = self._connection()
+            oldest = conn.execute("SELECT at, seq FROM window_hits WHERE key = ? AND at > ? ORDER BY at, seq "
+                                  "LIMIT 1", (key, now - expiry)).fetchone()
+            if oldest is None:
+                return now, 0
+            (last,) = conn.execute("SELECT MAX(seq) FROM window_hits WHERE key = ?", (key,)).fetchone()
+        return oldest[0], last - oldest[1] + 1
 
     # fixed-window counters (required by the Storage interface)
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
@@ -214,10 +250,11 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
 
     def reset(self) -> int | None:
         def work(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM hits").rowcount + conn.execute("DELETE FROM counters").rowcount
+            return (conn.execute("DELETE FROM window_hits").rowcount
+                    + conn.execute("DELETE FROM counters").rowcount)
 
         return self._transaction(work)
 
     def clear(self, key: str) -> None:
-        self._transaction(lambda conn: (conn.execute("DELETE FROM hits WHERE key = ?", (key,)),
+        self._transaction(lambda conn: (conn.execute("DELETE FROM window_hits WHERE key = ?", (key,)),
                                         conn.execute("DELETE FROM counters WHERE key = ?", (key,))))

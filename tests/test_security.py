@@ -413,3 +413,83 @@ def test_a_log_value_found_clean_is_scrubbed_again_once_a_secret_it_holds_is_reg
     assert first == [sid, text, sid, text]
     assert again == [sid, "retry with [REDACTED]", "retry with [REDACTED]"]
     assert twice == ["key [REDACTED] here"] * 2
+
+
+def _hold_a_write_on_a_fresh_file(path: str, for_s: float) -> None:
+    """Another worker inside its first write to a file still in rollback-journal mode, committing after for_s."""
+    import sqlite3
+    import threading
+
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_worker (x)")
+    threading.Timer(for_s, lambda: (other.execute("COMMIT"), other.close())).start()
+
+
+def test_a_worker_opening_the_limit_file_while_another_writes_it_waits_instead_of_failing(tmp_path):
+    """Two workers' first make-calls in a burst open the fresh window file at once: switching it to WAL met the
+    other's lock and raised 'database is locked' at once (the busy timeout does not cover that switch), a 500."""
+    from callweaver.rate_limits import SQLITE_SCHEME, SQLiteLimitStorage
+
+    path = str(tmp_path / "cw-ratelimits.sqlite3")
+    _hold_a_write_on_a_fresh_file(path, 0.3)
+    assert SQLiteLimitStorage(f"{SQLITE_SCHEME}://{path}").acquire_entry("k", 30, 60) is True
+
+
+class _Clock:
+    """time.time() for the limit storage, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_the_sqlite_moving_window_agrees_with_counting_every_hit(tmp_path, monkeypatch):
+    """The window is checked from hit numbers, not by counting rows: it must refuse and report exactly what
+    counting the hits of the last `expiry` seconds would, for several keys, limits and costs."""
+    import random
+
+    from callweaver import rate_limits
+
+    clock = _Clock(1_000_000.0)
+    monkeypatch.setattr(rate_limits, "time", clock)
+    storage = rate_limits.SQLiteLimitStorage(f"{rate_limits.SQLITE_SCHEME}://{tmp_path / 'w-ratelimits.sqlite3'}")
+    windows = {"a": (3, 10), "b": (5, 60), "c": (1, 5)}  # key: (limit, expiry s)
+    taken: dict[str, list[float]] = {key: [] for key in windows}
+    rng = random.Random(12)
+    for _ in range(600):
+        clock.now += rng.choice((0.0, 0.2, 1.0, 3.0, 7.0))
+        key = rng.choice(list(windows))
+        limit, expiry = windows[key]
+        amount = rng.choice((1, 1, 1, 2))
+        inside = [at for at in taken[key] if at > clock.now - expiry]
+        expected = len(inside) + amount <= limit
+        assert storage.acquire_entry(key, limit, expiry, amount) is expected
+        if expected:
+            taken[key] += [clock.now] * amount
+            inside += [clock.now] * amount
+        assert storage.get_moving_window(key, limit, expiry) == ((min(inside), len(inside)) if inside
+                                                                 else (clock.now, 0))
+
+
+def test_a_limit_file_from_before_numbered_hits_keeps_its_live_windows(tmp_path):
+    """Today's calls-per-day count survives the upgrade: the old table's unexpired hits are adopted."""
+    import sqlite3
+    import time
+
+    from callweaver.rate_limits import SQLITE_SCHEME, SQLiteLimitStorage
+
+    path = tmp_path / "old-ratelimits.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE hits (key TEXT NOT NULL, at REAL NOT NULL, expires_at REAL NOT NULL)")
+    now = time.time()
+    old.executemany("INSERT INTO hits VALUES (?, ?, ?)", [("day", now - 50, now + 1000), ("day", now - 40, now + 1000),
+                                                         ("day", now - 5000, now - 1)])
+    old.commit()
+    old.close()
+    storage = SQLiteLimitStorage(f"{SQLITE_SCHEME}://{path}")
+    assert storage.get_moving_window("day", 3, 86400)[1] == 2
+    assert storage.acquire_entry("day", 3, 86400) is True
+    assert storage.acquire_entry("day", 3, 86400) is False

@@ -106,7 +106,7 @@ def test_paths_only_twilio_requests_are_exactly_the_ones_served_only_to_twilio(a
     """BROWSERLESS_PATHS (no CORS headers) lists every path whose every view is a signed Twilio webhook or the relay
     socket, and nothing else."""
     from callweaver.routes.common import BROWSERLESS_PATHS
-    from callweaver.routes.twiml import RELAY_PATH
+    from callweaver.routes.common import RELAY_PATH
 
     views_by_path: dict[str, list] = {}
     for rule in app.url_map.iter_rules():

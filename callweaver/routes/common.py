@@ -19,11 +19,13 @@ log = structlog.get_logger()
 # What the optimized path offers, as the web app's make-call and comparison responses name it.
 FEATURES = {"conversationRelay": True, "predictiveCache": True, "languageOptimization": True,
             "providerFailover": True}
+# The ConversationRelay socket's path: the TwiML names it, the relay blueprint serves it.
+RELAY_PATH = "/api/conversationrelay-ws"
 # Paths only Twilio requests (its webhooks and the relay socket; /api/call-status is also the web app's poll, so it is
 # not here): no browser page reads their answers, so they get no CORS headers (app.py, cors.py).
 # tests/test_web_app_origins_and_credentials.py checks the list against the routes.
 BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
-                     "/api/call-status-optimized", "/api/conversationrelay-ws")
+                     "/api/call-status-optimized", RELAY_PATH)
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
 

@@ -23,8 +23,7 @@ from ..lifecycle import CALL_SID
 from ..security import websocket_url
 from ..services import services, spawn
 from ..store import TERMINAL_STATUSES, CallRecord, Store, StoreError
-from .common import base_url, forbidden, verify_twilio
-from .twiml import RELAY_PATH
+from .common import RELAY_PATH, base_url, forbidden, verify_twilio
 
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()

@@ -13,12 +13,10 @@ from ..engine.languages import LanguageEntry, LanguageTable
 from ..security import websocket_url
 from ..services import services
 from ..store import CallRecord
-from .common import base_url, twilio_params, twilio_webhook, twiml_response
+from .common import RELAY_PATH, base_url, twilio_params, twilio_webhook, twiml_response
 
 bp = Blueprint("twiml", __name__)
 log = structlog.get_logger()
-
-RELAY_PATH = "/api/conversationrelay-ws"
 
 
 @bp.errorhandler(Exception)
