@@ -86,9 +86,10 @@ def entry_points_read_afresh():
 # The cyclic collector's thresholds while the worker serves (gc.set_threshold; CPython's defaults are 700, 10, 10).
 # With 800 calls on one worker each pass is a pause for every call. A young pass walks what was allocated since the
 # last one and is still alive; a generation-1 pass walks that for its last 10 young passes, at the start of talking
-# the objects of the last few hundred calls set up. The young generations keep CPython's thresholds, so no pass
-# walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-14.6 ms of CPU, against
-# 28-48 ms for generation-1 passes with a young threshold of 7000 (docs/performance-history.md, "Issue 12q").
+# the objects of the last few hundred calls set up. The young generations keep CPython's thresholds, so no young or
+# generation-1 pass walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-14.6 ms of
+# CPU, against 28-48 ms for generation-1 passes with a young threshold of 7000, for ~40 % more GC CPU (~0.05 ms per
+# turn) (docs/performance-history.md, "Issue 12q").
 # Full passes walk every call in flight (35-112 ms at 800 calls): one every 1000 generation-1 passes, the same
 # ~7 million net allocations apart as with (7000, 10, 100) ("Issue 12p"), instead of every 10 (70 000 apart).
 # Cyclic garbage that reaches the oldest generation (an ended call's socket objects) waits that long (memory).
