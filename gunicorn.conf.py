@@ -87,7 +87,7 @@ def entry_points_read_afresh():
 # With 800 calls on one worker each pass is a pause for every call. A young pass walks what was allocated since the
 # last one and is still alive; a generation-1 pass walks that for its last 10 young passes, at the start of talking
 # the objects of the last few hundred calls set up. The young generations keep CPython's thresholds, so no young or
-# generation-1 pass walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-14.6 ms of
+# generation-1 pass walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-20.6 ms of
 # CPU, against 28-48 ms for generation-1 passes with a young threshold of 7000, for ~40 % more GC CPU (~0.05 ms per
 # turn) (docs/performance-history.md, "Issue 12q").
 # Full passes walk every call in flight (35-112 ms at 800 calls): one every 1000 generation-1 passes, the same
