@@ -170,6 +170,17 @@ def test_limits_are_shared_by_apps_on_one_sqlite_file_and_on_one_redis(tmp_path,
         assert codes == [200, 200, 200, 200, 429, 429]
 
 
+def test_a_make_call_refused_for_its_twiml_url_uses_no_slot_of_the_day(env, fake_twilio):
+    """The TwiML URL was checked after the day's slot was taken: refused requests that cost nothing could use up
+    the whole day's cap (review of the atomic cap)."""
+    client = create_app({**env, "MAX_CALLS_PER_DAY": "1"}).test_client()
+    resp = client.post("/api/make-call", json=make_call_body(twimlUrl="https://evil.example/x"))
+    assert resp.status_code == 400
+    assert client.post("/api/make-call", json=make_call_body(),
+                       environ_base={"REMOTE_ADDR": "127.0.0.7"}).status_code == 200
+    assert len(fake_twilio.creates()) == 1
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_calls_per_day_cap_holds_while_another_worker_places_the_last_call(tmp_path, fake_twilio, backend):
     """Two workers' make-calls in flight when one slot was left both saw room and both placed a call: the cap was
