@@ -14,18 +14,18 @@ import threading
 import time
 from typing import Callable
 
-import structlog
-from flask import Flask, Response, jsonify, make_response, request
+from flask import Flask, request
 from limits import RateLimitItem, parse, parse_many
 from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .config import Settings
+from .store.sqlite import BUSY_TIMEOUT_MS, use_wal
 
-log = structlog.get_logger()
 SQLITE_SCHEME = "callweaver+sqlite"
 KEY_PREFIX = "callweaver"  # window keys: LIMITER/callweaver/<client>/<scope>/<amount>/<multiples>/<granularity>
 DAILY_SCOPE = "calls-per-day"
+DAILY_KEY = (KEY_PREFIX, "service", DAILY_SCOPE)
 
 
 def client_address(environ: dict, trusted_proxy_hops: int) -> str:
@@ -46,21 +46,60 @@ def storage_uri(settings: Settings) -> str:
     return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
 
 
+class LimitReached(Exception):
+    """A full window: the HTTP edge answers 429 with the JSON error and Retry-After (errors.py), and logs it."""
+
+    def __init__(self, message: str, retry_after_s: int, *, limit: str, key: str):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.key = key
+
+
+def limit_reached(windows: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...],
+                  message: str) -> LimitReached:
+    """The refusal for a full window, retrying when its oldest slot frees."""
+    reset_at = windows.get_window_stats(item, *identifiers).reset_time
+    return LimitReached(f"Too many requests: {message}; try again later",
+                        max(1, int(reset_at + 1 - time.time())), limit=str(item), key=item.key_for(*identifiers))
+
+
+def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
+    """The moving windows of one process, in the storage every worker (and instance, with Redis) shares."""
+    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
+
+
+class CallsPerDay:
+    """The service's cap on placed calls (MAX_CALLS_PER_DAY), across every worker and instance.
+
+    A make-call takes its slot in one atomic step once it has passed every check, right before Twilio is asked
+    to place the call. Reading the window before the call and taking the slot after it let two workers with one
+    slot left both place a call. Requests refused before that point never use the cap; an attempt Twilio refuses
+    keeps its slot, which errs on the side of the operator's bill."""
+
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
+        self.windows = windows
+        self.item = parse(f"{settings.max_calls_per_day} per day")
+        self.message = f"the service places at most {settings.max_calls_per_day} calls a day (MAX_CALLS_PER_DAY)"
+
+    def take_slot(self) -> None:
+        """Take one slot of today's calls, or raise LimitReached when none is left."""
+        if not self.windows.hit(self.item, *DAILY_KEY):
+            raise limit_reached(self.windows, self.item, DAILY_KEY, self.message)
+
+
 class RateLimits:
-    """The windows of one app: per client and scope (make-call, llm, end-call), and the service's calls per day.
+    """The per-client windows of one app: per client and scope (make-call, llm, end-call).
 
     A limited request takes one slot of each of its client's windows (one storage hit per window, `hit` refuses
-    when the window is full); make-call also needs room under the daily cap (one read) and takes a slot of it
-    only when a call was placed (answer below 400), so refused requests never use the cap."""
+    when the window is full). The calls-per-day cap is CallsPerDay, taken inside make-call."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
         self.settings = settings
-        self.windows = MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
-        self.daily = parse(f"{settings.max_calls_per_day} per day")
-        self.daily_message = (f"the service places at most {settings.max_calls_per_day} calls a day "
-                              "(MAX_CALLS_PER_DAY)")
+        self.windows = windows
 
-    def limited(self, view: Callable, scope: str, variable: str, limit: str, *, daily_cap: bool = False) -> Callable:
+    def limited(self, view: Callable, scope: str, variable: str, limit: str) -> Callable:
         """`view`, refused with 429 once its client has used `limit` (shared by every view of the scope)."""
         items = sorted(parse_many(limit))  # the shortest window first
         message = f"at most {limit} per client ({variable})"
@@ -70,31 +109,15 @@ class RateLimits:
             client = client_address(request.environ, self.settings.trusted_proxy_hops)
             for item in items:
                 if not self.windows.hit(item, KEY_PREFIX, client, scope):
-                    return self._refuse(item, (KEY_PREFIX, client, scope), message)
-            if not daily_cap:
-                return view(*args, **kwargs)
-            service = (KEY_PREFIX, "service", DAILY_SCOPE)
-            if not self.windows.test(self.daily, *service):
-                return self._refuse(self.daily, service, self.daily_message)
-            response = make_response(view(*args, **kwargs))  # its status decides whether a call was placed
-            if response.status_code < 400:
-                self.windows.hit(self.daily, *service)
-            return response
+                    raise limit_reached(self.windows, item, (KEY_PREFIX, client, scope), message)
+            return view(*args, **kwargs)
 
         return wrapper
 
-    def _refuse(self, item: RateLimitItem, identifiers: tuple[str, ...], message: str) -> tuple[Response, int]:
-        """429 with the JSON error and when to retry (the full window's oldest slot frees then)."""
-        log.warning("rate_limited", path=request.path, limit=str(item), key=item.key_for(*identifiers))
-        reset_at = self.windows.get_window_stats(item, *identifiers).reset_time
-        response = jsonify(success=False, error=f"Too many requests: {message}; try again later")
-        response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))
-        return response, 429
 
-
-def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
+def init_rate_limits(app: Flask, settings: Settings, windows: MovingWindowRateLimiter) -> RateLimits:
     """Wrap the limited views (after the blueprints are registered); nothing else is touched."""
-    rate_limits = RateLimits(settings)
+    rate_limits = RateLimits(settings, windows)
     per_client = {  # scope: (variable, limit, endpoints sharing it)
         "make-call": ("RATE_LIMIT_MAKE_CALL", settings.rate_limit_make_call,
                       ("calls.make_call", "calls.make_call_optimized")),
@@ -103,8 +126,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:
-            app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit,
-                                                               daily_cap=scope == "make-call")
+            app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit)
     return rate_limits
 
 
@@ -113,9 +135,16 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
 
     Registered with limits under the `callweaver+sqlite://<path>` scheme. Each acquire is one IMMEDIATE
     transaction, so concurrent workers cannot both take the last slot of a window.
+
+    A window's hits are numbered per key (`seq`) and their times never decrease with it, so a window is checked
+    without counting its rows: it is full when the hit `limit - amount` places before the newest is still inside
+    it, and its size is the newest number minus the oldest one inside it (both index look-ups, whatever the
+    window holds: the calls-per-day window holds a day's calls). Hits that left their window are deleted once a
+    minute per worker (a scan of the table; nothing reads them meanwhile).
     """
 
     STORAGE_SCHEME = [SQLITE_SCHEME]
+    SWEEP_INTERVAL_S = 60.0
 
     def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
@@ -123,6 +152,7 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
         self._lock = threading.Lock()
         self._pid = 0
         self._conn: sqlite3.Connection | None = None
+        self._sweep_at = 0.0
 
     @property
     def base_exceptions(self) -> type[Exception]:
@@ -131,19 +161,35 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            use_wal(conn, BUSY_TIMEOUT_MS / 1000)
             # WAL + NORMAL (as the call store): no fsync per hit; an OS crash may forget the last hits, never
             # corrupt the file. With FULL each hit paid an fsync (~65 µs of CPU, ~160 µs blocking the worker).
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("CREATE TABLE IF NOT EXISTS hits (key TEXT NOT NULL, at REAL NOT NULL, "
-                         "expires_at REAL NOT NULL)")
-            conn.execute("CREATE INDEX IF NOT EXISTS hits_key_at ON hits (key, at)")
-            conn.execute("CREATE INDEX IF NOT EXISTS hits_expires_at ON hits (expires_at)")
-            conn.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
-                         "expires_at REAL NOT NULL)")
+            conn.execute("BEGIN IMMEDIATE")  # the workers' first requests open the file at once
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS window_hits (key TEXT NOT NULL, seq INTEGER NOT NULL, "
+                             "at REAL NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (key, seq)) WITHOUT ROWID")
+                conn.execute("CREATE INDEX IF NOT EXISTS window_hits_at ON window_hits (key, at)")
+                conn.execute("CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                             "expires_at REAL NOT NULL)")
+                self._adopt_unnumbered_hits(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.close()
+                raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    @staticmethod
+    def _adopt_unnumbered_hits(conn: sqlite3.Connection) -> None:
+        """A file written before hits were numbered keeps its live windows (today's calls count on)."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hits'").fetchone():
+            conn.execute("INSERT OR IGNORE INTO window_hits (key, seq, at, expires_at) SELECT key, "
+                         "ROW_NUMBER() OVER (PARTITION BY key ORDER BY at, rowid), at, expires_at FROM hits "
+                         "WHERE expires_at > ?", (time.time(),))
+            conn.execute("DROP TABLE hits")
 
     def _transaction(self, work):
         with self._lock:
@@ -161,25 +207,38 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
             return False
-        now = time.time()
 
         def work(conn: sqlite3.Connection) -> bool:
-            conn.execute("DELETE FROM hits WHERE expires_at <= ?", (now,))  # every key's expired entries
-            (count,) = conn.execute("SELECT COUNT(*) FROM hits WHERE key = ?", (key,)).fetchone()
-            if count + amount > limit:
+            now = time.time()  # read under the write lock: times never decrease along a key's numbers
+            newest = conn.execute("SELECT seq, at FROM window_hits WHERE key = ? ORDER BY seq DESC LIMIT 1",
+                                  (key,)).fetchone()
+            last, last_at = newest if newest else (0, now)
+            blocking = conn.execute("SELECT at FROM window_hits WHERE key = ? AND seq = ?",
+                                    (key, last - (limit - amount))).fetchone()
+            if blocking and blocking[0] > now - expiry:
                 return False
-            conn.executemany("INSERT INTO hits (key, at, expires_at) VALUES (?, ?, ?)",
-                             [(key, now, now + expiry)] * amount)
+            at = max(now, last_at)
+            conn.executemany("INSERT INTO window_hits (key, seq, at, expires_at) VALUES (?, ?, ?, ?)",
+                             [(key, last + i, at, at + expiry) for i in range(1, amount + 1)])
+            if now >= self._sweep_at:
+                conn.execute("DELETE FROM window_hits WHERE expires_at <= ?", (now,))
+                self._sweep_at = now + self.SWEEP_INTERVAL_S
             return True
 
         return self._transaction(work)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        now = time.time()
         with self._lock:
-            oldest, count = self._connection().execute(
-                "SELECT MIN(at), COUNT(*) FROM hits WHERE key = ? AND at > ?", (key, now - expiry)).fetchone()
-        return (oldest, count) if count else (now, 0)
+            now = time.time()
+            # One statement, so one snapshot: another worker's sweep or clear between two reads could leave no
+            # newest hit (a TypeError, a 500) or a count from two states.
+            row = self._connection().execute(
+                "SELECT at, seq, (SELECT MAX(seq) FROM window_hits WHERE key = ?1) FROM window_hits "
+                "WHERE key = ?1 AND at > ?2 ORDER BY at, seq LIMIT 1", (key, now - expiry)).fetchone()
+        if row is None:
+            return now, 0
+        oldest_at, oldest_seq, newest_seq = row
+        return oldest_at, newest_seq - oldest_seq + 1
 
     # fixed-window counters (required by the Storage interface)
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
@@ -214,10 +273,11 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
 
     def reset(self) -> int | None:
         def work(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM hits").rowcount + conn.execute("DELETE FROM counters").rowcount
+            return (conn.execute("DELETE FROM window_hits").rowcount
+                    + conn.execute("DELETE FROM counters").rowcount)
 
         return self._transaction(work)
 
     def clear(self, key: str) -> None:
-        self._transaction(lambda conn: (conn.execute("DELETE FROM hits WHERE key = ?", (key,)),
+        self._transaction(lambda conn: (conn.execute("DELETE FROM window_hits WHERE key = ?", (key,)),
                                         conn.execute("DELETE FROM counters WHERE key = ?", (key,))))

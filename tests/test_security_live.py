@@ -33,6 +33,8 @@ def test_100_make_calls_in_a_burst_place_at_most_the_limit_across_workers(live, 
         results = list(pool.map(make_call, range(100)))
     placed = [r for r in results if r.status == 200]
     limited = [r for r in results if r.status == 429]
+    unexpected = [(r.status, r.text) for r in results if r.status not in (200, 429)]
+    assert not unexpected, f"{len(placed)} placed, {len(limited)} limited, other answers: {unexpected}"
     assert len(placed) == 30 and len(limited) == 70  # RATE_LIMIT_MAKE_CALL default: 30 per minute per client
     assert len(fake_twilio.creates()) == 30
     assert {r.headers["X-CallWeaver-Worker"] for r in results} == {str(p) for p in live.worker_pids()}

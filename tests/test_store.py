@@ -715,3 +715,16 @@ def test_rows_written_with_nan_by_the_standard_library_still_read(tmp_path):
         conn.execute("UPDATE cw_calls SET data = ? WHERE tracking_id = 'call_nan'", (json.dumps(data),))
     value = store.get_call("call_nan").variables["x"]
     assert value != value  # NaN
+
+
+def test_a_worker_opening_the_store_while_another_writes_its_fresh_file_waits_instead_of_failing(tmp_path):
+    """Switching a fresh file to WAL while another worker writes it raised 'database is locked' at once (the busy
+    timeout does not cover that switch)."""
+    import threading
+
+    path = str(tmp_path / "cw.sqlite3")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_worker (x)")
+    threading.Timer(0.3, lambda: (other.execute("COMMIT"), other.close())).start()
+    assert SQLiteStore(path).get_call("call_unknown") is None

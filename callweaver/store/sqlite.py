@@ -35,6 +35,7 @@ CALL_FILTER_COLUMNS = ("status", "path", "language")
 
 # How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
+WAL_SWITCH_RETRY_S = 0.01
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cw_calls (
@@ -137,6 +138,21 @@ def _count_call_ended(conn: sqlite3.Connection, status: str | None) -> None:
     _add_counters(conn, {counter_series(CALLS_ENDED_COUNTER, {"status": status or "unknown"}): 1})
 
 
+def use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put the file in WAL mode, waiting up to timeout_s for other connections: while another worker writes a file
+    still in rollback-journal mode (every worker opens a fresh file at once), SQLite refuses the switch with BUSY
+    at once, without calling the busy handler that `timeout` installs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_SWITCH_RETRY_S)
+
+
 class SQLiteStore:
     """One SQLite file; one connection per process, opened on first use so it is never shared across a fork."""
 
@@ -161,7 +177,7 @@ class SQLiteStore:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            use_wal(conn, BUSY_TIMEOUT_MS / 1000)
             # WAL + NORMAL: a commit survives a crashed process; only an OS crash can lose the last ones.
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")  # several workers may start at once
