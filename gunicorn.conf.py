@@ -84,14 +84,16 @@ def entry_points_read_afresh():
 
 
 # The cyclic collector's thresholds while the worker serves (gc.set_threshold; CPython's defaults are 700, 10, 10).
-# With 800 calls on one worker each pass walks the objects of every call in flight, and each pass is a pause for all
-# of them. Measured with a gc.callbacks probe over 800-call x 3-turn runs (docs/performance-history.md, "Issue 12p"):
-# with the defaults ~500 passes after the app loaded, 386-587 ms in all, 4 full passes of up to 76-102 ms; with these,
-# ~30 passes, 161-191 ms in all, one full pass (35-63 ms, as the calls end); server-side p99 added first token
-# 673-708 -> 47-64 ms in the same window, CPU per turn 3.0-3.5 -> 2.1-2.4 ms, memory per idle call unchanged (42-43 KiB).
-# Fewer, larger young passes, and a full pass only every 100 generation-1 passes instead of every 10: cyclic garbage
-# that reaches the oldest generation waits longer (memory), which the idle-call memory row watches.
-LIVE_CALL_GC_THRESHOLDS = (7000, 10, 100)
+# With 800 calls on one worker each pass is a pause for every call. A young pass walks what was allocated since the
+# last one and is still alive; a generation-1 pass walks that for its last 10 young passes, at the start of talking
+# the objects of the last few hundred calls set up. The young generations keep CPython's thresholds, so no young or
+# generation-1 pass walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-20.6 ms of
+# CPU, against 28-48 ms for generation-1 passes with a young threshold of 7000, for ~40 % more GC CPU (~0.05 ms per
+# turn) (docs/performance-history.md, "Issue 12q").
+# Full passes walk every call in flight (35-112 ms at 800 calls): one every 1000 generation-1 passes, the same
+# ~7 million net allocations apart as with (7000, 10, 100) ("Issue 12p"), instead of every 10 (70 000 apart).
+# Cyclic garbage that reaches the oldest generation (an ended call's socket objects) waits that long (memory).
+LIVE_CALL_GC_THRESHOLDS = (700, 10, 1000)
 
 
 def app_loaded(app):

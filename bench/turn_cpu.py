@@ -85,10 +85,11 @@ class FrameSink:
     def __init__(self) -> None:
         self.frames = 0
 
-    def send_json(self, message: dict) -> None:
+    def send_json(self, *messages: dict) -> None:
         from callweaver.engine import relay_protocol
-        relay_protocol.frame(message)  # the frame is built as LockedSender builds it
-        self.frames += 1
+        for message in messages:
+            relay_protocol.frame(message)  # the frame is built as LockedSender builds it
+        self.frames += len(messages)
 
 
 def measure(calls: int, turns: int, profile_sort: str | None) -> dict[str, float]:

@@ -80,7 +80,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .cli import register_cli
     register_cli(app)
     from .rate_limits import init_rate_limits
-    init_rate_limits(app, settings)
+    init_rate_limits(app, settings, app.extensions["callweaver"].limit_windows)
     # Its bound __call__, not the instance: calling an instance re-enters the interpreter from C, and every live
     # call's request greenlet would keep that deeper C stack while it waits (bench/idle_call_memory.py).
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .lifecycle import CallRequestError, NotConfigured
+from .rate_limits import LimitReached
 
 log = structlog.get_logger()
 
@@ -48,6 +49,13 @@ def init_errors(app: Flask) -> None:
     @app.errorhandler(CallRequestError)
     def _call_request_error(e: CallRequestError):
         return jsonify(success=False, error=e.message, **e.details), 400
+
+    @app.errorhandler(LimitReached)
+    def _limit_reached(e: LimitReached):
+        log.warning("rate_limited", path=request.path, limit=e.limit, key=e.key)
+        response = jsonify(success=False, error=e.message)
+        response.headers["Retry-After"] = str(e.retry_after_s)
+        return response, 429
 
     @app.errorhandler(NotConfigured)
     def _not_configured(e: NotConfigured):

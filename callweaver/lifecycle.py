@@ -89,8 +89,10 @@ class CallLifecycle:
     """Everything make-call, status callbacks and end-call do, with no Flask in sight."""
 
     def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
-                 on_call_ended: Callable[[str], Any] | None = None):
+                 on_call_ended: Callable[[str], Any] | None = None, take_call_slot: Callable[[], None] | None = None):
         self.settings = settings
+        # The calls-per-day cap (rate_limits.CallsPerDay): raises when no call may be placed today.
+        self.take_call_slot = take_call_slot
         self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
         self.store = store
         self.twilio = twilio
@@ -209,12 +211,14 @@ class CallLifecycle:
             credentials=self.credential_box.seal(*creds) if creds else None,
             meta=meta,
         )
-        self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
         url = twiml_url or f"{base_url}{twiml_path}?{urlencode(query)}"
         status_callback = f"{base_url}{status_path}?{urlencode({'trackingId': tracking_id})}"
+        if self.take_call_slot is not None:  # last, once nothing can refuse the request: refusals use no slot
+            self.take_call_slot()
+        self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,

@@ -14,8 +14,7 @@ import threading
 import time
 from typing import Callable
 
-import structlog
-from flask import Flask, Response, jsonify, make_response, request
+from flask import Flask, request
 from limits import RateLimitItem, parse, parse_many
 from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
@@ -23,10 +22,10 @@ from limits.strategies import MovingWindowRateLimiter
 from .config import Settings
 from .store.sqlite import BUSY_TIMEOUT_MS, use_wal
 
-log = structlog.get_logger()
 SQLITE_SCHEME = "callweaver+sqlite"
 KEY_PREFIX = "callweaver"  # window keys: LIMITER/callweaver/<client>/<scope>/<amount>/<multiples>/<granularity>
 DAILY_SCOPE = "calls-per-day"
+DAILY_KEY = (KEY_PREFIX, "service", DAILY_SCOPE)
 
 
 def client_address(environ: dict, trusted_proxy_hops: int) -> str:
@@ -47,21 +46,60 @@ def storage_uri(settings: Settings) -> str:
     return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
 
 
+class LimitReached(Exception):
+    """A full window: the HTTP edge answers 429 with the JSON error and Retry-After (errors.py), and logs it."""
+
+    def __init__(self, message: str, retry_after_s: int, *, limit: str, key: str):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.limit = limit
+        self.key = key
+
+
+def limit_reached(windows: MovingWindowRateLimiter, item: RateLimitItem, identifiers: tuple[str, ...],
+                  message: str) -> LimitReached:
+    """The refusal for a full window, retrying when its oldest slot frees."""
+    reset_at = windows.get_window_stats(item, *identifiers).reset_time
+    return LimitReached(f"Too many requests: {message}; try again later",
+                        max(1, int(reset_at + 1 - time.time())), limit=str(item), key=item.key_for(*identifiers))
+
+
+def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
+    """The moving windows of one process, in the storage every worker (and instance, with Redis) shares."""
+    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
+
+
+class CallsPerDay:
+    """The service's cap on placed calls (MAX_CALLS_PER_DAY), across every worker and instance.
+
+    A make-call takes its slot in one atomic step once it has passed every check, right before Twilio is asked
+    to place the call. Reading the window before the call and taking the slot after it let two workers with one
+    slot left both place a call. Requests refused before that point never use the cap; an attempt Twilio refuses
+    keeps its slot, which errs on the side of the operator's bill."""
+
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
+        self.windows = windows
+        self.item = parse(f"{settings.max_calls_per_day} per day")
+        self.message = f"the service places at most {settings.max_calls_per_day} calls a day (MAX_CALLS_PER_DAY)"
+
+    def take_slot(self) -> None:
+        """Take one slot of today's calls, or raise LimitReached when none is left."""
+        if not self.windows.hit(self.item, *DAILY_KEY):
+            raise limit_reached(self.windows, self.item, DAILY_KEY, self.message)
+
+
 class RateLimits:
-    """The windows of one app: per client and scope (make-call, llm, end-call), and the service's calls per day.
+    """The per-client windows of one app: per client and scope (make-call, llm, end-call).
 
     A limited request takes one slot of each of its client's windows (one storage hit per window, `hit` refuses
-    when the window is full); make-call also needs room under the daily cap (one read) and takes a slot of it
-    only when a call was placed (answer below 400), so refused requests never use the cap."""
+    when the window is full). The calls-per-day cap is CallsPerDay, taken inside make-call."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
         self.settings = settings
-        self.windows = MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
-        self.daily = parse(f"{settings.max_calls_per_day} per day")
-        self.daily_message = (f"the service places at most {settings.max_calls_per_day} calls a day "
-                              "(MAX_CALLS_PER_DAY)")
+        self.windows = windows
 
-    def limited(self, view: Callable, scope: str, variable: str, limit: str, *, daily_cap: bool = False) -> Callable:
+    def limited(self, view: Callable, scope: str, variable: str, limit: str) -> Callable:
         """`view`, refused with 429 once its client has used `limit` (shared by every view of the scope)."""
         items = sorted(parse_many(limit))  # the shortest window first
         message = f"at most {limit} per client ({variable})"
@@ -71,31 +109,15 @@ class RateLimits:
             client = client_address(request.environ, self.settings.trusted_proxy_hops)
             for item in items:
                 if not self.windows.hit(item, KEY_PREFIX, client, scope):
-                    return self._refuse(item, (KEY_PREFIX, client, scope), message)
-            if not daily_cap:
-                return view(*args, **kwargs)
-            service = (KEY_PREFIX, "service", DAILY_SCOPE)
-            if not self.windows.test(self.daily, *service):
-                return self._refuse(self.daily, service, self.daily_message)
-            response = make_response(view(*args, **kwargs))  # its status decides whether a call was placed
-            if response.status_code < 400:
-                self.windows.hit(self.daily, *service)
-            return response
+                    raise limit_reached(self.windows, item, (KEY_PREFIX, client, scope), message)
+            return view(*args, **kwargs)
 
         return wrapper
 
-    def _refuse(self, item: RateLimitItem, identifiers: tuple[str, ...], message: str) -> tuple[Response, int]:
-        """429 with the JSON error and when to retry (the full window's oldest slot frees then)."""
-        log.warning("rate_limited", path=request.path, limit=str(item), key=item.key_for(*identifiers))
-        reset_at = self.windows.get_window_stats(item, *identifiers).reset_time
-        response = jsonify(success=False, error=f"Too many requests: {message}; try again later")
-        response.headers["Retry-After"] = str(max(1, int(reset_at + 1 - time.time())))
-        return response, 429
 
-
-def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
+def init_rate_limits(app: Flask, settings: Settings, windows: MovingWindowRateLimiter) -> RateLimits:
     """Wrap the limited views (after the blueprints are registered); nothing else is touched."""
-    rate_limits = RateLimits(settings)
+    rate_limits = RateLimits(settings, windows)
     per_client = {  # scope: (variable, limit, endpoints sharing it)
         "make-call": ("RATE_LIMIT_MAKE_CALL", settings.rate_limit_make_call,
                       ("calls.make_call", "calls.make_call_optimized")),
@@ -104,8 +126,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> RateLimits:
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:
-            app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit,
-                                                               daily_cap=scope == "make-call")
+            app.view_functions[endpoint] = rate_limits.limited(app.view_functions[endpoint], scope, variable, limit)
     return rate_limits
 
 
@@ -207,15 +228,17 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
         return self._transaction(work)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
-        now = time.time()
         with self._lock:
-            conn = self._connection()
-            oldest = conn.execute("SELECT at, seq FROM window_hits WHERE key = ? AND at > ? ORDER BY at, seq "
-                                  "LIMIT 1", (key, now - expiry)).fetchone()
-            if oldest is None:
-                return now, 0
-            (last,) = conn.execute("SELECT MAX(seq) FROM window_hits WHERE key = ?", (key,)).fetchone()
-        return oldest[0], last - oldest[1] + 1
+            now = time.time()
+            # One statement, so one snapshot: another worker's sweep or clear between two reads could leave no
+            # newest hit (a TypeError, a 500) or a count from two states.
+            row = self._connection().execute(
+                "SELECT at, seq, (SELECT MAX(seq) FROM window_hits WHERE key = ?1) FROM window_hits "
+                "WHERE key = ?1 AND at > ?2 ORDER BY at, seq LIMIT 1", (key, now - expiry)).fetchone()
+        if row is None:
+            return now, 0
+        oldest_at, oldest_seq, newest_seq = row
+        return oldest_at, newest_seq - oldest_seq + 1
 
     # fixed-window counters (required by the Storage interface)
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:

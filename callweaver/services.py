@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 from flask import current_app
@@ -21,10 +21,14 @@ from .engine.metrics import RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .heap import HeapTrimmer, glibc_malloc_trim
 from .lifecycle import CallLifecycle
+from .rate_limits import CallsPerDay, limit_windows
 from .background import OsThreadWork, Task, spawn
 from .retention import run_periodically
 from .store import Store, build_store
 from .twilio_client import TwilioGateway
+
+if TYPE_CHECKING:
+    from limits.strategies import MovingWindowRateLimiter
 
 log = structlog.get_logger()
 
@@ -51,7 +55,13 @@ class Services:
 
     @cached_property
     def lifecycle(self) -> CallLifecycle:
-        return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended)
+        return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended,
+                             take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot)
+
+    @cached_property
+    def limit_windows(self) -> MovingWindowRateLimiter:
+        """The rate limits' windows (per client, and the calls-per-day cap), in the storage every worker shares."""
+        return limit_windows(self.settings)
 
     @cached_property
     def call_reporter(self) -> CallReporter | None:

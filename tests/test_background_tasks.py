@@ -54,7 +54,7 @@ class _Engine:
 def test_barge_in_cancels_a_reply_running_on_a_thread():
     sent: list[dict] = []
     engine = _Engine()
-    session = RelaySession(engine, SimpleNamespace(send_json=sent.append), spawn=spawn)
+    session = RelaySession(engine, SimpleNamespace(send_json=lambda *messages: sent.extend(messages)), spawn=spawn)
     session.record = SimpleNamespace(tracking_id="call_1", messages=[], meta={}, language="en-US")
     session.handle(json.dumps({"type": "prompt", "voicePrompt": "hi", "last": True}))
     deadline = time.monotonic() + 5
@@ -161,6 +161,6 @@ def test_the_socket_event_is_the_standard_one_without_gevent():
 def test_an_idle_relay_session_holds_no_per_turn_machinery():
     """A live call waits most of its life: its session has slots and no Event or cadence until a turn needs them
     (bench/idle_call_memory.py measures what that saves)."""
-    session = RelaySession(_Engine(), SimpleNamespace(send_json=lambda message: None), spawn=spawn)
+    session = RelaySession(_Engine(), SimpleNamespace(send_json=lambda *messages: None), spawn=spawn)
     assert not hasattr(session, "__dict__")
     assert (session._fell_silent_event, session._reply_stopped_event, session._speech_cadence) == (None, None, None)

@@ -61,8 +61,8 @@ def relay_call(app, client) -> str:
     sent: list[dict] = []
 
     class Sender:
-        def send_json(self, message: dict) -> None:
-            sent.append(message)
+        def send_json(self, *messages: dict) -> None:
+            sent.extend(messages)
 
     session = RelaySession(svc.engine, Sender(), spawn=spawn)
     session.handle(json.dumps({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",

@@ -182,7 +182,7 @@ def session_for(script: list[tuple[str, float]], **turn_options) -> tuple[RelayS
     clock = _Clock()
     engine = _Engine(_ScriptedTurn(script, clock, **turn_options))
     sent: list[dict] = []
-    session = RelaySession(engine, SimpleNamespace(send_json=sent.append), spawn=spawn, clock=clock,
+    session = RelaySession(engine, SimpleNamespace(send_json=lambda *messages: sent.extend(messages)), spawn=spawn, clock=clock,
                            text_hold_s=HOLD_S)
     session.record = SimpleNamespace(tracking_id="call_1", messages=[], meta={}, language="en-US")
     return session, engine, sent

@@ -3,6 +3,7 @@ the production public URL, operator surfaces, hostile input and log lines (issue
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 
 import pytest
@@ -167,6 +168,43 @@ def test_limits_are_shared_by_apps_on_one_sqlite_file_and_on_one_redis(tmp_path,
         first, second = create_app(env).test_client(), create_app(env).test_client()
         codes = [c.post("/api/make-call-optimized", json=make_call_body()).status_code for c in (first, second) * 3]
         assert codes == [200, 200, 200, 200, 429, 429]
+
+
+def test_a_make_call_refused_for_its_twiml_url_uses_no_slot_of_the_day(env, fake_twilio):
+    """The TwiML URL was checked after the day's slot was taken: refused requests that cost nothing could use up
+    the whole day's cap (review of the atomic cap)."""
+    client = create_app({**env, "MAX_CALLS_PER_DAY": "1"}).test_client()
+    resp = client.post("/api/make-call", json=make_call_body(twimlUrl="https://evil.example/x"))
+    assert resp.status_code == 400
+    assert client.post("/api/make-call", json=make_call_body(),
+                       environ_base={"REMOTE_ADDR": "127.0.0.7"}).status_code == 200
+    assert len(fake_twilio.creates()) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_calls_per_day_cap_holds_while_another_worker_places_the_last_call(tmp_path, fake_twilio, backend):
+    """Two workers' make-calls in flight when one slot was left both saw room and both placed a call: the cap was
+    read before the call and taken after it (review of issue 12s). The second now gets 429 and places nothing."""
+    env = {**base_env(tmp_path, fake_twilio), "MAX_CALLS_PER_DAY": "2"}
+    with RedisServer() if backend == "redis" else contextlib.nullcontext() as redis:
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        first_app, second_app = create_app(env), create_app(env)  # two workers sharing the limit storage
+        first, second = first_app.test_client(), second_app.test_client()
+        assert first.post("/api/make-call-optimized", json=make_call_body()).status_code == 200  # 1 slot left
+        twilio = first_app.extensions["callweaver"].twilio
+        create_call, answers = twilio.create_call, []
+
+        def create_call_while_the_other_worker_asks(**kwargs):
+            answers.append(second.post("/api/make-call-optimized", json=make_call_body(),
+                                       environ_base={"REMOTE_ADDR": "127.0.0.9"}))
+            return create_call(**kwargs)
+
+        twilio.create_call = create_call_while_the_other_worker_asks
+        assert first.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+        assert [a.status_code for a in answers] == [429]
+        assert "MAX_CALLS_PER_DAY" in answers[0].get_json()["error"] and int(answers[0].headers["Retry-After"]) >= 1
+        assert len(fake_twilio.creates()) == 2
 
 
 def test_bad_limit_notation_fails_at_start_naming_the_variable():
@@ -493,3 +531,27 @@ def test_a_limit_file_from_before_numbered_hits_keeps_its_live_windows(tmp_path)
     assert storage.get_moving_window("day", 3, 86400)[1] == 2
     assert storage.acquire_entry("day", 3, 86400) is True
     assert storage.acquire_entry("day", 3, 86400) is False
+
+
+def test_a_window_read_while_another_worker_sweeps_it_is_one_snapshot(tmp_path, monkeypatch):
+    """The window was read in two statements: another worker's sweep between them left no newest hit, and the
+    refusal's Retry-After raised a TypeError (a 500) instead (review of issue 12s)."""
+    from callweaver import rate_limits
+
+    clock = _Clock(1_000_000.0)
+    monkeypatch.setattr(rate_limits, "time", clock)
+    uri = f"{rate_limits.SQLITE_SCHEME}://{tmp_path / 'w-ratelimits.sqlite3'}"
+    writer, reader, sweeper = (rate_limits.SQLiteLimitStorage(uri) for _ in range(3))  # three workers
+    for _ in range(5):
+        assert writer.acquire_entry("k", 5, 60)
+    clock.now += 59.9  # the hits are still in the window when the read starts…
+    swept = []
+
+    def sweep_while_reading(sql: str) -> None:
+        if "MAX(seq)" in sql and not swept:  # …and another worker sweeps them out while it reads
+            clock.now += 0.2
+            swept.append(sweeper.acquire_entry("other", 5, 60))
+
+    reader._connection().set_trace_callback(sweep_while_reading)
+    at, count = reader.get_moving_window("k", 5, 60)
+    assert swept == [True] and count in (0, 5)

@@ -389,6 +389,7 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     joiner = ContinuationJoiner(spoken_before) if spoken_before else None
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     first_token_seen = False
+    stall_timeout_s = settings.stall_timeout_s
     try:
         pool = provider.pool()  # built before the clock starts: a cold worker's SDK import is ours, not the provider's
         sent_at = time.monotonic()
@@ -408,24 +409,24 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                 lines = exchange.next_lines(deadline)
                 if lines is None:
                     break
-                for delta in sse.read_lines(lines):
-                    if delta.producing:
+                for content, producing in sse.read_lines(lines):
+                    if producing:
                         now = time.monotonic()
                         if not first_token_seen:
                             first_token_seen = True
                             if state.provider_ttft_ms is None:
                                 state.provider_ttft_ms = (now - (exchange.written_at or sent_at)) * 1000.0
-                        deadline = now + settings.stall_timeout_s
-                        state.provider = provider.name
-                    if delta.content:
-                        speakable = joiner.feed(delta.content) if joiner is not None else delta.content
+                            state.provider = provider.name
+                        deadline = now + stall_timeout_s
+                    if content:
+                        speakable = joiner.feed(content) if joiner is not None else content
                         if speakable:
                             state.text += speakable
                             yield speakable
                             if state.cancelled:  # while the consumer had the token (one read may bring several)
                                 raise ProviderError("cancelled")
                             # time the consumer spent with the token is not upstream silence
-                            deadline = time.monotonic() + settings.stall_timeout_s
+                            deadline = time.monotonic() + stall_timeout_s
             if not sse.done and sse.finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
             if sse.done:

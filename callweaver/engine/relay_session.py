@@ -42,7 +42,8 @@ _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
 class Sender(Protocol):
-    def send_json(self, message: dict[str, Any]) -> None: ...
+    def send_json(self, *messages: dict[str, Any]) -> None:
+        """Write the messages' frames in order; several at once go out in one socket write."""
 
 
 class RelaySession:
@@ -474,13 +475,16 @@ class RelaySession:
                 if close is not None:
                     close()
                 return
-            self._send_text(out.take(self.clock()))
-            audio_sent = audio_sent or self._play_entered_audio(turn)
+            tail = out.take(self.clock())
+            if not audio_sent and turn.result.entered_audio is not None:
+                self._send_text(tail)
+                tail = ""
+                audio_sent = self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
                 self._closing = True
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
-            self.sender.send_json(protocol.close_cycle())
+            self._send_text(tail, close_cycle=True)
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
@@ -504,11 +508,18 @@ class RelaySession:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
         self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
 
-    def _send_text(self, chunk: str | None) -> None:
-        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent once written."""
+    def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
+        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent once written.
+        `close_cycle`: the reply's last words, then the frame that closes its talk cycle, in one socket write (a
+        write per turn less; the caller reads the same two frames)."""
         if not chunk:
+            if close_cycle:
+                self.sender.send_json(protocol.close_cycle())
             return
-        self.sender.send_json(protocol.text(chunk))
+        if close_cycle:
+            self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
+        else:
+            self.sender.send_json(protocol.text(chunk))
         if self._timings["firstTokenMs"] is None:
             self._timings["firstTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
         self._sent += chunk

@@ -37,40 +37,48 @@ class ChatCompletionsStream:
 
     def read_lines(self, lines: list[bytes]) -> Iterator[ChatDelta]:
         """The deltas of several lines (what one network read brought), line by line: a delta is handed out before
-        a later line of the same read is parsed, so tokens ahead of an `error` event are still spoken."""
+        a later line of the same read is parsed, so tokens ahead of an `error` event are still spoken. No deltas
+        for comments (": keep-alive"), `event:` lines, separators and [DONE]; nothing after [DONE] is read.
+
+        One loop over the read's lines with the line's parse inline: half of a stream's lines are the blank
+        separators between events, and a typical event is one content delta (per-token work on the hot path)."""
         for line in lines:
+            if not line.startswith(b"data:"):
+                continue
             if self.done:
-                return  # nothing after `[DONE]` is read
-            yield from self.read_line(line)
+                return
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            event = orjson.loads(payload)
+            if event.get("error"):
+                raise StreamReportedError()
+            for choice in event.get("choices") or ():
+                if choice.get("index", 0) != 0:
+                    continue
+                delta = choice.get("delta") or {}
+                finish_reason = choice.get("finish_reason")
+                if finish_reason:
+                    self.finish_reason = finish_reason
+                content = delta.get("content")
+                tool_deltas = delta.get("tool_calls")
+                if tool_deltas:
+                    self._add_tool_deltas(tool_deltas)
+                yield ChatDelta(content or None, bool(content or tool_deltas))
 
     def read_line(self, line: bytes) -> list[ChatDelta]:
-        """The deltas of one line; none for comments (": keep-alive"), `event:` lines, separators and [DONE]."""
-        if not line.startswith(b"data:"):
-            return []
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            self.done = True
-            return []
-        event = orjson.loads(payload)
-        if event.get("error"):
-            raise StreamReportedError()
-        deltas = []
-        for choice in event.get("choices") or ():
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
-            content = delta.get("content")
-            tool_deltas = delta.get("tool_calls")
-            for tool_delta in tool_deltas or ():
-                parts = self._tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
-                function = tool_delta.get("function") or {}
-                if function.get("name") and not parts["name"]:
-                    parts["name"] = function["name"]
-                if function.get("arguments"):
-                    parts["arguments"].append(function["arguments"])
-            deltas.append(ChatDelta(content or None, bool(content or tool_deltas)))
-        return deltas
+        """The deltas of one line."""
+        return list(self.read_lines([line]))
+
+    def _add_tool_deltas(self, tool_deltas: list[dict]) -> None:
+        for tool_delta in tool_deltas:
+            parts = self._tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
+            function = tool_delta.get("function") or {}
+            if function.get("name") and not parts["name"]:
+                parts["name"] = function["name"]
+            if function.get("arguments"):
+                parts["arguments"].append(function["arguments"])
 
     def tool_calls(self, provider_name: str) -> list[tuple[str, dict]]:
         """The complete tool calls, in order; an unparseable one is logged and skipped."""

@@ -40,8 +40,12 @@ class LockedSender:
         self.ws = ws
         self._lock = threading.Lock()  # a gevent lock once wsgi.py has monkey-patched threading
 
-    def send_json(self, message: dict) -> None:
-        frame = relay_protocol.frame(message)  # built outside the lock
+    def send_json(self, *messages: dict) -> None:
+        """The messages' frames, in order, in one write (built outside the lock)."""
+        if len(messages) == 1:
+            frame = relay_protocol.frame(messages[0])
+        else:
+            frame = b"".join(relay_protocol.frame(message) for message in messages)
         with self._lock:
             if not self.ws.connected:
                 raise ConnectionError("relay socket closed")
