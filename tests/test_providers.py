@@ -172,6 +172,18 @@ def test_reply_dropped_mid_stream_continues_on_the_secondary_from_what_was_spoke
     assert continuation_request[len(MESSAGES) + 1] == {"role": "system", "content": CONTINUE_INSTRUCTION}
 
 
+def test_a_continued_reply_records_no_first_token_time_for_the_provider_that_continued(make_chain, azure_fake,
+                                                                                       openai_fake):
+    """The turn's first token came from the primary: its time was recorded as the secondary's, skewing the
+    secondary's p95 hedge budget (review of issue 12r)."""
+    azure_fake.push(Reply(text=SIX_WORDS, fault="drop", drop_after_tokens=3))
+    openai_fake.push(Reply(text=" four five six."))
+
+    chain = make_chain()
+    assert "".join(chain.stream(MESSAGES)) == SIX_WORDS
+    assert "openai" not in chain._recent_ttft_ms
+
+
 @pytest.mark.parametrize("continuation", [
     SIX_WORDS,                     # the model restarted the whole reply
     "three four five six.",        # it repeated the last word

@@ -140,6 +140,7 @@ class _TurnState:
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
     provider: str | None = None
     provider_ttft_ms: float | None = None
+    ttft_provider: str | None = None  # whose first token provider_ttft_ms timed (a continued reply's is earlier)
     failovers: list[dict] = field(default_factory=list)
     apology_used: bool = False
     cancelled: bool = False
@@ -250,7 +251,8 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
             raise
         if backup is None:
             provider.circuit.record_success(seen)
-        chain.note_first_token(state.provider, state.provider_ttft_ms)
+        if state.ttft_provider == state.provider:  # a continuation's own first token was not timed
+            chain.note_first_token(state.provider, state.provider_ttft_ms)
         return
     if state.cancelled:
         return
@@ -353,7 +355,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     state.tool_calls.extend(won.tool_calls)
     state.provider = won.provider
     if state.provider_ttft_ms is None:
-        state.provider_ttft_ms = won.provider_ttft_ms
+        state.provider_ttft_ms, state.ttft_provider = won.provider_ttft_ms, won.ttft_provider
     winner.provider.circuit.record_success(winner.seen)
 
 
@@ -416,6 +418,7 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                             first_token_seen = True
                             if state.provider_ttft_ms is None:
                                 state.provider_ttft_ms = (now - (exchange.written_at or sent_at)) * 1000.0
+                                state.ttft_provider = provider.name
                             state.provider = provider.name
                         deadline = now + stall_timeout_s
                     if content:
