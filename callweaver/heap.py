@@ -58,7 +58,11 @@ class HeapTrimmer:
         self.last_set_up = time.monotonic()
         if not self.pending:
             self.pending = True
-            self.spawn(self._trim_when_quiet)
+            try:
+                self.spawn(self._trim_when_quiet)
+            except Exception:  # never the call's failure; the next set-up tries again
+                self.pending = False
+                log.exception("heap_trim_failed")
 
     def _trim_when_quiet(self) -> None:
         structlog.contextvars.clear_contextvars()  # the worker's, not the call's that happened to start it

@@ -59,3 +59,18 @@ def test_glibc_malloc_trim_is_found_and_callable_on_glibc():
     trim = glibc_malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
+
+
+def test_a_trim_that_cannot_be_scheduled_neither_fails_the_call_nor_disables_the_trimmer():
+    """A spawn that raised (no thread to start) left the trimmer waiting for a task that never ran (review)."""
+    attempts = []
+
+    def spawn(work):
+        attempts.append(work)
+        if len(attempts) == 1:
+            raise RuntimeError("can't start new thread")
+
+    trimmer = HeapTrimmer(spawn, trim=lambda pad: 1)
+    trimmer.call_set_up()
+    trimmer.call_set_up()
+    assert len(attempts) == 2
