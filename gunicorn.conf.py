@@ -90,10 +90,13 @@ def entry_points_read_afresh():
 # generation-1 pass walks more than ~7000 allocations' worth: longest pass at 800 calls x 3 turns 10.5-20.6 ms of
 # CPU, against 28-48 ms for generation-1 passes with a young threshold of 7000, for ~40 % more GC CPU (~0.05 ms per
 # turn) (docs/performance-history.md, "Issue 12q").
-# Full passes walk every call in flight (35-112 ms at 800 calls): one every 1000 generation-1 passes, the same
-# ~7 million net allocations apart as with (7000, 10, 100) ("Issue 12p"), instead of every 10 (70 000 apart).
-# Cyclic garbage that reaches the oldest generation (an ended call's socket objects) waits that long (memory).
-LIVE_CALL_GC_THRESHOLDS = (700, 10, 1000)
+# Full passes walk every call in flight (35-112 ms at 800 calls), and only they free the cyclic garbage an ended call
+# leaves in the oldest generation (~88 objects, among them flask-sock's socket server holding its environ and
+# socket: an estimated 8-20 KiB per call). One every 100 generation-1 passes (~700 000 net allocations) is 10 times
+# rarer than CPython's default and still bounds that backlog to roughly 1-2 thousand ended calls; with 1000 (or
+# 12p's (7000, 10, 100)) a worker would hold 15-20 thousand ended calls' garbage, an estimated 120-390 MiB, and then
+# stop every call for the one long pass (review of issue 12q; the estimate is not measured over hours).
+LIVE_CALL_GC_THRESHOLDS = (700, 10, 100)
 
 
 def app_loaded(app):
