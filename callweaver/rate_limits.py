@@ -24,8 +24,7 @@ from .store.sqlite import BUSY_TIMEOUT_MS, use_wal
 
 SQLITE_SCHEME = "callweaver+sqlite"
 KEY_PREFIX = "callweaver"  # window keys: LIMITER/callweaver/<client>/<scope>/<amount>/<multiples>/<granularity>
-DAILY_SCOPE = "calls-per-day"
-DAILY_KEY = (KEY_PREFIX, "service", DAILY_SCOPE)
+DAILY_KEY = (KEY_PREFIX, "service", "calls-per-day")
 
 
 def client_address(environ: dict, trusted_proxy_hops: int) -> str:
@@ -71,7 +70,8 @@ def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
 
 
 class CallsPerDay:
-    """The service's cap on placed calls (MAX_CALLS_PER_DAY), across every worker and instance.
+    """The service's cap on placed calls (MAX_CALLS_PER_DAY), across the workers sharing the limit storage (an
+    instance's SQLite file; every instance with REDIS_URL).
 
     A make-call takes its slot in one atomic step once it has passed every check, right before Twilio is asked
     to place the call. Reading the window before the call and taking the slot after it let two workers with one

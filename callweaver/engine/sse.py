@@ -67,10 +67,6 @@ class ChatCompletionsStream:
                     self._add_tool_deltas(tool_deltas)
                 yield ChatDelta(content or None, bool(content or tool_deltas))
 
-    def read_line(self, line: bytes) -> list[ChatDelta]:
-        """The deltas of one line."""
-        return list(self.read_lines([line]))
-
     def _add_tool_deltas(self, tool_deltas: list[dict]) -> None:
         for tool_delta in tool_deltas:
             parts = self._tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": []})
