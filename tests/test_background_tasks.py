@@ -153,9 +153,14 @@ def test_a_second_waiter_on_a_socket_event_is_refused_not_left_hanging():
     assert first.get(timeout=5) is True
 
 
-def test_the_socket_event_is_the_standard_one_without_gevent():
+def test_the_socket_event_is_the_standard_one_without_gevent_and_tells_its_listener():
     from callweaver.background import socket_event_class
-    assert socket_event_class() is threading.Event  # tests and CLI run unpatched
+    event_class = socket_event_class()
+    assert issubclass(event_class, threading.Event)  # tests and CLI run unpatched
+    event, told = event_class(), []
+    event.on_set = lambda: told.append(event.is_set())
+    event.set()
+    assert told == [True] and event.wait(timeout=0)
 
 
 def test_an_idle_relay_session_holds_no_per_turn_machinery():

@@ -8,13 +8,17 @@ Socket-level rules (the session never sees a socket that breaks them):
 """
 from __future__ import annotations
 
+import contextvars
+import socket
 import threading
 import time
 import uuid
 
 import structlog
 from flask import Blueprint, g, request
+from simple_websocket import ConnectionClosed
 
+from ..background import Alarm, SocketReader
 from ..engine import relay_protocol
 from ..errors import ApiError
 from ..engine.relay_session import RelaySession
@@ -152,37 +156,127 @@ def check_setup(message: relay_protocol.Inbound | None, signed_tracking_id: str)
 @sock.route(RELAY_PATH, bp=bp)
 def conversation_relay(ws):
     svc = services()
-    claim: RelayClaim = g.relay_claim
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
                            text_hold_s=svc.settings.relay_text_hold_ms / 1000)
-    setup_deadline: float | None = time.monotonic() + svc.settings.relay_setup_timeout_s
     try:
-        while True:
-            wait = claim.seconds_to_renewal()
-            if setup_deadline is not None:
-                wait = min(wait, max(0.0, setup_deadline - time.monotonic()))
-            raw = ws.receive(timeout=wait)
-            if raw is not None:
-                message = relay_protocol.parse(raw)
-                is_setup, problem = check_setup(message, claim.tracking_id)
-                if problem is not None:
-                    _close(ws, "relay_setup_refused", problem)
-                    break
-                if is_setup:
-                    setup_deadline = None
-                if message is not None:
-                    session.handle_message(message)
-                if is_setup:
-                    svc.heap_trimmer.call_set_up()  # the last step of a call's set-up
-                raw = message = None  # not kept while the call waits for its next message
-            elif setup_deadline is not None and time.monotonic() >= setup_deadline:
-                _close(ws, "relay_setup_timeout", "setup not received in time")
-                break
-            if not claim.renew_if_due():
-                _close(ws, "relay_socket_replaced", "another socket took over this call")
-                break
+        RelaySocket(ws, session, g.relay_claim, svc.settings.relay_setup_timeout_s, svc.heap_trimmer).serve()
     finally:
         session.close()
+
+
+class RelaySocket:
+    """One live relay socket. Its handler (gunicorn's request greenlet, which lives as long as the socket anyway)
+    runs simple-websocket's reader loop itself (`SocketReader.run_here_or_wait`); what that loop buffers, the
+    claim's renewal and the setup deadline are handled by a task started when one of them is due (the socket's
+    event calls `wake`, an `Alarm` the deadlines) and ended when nothing is: an idle call holds one greenlet, not two
+    (docs/performance-history.md, "Issue 12x"). One such task at a time, so messages are handled in order, all in
+    one context: the call's log bindings made at `setup` hold for its later messages."""
+
+    __slots__ = ("ws", "session", "claim", "setup_deadline", "trimmer", "context", "lock", "worker", "due", "alarm",
+                 "ended")  # one per live call
+
+    def __init__(self, ws, session: RelaySession, claim: RelayClaim, setup_timeout_s: float, trimmer) -> None:
+        self.ws, self.session, self.claim, self.trimmer = ws, session, claim, trimmer
+        self.setup_deadline: float | None = time.monotonic() + setup_timeout_s
+        self.context = contextvars.copy_context()
+        self.lock = threading.Lock()  # a gevent lock under gevent, never held across a switch
+        self.worker = None  # the task handling what is due, while it runs
+        self.due = False
+        self.alarm: Alarm | None = None
+        self.ended = False
+
+    def serve(self) -> None:
+        """Until the socket has closed and what it delivered has been handled."""
+        reader = self.ws.thread
+        if not isinstance(reader, SocketReader):
+            raise TypeError("the relay socket's reader must be a SocketReader (app.py SOCK_SERVER_OPTIONS)")
+        self.ws.event.on_set = self.wake
+        self._set_alarm()
+        try:
+            reader.run_here_or_wait()
+        finally:
+            self.ws.event.on_set = None
+            if self.alarm is not None:
+                self.alarm.cancel()
+        self.wake()  # whatever the loop buffered last
+        worker = self.worker
+        if worker is not None:
+            worker.join()
+        if self.alarm is not None:  # set again by a task that ran meanwhile
+            self.alarm.cancel()
+
+    def wake(self) -> None:
+        """Something may be due (a message buffered, a deadline passed): start the task unless it runs. Never
+        blocks (the alarm calls it from gevent's hub)."""
+        with self.lock:
+            self.due = True
+            if self.worker is None:
+                self.worker = spawn(self._work)
+
+    def _work(self) -> None:
+        try:
+            while self._take_due():
+                self.context.run(self._handle_due)
+        except BaseException:
+            with self.lock:
+                self.worker = None
+            raise
+
+    def _take_due(self) -> bool:
+        """Whether something is due; when nothing is, this task ends (the next wake starts another)."""
+        with self.lock:
+            due, self.due = self.due, False
+            if not due:
+                self.worker = None
+            return due
+
+    def _handle_due(self) -> None:
+        """Every buffered message in order, then the deadlines (what the handler's loop did after each wait)."""
+        ws, claim = self.ws, self.claim
+        while not self.ended:
+            try:
+                raw = ws.receive(timeout=0)
+            except ConnectionClosed:
+                return  # the reader loop has ended; serve() returns
+            if raw is None:
+                break
+            message = relay_protocol.parse(raw)
+            is_setup, problem = check_setup(message, claim.tracking_id)
+            if problem is not None:
+                return self._end("relay_setup_refused", problem)
+            if is_setup:
+                self.setup_deadline = None
+            if message is not None:
+                self.session.handle_message(message)
+            if is_setup:
+                self.trimmer.call_set_up()  # the last step of a call's set-up
+        if self.ended or not ws.connected:
+            return
+        if self.setup_deadline is not None and time.monotonic() >= self.setup_deadline:
+            return self._end("relay_setup_timeout", "setup not received in time")
+        if not claim.renew_if_due():
+            return self._end("relay_socket_replaced", "another socket took over this call")
+        self._set_alarm()
+
+    def _set_alarm(self) -> None:
+        if not self.ws.connected:
+            return
+        wait = self.claim.seconds_to_renewal()
+        if self.setup_deadline is not None:
+            wait = min(wait, self.setup_deadline - time.monotonic())
+        if self.alarm is not None:
+            self.alarm.cancel()
+        self.alarm = Alarm(wait, self.wake)
+
+    def _end(self, event: str, reason: str) -> None:
+        """Close with 1008, and end the reader loop (blocked reading in the handler) as gunicorn closing the
+        connection after the handler returned did."""
+        self.ended = True
+        _close(self.ws, event, reason)
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the peer closed it already
+            pass
 
 
 def _close(ws, event: str, reason: str) -> None:
