@@ -32,6 +32,7 @@ from .common import RELAY_PATH, base_url, forbidden, verify_twilio
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()
 CLOSE_POLICY_VIOLATION = 1008
+LINGER_S = 1.0  # a socket's task waits this long for the next message before it ends (RelaySocket._work)
 
 
 class LockedSender:
@@ -172,8 +173,8 @@ class RelaySocket:
     (docs/performance-history.md, "Issue 12x"). One such task at a time, so messages are handled in order, all in
     one context: the call's log bindings made at `setup` hold for its later messages."""
 
-    __slots__ = ("ws", "session", "claim", "setup_deadline", "trimmer", "context", "lock", "worker", "due", "alarm",
-                 "ended")  # one per live call
+    __slots__ = ("ws", "session", "claim", "setup_deadline", "trimmer", "context", "lock", "worker", "nudge", "due",
+                 "alarm", "ended", "reader_done")  # one per live call
 
     def __init__(self, ws, session: RelaySession, claim: RelayClaim, setup_timeout_s: float, trimmer) -> None:
         self.ws, self.session, self.claim, self.trimmer = ws, session, claim, trimmer
@@ -181,9 +182,11 @@ class RelaySocket:
         self.context = contextvars.copy_context()
         self.lock = threading.Lock()  # a gevent lock under gevent, never held across a switch
         self.worker = None  # the task handling what is due, while it runs
+        self.nudge = None  # that task's wake-up while it waits for more
         self.due = False
         self.alarm: Alarm | None = None
-        self.ended = False
+        self.ended = False  # closed by us
+        self.reader_done = False  # the reader loop has returned: the socket is closed
 
     def serve(self) -> None:
         """Until the socket has closed and what it delivered has been handled."""
@@ -198,6 +201,7 @@ class RelaySocket:
             self.ws.event.on_set = None
             if self.alarm is not None:
                 self.alarm.cancel()
+        self.reader_done = True
         self.wake()  # whatever the loop buffered last
         worker = self.worker
         if worker is not None:
@@ -212,23 +216,38 @@ class RelaySocket:
             self.due = True
             if self.worker is None:
                 self.worker = spawn(self._work)
+            elif self.nudge is not None:
+                self.nudge.set()
 
     def _work(self) -> None:
+        """What is due; then up to LINGER_S for more, so a turn's frames (the prompt, Twilio's `info` frames) share
+        one task rather than paying for a new greenlet each."""
+        nudge = threading.Event()  # gevent's Event under gevent
         try:
-            while self._take_due():
-                self.context.run(self._handle_due)
+            while True:
+                if self._take_due(nudge):
+                    self.context.run(self._handle_due)
+                elif (self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
+                    return
         except BaseException:
             with self.lock:
-                self.worker = None
+                self.worker = self.nudge = None
             raise
 
-    def _take_due(self) -> bool:
-        """Whether something is due; when nothing is, this task ends (the next wake starts another)."""
+    def _take_due(self, nudge) -> bool:
         with self.lock:
             due, self.due = self.due, False
             if not due:
-                self.worker = None
+                nudge.clear()
+                self.nudge = nudge  # the next wake sets it
             return due
+
+    def _stop_unless_due(self) -> bool:
+        with self.lock:
+            if self.due:
+                return False
+            self.worker = self.nudge = None
+            return True
 
     def _handle_due(self) -> None:
         """Every buffered message in order, then the deadlines (what the handler's loop did after each wait)."""
