@@ -68,9 +68,10 @@ def frame(kind: str) -> str:
     return json.dumps({"type": "prompt", "voicePrompt": kind, "lang": "en-US", "last": True})
 
 
-def serve(ws: FakeServer, session: Session, setup_timeout_s: float = 30.0) -> tuple[RelaySocket, threading.Thread]:
+def serve(ws: FakeServer, session: Session, setup_timeout_s: float = 30.0,
+          set_ups: list | None = None) -> tuple[RelaySocket, threading.Thread]:
     claim = SimpleNamespace(tracking_id=TRACKING_ID, seconds_to_renewal=lambda: 60.0, renew_if_due=lambda: True)
-    trimmer = SimpleNamespace(call_set_up=lambda: None)
+    trimmer = SimpleNamespace(call_set_up=lambda: (set_ups if set_ups is not None else []).append(len(session.handled)))
     socket = RelaySocket(ws, session, claim, setup_timeout_s, trimmer)
     handler = threading.Thread(target=socket.serve, daemon=True)
     handler.start()
@@ -86,15 +87,17 @@ def wait_for(condition, timeout_s: float = 5.0) -> None:
 
 def test_frames_are_handled_in_order_by_one_task_that_ends_when_the_call_is_idle(monkeypatch):
     monkeypatch.setattr(relay, "LINGER_S", 0.05)
-    ws, session = FakeServer(), Session()
-    socket, handler = serve(ws, session)
+    ws, session, set_ups = FakeServer(), Session(), []
+    socket, handler = serve(ws, session, set_ups=set_ups)
     for kind in ("setup", "one", "two", "three"):
         ws.frames.put(frame(kind))
     wait_for(lambda: len(session.handled) == 4)
     assert session.handled == ["Setup", "Prompt", "Prompt", "Prompt"]
     wait_for(lambda: socket.worker is None)  # idle: no task left, only the handler reading
+    assert set_ups == [4]  # the heap trimmer is told once the task that handled `setup` has ended
     ws.frames.put(frame("four"))
     wait_for(lambda: len(session.handled) == 5)
+    assert set_ups == [4]
     ws.frames.put(None)  # the caller hangs up
     handler.join(5)
     assert not handler.is_alive() and socket.worker is None and ws.closed_with is None

@@ -174,7 +174,7 @@ class RelaySocket:
     one context: the call's log bindings made at `setup` hold for its later messages."""
 
     __slots__ = ("ws", "session", "claim", "setup_deadline", "trimmer", "context", "lock", "worker", "nudge", "due",
-                 "alarm", "ended", "reader_done")  # one per live call
+                 "alarm", "ended", "reader_done", "set_up_now")  # one per live call
 
     def __init__(self, ws, session: RelaySession, claim: RelayClaim, setup_timeout_s: float, trimmer) -> None:
         self.ws, self.session, self.claim, self.trimmer = ws, session, claim, trimmer
@@ -187,6 +187,7 @@ class RelaySocket:
         self.alarm: Alarm | None = None
         self.ended = False  # closed by us
         self.reader_done = False  # the reader loop has returned: the socket is closed
+        self.set_up_now = False  # `setup` handled by the running task
 
     def serve(self) -> None:
         """Until the socket has closed and what it delivered has been handled."""
@@ -228,11 +229,16 @@ class RelaySocket:
                 if self._take_due(nudge):
                     self.context.run(self._handle_due)
                 elif (self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
-                    return
+                    break
         except BaseException:
             with self.lock:
                 self.worker = self.nudge = None
             raise
+        if self.set_up_now:
+            # The last step of a call's set-up: the task that handled `setup` has ended, so what it held (its
+            # saved C stack, its frames) is free before the heap is trimmed.
+            self.set_up_now = False
+            self.trimmer.call_set_up()
 
     def _take_due(self, nudge) -> bool:
         with self.lock:
@@ -268,7 +274,7 @@ class RelaySocket:
             if message is not None:
                 self.session.handle_message(message)
             if is_setup:
-                self.trimmer.call_set_up()  # the last step of a call's set-up
+                self.set_up_now = True
         if self.ended or not ws.connected:
             return
         if self.setup_deadline is not None and time.monotonic() >= self.setup_deadline:
