@@ -190,7 +190,8 @@ class RelaySocket:
         self.set_up_now = False  # `setup` handled by the running task
 
     def serve(self) -> None:
-        """Until the socket has closed and what it delivered has been handled."""
+        """Until the socket has closed and what it delivered has been handled. The reader and the event are the
+        ones app.py's SOCK_SERVER_OPTIONS gave simple-websocket (its `thread` and `event`)."""
         reader = self.ws.thread
         if not isinstance(reader, SocketReader):
             raise TypeError("the relay socket's reader must be a SocketReader (app.py SOCK_SERVER_OPTIONS)")
@@ -268,7 +269,8 @@ class RelaySocket:
             message = relay_protocol.parse(raw)
             is_setup, problem = check_setup(message, claim.tracking_id)
             if problem is not None:
-                return self._end("relay_setup_refused", problem)
+                self._end("relay_setup_refused", problem)
+                return
             if is_setup:
                 self.setup_deadline = None
             if message is not None:
@@ -278,10 +280,11 @@ class RelaySocket:
         if self.ended or not ws.connected:
             return
         if self.setup_deadline is not None and time.monotonic() >= self.setup_deadline:
-            return self._end("relay_setup_timeout", "setup not received in time")
-        if not claim.renew_if_due():
-            return self._end("relay_socket_replaced", "another socket took over this call")
-        self._set_alarm()
+            self._end("relay_setup_timeout", "setup not received in time")
+        elif not claim.renew_if_due():
+            self._end("relay_socket_replaced", "another socket took over this call")
+        else:
+            self._set_alarm()
 
     def _set_alarm(self) -> None:
         if not self.ws.connected:
