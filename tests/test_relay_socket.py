@@ -64,7 +64,8 @@ class Session:
 
 def frame(kind: str) -> str:
     if kind == "setup":
-        return json.dumps({"type": "setup", "callSid": "CA" + "0" * 32, "customParameters": {"trackingId": TRACKING_ID}})
+        return json.dumps({"type": "setup", "callSid": "CA" + "0" * 32,
+                           "customParameters": {"trackingId": TRACKING_ID}})
     return json.dumps({"type": "prompt", "voicePrompt": kind, "lang": "en-US", "last": True})
 
 

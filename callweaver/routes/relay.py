@@ -223,14 +223,14 @@ class RelaySocket:
 
     def _work(self) -> None:
         """What is due; then up to LINGER_S for more, so a turn's frames (the prompt, Twilio's `info` frames) share
-        one task rather than paying for a new greenlet each."""
+        one task rather than paying for a new greenlet each (not after `setup`)."""
         nudge = threading.Event()  # gevent's Event under gevent
         try:
             while True:
                 if self._take_due(nudge):
                     self.context.run(self._handle_due)
-                elif (self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
-                    break
+                elif (self.reader_done or self.set_up_now or not nudge.wait(LINGER_S)) and self._stop_unless_due():
+                    break  # no wait after `setup`: the caller speaks first, and the heap is trimmed once this ends
         except BaseException:
             with self.lock:
                 self.worker = self.nudge = None
