@@ -129,3 +129,22 @@ def test_the_reader_must_be_a_socket_reader():
     socket = RelaySocket(ws, Session(), SimpleNamespace(), 30.0, SimpleNamespace())
     with pytest.raises(TypeError):
         socket.serve()
+
+
+def test_only_a_talking_call_keeps_its_task_waiting_for_the_next_frame(monkeypatch):
+    """After `setup` and after a wake with no message (the claim's renewal) the task ends at once; after a prompt it
+    waits LINGER_S for the turn's next frame."""
+    monkeypatch.setattr(relay, "LINGER_S", 30.0)
+    ws, session = FakeServer(), Session()
+    socket, handler = serve(ws, session)
+    ws.frames.put(frame("setup"))
+    wait_for(lambda: session.handled == ["Setup"] and socket.worker is None, timeout_s=2)
+    socket.wake()  # as the renewal alarm does
+    wait_for(lambda: socket.worker is None, timeout_s=2)
+    ws.frames.put(frame("one"))
+    wait_for(lambda: session.handled == ["Setup", "Prompt"])
+    time.sleep(0.1)
+    assert socket.worker is not None  # waiting for the turn's next frame
+    ws.frames.put(None)
+    handler.join(5)
+    assert not handler.is_alive() and socket.worker is None

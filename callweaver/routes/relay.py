@@ -223,14 +223,17 @@ class RelaySocket:
 
     def _work(self) -> None:
         """What is due; then up to LINGER_S for more, so a turn's frames (the prompt, Twilio's `info` frames) share
-        one task rather than paying for a new greenlet each (not after `setup`)."""
+        one task rather than paying for a new greenlet each. Not after `setup` (the caller speaks first, and the heap
+        is trimmed once this task ends) nor after a wake with no message (the claim's renewal every few seconds would
+        otherwise keep a task alive for a share of every idle call's life)."""
         nudge = threading.Event()  # gevent's Event under gevent
+        talking = False  # the last batch had a message other than `setup`: wait for more
         try:
             while True:
                 if self._take_due(nudge):
-                    self.context.run(self._handle_due)
-                elif (self.reader_done or self.set_up_now or not nudge.wait(LINGER_S)) and self._stop_unless_due():
-                    break  # no wait after `setup`: the caller speaks first, and the heap is trimmed once this ends
+                    talking = self.context.run(self._handle_due)
+                elif (not talking or self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
+                    break
         except BaseException:
             with self.lock:
                 self.worker = self.nudge = None
@@ -256,35 +259,39 @@ class RelaySocket:
             self.worker = self.nudge = None
             return True
 
-    def _handle_due(self) -> None:
-        """Every buffered message in order, then the deadlines (what the handler's loop did after each wait)."""
+    def _handle_due(self) -> bool:
+        """Every buffered message in order, then the deadlines (what the handler's loop did after each wait).
+        Whether a message other than `setup` was among them."""
         ws, claim = self.ws, self.claim
+        talking = False
         while not self.ended:
             try:
                 raw = ws.receive(timeout=0)
             except ConnectionClosed:
-                return  # the reader loop has ended; serve() returns
+                return False  # the reader loop has ended; serve() returns
             if raw is None:
                 break
             message = relay_protocol.parse(raw)
             is_setup, problem = check_setup(message, claim.tracking_id)
             if problem is not None:
                 self._end("relay_setup_refused", problem)
-                return
+                return False
             if is_setup:
                 self.setup_deadline = None
             if message is not None:
                 self.session.handle_message(message)
             if is_setup:
                 self.set_up_now = True
+            talking = not is_setup
         if self.ended or not ws.connected:
-            return
+            return False
         if self.setup_deadline is not None and time.monotonic() >= self.setup_deadline:
             self._end("relay_setup_timeout", "setup not received in time")
         elif not claim.renew_if_due():
             self._end("relay_socket_replaced", "another socket took over this call")
         else:
             self._set_alarm()
+        return talking
 
     def _set_alarm(self) -> None:
         if not self.ws.connected:
