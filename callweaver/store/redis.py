@@ -358,6 +358,9 @@ class RedisStore:
         )
         return self._record_from_hash(reply) if reply else None
 
+    def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
+        return self.update_call(tracking_id, call_sid=call_sid, status=status) is not None  # one script call
+
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
         """WATCH the call, read its meta, MULTI/EXEC the merge: redis-py replays `apply` if any other writer
