@@ -405,6 +405,26 @@ def test_the_cheap_look_before_the_redaction_patterns_never_skips_a_value_they_w
         assert _scrub_text(value) == expected, value
 
 
+def test_a_webhook_form_is_signed_and_checked_as_the_sdk_checks_werkzeugs_form():
+    """signature_is_valid hands the SDK the form as a SignedForm; on forms with repeated, empty and non-ASCII fields
+    it accepts exactly the signatures the SDK's own check of werkzeug's form accepts."""
+    from twilio.request_validator import RequestValidator
+    from werkzeug.datastructures import ImmutableMultiDict
+
+    from callweaver.security import signature_is_valid
+
+    token, url = "f" * 32, "https://cw.test/api/call-status-optimized?trackingId=t1"
+    forms = [ImmutableMultiDict([("CallSid", "CA" + "1" * 32), ("CallStatus", "ringing")]),
+             ImmutableMultiDict([("B", "y"), ("A", "1"), ("B", "x"), ("B", "x"), ("C", ""), ("語", "值")]),
+             ImmutableMultiDict()]
+    for form in forms:
+        signed = RequestValidator(token).compute_signature(url, form)
+        for signature in (signed, signed[:-2] + "A=", RequestValidator(token).compute_signature(url, {})):
+            assert signature_is_valid(token, url, form, signature) == RequestValidator(token).validate(
+                url, form, signature), (form, signature)
+        assert signature_is_valid(token, url, form, signed)
+
+
 def _access_lines(logger_class, access_log_format: str, requests) -> list[str]:
     """The access lines a gunicorn logger of `logger_class` writes for (response, request, environ) triples."""
     import datetime
