@@ -400,7 +400,7 @@ def test_the_cheap_look_before_the_redaction_patterns_never_skips_a_value_they_w
     for _ in range(4000):
         value = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 7)))
         expected = value
-        for pattern, replacement in _SECRET_VALUE_PATTERNS:
+        for pattern, replacement, _needed in _SECRET_VALUE_PATTERNS:
             expected = pattern.sub(replacement, expected)
         assert _scrub_text(value) == expected, value
 
@@ -596,3 +596,16 @@ def test_a_window_read_while_another_worker_sweeps_it_is_one_snapshot(tmp_path, 
     reader._connection().set_trace_callback(sweep_while_reading)
     at, count = reader.get_moving_window("k", 5, 60)
     assert swept == [True] and count in (0, 5)
+
+
+@pytest.mark.parametrize("text", [
+    "CA11491ec7a71171e6093d09b488b45e22", "0123456789abcdef0123456789abcdef", "call_1796060057001_4f352013",
+    "https://x.test/hook?a=1&twilioAuthToken=abc123&b=2", "api_key=sk-abcdefghijkl", "Authorization: Bearer x",
+    "key=value", "plain words", "sk-abcdefgh12345 and token=zzz", "?signature=abc", "=",
+])
+def test_each_secret_pattern_is_skipped_only_when_it_cannot_match(text):
+    from callweaver.logging import _SECRET_VALUE_PATTERNS, _scrub_text
+    unconditional = text
+    for pattern, replacement, _needed in _SECRET_VALUE_PATTERNS:
+        unconditional = pattern.sub(replacement, unconditional)
+    assert _scrub_text(text) == unconditional
