@@ -132,6 +132,22 @@ def test_a_placed_call_is_stored_as_update_call_would_store_it(store_spec):
             each.close()
 
 
+def test_a_status_callback_that_lands_before_make_calls_last_write_keeps_its_status(store):
+    """Twilio can call the status callback (initiated, ringing, even a quick failure) before its REST answer
+    reaches make-call: the answer's status ("queued") is older than any callback's and must not overwrite it.
+    The CallSid is still recorded."""
+    sid = "CA" + "8" * 32
+    store.create_call(make_record(status="initiating", created_at=1000.0))
+    assert store.append_status("call_1", "ringing", 1, {"CallStatus": "ringing"})
+
+    assert store.record_placed("call_1", sid, "queued") is True
+
+    record = store.get_call("call_1")
+    assert record.status == "ringing" and record.call_sid == sid
+    assert store.find_tracking_id(sid) == "call_1"
+    assert [r.tracking_id for r in store.call_page(10, status="ringing")[0]] == ["call_1"]
+
+
 def test_update_writes_only_named_fields_and_bumps_updated_at(store):
     store.create_call(make_record(greeting="hello", current_node="start", created_at=1000.0))
 

@@ -202,7 +202,9 @@ class Store(Protocol):
 
     def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
         """Twilio accepted the call: store its CallSid and status (as update_call would) in one write that reads
-        nothing back, make-call's last write. False (nothing written) when the call is unknown."""
+        nothing back, make-call's last write. The status only while no status callback has been recorded (Twilio
+        may call back before its REST answer arrives; the callback's status is newer). False (nothing written)
+        when the call is unknown."""
         ...
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,

@@ -322,12 +322,18 @@ class SQLiteStore:
         # One UPDATE, its own transaction (autocommit): only the two columns and three JSON keys that change are
         # written, so SQLite rewrites neither the record's JSON through Python nor the indexes of unchanged columns
         # (update_call: 110 µs, this: 50 µs; docs/performance-history.md, "Issue 12w").
+        # A status callback that landed first (Twilio may call it before its REST answer arrives) is newer than
+        # the answer's status: its status stays; only the CallSid is recorded then.
+        now = _dumps(time.time())
         with self._connection() as conn:
             changed = conn.execute(
-                "UPDATE cw_calls SET call_sid = ?, status = ?,"
-                " data = json_set(data, '$.call_sid', ?, '$.status', ?, '$.updated_at', json(?))"
+                "UPDATE cw_calls SET call_sid = ?,"
+                " status = CASE WHEN COALESCE(json_extract(data, '$.status_sequence'), -1) < 0 THEN ? ELSE status END,"
+                " data = CASE WHEN COALESCE(json_extract(data, '$.status_sequence'), -1) < 0"
+                " THEN json_set(data, '$.call_sid', ?, '$.status', ?, '$.updated_at', json(?))"
+                " ELSE json_set(data, '$.call_sid', ?, '$.updated_at', json(?)) END"
                 " WHERE tracking_id = ?",
-                (call_sid, status, call_sid, status, _dumps(time.time()), tracking_id),
+                (call_sid, status, call_sid, status, now, call_sid, now, tracking_id),
             ).rowcount
         return changed > 0
 
