@@ -16,6 +16,7 @@ import gevent.pool
 
 from callweaver.simulate.webhooks import http
 from tests.fakes.live_server import LiveServer
+from bench.loop_lag import LoopLagProbe
 from bench.report import describe, progress
 from bench.stack import BenchStack, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, cpu_s, rss_kib
 from bench.callers import NaiveCall, RelayCall, cache_backend, converse, destination, fetch_turns, server_added_ms, unique_utterance
@@ -83,6 +84,10 @@ class RelayLoadResult:
     talk_cpu_s: dict[str, float] = field(default_factory=dict)
     cache_backend: str = ""  # the reply cache's backend as the worker reported it
     setup_cpu_ms_per_call: float | None = None  # worker CPU while all calls were set up (none talking) ÷ calls
+    # How late (ms) each process of the measuring apparatus woke from a 10 ms sleep during the talk phase
+    # (bench/loop_lag.py): a frame read late by a busy load generator counts in the client-side "added".
+    generator_lag_ms: list[float] = field(default_factory=list)
+    fake_llm_lag_ms: list[float] = field(default_factory=list)
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -193,9 +198,15 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
 
     scripts = [[unique_utterance(rng, i, t) for t in range(turns)] for i in range(len(talkers))]
     cpu_before = cpu_now()
+    lag_probe = LoopLagProbe().start()
+    talk_started = time.monotonic()
     result.talk_s = converse(talkers, scripts, rng=rng, stagger_s=stagger_s, think_s=think_s,
                              deadline=hard_deadline, errors=result.errors,
                              before_first_turn=(lambda call: call.set_up()) if arrival else None)
+    talk_ended = time.monotonic()
+    lag_probe.stop()
+    result.generator_lag_ms = lag_probe.lags_between(talk_started, talk_ended)
+    result.fake_llm_lag_ms = stack.llm.loop_lags(talk_started, talk_ended)
     cpu_after = cpu_now()
     result.talk_cpu_s = {name: cpu_after[name] - cpu_before[name] for name in processes}
     if arrival:

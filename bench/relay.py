@@ -132,6 +132,11 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart
             row(f"added first token, {side}-side p{pct} (ms)", {k: p(getattr(r, attr), pct) for k, r in results.items()})
     for pct in (50, 99):
         row(f"  prompt sent → LLM has the request, p{pct} (ms)", {k: p(r.to_llm_ms, pct) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"load generator loop lag p{pct} (ms)", {k: p(r.generator_lag_ms, pct) for k, r in results.items()})
+    row("fake LLM loop lag p99 (ms)", {k: p(r.fake_llm_lag_ms, 99) for k, r in results.items()})
+    row("load generator CPU (share of one core)", {k: r.core_share("load generator") for k, r in results.items()}, 2)
+    row("fake LLM CPU (share of one core)", {k: r.core_share("fake LLM") for k, r in results.items()}, 2)
     row("worker CPU per turn (ms)", {k: r.worker_cpu_ms_per_turn for k, r in results.items()}, 2)
     row("worker CPU per call set-up (ms)", {k: r.setup_cpu_ms_per_call for k, r in results.items()}, 2)
     row("memory per idle call (KiB)", {k: r.memory_per_call_kib for k, r in results.items()})
@@ -157,10 +162,14 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart
 
 def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
     """p99 added (client-side, the caller's view) and errors per N; per server, the highest N that is within the
-    limit together with every smaller N swept (a pass above a failure is noise, not capacity)."""
+    limit together with every smaller N swept (a pass above a failure is noise, not capacity). The last two columns
+    say how late the apparatus itself ran in each run (bench/loop_lag.py): a client-side p99 far above the
+    server-side one with a high load generator lag is the generator's delay, not the server's."""
     rows, best, failed = [], {k: None for k in SERVERS}, {k: False for k in SERVERS}
     for calls, results in sorted(sweep.items()):
-        cells = []
+        cells, lags = [], []
+        for attr in ("generator_lag_ms", "fake_llm_lag_ms"):  # the apparatus's own lateness, per server's run
+            lags.append(" / ".join(fmt_ms(p(getattr(results[k], attr), 99)) if k in results else "—" for k in SERVERS))
         for kind in SERVERS:
             r = results.get(kind)
             if r is None:
@@ -173,10 +182,12 @@ def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
                 best[kind] = calls
             cells.append(f"{fmt_ms(p99)} ms, {r.error_count} errors, {fmt_ms(r.worker_cpu_ms_per_turn, 2)} ms CPU/turn"
                          + (" ✓" if ok else ""))
-        rows.append([calls, *cells, ""])
+        rows.append([calls, *cells, "", *lags])
     rows.append(["highest N with p99 added ≤ 50 ms and 0 errors (and at every smaller N)", *(str(best[k]) for k in SERVERS),
-                 ratio(best["naive"], best["callweaver"])])
-    return markdown_table(["calls", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
+                 ratio(best["naive"], best["callweaver"]), "", ""])
+    return markdown_table(["calls", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive",
+                           "load generator loop lag p99 (ms), naive / CallWeaver run",
+                           "fake LLM loop lag p99 (ms), naive / CallWeaver run"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -115,6 +115,12 @@ class FakeLLMProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/requests?since={index}", timeout=30) as resp:
             return json.loads(resp.read())
 
+    def loop_lags(self, start: float, end: float) -> list[float]:
+        """How late (ms) the fake LLM process's lag probe woke between two time.monotonic() instants."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/loop-lag?start={start!r}&end={end!r}",
+                                    timeout=30) as resp:
+            return json.loads(resp.read())
+
     def stop(self) -> None:
         stop_process(self.proc, timeout_s=10)
         if self.proc is not None and self.proc.stdout is not None:
