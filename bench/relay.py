@@ -26,6 +26,9 @@ SERVERS = ("naive", "callweaver")
 VARIANT = "variant"  # CallWeaver again with --variant-env, a third column of the same invocation
 LABELS = {"naive": "naive relay", "callweaver": "CallWeaver"}
 CAPACITY_P99_MS = 50.0
+# The callers and the fake LLM run ahead of the server (bench/stack.py set_apparatus_nice): their own scheduling
+# delay would otherwise count in the client-side "added" the sweep judges.
+APPARATUS_NICE = -10
 WEB_APP_ORIGIN = "https://kimiya-ai.vercel.app"  # the deployed web app, one of CORS_ORIGINS' defaults
 ColdStart = tuple[float | None, float | None, float | None]  # first /ping 200, app loaded, web app's /health 200
 
@@ -205,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant-env", action="append", default=[], metavar="KEY=VALUE",
                         help="also run CallWeaver with this environment (repeatable), as a third column")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="give up on calls still talking after this")
+    parser.add_argument("--apparatus-nice", type=int, default=APPARATUS_NICE,
+                        help="nice offset for the load generator and the fake LLM (the servers run at 0); "
+                             "0 = everything at the same priority")
     add_load_options(parser, stagger_s=5.0, seed=7)
     return parser.parse_args(argv)
 
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep: dict[int, dict[str, RelayLoadResult]] = {}
     ready: dict[str, ColdStart] = {k: (None, None, None) for k in (*SERVERS, VARIANT)}
     run_index = 0
-    with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
+    with BenchStack("relay", args.ttft_ms, args.token_interval_ms, apparatus_nice=args.apparatus_nice) as stack, \
+            cpu_quota(args.cpu_quota) as wrap:
         for calls in counts:
             sweep[calls] = {}
             for kind in kinds:  # interleaved per N, so both servers see the same machine state
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"### Relay, side by side: {', '.join(map(str, counts))} calls × {args.turns} turns, "
           f"{args.workers} gevent worker(s){f', {args.cpu_quota} CPU quota' if args.cpu_quota else ''}, {mode}\n")
     print(f"{machine_summary()}; commit {commit()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
-          f"{args.token_interval_ms:g} ms/token. Command: `python -m bench.relay {' '.join(argv or sys.argv[1:])}`\n")
+          f"{args.token_interval_ms:g} ms/token. Load generator and fake LLM at nice {stack.apparatus_nice}, "
+          f"servers at 0. Command: `python -m bench.relay {' '.join(argv or sys.argv[1:])}`\n")
     if len(counts) > 1 or args.cpu_quota:
         print(capacity_table(sweep))
         print()
