@@ -78,6 +78,9 @@ class RelayLoadResult:
     first_sentence_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → first sentence's end read
     reply_end_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → the reply's `last: true` read
     from_llm_ms: list[float] = field(default_factory=list)  # fake LLM writes first token → caller reads it
+    # Per turn, client-side minus server-side first token: time outside the server's clock (the prompt waiting to be
+    # read by the worker, frames in flight, the caller late to read the first token)
+    client_minus_server_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     llm_stats: dict = field(default_factory=dict)
     # CPU seconds used during the talk phase, per process: "worker", "fake LLM", "load generator".
@@ -264,6 +267,8 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
                 continue
             if sample.utterance in server_first:
                 result.server_minus_delivered_ms.append(server_first[sample.utterance] - fake["ttftMs"])
+            if sample.first_token_ms is not None and sample.utterance in server_first:
+                result.client_minus_server_ms.append(sample.first_token_ms - server_first[sample.utterance])
             if sample.first_token_ms is not None:
                 result.client_minus_delivered_ms.append(sample.first_token_ms - fake["ttftMs"])
                 result.to_llm_ms.append((fake["receivedAt"] - sample.sent_at) * 1000)

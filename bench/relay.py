@@ -136,6 +136,11 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart
     for pct in (50, 99):
         row(f"  prompt sent → LLM has the request, p{pct} (ms)", {k: p(r.to_llm_ms, pct) for k, r in results.items()})
     for pct in (50, 99):
+        row(f"  client- minus server-side first token, same turn, p{pct} (ms)",
+            {k: p(r.client_minus_server_ms, pct) for k, r in results.items()})
+    row("  fake LLM wrote the first token → the caller read it, p99 (ms)",
+        {k: p(r.from_llm_ms, 99) for k, r in results.items()})
+    for pct in (50, 99):
         row(f"load generator loop lag p{pct} (ms)", {k: p(r.generator_lag_ms, pct) for k, r in results.items()})
     row("fake LLM loop lag p99 (ms)", {k: p(r.fake_llm_lag_ms, 99) for k, r in results.items()})
     row("load generator CPU (share of one core)", {k: r.core_share("load generator") for k, r in results.items()}, 2)
