@@ -148,3 +148,69 @@ def test_only_a_talking_call_keeps_its_task_waiting_for_the_next_frame(monkeypat
     ws.frames.put(None)
     handler.join(5)
     assert not handler.is_alive() and socket.worker is None
+
+
+def test_frames_buffered_before_the_handler_hooks_the_event_are_handled_at_once():
+    """The reader can buffer `setup` (and more) before serve() hooks the socket's event: they are handled when
+    serve() starts, not when the setup deadline's alarm fires (found by the 12x review)."""
+    ws, session = FakeServer(), Session()
+    ws.frames.put(frame("setup"))
+    ws.frames.put(frame("one"))
+    wait_for(lambda: len(ws.input_buffer) == 2)
+    socket, handler = serve(ws, session, setup_timeout_s=30.0)
+    wait_for(lambda: session.handled == ["Setup", "Prompt"], timeout_s=2)
+    ws.frames.put(None)
+    handler.join(5)
+    assert not handler.is_alive()
+
+
+def test_a_failure_while_handling_what_is_due_is_logged_and_closes_the_socket(capsys):
+    """Before 12x an error in the handler's loop ended the handler (Flask logged it, the socket closed); the task
+    that now handles messages and deadlines must not swallow it and leave the call without renewals or deadline."""
+    ws, session = FakeServer(), Session()
+    failures = []
+
+    def renew_if_due() -> bool:
+        failures.append(1)
+        raise RuntimeError("store exploded")
+
+    claim = SimpleNamespace(tracking_id=TRACKING_ID, seconds_to_renewal=lambda: 60.0, renew_if_due=renew_if_due)
+    socket = RelaySocket(ws, session, claim, 30.0, SimpleNamespace(call_set_up=lambda: None))
+    handler = threading.Thread(target=socket.serve, daemon=True)
+    handler.start()
+    ws.frames.put(frame("setup"))
+    handler.join(5)
+    assert not handler.is_alive() and failures == [1]
+    assert ws.closed_with is not None
+    assert "relay_socket_task_failed" in capsys.readouterr().out
+
+
+def test_the_calls_log_bindings_made_at_setup_reach_the_handler_after_the_socket_closes():
+    """session.close() at hang-up and the claim's release log from the handler's context: they must carry the
+    call's ids bound at `setup` (the task handles setup in the socket's own context)."""
+    import structlog
+
+    ws = FakeServer()
+    seen = {}
+
+    class BindingSession(Session):
+        def handle_message(self, message) -> None:
+            super().handle_message(message)
+            structlog.contextvars.bind_contextvars(call_sid="CA" + "0" * 32)
+
+    socket, _ = RelaySocket(ws, BindingSession(), SimpleNamespace(
+        tracking_id=TRACKING_ID, seconds_to_renewal=lambda: 60.0, renew_if_due=lambda: True), 30.0,
+        SimpleNamespace(call_set_up=lambda: None)), None
+
+    def handler() -> None:
+        structlog.contextvars.clear_contextvars()
+        socket.serve()
+        seen.update(structlog.contextvars.get_contextvars())
+
+    thread = threading.Thread(target=handler, daemon=True)
+    thread.start()
+    ws.frames.put(frame("setup"))
+    wait_for(lambda: socket.worker is None and ws.input_buffer == [] and socket.setup_deadline is None)
+    ws.frames.put(None)
+    thread.join(5)
+    assert seen.get("call_sid") == "CA" + "0" * 32

@@ -196,6 +196,8 @@ class RelaySocket:
         if not isinstance(reader, SocketReader):
             raise TypeError("the relay socket's reader must be a SocketReader (app.py SOCK_SERVER_OPTIONS)")
         self.ws.event.on_set = self.wake
+        if self.ws.event.is_set():  # frames the reader buffered before the hook was in place
+            self.wake()
         self._set_alarm()
         try:
             reader.run_here_or_wait()
@@ -210,6 +212,9 @@ class RelaySocket:
             worker.join()
         if self.alarm is not None:  # set again by a task that ran meanwhile
             self.alarm.cancel()
+        # The call's log bindings (made at `setup`, in the tasks' context) for what the handler logs from here on:
+        # the session's close at hang-up, the claim's release.
+        structlog.contextvars.bind_contextvars(**self.context.run(structlog.contextvars.get_contextvars))
 
     def wake(self) -> None:
         """Something may be due (a message buffered, a deadline passed): start the task unless it runs. Never
@@ -234,6 +239,14 @@ class RelaySocket:
                     talking = self.context.run(self._handle_due)
                 elif (not talking or self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
                     break
+        except Exception:
+            # As an error in the handler's own loop did before: logged, and the socket closed (its reader loop then
+            # ends, and serve() returns) rather than a call left without its claim's renewals or setup deadline.
+            with self.lock:
+                self.worker = self.nudge = None
+            self.context.run(log.exception, "relay_socket_task_failed")
+            self._end("relay_socket_closed_after_failure", "internal error")
+            return
         except BaseException:
             with self.lock:
                 self.worker = self.nudge = None
