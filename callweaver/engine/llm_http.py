@@ -264,7 +264,8 @@ class ExchangeDeadline:
     fires before the current deadline it is re-armed for the rest. When it fires past the deadline while the
     exchange is blocked on its socket, the socket is shut down (as `Exchange.abort` does), which wakes the
     blocked call; the exchange then raises ReadTimedOut. Outside a blocking call it does nothing: the next call
-    checks the deadline itself before blocking, exactly as a per-call socket timeout would."""
+    checks the deadline itself before blocking, exactly as a per-call socket timeout would. It also holds the
+    exchange's readable watcher (`wait_readable`), on the same loop."""
 
     __slots__ = ("_loop", "_wait", "_timer", "_armed_for", "deadline", "blocked_on", "expired", "_readable",
                  "_readable_on", "_tls")
