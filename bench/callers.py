@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import time
 import xml.etree.ElementTree as ET
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import gevent
 import gevent.pool
+import orjson
 
 from callweaver.simulate.caller import RelayCaller, RelayTwiml
 from callweaver.simulate.webhooks import TwilioWebhooks, http, new_call_sid
@@ -67,6 +70,102 @@ class TurnSample:
     first_sentence_ms: float | None = None  # prompt sent → the frame that ends the reply's first sentence read
 
 
+class ServerFrames:
+    """The server's side of a relay socket, read the cheap way for a load generator with hundreds of callers.
+
+    websocket-client reads a frame with several small socket reads (header, length, payload), each arming its own
+    timeout, and checks the UTF-8 in pure Python; at 800 callers that made the load generator late to read
+    frames that had already arrived. Here one read takes whatever the kernel holds and splits it into frames; each
+    text frame is stamped with the moment that read returned (the moment the caller read it) and then goes
+    through the caller's Twilio model exactly as `RelayCaller.recv` does, so what the server gets back (the
+    model's `agentSpeaking` info messages, pongs) is unchanged. Takes over the socket's reading once made:
+    websocket-client never reads ahead of the frame it returns, so nothing is left in its buffer."""
+
+    READ_BYTES = 65536
+
+    def __init__(self, caller: RelayCaller) -> None:
+        self.caller = caller
+        self.sock = caller.ws.sock
+        self.buffer = bytearray()
+        self.fragments: list[bytes] = []
+        self.ready: deque[tuple[float, dict]] = deque()  # (read at, message), already applied to the model
+        self.closed = False
+
+    def next(self, deadline: float) -> tuple[float, dict] | None:
+        """The next message and the time.monotonic() at which it was read; None on deadline or close. While
+        waiting, Twilio's playback model keeps time (agentSpeaking off when it falls silent), as in RelayCaller."""
+        twilio = self.caller.twilio
+        while not self.ready:
+            if self.closed:
+                return None
+            for info in twilio.tick():
+                self.caller.send(info)
+            now = time.monotonic()
+            event_at = twilio.playback.next_event_at()
+            wait = min(deadline, event_at) - now if event_at is not None else deadline - now
+            if wait <= 0 and now >= deadline:
+                return None
+            self.sock.settimeout(max(wait, 0.001))
+            try:
+                data = self.sock.recv(self.READ_BYTES)
+            except socket.timeout:
+                continue
+            except OSError:
+                data = b""
+            read_at = time.monotonic()
+            if not data:
+                self.closed = self.caller.closed_by_server = True
+                return None
+            self.buffer += data
+            self._split(read_at)
+        return self.ready.popleft()
+
+    def _split(self, read_at: float) -> None:
+        """Every complete frame in the buffer → `ready` (server frames are never masked, RFC 6455 §5.1)."""
+        buffer, pos, size = self.buffer, 0, len(self.buffer)
+        while size - pos >= 2:
+            first, length = buffer[pos], buffer[pos + 1] & 0x7F
+            head = 2
+            if length == 126:
+                head, length = 4, int.from_bytes(buffer[pos + 2:pos + 4], "big")
+            elif length == 127:
+                head, length = 10, int.from_bytes(buffer[pos + 2:pos + 10], "big")
+            if size - pos < head + length:
+                break
+            payload = bytes(buffer[pos + head:pos + head + length])
+            pos += head + length
+            self._frame(first & 0x0F, bool(first & 0x80), payload, read_at)
+        del buffer[:pos]
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes, read_at: float) -> None:
+        if opcode == 0x9:  # ping
+            self.caller.ws.pong(payload)
+            return
+        if opcode == 0x8:  # close
+            self.closed = self.caller.closed_by_server = True
+            return
+        if opcode not in (0x0, 0x1, 0x2):
+            return
+        self.fragments.append(payload)
+        if not fin:
+            return
+        raw = b"".join(self.fragments)
+        self.fragments = []
+        try:
+            message = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            message = raw.decode(errors="replace")
+        twilio = self.caller.twilio
+        accepted, replies = twilio.receive(message)
+        for reply in replies:
+            self.caller.send(reply)
+        if not isinstance(message, dict):
+            message = {"type": "invalid", "raw": message}
+        elif accepted and message.get("type") == "end":
+            message = {**message, "unheard": twilio.playback.stop()}  # Twilio closes the session: speech stops
+        self.ready.append((read_at, message))
+
+
 class RelayCall:
     """An optimized call: make-call-optimized, the TwiML webhook, then the ConversationRelay socket."""
 
@@ -75,6 +174,7 @@ class RelayCall:
         self.caller = RelayCaller(base_url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.samples: list[TurnSample] = []
+        self.frames: ServerFrames | None = None
 
     @property
     def tracking_id(self) -> str | None:
@@ -93,18 +193,17 @@ class RelayCall:
 
     def say(self, utterance: str) -> TurnSample:
         """Speak one final transcript and read the streamed reply up to `last: true` (or an `end`)."""
+        if self.frames is None or self.frames.sock is not self.caller.ws.sock:
+            self.frames = ServerFrames(self.caller)
         sent = self.caller.prompt(utterance)
         deadline = sent + self.timeout_s
         first_ms = sentence_ms = None
         tokens: list[str] = []
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            read = self.frames.next(deadline)
+            if read is None:
                 raise TimeoutError(f"no complete reply within {self.timeout_s}s")
-            message = self.caller.recv(timeout_s=remaining)
-            now = time.monotonic()
-            if message is None:
-                raise TimeoutError(f"no complete reply within {self.timeout_s}s")
+            now, message = read
             kind = message.get("type")
             if kind == "end":
                 return TurnSample(utterance, first_ms, (now - sent) * 1000, "".join(tokens), ended=True)

@@ -3,7 +3,9 @@
 Prints one JSON line ({"ready": true, "port": …, "statsPort": …}) on stdout once it listens, then serves until
 SIGTERM/SIGINT, until its parent process goes away, or until --max-lifetime-s passes. GET /stats on the stats
 port reports what the fake received (request counts and the TTFT the fake actually delivered); GET
-/requests?since=N lists each request's last caller line and delivered TTFT, so a bench can pair them with its turns.
+/requests?since=N lists each request's last caller line and delivered TTFT, so a bench can pair them with its turns;
+GET /loop-lag?start=T0&end=T1 lists how late (ms) this process's lag probe woke between two time.monotonic() instants
+(bench/loop_lag.py): a thread late for the GIL or a core is a fake LLM that reads requests and writes tokens late.
 """
 import argparse
 import json
@@ -17,6 +19,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs
 
+from bench.loop_lag import LoopLagProbe
 from callweaver.simulate import llm_standin as fake_llm
 from callweaver.simulate.llm_standin import FakeLLM
 
@@ -90,7 +93,7 @@ def requests_of(fake: FakeLLM, since: int) -> list[dict]:
             for r in list(fake.requests)[since:]]
 
 
-def start_stats_server(fake: FakeLLM, port: int) -> ThreadingHTTPServer:
+def start_stats_server(fake: FakeLLM, port: int, lag: LoopLagProbe) -> ThreadingHTTPServer:
     class StatsHandler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args) -> None:
             pass
@@ -103,6 +106,9 @@ def start_stats_server(fake: FakeLLM, port: int) -> ThreadingHTTPServer:
             elif path == "/requests":
                 since = int(parse_qs(query).get("since", ["0"])[0])
                 payload = requests_of(fake, since)
+            elif path == "/loop-lag":
+                window = parse_qs(query)
+                payload = lag.lags_between(float(window["start"][0]), float(window["end"][0]))
             body = json.dumps(payload).encode()
             self.send_response(200 if payload is not None else 404)
             self.send_header("Content-Type", "application/json")
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     reply = fake_llm.Reply(text=args.reply_text)
     fake.responder = lambda body: reply
     fake.start()
-    stats_server = start_stats_server(fake, args.stats_port)
+    lag = LoopLagProbe().start()
+    stats_server = start_stats_server(fake, args.stats_port, lag)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -151,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(PARENT_POLL_S):
         if os.getppid() != parent_pid or time.monotonic() > deadline:
             break
+    lag.stop()
     stats_server.shutdown()
     stats_server.server_close()
     fake.stop()

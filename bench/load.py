@@ -16,6 +16,7 @@ import gevent.pool
 
 from callweaver.simulate.webhooks import http
 from tests.fakes.live_server import LiveServer
+from bench.loop_lag import LoopLagProbe
 from bench.report import describe, progress
 from bench.stack import BenchStack, DEFAULT_TOKEN_INTERVAL_MS, DEFAULT_TTFT_MS, cpu_s, rss_kib
 from bench.callers import NaiveCall, RelayCall, cache_backend, converse, destination, fetch_turns, server_added_ms, unique_utterance
@@ -77,12 +78,19 @@ class RelayLoadResult:
     first_sentence_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → first sentence's end read
     reply_end_ms: list[float] = field(default_factory=list)  # per turn, prompt sent → the reply's `last: true` read
     from_llm_ms: list[float] = field(default_factory=list)  # fake LLM writes first token → caller reads it
+    # Per turn, client-side minus server-side first token: time outside the server's clock (the prompt waiting to be
+    # read by the worker, frames in flight, the caller late to read the first token)
+    client_minus_server_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     llm_stats: dict = field(default_factory=dict)
     # CPU seconds used during the talk phase, per process: "worker", "fake LLM", "load generator".
     talk_cpu_s: dict[str, float] = field(default_factory=dict)
     cache_backend: str = ""  # the reply cache's backend as the worker reported it
     setup_cpu_ms_per_call: float | None = None  # worker CPU while all calls were set up (none talking) ÷ calls
+    # How late (ms) each process of the measuring apparatus woke from a 10 ms sleep during the talk phase
+    # (bench/loop_lag.py): a frame read late by a busy load generator counts in the client-side "added".
+    generator_lag_ms: list[float] = field(default_factory=list)
+    fake_llm_lag_ms: list[float] = field(default_factory=list)
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -193,9 +201,15 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
 
     scripts = [[unique_utterance(rng, i, t) for t in range(turns)] for i in range(len(talkers))]
     cpu_before = cpu_now()
+    lag_probe = LoopLagProbe().start()
+    talk_started = time.monotonic()
     result.talk_s = converse(talkers, scripts, rng=rng, stagger_s=stagger_s, think_s=think_s,
                              deadline=hard_deadline, errors=result.errors,
                              before_first_turn=(lambda call: call.set_up()) if arrival else None)
+    talk_ended = time.monotonic()
+    lag_probe.stop()
+    result.generator_lag_ms = lag_probe.lags_between(talk_started, talk_ended)
+    result.fake_llm_lag_ms = stack.llm.loop_lags(talk_started, talk_ended)
     cpu_after = cpu_now()
     result.talk_cpu_s = {name: cpu_after[name] - cpu_before[name] for name in processes}
     if arrival:
@@ -253,6 +267,8 @@ def run_relay_load(stack: BenchStack, server: LiveServer, *, calls: int, turns: 
                 continue
             if sample.utterance in server_first:
                 result.server_minus_delivered_ms.append(server_first[sample.utterance] - fake["ttftMs"])
+            if sample.first_token_ms is not None and sample.utterance in server_first:
+                result.client_minus_server_ms.append(sample.first_token_ms - server_first[sample.utterance])
             if sample.first_token_ms is not None:
                 result.client_minus_delivered_ms.append(sample.first_token_ms - fake["ttftMs"])
                 result.to_llm_ms.append((fake["receivedAt"] - sample.sent_at) * 1000)

@@ -26,6 +26,9 @@ SERVERS = ("naive", "callweaver")
 VARIANT = "variant"  # CallWeaver again with --variant-env, a third column of the same invocation
 LABELS = {"naive": "naive relay", "callweaver": "CallWeaver"}
 CAPACITY_P99_MS = 50.0
+# The callers and the fake LLM run ahead of the server (bench/stack.py set_apparatus_nice): their own scheduling
+# delay would otherwise count in the client-side "added" the sweep judges.
+APPARATUS_NICE = -10
 WEB_APP_ORIGIN = "https://kimiya-ai.vercel.app"  # the deployed web app, one of CORS_ORIGINS' defaults
 ColdStart = tuple[float | None, float | None, float | None]  # first /ping 200, app loaded, web app's /health 200
 
@@ -132,6 +135,16 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart
             row(f"added first token, {side}-side p{pct} (ms)", {k: p(getattr(r, attr), pct) for k, r in results.items()})
     for pct in (50, 99):
         row(f"  prompt sent → LLM has the request, p{pct} (ms)", {k: p(r.to_llm_ms, pct) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"  client- minus server-side first token, same turn, p{pct} (ms)",
+            {k: p(r.client_minus_server_ms, pct) for k, r in results.items()})
+    row("  fake LLM wrote the first token → the caller read it, p99 (ms)",
+        {k: p(r.from_llm_ms, 99) for k, r in results.items()})
+    for pct in (50, 99):
+        row(f"load generator loop lag p{pct} (ms)", {k: p(r.generator_lag_ms, pct) for k, r in results.items()})
+    row("fake LLM loop lag p99 (ms)", {k: p(r.fake_llm_lag_ms, 99) for k, r in results.items()})
+    row("load generator CPU (share of one core)", {k: r.core_share("load generator") for k, r in results.items()}, 2)
+    row("fake LLM CPU (share of one core)", {k: r.core_share("fake LLM") for k, r in results.items()}, 2)
     row("worker CPU per turn (ms)", {k: r.worker_cpu_ms_per_turn for k, r in results.items()}, 2)
     row("worker CPU per call set-up (ms)", {k: r.setup_cpu_ms_per_call for k, r in results.items()}, 2)
     row("memory per idle call (KiB)", {k: r.memory_per_call_kib for k, r in results.items()})
@@ -157,10 +170,14 @@ def side_by_side(results: dict[str, RelayLoadResult], ready: dict[str, ColdStart
 
 def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
     """p99 added (client-side, the caller's view) and errors per N; per server, the highest N that is within the
-    limit together with every smaller N swept (a pass above a failure is noise, not capacity)."""
+    limit together with every smaller N swept (a pass above a failure is noise, not capacity). The last two columns
+    say how late the apparatus itself ran in each run (bench/loop_lag.py): a client-side p99 far above the
+    server-side one with a high load generator lag is the generator's delay, not the server's."""
     rows, best, failed = [], {k: None for k in SERVERS}, {k: False for k in SERVERS}
     for calls, results in sorted(sweep.items()):
-        cells = []
+        cells, lags = [], []
+        for attr in ("generator_lag_ms", "fake_llm_lag_ms"):  # the apparatus's own lateness, per server's run
+            lags.append(" / ".join(fmt_ms(p(getattr(results[k], attr), 99)) if k in results else "—" for k in SERVERS))
         for kind in SERVERS:
             r = results.get(kind)
             if r is None:
@@ -173,10 +190,12 @@ def capacity_table(sweep: dict[int, dict[str, RelayLoadResult]]) -> str:
                 best[kind] = calls
             cells.append(f"{fmt_ms(p99)} ms, {r.error_count} errors, {fmt_ms(r.worker_cpu_ms_per_turn, 2)} ms CPU/turn"
                          + (" ✓" if ok else ""))
-        rows.append([calls, *cells, ""])
+        rows.append([calls, *cells, "", *lags])
     rows.append(["highest N with p99 added ≤ 50 ms and 0 errors (and at every smaller N)", *(str(best[k]) for k in SERVERS),
-                 ratio(best["naive"], best["callweaver"])])
-    return markdown_table(["calls", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive"], rows)
+                 ratio(best["naive"], best["callweaver"]), "", ""])
+    return markdown_table(["calls", LABELS["naive"], LABELS["callweaver"], "CallWeaver ÷ naive",
+                           "load generator loop lag p99 (ms), naive / CallWeaver run",
+                           "fake LLM loop lag p99 (ms), naive / CallWeaver run"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,6 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant-env", action="append", default=[], metavar="KEY=VALUE",
                         help="also run CallWeaver with this environment (repeatable), as a third column")
     parser.add_argument("--time-limit-s", type=float, default=240.0, help="give up on calls still talking after this")
+    parser.add_argument("--apparatus-nice", type=int, default=APPARATUS_NICE,
+                        help="nice offset for the load generator and the fake LLM (the servers run at 0); "
+                             "0 = everything at the same priority")
     add_load_options(parser, stagger_s=5.0, seed=7)
     return parser.parse_args(argv)
 
@@ -205,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep: dict[int, dict[str, RelayLoadResult]] = {}
     ready: dict[str, ColdStart] = {k: (None, None, None) for k in (*SERVERS, VARIANT)}
     run_index = 0
-    with BenchStack("relay", args.ttft_ms, args.token_interval_ms) as stack, cpu_quota(args.cpu_quota) as wrap:
+    with BenchStack("relay", args.ttft_ms, args.token_interval_ms, apparatus_nice=args.apparatus_nice) as stack, \
+            cpu_quota(args.cpu_quota) as wrap:
         for calls in counts:
             sweep[calls] = {}
             for kind in kinds:  # interleaved per N, so both servers see the same machine state
@@ -216,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"### Relay, side by side: {', '.join(map(str, counts))} calls × {args.turns} turns, "
           f"{args.workers} gevent worker(s){f', {args.cpu_quota} CPU quota' if args.cpu_quota else ''}, {mode}\n")
     print(f"{machine_summary()}; commit {commit()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
-          f"{args.token_interval_ms:g} ms/token. Command: `python -m bench.relay {' '.join(argv or sys.argv[1:])}`\n")
+          f"{args.token_interval_ms:g} ms/token. Load generator and fake LLM at nice {stack.apparatus_nice}, "
+          f"servers at 0. Command: `python -m bench.relay {' '.join(argv or sys.argv[1:])}`\n")
     if len(counts) > 1 or args.cpu_quota:
         print(capacity_table(sweep))
         print()

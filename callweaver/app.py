@@ -66,8 +66,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # The one CORS policy (callweaver/cors.py), which the worker's loader also answers with while the app loads.
     from .routes.common import BROWSERLESS_PATHS
     CORS(app, **settings.cors.flask_cors_options(BROWSERLESS_PATHS))
-    # simple-websocket closes a socket with 1009 (message too big) past this size; its reader is a SocketReader,
-    # and the handler waits for messages on a SocketEvent under gevent.
+    # simple-websocket closes a socket with 1009 (message too big) past this size; its reader loop is a SocketReader,
+    # which the relay's handler runs itself, and its event (SocketEvent under gevent) tells the handler of each
+    # message (routes/relay.RelaySocket).
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.relay_max_message_bytes,
                                          "thread_class": SocketReader, "event_class": socket_event_class()}
     sock.init_app(app)

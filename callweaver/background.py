@@ -46,45 +46,71 @@ def spawn(fn: Callable, *args: Any) -> Task:
 
 class SocketReader:
     """simple-websocket's `thread_class` (its documented option, via flask-sock's SOCK_SERVER_OPTIONS): each socket's
-    reader loop. Under gevent a bare greenlet: a `threading.Thread` adds its start-up handshake (an Event, locks, a
-    Greenlet, a name) to every live call, ~3.5 KiB of Python objects while the call is idle
-    (bench/idle_call_memory.py); the reader needs none of it (nobody joins it; it ends when its socket closes).
-    A daemon thread otherwise (tests, CLI)."""
+    reader loop (it reads frames, buffers the messages and sets the socket's event for each).
 
-    __slots__ = ("target", "name")
+    Under gevent the loop gets no greenlet of its own when the socket's handler runs it: start() only schedules it
+    for the hub's next turn, and the handler, which lives as long as the socket anyway (gunicorn's request
+    greenlet), takes it over first with run_here_or_wait() (routes/relay.py). An idle call then holds one greenlet
+    instead of two: a greenlet's frame-stack page (4 KiB), its saved C stack (~2.5 KiB) and the greenlet itself
+    (docs/performance-history.md, "Issue 12x"). A socket whose handler does not take it over is read by a greenlet
+    of its own, as before; without gevent (tests, CLI) by a daemon thread, started at once."""
+
+    __slots__ = ("target", "name", "_runner")
 
     def __init__(self, target: Callable[[], None]) -> None:
         self.target = target
         self.name = "websocket-reader"  # simple-websocket renames it
+        self._runner: Any = None  # None until started; then _TAKEN_OVER, or the greenlet or thread running it
 
     def start(self) -> None:
         from gevent import monkey
         if monkey.is_module_patched("threading"):
             import gevent
-            gevent.spawn_raw(self._run)
+            self._runner = _SCHEDULED
+            gevent.get_hub().loop.run_callback(self._start_unless_taken_over)
         else:
-            threading.Thread(target=self._run, name=self.name, daemon=True).start()
+            self._runner = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._runner.start()
+
+    def run_here_or_wait(self) -> None:
+        """Run the loop in the calling greenlet unless it already runs elsewhere; return once the socket has
+        closed either way."""
+        if self._runner is _SCHEDULED:
+            self._runner = _TAKEN_OVER
+            self._run()
+        elif self._runner is not None and self._runner is not _TAKEN_OVER:
+            self._runner.join()
+
+    def _start_unless_taken_over(self) -> None:
+        if self._runner is _SCHEDULED:
+            import gevent
+            self._runner = gevent.spawn(self._run)
 
     def _run(self) -> None:
         try:
             self.target()
-        except Exception:  # a bare greenlet's error would reach the hub; a thread's would only be printed
+        except Exception:  # a greenlet's error would only reach the hub; a thread's would only be printed
             import structlog
             structlog.get_logger().exception("websocket_reader_failed")
 
 
-class SocketEvent:
-    """simple-websocket's `event_class` under gevent (its documented option, via SOCK_SERVER_OPTIONS): how the
-    socket's handler waits for the next message (its reader sets it). gevent's Event waits through its link
-    machinery and a Timeout object, several C frames deep; every idle call's request greenlet keeps that C stack
-    saved while it waits (bench/idle_call_memory.py). This waits on one gevent Waiter and a timer, the documented
-    low-level pair. One waiter at a time: simple-websocket's receive(), called by the socket's handler only."""
+_SCHEDULED, _TAKEN_OVER = object(), object()
 
-    __slots__ = ("_flag", "_waiter")  # one per live call
+
+class SocketEvent:
+    """simple-websocket's `event_class` under gevent (its documented option, via SOCK_SERVER_OPTIONS): set by the
+    socket's reader loop for each message it buffers. `on_set`, when given, is called on every set() (the relay
+    handles messages as they arrive: routes/relay.py); wait() is for simple-websocket's receive(). gevent's Event
+    waits through its link machinery and a Timeout object, several C frames deep, which a waiting greenlet keeps
+    saved; this waits on one gevent Waiter and a timer, the documented low-level pair. One waiter at a time:
+    simple-websocket's receive(), called by the socket's handler only."""
+
+    __slots__ = ("_flag", "_waiter", "on_set")  # one per live call
 
     def __init__(self) -> None:
         self._flag = False
         self._waiter = None
+        self.on_set: Callable[[], None] | None = None
 
     def is_set(self) -> bool:
         return self._flag
@@ -95,6 +121,8 @@ class SocketEvent:
         if waiter is not None:  # woken from the hub, as a Waiter must be (the reader is another greenlet)
             import gevent
             gevent.get_hub().loop.run_callback(waiter.switch, True)
+        if self.on_set is not None:
+            self.on_set()
 
     def clear(self) -> None:
         self._flag = False
@@ -123,10 +151,45 @@ class SocketEvent:
                 timer.close()
 
 
+class ThreadSocketEvent(threading.Event):
+    """The standard threading.Event with SocketEvent's `on_set` (without gevent: tests, CLI)."""
+
+    on_set: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        super().set()
+        if self.on_set is not None:
+            self.on_set()
+
+
 def socket_event_class() -> type:
-    """SocketEvent once gevent has patched threading (production), else the standard threading.Event."""
+    """SocketEvent once gevent has patched threading (production), else ThreadSocketEvent."""
     from gevent import monkey
-    return SocketEvent if monkey.is_module_patched("threading") else threading.Event
+    return SocketEvent if monkey.is_module_patched("threading") else ThreadSocketEvent
+
+
+class Alarm:
+    """`fn()` once, `seconds` from now, unless cancelled first. `fn` must not block: under gevent it runs in the
+    hub (a loop timer, nothing else per waiting call); otherwise in a timer thread."""
+
+    __slots__ = ("_timer",)
+
+    def __init__(self, seconds: float, fn: Callable[[], None]) -> None:
+        from gevent import monkey
+        if monkey.is_module_patched("threading"):
+            import gevent
+            self._timer = gevent.get_hub().loop.timer(max(0.0, seconds))
+            self._timer.start(fn)
+        else:
+            self._timer = threading.Timer(max(0.0, seconds), fn)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if isinstance(self._timer, threading.Timer):
+            self._timer.cancel()
+        else:
+            self._timer.close()
 
 
 class OsThreadWork:

@@ -3,6 +3,7 @@
 It knows no HTTP: refusals are CallRequestError / NotConfigured, which errors.py turns into responses."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import time
@@ -228,10 +229,11 @@ class CallLifecycle:
                                    remove=["llm"])
             self.store.update_call(tracking_id, status="failed", ended_at=time.time(), credentials=None)
             raise
-        updated = self.store.update_call(tracking_id, call_sid=placed.sid, status=placed.status or "queued")
+        status = placed.status or "queued"
+        self.store.record_placed(tracking_id, placed.sid, status)  # writes, reads nothing back
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
                  language=language.code, nodes=len(workflow.nodes))
-        return StartedCall(record=updated or call, placed=placed)
+        return StartedCall(record=dataclasses.replace(call, call_sid=placed.sid, status=status), placed=placed)
 
     def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
         if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():

@@ -45,11 +45,22 @@ def websocket_url(base: str, path: str) -> str:
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}{path}"
 
 
+class SignedForm(dict):
+    """A multi-valued form (name → list of values) in the shape the SDK's RequestValidator reads first
+    (`RequestValidator.get_values` asks for `getall`, then `getlist`): werkzeug's forms have only `getlist`, so the
+    SDK raised and caught an AttributeError per field per HMAC, two HMACs per check (a 7-field webhook's check
+    46–54 → 27–33 µs; docs/performance-history.md, "Issue 12w"). The values the SDK signs are the same."""
+
+    getall = dict.__getitem__
+
+
 def signature_is_valid(auth_token: str, url: str, params: Mapping | str | None, signature: str | None,
                        settings_header: str | None = None) -> bool:
     """Check X-Twilio-Signature with the SDK; for WebSocket upgrades also try the https/wss twin."""
     if not signature or not auth_token:
         return False
+    if hasattr(params, "getlist"):  # a werkzeug form
+        params = SignedForm((name, params.getlist(name)) for name in params)  # type: ignore[union-attr]
     validator = RequestValidator(auth_token)
     algorithm = get_signature_algorithm(settings_header)
     candidates = [url]

@@ -153,9 +153,14 @@ def test_a_second_waiter_on_a_socket_event_is_refused_not_left_hanging():
     assert first.get(timeout=5) is True
 
 
-def test_the_socket_event_is_the_standard_one_without_gevent():
+def test_the_socket_event_is_the_standard_one_without_gevent_and_tells_its_listener():
     from callweaver.background import socket_event_class
-    assert socket_event_class() is threading.Event  # tests and CLI run unpatched
+    event_class = socket_event_class()
+    assert issubclass(event_class, threading.Event)  # tests and CLI run unpatched
+    event, told = event_class(), []
+    event.on_set = lambda: told.append(event.is_set())
+    event.set()
+    assert told == [True] and event.wait(timeout=0)
 
 
 def test_an_idle_relay_session_holds_no_per_turn_machinery():
@@ -164,3 +169,62 @@ def test_an_idle_relay_session_holds_no_per_turn_machinery():
     session = RelaySession(_Engine(), SimpleNamespace(send_json=lambda *messages: None), spawn=spawn)
     assert not hasattr(session, "__dict__")
     assert (session._fell_silent_event, session._reply_stopped_event, session._speech_cadence) == (None, None, None)
+
+
+GEVENT_SOCKET_READER_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import time
+import gevent
+from greenlet import getcurrent
+from callweaver.background import Alarm, SocketReader
+
+ran_in = []
+reader = SocketReader(lambda: ran_in.append(getcurrent()))
+reader.start()  # as simple-websocket does while the handler builds its Server
+reader.run_here_or_wait()  # the handler takes the loop over before the hub's next turn
+gevent.sleep(0.01)
+assert ran_in == [getcurrent()], ran_in  # ran here, once: no greenlet of its own
+
+ended = []
+unclaimed = SocketReader(lambda: (gevent.sleep(0.05), ended.append(getcurrent())))
+unclaimed.start()
+gevent.sleep(0)  # the hub's turn passes first: the loop starts in a greenlet of its own
+unclaimed.run_here_or_wait()  # and the handler waits until it ends
+assert len(ended) == 1 and ended[0] is not getcurrent()
+
+fired = []
+Alarm(0.01, lambda: fired.append(1))
+Alarm(0.01, lambda: fired.append(2)).cancel()
+gevent.sleep(0.1)
+assert fired == [1], fired
+print("ok")
+"""
+
+
+def test_under_gevent_the_socket_reader_runs_in_the_handler_that_takes_it_over():
+    """An idle relay socket holds one greenlet: its handler runs simple-websocket's reader loop itself
+    (routes/relay.RelaySocket). A reader nobody takes over within the hub's turn gets a greenlet of its own, and
+    run_here_or_wait then waits for it. gevent's patching is process-wide, hence the subprocess."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", GEVENT_SOCKET_READER_SCRIPT], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_without_gevent_the_socket_reader_is_a_thread_the_handler_waits_for_and_alarms_fire_once():
+    from callweaver.background import Alarm, SocketReader
+    ran_in = []
+    reader = SocketReader(lambda: (time.sleep(0.05), ran_in.append(threading.current_thread())))
+    reader.start()
+    reader.run_here_or_wait()
+    assert len(ran_in) == 1 and ran_in[0] is not threading.current_thread()
+    fired = threading.Event()
+    cancelled = []
+    Alarm(0.01, fired.set)
+    Alarm(0.01, lambda: cancelled.append(1)).cancel()
+    assert fired.wait(5)
+    time.sleep(0.05)
+    assert cancelled == []

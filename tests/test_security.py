@@ -384,6 +384,47 @@ def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrub
     assert line == {"event": scrubbed, "twilioAuthToken": "[REDACTED]", "apiKey": "", "node": "n1"}
 
 
+def test_the_cheap_look_before_the_redaction_patterns_never_skips_a_value_they_would_change():
+    """_scrub_text runs the secret-value patterns only on strings its first look flags (for ASCII text, the text
+    lower-cased against plain words): on 4000 strings built from the patterns' own pieces, in every case, ASCII or
+    not, it gives what running every pattern on every string gives."""
+    import random
+
+    from callweaver.logging import _SECRET_VALUE_PATTERNS, _scrub_text
+
+    pieces = ["sk-", "SK-", "Sk-abcdefgh1234", "0123456789abcdef" * 2, "0123456789ABCDEF" * 2, "CA", "AC", "Token",
+              "KEY", "api-key", "Api-Key:", "AUTHORIZATION", "authorization=", "Authorization: Bearer x", "?", "&",
+              "=", ":", "trackingId", "call_17960_2c57", "secret", "PassWord", "signaTure", "Credential", " ", "x",
+              "_", "-", "/", "\"", "\u017fecret", "\u212aey", "s\u0131gnature", "\u0130", "\u00e9", "\u2028"]
+    rng = random.Random(12)
+    for _ in range(4000):
+        value = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 7)))
+        expected = value
+        for pattern, replacement, _needed in _SECRET_VALUE_PATTERNS:
+            expected = pattern.sub(replacement, expected)
+        assert _scrub_text(value) == expected, value
+
+
+def test_a_webhook_form_is_signed_and_checked_as_the_sdk_checks_werkzeugs_form():
+    """signature_is_valid hands the SDK the form as a SignedForm; on forms with repeated, empty and non-ASCII fields
+    it accepts exactly the signatures the SDK's own check of werkzeug's form accepts."""
+    from twilio.request_validator import RequestValidator
+    from werkzeug.datastructures import ImmutableMultiDict
+
+    from callweaver.security import signature_is_valid
+
+    token, url = "f" * 32, "https://cw.test/api/call-status-optimized?trackingId=t1"
+    forms = [ImmutableMultiDict([("CallSid", "CA" + "1" * 32), ("CallStatus", "ringing")]),
+             ImmutableMultiDict([("B", "y"), ("A", "1"), ("B", "x"), ("B", "x"), ("C", ""), ("語", "值")]),
+             ImmutableMultiDict()]
+    for form in forms:
+        signed = RequestValidator(token).compute_signature(url, form)
+        for signature in (signed, signed[:-2] + "A=", RequestValidator(token).compute_signature(url, {})):
+            assert signature_is_valid(token, url, form, signature) == RequestValidator(token).validate(
+                url, form, signature), (form, signature)
+        assert signature_is_valid(token, url, form, signed)
+
+
 def _access_lines(logger_class, access_log_format: str, requests) -> list[str]:
     """The access lines a gunicorn logger of `logger_class` writes for (response, request, environ) triples."""
     import datetime
@@ -555,3 +596,16 @@ def test_a_window_read_while_another_worker_sweeps_it_is_one_snapshot(tmp_path, 
     reader._connection().set_trace_callback(sweep_while_reading)
     at, count = reader.get_moving_window("k", 5, 60)
     assert swept == [True] and count in (0, 5)
+
+
+@pytest.mark.parametrize("text", [
+    "CA11491ec7a71171e6093d09b488b45e22", "0123456789abcdef0123456789abcdef", "call_1796060057001_4f352013",
+    "https://x.test/hook?a=1&twilioAuthToken=abc123&b=2", "api_key=sk-abcdefghijkl", "Authorization: Bearer x",
+    "key=value", "plain words", "sk-abcdefgh12345 and token=zzz", "?signature=abc", "=",
+])
+def test_each_secret_pattern_is_skipped_only_when_it_cannot_match(text):
+    from callweaver.logging import _SECRET_VALUE_PATTERNS, _scrub_text
+    unconditional = text
+    for pattern, replacement, _needed in _SECRET_VALUE_PATTERNS:
+        unconditional = pattern.sub(replacement, unconditional)
+    assert _scrub_text(text) == unconditional

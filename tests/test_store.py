@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -104,6 +105,47 @@ def test_creating_an_existing_tracking_id_raises_store_error_and_keeps_the_first
     with pytest.raises(StoreError):
         store.create_call(make_record(greeting="second"))
     assert store.get_call("call_1").greeting == "first"
+
+
+def test_a_placed_call_is_stored_as_update_call_would_store_it(store_spec):
+    """make-call's last write (record_placed) leaves the same record, SID look-up and call-log columns as
+    update_call(call_sid=..., status=...), and keeps what others wrote meanwhile."""
+    sid = "CA" + "7" * 32
+    stores = [build_store(**store_spec), build_store(**{**store_spec, "db_path": store_spec["db_path"] + "-2",
+                                                          **({"key_prefix": store_spec["key_prefix"] + "2:"}
+                                                             if "key_prefix" in store_spec else {})})]
+    try:
+        for each in stores:
+            each.create_call(make_record(to="+15551234567", meta={"homeLanguage": "en-US"}, created_at=1000.0))
+            each.update_meta("call_1", {"error": "kept"})
+        assert stores[0].record_placed("call_1", sid, "ringing") is True
+        stores[1].update_call("call_1", call_sid=sid, status="ringing")
+        placed, updated = (each.get_call("call_1") for each in stores)
+        assert placed.updated_at > 1000.0 and updated.updated_at > 1000.0
+        assert dataclasses.replace(placed, updated_at=0.0) == dataclasses.replace(updated, updated_at=0.0)
+        assert placed.call_sid == sid and placed.status == "ringing" and placed.meta["error"] == "kept"
+        assert [each.find_tracking_id(sid) for each in stores] == ["call_1", "call_1"]
+        assert [[r.status for r in each.call_page(10, status="ringing")[0]] for each in stores] == [["ringing"]] * 2
+        assert stores[0].record_placed("nope", sid, "ringing") is False and stores[0].get_call("nope") is None
+    finally:
+        for each in stores:
+            each.close()
+
+
+def test_a_status_callback_that_lands_before_make_calls_last_write_keeps_its_status(store):
+    """Twilio can call the status callback (initiated, ringing, even a quick failure) before its REST answer
+    reaches make-call: the answer's status ("queued") is older than any callback's and must not overwrite it.
+    The CallSid is still recorded."""
+    sid = "CA" + "8" * 32
+    store.create_call(make_record(status="initiating", created_at=1000.0))
+    assert store.append_status("call_1", "ringing", 1, {"CallStatus": "ringing"})
+
+    assert store.record_placed("call_1", sid, "queued") is True
+
+    record = store.get_call("call_1")
+    assert record.status == "ringing" and record.call_sid == sid
+    assert store.find_tracking_id(sid) == "call_1"
+    assert [r.tracking_id for r in store.call_page(10, status="ringing")[0]] == ["call_1"]
 
 
 def test_update_writes_only_named_fields_and_bumps_updated_at(store):

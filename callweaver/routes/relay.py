@@ -8,13 +8,17 @@ Socket-level rules (the session never sees a socket that breaks them):
 """
 from __future__ import annotations
 
+import contextvars
+import socket
 import threading
 import time
 import uuid
 
 import structlog
 from flask import Blueprint, g, request
+from simple_websocket import ConnectionClosed
 
+from ..background import Alarm, SocketReader
 from ..engine import relay_protocol
 from ..errors import ApiError
 from ..engine.relay_session import RelaySession
@@ -28,6 +32,7 @@ from .common import RELAY_PATH, base_url, forbidden, verify_twilio
 bp = Blueprint("relay", __name__)
 log = structlog.get_logger()
 CLOSE_POLICY_VIOLATION = 1008
+LINGER_S = 1.0  # a socket's task waits this long for the next message before it ends (RelaySocket._work)
 
 
 class LockedSender:
@@ -152,37 +157,161 @@ def check_setup(message: relay_protocol.Inbound | None, signed_tracking_id: str)
 @sock.route(RELAY_PATH, bp=bp)
 def conversation_relay(ws):
     svc = services()
-    claim: RelayClaim = g.relay_claim
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
                            text_hold_s=svc.settings.relay_text_hold_ms / 1000)
-    setup_deadline: float | None = time.monotonic() + svc.settings.relay_setup_timeout_s
     try:
-        while True:
-            wait = claim.seconds_to_renewal()
-            if setup_deadline is not None:
-                wait = min(wait, max(0.0, setup_deadline - time.monotonic()))
-            raw = ws.receive(timeout=wait)
-            if raw is not None:
-                message = relay_protocol.parse(raw)
-                is_setup, problem = check_setup(message, claim.tracking_id)
-                if problem is not None:
-                    _close(ws, "relay_setup_refused", problem)
-                    break
-                if is_setup:
-                    setup_deadline = None
-                if message is not None:
-                    session.handle_message(message)
-                if is_setup:
-                    svc.heap_trimmer.call_set_up()  # the last step of a call's set-up
-                raw = message = None  # not kept while the call waits for its next message
-            elif setup_deadline is not None and time.monotonic() >= setup_deadline:
-                _close(ws, "relay_setup_timeout", "setup not received in time")
-                break
-            if not claim.renew_if_due():
-                _close(ws, "relay_socket_replaced", "another socket took over this call")
-                break
+        RelaySocket(ws, session, g.relay_claim, svc.settings.relay_setup_timeout_s, svc.heap_trimmer).serve()
     finally:
         session.close()
+
+
+class RelaySocket:
+    """One live relay socket. Its handler (gunicorn's request greenlet, which lives as long as the socket anyway)
+    runs simple-websocket's reader loop itself (`SocketReader.run_here_or_wait`); what that loop buffers, the
+    claim's renewal and the setup deadline are handled by a task started when one of them is due (the socket's
+    event calls `wake`, an `Alarm` the deadlines) and ended when nothing is: an idle call holds one greenlet, not two
+    (docs/performance-history.md, "Issue 12x"). One such task at a time, so messages are handled in order, all in
+    one context: the call's log bindings made at `setup` hold for its later messages."""
+
+    __slots__ = ("ws", "session", "claim", "setup_deadline", "trimmer", "context", "lock", "worker", "nudge", "due",
+                 "alarm", "ended", "reader_done", "set_up_now")  # one per live call
+
+    def __init__(self, ws, session: RelaySession, claim: RelayClaim, setup_timeout_s: float, trimmer) -> None:
+        self.ws, self.session, self.claim, self.trimmer = ws, session, claim, trimmer
+        self.setup_deadline: float | None = time.monotonic() + setup_timeout_s
+        self.context = contextvars.copy_context()
+        self.lock = threading.Lock()  # a gevent lock under gevent, never held across a switch
+        self.worker = None  # the task handling what is due, while it runs
+        self.nudge = None  # that task's wake-up while it waits for more
+        self.due = False
+        self.alarm: Alarm | None = None
+        self.ended = False  # closed by us
+        self.reader_done = False  # the reader loop has returned: the socket is closed
+        self.set_up_now = False  # `setup` handled by the running task
+
+    def serve(self) -> None:
+        """Until the socket has closed and what it delivered has been handled. The reader and the event are the
+        ones app.py's SOCK_SERVER_OPTIONS gave simple-websocket (its `thread` and `event`)."""
+        reader = self.ws.thread
+        if not isinstance(reader, SocketReader):
+            raise TypeError("the relay socket's reader must be a SocketReader (app.py SOCK_SERVER_OPTIONS)")
+        self.ws.event.on_set = self.wake
+        self._set_alarm()
+        try:
+            reader.run_here_or_wait()
+        finally:
+            self.ws.event.on_set = None
+            if self.alarm is not None:
+                self.alarm.cancel()
+        self.reader_done = True
+        self.wake()  # whatever the loop buffered last
+        worker = self.worker
+        if worker is not None:
+            worker.join()
+        if self.alarm is not None:  # set again by a task that ran meanwhile
+            self.alarm.cancel()
+
+    def wake(self) -> None:
+        """Something may be due (a message buffered, a deadline passed): start the task unless it runs. Never
+        blocks (the alarm calls it from gevent's hub)."""
+        with self.lock:
+            self.due = True
+            if self.worker is None:
+                self.worker = spawn(self._work)
+            elif self.nudge is not None:
+                self.nudge.set()
+
+    def _work(self) -> None:
+        """What is due; then up to LINGER_S for more, so a turn's frames (the prompt, Twilio's `info` frames) share
+        one task rather than paying for a new greenlet each. Not after `setup` (the caller speaks first, and the heap
+        is trimmed once this task ends) nor after a wake with no message (the claim's renewal every few seconds would
+        otherwise keep a task alive for a share of every idle call's life)."""
+        nudge = threading.Event()  # gevent's Event under gevent
+        talking = False  # the last batch had a message other than `setup`: wait for more
+        try:
+            while True:
+                if self._take_due(nudge):
+                    talking = self.context.run(self._handle_due)
+                elif (not talking or self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
+                    break
+        except BaseException:
+            with self.lock:
+                self.worker = self.nudge = None
+            raise
+        if self.set_up_now:
+            # The last step of a call's set-up: the task that handled `setup` has ended, so what it held (its
+            # saved C stack, its frames) is free before the heap is trimmed.
+            self.set_up_now = False
+            self.trimmer.call_set_up()
+
+    def _take_due(self, nudge) -> bool:
+        with self.lock:
+            due, self.due = self.due, False
+            if not due:
+                nudge.clear()
+                self.nudge = nudge  # the next wake sets it
+            return due
+
+    def _stop_unless_due(self) -> bool:
+        with self.lock:
+            if self.due:
+                return False
+            self.worker = self.nudge = None
+            return True
+
+    def _handle_due(self) -> bool:
+        """Every buffered message in order, then the deadlines (what the handler's loop did after each wait).
+        Whether a message other than `setup` was among them."""
+        ws, claim = self.ws, self.claim
+        talking = False
+        while not self.ended:
+            try:
+                raw = ws.receive(timeout=0)
+            except ConnectionClosed:
+                return False  # the reader loop has ended; serve() returns
+            if raw is None:
+                break
+            message = relay_protocol.parse(raw)
+            is_setup, problem = check_setup(message, claim.tracking_id)
+            if problem is not None:
+                self._end("relay_setup_refused", problem)
+                return False
+            if is_setup:
+                self.setup_deadline = None
+            if message is not None:
+                self.session.handle_message(message)
+            if is_setup:
+                self.set_up_now = True
+            talking = not is_setup
+        if self.ended or not ws.connected:
+            return False
+        if self.setup_deadline is not None and time.monotonic() >= self.setup_deadline:
+            self._end("relay_setup_timeout", "setup not received in time")
+        elif not claim.renew_if_due():
+            self._end("relay_socket_replaced", "another socket took over this call")
+        else:
+            self._set_alarm()
+        return talking
+
+    def _set_alarm(self) -> None:
+        if not self.ws.connected:
+            return
+        wait = self.claim.seconds_to_renewal()
+        if self.setup_deadline is not None:
+            wait = min(wait, self.setup_deadline - time.monotonic())
+        if self.alarm is not None:
+            self.alarm.cancel()
+        self.alarm = Alarm(wait, self.wake)
+
+    def _end(self, event: str, reason: str) -> None:
+        """Close with 1008, and end the reader loop (blocked reading in the handler) as gunicorn closing the
+        connection after the handler returned did."""
+        self.ended = True
+        _close(self.ws, event, reason)
+        try:
+            self.ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the peer closed it already
+            pass
 
 
 def _close(ws, event: str, reason: str) -> None:

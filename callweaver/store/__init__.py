@@ -200,6 +200,13 @@ class Store(Protocol):
         """Write only the named fields, atomically; returns the new record or None if unknown."""
         ...
 
+    def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
+        """Twilio accepted the call: store its CallSid and status (as update_call would) in one write that reads
+        nothing back, make-call's last write. The status only while no status callback has been recorded (Twilio
+        may call back before its REST answer arrives; the callback's status is newer). False (nothing written)
+        when the call is unknown."""
+        ...
+
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
         """Merge into the call's `meta` in ONE atomic write (see merge_meta): set `changes`, delete `remove`, add

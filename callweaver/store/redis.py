@@ -82,6 +82,19 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: call, sid index. ARGV: tracking id, call_sid JSON, status JSON, updated_at JSON.
+# make-call's last write: the CallSid always; the REST answer's status only while no status callback has landed
+# (Twilio may call back before its answer arrives, and a callback's status is the newer one).
+_RECORD_PLACED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'call_sid', ARGV[2], 'updated_at', ARGV[4])
+if (tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1) < 0 then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3])
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
 # KEYS: calls:created. ARGV: key prefix, start, count, then field/JSON value pairs to match.
 # One chunk of the created-at index, newest first, filtered inside Redis: returns {index size, matching ids...}.
 _FILTER_CALLS = """
@@ -237,6 +250,7 @@ class RedisStore:
                 self._scripts = {
                     "create_call": client.register_script(_CREATE_CALL),
                     "update_call": client.register_script(_UPDATE_CALL),
+                    "record_placed": client.register_script(_RECORD_PLACED),
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
                     "commit_turn": client.register_script(_COMMIT_TURN),
@@ -357,6 +371,11 @@ class RedisStore:
             ],
         )
         return self._record_from_hash(reply) if reply else None
+
+    def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
+        reply = self._script("record_placed", [self._key("call", tracking_id), self._key("sid", call_sid)],
+                             [tracking_id, _dumps(call_sid), _dumps(status), _dumps(time.time())])
+        return bool(reply)
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:

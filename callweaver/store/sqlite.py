@@ -318,6 +318,25 @@ class SQLiteStore:
                 _count_call_ended(conn, data.get("status"))
         return self._record(data)
 
+    def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
+        # One UPDATE, its own transaction (autocommit): only the two columns and three JSON keys that change are
+        # written, so SQLite rewrites neither the record's JSON through Python nor the indexes of unchanged columns
+        # (update_call: 110 µs, this: 50 µs; docs/performance-history.md, "Issue 12w").
+        # A status callback that landed first (Twilio may call it before its REST answer arrives) is newer than
+        # the answer's status: its status stays; only the CallSid is recorded then.
+        now = _dumps(time.time())
+        with self._connection() as conn:
+            changed = conn.execute(
+                "UPDATE cw_calls SET call_sid = ?,"
+                " status = CASE WHEN COALESCE(json_extract(data, '$.status_sequence'), -1) < 0 THEN ? ELSE status END,"
+                " data = CASE WHEN COALESCE(json_extract(data, '$.status_sequence'), -1) < 0"
+                " THEN json_set(data, '$.call_sid', ?, '$.status', ?, '$.updated_at', json(?))"
+                " ELSE json_set(data, '$.call_sid', ?, '$.updated_at', json(?)) END"
+                " WHERE tracking_id = ?",
+                (call_sid, status, call_sid, status, now, call_sid, now, tracking_id),
+            ).rowcount
+        return changed > 0
+
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
         check_meta_keys(changes, remove, add)
