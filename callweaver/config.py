@@ -129,7 +129,7 @@ class Settings:
     relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
     relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
     relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
-    relay_text_hold_ms: float = 80.0         # after a reply's first clause, its tokens go out one frame per clause
+    relay_text_hold_ms: float = 80.0         # after a reply's first token, its tokens go out one frame per clause
     log_level: str = "INFO"
     log_format: str = "json"
     # Observability

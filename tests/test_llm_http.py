@@ -232,14 +232,15 @@ sys.exit(pytest.main(sys.argv[1:]))
 
 def test_deadlines_pooling_and_cancellation_hold_under_gevent():
     """A gunicorn gevent worker bounds reads with one event-loop timer per exchange, not a socket timeout per read:
-    this module's exchange tests and the provider chain's deadline, failover, cancellation and continuation tests
+    this module's exchange tests, the provider chain's deadline, failover, cancellation and continuation tests and
+    the proxy/TLS tests (a read waits for readability first, except while the SSL object holds decrypted bytes)
     run again in a gevent-patched interpreter (the SDK-configuration test is left out: it needs no sockets)."""
     import subprocess
     import sys
 
     finished = subprocess.run(
         [sys.executable, "-c", GEVENT_RUN, "-q", "-p", "no:cacheprovider", "-p", "no:anyio",
-         "tests/test_llm_http.py", "tests/test_providers.py",
+         "tests/test_llm_http.py", "tests/test_providers.py", "tests/test_llm_proxy.py",
          "-k", "not sdk_clients_public_configuration and not under_gevent"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-2000:]

@@ -1,5 +1,5 @@
-"""A reply's `text` frames: one per token until its first clause ends, then one per clause, and once the caller has
-speech queued, the stream read in batches (RELAY_TEXT_HOLD_MS).
+"""A reply's `text` frames: its first token at once, then one per clause (issue 12u: the first clause too), and once
+the caller has speech queued, the stream read in batches (RELAY_TEXT_HOLD_MS).
 
 The policy itself (engine/reply_text.py) with explicit times, then a RelaySession sending a scripted reply on a
 clock the test moves (a token with no gap was already buffered when read): what Twilio receives, in order, and
@@ -33,10 +33,11 @@ def frames_of(tokens_at: list[tuple[str, float]], hold_s: float = HOLD_S) -> lis
     return frames
 
 
-def test_tokens_before_the_first_clause_end_go_one_per_frame_then_one_frame_per_clause():
+def test_the_first_token_goes_at_once_then_one_frame_per_clause_the_first_clause_included():
     tokens = ["Thanks", " for", " calling,", " I", " can", " help", " with", " that.", " Let", " me", " check."]
     frames = frames_of([(token, i * 0.01) for i, token in enumerate(tokens)])  # faster than the hold
-    assert frames == ["Thanks", " for", " calling,", " I can help with that.", " Let me check."]
+    # " for" waits for its clause's end, which leaves the moment it is read: the first clause is complete no later.
+    assert frames == ["Thanks", " for calling,", " I can help with that.", " Let me check."]
     assert "".join(frames) == "".join(tokens)
 
 
@@ -202,10 +203,11 @@ def test_a_streamed_reply_reaches_twilio_token_by_token_then_clause_by_clause_an
     say(session)
     assert engine.done.wait(5)
     texts = [m for m in sent if m["type"] == "text"]
-    # " I" waits from +0.39 s; " help" arrives 90 ms later (past the 80 ms bound); " that." ends a sentence, and
-    # ~2 s of speech is queued: the next read comes after a pause and finds three tokens buffered (the comma does
-    # not split them); " now" waited for the network, so the batch goes with it; " please" ends the reply.
-    assert [m["token"] for m in texts] == ["Thanks", " for", " calling,", " I can certainly help", " with that.",
+    # "Thanks" goes at once; " for" waits for " calling," (its clause's end, sent the moment it is read); " I" waits
+    # from +0.39 s; " help" arrives 90 ms later (past the 80 ms bound); " that." ends a sentence, and ~2 s of
+    # speech is queued: the next read comes after a pause and finds three tokens buffered (the comma does not split
+    # them); " now" waited for the network, so the batch goes with it; " please" ends the reply.
+    assert [m["token"] for m in texts] == ["Thanks", " for calling,", " I can certainly help", " with that.",
                                            " Let me, check now", " please", ""]
     assert texts[-1] == {"type": "text", "token": "", "last": True}
     assert all(m["last"] is False for m in texts[:-1])
@@ -243,12 +245,13 @@ def test_held_words_go_out_before_the_recording_of_the_node_the_turn_entered():
                      ("text", "")]
 
 
-def test_a_reply_that_never_ends_a_clause_streams_token_by_token():
-    words = [(f" w{i}", 0.001) for i in range(12)]
+def test_a_reply_that_never_ends_a_clause_sends_its_first_token_at_once_then_a_frame_per_hold_period():
+    words = [(f" w{i}", 0.03) for i in range(12)]  # 30 ms apart: the fourth held token passes the 80 ms bound
     session, engine, sent = session_for(words)
     say(session)
     assert engine.done.wait(5)
-    assert [m["token"] for m in sent if m["type"] == "text"] == [token for token, _ in words] + [""]
+    assert [m["token"] for m in sent if m["type"] == "text"] == [" w0", " w1 w2 w3 w4", " w5 w6 w7 w8",
+                                                                 " w9 w10 w11", ""]
 
 
 def test_the_bound_is_on_the_session_clock_not_wall_time():

@@ -76,7 +76,7 @@ class RelaySession:
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
         self.engine = engine
-        self.text_hold_s = text_hold_s  # RELAY_TEXT_HOLD_MS: after a reply's first clause, tokens per clause (reply_text.py)
+        self.text_hold_s = text_hold_s  # RELAY_TEXT_HOLD_MS: after a reply's first token, tokens per clause (reply_text.py)
         self.sender = sender
         self.spawn = spawn
         self.clock = clock

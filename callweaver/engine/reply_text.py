@@ -1,23 +1,24 @@
-"""How a reply's text is cut into `text` frames, and when its stream is read: every token at once until the
-reply's first clause or sentence ends; then the following tokens coalesced into one frame per clause (or per
-`hold_s`); once the first sentence is out and the caller has plenty of speech queued, the stream is read in
-batches (one pause of up to `MAX_PAUSE_FACTOR` × `hold_s`, then pauses of `hold_s`) instead of waking for every
-token.
+"""How a reply's text is cut into `text` frames, and when its stream is read: the reply's first token at once; then
+the following tokens coalesced into one frame per clause (or per `hold_s`); once the first sentence is out and the
+caller has plenty of speech queued, the stream is read in batches (one pause of up to `MAX_PAUSE_FACTOR` × `hold_s`,
+then pauses of `hold_s`) instead of waking for every token.
 
 Why this does not change what the caller hears: the first audio is the critical path, and it starts with the
-reply's first clause, which goes out token by token exactly as before. Twilio synthesises speech per sentence
-(docs/twilio.md, "TTS latency is measured per sentence"), so a clause that is still incomplete cannot be spoken
-anyway: holding its words until the clause ends costs nothing, and a token that ends a clause or a sentence is
-never held — it leaves with the words before it the moment it is read. No clause of the first sentence is read
-late. After the first sentence, the LLM writes far faster than a voice speaks (~50 tokens/s against ~3 words/s):
-while the text already sent takes longer to speak than `PACE_LEAD_FACTOR` × `hold_s` beyond now (counted at a
-fast speaking rate, from when the first sentence was sent), reading the rest later by as much as still leaves
-`PACE_LEAD_FACTOR - 1` hold periods of it queued after the pause leaves no gap in the audio. Each frame saved is
-a socket write less, and each batch read is a wake-up of the worker less. The first pause is the long one: a
-typical reply's words after its first sentence arrive within a few hundred ms (tens of tokens at ~50 per s), so
-one pause of up to `MAX_PAUSE_FACTOR` × `hold_s` reads most or all of them in one wake-up. A stream that outlasts
-it is read `hold_s` apart from then on, so a reply's end that arrives just after a pause (its last words, the
-stream's closing events, then the frame with `last: true`) waits one short pause at most.
+reply's first sentence. The reply's first token goes out the moment it is read (the first-token latency Twilio sees
+does not move). Twilio synthesises speech per sentence (docs/twilio.md, "TTS latency is measured per sentence"), so
+a clause that is still incomplete cannot be spoken anyway: holding its words until the clause ends costs nothing,
+and a token that ends a clause or a sentence is never held — it leaves with the words before it the moment it is
+read. So the first sentence's end reaches Twilio exactly when it did with one frame per token (issue 12u), with
+fewer socket writes before it. After the first sentence, the LLM writes far faster than a voice speaks (~50
+tokens/s against ~3 words/s): while the text already sent takes longer to speak than `PACE_LEAD_FACTOR` ×
+`hold_s` beyond now (counted at a fast speaking rate, from when the first sentence was sent), reading the rest
+later by as much as still leaves `PACE_LEAD_FACTOR - 1` hold periods of it queued after the pause leaves no gap
+in the audio. Each frame saved is a socket write less, and each batch read is a wake-up of the worker less. The
+first pause is the long one: a typical reply's words after its first sentence arrive within a few hundred ms (tens
+of tokens at ~50 per s), so one pause of up to `MAX_PAUSE_FACTOR` × `hold_s` reads most or all of them in one
+wake-up. A stream that outlasts it is read `hold_s` apart from then on, so a reply's end that arrives just after a
+pause (its last words, the stream's closing events, then the frame with `last: true`) waits one short pause at
+most. The first sentence's tokens are still each read as they arrive: reading them later would read its end late.
 
 The frames' texts concatenated are byte for byte the tokens concatenated (spaces kept, nothing trimmed, nothing
 reordered). Held text is not sent until it is returned here: a barge-in or cancellation drops it, so what was
@@ -53,7 +54,7 @@ class ReplyText:
 
     def __init__(self, hold_s: float) -> None:
         self.hold_s = hold_s
-        self._coalescing = False  # set once the first clause or sentence has ended
+        self._coalescing = False  # set once the reply's first token is out (with hold_s > 0)
         self._held: list[str] = []
         self._held_since = 0.0
         self._speaking_from: float | None = None  # when the first sentence was sent: the earliest audio can play
@@ -68,8 +69,7 @@ class ReplyText:
         `waited`: reading this token waited for the network (False: it was already buffered, more may be)."""
         self._waited = waited
         if not self._coalescing:
-            if self.hold_s > 0 and CLAUSE_END.search(token):
-                self._coalescing = True
+            self._coalescing = self.hold_s > 0  # the first token at once; later ones wait for their clause's end
             return self._sent(token, now)
         if not self._held:
             self._held_since = now
