@@ -112,9 +112,19 @@ class TlsLLMStandIn(LoopbackServer):
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(self.cert_file, key_file)
         self.requests: list[str] = []
+        self.raw_connections: list[socket.socket] = []
         super().__init__()
 
+    def close_connections(self) -> None:
+        """As a server closing its idle keep-alive connections (a FIN on each)."""
+        for raw in self.raw_connections:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def handle(self, raw: socket.socket) -> None:
+        self.raw_connections.append(raw)
         try:
             with self.context.wrap_socket(raw, server_side=True) as conn:
                 while True:
@@ -233,3 +243,36 @@ def test_a_proxy_that_never_answers_the_connect_is_a_connect_failure_at_the_conn
     with pytest.raises(ConnectFailed):
         Exchange(pool).start(b"{}", time.monotonic() + 30, 0.3)
     silent.close()
+
+
+def test_a_second_turn_reuses_the_pooled_https_connection_without_a_failover(clean_env, tls_llm):
+    """The pool's check that an idle connection is still open must work on TLS sockets: a peek with MSG_PEEK
+    raises ValueError on an SSLSocket, which failed every turn that reused an HTTPS connection over to the next
+    provider (found by the 12u review)."""
+    clean_env.setenv("SSL_CERT_FILE", str(tls_llm.cert_file))
+    chain = ProviderChain([ProviderConfig("only", "openai", "sk-test", "gpt-4o-mini",
+                                          base_url=f"https://localhost:{tls_llm.port}/v1")],
+                          ChainSettings(first_token_timeout_s=5.0))
+    try:
+        for _ in range(3):
+            reply = chain.complete([{"role": "user", "content": "hi"}])
+            assert not reply.failovers, reply.failovers
+            assert reply.text == "Through the tunnel."
+    finally:
+        chain.close()
+    assert tls_llm.requests == ["POST /v1/chat/completions HTTP/1.1"] * 3
+    assert tls_llm.connections == 1  # the turns after the first reused the pooled connection
+
+
+def test_a_pooled_https_connection_the_server_closed_is_not_reused(clean_env, tls_llm):
+    clean_env.setenv("SSL_CERT_FILE", str(tls_llm.cert_file))
+    pool = ConnectionPool(Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {}))
+    sock, reused = pool.take(time.monotonic() + 5)
+    assert not reused
+    pool.give_back(sock)
+    tls_llm.close_connections()
+    time.sleep(0.2)  # the FIN reaches the idle socket
+    again, reused = pool.take(time.monotonic() + 5)
+    assert not reused and again is not sock
+    again.close()
+    pool.close()

@@ -22,6 +22,7 @@ deadlines and cross-thread cancellation would need a `gevent.Timeout` per read a
 from __future__ import annotations
 
 import base64
+import select
 import socket
 import ssl
 import time
@@ -229,7 +230,11 @@ def _open_tunnel(sock: socket.socket, connect_request: bytes, deadline: float) -
 
 
 def _still_open(sock: socket.socket) -> bool:
-    """A non-blocking peek: b"" (closed by the server) or stray bytes mean the socket cannot be reused."""
+    """A non-blocking look: b"" (closed by the server) or stray bytes mean the socket cannot be reused. A TLS
+    socket cannot be peeked (MSG_PEEK raises ValueError on it): decrypted bytes it already holds, or anything
+    readable on its connection (a close_notify, a FIN, stray bytes) mean the same there."""
+    if hasattr(sock, "pending"):  # ssl.SSLSocket, gevent's included
+        return not sock.pending() and not _readable_now(sock.fileno())
     try:
         sock.settimeout(0.0)
         return not sock.recv(1, socket.MSG_PEEK)
@@ -237,6 +242,15 @@ def _still_open(sock: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _readable_now(fd: int) -> bool:
+    """Whether `fd` has anything to read (or hung up), without waiting: the standard library's poll with timeout 0
+    (gevent's cooperative one is not needed for a look that never blocks)."""
+    from gevent import monkey
+    poller = monkey.get_original("select", "poll")()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _remaining(deadline: float, error: type[UpstreamError]) -> float:
