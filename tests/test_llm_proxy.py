@@ -4,7 +4,6 @@ NO_PROXY hosts directly. A proxy stand-in and a TLS LLM stand-in on 127.0.0.1 se
 from __future__ import annotations
 
 import base64
-import datetime
 import socket
 import ssl
 import threading
@@ -12,15 +11,12 @@ import time
 
 import openai
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange
 from callweaver.engine.providers import ChainSettings, ProviderChain
 from callweaver.engine.vendors import ProviderConfig
 from tests.fakes.loopback import LoopbackServer
+from tests.fakes.tls import localhost_tls
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                    "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
@@ -95,22 +91,7 @@ class TlsLLMStandIn(LoopbackServer):
     same short SSE stream."""
 
     def __init__(self, tmp_path) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .sign(key, hashes.SHA256()))
-        self.cert_file = tmp_path / "llm-cert.pem"
-        self.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file = tmp_path / "llm-key.pem"
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(self.cert_file, key_file)
+        self.cert_file, self.context = localhost_tls(tmp_path)
         self.requests: list[str] = []
         self.raw_connections: list[socket.socket] = []
         super().__init__()

@@ -63,6 +63,25 @@ def test_requests_share_one_kept_alive_connection(fake_twilio):
     assert len({r.client_port for r in fake_twilio.requests}) == 1
 
 
+def test_requests_over_https_share_one_kept_alive_connection(tmp_path, monkeypatch):
+    """Twilio's API is HTTPS: the pool's check that an idle TLS connection is still open must not raise. It peeked
+    with MSG_PEEK, which raises ValueError on an SSLSocket, so every Twilio request after a worker's first failed
+    (found by a review of the LLM client, which shares the pool)."""
+    from tests.fakes.fake_twilio import FakeTwilio
+    from tests.fakes.tls import localhost_tls
+
+    cert_file, server_tls = localhost_tls(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_file))  # trusted as requests would trust it
+    fake = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start(tls=server_tls)
+    try:
+        assert fake.url.startswith("https://")
+        _place_update_fetch(_client(fake.url, PooledTwilioHttpClient(timeout=10)))
+        assert len(fake.requests) == 3 and all(r.auth_ok for r in fake.requests)
+        assert len({r.client_port for r in fake.requests}) == 1  # one connection, kept alive
+    finally:
+        fake.stop()
+
+
 def test_twilio_errors_are_the_sdks_own_exceptions(fake_twilio):
     fake_twilio.error = TwilioError(status=400, code=21211, message="The 'To' number is not a valid phone number.")
     caught = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,9 +50,12 @@ class TwilioRestStandIn:
         self.error: TwilioError | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._tls = False
 
     @property
     def url(self) -> str:
+        if self._tls:
+            return f"https://localhost:{self._server.server_address[1]}"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def creates(self) -> list[TwilioRequest]:
@@ -60,7 +64,9 @@ class TwilioRestStandIn:
     def updates(self) -> list[TwilioRequest]:
         return [r for r in self.requests if r.method == "POST" and not r.path.endswith("/Calls.json")]
 
-    def start(self, port: int = 0) -> "TwilioRestStandIn":
+    def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> "TwilioRestStandIn":
+        """Serve on 127.0.0.1 (`port` 0: a free one); over HTTPS for `localhost` with `tls` (a server context), as
+        the real API is served."""
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -130,6 +136,9 @@ class TwilioRestStandIn:
 
         self._server = Server(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
+        if tls is not None:  # the standard library's way to serve http.server over TLS
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._tls = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
