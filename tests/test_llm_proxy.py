@@ -257,3 +257,15 @@ def test_a_pooled_https_connection_the_server_closed_is_not_reused(clean_env, tl
     assert not reused and again is not sock
     again.close()
     pool.close()
+
+
+def test_a_pooled_https_connection_closed_here_is_not_reused(clean_env, tls_llm):
+    clean_env.setenv("SSL_CERT_FILE", str(tls_llm.cert_file))
+    pool = ConnectionPool(Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {}))
+    sock, _ = pool.take(time.monotonic() + 5)
+    sock.close()
+    pool.give_back(sock)
+    again, reused = pool.take(time.monotonic() + 5)
+    assert not reused and again is not sock
+    again.close()
+    pool.close()

@@ -234,6 +234,8 @@ def _still_open(sock: socket.socket) -> bool:
     socket cannot be peeked (MSG_PEEK raises ValueError on it): decrypted bytes it already holds, or anything
     readable on its connection (a close_notify, a FIN, stray bytes) mean the same there."""
     if hasattr(sock, "pending"):  # ssl.SSLSocket, gevent's included
+        if sock.fileno() < 0:  # closed here already (poll would refuse the -1)
+            return False
         return not sock.pending() and not _readable_now(sock.fileno())
     try:
         sock.settimeout(0.0)
