@@ -233,7 +233,7 @@ def _still_open(sock: socket.socket) -> bool:
     """A non-blocking look: b"" (closed by the server) or stray bytes mean the socket cannot be reused. A TLS
     socket cannot be peeked (MSG_PEEK raises ValueError on it): decrypted bytes it already holds, or anything
     readable on its connection (a close_notify, a FIN, stray bytes) mean the same there."""
-    if hasattr(sock, "pending"):  # ssl.SSLSocket, gevent's included
+    if _is_tls(sock):
         if sock.fileno() < 0:  # closed here already (poll would refuse the -1)
             return False
         return not sock.pending() and not _readable_now(sock.fileno())
@@ -244,6 +244,11 @@ def _still_open(sock: socket.socket) -> bool:
         return True
     except OSError:
         return False
+
+
+def _is_tls(sock: socket.socket) -> bool:
+    """An ssl.SSLSocket, the standard library's or gevent's (both hold decrypted bytes: `pending()`)."""
+    return hasattr(sock, "pending")
 
 
 def _readable_now(fd: int) -> bool:
@@ -339,7 +344,7 @@ class ExchangeDeadline:
         if watcher is None or self._readable_on is not sock:
             self._close_readable()
             watcher = self._readable = self._loop.io(sock.fileno(), 1)
-            self._readable_on, self._tls = sock, isinstance(sock, ssl.SSLSocket)
+            self._readable_on, self._tls = sock, _is_tls(sock)
         if self._tls and sock.pending():
             return  # TLS: decrypted bytes are already waiting in the SSL object, not on the socket
         self._wait(watcher)
