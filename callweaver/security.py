@@ -60,7 +60,7 @@ def signature_is_valid(auth_token: str, url: str, params: Mapping | str | None, 
     if not signature or not auth_token:
         return False
     if hasattr(params, "getlist"):  # a werkzeug form
-        params = SignedForm((name, params.getlist(name)) for name in params)  # type: ignore[union-attr]
+        params = SignedForm(params.lists())  # type: ignore[union-attr]  # (name, every value), in order
     validator = RequestValidator(auth_token)
     algorithm = get_signature_algorithm(settings_header)
     candidates = [url]

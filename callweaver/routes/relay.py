@@ -239,18 +239,16 @@ class RelaySocket:
                     talking = self.context.run(self._handle_due)
                 elif (not talking or self.reader_done or not nudge.wait(LINGER_S)) and self._stop_unless_due():
                     break
-        except Exception:
-            # As an error in the handler's own loop did before: logged, and the socket closed (its reader loop then
-            # ends, and serve() returns) rather than a call left without its claim's renewals or setup deadline.
+        except BaseException as error:
             with self.lock:
                 self.worker = self.nudge = None
+            if not isinstance(error, Exception):
+                raise  # the task was killed (GreenletExit) or the process is stopping
+            # As an error in the handler's own loop did before: logged, and the socket closed (its reader loop then
+            # ends, and serve() returns) rather than a call left without its claim's renewals or setup deadline.
             self.context.run(log.exception, "relay_socket_task_failed")
             self._end("relay_socket_closed_after_failure", "internal error")
             return
-        except BaseException:
-            with self.lock:
-                self.worker = self.nudge = None
-            raise
         if self.set_up_now:
             # The last step of a call's set-up: the task that handled `setup` has ended, so what it held (its
             # saved C stack, its frames) is free before the heap is trimmed.
@@ -289,11 +287,10 @@ class RelaySocket:
             if problem is not None:
                 self._end("relay_setup_refused", problem)
                 return False
-            if is_setup:
-                self.setup_deadline = None
             if message is not None:
                 self.session.handle_message(message)
             if is_setup:
+                self.setup_deadline = None
                 self.set_up_now = True
             talking = not is_setup
         if self.ended or not ws.connected:
