@@ -144,6 +144,18 @@ def test_end_call_is_limited(env, fake_twilio):
     assert codes[2] == 429 and 429 not in codes[:2]
 
 
+def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
+    """Each poll asks Twilio's REST API with the server's credentials: unlimited, anyone could spend the account's
+    API concurrency (and its workers' time) on it. Its window is its own, so polling never stops a hang-up."""
+    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()
+    codes = [client.get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(3)]
+    assert codes[2] == 429 and 429 not in codes[:2]
+    assert "RATE_LIMIT_END_CALL" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
+    assert len([r for r in fake_twilio.requests if r.method == "GET"]) == 2
+    end = client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json")
+    assert end.status_code != 429
+
+
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
     app = create_app({**env, "RATE_LIMIT_MAKE_CALL": "1 per minute", "RATE_LIMIT_CHAT": "1 per minute",
                       "RATE_LIMIT_END_CALL": "1 per minute", "MAX_CALLS_PER_DAY": "1"})
