@@ -386,6 +386,11 @@ def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(e
     ("x " + "0123456789abcdef" * 2 + " y", "x [REDACTED] y"),
     ("/a?twilioAuthToken=zzz&b=1", "/a?twilioAuthToken=[REDACTED]&b=1"),
     ("API-KEY=foo", "[REDACTED]"),
+    # the credential after an auth scheme, not just the scheme's name
+    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED] sent"),
+    ("authorization=Basic QUMxMjM6c2VjcmV0", "[REDACTED]"),
+    ("{'Authorization': 'Bearer opsTokenValue12345'}", "{'[REDACTED]'}"),
+    ('{"authorization": "Bearer opsTokenValue12345", "x": 1}', '{"[REDACTED]", "x": 1}'),
     ("call_8f3a9c2b1d greeting 301.2", "call_8f3a9c2b1d greeting 301.2"),
 ])
 def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrubbed):
