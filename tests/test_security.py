@@ -381,6 +381,19 @@ def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(e
     create_app(env)  # back to JSON logs for the tests that follow
 
 
+def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env, capsys):
+    """Unsigned webhooks are not rate limited and each refusal is logged with the ids it named: a 400 KB CallSid
+    (or trackingId) was copied whole into that warning, so every forged request wrote as much log as it sent."""
+    client = create_app({**env, "LOG_LEVEL": "INFO"}).test_client()
+    capsys.readouterr()
+    resp = client.post("/api/call-status-optimized?trackingId=" + "t" * 3000,
+                       data={"CallSid": "CA" + "9" * 400_000, "CallStatus": "completed"})
+    assert resp.status_code == 403
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "twilio_signature_rejected" in line]
+    assert len(line) < 1000
+    assert '"call_sid": "CA999' in line and '"tracking_id": "ttt' in line  # still says what was named
+
+
 @pytest.mark.parametrize("value, scrubbed", [
     ("key sk-abcdefghijkl here", "key [REDACTED] here"),
     ("x " + "0123456789abcdef" * 2 + " y", "x [REDACTED] y"),
