@@ -381,6 +381,19 @@ def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(e
     create_app(env)  # back to JSON logs for the tests that follow
 
 
+def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
+    """A public figure over a window longer than a day is read from the store's rows on every request (~0.3–0.5 s of
+    a worker's CPU for 60 000 turns over 30 days): anyone could keep the workers busy with a GET. The web app asks
+    for no window; the operator's dashboard keeps its 30 days."""
+    for path in ("/api/performance-metrics", "/api/performance-comparison"):
+        refused = client.get(f"{path}?window={2 * 86400}")
+        assert refused.status_code == 400 and refused.get_json()["success"] is False, path
+        assert "86400" in refused.get_json()["error"]
+        assert client.get(f"{path}?window=86400").status_code == 200
+        assert client.get(path).status_code == 200
+    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
+
+
 def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env, capsys):
     """Unsigned webhooks are not rate limited and each refusal is logged with the ids it named: a 400 KB CallSid
     (or trackingId) was copied whole into that warning, so every forged request wrote as much log as it sent."""
