@@ -16,6 +16,7 @@ from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
+MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -74,6 +75,7 @@ class Settings:
     blocked_destination_prefixes: tuple[str, ...] = DEFAULT_BLOCKED_DESTINATION_PREFIXES
     record_calls: bool = False
     call_timeout_s: int = 30
+    max_call_duration_s: int = 3600
     # Abuse limits (the `limits` notation: "30 per minute", "10/second") and operator surfaces
     rate_limit_make_call: str = "30 per minute"
     rate_limit_chat: str = "60 per minute"
@@ -242,6 +244,11 @@ class Settings:
         if values["call_timeout_s"] > MAX_RING_TIMEOUT_S:
             problems.append(f"CALL_TIMEOUT_S must be <= {MAX_RING_TIMEOUT_S}, got {values['call_timeout_s']}")
             values["call_timeout_s"] = 30
+        values["max_call_duration_s"] = number("MAX_CALL_DURATION_S", 3600, int, 60)
+        if values["max_call_duration_s"] > MAX_CALL_DURATION_LIMIT_S:
+            problems.append(f"MAX_CALL_DURATION_S must be <= {MAX_CALL_DURATION_LIMIT_S}, "
+                            f"got {values['max_call_duration_s']}")
+            values["max_call_duration_s"] = 3600
 
         def rate(name: str, default: str) -> str:
             value = text(name, default) or default

@@ -81,6 +81,8 @@ def test_test_workflow_reports_flags_but_no_secrets(client):
     ({"BODY_READ_TIMEOUT_S": "nan"}, "BODY_READ_TIMEOUT_S"),
     ({"LLM_FIRST_TOKEN_TIMEOUT_S": "-inf"}, "LLM_FIRST_TOKEN_TIMEOUT_S"),
     ({"RELAY_SETUP_TIMEOUT_S": "inf"}, "RELAY_SETUP_TIMEOUT_S"),
+    ({"MAX_CALL_DURATION_S": "20000"}, "MAX_CALL_DURATION_S"),  # above Twilio's 4 hours
+    ({"MAX_CALL_DURATION_S": "10"}, "MAX_CALL_DURATION_S"),
 ])
 def test_bad_configuration_names_the_variable(env, needle):
     with pytest.raises(ConfigError) as err:
