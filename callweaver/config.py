@@ -154,6 +154,17 @@ class Settings:
         return self.node_env == "production" or self.on_render
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret value, for log redaction: the tokens and keys, and the password of any URL
+        setting that carries one (`redis://:password@host`, a gateway's `https://user:password@host`)."""
+        urls = (self.redis_url, self.cache_redis_url, self.call_report_url, self.openai_base_url,
+                self.azure_openai_endpoint, self.public_base_url, self.twilio_api_base_url,
+                self.otel_exporter_otlp_endpoint)
+        passwords = tuple(password for u in urls if u and (password := _url_password(u)))
+        return tuple(s for s in (self.twilio_auth_token, self.azure_openai_api_key, self.openai_api_key,
+                                 self.secret_key, self.ops_token, self.call_report_secret, *passwords) if s)
+
+    @property
     def signatures_enforced(self) -> bool:
         """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
@@ -365,3 +376,10 @@ class Settings:
             raise ConfigError(problems)
         values["warnings"] = tuple(warnings)
         return cls(**values)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlparse(url).password
+    except ValueError:  # not a URL we could read; from_env reports it
+        return None
