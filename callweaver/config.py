@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
+from .units import SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
@@ -325,6 +326,9 @@ class Settings:
         values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
+        if values["metrics_window_s"] > SECONDS_PER_DAY:  # the public default window: one a worker keeps
+            problems.append(f"METRICS_WINDOW_S must be <= {SECONDS_PER_DAY}, got {values['metrics_window_s']}")
+            values["metrics_window_s"] = 3600
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
         values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
         values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)

@@ -83,6 +83,7 @@ def test_test_workflow_reports_flags_but_no_secrets(client):
     ({"RELAY_SETUP_TIMEOUT_S": "inf"}, "RELAY_SETUP_TIMEOUT_S"),
     ({"MAX_CALL_DURATION_S": "20000"}, "MAX_CALL_DURATION_S"),  # above Twilio's 4 hours
     ({"MAX_CALL_DURATION_S": "10"}, "MAX_CALL_DURATION_S"),
+    ({"METRICS_WINDOW_S": "90000"}, "METRICS_WINDOW_S"),  # longer than a worker keeps: a store read per request
 ])
 def test_bad_configuration_names_the_variable(env, needle):
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 
 import pytest
 
@@ -392,6 +393,23 @@ def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
         assert client.get(f"{path}?window=86400").status_code == 200
         assert client.get(path).status_code == 200
     assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
+
+
+def test_repeated_public_metrics_requests_read_the_store_for_their_whole_window_once(app, client, monkeypatch):
+    """The longest public window, and /api/health-optimized (public, polled by the web app), are served from the
+    worker's kept turns after the first read: only the last few seconds are read again. Found by review: a window of
+    exactly a day measured from a `since` taken a moment earlier counted as longer than kept and read the whole day
+    on every request; the health route built a fresh reader (a whole window read) per request."""
+    store = app.extensions["callweaver"].store
+    reads: list[float] = []
+    real = store.recent_turns
+    monkeypatch.setattr(store, "recent_turns", lambda since: (reads.append(time.time() - since), real(since))[1])
+    for _ in range(4):
+        assert client.get("/api/performance-comparison?window=86400").status_code == 200
+        assert client.get("/api/performance-metrics?window=86400").status_code == 200
+        assert client.get("/api/health-optimized").status_code == 200
+    whole = [age for age in reads if age > 60]
+    assert len(whole) == 1, reads  # the first request's read of its day; every later one reads seconds
 
 
 def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env, capsys):
