@@ -431,7 +431,12 @@ def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env
     ("/a?twilioAuthToken=zzz&b=1", "/a?twilioAuthToken=[REDACTED]&b=1"),
     ("API-KEY=foo", "[REDACTED]"),
     # the credential after an auth scheme, not just the scheme's name
-    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED] sent"),
+    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED]"),  # unquoted: the rest of the line
+    ("Authorization: Negotiate opsTokenValue12345\nnext line", "[REDACTED]\nnext line"),  # any scheme
+    ("Headers([('Authorization', 'Bearer opsTokenValue12345'), ('X', 'y')])",
+     "Headers([('[REDACTED]'), ('X', 'y')])"),  # werkzeug's repr
+    ("{'Authorization': ['Bearer opsTokenValue12345']}", "{'[REDACTED]']}"),  # a list of values
+    ('{"Authorization": "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/x, Signature=abc"}', '{"[REDACTED]"}'),
     ("authorization=Basic QUMxMjM6c2VjcmV0", "[REDACTED]"),
     ("{'Authorization': 'Bearer opsTokenValue12345'}", "{'[REDACTED]'}"),
     ('{"authorization": "Bearer opsTokenValue12345", "x": 1}', '{"[REDACTED]", "x": 1}'),
