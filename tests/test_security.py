@@ -148,13 +148,16 @@ def test_end_call_is_limited(env, fake_twilio):
 def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
     """Each poll asks Twilio's REST API with the server's credentials: unlimited, anyone could spend the account's
     API concurrency (and its workers' time) on it. Its window is its own, so polling never stops a hang-up."""
-    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()
+    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()  # its default
     codes = [client.get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(3)]
     assert codes[2] == 429 and 429 not in codes[:2]
-    assert "RATE_LIMIT_END_CALL" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
+    assert "RATE_LIMIT_CALL_STATUS" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
     assert len([r for r in fake_twilio.requests if r.method == "GET"]) == 2
     end = client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json")
     assert end.status_code != 429
+    own = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute", "RATE_LIMIT_CALL_STATUS": "5 per minute"})
+    codes = [own.test_client().get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(6)]
+    assert codes.index(429) == 5  # its own variable, when set
 
 
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
