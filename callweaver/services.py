@@ -97,7 +97,8 @@ class Services:
     def chain_for(self):
         """Each call's provider chain (its own LLM account first, when it brought one)."""
         from .engine.call_chains import CallChains
-        return CallChains(self.providers, self.lifecycle.credential_box.open_json, self.settings.openai_model)
+        return CallChains(self.providers, self.lifecycle.credential_box.open_json, self.settings.openai_model,
+                          public_only=not self.settings.allow_private_llm_urls)
 
     @cached_property
     def engine(self) -> ConversationEngine:

@@ -97,7 +97,7 @@ class _Provider:
             endpoint = chat_endpoint(self.config, self.client())
             with self._lock:
                 if self._pool is None:
-                    self._pool = ConnectionPool(endpoint)
+                    self._pool = ConnectionPool(endpoint, public_only=self.config.public_only)
         return self._pool
 
     def close(self) -> None:
