@@ -73,7 +73,7 @@ def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
             prev_space = False
         index_map.append(i)
     folded = "".join(folded_chars)
-    pos = folded.rfind(target)
+    pos = folded.find(target)  # the reported text is what was spoken from the start: its first occurrence
     if pos < 0:
         return utterance_until_interrupt.strip()
     end = index_map[pos + len(target) - 1] + 1

@@ -1,0 +1,81 @@
+"""Unscripted callers on a live relay call: barge-in after a reply was sent, what history keeps, a turn that fails.
+
+A RelaySession fed Twilio's frames directly (as test_one_turn_pipeline does), with the fake LLM behind it.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from callweaver.engine.relay_session import RelaySession
+from callweaver.services import spawn
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+
+
+@pytest.fixture
+def env(env):
+    return {**env, "CACHE_TYPE": "NullCache"}
+
+
+class Call:
+    """One relay call: the session, every frame it sent, and the call's stored state."""
+
+    def __init__(self, app, client):
+        data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+        assert data["success"], data
+        self.svc = app.extensions["callweaver"]
+        self.tracking_id = data["optimization"]["trackingId"]
+        self.sent: list[dict] = []
+        outer = self
+
+        class Sender:
+            def send_json(self, *messages: dict) -> None:
+                outer.sent.extend(messages)
+
+        self.session = RelaySession(self.svc.engine, Sender(), spawn=spawn)
+        self.send({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
+                   "customParameters": {"trackingId": self.tracking_id}})
+
+    def send(self, frame: dict) -> None:
+        self.session.handle(json.dumps(frame))
+
+    def turns(self) -> list[dict]:
+        return self.svc.store.turns(self.tracking_id)
+
+    def say(self, text: str) -> None:
+        """A final transcript, then wait until its turn is committed."""
+        count = len(self.turns())
+        self.send({"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True})
+        self.wait(lambda: len(self.turns()) > count)
+
+    def wait(self, done, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done(), self.sent
+
+    def messages(self) -> list[dict]:
+        return self.svc.store.get_call(self.tracking_id).messages
+
+    def assistant_lines(self) -> list[str]:
+        return [m["content"] for m in self.messages() if m["role"] == "assistant"]
+
+
+@pytest.fixture
+def call(app, client, fake_llm):
+    made = Call(app, client)
+    yield made
+    made.session.close()
+
+
+
+def test_barge_in_keeps_only_the_first_occurrence_of_repeated_words_heard(call, fake_llm):
+    """utteranceUntilInterrupt is what was spoken from the start of the reply: "Sure," heard is the first "Sure,",
+    not the later one (which would record words the caller never heard)."""
+    fake_llm.push(Reply(text="Sure, sure, I can help with that. Sure thing."))
+    call.say("Can you help me")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Sure,", "durationUntilInterruptMs": 400})
+    assert call.assistant_lines()[-1] == "Sure,"
