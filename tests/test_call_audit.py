@@ -79,3 +79,30 @@ def test_barge_in_keeps_only_the_first_occurrence_of_repeated_words_heard(call, 
     call.say("Can you help me")
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Sure,", "durationUntilInterruptMs": 400})
     assert call.assistant_lines()[-1] == "Sure,"
+
+
+def test_barge_in_before_a_sent_reply_played_keeps_none_of_it(call, fake_llm):
+    """The whole reply was sent, but the caller spoke again before Twilio played any of it (it reports an empty
+    utteranceUntilInterrupt): the history must not claim they heard it, as when the barge-in comes mid-stream."""
+    fake_llm.push(Reply(text="The price is four hundred thousand."), Reply(text="Sure."))
+    call.say("What's the price")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0})
+    assert call.messages()[-1] == {"role": "user", "content": "What's the price"}
+    call.say("Actually, how big is it")
+    sent_history = fake_llm.requests[-1].messages
+    assert "The price is four hundred thousand." not in [m.get("content") for m in sent_history]
+
+
+def test_a_late_empty_interrupt_never_removes_an_older_reply_heard_in_full(call, fake_llm):
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has three bedrooms.", "durationUntilInterruptMs": 900})
+    before = call.messages()
+    fake_llm.push(Reply(text="Let me check that for you, one moment please."))
+    count = len(call.turns())
+    call.send({"type": "prompt", "voicePrompt": "And the garden?", "lang": "en-US", "last": True})
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0})
+    call.wait(lambda: len(call.turns()) > count)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0})
+    assert call.assistant_lines()[-1] == "It has three bedrooms."
+    assert call.messages()[:len(before)] == before

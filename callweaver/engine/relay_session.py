@@ -395,17 +395,20 @@ class RelaySession:
             self._reply.join(timeout=5)
 
     def _trim_heard(self, heard: str, reported: str | None) -> None:
-        """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard."""
+        """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
+        latest assistant line, nothing when nothing was heard. Only when it is the last message: after a caller
+        line, the interrupted talk cycle is not in the history (an older reply was heard in full)."""
         messages = list(self.record.messages or [])
-        for i in range(len(messages) - 1, -1, -1):
-            if messages[i].get("role") == "assistant":
-                cut = heard_prefix(messages[i]["content"], reported)
-                if cut and cut != messages[i]["content"]:
-                    messages[i] = {"role": "assistant", "content": cut}
-                    updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
-                    self.record = self.engine.sharing_snapshot(updated) or self.record
-                    log.info("relay_history_trimmed", heard_chars=len(cut))
-                return
+        if not messages or messages[-1].get("role") != "assistant":
+            return
+        content = messages[-1]["content"]
+        cut = heard_prefix(content, reported)
+        if cut == content:
+            return
+        messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
+        updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
+        self.record = self.engine.sharing_snapshot(updated) or self.record
+        log.info("relay_history_trimmed", heard_chars=len(cut))
 
     def _on_error(self, message: protocol.Error) -> None:
         """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
