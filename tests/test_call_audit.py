@@ -106,3 +106,35 @@ def test_a_late_empty_interrupt_never_removes_an_older_reply_heard_in_full(call,
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0})
     assert call.assistant_lines()[-1] == "It has three bedrooms."
     assert call.messages()[:len(before)] == before
+
+
+def test_a_turn_that_fails_before_any_word_speaks_an_apology_and_the_call_goes_on(call, fake_llm, monkeypatch):
+    """An unexpected fault inside a turn (here planning it) must not leave the caller in silence."""
+    from callweaver.engine import conversation
+
+    plan_turn = conversation.plan_turn
+
+    def broken_once(*args, **kwargs):
+        monkeypatch.setattr(conversation, "plan_turn", plan_turn)
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(conversation, "plan_turn", broken_once)
+    call.say("Hello?")
+    apology = call.svc.engine.languages.get("en-US").line("apology")
+    assert {"type": "text", "token": apology, "last": True} in call.sent
+    fake_llm.push(Reply(text="Hi, how can I help?"))
+    call.say("Hello?")
+    assert call.assistant_lines()[-1] == "Hi, how can I help?"
+
+
+def test_a_turn_that_fails_after_its_words_closes_the_talk_cycle(call, fake_llm, monkeypatch):
+    """Words already sent, then a fault (here routing the reply): the talk cycle is closed with last: true."""
+    from callweaver.engine import conversation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("routing failed")
+
+    monkeypatch.setattr(conversation, "apply_turn", broken)
+    fake_llm.push(Reply(text="Let me see."))
+    call.say("Hello?")
+    assert call.sent[-1] == {"type": "text", "token": "", "last": True}, call.sent

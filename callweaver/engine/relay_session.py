@@ -491,6 +491,13 @@ class RelaySession:
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
+            if self._streaming and not self.ended:
+                # Not a cancelled reply: the caller is waiting. An apology when nothing was said yet, else close the
+                # talk cycle so the words sent are spoken as a whole reply; never silence.
+                if self._sent:
+                    self._send(protocol.close_cycle())
+                else:
+                    self._speak_canned("apology")
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
