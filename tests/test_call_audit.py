@@ -138,3 +138,25 @@ def test_a_turn_that_fails_after_its_words_closes_the_talk_cycle(call, fake_llm,
     fake_llm.push(Reply(text="Let me see."))
     call.say("Hello?")
     assert call.sent[-1] == {"type": "text", "token": "", "last": True}, call.sent
+
+
+@pytest.mark.parametrize("spoken, reported, heard", [
+    ("Das ist die Straße", "Das ist die Straße", "Das ist die Straße"),      # raised IndexError
+    ("Die Straßenbahn fährt um neun.", "Die Straße", "Die Straße"),          # was cut one character late
+    ("İstanbul güzel bir şehir.", "İstanbul güzel", "İstanbul güzel"),
+])
+def test_heard_prefix_maps_letters_that_casefold_to_several_back_to_one(spoken, reported, heard):
+    """Casefolding "ß" gives "ss": the folded copy is longer than the text it maps back to."""
+    from callweaver.engine.conversation import heard_prefix
+
+    assert heard_prefix(spoken, reported) == heard
+
+
+def test_barge_in_after_a_german_reply_ending_in_eszett_speaks_no_apology(call, fake_llm):
+    fake_llm.push(Reply(text="Das Haus liegt in der Hauptstraße"))
+    call.say("Wo liegt das Haus?")
+    sent = len(call.sent)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Das Haus liegt in der Hauptstraße",
+               "durationUntilInterruptMs": 2000})
+    assert call.sent[sent:] == []
+    assert call.assistant_lines()[-1] == "Das Haus liegt in der Hauptstraße"

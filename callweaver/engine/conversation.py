@@ -68,10 +68,12 @@ def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
                 continue
             folded_chars.append(" ")
             prev_space = True
+            index_map.append(i)
         else:
-            folded_chars.append(ch.casefold())
+            folded_char = ch.casefold()  # may be longer than the character ("ß" → "ss"): each maps back to it
+            folded_chars.append(folded_char)
+            index_map.extend([i] * len(folded_char))
             prev_space = False
-        index_map.append(i)
     folded = "".join(folded_chars)
     pos = folded.find(target)  # the reported text is what was spoken from the start: its first occurrence
     if pos < 0:
