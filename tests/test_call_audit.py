@@ -23,8 +23,8 @@ def env(env):
 class Call:
     """One relay call: the session, every frame it sent, and the call's stored state."""
 
-    def __init__(self, app, client):
-        data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    def __init__(self, app, client, workflow: str = "real_estate_property_dealer"):
+        data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
         assert data["success"], data
         self.svc = app.extensions["callweaver"]
         self.tracking_id = data["optimization"]["trackingId"]
@@ -160,3 +160,19 @@ def test_barge_in_after_a_german_reply_ending_in_eszett_speaks_no_apology(call, 
                "durationUntilInterruptMs": 2000})
     assert call.sent[sent:] == []
     assert call.assistant_lines()[-1] == "Das Haus liegt in der Hauptstraße"
+
+
+
+def test_a_reply_that_only_records_a_variable_is_followed_by_words(app, client, fake_llm):
+    """The model called only `record_variables` and said nothing, and the call stays on its step: the caller must
+    not be left in silence (as when a tool-only reply moves to another step, the step is asked to speak)."""
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        fake_llm.push(Reply(text="", tool_calls=[("record_variables", {"applicant_name": "Dana Wu"})]),
+                      Reply(text="Thanks Dana. Are you currently employed?"))
+        call.say("My name is Dana Wu")
+        assert call.assistant_lines()[-1] == "Thanks Dana. Are you currently employed?"
+        assert call.svc.store.get_call(call.tracking_id).variables["applicant_name"] == "Dana Wu"
+        assert "Thanks Dana." in "".join(m["token"] for m in call.sent if m["type"] == "text")
+    finally:
+        call.session.close()

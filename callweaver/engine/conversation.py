@@ -493,9 +493,11 @@ class ConversationEngine:
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
-        if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
-            # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
-            # case with a second request; it only happens when the model ignores "speak first".
+        moved_on = outcome.next_node != state.current_node
+        if not stream.text.strip() and outcome.action is None and (moved_on or not outcome.keys):
+            # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
+            # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
+            # is the one case with a second request; it only happens when the model ignores "speak first".
             log.info("tool_only_reply_followup", node=outcome.next_node)
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
