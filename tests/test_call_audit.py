@@ -176,3 +176,17 @@ def test_a_reply_that_only_records_a_variable_is_followed_by_words(app, client, 
         assert "Thanks Dana." in "".join(m["token"] for m in call.sent if m["type"] == "text")
     finally:
         call.session.close()
+
+
+def test_barge_in_on_a_line_not_in_the_history_leaves_the_last_reply_alone(app, call, fake_llm):
+    """After a resume, Twilio speaks the "I'm back" line as the new socket's greeting; it is not in the history. A
+    caller talking over it must not turn the last reply they heard in full into that line's first words."""
+    fake_llm.push(Reply(text="The price is four hundred thousand."))
+    call.say("What's the price")
+    resumed = RelaySession(call.svc.engine, call.session.sender, spawn=spawn)
+    resumed.handle(json.dumps({"type": "setup", "callSid": call.session.call_sid,
+                               "customParameters": {"trackingId": call.tracking_id, "resumed": "1"}}))
+    back = call.svc.engine.languages.get("en-US").line("resumed")
+    resumed.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": back.split(",")[0],
+                               "durationUntilInterruptMs": 600}))
+    assert call.assistant_lines()[-1] == "The price is four hundred thousand."

@@ -49,10 +49,18 @@ def split_tokens(text: str) -> list[str]:
 
 
 def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
-    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt.
+    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt; no match → the
+    reported text itself."""
+    cut = heard_cut(spoken, utterance_until_interrupt)
+    return (utterance_until_interrupt or "").strip() if cut is None else cut
+
+
+def heard_cut(spoken: str, utterance_until_interrupt: str | None) -> str | None:
+    """`spoken` cut right after Twilio's utteranceUntilInterrupt, "" when nothing was heard, None when the reported
+    text is not in `spoken` (the interrupted speech was something else).
 
     Whitespace and case may differ between what we sent and what Twilio reports, so matching is done on a
-    whitespace-folded copy and mapped back to the original text; no match → the reported text itself.
+    whitespace-folded copy and mapped back to the original text.
     """
     if not utterance_until_interrupt:
         return ""
@@ -77,7 +85,7 @@ def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
     folded = "".join(folded_chars)
     pos = folded.find(target)  # the reported text is what was spoken from the start: its first occurrence
     if pos < 0:
-        return utterance_until_interrupt.strip()
+        return None
     end = index_map[pos + len(target) - 1] + 1
     return spoken[:end].strip()
 

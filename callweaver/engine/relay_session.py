@@ -17,7 +17,7 @@ import structlog
 
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
-                           SpeculativeTurn, Turn, heard_prefix, speculation_row)
+                           SpeculativeTurn, Turn, heard_cut, heard_prefix, speculation_row)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
@@ -396,15 +396,16 @@ class RelaySession:
 
     def _trim_heard(self, heard: str, reported: str | None) -> None:
         """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
-        latest assistant line, nothing when nothing was heard. Only when it is the last message: after a caller
-        line, the interrupted talk cycle is not in the history (an older reply was heard in full)."""
+        latest assistant line, nothing when nothing was heard. Only when it is the last message and holds what was
+        heard: otherwise the interrupted speech is not in the history (an older reply was heard in full, and an
+        apology or a resumed socket's greeting is never stored)."""
         messages = list(self.record.messages or [])
         if not messages or messages[-1].get("role") != "assistant":
             return
         content = messages[-1]["content"]
-        cut = heard_prefix(content, reported)
-        if cut == content:
-            return
+        cut = heard_cut(content, reported)
+        if cut is None or cut == content:
+            return  # all of it was heard, or the caller talked over a line the history does not hold
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
         updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
         self.record = self.engine.sharing_snapshot(updated) or self.record
