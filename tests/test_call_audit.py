@@ -190,3 +190,14 @@ def test_barge_in_on_a_line_not_in_the_history_leaves_the_last_reply_alone(app, 
     resumed.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": back.split(",")[0],
                                "durationUntilInterruptMs": 600}))
     assert call.assistant_lines()[-1] == "The price is four hundred thousand."
+
+
+def test_the_call_log_transcript_keeps_what_was_heard_of_a_reply_cut_after_it_was_sent(call, fake_llm):
+    fake_llm.push(Reply(text="It has three bedrooms and a large garden."))
+    call.say("Tell me about the house")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has three bedrooms",
+               "durationUntilInterruptMs": 1200})
+    entry = call.svc.store.get_call(call.tracking_id).transcript[-1]
+    assert entry["spoken"] == "It has three bedrooms and a large garden."
+    assert entry["heard"] == "It has three bedrooms" and entry["interrupted"] is True
+    assert call.assistant_lines()[-1] == "It has three bedrooms"

@@ -407,7 +407,12 @@ class RelaySession:
         if cut is None or cut == content:
             return  # all of it was heard, or the caller talked over a line the history does not hold
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
-        updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
+        fields: dict[str, Any] = {"messages": messages}
+        transcript = list(self.record.transcript or [])
+        if transcript and transcript[-1].get("heard") == content:  # the call log's line for this reply
+            transcript[-1] = {**transcript[-1], "heard": cut, "interrupted": True}
+            fields["transcript"] = transcript
+        updated = self.engine.store.update_call(self.record.tracking_id, **fields)
         self.record = self.engine.sharing_snapshot(updated) or self.record
         log.info("relay_history_trimmed", heard_chars=len(cut))
 
