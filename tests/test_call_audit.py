@@ -201,3 +201,17 @@ def test_the_call_log_transcript_keeps_what_was_heard_of_a_reply_cut_after_it_wa
     assert entry["spoken"] == "It has three bedrooms and a large garden."
     assert entry["heard"] == "It has three bedrooms" and entry["interrupted"] is True
     assert call.assistant_lines()[-1] == "It has three bedrooms"
+
+
+def test_a_deeply_nested_frame_is_a_logged_bad_message_and_the_call_goes_on(call, fake_llm):
+    """parse never raises: json's RecursionError on a deeply nested frame (well under the size limit) used to end
+    the socket's task, and with it the call."""
+    from structlog.testing import capture_logs
+
+    nested = '{"type": "prompt", "voicePrompt": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    with capture_logs() as logs:
+        call.session.handle(nested)
+    assert [entry["event"] for entry in logs] == ["relay_bad_message"]
+    fake_llm.push(Reply(text="Still here."))
+    call.say("Hello?")
+    assert call.assistant_lines()[-1] == "Still here."

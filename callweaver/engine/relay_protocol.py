@@ -99,7 +99,7 @@ def parse(raw: str | bytes) -> Inbound | None:
         frame = json.loads(raw)
         if not isinstance(frame, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError, TypeError) as exc:
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         log.error("relay_bad_message", error=str(exc)[:MAX_LOGGED_ERROR_CHARS], size=len(raw or ""))
         return None
     kind = frame.get("type")
