@@ -23,7 +23,7 @@ def env(env):
 class Call:
     """One relay call: the session, every frame it sent, and the call's stored state."""
 
-    def __init__(self, app, client, workflow: str = "real_estate_property_dealer"):
+    def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None):
         data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
         assert data["success"], data
         self.svc = app.extensions["callweaver"]
@@ -36,6 +36,8 @@ class Call:
                 outer.sent.extend(messages)
 
         self.session = RelaySession(self.svc.engine, Sender(), spawn=spawn)
+        if before_setup is not None:
+            before_setup(self)
         self.send({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
                    "customParameters": {"trackingId": self.tracking_id}})
 
@@ -215,3 +217,29 @@ def test_a_deeply_nested_frame_is_a_logged_bad_message_and_the_call_goes_on(call
     fake_llm.push(Reply(text="Still here."))
     call.say("Hello?")
     assert call.assistant_lines()[-1] == "Still here."
+
+
+
+def test_a_store_outage_at_setup_is_retried_when_the_caller_speaks(app, client, fake_llm, monkeypatch):
+    """The store failed while `setup` read the call: the caller hears an apology asking them to say it again, so
+    the next prompt must find the call (read again), not be dropped as a prompt before setup for the rest of it."""
+    from callweaver.store import StoreError
+
+    def store_down_once(call):
+        get_call = call.svc.store.get_call
+
+        def failing(tracking_id):
+            monkeypatch.setattr(call.svc.store, "get_call", get_call)
+            raise StoreError("database is locked")
+
+        monkeypatch.setattr(call.svc.store, "get_call", failing)
+
+    call = Call(app, client, before_setup=store_down_once)
+    try:
+        apology = call.svc.engine.languages.get("en-US").line("apology")
+        assert call.sent == [{"type": "text", "token": apology, "last": True}]
+        fake_llm.push(Reply(text="Hello, I can hear you now."))
+        call.say("Hello?")
+        assert call.assistant_lines()[-1] == "Hello, I can hear you now."
+    finally:
+        call.session.close()
