@@ -243,3 +243,19 @@ def test_a_store_outage_at_setup_is_retried_when_the_caller_speaks(app, client, 
         assert call.assistant_lines()[-1] == "Hello, I can hear you now."
     finally:
         call.session.close()
+
+
+def test_a_lone_surrogate_in_the_callers_words_neither_fails_the_turn_nor_trips_the_breakers(call, client, fake_llm):
+    """A JSON escape can carry text that is not valid Unicode ("\\ud800"). Encoding the LLM request failed, which
+    counted as a failure of every provider: three such messages (a relay prompt, or /api/chat from anyone) opened
+    every circuit breaker, and healthy providers were skipped for every call until the cooldown."""
+    fake_llm.responder = lambda body: Reply(text="Answered.")
+    for _ in range(3):
+        count = len(call.turns())
+        call.session.handle('{"type": "prompt", "voicePrompt": "hi \\ud800 there", "lang": "en-US", "last": true}')
+        call.wait(lambda: len(call.turns()) > count)
+        assert call.assistant_lines()[-1] == "Answered."
+    chat = client.post("/api/chat", data='{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+                       content_type="application/json")
+    assert chat.status_code == 200 and chat.get_json()["response"] == "Answered."
+    assert all(turn["failovers"] == [] for turn in call.turns())

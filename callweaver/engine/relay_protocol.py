@@ -122,8 +122,16 @@ def _setup(frame: dict) -> Setup:
 def _prompt(frame: dict) -> Prompt:
     text = frame.get("voicePrompt")
     lang = frame.get("lang")
-    return Prompt(voice_prompt=text if isinstance(text, str) else "", last=frame.get("last") is not False,
+    return Prompt(voice_prompt=_unicode(text) if isinstance(text, str) else "", last=frame.get("last") is not False,
                   lang=lang if isinstance(lang, str) and lang else None)
+
+
+def _unicode(text: str) -> str:
+    """`text` as valid Unicode: a lone surrogate (a JSON escape can carry one) becomes U+FFFD, so the caller's words
+    can be stored and sent on like any others."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _interrupt(frame: dict) -> Interrupt:
