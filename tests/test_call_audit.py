@@ -5,6 +5,7 @@ A RelaySession fed Twilio's frames directly (as test_one_turn_pipeline does), wi
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -23,7 +24,7 @@ def env(env):
 class Call:
     """One relay call: the session, every frame it sent, and the call's stored state."""
 
-    def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None):
+    def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None, on_write=None):
         data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
         assert data["success"], data
         self.svc = app.extensions["callweaver"]
@@ -33,6 +34,8 @@ class Call:
 
         class Sender:
             def send_json(self, *messages: dict) -> None:
+                if on_write is not None:
+                    on_write(outer, messages)
                 outer.sent.extend(messages)
 
         self.session = RelaySession(self.svc.engine, Sender(), spawn=spawn)
@@ -259,3 +262,60 @@ def test_a_lone_surrogate_in_the_callers_words_neither_fails_the_turn_nor_trips_
                        content_type="application/json")
     assert chat.status_code == 200 and chat.get_json()["response"] == "Answered."
     assert all(turn["failovers"] == [] for turn in call.turns())
+
+
+class LastFrameWrittenDuringBargeIn:
+    """A socket write of a reply's last frame (`last: true`) that is still in flight when the caller barges in:
+    the write returns only once the session has taken the interrupt (it stopped streaming)."""
+
+    def __init__(self) -> None:
+        self.writing = threading.Event()
+        self.armed = True
+
+    def __call__(self, call: "Call", messages: tuple) -> None:
+        if self.armed and any(m.get("type") == "text" and m.get("last") and m.get("token") == "" for m in messages):
+            self.armed = False
+            self.writing.set()
+            call.wait(lambda: not call.session._streaming)
+
+
+def barge_in_during_the_last_write(call: "Call", blocked: LastFrameWrittenDuringBargeIn, prompt: str,
+                                   interrupt: dict) -> None:
+    call.send({"type": "prompt", "voicePrompt": prompt, "lang": "en-US", "last": True})
+    assert blocked.writing.wait(10)
+    count = len(call.turns())
+    call.send({"type": "interrupt", **interrupt})
+    call.wait(lambda: len(call.turns()) > count)
+
+
+def test_a_barge_in_while_the_last_frame_is_written_keeps_only_what_was_heard(app, client, fake_llm):
+    blocked = LastFrameWrittenDuringBargeIn()
+    call = Call(app, client, on_write=blocked)
+    try:
+        fake_llm.push(Reply(text="It has three bedrooms and a large garden."))
+        barge_in_during_the_last_write(call, blocked, "Tell me about the house",
+                                       {"utteranceUntilInterrupt": "It has three", "durationUntilInterruptMs": 700})
+        assert call.assistant_lines()[-1] == "It has three"
+        entry = call.svc.store.get_call(call.tracking_id).transcript[-1]
+        assert entry["heard"] == "It has three" and entry["interrupted"] is True
+        assert call.turns()[-1]["interrupted"] is True
+    finally:
+        call.session.close()
+
+
+def test_a_barge_in_while_a_goodbye_is_written_neither_hangs_up_nor_goes_silent(app, client, fake_llm):
+    """The caller talks over the closing line as its last frame is written: the end it announced was not heard,
+    so it is dropped (architecture.md's interrupt rule) and the caller's next words are answered."""
+    blocked = LastFrameWrittenDuringBargeIn()
+    call = Call(app, client, on_write=blocked)
+    try:
+        barge_in_during_the_last_write(call, blocked, "goodbye",
+                                       {"utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+        record = call.svc.store.get_call(call.tracking_id)
+        assert call.turns()[-1]["action"] is None and "pendingAction" not in (record.meta or {})
+        fake_llm.push(Reply(text="Of course, what else?"))
+        call.say("wait, one more question")
+        assert call.assistant_lines()[-1] == "Of course, what else?"
+        assert not any(m["type"] == "end" for m in call.sent), call.sent
+    finally:
+        call.session.close()

@@ -387,13 +387,12 @@ class RelaySession:
         # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
         # another one on the trimmed history).
         self._discard_speculation("barge_in")
-        heard = heard_prefix(self._sent, message.utterance_until_interrupt)
-        log.info("relay_interrupt", heard_chars=len(heard), sent_chars=len(self._sent),
-                 played_ms=message.duration_until_interrupt_ms)
+        log.info("relay_interrupt", sent_chars=len(self._sent), played_ms=message.duration_until_interrupt_ms)
         if self._reply is not None and self._streaming:
-            self._cancel(heard=heard)
+            self._cancel(message)
         elif self.record is not None:
             self._settle_previous()
+            heard = heard_prefix(self._sent, message.utterance_until_interrupt)
             self._trim_heard(heard, message.utterance_until_interrupt)
 
     def _settle_previous(self) -> None:
@@ -403,7 +402,7 @@ class RelaySession:
         if self._streaming:
             # The caller spoke again before our reply finished, without barging in: Twilio still holds an
             # open talk cycle, so close it; the next reply then starts a new utterance of its own.
-            self._cancel(heard=self._sent)
+            self._cancel()
             self._send(protocol.close_cycle())
         else:
             self._reply.join(timeout=5)
@@ -442,7 +441,7 @@ class RelaySession:
         if self._errors_in_a_row >= MAX_CONSECUTIVE_ERRORS and not self.ended:
             log.error("relay_ending_after_errors", errors=self._errors_in_a_row)
             if self._reply is not None and self._streaming:
-                self._cancel(heard=self._sent)
+                self._cancel()
             self._speak_canned("apology")
             self._end_soon(protocol.end("error", detail="repeated Twilio errors"), self._canned("apology"))
 
@@ -508,6 +507,11 @@ class RelaySession:
                 self._closing = True
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
             self._send_text(tail, close_cycle=True)
+            if not self._streaming:
+                # The caller barged in while the last frame was written: the canceller commits what was heard,
+                # and a closing line cut short announces nothing (its end/transfer is dropped).
+                self._closing = False
+                return
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
@@ -539,20 +543,21 @@ class RelaySession:
         self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
-        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent once written.
+        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent from the moment its
+        write starts, so a barge-in taken while it is written measures what was heard against it too.
         `close_cycle`: the reply's last words, then the frame that closes its talk cycle, in one socket write (a
         write per turn less; the caller reads the same two frames)."""
         if not chunk:
             if close_cycle:
                 self.sender.send_json(protocol.close_cycle())
             return
+        self._sent += chunk
         if close_cycle:
             self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
         else:
             self.sender.send_json(protocol.text(chunk))
         if self._timings["firstTokenMs"] is None:
             self._timings["firstTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
-        self._sent += chunk
 
     def _play_entered_audio(self, turn: Turn) -> bool:
         """Once the turn has moved into a node with a recording: play it before that node's words."""
@@ -591,11 +596,13 @@ class RelaySession:
         multi = bool(self.record and (self.record.meta or {}).get("multilingualStt"))
         return protocol.language(code, None if multi else code)
 
-    def _cancel(self, heard: str) -> None:
-        """Barge-in: stop sending, close the LLM stream, keep only what was heard.
+    def _cancel(self, interrupt: protocol.Interrupt | None = None) -> None:
+        """Stop sending, close the LLM stream, keep only what was heard: what Twilio reports for a barge-in
+        (`interrupt`), else everything sent.
 
         Cancellation is cooperative (a flag plus closing the provider's socket) so a frame being written is
-        never cut in half; a greenlet that does not finish promptly is killed as a last resort.
+        never cut in half; a greenlet that does not finish promptly is killed as a last resort. What was heard is
+        measured after the reply's greenlet stopped: a frame in flight at the barge-in counts as sent.
         """
         task, turn = self._reply, self._turn
         self._streaming = False
@@ -610,6 +617,7 @@ class RelaySession:
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
                 self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
+            heard = self._sent if interrupt is None else heard_prefix(self._sent, interrupt.utterance_until_interrupt)
             self._commit(turn, heard=heard, interrupted=True)
 
     def _commit(self, turn: Turn, *, heard: str | None, interrupted: bool) -> None:
@@ -648,6 +656,6 @@ class RelaySession:
         self._partial_seq += 1
         self._settle_unanswered("hangup")
         if self._reply is not None and self._streaming:
-            self._cancel(heard=self._sent)
+            self._cancel()
         elif self._reply is not None:
             self._reply.join(timeout=5)
