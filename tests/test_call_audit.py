@@ -319,3 +319,57 @@ def test_a_barge_in_while_a_goodbye_is_written_neither_hangs_up_nor_goes_silent(
         assert not any(m["type"] == "end" for m in call.sent), call.sent
     finally:
         call.session.close()
+
+
+def resumed_socket(call: "Call") -> RelaySession:
+    """The call's socket dropped and Twilio opened a new one: its greeting is the "I'm back" line, not a reply."""
+    resumed = RelaySession(call.svc.engine, call.session.sender, spawn=spawn)
+    resumed.handle(json.dumps({"type": "setup", "callSid": call.session.call_sid,
+                               "customParameters": {"trackingId": call.tracking_id, "resumed": "1"}}))
+    return resumed
+
+
+@pytest.mark.parametrize("interrupt", [
+    {"utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0},
+    {"durationUntilInterruptMs": 2500},
+    {},
+], ids=["empty", "missing-with-duration", "missing"])
+def test_a_barge_in_on_a_resumed_sockets_greeting_keeps_the_reply_heard_before(call, fake_llm, interrupt):
+    """The talk cycle interrupted is the greeting the session did not send as a reply: nothing stored is trimmed,
+    whatever (or nothing) Twilio reports of it."""
+    fake_llm.push(Reply(text="The price is four hundred thousand."))
+    call.say("What's the price")
+    resumed_socket(call).handle(json.dumps({"type": "interrupt", **interrupt}))
+    assert call.assistant_lines()[-1] == "The price is four hundred thousand."
+
+
+def test_a_barge_in_on_an_apology_keeps_the_reply_heard_before_it(call, fake_llm, monkeypatch):
+    """A canned apology (here for a frame that failed to be handled) is its own talk cycle, not a stored reply."""
+    fake_llm.push(Reply(text="The price is four hundred thousand."))
+    call.say("What's the price")
+
+    def broken(self, message):
+        raise RuntimeError("handler failed")
+
+    monkeypatch.setattr(RelaySession, "_on_info", broken)
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})  # fails: the session apologises
+    apology = call.svc.engine.languages.get("en-US").line("apology")
+    assert call.sent[-1] == {"type": "text", "token": apology, "last": True}
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0})
+    assert call.assistant_lines()[-1] == "The price is four hundred thousand."
+
+
+def test_a_barge_in_that_reports_no_text_is_not_taken_for_nothing_heard(call, fake_llm):
+    """utteranceUntilInterrupt absent is unknown, not empty: the reply Twilio was speaking is not deleted."""
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt"})
+    assert call.assistant_lines()[-1] == "It has three bedrooms."
+
+
+def test_a_barge_in_on_the_welcome_greeting_trims_the_greeting(call, fake_llm):
+    """The welcome greeting is stored as the call's first line and is the socket's first talk cycle."""
+    greeting = call.assistant_lines()[-1]
+    first_word = greeting.split()[0]
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": first_word, "durationUntilInterruptMs": 400})
+    assert call.assistant_lines() == [first_word]

@@ -72,7 +72,7 @@ class RelaySession:
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread")
+                 "_setup_unread", "_stored_cycle")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -110,6 +110,9 @@ class RelaySession:
         self._speaker_events = False  # Twilio has sent clientSpeaking on this call: the acoustic signal is there
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
         self._setup_unread: protocol.Setup | None = None  # a `setup` whose store read failed: read again later
+        # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
+        # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
+        self._stored_cycle: str | None = None
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -185,6 +188,12 @@ class RelaySession:
             record = dataclasses.replace(record, meta=meta)
         self.record = self.engine.sharing_snapshot(record)
         self._setup_unread = None
+        # The socket's first talk cycle is Twilio's welcome greeting, which the call flow stored as the latest line
+        # (make-call: the call's greeting; a resume: the "I'm back" line): a barge-in on it trims that line.
+        greeting = self._canned("resumed") if params.get("resumed") else (
+            record.greeting or self._canned("fallbackGreeting"))
+        latest = (record.messages or [{}])[-1]
+        self._stored_cycle = greeting if latest == {"role": "assistant", "content": greeting} else None
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
 
@@ -392,8 +401,7 @@ class RelaySession:
             self._cancel(message)
         elif self.record is not None:
             self._settle_previous()
-            heard = heard_prefix(self._sent, message.utterance_until_interrupt)
-            self._trim_heard(heard, message.utterance_until_interrupt)
+            self._trim_heard(message)
 
     def _settle_previous(self) -> None:
         """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
@@ -407,18 +415,22 @@ class RelaySession:
         else:
             self._reply.join(timeout=5)
 
-    def _trim_heard(self, heard: str, reported: str | None) -> None:
+    def _trim_heard(self, message: protocol.Interrupt) -> None:
         """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
-        latest assistant line, nothing when nothing was heard. Only when it is the last message and holds what was
-        heard: otherwise the interrupted speech is not in the history (an older reply was heard in full, and an
-        apology or a resumed socket's greeting is never stored)."""
+        reply, nothing when nothing was heard. Only when the talk cycle interrupted is the stored reply this session
+        sent last (`_stored_cycle`): a canned apology, a resumed socket's greeting or an older reply heard in full
+        is never touched. An absent utteranceUntilInterrupt says nothing about what was heard (kept), and an empty
+        one with a positive durationUntilInterruptMs means something was heard."""
         messages = list(self.record.messages or [])
-        if not messages or messages[-1].get("role") != "assistant":
+        content, self._stored_cycle = self._stored_cycle, None  # a second barge-in is about a later talk cycle
+        if content is None or not messages or messages[-1] != {"role": "assistant", "content": content}:
             return
-        content = messages[-1]["content"]
+        reported = message.utterance_until_interrupt
+        if reported is None or (not reported and (message.duration_until_interrupt_ms or 0) > 0):
+            return  # heard, but not known how much of it: kept
         cut = heard_cut(content, reported)
         if cut is None or cut == content:
-            return  # all of it was heard, or the caller talked over a line the history does not hold
+            return  # all of it was heard
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
         fields: dict[str, Any] = {"messages": messages}
         transcript = list(self.record.transcript or [])
@@ -619,12 +631,15 @@ class RelaySession:
                 self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
             heard = self._sent if interrupt is None else heard_prefix(self._sent, interrupt.utterance_until_interrupt)
             self._commit(turn, heard=heard, interrupted=True)
+            if interrupt is not None:
+                self._stored_cycle = None  # Twilio already dropped that talk cycle: a later barge-in is not about it
 
     def _commit(self, turn: Turn, *, heard: str | None, interrupted: bool) -> None:
         if self._committed or self.record is None:
             return
         self._committed = True
         self._errors_in_a_row = 0
+        self._stored_cycle = None
         timings = {k: v for k, v in self._timings.items() if k != "receivedAt"}
         speculation = speculation_row(self._adopted, self._dropped_this_turn, timings.get("firstTokenMs"))
         try:
@@ -632,6 +647,8 @@ class RelaySession:
                                               heard_text=heard, interrupted=interrupted, speculation=speculation)
             if updated is not None:
                 self.record = updated
+                last = (updated.messages or [{}])[-1]
+                self._stored_cycle = last["content"] if last.get("role") == "assistant" else None
         except Exception:
             log.exception("relay_commit_failed", tracking_id=self.record.tracking_id)
 
@@ -639,6 +656,7 @@ class RelaySession:
         return self.engine.languages.get(self.record.language if self.record else None).line(key)
 
     def _speak_canned(self, key: str) -> None:
+        self._stored_cycle = None  # a talk cycle of its own, not in the history
         self._send(protocol.text(self._canned(key), last=True))
 
     def _send(self, message: dict) -> None:
