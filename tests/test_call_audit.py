@@ -148,13 +148,41 @@ def test_a_turn_that_fails_after_its_words_closes_the_talk_cycle(call, fake_llm,
 @pytest.mark.parametrize("spoken, reported, heard", [
     ("Das ist die Straße", "Das ist die Straße", "Das ist die Straße"),      # raised IndexError
     ("Die Straßenbahn fährt um neun.", "Die Straße", "Die Straße"),          # was cut one character late
-    ("İstanbul güzel bir şehir.", "İstanbul güzel", "İstanbul güzel"),
+    ("İstanbulda güzel.", "İstanbul", "İstanbul"),                           # was "İstanbuld"
 ])
-def test_heard_prefix_maps_letters_that_casefold_to_several_back_to_one(spoken, reported, heard):
-    """Casefolding "ß" gives "ss": the folded copy is longer than the text it maps back to."""
-    from callweaver.engine.conversation import heard_prefix
+def test_heard_of_maps_letters_that_casefold_to_several_back_to_one(spoken, reported, heard):
+    """Casefolding "ß" gives "ss", "İ" gives "i" and a combining dot: the folded copy is longer than the text."""
+    from callweaver.engine.conversation import heard_of
 
-    assert heard_prefix(spoken, reported) == heard
+    assert heard_of(spoken, reported, None) == heard
+
+
+@pytest.mark.parametrize("spoken, reported, played_ms, heard", [
+    ("Hello, how are you today?", "Hello how are", 900, "Hello, how are"),                 # punctuation dropped
+    ("你好，我们下午三点见。然后再说。", "你好我们下午三点见", 1500, "你好，我们下午三点见。"),  # full-width
+    ("<speak>Hello there, friend.</speak>", "Hello there", 700, "<speak>Hello there,"),     # SSML tags
+    ("It has THREE   bedrooms.", "it has three bedrooms", 1200, "It has THREE   bedrooms."),
+    ("Sure. Sure, I can help you with that today.", "I can help", 2000,                   # not from the start:
+     "Sure. Sure, I can help you with"),                                                   # 2 s of speech
+    ("The price is four hundred thousand.", "", 1000, "The price is four"),                # heard, words unknown
+    ("The price is four hundred thousand.", "", 0, ""),
+    ("The price is four hundred thousand.", None, None, "The price is four hundred thousand."),
+    ("The price is four hundred thousand.", "Das Haus", None, "The price is four hundred thousand."),
+])
+def test_heard_of_is_one_barge_in_policy(spoken, reported, played_ms, heard):
+    """Folded, anchored matching (case, whitespace, punctuation, SSML); when the text does not place the cut, an
+    estimate from durationUntilInterruptMs at a typical speaking rate; with neither, all of it counts as heard."""
+    from callweaver.engine.conversation import heard_of
+
+    assert heard_of(spoken, reported, played_ms) == heard
+
+
+def test_barge_in_reported_without_punctuation_cuts_the_stored_reply(call, fake_llm):
+    fake_llm.push(Reply(text="Hello, how are you today? I have news about the house."))
+    call.say("Hi")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Hello how are you today",
+               "durationUntilInterruptMs": 1500})
+    assert call.assistant_lines()[-1] == "Hello, how are you today?"
 
 
 def test_barge_in_after_a_german_reply_ending_in_eszett_speaks_no_apology(call, fake_llm):
@@ -373,3 +401,4 @@ def test_a_barge_in_on_the_welcome_greeting_trims_the_greeting(call, fake_llm):
     first_word = greeting.split()[0]
     call.send({"type": "interrupt", "utteranceUntilInterrupt": first_word, "durationUntilInterruptMs": 400})
     assert call.assistant_lines() == [first_word]
+

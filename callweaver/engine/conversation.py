@@ -7,6 +7,7 @@ import secrets
 import sys
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -48,46 +49,52 @@ def split_tokens(text: str) -> list[str]:
     return _WORD_CHUNK.findall(text) or ([text] if text else [])
 
 
-def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
-    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt; no match → the
-    reported text itself."""
-    cut = heard_cut(spoken, utterance_until_interrupt)
-    return (utterance_until_interrupt or "").strip() if cut is None else cut
+# A typical text-to-speech speaking rate (≈ 150 words a minute): turns durationUntilInterruptMs into characters heard
+# when Twilio's utteranceUntilInterrupt does not place the cut.
+SPEECH_CHARS_PER_S = 15.0
+_SSML_TAG = re.compile(r"<[^<>]*>")
 
 
-def heard_cut(spoken: str, utterance_until_interrupt: str | None) -> str | None:
-    """`spoken` cut right after Twilio's utteranceUntilInterrupt, "" when nothing was heard, None when the reported
-    text is not in `spoken` (the interrupted speech was something else).
+def _fold(ch: str) -> str:
+    """What one character counts as when matching speech: compatibility-decomposed, casefolded, without
+    punctuation, spaces, combining marks or controls (full-width "，。！？" and "İ"'s dot fold away)."""
+    return "".join(c for c in unicodedata.normalize("NFKD", ch).casefold()
+                   if unicodedata.category(c)[0] not in "PZC" and unicodedata.category(c) != "Mn")
 
-    Whitespace and case may differ between what we sent and what Twilio reports, so matching is done on a
-    whitespace-folded copy and mapped back to the original text.
-    """
-    if not utterance_until_interrupt:
+
+def heard_of(spoken: str, reported: str | None, played_ms: float | None) -> str:
+    """The one barge-in policy (docs/twilio.md, Barge-in step 2): how much of `spoken` the caller heard, given
+    Twilio's utteranceUntilInterrupt (`reported`) and durationUntilInterruptMs (`played_ms`).
+
+    The reported text is what was spoken from the start of the talk cycle, so it must match `spoken`'s beginning,
+    folded (case, whitespace, punctuation, SSML tags); the cut maps back to the original text, punctuation right
+    after the last word included. When the text does not place the cut (absent, empty after some speech, or not
+    the beginning of `spoken`), the duration is turned into characters at SPEECH_CHARS_PER_S, rounded up to a word's
+    end; with no duration either, all of it counts as heard: words the caller may have heard are not deleted from
+    what the model is told it said. An empty report after no speech means nothing was heard."""
+    if not reported and not played_ms and reported is not None:
         return ""
-    target = " ".join(utterance_until_interrupt.split()).casefold()
-    if not target:
-        return ""
-    folded_chars: list[str] = []
+    folded: list[str] = []
     index_map: list[int] = []
-    prev_space = True
+    tags = {i for match in _SSML_TAG.finditer(spoken) for i in range(*match.span())}
     for i, ch in enumerate(spoken):
-        if ch.isspace():
-            if prev_space:
-                continue
-            folded_chars.append(" ")
-            prev_space = True
-            index_map.append(i)
-        else:
-            folded_char = ch.casefold()  # may be longer than the character ("ß" → "ss"): each maps back to it
-            folded_chars.append(folded_char)
-            index_map.extend([i] * len(folded_char))
-            prev_space = False
-    folded = "".join(folded_chars)
-    pos = folded.find(target)  # the reported text is what was spoken from the start: its first occurrence
-    if pos < 0:
-        return None
-    end = index_map[pos + len(target) - 1] + 1
-    return spoken[:end].strip()
+        part = "" if i in tags else _fold(ch)
+        folded.append(part)
+        index_map.extend([i] * len(part))
+    target = "".join(map(_fold, _SSML_TAG.sub("", reported or "")))
+    spoken_folded = "".join(folded)
+    if target and spoken_folded.startswith(target):
+        end = index_map[len(target) - 1] + 1
+        while end < len(spoken) and end not in tags and not spoken[end].isspace() and not folded[end]:
+            end += 1  # the punctuation closing the last word heard
+        return spoken[:end].strip()
+    if target and target.startswith(spoken_folded):
+        return spoken.strip()  # Twilio reports more than this text: all of it was heard
+    if not played_ms or played_ms <= 0:
+        return spoken.strip()
+    estimate = int(played_ms / 1000 * SPEECH_CHARS_PER_S)
+    word_end = re.search(r"\s", spoken[estimate:]) if estimate < len(spoken) else None
+    return (spoken if word_end is None else spoken[:estimate + word_end.start()]).strip()
 
 
 @dataclass

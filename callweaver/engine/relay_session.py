@@ -17,7 +17,7 @@ import structlog
 
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
-                           SpeculativeTurn, Turn, heard_cut, heard_prefix, speculation_row)
+                           SpeculativeTurn, Turn, heard_of, speculation_row)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
@@ -417,19 +417,15 @@ class RelaySession:
 
     def _trim_heard(self, message: protocol.Interrupt) -> None:
         """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
-        reply, nothing when nothing was heard. Only when the talk cycle interrupted is the stored reply this session
-        sent last (`_stored_cycle`): a canned apology, a resumed socket's greeting or an older reply heard in full
-        is never touched. An absent utteranceUntilInterrupt says nothing about what was heard (kept), and an empty
-        one with a positive durationUntilInterruptMs means something was heard."""
+        reply (`heard_of`, as for a reply cut mid-stream), nothing when nothing was heard. Only when the talk cycle
+        interrupted is the stored line this session sent last (`_stored_cycle`): a canned apology, an unstored
+        greeting or an older reply heard in full is never touched."""
         messages = list(self.record.messages or [])
         content, self._stored_cycle = self._stored_cycle, None  # a second barge-in is about a later talk cycle
         if content is None or not messages or messages[-1] != {"role": "assistant", "content": content}:
             return
-        reported = message.utterance_until_interrupt
-        if reported is None or (not reported and (message.duration_until_interrupt_ms or 0) > 0):
-            return  # heard, but not known how much of it: kept
-        cut = heard_cut(content, reported)
-        if cut is None or cut == content:
+        cut = self._heard(content, message)
+        if cut == content:
             return  # all of it was heard
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
         fields: dict[str, Any] = {"messages": messages}
@@ -440,6 +436,10 @@ class RelaySession:
         updated = self.engine.store.update_call(self.record.tracking_id, **fields)
         self.record = self.engine.sharing_snapshot(updated) or self.record
         log.info("relay_history_trimmed", heard_chars=len(cut))
+
+    @staticmethod
+    def _heard(spoken: str, message: protocol.Interrupt) -> str:
+        return heard_of(spoken, message.utterance_until_interrupt, message.duration_until_interrupt_ms)
 
     def _on_error(self, message: protocol.Error) -> None:
         """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
@@ -629,7 +629,7 @@ class RelaySession:
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
                 self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
-            heard = self._sent if interrupt is None else heard_prefix(self._sent, interrupt.utterance_until_interrupt)
+            heard = self._sent if interrupt is None else self._heard(self._sent, interrupt)
             self._commit(turn, heard=heard, interrupted=True)
             if interrupt is not None:
                 self._stored_cycle = None  # Twilio already dropped that talk cycle: a later barge-in is not about it
