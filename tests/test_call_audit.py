@@ -402,3 +402,37 @@ def test_a_barge_in_on_the_welcome_greeting_trims_the_greeting(call, fake_llm):
     call.send({"type": "interrupt", "utteranceUntilInterrupt": first_word, "durationUntilInterruptMs": 400})
     assert call.assistant_lines() == [first_word]
 
+
+def test_a_closing_line_that_fails_to_be_sent_leaves_the_call_answering(app, client, fake_llm):
+    """The write of the goodbye's last frame fails: no `end` follows, so the session must not stay "closing" (every
+    later prompt dropped, the call silent), and the failed turn counts as an error (source apology)."""
+    failed = []
+
+    def fail_the_goodbye_once(call, messages):
+        if not failed and any(m.get("type") == "text" and m.get("last") for m in messages):  # the goodbye's last
+            failed.append(messages)
+            raise RuntimeError("socket write failed")
+
+    call = Call(app, client, on_write=fail_the_goodbye_once)
+    try:
+        call.say("goodbye")
+        assert failed, call.sent
+        source = call.turns()[-1]["source"]
+        fake_llm.push(Reply(text="Of course, what else?"))
+        call.say("wait, one more question")
+        assert call.assistant_lines()[-1] == "Of course, what else?"
+        assert source == "apology"
+    finally:
+        call.session.close()
+
+
+def test_a_turn_that_fails_counts_as_an_error(call, fake_llm, monkeypatch):
+    from callweaver.engine import conversation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planning failed")
+
+    monkeypatch.setattr(conversation, "plan_turn", broken)
+    call.say("Hello?")
+    assert call.turns()[-1]["source"] == "apology"
+

@@ -481,6 +481,7 @@ class RelaySession:
     def _stream_reply(self, turn: Turn, tokens=None) -> None:
         """Send a reply's tokens (`tokens`: an adopted speculation's replay, else the turn itself)."""
         received = self._timings["receivedAt"]
+        closing = False
         try:
             if turn.result.language_switched:
                 self.sender.send_json(self._language_message(turn.result.language))
@@ -534,6 +535,9 @@ class RelaySession:
                     self._send(protocol.close_cycle())
                 else:
                     self._speak_canned("apology")
+                turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
+            if closing:
+                self._closing = False  # no `end` follows a closing line that failed: the caller's next words count
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
