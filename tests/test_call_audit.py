@@ -436,3 +436,27 @@ def test_a_turn_that_fails_counts_as_an_error(call, fake_llm, monkeypatch):
     call.say("Hello?")
     assert call.turns()[-1]["source"] == "apology"
 
+
+def test_a_goodbye_cut_short_by_the_caller_neither_hangs_up_nor_ignores_them(call, fake_llm):
+    """The whole closing line was sent and Twilio is speaking it when the caller talks over it: the end it announces
+    was not heard, so it is dropped (architecture.md's interrupt rule), the call stays on its step, and the caller's
+    words are answered."""
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    closing_line = call.assistant_lines()[-1]
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    record = call.svc.store.get_call(call.tracking_id)
+    assert record.current_node == node and "pendingAction" not in (record.meta or {})
+    assert call.assistant_lines()[-1] == "Thank you" != closing_line
+    fake_llm.push(Reply(text="Of course, what else?"))
+    call.say("wait, one more question")
+    assert call.assistant_lines()[-1] == "Of course, what else?"
+    assert not any(m["type"] == "end" for m in call.sent), call.sent
+
+
+def test_a_goodbye_heard_to_its_end_still_ends_the_call(call, fake_llm):
+    call.say("goodbye")
+    closing_line = call.assistant_lines()[-1]
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": closing_line, "durationUntilInterruptMs": 3000})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"

@@ -72,7 +72,7 @@ class RelaySession:
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread", "_stored_cycle")
+                 "_setup_unread", "_stored_cycle", "_closing_turn")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -97,6 +97,7 @@ class RelaySession:
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
         self._closing = False        # a closing line is playing: `end` follows, new input is not answered
+        self._closing_turn: Turn | None = None  # the turn whose end/transfer waits for its line to play
         self.ended = False
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
         self._discarded: list[SpeculativeTurn] = []        # this caller turn's dropped speculations (metrics)
@@ -392,16 +393,32 @@ class RelaySession:
         return f"[The caller pressed {digits} on the keypad]"
 
     def _on_interrupt(self, message: protocol.Interrupt) -> None:
-        self._fell_silent.set()  # Twilio stopped speaking
         # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
         # another one on the trimmed history).
         self._discard_speculation("barge_in")
         log.info("relay_interrupt", sent_chars=len(self._sent), played_ms=message.duration_until_interrupt_ms)
-        if self._reply is not None and self._streaming:
-            self._cancel(message)
-        elif self.record is not None:
-            self._settle_previous()
-            self._trim_heard(message)
+        try:
+            if self._reply is not None and self._streaming:
+                self._cancel(message)
+            elif self.record is not None:
+                self._settle_previous()
+                if self._trim_heard(message) and self._closing_turn is not None:
+                    self._drop_closing_action(self._closing_turn)
+        finally:
+            # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
+            self._fell_silent.set()
+
+    def _drop_closing_action(self, turn: Turn) -> None:
+        """The caller talked over a closing line before its end: the end/transfer it announced was not heard, so
+        it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
+        reply cut mid-stream; the caller's next words are answered."""
+        self._closing, self._closing_turn = False, None
+        store, tracking_id = self.engine.store, self.record.tracking_id
+        updated = store.update_call(tracking_id, current_node=turn.result.node_id)
+        meta = store.update_meta(tracking_id, remove=("pendingAction", "destination"))
+        if updated is not None:
+            self.record = self.engine.sharing_snapshot(dataclasses.replace(updated, meta=meta or updated.meta))
+        log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
 
     def _settle_previous(self) -> None:
         """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
@@ -415,7 +432,7 @@ class RelaySession:
         else:
             self._reply.join(timeout=5)
 
-    def _trim_heard(self, message: protocol.Interrupt) -> None:
+    def _trim_heard(self, message: protocol.Interrupt) -> bool:
         """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
         reply (`heard_of`, as for a reply cut mid-stream), nothing when nothing was heard. Only when the talk cycle
         interrupted is the stored line this session sent last (`_stored_cycle`): a canned apology, an unstored
@@ -423,10 +440,10 @@ class RelaySession:
         messages = list(self.record.messages or [])
         content, self._stored_cycle = self._stored_cycle, None  # a second barge-in is about a later talk cycle
         if content is None or not messages or messages[-1] != {"role": "assistant", "content": content}:
-            return
+            return False
         cut = self._heard(content, message)
         if cut == content:
-            return  # all of it was heard
+            return False  # all of it was heard
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
         fields: dict[str, Any] = {"messages": messages}
         transcript = list(self.record.transcript or [])
@@ -436,6 +453,7 @@ class RelaySession:
         updated = self.engine.store.update_call(self.record.tracking_id, **fields)
         self.record = self.engine.sharing_snapshot(updated) or self.record
         log.info("relay_history_trimmed", heard_chars=len(cut))
+        return True
 
     @staticmethod
     def _heard(spoken: str, message: protocol.Interrupt) -> str:
@@ -517,13 +535,13 @@ class RelaySession:
                 audio_sent = self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
-                self._closing = True
+                self._closing, self._closing_turn = True, turn
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
             self._send_text(tail, close_cycle=True)
             if not self._streaming:
                 # The caller barged in while the last frame was written: the canceller commits what was heard,
                 # and a closing line cut short announces nothing (its end/transfer is dropped).
-                self._closing = False
+                self._closing, self._closing_turn = False, None
                 return
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
@@ -537,7 +555,8 @@ class RelaySession:
                     self._speak_canned("apology")
                 turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
             if closing:
-                self._closing = False  # no `end` follows a closing line that failed: the caller's next words count
+                # no `end` follows a closing line that failed: the caller's next words count
+                self._closing, self._closing_turn = False, None
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
@@ -556,7 +575,8 @@ class RelaySession:
             message = protocol.end("end", node=r.next_node)
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
-        self._end_after_playback(message, r.reply_text, cleared=True, with_audio=audio_sent)
+        # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
+        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent)
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
         """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent from the moment its
@@ -585,8 +605,9 @@ class RelaySession:
         return True
 
     def _end_soon(self, message: dict, spoken: str) -> None:
-        """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read."""
-        self._closing = True
+        """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read. An
+        ending for an error is never dropped by a barge-in (no closing turn)."""
+        self._closing, self._closing_turn = True, None
         self._fell_silent.clear()
         self.spawn(self._end_after_playback, message, spoken, True)
 
@@ -602,6 +623,9 @@ class RelaySession:
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
+        if not self._closing:
+            log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
+            return  # the caller talked over the closing line before its end (_drop_closing_action)
         log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
         self.ended = True
