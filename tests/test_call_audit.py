@@ -460,3 +460,34 @@ def test_a_goodbye_heard_to_its_end_still_ends_the_call(call, fake_llm):
     call.send({"type": "interrupt", "utteranceUntilInterrupt": closing_line, "durationUntilInterruptMs": 3000})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
     assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
+
+
+def test_a_call_the_store_cannot_read_is_retried_on_whole_turns_only_and_then_ended(app, client, fake_llm,
+                                                                                     monkeypatch):
+    """A store that stays down: the read is retried when a caller turn ends (a final transcript, a keypad entry),
+    not on every digit, at most twice; then the call ends with an error instead of apologising forever."""
+    from structlog.testing import capture_logs
+    from callweaver.store import StoreError
+
+    def store_down(call):
+        def failing(tracking_id):
+            raise StoreError("database is locked")
+
+        monkeypatch.setattr(call.svc.store, "get_call", failing)
+
+    with capture_logs() as logs:
+        call = Call(app, client, before_setup=store_down)
+        try:
+            apology = call.svc.engine.languages.get("en-US").line("apology")
+            for digit in "12#":
+                call.send({"type": "dtmf", "digit": digit})
+            assert [m for m in call.sent if m.get("token") == apology] == [call.sent[0]] * 2, call.sent
+            call.send({"type": "prompt", "voicePrompt": "Hello?", "lang": "en-US", "last": True})
+            call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+            assert json.loads(call.sent[-1]["handoffData"])["reason"] == "error"
+            sent = len(call.sent)
+            call.send({"type": "prompt", "voicePrompt": "Hello??", "lang": "en-US", "last": True})
+            assert len(call.sent) == sent
+        finally:
+            call.session.close()
+    assert "relay_setup_unreadable" in [entry["event"] for entry in logs]

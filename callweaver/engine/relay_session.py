@@ -35,6 +35,7 @@ PLAYBACK_WAIT_MAX_S = 20.0
 SLOW_SPEECH_CHARS_PER_S = 10.0
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
+SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store down) before the call ends
 # No transcript for this long after an interim one: the caller's speech ended without a final transcript (the
 # recogniser dropped it), so that turn's speculations are accounted as unanswered (their cost is kept).
 NO_FINAL_AFTER_S = 5.0
@@ -72,7 +73,7 @@ class RelaySession:
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread", "_stored_cycle", "_closing_turn")
+                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -111,6 +112,7 @@ class RelaySession:
         self._speaker_events = False  # Twilio has sent clientSpeaking on this call: the acoustic signal is there
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
         self._setup_unread: protocol.Setup | None = None  # a `setup` whose store read failed: read again later
+        self._setup_retries = 0
         # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
         # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
         self._stored_cycle: str | None = None
@@ -199,10 +201,21 @@ class RelaySession:
                  direction=setup.get("direction"))
 
     def _read_setup_again(self) -> None:
-        """`setup` could not read the call (the store failed) and the caller was asked to say it again: a caller
-        turn (final transcript, keypad) reads it again; another failure is apologised for again."""
-        if self.record is None and self._setup_unread is not None:
+        """`setup` could not read the call (the store failed) and the caller was asked to say it again: a whole
+        caller turn (final transcript, keypad entry) reads it again; a failure is apologised for, and after
+        SETUP_READ_RETRIES the call ends with an error rather than apologising for every turn."""
+        if self.record is not None or self._setup_unread is None:
+            return
+        self._setup_retries += 1
+        try:
             self._on_setup(self._setup_unread)
+        except Exception:
+            log.exception("relay_setup_read_failed", attempt=self._setup_retries)
+            self._speak_canned("apology")
+            if self._setup_retries >= SETUP_READ_RETRIES:
+                log.error("relay_setup_unreadable", attempts=self._setup_retries + 1)
+                self._setup_unread = None
+                self._end_soon(protocol.end("error", detail="call unreadable"), self._canned("apology"))
 
     def _on_prompt(self, message: protocol.Prompt) -> None:
         received = self.clock()
@@ -353,10 +366,9 @@ class RelaySession:
     def _on_dtmf(self, message: protocol.Dtmf) -> None:
         """Collect keypad digits into one turn: a pause of `inter_digit_s` or `#` ends the entry."""
         digit = message.digit
-        self._read_setup_again()
-        if self.record is None:
+        if self.record is None and self._setup_unread is None:
             log.error("relay_dtmf_before_setup")
-            return
+            return  # (a call `setup` could not read is read again when the entry ends)
         if digit not in "0123456789*#" or not digit:
             log.warning("relay_bad_digit")
             return
@@ -380,6 +392,9 @@ class RelaySession:
         if batch != self._digit_batch or not self._digits or self.ended:
             return  # another digit came since (its own timer will flush), or already flushed
         digits = self._take_digits()
+        self._read_setup_again()
+        if self.record is None:
+            return
         self._settle_previous()
         self._start_reply(self._keypad_note(digits), self.clock())
 
