@@ -491,3 +491,52 @@ def test_a_call_the_store_cannot_read_is_retried_on_whole_turns_only_and_then_en
         finally:
             call.session.close()
     assert "relay_setup_unreadable" in [entry["event"] for entry in logs]
+
+
+TOOL_ONLY = Reply(text="", tool_calls=[("record_variables", {"applicant_name": "Dana Wu"})])
+
+
+def test_a_discarded_speculation_never_pays_the_tool_only_follow_up(app, client, fake_llm):
+    """A speculation whose model only called a tool holds its second request until it is adopted: a discarded one
+    (the final transcript differs) never sends it."""
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        fake_llm.push(TOOL_ONLY, Reply(text="Thanks Dana."))
+        engine = call.svc.engine
+        speculation = engine.speculate(call.svc.store.get_call(call.tracking_id), "My name is Dana Wu", lang="en-US")
+        task = spawn(speculation.pump)
+        call.wait(lambda: speculation.turn.result.tool_calls)
+        engine.drop_speculation(speculation, "final_differs")
+        task.join(10)
+        assert speculation.done and len(fake_llm.requests) == 1
+    finally:
+        call.session.close()
+
+
+def test_an_adopted_speculation_sends_the_tool_only_follow_up(app, client, fake_llm):
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        fake_llm.push(TOOL_ONLY, Reply(text="Thanks Dana."))
+        speculation = call.svc.engine.speculate(call.svc.store.get_call(call.tracking_id), "My name is Dana Wu",
+                                                lang="en-US")
+        spawn(speculation.pump)
+        assert "".join(speculation.replay()) == "Thanks Dana." and len(fake_llm.requests) == 2
+    finally:
+        call.session.close()
+
+
+def test_a_tool_only_follow_up_that_ends_in_an_apology_counts_as_one(app, client, fake_llm, fake_llm2):
+    """The follow-up request failed on every provider and the caller heard an apology: the turn is an apology
+    (an error on the dashboard), and the call stays on its step, as when the first request fails."""
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        node = call.svc.store.get_call(call.tracking_id).current_node
+        fake_llm.push(TOOL_ONLY, *[Reply(fault="500") for _ in range(3)])
+        fake_llm2.push(*[Reply(fault="500") for _ in range(3)])
+        call.say("My name is Dana Wu")
+        apology = call.svc.engine.languages.get("en-US").line("apology")
+        assert call.assistant_lines()[-1] == apology
+        assert call.turns()[-1]["source"] == "apology"
+        assert call.svc.store.get_call(call.tracking_id).current_node == node
+    finally:
+        call.session.close()

@@ -134,6 +134,8 @@ class TurnControl:
     def __init__(self) -> None:
         self.cancelled = False
         self.stream = None  # the provider stream in flight, closable from another greenlet
+        # A speculation's: set once it is adopted (or cancelled); a second request waits for it (`defer_followup`).
+        self.go_ahead: threading.Event | None = None
 
 
 class Turn:
@@ -152,14 +154,24 @@ class Turn:
     def __iter__(self) -> Iterator[str]:
         return self._chunks
 
+    def defer_followup(self) -> None:
+        """A speculative turn: a second LLM request (the tool-only follow-up) waits until `allow_followup`."""
+        self._control.go_ahead = threading.Event()
+
+    def allow_followup(self) -> None:
+        if self._control.go_ahead is not None:
+            self._control.go_ahead.set()
+
     def cancel(self) -> None:
         self._control.cancelled = True
+        self.allow_followup()  # a held follow-up wakes, sees the cancel and ends
         stream = self._control.stream
         if stream is not None:
             stream.close()
 
     def close(self) -> None:
         self._control.cancelled = True
+        self.allow_followup()
         close = getattr(self._chunks, "close", None)
         if close:
             close()
@@ -213,6 +225,7 @@ class SpeculativeTurn:
 
     def __init__(self, turn: Turn, lang: str | None, clock: Callable[[], float], signal: str = SIGNAL_STABLE):
         self.turn = turn
+        turn.defer_followup()  # a second request is paid for only if the final transcript adopts it
         self.lang = lang
         self.signal = signal  # what started it (SIGNAL_*)
         # Recognisers add punctuation and capitals to the final transcript: those change nothing the model reads.
@@ -248,6 +261,7 @@ class SpeculativeTurn:
 
     def replay(self) -> Iterator[str]:
         """Adopted: the tokens already received at once, then the rest as it streams."""
+        self.turn.allow_followup()
         sent = 0
         while True:
             with self._changed:
@@ -500,9 +514,7 @@ class ConversationEngine:
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
-            result.source = "apology"
-            result.next_node = state.current_node
-            result.completed = True
+            self._stay_after_apology(result, state, workflow)
             return
 
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
@@ -513,6 +525,10 @@ class ConversationEngine:
             # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
             # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
             # is the one case with a second request; it only happens when the model ignores "speak first".
+            if control.go_ahead is not None:
+                control.go_ahead.wait()  # a speculation pays the second request only once it is adopted
+                if control.cancelled:
+                    return
             log.info("tool_only_reply_followup", node=outcome.next_node)
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
@@ -523,6 +539,9 @@ class ConversationEngine:
                                    apology=entry.line("apology"))
             yield from self._relay_stream(result, stream2, control, llm_span)
             if control.cancelled:
+                return
+            if stream2.apology_used:
+                self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
         if outcome.action_message:
             sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
@@ -537,6 +556,14 @@ class ConversationEngine:
             result.cache_candidate = (key, CachedReply(text=stream.text, provider=stream.provider,
                                                        created_at=time.time(), language=entry.code,
                                                        node_id=plan.node_id))
+        result.completed = True
+
+    def _stay_after_apology(self, result: TurnResult, state: ConversationState, workflow: Workflow) -> None:
+        """Every provider failed and the caller heard the apology asking them to say it again: the turn is an
+        error (source apology) and the call stays where it was, with what it knew."""
+        self._apply_outcome(result, TurnOutcome(state.current_node, dict(state.variables), None, None, None, None),
+                            workflow)
+        result.source = "apology"
         result.completed = True
 
     def _llm_span(self, result: TurnResult, tools: list | None, options: dict):
