@@ -540,3 +540,35 @@ def test_a_tool_only_follow_up_that_ends_in_an_apology_counts_as_one(app, client
         assert call.svc.store.get_call(call.tracking_id).current_node == node
     finally:
         call.session.close()
+
+
+def test_a_lone_surrogate_anywhere_in_a_relay_frame_is_cleaned_where_it_is_parsed(app, client, fake_llm):
+    """Not only the caller's words: a setup field (kept on the call record) with "\\ud800" made SQLite refuse the
+    write ("surrogates not allowed"), so the call was never read and the caller heard an apology."""
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    svc = app.extensions["callweaver"]
+    sent: list[dict] = []
+
+    class Sender:
+        def send_json(self, *messages: dict) -> None:
+            sent.extend(messages)
+
+    session = RelaySession(svc.engine, Sender(), spawn=spawn)
+    try:
+        session.handle('{"type": "setup", "callSid": "%s", "callerName": "Dana \\ud800", "customParameters": '
+                       '{"trackingId": "%s"}}' % (data["callSid"], data["optimization"]["trackingId"]))
+        assert sent == []
+        meta = svc.store.get_call(data["optimization"]["trackingId"]).meta
+        assert meta["setup"]["callerName"] == "Dana \ufffd"
+    finally:
+        session.close()
+
+
+def test_a_lone_surrogate_in_an_http_json_body_is_cleaned_where_it_is_parsed(client, fake_llm):
+    body = make_call_body()
+    raw = json.dumps(body)[:-1] + ', "x": "\\ud800"}'
+    data = client.post("/api/make-call-optimized", data=raw, content_type="application/json").get_json()
+    assert data["success"], data
+    from flask import json as flask_json
+    with client.application.test_request_context():
+        assert flask_json.loads('{"a": ["\\udc00 b"]}') == {"a": ["\ufffd b"]}

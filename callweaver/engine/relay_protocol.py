@@ -15,6 +15,8 @@ from typing import Any, Mapping, Union
 import orjson
 import structlog
 
+from . import valid_json
+
 log = structlog.get_logger()
 
 # What the TwiML `debug` attribute asks for: agentSpeaking on/off tells us when a closing line has played, and
@@ -96,7 +98,7 @@ Inbound = Union[Setup, Prompt, Interrupt, Dtmf, Info, Error]
 def parse(raw: str | bytes) -> Inbound | None:
     """The message in a frame, or None after logging why the frame is not one (never raises)."""
     try:
-        frame = json.loads(raw)
+        frame = valid_json.loads(raw)  # every string valid Unicode (a lone surrogate becomes U+FFFD)
         if not isinstance(frame, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -122,16 +124,8 @@ def _setup(frame: dict) -> Setup:
 def _prompt(frame: dict) -> Prompt:
     text = frame.get("voicePrompt")
     lang = frame.get("lang")
-    return Prompt(voice_prompt=_unicode(text) if isinstance(text, str) else "", last=frame.get("last") is not False,
+    return Prompt(voice_prompt=text if isinstance(text, str) else "", last=frame.get("last") is not False,
                   lang=lang if isinstance(lang, str) and lang else None)
-
-
-def _unicode(text: str) -> str:
-    """`text` as valid Unicode: a lone surrogate (a JSON escape can carry one) becomes U+FFFD, so the caller's words
-    can be stored and sent on like any others."""
-    if text.isascii():
-        return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _interrupt(frame: dict) -> Interrupt:
