@@ -728,6 +728,19 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
         time.sleep(0.05)
 
 
+def test_relay_socket_lease_that_ran_out_unclaimed_is_still_renewed_by_its_owner(store):
+    """A renewal that comes late (a store outage or a stalled worker longer than the lease) while no other socket
+    took the call keeps the live call on both backends; it used to end it on Redis only ("another socket took
+    over this call"), whose claim vanished with its lease, while SQLite's row outlives it."""
+    store.create_call(make_record("call_late"))
+    assert store.claim_relay_socket("call_late", "socket-a", 2, 0.05)
+    time.sleep(0.3)  # past the lease; nobody claims meanwhile
+    assert store.renew_relay_socket("call_late", "socket-a", 30)
+    assert not store.claim_relay_socket("call_late", "socket-b", 2, 30)  # held again, with its generation
+    assert store.claim_relay_socket("call_late", "socket-c", 3, 30)      # a resume still replaces it at once
+    assert not store.renew_relay_socket("call_late", "socket-a", 30)
+
+
 def test_values_the_fast_encoder_refuses_are_still_stored(store):
     """Integers beyond 64 bits (orjson refuses them) and integer keys round-trip like the standard library's JSON."""
     big = 2 ** 70 + 1  # not a float's exact value: read back as a float it would come back changed
