@@ -22,6 +22,7 @@ deadlines and cross-thread cancellation would need a `gevent.Timeout` per read a
 from __future__ import annotations
 
 import base64
+import re
 import select
 import socket
 import ssl
@@ -362,6 +363,21 @@ class ExchangeDeadline:
         self._close_readable()
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _take_lines_with_cr(body: bytearray, at_end: bool) -> list[bytes]:
+    """The complete lines at the front of `body` (taken out of it), ended by CRLF, CR or LF: the SSE spec allows
+    all three. A CR that ends the buffer may be the first half of a CRLF, so it waits for the next byte (or the
+    body's end)."""
+    last = max(body.rfind(b"\n"), body.rfind(b"\r", 0, len(body) - (0 if at_end else 1)))
+    if last < 0:
+        return []
+    text = bytes(body[:last + 1])
+    del body[:last + 1]
+    return _LINE_END.split(text[:-2] if text.endswith(b"\r\n") else text[:-1])
+
+
 class Exchange:
     """One streamed POST: send it, read the head, then the body's lines; abort() works from another greenlet."""
 
@@ -482,11 +498,15 @@ class Exchange:
         without line endings; None once the body is complete. One call per network read, not per line."""
         while True:
             body = self._body
+            if b"\r" in body:  # CR or CRLF line ends
+                lines = _take_lines_with_cr(body, self._complete)
+                if lines:
+                    return lines
             end = body.rfind(b"\n")
             if end >= 0:
                 lines = bytes(body[:end]).split(b"\n")
                 del body[:end + 1]
-                return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+                return lines
             if self._complete:
                 if body:
                     line = bytes(body)
