@@ -157,3 +157,31 @@ def test_test_optimization_reports_measured_stages(stack):
     assert "French" in stack["llm"].requests[-1].messages[0]["content"]
     bad = http("POST", stack["server"].url + "/api/test-optimization", json_body={"language": "en-US"})
     assert bad.status == 400 and bad.json()["success"] is False
+
+
+# -- the reader's figures, straight from a store ------------------------------------------------------------------
+
+def _reader_over(tmp_path, clock):
+    from callweaver.engine.metrics import MetricsReader
+    from callweaver.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "figures.sqlite3"))
+    return store, MetricsReader(store, clock=clock)
+
+
+def test_total_latency_of_a_call_with_no_measured_first_token_is_null_with_a_reason(tmp_path):
+    """A turn interrupted before its first token has no first-token time: the call's total was reported as 0 ms."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_cut", created_at=now - 10))
+    store.append_turn("call_cut", {"path": "optimized", "source": "llm", "firstTokenMs": None, "interrupted": True,
+                                   "at": now - 5})
+    view = reader.call("call_cut")
+    assert view["callData"]["totalLatency"] is None
+    assert view["reasons"]["totalLatency"]
+    store.append_turn("call_cut", {"path": "optimized", "source": "llm", "firstTokenMs": 412.5, "at": now - 2})
+    assert reader.call("call_cut")["callData"]["totalLatency"] == 412.5
+    store.close()
+

@@ -249,6 +249,9 @@ class MetricsReader:
                 **((record.meta or {}).get("unansweredSpeculations") or {}), "window": "call"}),
         }
         reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
+        measured_first = [t["firstTokenMs"] for t in turns if t.get("firstTokenMs") is not None]
+        if not measured_first:
+            reasons["totalLatency"] = "no turn with a measured first token yet"
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
                               if h.get("payload", {}).get("CallDuration")), None)
         return {
@@ -258,7 +261,7 @@ class MetricsReader:
                 "callSid": None, "status": record.status, "path": record.path,
                 "language": record.language, "workflowId": record.workflow_id,
                 "duration": int(call_duration) if call_duration else duration_s,
-                "totalLatency": round(sum(t.get("firstTokenMs") or 0 for t in turns), 3) if turns else None,
+                "totalLatency": round(sum(measured_first), 3) if measured_first else None,
                 "cacheHits": s["cacheHits"], "qualityScore": None, "currentNode": record.current_node,
                 "createdAt": record.created_at, "endedAt": record.ended_at,
                 "statusHistory": [{"status": h["status"], "sequence": h["sequence"], "receivedAt": h["receivedAt"]}
