@@ -185,3 +185,15 @@ def test_total_latency_of_a_call_with_no_measured_first_token_is_null_with_a_rea
     assert reader.call("call_cut")["callData"]["totalLatency"] == 412.5
     store.close()
 
+
+def test_active_calls_count_every_live_call_not_only_those_started_in_the_window(tmp_path):
+    """`activeCalls` is a count of calls live now, as /metrics' live-calls gauge and the dashboard's list count
+    them: a call placed before the report's window and still talking is active."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_long", created_at=now - 600))
+    store.create_call(CallRecord(tracking_id="call_new", created_at=now - 10))
+    assert reader.aggregate(60)["activeCalls"] == 2
+    store.close()

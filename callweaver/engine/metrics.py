@@ -14,6 +14,9 @@ from ..store import counter_series
 from ..units import SECONDS_PER_DAY
 
 NO_SAMPLES = "no measured turns in this window"
+# Live calls are counted now, whatever a report's window; a call whose terminal status never arrived stops
+# counting as live after this long.
+LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
 # The stored counter (by field) of speculations whose caller turn never got a final transcript; for the API only,
 # /metrics exposes them as callweaver_speculations{outcome="unanswered"} and in the extra-cost sums.
 UNANSWERED = "cw_unanswered_speculations"
@@ -285,7 +288,7 @@ class MetricsReader:
             if t.get("provider"):
                 by_provider[t["provider"]].append(t)
         s = summarize_turns(turns)
-        active = [c for c in self.store.live_calls(since=now - window_s) if c.status != "failed"]
+        active = [c for c in self.store.live_calls(since=now - LIVE_CALL_HORIZON_S) if c.status != "failed"]
         return {
             "windowSeconds": window_s,
             "activeCalls": len(active), "calls": self.store.count_calls(since=now - window_s),
