@@ -623,3 +623,28 @@ def test_p95_budget_waits_for_enough_samples_of_the_providers_own_ttft(make_chai
     for ttft in range(1, 21):
         chain.note_first_token("azure", float(ttft * 10))
     assert chain.hedge_budget_s(primary) == 0.19  # nearest-rank p95 of 10..200 ms
+
+
+def test_a_reply_that_finished_before_its_connection_broke_is_not_failed_over(openai_fake):
+    """The provider sent the whole reply and its finish_reason, then the connection broke before `data: [DONE]`:
+    the reply is complete. It used to count as a dropped stream: a circuit failure, and the next provider asked to
+    continue a finished reply (or the apology appended to it when none answered)."""
+    from tests.test_llm_http import ScriptedServer
+
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"All done."}}]}\n\n',
+              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n']
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)  # no terminating chunk
+    server = ScriptedServer([[head + body, None]])
+    openai_fake.push(Reply(text=" And more."))
+    chain = ProviderChain([ProviderConfig("primary", "openai", "sk-primary", "m", base_url=f"http://127.0.0.1:{server.port}/v1"),
+                           ProviderConfig("openai", "openai", OPENAI_KEY, "gpt-4o-mini", base_url=openai_fake.url)])
+    try:
+        reply = chain.stream(MESSAGES)
+        assert "".join(reply) == "All done." == reply.text
+        assert (reply.provider, reply.failovers, reply.apology_used) == ("primary", [], False)
+        assert openai_fake.requests == []
+        assert chain.health()[0]["consecutiveFailures"] == 0
+    finally:
+        chain.close()
+        server.stop()

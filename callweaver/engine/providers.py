@@ -408,7 +408,12 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
                     raise ReadTimedOut("deadline passed between lines")
-                lines = exchange.next_lines(deadline)
+                try:
+                    lines = exchange.next_lines(deadline)
+                except (ConnectionDropped, ReadTimedOut):
+                    if sse.finish_reason is None:
+                        raise
+                    break  # the reply had finished: only its `[DONE]` tail was lost
                 if lines is None:
                     break
                 for content, producing in sse.read_lines(lines):
