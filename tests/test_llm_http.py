@@ -153,6 +153,18 @@ def test_content_length_error_status_raises_status_error(server_factory):
     exchange.close()
 
 
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"5, 6"])
+def test_an_invalid_content_length_is_a_broken_response_not_a_value_error_or_a_body_read_forever(server_factory,
+                                                                                               length):
+    """RFC 9112 §6.3: an invalid Content-Length cannot frame the body. It raised a bare ValueError (the socket left
+    open, outside the UpstreamError family the callers map) or, negative, made the body never end."""
+    server = server_factory([b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nhello", 0.5])
+    exchange = Exchange(pool_for(server))
+    with pytest.raises(ConnectionDropped):
+        exchange.start(b"{}", time.monotonic() + 5, 2.0)
+        exchange.read_body(time.monotonic() + 1)
+
+
 def test_no_head_before_the_deadline_is_a_read_timeout(server_factory):
     server = server_factory([2.0])
     exchange = Exchange(pool_for(server))

@@ -465,7 +465,10 @@ class Exchange:
         if self.status in (204, 304) or self.status < 200:
             self._chunked, self._length_left = False, 0  # no body, whatever the headers say (RFC 9112 §6.3)
         elif not self._chunked and "content-length" in headers:
-            self._length_left = int(headers["content-length"])
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):  # cannot frame the body (RFC 9112 §6.3)
+                raise ConnectionDropped("invalid Content-Length")
+            self._length_left = int(length)
         connection = headers.get("connection", "").lower()
         self._keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if not self._chunked and self._length_left is None:
