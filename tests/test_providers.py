@@ -470,6 +470,16 @@ def test_parse_azure_endpoint_accepts_a_plain_resource_url(url):
     assert parse_azure_endpoint(url) == ("https://my-res.openai.azure.com", None, None)
 
 
+@pytest.mark.parametrize("url", [
+    "https://gw.example.com/team-a/openai/deployments/gpt4omini/chat/completions?api-version=2024-10-21",
+    "https://gw.example.com/team-a/", "https://gw.example.com/team-a/openai"])
+def test_parse_azure_endpoint_keeps_a_gateways_path_before_openai(url):
+    """An Azure endpoint behind a gateway (API Management) has a path before /openai/; the SDK keeps an
+    azure_endpoint's path, and dropping it sent every request to a URL the gateway does not serve."""
+    resource, _deployment, _version = parse_azure_endpoint(url)
+    assert resource == "https://gw.example.com/team-a"
+
+
 def test_build_provider_chain_uses_the_full_azure_url_and_a_keyless_self_hosted_server(azure_fake, openai_fake):
     settings = SimpleNamespace(
         llm_providers=("azure", "openai"), azure_openai_api_key=AZURE_KEY,
