@@ -197,3 +197,19 @@ def test_active_calls_count_every_live_call_not_only_those_started_in_the_window
     store.create_call(CallRecord(tracking_id="call_new", created_at=now - 10))
     assert reader.aggregate(60)["activeCalls"] == 2
     store.close()
+
+
+def test_added_latency_of_an_adopted_speculation_is_not_measured_so_not_reported_as_zero():
+    """An adopted speculation's request went out before the final prompt: first token sent (timed from the final
+    prompt) minus the provider's first token (timed from that earlier request) is no overhead of ours. It was
+    clamped to 0 ms and counted in the addedLatency figures and histogram as a measured zero."""
+    from callweaver.engine.metrics import added_latency_ms, summarize_turns
+    from callweaver.engine.prometheus import turn_counters
+
+    adopted = {"path": "optimized", "source": "llm", "provider": "azure", "firstTokenMs": 4.0,
+               "providerTtftMs": 310.0, "speculation": "adopted", "savedMs": 306.0}
+    assert added_latency_ms(adopted) is None
+    assert summarize_turns([adopted])["addedLatencyMs"]["samples"] == 0
+    assert not [key for key in turn_counters(adopted) if "added_latency" in key]
+    plain = {**adopted, "speculation": None, "firstTokenMs": 330.0}
+    assert added_latency_ms(plain) == 20.0
