@@ -233,6 +233,18 @@ def test_find_tracking_id_uses_the_call_sid_set_on_create_or_update(store):
     assert store.find_tracking_id("CA_unknown") is None
 
 
+def test_a_replaced_call_sid_no_longer_finds_the_call(store):
+    """SQLite finds a call by its current CallSid only; Redis kept the old CallSid's index entry (pointing at the
+    call for ever, past its purge), so the same lookup answered differently by backend."""
+    store.create_call(make_record("moved", call_sid="CA_first"))
+    store.update_call("moved", call_sid="CA_second")
+    assert store.find_tracking_id("CA_first") is None
+    assert store.find_tracking_id("CA_second") == "moved"
+    store.record_placed("moved", "CA_third", "queued")
+    assert store.find_tracking_id("CA_second") is None
+    assert store.find_tracking_id("CA_third") == "moved"
+
+
 # -- status callbacks ---------------------------------------------------------------
 
 

@@ -62,16 +62,31 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
+# Lua, before a write that sets a call's CallSid (KEYS[1] the call, KEYS[2] the new CallSid's index entry, `sid_prefix`
+# the index's key prefix): the old CallSid's entry goes if it still names this call, so only the current CallSid
+# finds it (as in SQLite, whose index is the call's own column) and purge leaves no entry behind.
+_DROP_OLD_SID = """
+local old = redis.call('HGET', KEYS[1], 'call_sid')
+if old and old ~= 'null' then
+  local old_key = sid_prefix .. cjson.decode(old)
+  if old_key ~= KEYS[2] and redis.call('GET', old_key) == tracking_id then redis.call('DEL', old_key) end
+end
+"""
+
 # KEYS: call, sid index (or call again), calls:created, calls:ended, counters
 # ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at,
-#       ended-calls series to count if this write ends the call (or ""), pairs...
+#       ended-calls series to count if this write ends the call (or ""), sid index prefix, pairs...
 _UPDATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[6] ~= '' then
   local ended = redis.call('HGET', KEYS[1], 'ended_at')
   if (not ended) or ended == 'null' then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[6], 1) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if ARGV[2] == '1' then
+  local sid_prefix, tracking_id = ARGV[7], ARGV[1]
+""" + _DROP_OLD_SID + """
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] == 'set' then
@@ -82,11 +97,13 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: call, sid index. ARGV: tracking id, call_sid JSON, status JSON, updated_at JSON.
+# KEYS: call, sid index. ARGV: tracking id, call_sid JSON, status JSON, updated_at JSON, sid index prefix.
 # make-call's last write: the CallSid always; the REST answer's status only while no status callback has landed
 # (Twilio may call back before its answer arrives, and a callback's status is the newer one).
 _RECORD_PLACED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local sid_prefix, tracking_id = ARGV[5], ARGV[1]
+""" + _DROP_OLD_SID + """
 redis.call('HSET', KEYS[1], 'call_sid', ARGV[2], 'updated_at', ARGV[4])
 if (tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1) < 0 then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
@@ -380,6 +397,7 @@ class RedisStore:
                 ended_action,
                 ended_score,
                 ended_series,
+                self._key("sid", ""),
                 *pairs,
             ],
         )
@@ -387,7 +405,8 @@ class RedisStore:
 
     def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
         reply = self._script("record_placed", [self._key("call", tracking_id), self._key("sid", call_sid)],
-                             [tracking_id, _dumps(call_sid), _dumps(status), _dumps(time.time())])
+                             [tracking_id, _dumps(call_sid), _dumps(status), _dumps(time.time()),
+                              self._key("sid", "")])
         return bool(reply)
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
