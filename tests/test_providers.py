@@ -658,3 +658,29 @@ def test_a_reply_that_finished_before_its_connection_broke_is_not_failed_over(op
     finally:
         chain.close()
         server.stop()
+
+
+def test_a_hedged_turn_cancelled_mid_race_frees_the_backups_half_open_probe(make_chain, azure_fake, openai_fake,
+                                                                            clock):
+    """A barge-in during a hedged race settled only the primary: the backup's half-open probe, claimed when the
+    hedge started, stayed held, so the backup was skipped for one more cooldown (the next turn got the apology)."""
+    chain = make_chain(circuit_failures=1, circuit_cooldown_s=30.0, first_token_timeout_s=5.0, hedge_after_s=0.1)
+    azure_fake.push(Reply(fault="500"))
+    openai_fake.push(Reply(fault="500"))
+    assert make_and_finish(chain).apology_used  # both circuits open
+    clock.now += 31.0                           # both half-open
+
+    azure_fake.push(Reply(text="Primary, slow.", ttft_s=3.0))
+    openai_fake.push(Reply(text="Backup, slow too.", ttft_s=3.0))
+    reply = chain.stream(MESSAGES)
+    listener = threading.Thread(target=lambda: list(reply), daemon=True)
+    listener.start()
+    assert openai_fake.wait_until(lambda: len(openai_fake.requests) == 2)  # the hedge started: both probes held
+    reply.close()                                                           # the caller barged in
+    listener.join(timeout=10)
+    assert not listener.is_alive()
+
+    azure_fake.push(Reply(fault="500"))
+    openai_fake.push(Reply(text="Backup here."))
+    after = make_and_finish(chain)
+    assert (after.text, after.provider) == ("Backup here.", "openai")

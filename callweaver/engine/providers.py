@@ -306,6 +306,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     hedge_at = time.monotonic() + budget_s
     winner: _Racer | None = None
     failed = 0
+    settled: set[_Racer] = set()  # racers whose circuit outcome is already recorded
     try:
         while True:
             if state.cancelled:
@@ -332,6 +333,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                     raise value  # no hedge was started: the chain's own failover handles it
                 failed += 1
                 racer.provider.circuit.record_failure(chain._clock())
+                settled.add(racer)
                 state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
                                         "spoken_chars": len(state.text)})
                 if winner is not None or failed == len(racers):
@@ -343,6 +345,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                     if other is not racer:
                         other.cancel()
                         _settle_cancelled(other.provider, other.state, other.seen)
+                        settled.add(other)
             if kind == "done":
                 break
             state.text += value
@@ -350,6 +353,8 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     except BaseException:
         for racer in racers:
             racer.cancel()
+            if racer is not racers[0] and racer not in settled:  # the chain settles the primary
+                _settle_cancelled(racer.provider, racer.state, racer.seen)
         raise
     won = winner.state
     state.tool_calls.extend(won.tool_calls)
