@@ -213,3 +213,20 @@ def test_added_latency_of_an_adopted_speculation_is_not_measured_so_not_reported
     assert not [key for key in turn_counters(adopted) if "added_latency" in key]
     plain = {**adopted, "speculation": None, "firstTokenMs": 330.0}
     assert added_latency_ms(plain) == 20.0
+
+
+def test_every_null_rate_of_a_call_or_window_without_turns_has_a_reason(tmp_path):
+    """A figure that was not measured is null WITH a reason: the rates of a call with no turn yet (and of a window
+    with none) were null with no reason next to them."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_quiet", created_at=now - 10))
+    view = reader.call("call_quiet")
+    for name in ("errorRate", "cacheHitRate", "providerFailoverRate", "currentThroughput"):
+        assert view["metrics"][name] is None and view["reasons"][name]
+    aggregated = reader.aggregate(60)
+    for name in ("averageLatency", "cacheHitRate", "errorRate"):
+        assert aggregated[name] is None and aggregated["reasons"][name]
+    store.close()

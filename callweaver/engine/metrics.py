@@ -241,7 +241,8 @@ class MetricsReader:
         first = s["firstTokenMs"]
         reasons = {}
         if not turns:
-            reasons["latency"] = "no caller turns yet"
+            reasons.update(dict.fromkeys(("latency", "errorRate", "cacheHitRate", "providerFailoverRate",
+                                          "currentThroughput"), "no caller turns yet"))
         metrics = {
             "averageLatency": first["mean"], "p50Latency": first["p50"], "p95Latency": first["p95"],
             "p99Latency": first["p99"], "errorRate": s["errorRate"], "cacheHitRate": s["cacheHitRate"],
@@ -310,6 +311,7 @@ class MetricsReader:
                           for name, ts in sorted(by_provider.items())},
             "preemption": preemption_summary(
                 turns, {**unanswered_speculations(self.store.counters()), "window": "since the store began"}),
+            "reasons": {} if turns else dict.fromkeys(("averageLatency", "cacheHitRate", "errorRate"), NO_SAMPLES),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:
