@@ -1,6 +1,7 @@
 """Settings: every environment variable read, typed and validated in one place."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -176,6 +177,8 @@ class Settings:
                 return default
             try:
                 val = kind(str(raw).strip())
+                if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
+                    raise ValueError(raw)
             except ValueError:
                 problems.append(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}")
                 return default

@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
@@ -282,6 +282,10 @@ class CallLifecycle:
         if not isinstance(path, str) or not re.fullmatch(r"/api/twiml-(ai|optimized|default)(\?[^#\s]*)?", path):
             raise CallRequestError("twimlUrl must be one of this service's TwiML endpoints "
                                 "(/api/twiml-ai, /api/twiml-optimized, /api/twiml-default)")
+        # Twilio signs whatever URL it is given: a query naming another call (trackingId) would make this call's
+        # webhooks act on that call's record. Only the workflow (`id`) may be named.
+        if any(name != "id" for name, _value in parse_qsl(urlsplit(path).query, keep_blank_values=True)):
+            raise CallRequestError("twimlUrl's query may only name the workflow (id=...)")
         return base_url + path
 
     def destination_refusal(self, number: str | None) -> str | None:

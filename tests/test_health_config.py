@@ -77,6 +77,10 @@ def test_test_workflow_reports_flags_but_no_secrets(client):
     ({"PUBLIC_BASE_URL": "ftp://x"}, "PUBLIC_BASE_URL"),
     ({"ALLOW_REQUEST_CREDENTIALS": "1"}, "SECRET_KEY"),
     ({"TWILIO_VALIDATE_SIGNATURES": "maybe"}, "TWILIO_VALIDATE_SIGNATURES"),
+    # not numbers: NaN passed every lower bound (all its comparisons are false)
+    ({"BODY_READ_TIMEOUT_S": "nan"}, "BODY_READ_TIMEOUT_S"),
+    ({"LLM_FIRST_TOKEN_TIMEOUT_S": "-inf"}, "LLM_FIRST_TOKEN_TIMEOUT_S"),
+    ({"RELAY_SETUP_TIMEOUT_S": "inf"}, "RELAY_SETUP_TIMEOUT_S"),
 ])
 def test_bad_configuration_names_the_variable(env, needle):
     with pytest.raises(ConfigError) as err:

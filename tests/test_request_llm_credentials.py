@@ -74,6 +74,10 @@ def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, 
     ("https://169.254.169.254/openai/deployments/d", "non-public address"),
     ("https://[::1]/openai/deployments/d", "non-public address"),
     ("https://localhost/openai/deployments/d", "non-public address"),
+    # not URLs at all: urlsplit or its port raised ValueError, a 500
+    ("https://llm.example.com:99999/openai/deployments/d", "must be an absolute https URL"),
+    ("https://llm.example.com:port/openai/deployments/d", "must be an absolute https URL"),
+    ("https://[::1/openai/deployments/d", "must be an absolute https URL"),
 ])
 def test_request_supplied_llm_urls_must_be_public_https(env, fake_twilio, own_llm, endpoint, reason):
     """SSRF: with ALLOW_REQUEST_CREDENTIALS=1 a caller-supplied LLM URL is fetched by the server, so it must be https

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ApiError
 from ..engine.conversation import probe_turn
-from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, MetricsReader
+from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, MetricsReader, RecentTurns
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
@@ -17,7 +17,12 @@ from .common import FEATURES, MAX_WINDOW_S, all_providers_failed, body_params, o
 bp = Blueprint("metrics", __name__)
 
 
-def _window() -> int:
+# The longest window a public figure may ask for: the longest one a worker keeps (longer ones are read from the
+# store's rows on every request, which an unauthenticated GET must not be able to make a worker do at will).
+MAX_PUBLIC_WINDOW_S = int(RecentTurns.MAX_KEPT_S)
+
+
+def _window(longest: int = MAX_PUBLIC_WINDOW_S) -> int:
     raw = request.args.get("window")
     if raw is None:
         return services().settings.metrics_window_s
@@ -25,8 +30,8 @@ def _window() -> int:
         value = int(raw)
     except ValueError:
         raise ApiError(400, "window must be a whole number of seconds")
-    if not 1 <= value <= MAX_WINDOW_S:
-        raise ApiError(400, f"window must be between 1 and {MAX_WINDOW_S} seconds")
+    if not 1 <= value <= longest:
+        raise ApiError(400, f"window must be between 1 and {longest} seconds")
     return value
 
 
@@ -106,7 +111,7 @@ def prometheus_metrics():
 @operator_only
 def dashboard_data():
     svc = services()
-    window = _window()
+    window = _window(MAX_WINDOW_S)
     reader = _reader()
     live = [{"trackingId": c.tracking_id, "status": c.status, "path": c.path, "language": c.language,
              "currentNode": c.current_node, "startedAt": c.created_at}
