@@ -48,8 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one worker's app; `config` overrides environment variables by name (tests use it)."""
     settings = Settings.from_env(os.environ, overrides=config)
     init_logging(settings.log_level, settings.log_format, trace_ids=bool(settings.otel_exporter_otlp_endpoint))
-    for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
-                   settings.secret_key, settings.ops_token, settings.call_report_secret):
+    for secret in settings.secrets:
         register_secret(secret)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)

@@ -223,6 +223,7 @@ class CallLifecycle:
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,
+                                             time_limit_s=self.settings.max_call_duration_s,
                                              record=record, credentials=creds)
         except Exception as exc:
             self.store.update_meta(tracking_id, {"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]},

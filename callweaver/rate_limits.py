@@ -125,7 +125,7 @@ def init_rate_limits(app: Flask, settings: Settings, windows: MovingWindowRateLi
         "end-call": ("RATE_LIMIT_END_CALL", settings.rate_limit_end_call, ("calls.end_call",)),
         # The poll also asks Twilio's REST API with the server's credentials; in its own window, so polling a call
         # never uses up the client's hang-ups.
-        "call-status": ("RATE_LIMIT_END_CALL", settings.rate_limit_end_call, ("calls.call_status_poll",)),
+        "call-status": ("RATE_LIMIT_CALL_STATUS", settings.rate_limit_call_status, ("calls.call_status_poll",)),
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:

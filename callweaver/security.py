@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import socket
 from typing import Mapping
@@ -13,6 +12,8 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, InvalidToken
 from twilio.request_validator import (SIGNATURE_SETTINGS_HEADER, RequestValidator,
                                       get_signature_algorithm)
+
+from .engine.llm_http import is_public_address
 
 
 def public_base_url(configured: str | None, headers: Mapping[str, str], scheme: str, host: str) -> str:
@@ -96,10 +97,8 @@ def outbound_url_refusal(url: str, *, allow_private: bool = False) -> str | None
         infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return f"host {parts.hostname!r} does not resolve"
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not address.is_global or address.is_multicast:
-            return f"host {parts.hostname!r} resolves to a non-public address"
+    if not all(is_public_address(info[4][0]) for info in infos):
+        return f"host {parts.hostname!r} resolves to a non-public address"
     return None
 
 

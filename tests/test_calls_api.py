@@ -32,6 +32,7 @@ def test_make_call_optimized_sends_exact_twilio_parameters_and_stores_the_call(a
     assert create.one("StatusCallbackMethod") == "POST"
     assert create.params["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
     assert create.one("Timeout") == "30" and create.one("Record") == "false"
+    assert create.one("TimeLimit") == "3600"  # MAX_CALL_DURATION_S: a line kept open is not billed for 4 hours
 
     record = _services(app).store.get_call(tracking_id)
     assert record.call_sid == data["callSid"] and record.path == "optimized"

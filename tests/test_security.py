@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 
 import pytest
 
@@ -147,13 +148,16 @@ def test_end_call_is_limited(env, fake_twilio):
 def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
     """Each poll asks Twilio's REST API with the server's credentials: unlimited, anyone could spend the account's
     API concurrency (and its workers' time) on it. Its window is its own, so polling never stops a hang-up."""
-    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()
+    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()  # its default
     codes = [client.get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(3)]
     assert codes[2] == 429 and 429 not in codes[:2]
-    assert "RATE_LIMIT_END_CALL" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
+    assert "RATE_LIMIT_CALL_STATUS" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
     assert len([r for r in fake_twilio.requests if r.method == "GET"]) == 2
     end = client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json")
     assert end.status_code != 429
+    own = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute", "RATE_LIMIT_CALL_STATUS": "5 per minute"})
+    codes = [own.test_client().get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(6)]
+    assert codes.index(429) == 5  # its own variable, when set
 
 
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
@@ -394,6 +398,23 @@ def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
     assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
 
 
+def test_repeated_public_metrics_requests_read_the_store_for_their_whole_window_once(app, client, monkeypatch):
+    """The longest public window, and /api/health-optimized (public, polled by the web app), are served from the
+    worker's kept turns after the first read: only the last few seconds are read again. Found by review: a window of
+    exactly a day measured from a `since` taken a moment earlier counted as longer than kept and read the whole day
+    on every request; the health route built a fresh reader (a whole window read) per request."""
+    store = app.extensions["callweaver"].store
+    reads: list[float] = []
+    real = store.recent_turns
+    monkeypatch.setattr(store, "recent_turns", lambda since: (reads.append(time.time() - since), real(since))[1])
+    for _ in range(4):
+        assert client.get("/api/performance-comparison?window=86400").status_code == 200
+        assert client.get("/api/performance-metrics?window=86400").status_code == 200
+        assert client.get("/api/health-optimized").status_code == 200
+    whole = [age for age in reads if age > 60]
+    assert len(whole) == 1, reads  # the first request's read of its day; every later one reads seconds
+
+
 def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env, capsys):
     """Unsigned webhooks are not rate limited and each refusal is logged with the ids it named: a 400 KB CallSid
     (or trackingId) was copied whole into that warning, so every forged request wrote as much log as it sent."""
@@ -413,7 +434,12 @@ def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env
     ("/a?twilioAuthToken=zzz&b=1", "/a?twilioAuthToken=[REDACTED]&b=1"),
     ("API-KEY=foo", "[REDACTED]"),
     # the credential after an auth scheme, not just the scheme's name
-    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED] sent"),
+    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED]"),  # unquoted: the rest of the line
+    ("Authorization: Negotiate opsTokenValue12345\nnext line", "[REDACTED]\nnext line"),  # any scheme
+    ("Headers([('Authorization', 'Bearer opsTokenValue12345'), ('X', 'y')])",
+     "Headers([('[REDACTED]'), ('X', 'y')])"),  # werkzeug's repr
+    ("{'Authorization': ['Bearer opsTokenValue12345']}", "{'[REDACTED]']}"),  # a list of values
+    ('{"Authorization": "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/x, Signature=abc"}', '{"[REDACTED]"}'),
     ("authorization=Basic QUMxMjM6c2VjcmV0", "[REDACTED]"),
     ("{'Authorization': 'Bearer opsTokenValue12345'}", "{'[REDACTED]'}"),
     ('{"authorization": "Bearer opsTokenValue12345", "x": 1}', '{"[REDACTED]", "x": 1}'),

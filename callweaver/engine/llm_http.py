@@ -22,6 +22,7 @@ deadlines and cross-thread cancellation would need a `gevent.Timeout` per read a
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 import select
 import socket
@@ -141,13 +142,31 @@ class Endpoint:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
 
 
+def is_public_address(address: str) -> bool:
+    """An address on the public internet: not loopback, private, link-local, reserved or multicast."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return ip.is_global and not ip.is_multicast
+
+
+def _public_address(host: str, port: int) -> tuple[str, int]:
+    """The first address `host` resolves to, once every one of them is known to be public."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    if not infos or not all(is_public_address(info[4][0]) for info in infos):
+        raise ConnectFailed("host resolves to a non-public address")
+    return infos[0][4][0], port
+
+
 class ConnectionPool:
     """Idle keep-alive sockets of one endpoint, newest first; only the socket being taken is checked."""
 
     def __init__(self, endpoint: Endpoint, max_idle: int = 500,
-                 tls_context: Callable[[], ssl.SSLContext] | None = None) -> None:
-        """`tls_context` builds the TLS trust on first use (default: the openai SDK's, `httpcore2`)."""
+                 tls_context: Callable[[], ssl.SSLContext] | None = None, public_only: bool = False) -> None:
+        """`tls_context` builds the TLS trust on first use (default: the openai SDK's, `httpcore2`).
+        `public_only` (a URL a request supplied): every address the host resolves to when a connection is made must
+        be public, and the connection goes to the address checked, so a name that resolved to a public address when
+        the URL was accepted cannot later point the server at its own network (DNS rebinding)."""
         self.endpoint = endpoint
+        self.public_only = public_only
         self.max_idle = max_idle
         self._idle: list[socket.socket] = []
         self._tls_context: ssl.SSLContext | None = None
@@ -182,6 +201,8 @@ class ConnectionPool:
         address = (proxy.host, proxy.port) if proxy is not None else (endpoint.host, endpoint.port)
         sock = None
         try:
+            if self.public_only and proxy is None:
+                address = _public_address(endpoint.host, endpoint.port)
             sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:

@@ -182,6 +182,7 @@ class RecentTurns:
 
     OVERLAP_S = 5.0
     MAX_KEPT_S = float(SECONDS_PER_DAY)
+    SLACK_S = 60.0  # a window of MAX_KEPT_S measured from a `since` taken a moment earlier still counts as kept
 
     def __init__(self, store, clock: Callable[[], float] = time.time):
         self.store = store
@@ -194,12 +195,12 @@ class RecentTurns:
     def since(self, since: float) -> list[dict]:
         """Turns with at >= since, oldest first; the same rows the store would return."""
         now = self.clock()
-        if now - since > self.MAX_KEPT_S:
+        if now - since > self.MAX_KEPT_S + self.SLACK_S:
             return self.store.recent_turns(since)
         with self._lock:
             if self._read_at is None or now - since > self._kept_s:
-                # A minute of margin: the same window asked again a moment later must not count as wider.
-                self._kept_s = now - since + 60.0
+                # A margin: the same window asked again a moment later must not count as wider.
+                self._kept_s = now - since + self.SLACK_S
                 self._turns = {}
                 fresh = self.store.recent_turns(now - self._kept_s)
             else:

@@ -7,6 +7,7 @@ chain that uses them."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import threading
 import time
@@ -97,7 +98,7 @@ class _Provider:
             endpoint = chat_endpoint(self.config, self.client())
             with self._lock:
                 if self._pool is None:
-                    self._pool = ConnectionPool(endpoint)
+                    self._pool = ConnectionPool(endpoint, public_only=self.config.public_only)
         return self._pool
 
     def close(self) -> None:
@@ -386,7 +387,12 @@ def _request_body(provider: _Provider, request: _TurnRequest, messages: list[dic
         body["temperature"] = request.temperature
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
-    return orjson.dumps(body)
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        # Text that is not valid Unicode (a lone surrogate, which a JSON escape in our input can carry): the
+        # request is ours to fix, never a failure of the provider (its circuit breaker must not count it).
+        return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _TurnState,

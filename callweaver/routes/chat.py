@@ -41,9 +41,9 @@ def chat():
     global_prompt = body.get("globalPrompt")
     if isinstance(global_prompt, str) and len(global_prompt) > MAX_PROMPT_CHARS:
         raise ApiError(400, f"globalPrompt has {len(global_prompt)} characters (at most {MAX_PROMPT_CHARS})")
-    node_id = body.get("currentNodeId")
-    if node_id is not None and not isinstance(node_id, str):
-        raise ApiError(400, "currentNodeId must be a string or null")  # it is looked up among the flow's node ids
+    # Ids that are not strings name no node or flow (a dict or list looked up among the node ids was a 500): the
+    # reply goes on without them, as the original's did.
+    node_id = body.get("currentNodeId") if isinstance(body.get("currentNodeId"), str) else None
     svc = services()
     workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
     stored = svc.store.get_workflow(workflow_id) if workflow_id else None

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ApiError
 from ..engine.conversation import probe_turn
-from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, MetricsReader, RecentTurns
+from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, RecentTurns
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
@@ -35,14 +35,9 @@ def _window(longest: int = MAX_PUBLIC_WINDOW_S) -> int:
     return value
 
 
-def _reader() -> MetricsReader:
-    svc = services()
-    return MetricsReader(svc.store, recent=svc.recent_turns)
-
-
 @bp.get("/api/performance-metrics/<tracking_id>")
 def call_metrics(tracking_id: str):
-    data = _reader().call(tracking_id)
+    data = services().metrics.call(tracking_id)
     if data is None:
         raise ApiError(404, "No call found for tracking ID", trackingId=tracking_id)
     return jsonify(success=True, **data)
@@ -51,7 +46,7 @@ def call_metrics(tracking_id: str):
 @bp.get("/api/performance-metrics")
 def aggregate_metrics():
     svc = services()
-    aggregated = _reader().aggregate(_window())
+    aggregated = services().metrics.aggregate(_window())
     # The contract's `expectedLatency` is what the web app reads; here it is the measured first-token p50.
     measured_first_token_p50_ms = aggregated["firstTokenMs"]["optimized"]["p50"]
     providers = svc.providers.health()
@@ -64,7 +59,7 @@ def aggregate_metrics():
 
 @bp.get("/api/performance-comparison")
 def performance_comparison():
-    comparison = _reader().comparison(_window())
+    comparison = services().metrics.comparison(_window())
     return jsonify(success=True, comparison=comparison,
                    competitors={"note": "published figures measured elsewhere on other set-ups; not comparable "
                                         "with CallWeaver's prompt-to-first-token and not measured here",
@@ -112,7 +107,7 @@ def prometheus_metrics():
 def dashboard_data():
     svc = services()
     window = _window(MAX_WINDOW_S)
-    reader = _reader()
+    reader = services().metrics
     live = [{"trackingId": c.tracking_id, "status": c.status, "path": c.path, "language": c.language,
              "currentNode": c.current_node, "startedAt": c.created_at}
             for c in svc.store.live_calls(since=time.time() - LIVE_CALL_HORIZON_S)]
