@@ -123,9 +123,9 @@ def test_sse_lines_ended_by_cr_crlf_or_lf_come_back_split_as_they_arrive(server_
     lines = []
     while (more := exchange.next_lines(deadline)) is not None:
         lines += more
-    assert [line for line in lines if line] == [b": keep-alive",
-                                                b'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}',
-                                                b"data: [DONE]"]
+    # exactly: the blank lines are the SSE event boundaries (the first event's own, held as a possible CRLF half)
+    assert lines == [b"", b": keep-alive", b'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}', b"",
+                     b"data: [DONE]", b""]
     assert b"\r" not in b"".join(lines)
 
 

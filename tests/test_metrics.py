@@ -230,3 +230,21 @@ def test_every_null_rate_of_a_call_or_window_without_turns_has_a_reason(tmp_path
     for name in ("averageLatency", "cacheHitRate", "errorRate"):
         assert aggregated[name] is None and aggregated["reasons"][name]
     store.close()
+
+
+def test_a_call_whose_turns_have_no_measured_first_token_says_why_its_latencies_are_null(tmp_path):
+    """Turns exist but none has a measured first token (each cut before it): the latency figures are null and each
+    says why, under its own field name (found by review: reasons were given only when there were no turns)."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_cut", created_at=now - 10))
+    record = store.get_call("call_cut")
+    store.commit_turn(record.tracking_id, {"messages": [{"role": "user", "content": "hi"}]},
+                      {"index": 0, "at": now - 5, "path": "optimized", "firstTokenMs": None, "interrupted": True})
+    view = reader.call("call_cut")
+    for name in ("averageLatency", "p50Latency", "p95Latency", "p99Latency"):
+        assert view["metrics"][name] is None and view["reasons"][name], name
+    assert view["callData"]["totalLatency"] is None and view["reasons"]["totalLatency"]
+    store.close()

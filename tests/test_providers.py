@@ -684,3 +684,28 @@ def test_a_hedged_turn_cancelled_mid_race_frees_the_backups_half_open_probe(make
     openai_fake.push(Reply(text="Backup here."))
     after = make_and_finish(chain)
     assert (after.text, after.provider) == ("Backup here.", "openai")
+
+
+def test_a_reply_whose_done_never_comes_ends_soon_after_its_finish_reason(openai_fake):
+    """finish_reason arrived, then the server held the connection open without `[DONE]`: the reply is complete at
+    once (within finish()'s budget), not after the whole stall timeout, which held the turn's routing, end/transfer
+    and store write for seconds (found by review)."""
+    from tests.test_llm_http import ScriptedServer
+
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"All done."}}]}\n\n',
+              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n']
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+    server = ScriptedServer([[head + body, 10.0, None]])  # then silence, connection open
+    chain = ProviderChain([ProviderConfig("primary", "openai", "sk-primary", "m",
+                                          base_url=f"http://127.0.0.1:{server.port}/v1")],
+                          ChainSettings(stall_timeout_s=5.0))
+    try:
+        started = time.monotonic()
+        reply = chain.stream(MESSAGES)
+        assert "".join(reply) == "All done." and not reply.apology_used
+        assert time.monotonic() - started < 3.0  # not the 5 s stall timeout
+    finally:
+        chain.close()
+        server.stop()
+

@@ -43,6 +43,10 @@ class UpstreamError(Exception):
     """The exchange failed; subclasses say how (providers.py maps them to failover reasons)."""
 
 
+# How long the end of a finished reply (`[DONE]`, the body's last chunk) may take before the turn goes on without it.
+FINISH_BUDGET_S = 0.25
+
+
 class ConnectFailed(UpstreamError):
     """No connection (refused, DNS, TLS, or the connect deadline passed)."""
 
@@ -555,7 +559,7 @@ class Exchange:
         self._release()
         return body
 
-    def finish(self, budget_s: float = 0.25) -> None:
+    def finish(self, budget_s: float = FINISH_BUDGET_S) -> None:
         """Read to the body's end (the chunked terminator after `[DONE]`) and pool the connection; a slow or
         broken tail is not worth waiting for."""
         deadline = time.monotonic() + budget_s

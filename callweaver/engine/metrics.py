@@ -14,6 +14,12 @@ from ..store import counter_series
 from ..units import SECONDS_PER_DAY
 
 NO_SAMPLES = "no measured turns in this window"
+NO_FIRST_TOKEN = "no turn with a measured first token yet"
+
+
+def null_reasons(figures: dict[str, Any], reason: str) -> dict[str, str]:
+    """`reason` for each figure that is null (its distributions and sub-objects carry their own)."""
+    return {name: reason for name, value in figures.items() if value is None}
 # Live calls are counted now, whatever a report's window; a call whose terminal status never arrived stops
 # counting as live after this long.
 LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
@@ -240,10 +246,6 @@ class MetricsReader:
         end = record.ended_at or self.clock()
         duration_s = round(end - record.created_at, 3)
         first = s["firstTokenMs"]
-        reasons = {}
-        if not turns:
-            reasons.update(dict.fromkeys(("latency", "errorRate", "cacheHitRate", "providerFailoverRate",
-                                          "currentThroughput"), "no caller turns yet"))
         metrics = {
             "averageLatency": first["mean"], "p50Latency": first["p50"], "p95Latency": first["p95"],
             "p99Latency": first["p99"], "errorRate": s["errorRate"], "cacheHitRate": s["cacheHitRate"],
@@ -256,10 +258,12 @@ class MetricsReader:
                 **dict.fromkeys(UNANSWERED_FIELDS, 0),
                 **((record.meta or {}).get("unansweredSpeculations") or {}), "window": "call"}),
         }
-        reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
         measured_first = [t["firstTokenMs"] for t in turns if t.get("firstTokenMs") is not None]
+        # Every null figure says why, named as the field it explains.
+        reasons = null_reasons(metrics, "no caller turns yet" if not turns else NO_FIRST_TOKEN)
+        reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
         if not measured_first:
-            reasons["totalLatency"] = "no turn with a measured first token yet"
+            reasons["totalLatency"] = NO_FIRST_TOKEN
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
                               if h.get("payload", {}).get("CallDuration")), None)
         return {
@@ -312,7 +316,8 @@ class MetricsReader:
                           for name, ts in sorted(by_provider.items())},
             "preemption": preemption_summary(
                 turns, {**unanswered_speculations(self.store.counters()), "window": "since the store began"}),
-            "reasons": {} if turns else dict.fromkeys(("averageLatency", "cacheHitRate", "errorRate"), NO_SAMPLES),
+            "reasons": null_reasons({"averageLatency": s["firstTokenMs"]["mean"], "cacheHitRate": s["cacheHitRate"],
+                                     "errorRate": s["errorRate"]}, NO_SAMPLES if not turns else NO_FIRST_TOKEN),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import structlog
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
 from .continuation import ContinuationJoiner, continuation_messages
-from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut, StatusError
+from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
+                       StatusError)
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
@@ -418,10 +419,14 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                 if state.cancelled:
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
+                    if sse.finish_reason is not None:
+                        break  # finished; its `[DONE]` tail is late
                     raise ReadTimedOut("deadline passed between lines")
                 try:
                     lines = exchange.next_lines(deadline)
                 except (ConnectionDropped, ReadTimedOut):
+                    if state.cancelled:  # close() aborted the read: a barge-in, never a finished reply
+                        raise ProviderError("cancelled") from None
                     if sse.finish_reason is None:
                         raise
                     break  # the reply had finished: only its `[DONE]` tail was lost
@@ -446,6 +451,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                                 raise ProviderError("cancelled")
                             # time the consumer spent with the token is not upstream silence
                             deadline = time.monotonic() + stall_timeout_s
+                if sse.finish_reason is not None and not sse.done:
+                    # Finished: only `[DONE]` is to come. It gets the budget finish() gives a body's end, not a
+                    # stall timeout that would hold the turn's routing and store write for seconds.
+                    deadline = min(deadline, time.monotonic() + FINISH_BUDGET_S)
             if not sse.done and sse.finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
             if sse.done:
