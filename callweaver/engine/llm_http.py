@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import select
 import socket
 import ssl
@@ -40,6 +41,10 @@ DEADLINE_SLACK_S = 0.001
 
 class UpstreamError(Exception):
     """The exchange failed; subclasses say how (providers.py maps them to failover reasons)."""
+
+
+# How long the end of a finished reply (`[DONE]`, the body's last chunk) may take before the turn goes on without it.
+FINISH_BUDGET_S = 0.25
 
 
 class ConnectFailed(UpstreamError):
@@ -383,6 +388,21 @@ class ExchangeDeadline:
         self._close_readable()
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _take_lines_with_cr(body: bytearray, at_end: bool) -> list[bytes]:
+    """The complete lines at the front of `body` (taken out of it), ended by CRLF, CR or LF: the SSE spec allows
+    all three. A CR that ends the buffer may be the first half of a CRLF, so it waits for the next byte (or the
+    body's end)."""
+    last = max(body.rfind(b"\n"), body.rfind(b"\r", 0, len(body) - (0 if at_end else 1)))
+    if last < 0:
+        return []
+    text = bytes(body[:last + 1])
+    del body[:last + 1]
+    return _LINE_END.split(text[:-2] if text.endswith(b"\r\n") else text[:-1])
+
+
 class Exchange:
     """One streamed POST: send it, read the head, then the body's lines; abort() works from another greenlet."""
 
@@ -470,7 +490,10 @@ class Exchange:
         if self.status in (204, 304) or self.status < 200:
             self._chunked, self._length_left = False, 0  # no body, whatever the headers say (RFC 9112 §6.3)
         elif not self._chunked and "content-length" in headers:
-            self._length_left = int(headers["content-length"])
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):  # cannot frame the body (RFC 9112 §6.3)
+                raise ConnectionDropped("invalid Content-Length")
+            self._length_left = int(length)
         connection = headers.get("connection", "").lower()
         self._keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if not self._chunked and self._length_left is None:
@@ -503,11 +526,15 @@ class Exchange:
         without line endings; None once the body is complete. One call per network read, not per line."""
         while True:
             body = self._body
+            if b"\r" in body:  # CR or CRLF line ends
+                lines = _take_lines_with_cr(body, self._complete)
+                if lines:
+                    return lines
             end = body.rfind(b"\n")
             if end >= 0:
                 lines = bytes(body[:end]).split(b"\n")
                 del body[:end + 1]
-                return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+                return lines
             if self._complete:
                 if body:
                     line = bytes(body)
@@ -532,7 +559,7 @@ class Exchange:
         self._release()
         return body
 
-    def finish(self, budget_s: float = 0.25) -> None:
+    def finish(self, budget_s: float = FINISH_BUDGET_S) -> None:
         """Read to the body's end (the chunked terminator after `[DONE]`) and pool the connection; a slow or
         broken tail is not worth waiting for."""
         deadline = time.monotonic() + budget_s

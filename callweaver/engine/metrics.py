@@ -14,6 +14,15 @@ from ..store import counter_series
 from ..units import SECONDS_PER_DAY
 
 NO_SAMPLES = "no measured turns in this window"
+NO_FIRST_TOKEN = "no turn with a measured first token yet"
+
+
+def null_reasons(figures: dict[str, Any], reason: str) -> dict[str, str]:
+    """`reason` for each figure that is null (its distributions and sub-objects carry their own)."""
+    return {name: reason for name, value in figures.items() if value is None}
+# Live calls are counted now, whatever a report's window; a call whose terminal status never arrived stops
+# counting as live after this long.
+LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
 # The stored counter (by field) of speculations whose caller turn never got a final transcript; for the API only,
 # /metrics exposes them as callweaver_speculations{outcome="unanswered"} and in the extra-cost sums.
 UNANSWERED = "cw_unanswered_speculations"
@@ -68,8 +77,11 @@ def ratio(part: int, whole: int) -> float | None:
 
 
 def added_latency_ms(turn: dict) -> float | None:
-    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token."""
+    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token. None for an
+    adopted speculation: its request went out before the final prompt the first token is timed from."""
     if turn.get("source") != "llm" or turn.get("firstTokenMs") is None or turn.get("providerTtftMs") is None:
+        return None
+    if turn.get("speculation") == "adopted":
         return None
     return max(0.0, turn["firstTokenMs"] - turn["providerTtftMs"])
 
@@ -234,9 +246,6 @@ class MetricsReader:
         end = record.ended_at or self.clock()
         duration_s = round(end - record.created_at, 3)
         first = s["firstTokenMs"]
-        reasons = {}
-        if not turns:
-            reasons["latency"] = "no caller turns yet"
         metrics = {
             "averageLatency": first["mean"], "p50Latency": first["p50"], "p95Latency": first["p95"],
             "p99Latency": first["p99"], "errorRate": s["errorRate"], "cacheHitRate": s["cacheHitRate"],
@@ -249,7 +258,12 @@ class MetricsReader:
                 **dict.fromkeys(UNANSWERED_FIELDS, 0),
                 **((record.meta or {}).get("unansweredSpeculations") or {}), "window": "call"}),
         }
+        measured_first = [t["firstTokenMs"] for t in turns if t.get("firstTokenMs") is not None]
+        # Every null figure says why, named as the field it explains.
+        reasons = null_reasons(metrics, "no caller turns yet" if not turns else NO_FIRST_TOKEN)
         reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
+        if not measured_first:
+            reasons["totalLatency"] = NO_FIRST_TOKEN
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
                               if h.get("payload", {}).get("CallDuration")), None)
         return {
@@ -259,7 +273,7 @@ class MetricsReader:
                 "callSid": None, "status": record.status, "path": record.path,
                 "language": record.language, "workflowId": record.workflow_id,
                 "duration": int(call_duration) if call_duration else duration_s,
-                "totalLatency": round(sum(t.get("firstTokenMs") or 0 for t in turns), 3) if turns else None,
+                "totalLatency": round(sum(measured_first), 3) if measured_first else None,
                 "cacheHits": s["cacheHits"], "qualityScore": None, "currentNode": record.current_node,
                 "createdAt": record.created_at, "endedAt": record.ended_at,
                 "statusHistory": [{"status": h["status"], "sequence": h["sequence"], "receivedAt": h["receivedAt"]}
@@ -283,7 +297,7 @@ class MetricsReader:
             if t.get("provider"):
                 by_provider[t["provider"]].append(t)
         s = summarize_turns(turns)
-        active = [c for c in self.store.live_calls(since=now - window_s) if c.status != "failed"]
+        active = [c for c in self.store.live_calls(since=now - LIVE_CALL_HORIZON_S) if c.status != "failed"]
         return {
             "windowSeconds": window_s,
             "activeCalls": len(active), "calls": self.store.count_calls(since=now - window_s),
@@ -302,6 +316,8 @@ class MetricsReader:
                           for name, ts in sorted(by_provider.items())},
             "preemption": preemption_summary(
                 turns, {**unanswered_speculations(self.store.counters()), "window": "since the store began"}),
+            "reasons": null_reasons({"averageLatency": s["firstTokenMs"]["mean"], "cacheHitRate": s["cacheHitRate"],
+                                     "errorRate": s["errorRate"]}, NO_SAMPLES if not turns else NO_FIRST_TOKEN),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:

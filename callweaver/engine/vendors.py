@@ -53,7 +53,10 @@ def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
     if "://" not in text:
         text = "https://" + text
     parts = urlsplit(text)
-    resource_url = f"{parts.scheme}://{parts.netloc}"
+    # A gateway (API Management) may serve the resource under a path: keep what comes before /openai, as the SDK
+    # keeps an azure_endpoint's path.
+    prefix = re.split(r"/openai(?:/|$)", parts.path, maxsplit=1)[0].rstrip("/")
+    resource_url = f"{parts.scheme}://{parts.netloc}{prefix}"
     match = re.search(r"/openai/deployments/([^/?#]+)", parts.path)
     deployment = unquote(match.group(1)) if match else None
     api_versions = parse_qs(parts.query).get("api-version")

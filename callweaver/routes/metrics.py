@@ -8,16 +8,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ApiError
 from ..engine.conversation import probe_turn
-from ..engine.metrics import PUBLISHED_PEER_FIGURES, RecentTurns
+from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, RecentTurns
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from ..units import SECONDS_PER_DAY
 from .common import FEATURES, MAX_WINDOW_S, all_providers_failed, body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
-# A call whose terminal status never arrived stops counting as live after this long.
-LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
 
 
 # The longest window a public figure may ask for: the longest one a worker keeps (longer ones are read from the
