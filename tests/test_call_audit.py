@@ -159,8 +159,10 @@ def test_heard_of_maps_letters_that_casefold_to_several_back_to_one(spoken, repo
 
 @pytest.mark.parametrize("spoken, reported, played_ms, heard", [
     ("Hello, how are you today?", "Hello how are", 900, "Hello, how are"),                 # punctuation dropped
-    ("你好，我们下午三点见。然后再说。", "你好我们下午三点见", 1500, "你好，我们下午三点见。"),  # full-width
-    ("<speak>Hello there, friend.</speak>", "Hello there", 700, "<speak>Hello there,"),     # SSML tags
+    ("你好，我们下午三点见。然后再说。", "你好我们下午三点见。", 1500, "你好，我们下午三点见。"),  # full-width
+    ("你好，我们下午三点见。然后再说。", "你好，我们下午三点见", 1500, "你好，我们下午三点见"),
+    ("<speak>Hello there, friend.</speak>", "Hello there", 700, "<speak>Hello there"),      # SSML tags
+    ("Sure, sure.", "Sure,", 300, "Sure,"), ("Sure, sure.", "Sure", 300, "Sure"),
     ("It has THREE   bedrooms.", "it has three bedrooms", 1200, "It has THREE   bedrooms."),
     ("Sure. Sure, I can help you with that today.", "I can help", 2000,                   # not from the start:
      "Sure. Sure, I can help you with"),                                                   # 2 s of speech
@@ -182,7 +184,7 @@ def test_barge_in_reported_without_punctuation_cuts_the_stored_reply(call, fake_
     call.say("Hi")
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Hello how are you today",
                "durationUntilInterruptMs": 1500})
-    assert call.assistant_lines()[-1] == "Hello, how are you today?"
+    assert call.assistant_lines()[-1] == "Hello, how are you today"
 
 
 def test_barge_in_after_a_german_reply_ending_in_eszett_speaks_no_apology(call, fake_llm):
@@ -572,3 +574,13 @@ def test_a_lone_surrogate_in_an_http_json_body_is_cleaned_where_it_is_parsed(cli
     from flask import json as flask_json
     with client.application.test_request_context():
         assert flask_json.loads('{"a": ["\\udc00 b"]}') == {"a": ["\ufffd b"]}
+
+
+def test_a_goodbye_heard_to_its_last_word_ends_the_call_whatever_its_punctuation(call, fake_llm):
+    """Twilio's report of the whole line without its final "!" is all of it heard: the end is not dropped."""
+    call.say("goodbye")
+    closing_line = call.assistant_lines()[-1]
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": closing_line.rstrip("!.").lower(),
+               "durationUntilInterruptMs": 3000})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert call.assistant_lines()[-1] == closing_line

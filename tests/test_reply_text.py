@@ -229,7 +229,8 @@ def test_words_held_when_the_caller_barges_in_are_never_sent_nor_stored_as_heard
     else:
         session.close()
     assert engine.done.wait(5)
-    assert engine.committed[0]["heard_text"] == ("Sure" if how == "interrupt" else "Sure,")
+    # (interrupt: Twilio reports "Sure", every word sent; punctuation is not speech, so all of "Sure," was heard)
+    assert engine.committed[0]["heard_text"] == "Sure,"
     assert engine.committed[0]["interrupted"] is True
     assert all("office" not in m.get("token", "") for m in sent)  # the held words never reach Twilio
 

@@ -67,8 +67,8 @@ def heard_of(spoken: str, reported: str | None, played_ms: float | None) -> str:
     Twilio's utteranceUntilInterrupt (`reported`) and durationUntilInterruptMs (`played_ms`).
 
     The reported text is what was spoken from the start of the talk cycle, so it must match `spoken`'s beginning,
-    folded (case, whitespace, punctuation, SSML tags); the cut maps back to the original text, punctuation right
-    after the last word included. When the text does not place the cut (absent, empty after some speech, or not
+    folded (case, whitespace, punctuation, SSML tags); the cut maps back to the original text, with as many of the
+    marks after the last word as the report itself ends with ("Sure," keeps the comma, "Sure" does not). When the text does not place the cut (absent, empty after some speech, or not
     the beginning of `spoken`), the duration is turned into characters at SPEECH_CHARS_PER_S, rounded up to a word's
     end; with no duration either, all of it counts as heard: words the caller may have heard are not deleted from
     what the model is told it said. An empty report after no speech means nothing was heard."""
@@ -81,15 +81,17 @@ def heard_of(spoken: str, reported: str | None, played_ms: float | None) -> str:
         part = "" if i in tags else _fold(ch)
         folded.append(part)
         index_map.extend([i] * len(part))
-    target = "".join(map(_fold, _SSML_TAG.sub("", reported or "")))
+    reported_text = _SSML_TAG.sub("", reported or "").rstrip()
+    target = "".join(map(_fold, reported_text))
     spoken_folded = "".join(folded)
-    if target and spoken_folded.startswith(target):
+    if target and spoken_folded.startswith(target) and len(target) < len(spoken_folded):
         end = index_map[len(target) - 1] + 1
-        while end < len(spoken) and end not in tags and not spoken[end].isspace() and not folded[end]:
-            end += 1  # the punctuation closing the last word heard
+        marks = len(reported_text) - len(reported_text.rstrip("".join(c for c in reported_text if not _fold(c))))
+        while marks and end < len(spoken) and end not in tags and not spoken[end].isspace() and not folded[end]:
+            end, marks = end + 1, marks - 1  # the marks closing the last word, as reported
         return spoken[:end].strip()
     if target and target.startswith(spoken_folded):
-        return spoken.strip()  # Twilio reports more than this text: all of it was heard
+        return spoken.strip()  # Twilio reports all of this text (or more): all of it was heard
     if not played_ms or played_ms <= 0:
         return spoken.strip()
     estimate = int(played_ms / 1000 * SPEECH_CHARS_PER_S)
