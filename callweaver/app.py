@@ -48,8 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one worker's app; `config` overrides environment variables by name (tests use it)."""
     settings = Settings.from_env(os.environ, overrides=config)
     init_logging(settings.log_level, settings.log_format, trace_ids=bool(settings.otel_exporter_otlp_endpoint))
-    for secret in (settings.twilio_auth_token, settings.azure_openai_api_key, settings.openai_api_key,
-                   settings.secret_key, settings.ops_token, settings.call_report_secret):
+    for secret in settings.secrets:
         register_secret(secret)
     for warning in settings.warnings:
         log.warning("config_warning", message=warning)
@@ -87,6 +86,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
         app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
         max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops,
+        cors=settings.cors,
     ).__call__
     # Last, once every route is compiled: warm_up starts an OS thread, and on CPython 3.11 `ast.parse` in two threads
     # at once (werkzeug compiles each URL rule with it; a traceback's caret anchors use it) raises "AST constructor

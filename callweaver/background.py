@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from typing import Any, Callable
 
 
@@ -172,18 +173,29 @@ class Alarm:
     """`fn()` once, `seconds` from now, unless cancelled first. `fn` must not block: under gevent it runs in the
     hub (a loop timer, nothing else per waiting call); otherwise in a timer thread."""
 
-    __slots__ = ("_timer",)
+    __slots__ = ("_timer", "_fn", "at", "fired")
 
     def __init__(self, seconds: float, fn: Callable[[], None]) -> None:
         from gevent import monkey
+        self._fn = fn
+        self.at = time.monotonic() + max(0.0, seconds)  # when it is due
+        self.fired = False
         if monkey.is_module_patched("threading"):
             import gevent
             self._timer = gevent.get_hub().loop.timer(max(0.0, seconds))
-            self._timer.start(fn)
+            self._timer.start(self._fire)
         else:
-            self._timer = threading.Timer(max(0.0, seconds), fn)
+            self._timer = threading.Timer(max(0.0, seconds), self._fire)
             self._timer.daemon = True
             self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._fn()
+
+    def pending_by(self, at: float) -> bool:
+        """Still to fire, no later than `at` (monotonic)."""
+        return not self.fired and self.at <= at
 
     def cancel(self) -> None:
         if isinstance(self._timer, threading.Timer):

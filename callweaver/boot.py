@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Iterable
 
 from .background import OsThreadWork, spawn
-from .cors import CorsPolicy
+from .cors import CorsPolicy, cors_request_headers
 from .health_facts import SERVICE_NAME, memory_body, now_iso, ping_body, uptime_s
 
 WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
@@ -34,10 +34,6 @@ STARTING_WARNING = ("Starting: the app is still loading, so its checks (store, T
 HEALTH_PATHS = ("/health", "/ping")
 # What Flask answers to OPTIONS on those routes (its automatic OPTIONS), with the CORS headers of a preflight.
 HEALTH_METHODS_ALLOWED = "GET, OPTIONS, HEAD"
-# The request headers CORS answers depend on (WSGI environ key → header name).
-CORS_REQUEST_HEADERS = {"HTTP_ORIGIN": "Origin", "HTTP_ACCESS_CONTROL_REQUEST_METHOD": "Access-Control-Request-Method",
-                        "HTTP_ACCESS_CONTROL_REQUEST_HEADERS": "Access-Control-Request-Headers",
-                        "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK": "Access-Control-Request-Private-Network"}
 APP_LOADED = "app_loaded"  # the event of the line each worker writes once loaded (test and bench servers wait for it)
 # gunicorn's error log (its handlers are set up in the worker); a failed load is reported there.
 log = logging.getLogger("gunicorn.error")
@@ -115,7 +111,7 @@ class AppLoader:
 
     def _starting(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
-        cors = self._cors.headers(method, _cors_request_headers(environ)) if self._cors else []
+        cors = self._cors.headers(method, cors_request_headers(environ)) if self._cors else []
         if method == "OPTIONS":
             start_response("200 OK", [("Allow", HEALTH_METHODS_ALLOWED), ("Content-Length", "0"), *cors])
             return [b""]
@@ -159,10 +155,6 @@ def _import_all(modules: tuple[str, ...]) -> None:
             importlib.import_module(name)
         except BaseException:  # noqa: BLE001  (reported by build)
             return
-
-
-def _cors_request_headers(environ: dict) -> dict[str, str]:
-    return {name: environ[key] for key, name in CORS_REQUEST_HEADERS.items() if key in environ}
 
 
 def _json(start_response: Callable, status: str, body: dict,

@@ -1,6 +1,7 @@
 """Settings: every environment variable read, typed and validated in one place."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
+from .units import SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
+MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -73,10 +76,12 @@ class Settings:
     blocked_destination_prefixes: tuple[str, ...] = DEFAULT_BLOCKED_DESTINATION_PREFIXES
     record_calls: bool = False
     call_timeout_s: int = 30
+    max_call_duration_s: int = 3600
     # Abuse limits (the `limits` notation: "30 per minute", "10/second") and operator surfaces
     rate_limit_make_call: str = "30 per minute"
     rate_limit_chat: str = "60 per minute"
     rate_limit_end_call: str = "60 per minute"
+    rate_limit_call_status: str = "60 per minute"
     max_calls_per_day: int = 1000
     trusted_proxy_hops: int = 0
     ops_token: str = ""
@@ -151,6 +156,17 @@ class Settings:
         return self.node_env == "production" or self.on_render
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret value, for log redaction: the tokens and keys, and the password of any URL
+        setting that carries one (`redis://:password@host`, a gateway's `https://user:password@host`)."""
+        urls = (self.redis_url, self.cache_redis_url, self.call_report_url, self.openai_base_url,
+                self.azure_openai_endpoint, self.public_base_url, self.twilio_api_base_url,
+                self.otel_exporter_otlp_endpoint)
+        passwords = tuple(password for u in urls if u and (password := _url_password(u)))
+        return tuple(s for s in (self.twilio_auth_token, self.azure_openai_api_key, self.openai_api_key,
+                                 self.secret_key, self.ops_token, self.call_report_secret, *passwords) if s)
+
+    @property
     def signatures_enforced(self) -> bool:
         """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
@@ -176,6 +192,8 @@ class Settings:
                 return default
             try:
                 val = kind(str(raw).strip())
+                if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
+                    raise ValueError(raw)
             except ValueError:
                 problems.append(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}")
                 return default
@@ -239,6 +257,11 @@ class Settings:
         if values["call_timeout_s"] > MAX_RING_TIMEOUT_S:
             problems.append(f"CALL_TIMEOUT_S must be <= {MAX_RING_TIMEOUT_S}, got {values['call_timeout_s']}")
             values["call_timeout_s"] = 30
+        values["max_call_duration_s"] = number("MAX_CALL_DURATION_S", 3600, int, 60)
+        if values["max_call_duration_s"] > MAX_CALL_DURATION_LIMIT_S:
+            problems.append(f"MAX_CALL_DURATION_S must be <= {MAX_CALL_DURATION_LIMIT_S}, "
+                            f"got {values['max_call_duration_s']}")
+            values["max_call_duration_s"] = 3600
 
         def rate(name: str, default: str) -> str:
             value = text(name, default) or default
@@ -252,6 +275,7 @@ class Settings:
         values["rate_limit_make_call"] = rate("RATE_LIMIT_MAKE_CALL", "30 per minute")
         values["rate_limit_chat"] = rate("RATE_LIMIT_CHAT", "60 per minute")
         values["rate_limit_end_call"] = rate("RATE_LIMIT_END_CALL", "60 per minute")
+        values["rate_limit_call_status"] = rate("RATE_LIMIT_CALL_STATUS", values["rate_limit_end_call"])
         values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
         values["on_render"] = bool(text("RENDER"))
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
@@ -304,6 +328,9 @@ class Settings:
         values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1)
+        if values["metrics_window_s"] > SECONDS_PER_DAY:  # the public default window: one a worker keeps
+            problems.append(f"METRICS_WINDOW_S must be <= {SECONDS_PER_DAY}, got {values['metrics_window_s']}")
+            values["metrics_window_s"] = 3600
         values["retention_days"] = number("RETENTION_DAYS", 30, int, 1)
         values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
         values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
@@ -355,3 +382,10 @@ class Settings:
             raise ConfigError(problems)
         values["warnings"] = tuple(warnings)
         return cls(**values)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlparse(url).password
+    except ValueError:  # not a URL we could read; from_env reports it
+        return None

@@ -23,6 +23,15 @@ ALLOWED_HEADERS = ("Content-Type", "Authorization", "X-Requested-With")
 PATTERN_CHARACTERS = frozenset("*\\[]?$^()")
 
 Header = tuple[str, str]
+# The request headers CORS answers depend on (WSGI environ key → header name).
+CORS_REQUEST_HEADERS = {"HTTP_ORIGIN": "Origin", "HTTP_ACCESS_CONTROL_REQUEST_METHOD": "Access-Control-Request-Method",
+                        "HTTP_ACCESS_CONTROL_REQUEST_HEADERS": "Access-Control-Request-Headers",
+                        "HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK": "Access-Control-Request-Private-Network"}
+
+
+def cors_request_headers(environ: Mapping[str, object]) -> dict[str, str]:
+    """The headers of a WSGI request that `CorsPolicy.headers` reads, for answers given outside Flask."""
+    return {name: str(environ[key]) for key, name in CORS_REQUEST_HEADERS.items() if key in environ}
 
 
 def read_cors_origins(env: Mapping[str, object]) -> tuple[tuple[str, ...], list[str]]:

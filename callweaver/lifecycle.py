@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
@@ -223,6 +223,7 @@ class CallLifecycle:
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,
+                                             time_limit_s=self.settings.max_call_duration_s,
                                              record=record, credentials=creds)
         except Exception as exc:
             self.store.update_meta(tracking_id, {"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]},
@@ -282,6 +283,10 @@ class CallLifecycle:
         if not isinstance(path, str) or not re.fullmatch(r"/api/twiml-(ai|optimized|default)(\?[^#\s]*)?", path):
             raise CallRequestError("twimlUrl must be one of this service's TwiML endpoints "
                                 "(/api/twiml-ai, /api/twiml-optimized, /api/twiml-default)")
+        # Twilio signs whatever URL it is given: a query naming another call (trackingId) would make this call's
+        # webhooks act on that call's record. Only the workflow (`id`) may be named.
+        if any(name != "id" for name, _value in parse_qsl(urlsplit(path).query, keep_blank_values=True)):
+            raise CallRequestError("twimlUrl's query may only name the workflow (id=...)")
         return base_url + path
 
     def destination_refusal(self, number: str | None) -> str | None:

@@ -17,7 +17,10 @@ REDACTED = "[REDACTED]"
 # (~4 µs on a text holding a secret word) and needs an "=", which ids, names and most messages never hold.
 _SECRET_VALUE_PATTERNS = (
     (re.compile(r"sk-[A-Za-z0-9_\-]{8,}"), REDACTED, ""),                 # OpenAI-style keys
-    (re.compile(r"(?i)(api-key|authorization)[:=]\s*\S+"), REDACTED, ""),
+    # a header written out (`Authorization: Negotiate x`, a headers dict's or werkzeug Headers' repr, a list of
+    # values, JSON): its whole value, whatever the scheme: to its closing quote, or unquoted to the end of the line
+    (re.compile(r"(?i)(api-key|authorization)[\"']?\s*[:=,]\s*[\[(]?\s*(?:\"[^\"\r\n]*|'[^'\r\n]*|[^\r\n]*)"),
+     REDACTED, ""),
     (re.compile(r"\b[0-9a-f]{32}\b"), REDACTED, ""),                       # Twilio auth tokens (32 hex)
     # secret-looking query parameters, in a URL (?a=..&twilioAuthToken=..) or a bare query string
     (re.compile(r"(?i)((?:^|[?&])[^=&\s]*(?:token|key|secret|password|signature|credential|authorization)"

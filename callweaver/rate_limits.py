@@ -90,7 +90,7 @@ class CallsPerDay:
 
 
 class RateLimits:
-    """The per-client windows of one app: per client and scope (make-call, llm, end-call).
+    """The per-client windows of one app: per client and scope (make-call, llm, end-call, call-status).
 
     A limited request takes one slot of each of its client's windows (one storage hit per window, `hit` refuses
     when the window is full). The calls-per-day cap is CallsPerDay, taken inside make-call."""
@@ -123,6 +123,9 @@ def init_rate_limits(app: Flask, settings: Settings, windows: MovingWindowRateLi
                       ("calls.make_call", "calls.make_call_optimized")),
         "llm": ("RATE_LIMIT_CHAT", settings.rate_limit_chat, ("chat.chat", "metrics.test_optimization")),
         "end-call": ("RATE_LIMIT_END_CALL", settings.rate_limit_end_call, ("calls.end_call",)),
+        # The poll also asks Twilio's REST API with the server's credentials; in its own window, so polling a call
+        # never uses up the client's hang-ups.
+        "call-status": ("RATE_LIMIT_CALL_STATUS", settings.rate_limit_call_status, ("calls.call_status_poll",)),
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import structlog
 
+from .cors import CorsPolicy, cors_request_headers
 from .rate_limits import client_address
 
 log = structlog.get_logger()
@@ -33,14 +34,15 @@ class _Refusal:
     """A small JSON answer; when the server is gunicorn, reading stops afterwards so the connection closes
     instead of waiting for (and draining) a body that the client may never finish."""
 
-    def __init__(self, environ: dict, status: str, error: str):
+    def __init__(self, environ: dict, status: str, error: str, headers: list[tuple[str, str]]):
         self.environ = environ
         self.status = status
         self.body = json.dumps({"success": False, "error": error}).encode()
+        self.headers = headers
 
     def __call__(self, start_response: Callable) -> Iterable[bytes]:
         start_response(self.status, [("Content-Type", "application/json"),
-                                     ("Content-Length", str(len(self.body)))])
+                                     ("Content-Length", str(len(self.body))), *self.headers])
         return self
 
     def __iter__(self):
@@ -87,11 +89,14 @@ def _read_with_deadline(stream: Any, limit: int, deadline_s: float) -> bytes:
 
 
 class RequestBodyGuard:
-    """WSGI middleware; one per worker app, so the per-client counts are this worker's."""
+    """WSGI middleware; one per worker app, so the per-client counts are this worker's. Its refusals never reach
+    flask-cors, so they carry the app's CORS headers (`cors`, the app's policy) themselves: the web app reads their
+    `error` as it reads the app's own. Only for a request naming an Origin: Twilio's never do."""
 
     def __init__(self, app: Callable, *, max_body_bytes: int, read_timeout_s: float, max_uploads_per_client: int,
-                 trusted_proxy_hops: int):
+                 trusted_proxy_hops: int, cors: CorsPolicy | None = None):
         self.app = app
+        self.cors = cors
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
         self.max_uploads_per_client = max_uploads_per_client
@@ -147,4 +152,6 @@ class RequestBodyGuard:
                         suppressed_since_last=suppressed)
         else:
             self.refusals_logged[(event, client)] = (logged_at, suppressed + 1)
-        return _Refusal(environ, status, error)
+        cors = (self.cors.headers(environ.get("REQUEST_METHOD", ""), cors_request_headers(environ))
+                if self.cors is not None and "HTTP_ORIGIN" in environ else [])
+        return _Refusal(environ, status, error, cors)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import socket
 from typing import Mapping
@@ -13,6 +12,8 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, InvalidToken
 from twilio.request_validator import (SIGNATURE_SETTINGS_HEADER, RequestValidator,
                                       get_signature_algorithm)
+
+from .engine.llm_http import is_public_address
 
 
 def public_base_url(configured: str | None, headers: Mapping[str, str], scheme: str, host: str) -> str:
@@ -81,7 +82,11 @@ def outbound_url_refusal(url: str, *, allow_private: bool = False) -> str | None
     """Why the server must not fetch a request-supplied URL (None when it may): it must be https and every
     address its host resolves to must be public, so a request cannot aim the server at its own network (SSRF).
     `allow_private` (ALLOW_PRIVATE_LLM_URLS, development only) lifts both rules for a local LLM server."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError:  # also an unclosed "[" of an IPv6 host
+        return "must be an absolute https URL"
     if parts.scheme not in ("https", "http") or not parts.hostname:
         return "must be an absolute https URL"
     if allow_private:
@@ -89,13 +94,11 @@ def outbound_url_refusal(url: str, *, allow_private: bool = False) -> str | None
     if parts.scheme != "https":
         return "must use https"
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
         return f"host {parts.hostname!r} does not resolve"
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not address.is_global or address.is_multicast:
-            return f"host {parts.hostname!r} resolves to a non-public address"
+    if not all(is_public_address(info[4][0]) for info in infos):
+        return f"host {parts.hostname!r} resolves to a non-public address"
     return None
 
 

@@ -17,7 +17,7 @@ from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache
 from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
-from .engine.metrics import RecentTurns
+from .engine.metrics import MetricsReader, RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .heap import HeapTrimmer, glibc_malloc_trim
 from .lifecycle import CallLifecycle
@@ -84,9 +84,10 @@ class Services:
         return ReplyCache(backend, ttl_s=s.cache_ttl_s)
 
     @cached_property
-    def recent_turns(self) -> RecentTurns:
-        """This worker's copy of the recent turns behind the windowed JSON metrics (topped up per poll)."""
-        return RecentTurns(self.store)
+    def metrics(self) -> MetricsReader:
+        """The windowed JSON metrics, over this worker's copy of the recent turns (topped up per poll): every
+        route's figures come from it, so no request reads a whole window from the store again."""
+        return MetricsReader(self.store, recent=RecentTurns(self.store))
 
     @cached_property
     def tracer(self) -> NullTracer | CallTracer:
@@ -96,7 +97,8 @@ class Services:
     def chain_for(self):
         """Each call's provider chain (its own LLM account first, when it brought one)."""
         from .engine.call_chains import CallChains
-        return CallChains(self.providers, self.lifecycle.credential_box.open_json, self.settings.openai_model)
+        return CallChains(self.providers, self.lifecycle.credential_box.open_json, self.settings.openai_model,
+                          public_only=not self.settings.allow_private_llm_urls)
 
     @cached_property
     def engine(self) -> ConversationEngine:

@@ -222,12 +222,15 @@ class TwilioGateway:
             self._http.warm_up(client.api.base_url)
 
     def create_call(self, *, to: str, from_number: str, url: str, status_callback: str,
-                    timeout_s: int, record: bool, credentials: tuple[str, str] | None = None) -> PlacedCall:
+                    timeout_s: int, time_limit_s: int, record: bool,
+                    credentials: tuple[str, str] | None = None) -> PlacedCall:
+        """`time_limit_s`: Twilio hangs up after this long, whatever the call does (a caller keeping the line open
+        would otherwise be billed for up to Twilio's default of 4 hours)."""
         call = self.client(credentials).calls.create(
             to=to, from_=from_number, url=url, method="POST",
             status_callback=status_callback, status_callback_method="POST",
             status_callback_event=STATUS_CALLBACK_EVENTS,
-            timeout=timeout_s, record=record,
+            timeout=timeout_s, time_limit=time_limit_s, record=record,
         )
         return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number)
 

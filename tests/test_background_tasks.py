@@ -194,10 +194,12 @@ unclaimed.run_here_or_wait()  # and the handler waits until it ends
 assert len(ended) == 1 and ended[0] is not getcurrent()
 
 fired = []
-Alarm(0.01, lambda: fired.append(1))
+alarm = Alarm(0.01, lambda: fired.append(1))
+assert alarm.pending_by(alarm.at)
 Alarm(0.01, lambda: fired.append(2)).cancel()
 gevent.sleep(0.1)
 assert fired == [1], fired
+assert not alarm.pending_by(alarm.at + 60)  # fired in the hub: no longer pending
 print("ok")
 """
 
@@ -223,8 +225,9 @@ def test_without_gevent_the_socket_reader_is_a_thread_the_handler_waits_for_and_
     assert len(ran_in) == 1 and ran_in[0] is not threading.current_thread()
     fired = threading.Event()
     cancelled = []
-    Alarm(0.01, fired.set)
+    alarm = Alarm(0.01, fired.set)
+    assert alarm.pending_by(alarm.at) and not alarm.pending_by(alarm.at - 0.001)
     Alarm(0.01, lambda: cancelled.append(1)).cancel()
     assert fired.wait(5)
     time.sleep(0.05)
-    assert cancelled == []
+    assert cancelled == [] and not alarm.pending_by(alarm.at + 60)  # fired: no longer pending

@@ -32,6 +32,7 @@ def test_make_call_optimized_sends_exact_twilio_parameters_and_stores_the_call(a
     assert create.one("StatusCallbackMethod") == "POST"
     assert create.params["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
     assert create.one("Timeout") == "30" and create.one("Record") == "false"
+    assert create.one("TimeLimit") == "3600"  # MAX_CALL_DURATION_S: a line kept open is not billed for 4 hours
 
     record = _services(app).store.get_call(tracking_id)
     assert record.call_sid == data["callSid"] and record.path == "optimized"
@@ -284,6 +285,24 @@ def test_foreign_twiml_url_and_premium_transfer_destinations_are_refused(client,
     resp = client.post("/api/make-call-optimized", json=body)
     assert resp.status_code == 400 and "ALLOWED_DESTINATION_PREFIXES" in resp.get_json()["error"]
     assert fake_twilio.creates() == []
+
+
+def test_a_twiml_url_naming_another_calls_tracking_id_is_refused(app, client, twilio, fake_twilio):
+    """Twilio signs whatever URL it was given, so a twimlUrl query naming another call's trackingId made this call's
+    webhooks act on that call: its record took this call's CallSid and its TwiML (history, workflow) served it."""
+    victim = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["optimization"]["trackingId"]
+    store = app.extensions["callweaver"].store
+    victim_sid = store.get_call(victim).call_sid
+    for query in (f"trackingId={victim}", f"id=wf&trackingId={victim}", f"id=wf&TRACKINGID={victim}&x=1"):
+        resp = client.post("/api/make-call-optimized",
+                           json=make_call_body(to="+14155550123", twimlUrl=f"/api/twiml-optimized?{query}"))
+        assert resp.status_code == 400, query
+        assert resp.get_json()["success"] is False and "twimlUrl" in resp.get_json()["error"]
+    assert len(fake_twilio.creates()) == 1 and store.get_call(victim).call_sid == victim_sid
+    # naming the workflow, as the original's URLs do, stays accepted
+    resp = client.post("/api/make-call", json=make_call_body(twimlUrl="/api/twiml-ai?id=wf_other"))
+    assert resp.status_code == 200
+    assert fake_twilio.creates()[-1].one("Url") == f"{PUBLIC}/api/twiml-ai?id=wf_other"
 
 
 def test_twiml_route_failure_answers_an_apology_in_twiml(app, client, twilio, monkeypatch):

@@ -69,3 +69,15 @@ def test_test_optimization_reports_all_providers_down_as_a_failure(client, fake_
     assert data["status"] == "failed" and "every LLM provider failed" in data["details"]
     assert {f["provider"] for f in data["failovers"]} == {"azure", "openai"}
     assert data["optimization"] == {"enabled": False, "fallbackUsed": True}
+
+
+def test_a_current_node_id_that_is_not_a_string_names_no_node_and_is_not_a_500(client, fake_llm, fake_twilio):
+    """As a workflowId that is not a string: ignored (a dict or list looked up among the node ids was a 500; a
+    number, from an imported flow, got its reply before and still does)."""
+    client.post("/api/make-call-optimized", json=make_call_body())  # stores the workflow: its nodes are looked up
+    for node_id in ({"id": "inquiry_type_node"}, ["inquiry_type_node"], 5):
+        resp = client.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}],
+                                              "workflowId": "wf_real_estate_property_dealer",
+                                              "currentNodeId": node_id})
+        assert resp.status_code == 200 and resp.get_json()["success"] is True, node_id
+    assert len(fake_llm.requests) == 3

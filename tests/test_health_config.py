@@ -77,6 +77,13 @@ def test_test_workflow_reports_flags_but_no_secrets(client):
     ({"PUBLIC_BASE_URL": "ftp://x"}, "PUBLIC_BASE_URL"),
     ({"ALLOW_REQUEST_CREDENTIALS": "1"}, "SECRET_KEY"),
     ({"TWILIO_VALIDATE_SIGNATURES": "maybe"}, "TWILIO_VALIDATE_SIGNATURES"),
+    # not numbers: NaN passed every lower bound (all its comparisons are false)
+    ({"BODY_READ_TIMEOUT_S": "nan"}, "BODY_READ_TIMEOUT_S"),
+    ({"LLM_FIRST_TOKEN_TIMEOUT_S": "-inf"}, "LLM_FIRST_TOKEN_TIMEOUT_S"),
+    ({"RELAY_SETUP_TIMEOUT_S": "inf"}, "RELAY_SETUP_TIMEOUT_S"),
+    ({"MAX_CALL_DURATION_S": "20000"}, "MAX_CALL_DURATION_S"),  # above Twilio's 4 hours
+    ({"MAX_CALL_DURATION_S": "10"}, "MAX_CALL_DURATION_S"),
+    ({"METRICS_WINDOW_S": "90000"}, "METRICS_WINDOW_S"),  # longer than a worker keeps: a store read per request
 ])
 def test_bad_configuration_names_the_variable(env, needle):
     with pytest.raises(ConfigError) as err:
@@ -102,3 +109,18 @@ def test_logs_are_json_with_secrets_redacted(capsys, env):
     assert any(l.get("event") == "http_request" and l.get("path") == "/api/make-call-optimized" for l in lines)
     assert any(l.get("event") == "call_placed" and l.get("tracking_id") for l in lines)
     assert AUTH_TOKEN not in out and "azure-test-key-123" not in out and "Basic abc" not in out
+
+
+def test_logs_never_carry_the_password_of_a_url_setting(capsys, env):
+    """A password inside REDIS_URL, CALL_REPORT_URL and the like is a configured secret too: scrubbed from any log
+    line that happens to hold it (it was not registered, and 'pw-…' matches no secret-looking pattern)."""
+    settings = Settings.from_env({**env, "CALL_REPORT_URL": "https://hook:pw-Report2041@example.test/calls",
+                                  "CALL_REPORT_SECRET": "s" * 16, "OPENAI_BASE_URL": "https://u:pw-Gateway77@gw.test/v1"})
+    assert {"pw-Report2041", "pw-Gateway77"} <= set(settings.secrets)
+    create_app({**env, "CALL_REPORT_URL": "https://hook:pw-Report2041@example.test/calls",
+                "CALL_REPORT_SECRET": "s" * 16, "OPENAI_BASE_URL": "https://u:pw-Gateway77@gw.test/v1",
+                "LOG_LEVEL": "INFO"})
+    structlog.get_logger().warning("probe", note="posting to https://hook:pw-Report2041@example.test/calls",
+                                   upstream="https://u:pw-Gateway77@gw.test/v1")
+    out = capsys.readouterr().out
+    assert "probe" in out and "pw-Report2041" not in out and "pw-Gateway77" not in out

@@ -106,6 +106,29 @@ def test_chunked_sse_split_anywhere_comes_back_as_whole_lines_and_the_connection
     assert b"Authorization: Bearer sk-test\r\n" in request and request.endswith(b'\r\n\r\n{"stream":true}')
 
 
+def test_sse_lines_ended_by_cr_crlf_or_lf_come_back_split_as_they_arrive(server_factory):
+    """The SSE spec ends a line with CR, LF or CRLF. A server ending lines with a bare CR had its whole stream held
+    back until the body ended and then handed over as one unparseable line (a first-token timeout or a malformed
+    chunk); a CRLF split between two reads must still be one line end."""
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\r\r'
+    rest = [b': keep-alive\r\ndata: {"choices":[{"index":0,"delta":{"content":"lo"}}]}\r',
+            b'\n\r\ndata: [DONE]\n\n']
+    pieces = chunked(first, *rest)
+    head_and_first = b"".join(pieces)[:b"".join(pieces).index(b"\r\r") + 4]
+    server = server_factory([head_and_first, 0.3, b"".join(pieces)[len(head_and_first):]])
+    exchange = Exchange(pool_for(server))
+    deadline = time.monotonic() + 5
+    exchange.start(b'{"stream":true}', deadline, 2.0)
+    assert exchange.next_lines(deadline) == [first[:-2]]  # the first event, before the rest was even sent
+    lines = []
+    while (more := exchange.next_lines(deadline)) is not None:
+        lines += more
+    # exactly: the blank lines are the SSE event boundaries (the first event's own, held as a possible CRLF half)
+    assert lines == [b"", b": keep-alive", b'data: {"choices":[{"index":0,"delta":{"content":"lo"}}]}', b"",
+                     b"data: [DONE]", b""]
+    assert b"\r" not in b"".join(lines)
+
+
 def test_a_pooled_connection_the_server_closed_is_replaced_without_failing_the_turn(server_factory):
     server = server_factory(chunked(*SSE) + [None], chunked(*SSE))  # closes after the first response
     pool = pool_for(server)
@@ -128,6 +151,18 @@ def test_content_length_error_status_raises_status_error(server_factory):
         exchange.start(b"{}", time.monotonic() + 5, 2.0)
     assert raised.value.status == 429
     exchange.close()
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"5, 6"])
+def test_an_invalid_content_length_is_a_broken_response_not_a_value_error_or_a_body_read_forever(server_factory,
+                                                                                               length):
+    """RFC 9112 §6.3: an invalid Content-Length cannot frame the body. It raised a bare ValueError (the socket left
+    open, outside the UpstreamError family the callers map) or, negative, made the body never end."""
+    server = server_factory([b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n\r\nhello", 0.5])
+    exchange = Exchange(pool_for(server))
+    with pytest.raises(ConnectionDropped):
+        exchange.start(b"{}", time.monotonic() + 5, 2.0)
+        exchange.read_body(time.monotonic() + 1)
 
 
 def test_no_head_before_the_deadline_is_a_read_timeout(server_factory):

@@ -157,3 +157,94 @@ def test_test_optimization_reports_measured_stages(stack):
     assert "French" in stack["llm"].requests[-1].messages[0]["content"]
     bad = http("POST", stack["server"].url + "/api/test-optimization", json_body={"language": "en-US"})
     assert bad.status == 400 and bad.json()["success"] is False
+
+
+# -- the reader's figures, straight from a store ------------------------------------------------------------------
+
+def _reader_over(tmp_path, clock):
+    from callweaver.engine.metrics import MetricsReader
+    from callweaver.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "figures.sqlite3"))
+    return store, MetricsReader(store, clock=clock)
+
+
+def test_total_latency_of_a_call_with_no_measured_first_token_is_null_with_a_reason(tmp_path):
+    """A turn interrupted before its first token has no first-token time: the call's total was reported as 0 ms."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_cut", created_at=now - 10))
+    store.append_turn("call_cut", {"path": "optimized", "source": "llm", "firstTokenMs": None, "interrupted": True,
+                                   "at": now - 5})
+    view = reader.call("call_cut")
+    assert view["callData"]["totalLatency"] is None
+    assert view["reasons"]["totalLatency"]
+    store.append_turn("call_cut", {"path": "optimized", "source": "llm", "firstTokenMs": 412.5, "at": now - 2})
+    assert reader.call("call_cut")["callData"]["totalLatency"] == 412.5
+    store.close()
+
+
+def test_active_calls_count_every_live_call_not_only_those_started_in_the_window(tmp_path):
+    """`activeCalls` is a count of calls live now, as /metrics' live-calls gauge and the dashboard's list count
+    them: a call placed before the report's window and still talking is active."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_long", created_at=now - 600))
+    store.create_call(CallRecord(tracking_id="call_new", created_at=now - 10))
+    assert reader.aggregate(60)["activeCalls"] == 2
+    store.close()
+
+
+def test_added_latency_of_an_adopted_speculation_is_not_measured_so_not_reported_as_zero():
+    """An adopted speculation's request went out before the final prompt: first token sent (timed from the final
+    prompt) minus the provider's first token (timed from that earlier request) is no overhead of ours. It was
+    clamped to 0 ms and counted in the addedLatency figures and histogram as a measured zero."""
+    from callweaver.engine.metrics import added_latency_ms, summarize_turns
+    from callweaver.engine.prometheus import turn_counters
+
+    adopted = {"path": "optimized", "source": "llm", "provider": "azure", "firstTokenMs": 4.0,
+               "providerTtftMs": 310.0, "speculation": "adopted", "savedMs": 306.0}
+    assert added_latency_ms(adopted) is None
+    assert summarize_turns([adopted])["addedLatencyMs"]["samples"] == 0
+    assert not [key for key in turn_counters(adopted) if "added_latency" in key]
+    plain = {**adopted, "speculation": None, "firstTokenMs": 330.0}
+    assert added_latency_ms(plain) == 20.0
+
+
+def test_every_null_rate_of_a_call_or_window_without_turns_has_a_reason(tmp_path):
+    """A figure that was not measured is null WITH a reason: the rates of a call with no turn yet (and of a window
+    with none) were null with no reason next to them."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_quiet", created_at=now - 10))
+    view = reader.call("call_quiet")
+    for name in ("errorRate", "cacheHitRate", "providerFailoverRate", "currentThroughput"):
+        assert view["metrics"][name] is None and view["reasons"][name]
+    aggregated = reader.aggregate(60)
+    for name in ("averageLatency", "cacheHitRate", "errorRate"):
+        assert aggregated[name] is None and aggregated["reasons"][name]
+    store.close()
+
+
+def test_a_call_whose_turns_have_no_measured_first_token_says_why_its_latencies_are_null(tmp_path):
+    """Turns exist but none has a measured first token (each cut before it): the latency figures are null and each
+    says why, under its own field name (found by review: reasons were given only when there were no turns)."""
+    from callweaver.store import CallRecord
+
+    now = time.time()
+    store, reader = _reader_over(tmp_path, lambda: now)
+    store.create_call(CallRecord(tracking_id="call_cut", created_at=now - 10))
+    record = store.get_call("call_cut")
+    store.commit_turn(record.tracking_id, {"messages": [{"role": "user", "content": "hi"}]},
+                      {"index": 0, "at": now - 5, "path": "optimized", "firstTokenMs": None, "interrupted": True})
+    view = reader.call("call_cut")
+    for name in ("averageLatency", "p50Latency", "p95Latency", "p99Latency"):
+        assert view["metrics"][name] is None and view["reasons"][name], name
+    assert view["callData"]["totalLatency"] is None and view["reasons"]["totalLatency"]
+    store.close()

@@ -470,6 +470,16 @@ def test_parse_azure_endpoint_accepts_a_plain_resource_url(url):
     assert parse_azure_endpoint(url) == ("https://my-res.openai.azure.com", None, None)
 
 
+@pytest.mark.parametrize("url", [
+    "https://gw.example.com/team-a/openai/deployments/gpt4omini/chat/completions?api-version=2024-10-21",
+    "https://gw.example.com/team-a/", "https://gw.example.com/team-a/openai"])
+def test_parse_azure_endpoint_keeps_a_gateways_path_before_openai(url):
+    """An Azure endpoint behind a gateway (API Management) has a path before /openai/; the SDK keeps an
+    azure_endpoint's path, and dropping it sent every request to a URL the gateway does not serve."""
+    resource, _deployment, _version = parse_azure_endpoint(url)
+    assert resource == "https://gw.example.com/team-a"
+
+
 def test_build_provider_chain_uses_the_full_azure_url_and_a_keyless_self_hosted_server(azure_fake, openai_fake):
     settings = SimpleNamespace(
         llm_providers=("azure", "openai"), azure_openai_api_key=AZURE_KEY,
@@ -623,3 +633,79 @@ def test_p95_budget_waits_for_enough_samples_of_the_providers_own_ttft(make_chai
     for ttft in range(1, 21):
         chain.note_first_token("azure", float(ttft * 10))
     assert chain.hedge_budget_s(primary) == 0.19  # nearest-rank p95 of 10..200 ms
+
+
+def test_a_reply_that_finished_before_its_connection_broke_is_not_failed_over(openai_fake):
+    """The provider sent the whole reply and its finish_reason, then the connection broke before `data: [DONE]`:
+    the reply is complete. It used to count as a dropped stream: a circuit failure, and the next provider asked to
+    continue a finished reply (or the apology appended to it when none answered)."""
+    from tests.test_llm_http import ScriptedServer
+
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"All done."}}]}\n\n',
+              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n']
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)  # no terminating chunk
+    server = ScriptedServer([[head + body, None]])
+    openai_fake.push(Reply(text=" And more."))
+    chain = ProviderChain([ProviderConfig("primary", "openai", "sk-primary", "m", base_url=f"http://127.0.0.1:{server.port}/v1"),
+                           ProviderConfig("openai", "openai", OPENAI_KEY, "gpt-4o-mini", base_url=openai_fake.url)])
+    try:
+        reply = chain.stream(MESSAGES)
+        assert "".join(reply) == "All done." == reply.text
+        assert (reply.provider, reply.failovers, reply.apology_used) == ("primary", [], False)
+        assert openai_fake.requests == []
+        assert chain.health()[0]["consecutiveFailures"] == 0
+    finally:
+        chain.close()
+        server.stop()
+
+
+def test_a_hedged_turn_cancelled_mid_race_frees_the_backups_half_open_probe(make_chain, azure_fake, openai_fake,
+                                                                            clock):
+    """A barge-in during a hedged race settled only the primary: the backup's half-open probe, claimed when the
+    hedge started, stayed held, so the backup was skipped for one more cooldown (the next turn got the apology)."""
+    chain = make_chain(circuit_failures=1, circuit_cooldown_s=30.0, first_token_timeout_s=5.0, hedge_after_s=0.1)
+    azure_fake.push(Reply(fault="500"))
+    openai_fake.push(Reply(fault="500"))
+    assert make_and_finish(chain).apology_used  # both circuits open
+    clock.now += 31.0                           # both half-open
+
+    azure_fake.push(Reply(text="Primary, slow.", ttft_s=3.0))
+    openai_fake.push(Reply(text="Backup, slow too.", ttft_s=3.0))
+    reply = chain.stream(MESSAGES)
+    listener = threading.Thread(target=lambda: list(reply), daemon=True)
+    listener.start()
+    assert openai_fake.wait_until(lambda: len(openai_fake.requests) == 2)  # the hedge started: both probes held
+    reply.close()                                                           # the caller barged in
+    listener.join(timeout=10)
+    assert not listener.is_alive()
+
+    azure_fake.push(Reply(fault="500"))
+    openai_fake.push(Reply(text="Backup here."))
+    after = make_and_finish(chain)
+    assert (after.text, after.provider) == ("Backup here.", "openai")
+
+
+def test_a_reply_whose_done_never_comes_ends_soon_after_its_finish_reason(openai_fake):
+    """finish_reason arrived, then the server held the connection open without `[DONE]`: the reply is complete at
+    once (within finish()'s budget), not after the whole stall timeout, which held the turn's routing, end/transfer
+    and store write for seconds (found by review)."""
+    from tests.test_llm_http import ScriptedServer
+
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"All done."}}]}\n\n',
+              b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n']
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+    server = ScriptedServer([[head + body, 10.0, None]])  # then silence, connection open
+    chain = ProviderChain([ProviderConfig("primary", "openai", "sk-primary", "m",
+                                          base_url=f"http://127.0.0.1:{server.port}/v1")],
+                          ChainSettings(stall_timeout_s=5.0))
+    try:
+        started = time.monotonic()
+        reply = chain.stream(MESSAGES)
+        assert "".join(reply) == "All done." and not reply.apology_used
+        assert time.monotonic() - started < 3.0  # not the 5 s stall timeout
+    finally:
+        chain.close()
+        server.stop()
+

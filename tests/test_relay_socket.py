@@ -214,3 +214,40 @@ def test_the_calls_log_bindings_made_at_setup_reach_the_handler_after_the_socket
     ws.frames.put(None)
     thread.join(5)
     assert seen.get("call_sid") == "CA" + "0" * 32
+
+
+def test_a_pending_alarm_is_kept_across_message_batches_and_renewals_keep_coming(monkeypatch):
+    """The alarm is rebuilt only when the next deadline moves earlier or it has fired, not after every batch; the
+    claim's renewals still come one after another (each fired alarm is replaced)."""
+    monkeypatch.setattr(relay, "LINGER_S", 0.01)
+    ws, session = FakeServer(), Session()
+    socket, handler = serve(ws, session, setup_timeout_s=30.0)
+    wait_for(lambda: socket.alarm is not None)
+    first = socket.alarm
+    for kind in ("setup", "one", "two"):
+        ws.frames.put(frame(kind))
+    wait_for(lambda: len(session.handled) == 3 and socket.worker is None)
+    assert socket.alarm is first  # the setup deadline's alarm (30 s) comes before the renewal (60 s): kept
+    ws.frames.put(None)
+    handler.join(5)
+
+    renewals: list[float] = []
+    renew_at = [time.monotonic() + 0.05]
+
+    def renew_if_due() -> bool:
+        if time.monotonic() >= renew_at[0]:
+            renewals.append(time.monotonic())
+            renew_at[0] = time.monotonic() + 0.05
+        return True
+
+    ws, session = FakeServer(), Session()
+    claim = SimpleNamespace(tracking_id=TRACKING_ID, renew_if_due=renew_if_due,
+                            seconds_to_renewal=lambda: max(0.0, renew_at[0] - time.monotonic()))
+    socket = RelaySocket(ws, session, claim, 30.0, SimpleNamespace(call_set_up=lambda: None))
+    handler = threading.Thread(target=socket.serve, daemon=True)
+    handler.start()
+    ws.frames.put(frame("setup"))
+    wait_for(lambda: len(renewals) >= 4)
+    ws.frames.put(None)
+    handler.join(5)
+    assert not handler.is_alive()

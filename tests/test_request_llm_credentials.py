@@ -74,6 +74,10 @@ def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, 
     ("https://169.254.169.254/openai/deployments/d", "non-public address"),
     ("https://[::1]/openai/deployments/d", "non-public address"),
     ("https://localhost/openai/deployments/d", "non-public address"),
+    # not URLs at all: urlsplit or its port raised ValueError, a 500
+    ("https://llm.example.com:99999/openai/deployments/d", "must be an absolute https URL"),
+    ("https://llm.example.com:port/openai/deployments/d", "must be an absolute https URL"),
+    ("https://[::1/openai/deployments/d", "must be an absolute https URL"),
 ])
 def test_request_supplied_llm_urls_must_be_public_https(env, fake_twilio, own_llm, endpoint, reason):
     """SSRF: with ALLOW_REQUEST_CREDENTIALS=1 a caller-supplied LLM URL is fetched by the server, so it must be https
@@ -90,3 +94,28 @@ def test_request_supplied_llm_urls_must_be_public_https(env, fake_twilio, own_ll
     body["config"]["llm"] = {"provider": "openai", "openai": {"apiKey": WORKFLOW_KEY, "baseUrl": endpoint}}
     resp = app.test_client().post("/api/make-call", json=body)
     assert resp.status_code == 400 and "config.llm.openai.baseUrl" in resp.get_json()["error"]
+
+
+def test_a_request_supplied_llm_host_is_checked_again_when_a_connection_is_made(env, own_llm):
+    """DNS rebinding: the host was resolved and found public when make-call accepted the URL, but resolved again
+    when the LLM was called, so a name that then answered 127.0.0.1 (or 169.254.169.254) reached the server's own
+    network. A call's own account now connects only to an address it has just checked (found by review)."""
+    import time
+
+    from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint
+
+    endpoint = Endpoint(f"http://localhost:{own_llm.port}/v1/chat/completions", {})
+    with pytest.raises(ConnectFailed, match="non-public"):
+        ConnectionPool(endpoint, public_only=True).take(time.monotonic() + 5)
+    sock, _reused = ConnectionPool(endpoint).take(time.monotonic() + 5)  # the server's own providers: unchanged
+    sock.close()
+
+    sealed = {"kind": "openai", "apiKey": WORKFLOW_KEY, "baseUrl": "https://llm.example.com/v1"}
+    for settings, public_only in (({}, True), ({"ALLOW_PRIVATE_LLM_URLS": "1"}, False)):
+        svc = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1", **settings}).extensions["callweaver"]
+        chains = svc.chain_for
+        chains._open_credentials = lambda blob: sealed
+        record = type("Record", (), {"meta": {"llm": "sealed-blob"}})()
+        own = chains(record)._providers[0]
+        assert own.name == "workflow-openai" and own.config.public_only is public_only
+        assert own.pool().public_only is public_only

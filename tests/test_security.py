@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 
 import pytest
 
@@ -142,6 +143,21 @@ def test_end_call_is_limited(env, fake_twilio):
     codes = [client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json").status_code
              for _ in range(3)]
     assert codes[2] == 429 and 429 not in codes[:2]
+
+
+def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
+    """Each poll asks Twilio's REST API with the server's credentials: unlimited, anyone could spend the account's
+    API concurrency (and its workers' time) on it. Its window is its own, so polling never stops a hang-up."""
+    client = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute"}).test_client()  # its default
+    codes = [client.get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(3)]
+    assert codes[2] == 429 and 429 not in codes[:2]
+    assert "RATE_LIMIT_CALL_STATUS" in client.get(f"/api/call-status?callSid={CALL_SID}").get_json()["error"]
+    assert len([r for r in fake_twilio.requests if r.method == "GET"]) == 2
+    end = client.post(f"/api/end-call?callSid={CALL_SID}", data="", content_type="application/json")
+    assert end.status_code != 429
+    own = create_app({**env, "RATE_LIMIT_END_CALL": "2 per minute", "RATE_LIMIT_CALL_STATUS": "5 per minute"})
+    codes = [own.test_client().get(f"/api/call-status?callSid={CALL_SID}").status_code for _ in range(6)]
+    assert codes.index(429) == 5  # its own variable, when set
 
 
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
@@ -369,11 +385,64 @@ def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(e
     create_app(env)  # back to JSON logs for the tests that follow
 
 
+def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
+    """A public figure over a window longer than a day is read from the store's rows on every request (~0.3–0.5 s of
+    a worker's CPU for 60 000 turns over 30 days): anyone could keep the workers busy with a GET. The web app asks
+    for no window; the operator's dashboard keeps its 30 days."""
+    for path in ("/api/performance-metrics", "/api/performance-comparison"):
+        refused = client.get(f"{path}?window={2 * 86400}")
+        assert refused.status_code == 400 and refused.get_json()["success"] is False, path
+        assert "86400" in refused.get_json()["error"]
+        assert client.get(f"{path}?window=86400").status_code == 200
+        assert client.get(path).status_code == 200
+    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
+
+
+def test_repeated_public_metrics_requests_read_the_store_for_their_whole_window_once(app, client, monkeypatch):
+    """The longest public window, and /api/health-optimized (public, polled by the web app), are served from the
+    worker's kept turns after the first read: only the last few seconds are read again. Found by review: a window of
+    exactly a day measured from a `since` taken a moment earlier counted as longer than kept and read the whole day
+    on every request; the health route built a fresh reader (a whole window read) per request."""
+    store = app.extensions["callweaver"].store
+    reads: list[float] = []
+    real = store.recent_turns
+    monkeypatch.setattr(store, "recent_turns", lambda since: (reads.append(time.time() - since), real(since))[1])
+    for _ in range(4):
+        assert client.get("/api/performance-comparison?window=86400").status_code == 200
+        assert client.get("/api/performance-metrics?window=86400").status_code == 200
+        assert client.get("/api/health-optimized").status_code == 200
+    whole = [age for age in reads if age > 60]
+    assert len(whole) == 1, reads  # the first request's read of its day; every later one reads seconds
+
+
+def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env, capsys):
+    """Unsigned webhooks are not rate limited and each refusal is logged with the ids it named: a 400 KB CallSid
+    (or trackingId) was copied whole into that warning, so every forged request wrote as much log as it sent."""
+    client = create_app({**env, "LOG_LEVEL": "INFO"}).test_client()
+    capsys.readouterr()
+    resp = client.post("/api/call-status-optimized?trackingId=" + "t" * 3000,
+                       data={"CallSid": "CA" + "9" * 400_000, "CallStatus": "completed"})
+    assert resp.status_code == 403
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "twilio_signature_rejected" in line]
+    assert len(line) < 1000
+    assert '"call_sid": "CA999' in line and '"tracking_id": "ttt' in line  # still says what was named
+
+
 @pytest.mark.parametrize("value, scrubbed", [
     ("key sk-abcdefghijkl here", "key [REDACTED] here"),
     ("x " + "0123456789abcdef" * 2 + " y", "x [REDACTED] y"),
     ("/a?twilioAuthToken=zzz&b=1", "/a?twilioAuthToken=[REDACTED]&b=1"),
     ("API-KEY=foo", "[REDACTED]"),
+    # the credential after an auth scheme, not just the scheme's name
+    ("Authorization: Bearer opsTokenValue12345 sent", "[REDACTED]"),  # unquoted: the rest of the line
+    ("Authorization: Negotiate opsTokenValue12345\nnext line", "[REDACTED]\nnext line"),  # any scheme
+    ("Headers([('Authorization', 'Bearer opsTokenValue12345'), ('X', 'y')])",
+     "Headers([('[REDACTED]'), ('X', 'y')])"),  # werkzeug's repr
+    ("{'Authorization': ['Bearer opsTokenValue12345']}", "{'[REDACTED]']}"),  # a list of values
+    ('{"Authorization": "AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/x, Signature=abc"}', '{"[REDACTED]"}'),
+    ("authorization=Basic QUMxMjM6c2VjcmV0", "[REDACTED]"),
+    ("{'Authorization': 'Bearer opsTokenValue12345'}", "{'[REDACTED]'}"),
+    ('{"authorization": "Bearer opsTokenValue12345", "x": 1}', '{"[REDACTED]", "x": 1}'),
     ("call_8f3a9c2b1d greeting 301.2", "call_8f3a9c2b1d greeting 301.2"),
 ])
 def test_log_values_are_scrubbed_by_pattern_and_field_names_by_name(value, scrubbed):

@@ -25,3 +25,15 @@ def test_nothing_after_done_is_read():
     stream = ChatCompletionsStream()
     deltas = list(stream.read_lines([_token("Hi"), b"data: [DONE]", b"data: not json"]))
     assert [d.content for d in deltas] == ["Hi"] and stream.done
+
+
+def test_tool_call_arguments_with_nan_or_infinity_are_not_json_and_are_skipped():
+    """NaN/Infinity are not JSON: the standard library's reader accepts them, and a variable holding one was stored
+    as null by the SQLite store but as NaN by the Redis one, which then wrote invalid JSON into API answers and call
+    reports."""
+    from callweaver.engine.sse import parse_tool_calls
+
+    parts = {0: {"name": "record_variables", "arguments": ['{"budget": NaN}']},
+             1: {"name": "record_variables", "arguments": ['{"rooms": -Infinity}']},
+             2: {"name": "record_variables", "arguments": ['{"rooms": 2}']}}
+    assert parse_tool_calls("azure", parts) == [("record_variables", {"rooms": 2})]

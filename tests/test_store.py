@@ -233,6 +233,18 @@ def test_find_tracking_id_uses_the_call_sid_set_on_create_or_update(store):
     assert store.find_tracking_id("CA_unknown") is None
 
 
+def test_a_replaced_call_sid_no_longer_finds_the_call(store):
+    """SQLite finds a call by its current CallSid only; Redis kept the old CallSid's index entry (pointing at the
+    call for ever, past its purge), so the same lookup answered differently by backend."""
+    store.create_call(make_record("moved", call_sid="CA_first"))
+    store.update_call("moved", call_sid="CA_second")
+    assert store.find_tracking_id("CA_first") is None
+    assert store.find_tracking_id("CA_second") == "moved"
+    store.record_placed("moved", "CA_third", "queued")
+    assert store.find_tracking_id("CA_second") is None
+    assert store.find_tracking_id("CA_third") == "moved"
+
+
 # -- status callbacks ---------------------------------------------------------------
 
 
@@ -726,6 +738,19 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
     while not store.claim_relay_socket("call_claim", "socket-e", 1, 30):   # a killed worker's lease runs out
         assert time.monotonic() < deadline, "an expired lease must free the call"
         time.sleep(0.05)
+
+
+def test_relay_socket_lease_that_ran_out_unclaimed_is_still_renewed_by_its_owner(store):
+    """A renewal that comes late (a store outage or a stalled worker longer than the lease) while no other socket
+    took the call keeps the live call on both backends; it used to end it on Redis only ("another socket took
+    over this call"), whose claim vanished with its lease, while SQLite's row outlives it."""
+    store.create_call(make_record("call_late"))
+    assert store.claim_relay_socket("call_late", "socket-a", 2, 0.05)
+    time.sleep(0.3)  # past the lease; nobody claims meanwhile
+    assert store.renew_relay_socket("call_late", "socket-a", 30)
+    assert not store.claim_relay_socket("call_late", "socket-b", 2, 30)  # held again, with its generation
+    assert store.claim_relay_socket("call_late", "socket-c", 3, 30)      # a resume still replaces it at once
+    assert not store.renew_relay_socket("call_late", "socket-a", 30)
 
 
 def test_values_the_fast_encoder_refuses_are_still_stored(store):

@@ -144,8 +144,8 @@ def test_the_environments_proxy_carries_twilio_requests(fake_twilio, monkeypatch
 def test_one_off_credentials_use_the_same_transport_and_their_own_auth(fake_twilio):
     gateway = TwilioGateway(ACCOUNT_SID, "not-the-token", fake_twilio.url)
     gateway.create_call(to="+15551234567", from_number="+15005550006", url="https://example.test/",
-                        status_callback="https://example.test/s", timeout_s=30, record=False,
-                        credentials=(ACCOUNT_SID, AUTH_TOKEN))
+                        status_callback="https://example.test/s", timeout_s=30, time_limit_s=3600,
+                        record=False, credentials=(ACCOUNT_SID, AUTH_TOKEN))
     assert [r.auth_ok for r in fake_twilio.requests] == [True]
     assert gateway.client((ACCOUNT_SID, AUTH_TOKEN)).http_client is gateway.client().http_client
 

@@ -43,6 +43,22 @@ def test_wildcard_origins_are_served_without_credentials(env):
     assert "Access-Control-Allow-Credentials" not in got.headers
 
 
+def test_a_body_refused_before_the_app_runs_is_readable_by_the_web_app(client, fake_twilio):
+    """A too-large make-call body is refused by the body guard in front of Flask (413): the web app must be able to
+    read that answer's `error` like any other (flask-cors never sees it), and another site still must not."""
+    origin = "https://kimiya-ai.vercel.app"
+    too_large = b'{"to": "+15551234567", "globalPrompt": "' + b"x" * (1024 * 1024) + b'"}'
+    resp = client.post("/api/make-call-optimized", data=too_large, content_type="application/json",
+                       headers={"Origin": origin})
+    assert resp.status_code == 413 and resp.get_json()["success"] is False and resp.get_json()["error"]
+    assert resp.headers.get("Access-Control-Allow-Origin") == origin
+    assert resp.headers.get("Access-Control-Allow-Credentials") == "true"
+    foreign = client.post("/api/make-call-optimized", data=too_large, content_type="application/json",
+                          headers={"Origin": "https://evil.example"})
+    assert foreign.status_code == 413 and "Access-Control-Allow-Origin" not in foreign.headers
+    assert fake_twilio.creates() == []
+
+
 def test_wildcard_mixed_with_named_origins_is_refused_at_start(env):
     with pytest.raises(ConfigError, match="CORS_ORIGINS"):
         create_app({**env, "CORS_ORIGINS": "*,https://kimiya-ai.vercel.app"})

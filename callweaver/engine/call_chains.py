@@ -16,8 +16,10 @@ class CallChains:
     sealed in the record, ALLOW_REQUEST_CREDENTIALS=1) — that account first with the server's behind it."""
 
     def __init__(self, server_chain: Any, open_credentials: Callable[[str], dict | None],
-                 default_openai_model: str, max_chains: int = MAX_CALL_CHAINS):
+                 default_openai_model: str, max_chains: int = MAX_CALL_CHAINS, public_only: bool = True):
+        """`public_only`: the accounts' URLs came from requests; connect to public addresses only."""
         self.server_chain = server_chain
+        self._public_only = public_only
         self._open_credentials = open_credentials  # sealed blob → the account, or None when it cannot be opened
         self._default_openai_model = default_openai_model
         self._max_chains = max_chains
@@ -32,7 +34,7 @@ class CallChains:
             credentials = self._open_credentials(sealed)
             if not credentials:
                 return self.server_chain
-            config = call_account_config(credentials, self._default_openai_model)
+            config = call_account_config(credentials, self._default_openai_model, self._public_only)
             chain = self._chains[sealed] = self.server_chain.with_first(config)
             while len(self._chains) > self._max_chains:
                 self._chains.popitem(last=False)

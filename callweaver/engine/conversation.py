@@ -49,10 +49,18 @@ def split_tokens(text: str) -> list[str]:
 
 
 def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
-    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt.
+    """What the caller actually heard of `spoken`: cut right after Twilio's utteranceUntilInterrupt; no match → the
+    reported text itself."""
+    cut = heard_cut(spoken, utterance_until_interrupt)
+    return (utterance_until_interrupt or "").strip() if cut is None else cut
+
+
+def heard_cut(spoken: str, utterance_until_interrupt: str | None) -> str | None:
+    """`spoken` cut right after Twilio's utteranceUntilInterrupt, "" when nothing was heard, None when the reported
+    text is not in `spoken` (the interrupted speech was something else).
 
     Whitespace and case may differ between what we sent and what Twilio reports, so matching is done on a
-    whitespace-folded copy and mapped back to the original text; no match → the reported text itself.
+    whitespace-folded copy and mapped back to the original text.
     """
     if not utterance_until_interrupt:
         return ""
@@ -68,14 +76,16 @@ def heard_prefix(spoken: str, utterance_until_interrupt: str | None) -> str:
                 continue
             folded_chars.append(" ")
             prev_space = True
+            index_map.append(i)
         else:
-            folded_chars.append(ch.casefold())
+            folded_char = ch.casefold()  # may be longer than the character ("ß" → "ss"): each maps back to it
+            folded_chars.append(folded_char)
+            index_map.extend([i] * len(folded_char))
             prev_space = False
-        index_map.append(i)
     folded = "".join(folded_chars)
-    pos = folded.rfind(target)
+    pos = folded.find(target)  # the reported text is what was spoken from the start: its first occurrence
     if pos < 0:
-        return utterance_until_interrupt.strip()
+        return None
     end = index_map[pos + len(target) - 1] + 1
     return spoken[:end].strip()
 
@@ -491,9 +501,11 @@ class ConversationEngine:
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
-        if not stream.text.strip() and outcome.action is None and outcome.next_node != state.current_node:
-            # The model only called a tool: nothing was spoken, so the new node must answer. This is the one
-            # case with a second request; it only happens when the model ignores "speak first".
+        moved_on = outcome.next_node != state.current_node
+        if not stream.text.strip() and outcome.action is None and (moved_on or not outcome.keys):
+            # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
+            # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
+            # is the one case with a second request; it only happens when the model ignores "speak first".
             log.info("tool_only_reply_followup", node=outcome.next_node)
             moved = ConversationState(outcome.next_node, outcome.variables, state.messages)
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,

@@ -22,6 +22,8 @@ deadlines and cross-thread cancellation would need a `gevent.Timeout` per read a
 from __future__ import annotations
 
 import base64
+import ipaddress
+import re
 import select
 import socket
 import ssl
@@ -39,6 +41,10 @@ DEADLINE_SLACK_S = 0.001
 
 class UpstreamError(Exception):
     """The exchange failed; subclasses say how (providers.py maps them to failover reasons)."""
+
+
+# How long the end of a finished reply (`[DONE]`, the body's last chunk) may take before the turn goes on without it.
+FINISH_BUDGET_S = 0.25
 
 
 class ConnectFailed(UpstreamError):
@@ -140,13 +146,31 @@ class Endpoint:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
 
 
+def is_public_address(address: str) -> bool:
+    """An address on the public internet: not loopback, private, link-local, reserved or multicast."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return ip.is_global and not ip.is_multicast
+
+
+def _public_address(host: str, port: int) -> tuple[str, int]:
+    """The first address `host` resolves to, once every one of them is known to be public."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    if not infos or not all(is_public_address(info[4][0]) for info in infos):
+        raise ConnectFailed("host resolves to a non-public address")
+    return infos[0][4][0], port
+
+
 class ConnectionPool:
     """Idle keep-alive sockets of one endpoint, newest first; only the socket being taken is checked."""
 
     def __init__(self, endpoint: Endpoint, max_idle: int = 500,
-                 tls_context: Callable[[], ssl.SSLContext] | None = None) -> None:
-        """`tls_context` builds the TLS trust on first use (default: the openai SDK's, `httpcore2`)."""
+                 tls_context: Callable[[], ssl.SSLContext] | None = None, public_only: bool = False) -> None:
+        """`tls_context` builds the TLS trust on first use (default: the openai SDK's, `httpcore2`).
+        `public_only` (a URL a request supplied): every address the host resolves to when a connection is made must
+        be public, and the connection goes to the address checked, so a name that resolved to a public address when
+        the URL was accepted cannot later point the server at its own network (DNS rebinding)."""
         self.endpoint = endpoint
+        self.public_only = public_only
         self.max_idle = max_idle
         self._idle: list[socket.socket] = []
         self._tls_context: ssl.SSLContext | None = None
@@ -181,6 +205,8 @@ class ConnectionPool:
         address = (proxy.host, proxy.port) if proxy is not None else (endpoint.host, endpoint.port)
         sock = None
         try:
+            if self.public_only and proxy is None:
+                address = _public_address(endpoint.host, endpoint.port)
             sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:
@@ -362,6 +388,21 @@ class ExchangeDeadline:
         self._close_readable()
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _take_lines_with_cr(body: bytearray, at_end: bool) -> list[bytes]:
+    """The complete lines at the front of `body` (taken out of it), ended by CRLF, CR or LF: the SSE spec allows
+    all three. A CR that ends the buffer may be the first half of a CRLF, so it waits for the next byte (or the
+    body's end)."""
+    last = max(body.rfind(b"\n"), body.rfind(b"\r", 0, len(body) - (0 if at_end else 1)))
+    if last < 0:
+        return []
+    text = bytes(body[:last + 1])
+    del body[:last + 1]
+    return _LINE_END.split(text[:-2] if text.endswith(b"\r\n") else text[:-1])
+
+
 class Exchange:
     """One streamed POST: send it, read the head, then the body's lines; abort() works from another greenlet."""
 
@@ -449,7 +490,10 @@ class Exchange:
         if self.status in (204, 304) or self.status < 200:
             self._chunked, self._length_left = False, 0  # no body, whatever the headers say (RFC 9112 §6.3)
         elif not self._chunked and "content-length" in headers:
-            self._length_left = int(headers["content-length"])
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):  # cannot frame the body (RFC 9112 §6.3)
+                raise ConnectionDropped("invalid Content-Length")
+            self._length_left = int(length)
         connection = headers.get("connection", "").lower()
         self._keep_alive = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
         if not self._chunked and self._length_left is None:
@@ -482,11 +526,15 @@ class Exchange:
         without line endings; None once the body is complete. One call per network read, not per line."""
         while True:
             body = self._body
+            if b"\r" in body:  # CR or CRLF line ends
+                lines = _take_lines_with_cr(body, self._complete)
+                if lines:
+                    return lines
             end = body.rfind(b"\n")
             if end >= 0:
                 lines = bytes(body[:end]).split(b"\n")
                 del body[:end + 1]
-                return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+                return lines
             if self._complete:
                 if body:
                     line = bytes(body)
@@ -511,7 +559,7 @@ class Exchange:
         self._release()
         return body
 
-    def finish(self, budget_s: float = 0.25) -> None:
+    def finish(self, budget_s: float = FINISH_BUDGET_S) -> None:
         """Read to the body's end (the chunked terminator after `[DONE]`) and pool the connection; a slow or
         broken tail is not worth waiting for."""
         deadline = time.monotonic() + budget_s

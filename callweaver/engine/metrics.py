@@ -14,6 +14,15 @@ from ..store import counter_series
 from ..units import SECONDS_PER_DAY
 
 NO_SAMPLES = "no measured turns in this window"
+NO_FIRST_TOKEN = "no turn with a measured first token yet"
+
+
+def null_reasons(figures: dict[str, Any], reason: str) -> dict[str, str]:
+    """`reason` for each figure that is null (its distributions and sub-objects carry their own)."""
+    return {name: reason for name, value in figures.items() if value is None}
+# Live calls are counted now, whatever a report's window; a call whose terminal status never arrived stops
+# counting as live after this long.
+LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
 # The stored counter (by field) of speculations whose caller turn never got a final transcript; for the API only,
 # /metrics exposes them as callweaver_speculations{outcome="unanswered"} and in the extra-cost sums.
 UNANSWERED = "cw_unanswered_speculations"
@@ -68,8 +77,11 @@ def ratio(part: int, whole: int) -> float | None:
 
 
 def added_latency_ms(turn: dict) -> float | None:
-    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token."""
+    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token. None for an
+    adopted speculation: its request went out before the final prompt the first token is timed from."""
     if turn.get("source") != "llm" or turn.get("firstTokenMs") is None or turn.get("providerTtftMs") is None:
+        return None
+    if turn.get("speculation") == "adopted":
         return None
     return max(0.0, turn["firstTokenMs"] - turn["providerTtftMs"])
 
@@ -176,6 +188,7 @@ class RecentTurns:
 
     OVERLAP_S = 5.0
     MAX_KEPT_S = float(SECONDS_PER_DAY)
+    SLACK_S = 60.0  # a window of MAX_KEPT_S measured from a `since` taken a moment earlier still counts as kept
 
     def __init__(self, store, clock: Callable[[], float] = time.time):
         self.store = store
@@ -188,12 +201,12 @@ class RecentTurns:
     def since(self, since: float) -> list[dict]:
         """Turns with at >= since, oldest first; the same rows the store would return."""
         now = self.clock()
-        if now - since > self.MAX_KEPT_S:
+        if now - since > self.MAX_KEPT_S + self.SLACK_S:
             return self.store.recent_turns(since)
         with self._lock:
             if self._read_at is None or now - since > self._kept_s:
-                # A minute of margin: the same window asked again a moment later must not count as wider.
-                self._kept_s = now - since + 60.0
+                # A margin: the same window asked again a moment later must not count as wider.
+                self._kept_s = now - since + self.SLACK_S
                 self._turns = {}
                 fresh = self.store.recent_turns(now - self._kept_s)
             else:
@@ -233,9 +246,6 @@ class MetricsReader:
         end = record.ended_at or self.clock()
         duration_s = round(end - record.created_at, 3)
         first = s["firstTokenMs"]
-        reasons = {}
-        if not turns:
-            reasons["latency"] = "no caller turns yet"
         metrics = {
             "averageLatency": first["mean"], "p50Latency": first["p50"], "p95Latency": first["p95"],
             "p99Latency": first["p99"], "errorRate": s["errorRate"], "cacheHitRate": s["cacheHitRate"],
@@ -248,7 +258,12 @@ class MetricsReader:
                 **dict.fromkeys(UNANSWERED_FIELDS, 0),
                 **((record.meta or {}).get("unansweredSpeculations") or {}), "window": "call"}),
         }
+        measured_first = [t["firstTokenMs"] for t in turns if t.get("firstTokenMs") is not None]
+        # Every null figure says why, named as the field it explains.
+        reasons = null_reasons(metrics, "no caller turns yet" if not turns else NO_FIRST_TOKEN)
         reasons["languageOptimizationRate"] = "not a measured quantity; see callData.language"
+        if not measured_first:
+            reasons["totalLatency"] = NO_FIRST_TOKEN
         call_duration = next((h["payload"].get("CallDuration") for h in reversed(history)
                               if h.get("payload", {}).get("CallDuration")), None)
         return {
@@ -258,7 +273,7 @@ class MetricsReader:
                 "callSid": None, "status": record.status, "path": record.path,
                 "language": record.language, "workflowId": record.workflow_id,
                 "duration": int(call_duration) if call_duration else duration_s,
-                "totalLatency": round(sum(t.get("firstTokenMs") or 0 for t in turns), 3) if turns else None,
+                "totalLatency": round(sum(measured_first), 3) if measured_first else None,
                 "cacheHits": s["cacheHits"], "qualityScore": None, "currentNode": record.current_node,
                 "createdAt": record.created_at, "endedAt": record.ended_at,
                 "statusHistory": [{"status": h["status"], "sequence": h["sequence"], "receivedAt": h["receivedAt"]}
@@ -282,7 +297,7 @@ class MetricsReader:
             if t.get("provider"):
                 by_provider[t["provider"]].append(t)
         s = summarize_turns(turns)
-        active = [c for c in self.store.live_calls(since=now - window_s) if c.status != "failed"]
+        active = [c for c in self.store.live_calls(since=now - LIVE_CALL_HORIZON_S) if c.status != "failed"]
         return {
             "windowSeconds": window_s,
             "activeCalls": len(active), "calls": self.store.count_calls(since=now - window_s),
@@ -301,6 +316,8 @@ class MetricsReader:
                           for name, ts in sorted(by_provider.items())},
             "preemption": preemption_summary(
                 turns, {**unanswered_speculations(self.store.counters()), "window": "since the store began"}),
+            "reasons": null_reasons({"averageLatency": s["firstTokenMs"]["mean"], "cacheHitRate": s["cacheHitRate"],
+                                     "errorRate": s["errorRate"]}, NO_SAMPLES if not turns else NO_FIRST_TOKEN),
         }
 
     def comparison(self, window_s: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ chain that uses them."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import threading
 import time
@@ -19,7 +20,8 @@ import structlog
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
 from .continuation import ContinuationJoiner, continuation_messages
-from .llm_http import ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut, StatusError
+from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
+                       StatusError)
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
@@ -97,7 +99,7 @@ class _Provider:
             endpoint = chat_endpoint(self.config, self.client())
             with self._lock:
                 if self._pool is None:
-                    self._pool = ConnectionPool(endpoint)
+                    self._pool = ConnectionPool(endpoint, public_only=self.config.public_only)
         return self._pool
 
     def close(self) -> None:
@@ -306,6 +308,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     hedge_at = time.monotonic() + budget_s
     winner: _Racer | None = None
     failed = 0
+    settled: set[_Racer] = set()  # racers whose circuit outcome is already recorded
     try:
         while True:
             if state.cancelled:
@@ -332,6 +335,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                     raise value  # no hedge was started: the chain's own failover handles it
                 failed += 1
                 racer.provider.circuit.record_failure(chain._clock())
+                settled.add(racer)
                 state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
                                         "spoken_chars": len(state.text)})
                 if winner is not None or failed == len(racers):
@@ -343,6 +347,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                     if other is not racer:
                         other.cancel()
                         _settle_cancelled(other.provider, other.state, other.seen)
+                        settled.add(other)
             if kind == "done":
                 break
             state.text += value
@@ -350,6 +355,8 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
     except BaseException:
         for racer in racers:
             racer.cancel()
+            if racer is not racers[0] and racer not in settled:  # the chain settles the primary
+                _settle_cancelled(racer.provider, racer.state, racer.seen)
         raise
     won = winner.state
     state.tool_calls.extend(won.tool_calls)
@@ -381,7 +388,12 @@ def _request_body(provider: _Provider, request: _TurnRequest, messages: list[dic
         body["temperature"] = request.temperature
     if request.max_tokens is not None:
         body["max_tokens"] = request.max_tokens
-    return orjson.dumps(body)
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        # Text that is not valid Unicode (a lone surrogate, which a JSON escape in our input can carry): the
+        # request is ours to fix, never a failure of the provider (its circuit breaker must not count it).
+        return json.dumps(body, ensure_ascii=False).encode("utf-8", "replace")
 
 
 def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _TurnState,
@@ -407,8 +419,17 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                 if state.cancelled:
                     raise ProviderError("cancelled")
                 if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
+                    if sse.finish_reason is not None:
+                        break  # finished; its `[DONE]` tail is late
                     raise ReadTimedOut("deadline passed between lines")
-                lines = exchange.next_lines(deadline)
+                try:
+                    lines = exchange.next_lines(deadline)
+                except (ConnectionDropped, ReadTimedOut):
+                    if state.cancelled:  # close() aborted the read: a barge-in, never a finished reply
+                        raise ProviderError("cancelled") from None
+                    if sse.finish_reason is None:
+                        raise
+                    break  # the reply had finished: only its `[DONE]` tail was lost
                 if lines is None:
                     break
                 for content, producing in sse.read_lines(lines):
@@ -430,6 +451,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                                 raise ProviderError("cancelled")
                             # time the consumer spent with the token is not upstream silence
                             deadline = time.monotonic() + stall_timeout_s
+                if sse.finish_reason is not None and not sse.done:
+                    # Finished: only `[DONE]` is to come. It gets the budget finish() gives a body's end, not a
+                    # stall timeout that would hold the turn's routing and store write for seconds.
+                    deadline = min(deadline, time.monotonic() + FINISH_BUDGET_S)
             if not sse.done and sse.finish_reason is None:
                 raise ProviderError("dropped", "stream ended without finishing")
             if sse.done:

@@ -99,7 +99,7 @@ def parse(raw: str | bytes) -> Inbound | None:
         frame = json.loads(raw)
         if not isinstance(frame, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError, TypeError) as exc:
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError) as exc:  # RecursionError: nested too deep
         log.error("relay_bad_message", error=str(exc)[:MAX_LOGGED_ERROR_CHARS], size=len(raw or ""))
         return None
     kind = frame.get("type")
@@ -122,8 +122,16 @@ def _setup(frame: dict) -> Setup:
 def _prompt(frame: dict) -> Prompt:
     text = frame.get("voicePrompt")
     lang = frame.get("lang")
-    return Prompt(voice_prompt=text if isinstance(text, str) else "", last=frame.get("last") is not False,
+    return Prompt(voice_prompt=_unicode(text) if isinstance(text, str) else "", last=frame.get("last") is not False,
                   lang=lang if isinstance(lang, str) and lang else None)
+
+
+def _unicode(text: str) -> str:
+    """`text` as valid Unicode: a lone surrogate (a JSON escape can carry one) becomes U+FFFD, so the caller's words
+    can be stored and sent on like any others."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _interrupt(frame: dict) -> Interrupt:

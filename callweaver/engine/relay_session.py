@@ -17,7 +17,7 @@ import structlog
 
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
-                           SpeculativeTurn, Turn, heard_prefix, speculation_row)
+                           SpeculativeTurn, Turn, heard_cut, heard_prefix, speculation_row)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
@@ -71,7 +71,8 @@ class RelaySession:
                  "_reply", "_streaming", "_turn", "_sent", "_committed", "_timings", "_fell_silent_event",
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
-                 "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent")
+                 "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
+                 "_setup_unread")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -108,6 +109,7 @@ class RelaySession:
         self._latest_partial: tuple[str, str | None] | None = None  # this caller turn's last interim transcript
         self._speaker_events = False  # Twilio has sent clientSpeaking on this call: the acoustic signal is there
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
+        self._setup_unread: protocol.Setup | None = None  # a `setup` whose store read failed: read again later
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -158,6 +160,7 @@ class RelaySession:
             self._speak_canned("apology")
 
     def _on_setup(self, message: protocol.Setup) -> None:
+        self._setup_unread = message  # until the call is read: a store failure leaves it for the caller's next turn
         params = message.custom_parameters
         self.call_sid = message.call_sid
         tracking_id = params.get("trackingId")
@@ -169,6 +172,7 @@ class RelaySession:
         if record is None:
             # Nothing to talk about: apologise and end the session rather than leave the caller in silence.
             log.error("relay_setup_unknown_call", tracking_id=tracking_id, call_sid=self.call_sid)
+            self._setup_unread = None
             self._speak_canned("apology")
             self._end_soon(protocol.end("error", detail="unknown call"), self._canned("apology"))
             return
@@ -180,11 +184,20 @@ class RelaySession:
         if meta is not None:
             record = dataclasses.replace(record, meta=meta)
         self.record = self.engine.sharing_snapshot(record)
+        self._setup_unread = None
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
 
+    def _read_setup_again(self) -> None:
+        """`setup` could not read the call (the store failed) and the caller was asked to say it again: a caller
+        turn (final transcript, keypad) reads it again; another failure is apologised for again."""
+        if self.record is None and self._setup_unread is not None:
+            self._on_setup(self._setup_unread)
+
     def _on_prompt(self, message: protocol.Prompt) -> None:
         received = self.clock()
+        if message.last:
+            self._read_setup_again()
         if self.record is None:
             log.error("relay_prompt_before_setup")
             return
@@ -330,6 +343,7 @@ class RelaySession:
     def _on_dtmf(self, message: protocol.Dtmf) -> None:
         """Collect keypad digits into one turn: a pause of `inter_digit_s` or `#` ends the entry."""
         digit = message.digit
+        self._read_setup_again()
         if self.record is None:
             log.error("relay_dtmf_before_setup")
             return
@@ -395,17 +409,26 @@ class RelaySession:
             self._reply.join(timeout=5)
 
     def _trim_heard(self, heard: str, reported: str | None) -> None:
-        """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard."""
+        """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
+        latest assistant line, nothing when nothing was heard. Only when it is the last message and holds what was
+        heard: otherwise the interrupted speech is not in the history (an older reply was heard in full, and an
+        apology or a resumed socket's greeting is never stored)."""
         messages = list(self.record.messages or [])
-        for i in range(len(messages) - 1, -1, -1):
-            if messages[i].get("role") == "assistant":
-                cut = heard_prefix(messages[i]["content"], reported)
-                if cut and cut != messages[i]["content"]:
-                    messages[i] = {"role": "assistant", "content": cut}
-                    updated = self.engine.store.update_call(self.record.tracking_id, messages=messages)
-                    self.record = self.engine.sharing_snapshot(updated) or self.record
-                    log.info("relay_history_trimmed", heard_chars=len(cut))
-                return
+        if not messages or messages[-1].get("role") != "assistant":
+            return
+        content = messages[-1]["content"]
+        cut = heard_cut(content, reported)
+        if cut is None or cut == content:
+            return  # all of it was heard, or the caller talked over a line the history does not hold
+        messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
+        fields: dict[str, Any] = {"messages": messages}
+        transcript = list(self.record.transcript or [])
+        if transcript and transcript[-1].get("heard") == content:  # the call log's line for this reply
+            transcript[-1] = {**transcript[-1], "heard": cut, "interrupted": True}
+            fields["transcript"] = transcript
+        updated = self.engine.store.update_call(self.record.tracking_id, **fields)
+        self.record = self.engine.sharing_snapshot(updated) or self.record
+        log.info("relay_history_trimmed", heard_chars=len(cut))
 
     def _on_error(self, message: protocol.Error) -> None:
         """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
@@ -488,6 +511,13 @@ class RelaySession:
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
+            if self._streaming and not self.ended:
+                # Not a cancelled reply: the caller is waiting. An apology when nothing was said yet, else close the
+                # talk cycle so the words sent are spoken as a whole reply; never silence.
+                if self._sent:
+                    self._send(protocol.close_cycle())
+                else:
+                    self._speak_canned("apology")
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)

@@ -7,7 +7,7 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 from __future__ import annotations
 
 import json
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import orjson
 import structlog
@@ -87,7 +87,7 @@ def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tu
         name = tool_parts[index]["name"]
         arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
         try:
-            arguments = json.loads(arguments_json)
+            arguments = json.loads(arguments_json, parse_constant=_not_json)
         except ValueError:
             arguments = None
         if not name or not isinstance(arguments, dict):
@@ -96,3 +96,8 @@ def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tu
             continue
         tool_calls.append((name, arguments))
     return tool_calls
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and ±Infinity are not JSON (the standard library's reader accepts them): no stored variable may hold one."""
+    raise ValueError(f"not JSON: {constant}")

@@ -37,6 +37,7 @@ class ProviderConfig:
     base_url: str | None = None
     azure_endpoint: str | None = None
     api_version: str | None = None
+    public_only: bool = False  # a URL a request supplied: connect to public addresses only (llm_http.ConnectionPool)
 
     def __repr__(self) -> str:  # never let the key reach a log line or a traceback
         return (f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, model={self.model!r}, "
@@ -52,7 +53,10 @@ def parse_azure_endpoint(url: str) -> tuple[str, str | None, str | None]:
     if "://" not in text:
         text = "https://" + text
     parts = urlsplit(text)
-    resource_url = f"{parts.scheme}://{parts.netloc}"
+    # A gateway (API Management) may serve the resource under a path: keep what comes before /openai, as the SDK
+    # keeps an azure_endpoint's path.
+    prefix = re.split(r"/openai(?:/|$)", parts.path, maxsplit=1)[0].rstrip("/")
+    resource_url = f"{parts.scheme}://{parts.netloc}{prefix}"
     match = re.search(r"/openai/deployments/([^/?#]+)", parts.path)
     deployment = unquote(match.group(1)) if match else None
     api_versions = parse_qs(parts.query).get("api-version")
@@ -138,14 +142,17 @@ def provider_configs(settings: Any) -> list[ProviderConfig]:
     return configs
 
 
-def call_account_config(credentials: Mapping[str, Any], default_openai_model: str) -> ProviderConfig:
-    """The provider a call's own LLM account (as the lifecycle accepted it from the make-call body) describes."""
+def call_account_config(credentials: Mapping[str, Any], default_openai_model: str,
+                        public_only: bool = True) -> ProviderConfig:
+    """The provider a call's own LLM account (as the lifecycle accepted it from the make-call body) describes;
+    `public_only` unless ALLOW_PRIVATE_LLM_URLS (its URL came from a request)."""
     if credentials["kind"] == "azure":
         resource, deployment, version = parse_azure_endpoint(credentials["endpoint"])
         return ProviderConfig(name="workflow-azure", kind="azure", api_key=credentials["apiKey"],
                               model=credentials.get("deployment") or deployment or "",
                               azure_endpoint=resource,
-                              api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION)
+                              api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION,
+                              public_only=public_only)
     return ProviderConfig(name="workflow-openai", kind="openai", api_key=credentials["apiKey"],
                           model=credentials.get("model") or default_openai_model,
-                          base_url=credentials.get("baseUrl"))
+                          base_url=credentials.get("baseUrl"), public_only=public_only)

@@ -5,7 +5,6 @@ from flask import Blueprint, jsonify, render_template, request
 
 from .. import call_log
 from ..errors import ApiError
-from ..engine.metrics import MetricsReader
 from ..services import services
 from ..units import SECONDS_PER_HOUR, SECONDS_PER_MINUTE
 from .common import MAX_WINDOW_S, operator_only
@@ -67,7 +66,7 @@ def call_latency():
     bucket = max(MIN_BUCKET_S, window // LATENCY_POINTS // MIN_BUCKET_S * MIN_BUCKET_S)
     svc = services()
     # The worker's recent turns, topped up per poll like the dashboard's (not the whole window from the store).
-    points = MetricsReader(svc.store, recent=svc.recent_turns).timeline(window, bucket_s=bucket)
+    points = svc.metrics.timeline(window, bucket_s=bucket)
     return jsonify(success=True, windowSeconds=window, bucketSeconds=bucket,
                    points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points])
 

@@ -41,11 +41,14 @@ def chat():
     global_prompt = body.get("globalPrompt")
     if isinstance(global_prompt, str) and len(global_prompt) > MAX_PROMPT_CHARS:
         raise ApiError(400, f"globalPrompt has {len(global_prompt)} characters (at most {MAX_PROMPT_CHARS})")
+    # Ids that are not strings name no node or flow (a dict or list looked up among the node ids was a 500): the
+    # reply goes on without them, as the original's did.
+    node_id = body.get("currentNodeId") if isinstance(body.get("currentNodeId"), str) else None
     svc = services()
     workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
     stored = svc.store.get_workflow(workflow_id) if workflow_id else None
     messages = playground_messages(client_messages, stored_workflow=stored, global_prompt=body.get("globalPrompt"),
-                                   node_id=body.get("currentNodeId"))
+                                   node_id=node_id)
     started = time.perf_counter()
     reply = svc.providers.complete(messages, temperature=0.7, max_tokens=1000)
     latency_ms = round((time.perf_counter() - started) * 1000, 3)

@@ -26,6 +26,8 @@ RELAY_PATH = "/api/conversationrelay-ws"
 # tests/test_web_app_origins_and_credentials.py checks the list against the routes.
 BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
                      "/api/call-status-optimized", RELAY_PATH)
+# How much of an id an unsigned request named is logged (tracking ids are ~30 characters, call SIDs 34).
+LOGGED_ID_CHARS = 64
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
 
@@ -116,7 +118,10 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
     ok = signature_ok(svc.lifecycle.auth_token_for(record), url=url, params=params)
     if not ok:
-        log.warning("twilio_signature_rejected", path=request.path, tracking_id=tracking_id, call_sid=call_sid,
+        # Unsigned, so the sender's own text: only as much of it as an id can be (forged requests are not limited).
+        log.warning("twilio_signature_rejected", path=request.path,
+                    tracking_id=tracking_id and tracking_id[:LOGGED_ID_CHARS],
+                    call_sid=call_sid and call_sid[:LOGGED_ID_CHARS],
                     has_signature=bool(request.headers.get("X-Twilio-Signature")))
     elif tracking_id or call_sid:
         bind_call(tracking_id or (record and record.tracking_id), call_sid)

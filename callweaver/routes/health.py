@@ -106,7 +106,6 @@ def index():
 
 @bp.get("/api/health-optimized")
 def health_optimized():
-    from ..engine.metrics import MetricsReader
     svc = services()
     checks = _checks()
     status, warnings = _status(checks)
@@ -115,7 +114,7 @@ def health_optimized():
     failover = "active" if len(usable) >= 2 else "degraded"
     relay = "active" if checks["twilio"]["ok"] and checks["store"]["ok"] else "degraded"
     cache_state = svc.reply_cache.health()
-    summary = MetricsReader(svc.store).summary(window_s=svc.settings.metrics_window_s) if checks["store"]["ok"] else None
+    summary = svc.metrics.summary(window_s=svc.settings.metrics_window_s) if checks["store"]["ok"] else None
     used, _total = memory_mb()
     return jsonify(
         status=status,

@@ -8,19 +8,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ApiError
 from ..engine.conversation import probe_turn
-from ..engine.metrics import PUBLISHED_PEER_FIGURES, MetricsReader
+from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, RecentTurns
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from ..units import SECONDS_PER_DAY
 from .common import FEATURES, MAX_WINDOW_S, all_providers_failed, body_params, operator_only
 
 bp = Blueprint("metrics", __name__)
-# A call whose terminal status never arrived stops counting as live after this long.
-LIVE_CALL_HORIZON_S = SECONDS_PER_DAY
 
 
-def _window() -> int:
+# The longest window a public figure may ask for: the longest one a worker keeps (longer ones are read from the
+# store's rows on every request, which an unauthenticated GET must not be able to make a worker do at will).
+MAX_PUBLIC_WINDOW_S = int(RecentTurns.MAX_KEPT_S)
+
+
+def _window(longest: int = MAX_PUBLIC_WINDOW_S) -> int:
     raw = request.args.get("window")
     if raw is None:
         return services().settings.metrics_window_s
@@ -28,19 +30,14 @@ def _window() -> int:
         value = int(raw)
     except ValueError:
         raise ApiError(400, "window must be a whole number of seconds")
-    if not 1 <= value <= MAX_WINDOW_S:
-        raise ApiError(400, f"window must be between 1 and {MAX_WINDOW_S} seconds")
+    if not 1 <= value <= longest:
+        raise ApiError(400, f"window must be between 1 and {longest} seconds")
     return value
-
-
-def _reader() -> MetricsReader:
-    svc = services()
-    return MetricsReader(svc.store, recent=svc.recent_turns)
 
 
 @bp.get("/api/performance-metrics/<tracking_id>")
 def call_metrics(tracking_id: str):
-    data = _reader().call(tracking_id)
+    data = services().metrics.call(tracking_id)
     if data is None:
         raise ApiError(404, "No call found for tracking ID", trackingId=tracking_id)
     return jsonify(success=True, **data)
@@ -49,7 +46,7 @@ def call_metrics(tracking_id: str):
 @bp.get("/api/performance-metrics")
 def aggregate_metrics():
     svc = services()
-    aggregated = _reader().aggregate(_window())
+    aggregated = services().metrics.aggregate(_window())
     # The contract's `expectedLatency` is what the web app reads; here it is the measured first-token p50.
     measured_first_token_p50_ms = aggregated["firstTokenMs"]["optimized"]["p50"]
     providers = svc.providers.health()
@@ -62,7 +59,7 @@ def aggregate_metrics():
 
 @bp.get("/api/performance-comparison")
 def performance_comparison():
-    comparison = _reader().comparison(_window())
+    comparison = services().metrics.comparison(_window())
     return jsonify(success=True, comparison=comparison,
                    competitors={"note": "published figures measured elsewhere on other set-ups; not comparable "
                                         "with CallWeaver's prompt-to-first-token and not measured here",
@@ -109,8 +106,8 @@ def prometheus_metrics():
 @operator_only
 def dashboard_data():
     svc = services()
-    window = _window()
-    reader = _reader()
+    window = _window(MAX_WINDOW_S)
+    reader = services().metrics
     live = [{"trackingId": c.tracking_id, "status": c.status, "path": c.path, "language": c.language,
              "currentNode": c.current_node, "startedAt": c.created_at}
             for c in svc.store.live_calls(since=time.time() - LIVE_CALL_HORIZON_S)]

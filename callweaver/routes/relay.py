@@ -304,14 +304,19 @@ class RelaySocket:
         return talking
 
     def _set_alarm(self) -> None:
+        """The alarm for the next deadline. A pending alarm due no later is kept rather than rebuilt after every
+        batch of messages: firing early only wakes a task that finds nothing due and sets the alarm again."""
         if not self.ws.connected:
             return
-        wait = self.claim.seconds_to_renewal()
+        now = time.monotonic()
+        at = now + self.claim.seconds_to_renewal()
         if self.setup_deadline is not None:
-            wait = min(wait, self.setup_deadline - time.monotonic())
+            at = min(at, self.setup_deadline)
         if self.alarm is not None:
+            if self.alarm.pending_by(at):
+                return
             self.alarm.cancel()
-        self.alarm = Alarm(wait, self.wake)
+        self.alarm = Alarm(at - now, self.wake)
 
     def _end(self, event: str, reason: str) -> None:
         """Close with 1008, and end the reader loop (blocked reading in the handler) as gunicorn closing the

@@ -46,7 +46,7 @@ CONNECT_TIMEOUT_S = 1.0
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
 #   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash)
-#   relay:<tid>      hash {owner, generation}, expiring with the claim's lease (the live relay socket)
+#   relay:<tid>      hash {owner, generation, expires_at} (the live relay socket), kept a day past its lease
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
@@ -62,16 +62,31 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
+# Lua, before a write that sets a call's CallSid (KEYS[1] the call, KEYS[2] the new CallSid's index entry, `sid_prefix`
+# the index's key prefix): the old CallSid's entry goes if it still names this call, so only the current CallSid
+# finds it (as in SQLite, whose index is the call's own column) and purge leaves no entry behind.
+_DROP_OLD_SID = """
+local old = redis.call('HGET', KEYS[1], 'call_sid')
+if old and old ~= 'null' then
+  local old_key = sid_prefix .. cjson.decode(old)
+  if old_key ~= KEYS[2] and redis.call('GET', old_key) == tracking_id then redis.call('DEL', old_key) end
+end
+"""
+
 # KEYS: call, sid index (or call again), calls:created, calls:ended, counters
 # ARGV: tracking id, has sid "1"/"0", new created_at or "", ended "set"/"clear"/"", ended_at,
-#       ended-calls series to count if this write ends the call (or ""), pairs...
+#       ended-calls series to count if this write ends the call (or ""), sid index prefix, pairs...
 _UPDATE_CALL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[6] ~= '' then
   local ended = redis.call('HGET', KEYS[1], 'ended_at')
   if (not ended) or ended == 'null' then redis.call('HINCRBYFLOAT', KEYS[5], ARGV[6], 1) end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if ARGV[2] == '1' then
+  local sid_prefix, tracking_id = ARGV[7], ARGV[1]
+""" + _DROP_OLD_SID + """
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1]) end
 if ARGV[4] == 'set' then
@@ -82,11 +97,13 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# KEYS: call, sid index. ARGV: tracking id, call_sid JSON, status JSON, updated_at JSON.
+# KEYS: call, sid index. ARGV: tracking id, call_sid JSON, status JSON, updated_at JSON, sid index prefix.
 # make-call's last write: the CallSid always; the REST answer's status only while no status callback has landed
 # (Twilio may call back before its answer arrives, and a callback's status is the newer one).
 _RECORD_PLACED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local sid_prefix, tracking_id = ARGV[5], ARGV[1]
+""" + _DROP_OLD_SID + """
 redis.call('HSET', KEYS[1], 'call_sid', ARGV[2], 'updated_at', ARGV[4])
 if (tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1) < 0 then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
@@ -176,21 +193,34 @@ for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], 
 return index
 """
 
-# KEYS: relay claim   ARGV: owner, generation, lease ms.  Returns 1 claimed, 0 held by another owner.
+# A claim's hash outlives its lease (as SQLite's row does), so its owner's late renewal (a store outage or a
+# stalled worker longer than the lease) keeps the call while no other socket took it; the lease itself is
+# `expires_at`, in ms on Redis's own clock (TIME), so instances with skewed clocks agree on it.
+RELAY_CLAIM_KEPT_MS = 86_400_000
+
+# KEYS: relay claim   ARGV: owner, generation, lease ms, kept ms.  Returns 1 claimed, 0 held by another owner.
 _CLAIM_RELAY = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'generation')) >= tonumber(ARGV[2]) then
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
+if owner and owner ~= ARGV[1] and (expires == nil or expires > now)
+    and tonumber(redis.call('HGET', KEYS[1], 'generation')) >= tonumber(ARGV[2]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'generation', ARGV[2], 'expires_at', now + tonumber(ARGV[3]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + tonumber(ARGV[4]))
 return 1
 """
 
-# KEYS: relay claim   ARGV: owner, lease ms (0 = release).  Returns 1 when the owner held the claim.
+# KEYS: relay claim   ARGV: owner, lease ms (0 = release), kept ms.  Returns 1 when the owner held the claim.
 _RENEW_RELAY = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-if ARGV[2] == '0' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if ARGV[2] == '0' then redis.call('DEL', KEYS[1]); return 1 end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('HSET', KEYS[1], 'expires_at', now + tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
 return 1
 """
 
@@ -367,6 +397,7 @@ class RedisStore:
                 ended_action,
                 ended_score,
                 ended_series,
+                self._key("sid", ""),
                 *pairs,
             ],
         )
@@ -374,7 +405,8 @@ class RedisStore:
 
     def record_placed(self, tracking_id: str, call_sid: str, status: str) -> bool:
         reply = self._script("record_placed", [self._key("call", tracking_id), self._key("sid", call_sid)],
-                             [tracking_id, _dumps(call_sid), _dumps(status), _dumps(time.time())])
+                             [tracking_id, _dumps(call_sid), _dumps(status), _dumps(time.time()),
+                              self._key("sid", "")])
         return bool(reply)
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
@@ -582,18 +614,17 @@ class RedisStore:
         return json.loads(value) if value is not None else None
 
     # -- relay socket claims ------------------------------------------------------
-    # Redis expires a claim itself, on its own clock, so instances with skewed clocks agree on the lease.
 
     def claim_relay_socket(self, tracking_id: str, owner: str, generation: int, lease_s: float) -> bool:
         return self._script("claim_relay", [self._key("relay", tracking_id)],
-                            [owner, str(int(generation)), str(max(1, int(lease_s * 1000)))]) == 1
+                            [owner, str(int(generation)), str(max(1, int(lease_s * 1000))), RELAY_CLAIM_KEPT_MS]) == 1
 
     def renew_relay_socket(self, tracking_id: str, owner: str, lease_s: float) -> bool:
         return self._script("renew_relay", [self._key("relay", tracking_id)],
-                            [owner, str(max(1, int(lease_s * 1000)))]) == 1
+                            [owner, str(max(1, int(lease_s * 1000))), RELAY_CLAIM_KEPT_MS]) == 1
 
     def release_relay_socket(self, tracking_id: str, owner: str) -> None:
-        self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0"])
+        self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0", RELAY_CLAIM_KEPT_MS])
 
     # -- operations -------------------------------------------------------------
 
@@ -637,7 +668,7 @@ class RedisStore:
                 turns_key = self._key("turns", tracking_id)
                 call_sid_json, turn_items = client.hget(call_key, "call_sid"), client.lrange(turns_key, 0, -1)
                 pipe = client.pipeline(transaction=True)
-                pipe.delete(call_key, turns_key, self._key("statuses", tracking_id))
+                pipe.delete(call_key, turns_key, self._key("statuses", tracking_id), self._key("relay", tracking_id))
                 pipe.zrem(self._key("calls", "created"), tracking_id)
                 pipe.zrem(ended_key, tracking_id)
                 if turn_items:
