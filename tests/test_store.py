@@ -437,6 +437,7 @@ def test_live_calls_are_the_calls_created_since_that_have_not_ended(store):
 
     assert [r.tracking_id for r in store.live_calls()] == ["old", "live"]
     assert [r.tracking_id for r in store.live_calls(since=150.0)] == ["live"]
+    assert (store.count_live_calls(), store.count_live_calls(since=150.0)) == (2, 1)  # counted without reading them
 
 def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     fixture = os.path.join(REPO_ROOT, "tests", "fixtures", "workflows", "real_estate_property_dealer.json")

@@ -405,6 +405,14 @@ class SQLiteStore:
             ).fetchall()
         return [self._record(row[0]) for row in rows]
 
+    def count_live_calls(self, since: float = 0.0) -> int:
+        with self._connection() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?",
+                (since,),
+            ).fetchone()
+        return count
+
     def count_calls(self, since: float = 0.0) -> int:
         with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM cw_calls WHERE created_at >= ?", (since,)).fetchone()
