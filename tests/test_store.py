@@ -579,6 +579,23 @@ def test_purge_deletes_only_calls_ended_before_the_cutoff_with_their_turns_and_s
     assert store.purge(older_than=150.0) == 0
 
 
+def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):
+    """SQLite purges PURGE_BATCH calls per write transaction (a backlog in one held the write lock and the worker's
+    loop for its whole length); every ended call older than the cut-off still goes, and only those."""
+    from callweaver.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "PURGE_BATCH", 3)
+    for n in range(8):
+        store.create_call(make_record(f"old{n}", created_at=10.0 + n))
+        store.append_turn(f"old{n}", {"n": n, "at": 20.0})
+        store.append_status(f"old{n}", "completed", 1, {}, received_at=100.0)
+    store.create_call(make_record("live", created_at=30.0))
+
+    assert store.purge(older_than=150.0) == 8
+    assert [r.tracking_id for r in store.list_calls()] == ["live"]
+    assert all(store.turns(f"old{n}") == [] for n in range(8))
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork, as gunicorn does")
 def test_a_store_used_before_a_fork_keeps_working_in_parent_and_child(store):
     store.create_call(make_record())  # the parent now holds an open connection
