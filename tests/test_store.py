@@ -437,6 +437,7 @@ def test_live_calls_are_the_calls_created_since_that_have_not_ended(store):
 
     assert [r.tracking_id for r in store.live_calls()] == ["old", "live"]
     assert [r.tracking_id for r in store.live_calls(since=150.0)] == ["live"]
+    assert (store.count_live_calls(), store.count_live_calls(since=150.0)) == (2, 1)  # counted without reading them
 
 def test_workflows_round_trip_and_a_save_replaces_the_snapshot(store):
     fixture = os.path.join(REPO_ROOT, "tests", "fixtures", "workflows", "real_estate_property_dealer.json")
@@ -576,6 +577,23 @@ def test_purge_deletes_only_calls_ended_before_the_cutoff_with_their_turns_and_s
     assert [r.tracking_id for r in store.list_calls()] == ["recent", "live"]
     assert store.get_call("recent").ended_at == 200.0
     assert store.purge(older_than=150.0) == 0
+
+
+def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):
+    """SQLite purges PURGE_BATCH calls per write transaction (a backlog in one held the write lock and the worker's
+    loop for its whole length); every ended call older than the cut-off still goes, and only those."""
+    from callweaver.store import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "PURGE_BATCH", 3)
+    for n in range(8):
+        store.create_call(make_record(f"old{n}", created_at=10.0 + n))
+        store.append_turn(f"old{n}", {"n": n, "at": 20.0})
+        store.append_status(f"old{n}", "completed", 1, {}, received_at=100.0)
+    store.create_call(make_record("live", created_at=30.0))
+
+    assert store.purge(older_than=150.0) == 8
+    assert [r.tracking_id for r in store.list_calls()] == ["live"]
+    assert all(store.turns(f"old{n}") == [] for n in range(8))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork, as gunicorn does")

@@ -297,10 +297,10 @@ class MetricsReader:
             if t.get("provider"):
                 by_provider[t["provider"]].append(t)
         s = summarize_turns(turns)
-        active = [c for c in self.store.live_calls(since=now - LIVE_CALL_HORIZON_S) if c.status != "failed"]
+        active_calls = self.store.count_live_calls(since=now - LIVE_CALL_HORIZON_S)  # a terminal status ends a call
         return {
             "windowSeconds": window_s,
-            "activeCalls": len(active), "calls": self.store.count_calls(since=now - window_s),
+            "activeCalls": active_calls, "calls": self.store.count_calls(since=now - window_s),
             "totalProcessedRequests": s["turns"], "turns": s["turns"],
             "averageLatency": s["firstTokenMs"]["mean"],
             "cacheHitRate": s["cacheHitRate"], "errorRate": s["errorRate"],

@@ -186,7 +186,7 @@ class StoreCollector:
                 family.add_metric(list(label_values), buckets, sum_value=series["sum"])
             yield family
         live = GaugeMetricFamily("callweaver_live_calls", "Calls placed and not yet ended")
-        live.add_metric([], len(self.store.live_calls(since=self.live_since())))
+        live.add_metric([], self.store.count_live_calls(since=self.live_since()))
         yield live
         circuit = GaugeMetricFamily("callweaver_provider_circuit_state",
                                     "1 for the provider's current circuit state", labels=["provider", "state"])

@@ -472,12 +472,19 @@ class RedisStore:
                                                      in zip(CALL_LOG_FIELDS, values) if value is not None}))
         return records, total
 
+    def _live_tracking_ids(self, client, since: float) -> list[str]:
+        # Created since, then those with no end score (redis-py 8 returns ZDIFF WITHSCORES as a flat list).
+        created = client.zrangebyscore(self._key("calls", "created"), since, "+inf")
+        ended = client.zmscore(self._key("calls", "ended"), created) if created else []
+        return [tid for tid, ended_at in zip(created, ended) if ended_at is None]
+
+    def count_live_calls(self, since: float = 0.0) -> int:
+        with self._backend() as client:
+            return len(self._live_tracking_ids(client, since))
+
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._backend() as client:
-            # Created since, then those with no end score (redis-py 8 returns ZDIFF WITHSCORES as a flat list).
-            created = client.zrangebyscore(self._key("calls", "created"), since, "+inf")
-            ended = client.zmscore(self._key("calls", "ended"), created) if created else []
-            tracking_ids = [tid for tid, ended_at in zip(created, ended) if ended_at is None]
+            tracking_ids = self._live_tracking_ids(client, since)
             pipe = client.pipeline(transaction=False)
             for tracking_id in tracking_ids:
                 pipe.hgetall(self._key("call", tracking_id))

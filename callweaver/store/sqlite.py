@@ -36,6 +36,7 @@ CALL_FILTER_COLUMNS = ("status", "path", "language")
 # How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
 WAL_SWITCH_RETRY_S = 0.01
+PURGE_BATCH = 200  # calls deleted per write transaction by purge()
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cw_calls (
@@ -405,6 +406,14 @@ class SQLiteStore:
             ).fetchall()
         return [self._record(row[0]) for row in rows]
 
+    def count_live_calls(self, since: float = 0.0) -> int:
+        with self._connection() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?",
+                (since,),
+            ).fetchone()
+        return count
+
     def count_calls(self, since: float = 0.0) -> int:
         with self._connection() as conn:
             (count,) = conn.execute("SELECT COUNT(*) FROM cw_calls WHERE created_at >= ?", (since,)).fetchone()
@@ -634,15 +643,22 @@ class SQLiteStore:
         return (time.perf_counter() - started) * 1000
 
     def purge(self, older_than: float) -> int:
-        ended_before = "SELECT tracking_id FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?"
-        with self._write() as conn:
-            conn.execute(f"DELETE FROM cw_turns WHERE tracking_id IN ({ended_before})", (older_than,))
-            conn.execute(f"DELETE FROM cw_statuses WHERE tracking_id IN ({ended_before})", (older_than,))
-            conn.execute(f"DELETE FROM cw_relay_sockets WHERE tracking_id IN ({ended_before})", (older_than,))
-            deleted = conn.execute(
-                "DELETE FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ?", (older_than,)
-            ).rowcount
-        return deleted
+        """In transactions of PURGE_BATCH calls: one transaction over a backlog (the first purge of a large store)
+        would hold the write lock, and the worker's event loop, for its whole length while calls are live."""
+        deleted = 0
+        while True:
+            with self._write() as conn:
+                batch = [row[0] for row in conn.execute(
+                    "SELECT tracking_id FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ? LIMIT ?",
+                    (older_than, PURGE_BATCH))]
+                marks = ",".join("?" * len(batch))
+                for table in ("cw_turns", "cw_statuses", "cw_relay_sockets", "cw_calls"):
+                    if batch:
+                        conn.execute(f"DELETE FROM {table} WHERE tracking_id IN ({marks})", batch)
+            deleted += len(batch)
+            if len(batch) < PURGE_BATCH:
+                return deleted
+            time.sleep(0)  # under gevent, live calls' greenlets run between two batches
 
     def purge_transcripts(self, older_than: float) -> int:
         with self._write() as conn:
