@@ -584,3 +584,17 @@ def test_a_goodbye_heard_to_its_last_word_ends_the_call_whatever_its_punctuation
                "durationUntilInterruptMs": 3000})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
     assert call.assistant_lines()[-1] == closing_line
+
+
+def test_a_barge_in_after_the_end_was_sent_leaves_the_ended_call_alone(call, fake_llm):
+    """agentSpeaking off, then `end` went out: the call has ended (or been transferred). A late interrupt must not
+    roll it back to its earlier step, drop its pending action or cut the goodbye from the history."""
+    call.say("goodbye")
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    before = call.svc.store.get_call(call.tracking_id)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    after = call.svc.store.get_call(call.tracking_id)
+    assert after.current_node == before.current_node
+    assert (after.meta or {}).get("pendingAction") == (before.meta or {}).get("pendingAction") is not None
+    assert after.messages == before.messages

@@ -415,7 +415,7 @@ class RelaySession:
         try:
             if self._reply is not None and self._streaming:
                 self._cancel(message)
-            elif self.record is not None:
+            elif self.record is not None and not self.ended:  # after `end` the call is over: nothing to undo
                 self._settle_previous()
                 if self._trim_heard(message) and self._closing_turn is not None:
                     self._drop_closing_action(self._closing_turn)
@@ -643,7 +643,7 @@ class RelaySession:
             return  # the caller talked over the closing line before its end (_drop_closing_action)
         log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
-        self.ended = True
+        self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
         self._send(message)
 
     def _language_message(self, code: str) -> dict[str, Any]:
