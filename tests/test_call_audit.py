@@ -598,3 +598,26 @@ def test_a_barge_in_after_the_end_was_sent_leaves_the_ended_call_alone(call, fak
     assert after.current_node == before.current_node
     assert (after.meta or {}).get("pendingAction") == (before.meta or {}).get("pendingAction") is not None
     assert after.messages == before.messages
+
+
+def test_a_reply_whose_first_write_fails_speaks_an_apology_and_stores_no_words(app, client, fake_llm):
+    """The first `text` frame never reached Twilio: the caller heard nothing, so they hear an apology (not an
+    empty close of the talk cycle, i.e. silence) and the words that were never written are not stored as heard."""
+    failed = []
+
+    def fail_the_first_words(call, messages):
+        if not failed and any(m.get("type") == "text" and m.get("token") for m in messages):
+            failed.append(messages)
+            raise RuntimeError("socket write failed")
+
+    call = Call(app, client, on_write=fail_the_first_words)
+    try:
+        fake_llm.push(Reply(text="It has three bedrooms and a large garden."))
+        call.say("Tell me about the house")
+        assert failed
+        apology = call.svc.engine.languages.get("en-US").line("apology")
+        assert {"type": "text", "token": apology, "last": True} in call.sent, call.sent
+        assert not any(line.startswith("It") for line in call.assistant_lines()), call.assistant_lines()
+        assert call.turns()[-1]["source"] == "apology"
+    finally:
+        call.session.close()

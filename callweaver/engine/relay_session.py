@@ -73,7 +73,7 @@ class RelaySession:
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn")
+                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -89,6 +89,7 @@ class RelaySession:
         self._streaming = False      # True while that greenlet is still sending tokens
         self._turn: Turn | None = None
         self._sent = ""              # text of the current reply already sent to Twilio
+        self._writing = ""           # the chunk whose write is under way (not sent until the write returns)
         self._committed = True
         self._timings: dict[str, Any] = {}
         # Made on first use (the properties below), like the cadence: an idle call holds none of them.
@@ -506,7 +507,7 @@ class RelaySession:
 
     def _begin_reply(self, turn: Turn, received: float, adopted: SpeculativeTurn | None = None) -> None:
         """A caller turn ends here: its speculations (adopted or not) are accounted to this reply."""
-        self._turn, self._sent, self._committed, self._streaming = turn, "", False, True
+        self._turn, self._sent, self._writing, self._committed, self._streaming = turn, "", "", False, True
         self._reply_stopped.clear()
         self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
         self._adopted, self._dropped_this_turn, self._discarded = adopted, self._discarded, []
@@ -561,6 +562,7 @@ class RelaySession:
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
+            self._writing = ""  # a write that raised sent nothing
             if self._streaming and not self.ended:
                 # Not a cancelled reply: the caller is waiting. An apology when nothing was said yet, else close the
                 # talk cycle so the words sent are spoken as a whole reply; never silence.
@@ -594,19 +596,20 @@ class RelaySession:
         self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent)
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
-        """One `text` frame of the current reply (nothing for an empty chunk); it counts as sent from the moment its
-        write starts, so a barge-in taken while it is written measures what was heard against it too.
+        """One `text` frame of the current reply (nothing for an empty chunk). While it is written it is `_writing`:
+        a barge-in taken meanwhile measures what was heard against it too, and a write that fails takes it back.
         `close_cycle`: the reply's last words, then the frame that closes its talk cycle, in one socket write (a
         write per turn less; the caller reads the same two frames)."""
         if not chunk:
             if close_cycle:
                 self.sender.send_json(protocol.close_cycle())
             return
-        self._sent += chunk
+        self._writing = chunk
         if close_cycle:
             self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
         else:
             self.sender.send_json(protocol.text(chunk))
+        self._sent, self._writing = self._sent + chunk, ""
         if self._timings["firstTokenMs"] is None:
             self._timings["firstTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
 
@@ -672,6 +675,7 @@ class RelaySession:
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
                 self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
+            self._sent, self._writing = self._sent + self._writing, ""  # a frame in flight counts as sent
             heard = self._sent if interrupt is None else self._heard(self._sent, interrupt)
             self._commit(turn, heard=heard, interrupted=True)
             if interrupt is not None:
