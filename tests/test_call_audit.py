@@ -24,7 +24,8 @@ def env(env):
 class Call:
     """One relay call: the session, every frame it sent, and the call's stored state."""
 
-    def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None, on_write=None):
+    def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None, on_write=None,
+                 spawn=spawn):
         data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
         assert data["success"], data
         self.svc = app.extensions["callweaver"]
@@ -406,12 +407,12 @@ def test_a_barge_in_on_the_welcome_greeting_trims_the_greeting(call, fake_llm):
 
 
 def test_a_closing_line_that_fails_to_be_sent_leaves_the_call_answering(app, client, fake_llm):
-    """The write of the goodbye's last frame fails: no `end` follows, so the session must not stay "closing" (every
+    """The write of the goodbye's words fails: no `end` follows, so the session must not stay "closing" (every
     later prompt dropped, the call silent), and the failed turn counts as an error (source apology)."""
     failed = []
 
     def fail_the_goodbye_once(call, messages):
-        if not failed and any(m.get("type") == "text" and m.get("last") for m in messages):  # the goodbye's last
+        if not failed and any(m.get("type") == "text" and m.get("token") for m in messages):  # the goodbye's words
             failed.append(messages)
             raise RuntimeError("socket write failed")
 
@@ -619,5 +620,79 @@ def test_a_reply_whose_first_write_fails_speaks_an_apology_and_stores_no_words(a
         assert {"type": "text", "token": apology, "last": True} in call.sent, call.sent
         assert not any(line.startswith("It") for line in call.assistant_lines()), call.assistant_lines()
         assert call.turns()[-1]["source"] == "apology"
+    finally:
+        call.session.close()
+
+
+def test_a_goodbye_whose_only_failed_write_closes_its_talk_cycle_still_ends_the_call(app, client, fake_llm):
+    """Every word of the goodbye was written (Twilio speaks them); only the empty frame closing the talk cycle
+    failed: the caller heard the goodbye, so the end it announced follows."""
+    failed = []
+
+    def fail_the_close_once(call, messages):
+        if not failed and list(messages) == [{"type": "text", "token": "", "last": True}]:
+            failed.append(messages)
+            raise RuntimeError("socket write failed")
+
+    call = Call(app, client, on_write=fail_the_close_once)
+    try:
+        call.say("goodbye")
+        assert failed, call.sent
+        call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+        call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+        assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
+    finally:
+        call.session.close()
+
+
+class KilledWhileWriting:
+    """A reply's task as a greenlet is under gevent: `kill` raises GreenletExit (not an Exception) where the
+    greenlet is blocked, here in the write of the goodbye's last frame."""
+
+    def __init__(self) -> None:
+        self.writing = threading.Event()
+        self.killed = threading.Event()
+
+    def on_write(self, call: "Call", messages: tuple) -> None:
+        if not self.writing.is_set() and any(m.get("type") == "text" and m.get("last") for m in messages):
+            self.writing.set()
+            self.killed.wait(10)
+            from gevent import GreenletExit
+            raise GreenletExit()
+
+    def spawn(self, fn, *args):
+        task, killed = spawn(fn, *args), self.killed
+
+        class Killable:
+            @property
+            def dead(self) -> bool:
+                return task.dead
+
+            def join(self, timeout=None) -> None:
+                task.join(timeout)
+
+            def kill(self, timeout=None) -> None:
+                killed.set()
+                task.join(timeout)
+
+        return Killable()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # GreenletExit ends the thread
+def test_a_goodbye_whose_reply_task_is_killed_at_a_barge_in_leaves_the_call_answering(app, client, fake_llm):
+    """The goodbye's last write blocks past the barge-in's join, so the reply's greenlet is killed: the end is
+    dropped as for any goodbye cut short, and the session must not stay "closing" (every later prompt ignored)."""
+    blocked = KilledWhileWriting()
+    call = Call(app, client, on_write=blocked.on_write, spawn=blocked.spawn)
+    try:
+        call.send({"type": "prompt", "voicePrompt": "goodbye", "lang": "en-US", "last": True})
+        assert blocked.writing.wait(10)
+        count = len(call.turns())
+        call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+        call.wait(lambda: len(call.turns()) > count)
+        fake_llm.push(Reply(text="Of course, what else?"))
+        call.say("wait, one more question")
+        assert call.assistant_lines()[-1] == "Of course, what else?"
+        assert not any(m["type"] == "end" for m in call.sent), call.sent
     finally:
         call.session.close()

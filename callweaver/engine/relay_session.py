@@ -553,7 +553,14 @@ class RelaySession:
             if closing:
                 self._closing, self._closing_turn = True, turn
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
-            self._send_text(tail, close_cycle=True)
+            try:
+                self._send_text(tail, close_cycle=True)
+            except Exception:
+                if tail:
+                    raise  # the reply's last words were not written: the failure path below
+                # Every word was written and Twilio speaks it: the reply (and a goodbye's end) stands.
+                log.exception("relay_close_cycle_failed")
+                self._send(protocol.close_cycle())
             if not self._streaming:
                 # The caller barged in while the last frame was written: the canceller commits what was heard,
                 # and a closing line cut short announces nothing (its end/transfer is dropped).
@@ -670,7 +677,9 @@ class RelaySession:
         if task is not None:
             task.join(timeout=1.0)
             if not task.dead:
-                task.kill(timeout=1.0)
+                task.kill(timeout=1.0)  # raises GreenletExit in it, past its own clean-up of a closing line
+        if self._closing_turn is turn:
+            self._closing, self._closing_turn = False, None  # a closing line cut short announces nothing
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
