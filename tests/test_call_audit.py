@@ -696,3 +696,33 @@ def test_a_goodbye_whose_reply_task_is_killed_at_a_barge_in_leaves_the_call_answ
         assert not any(m["type"] == "end" for m in call.sent), call.sent
     finally:
         call.session.close()
+
+
+@pytest.mark.parametrize("failing", ["update_call", "update_meta"])
+def test_a_store_failure_while_dropping_a_goodbyes_end_never_says_goodbye_again(call, fake_llm, monkeypatch, failing):
+    """The caller talked over the goodbye, so its end is dropped and the call goes back to its step; one of the two
+    store writes doing that fails: the call still goes on from that step (in memory), and the other write is made."""
+    from callweaver.store import StoreError
+
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    store = call.svc.store
+    write = getattr(store, failing)
+
+    def fails_on_the_drop(tracking_id, *args, **kwargs):
+        if "current_node" in kwargs or "remove" in kwargs:
+            raise StoreError("database is locked")
+        return write(tracking_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, failing, fails_on_the_drop)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    monkeypatch.setattr(store, failing, write)
+    record = store.get_call(call.tracking_id)
+    if failing == "update_call":
+        assert "pendingAction" not in (record.meta or {})
+    else:
+        assert record.current_node == node
+    fake_llm.push(Reply(text="Of course, what else?"))
+    call.say("wait, one more question")
+    assert call.assistant_lines()[-1] == "Of course, what else?"
+    assert not any(m["type"] == "end" for m in call.sent), call.sent

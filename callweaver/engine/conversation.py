@@ -291,6 +291,16 @@ class SpeculativeTurn:
         return sum(1 for token in self.tokens if token)
 
 
+def action_and_next_node(r: TurnResult, interrupted: bool) -> tuple[str | None, str]:
+    """The end/transfer a turn fires and the node the call goes on from. An action fires only when its turn completed
+    and was heard whole: an interrupted one was not heard, so it never fires and the call stays on the node the turn
+    started on (architecture.md, interrupts)."""
+    action = None if interrupted or not r.completed else r.action
+    if action is None and r.action is not None:
+        return None, r.node_id
+    return action, r.next_node or r.node_id
+
+
 def speculation_row(adopted: SpeculativeTurn | None, discarded: list[SpeculativeTurn],
                     first_token_ms: float | None) -> dict[str, Any]:
     """The per-turn speculation fields stored with the turn; `savedMs` is the adopted speculation's own measured
@@ -636,10 +646,7 @@ class ConversationEngine:
             heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
-        action = None if interrupted or not r.completed else r.action
-        next_node = r.next_node or r.node_id
-        if action is None and r.action is not None:
-            next_node = r.node_id  # the end/transfer was not heard: stay where we were
+        action, next_node = action_and_next_node(r, interrupted)
         fields: dict[str, Any] = {"messages": messages[-MAX_KEPT_MESSAGES:], "current_node": next_node,
                                   "variables": r.variables, "language": r.language}
         entry = None
@@ -678,6 +685,23 @@ class ConversationEngine:
         # `updated` is `record` with the turn's fields replaced: a relay session's record was shared when the
         # session read it (sharing_snapshot), so the turn does not walk its history again to share it.
         return updated
+
+    def drop_closing_action(self, record, turn: Turn):
+        """The caller talked over a committed closing line before its end: the end/transfer was not heard, so it never
+        fires and the call goes back to the turn's node, as `commit_turn` does for an interrupted turn. Returns the
+        record the call goes on with, changed in memory whatever the store does: a failed write is logged and the
+        other one is still made, so the caller is never answered from the end node."""
+        _action, node = action_and_next_node(turn.result, interrupted=True)
+        meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
+        try:
+            self.store.update_call(record.tracking_id, current_node=node)
+        except Exception:
+            log.exception("closing_action_node_not_restored", tracking_id=record.tracking_id, node=node)
+        try:
+            meta = self.store.update_meta(record.tracking_id, remove=("pendingAction", "destination")) or meta
+        except Exception:
+            log.exception("closing_action_not_removed", tracking_id=record.tracking_id)
+        return dataclasses.replace(record, current_node=node, meta=meta)
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
         """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.

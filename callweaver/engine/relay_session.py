@@ -429,11 +429,7 @@ class RelaySession:
         it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
         reply cut mid-stream; the caller's next words are answered."""
         self._closing, self._closing_turn = False, None
-        store, tracking_id = self.engine.store, self.record.tracking_id
-        updated = store.update_call(tracking_id, current_node=turn.result.node_id)
-        meta = store.update_meta(tracking_id, remove=("pendingAction", "destination"))
-        if updated is not None:
-            self.record = self.engine.sharing_snapshot(dataclasses.replace(updated, meta=meta or updated.meta))
+        self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
 
     def _settle_previous(self) -> None:
