@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from callweaver.engine.languages import LanguageTable
 from callweaver.engine.relay_session import RelaySession
 from callweaver.services import spawn
 
@@ -24,7 +25,8 @@ class _SlowTurn:
     """Streams one token, then waits until cancelled (a reply still streaming when the caller barges in)."""
 
     def __init__(self) -> None:
-        self.result = SimpleNamespace(language_switched=False, action=None, completed=False, entered_audio=None)
+        self.result = SimpleNamespace(language_switched=False, action=None, completed=False, entered_audio=None,
+                                      language="en-US")
         self.utterance = "hi"
         self.stopped = threading.Event()
 
@@ -40,6 +42,8 @@ class _SlowTurn:
 
 
 class _Engine:
+    languages = LanguageTable.load()  # a barge-in's heard text is estimated at the reply language's speaking rate
+
     def __init__(self) -> None:
         self.committed: list[dict] = []
 

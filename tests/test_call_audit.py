@@ -726,3 +726,38 @@ def test_a_store_failure_while_dropping_a_goodbyes_end_never_says_goodbye_again(
     call.say("wait, one more question")
     assert call.assistant_lines()[-1] == "Of course, what else?"
     assert not any(m["type"] == "end" for m in call.sent), call.sent
+
+
+ZH_LINE = "您好，我们的营业时间是周一到周五上午九点到下午六点。祝您生活愉快，再见！"
+
+
+@pytest.mark.parametrize("code", ["zh-CN", "zh-HK", "ja-JP"])
+def test_chinese_cantonese_and_japanese_are_estimated_at_their_own_speaking_rate(code):
+    """About 5 characters a second, not the 15 of English: a second of a Chinese goodbye is its first few
+    characters (was the whole line: no whitespace to round up to), cut after a character, not inside a word."""
+    from callweaver.engine.conversation import heard_of
+    from callweaver.engine.languages import LanguageTable
+
+    rate = LanguageTable.load().get(code).speech_chars_per_s
+    assert 3 <= rate <= 7
+    assert heard_of(ZH_LINE, None, 1000, chars_per_s=rate) == ZH_LINE[:int(rate)]
+    assert LanguageTable.load().get("en-US").speech_chars_per_s == 15
+
+
+@pytest.mark.parametrize("spoken, played_ms, rate, heard", [
+    ("Sure <break time=\"1s\"/> the price is high.", 400, 15.0, "Sure <break time=\"1s\"/> the"),  # "Sure <break"
+    ("我们在<break time=\"1s\"/>周一见面吧。", 1000, 5.0, "我们在<break time=\"1s\"/>周一"),  # tags are not speech
+    ("好的，Sure thing.", 800, 5.0, "好的，Sure"),   # a CJK/Latin change is no word end inside "Sure"
+])
+def test_the_duration_estimate_never_cuts_inside_an_ssml_tag_or_counts_it(spoken, played_ms, rate, heard):
+    from callweaver.engine.conversation import heard_of
+
+    assert heard_of(spoken, None, played_ms, chars_per_s=rate) == heard
+
+
+def test_a_chinese_closing_line_waits_long_enough_to_be_spoken():
+    """With no agentSpeaking event, `end` waits a slow speaking time for the line: at Chinese rates, not English."""
+    from callweaver.engine.relay_session import playback_wait_bound_s
+
+    assert playback_wait_bound_s(ZH_LINE, chars_per_s=5.0) >= len(ZH_LINE) / 5.0
+    assert playback_wait_bound_s("<speak>" * 20 + "Bye.", chars_per_s=15.0) < 3  # tags are not spoken

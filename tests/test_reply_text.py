@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from callweaver.engine.languages import LanguageTable
 from callweaver.engine.relay_session import RelaySession
 from callweaver.engine.reply_text import FAST_SPEECH_CHARS_PER_S, MAX_PAUSE_FACTOR, PACE_LEAD_FACTOR, ReplyText
 from callweaver.services import spawn
@@ -129,7 +130,7 @@ class _ScriptedTurn:
     def __init__(self, script: list[tuple[str, float]], clock: _Clock, entered_audio=None) -> None:
         self.script, self.clock = script, clock
         self.result = SimpleNamespace(language_switched=False, action=None, completed=True, entered_audio=None,
-                                      keys=None, reply_text="", next_node=None)
+                                      keys=None, reply_text="", next_node=None, language="en-US")
         self._audio = entered_audio
         self.utterance = "hi"
         self.stopped = threading.Event()
@@ -163,6 +164,8 @@ class _ScriptedTurn:
 
 
 class _Engine:
+    languages = LanguageTable.load()  # a barge-in's heard text is estimated at the reply language's speaking rate
+
     def __init__(self, turn: _ScriptedTurn) -> None:
         self.turn = turn
         self.committed: list[dict] = []

@@ -17,7 +17,7 @@ import structlog
 from ..store import TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .end_of_utterance import Completeness
-from .languages import LanguageEntry, LanguageTable
+from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
 from .speech import normalise_speech
@@ -49,10 +49,43 @@ def split_tokens(text: str) -> list[str]:
     return _WORD_CHUNK.findall(text) or ([text] if text else [])
 
 
-# A typical text-to-speech speaking rate (≈ 150 words a minute): turns durationUntilInterruptMs into characters heard
-# when Twilio's utteranceUntilInterrupt does not place the cut.
-SPEECH_CHARS_PER_S = 15.0
 _SSML_TAG = re.compile(r"<[^<>]*>")
+# Chinese, Japanese (kana, ideographs) and their full-width punctuation: each character ends a word, as a space does.
+_CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+                  "\U00020000-\U0002fa1f]")
+
+
+def spoken_length(text: str) -> int:
+    """How many characters of `text` are spoken: SSML tags are not."""
+    return len(_SSML_TAG.sub("", text))
+
+
+def _is_word_end(spoken: str, end: int) -> bool:
+    """Whether text cut at `end` ends on a whole word: before a space, or next to a CJK character (not just before
+    a punctuation mark, which belongs with the word before it)."""
+    if end >= len(spoken):
+        return True
+    nxt = spoken[end]
+    if nxt.isspace():
+        return True
+    if unicodedata.category(nxt)[0] == "P":
+        return False
+    return bool(_CJK.match(nxt) or end > 0 and _CJK.match(spoken[end - 1]))
+
+
+def _estimated_cut(spoken: str, tag_spans: list[tuple[int, int]], chars: int) -> int:
+    """Where `chars` spoken characters end in `spoken` (SSML tags are not spoken), rounded up to a word's end that is
+    not inside a tag."""
+    tag_at = {i: stop for start, stop in tag_spans for i in range(start, stop)}
+    end = counted = 0
+    while end < len(spoken) and counted < chars:
+        if end in tag_at:
+            end = tag_at[end]
+            continue
+        counted, end = counted + 1, end + 1
+    while not _is_word_end(spoken, end):
+        end = tag_at.get(end, end + 1)  # a tag is passed whole
+    return end
 
 
 def _fold(ch: str) -> str:
@@ -62,21 +95,24 @@ def _fold(ch: str) -> str:
                    if unicodedata.category(c)[0] not in "PZC" and unicodedata.category(c) != "Mn")
 
 
-def heard_of(spoken: str, reported: str | None, played_ms: float | None) -> str:
+def heard_of(spoken: str, reported: str | None, played_ms: float | None, *,
+             chars_per_s: float = SPEECH_CHARS_PER_S) -> str:
     """The one barge-in policy (docs/twilio.md, Barge-in step 2): how much of `spoken` the caller heard, given
     Twilio's utteranceUntilInterrupt (`reported`) and durationUntilInterruptMs (`played_ms`).
 
     The reported text is what was spoken from the start of the talk cycle, so it must match `spoken`'s beginning,
     folded (case, whitespace, punctuation, SSML tags); the cut maps back to the original text, with as many of the
     marks after the last word as the report itself ends with ("Sure," keeps the comma, "Sure" does not). When the text does not place the cut (absent, empty after some speech, or not
-    the beginning of `spoken`), the duration is turned into characters at SPEECH_CHARS_PER_S, rounded up to a word's
-    end; with no duration either, all of it counts as heard: words the caller may have heard are not deleted from
+    the beginning of `spoken`), the duration is turned into spoken characters at `chars_per_s` (the language's
+    speaking rate; SSML tags are not spoken), rounded up to a word's end (a space, or a CJK character) outside tags;
+    with no duration either, all of it counts as heard: words the caller may have heard are not deleted from
     what the model is told it said. An empty report after no speech means nothing was heard."""
     if not reported and not played_ms and reported is not None:
         return ""
     folded: list[str] = []
     index_map: list[int] = []
-    tags = {i for match in _SSML_TAG.finditer(spoken) for i in range(*match.span())}
+    tag_spans = [match.span() for match in _SSML_TAG.finditer(spoken)]
+    tags = {i for span in tag_spans for i in range(*span)}
     for i, ch in enumerate(spoken):
         part = "" if i in tags else _fold(ch)
         folded.append(part)
@@ -94,9 +130,7 @@ def heard_of(spoken: str, reported: str | None, played_ms: float | None) -> str:
         return spoken.strip()  # Twilio reports all of this text (or more): all of it was heard
     if not played_ms or played_ms <= 0:
         return spoken.strip()
-    estimate = int(played_ms / 1000 * SPEECH_CHARS_PER_S)
-    word_end = re.search(r"\s", spoken[estimate:]) if estimate < len(spoken) else None
-    return (spoken if word_end is None else spoken[:estimate + word_end.start()]).strip()
+    return spoken[:_estimated_cut(spoken, tag_spans, int(played_ms / 1000 * chars_per_s))].strip()
 
 
 @dataclass

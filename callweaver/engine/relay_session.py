@@ -17,7 +17,7 @@ import structlog
 
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
-                           SpeculativeTurn, Turn, heard_of, speculation_row)
+                           SpeculativeTurn, Turn, heard_of, speculation_row, spoken_length)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
@@ -32,7 +32,7 @@ MAX_CONSECUTIVE_ERRORS = 3      # Twilio `error` messages in a row before we giv
 # Bound on waiting for a closing line to play: generous speaking time for the text, never longer than this.
 PLAYBACK_WAIT_MIN_S = 2.0
 PLAYBACK_WAIT_MAX_S = 20.0
-SLOW_SPEECH_CHARS_PER_S = 10.0
+SLOW_SPEECH_FACTOR = 2 / 3      # a slow voice speaks at two thirds of the language's typical rate
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
 SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store down) before the call ends
@@ -40,6 +40,14 @@ SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store 
 # recogniser dropped it), so that turn's speculations are accounted as unanswered (their cost is kept).
 NO_FINAL_AFTER_S = 5.0
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
+
+
+def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False) -> float:
+    """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly; the
+    longest wait when a recording of unknown length plays too."""
+    if with_audio:
+        return PLAYBACK_WAIT_MAX_S
+    return min(PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR))
 
 
 class Sender(Protocol):
@@ -467,9 +475,15 @@ class RelaySession:
         log.info("relay_history_trimmed", heard_chars=len(cut))
         return True
 
-    @staticmethod
-    def _heard(spoken: str, message: protocol.Interrupt) -> str:
-        return heard_of(spoken, message.utterance_until_interrupt, message.duration_until_interrupt_ms)
+    def _heard(self, spoken: str, message: protocol.Interrupt, language: str | None = None) -> str:
+        """`heard_of` at the speaking rate of the reply's language (`language`, else the call's)."""
+        return heard_of(spoken, message.utterance_until_interrupt, message.duration_until_interrupt_ms,
+                        chars_per_s=self._speech_rate(language))
+
+    def _speech_rate(self, language: str | None = None) -> float:
+        """The typical speaking rate of `language`, else of the call's language."""
+        language = language or (self.record.language if self.record else None)
+        return self.engine.languages.get(language).speech_chars_per_s
 
     def _on_error(self, message: protocol.Error) -> None:
         """Twilio drops a message it refuses (64107) and goes on; errors it cannot recover from end the
@@ -639,8 +653,7 @@ class RelaySession:
         (by the longest wait when a recording of unknown length plays too)."""
         if not cleared:
             self._fell_silent.clear()
-        bound = PLAYBACK_WAIT_MAX_S if with_audio else min(
-            PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + len(spoken) / SLOW_SPEECH_CHARS_PER_S)
+        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(), with_audio=with_audio)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
@@ -681,7 +694,7 @@ class RelaySession:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
                 self._timings["lastTokenMs"] = elapsed_ms(self._timings["receivedAt"], self.clock())
             self._sent, self._writing = self._sent + self._writing, ""  # a frame in flight counts as sent
-            heard = self._sent if interrupt is None else self._heard(self._sent, interrupt)
+            heard = self._sent if interrupt is None else self._heard(self._sent, interrupt, turn.result.language)
             self._commit(turn, heard=heard, interrupted=True)
             if interrupt is not None:
                 self._stored_cycle = None  # Twilio already dropped that talk cycle: a later barge-in is not about it
