@@ -761,3 +761,15 @@ def test_a_chinese_closing_line_waits_long_enough_to_be_spoken():
 
     assert playback_wait_bound_s(ZH_LINE, chars_per_s=5.0) >= len(ZH_LINE) / 5.0
     assert playback_wait_bound_s("<speak>" * 20 + "Bye.", chars_per_s=15.0) < 3  # tags are not spoken
+
+
+def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(call, fake_llm):
+    """The goodbye's end waits for playback when repeated Twilio errors end the call too: both waiters wake on the
+    same agentSpeaking off, and only the first sends `end` (Twilio gets no second end)."""
+    call.say("goodbye")
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    assert [m["type"] for m in call.sent].count("end") == 1, call.sent

@@ -660,9 +660,11 @@ class RelaySession:
         if not self._closing:
             log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
             return  # the caller talked over the closing line before its end (_drop_closing_action)
+        if self.ended:
+            return  # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`
+        self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
         log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
-        self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
         self._send(message)
 
     def _language_message(self, code: str) -> dict[str, Any]:
