@@ -773,3 +773,13 @@ def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(call, fake_
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
     time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
     assert [m["type"] for m in call.sent].count("end") == 1, call.sent
+
+
+def test_a_goodbye_cut_short_after_it_was_sent_marks_its_turn_interrupted_without_an_action(call, fake_llm):
+    """Its turn row was written as a call that ended (action end, nextNodeId the end node): once the end is dropped,
+    the row says what happened, as the transcript does (the dashboard and call report count ended calls from it)."""
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    row = call.turns()[-1]
+    assert (row["interrupted"], row["action"], row["nextNodeId"]) == (True, None, node)

@@ -324,6 +324,20 @@ def test_turns_are_numbered_in_order_and_stamped_with_call_and_time(store):
     assert store.turns("other") == []
 
 
+def test_amending_the_last_turn_changes_its_row_everywhere_turns_are_read(store):
+    store.create_call(make_record())
+    store.append_turn("call_1", {"n": 0, "at": 100.0})
+    store.append_turn("call_1", {"n": 1, "action": "end", "interrupted": False, "at": 200.0}, counters={"a": 1})
+
+    assert store.amend_last_turn("call_1", {"action": None, "interrupted": True}) is True
+
+    assert [(t["n"], t.get("action"), t.get("interrupted")) for t in store.turns("call_1")] == [
+        (0, None, None), (1, None, True)]
+    assert [(t["n"], t["action"], t["index"]) for t in store.recent_turns(since=150.0)] == [(1, None, 1)]
+    assert store.counters() == {"a": 1.0}  # a correction, not a new turn
+    assert store.amend_last_turn("other", {"action": None}) is False
+
+
 def test_counters_added_without_a_turn_accumulate_with_the_turns_ones(store):
     store.create_call(make_record())
     store.append_turn("call_1", {"n": 0}, counters={"a": 1})

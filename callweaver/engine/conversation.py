@@ -722,19 +722,27 @@ class ConversationEngine:
 
     def drop_closing_action(self, record, turn: Turn):
         """The caller talked over a committed closing line before its end: the end/transfer was not heard, so it never
-        fires and the call goes back to the turn's node, as `commit_turn` does for an interrupted turn. Returns the
-        record the call goes on with, changed in memory whatever the store does: a failed write is logged and the
-        other one is still made, so the caller is never answered from the end node."""
+        fires and the call goes back to the turn's node, as `commit_turn` does for an interrupted turn; the turn's row
+        (the relay session's last) says so too. Returns the record the call goes on with, changed in memory whatever
+        the store does: each write is made on its own and a failed one is logged, so the caller is never answered
+        from the end node."""
         _action, node = action_and_next_node(turn.result, interrupted=True)
-        meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
-        try:
-            self.store.update_call(record.tracking_id, current_node=node)
-        except Exception:
-            log.exception("closing_action_node_not_restored", tracking_id=record.tracking_id, node=node)
-        try:
-            meta = self.store.update_meta(record.tracking_id, remove=("pendingAction", "destination")) or meta
-        except Exception:
-            log.exception("closing_action_not_removed", tracking_id=record.tracking_id)
+        store, tracking_id = self.store, record.tracking_id
+
+        def logged(event: str, write: Callable[[], Any]) -> Any:
+            try:
+                return write()
+            except Exception:
+                log.exception(event, tracking_id=tracking_id, node=node)
+                return None
+
+        logged("closing_action_node_not_restored", lambda: store.update_call(tracking_id, current_node=node))
+        meta = logged("closing_action_not_removed",
+                      lambda: store.update_meta(tracking_id, remove=("pendingAction", "destination")))
+        logged("closing_turn_row_not_amended", lambda: store.amend_last_turn(
+            tracking_id, {"interrupted": True, "action": None, "nextNodeId": node}))
+        if meta is None:
+            meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:

@@ -240,6 +240,11 @@ class Store(Protocol):
         or None (and writes nothing) when the call is unknown."""
         ...
 
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+        """Correct the call's last turn row with `changes` (e.g. a closing action dropped after its turn was
+        written), wherever turns are read; its counters stay. False when the call has no turn."""
+        ...
+
     def add_counters(self, counters: Mapping[str, float]) -> None:
         """Add to cumulative counters in one write, for a cost no turn row carries (e.g. unanswered speculations)."""
         ...

@@ -127,6 +127,21 @@ end
 return out
 """
 
+# KEYS: turns list, turns:by_time. ARGV: the last turn's JSON as read, its amended JSON. Replaces the row in both
+# (the time index's member is "<index>:<turn JSON>") unless another write changed it since: then 0.
+_AMEND_LAST_TURN = """
+local index = redis.call('LLEN', KEYS[1]) - 1
+if index < 0 or redis.call('LINDEX', KEYS[1], -1) ~= ARGV[1] then return 0 end
+redis.call('LSET', KEYS[1], -1, ARGV[2])
+local member = string.format('%010d', index) .. ':'
+local score = redis.call('ZSCORE', KEYS[2], member .. ARGV[1])
+if score then
+  redis.call('ZREM', KEYS[2], member .. ARGV[1])
+  redis.call('ZADD', KEYS[2], score, member .. ARGV[2])
+end
+return 1
+"""
+
 # KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
 _SET_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -284,6 +299,7 @@ class RedisStore:
                     "append_status": client.register_script(_APPEND_STATUS),
                     "append_turn": client.register_script(_APPEND_TURN),
                     "commit_turn": client.register_script(_COMMIT_TURN),
+                    "amend_last_turn": client.register_script(_AMEND_LAST_TURN),
                     "set_if_exists": client.register_script(_SET_IF_EXISTS),
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
@@ -569,6 +585,14 @@ class RedisStore:
              *_increments(counters)],
         ))
         return None if index < 0 else index
+
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+        keys = [self._key("turns", tracking_id), self._key("turns", "by_time")]
+        with self._backend() as client:
+            last = client.lindex(keys[0], -1)
+        if last is None:
+            return False
+        return bool(self._script("amend_last_turn", keys, [last, _dumps({**json.loads(last), **changes})]))
 
     def add_counters(self, counters: Mapping[str, float]) -> None:
         if not counters:

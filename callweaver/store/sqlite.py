@@ -524,6 +524,18 @@ class SQLiteStore:
                 return None
             return self._insert_turn(conn, tracking_id, stored, counters)
 
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT turn_index, data FROM cw_turns WHERE tracking_id = ? ORDER BY turn_index DESC LIMIT 1",
+                (tracking_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE cw_turns SET data = ? WHERE tracking_id = ? AND turn_index = ?",
+                         (_dumps({**_loads(row[1]), **changes}), tracking_id, row[0]))
+            return True
+
     def add_counters(self, counters: Mapping[str, float]) -> None:
         with self._write() as conn:
             _add_counters(conn, counters)
