@@ -783,3 +783,23 @@ def test_a_goodbye_cut_short_after_it_was_sent_marks_its_turn_interrupted_withou
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     row = call.turns()[-1]
     assert (row["interrupted"], row["action"], row["nextNodeId"]) == (True, None, node)
+
+
+def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_as_time_saved(app, client, fake_llm,
+                                                                                              monkeypatch):
+    """The follow-up request waits for the final transcript to adopt the speculation: that wait is not time to
+    first token the speculation saved (savedMs would count the caller's own speaking time)."""
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        now = [1000.0]
+        engine = call.svc.engine
+        monkeypatch.setattr(engine, "clock", lambda: now[0])  # moves only when the test moves it
+        fake_llm.push(TOOL_ONLY, Reply(text="Thanks Dana."))
+        speculation = engine.speculate(call.svc.store.get_call(call.tracking_id), "My name is Dana Wu", lang="en-US")
+        spawn(speculation.pump)
+        call.wait(lambda: speculation.turn.result.tool_calls)
+        now[0] += 10.0  # the caller goes on speaking for 10 s before the final transcript adopts it
+        assert "".join(speculation.replay()) == "Thanks Dana."
+        assert speculation.first_token_ms() < 10_000
+    finally:
+        call.session.close()

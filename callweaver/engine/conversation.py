@@ -172,6 +172,7 @@ class TurnControl:
         self.stream = None  # the provider stream in flight, closable from another greenlet
         # A speculation's: set once it is adopted (or cancelled); a second request waits for it (`defer_followup`).
         self.go_ahead: threading.Event | None = None
+        self.held_s = 0.0  # how long a speculation's follow-up waited for `go_ahead` (no time to first token)
 
 
 class Turn:
@@ -193,6 +194,11 @@ class Turn:
     def defer_followup(self) -> None:
         """A speculative turn: a second LLM request (the tool-only follow-up) waits until `allow_followup`."""
         self._control.go_ahead = threading.Event()
+
+    @property
+    def followup_held_s(self) -> float:
+        """How long the follow-up request waited for adoption (0 for any other turn)."""
+        return self._control.held_s
 
     def allow_followup(self) -> None:
         if self._control.go_ahead is not None:
@@ -315,10 +321,11 @@ class SpeculativeTurn:
         self.turn.cancel()
 
     def first_token_ms(self) -> float | None:
-        """Start of the speculation to its first token: what the turn would have waited without speculating."""
+        """Start of the speculation to its first token: what the turn would have waited without speculating (a
+        follow-up's wait for adoption is not: a turn that did not speculate never waits for it)."""
         if self.first_token_at is None:
             return None
-        return elapsed_ms(self.started_at, self.first_token_at)
+        return elapsed_ms(self.started_at, self.first_token_at - self.turn.followup_held_s)
 
     @property
     def token_count(self) -> int:
@@ -557,6 +564,7 @@ class ConversationEngine:
                               max_tokens=options.get("max_tokens"), model=options.get("model"),
                               apology=entry.line("apology"))
         yield from self._relay_stream(result, stream, control, llm_span)
+        first_answered = self.clock()  # a held follow-up waits for adoption from here
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
@@ -573,6 +581,7 @@ class ConversationEngine:
             # is the one case with a second request; it only happens when the model ignores "speak first".
             if control.go_ahead is not None:
                 control.go_ahead.wait()  # a speculation pays the second request only once it is adopted
+                control.held_s = self.clock() - first_answered
                 if control.cancelled:
                     return
             log.info("tool_only_reply_followup", node=outcome.next_node)
