@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Callable
 
 import structlog
 from flask import Response, jsonify, request
 
+from ..engine import valid_json
 from ..errors import ApiError
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
@@ -55,7 +55,7 @@ def body_params() -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        data = valid_json.loads(raw)  # every string valid Unicode: a lone surrogate never reaches the store or an LLM
     except RecursionError:
         raise ApiError(400, f"JSON body nests deeper than {MAX_JSON_DEPTH} levels")
     except (ValueError, UnicodeDecodeError):
