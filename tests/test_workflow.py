@@ -893,7 +893,7 @@ def test_workflow_module_imports_nothing_from_flask():
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 imported.add(node.module.split(".")[0])
     assert "flask" not in imported
-    assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "math", "re", "unicodedata", "collections",
+    assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "marshal", "math", "re", "unicodedata", "collections",
                         "dataclasses", "typing"}
 
 
