@@ -958,12 +958,12 @@ def test_flows_whose_json_differs_never_share_a_validated_workflow(real_estate_p
     assert flows.get(json_module.loads(text)) is first
     seen = {}
     for value in (None, False, True, 0, 1, 0.0, -0.0, 1.0, float("nan"), float("inf"), "", "0", "null", [], {}, [None]):
-        for field in ("config", "globalPrompt"):
+        for field in ("config", "globalPrompt", "name"):
             payload = json_module.loads(text)
             if field == "config":
                 payload["config"] = {**(payload.get("config") or {}), "temperatureNote": value}
             else:
-                payload["name"] = value if isinstance(value, str) else json_module.dumps(value)
+                payload[field] = value if isinstance(value, str) else json_module.dumps(value)
             try:
                 workflow = flows.get(payload)
             except WorkflowError:
