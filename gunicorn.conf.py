@@ -20,6 +20,8 @@ accesslog = "-"
 logger_class = "callweaver.logging.AccessLogger"   # redacts secret query parameters, escapes every value
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# No format may read a record's thread: callweaver/logging.py turns the look-up off process-wide (logThreads), so a
+# --log-config with %(thread)d would fail on every line and %(threadName)s would print None.
 access_log_format = json.dumps({
     "event": "access", "remote": "%(h)s", "method": "%(m)s", "path": "%(U)s", "query": "%(q)s",
     "status": "%(s)s", "bytes": "%(B)s", "duration_ms": "%(M)s",

@@ -9,13 +9,11 @@ from typing import Any, Mapping
 
 import structlog
 from flask import Flask, g, jsonify, request
-from flask.json.provider import DefaultJSONProvider
 from flask.sessions import SessionInterface
 from flask_cors import CORS
 
 from .background import SocketReader, socket_event_class
 from .config import Settings
-from .engine import valid_json
 from .errors import init_errors, new_request_id
 from .extensions import sock
 from .logging import init_logging, register_secret
@@ -46,13 +44,6 @@ class NoCookieSessions(SessionInterface):
         return None
 
 
-class ValidUnicodeJSON(DefaultJSONProvider):
-    """Flask's JSON, reading bodies through valid_json: a lone surrogate never reaches the store or an LLM."""
-
-    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
-        return valid_json.loads(s, **kwargs)
-
-
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one worker's app; `config` overrides environment variables by name (tests use it)."""
     settings = Settings.from_env(os.environ, overrides=config)
@@ -68,7 +59,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes, JSON_SORT_KEYS=False,
                       SECRET_KEY=settings.secret_key or uuid.uuid4().hex)
     app.session_interface = NoCookieSessions()
-    app.json = ValidUnicodeJSON(app)
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     app.extensions["callweaver"] = Services(settings)

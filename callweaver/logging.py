@@ -226,6 +226,10 @@ def init_logging(level: str = "INFO", fmt: str = "json", trace_ids: bool = False
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
     ))
+    # No record names its thread (no format here or in gunicorn's reads %(thread)d or %(threadName)s). Under gevent
+    # each request is a new greenlet, and the thread look-up of its first record (gunicorn's access line) built a
+    # gevent dummy thread for it: ~7 µs of every request (docs/performance-history.md, "p-setup").
+    logging.logThreads = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level, logging.INFO))

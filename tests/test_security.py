@@ -369,6 +369,17 @@ def test_deeply_nested_json_gets_400_not_500(client):
             assert resp.status_code == 400 and "nests deeper" in resp.get_json()["error"], (path, depth)
 
 
+def test_json_nesting_is_refused_just_past_the_limit_wherever_the_deepest_branch_is(client):
+    from callweaver.routes.common import MAX_JSON_DEPTH
+
+    for depth in (MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1):  # the body's own object is the first level
+        deep = "[" * (depth - 1) + "]" * (depth - 1)
+        for raw in ('{"x": ' + deep + "}", '{"a": [1, {"b": []}], "c": {}, "x": ' + deep + ', "z": [[], {}]}'):
+            resp = client.post("/api/end-call", data=raw, content_type="application/json")
+            refused = resp.status_code == 400 and "nests deeper" in resp.get_json()["error"]
+            assert refused == (depth > MAX_JSON_DEPTH), (depth, raw[:60])
+
+
 def test_secret_query_parameters_and_control_characters_never_reach_a_log_line(env, capsys):
     from callweaver.logging import escape_control_chars
     import structlog

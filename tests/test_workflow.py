@@ -893,7 +893,7 @@ def test_workflow_module_imports_nothing_from_flask():
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 imported.add(node.module.split(".")[0])
     assert "flask" not in imported
-    assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "math", "re", "unicodedata", "collections",
+    assert imported <= {"__future__", "copy", "functools", "hashlib", "json", "marshal", "math", "re", "unicodedata", "collections",
                         "dataclasses", "typing"}
 
 
@@ -943,3 +943,31 @@ def test_a_workflow_with_problems_is_refused_every_time_and_never_kept():
         with pytest.raises(WorkflowError):
             flows.get(broken)
     assert len(flows) == 0
+
+
+def test_flows_whose_json_differs_never_share_a_validated_workflow(real_estate_payload):
+    """The cache key tells apart every value JSON tells apart (null, false, 0, 0.0, -0.0, NaN, strings), nested too,
+    and equal values from separately parsed bodies (other objects, so no identity) share one flow."""
+    import json as json_module
+
+    from callweaver.engine.workflow.parse import ValidatedWorkflows
+
+    flows = ValidatedWorkflows(limit=64)
+    text = json_module.dumps(real_estate_payload)
+    first = flows.get(json_module.loads(text))
+    assert flows.get(json_module.loads(text)) is first
+    seen = {}
+    for value in (None, False, True, 0, 1, 0.0, -0.0, 1.0, float("nan"), float("inf"), "", "0", "null", [], {}, [None]):
+        for field in ("config", "globalPrompt", "name"):
+            payload = json_module.loads(text)
+            if field == "config":
+                payload["config"] = {**(payload.get("config") or {}), "temperatureNote": value}
+            else:
+                payload[field] = value if isinstance(value, str) else json_module.dumps(value)
+            try:
+                workflow = flows.get(payload)
+            except WorkflowError:
+                continue
+            encoded = json_module.dumps(payload, sort_keys=False)
+            assert seen.setdefault(id(workflow), encoded) == encoded, (field, value)
+            assert flows.get(json_module.loads(encoded)) is workflow  # the same JSON text: the same flow
