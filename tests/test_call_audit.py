@@ -310,6 +310,14 @@ class LastFrameWrittenDuringBargeIn:
             call.wait(lambda: not call.session._streaming)
 
 
+def assert_the_call_goes_on(call: "Call", fake_llm) -> None:
+    """The caller's next words are answered and no `end` was sent: the call did not end nor stay closing."""
+    fake_llm.push(Reply(text="Of course, what else?"))
+    call.say("wait, one more question")
+    assert call.assistant_lines()[-1] == "Of course, what else?"
+    assert not any(m["type"] == "end" for m in call.sent), call.sent
+
+
 def barge_in_during_the_last_write(call: "Call", blocked: LastFrameWrittenDuringBargeIn, prompt: str,
                                    interrupt: dict) -> None:
     call.send({"type": "prompt", "voicePrompt": prompt, "lang": "en-US", "last": True})
@@ -344,10 +352,7 @@ def test_a_barge_in_while_a_goodbye_is_written_neither_hangs_up_nor_goes_silent(
                                        {"utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
         record = call.svc.store.get_call(call.tracking_id)
         assert call.turns()[-1]["action"] is None and "pendingAction" not in (record.meta or {})
-        fake_llm.push(Reply(text="Of course, what else?"))
-        call.say("wait, one more question")
-        assert call.assistant_lines()[-1] == "Of course, what else?"
-        assert not any(m["type"] == "end" for m in call.sent), call.sent
+        assert_the_call_goes_on(call, fake_llm)
     finally:
         call.session.close()
 
@@ -406,20 +411,30 @@ def test_a_barge_in_on_the_welcome_greeting_trims_the_greeting(call, fake_llm):
     assert call.assistant_lines() == [first_word]
 
 
+class FailOnce:
+    """A socket write that raises, once, for the first frames `matches` picks; `failed` holds them."""
+
+    def __init__(self, matches) -> None:
+        self.matches, self.failed = matches, []
+
+    def __call__(self, call: "Call", messages: tuple) -> None:
+        if not self.failed and self.matches(messages):
+            self.failed.append(messages)
+            raise RuntimeError("socket write failed")
+
+
+def carries_words(messages: tuple) -> bool:
+    return any(m.get("type") == "text" and m.get("token") for m in messages)
+
+
 def test_a_closing_line_that_fails_to_be_sent_leaves_the_call_answering(app, client, fake_llm):
     """The write of the goodbye's words fails: no `end` follows, so the session must not stay "closing" (every
     later prompt dropped, the call silent), and the failed turn counts as an error (source apology)."""
-    failed = []
-
-    def fail_the_goodbye_once(call, messages):
-        if not failed and any(m.get("type") == "text" and m.get("token") for m in messages):  # the goodbye's words
-            failed.append(messages)
-            raise RuntimeError("socket write failed")
-
-    call = Call(app, client, on_write=fail_the_goodbye_once)
+    fail = FailOnce(carries_words)  # the goodbye's words
+    call = Call(app, client, on_write=fail)
     try:
         call.say("goodbye")
-        assert failed, call.sent
+        assert fail.failed, call.sent
         source = call.turns()[-1]["source"]
         fake_llm.push(Reply(text="Of course, what else?"))
         call.say("wait, one more question")
@@ -451,10 +466,7 @@ def test_a_goodbye_cut_short_by_the_caller_neither_hangs_up_nor_ignores_them(cal
     record = call.svc.store.get_call(call.tracking_id)
     assert record.current_node == node and "pendingAction" not in (record.meta or {})
     assert call.assistant_lines()[-1] == "Thank you" != closing_line
-    fake_llm.push(Reply(text="Of course, what else?"))
-    call.say("wait, one more question")
-    assert call.assistant_lines()[-1] == "Of course, what else?"
-    assert not any(m["type"] == "end" for m in call.sent), call.sent
+    assert_the_call_goes_on(call, fake_llm)
 
 
 def test_a_goodbye_heard_to_its_end_still_ends_the_call(call, fake_llm):
@@ -607,18 +619,12 @@ def test_a_barge_in_after_the_end_was_sent_leaves_the_ended_call_alone(call, fak
 def test_a_reply_whose_first_write_fails_speaks_an_apology_and_stores_no_words(app, client, fake_llm):
     """The first `text` frame never reached Twilio: the caller heard nothing, so they hear an apology (not an
     empty close of the talk cycle, i.e. silence) and the words that were never written are not stored as heard."""
-    failed = []
-
-    def fail_the_first_words(call, messages):
-        if not failed and any(m.get("type") == "text" and m.get("token") for m in messages):
-            failed.append(messages)
-            raise RuntimeError("socket write failed")
-
-    call = Call(app, client, on_write=fail_the_first_words)
+    fail = FailOnce(carries_words)
+    call = Call(app, client, on_write=fail)
     try:
         fake_llm.push(Reply(text="It has three bedrooms and a large garden."))
         call.say("Tell me about the house")
-        assert failed
+        assert fail.failed
         apology = call.svc.engine.languages.get("en-US").line("apology")
         assert {"type": "text", "token": apology, "last": True} in call.sent, call.sent
         assert not any(line.startswith("It") for line in call.assistant_lines()), call.assistant_lines()
@@ -630,17 +636,11 @@ def test_a_reply_whose_first_write_fails_speaks_an_apology_and_stores_no_words(a
 def test_a_goodbye_whose_only_failed_write_closes_its_talk_cycle_still_ends_the_call(app, client, fake_llm):
     """Every word of the goodbye was written (Twilio speaks them); only the empty frame closing the talk cycle
     failed: the caller heard the goodbye, so the end it announced follows."""
-    failed = []
-
-    def fail_the_close_once(call, messages):
-        if not failed and list(messages) == [{"type": "text", "token": "", "last": True}]:
-            failed.append(messages)
-            raise RuntimeError("socket write failed")
-
-    call = Call(app, client, on_write=fail_the_close_once)
+    fail = FailOnce(lambda messages: list(messages) == [{"type": "text", "token": "", "last": True}])
+    call = Call(app, client, on_write=fail)
     try:
         call.say("goodbye")
-        assert failed, call.sent
+        assert fail.failed, call.sent
         call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
         call.wait(lambda: any(m["type"] == "end" for m in call.sent))
         assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
@@ -693,10 +693,7 @@ def test_a_goodbye_whose_reply_task_is_killed_at_a_barge_in_leaves_the_call_answ
         count = len(call.turns())
         call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
         call.wait(lambda: len(call.turns()) > count)
-        fake_llm.push(Reply(text="Of course, what else?"))
-        call.say("wait, one more question")
-        assert call.assistant_lines()[-1] == "Of course, what else?"
-        assert not any(m["type"] == "end" for m in call.sent), call.sent
+        assert_the_call_goes_on(call, fake_llm)
     finally:
         call.session.close()
 
@@ -725,10 +722,7 @@ def test_a_store_failure_while_dropping_a_goodbyes_end_never_says_goodbye_again(
         assert "pendingAction" not in (record.meta or {})
     else:
         assert record.current_node == node
-    fake_llm.push(Reply(text="Of course, what else?"))
-    call.say("wait, one more question")
-    assert call.assistant_lines()[-1] == "Of course, what else?"
-    assert not any(m["type"] == "end" for m in call.sent), call.sent
+    assert_the_call_goes_on(call, fake_llm)
 
 
 ZH_LINE = "您好，我们的营业时间是周一到周五上午九点到下午六点。祝您生活愉快，再见！"
