@@ -342,6 +342,33 @@ def test_a_barge_in_while_the_last_frame_is_written_keeps_only_what_was_heard(ap
         call.session.close()
 
 
+class WordsFailDuringBargeIn(LastFrameWrittenDuringBargeIn):
+    """A write of the reply's words (" large") is in flight when the caller barges in, and then fails (the socket
+    broke)."""
+
+    def __call__(self, call: "Call", messages: tuple) -> None:
+        if self.armed and any(m.get("type") == "text" and "large" in m.get("token", "") for m in messages):
+            self.armed = False
+            self.writing.set()
+            call.wait(lambda: not call.session._streaming)
+            raise OSError("connection reset")
+
+
+def test_a_write_failing_after_a_barge_in_leaves_the_history_to_what_was_heard(app, client, fake_llm):
+    """The failure path of a reply the caller had already cut committed everything sent as heard, before the
+    canceller could store what Twilio reported (found by review): what was heard is stored."""
+    blocked = WordsFailDuringBargeIn()
+    call = Call(app, client, on_write=blocked)
+    try:
+        fake_llm.push(Reply(text="It has three bedrooms, a pool, and a large garden."))
+        barge_in_during_the_last_write(call, blocked, "Tell me about the house",
+                                       {"utteranceUntilInterrupt": "It has three", "durationUntilInterruptMs": 700})
+        assert call.assistant_lines()[-1] == "It has three"
+        assert call.turns()[-1]["interrupted"] is True
+    finally:
+        call.session.close()
+
+
 def test_a_barge_in_while_a_goodbye_is_written_neither_hangs_up_nor_goes_silent(app, client, fake_llm):
     """The caller talks over the closing line as its last frame is written: the end it announced was not heard,
     so it is dropped (architecture.md's interrupt rule) and the caller's next words are answered."""
@@ -722,6 +749,29 @@ def test_a_store_failure_while_dropping_a_goodbyes_end_never_says_goodbye_again(
         assert "pendingAction" not in (record.meta or {})
     else:
         assert record.current_node == node
+    assert_the_call_goes_on(call, fake_llm)
+
+
+def test_a_store_failure_trimming_the_history_at_a_goodbye_barge_in_still_never_hangs_up(call, fake_llm, monkeypatch):
+    """The history trim (the first store write of a barge-in on a goodbye) fails: the end is dropped all the same,
+    decided from the line itself, and the caller's next words are answered (found by review: the failed write left
+    the handler before the drop, and the goodbye's waiter then sent `end`)."""
+    from callweaver.store import StoreError
+
+    call.say("goodbye")
+    store = call.svc.store
+    write = store.update_call
+
+    def fails_on_the_trim(tracking_id, *args, **kwargs):
+        if "messages" in kwargs:
+            raise StoreError("database is locked")
+        return write(tracking_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "update_call", fails_on_the_trim)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    monkeypatch.setattr(store, "update_call", write)
+    time.sleep(0.3)
+    assert not any(m["type"] == "end" for m in call.sent)
     assert_the_call_goes_on(call, fake_llm)
 
 

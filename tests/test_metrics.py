@@ -248,3 +248,21 @@ def test_a_call_whose_turns_have_no_measured_first_token_says_why_its_latencies_
         assert view["metrics"][name] is None and view["reasons"][name], name
     assert view["callData"]["totalLatency"] is None and view["reasons"]["totalLatency"]
     store.close()
+
+
+def test_a_turn_row_amended_after_it_was_read_is_read_again(tmp_path):
+    """A goodbye's turn row is amended (interrupted, no action) up to 20 s after it was written, when the caller
+    talks over it: a reader that already held the row sees the amendment (it re-read only the last 5 s)."""
+    from callweaver.store import CallRecord
+
+    now = [time.time()]
+    store, reader = _reader_over(tmp_path, lambda: now[0])
+    store.create_call(CallRecord(tracking_id="call_bye", created_at=now[0] - 30))
+    store.commit_turn("call_bye", {"messages": [{"role": "assistant", "content": "Goodbye!"}]},
+                      {"index": 0, "at": now[0] - 8, "path": "optimized", "action": "end", "interrupted": False})
+    assert [t["action"] for t in reader.recent.since(now[0] - 60)] == ["end"]
+    now[0] += 12.0
+    assert store.amend_last_turn("call_bye", {"action": None, "interrupted": True})
+    (turn,) = reader.recent.since(now[0] - 60)
+    assert turn["action"] is None and turn["interrupted"] is True
+    store.close()

@@ -186,7 +186,9 @@ class RecentTurns:
     every window are dropped. Windows longer than MAX_KEPT_S are read from the store each time (rare, by hand).
     """
 
-    OVERLAP_S = 5.0
+    # Turns re-read on each top-up: a turn committed a moment after its timestamp, and a turn row amended after it
+    # was written (a goodbye the caller talked over, up to relay_session.PLAYBACK_WAIT_MAX_S later), are seen.
+    OVERLAP_S = 30.0
     MAX_KEPT_S = float(SECONDS_PER_DAY)
     SLACK_S = 60.0  # a window of MAX_KEPT_S measured from a `since` taken a moment earlier still counts as kept
 

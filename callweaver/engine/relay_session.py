@@ -426,17 +426,31 @@ class RelaySession:
                 self._cancel(message)
             elif self.record is not None and not self.ended:  # after `end` the call is over: nothing to undo
                 self._settle_previous()
-                if self._trim_heard(message) and self._closing_turn is not None:
-                    self._drop_closing_action(self._closing_turn)
+                closing = self._closing_turn
+                cut_short = closing is not None and self._cut_short(closing, message)  # from the line itself
+                try:
+                    self._trim_heard(message)
+                finally:
+                    if cut_short:  # whatever the store did, no end goes out (after the trim: it sets the record)
+                        self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
             self._fell_silent.set()
+
+    def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
+        """Whether the caller talked over this closing line before its end."""
+        line = turn.result.reply_text
+        return self._heard(line, message, turn.result.language) != line
+
+    def _stop_closing(self) -> None:
+        """No closing line is waiting for its end any more."""
+        self._closing, self._closing_turn = False, None
 
     def _drop_closing_action(self, turn: Turn) -> None:
         """The caller talked over a closing line before its end: the end/transfer it announced was not heard, so
         it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
         reply cut mid-stream; the caller's next words are answered."""
-        self._closing, self._closing_turn = False, None
+        self._stop_closing()
         self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
 
@@ -470,7 +484,11 @@ class RelaySession:
         if transcript and transcript[-1].get("heard") == content:  # the call log's line for this reply
             transcript[-1] = {**transcript[-1], "heard": cut, "interrupted": True}
             fields["transcript"] = transcript
-        updated = self.engine.store.update_call(self.record.tracking_id, **fields)
+        try:
+            updated = self.engine.store.update_call(self.record.tracking_id, **fields)
+        except Exception:  # the history keeps the whole line; the call goes on (a closing action is already dropped)
+            log.exception("relay_history_trim_failed")
+            return True
         self.record = self.engine.sharing_snapshot(updated) or self.record
         log.info("relay_history_trimmed", heard_chars=len(cut))
         return True
@@ -574,13 +592,20 @@ class RelaySession:
             if not self._streaming:
                 # The caller barged in while the last frame was written: the canceller commits what was heard,
                 # and a closing line cut short announces nothing (its end/transfer is dropped).
-                self._closing, self._closing_turn = False, None
+                self._stop_closing()
                 return
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
             log.exception("relay_reply_failed")
             self._writing = ""  # a write that raised sent nothing
-            if self._streaming and not self.ended:
+            if closing:
+                # no `end` follows a closing line that failed: the caller's next words count
+                self._stop_closing()
+            if not self._streaming:
+                # Cancelled meanwhile (a barge-in): the canceller commits what was heard, not everything sent.
+                turn.close() if tokens is None else turn.cancel()
+                return
+            if not self.ended:
                 # Not a cancelled reply: the caller is waiting. An apology when nothing was said yet, else close the
                 # talk cycle so the words sent are spoken as a whole reply; never silence.
                 if self._sent:
@@ -588,9 +613,6 @@ class RelaySession:
                 else:
                     self._speak_canned("apology")
                 turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
-            if closing:
-                # no `end` follows a closing line that failed: the caller's next words count
-                self._closing, self._closing_turn = False, None
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
@@ -690,7 +712,7 @@ class RelaySession:
             if not task.dead:
                 task.kill(timeout=1.0)  # raises GreenletExit in it, past its own clean-up of a closing line
         if self._closing_turn is turn:
-            self._closing, self._closing_turn = False, None  # a closing line cut short announces nothing
+            self._stop_closing()  # a closing line cut short announces nothing
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
