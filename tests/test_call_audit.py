@@ -327,21 +327,6 @@ def barge_in_during_the_last_write(call: "Call", blocked: LastFrameWrittenDuring
     call.wait(lambda: len(call.turns()) > count)
 
 
-def test_a_barge_in_while_the_last_frame_is_written_keeps_only_what_was_heard(app, client, fake_llm):
-    blocked = LastFrameWrittenDuringBargeIn()
-    call = Call(app, client, on_write=blocked)
-    try:
-        fake_llm.push(Reply(text="It has three bedrooms and a large garden."))
-        barge_in_during_the_last_write(call, blocked, "Tell me about the house",
-                                       {"utteranceUntilInterrupt": "It has three", "durationUntilInterruptMs": 700})
-        assert call.assistant_lines()[-1] == "It has three"
-        entry = call.svc.store.get_call(call.tracking_id).transcript[-1]
-        assert entry["heard"] == "It has three" and entry["interrupted"] is True
-        assert call.turns()[-1]["interrupted"] is True
-    finally:
-        call.session.close()
-
-
 class WordsFailDuringBargeIn(LastFrameWrittenDuringBargeIn):
     """A write of the reply's words (" large") is in flight when the caller barges in, and then fails (the socket
     broke)."""
@@ -354,16 +339,19 @@ class WordsFailDuringBargeIn(LastFrameWrittenDuringBargeIn):
             raise OSError("connection reset")
 
 
-def test_a_write_failing_after_a_barge_in_leaves_the_history_to_what_was_heard(app, client, fake_llm):
-    """The failure path of a reply the caller had already cut committed everything sent as heard, before the
-    canceller could store what Twilio reported (found by review): what was heard is stored."""
-    blocked = WordsFailDuringBargeIn()
+@pytest.mark.parametrize("blocker", [LastFrameWrittenDuringBargeIn, WordsFailDuringBargeIn])
+def test_a_barge_in_while_a_frame_is_written_keeps_only_what_was_heard(app, client, fake_llm, blocker):
+    """The frame in flight at the barge-in is written, or its write then fails (the reply's failure path used to
+    commit everything sent as heard before the canceller could store what Twilio reported; found by review)."""
+    blocked = blocker()
     call = Call(app, client, on_write=blocked)
     try:
         fake_llm.push(Reply(text="It has three bedrooms, a pool, and a large garden."))
         barge_in_during_the_last_write(call, blocked, "Tell me about the house",
                                        {"utteranceUntilInterrupt": "It has three", "durationUntilInterruptMs": 700})
         assert call.assistant_lines()[-1] == "It has three"
+        entry = call.svc.store.get_call(call.tracking_id).transcript[-1]
+        assert entry["heard"] == "It has three" and entry["interrupted"] is True
         assert call.turns()[-1]["interrupted"] is True
     finally:
         call.session.close()
