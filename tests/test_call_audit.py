@@ -763,6 +763,25 @@ def test_a_store_failure_trimming_the_history_at_a_goodbye_barge_in_still_never_
     assert_the_call_goes_on(call, fake_llm)
 
 
+def test_a_goodbye_whose_own_commit_failed_never_amends_the_turn_before_it(call, fake_llm, monkeypatch):
+    """The goodbye's turn row was never written (its commit failed); the caller then talks over it: the end is
+    dropped, and the row of the turn before, the last one stored, is left as it was (found by review)."""
+    from callweaver.store import StoreError
+
+    call.say("hello")
+    before = call.turns()[-1]
+    store = call.svc.store
+    commit = store.commit_turn
+    monkeypatch.setattr(store, "commit_turn", lambda *a, **k: (_ for _ in ()).throw(StoreError("database is locked")))
+    call.send({"type": "prompt", "voicePrompt": "goodbye", "lang": "en-US", "last": True})
+    call.wait(lambda: call.session._closing and call.session._reply is None)  # sent, its commit failed
+    monkeypatch.setattr(store, "commit_turn", commit)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    time.sleep(0.3)
+    assert call.turns()[-1] == before
+    assert_the_call_goes_on(call, fake_llm)
+
+
 ZH_LINE = "您好，我们的营业时间是周一到周五上午九点到下午六点。祝您生活愉快，再见！"
 
 

@@ -338,6 +338,21 @@ def test_amending_the_last_turn_changes_its_row_everywhere_turns_are_read(store)
     assert store.amend_last_turn("other", {"action": None}) is False
 
 
+def test_an_amendment_expecting_another_row_leaves_the_last_row_alone(store):
+    """The closing turn's own write failed, so the last row is an earlier turn's: an amendment that expects the
+    closing turn's values (action "end", not interrupted) changes nothing (found by review)."""
+    store.create_call(make_record())
+    store.append_turn("call_1", {"n": 0, "action": None, "interrupted": False, "at": 100.0})
+
+    assert store.amend_last_turn("call_1", {"action": None, "interrupted": True},
+                                 expect={"action": "end", "interrupted": False}) is False
+    assert store.turns("call_1")[-1]["interrupted"] is False
+    store.append_turn("call_1", {"n": 1, "action": "end", "interrupted": False, "at": 200.0})
+    assert store.amend_last_turn("call_1", {"action": None, "interrupted": True},
+                                 expect={"action": "end", "interrupted": False}) is True
+    assert store.turns("call_1")[-1]["interrupted"] is True
+
+
 def test_counters_added_without_a_turn_accumulate_with_the_turns_ones(store):
     store.create_call(make_record())
     store.append_turn("call_1", {"n": 0}, counters={"a": 1})

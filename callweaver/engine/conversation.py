@@ -748,8 +748,10 @@ class ConversationEngine:
         logged("closing_action_node_not_restored", lambda: store.update_call(tracking_id, current_node=node))
         meta = logged("closing_action_not_removed",
                       lambda: store.update_meta(tracking_id, remove=("pendingAction", "destination")))
+        # Only the closing turn's own row: if its write failed, the last row is an earlier turn's.
         logged("closing_turn_row_not_amended", lambda: store.amend_last_turn(
-            tracking_id, {"interrupted": True, "action": None, "nextNodeId": node}))
+            tracking_id, {"interrupted": True, "action": None, "nextNodeId": node},
+            expect={"action": turn.result.action, "interrupted": False}))
         if meta is None:
             meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)

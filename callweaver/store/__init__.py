@@ -240,9 +240,11 @@ class Store(Protocol):
         or None (and writes nothing) when the call is unknown."""
         ...
 
-    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any],
+                        expect: Mapping[str, Any] | None = None) -> bool:
         """Correct the call's last turn row with `changes` (e.g. a closing action dropped after its turn was
-        written), wherever turns are read; its counters stay. False when the call has no turn."""
+        written), wherever turns are read; its counters stay. False when the call has no turn, or when the last row
+        does not hold `expect`'s values (it is not the turn meant: that turn's own write failed)."""
         ...
 
     def add_counters(self, counters: Mapping[str, float]) -> None:
@@ -342,3 +344,8 @@ def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = "c
     from callweaver.store.sqlite import SQLiteStore
 
     return SQLiteStore(db_path)
+
+
+def row_holds(row: Mapping[str, Any], expect: Mapping[str, Any] | None) -> bool:
+    """Whether a stored row has each of `expect`'s values (no expectation: any row)."""
+    return not expect or all(row.get(key) == value for key, value in expect.items())

@@ -26,6 +26,7 @@ from callweaver.store import (
     check_update_fields,
     counter_series,
     merge_meta,
+    row_holds,
     stored_turn,
 )
 
@@ -586,13 +587,18 @@ class RedisStore:
         ))
         return None if index < 0 else index
 
-    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any],
+                        expect: Mapping[str, Any] | None = None) -> bool:
         keys = [self._key("turns", tracking_id), self._key("turns", "by_time")]
         with self._backend() as client:
             last = client.lindex(keys[0], -1)
         if last is None:
             return False
-        return bool(self._script("amend_last_turn", keys, [last, _dumps({**json.loads(last), **changes})]))
+        turn = json.loads(last)
+        if not row_holds(turn, expect):
+            return False
+        # The script amends it only if it is still the last row, unchanged since read here.
+        return bool(self._script("amend_last_turn", keys, [last, _dumps({**turn, **changes})]))
 
     def add_counters(self, counters: Mapping[str, float]) -> None:
         if not counters:

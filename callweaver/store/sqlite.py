@@ -27,6 +27,7 @@ from callweaver.store import (
     check_update_fields,
     counter_series,
     merge_meta,
+    row_holds,
     stored_turn,
 )
 
@@ -524,7 +525,8 @@ class SQLiteStore:
                 return None
             return self._insert_turn(conn, tracking_id, stored, counters)
 
-    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any]) -> bool:
+    def amend_last_turn(self, tracking_id: str, changes: Mapping[str, Any],
+                        expect: Mapping[str, Any] | None = None) -> bool:
         with self._write() as conn:
             row = conn.execute(
                 "SELECT turn_index, data FROM cw_turns WHERE tracking_id = ? ORDER BY turn_index DESC LIMIT 1",
@@ -532,8 +534,11 @@ class SQLiteStore:
             ).fetchone()
             if row is None:
                 return False
+            turn = _loads(row[1])
+            if not row_holds(turn, expect):
+                return False
             conn.execute("UPDATE cw_turns SET data = ? WHERE tracking_id = ? AND turn_index = ?",
-                         (_dumps({**_loads(row[1]), **changes}), tracking_id, row[0]))
+                         (_dumps({**turn, **changes}), tracking_id, row[0]))
             return True
 
     def add_counters(self, counters: Mapping[str, float]) -> None:
