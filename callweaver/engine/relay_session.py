@@ -466,7 +466,7 @@ class RelaySession:
         else:
             self._reply.join(timeout=5)
 
-    def _trim_heard(self, message: protocol.Interrupt) -> bool:
+    def _trim_heard(self, message: protocol.Interrupt) -> None:
         """Barge-in after the last token was sent (Twilio was still speaking it): keep only what was heard of the
         reply (`heard_of`, as for a reply cut mid-stream), nothing when nothing was heard. Only when the talk cycle
         interrupted is the stored line this session sent last (`_stored_cycle`): a canned apology, an unstored
@@ -474,10 +474,10 @@ class RelaySession:
         messages = list(self.record.messages or [])
         content, self._stored_cycle = self._stored_cycle, None  # a second barge-in is about a later talk cycle
         if content is None or not messages or messages[-1] != {"role": "assistant", "content": content}:
-            return False
+            return
         cut = self._heard(content, message)
         if cut == content:
-            return False  # all of it was heard
+            return  # all of it was heard
         messages[-1:] = [{"role": "assistant", "content": cut}] if cut else []
         fields: dict[str, Any] = {"messages": messages}
         transcript = list(self.record.transcript or [])
@@ -486,12 +486,11 @@ class RelaySession:
             fields["transcript"] = transcript
         try:
             updated = self.engine.store.update_call(self.record.tracking_id, **fields)
-        except Exception:  # the history keeps the whole line; the call goes on (a closing action is already dropped)
+        except Exception:  # the history keeps the whole line; the call goes on (_on_interrupt still drops an end)
             log.exception("relay_history_trim_failed")
-            return True
+            return
         self.record = self.engine.sharing_snapshot(updated) or self.record
         log.info("relay_history_trimmed", heard_chars=len(cut))
-        return True
 
     def _heard(self, spoken: str, message: protocol.Interrupt, language: str | None = None) -> str:
         """`heard_of` at the speaking rate of the reply's language (`language`, else the call's)."""

@@ -107,7 +107,7 @@ def prometheus_metrics():
 def dashboard_data():
     svc = services()
     window = _window(MAX_WINDOW_S)
-    reader = services().metrics
+    reader = svc.metrics
     live = [{"trackingId": c.tracking_id, "status": c.status, "path": c.path, "language": c.language,
              "currentNode": c.current_node, "startedAt": c.created_at}
             for c in svc.store.live_calls(since=time.time() - LIVE_CALL_HORIZON_S)]

@@ -38,6 +38,8 @@ CALL_FILTER_COLUMNS = ("status", "path", "language")
 BUSY_TIMEOUT_MS = 5000
 WAL_SWITCH_RETRY_S = 0.01
 PURGE_BATCH = 200  # calls deleted per write transaction by purge()
+# The calls created since a time that have not ended (live_calls, count_live_calls).
+_LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cw_calls (
@@ -401,8 +403,7 @@ class SQLiteStore:
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT data FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
-                " ORDER BY created_at",
+                f"SELECT data {_LIVE_CALLS} ORDER BY created_at",
                 (since,),
             ).fetchall()
         return [self._record(row[0]) for row in rows]
@@ -410,7 +411,7 @@ class SQLiteStore:
     def count_live_calls(self, since: float = 0.0) -> int:
         with self._connection() as conn:
             (count,) = conn.execute(
-                "SELECT COUNT(*) FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?",
+                f"SELECT COUNT(*) {_LIVE_CALLS}",
                 (since,),
             ).fetchone()
         return count
