@@ -60,9 +60,17 @@ def spoken_length(text: str) -> int:
     return len(_SSML_TAG.sub("", text))
 
 
+# Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
+# may fall before a consonant or a leading vowel, never before a mark that belongs to the letter before it (a vowel
+# sign above, below or after it, a tone mark, ๆ) nor after a vowel written before its consonant (เ แ โ ใ ไ).
+_THAI = re.compile("[\u0e01-\u0e5b]")
+_THAI_ATTACHED = re.compile("[\u0e30-\u0e3a\u0e45-\u0e4e]")
+_THAI_LEADING_VOWEL = re.compile("[\u0e40-\u0e44]")
+
+
 def _is_word_end(spoken: str, end: int) -> bool:
-    """Whether text cut at `end` ends on a whole word: before a space, or next to a CJK character (not just before
-    a punctuation mark, which belongs with the word before it)."""
+    """Whether text cut at `end` ends on a whole word: before a space, next to a CJK character, or between two Thai
+    syllables (not just before a punctuation mark, which belongs with the word before it)."""
     if end >= len(spoken):
         return True
     nxt = spoken[end]
@@ -70,7 +78,10 @@ def _is_word_end(spoken: str, end: int) -> bool:
         return True
     if unicodedata.category(nxt)[0] == "P":
         return False
-    return bool(_CJK.match(nxt) or end > 0 and _CJK.match(spoken[end - 1]))
+    prev = spoken[end - 1] if end > 0 else ""
+    if _THAI.match(nxt) and _THAI.match(prev):
+        return not _THAI_ATTACHED.match(nxt) and not _THAI_LEADING_VOWEL.match(prev)
+    return bool(_CJK.match(nxt) or prev and _CJK.match(prev))
 
 
 def _estimated_cut(spoken: str, tag_spans: list[tuple[int, int]], chars: int) -> int:

@@ -82,11 +82,30 @@ _SPEECH_PRIMARIES_BY_CODE = {
 }
 
 
-# A typical text-to-speech speaking rate (≈ 150 words a minute) in characters a second: turns playback time into text
-# heard (a barge-in's durationUntilInterruptMs) and text into playback time (the wait before a closing line's `end`).
-# Chinese, Cantonese and Japanese speak about 5 characters a second (a character is a syllable).
-SPEECH_CHARS_PER_S = 15.0
-_SPEECH_CHARS_PER_S_BY_PRIMARY = {"zh": 5.0, "cmn": 5.0, "yue": 5.0, "ja": 5.0}
+# A typical text-to-speech speaking rate in characters a second: turns playback time into text heard (a barge-in's
+# durationUntilInterruptMs, heard_of) and text into playback time (the wait before a closing line's `end`). A
+# "character" is what those count: a code point, spaces, punctuation and combining marks included. Voices speak
+# about 5-7 syllables a second in every language; what differs is how many characters a script spends on one.
+SPEECH_CHARS_PER_S = 15.0  # Latin alphabet, ≈ 150 words a minute of ~6 characters with the space
+_LATIN_SPACED = 15.0       # alphabets with spaces between words: Latin (Vietnamese too, a syllable a word), Cyrillic,
+#                            Greek
+_ABJAD = 12.0              # Arabic, Hebrew: short vowels are not written, so fewer letters a syllable
+_INDIC_ABUGIDA = 13.0      # Devanagari, Bengali, Gujarati, Tamil, Telugu, Kannada, Malayalam: a syllable is a consonant
+#                            plus a vowel sign or virama (~2 code points), words spaced
+_THAI = 14.0               # Thai: an abugida with no spaces between words; vowel signs and tone marks are code points
+#                            of their own (~2.5 a syllable)
+_HANGUL = 8.0              # Korean: a Hangul block is one syllable (~6.5 a second), words spaced every ~3 blocks
+_HAN = 5.0                 # Chinese (Mandarin, Cantonese): one syllable a character, ~4-5 a second plus pauses
+_JAPANESE = 5.0            # kanji (often 2 morae) mixed with kana (1 mora), ~7-8 morae a second
+# By primary subtag: every language of the table has its own (entry_problems says when one is missing).
+SPEECH_CHARS_PER_S_BY_LANGUAGE: Mapping[str, float] = {
+    **dict.fromkeys("en es fr de it pt nl sv da nb no fi is pl cs sk hu ro et lv lt ca af tr id ms fil tl vi "
+                    "ru uk bg sr el".split(), _LATIN_SPACED),
+    **dict.fromkeys("ar he iw".split(), _ABJAD),
+    **dict.fromkeys("hi mr bn gu ta te kn ml".split(), _INDIC_ABUGIDA),
+    "th": _THAI, "ko": _HANGUL, "ja": _JAPANESE,
+    **dict.fromkeys("zh cmn yue".split(), _HAN),
+}
 
 
 def primary_subtag(code: str) -> str:
@@ -146,8 +165,8 @@ class LanguageEntry:
 
     @property
     def speech_chars_per_s(self) -> float:
-        """This language's typical speaking rate (SPEECH_CHARS_PER_S)."""
-        return _SPEECH_CHARS_PER_S_BY_PRIMARY.get(primary_subtag(self.code), SPEECH_CHARS_PER_S)
+        """This language's typical speaking rate (SPEECH_CHARS_PER_S_BY_LANGUAGE; the Latin rate if it has none)."""
+        return SPEECH_CHARS_PER_S_BY_LANGUAGE.get(primary_subtag(self.code), SPEECH_CHARS_PER_S)
 
     def line(self, key: str) -> str:
         """A canned line in this language, or the en-US line when this entry lacks it."""
@@ -330,6 +349,8 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
             problems.append(f"relay language {entry.relay['language']!r} differs from code {entry.code!r}")
         problems += _tts_problems(entry.relay["ttsProvider"], entry.relay["voice"], entry.code)
         problems += _stt_problems(entry.relay["transcriptionProvider"], entry.relay["speechModel"], entry.code)
+    if primary_subtag(entry.code or "") not in SPEECH_CHARS_PER_S_BY_LANGUAGE:
+        problems.append(f"no speaking rate for {entry.code} in SPEECH_CHARS_PER_S_BY_LANGUAGE (barge-in estimates)")
     problems += _say_problems(entry)
     problems += _gather_problems(entry)
     problems += _text_problems(entry)

@@ -1,0 +1,198 @@
+"""Language support as a caller and a new user meet it: speaking rates for every declared language (barge-in
+estimates in Korean and Thai), goodbyes however Chinese is written, and languages the API cannot speak."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from callweaver.engine import languages
+from callweaver.engine.conversation import heard_of
+from callweaver.engine.languages import LanguageTable, primary_subtag
+from callweaver.engine.relay_session import RelaySession
+from callweaver.engine.workflow import detect_termination
+from callweaver.services import spawn
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+
+TABLE = LanguageTable.load()
+
+
+# --- speaking rates ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", TABLE.codes)
+def test_every_declared_language_has_a_speaking_rate_of_its_own(code):
+    """No language the product declares falls back to the English default without saying so: each has a rate
+    chosen for its script (Korean and Thai were missing, and were estimated at the Latin 15 characters a second)."""
+    assert primary_subtag(code) in languages.SPEECH_CHARS_PER_S_BY_LANGUAGE
+    assert 3 <= TABLE.get(code).speech_chars_per_s <= 16
+
+
+def test_a_table_entry_without_a_speaking_rate_is_a_problem():
+    data = json.loads(languages.DEFAULT_TABLE_PATH.read_text(encoding="utf-8"))
+    raw = next(raw for raw in data["languages"] if raw["code"] == "fr-FR")
+    entry = languages.LanguageEntry.from_json({**raw, "code": "xh-ZA", "relay": {**raw["relay"], "language": "xh-ZA"}})
+    assert any("speaking rate" in problem for problem in languages.entry_problems(entry))
+
+
+def test_hangul_and_thai_are_slower_than_latin_in_characters():
+    """A Hangul block is a syllable; Thai writes a syllable in ~2-3 code points with no spaces: both fewer
+    characters a second than English, Korean far fewer."""
+    en, ko, th = (TABLE.get(code).speech_chars_per_s for code in ("en-US", "ko-KR", "th-TH"))
+    assert 6 <= ko <= 10 and ko < th < en
+
+
+KO_LINE = "안녕하세요, 고객님. 오늘 예약하신 시간은 오후 세 시입니다. 다른 문의 사항이 있으신가요?"
+TH_LINE = "สวัสดีครับยินดีต้อนรับสู่คลินิกของเราวันนี้มีนัดตอนบ่ายสามโมงครับมีอะไรให้ช่วยอีกไหมครับ"
+
+
+def test_a_korean_estimate_trims_to_a_word_near_a_seconds_speech():
+    rate = TABLE.get("ko-KR").speech_chars_per_s
+    heard = heard_of(KO_LINE, None, 1000, chars_per_s=rate)
+    assert KO_LINE.startswith(heard) and heard == "안녕하세요, 고객님."  # 8 characters, rounded up to the word's end
+
+
+def test_a_thai_estimate_cuts_between_syllables_not_at_the_end_of_the_line():
+    """Thai has no spaces between words: rounding up to the next space kept the whole line as heard."""
+    rate = TABLE.get("th-TH").speech_chars_per_s
+    heard = heard_of(TH_LINE, None, 1000, chars_per_s=rate)
+    assert TH_LINE.startswith(heard)
+    assert rate <= len(heard) <= rate + 3
+    nxt = TH_LINE[len(heard)]
+    assert not "\u0e30" <= nxt <= "\u0e3a" and not "\u0e47" <= nxt <= "\u0e4e"  # no vowel sign / tone mark cut off
+    assert not "\u0e40" <= heard[-1] <= "\u0e44"  # nor a leading vowel left without its consonant
+
+
+class _Call:
+    """A relay call in `language`, fed Twilio's frames directly (as tests/test_call_audit.py does)."""
+
+    def __init__(self, app, client, language: str, workflow: str = "minimal_faq"):
+        data = client.post("/api/make-call-optimized",
+                           json=make_call_body(workflow=workflow, language=language)).get_json()
+        assert data["success"], data
+        self.svc = app.extensions["callweaver"]
+        self.tracking_id = data["optimization"]["trackingId"]
+        self.sent: list[dict] = []
+        outer = self
+
+        class Sender:
+            def send_json(self, *messages: dict) -> None:
+                outer.sent.extend(messages)
+
+        self.session = RelaySession(self.svc.engine, Sender(), spawn=spawn)
+        self.send({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
+                   "customParameters": {"trackingId": self.tracking_id}})
+
+    def send(self, frame: dict) -> None:
+        self.session.handle(json.dumps(frame))
+
+    def say(self, text: str, lang: str) -> None:
+        count = len(self.svc.store.turns(self.tracking_id))
+        self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True})
+        deadline = time.monotonic() + 10
+        while len(self.svc.store.turns(self.tracking_id)) <= count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def assistant_lines(self) -> list[str]:
+        return [m["content"] for m in self.svc.store.get_call(self.tracking_id).messages if m["role"] == "assistant"]
+
+
+@pytest.fixture
+def env(env):
+    # the Cantonese clinic transfers to a Hong Kong nurse line, so +852 must be an allowed destination
+    return {**env, "CACHE_TYPE": "NullCache", "ALLOWED_DESTINATION_PREFIXES": "+1,+852"}
+
+
+@pytest.mark.parametrize("language, line, heard", [
+    ("ko-KR", KO_LINE, "안녕하세요, 고객님."),
+    ("th-TH", TH_LINE, None),
+])
+def test_barge_in_on_a_korean_or_thai_call_keeps_about_a_seconds_speech(app, client, fake_llm, language, line, heard):
+    """Twilio reports no words it recognises (an empty utteranceUntilInterrupt after a second of speech): the stored
+    reply is cut at the language's rate, not at English's 15 characters a second (nor kept whole, for Thai)."""
+    call = _Call(app, client, language)
+    try:
+        fake_llm.push(Reply(text=line))
+        call.say("สวัสดีครับ" if language == "th-TH" else "안녕하세요", language)
+        call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 1000})
+        kept = call.assistant_lines()[-1]
+        rate = TABLE.get(language).speech_chars_per_s
+        assert line.startswith(kept) and kept != line
+        if heard is not None:
+            assert kept == heard
+        else:
+            assert rate <= len(kept) <= rate + 3
+    finally:
+        call.session.close()
+
+
+# --- goodbyes however Chinese is written ------------------------------------------------------------
+
+@pytest.mark.parametrize("code, utterance", [
+    # Cantonese: Simplified characters, mixed scripts, English code-mixing, romanised "bye"
+    ("zh-HK", "再见"), ("zh-HK", "唔该，拜拜"), ("zh-HK", "多谢，拜拜"), ("zh-HK", "系咁先"), ("zh-HK", "好，唔該晒，再见！"),
+    ("zh-HK", "得喇，唔该"), ("zh-HK", "OK，拜拜"), ("zh-HK", "唔該晒，bye bye"), ("zh-HK", "Bye-bye!"), ("zh-HK", "ok bye"),
+    ("zh-HK", "多謝晒，bye"),
+    # Mandarin (Taiwan) written in Simplified, Mandarin (China) written in Traditional
+    ("zh-TW", "谢谢，再见"), ("zh-TW", "就这样"), ("zh-TW", "没有其他问题了，谢谢"), ("zh-TW", "好的，bye bye"),
+    ("zh-CN", "謝謝，再見"), ("zh-CN", "就這樣吧"), ("zh-CN", "那我先掛了"), ("zh-CN", "沒別的事了，謝謝"), ("zh-CN", "OK拜拜"),
+    ("zh-CN", "bye bye"),
+])
+def test_chinese_goodbyes_are_recognised_in_either_script_and_mixed_with_english(code, utterance):
+    assert detect_termination(utterance, TABLE.get(code).termination_phrases)
+
+
+@pytest.mark.parametrize("code, utterance", [
+    ("zh-HK", "我想預約睇醫生"), ("zh-HK", "我想预约睇医生"), ("zh-HK", "拜拜係咩意思"), ("zh-CN", "再见是什么意思"),
+    ("zh-HK", "bye的意思係咩"), ("zh-CN", "我想问一下价格"),
+])
+def test_chinese_questions_that_mention_a_goodbye_do_not_end_the_call(code, utterance):
+    assert not detect_termination(utterance, TABLE.get(code).termination_phrases)
+
+
+def test_a_cantonese_caller_saying_goodbye_in_simplified_characters_ends_a_live_call(app, client, fake_llm):
+    call = _Call(app, client, "zh-HK", workflow="clinic_cantonese_transfer")
+    try:
+        call.say("好，多谢，再见", "zh-HK")  # the table writes 再見: Simplified 见 did not match
+        assert fake_llm.requests == []  # recognised without a model call
+        assert "拜拜" in "".join(m.get("token", "") for m in call.sent if m["type"] == "text")  # the Cantonese goodbye
+        row = call.svc.store.turns(call.tracking_id)[-1]
+        assert row["action"] == "end" and row["transitionedVia"] == "termination_phrase"
+    finally:
+        call.session.close()
+
+
+# --- a language the API cannot speak ---------------------------------------------------------------
+
+@pytest.mark.parametrize("route", ["/api/make-call", "/api/make-call-optimized"])
+@pytest.mark.parametrize("language", ["xx-YY", "klingon", "multi", "en_US!", 42, ["en-US"]])
+def test_make_call_refuses_a_language_it_cannot_speak_with_a_400(client, fake_twilio, route, language):
+    resp = client.post(route, json=make_call_body(language=language))
+    data = resp.get_json()
+    assert resp.status_code == 400, data
+    assert data["success"] is False and "language" in data["error"] and "en-US" in data["error"]
+    assert fake_twilio.creates() == []  # no call placed in English instead
+
+
+def test_make_call_refuses_a_workflow_whose_default_language_is_unknown(client, fake_twilio):
+    body = make_call_body()
+    body["config"]["globalSettings"]["defaultLanguage"] = "Elvish"
+    resp = client.post("/api/make-call-optimized", json=body)
+    assert resp.status_code == 400 and "Elvish" in resp.get_json()["error"]
+    assert fake_twilio.creates() == []
+
+
+@pytest.mark.parametrize("language, code", [("yue-HK", "zh-HK"), ("zh_hk", "zh-HK"), ("yue", "zh-HK"),
+                                            ("ko", "ko-KR"), ("TH-th", "th-TH"), ("zh-Hans", "zh-CN"), ("", "en-US")])
+def test_make_call_normalises_every_spelling_of_a_language_it_speaks(client, fake_twilio, language, code):
+    data = client.post("/api/make-call-optimized", json=make_call_body(language=language)).get_json()
+    assert data["success"], data
+    assert data["optimization"]["language"] == code
+
+
+@pytest.mark.parametrize("language", ["xx-YY", "multi"])
+def test_test_optimization_refuses_an_unknown_language_instead_of_answering_in_english(client, fake_llm, language):
+    resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": language})
+    assert resp.status_code == 400 and "language" in resp.get_json()["error"]
+    assert fake_llm.requests == []
