@@ -196,3 +196,18 @@ def test_test_optimization_refuses_an_unknown_language_instead_of_answering_in_e
     resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": language})
     assert resp.status_code == 400 and "language" in resp.get_json()["error"]
     assert fake_llm.requests == []
+
+
+# Every Traditional goodbye phrase of the table, as a Simplified writer (or recogniser) writes it.
+SIMPLIFIED_GOODBYES = {
+    "zh-HK": ["拜拜", "再见", "唔该，拜拜", "冇嘢喇，拜拜", "多谢，拜拜", "冇其他嘢喇", "系咁先", "就咁先", "得喇，唔该"],
+    "zh-TW": ["再见", "掰掰", "拜拜", "好，谢谢，再见", "谢谢，掰掰", "就这样", "没有其他问题了，谢谢", "先这样，谢谢"],
+}
+
+
+@pytest.mark.parametrize("code", sorted(SIMPLIFIED_GOODBYES))
+def test_every_traditional_goodbye_phrase_is_recognised_in_simplified_characters(code):
+    phrases = TABLE.get(code).termination_phrases
+    assert len(SIMPLIFIED_GOODBYES[code]) == len([p for p in phrases if p != "bye"])  # one per phrase of the table
+    for written in SIMPLIFIED_GOODBYES[code]:
+        assert detect_termination(written, phrases), written

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace as replace_fields
 from typing import Any, Iterable, Mapping
 
-from ..speech import is_cjk, normalise_speech
+from ..speech import fold_chinese_script, is_cjk, normalise_speech
 from .conditions import coerce_variable, first_true_logical_edge, plain
 from .model import PLACEHOLDER_RE, Edge, VariableSpec, Workflow
 
@@ -230,9 +230,10 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     """True when the utterance is, or ends with, a goodbye phrase at a word boundary; no LLM involved.
 
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
-    "ok, that's all, thanks bye" ends the call. CJK phrases match as plain suffixes (no spaces between words).
+    "ok, that's all, thanks bye" ends the call. CJK phrases match as plain suffixes (no spaces between words);
+    Chinese matches in either script (再见 is 再見).
     """
-    text = normalise_speech(utterance)
+    text = fold_chinese_script(normalise_speech(utterance))
     if not text:
         return False
     compact = text.replace(" ", "")
@@ -255,7 +256,7 @@ def _termination_phrases(phrases: tuple[str, ...]) -> tuple[tuple[str, bool], ..
     """A language's goodbye phrases normalised once (every turn checks them): (phrase, is CJK), CJK ones compacted."""
     normalised = []
     for raw_phrase in phrases:
-        phrase = normalise_speech(raw_phrase)
+        phrase = fold_chinese_script(normalise_speech(raw_phrase))
         if not phrase:
             continue
         cjk = any(is_cjk(ch) for ch in phrase)
