@@ -358,6 +358,8 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
 
 
 MAX_REMEMBERED_CODES = 512  # resolve() remembers this many distinct codes per table
+# A language tag as _normalise() writes it: a 2-3 letter language, then subtags of 1-8 letters or digits.
+_WELL_FORMED_TAG = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
 
 
 def _normalise(code: str) -> str:
@@ -459,9 +461,10 @@ class LanguageTable:
         return entry
 
     def _lookup(self, code: str) -> LanguageEntry | None:
-        if not code.strip():
-            return None
-        subtags = _normalise(code).split("-")
+        normalised = _normalise(code)
+        if not _WELL_FORMED_TAG.match(normalised):
+            return None  # "en_US!" or "en-US; DROP" names no language, even though it starts like one
+        subtags = normalised.split("-")
         for length in range(len(subtags), 0, -1):
             prefix = "-".join(subtags[:length])
             entry = self._by_key.get(prefix) or self._aliases.get(prefix)
@@ -470,6 +473,12 @@ class LanguageTable:
             if entry is not None:
                 return entry
         return None
+
+    def refusal(self, value: Any, field: str = "language") -> str:
+        """Why `value` (sent as `field`) is refused when resolve() finds no language: what was sent, what works."""
+        shown = f"'{value[:40]}'" if isinstance(value, str) else type(value).__name__
+        return (f"{field} {shown} is not a language CallWeaver speaks: send a BCP-47 code such as en-US, es-MX, "
+                f"zh-HK (Cantonese) or ko-KR (one of {len(self)} languages)")
 
     def get(self, code: str | None) -> LanguageEntry:
         """Like resolve(), but never fails: unknown or empty codes give en-US."""
