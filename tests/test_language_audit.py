@@ -211,3 +211,13 @@ def test_every_traditional_goodbye_phrase_is_recognised_in_simplified_characters
     assert len(SIMPLIFIED_GOODBYES[code]) == len([p for p in phrases if p != "bye"])  # one per phrase of the table
     for written in SIMPLIFIED_GOODBYES[code]:
         assert detect_termination(written, phrases), written
+
+
+def test_the_call_log_filters_by_any_spelling_of_a_language_and_refuses_an_unknown_one(client, fake_twilio):
+    assert client.post("/api/make-call-optimized", json=make_call_body(language="yue-HK")).get_json()["success"]
+    for spelling in ("zh-HK", "yue-HK", "zh_hk", "yue"):
+        page = client.get(f"/api/call-log?language={spelling}").get_json()
+        assert page["total"] == 1 and page["filters"]["language"] == "zh-HK", (spelling, page)
+    assert client.get("/api/call-log?language=en-US").get_json()["total"] == 0
+    refused = client.get("/api/call-log?language=xx-YY")
+    assert refused.status_code == 400 and "language" in refused.get_json()["error"]

@@ -358,11 +358,12 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
 
 
 MAX_REMEMBERED_CODES = 512  # resolve() remembers this many distinct codes per table
-# A language tag as _normalise() writes it: a 2-3 letter language, then subtags of 1-8 letters or digits.
+# A language tag as normalise_code() writes it: a 2-3 letter language, then subtags of 1-8 letters or digits.
 _WELL_FORMED_TAG = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
 
 
-def _normalise(code: str) -> str:
+def normalise_code(code: str) -> str:
+    """The one spelling of a language code every lookup compares: "EN_us " is "en-us"."""
     return code.strip().replace("_", "-").lower()
 
 
@@ -379,24 +380,24 @@ class LanguageTable:
         self._entries = list(entries)
         self._by_key: dict[str, LanguageEntry] = {}
         for entry in self._entries:
-            key = _normalise(entry.code)
+            key = normalise_code(entry.code)
             if key in self._by_key:
                 raise ValueError(f"language {entry.code} appears twice")
             self._by_key[key] = entry
-        if _normalise(default_code) not in self._by_key:
+        if normalise_code(default_code) not in self._by_key:
             raise ValueError(f"default language {default_code} is not in the table")
-        self._default = self._by_key[_normalise(default_code)]
-        self._aliases = {_normalise(a): self._target(t, f"alias {a}") for a, t in (aliases or {}).items()}
+        self._default = self._by_key[normalise_code(default_code)]
+        self._aliases = {normalise_code(a): self._target(t, f"alias {a}") for a, t in (aliases or {}).items()}
         # A bare primary subtag ("fr") means the first entry of that language unless the data says otherwise.
         self._by_primary: dict[str, LanguageEntry] = {}
         for entry in self._entries:
-            self._by_primary.setdefault(_normalise(primary_subtag(entry.code)), entry)
+            self._by_primary.setdefault(normalise_code(primary_subtag(entry.code)), entry)
         for primary, target in (primary_defaults or {}).items():
-            self._by_primary[_normalise(primary)] = self._target(target, f"primary default {primary}")
+            self._by_primary[normalise_code(primary)] = self._target(target, f"primary default {primary}")
         self._resolved: dict[str, LanguageEntry | None] = {}  # resolve()'s answers (the table never changes)
 
     def _target(self, code: str, what: str) -> LanguageEntry:
-        entry = self._by_key.get(_normalise(code))
+        entry = self._by_key.get(normalise_code(code))
         if entry is None:
             raise ValueError(f"{what} points at {code}, which is not in the table")
         return entry
@@ -461,7 +462,7 @@ class LanguageTable:
         return entry
 
     def _lookup(self, code: str) -> LanguageEntry | None:
-        normalised = _normalise(code)
+        normalised = normalise_code(code)
         if not _WELL_FORMED_TAG.match(normalised):
             return None  # "en_US!" or "en-US; DROP" names no language, even though it starts like one
         subtags = normalised.split("-")
@@ -500,8 +501,8 @@ class LanguageTable:
         if target is None:
             return None
         current = self.get(current_code)
-        spoken = _normalise(prompt_lang)
-        if "-" not in spoken and spoken == _normalise(primary_subtag(current.code)):
+        spoken = normalise_code(prompt_lang)
+        if "-" not in spoken and spoken == normalise_code(primary_subtag(current.code)):
             return None
         if declared is not None:
             allowed = [entry for code in declared if (entry := self.resolve(code)) is not None]
@@ -546,7 +547,7 @@ def multilingual_partners(table: "LanguageTable", entry: LanguageEntry) -> list[
 
     Empty when it cannot (e.g. Cantonese: `multi` has no Chinese), in which case recognition stays fixed.
     """
-    primary = entry.code.split("-")[0].lower()
+    primary = primary_subtag(normalise_code(entry.code))
     relay = entry.relay
     if (primary not in DEEPGRAM_MULTI_LANGUAGES or relay.get("transcriptionProvider") != "Deepgram"
             or relay.get("speechModel") not in {"nova-2-general", "nova-3-general"}):
