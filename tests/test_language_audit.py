@@ -221,3 +221,38 @@ def test_the_call_log_filters_by_any_spelling_of_a_language_and_refuses_an_unkno
     assert client.get("/api/call-log?language=en-US").get_json()["total"] == 0
     refused = client.get("/api/call-log?language=xx-YY")
     assert refused.status_code == 400 and "language" in refused.get_json()["error"]
+
+
+JA_LINE = "かしこまりました。物件の価格は四千万円で、駅から徒歩五分です。ほかにご質問はございますか。"
+
+
+def test_after_a_switch_the_barge_in_rate_goodbyes_and_cache_follow_the_new_language(app, client, fake_llm):
+    """An English call the caller moves to Japanese (Deepgram `multi` reports "ja"): the `language` message goes
+    out, the reply cut by a barge-in is estimated at Japanese speed, a Japanese goodbye ends the call, and every
+    turn row and cache key carries ja-JP."""
+    call = _Call(app, client, "en-US", workflow="real_estate_property_dealer")
+    try:
+        fake_llm.push(Reply(text=JA_LINE))
+        call.say("家の値段を教えてください", "ja")
+        assert {"type": "language", "ttsLanguage": "ja-JP"} in call.sent
+        call.send({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 1000})
+        rate = TABLE.get("ja-JP").speech_chars_per_s
+        assert call.assistant_lines()[-1] == JA_LINE[:int(rate)]
+        n = len(fake_llm.requests)
+        call.say("ありがとうございました、失礼します", "ja")
+        assert len(fake_llm.requests) == n
+        rows = call.svc.store.turns(call.tracking_id)
+        assert [row["language"] for row in rows] == ["ja-JP", "ja-JP"] and rows[-1]["action"] == "end"
+        assert call.svc.store.get_call(call.tracking_id).language == "ja-JP"
+    finally:
+        call.session.close()
+
+
+@pytest.mark.parametrize("utterance, ends", [
+    ("ขอบคุณครับบาย", True),          # "thanks, bye" as recognisers write Thai: no space before บาย
+    ("โอเคค่ะบ๊ายบาย", True), ("เอาแค่นี้ครับ", True), ("ไม่มีอะไรแล้วค่ะ", True), ("ขอบคุณครับ บาย", True),
+    ("ผมไม่สบาย", False),              # "I'm unwell" ends in สบาย, which ends in บาย: not a goodbye
+    ("ลูกไม่ค่อยสบาย", False), ("สบายดีครับ", False),
+])
+def test_thai_goodbyes_match_without_spaces_but_not_inside_a_word(utterance, ends):
+    assert detect_termination(utterance, TABLE.get("th-TH").termination_phrases) is ends

@@ -230,15 +230,15 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     """True when the utterance is, or ends with, a goodbye phrase at a word boundary; no LLM involved.
 
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
-    "ok, that's all, thanks bye" ends the call. CJK phrases match as plain suffixes (no spaces between words);
-    Chinese matches in either script (再见 is 再見).
+    "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
+    suffixes, except a one-syllable Thai one (see _unspaced); Chinese matches in either script (再见 is 再見).
     """
     text = fold_chinese_script(normalise_speech(utterance))
     if not text:
         return False
     compact = text.replace(" ", "")
-    for phrase, cjk in _termination_phrases(tuple(phrases)):
-        if cjk:
+    for phrase, unspaced in _termination_phrases(tuple(phrases)):
+        if unspaced:
             if compact.endswith(phrase):
                 return True
             continue
@@ -251,16 +251,30 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     return False
 
 
+# Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase this
+# short (one syllable, "บาย") also ends longer words ("ไม่สบาย", unwell), so it needs a space before it.
+_SHORTEST_UNSPACED_THAI_PHRASE = 4
+
+
+def _unspaced(phrase: str) -> bool:
+    """Whether a (normalised) goodbye phrase matches as a plain suffix of the utterance with spaces removed."""
+    if any(is_cjk(ch) for ch in phrase):
+        return True
+    compact = phrase.replace(" ", "")
+    return any("\u0e00" <= ch <= "\u0e7f" for ch in compact) and len(compact) >= _SHORTEST_UNSPACED_THAI_PHRASE
+
+
 @functools.lru_cache(maxsize=256)
 def _termination_phrases(phrases: tuple[str, ...]) -> tuple[tuple[str, bool], ...]:
-    """A language's goodbye phrases normalised once (every turn checks them): (phrase, is CJK), CJK ones compacted."""
+    """A language's goodbye phrases normalised once (every turn checks them): (phrase, unspaced), unspaced ones
+    compacted."""
     normalised = []
     for raw_phrase in phrases:
         phrase = fold_chinese_script(normalise_speech(raw_phrase))
         if not phrase:
             continue
-        cjk = any(is_cjk(ch) for ch in phrase)
-        normalised.append((phrase.replace(" ", "") if cjk else phrase, cjk))
+        unspaced = _unspaced(phrase)
+        normalised.append((phrase.replace(" ", "") if unspaced else phrase, unspaced))
     return tuple(normalised)
 
 
