@@ -20,7 +20,7 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import normalise_speech
+from .speech import is_thai, normalise_speech
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
@@ -63,7 +63,6 @@ def spoken_length(text: str) -> int:
 # Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
 # may fall before a consonant or a leading vowel, never before a mark that belongs to the letter before it (a vowel
 # sign above, below or after it, a tone mark, ๆ) nor after a vowel written before its consonant (เ แ โ ใ ไ).
-_THAI = re.compile("[\u0e01-\u0e5b]")
 _THAI_ATTACHED = re.compile("[\u0e30-\u0e3a\u0e45-\u0e4e]")
 _THAI_LEADING_VOWEL = re.compile("[\u0e40-\u0e44]")
 
@@ -79,7 +78,7 @@ def _is_word_end(spoken: str, end: int) -> bool:
     if unicodedata.category(nxt)[0] == "P":
         return False
     prev = spoken[end - 1] if end > 0 else ""
-    if _THAI.match(nxt) and _THAI.match(prev):
+    if is_thai(nxt) and prev and is_thai(prev):
         return not _THAI_ATTACHED.match(nxt) and not _THAI_LEADING_VOWEL.match(prev)
     return bool(_CJK.match(nxt) or prev and _CJK.match(prev))
 

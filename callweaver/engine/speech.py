@@ -83,3 +83,8 @@ def is_cjk(char: str) -> bool:
     code = ord(char)
     # Most text is below the first range (Latin, Cyrillic, Arabic, Devanagari...): one comparison decides it.
     return code >= _CJK_FIRST and any(low <= code <= high for low, high in _CJK_RANGES)
+
+
+def is_thai(char: str) -> bool:
+    """True for a character of the Thai script, which is written without spaces between words too."""
+    return "\u0e00" <= char <= "\u0e7f"

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace as replace_fields
 from typing import Any, Iterable, Mapping
 
-from ..speech import fold_chinese_script, is_cjk, normalise_speech
+from ..speech import fold_chinese_script, is_cjk, is_thai, normalise_speech
 from .conditions import coerce_variable, first_true_logical_edge, plain
 from .model import PLACEHOLDER_RE, Edge, VariableSpec, Workflow
 
@@ -261,7 +261,7 @@ def _unspaced(phrase: str) -> bool:
     if any(is_cjk(ch) for ch in phrase):
         return True
     compact = phrase.replace(" ", "")
-    return any("\u0e00" <= ch <= "\u0e7f" for ch in compact) and len(compact) >= _SHORTEST_UNSPACED_THAI_PHRASE
+    return any(is_thai(ch) for ch in compact) and len(compact) >= _SHORTEST_UNSPACED_THAI_PHRASE
 
 
 @functools.lru_cache(maxsize=256)
