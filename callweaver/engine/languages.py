@@ -477,7 +477,7 @@ class LanguageTable:
 
     def refusal(self, value: Any, field: str = "language") -> str:
         """Why `value` (sent as `field`) is refused when resolve() finds no language: what was sent, what works."""
-        shown = f"'{value[:40]}'" if isinstance(value, str) else type(value).__name__
+        shown = f"'{value[:40]}'" if isinstance(value, str) else f"of type {type(value).__name__}"
         return (f"{field} {shown} is not a language CallWeaver speaks: send a BCP-47 code such as en-US, es-MX, "
                 f"zh-HK (Cantonese) or ko-KR (one of {len(self)} languages)")
 
