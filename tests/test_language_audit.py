@@ -3,18 +3,16 @@ estimates in Korean and Thai), goodbyes however Chinese is written, and language
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from callweaver.engine import languages
 from callweaver.engine.conversation import heard_of
 from callweaver.engine.languages import LanguageTable, primary_subtag
-from callweaver.engine.relay_session import RelaySession
 from callweaver.engine.workflow import detect_termination
-from callweaver.services import spawn
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
+from tests.test_call_audit import Call
 
 TABLE = LanguageTable.load()
 
@@ -64,40 +62,6 @@ def test_a_thai_estimate_cuts_between_syllables_not_at_the_end_of_the_line():
     assert not "\u0e40" <= heard[-1] <= "\u0e44"  # nor a leading vowel left without its consonant
 
 
-class _Call:
-    """A relay call in `language`, fed Twilio's frames directly (as tests/test_call_audit.py does)."""
-
-    def __init__(self, app, client, language: str, workflow: str = "minimal_faq"):
-        data = client.post("/api/make-call-optimized",
-                           json=make_call_body(workflow=workflow, language=language)).get_json()
-        assert data["success"], data
-        self.svc = app.extensions["callweaver"]
-        self.tracking_id = data["optimization"]["trackingId"]
-        self.sent: list[dict] = []
-        outer = self
-
-        class Sender:
-            def send_json(self, *messages: dict) -> None:
-                outer.sent.extend(messages)
-
-        self.session = RelaySession(self.svc.engine, Sender(), spawn=spawn)
-        self.send({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
-                   "customParameters": {"trackingId": self.tracking_id}})
-
-    def send(self, frame: dict) -> None:
-        self.session.handle(json.dumps(frame))
-
-    def say(self, text: str, lang: str) -> None:
-        count = len(self.svc.store.turns(self.tracking_id))
-        self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True})
-        deadline = time.monotonic() + 10
-        while len(self.svc.store.turns(self.tracking_id)) <= count and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def assistant_lines(self) -> list[str]:
-        return [m["content"] for m in self.svc.store.get_call(self.tracking_id).messages if m["role"] == "assistant"]
-
-
 @pytest.fixture
 def env(env):
     # the Cantonese clinic transfers to a Hong Kong nurse line, so +852 must be an allowed destination
@@ -111,7 +75,7 @@ def env(env):
 def test_barge_in_on_a_korean_or_thai_call_keeps_about_a_seconds_speech(app, client, fake_llm, language, line, heard):
     """Twilio reports no words it recognises (an empty utteranceUntilInterrupt after a second of speech): the stored
     reply is cut at the language's rate, not at English's 15 characters a second (nor kept whole, for Thai)."""
-    call = _Call(app, client, language)
+    call = Call(app, client, workflow="minimal_faq", language=language)
     try:
         fake_llm.push(Reply(text=line))
         call.say("สวัสดีครับ" if language == "th-TH" else "안녕하세요", language)
@@ -152,7 +116,7 @@ def test_chinese_questions_that_mention_a_goodbye_do_not_end_the_call(code, utte
 
 
 def test_a_cantonese_caller_saying_goodbye_in_simplified_characters_ends_a_live_call(app, client, fake_llm):
-    call = _Call(app, client, "zh-HK", workflow="clinic_cantonese_transfer")
+    call = Call(app, client, workflow="clinic_cantonese_transfer", language="zh-HK")
     try:
         call.say("好，多谢，再见", "zh-HK")  # the table writes 再見: Simplified 见 did not match
         assert fake_llm.requests == []  # recognised without a model call
@@ -230,7 +194,7 @@ def test_after_a_switch_the_barge_in_rate_goodbyes_and_cache_follow_the_new_lang
     """An English call the caller moves to Japanese (Deepgram `multi` reports "ja"): the `language` message goes
     out, the reply cut by a barge-in is estimated at Japanese speed, a Japanese goodbye ends the call, and every
     turn row and cache key carries ja-JP."""
-    call = _Call(app, client, "en-US", workflow="real_estate_property_dealer")
+    call = Call(app, client, language="en-US")
     try:
         fake_llm.push(Reply(text=JA_LINE))
         call.say("家の値段を教えてください", "ja")
