@@ -220,3 +220,10 @@ def test_after_a_switch_the_barge_in_rate_goodbyes_and_cache_follow_the_new_lang
 ])
 def test_thai_goodbyes_match_without_spaces_but_not_inside_a_word(utterance, ends):
     assert detect_termination(utterance, TABLE.get("th-TH").termination_phrases) is ends
+
+
+def test_the_cantonese_gather_recognises_with_googles_cantonese_code():
+    """<Gather> speech goes to Google, whose Cantonese is yue-Hant-HK (docs/twilio.md §3), as Mandarin's gathers use
+    cmn-Hans-CN / cmn-Hant-TW; yue-HK is the <Say> voice's locale, not a recognition language."""
+    assert TABLE.get("zh-HK").gather_language == "yue-Hant-HK"
+    assert TABLE.get("zh-HK").say_language == "yue-HK"

@@ -223,7 +223,7 @@ def test_cantonese_say_and_gather_use_yue_hk():
     entry = TABLE.get("zh-HK")
     assert entry.say_voice == "Google.yue-HK-Standard-A"
     assert entry.say_language == "yue-HK"
-    assert entry.gather_language == "yue-HK"
+    assert entry.gather_language == "yue-Hant-HK"  # Google recognition's Cantonese (docs/twilio.md §3)
 
 
 def test_cantonese_lines_are_traditional_colloquial_cantonese_not_mandarin():
