@@ -227,3 +227,17 @@ def test_the_cantonese_gather_recognises_with_googles_cantonese_code():
     cmn-Hans-CN / cmn-Hant-TW; yue-HK is the <Say> voice's locale, not a recognition language."""
     assert TABLE.get("zh-HK").gather_language == "yue-Hant-HK"
     assert TABLE.get("zh-HK").say_language == "yue-HK"
+
+
+@pytest.mark.parametrize("code, utterance", [
+    ("zh-HK", "拜拜啦"), ("zh-HK", "好啦，拜拜喇"), ("zh-HK", "唔該晒，再見啦"), ("zh-HK", "冇其他嘢啦"), ("zh-HK", "bye bye啦"),
+    ("zh-CN", "再见啦"), ("zh-CN", "那我先挂了啊"), ("zh-CN", "拜拜了"), ("zh-TW", "謝謝，再見囉"), ("zh-TW", "掰掰喔"),
+])
+def test_a_chinese_goodbye_followed_by_a_sentence_final_particle_still_ends_the_call(code, utterance):
+    """Cantonese and Mandarin close a goodbye with a particle (拜拜啦, 再见了); the particle is not part of the phrase."""
+    assert detect_termination(utterance, TABLE.get(code).termination_phrases)
+
+
+@pytest.mark.parametrize("code, utterance", [("zh-HK", "我想改期啦"), ("zh-CN", "我到了"), ("zh-HK", "啦")])
+def test_a_sentence_final_particle_alone_is_no_goodbye(code, utterance):
+    assert not detect_termination(utterance, TABLE.get(code).termination_phrases)

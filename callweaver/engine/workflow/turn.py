@@ -231,9 +231,10 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
 
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
     "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
-    suffixes, except a one-syllable Thai one (see _unspaced); Chinese matches in either script (再见 is 再見).
+    suffixes, except a one-syllable Thai one (see _unspaced); Chinese matches in either script (再见 is 再見) and
+    before a sentence-final particle (拜拜啦).
     """
-    text = fold_chinese_script(normalise_speech(utterance))
+    text = _goodbye_form(utterance)
     if not text:
         return False
     compact = text.replace(" ", "")
@@ -249,6 +250,16 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
             if before == " " or is_cjk(before):
                 return True
     return False
+
+
+# Chinese sentence-final particles (Cantonese 啦 喇 囉 咯 喎 呀 吖 嘞, Mandarin 了 吧 啊 哦 喔 嘛): "拜拜啦", "再见了" are
+# goodbyes; the particle closes the sentence, it is not part of the phrase.
+_FINAL_PARTICLES = "啦喇囉咯喎呀吖啊嘞了吧哦喔嘛"
+
+
+def _goodbye_form(text: str) -> str:
+    """What goodbye matching compares: the words normalised, Chinese in one script, without trailing particles."""
+    return fold_chinese_script(normalise_speech(text)).rstrip(_FINAL_PARTICLES + " ")
 
 
 # Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase this
@@ -270,7 +281,7 @@ def _termination_phrases(phrases: tuple[str, ...]) -> tuple[tuple[str, bool], ..
     compacted."""
     normalised = []
     for raw_phrase in phrases:
-        phrase = fold_chinese_script(normalise_speech(raw_phrase))
+        phrase = _goodbye_form(raw_phrase)
         if not phrase:
             continue
         unspaced = _unspaced(phrase)
