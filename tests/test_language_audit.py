@@ -241,3 +241,29 @@ def test_a_chinese_goodbye_followed_by_a_sentence_final_particle_still_ends_the_
 @pytest.mark.parametrize("code, utterance", [("zh-HK", "我想改期啦"), ("zh-CN", "我到了"), ("zh-HK", "啦")])
 def test_a_sentence_final_particle_alone_is_no_goodbye(code, utterance):
     assert not detect_termination(utterance, TABLE.get(code).termination_phrases)
+
+
+def test_a_goodbye_in_a_switched_language_waits_for_playback_at_that_languages_rate(app, client, fake_llm, monkeypatch):
+    """The caller switches to Japanese and says goodbye in one turn; the turn's store write fails, so the stored call
+    is still English: `end` must still wait for the Japanese goodbye at Japanese speed (5, not 15 characters a second),
+    or Twilio closes the session before the line has played."""
+    from callweaver.engine import relay_session
+    from callweaver.store import StoreError
+
+    rates: list[float] = []
+    bound = relay_session.playback_wait_bound_s
+
+    def recorded(spoken, *, chars_per_s, with_audio=False):
+        rates.append(chars_per_s)
+        return bound(spoken, chars_per_s=chars_per_s, with_audio=with_audio)
+
+    monkeypatch.setattr(relay_session, "playback_wait_bound_s", recorded)
+    call = Call(app, client, language="en-US")
+    try:
+        monkeypatch.setattr(call.svc.store, "commit_turn",
+                            lambda *a, **k: (_ for _ in ()).throw(StoreError("database is locked")))
+        call.send({"type": "prompt", "voicePrompt": "ありがとうございました、失礼します", "lang": "ja", "last": True})
+        call.wait(lambda: rates)
+        assert rates == [TABLE.get("ja-JP").speech_chars_per_s]
+    finally:
+        call.session.close()
