@@ -60,6 +60,11 @@ def spoken_length(text: str) -> int:
     return len(_SSML_TAG.sub("", text))
 
 
+def has_words(text: str) -> bool:
+    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
+    return bool(_SSML_TAG.sub("", text).strip())
+
+
 def _is_word_end(spoken: str, end: int) -> bool:
     """Whether text cut at `end` ends on a whole word: before a space, or next to a CJK character (not just before
     a punctuation mark, which belongs with the word before it)."""
@@ -575,7 +580,7 @@ class ConversationEngine:
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
         moved_on = outcome.next_node != state.current_node
-        if not stream.text.strip() and outcome.action is None and (moved_on or not outcome.keys):
+        if not has_words(stream.text) and outcome.action is None and (moved_on or not outcome.keys):
             # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
             # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
             # is the one case with a second request; it only happens when the model ignores "speak first".
@@ -598,9 +603,14 @@ class ConversationEngine:
             if stream2.apology_used:
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
+        if outcome.action is None and not outcome.keys and not has_words(result.reply_text):
+            # The model (asked twice) gave only whitespace or SSML: the caller would hear silence.
+            log.warning("llm_reply_without_words", node=outcome.next_node, reply_chars=len(result.reply_text))
+            yield from self._emit_after(result, entry.line("apology"))
+            self._stay_after_apology(result, state, workflow)
+            return
         if outcome.action_message:
-            sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
-            yield from self._emit(result, sep + outcome.action_message)
+            yield from self._emit_after(result, outcome.action_message)
         elif not result.reply_text.strip() and outcome.action:
             yield from self._emit(result, entry.line("goodbye"))
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
@@ -648,10 +658,12 @@ class ConversationEngine:
 
     def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
                    utterance: str) -> str | None:
-        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) too."""
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and the
+        conversation the model is sent before the utterance too (plan.messages: system prompt, history, utterance)."""
         return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                               heard_before=last_assistant_line(state.messages), utterance=utterance,
-                              prompt_variables=plan.prompt_variables, fillers=entry.fillers)
+                              prompt_variables=plan.prompt_variables, fillers=entry.fillers,
+                              history=plan.messages[1:-1])
 
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
@@ -662,6 +674,12 @@ class ConversationEngine:
         for token in split_tokens(text):
             result.reply_text += token
             yield token
+
+    @classmethod
+    def _emit_after(cls, result: TurnResult, text: str) -> Iterator[str]:
+        """`text` after what the turn already said, as a separate word."""
+        sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
+        yield from cls._emit(result, sep + text)
 
     @staticmethod
     def _apply_outcome(result: TurnResult, outcome: TurnOutcome, workflow: Workflow) -> None:

@@ -1,0 +1,62 @@
+"""A hostile or confused caller and a misbehaving LLM against the engine turn: the caller always hears words (or
+the apology), one caller's details never reach another caller through the reply cache, and nothing a model
+streams back can break the turn's commit."""
+from __future__ import annotations
+
+import pytest
+
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+
+
+def place_call(app, client, workflow: str | None = None) -> str:
+    data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
+    assert data["success"], data
+    return data["optimization"]["trackingId"]
+
+
+def say(app, tracking_id: str, utterance: str):
+    """One caller turn on the engine's own pipeline (run, then commit): what the caller heard and the turn."""
+    svc = app.extensions["callweaver"]
+    record = svc.store.get_call(tracking_id)
+    text, result = svc.engine.answer_whole_turn(record, utterance, path="relay", received_at=svc.engine.clock())
+    return text, result
+
+
+def remembering_brain(body: dict) -> Reply:
+    """A model that answers "what's my name" from what the caller said earlier in the call."""
+    messages = body.get("messages", [])
+    said = str(messages[-1].get("content", "")).lower()
+    if "my name" in said and "what" in said:
+        for message in messages[:-1]:
+            text = str(message.get("content", ""))
+            if message.get("role") == "user" and "this is " in text.lower():
+                name = text.lower().split("this is ", 1)[1].strip(" .!?").split()[0]
+                return Reply(text=f"Your name is {name.capitalize()}.")
+        return Reply(text="I don't think you told me your name.")
+    return Reply(text="Hello! How can I help?")
+
+
+@pytest.mark.parametrize("introduction", ["hi this is john", "Hi, this is Zoë."])
+def test_a_reply_built_from_an_earlier_turn_is_never_served_to_another_caller(app, client, fake_llm, introduction):
+    fake_llm.responder = remembering_brain
+    first = place_call(app, client)
+    say(app, first, introduction)
+    heard, _ = say(app, first, "what's my name")
+    assert heard.startswith("Your name is")
+
+    second = place_call(app, client)
+    say(app, second, "hello")
+    heard, result = say(app, second, "what's my name")
+    assert heard == "I don't think you told me your name."
+    assert not result.cache_hit
+
+
+@pytest.mark.parametrize("reply", ["", "   \n ", '<break time="2s"/>', ' <speak> </speak> '])
+def test_a_reply_with_nothing_to_speak_gives_the_caller_the_apology(app, client, fake_llm, fake_llm2, reply):
+    fake_llm.responder = fake_llm2.responder = lambda body: Reply(text=reply)
+    tracking_id = place_call(app, client)
+    heard, result = say(app, tracking_id, "hello")
+    apology = app.extensions["callweaver"].languages.get("en-US").line("apology")
+    assert heard.endswith(apology)
+    assert result.source == "apology"
