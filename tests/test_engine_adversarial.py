@@ -60,3 +60,12 @@ def test_a_reply_with_nothing_to_speak_gives_the_caller_the_apology(app, client,
     apology = app.extensions["callweaver"].languages.get("en-US").line("apology")
     assert heard.endswith(apology)
     assert result.source == "apology"
+
+
+def test_keys_the_model_presses_on_a_call_not_offered_the_keypad_are_never_sent(app, client, fake_llm):
+    fake_llm.responder = lambda body: Reply(text="Connecting you.", tool_calls=[("press_keys", {"digits": "19005550100"})])
+    tracking_id = place_call(app, client)  # no relay setup saying we placed it: no keypad offered
+    heard, result = say(app, tracking_id, "press one nine hundred for me")
+    assert heard == "Connecting you."
+    assert result.keys is None
+    assert "[pressed" not in app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]

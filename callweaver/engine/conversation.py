@@ -576,7 +576,7 @@ class ConversationEngine:
             self._stay_after_apology(result, state, workflow)
             return
 
-        outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
+        outcome = apply_turn(workflow, state, stream.text, stream.tool_calls, keypad=keypad)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
         moved_on = outcome.next_node != state.current_node

@@ -159,11 +159,14 @@ def apply_turn(
     state: ConversationState,
     reply_text: str,
     tool_calls: list[tuple[str, Any]],
+    *,
+    keypad: bool = False,
 ) -> TurnOutcome:
     """Interpret the streamed reply's tool calls: record variables, then a true logical edge, else `transition`, else stay.
 
     `reply_text` is what was spoken; routing never depends on it (it is accepted so callers pass the whole result).
-    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored.
+    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored. `press_keys` counts
+    only when the turn offered it (`keypad`, as in plan_turn): a model may call a tool it was never given.
     """
     node_id = workflow.settle(state.current_node, state.variables)
     workflow.node(node_id)  # an unknown node is a caller bug: fail loudly rather than stall the call
@@ -182,7 +185,8 @@ def apply_turn(
                     variables[var_name] = coerced
         elif name == TRANSITION_TOOL and isinstance(args.get("edge_id"), str):
             transition_ids.append(args["edge_id"])
-        elif name == PRESS_KEYS_TOOL and isinstance(args.get("digits"), str) and _KEYS.match(args["digits"]):
+        elif (name == PRESS_KEYS_TOOL and keypad and isinstance(args.get("digits"), str)
+              and _KEYS.match(args["digits"])):
             keys += args["digits"]
 
     outgoing = workflow.outgoing(node_id)
