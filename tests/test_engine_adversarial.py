@@ -81,3 +81,11 @@ def test_a_runaway_reply_is_cut_below_what_one_twilio_say_can_speak(app, client,
     assert result.source == "llm" and result.completed
     stored = app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
     assert len(stored) <= 3000
+
+
+def test_a_number_too_large_for_a_float_is_not_recorded_and_the_turn_goes_on(app, client, fake_llm):
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[("record_variables", {"loan_amount": 10 ** 400})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    heard, result = say(app, tracking_id, "I need a loan of a googol dollars")
+    assert heard == "Noted."
+    assert result.source == "llm" and result.completed and "loan_amount" not in result.variables
