@@ -89,3 +89,14 @@ def test_a_number_too_large_for_a_float_is_not_recorded_and_the_turn_goes_on(app
     heard, result = say(app, tracking_id, "I need a loan of a googol dollars")
     assert heard == "Noted."
     assert result.source == "llm" and result.completed and "loan_amount" not in result.variables
+
+
+@pytest.mark.parametrize("calls", [[("record_variables", {"applicant_name": "Ann \ud800 Lee"})],
+                                   [("no_such_tool", {"x": "\udc00"})]])
+def test_tool_arguments_no_store_can_write_leave_the_turn_committed(app, client, fake_llm, calls):
+    """Lone surrogates: the stream's JSON escapes them (\\ud800), the standard library's reader accepts them."""
+    fake_llm.responder = lambda body: Reply(text="Noted, thanks.", tool_calls=calls)
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    heard, result = say(app, tracking_id, "my name is ann")
+    assert heard == "Noted, thanks." and result.tool_calls == []
+    assert len(app.extensions["callweaver"].store.turns(tracking_id)) == 1
