@@ -6,10 +6,12 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import orjson
 import structlog
+
+from . import valid_json
 
 log = structlog.get_logger()
 
@@ -81,18 +83,18 @@ class ChatCompletionsStream:
 
 
 def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
-    """The calls whose arguments are a JSON object every store can write back: read strictly (orjson: no NaN or
-    ±Infinity, no lone surrogate escape such as \\ud800, which no UTF-8 writer takes) and written once (orjson's
-    depth limit), so a model's arguments can never fail the turn's commit."""
+    """The calls whose arguments are a JSON object every store can write: read as all JSON we read is (valid_json: a
+    lone surrogate escape such as \\ud800, which no UTF-8 writer takes, becomes U+FFFD), without NaN or ±Infinity,
+    and written once (orjson: its depth and integer limits), so a model's arguments can never fail the turn's commit."""
     tool_calls: list[tuple[str, dict]] = []
     for index in sorted(tool_parts):
         name = tool_parts[index]["name"]
         arguments_json = ""
         try:
             arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
-            arguments = orjson.loads(arguments_json)
+            arguments = valid_json.loads(arguments_json, parse_constant=_not_json)
             orjson.dumps(arguments)
-        except (ValueError, TypeError):  # orjson's JSONDecodeError / JSONEncodeError; a fragment that is not text
+        except (ValueError, TypeError, RecursionError):  # orjson's JSONEncodeError is a TypeError; nested too deep
             arguments = None
         if not isinstance(name, str) or not name or not isinstance(arguments, dict):
             log.warning("tool_call_skipped_unparseable", provider=provider_name,
@@ -100,3 +102,8 @@ def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tu
             continue
         tool_calls.append((name, arguments))
     return tool_calls
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and ±Infinity are not JSON (the standard library's reader accepts them): no stored variable may hold one."""
+    raise ValueError(f"not JSON: {constant}")
