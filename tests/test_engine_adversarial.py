@@ -73,16 +73,18 @@ def test_keys_the_model_presses_on_a_call_not_offered_the_keypad_are_never_sent(
     assert "[pressed" not in app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
 
 
-def test_a_runaway_reply_is_cut_below_what_one_twilio_say_can_speak(app, client, fake_llm):
-    runaway = "I will keep talking forever and ever. " * 2000  # ~76,000 characters, no max_tokens in the flow
+@pytest.mark.parametrize("sentence", ["I will keep talking forever and ever. ", "我会一直一直说下去。"])
+def test_a_runaway_reply_is_cut_below_what_one_twilio_say_can_speak(app, client, fake_llm, sentence):
+    runaway = sentence * 2000  # tens of thousands of characters: no max_tokens in the flow
     fake_llm.responder = lambda body: Reply(text=runaway)
     tracking_id = place_call(app, client)
     heard, result = say(app, tracking_id, "tell me everything")
-    assert 0 < len(heard) <= 3000  # Polly's limit for one <Say> (Twilio warning 13521); Basic's is 4096
+    # Polly's limit for one <Say>, in UTF-8 bytes (Twilio warning 13521); Basic's is 4096
+    assert 0 < len(heard.encode()) <= 3000
     assert runaway.startswith(heard)
     assert result.source == "llm" and result.completed
     stored = app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
-    assert len(stored) <= 3000
+    assert len(stored.encode()) <= 3000
 
 
 def test_a_number_too_large_for_a_float_is_not_recorded_and_the_turn_goes_on(app, client, fake_llm):

@@ -33,9 +33,10 @@ _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
 MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
 MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
-# A turn's model text stops here (about two minutes of speech): a runaway model (a flow without maxTokens) would
-# otherwise talk for minutes, grow every later request, and overflow one <Say> (Polly speaks at most 3,000).
-MAX_TURN_REPLY_CHARS = 2000
+# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
+# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
+# (Polly speaks at most 3,000 bytes, Twilio warning 13521).
+MAX_TURN_REPLY_BYTES = 2000
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -643,15 +644,17 @@ class ConversationEngine:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
         result.llm_requests += 1
         control.stream = stream
+        room = MAX_TURN_REPLY_BYTES - len(result.reply_text.encode())
         try:
             for token in stream:
                 if control.cancelled:
                     break
-                room = MAX_TURN_REPLY_CHARS - len(result.reply_text)
-                if len(token) > room:
-                    log.warning("llm_reply_cut_at_length_cap", max_chars=MAX_TURN_REPLY_CHARS)
-                    result.reply_text += token[:room]
-                    yield token[:room]
+                room -= len(token.encode())
+                if room < 0:
+                    log.warning("llm_reply_cut_at_length_cap", max_bytes=MAX_TURN_REPLY_BYTES)
+                    token = token.encode()[:room].decode("utf-8", "ignore")  # the part that fits, whole characters
+                    result.reply_text += token
+                    yield token
                     break  # closing the stream below stops the model; the turn ends as it is
                 result.reply_text += token
                 yield token
