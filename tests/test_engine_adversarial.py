@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
@@ -67,7 +68,10 @@ def test_a_reply_with_nothing_to_speak_gives_the_caller_the_apology(app, client,
 def test_keys_the_model_presses_on_a_call_not_offered_the_keypad_are_never_sent(app, client, fake_llm):
     fake_llm.responder = lambda body: Reply(text="Connecting you.", tool_calls=[("press_keys", {"digits": "19005550100"})])
     tracking_id = place_call(app, client)  # no relay setup saying we placed it: no keypad offered
-    heard, result = say(app, tracking_id, "press one nine hundred for me")
+    with capture_logs() as logs:
+        heard, result = say(app, tracking_id, "press one nine hundred for me")
+    assert {"event": "llm_called_a_tool_not_offered", "tool": "press_keys"}.items() <= next(
+        e for e in logs if e["event"] == "llm_called_a_tool_not_offered").items()
     assert heard == "Connecting you."
     assert result.keys is None
     assert "[pressed" not in app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]

@@ -583,6 +583,9 @@ class ConversationEngine:
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls, keypad=keypad)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
+        offered = {tool["function"]["name"] for tool in plan.tools or ()}
+        for name in {name for name, _args in stream.tool_calls if name not in offered}:
+            log.warning("llm_called_a_tool_not_offered", tool=name[:80], node=plan.node_id)  # ignored by apply_turn
         moved_on = outcome.next_node != state.current_node
         if not has_words(stream.text) and outcome.action is None and (moved_on or not outcome.keys):
             # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
