@@ -165,11 +165,13 @@ def apply_turn(
     """Interpret the streamed reply's tool calls: record variables, then a true logical edge, else `transition`, else stay.
 
     `reply_text` is what was spoken; routing never depends on it (it is accepted so callers pass the whole result).
-    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored. `press_keys` counts
-    only when the turn offered it (`keypad`, as in plan_turn): a model may call a tool it was never given.
+    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored. Only what the turn
+    offered counts (as in plan_turn): the step's own variables, and `press_keys` only with `keypad`; a model may
+    call a tool or name a variable it was never given (a system variable that steers a logical edge).
     """
     node_id = workflow.settle(state.current_node, state.variables)
     workflow.node(node_id)  # an unknown node is a caller bug: fail loudly rather than stall the call
+    offered_variables = {spec.name: spec for spec in workflow.variables_for(node_id)}
     variables = dict(state.variables)
     transition_ids: list[str] = []
     keys = ""
@@ -177,7 +179,7 @@ def apply_turn(
         args = _tool_arguments(raw_args)
         if name == RECORD_VARIABLES_TOOL:
             for var_name, value in args.items():
-                spec = workflow.variable(var_name)
+                spec = offered_variables.get(var_name)
                 if spec is None or value is None:
                     continue
                 fits, coerced = coerce_variable(spec, value)
