@@ -30,6 +30,8 @@ from .twilio_client import TwilioGateway
 if TYPE_CHECKING:
     from limits.strategies import MovingWindowRateLimiter
 
+    from .engine.relay_session import RelaySession
+
 log = structlog.get_logger()
 
 
@@ -37,6 +39,21 @@ log = structlog.get_logger()
 class Services:
     settings: Settings
     _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
+    # This worker's live relay sessions (registered by the relay route), so a stopping worker can hand them over.
+    live_sessions: set[RelaySession] = field(default_factory=set, init=False, repr=False)
+
+    def hand_over_live_calls(self) -> int:
+        """The worker is stopping (gunicorn.conf.py: SIGTERM, as Render sends on every deploy): every live call
+        ends its session at its next clean point and reconnects on a running instance (RelaySession.hand_over).
+        How many calls were told."""
+        sessions = list(self.live_sessions)
+        log.warning("worker_stopping", live_calls=len(sessions))
+        for session in sessions:
+            try:
+                session.hand_over()
+            except Exception:
+                log.exception("relay_hand_over_failed")
+        return len(sessions)
 
     @cached_property
     def store(self) -> Store:
