@@ -57,8 +57,8 @@ class Services:
 
     @cached_property
     def store(self) -> Store:
-        if not self.settings.redis_url:
-            os.makedirs(os.path.dirname(os.path.abspath(self.settings.db_path)), exist_ok=True)
+        # (A SQLite store makes its directory when it first opens: a directory that cannot be made is then a
+        # StoreError, which /health reports and the API answers with 503, rather than a worker that cannot start.)
         return build_store(self.settings.db_path, self.settings.redis_url)
 
     @cached_property

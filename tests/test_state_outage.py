@@ -1,0 +1,51 @@
+"""The shared state (Redis, or the instance's SQLite files) unavailable: the API says so with a 503 the web app can
+show, never a bare 500, and the service works again once the state is back."""
+from __future__ import annotations
+
+import pytest
+
+from callweaver import create_app
+from tests.conftest import base_env
+from tests.fakes.redis_server import RedisServer
+from tests.helpers import make_call_body
+
+CALL_SID = "CA" + "1" * 32
+
+
+def assert_state_unavailable(resp) -> None:
+    assert resp.status_code == 503, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["success"] is False
+    assert "unavailable" in body["error"] and "Internal server error" not in body["error"]
+    assert resp.headers.get("Retry-After")
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+def test_api_during_a_redis_outage_answers_503_and_recovers_when_redis_is_back(tmp_path, fake_twilio, redis_server):
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+    redis_server.stop()
+    assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
+    assert_state_unavailable(client.post("/api/end-call", json={"callSid": CALL_SID}))
+    assert_state_unavailable(client.get(f"/api/call-status?callSid={CALL_SID}"))
+    redis_server.start()
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+
+
+def test_api_with_an_unusable_sqlite_directory_answers_503_not_500(tmp_path, fake_twilio):
+    env = base_env(tmp_path, fake_twilio)
+    client = create_app(env).test_client()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # the store's and the rate limits' files cannot be made under a file, even as root
+    env["CALLWEAVER_DB"] = str(blocker / "cw.sqlite3")
+    client = create_app(env).test_client()
+    assert client.get("/health").status_code == 503  # what Render's health check sees: the deploy never goes live
+    assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
