@@ -2,9 +2,13 @@
 show, never a bare 500, and the service works again once the state is back."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from callweaver import create_app
+from callweaver.routes.relay import RelayClaim
+from callweaver.store import build_store
 from tests.conftest import base_env
 from tests.fakes.redis_server import RedisServer
 from tests.helpers import make_call_body
@@ -49,3 +53,20 @@ def test_api_with_an_unusable_sqlite_directory_answers_503_not_500(tmp_path, fak
     client = create_app(env).test_client()
     assert client.get("/health").status_code == 503  # what Render's health check sees: the deploy never goes live
     assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
+
+
+def test_a_live_socket_keeps_its_call_when_redis_comes_back_empty(redis_server):
+    """A Redis without persistence restarts empty: the claim is gone, and the socket holding the call must take it
+    back rather than close as if another socket had replaced it (which hung up every live call)."""
+    store = build_store("", redis_server.url, key_prefix="cwtest:claim-restart:")
+    claim = RelayClaim(store, SimpleNamespace(tracking_id="call_1", resume_count=0), lease_s=30)
+    assert claim.acquire()
+    redis_server.stop()
+    redis_server.start()  # empty
+    claim.renew_at = 0.0  # its renewal is due
+    assert claim.renew_if_due() is True
+    resumed = RelayClaim(store, SimpleNamespace(tracking_id="call_1", resume_count=1), lease_s=30)
+    assert resumed.acquire()  # a resume's new socket takes over at once, as before
+    claim.renew_at = 0.0
+    assert claim.renew_if_due() is False, "a resumed call's new socket still replaces the old one"
+    store.close()

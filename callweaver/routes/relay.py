@@ -82,12 +82,15 @@ class RelayClaim:
         return max(0.0, self.renew_at - time.monotonic())
 
     def renew_if_due(self) -> bool:
-        """False once another socket holds the call (its resume replaced this claim)."""
+        """False once another socket holds the call (its resume replaced this claim). A claim the store no longer
+        has at all (a Redis restarted without its data, e.g. one without persistence) is taken again, which
+        succeeds only while no other live socket holds the call."""
         if time.monotonic() < self.renew_at:
             return True
         self.renew_at = time.monotonic() + self.lease_s / 3
         try:
-            return self.store.renew_relay_socket(self.tracking_id, self.owner, self.lease_s)
+            return (self.store.renew_relay_socket(self.tracking_id, self.owner, self.lease_s)
+                    or self.store.claim_relay_socket(self.tracking_id, self.owner, self.generation, self.lease_s))
         except StoreError:
             log.warning("relay_claim_renew_failed")
             return True  # a store outage must not hang up a live call; the lease covers it
