@@ -881,3 +881,15 @@ def test_a_stopping_worker_waits_for_the_reply_twilio_is_still_speaking(call, fa
     assert not any(m["type"] == "end" for m in call.sent), "the reply is still playing"
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
     call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+
+
+def test_a_stopping_worker_hands_over_at_once_after_a_barge_in(call, fake_llm):
+    """Twilio stops speaking at a barge-in (and reports no agentSpeaking off for it): nothing is left to play."""
+    fake_llm.push(Reply(text="It has three bedrooms and a very large garden with old apple trees."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has", "durationUntilInterruptMs": 300})
+    from structlog.testing import capture_logs
+    with capture_logs() as logs:
+        call.session.hand_over()
+        call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert "relay_playback_wait_timed_out" not in [e["event"] for e in logs]

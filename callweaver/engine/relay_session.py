@@ -440,6 +440,7 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
+            self._agent_speaking = False
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
