@@ -70,3 +70,20 @@ def test_a_live_socket_keeps_its_call_when_redis_comes_back_empty(redis_server):
     claim.renew_at = 0.0
     assert claim.renew_if_due() is False, "a resumed call's new socket still replaces the old one"
     store.close()
+
+
+def test_a_status_callback_lost_to_a_redis_outage_is_logged_with_the_call(tmp_path, fake_twilio, redis_server):
+    """Twilio does not retry a status callback: one refused while the store is down leaves the call live in the
+    store, so the log must say which call and which status, for the operator to reconcile."""
+    import structlog.testing
+
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    redis_server.stop()
+    with structlog.testing.capture_logs() as logs:
+        resp = client.post("/api/call-status-optimized?trackingId=call_1_abc",
+                           data={"CallSid": CALL_SID, "CallStatus": "completed", "SequenceNumber": "4"})
+    assert resp.status_code == 503
+    [line] = [e for e in logs if e["event"] == "state_unavailable"]
+    assert (line["tracking_id"], line["call_sid"], line["call_status"]) == ("call_1_abc", CALL_SID, "completed")
