@@ -25,8 +25,8 @@ class Call:
     """One relay call: the session, every frame it sent, and the call's stored state."""
 
     def __init__(self, app, client, workflow: str = "real_estate_property_dealer", before_setup=None, on_write=None,
-                 spawn=spawn):
-        data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow)).get_json()
+                 spawn=spawn, **body):
+        data = client.post("/api/make-call-optimized", json=make_call_body(workflow=workflow, **body)).get_json()
         assert data["success"], data
         self.svc = app.extensions["callweaver"]
         self.tracking_id = data["optimization"]["trackingId"]
@@ -51,10 +51,10 @@ class Call:
     def turns(self) -> list[dict]:
         return self.svc.store.turns(self.tracking_id)
 
-    def say(self, text: str) -> None:
+    def say(self, text: str, lang: str = "en-US") -> None:
         """A final transcript, then wait until its turn is committed."""
         count = len(self.turns())
-        self.send({"type": "prompt", "voicePrompt": text, "lang": "en-US", "last": True})
+        self.send({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True})
         self.wait(lambda: len(self.turns()) > count)
 
     def wait(self, done, timeout_s: float = 10.0) -> None:

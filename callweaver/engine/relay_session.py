@@ -641,7 +641,7 @@ class RelaySession:
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
-        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent)
+        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent, r.language)
 
     def hand_over(self) -> None:
         """This worker is stopping (Render sends SIGTERM on every deploy; gunicorn then kills what is still running
@@ -707,13 +707,13 @@ class RelaySession:
         self.spawn(self._end_after_playback, message, spoken, True)
 
     def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
-                            with_audio: bool = False) -> None:
-        """Send `end` once Twilio has finished speaking `spoken`: Twilio closes the session at `end`, and
-        anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow speaking rate
-        (by the longest wait when a recording of unknown length plays too)."""
+                            with_audio: bool = False, language: str | None = None) -> None:
+        """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
+        session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
+        speaking rate (by the longest wait when a recording of unknown length plays too)."""
         if not cleared:
             self._fell_silent.clear()
-        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(), with_audio=with_audio)
+        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
