@@ -753,6 +753,10 @@ class ConversationEngine:
         # One write, no read-back: the record this call goes on with is the one it had, with the turn applied.
         index = self.store.commit_turn(record.tracking_id, fields, turn_row, counters=turn_counters(turn_row),
                                        transcript_entry=entry)
+        if index is None:
+            # The store has no such call any more (a Redis restarted without its data, a purge): nothing was written.
+            log.error("turn_not_stored", tracking_id=record.tracking_id, reason="the call is not in the store",
+                      node=r.node_id, first_token_ms=timings.get("firstTokenMs"))
         meta = record.meta
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback
