@@ -74,3 +74,23 @@ def test_sigterm_mid_reply_finishes_the_reply_then_hands_the_call_over(tmp_path,
         assert relay.get("url").endswith(f"trackingId={caller.tracking_id}")
     finally:
         new.stop()
+
+
+def _connect_action(twilio, path: str, call_sid: str, **params: str) -> ET.Element:
+    return ET.fromstring(twilio.post(path, {"CallSid": call_sid, "SessionDuration": "42", **params})
+                         .get_data(as_text=True))
+
+
+def test_a_call_handed_over_on_every_deploy_keeps_its_reconnects_for_broken_sockets(client, twilio):
+    """A handover is planned (a deploy), not a failure: a long call that lives through several deploys is still
+    reconnected every time, and keeps its MAX_RESUMES reconnects for sockets that really broke."""
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    path = f"/api/connect-action?trackingId={data['optimization']['trackingId']}"
+    for deploy in range(3):
+        root = _connect_action(twilio, path, data["callSid"], SessionStatus="ended",
+                               HandoffData=json.dumps({"reason": "handover"}))
+        assert root.find("Connect/ConversationRelay") is not None, f"deploy {deploy + 1} dropped the call"
+    for _ in range(2):  # MAX_RESUMES broken sockets are still reconnected
+        assert _connect_action(twilio, path, data["callSid"], SessionStatus="failed").find("Connect") is not None
+    root = _connect_action(twilio, path, data["callSid"], SessionStatus="failed")
+    assert root.find("Connect") is None and root.find("Hangup") is not None
