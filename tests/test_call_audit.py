@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from callweaver.engine.relay_session import RelaySession
+from callweaver.engine.relay_session import PLAYBACK_WAIT_MIN_S, RelaySession
 from callweaver.services import spawn
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
@@ -893,3 +893,30 @@ def test_a_stopping_worker_hands_over_at_once_after_a_barge_in(call, fake_llm):
         call.session.hand_over()
         call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
     assert "relay_playback_wait_timed_out" not in [e["event"] for e in logs]
+
+
+def test_a_stopping_worker_lets_the_welcome_greeting_play_before_handing_over(call, fake_llm):
+    """SIGTERM while Twilio speaks the call's welcome greeting (no reply sent yet on this socket): the handover
+    waits for that greeting, as for a reply, rather than cut it after the shortest wait."""
+    greeting = call.svc.store.get_call(call.tracking_id).greeting
+    assert len(greeting) > 40  # longer than PLAYBACK_WAIT_MIN_S of speech
+    call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+    call.session.hand_over()
+    time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+    assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+
+
+def test_a_call_whose_setup_had_not_arrived_at_sigterm_hears_its_greeting_before_the_handover(app, client, fake_llm):
+    call = Call(app, client, before_setup=lambda made: made.session.hand_over())
+    try:
+        call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+        time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+        assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+        call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+        call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+        assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+    finally:
+        call.session.close()
