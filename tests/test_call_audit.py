@@ -920,3 +920,21 @@ def test_a_call_whose_setup_had_not_arrived_at_sigterm_hears_its_greeting_before
         assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
     finally:
         call.session.close()
+
+
+def test_a_goodbye_playing_at_sigterm_still_ends_the_call(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.2)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["end"]
+
+
+def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.2)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]

@@ -429,6 +429,7 @@ class RelaySession:
         # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
         # another one on the trimmed history).
         self._discard_speculation("barge_in")
+        self._agent_speaking = False  # Twilio stopped speaking (a handover told meanwhile has nothing to wait for)
         log.info("relay_interrupt", sent_chars=len(self._sent), played_ms=message.duration_until_interrupt_ms)
         try:
             if self._reply is not None and self._streaming:
@@ -444,7 +445,6 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
-            self._agent_speaking = False
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
@@ -645,7 +645,7 @@ class RelaySession:
         else:
             message = protocol.end("transfer", destination=r.destination, node=r.next_node)
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
-        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent, r.language)
+        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent, r.language, turn)
 
     def hand_over(self) -> None:
         """This worker is stopping (Render sends SIGTERM on every deploy; gunicorn then kills what is still running
@@ -715,17 +715,20 @@ class RelaySession:
         self.spawn(self._end_after_playback, message, spoken, True)
 
     def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
-                            with_audio: bool = False, language: str | None = None) -> None:
+                            with_audio: bool = False, language: str | None = None,
+                            closing_turn: Turn | None = None) -> None:
         """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
         session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
-        speaking rate (by the longest wait when a recording of unknown length plays too)."""
+        speaking rate (by the longest wait when a recording of unknown length plays too). The end a closing line
+        (`closing_turn`) announces is dropped once that line is no longer the one closing the call, even if
+        another ending (a handover) closes it meanwhile."""
         if not cleared:
             self._fell_silent.clear()
         bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
-        if not self._closing:
+        if not self._closing or (closing_turn is not None and self._closing_turn is not closing_turn):
             log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
             return  # the caller talked over the closing line before its end (_drop_closing_action)
         if self.ended:
