@@ -857,3 +857,34 @@ def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_a
         assert speculation.first_token_ms() < 10_000
     finally:
         call.session.close()
+
+
+def test_an_adopted_tool_only_speculation_counts_its_routing_before_the_hold_as_time_to_first_token(
+        app, client, fake_llm, monkeypatch):
+    """Only the follow-up's wait for adoption is left out of the speculation's time to first token: the routing done
+    after the first answer (which a turn that did not speculate pays too) is in it, so savedMs is not overstated...
+    nor the speculation's own time understated."""
+    from callweaver.engine import conversation
+
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        now = [1000.0]
+        engine = call.svc.engine
+        monkeypatch.setattr(engine, "clock", lambda: now[0])  # moves only when the test moves it
+        routing = conversation.apply_turn
+
+        def routing_takes_half_a_second(*args, **kwargs):
+            now[0] += 0.5
+            return routing(*args, **kwargs)
+
+        monkeypatch.setattr(conversation, "apply_turn", routing_takes_half_a_second)
+        fake_llm.push(TOOL_ONLY, Reply(text="Thanks Dana."))
+        speculation = engine.speculate(call.svc.store.get_call(call.tracking_id), "My name is Dana Wu", lang="en-US")
+        spawn(speculation.pump)
+        call.wait(lambda: speculation.turn.result.tool_calls)
+        now[0] += 10.0  # held 10 s for adoption
+        assert "".join(speculation.replay()) == "Thanks Dana."
+        assert speculation.turn.followup_held_s == pytest.approx(10.0)
+        assert speculation.first_token_ms() == pytest.approx(500.0)
+    finally:
+        call.session.close()
