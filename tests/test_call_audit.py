@@ -858,6 +858,71 @@ def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_a
     finally:
         call.session.close()
 
+# ---- the end of a call: a closing line's end, its waiters, and what the turn reports ------------------------------
+
+def agent_fell_silent(call: "Call") -> None:
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+
+
+def test_a_goodbye_in_the_language_its_turn_switched_to_waits_at_that_languages_rate_when_its_commit_failed(
+        call, fake_llm, monkeypatch):
+    """The caller said goodbye in Japanese (the turn switched the voice) and the turn's store write failed, so the
+    session's record still says English: the wait for the closing line to play is still at Japanese speed (about 5
+    characters a second), or the end cuts the line short when no agentSpeaking event comes."""
+    from callweaver.engine import relay_session
+    from callweaver.store import StoreError
+
+    rates: list[float] = []
+    bound = relay_session.playback_wait_bound_s
+
+    def measured(spoken: str, *, chars_per_s: float, with_audio: bool = False) -> float:
+        rates.append(chars_per_s)
+        return bound(spoken, chars_per_s=chars_per_s, with_audio=with_audio)
+
+    monkeypatch.setattr(relay_session, "playback_wait_bound_s", measured)
+    store = call.svc.store
+    monkeypatch.setattr(store, "commit_turn", lambda *a, **k: (_ for _ in ()).throw(StoreError("database is locked")))
+    call.send({"type": "prompt", "voicePrompt": "さようなら", "lang": "ja-JP", "last": True})
+    call.wait(lambda: rates)
+    assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP"]
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert rates == [call.svc.engine.languages.get("ja-JP").speech_chars_per_s] == [5.0]
+
+
+def japanese_turn_whose_commit_fails(call: "Call", fake_llm, monkeypatch) -> None:
+    """The caller of an English call speaks Japanese: the turn switches the voice, and its store write fails."""
+    from callweaver.store import StoreError
+
+    store = call.svc.store
+    commit = store.commit_turn
+    monkeypatch.setattr(store, "commit_turn", lambda *a, **k: (_ for _ in ()).throw(StoreError("database is locked")))
+    fake_llm.push(Reply(text="はい、承知しました。"))
+    call.send({"type": "prompt", "voicePrompt": "物件について教えてください", "lang": "ja-JP", "last": True})
+    call.wait(lambda: call.sent and call.sent[-1] == {"type": "text", "token": "", "last": True}
+              and call.session._reply is None)
+    monkeypatch.setattr(store, "commit_turn", commit)
+    assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP"]
+
+
+def test_after_a_turn_whose_commit_failed_the_apology_is_in_the_language_it_switched_to(call, fake_llm, monkeypatch):
+    """Twilio speaks Japanese since that turn, whatever the store kept: the apology ending the call is Japanese."""
+    japanese_turn_whose_commit_fails(call, fake_llm, monkeypatch)
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    apology = call.svc.engine.languages.get("ja-JP").line("apology")
+    assert {"type": "text", "token": apology, "last": True} in call.sent, call.sent
+
+
+def test_after_a_turn_whose_commit_failed_speaking_english_again_switches_the_voice_back(call, fake_llm, monkeypatch):
+    """The session must know Twilio speaks Japanese: the caller's next English words switch the voice back (without
+    it, the English reply was read by the Japanese voice)."""
+    japanese_turn_whose_commit_fails(call, fake_llm, monkeypatch)
+    fake_llm.push(Reply(text="Sure, what would you like to know?"))
+    call.say("Sorry, can we speak English?")
+    assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP", "en-US"]
+    assert call.svc.store.get_call(call.tracking_id).language == "en-US"
+
 
 def test_an_adopted_tool_only_speculation_counts_its_routing_before_the_hold_as_time_to_first_token(
         app, client, fake_llm, monkeypatch):

@@ -739,6 +739,10 @@ class RelaySession:
                 self._stored_cycle = last["content"] if last.get("role") == "assistant" else None
         except Exception:
             log.exception("relay_commit_failed", tracking_id=self.record.tracking_id)
+            if turn.result.language != self.record.language:
+                # Twilio speaks the language the turn switched its voice to, whatever the store kept: the call goes
+                # on in it (its apologies, its speaking rate, a switch back), as if the write had been made.
+                self.record = dataclasses.replace(self.record, language=turn.result.language)
 
     def _canned(self, key: str) -> str:
         return self.engine.languages.get(self.record.language if self.record else None).line(key)
