@@ -858,10 +858,55 @@ def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_a
     finally:
         call.session.close()
 
+
 # ---- the end of a call: a closing line's end, its waiters, and what the turn reports ------------------------------
 
 def agent_fell_silent(call: "Call") -> None:
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+
+
+def test_a_goodbye_talked_over_just_after_agent_speaking_off_neither_hangs_up_nor_ignores_them(call, fake_llm,
+                                                                                                monkeypatch):
+    """Twilio may report agentSpeaking off when the barge-in stops playback and send the `interrupt` just after: the
+    goodbye's end waits a grace for it, and that interrupt drops the end as one before agentSpeaking off does (the
+    call stays on its step and answers the caller). The grace is widened here so the test never depends on timing."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    agent_fell_silent(call)
+    time.sleep(0.05)  # the interrupt follows a few tens of milliseconds later
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    record = call.svc.store.get_call(call.tracking_id)
+    assert record.current_node == node and "pendingAction" not in (record.meta or {})
+    assert call.turns()[-1]["action"] is None
+    assert_the_call_goes_on(call, fake_llm)
+
+
+def test_a_goodbye_heard_whole_ends_the_call_when_its_interrupt_follows_agent_speaking_off(call, fake_llm, monkeypatch):
+    """The interrupt in the grace reports the whole line heard: the end is not dropped, and goes out at once."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    closing_line = call.assistant_lines()[-1]
+    agent_fell_silent(call)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": closing_line, "durationUntilInterruptMs": 3000})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
+
+
+def test_a_goodbye_heard_to_its_end_is_ended_after_agent_speaking_off_with_no_interrupt(call, fake_llm):
+    """No interrupt follows agentSpeaking off: the end goes out once the grace has passed (never held for good)."""
+    from callweaver.engine.relay_session import CLOSING_INTERRUPT_GRACE_S
+
+    assert 0.15 <= CLOSING_INTERRUPT_GRACE_S <= 0.25
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert [m["type"] for m in call.sent].count("end") == 1
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
 
 
 def test_a_goodbye_in_the_language_its_turn_switched_to_waits_at_that_languages_rate_when_its_commit_failed(
@@ -922,6 +967,65 @@ def test_after_a_turn_whose_commit_failed_speaking_english_again_switches_the_vo
     call.say("Sorry, can we speak English?")
     assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP", "en-US"]
     assert call.svc.store.get_call(call.tracking_id).language == "en-US"
+
+
+class FirstWaiterHeld:
+    """A spawn whose first end waiter (the goodbye's) starts only once `release` is set: the error ending's waiter,
+    spawned later, wakes first, as scheduling may have it."""
+
+    def __init__(self) -> None:
+        self.release, self.done = threading.Event(), threading.Event()
+        self.held = False
+
+    def spawn(self, fn, *args):
+        if getattr(fn, "__name__", "") != "_end_after_playback" or self.held:
+            return spawn(fn, *args)
+        self.held = True
+
+        def held() -> None:
+            self.release.wait(10)
+            try:
+                fn(*args)
+            finally:
+                self.done.set()
+
+        return spawn(held)
+
+
+def test_a_goodbye_and_an_error_ending_send_the_end_decided_first_whichever_waiter_wakes_first(app, client,
+                                                                                                 fake_llm):
+    """The goodbye's end was decided before repeated Twilio errors ended the call too: its reason (end, or transfer
+    with its destination) is the one Twilio gets (and posts back to the action URL), not whichever waiter ran first."""
+    held = FirstWaiterHeld()
+    call = Call(app, client, spawn=held.spawn)
+    try:
+        call.say("goodbye")
+        call.wait(lambda: held.held)  # the goodbye's waiter is spawned (after its commit) and held
+        for _ in range(3):
+            call.send({"type": "error", "description": "Invalid message received"})
+        agent_fell_silent(call)
+        call.wait(lambda: any(m["type"] == "end" for m in call.sent))  # sent by the error ending's waiter
+        held.release.set()
+        assert held.done.wait(10)
+        ends = [m for m in call.sent if m["type"] == "end"]
+        assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["end"], call.sent
+    finally:
+        call.session.close()
+
+
+def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(call, fake_llm):
+    """Repeated Twilio errors end the call while its goodbye plays, and the caller talks over the goodbye: its end
+    is dropped (the call goes back to its step in the store), and the error ending, never dropped, goes out."""
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    ends = [m for m in call.sent if m["type"] == "end"]
+    assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["error"], call.sent
+    assert call.svc.store.get_call(call.tracking_id).current_node == node
 
 
 def test_an_adopted_tool_only_speculation_counts_its_routing_before_the_hold_as_time_to_first_token(
