@@ -456,7 +456,8 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
-            self._barged_in.set()
+            if self._barged_in_event is not None:  # made when a closing line starts: only its waiter reads it
+                self._barged_in_event.set()
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
