@@ -15,7 +15,7 @@ import structlog
 
 from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
-from .engine.languages import LanguageTable
+from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
@@ -188,7 +188,7 @@ class CallLifecycle:
         timeout_s = self._timeout(body.get("timeout"))
         # RECORD_CALLS is the operator's ceiling: a request may turn recording off, never on.
         record = self.settings.record_calls and body.get("record") is not False
-        language = self.languages.get(body.get("language") or workflow.default_language)
+        language = self._call_language(body, workflow)
 
         greeting = workflow.greeting or language.line("fallbackGreeting")
         tracking_id = new_tracking_id()
@@ -235,6 +235,17 @@ class CallLifecycle:
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
                  language=language.code, nodes=len(workflow.nodes))
         return StartedCall(record=dataclasses.replace(call, call_sid=placed.sid, status=status), placed=placed)
+
+    def _call_language(self, body: Mapping[str, Any], workflow: Workflow) -> LanguageEntry:
+        """The body's `language`, else the flow's default; one the table cannot speak is refused (a 400), never
+        placed as an English call."""
+        requested, field = body.get("language"), "language"
+        if requested is None or isinstance(requested, str) and not requested.strip():
+            requested, field = workflow.default_language, "config.globalSettings.defaultLanguage"
+        entry = self.languages.resolve(requested)
+        if entry is None:
+            raise CallRequestError(self.languages.refusal(requested, field))
+        return entry
 
     def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
         if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():
@@ -346,7 +357,11 @@ class CallLifecycle:
         """A Gather-flow webhook for a call we have no record of (placed by an old URL): start one for it."""
         snapshot = self.store.get_workflow(workflow_id) if workflow_id else None
         workflow = Workflow.from_snapshot(snapshot) if snapshot else default_workflow()
-        language = self.languages.get(workflow.default_language)
+        language = self.languages.resolve(workflow.default_language)
+        if language is None:  # a flow stored before its language was checked: the caller hears the default one
+            log.warning("call_language_unknown", workflow_id=workflow_id, language=workflow.default_language[:40],
+                        spoken=self.languages.default.code)
+            language = self.languages.default
         greeting = workflow.greeting or language.line("fallbackGreeting")
         record = CallRecord(tracking_id=new_tracking_id(), path="traditional", call_sid=call_sid,
                             workflow_id=workflow_id, workflow=workflow.to_snapshot(),

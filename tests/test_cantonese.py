@@ -41,7 +41,7 @@ def test_cantonese_gather_flow_voice_instruction_and_goodbye(client, twilio, fak
     data, root = _call(client, twilio, fake_twilio, route="/api/make-call")
     say = root.find("Say")
     assert say.get("voice") == "Google.yue-HK-Standard-A" and say.get("language") == "yue-HK"
-    assert root.find("Gather").get("language") == "yue-HK"
+    assert root.find("Gather").get("language") == "yue-Hant-HK"  # Google's Cantonese recognition code
     action = root.find("Gather").get("action")[len(PUBLIC):]
 
     fake_llm.push(Reply(text="好呀，你想預約邊一日？", tool_calls=[("transition", {"edge_id": "e_book"})]))

@@ -20,7 +20,7 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import normalise_speech
+from .speech import is_thai, normalise_speech
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
@@ -60,9 +60,16 @@ def spoken_length(text: str) -> int:
     return len(_SSML_TAG.sub("", text))
 
 
+# Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
+# may fall before a consonant or a leading vowel, never before a mark that belongs to the letter before it (a vowel
+# sign above, below or after it, a tone mark, ๆ) nor after a vowel written before its consonant (เ แ โ ใ ไ).
+_THAI_ATTACHED = re.compile("[\u0e30-\u0e3a\u0e45-\u0e4e]")
+_THAI_LEADING_VOWEL = re.compile("[\u0e40-\u0e44]")
+
+
 def _is_word_end(spoken: str, end: int) -> bool:
-    """Whether text cut at `end` ends on a whole word: before a space, or next to a CJK character (not just before
-    a punctuation mark, which belongs with the word before it)."""
+    """Whether text cut at `end` ends on a whole word: before a space, next to a CJK character, or between two Thai
+    syllables (not just before a punctuation mark, which belongs with the word before it)."""
     if end >= len(spoken):
         return True
     nxt = spoken[end]
@@ -70,7 +77,10 @@ def _is_word_end(spoken: str, end: int) -> bool:
         return True
     if unicodedata.category(nxt)[0] == "P":
         return False
-    return bool(_CJK.match(nxt) or end > 0 and _CJK.match(spoken[end - 1]))
+    prev = spoken[end - 1] if end > 0 else ""
+    if is_thai(nxt) and prev and is_thai(prev):
+        return not _THAI_ATTACHED.match(nxt) and not _THAI_LEADING_VOWEL.match(prev)
+    return bool(_CJK.match(nxt) or prev and _CJK.match(prev))
 
 
 def _estimated_cut(spoken: str, tag_spans: list[tuple[int, int]], chars: int) -> int:

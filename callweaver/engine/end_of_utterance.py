@@ -26,6 +26,7 @@ import unicodedata
 from collections import deque
 from enum import Enum
 
+from .languages import normalise_code, primary_subtag
 from .metrics import nearest_rank
 from .speech import APOSTROPHES, CLAUSE_MARKS, SENTENCE_END_MARKS, fold
 
@@ -87,7 +88,7 @@ class Completeness(Enum):
 
 def language_of(lang: str | None) -> str:
     """"en-US" → "en"; "" for none."""
-    return (lang or "").split("-")[0].split("_")[0].strip().lower()
+    return primary_subtag(normalise_code(lang or ""))
 
 
 def last_word(text: str) -> str:

@@ -82,11 +82,30 @@ _SPEECH_PRIMARIES_BY_CODE = {
 }
 
 
-# A typical text-to-speech speaking rate (≈ 150 words a minute) in characters a second: turns playback time into text
-# heard (a barge-in's durationUntilInterruptMs) and text into playback time (the wait before a closing line's `end`).
-# Chinese, Cantonese and Japanese speak about 5 characters a second (a character is a syllable).
-SPEECH_CHARS_PER_S = 15.0
-_SPEECH_CHARS_PER_S_BY_PRIMARY = {"zh": 5.0, "cmn": 5.0, "yue": 5.0, "ja": 5.0}
+# A typical text-to-speech speaking rate in characters a second: turns playback time into text heard (a barge-in's
+# durationUntilInterruptMs, heard_of) and text into playback time (the wait before a closing line's `end`). A
+# "character" is what those count: a code point, spaces, punctuation and combining marks included. Voices speak
+# about 5-7 syllables a second in every language; what differs is how many characters a script spends on one.
+SPEECH_CHARS_PER_S = 15.0  # Latin alphabet, ≈ 150 words a minute of ~6 characters with the space
+_LATIN_SPACED = 15.0       # alphabets with spaces between words: Latin (Vietnamese too, a syllable a word), Cyrillic,
+#                            Greek
+_ABJAD = 12.0              # Arabic, Hebrew: short vowels are not written, so fewer letters a syllable
+_INDIC_ABUGIDA = 13.0      # Devanagari, Bengali, Gujarati, Tamil, Telugu, Kannada, Malayalam: a syllable is a consonant
+#                            plus a vowel sign or virama (~2 code points), words spaced
+_THAI = 14.0               # Thai: an abugida with no spaces between words; vowel signs and tone marks are code points
+#                            of their own (~2.5 a syllable)
+_HANGUL = 8.0              # Korean: a Hangul block is one syllable (~6.5 a second), words spaced every ~3 blocks
+_HAN = 5.0                 # Chinese (Mandarin, Cantonese): one syllable a character, ~4-5 a second plus pauses
+_JAPANESE = 5.0            # kanji (often 2 morae) mixed with kana (1 mora), ~7-8 morae a second
+# By primary subtag: every language of the table has its own (entry_problems says when one is missing).
+SPEECH_CHARS_PER_S_BY_LANGUAGE: Mapping[str, float] = {
+    **dict.fromkeys("en es fr de it pt nl sv da nb no fi is pl cs sk hu ro et lv lt ca af tr id ms fil tl vi "
+                    "ru uk bg sr el".split(), _LATIN_SPACED),
+    **dict.fromkeys("ar he iw".split(), _ABJAD),
+    **dict.fromkeys("hi mr bn gu ta te kn ml".split(), _INDIC_ABUGIDA),
+    "th": _THAI, "ko": _HANGUL, "ja": _JAPANESE,
+    **dict.fromkeys("zh cmn yue".split(), _HAN),
+}
 
 
 def primary_subtag(code: str) -> str:
@@ -146,8 +165,8 @@ class LanguageEntry:
 
     @property
     def speech_chars_per_s(self) -> float:
-        """This language's typical speaking rate (SPEECH_CHARS_PER_S)."""
-        return _SPEECH_CHARS_PER_S_BY_PRIMARY.get(primary_subtag(self.code), SPEECH_CHARS_PER_S)
+        """This language's typical speaking rate (SPEECH_CHARS_PER_S_BY_LANGUAGE; the Latin rate if it has none)."""
+        return SPEECH_CHARS_PER_S_BY_LANGUAGE.get(primary_subtag(self.code), SPEECH_CHARS_PER_S)
 
     def line(self, key: str) -> str:
         """A canned line in this language, or the en-US line when this entry lacks it."""
@@ -330,6 +349,8 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
             problems.append(f"relay language {entry.relay['language']!r} differs from code {entry.code!r}")
         problems += _tts_problems(entry.relay["ttsProvider"], entry.relay["voice"], entry.code)
         problems += _stt_problems(entry.relay["transcriptionProvider"], entry.relay["speechModel"], entry.code)
+    if primary_subtag(entry.code or "") not in SPEECH_CHARS_PER_S_BY_LANGUAGE:
+        problems.append(f"no speaking rate for {entry.code} in SPEECH_CHARS_PER_S_BY_LANGUAGE (barge-in estimates)")
     problems += _say_problems(entry)
     problems += _gather_problems(entry)
     problems += _text_problems(entry)
@@ -337,9 +358,12 @@ def entry_problems(entry: LanguageEntry) -> list[str]:
 
 
 MAX_REMEMBERED_CODES = 512  # resolve() remembers this many distinct codes per table
+# A language tag as normalise_code() writes it: a 2-3 letter language, then subtags of 1-8 letters or digits.
+_WELL_FORMED_TAG = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{1,8})*$")
 
 
-def _normalise(code: str) -> str:
+def normalise_code(code: str) -> str:
+    """The one spelling of a language code every lookup compares: "EN_us " is "en-us"."""
     return code.strip().replace("_", "-").lower()
 
 
@@ -356,24 +380,24 @@ class LanguageTable:
         self._entries = list(entries)
         self._by_key: dict[str, LanguageEntry] = {}
         for entry in self._entries:
-            key = _normalise(entry.code)
+            key = normalise_code(entry.code)
             if key in self._by_key:
                 raise ValueError(f"language {entry.code} appears twice")
             self._by_key[key] = entry
-        if _normalise(default_code) not in self._by_key:
+        if normalise_code(default_code) not in self._by_key:
             raise ValueError(f"default language {default_code} is not in the table")
-        self._default = self._by_key[_normalise(default_code)]
-        self._aliases = {_normalise(a): self._target(t, f"alias {a}") for a, t in (aliases or {}).items()}
+        self._default = self._by_key[normalise_code(default_code)]
+        self._aliases = {normalise_code(a): self._target(t, f"alias {a}") for a, t in (aliases or {}).items()}
         # A bare primary subtag ("fr") means the first entry of that language unless the data says otherwise.
         self._by_primary: dict[str, LanguageEntry] = {}
         for entry in self._entries:
-            self._by_primary.setdefault(_normalise(primary_subtag(entry.code)), entry)
+            self._by_primary.setdefault(normalise_code(primary_subtag(entry.code)), entry)
         for primary, target in (primary_defaults or {}).items():
-            self._by_primary[_normalise(primary)] = self._target(target, f"primary default {primary}")
+            self._by_primary[normalise_code(primary)] = self._target(target, f"primary default {primary}")
         self._resolved: dict[str, LanguageEntry | None] = {}  # resolve()'s answers (the table never changes)
 
     def _target(self, code: str, what: str) -> LanguageEntry:
-        entry = self._by_key.get(_normalise(code))
+        entry = self._by_key.get(normalise_code(code))
         if entry is None:
             raise ValueError(f"{what} points at {code}, which is not in the table")
         return entry
@@ -438,9 +462,10 @@ class LanguageTable:
         return entry
 
     def _lookup(self, code: str) -> LanguageEntry | None:
-        if not code.strip():
-            return None
-        subtags = _normalise(code).split("-")
+        normalised = normalise_code(code)
+        if not _WELL_FORMED_TAG.match(normalised):
+            return None  # "en_US!" or "en-US; DROP" names no language, even though it starts like one
+        subtags = normalised.split("-")
         for length in range(len(subtags), 0, -1):
             prefix = "-".join(subtags[:length])
             entry = self._by_key.get(prefix) or self._aliases.get(prefix)
@@ -449,6 +474,12 @@ class LanguageTable:
             if entry is not None:
                 return entry
         return None
+
+    def refusal(self, value: Any, field: str = "language") -> str:
+        """Why `value` (sent as `field`) is refused when resolve() finds no language: what was sent, what works."""
+        shown = f"'{value[:40]}'" if isinstance(value, str) else f"of type {type(value).__name__}"
+        return (f"{field} {shown} is not a language CallWeaver speaks: send a BCP-47 code such as en-US, es-MX, "
+                f"zh-HK (Cantonese) or ko-KR (one of {len(self)} languages)")
 
     def get(self, code: str | None) -> LanguageEntry:
         """Like resolve(), but never fails: unknown or empty codes give en-US."""
@@ -470,8 +501,8 @@ class LanguageTable:
         if target is None:
             return None
         current = self.get(current_code)
-        spoken = _normalise(prompt_lang)
-        if "-" not in spoken and spoken == _normalise(primary_subtag(current.code)):
+        spoken = normalise_code(prompt_lang)
+        if "-" not in spoken and spoken == normalise_code(primary_subtag(current.code)):
             return None
         if declared is not None:
             allowed = [entry for code in declared if (entry := self.resolve(code)) is not None]
@@ -516,7 +547,7 @@ def multilingual_partners(table: "LanguageTable", entry: LanguageEntry) -> list[
 
     Empty when it cannot (e.g. Cantonese: `multi` has no Chinese), in which case recognition stays fixed.
     """
-    primary = entry.code.split("-")[0].lower()
+    primary = primary_subtag(normalise_code(entry.code))
     relay = entry.relay
     if (primary not in DEEPGRAM_MULTI_LANGUAGES or relay.get("transcriptionProvider") != "Deepgram"
             or relay.get("speechModel") not in {"nova-2-general", "nova-3-general"}):

@@ -652,7 +652,8 @@ class RelaySession:
         if not closing:
             return
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
-        self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent)
+        self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent,
+                   turn.result.language)
 
     @staticmethod
     def _closing_message(turn: Turn) -> dict:
@@ -698,18 +699,17 @@ class RelaySession:
         self.spawn(self._end_after_playback, message, spoken, True)
 
     def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
-                            with_audio: bool = False) -> None:
-        """Send `end` once Twilio has finished speaking `spoken` (in the call's language, which a closing turn has
-        set even when its commit failed): Twilio closes the session at `end`, and anything still unspoken is lost.
-        Waits for agentSpeaking off, bounded by a slow speaking rate (by the longest wait when a recording of unknown
-        length plays too); then, while a closing line could still be talked over, up to CLOSING_INTERRUPT_GRACE_S
-        for an interrupt that drops its end.
+                            with_audio: bool = False, language: str | None = None) -> None:
+        """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
+        session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
+        speaking rate (by the longest wait when a recording of unknown length plays too); then, while a closing line
+        could still be talked over, up to CLOSING_INTERRUPT_GRACE_S for an interrupt that drops its end.
 
         Whichever waiter wakes first sends the one `end`, and always the same one (`_pending_end`), so the reason
         Twilio gets and the log records never depend on which greenlet ran first."""
         if not cleared:
             self._fell_silent.clear()
-        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(), with_audio=with_audio)
+        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))

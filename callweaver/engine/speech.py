@@ -31,6 +31,22 @@ _CJK_RANGES = (
 _CJK_FIRST = min(low for low, _ in _CJK_RANGES)
 
 
+# Traditional Chinese characters and their Simplified forms: a recogniser (and a caller) may write Cantonese or Mandarin
+# in either script, or mix them, and a goodbye is a goodbye in both. Covers the table's Chinese goodbye phrases and
+# the characters common around them; the reply cache keys keep the scripts apart (replies differ by language).
+_TRADITIONAL_SIMPLIFIED_PAIRS = (
+    "見见 謝谢 這这 樣样 沒没 問问 題题 該该 係系 別别 掛挂 們们 個个 會会 還还 說说 話话 電电 聽听 時时 對对 來来 後后 幫帮 "
+    "點点 邊边 嗎吗 麼么 給给 為为 裡里 裏里 開开 關关 東东 長长 門门 幾几 號号 機机 經经 歡欢 煩烦 聯联 繫系 絡络 兒儿 請请 "
+    "緊紧 無无 預预 約约 醫医 診诊"
+)
+_TO_SIMPLIFIED = {ord(pair[0]): pair[1] for pair in _TRADITIONAL_SIMPLIFIED_PAIRS.split()}
+
+
+def fold_chinese_script(text: str) -> str:
+    """`text` with Traditional Chinese characters written in their Simplified form, for comparing Chinese speech."""
+    return text.translate(_TO_SIMPLIFIED)
+
+
 def fold(text: str) -> str:
     """NFKC (full-width forms to ASCII) and casefold: the comparison form of any text."""
     return unicodedata.normalize("NFKC", text or "").casefold()
@@ -67,3 +83,8 @@ def is_cjk(char: str) -> bool:
     code = ord(char)
     # Most text is below the first range (Latin, Cyrillic, Arabic, Devanagari...): one comparison decides it.
     return code >= _CJK_FIRST and any(low <= code <= high for low, high in _CJK_RANGES)
+
+
+def is_thai(char: str) -> bool:
+    """True for a character of the Thai script, which is written without spaces between words too."""
+    return "\u0e00" <= char <= "\u0e7f"

@@ -35,6 +35,18 @@ def _filter(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
     return value
 
 
+def _language_filter() -> str | None:
+    """The `language` filter as the table writes it (calls are stored under their table code: yue-HK is zh-HK)."""
+    value = _filter("language")
+    if value is None:
+        return None
+    languages = services().languages
+    entry = languages.resolve(value)
+    if entry is None:
+        raise ApiError(400, languages.refusal(value))
+    return entry.code
+
+
 @bp.get("/api/call-log")
 @operator_only
 def call_log_page():
@@ -42,7 +54,7 @@ def call_log_page():
     offset = _whole_number("offset", 0, 0, 10_000_000)
     svc = services()
     page = call_log.call_page(svc.store, limit=limit, offset=offset, status=_filter("status"),
-                              path=_filter("path", PATHS), language=_filter("language"),
+                              path=_filter("path", PATHS), language=_language_filter(),
                               mask=svc.settings.mask_phone_numbers)
     return jsonify(success=True, **page)
 

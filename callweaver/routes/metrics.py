@@ -76,9 +76,10 @@ def test_optimization():
     if len(message) > MAX_PROMPT_CHARS:
         raise ApiError(400, f"message has {len(message)} characters (at most {MAX_PROMPT_CHARS})")
     language = body.get("language") or "en-US"
-    if not isinstance(language, str):
-        raise ApiError(400, "language must be a BCP-47 code such as en-US")
-    result = probe_turn(services().engine, message.strip(), language)
+    engine = services().engine
+    if engine.languages.resolve(language) is None:
+        raise ApiError(400, engine.languages.refusal(language))
+    result = probe_turn(engine, message.strip(), language)
     if result["source"] == "apology":  # the canned apology is not an answer: say the pipeline failed
         return all_providers_failed(result["failovers"], optimization={"enabled": False, "fallbackUsed": True})
     return jsonify(success=True, test={

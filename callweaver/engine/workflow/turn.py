@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, replace as replace_fields
 from typing import Any, Iterable, Mapping
 
-from ..speech import is_cjk, normalise_speech
+from ..speech import fold_chinese_script, is_cjk, is_thai, normalise_speech
 from .conditions import coerce_variable, first_true_logical_edge, plain
 from .model import PLACEHOLDER_RE, Edge, VariableSpec, Workflow
 
@@ -230,14 +230,16 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     """True when the utterance is, or ends with, a goodbye phrase at a word boundary; no LLM involved.
 
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
-    "ok, that's all, thanks bye" ends the call. CJK phrases match as plain suffixes (no spaces between words).
+    "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
+    suffixes, except a one-syllable Thai one (see _unspaced); Chinese matches in either script (再见 is 再見) and
+    before a sentence-final particle (拜拜啦).
     """
-    text = normalise_speech(utterance)
+    text = _goodbye_form(utterance)
     if not text:
         return False
     compact = text.replace(" ", "")
-    for phrase, cjk in _termination_phrases(tuple(phrases)):
-        if cjk:
+    for phrase, unspaced in _termination_phrases(tuple(phrases)):
+        if unspaced:
             if compact.endswith(phrase):
                 return True
             continue
@@ -250,16 +252,40 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     return False
 
 
+# Chinese sentence-final particles (Cantonese 啦 喇 囉 咯 喎 呀 吖 嘞, Mandarin 了 吧 啊 哦 喔 嘛): "拜拜啦", "再见了" are
+# goodbyes; the particle closes the sentence, it is not part of the phrase.
+_FINAL_PARTICLES = "啦喇囉咯喎呀吖啊嘞了吧哦喔嘛"
+
+
+def _goodbye_form(text: str) -> str:
+    """What goodbye matching compares: the words normalised, Chinese in one script, without trailing particles."""
+    return fold_chinese_script(normalise_speech(text)).rstrip(_FINAL_PARTICLES + " ")
+
+
+# Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase this
+# short (one syllable, "บาย") also ends longer words ("ไม่สบาย", unwell), so it needs a space before it.
+_SHORTEST_UNSPACED_THAI_PHRASE = 4
+
+
+def _unspaced(phrase: str) -> bool:
+    """Whether a (normalised) goodbye phrase matches as a plain suffix of the utterance with spaces removed."""
+    if any(is_cjk(ch) for ch in phrase):
+        return True
+    compact = phrase.replace(" ", "")
+    return any(is_thai(ch) for ch in compact) and len(compact) >= _SHORTEST_UNSPACED_THAI_PHRASE
+
+
 @functools.lru_cache(maxsize=256)
 def _termination_phrases(phrases: tuple[str, ...]) -> tuple[tuple[str, bool], ...]:
-    """A language's goodbye phrases normalised once (every turn checks them): (phrase, is CJK), CJK ones compacted."""
+    """A language's goodbye phrases normalised once (every turn checks them): (phrase, unspaced), unspaced ones
+    compacted."""
     normalised = []
     for raw_phrase in phrases:
-        phrase = normalise_speech(raw_phrase)
+        phrase = _goodbye_form(raw_phrase)
         if not phrase:
             continue
-        cjk = any(is_cjk(ch) for ch in phrase)
-        normalised.append((phrase.replace(" ", "") if cjk else phrase, cjk))
+        unspaced = _unspaced(phrase)
+        normalised.append((phrase.replace(" ", "") if unspaced else phrase, unspaced))
     return tuple(normalised)
 
 
