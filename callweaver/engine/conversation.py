@@ -583,7 +583,6 @@ class ConversationEngine:
                               max_tokens=options.get("max_tokens"), model=options.get("model"),
                               apology=entry.line("apology"))
         yield from self._relay_stream(result, stream, control, llm_span)
-        first_answered = self.clock()  # a held follow-up waits for adoption from here
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
@@ -602,8 +601,11 @@ class ConversationEngine:
             # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
             # is the one case with a second request; it only happens when the model ignores "speak first".
             if control.go_ahead is not None:
-                control.go_ahead.wait()  # a speculation pays the second request only once it is adopted
-                control.held_s = self.clock() - first_answered
+                # A speculation pays the second request only once it is adopted. Only this wait is held time: the
+                # routing above is work a turn that did not speculate does too (its time to first token).
+                holding = self.clock()
+                control.go_ahead.wait()
+                control.held_s = self.clock() - holding
                 if control.cancelled:
                     return
             log.info("tool_only_reply_followup", node=outcome.next_node)
