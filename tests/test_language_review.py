@@ -94,3 +94,18 @@ def test_a_thai_goodbye_phrase_inside_a_longer_sentence_is_no_goodbye(utterance)
 ])
 def test_real_goodbyes_still_end_the_call(code, utterance):
     assert _ends(code, utterance)
+
+
+@pytest.mark.parametrize("code, utterance", [
+    ("zh-TW", "我明天要去廟裡拜拜"), ("zh-TW", "過年都會去拜拜"), ("zh-CN", "阿嬷在拜拜"), ("zh-CN", "我们要去庙里拜拜"),
+])
+def test_bai_bai_as_worship_is_no_goodbye(code, utterance):
+    """拜拜 is also "to worship at a temple" (去拜拜, 在拜拜, 廟裡拜拜): said after those it is not a goodbye."""
+    assert not _ends(code, utterance)
+
+
+@pytest.mark.parametrize("code, utterance", [
+    ("zh-TW", "好，我先去忙了，拜拜"), ("zh-CN", "现在先这样"), ("zh-HK", "我去搵佢先，拜拜"), ("zh-CN", "好的拜拜"),
+])
+def test_bai_bai_after_a_clause_or_other_words_still_ends_the_call(code, utterance):
+    assert _ends(code, utterance)

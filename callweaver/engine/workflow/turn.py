@@ -254,14 +254,14 @@ def _ends_with_goodbye(text: str, phrase: str, unspaced: bool) -> bool:
         before = _before_last(text, len(phrase))
         if is_thai(phrase[0]) and not _thai_word_starts(before, phrase):
             return False
-        return before.endswith(" ") or not _mentioned(before)  # after a clause break it is said, not mentioned
+        return before.endswith(" ") or not _mentioned(before, phrase)  # after a clause break it is said
     if text != phrase:
         if not text.endswith(phrase):
             return False
         before = text[-len(phrase) - 1]
         if before != " " and not is_cjk(before):  # a whole word: "goodbye" does not end with the word "bye"
             return False
-    return not _mentioned(text[:-len(phrase)].rstrip())
+    return not _mentioned(text[:-len(phrase)].rstrip(), phrase)
 
 
 def _before_last(text: str, chars: int) -> str:
@@ -300,11 +300,16 @@ def _without_final_particles(text: str) -> Iterator[str]:
 _MENTIONED_IN_ENGLISH = re.compile(r"\b(?:(?:dont|didnt|not|never|before (?:i|we|you)) say"
                                    r"|(?:not|without|before) saying)$")
 _MENTIONED_IN_CHINESE = re.compile(r"(?:别|不要|不用|不想|没有?|还没有?|未|唔好|唔使|唔想)(?:说|讲|講|话)?$")
+# 拜拜 is also "to worship" (at a temple, at the family altar): 去拜拜, 在拜拜, 廟裡拜拜 are no goodbyes.
+_WORSHIP_BAI_BAI = re.compile(r"(?:去|在|庙里?|廟里?)$")
 
 
-def _mentioned(before: str) -> bool:
-    """Whether the words before a goodbye phrase negate or mention it instead of saying it."""
-    return bool(_MENTIONED_IN_ENGLISH.search(before) or _MENTIONED_IN_CHINESE.search(before.replace(" ", "")))
+def _mentioned(before: str, phrase: str) -> bool:
+    """Whether the words before a goodbye phrase negate or mention it, or make it another word, instead of
+    saying it."""
+    compact = before.replace(" ", "")
+    return bool(_MENTIONED_IN_ENGLISH.search(before) or _MENTIONED_IN_CHINESE.search(compact)
+                or phrase.startswith("拜拜") and _WORSHIP_BAI_BAI.search(compact))
 
 
 # Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase also
