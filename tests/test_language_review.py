@@ -109,3 +109,12 @@ def test_bai_bai_as_worship_is_no_goodbye(code, utterance):
 ])
 def test_bai_bai_after_a_clause_or_other_words_still_ends_the_call(code, utterance):
     assert _ends(code, utterance)
+
+
+@pytest.mark.parametrize("utterance, ends", [
+    ("안 끊을게요", False), ("아직 안 끊을게요", False), ("전화 안 끊을게요", False),  # "I won't hang up (yet)"
+    ("네, 끊을게요", True), ("감사합니다. 안녕히 계세요", True), ("그럼 이만", True),
+])
+def test_a_korean_i_wont_hang_up_is_no_goodbye(utterance, ends):
+    """Korean spaces its words, so a space before 끊을게요 ("I'll hang up") is no clause break: 안 negates it."""
+    assert _ends("ko-KR", utterance) is ends

@@ -254,7 +254,7 @@ def _ends_with_goodbye(text: str, phrase: str, unspaced: bool) -> bool:
         before = _before_last(text, len(phrase))
         if is_thai(phrase[0]) and not _thai_word_starts(before, phrase):
             return False
-        return before.endswith(" ") or not _mentioned(before, phrase)  # after a clause break it is said
+        return not _mentioned(before, phrase)
     if text != phrase:
         if not text.endswith(phrase):
             return False
@@ -295,11 +295,13 @@ def _without_final_particles(text: str) -> Iterator[str]:
 
 
 # A goodbye negated or talked about rather than said, by what comes right before it: English (where "yet" usually
-# follows, which the end-anchoring already handles, but "before I say bye" ends a sentence) and Chinese (Simplified,
-# as _goodbye_form writes it), which puts the goodbye last: 先别说再见 "don't say goodbye yet", 我还没说再见, 唔好講拜拜.
+# follows, which the end-anchoring already handles, but "before I say bye" ends a sentence), Chinese (Simplified, as
+# _goodbye_form writes it; a space there is a clause break: 我没有，再见 is said), which puts the goodbye last:
+# 先别说再见 "don't say goodbye yet", 我还没说再见, 唔好講拜拜, and Korean, which spaces words: 안 끊을게요 "I won't hang up".
 _MENTIONED_IN_ENGLISH = re.compile(r"\b(?:(?:dont|didnt|not|never|before (?:i|we|you)) say"
                                    r"|(?:not|without|before) saying)$")
 _MENTIONED_IN_CHINESE = re.compile(r"(?:别|不要|不用|不想|没有?|还没有?|未|唔好|唔使|唔想)(?:说|讲|講|话)?$")
+_MENTIONED_IN_KOREAN = re.compile(r"(?:^|\s)(?:안|못)\s*$")
 # 拜拜 is also "to worship" (at a temple, at the family altar): 去拜拜, 在拜拜, 廟裡拜拜 are no goodbyes.
 _WORSHIP_BAI_BAI = re.compile(r"(?:去|在|庙里?|廟里?)$")
 
@@ -307,9 +309,9 @@ _WORSHIP_BAI_BAI = re.compile(r"(?:去|在|庙里?|廟里?)$")
 def _mentioned(before: str, phrase: str) -> bool:
     """Whether the words before a goodbye phrase negate or mention it, or make it another word, instead of
     saying it."""
-    compact = before.replace(" ", "")
-    return bool(_MENTIONED_IN_ENGLISH.search(before) or _MENTIONED_IN_CHINESE.search(compact)
-                or phrase.startswith("拜拜") and _WORSHIP_BAI_BAI.search(compact))
+    return bool(_MENTIONED_IN_ENGLISH.search(before.rstrip()) or _MENTIONED_IN_CHINESE.search(before)
+                or _MENTIONED_IN_KOREAN.search(before)
+                or phrase.startswith("拜拜") and _WORSHIP_BAI_BAI.search(before))
 
 
 # Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase also
