@@ -282,11 +282,12 @@ GREETING = "<greeting>"  # what the caller answers on the first turn: the same s
 
 
 def replay_twice(stack: BenchStack, args: argparse.Namespace) -> list[dict]:
-    """One server, the same scripted calls twice. A turn's context is what the caller answers (the line heard
-    before it) plus what they say; a turn "repeats" when an earlier turn (this replay or the first) had its
-    context. Hits on repeated contexts show the cache paying off; a hit anywhere else would be a wrong answer."""
+    """One server, the same scripted calls twice. A turn's context is the conversation so far (the greeting, what
+    was said and heard before) plus what the caller says; a turn "repeats" when an earlier turn (this replay or the
+    first) had its context. Hits on repeated contexts show the cache paying off; a hit anywhere else would be a
+    wrong answer."""
     scripts = scripted_calls(args.calls, args.turns, args.seed)
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, ...]] = set()
     replays = []
     with stack.server(workers=1, **parse_env_pairs(args.server_env)) as server:
         backend = cache_backend(server.url)
@@ -309,10 +310,11 @@ def replay_twice(stack: BenchStack, args: argparse.Namespace) -> list[dict]:
             stored = fetch_turns(server.url, [c.tracking_id for c in calls if c.tracking_id])
             turns = []
             for call in calls:
-                heard_before = GREETING
+                context: tuple[str, ...] = (GREETING,)
                 for sample, turn in zip(call.samples, stored.get(call.tracking_id or "", [])):
-                    turns.append(((heard_before, sample.utterance), turn))
-                    heard_before = sample.text
+                    context += (sample.utterance,)
+                    turns.append((context, turn))
+                    context += (sample.text,)
             rows = []
             for context, turn in sorted(turns, key=lambda item: item[1].get("at") or 0):  # in the order answered
                 rows.append({"repeats": context in seen, **turn})
@@ -354,7 +356,7 @@ def replay_report(replays: list[dict], args: argparse.Namespace) -> str:
         f"Machine: {machine_summary()}. Fake LLM (own process): TTFT {args.ttft_ms:g} ms, "
         f"{args.token_interval_ms:g} ms/token, the same reply text every time. One server, one worker, reply "
         f"cache {', '.join(sorted({r['backend'] for r in replays}))}, kept between the replays. A turn's context is "
-        "the line the caller heard before it (the greeting on the first turn) and what they say; a turn is "
+        "the conversation before it (the greeting, then what was said and heard) and what the caller says; a turn is "
         "\"repeated\" when an earlier-answered turn (in this replay or the first) had its context."
         + (f" Server environment extras: {', '.join(args.server_env)}." if args.server_env else ""),
         "",

@@ -119,7 +119,8 @@ def test_chinese_punctuation_variants_map_to_one_key():
 @pytest.mark.parametrize("changed", [{"node_id": "node-other"}, {"language": "es-ES"},
                                      {"workflow_hash": "wfhash-2"}, {"utterance": "goodbye"},
                                      {"heard_before": "Shall I book the evening slot?"},
-                                     {"prompt_variables": {"city": "Leeds"}}])
+                                     {"prompt_variables": {"city": "Leeds"}},
+                                     {"history": [{"role": "user", "content": "hi this is john"}]}])
 def test_different_node_language_workflow_or_words_give_different_keys(changed):
     cache = memory_cache()
     base = {**KEY_ARGS, "utterance": "hello"}

@@ -857,3 +857,39 @@ def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_a
         assert speculation.first_token_ms() < 10_000
     finally:
         call.session.close()
+
+
+def test_a_stopping_worker_hands_an_idle_call_over_at_once_and_answers_nothing_more(call, fake_llm):
+    """RelaySession.hand_over (a deploy's SIGTERM): with Twilio silent, `end` {"reason": "handover"} goes at once;
+    what the caller says meanwhile is left to the resumed session."""
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    requests = len(fake_llm.requests)
+    call.session.hand_over()
+    call.send({"type": "prompt", "voicePrompt": "And the garden?", "lang": "en-US", "last": True})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+    assert len(fake_llm.requests) == requests and len(call.turns()) == 1
+
+
+def test_a_stopping_worker_waits_for_the_reply_twilio_is_still_speaking(call, fake_llm):
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")  # Twilio speaks it now (agentSpeaking off not yet reported)
+    call.session.hand_over()
+    time.sleep(0.3)
+    assert not any(m["type"] == "end" for m in call.sent), "the reply is still playing"
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+
+
+def test_a_stopping_worker_hands_over_at_once_after_a_barge_in(call, fake_llm):
+    """Twilio stops speaking at a barge-in (and reports no agentSpeaking off for it): nothing is left to play."""
+    fake_llm.push(Reply(text="It has three bedrooms and a very large garden with old apple trees."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has", "durationUntilInterruptMs": 300})
+    from structlog.testing import capture_logs
+    with capture_logs() as logs:
+        call.session.hand_over()
+        call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert "relay_playback_wait_timed_out" not in [e["event"] for e in logs]

@@ -37,3 +37,31 @@ def test_tool_call_arguments_with_nan_or_infinity_are_not_json_and_are_skipped()
              1: {"name": "record_variables", "arguments": ['{"rooms": -Infinity}']},
              2: {"name": "record_variables", "arguments": ['{"rooms": 2}']}}
     assert parse_tool_calls("azure", parts) == [("record_variables", {"rooms": 2})]
+
+
+def test_tool_call_arguments_with_a_lone_surrogate_are_made_valid_text():
+    """A JSON escape of half a UTF-16 pair is no character: no UTF-8 writer (SQLite, Redis) takes it."""
+    from callweaver.engine.sse import parse_tool_calls
+
+    parts = {0: {"name": "record_variables", "arguments": ['{"name": "Ann \\ud800 Lee"}']},
+             1: {"name": "record_variables", "arguments": ['{"name": "Ann \\ud83d\\ude00"}']}}  # a pair is fine
+    assert parse_tool_calls("azure", parts) == [("record_variables", {"name": "Ann \ufffd Lee"}),
+                                                ("record_variables", {"name": "Ann \U0001F600"})]
+
+
+def test_tool_call_arguments_nested_deeper_than_json_writers_go_are_skipped():
+    from callweaver.engine.sse import parse_tool_calls
+
+    parts = {0: {"name": "record_variables", "arguments": ['{"a": ' + "[" * 2000 + "]" * 2000 + "}"]},
+             1: {"name": "record_variables", "arguments": ['{"a": ' + "[" * 300 + "]" * 300 + "}"]},
+             2: {"name": "record_variables", "arguments": ['{"rooms": 2}']}}
+    assert parse_tool_calls("azure", parts) == [("record_variables", {"rooms": 2})]
+
+
+def test_tool_call_fragments_that_are_not_text_are_skipped():
+    from callweaver.engine.sse import parse_tool_calls
+
+    parts = {0: {"name": "record_variables", "arguments": [{"name": "Ann"}]},
+             1: {"name": {"not": "a name"}, "arguments": ['{}']},
+             2: {"name": "transition", "arguments": ['{"edge_id": "e1"}']}}
+    assert parse_tool_calls("azure", parts) == [("transition", {"edge_id": "e1"})]

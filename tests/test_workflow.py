@@ -971,3 +971,11 @@ def test_flows_whose_json_differs_never_share_a_validated_workflow(real_estate_p
             encoded = json_module.dumps(payload, sort_keys=False)
             assert seen.setdefault(id(workflow), encoded) == encoded, (field, value)
             assert flows.get(json_module.loads(encoded)) is workflow  # the same JSON text: the same flow
+
+
+def test_an_integer_beyond_any_float_is_not_a_number_to_compare_or_record():
+    """A model's record_variables (or a flow's condition value) with hundreds of digits: math.isfinite raised."""
+    from callweaver.engine.workflow.conditions import as_number
+
+    assert as_number(10 ** 400) is None and as_number(-(10 ** 400)) is None
+    assert as_number(10 ** 15) == 10 ** 15

@@ -208,12 +208,15 @@ class ReplyCache:
         utterance: str,
         prompt_variables: Mapping[str, Any] | None = None,
         fillers: Iterable[str] = (),
+        history: Iterable[Mapping[str, Any]] = (),
     ) -> str | None:
         """A hash of what the caller is answering and what they said; None when the words cannot recur.
 
         The same words answer different questions ("Yes." to the morning slot or to the evening slot), so the key
         holds the last assistant line the caller heard (normalised) next to the workflow version, node, language,
-        the normalised utterance and the values of the variables the node's prompt uses.
+        the normalised utterance and the values of the variables the node's prompt uses. `history` is the rest of
+        the conversation the model is sent with the utterance (normalised): a reply may repeat anything said in it
+        (a name the caller gave two turns ago), so it is only ever served to a caller whose conversation was the same.
         """
         normalized = normalize_utterance(utterance or "", fillers)
         if not normalized or len(normalized) > self.max_utterance_chars:
@@ -223,7 +226,8 @@ class ReplyCache:
         # JSON keeps the fields apart, so ("a b", "c") and ("a", "b c") can never collide.
         material = json.dumps(
             [str(workflow_hash), str(node_id), str(language).strip().casefold(), normalize_utterance(heard_before),
-             variables, normalized],
+             variables, normalized,
+             [[str(m.get("role")), normalize_utterance(str(m.get("content") or ""))] for m in history]],
             ensure_ascii=False,
         )
         return self.key_prefix + KEY_FORMAT + hashlib.sha256(material.encode("utf-8")).hexdigest()

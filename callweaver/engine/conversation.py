@@ -33,6 +33,10 @@ _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
 MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
 MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
+# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
+# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
+# (Polly speaks at most 3,000 bytes, Twilio warning 13521).
+MAX_TURN_REPLY_BYTES = 2000
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -58,6 +62,11 @@ _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\
 def spoken_length(text: str) -> int:
     """How many characters of `text` are spoken: SSML tags are not."""
     return len(_SSML_TAG.sub("", text))
+
+
+def has_words(text: str) -> bool:
+    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
+    return bool(_SSML_TAG.sub("", text).strip())
 
 
 # Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
@@ -581,11 +590,14 @@ class ConversationEngine:
             self._stay_after_apology(result, state, workflow)
             return
 
-        outcome = apply_turn(workflow, state, stream.text, stream.tool_calls)
+        outcome = apply_turn(workflow, state, stream.text, stream.tool_calls, keypad=keypad)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
+        offered = {tool["function"]["name"] for tool in plan.tools or ()}
+        for name in {name for name, _args in stream.tool_calls if name not in offered}:
+            log.warning("llm_called_a_tool_not_offered", tool=name[:80], node=plan.node_id)  # ignored by apply_turn
         moved_on = outcome.next_node != state.current_node
-        if not stream.text.strip() and outcome.action is None and (moved_on or not outcome.keys):
+        if not has_words(stream.text) and outcome.action is None and (moved_on or not outcome.keys):
             # The model only called a tool: nothing was spoken, so the node the call is on now (a new one, or the
             # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
             # is the one case with a second request; it only happens when the model ignores "speak first".
@@ -608,9 +620,14 @@ class ConversationEngine:
             if stream2.apology_used:
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
+        if outcome.action is None and not outcome.keys and not has_words(result.reply_text):
+            # The model (asked twice) gave only whitespace or SSML: the caller would hear silence.
+            log.warning("llm_reply_without_words", node=outcome.next_node, reply_chars=len(result.reply_text))
+            yield from self._emit_after(result, entry.line("apology"))
+            self._stay_after_apology(result, state, workflow)
+            return
         if outcome.action_message:
-            sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
-            yield from self._emit(result, sep + outcome.action_message)
+            yield from self._emit_after(result, outcome.action_message)
         elif not result.reply_text.strip() and outcome.action:
             yield from self._emit(result, entry.line("goodbye"))
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
@@ -640,10 +657,18 @@ class ConversationEngine:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
         result.llm_requests += 1
         control.stream = stream
+        room = MAX_TURN_REPLY_BYTES - len(result.reply_text.encode())
         try:
             for token in stream:
                 if control.cancelled:
                     break
+                room -= len(token.encode())
+                if room < 0:
+                    log.warning("llm_reply_cut_at_length_cap", max_bytes=MAX_TURN_REPLY_BYTES)
+                    token = token.encode()[:room].decode("utf-8", "ignore")  # the part that fits, whole characters
+                    result.reply_text += token
+                    yield token
+                    break  # closing the stream below stops the model; the turn ends as it is
                 result.reply_text += token
                 yield token
         finally:
@@ -658,10 +683,12 @@ class ConversationEngine:
 
     def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
                    utterance: str) -> str | None:
-        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) too."""
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and the
+        conversation the model is sent before the utterance too (plan.messages: system prompt, history, utterance)."""
         return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                               heard_before=last_assistant_line(state.messages), utterance=utterance,
-                              prompt_variables=plan.prompt_variables, fillers=entry.fillers)
+                              prompt_variables=plan.prompt_variables, fillers=entry.fillers,
+                              history=plan.messages[1:-1])
 
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
@@ -672,6 +699,12 @@ class ConversationEngine:
         for token in split_tokens(text):
             result.reply_text += token
             yield token
+
+    @classmethod
+    def _emit_after(cls, result: TurnResult, text: str) -> Iterator[str]:
+        """`text` after what the turn already said, as a separate word."""
+        sep = " " if result.reply_text and not result.reply_text.endswith((" ", "\n")) else ""
+        yield from cls._emit(result, sep + text)
 
     @staticmethod
     def _apply_outcome(result: TurnResult, outcome: TurnOutcome, workflow: Workflow) -> None:
@@ -720,6 +753,10 @@ class ConversationEngine:
         # One write, no read-back: the record this call goes on with is the one it had, with the turn applied.
         index = self.store.commit_turn(record.tracking_id, fields, turn_row, counters=turn_counters(turn_row),
                                        transcript_entry=entry)
+        if index is None:
+            # The store has no such call any more (a Redis restarted without its data, a purge): nothing was written.
+            log.error("turn_not_stored", tracking_id=record.tracking_id, reason="the call is not in the store",
+                      node=r.node_id, first_token_ms=timings.get("firstTokenMs"))
         meta = record.meta
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback

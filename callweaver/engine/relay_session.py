@@ -39,6 +39,8 @@ SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store 
 # No transcript for this long after an interim one: the caller's speech ended without a final transcript (the
 # recogniser dropped it), so that turn's speculations are accounted as unanswered (their cost is kept).
 NO_FINAL_AFTER_S = 5.0
+# handoffData reason of the `end` a stopping worker sends (RelaySession.hand_over): the action URL reconnects the call.
+HANDOVER = "handover"
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -81,7 +83,8 @@ class RelaySession:
                  "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing")
+                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_handing_over",
+                 "_agent_speaking")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -109,6 +112,8 @@ class RelaySession:
         self._closing = False        # a closing line is playing: `end` follows, new input is not answered
         self._closing_turn: Turn | None = None  # the turn whose end/transfer waits for its line to play
         self.ended = False
+        self._handing_over = False   # this worker is stopping: `end` (HANDOVER) follows the reply in flight
+        self._agent_speaking: bool | None = None  # Twilio's last agentSpeaking (None: it has reported none)
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
         self._discarded: list[SpeculativeTurn] = []        # this caller turn's dropped speculations (metrics)
         self._partial_seq = 0        # bumps on every partial and final so a stale stability timer does nothing
@@ -435,6 +440,7 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
+            self._agent_speaking = False
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
@@ -453,6 +459,8 @@ class RelaySession:
         self._stop_closing()
         self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
+        if self._handing_over:  # the call stays, but not on this worker
+            self.spawn(self._hand_over_when_played)
 
     def _settle_previous(self) -> None:
         """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
@@ -519,6 +527,8 @@ class RelaySession:
             self._end_soon(protocol.end("error", detail="repeated Twilio errors"), self._canned("apology"))
 
     def _on_info(self, message: protocol.Info) -> None:
+        if message.agent_speaking is not None:
+            self._agent_speaking = message.agent_speaking
         if message.agent_fell_silent:
             self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -633,6 +643,34 @@ class RelaySession:
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
         self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent, r.language)
 
+    def hand_over(self) -> None:
+        """This worker is stopping (Render sends SIGTERM on every deploy; gunicorn then kills what is still running
+        after GUNICORN_GRACEFUL_TIMEOUT, mid-sentence). So end the session at the next clean point, with `end`
+        {"reason": "handover"}: once the reply in flight has been sent, committed and played, else at once. Twilio
+        then asks the action URL, which lands on a running instance and reconnects the call from the store. The
+        caller's new words are not answered here meanwhile (the resumed session's greeting asks them to go on);
+        a goodbye or transfer already under way ends the call as it would have."""
+        if self.ended or self._handing_over:
+            return
+        self._handing_over = True
+        self._closing = True  # no new turn starts here
+        self.spawn(self._hand_over_when_played)
+
+    def _hand_over_when_played(self) -> None:
+        reply = self._reply
+        if reply is not None:
+            reply.join(timeout=PLAYBACK_WAIT_MAX_S)  # sent and committed
+        if self.ended or self._closing_turn is not None:
+            return  # a goodbye or transfer is playing: its own `end` follows
+        self._closing = True  # (a reply that failed or was cut short stopped the closing)
+        log.info("relay_handing_over", agent_speaking=self._agent_speaking)
+        if self._agent_speaking is False:
+            self._fell_silent.set()  # Twilio has played everything it was given: at once
+        elif self._agent_speaking:
+            self._fell_silent.clear()  # its next agentSpeaking off
+        # (Twilio never reported agentSpeaking: the next event, or the bounded wait for the last reply's text)
+        self._end_after_playback(protocol.end(HANDOVER), self._sent, cleared=self._agent_speaking is not None)
+
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
         """One `text` frame of the current reply (nothing for an empty chunk). While it is written it is `_writing`:
         a barge-in taken meanwhile measures what was heard against it too, and a write that fails takes it back.
@@ -643,6 +681,7 @@ class RelaySession:
                 self.sender.send_json(protocol.close_cycle())
             return
         self._writing = chunk
+        self._agent_speaking = True  # Twilio speaks it, until it reports agentSpeaking off
         if close_cycle:
             self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
         else:
@@ -745,6 +784,7 @@ class RelaySession:
 
     def _speak_canned(self, key: str) -> None:
         self._stored_cycle = None  # a talk cycle of its own, not in the history
+        self._agent_speaking = True
         self._send(protocol.text(self._canned(key), last=True))
 
     def _send(self, message: dict) -> None:

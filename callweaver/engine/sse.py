@@ -6,11 +6,12 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterator, NamedTuple
 
 import orjson
 import structlog
+
+from . import valid_json
 
 log = structlog.get_logger()
 
@@ -82,17 +83,22 @@ class ChatCompletionsStream:
 
 
 def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
+    """The calls whose arguments are a JSON object every store can write: read as all JSON we read is (valid_json: a
+    lone surrogate escape such as \\ud800, which no UTF-8 writer takes, becomes U+FFFD), without NaN or ±Infinity,
+    and written once (orjson: its depth and integer limits), so a model's arguments can never fail the turn's commit."""
     tool_calls: list[tuple[str, dict]] = []
     for index in sorted(tool_parts):
         name = tool_parts[index]["name"]
-        arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
+        arguments_json = ""
         try:
-            arguments = json.loads(arguments_json, parse_constant=_not_json)
-        except ValueError:
+            arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
+            arguments = valid_json.loads(arguments_json, parse_constant=_not_json)
+            orjson.dumps(arguments)
+        except (ValueError, TypeError, RecursionError):  # orjson's JSONEncodeError is a TypeError; nested too deep
             arguments = None
-        if not name or not isinstance(arguments, dict):
-            log.warning("tool_call_skipped_unparseable", provider=provider_name, tool=name or None,
-                        arguments_chars=len(arguments_json))
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            log.warning("tool_call_skipped_unparseable", provider=provider_name,
+                        tool=name if isinstance(name, str) and name else None, arguments_chars=len(arguments_json))
             continue
         tool_calls.append((name, arguments))
     return tool_calls

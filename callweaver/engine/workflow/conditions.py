@@ -120,7 +120,10 @@ def as_number(value: Any) -> int | float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return value if math.isfinite(value) else None
+        try:
+            return value if math.isfinite(value) else None
+        except OverflowError:  # an integer beyond any float (a model wrote hundreds of digits): not a number to use
+            return None
     if isinstance(value, str) and value.strip():
         try:
             number = float(value.strip())

@@ -266,9 +266,6 @@ class Workflow:
                 specs.append(spec)
         return specs
 
-    def variable(self, name: str) -> VariableSpec | None:
-        return next((v for v in self.variables if v.name == name), None)
-
     def node(self, node_id: str) -> Node:
         """The step with this id; an unknown id is a caller bug, so it fails loudly rather than stall the call."""
         node = self.nodes.get(node_id)

@@ -159,14 +159,19 @@ def apply_turn(
     state: ConversationState,
     reply_text: str,
     tool_calls: list[tuple[str, Any]],
+    *,
+    keypad: bool = False,
 ) -> TurnOutcome:
     """Interpret the streamed reply's tool calls: record variables, then a true logical edge, else `transition`, else stay.
 
     `reply_text` is what was spoken; routing never depends on it (it is accepted so callers pass the whole result).
-    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored.
+    Arguments may be dicts or the raw JSON strings the API streams; malformed ones are ignored. Only what the turn
+    offered counts (as in plan_turn): the step's own variables, and `press_keys` only with `keypad`; a model may
+    call a tool or name a variable it was never given (a system variable that steers a logical edge).
     """
     node_id = workflow.settle(state.current_node, state.variables)
     workflow.node(node_id)  # an unknown node is a caller bug: fail loudly rather than stall the call
+    offered_variables = {spec.name: spec for spec in workflow.variables_for(node_id)}
     variables = dict(state.variables)
     transition_ids: list[str] = []
     keys = ""
@@ -174,7 +179,7 @@ def apply_turn(
         args = _tool_arguments(raw_args)
         if name == RECORD_VARIABLES_TOOL:
             for var_name, value in args.items():
-                spec = workflow.variable(var_name)
+                spec = offered_variables.get(var_name)
                 if spec is None or value is None:
                     continue
                 fits, coerced = coerce_variable(spec, value)
@@ -182,7 +187,8 @@ def apply_turn(
                     variables[var_name] = coerced
         elif name == TRANSITION_TOOL and isinstance(args.get("edge_id"), str):
             transition_ids.append(args["edge_id"])
-        elif name == PRESS_KEYS_TOOL and isinstance(args.get("digits"), str) and _KEYS.match(args["digits"]):
+        elif (name == PRESS_KEYS_TOOL and keypad and isinstance(args.get("digits"), str)
+              and _KEYS.match(args["digits"])):
             keys += args["digits"]
 
     outgoing = workflow.outgoing(node_id)
