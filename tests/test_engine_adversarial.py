@@ -166,3 +166,28 @@ def test_the_model_records_only_the_variables_this_step_offers(app, client, fake
                    if t["function"]["name"] == "record_variables")
     assert "call_duration" not in offered["parameters"]["properties"]
     assert result.variables == {"annual_income": 60000}
+
+
+def test_a_reply_cut_at_the_cap_is_never_cached(app, client, fake_llm):
+    """A cut reply is no answer (it stops mid-sentence): the next caller saying the same gets a fresh one. Four-byte
+    characters: 2,000 bytes of them are fewer characters than the cache's own length limit."""
+    runaway = "\U00020BB7" * 5 + " "  # word by word, as a model streams
+    runaway *= 2000
+    fake_llm.responder = lambda body: Reply(text=runaway)
+    say(app, place_call(app, client), "tell me everything")
+    _heard, result = say(app, place_call(app, client), "tell me everything")
+    assert not result.cache_hit and result.source == "llm"
+
+
+@pytest.mark.parametrize("shift", range(0, 24, 2))  # moves the cap across the tag's and the words' letters
+def test_a_reply_cut_at_the_cap_ends_on_a_whole_word_outside_any_tag(app, client, fake_llm, shift):
+    sentence = 'Please hold on. <break time="1s"/> I will keep talking. '
+    runaway = "Well" + "x" * shift + " " + sentence * 200
+    fake_llm.responder = lambda body: Reply(text=runaway)
+    tracking_id = place_call(app, client)
+    heard, result = say(app, tracking_id, "tell me everything")
+    assert runaway.startswith(heard) and len(heard.encode()) <= 2100
+    assert heard.count("<") == heard.count(">"), heard[-60:]
+    assert runaway[len(heard)].isspace(), heard[-60:]  # the next word was not begun
+    stored = app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
+    assert stored == heard

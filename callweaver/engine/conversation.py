@@ -92,6 +92,24 @@ def _is_word_end(spoken: str, end: int) -> bool:
     return bool(_CJK.match(nxt) or prev and _CJK.match(prev))
 
 
+def part_within_reply_cap(said: str, token: str, fits_bytes: int) -> str:
+    """What the caller hears of `token`, the one that crosses MAX_TURN_REPLY_BYTES after `said`: at most `fits_bytes`
+    bytes of whole characters, ending on a whole word, with no SSML tag left half written (one begun in `token` is
+    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap)."""
+    spoken = said + token
+    end = len(token.encode()[:max(fits_bytes, 0)].decode("utf-8", "ignore"))
+    while end > 0 and not _is_word_end(spoken, len(said) + end):
+        end -= 1
+    heard = said + token[:end]
+    opened = heard.rfind("<")
+    if opened > heard.rfind(">"):
+        if opened >= len(said):
+            return token[:opened - len(said)]
+        closed = token.find(">", end)
+        return token[:closed + 1] if closed >= 0 else token[:end]
+    return token[:end]
+
+
 def _estimated_cut(spoken: str, tag_spans: list[tuple[int, int]], chars: int) -> int:
     """Where `chars` spoken characters end in `spoken` (SSML tags are not spoken), rounded up to a word's end that is
     not inside a tag."""
@@ -171,6 +189,7 @@ class TurnResult:
     cacheable: bool = False
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
+    cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -631,6 +650,7 @@ class ConversationEngine:
         elif not result.reply_text.strip() and outcome.action:
             yield from self._emit(result, entry.line("goodbye"))
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
+                and not result.cut_at_cap
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
                                            node_cacheable=plan.cacheable,
@@ -665,9 +685,11 @@ class ConversationEngine:
                 room -= len(token.encode())
                 if room < 0:
                     log.warning("llm_reply_cut_at_length_cap", max_bytes=MAX_TURN_REPLY_BYTES)
-                    token = token.encode()[:room].decode("utf-8", "ignore")  # the part that fits, whole characters
+                    result.cut_at_cap = True  # a reply stopped mid-sentence is no answer to serve again
+                    token = part_within_reply_cap(result.reply_text, token, len(token.encode()) + room)
                     result.reply_text += token
-                    yield token
+                    if token:
+                        yield token
                     break  # closing the stream below stops the model; the turn ends as it is
                 result.reply_text += token
                 yield token
