@@ -191,3 +191,20 @@ def test_a_reply_cut_at_the_cap_ends_on_a_whole_word_outside_any_tag(app, client
     assert runaway[len(heard)].isspace(), heard[-60:]  # the next word was not begun
     stored = app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
     assert stored == heard
+
+
+@pytest.mark.parametrize("reply", ["", '<break time="1s"/>'])
+def test_a_wordless_reply_ending_the_call_at_an_end_without_message_says_goodbye(app, client, fake_llm, reply):
+    """The end step has no endMessage: the caller must hear the goodbye line, not silence before the hang-up."""
+    body = make_call_body()
+    for node in body["nodes"]:
+        if node["id"] == "end_call_node":
+            node["data"].pop("endMessage")
+    body["edges"].append({"id": "edge_done", "source": "inquiry_type_node", "target": "end_call_node",
+                          "type": "conditional", "data": {"type": "ai_based", "aiCondition": "The caller is done"}})
+    data = client.post("/api/make-call-optimized", json=body).get_json()
+    assert data["success"], data
+    fake_llm.responder = lambda request: Reply(text=reply, tool_calls=[("transition", {"edge_id": "edge_done"})])
+    heard, result = say(app, data["optimization"]["trackingId"], "that's everything I needed")
+    assert result.action == "end"
+    assert heard.endswith(app.extensions["callweaver"].languages.get("en-US").line("goodbye"))

@@ -647,8 +647,8 @@ class ConversationEngine:
             return
         if outcome.action_message:
             yield from self._emit_after(result, outcome.action_message)
-        elif not result.reply_text.strip() and outcome.action:
-            yield from self._emit(result, entry.line("goodbye"))
+        elif not has_words(result.reply_text) and outcome.action:
+            yield from self._emit_after(result, entry.line("goodbye"))  # a lone <break/> is no goodbye
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
                 and not result.cut_at_cap
                 and outcome.next_node == state.current_node
