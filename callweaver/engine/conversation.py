@@ -190,6 +190,7 @@ class TurnResult:
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
+    providers_failed: bool = False     # no provider answered (the apology); a wordless reply is apologised for too
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -606,6 +607,7 @@ class ConversationEngine:
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
+            result.providers_failed = True
             self._stay_after_apology(result, state, workflow)
             return
 
@@ -637,6 +639,7 @@ class ConversationEngine:
             if control.cancelled:
                 return
             if stream2.apology_used:
+                result.providers_failed = True
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
         if outcome.action is None and not outcome.keys and not has_words(result.reply_text):
@@ -873,7 +876,7 @@ class ConversationEngine:
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
                 self.cache.release_prewarm(marker)
                 return stored
-            if turn.result.source == "apology":
+            if turn.result.providers_failed:
                 break  # every provider failed: the next utterance would fail too
             if turn.result.cache_candidate:
                 stored += bool(self.cache.put(*turn.result.cache_candidate))
