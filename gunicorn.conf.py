@@ -56,7 +56,26 @@ def post_worker_init(worker):
     waiting request is let through, app_loaded runs. The worker serves from now on, so entry points are read afresh
     again before anything of the app is imported."""
     entry_points_read_afresh()
-    worker.wsgi.__self__.when_loaded(app_loaded)  # wsgi.py's `app` is the bound method AppLoader.wsgi
+    loader = worker.wsgi.__self__  # wsgi.py's `app` is the bound method AppLoader.wsgi
+    loader.when_loaded(app_loaded)
+    hand_over_calls_on_sigterm(loader)
+
+
+def hand_over_calls_on_sigterm(loader):
+    """Render sends SIGTERM on every deploy. gunicorn's own handler only stops accepting connections; live relay
+    sockets then run on until graceful_timeout, when the master kills the worker in the middle of whatever the caller
+    was hearing. So the worker also tells its live calls to hand themselves over (Services.hand_over_live_calls:
+    each finishes and plays the reply in flight, then reconnects on a running instance), and exits once they have."""
+    import signal
+    import gevent
+    stop_accepting = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        stop_accepting(signum, frame)
+        # Off the signal handler, as gunicorn's gevent worker does for SIGQUIT.
+        gevent.spawn(loader.when_loaded, lambda app: app.extensions["callweaver"].hand_over_live_calls())
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def entry_points_read_once():

@@ -9,13 +9,19 @@ from typing import Any
 import requests
 import structlog
 from flask import Flask, jsonify, request
+from limits.errors import StorageError
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .lifecycle import CallRequestError, NotConfigured
 from .rate_limits import LimitReached
+from .store import StoreError
+
+# How much of an id an unsigned request named is logged (tracking ids are ~30 characters, call SIDs 34).
+LOGGED_ID_CHARS = 64
 
 log = structlog.get_logger()
+STATE_RETRY_AFTER_S = 5  # a 503 for unavailable state: Redis restarting, a locked or full SQLite file
 
 
 class ApiError(Exception):
@@ -56,6 +62,22 @@ def init_errors(app: Flask) -> None:
         response = jsonify(success=False, error=e.message)
         response.headers["Retry-After"] = str(e.retry_after_s)
         return response, 429
+
+    @app.errorhandler(StoreError)
+    @app.errorhandler(StorageError)
+    def _state_unavailable(e: Exception):
+        # The call store or the rate limits' storage (Redis, or the instance's SQLite files) failed: a state the
+        # operator fixes, not a bug, and nothing was done for the request. Details in the log only, with the call
+        # the request named (Twilio does not retry a status callback: this line is what is left of it). Unverified
+        # (its signature could not be checked without the call), so only as much as an id can be.
+        form = request.form if request.want_form_data_parsed else {}
+        named = {"tracking_id": request.args.get("trackingId") or form.get("trackingId"),
+                 "call_sid": form.get("CallSid") or request.args.get("CallSid"), "call_status": form.get("CallStatus")}
+        log.error("state_unavailable", path=request.path, error=f"{type(e).__name__}: {e}"[:300],
+                  **{key: value[:LOGGED_ID_CHARS] for key, value in named.items() if value})
+        response = jsonify(success=False, error="Call state storage is unavailable; try again shortly")
+        response.headers["Retry-After"] = str(STATE_RETRY_AFTER_S)
+        return response, 503
 
     @app.errorhandler(NotConfigured)
     def _not_configured(e: NotConfigured):

@@ -66,7 +66,9 @@ def limit_reached(windows: MovingWindowRateLimiter, item: RateLimitItem, identif
 
 def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
     """The moving windows of one process, in the storage every worker (and instance, with Redis) shares."""
-    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings)))
+    # wrap_exceptions: a storage failure (Redis down, an unusable SQLite file) raises limits' StorageError, which
+    # the API answers with 503 (errors.py); the request is refused, never let through unlimited.
+    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings), wrap_exceptions=True))
 
 
 class CallsPerDay:
@@ -158,8 +160,8 @@ class SQLiteLimitStorage(Storage, MovingWindowSupport):
         self._sweep_at = 0.0
 
     @property
-    def base_exceptions(self) -> type[Exception]:
-        return sqlite3.Error
+    def base_exceptions(self) -> tuple[type[Exception], ...]:
+        return sqlite3.Error, OSError  # OSError: the file's directory cannot be made
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():  # never share a connection across a fork

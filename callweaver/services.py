@@ -30,6 +30,8 @@ from .twilio_client import TwilioGateway
 if TYPE_CHECKING:
     from limits.strategies import MovingWindowRateLimiter
 
+    from .engine.relay_session import RelaySession
+
 log = structlog.get_logger()
 
 
@@ -37,11 +39,26 @@ log = structlog.get_logger()
 class Services:
     settings: Settings
     _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
+    # This worker's live relay sessions (registered by the relay route), so a stopping worker can hand them over.
+    live_sessions: set[RelaySession] = field(default_factory=set, init=False, repr=False)
+
+    def hand_over_live_calls(self) -> int:
+        """The worker is stopping (gunicorn.conf.py: SIGTERM, as Render sends on every deploy): every live call
+        ends its session at its next clean point and reconnects on a running instance (RelaySession.hand_over).
+        How many calls were told."""
+        sessions = list(self.live_sessions)
+        log.warning("worker_stopping", live_calls=len(sessions))
+        for session in sessions:
+            try:
+                session.hand_over()
+            except Exception:
+                log.exception("relay_hand_over_failed")
+        return len(sessions)
 
     @cached_property
     def store(self) -> Store:
-        if not self.settings.redis_url:
-            os.makedirs(os.path.dirname(os.path.abspath(self.settings.db_path)), exist_ok=True)
+        # (A SQLite store makes its directory when it first opens: a directory that cannot be made is then a
+        # StoreError, which /health reports and the API answers with 503, rather than a worker that cannot start.)
         return build_store(self.settings.db_path, self.settings.redis_url)
 
     @cached_property

@@ -857,3 +857,218 @@ def test_an_adopted_tool_only_speculation_does_not_count_its_wait_for_adoption_a
         assert speculation.first_token_ms() < 10_000
     finally:
         call.session.close()
+
+
+def test_a_stopping_worker_hands_an_idle_call_over_at_once_and_answers_nothing_more(call, fake_llm):
+    """RelaySession.hand_over (a deploy's SIGTERM): with Twilio silent, `end` {"reason": "handover"} goes at once;
+    what the caller says meanwhile is left to the resumed session."""
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    requests = len(fake_llm.requests)
+    call.session.hand_over()
+    call.send({"type": "prompt", "voicePrompt": "And the garden?", "lang": "en-US", "last": True})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+    assert len(fake_llm.requests) == requests and len(call.turns()) == 1
+
+
+def test_a_stopping_worker_waits_for_the_reply_twilio_is_still_speaking(call, fake_llm):
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")  # Twilio speaks it now (agentSpeaking off not yet reported)
+    call.session.hand_over()
+    time.sleep(0.3)
+    assert not any(m["type"] == "end" for m in call.sent), "the reply is still playing"
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+
+
+def test_a_stopping_worker_hands_over_at_once_after_a_barge_in(call, fake_llm):
+    """Twilio stops speaking at a barge-in (and reports no agentSpeaking off for it): nothing is left to play."""
+    fake_llm.push(Reply(text="It has three bedrooms and a very large garden with old apple trees."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has", "durationUntilInterruptMs": 300})
+    from structlog.testing import capture_logs
+    with capture_logs() as logs:
+        call.session.hand_over()
+        call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert "relay_playback_wait_timed_out" not in [e["event"] for e in logs]
+
+
+# ---- the end of a call: a closing line's end, its waiters, and what the turn reports ------------------------------
+
+def agent_fell_silent(call: "Call") -> None:
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+
+
+def test_a_goodbye_talked_over_just_after_agent_speaking_off_neither_hangs_up_nor_ignores_them(call, fake_llm,
+                                                                                                monkeypatch):
+    """Twilio may report agentSpeaking off when the barge-in stops playback and send the `interrupt` just after: the
+    goodbye's end waits a grace for it, and that interrupt drops the end as one before agentSpeaking off does (the
+    call stays on its step and answers the caller). The grace is widened here so the test never depends on timing."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    agent_fell_silent(call)
+    time.sleep(0.05)  # the interrupt follows a few tens of milliseconds later
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    record = call.svc.store.get_call(call.tracking_id)
+    assert record.current_node == node and "pendingAction" not in (record.meta or {})
+    assert call.turns()[-1]["action"] is None
+    assert_the_call_goes_on(call, fake_llm)
+
+
+def test_a_goodbye_heard_whole_ends_the_call_when_its_interrupt_follows_agent_speaking_off(call, fake_llm, monkeypatch):
+    """The interrupt in the grace reports the whole line heard: the end is not dropped, and goes out at once."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    closing_line = call.assistant_lines()[-1]
+    agent_fell_silent(call)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": closing_line, "durationUntilInterruptMs": 3000})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
+
+
+def test_a_goodbye_heard_to_its_end_is_ended_after_agent_speaking_off_with_no_interrupt(call, fake_llm):
+    """No interrupt follows agentSpeaking off: the end goes out once the grace has passed (never held for good)."""
+    from callweaver.engine.relay_session import CLOSING_INTERRUPT_GRACE_S
+
+    assert 0.15 <= CLOSING_INTERRUPT_GRACE_S <= 0.25
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert [m["type"] for m in call.sent].count("end") == 1
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "end"
+
+
+def japanese_turn_whose_commit_fails(call: "Call", fake_llm, monkeypatch) -> None:
+    """The caller of an English call speaks Japanese: the turn switches the voice, and its store write fails."""
+    from callweaver.store import StoreError
+
+    store = call.svc.store
+    commit, failed = store.commit_turn, threading.Event()
+
+    def fails(*args, **kwargs):
+        failed.set()
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(store, "commit_turn", fails)
+    fake_llm.push(Reply(text="はい、承知しました。"))
+    call.send({"type": "prompt", "voicePrompt": "物件について教えてください", "lang": "ja-JP", "last": True})
+    reply = call.session._reply
+    call.wait(lambda: failed.is_set() and (reply is None or reply.dead))  # its task handled the failed write
+    monkeypatch.setattr(store, "commit_turn", commit)
+    assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP"]
+
+
+def test_after_a_turn_whose_commit_failed_the_apology_is_in_the_language_it_switched_to(call, fake_llm, monkeypatch):
+    """Twilio speaks Japanese since that turn, whatever the store kept: the apology ending the call is Japanese."""
+    japanese_turn_whose_commit_fails(call, fake_llm, monkeypatch)
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    apology = call.svc.engine.languages.get("ja-JP").line("apology")
+    assert {"type": "text", "token": apology, "last": True} in call.sent, call.sent
+
+
+def test_after_a_turn_whose_commit_failed_speaking_english_again_switches_the_voice_back(call, fake_llm, monkeypatch):
+    """The session must know Twilio speaks Japanese: the caller's next English words switch the voice back (without
+    it, the English reply was read by the Japanese voice)."""
+    japanese_turn_whose_commit_fails(call, fake_llm, monkeypatch)
+    fake_llm.push(Reply(text="Sure, what would you like to know?"))
+    call.say("Sorry, can we speak English?")
+    assert [m["ttsLanguage"] for m in call.sent if m["type"] == "language"] == ["ja-JP", "en-US"]
+    assert call.svc.store.get_call(call.tracking_id).language == "en-US"
+
+
+class FirstWaiterHeld:
+    """A spawn whose first end waiter (the goodbye's) starts only once `release` is set: the error ending's waiter,
+    spawned later, wakes first, as scheduling may have it."""
+
+    def __init__(self) -> None:
+        self.release, self.done = threading.Event(), threading.Event()
+        self.held = False
+
+    def spawn(self, fn, *args):
+        if getattr(fn, "__name__", "") != "_end_after_playback" or self.held:
+            return spawn(fn, *args)
+        self.held = True
+
+        def held() -> None:
+            self.release.wait(10)
+            try:
+                fn(*args)
+            finally:
+                self.done.set()
+
+        return spawn(held)
+
+
+def test_a_goodbye_and_an_error_ending_send_the_end_decided_first_whichever_waiter_wakes_first(app, client,
+                                                                                                 fake_llm):
+    """The goodbye's end was decided before repeated Twilio errors ended the call too: its reason (end, or transfer
+    with its destination) is the one Twilio gets (and posts back to the action URL), not whichever waiter ran first."""
+    held = FirstWaiterHeld()
+    call = Call(app, client, spawn=held.spawn)
+    try:
+        call.say("goodbye")
+        call.wait(lambda: held.held)  # the goodbye's waiter is spawned (after its commit) and held
+        for _ in range(3):
+            call.send({"type": "error", "description": "Invalid message received"})
+        agent_fell_silent(call)
+        call.wait(lambda: any(m["type"] == "end" for m in call.sent))  # sent by the error ending's waiter
+        held.release.set()
+        assert held.done.wait(10)
+        ends = [m for m in call.sent if m["type"] == "end"]
+        assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["end"], call.sent
+    finally:
+        call.session.close()
+
+
+def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(call, fake_llm):
+    """Repeated Twilio errors end the call while its goodbye plays, and the caller talks over the goodbye: its end
+    is dropped (the call goes back to its step in the store), and the error ending, never dropped, goes out."""
+    node = call.svc.store.get_call(call.tracking_id).current_node
+    call.say("goodbye")
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    ends = [m for m in call.sent if m["type"] == "end"]
+    assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["error"], call.sent
+    assert call.svc.store.get_call(call.tracking_id).current_node == node
+
+
+def test_an_adopted_tool_only_speculation_counts_its_routing_before_the_hold_as_time_to_first_token(
+        app, client, fake_llm, monkeypatch):
+    """Only the follow-up's wait for adoption is left out of the speculation's time to first token: the routing done
+    after the first answer (which a turn that did not speculate pays too) is in it, so savedMs is not overstated...
+    nor the speculation's own time understated."""
+    from callweaver.engine import conversation
+
+    call = Call(app, client, workflow="loan_prequalification_logical")
+    try:
+        now = [1000.0]
+        engine = call.svc.engine
+        monkeypatch.setattr(engine, "clock", lambda: now[0])  # moves only when the test moves it
+        routing = conversation.apply_turn
+
+        def routing_takes_half_a_second(*args, **kwargs):
+            now[0] += 0.5
+            return routing(*args, **kwargs)
+
+        monkeypatch.setattr(conversation, "apply_turn", routing_takes_half_a_second)
+        fake_llm.push(TOOL_ONLY, Reply(text="Thanks Dana."))
+        speculation = engine.speculate(call.svc.store.get_call(call.tracking_id), "My name is Dana Wu", lang="en-US")
+        spawn(speculation.pump)
+        call.wait(lambda: speculation.turn.result.tool_calls)
+        now[0] += 10.0  # held 10 s for adoption
+        assert "".join(speculation.replay()) == "Thanks Dana."
+        assert speculation.turn.followup_held_s == pytest.approx(10.0)
+        assert speculation.first_token_ms() == pytest.approx(500.0)
+    finally:
+        call.session.close()

@@ -213,3 +213,15 @@ def test_purging_transcripts_marks_meta_and_keeps_the_keys_other_writers_set(sto
     assert meta["transcriptPurgedAt"] > 0
     assert meta["setup"] == {"direction": "inbound"} and meta["unansweredSpeculations"] == {"speculations": 1}
     assert store.purge_transcripts(older_than=30.0) == 0  # nothing left to purge: meta untouched
+
+
+def test_a_turn_of_a_call_the_store_no_longer_has_is_logged_as_not_stored(store, engine):
+    """Redis restarted without its data (or the call was purged) while the call was live: the store writes
+    nothing for the turn, and the log says so with the call's id rather than reporting the turn completed."""
+    import structlog.testing
+
+    session_record = CallRecord(tracking_id="gone", call_sid="CA1", status="in-progress")
+    with structlog.testing.capture_logs() as logs:
+        updated = engine.commit_turn(session_record, ending_turn(), path="optimized", timings={})
+    assert updated is None and store.get_call("gone") is None
+    assert [e["tracking_id"] for e in logs if e["event"] == "turn_not_stored" and e["log_level"] == "error"] == ["gone"]

@@ -172,6 +172,27 @@ def test_barge_in_stops_the_reply_without_further_messages_for_it(stack, llm):
     assert reply.text == "Sure."
 
 
+def test_a_goodbye_talked_over_with_agent_speaking_off_before_the_interrupt_neither_hangs_up_nor_ignores_them(
+        stack, llm):
+    """Twilio reports the playback the barge-in stopped (agentSpeaking off) a few milliseconds before the
+    `interrupt`: the goodbye's end is dropped all the same, and the caller's next words are answered."""
+    caller = new_call(stack, closing_quiet_s=0.05, speaking_rate_cps=20)  # the goodbye plays for about 3 s
+    caller.connect()
+    caller.prompt("goodbye")
+    sent = []
+    while not (sent and sent[-1].get("type") == "text" and sent[-1].get("last")):
+        msg = caller.recv()
+        assert msg is not None and msg.get("type") != "end", sent
+        sent.append(msg)
+    caller.interrupt(heard="Thank you", played_ms=500, silent_first_s=0.02)
+    stray = caller.drain(quiet_s=0.6)
+    assert not [m for m in stray if m.get("type") == "end"], stray
+    llm.push(Reply(text="Of course, what else?"))
+    reply = caller.say("wait, one more question")
+    caller.hangup()
+    assert reply.text == "Of course, what else?" and reply.end is None
+
+
 # ---- 4. keypad: one turn per entry; sendDigits and play are valid messages -----------------------------
 
 def test_typed_digits_make_one_turn_and_hash_ends_the_entry(stack, llm):

@@ -603,7 +603,6 @@ class ConversationEngine:
                               max_tokens=options.get("max_tokens"), model=options.get("model"),
                               apology=entry.line("apology"))
         yield from self._relay_stream(result, stream, control, llm_span)
-        first_answered = self.clock()  # a held follow-up waits for adoption from here
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
@@ -623,8 +622,11 @@ class ConversationEngine:
             # same one with what was just recorded) must answer; keys pressed at a phone menu need no words. This
             # is the one case with a second request; it only happens when the model ignores "speak first".
             if control.go_ahead is not None:
-                control.go_ahead.wait()  # a speculation pays the second request only once it is adopted
-                control.held_s = self.clock() - first_answered
+                # A speculation pays the second request only once it is adopted. Only this wait is held time: the
+                # routing above is work a turn that did not speculate does too (its time to first token).
+                holding = self.clock()
+                control.go_ahead.wait()
+                control.held_s = self.clock() - holding
                 if control.cancelled:
                     return
             log.info("tool_only_reply_followup", node=outcome.next_node)
@@ -778,6 +780,10 @@ class ConversationEngine:
         # One write, no read-back: the record this call goes on with is the one it had, with the turn applied.
         index = self.store.commit_turn(record.tracking_id, fields, turn_row, counters=turn_counters(turn_row),
                                        transcript_entry=entry)
+        if index is None:
+            # The store has no such call any more (a Redis restarted without its data, a purge): nothing was written.
+            log.error("turn_not_stored", tracking_id=record.tracking_id, reason="the call is not in the store",
+                      node=r.node_id, first_token_ms=timings.get("firstTokenMs"))
         meta = record.meta
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback

@@ -73,13 +73,22 @@ class Info:
     @property
     def agent_fell_silent(self) -> bool:
         """Twilio finished speaking everything it was given."""
-        return self.name == AGENT_SPEAKING and str(self.value).lower() == "off"
+        return self.agent_speaking is False
 
     @property
     def client_speaking(self) -> bool | None:
         """clientSpeaking: True when the caller started talking ("on"), False when they stopped ("off"), None for
         any other event. Documented shape: `{"type": "info", "name": "clientSpeaking", "value": "on" | "off"}`."""
-        if self.name != CLIENT_SPEAKING:
+        return self._on_off(CLIENT_SPEAKING)
+
+    @property
+    def agent_speaking(self) -> bool | None:
+        """agentSpeaking: True when Twilio started speaking what we sent ("on"), False when it fell silent ("off"),
+        None for any other event."""
+        return self._on_off(AGENT_SPEAKING)
+
+    def _on_off(self, name: str) -> bool | None:
+        if self.name != name:
             return None
         value = str(self.value).lower()
         return True if value == "on" else False if value == "off" else None

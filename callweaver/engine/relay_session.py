@@ -33,12 +33,20 @@ MAX_CONSECUTIVE_ERRORS = 3      # Twilio `error` messages in a row before we giv
 PLAYBACK_WAIT_MIN_S = 2.0
 PLAYBACK_WAIT_MAX_S = 20.0
 SLOW_SPEECH_FACTOR = 2 / 3      # a slow voice speaks at two thirds of the language's typical rate
+# After agentSpeaking off, a closing line's end/transfer waits this long for an `interrupt` before it goes out. A
+# barge-in stops playback, and Twilio may report that stop (agentSpeaking off) just before the `interrupt` of the same
+# talk cycle; the two frames leave Twilio together, so what separates them here is the jitter between two frames of
+# one WebSocket across the internet (tens of milliseconds; a delayed TCP segment takes longer and no grace covers it
+# all). 200 ms is several times that jitter and costs a goodbye heard to its end 200 ms of silence before the hang-up.
+CLOSING_INTERRUPT_GRACE_S = 0.2
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
 SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store down) before the call ends
 # No transcript for this long after an interim one: the caller's speech ended without a final transcript (the
 # recogniser dropped it), so that turn's speculations are accounted as unanswered (their cost is kept).
 NO_FINAL_AFTER_S = 5.0
+# handoffData reason of the `end` a stopping worker sends (RelaySession.hand_over): the action URL reconnects the call.
+HANDOVER = "handover"
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -78,10 +86,11 @@ class RelaySession:
     # Every live call holds one while it is idle: slots, no per-instance dict (bench/idle_call_memory.py).
     __slots__ = ("engine", "text_hold_s", "sender", "spawn", "clock", "inter_digit_s", "record", "call_sid",
                  "_reply", "_streaming", "_turn", "_sent", "_committed", "_timings", "_fell_silent_event",
-                 "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing", "ended",
+                 "_reply_stopped_event", "_digits", "_digit_batch", "_errors_in_a_row", "_closing_end", "ended",
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
-                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing")
+                 "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
+                 "_barged_in_event", "_handing_over", "_agent_speaking")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -103,12 +112,16 @@ class RelaySession:
         # Made on first use (the properties below), like the cadence: an idle call holds none of them.
         self._fell_silent_event: threading.Event | None = None    # set by `info` agentSpeaking off
         self._reply_stopped_event: threading.Event | None = None  # set when the current reply is cancelled
+        self._barged_in_event: threading.Event | None = None      # set by `interrupt`
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
-        self._closing = False        # a closing line is playing: `end` follows, new input is not answered
         self._closing_turn: Turn | None = None  # the turn whose end/transfer waits for its line to play
+        self._closing_end: dict | None = None   # that end/transfer (dropped if the caller talks over the line)
+        self._forced_end: dict | None = None    # an ending for an error or a handover, never dropped by a barge-in
         self.ended = False
+        self._handing_over = False   # this worker is stopping: `end` (HANDOVER) follows the reply in flight
+        self._agent_speaking: bool | None = None  # Twilio's last agentSpeaking (None: it has reported none)
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
         self._discarded: list[SpeculativeTurn] = []        # this caller turn's dropped speculations (metrics)
         self._partial_seq = 0        # bumps on every partial and final so a stale stability timer does nothing
@@ -132,6 +145,18 @@ class RelaySession:
         if self._fell_silent_event is None:
             self._fell_silent_event = threading.Event()
         return self._fell_silent_event
+
+    @property
+    def _barged_in(self) -> threading.Event:
+        """Set by `interrupt`: ends a closing line's grace for an interrupt after agentSpeaking off."""
+        if self._barged_in_event is None:
+            self._barged_in_event = threading.Event()
+        return self._barged_in_event
+
+    @property
+    def _closing(self) -> bool:
+        """A closing line is playing or the call is being ended (an error, a handover): new input is not answered."""
+        return self._closing_end is not None or self._forced_end is not None or self._handing_over
 
     @property
     def _reply_stopped(self) -> threading.Event:
@@ -435,6 +460,9 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
+            self._agent_speaking = False
+            if self._barged_in_event is not None:  # made when a closing line starts: only its waiter reads it
+                self._barged_in_event.set()
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
@@ -442,17 +470,20 @@ class RelaySession:
         line = turn.result.reply_text
         return self._heard(line, message, turn.result.language) != line
 
-    def _stop_closing(self) -> None:
-        """No closing line is waiting for its end any more."""
-        self._closing, self._closing_turn = False, None
+    def _stop_closing(self, turn: Turn) -> None:
+        """`turn`'s closing line no longer waits for its end (an error ending decided meanwhile still goes out)."""
+        if self._closing_turn is turn:
+            self._closing_turn = self._closing_end = None
 
     def _drop_closing_action(self, turn: Turn) -> None:
         """The caller talked over a closing line before its end: the end/transfer it announced was not heard, so
         it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
         reply cut mid-stream; the caller's next words are answered."""
-        self._stop_closing()
+        self._stop_closing(turn)
         self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
+        if self._handing_over:  # the call stays, but not on this worker
+            self.spawn(self._hand_over_when_played)
 
     def _settle_previous(self) -> None:
         """Before a new turn: cut off a reply still streaming (closing its talk cycle); wait for a finished one."""
@@ -519,6 +550,8 @@ class RelaySession:
             self._end_soon(protocol.end("error", detail="repeated Twilio errors"), self._canned("apology"))
 
     def _on_info(self, message: protocol.Info) -> None:
+        if message.agent_speaking is not None:
+            self._agent_speaking = message.agent_speaking
         if message.agent_fell_silent:
             self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -578,8 +611,10 @@ class RelaySession:
                 audio_sent = self._play_entered_audio(turn)
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
-                self._closing, self._closing_turn = True, turn
+                announced = self._closing_message(turn)
+                self._closing_turn, self._closing_end = turn, announced
                 self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
+                self._barged_in.clear()    # and an interrupt is about it
             try:
                 self._send_text(tail, close_cycle=True)
             except Exception:
@@ -591,7 +626,7 @@ class RelaySession:
             if not self._streaming:
                 # The caller barged in while the last frame was written: the canceller commits what was heard,
                 # and a closing line cut short announces nothing (its end/transfer is dropped).
-                self._stop_closing()
+                self._stop_closing(turn)
                 return
             self._timings["lastTokenMs"] = elapsed_ms(received, self.clock())
         except Exception:
@@ -599,7 +634,7 @@ class RelaySession:
             self._writing = ""  # a write that raised sent nothing
             if closing:
                 # no `end` follows a closing line that failed: the caller's next words count
-                self._stop_closing()
+                self._stop_closing(turn)
             if not self._streaming:
                 # Cancelled meanwhile (a barge-in): the canceller commits what was heard, not everything sent.
                 turn.close() if tokens is None else turn.cancel()
@@ -625,13 +660,45 @@ class RelaySession:
             self._send(protocol.send_digits(turn.result.keys))  # a phone menu answered: press what it asked
         if not closing:
             return
+        # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
+        self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent,
+                   turn.result.language)
+
+    @staticmethod
+    def _closing_message(turn: Turn) -> dict:
+        """The `end` a completed closing turn announced: end, or transfer with its destination."""
         r = turn.result
         if r.action == "end":
-            message = protocol.end("end", node=r.next_node)
-        else:
-            message = protocol.end("transfer", destination=r.destination, node=r.next_node)
-        # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
-        self.spawn(self._end_after_playback, message, r.reply_text, True, audio_sent, r.language)
+            return protocol.end("end", node=r.next_node)
+        return protocol.end("transfer", destination=r.destination, node=r.next_node)
+
+    def hand_over(self) -> None:
+        """This worker is stopping (Render sends SIGTERM on every deploy; gunicorn then kills what is still running
+        after GUNICORN_GRACEFUL_TIMEOUT, mid-sentence). So end the session at the next clean point, with `end`
+        {"reason": "handover"}: once the reply in flight has been sent, committed and played, else at once. Twilio
+        then asks the action URL, which lands on a running instance and reconnects the call from the store. The
+        caller's new words are not answered here meanwhile (the resumed session's greeting asks them to go on);
+        a goodbye or transfer already under way ends the call as it would have."""
+        if self.ended or self._handing_over:
+            return
+        self._handing_over = True  # no new turn starts here (`_closing`)
+        self.spawn(self._hand_over_when_played)
+
+    def _hand_over_when_played(self) -> None:
+        reply = self._reply
+        if reply is not None:
+            reply.join(timeout=PLAYBACK_WAIT_MAX_S)  # sent and committed
+        if self.ended or self._closing_turn is not None:
+            return  # a goodbye or transfer is playing: its own `end` follows
+        if self._forced_end is None:
+            self._forced_end = protocol.end(HANDOVER)  # the one `end` sent (an error ending already decided stays)
+        log.info("relay_handing_over", agent_speaking=self._agent_speaking)
+        if self._agent_speaking is False:
+            self._fell_silent.set()  # Twilio has played everything it was given: at once
+        elif self._agent_speaking:
+            self._fell_silent.clear()  # its next agentSpeaking off
+        # (Twilio never reported agentSpeaking: the next event, or the bounded wait for the last reply's text)
+        self._end_after_playback(protocol.end(HANDOVER), self._sent, cleared=self._agent_speaking is not None)
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
         """One `text` frame of the current reply (nothing for an empty chunk). While it is written it is `_writing`:
@@ -643,6 +710,7 @@ class RelaySession:
                 self.sender.send_json(protocol.close_cycle())
             return
         self._writing = chunk
+        self._agent_speaking = True  # Twilio speaks it, until it reports agentSpeaking off
         if close_cycle:
             self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
         else:
@@ -662,8 +730,9 @@ class RelaySession:
 
     def _end_soon(self, message: dict, spoken: str) -> None:
         """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read. An
-        ending for an error is never dropped by a barge-in (no closing turn)."""
-        self._closing, self._closing_turn = True, None
+        ending for an error is never dropped by a barge-in (only a closing turn's end is)."""
+        if self._forced_end is None:
+            self._forced_end = message
         self._fell_silent.clear()
         self.spawn(self._end_after_playback, message, spoken, True)
 
@@ -671,22 +740,35 @@ class RelaySession:
                             with_audio: bool = False, language: str | None = None) -> None:
         """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
         session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
-        speaking rate (by the longest wait when a recording of unknown length plays too)."""
+        speaking rate (by the longest wait when a recording of unknown length plays too); then, while a closing line
+        could still be talked over, up to CLOSING_INTERRUPT_GRACE_S for an interrupt that drops its end.
+
+        Whichever waiter wakes first sends the one `end`, and always the same one (`_pending_end`), so the reason
+        Twilio gets and the log records never depend on which greenlet ran first."""
         if not cleared:
             self._fell_silent.clear()
         bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
-        if not self._closing:
+        if self._closing_turn is not None:
+            self._barged_in.wait(timeout=CLOSING_INTERRUPT_GRACE_S)  # set at once when the interrupt came first
+        pending = self._pending_end()
+        if pending is None:
             log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
             return  # the caller talked over the closing line before its end (_drop_closing_action)
         if self.ended:
             return  # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`
         self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
-        log.info("relay_ending", reason=json.loads(message["handoffData"]).get("reason"),
+        log.info("relay_ending", reason=json.loads(pending["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
-        self._send(message)
+        self._send(pending)
+
+    def _pending_end(self) -> dict | None:
+        """The `end` that goes out once the closing line has played. A closing line's own end/transfer, which the
+        caller heard announced, goes before an error ending decided while it played (it is always decided first:
+        an error ending cancels a reply still streaming, and no reply starts once one is pending)."""
+        return self._closing_end or self._forced_end
 
     def _language_message(self, code: str) -> dict[str, Any]:
         """Switch the voice; switch recognition too unless it is auto-detecting (`multi`)."""
@@ -710,8 +792,8 @@ class RelaySession:
             task.join(timeout=1.0)
             if not task.dead:
                 task.kill(timeout=1.0)  # raises GreenletExit in it, past its own clean-up of a closing line
-        if self._closing_turn is turn:
-            self._stop_closing()  # a closing line cut short announces nothing
+        if turn is not None:
+            self._stop_closing(turn)  # a closing line cut short announces nothing
         self._reply = None
         if turn is not None:
             if self._timings.get("lastTokenMs") is None and self._timings.get("firstTokenMs") is not None:
@@ -739,12 +821,17 @@ class RelaySession:
                 self._stored_cycle = last["content"] if last.get("role") == "assistant" else None
         except Exception:
             log.exception("relay_commit_failed", tracking_id=self.record.tracking_id)
+            if turn.result.language != self.record.language:
+                # Twilio speaks the language the turn switched its voice to, whatever the store kept: the call goes
+                # on in it (its apologies, its speaking rate, a switch back), as if the write had been made.
+                self.record = dataclasses.replace(self.record, language=turn.result.language)
 
     def _canned(self, key: str) -> str:
         return self.engine.languages.get(self.record.language if self.record else None).line(key)
 
     def _speak_canned(self, key: str) -> None:
         self._stored_cycle = None  # a talk cycle of its own, not in the history
+        self._agent_speaking = True
         self._send(protocol.text(self._canned(key), last=True))
 
     def _send(self, message: dict) -> None:
@@ -758,6 +845,8 @@ class RelaySession:
     def close(self) -> None:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
+        if self._barged_in_event is not None:
+            self._barged_in_event.set()  # nor for an interrupt
         self._digit_batch += 1
         self._partial_seq += 1
         self._settle_unanswered("hangup")

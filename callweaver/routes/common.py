@@ -8,7 +8,7 @@ import structlog
 from flask import Response, jsonify, request
 
 from ..engine import valid_json
-from ..errors import ApiError
+from ..errors import LOGGED_ID_CHARS, ApiError
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
 from ..services import services
@@ -26,8 +26,6 @@ RELAY_PATH = "/api/conversationrelay-ws"
 # tests/test_web_app_origins_and_credentials.py checks the list against the routes.
 BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimized", "/api/connect-action",
                      "/api/call-status-optimized", RELAY_PATH)
-# How much of an id an unsigned request named is logged (tracking ids are ~30 characters, call SIDs 34).
-LOGGED_ID_CHARS = 64
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
 

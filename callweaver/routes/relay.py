@@ -82,12 +82,15 @@ class RelayClaim:
         return max(0.0, self.renew_at - time.monotonic())
 
     def renew_if_due(self) -> bool:
-        """False once another socket holds the call (its resume replaced this claim)."""
+        """False once another socket holds the call (its resume replaced this claim). A claim the store no longer
+        has at all (a Redis restarted without its data, e.g. one without persistence) is taken again, which
+        succeeds only while no other live socket holds the call."""
         if time.monotonic() < self.renew_at:
             return True
         self.renew_at = time.monotonic() + self.lease_s / 3
         try:
-            return self.store.renew_relay_socket(self.tracking_id, self.owner, self.lease_s)
+            return (self.store.renew_relay_socket(self.tracking_id, self.owner, self.lease_s)
+                    or self.store.claim_relay_socket(self.tracking_id, self.owner, self.generation, self.lease_s))
         except StoreError:
             log.warning("relay_claim_renew_failed")
             return True  # a store outage must not hang up a live call; the lease covers it
@@ -159,9 +162,11 @@ def conversation_relay(ws):
     svc = services()
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
                            text_hold_s=svc.settings.relay_text_hold_ms / 1000)
+    svc.live_sessions.add(session)
     try:
         RelaySocket(ws, session, g.relay_claim, svc.settings.relay_setup_timeout_s, svc.heap_trimmer).serve()
     finally:
+        svc.live_sessions.discard(session)
         session.close()
 
 

@@ -10,6 +10,7 @@ from twilio.twiml.voice_response import Language, VoiceResponse
 
 from ..engine import relay_protocol
 from ..engine.languages import LanguageEntry, LanguageTable
+from ..engine.relay_session import HANDOVER
 from ..security import websocket_url
 from ..services import services
 from ..store import CallRecord
@@ -209,14 +210,16 @@ def connect_action(record=None):
     log.info("connect_action", session_status=status, duration_s=duration, handoff=handoff.get("reason"),
              error_code=params.get("ErrorCode"))
     vr = VoiceResponse()
+    # The socket broke (crashed worker) or a stopping worker handed the call over (a deploy): reconnect.
+    reconnect = status == "failed" or handoff.get("reason") == HANDOVER
     resumed = svc.lifecycle.try_resume(record, entry.line("resumed"), params.get("ErrorCode"),
-                                       params.get("ErrorMessage")) if status == "failed" else None
+                                       params.get("ErrorMessage")) if reconnect else None
     if handoff.get("reason") == "transfer" and svc.lifecycle.destination_allowed(handoff.get("destination")):
         vr.dial(handoff["destination"])
     elif resumed is not None:
-        # The socket broke (deploy, crashed worker): reconnect and carry on from the store.
+        # Carry on from the store, on whichever instance took this request.
         _connect_relay(vr, resumed, entry, entry.line("resumed"), resumed=True)
-    elif status == "failed" or handoff.get("reason") == "transfer":
+    elif reconnect or handoff.get("reason") == "transfer":
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     elif handoff.get("reason") in ("end", "error"):

@@ -321,12 +321,18 @@ class RelayCaller:
             reply.end, reply.unheard_at_end = follow, follow.get("unheard")
             return
 
-    def interrupt(self, heard: str | None = None, played_ms: int | None = None) -> None:
-        """Barge in: Twilio stops speaking and reports what was spoken (by default, the playback model's)."""
+    def interrupt(self, heard: str | None = None, played_ms: int | None = None, *,
+                  silent_first_s: float | None = None) -> None:
+        """Barge in: Twilio stops speaking and reports what was spoken (by default, the playback model's).
+        `silent_first_s`: Twilio first reports the stopped playback (agentSpeaking off, with speaker events on) and
+        sends the interrupt this many seconds later, as it may."""
         playback = self.twilio.playback
         measured_ms = playback.played_ms()
         playback.stop()
         self.twilio.cycle_open = False
+        if silent_first_s is not None and self.twilio.speaker_events:
+            self.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+            time.sleep(silent_first_s)
         self.send({"type": "interrupt",
                    "utteranceUntilInterrupt": playback.cycle_heard if heard is None else heard,
                    "durationUntilInterruptMs": measured_ms if played_ms is None else played_ms})

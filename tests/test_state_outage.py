@@ -1,0 +1,89 @@
+"""The shared state (Redis, or the instance's SQLite files) unavailable: the API says so with a 503 the web app can
+show, never a bare 500, and the service works again once the state is back."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from callweaver import create_app
+from callweaver.routes.relay import RelayClaim
+from callweaver.store import build_store
+from tests.conftest import base_env
+from tests.fakes.redis_server import RedisServer
+from tests.helpers import make_call_body
+
+CALL_SID = "CA" + "1" * 32
+
+
+def assert_state_unavailable(resp) -> None:
+    assert resp.status_code == 503, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["success"] is False
+    assert "unavailable" in body["error"] and "Internal server error" not in body["error"]
+    assert resp.headers.get("Retry-After")
+
+
+@pytest.fixture
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+def test_api_during_a_redis_outage_answers_503_and_recovers_when_redis_is_back(tmp_path, fake_twilio, redis_server):
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+    redis_server.stop()
+    assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
+    assert_state_unavailable(client.post("/api/end-call", json={"callSid": CALL_SID}))
+    assert_state_unavailable(client.get(f"/api/call-status?callSid={CALL_SID}"))
+    redis_server.start()
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+
+
+def test_api_with_an_unusable_sqlite_directory_answers_503_not_500(tmp_path, fake_twilio):
+    env = base_env(tmp_path, fake_twilio)
+    client = create_app(env).test_client()
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # the store's and the rate limits' files cannot be made under a file, even as root
+    env["CALLWEAVER_DB"] = str(blocker / "cw.sqlite3")
+    client = create_app(env).test_client()
+    assert client.get("/health").status_code == 503  # what Render's health check sees: the deploy never goes live
+    assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
+
+
+def test_a_live_socket_keeps_its_call_when_redis_comes_back_empty(redis_server):
+    """A Redis without persistence restarts empty: the claim is gone, and the socket holding the call must take it
+    back rather than close as if another socket had replaced it (which hung up every live call)."""
+    store = build_store("", redis_server.url, key_prefix="cwtest:claim-restart:")
+    claim = RelayClaim(store, SimpleNamespace(tracking_id="call_1", resume_count=0), lease_s=30)
+    assert claim.acquire()
+    redis_server.stop()
+    redis_server.start()  # empty
+    claim.renew_at = 0.0  # its renewal is due
+    assert claim.renew_if_due() is True
+    resumed = RelayClaim(store, SimpleNamespace(tracking_id="call_1", resume_count=1), lease_s=30)
+    assert resumed.acquire()  # a resume's new socket takes over at once, as before
+    claim.renew_at = 0.0
+    assert claim.renew_if_due() is False, "a resumed call's new socket still replaces the old one"
+    store.close()
+
+
+def test_a_status_callback_lost_to_a_redis_outage_is_logged_with_the_call(tmp_path, fake_twilio, redis_server):
+    """Twilio does not retry a status callback: one refused while the store is down leaves the call live in the
+    store, so the log must say which call and which status, for the operator to reconcile."""
+    import structlog.testing
+
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    redis_server.stop()
+    with structlog.testing.capture_logs() as logs:
+        resp = client.post("/api/call-status-optimized?trackingId=call_1_abc",
+                           data={"CallSid": CALL_SID, "CallStatus": "completed", "SequenceNumber": "4"})
+    assert resp.status_code == 503
+    [line] = [e for e in logs if e["event"] == "state_unavailable"]
+    assert (line["tracking_id"], line["call_sid"], line["call_status"]) == ("call_1_abc", CALL_SID, "completed")
