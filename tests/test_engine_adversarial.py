@@ -208,3 +208,17 @@ def test_a_wordless_reply_ending_the_call_at_an_end_without_message_says_goodbye
     heard, result = say(app, data["optimization"]["trackingId"], "that's everything I needed")
     assert result.action == "end"
     assert heard.endswith(app.extensions["callweaver"].languages.get("en-US").line("goodbye"))
+
+
+@pytest.mark.parametrize("said, token, fits, heard", [
+    ("Hold on.", " forever", 4, ""),                                 # no half word
+    ("Hold on. Now", " and forever", 8, " and"),
+    ("Hold on.", " <break time='1s'/>", 6, ""),                      # a tag begun at the cap is not begun
+    ("Hold on. <break", " time='1s'/> then", 4, " time='1s'/>"),     # one begun before is finished
+    ("Hold on. <break", " time='1s'" + "x" * 500 + "/>", 4, ""),     # ...only when it closes soon after
+    ("请稍等。", "我会一直说下去", 7, "我会"),                          # whole characters (3 bytes each)
+])
+def test_the_part_of_the_token_crossing_the_cap(said, token, fits, heard):
+    from callweaver.engine.conversation import part_within_reply_cap
+
+    assert part_within_reply_cap(said, token, fits) == heard

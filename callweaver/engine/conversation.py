@@ -37,6 +37,7 @@ MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
 # (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
 # (Polly speaks at most 3,000 bytes, Twilio warning 13521).
 MAX_TURN_REPLY_BYTES = 2000
+MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -105,7 +106,7 @@ def part_within_reply_cap(said: str, token: str, fits_bytes: int) -> str:
     if opened > heard.rfind(">"):
         if opened >= len(said):
             return token[:opened - len(said)]
-        closed = token.find(">", end)
+        closed = token.find(">", end, end + MAX_TAG_CHARS)
         return token[:closed + 1] if closed >= 0 else token[:end]
     return token[:end]
 
