@@ -222,3 +222,11 @@ def test_the_part_of_the_token_crossing_the_cap(said, token, fits, heard):
     from callweaver.engine.conversation import part_within_reply_cap
 
     assert part_within_reply_cap(said, token, fits) == heard
+
+
+def test_an_integer_no_store_can_write_loses_only_itself_not_the_calls_other_details(app, client, fake_llm):
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[
+        ("record_variables", {"applicant_name": "Ann Lee", "loan_amount": 10 ** 400})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    _heard, result = say(app, tracking_id, "I'm Ann Lee and I need a googol dollars")
+    assert result.variables == {"applicant_name": "Ann Lee"} and result.completed
