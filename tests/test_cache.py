@@ -514,3 +514,13 @@ def test_cache_module_does_not_import_flask_at_module_level():
     names = [alias.name for node in top_level_imports if isinstance(node, ast.Import) for alias in node.names]
     names += [node.module or "" for node in top_level_imports if isinstance(node, ast.ImportFrom)]
     assert not [name for name in names if name.split(".")[0] in {"flask", "flask_caching"}]
+
+
+def test_conversations_split_differently_between_lines_give_different_keys():
+    cache = memory_cache()
+    base = {**KEY_ARGS, "utterance": "hello"}
+    one = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"}]
+    other = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]
+    swapped = [{"role": "assistant", "content": "a b"}, {"role": "user", "content": "c"}]
+    keys = {cache.key(**base, history=h) for h in (one, other, swapped)}
+    assert len(keys) == 3 and cache.key(**base, history=list(one)) in keys

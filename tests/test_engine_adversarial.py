@@ -166,3 +166,67 @@ def test_the_model_records_only_the_variables_this_step_offers(app, client, fake
                    if t["function"]["name"] == "record_variables")
     assert "call_duration" not in offered["parameters"]["properties"]
     assert result.variables == {"annual_income": 60000}
+
+
+def test_a_reply_cut_at_the_cap_is_never_cached(app, client, fake_llm):
+    """A cut reply is no answer (it stops mid-sentence): the next caller saying the same gets a fresh one. Four-byte
+    characters: 2,000 bytes of them are fewer characters than the cache's own length limit."""
+    runaway = "\U00020BB7" * 5 + " "  # word by word, as a model streams
+    runaway *= 2000
+    fake_llm.responder = lambda body: Reply(text=runaway)
+    say(app, place_call(app, client), "tell me everything")
+    _heard, result = say(app, place_call(app, client), "tell me everything")
+    assert not result.cache_hit and result.source == "llm"
+
+
+@pytest.mark.parametrize("shift", range(0, 24, 2))  # moves the cap across the tag's and the words' letters
+def test_a_reply_cut_at_the_cap_ends_on_a_whole_word_outside_any_tag(app, client, fake_llm, shift):
+    sentence = 'Please hold on. <break time="1s"/> I will keep talking. '
+    runaway = "Well" + "x" * shift + " " + sentence * 200
+    fake_llm.responder = lambda body: Reply(text=runaway)
+    tracking_id = place_call(app, client)
+    heard, result = say(app, tracking_id, "tell me everything")
+    assert runaway.startswith(heard) and len(heard.encode()) <= 2100
+    assert heard.count("<") == heard.count(">"), heard[-60:]
+    assert runaway[len(heard)].isspace(), heard[-60:]  # the next word was not begun
+    stored = app.extensions["callweaver"].store.get_call(tracking_id).messages[-1]["content"]
+    assert stored == heard
+
+
+@pytest.mark.parametrize("reply", ["", '<break time="1s"/>'])
+def test_a_wordless_reply_ending_the_call_at_an_end_without_message_says_goodbye(app, client, fake_llm, reply):
+    """The end step has no endMessage: the caller must hear the goodbye line, not silence before the hang-up."""
+    body = make_call_body()
+    for node in body["nodes"]:
+        if node["id"] == "end_call_node":
+            node["data"].pop("endMessage")
+    body["edges"].append({"id": "edge_done", "source": "inquiry_type_node", "target": "end_call_node",
+                          "type": "conditional", "data": {"type": "ai_based", "aiCondition": "The caller is done"}})
+    data = client.post("/api/make-call-optimized", json=body).get_json()
+    assert data["success"], data
+    fake_llm.responder = lambda request: Reply(text=reply, tool_calls=[("transition", {"edge_id": "edge_done"})])
+    heard, result = say(app, data["optimization"]["trackingId"], "that's everything I needed")
+    assert result.action == "end"
+    assert heard.endswith(app.extensions["callweaver"].languages.get("en-US").line("goodbye"))
+
+
+@pytest.mark.parametrize("said, token, fits, heard", [
+    ("Hold on.", " forever", 4, ""),                                 # no half word
+    ("Hold on. Now", " and forever", 8, " and"),
+    ("Hold on.", " <break time='1s'/>", 6, ""),                      # a tag begun at the cap is not begun
+    ("Hold on. <break", " time='1s'/> then", 4, " time='1s'/>"),     # one begun before is finished
+    ("Hold on. <break", " time='1s'" + "x" * 500 + "/>", 4, ""),     # ...only when it closes soon after
+    ("请稍等。", "我会一直说下去", 7, "我会"),                          # whole characters (3 bytes each)
+])
+def test_the_part_of_the_token_crossing_the_cap(said, token, fits, heard):
+    from callweaver.engine.conversation import part_within_reply_cap
+
+    assert part_within_reply_cap(said, token, fits) == heard
+
+
+def test_an_integer_no_store_can_write_loses_only_itself_not_the_calls_other_details(app, client, fake_llm):
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[
+        ("record_variables", {"applicant_name": "Ann Lee", "loan_amount": 10 ** 400})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    _heard, result = say(app, tracking_id, "I'm Ann Lee and I need a googol dollars")
+    assert result.variables == {"applicant_name": "Ann Lee"} and result.completed

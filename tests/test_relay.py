@@ -349,3 +349,23 @@ def test_interrupted_end_never_fires(stack, llm):
 def http_json(stack, path):
     from callweaver.simulate import http
     return http("GET", stack["server"].url + path).json()
+
+
+def test_a_runaway_reply_continued_after_a_failover_is_cut_whole_and_the_call_goes_on(stack, llm):
+    """The cap counts what both providers said; the cut ends on a whole word outside any tag, the talk cycle is
+    closed with last: true, the history holds what was sent, and the next turn is answered."""
+    runaway = 'I will keep going. <break time="1s"/> ' * 300
+    llm.push(Reply(text=runaway, fault="drop", drop_after_tokens=60, token_interval_s=0.001))
+    stack["llm2"].push(Reply(text=runaway, token_interval_s=0.001))
+    caller = new_call(stack)
+    caller.connect()
+    reply = caller.say("Tell me everything.")
+    assert 1500 < len(reply.text.encode()) <= 2100 and reply.text.count("<") == reply.text.count(">")
+    texts = [m for m in reply.messages if m["type"] == "text"]
+    assert texts[-1] == {"type": "text", "token": "", "last": True}
+    llm.push(Reply(text="Anything else?"))
+    assert caller.say("Thanks.").text == "Anything else?"
+    caller.hangup()
+    from callweaver.simulate import http
+    turns = http("GET", caller.hooks.url(f"/api/performance-metrics/{caller.tracking_id}")).json()["callData"]["turns"]
+    assert turns[0]["failovers"] and len(turns) == 2

@@ -37,6 +37,7 @@ MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
 # (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
 # (Polly speaks at most 3,000 bytes, Twilio warning 13521).
 MAX_TURN_REPLY_BYTES = 2000
+MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -90,6 +91,24 @@ def _is_word_end(spoken: str, end: int) -> bool:
     if is_thai(nxt) and prev and is_thai(prev):
         return not _THAI_ATTACHED.match(nxt) and not _THAI_LEADING_VOWEL.match(prev)
     return bool(_CJK.match(nxt) or prev and _CJK.match(prev))
+
+
+def part_within_reply_cap(said: str, token: str, fits_bytes: int) -> str:
+    """What the caller hears of `token`, the one that crosses MAX_TURN_REPLY_BYTES after `said`: at most `fits_bytes`
+    bytes of whole characters, ending on a whole word, with no SSML tag left half written (one begun in `token` is
+    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap)."""
+    spoken = said + token
+    end = len(token.encode()[:max(fits_bytes, 0)].decode("utf-8", "ignore"))
+    while end > 0 and not _is_word_end(spoken, len(said) + end):
+        end -= 1
+    heard = said + token[:end]
+    opened = heard.rfind("<")
+    if opened > heard.rfind(">"):
+        if opened >= len(said):
+            return token[:opened - len(said)]
+        closed = token.find(">", end, end + MAX_TAG_CHARS)
+        return token[:closed + 1] if closed >= 0 else token[:end]
+    return token[:end]
 
 
 def _estimated_cut(spoken: str, tag_spans: list[tuple[int, int]], chars: int) -> int:
@@ -171,6 +190,8 @@ class TurnResult:
     cacheable: bool = False
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
+    cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
+    providers_failed: bool = False     # no provider answered (the apology); a wordless reply is apologised for too
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -586,6 +607,7 @@ class ConversationEngine:
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
+            result.providers_failed = True
             self._stay_after_apology(result, state, workflow)
             return
 
@@ -620,6 +642,7 @@ class ConversationEngine:
             if control.cancelled:
                 return
             if stream2.apology_used:
+                result.providers_failed = True
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
         if outcome.action is None and not outcome.keys and not has_words(result.reply_text):
@@ -630,9 +653,10 @@ class ConversationEngine:
             return
         if outcome.action_message:
             yield from self._emit_after(result, outcome.action_message)
-        elif not result.reply_text.strip() and outcome.action:
-            yield from self._emit(result, entry.line("goodbye"))
+        elif not has_words(result.reply_text) and outcome.action:
+            yield from self._emit_after(result, entry.line("goodbye"))  # a lone <break/> is no goodbye
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
+                and not result.cut_at_cap
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
                                            node_cacheable=plan.cacheable,
@@ -667,9 +691,11 @@ class ConversationEngine:
                 room -= len(token.encode())
                 if room < 0:
                     log.warning("llm_reply_cut_at_length_cap", max_bytes=MAX_TURN_REPLY_BYTES)
-                    token = token.encode()[:room].decode("utf-8", "ignore")  # the part that fits, whole characters
+                    result.cut_at_cap = True  # a reply stopped mid-sentence is no answer to serve again
+                    token = part_within_reply_cap(result.reply_text, token, len(token.encode()) + room)
                     result.reply_text += token
-                    yield token
+                    if token:
+                        yield token
                     break  # closing the stream below stops the model; the turn ends as it is
                 result.reply_text += token
                 yield token
@@ -857,7 +883,7 @@ class ConversationEngine:
                 log.info("cache_prewarm_stopped", tracking_id=record.tracking_id, stored=stored)
                 self.cache.release_prewarm(marker)
                 return stored
-            if turn.result.source == "apology":
+            if turn.result.providers_failed:
                 break  # every provider failed: the next utterance would fail too
             if turn.result.cache_candidate:
                 stored += bool(self.cache.put(*turn.result.cache_candidate))

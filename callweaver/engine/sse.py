@@ -82,6 +82,15 @@ class ChatCompletionsStream:
         return parse_tool_calls(provider_name, self._tool_parts)
 
 
+def _storable_int(digits: str) -> int | None:
+    """A JSON integer as orjson writes it (64 bits); a longer one is no value (None: not recorded), so it is dropped
+    alone instead of failing the write of the whole call's arguments and losing the caller's other details."""
+    if len(digits) > 20:
+        return None
+    value = int(digits)
+    return value if -(2 ** 63) <= value < 2 ** 64 else None
+
+
 def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
     """The calls whose arguments are a JSON object every store can write: read as all JSON we read is (valid_json: a
     lone surrogate escape such as \\ud800, which no UTF-8 writer takes, becomes U+FFFD), without NaN or ±Infinity,
@@ -92,7 +101,7 @@ def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tu
         arguments_json = ""
         try:
             arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
-            arguments = valid_json.loads(arguments_json, parse_constant=_not_json)
+            arguments = valid_json.loads(arguments_json, parse_constant=_not_json, parse_int=_storable_int)
             orjson.dumps(arguments)
         except (ValueError, TypeError, RecursionError):  # orjson's JSONEncodeError is a TypeError; nested too deep
             arguments = None
