@@ -119,7 +119,7 @@ class RelaySession:
         self._closing_turn: Turn | None = None  # the turn whose end/transfer waits for its line to play
         self._closing_end: dict | None = None   # that end/transfer (dropped if the caller talks over the line)
         self._forced_end: dict | None = None    # an ending for an error or a handover, never dropped by a barge-in
-        self.ended = False
+        self.ended = False           # the call is over here: its one `end` was sent, or the socket closed
         self._handing_over = False   # this worker is stopping: `end` (HANDOVER) follows the reply in flight
         self._agent_speaking: bool | None = None  # Twilio's last agentSpeaking (None: it has reported none)
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
@@ -426,6 +426,11 @@ class RelaySession:
         if batch != self._digit_batch or not self._digits or self.ended:
             return  # another digit came since (its own timer will flush), or already flushed
         digits = self._take_digits()
+        if self._closing:
+            # Typed before the call began to end (an error ending, a handover): a reply now would be cut by the end
+            # (a handover's resumed session asks the caller to go on), as prompts meanwhile are not answered.
+            log.info("relay_digits_while_closing", digits=len(digits))
+            return
         self._read_setup_again()
         if self.record is None:
             return
@@ -758,7 +763,9 @@ class RelaySession:
             log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
             return  # the caller talked over the closing line before its end (_drop_closing_action)
         if self.ended:
-            return  # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`
+            # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`, or the socket
+            # closed (the caller hung up first: nothing is written on it)
+            return
         self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
         log.info("relay_ending", reason=json.loads(pending["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
@@ -844,6 +851,7 @@ class RelaySession:
 
     def close(self) -> None:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
+        self.ended = True  # first: a waiter released below (or a later hand_over) writes no `end` on a closed socket
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         if self._barged_in_event is not None:
             self._barged_in_event.set()  # nor for an interrupt
