@@ -1160,3 +1160,28 @@ def test_a_keypad_entry_typed_before_an_error_ending_starts_no_reply_in_it(call,
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
     assert len(fake_llm.requests) == requests, call.sent
     assert json.loads(call.sent[-1]["handoffData"])["reason"] == "error"
+
+
+def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_history_outlasts_the_grace(
+        app, client, fake_llm, monkeypatch):
+    """The interrupt came within the grace: that decides the end is dropped, even when the store write trimming the
+    goodbye to what was heard (a busy SQLite, a slow Redis) takes longer than the grace left. Deciding it only after
+    that write let the waiter's grace run out first and hang up on a caller who was talking."""
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn)
+    try:
+        store = call.svc.store
+        update_call = store.update_call
+
+        def slow_update_call(*args, **kwargs):
+            time.sleep(1.0)  # five times the grace
+            return update_call(*args, **kwargs)
+
+        call.say("goodbye")
+        monkeypatch.setattr(store, "update_call", slow_update_call)
+        agent_fell_silent(call)
+        call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+        waiters.join()
+        assert not [m for m in call.sent if m["type"] == "end"], call.sent
+    finally:
+        call.session.close()

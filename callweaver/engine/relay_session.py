@@ -458,6 +458,10 @@ class RelaySession:
                 self._settle_previous()
                 closing = self._closing_turn
                 cut_short = closing is not None and self._cut_short(closing, message)  # from the line itself
+                if cut_short:
+                    # Decided now, before any store write: a waiter whose grace runs out during the trim below
+                    # must already find no end to send.
+                    self._stop_closing(closing)
                 try:
                     self._trim_heard(message)
                 finally:
@@ -483,8 +487,7 @@ class RelaySession:
     def _drop_closing_action(self, turn: Turn) -> None:
         """The caller talked over a closing line before its end: the end/transfer it announced was not heard, so
         it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
-        reply cut mid-stream; the caller's next words are answered."""
-        self._stop_closing(turn)
+        reply cut mid-stream; the caller's next words are answered. (`_on_interrupt` already stopped its end.)"""
         self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
         if self._handing_over:  # the call stays, but not on this worker
