@@ -1107,6 +1107,7 @@ def test_a_caller_hanging_up_in_a_goodbyes_grace_gets_no_end_on_the_closed_socke
     waiters = EndWaiters()
     call = Call(app, client, spawn=waiters.spawn)
     call.say("goodbye")
+    call.wait(lambda: waiters.tasks)  # the goodbye's waiter is spawned (after its commit)
     agent_fell_silent(call)  # the waiter now waits (up to 30 s here) for an interrupt
     with capture_logs() as logs:
         sent = len(call.sent)
@@ -1178,6 +1179,7 @@ def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_hi
             return update_call(*args, **kwargs)
 
         call.say("goodbye")
+        call.wait(lambda: waiters.tasks)  # the goodbye's waiter is spawned (after its commit)
         monkeypatch.setattr(store, "update_call", slow_update_call)
         agent_fell_silent(call)
         call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
