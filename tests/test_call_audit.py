@@ -1187,3 +1187,48 @@ def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_hi
         assert not [m for m in call.sent if m["type"] == "end"], call.sent
     finally:
         call.session.close()
+
+
+def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(call, fake_llm,
+                                                                                               monkeypatch):
+    """A handover decided during the goodbye's grace waits for the goodbye; the caller talks over it: the goodbye's
+    end is dropped and the one `end` is the handover's (the call stays, on another worker)."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.session.hand_over()
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)  # every waiter has woken by now: a second end would have been written
+    ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+    assert ends == ["handover"], call.sent
+
+
+def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)
+    ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+    assert ends == ["end"], call.sent
+
+
+def test_an_interrupt_on_an_earlier_reply_never_cuts_a_later_goodbyes_grace_short(call, fake_llm, monkeypatch):
+    """An interrupt about an ordinary reply (after a goodbye talked over made the grace's event) must not leave the
+    event set for the next goodbye: its interrupt just after agentSpeaking off still drops its end."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    fake_llm.push(Reply(text="Of course, it has three bedrooms and a garden."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Of course", "durationUntilInterruptMs": 400})
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    time.sleep(0.3)
+    assert not [m for m in call.sent if m["type"] == "end"], call.sent
