@@ -62,18 +62,23 @@ def post_worker_init(worker):
 
 
 def hand_over_calls_on_sigterm(loader):
-    """Render sends SIGTERM on every deploy. gunicorn's own handler only stops accepting connections; live relay
-    sockets then run on until graceful_timeout, when the master kills the worker in the middle of whatever the caller
-    was hearing. So the worker also tells its live calls to hand themselves over (Services.hand_over_live_calls:
-    each finishes and plays the reply in flight, then reconnects on a running instance), and exits once they have."""
+    """Render sends SIGTERM on every deploy. gunicorn's graceful shutdown (its documented TERM for a worker) only
+    stops accepting connections; live relay sockets then run on until graceful_timeout, when the master kills the
+    worker in the middle of whatever the caller was hearing. So the first SIGTERM first tells the live calls to hand
+    themselves over (Services.hand_over_live_calls: each finishes and plays the reply in flight, then reconnects on a
+    running instance), then puts back the handler the worker had and delivers the signal to it: gunicorn shuts down
+    as documented, and its wait for open connections ends once the calls are gone (bounded by graceful_timeout).
+    Only the standard library's signal API is used; no gunicorn method is called or wrapped. A second SIGTERM goes
+    to gunicorn alone."""
     import signal
     import gevent
-    stop_accepting = signal.getsignal(signal.SIGTERM)
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
-        stop_accepting(signum, frame)
         # Off the signal handler, as gunicorn's gevent worker does for SIGQUIT.
         gevent.spawn(loader.when_loaded, lambda app: app.extensions["callweaver"].hand_over_live_calls())
+        signal.signal(signal.SIGTERM, gunicorn_handler)
+        signal.raise_signal(signal.SIGTERM)  # handled by gunicorn once this handler returns
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -28,6 +28,10 @@ E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept
 ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
+# Reconnects after a stopping worker handed the call over (a deploy each), per call: planned, so not counted
+# against MAX_RESUMES; bounded all the same.
+MAX_HANDOVERS = 10
+RECONNECTS_META = "relayReconnects"  # meta counts of the call's reconnects by cause ("handover")
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
@@ -377,12 +381,14 @@ class CallLifecycle:
         return record
 
     def try_resume(self, record: CallRecord | None, greeting: str, error_code: str | None = None,
-                   error_message: str | None = None) -> CallRecord | None:
-        """A relay session failed: reconnect when that can help, with `greeting` spoken and kept in the history.
+                   error_message: str | None = None, handover: bool = False) -> CallRecord | None:
+        """A relay session failed, or a stopping worker handed it over (`handover`): reconnect when that can help,
+        with `greeting` spoken and kept in the history.
 
         Only a broken socket is worth a reconnect (no ErrorCode, or a network error); after a configuration
         error (bad voice, refused TwiML...) the same TwiML would fail again, so None: end with an apology.
-        At most MAX_RESUMES reconnects per call.
+        At most MAX_RESUMES reconnects of broken sockets per call, and MAX_HANDOVERS handovers besides. Every
+        reconnect bumps `resume_count`, the new socket's claim generation (routes/relay.py RelayClaim).
         """
         if record is None:
             return None
@@ -390,16 +396,22 @@ class CallLifecycle:
             log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="configuration error",
                       error_code=error_code, error_message=(error_message or "")[:MAX_ERROR_TEXT_CHARS])
             return None
-        if record.resume_count >= MAX_RESUMES:
+        handovers = int(((record.meta or {}).get(RECONNECTS_META) or {}).get("handover") or 0)
+        if handover and handovers >= MAX_HANDOVERS:
+            log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="handover limit reached")
+            return None
+        if not handover and record.resume_count - handovers >= MAX_RESUMES:
             log.error("relay_not_resumed", tracking_id=record.tracking_id, reason="resume limit reached",
                       error_code=error_code)
             return None
+        if handover:
+            self.store.update_meta(record.tracking_id, add={RECONNECTS_META: {"handover": 1}})
         # The caller hears the greeting: it belongs in the history, so a barge-in trims it, not an older turn.
         messages = [*(record.messages or []), {"role": "assistant", "content": greeting}]
         resumed = self.store.update_call(record.tracking_id, resume_count=record.resume_count + 1,
                                          messages=messages[-MAX_KEPT_MESSAGES:]) or record
         log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count,
-                    error_code=error_code)
+                    handover=handover, error_code=error_code)
         return resumed
 
     def fetch_status(self, call_sid: str) -> dict:

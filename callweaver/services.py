@@ -45,9 +45,15 @@ class Services:
     def hand_over_live_calls(self) -> int:
         """The worker is stopping (gunicorn.conf.py: SIGTERM, as Render sends on every deploy): every live call
         ends its session at its next clean point and reconnects on a running instance (RelaySession.hand_over).
-        How many calls were told."""
+        How many calls were told: none without Redis, as no other instance can read the call from this one's
+        SQLite file (Render starts the new instance on a fresh disk): they keep this worker until they end or
+        gunicorn's graceful_timeout runs out."""
         sessions = list(self.live_sessions)
-        log.warning("worker_stopping", live_calls=len(sessions))
+        if not self.settings.redis_url:
+            log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
+                        reason="no store shared with other instances (REDIS_URL)")
+            return 0
+        log.warning("worker_stopping", live_calls=len(sessions), handed_over=len(sessions))
         for session in sessions:
             try:
                 session.hand_over()

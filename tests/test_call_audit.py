@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from callweaver.engine.relay_session import RelaySession
+from callweaver.engine.relay_session import PLAYBACK_WAIT_MIN_S, RelaySession
 from callweaver.services import spawn
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
@@ -895,6 +895,33 @@ def test_a_stopping_worker_hands_over_at_once_after_a_barge_in(call, fake_llm):
     assert "relay_playback_wait_timed_out" not in [e["event"] for e in logs]
 
 
+def test_a_stopping_worker_lets_the_welcome_greeting_play_before_handing_over(call, fake_llm):
+    """SIGTERM while Twilio speaks the call's welcome greeting (no reply sent yet on this socket): the handover
+    waits for that greeting, as for a reply, rather than cut it after the shortest wait."""
+    greeting = call.svc.store.get_call(call.tracking_id).greeting
+    assert len(greeting) > 40  # longer than PLAYBACK_WAIT_MIN_S of speech
+    call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+    call.session.hand_over()
+    time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+    assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+
+
+def test_a_call_whose_setup_had_not_arrived_at_sigterm_hears_its_greeting_before_the_handover(app, client, fake_llm):
+    call = Call(app, client, before_setup=lambda made: made.session.hand_over())
+    try:
+        call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+        time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+        assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+        call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+        call.wait(lambda: call.sent and call.sent[-1]["type"] == "end")
+        assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+    finally:
+        call.session.close()
+
+
 # ---- the end of a call: a closing line's end, its waiters, and what the turn reports ------------------------------
 
 def agent_fell_silent(call: "Call") -> None:
@@ -1026,6 +1053,24 @@ def test_a_goodbye_and_an_error_ending_send_the_end_decided_first_whichever_wait
         assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["end"], call.sent
     finally:
         call.session.close()
+
+
+def test_a_goodbye_playing_at_sigterm_still_ends_the_call(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.2)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["end"]
+
+
+def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.2)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
 
 
 def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(call, fake_llm):

@@ -26,8 +26,19 @@ def fakes():
 
 
 def test_sigterm_mid_reply_finishes_the_reply_then_hands_the_call_over(tmp_path, fakes):
+    from tests.fakes.redis_server import RedisServer
+
     twilio, llm = fakes
+    redis = RedisServer().start()  # the state the old and the new instance share
+    try:
+        _sigterm_mid_reply(tmp_path, twilio, llm, redis.url)
+    finally:
+        redis.close()
+
+
+def _sigterm_mid_reply(tmp_path, twilio, llm, redis_url: str) -> None:
     env = base_env(tmp_path, twilio, llm)
+    env["REDIS_URL"] = redis_url
     env.pop("PUBLIC_BASE_URL")
     env["GUNICORN_GRACEFUL_TIMEOUT"] = "20"
     old = LiveServer(env, workers=1, log_path=tmp_path / "old.log").start()
@@ -58,7 +69,7 @@ def test_sigterm_mid_reply_finishes_the_reply_then_hands_the_call_over(tmp_path,
         assert "Worker graceful timeout" not in old.logs()
     finally:
         old.stop()
-    store = build_store(env["CALLWEAVER_DB"])
+    store = build_store("", redis_url)
     assert [turn["interrupted"] for turn in store.turns(caller.tracking_id)] == [False], \
         "the finished reply is committed before the worker goes"
     assert store.get_call(caller.tracking_id).messages[-1] == {"role": "assistant", "content": words}
@@ -74,3 +85,54 @@ def test_sigterm_mid_reply_finishes_the_reply_then_hands_the_call_over(tmp_path,
         assert relay.get("url").endswith(f"trackingId={caller.tracking_id}")
     finally:
         new.stop()
+
+
+def _connect_action(twilio, path: str, call_sid: str, **params: str) -> ET.Element:
+    return ET.fromstring(twilio.post(path, {"CallSid": call_sid, "SessionDuration": "42", **params})
+                         .get_data(as_text=True))
+
+
+def test_a_call_handed_over_on_every_deploy_keeps_its_reconnects_for_broken_sockets(client, twilio):
+    """A handover is planned (a deploy), not a failure: a long call that lives through several deploys is still
+    reconnected every time, and keeps its MAX_RESUMES reconnects for sockets that really broke."""
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    path = f"/api/connect-action?trackingId={data['optimization']['trackingId']}"
+    for deploy in range(3):
+        root = _connect_action(twilio, path, data["callSid"], SessionStatus="ended",
+                               HandoffData=json.dumps({"reason": "handover"}))
+        assert root.find("Connect/ConversationRelay") is not None, f"deploy {deploy + 1} dropped the call"
+    for _ in range(2):  # MAX_RESUMES broken sockets are still reconnected
+        assert _connect_action(twilio, path, data["callSid"], SessionStatus="failed").find("Connect") is not None
+    root = _connect_action(twilio, path, data["callSid"], SessionStatus="failed")
+    assert root.find("Connect") is None and root.find("Hangup") is not None
+
+
+class _LiveSession:
+    def __init__(self) -> None:
+        self.told = False
+
+    def hand_over(self) -> None:
+        self.told = True
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_stopping_worker_hands_calls_over_only_through_a_store_other_instances_read(tmp_path, fake_twilio, shared):
+    """On Render a deploy starts the new instance on a fresh disk (and with a persistent disk only after the old one
+    stopped): without Redis no other instance can read the call, so a handover could only end it with an apology.
+    The call then keeps this worker until it ends or graceful_timeout runs out, as before handovers."""
+    from callweaver import create_app
+    from tests.fakes.redis_server import RedisServer
+
+    redis = RedisServer().start() if shared else None
+    try:
+        env = base_env(tmp_path, fake_twilio)
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        svc = create_app(env).extensions["callweaver"]
+        session = _LiveSession()
+        svc.live_sessions.add(session)
+        assert svc.hand_over_live_calls() == (1 if shared else 0)
+        assert session.told is shared
+    finally:
+        if redis is not None:
+            redis.close()

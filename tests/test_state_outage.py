@@ -87,3 +87,34 @@ def test_a_status_callback_lost_to_a_redis_outage_is_logged_with_the_call(tmp_pa
     assert resp.status_code == 503
     [line] = [e for e in logs if e["event"] == "state_unavailable"]
     assert (line["tracking_id"], line["call_sid"], line["call_status"]) == ("call_1_abc", CALL_SID, "completed")
+
+
+def test_health_names_no_file_path_of_an_unusable_store_but_the_log_does(tmp_path, fake_twilio):
+    """/health is public: the store's error text (which names the SQLite file, or Redis' host) stays in the log."""
+    import structlog.testing
+
+    env = base_env(tmp_path, fake_twilio)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env["CALLWEAVER_DB"] = str(blocker / "cw.sqlite3")
+    client = create_app(env).test_client()
+    with structlog.testing.capture_logs() as logs:
+        for path in ("/health", "/api/health-optimized"):
+            resp = client.get(path)
+            assert resp.status_code == 503
+            body = resp.get_data(as_text=True)
+            assert str(tmp_path) not in body and "not-a-directory" not in body, body
+            assert resp.get_json()["status"] == "unhealthy"
+    assert any("not-a-directory" in str(e.get("error")) for e in logs if e["event"] == "store_check_failed")
+
+
+def test_a_503_for_unavailable_state_carries_the_web_apps_cors_headers(tmp_path, fake_twilio, redis_server):
+    """The web app shows the 503's error text: the browser lets it read the answer only with CORS headers."""
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    origin = "https://kimiya-ai.vercel.app"
+    redis_server.stop()
+    resp = client.post("/api/make-call-optimized", json=make_call_body(), headers={"Origin": origin})
+    assert_state_unavailable(resp)
+    assert resp.headers.get("Access-Control-Allow-Origin") == origin

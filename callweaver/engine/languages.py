@@ -99,7 +99,7 @@ _HAN = 5.0                 # Chinese (Mandarin, Cantonese): one syllable a chara
 _JAPANESE = 5.0            # kanji (often 2 morae) mixed with kana (1 mora), ~7-8 morae a second
 # By primary subtag: every language of the table has its own (entry_problems says when one is missing).
 SPEECH_CHARS_PER_S_BY_LANGUAGE: Mapping[str, float] = {
-    **dict.fromkeys("en es fr de it pt nl sv da nb no fi is pl cs sk hu ro et lv lt ca af tr id ms fil tl vi "
+    **dict.fromkeys("en es fr de it pt nl sv da nb no fi is pl cs sk hu ro et lv lt ca af tr id ms fil tl vi hr sl "
                     "ru uk bg sr el".split(), _LATIN_SPACED),
     **dict.fromkeys("ar he iw".split(), _ABJAD),
     **dict.fromkeys("hi mr bn gu ta te kn ml".split(), _INDIC_ABUGIDA),

@@ -183,7 +183,11 @@ class RelaySession:
         try:
             match message:
                 case protocol.Setup():
-                    self._on_setup(message)
+                    try:
+                        self._on_setup(message)
+                    finally:
+                        if self._handing_over:  # told to hand over before its setup (hand_over): now
+                            self.spawn(self._hand_over_when_played)
                 case protocol.Prompt():
                     self._on_prompt(message)
                 case protocol.Interrupt():
@@ -690,6 +694,8 @@ class RelaySession:
         if self.ended or self._handing_over:
             return
         self._handing_over = True  # no new turn starts here (`_closing`)
+        if self.record is None and self._setup_unread is None:
+            return  # no setup yet (or an unknown call, ending anyway): Twilio's welcome greeting plays after it
         self.spawn(self._hand_over_when_played)
 
     def _hand_over_when_played(self) -> None:
@@ -705,8 +711,10 @@ class RelaySession:
             self._fell_silent.set()  # Twilio has played everything it was given: at once
         elif self._agent_speaking:
             self._fell_silent.clear()  # its next agentSpeaking off
-        # (Twilio never reported agentSpeaking: the next event, or the bounded wait for the last reply's text)
-        self._end_after_playback(protocol.end(HANDOVER), self._sent, cleared=self._agent_speaking is not None)
+        # (Twilio never reported agentSpeaking: the next event, or the bounded wait for what it was given)
+        # What Twilio may still be speaking: this socket's last reply, else (no turn yet) its welcome greeting.
+        spoken = self._sent if self._turn is not None else (self._stored_cycle or "")
+        self._end_after_playback(protocol.end(HANDOVER), spoken, cleared=self._agent_speaking is not None)
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
         """One `text` frame of the current reply (nothing for an empty chunk). While it is written it is `_writing`:

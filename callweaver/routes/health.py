@@ -5,6 +5,7 @@ import json
 import os
 import platform
 
+import structlog
 from flask import Blueprint, jsonify, request
 
 from .. import __version__
@@ -15,20 +16,25 @@ from ..services import services
 from ..store import StoreError
 from .common import body_params
 
+log = structlog.get_logger()
 bp = Blueprint("health", __name__)
 # Language optimisation is "active" when the language table holds at least this many entries (it ships ~60).
 MIN_LANGUAGES_FOR_ACTIVE = 50
+STORE_CHECK_FAILED = {"sqlite": "the SQLite store cannot be opened or written (details in the server log)",
+                      "redis": "Redis cannot be reached (details in the server log)"}
 
 
 def _checks() -> dict:
     svc = services()
     s = svc.settings
     checks: dict = {}
+    backend = "redis" if s.redis_url else "sqlite"
     try:
-        checks["store"] = {"ok": True, "backend": "redis" if s.redis_url else "sqlite",
-                           "pingMs": round(svc.store.ping(), 3)}
+        checks["store"] = {"ok": True, "backend": backend, "pingMs": round(svc.store.ping(), 3)}
     except StoreError as exc:
-        checks["store"] = {"ok": False, "backend": "redis" if s.redis_url else "sqlite", "error": str(exc)[:MAX_ERROR_TEXT_CHARS]}
+        # The error names the SQLite file or the Redis host: the log has it, the public answer only what failed.
+        log.error("store_check_failed", backend=backend, error=str(exc)[:MAX_ERROR_TEXT_CHARS])
+        checks["store"] = {"ok": False, "backend": backend, "error": STORE_CHECK_FAILED[backend]}
     checks["twilio"] = {"ok": bool(s.twilio_account_sid and s.twilio_auth_token and s.twilio_phone_number),
                         "hasAccountSid": bool(s.twilio_account_sid), "hasAuthToken": bool(s.twilio_auth_token),
                         "hasPhoneNumber": bool(s.twilio_phone_number),

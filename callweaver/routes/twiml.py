@@ -211,9 +211,10 @@ def connect_action(record=None):
              error_code=params.get("ErrorCode"))
     vr = VoiceResponse()
     # The socket broke (crashed worker) or a stopping worker handed the call over (a deploy): reconnect.
-    reconnect = status == "failed" or handoff.get("reason") == HANDOVER
+    handover = handoff.get("reason") == HANDOVER
+    reconnect = status == "failed" or handover
     resumed = svc.lifecycle.try_resume(record, entry.line("resumed"), params.get("ErrorCode"),
-                                       params.get("ErrorMessage")) if reconnect else None
+                                       params.get("ErrorMessage"), handover=handover) if reconnect else None
     if handoff.get("reason") == "transfer" and svc.lifecycle.destination_allowed(handoff.get("destination")):
         vr.dial(handoff["destination"])
     elif resumed is not None:

@@ -9,7 +9,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass, replace as replace_fields
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from ..speech import fold_chinese_script, is_cjk, is_thai, normalise_speech
 from .conditions import coerce_variable, first_true_logical_edge, plain
@@ -237,40 +237,103 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
 
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
     "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
-    suffixes, except a one-syllable Thai one (see _unspaced); Chinese matches in either script (再见 is 再見) and
-    before a sentence-final particle (拜拜啦).
+    suffixes, a Thai one only where a word starts (see _thai_word_starts); Chinese matches in either script (再见 is
+    再見) and before sentence-final particles the caller added (拜拜啦), unless the utterance is a question. A goodbye
+    only mentioned ("before I say bye", 先别说再见) is none (see _mentioned).
     """
     text = _goodbye_form(utterance)
     if not text:
         return False
-    compact = text.replace(" ", "")
-    for phrase, unspaced in _termination_phrases(tuple(phrases)):
-        if unspaced:
-            if compact.endswith(phrase):
-                return True
-            continue
-        if text == phrase:
+    phrases_normalised = _termination_phrases(tuple(phrases))
+    asked = utterance.rstrip().endswith(_QUESTION_MARKS)
+    for candidate in [text] if asked else _without_final_particles(text):
+        if any(_ends_with_goodbye(candidate, phrase, unspaced) for phrase, unspaced in phrases_normalised):
             return True
-        if text.endswith(phrase):
-            before = text[-len(phrase) - 1]
-            if before == " " or is_cjk(before):
-                return True
     return False
 
 
+def _ends_with_goodbye(text: str, phrase: str, unspaced: bool) -> bool:
+    """Whether `text` (in _goodbye_form) ends by saying one normalised goodbye phrase."""
+    if unspaced:
+        if not text.replace(" ", "").endswith(phrase):
+            return False
+        before = _before_last(text, len(phrase))
+        if is_thai(phrase[0]) and not _thai_word_starts(before, phrase):
+            return False
+        return not _mentioned(before, phrase)
+    if text != phrase:
+        if not text.endswith(phrase):
+            return False
+        before = text[-len(phrase) - 1]
+        if before != " " and not is_cjk(before):  # a whole word: "goodbye" does not end with the word "bye"
+            return False
+    return not _mentioned(text[:-len(phrase)].rstrip(), phrase)
+
+
+def _before_last(text: str, chars: int) -> str:
+    """`text` before its last `chars` characters that are not spaces."""
+    end = len(text)
+    while chars:
+        end -= 1
+        chars -= text[end] != " "
+    return text[:end]
+
+
 # Chinese sentence-final particles (Cantonese 啦 喇 囉 咯 喎 呀 吖 嘞, Mandarin 了 吧 啊 哦 喔 嘛): "拜拜啦", "再见了" are
-# goodbyes; the particle closes the sentence, it is not part of the phrase.
+# goodbyes; a particle the caller added closes the sentence. A phrase's own particle stays part of it: 冇其他嘢喇
+# ("nothing else", closing) is a goodbye, 仲有冇其他嘢呀 ("anything else?") is not.
 _FINAL_PARTICLES = "啦喇囉咯喎呀吖啊嘞了吧哦喔嘛"
+_QUESTION_MARKS = ("?", "？")
+# Spellings of one particle (喇/啦 are both laa3, 囉/咯 both lo3): folded together for comparison.
+_PARTICLE_SPELLINGS = str.maketrans("喇囉", "啦咯")
 
 
 def _goodbye_form(text: str) -> str:
-    """What goodbye matching compares: the words normalised, Chinese in one script, without trailing particles."""
-    return fold_chinese_script(normalise_speech(text)).rstrip(_FINAL_PARTICLES + " ")
+    """What goodbye matching compares: the words normalised, Chinese in one script and one particle spelling."""
+    return fold_chinese_script(normalise_speech(text)).translate(_PARTICLE_SPELLINGS)
 
 
-# Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase this
-# short (one syllable, "บาย") also ends longer words ("ไม่สบาย", unwell), so it needs a space before it.
+def _without_final_particles(text: str) -> Iterator[str]:
+    """`text`, then `text` without its last sentence-final particle, then without the one before, ..."""
+    while text:
+        yield text
+        text = text[:-1].rstrip() if text[-1] in _FINAL_PARTICLES else ""
+
+
+# A goodbye negated or talked about rather than said, by what comes right before it: English (where "yet" usually
+# follows, which the end-anchoring already handles, but "before I say bye" ends a sentence), Chinese (Simplified, as
+# _goodbye_form writes it; a space there is a clause break: 我没有，再见 is said), which puts the goodbye last:
+# 先别说再见 "don't say goodbye yet", 我还没说再见, 唔好講拜拜, and Korean, which spaces words: 안 끊을게요 "I won't hang up".
+_MENTIONED_IN_ENGLISH = re.compile(r"\b(?:(?:dont|didnt|not|never|before (?:i|we|you)) say"
+                                   r"|(?:not|without|before) saying)$")
+_MENTIONED_IN_CHINESE = re.compile(r"(?:别|不要|不用|不想|没有?|还没有?|未|唔好|唔使|唔想)(?:说|讲|講|话)?$")
+_MENTIONED_IN_KOREAN = re.compile(r"(?:^|\s)(?:안|못)\s*$")
+# 拜拜 is also "to worship" (at a temple, at the family altar): 去拜拜, 在拜拜, 廟裡拜拜 are no goodbyes.
+_WORSHIP_BAI_BAI = re.compile(r"(?:去|在|庙里?|廟里?)$")
+
+
+def _mentioned(before: str, phrase: str) -> bool:
+    """Whether the words before a goodbye phrase negate or mention it, or make it another word, instead of
+    saying it."""
+    return bool(_MENTIONED_IN_ENGLISH.search(before.rstrip()) or _MENTIONED_IN_CHINESE.search(before)
+                or _MENTIONED_IN_KOREAN.search(before)
+                or phrase.startswith("拜拜") and _WORSHIP_BAI_BAI.search(before))
+
+
+# Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase also
+# ends longer words and sentences: บาย ends ไม่สบาย ("unwell"), แค่นี้ครับ ("that's all") ends มีแค่นี้ครับ ("I only
+# have this much"). An unspaced Thai phrase is a goodbye when it starts the utterance or follows a space, a polite
+# particle or one of the words that lead into a goodbye (thanks, OK, เอา "take", ก็/งั้น "so"), or when the phrase
+# starts with a polite particle itself (ครับ บาย); a one-syllable phrase needs a space before it.
 _SHORTEST_UNSPACED_THAI_PHRASE = 4
+_THAI_POLITE_PARTICLES = ("ครับ", "ค่ะ", "คะ", "นะ", "จ้ะ", "จ้า")
+_THAI_GOODBYE_LEAD_INS = _THAI_POLITE_PARTICLES + ("ขอบคุณ", "โอเค", "เอา", "ก็", "งั้น")
+
+
+def _thai_word_starts(before: str, phrase: str) -> bool:
+    """Whether an unspaced Thai goodbye phrase found after `before` starts a word there (see above)."""
+    return (not before or before.endswith(" ") or before.endswith(_THAI_GOODBYE_LEAD_INS)
+            or phrase.startswith(_THAI_POLITE_PARTICLES))
 
 
 def _unspaced(phrase: str) -> bool:
