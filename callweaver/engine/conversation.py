@@ -191,7 +191,7 @@ class TurnResult:
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
-    providers_failed: bool = False     # no provider answered (the apology); a wordless reply is apologised for too
+    providers_failed: bool = False     # no provider answered (the apology); False for a wordless reply, apologised for too
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -942,6 +942,6 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
     return {"language": entry.code, "languageKnown": known, "source": r.source, "cacheHit": r.cache_hit,
-            "text": r.reply_text,
+            "providersFailed": r.providers_failed, "text": r.reply_text,
             "provider": r.provider, "failovers": r.failovers, "stages": stages, "firstTokenMs": first_token_ms,
             "totalMs": total_ms}
