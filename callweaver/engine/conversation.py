@@ -38,6 +38,7 @@ MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
 # (Polly speaks at most 3,000 bytes, Twilio warning 13521).
 MAX_TURN_REPLY_BYTES = 2000
 MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
+MAX_WORD_CHARS = 40  # a word begun before the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -96,11 +97,15 @@ def _is_word_end(spoken: str, end: int) -> bool:
 def part_within_reply_cap(said: str, token: str, fits_bytes: int) -> str:
     """What the caller hears of `token`, the one that crosses MAX_TURN_REPLY_BYTES after `said`: at most `fits_bytes`
     bytes of whole characters, ending on a whole word, with no SSML tag left half written (one begun in `token` is
-    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap)."""
+    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap). A word begun in
+    `said`, already sent, is finished the same way, within MAX_WORD_CHARS (up to a tag); a longer one stays cut."""
     spoken = said + token
     end = len(token.encode()[:max(fits_bytes, 0)].decode("utf-8", "ignore"))
     while end > 0 and not _is_word_end(spoken, len(said) + end):
         end -= 1
+    if end == 0 and said and not _is_word_end(spoken, len(said)):
+        end = next((i for i in range(1, min(len(token), MAX_WORD_CHARS) + 1)
+                    if _is_word_end(spoken, len(said) + i) or token[i:i + 1] == "<"), 0)
     heard = said + token[:end]
     opened = heard.rfind("<")
     if opened > heard.rfind(">"):
