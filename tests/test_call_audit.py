@@ -1277,3 +1277,46 @@ def test_an_interrupt_on_an_earlier_reply_never_cuts_a_later_goodbyes_grace_shor
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     time.sleep(0.3)
     assert not [m for m in call.sent if m["type"] == "end"], call.sent
+
+
+# ---- review of the handover: a SIGTERM during setup, its log lines, its deadline, a node's recording ---------------
+
+def test_a_handover_requested_while_the_setup_is_read_waits_for_the_welcome_greeting(app, client, fake_llm,
+                                                                                     monkeypatch):
+    """SIGTERM while `setup` reads the call from the store: the handover waits for the setup, then (one waiter) for
+    the welcome greeting, rather than end the greeting after the shortest wait with nothing known to be playing."""
+    waiters = EndWaiters()
+    reading, release = threading.Event(), threading.Event()
+
+    def hold_the_setup_read(made: Call) -> None:
+        store = made.svc.store
+        get_call = store.get_call
+
+        def blocked_get_call(*args, **kwargs):
+            reading.set()
+            release.wait(10)
+            return get_call(*args, **kwargs)
+
+        monkeypatch.setattr(store, "get_call", blocked_get_call)
+
+        def sigterm_mid_setup() -> None:
+            reading.wait(10)
+            made.session.hand_over()
+            monkeypatch.setattr(store, "get_call", get_call)
+            release.set()
+
+        spawn(sigterm_mid_setup)
+
+    call = Call(app, client, spawn=waiters.spawn, before_setup=hold_the_setup_read)
+    try:
+        assert call.session.record is not None
+        call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+        time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+        assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+        assert len(waiters.tasks) == 1
+        agent_fell_silent(call)
+        waiters.join()
+        ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+        assert ends == ["handover"], call.sent
+    finally:
+        call.session.close()

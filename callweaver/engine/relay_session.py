@@ -90,7 +90,7 @@ class RelaySession:
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
-                 "_barged_in_event", "_handing_over", "_agent_speaking")
+                 "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -135,6 +135,7 @@ class RelaySession:
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
         self._setup_unread: protocol.Setup | None = None  # a `setup` whose store read failed: read again later
         self._setup_retries = 0
+        self._reading_setup = False  # `setup` is reading the call (its store reads yield): a handover waits for it
         # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
         # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
         self._stored_cycle: str | None = None
@@ -183,9 +184,11 @@ class RelaySession:
         try:
             match message:
                 case protocol.Setup():
+                    self._reading_setup = True
                     try:
                         self._on_setup(message)
                     finally:
+                        self._reading_setup = False
                         if self._handing_over:  # told to hand over before its setup (hand_over): now
                             self.spawn(self._hand_over_when_played)
                 case protocol.Prompt():
@@ -694,8 +697,8 @@ class RelaySession:
         if self.ended or self._handing_over:
             return
         self._handing_over = True  # no new turn starts here (`_closing`)
-        if self.record is None and self._setup_unread is None:
-            return  # no setup yet (or an unknown call, ending anyway): Twilio's welcome greeting plays after it
+        if self._reading_setup or (self.record is None and self._setup_unread is None):
+            return  # no setup yet, or one being read (or an unknown call, ending anyway): it starts the wait itself
         self.spawn(self._hand_over_when_played)
 
     def _hand_over_when_played(self) -> None:
