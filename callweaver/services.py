@@ -58,7 +58,9 @@ class Services:
             try:
                 session.hand_over()
             except Exception:
-                log.exception("relay_hand_over_failed")
+                record = session.record  # (the task's log context is the SIGTERM's, empty)
+                log.exception("relay_hand_over_failed", tracking_id=record.tracking_id if record else None,
+                              call_sid=session.call_sid)
         return len(sessions)
 
     @cached_property

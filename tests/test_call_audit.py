@@ -1320,3 +1320,62 @@ def test_a_handover_requested_while_the_setup_is_read_waits_for_the_welcome_gree
         assert ends == ["handover"], call.sent
     finally:
         call.session.close()
+
+
+@pytest.fixture
+def info_logs(app):
+    """Info lines logged (the tests' LOG_LEVEL is WARNING), for capture_logs, from after the app configured them."""
+    import logging
+
+    import structlog
+    filtering = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    yield
+    structlog.configure(wrapper_class=filtering)
+
+
+def test_the_handovers_log_lines_name_the_call(call, fake_llm, info_logs):
+    """hand_over runs in the SIGTERM's task, whose log context is empty: its lines still say which call they are."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    agent_fell_silent(call)
+    call_sid = call.session.call_sid
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        def sigterm() -> None:  # a task of its own, whose log context is empty
+            structlog.contextvars.clear_contextvars()
+            call.session.hand_over()
+
+        spawn(sigterm).join(timeout=10)
+        call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    lines = [e for e in logs if e["event"] in ("relay_handing_over", "relay_ending")]
+    assert [e["event"] for e in lines] == ["relay_handing_over", "relay_ending"], (logs, call.sent)
+    for line in lines:
+        assert (line.get("tracking_id"), line.get("call_sid")) == (call.tracking_id, call_sid), line
+
+
+class _FailingSession:
+    """A live session whose hand_over fails (services.Services.hand_over_live_calls logs it and goes on)."""
+    record = type("Record", (), {"tracking_id": "call_1"})()
+    call_sid = "CA" + "0" * 32
+
+    def hand_over(self) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_handover_that_fails_is_logged_with_its_call(app, monkeypatch):
+    import dataclasses
+
+    import structlog
+    from structlog.testing import capture_logs
+
+    structlog.contextvars.clear_contextvars()  # as in the SIGTERM's task
+    svc = app.extensions["callweaver"]
+    monkeypatch.setattr(svc, "settings", dataclasses.replace(svc.settings, redis_url="redis://127.0.0.1:1"))
+    svc.live_sessions.add(_FailingSession())
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        svc.hand_over_live_calls()
+    failed = [e for e in logs if e["event"] == "relay_hand_over_failed"]
+    assert [(e.get("tracking_id"), e.get("call_sid")) for e in failed] == [("call_1", _FailingSession.call_sid)]

@@ -702,6 +702,8 @@ class RelaySession:
         self.spawn(self._hand_over_when_played)
 
     def _hand_over_when_played(self) -> None:
+        if self.record is not None:  # its lines name the call (the SIGTERM's task has an empty log context)
+            structlog.contextvars.bind_contextvars(tracking_id=self.record.tracking_id, call_sid=self.call_sid)
         reply = self._reply
         if reply is not None:
             reply.join(timeout=PLAYBACK_WAIT_MAX_S)  # sent and committed
