@@ -41,6 +41,15 @@ class Services:
     _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
     # This worker's live relay sessions (registered by the relay route), so a stopping worker can hand them over.
     live_sessions: set[RelaySession] = field(default_factory=set, init=False, repr=False)
+    # Set once hand_over_live_calls told the live calls to hand over: a socket accepted later is told at once.
+    stopping: bool = field(default=False, init=False, repr=False)
+
+    def add_live_session(self, session: RelaySession) -> None:
+        """Register a relay session (the relay route). gunicorn's gevent worker closes its listener only on its
+        next loop, so a socket may still be accepted after SIGTERM: it is told to hand over as it is added."""
+        self.live_sessions.add(session)
+        if self.stopping:
+            session.hand_over()
 
     def hand_over_live_calls(self) -> int:
         """The worker is stopping (gunicorn.conf.py: SIGTERM, as Render sends on every deploy): every live call
@@ -53,6 +62,7 @@ class Services:
             log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
                         reason="no store shared with other instances (REDIS_URL)")
             return 0
+        self.stopping = True  # first: a session added from now on hands over itself (add_live_session)
         log.warning("worker_stopping", live_calls=len(sessions), handed_over=len(sessions))
         for session in sessions:
             try:

@@ -136,3 +136,26 @@ def test_a_stopping_worker_hands_calls_over_only_through_a_store_other_instances
     finally:
         if redis is not None:
             redis.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_call_whose_socket_opens_just_after_sigterm_is_handed_over_too(tmp_path, fake_twilio, shared):
+    """gunicorn's gevent worker closes its listener only on its next loop: a socket accepted after the live calls
+    were told to hand over is told as it is registered (with Redis; without it, no call is handed over)."""
+    from callweaver import create_app
+    from tests.fakes.redis_server import RedisServer
+
+    redis = RedisServer().start() if shared else None
+    try:
+        env = base_env(tmp_path, fake_twilio)
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        svc = create_app(env).extensions["callweaver"]
+        svc.hand_over_live_calls()
+        late = _LiveSession()
+        svc.add_live_session(late)
+        assert late in svc.live_sessions
+        assert late.told is shared
+    finally:
+        if redis is not None:
+            redis.close()
