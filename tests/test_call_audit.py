@@ -1361,7 +1361,7 @@ class _FailingSession:
     record = type("Record", (), {"tracking_id": "call_1"})()
     call_sid = "CA" + "0" * 32
 
-    def hand_over(self) -> None:
+    def hand_over(self, deadline: float | None = None) -> None:
         raise RuntimeError("boom")
 
 
@@ -1379,3 +1379,53 @@ def test_a_handover_that_fails_is_logged_with_its_call(app, monkeypatch):
         svc.hand_over_live_calls()
     failed = [e for e in logs if e["event"] == "relay_hand_over_failed"]
     assert [(e.get("tracking_id"), e.get("call_sid")) for e in failed] == [("call_1", _FailingSession.call_sid)]
+
+
+LONG_REPLY = ("It has three bedrooms, two bathrooms, a large kitchen with an island, a garden with old apple trees, "
+              "a garage for two cars, a cellar, an attic that could be a fourth bedroom, and it is close to a school, "
+              "a park, the station and the shops, all on a quiet street with very little traffic at any time.")
+
+
+def test_a_handover_ends_the_call_by_its_deadline_while_a_reply_still_streams(call, fake_llm):
+    """A deploy's graceful timeout bounds the handover: its `end` goes out by the deadline it was given, even while
+    the reply in flight still streams (the wait for it alone could reach PLAYBACK_WAIT_MAX_S)."""
+    fake_llm.push(Reply(text=LONG_REPLY, token_interval_s=0.5))
+    call.send({"type": "prompt", "voicePrompt": "Tell me about the house", "lang": "en-US", "last": True})
+    call.wait(lambda: any(m["type"] == "text" for m in call.sent))
+    call.session.hand_over(deadline=time.monotonic() + 0.5)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent), timeout_s=PLAYBACK_WAIT_MIN_S * 3)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+
+
+def test_a_handover_ends_the_call_by_its_deadline_while_a_long_reply_plays(call, fake_llm):
+    fake_llm.push(Reply(text=LONG_REPLY))
+    call.say("Tell me about the house")  # Twilio speaks it (no agentSpeaking off: up to PLAYBACK_WAIT_MAX_S)
+    call.session.hand_over(deadline=time.monotonic() + 0.5)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent), timeout_s=PLAYBACK_WAIT_MIN_S * 3)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+
+
+def test_a_handover_lets_a_nodes_recording_play_before_its_end(app, client, fake_llm):
+    """The turn moved into a node with a recording (`play`, then a short line): the handover waits for Twilio to
+    report it stopped speaking, as long as a recording may take, not only as long as the short line takes."""
+    from tests.helpers import load_workflow
+
+    export = load_workflow("real_estate_property_dealer")
+    for node in export["nodes"]:
+        if node["id"] == "buyer_requirements_node":
+            node["data"]["audioUrl"] = "https://media.example.com/buyer-jingle.mp3"
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn, nodes=export["nodes"])
+    try:
+        agent_fell_silent(call)  # the welcome greeting played
+        fake_llm.push(Reply(text="Sure.", tool_calls=[("transition", {"edge_id": "edge_2"})]))
+        call.say("I want to buy a house")
+        assert any(m["type"] == "play" for m in call.sent), call.sent
+        call.session.hand_over()
+        time.sleep(PLAYBACK_WAIT_MIN_S + 1.0)
+        assert not any(m["type"] == "end" for m in call.sent), "the recording may still be playing"
+        agent_fell_silent(call)
+        waiters.join()
+        assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+    finally:
+        call.session.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -110,9 +111,10 @@ def test_a_call_handed_over_on_every_deploy_keeps_its_reconnects_for_broken_sock
 class _LiveSession:
     def __init__(self) -> None:
         self.told = False
+        self.deadline: float | None = None
 
-    def hand_over(self) -> None:
-        self.told = True
+    def hand_over(self, deadline: float | None = None) -> None:
+        self.told, self.deadline = True, deadline
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -151,11 +153,16 @@ def test_a_call_whose_socket_opens_just_after_sigterm_is_handed_over_too(tmp_pat
         if redis is not None:
             env["REDIS_URL"] = redis.url
         svc = create_app(env).extensions["callweaver"]
-        svc.hand_over_live_calls()
+        live = _LiveSession()
+        svc.live_sessions.add(live)
+        before = time.monotonic()
+        svc.hand_over_live_calls(within_s=20.0)
         late = _LiveSession()
         svc.add_live_session(late)
         assert late in svc.live_sessions
         assert late.told is shared
+        if shared:  # both `end`s go out by the same deadline, 20 s after the SIGTERM
+            assert late.deadline == live.deadline and before + 20.0 <= live.deadline <= time.monotonic() + 20.0
     finally:
         if redis is not None:
             redis.close()
