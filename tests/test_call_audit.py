@@ -77,6 +77,17 @@ def call(app, client, fake_llm):
     made.session.close()
 
 
+@pytest.fixture
+def waited_call(app, client, fake_llm):
+    """A call whose end waiters a test can wait for (`waiters.join()`), rather than sleep before checking that no
+    second `end` (or none) was written."""
+    waiters = EndWaiters()
+    made = Call(app, client, spawn=waiters.spawn)
+    made.waiters = waiters
+    yield made
+    made.session.close()
+
+
 
 def test_barge_in_keeps_only_the_first_occurrence_of_repeated_words_heard(call, fake_llm):
     """utteranceUntilInterrupt is what was spoken from the start of the reply: "Sure," heard is the first "Sure,",
@@ -817,15 +828,16 @@ def test_a_chinese_closing_line_waits_long_enough_to_be_spoken():
     assert playback_wait_bound_s("<speak>" * 20 + "Bye.", chars_per_s=15.0) < 3  # tags are not spoken
 
 
-def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(call, fake_llm):
+def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(waited_call, fake_llm):
     """The goodbye's end waits for playback when repeated Twilio errors end the call too: both waiters wake on the
     same agentSpeaking off, and only the first sends `end` (Twilio gets no second end)."""
+    call = waited_call
     call.say("goodbye")
     for _ in range(3):
         call.send({"type": "error", "description": "Invalid message received"})
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    call.waiters.join()  # both waiters are done: a second end would have been written
     assert [m["type"] for m in call.sent].count("end") == 1, call.sent
 
 
@@ -1055,34 +1067,37 @@ def test_a_goodbye_and_an_error_ending_send_the_end_decided_first_whichever_wait
         call.session.close()
 
 
-def test_a_goodbye_playing_at_sigterm_still_ends_the_call(call, fake_llm):
+def test_a_goodbye_playing_at_sigterm_still_ends_the_call(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.2)
+    call.waiters.join()
     assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["end"]
 
 
-def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(call, fake_llm):
+def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.2)
+    call.waiters.join()
     assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
 
 
-def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(call, fake_llm):
+def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(waited_call, fake_llm):
     """Repeated Twilio errors end the call while its goodbye plays, and the caller talks over the goodbye: its end
     is dropped (the call goes back to its step in the store), and the error ending, never dropped, goes out."""
+    call = waited_call
     node = call.svc.store.get_call(call.tracking_id).current_node
     call.say("goodbye")
     for _ in range(3):
         call.send({"type": "error", "description": "Invalid message received"})
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    call.waiters.join()  # both waiters are done: a second end would have been written
     ends = [m for m in call.sent if m["type"] == "end"]
     assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["error"], call.sent
     assert call.svc.store.get_call(call.tracking_id).current_node == node
@@ -1141,7 +1156,7 @@ class EndWaiters:
 
 
 def test_a_caller_hanging_up_in_a_goodbyes_grace_gets_no_end_on_the_closed_socket(app, client, fake_llm,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, info_logs):
     """The socket closes while the goodbye's end waits its grace for an interrupt: the waiter is released at once and
     writes nothing after the close (nor logs that it ended the call: the caller hung up first)."""
     from structlog.testing import capture_logs
@@ -1234,29 +1249,31 @@ def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_hi
         call.session.close()
 
 
-def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(call, fake_llm,
+def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(waited_call, fake_llm,
                                                                                                monkeypatch):
     """A handover decided during the goodbye's grace waits for the goodbye; the caller talks over it: the goodbye's
     end is dropped and the one `end` is the handover's (the call stays, on another worker)."""
     from callweaver.engine import relay_session
 
     monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call = waited_call
     call.say("goodbye")
     agent_fell_silent(call)
     call.session.hand_over()
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # every waiter has woken by now: a second end would have been written
+    call.waiters.join()  # every waiter is done: a second end would have been written
     ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
     assert ends == ["handover"], call.sent
 
 
-def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(call, fake_llm):
+def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     agent_fell_silent(call)
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)
+    call.waiters.join()
     ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
     assert ends == ["end"], call.sent
 
