@@ -61,7 +61,7 @@ def post_worker_init(worker):
     entry_points_read_afresh()
     from wsgi import loader  # the module gunicorn loaded (`wsgi:app`), already imported: the same AppLoader
     loader.when_loaded(app_loaded)
-    hand_over_calls_on_sigterm(loader, within_s=max(0.0, worker.cfg.graceful_timeout - HANDOVER_MARGIN_S))
+    hand_over_calls_on_sigterm(loader, within_s=max(0.0, graceful_timeout - HANDOVER_MARGIN_S))
 
 
 def hand_over_calls_on_sigterm(loader, within_s: float):
