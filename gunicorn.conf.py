@@ -10,6 +10,9 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
 # With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
+# A handover's `end` goes out this long before graceful_timeout runs out (hand_over_calls_on_sigterm): time for it
+# to reach Twilio and for the socket to close before gunicorn kills the worker.
+HANDOVER_MARGIN_S = 3.0
 # The gevent worker also bounds reading each request line and headers by `keepalive` seconds; request bodies
 # are bounded by the app itself (callweaver/request_guard.py: BODY_READ_TIMEOUT_S, MAX_BODY_BYTES).
 keepalive = 5
@@ -58,10 +61,10 @@ def post_worker_init(worker):
     entry_points_read_afresh()
     loader = worker.wsgi.__self__  # wsgi.py's `app` is the bound method AppLoader.wsgi
     loader.when_loaded(app_loaded)
-    hand_over_calls_on_sigterm(loader)
+    hand_over_calls_on_sigterm(loader, within_s=max(0.0, graceful_timeout - HANDOVER_MARGIN_S))
 
 
-def hand_over_calls_on_sigterm(loader):
+def hand_over_calls_on_sigterm(loader, within_s: float):
     """Render sends SIGTERM on every deploy. gunicorn's graceful shutdown (its documented TERM for a worker) only
     stops accepting connections; live relay sockets then run on until graceful_timeout, when the master kills the
     worker in the middle of whatever the caller was hearing. So the first SIGTERM first tells the live calls to hand
@@ -69,14 +72,15 @@ def hand_over_calls_on_sigterm(loader):
     running instance), then puts back the handler the worker had and delivers the signal to it: gunicorn shuts down
     as documented, and its wait for open connections ends once the calls are gone (bounded by graceful_timeout).
     Only the standard library's signal API is used; no gunicorn method is called or wrapped. A second SIGTERM goes
-    to gunicorn alone."""
+    to gunicorn alone. Every handover's `end` goes out within `within_s` of the SIGTERM, whatever still plays: a
+    reply and its playback could otherwise outlast graceful_timeout."""
     import signal
     import gevent
     gunicorn_handler = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum, frame):
         # Off the signal handler, as gunicorn's gevent worker does for SIGQUIT.
-        gevent.spawn(loader.when_loaded, lambda app: app.extensions["callweaver"].hand_over_live_calls())
+        gevent.spawn(loader.when_loaded, lambda app: app.extensions["callweaver"].hand_over_live_calls(within_s))
         signal.signal(signal.SIGTERM, gunicorn_handler)
         signal.raise_signal(signal.SIGTERM)  # handled by gunicorn once this handler returns
 

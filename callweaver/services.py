@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
@@ -41,24 +42,40 @@ class Services:
     _sdk_warm_up: OsThreadWork | None = field(default=None, init=False, repr=False)
     # This worker's live relay sessions (registered by the relay route), so a stopping worker can hand them over.
     live_sessions: set[RelaySession] = field(default_factory=set, init=False, repr=False)
+    # Set once hand_over_live_calls told the live calls to hand over: a socket accepted later is told at once.
+    stopping: bool = field(default=False, init=False, repr=False)
+    # By when (time.monotonic) their `end` must go out: before gunicorn kills the worker (None: no bound given).
+    handover_deadline: float | None = field(default=None, init=False, repr=False)
 
-    def hand_over_live_calls(self) -> int:
+    def add_live_session(self, session: RelaySession) -> None:
+        """Register a relay session (the relay route). gunicorn's gevent worker closes its listener only on its
+        next loop, so a socket may still be accepted after SIGTERM: it is told to hand over as it is added."""
+        self.live_sessions.add(session)
+        if self.stopping:
+            session.hand_over(self.handover_deadline)
+
+    def hand_over_live_calls(self, within_s: float | None = None) -> int:
         """The worker is stopping (gunicorn.conf.py: SIGTERM, as Render sends on every deploy): every live call
         ends its session at its next clean point and reconnects on a running instance (RelaySession.hand_over).
         How many calls were told: none without Redis, as no other instance can read the call from this one's
         SQLite file (Render starts the new instance on a fresh disk): they keep this worker until they end or
-        gunicorn's graceful_timeout runs out."""
+        gunicorn's graceful_timeout runs out. `within_s`: every handover's `end` goes out within that many seconds
+        (gunicorn.conf.py: its graceful_timeout less a margin), whatever is still playing."""
         sessions = list(self.live_sessions)
         if not self.settings.redis_url:
             log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
                         reason="no store shared with other instances (REDIS_URL)")
             return 0
+        self.handover_deadline = None if within_s is None else time.monotonic() + within_s
+        self.stopping = True  # first: a session added from now on hands over itself (add_live_session)
         log.warning("worker_stopping", live_calls=len(sessions), handed_over=len(sessions))
         for session in sessions:
             try:
-                session.hand_over()
+                session.hand_over(self.handover_deadline)
             except Exception:
-                log.exception("relay_hand_over_failed")
+                record = session.record  # (the task's log context is the SIGTERM's, empty)
+                log.exception("relay_hand_over_failed", tracking_id=record.tracking_id if record else None,
+                              call_sid=session.call_sid)
         return len(sessions)
 
     @cached_property

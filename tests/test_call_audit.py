@@ -77,6 +77,17 @@ def call(app, client, fake_llm):
     made.session.close()
 
 
+@pytest.fixture
+def waited_call(app, client, fake_llm):
+    """A call whose end waiters a test can wait for (`waiters.join()`), rather than sleep before checking that no
+    second `end` (or none) was written."""
+    waiters = EndWaiters()
+    made = Call(app, client, spawn=waiters.spawn)
+    made.waiters = waiters
+    yield made
+    made.session.close()
+
+
 
 def test_barge_in_keeps_only_the_first_occurrence_of_repeated_words_heard(call, fake_llm):
     """utteranceUntilInterrupt is what was spoken from the start of the reply: "Sure," heard is the first "Sure,",
@@ -819,15 +830,16 @@ def test_a_chinese_closing_line_waits_long_enough_to_be_spoken():
     assert playback_wait_bound_s("<speak>" * 20 + "Bye.", chars_per_s=15.0) < 3  # tags are not spoken
 
 
-def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(call, fake_llm):
+def test_a_goodbye_and_an_error_ending_waiting_together_send_one_end(waited_call, fake_llm):
     """The goodbye's end waits for playback when repeated Twilio errors end the call too: both waiters wake on the
     same agentSpeaking off, and only the first sends `end` (Twilio gets no second end)."""
+    call = waited_call
     call.say("goodbye")
     for _ in range(3):
         call.send({"type": "error", "description": "Invalid message received"})
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    call.waiters.join()  # both waiters are done: a second end would have been written
     assert [m["type"] for m in call.sent].count("end") == 1, call.sent
 
 
@@ -1057,34 +1069,37 @@ def test_a_goodbye_and_an_error_ending_send_the_end_decided_first_whichever_wait
         call.session.close()
 
 
-def test_a_goodbye_playing_at_sigterm_still_ends_the_call(call, fake_llm):
+def test_a_goodbye_playing_at_sigterm_still_ends_the_call(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.2)
+    call.waiters.join()
     assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["end"]
 
 
-def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(call, fake_llm):
+def test_a_goodbye_cut_short_during_a_handover_hands_the_call_over(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.2)
+    call.waiters.join()
     assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
 
 
-def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(call, fake_llm):
+def test_a_goodbye_talked_over_while_an_error_ending_waits_ends_the_call_for_the_error(waited_call, fake_llm):
     """Repeated Twilio errors end the call while its goodbye plays, and the caller talks over the goodbye: its end
     is dropped (the call goes back to its step in the store), and the error ending, never dropped, goes out."""
+    call = waited_call
     node = call.svc.store.get_call(call.tracking_id).current_node
     call.say("goodbye")
     for _ in range(3):
         call.send({"type": "error", "description": "Invalid message received"})
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # both waiters have woken by now: a second end would have been written
+    call.waiters.join()  # both waiters are done: a second end would have been written
     ends = [m for m in call.sent if m["type"] == "end"]
     assert [json.loads(m["handoffData"])["reason"] for m in ends] == ["error"], call.sent
     assert call.svc.store.get_call(call.tracking_id).current_node == node
@@ -1143,7 +1158,7 @@ class EndWaiters:
 
 
 def test_a_caller_hanging_up_in_a_goodbyes_grace_gets_no_end_on_the_closed_socket(app, client, fake_llm,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, info_logs):
     """The socket closes while the goodbye's end waits its grace for an interrupt: the waiter is released at once and
     writes nothing after the close (nor logs that it ended the call: the caller hung up first)."""
     from structlog.testing import capture_logs
@@ -1236,29 +1251,31 @@ def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_hi
         call.session.close()
 
 
-def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(call, fake_llm,
+def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(waited_call, fake_llm,
                                                                                                monkeypatch):
     """A handover decided during the goodbye's grace waits for the goodbye; the caller talks over it: the goodbye's
     end is dropped and the one `end` is the handover's (the call stays, on another worker)."""
     from callweaver.engine import relay_session
 
     monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call = waited_call
     call.say("goodbye")
     agent_fell_silent(call)
     call.session.hand_over()
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)  # every waiter has woken by now: a second end would have been written
+    call.waiters.join()  # every waiter is done: a second end would have been written
     ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
     assert ends == ["handover"], call.sent
 
 
-def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(call, fake_llm):
+def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(waited_call, fake_llm):
+    call = waited_call
     call.say("goodbye")
     call.session.hand_over()
     agent_fell_silent(call)
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
-    time.sleep(0.3)
+    call.waiters.join()
     ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
     assert ends == ["end"], call.sent
 
@@ -1279,3 +1296,155 @@ def test_an_interrupt_on_an_earlier_reply_never_cuts_a_later_goodbyes_grace_shor
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
     time.sleep(0.3)
     assert not [m for m in call.sent if m["type"] == "end"], call.sent
+
+
+# ---- review of the handover: a SIGTERM during setup, its log lines, its deadline, a node's recording ---------------
+
+def test_a_handover_requested_while_the_setup_is_read_waits_for_the_welcome_greeting(app, client, fake_llm,
+                                                                                     monkeypatch):
+    """SIGTERM while `setup` reads the call from the store: the handover waits for the setup, then (one waiter) for
+    the welcome greeting, rather than end the greeting after the shortest wait with nothing known to be playing."""
+    waiters = EndWaiters()
+    reading, release = threading.Event(), threading.Event()
+
+    def hold_the_setup_read(made: Call) -> None:
+        store = made.svc.store
+        get_call = store.get_call
+
+        def blocked_get_call(*args, **kwargs):
+            reading.set()
+            release.wait(10)
+            return get_call(*args, **kwargs)
+
+        monkeypatch.setattr(store, "get_call", blocked_get_call)
+
+        def sigterm_mid_setup() -> None:
+            reading.wait(10)
+            made.session.hand_over()
+            monkeypatch.setattr(store, "get_call", get_call)
+            release.set()
+
+        spawn(sigterm_mid_setup)
+
+    call = Call(app, client, spawn=waiters.spawn, before_setup=hold_the_setup_read)
+    try:
+        assert call.session.record is not None
+        call.send({"type": "info", "name": "agentSpeaking", "value": "on"})
+        time.sleep(PLAYBACK_WAIT_MIN_S + 0.5)
+        assert not any(m["type"] == "end" for m in call.sent), "the greeting is still playing"
+        assert len(waiters.tasks) == 1
+        agent_fell_silent(call)
+        waiters.join()
+        ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+        assert ends == ["handover"], call.sent
+    finally:
+        call.session.close()
+
+
+@pytest.fixture
+def info_logs(app):
+    """Info lines logged (the tests' LOG_LEVEL is WARNING), for capture_logs, from after the app configured them."""
+    import logging
+
+    import structlog
+    filtering = structlog.get_config()["wrapper_class"]
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    yield
+    structlog.configure(wrapper_class=filtering)
+
+
+def test_the_handovers_log_lines_name_the_call(call, fake_llm, info_logs):
+    """hand_over runs in the SIGTERM's task, whose log context is empty: its lines still say which call they are."""
+    import structlog
+    from structlog.testing import capture_logs
+
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")
+    agent_fell_silent(call)
+    call_sid = call.session.call_sid
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        def sigterm() -> None:  # a task of its own, whose log context is empty
+            structlog.contextvars.clear_contextvars()
+            call.session.hand_over()
+
+        spawn(sigterm).join(timeout=10)
+        call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    lines = [e for e in logs if e["event"] in ("relay_handing_over", "relay_ending")]
+    assert [e["event"] for e in lines] == ["relay_handing_over", "relay_ending"], (logs, call.sent)
+    for line in lines:
+        assert (line.get("tracking_id"), line.get("call_sid")) == (call.tracking_id, call_sid), line
+
+
+class _FailingSession:
+    """A live session whose hand_over fails (services.Services.hand_over_live_calls logs it and goes on)."""
+    record = type("Record", (), {"tracking_id": "call_1"})()
+    call_sid = "CA" + "0" * 32
+
+    def hand_over(self, deadline: float | None = None) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_handover_that_fails_is_logged_with_its_call(app, monkeypatch):
+    import dataclasses
+
+    import structlog
+    from structlog.testing import capture_logs
+
+    structlog.contextvars.clear_contextvars()  # as in the SIGTERM's task
+    svc = app.extensions["callweaver"]
+    monkeypatch.setattr(svc, "settings", dataclasses.replace(svc.settings, redis_url="redis://127.0.0.1:1"))
+    svc.live_sessions.add(_FailingSession())
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        svc.hand_over_live_calls()
+    failed = [e for e in logs if e["event"] == "relay_hand_over_failed"]
+    assert [(e.get("tracking_id"), e.get("call_sid")) for e in failed] == [("call_1", _FailingSession.call_sid)]
+
+
+LONG_REPLY = ("It has three bedrooms, two bathrooms, a large kitchen with an island, a garden with old apple trees, "
+              "a garage for two cars, a cellar, an attic that could be a fourth bedroom, and it is close to a school, "
+              "a park, the station and the shops, all on a quiet street with very little traffic at any time.")
+
+
+def test_a_handover_ends_the_call_by_its_deadline_while_a_reply_still_streams(call, fake_llm):
+    """A deploy's graceful timeout bounds the handover: its `end` goes out by the deadline it was given, even while
+    the reply in flight still streams (the wait for it alone could reach PLAYBACK_WAIT_MAX_S)."""
+    fake_llm.push(Reply(text=LONG_REPLY, token_interval_s=0.5))
+    call.send({"type": "prompt", "voicePrompt": "Tell me about the house", "lang": "en-US", "last": True})
+    call.wait(lambda: any(m["type"] == "text" for m in call.sent))
+    call.session.hand_over(deadline=time.monotonic() + 0.5)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent), timeout_s=PLAYBACK_WAIT_MIN_S * 3)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+
+
+def test_a_handover_ends_the_call_by_its_deadline_while_a_long_reply_plays(call, fake_llm):
+    fake_llm.push(Reply(text=LONG_REPLY))
+    call.say("Tell me about the house")  # Twilio speaks it (no agentSpeaking off: up to PLAYBACK_WAIT_MAX_S)
+    call.session.hand_over(deadline=time.monotonic() + 0.5)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent), timeout_s=PLAYBACK_WAIT_MIN_S * 3)
+    assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+
+
+def test_a_handover_lets_a_nodes_recording_play_before_its_end(app, client, fake_llm):
+    """The turn moved into a node with a recording (`play`, then a short line): the handover waits for Twilio to
+    report it stopped speaking, as long as a recording may take, not only as long as the short line takes."""
+    from tests.helpers import load_workflow
+
+    export = load_workflow("real_estate_property_dealer")
+    for node in export["nodes"]:
+        if node["id"] == "buyer_requirements_node":
+            node["data"]["audioUrl"] = "https://media.example.com/buyer-jingle.mp3"
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn, nodes=export["nodes"])
+    try:
+        agent_fell_silent(call)  # the welcome greeting played
+        fake_llm.push(Reply(text="Sure.", tool_calls=[("transition", {"edge_id": "edge_2"})]))
+        call.say("I want to buy a house")
+        assert any(m["type"] == "play" for m in call.sent), call.sent
+        call.session.hand_over()
+        time.sleep(PLAYBACK_WAIT_MIN_S + 1.0)
+        assert not any(m["type"] == "end" for m in call.sent), "the recording may still be playing"
+        agent_fell_silent(call)
+        waiters.join()
+        assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["handover"]
+    finally:
+        call.session.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -110,29 +111,53 @@ def test_a_call_handed_over_on_every_deploy_keeps_its_reconnects_for_broken_sock
 class _LiveSession:
     def __init__(self) -> None:
         self.told = False
+        self.deadline: float | None = None
 
-    def hand_over(self) -> None:
-        self.told = True
+    def hand_over(self, deadline: float | None = None) -> None:
+        self.told, self.deadline = True, deadline
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_a_stopping_worker_hands_calls_over_only_through_a_store_other_instances_read(tmp_path, fake_twilio, shared):
-    """On Render a deploy starts the new instance on a fresh disk (and with a persistent disk only after the old one
-    stopped): without Redis no other instance can read the call, so a handover could only end it with an apology.
-    The call then keeps this worker until it ends or graceful_timeout runs out, as before handovers."""
+@pytest.fixture(params=[False, True], ids=["sqlite", "redis"])
+def worker_services(request, tmp_path, fake_twilio):
+    """A worker's Services, with its store shared through Redis (param True) or in its own SQLite file."""
     from callweaver import create_app
     from tests.fakes.redis_server import RedisServer
 
-    redis = RedisServer().start() if shared else None
+    redis = RedisServer().start() if request.param else None
     try:
         env = base_env(tmp_path, fake_twilio)
         if redis is not None:
             env["REDIS_URL"] = redis.url
-        svc = create_app(env).extensions["callweaver"]
-        session = _LiveSession()
-        svc.live_sessions.add(session)
-        assert svc.hand_over_live_calls() == (1 if shared else 0)
-        assert session.told is shared
+        yield create_app(env).extensions["callweaver"]
     finally:
         if redis is not None:
             redis.close()
+
+
+def test_a_stopping_worker_hands_calls_over_only_through_a_store_other_instances_read(worker_services):
+    """On Render a deploy starts the new instance on a fresh disk (and with a persistent disk only after the old one
+    stopped): without Redis no other instance can read the call, so a handover could only end it with an apology.
+    The call then keeps this worker until it ends or graceful_timeout runs out, as before handovers."""
+    svc = worker_services
+    shared = bool(svc.settings.redis_url)
+    session = _LiveSession()
+    svc.live_sessions.add(session)
+    assert svc.hand_over_live_calls() == (1 if shared else 0)
+    assert session.told is shared
+
+
+def test_a_call_whose_socket_opens_just_after_sigterm_is_handed_over_too(worker_services):
+    """gunicorn's gevent worker closes its listener only on its next loop: a socket accepted after the live calls
+    were told to hand over is told as it is registered (with Redis; without it, no call is handed over)."""
+    svc = worker_services
+    shared = bool(svc.settings.redis_url)
+    live = _LiveSession()
+    svc.live_sessions.add(live)
+    before = time.monotonic()
+    svc.hand_over_live_calls(within_s=20.0)
+    late = _LiveSession()
+    svc.add_live_session(late)
+    assert late in svc.live_sessions
+    assert late.told is shared
+    if shared:  # both `end`s go out by the same deadline, 20 s after the SIGTERM
+        assert late.deadline == live.deadline and before + 20.0 <= live.deadline <= time.monotonic() + 20.0

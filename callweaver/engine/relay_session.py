@@ -90,7 +90,8 @@ class RelaySession:
                  "_speculation", "_discarded", "_partial_seq", "_adopted", "_dropped_this_turn", "_speech_cadence",
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
-                 "_barged_in_event", "_handing_over", "_agent_speaking")
+                 "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
+                 "_handover_deadline")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
@@ -121,6 +122,7 @@ class RelaySession:
         self._forced_end: dict | None = None    # an ending for an error or a handover, never dropped by a barge-in
         self.ended = False           # the call is over here: its one `end` was sent, or the socket closed
         self._handing_over = False   # this worker is stopping: `end` (HANDOVER) follows the reply in flight
+        self._handover_deadline: float | None = None  # on `clock`: that `end` goes out by then, whatever plays
         self._agent_speaking: bool | None = None  # Twilio's last agentSpeaking (None: it has reported none)
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
         self._discarded: list[SpeculativeTurn] = []        # this caller turn's dropped speculations (metrics)
@@ -135,6 +137,7 @@ class RelaySession:
         self._caller_silent = False   # its last clientSpeaking was "off" (since the last final)
         self._setup_unread: protocol.Setup | None = None  # a `setup` whose store read failed: read again later
         self._setup_retries = 0
+        self._reading_setup = False  # `setup` is reading the call (its store reads yield): a handover waits for it
         # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
         # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
         self._stored_cycle: str | None = None
@@ -183,9 +186,11 @@ class RelaySession:
         try:
             match message:
                 case protocol.Setup():
+                    self._reading_setup = True
                     try:
                         self._on_setup(message)
                     finally:
+                        self._reading_setup = False
                         if self._handing_over:  # told to hand over before its setup (hand_over): now
                             self.spawn(self._hand_over_when_played)
                 case protocol.Prompt():
@@ -684,24 +689,28 @@ class RelaySession:
             return protocol.end("end", node=r.next_node)
         return protocol.end("transfer", destination=r.destination, node=r.next_node)
 
-    def hand_over(self) -> None:
+    def hand_over(self, deadline: float | None = None) -> None:
         """This worker is stopping (Render sends SIGTERM on every deploy; gunicorn then kills what is still running
         after GUNICORN_GRACEFUL_TIMEOUT, mid-sentence). So end the session at the next clean point, with `end`
         {"reason": "handover"}: once the reply in flight has been sent, committed and played, else at once. Twilio
         then asks the action URL, which lands on a running instance and reconnects the call from the store. The
         caller's new words are not answered here meanwhile (the resumed session's greeting asks them to go on);
-        a goodbye or transfer already under way ends the call as it would have."""
+        a goodbye or transfer already under way ends the call as it would have. `deadline` (on `clock`): the
+        `end` goes out by then, before the stopping worker is killed, even if the reply has not finished playing."""
         if self.ended or self._handing_over:
             return
         self._handing_over = True  # no new turn starts here (`_closing`)
-        if self.record is None and self._setup_unread is None:
-            return  # no setup yet (or an unknown call, ending anyway): Twilio's welcome greeting plays after it
+        self._handover_deadline = deadline
+        if self._reading_setup or (self.record is None and self._setup_unread is None):
+            return  # no setup yet, or one being read (or an unknown call, ending anyway): it starts the wait itself
         self.spawn(self._hand_over_when_played)
 
     def _hand_over_when_played(self) -> None:
+        if self.record is not None:  # its lines name the call (the SIGTERM's task has an empty log context)
+            structlog.contextvars.bind_contextvars(tracking_id=self.record.tracking_id, call_sid=self.call_sid)
         reply = self._reply
         if reply is not None:
-            reply.join(timeout=PLAYBACK_WAIT_MAX_S)  # sent and committed
+            reply.join(timeout=self._within_deadline(PLAYBACK_WAIT_MAX_S, self._handover_deadline))  # committed
         if self.ended or self._closing_turn is not None:
             return  # a goodbye or transfer is playing: its own `end` follows
         if self._forced_end is None:
@@ -714,7 +723,13 @@ class RelaySession:
         # (Twilio never reported agentSpeaking: the next event, or the bounded wait for what it was given)
         # What Twilio may still be speaking: this socket's last reply, else (no turn yet) its welcome greeting.
         spoken = self._sent if self._turn is not None else (self._stored_cycle or "")
-        self._end_after_playback(protocol.end(HANDOVER), spoken, cleared=self._agent_speaking is not None)
+        with_audio = self._turn is not None and self._turn.result.entered_audio is not None  # a node's recording
+        self._end_after_playback(protocol.end(HANDOVER), spoken, cleared=self._agent_speaking is not None,
+                                 with_audio=with_audio, deadline=self._handover_deadline)
+
+    def _within_deadline(self, wait_s: float, deadline: float | None) -> float:
+        """`wait_s`, cut to what is left before `deadline` (on `clock`; None: no deadline)."""
+        return wait_s if deadline is None else max(0.0, min(wait_s, deadline - self.clock()))
 
     def _send_text(self, chunk: str | None, close_cycle: bool = False) -> None:
         """One `text` frame of the current reply (nothing for an empty chunk). While it is written it is `_writing`:
@@ -741,6 +756,7 @@ class RelaySession:
         if audio is None:
             return False
         log.info("relay_playing_node_audio", node=turn.result.next_node)
+        self._agent_speaking = True  # Twilio plays it, until it reports agentSpeaking off
         self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
         return True
 
@@ -753,17 +769,21 @@ class RelaySession:
         self.spawn(self._end_after_playback, message, spoken, True)
 
     def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
-                            with_audio: bool = False, language: str | None = None) -> None:
+                            with_audio: bool = False, language: str | None = None,
+                            deadline: float | None = None) -> None:
         """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
         session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
         speaking rate (by the longest wait when a recording of unknown length plays too); then, while a closing line
         could still be talked over, up to CLOSING_INTERRUPT_GRACE_S for an interrupt that drops its end.
 
+        `deadline` (on `clock`, a handover's) cuts the wait for playback short.
+
         Whichever waiter wakes first sends the one `end`, and always the same one (`_pending_end`), so the reason
         Twilio gets and the log records never depend on which greenlet ran first."""
         if not cleared:
             self._fell_silent.clear()
-        bound = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio)
+        bound = self._within_deadline(playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language),
+                                                            with_audio=with_audio), deadline)
         started = self.clock()
         if not self._fell_silent.wait(timeout=bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))

@@ -162,7 +162,7 @@ def conversation_relay(ws):
     svc = services()
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
                            text_hold_s=svc.settings.relay_text_hold_ms / 1000)
-    svc.live_sessions.add(session)
+    svc.add_live_session(session)
     try:
         RelaySocket(ws, session, g.relay_claim, svc.settings.relay_setup_timeout_s, svc.heap_trimmer).serve()
     finally:
