@@ -4,17 +4,21 @@ production server (gunicorn, gevent workers), driven by the scripted caller with
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 
 from callweaver.engine.languages import LanguageTable
+from callweaver.engine.relay_session import playback_wait_bound_s
 from callweaver.simulate import RelayCaller
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
 from tests.fakes.fake_llm import FakeLLM, Reply
 from tests.fakes.fake_twilio import FakeTwilio
 from tests.fakes.live_server import LiveServer
 from tests.helpers import make_call_body
+from tests.test_reply_text import say, session_for
 
 SILENCE_S = 0.3
 EN = LanguageTable.load().get("en-US")
@@ -119,3 +123,130 @@ def test_twilio_time_limit_is_the_flows_max_call_duration_capped_by_the_operator
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(body_with(maxCallDuration=minutes))
     assert stack["twilio"].creates()[-1].one("TimeLimit") == time_limit  # MAX_CALL_DURATION_S: 3600
+
+
+# ---- the session's silence deadline, on a fake clock ------------------------------------------------------------
+
+def silent_session(script=(("Sure", 0.0), (" thing.", 0.0))):
+    session, engine, sent = session_for(list(script))
+    session.silence_timeout_s = SILENCE_S
+    engine.speculation = SimpleNamespace(enabled=False, speaker_events=False)
+    engine.store = SimpleNamespace(meta={}, update_meta=lambda tracking_id, meta: engine.store.meta.update(meta))
+    return session, engine, sent
+
+
+def info(session, name: str, value: str) -> None:
+    session.handle(json.dumps({"type": "info", "name": name, "value": value}))
+
+
+def texts(sent) -> list[str]:
+    return [m["token"] for m in sent if m["type"] == "text" and m["token"]]
+
+
+def test_nothing_is_due_before_setup_or_with_silence_handling_off():
+    session, _engine, sent = silent_session()
+    session.record = None
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() is None
+    session, _engine, sent = silent_session()
+    session.silence_timeout_s = 0
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() is None
+
+
+def test_the_silence_counts_from_agent_speaking_off_and_any_caller_input_starts_it_again():
+    session, _engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    info(session, "agentSpeaking", "on")
+    assert session.silence_due_at() is None  # the agent speaks: no silence
+    info(session, "agentSpeaking", "off")
+    clock.now += 0.2
+    session.handle(json.dumps({"type": "prompt", "voicePrompt": "I", "last": False}))  # a partial transcript
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    info(session, "clientSpeaking", "on")
+    assert session.silence_due_at() is None  # the caller is talking
+    info(session, "clientSpeaking", "off")
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    session.check_silence()
+    assert sent == []  # not due yet
+
+
+def test_a_silence_reprompts_then_a_second_one_says_goodbye_and_ends_with_reason_silence():
+    session, engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    clock.now += SILENCE_S
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt")]
+    assert session.silence_due_at() > clock.now + SILENCE_S  # counts once the re-prompt has played
+    info(session, "agentSpeaking", "off")
+    clock.now += SILENCE_S
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt"), EN.line("goodbye")]
+    assert engine.store.meta == {"endReason": "silence"}
+    assert session.silence_due_at() is None  # closing: nothing more
+    info(session, "agentSpeaking", "off")  # the goodbye played
+    wait_until(lambda: sent[-1]["type"] == "end")
+    assert json.loads(sent[-1]["handoffData"]) == {"reason": "silence"}
+
+
+def test_a_caller_answering_the_reprompt_is_reprompted_again_later_not_told_goodbye():
+    session, engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    clock.now += SILENCE_S
+    session.check_silence()
+    session.handle(json.dumps({"type": "dtmf", "digit": "#"}))  # a key answers it (an empty entry: no turn)
+    info(session, "agentSpeaking", "off")
+    clock.now += SILENCE_S
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt"), EN.line("reprompt")]
+
+
+def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
+    session, engine, sent = silent_session([("Let", 0.0), ("WAIT", 0.0)])
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    say(session)
+    assert engine.turn.waiting.wait(5)
+    info(session, "agentSpeaking", "off")  # Twilio spoke the first words; the reply goes on
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None
+    session.check_silence()
+    assert texts(sent) == ["Let"]
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "Let",
+                               "durationUntilInterruptMs": 200}))
+    session.handle(json.dumps({"type": "dtmf", "digit": "1"}))
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None  # typing
+    session._take_digits()
+    session.hand_over()  # a stopping worker's handover, like a closing line, is never re-prompted over
+    info(session, "agentSpeaking", "off")
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None
+
+
+def test_without_speaker_events_the_silence_counts_from_when_the_reply_has_surely_played():
+    session, engine, sent = silent_session()
+    clock = session.clock
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_due_at() is not None)
+    bound = playback_wait_bound_s("Sure thing.", chars_per_s=EN.speech_chars_per_s)
+    assert session.silence_due_at() == pytest.approx(clock.now + bound + SILENCE_S)
+
+
+def test_every_language_has_the_reprompt_and_goodbye_lines():
+    table = LanguageTable.load()
+    for code in table.codes:
+        entry = table.get(code)
+        assert entry.lines.get("reprompt", "").strip() and entry.lines.get("goodbye", "").strip(), code
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
