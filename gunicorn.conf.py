@@ -56,7 +56,7 @@ def post_worker_init(worker):
     waiting request is let through, app_loaded runs. The worker serves from now on, so entry points are read afresh
     again before anything of the app is imported."""
     entry_points_read_afresh()
-    from wsgi import loader  # the module gunicorn loaded (`wsgi:app`), already imported: the same AppLoader
+    loader = worker.wsgi.__self__  # wsgi.py's `app` is the bound method AppLoader.wsgi
     loader.when_loaded(app_loaded)
     hand_over_calls_on_sigterm(loader)
 

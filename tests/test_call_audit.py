@@ -1117,3 +1117,163 @@ def test_an_adopted_tool_only_speculation_counts_its_routing_before_the_hold_as_
         assert speculation.first_token_ms() == pytest.approx(500.0)
     finally:
         call.session.close()
+
+
+# ---- review of the end of a call: a socket closed while an end waits, a keypad entry while the call ends ---------
+
+class EndWaiters:
+    """A spawn that keeps the end waiters it starts (`_end_after_playback`, `_hand_over_when_played`), so a test can
+    wait for them to finish rather than for a time."""
+
+    def __init__(self) -> None:
+        self.tasks: list = []
+
+    def spawn(self, fn, *args):
+        task = spawn(fn, *args)
+        if getattr(fn, "__name__", "") in ("_end_after_playback", "_hand_over_when_played"):
+            self.tasks.append(task)
+        return task
+
+    def join(self) -> None:
+        for task in self.tasks:
+            task.join(timeout=10)
+            assert task.dead
+
+
+def test_a_caller_hanging_up_in_a_goodbyes_grace_gets_no_end_on_the_closed_socket(app, client, fake_llm,
+                                                                                   monkeypatch):
+    """The socket closes while the goodbye's end waits its grace for an interrupt: the waiter is released at once and
+    writes nothing after the close (nor logs that it ended the call: the caller hung up first)."""
+    from structlog.testing import capture_logs
+
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn)
+    call.say("goodbye")
+    call.wait(lambda: waiters.tasks)  # the goodbye's waiter is spawned (after its commit)
+    agent_fell_silent(call)  # the waiter now waits (up to 30 s here) for an interrupt
+    with capture_logs() as logs:
+        sent = len(call.sent)
+        call.session.close()
+        waiters.join()
+    assert call.sent[sent:] == [], call.sent[sent:]
+    assert "relay_ending" not in [e["event"] for e in logs]
+
+
+def test_a_worker_stopping_after_the_socket_closed_sends_nothing(app, client, fake_llm):
+    """hand_over reaches a session whose socket just closed (the live-session list is read while sockets close):
+    nothing is written on the closed socket, and nothing waits for a playback nobody reports."""
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn)
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")  # Twilio speaks it (no agentSpeaking off yet)
+    call.session.close()
+    sent = len(call.sent)
+    call.session.hand_over()
+    waiters.join()
+    assert call.sent[sent:] == [], call.sent[sent:]
+
+
+def test_a_keypad_entry_typed_before_a_handover_starts_no_reply_in_it(call, fake_llm):
+    """The caller was typing when the worker began handing over: the entry's pause must not start a reply that the
+    handover's `end` would cut mid-sentence (the resumed session asks the caller to go on)."""
+    fake_llm.push(Reply(text="It has three bedrooms."))
+    call.say("How many bedrooms")  # Twilio still speaks it
+    call.session.inter_digit_s = 0.05
+    call.send({"type": "dtmf", "digit": "4"})
+    call.send({"type": "dtmf", "digit": "2"})
+    requests, sent = len(fake_llm.requests), len(call.sent)
+    call.session.hand_over()
+    time.sleep(0.3)  # the entry's pause has passed
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert [m["type"] for m in call.sent[sent:]] == ["end"], call.sent[sent:]
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "handover"
+    assert len(fake_llm.requests) == requests and len(call.turns()) == 1
+
+
+def test_a_keypad_entry_typed_before_an_error_ending_starts_no_reply_in_it(call, fake_llm):
+    """Repeated Twilio errors end the call while the caller types: the entry starts no reply after the apology."""
+    call.session.inter_digit_s = 0.05
+    call.send({"type": "dtmf", "digit": "7"})
+    requests = len(fake_llm.requests)
+    for _ in range(3):
+        call.send({"type": "error", "description": "Invalid message received"})
+    time.sleep(0.3)  # the entry's pause has passed
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    assert len(fake_llm.requests) == requests, call.sent
+    assert json.loads(call.sent[-1]["handoffData"])["reason"] == "error"
+
+
+def test_a_goodbye_talked_over_in_its_grace_is_dropped_even_when_trimming_the_history_outlasts_the_grace(
+        app, client, fake_llm, monkeypatch):
+    """The interrupt came within the grace: that decides the end is dropped, even when the store write trimming the
+    goodbye to what was heard (a busy SQLite, a slow Redis) takes longer than the grace left. Deciding it only after
+    that write let the waiter's grace run out first and hang up on a caller who was talking."""
+    waiters = EndWaiters()
+    call = Call(app, client, spawn=waiters.spawn)
+    try:
+        store = call.svc.store
+        update_call = store.update_call
+
+        def slow_update_call(*args, **kwargs):
+            time.sleep(1.0)  # five times the grace
+            return update_call(*args, **kwargs)
+
+        call.say("goodbye")
+        call.wait(lambda: waiters.tasks)  # the goodbye's waiter is spawned (after its commit)
+        monkeypatch.setattr(store, "update_call", slow_update_call)
+        agent_fell_silent(call)
+        call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+        waiters.join()
+        assert not [m for m in call.sent if m["type"] == "end"], call.sent
+    finally:
+        call.session.close()
+
+
+def test_a_worker_stopping_in_a_goodbyes_grace_hands_over_once_when_the_goodbye_is_talked_over(call, fake_llm,
+                                                                                               monkeypatch):
+    """A handover decided during the goodbye's grace waits for the goodbye; the caller talks over it: the goodbye's
+    end is dropped and the one `end` is the handover's (the call stays, on another worker)."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.session.hand_over()
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)  # every waiter has woken by now: a second end would have been written
+    ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+    assert ends == ["handover"], call.sent
+
+
+def test_a_worker_stopping_while_a_goodbye_plays_lets_the_goodbye_end_the_call(call, fake_llm):
+    call.say("goodbye")
+    call.session.hand_over()
+    agent_fell_silent(call)
+    call.wait(lambda: any(m["type"] == "end" for m in call.sent))
+    time.sleep(0.3)
+    ends = [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"]
+    assert ends == ["end"], call.sent
+
+
+def test_an_interrupt_on_an_earlier_reply_never_cuts_a_later_goodbyes_grace_short(call, fake_llm, monkeypatch):
+    """An interrupt about an ordinary reply (after a goodbye talked over made the grace's event) must not leave the
+    event set for the next goodbye: its interrupt just after agentSpeaking off still drops its end."""
+    from callweaver.engine import relay_session
+
+    monkeypatch.setattr(relay_session, "CLOSING_INTERRUPT_GRACE_S", 30.0, raising=False)
+    call.say("goodbye")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    fake_llm.push(Reply(text="Of course, it has three bedrooms and a garden."))
+    call.say("How many bedrooms")
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Of course", "durationUntilInterruptMs": 400})
+    call.say("goodbye")
+    agent_fell_silent(call)
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "Thank you", "durationUntilInterruptMs": 500})
+    time.sleep(0.3)
+    assert not [m for m in call.sent if m["type"] == "end"], call.sent

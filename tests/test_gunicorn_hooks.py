@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import runpy
-import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,10 +45,8 @@ class FakeLoader:
             fn(self.app)
 
 
-def worker_loading(services: FakeServices, monkeypatch) -> tuple[SimpleNamespace, FakeLoader]:
-    """A worker whose app module (wsgi.py, already imported by gunicorn) holds a loader still loading."""
+def worker_loading(services: FakeServices) -> tuple[SimpleNamespace, FakeLoader]:
     loader = FakeLoader(services)
-    monkeypatch.setitem(sys.modules, "wsgi", SimpleNamespace(loader=loader, app=loader.wsgi))
     return SimpleNamespace(wsgi=loader.wsgi), loader
 
 
@@ -57,7 +54,7 @@ def test_a_worker_loads_with_the_collector_off_then_freezes_what_it_loaded_and_c
     untracked_greenlet_tree(monkeypatch)
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
-    worker, loader = worker_loading(services, monkeypatch)
+    worker, loader = worker_loading(services)
     try:
         hooks["post_fork"](None, worker)
         assert not gc.isenabled()  # imports and app build: no passes over objects that live as long as the worker
@@ -99,10 +96,10 @@ def test_a_worker_spawns_greenlets_without_spawn_tree_records_unless_the_operato
     assert gevent.config.track_greenlet_tree is True
 
 
-def test_what_the_warm_up_thread_builds_is_frozen_once_it_has_finished(monkeypatch):
+def test_what_the_warm_up_thread_builds_is_frozen_once_it_has_finished():
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
-    worker, loader = worker_loading(services, monkeypatch)
+    worker, loader = worker_loading(services)
     try:
         hooks["post_fork"](None, worker)
         hooks["post_worker_init"](worker)
@@ -131,14 +128,14 @@ def test_work_queued_for_after_the_warm_up_runs_only_once_it_has_finished():
     assert ran == [True]
 
 
-def test_until_the_worker_serves_entry_points_are_read_once_then_afresh_again(monkeypatch):
+def test_until_the_worker_serves_entry_points_are_read_once_then_afresh_again():
     """gevent's monkey-patching reads every installed distribution's entry points for each of its 25 plugin
     events; while the worker starts they are read once, with the same answers, and the standard function is back
     before the worker serves (and so before the app is imported)."""
     from importlib import metadata
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     standard = metadata.entry_points
-    worker, _loader = worker_loading(FakeServices(), monkeypatch)
+    worker, _loader = worker_loading(FakeServices())
     try:
         hooks["post_fork"](None, worker)
         read_once = metadata.entry_points
@@ -153,10 +150,10 @@ def test_until_the_worker_serves_entry_points_are_read_once_then_afresh_again(mo
         gc.enable()
 
 
-def test_once_the_worker_serves_the_collector_runs_with_the_live_call_thresholds(monkeypatch):
+def test_once_the_worker_serves_the_collector_runs_with_the_live_call_thresholds():
     hooks = runpy.run_path(str(REPO / "gunicorn.conf.py"))
     services = FakeServices()
-    worker, loader = worker_loading(services, monkeypatch)
+    worker, loader = worker_loading(services)
     defaults = gc.get_threshold()
     try:
         hooks["post_fork"](None, worker)

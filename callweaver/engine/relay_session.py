@@ -120,7 +120,7 @@ class RelaySession:
         self._closing_turn: Turn | None = None  # the turn whose end/transfer waits for its line to play
         self._closing_end: dict | None = None   # that end/transfer (dropped if the caller talks over the line)
         self._forced_end: dict | None = None    # an ending for an error or a handover, never dropped by a barge-in
-        self.ended = False
+        self.ended = False           # the call is over here: its one `end` was sent, or the socket closed
         self._handing_over = False   # this worker is stopping: `end` (HANDOVER) follows the reply in flight
         self._agent_speaking: bool | None = None  # Twilio's last agentSpeaking (None: it has reported none)
         self._speculation: SpeculativeTurn | None = None  # started on an interim transcript, held back
@@ -441,6 +441,11 @@ class RelaySession:
         if batch != self._digit_batch or not self._digits or self.ended:
             return  # another digit came since (its own timer will flush), or already flushed
         digits = self._take_digits()
+        if self._closing:
+            # Typed before the call began to end (an error ending, a handover): a reply now would be cut by the end
+            # (a handover's resumed session asks the caller to go on), as prompts meanwhile are not answered.
+            log.info("relay_digits_while_closing", digits=len(digits))
+            return
         self._read_setup_again()
         if self.record is None:
             return
@@ -469,6 +474,10 @@ class RelaySession:
                 self._settle_previous()
                 closing = self._closing_turn
                 cut_short = closing is not None and self._cut_short(closing, message)  # from the line itself
+                if cut_short:
+                    # Decided now, before any store write: a waiter whose grace runs out during the trim below
+                    # must already find no end to send.
+                    self._stop_closing(closing)
                 try:
                     self._trim_heard(message)
                 finally:
@@ -494,8 +503,7 @@ class RelaySession:
     def _drop_closing_action(self, turn: Turn) -> None:
         """The caller talked over a closing line before its end: the end/transfer it announced was not heard, so
         it never fires (architecture.md, interrupts) and the call stays where it was, as `commit_turn` does for a
-        reply cut mid-stream; the caller's next words are answered."""
-        self._stop_closing(turn)
+        reply cut mid-stream; the caller's next words are answered. (`_on_interrupt` already stopped its end.)"""
         self.record = self.engine.drop_closing_action(self.record, turn)
         log.info("relay_closing_action_dropped", action=turn.result.action, node=turn.result.node_id)
         if self._handing_over:  # the call stays, but not on this worker
@@ -789,7 +797,9 @@ class RelaySession:
             log.info("relay_end_dropped", reason=json.loads(message["handoffData"]).get("reason"))
             return  # the caller talked over the closing line before its end (_drop_closing_action)
         if self.ended:
-            return  # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`
+            # another waiter on the same playback (a goodbye's, an error ending's) took the one `end`, or the socket
+            # closed (the caller hung up first: nothing is written on it)
+            return
         self.ended, self._closing_turn = True, None  # before the write: a barge-in from here on changes nothing
         log.info("relay_ending", reason=json.loads(pending["handoffData"]).get("reason"),
                  waited_ms=elapsed_ms(started, self.clock()))
@@ -918,6 +928,7 @@ class RelaySession:
 
     def close(self) -> None:
         """Socket gone: stop any reply; what was sent so far counts as heard."""
+        self.ended = True  # first: a waiter released below (or a later hand_over) writes no `end` on a closed socket
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         if self._barged_in_event is not None:
             self._barged_in_event.set()  # nor for an interrupt
