@@ -173,17 +173,19 @@ def test_the_silence_counts_from_agent_speaking_off_and_any_caller_input_starts_
     assert sent == []  # not due yet
 
 
+def fall_silent(session) -> None:
+    """Twilio reports the agent fell silent, the caller says nothing for the timeout, the socket's alarm fires."""
+    info(session, "agentSpeaking", "off")
+    session.clock.now += SILENCE_S
+    session.check_silence()
+
+
 def test_a_silence_reprompts_then_a_second_one_says_goodbye_and_ends_with_reason_silence():
     session, engine, sent = silent_session()
-    clock = session.clock
-    info(session, "agentSpeaking", "off")
-    clock.now += SILENCE_S
-    session.check_silence()
+    fall_silent(session)
     assert texts(sent) == [EN.line("reprompt")]
-    assert session.silence_due_at() > clock.now + SILENCE_S  # counts once the re-prompt has played
-    info(session, "agentSpeaking", "off")
-    clock.now += SILENCE_S
-    session.check_silence()
+    assert session.silence_due_at() > session.clock.now + SILENCE_S  # counts once the re-prompt has played
+    fall_silent(session)
     assert texts(sent) == [EN.line("reprompt"), EN.line("goodbye")]
     assert engine.store.meta == {"endReason": "silence"}
     assert session.silence_due_at() is None  # closing: nothing more
@@ -194,14 +196,9 @@ def test_a_silence_reprompts_then_a_second_one_says_goodbye_and_ends_with_reason
 
 def test_a_caller_answering_the_reprompt_is_reprompted_again_later_not_told_goodbye():
     session, engine, sent = silent_session()
-    clock = session.clock
-    info(session, "agentSpeaking", "off")
-    clock.now += SILENCE_S
-    session.check_silence()
+    fall_silent(session)
     session.handle(json.dumps({"type": "dtmf", "digit": "#"}))  # a key answers it (an empty entry: no turn)
-    info(session, "agentSpeaking", "off")
-    clock.now += SILENCE_S
-    session.check_silence()
+    fall_silent(session)
     assert texts(sent) == [EN.line("reprompt"), EN.line("reprompt")]
 
 
