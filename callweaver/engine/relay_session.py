@@ -139,7 +139,7 @@ class RelaySession:
         # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
         # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
         self._stored_cycle: str | None = None
-        # Caller silence (docs/twilio.md): SILENCE_TIMEOUT_S until `setup` reads the flow's own (0: never). Its
+        # Caller silence (docs/twilio.md, 6a): SILENCE_TIMEOUT_S until `setup` reads the flow's own (0: never). Its
         # deadline is kept by the socket's one alarm (routes/relay.py), which calls check_silence when it is due.
         self.silence_timeout_s = silence_timeout_s
         self.on_quiet: Callable[[], None] | None = None  # told when a reply's talk cycle closes: a deadline moved
