@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from callweaver.call_report import call_outcome
 from callweaver.engine.languages import LanguageTable
 from callweaver.engine.relay_session import playback_wait_bound_s
 from callweaver.simulate import RelayCaller
@@ -247,3 +248,8 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline
         time.sleep(0.005)
+
+
+def test_the_call_log_says_a_call_ended_for_silence():
+    assert call_outcome("completed", [], {"endReason": "silence"}) == "silence"
+    assert call_outcome("completed", [{"action": "end"}], {}) == "end_node"
