@@ -1,6 +1,7 @@
 """POST /api/chat: the web app's playground, verbatim messages after our system prompt, with failover."""
 from __future__ import annotations
 
+from callweaver.engine.languages import LanguageTable
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
 
@@ -69,6 +70,21 @@ def test_test_optimization_reports_all_providers_down_as_a_failure(client, fake_
     assert data["status"] == "failed" and "every LLM provider failed" in data["details"]
     assert {f["provider"] for f in data["failovers"]} == {"azure", "openai"}
     assert data["optimization"] == {"enabled": False, "fallbackUsed": True}
+
+
+def test_test_optimization_reports_a_wordless_reply_as_the_apology_spoken_not_as_every_provider_failing(
+        client, fake_llm, fake_llm2):
+    """A provider answered, twice, with only SSML: the caller heard the apology. That is a 200 saying so (source
+    apology, the provider that answered), not the 502 "every LLM provider failed"."""
+    fake_llm.push(Reply(text='<break time="1s"/>'))
+    fake_llm.push(Reply(text='<break time="1s"/>'))
+    resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": "en-US"})
+    data = resp.get_json()
+    assert resp.status_code == 200 and data["success"] is True, data
+    assert data["result"]["source"] == "apology" and data["result"]["provider"] == "azure"
+    assert data["result"]["response"].endswith(LanguageTable.load().get("en-US").line("apology"))
+    assert data["test"]["optimization"]["enabled"] is True
+    assert len(fake_llm2.requests) == 0
 
 
 def test_a_current_node_id_that_is_not_a_string_names_no_node_and_is_not_a_500(client, fake_llm, fake_twilio):

@@ -39,3 +39,14 @@ def test_every_variable_is_declared_in_render_yaml_with_secrets_unsynced():
     assert web["healthCheckPath"] == "/health"
     assert web["startCommand"] == "gunicorn -c gunicorn.conf.py wsgi:app"
     assert declared["REDIS_URL"]["fromService"]["type"] == "keyvalue"
+
+
+def test_the_readme_says_what_health_answers_when_the_store_fails():
+    """/health answers a fixed message naming what failed; the store's own error (a file path, a Redis host) goes
+    only to the server log as store_check_failed."""
+    from callweaver.routes.health import STORE_CHECK_FAILED
+
+    readme = (REPO / "README.md").read_text()
+    assert "with the store's error" not in readme
+    assert "store_check_failed" in readme
+    assert all(message in readme for message in STORE_CHECK_FAILED.values())

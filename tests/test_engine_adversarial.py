@@ -217,6 +217,10 @@ def test_a_wordless_reply_ending_the_call_at_an_end_without_message_says_goodbye
     ("Hold on. <break", " time='1s'/> then", 4, " time='1s'/>"),     # one begun before is finished
     ("Hold on. <break", " time='1s'" + "x" * 500 + "/>", 4, ""),     # ...only when it closes soon after
     ("请稍等。", "我会一直说下去", 7, "我会"),                          # whole characters (3 bytes each)
+    ("This is wonder", "ful and more", 1, "ful"),                     # a word begun before is finished
+    ("This is wonder", "ful, and more", 1, "ful,"),                   # ...with its punctuation
+    ("This is wonder", "ful<break time='1s'/> more", 1, "ful"),       # ...up to a tag
+    ("This is wonder", "f" * 500, 1, ""),                             # ...only when it ends soon after
 ])
 def test_the_part_of_the_token_crossing_the_cap(said, token, fits, heard):
     from callweaver.engine.conversation import part_within_reply_cap

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import gc
 import runpy
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from callweaver.services import OsThreadWork, Services
 
 REPO = Path(__file__).resolve().parents[1]
+SIGTERM_HANDLER_AT_IMPORT = signal.getsignal(signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def sigterm_handler_restored():
+    """post_worker_init installs the worker's SIGTERM handler process-wide: put pytest's back after each test."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 class FakeServices:
@@ -175,3 +187,9 @@ def test_the_live_call_thresholds_keep_young_passes_short_and_full_passes_rare_b
     # Full passes rarer than CPython's default (700, 10, 10), but often enough that ended calls' cyclic garbage
     # (only a full pass frees it) cannot pile up to hundreds of MiB: (700, 10, 1000) let ~15-20 thousand calls' wait.
     assert 700 * 10 * 10 < young * middle * old <= 1_000_000
+
+
+def test_the_hooks_tests_leave_the_process_sigterm_handler_as_they_found_it():
+    """post_worker_init installs a SIGTERM handler for the worker process; in pytest's process it must not outlive
+    the test that called it (this runs after them, in file order)."""
+    assert signal.getsignal(signal.SIGTERM) is SIGTERM_HANDLER_AT_IMPORT

@@ -51,6 +51,8 @@ def _ends(code: str, utterance: str) -> bool:
     ("zh-CN", "就这样啊"), ("zh-CN", "是不是就这样"), ("zh-CN", "那我先挂"),
     # a question mark: "掰掰喔？" asked back is no goodbye
     ("zh-TW", "就這樣啊？"), ("zh-HK", "拜拜啦？"),
+    # a goodbye asked back is never one, with or without a particle: "that's it?", "bye-bye?", "goodbye?"
+    ("zh-TW", "就這樣？"), ("zh-TW", "掰掰？"), ("zh-CN", "再见？"), ("en-US", "Goodbye?"), ("en-US", "bye?"),
 ])
 def test_a_particle_is_stripped_from_what_the_caller_said_not_from_the_goodbye_phrase(code, utterance):
     assert not _ends(code, utterance)
@@ -64,6 +66,8 @@ def test_a_particle_is_stripped_from_what_the_caller_said_not_from_the_goodbye_p
     ("zh-CN", "别bye"), ("zh-CN", "别 bye"),
     # English: "before I say bye", "don't say bye": the goodbye is mentioned, not said
     ("en-US", "wait, before I say bye"), ("en-US", "please don't say bye"), ("en-US", "do not say goodbye"),
+    ("en-US", "I never said goodbye"), ("en-US", "I haven't said goodbye"), ("en-US", "no need to say goodbye"),
+    ("en-US", "I didn't say bye"), ("en-US", "you don't have to say goodbye"), ("en-US", "I have not said bye"),
     # Thai: "not bye-bye yet", "don't bye-bye yet"
     ("th-TH", "ยังไม่บ๊ายบาย"), ("th-TH", "อย่าเพิ่งบ๊ายบาย"),
 ])
@@ -89,6 +93,7 @@ def test_a_thai_goodbye_phrase_inside_a_longer_sentence_is_no_goodbye(utterance)
     ("zh-CN", "没事，拜拜"), ("zh-HK", "冇嘢喇，拜拜"), ("zh-TW", "不會，謝謝，再見"), ("zh-CN", "拜拜！"),
     ("zh-CN", "我没有，再见"), ("zh-CN", "OK，bye"),
     ("en-US", "no, that's all, thanks bye"), ("en-US", "nothing else, goodbye"), ("en-US", "not today, bye"),
+    ("en-US", "I said bye"), ("en-US", "OK bye"), ("en-US", "OK bye!"), ("en-US", "never mind, goodbye"),
     ("th-TH", "แค่นี้ครับ"), ("th-TH", "เอาแค่นี้ค่ะ"), ("th-TH", "โอเคครับ แค่นี้ครับ"), ("th-TH", "ไม่มีอะไรแล้วครับ"),
     ("th-TH", "ขอบคุณค่ะไม่มีอะไรแล้วค่ะ"), ("th-TH", "ผมไม่สบายครับบาย"), ("th-TH", "ไม่เป็นไรค่ะบ๊ายบาย"),
 ])

@@ -39,6 +39,17 @@ def test_tool_call_arguments_with_nan_or_infinity_are_not_json_and_are_skipped()
     assert parse_tool_calls("azure", parts) == [("record_variables", {"rooms": 2})]
 
 
+def test_tool_call_arguments_with_a_number_too_large_for_a_float_are_skipped_as_infinity_is():
+    """1e400 is valid JSON but reads as inf: the call holding it is skipped as one holding Infinity is, so no stored
+    variable holds inf."""
+    from callweaver.engine.sse import parse_tool_calls
+
+    parts = {0: {"name": "record_variables", "arguments": ['{"budget": 1e400}']},
+             1: {"name": "record_variables", "arguments": ['{"rooms": [-1E+400]}']},
+             2: {"name": "record_variables", "arguments": ['{"rooms": 2, "budget": 1e300}']}}
+    assert parse_tool_calls("azure", parts) == [("record_variables", {"rooms": 2, "budget": 1e300})]
+
+
 def test_tool_call_arguments_with_a_lone_surrogate_are_made_valid_text():
     """A JSON escape of half a UTF-16 pair is no character: no UTF-8 writer (SQLite, Redis) takes it."""
     from callweaver.engine.sse import parse_tool_calls

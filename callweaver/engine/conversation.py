@@ -38,6 +38,7 @@ MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
 # (Polly speaks at most 3,000 bytes, Twilio warning 13521).
 MAX_TURN_REPLY_BYTES = 2000
 MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
+MAX_WORD_CHARS = 40  # a word begun before the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.
 CALL_OVER_CHECK_S = 0.2
 DEFAULT_GLOBAL_PROMPT = ("You are a helpful, friendly AI voice assistant on a phone call. Keep replies short and "
@@ -96,11 +97,15 @@ def _is_word_end(spoken: str, end: int) -> bool:
 def part_within_reply_cap(said: str, token: str, fits_bytes: int) -> str:
     """What the caller hears of `token`, the one that crosses MAX_TURN_REPLY_BYTES after `said`: at most `fits_bytes`
     bytes of whole characters, ending on a whole word, with no SSML tag left half written (one begun in `token` is
-    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap)."""
+    dropped; one begun earlier, already sent, is finished from `token` a few bytes over the cap). A word begun in
+    `said`, already sent, is finished the same way, within MAX_WORD_CHARS (up to a tag); a longer one stays cut."""
     spoken = said + token
     end = len(token.encode()[:max(fits_bytes, 0)].decode("utf-8", "ignore"))
     while end > 0 and not _is_word_end(spoken, len(said) + end):
         end -= 1
+    if end == 0 and said and not _is_word_end(spoken, len(said)):
+        end = next((i for i in range(1, min(len(token), MAX_WORD_CHARS) + 1)
+                    if _is_word_end(spoken, len(said) + i) or token[i:i + 1] == "<"), 0)
     heard = said + token[:end]
     opened = heard.rfind("<")
     if opened > heard.rfind(">"):
@@ -191,7 +196,7 @@ class TurnResult:
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
-    providers_failed: bool = False     # no provider answered (the apology); a wordless reply is apologised for too
+    providers_failed: bool = False     # no provider answered (the apology); False for a wordless reply, apologised for too
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -942,6 +947,6 @@ def probe_turn(engine: ConversationEngine, message: str, language: str) -> dict[
     stages = {"languageMs": language_ms, "cacheLookupMs": r.cache_lookup_ms, "providerTtftMs": r.provider_ttft_ms,
               "firstTokenMs": first_token_ms, "totalMs": total_ms}
     return {"language": entry.code, "languageKnown": known, "source": r.source, "cacheHit": r.cache_hit,
-            "text": r.reply_text,
+            "providersFailed": r.providers_failed, "text": r.reply_text,
             "provider": r.provider, "failovers": r.failovers, "stages": stages, "firstTokenMs": first_token_ms,
             "totalMs": total_ms}

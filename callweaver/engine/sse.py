@@ -6,6 +6,7 @@ read. Lines arrive as bytes from llm_http; JSON is decoded with orjson (a ValueE
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, NamedTuple
 
 import orjson
@@ -93,15 +94,17 @@ def _storable_int(digits: str) -> int | None:
 
 def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tuple[str, dict]]:
     """The calls whose arguments are a JSON object every store can write: read as all JSON we read is (valid_json: a
-    lone surrogate escape such as \\ud800, which no UTF-8 writer takes, becomes U+FFFD), without NaN or ±Infinity,
-    and written once (orjson: its depth and integer limits), so a model's arguments can never fail the turn's commit."""
+    lone surrogate escape such as \\ud800, which no UTF-8 writer takes, becomes U+FFFD), without NaN or ±Infinity
+    (as literals or as a number beyond a float, 1e400), and written once (orjson: its depth and integer limits), so a
+    model's arguments can never fail the turn's commit."""
     tool_calls: list[tuple[str, dict]] = []
     for index in sorted(tool_parts):
         name = tool_parts[index]["name"]
         arguments_json = ""
         try:
             arguments_json = "".join(tool_parts[index]["arguments"]) or "{}"
-            arguments = valid_json.loads(arguments_json, parse_constant=_not_json, parse_int=_storable_int)
+            arguments = valid_json.loads(arguments_json, parse_constant=_not_json, parse_int=_storable_int,
+                                         parse_float=_finite_float)
             orjson.dumps(arguments)
         except (ValueError, TypeError, RecursionError):  # orjson's JSONEncodeError is a TypeError; nested too deep
             arguments = None
@@ -116,3 +119,11 @@ def parse_tool_calls(provider_name: str, tool_parts: dict[int, dict]) -> list[tu
 def _not_json(constant: str) -> Any:
     """NaN and ±Infinity are not JSON (the standard library's reader accepts them): no stored variable may hold one."""
     raise ValueError(f"not JSON: {constant}")
+
+
+def _finite_float(digits: str) -> float:
+    """A JSON number beyond a float's range (1e400) reads as ±inf: refused as the Infinity literal is."""
+    value = float(digits)
+    if not math.isfinite(value):
+        raise ValueError(f"beyond a float: {digits[:40]}")
+    return value

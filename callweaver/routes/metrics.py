@@ -80,13 +80,14 @@ def test_optimization():
     if engine.languages.resolve(language) is None:
         raise ApiError(400, engine.languages.refusal(language))
     result = probe_turn(engine, message.strip(), language)
-    if result["source"] == "apology":  # the canned apology is not an answer: say the pipeline failed
+    if result["providersFailed"]:  # no provider answered: the apology is no answer, say the pipeline failed
         return all_providers_failed(result["failovers"], optimization={"enabled": False, "fallbackUsed": True})
     return jsonify(success=True, test={
         "message": message, "language": result["language"], "processingTime": result["totalMs"],
         "optimization": {"enabled": True, "cacheUsed": result["cacheHit"],
                          "languageOptimized": result["languageKnown"], "performance": result["stages"]}},
-        result={"response": result["text"], "provider": result["provider"], "confidence": None,
+        result={"response": result["text"], "source": result["source"], "provider": result["provider"],
+                "confidence": None,
                 "processingTime": result["totalMs"], "failovers": result["failovers"]},
         comparison={"traditional": None, "optimized": result["firstTokenMs"], "improvement": None,
                     "reason": "a single probe has no traditional counterpart; see /api/performance-comparison"})

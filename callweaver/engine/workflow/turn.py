@@ -238,15 +238,17 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
     "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
     suffixes, a Thai one only where a word starts (see _thai_word_starts); Chinese matches in either script (再见 is
-    再見) and before sentence-final particles the caller added (拜拜啦), unless the utterance is a question. A goodbye
-    only mentioned ("before I say bye", 先别说再见) is none (see _mentioned).
+    再見) and before sentence-final particles the caller added (拜拜啦). A question ("bye?", 再见？) is never a
+    goodbye: the caller is checking, not leaving. A goodbye negated or only mentioned ("I never said goodbye",
+    "before I say bye", 先别说再见) is none (see _mentioned).
     """
     text = _goodbye_form(utterance)
     if not text:
         return False
+    if utterance.rstrip().endswith(_QUESTION_MARKS):
+        return False
     phrases_normalised = _termination_phrases(tuple(phrases))
-    asked = utterance.rstrip().endswith(_QUESTION_MARKS)
-    for candidate in [text] if asked else _without_final_particles(text):
+    for candidate in _without_final_particles(text):
         if any(_ends_with_goodbye(candidate, phrase, unspaced) for phrase, unspaced in phrases_normalised):
             return True
     return False
@@ -301,11 +303,14 @@ def _without_final_particles(text: str) -> Iterator[str]:
 
 
 # A goodbye negated or talked about rather than said, by what comes right before it: English (where "yet" usually
-# follows, which the end-anchoring already handles, but "before I say bye" ends a sentence), Chinese (Simplified, as
+# follows, which the end-anchoring already handles, but "before I say bye", "I never said goodbye", "no need to say
+# goodbye" end a sentence: a negation, "before I" or "without" right before say/said/saying), Chinese (Simplified, as
 # _goodbye_form writes it; a space there is a clause break: 我没有，再见 is said), which puts the goodbye last:
 # 先别说再见 "don't say goodbye yet", 我还没说再见, 唔好講拜拜, and Korean, which spaces words: 안 끊을게요 "I won't hang up".
-_MENTIONED_IN_ENGLISH = re.compile(r"\b(?:(?:dont|didnt|not|never|before (?:i|we|you)) say"
-                                   r"|(?:not|without|before) saying)$")
+_MENTIONED_IN_ENGLISH = re.compile(
+    r"\b(?:dont|didnt|doesnt|not|never|havent|hasnt|hadnt|wont|cant|cannot|couldnt|wouldnt|shouldnt|no need to"
+    r"|before (?:i|we|you)|without)"
+    r"(?: (?:have|need|want|got) to)?(?: (?:even|ever|yet|have|be))? (?:say|said|saying)$")
 _MENTIONED_IN_CHINESE = re.compile(r"(?:别|不要|不用|不想|没有?|还没有?|未|唔好|唔使|唔想)(?:说|讲|講|话)?$")
 _MENTIONED_IN_KOREAN = re.compile(r"(?:^|\s)(?:안|못)\s*$")
 # 拜拜 is also "to worship" (at a temple, at the family altar): 去拜拜, 在拜拜, 廟裡拜拜 are no goodbyes.
