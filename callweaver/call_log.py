@@ -32,7 +32,7 @@ def outcome_of(record: CallRecord, turns: list[dict]) -> str:
     """How the call ended (call_report.call_outcome), or in_progress while it has not."""
     if record.ended_at is None:
         return IN_PROGRESS
-    return call_outcome(record.status, turns)
+    return call_outcome(record.status, turns, record.meta)
 
 
 def call_row(record: CallRecord, turns: list[dict], *, mask: bool, now: float | None = None) -> dict[str, Any]:

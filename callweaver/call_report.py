@@ -51,12 +51,15 @@ def verify_signature(secret: str, header: str, body: bytes, *, tolerance_s: floa
     return hmac.compare_digest(sign(secret, body, timestamp), f"t={timestamp},v1={parts.get('v1', '')}")
 
 
-def call_outcome(status: str, turns: list[dict]) -> str:
-    """How the call ended: end_node, transfer, hang_up (the caller left), error, or Twilio's not-answered status."""
+def call_outcome(status: str, turns: list[dict], meta: dict | None = None) -> str:
+    """How the call ended: end_node, transfer, hang_up (the caller left), silence (ended by us after the caller
+    stayed silent: the call's meta `endReason`), error, or Twilio's not-answered status."""
     if status in NOT_ANSWERED:
         return status.replace("-", "_")
     if status == "failed":
         return "error"
+    if (meta or {}).get("endReason") == "silence":
+        return "silence"
     last_action = next((t.get("action") for t in reversed(turns) if t.get("action")), None)
     return {"end": "end_node", "transfer": "transfer"}.get(last_action or "", "hang_up")
 
@@ -70,7 +73,7 @@ def build_report(store: Store, tracking_id: str) -> dict[str, Any] | None:
     turns = store.turns(tracking_id)
     return {
         "event": "call.ended", "reportId": tracking_id, "trackingId": tracking_id, "callSid": record.call_sid,
-        "status": record.status, "outcome": call_outcome(record.status, turns), "path": record.path,
+        "status": record.status, "outcome": call_outcome(record.status, turns, record.meta), "path": record.path,
         "language": record.language, "workflowId": record.workflow_id, "to": record.to,
         "from": record.from_number, "startedAt": record.created_at, "endedAt": record.ended_at,
         "endNode": record.current_node, "variables": dict(record.variables or {}),

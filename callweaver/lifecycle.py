@@ -190,6 +190,8 @@ class CallLifecycle:
                                 "TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER")
         from_number = self._from_number(body, creds)
         timeout_s = self._timeout(body.get("timeout"))
+        # the flow's maxCallDuration shortens the operator's MAX_CALL_DURATION_S, never lengthens it
+        time_limit_s = workflow.limits.time_limit_s(self.settings.max_call_duration_s)
         # RECORD_CALLS is the operator's ceiling: a request may turn recording off, never on.
         record = self.settings.record_calls and body.get("record") is not False
         language = self._call_language(body, workflow)
@@ -227,7 +229,7 @@ class CallLifecycle:
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,
-                                             time_limit_s=self.settings.max_call_duration_s,
+                                             time_limit_s=time_limit_s,
                                              record=record, credentials=creds)
         except Exception as exc:
             self.store.update_meta(tracking_id, {"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]},

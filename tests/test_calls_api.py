@@ -32,7 +32,8 @@ def test_make_call_optimized_sends_exact_twilio_parameters_and_stores_the_call(a
     assert create.one("StatusCallbackMethod") == "POST"
     assert create.params["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]
     assert create.one("Timeout") == "30" and create.one("Record") == "false"
-    assert create.one("TimeLimit") == "3600"  # MAX_CALL_DURATION_S: a line kept open is not billed for 4 hours
+    # the flow's maxCallDuration (30 min), under MAX_CALL_DURATION_S: a line kept open is not billed for 4 hours
+    assert create.one("TimeLimit") == "1800"
 
     record = _services(app).store.get_call(tracking_id)
     assert record.call_sid == data["callSid"] and record.path == "optimized"

@@ -6,7 +6,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import PUBLIC
+from callweaver import create_app
+from tests.conftest import PUBLIC, Signer
 from tests.helpers import load_workflow, make_call_body
 from tests.scripted_brain import real_estate_brain
 
@@ -63,6 +64,18 @@ def test_greeting_is_first_message_without_llm_and_gather_pattern(call, fake_llm
     assert len(gathers) == 2 and gathers[0].get("input") == "speech"  # re-prompt once, then goodbye
     assert [c.tag for c in root][-1] == "Hangup"
     assert fake_llm.requests == []
+    # Each silence lasts the flow's globalSettings.silenceTimeout (10 s), as on a relay call
+    assert [g.get("timeout") for g in gathers] == ["10", "10"]
+
+
+def test_gather_timeout_is_the_servers_silence_timeout_when_the_flow_gives_none(env, fake_twilio):
+    app = create_app({**env, "SILENCE_TIMEOUT_S": "7"})
+    body = make_call_body()
+    del body["config"]["globalSettings"]["silenceTimeout"]
+    client = app.test_client()
+    assert client.post("/api/make-call", json=body).get_json()["success"]
+    root = _twiml(Signer(client).post(fake_twilio.creates()[-1].one("Url")[len(PUBLIC):], {"CallStatus": "in-progress"}))
+    assert [g.get("timeout") for g in root.findall("Gather")] == ["7", "7"]
 
 
 def test_buyer_path_to_end_node_with_one_llm_request_per_turn(call, fake_llm):

@@ -54,8 +54,21 @@ class FakeServer:
 
 
 class Session:
+    """What RelaySocket uses of a RelaySession: its messages, and the caller-silence deadline it keeps."""
+
     def __init__(self) -> None:
         self.handled: list[str] = []
+        self.on_quiet = None
+        self.silence_at: float | None = None  # on time.monotonic, as RelaySession's clock
+        self.silence_checks: list[float] = []
+
+    def silence_due_at(self) -> float | None:
+        return self.silence_at
+
+    def check_silence(self) -> None:
+        if self.silence_at is not None and time.monotonic() >= self.silence_at:
+            self.silence_checks.append(time.monotonic())
+            self.silence_at = None
 
     def handle_message(self, message) -> None:
         self.handled.append(type(message).__name__)
@@ -251,3 +264,23 @@ def test_a_pending_alarm_is_kept_across_message_batches_and_renewals_keep_coming
     ws.frames.put(None)
     handler.join(5)
     assert not handler.is_alive()
+
+
+def test_the_callers_silence_deadline_shares_the_sockets_one_alarm_and_a_closed_talk_cycle_moves_it():
+    ws, session = FakeServer(), Session()
+    socket, handler = serve(ws, session)
+    ws.frames.put(frame("setup"))
+    wait_for(lambda: session.handled == ["Setup"] and socket.worker is None)
+    assert session.on_quiet == socket.wake  # a reply's task tells the socket its talk cycle closed
+    renewal_alarm = socket.alarm
+    session.silence_at = time.monotonic() + 0.2  # as a closed talk cycle would set it
+    session.on_quiet()
+    wait_for(lambda: socket.alarm is not renewal_alarm)  # one alarm, now for the earlier deadline
+    silence_alarm = socket.alarm
+    assert silence_alarm.at <= session.silence_at + 0.01
+    wait_for(lambda: session.silence_checks)  # the alarm woke the task, which handled the silence
+    assert silence_alarm.fired
+    wait_for(lambda: socket.worker is None)  # and ended: an idle call holds no task
+    ws.frames.put(None)
+    handler.join(5)
+    assert session.on_quiet is None

@@ -91,10 +91,10 @@ class RelaySession:
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
-                 "_handover_deadline")
+                 "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
-                 inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0):
+                 inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
         self.engine = engine
         self.text_hold_s = text_hold_s  # RELAY_TEXT_HOLD_MS: after a reply's first token, tokens per clause (reply_text.py)
         self.sender = sender
@@ -141,6 +141,12 @@ class RelaySession:
         # The stored assistant line whose talk cycle this session sent last (None: the last one was something else,
         # a canned line or a greeting, or it was already cut): the only line a barge-in after the fact may trim.
         self._stored_cycle: str | None = None
+        # Caller silence (docs/twilio.md, 6a): SILENCE_TIMEOUT_S until `setup` reads the flow's own (0: never). Its
+        # deadline is kept by the socket's one alarm (routes/relay.py), which calls check_silence when it is due.
+        self.silence_timeout_s = silence_timeout_s
+        self.on_quiet: Callable[[], None] | None = None  # told when a reply's talk cycle closes: a deadline moved
+        self._silence_from: float | None = None  # when the caller's silence started counting (None: it is not)
+        self._reprompted = False  # "are you still there?" said in this silence: the next one ends the call
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -240,6 +246,8 @@ class RelaySession:
             record.greeting or self._canned("fallbackGreeting"))
         latest = (record.messages or [{}])[-1]
         self._stored_cycle = greeting if latest == {"role": "assistant", "content": greeting} else None
+        self.silence_timeout_s = self.engine.workflow_for(record).limits.silence_s(self.silence_timeout_s)
+        self._quiet_after(greeting)  # Twilio speaks the welcome greeting, then listens
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
 
@@ -267,6 +275,7 @@ class RelaySession:
         if self.record is None:
             log.error("relay_prompt_before_setup")
             return
+        self._heard_caller(received)
         if not message.last:
             self._on_partial(message, received)  # interim transcript (partialPrompts): maybe start the turn early
             return
@@ -417,6 +426,7 @@ class RelaySession:
             return
         if self._closing:
             return
+        self._heard_caller(self.clock())
         if not self._digits:
             self._discard_speculation("keypad")
             self._settle_previous()  # the caller started typing: stop talking over them
@@ -459,6 +469,7 @@ class RelaySession:
         # A speculation was built on the history the barge-in is about to trim: drop it (partials may start
         # another one on the trimmed history).
         self._discard_speculation("barge_in")
+        self._heard_caller(self.clock())
         log.info("relay_interrupt", sent_chars=len(self._sent), played_ms=message.duration_until_interrupt_ms)
         try:
             if self._reply is not None and self._streaming:
@@ -569,6 +580,12 @@ class RelaySession:
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
             self._agent_speaking = message.agent_speaking
+            if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
+                self._silence_from = None if message.agent_speaking else self.clock()
+        elif message.client_speaking is not None:
+            self._heard_caller(self.clock())
+            if message.client_speaking:
+                self._silence_from = None  # the caller is talking: not silent until they stop
         if message.agent_fell_silent:
             self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -585,6 +602,7 @@ class RelaySession:
     def _begin_reply(self, turn: Turn, received: float, adopted: SpeculativeTurn | None = None) -> None:
         """A caller turn ends here: its speculations (adopted or not) are accounted to this reply."""
         self._turn, self._sent, self._writing, self._committed, self._streaming = turn, "", "", False, True
+        self._silence_from = None  # until this reply has been spoken
         self._reply_stopped.clear()
         self._timings = {"receivedAt": received, "firstTokenMs": None, "lastTokenMs": None}
         self._adopted, self._dropped_this_turn, self._discarded = adopted, self._discarded, []
@@ -661,8 +679,11 @@ class RelaySession:
                 # talk cycle so the words sent are spoken as a whole reply; never silence.
                 if self._sent:
                     self._send(protocol.close_cycle())
+                    self._quiet_after(self._sent)
                 else:
                     self._speak_canned("apology")
+                if self.on_quiet is not None:
+                    self.on_quiet()
                 turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
             self._streaming = False
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
@@ -676,6 +697,7 @@ class RelaySession:
             log.info("relay_pressing_keys", digits=len(turn.result.keys))
             self._send(protocol.send_digits(turn.result.keys))  # a phone menu answered: press what it asked
         if not closing:
+            self._quiet_after(self._sent, notify=True)
             return
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
         self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent,
@@ -870,7 +892,50 @@ class RelaySession:
     def _speak_canned(self, key: str) -> None:
         self._stored_cycle = None  # a talk cycle of its own, not in the history
         self._agent_speaking = True
-        self._send(protocol.text(self._canned(key), last=True))
+        line = self._canned(key)
+        self._send(protocol.text(line, last=True))
+        self._quiet_after(line)
+
+    # ---- caller silence -------------------------------------------------------------------------
+    def _quiet_after(self, spoken: str, notify: bool = False) -> None:
+        """A talk cycle closed: the caller's silence counts from when `spoken` has played. Twilio's agentSpeaking
+        off says when (_on_info); without it, from the longest it may take to play (the bound a closing line
+        waits). `notify`: from a reply's own task, so the socket sets its alarm for the new deadline."""
+        self._silence_from = self.clock() + playback_wait_bound_s(spoken, chars_per_s=self._speech_rate())
+        if notify and self.on_quiet is not None:
+            self.on_quiet()
+
+    def _heard_caller(self, at: float) -> None:
+        """Any caller input (speech, a partial transcript, a key, a barge-in): the silence starts again."""
+        self._silence_from, self._reprompted = at, False
+
+    def silence_due_at(self) -> float | None:
+        """When the caller's silence is due to be handled (check_silence), on `clock`; None while it cannot be:
+        before `setup`, while a reply streams or a typed entry is open, while a closing line or handover plays,
+        while the agent speaks, or with silence handling off."""
+        if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
+                or self._streaming or self._closing or self._digits):
+            return None
+        return self._silence_from + self.silence_timeout_s
+
+    def check_silence(self) -> None:
+        """Called by the socket's alarm: once the silence is due, ask "are you still there?" (the `reprompt`
+        line); after a second silence as long, say goodbye and end the call (`end` reason "silence")."""
+        due = self.silence_due_at()
+        if due is None or self.clock() < due:
+            return
+        if not self._reprompted:
+            self._reprompted = True
+            log.info("relay_silence_reprompt", silence_s=self.silence_timeout_s)
+            self._speak_canned("reprompt")
+            return
+        log.info("relay_silence_ending", silence_s=self.silence_timeout_s)
+        try:
+            self.engine.store.update_meta(self.record.tracking_id, {"endReason": "silence"})
+        except Exception:  # the call ends anyway; the log says why
+            log.exception("relay_end_reason_write_failed")
+        self._speak_canned("goodbye")
+        self._end_soon(protocol.end("silence"), self._canned("goodbye"))
 
     def _send(self, message: dict) -> None:
         try:

@@ -161,7 +161,8 @@ def check_setup(message: relay_protocol.Inbound | None, signed_tracking_id: str)
 def conversation_relay(ws):
     svc = services()
     session = RelaySession(svc.engine, LockedSender(ws), spawn=spawn,
-                           text_hold_s=svc.settings.relay_text_hold_ms / 1000)
+                           text_hold_s=svc.settings.relay_text_hold_ms / 1000,
+                           silence_timeout_s=svc.settings.silence_timeout_s)
     svc.add_live_session(session)
     try:
         RelaySocket(ws, session, g.relay_claim, svc.settings.relay_setup_timeout_s, svc.heap_trimmer).serve()
@@ -173,8 +174,8 @@ def conversation_relay(ws):
 class RelaySocket:
     """One live relay socket. Its handler (gunicorn's request greenlet, which lives as long as the socket anyway)
     runs simple-websocket's reader loop itself (`SocketReader.run_here_or_wait`); what that loop buffers, the
-    claim's renewal and the setup deadline are handled by a task started when one of them is due (the socket's
-    event calls `wake`, an `Alarm` the deadlines) and ended when nothing is: an idle call holds one greenlet, not two
+    claim's renewal, the setup deadline and the caller's silence (RelaySession.check_silence) are handled by a task
+    started when one of them is due (the socket's event calls `wake`, an `Alarm` the deadlines) and ended when nothing is: an idle call holds one greenlet, not two
     (docs/performance-history.md, "Issue 12x"). One such task at a time, so messages are handled in order, all in
     one context: the call's log bindings made at `setup` hold for its later messages."""
 
@@ -201,13 +202,14 @@ class RelaySocket:
         if not isinstance(reader, SocketReader):
             raise TypeError("the relay socket's reader must be a SocketReader (app.py SOCK_SERVER_OPTIONS)")
         self.ws.event.on_set = self.wake
+        self.session.on_quiet = self.wake  # a reply's talk cycle closed: the silence deadline moved
         if self.ws.event.is_set():  # frames the reader buffered before the hook was in place
             self.wake()
         self._set_alarm()
         try:
             reader.run_here_or_wait()
         finally:
-            self.ws.event.on_set = None
+            self.ws.event.on_set = self.session.on_quiet = None
             if self.alarm is not None:
                 self.alarm.cancel()
         self.reader_done = True
@@ -305,6 +307,7 @@ class RelaySocket:
         elif not claim.renew_if_due():
             self._end("relay_socket_replaced", "another socket took over this call")
         else:
+            self.session.check_silence()
             self._set_alarm()
         return talking
 
@@ -317,6 +320,9 @@ class RelaySocket:
         at = now + self.claim.seconds_to_renewal()
         if self.setup_deadline is not None:
             at = min(at, self.setup_deadline)
+        silence_at = self.session.silence_due_at()  # on the session's clock: time.monotonic, as here
+        if silence_at is not None:
+            at = min(at, silence_at)
         if self.alarm is not None:
             if self.alarm.pending_by(at):
                 return

@@ -53,15 +53,29 @@ def _gather_url(record: CallRecord | None, workflow_id: str | None) -> str:
     return f"{base_url()}/api/twiml-ai?{urlencode(query)}"
 
 
-def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str) -> None:
-    """Say, listen; no speech → re-prompt once, then goodbye and hang up (the original's pattern)."""
+GATHER_TIMEOUT_S = 10  # <Gather timeout> when silence handling is off (SILENCE_TIMEOUT_S=0): the original's
+
+
+def _gather_timeout_s(record: CallRecord | None) -> int:
+    """Twilio's <Gather timeout>: the same silence as on a relay call (the flow's silenceTimeout, else
+    SILENCE_TIMEOUT_S), in whole seconds, at least one."""
+    svc = services()
+    silence_s = svc.settings.silence_timeout_s
+    if record is not None:
+        silence_s = svc.engine.workflow_for(record).limits.silence_s(silence_s)
+    return max(1, round(silence_s)) if silence_s > 0 else GATHER_TIMEOUT_S
+
+
+def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str, timeout_s: int) -> None:
+    """Say, listen; `timeout_s` of silence → re-prompt once, then as long again → goodbye and hang up (the
+    original's pattern)."""
     say = {"voice": entry.say_voice, "language": entry.say_language}
     vr.say(text, **say)
-    g = vr.gather(input="speech", timeout=10, speech_timeout=2, action=action, method="POST",
+    g = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
                   language=entry.gather_language)
     g.say(entry.line("listening"), **say)
     vr.say(entry.line("reprompt"), **say)
-    g2 = vr.gather(input="speech", timeout=8, speech_timeout=2, action=action, method="POST",
+    g2 = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
                    language=entry.gather_language)
     g2.say(entry.line("listening"), **say)
     vr.say(entry.line("goodbye"), **say)
@@ -85,7 +99,8 @@ def twiml_ai(record=None):
     vr = VoiceResponse()
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
-        _say_and_listen(vr, record.greeting or entry.line("fallbackGreeting"), entry, action)
+        _say_and_listen(vr, record.greeting or entry.line("fallbackGreeting"), entry, action,
+                        _gather_timeout_s(record))
         return twiml_response(str(vr))
 
     text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at)
@@ -102,7 +117,7 @@ def twiml_ai(record=None):
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     else:
-        _say_and_listen(vr, text or entry.line("apology"), entry, action)
+        _say_and_listen(vr, text or entry.line("apology"), entry, action, _gather_timeout_s(record))
     return twiml_response(str(vr))
 
 
@@ -183,7 +198,8 @@ def twiml_optimized(record=None):
         # The original's fallback: no call state → the Gather flow, never an error.
         log.warning("twiml_optimized_unknown_call", tracking_id=request.args.get("trackingId"))
         entry = svc.languages.get(None)
-        _say_and_listen(vr, entry.line("fallbackGreeting"), entry, _gather_url(None, request.args.get("id")))
+        _say_and_listen(vr, entry.line("fallbackGreeting"), entry, _gather_url(None, request.args.get("id")),
+                        _gather_timeout_s(None))
         return twiml_response(str(vr))
     record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
@@ -223,7 +239,7 @@ def connect_action(record=None):
     elif reconnect or handoff.get("reason") == "transfer":
         vr.say(entry.line("apology"), **say)
         vr.hangup()
-    elif handoff.get("reason") in ("end", "error"):
+    elif handoff.get("reason") in ("end", "error", "silence"):
         vr.hangup()  # the closing line or the apology was already spoken on the relay
     else:
         vr.say(entry.line("callEnded"), **say)

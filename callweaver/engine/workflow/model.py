@@ -143,6 +143,23 @@ class LlmOptions:
     model: str | None = None
 
 
+@dataclass(frozen=True)
+class CallLimits:
+    """The flow's own call limits (config.globalSettings); None where it sets none or a value that is no positive
+    number (the server's settings then apply)."""
+
+    max_call_duration_s: int | None = None  # maxCallDuration (minutes), in seconds
+    silence_timeout_s: float | None = None  # silenceTimeout (seconds)
+
+    def time_limit_s(self, operator_cap_s: int) -> int:
+        """Twilio's TimeLimit: the flow's duration, never above the operator's cap (MAX_CALL_DURATION_S)."""
+        return min(self.max_call_duration_s or operator_cap_s, operator_cap_s)
+
+    def silence_s(self, server_default_s: float) -> float:
+        """Seconds of caller silence before a re-prompt: the flow's, else SILENCE_TIMEOUT_S (0: never)."""
+        return self.silence_timeout_s if self.silence_timeout_s is not None else server_default_s
+
+
 @dataclass(frozen=True, eq=False)
 class Workflow:
     """A parsed call flow (the store keeps it as a snapshot plus its hash). Build it with `from_payload`."""
@@ -156,6 +173,7 @@ class Workflow:
     language: str | None = None  # a make-call body's own `language`, if it had one
     default_language: str = DEFAULT_LANGUAGE
     llm_settings: LlmOptions = LlmOptions()
+    limits: CallLimits = CallLimits()
     parse_problems: tuple[str, ...] = ()
     _outgoing: dict[str, list[Edge]] = field(init=False, repr=False)
 

@@ -6,13 +6,14 @@ import copy
 import functools
 import hashlib
 import marshal
+import math
 import re
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
 from .conditions import as_number
-from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, Edge, LlmOptions,
-                    LogicalCondition, Node, NodeAudio, VariableSpec, Workflow, WorkflowError)
+from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, CallLimits, Edge,
+                    LlmOptions, LogicalCondition, Node, NodeAudio, VariableSpec, Workflow, WorkflowError)
 
 # Node `type` strings the web app (and its older versions) writes, by the kind the engine runs.
 _NODE_KINDS: dict[str, str] = {
@@ -180,6 +181,7 @@ def _workflow(name: str, global_prompt: str, nodes: dict[str, Node], edges: tupl
         language=language,
         default_language=_default_language(config, language),
         llm_settings=_llm_options(config),
+        limits=_call_limits(config),
         parse_problems=tuple(problems),
     )
 
@@ -189,6 +191,27 @@ def _default_language(config: Mapping, language: Any) -> str:
     if isinstance(settings, Mapping) and _text(settings.get("defaultLanguage")):
         return _text(settings.get("defaultLanguage"))
     return _text(config.get("language")) or _text(language) or DEFAULT_LANGUAGE
+
+
+# Bounds of a flow's own limits: a minute is the shortest call limit an operator may set (MAX_CALL_DURATION_S);
+# a silence longer than ten minutes is no silence handling (SILENCE_TIMEOUT_S has the same bound).
+MIN_CALL_LIMIT_S = 60
+MAX_FLOW_SILENCE_S = 600
+
+
+def _call_limits(config: Mapping) -> CallLimits:
+    """globalSettings.maxCallDuration (minutes) and silenceTimeout (seconds). As for the LLM options, a value that
+    is no positive finite number is ignored (the server's setting applies): the editor stores whatever was typed."""
+    settings = config.get("globalSettings")
+    settings = settings if isinstance(settings, Mapping) else {}
+    minutes = as_number(settings.get("maxCallDuration"))
+    seconds = as_number(settings.get("silenceTimeout"))
+    return CallLimits(
+        # a huge value is simply above the operator's cap, which then applies (CallLimits.time_limit_s)
+        max_call_duration_s=max(MIN_CALL_LIMIT_S, math.ceil(min(minutes, 1e6) * 60)) if minutes and minutes > 0
+        else None,
+        silence_timeout_s=float(seconds) if seconds and 0 < seconds <= MAX_FLOW_SILENCE_S else None,
+    )
 
 
 def _llm_options(config: Mapping) -> LlmOptions:

@@ -1,0 +1,255 @@
+"""A silent line: the flow's call limits (config.globalSettings maxCallDuration, silenceTimeout) and the relay's
+"are you still there?" re-prompt, then goodbye and `end` (reason "silence") after a second silence. Over the real
+production server (gunicorn, gevent workers), driven by the scripted caller with Twilio's speaker events."""
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from types import SimpleNamespace
+
+import pytest
+
+from callweaver.call_report import call_outcome
+from callweaver.engine.languages import LanguageTable
+from callweaver.engine.relay_session import playback_wait_bound_s
+from callweaver.simulate import RelayCaller
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.fakes.fake_twilio import FakeTwilio
+from tests.fakes.live_server import LiveServer
+from tests.helpers import make_call_body
+from tests.test_reply_text import say, session_for
+
+SILENCE_S = 0.3
+EN = LanguageTable.load().get("en-US")
+AGENT_SILENT = {"type": "info", "name": "agentSpeaking", "value": "off"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("silence")
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    llm = FakeLLM("primary").start()
+    env = base_env(tmp, twilio, llm)
+    env.pop("PUBLIC_BASE_URL")
+    server = LiveServer(env, workers=1).start()
+    yield {"server": server, "twilio": twilio, "llm": llm}
+    server.stop()
+    for fake in (twilio, llm):
+        fake.stop()
+
+
+@pytest.fixture
+def llm(stack):
+    stack["llm"].reset()
+    return stack["llm"]
+
+
+def body_with(**global_settings) -> dict:
+    body = make_call_body()
+    body["config"]["globalSettings"].update(global_settings)
+    return body
+
+
+def new_call(stack, body=None, **caller_options) -> RelayCaller:
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, **caller_options)
+    caller.place_call(body or body_with(silenceTimeout=SILENCE_S))
+    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.connect()
+    caller.send(AGENT_SILENT)  # Twilio has spoken the welcome greeting (the caller model does not play it)
+    return caller
+
+
+def next_message(caller: RelayCaller, kind: str) -> dict:
+    while (message := caller.recv()) is not None:
+        if message.get("type") == kind and (kind != "text" or message.get("token")):
+            return message
+    raise AssertionError(f"no {kind} message; got {caller.received}")
+
+
+def test_a_silent_caller_is_reprompted_then_told_goodbye_and_the_call_ends_with_reason_silence(stack, llm):
+    caller = new_call(stack)
+    assert next_message(caller, "text") == {"type": "text", "token": EN.line("reprompt"), "last": True}
+    assert next_message(caller, "text")["token"] == EN.line("goodbye")  # after a second silence
+    end = next_message(caller, "end")
+    assert json.loads(end["handoffData"]) == {"reason": "silence"}
+    caller.hangup()
+    assert llm.requests == []  # nothing was said: no turn
+    twiml = caller.connect_action("completed", json.loads(end["handoffData"]))
+    assert [c.tag for c in ET.fromstring(twiml.text)] == ["Hangup"]  # the goodbye was spoken on the relay
+
+
+def test_a_caller_answering_the_reprompt_keeps_the_call(stack, llm):
+    llm.push(Reply(text="Great, let's go on."))
+    caller = new_call(stack)
+    assert next_message(caller, "text")["token"] == EN.line("reprompt")
+    reply = caller.say("Yes, I'm here")
+    assert reply.text == "Great, let's go on." and reply.end is None
+    # The silence starts again after the reply: a re-prompt, not a goodbye (the caller answered the first one).
+    assert next_message(caller, "text")["token"] == EN.line("reprompt")
+    caller.hangup()
+
+
+def test_no_reprompt_while_a_long_reply_plays(stack, llm):
+    words = "This is a long answer about the three bedroom houses we have on the market this week, " * 3
+    llm.push(Reply(text=words.strip(), token_interval_s=0.01))
+    caller = new_call(stack, speaking_rate_cps=120.0)  # about two seconds of speech, several silence timeouts
+    sent_at: list[tuple[int, dict]] = []
+    send = caller.send
+    caller.send = lambda message: (sent_at.append((len(caller.received), message)), send(message))[-1]
+    reply = caller.say("Tell me about the houses")
+    assert reply.text == words.strip()
+    reprompt = next_message(caller, "text")
+    assert reprompt["token"] == EN.line("reprompt")
+    # Twilio reported the reply played (agentSpeaking off) before the re-prompt was sent, not while it played.
+    played = [index for index, message in sent_at if message == AGENT_SILENT]
+    assert played and played[0] < caller.received.index(reprompt)
+    caller.hangup()
+
+
+def test_silence_handling_off_when_the_server_and_flow_say_nothing(stack, llm):
+    """The flow's silenceTimeout overrides SILENCE_TIMEOUT_S; a value that is no positive number is ignored (the
+    server's 20 s applies: no re-prompt within this test's short listen)."""
+    caller = new_call(stack, body_with(silenceTimeout="soon"))
+    caller.listen(4 * SILENCE_S)
+    assert not [m for m in caller.received if m.get("type") == "text"]
+    caller.hangup()
+
+
+@pytest.mark.parametrize("minutes, time_limit", [(30, "1800"), (120, "3600"), (1e300, "3600"), (0, "3600"),
+                                                 (-5, "3600"), ("abc", "3600"), (None, "3600"), ("2", "120"),
+                                                 (0.1, "60")])
+def test_twilio_time_limit_is_the_flows_max_call_duration_capped_by_the_operators(stack, minutes, time_limit):
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+    caller.place_call(body_with(maxCallDuration=minutes))
+    assert stack["twilio"].creates()[-1].one("TimeLimit") == time_limit  # MAX_CALL_DURATION_S: 3600
+
+
+# ---- the session's silence deadline, on a fake clock ------------------------------------------------------------
+
+def silent_session(script=(("Sure", 0.0), (" thing.", 0.0))):
+    session, engine, sent = session_for(list(script))
+    session.silence_timeout_s = SILENCE_S
+    engine.speculation = SimpleNamespace(enabled=False, speaker_events=False)
+    engine.store = SimpleNamespace(meta={}, update_meta=lambda tracking_id, meta: engine.store.meta.update(meta))
+    return session, engine, sent
+
+
+def info(session, name: str, value: str) -> None:
+    session.handle(json.dumps({"type": "info", "name": name, "value": value}))
+
+
+def texts(sent) -> list[str]:
+    return [m["token"] for m in sent if m["type"] == "text" and m["token"]]
+
+
+def test_nothing_is_due_before_setup_or_with_silence_handling_off():
+    session, _engine, sent = silent_session()
+    session.record = None
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() is None
+    session, _engine, sent = silent_session()
+    session.silence_timeout_s = 0
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() is None
+
+
+def test_the_silence_counts_from_agent_speaking_off_and_any_caller_input_starts_it_again():
+    session, _engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    info(session, "agentSpeaking", "on")
+    assert session.silence_due_at() is None  # the agent speaks: no silence
+    info(session, "agentSpeaking", "off")
+    clock.now += 0.2
+    session.handle(json.dumps({"type": "prompt", "voicePrompt": "I", "last": False}))  # a partial transcript
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    info(session, "clientSpeaking", "on")
+    assert session.silence_due_at() is None  # the caller is talking
+    info(session, "clientSpeaking", "off")
+    assert session.silence_due_at() == clock.now + SILENCE_S
+    session.check_silence()
+    assert sent == []  # not due yet
+
+
+def fall_silent(session) -> None:
+    """Twilio reports the agent fell silent, the caller says nothing for the timeout, the socket's alarm fires."""
+    info(session, "agentSpeaking", "off")
+    session.clock.now += SILENCE_S
+    session.check_silence()
+
+
+def test_a_silence_reprompts_then_a_second_one_says_goodbye_and_ends_with_reason_silence():
+    session, engine, sent = silent_session()
+    fall_silent(session)
+    assert texts(sent) == [EN.line("reprompt")]
+    assert session.silence_due_at() > session.clock.now + SILENCE_S  # counts once the re-prompt has played
+    fall_silent(session)
+    assert texts(sent) == [EN.line("reprompt"), EN.line("goodbye")]
+    assert engine.store.meta == {"endReason": "silence"}
+    assert session.silence_due_at() is None  # closing: nothing more
+    info(session, "agentSpeaking", "off")  # the goodbye played
+    wait_until(lambda: sent[-1]["type"] == "end")
+    assert json.loads(sent[-1]["handoffData"]) == {"reason": "silence"}
+
+
+def test_a_caller_answering_the_reprompt_is_reprompted_again_later_not_told_goodbye():
+    session, engine, sent = silent_session()
+    fall_silent(session)
+    session.handle(json.dumps({"type": "dtmf", "digit": "#"}))  # a key answers it (an empty entry: no turn)
+    fall_silent(session)
+    assert texts(sent) == [EN.line("reprompt"), EN.line("reprompt")]
+
+
+def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
+    session, engine, sent = silent_session([("Let", 0.0), ("WAIT", 0.0)])
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    say(session)
+    assert engine.turn.waiting.wait(5)
+    info(session, "agentSpeaking", "off")  # Twilio spoke the first words; the reply goes on
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None
+    session.check_silence()
+    assert texts(sent) == ["Let"]
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "Let",
+                               "durationUntilInterruptMs": 200}))
+    session.handle(json.dumps({"type": "dtmf", "digit": "1"}))
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None  # typing
+    session._take_digits()
+    session.hand_over()  # a stopping worker's handover, like a closing line, is never re-prompted over
+    info(session, "agentSpeaking", "off")
+    clock.now += 10 * SILENCE_S
+    assert session.silence_due_at() is None
+
+
+def test_without_speaker_events_the_silence_counts_from_when_the_reply_has_surely_played():
+    session, engine, sent = silent_session()
+    clock = session.clock
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_due_at() is not None)
+    bound = playback_wait_bound_s("Sure thing.", chars_per_s=EN.speech_chars_per_s)
+    assert session.silence_due_at() == pytest.approx(clock.now + bound + SILENCE_S)
+
+
+def test_every_language_has_the_reprompt_and_goodbye_lines():
+    table = LanguageTable.load()
+    for code in table.codes:
+        entry = table.get(code)
+        assert entry.lines.get("reprompt", "").strip() and entry.lines.get("goodbye", "").strip(), code
+
+
+def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_the_call_log_says_a_call_ended_for_silence():
+    assert call_outcome("completed", [], {"endReason": "silence"}) == "silence"
+    assert call_outcome("completed", [{"action": "end"}], {}) == "end_node"
