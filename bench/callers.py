@@ -33,14 +33,22 @@ def load_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / f"{name}.json").read_text())
 
 
+BENCH_SILENCE_TIMEOUT_S = 600  # the longest silenceTimeout a flow may set (workflow/parse.py)
+
+
 def call_body(to: str, workflow: str | None = "real_estate_property_dealer") -> dict:
     """A make-call body in the web app's shape (contract.md §2)."""
     body: dict[str, Any] = {"to": to, "from": PHONE, "record": False, "timeout": 30}
     if workflow:
         wf = load_workflow(workflow)
         start = next(n for n in wf["nodes"] if n["type"] == "startNode")
+        # The flow's silenceTimeout (10 s) would re-prompt and then end calls the benchmarks hold idle (set-up of
+        # hundreds of calls, the idle-memory phase): the silence timer stays armed, as in production, at its
+        # longest (10 minutes), so it costs what it costs and never fires during a run.
+        config = {**wf["config"], "globalSettings": {**wf["config"].get("globalSettings", {}),
+                                                     "silenceTimeout": BENCH_SILENCE_TIMEOUT_S}}
         body.update(workflowId="wf_" + workflow, nodes=wf["nodes"], edges=wf["edges"],
-                    globalPrompt=start["data"].get("globalPrompt", ""), config=wf["config"],
+                    globalPrompt=start["data"].get("globalPrompt", ""), config=config,
                     variables=wf.get("variables", []))
     return body
 
