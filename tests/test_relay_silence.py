@@ -12,6 +12,7 @@ import pytest
 
 from callweaver.call_report import call_outcome
 from callweaver.engine.languages import LanguageTable
+from callweaver.engine.workflow import Workflow
 from callweaver.engine.relay_session import PLAYBACK_WAIT_MAX_S, playback_wait_bound_s
 from callweaver.simulate import RelayCaller
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
@@ -354,3 +355,11 @@ def test_a_handover_during_the_goodbyes_store_write_does_not_turn_the_silence_en
     info(session, "agentSpeaking", "off")  # the goodbye played
     wait_until(lambda: sent[-1]["type"] == "end")
     assert json.loads(sent[-1]["handoffData"]) == {"reason": "silence"}
+
+
+@pytest.mark.parametrize("value, silence_s", [(0, 0.0), ("0", 0.0), (12, 12.0), (-1, 20.0), (601, 20.0),
+                                              ("soon", 20.0), (None, 20.0)])
+def test_a_flows_silence_timeout_of_zero_turns_silence_handling_off(value, silence_s):
+    """As SILENCE_TIMEOUT_S=0 does; a value that is no number from 0 to 600 leaves the server's setting (20 s)."""
+    limits = Workflow.from_payload(body_with(silenceTimeout=value)).limits
+    assert limits.silence_s(20.0) == silence_s
