@@ -204,12 +204,18 @@ def test_a_caller_answering_the_reprompt_is_reprompted_again_later_not_told_good
     assert texts(sent) == [EN.line("reprompt"), EN.line("reprompt")]
 
 
-def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
-    session, engine, sent = silent_session([("Let", 0.0), ("WAIT", 0.0)])
-    clock = session.clock
+def session_mid_reply(first_word: str):
+    """The greeting played, the caller spoke: the reply has sent `first_word` and waits for its next token."""
+    session, engine, sent = silent_session([(first_word, 0.0), ("WAIT", 0.0)])
     info(session, "agentSpeaking", "off")
     say(session)
     assert engine.turn.waiting.wait(5)
+    return session, engine, sent
+
+
+def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
+    session, engine, sent = session_mid_reply("Let")
+    clock = session.clock
     info(session, "agentSpeaking", "off")  # Twilio spoke the first words; the reply goes on
     clock.now += 10 * SILENCE_S
     assert session.silence_due_at() is None
@@ -259,11 +265,8 @@ def test_the_call_log_says_a_call_ended_for_silence():
 # ---- review fixes ----------------------------------------------------------------------------------------------
 
 def test_no_reprompt_while_twilio_still_speaks_a_reply_it_reported_on_during_streaming():
-    session, engine, sent = silent_session([("Sure", 0.0), ("WAIT", 0.0)])
+    session, engine, sent = session_mid_reply("Sure")
     clock = session.clock
-    info(session, "agentSpeaking", "off")
-    say(session)
-    assert engine.turn.waiting.wait(5)
     info(session, "agentSpeaking", "on")  # Twilio starts speaking while the reply still streams
     engine.turn.stopped.set()  # the reply ends
     assert engine.done.wait(5)
