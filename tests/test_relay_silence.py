@@ -12,7 +12,8 @@ import pytest
 
 from callweaver.call_report import call_outcome
 from callweaver.engine.languages import LanguageTable
-from callweaver.engine.relay_session import playback_wait_bound_s
+from callweaver.engine.workflow import Workflow
+from callweaver.engine.relay_session import PLAYBACK_WAIT_MAX_S, playback_wait_bound_s
 from callweaver.simulate import RelayCaller
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
 from tests.fakes.fake_llm import FakeLLM, Reply
@@ -128,8 +129,8 @@ def test_twilio_time_limit_is_the_flows_max_call_duration_capped_by_the_operator
 
 # ---- the session's silence deadline, on a fake clock ------------------------------------------------------------
 
-def silent_session(script=(("Sure", 0.0), (" thing.", 0.0))):
-    session, engine, sent = session_for(list(script))
+def silent_session(script=(("Sure", 0.0), (" thing.", 0.0)), **turn_options):
+    session, engine, sent = session_for(list(script), **turn_options)
     session.silence_timeout_s = SILENCE_S
     engine.speculation = SimpleNamespace(enabled=False, speaker_events=False)
     engine.store = SimpleNamespace(meta={}, update_meta=lambda tracking_id, meta: engine.store.meta.update(meta))
@@ -203,12 +204,18 @@ def test_a_caller_answering_the_reprompt_is_reprompted_again_later_not_told_good
     assert texts(sent) == [EN.line("reprompt"), EN.line("reprompt")]
 
 
-def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
-    session, engine, sent = silent_session([("Let", 0.0), ("WAIT", 0.0)])
-    clock = session.clock
+def session_mid_reply(first_word: str):
+    """The greeting played, the caller spoke: the reply has sent `first_word` and waits for its next token."""
+    session, engine, sent = silent_session([(first_word, 0.0), ("WAIT", 0.0)])
     info(session, "agentSpeaking", "off")
     say(session)
     assert engine.turn.waiting.wait(5)
+    return session, engine, sent
+
+
+def test_nothing_is_due_while_a_reply_streams_a_typed_entry_is_open_or_a_closing_line_plays():
+    session, engine, sent = session_mid_reply("Let")
+    clock = session.clock
     info(session, "agentSpeaking", "off")  # Twilio spoke the first words; the reply goes on
     clock.now += 10 * SILENCE_S
     assert session.silence_due_at() is None
@@ -253,3 +260,109 @@ def wait_until(condition, timeout_s: float = 5.0) -> None:
 def test_the_call_log_says_a_call_ended_for_silence():
     assert call_outcome("completed", [], {"endReason": "silence"}) == "silence"
     assert call_outcome("completed", [{"action": "end"}], {}) == "end_node"
+
+
+# ---- review fixes ----------------------------------------------------------------------------------------------
+
+def test_no_reprompt_while_twilio_still_speaks_a_reply_it_reported_on_during_streaming():
+    session, engine, sent = session_mid_reply("Sure")
+    clock = session.clock
+    info(session, "agentSpeaking", "on")  # Twilio starts speaking while the reply still streams
+    engine.turn.stopped.set()  # the reply ends
+    assert engine.done.wait(5)
+    wait_until(lambda: session._reply is None)
+    clock.now += PLAYBACK_WAIT_MAX_S + 10 * SILENCE_S  # a long reply still playing: no agentSpeaking off yet
+    assert session.silence_due_at() is None
+    session.check_silence()
+    assert texts(sent) == ["Sure"]
+    info(session, "agentSpeaking", "off")
+    assert session.silence_due_at() == clock.now + SILENCE_S
+
+
+def test_the_second_count_starts_when_the_reprompt_has_played():
+    session, engine, sent = silent_session()
+    fall_silent(session)
+    info(session, "agentSpeaking", "on")  # Twilio speaks the re-prompt
+    session.clock.now += PLAYBACK_WAIT_MAX_S + 10 * SILENCE_S
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt")]
+    fall_silent(session)
+    assert texts(sent) == [EN.line("reprompt"), EN.line("goodbye")]
+
+
+def test_without_speaker_events_a_long_reply_or_a_recording_is_waited_for_beyond_the_closing_lines_cap():
+    words = "A very long answer about the houses on the market this week and their gardens. " * 20
+    session, engine, sent = silent_session([(words, 0.0)])
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_due_at() is not None)
+    assert session.silence_due_at() > session.clock.now + PLAYBACK_WAIT_MAX_S + SILENCE_S
+    audio = SimpleNamespace(url="https://example.com/a.mp3", interruptible=True)
+    session, engine, sent = silent_session([("AUDIO", 0.0), ("Hi.", 0.0)], entered_audio=audio)
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_due_at() is not None)
+    assert session.silence_due_at() > session.clock.now + PLAYBACK_WAIT_MAX_S + SILENCE_S
+
+
+def test_a_barge_in_or_a_partial_while_the_caller_talks_does_not_start_the_count():
+    session, engine, sent = silent_session()
+    info(session, "agentSpeaking", "off")
+    info(session, "clientSpeaking", "on")
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": "", "durationUntilInterruptMs": 0}))
+    assert session.silence_due_at() is None
+    session.handle(json.dumps({"type": "prompt", "voicePrompt": "I", "last": False}))
+    assert session.silence_due_at() is None
+    session.clock.now += 1
+    info(session, "clientSpeaking", "off")
+    assert session.silence_due_at() == session.clock.now + SILENCE_S
+
+
+def test_the_socket_is_not_woken_at_a_reply_end_with_silence_handling_off():
+    session, engine, sent = silent_session()
+    session.silence_timeout_s = 0
+    woken, tasks = [], []
+    session.on_quiet = lambda: woken.append(session.clock.now)
+    spawn = session.spawn
+    session.spawn = lambda fn, *args: tasks.append(spawn(fn, *args)) or tasks[-1]
+    say(session)
+    tasks[0].join(5)  # the reply's task has ended (after its commit and its end-of-reply wake-up)
+    assert engine.done.is_set() and woken == []
+
+
+def test_a_failed_reply_wakes_the_socket_once_its_silence_can_count():
+    session, engine, sent = silent_session()
+    due = []
+    session.on_quiet = lambda: due.append(session.silence_due_at())
+
+    def send_json(*messages):
+        if any("thing" in message.get("token", "") for message in messages):
+            raise OSError("socket write failed")  # the reply's last words: the failure path closes its cycle
+        sent.extend(messages)
+    session.sender = SimpleNamespace(send_json=send_json)
+    say(session)
+    wait_until(lambda: due)
+    assert texts(sent) == ["Sure"] and due[0] is not None
+
+
+def test_a_handover_during_the_goodbyes_store_write_does_not_turn_the_silence_ending_into_a_handover():
+    session, engine, sent = silent_session()
+
+    def update_meta(tracking_id, meta):
+        session.hand_over()  # the worker stops while the end reason is written
+        wait_until(lambda: session._forced_end is not None)
+        engine.store.meta.update(meta)
+    fall_silent(session)
+    engine.store.update_meta = update_meta
+    fall_silent(session)
+    info(session, "agentSpeaking", "off")  # the goodbye played
+    wait_until(lambda: sent[-1]["type"] == "end")
+    assert json.loads(sent[-1]["handoffData"]) == {"reason": "silence"}
+
+
+@pytest.mark.parametrize("value, silence_s", [(0, 0.0), ("0", 0.0), (12, 12.0), (-1, 20.0), (601, 20.0),
+                                              ("soon", 20.0), (None, 20.0)])
+def test_a_flows_silence_timeout_of_zero_turns_silence_handling_off(value, silence_s):
+    """As SILENCE_TIMEOUT_S=0 does; a value that is no number from 0 to 600 leaves the server's setting (20 s)."""
+    limits = Workflow.from_payload(body_with(silenceTimeout=value)).limits
+    assert limits.silence_s(20.0) == silence_s

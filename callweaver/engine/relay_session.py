@@ -50,12 +50,16 @@ HANDOVER = "handover"
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
-def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False) -> float:
+def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False, capped: bool = True) -> float:
     """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly; the
-    longest wait when a recording of unknown length plays too."""
+    longest wait when a recording of unknown length plays too. `capped=False`: the whole of a long line (and the
+    longest wait for a recording on top), where waiting too long costs nothing but a later re-prompt."""
+    speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR)
+    if not capped:
+        return speech_s + (PLAYBACK_WAIT_MAX_S if with_audio else 0.0)
     if with_audio:
         return PLAYBACK_WAIT_MAX_S
-    return min(PLAYBACK_WAIT_MAX_S, PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR))
+    return min(PLAYBACK_WAIT_MAX_S, speech_s)
 
 
 class Sender(Protocol):
@@ -91,7 +95,8 @@ class RelaySession:
                  "_last_partial_at", "_watching_for_final", "_latest_partial", "_speaker_events", "_caller_silent",
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
-                 "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted")
+                 "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
+                 "_twilio_speaking", "_client_speaking")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -147,6 +152,8 @@ class RelaySession:
         self.on_quiet: Callable[[], None] | None = None  # told when a reply's talk cycle closes: a deadline moved
         self._silence_from: float | None = None  # when the caller's silence started counting (None: it is not)
         self._reprompted = False  # "are you still there?" said in this silence: the next one ends the call
+        self._twilio_speaking: bool | None = None  # what Twilio last REPORTED (agentSpeaking; None: nothing yet)
+        self._client_speaking = False  # Twilio's last clientSpeaking was "on" (no final transcript since)
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -275,6 +282,8 @@ class RelaySession:
         if self.record is None:
             log.error("relay_prompt_before_setup")
             return
+        if message.last:
+            self._client_speaking = False  # the recogniser ended the utterance
         self._heard_caller(received)
         if not message.last:
             self._on_partial(message, received)  # interim transcript (partialPrompts): maybe start the turn early
@@ -489,7 +498,7 @@ class RelaySession:
                         self._drop_closing_action(closing)
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
-            self._agent_speaking = False
+            self._agent_speaking = self._twilio_speaking = False
             if self._barged_in_event is not None:  # made when a closing line starts: only its waiter reads it
                 self._barged_in_event.set()
             self._fell_silent.set()
@@ -579,13 +588,12 @@ class RelaySession:
 
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
-            self._agent_speaking = message.agent_speaking
+            self._agent_speaking = self._twilio_speaking = message.agent_speaking
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
                 self._silence_from = None if message.agent_speaking else self.clock()
         elif message.client_speaking is not None:
+            self._client_speaking = message.client_speaking
             self._heard_caller(self.clock())
-            if message.client_speaking:
-                self._silence_from = None  # the caller is talking: not silent until they stop
         if message.agent_fell_silent:
             self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -682,10 +690,9 @@ class RelaySession:
                     self._quiet_after(self._sent)
                 else:
                     self._speak_canned("apology")
-                if self.on_quiet is not None:
-                    self.on_quiet()
                 turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
             self._streaming = False
+            self._notify_quiet()
             turn.close() if tokens is None else turn.cancel()  # an adopted turn is iterated by its pump
             self._commit(turn, heard=self._sent, interrupted=True)
             self._reply = None
@@ -697,7 +704,8 @@ class RelaySession:
             log.info("relay_pressing_keys", digits=len(turn.result.keys))
             self._send(protocol.send_digits(turn.result.keys))  # a phone menu answered: press what it asked
         if not closing:
-            self._quiet_after(self._sent, notify=True)
+            self._quiet_after(self._sent, with_audio=audio_sent)
+            self._notify_quiet()
             return
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
         self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent,
@@ -897,17 +905,26 @@ class RelaySession:
         self._quiet_after(line)
 
     # ---- caller silence -------------------------------------------------------------------------
-    def _quiet_after(self, spoken: str, notify: bool = False) -> None:
-        """A talk cycle closed: the caller's silence counts from when `spoken` has played. Twilio's agentSpeaking
-        off says when (_on_info); without it, from the longest it may take to play (the bound a closing line
-        waits). `notify`: from a reply's own task, so the socket sets its alarm for the new deadline."""
-        self._silence_from = self.clock() + playback_wait_bound_s(spoken, chars_per_s=self._speech_rate())
-        if notify and self.on_quiet is not None:
+    def _quiet_after(self, spoken: str, with_audio: bool = False) -> None:
+        """A talk cycle closed: the caller's silence counts from when `spoken` (after a node's recording:
+        `with_audio`) has played. Twilio's agentSpeaking off says when (_on_info): while its last report is "on",
+        nothing counts until its "off". Otherwise from the longest the whole of it may take to play."""
+        if self._twilio_speaking:
+            self._silence_from = None
+        else:
+            self._silence_from = self.clock() + playback_wait_bound_s(
+                spoken, chars_per_s=self._speech_rate(), with_audio=with_audio, capped=False)
+
+    def _notify_quiet(self) -> None:
+        """From a reply's own task, once it has stopped streaming: the socket sets its alarm for the new deadline
+        (only when there is one: with silence handling off a reply's end wakes nobody)."""
+        if self.on_quiet is not None and self.silence_due_at() is not None:
             self.on_quiet()
 
     def _heard_caller(self, at: float) -> None:
-        """Any caller input (speech, a partial transcript, a key, a barge-in): the silence starts again."""
-        self._silence_from, self._reprompted = at, False
+        """Any caller input (speech, a partial transcript, a key, a barge-in): the silence starts again, once the
+        caller has stopped talking (clientSpeaking off) if Twilio said they are."""
+        self._silence_from, self._reprompted = (None if self._client_speaking else at), False
 
     def silence_due_at(self) -> float | None:
         """When the caller's silence is due to be handled (check_silence), on `clock`; None while it cannot be:
@@ -930,12 +947,17 @@ class RelaySession:
             self._speak_canned("reprompt")
             return
         log.info("relay_silence_ending", silence_s=self.silence_timeout_s)
+        # The ending and its goodbye before the store write (it yields): a handover meanwhile ends with this ending,
+        # once the goodbye has played.
+        ending = protocol.end("silence")
+        if self._forced_end is None:
+            self._forced_end = ending
+        self._speak_canned("goodbye")
         try:
             self.engine.store.update_meta(self.record.tracking_id, {"endReason": "silence"})
         except Exception:  # the call ends anyway; the log says why
             log.exception("relay_end_reason_write_failed")
-        self._speak_canned("goodbye")
-        self._end_soon(protocol.end("silence"), self._canned("goodbye"))
+        self._end_soon(ending, self._canned("goodbye"))
 
     def _send(self, message: dict) -> None:
         try:

@@ -149,7 +149,7 @@ class CallLimits:
     number (the server's settings then apply)."""
 
     max_call_duration_s: int | None = None  # maxCallDuration (minutes), in seconds
-    silence_timeout_s: float | None = None  # silenceTimeout (seconds)
+    silence_timeout_s: float | None = None  # silenceTimeout (seconds; 0: no silence handling)
 
     def time_limit_s(self, operator_cap_s: int) -> int:
         """Twilio's TimeLimit: the flow's duration, never above the operator's cap (MAX_CALL_DURATION_S)."""

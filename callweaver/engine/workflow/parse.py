@@ -201,7 +201,8 @@ MAX_FLOW_SILENCE_S = 600
 
 def _call_limits(config: Mapping) -> CallLimits:
     """globalSettings.maxCallDuration (minutes) and silenceTimeout (seconds). As for the LLM options, a value that
-    is no positive finite number is ignored (the server's setting applies): the editor stores whatever was typed."""
+    is no positive finite number is ignored (the server's setting applies): the editor stores whatever was typed.
+    A silenceTimeout of 0 turns silence handling off, as SILENCE_TIMEOUT_S=0 does."""
     settings = config.get("globalSettings")
     settings = settings if isinstance(settings, Mapping) else {}
     minutes = as_number(settings.get("maxCallDuration"))
@@ -210,7 +211,7 @@ def _call_limits(config: Mapping) -> CallLimits:
         # a huge value is simply above the operator's cap, which then applies (CallLimits.time_limit_s)
         max_call_duration_s=max(MIN_CALL_LIMIT_S, math.ceil(min(minutes, 1e6) * 60)) if minutes and minutes > 0
         else None,
-        silence_timeout_s=float(seconds) if seconds and 0 < seconds <= MAX_FLOW_SILENCE_S else None,
+        silence_timeout_s=float(seconds) if seconds is not None and 0 <= seconds <= MAX_FLOW_SILENCE_S else None,
     )
 
 
