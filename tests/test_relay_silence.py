@@ -366,3 +366,38 @@ def test_a_flows_silence_timeout_of_zero_turns_silence_handling_off(value, silen
     """As SILENCE_TIMEOUT_S=0 does; a value that is no number from 0 to 600 leaves the server's setting (20 s)."""
     limits = Workflow.from_payload(body_with(silenceTimeout=value)).limits
     assert limits.silence_s(20.0) == silence_s
+
+
+@pytest.mark.parametrize("events", [
+    # a cough while Twilio still plays a long reply: the caller's voice activity ends, the agent still speaks
+    (("agentSpeaking", "on"), ("clientSpeaking", "on"), ("clientSpeaking", "off")),
+    # the caller talks over a line that cannot be interrupted: the agent falls silent while the caller still speaks
+    (("agentSpeaking", "on"), ("clientSpeaking", "on"), ("agentSpeaking", "off")),
+])
+def test_no_reprompt_while_either_side_is_still_speaking(events):
+    """Silence is neither side speaking: caller input during the agent's speech, or the agent falling silent while
+    the caller talks, starts no count (found by review: both re-prompted after the timeout)."""
+    session, _engine, sent = silent_session()
+    info(session, "agentSpeaking", "off")
+    for name, value in events:
+        info(session, name, value)
+    assert session.silence_due_at() is None
+    session.clock.now += 10 * SILENCE_S
+    session.check_silence()
+    assert sent == []
+
+
+def test_the_silence_goodbyes_playback_is_waited_for_from_before_it_is_sent():
+    """The `end` after the silence goodbye waits for Twilio's agentSpeaking off for the goodbye itself: an off that
+    arrives while the end reason is written is not lost (the wait is armed before the goodbye goes out)."""
+    session, engine, sent = silent_session()
+    fall_silent(session)   # the re-prompt
+    writes = []
+
+    def reported_off_during_the_write(tracking_id, meta):
+        writes.append(meta)
+        info(session, "agentSpeaking", "off")  # Twilio has played the goodbye meanwhile
+
+    engine.store.update_meta = reported_off_during_the_write
+    fall_silent(session)   # the goodbye
+    assert writes and session._fell_silent.is_set()

@@ -790,12 +790,14 @@ class RelaySession:
         self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
         return True
 
-    def _end_soon(self, message: dict, spoken: str) -> None:
+    def _end_soon(self, message: dict, spoken: str, cleared: bool = False) -> None:
         """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read. An
-        ending for an error is never dropped by a barge-in (only a closing turn's end is)."""
+        ending for an error is never dropped by a barge-in (only a closing turn's end is). `cleared`: the wait for
+        playback was armed before `spoken` was sent."""
         if self._forced_end is None:
             self._forced_end = message
-        self._fell_silent.clear()
+        if not cleared:
+            self._fell_silent.clear()
         self.spawn(self._end_after_playback, message, spoken, True)
 
     def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
@@ -931,8 +933,8 @@ class RelaySession:
         before `setup`, while a reply streams or a typed entry is open, while a closing line or handover plays,
         while the agent speaks, or with silence handling off."""
         if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
-                or self._streaming or self._closing or self._digits):
-            return None
+                or self._streaming or self._closing or self._digits or self._twilio_speaking or self._client_speaking):
+            return None  # (either side's "off" starts the count again)
         return self._silence_from + self.silence_timeout_s
 
     def check_silence(self) -> None:
@@ -952,12 +954,13 @@ class RelaySession:
         ending = protocol.end("silence")
         if self._forced_end is None:
             self._forced_end = ending
+        self._fell_silent.clear()  # from here on "fell silent" means the goodbye played (an off in the write too)
         self._speak_canned("goodbye")
         try:
             self.engine.store.update_meta(self.record.tracking_id, {"endReason": "silence"})
         except Exception:  # the call ends anyway; the log says why
             log.exception("relay_end_reason_write_failed")
-        self._end_soon(ending, self._canned("goodbye"))
+        self._end_soon(ending, self._canned("goodbye"), cleared=True)
 
     def _send(self, message: dict) -> None:
         try:
