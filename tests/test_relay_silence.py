@@ -401,3 +401,29 @@ def test_the_silence_goodbyes_playback_is_waited_for_from_before_it_is_sent():
     engine.store.update_meta = reported_off_during_the_write
     fall_silent(session)   # the goodbye
     assert writes and session._fell_silent.is_set()
+
+
+def test_a_failed_reply_in_a_switched_language_counts_its_playback_at_that_languages_rate():
+    """Without speaker events the silence counts from the failed reply's playback estimate, made before its commit:
+    at the rate of the language the turn switched Twilio's voice to, not the stored call's (found by review)."""
+    session, engine, sent = silent_session()
+    engine.turn.result.language = "ja-JP"  # the stored call is still en-US
+
+    def send_json(*messages):
+        if any("thing" in message.get("token", "") for message in messages):
+            raise OSError("socket write failed")  # the reply's last words: the failure path closes its cycle
+        sent.extend(messages)
+    session.sender = SimpleNamespace(send_json=send_json)
+    rates = []
+    from callweaver.engine import relay_session
+    bound = relay_session.playback_wait_bound_s
+
+    def recorded(spoken, *, chars_per_s, with_audio=False, capped=True):
+        rates.append(chars_per_s)
+        return bound(spoken, chars_per_s=chars_per_s, with_audio=with_audio, capped=capped)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(relay_session, "playback_wait_bound_s", recorded)
+        say(session)
+        wait_until(lambda: rates)
+    assert rates == [5.0]

@@ -687,7 +687,7 @@ class RelaySession:
                 # talk cycle so the words sent are spoken as a whole reply; never silence.
                 if self._sent:
                     self._send(protocol.close_cycle())
-                    self._quiet_after(self._sent)
+                    self._quiet_after(self._sent, language=turn.result.language)  # (before the commit)
                 else:
                     self._speak_canned("apology")
                 turn.result.source = "apology"  # a failed turn: counted with the errors (metrics.summarize_turns)
@@ -907,15 +907,16 @@ class RelaySession:
         self._quiet_after(line)
 
     # ---- caller silence -------------------------------------------------------------------------
-    def _quiet_after(self, spoken: str, with_audio: bool = False) -> None:
+    def _quiet_after(self, spoken: str, with_audio: bool = False, language: str | None = None) -> None:
         """A talk cycle closed: the caller's silence counts from when `spoken` (after a node's recording:
-        `with_audio`) has played. Twilio's agentSpeaking off says when (_on_info): while its last report is "on",
-        nothing counts until its "off". Otherwise from the longest the whole of it may take to play."""
+        `with_audio`; in `language`, else the call's) has played. Twilio's agentSpeaking off says when (_on_info):
+        while its last report is "on", nothing counts until its "off". Otherwise from the longest the whole of it
+        may take to play."""
         if self._twilio_speaking:
             self._silence_from = None
         else:
             self._silence_from = self.clock() + playback_wait_bound_s(
-                spoken, chars_per_s=self._speech_rate(), with_audio=with_audio, capped=False)
+                spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio, capped=False)
 
     def _notify_quiet(self) -> None:
         """From a reply's own task, once it has stopped streaming: the socket sets its alarm for the new deadline
