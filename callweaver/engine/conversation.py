@@ -650,7 +650,8 @@ class ConversationEngine:
                 result.providers_failed = True
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
-        if outcome.action is None and not outcome.keys and not has_words(result.reply_text):
+        worded = has_words(result.reply_text)
+        if outcome.action is None and not outcome.keys and not worded:
             # The model (asked twice) gave only whitespace or SSML: the caller would hear silence.
             log.warning("llm_reply_without_words", node=outcome.next_node, reply_chars=len(result.reply_text))
             yield from self._emit_after(result, entry.line("apology"))
@@ -658,7 +659,7 @@ class ConversationEngine:
             return
         if outcome.action_message:
             yield from self._emit_after(result, outcome.action_message)
-        elif not has_words(result.reply_text) and outcome.action:
+        elif not worded and outcome.action:
             yield from self._emit_after(result, entry.line("goodbye"))  # a lone <break/> is no goodbye
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
                 and not result.cut_at_cap

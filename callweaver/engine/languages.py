@@ -87,8 +87,8 @@ _SPEECH_PRIMARIES_BY_CODE = {
 # "character" is what those count: a code point, spaces, punctuation and combining marks included. Voices speak
 # about 5-7 syllables a second in every language; what differs is how many characters a script spends on one.
 SPEECH_CHARS_PER_S = 15.0  # Latin alphabet, ≈ 150 words a minute of ~6 characters with the space
-_LATIN_SPACED = 15.0       # alphabets with spaces between words: Latin (Vietnamese too, a syllable a word), Cyrillic,
-#                            Greek
+# alphabets with spaces between words: Latin (Vietnamese too, a syllable a word), Cyrillic, Greek
+_LATIN_SPACED = SPEECH_CHARS_PER_S
 _ABJAD = 12.0              # Arabic, Hebrew: short vowels are not written, so fewer letters a syllable
 _INDIC_ABUGIDA = 13.0      # Devanagari, Bengali, Gujarati, Tamil, Telugu, Kannada, Malayalam: a syllable is a consonant
 #                            plus a vowel sign or virama (~2 code points), words spaced

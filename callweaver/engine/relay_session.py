@@ -591,12 +591,11 @@ class RelaySession:
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
                 self._silence_from = None if message.agent_speaking else self.clock()
+            if message.agent_fell_silent:
+                self._fell_silent.set()
         elif message.client_speaking is not None:
             self._client_speaking = message.client_speaking
             self._heard_caller(self.clock())
-        if message.agent_fell_silent:
-            self._fell_silent.set()
-        elif message.client_speaking is not None:
             self._on_client_speaking(message.client_speaking)
         log.debug("relay_info", name=str(message.name)[:40], value=str(message.value)[:100])
 
@@ -743,8 +742,7 @@ class RelaySession:
             reply.join(timeout=self._within_deadline(PLAYBACK_WAIT_MAX_S, self._handover_deadline))  # committed
         if self.ended or self._closing_turn is not None:
             return  # a goodbye or transfer is playing: its own `end` follows
-        if self._forced_end is None:
-            self._forced_end = protocol.end(HANDOVER)  # the one `end` sent (an error ending already decided stays)
+        self._force_end(protocol.end(HANDOVER))  # the one `end` sent (an error ending already decided stays)
         log.info("relay_handing_over", agent_speaking=self._agent_speaking)
         if self._agent_speaking is False:
             self._fell_silent.set()  # Twilio has played everything it was given: at once
@@ -790,12 +788,16 @@ class RelaySession:
         self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
         return True
 
+    def _force_end(self, message: dict) -> None:
+        """An ending the call did not choose (an error, a handover, silence): the first one decided stays."""
+        if self._forced_end is None:
+            self._forced_end = message
+
     def _end_soon(self, message: dict, spoken: str, cleared: bool = False) -> None:
         """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read. An
         ending for an error is never dropped by a barge-in (only a closing turn's end is). `cleared`: the wait for
         playback was armed before `spoken` was sent."""
-        if self._forced_end is None:
-            self._forced_end = message
+        self._force_end(message)
         if not cleared:
             self._fell_silent.clear()
         self.spawn(self._end_after_playback, message, spoken, True)
@@ -953,8 +955,7 @@ class RelaySession:
         # The ending and its goodbye before the store write (it yields): a handover meanwhile ends with this ending,
         # once the goodbye has played.
         ending = protocol.end("silence")
-        if self._forced_end is None:
-            self._forced_end = ending
+        self._force_end(ending)
         self._fell_silent.clear()  # from here on "fell silent" means the goodbye played (an off in the write too)
         self._speak_canned("goodbye")
         try:

@@ -11,6 +11,7 @@ import re
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
+from ...units import SECONDS_PER_MINUTE
 from .conditions import as_number
 from .model import (DEFAULT_LANGUAGE, E164_RE, MAX_EDGES, MAX_NODES, SNAPSHOT_VERSION, CallLimits, Edge,
                     LlmOptions, LogicalCondition, Node, NodeAudio, VariableSpec, Workflow, WorkflowError)
@@ -209,8 +210,8 @@ def _call_limits(config: Mapping) -> CallLimits:
     seconds = as_number(settings.get("silenceTimeout"))
     return CallLimits(
         # a huge value is simply above the operator's cap, which then applies (CallLimits.time_limit_s)
-        max_call_duration_s=max(MIN_CALL_LIMIT_S, math.ceil(min(minutes, 1e6) * 60)) if minutes and minutes > 0
-        else None,
+        max_call_duration_s=(max(MIN_CALL_LIMIT_S, math.ceil(min(minutes, 1e6) * SECONDS_PER_MINUTE))
+                             if minutes and minutes > 0 else None),
         silence_timeout_s=float(seconds) if seconds is not None and 0 <= seconds <= MAX_FLOW_SILENCE_S else None,
     )
 
