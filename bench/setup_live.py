@@ -1,7 +1,9 @@
 """Set-up CPU per call on the real server, by step: the gunicorn gevent worker's CPU (utime+stime) while N calls
 each make one step, 20 at a time, ÷ N. Steps: make-call-optimized (with the twilio SDK's REST call to the stand-in),
-the signed TwiML webhook, the signed socket upgrade + `setup`, and three signed status callbacks (initiated,
-ringing, answered); `GET /ping` first, as the floor any request pays (gunicorn, gevent, Flask, the access line).
+the signed TwiML webhook, the signed socket upgrade + `setup`, and the signed status callbacks Twilio sends while a
+call is set up: one per event the checkout subscribes to before `completed` (its `callweaver/twilio_client.py`
+STATUS_CALLBACK_EVENTS), in Twilio's order and with Twilio's CallStatus (`answered` arrives as `in-progress`);
+`GET /ping` first, as the floor any request pays (gunicorn, gevent, Flask, the access line).
 `python -m bench.relay` reports the first three steps together ("worker CPU per call set-up"). Each `--root` is a
 checkout (e.g. `git archive <commit> | tar -x -C DIR`) whose server is started in turn, round by round, against
 the same fake LLM and Twilio stand-in, so a reference runs in the same invocation.
@@ -14,6 +16,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402  (after patch_all)
+import ast  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -28,13 +31,23 @@ from callweaver.simulate.webhooks import http  # noqa: E402
 WORKFLOW = "real_estate_property_dealer"
 CONCURRENCY = 20
 WARM_UP_CALLS = 5
-STATUSES = ("initiated", "ringing", "answered")
-STEPS = ("GET /ping", "make-call", "TwiML webhook", "socket upgrade + setup", "3 status callbacks")
+# Twilio's CallStatus for each StatusCallbackEvent a call can send while it is set up (`completed` comes at its end).
+SET_UP_EVENTS = {"initiated": "initiated", "ringing": "ringing", "answered": "in-progress"}
+STEPS = ("GET /ping", "make-call", "TwiML webhook", "socket upgrade + setup", "status callbacks")
 SET_UP = STEPS[1:4]  # what bench.relay's "worker CPU per call set-up" row covers
+
+
+def set_up_statuses(root: Path) -> tuple[str, ...]:
+    """The CallStatus values Twilio posts while a call of `root`'s code is set up: the events it subscribes to."""
+    tree = ast.parse((root / "callweaver" / "twilio_client.py").read_text())
+    events = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(getattr(target, "id", None) == "STATUS_CALLBACK_EVENTS" for target in node.targets))
+    return tuple(SET_UP_EVENTS[event] for event in events if event in SET_UP_EVENTS)
 
 
 def measure(stack: BenchStack, root: Path, calls: int, first_number: int) -> dict[str, float]:
     """ms of worker CPU per call for each step, on a fresh server from `root`."""
+    statuses_sent = set_up_statuses(root)
     with stack.server(repo=root) as server:
         pid = stack.worker_pid(server)
         for warm in [RelayCall(stack, server.url, destination(first_number + calls + i), WORKFLOW)
@@ -44,7 +57,7 @@ def measure(stack: BenchStack, root: Path, calls: int, first_number: int) -> dic
         placed = [RelayCall(stack, server.url, destination(first_number + i), WORKFLOW) for i in range(calls)]
 
         def statuses(call: RelayCall) -> None:
-            for sequence, status in enumerate(STATUSES):
+            for sequence, status in enumerate(statuses_sent):
                 answer = call.caller.status(status, sequence)
                 if answer.status != 200:
                     raise RuntimeError(f"status callback refused ({answer.status})")
@@ -64,6 +77,7 @@ def measure(stack: BenchStack, root: Path, calls: int, first_number: int) -> dic
                 pool.map(action, placed)
                 time.sleep(0.3)  # the last answers' access lines and socket reads
                 spent[step] = (cpu_s(pid) - before) * 1000 / calls
+            spent["callbacks"] = len(statuses_sent)
         finally:
             for call in placed:
                 call.hang_up()
@@ -91,7 +105,8 @@ def main() -> None:
     def cell(values: list[float]) -> str:
         return " / ".join(f"{value:.2f}" for value in values)
 
-    rows = [[str(root)] + [cell([run[step] for run in root_runs]) for step in STEPS]
+    rows = [[f"{root} ({root_runs[0]['callbacks']:.0f} callbacks)"]
+            + [cell([run[step] for run in root_runs]) for step in STEPS]
             + [cell([sum(run[step] for step in SET_UP) for run in root_runs]),
                cell([sum(run[step] for step in STEPS[1:]) for run in root_runs])]
             for root, root_runs in runs.items()]
