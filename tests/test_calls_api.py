@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs, urlsplit
 
+import flask
+
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PHONE, PUBLIC
 from tests.helpers import make_call_body
 
@@ -75,6 +77,9 @@ def test_signed_status_callbacks_update_the_record_in_sequence_order(app, client
         resp = twilio.post(path, {"CallSid": sid, "CallStatus": status, "SequenceNumber": str(seq),
                                   "AccountSid": ACCOUNT_SID})
         assert resp.status_code == 200 and resp.get_json() == {"success": True}
+        with app.app_context():  # the answer's bytes and type are jsonify's, though built without it
+            expected = flask.jsonify(success=True)
+        assert (resp.data, resp.content_type) == (expected.data, expected.content_type)
     store = _services(app).store
     assert store.get_call(tid).status == "completed"
     assert [h["status"] for h in store.status_history(tid)] == ["initiated", "ringing", "in-progress", "completed"]
