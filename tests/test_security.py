@@ -321,6 +321,37 @@ def test_operator_surfaces_are_off_in_production_without_a_token(env):
         assert resp.status_code == 403 and "OPS_TOKEN" in resp.get_json()["error"]
 
 
+OPERATOR_PATHS = ("/dashboard", "/api/dashboard-data", "/metrics", "/dashboard/calls", "/api/call-log",
+                  "/api/call-latency", "/dashboard/calls/call_secret", "/api/call-log/call_secret")
+
+
+def test_without_ops_token_a_development_server_answers_operator_surfaces_only_on_this_machine(env):
+    """No NODE_ENV=production and no OPS_TOKEN (a VPS, a container, an ngrok tunnel to a laptop): the public URL
+    must not serve the call log, where what callers said is. Only a request from this machine that no proxy or
+    tunnel relayed (the simulator's and the demo's browser) is answered."""
+    from callweaver.store import CallRecord
+    app = create_app(env)
+    app.extensions["callweaver"].store.create_call(CallRecord(
+        tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
+        created_at=time.time() - 60, ended_at=time.time(),
+        transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
+    client = app.test_client()
+
+    for path in OPERATOR_PATHS:
+        for environ, headers in (({"REMOTE_ADDR": "203.0.113.7"}, {}),                      # straight from outside
+                                 ({"REMOTE_ADDR": "127.0.0.1"}, {"X-Forwarded-For": "203.0.113.7"}),  # a tunnel
+                                 ({"REMOTE_ADDR": "::1"}, {"Forwarded": "for=203.0.113.7"}),
+                                 ({"REMOTE_ADDR": "10.0.0.5"}, {})):                       # a container's bridge
+            resp = client.get(path, environ_base=environ, headers=headers)
+            assert resp.status_code == 403, (path, environ, headers)
+            assert "OPS_TOKEN" in resp.get_json()["error"] and "4111" not in resp.get_data(as_text=True)
+    for path in OPERATOR_PATHS:
+        assert client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 200, path
+        assert client.get(path, environ_base={"REMOTE_ADDR": "::1"}).status_code == 200, path
+    detail = client.get("/api/call-log/call_secret", environ_base={"REMOTE_ADDR": "127.0.0.1"}).get_json()
+    assert detail["turns"] == [] and detail["call"]["to"] == "•••••••0123"
+
+
 def test_public_per_call_metrics_carry_no_call_sid_numbers_or_transcript(client, fake_twilio):
     data = _post_call(client, "+14155550123").get_json()
     body = client.get(f"/api/performance-metrics/{data['optimization']['trackingId']}").get_json()
@@ -406,7 +437,7 @@ def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
         assert "86400" in refused.get_json()["error"]
         assert client.get(f"{path}?window=86400").status_code == 200
         assert client.get(path).status_code == 200
-    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
+    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open to this machine in dev)
 
 
 def test_repeated_public_metrics_requests_read_the_store_for_their_whole_window_once(app, client, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 from typing import Any, Callable
 
 import structlog
@@ -151,10 +152,27 @@ def twilio_webhook(view: Callable) -> Callable:
     return wrapper
 
 
+# Headers a proxy or tunnel adds when it relays a request: a loopback peer that sent one is not this machine's user.
+RELAYED_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
+
+
+def from_this_machine() -> bool:
+    """The request came from this machine itself: a loopback peer, relayed by no proxy or tunnel (ngrok, a reverse
+    proxy on the same host and Render's router all connect from nearby and say whom they relay)."""
+    try:
+        peer = ipaddress.ip_address((request.remote_addr or "").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(peer, "ipv4_mapped", None)
+    loopback = (mapped or peer).is_loopback
+    return loopback and not any(request.headers.get(name) for name in RELAYED_HEADERS)
+
+
 def operator_only(view: Callable) -> Callable:
-    """Operator surfaces (/dashboard, /api/dashboard-data, /metrics) need OPS_TOKEN, sent as a bearer token or as
-    the basic-auth password (what a browser can send). With no OPS_TOKEN they are open in development and off in
-    production."""
+    """Operator surfaces (the dashboard, the call log and their APIs, /metrics) need OPS_TOKEN, sent as a bearer
+    token or as the basic-auth password (what a browser can send). With no OPS_TOKEN they are off in production and
+    elsewhere answer only requests from this machine (`from_this_machine`): a development server reached through
+    its public URL or a tunnel must not serve what callers said."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
@@ -162,6 +180,10 @@ def operator_only(view: Callable) -> Callable:
         if not settings.ops_token:
             if settings.production:
                 raise ApiError(403, "Operator pages are off: set OPS_TOKEN to enable them")
+            if not from_this_machine():
+                log.warning("operator_auth_refused", path=request.path, reason="no OPS_TOKEN, not from this machine")
+                raise ApiError(403, "Operator pages answer only this machine without OPS_TOKEN: set OPS_TOKEN to "
+                                    "reach them from elsewhere")
             return view(*args, **kwargs)
         auth = request.authorization
         presented = None if auth is None else (auth.token if auth.type == "bearer" else auth.password)
