@@ -19,7 +19,7 @@ from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import TERMINAL_STATUSES, CallRecord, Store
+from .store import END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -415,6 +415,17 @@ class CallLifecycle:
         log.warning("relay_resuming", tracking_id=record.tracking_id, attempt=resumed.resume_count,
                     handover=handover, error_code=error_code)
         return resumed
+
+    def ended_by_error(self, record: CallRecord | None, why: str) -> None:
+        """CallWeaver is ending this call with an apology (`why`): Twilio's final status will say only `completed`,
+        so the call's meta says it ended on an error (call_report.call_outcome), never a caller's hang-up. A failed
+        write is logged; the call ends anyway."""
+        if record is None:
+            return
+        try:
+            self.store.update_meta(record.tracking_id, {END_REASON_META: ERROR_END})
+        except Exception:
+            log.exception("end_reason_write_failed", tracking_id=record.tracking_id, why=why)
 
     def fetch_status(self, call_sid: str) -> dict:
         """Twilio's view of a call plus, when we placed it, our tracking id and stored status history."""

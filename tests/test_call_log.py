@@ -109,7 +109,7 @@ def test_rows_and_timeline_are_computed_from_the_stored_turns(store):
         {"firstTokenMs": 40.0, "lastTokenMs": 90.0, "source": "cache", "cacheHit": True, "nodeId": "b",
          "nextNodeId": "b", "interrupted": True, "at": NOW + 2},
         {"firstTokenMs": 1200.0, "source": "llm", "provider": "openai", "nodeId": "b", "nextNodeId": "end",
-         "failovers": [{"from": "azure", "to": "openai", "reason": "first_token_timeout"}], "action": "end",
+         "failovers": [{"provider": "azure", "reason": "first_token_timeout", "spoken_chars": 0}], "action": "end",
          "at": NOW + 3},
     ]
     for turn in turns:
@@ -134,6 +134,17 @@ def test_rows_and_timeline_are_computed_from_the_stored_turns(store):
     assert detail["turns"][2]["provider"] == "openai" and detail["turns"][2]["failovers"]
     live = next(r for r in call_page(store, limit=10)["calls"] if r["trackingId"] == "call_6")
     assert live["outcome"] == "in_progress" and live["live"] is True
+
+
+def test_a_row_says_how_the_call_ended_as_its_timeline_does(store):
+    """The list reads only the list's fields; the outcome also needs the call's end reason (a silent caller)."""
+    seed_calls(store)
+    store.update_meta("call_2", {"endReason": "silence", "setup": {"from": "+15550000002"}})
+
+    row = next(r for r in call_page(store, limit=10)["calls"] if r["trackingId"] == "call_2")
+
+    assert row["outcome"] == "silence" == call_detail(store, "call_2")["call"]["outcome"]
+    assert store.call_page(10)[0][4].meta == {"endReason": "silence"}  # only what the outcome reads
 
 
 # -- the API and the privacy settings (signed <Gather> webhooks through the app) -------------------------------
@@ -253,3 +264,34 @@ def test_a_sqlite_store_made_before_the_call_log_gets_its_filter_columns(tmp_pat
     assert [r.tracking_id for r in store.call_page(5, path="traditional", status="completed")[0]] == ["old_1"]
     assert store.call_page(5, path="optimized") == ([], 0)
     store.close()
+
+
+def _relay_call_ending_with(client, twilio, *sessions: dict) -> str:
+    """A relay call whose session(s) end as Twilio reports them at the action URL, then Twilio's final status."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    for session in sessions:
+        twilio.post(f"/api/connect-action?trackingId={tracking_id}", {"CallSid": data["callSid"], **session})
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+    return tracking_id
+
+
+def test_calls_we_ended_with_an_apology_are_errors_not_hang_ups(app, client, twilio):
+    """Twilio reports these calls `completed`; the caller did not leave, CallWeaver apologised and hung up: the
+    session ended with an error, a broken socket could not be reconnected, a transfer was refused."""
+    errored = _relay_call_ending_with(client, twilio, {"SessionStatus": "ended", "HandoffData": json.dumps(
+        {"reason": "error", "detail": "repeated Twilio errors"})})
+    broken = _relay_call_ending_with(client, twilio, *[{"SessionStatus": "failed"}] * 3)  # MAX_RESUMES is 2
+    refused = _relay_call_ending_with(client, twilio, {"SessionStatus": "ended", "HandoffData": json.dumps(
+        {"reason": "transfer", "destination": "+882345678901"}), "SessionDuration": "9"})
+    left = _relay_call_ending_with(client, twilio, {"SessionStatus": "completed", "SessionDuration": "42"})
+    resumed_then_left = _relay_call_ending_with(client, twilio, {"SessionStatus": "failed"},
+                                                {"SessionStatus": "completed"})
+
+    rows = {r["trackingId"]: r["outcome"] for r in client.get("/api/call-log").get_json()["calls"]}
+    assert rows == {errored: "error", broken: "error", refused: "error", left: "hang_up",
+                    resumed_then_left: "hang_up"}
+    for tracking_id, outcome in rows.items():
+        assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == outcome

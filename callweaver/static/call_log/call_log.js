@@ -5,7 +5,8 @@
   var DASH = "\u2014";
   var PAGE_SIZE = 25;
   var OUTCOME_LABELS = { end_node: "end node", transfer: "transfer", hang_up: "hang-up", error: "error",
-                         busy: "busy", no_answer: "no answer", canceled: "canceled", in_progress: "in progress" };
+                         busy: "busy", no_answer: "no answer", canceled: "canceled", silence: "silence",
+                         in_progress: "in progress" };
 
   function $(id) { return document.getElementById(id); }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
@@ -200,7 +201,9 @@
     fact(dl, "cache hit", t.cacheHit ? "yes" : "no");
     fact(dl, "node", (t.nodeId || DASH) + " \u2192 " + (t.nextNodeId || DASH));
     if (t.failovers && t.failovers.length) {
-      fact(dl, "failover", t.failovers.map(function (f) { return f.from + "\u2192" + f.to + " (" + f.reason + ")"; }).join("; "));
+      // Each failed provider as the engine records it ({provider, reason}), then the one that answered.
+      fact(dl, "failover", t.failovers.map(function (f) { return (f.provider || "unknown") + " (" + (f.reason || "unknown") + ")"; })
+        .join(" \u2192 ") + " \u2192 " + (t.provider || "no provider"));
     }
     if (t.action) fact(dl, "action", t.action);
     li.appendChild(dl);
