@@ -295,3 +295,29 @@ def test_calls_we_ended_with_an_apology_are_errors_not_hang_ups(app, client, twi
                     resumed_then_left: "hang_up"}
     for tracking_id, outcome in rows.items():
         assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == outcome
+
+
+@pytest.mark.parametrize("query, error", [
+    ("status=bogus", "status must be one of queued, initiated, ringing, in-progress, completed, busy, no-answer, "
+                     "canceled, failed"),
+    ("status=in_progress", "status must be one of"),
+    ("limit=%D9%A3", "limit must be a whole number"),          # Arabic-Indic 3: int() reads it, a person does not
+    ("limit=1_0", "limit must be a whole number"),
+    ("limit=%20%2B5", "limit must be a whole number"),
+    ("offset=-1", "offset must be between 0 and"),
+])
+def test_call_log_refuses_filters_and_numbers_it_would_misread(client, query, error):
+    """An unknown status used to answer 200 with no calls (a typo looked like a quiet day); numbers are ASCII
+    digits only, as everywhere else."""
+    resp = client.get(f"/api/call-log?{query}")
+
+    assert resp.status_code == 400 and resp.get_json()["success"] is False
+    assert resp.get_json()["error"].startswith(error)
+
+
+def test_window_numbers_are_ascii_digits_only(client):
+    for path in ("/api/call-latency", "/api/dashboard-data", "/api/performance-metrics", "/api/performance-comparison"):
+        for raw in ("%D9%A3%D9%A6%D9%A0%D9%A0", "3_600", "+3600", " 3600"):
+            resp = client.get(f"{path}?window={raw}")
+            assert resp.status_code == 400 and "whole number" in resp.get_json()["error"], (path, raw)
+        assert client.get(f"{path}?window=3600").status_code == 200, path

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from typing import Any, Callable
 
 import structlog
@@ -29,6 +30,26 @@ BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimize
                      "/api/call-status-optimized", RELAY_PATH)
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
+
+
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def whole_number(name: str, default: int, low: int, high: int, unit: str = "") -> int:
+    """A whole-number query parameter in [low, high], or the default when absent. ASCII digits only: int() would
+    also read " +5", "1_0" and other scripts' digits, which nobody typing a URL means as a number."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not WHOLE_NUMBER.fullmatch(raw):
+        raise ApiError(400, f"{name} must be a whole number{unit and ' of ' + unit}")
+    try:
+        value = int(raw)
+    except ValueError:  # more digits than int() converts
+        raise ApiError(400, f"{name} must be between {low} and {high}{unit and ' ' + unit}")
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}{unit and ' ' + unit}")
+    return value
 
 
 def all_providers_failed(failovers: list[dict], **extra: Any) -> tuple[Response, int]:

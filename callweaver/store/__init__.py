@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 __all__ = [
     "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
+    "CALL_STATUSES",
     "CALL_LOG_FIELDS",
     "CALL_LOG_META_KEYS",
     "END_REASON_META",
@@ -30,6 +31,8 @@ __all__ = [
 
 # Twilio CallStatus values after which no further audio happens on the call.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+# Every CallStatus Twilio reports, in a call's order (the call log's status filter accepts these).
+CALL_STATUSES = ("queued", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer", "canceled", "failed")
 # The cumulative counter of ended calls, by final status: the store adds 1 in the write that ends a call.
 CALLS_ENDED_COUNTER = "callweaver_calls"
 
