@@ -321,3 +321,21 @@ def test_window_numbers_are_ascii_digits_only(client):
             resp = client.get(f"{path}?window={raw}")
             assert resp.status_code == 400 and "whole number" in resp.get_json()["error"], (path, raw)
         assert client.get(f"{path}?window=3600").status_code == 200, path
+
+
+def test_a_call_whose_final_status_never_came_is_not_live_for_ever(store):
+    """The dashboard stops counting a call as live LIVE_CALL_HORIZON_S after it started with no final status from
+    Twilio (a lost callback); the call log said it was still in progress, its duration growing by the day."""
+    from callweaver.engine.metrics import LIVE_CALL_HORIZON_S
+    now = time.time()
+    store.create_call(CallRecord(tracking_id="lost", path="optimized", status="in-progress",
+                                 created_at=now - LIVE_CALL_HORIZON_S - 5))
+    store.create_call(CallRecord(tracking_id="live", path="optimized", status="in-progress", created_at=now - 30))
+
+    rows = {r["trackingId"]: r for r in call_page(store, limit=10)["calls"]}
+
+    lost = rows["lost"]
+    assert lost["live"] is False and lost["outcome"] == "unknown" and lost["durationS"] is None
+    assert "final status" in lost["reasons"]["durationS"] and lost["endedAt"] is None
+    assert rows["live"]["live"] is True and rows["live"]["outcome"] == "in_progress" and rows["live"]["durationS"] >= 30
+    assert [c.tracking_id for c in store.live_calls(since=now - LIVE_CALL_HORIZON_S)] == ["live"]

@@ -6,7 +6,7 @@
   var PAGE_SIZE = 25;
   var OUTCOME_LABELS = { end_node: "end node", transfer: "transfer", hang_up: "hang-up", error: "error",
                          busy: "busy", no_answer: "no answer", canceled: "canceled", silence: "silence",
-                         in_progress: "in progress" };
+                         in_progress: "in progress", unknown: "unknown" };
 
   function $(id) { return document.getElementById(id); }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
@@ -81,7 +81,9 @@
       var status = el("td"); status.appendChild(pill(c.status)); tr.appendChild(status);
       var path = el("td"); path.appendChild(pill(c.path, pathLabel(c.path))); tr.appendChild(path);
       tr.appendChild(el("td", null, c.language));
-      tr.appendChild(el("td", "r num", fmtDuration(c.durationS)));
+      var duration = el("td", "r num", fmtDuration(c.durationS));
+      if (c.reasons && c.reasons.durationS) duration.title = c.reasons.durationS;
+      tr.appendChild(duration);
       tr.appendChild(el("td", "r num cell-turns", c.turns));
       tr.appendChild(el("td", "r num cell-p50", fmtMs(c.firstTokenP50Ms)));
       tr.appendChild(el("td", "r num cell-failovers", c.failovers));
@@ -221,6 +223,7 @@
       $("d-path").textContent = pathLabel(c.path);
       $("d-language").textContent = c.language || DASH;
       $("d-duration").textContent = fmtDuration(c.durationS);
+      $("d-duration").title = (c.reasons && c.reasons.durationS) || "";
       $("d-turns").textContent = String(c.turns);
       $("d-p50").textContent = fmtMs(c.firstTokenP50Ms);
       $("d-failovers").textContent = String(c.failovers);
