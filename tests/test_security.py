@@ -352,6 +352,22 @@ def test_without_ops_token_a_development_server_answers_operator_surfaces_only_o
     assert detail["turns"] == [] and detail["call"]["to"] == "•••••••0123"
 
 
+def test_operator_answers_are_never_cached_framed_or_given_scripts_from_elsewhere(env):
+    """Transcripts and phone numbers must not stay in a browser's or proxy's cache, the pages must not be framed by
+    another site, and only the app's own scripts may run in them (defence in depth behind textContent)."""
+    client = create_app({**env, "OPS_TOKEN": OPS}).test_client()
+    authorized = {"Authorization": f"Bearer {OPS}"}
+
+    for path in OPERATOR_PATHS:
+        resp = client.get(path, headers=authorized)
+        assert resp.status_code in (200, 404), path  # 404: call_secret is not in this store
+        assert resp.headers["Cache-Control"] == "no-store", path
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", path
+        policy = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    assert client.get("/api/call-log", headers={"Authorization": "Bearer wrong"}).headers["Cache-Control"] == "no-store"
+
+
 def test_public_per_call_metrics_carry_no_call_sid_numbers_or_transcript(client, fake_twilio):
     data = _post_call(client, "+14155550123").get_json()
     body = client.get(f"/api/performance-metrics/{data['optimization']['trackingId']}").get_json()

@@ -7,7 +7,7 @@ import re
 from typing import Any, Callable
 
 import structlog
-from flask import Response, jsonify, request
+from flask import Response, after_this_request, jsonify, request
 
 from ..engine import valid_json
 from ..errors import LOGGED_ID_CHARS, ApiError
@@ -189,6 +189,23 @@ def from_this_machine() -> bool:
     return loopback and not any(request.headers.get(name) for name in RELAYED_HEADERS)
 
 
+# Operator answers hold transcripts and phone numbers: never stored by a browser or proxy, never framed by another
+# site, and their pages run only the app's own scripts (every text goes in through textContent; this is the backstop).
+OPERATOR_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+}
+
+
+def _operator_headers(response: Response) -> Response:
+    response.headers.update(OPERATOR_HEADERS)
+    return response
+
+
 def operator_only(view: Callable) -> Callable:
     """Operator surfaces (the dashboard, the call log and their APIs, /metrics) need OPS_TOKEN, sent as a bearer
     token or as the basic-auth password (what a browser can send). With no OPS_TOKEN they are off in production and
@@ -197,6 +214,7 @@ def operator_only(view: Callable) -> Callable:
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
+        after_this_request(_operator_headers)  # on every answer, a refusal or a 404 too
         settings = services().settings
         if not settings.ops_token:
             if settings.production:
