@@ -19,7 +19,7 @@ from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
+from .store import API_END, END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -450,5 +450,15 @@ class CallLifecycle:
         creds = self.credentials_for(record)
         if creds is None and not self.twilio.configured:
             raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-        # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
-        return self.twilio.end_call(call_sid, credentials=creds)
+        # Said before Twilio is asked: its final status callback (which reports the call) may come before its answer.
+        # A call that already ended, or that our side is already ending for a reason of its own, keeps its reason.
+        marked = record is not None and record.ended_at is None and not (record.meta or {}).get(END_REASON_META)
+        if marked:
+            self.store.update_meta(record.tracking_id, {END_REASON_META: API_END})
+        try:
+            # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
+            return self.twilio.end_call(call_sid, credentials=creds)
+        except Exception:
+            if marked:
+                self.store.update_meta(record.tracking_id, remove=[END_REASON_META])
+            raise

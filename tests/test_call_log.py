@@ -339,3 +339,18 @@ def test_a_call_whose_final_status_never_came_is_not_live_for_ever(store):
     assert "final status" in lost["reasons"]["durationS"] and lost["endedAt"] is None
     assert rows["live"]["live"] is True and rows["live"]["outcome"] == "in_progress" and rows["live"]["durationS"] >= 30
     assert [c.tracking_id for c in store.live_calls(since=now - LIVE_CALL_HORIZON_S)] == ["live"]
+
+
+def test_a_call_hung_up_through_end_call_is_not_the_callers_hang_up(app, client, twilio):
+    """POST /api/end-call (the web app's end button) ends the call; Twilio then reports it `completed` like a caller
+    hanging up. The call log and the report say who ended it."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+
+    assert client.post("/api/end-call", json={"callSid": data["callSid"]}).status_code == 200
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "ended_by_api"
+    assert client.get("/api/call-log").get_json()["calls"][0]["outcome"] == "ended_by_api"

@@ -18,6 +18,7 @@ __all__ = [
     "CALL_LOG_META_KEYS",
     "END_REASON_META",
     "ERROR_END",
+    "API_END",
     "SILENCE_END",
     "counter_series",
     "CallRecord",
@@ -98,6 +99,7 @@ CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language",
 END_REASON_META = "endReason"
 SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
 ERROR_END = "error"      # an apology, then a hang-up: the session failed and was not reconnected, a refused transfer
+API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
 # The meta keys a call-log row also carries: how the call ended depends on them (call_report.call_outcome).
 CALL_LOG_META_KEYS = (END_REASON_META,)
 # Fields update_call may write: the tracking id is the identity, never rewritten; `meta` has several writers at

@@ -6,7 +6,7 @@
   var PAGE_SIZE = 25;
   var OUTCOME_LABELS = { end_node: "end node", transfer: "transfer", hang_up: "hang-up", error: "error",
                          busy: "busy", no_answer: "no answer", canceled: "canceled", silence: "silence",
-                         in_progress: "in progress", unknown: "unknown" };
+                         ended_by_api: "ended by end-call", in_progress: "in progress", unknown: "unknown" };
 
   function $(id) { return document.getElementById(id); }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
