@@ -160,6 +160,22 @@ def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
     assert codes.index(429) == 5  # its own variable, when set
 
 
+def test_public_aggregate_metrics_are_limited_per_client(env):
+    """An aggregate reads every turn of its window (up to a day's) and sorts them for each figure, on the worker
+    that serves live calls: ~0.2 s of CPU per request at 20,000 turns a day. Unauthenticated and unlimited, anyone
+    could keep the workers busy with it. A call's own metrics (its few turns) stay unlimited."""
+    client = create_app({**env, "RATE_LIMIT_METRICS": "3 per minute"}).test_client()
+    codes = [client.get(path).status_code
+             for path in ("/api/performance-metrics", "/api/performance-comparison?window=600",
+                          "/api/performance-metrics?window=86400", "/api/performance-comparison")]
+    assert codes == [200, 200, 200, 429]
+    refused = client.get("/api/performance-metrics")
+    assert "RATE_LIMIT_METRICS" in refused.get_json()["error"] and refused.headers["Retry-After"]
+    assert client.get("/api/performance-metrics", environ_base={"REMOTE_ADDR": "127.0.0.5"}).status_code == 200
+    assert all(client.get("/api/performance-metrics/call_nope").status_code == 404 for _ in range(5))
+    assert Settings.from_env({}).rate_limit_metrics == "30 per minute"
+
+
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
     app = create_app({**env, "RATE_LIMIT_MAKE_CALL": "1 per minute", "RATE_LIMIT_CHAT": "1 per minute",
                       "RATE_LIMIT_END_CALL": "1 per minute", "MAX_CALLS_PER_DAY": "1"})
