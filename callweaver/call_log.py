@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from .call_report import call_outcome
-from .engine.metrics import LIVE_CALL_HORIZON_S, percentile, turn_view
+from .engine.metrics import LIVE_CALL_HORIZON_S, NO_FIRST_TOKEN, percentile, turn_view
 from .store import CallRecord, Store
 from .units import SECONDS_PER_HOUR
 
@@ -51,6 +51,9 @@ def call_row(record: CallRecord, turns: list[dict], *, mask: bool, now: float | 
     lost = lost_track(record, now)
     end = record.ended_at if record.ended_at is not None else now
     first_token = [float(t["firstTokenMs"]) for t in turns if t.get("firstTokenMs") is not None]
+    reasons = {"durationS": NO_FINAL_STATUS} if lost else {}
+    if not first_token:
+        reasons["firstTokenP50Ms"] = NO_FIRST_TOKEN if turns else "no caller turns"
     return {
         "trackingId": record.tracking_id, "callSid": record.call_sid, "status": record.status,
         "path": record.path, "language": record.language, "workflowId": record.workflow_id,
@@ -58,7 +61,7 @@ def call_row(record: CallRecord, turns: list[dict], *, mask: bool, now: float | 
         "startedAt": record.created_at, "endedAt": record.ended_at,
         "durationS": None if lost else round(max(0.0, end - record.created_at), 3),
         "live": record.ended_at is None and not lost,
-        **({"reasons": {"durationS": NO_FINAL_STATUS}} if lost else {}),
+        **({"reasons": reasons} if reasons else {}),
         "currentNode": record.current_node, "turns": len(turns),
         "firstTokenP50Ms": percentile(first_token, 50),
         "failovers": sum(len(t.get("failovers") or []) for t in turns),

@@ -354,3 +354,17 @@ def test_a_call_hung_up_through_end_call_is_not_the_callers_hang_up(app, client,
 
     assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "ended_by_api"
     assert client.get("/api/call-log").get_json()["calls"][0]["outcome"] == "ended_by_api"
+
+
+def test_unmeasured_call_log_figures_are_null_with_their_reason(store, client):
+    """Every null figure says why, as the metrics APIs do (engine/metrics.py null_reasons)."""
+    from callweaver.engine.metrics import NO_FIRST_TOKEN
+    seed_calls(store)
+    store.append_turn("call_2", {"firstTokenMs": None, "source": "apology", "at": NOW + 3})
+
+    rows = {r["trackingId"]: r for r in call_page(store, limit=10)["calls"]}
+    latency = client.get("/api/call-latency?window=900").get_json()
+
+    assert rows["call_1"]["firstTokenP50Ms"] is None and rows["call_1"]["reasons"]["firstTokenP50Ms"] == "no caller turns"
+    assert rows["call_2"]["firstTokenP50Ms"] is None and rows["call_2"]["reasons"]["firstTokenP50Ms"] == NO_FIRST_TOKEN
+    assert latency["points"] == [] and latency["reason"] == "no measured turns in this window"

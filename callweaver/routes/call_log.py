@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, render_template, request
 
 from .. import call_log
+from ..engine.metrics import NO_SAMPLES
 from ..errors import ApiError
 from ..services import services
 from ..store import CALL_STATUSES
@@ -68,7 +69,8 @@ def call_latency():
     # The worker's recent turns, topped up per poll like the dashboard's (not the whole window from the store).
     points = svc.metrics.timeline(window, bucket_s=bucket)
     return jsonify(success=True, windowSeconds=window, bucketSeconds=bucket,
-                   points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points])
+                   points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points],
+                   **({} if points else {"reason": NO_SAMPLES}))
 
 
 @bp.get("/dashboard/calls")

@@ -85,7 +85,9 @@
       if (c.reasons && c.reasons.durationS) duration.title = c.reasons.durationS;
       tr.appendChild(duration);
       tr.appendChild(el("td", "r num cell-turns", c.turns));
-      tr.appendChild(el("td", "r num cell-p50", fmtMs(c.firstTokenP50Ms)));
+      var p50 = el("td", "r num cell-p50", fmtMs(c.firstTokenP50Ms));
+      if (c.reasons && c.reasons.firstTokenP50Ms) p50.title = c.reasons.firstTokenP50Ms;
+      tr.appendChild(p50);
       tr.appendChild(el("td", "r num cell-failovers", c.failovers));
       tr.appendChild(el("td", "r num cell-cache", c.cacheHits));
       var outcome = el("td", "cell-outcome"); outcome.appendChild(pill(c.outcome, OUTCOME_LABELS[c.outcome]));
@@ -107,7 +109,7 @@
     $("latency-caption").textContent = "p50 and p95 of every turn's first token, per " +
       (data.bucketSeconds < 60 ? data.bucketSeconds + " s" : Math.round(data.bucketSeconds / 60) + " min");
     if (!points.length) {
-      $("latency-reason").textContent = DASH + " no measured turns in this window";
+      $("latency-reason").textContent = DASH + " " + (data.reason || "no measured turns in this window");
       host.setAttribute("data-rendered", "true");
       return;
     }
