@@ -15,13 +15,13 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
+from ..store import END_REASON_META, SILENCE_END
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
                            SpeculativeTurn, Turn, heard_of, speculation_row, spoken_length)
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
-from ..store import END_REASON_META, SILENCE_END
 
 log = structlog.get_logger()
 
