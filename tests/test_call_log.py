@@ -356,6 +356,49 @@ def test_a_call_hung_up_through_end_call_is_not_the_callers_hang_up(app, client,
     assert client.get("/api/call-log").get_json()["calls"][0]["outcome"] == "ended_by_api"
 
 
+def test_end_call_hangs_up_even_when_its_end_reason_cannot_be_written(app, client, fake_twilio, monkeypatch):
+    """The end reason labels the call; hanging it up is what the operator asked for. A store that reads but cannot
+    write (a full disk, a locked SQLite file) must not keep the caller on the line, and Twilio's own refusal must
+    reach the client rather than the failed write of taking the reason back."""
+    from callweaver.store import StoreError
+    from tests.helpers import make_call_body
+    first = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
+    second = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
+    store = app.extensions["callweaver"].store
+
+    writes = store.update_meta
+
+    def full_disk(*args, **kwargs):
+        raise StoreError("database or disk is full")
+
+    def full_disk_once_marked(tracking_id, changes=None, **kwargs):
+        return full_disk() if kwargs.get("remove") else writes(tracking_id, changes, **kwargs)
+
+    monkeypatch.setattr(store, "update_meta", full_disk)
+    ended = client.post("/api/end-call", json={"callSid": first})
+    monkeypatch.setattr(store, "update_meta", full_disk_once_marked)
+    del fake_twilio.calls[second]  # Twilio no longer knows the call: it refuses with 404
+    refused = client.post("/api/end-call", json={"callSid": second})
+
+    assert ended.status_code == 200 and ended.get_json()["success"] is True
+    assert [u.path.rsplit("/", 1)[-1] for u in fake_twilio.updates()] == [f"{first}.json", f"{second}.json"]
+    assert refused.status_code == 404 and "not found" in refused.get_json()["error"]
+
+
+def test_a_refused_end_call_takes_its_end_reason_back(app, client, twilio, fake_twilio):
+    """Twilio refused (the call had already gone): the caller's hang-up stays the caller's."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    del fake_twilio.calls[data["callSid"]]
+
+    assert client.post("/api/end-call", json={"callSid": data["callSid"]}).status_code == 404
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "hang_up"
+
+
 def test_unmeasured_call_log_figures_are_null_with_their_reason(store, client):
     """Every null figure says why, as the metrics APIs do (engine/metrics.py null_reasons)."""
     from callweaver.engine.metrics import NO_FIRST_TOKEN
