@@ -368,6 +368,42 @@ def test_without_ops_token_a_development_server_answers_operator_surfaces_only_o
     assert detail["turns"] == [] and detail["call"]["to"] == "•••••••0123"
 
 
+def test_operator_surfaces_refuse_other_sites_pages_in_this_machines_browser(env):
+    """A loopback peer is not always the operator: any page open in this machine's browser can ask too. One from
+    another site names its Origin (CORS_ORIGINS lets listed pages read API answers, with the browser's cached
+    basic-auth password for the dashboard too); one that rebinds its own name to 127.0.0.1 (DNS rebinding) is
+    same-origin to the browser, and names itself in Host."""
+    from callweaver.store import CallRecord
+    app = create_app(env)
+    app.extensions["callweaver"].store.create_call(CallRecord(
+        tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
+        created_at=time.time() - 60, ended_at=time.time(),
+        transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
+    client = app.test_client()
+    local = {"REMOTE_ADDR": "127.0.0.1"}
+
+    for path in OPERATOR_PATHS:
+        for base_url, origin in (("http://localhost:3000", "http://localhost:8080"),   # a listed CORS origin
+                                 ("http://127.0.0.1:3000", "https://kimiya-ai.vercel.app"),
+                                 ("http://localhost:3000", "null"),                    # a sandboxed frame
+                                 ("http://localhost:3000", "http://[::1"),             # no page's origin
+                                 ("http://rebound.attacker.example:3000", None)):      # DNS rebinding
+            resp = client.get(path, base_url=base_url, environ_base=local,
+                              headers={"Origin": origin} if origin else {})
+            assert resp.status_code == 403, (path, base_url, origin)
+            assert "4111" not in resp.get_data(as_text=True)
+        assert client.get(path, environ_base=local, headers={"Host": "[::1"}).status_code == 403, path
+        for base_url in ("http://localhost:3000", "http://127.0.0.1:3000", "http://[::1]:3000",
+                         "http://dev.localhost:3000"):
+            assert client.get(path, base_url=base_url, environ_base=local).status_code == 200, (path, base_url)
+        assert client.get(path, base_url="http://localhost:3000", environ_base=local,
+                          headers={"Origin": "http://localhost:3000"}).status_code == 200, path  # its own page
+    tokened = create_app({**env, "OPS_TOKEN": OPS}).test_client()
+    authorized = {"Authorization": f"Bearer {OPS}"}
+    assert tokened.get("/api/call-log", headers={**authorized, "Origin": "https://kimiya-ai.vercel.app"}).status_code == 403
+    assert tokened.get("/api/call-log", base_url="https://cw.example", headers=authorized).status_code == 200
+
+
 def test_operator_answers_are_never_cached_framed_or_given_scripts_from_elsewhere(env):
     """Transcripts and phone numbers must not stay in a browser's or proxy's cache, the pages must not be framed by
     another site, and only the app's own scripts may run in them (defence in depth behind textContent)."""

@@ -5,6 +5,7 @@ import functools
 import ipaddress
 import re
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import structlog
 from flask import Response, after_this_request, jsonify, request
@@ -177,16 +178,43 @@ def twilio_webhook(view: Callable) -> Callable:
 RELAYED_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
 
 
-def from_this_machine() -> bool:
-    """The request came from this machine itself: a loopback peer, relayed by no proxy or tunnel (ngrok, a reverse
-    proxy on the same host and Render's router all connect from nearby and say whom they relay)."""
+def _loopback(address: str) -> bool:
+    """An address of this machine's loopback interface (IPv4-mapped IPv6 and a zone id included)."""
     try:
-        peer = ipaddress.ip_address((request.remote_addr or "").split("%", 1)[0])
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    mapped = getattr(peer, "ipv4_mapped", None)
-    loopback = (mapped or peer).is_loopback
-    return loopback and not any(request.headers.get(name) for name in RELAYED_HEADERS)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _names_this_machine(host: str) -> bool:
+    """A Host header naming this machine: a loopback address, or localhost and its subdomains (browsers resolve
+    those to loopback themselves, RFC 6761). A page that rebinds its own name to 127.0.0.1 sends its own name."""
+    try:
+        name = (urlsplit("//" + host).hostname or "").rstrip(".")  # lowercased, without brackets or port
+    except ValueError:  # an unclosed "[" of an IPv6 host
+        return False
+    return name == "localhost" or name.endswith(".localhost") or _loopback(name)
+
+
+def from_this_machine() -> bool:
+    """The request came from this machine itself: a loopback peer, relayed by no proxy or tunnel (ngrok, a reverse
+    proxy on the same host and Render's router all connect from nearby and say whom they relay), for a host named
+    as this machine (not a name rebound to 127.0.0.1 by another site, DNS rebinding)."""
+    return (_loopback(request.remote_addr or "") and not any(request.headers.get(name) for name in RELAYED_HEADERS)
+            and _names_this_machine(request.host))
+
+
+def from_another_sites_page() -> bool:
+    """A browser page of another origin sent this request: its Origin names another host than the request's own
+    ("null" too, an opaque origin). Same-origin GETs send no Origin; Prometheus and curl send none."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    try:
+        return urlsplit(origin).netloc.casefold() != request.host.casefold()
+    except ValueError:  # an unclosed "[" of an IPv6 host: no page's origin
+        return True
 
 
 # Operator answers hold transcripts and phone numbers: never stored by a browser or proxy, never framed by another
@@ -210,11 +238,17 @@ def operator_only(view: Callable) -> Callable:
     """Operator surfaces (the dashboard, the call log and their APIs, /metrics) need OPS_TOKEN, sent as a bearer
     token or as the basic-auth password (what a browser can send). With no OPS_TOKEN they are off in production and
     elsewhere answer only requests from this machine (`from_this_machine`): a development server reached through
-    its public URL or a tunnel must not serve what callers said."""
+    its public URL or a tunnel must not serve what callers said. Another site's page is refused either way."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         after_this_request(_operator_headers)  # on every answer, a refusal or a 404 too
+        # CORS_ORIGINS lets listed pages read API answers, and a browser sends the dashboard's cached basic-auth
+        # password with their requests too: operator answers are for the operator's own pages only.
+        if from_another_sites_page():
+            log.warning("operator_auth_refused", path=request.path, reason="another site's page",
+                        origin=request.headers.get("Origin", "")[:200])
+            raise ApiError(403, "Operator pages answer only their own pages, not another site's")
         settings = services().settings
         if not settings.ops_token:
             if settings.production:
