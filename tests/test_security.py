@@ -402,6 +402,7 @@ def test_operator_surfaces_refuse_other_sites_pages_in_this_machines_browser(env
     authorized = {"Authorization": f"Bearer {OPS}"}
     assert tokened.get("/api/call-log", headers={**authorized, "Origin": "https://kimiya-ai.vercel.app"}).status_code == 403
     assert tokened.get("/api/call-log", base_url="https://cw.example", headers=authorized).status_code == 200
+    assert tokened.get("/api/call-log", headers={**authorized, "Origin": PUBLIC}).status_code == 200  # behind a proxy
 
 
 def test_operator_answers_are_never_cached_framed_or_given_scripts_from_elsewhere(env):

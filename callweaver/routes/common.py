@@ -206,13 +206,15 @@ def from_this_machine() -> bool:
 
 
 def from_another_sites_page() -> bool:
-    """A browser page of another origin sent this request: its Origin names another host than the request's own
-    ("null" too, an opaque origin). Same-origin GETs send no Origin; Prometheus and curl send none."""
+    """A browser page of another origin sent this request: its Origin names neither the request's host nor
+    PUBLIC_BASE_URL's (a proxy may pass on another Host), or is "null" (an opaque origin). Same-origin GETs
+    usually send no Origin; Prometheus and curl send none."""
     origin = request.headers.get("Origin")
     if origin is None:
         return False
+    own = {request.host.casefold(), urlsplit(services().settings.public_base_url or "").netloc.casefold()} - {""}
     try:
-        return urlsplit(origin).netloc.casefold() != request.host.casefold()
+        return urlsplit(origin).netloc.casefold() not in own
     except ValueError:  # an unclosed "[" of an IPv6 host: no page's origin
         return True
 
