@@ -315,6 +315,16 @@ def test_call_log_refuses_filters_and_numbers_it_would_misread(client, query, er
     assert resp.get_json()["error"].startswith(error)
 
 
+def test_empty_query_values_mean_their_defaults_as_the_readme_writes_them(client):
+    """README: `GET /api/call-log?limit=&offset=&status=&path=&language=`: an empty filter is no filter, and an empty
+    number its default (as the call log always read them), not a 400."""
+    resp = client.get("/api/call-log?limit=&offset=&status=&path=&language=")
+
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["limit"] == 25 and resp.get_json()["offset"] == 0
+    assert client.get("/api/call-latency?window=").get_json()["windowSeconds"] == 3600
+
+
 def test_window_numbers_are_ascii_digits_only(client):
     for path in ("/api/call-latency", "/api/dashboard-data", "/api/performance-metrics", "/api/performance-comparison"):
         for raw in ("%D9%A3%D9%A6%D9%A0%D9%A0", "3_600", "+3600", " 3600"):

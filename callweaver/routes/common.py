@@ -37,10 +37,11 @@ WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 def whole_number(name: str, default: int, low: int, high: int, unit: str = "") -> int:
-    """A whole-number query parameter in [low, high], or the default when absent. ASCII digits only: int() would
-    also read " +5", "1_0" and other scripts' digits, which nobody typing a URL means as a number."""
+    """A whole-number query parameter in [low, high], or the default when absent or empty (`?limit=&offset=`, as an
+    empty filter is no filter). ASCII digits only: int() would also read " +5", "1_0" and other scripts' digits,
+    which nobody typing a URL means as a number."""
     raw = request.args.get(name)
-    if raw is None:
+    if not raw:
         return default
     if not WHOLE_NUMBER.fullmatch(raw):
         raise ApiError(400, f"{name} must be a whole number{unit and ' of ' + unit}")
