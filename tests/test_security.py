@@ -400,7 +400,8 @@ def test_operator_surfaces_refuse_other_sites_pages_in_this_machines_browser(env
                           headers={"Origin": "http://localhost:3000"}).status_code == 200, path  # its own page
     tokened = create_app({**env, "OPS_TOKEN": OPS}).test_client()
     authorized = {"Authorization": f"Bearer {OPS}"}
-    assert tokened.get("/api/call-log", headers={**authorized, "Origin": "https://kimiya-ai.vercel.app"}).status_code == 403
+    other_site = {**authorized, "Origin": "https://kimiya-ai.vercel.app"}
+    assert tokened.get("/api/call-log", headers=other_site).status_code == 403
     assert tokened.get("/api/call-log", base_url="https://cw.example", headers=authorized).status_code == 200
     assert tokened.get("/api/call-log", headers={**authorized, "Origin": PUBLIC}).status_code == 200  # behind a proxy
 
