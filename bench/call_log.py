@@ -8,7 +8,6 @@ without paging would cost. Everything runs on 127.0.0.1 (a private redis-server)
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from bench.report import median_round
 from callweaver import call_log
 from callweaver.store import CallRecord, build_store
 from tests.fakes.redis_server import RedisServer
@@ -43,7 +43,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         started = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
+    return median_round(samples)[0]
 
 
 def run(backend: str, store, calls: int, args: argparse.Namespace) -> dict:

@@ -19,7 +19,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -31,6 +30,7 @@ from typing import Callable  # noqa: E402
 import gevent  # noqa: E402
 import orjson  # noqa: E402
 
+from bench.report import median_round  # noqa: E402
 from bench.stack import FakeLLMProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,8 +186,8 @@ def main() -> int:
     reference = None
     for name, results in rounds.items():
         per_turn = [r["cpu_s"] / max(1, r["turns"]) * 1e6 for r in results]
-        median = statistics.median(per_turn)
-        middle = results[per_turn.index(median)] if median in per_turn else results[0]
+        median, index = median_round(per_turn)
+        middle = results[index]
         per_chunk = middle["cpu_s"] / max(1, middle["chunks"]) * 1e6
         reference = reference or median
         errors = sum(r["errors"] for r in results)

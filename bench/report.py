@@ -52,6 +52,12 @@ def machine_summary() -> str:
 
 
 
+def median_round(values: list[float]) -> tuple[float, int]:
+    """The median (the service's nearest rank, so a value that was measured) and the index of the round it is."""
+    median = percentile(values, 50)
+    return median, values.index(median)
+
+
 def distribution_cells(values: list[float]) -> list[str]:
     return [fmt_ms(percentile(values, 50)), fmt_ms(percentile(values, 95)), fmt_ms(percentile(values, 99))]
 

@@ -9,11 +9,15 @@ import time
 from typing import Any
 
 from .call_report import call_outcome
-from .engine.metrics import percentile, turn_view
+from .engine.metrics import LIVE_CALL_HORIZON_S, NO_FIRST_TOKEN, percentile, turn_view
 from .store import CallRecord, Store
+from .units import SECONDS_PER_HOUR
 
 MAX_PAGE_SIZE = 200
 IN_PROGRESS = "in_progress"
+UNKNOWN = "unknown"  # no final status from Twilio within LIVE_CALL_HORIZON_S: the call is no longer counted as live
+NO_FINAL_STATUS = (f"no final status from Twilio within {LIVE_CALL_HORIZON_S // SECONDS_PER_HOUR} h of the start "
+                   "(a lost status callback)")
 NO_TRANSCRIPT_RECORDED = "RECORD_TRANSCRIPTS=0: timings only"
 TRANSCRIPT_PURGED = "transcript purged after TRANSCRIPT_RETENTION_DAYS"
 
@@ -28,28 +32,41 @@ def mask_phone(number: str | None, mask: bool = True) -> str | None:
     return "•" * (digits - 4) + "".join(ch for ch in number if ch.isdigit())[-4:]
 
 
-def outcome_of(record: CallRecord, turns: list[dict]) -> str:
-    """How the call ended (call_report.call_outcome), or in_progress while it has not."""
+def outcome_of(record: CallRecord, turns: list[dict], now: float | None = None) -> str:
+    """How the call ended (call_report.call_outcome); in_progress while it has not, or unknown once it is too old
+    to be live (the dashboard's LIVE_CALL_HORIZON_S) and Twilio never said how it ended."""
     if record.ended_at is None:
-        return IN_PROGRESS
+        return UNKNOWN if lost_track(record, now) else IN_PROGRESS
     return call_outcome(record.status, turns, record.meta)
+
+
+def lost_track(record: CallRecord, now: float | None = None) -> bool:
+    """Not ended, yet started longer ago than a call stays live: its final status callback never arrived."""
+    return record.ended_at is None and record.created_at < (time.time() if now is None else now) - LIVE_CALL_HORIZON_S
 
 
 def call_row(record: CallRecord, turns: list[dict], *, mask: bool, now: float | None = None) -> dict[str, Any]:
     """One call-log row: status, path, language, duration, turns, p50 first token, failovers, cache hits, outcome."""
-    end = record.ended_at if record.ended_at is not None else (time.time() if now is None else now)
+    now = time.time() if now is None else now
+    lost = lost_track(record, now)
+    end = record.ended_at if record.ended_at is not None else now
     first_token = [float(t["firstTokenMs"]) for t in turns if t.get("firstTokenMs") is not None]
+    reasons = {"durationS": NO_FINAL_STATUS} if lost else {}
+    if not first_token:
+        reasons["firstTokenP50Ms"] = NO_FIRST_TOKEN if turns else "no caller turns"
     return {
         "trackingId": record.tracking_id, "callSid": record.call_sid, "status": record.status,
         "path": record.path, "language": record.language, "workflowId": record.workflow_id,
         "to": mask_phone(record.to, mask), "from": mask_phone(record.from_number, mask),
         "startedAt": record.created_at, "endedAt": record.ended_at,
-        "durationS": round(max(0.0, end - record.created_at), 3), "live": record.ended_at is None,
+        "durationS": None if lost else round(max(0.0, end - record.created_at), 3),
+        "live": record.ended_at is None and not lost,
+        **({"reasons": reasons} if reasons else {}),
         "currentNode": record.current_node, "turns": len(turns),
         "firstTokenP50Ms": percentile(first_token, 50),
         "failovers": sum(len(t.get("failovers") or []) for t in turns),
         "cacheHits": sum(1 for t in turns if t.get("cacheHit")),
-        "outcome": outcome_of(record, turns),
+        "outcome": outcome_of(record, turns, now),
     }
 
 

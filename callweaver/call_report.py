@@ -20,7 +20,7 @@ import requests
 import structlog
 
 from .engine.metrics import MetricsReader
-from .store import Store
+from .store import API_END, END_REASON_META, ERROR_END, SILENCE_END, Store
 
 log = structlog.get_logger()
 
@@ -52,14 +52,15 @@ def verify_signature(secret: str, header: str, body: bytes, *, tolerance_s: floa
 
 
 def call_outcome(status: str, turns: list[dict], meta: dict | None = None) -> str:
-    """How the call ended: end_node, transfer, hang_up (the caller left), silence (ended by us after the caller
-    stayed silent: the call's meta `endReason`), error, or Twilio's not-answered status."""
+    """How the call ended: end_node, transfer, hang_up (the caller left), silence, error or ended_by_api (ended on our
+    side: the call's meta `endReason`; a failed call is an error too), or Twilio's not-answered status."""
     if status in NOT_ANSWERED:
         return status.replace("-", "_")
     if status == "failed":
-        return "error"
-    if (meta or {}).get("endReason") == "silence":
-        return "silence"
+        return ERROR_END
+    end_reason = (meta or {}).get(END_REASON_META)
+    if end_reason in (SILENCE_END, ERROR_END, API_END):
+        return end_reason
     last_action = next((t.get("action") for t in reversed(turns) if t.get("action")), None)
     return {"end": "end_node", "transfer": "transfer"}.get(last_action or "", "hang_up")
 

@@ -84,6 +84,7 @@ class Settings:
     rate_limit_chat: str = "60 per minute"
     rate_limit_end_call: str = "60 per minute"
     rate_limit_call_status: str = "60 per minute"
+    rate_limit_metrics: str = "30 per minute"
     max_calls_per_day: int = 1000
     trusted_proxy_hops: int = 0
     ops_token: str = ""
@@ -276,6 +277,7 @@ class Settings:
         values["rate_limit_chat"] = rate("RATE_LIMIT_CHAT", "60 per minute")
         values["rate_limit_end_call"] = rate("RATE_LIMIT_END_CALL", "60 per minute")
         values["rate_limit_call_status"] = rate("RATE_LIMIT_CALL_STATUS", values["rate_limit_end_call"])
+        values["rate_limit_metrics"] = rate("RATE_LIMIT_METRICS", "30 per minute")
         values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
         values["on_render"] = bool(text("RENDER"))
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.

@@ -19,7 +19,7 @@ from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import TERMINAL_STATUSES, CallRecord, Store
+from .store import API_END, END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -416,6 +416,26 @@ class CallLifecycle:
                     handover=handover, error_code=error_code)
         return resumed
 
+    def ended_by_error(self, record: CallRecord | None, why: str) -> None:
+        """CallWeaver is ending this call with an apology (`why`): Twilio's final status will say only `completed`,
+        so the call's meta says it ended on an error (call_report.call_outcome), never a caller's hang-up. A failed
+        write is logged; the call ends anyway."""
+        if record is not None:
+            self._write_end_reason(record, ERROR_END, why)
+
+    def _write_end_reason(self, record: CallRecord, reason: str | None, why: str) -> bool:
+        """Set the call's end reason (None takes it back). It only labels the call: a failed write (a full disk, a
+        locked file) is logged and False, and the hang-up or Twilio's answer goes on as if it had been written."""
+        try:
+            if reason is None:
+                self.store.update_meta(record.tracking_id, remove=[END_REASON_META])
+            else:
+                self.store.update_meta(record.tracking_id, {END_REASON_META: reason})
+        except Exception:
+            log.exception("end_reason_write_failed", tracking_id=record.tracking_id, reason=reason, why=why)
+            return False
+        return True
+
     def fetch_status(self, call_sid: str) -> dict:
         """Twilio's view of a call plus, when we placed it, our tracking id and stored status history."""
         self._require_call_sid(call_sid)
@@ -434,10 +454,21 @@ class CallLifecycle:
             raise CallRequestError("Invalid Call SID: expected CA followed by 32 hex characters")
 
     def end_call(self, call_sid: str) -> str:
+        """Hang up a call through Twilio (POST /api/end-call), with the call's own credentials when it has them;
+        a call we placed is labelled ended_by_api (its end reason), since Twilio will report it `completed`."""
         self._require_call_sid(call_sid)
         record = self.find(None, call_sid)
         creds = self.credentials_for(record)
         if creds is None and not self.twilio.configured:
             raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-        # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
-        return self.twilio.end_call(call_sid, credentials=creds)
+        # Said before Twilio is asked: its final status callback (which reports the call) may come before its answer.
+        # A call that already ended, or that our side is already ending for a reason of its own, keeps its reason.
+        marked = (record is not None and record.ended_at is None and not (record.meta or {}).get(END_REASON_META)
+                  and self._write_end_reason(record, API_END, "POST /api/end-call"))
+        try:
+            # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
+            return self.twilio.end_call(call_sid, credentials=creds)
+        except Exception:
+            if marked:
+                self._write_end_reason(record, None, "Twilio refused the hang-up")
+            raise

@@ -92,7 +92,7 @@ class CallsPerDay:
 
 
 class RateLimits:
-    """The per-client windows of one app: per client and scope (make-call, llm, end-call, call-status).
+    """The per-client windows of one app: per client and scope (make-call, llm, end-call, call-status, metrics).
 
     A limited request takes one slot of each of its client's windows (one storage hit per window, `hit` refuses
     when the window is full). The calls-per-day cap is CallsPerDay, taken inside make-call."""
@@ -128,6 +128,9 @@ def init_rate_limits(app: Flask, settings: Settings, windows: MovingWindowRateLi
         # The poll also asks Twilio's REST API with the server's credentials; in its own window, so polling a call
         # never uses up the client's hang-ups.
         "call-status": ("RATE_LIMIT_CALL_STATUS", settings.rate_limit_call_status, ("calls.call_status_poll",)),
+        # Public aggregates read and sort every turn of their window (up to a day's) on a worker serving live calls.
+        "metrics": ("RATE_LIMIT_METRICS", settings.rate_limit_metrics,
+                    ("metrics.aggregate_metrics", "metrics.performance_comparison")),
     }
     for scope, (variable, limit, endpoints) in per_client.items():
         for endpoint in endpoints:

@@ -129,3 +129,13 @@ def test_loop_lag_probe_keeps_only_the_window():
     probe = LoopLagProbe(interval_s=0.001)
     probe.samples.extend([(1.0, 0.5), (2.0, 3.0), (3.0, 7.0)])
     assert probe.lags_between(1.5, 3.0) == [3.0, 7.0]
+
+
+def test_a_benchmarks_median_round_is_a_round_that_ran():
+    """Benchmarks report the service's percentile (nearest rank): with an even number of rounds an interpolated
+    median (statistics.median) is no round's figure, and bench/llm_client then showed round 0's other columns."""
+    from bench.report import median_round
+    per_turn = [40.0, 10.0, 30.0, 20.0]
+
+    assert median_round(per_turn) == (20.0, 3)
+    assert median_round([5.0]) == (5.0, 0)

@@ -109,7 +109,7 @@ def test_rows_and_timeline_are_computed_from_the_stored_turns(store):
         {"firstTokenMs": 40.0, "lastTokenMs": 90.0, "source": "cache", "cacheHit": True, "nodeId": "b",
          "nextNodeId": "b", "interrupted": True, "at": NOW + 2},
         {"firstTokenMs": 1200.0, "source": "llm", "provider": "openai", "nodeId": "b", "nextNodeId": "end",
-         "failovers": [{"from": "azure", "to": "openai", "reason": "first_token_timeout"}], "action": "end",
+         "failovers": [{"provider": "azure", "reason": "first_token_timeout", "spoken_chars": 0}], "action": "end",
          "at": NOW + 3},
     ]
     for turn in turns:
@@ -134,6 +134,17 @@ def test_rows_and_timeline_are_computed_from_the_stored_turns(store):
     assert detail["turns"][2]["provider"] == "openai" and detail["turns"][2]["failovers"]
     live = next(r for r in call_page(store, limit=10)["calls"] if r["trackingId"] == "call_6")
     assert live["outcome"] == "in_progress" and live["live"] is True
+
+
+def test_a_row_says_how_the_call_ended_as_its_timeline_does(store):
+    """The list reads only the list's fields; the outcome also needs the call's end reason (a silent caller)."""
+    seed_calls(store)
+    store.update_meta("call_2", {"endReason": "silence", "setup": {"from": "+15550000002"}})
+
+    row = next(r for r in call_page(store, limit=10)["calls"] if r["trackingId"] == "call_2")
+
+    assert row["outcome"] == "silence" == call_detail(store, "call_2")["call"]["outcome"]
+    assert store.call_page(10)[0][4].meta == {"endReason": "silence"}  # only what the outcome reads
 
 
 # -- the API and the privacy settings (signed <Gather> webhooks through the app) -------------------------------
@@ -253,3 +264,160 @@ def test_a_sqlite_store_made_before_the_call_log_gets_its_filter_columns(tmp_pat
     assert [r.tracking_id for r in store.call_page(5, path="traditional", status="completed")[0]] == ["old_1"]
     assert store.call_page(5, path="optimized") == ([], 0)
     store.close()
+
+
+def _relay_call_ending_with(client, twilio, *sessions: dict) -> str:
+    """A relay call whose session(s) end as Twilio reports them at the action URL, then Twilio's final status."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    for session in sessions:
+        twilio.post(f"/api/connect-action?trackingId={tracking_id}", {"CallSid": data["callSid"], **session})
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+    return tracking_id
+
+
+def test_calls_we_ended_with_an_apology_are_errors_not_hang_ups(app, client, twilio):
+    """Twilio reports these calls `completed`; the caller did not leave, CallWeaver apologised and hung up: the
+    session ended with an error, a broken socket could not be reconnected, a transfer was refused."""
+    errored = _relay_call_ending_with(client, twilio, {"SessionStatus": "ended", "HandoffData": json.dumps(
+        {"reason": "error", "detail": "repeated Twilio errors"})})
+    broken = _relay_call_ending_with(client, twilio, *[{"SessionStatus": "failed"}] * 3)  # MAX_RESUMES is 2
+    refused = _relay_call_ending_with(client, twilio, {"SessionStatus": "ended", "HandoffData": json.dumps(
+        {"reason": "transfer", "destination": "+882345678901"}), "SessionDuration": "9"})
+    left = _relay_call_ending_with(client, twilio, {"SessionStatus": "completed", "SessionDuration": "42"})
+    resumed_then_left = _relay_call_ending_with(client, twilio, {"SessionStatus": "failed"},
+                                                {"SessionStatus": "completed"})
+
+    rows = {r["trackingId"]: r["outcome"] for r in client.get("/api/call-log").get_json()["calls"]}
+    assert rows == {errored: "error", broken: "error", refused: "error", left: "hang_up",
+                    resumed_then_left: "hang_up"}
+    for tracking_id, outcome in rows.items():
+        assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == outcome
+
+
+@pytest.mark.parametrize("query, error", [
+    ("status=bogus", "status must be one of queued, initiated, ringing, in-progress, completed, busy, no-answer, "
+                     "canceled, failed"),
+    ("status=in_progress", "status must be one of"),
+    ("limit=%D9%A3", "limit must be a whole number"),          # Arabic-Indic 3: int() reads it, a person does not
+    ("limit=1_0", "limit must be a whole number"),
+    ("limit=%20%2B5", "limit must be a whole number"),
+    ("offset=-1", "offset must be between 0 and"),
+])
+def test_call_log_refuses_filters_and_numbers_it_would_misread(client, query, error):
+    """An unknown status used to answer 200 with no calls (a typo looked like a quiet day); numbers are ASCII
+    digits only, as everywhere else."""
+    resp = client.get(f"/api/call-log?{query}")
+
+    assert resp.status_code == 400 and resp.get_json()["success"] is False
+    assert resp.get_json()["error"].startswith(error)
+
+
+def test_empty_query_values_mean_their_defaults_as_the_readme_writes_them(client):
+    """README: `GET /api/call-log?limit=&offset=&status=&path=&language=`: an empty filter is no filter, and an empty
+    number its default (as the call log always read them), not a 400."""
+    resp = client.get("/api/call-log?limit=&offset=&status=&path=&language=")
+
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["limit"] == 25 and resp.get_json()["offset"] == 0
+    assert client.get("/api/call-latency?window=").get_json()["windowSeconds"] == 3600
+
+
+def test_window_numbers_are_ascii_digits_only(client):
+    for path in ("/api/call-latency", "/api/dashboard-data", "/api/performance-metrics", "/api/performance-comparison"):
+        for raw in ("%D9%A3%D9%A6%D9%A0%D9%A0", "3_600", "+3600", " 3600"):
+            resp = client.get(f"{path}?window={raw}")
+            assert resp.status_code == 400 and "whole number" in resp.get_json()["error"], (path, raw)
+        assert client.get(f"{path}?window=3600").status_code == 200, path
+
+
+def test_a_call_whose_final_status_never_came_is_not_live_for_ever(store):
+    """The dashboard stops counting a call as live LIVE_CALL_HORIZON_S after it started with no final status from
+    Twilio (a lost callback); the call log said it was still in progress, its duration growing by the day."""
+    from callweaver.engine.metrics import LIVE_CALL_HORIZON_S
+    now = time.time()
+    store.create_call(CallRecord(tracking_id="lost", path="optimized", status="in-progress",
+                                 created_at=now - LIVE_CALL_HORIZON_S - 5))
+    store.create_call(CallRecord(tracking_id="live", path="optimized", status="in-progress", created_at=now - 30))
+
+    rows = {r["trackingId"]: r for r in call_page(store, limit=10)["calls"]}
+
+    lost = rows["lost"]
+    assert lost["live"] is False and lost["outcome"] == "unknown" and lost["durationS"] is None
+    assert "final status" in lost["reasons"]["durationS"] and lost["endedAt"] is None
+    assert rows["live"]["live"] is True and rows["live"]["outcome"] == "in_progress" and rows["live"]["durationS"] >= 30
+    assert [c.tracking_id for c in store.live_calls(since=now - LIVE_CALL_HORIZON_S)] == ["live"]
+
+
+def test_a_call_hung_up_through_end_call_is_not_the_callers_hang_up(app, client, twilio):
+    """POST /api/end-call (the web app's end button) ends the call; Twilio then reports it `completed` like a caller
+    hanging up. The call log and the report say who ended it."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+
+    assert client.post("/api/end-call", json={"callSid": data["callSid"]}).status_code == 200
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "ended_by_api"
+    assert client.get("/api/call-log").get_json()["calls"][0]["outcome"] == "ended_by_api"
+
+
+def test_end_call_hangs_up_even_when_its_end_reason_cannot_be_written(app, client, fake_twilio, monkeypatch):
+    """The end reason labels the call; hanging it up is what the operator asked for. A store that reads but cannot
+    write (a full disk, a locked SQLite file) must not keep the caller on the line, and Twilio's own refusal must
+    reach the client rather than the failed write of taking the reason back."""
+    from callweaver.store import StoreError
+    from tests.helpers import make_call_body
+    first = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
+    second = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
+    store = app.extensions["callweaver"].store
+
+    writes = store.update_meta
+
+    def full_disk(*args, **kwargs):
+        raise StoreError("database or disk is full")
+
+    def full_disk_once_marked(tracking_id, changes=None, **kwargs):
+        return full_disk() if kwargs.get("remove") else writes(tracking_id, changes, **kwargs)
+
+    monkeypatch.setattr(store, "update_meta", full_disk)
+    ended = client.post("/api/end-call", json={"callSid": first})
+    monkeypatch.setattr(store, "update_meta", full_disk_once_marked)
+    del fake_twilio.calls[second]  # Twilio no longer knows the call: it refuses with 404
+    refused = client.post("/api/end-call", json={"callSid": second})
+
+    assert ended.status_code == 200 and ended.get_json()["success"] is True
+    assert [u.path.rsplit("/", 1)[-1] for u in fake_twilio.updates()] == [f"{first}.json", f"{second}.json"]
+    assert refused.status_code == 404 and "not found" in refused.get_json()["error"]
+
+
+def test_a_refused_end_call_takes_its_end_reason_back(app, client, twilio, fake_twilio):
+    """Twilio refused (the call had already gone): the caller's hang-up stays the caller's."""
+    from tests.helpers import make_call_body
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    del fake_twilio.calls[data["callSid"]]
+
+    assert client.post("/api/end-call", json={"callSid": data["callSid"]}).status_code == 404
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": data["callSid"], "CallStatus": "completed", "SequenceNumber": "5"})
+
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "hang_up"
+
+
+def test_unmeasured_call_log_figures_are_null_with_their_reason(store, client):
+    """Every null figure says why, as the metrics APIs do (engine/metrics.py null_reasons)."""
+    from callweaver.engine.metrics import NO_FIRST_TOKEN
+    seed_calls(store)
+    store.append_turn("call_2", {"firstTokenMs": None, "source": "apology", "at": NOW + 3})
+
+    rows = {r["trackingId"]: r for r in call_page(store, limit=10)["calls"]}
+    latency = client.get("/api/call-latency?window=900").get_json()
+
+    assert rows["call_1"]["firstTokenP50Ms"] is None and rows["call_1"]["reasons"]["firstTokenP50Ms"] == "no caller turns"
+    assert rows["call_2"]["firstTokenP50Ms"] is None and rows["call_2"]["reasons"]["firstTokenP50Ms"] == NO_FIRST_TOKEN
+    assert latency["points"] == [] and latency["reason"] == "no measured turns in this window"

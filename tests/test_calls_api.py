@@ -115,8 +115,21 @@ def test_call_status_poll_returns_the_call(client):
     resp = client.get(f"/api/call-status?callSid={sid}")
     body = resp.get_json()
     assert resp.status_code == 200 and body["success"] is True
-    assert body["call"]["sid"] == sid and body["call"]["status"] == "queued" and body["call"]["to"] == "+15551234567"
+    assert body["call"]["sid"] == sid and body["call"]["status"] == "queued"
     assert set(body["call"]) >= {"sid", "status", "direction", "from", "to", "duration", "price", "priceUnit"}
+
+
+def test_call_status_poll_masks_phone_numbers_as_the_call_log_does(env, client):
+    """The poll is public and answers for any call SID on the server's Twilio account (an inbound caller's too): its
+    numbers are masked like the operator's own call log, unless MASK_PHONE_NUMBERS=0."""
+    from callweaver import create_app
+    sid = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
+
+    call = client.get(f"/api/call-status?callSid={sid}").get_json()["call"]
+    whole = create_app({**env, "MASK_PHONE_NUMBERS": "0"}).test_client().get(f"/api/call-status?callSid={sid}")
+
+    assert call["to"] == "•••••••4567" and "+1555" not in json.dumps(call) and call["from"].startswith("•")
+    assert whole.get_json()["call"]["to"] == "+15551234567"
 
 
 def test_twilio_config_never_returns_the_token(client):

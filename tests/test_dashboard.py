@@ -182,7 +182,7 @@ def seed_realistic_traffic(store, now: float, third_call_node: str = "contact_de
                 turn = {"source": "llm", "cacheHit": False, "providerTtftMs": first - rng.randint(11, 34),
                         "provider": "openai" if failover else "azure"}
             if failover:
-                turn["failovers"] = [{"from": "azure", "to": "openai", "reason": "first_token_timeout"}]
+                turn["failovers"] = [{"provider": "azure", "reason": "first_token_timeout", "spoken_chars": 0}]
             if turn_no == 1:  # a speculation adopted, then one discarded, every minute
                 turn.update(speculation="adopted", speculationsStarted=1, savedMs=float(rng.randint(250, 300)),
                             speculationSignal="end_of_speech", speculationSignals={"end_of_speech": 1})

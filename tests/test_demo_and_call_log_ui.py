@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from callweaver.simulate.demo import LABEL, run_demo
 from callweaver.store.sqlite import SQLiteStore
 from tests.fakes.browser import Browser
 from tests.fakes.live_server import REPO
-from tests.test_dashboard import chromium  # noqa: F401  (skips locally without Chromium, fails in CI)
+from tests.test_dashboard import chromium, dashboard_app, served  # noqa: F401  (chromium: skips locally without it, fails in CI)
 
 # Set to 1 to refresh docs/call-log.png and docs/call-detail.png from this test's screenshots.
 UPDATE_SCREENSHOTS_ENV = "UPDATE_CALL_LOG_SCREENSHOTS"
@@ -159,3 +161,49 @@ def test_call_log_pages_use_only_the_apps_own_static_files(tmp_path):
         assert "MIT" in (Path(REPO) / "callweaver" / "static" / "uplot" / "LICENSE").read_text()
     finally:
         twilio.stop()
+
+
+# What a caller, an LLM or a workflow author controls, made to run script if it were ever parsed as markup.
+HOSTILE = '<img src="x" onerror="window.__xss=1" data-probe="1"><script>window.__xss=2</script>'
+
+
+def test_call_pages_show_hostile_text_as_text_and_failovers_as_stored(chromium, dashboard_app, served,  # noqa: F811
+                                                                     tmp_path):
+    """Caller speech, LLM replies, tool-call names and arguments, node names, the workflow's name and a provider's
+    failover, as the engine stores them (providers.py: {"provider", "reason", "spoken_chars"}), in the real pages."""
+    from callweaver.store import CallRecord
+    store = dashboard_app.extensions["callweaver"].store
+    now = time.time()
+    store.create_call(CallRecord(
+        tracking_id="call_hostile", path="optimized", status="completed", language="en-US", to="+14155550123",
+        created_at=now - 90, ended_at=now - 5, current_node=HOSTILE, meta={"endReason": "silence"},
+        workflow={"name": "Flow " + HOSTILE, "nodes": []},
+        transcript=[{"said": "hi " + HOSTILE, "heard": "hello " + HOSTILE, "spoken": "hello " + HOSTILE,
+                     "interrupted": False,
+                     "toolCalls": [{"name": "save_" + HOSTILE, "arguments": {"name": HOSTILE}}]}]))
+    store.append_turn("call_hostile", {
+        "path": "optimized", "source": "llm", "provider": "openai", "providerTtftMs": 400.0, "firstTokenMs": 1450.0,
+        "lastTokenMs": 2000.0, "nodeId": HOSTILE, "nextNodeId": "end_" + HOSTILE, "at": now - 30,
+        "failovers": [{"provider": "azure", "reason": "first_token_timeout", "spoken_chars": 0}]})
+
+    with Browser(chromium, tmp_path / "profile") as browser:
+        browser.open(served + "/dashboard/calls")
+        listed = browser.evaluate("""[window.__xss === undefined, document.querySelectorAll('[data-probe]').length,
+            document.querySelector('tr[data-tracking-id="call_hostile"] .cell-outcome').textContent]""")
+        browser.open(served + "/dashboard/calls/call_hostile")
+        shown = browser.evaluate("""({xss: window.__xss === undefined, probes: document.querySelectorAll('[data-probe]').length,
+            said: document.querySelector('.said').lastChild.textContent,
+            heard: document.querySelector('.heard-text').textContent,
+            tools: document.querySelector('.tools').textContent,
+            workflow: document.getElementById('d-workflow').textContent,
+            outcome: document.getElementById('d-outcome').textContent,
+            facts: Object.fromEntries(Array.from(document.querySelectorAll('.facts dt')).map(
+                dt => [dt.textContent, dt.nextElementSibling.textContent]))})""")
+
+    assert listed == [True, 0, "silence"]
+    assert shown["xss"] and shown["probes"] == 0
+    assert shown["said"] == "hi " + HOSTILE and shown["heard"] == "hello " + HOSTILE
+    assert shown["tools"] == "save_" + HOSTILE + " " + json.dumps({"name": HOSTILE}, separators=(",", ":"))
+    assert shown["workflow"] == "Flow " + HOSTILE and shown["outcome"] == "silence"
+    assert shown["facts"]["node"] == f"{HOSTILE} → end_{HOSTILE}"
+    assert shown["facts"]["failover"] == "azure (first_token_timeout) → openai"

@@ -160,6 +160,22 @@ def test_call_status_poll_is_limited_in_its_own_window(env, fake_twilio):
     assert codes.index(429) == 5  # its own variable, when set
 
 
+def test_public_aggregate_metrics_are_limited_per_client(env):
+    """An aggregate reads every turn of its window (up to a day's) and sorts them for each figure, on the worker
+    that serves live calls: ~0.2 s of CPU per request at 20,000 turns a day. Unauthenticated and unlimited, anyone
+    could keep the workers busy with it. A call's own metrics (its few turns) stay unlimited."""
+    client = create_app({**env, "RATE_LIMIT_METRICS": "3 per minute"}).test_client()
+    codes = [client.get(path).status_code
+             for path in ("/api/performance-metrics", "/api/performance-comparison?window=600",
+                          "/api/performance-metrics?window=86400", "/api/performance-comparison")]
+    assert codes == [200, 200, 200, 429]
+    refused = client.get("/api/performance-metrics")
+    assert "RATE_LIMIT_METRICS" in refused.get_json()["error"] and refused.headers["Retry-After"]
+    assert client.get("/api/performance-metrics", environ_base={"REMOTE_ADDR": "127.0.0.5"}).status_code == 200
+    assert all(client.get("/api/performance-metrics/call_nope").status_code == 404 for _ in range(5))
+    assert Settings.from_env({}).rate_limit_metrics == "30 per minute"
+
+
 def test_signed_twilio_webhooks_are_never_limited(env, fake_twilio):
     app = create_app({**env, "RATE_LIMIT_MAKE_CALL": "1 per minute", "RATE_LIMIT_CHAT": "1 per minute",
                       "RATE_LIMIT_END_CALL": "1 per minute", "MAX_CALLS_PER_DAY": "1"})
@@ -321,6 +337,91 @@ def test_operator_surfaces_are_off_in_production_without_a_token(env):
         assert resp.status_code == 403 and "OPS_TOKEN" in resp.get_json()["error"]
 
 
+OPERATOR_PATHS = ("/dashboard", "/api/dashboard-data", "/metrics", "/dashboard/calls", "/api/call-log",
+                  "/api/call-latency", "/dashboard/calls/call_secret", "/api/call-log/call_secret")
+
+
+def test_without_ops_token_a_development_server_answers_operator_surfaces_only_on_this_machine(env):
+    """No NODE_ENV=production and no OPS_TOKEN (a VPS, a container, an ngrok tunnel to a laptop): the public URL
+    must not serve the call log, where what callers said is. Only a request from this machine that no proxy or
+    tunnel relayed (the simulator's and the demo's browser) is answered."""
+    from callweaver.store import CallRecord
+    app = create_app(env)
+    app.extensions["callweaver"].store.create_call(CallRecord(
+        tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
+        created_at=time.time() - 60, ended_at=time.time(),
+        transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
+    client = app.test_client()
+
+    for path in OPERATOR_PATHS:
+        for environ, headers in (({"REMOTE_ADDR": "203.0.113.7"}, {}),                      # straight from outside
+                                 ({"REMOTE_ADDR": "127.0.0.1"}, {"X-Forwarded-For": "203.0.113.7"}),  # a tunnel
+                                 ({"REMOTE_ADDR": "::1"}, {"Forwarded": "for=203.0.113.7"}),
+                                 ({"REMOTE_ADDR": "10.0.0.5"}, {})):                       # a container's bridge
+            resp = client.get(path, environ_base=environ, headers=headers)
+            assert resp.status_code == 403, (path, environ, headers)
+            assert "OPS_TOKEN" in resp.get_json()["error"] and "4111" not in resp.get_data(as_text=True)
+    for path in OPERATOR_PATHS:
+        assert client.get(path, environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 200, path
+        assert client.get(path, environ_base={"REMOTE_ADDR": "::1"}).status_code == 200, path
+    detail = client.get("/api/call-log/call_secret", environ_base={"REMOTE_ADDR": "127.0.0.1"}).get_json()
+    assert detail["turns"] == [] and detail["call"]["to"] == "•••••••0123"
+
+
+def test_operator_surfaces_refuse_other_sites_pages_in_this_machines_browser(env):
+    """A loopback peer is not always the operator: any page open in this machine's browser can ask too. One from
+    another site names its Origin (CORS_ORIGINS lets listed pages read API answers, with the browser's cached
+    basic-auth password for the dashboard too); one that rebinds its own name to 127.0.0.1 (DNS rebinding) is
+    same-origin to the browser, and names itself in Host."""
+    from callweaver.store import CallRecord
+    app = create_app(env)
+    app.extensions["callweaver"].store.create_call(CallRecord(
+        tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
+        created_at=time.time() - 60, ended_at=time.time(),
+        transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
+    client = app.test_client()
+    local = {"REMOTE_ADDR": "127.0.0.1"}
+
+    for path in OPERATOR_PATHS:
+        for base_url, origin in (("http://localhost:3000", "http://localhost:8080"),   # a listed CORS origin
+                                 ("http://127.0.0.1:3000", "https://kimiya-ai.vercel.app"),
+                                 ("http://localhost:3000", "null"),                    # a sandboxed frame
+                                 ("http://localhost:3000", "http://[::1"),             # no page's origin
+                                 ("http://rebound.attacker.example:3000", None)):      # DNS rebinding
+            resp = client.get(path, base_url=base_url, environ_base=local,
+                              headers={"Origin": origin} if origin else {})
+            assert resp.status_code == 403, (path, base_url, origin)
+            assert "4111" not in resp.get_data(as_text=True)
+        assert client.get(path, environ_base=local, headers={"Host": "[::1"}).status_code == 403, path
+        for base_url in ("http://localhost:3000", "http://127.0.0.1:3000", "http://[::1]:3000",
+                         "http://dev.localhost:3000"):
+            assert client.get(path, base_url=base_url, environ_base=local).status_code == 200, (path, base_url)
+        assert client.get(path, base_url="http://localhost:3000", environ_base=local,
+                          headers={"Origin": "http://localhost:3000"}).status_code == 200, path  # its own page
+    tokened = create_app({**env, "OPS_TOKEN": OPS}).test_client()
+    authorized = {"Authorization": f"Bearer {OPS}"}
+    other_site = {**authorized, "Origin": "https://kimiya-ai.vercel.app"}
+    assert tokened.get("/api/call-log", headers=other_site).status_code == 403
+    assert tokened.get("/api/call-log", base_url="https://cw.example", headers=authorized).status_code == 200
+    assert tokened.get("/api/call-log", headers={**authorized, "Origin": PUBLIC}).status_code == 200  # behind a proxy
+
+
+def test_operator_answers_are_never_cached_framed_or_given_scripts_from_elsewhere(env):
+    """Transcripts and phone numbers must not stay in a browser's or proxy's cache, the pages must not be framed by
+    another site, and only the app's own scripts may run in them (defence in depth behind textContent)."""
+    client = create_app({**env, "OPS_TOKEN": OPS}).test_client()
+    authorized = {"Authorization": f"Bearer {OPS}"}
+
+    for path in OPERATOR_PATHS:
+        resp = client.get(path, headers=authorized)
+        assert resp.status_code in (200, 404), path  # 404: call_secret is not in this store
+        assert resp.headers["Cache-Control"] == "no-store", path
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", path
+        policy = resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "default-src 'self'" in policy
+    assert client.get("/api/call-log", headers={"Authorization": "Bearer wrong"}).headers["Cache-Control"] == "no-store"
+
+
 def test_public_per_call_metrics_carry_no_call_sid_numbers_or_transcript(client, fake_twilio):
     data = _post_call(client, "+14155550123").get_json()
     body = client.get(f"/api/performance-metrics/{data['optimization']['trackingId']}").get_json()
@@ -406,7 +507,7 @@ def test_public_metrics_windows_stop_at_a_day_and_operator_ones_do_not(client):
         assert "86400" in refused.get_json()["error"]
         assert client.get(f"{path}?window=86400").status_code == 200
         assert client.get(path).status_code == 200
-    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open in dev)
+    assert client.get(f"/api/dashboard-data?window={30 * 86400}").status_code == 200  # operator-only (open to this machine in dev)
 
 
 def test_repeated_public_metrics_requests_read_the_store_for_their_whole_window_once(app, client, monkeypatch):

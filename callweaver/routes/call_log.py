@@ -4,28 +4,17 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, render_template, request
 
 from .. import call_log
+from ..engine.metrics import NO_SAMPLES
 from ..errors import ApiError
 from ..services import services
+from ..store import CALL_STATUSES
 from ..units import SECONDS_PER_HOUR, SECONDS_PER_MINUTE
-from .common import MAX_WINDOW_S, operator_only
+from .common import MAX_WINDOW_S, operator_only, whole_number
 
 bp = Blueprint("call_log", __name__)
 LATENCY_POINTS = 360  # at most this many buckets across the chosen window
 MIN_BUCKET_S = 10
 PATHS = ("optimized", "traditional")
-
-
-def _whole_number(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be a whole number")
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}")
-    return value
 
 
 def _filter(name: str, allowed: tuple[str, ...] | None = None) -> str | None:
@@ -50,10 +39,10 @@ def _language_filter() -> str | None:
 @bp.get("/api/call-log")
 @operator_only
 def call_log_page():
-    limit = _whole_number("limit", 25, 1, call_log.MAX_PAGE_SIZE)
-    offset = _whole_number("offset", 0, 0, 10_000_000)
+    limit = whole_number("limit", 25, 1, call_log.MAX_PAGE_SIZE)
+    offset = whole_number("offset", 0, 0, 10_000_000)
     svc = services()
-    page = call_log.call_page(svc.store, limit=limit, offset=offset, status=_filter("status"),
+    page = call_log.call_page(svc.store, limit=limit, offset=offset, status=_filter("status", CALL_STATUSES),
                               path=_filter("path", PATHS), language=_language_filter(),
                               mask=svc.settings.mask_phone_numbers)
     return jsonify(success=True, **page)
@@ -74,13 +63,14 @@ def call_log_detail(tracking_id: str):
 @operator_only
 def call_latency():
     """First-token p50/p95 across all calls' turns, bucketed over the window (default 1 h)."""
-    window = _whole_number("window", SECONDS_PER_HOUR, SECONDS_PER_MINUTE, MAX_WINDOW_S)
+    window = whole_number("window", SECONDS_PER_HOUR, SECONDS_PER_MINUTE, MAX_WINDOW_S)
     bucket = max(MIN_BUCKET_S, window // LATENCY_POINTS // MIN_BUCKET_S * MIN_BUCKET_S)
     svc = services()
     # The worker's recent turns, topped up per poll like the dashboard's (not the whole window from the store).
     points = svc.metrics.timeline(window, bucket_s=bucket)
     return jsonify(success=True, windowSeconds=window, bucketSeconds=bucket,
-                   points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points])
+                   points=[{"at": p["at"], "p50": p["p50"], "p95": p["p95"], "turns": p["turns"]} for p in points],
+                   **({} if points else {"reason": NO_SAMPLES}))
 
 
 @bp.get("/dashboard/calls")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify, request
 from twilio.base.exceptions import TwilioRestException
 
+from ..call_log import mask_phone
 from ..errors import ApiError, twilio_error_status
 from ..services import services
 from .common import FEATURES, base_url, bind_call, body_params, twilio_webhook
@@ -55,7 +56,12 @@ def call_status_poll():
     call_sid = request.args.get("callSid")
     if not call_sid:
         raise ApiError(400, "Call SID is required")
-    return jsonify(success=True, call=services().lifecycle.fetch_status(call_sid))
+    svc = services()
+    call = svc.lifecycle.fetch_status(call_sid)
+    # Public, and Twilio answers for any call on the account: numbers masked as in the call log.
+    for field in ("to", "from"):
+        call[field] = mask_phone(call.get(field), svc.settings.mask_phone_numbers)
+    return jsonify(success=True, call=call)
 
 
 # `jsonify(success=True)`'s bytes: up to four callbacks per call get this answer, and the JSON provider built it in

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import structlog
-from flask import Response, jsonify, request
+from flask import Response, after_this_request, jsonify, request
 
 from ..engine import valid_json
 from ..errors import LOGGED_ID_CHARS, ApiError
@@ -28,6 +31,27 @@ BROWSERLESS_PATHS = ("/api/twiml-default", "/api/twiml-ai", "/api/twiml-optimize
                      "/api/call-status-optimized", RELAY_PATH)
 # The longest window a metrics or call-log query may ask for.
 MAX_WINDOW_S = 30 * SECONDS_PER_DAY
+
+
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def whole_number(name: str, default: int, low: int, high: int, unit: str = "") -> int:
+    """A whole-number query parameter in [low, high], or the default when absent or empty (`?limit=&offset=`, as an
+    empty filter is no filter). ASCII digits only: int() would also read " +5", "1_0" and other scripts' digits,
+    which nobody typing a URL means as a number."""
+    raw = request.args.get(name)
+    if not raw:
+        return default
+    if not WHOLE_NUMBER.fullmatch(raw):
+        raise ApiError(400, f"{name} must be a whole number{unit and ' of ' + unit}")
+    try:
+        value = int(raw)
+    except ValueError:  # more digits than int() converts
+        raise ApiError(400, f"{name} must be between {low} and {high}{unit and ' ' + unit}")
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}{unit and ' ' + unit}")
+    return value
 
 
 def all_providers_failed(failovers: list[dict], **extra: Any) -> tuple[Response, int]:
@@ -151,17 +175,91 @@ def twilio_webhook(view: Callable) -> Callable:
     return wrapper
 
 
+# Headers a proxy or tunnel adds when it relays a request: a loopback peer that sent one is not this machine's user.
+RELAYED_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Host")
+
+
+def _loopback(address: str) -> bool:
+    """An address of this machine's loopback interface (IPv4-mapped IPv6 and a zone id included)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def _names_this_machine(host: str) -> bool:
+    """A Host header naming this machine: a loopback address, or localhost and its subdomains (browsers resolve
+    those to loopback themselves, RFC 6761). A page that rebinds its own name to 127.0.0.1 sends its own name."""
+    try:
+        name = (urlsplit("//" + host).hostname or "").rstrip(".")  # lowercased, without brackets or port
+    except ValueError:  # an unclosed "[" of an IPv6 host
+        return False
+    return name == "localhost" or name.endswith(".localhost") or _loopback(name)
+
+
+def from_this_machine() -> bool:
+    """The request came from this machine itself: a loopback peer, relayed by no proxy or tunnel (ngrok, a reverse
+    proxy on the same host and Render's router all connect from nearby and say whom they relay), for a host named
+    as this machine (not a name rebound to 127.0.0.1 by another site, DNS rebinding)."""
+    return (_loopback(request.remote_addr or "") and not any(request.headers.get(name) for name in RELAYED_HEADERS)
+            and _names_this_machine(request.host))
+
+
+def from_another_sites_page() -> bool:
+    """A browser page of another origin sent this request: its Origin names neither the request's host nor
+    PUBLIC_BASE_URL's (a proxy may pass on another Host), or is "null" (an opaque origin). Same-origin GETs
+    usually send no Origin; Prometheus and curl send none."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    own = {request.host.casefold(), urlsplit(services().settings.public_base_url or "").netloc.casefold()} - {""}
+    try:
+        return urlsplit(origin).netloc.casefold() not in own
+    except ValueError:  # an unclosed "[" of an IPv6 host: no page's origin
+        return True
+
+
+# Operator answers hold transcripts and phone numbers: never stored by a browser or proxy, never framed by another
+# site, and their pages run only the app's own scripts (every text goes in through textContent; this is the backstop).
+OPERATOR_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                               "form-action 'self'",
+}
+
+
+def _operator_headers(response: Response) -> Response:
+    response.headers.update(OPERATOR_HEADERS)
+    return response
+
+
 def operator_only(view: Callable) -> Callable:
-    """Operator surfaces (/dashboard, /api/dashboard-data, /metrics) need OPS_TOKEN, sent as a bearer token or as
-    the basic-auth password (what a browser can send). With no OPS_TOKEN they are open in development and off in
-    production."""
+    """Operator surfaces (the dashboard, the call log and their APIs, /metrics) need OPS_TOKEN, sent as a bearer
+    token or as the basic-auth password (what a browser can send). With no OPS_TOKEN they are off in production and
+    elsewhere answer only requests from this machine (`from_this_machine`): a development server reached through
+    its public URL or a tunnel must not serve what callers said. Another site's page is refused either way."""
 
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
+        after_this_request(_operator_headers)  # on every answer, a refusal or a 404 too
+        # CORS_ORIGINS lets listed pages read API answers, and a browser sends the dashboard's cached basic-auth
+        # password with their requests too: operator answers are for the operator's own pages only.
+        if from_another_sites_page():
+            log.warning("operator_auth_refused", path=request.path, reason="another site's page",
+                        origin=request.headers.get("Origin", "")[:200])
+            raise ApiError(403, "Operator pages answer only their own pages, not another site's")
         settings = services().settings
         if not settings.ops_token:
             if settings.production:
                 raise ApiError(403, "Operator pages are off: set OPS_TOKEN to enable them")
+            if not from_this_machine():
+                log.warning("operator_auth_refused", path=request.path, reason="no OPS_TOKEN, not from this machine")
+                raise ApiError(403, "Operator pages answer only this machine without OPS_TOKEN: set OPS_TOKEN to "
+                                    "reach them from elsewhere")
             return view(*args, **kwargs)
         auth = request.authorization
         presented = None if auth is None else (auth.token if auth.type == "bearer" else auth.password)

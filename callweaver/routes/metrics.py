@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import ApiError
@@ -12,7 +12,7 @@ from ..engine.metrics import LIVE_CALL_HORIZON_S, PUBLISHED_PEER_FIGURES, Recent
 from ..engine.prometheus import StoreCollector, build_registry
 from ..engine.workflow import MAX_PROMPT_CHARS
 from ..services import services
-from .common import FEATURES, MAX_WINDOW_S, all_providers_failed, body_params, operator_only
+from .common import FEATURES, MAX_WINDOW_S, all_providers_failed, body_params, operator_only, whole_number
 
 bp = Blueprint("metrics", __name__)
 
@@ -23,16 +23,7 @@ MAX_PUBLIC_WINDOW_S = int(RecentTurns.MAX_KEPT_S)
 
 
 def _window(longest: int = MAX_PUBLIC_WINDOW_S) -> int:
-    raw = request.args.get("window")
-    if raw is None:
-        return services().settings.metrics_window_s
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "window must be a whole number of seconds")
-    if not 1 <= value <= longest:
-        raise ApiError(400, f"window must be between 1 and {longest} seconds")
-    return value
+    return whole_number("window", services().settings.metrics_window_s, 1, longest, unit="seconds")
 
 
 @bp.get("/api/performance-metrics/<tracking_id>")

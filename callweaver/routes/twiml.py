@@ -114,6 +114,7 @@ def twiml_ai(record=None):
         vr.dial(result.destination)
     elif result.action == "transfer":
         log.error("transfer_blocked", destination_allowed=False)
+        svc.lifecycle.ended_by_error(record, "transfer refused")
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     else:
@@ -237,9 +238,12 @@ def connect_action(record=None):
         # Carry on from the store, on whichever instance took this request.
         _connect_relay(vr, resumed, entry, entry.line("resumed"), resumed=True)
     elif reconnect or handoff.get("reason") == "transfer":
+        svc.lifecycle.ended_by_error(record, "not reconnected" if reconnect else "transfer refused")
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     elif handoff.get("reason") in ("end", "error", "silence"):
+        if handoff.get("reason") == "error":
+            svc.lifecycle.ended_by_error(record, str(handoff.get("detail") or "relay error")[:100])
         vr.hangup()  # the closing line or the apology was already spoken on the relay
     else:
         vr.say(entry.line("callEnded"), **say)

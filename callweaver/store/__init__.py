@@ -13,7 +13,13 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 __all__ = [
     "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
+    "CALL_STATUSES",
     "CALL_LOG_FIELDS",
+    "CALL_LOG_META_KEYS",
+    "END_REASON_META",
+    "ERROR_END",
+    "API_END",
+    "SILENCE_END",
     "counter_series",
     "CallRecord",
     "Store",
@@ -26,6 +32,8 @@ __all__ = [
 
 # Twilio CallStatus values after which no further audio happens on the call.
 TERMINAL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+# Every CallStatus Twilio reports, in a call's order (the call log's status filter accepts these).
+CALL_STATUSES = ("queued", "initiated", "ringing", "in-progress", "completed", "busy", "no-answer", "canceled", "failed")
 # The cumulative counter of ended calls, by final status: the store adds 1 in the write that ends a call.
 CALLS_ENDED_COUNTER = "callweaver_calls"
 
@@ -86,6 +94,14 @@ CALL_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(CallRecord))
 # What a call-log row needs: never the workflow snapshot, history, transcript or credentials (large or private).
 CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language", "to", "from_number", "status",
                    "current_node", "created_at", "updated_at", "ended_at")
+# The call meta key saying why CallWeaver ended an answered call itself, and its values: Twilio reports such a call
+# `completed`, like one the caller hung up.
+END_REASON_META = "endReason"
+SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
+ERROR_END = "error"      # an apology, then a hang-up: the session failed and was not reconnected, a refused transfer
+API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
+# The meta keys a call-log row also carries: how the call ended depends on them (call_report.call_outcome).
+CALL_LOG_META_KEYS = (END_REASON_META,)
 # Fields update_call may write: the tracking id is the identity, never rewritten; `meta` has several writers at
 # once (turns, hang-up accounting, the terminal status), so it is only ever merged key by key (update_meta).
 UPDATABLE_FIELDS = CALL_RECORD_FIELDS - {"tracking_id", "meta"}
@@ -266,7 +282,8 @@ class Store(Protocol):
 
     def call_page(self, limit: int, offset: int = 0, *, status: str | None = None, path: str | None = None,
                   language: str | None = None) -> tuple[list[CallRecord], int]:
-        """Newest calls first, one page, with only CALL_LOG_FIELDS filled; and how many calls match in all."""
+        """Newest calls first, one page, with only CALL_LOG_FIELDS and CALL_LOG_META_KEYS filled; and how many calls
+        match in all."""
         ...
 
     def turns_of(self, tracking_ids: list[str]) -> dict[str, list[dict]]:

@@ -16,6 +16,7 @@ from redis.retry import Retry
 
 from callweaver.store import (
     CALL_LOG_FIELDS,
+    CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
@@ -480,13 +481,15 @@ class RedisStore:
                     start += PAGE_SCAN_CHUNK
             pipe = client.pipeline(transaction=False)
             for tracking_id in page_ids:
-                pipe.hmget(self._key("call", tracking_id), CALL_LOG_FIELDS)
+                pipe.hmget(self._key("call", tracking_id), [*CALL_LOG_FIELDS, "meta"])
             rows = pipe.execute() if page_ids else []
         records = []
-        for values in rows:
+        for *values, meta in rows:
             if values[0] is not None:  # purged between the index read and this one
-                records.append(CallRecord.from_dict({name: json.loads(value) for name, value
-                                                     in zip(CALL_LOG_FIELDS, values) if value is not None}))
+                meta = json.loads(meta) if meta else {}
+                records.append(CallRecord.from_dict({
+                    **{name: json.loads(value) for name, value in zip(CALL_LOG_FIELDS, values) if value is not None},
+                    "meta": {key: meta[key] for key in CALL_LOG_META_KEYS if meta.get(key) is not None}}))
         return records, total
 
     def _live_tracking_ids(self, client, since: float) -> list[str]:

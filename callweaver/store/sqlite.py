@@ -17,6 +17,7 @@ import orjson
 
 from callweaver.store import (
     CALL_LOG_FIELDS,
+    CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
     CallRecord,
@@ -389,7 +390,8 @@ class SQLiteStore:
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
         # The page is chosen on the created_at index and the filter columns; only its rows' JSON is read, and
         # only the list's fields leave SQLite (the workflow snapshot and history stay on disk).
-        columns = ", ".join(f"json_extract(data, '$.{name}')" for name in CALL_LOG_FIELDS)
+        columns = ", ".join([*(f"json_extract(data, '$.{name}')" for name in CALL_LOG_FIELDS),
+                             *(f"json_extract(data, '$.meta.{key}')" for key in CALL_LOG_META_KEYS)])
         newest_first = "ORDER BY created_at DESC, rowid DESC"
         with self._connection() as conn:
             (total,) = conn.execute(f"SELECT COUNT(*) FROM cw_calls{where}", params).fetchone()
@@ -398,7 +400,10 @@ class SQLiteStore:
                 f" (SELECT rowid FROM cw_calls{where} {newest_first} LIMIT ? OFFSET ?) {newest_first}",
                 (*params, limit, offset),
             ).fetchall()
-        return [CallRecord.from_dict(dict(zip(CALL_LOG_FIELDS, row))) for row in rows], total
+        fields = len(CALL_LOG_FIELDS)
+        return [CallRecord.from_dict({**dict(zip(CALL_LOG_FIELDS, row)), "meta": {
+            key: value for key, value in zip(CALL_LOG_META_KEYS, row[fields:]) if value is not None}})
+            for row in rows], total
 
     def live_calls(self, since: float = 0.0) -> list[CallRecord]:
         with self._connection() as conn:

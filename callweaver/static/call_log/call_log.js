@@ -5,7 +5,8 @@
   var DASH = "\u2014";
   var PAGE_SIZE = 25;
   var OUTCOME_LABELS = { end_node: "end node", transfer: "transfer", hang_up: "hang-up", error: "error",
-                         busy: "busy", no_answer: "no answer", canceled: "canceled", in_progress: "in progress" };
+                         busy: "busy", no_answer: "no answer", canceled: "canceled", silence: "silence",
+                         ended_by_api: "ended by end-call", in_progress: "in progress", unknown: "unknown" };
 
   function $(id) { return document.getElementById(id); }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
@@ -80,9 +81,13 @@
       var status = el("td"); status.appendChild(pill(c.status)); tr.appendChild(status);
       var path = el("td"); path.appendChild(pill(c.path, pathLabel(c.path))); tr.appendChild(path);
       tr.appendChild(el("td", null, c.language));
-      tr.appendChild(el("td", "r num", fmtDuration(c.durationS)));
+      var duration = el("td", "r num", fmtDuration(c.durationS));
+      if (c.reasons && c.reasons.durationS) duration.title = c.reasons.durationS;
+      tr.appendChild(duration);
       tr.appendChild(el("td", "r num cell-turns", c.turns));
-      tr.appendChild(el("td", "r num cell-p50", fmtMs(c.firstTokenP50Ms)));
+      var p50 = el("td", "r num cell-p50", fmtMs(c.firstTokenP50Ms));
+      if (c.reasons && c.reasons.firstTokenP50Ms) p50.title = c.reasons.firstTokenP50Ms;
+      tr.appendChild(p50);
       tr.appendChild(el("td", "r num cell-failovers", c.failovers));
       tr.appendChild(el("td", "r num cell-cache", c.cacheHits));
       var outcome = el("td", "cell-outcome"); outcome.appendChild(pill(c.outcome, OUTCOME_LABELS[c.outcome]));
@@ -104,7 +109,7 @@
     $("latency-caption").textContent = "p50 and p95 of every turn's first token, per " +
       (data.bucketSeconds < 60 ? data.bucketSeconds + " s" : Math.round(data.bucketSeconds / 60) + " min");
     if (!points.length) {
-      $("latency-reason").textContent = DASH + " no measured turns in this window";
+      $("latency-reason").textContent = DASH + " " + (data.reason || "no measured turns in this window");
       host.setAttribute("data-rendered", "true");
       return;
     }
@@ -200,7 +205,9 @@
     fact(dl, "cache hit", t.cacheHit ? "yes" : "no");
     fact(dl, "node", (t.nodeId || DASH) + " \u2192 " + (t.nextNodeId || DASH));
     if (t.failovers && t.failovers.length) {
-      fact(dl, "failover", t.failovers.map(function (f) { return f.from + "\u2192" + f.to + " (" + f.reason + ")"; }).join("; "));
+      // Each failed provider as the engine records it ({provider, reason}), then the one that answered.
+      fact(dl, "failover", t.failovers.map(function (f) { return (f.provider || "unknown") + " (" + (f.reason || "unknown") + ")"; })
+        .join(" \u2192 ") + " \u2192 " + (t.provider || "no provider"));
     }
     if (t.action) fact(dl, "action", t.action);
     li.appendChild(dl);
@@ -218,6 +225,7 @@
       $("d-path").textContent = pathLabel(c.path);
       $("d-language").textContent = c.language || DASH;
       $("d-duration").textContent = fmtDuration(c.durationS);
+      $("d-duration").title = (c.reasons && c.reasons.durationS) || "";
       $("d-turns").textContent = String(c.turns);
       $("d-p50").textContent = fmtMs(c.firstTokenP50Ms);
       $("d-failovers").textContent = String(c.failovers);
