@@ -39,6 +39,16 @@ SLOW_SPEECH_FACTOR = 2 / 3      # a slow voice speaks at two thirds of the langu
 # one WebSocket across the internet (tens of milliseconds; a delayed TCP segment takes longer and no grace covers it
 # all). 200 ms is several times that jitter and costs a goodbye heard to its end 200 ms of silence before the hang-up.
 CLOSING_INTERRUPT_GRACE_S = 0.2
+# Twilio does not guarantee its speaker events (a socket hiccup loses a frame), and the silence count waits for the
+# "off" of an agentSpeaking/clientSpeaking "on": one lost would leave the call unprompted until its TimeLimit (up to an
+# hour, billed). So a report is trusted only so long. Agent: the whole playback estimate of the last talk cycle
+# (playback_wait_bound_s, uncapped: slow speech, plus the longest wait for a recording) from its "on", plus this margin
+# for Twilio's speech synthesis and network delays (more than PLAYBACK_WAIT_MAX_S, the longest wait any closing line
+# gets).
+AGENT_SPEAKING_MARGIN_S = 30.0
+# Caller: a clientSpeaking "on" with no transcript (final or interim), key or "off" for this long. A final transcript
+# ends it, and interim ones extend it; only a long monologue on a call without partial prompts comes near it.
+CLIENT_SPEAKING_MAX_S = 60.0
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
 SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store down) before the call ends
@@ -96,7 +106,7 @@ class RelaySession:
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
                  "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
-                 "_twilio_speaking", "_client_speaking")
+                 "_twilio_speaking", "_client_speaking", "_playback_s", "_agent_on_until", "_client_on_until")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -154,6 +164,9 @@ class RelaySession:
         self._reprompted = False  # "are you still there?" said in this silence: the next one ends the call
         self._twilio_speaking: bool | None = None  # what Twilio last REPORTED (agentSpeaking; None: nothing yet)
         self._client_speaking = False  # Twilio's last clientSpeaking was "on" (no final transcript since)
+        self._playback_s = 0.0       # the longest the last talk cycle may take to play (uncapped estimate)
+        self._agent_on_until = 0.0   # on `clock`: an agentSpeaking "on" with no "off" by then is taken as lost
+        self._client_on_until = 0.0  # on `clock`: a clientSpeaking "on" with no caller input since, likewise
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -589,8 +602,10 @@ class RelaySession:
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
+            if message.agent_speaking:  # trusted while the last talk cycle may still play
+                self._agent_on_until = self.clock() + self._playback_s + AGENT_SPEAKING_MARGIN_S
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
-                self._silence_from = None if message.agent_speaking else self.clock()
+                self._silence_from = self.clock()  # (while the agent speaks, nothing is due: silence_due_at)
             if message.agent_fell_silent:
                 self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -913,32 +928,58 @@ class RelaySession:
         """A talk cycle closed: the caller's silence counts from when `spoken` (after a node's recording:
         `with_audio`; in `language`, else the call's) has played. Twilio's agentSpeaking off says when (_on_info):
         while its last report is "on", nothing counts until its "off". Otherwise from the longest the whole of it
-        may take to play."""
+        may take to play; a report of "on" whose "off" does not come within that (and a margin) is taken as lost."""
+        now = self.clock()
+        self._playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language),
+                                                 with_audio=with_audio, capped=False)
         if self._twilio_speaking:
-            self._silence_from = None
+            self._silence_from = now
+            self._agent_on_until = now + self._playback_s + AGENT_SPEAKING_MARGIN_S
         else:
-            self._silence_from = self.clock() + playback_wait_bound_s(
-                spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio, capped=False)
+            self._silence_from = now + self._playback_s
 
     def _notify_quiet(self) -> None:
         """From a reply's own task, once it has stopped streaming: the socket sets its alarm for the new deadline
         (only when there is one: with silence handling off a reply's end wakes nobody)."""
-        if self.on_quiet is not None and self.silence_due_at() is not None:
+        if self.on_quiet is not None and self.silence_check_at() is not None:
             self.on_quiet()
 
     def _heard_caller(self, at: float) -> None:
         """Any caller input (speech, a partial transcript, a key, a barge-in): the silence starts again, once the
-        caller has stopped talking (clientSpeaking off) if Twilio said they are."""
-        self._silence_from, self._reprompted = (None if self._client_speaking else at), False
+        caller has stopped talking (clientSpeaking off) if Twilio said they are, or has given no sign of talking
+        for CLIENT_SPEAKING_MAX_S (that "off" was lost)."""
+        self._silence_from, self._reprompted = at, False
+        if self._client_speaking:
+            self._client_on_until = at + CLIENT_SPEAKING_MAX_S
 
     def silence_due_at(self) -> float | None:
         """When the caller's silence is due to be handled (check_silence), on `clock`; None while it cannot be:
         before `setup`, while a reply streams or a typed entry is open, while a closing line or handover plays,
-        while the agent speaks, or with silence handling off."""
-        if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
-                or self._streaming or self._closing or self._digits or self._twilio_speaking or self._client_speaking):
+        while either side speaks (as Twilio last reported, within the bounds on a lost "off"), or with silence
+        handling off."""
+        due = self.silence_check_at()
+        if due is None or self._reported_speaking():
             return None  # (either side's "off" starts the count again)
-        return self._silence_from + self.silence_timeout_s
+        return due
+
+    def silence_check_at(self) -> float | None:
+        """When the socket's alarm must next call check_silence, on `clock` (None: never, until something changes):
+        when the silence is due, counting a speaker's "on" without its "off" as lost once its bound has passed."""
+        if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
+                or self._streaming or self._closing or self._digits):
+            return None
+        start = self._silence_from
+        if self._twilio_speaking:
+            start = max(start, self._agent_on_until)
+        if self._client_speaking:
+            start = max(start, self._client_on_until)
+        return start + self.silence_timeout_s
+
+    def _reported_speaking(self) -> bool:
+        """Twilio's last report says a side is speaking, and that report is still within its bound."""
+        now = self.clock()
+        return bool((self._twilio_speaking and now < self._agent_on_until)
+                    or (self._client_speaking and now < self._client_on_until))
 
     def check_silence(self) -> None:
         """Called by the socket's alarm: once the silence is due, ask "are you still there?" (the `reprompt`
@@ -946,6 +987,12 @@ class RelaySession:
         due = self.silence_due_at()
         if due is None or self.clock() < due:
             return
+        if self._twilio_speaking or self._client_speaking:
+            # Its "off" never came (Twilio does not guarantee speaker events): from here on the state is unknown,
+            # and the next talk cycle's silence counts from its playback estimate until Twilio reports again.
+            log.warning("relay_speaker_off_presumed_lost", agent=bool(self._twilio_speaking),
+                        caller=self._client_speaking)
+            self._twilio_speaking, self._client_speaking = None, False
         if not self._reprompted:
             self._reprompted = True
             log.info("relay_silence_reprompt", silence_s=self.silence_timeout_s)
