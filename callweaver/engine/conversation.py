@@ -20,7 +20,7 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import is_thai, normalise_speech
+from .speech import SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
@@ -55,7 +55,6 @@ def split_tokens(text: str) -> list[str]:
     return _WORD_CHUNK.findall(text) or ([text] if text else [])
 
 
-_SSML_TAG = re.compile(r"<[^<>]*>")
 # Chinese, Japanese (kana, ideographs) and their full-width punctuation: each character ends a word, as a space does.
 _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
                   "\U00020000-\U0002fa1f]")
@@ -64,11 +63,6 @@ _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\
 def spoken_length(text: str) -> int:
     """How many characters of `text` are spoken: SSML tags are not."""
     return len(_SSML_TAG.sub("", text))
-
-
-def has_words(text: str) -> bool:
-    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
-    return bool(_SSML_TAG.sub("", text).strip())
 
 
 # Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
@@ -196,7 +190,7 @@ class TurnResult:
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
-    providers_failed: bool = False     # no provider answered (the apology); False for a wordless reply, apologised for too
+    providers_failed: bool = False     # no provider answered (the apology); False when one answered without words
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
@@ -612,7 +606,7 @@ class ConversationEngine:
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
-            result.providers_failed = True
+            result.providers_failed = not stream.answered_without_words
             self._stay_after_apology(result, state, workflow)
             return
 
@@ -647,7 +641,7 @@ class ConversationEngine:
             if control.cancelled:
                 return
             if stream2.apology_used:
-                result.providers_failed = True
+                result.providers_failed = not stream2.answered_without_words
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
         worded = has_words(result.reply_text)

@@ -22,6 +22,7 @@ from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitS
 from .continuation import ContinuationJoiner, continuation_messages
 from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
                        StatusError)
+from .speech import begins_speech, has_words
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
@@ -32,6 +33,9 @@ log = structlog.get_logger()
 
 
 DEFAULT_APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
+# A reply with text but not one word to say aloud (whitespace, SSML tags): nothing usable, so the provider counts as
+# failing and the turn goes to the next one, as for an empty reply; the reason failover logs and counts.
+WORDLESS_REPLY = "wordless_reply"
 
 # --------------------------------------------------------------------------- configuration
 
@@ -207,6 +211,12 @@ class ReplyStream:
     @property
     def hedged_requests(self) -> int:
         return self._state.hedged_requests
+
+    @property
+    def answered_without_words(self) -> bool:
+        """A provider answered this turn, but without words (it failed over as WORDLESS_REPLY): the apology that
+        may follow is one bad reply, not every provider down."""
+        return any(failover["reason"] == WORDLESS_REPLY for failover in self._state.failovers)
 
 
 def _abort_exchange(state: _TurnState) -> None:
@@ -401,6 +411,9 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from llm_http's)."""
     spoken_before = state.text
     joiner = ContinuationJoiner(spoken_before) if spoken_before else None
+    # Before the reply's first word, its text is held: a reply that never says one fails over (WORDLESS_REPLY) with
+    # nothing of it sent to the caller. A continuation of words already spoken is not held.
+    held: str | None = None if has_words(spoken_before) else ""
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     first_token_seen = False
     stall_timeout_s = settings.stall_timeout_s
@@ -444,6 +457,11 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                         deadline = now + stall_timeout_s
                     if content:
                         speakable = joiner.feed(content) if joiner is not None else content
+                        if speakable and held is not None:
+                            held += speakable
+                            speakable = ""
+                            if begins_speech(held):
+                                speakable, held = held, None
                         if speakable:
                             state.text += speakable
                             yield speakable
@@ -465,8 +483,12 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     state.text += tail
                     yield tail
             tool_calls = sse.tool_calls(provider.name)
-            if not state.text and not tool_calls:
-                raise ProviderError("empty_reply")
+            if held is not None:  # not one word
+                if not tool_calls:
+                    raise ProviderError(WORDLESS_REPLY if held else "empty_reply")
+                if held:  # a tool call's stray whitespace or tag: the turn's routing reads it as wordless
+                    state.text += held
+                    yield held
             state.tool_calls.extend(tool_calls)
             state.provider = provider.name
         finally:

@@ -6,6 +6,7 @@ punctuation they guess); everything that compares a caller's words goes through 
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Marks that end a sentence: Latin, CJK full-width, Arabic, Urdu, Devanagari. One definition for both directions:
@@ -88,3 +89,18 @@ def is_cjk(char: str) -> bool:
 def is_thai(char: str) -> bool:
     """True for a character of the Thai script, which is written without spaces between words too."""
     return "\u0e00" <= char <= "\u0e7f"
+
+
+SSML_TAG = re.compile(r"<[^<>]*>")
+_OPEN_TAG_AT_END = re.compile(r"<[^<>]*$")
+
+
+def has_words(text: str) -> bool:
+    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
+    return bool(SSML_TAG.sub("", text).strip())
+
+
+def begins_speech(text: str) -> bool:
+    """Whether the start of a streamed reply says a word already: `has_words`, with a tag still being streamed at its
+    end (`<break`, not yet closed) counted as a tag, not as words."""
+    return has_words(_OPEN_TAG_AT_END.sub("", text))
