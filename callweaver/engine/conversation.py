@@ -21,6 +21,7 @@ from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
 from .speech import SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
+from .sse import tool_error_note
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
@@ -194,6 +195,7 @@ class TurnResult:
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
+    tool_errors: list = field(default_factory=list)  # calls refused for their size (sse): {name, error, argumentsBytes}
     llm_requests: int = 0
     hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
@@ -613,6 +615,7 @@ class ConversationEngine:
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls, keypad=keypad)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
+        result.tool_errors = list(stream.refused_tool_calls)  # logged by sse; the model is told (below, commit_turn)
         offered = {tool["function"]["name"] for tool in plan.tools or ()}
         for name in {name for name, _args in stream.tool_calls if name not in offered}:
             log.warning("llm_called_a_tool_not_offered", tool=name[:80], node=plan.node_id)  # ignored by apply_turn
@@ -634,7 +637,10 @@ class ConversationEngine:
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
             llm_span = self._llm_span(result, None, options)
-            stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
+            messages2 = plan2.messages
+            if result.tool_errors:  # the model's call was refused: it must not answer as if it had been applied
+                messages2 = [*messages2, {"role": "system", "content": tool_error_note(result.tool_errors)}]
+            stream2 = chain.stream(messages2, tools=None, temperature=options.get("temperature"),
                                    max_tokens=options.get("max_tokens"), model=options.get("model"),
                                    apology=entry.line("apology"))
             yield from self._relay_stream(result, stream2, control, llm_span)
@@ -656,7 +662,7 @@ class ConversationEngine:
         elif not worded and outcome.action:
             yield from self._emit_after(result, entry.line("goodbye"))  # a lone <break/> is no goodbye
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
-                and not result.cut_at_cap
+                and not result.tool_errors and not result.cut_at_cap
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
                                            node_cacheable=plan.cacheable,
@@ -758,6 +764,8 @@ class ConversationEngine:
         messages.append({"role": "user", "content": turn.utterance})
         if r.keys and not interrupted:
             heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
+        if r.tool_errors:  # the model reads why its call was not applied, in the history it is sent next
+            heard = f"{heard} {tool_error_note(r.tool_errors)}".strip()
         if heard:
             messages.append({"role": "assistant", "content": heard})
         action, next_node = action_and_next_node(r, interrupted)
@@ -766,7 +774,9 @@ class ConversationEngine:
         entry = None
         if self.record_transcripts:
             entry = {"said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
-                     "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}
+                     "toolCalls": [*({"name": name, "arguments": arguments} for name, arguments in r.tool_calls),
+                                   *({"name": e["name"], "error": e["error"], "argumentsBytes": e["argumentsBytes"]}
+                                     for e in r.tool_errors)]}
         turn_row = {
             "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
             "source": r.source, "provider": r.provider, "providerTtftMs": r.provider_ttft_ms,

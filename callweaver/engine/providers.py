@@ -144,6 +144,7 @@ class _TurnState:
 
     text: str = ""
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
+    refused_tool_calls: list[dict] = field(default_factory=list)  # over sse's size limits: not applied
     provider: str | None = None
     provider_ttft_ms: float | None = None
     ttft_provider: str | None = None  # whose first token provider_ttft_ms timed (a continued reply's is earlier)
@@ -191,6 +192,11 @@ class ReplyStream:
     @property
     def tool_calls(self) -> list[tuple[str, dict]]:
         return self._state.tool_calls
+
+    @property
+    def refused_tool_calls(self) -> list[dict]:
+        """Tool calls the model made that were refused for their size (sse.parse_tool_calls): never applied."""
+        return self._state.refused_tool_calls
 
     @property
     def provider(self) -> str | None:
@@ -370,6 +376,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
         raise
     won = winner.state
     state.tool_calls.extend(won.tool_calls)
+    state.refused_tool_calls.extend(won.refused_tool_calls)
     state.provider = won.provider
     if state.provider_ttft_ms is None:
         state.provider_ttft_ms, state.ttft_provider = won.provider_ttft_ms, won.ttft_provider
@@ -483,13 +490,15 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     state.text += tail
                     yield tail
             tool_calls = sse.tool_calls(provider.name)
+            refused = sse.refused_tool_calls  # an answer too (the model is told why it was not applied)
             if held is not None:  # not one word
-                if not tool_calls:
+                if not tool_calls and not refused:
                     raise ProviderError(WORDLESS_REPLY if held else "empty_reply")
                 if held:  # a tool call's stray whitespace or tag: the turn's routing reads it as wordless
                     state.text += held
                     yield held
             state.tool_calls.extend(tool_calls)
+            state.refused_tool_calls.extend(refused)
             state.provider = provider.name
         finally:
             state.active_exchange = None
