@@ -57,6 +57,11 @@ SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store 
 NO_FINAL_AFTER_S = 5.0
 # handoffData reason of the `end` a stopping worker sends (RelaySession.hand_over): the action URL reconnects the call.
 HANDOVER = "handover"
+# Call meta key: what the caller said (or typed) while the call was being handed over, which the stopping worker no
+# longer answers; the resumed session answers it at its `setup`, after its welcome greeting. Kept to its latest
+# MAX_CARRIED_OVER_CHARS.
+CARRIED_OVER = "carriedOver"
+MAX_CARRIED_OVER_CHARS = 1000
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -270,6 +275,44 @@ class RelaySession:
         self._quiet_after(greeting)  # Twilio speaks the welcome greeting, then listens
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
+        if params.get("resumed"):
+            self._answer_carried_over()
+
+    def _carry_over(self, said: str, lang: str | None) -> bool:
+        """The caller spoke (or typed) while this worker hands the call over: not answered here, so kept in the
+        store (CARRIED_OVER) for the resumed session to answer, and logged. Only for a handover: words said over a
+        goodbye, a transfer or an error ending are not (the call ends). False when nothing was kept."""
+        forced = json.loads(self._forced_end["handoffData"]).get("reason") if self._forced_end else HANDOVER
+        if not self._handing_over or self._closing_end is not None or forced != HANDOVER or self.record is None:
+            return False
+        earlier = (self.record.meta or {}).get(CARRIED_OVER) or {}
+        text = f"{earlier.get('text') or ''} {said}".strip()[-MAX_CARRIED_OVER_CHARS:]
+        lang = lang or earlier.get("lang")
+        try:
+            meta = self.engine.store.update_meta(self.record.tracking_id, {CARRIED_OVER: {"text": text, "lang": lang}})
+        except Exception:
+            log.exception("relay_words_at_handover_lost", chars=len(said))
+            return True  # (logged: not silently)
+        if meta is not None:
+            self.record = dataclasses.replace(self.record, meta=meta)
+        log.warning("relay_words_at_handover_carried_over", chars=len(said), carried_chars=len(text))
+        return True
+
+    def _answer_carried_over(self) -> None:
+        """A resumed session: answer what the caller said while the call was handed over (CARRIED_OVER), once.
+        Twilio speaks the welcome greeting first (a new talk cycle waits for it)."""
+        carried = (self.record.meta or {}).get(CARRIED_OVER)
+        text = str(carried.get("text") or "").strip() if isinstance(carried, dict) else ""
+        if not text:
+            return
+        try:
+            meta = self.engine.store.update_meta(self.record.tracking_id, remove=(CARRIED_OVER,))
+            if meta is not None:
+                self.record = dataclasses.replace(self.record, meta=meta)
+        except Exception:  # answered anyway: the caller is waiting (a later resume might answer it again)
+            log.exception("relay_carried_over_not_removed")
+        log.info("relay_answering_words_from_handover", chars=len(text))
+        self._start_reply(text, self.clock(), lang=carried.get("lang"))
 
     def _read_setup_again(self) -> None:
         """`setup` could not read the call (the store failed) and the caller was asked to say it again: a whole
@@ -304,10 +347,11 @@ class RelaySession:
         if self._speech_cadence is not None:
             self._speech_cadence.turn_ended()
         self._latest_partial, self._caller_silent = None, False
-        if self._closing:
-            log.info("relay_prompt_while_closing")
-            return
         text = message.voice_prompt.strip()
+        if self._closing:
+            if not (text and self._carry_over(text, message.lang)):
+                log.info("relay_prompt_while_closing", chars=len(text))
+            return
         if not text:
             return
         if self._digits:  # the caller spoke while typing: the digits so far go with the words
@@ -447,6 +491,8 @@ class RelaySession:
             log.warning("relay_bad_digit")
             return
         if self._closing:
+            if not self._carry_over(self._keypad_note(digit), None):
+                log.info("relay_digit_while_closing")
             return
         self._heard_caller(self.clock())
         if not self._digits:
@@ -470,7 +516,8 @@ class RelaySession:
         if self._closing:
             # Typed before the call began to end (an error ending, a handover): a reply now would be cut by the end
             # (a handover's resumed session asks the caller to go on), as prompts meanwhile are not answered.
-            log.info("relay_digits_while_closing", digits=len(digits))
+            if not self._carry_over(self._keypad_note(digits), None):
+                log.info("relay_digits_while_closing", digits=len(digits))
             return
         self._read_setup_again()
         if self.record is None:
@@ -738,7 +785,7 @@ class RelaySession:
         after GUNICORN_GRACEFUL_TIMEOUT, mid-sentence). So end the session at the next clean point, with `end`
         {"reason": "handover"}: once the reply in flight has been sent, committed and played, else at once. Twilio
         then asks the action URL, which lands on a running instance and reconnects the call from the store. The
-        caller's new words are not answered here meanwhile (the resumed session's greeting asks them to go on);
+        caller's new words are not answered here meanwhile: they are kept for the resumed session (_carry_over);
         a goodbye or transfer already under way ends the call as it would have. `deadline` (on `clock`): the
         `end` goes out by then, before the stopping worker is killed, even if the reply has not finished playing."""
         if self.ended or self._handing_over:
