@@ -42,9 +42,9 @@ CLOSING_INTERRUPT_GRACE_S = 0.2
 # Twilio does not guarantee its speaker events (a socket hiccup loses a frame), and the silence count waits for the
 # "off" of an agentSpeaking/clientSpeaking "on": one lost would leave the call unprompted until its TimeLimit (up to an
 # hour, billed). So a report is trusted only so long. Agent: the whole playback estimate of the last talk cycle
-# (playback_wait_bound_s, uncapped: slow speech, plus the longest wait for a recording) from its "on", plus this margin
-# for Twilio's speech synthesis and network delays (more than PLAYBACK_WAIT_MAX_S, the longest wait any closing line
-# gets).
+# (playback_wait_bound_s, uncapped: slow speech, plus the longest wait for a recording) from when it was sent, plus this
+# margin for Twilio's speech synthesis and network delays (more than PLAYBACK_WAIT_MAX_S, the longest wait any closing
+# line gets), and never less than this margin from the "on" itself.
 AGENT_SPEAKING_MARGIN_S = 30.0
 # Caller: a clientSpeaking "on" with no transcript (final or interim), key or "off" for this long. A final transcript
 # ends it, and interim ones extend it; only a long monologue on a call without partial prompts comes near it.
@@ -111,7 +111,7 @@ class RelaySession:
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
                  "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
-                 "_twilio_speaking", "_client_speaking", "_playback_s", "_agent_on_until", "_client_on_until")
+                 "_twilio_speaking", "_client_speaking", "_agent_on_until", "_client_on_until")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -169,8 +169,9 @@ class RelaySession:
         self._reprompted = False  # "are you still there?" said in this silence: the next one ends the call
         self._twilio_speaking: bool | None = None  # what Twilio last REPORTED (agentSpeaking; None: nothing yet)
         self._client_speaking = False  # Twilio's last clientSpeaking was "on" (no final transcript since)
-        self._playback_s = 0.0       # the longest the last talk cycle may take to play (uncapped estimate)
-        self._agent_on_until = 0.0   # on `clock`: an agentSpeaking "on" with no "off" by then is taken as lost
+        # On `clock`: an agentSpeaking "on" with no "off" by then is taken as lost (the last talk cycle's whole
+        # playback estimate from when it closed, plus AGENT_SPEAKING_MARGIN_S).
+        self._agent_on_until = 0.0
         self._client_on_until = 0.0  # on `clock`: a clientSpeaking "on" with no caller input since, likewise
 
     @property
@@ -649,8 +650,8 @@ class RelaySession:
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
-            if message.agent_speaking:  # trusted while the last talk cycle may still play
-                self._agent_on_until = self.clock() + self._playback_s + AGENT_SPEAKING_MARGIN_S
+            if message.agent_speaking:  # trusted while the last talk cycle may still play, and the margin from now
+                self._agent_on_until = max(self._agent_on_until, self.clock() + AGENT_SPEAKING_MARGIN_S)
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
                 self._silence_from = self.clock()  # (while the agent speaks, nothing is due: silence_due_at)
             if message.agent_fell_silent:
@@ -977,13 +978,10 @@ class RelaySession:
         while its last report is "on", nothing counts until its "off". Otherwise from the longest the whole of it
         may take to play; a report of "on" whose "off" does not come within that (and a margin) is taken as lost."""
         now = self.clock()
-        self._playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language),
-                                                 with_audio=with_audio, capped=False)
-        if self._twilio_speaking:
-            self._silence_from = now
-            self._agent_on_until = now + self._playback_s + AGENT_SPEAKING_MARGIN_S
-        else:
-            self._silence_from = now + self._playback_s
+        playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio,
+                                           capped=False)
+        self._agent_on_until = now + playback_s + AGENT_SPEAKING_MARGIN_S  # for its "on", reported or to come
+        self._silence_from = now if self._twilio_speaking else now + playback_s
 
     def _notify_quiet(self) -> None:
         """From a reply's own task, once it has stopped streaming: the socket sets its alarm for the new deadline
