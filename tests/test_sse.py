@@ -99,3 +99,20 @@ def test_a_tool_calls_arguments_past_the_size_limit_are_not_kept_and_the_call_is
     assert stream.tool_calls("azure") == [("transition", {"edge_id": "e1"})]
     assert stream.refused_tool_calls[0]["name"] == "record_variables"
     assert stream.refused_tool_calls[0]["argumentsBytes"] > 2_000_000
+
+
+def test_tool_calls_past_the_limit_are_not_kept_and_refused():
+    import orjson as _orjson
+
+    from callweaver.engine.sse import MAX_TOOL_CALLS, ChatCompletionsStream
+
+    def event(index):
+        delta = {"tool_calls": [{"index": index, "function": {"name": "transition", "arguments": '{"edge_id": "e"}'}}]}
+        return b"data: " + _orjson.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    stream = ChatCompletionsStream()
+    list(stream.read_lines([event(i) for i in range(10_000)] + [b"data: [DONE]"]))
+    assert len(stream._tool_parts) == MAX_TOOL_CALLS
+    assert len(stream.tool_calls("azure")) == MAX_TOOL_CALLS
+    assert [call["error"] for call in stream.refused_tool_calls] == [
+        f"not applied: more than {MAX_TOOL_CALLS} tool calls in one reply"]

@@ -22,6 +22,8 @@ log = structlog.get_logger()
 # megabytes of arguments is broken or being steered. The fragments past it are not even kept in memory.
 MAX_TOOL_ARGUMENTS_BYTES = 8192
 MAX_TOOL_NAME_CHARS = 64  # OpenAI's own limit on a function name: a longer one names no tool we offer
+# Tool calls read from one reply (a turn offers at most three tools); the calls past it are refused, not kept.
+MAX_TOOL_CALLS = 16
 
 
 class StreamReportedError(Exception):
@@ -44,6 +46,7 @@ class ChatCompletionsStream:
         self.finish_reason: str | None = None
         self._tool_parts: dict[int, dict] = {}
         self.refused_tool_calls: list[dict] = []  # filled by tool_calls(): {name, error, argumentsBytes}
+        self._too_many_tool_calls = False  # calls past MAX_TOOL_CALLS came (and were not kept)
 
     def read_lines(self, lines: list[bytes]) -> Iterator[ChatDelta]:
         """The deltas of several lines (what one network read brought), line by line: a delta is handed out before
@@ -79,7 +82,13 @@ class ChatCompletionsStream:
 
     def _add_tool_deltas(self, tool_deltas: list[dict]) -> None:
         for tool_delta in tool_deltas:
-            parts = self._tool_parts.setdefault(tool_delta.get("index", 0), {"name": "", "arguments": [], "bytes": 0})
+            index = tool_delta.get("index", 0)
+            parts = self._tool_parts.get(index)
+            if parts is None:
+                if len(self._tool_parts) >= MAX_TOOL_CALLS:
+                    self._too_many_tool_calls = True
+                    continue
+                parts = self._tool_parts[index] = {"name": "", "arguments": [], "bytes": 0}
             function = tool_delta.get("function") or {}
             if function.get("name") and not parts["name"]:
                 parts["name"] = function["name"]
@@ -92,8 +101,13 @@ class ChatCompletionsStream:
 
     def tool_calls(self, provider_name: str) -> list[tuple[str, dict]]:
         """The complete tool calls, in order; an unparseable one is logged and skipped, one over the size limits
-        logged and refused (`refused_tool_calls`)."""
-        return parse_tool_calls(provider_name, self._tool_parts, self.refused_tool_calls)
+        logged and refused (`refused_tool_calls`), and so are the calls past MAX_TOOL_CALLS."""
+        calls = parse_tool_calls(provider_name, self._tool_parts, self.refused_tool_calls)
+        if self._too_many_tool_calls:
+            log.warning("tool_calls_past_limit_refused", provider=provider_name, max_calls=MAX_TOOL_CALLS)
+            self.refused_tool_calls.append({"name": None, "argumentsBytes": None,
+                                            "error": f"not applied: more than {MAX_TOOL_CALLS} tool calls in one reply"})
+        return calls
 
 
 def _storable_int(digits: str) -> int | None:
@@ -156,7 +170,7 @@ def _finite_float(digits: str) -> float:
 
 def tool_error_note(refused: list[dict]) -> str:
     """What the model reads about its refused tool calls (in the follow-up request and in the history): which call,
-    and that nothing of it was applied."""
-    names = ", ".join(sorted({f"`{call['name']}`" for call in refused if call.get("name")})) or "a tool"
-    return (f"[Tool error: your {names} call was not applied: it was over the size limit ({MAX_TOOL_ARGUMENTS_BYTES} "
-            f"bytes of arguments). Nothing from it was recorded.]")
+    why, and that nothing of it was applied."""
+    said = "; ".join(f"{'`' + call['name'] + '`' if call.get('name') else 'a tool call'} {call['error']}"
+                     for call in refused)
+    return f"[Tool error: {said}. Nothing from it was recorded.]"

@@ -188,7 +188,7 @@
     }
     if (t.toolCalls && t.toolCalls.length) {
       t.toolCalls.forEach(function (c) {
-        talk.appendChild(el("div", "tools", c.name + " " + (c.error ? "(" + c.error + ")" : JSON.stringify(c.arguments))));
+        talk.appendChild(el("div", "tools", (c.name || "tool call") + " " + (c.error ? "(" + c.error + ")" : JSON.stringify(c.arguments))));
       });
     } else if (t.toolNames && t.toolNames.length) {
       talk.appendChild(el("div", "tools", t.toolNames.join(", ")));
