@@ -499,3 +499,26 @@ def test_the_socket_alarm_is_set_for_a_lost_speaker_off():
     assert session.silence_due_at() is None and session.silence_check_at() is not None
     info(session, "clientSpeaking", "on")
     assert session.silence_due_at() is None and session.silence_check_at() is not None
+
+
+def test_a_talk_cycle_queued_behind_one_twilio_still_speaks_keeps_the_longer_bound():
+    """Twilio still speaks a long reply (agentSpeaking on, no off yet) when the caller's next words get a short one:
+    Twilio plays it after the long one, so the bound on a lost off counts from the long one's end, not from now."""
+    from callweaver.engine.relay_session import AGENT_SPEAKING_MARGIN_S
+
+    words = "A very long answer about the houses on the market this week and their gardens. " * 10
+    session, engine, sent = silent_session([(words, 0.0)])
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_check_at() is not None)
+    closed_at = clock.now
+    info(session, "agentSpeaking", "on")
+    long_end = closed_at + playback_wait_bound_s(words, chars_per_s=EN.speech_chars_per_s, capped=False)
+    clock.now += 5.0
+    engine.done.clear()
+    say(session, "and the price")  # (the test engine answers a later prompt with an empty reply)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_check_at() is not None)
+    assert session.silence_check_at() >= long_end + AGENT_SPEAKING_MARGIN_S + SILENCE_S

@@ -980,7 +980,9 @@ class RelaySession:
         now = self.clock()
         playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio,
                                            capped=False)
-        self._agent_on_until = now + playback_s + AGENT_SPEAKING_MARGIN_S  # for its "on", reported or to come
+        # For its "on", reported or to come. Twilio still speaking an earlier cycle plays this one after it.
+        start = max(now, self._agent_on_until - AGENT_SPEAKING_MARGIN_S) if self._twilio_speaking else now
+        self._agent_on_until = start + playback_s + AGENT_SPEAKING_MARGIN_S
         self._silence_from = now if self._twilio_speaking else now + playback_s
 
     def _notify_quiet(self) -> None:
