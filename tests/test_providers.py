@@ -773,3 +773,31 @@ def test_a_wordless_continuation_after_words_ends_the_reply_as_before(make_chain
 
     assert reply.text.startswith(SIX_WORDS) and not reply.apology_used
     assert [f["reason"] for f in reply.failovers] == ["dropped"]
+
+
+def test_a_reply_opening_with_a_lone_less_than_sign_is_spoken_not_failed_over(make_chain, azure_fake, openai_fake):
+    """A `<` that never closes is no SSML tag (`has_words` counts it as words): held while a tag might still be
+    streaming, it is spoken at the reply's end rather than failed over as wordless."""
+    azure_fake.push(Reply(text="<5 minutes from the station."))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text == "<5 minutes from the station." and reply.provider == "azure"
+    assert reply.failovers == [] and openai_fake.requests == []
+
+
+def test_a_wordless_start_longer_than_a_reply_may_be_fails_over_without_waiting_for_its_end(make_chain, azure_fake,
+                                                                                           openai_fake):
+    """A model looping on breaks (or newlines) says nothing the caller could hear within a reply's cap (the turn
+    would stop it there): the held text is bounded by that cap, so the turn fails over then, instead of holding
+    the caller in silence for the whole runaway generation."""
+    breaks = '<break time="1s"/> ' * 400  # 8,000 bytes, then words the turn's cap would never let through
+    azure_fake.push(Reply(text=breaks + "Hello there.", token_interval_s=0.001))
+    openai_fake.push(Reply(text="Yes, two in Mong Kok."))
+
+    reply = make_chain().stream(MESSAGES)
+    tokens = list(reply)
+
+    assert "".join(tokens) == "Yes, two in Mong Kok."
+    assert [f["reason"] for f in reply.failovers] == ["wordless_reply"]
+    assert azure_fake.requests[0].tokens_sent < 400  # hung up long before the runaway's end

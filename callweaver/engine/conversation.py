@@ -20,7 +20,7 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
+from .speech import MAX_TURN_REPLY_BYTES, SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
 from .sse import tool_error_note
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
@@ -34,10 +34,6 @@ _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
 MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
 MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
-# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
-# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
-# (Polly speaks at most 3,000 bytes, Twilio warning 13521).
-MAX_TURN_REPLY_BYTES = 2000
 MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
 MAX_WORD_CHARS = 40  # a word begun before the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.

@@ -22,7 +22,7 @@ from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitS
 from .continuation import ContinuationJoiner, continuation_messages
 from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
                        StatusError)
-from .speech import begins_speech, has_words
+from .speech import MAX_TURN_REPLY_BYTES, begins_speech, has_words
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
@@ -469,6 +469,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                             speakable = ""
                             if begins_speech(held):
                                 speakable, held = held, None
+                            elif len(held.encode()) > MAX_TURN_REPLY_BYTES:
+                                # The turn would cut the reply before any word (a model looping on breaks or
+                                # newlines): fail over now, not after the whole runaway generation.
+                                raise ProviderError(WORDLESS_REPLY)
                         if speakable:
                             state.text += speakable
                             yield speakable
@@ -491,10 +495,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     yield tail
             tool_calls = sse.tool_calls(provider.name)
             refused = sse.refused_tool_calls  # an answer too (the model is told why it was not applied)
-            if held is not None:  # not one word
-                if not tool_calls and not refused:
+            if held is not None:  # no word yet (or only after a "<" that no ">" closed: spoken now)
+                if not has_words(held) and not tool_calls and not refused:
                     raise ProviderError(WORDLESS_REPLY if held else "empty_reply")
-                if held:  # a tool call's stray whitespace or tag: the turn's routing reads it as wordless
+                if held:  # (a tool call's stray whitespace or tag: the turn's routing reads it as wordless)
                     state.text += held
                     yield held
             state.tool_calls.extend(tool_calls)

@@ -91,6 +91,11 @@ def is_thai(char: str) -> bool:
     return "\u0e00" <= char <= "\u0e7f"
 
 
+# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
+# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
+# (Polly speaks at most 3,000 bytes, Twilio warning 13521). The turn cuts there (conversation.py); a reply's start
+# held until its first word (providers.py) is no longer than that either.
+MAX_TURN_REPLY_BYTES = 2000
 SSML_TAG = re.compile(r"<[^<>]*>")
 _OPEN_TAG_AT_END = re.compile(r"<[^<>]*$")
 
