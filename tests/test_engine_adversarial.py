@@ -277,3 +277,16 @@ def test_a_tool_only_reply_with_megabytes_of_arguments_gets_a_follow_up_that_is_
     assert heard == "Sorry, could you tell me your name again?" and result.source == "llm"
     assert result.failovers == [] and len(calls) == 2
     assert "not applied" in json.dumps(calls[1]["messages"])
+
+
+def test_the_call_log_says_what_the_caller_heard_not_the_tool_error_the_model_reads(app, client, fake_llm):
+    """The tool error goes to the model (the history's assistant line); the transcript's `heard` is what the caller
+    heard, and the refusal is shown with the tool call itself."""
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[
+        ("record_variables", {"applicant_name": "C" * 20_000})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    say(app, tracking_id, "my name is a very long one")
+    stored = app.extensions["callweaver"].store.get_call(tracking_id)
+    assert stored.transcript[-1]["heard"] == "Noted."
+    assert "not applied" in stored.transcript[-1]["toolCalls"][0]["error"]
+    assert stored.messages[-1]["role"] == "assistant" and "not applied" in stored.messages[-1]["content"]

@@ -760,10 +760,11 @@ class ConversationEngine:
         messages.append({"role": "user", "content": turn.utterance})
         if r.keys and not interrupted:
             heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
-        if r.tool_errors:  # the model reads why its call was not applied, in the history it is sent next
-            heard = f"{heard} {tool_error_note(r.tool_errors)}".strip()
-        if heard:
-            messages.append({"role": "assistant", "content": heard})
+        # The model reads why its call was not applied, in the history it is sent next; the transcript's `heard`
+        # stays what the caller heard (the refusal is shown with the tool call).
+        told = f"{heard} {tool_error_note(r.tool_errors)}".strip() if r.tool_errors else heard
+        if told:
+            messages.append({"role": "assistant", "content": told})
         action, next_node = action_and_next_node(r, interrupted)
         fields: dict[str, Any] = {"messages": messages[-MAX_KEPT_MESSAGES:], "current_node": next_node,
                                   "variables": r.variables, "language": r.language}
