@@ -81,3 +81,21 @@ def test_words_said_over_a_goodbye_are_not_carried_over(app, client, fake_llm):
         assert CARRIED_OVER not in (call.svc.store.get_call(call.tracking_id).meta or {})
     finally:
         call.session.close()
+
+
+def test_words_kept_for_a_resume_that_never_came_are_dropped_when_the_call_ends(app, client, twilio, fake_llm):
+    """The caller hangs up during the handover: the words kept for the resumed session are deleted with the call's
+    end (they are no transcript: never purged with one, and RECORD_TRANSCRIPTS=0 promises timings only)."""
+    call = Call(app, client)
+    try:
+        call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+        call.session.hand_over()
+        call.send({"type": "prompt", "voicePrompt": "My card number is 4111", "lang": "en-US", "last": True})
+        assert CARRIED_OVER in call.svc.store.get_call(call.tracking_id).meta
+    finally:
+        call.session.close()
+    stored = call.svc.store.get_call(call.tracking_id)
+    resp = twilio.post(f"/api/call-status-optimized?trackingId={call.tracking_id}",
+                       {"CallSid": stored.call_sid, "CallStatus": "completed", "SequenceNumber": "9"})
+    assert resp.status_code < 300
+    assert CARRIED_OVER not in (call.svc.store.get_call(call.tracking_id).meta or {})
