@@ -116,3 +116,21 @@ def test_tool_calls_past_the_limit_are_not_kept_and_refused():
     assert len(stream.tool_calls("azure")) == MAX_TOOL_CALLS
     assert [call["error"] for call in stream.refused_tool_calls] == [
         f"not applied: more than {MAX_TOOL_CALLS} tool calls in one reply"]
+
+
+def test_tool_call_fragments_that_are_not_text_are_not_kept_either():
+    """Arguments streamed as JSON objects instead of text (a broken gateway): the call is skipped as unparseable, as
+    before, and the objects are not kept in memory past the limit whatever their number or size."""
+    import orjson as _orjson
+
+    from callweaver.engine.sse import MAX_TOOL_ARGUMENTS_BYTES, ChatCompletionsStream
+
+    def event(arguments):
+        delta = {"tool_calls": [{"index": 0, "function": {"name": "record_variables", "arguments": arguments}}]}
+        return b"data: " + _orjson.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    stream = ChatCompletionsStream()
+    list(stream.read_lines([event({"applicant_name": "A" * 10_000}) for _ in range(200)] + [b"data: [DONE]"]))
+    kept = len(_orjson.dumps([part for part in stream._tool_parts[0]["arguments"] if part is not None]))
+    assert kept <= MAX_TOOL_ARGUMENTS_BYTES
+    assert stream.tool_calls("azure") == []

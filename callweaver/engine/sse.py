@@ -94,8 +94,11 @@ class ChatCompletionsStream:
                 parts["name"] = function["name"]
             fragment = function.get("arguments")
             if fragment:
-                if isinstance(fragment, str):  # (anything else fails the parse: skipped as unparseable)
-                    parts["bytes"] += len(fragment.encode("utf-8", "replace"))
+                if not isinstance(fragment, str):
+                    # Not text: nothing of it is kept, and the None fails the join (skipped as unparseable).
+                    parts["arguments"] = [None]
+                    continue
+                parts["bytes"] += len(fragment.encode("utf-8", "replace"))
                 if parts["bytes"] <= MAX_TOOL_ARGUMENTS_BYTES:
                     parts["arguments"].append(fragment)
 
