@@ -16,6 +16,7 @@ import structlog
 from .config import MAX_RING_TIMEOUT_S, Settings
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
+from .engine.relay_session import CARRIED_OVER
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
@@ -349,6 +350,10 @@ class CallLifecycle:
             # Only the secrets go: the meta keys other writers set meanwhile stay (merged inside the store).
             self.store.update_meta(record.tracking_id, remove=["llm"])
             self.store.update_call(record.tracking_id, credentials=None)
+        if status in TERMINAL_STATUSES and (record.meta or {}).get(CARRIED_OVER):
+            # A caller's words kept for a resumed session that never came (they hung up during a handover): no
+            # transcript (never purged with one, nor dropped by RECORD_TRANSCRIPTS=0), so they go with the call.
+            self.store.update_meta(record.tracking_id, remove=[CARRIED_OVER])
         # The call's end and any callback out of order are an operator's business; the steps on the way
         # (initiated, ringing, in-progress) are in the status history and each has its access line.
         report = log.info if status in TERMINAL_STATUSES or not current else log.debug

@@ -72,19 +72,31 @@ def test_test_optimization_reports_all_providers_down_as_a_failure(client, fake_
     assert data["optimization"] == {"enabled": False, "fallbackUsed": True}
 
 
-def test_test_optimization_reports_a_wordless_reply_as_the_apology_spoken_not_as_every_provider_failing(
-        client, fake_llm, fake_llm2):
-    """A provider answered, twice, with only SSML: the caller heard the apology. That is a 200 saying so (source
-    apology, the provider that answered), not the 502 "every LLM provider failed"."""
+def test_test_optimization_fails_a_wordless_reply_over_to_the_next_provider(client, fake_llm, fake_llm2):
+    """A provider answering with only SSML has nothing usable: the turn goes to the next provider, as for an empty
+    reply or an error, before any apology (it used to be asked again, then the apology was spoken)."""
     fake_llm.push(Reply(text='<break time="1s"/>'))
-    fake_llm.push(Reply(text='<break time="1s"/>'))
+    fake_llm2.push(Reply(text="We open at nine."))
     resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": "en-US"})
     data = resp.get_json()
     assert resp.status_code == 200 and data["success"] is True, data
-    assert data["result"]["source"] == "apology" and data["result"]["provider"] == "azure"
-    assert data["result"]["response"].endswith(LanguageTable.load().get("en-US").line("apology"))
+    assert data["result"]["response"] == "We open at nine." and data["result"]["source"] == "llm"
+    assert data["result"]["provider"] == "openai"
+    assert len(fake_llm.requests) == 1 and len(fake_llm2.requests) == 1
+
+
+def test_test_optimization_reports_every_provider_answering_without_words_as_the_apology_spoken(
+        client, fake_llm, fake_llm2):
+    """Every provider answered, with only SSML: the caller heard the apology. That is a 200 saying so (source
+    apology), not the 502 "every LLM provider failed": they are up, the reply was bad."""
+    fake_llm.push(Reply(text='<break time="1s"/>'))
+    fake_llm2.push(Reply(text=" "))
+    resp = client.post("/api/test-optimization", json={"message": "What are your hours?", "language": "en-US"})
+    data = resp.get_json()
+    assert resp.status_code == 200 and data["success"] is True, data
+    assert data["result"]["source"] == "apology"
+    assert data["result"]["response"] == LanguageTable.load().get("en-US").line("apology")
     assert data["test"]["optimization"]["enabled"] is True
-    assert len(fake_llm2.requests) == 0
 
 
 def test_a_current_node_id_that_is_not_a_string_names_no_node_and_is_not_a_500(client, fake_llm, fake_twilio):

@@ -234,3 +234,59 @@ def test_an_integer_no_store_can_write_loses_only_itself_not_the_calls_other_det
     tracking_id = place_call(app, client, "loan_prequalification_logical")
     _heard, result = say(app, tracking_id, "I'm Ann Lee and I need a googol dollars")
     assert result.variables == {"applicant_name": "Ann Lee"} and result.completed
+
+
+def test_a_tool_call_with_megabytes_of_arguments_is_refused_not_stored_and_the_model_is_told(app, client, fake_llm):
+    """A model streaming ~2 MB of `record_variables` arguments: nothing of them is stored (call record, transcript,
+    variables) nor sent back to the model; the call goes on, the refusal is logged, and the model reads a tool error
+    in the history it is sent next."""
+    huge = "A" * 2_000_000
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[
+        ("record_variables", {"applicant_name": huge, "loan_amount": 5000})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    with capture_logs() as logs:
+        heard, result = say(app, tracking_id, "my name is a very long one")
+    assert heard == "Noted." and result.completed
+    assert "applicant_name" not in result.variables and "loan_amount" not in result.variables
+    refused = [e for e in logs if e["event"] == "tool_call_arguments_too_large"]
+    assert refused and refused[0]["tool"] == "record_variables" and refused[0]["arguments_bytes"] > 1_000_000
+    stored = app.extensions["callweaver"].store.get_call(tracking_id)
+    assert len(json.dumps({"m": stored.messages, "t": stored.transcript, "v": stored.variables})) < 20_000
+    assert stored.transcript[-1]["toolCalls"][0]["name"] == "record_variables"
+    assert "error" in stored.transcript[-1]["toolCalls"][0]
+    fake_llm.responder = lambda body: Reply(text="Could you spell your name?")
+    say(app, tracking_id, "did you get that")
+    sent = json.dumps(fake_llm.requests[-1].body)
+    assert huge[:10_000] not in sent and "record_variables" in sent
+    assert "not applied" in fake_llm.requests[-1].body["messages"][-2]["content"]  # the tool error, in the history
+
+
+def test_a_tool_only_reply_with_megabytes_of_arguments_gets_a_follow_up_that_is_told_why(app, client, fake_llm):
+    """No words and only a refused call: the refused call is an answer (no failover), and the follow-up request that
+    asks the model to speak says the call was not applied."""
+    calls = []
+
+    def brain(body):
+        calls.append(body)
+        if len(calls) == 1:
+            return Reply(text="", tool_calls=[("record_variables", {"applicant_name": "B" * 2_000_000})])
+        return Reply(text="Sorry, could you tell me your name again?")
+    fake_llm.responder = brain
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    heard, result = say(app, tracking_id, "my name is")
+    assert heard == "Sorry, could you tell me your name again?" and result.source == "llm"
+    assert result.failovers == [] and len(calls) == 2
+    assert "not applied" in json.dumps(calls[1]["messages"])
+
+
+def test_the_call_log_says_what_the_caller_heard_not_the_tool_error_the_model_reads(app, client, fake_llm):
+    """The tool error goes to the model (the history's assistant line); the transcript's `heard` is what the caller
+    heard, and the refusal is shown with the tool call itself."""
+    fake_llm.responder = lambda body: Reply(text="Noted.", tool_calls=[
+        ("record_variables", {"applicant_name": "C" * 20_000})])
+    tracking_id = place_call(app, client, "loan_prequalification_logical")
+    say(app, tracking_id, "my name is a very long one")
+    stored = app.extensions["callweaver"].store.get_call(tracking_id)
+    assert stored.transcript[-1]["heard"] == "Noted."
+    assert "not applied" in stored.transcript[-1]["toolCalls"][0]["error"]
+    assert stored.messages[-1]["role"] == "assistant" and "not applied" in stored.messages[-1]["content"]

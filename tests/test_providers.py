@@ -709,3 +709,95 @@ def test_a_reply_whose_done_never_comes_ends_soon_after_its_finish_reason(openai
         chain.close()
         server.stop()
 
+
+
+# ---- a reply with nothing to say aloud ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wordless", ["   \n\t ", '<break time="1s"/>', ' <break time="1s"/>  <break time="2s"/> '])
+def test_a_wordless_reply_fails_over_like_an_empty_one_and_nothing_of_it_is_spoken(make_chain, azure_fake,
+                                                                                    openai_fake, wordless):
+    """Whitespace or SSML alone is nothing usable: the provider counts as failing (its breaker too) and the same turn
+    goes to the next provider, as for an empty reply, rather than the caller hearing the apology. Nothing of the
+    wordless text reaches the caller (a lone <break/> would be spoken as silence)."""
+    azure_fake.push(Reply(text=wordless))
+    openai_fake.push(Reply(text="Yes, two in Mong Kok."))
+
+    reply = make_chain().stream(MESSAGES)
+    tokens = list(reply)
+
+    assert "".join(tokens) == "Yes, two in Mong Kok." == reply.text
+    assert reply.provider == "openai" and reply.apology_used is False
+    assert reply.failovers == [{"provider": "azure", "reason": "wordless_reply", "spoken_chars": 0}]
+    assert openai_fake.requests[0].messages == MESSAGES  # a fresh request, no continuation of nothing
+
+
+def test_every_provider_wordless_yields_the_apology_and_says_they_answered(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text=" "))
+    openai_fake.push(Reply(text='<break time="1s"/>'))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text == APOLOGY and reply.apology_used
+    assert [f["reason"] for f in reply.failovers] == ["wordless_reply", "wordless_reply"]
+    assert reply.answered_without_words
+
+
+def test_leading_ssml_or_whitespace_before_words_is_spoken_in_order(make_chain, azure_fake, openai_fake):
+    text = '  <break time="1s"/> Let me check that for you.'
+    azure_fake.push(Reply(text=text))
+
+    reply = make_chain().stream(MESSAGES)
+    tokens = list(reply)
+
+    assert "".join(tokens) == text == reply.text
+    assert reply.failovers == [] and openai_fake.requests == []
+    assert not reply.answered_without_words
+
+
+def test_a_tool_call_with_only_whitespace_text_still_counts_as_an_answer(make_chain, azure_fake, openai_fake):
+    azure_fake.push(Reply(text="\n", tool_calls=[("end_call", {})]))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.tool_calls == [("end_call", {})] and reply.text == "\n"
+    assert reply.provider == "azure" and reply.failovers == [] and openai_fake.requests == []
+
+
+def test_a_wordless_continuation_after_words_ends_the_reply_as_before(make_chain, azure_fake, openai_fake):
+    """Mid-stream continuation: the caller already heard words, so a continuation that adds only whitespace is the
+    reply's end (as an empty one is), not a failure."""
+    azure_fake.push(Reply(text=SIX_WORDS, fault="drop", drop_after_tokens=6))
+    openai_fake.push(Reply(text="  "))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text.startswith(SIX_WORDS) and not reply.apology_used
+    assert [f["reason"] for f in reply.failovers] == ["dropped"]
+
+
+def test_a_reply_opening_with_a_lone_less_than_sign_is_spoken_not_failed_over(make_chain, azure_fake, openai_fake):
+    """A `<` that never closes is no SSML tag (`has_words` counts it as words): held while a tag might still be
+    streaming, it is spoken at the reply's end rather than failed over as wordless."""
+    azure_fake.push(Reply(text="<5 minutes from the station."))
+
+    reply = make_and_finish(make_chain())
+
+    assert reply.text == "<5 minutes from the station." and reply.provider == "azure"
+    assert reply.failovers == [] and openai_fake.requests == []
+
+
+def test_a_wordless_start_longer_than_a_reply_may_be_fails_over_without_waiting_for_its_end(make_chain, azure_fake,
+                                                                                           openai_fake):
+    """A model looping on breaks (or newlines) says nothing the caller could hear within a reply's cap (the turn
+    would stop it there): the held text is bounded by that cap, so the turn fails over then, instead of holding
+    the caller in silence for the whole runaway generation."""
+    breaks = '<break time="1s"/> ' * 400  # 8,000 bytes, then words the turn's cap would never let through
+    azure_fake.push(Reply(text=breaks + "Hello there.", token_interval_s=0.001))
+    openai_fake.push(Reply(text="Yes, two in Mong Kok."))
+
+    reply = make_chain().stream(MESSAGES)
+    tokens = list(reply)
+
+    assert "".join(tokens) == "Yes, two in Mong Kok."
+    assert [f["reason"] for f in reply.failovers] == ["wordless_reply"]
+    assert azure_fake.requests[0].tokens_sent < 400  # hung up long before the runaway's end

@@ -298,6 +298,19 @@ def test_primary_hang_fails_over_to_secondary_within_the_same_turn(stack, llm):
     assert llm.wait_until(lambda: llm.requests[0].client_closed, timeout_s=5)
 
 
+def test_a_whitespace_only_reply_fails_over_to_the_secondary_not_to_the_apology(stack, llm):
+    """A live call: the primary answers with only whitespace and a <break/>. The caller hears the secondary's answer,
+    no apology, and no frame of the wordless text."""
+    llm.push(Reply(text=' \n <break time="1s"/> '))
+    stack["llm2"].push(Reply(text="Backup here, how can I help?"))
+    caller = new_call(stack)
+    caller.connect()
+    reply = caller.say("Is anyone there?")
+    caller.hangup()
+    assert reply.text == "Backup here, how can I help?"
+    assert [m["token"] for m in reply.messages if m["type"] == "text" and m["token"]][0] == "Backup"
+
+
 def test_stream_dropped_mid_reply_continues_on_secondary_without_repeating(stack, llm):
     llm.push(Reply(text="Our office opens at nine and closes at six.", fault="drop", drop_after_tokens=4))
     stack["llm2"].push(Reply(text="nine and closes at six."))

@@ -427,3 +427,98 @@ def test_a_failed_reply_in_a_switched_language_counts_its_playback_at_that_langu
         say(session)
         wait_until(lambda: rates)
     assert rates == [5.0]
+
+
+# ---- a speaker event that never comes (Twilio does not guarantee them) -------------------------------------------
+
+def test_a_lost_agent_speaking_off_after_a_reply_still_reprompts_once_the_reply_has_surely_played():
+    """The caller spoke, the reply streamed, Twilio reported agentSpeaking on and its off was lost: the silence
+    counts anyway from the reply's whole playback estimate plus a margin, not never (only TimeLimit ended the call:
+    up to an hour billed)."""
+    from callweaver.engine.relay_session import AGENT_SPEAKING_MARGIN_S
+
+    session, engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")  # the greeting played
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_due_at() is not None)  # the reply's talk cycle closed
+    info(session, "agentSpeaking", "on")  # Twilio speaks the reply; its "off" is lost
+    spoken_at = clock.now
+    bound = playback_wait_bound_s("Sure thing.", chars_per_s=EN.speech_chars_per_s, capped=False)
+    assert session.silence_check_at() == pytest.approx(spoken_at + bound + AGENT_SPEAKING_MARGIN_S + SILENCE_S)
+    clock.now = spoken_at + bound + AGENT_SPEAKING_MARGIN_S - 0.01
+    session.check_silence()
+    assert texts(sent) == ["Sure", " thing."]  # the report is still trusted
+    clock.now = spoken_at + bound + AGENT_SPEAKING_MARGIN_S + SILENCE_S
+    session.check_silence()
+    assert texts(sent) == ["Sure", " thing.", EN.line("reprompt")]
+    # The re-prompt's own silence counts from its playback estimate (no report is trusted any more), then goodbye.
+    clock.now = session.silence_due_at()
+    session.check_silence()
+    assert texts(sent)[-1] == EN.line("goodbye")
+
+
+def test_a_lost_agent_speaking_off_on_the_reprompt_still_ends_the_call_for_silence():
+    session, engine, sent = silent_session()
+    fall_silent(session)  # the re-prompt
+    info(session, "agentSpeaking", "on")  # Twilio speaks it; the "off" is lost
+    session.clock.now += 3600.0  # the longest TimeLimit
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt"), EN.line("goodbye")]
+    assert engine.store.meta == {"endReason": "silence"}
+
+
+def test_a_lost_client_speaking_off_still_reprompts_after_a_bound():
+    """A cough (clientSpeaking on, no transcript) whose "off" is lost: re-prompted after CLIENT_SPEAKING_MAX_S with no
+    sign of the caller, not never; a caller still talking (interim transcripts) extends it."""
+    from callweaver.engine.relay_session import CLIENT_SPEAKING_MAX_S
+
+    session, engine, sent = silent_session()
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    info(session, "clientSpeaking", "on")
+    clock.now += CLIENT_SPEAKING_MAX_S / 2
+    session.handle(json.dumps({"type": "prompt", "voicePrompt": "I was", "last": False}))  # still talking
+    talked_at = clock.now
+    clock.now = talked_at + CLIENT_SPEAKING_MAX_S - 0.01
+    session.check_silence()
+    assert sent == []
+    assert session.silence_check_at() == pytest.approx(talked_at + CLIENT_SPEAKING_MAX_S + SILENCE_S)
+    clock.now = talked_at + CLIENT_SPEAKING_MAX_S + SILENCE_S
+    session.check_silence()
+    assert texts(sent) == [EN.line("reprompt")]
+
+
+def test_the_socket_alarm_is_set_for_a_lost_speaker_off():
+    """The socket's alarm (routes/relay.py) follows silence_check_at: with an agentSpeaking on reported, it is still
+    set (for when that report stops being trusted), where silence_due_at says nothing is due yet."""
+    session, engine, sent = silent_session()
+    info(session, "agentSpeaking", "off")
+    info(session, "agentSpeaking", "on")
+    assert session.silence_due_at() is None and session.silence_check_at() is not None
+    info(session, "clientSpeaking", "on")
+    assert session.silence_due_at() is None and session.silence_check_at() is not None
+
+
+def test_a_talk_cycle_queued_behind_one_twilio_still_speaks_keeps_the_longer_bound():
+    """Twilio still speaks a long reply (agentSpeaking on, no off yet) when the caller's next words get a short one:
+    Twilio plays it after the long one, so the bound on a lost off counts from the long one's end, not from now."""
+    from callweaver.engine.relay_session import AGENT_SPEAKING_MARGIN_S
+
+    words = "A very long answer about the houses on the market this week and their gardens. " * 10
+    session, engine, sent = silent_session([(words, 0.0)])
+    clock = session.clock
+    info(session, "agentSpeaking", "off")
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_check_at() is not None)
+    closed_at = clock.now
+    info(session, "agentSpeaking", "on")
+    long_end = closed_at + playback_wait_bound_s(words, chars_per_s=EN.speech_chars_per_s, capped=False)
+    clock.now += 5.0
+    engine.done.clear()
+    say(session, "and the price")  # (the test engine answers a later prompt with an empty reply)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_check_at() is not None)
+    assert session.silence_check_at() >= long_end + AGENT_SPEAKING_MARGIN_S + SILENCE_S

@@ -62,7 +62,7 @@ class Session:
         self.silence_at: float | None = None  # on time.monotonic, as RelaySession's clock
         self.silence_checks: list[float] = []
 
-    def silence_due_at(self) -> float | None:
+    def silence_check_at(self) -> float | None:
         return self.silence_at
 
     def check_silence(self) -> None:

@@ -76,3 +76,61 @@ def test_tool_call_fragments_that_are_not_text_are_skipped():
              1: {"name": {"not": "a name"}, "arguments": ['{}']},
              2: {"name": "transition", "arguments": ['{"edge_id": "e1"}']}}
     assert parse_tool_calls("azure", parts) == [("transition", {"edge_id": "e1"})]
+
+
+def test_a_tool_calls_arguments_past_the_size_limit_are_not_kept_and_the_call_is_refused():
+    """~2 MB of arguments streamed in fragments: what is kept in memory stops at the limit, and the call is refused
+    (logged, listed in refused_tool_calls) while a normal call next to it goes through."""
+    import orjson as _orjson
+
+    from callweaver.engine.sse import MAX_TOOL_ARGUMENTS_BYTES, ChatCompletionsStream
+
+    def event(index, name, arguments):
+        delta = {"tool_calls": [{"index": index, "function": {"name": name, "arguments": arguments}}]}
+        return b"data: " + _orjson.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    stream = ChatCompletionsStream()
+    lines = [event(0, "record_variables", '{"applicant_name": "')]
+    lines += [event(0, None, "A" * 10_000) for _ in range(200)]
+    lines += [event(0, None, '"}'), event(1, "transition", '{"edge_id": "e1"}'), b"data: [DONE]"]
+    list(stream.read_lines(lines))
+    kept = sum(len(part) for part in stream._tool_parts[0]["arguments"])
+    assert kept <= MAX_TOOL_ARGUMENTS_BYTES
+    assert stream.tool_calls("azure") == [("transition", {"edge_id": "e1"})]
+    assert stream.refused_tool_calls[0]["name"] == "record_variables"
+    assert stream.refused_tool_calls[0]["argumentsBytes"] > 2_000_000
+
+
+def test_tool_calls_past_the_limit_are_not_kept_and_refused():
+    import orjson as _orjson
+
+    from callweaver.engine.sse import MAX_TOOL_CALLS, ChatCompletionsStream
+
+    def event(index):
+        delta = {"tool_calls": [{"index": index, "function": {"name": "transition", "arguments": '{"edge_id": "e"}'}}]}
+        return b"data: " + _orjson.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    stream = ChatCompletionsStream()
+    list(stream.read_lines([event(i) for i in range(10_000)] + [b"data: [DONE]"]))
+    assert len(stream._tool_parts) == MAX_TOOL_CALLS
+    assert len(stream.tool_calls("azure")) == MAX_TOOL_CALLS
+    assert [call["error"] for call in stream.refused_tool_calls] == [
+        f"not applied: more than {MAX_TOOL_CALLS} tool calls in one reply"]
+
+
+def test_tool_call_fragments_that_are_not_text_are_not_kept_either():
+    """Arguments streamed as JSON objects instead of text (a broken gateway): the call is skipped as unparseable, as
+    before, and the objects are not kept in memory past the limit whatever their number or size."""
+    import orjson as _orjson
+
+    from callweaver.engine.sse import MAX_TOOL_ARGUMENTS_BYTES, ChatCompletionsStream
+
+    def event(arguments):
+        delta = {"tool_calls": [{"index": 0, "function": {"name": "record_variables", "arguments": arguments}}]}
+        return b"data: " + _orjson.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+    stream = ChatCompletionsStream()
+    list(stream.read_lines([event({"applicant_name": "A" * 10_000}) for _ in range(200)] + [b"data: [DONE]"]))
+    kept = len(_orjson.dumps([part for part in stream._tool_parts[0]["arguments"] if part is not None]))
+    assert kept <= MAX_TOOL_ARGUMENTS_BYTES
+    assert stream.tool_calls("azure") == []

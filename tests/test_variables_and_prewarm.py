@@ -87,13 +87,14 @@ def test_prewarm_stops_when_its_call_ends(env, fake_twilio, fake_llm):
     assert svc.reply_cache.stats()["puts"] == 0
 
 
-def test_prewarm_goes_on_past_an_opening_line_the_model_answers_without_words(env, fake_twilio, fake_llm):
-    """A wordless reply gets the apology too, but it is one bad reply, not every provider down: the other opening
-    lines are still warmed."""
+def test_prewarm_goes_on_past_an_opening_line_the_model_answers_without_words(env, fake_twilio, fake_llm,
+                                                                             fake_llm2):
+    """A wordless reply from every provider gets the apology too, but it is one bad reply, not every provider down:
+    the other opening lines are still warmed."""
     app = create_app({**env, "CACHE_PREWARM": "0", "CACHE_TYPE": "SimpleCache"})
     svc = app.extensions["callweaver"]
     utterances = svc.languages.get("en-US").prewarm_utterances
-    fake_llm.responder = lambda body: Reply(
+    fake_llm.responder = fake_llm2.responder = lambda body: Reply(
         text=" " if body["messages"][-1]["content"] == utterances[0] else "Hello there! How can I help?")
     data = app.test_client().post("/api/make-call", json=make_call_body()).get_json()
     stored = svc.engine.prewarm(svc.store.get_call(data["trackingId"]))

@@ -20,7 +20,8 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import is_thai, normalise_speech
+from .speech import MAX_TURN_REPLY_BYTES, SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
+from .sse import tool_error_note
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
 from .workflow.turn import DEFAULT_HISTORY_LIMIT
@@ -33,10 +34,6 @@ _WORD_CHUNK = re.compile(r"\s*\S+")
 PREWARM_INTERVAL_S = 600.0
 MAX_KEPT_MESSAGES = 200  # a call's stored history keeps this many latest messages
 MAX_PARSED_WORKFLOWS = 256  # parsed workflows kept per worker, by version hash
-# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
-# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
-# (Polly speaks at most 3,000 bytes, Twilio warning 13521).
-MAX_TURN_REPLY_BYTES = 2000
 MAX_TAG_CHARS = 200  # an SSML tag open at the cap is finished within this many characters, else left as it is
 MAX_WORD_CHARS = 40  # a word begun before the cap is finished within this many characters, else left as it is
 # How often a running prewarm looks in the store for the end of its call.
@@ -55,7 +52,6 @@ def split_tokens(text: str) -> list[str]:
     return _WORD_CHUNK.findall(text) or ([text] if text else [])
 
 
-_SSML_TAG = re.compile(r"<[^<>]*>")
 # Chinese, Japanese (kana, ideographs) and their full-width punctuation: each character ends a word, as a space does.
 _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
                   "\U00020000-\U0002fa1f]")
@@ -64,11 +60,6 @@ _CJK = re.compile("[\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\
 def spoken_length(text: str) -> int:
     """How many characters of `text` are spoken: SSML tags are not."""
     return len(_SSML_TAG.sub("", text))
-
-
-def has_words(text: str) -> bool:
-    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
-    return bool(_SSML_TAG.sub("", text).strip())
 
 
 # Thai writes no spaces between words (finding them needs a dictionary; the estimate is not that precise anyway): a cut
@@ -196,10 +187,11 @@ class TurnResult:
     cache_lookup_ms: float | None = None
     cache_candidate: tuple | None = None  # (key, CachedReply) written after the reply was sent, never before
     cut_at_cap: bool = False           # the model's text was stopped at MAX_TURN_REPLY_BYTES
-    providers_failed: bool = False     # no provider answered (the apology); False for a wordless reply, apologised for too
+    providers_failed: bool = False     # no provider answered (the apology); False when one answered without words
     reply_text: str = ""               # everything the turn produced, in order (reply + closing line)
     transitioned_via: str | None = None
     tool_calls: list = field(default_factory=list)  # (name, arguments) the model called, in order
+    tool_errors: list = field(default_factory=list)  # calls refused for their size (sse): {name, error, argumentsBytes}
     llm_requests: int = 0
     hedged_requests: int = 0           # second requests a late first token started (LLM_HEDGE_AFTER_MS)
     language_switched: bool = False
@@ -612,13 +604,14 @@ class ConversationEngine:
         if control.cancelled:
             return  # barge-in: nothing after the reply (no routing, no closing line) may happen
         if stream.apology_used:
-            result.providers_failed = True
+            result.providers_failed = not stream.answered_without_words
             self._stay_after_apology(result, state, workflow)
             return
 
         outcome = apply_turn(workflow, state, stream.text, stream.tool_calls, keypad=keypad)
         self._apply_outcome(result, outcome, workflow)
         result.tool_calls = list(stream.tool_calls)
+        result.tool_errors = list(stream.refused_tool_calls)  # logged by sse; the model is told (below, commit_turn)
         offered = {tool["function"]["name"] for tool in plan.tools or ()}
         for name in {name for name, _args in stream.tool_calls if name not in offered}:
             log.warning("llm_called_a_tool_not_offered", tool=name[:80], node=plan.node_id)  # ignored by apply_turn
@@ -640,14 +633,17 @@ class ConversationEngine:
             plan2 = plan_turn(workflow, moved, utterance, language_instruction=entry.llm_instruction,
                               history_limit=self.history_limit)
             llm_span = self._llm_span(result, None, options)
-            stream2 = chain.stream(plan2.messages, tools=None, temperature=options.get("temperature"),
+            messages2 = plan2.messages
+            if result.tool_errors:  # the model's call was refused: it must not answer as if it had been applied
+                messages2 = [*messages2, {"role": "system", "content": tool_error_note(result.tool_errors)}]
+            stream2 = chain.stream(messages2, tools=None, temperature=options.get("temperature"),
                                    max_tokens=options.get("max_tokens"), model=options.get("model"),
                                    apology=entry.line("apology"))
             yield from self._relay_stream(result, stream2, control, llm_span)
             if control.cancelled:
                 return
             if stream2.apology_used:
-                result.providers_failed = True
+                result.providers_failed = not stream2.answered_without_words
                 self._stay_after_apology(result, state, workflow)  # the tool's routing is undone with it
                 return
         worded = has_words(result.reply_text)
@@ -662,7 +658,7 @@ class ConversationEngine:
         elif not worded and outcome.action:
             yield from self._emit_after(result, entry.line("goodbye"))  # a lone <break/> is no goodbye
         if (key and self.cache is not None and outcome.action is None and not stream.tool_calls
-                and not result.cut_at_cap
+                and not result.tool_errors and not result.cut_at_cap
                 and outcome.next_node == state.current_node
                 and reply_is_safe_to_cache(stream.text, variables=outcome.variables, tool_calls=stream.tool_calls,
                                            node_cacheable=plan.cacheable,
@@ -764,15 +760,20 @@ class ConversationEngine:
         messages.append({"role": "user", "content": turn.utterance})
         if r.keys and not interrupted:
             heard = f"{heard} [pressed {r.keys} on the keypad]".strip()
-        if heard:
-            messages.append({"role": "assistant", "content": heard})
+        # The model reads why its call was not applied, in the history it is sent next; the transcript's `heard`
+        # stays what the caller heard (the refusal is shown with the tool call).
+        told = f"{heard} {tool_error_note(r.tool_errors)}".strip() if r.tool_errors else heard
+        if told:
+            messages.append({"role": "assistant", "content": told})
         action, next_node = action_and_next_node(r, interrupted)
         fields: dict[str, Any] = {"messages": messages[-MAX_KEPT_MESSAGES:], "current_node": next_node,
                                   "variables": r.variables, "language": r.language}
         entry = None
         if self.record_transcripts:
             entry = {"said": turn.utterance, "spoken": r.reply_text, "heard": heard, "interrupted": interrupted,
-                     "toolCalls": [{"name": name, "arguments": arguments} for name, arguments in r.tool_calls]}
+                     "toolCalls": [*({"name": name, "arguments": arguments} for name, arguments in r.tool_calls),
+                                   *({"name": e["name"], "error": e["error"], "argumentsBytes": e["argumentsBytes"]}
+                                     for e in r.tool_errors)]}
         turn_row = {
             "path": path, "nodeId": r.node_id, "nextNodeId": next_node, "callerTextChars": len(turn.utterance),
             "source": r.source, "provider": r.provider, "providerTtftMs": r.provider_ttft_ms,

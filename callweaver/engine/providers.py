@@ -22,6 +22,7 @@ from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitS
 from .continuation import ContinuationJoiner, continuation_messages
 from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
                        StatusError)
+from .speech import MAX_TURN_REPLY_BYTES, begins_speech, has_words
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
 
@@ -32,6 +33,9 @@ log = structlog.get_logger()
 
 
 DEFAULT_APOLOGY = "Sorry, I'm having trouble right now. Could you say that again?"
+# A reply with text but not one word to say aloud (whitespace, SSML tags): nothing usable, so the provider counts as
+# failing and the turn goes to the next one, as for an empty reply; the reason failover logs and counts.
+WORDLESS_REPLY = "wordless_reply"
 
 # --------------------------------------------------------------------------- configuration
 
@@ -140,6 +144,7 @@ class _TurnState:
 
     text: str = ""
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
+    refused_tool_calls: list[dict] = field(default_factory=list)  # over sse's size limits: not applied
     provider: str | None = None
     provider_ttft_ms: float | None = None
     ttft_provider: str | None = None  # whose first token provider_ttft_ms timed (a continued reply's is earlier)
@@ -189,6 +194,11 @@ class ReplyStream:
         return self._state.tool_calls
 
     @property
+    def refused_tool_calls(self) -> list[dict]:
+        """Tool calls the model made that were refused for their size (sse.parse_tool_calls): never applied."""
+        return self._state.refused_tool_calls
+
+    @property
     def provider(self) -> str | None:
         return self._state.provider
 
@@ -207,6 +217,12 @@ class ReplyStream:
     @property
     def hedged_requests(self) -> int:
         return self._state.hedged_requests
+
+    @property
+    def answered_without_words(self) -> bool:
+        """A provider answered this turn, but without words (it failed over as WORDLESS_REPLY): the apology that
+        may follow is one bad reply, not every provider down."""
+        return any(failover["reason"] == WORDLESS_REPLY for failover in self._state.failovers)
 
 
 def _abort_exchange(state: _TurnState) -> None:
@@ -360,6 +376,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
         raise
     won = winner.state
     state.tool_calls.extend(won.tool_calls)
+    state.refused_tool_calls.extend(won.refused_tool_calls)
     state.provider = won.provider
     if state.provider_ttft_ms is None:
         state.provider_ttft_ms, state.ttft_provider = won.provider_ttft_ms, won.ttft_provider
@@ -401,6 +418,9 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
     """One attempt: yields text tokens; raises ProviderError on any upstream failure (mapped from llm_http's)."""
     spoken_before = state.text
     joiner = ContinuationJoiner(spoken_before) if spoken_before else None
+    # Before the reply's first word, its text is held: a reply that never says one fails over (WORDLESS_REPLY) with
+    # nothing of it sent to the caller. A continuation of words already spoken is not held.
+    held: str | None = None if has_words(spoken_before) else ""
     messages = continuation_messages(request.messages, spoken_before) if spoken_before else request.messages
     first_token_seen = False
     stall_timeout_s = settings.stall_timeout_s
@@ -444,6 +464,15 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                         deadline = now + stall_timeout_s
                     if content:
                         speakable = joiner.feed(content) if joiner is not None else content
+                        if speakable and held is not None:
+                            held += speakable
+                            speakable = ""
+                            if begins_speech(held):
+                                speakable, held = held, None
+                            elif len(held.encode()) > MAX_TURN_REPLY_BYTES:
+                                # The turn would cut the reply before any word (a model looping on breaks or
+                                # newlines): fail over now, not after the whole runaway generation.
+                                raise ProviderError(WORDLESS_REPLY)
                         if speakable:
                             state.text += speakable
                             yield speakable
@@ -465,9 +494,15 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                     state.text += tail
                     yield tail
             tool_calls = sse.tool_calls(provider.name)
-            if not state.text and not tool_calls:
-                raise ProviderError("empty_reply")
+            refused = sse.refused_tool_calls  # an answer too (the model is told why it was not applied)
+            if held is not None:  # no word yet (or only after a "<" that no ">" closed: spoken now)
+                if not has_words(held) and not tool_calls and not refused:
+                    raise ProviderError(WORDLESS_REPLY if held else "empty_reply")
+                if held:  # (a tool call's stray whitespace or tag: the turn's routing reads it as wordless)
+                    state.text += held
+                    yield held
             state.tool_calls.extend(tool_calls)
+            state.refused_tool_calls.extend(refused)
             state.provider = provider.name
         finally:
             state.active_exchange = None

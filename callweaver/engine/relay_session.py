@@ -40,6 +40,16 @@ SLOW_SPEECH_FACTOR = 2 / 3      # a slow voice speaks at two thirds of the langu
 # one WebSocket across the internet (tens of milliseconds; a delayed TCP segment takes longer and no grace covers it
 # all). 200 ms is several times that jitter and costs a goodbye heard to its end 200 ms of silence before the hang-up.
 CLOSING_INTERRUPT_GRACE_S = 0.2
+# Twilio does not guarantee its speaker events (a socket hiccup loses a frame), and the silence count waits for the
+# "off" of an agentSpeaking/clientSpeaking "on": one lost would leave the call unprompted until its TimeLimit (up to an
+# hour, billed). So a report is trusted only so long. Agent: the whole playback estimate of the last talk cycle
+# (playback_wait_bound_s, uncapped: slow speech, plus the longest wait for a recording) from when it was sent, plus this
+# margin for Twilio's speech synthesis and network delays (more than PLAYBACK_WAIT_MAX_S, the longest wait any closing
+# line gets), and never less than this margin from the "on" itself.
+AGENT_SPEAKING_MARGIN_S = 30.0
+# Caller: a clientSpeaking "on" with no transcript (final or interim), key or "off" for this long. A final transcript
+# ends it, and interim ones extend it; only a long monologue on a call without partial prompts comes near it.
+CLIENT_SPEAKING_MAX_S = 60.0
 MAX_SETUP_FIELD_CHARS = 200     # a setup field kept on the call record (numbers, names, ids) is cut to this
 MAX_ERROR_TEXT_CHARS = 300      # Twilio's error description, as logged
 SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store down) before the call ends
@@ -48,6 +58,11 @@ SETUP_READ_RETRIES = 2          # reads of a call `setup` could not read (store 
 NO_FINAL_AFTER_S = 5.0
 # handoffData reason of the `end` a stopping worker sends (RelaySession.hand_over): the action URL reconnects the call.
 HANDOVER = "handover"
+# Call meta key: what the caller said (or typed) while the call was being handed over, which the stopping worker no
+# longer answers; the resumed session answers it at its `setup`, after its welcome greeting. Kept to its latest
+# MAX_CARRIED_OVER_CHARS.
+CARRIED_OVER = "carriedOver"
+MAX_CARRIED_OVER_CHARS = 1000
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
@@ -97,7 +112,7 @@ class RelaySession:
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
                  "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
-                 "_twilio_speaking", "_client_speaking")
+                 "_twilio_speaking", "_client_speaking", "_agent_on_until", "_client_on_until")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -155,6 +170,10 @@ class RelaySession:
         self._reprompted = False  # "are you still there?" said in this silence: the next one ends the call
         self._twilio_speaking: bool | None = None  # what Twilio last REPORTED (agentSpeaking; None: nothing yet)
         self._client_speaking = False  # Twilio's last clientSpeaking was "on" (no final transcript since)
+        # On `clock`: an agentSpeaking "on" with no "off" by then is taken as lost (the last talk cycle's whole
+        # playback estimate from when it closed, plus AGENT_SPEAKING_MARGIN_S).
+        self._agent_on_until = 0.0
+        self._client_on_until = 0.0  # on `clock`: a clientSpeaking "on" with no caller input since, likewise
 
     @property
     def _fell_silent(self) -> threading.Event:
@@ -258,6 +277,44 @@ class RelaySession:
         self._quiet_after(greeting)  # Twilio speaks the welcome greeting, then listens
         log.info("relay_setup", tracking_id=record.tracking_id, resumed=bool(params.get("resumed")),
                  direction=setup.get("direction"))
+        if params.get("resumed"):
+            self._answer_carried_over()
+
+    def _carry_over(self, said: str, lang: str | None) -> bool:
+        """The caller spoke (or typed) while this worker hands the call over: not answered here, so kept in the
+        store (CARRIED_OVER) for the resumed session to answer, and logged. Only for a handover: words said over a
+        goodbye, a transfer or an error ending are not (the call ends). False when nothing was kept."""
+        forced = json.loads(self._forced_end["handoffData"]).get("reason") if self._forced_end else HANDOVER
+        if not self._handing_over or self._closing_end is not None or forced != HANDOVER or self.record is None:
+            return False
+        earlier = (self.record.meta or {}).get(CARRIED_OVER) or {}
+        text = f"{earlier.get('text') or ''} {said}".strip()[-MAX_CARRIED_OVER_CHARS:]
+        lang = lang or earlier.get("lang")
+        try:
+            meta = self.engine.store.update_meta(self.record.tracking_id, {CARRIED_OVER: {"text": text, "lang": lang}})
+        except Exception:
+            log.exception("relay_words_at_handover_lost", chars=len(said))
+            return True  # (logged: not silently)
+        if meta is not None:
+            self.record = dataclasses.replace(self.record, meta=meta)
+        log.warning("relay_words_at_handover_carried_over", chars=len(said), carried_chars=len(text))
+        return True
+
+    def _answer_carried_over(self) -> None:
+        """A resumed session: answer what the caller said while the call was handed over (CARRIED_OVER), once.
+        Twilio speaks the welcome greeting first (a new talk cycle waits for it)."""
+        carried = (self.record.meta or {}).get(CARRIED_OVER)
+        text = str(carried.get("text") or "").strip() if isinstance(carried, dict) else ""
+        if not text:
+            return
+        try:
+            meta = self.engine.store.update_meta(self.record.tracking_id, remove=(CARRIED_OVER,))
+            if meta is not None:
+                self.record = dataclasses.replace(self.record, meta=meta)
+        except Exception:  # answered anyway: the caller is waiting (a later resume might answer it again)
+            log.exception("relay_carried_over_not_removed")
+        log.info("relay_answering_words_from_handover", chars=len(text))
+        self._start_reply(text, self.clock(), lang=carried.get("lang"))
 
     def _read_setup_again(self) -> None:
         """`setup` could not read the call (the store failed) and the caller was asked to say it again: a whole
@@ -292,10 +349,11 @@ class RelaySession:
         if self._speech_cadence is not None:
             self._speech_cadence.turn_ended()
         self._latest_partial, self._caller_silent = None, False
-        if self._closing:
-            log.info("relay_prompt_while_closing")
-            return
         text = message.voice_prompt.strip()
+        if self._closing:
+            if not (text and self._carry_over(text, message.lang)):
+                log.info("relay_prompt_while_closing", chars=len(text))
+            return
         if not text:
             return
         if self._digits:  # the caller spoke while typing: the digits so far go with the words
@@ -435,6 +493,8 @@ class RelaySession:
             log.warning("relay_bad_digit")
             return
         if self._closing:
+            if not self._carry_over(self._keypad_note(digit), None):
+                log.info("relay_digit_while_closing")
             return
         self._heard_caller(self.clock())
         if not self._digits:
@@ -458,7 +518,8 @@ class RelaySession:
         if self._closing:
             # Typed before the call began to end (an error ending, a handover): a reply now would be cut by the end
             # (a handover's resumed session asks the caller to go on), as prompts meanwhile are not answered.
-            log.info("relay_digits_while_closing", digits=len(digits))
+            if not self._carry_over(self._keypad_note(digits), None):
+                log.info("relay_digits_while_closing", digits=len(digits))
             return
         self._read_setup_again()
         if self.record is None:
@@ -590,8 +651,10 @@ class RelaySession:
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
+            if message.agent_speaking:  # trusted while the last talk cycle may still play, and the margin from now
+                self._agent_on_until = max(self._agent_on_until, self.clock() + AGENT_SPEAKING_MARGIN_S)
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
-                self._silence_from = None if message.agent_speaking else self.clock()
+                self._silence_from = self.clock()  # (while the agent speaks, nothing is due: silence_due_at)
             if message.agent_fell_silent:
                 self._fell_silent.set()
         elif message.client_speaking is not None:
@@ -724,7 +787,7 @@ class RelaySession:
         after GUNICORN_GRACEFUL_TIMEOUT, mid-sentence). So end the session at the next clean point, with `end`
         {"reason": "handover"}: once the reply in flight has been sent, committed and played, else at once. Twilio
         then asks the action URL, which lands on a running instance and reconnects the call from the store. The
-        caller's new words are not answered here meanwhile (the resumed session's greeting asks them to go on);
+        caller's new words are not answered here meanwhile: they are kept for the resumed session (_carry_over);
         a goodbye or transfer already under way ends the call as it would have. `deadline` (on `clock`): the
         `end` goes out by then, before the stopping worker is killed, even if the reply has not finished playing."""
         if self.ended or self._handing_over:
@@ -914,32 +977,57 @@ class RelaySession:
         """A talk cycle closed: the caller's silence counts from when `spoken` (after a node's recording:
         `with_audio`; in `language`, else the call's) has played. Twilio's agentSpeaking off says when (_on_info):
         while its last report is "on", nothing counts until its "off". Otherwise from the longest the whole of it
-        may take to play."""
-        if self._twilio_speaking:
-            self._silence_from = None
-        else:
-            self._silence_from = self.clock() + playback_wait_bound_s(
-                spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio, capped=False)
+        may take to play; a report of "on" whose "off" does not come within that (and a margin) is taken as lost."""
+        now = self.clock()
+        playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio,
+                                           capped=False)
+        # For its "on", reported or to come. Twilio still speaking an earlier cycle plays this one after it.
+        start = max(now, self._agent_on_until - AGENT_SPEAKING_MARGIN_S) if self._twilio_speaking else now
+        self._agent_on_until = start + playback_s + AGENT_SPEAKING_MARGIN_S
+        self._silence_from = now if self._twilio_speaking else now + playback_s
 
     def _notify_quiet(self) -> None:
         """From a reply's own task, once it has stopped streaming: the socket sets its alarm for the new deadline
         (only when there is one: with silence handling off a reply's end wakes nobody)."""
-        if self.on_quiet is not None and self.silence_due_at() is not None:
+        if self.on_quiet is not None and self.silence_check_at() is not None:
             self.on_quiet()
 
     def _heard_caller(self, at: float) -> None:
         """Any caller input (speech, a partial transcript, a key, a barge-in): the silence starts again, once the
-        caller has stopped talking (clientSpeaking off) if Twilio said they are."""
-        self._silence_from, self._reprompted = (None if self._client_speaking else at), False
+        caller has stopped talking (clientSpeaking off) if Twilio said they are, or has given no sign of talking
+        for CLIENT_SPEAKING_MAX_S (that "off" was lost)."""
+        self._silence_from, self._reprompted = at, False
+        if self._client_speaking:
+            self._client_on_until = at + CLIENT_SPEAKING_MAX_S
 
     def silence_due_at(self) -> float | None:
         """When the caller's silence is due to be handled (check_silence), on `clock`; None while it cannot be:
         before `setup`, while a reply streams or a typed entry is open, while a closing line or handover plays,
-        while the agent speaks, or with silence handling off."""
-        if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
-                or self._streaming or self._closing or self._digits or self._twilio_speaking or self._client_speaking):
+        while either side speaks (as Twilio last reported, within the bounds on a lost "off"), or with silence
+        handling off."""
+        due = self.silence_check_at()
+        if due is None or self._reported_speaking():
             return None  # (either side's "off" starts the count again)
-        return self._silence_from + self.silence_timeout_s
+        return due
+
+    def silence_check_at(self) -> float | None:
+        """When the socket's alarm must next call check_silence, on `clock` (None: never, until something changes):
+        when the silence is due, counting a speaker's "on" without its "off" as lost once its bound has passed."""
+        if (self._silence_from is None or self.silence_timeout_s <= 0 or self.record is None or self.ended
+                or self._streaming or self._closing or self._digits):
+            return None
+        start = self._silence_from
+        if self._twilio_speaking:
+            start = max(start, self._agent_on_until)
+        if self._client_speaking:
+            start = max(start, self._client_on_until)
+        return start + self.silence_timeout_s
+
+    def _reported_speaking(self) -> bool:
+        """Twilio's last report says a side is speaking, and that report is still within its bound."""
+        now = self.clock()
+        return bool((self._twilio_speaking and now < self._agent_on_until)
+                    or (self._client_speaking and now < self._client_on_until))
 
     def check_silence(self) -> None:
         """Called by the socket's alarm: once the silence is due, ask "are you still there?" (the `reprompt`
@@ -947,6 +1035,12 @@ class RelaySession:
         due = self.silence_due_at()
         if due is None or self.clock() < due:
             return
+        if self._twilio_speaking or self._client_speaking:
+            # Its "off" never came (Twilio does not guarantee speaker events): from here on the state is unknown,
+            # and the next talk cycle's silence counts from its playback estimate until Twilio reports again.
+            log.warning("relay_speaker_off_presumed_lost", agent=bool(self._twilio_speaking),
+                        caller=self._client_speaking)
+            self._twilio_speaking, self._client_speaking = None, False
         if not self._reprompted:
             self._reprompted = True
             log.info("relay_silence_reprompt", silence_s=self.silence_timeout_s)

@@ -6,6 +6,7 @@ punctuation they guess); everything that compares a caller's words goes through 
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Marks that end a sentence: Latin, CJK full-width, Arabic, Urdu, Devanagari. One definition for both directions:
@@ -88,3 +89,23 @@ def is_cjk(char: str) -> bool:
 def is_thai(char: str) -> bool:
     """True for a character of the Thai script, which is written without spaces between words too."""
     return "\u0e00" <= char <= "\u0e7f"
+
+
+# A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
+# (a flow without maxTokens) would otherwise talk for minutes, grow every later request, and overflow one <Say>
+# (Polly speaks at most 3,000 bytes, Twilio warning 13521). The turn cuts there (conversation.py); a reply's start
+# held until its first word (providers.py) is no longer than that either.
+MAX_TURN_REPLY_BYTES = 2000
+SSML_TAG = re.compile(r"<[^<>]*>")
+_OPEN_TAG_AT_END = re.compile(r"<[^<>]*$")
+
+
+def has_words(text: str) -> bool:
+    """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
+    return bool(SSML_TAG.sub("", text).strip())
+
+
+def begins_speech(text: str) -> bool:
+    """Whether the start of a streamed reply says a word already: `has_words`, with a tag still being streamed at its
+    end (`<break`, not yet closed) counted as a tag, not as words."""
+    return has_words(_OPEN_TAG_AT_END.sub("", text))

@@ -320,7 +320,7 @@ class RelaySocket:
         at = now + self.claim.seconds_to_renewal()
         if self.setup_deadline is not None:
             at = min(at, self.setup_deadline)
-        silence_at = self.session.silence_due_at()  # on the session's clock: time.monotonic, as here
+        silence_at = self.session.silence_check_at()  # on the session's clock: time.monotonic, as here
         if silence_at is not None:
             at = min(at, silence_at)
         if self.alarm is not None:

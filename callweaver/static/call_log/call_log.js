@@ -192,7 +192,9 @@
       talk.appendChild(el("p", "reason", "caller said " + t.callerTextChars + " characters (no transcript kept)"));
     }
     if (t.toolCalls && t.toolCalls.length) {
-      t.toolCalls.forEach(function (c) { talk.appendChild(el("div", "tools", c.name + " " + JSON.stringify(c.arguments))); });
+      t.toolCalls.forEach(function (c) {
+        talk.appendChild(el("div", "tools", (c.name || "tool call") + " " + (c.error ? "(" + c.error + ")" : JSON.stringify(c.arguments))));
+      });
     } else if (t.toolNames && t.toolNames.length) {
       talk.appendChild(el("div", "tools", t.toolNames.join(", ")));
     }
