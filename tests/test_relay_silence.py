@@ -522,3 +522,30 @@ def test_a_talk_cycle_queued_behind_one_twilio_still_speaks_keeps_the_longer_bou
     assert engine.done.wait(5)
     wait_until(lambda: session.silence_check_at() is not None)
     assert session.silence_check_at() >= long_end + AGENT_SPEAKING_MARGIN_S + SILENCE_S
+
+
+def test_a_node_recording_twilio_reports_playing_is_never_cut_by_the_lost_off_bound():
+    """A node's recording has no known length (a three-minute message is a fair flow): while Twilio reports the
+    agent speaking during a cycle with a recording, the report is trusted until its "off" (TimeLimit caps a lost
+    one), as before the bound existed; after the "off", the next cycles are bounded again."""
+    audio = SimpleNamespace(url="https://example.com/a.mp3", interruptible=True)
+    session, engine, sent = silent_session([("AUDIO", 0.0), ("Hi.", 0.0)], entered_audio=audio)
+    clock = session.clock
+    info(session, "agentSpeaking", "off")  # the greeting played
+    say(session)
+    assert engine.done.wait(5)
+    wait_until(lambda: session.silence_check_at() is not None or session._twilio_speaking is not None)
+    info(session, "agentSpeaking", "on")  # Twilio plays the recording, then the words
+    spoken = len(texts(sent))
+    clock.now += 600.0  # a ten-minute recording, still playing
+    session.check_silence()
+    assert len(texts(sent)) == spoken  # no "are you still there?" over the recording
+    assert session.silence_check_at() is None
+    info(session, "agentSpeaking", "off")  # it ended
+    clock.now += SILENCE_S
+    session.check_silence()
+    assert texts(sent)[-1] == EN.line("reprompt")
+    info(session, "agentSpeaking", "on")  # the re-prompt (no recording): its lost "off" is bounded again
+    clock.now += 3600.0
+    session.check_silence()
+    assert texts(sent)[-1] == EN.line("goodbye")

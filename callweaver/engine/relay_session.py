@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import threading
 import time
@@ -653,6 +654,8 @@ class RelaySession:
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
             if message.agent_speaking:  # trusted while the last talk cycle may still play, and the margin from now
                 self._agent_on_until = max(self._agent_on_until, self.clock() + AGENT_SPEAKING_MARGIN_S)
+            else:  # everything queued has played (a recording's unbounded trust ends here)
+                self._agent_on_until = 0.0
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
                 self._silence_from = self.clock()  # (while the agent speaks, nothing is due: silence_due_at)
             if message.agent_fell_silent:
@@ -981,9 +984,11 @@ class RelaySession:
         now = self.clock()
         playback_s = playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language), with_audio=with_audio,
                                            capped=False)
-        # For its "on", reported or to come. Twilio still speaking an earlier cycle plays this one after it.
+        # For its "on", reported or to come. Twilio still speaking an earlier cycle plays this one after it. A node's
+        # recording has no known length: a report of "on" over it is trusted until its "off" (TimeLimit caps a lost
+        # one), never cut short by an estimate.
         start = max(now, self._agent_on_until - AGENT_SPEAKING_MARGIN_S) if self._twilio_speaking else now
-        self._agent_on_until = start + playback_s + AGENT_SPEAKING_MARGIN_S
+        self._agent_on_until = math.inf if with_audio else start + playback_s + AGENT_SPEAKING_MARGIN_S
         self._silence_from = now if self._twilio_speaking else now + playback_s
 
     def _notify_quiet(self) -> None:
@@ -1021,6 +1026,8 @@ class RelaySession:
             start = max(start, self._agent_on_until)
         if self._client_speaking:
             start = max(start, self._client_on_until)
+        if start == math.inf:
+            return None  # a recording Twilio still reports playing: nothing is due until its "off"
         return start + self.silence_timeout_s
 
     def _reported_speaking(self) -> bool:
