@@ -209,6 +209,27 @@ for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], 
 return index
 """
 
+# KEYS: call, turns list, statuses, relay claim, calls:created, calls:ended, turns:by_time
+# ARGV: tracking id, sid index prefix.  Deletes one purged call with its index entries; returns 1 if it existed.
+# Only commands Redis runs at `maxmemory` (reads, DEL, ZREM; a MULTI is refused whole there), so retention still
+# frees a full Redis that refuses every other write (`noeviction`).
+_PURGE_CALL = """
+local sid = redis.call('HGET', KEYS[1], 'call_sid')
+if sid and sid ~= 'null' then
+  local sid_key = ARGV[2] .. cjson.decode(sid)
+  if redis.call('GET', sid_key) == ARGV[1] then redis.call('DEL', sid_key) end
+end
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+for index, item in ipairs(items) do
+  redis.call('ZREM', KEYS[7], string.format('%010d', index - 1) .. ':' .. item)
+end
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+return existed
+"""
+
 # A claim's hash outlives its lease (as SQLite's row does), so its owner's late renewal (a store outage or a
 # stalled worker longer than the lease) keeps the call while no other socket took it; the lease itself is
 # `expires_at`, in ms on Redis's own clock (TIME), so instances with skewed clocks agree on it.
@@ -305,6 +326,7 @@ class RedisStore:
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
+                    "purge_call": client.register_script(_PURGE_CALL),
                 }
                 self._client = client
             return self._client
@@ -699,28 +721,12 @@ class RedisStore:
         ended_key = self._key("calls", "ended")
         with self._backend() as client:
             tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
-            purged = 0
-            for tracking_id in tracking_ids:
-                call_key = self._key("call", tracking_id)
-                turns_key = self._key("turns", tracking_id)
-                call_sid_json, turn_items = client.hget(call_key, "call_sid"), client.lrange(turns_key, 0, -1)
-                pipe = client.pipeline(transaction=True)
-                pipe.delete(call_key, turns_key, self._key("statuses", tracking_id), self._key("relay", tracking_id))
-                pipe.zrem(self._key("calls", "created"), tracking_id)
-                pipe.zrem(ended_key, tracking_id)
-                if turn_items:
-                    pipe.zrem(
-                        self._key("turns", "by_time"),
-                        *(f"{index:010d}:{item}" for index, item in enumerate(turn_items)),
-                    )
-                call_sid = json.loads(call_sid_json) if call_sid_json else None
-                if call_sid:
-                    # Only if the index still points at this call.
-                    sid_key = self._key("sid", call_sid)
-                    if client.get(sid_key) == tracking_id:
-                        pipe.delete(sid_key)
-                deleted = pipe.execute()[0]
-                purged += 1 if deleted else 0
+        purged = 0
+        for tracking_id in tracking_ids:  # one short script per call: other clients are never held up long
+            purged += int(self._script("purge_call", [
+                self._key("call", tracking_id), self._key("turns", tracking_id), self._key("statuses", tracking_id),
+                self._key("relay", tracking_id), self._key("calls", "created"), ended_key,
+                self._key("turns", "by_time")], [tracking_id, self._key("sid", "")]))
         return purged
 
     def purge_transcripts(self, older_than: float) -> int:
@@ -750,5 +756,12 @@ class RedisStore:
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        with self._backend() as client:
-            return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
+        """As the Store says, except on a Redis at `maxmemory` that refuses writes (`noeviction`): the lease cannot
+        be written there, so every worker takes it and the retention purge (harmless to repeat) frees the store."""
+        try:
+            with self._backend() as client:
+                return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
+        except StoreError as exc:
+            if isinstance(exc.__cause__, redis.OutOfMemoryError):
+                return True
+            raise
