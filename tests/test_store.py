@@ -442,6 +442,23 @@ def test_commit_turn_transcript_survives_a_purge_of_transcripts_and_appends_afte
     assert store.get_call("call_1").transcript == [{"said": "late"}]
 
 
+def test_emptying_transcripts_changes_only_history_transcript_and_the_purge_mark(store):
+    """Both backends alike: the record's other fields, updated_at included (the call log's "last activity"),
+    are what they were; emptying is one write, the purge mark with it."""
+    store.create_call(make_record(created_at=10.0, messages=[{"role": "user", "content": CANTONESE}],
+                                  transcript=[{"said": "hi"}], meta={"setup": {"direction": "inbound"}}))
+    store.update_call("call_1", ended_at=20.0, status="completed")
+    before = store.get_call("call_1")
+
+    assert store.purge_transcripts(older_than=30.0) == 1
+
+    after = store.get_call("call_1")
+    assert after.messages == [] and after.transcript == []
+    assert set(after.meta) == {"setup", "transcriptPurgedAt"}
+    assert dataclasses.replace(after, messages=before.messages, transcript=before.transcript,
+                               meta=before.meta) == before
+
+
 # -- listing, workflows, health, purge ---------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -140,13 +141,6 @@ if score then
   redis.call('ZREM', KEYS[2], member .. ARGV[1])
   redis.call('ZADD', KEYS[2], score, member .. ARGV[2])
 end
-return 1
-"""
-
-# KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
-_SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
@@ -322,7 +316,6 @@ class RedisStore:
                     "append_turn": client.register_script(_APPEND_TURN),
                     "commit_turn": client.register_script(_COMMIT_TURN),
                     "amend_last_turn": client.register_script(_AMEND_LAST_TURN),
-                    "set_if_exists": client.register_script(_SET_IF_EXISTS),
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
@@ -732,6 +725,19 @@ class RedisStore:
     def purge_transcripts(self, older_than: float) -> int:
         ended_key = self._key("calls", "ended")
         purged_at = time.time()
+
+        def empty(pipe, call_key: str) -> bool:
+            """One call, as SQLite's UPDATE: history, transcript and the purge mark in one write (WATCH/MULTI),
+            nothing else (updated_at stays the call's last activity)."""
+            exists, messages, transcript, meta = pipe.hmget(call_key, ["tracking_id", "messages", "transcript",
+                                                                       "meta"])
+            if exists is None or all(value in (None, "[]", "null") for value in (messages, transcript)):
+                return False
+            pipe.multi()
+            pipe.hset(call_key, mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(merge_meta(
+                json.loads(meta) if meta else {}, {"transcriptPurgedAt": purged_at}))})
+            return True
+
         purged = 0
         with self._backend() as client:
             tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
@@ -740,19 +746,11 @@ class RedisStore:
                 pipe = client.pipeline(transaction=False)
                 for tracking_id in chunk:
                     pipe.hmget(self._key("call", tracking_id), ["messages", "transcript"])
-                writes = client.pipeline(transaction=False)
-                emptied = []
-                for tracking_id, (messages, transcript) in zip(chunk, pipe.execute()):
-                    if not any(value not in (None, "[]") for value in (messages, transcript)):
-                        continue
-                    emptied.append(tracking_id)
-                    self._scripts["set_if_exists"](
-                        keys=[self._key("call", tracking_id)],
-                        args=["messages", "[]", "transcript", "[]"], client=writes)
-                for tracking_id, existed in zip(emptied, writes.execute()):
-                    if existed:
-                        purged += 1
-                        self.update_meta(tracking_id, {"transcriptPurgedAt": purged_at})
+                for tracking_id, values in zip(chunk, pipe.execute()):
+                    if any(value not in (None, "[]", "null") for value in values):  # only these are read again
+                        call_key = self._key("call", tracking_id)
+                        purged += client.transaction(functools.partial(empty, call_key=call_key), call_key,
+                                                     value_from_callable=True)
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
