@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from callweaver.config import MAX_CALL_DURATION_LIMIT_S
 from callweaver.store import CallRecord, Store, StoreError, build_store
 from callweaver.store.redis import RedisStore
 from callweaver.store.sqlite import SQLiteStore
@@ -623,6 +624,24 @@ def test_purge_deletes_only_calls_ended_before_the_cutoff_with_their_turns_and_s
     assert [r.tracking_id for r in store.list_calls()] == ["recent", "live"]
     assert store.get_call("recent").ended_at == 200.0
     assert store.purge(older_than=150.0) == 0
+
+
+def test_a_call_whose_end_was_never_recorded_is_purged_once_no_call_could_still_be_running(store):
+    """A lost terminal status callback (Twilio does not retry one refused during a store outage, or sent to an
+    instance that died) left the call unended for ever: never purged and its transcript never emptied, whatever
+    RETENTION_DAYS and TRANSCRIPT_RETENTION_DAYS say. Twilio ends every call within MAX_CALL_DURATION_LIMIT_S."""
+    said = [{"role": "user", "content": CANTONESE}]
+    store.create_call(make_record("lost", call_sid="CA_lost", created_at=10.0, messages=said))
+    store.create_call(make_record("running", created_at=1000.0, messages=said))
+    store.append_turn("lost", {"n": 0, "at": 20.0})
+    cutoff = 10.0 + MAX_CALL_DURATION_LIMIT_S + 1.0  # "running" may still be on the line at that time
+
+    assert store.purge_transcripts(older_than=cutoff) == 1
+    assert store.get_call("lost").messages == [] and store.get_call("running").messages == said
+    assert store.purge(older_than=cutoff) == 1
+    assert store.get_call("lost") is None and store.turns("lost") == [] and store.find_tracking_id("CA_lost") is None
+    assert [r.tracking_id for r in store.list_calls()] == ["running"]
+    assert store.count_live_calls() == 1
 
 
 def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):

@@ -29,6 +29,7 @@ from callweaver.store import (
     merge_meta,
     row_holds,
     stored_turn,
+    unended_created_before,
 )
 
 # Calls read per round trip while a filtered call-log page walks the created-at index.
@@ -710,10 +711,19 @@ class RedisStore:
             client.ping()
             return (time.perf_counter() - started) * 1000
 
+    def _expired_tracking_ids(self, client: redis.Redis, older_than: float) -> list[str]:
+        """The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long
+        enough before it (unended_created_before)."""
+        ended = client.zrangebyscore(self._key("calls", "ended"), "-inf", f"({_json_number(older_than)}")
+        old = client.zrangebyscore(self._key("calls", "created"), "-inf",
+                                   f"({_json_number(unended_created_before(older_than))}")
+        ended_at = client.zmscore(self._key("calls", "ended"), old) if old else []
+        return ended + [tracking_id for tracking_id, end in zip(old, ended_at) if end is None]
+
     def purge(self, older_than: float) -> int:
         ended_key = self._key("calls", "ended")
         with self._backend() as client:
-            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            tracking_ids = self._expired_tracking_ids(client, older_than)
         purged = 0
         for tracking_id in tracking_ids:  # one short script per call: other clients are never held up long
             purged += int(self._script("purge_call", [
@@ -723,7 +733,6 @@ class RedisStore:
         return purged
 
     def purge_transcripts(self, older_than: float) -> int:
-        ended_key = self._key("calls", "ended")
         purged_at = time.time()
 
         def empty(pipe, call_key: str) -> bool:
@@ -740,7 +749,7 @@ class RedisStore:
 
         purged = 0
         with self._backend() as client:
-            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            tracking_ids = self._expired_tracking_ids(client, older_than)
             for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
                 chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
                 pipe = client.pipeline(transaction=False)

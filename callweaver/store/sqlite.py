@@ -29,6 +29,7 @@ from callweaver.store import (
     merge_meta,
     row_holds,
     stored_turn,
+    unended_created_before,
 )
 
 # Call-log filters, kept as columns beside the JSON so filtering never parses a row's workflow snapshot.
@@ -39,6 +40,9 @@ BUSY_TIMEOUT_MS = 5000
 WAL_SWITCH_RETRY_S = 0.01
 PURGE_BATCH = 200  # calls deleted per write transaction by purge()
 # The calls created since a time that have not ended (live_calls, count_live_calls).
+# The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long enough
+# before it (unended_created_before). Parameters: the cutoff, then unended_created_before(cutoff).
+_EXPIRED = "ended_at < ? OR (ended_at IS NULL AND created_at < ?)"
 _LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
 SCHEMA = """
@@ -667,8 +671,8 @@ class SQLiteStore:
         while True:
             with self._write() as conn:
                 batch = [row[0] for row in conn.execute(
-                    "SELECT tracking_id FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ? LIMIT ?",
-                    (older_than, PURGE_BATCH))]
+                    f"SELECT tracking_id FROM cw_calls WHERE {_EXPIRED} LIMIT ?",
+                    (older_than, unended_created_before(older_than), PURGE_BATCH))]
                 marks = ",".join("?" * len(batch))
                 for table in ("cw_turns", "cw_statuses", "cw_relay_sockets", "cw_calls"):
                     if batch:
@@ -683,9 +687,9 @@ class SQLiteStore:
             return conn.execute(
                 "UPDATE cw_calls SET data = json_set(data, '$.messages', json('[]'), '$.transcript', json('[]'),"
                 " '$.meta.transcriptPurgedAt', ?)"
-                " WHERE ended_at IS NOT NULL AND ended_at < ?"
+                f" WHERE ({_EXPIRED})"
                 " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
-                (time.time(), older_than),
+                (time.time(), older_than, unended_created_before(older_than)),
             ).rowcount
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
