@@ -16,6 +16,7 @@ from typing import Callable
 
 from flask import Flask, request
 from limits import RateLimitItem, parse, parse_many
+from limits.errors import StorageError
 from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
@@ -43,6 +44,15 @@ def storage_uri(settings: Settings) -> str:
         return "redis+unix://" + url[len("unix://"):] if url.startswith("unix://") else url
     base, _ext = os.path.splitext(os.path.abspath(settings.db_path))
     return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
+
+
+def storage_full(exc: StorageError) -> bool:
+    """Whether the limits' storage refused a write for want of space (Redis at `maxmemory`, a full disk)."""
+    cause = exc.storage_error
+    if isinstance(cause, sqlite3.Error):
+        return getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    # Only a Redis storage raises a Redis error, and then redis is imported.
+    return type(cause).__name__ == "OutOfMemoryError" and type(cause).__module__.startswith("redis")
 
 
 class LimitReached(Exception):

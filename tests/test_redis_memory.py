@@ -8,10 +8,13 @@ import time
 import pytest
 import redis
 
+from callweaver import create_app
 from callweaver.retention import purge_if_due
 from callweaver.store import CallRecord, StoreError, build_store
 from callweaver.units import SECONDS_PER_DAY
+from tests.conftest import Signer, base_env
 from tests.fakes.redis_server import RedisServer
+from tests.helpers import make_call_body
 
 # Headroom above the empty server's own use: room for a few dozen calls with their statuses.
 HEADROOM_BYTES = 600_000
@@ -66,3 +69,64 @@ def test_a_full_redis_refuses_a_new_call_whole_and_the_retention_job_frees_it(fu
     store.create_call(CallRecord(tracking_id="call_new", workflow=WORKFLOW))
     assert store.get_call("call_new").workflow == WORKFLOW
     store.close()
+
+
+def fill_with_other_keys(admin: redis.Redis) -> None:
+    """Whatever else fills the Redis (the reply cache, another app): until it refuses a write."""
+    for index in range(10_000):
+        try:
+            admin.set(f"other:{index}", "x" * 10_000)
+        except redis.OutOfMemoryError:
+            return
+    raise AssertionError("maxmemory was never reached")
+
+
+def test_a_full_redis_answers_the_api_with_a_503_that_says_it_is_full_and_health_says_so(
+        full_redis, tmp_path, fake_twilio):
+    """Not "try again shortly": a full Redis stays full until the operator (or retention, or the cache's expiry)
+    frees it. The web app shows the error; /health tells the operator; nothing is half-written."""
+    import structlog.testing
+
+    server, admin = full_redis
+    env = {**base_env(tmp_path, fake_twilio), "REDIS_URL": server.url}
+    client = create_app(env).test_client()
+    first = client.post("/api/make-call", json=make_call_body()).get_json()
+    store = client.application.extensions["callweaver"].store
+    calls_before = store.count_calls()
+    # The limit again above what Redis uses now, the app's connections and scripts included.
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] + HEADROOM_BYTES)
+    fill_with_other_keys(admin)
+
+    with structlog.testing.capture_logs() as logs:
+        placed = client.post("/api/make-call-optimized", json=make_call_body())
+        status = Signer(client).post(f"/api/call-status-optimized?trackingId={first['trackingId']}",
+                                     {"CallSid": first["callSid"], "CallStatus": "completed", "SequenceNumber": "4"})
+    for resp in (placed, status):
+        assert resp.status_code == 503, resp.get_data(as_text=True)
+        assert resp.get_json()["success"] is False and "full" in resp.get_json()["error"]
+        assert resp.headers.get("Retry-After")
+    assert [line.get("full") for line in logs if line["event"] == "state_unavailable"] == [True, True]
+
+    health = client.get("/health")
+    assert health.status_code == 200 and health.get_json()["status"] == "degraded"
+    memory = health.get_json()["checks"]["store"]["memory"]
+    assert memory["policy"] == "noeviction" and memory["usedBytes"] >= memory["maxBytes"] > 0
+    assert any("full" in warning for warning in health.get_json()["warnings"])
+
+    admin.delete(*admin.keys("other:*"))
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+    assert store.count_calls() == calls_before + 1
+    assert store.get_call(first["trackingId"]).ended_at is None  # the refused callback wrote nothing
+    assert not [warning for warning in client.get("/health").get_json()["warnings"] if "Redis" in warning]
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru"])
+def test_health_warns_when_redis_may_evict_what_the_service_keeps(policy, full_redis, tmp_path, fake_twilio):
+    """allkeys-*: a live call's record or an index may vanish; volatile-*: the rate-limit windows (the daily cap
+    restarts) and relay-socket claims. Only noeviction loses nothing silently."""
+    server, admin = full_redis
+    admin.config_set("maxmemory-policy", policy)
+    client = create_app({**base_env(tmp_path, fake_twilio), "REDIS_URL": server.url}).test_client()
+    body = client.get("/health").get_json()
+    assert body["checks"]["store"]["memory"]["policy"] == policy
+    assert any(f"maxmemory-policy {policy}" in warning and "noeviction" in warning for warning in body["warnings"])

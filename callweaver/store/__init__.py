@@ -20,6 +20,7 @@ __all__ = [
     "CallRecord",
     "Store",
     "StoreError",
+    "StoreFull",
     "TURN_FIELDS",
     "WorkflowSnapshots",
     "build_store",
@@ -39,6 +40,11 @@ def counter_series(name: str, labels: Mapping[str, str]) -> str:
 
 class StoreError(Exception):
     """A backend failure (unreachable, locked, corrupt); callers degrade instead of dropping the call."""
+
+
+class StoreFull(StoreError):
+    """The backend refuses writes for want of space (Redis at `maxmemory` with `noeviction`, a full disk): unlike
+    an outage it lasts until space is freed (retention, expiring cache entries, the operator); reads still work."""
 
 
 @dataclass
@@ -326,6 +332,11 @@ class Store(Protocol):
 
     def ping(self) -> float:
         """Round trip to the backend in ms; StoreError when it is unreachable."""
+        ...
+
+    def memory(self) -> dict | None:
+        """A memory-bound backend's use, limit and eviction policy (Redis: usedBytes, maxBytes with 0 for none,
+        policy), for /health; None for one bound by its disk (SQLite)."""
         ...
 
     def purge(self, older_than: float) -> int:

@@ -22,6 +22,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    StoreFull,
     WorkflowSnapshots,
     check_meta_keys,
     check_update_fields,
@@ -330,6 +331,8 @@ class RedisStore:
         """The client; Redis and socket failures surface as StoreError."""
         try:
             yield self._redis()
+        except redis.OutOfMemoryError as exc:
+            raise StoreFull(f"redis store: {type(exc).__name__}: {exc}") from exc
         except (redis.RedisError, OSError) as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
@@ -720,6 +723,12 @@ class RedisStore:
         ended_at = client.zmscore(self._key("calls", "ended"), old) if old else []
         return ended + [tracking_id for tracking_id, end in zip(old, ended_at) if end is None]
 
+    def memory(self) -> dict:
+        with self._backend() as client:
+            info = client.info("memory")
+        return {"usedBytes": int(info["used_memory"]), "maxBytes": int(info.get("maxmemory", 0)),
+                "policy": info.get("maxmemory_policy")}
+
     def purge(self, older_than: float) -> int:
         ended_key = self._key("calls", "ended")
         with self._backend() as client:
@@ -768,7 +777,5 @@ class RedisStore:
         try:
             with self._backend() as client:
                 return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
-        except StoreError as exc:
-            if isinstance(exc.__cause__, redis.OutOfMemoryError):
-                return True
-            raise
+        except StoreFull:
+            return True

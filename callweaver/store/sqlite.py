@@ -22,6 +22,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    StoreFull,
     WorkflowSnapshots,
     check_meta_keys,
     check_update_fields,
@@ -226,7 +227,8 @@ class SQLiteStore:
                     self._conn = self._open()
                 yield self._conn
             except (sqlite3.Error, OSError) as exc:
-                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                raise (StoreFull if full else StoreError)(f"sqlite store {self.path}: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -663,6 +665,10 @@ class SQLiteStore:
         with self._connection() as conn:
             conn.execute("SELECT 1").fetchone()
         return (time.perf_counter() - started) * 1000
+
+    def memory(self) -> None:
+        """Bound by its disk, not by memory."""
+        return None
 
     def purge(self, older_than: float) -> int:
         """In transactions of PURGE_BATCH calls: one transaction over a backlog (the first purge of a large store)
