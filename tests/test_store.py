@@ -878,3 +878,18 @@ def test_a_worker_opening_the_store_while_another_writes_its_fresh_file_waits_in
     other.execute("CREATE TABLE other_worker (x)")
     threading.Timer(0.3, lambda: (other.execute("COMMIT"), other.close())).start()
     assert SQLiteStore(path).get_call("call_unknown") is None
+
+
+def test_a_full_sqlite_file_is_store_full_and_reads_still_work(tmp_path):
+    """A full disk lasts until space is freed: StoreFull (a StoreError), which the API words as "full"."""
+    from callweaver.store import StoreFull
+
+    store = SQLiteStore(str(tmp_path / "cw.sqlite3"))
+    store.create_call(make_record("first"))
+    with store._connection() as conn:  # the file may not grow: as a full disk would refuse it
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(StoreFull):
+        for number in range(1000):
+            store.create_call(make_record(f"call_{number}", messages=[{"content": "x" * 4000}]))
+    assert store.get_call("first") is not None
+    store.close()
