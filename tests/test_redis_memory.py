@@ -130,3 +130,14 @@ def test_health_warns_when_redis_may_evict_what_the_service_keeps(policy, full_r
     body = client.get("/health").get_json()
     assert body["checks"]["store"]["memory"]["policy"] == policy
     assert any(f"maxmemory-policy {policy}" in warning and "noeviction" in warning for warning in body["warnings"])
+
+
+def test_a_redis_that_refuses_info_is_still_healthy_without_memory_facts(tmp_path, fake_twilio):
+    """Some managed Redis services disable INFO: /health must not turn that into an unhealthy store (a deploy whose
+    health check fails never goes live)."""
+    with RedisServer(extra_args=("--rename-command", "INFO", "")) as server:
+        client = create_app({**base_env(tmp_path, fake_twilio), "REDIS_URL": server.url}).test_client()
+        health = client.get("/health")
+    assert health.status_code == 200, health.get_data(as_text=True)
+    store = health.get_json()["checks"]["store"]
+    assert store["ok"] is True and "memory" not in store

@@ -33,13 +33,18 @@ def _checks() -> dict:
     backend = "redis" if s.redis_url else "sqlite"
     try:
         checks["store"] = {"ok": True, "backend": backend, "pingMs": round(svc.store.ping(), 3)}
-        memory = svc.store.memory()
-        if memory is not None:
-            checks["store"]["memory"] = memory
     except StoreError as exc:
         # The error names the SQLite file or the Redis host: the log has it, the public answer only what failed.
         log.error("store_check_failed", backend=backend, error=str(exc)[:MAX_ERROR_TEXT_CHARS])
         checks["store"] = {"ok": False, "backend": backend, "error": STORE_CHECK_FAILED[backend]}
+    if checks["store"]["ok"]:
+        try:
+            memory = svc.store.memory()
+        except StoreError as exc:  # it answered the ping: a failed memory read is no unreachable store
+            log.warning("store_memory_check_failed", backend=backend, error=str(exc)[:MAX_ERROR_TEXT_CHARS])
+            memory = None
+        if memory is not None:
+            checks["store"]["memory"] = memory
     checks["twilio"] = {"ok": bool(s.twilio_account_sid and s.twilio_auth_token and s.twilio_phone_number),
                         "hasAccountSid": bool(s.twilio_account_sid), "hasAuthToken": bool(s.twilio_auth_token),
                         "hasPhoneNumber": bool(s.twilio_phone_number),

@@ -723,9 +723,13 @@ class RedisStore:
         ended_at = client.zmscore(self._key("calls", "ended"), old) if old else []
         return ended + [tracking_id for tracking_id, end in zip(old, ended_at) if end is None]
 
-    def memory(self) -> dict:
+    def memory(self) -> dict | None:
+        """None where INFO is refused (some managed services disable it)."""
         with self._backend() as client:
-            info = client.info("memory")
+            try:
+                info = client.info("memory")
+            except redis.ResponseError:
+                return None
         return {"usedBytes": int(info["used_memory"]), "maxBytes": int(info.get("maxmemory", 0)),
                 "policy": info.get("maxmemory_policy")}
 
