@@ -141,3 +141,31 @@ def test_a_redis_that_refuses_info_is_still_healthy_without_memory_facts(tmp_pat
     assert health.status_code == 200, health.get_data(as_text=True)
     store = health.get_json()["checks"]["store"]
     assert store["ok"] is True and "memory" not in store
+
+
+def test_purging_every_call_leaves_only_what_is_kept_by_design():
+    """No index entry, CallSid entry, turn-time member or claim outlives its call (each would grow for ever)."""
+    with RedisServer() as server:
+        store = build_store("", server.url, key_prefix="cw:")
+        now = time.time()
+        for number in range(20):
+            tracking_id = f"call_{number}"
+            store.create_call(CallRecord(tracking_id=tracking_id, call_sid=f"CA{number:032d}", workflow=WORKFLOW,
+                                         workflow_hash="v1", created_at=now - 100), workflow_id="wf_1")
+            store.record_placed(tracking_id, f"CB{number:032d}", "queued")  # a second CallSid replaces the first
+            store.claim_relay_socket(tracking_id, "owner", 0, 30)
+            for turn in range(3):
+                store.commit_turn(tracking_id, {"current_node": "n1"}, {"n": turn}, {"series": 1.0},
+                                  transcript_entry={"said": "hi"})
+            store.amend_last_turn(tracking_id, {"closing": None})
+            store.append_status(tracking_id, "ringing", 1, {})
+            if number % 2:
+                store.append_status(tracking_id, "completed", 2, {}, received_at=now - 50)
+            # the others' end is never recorded: retention takes them once no call could still run
+        assert store.purge(now + 4 * 3600) == 20
+
+        admin = redis.Redis.from_url(server.url, decode_responses=True)
+        left = sorted(admin.keys("*"))
+        admin.close()
+        store.close()
+    assert left == ["cw:counters", "cw:workflow:wf_1", "cw:workflow_version:v1"], left
