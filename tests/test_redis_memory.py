@@ -16,8 +16,10 @@ from tests.conftest import Signer, base_env
 from tests.fakes.redis_server import RedisServer
 from tests.helpers import make_call_body
 
-# Headroom above the empty server's own use: room for a few dozen calls with their statuses.
-HEADROOM_BYTES = 600_000
+# Headroom above the empty server's own use: room for a few hundred calls with their statuses.
+HEADROOM_BYTES = 2_000_000
+# How far below Redis' use a test pins maxmemory to keep it full (its own use moves meanwhile: client buffers).
+FULL_MARGIN_BYTES = 300_000
 WORKFLOW = {"nodes": [{"id": f"n{i}", "prompt": "x" * 200} for i in range(40)]}
 
 
@@ -56,6 +58,7 @@ def test_a_full_redis_refuses_a_new_call_whole_and_the_retention_job_frees_it(fu
     store = build_store("", server.url)
     stored = fill_with_ended_calls(store, ended_days_ago=90)
     assert stored > 0
+    pin_full(admin)  # however Redis' own use moves meanwhile
     with pytest.raises(StoreError):
         store.create_call(CallRecord(tracking_id="call_new", workflow=WORKFLOW))
     assert store.get_call("call_new") is None  # nothing half-written
@@ -72,13 +75,17 @@ def test_a_full_redis_refuses_a_new_call_whole_and_the_retention_job_frees_it(fu
 
 
 def fill_with_other_keys(admin: redis.Redis) -> None:
-    """Whatever else fills the Redis (the reply cache, another app): until it refuses a write."""
-    for index in range(10_000):
-        try:
-            admin.set(f"other:{index}", "x" * 10_000)
-        except redis.OutOfMemoryError:
-            return
-    raise AssertionError("maxmemory was never reached")
+    """Whatever else fills the Redis (the reply cache, another app): 2 MB, then a maxmemory below what is used, so
+    Redis stays full however its own use moves meanwhile, until those keys are deleted."""
+    admin.config_set("maxmemory", 0)
+    for index in range(200):
+        admin.set(f"other:{index}", "x" * 10_000)
+    pin_full(admin)
+
+
+def pin_full(admin: redis.Redis) -> None:
+    """maxmemory a little below what Redis uses now: every write is refused until something is deleted."""
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] - FULL_MARGIN_BYTES)
 
 
 def test_a_full_redis_answers_the_api_with_a_503_that_says_it_is_full_and_health_says_so(
@@ -93,8 +100,6 @@ def test_a_full_redis_answers_the_api_with_a_503_that_says_it_is_full_and_health
     first = client.post("/api/make-call", json=make_call_body()).get_json()
     store = client.application.extensions["callweaver"].store
     calls_before = store.count_calls()
-    # The limit again above what Redis uses now, the app's connections and scripts included.
-    admin.config_set("maxmemory", admin.info("memory")["used_memory"] + HEADROOM_BYTES)
     fill_with_other_keys(admin)
 
     with structlog.testing.capture_logs() as logs:
