@@ -78,13 +78,13 @@ def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
     """The moving windows of one process, in the storage every worker (and instance, with Redis) shares."""
     # wrap_exceptions: a storage failure (Redis down, an unusable SQLite file) raises limits' StorageError, which
     # the API answers with 503 (errors.py); the request is refused, never let through unlimited.
-    options: dict[str, float] = {}
+    options: dict = {}
     if settings.redis_url:
-        # The call store's timeouts: a hung Redis refuses a make-call as soon as the store would (redis-py's
-        # default waited 5 s).
-        from .store.redis import CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S
+        # The call store's timeouts and reconnects: a hung Redis refuses a make-call as soon as the store would
+        # (redis-py's default waited 5 s), and a failover's read-only old primary is left for the new one.
+        from .store.redis import client_options
 
-        options = {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S}
+        options = client_options()
     return MovingWindowRateLimiter(storage_from_string(storage_uri(settings), wrap_exceptions=True, **options))
 
 

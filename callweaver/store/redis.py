@@ -39,6 +39,18 @@ PAGE_SCAN_CHUNK = 500
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
 SOCKET_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 1.0
+# Errors after which redis-py drops the pooled connection (and, with a retry left, tries the command once more on a
+# new one): a Redis restart closed it, or a failover left it on the old primary, now a replica that refuses every
+# write (READONLY) while the host name already points at the promoted one.
+RECONNECT_ON = (redis.ConnectionError, redis.ReadOnlyError)
+
+
+def client_options(retries: int = 1) -> dict[str, Any]:
+    """redis-py client options for every user of REDIS_URL (store, rate limits): short timeouts, reconnects."""
+    return {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            # One immediate retry heals a connection a restart or failover left behind; more would turn an outage
+            # into a stall on the hot path.
+            "retry": Retry(NoBackoff(), retries, supported_errors=RECONNECT_ON), "retry_on_timeout": False}
 
 # Layout (all under the key prefix):
 #   call:<tid>       hash, one JSON-encoded value per CallRecord field (field writes never clobber others)
@@ -299,17 +311,8 @@ class RedisStore:
             return client
         with self._lock:
             if self._client is None:
-                client = redis.Redis.from_url(
-                    self.url,
-                    decode_responses=True,
-                    socket_timeout=SOCKET_TIMEOUT_S,
-                    socket_connect_timeout=CONNECT_TIMEOUT_S,
-                    # One immediate retry heals a pooled connection that a Redis restart closed;
-                    # more would turn an outage into a stall on the hot path.
-                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                    retry_on_timeout=False,
-                    health_check_interval=30,
-                )
+                client = redis.Redis.from_url(self.url, decode_responses=True, health_check_interval=30,
+                                              **client_options())
                 self._scripts = {
                     "create_call": client.register_script(_CREATE_CALL),
                     "update_call": client.register_script(_UPDATE_CALL),
