@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from callweaver.config import MAX_CALL_DURATION_LIMIT_S
+from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 from callweaver.store import CallRecord, Store, StoreError, build_store
 from callweaver.store.redis import RedisStore
 from callweaver.store.sqlite import SQLiteStore

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
-from callweaver.config import MAX_CALL_DURATION_LIMIT_S
+from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 
 __all__ = [
     "CALLS_ENDED_COUNTER",
