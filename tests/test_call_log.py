@@ -253,3 +253,20 @@ def test_a_sqlite_store_made_before_the_call_log_gets_its_filter_columns(tmp_pat
     assert [r.tracking_id for r in store.call_page(5, path="traditional", status="completed")[0]] == ["old_1"]
     assert store.call_page(5, path="optimized") == ([], 0)
     store.close()
+
+
+def test_filtered_pages_are_the_same_whatever_the_redis_scan_chunk(store, monkeypatch):
+    """Redis filters the created-at index a chunk at a time: pages that straddle chunks (and the total) are the
+    ones SQLite's single query gives."""
+    monkeypatch.setattr("callweaver.store.redis.PAGE_SCAN_CHUNK", 3)
+    for i in range(11):
+        store.create_call(CallRecord(tracking_id=f"call_{i:02d}", created_at=NOW + i,
+                                     status="completed" if i % 3 else "busy", path="optimized"))
+    completed = [f"call_{i:02d}" for i in reversed(range(11)) if i % 3]
+
+    pages = [store.call_page(2, offset, status="completed") for offset in range(0, 9)]
+
+    for offset, (page, total) in enumerate(pages):
+        assert total == len(completed) == 7
+        assert [r.tracking_id for r in page] == completed[offset:offset + 2]
+    assert store.call_page(0, 0, status="busy") == ([], 4)
