@@ -62,12 +62,12 @@ def test_a_full_redis_refuses_a_new_call_whole_and_the_retention_job_frees_it(fu
     with pytest.raises(StoreError):
         store.create_call(CallRecord(tracking_id="call_new", workflow=WORKFLOW))
     assert store.get_call("call_new") is None  # nothing half-written
-    assert store.count_calls() == store.count_calls()  # reads still work while full
+    assert store.count_calls() >= stored  # reads still work while full
 
     # Every write is refused, the lease's too: the purge must still run, or Redis stays full for good.
     purged = purge_if_due(store, retention_days=30, interval_s=3600, holder="worker-1",
                           transcript_retention_days=30)
-    assert purged == stored
+    assert purged >= stored  # (the last call may be stored without its status: it never ended)
     assert store.count_calls() == 0
     store.create_call(CallRecord(tracking_id="call_new", workflow=WORKFLOW))
     assert store.get_call("call_new").workflow == WORKFLOW
