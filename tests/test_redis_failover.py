@@ -69,6 +69,9 @@ def test_the_store_writes_to_the_promoted_primary_after_a_failover(failover):
     store = build_store("", f"redis://127.0.0.1:{proxy.port}/0")
     store.create_call(CallRecord(tracking_id="before"))
     fail_over(old, new, proxy)
+    # A WATCH/MULTI write (circuit breakers, meta) on the pooled connection, left on the old primary, is replayed
+    # once on a new one.
+    assert store.update_shared("breaker", lambda current: {"failures": 1}) == ({"failures": 1}, True)
 
     for number in range(3):
         try:
@@ -97,3 +100,40 @@ def test_make_call_works_again_after_a_failover(failover, tmp_path, fake_twilio)
     assert answers[-1] == 200, answers
     health = [client.get("/api/health-optimized").get_json()["services"]["cache"]["ok"] for _ in range(3)]
     assert health[-1] is True, health
+
+
+def test_a_read_only_redis_fails_watched_writes_instead_of_looping(failover):
+    """A connection dropped under a WATCH (READONLY included) is a WatchError in redis-py, whose transaction() then
+    replays forever: on a Redis that stays read-only (the name not moved yet, or a REDIS_URL naming a replica) the
+    circuit breakers' update, a call's meta merge and the transcript purge must fail as StoreError, as every other
+    write does."""
+    old, new, proxy = failover
+    store = build_store("", f"redis://127.0.0.1:{proxy.port}/0")
+    store.create_call(CallRecord(tracking_id="ended", ended_at=1.0, messages=[{"role": "user", "content": "hi"}]))
+    admin = redis.Redis(port=new.port)
+    admin.replicaof("127.0.0.1", old.port)  # `new` is a read-only copy of the primary the proxy still names
+    deadline = time.monotonic() + 10
+    while admin.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.05)
+    admin.close()
+    proxy.target_port = new.port
+    store.close()  # the read-only copy only from now on
+    outcomes: dict[str, str] = {}
+
+    def attempt(name: str, write) -> None:
+        try:
+            write()
+            outcomes[name] = "written"
+        except StoreError as exc:
+            outcomes[name] = str(exc)
+
+    for name, write in (("update_shared", lambda: store.update_shared("breaker", lambda current: {"failures": 1})),
+                        ("update_meta", lambda: store.update_meta("ended", {"note": 1})),
+                        ("purge_transcripts", lambda: store.purge_transcripts(time.time()))):
+        worker = threading.Thread(target=attempt, args=(name, write), daemon=True)
+        worker.start()
+        worker.join(5)
+        assert name in outcomes, f"{name} still retrying against a read-only Redis after 5 s"
+        assert "ReadOnlyError" in outcomes[name], outcomes[name]
+    store.close()

@@ -352,6 +352,28 @@ class RedisStore:
     def _key(self, *parts: str) -> str:
         return self.key_prefix + ":".join(parts)
 
+    @staticmethod
+    def _transaction(client: redis.Redis, apply: Callable[[Any], Any], key: str) -> Any:
+        """As client.transaction(apply, key, value_from_callable=True): WATCH, `apply` (reads, then MULTI and its
+        writes), EXEC, replayed while another client writes the key in between. But a connection failing under the
+        WATCH (RECONNECT_ON, READONLY included) is replayed once, as any other command: redis-py reports it as a
+        WatchError too, and its transaction() replays that forever, so a Redis that stays read-only (a failover's
+        old primary, a REDIS_URL naming a replica) would never let the caller return."""
+        failed = 0
+        with client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    value = apply(pipe)
+                    pipe.execute()
+                    return value
+                except redis.WatchError as exc:
+                    # redis-py raises it while handling the connection's error: that error is its __context__.
+                    if isinstance(exc.__context__, RECONNECT_ON):
+                        failed += 1
+                        if failed > 1:
+                            raise exc.__context__ from None
+
     # -- calls ----------------------------------------------------------------
 
     def create_call(self, record: CallRecord, workflow_id: str | None = None) -> None:
@@ -450,8 +472,8 @@ class RedisStore:
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
-        """WATCH the call, read its meta, MULTI/EXEC the merge: redis-py replays `apply` if any other writer
-        touched the call in between, so the merge always starts from what is stored."""
+        """WATCH the call, read its meta, MULTI/EXEC the merge: `apply` is replayed if any other writer touched the
+        call in between (_transaction), so the merge always starts from what is stored."""
         check_meta_keys(changes, remove, add)
         remove = list(remove)
         call_key = self._key("call", tracking_id)
@@ -466,7 +488,7 @@ class RedisStore:
             return meta
 
         with self._backend() as client:
-            return client.transaction(apply, call_key, value_from_callable=True)
+            return self._transaction(client, apply, call_key)
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
         with self._backend() as client:
@@ -695,7 +717,7 @@ class RedisStore:
         return json.loads(raw) if raw else None
 
     def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
-        """WATCH, read, MULTI/EXEC: redis-py replays `apply` if another instance wrote the key in between."""
+        """WATCH, read, MULTI/EXEC: `apply` is replayed if another instance wrote the key in between (_transaction)."""
         name = self._key("shared", key)
 
         def apply(pipe) -> tuple[dict | None, bool]:
@@ -709,7 +731,7 @@ class RedisStore:
             return new, True
 
         with self._backend() as client:
-            return client.transaction(apply, name, value_from_callable=True)
+            return self._transaction(client, apply, name)
 
     def ping(self) -> float:
         with self._backend() as client:
@@ -774,8 +796,8 @@ class RedisStore:
                 for tracking_id, values in zip(chunk, pipe.execute()):
                     if any(value not in (None, "[]", "null") for value in values):  # only these are read again
                         call_key = self._key("call", tracking_id)
-                        purged += client.transaction(functools.partial(empty, call_key=call_key), call_key,
-                                                     value_from_callable=True)
+                        purged += self._transaction(client, functools.partial(empty, call_key=call_key),
+                                                    call_key)
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
