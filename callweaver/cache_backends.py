@@ -189,16 +189,14 @@ def build_cache_backend(cache_type: str, *, redis_url: str | None, cache_dir: st
         if not redis_url:
             raise ValueError("CACHE_TYPE=RedisCache needs a Redis URL (REDIS_URL)")
         import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
-        # No retries and short timeouts: the cache is optional, so a down Redis must cost one quick miss.
-        client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-            socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
+        from .store.redis import client_options
+
+        # No retries and short timeouts: the cache is optional, so a down Redis must cost one quick miss (a failed
+        # connection is still dropped, so the next lookup reconnects: after a failover, to the new primary).
+        client = redis.Redis.from_url(redis_url, **{**client_options(retries=0),
+                                                    "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+                                                    "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S})
         return RedisCache(host=client, default_timeout=default_timeout)
     raise ValueError(f"unknown cache type {cache_type!r}: "
                      "SQLiteCache, SimpleCache, FileSystemCache, RedisCache or NullCache")

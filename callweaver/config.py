@@ -12,13 +12,12 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
-from .units import SECONDS_PER_DAY
+from .units import MAX_CALL_DURATION_LIMIT_S, SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
-MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the

@@ -14,13 +14,14 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .lifecycle import CallRequestError, NotConfigured
-from .rate_limits import LimitReached
-from .store import StoreError
+from .rate_limits import LimitReached, storage_full
+from .store import StoreError, StoreFull
 
 # How much of an id an unsigned request named is logged (tracking ids are ~30 characters, call SIDs 34).
 LOGGED_ID_CHARS = 64
 
 log = structlog.get_logger()
+STATE_FULL = "Call state storage is full; try again once the operator has freed space"
 STATE_RETRY_AFTER_S = 5  # a 503 for unavailable state: Redis restarting, a locked or full SQLite file
 
 
@@ -73,9 +74,12 @@ def init_errors(app: Flask) -> None:
         form = request.form if request.want_form_data_parsed else {}
         named = {"tracking_id": request.args.get("trackingId") or form.get("trackingId"),
                  "call_sid": form.get("CallSid") or request.args.get("CallSid"), "call_status": form.get("CallStatus")}
-        log.error("state_unavailable", path=request.path, error=f"{type(e).__name__}: {e}"[:300],
+        # Full (Redis at maxmemory, a full disk) is no passing outage: it lasts until space is freed.
+        full = isinstance(e, StoreFull) or (isinstance(e, StorageError) and storage_full(e))
+        log.error("state_unavailable", path=request.path, error=f"{type(e).__name__}: {e}"[:300], full=full,
                   **{key: value[:LOGGED_ID_CHARS] for key, value in named.items() if value})
-        response = jsonify(success=False, error="Call state storage is unavailable; try again shortly")
+        response = jsonify(success=False, error=STATE_FULL if full else "Call state storage is unavailable; "
+                                                                         "try again shortly")
         response.headers["Retry-After"] = str(STATE_RETRY_AFTER_S)
         return response, 503
 

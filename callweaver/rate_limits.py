@@ -16,6 +16,7 @@ from typing import Callable
 
 from flask import Flask, request
 from limits import RateLimitItem, parse, parse_many
+from limits.errors import StorageError
 from limits.storage import MovingWindowSupport, Storage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
@@ -45,6 +46,15 @@ def storage_uri(settings: Settings) -> str:
     return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
 
 
+def storage_full(exc: StorageError) -> bool:
+    """Whether the limits' storage refused a write for want of space (Redis at `maxmemory`, a full disk)."""
+    cause = exc.storage_error
+    if isinstance(cause, sqlite3.Error):
+        return getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    # Only a Redis storage raises a Redis error, and then redis is imported.
+    return type(cause).__name__ == "OutOfMemoryError" and type(cause).__module__.startswith("redis")
+
+
 class LimitReached(Exception):
     """A full window: the HTTP edge answers 429 with the JSON error and Retry-After (errors.py), and logs it."""
 
@@ -68,7 +78,14 @@ def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
     """The moving windows of one process, in the storage every worker (and instance, with Redis) shares."""
     # wrap_exceptions: a storage failure (Redis down, an unusable SQLite file) raises limits' StorageError, which
     # the API answers with 503 (errors.py); the request is refused, never let through unlimited.
-    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings), wrap_exceptions=True))
+    options: dict = {}
+    if settings.redis_url:
+        # The call store's timeouts and reconnects: a hung Redis refuses a make-call as soon as the store would
+        # (redis-py's default waited 5 s), and a failover's read-only old primary is left for the new one.
+        from .store.redis import client_options
+
+        options = client_options()
+    return MovingWindowRateLimiter(storage_from_string(storage_uri(settings), wrap_exceptions=True, **options))
 
 
 class CallsPerDay:

@@ -421,3 +421,20 @@ def test_unmeasured_call_log_figures_are_null_with_their_reason(store, client):
     assert rows["call_1"]["firstTokenP50Ms"] is None and rows["call_1"]["reasons"]["firstTokenP50Ms"] == "no caller turns"
     assert rows["call_2"]["firstTokenP50Ms"] is None and rows["call_2"]["reasons"]["firstTokenP50Ms"] == NO_FIRST_TOKEN
     assert latency["points"] == [] and latency["reason"] == "no measured turns in this window"
+
+
+def test_filtered_pages_are_the_same_whatever_the_redis_scan_chunk(store, monkeypatch):
+    """Redis filters the created-at index a chunk at a time: pages that straddle chunks (and the total) are the
+    ones SQLite's single query gives."""
+    monkeypatch.setattr("callweaver.store.redis.PAGE_SCAN_CHUNK", 3)
+    for i in range(11):
+        store.create_call(CallRecord(tracking_id=f"call_{i:02d}", created_at=NOW + i,
+                                     status="completed" if i % 3 else "busy", path="optimized"))
+    completed = [f"call_{i:02d}" for i in reversed(range(11)) if i % 3]
+
+    pages = [store.call_page(2, offset, status="completed") for offset in range(0, 9)]
+
+    for offset, (page, total) in enumerate(pages):
+        assert total == len(completed) == 7
+        assert [r.tracking_id for r in page] == completed[offset:offset + 2]
+    assert store.call_page(0, 0, status="busy") == ([], 4)

@@ -118,3 +118,28 @@ def test_a_503_for_unavailable_state_carries_the_web_apps_cors_headers(tmp_path,
     resp = client.post("/api/make-call-optimized", json=make_call_body(), headers={"Origin": origin})
     assert_state_unavailable(resp)
     assert resp.headers.get("Access-Control-Allow-Origin") == origin
+
+
+def test_a_hung_redis_refuses_a_make_call_as_quickly_as_the_store_does(tmp_path, fake_twilio, redis_server):
+    """A frozen Redis (a failover, a stalled host) accepts connections and never answers: the rate limits' check,
+    the first thing a make-call does, must give up within the store's own socket timeout (it waited redis-py's
+    default 5 s), so the web app hears 503 rather than waiting."""
+    import os
+    import signal
+    import time
+
+    from callweaver.store.redis import SOCKET_TIMEOUT_S
+
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    client = create_app(env).test_client()
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+    os.kill(redis_server._process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert_state_unavailable(client.post("/api/make-call-optimized", json=make_call_body()))
+        waited = time.monotonic() - started
+    finally:
+        os.kill(redis_server._process.pid, signal.SIGCONT)
+    assert waited < 2 * SOCKET_TIMEOUT_S + 0.5, waited
+    assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200

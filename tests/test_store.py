@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 from callweaver.store import CallRecord, Store, StoreError, build_store
 from callweaver.store.redis import RedisStore
 from callweaver.store.sqlite import SQLiteStore
@@ -442,6 +443,23 @@ def test_commit_turn_transcript_survives_a_purge_of_transcripts_and_appends_afte
     assert store.get_call("call_1").transcript == [{"said": "late"}]
 
 
+def test_emptying_transcripts_changes_only_history_transcript_and_the_purge_mark(store):
+    """Both backends alike: the record's other fields, updated_at included (the call log's "last activity"),
+    are what they were; emptying is one write, the purge mark with it."""
+    store.create_call(make_record(created_at=10.0, messages=[{"role": "user", "content": CANTONESE}],
+                                  transcript=[{"said": "hi"}], meta={"setup": {"direction": "inbound"}}))
+    store.update_call("call_1", ended_at=20.0, status="completed")
+    before = store.get_call("call_1")
+
+    assert store.purge_transcripts(older_than=30.0) == 1
+
+    after = store.get_call("call_1")
+    assert after.messages == [] and after.transcript == []
+    assert set(after.meta) == {"setup", "transcriptPurgedAt"}
+    assert dataclasses.replace(after, messages=before.messages, transcript=before.transcript,
+                               meta=before.meta) == before
+
+
 # -- listing, workflows, health, purge ---------------------------------------------------
 
 
@@ -606,6 +624,24 @@ def test_purge_deletes_only_calls_ended_before_the_cutoff_with_their_turns_and_s
     assert [r.tracking_id for r in store.list_calls()] == ["recent", "live"]
     assert store.get_call("recent").ended_at == 200.0
     assert store.purge(older_than=150.0) == 0
+
+
+def test_a_call_whose_end_was_never_recorded_is_purged_once_no_call_could_still_be_running(store):
+    """A lost terminal status callback (Twilio does not retry one refused during a store outage, or sent to an
+    instance that died) left the call unended for ever: never purged and its transcript never emptied, whatever
+    RETENTION_DAYS and TRANSCRIPT_RETENTION_DAYS say. Twilio ends every call within MAX_CALL_DURATION_LIMIT_S."""
+    said = [{"role": "user", "content": CANTONESE}]
+    store.create_call(make_record("lost", call_sid="CA_lost", created_at=10.0, messages=said))
+    store.create_call(make_record("running", created_at=1000.0, messages=said))
+    store.append_turn("lost", {"n": 0, "at": 20.0})
+    cutoff = 10.0 + MAX_CALL_DURATION_LIMIT_S + 1.0  # "running" may still be on the line at that time
+
+    assert store.purge_transcripts(older_than=cutoff) == 1
+    assert store.get_call("lost").messages == [] and store.get_call("running").messages == said
+    assert store.purge(older_than=cutoff) == 1
+    assert store.get_call("lost") is None and store.turns("lost") == [] and store.find_tracking_id("CA_lost") is None
+    assert [r.tracking_id for r in store.list_calls()] == ["running"]
+    assert store.count_live_calls() == 1
 
 
 def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):
@@ -842,3 +878,18 @@ def test_a_worker_opening_the_store_while_another_writes_its_fresh_file_waits_in
     other.execute("CREATE TABLE other_worker (x)")
     threading.Timer(0.3, lambda: (other.execute("COMMIT"), other.close())).start()
     assert SQLiteStore(path).get_call("call_unknown") is None
+
+
+def test_a_full_sqlite_file_is_store_full_and_reads_still_work(tmp_path):
+    """A full disk lasts until space is freed: StoreFull (a StoreError), which the API words as "full"."""
+    from callweaver.store import StoreFull
+
+    store = SQLiteStore(str(tmp_path / "cw.sqlite3"))
+    store.create_call(make_record("first"))
+    with store._connection() as conn:  # the file may not grow: as a full disk would refuse it
+        conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+    with pytest.raises(StoreFull):
+        for number in range(1000):
+            store.create_call(make_record(f"call_{number}", messages=[{"content": "x" * 4000}]))
+    assert store.get_call("first") is not None
+    store.close()

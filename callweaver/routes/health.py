@@ -20,6 +20,8 @@ log = structlog.get_logger()
 bp = Blueprint("health", __name__)
 # Language optimisation is "active" when the language table holds at least this many entries (it ships ~60).
 MIN_LANGUAGES_FOR_ACTIVE = 50
+# /health warns once Redis uses this share of its maxmemory (at the limit, noeviction refuses every write).
+REDIS_FULL_FRACTION = 0.9
 STORE_CHECK_FAILED = {"sqlite": "the SQLite store cannot be opened or written (details in the server log)",
                       "redis": "Redis cannot be reached (details in the server log)"}
 
@@ -35,6 +37,14 @@ def _checks() -> dict:
         # The error names the SQLite file or the Redis host: the log has it, the public answer only what failed.
         log.error("store_check_failed", backend=backend, error=str(exc)[:MAX_ERROR_TEXT_CHARS])
         checks["store"] = {"ok": False, "backend": backend, "error": STORE_CHECK_FAILED[backend]}
+    if checks["store"]["ok"]:
+        try:
+            memory = svc.store.memory()
+        except StoreError as exc:  # it answered the ping: a failed memory read is no unreachable store
+            log.warning("store_memory_check_failed", backend=backend, error=str(exc)[:MAX_ERROR_TEXT_CHARS])
+            memory = None
+        if memory is not None:
+            checks["store"]["memory"] = memory
     checks["twilio"] = {"ok": bool(s.twilio_account_sid and s.twilio_auth_token and s.twilio_phone_number),
                         "hasAccountSid": bool(s.twilio_account_sid), "hasAuthToken": bool(s.twilio_auth_token),
                         "hasPhoneNumber": bool(s.twilio_phone_number),
@@ -47,10 +57,25 @@ def _checks() -> dict:
     return checks
 
 
+def _store_memory_warnings(memory: dict | None) -> list[str]:
+    """A Redis that is full, or that may evict what the service keeps (README "Redis memory")."""
+    if not memory:
+        return []
+    warnings = []
+    if memory["maxBytes"] and memory["usedBytes"] >= memory["maxBytes"] * REDIS_FULL_FRACTION:
+        warnings.append(f"Redis memory is {'full' if memory['usedBytes'] >= memory['maxBytes'] else 'nearly full'}"
+                        f" ({memory['usedBytes']} of {memory['maxBytes']} bytes): writes are refused at the limit")
+    if memory["policy"] != "noeviction":
+        warnings.append(f"Redis maxmemory-policy {memory['policy']} may evict call state, rate-limit windows or "
+                        "socket claims when full: set noeviction")
+    return warnings
+
+
 def _status(checks: dict) -> tuple[str, list[str]]:
     warnings = []
     if not checks["store"]["ok"]:
         return "unhealthy", ["store unreachable: " + checks["store"].get("error", "")]
+    warnings += _store_memory_warnings(checks["store"].get("memory"))
     if not checks["twilio"]["ok"]:
         missing = [n for n, k in (("TWILIO_ACCOUNT_SID", "hasAccountSid"), ("TWILIO_AUTH_TOKEN", "hasAuthToken"),
                                   ("TWILIO_PHONE_NUMBER", "hasPhoneNumber")) if not checks["twilio"][k]]

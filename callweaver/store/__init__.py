@@ -10,6 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
+from callweaver.units import MAX_CALL_DURATION_LIMIT_S
+
 __all__ = [
     "CALLS_ENDED_COUNTER",
     "TERMINAL_STATUSES",
@@ -24,6 +26,7 @@ __all__ = [
     "CallRecord",
     "Store",
     "StoreError",
+    "StoreFull",
     "TURN_FIELDS",
     "WorkflowSnapshots",
     "build_store",
@@ -45,6 +48,11 @@ def counter_series(name: str, labels: Mapping[str, str]) -> str:
 
 class StoreError(Exception):
     """A backend failure (unreachable, locked, corrupt); callers degrade instead of dropping the call."""
+
+
+class StoreFull(StoreError):
+    """The backend refuses writes for want of space (Redis at `maxmemory` with `noeviction`, a full disk): unlike
+    an outage it lasts until space is freed (retention, expiring cache entries, the operator); reads still work."""
 
 
 @dataclass
@@ -141,6 +149,13 @@ def check_meta_keys(changes: Mapping[str, Any] | None, remove: Iterable[str],
     bad = [key for key in [*(changes or {}), *remove, *(add or {})] if not META_KEY.fullmatch(str(key))]
     if bad:
         raise ValueError(f"meta keys must be plain top-level names: {bad}")
+
+
+def unended_created_before(older_than: float) -> float:
+    """Calls with no recorded end created before this time had ended by `older_than` all the same: Twilio ends
+    every call within MAX_CALL_DURATION_LIMIT_S. Their terminal status callback was lost (Twilio does not retry one
+    refused during a store outage), and without this they would never be purged nor their transcripts emptied."""
+    return older_than - MAX_CALL_DURATION_LIMIT_S
 
 
 def stored_turn(tracking_id: str, turn: dict) -> dict:
@@ -336,13 +351,21 @@ class Store(Protocol):
         """Round trip to the backend in ms; StoreError when it is unreachable."""
         ...
 
+    def memory(self) -> dict | None:
+        """A memory-bound backend's use, limit and eviction policy (Redis: usedBytes, maxBytes with 0 for none,
+        policy), for /health; None for one bound by its disk (SQLite)."""
+        ...
+
     def purge(self, older_than: float) -> int:
-        """Delete calls that ended before this epoch, with their turns and statuses; returns the count. Workflow
-        snapshots stay: one per version (not per call), and a live or later call of that version reads it."""
+        """Delete calls that ended before this epoch (or never recorded an end and were created more than
+        MAX_CALL_DURATION_LIMIT_S before it: unended_created_before), with their turns and statuses; returns the
+        count. Workflow snapshots stay: one per version (not per call), and a live or later call of that version
+        reads it."""
         ...
 
     def purge_transcripts(self, older_than: float) -> int:
-        """Empty the history and transcript of calls that ended before this epoch (timings stay); returns the count."""
+        """Empty the history and transcript of calls that ended before this epoch (or never recorded an end: as
+        purge), timings staying; returns the count."""
         ...
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -22,6 +23,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    StoreFull,
     WorkflowSnapshots,
     check_meta_keys,
     check_update_fields,
@@ -29,6 +31,7 @@ from callweaver.store import (
     merge_meta,
     row_holds,
     stored_turn,
+    unended_created_before,
 )
 
 # Calls read per round trip while a filtered call-log page walks the created-at index.
@@ -37,6 +40,18 @@ PAGE_SCAN_CHUNK = 500
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
 SOCKET_TIMEOUT_S = 1.0
 CONNECT_TIMEOUT_S = 1.0
+# Errors after which redis-py drops the pooled connection (and, with a retry left, tries the command once more on a
+# new one): a Redis restart closed it, or a failover left it on the old primary, now a replica that refuses every
+# write (READONLY) while the host name already points at the promoted one.
+RECONNECT_ON = (redis.ConnectionError, redis.ReadOnlyError)
+
+
+def client_options(retries: int = 1) -> dict[str, Any]:
+    """redis-py client options for every user of REDIS_URL (store, rate limits): short timeouts, reconnects."""
+    return {"socket_timeout": SOCKET_TIMEOUT_S, "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            # One immediate retry heals a connection a restart or failover left behind; more would turn an outage
+            # into a stall on the hot path.
+            "retry": Retry(NoBackoff(), retries, supported_errors=RECONNECT_ON), "retry_on_timeout": False}
 
 # Layout (all under the key prefix):
 #   call:<tid>       hash, one JSON-encoded value per CallRecord field (field writes never clobber others)
@@ -144,13 +159,6 @@ end
 return 1
 """
 
-# KEYS: call. ARGV: field/value pairs. Writes only to a call that still exists (never revives a purged one).
-_SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
 # KEYS: call, statuses, calls:ended, counters
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
 #       ended-calls series of this status
@@ -208,6 +216,27 @@ local index = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
 redis.call('ZADD', KEYS[3], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
 for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]) end
 return index
+"""
+
+# KEYS: call, turns list, statuses, relay claim, calls:created, calls:ended, turns:by_time
+# ARGV: tracking id, sid index prefix.  Deletes one purged call with its index entries; returns 1 if it existed.
+# Only commands Redis runs at `maxmemory` (reads, DEL, ZREM; a MULTI is refused whole there), so retention still
+# frees a full Redis that refuses every other write (`noeviction`).
+_PURGE_CALL = """
+local sid = redis.call('HGET', KEYS[1], 'call_sid')
+if sid and sid ~= 'null' then
+  local sid_key = ARGV[2] .. cjson.decode(sid)
+  if redis.call('GET', sid_key) == ARGV[1] then redis.call('DEL', sid_key) end
+end
+local items = redis.call('LRANGE', KEYS[2], 0, -1)
+for index, item in ipairs(items) do
+  redis.call('ZREM', KEYS[7], string.format('%010d', index - 1) .. ':' .. item)
+end
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+return existed
 """
 
 # A claim's hash outlives its lease (as SQLite's row does), so its owner's late renewal (a store outage or a
@@ -283,17 +312,8 @@ class RedisStore:
             return client
         with self._lock:
             if self._client is None:
-                client = redis.Redis.from_url(
-                    self.url,
-                    decode_responses=True,
-                    socket_timeout=SOCKET_TIMEOUT_S,
-                    socket_connect_timeout=CONNECT_TIMEOUT_S,
-                    # One immediate retry heals a pooled connection that a Redis restart closed;
-                    # more would turn an outage into a stall on the hot path.
-                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-                    retry_on_timeout=False,
-                    health_check_interval=30,
-                )
+                client = redis.Redis.from_url(self.url, decode_responses=True, health_check_interval=30,
+                                              **client_options())
                 self._scripts = {
                     "create_call": client.register_script(_CREATE_CALL),
                     "update_call": client.register_script(_UPDATE_CALL),
@@ -302,10 +322,10 @@ class RedisStore:
                     "append_turn": client.register_script(_APPEND_TURN),
                     "commit_turn": client.register_script(_COMMIT_TURN),
                     "amend_last_turn": client.register_script(_AMEND_LAST_TURN),
-                    "set_if_exists": client.register_script(_SET_IF_EXISTS),
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
+                    "purge_call": client.register_script(_PURGE_CALL),
                 }
                 self._client = client
             return self._client
@@ -315,6 +335,8 @@ class RedisStore:
         """The client; Redis and socket failures surface as StoreError."""
         try:
             yield self._redis()
+        except redis.OutOfMemoryError as exc:
+            raise StoreFull(f"redis store: {type(exc).__name__}: {exc}") from exc
         except (redis.RedisError, OSError) as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
@@ -330,6 +352,28 @@ class RedisStore:
 
     def _key(self, *parts: str) -> str:
         return self.key_prefix + ":".join(parts)
+
+    @staticmethod
+    def _transaction(client: redis.Redis, apply: Callable[[Any], Any], key: str) -> Any:
+        """As client.transaction(apply, key, value_from_callable=True): WATCH, `apply` (reads, then MULTI and its
+        writes), EXEC, replayed while another client writes the key in between. But a connection failing under the
+        WATCH (RECONNECT_ON, READONLY included) is replayed once, as any other command: redis-py reports it as a
+        WatchError too, and its transaction() replays that forever, so a Redis that stays read-only (a failover's
+        old primary, a REDIS_URL naming a replica) would never let the caller return."""
+        failed = 0
+        with client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    value = apply(pipe)
+                    pipe.execute()
+                    return value
+                except redis.WatchError as exc:
+                    # redis-py raises it while handling the connection's error: that error is its __context__.
+                    if isinstance(exc.__context__, RECONNECT_ON):
+                        failed += 1
+                        if failed > 1:
+                            raise exc.__context__ from None
 
     # -- calls ----------------------------------------------------------------
 
@@ -429,8 +473,8 @@ class RedisStore:
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
-        """WATCH the call, read its meta, MULTI/EXEC the merge: redis-py replays `apply` if any other writer
-        touched the call in between, so the merge always starts from what is stored."""
+        """WATCH the call, read its meta, MULTI/EXEC the merge: `apply` is replayed if any other writer touched the
+        call in between (_transaction), so the merge always starts from what is stored."""
         check_meta_keys(changes, remove, add)
         remove = list(remove)
         call_key = self._key("call", tracking_id)
@@ -445,7 +489,7 @@ class RedisStore:
             return meta
 
         with self._backend() as client:
-            return client.transaction(apply, call_key, value_from_callable=True)
+            return self._transaction(client, apply, call_key)
 
     def list_calls(self, since: float = 0.0, active_only: bool = False) -> list[CallRecord]:
         with self._backend() as client:
@@ -676,7 +720,7 @@ class RedisStore:
         return json.loads(raw) if raw else None
 
     def update_shared(self, key: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
-        """WATCH, read, MULTI/EXEC: redis-py replays `apply` if another instance wrote the key in between."""
+        """WATCH, read, MULTI/EXEC: `apply` is replayed if another instance wrote the key in between (_transaction)."""
         name = self._key("shared", key)
 
         def apply(pipe) -> tuple[dict | None, bool]:
@@ -690,7 +734,7 @@ class RedisStore:
             return new, True
 
         with self._backend() as client:
-            return client.transaction(apply, name, value_from_callable=True)
+            return self._transaction(client, apply, name)
 
     def ping(self) -> float:
         with self._backend() as client:
@@ -698,60 +742,72 @@ class RedisStore:
             client.ping()
             return (time.perf_counter() - started) * 1000
 
+    def _expired_tracking_ids(self, client: redis.Redis, older_than: float) -> list[str]:
+        """The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long
+        enough before it (unended_created_before)."""
+        ended = client.zrangebyscore(self._key("calls", "ended"), "-inf", f"({_json_number(older_than)}")
+        old = client.zrangebyscore(self._key("calls", "created"), "-inf",
+                                   f"({_json_number(unended_created_before(older_than))}")
+        ended_at = client.zmscore(self._key("calls", "ended"), old) if old else []
+        return ended + [tracking_id for tracking_id, end in zip(old, ended_at) if end is None]
+
+    def memory(self) -> dict | None:
+        """None where INFO is refused (some managed services disable it)."""
+        with self._backend() as client:
+            try:
+                info = client.info("memory")
+            except redis.ResponseError:
+                return None
+        return {"usedBytes": int(info["used_memory"]), "maxBytes": int(info.get("maxmemory", 0)),
+                "policy": info.get("maxmemory_policy")}
+
     def purge(self, older_than: float) -> int:
         ended_key = self._key("calls", "ended")
         with self._backend() as client:
-            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
-            purged = 0
-            for tracking_id in tracking_ids:
-                call_key = self._key("call", tracking_id)
-                turns_key = self._key("turns", tracking_id)
-                call_sid_json, turn_items = client.hget(call_key, "call_sid"), client.lrange(turns_key, 0, -1)
-                pipe = client.pipeline(transaction=True)
-                pipe.delete(call_key, turns_key, self._key("statuses", tracking_id), self._key("relay", tracking_id))
-                pipe.zrem(self._key("calls", "created"), tracking_id)
-                pipe.zrem(ended_key, tracking_id)
-                if turn_items:
-                    pipe.zrem(
-                        self._key("turns", "by_time"),
-                        *(f"{index:010d}:{item}" for index, item in enumerate(turn_items)),
-                    )
-                call_sid = json.loads(call_sid_json) if call_sid_json else None
-                if call_sid:
-                    # Only if the index still points at this call.
-                    sid_key = self._key("sid", call_sid)
-                    if client.get(sid_key) == tracking_id:
-                        pipe.delete(sid_key)
-                deleted = pipe.execute()[0]
-                purged += 1 if deleted else 0
+            tracking_ids = self._expired_tracking_ids(client, older_than)
+        purged = 0
+        for tracking_id in tracking_ids:  # one short script per call: other clients are never held up long
+            purged += int(self._script("purge_call", [
+                self._key("call", tracking_id), self._key("turns", tracking_id), self._key("statuses", tracking_id),
+                self._key("relay", tracking_id), self._key("calls", "created"), ended_key,
+                self._key("turns", "by_time")], [tracking_id, self._key("sid", "")]))
         return purged
 
     def purge_transcripts(self, older_than: float) -> int:
-        ended_key = self._key("calls", "ended")
         purged_at = time.time()
+
+        def empty(pipe, call_key: str) -> bool:
+            """One call, as SQLite's UPDATE: history, transcript and the purge mark in one write (WATCH/MULTI),
+            nothing else (updated_at stays the call's last activity)."""
+            exists, messages, transcript, meta = pipe.hmget(call_key, ["tracking_id", "messages", "transcript",
+                                                                       "meta"])
+            if exists is None or all(value in (None, "[]", "null") for value in (messages, transcript)):
+                return False
+            pipe.multi()
+            pipe.hset(call_key, mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(merge_meta(
+                json.loads(meta) if meta else {}, {"transcriptPurgedAt": purged_at}))})
+            return True
+
         purged = 0
         with self._backend() as client:
-            tracking_ids = client.zrangebyscore(ended_key, "-inf", f"({_json_number(older_than)}")
+            tracking_ids = self._expired_tracking_ids(client, older_than)
             for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
                 chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
                 pipe = client.pipeline(transaction=False)
                 for tracking_id in chunk:
                     pipe.hmget(self._key("call", tracking_id), ["messages", "transcript"])
-                writes = client.pipeline(transaction=False)
-                emptied = []
-                for tracking_id, (messages, transcript) in zip(chunk, pipe.execute()):
-                    if not any(value not in (None, "[]") for value in (messages, transcript)):
-                        continue
-                    emptied.append(tracking_id)
-                    self._scripts["set_if_exists"](
-                        keys=[self._key("call", tracking_id)],
-                        args=["messages", "[]", "transcript", "[]"], client=writes)
-                for tracking_id, existed in zip(emptied, writes.execute()):
-                    if existed:
-                        purged += 1
-                        self.update_meta(tracking_id, {"transcriptPurgedAt": purged_at})
+                for tracking_id, values in zip(chunk, pipe.execute()):
+                    if any(value not in (None, "[]", "null") for value in values):  # only these are read again
+                        call_key = self._key("call", tracking_id)
+                        purged += self._transaction(client, functools.partial(empty, call_key=call_key),
+                                                    call_key)
         return purged
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        with self._backend() as client:
-            return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
+        """As the Store says, except on a Redis at `maxmemory` that refuses writes (`noeviction`): the lease cannot
+        be written there, so every worker takes it and the retention purge (harmless to repeat) frees the store."""
+        try:
+            with self._backend() as client:
+                return bool(client.set(self._key("lease", name), holder, nx=True, px=max(1, int(ttl_s * 1000))))
+        except StoreFull:
+            return True

@@ -23,6 +23,7 @@ from callweaver.store import (
     CallRecord,
     TURN_FIELDS,
     StoreError,
+    StoreFull,
     WorkflowSnapshots,
     check_meta_keys,
     check_update_fields,
@@ -30,6 +31,7 @@ from callweaver.store import (
     merge_meta,
     row_holds,
     stored_turn,
+    unended_created_before,
 )
 
 # Call-log filters, kept as columns beside the JSON so filtering never parses a row's workflow snapshot.
@@ -40,6 +42,9 @@ BUSY_TIMEOUT_MS = 5000
 WAL_SWITCH_RETRY_S = 0.01
 PURGE_BATCH = 200  # calls deleted per write transaction by purge()
 # The calls created since a time that have not ended (live_calls, count_live_calls).
+# The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long enough
+# before it (unended_created_before). Parameters: the cutoff, then unended_created_before(cutoff).
+_EXPIRED = "ended_at < ? OR (ended_at IS NULL AND created_at < ?)"
 _LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
 SCHEMA = """
@@ -223,7 +228,8 @@ class SQLiteStore:
                     self._conn = self._open()
                 yield self._conn
             except (sqlite3.Error, OSError) as exc:
-                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+                full = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                raise (StoreFull if full else StoreError)(f"sqlite store {self.path}: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -665,6 +671,10 @@ class SQLiteStore:
             conn.execute("SELECT 1").fetchone()
         return (time.perf_counter() - started) * 1000
 
+    def memory(self) -> None:
+        """Bound by its disk, not by memory."""
+        return None
+
     def purge(self, older_than: float) -> int:
         """In transactions of PURGE_BATCH calls: one transaction over a backlog (the first purge of a large store)
         would hold the write lock, and the worker's event loop, for its whole length while calls are live."""
@@ -672,8 +682,8 @@ class SQLiteStore:
         while True:
             with self._write() as conn:
                 batch = [row[0] for row in conn.execute(
-                    "SELECT tracking_id FROM cw_calls WHERE ended_at IS NOT NULL AND ended_at < ? LIMIT ?",
-                    (older_than, PURGE_BATCH))]
+                    f"SELECT tracking_id FROM cw_calls WHERE {_EXPIRED} LIMIT ?",
+                    (older_than, unended_created_before(older_than), PURGE_BATCH))]
                 marks = ",".join("?" * len(batch))
                 for table in ("cw_turns", "cw_statuses", "cw_relay_sockets", "cw_calls"):
                     if batch:
@@ -688,9 +698,9 @@ class SQLiteStore:
             return conn.execute(
                 "UPDATE cw_calls SET data = json_set(data, '$.messages', json('[]'), '$.transcript', json('[]'),"
                 " '$.meta.transcriptPurgedAt', ?)"
-                " WHERE ended_at IS NOT NULL AND ended_at < ?"
+                f" WHERE ({_EXPIRED})"
                 " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
-                (time.time(), older_than),
+                (time.time(), older_than, unended_created_before(older_than)),
             ).rowcount
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -24,7 +24,7 @@ def _answers_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with a password
     except OSError:
         return False
 
@@ -43,9 +43,10 @@ def redis_server_binary() -> str:
 class RedisServer:
     """Owns one redis-server process; stop() and start() again reuse the same port and URL."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = redis_server_binary()
         self.port = port or _free_port()
+        self.extra_args = tuple(extra_args)  # e.g. a TLS port and its certificate, served beside the plain port
         self._dir = tempfile.mkdtemp(prefix="cw-redis-")
         self._process: subprocess.Popen | None = None
 
@@ -69,6 +70,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self._dir,
                 "--daemonize", "no",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
