@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import structlog
@@ -176,7 +177,16 @@ def operator_only(view: Callable) -> Callable:
     return wrapper
 
 
+# Characters XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone surrogates, U+FFFE/U+FFFF).
+# The SDK escapes markup, not these: one in a model's reply or a flow's text made the whole TwiML unparsable (Twilio
+# error 12100: the call ends with "an application error has occurred").
+_NOT_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 def twiml_response(xml: str) -> Response:
+    """The SDK's TwiML as Twilio needs it: 200, text/xml, never cached, and only characters XML allows (they are
+    dropped: none of them is spoken)."""
+    xml = _NOT_XML_CHARS.sub("", xml)
     resp = Response(xml, status=200, mimetype="text/xml")
     resp.headers["Content-Type"] = "text/xml; charset=utf-8"
     resp.headers["Cache-Control"] = "no-cache"
