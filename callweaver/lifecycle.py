@@ -18,6 +18,7 @@ from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
+from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
@@ -38,6 +39,8 @@ RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
+# Meta that goes when the call ends: the call's own LLM account, and a Gather call's latest answer and claims.
+ENDED_CALL_META = ("llm", *GATHER_META_KEYS)
 
 
 class CallRequestError(Exception):
@@ -345,10 +348,13 @@ class CallLifecycle:
         current = self.store.append_status(record.tracking_id, status, sequence, payload)
         if record.call_sid is None and form.get("CallSid"):
             self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
-        if status in TERMINAL_STATUSES and (record.credentials or (record.meta or {}).get("llm")):
-            # Only the secrets go: the meta keys other writers set meanwhile stay (merged inside the store).
-            self.store.update_meta(record.tracking_id, remove=["llm"])
-            self.store.update_call(record.tracking_id, credentials=None)
+        meta = record.meta or {}
+        if status in TERMINAL_STATUSES and (record.credentials or any(key in meta for key in ENDED_CALL_META)):
+            # Only the secrets (and a Gather call's last answer, what was said) go: the meta keys other writers
+            # set meanwhile stay (merged inside the store).
+            self.store.update_meta(record.tracking_id, remove=ENDED_CALL_META)
+            if record.credentials:
+                self.store.update_call(record.tracking_id, credentials=None)
         # The call's end and any callback out of order are an operator's business; the steps on the way
         # (initiated, ringing, in-progress) are in the status history and each has its access line.
         report = log.info if status in TERMINAL_STATUSES or not current else log.debug

@@ -837,16 +837,36 @@ class ConversationEngine:
             meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)
 
-    def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
+    def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float,
+                          budget_s: float | None = None) -> tuple[str, TurnResult]:
         """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.
 
         `received_at` is this engine's clock when the caller's words arrived; the whole reply must exist before it
-        can be spoken, so its first and last "token" are the same moment."""
+        can be spoken, so its first and last "token" are the same moment. A reply not complete `budget_s` after
+        `received_at` is cancelled (its LLM stream closed) and replaced by the language's apology, the call staying
+        on its node: Twilio stops waiting for a webhook's answer after 15 s, and then ends the call."""
         turn = self.start_turn(record, utterance)
-        text = "".join(turn).strip()
+        timer = None
+        if budget_s is not None:
+            timer = threading.Timer(max(0.0, budget_s - (self.clock() - received_at)), turn.cancel)
+            timer.daemon = True
+            timer.start()
+        try:
+            text = "".join(turn).strip()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        r = turn.result
+        if not r.completed:  # the budget ran out first: nothing of this reply is heard
+            workflow = self.workflow_for(record)
+            log.warning("whole_turn_too_late", budget_s=budget_s, node=r.node_id, reply_chars=len(r.reply_text),
+                        provider=r.provider)
+            text = r.reply_text = self.languages.get(r.language).line("apology")
+            r.cache_candidate = None
+            self._stay_after_apology(r, self.state_of(record, workflow), workflow)
         waited_ms = elapsed_ms(received_at, self.clock())
         self.commit_turn(record, turn, path=path, timings={"firstTokenMs": waited_ms, "lastTokenMs": waited_ms})
-        return text, turn.result
+        return text, r
 
     # ---- while the phone rings ------------------------------------------------------------------
     def prewarm(self, record) -> int:

@@ -1,0 +1,179 @@
+"""The traditional <Gather> path as real Twilio and real callers drive it: retried webhooks, late replies,
+odd parameters, ended calls, text XML cannot carry."""
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from callweaver import create_app
+from tests.conftest import PUBLIC, Signer
+from tests.fakes.fake_llm import Reply
+from tests.helpers import make_call_body
+from tests.scripted_brain import real_estate_brain
+from tests.test_gather_flow import GatherCall, _twiml, said
+
+
+@pytest.fixture
+def call(app, client, twilio, fake_twilio, fake_llm):
+    fake_llm.responder = real_estate_brain
+    return GatherCall(app, client, twilio, fake_twilio)
+
+
+def _action(root) -> str:
+    return root.find("Gather").get("action")[len(PUBLIC):]
+
+
+def _store(app):
+    return app.extensions["callweaver"].store
+
+
+def test_a_retried_gather_webhook_runs_the_turn_once_and_gets_the_same_answer(call, app, fake_llm):
+    """Twilio retries a webhook whose answer it did not get (its connection overrides: rc/rp): the same action URL
+    with the same SpeechResult. The caller said it once: one LLM request, one stored turn, one step of the flow."""
+    root = call.answer()
+    action = _action(root)
+    form = {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house", "Confidence": "0.93"}
+    first = call.twilio.post(action, form)
+    again = call.twilio.post(action, form)
+    assert again.status_code == 200 and again.data == first.data  # what Twilio never received, exactly
+    assert len(fake_llm.requests) == 1
+    assert len(_store(app).turns(call.tracking_id)) == 1
+    record = call.record
+    assert [m["content"] for m in record.messages if m["role"] == "user"] == ["I want to buy a house"]
+    assert record.current_node == "buyer_requirements_node"
+    # the conversation goes on from the answer Twilio got on the retry
+    call.say(_twiml(again), "A three bedroom house near good schools")
+    assert call.record.current_node == "contact_details_node" and len(fake_llm.requests) == 2
+
+
+def test_the_same_words_said_again_on_the_next_turn_are_a_new_turn(call, app, fake_llm):
+    """Only a retry is deduplicated: a caller repeating themselves at the next prompt is answered again."""
+    root = call.answer()
+    root = call.say(root, "tell me more")
+    root = call.say(root, "tell me more")
+    assert len(fake_llm.requests) == 2 and len(_store(app).turns(call.tracking_id)) == 2
+
+
+def test_a_retry_that_arrives_while_the_first_attempt_still_runs_waits_for_its_answer(call, app, fake_llm):
+    """Twilio gave up on a slow first attempt and retried: the turn is not run a second time in parallel."""
+    root = call.answer()
+    action = _action(root)
+    fake_llm.responder = lambda body: Reply(text="Wonderful, let's find you a home.", ttft_s=0.8,
+                                            tool_calls=[("transition", {"edge_id": "edge_2"})])
+    form = {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house"}
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("first", Signer(app.test_client()).post(action, form)))
+    worker.start()
+    fake_llm.wait_for_requests(1)
+    again = call.twilio.post(action, form)
+    worker.join(10)
+    assert results["first"].data == again.data
+    assert "find you a home" in said(_twiml(again))
+    assert len(fake_llm.requests) == 1
+    assert len(_store(app).turns(call.tracking_id)) == 1
+    assert call.record.current_node == "buyer_requirements_node"
+
+
+def test_a_reply_too_slow_for_twilios_webhook_timeout_becomes_an_apology_in_time(env, fake_twilio, fake_llm):
+    """Twilio waits 15 s for a webhook's answer, then the call fails ("an application error has occurred"). A model
+    that streams slowly (here ~9 s of tokens, each within the stall timeout) must not hold the answer past
+    GATHER_REPLY_TIMEOUT_S: the caller hears the apology and is listened to again; the call stays where it was."""
+    app = create_app({**env, "GATHER_REPLY_TIMEOUT_S": "2"})
+    client = app.test_client()
+    fake_llm.responder = real_estate_brain
+    call = GatherCall(app, client, Signer(client), fake_twilio)
+    root = call.answer()
+    fake_llm.responder = lambda body: Reply(text=" ".join(["word"] * 30), token_interval_s=0.3)
+    started = time.monotonic()
+    root = call.say(root, "I want to buy a house")
+    waited = time.monotonic() - started
+    assert waited < 3.0, waited
+    assert "trouble" in said(root).lower() and "word word" not in said(root)
+    assert root.find("Gather") is not None
+    assert call.record.current_node == "inquiry_type_node"
+    (turn,) = _store(app).turns(call.tracking_id)
+    assert turn["source"] == "apology" and turn["action"] is None
+    assert call.record.messages[-1]["content"].startswith("Sorry")  # history holds what was heard
+    # the LLM's HTTP stream was closed, not left generating
+    assert fake_llm.wait_until(lambda: fake_llm.requests[-1].client_closed or fake_llm.requests[-1].finished)
+    fake_llm.responder = real_estate_brain
+    call.say(root, "I want to buy a house")
+    assert call.record.current_node == "buyer_requirements_node"
+
+
+def test_text_xml_cannot_carry_never_breaks_the_twiml(call, fake_llm):
+    """A control character in a model's reply (or in a flow's text) made the TwiML malformed: Twilio answers a
+    document it cannot parse with error 12100 and the call ends. The SDK escapes markup, not these."""
+    root = call.answer()
+    fake_llm.responder = lambda body: Reply(text="Sure\x00 thing\x1b[0m, what\x0b else?\ufffe")
+    resp = call.twilio.post(_action(root), {"CallSid": call.call_sid, "SpeechResult": "hello"})
+    root = _twiml(resp)  # parses
+    assert "Sure thing[0m, what else?" in said(root)
+
+
+def test_a_greeting_with_a_control_character_still_parses(app, client, twilio, fake_twilio):
+    body = make_call_body()
+    start = next(n for n in body["nodes"] if n["type"] == "startNode")
+    start["data"]["firstMessage"] = "Hello\x07 there!"
+    assert client.post("/api/make-call", json=body).get_json()["success"]
+    path = fake_twilio.creates()[-1].one("Url")[len(PUBLIC):]
+    root = _twiml(twilio.post(path, {"CallStatus": "in-progress"}))
+    assert "Hello there!" in said(root)
+
+
+def test_an_empty_speech_result_mid_call_is_not_answered_with_the_greeting(call, fake_llm):
+    """A Gather action with no (or blank) SpeechResult after the call has started (actionOnEmptyResult, a
+    recogniser that heard noise): the caller is asked again, not greeted as if the call had just begun."""
+    root = call.answer()
+    root = call.say(root, "I want to buy a house")
+    for form in ({"CallSid": call.call_sid, "SpeechResult": "  ", "Confidence": "0"},
+                 {"CallSid": call.call_sid}, {"CallSid": call.call_sid, "Digits": "5"}):
+        again = _twiml(call.twilio.post(_action(root), form))
+        assert "Premier Properties" not in said(again)
+        assert "didn't" in said(again).lower() and again.find("Gather") is not None
+    assert len(fake_llm.requests) == 1
+
+
+def test_a_webhook_for_an_ended_call_runs_no_turn(call, app, fake_llm):
+    root = call.answer()
+    status = call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
+                              {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
+    assert status.status_code == 200
+    late = _twiml(call.twilio.post(_action(root), {"CallSid": call.call_sid, "SpeechResult": "I want to buy"}))
+    assert [c.tag for c in late] == ["Hangup"]
+    assert fake_llm.requests == []
+    assert _store(app).turns(call.tracking_id) == []
+
+
+def test_a_webhook_naming_one_call_with_another_calls_sid_touches_neither(call, app, fake_llm):
+    root = call.answer()
+    other_sid = "CA" + "9" * 32
+    resp = _twiml(call.twilio.post(_action(root), {"CallSid": other_sid, "SpeechResult": "I want to buy"}))
+    assert resp.find("Hangup") is not None
+    assert fake_llm.requests == []
+    assert call.record.call_sid == call.call_sid
+    assert _store(app).turns(call.tracking_id) == []
+
+
+def test_the_kept_answer_goes_when_the_call_ends(call, app):
+    """The latest answer is what the caller was told: kept for a retry while the call lives, not after."""
+    from callweaver.gather_turns import GATHER_META_KEYS, REPLY_META
+    root = call.answer()
+    call.say(root, "I want to buy a house")
+    assert REPLY_META in call.record.meta
+    call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
+                     {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
+    assert not set(GATHER_META_KEYS) & set(call.record.meta)
+
+
+def test_an_action_url_used_again_with_other_words_is_a_new_turn(call, app, fake_llm):
+    """Only the same words under the same turn are a retry: a client posting every turn to one URL is answered."""
+    root = call.answer()
+    action = _action(root)
+    call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house"})
+    again = _twiml(call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "A three bedroom house"}))
+    assert "three bedroom" in said(again).lower()
+    assert len(fake_llm.requests) == 2 and call.record.current_node == "contact_details_node"
