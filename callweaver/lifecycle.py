@@ -39,6 +39,7 @@ RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
+INBOUND_META = "inbound"  # meta: the call rang in (inbound_call), so it carries no TimeLimit of ours
 # Meta that goes when the call ends: the call's own LLM account, and a Gather call's latest answer and claims.
 ENDED_CALL_META = ("llm", *GATHER_META_KEYS)
 
@@ -379,9 +380,16 @@ class CallLifecycle:
                             workflow_id=workflow_id, workflow=workflow.to_snapshot(),
                             workflow_hash=workflow.version_hash, language=language.code, greeting=greeting,
                             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
-                            messages=[{"role": "assistant", "content": greeting}])
+                            messages=[{"role": "assistant", "content": greeting}], meta={INBOUND_META: True})
         self.store.create_call(record)
         return record
+
+    def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
+        """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed
+        call of its flow gets (MAX_CALL_DURATION_S, shortened by the flow's maxCallDuration)."""
+        if not (record.meta or {}).get(INBOUND_META):
+            return False  # a placed call: Twilio keeps its TimeLimit
+        return time.time() - record.created_at >= workflow.limits.time_limit_s(self.settings.max_call_duration_s)
 
     def attach_call_sid(self, record: CallRecord, call_sid: str | None) -> CallRecord:
         if call_sid and record.call_sid != call_sid:

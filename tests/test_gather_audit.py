@@ -177,3 +177,20 @@ def test_an_action_url_used_again_with_other_words_is_a_new_turn(call, app, fake
     again = _twiml(call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "A three bedroom house"}))
     assert "three bedroom" in said(again).lower()
     assert len(fake_llm.requests) == 2 and call.record.current_node == "contact_details_node"
+
+
+def test_an_inbound_gather_call_ends_at_the_call_duration_cap(env, fake_twilio, fake_llm):
+    """A placed call carries Twilio's TimeLimit; a call that rang in on a number pointed at /api/twiml-ai has none,
+    so the cap (MAX_CALL_DURATION_S) is kept by the webhook: past it the caller is told goodbye, no LLM request."""
+    app = create_app({**env, "MAX_CALL_DURATION_S": "60"})
+    twilio = Signer(app.test_client())
+    sid = "CA" + "7" * 32
+    root = _twiml(twilio.post("/api/twiml-ai", {"CallSid": sid, "From": "+15551230000", "To": "+15005550006"}))
+    store = _store(app)
+    tracking_id = store.find_tracking_id(sid)
+    root = _twiml(twilio.post(_action(root), {"CallSid": sid, "SpeechResult": "hello there"}))
+    assert len(fake_llm.requests) == 1 and root.find("Gather") is not None
+    store.update_call(tracking_id, created_at=time.time() - 61)
+    root = _twiml(twilio.post(_action(root), {"CallSid": sid, "SpeechResult": "and another thing"}))
+    assert [c.tag for c in root] == ["Say", "Hangup"] and "Goodbye" in said(root)
+    assert len(fake_llm.requests) == 1

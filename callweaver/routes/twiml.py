@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlencode
 
 import structlog
@@ -125,6 +126,9 @@ def twiml_ai(record=None):
     else:
         record = svc.lifecycle.attach_call_sid(record, call_sid)
     entry = svc.languages.get(record.language)
+    if svc.lifecycle.past_time_limit(record, svc.engine.workflow_for(record)):
+        log.info("gather_call_time_limit", duration_s=round(time.time() - record.created_at))
+        return twiml_response(_hang_up(entry.line("goodbye"), entry))
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
         if turn is not None or any(m.get("role") == "user" for m in record.messages or ()):
