@@ -194,3 +194,40 @@ def test_an_inbound_gather_call_ends_at_the_call_duration_cap(env, fake_twilio, 
     root = _twiml(twilio.post(_action(root), {"CallSid": sid, "SpeechResult": "and another thing"}))
     assert [c.tag for c in root] == ["Say", "Hangup"] and "Goodbye" in said(root)
     assert len(fake_llm.requests) == 1
+
+
+def test_a_runaway_reply_is_capped_for_say_and_an_empty_one_is_an_apology(call, fake_llm):
+    from callweaver.engine.conversation import MAX_TURN_REPLY_BYTES
+    root = call.answer()
+    fake_llm.responder = lambda body: Reply(text="blah " * 2000)
+    root = call.say(root, "tell me everything")
+    first = root.find("Say").text
+    assert len(first.encode()) <= MAX_TURN_REPLY_BYTES and root.find("Gather") is not None
+    fake_llm.responder = lambda body: Reply(text="   ")
+    root = call.say(root, "and now?")
+    assert "trouble" in root.find("Say").text.lower() and root.find("Gather") is not None
+
+
+def test_the_first_provider_failing_fails_over_within_the_same_webhook(call, app, fake_llm, fake_llm2):
+    root = call.answer()
+    fake_llm.fault = "500"
+    fake_llm2.responder = real_estate_brain
+    root = call.say(root, "I want to buy a house")
+    assert "find you a home" in said(root)
+    (turn,) = _store(app).turns(call.tracking_id)
+    assert turn["provider"] == "openai" and turn["failovers"][0]["provider"] == "azure"
+    assert call.record.current_node == "buyer_requirements_node"
+
+
+def test_a_gather_turn_reports_no_added_latency_it_did_not_measure(call, app, client):
+    """A Gather turn's first "token" reaches the caller with the whole reply: its time minus the provider's first
+    token is the model writing the rest, not our overhead. Only relay turns measure that (as /metrics does)."""
+    root = call.answer()
+    call.say(root, "I want to buy a house")
+    data = client.get(f"/api/performance-metrics/{call.tracking_id}").get_json()
+    assert data["metrics"]["addedLatency"]["samples"] == 0 and data["metrics"]["addedLatency"]["p50"] is None
+    (turn,) = data["callData"]["turns"]
+    assert turn["addedLatencyMs"] is None
+    assert turn["firstTokenMs"] is not None and turn["providerTtftMs"] is not None  # these were measured
+    detail = client.get(f"/api/call-log/{call.tracking_id}").get_json()
+    assert detail["turns"][0]["addedLatencyMs"] is None
