@@ -384,6 +384,12 @@ class CallLifecycle:
         self.store.create_call(record)
         return record
 
+    def ended_on_silence(self, record: CallRecord) -> None:
+        """The caller stayed silent through a Gather call's re-prompt: the call ends (goodbye, hang-up) on silence,
+        recorded as a relay call's is (meta endReason; the call log's outcome)."""
+        log.info("gather_silence_ending", tracking_id=record.tracking_id)
+        self.store.update_meta(record.tracking_id, {"endReason": "silence"})
+
     def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
         """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed
         call of its flow gets (MAX_CALL_DURATION_S, shortened by the flow's maxCallDuration)."""

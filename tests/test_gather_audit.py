@@ -231,3 +231,19 @@ def test_a_gather_turn_reports_no_added_latency_it_did_not_measure(call, app, cl
     assert turn["firstTokenMs"] is not None and turn["providerTtftMs"] is not None  # these were measured
     detail = client.get(f"/api/call-log/{call.tracking_id}").get_json()
     assert detail["turns"][0]["addedLatencyMs"] is None
+
+
+def test_a_caller_silent_through_both_listens_is_ended_as_silence_in_the_call_log(call, app, client, fake_llm):
+    """Twilio plays the re-prompt after the first silent <Gather timeout>; after the second the call ends. The server
+    must learn that it ended on silence (as a relay call records it), not report that the caller hung up."""
+    root = call.answer()
+    tags = [c.tag for c in root]
+    assert tags.count("Gather") == 2 and tags[-1] == "Redirect"
+    redirect = root.find("Redirect")
+    assert redirect.get("method") == "POST" and redirect.text.startswith(PUBLIC + "/api/twiml-ai?")
+    end = _twiml(call.twilio.post(redirect.text[len(PUBLIC):], {"CallSid": call.call_sid, "CallStatus": "in-progress"}))
+    assert [c.tag for c in end] == ["Say", "Hangup"] and "Goodbye" in said(end)
+    assert fake_llm.requests == []
+    call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
+                     {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
+    assert client.get(f"/api/call-log/{call.tracking_id}").get_json()["call"]["outcome"] == "silence"

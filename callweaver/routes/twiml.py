@@ -48,13 +48,20 @@ def twiml_default(record=None):
 
 # ---- traditional <Gather> flow ---------------------------------------------------------------------
 
-def _gather_url(record: CallRecord | None, workflow_id: str | None, turn: int | None = None) -> str:
-    """The Gather's absolute action URL: the flow, the call and the turn it answers (gather_turns.py)."""
+SILENCE_PARAM = "silence"  # the Redirect after both listens stayed silent: the call ends on silence
+
+
+def _gather_url(record: CallRecord | None, workflow_id: str | None, turn: int | None = None,
+                silence: bool = False) -> str:
+    """The Gather's absolute action URL: the flow, the call and the turn it answers (gather_turns.py); with
+    `silence`, the URL Twilio is sent to once the caller stayed silent through both listens."""
     query = {"id": workflow_id or (record.workflow_id if record else None) or "fallback"}
     if record:
         query["trackingId"] = record.tracking_id
     if turn is not None:
         query[TURN_PARAM] = str(turn)
+    if silence:
+        query[SILENCE_PARAM] = "1"
     return f"{base_url()}/api/twiml-ai?{urlencode(query)}"
 
 
@@ -71,9 +78,11 @@ def _gather_timeout_s(record: CallRecord | None) -> int:
     return max(1, round(silence_s)) if silence_s > 0 else GATHER_TIMEOUT_S
 
 
-def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str, timeout_s: int) -> None:
+def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str, timeout_s: int,
+                    silence_url: str | None = None) -> None:
     """Say, listen; `timeout_s` of silence → re-prompt once, then as long again → goodbye and hang up (the
-    original's pattern)."""
+    original's pattern). With `silence_url` (a call we have a record of), Twilio is sent there for the goodbye, so
+    the call is known to have ended on silence (as a relay call's is)."""
     say = {"voice": entry.say_voice, "language": entry.say_language}
     vr.say(text, **say)
     g = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
@@ -83,14 +92,19 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
     g2 = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
                    language=entry.gather_language)
     g2.say(entry.line("listening"), **say)
+    if silence_url:
+        vr.redirect(silence_url, method="POST")
+        return
     vr.say(entry.line("goodbye"), **say)
     vr.hangup()
 
 
-def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: LanguageEntry, turn: int | None) -> str:
-    """`text`, then the Gather pattern answering `turn`."""
-    vr = VoiceResponse()
-    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn), _gather_timeout_s(record))
+def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: LanguageEntry, turn: int | None,
+               vr: VoiceResponse | None = None) -> str:
+    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds)."""
+    vr = vr or VoiceResponse()
+    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn), _gather_timeout_s(record),
+                    silence_url=_gather_url(record, workflow_id, silence=True))
     return str(vr)
 
 
@@ -128,6 +142,9 @@ def twiml_ai(record=None):
     entry = svc.languages.get(record.language)
     if svc.lifecycle.past_time_limit(record, svc.engine.workflow_for(record)):
         log.info("gather_call_time_limit", duration_s=round(time.time() - record.created_at))
+        return twiml_response(_hang_up(entry.line("goodbye"), entry))
+    if request.args.get(SILENCE_PARAM) == "1":
+        svc.lifecycle.ended_on_silence(record)
         return twiml_response(_hang_up(entry.line("goodbye"), entry))
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
@@ -168,8 +185,7 @@ def twiml_ai(record=None):
         vr.hangup()
     else:
         next_turn = gather.next_turn(record) if turn is None else turn + 1
-        _say_and_listen(vr, text or entry.line("apology"), entry, _gather_url(record, workflow_id, next_turn),
-                        _gather_timeout_s(record))
+        _listening(record, workflow_id, text or entry.line("apology"), entry, next_turn, vr)
     xml = str(vr)
     if turn is not None:
         gather.remember(record.tracking_id, turn, speech, xml)
