@@ -247,3 +247,45 @@ def test_a_caller_silent_through_both_listens_is_ended_as_silence_in_the_call_lo
     call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
                      {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
     assert client.get(f"/api/call-log/{call.tracking_id}").get_json()["call"]["outcome"] == "silence"
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    from tests.fakes.redis_server import RedisServer
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request, tmp_path):
+    import uuid
+
+    from callweaver.store import build_store
+    if request.param == "sqlite":
+        built = build_store(str(tmp_path / "cw.sqlite3"))
+    else:
+        built = build_store(str(tmp_path / "unused.sqlite3"), redis_url=request.getfixturevalue("redis_server").url,
+                            key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    yield built
+    built.close()
+
+
+def test_exactly_one_of_many_simultaneous_requests_claims_a_turn_in_either_store(any_store):
+    """Workers (or instances, with Redis) racing for one turn: one runs it, the others wait for its answer."""
+    from callweaver.gather_turns import GatherTurns
+    from callweaver.store import CallRecord
+    any_store.create_call(CallRecord(tracking_id="call_race", path="traditional"))
+    turns = GatherTurns(any_store)
+    won = []
+    racers = [threading.Thread(target=lambda: won.append(turns.claim("call_race", 3))) for _ in range(8)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(10)
+    assert sorted(won) == [False] * 7 + [True]
+    turns.remember("call_race", 3, "yes please", "<Response/>")
+    record = any_store.get_call("call_race")
+    assert turns.answered(record, 3, "yes please") == "<Response/>"
+    assert turns.answered(record, 3, "no thanks") is None and turns.next_turn(record) == 4
+    assert turns.claim("call_race", 4)  # the next turn is claimed afresh
+    assert turns.wait_for_answer("call_race", 3, "yes please", until=0) == "<Response/>"
