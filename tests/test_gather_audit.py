@@ -289,3 +289,12 @@ def test_exactly_one_of_many_simultaneous_requests_claims_a_turn_in_either_store
     assert turns.answered(record, 3, "no thanks") is None and turns.next_turn(record) == 4
     assert turns.claim("call_race", 4)  # the next turn is claimed afresh
     assert turns.wait_for_answer("call_race", 3, "yes please", until=0) == "<Response/>"
+
+
+def test_speech_with_confidence_zero_is_answered(call, fake_llm):
+    """Twilio does not guarantee a Confidence (some speech models always report 0): the words are answered."""
+    root = call.answer()
+    root = call.say(root, "I want to buy a house")  # Confidence 0.93
+    root = _twiml(call.twilio.post(_action(root), {"CallSid": call.call_sid, "SpeechResult": "three bedroom please",
+                                                   "Confidence": "0"}))
+    assert "three bedroom" in said(root).lower() and len(fake_llm.requests) == 2
