@@ -298,3 +298,41 @@ def test_speech_with_confidence_zero_is_answered(call, fake_llm):
     root = _twiml(call.twilio.post(_action(root), {"CallSid": call.call_sid, "SpeechResult": "three bedroom please",
                                                    "Confidence": "0"}))
     assert "three bedroom" in said(root).lower() and len(fake_llm.requests) == 2
+
+
+def test_on_the_production_server_a_slow_reply_is_cut_in_time_and_a_retry_on_the_other_worker_waits(
+        tmp_path, fake_twilio, fake_llm, fake_llm2):
+    """gunicorn with 2 gevent workers (the deadline timer and the claim as deployed): the first attempt is cut at
+    GATHER_REPLY_TIMEOUT_S with the apology; Twilio's retry, sent meanwhile (to either worker), gets that same
+    answer; one LLM request in all."""
+    from callweaver.simulate.webhooks import TwilioWebhooks, http
+    from tests.conftest import AUTH_TOKEN, base_env
+    from tests.fakes.live_server import LiveServer
+
+    env = base_env(tmp_path, fake_twilio, fake_llm, fake_llm2)
+    env.pop("PUBLIC_BASE_URL")
+    env["GATHER_REPLY_TIMEOUT_S"] = "2"
+    with LiveServer(env, workers=2) as live:
+        hooks = TwilioWebhooks(live.url, AUTH_TOKEN)
+        data = http("POST", live.url + "/api/make-call", json_body=make_call_body()).json()
+        url = fake_twilio.creates()[-1].one("Url")
+        root = ET.fromstring(hooks.post(url, {"CallSid": data["callSid"]}).text)
+        action = root.find("Gather").get("action")
+        fake_llm.responder = lambda body: Reply(text=" ".join(["word"] * 30), token_interval_s=0.3)
+        form = {"CallSid": data["callSid"], "SpeechResult": "I want to buy a house"}
+        results = {}
+
+        def first():
+            results["first"] = hooks.post(action, form)
+
+        worker = threading.Thread(target=first)
+        started = time.monotonic()
+        worker.start()
+        fake_llm.wait_for_requests(1)
+        retries = [hooks.post(action, form) for _ in range(2)]
+        worker.join(10)
+        assert time.monotonic() - started < 3.5
+        answers = {results["first"].text, *(r.text for r in retries)}
+        assert len(answers) == 1
+        assert "trouble" in said(ET.fromstring(answers.pop())).lower()
+        assert len(fake_llm.requests) == 1
