@@ -336,3 +336,19 @@ def test_on_the_production_server_a_slow_reply_is_cut_in_time_and_a_retry_on_the
         assert len(answers) == 1
         assert "trouble" in said(ET.fromstring(answers.pop())).lower()
         assert len(fake_llm.requests) == 1
+
+
+def test_a_call_ringing_in_on_a_stored_flow_in_a_language_the_table_lacks_is_spoken_in_the_default(
+        app, client, twilio, fake_twilio, fake_llm):
+    """A flow saved before its language was checked (or edited since): the caller hears the default language's
+    voice and recogniser, never a voice Twilio would refuse."""
+    store = _store(app)
+    assert client.post("/api/make-call", json=make_call_body()).get_json()["success"]
+    snapshot = store.get_workflow("wf_real_estate_property_dealer")
+    snapshot["config"].setdefault("globalSettings", {})["defaultLanguage"] = "xx-XX"
+    store.save_workflow("wf_odd", snapshot)
+    from callweaver.engine.workflow import Workflow
+    assert Workflow.from_snapshot(snapshot).default_language == "xx-XX"
+    root = _twiml(twilio.post("/api/twiml-ai?id=wf_odd", {"CallSid": "CA" + "5" * 32, "From": "+15551230001"}))
+    assert root.find("Say").get("language") == "en-US" and root.find("Gather").get("language") == "en-US"
+    assert "Premier Properties" in said(root)  # the flow's own greeting
