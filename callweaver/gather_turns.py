@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import structlog
 
-from .store import CallRecord, Store, StoreError
+from .store import CallRecord, Store, StoreError, call_is_live
 
 log = structlog.get_logger()
 
@@ -87,6 +87,10 @@ class GatherTurns:
         try:
             self.store.update_meta(tracking_id, {REPLY_META: {"turn": turn, "said": _digest(speech), "twiml": twiml},
                                                  CLAIMS_META: {str(turn): 1}})
+            # The caller may have hung up while the turn ran: the terminal status callback dropped these keys
+            # before this write. Read after it, the end is seen either way, and the answer goes with the call.
+            if not call_is_live(self.store.get_call(tracking_id)):
+                self.store.update_meta(tracking_id, remove=GATHER_META_KEYS)
         except StoreError:
             log.warning("gather_answer_not_kept", tracking_id=tracking_id, turn=turn)  # a retry gets the apology
 

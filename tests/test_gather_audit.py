@@ -352,3 +352,24 @@ def test_a_call_ringing_in_on_a_stored_flow_in_a_language_the_table_lacks_is_spo
     root = _twiml(twilio.post("/api/twiml-ai?id=wf_odd", {"CallSid": "CA" + "5" * 32, "From": "+15551230001"}))
     assert root.find("Say").get("language") == "en-US" and root.find("Gather").get("language") == "en-US"
     assert "Premier Properties" in said(root)  # the flow's own greeting
+
+
+def test_an_answer_finished_after_the_caller_hung_up_is_not_kept_with_the_ended_call(call, app, fake_llm):
+    """The caller hangs up while the model still writes: the terminal status callback drops the call's Gather meta,
+    then the turn finishes and keeps its answer. Nothing can retry a webhook of an ended call, and the kept TwiML
+    is what the caller was told: it must not outlive the call (transcript retention empties messages, not meta)."""
+    from callweaver.gather_turns import GATHER_META_KEYS
+    root = call.answer()
+    action = _action(root)
+    fake_llm.responder = lambda body: Reply(text="Wonderful, let's find you a home.", ttft_s=0.8)
+    form = {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house"}
+    results = {}
+    worker = threading.Thread(target=lambda: results.setdefault("turn", Signer(app.test_client()).post(action, form)))
+    worker.start()
+    fake_llm.wait_for_requests(1)
+    status = call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
+                              {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
+    assert status.status_code == 200
+    worker.join(10)
+    assert results["turn"].status_code == 200
+    assert not set(GATHER_META_KEYS) & set(call.record.meta)
