@@ -373,3 +373,17 @@ def test_an_answer_finished_after_the_caller_hung_up_is_not_kept_with_the_ended_
     worker.join(10)
     assert results["turn"].status_code == 200
     assert not set(GATHER_META_KEYS) & set(call.record.meta)
+
+
+def test_a_turn_cancelled_before_its_llm_request_starts_never_sends_it(call, app, fake_llm):
+    """The Gather deadline can pass while the turn is not yet streaming (a slow cache or store read): cancelling
+    then must stop the turn before its request, not let it run to the provider's first token."""
+    call.answer()
+    fake_llm.responder = lambda body: Reply(text="Too late to be heard.", ttft_s=1.5)
+    engine = app.extensions["callweaver"].engine
+    turn = engine.start_turn(call.record, "I want to buy a house")
+    turn.cancel()
+    started = time.monotonic()
+    assert "".join(turn) == ""
+    assert time.monotonic() - started < 1.0
+    assert fake_llm.requests == [] and not turn.result.completed

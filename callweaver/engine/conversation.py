@@ -687,10 +687,12 @@ class ConversationEngine:
 
     def _relay_stream(self, result: TurnResult, stream, control: TurnControl, llm_span) -> Iterator[str]:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
-        result.llm_requests += 1
         control.stream = stream
         room = MAX_TURN_REPLY_BYTES - len(result.reply_text.encode())
         try:
+            if control.cancelled:
+                return  # cancelled while no stream was in flight (`cancel` had none to close): never send it
+            result.llm_requests += 1
             for token in stream:
                 if control.cancelled:
                     break
