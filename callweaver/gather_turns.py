@@ -35,7 +35,7 @@ def _digest(speech: str) -> str:
 
 def turn_param(raw: Any) -> int | None:
     """The turn named by a Gather action URL; None for a URL without one (the call's first webhook, an older URL)."""
-    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 9:
+    if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         return None
     return int(raw)
 

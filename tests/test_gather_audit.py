@@ -387,3 +387,11 @@ def test_a_turn_cancelled_before_its_llm_request_starts_never_sends_it(call, app
     assert "".join(turn) == ""
     assert time.monotonic() - started < 1.0
     assert fake_llm.requests == [] and not turn.result.completed
+
+
+def test_a_turn_number_is_ascii_digits_only():
+    """`str.isdigit` accepts superscripts and other scripts' digits; `int` refuses some of them (a 500)."""
+    from callweaver.gather_turns import turn_param
+    assert turn_param("12") == 12 and turn_param("0") == 0
+    for raw in ("\u00b2", "\u0663", "-1", "1.0", "", None, "1" * 10):
+        assert turn_param(raw) is None, raw
