@@ -395,3 +395,15 @@ def test_a_turn_number_is_ascii_digits_only():
     assert turn_param("12") == 12 and turn_param("0") == 0
     for raw in ("\u00b2", "\u0663", "-1", "1.0", "", None, "1" * 10):
         assert turn_param(raw) is None, raw
+
+
+def test_a_lone_surrogate_never_reaches_the_twiml_as_a_character_reference():
+    """The SDK serialises a lone surrogate (a JS string cut inside an emoji) as `&#55357;`, which no XML parser
+    accepts: the character is dropped like the other characters XML cannot carry."""
+    from twilio.twiml.voice_response import VoiceResponse
+
+    from callweaver.routes.common import twiml_response
+    vr = VoiceResponse()
+    vr.say("Hi \ud83d there \U0001f600 \u4f60\u597d &#55357; \t")
+    root = ET.fromstring(twiml_response(str(vr)).get_data())
+    assert root.find("Say").text == "Hi  there \U0001f600 \u4f60\u597d &#55357; \t"
