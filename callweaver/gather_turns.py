@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import structlog
@@ -38,6 +39,16 @@ def turn_param(raw: Any) -> int | None:
     if not isinstance(raw, str) or not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
         return None
     return int(raw)
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What a webhook naming a turn does: run `turn`; answer `sent` (a retry of an answered turn); or, `busy`, neither
+    (a retry whose first attempt is still running past the deadline)."""
+
+    turn: int
+    sent: str | None = None
+    busy: bool = False
 
 
 class GatherTurns:
@@ -69,6 +80,20 @@ class GatherTurns:
         """The turn a request that is no retry answers: the one its URL names, or the call's next one if that was
         answered already (the URL was used again)."""
         return max(turn, self.next_turn(record) or 0)
+
+    def start(self, record: CallRecord, turn: int, speech: str, until: float) -> TurnStart:
+        """A webhook for `turn` with these words: the answer already sent (a retry), the turn to run (this request
+        claimed it), or busy (another request claimed it and kept no answer by `until`, this object's clock)."""
+        sent = self.answered(record, turn, speech)
+        if sent is None:
+            turn = self.turn_for(record, turn)
+            if self.claim(record.tracking_id, turn):
+                return TurnStart(turn)
+            sent = self.wait_for_answer(record.tracking_id, turn, speech, until)
+            if sent is None:
+                return TurnStart(turn, busy=True)
+        log.info("gather_retry_answered", turn=turn)
+        return TurnStart(turn, sent)
 
     def claim(self, tracking_id: str, turn: int) -> bool:
         """Whether this request is the first for `turn` (one atomic count in the store, whichever worker took it)."""

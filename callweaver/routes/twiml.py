@@ -157,16 +157,12 @@ def twiml_ai(record=None):
     gather = svc.gather_turns
     budget_s = svc.settings.gather_reply_timeout_s
     if turn is not None:
-        sent = gather.answered(record, turn, speech)
-        if sent is None:
-            turn = gather.turn_for(record, turn)
-            if not gather.claim(record.tracking_id, turn):
-                sent = gather.wait_for_answer(record.tracking_id, turn, speech, until=received_at + budget_s)
-                if sent is None:  # the first attempt is still running: ask again, never run the turn twice
-                    return twiml_response(_listening(record, workflow_id, entry.line("apology"), entry, turn + 1))
-        if sent is not None:
-            log.info("gather_retry_answered", turn=turn)
-            return twiml_response(sent)
+        start = gather.start(record, turn, speech, until=received_at + budget_s)
+        turn = start.turn
+        if start.sent is not None:
+            return twiml_response(start.sent)
+        if start.busy:  # the first attempt is still running: ask again, never run the turn twice
+            return twiml_response(_listening(record, workflow_id, entry.line("apology"), entry, turn + 1))
 
     text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at,
                                                 budget_s=budget_s)
