@@ -407,3 +407,30 @@ def test_a_lone_surrogate_never_reaches_the_twiml_as_a_character_reference():
     vr.say("Hi \ud83d there \U0001f600 \u4f60\u597d &#55357; \t")
     root = ET.fromstring(twiml_response(str(vr)).get_data())
     assert root.find("Say").text == "Hi  there \U0001f600 \u4f60\u597d &#55357; \t"
+
+
+def test_an_apology_after_a_tool_moved_the_call_keeps_no_recording_of_the_node_it_left(app, client, fake_llm,
+                                                                                         fake_llm2):
+    """The model only called a transition tool and its follow-up failed (or ran past the Gather deadline): the call
+    stays on its node with the apology, so the recording of the node the tool named must not play (a relay turn
+    plays `entered_audio` before its words)."""
+    from tests.helpers import load_workflow
+    export = load_workflow()
+    for node in export["nodes"]:
+        if node["id"] == "buyer_requirements_node":
+            node["data"]["audioUrl"] = "https://media.example.com/jingle.mp3"
+    data = client.post("/api/make-call", json=make_call_body(nodes=export["nodes"])).get_json()
+    svc = app.extensions["callweaver"]
+    asked = []
+
+    def tool_only_then_failing(body):
+        asked.append(body)
+        return Reply(text="", tool_calls=[("transition", {"edge_id": "edge_2"})]) if len(asked) == 1 \
+            else Reply(fault="500")
+
+    fake_llm.responder = tool_only_then_failing
+    fake_llm2.responder = lambda body: Reply(fault="500")
+    turn = svc.engine.start_turn(svc.store.get_call(data["trackingId"]), "I want to buy a house")
+    assert "trouble" in "".join(turn).lower()
+    assert turn.result.source == "apology" and turn.result.next_node == "inquiry_type_node"
+    assert turn.result.entered_audio is None

@@ -751,9 +751,9 @@ class ConversationEngine:
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
         result.keys = outcome.keys
-        entered = workflow.nodes.get(outcome.next_node)
-        if outcome.next_node != result.node_id and entered is not None:
-            result.entered_audio = entered.audio
+        # Set or cleared: an apology after a tool's routing (`_stay_after_apology`) enters no node, so plays nothing.
+        entered = workflow.nodes.get(outcome.next_node) if outcome.next_node != result.node_id else None
+        result.entered_audio = entered.audio if entered is not None else None
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
