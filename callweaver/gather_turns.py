@@ -9,7 +9,7 @@ is still running waits for that answer.
 
 Only the latest turn's answer is kept (Twilio never retries an older one: the next turn exists only because it got
 the answer), in the call's meta, until the call ends (the terminal status callback removes it with the other
-per-call secrets, lifecycle.record_status)."""
+per-call secrets, lifecycle.record_status; an answer finished after that goes at once, `remember`)."""
 from __future__ import annotations
 
 import hashlib

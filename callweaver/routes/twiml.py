@@ -109,6 +109,7 @@ def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: La
 
 
 def _hang_up(text: str | None = None, entry: LanguageEntry | None = None) -> str:
+    """`text` said in `entry`'s voice (if any), then <Hangup>."""
     vr = VoiceResponse()
     if text and entry:
         vr.say(text, voice=entry.say_voice, language=entry.say_language)
