@@ -17,6 +17,9 @@ from .units import MAX_CALL_DURATION_LIMIT_S, SECONDS_PER_DAY
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
+# Twilio waits 15 s for a webhook's answer, connecting included, then fails the call: a <Gather> turn's reply needs a
+# moment left over to be written, sent and read.
+MAX_GATHER_REPLY_TIMEOUT_S = 14
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
@@ -78,6 +81,7 @@ class Settings:
     call_timeout_s: int = 30
     max_call_duration_s: int = 3600
     silence_timeout_s: float = 20.0  # a relay caller silent this long is asked "are you still there?" (0 = never)
+    gather_reply_timeout_s: float = 10.0  # a <Gather> turn's reply must exist by then (Twilio waits 15 s in all)
     # Abuse limits (the `limits` notation: "30 per minute", "10/second") and operator surfaces
     rate_limit_make_call: str = "30 per minute"
     rate_limit_chat: str = "60 per minute"
@@ -262,6 +266,7 @@ class Settings:
         values["call_timeout_s"] = number("CALL_TIMEOUT_S", 30, int, 5, MAX_RING_TIMEOUT_S)
         values["max_call_duration_s"] = number("MAX_CALL_DURATION_S", 3600, int, 60, MAX_CALL_DURATION_LIMIT_S)
         values["silence_timeout_s"] = number("SILENCE_TIMEOUT_S", 20.0, float, 0, MAX_SILENCE_TIMEOUT_S)
+        values["gather_reply_timeout_s"] = number("GATHER_REPLY_TIMEOUT_S", 10.0, float, 1, MAX_GATHER_REPLY_TIMEOUT_S)
 
         def rate(name: str, default: str) -> str:
             value = text(name, default) or default

@@ -19,6 +19,7 @@ from .engine.languages import LanguageEntry, LanguageTable
 from .engine.relay_session import CARRIED_OVER
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
+from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import API_END, END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
@@ -39,6 +40,10 @@ RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
+INBOUND_META = "inbound"  # meta: the call rang in (inbound_call), so it carries no TimeLimit of ours
+# Meta that goes when the call ends: the call's own LLM account, words kept for a resume that never came (no
+# transcript, so never purged with one), and a Gather call's latest answer and claims.
+ENDED_CALL_META = ("llm", CARRIED_OVER, *GATHER_META_KEYS)
 
 
 class CallRequestError(Exception):
@@ -346,14 +351,13 @@ class CallLifecycle:
         current = self.store.append_status(record.tracking_id, status, sequence, payload)
         if record.call_sid is None and form.get("CallSid"):
             self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
-        if status in TERMINAL_STATUSES and (record.credentials or (record.meta or {}).get("llm")):
-            # Only the secrets go: the meta keys other writers set meanwhile stay (merged inside the store).
-            self.store.update_meta(record.tracking_id, remove=["llm"])
-            self.store.update_call(record.tracking_id, credentials=None)
-        if status in TERMINAL_STATUSES and (record.meta or {}).get(CARRIED_OVER):
-            # A caller's words kept for a resumed session that never came (they hung up during a handover): no
-            # transcript (never purged with one, nor dropped by RECORD_TRANSCRIPTS=0), so they go with the call.
-            self.store.update_meta(record.tracking_id, remove=[CARRIED_OVER])
+        meta = record.meta or {}
+        if status in TERMINAL_STATUSES and (record.credentials or any(key in meta for key in ENDED_CALL_META)):
+            # Only the secrets (and a Gather call's last answer, what was said) go: the meta keys other writers
+            # set meanwhile stay (merged inside the store).
+            self.store.update_meta(record.tracking_id, remove=ENDED_CALL_META)
+            if record.credentials:
+                self.store.update_call(record.tracking_id, credentials=None)
         # The call's end and any callback out of order are an operator's business; the steps on the way
         # (initiated, ringing, in-progress) are in the status history and each has its access line.
         report = log.info if status in TERMINAL_STATUSES or not current else log.debug
@@ -378,9 +382,22 @@ class CallLifecycle:
                             workflow_id=workflow_id, workflow=workflow.to_snapshot(),
                             workflow_hash=workflow.version_hash, language=language.code, greeting=greeting,
                             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
-                            messages=[{"role": "assistant", "content": greeting}])
+                            messages=[{"role": "assistant", "content": greeting}], meta={INBOUND_META: True})
         self.store.create_call(record)
         return record
+
+    def ended_on_silence(self, record: CallRecord) -> None:
+        """The caller stayed silent through a Gather call's re-prompt: the call ends (goodbye, hang-up) on silence,
+        recorded as a relay call's is (meta endReason; the call log's outcome)."""
+        log.info("gather_silence_ending", tracking_id=record.tracking_id)
+        self.store.update_meta(record.tracking_id, {"endReason": "silence"})
+
+    def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
+        """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed
+        call of its flow gets (MAX_CALL_DURATION_S, shortened by the flow's maxCallDuration)."""
+        if not (record.meta or {}).get(INBOUND_META):
+            return False  # a placed call: Twilio keeps its TimeLimit
+        return time.time() - record.created_at >= workflow.limits.time_limit_s(self.settings.max_call_duration_s)
 
     def attach_call_sid(self, record: CallRecord, call_sid: str | None) -> CallRecord:
         if call_sid and record.call_sid != call_sid:

@@ -21,6 +21,7 @@ from .engine.languages import LanguageTable
 from .engine.metrics import MetricsReader, RecentTurns
 from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .heap import HeapTrimmer, glibc_malloc_trim
+from .gather_turns import GatherTurns
 from .lifecycle import CallLifecycle
 from .rate_limits import CallsPerDay, limit_windows
 from .background import OsThreadWork, Task, spawn
@@ -97,6 +98,11 @@ class Services:
     def lifecycle(self) -> CallLifecycle:
         return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended,
                              take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot)
+
+    @cached_property
+    def gather_turns(self) -> GatherTurns:
+        """A Gather call's answers kept per turn, so a webhook Twilio retries is answered, never run, again."""
+        return GatherTurns(self.store, clock=self.engine.clock)  # the clock webhooks are timed on
 
     @cached_property
     def limit_windows(self) -> MovingWindowRateLimiter:

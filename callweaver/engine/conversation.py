@@ -683,10 +683,12 @@ class ConversationEngine:
 
     def _relay_stream(self, result: TurnResult, stream, control: TurnControl, llm_span) -> Iterator[str]:
         """Pass an LLM stream's tokens through; cancelling the turn closes the HTTP stream."""
-        result.llm_requests += 1
         control.stream = stream
         room = MAX_TURN_REPLY_BYTES - len(result.reply_text.encode())
         try:
+            if control.cancelled:
+                return  # cancelled while no stream was in flight (`cancel` had none to close): never send it
+            result.llm_requests += 1
             for token in stream:
                 if control.cancelled:
                     break
@@ -745,9 +747,9 @@ class ConversationEngine:
         result.destination = outcome.destination
         result.transitioned_via = outcome.transitioned_via
         result.keys = outcome.keys
-        entered = workflow.nodes.get(outcome.next_node)
-        if outcome.next_node != result.node_id and entered is not None:
-            result.entered_audio = entered.audio
+        # Set or cleared: an apology after a tool's routing (`_stay_after_apology`) enters no node, so plays nothing.
+        entered = workflow.nodes.get(outcome.next_node) if outcome.next_node != result.node_id else None
+        result.entered_audio = entered.audio if entered is not None else None
 
     # ---- after the turn --------------------------------------------------------------------------
     def commit_turn(self, record, turn: Turn, *, path: str, timings: dict[str, Any],
@@ -838,16 +840,36 @@ class ConversationEngine:
             meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)
 
-    def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float) -> tuple[str, TurnResult]:
+    def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float,
+                          budget_s: float | None = None) -> tuple[str, TurnResult]:
         """A turn whose reply is spoken only once complete (<Gather> then <Say>): run it, time it, commit it.
 
         `received_at` is this engine's clock when the caller's words arrived; the whole reply must exist before it
-        can be spoken, so its first and last "token" are the same moment."""
+        can be spoken, so its first and last "token" are the same moment. A reply not complete `budget_s` after
+        `received_at` is cancelled (its LLM stream closed) and replaced by the language's apology, the call staying
+        on its node: Twilio stops waiting for a webhook's answer after 15 s, and then ends the call."""
         turn = self.start_turn(record, utterance)
-        text = "".join(turn).strip()
+        timer = None
+        if budget_s is not None:
+            timer = threading.Timer(max(0.0, budget_s - (self.clock() - received_at)), turn.cancel)
+            timer.daemon = True
+            timer.start()
+        try:
+            text = "".join(turn).strip()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        r = turn.result
+        if not r.completed:  # the budget ran out first: nothing of this reply is heard
+            workflow = self.workflow_for(record)
+            log.warning("whole_turn_too_late", budget_s=budget_s, node=r.node_id, reply_chars=len(r.reply_text),
+                        provider=r.provider)
+            text = r.reply_text = self.languages.get(r.language).line("apology")
+            r.cache_candidate = None
+            self._stay_after_apology(r, self.state_of(record, workflow), workflow)
         waited_ms = elapsed_ms(received_at, self.clock())
         self.commit_turn(record, turn, path=path, timings={"firstTokenMs": waited_ms, "lastTokenMs": waited_ms})
-        return text, turn.result
+        return text, r
 
     # ---- while the phone rings ------------------------------------------------------------------
     def prewarm(self, record) -> int:

@@ -77,9 +77,13 @@ def ratio(part: int, whole: int) -> float | None:
 
 
 def added_latency_ms(turn: dict) -> float | None:
-    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token. None for an
-    adopted speculation: its request went out before the final prompt the first token is timed from."""
+    """Our own overhead on an LLM turn: first token sent to the caller minus the provider's first token. Relay turns
+    only: a <Gather> turn's first "token" is its whole reply, so the difference there is mostly the model writing
+    the rest. None for an adopted speculation: its request went out before the final prompt the first token is
+    timed from."""
     if turn.get("source") != "llm" or turn.get("firstTokenMs") is None or turn.get("providerTtftMs") is None:
+        return None
+    if turn.get("path") != "optimized":
         return None
     if turn.get("speculation") == "adopted":
         return None

@@ -274,7 +274,22 @@ def operator_only(view: Callable) -> Callable:
     return wrapper
 
 
+# Characters XML 1.0 cannot carry at all, escaped or not (C0 controls but tab/LF/CR, lone surrogates, U+FFFE/U+FFFF).
+# The SDK escapes markup, not these: one in a model's reply or a flow's text made the whole TwiML unparsable (Twilio
+# error 12100: the call ends with "an application error has occurred").
+_NOT_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# ElementTree writes a lone surrogate (it has no UTF-8 form) as a decimal reference (`&#55357;`), just as unparsable.
+_DECIMAL_REFS = re.compile(r"&#(\d{5});")
+
+
+def _drop_surrogate_ref(match: re.Match) -> str:
+    return "" if 0xD800 <= int(match[1]) <= 0xDFFF else match[0]
+
+
 def twiml_response(xml: str) -> Response:
+    """The SDK's TwiML as Twilio needs it: 200, text/xml, never cached, and only characters XML allows (they are
+    dropped: none of them is spoken)."""
+    xml = _DECIMAL_REFS.sub(_drop_surrogate_ref, _NOT_XML_CHARS.sub("", xml))
     resp = Response(xml, status=200, mimetype="text/xml")
     resp.headers["Content-Type"] = "text/xml; charset=utf-8"
     resp.headers["Cache-Control"] = "no-cache"

@@ -26,7 +26,7 @@ from ..extensions import sock
 from ..lifecycle import CALL_SID
 from ..security import websocket_url
 from ..services import services, spawn
-from ..store import TERMINAL_STATUSES, CallRecord, Store, StoreError
+from ..store import CallRecord, Store, StoreError, call_is_live
 from .common import RELAY_PATH, base_url, forbidden, verify_twilio
 
 bp = Blueprint("relay", __name__)
@@ -102,10 +102,6 @@ class RelayClaim:
             log.warning("relay_claim_release_failed")  # the lease runs out by itself
 
 
-def _is_live(record: CallRecord | None) -> bool:
-    return record is not None and record.ended_at is None and record.status not in TERMINAL_STATUSES
-
-
 @bp.before_app_request
 def _refuse_unsigned_upgrade():
     """Checked before the handshake: an upgrade that is unsigned, names no live call, or names a call that
@@ -119,7 +115,7 @@ def _refuse_unsigned_upgrade():
         return forbidden()
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return None  # not a socket: routing answers it
-    if not _is_live(record) or record.tracking_id != request.args.get("trackingId"):
+    if not call_is_live(record) or record.tracking_id != request.args.get("trackingId"):
         log.warning("relay_socket_refused", reason="no live call")
         raise ApiError(403, "No live call for this relay socket")
     svc = services()

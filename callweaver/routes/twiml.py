@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlencode
 
 import structlog
@@ -11,9 +12,10 @@ from twilio.twiml.voice_response import Language, VoiceResponse
 from ..engine import relay_protocol
 from ..engine.languages import LanguageEntry, LanguageTable
 from ..engine.relay_session import HANDOVER
+from ..gather_turns import TURN_PARAM, turn_param
 from ..security import websocket_url
 from ..services import services
-from ..store import CallRecord
+from ..store import CallRecord, call_is_live
 from .common import RELAY_PATH, base_url, twilio_params, twilio_webhook, twiml_response
 
 bp = Blueprint("twiml", __name__)
@@ -46,10 +48,20 @@ def twiml_default(record=None):
 
 # ---- traditional <Gather> flow ---------------------------------------------------------------------
 
-def _gather_url(record: CallRecord | None, workflow_id: str | None) -> str:
+SILENCE_PARAM = "silence"  # the Redirect after both listens stayed silent: the call ends on silence
+
+
+def _gather_url(record: CallRecord | None, workflow_id: str | None, turn: int | None = None,
+                silence: bool = False) -> str:
+    """The Gather's absolute action URL: the flow, the call and the turn it answers (gather_turns.py); with
+    `silence`, the URL Twilio is sent to once the caller stayed silent through both listens."""
     query = {"id": workflow_id or (record.workflow_id if record else None) or "fallback"}
     if record:
         query["trackingId"] = record.tracking_id
+    if turn is not None:
+        query[TURN_PARAM] = str(turn)
+    if silence:
+        query[SILENCE_PARAM] = "1"
     return f"{base_url()}/api/twiml-ai?{urlencode(query)}"
 
 
@@ -66,9 +78,11 @@ def _gather_timeout_s(record: CallRecord | None) -> int:
     return max(1, round(silence_s)) if silence_s > 0 else GATHER_TIMEOUT_S
 
 
-def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str, timeout_s: int) -> None:
+def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: str, timeout_s: int,
+                    silence_url: str | None = None) -> None:
     """Say, listen; `timeout_s` of silence → re-prompt once, then as long again → goodbye and hang up (the
-    original's pattern)."""
+    original's pattern). With `silence_url` (a call we have a record of), Twilio is sent there for the goodbye, so
+    the call is known to have ended on silence (as a relay call's is)."""
     say = {"voice": entry.say_voice, "language": entry.say_language}
     vr.say(text, **say)
     g = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
@@ -78,8 +92,29 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
     g2 = vr.gather(input="speech", timeout=timeout_s, speech_timeout=2, action=action, method="POST",
                    language=entry.gather_language)
     g2.say(entry.line("listening"), **say)
+    if silence_url:
+        vr.redirect(silence_url, method="POST")
+        return
     vr.say(entry.line("goodbye"), **say)
     vr.hangup()
+
+
+def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: LanguageEntry, turn: int | None,
+               vr: VoiceResponse | None = None) -> str:
+    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds)."""
+    vr = vr or VoiceResponse()
+    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn), _gather_timeout_s(record),
+                    silence_url=_gather_url(record, workflow_id, silence=True))
+    return str(vr)
+
+
+def _hang_up(text: str | None = None, entry: LanguageEntry | None = None) -> str:
+    """`text` said in `entry`'s voice (if any), then <Hangup>."""
+    vr = VoiceResponse()
+    if text and entry:
+        vr.say(text, voice=entry.say_voice, language=entry.say_language)
+    vr.hangup()
+    return str(vr)
 
 
 @bp.route("/api/twiml-ai", methods=["GET", "POST"])
@@ -89,23 +124,52 @@ def twiml_ai(record=None):
     received_at = svc.engine.clock()  # the turn's timings start when Twilio's webhook arrives
     params = twilio_params()
     workflow_id = request.args.get("id")
+    call_sid = params.get("CallSid")
+    turn = turn_param(request.args.get(TURN_PARAM))
     if record is None:
         record = svc.lifecycle.inbound_call(workflow_id if workflow_id != "fallback" else None,
-                                            params.get("CallSid"), params.get("To"), params.get("From"))
+                                            call_sid, params.get("To"), params.get("From"))
+    elif call_sid and record.call_sid and call_sid != record.call_sid:
+        # A signed URL of one call requested for another: neither call's state may be touched.
+        log.error("gather_webhook_refused", reason="CallSid is not the call's", record_call_sid=record.call_sid)
+        entry = svc.languages.get(record.language)
+        return twiml_response(_hang_up(entry.line("apology"), entry))
+    elif not call_is_live(record):
+        # A late delivery (a retry) after the call ended: nobody is listening, nothing is run or stored.
+        log.warning("gather_webhook_refused", reason="the call has ended", status=record.status)
+        return twiml_response(_hang_up())
     else:
-        record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
+        record = svc.lifecycle.attach_call_sid(record, call_sid)
     entry = svc.languages.get(record.language)
-    action = _gather_url(record, workflow_id)
-    vr = VoiceResponse()
+    if svc.lifecycle.past_time_limit(record, svc.engine.workflow_for(record)):
+        log.info("gather_call_time_limit", duration_s=round(time.time() - record.created_at))
+        return twiml_response(_hang_up(entry.line("goodbye"), entry))
+    if request.args.get(SILENCE_PARAM) == "1":
+        svc.lifecycle.ended_on_silence(record)
+        return twiml_response(_hang_up(entry.line("goodbye"), entry))
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
-        _say_and_listen(vr, record.greeting or entry.line("fallbackGreeting"), entry, action,
-                        _gather_timeout_s(record))
-        return twiml_response(str(vr))
+        if turn is not None or any(m.get("role") == "user" for m in record.messages or ()):
+            # A Gather that heard nothing it could transcribe, mid-call: ask again, never greet again.
+            return twiml_response(_listening(record, workflow_id, entry.line("reprompt"), entry, turn))
+        return twiml_response(_listening(record, workflow_id, record.greeting or entry.line("fallbackGreeting"),
+                                         entry, svc.gather_turns.next_turn(record)))
 
-    text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at)
+    gather = svc.gather_turns
+    budget_s = svc.settings.gather_reply_timeout_s
+    if turn is not None:
+        start = gather.start(record, turn, speech, until=received_at + budget_s)
+        turn = start.turn
+        if start.sent is not None:
+            return twiml_response(start.sent)
+        if start.busy:  # the first attempt is still running: ask again, never run the turn twice
+            return twiml_response(_listening(record, workflow_id, entry.line("apology"), entry, turn + 1))
+
+    text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at,
+                                                budget_s=budget_s)
     entry = svc.languages.get(result.language)
     say = {"voice": entry.say_voice, "language": entry.say_language}
+    vr = VoiceResponse()
     if result.action == "end":
         vr.say(text or entry.line("goodbye"), **say)
         vr.hangup()
@@ -118,8 +182,12 @@ def twiml_ai(record=None):
         vr.say(entry.line("apology"), **say)
         vr.hangup()
     else:
-        _say_and_listen(vr, text or entry.line("apology"), entry, action, _gather_timeout_s(record))
-    return twiml_response(str(vr))
+        next_turn = gather.next_turn(record) if turn is None else turn + 1
+        _listening(record, workflow_id, text or entry.line("apology"), entry, next_turn, vr)
+    xml = str(vr)
+    if turn is not None:
+        gather.remember(record.tracking_id, turn, speech, xml)
+    return twiml_response(xml)
 
 
 # ---- ConversationRelay -------------------------------------------------------------------------------

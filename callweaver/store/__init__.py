@@ -30,6 +30,7 @@ __all__ = [
     "TURN_FIELDS",
     "WorkflowSnapshots",
     "build_store",
+    "call_is_live",
     "merge_meta",
 ]
 
@@ -384,6 +385,11 @@ def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = "c
     from callweaver.store.sqlite import SQLiteStore
 
     return SQLiteStore(db_path)
+
+
+def call_is_live(record: CallRecord | None) -> bool:
+    """Whether a call may still have audio: known, not ended, no terminal status."""
+    return record is not None and record.ended_at is None and record.status not in TERMINAL_STATUSES
 
 
 def row_holds(row: Mapping[str, Any], expect: Mapping[str, Any] | None) -> bool:
