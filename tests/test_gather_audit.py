@@ -196,14 +196,15 @@ def test_an_inbound_gather_call_ends_at_the_call_duration_cap(env, fake_twilio, 
     assert len(fake_llm.requests) == 1
 
 
-def test_a_runaway_reply_is_capped_for_say_and_an_empty_one_is_an_apology(call, fake_llm):
+def test_a_runaway_reply_is_capped_for_say_and_an_empty_one_is_an_apology(call, fake_llm, fake_llm2):
     from callweaver.engine.conversation import MAX_TURN_REPLY_BYTES
     root = call.answer()
     fake_llm.responder = lambda body: Reply(text="blah " * 2000)
     root = call.say(root, "tell me everything")
     first = root.find("Say").text
     assert len(first.encode()) <= MAX_TURN_REPLY_BYTES and root.find("Gather") is not None
-    fake_llm.responder = lambda body: Reply(text="   ")
+    # A wordless reply fails over (reason wordless_reply); every provider answering so gets the apology.
+    fake_llm.responder = fake_llm2.responder = lambda body: Reply(text="   ")
     root = call.say(root, "and now?")
     assert "trouble" in root.find("Say").text.lower() and root.find("Gather") is not None
 
