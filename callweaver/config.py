@@ -9,8 +9,6 @@ from functools import cached_property
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from limits import parse_many
-
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
 from .units import SECONDS_PER_DAY
 
@@ -19,6 +17,11 @@ CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "N
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
 MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
+MAX_TCP_PORT = 65535
+NODE_ENVS = ("development", "production", "test")  # NODE_ENV's values; any other is refused, never read as development
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
+TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -45,6 +48,73 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         super().__init__("Invalid configuration: " + "; ".join(problems))
         self.problems = problems
+
+
+def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = float, low: float | None = None,
+                high: float | None = None) -> tuple[Any, str | None]:
+    """One numeric variable: its value (the default when unset or empty) and the problem with it, if any. Shared by
+    Settings.from_env and server_settings (gunicorn's master), so both say the same about the same value."""
+    raw = env.get(name)
+    if raw is None or str(raw).strip() == "":
+        return default, None
+    try:
+        val = kind(str(raw).strip())
+        if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
+            raise ValueError(raw)
+    except ValueError:
+        return default, f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}"
+    if low is not None and val < low:
+        return default, f"{name} must be >= {low}, got {raw!r}"
+    if high is not None and val > high:
+        return default, f"{name} must be <= {high}, got {val}"
+    return val, None
+
+
+def server_settings(environ: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables gunicorn.conf.py reads in gunicorn's master, before any worker (and so before Settings) exists:
+    typed, or ConfigError naming every bad one, so a typo stops gunicorn with a message instead of a traceback (or,
+    for WEB_CONCURRENCY=0, a master that listens with no worker to answer). Import-light: the standard library."""
+    problems: list[str] = []
+
+    def whole(name: str, default: int, low: int, high: int | None = None) -> int:
+        value, problem = read_number(environ, name, default, int, low, high)
+        if problem:
+            problems.append(problem)
+        return value
+
+    port = whole("PORT", 3000, 1, MAX_TCP_PORT)
+    default_workers = max(1, min(os.cpu_count() or 1, 4))
+    workers = whole("WEB_CONCURRENCY", default_workers, 1)
+    worker_connections = whole("WORKER_CONNECTIONS", 1000, 1)
+    timeout = whole("GUNICORN_TIMEOUT", 60, 0)  # gunicorn: 0 turns the worker timeout off
+    graceful_timeout = whole("GUNICORN_GRACEFUL_TIMEOUT", 25, 0)
+    log_level = (str(environ.get("LOG_LEVEL") or "").strip() or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    if problems:
+        raise ConfigError(problems)
+    return {"port": port, "workers": workers, "worker_connections": worker_connections, "timeout": timeout,
+            "graceful_timeout": graceful_timeout, "log_level": log_level,
+            "forwarded_allow_ips": environ.get("FORWARDED_ALLOW_IPS", "*")}
+
+
+def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with a URL setting, said without its value: a URL may carry a password (`redis://:pw@host`) or
+    a secret path (a webhook), and this message is printed before any secret is registered for redaction."""
+    try:
+        parsed = urlparse(raw)
+        port = parsed.port
+    except ValueError:
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; its port is not a number from 0 to 65535"
+    if parsed.scheme not in schemes:
+        scheme = parsed.scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,15}", parsed.scheme) else ""
+        found = f"its scheme is {scheme!r}" if scheme else "it has no scheme (such as https://)"
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; {found}"
+    if not parsed.netloc or (parsed.scheme != "unix" and not parsed.hostname):
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; it names no host"
+    if port == 0:
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; port 0 is no port"
+    return None
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -190,23 +260,10 @@ class Settings:
 
         def number(name: str, default: float, kind: type = float, low: float | None = None,
                    high: float | None = None) -> Any:
-            raw = env.get(name)
-            if raw is None or str(raw).strip() == "":
-                return default
-            try:
-                val = kind(str(raw).strip())
-                if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
-                    raise ValueError(raw)
-            except ValueError:
-                problems.append(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}")
-                return default
-            if low is not None and val < low:
-                problems.append(f"{name} must be >= {low}, got {raw!r}")
-                return default
-            if high is not None and val > high:
-                problems.append(f"{name} must be <= {high}, got {val}")
-                return default
-            return val
+            value, problem = read_number(env, name, default, kind, low, high)
+            if problem:
+                problems.append(problem)
+            return value
 
         def flag(name: str, default: bool) -> bool:
             try:
@@ -219,15 +276,20 @@ class Settings:
             for key in (name, *aliases):
                 raw = text(key)
                 if raw:
-                    parsed = urlparse(raw)
-                    if parsed.scheme not in schemes or not parsed.netloc:
-                        problems.append(f"{key} must be an absolute {'/'.join(schemes)} URL, got {raw!r}")
+                    problem = _url_problem(key, raw, schemes)
+                    if problem:
+                        problems.append(problem)
                         return None
                     return raw.rstrip("/")
             return None
 
-        values["port"] = number("PORT", 3000, int, 1)
-        values["node_env"] = text("NODE_ENV", "development") or "development"
+        values["port"] = number("PORT", 3000, int, 1, MAX_TCP_PORT)
+        # Node's convention, compared in any case: "Production" read as development would drop the production rules.
+        values["node_env"] = (text("NODE_ENV", "development") or "development").lower()
+        if values["node_env"] not in NODE_ENVS:
+            problems.append(f"NODE_ENV must be {', '.join(NODE_ENVS[:-1])} or {NODE_ENVS[-1]}, "
+                            f"got {text('NODE_ENV')[:40]!r}")
+            values["node_env"] = "development"
         # Render sets RENDER_EXTERNAL_URL for every web service: a trustworthy default for the public URL.
         values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", "RENDER_EXTERNAL_URL")
         values["twilio_account_sid"] = text("TWILIO_ACCOUNT_SID")
@@ -237,12 +299,15 @@ class Settings:
         sid = values["twilio_account_sid"]
         if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
             problems.append("TWILIO_ACCOUNT_SID must be 'AC' followed by 32 hex characters")
+        if values["twilio_auth_token"] and not TWILIO_AUTH_TOKEN_RE.fullmatch(values["twilio_auth_token"]):
+            problems.append("TWILIO_AUTH_TOKEN must be the account's Auth Token, 32 hexadecimal characters "
+                            f"(got {len(values['twilio_auth_token'])} characters; the value is not shown)")
         phone = values["twilio_phone_number"]
         if phone and not re.fullmatch(r"\+[1-9]\d{6,14}", phone):
             problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone!r}")
         values["twilio_validate_signatures"] = flag("TWILIO_VALIDATE_SIGNATURES", True)
         if not values["twilio_validate_signatures"]:
-            warnings.append("TWILIO_VALIDATE_SIGNATURES=0: Twilio webhook signatures are NOT checked "
+            warnings.append("TWILIO_VALIDATE_SIGNATURES is 0: Twilio webhook signatures are NOT checked "
                             "(use only for local tunnels)")
         values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
         values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
@@ -264,6 +329,8 @@ class Settings:
         values["silence_timeout_s"] = number("SILENCE_TIMEOUT_S", 20.0, float, 0, MAX_SILENCE_TIMEOUT_S)
 
         def rate(name: str, default: str) -> str:
+            from limits import parse_many  # here, not at the top: server_settings stays import-light
+
             value = text(name, default) or default
             try:
                 parse_many(value)
@@ -348,7 +415,7 @@ class Settings:
         values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
         values["relay_text_hold_ms"] = number("RELAY_TEXT_HOLD_MS", 80.0, float, 0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
-        if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        if values["log_level"] not in LOG_LEVELS:
             problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
         if values["log_format"] not in {"json", "console"}:

@@ -10,15 +10,30 @@ from tests.fakes.live_server import REPO
 SET_BY_PLATFORM = {"PORT", "RENDER_EXTERNAL_URL", "RENDER"}
 
 
-def variables_read() -> set[str]:
+SERVICE_SOURCES = ("callweaver/config.py", "callweaver/cors.py", "gunicorn.conf.py")
+
+
+def variables_read(paths=SERVICE_SOURCES) -> set[str]:
     names = set()
-    for path in ("callweaver/config.py", "callweaver/cors.py", "gunicorn.conf.py"):
+    for path in paths:
         source = (REPO / path).read_text()
-        names |= set(re.findall(r'(?:text|number|flag|url|rate)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+        names |= set(re.findall(r'(?:text|number|flag|url|rate|whole)\(\s*"([A-Z][A-Z0-9_]+)"', source))
+        names |= set(re.findall(r'read_number\(\s*\w+,\s*"([A-Z][A-Z0-9_]+)"', source))
         for args in re.findall(r'url\(([^)]*)\)', source):  # url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", ...)
             names |= set(re.findall(r'"([A-Z][A-Z0-9_]+)"', args))
-        names |= set(re.findall(r'(?:os\.environ|env)\.get\(\s*[\'"]([A-Z][A-Z0-9_]+)', source))
+        names |= set(re.findall(r'(?:os\.environ|env|environ)\.get\(\s*[\'"]([A-Z][A-Z0-9_]+)', source))
     return names
+
+
+def test_every_variable_read_anywhere_in_the_code_is_documented():
+    """Not only the service's settings: the tracing, Twilio transport and simulator modules read a few too."""
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.findall(r"`\$?([A-Z][A-Z0-9_]+)`", readme))
+    names = variables_read()
+    for path in [*(REPO / "callweaver").rglob("*.py"), REPO / "gunicorn.conf.py", REPO / "wsgi.py"]:
+        names |= set(re.findall(r'os\.environ(?:\.get\(|\[)\s*[\'"]([A-Z][A-Z0-9_]+)', path.read_text()))
+    assert {"OTEL_SERVICE_NAME", "REQUESTS_CA_BUNDLE", "CALLWEAVER_URL", "SIMULATOR_TWILIO_PORT"} <= names
+    assert names - documented == set()
 
 
 def test_every_variable_is_in_the_readme_table():

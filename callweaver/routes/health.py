@@ -86,6 +86,9 @@ def health():
         "memory": memory_body(),
         "checks": checks,
     }
+    # The settings' own warnings (signature checks off, no public URL, ...) as logged at start: what an operator
+    # should change, though nothing is failing. They name variables, never values.
+    warnings = [*warnings, *s.warnings]
     if warnings:
         body["warnings"] = warnings
     return jsonify(body), (503 if status == "unhealthy" else 200)

@@ -1,0 +1,172 @@
+"""What an operator meets first: a bad setting stops the service at start with the variable named, no traceback and
+no secret in the message; gunicorn.conf.py's own variables likewise; /health says what is misconfigured."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from callweaver import create_app
+from callweaver.boot import WORKER_BOOT_ERROR, AppLoader
+from callweaver.config import ConfigError, Settings
+from tests.conftest import base_env
+from tests.fakes.live_server import REPO, free_port
+
+SECRET = "pw-Hunter2Secret"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("REDIS_URL", f"redis//:{SECRET}@cache.internal:6379"),        # missing ':' after the scheme
+    ("CACHE_REDIS_URL", f"http://:{SECRET}@cache.internal:6379"),  # wrong scheme
+    ("OPENAI_BASE_URL", f"htps://u:{SECRET}@gw.example/v1"),
+    ("AZURE_OPENAI_ENDPOINT", f"https://u:{SECRET}@x.openai.azure.com:99999/"),  # port out of range
+    ("CALL_REPORT_URL", f"hooks.example/{SECRET}"),
+    ("PUBLIC_BASE_URL", f"https://u:{SECRET}@"),
+])
+def test_a_bad_url_setting_is_named_without_its_password(name, value):
+    env = {name: value, "CALL_REPORT_SECRET": "s" * 16}
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env)
+    assert name in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+def test_a_url_setting_with_an_impossible_port_is_refused_at_start():
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:99999/v1"})
+    assert "OPENAI_BASE_URL" in str(err.value) and "port" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["70000", "0", "-1"])
+def test_port_must_be_a_tcp_port(value):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"PORT": value})
+    assert "PORT" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["Production", "PRODUCTION", " production "])
+def test_node_env_production_in_any_case_turns_on_the_production_rules(value):
+    """NODE_ENV=Production used to count as development: no public URL required, operator pages open."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"NODE_ENV": value})
+    assert "PUBLIC_BASE_URL is required in production" in str(err.value)
+    settings = Settings.from_env({"NODE_ENV": value, "PUBLIC_BASE_URL": "https://cw.example"})
+    assert settings.production and settings.node_env == "production"
+
+
+@pytest.mark.parametrize("value", ["prod", "staging", "live"])
+def test_an_unknown_node_env_is_refused_rather_than_read_as_development(value):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"NODE_ENV": value})
+    assert "NODE_ENV" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["kimiya-ai.vercel.app", "https://app.example.com/dashboard", "ftp://app.example",
+                                   "https://", "https://app.example.com,app2.example.com"])
+def test_a_cors_origin_that_is_no_origin_is_refused_at_start(value):
+    """An origin without its scheme (or with a path) never matches a browser's Origin: every request from the web
+    app would be refused later (403) with nothing said at start."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"CORS_ORIGINS": value})
+    assert "CORS_ORIGINS" in str(err.value)
+
+
+def test_cors_origins_with_ports_and_the_wildcard_still_read():
+    s = Settings.from_env({"CORS_ORIGINS": "http://localhost:8080, https://App.Example.com/"})
+    assert s.cors_origins == ("http://localhost:8080", "https://App.Example.com")
+    assert Settings.from_env({"CORS_ORIGINS": "*"}).cors_origins == ("*",)
+
+
+@pytest.mark.parametrize("value", ["abc", "0123456789abcdef0123456789abcdeg", "f" * 31, "f" * 33,
+                                   '"' + "f" * 32 + '"'])
+def test_a_malformed_twilio_auth_token_is_refused_and_not_printed(value):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"TWILIO_AUTH_TOKEN": value})
+    assert "TWILIO_AUTH_TOKEN" in str(err.value)
+    assert value not in str(err.value)
+
+
+def test_a_malformed_account_sid_is_named_with_what_was_wrong():
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"TWILIO_ACCOUNT_SID": "SK" + "0" * 32})
+    assert "TWILIO_ACCOUNT_SID" in str(err.value)
+
+
+def test_a_worker_with_a_bad_setting_logs_one_error_naming_it_and_no_traceback(monkeypatch, caplog):
+    """gunicorn's error log got the ConfigError with a full traceback from the worker's loader."""
+    ended_with: list[BaseException] = []
+    import threading
+    monkeypatch.setattr(threading, "excepthook", lambda args: ended_with.append(args.exc_value))
+
+    def build():
+        return Settings.from_env({"CALL_TIMEOUT_S": "abc", "OPS_TOKEN": "short"})
+
+    with caplog.at_level(logging.INFO, logger="gunicorn.error"):
+        loader = AppLoader(modules=(), build=build)
+        assert loader.wait(10) is False
+        loader._task.join(10)
+    records = [r for r in caplog.records if r.name == "gunicorn.error"]
+    assert records, "the failure is reported"
+    assert all(r.exc_info is None for r in records), "no traceback for a configuration error"
+    text = "\n".join(r.getMessage() for r in records)
+    assert "CALL_TIMEOUT_S" in text and "OPS_TOKEN" in text
+    assert len(ended_with) == 1 and getattr(ended_with[0], "code", None) == WORKER_BOOT_ERROR
+
+
+def run_gunicorn_conf(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """gunicorn.conf.py as gunicorn's master reads it (a module executed once)."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("PORT", "WEB_CONCURRENCY", "WORKER_CONNECTIONS", "GUNICORN_TIMEOUT",
+                          "GUNICORN_GRACEFUL_TIMEOUT", "LOG_LEVEL")}
+    return subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('gunicorn.conf.py')"],
+                          cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("PORT", "70000"), ("PORT", "0"), ("PORT", "eighty"),
+    ("WEB_CONCURRENCY", "0"),            # gunicorn ran a master with no worker: listening, never answering
+    ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
+    ("GUNICORN_TIMEOUT", "1.5"), ("GUNICORN_GRACEFUL_TIMEOUT", "soon"), ("GUNICORN_GRACEFUL_TIMEOUT", "-1"),
+    ("LOG_LEVEL", "verbose"),
+])
+def test_gunicorn_conf_names_a_bad_variable_without_a_traceback(name, value):
+    done = run_gunicorn_conf({name: value})
+    assert done.returncode != 0
+    assert name in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_gunicorn_conf_reads_the_documented_variables():
+    done = run_gunicorn_conf({})
+    assert done.returncode == 0, done.stderr
+    probe = ("import runpy; c = runpy.run_path('gunicorn.conf.py'); "
+             "print(c['bind'], c['workers'], c['worker_connections'], c['timeout'], c['graceful_timeout'], "
+             "c['loglevel'])")
+    env = {"PORT": "4123", "WEB_CONCURRENCY": "3", "WORKER_CONNECTIONS": "50", "GUNICORN_TIMEOUT": "0",
+           "GUNICORN_GRACEFUL_TIMEOUT": "10", "LOG_LEVEL": "warning"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=30)
+    assert out.stdout.split() == ["0.0.0.0:4123", "3", "50", "0", "10", "warning"], out.stderr
+
+
+def test_the_service_started_with_a_bad_setting_stops_naming_it_without_a_traceback(tmp_path):
+    """README: "A bad value stops the service at start with every bad variable named"; the operator's first view."""
+    env = {**os.environ, "PORT": str(free_port()), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+           "CACHE_DIR": str(tmp_path / "cache"), "CALL_TIMEOUT_S": "abc",
+           "REDIS_URL": f"redis//:{SECRET}@cache.internal:6379"}
+    done = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "CALL_TIMEOUT_S" in out and "REDIS_URL" in out and "Traceback" not in out, out
+    assert SECRET not in out
+
+
+def test_health_tells_the_operator_about_settings_that_weaken_the_service(tmp_path, fake_twilio):
+    """The start-up warnings (signature checks off, no public URL) were only in the start-up log."""
+    env = {**base_env(tmp_path, fake_twilio), "TWILIO_VALIDATE_SIGNATURES": "0", "PUBLIC_BASE_URL": ""}
+    body = create_app(env).test_client().get("/health").get_json()
+    text = " ".join(body.get("warnings", []))
+    assert "TWILIO_VALIDATE_SIGNATURES" in text and "PUBLIC_BASE_URL" in text
