@@ -170,3 +170,21 @@ def test_health_tells_the_operator_about_settings_that_weaken_the_service(tmp_pa
     body = create_app(env).test_client().get("/health").get_json()
     text = " ".join(body.get("warnings", []))
     assert "TWILIO_VALIDATE_SIGNATURES" in text and "PUBLIC_BASE_URL" in text
+
+
+def test_health_names_what_each_listed_llm_provider_lacks(tmp_path, fake_twilio):
+    """LLM_PROVIDERS=azure with only OPENAI_API_KEY set said 'set AZURE_OPENAI_* or OPENAI_API_KEY' although the
+    OpenAI key was set; a listed provider left out (no failover) was said only in the start-up log."""
+    env = {**base_env(tmp_path, fake_twilio), "LLM_PROVIDERS": "azure", "OPENAI_API_KEY": "sk-test-openai-000000",
+           "AZURE_OPENAI_API_KEY": "azure-test-key-123"}
+    body = create_app(env).test_client().get("/health").get_json()
+    text = " ".join(body["warnings"])
+    assert body["status"] == "degraded"
+    assert "LLM_PROVIDERS" in text and "AZURE_OPENAI_ENDPOINT" in text
+    assert "AZURE_OPENAI_API_KEY and" not in text  # it is set
+    assert "azure-test-key-123" not in text
+
+    env = {**env, "LLM_PROVIDERS": "azure,openai"}
+    body = create_app(env).test_client().get("/health").get_json()
+    assert [p["name"] for p in body["checks"]["llm"]["providers"]] == ["openai"]
+    assert any("azure" in w and "AZURE_OPENAI_ENDPOINT" in w for w in body["warnings"])
