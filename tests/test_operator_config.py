@@ -188,3 +188,32 @@ def test_health_names_what_each_listed_llm_provider_lacks(tmp_path, fake_twilio)
     body = create_app(env).test_client().get("/health").get_json()
     assert [p["name"] for p in body["checks"]["llm"]["providers"]] == ["openai"]
     assert any("azure" in w and "AZURE_OPENAI_ENDPOINT" in w for w in body["warnings"])
+
+
+def run_simulator(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "callweaver.simulate", *args], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_the_simulator_without_a_running_server_says_so_without_a_traceback():
+    """README's simulator section: terminal 2 before terminal 1 (or a wrong CALLWEAVER_URL) printed a traceback."""
+    url = f"http://127.0.0.1:{free_port()}"
+    done = run_simulator(["--script", "tests/fixtures/scripts/real_estate_buyer.txt",
+                          "--twilio-port", str(free_port())],
+                         {"CALLWEAVER_URL": url, "TWILIO_AUTH_TOKEN": "0123456789abcdef" * 2})
+    assert done.returncode != 0
+    assert url in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_simulator_names_a_bad_twilio_port_without_a_traceback():
+    done = run_simulator(["--help"], {"SIMULATOR_TWILIO_PORT": "twilio"})
+    assert done.returncode != 0
+    assert "SIMULATOR_TWILIO_PORT" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_simulator(["--twilio-port", str(port)], {"TWILIO_AUTH_TOKEN": "0123456789abcdef" * 2})
+    assert done.returncode != 0
+    assert str(port) in done.stderr and "Traceback" not in done.stderr, done.stderr
