@@ -217,3 +217,21 @@ def test_the_simulator_names_a_bad_twilio_port_without_a_traceback():
         done = run_simulator(["--twilio-port", str(port)], {"TWILIO_AUTH_TOKEN": "0123456789abcdef" * 2})
     assert done.returncode != 0
     assert str(port) in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_demo_on_a_busy_port_says_so_without_a_traceback():
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_simulator(["--demo", "--exit", "--port", str(port)], {})
+    assert done.returncode != 0
+    assert f"--port {port}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_demo_that_fails_to_start_says_why_without_a_traceback(tmp_path):
+    """The demo's server inherits the shell's variables: a bad one stops it, named, as it stops the service."""
+    done = run_simulator(["--demo", "--exit", "--db", str(tmp_path / "demo.sqlite3")], {"CALL_TIMEOUT_S": "soon"})
+    assert done.returncode != 0
+    assert "CALL_TIMEOUT_S" in done.stderr and "Traceback" not in done.stderr, done.stderr

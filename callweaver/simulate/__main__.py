@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
@@ -23,6 +24,17 @@ def _port_from_env(name: str, default: int) -> int:
     if not raw.isdigit() or not 0 < int(raw) <= 65535:
         raise SystemExit(f"{PROG}: {name} must be a port number (1-65535), got {raw[:40]!r}")
     return int(raw)
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether the demo's server could listen on 127.0.0.1:`port` (gunicorn otherwise retries for 5 s, then fails)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except (OSError, OverflowError):
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.script, encoding="utf-8") as fh:
                 script = [line.strip() for line in fh if line.strip()]
         keep = sys.stdin.isatty() if args.keep_serving is None else args.keep_serving
-        result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
-                          db_path=args.db, port=args.port, keep_serving=keep)
+        if args.port is not None and not _port_is_free(args.port):
+            p.exit(1, f"{PROG}: --port {args.port} is in use (or not a port this user may open): choose another, "
+                      "or leave --port out for a free one\n")
+        try:
+            result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
+                              db_path=args.db, port=args.port, keep_serving=keep)
+        except RuntimeError as exc:  # the server did not start (its log's tail names why) or refused the call
+            p.exit(1, f"{PROG} --demo: {exc}\n")
         return 0 if result.outcome == "end_node" else 1
     if not args.auth_token:
         p.error("--auth-token (or TWILIO_AUTH_TOKEN) is required: webhooks are signed with it")
