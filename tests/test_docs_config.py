@@ -31,7 +31,9 @@ def test_every_variable_read_anywhere_in_the_code_is_documented():
     documented = set(re.findall(r"`\$?([A-Z][A-Z0-9_]+)`", readme))
     names = variables_read()
     for path in [*(REPO / "callweaver").rglob("*.py"), REPO / "gunicorn.conf.py", REPO / "wsgi.py"]:
-        names |= set(re.findall(r'os\.environ(?:\.get\(|\[)\s*[\'"]([A-Z][A-Z0-9_]+)', path.read_text()))
+        source = path.read_text()
+        names |= set(re.findall(r'os\.environ(?:\.get\(|\[)\s*[\'"]([A-Z][A-Z0-9_]+)', source))
+        names |= set(re.findall(r'_from_env\(\s*"([A-Z][A-Z0-9_]+)"', source))  # simulate: _port_from_env(...)
     assert {"OTEL_SERVICE_NAME", "REQUESTS_CA_BUNDLE", "CALLWEAVER_URL", "SIMULATOR_TWILIO_PORT"} <= names
     assert names - documented == set()
 
