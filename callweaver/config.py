@@ -391,6 +391,8 @@ class Settings:
             problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         values["cache_type"] = cache_type
         values["cache_redis_url"] = url("CACHE_REDIS_URL", schemes=("redis", "rediss", "unix")) or values["redis_url"]
+        if cache_type == "RedisCache" and not values["cache_redis_url"]:
+            problems.append("CACHE_TYPE=RedisCache needs a Redis: set CACHE_REDIS_URL or REDIS_URL")
         values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"
         values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)

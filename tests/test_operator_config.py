@@ -235,3 +235,37 @@ def test_a_demo_that_fails_to_start_says_why_without_a_traceback(tmp_path):
     done = run_simulator(["--demo", "--exit", "--db", str(tmp_path / "demo.sqlite3")], {"CALL_TIMEOUT_S": "soon"})
     assert done.returncode != 0
     assert "CALL_TIMEOUT_S" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_redis_reply_cache_without_a_redis_url_is_refused_at_start():
+    """CACHE_TYPE=RedisCache with neither CACHE_REDIS_URL nor REDIS_URL passed the settings and then stopped the
+    worker with a ValueError traceback from the cache backend."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"CACHE_TYPE": "RedisCache"})
+    assert "CACHE_TYPE" in str(err.value) and "REDIS_URL" in str(err.value)
+    assert Settings.from_env({"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": "redis://127.0.0.1:6379/1"})
+
+
+def test_the_retention_job_logs_an_unreachable_store_without_a_traceback(tmp_path):
+    """Every interval the purge against a store that is down logged purge_failed with a whole traceback."""
+    from structlog.testing import capture_logs
+
+    from callweaver.retention import run_periodically
+    from callweaver.store import StoreError
+
+    class DownStore:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise StoreError("redis store: ConnectionError: Error 111 connecting to 127.0.0.1:1.")
+            return fail
+
+    class Stop(Exception):
+        pass
+
+    def sleep(_s):
+        raise Stop
+
+    with capture_logs() as logs, pytest.raises(Stop):
+        run_periodically(DownStore(), retention_days=30, interval_s=60, holder="w", sleep=sleep)
+    failed = [e for e in logs if e["event"] == "purge_failed"]
+    assert failed and "exc_info" not in failed[0] and "Error 111" in failed[0]["error"]
