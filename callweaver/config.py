@@ -1,6 +1,7 @@
 """Settings: every environment variable read, typed and validated in one place."""
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -114,6 +115,30 @@ def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; it names no host"
     if port == 0:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; port 0 is no port"
+    return None
+
+
+def _public_url_problem(public: str | None) -> tuple[str, str] | None:
+    """What is wrong with the public URL (PUBLIC_BASE_URL, WEBHOOK_BASE_URL or RENDER_EXTERNAL_URL) and how bad:
+    "refused" when it cannot be one (a query or fragment would end up in every callback URL), "unreachable" when
+    Twilio cannot reach it (this machine or a private network: fine with the simulator's stand-in, never in
+    production). Said without the URL, which was read from one of three variables."""
+    if not public:
+        return None
+    parsed = urlparse(public)
+    if parsed.query or parsed.fragment:
+        return ("PUBLIC_BASE_URL (or WEBHOOK_BASE_URL) must be an origin with an optional path, without '?' or '#': "
+                "every callback URL is made by appending to it", "refused")
+    host = (parsed.hostname or "").lower()
+    try:
+        address = ipaddress.ip_address(host)
+        private = address.is_private or address.is_loopback or address.is_link_local or address.is_unspecified
+    except ValueError:
+        private = host == "localhost" or host.endswith(".localhost") or host.endswith(".local")
+    if private:
+        return (f"PUBLIC_BASE_URL (or WEBHOOK_BASE_URL) names {host}, an address on this machine or a private "
+                "network: Twilio's servers cannot reach it, so every webhook and relay socket of a real call would "
+                "be lost", "unreachable")
     return None
 
 
@@ -432,6 +457,11 @@ class Settings:
         values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         production = values["node_env"] == "production" or values["on_render"]
+        public_problem = _public_url_problem(values["public_base_url"])
+        if public_problem and (production or public_problem[1] == "refused"):
+            problems.append(public_problem[0])
+        elif public_problem and not values["twilio_api_base_url"]:  # the simulator's stand-in reaches loopback
+            warnings.append(public_problem[0])
         if production and not values["public_base_url"]:
             problems.append("PUBLIC_BASE_URL is required in production (NODE_ENV=production or on Render): set "
                             "PUBLIC_BASE_URL (or WEBHOOK_BASE_URL; Render's RENDER_EXTERNAL_URL also counts) so "

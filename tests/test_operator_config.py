@@ -269,3 +269,29 @@ def test_the_retention_job_logs_an_unreachable_store_without_a_traceback(tmp_pat
         run_periodically(DownStore(), retention_days=30, interval_s=60, holder="w", sleep=sleep)
     failed = [e for e in logs if e["event"] == "purge_failed"]
     assert failed and "exc_info" not in failed[0] and "Error 111" in failed[0]["error"]
+
+
+@pytest.mark.parametrize("public", ["http://127.0.0.1:3000", "https://localhost", "https://10.0.0.5",
+                                   "https://[::1]:8443"])
+def test_a_public_url_twilio_cannot_reach_is_refused_in_production(public):
+    """The simulator section's PUBLIC_BASE_URL=http://127.0.0.1:3000 carried into production: every call placed,
+    then every webhook lost (Twilio cannot reach this machine's loopback), with nothing said."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"NODE_ENV": "production", "PUBLIC_BASE_URL": public})
+    assert "PUBLIC_BASE_URL" in str(err.value) and "Twilio" in str(err.value)
+
+
+def test_a_loopback_public_url_with_real_twilio_is_a_warning_in_development():
+    s = Settings.from_env({"PUBLIC_BASE_URL": "http://127.0.0.1:3000"})
+    assert any("PUBLIC_BASE_URL" in w and "Twilio" in w for w in s.warnings)
+    # the simulator's set-up: Twilio is the local stand-in, which reaches loopback
+    s = Settings.from_env({"PUBLIC_BASE_URL": "http://127.0.0.1:3000", "TWILIO_API_BASE_URL": "http://127.0.0.1:3099"})
+    assert not any("PUBLIC_BASE_URL" in w for w in s.warnings)
+
+
+@pytest.mark.parametrize("public", ["https://cw.example/?x=1", "https://cw.example/#top"])
+def test_a_public_url_with_a_query_or_fragment_is_refused(public):
+    """Every callback URL is the public URL plus a path: a query or fragment in it would break them all."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"PUBLIC_BASE_URL": public})
+    assert "PUBLIC_BASE_URL" in str(err.value)
