@@ -21,6 +21,7 @@ MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a ca
 MAX_TCP_PORT = 65535
 NODE_ENVS = ("development", "production", "test")  # NODE_ENV's values; any other is refused, never read as development
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
 
@@ -373,7 +374,7 @@ class Settings:
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
         values["trusted_proxy_hops"] = number("TRUSTED_PROXY_HOPS", 1 if values["on_render"] else 0, int, 0)
         values["ops_token"] = text("OPS_TOKEN")
-        if values["ops_token"] and len(values["ops_token"]) < 16:
+        if values["ops_token"] and len(values["ops_token"]) < MIN_SECRET_CHARS:
             problems.append("OPS_TOKEN must be at least 16 characters (it guards live-call data)")
 
         providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
@@ -432,8 +433,9 @@ class Settings:
         values["cors_origins"], cors_problems = read_cors_origins(env)  # shared with the worker's loader
         problems.extend(cors_problems)
         values["secret_key"] = text("SECRET_KEY")
-        if values["allow_request_credentials"] and not values["secret_key"]:
-            problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
+        if values["allow_request_credentials"] and len(values["secret_key"]) < MIN_SECRET_CHARS:
+            problems.append(f"ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY of {MIN_SECRET_CHARS}+ characters (request "
+                            "credentials are kept encrypted with it)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
         values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
         values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
@@ -450,7 +452,7 @@ class Settings:
 
         values["call_report_url"] = url("CALL_REPORT_URL")
         values["call_report_secret"] = text("CALL_REPORT_SECRET")
-        if values["call_report_url"] and len(values["call_report_secret"]) < 16:
+        if values["call_report_url"] and len(values["call_report_secret"]) < MIN_SECRET_CHARS:
             problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
         values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
         values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)

@@ -295,3 +295,11 @@ def test_a_public_url_with_a_query_or_fragment_is_refused(public):
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"PUBLIC_BASE_URL": public})
     assert "PUBLIC_BASE_URL" in str(err.value)
+
+
+def test_request_credentials_need_a_secret_key_long_enough_to_encrypt_them():
+    """SECRET_KEY=abc was accepted as the key other accounts' Twilio and LLM credentials are kept encrypted with."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"ALLOW_REQUEST_CREDENTIALS": "1", "SECRET_KEY": "abc"})
+    assert "SECRET_KEY" in str(err.value) and "abc" not in str(err.value).split("SECRET_KEY", 1)[1]
+    assert Settings.from_env({"ALLOW_REQUEST_CREDENTIALS": "1", "SECRET_KEY": "k" * 16}).allow_request_credentials
