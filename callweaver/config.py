@@ -21,6 +21,10 @@ MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a ca
 MAX_TCP_PORT = 65535
 NODE_ENVS = ("development", "production", "test")  # NODE_ENV's values; any other is refused, never read as development
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Store expiries: a longer one is no setting anyone means (and past ~1e14 s Redis refuses it on every write).
+MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
+MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
+MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim this long at most
 MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
@@ -420,7 +424,7 @@ class Settings:
         if cache_type == "RedisCache" and not values["cache_redis_url"]:
             problems.append("CACHE_TYPE=RedisCache needs a Redis: set CACHE_REDIS_URL or REDIS_URL")
         values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"
-        values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
+        values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0, MAX_CACHE_TTL_S)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         # at most the public default window: one a worker keeps
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1, SECONDS_PER_DAY)
@@ -428,7 +432,7 @@ class Settings:
         values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
         values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
         values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
-        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
+        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1, MAX_RETENTION_INTERVAL_S)
 
         values["cors_origins"], cors_problems = read_cors_origins(env)  # shared with the worker's loader
         problems.extend(cors_problems)
@@ -441,7 +445,7 @@ class Settings:
         values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
         values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
         values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
-        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
+        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0, MAX_RELAY_SOCKET_LEASE_S)
         values["relay_text_hold_ms"] = number("RELAY_TEXT_HOLD_MS", 80.0, float, 0)
         values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
         if values["log_level"] not in LOG_LEVELS:

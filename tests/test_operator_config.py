@@ -303,3 +303,12 @@ def test_request_credentials_need_a_secret_key_long_enough_to_encrypt_them():
         Settings.from_env({"ALLOW_REQUEST_CREDENTIALS": "1", "SECRET_KEY": "abc"})
     assert "SECRET_KEY" in str(err.value) and "abc" not in str(err.value).split("SECRET_KEY", 1)[1]
     assert Settings.from_env({"ALLOW_REQUEST_CREDENTIALS": "1", "SECRET_KEY": "k" * 16}).allow_request_credentials
+
+
+@pytest.mark.parametrize("name", ["RELAY_SOCKET_LEASE_S", "RETENTION_INTERVAL_S", "CACHE_TTL_S"])
+def test_a_store_expiry_too_long_for_the_store_is_refused_at_start(name):
+    """These become store expiries (Redis PEXPIRE, the retention lease): 1e17 s passed the settings, then every relay
+    socket claim (or retention run, or cache write) failed with "value is not an integer or out of range"."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({name: "100000000000000000"})
+    assert name in str(err.value)
