@@ -312,3 +312,19 @@ def test_a_store_expiry_too_long_for_the_store_is_refused_at_start(name):
     with pytest.raises(ConfigError) as err:
         Settings.from_env({name: "100000000000000000"})
     assert name in str(err.value)
+
+
+def run_flask_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", *args], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_the_purge_command_names_a_bad_setting_without_a_traceback(tmp_path):
+    """README's `flask --app wsgi purge-calls`: a bad setting printed create_app's whole traceback."""
+    env = {"CALLWEAVER_DB": str(tmp_path / "db.sqlite3"), "CACHE_DIR": str(tmp_path / "cache"),
+           "LOG_LEVEL": "WARNING"}
+    done = run_flask_cli(["purge-calls"], env)
+    assert done.returncode == 0 and "purged 0 call(s)" in done.stdout, done.stderr
+    done = run_flask_cli(["purge-calls"], {**env, "CALL_TIMEOUT_S": "abc"})
+    assert done.returncode != 0
+    assert "CALL_TIMEOUT_S" in done.stderr and "Traceback" not in done.stderr, done.stderr
