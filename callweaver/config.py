@@ -474,6 +474,9 @@ class Settings:
                             "Twilio callback URLs never follow a request's Host/X-Forwarded-* headers")
         if production and values["allow_private_llm_urls"]:
             problems.append("ALLOW_PRIVATE_LLM_URLS=1 is for development only: unset it in production")
+        if production and not values["twilio_validate_signatures"]:
+            problems.append("TWILIO_VALIDATE_SIGNATURES=0 is for local tunnels only: unset it in production (set "
+                            "PUBLIC_BASE_URL to the URL Twilio calls if signatures fail behind a proxy)")
         if production and not values["ops_token"]:
             warnings.append("OPS_TOKEN is not set: /dashboard, /api/dashboard-data and /metrics are off")
         if not values["public_base_url"] and not production:

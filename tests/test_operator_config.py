@@ -328,3 +328,12 @@ def test_the_purge_command_names_a_bad_setting_without_a_traceback(tmp_path):
     done = run_flask_cli(["purge-calls"], {**env, "CALL_TIMEOUT_S": "abc"})
     assert done.returncode != 0
     assert "CALL_TIMEOUT_S" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("production", [{"NODE_ENV": "production"}, {"RENDER": "true"}])
+def test_signature_checks_cannot_be_turned_off_in_production(production):
+    """TWILIO_VALIDATE_SIGNATURES=0 (local tunnels) was only a warning in production: anyone could then post status
+    callbacks and TwiML requests as Twilio."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({**production, "PUBLIC_BASE_URL": "https://cw.example", "TWILIO_VALIDATE_SIGNATURES": "0"})
+    assert "TWILIO_VALIDATE_SIGNATURES" in str(err.value)
