@@ -346,9 +346,11 @@ class Settings:
             if p != "*" and not re.fullmatch(r"\+[0-9]{1,6}", p):
                 problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
         values["allowed_destination_prefixes"] = prefixes or ("+1",)
-        raw_blocked = env.get("BLOCKED_DESTINATION_PREFIXES")
-        blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if raw_blocked is None else
-                   tuple(p.strip() for p in text("BLOCKED_DESTINATION_PREFIXES").split(",") if p.strip()))
+        # Empty reads as unset, as everywhere else (a blank dashboard field must not turn the blocklist off): `none`
+        # blocks nothing.
+        raw_blocked = text("BLOCKED_DESTINATION_PREFIXES")
+        blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if not raw_blocked else () if raw_blocked.lower() == "none"
+                   else tuple(p.strip() for p in raw_blocked.split(",") if p.strip()))
         for p in blocked:
             if not re.fullmatch(r"\+[0-9]{1,8}", p):
                 problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876, got {p!r}")

@@ -337,3 +337,15 @@ def test_signature_checks_cannot_be_turned_off_in_production(production):
     with pytest.raises(ConfigError) as err:
         Settings.from_env({**production, "PUBLIC_BASE_URL": "https://cw.example", "TWILIO_VALIDATE_SIGNATURES": "0"})
     assert "TWILIO_VALIDATE_SIGNATURES" in str(err.value)
+
+
+def test_an_empty_blocked_prefixes_value_keeps_the_default_blocklist():
+    """Every other variable reads empty as unset; BLOCKED_DESTINATION_PREFIXES read empty as 'block nothing', so a
+    blank left in Render's dashboard prompt (render.yaml declares it `sync: false`) turned the toll-fraud blocklist
+    off without a word. Turning it off takes `none`."""
+    default = Settings.from_env({}).blocked_destination_prefixes
+    assert "+1900" in default
+    assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": ""}).blocked_destination_prefixes == default
+    assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "  "}).blocked_destination_prefixes == default
+    assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "none"}).blocked_destination_prefixes == ()
+    assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "+1415"}).blocked_destination_prefixes == ("+1415",)
