@@ -465,6 +465,9 @@ class Settings:
         values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         production = values["node_env"] == "production" or values["on_render"]
+        alias = text("WEBHOOK_BASE_URL").rstrip("/")
+        if text("PUBLIC_BASE_URL") and alias and alias != text("PUBLIC_BASE_URL").rstrip("/"):
+            warnings.append("PUBLIC_BASE_URL and WEBHOOK_BASE_URL (its alias) differ: PUBLIC_BASE_URL is used")
         public_problem = _public_url_problem(values["public_base_url"])
         if public_problem and (production or public_problem[1] == "refused"):
             problems.append(public_problem[0])

@@ -349,3 +349,11 @@ def test_an_empty_blocked_prefixes_value_keeps_the_default_blocklist():
     assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "  "}).blocked_destination_prefixes == default
     assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "none"}).blocked_destination_prefixes == ()
     assert Settings.from_env({"BLOCKED_DESTINATION_PREFIXES": "+1415"}).blocked_destination_prefixes == ("+1415",)
+
+
+def test_public_url_and_its_alias_that_differ_are_a_warning():
+    s = Settings.from_env({"PUBLIC_BASE_URL": "https://a.example", "WEBHOOK_BASE_URL": "https://b.example/"})
+    assert s.public_base_url == "https://a.example"
+    assert any("WEBHOOK_BASE_URL" in w and "PUBLIC_BASE_URL" in w for w in s.warnings)
+    same = Settings.from_env({"PUBLIC_BASE_URL": "https://a.example", "WEBHOOK_BASE_URL": "https://a.example/"})
+    assert not any("WEBHOOK_BASE_URL" in w for w in same.warnings)
