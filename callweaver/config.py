@@ -24,6 +24,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Store expiries: a longer one is no setting anyone means (and past ~1e14 s Redis refuses it on every write).
 MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
 MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
+MAX_RATE_WINDOW_S = 366 * SECONDS_PER_DAY  # a rate limit's window is a store expiry too
 MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim this long at most
 MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
@@ -365,9 +366,15 @@ class Settings:
 
             value = text(name, default) or default
             try:
-                parse_many(value)
+                items = parse_many(value)
             except ValueError:
                 problems.append(f"{name} must be a rate limit such as '30 per minute' or '10/second', got {value!r}")
+                return default
+            if any(item.amount < 1 for item in items):
+                problems.append(f"{name} allows no request at all ({value!r}): every one would be refused (429)")
+                return default
+            if any(item.get_expiry() > MAX_RATE_WINDOW_S for item in items):
+                problems.append(f"{name} has a window longer than a year ({value!r})")
                 return default
             return value
 

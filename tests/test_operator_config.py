@@ -357,3 +357,13 @@ def test_public_url_and_its_alias_that_differ_are_a_warning():
     assert any("WEBHOOK_BASE_URL" in w and "PUBLIC_BASE_URL" in w for w in s.warnings)
     same = Settings.from_env({"PUBLIC_BASE_URL": "https://a.example", "WEBHOOK_BASE_URL": "https://a.example/"})
     assert not any("WEBHOOK_BASE_URL" in w for w in same.warnings)
+
+
+@pytest.mark.parametrize("value", ["0 per minute", "10/second;0/minute", "5 per 99999999999 year"])
+def test_a_rate_limit_that_refuses_everything_or_outlives_the_store_is_refused_at_start(value):
+    """'0 per minute' parsed, then every make-call got 429 with nothing said at start; a window of 10^11 years is no
+    expiry a store can keep."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"RATE_LIMIT_MAKE_CALL": value})
+    assert "RATE_LIMIT_MAKE_CALL" in str(err.value)
+    assert Settings.from_env({"RATE_LIMIT_MAKE_CALL": "100 per day;10/minute"}).rate_limit_make_call
