@@ -67,3 +67,28 @@ def test_the_readme_says_what_health_answers_when_the_store_fails():
     assert "with the store's error" not in readme
     assert "store_check_failed" in readme
     assert all(message in readme for message in STORE_CHECK_FAILED.values())
+
+
+# render.yaml's deliberate departures from the README's defaults (each explained in a comment there).
+RENDER_OVERRIDES = {"NODE_ENV", "WEB_CONCURRENCY", "TRUSTED_PROXY_HOPS", "GEVENT_TRACK_GREENLET_TREE", "PYTHON_VERSION"}
+
+
+def test_render_yaml_values_are_the_documented_defaults_and_every_secret_is_unsynced():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Environment variables"):]
+    defaults = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and re.fullmatch(r"`[A-Z][A-Z0-9_]+`", cells[0]):
+            literal = re.fullmatch(r"`([^`]*)`", cells[2])
+            if literal:
+                defaults[cells[0].strip("`")] = literal.group(1)
+    blueprint = yaml.safe_load((REPO / "render.yaml").read_text())
+    web = next(s for s in blueprint["services"] if s["type"] == "web")
+    for var in web["envVars"]:
+        if "value" in var and var["key"] in defaults and var["key"] not in RENDER_OVERRIDES:
+            assert str(var["value"]) == defaults[var["key"]], var["key"]
+    declared = {v["key"]: v for v in web["envVars"]}
+    for secret in ("OPS_TOKEN", "CALL_REPORT_SECRET", "CALL_REPORT_URL", "CACHE_REDIS_URL", "OPENAI_BASE_URL"):
+        assert declared[secret].get("sync") is False and "value" not in declared[secret], secret
+    assert declared["SECRET_KEY"].get("generateValue") is True
