@@ -367,3 +367,10 @@ def test_a_rate_limit_that_refuses_everything_or_outlives_the_store_is_refused_a
         Settings.from_env({"RATE_LIMIT_MAKE_CALL": value})
     assert "RATE_LIMIT_MAKE_CALL" in str(err.value)
     assert Settings.from_env({"RATE_LIMIT_MAKE_CALL": "100 per day;10/minute"}).rate_limit_make_call
+
+
+def test_the_purge_command_against_an_unreachable_store_says_so_without_a_traceback(tmp_path):
+    env = {"CACHE_DIR": str(tmp_path / "cache"), "LOG_LEVEL": "WARNING", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = run_flask_cli(["purge-calls"], env)
+    assert done.returncode != 0
+    assert "redis store" in done.stderr and "Traceback" not in done.stderr, done.stderr
