@@ -480,6 +480,10 @@ class Settings:
             problems.append(public_problem[0])
         elif public_problem and not values["twilio_api_base_url"]:  # the simulator's stand-in reaches loopback
             warnings.append(public_problem[0])
+        if (not production and values["public_base_url"] and not public_problem and not values["ops_token"]):
+            warnings.append("OPS_TOKEN is not set and NODE_ENV is not production: the dashboard, call log and "
+                            "/metrics are open to anyone who reaches PUBLIC_BASE_URL; set OPS_TOKEN (or "
+                            "NODE_ENV=production)")
         if production and not values["public_base_url"]:
             problems.append("PUBLIC_BASE_URL is required in production (NODE_ENV=production or on Render): set "
                             "PUBLIC_BASE_URL (or WEBHOOK_BASE_URL; Render's RENDER_EXTERNAL_URL also counts) so "

@@ -374,3 +374,13 @@ def test_the_purge_command_against_an_unreachable_store_says_so_without_a_traceb
     done = run_flask_cli(["purge-calls"], env)
     assert done.returncode != 0
     assert "redis store" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_open_operator_pages_behind_a_public_url_are_a_warning_in_development():
+    """Deployed somewhere other than Render without NODE_ENV=production: the dashboard, call log and transcripts were
+    open to anyone reaching the public URL, and nothing said so."""
+    s = Settings.from_env({"PUBLIC_BASE_URL": "https://cw.example.com"})
+    assert any("OPS_TOKEN" in w and "NODE_ENV" in w for w in s.warnings)
+    assert not any("OPS_TOKEN" in w for w in Settings.from_env({"PUBLIC_BASE_URL": "https://cw.example.com",
+                                                                 "OPS_TOKEN": "o" * 16}).warnings)
+    assert not any("OPS_TOKEN" in w for w in Settings.from_env({}).warnings)
