@@ -3,7 +3,7 @@ import gc
 import json
 import os
 
-from callweaver.config import ConfigError, server_settings  # import-light: the standard library only
+from callweaver.server_config import ConfigError, server_settings  # import-light: the standard library only
 
 try:
     SERVER = server_settings(os.environ)

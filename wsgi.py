@@ -9,7 +9,7 @@ import os  # noqa: E402
 
 from callweaver import create_app as build_app  # noqa: E402  (must follow patch_all; the package root imports nothing)
 from callweaver.boot import AppLoader  # noqa: E402
-from callweaver.config import ConfigError  # noqa: E402  (import-light: the standard library)
+from callweaver.server_config import ConfigError  # noqa: E402  (import-light: the standard library)
 from callweaver.cors import CorsPolicy  # noqa: E402
 
 # The CORS policy create_app will configure (the same environment): a browser's /health is answered meanwhile.

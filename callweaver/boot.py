@@ -143,7 +143,7 @@ def _after_pending_requests() -> None:
 def _report_failed_load(exc: BaseException) -> None:
     """A bad setting is the operator's to fix, not a bug: one line naming every bad variable (config.py says what is
     wrong without printing secrets), no traceback. Anything else is logged with its traceback."""
-    from .config import ConfigError  # the app's own imports have run by now (or failed, and this is no ConfigError)
+    from .server_config import ConfigError  # the standard library only
     if isinstance(exc, ConfigError):
         log.error("The app failed to load, this worker exits. %s", exc)
     else:

@@ -1,8 +1,8 @@
-"""Settings: every environment variable read, typed and validated in one place."""
+"""Settings: every environment variable the app reads, typed and validated in one place (gunicorn.conf.py's own are
+checked in gunicorn's master by server_config.py)."""
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -10,7 +10,10 @@ from functools import cached_property
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from limits import parse_many
+
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
+from .server_config import LOG_LEVELS, MAX_TCP_PORT, ConfigError, read_number
 from .units import SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
@@ -18,9 +21,7 @@ CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "N
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
 MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
-MAX_TCP_PORT = 65535
 NODE_ENVS = ("development", "production", "test")  # NODE_ENV's values; any other is refused, never read as development
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Store expiries: a longer one is no setting anyone means (and past ~1e14 s Redis refuses it on every write).
 MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
 MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
@@ -47,62 +48,6 @@ NANP_NON_US_CANADA_AREA_CODES = {
 }
 DEFAULT_BLOCKED_DESTINATION_PREFIXES = NANP_PREMIUM_PREFIXES + tuple(
     "+1" + code for code in NANP_NON_US_CANADA_AREA_CODES)
-
-
-class ConfigError(ValueError):
-    """Raised at start with every bad variable named, so a deploy fails loudly and early."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("Invalid configuration: " + "; ".join(problems))
-        self.problems = problems
-
-
-def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = float, low: float | None = None,
-                high: float | None = None) -> tuple[Any, str | None]:
-    """One numeric variable: its value (the default when unset or empty) and the problem with it, if any. Shared by
-    Settings.from_env and server_settings (gunicorn's master), so both say the same about the same value."""
-    raw = env.get(name)
-    if raw is None or str(raw).strip() == "":
-        return default, None
-    try:
-        val = kind(str(raw).strip())
-        if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
-            raise ValueError(raw)
-    except ValueError:
-        return default, f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}"
-    if low is not None and val < low:
-        return default, f"{name} must be >= {low}, got {raw!r}"
-    if high is not None and val > high:
-        return default, f"{name} must be <= {high}, got {val}"
-    return val, None
-
-
-def server_settings(environ: Mapping[str, Any]) -> dict[str, Any]:
-    """The variables gunicorn.conf.py reads in gunicorn's master, before any worker (and so before Settings) exists:
-    typed, or ConfigError naming every bad one, so a typo stops gunicorn with a message instead of a traceback (or,
-    for WEB_CONCURRENCY=0, a master that listens with no worker to answer). Import-light: the standard library."""
-    problems: list[str] = []
-
-    def whole(name: str, default: int, low: int, high: int | None = None) -> int:
-        value, problem = read_number(environ, name, default, int, low, high)
-        if problem:
-            problems.append(problem)
-        return value
-
-    port = whole("PORT", 3000, 1, MAX_TCP_PORT)
-    default_workers = max(1, min(os.cpu_count() or 1, 4))
-    workers = whole("WEB_CONCURRENCY", default_workers, 1)
-    worker_connections = whole("WORKER_CONNECTIONS", 1000, 1)
-    timeout = whole("GUNICORN_TIMEOUT", 60, 0)  # gunicorn: 0 turns the worker timeout off
-    graceful_timeout = whole("GUNICORN_GRACEFUL_TIMEOUT", 25, 0)
-    log_level = (str(environ.get("LOG_LEVEL") or "").strip() or "INFO").upper()
-    if log_level not in LOG_LEVELS:
-        problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    if problems:
-        raise ConfigError(problems)
-    return {"port": port, "workers": workers, "worker_connections": worker_connections, "timeout": timeout,
-            "graceful_timeout": graceful_timeout, "log_level": log_level,
-            "forwarded_allow_ips": environ.get("FORWARDED_ALLOW_IPS", "*")}
 
 
 def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
@@ -362,8 +307,6 @@ class Settings:
         values["silence_timeout_s"] = number("SILENCE_TIMEOUT_S", 20.0, float, 0, MAX_SILENCE_TIMEOUT_S)
 
         def rate(name: str, default: str) -> str:
-            from limits import parse_many  # here, not at the top: server_settings stays import-light
-
             value = text(name, default) or default
             try:
                 items = parse_many(value)

@@ -10,7 +10,7 @@ from tests.fakes.live_server import REPO
 SET_BY_PLATFORM = {"PORT", "RENDER_EXTERNAL_URL", "RENDER"}
 
 
-SERVICE_SOURCES = ("callweaver/config.py", "callweaver/cors.py", "gunicorn.conf.py")
+SERVICE_SOURCES = ("callweaver/config.py", "callweaver/server_config.py", "callweaver/cors.py", "gunicorn.conf.py")
 
 
 def variables_read(paths=SERVICE_SOURCES) -> set[str]:

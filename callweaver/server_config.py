@@ -1,0 +1,67 @@
+"""What gunicorn.conf.py reads in gunicorn's master, before any worker (and so before config.Settings) exists, and the
+one way a numeric variable is read (config.Settings reads every other one with it). Import-light on purpose: the
+standard library only, since the master imports it before forking the workers."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+MAX_TCP_PORT = 65535
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """Raised at start with every bad variable named, so a deploy fails loudly and early."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("Invalid configuration: " + "; ".join(problems))
+        self.problems = problems
+
+
+def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = float, low: float | None = None,
+                high: float | None = None) -> tuple[Any, str | None]:
+    """One numeric variable: its value (the default when unset or empty) and the problem with it, if any. Shared by
+    Settings.from_env and server_settings (gunicorn's master), so both say the same about the same value."""
+    raw = env.get(name)
+    if raw is None or str(raw).strip() == "":
+        return default, None
+    try:
+        val = kind(str(raw).strip())
+        if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
+            raise ValueError(raw)
+    except ValueError:
+        return default, f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}"
+    if low is not None and val < low:
+        return default, f"{name} must be >= {low}, got {raw!r}"
+    if high is not None and val > high:
+        return default, f"{name} must be <= {high}, got {val}"
+    return val, None
+
+
+def server_settings(environ: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables gunicorn.conf.py reads in gunicorn's master, before any worker (and so before Settings) exists:
+    typed, or ConfigError naming every bad one, so a typo stops gunicorn with a message instead of a traceback (or,
+    for WEB_CONCURRENCY=0, a master that listens with no worker to answer). Import-light: the standard library."""
+    problems: list[str] = []
+
+    def whole(name: str, default: int, low: int, high: int | None = None) -> int:
+        value, problem = read_number(environ, name, default, int, low, high)
+        if problem:
+            problems.append(problem)
+        return value
+
+    port = whole("PORT", 3000, 1, MAX_TCP_PORT)
+    default_workers = max(1, min(os.cpu_count() or 1, 4))
+    workers = whole("WEB_CONCURRENCY", default_workers, 1)
+    worker_connections = whole("WORKER_CONNECTIONS", 1000, 1)
+    timeout = whole("GUNICORN_TIMEOUT", 60, 0)  # gunicorn: 0 turns the worker timeout off
+    graceful_timeout = whole("GUNICORN_GRACEFUL_TIMEOUT", 25, 0)
+    log_level = (str(environ.get("LOG_LEVEL") or "").strip() or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    if problems:
+        raise ConfigError(problems)
+    return {"port": port, "workers": workers, "worker_connections": worker_connections, "timeout": timeout,
+            "graceful_timeout": graceful_timeout, "log_level": log_level,
+            "forwarded_allow_ips": environ.get("FORWARDED_ALLOW_IPS", "*")}
