@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
-from .server_config import LOG_LEVELS, MAX_TCP_PORT, ConfigError, read_number
+from .server_config import MAX_TCP_PORT, ConfigError, read_log_level, read_number
 from .units import SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
@@ -21,7 +21,9 @@ CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "N
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
 MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
-NODE_ENVS = ("development", "production", "test")  # NODE_ENV's values; any other is refused, never read as development
+NODE_ENVS = ("development", "production", "test")  # NODE_ENV's known values, in any case
+# What operators write for production besides its own name: read as production (with a warning to spell it out).
+NODE_ENV_PRODUCTION_ALIASES = ("prod",)
 # Store expiries: a longer one is no setting anyone means (and past ~1e14 s Redis refuses it on every write).
 MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
 MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
@@ -260,12 +262,17 @@ class Settings:
             return None
 
         values["port"] = number("PORT", 3000, int, 1, MAX_TCP_PORT)
-        # Node's convention, compared in any case: "Production" read as development would drop the production rules.
+        # Compared in any case: "Production" read as development would drop the production rules. Any other value
+        # (staging, dev: what a carried-over Node deploy may have) is read as Node reads it, not production, with a
+        # warning rather than a refusal: a worker that stops after Render's health check passed is an outage.
         values["node_env"] = (text("NODE_ENV", "development") or "development").lower()
-        if values["node_env"] not in NODE_ENVS:
-            problems.append(f"NODE_ENV must be {', '.join(NODE_ENVS[:-1])} or {NODE_ENVS[-1]}, "
-                            f"got {text('NODE_ENV')[:40]!r}")
-            values["node_env"] = "development"
+        if values["node_env"] in NODE_ENV_PRODUCTION_ALIASES:
+            warnings.append(f"NODE_ENV is {text('NODE_ENV')!r}: read as production; set NODE_ENV=production")
+            values["node_env"] = "production"
+        elif values["node_env"] not in NODE_ENVS:
+            warnings.append(f"NODE_ENV is {text('NODE_ENV')[:40]!r}, not {', '.join(NODE_ENVS[:-1])} or "
+                            f"{NODE_ENVS[-1]}: read as development, as Node reads it (the production rules apply with "
+                            "NODE_ENV=production or on Render)")
         # Render sets RENDER_EXTERNAL_URL for every web service: a trustworthy default for the public URL.
         values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", "RENDER_EXTERNAL_URL")
         values["twilio_account_sid"] = text("TWILIO_ACCOUNT_SID")
@@ -399,9 +406,9 @@ class Settings:
         values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
         values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0, MAX_RELAY_SOCKET_LEASE_S)
         values["relay_text_hold_ms"] = number("RELAY_TEXT_HOLD_MS", 80.0, float, 0)
-        values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
-        if values["log_level"] not in LOG_LEVELS:
-            problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")
+        values["log_level"], log_level_warning = read_log_level(env)
+        if log_level_warning:
+            warnings.append(log_level_warning)
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
         if values["log_format"] not in {"json", "console"}:
             problems.append("LOG_FORMAT must be json or console")

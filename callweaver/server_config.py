@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 MAX_TCP_PORT = 65535
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Node loggers' names for the same levels (pino, winston): what a carried-over Node deploy's LOG_LEVEL may say.
+LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "ERROR", "CRITICAL": "ERROR", "TRACE": "DEBUG"}
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,18 @@ def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = fl
     return val, None
 
 
+def read_log_level(env: Mapping[str, Any]) -> tuple[str, str | None]:
+    """LOG_LEVEL as one of LOG_LEVELS, and a warning when it named none: read as INFO, since a log level no logger
+    here knows (winston's verbose) is no reason for a service that does not start. Shared by gunicorn's master and
+    Settings, so both log at the same level."""
+    raw = str(env.get("LOG_LEVEL") or "").strip()
+    level = raw.upper() or "INFO"
+    level = LOG_LEVEL_ALIASES.get(level, level)
+    if level in LOG_LEVELS:
+        return level, None
+    return "INFO", f"LOG_LEVEL is {raw[:40]!r}, not DEBUG, INFO, WARNING or ERROR: read as INFO"
+
+
 def server_settings(environ: Mapping[str, Any]) -> dict[str, Any]:
     """The variables gunicorn.conf.py reads in gunicorn's master, before any worker (and so before Settings) exists:
     typed, or ConfigError naming every bad one, so a typo stops gunicorn with a message instead of a traceback (or,
@@ -57,9 +71,7 @@ def server_settings(environ: Mapping[str, Any]) -> dict[str, Any]:
     worker_connections = whole("WORKER_CONNECTIONS", 1000, 1)
     timeout = whole("GUNICORN_TIMEOUT", 60, 0)  # gunicorn: 0 turns the worker timeout off
     graceful_timeout = whole("GUNICORN_GRACEFUL_TIMEOUT", 25, 0)
-    log_level = (str(environ.get("LOG_LEVEL") or "").strip() or "INFO").upper()
-    if log_level not in LOG_LEVELS:
-        problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    log_level, _ = read_log_level(environ)  # a worker's Settings logs the warning (and /health lists it)
     if problems:
         raise ConfigError(problems)
     return {"port": port, "workers": workers, "worker_connections": worker_connections, "timeout": timeout,

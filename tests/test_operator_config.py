@@ -57,11 +57,32 @@ def test_node_env_production_in_any_case_turns_on_the_production_rules(value):
     assert settings.production and settings.node_env == "production"
 
 
-@pytest.mark.parametrize("value", ["prod", "staging", "live"])
-def test_an_unknown_node_env_is_refused_rather_than_read_as_development(value):
+@pytest.mark.parametrize("value", ["staging", "dev", "qa", "local"])
+def test_a_node_env_a_node_deploy_carried_starts_read_as_node_read_it_with_a_warning(value):
+    """The Node backend's environment is carried over on Render: NODE_ENV=staging stopped every worker after Render's
+    health check had passed (the loader answers /health while loading), so the new deploy went live and crash-looped.
+    Node reads any value but production as not production; so does CallWeaver, and says so."""
+    s = Settings.from_env({"NODE_ENV": value})
+    assert not s.production
+    assert any("NODE_ENV" in w and "development" in w for w in s.warnings), s.warnings
+    on_render = Settings.from_env({"NODE_ENV": value, "RENDER": "true", "RENDER_EXTERNAL_URL": "https://cw.onrender.com"})
+    assert on_render.production
+
+
+@pytest.mark.parametrize("value", ["", "test", "development", "Production"])
+def test_the_known_node_envs_start_without_a_warning(value):
+    s = Settings.from_env({"NODE_ENV": value, "PUBLIC_BASE_URL": "https://cw.example", "OPS_TOKEN": "o" * 16})
+    assert not any("NODE_ENV" in w for w in s.warnings), s.warnings
+
+
+def test_node_env_prod_is_production_with_a_warning():
+    """`prod` is what an operator writes for production: reading it as development would drop the production rules."""
     with pytest.raises(ConfigError) as err:
-        Settings.from_env({"NODE_ENV": value})
-    assert "NODE_ENV" in str(err.value)
+        Settings.from_env({"NODE_ENV": "prod"})
+    assert "PUBLIC_BASE_URL is required in production" in str(err.value)
+    s = Settings.from_env({"NODE_ENV": "PROD", "PUBLIC_BASE_URL": "https://cw.example"})
+    assert s.production and s.node_env == "production"
+    assert any("NODE_ENV" in w for w in s.warnings)
 
 
 @pytest.mark.parametrize("value", ["kimiya-ai.vercel.app", "https://app.example.com/dashboard", "ftp://app.example",
@@ -130,7 +151,6 @@ def run_gunicorn_conf(env: dict[str, str]) -> subprocess.CompletedProcess:
     ("WEB_CONCURRENCY", "0"),            # gunicorn ran a master with no worker: listening, never answering
     ("WORKER_CONNECTIONS", "abc"), ("WORKER_CONNECTIONS", "0"),
     ("GUNICORN_TIMEOUT", "1.5"), ("GUNICORN_GRACEFUL_TIMEOUT", "soon"), ("GUNICORN_GRACEFUL_TIMEOUT", "-1"),
-    ("LOG_LEVEL", "verbose"),
 ])
 def test_gunicorn_conf_names_a_bad_variable_without_a_traceback(name, value):
     done = run_gunicorn_conf({name: value})
@@ -149,6 +169,25 @@ def test_gunicorn_conf_reads_the_documented_variables():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**os.environ, **env}, capture_output=True,
                          text=True, timeout=30)
     assert out.stdout.split() == ["0.0.0.0:4123", "3", "50", "0", "10", "warning"], out.stderr
+
+
+@pytest.mark.parametrize("value,level", [("warn", "WARNING"), ("WARN", "WARNING"), ("fatal", "ERROR"),
+                                         ("critical", "ERROR"), ("trace", "DEBUG")])
+def test_node_loggers_level_names_are_read(value, level):
+    """LOG_LEVEL=warn (pino's and winston's name) carried over from the Node deploy was refused at start."""
+    assert Settings.from_env({"LOG_LEVEL": value}).log_level == level
+    probe = "import runpy; print(runpy.run_path('gunicorn.conf.py')['loglevel'])"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env={**os.environ, "LOG_LEVEL": value},
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == level.lower(), out.stderr
+
+
+def test_an_unknown_log_level_is_read_as_info_with_a_warning():
+    """A log level no logger here knows (winston's verbose, silly) would not misbehave: it is not worth a service that
+    does not start."""
+    s = Settings.from_env({"LOG_LEVEL": "verbose"})
+    assert s.log_level == "INFO" and any("LOG_LEVEL" in w for w in s.warnings)
+    assert run_gunicorn_conf({"LOG_LEVEL": "verbose"}).returncode == 0
 
 
 def test_the_service_started_with_a_bad_setting_stops_naming_it_without_a_traceback(tmp_path):
