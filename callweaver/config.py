@@ -32,6 +32,7 @@ MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim
 MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
+TWILIO_ACCOUNT_SID_RE = re.compile(r"AC[0-9a-fA-F]{32}")
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -280,7 +281,7 @@ class Settings:
         values["twilio_phone_number"] = text("TWILIO_PHONE_NUMBER")
         values["twilio_api_base_url"] = url("TWILIO_API_BASE_URL")
         sid = values["twilio_account_sid"]
-        if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
+        if sid and not TWILIO_ACCOUNT_SID_RE.fullmatch(sid):
             problems.append("TWILIO_ACCOUNT_SID must be 'AC' followed by 32 hex characters")
         if values["twilio_auth_token"] and not TWILIO_AUTH_TOKEN_RE.fullmatch(values["twilio_auth_token"]):
             problems.append("TWILIO_AUTH_TOKEN must be the account's Auth Token, 32 hexadecimal characters "

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
-from .config import MAX_RING_TIMEOUT_S, Settings
+from .config import MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_AUTH_TOKEN_RE, Settings
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
@@ -25,7 +25,6 @@ from .twilio_client import PlacedCall, TwilioGateway
 log = structlog.get_logger()
 
 E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
-ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 # Reconnects after a stopping worker handed the call over (a deploy each), per call: planned, so not counted
@@ -116,8 +115,8 @@ class CallLifecycle:
         if not self.settings.allow_request_credentials:
             return None
         sid, token = body.get("twilioAccountSid"), body.get("twilioAuthToken")
-        if not (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
-                and isinstance(token, str) and re.fullmatch(r"[0-9a-fA-F]{32}", token.strip())):
+        if not (isinstance(sid, str) and TWILIO_ACCOUNT_SID_RE.fullmatch(sid.strip())
+                and isinstance(token, str) and TWILIO_AUTH_TOKEN_RE.fullmatch(token.strip())):
             return None
         sid, token = sid.strip(), token.strip()
         if sid == self.settings.twilio_account_sid:
