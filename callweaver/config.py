@@ -195,6 +195,9 @@ class Settings:
     call_report_backoff_s: float = 2.0
     otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # Those of the warnings that name an opening a stranger could use (signature checks off, operator pages open):
+    # logged at start with the others, never listed by the public /health.
+    exposure_warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @cached_property
     def cors(self) -> CorsPolicy:
@@ -218,6 +221,12 @@ class Settings:
                                  self.secret_key, self.ops_token, self.call_report_secret, *passwords) if s)
 
     @property
+    def public_warnings(self) -> tuple[str, ...]:
+        """The warnings the public /health lists: all but the exposure warnings, which would tell anyone what is
+        open (the start-up log has every one)."""
+        return tuple(w for w in self.warnings if w not in self.exposure_warnings)
+
+    @property
     def signatures_enforced(self) -> bool:
         """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
@@ -231,6 +240,7 @@ class Settings:
             env.update({k: v for k, v in overrides.items() if isinstance(k, str) and k.isupper()})
         problems: list[str] = []
         warnings: list[str] = []
+        exposures: list[str] = []
         values: dict[str, Any] = {}
 
         def text(name: str, default: str = "") -> str:
@@ -293,6 +303,7 @@ class Settings:
         if not values["twilio_validate_signatures"]:
             warnings.append("TWILIO_VALIDATE_SIGNATURES is 0: Twilio webhook signatures are NOT checked "
                             "(use only for local tunnels)")
+            exposures.append(warnings[-1])
         values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
         values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
         prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
@@ -435,6 +446,7 @@ class Settings:
             warnings.append("OPS_TOKEN is not set and NODE_ENV is not production: the dashboard, call log and "
                             "/metrics are open to anyone who reaches PUBLIC_BASE_URL; set OPS_TOKEN (or "
                             "NODE_ENV=production)")
+            exposures.append(warnings[-1])
         if production and not values["public_base_url"]:
             problems.append("PUBLIC_BASE_URL is required in production (NODE_ENV=production or on Render): set "
                             "PUBLIC_BASE_URL (or WEBHOOK_BASE_URL; Render's RENDER_EXTERNAL_URL also counts) so "
@@ -454,6 +466,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         values["warnings"] = tuple(warnings)
+        values["exposure_warnings"] = tuple(exposures)
         return cls(**values)
 
 

@@ -204,11 +204,30 @@ def test_the_service_started_with_a_bad_setting_stops_naming_it_without_a_traceb
 
 
 def test_health_tells_the_operator_about_settings_that_weaken_the_service(tmp_path, fake_twilio):
-    """The start-up warnings (signature checks off, no public URL) were only in the start-up log."""
-    env = {**base_env(tmp_path, fake_twilio), "TWILIO_VALIDATE_SIGNATURES": "0", "PUBLIC_BASE_URL": ""}
+    """The start-up warnings (no public URL, an unknown NODE_ENV) were only in the start-up log."""
+    env = {**base_env(tmp_path, fake_twilio), "NODE_ENV": "staging", "PUBLIC_BASE_URL": ""}
     body = create_app(env).test_client().get("/health").get_json()
     text = " ".join(body.get("warnings", []))
-    assert "TWILIO_VALIDATE_SIGNATURES" in text and "PUBLIC_BASE_URL" in text
+    assert "NODE_ENV" in text and "PUBLIC_BASE_URL" in text
+
+
+@pytest.mark.parametrize("setting,said", [
+    ({"TWILIO_VALIDATE_SIGNATURES": "0"}, "TWILIO_VALIDATE_SIGNATURES"),
+    ({"OPS_TOKEN": ""}, "open to anyone"),
+])
+def test_health_does_not_tell_anyone_which_door_is_open(tmp_path, fake_twilio, capsys, setting, said):
+    """/health answers anyone (Render's check, the web app's wake-up): "webhook signatures are NOT checked" or "the
+    dashboard and call log are open to anyone" there told a stranger on the tunnel's public URL what to forge or
+    read. The operator reads them in the start-up log."""
+    env = {**base_env(tmp_path, fake_twilio), **setting}
+    capsys.readouterr()
+    app = create_app(env)
+    logged = [line for line in capsys.readouterr().out.splitlines() if "config_warning" in line]
+    assert any(said in line for line in logged), logged
+    body = app.test_client().get("/health").get_json()
+    assert said not in " ".join(body.get("warnings", []))
+    body = app.test_client().get("/api/health-optimized").get_json()
+    assert said not in " ".join(body.get("warnings", []))
 
 
 def test_health_names_what_each_listed_llm_provider_lacks(tmp_path, fake_twilio):

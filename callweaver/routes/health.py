@@ -69,9 +69,10 @@ def _status(checks: dict) -> tuple[str, list[str]]:
 
 def _advice(checks: dict) -> list[str]:
     """What an operator should change though nothing fails (the status stays as the checks say): the settings' own
-    warnings as logged at start (signature checks off, no public URL, ...), and a listed LLM provider left out while
-    another one answers (no failover). Variable names only, never values."""
-    advice = list(services().settings.warnings)
+    warnings as logged at start (no public URL, an unknown NODE_ENV, ...; not the exposure warnings, which would tell
+    anyone what is open), and a listed LLM provider left out while another one answers (no failover). Variable names
+    only, never secrets."""
+    advice = list(services().settings.public_warnings)
     if checks["llm"]["providers"]:
         advice += [f"LLM provider {name} is listed in LLM_PROVIDERS but left out (no failover to it): it needs {what}"
                    for name, what in checks["llm"]["unconfigured"].items()]
