@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 
+from ..server_config import MAX_TCP_PORT, read_number
 from .bodies import make_call_body
 from .caller import END_OF_SPEECH_MS, NORMAL_WORDS_PER_MINUTE, RelayCaller
 from .twilio_rest import TwilioRestStandIn
@@ -18,12 +19,10 @@ PROG = "python -m callweaver.simulate"
 
 def _port_from_env(name: str, default: int) -> int:
     """A port given by an environment variable, or a one-line exit naming it (argparse's defaults are built first)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or not 0 < int(raw) <= 65535:
-        raise SystemExit(f"{PROG}: {name} must be a port number (1-65535), got {raw[:40]!r}")
-    return int(raw)
+    port, problem = read_number(os.environ, name, default, int, 1, MAX_TCP_PORT)
+    if problem:
+        raise SystemExit(f"{PROG}: {problem} (a port number)")
+    return port
 
 
 def _port_is_free(port: int) -> bool:
