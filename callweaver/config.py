@@ -2,7 +2,6 @@
 checked in gunicorn's master by server_config.py)."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
+from .engine.llm_http import is_public_address
 from .server_config import MAX_TCP_PORT, ConfigError, read_log_level, read_number
 from .units import SECONDS_PER_DAY
 
@@ -85,9 +85,8 @@ def _public_url_problem(public: str | None) -> tuple[str, str] | None:
                 "every callback URL is made by appending to it", "refused")
     host = (parsed.hostname or "").lower()
     try:
-        address = ipaddress.ip_address(host)
-        private = address.is_private or address.is_loopback or address.is_link_local or address.is_unspecified
-    except ValueError:
+        private = not is_public_address(host)  # the rule outbound LLM URLs follow: loopback, private, shared, ...
+    except ValueError:  # a name, not an address
         private = host == "localhost" or host.endswith(".localhost") or host.endswith(".local")
     if private:
         return (f"PUBLIC_BASE_URL (or WEBHOOK_BASE_URL) names {host}, an address on this machine or a private "

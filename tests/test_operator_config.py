@@ -330,7 +330,9 @@ def test_the_retention_job_logs_an_unreachable_store_without_a_traceback(tmp_pat
 
 
 @pytest.mark.parametrize("public", ["http://127.0.0.1:3000", "https://localhost", "https://10.0.0.5",
-                                   "https://[::1]:8443"])
+                                   "https://[::1]:8443",
+                                   "https://100.100.7.1",  # shared address space (a Tailscale node): not public
+                                   "https://[fd7a:115c:a1e0::1]"])
 def test_a_public_url_twilio_cannot_reach_is_refused_in_production(public):
     """The simulator section's PUBLIC_BASE_URL=http://127.0.0.1:3000 carried into production: every call placed,
     then every webhook lost (Twilio cannot reach this machine's loopback), with nothing said."""
