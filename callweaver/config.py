@@ -20,6 +20,7 @@ from .units import SECONDS_PER_DAY
 CACHE_TYPES = ("SQLiteCache", "SimpleCache", "FileSystemCache", "RedisCache", "NullCache")
 MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
+LOG_FORMATS = ("json", "console")
 MAX_CALL_DURATION_LIMIT_S = 14400  # Twilio's own ceiling (and default) for a call's TimeLimit: 4 hours
 NODE_ENVS = ("development", "production", "test")  # NODE_ENV's known values, in any case
 # What operators write for production besides its own name: read as production (with a warning to spell it out).
@@ -421,8 +422,9 @@ class Settings:
         if log_level_warning:
             warnings.append(log_level_warning)
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
-        if values["log_format"] not in {"json", "console"}:
-            problems.append("LOG_FORMAT must be json or console")
+        if values["log_format"] not in LOG_FORMATS:  # morgan's "combined" from a Node deploy: no reason not to start
+            warnings.append(f"LOG_FORMAT is {text('LOG_FORMAT')[:40]!r}, not json or console: read as json")
+            values["log_format"] = "json"
 
         values["call_report_url"] = url("CALL_REPORT_URL")
         values["call_report_secret"] = text("CALL_REPORT_SECRET")

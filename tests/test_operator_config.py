@@ -190,6 +190,14 @@ def test_an_unknown_log_level_is_read_as_info_with_a_warning():
     assert run_gunicorn_conf({"LOG_LEVEL": "verbose"}).returncode == 0
 
 
+@pytest.mark.parametrize("value", ["combined", "dev", "tiny"])
+def test_a_node_log_format_is_read_as_json_with_a_warning(value):
+    """LOG_FORMAT=combined (morgan's format names) carried over from the Node deploy was refused at start."""
+    s = Settings.from_env({"LOG_FORMAT": value})
+    assert s.log_format == "json" and any("LOG_FORMAT" in w for w in s.warnings)
+    assert Settings.from_env({"LOG_FORMAT": "Console"}).log_format == "console"
+
+
 def test_the_service_started_with_a_bad_setting_stops_naming_it_without_a_traceback(tmp_path):
     """README: "A bad value stops the service at start with every bad variable named"; the operator's first view."""
     env = {**os.environ, "PORT": str(free_port()), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
