@@ -34,6 +34,7 @@ MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
 TWILIO_ACCOUNT_SID_RE = re.compile(r"AC[0-9a-fA-F]{32}")
+E164_RE = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -94,6 +95,18 @@ def _public_url_problem(public: str | None) -> tuple[str, str] | None:
                 "network: Twilio's servers cannot reach it, so every webhook and relay socket of a real call would "
                 "be lost", "unreachable")
     return None
+
+
+def to_e164(raw: str) -> str | None:
+    """A phone number as the original normalised it (formatting stripped, 00 for +, +1 before 10 US digits, +
+    otherwise), or None when that is no E.164 number. TWILIO_PHONE_NUMBER and a request's numbers alike: Twilio
+    itself takes a US number formatted for people, so a Node deploy's "(415) 555-1212" placed calls."""
+    number = re.sub(r"[\s\-().]", "", raw)
+    if number.startswith("00"):
+        number = "+" + number[2:]
+    if not number.startswith("+"):
+        number = ("+1" if len(number) == 10 else "+") + number
+    return number if E164_RE.fullmatch(number) else None
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -297,8 +310,10 @@ class Settings:
             problems.append("TWILIO_AUTH_TOKEN must be the account's Auth Token, 32 hexadecimal characters "
                             f"(got {len(values['twilio_auth_token'])} characters; the value is not shown)")
         phone = values["twilio_phone_number"]
-        if phone and not re.fullmatch(r"\+[1-9]\d{6,14}", phone):
-            problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone!r}")
+        if phone:
+            values["twilio_phone_number"] = to_e164(phone) or ""
+            if not values["twilio_phone_number"]:
+                problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone[:40]!r}")
         values["twilio_validate_signatures"] = flag("TWILIO_VALIDATE_SIGNATURES", True)
         if not values["twilio_validate_signatures"]:
             warnings.append("TWILIO_VALIDATE_SIGNATURES is 0: Twilio webhook signatures are NOT checked "

@@ -110,6 +110,21 @@ def test_a_malformed_twilio_auth_token_is_refused_and_not_printed(value):
     assert value not in str(err.value)
 
 
+@pytest.mark.parametrize("value", ["(415) 555-1212", "415-555-1212", "+1 415 555 1212", "14155551212",
+                                   "+1.415.555.1212"])
+def test_the_twilio_phone_number_is_read_as_the_original_read_a_number(value):
+    """Twilio takes a US number formatted for people as From, so a Node deploy with TWILIO_PHONE_NUMBER=(415) 555-1212
+    placed calls; it was refused at start. It is normalised as a request's number is (and so `from` round-trips)."""
+    assert Settings.from_env({"TWILIO_PHONE_NUMBER": value}).twilio_phone_number == "+14155551212"
+
+
+@pytest.mark.parametrize("value", ["call me", "+1\uff14\uff11\uff15\uff15\uff15\uff15\uff11\uff12\uff11\uff12", "+0155512"])
+def test_a_twilio_phone_number_that_is_no_number_is_refused(value):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"TWILIO_PHONE_NUMBER": value})
+    assert "TWILIO_PHONE_NUMBER" in str(err.value)
+
+
 def test_a_malformed_account_sid_is_named_with_what_was_wrong():
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"TWILIO_ACCOUNT_SID": "SK" + "0" * 32})
