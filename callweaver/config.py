@@ -454,6 +454,14 @@ class Settings:
         if text("PUBLIC_BASE_URL") and alias and alias != text("PUBLIC_BASE_URL").rstrip("/"):
             warnings.append("PUBLIC_BASE_URL and WEBHOOK_BASE_URL (its alias) differ: PUBLIC_BASE_URL is used")
         public_problem = _public_url_problem(values["public_base_url"])
+        render_url = text("RENDER_EXTERNAL_URL").rstrip("/")
+        if (public_problem and public_problem[1] == "unreachable" and values["on_render"] and render_url
+                and not _url_problem("RENDER_EXTERNAL_URL", render_url, ("http", "https"))
+                and not _public_url_problem(render_url)):
+            # A development .env imported on Render: Render's own URL certainly reaches this service, and a refusal
+            # here would come after Render's health check passed (an outage, not a failed deploy).
+            warnings.append(public_problem[0] + "; on Render, RENDER_EXTERNAL_URL is used instead")
+            values["public_base_url"], public_problem = render_url, None
         if public_problem and (production or public_problem[1] == "refused"):
             problems.append(public_problem[0])
         elif public_problem and not values["twilio_api_base_url"]:  # the simulator's stand-in reaches loopback

@@ -364,6 +364,18 @@ def test_a_public_url_twilio_cannot_reach_is_refused_in_production(public):
     assert "PUBLIC_BASE_URL" in str(err.value) and "Twilio" in str(err.value)
 
 
+def test_on_render_an_unreachable_public_url_gives_way_to_renders_own():
+    """A development .env imported into Render's dashboard carries WEBHOOK_BASE_URL=http://localhost:3000: refusing it
+    there is an outage (a worker refuses its settings after Render's health check passed, so the deploy goes live and
+    restarts in a loop), while RENDER_EXTERNAL_URL is certainly a URL Twilio reaches."""
+    env = {"RENDER": "true", "RENDER_EXTERNAL_URL": "https://cw.onrender.com", "WEBHOOK_BASE_URL": "http://localhost:3000"}
+    s = Settings.from_env(env)
+    assert s.public_base_url == "https://cw.onrender.com"
+    assert any("WEBHOOK_BASE_URL" in w and "RENDER_EXTERNAL_URL" in w for w in s.warnings), s.warnings
+    with pytest.raises(ConfigError):  # not on Render: nothing certain to fall back on
+        Settings.from_env({"NODE_ENV": "production", "WEBHOOK_BASE_URL": "http://localhost:3000"})
+
+
 def test_a_loopback_public_url_with_real_twilio_is_a_warning_in_development():
     s = Settings.from_env({"PUBLIC_BASE_URL": "http://127.0.0.1:3000"})
     assert any("PUBLIC_BASE_URL" in w and "Twilio" in w for w in s.warnings)
