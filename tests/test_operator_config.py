@@ -65,7 +65,8 @@ def test_a_node_env_a_node_deploy_carried_starts_read_as_node_read_it_with_a_war
     s = Settings.from_env({"NODE_ENV": value})
     assert not s.production
     assert any("NODE_ENV" in w and "development" in w for w in s.warnings), s.warnings
-    on_render = Settings.from_env({"NODE_ENV": value, "RENDER": "true", "RENDER_EXTERNAL_URL": "https://cw.onrender.com"})
+    on_render = Settings.from_env({"NODE_ENV": value, "RENDER": "true",
+                                   "RENDER_EXTERNAL_URL": "https://cw.onrender.com"})
     assert on_render.production
 
 
@@ -118,7 +119,8 @@ def test_the_twilio_phone_number_is_read_as_the_original_read_a_number(value):
     assert Settings.from_env({"TWILIO_PHONE_NUMBER": value}).twilio_phone_number == "+14155551212"
 
 
-@pytest.mark.parametrize("value", ["call me", "+1\uff14\uff11\uff15\uff15\uff15\uff15\uff11\uff12\uff11\uff12", "+0155512"])
+@pytest.mark.parametrize("value", ["call me", "+0155512",
+                                   "+1\uff14\uff11\uff15\uff15\uff15\uff15\uff11\uff12\uff11\uff12"])  # full-width
 def test_a_twilio_phone_number_that_is_no_number_is_refused(value):
     with pytest.raises(ConfigError) as err:
         Settings.from_env({"TWILIO_PHONE_NUMBER": value})
@@ -368,7 +370,8 @@ def test_on_render_an_unreachable_public_url_gives_way_to_renders_own():
     """A development .env imported into Render's dashboard carries WEBHOOK_BASE_URL=http://localhost:3000: refusing it
     there is an outage (a worker refuses its settings after Render's health check passed, so the deploy goes live and
     restarts in a loop), while RENDER_EXTERNAL_URL is certainly a URL Twilio reaches."""
-    env = {"RENDER": "true", "RENDER_EXTERNAL_URL": "https://cw.onrender.com", "WEBHOOK_BASE_URL": "http://localhost:3000"}
+    env = {"RENDER": "true", "RENDER_EXTERNAL_URL": "https://cw.onrender.com",
+           "WEBHOOK_BASE_URL": "http://localhost:3000"}
     s = Settings.from_env(env)
     assert s.public_base_url == "https://cw.onrender.com"
     assert any("WEBHOOK_BASE_URL" in w and "RENDER_EXTERNAL_URL" in w for w in s.warnings), s.warnings
