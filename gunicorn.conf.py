@@ -3,13 +3,21 @@ import gc
 import json
 import os
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
+from callweaver.server_config import ConfigError, server_settings  # import-light: the standard library only
+
+try:
+    SERVER = server_settings(os.environ)
+except ConfigError as bad:
+    # SystemExit passes gunicorn's "Failed to read config file" (which prints a traceback): one line, exit status 1.
+    raise SystemExit(f"gunicorn.conf.py: {bad}") from None
+
+bind = f"0.0.0.0:{SERVER['port']}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY") or max(1, min(os.cpu_count() or 1, 4)))
-worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "1000"))
+workers = SERVER["workers"]  # WEB_CONCURRENCY, else the cores (at most 4)
+worker_connections = SERVER["worker_connections"]
 # With gevent the heartbeat keeps running while greenlets wait on I/O, so long calls are safe.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
+timeout = SERVER["timeout"]
+graceful_timeout = SERVER["graceful_timeout"]
 # A handover's `end` goes out this long before graceful_timeout runs out (hand_over_calls_on_sigterm): time for it
 # to reach Twilio and for the socket to close before gunicorn kills the worker.
 HANDOVER_MARGIN_S = 3.0
@@ -18,11 +26,11 @@ HANDOVER_MARGIN_S = 3.0
 keepalive = 5
 preload_app = False          # clients (SQLite, Redis, httpx pools) must be built per worker, after the fork
 control_socket_disable = True
-forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "*")
+forwarded_allow_ips = SERVER["forwarded_allow_ips"]
 accesslog = "-"
 logger_class = "callweaver.logging.AccessLogger"   # redacts secret query parameters, escapes every value
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = SERVER["log_level"].lower()
 # No format may read a record's thread: callweaver/logging.py turns the look-up off process-wide (logThreads), so a
 # --log-config with %(thread)d would fail on every line and %(threadName)s would print None.
 access_log_format = json.dumps({

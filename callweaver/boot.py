@@ -87,8 +87,8 @@ class AppLoader:
         OsThreadWork(lambda: _import_all(modules)).wait()
         try:
             app = build()
-        except BaseException:
-            log.exception("The app failed to load; this worker exits")
+        except BaseException as exc:
+            _report_failed_load(exc)
             self._loaded.set()  # waiting requests get a 503 rather than hanging until the worker is gone
             raise SystemExit(WORKER_BOOT_ERROR)  # under gevent, propagated to the worker's main greenlet
         with self._lock:
@@ -138,6 +138,16 @@ def _after_pending_requests() -> None:
     if monkey.is_module_patched("socket"):
         import gevent
         gevent.idle()
+
+
+def _report_failed_load(exc: BaseException) -> None:
+    """A bad setting is the operator's to fix, not a bug: one line naming every bad variable (config.py says what is
+    wrong without printing secrets), no traceback. Anything else is logged with its traceback."""
+    from .server_config import ConfigError  # the standard library only
+    if isinstance(exc, ConfigError):
+        log.error("The app failed to load, this worker exits. %s", exc)
+    else:
+        log.exception("The app failed to load; this worker exits")
 
 
 def _announce_loaded(seconds: float) -> None:

@@ -5,6 +5,7 @@ import click
 from flask import Flask
 
 from .retention import purge_ended_calls
+from .store import StoreError
 
 
 def register_cli(app: Flask) -> None:
@@ -16,5 +17,8 @@ def register_cli(app: Flask) -> None:
         transcripts older than TRANSCRIPT_RETENTION_DAYS."""
         svc = app.extensions["callweaver"]
         days = older_than_days or svc.settings.retention_days
-        purged = purge_ended_calls(svc.store, days, svc.settings.transcript_retention_days)
+        try:
+            purged = purge_ended_calls(svc.store, days, svc.settings.transcript_retention_days)
+        except StoreError as exc:  # the store is down or unwritable: the operator's to fix, said in one line
+            raise click.ClickException(f"nothing purged: {exc}") from None
         click.echo(f"purged {purged} call(s) that ended more than {days} day(s) ago")

@@ -1,7 +1,7 @@
-"""Settings: every environment variable read, typed and validated in one place."""
+"""Settings: every environment variable the app reads, typed and validated in one place (gunicorn.conf.py's own are
+checked in gunicorn's master by server_config.py)."""
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 from limits import parse_many
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
+from .engine.llm_http import is_public_address
+from .server_config import MAX_TCP_PORT, ConfigError, read_log_level, read_number
 from .units import MAX_CALL_DURATION_LIMIT_S, SECONDS_PER_DAY
 
 # Reply cache backends by flask-caching name; empty CACHE_TYPE picks RedisCache with a Redis URL, else SQLiteCache.
@@ -21,6 +23,20 @@ MAX_RING_TIMEOUT_S = 60  # longest a placed call may ring before Twilio gives up
 # moment left over to be written, sent and read.
 MAX_GATHER_REPLY_TIMEOUT_S = 14
 MAX_SILENCE_TIMEOUT_S = 600  # a caller silent for 10 minutes is gone; a longer wait is no silence handling
+LOG_FORMATS = ("json", "console")
+NODE_ENVS = ("development", "production", "test")  # NODE_ENV's known values, in any case
+# What operators write for production besides its own name: read as production (with a warning to spell it out).
+NODE_ENV_PRODUCTION_ALIASES = ("prod",)
+# Store expiries: a longer one is no setting anyone means (and past ~1e14 s Redis refuses it on every write).
+MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
+MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
+MAX_RATE_WINDOW_S = 366 * SECONDS_PER_DAY  # a rate limit's window is a store expiry too
+MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim this long at most
+MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
+# Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
+TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
+TWILIO_ACCOUNT_SID_RE = re.compile(r"AC[0-9a-fA-F]{32}")
+E164_RE = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
 # listed too (976 is the classic pay-per-call exchange). The rest are the area codes NANPA assigns to the
@@ -41,12 +57,58 @@ DEFAULT_BLOCKED_DESTINATION_PREFIXES = NANP_PREMIUM_PREFIXES + tuple(
     "+1" + code for code in NANP_NON_US_CANADA_AREA_CODES)
 
 
-class ConfigError(ValueError):
-    """Raised at start with every bad variable named, so a deploy fails loudly and early."""
+def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with a URL setting, said without its value: a URL may carry a password (`redis://:pw@host`) or
+    a secret path (a webhook), and this message is printed before any secret is registered for redaction."""
+    try:
+        parsed = urlparse(raw)
+        port = parsed.port
+    except ValueError:
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; its port is not a number from 0 to 65535"
+    if parsed.scheme not in schemes:
+        scheme = parsed.scheme if re.fullmatch(r"[a-z][a-z0-9+.-]{0,15}", parsed.scheme) else ""
+        found = f"its scheme is {scheme!r}" if scheme else "it has no scheme (such as https://)"
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; {found}"
+    if not parsed.netloc or (parsed.scheme != "unix" and not parsed.hostname):
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; it names no host"
+    if port == 0:
+        return f"{name} must be an absolute {'/'.join(schemes)} URL; port 0 is no port"
+    return None
 
-    def __init__(self, problems: list[str]):
-        super().__init__("Invalid configuration: " + "; ".join(problems))
-        self.problems = problems
+
+def _public_url_problem(public: str | None) -> tuple[str, str] | None:
+    """What is wrong with the public URL (PUBLIC_BASE_URL, WEBHOOK_BASE_URL or RENDER_EXTERNAL_URL) and how bad:
+    "refused" when it cannot be one (a query or fragment would end up in every callback URL), "unreachable" when
+    Twilio cannot reach it (this machine or a private network: fine with the simulator's stand-in, never in
+    production). Said without the URL, which was read from one of three variables."""
+    if not public:
+        return None
+    parsed = urlparse(public)
+    if parsed.query or parsed.fragment:
+        return ("PUBLIC_BASE_URL (or WEBHOOK_BASE_URL) must be an origin with an optional path, without '?' or '#': "
+                "every callback URL is made by appending to it", "refused")
+    host = (parsed.hostname or "").lower()
+    try:
+        private = not is_public_address(host)  # the rule outbound LLM URLs follow: loopback, private, shared, ...
+    except ValueError:  # a name, not an address
+        private = host == "localhost" or host.endswith(".localhost") or host.endswith(".local")
+    if private:
+        return (f"PUBLIC_BASE_URL (or WEBHOOK_BASE_URL) names {host}, an address on this machine or a private "
+                "network: Twilio's servers cannot reach it, so every webhook and relay socket of a real call would "
+                "be lost", "unreachable")
+    return None
+
+
+def to_e164(raw: str) -> str | None:
+    """A phone number as the original normalised it (formatting stripped, 00 for +, +1 before 10 US digits, +
+    otherwise), or None when that is no E.164 number. TWILIO_PHONE_NUMBER and a request's numbers alike: Twilio
+    itself takes a US number formatted for people, so a Node deploy's "(415) 555-1212" placed calls."""
+    number = re.sub(r"[\s\-().]", "", raw)
+    if number.startswith("00"):
+        number = "+" + number[2:]
+    if not number.startswith("+"):
+        number = ("+1" if len(number) == 10 else "+") + number
+    return number if E164_RE.fullmatch(number) else None
 
 
 def _flag(value: str | None, default: bool) -> bool:
@@ -150,6 +212,9 @@ class Settings:
     call_report_backoff_s: float = 2.0
     otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    # Those of the warnings that name an opening a stranger could use (signature checks off, operator pages open):
+    # logged at start with the others, never listed by the public /health.
+    exposure_warnings: tuple[str, ...] = field(default_factory=tuple)
 
     @cached_property
     def cors(self) -> CorsPolicy:
@@ -173,6 +238,12 @@ class Settings:
                                  self.secret_key, self.ops_token, self.call_report_secret, *passwords) if s)
 
     @property
+    def public_warnings(self) -> tuple[str, ...]:
+        """The warnings the public /health lists: all but the exposure warnings, which would tell anyone what is
+        open (the start-up log has every one)."""
+        return tuple(w for w in self.warnings if w not in self.exposure_warnings)
+
+    @property
     def signatures_enforced(self) -> bool:
         """On unless TWILIO_VALIDATE_SIGNATURES=0 (local tunnels); with no auth token, webhooks are then refused."""
         return self.twilio_validate_signatures
@@ -186,6 +257,7 @@ class Settings:
             env.update({k: v for k, v in overrides.items() if isinstance(k, str) and k.isupper()})
         problems: list[str] = []
         warnings: list[str] = []
+        exposures: list[str] = []
         values: dict[str, Any] = {}
 
         def text(name: str, default: str = "") -> str:
@@ -194,23 +266,10 @@ class Settings:
 
         def number(name: str, default: float, kind: type = float, low: float | None = None,
                    high: float | None = None) -> Any:
-            raw = env.get(name)
-            if raw is None or str(raw).strip() == "":
-                return default
-            try:
-                val = kind(str(raw).strip())
-                if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
-                    raise ValueError(raw)
-            except ValueError:
-                problems.append(f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}")
-                return default
-            if low is not None and val < low:
-                problems.append(f"{name} must be >= {low}, got {raw!r}")
-                return default
-            if high is not None and val > high:
-                problems.append(f"{name} must be <= {high}, got {val}")
-                return default
-            return val
+            value, problem = read_number(env, name, default, kind, low, high)
+            if problem:
+                problems.append(problem)
+            return value
 
         def flag(name: str, default: bool) -> bool:
             try:
@@ -223,15 +282,25 @@ class Settings:
             for key in (name, *aliases):
                 raw = text(key)
                 if raw:
-                    parsed = urlparse(raw)
-                    if parsed.scheme not in schemes or not parsed.netloc:
-                        problems.append(f"{key} must be an absolute {'/'.join(schemes)} URL, got {raw!r}")
+                    problem = _url_problem(key, raw, schemes)
+                    if problem:
+                        problems.append(problem)
                         return None
                     return raw.rstrip("/")
             return None
 
-        values["port"] = number("PORT", 3000, int, 1)
-        values["node_env"] = text("NODE_ENV", "development") or "development"
+        values["port"] = number("PORT", 3000, int, 1, MAX_TCP_PORT)
+        # Compared in any case: "Production" read as development would drop the production rules. Any other value
+        # (staging, dev: what a carried-over Node deploy may have) is read as Node reads it, not production, with a
+        # warning rather than a refusal: a worker that stops after Render's health check passed is an outage.
+        values["node_env"] = (text("NODE_ENV", "development") or "development").lower()
+        if values["node_env"] in NODE_ENV_PRODUCTION_ALIASES:
+            warnings.append(f"NODE_ENV is {text('NODE_ENV')!r}: read as production; set NODE_ENV=production")
+            values["node_env"] = "production"
+        elif values["node_env"] not in NODE_ENVS:
+            warnings.append(f"NODE_ENV is {text('NODE_ENV')[:40]!r}, not {', '.join(NODE_ENVS[:-1])} or "
+                            f"{NODE_ENVS[-1]}: read as development, as Node reads it (the production rules apply with "
+                            "NODE_ENV=production or on Render)")
         # Render sets RENDER_EXTERNAL_URL for every web service: a trustworthy default for the public URL.
         values["public_base_url"] = url("PUBLIC_BASE_URL", "WEBHOOK_BASE_URL", "RENDER_EXTERNAL_URL")
         values["twilio_account_sid"] = text("TWILIO_ACCOUNT_SID")
@@ -239,15 +308,21 @@ class Settings:
         values["twilio_phone_number"] = text("TWILIO_PHONE_NUMBER")
         values["twilio_api_base_url"] = url("TWILIO_API_BASE_URL")
         sid = values["twilio_account_sid"]
-        if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
+        if sid and not TWILIO_ACCOUNT_SID_RE.fullmatch(sid):
             problems.append("TWILIO_ACCOUNT_SID must be 'AC' followed by 32 hex characters")
+        if values["twilio_auth_token"] and not TWILIO_AUTH_TOKEN_RE.fullmatch(values["twilio_auth_token"]):
+            problems.append("TWILIO_AUTH_TOKEN must be the account's Auth Token, 32 hexadecimal characters "
+                            f"(got {len(values['twilio_auth_token'])} characters; the value is not shown)")
         phone = values["twilio_phone_number"]
-        if phone and not re.fullmatch(r"\+[1-9]\d{6,14}", phone):
-            problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone!r}")
+        if phone:
+            values["twilio_phone_number"] = to_e164(phone) or ""
+            if not values["twilio_phone_number"]:
+                problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone[:40]!r}")
         values["twilio_validate_signatures"] = flag("TWILIO_VALIDATE_SIGNATURES", True)
         if not values["twilio_validate_signatures"]:
-            warnings.append("TWILIO_VALIDATE_SIGNATURES=0: Twilio webhook signatures are NOT checked "
+            warnings.append("TWILIO_VALIDATE_SIGNATURES is 0: Twilio webhook signatures are NOT checked "
                             "(use only for local tunnels)")
+            exposures.append(warnings[-1])
         values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
         values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
         prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
@@ -255,9 +330,11 @@ class Settings:
             if p != "*" and not re.fullmatch(r"\+[0-9]{1,6}", p):
                 problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
         values["allowed_destination_prefixes"] = prefixes or ("+1",)
-        raw_blocked = env.get("BLOCKED_DESTINATION_PREFIXES")
-        blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if raw_blocked is None else
-                   tuple(p.strip() for p in text("BLOCKED_DESTINATION_PREFIXES").split(",") if p.strip()))
+        # Empty reads as unset, as everywhere else (a blank dashboard field must not turn the blocklist off): `none`
+        # blocks nothing.
+        raw_blocked = text("BLOCKED_DESTINATION_PREFIXES")
+        blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if not raw_blocked else () if raw_blocked.lower() == "none"
+                   else tuple(p.strip() for p in raw_blocked.split(",") if p.strip()))
         for p in blocked:
             if not re.fullmatch(r"\+[0-9]{1,8}", p):
                 problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876, got {p!r}")
@@ -271,9 +348,15 @@ class Settings:
         def rate(name: str, default: str) -> str:
             value = text(name, default) or default
             try:
-                parse_many(value)
+                items = parse_many(value)
             except ValueError:
                 problems.append(f"{name} must be a rate limit such as '30 per minute' or '10/second', got {value!r}")
+                return default
+            if any(item.amount < 1 for item in items):
+                problems.append(f"{name} allows no request at all ({value!r}): every one would be refused (429)")
+                return default
+            if any(item.get_expiry() > MAX_RATE_WINDOW_S for item in items):
+                problems.append(f"{name} has a window longer than a year ({value!r})")
                 return default
             return value
 
@@ -287,7 +370,7 @@ class Settings:
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
         values["trusted_proxy_hops"] = number("TRUSTED_PROXY_HOPS", 1 if values["on_render"] else 0, int, 0)
         values["ops_token"] = text("OPS_TOKEN")
-        if values["ops_token"] and len(values["ops_token"]) < 16:
+        if values["ops_token"] and len(values["ops_token"]) < MIN_SECRET_CHARS:
             problems.append("OPS_TOKEN must be at least 16 characters (it guards live-call data)")
 
         providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
@@ -330,8 +413,10 @@ class Settings:
             problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
         values["cache_type"] = cache_type
         values["cache_redis_url"] = url("CACHE_REDIS_URL", schemes=("redis", "rediss", "unix")) or values["redis_url"]
+        if cache_type == "RedisCache" and not values["cache_redis_url"]:
+            problems.append("CACHE_TYPE=RedisCache needs a Redis: set CACHE_REDIS_URL or REDIS_URL")
         values["cache_dir"] = text("CACHE_DIR", "instance/cache") or "instance/cache"
-        values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0)
+        values["cache_ttl_s"] = number("CACHE_TTL_S", 86400, int, 0, MAX_CACHE_TTL_S)
         values["cache_prewarm"] = flag("CACHE_PREWARM", True)
         # at most the public default window: one a worker keeps
         values["metrics_window_s"] = number("METRICS_WINDOW_S", 3600, int, 1, SECONDS_PER_DAY)
@@ -339,42 +424,68 @@ class Settings:
         values["transcript_retention_days"] = number("TRANSCRIPT_RETENTION_DAYS", 30, int, 1)
         values["record_transcripts"] = flag("RECORD_TRANSCRIPTS", True)
         values["mask_phone_numbers"] = flag("MASK_PHONE_NUMBERS", True)
-        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1)
+        values["retention_interval_s"] = number("RETENTION_INTERVAL_S", 3600, int, 1, MAX_RETENTION_INTERVAL_S)
 
         values["cors_origins"], cors_problems = read_cors_origins(env)  # shared with the worker's loader
         problems.extend(cors_problems)
         values["secret_key"] = text("SECRET_KEY")
-        if values["allow_request_credentials"] and not values["secret_key"]:
-            problems.append("ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY (request credentials are kept encrypted)")
+        if values["allow_request_credentials"] and len(values["secret_key"]) < MIN_SECRET_CHARS:
+            problems.append(f"ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY of {MIN_SECRET_CHARS}+ characters (request "
+                            "credentials are kept encrypted with it)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
         values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
         values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
         values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
         values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
-        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0)
+        values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0, MAX_RELAY_SOCKET_LEASE_S)
         values["relay_text_hold_ms"] = number("RELAY_TEXT_HOLD_MS", 80.0, float, 0)
-        values["log_level"] = (text("LOG_LEVEL", "INFO") or "INFO").upper()
-        if values["log_level"] not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            problems.append(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {values['log_level']!r}")
+        values["log_level"], log_level_warning = read_log_level(env)
+        if log_level_warning:
+            warnings.append(log_level_warning)
         values["log_format"] = (text("LOG_FORMAT", "json") or "json").lower()
-        if values["log_format"] not in {"json", "console"}:
-            problems.append("LOG_FORMAT must be json or console")
+        if values["log_format"] not in LOG_FORMATS:  # morgan's "combined" from a Node deploy: no reason not to start
+            warnings.append(f"LOG_FORMAT is {text('LOG_FORMAT')[:40]!r}, not json or console: read as json")
+            values["log_format"] = "json"
 
         values["call_report_url"] = url("CALL_REPORT_URL")
         values["call_report_secret"] = text("CALL_REPORT_SECRET")
-        if values["call_report_url"] and len(values["call_report_secret"]) < 16:
+        if values["call_report_url"] and len(values["call_report_secret"]) < MIN_SECRET_CHARS:
             problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
         values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
         values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
         values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         production = values["node_env"] == "production" or values["on_render"]
+        alias = text("WEBHOOK_BASE_URL").rstrip("/")
+        if text("PUBLIC_BASE_URL") and alias and alias != text("PUBLIC_BASE_URL").rstrip("/"):
+            warnings.append("PUBLIC_BASE_URL and WEBHOOK_BASE_URL (its alias) differ: PUBLIC_BASE_URL is used")
+        public_problem = _public_url_problem(values["public_base_url"])
+        render_url = text("RENDER_EXTERNAL_URL").rstrip("/")
+        if (public_problem and public_problem[1] == "unreachable" and values["on_render"] and render_url
+                and not _url_problem("RENDER_EXTERNAL_URL", render_url, ("http", "https"))
+                and not _public_url_problem(render_url)):
+            # A development .env imported on Render: Render's own URL certainly reaches this service, and a refusal
+            # here would come after Render's health check passed (an outage, not a failed deploy).
+            warnings.append(public_problem[0] + "; on Render, RENDER_EXTERNAL_URL is used instead")
+            values["public_base_url"], public_problem = render_url, None
+        if public_problem and (production or public_problem[1] == "refused"):
+            problems.append(public_problem[0])
+        elif public_problem and not values["twilio_api_base_url"]:  # the simulator's stand-in reaches loopback
+            warnings.append(public_problem[0])
+        if (not production and values["public_base_url"] and not public_problem and not values["ops_token"]):
+            warnings.append("OPS_TOKEN is not set and NODE_ENV is not production: the dashboard, call log and "
+                            "/metrics answer only this machine, not PUBLIC_BASE_URL; set OPS_TOKEN to reach them "
+                            "there (or NODE_ENV=production to turn them off)")
+            exposures.append(warnings[-1])
         if production and not values["public_base_url"]:
             problems.append("PUBLIC_BASE_URL is required in production (NODE_ENV=production or on Render): set "
                             "PUBLIC_BASE_URL (or WEBHOOK_BASE_URL; Render's RENDER_EXTERNAL_URL also counts) so "
                             "Twilio callback URLs never follow a request's Host/X-Forwarded-* headers")
         if production and values["allow_private_llm_urls"]:
             problems.append("ALLOW_PRIVATE_LLM_URLS=1 is for development only: unset it in production")
+        if production and not values["twilio_validate_signatures"]:
+            problems.append("TWILIO_VALIDATE_SIGNATURES=0 is for local tunnels only: unset it in production (set "
+                            "PUBLIC_BASE_URL to the URL Twilio calls if signatures fail behind a proxy)")
         if production and not values["ops_token"]:
             warnings.append("OPS_TOKEN is not set: /dashboard, /api/dashboard-data and /metrics are off")
         if not values["public_base_url"] and not production:
@@ -385,6 +496,7 @@ class Settings:
         if problems:
             raise ConfigError(problems)
         values["warnings"] = tuple(warnings)
+        values["exposure_warnings"] = tuple(exposures)
         return cls(**values)
 
 

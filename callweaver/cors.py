@@ -21,6 +21,8 @@ ALLOWED_HEADERS = ("Content-Type", "Authorization", "X-Requested-With")
 # Characters that make flask-cors read a configured origin as a regular expression; CORS_ORIGINS names exact
 # origins, so the one policy below matches exactly what flask-cors matches.
 PATTERN_CHARACTERS = frozenset("*\\[]?$^()")
+# What a browser sends as Origin: scheme, host and an optional port, nothing else (no path, no user, no query).
+ORIGIN_RE = re.compile(r"https?://[^/\s:@?#]+(:[0-9]{1,5})?", re.IGNORECASE)
 
 Header = tuple[str, str]
 # The request headers CORS answers depend on (WSGI environ key → header name).
@@ -51,6 +53,10 @@ def read_cors_origins(env: Mapping[str, object]) -> tuple[tuple[str, ...], list[
         if origin != ANY_ORIGIN and PATTERN_CHARACTERS.intersection(origin):
             problems.append(f"CORS_ORIGINS entries are exact origins such as https://app.example.com (no patterns), "
                             f"got {origin!r}")
+        elif origin != ANY_ORIGIN and not ORIGIN_RE.fullmatch(origin):
+            # It would never equal a browser's Origin: the web app's requests would all be refused, with no word.
+            problems.append(f"CORS_ORIGINS entries are origins: http:// or https://, a host and an optional port, "
+                            f"nothing after it (such as https://app.example.com), got {origin[:100]!r}")
     return origins, problems
 
 

@@ -13,7 +13,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
-from .config import MAX_RING_TIMEOUT_S, Settings
+from .config import (E164_RE, MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_AUTH_TOKEN_RE, Settings,
+                     to_e164)
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
 from .engine.relay_session import CARRIED_OVER
@@ -26,8 +27,6 @@ from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
 
-E164 = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
-ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")
 MAX_RESUMES = 2  # reconnects of a broken relay socket per call
 # Reconnects after a stopping worker handed the call over (a deploy each), per call: planned, so not counted
@@ -71,17 +70,8 @@ def normalize_phone(raw: Any) -> str:
         raise CallRequestError("Phone number (to) is required")
     if not isinstance(raw, (str, int)):
         raise CallRequestError("Invalid phone number format. Use E.164 format, e.g. +15551234567")
-    number = re.sub(r"[\s\-().]", "", str(raw))
-    if number.startswith("00"):
-        number = "+" + number[2:]
-    if not number.startswith("+"):
-        if len(number) == 10:
-            number = "+1" + number
-        elif len(number) == 11 and number.startswith("1"):
-            number = "+" + number
-        else:
-            number = "+" + number
-    if not E164.fullmatch(number):
+    number = to_e164(str(raw))
+    if not number:
         raise CallRequestError("Invalid phone number format. Use E.164 format, e.g. +15551234567")
     return number
 
@@ -122,8 +112,8 @@ class CallLifecycle:
         if not self.settings.allow_request_credentials:
             return None
         sid, token = body.get("twilioAccountSid"), body.get("twilioAuthToken")
-        if not (isinstance(sid, str) and ACCOUNT_SID.fullmatch(sid.strip())
-                and isinstance(token, str) and re.fullmatch(r"[0-9a-fA-F]{32}", token.strip())):
+        if not (isinstance(sid, str) and TWILIO_ACCOUNT_SID_RE.fullmatch(sid.strip())
+                and isinstance(token, str) and TWILIO_AUTH_TOKEN_RE.fullmatch(token.strip())):
             return None
         sid, token = sid.strip(), token.strip()
         if sid == self.settings.twilio_account_sid:
@@ -316,7 +306,7 @@ class CallLifecycle:
         """Why a destination may not be called (None when it may): outside ALLOWED_DESTINATION_PREFIXES, or
         under a BLOCKED_DESTINATION_PREFIXES entry (premium-rate and non-US/Canada NANP codes by default)."""
         allowed = self.settings.allowed_destination_prefixes
-        if not number or not E164.fullmatch(number):
+        if not number or not E164_RE.fullmatch(number):
             return "not an E.164 number"
         if "*" not in allowed and not any(number.startswith(p) for p in allowed):
             return f"only numbers starting with {', '.join(allowed)} can be called (ALLOWED_DESTINATION_PREFIXES)"

@@ -10,10 +10,11 @@ from typing import Callable
 
 import structlog
 
-from .store import Store
+from .store import Store, StoreError
 from .units import SECONDS_PER_DAY
 
 log = structlog.get_logger()
+MAX_STORE_ERROR_CHARS = 300  # a store error's text as logged (it names the file or Redis host, never a password)
 
 RETENTION_LEASE = "retention"
 
@@ -48,6 +49,8 @@ def run_periodically(store: Store, *, retention_days: float, interval_s: float, 
         try:
             purge_if_due(store, retention_days=retention_days, interval_s=interval_s, holder=holder,
                          transcript_retention_days=transcript_retention_days)
+        except StoreError as exc:  # the store is down: what /health reports too; no traceback every interval
+            log.error("purge_failed", error=str(exc)[:MAX_STORE_ERROR_CHARS])
         except Exception:
             log.exception("purge_failed")
         sleep(interval_s)

@@ -40,7 +40,7 @@ def base_env(tmp_path, fake_twilio, fake_llm=None, fake_llm2=None) -> dict[str, 
         "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_PHONE_NUMBER": PHONE,
         "TWILIO_API_BASE_URL": fake_twilio.url, "CALLWEAVER_DB": str(tmp_path / "cw.sqlite3"),
         "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": PUBLIC, "LOG_LEVEL": "WARNING",
-        "SECRET_KEY": "test-secret-key", "CACHE_PREWARM": "0", "LLM_PROVIDERS": "azure,openai",
+        "SECRET_KEY": "test-secret-key-16", "CACHE_PREWARM": "0", "LLM_PROVIDERS": "azure,openai",
         "AZURE_OPENAI_API_KEY": "", "OPENAI_API_KEY": "", "REDIS_URL": "",
     }
     if fake_llm is not None:

@@ -106,23 +106,39 @@ def request_model(config: ProviderConfig, requested: str | None) -> str:
     return requested if (requested and config.kind != "azure") else config.model
 
 
-def provider_configs(settings: Any) -> list[ProviderConfig]:
-    """The server's providers from Settings, in LLM_PROVIDERS order; named but unconfigured ones are left out."""
-    configs: list[ProviderConfig] = []
+def unconfigured_providers(settings: Any) -> dict[str, str]:
+    """Each provider LLM_PROVIDERS names that is left out, with the variables it lacks: what the start-up log and
+    /health tell the operator (variable names only, never values)."""
+    missing: dict[str, str] = {}
     for name in getattr(settings, "llm_providers", ("azure", "openai")):
         if name == "azure":
             api_key = getattr(settings, "azure_openai_api_key", None)
             endpoint = getattr(settings, "azure_openai_endpoint", None)
             if not api_key or not endpoint:
-                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_API_KEY/ENDPOINT")
-                continue
+                missing[name] = " and ".join(n for n, v in (("AZURE_OPENAI_API_KEY", api_key),
+                                                             ("AZURE_OPENAI_ENDPOINT", endpoint)) if not v)
+            elif not (getattr(settings, "azure_openai_deployment", None) or parse_azure_endpoint(endpoint)[1]):
+                missing[name] = "AZURE_OPENAI_DEPLOYMENT (AZURE_OPENAI_ENDPOINT names no deployment)"
+        elif name == "openai":
+            if not getattr(settings, "openai_api_key", None) and not getattr(settings, "openai_base_url", None):
+                missing[name] = "OPENAI_API_KEY (or OPENAI_BASE_URL for a self-hosted server)"
+    return missing
+
+
+def provider_configs(settings: Any) -> list[ProviderConfig]:
+    """The server's providers from Settings, in LLM_PROVIDERS order; named but unconfigured ones are left out."""
+    configs: list[ProviderConfig] = []
+    missing = unconfigured_providers(settings)
+    for name in getattr(settings, "llm_providers", ("azure", "openai")):
+        if name in missing:
+            log.warning("llm_provider_not_configured", provider=name, missing=missing[name])
+        elif name == "azure":
+            endpoint = settings.azure_openai_endpoint
             resource_url, url_deployment, url_api_version = parse_azure_endpoint(endpoint)
-            deployment = getattr(settings, "azure_openai_deployment", None) or url_deployment
-            if not deployment:
-                log.warning("llm_provider_not_configured", provider=name, missing="AZURE_OPENAI_DEPLOYMENT")
-                continue
             configs.append(ProviderConfig(
-                name="azure", kind="azure", api_key=api_key, model=deployment, azure_endpoint=resource_url,
+                name="azure", kind="azure", api_key=settings.azure_openai_api_key,
+                model=getattr(settings, "azure_openai_deployment", None) or url_deployment,
+                azure_endpoint=resource_url,
                 # the version inside the user's full URL wins over the settings default
                 api_version=url_api_version or getattr(settings, "azure_openai_api_version", None)
                 or DEFAULT_AZURE_API_VERSION,
@@ -130,9 +146,6 @@ def provider_configs(settings: Any) -> list[ProviderConfig]:
         elif name == "openai":
             api_key = getattr(settings, "openai_api_key", None)
             base_url = getattr(settings, "openai_base_url", None)
-            if not api_key and not base_url:
-                log.warning("llm_provider_not_configured", provider=name, missing="OPENAI_API_KEY")
-                continue
             configs.append(ProviderConfig(
                 name="openai", kind="openai", api_key=api_key or SELF_HOSTED_API_KEY,
                 model=getattr(settings, "openai_model", None) or DEFAULT_OPENAI_MODEL, base_url=base_url or None,

@@ -9,6 +9,7 @@ import structlog
 from flask import Blueprint, jsonify, request
 
 from .. import __version__
+from ..engine.vendors import unconfigured_providers
 from ..engine.workflow import Workflow
 from ..health_facts import SERVICE_NAME, memory_body, memory_mb, now_iso, ping_body, uptime_s
 from ..lifecycle import MAX_ERROR_TEXT_CHARS
@@ -52,8 +53,9 @@ def _checks() -> dict:
     providers = svc.providers.health()
     # Circuit records live in the store, so this is every worker's (with Redis: every instance's) view;
     # `worker` only says which process answered.
+    # `unconfigured`: each provider LLM_PROVIDERS lists that was left out, with the variables it lacks (names only).
     checks["llm"] = {"ok": any(p["state"] != "open" for p in providers), "providers": providers,
-                     "worker": os.getpid()}
+                     "unconfigured": unconfigured_providers(s), "worker": os.getpid()}
     return checks
 
 
@@ -81,12 +83,25 @@ def _status(checks: dict) -> tuple[str, list[str]]:
                                   ("TWILIO_PHONE_NUMBER", "hasPhoneNumber")) if not checks["twilio"][k]]
         warnings.append("Missing Twilio configuration: " + ", ".join(missing))
     if not checks["llm"]["providers"]:
-        warnings.append("No LLM provider configured: set AZURE_OPENAI_* or OPENAI_API_KEY/OPENAI_BASE_URL")
+        warnings.append("No LLM provider configured: " + "; ".join(
+            f"LLM_PROVIDERS lists {name}, which needs {what}" for name, what in checks["llm"]["unconfigured"].items()))
     else:
         for p in checks["llm"]["providers"]:
             if p["state"] != "closed":
                 warnings.append(f"LLM provider {p['name']} circuit is {p['state']}")
     return ("degraded" if warnings else "healthy"), warnings
+
+
+def _advice(checks: dict) -> list[str]:
+    """What an operator should change though nothing fails (the status stays as the checks say): the settings' own
+    warnings as logged at start (no public URL, an unknown NODE_ENV, ...; not the exposure warnings, which would tell
+    anyone what is open), and a listed LLM provider left out while another one answers (no failover). Variable names
+    only, never secrets."""
+    advice = list(services().settings.public_warnings)
+    if checks["llm"]["providers"]:
+        advice += [f"LLM provider {name} is listed in LLM_PROVIDERS but left out (no failover to it): it needs {what}"
+                   for name, what in checks["llm"]["unconfigured"].items()]
+    return advice
 
 
 @bp.get("/health")
@@ -111,6 +126,7 @@ def health():
         "memory": memory_body(),
         "checks": checks,
     }
+    warnings = [*warnings, *_advice(checks)]
     if warnings:
         body["warnings"] = warnings
     return jsonify(body), (503 if status == "unhealthy" else 200)
@@ -158,7 +174,7 @@ def health_optimized():
         services={"performanceOrchestrator": "active" if status != "unhealthy" else "degraded",
                   "store": checks["store"], "providers": providers, "cache": cache_state},
         performance=summary,
-        warnings=warnings,
+        warnings=[*warnings, *_advice(checks)],
         environment={"nodeVersion": f"python-{platform.python_version()}",
                      "uptime": uptime_s(),
                      "memoryUsage": {"rssMB": round(used, 1)}},

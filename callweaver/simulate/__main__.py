@@ -4,16 +4,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 
+from ..server_config import MAX_TCP_PORT, read_number
 from .bodies import make_call_body
 from .caller import END_OF_SPEECH_MS, NORMAL_WORDS_PER_MINUTE, RelayCaller
 from .twilio_rest import TwilioRestStandIn
 
 
+PROG = "python -m callweaver.simulate"
+
+
+def _port_from_env(name: str, default: int) -> int:
+    """A port given by an environment variable, or a one-line exit naming it (argparse's defaults are built first)."""
+    port, problem = read_number(os.environ, name, default, int, 1, MAX_TCP_PORT)
+    if problem:
+        raise SystemExit(f"{PROG}: {problem} (a port number)")
+    return port
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether the demo's server could listen on 127.0.0.1:`port` (gunicorn otherwise retries for 5 s, then fails)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except (OSError, OverflowError):
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m callweaver.simulate", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--base-url", default=os.environ.get("CALLWEAVER_URL", "http://127.0.0.1:3000"),
                    help="CallWeaver to call (default %(default)s)")
     p.add_argument("--workflow", help="a Call Flow Weaver export (JSON); omit for a global-prompt-only call")
@@ -31,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN", ""),
                    help="the TWILIO_AUTH_TOKEN CallWeaver runs with (webhooks are signed with it)")
     p.add_argument("--account-sid", default=os.environ.get("TWILIO_ACCOUNT_SID", "AC" + "0" * 32))
-    p.add_argument("--twilio-port", type=int, default=int(os.environ.get("SIMULATOR_TWILIO_PORT", "3099")),
+    p.add_argument("--twilio-port", type=int, default=_port_from_env("SIMULATOR_TWILIO_PORT", 3099),
                    help="port of the Twilio REST stand-in started here; run CallWeaver with "
                         "TWILIO_API_BASE_URL=http://127.0.0.1:<port> (default %(default)s)")
     demo = p.add_argument_group("offline demo (--demo): starts everything itself, needs no keys")
@@ -58,21 +82,39 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.script, encoding="utf-8") as fh:
                 script = [line.strip() for line in fh if line.strip()]
         keep = sys.stdin.isatty() if args.keep_serving is None else args.keep_serving
-        result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
-                          db_path=args.db, port=args.port, keep_serving=keep)
+        if args.port is not None and not _port_is_free(args.port):
+            p.exit(1, f"{PROG}: --port {args.port} is in use (or not a port this user may open): choose another, "
+                      "or leave --port out for a free one\n")
+        try:
+            result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
+                              db_path=args.db, port=args.port, keep_serving=keep)
+        except RuntimeError as exc:  # the server did not start (its log's tail names why) or refused the call
+            p.exit(1, f"{PROG} --demo: {exc}\n")
         return 0 if result.outcome == "end_node" else 1
     if not args.auth_token:
         p.error("--auth-token (or TWILIO_AUTH_TOKEN) is required: webhooks are signed with it")
 
-    standin = TwilioRestStandIn(args.account_sid, args.auth_token).start(port=args.twilio_port)
     if args.workflow:
         with open(args.workflow, encoding="utf-8") as fh:
             body = make_call_body(json.load(fh), args.to)
     else:
         body = make_call_body(None, args.to, globalPrompt=args.prompt)
+    try:
+        standin = TwilioRestStandIn(args.account_sid, args.auth_token).start(port=args.twilio_port)
+    except OSError as exc:
+        p.exit(1, f"{PROG}: cannot serve the Twilio REST stand-in on 127.0.0.1:{args.twilio_port} "
+                  f"({exc.strerror or exc}); choose another port with --twilio-port or SIMULATOR_TWILIO_PORT (and the same in CallWeaver's "
+                  "TWILIO_API_BASE_URL)\n")
     caller = RelayCaller(args.base_url, args.auth_token, args.account_sid)
     try:
-        placed = caller.place_call(body)
+        try:
+            placed = caller.place_call(body)
+        except OSError as exc:
+            reason = getattr(exc, "reason", None) or exc
+            p.exit(1, f"{PROG}: CallWeaver is not answering at {args.base_url} ({reason}); start it first (README, "
+                      "terminal 1) or point --base-url or CALLWEAVER_URL at it\n")
+        except RuntimeError as exc:  # CallWeaver answered with an error: its message says what to set
+            p.exit(1, f"{PROG}: {exc}\n")
         print(f"call placed: {placed['callSid']}  trackingId={caller.tracking_id}")
         create = standin.creates()[-1]
         caller.answer(create.one("Url"))
