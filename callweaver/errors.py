@@ -48,6 +48,20 @@ def twilio_error_status(exc: TwilioRestException) -> int:
     return status if 400 <= status < 500 else 502
 
 
+def call_named_by_request() -> dict[str, str]:
+    """The call a failed request named, for its log line when the call could not be read (the store down): as much
+    of each id as an id can be, since the request may be unsigned (its signature is checked against the call)."""
+    form = request.form if request.want_form_data_parsed else {}
+    named = {"tracking_id": request.args.get("trackingId") or form.get("trackingId"),
+             "call_sid": form.get("CallSid") or request.args.get("CallSid"), "call_status": form.get("CallStatus")}
+    return {key: value[:LOGGED_ID_CHARS] for key, value in named.items() if value}
+
+
+def state_unavailable(e: Exception) -> bool:
+    """The call store or the rate limits' storage failed (an operator's matter, not a bug)."""
+    return isinstance(e, (StoreError, StorageError))
+
+
 def init_errors(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -71,13 +85,10 @@ def init_errors(app: Flask) -> None:
         # operator fixes, not a bug, and nothing was done for the request. Details in the log only, with the call
         # the request named (Twilio does not retry a status callback: this line is what is left of it). Unverified
         # (its signature could not be checked without the call), so only as much as an id can be.
-        form = request.form if request.want_form_data_parsed else {}
-        named = {"tracking_id": request.args.get("trackingId") or form.get("trackingId"),
-                 "call_sid": form.get("CallSid") or request.args.get("CallSid"), "call_status": form.get("CallStatus")}
         # Full (Redis at maxmemory, a full disk) is no passing outage: it lasts until space is freed.
         full = isinstance(e, StoreFull) or (isinstance(e, StorageError) and storage_full(e))
         log.error("state_unavailable", path=request.path, error=f"{type(e).__name__}: {e}"[:300], full=full,
-                  **{key: value[:LOGGED_ID_CHARS] for key, value in named.items() if value})
+                  **call_named_by_request())
         response = jsonify(success=False, error=STATE_FULL if full else "Call state storage is unavailable; "
                                                                          "try again shortly")
         response.headers["Retry-After"] = str(STATE_RETRY_AFTER_S)

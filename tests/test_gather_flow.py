@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+import structlog.testing
 
 from callweaver import create_app
 from tests.conftest import PUBLIC, Signer
@@ -21,9 +22,9 @@ def _twiml(resp):
 class GatherCall:
     """Twilio's side of a traditional call, driven through the Flask test client with signed webhooks."""
 
-    def __init__(self, app, client, twilio, fake_twilio):
+    def __init__(self, app, client, twilio, fake_twilio, body: dict | None = None):
         self.app, self.client, self.twilio = app, client, twilio
-        data = client.post("/api/make-call", json=make_call_body()).get_json()
+        data = client.post("/api/make-call", json=body or make_call_body()).get_json()
         assert data["success"], data
         self.call_sid, self.tracking_id = data["callSid"], data["trackingId"]
         self.url = fake_twilio.creates()[-1].one("Url")
@@ -142,6 +143,79 @@ def test_every_provider_down_speaks_apology_and_the_call_goes_on(call, fake_llm,
     fake_llm2.responder = real_estate_brain
     root = call.say(root, "I want to buy a house")
     assert call.record.current_node == "buyer_requirements_node"
+
+
+def _query(url: str) -> dict[str, str]:
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_again(app, client, twilio,
+                                                                                       fake_twilio, fake_llm,
+                                                                                       monkeypatch):
+    """Any answer but 200 TwiML makes Twilio say "an application error has occurred" and end the call: a turn
+    that raises is answered with the call's own apology, and the caller is listened to again (a new turn)."""
+    fake_llm.responder = real_estate_brain
+    call = GatherCall(app, client, twilio, fake_twilio, make_call_body(language="es-ES"))
+    root = call.answer()
+    asked = _query(root.find("Gather").get("action"))
+    engine = app.extensions["callweaver"].engine
+    real_turn = engine.answer_whole_turn
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    with structlog.testing.capture_logs() as logs:
+        root = call.say(root, "Quiero comprar una casa")
+    spanish = app.extensions["callweaver"].languages.get("es-ES")
+    first = root.find("Say")
+    assert (first.text, first.get("voice"), first.get("language")) == (
+        spanish.line("apology"), spanish.say_voice, spanish.say_language)
+    gather = root.find("Gather")
+    assert gather is not None and gather.get("language") == spanish.gather_language, ET.tostring(root)
+    again = _query(gather.get("action"))
+    assert urlsplit(gather.get("action")).path == "/api/twiml-ai"
+    assert (again["id"], again["trackingId"]) == (asked["id"], asked["trackingId"])
+    assert int(again["turn"]) == int(asked["turn"]) + 1  # the failed turn may be claimed: the next one is asked
+    [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
+    assert line["error"] == "RuntimeError" and line["answer"] == "listen" and line["path"] == "/api/twiml-ai"
+
+    # Once the fault is gone, the listen the apology asked for carries on the call.
+    monkeypatch.setattr(engine, "answer_whole_turn", real_turn)
+    root = call.say(root, "I want to buy a house")
+    assert root.find("Gather") is not None and call.record.current_node == "buyer_requirements_node", said(root)
+
+    # A fault that lasts: the listen after the apology fails too, and the call ends rather than loop on apologies.
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    root = call.say(root, "three bedrooms")
+    assert root.find("Gather") is not None
+    with structlog.testing.capture_logs() as logs:
+        ended = call.say(root, "three bedrooms")
+    assert [c.tag for c in ended] == ["Say", "Hangup"] and ended.find("Say").text == spanish.line("apology")
+    assert [e["answer"] for e in logs if e["event"] == "twiml_error_answered"] == ["hangup"]
+
+
+def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, client, twilio, fake_twilio,
+                                                                           monkeypatch):
+    data = client.post("/api/make-call-optimized", json=make_call_body(language="es-ES")).get_json()
+    tracking_id = data["optimization"]["trackingId"]
+    lifecycle = app.extensions["callweaver"].lifecycle
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(lifecycle, "attach_call_sid", boom)
+    monkeypatch.setattr(lifecycle, "try_resume", boom)
+    spanish = app.extensions["callweaver"].languages.get("es-ES")
+    for path, form in ((f"/api/twiml-optimized?id=wf_x&trackingId={tracking_id}", {"CallSid": data["callSid"]}),
+                       (f"/api/connect-action?trackingId={tracking_id}", {"CallSid": data["callSid"],
+                                                                          "SessionStatus": "failed"})):
+        with structlog.testing.capture_logs() as logs:
+            root = _twiml(twilio.post(path, form))
+        assert [c.tag for c in root] == ["Say", "Hangup"], ET.tostring(root)
+        assert (root.find("Say").text, root.find("Say").get("voice")) == (spanish.line("apology"), spanish.say_voice)
+        [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
+        assert line["error"] == "RuntimeError" and line["answer"] == "hangup"
 
 
 def test_turn_timings_are_stored_per_turn(call, app):

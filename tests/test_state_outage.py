@@ -143,3 +143,67 @@ def test_a_hung_redis_refuses_a_make_call_as_quickly_as_the_store_does(tmp_path,
         os.kill(redis_server._process.pid, signal.SIGCONT)
     assert waited < 2 * SOCKET_TIMEOUT_S + 0.5, waited
     assert client.post("/api/make-call-optimized", json=make_call_body()).status_code == 200
+
+
+def _twiml(resp):
+    """Twilio's webhooks must answer 200 TwiML: anything else is "an application error has occurred" and a hang-up."""
+    import xml.etree.ElementTree as ET
+
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.headers["Content-Type"].startswith("text/xml")
+    return ET.fromstring(resp.data)
+
+
+def test_twiml_webhooks_during_an_outage_apologise_in_twiml_and_a_gather_call_is_listened_to_again(
+        tmp_path, fake_twilio, redis_server):
+    """The store down on a live call: the caller hears the apology (never Twilio's "application error"), a Gather
+    turn listens once more (a short outage, a Redis restarting, need not end the call), and the log names the call."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    import structlog.testing
+
+    from tests.conftest import PUBLIC, Signer
+
+    env = base_env(tmp_path, fake_twilio)
+    env["REDIS_URL"] = redis_server.url
+    app = create_app(env)
+    client = app.test_client()
+    twilio = Signer(client)
+    gather_call = client.post("/api/make-call", json=make_call_body()).get_json()
+    gather_url = fake_twilio.creates()[-1].one("Url")[len(PUBLIC):]
+    greeting = _twiml(twilio.post(gather_url, {"CallSid": gather_call["callSid"], "CallStatus": "in-progress"}))
+    action = greeting.find("Gather").get("action")
+    relay_call = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    relay_id = relay_call["optimization"]["trackingId"]
+    apology = app.extensions["callweaver"].languages.get(None).line("apology")
+    redis_server.stop()
+
+    with structlog.testing.capture_logs() as logs:
+        root = _twiml(twilio.post(action[len(PUBLIC):], {"CallSid": gather_call["callSid"],
+                                                         "SpeechResult": "I want to buy a house"}))
+    assert [c.tag for c in root][:2] == ["Say", "Gather"] and root.find("Say").text == apology
+    listen = root.find("Gather").get("action")
+    asked, again = dict(parse_qsl(urlsplit(action).query)), dict(parse_qsl(urlsplit(listen).query))
+    assert (again["id"], again["trackingId"], int(again["turn"])) == (asked["id"], asked["trackingId"],
+                                                                     int(asked["turn"]) + 1)
+    [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
+    assert line["state_unavailable"] is True and line["answer"] == "listen" and line["error"].endswith("Error")
+    assert line["tracking_id"] == gather_call["trackingId"] and line["signature_checked"] is False
+    assert "Traceback" not in str(line)  # an outage is no bug: no stack trace per webhook
+
+    # Still down at the next turn: the apology again, then the call ends rather than looping.
+    ended = _twiml(twilio.post(listen[len(PUBLIC):], {"CallSid": gather_call["callSid"], "SpeechResult": "hello"}))
+    assert [c.tag for c in ended] == ["Say", "Hangup"]
+
+    for path, form in ((f"/api/twiml-optimized?id=wf_x&trackingId={relay_id}", {"CallSid": relay_call["callSid"]}),
+                       (f"/api/connect-action?trackingId={relay_id}", {"CallSid": relay_call["callSid"],
+                                                                       "SessionStatus": "failed"}),
+                       (gather_url, {"CallSid": gather_call["callSid"], "CallStatus": "in-progress"})):
+        root = _twiml(twilio.post(path, form))
+        assert root.find("Say").text == apology, path
+        if "twiml-ai" not in path:
+            assert [c.tag for c in root] == ["Say", "Hangup"], path  # neither relay nor Gather works without state
+
+    # Status callbacks are no TwiML: they keep the 503 (test_a_status_callback_lost_to_a_redis_outage_is_logged...).
+    assert client.post(f"/api/call-status-optimized?trackingId={relay_id}",
+                       data={"CallSid": relay_call["callSid"], "CallStatus": "completed"}).status_code == 503

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import structlog
-from flask import Response, after_this_request, jsonify, request
+from flask import Response, after_this_request, g, jsonify, request
 
 from ..engine import valid_json
 from ..errors import LOGGED_ID_CHARS, ApiError
@@ -169,6 +169,7 @@ def twilio_webhook(view: Callable) -> Callable:
         ok, record = verify_twilio()
         if not ok:
             return forbidden()
+        g.twilio_call = record  # the verified call (None: none yet), for the TwiML error answer's language
         return view(*args, record=record, **kwargs)
 
     wrapper.twilio_webhook = True  # type: ignore[attr-defined]  # form bodies allowed (app._refuse_cross_site)

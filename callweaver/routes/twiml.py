@@ -6,12 +6,14 @@ import time
 from urllib.parse import urlencode
 
 import structlog
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 from twilio.twiml.voice_response import Language, VoiceResponse
+from werkzeug.exceptions import HTTPException
 
 from ..engine import relay_protocol
 from ..engine.languages import LanguageEntry, LanguageTable
 from ..engine.relay_session import HANDOVER
+from ..errors import call_named_by_request, state_unavailable
 from ..gather_turns import TURN_PARAM, turn_param
 from ..security import websocket_url
 from ..services import services
@@ -24,16 +26,56 @@ log = structlog.get_logger()
 
 @bp.errorhandler(Exception)
 def _twiml_error(exc: Exception):
-    """Twilio hangs up with "an application error has occurred" on a non-TwiML answer: apologise instead."""
-    from werkzeug.exceptions import HTTPException
+    """Twilio ends the call with "an application error has occurred" on any answer but 200 TwiML (a 503 for the
+    store down, a 500 for a bug): every failure of these webhooks is answered with TwiML instead (`_error_answer`).
+    A 4xx HTTP error is the request's own fault and stays one."""
     if isinstance(exc, HTTPException) and exc.code and exc.code < 500:
         return exc
-    log.exception("twiml_failed", path=request.path)
-    entry = services().languages.get(None)
-    vr = VoiceResponse()
-    vr.say(entry.line("apology"), voice=entry.say_voice, language=entry.say_language)
-    vr.hangup()
-    return twiml_response(str(vr))
+    return twiml_response(_error_answer(exc))
+
+
+def _error_answer(exc: Exception) -> str:
+    """The language's apology, in the call's voice when the call was read (else the default), then: on a Gather turn
+    whose call may go on, the listen again (`_may_listen_again`); otherwise <Hangup/>. The relay's TwiML hangs up
+    too: its socket needs the call's state as much as a Gather turn does, so falling back to the Gather flow would
+    only move the failure to the caller's first words. Logged with the error's class (a stack trace only for a
+    bug, not for a store outage) and the ids the request named."""
+    record: CallRecord | None = g.get("twilio_call")
+    entry = services().languages.get(record.language if record else None)
+    answer = None
+    if _may_listen_again(record):
+        try:
+            vr = VoiceResponse()
+            silence_url = _gather_url(record, request.args.get("id"), silence=True) if record else None
+            _say_and_listen(vr, entry.line("apology"), entry, _apology_listen_url(record), _gather_timeout_s(record),
+                            silence_url=silence_url)
+            answer = str(vr)
+        except Exception:  # noqa: BLE001  (whatever broke the turn may break this too: then hang up)
+            log.exception("twiml_error_listen_failed")
+    fields = {"path": request.path, "error": type(exc).__name__, "state_unavailable": state_unavailable(exc),
+              "answer": "listen" if answer else "hangup", "signature_checked": "twilio_call" in g,
+              **call_named_by_request()}
+    if state_unavailable(exc):
+        log.error("twiml_error_answered", detail=str(exc)[:300], **fields)
+    else:
+        log.exception("twiml_error_answered", **fields)
+    return answer or _hang_up(entry.line("apology"), entry)
+
+
+def _may_listen_again(record: CallRecord | None) -> bool:
+    """A failed Gather turn may listen again: not the silence goodbye, not a call known to have ended, and not a
+    listen that already followed an apology (a fault that lasts ends the call rather than looping)."""
+    return (request.path == TWIML_AI_PATH and request.args.get(SILENCE_PARAM) != "1"
+            and request.args.get(APOLOGISED_PARAM) != "1" and (record is None or call_is_live(record)))
+
+
+def _apology_listen_url(record: CallRecord | None) -> str:
+    """The failed turn's action URL, naming the next turn (the failed one may have been claimed: its number again
+    would wait for an answer that never comes) and that an apology was said."""
+    turn = turn_param(request.args.get(TURN_PARAM))
+    turn = services().gather_turns.next_turn(record) if turn is None else turn + 1
+    return _gather_url(record, request.args.get("id"), turn, tracking_id=request.args.get("trackingId"),
+                       apologised=True)
 
 
 @bp.route("/api/twiml-default", methods=["GET", "POST"])
@@ -48,21 +90,27 @@ def twiml_default(record=None):
 
 # ---- traditional <Gather> flow ---------------------------------------------------------------------
 
+TWIML_AI_PATH = "/api/twiml-ai"
 SILENCE_PARAM = "silence"  # the Redirect after both listens stayed silent: the call ends on silence
+APOLOGISED_PARAM = "apologised"  # a listen after an error answer (`_error_answer`): another error hangs up
 
 
 def _gather_url(record: CallRecord | None, workflow_id: str | None, turn: int | None = None,
-                silence: bool = False) -> str:
-    """The Gather's absolute action URL: the flow, the call and the turn it answers (gather_turns.py); with
-    `silence`, the URL Twilio is sent to once the caller stayed silent through both listens."""
+                silence: bool = False, tracking_id: str | None = None, apologised: bool = False) -> str:
+    """The Gather's absolute action URL: the flow, the call (`tracking_id` when the call could not be read) and the
+    turn it answers (gather_turns.py); with `silence`, the URL Twilio is sent to once the caller stayed silent
+    through both listens; with `apologised`, a listen that followed an error answer."""
     query = {"id": workflow_id or (record.workflow_id if record else None) or "fallback"}
-    if record:
-        query["trackingId"] = record.tracking_id
+    tracking_id = record.tracking_id if record else tracking_id
+    if tracking_id:
+        query["trackingId"] = tracking_id
     if turn is not None:
         query[TURN_PARAM] = str(turn)
     if silence:
         query[SILENCE_PARAM] = "1"
-    return f"{base_url()}/api/twiml-ai?{urlencode(query)}"
+    if apologised:
+        query[APOLOGISED_PARAM] = "1"
+    return f"{base_url()}{TWIML_AI_PATH}?{urlencode(query)}"
 
 
 GATHER_TIMEOUT_S = 10  # <Gather timeout> when silence handling is off (SILENCE_TIMEOUT_S=0): the original's
@@ -117,7 +165,7 @@ def _hang_up(text: str | None = None, entry: LanguageEntry | None = None) -> str
     return str(vr)
 
 
-@bp.route("/api/twiml-ai", methods=["GET", "POST"])
+@bp.route(TWIML_AI_PATH, methods=["GET", "POST"])
 @twilio_webhook
 def twiml_ai(record=None):
     svc = services()
@@ -129,6 +177,7 @@ def twiml_ai(record=None):
     if record is None:
         record = svc.lifecycle.inbound_call(workflow_id if workflow_id != "fallback" else None,
                                             call_sid, params.get("To"), params.get("From"))
+        g.twilio_call = record  # an error answer from here on speaks its language and names it (`_error_answer`)
     elif call_sid and record.call_sid and call_sid != record.call_sid:
         # A signed URL of one call requested for another: neither call's state may be touched.
         log.error("gather_webhook_refused", reason="CallSid is not the call's", record_call_sid=record.call_sid)
