@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakes.live_server import REPO
 from tests.scripted_brain import real_estate_brain
 from tests.test_gather_flow import GatherCall
+from tests.test_one_turn_pipeline import relay_call
 
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yml"
@@ -77,11 +78,13 @@ def metric_names(expr: str) -> set[str]:
 
 @pytest.fixture
 def scraped_names(app, client, twilio, fake_twilio, fake_llm, fake_llm2) -> set[str]:
-    """Sample names of a real /metrics scrape after real traffic: a turn that failed over, and a failed call."""
+    """Sample names of a real /metrics scrape after real traffic: turns that failed over on both paths (added latency
+    is measured on relay turns only), and a failed call."""
     fake_llm.fault = "500"                   # the primary fails: the turn fails over to the secondary
     fake_llm2.responder = real_estate_brain
     call = GatherCall(app, client, twilio, fake_twilio)
     call.say(call.answer(), "I want to buy a house")
+    relay_call(app, client)
     failed = GatherCall(app, client, twilio, fake_twilio)
     assert twilio.post(f"/api/call-status?trackingId={failed.tracking_id}",
                        {"CallSid": failed.call_sid, "CallStatus": "failed", "SequenceNumber": "1"}).status_code == 200
