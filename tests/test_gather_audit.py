@@ -250,6 +250,27 @@ def test_a_caller_silent_through_both_listens_is_ended_as_silence_in_the_call_lo
     assert client.get(f"/api/call-log/{call.tracking_id}").get_json()["call"]["outcome"] == "silence"
 
 
+def test_a_silence_ending_whose_record_fails_still_says_goodbye(call, app, monkeypatch):
+    """The end reason only labels the call: a store write that fails there (a full disk, a locked file) must not
+    turn the silence goodbye into the apology (as on a relay call, where the write failing is logged only)."""
+    from callweaver.store import StoreError
+
+    root = call.answer()
+    store = app.extensions["callweaver"].store
+    real_update_meta = store.update_meta
+
+    def failing(tracking_id, changes=None, **kwargs):
+        if changes and "endReason" in changes:
+            raise StoreError("injected: disk full")
+        return real_update_meta(tracking_id, changes, **kwargs)
+
+    monkeypatch.setattr(store, "update_meta", failing)
+    end = _twiml(call.twilio.post(root.find("Redirect").text[len(PUBLIC):],
+                                  {"CallSid": call.call_sid, "CallStatus": "in-progress"}))
+    english = app.extensions["callweaver"].languages.get("en-US")
+    assert [c.tag for c in end] == ["Say", "Hangup"] and said(end) == english.line("goodbye"), said(end)
+
+
 @pytest.fixture(scope="module")
 def redis_server():
     from tests.fakes.redis_server import RedisServer

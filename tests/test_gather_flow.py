@@ -1,6 +1,7 @@
 """The traditional <Gather> flow end to end through signed webhooks, and the one-request-per-turn rule."""
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from urllib.parse import parse_qsl, urlsplit
 
@@ -193,10 +194,12 @@ def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_
         ended = call.say(root, "three bedrooms")
     assert [c.tag for c in ended] == ["Say", "Hangup"] and ended.find("Say").text == spanish.line("apology")
     assert [e["answer"] for e in logs if e["event"] == "twiml_error_answered"] == ["hangup"]
+    # CallWeaver ended it with an apology: the call log says error, not that the caller hung up.
+    assert call.record.meta.get("endReason") == "error"
 
 
 def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, client, twilio, fake_twilio,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     data = client.post("/api/make-call-optimized", json=make_call_body(language="es-ES")).get_json()
     tracking_id = data["optimization"]["trackingId"]
     lifecycle = app.extensions["callweaver"].lifecycle
@@ -216,6 +219,14 @@ def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, 
         assert (root.find("Say").text, root.find("Say").get("voice")) == (spanish.line("apology"), spanish.say_voice)
         [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
         assert line["error"] == "RuntimeError" and line["answer"] == "hangup"
+        store = app.extensions["callweaver"].store
+        assert store.get_call(tracking_id).meta.get("endReason") == "error", path
+        store.update_meta(tracking_id, remove=["endReason"])
+    # As written to the log: whether the request's signature was checked is readable, never redacted as a secret.
+    capsys.readouterr()
+    twilio.post(f"/api/twiml-optimized?id=wf_x&trackingId={tracking_id}", {"CallSid": data["callSid"]})
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "twiml_error_answered" in line]
+    assert line["call_verified"] is True, line
 
 
 def test_turn_timings_are_stored_per_turn(call, app):

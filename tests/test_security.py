@@ -538,6 +538,7 @@ def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "twilio_signature_rejected" in line]
     assert len(line) < 1000
     assert '"call_sid": "CA999' in line and '"tracking_id": "ttt' in line  # still says what was named
+    assert json.loads(line)["unsigned"] is True  # a field the secret-name redaction leaves readable
 
 
 @pytest.mark.parametrize("value, scrubbed", [

@@ -145,7 +145,8 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
         log.warning("twilio_signature_rejected", path=request.path,
                     tracking_id=tracking_id and tracking_id[:LOGGED_ID_CHARS],
                     call_sid=call_sid and call_sid[:LOGGED_ID_CHARS],
-                    has_signature=bool(request.headers.get("X-Twilio-Signature")))
+                    # not "has_signature": a field named like a secret is redacted (logging._SECRET_KEY_RE)
+                    unsigned=not request.headers.get("X-Twilio-Signature"))
     elif tracking_id or call_sid:
         bind_call(tracking_id or (record and record.tracking_id), call_sid)
     return ok, record

@@ -52,13 +52,19 @@ def _error_answer(exc: Exception) -> str:
             answer = str(vr)
         except Exception:  # noqa: BLE001  (whatever broke the turn may break this too: then hang up)
             log.exception("twiml_error_listen_failed")
+    # `call_verified`: the request's signature was checked against its call (no field name with "signature" in it:
+    # the log's secret-name redaction would hide the value).
     fields = {"path": request.path, "error": type(exc).__name__, "state_unavailable": state_unavailable(exc),
-              "answer": "listen" if answer else "hangup", "signature_checked": "twilio_call" in g,
+              "answer": "listen" if answer else "hangup", "call_verified": "twilio_call" in g,
               **call_named_by_request()}
     if state_unavailable(exc):
         log.error("twiml_error_answered", detail=str(exc)[:300], **fields)
     else:
         log.exception("twiml_error_answered", **fields)
+    if answer is None and record is not None and call_is_live(record) and not state_unavailable(exc):
+        # CallWeaver hangs up with an apology: the call log's outcome is error, not the caller's hang-up (the store
+        # that just failed is not written to again).
+        services().lifecycle.ended_by_error(record, f"TwiML webhook failed: {type(exc).__name__}")
     return answer or _hang_up(entry.line("apology"), entry)
 
 

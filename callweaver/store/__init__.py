@@ -107,7 +107,8 @@ CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language",
 # `completed`, like one the caller hung up.
 END_REASON_META = "endReason"
 SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
-ERROR_END = "error"      # an apology, then a hang-up: the session failed and was not reconnected, a refused transfer
+# An apology, then a hang-up: the session failed and was not reconnected, a refused transfer, a failed TwiML webhook.
+ERROR_END = "error"
 API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
 # The meta keys a call-log row also carries: how the call ended depends on them (call_report.call_outcome).
 CALL_LOG_META_KEYS = (END_REASON_META,)
