@@ -77,8 +77,9 @@ def _may_listen_again(record: CallRecord | None) -> bool:
 
 def _apology_listen_url(record: CallRecord | None) -> str:
     """The failed turn's action URL, naming the next turn (the failed one may have been claimed: its number again
-    would wait for an answer that never comes) and that an apology was said."""
-    turn = turn_param(request.args.get(TURN_PARAM))
+    would wait for an answer that never comes) and that an apology was said. The turn is the one the request ran
+    (`g.gather_turn`, set once claimed), else the one its URL names."""
+    turn = g.get("gather_turn", turn_param(request.args.get(TURN_PARAM)))
     turn = services().gather_turns.next_turn(record) if turn is None else turn + 1
     return _gather_url(record, request.args.get("id"), turn, tracking_id=request.args.get("trackingId"),
                        apologised=True)
@@ -214,7 +215,7 @@ def twiml_ai(record=None):
     budget_s = svc.settings.gather_reply_timeout_s
     if turn is not None:
         start = gather.start(record, turn, speech, until=received_at + budget_s)
-        turn = start.turn
+        turn = g.gather_turn = start.turn  # may be past the URL's (turn_for): an error answer listens after it
         if start.sent is not None:
             return twiml_response(start.sent)
         if start.busy:  # the first attempt is still running: ask again, never run the turn twice
