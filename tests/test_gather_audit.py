@@ -13,7 +13,7 @@ from tests.conftest import PUBLIC, Signer
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
 from tests.scripted_brain import real_estate_brain
-from tests.test_gather_flow import GatherCall, _twiml, said
+from tests.test_gather_flow import GatherCall, _twiml, boom, said
 
 
 @pytest.fixture
@@ -265,10 +265,6 @@ def test_the_listen_after_an_apology_names_the_turn_after_the_one_that_failed(en
     call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house"})
     engine = app.extensions["callweaver"].engine
     real_turn = engine.answer_whole_turn
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected failure")
-
     monkeypatch.setattr(engine, "answer_whole_turn", boom)
     apology = _twiml(call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "something else"}))
     monkeypatch.setattr(engine, "answer_whole_turn", real_turn)

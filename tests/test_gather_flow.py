@@ -146,6 +146,11 @@ def test_every_provider_down_speaks_apology_and_the_call_goes_on(call, fake_llm,
     assert call.record.current_node == "buyer_requirements_node"
 
 
+def boom(*args, **kwargs):
+    """A step of a webhook that fails (monkeypatched in): what a bug does."""
+    raise RuntimeError("injected failure")
+
+
 def _query(url: str) -> dict[str, str]:
     return dict(parse_qsl(urlsplit(url).query))
 
@@ -161,9 +166,6 @@ def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_
     asked = _query(root.find("Gather").get("action"))
     engine = app.extensions["callweaver"].engine
     real_turn = engine.answer_whole_turn
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected failure")
 
     monkeypatch.setattr(engine, "answer_whole_turn", boom)
     with structlog.testing.capture_logs() as logs:
@@ -203,9 +205,6 @@ def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, 
     data = client.post("/api/make-call-optimized", json=make_call_body(language="es-ES")).get_json()
     tracking_id = data["optimization"]["trackingId"]
     lifecycle = app.extensions["callweaver"].lifecycle
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected failure")
 
     monkeypatch.setattr(lifecycle, "attach_call_sid", boom)
     monkeypatch.setattr(lifecycle, "try_resume", boom)
