@@ -200,6 +200,19 @@ def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_
     assert call.record.meta.get("endReason") == "error"
 
 
+def test_a_blank_listen_between_two_failures_does_not_restart_the_apologies(call, app, monkeypatch):
+    """The listen after an apology may hear nothing it can transcribe (a blank SpeechResult): its re-prompt is still
+    the listen after that apology, so the next failure hangs up rather than apologising again, for ever."""
+    engine = app.extensions["callweaver"].engine
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    root = call.say(call.answer(), "I want to buy a house")
+    assert _query(root.find("Gather").get("action"))["apologised"] == "1"
+    reprompt = call.say(root, "")
+    assert _query(reprompt.find("Gather").get("action")).get("apologised") == "1", ET.tostring(reprompt)
+    ended = call.say(reprompt, "I want to buy a house")
+    assert [c.tag for c in ended] == ["Say", "Hangup"]
+
+
 def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, client, twilio, fake_twilio,
                                                                            monkeypatch, capsys):
     data = client.post("/api/make-call-optimized", json=make_call_body(language="es-ES")).get_json()

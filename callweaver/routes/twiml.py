@@ -155,11 +155,12 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
 
 
 def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: LanguageEntry, turn: int | None,
-               vr: VoiceResponse | None = None) -> str:
-    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds)."""
+               vr: VoiceResponse | None = None, apologised: bool = False) -> str:
+    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds); `apologised`: still the
+    listen after an error answer (`_error_answer`)."""
     vr = vr or VoiceResponse()
-    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn), _gather_timeout_s(record),
-                    silence_url=_gather_url(record, workflow_id, silence=True))
+    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn, apologised=apologised),
+                    _gather_timeout_s(record), silence_url=_gather_url(record, workflow_id, silence=True))
     return str(vr)
 
 
@@ -206,8 +207,10 @@ def twiml_ai(record=None):
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
         if turn is not None or any(m.get("role") == "user" for m in record.messages or ()):
-            # A Gather that heard nothing it could transcribe, mid-call: ask again, never greet again.
-            return twiml_response(_listening(record, workflow_id, entry.line("reprompt"), entry, turn))
+            # A Gather that heard nothing it could transcribe, mid-call: ask again, never greet again (a listen after
+            # an apology stays one: a failure next still hangs up).
+            return twiml_response(_listening(record, workflow_id, entry.line("reprompt"), entry, turn,
+                                             apologised=request.args.get(APOLOGISED_PARAM) == "1"))
         return twiml_response(_listening(record, workflow_id, record.greeting or entry.line("fallbackGreeting"),
                                          entry, svc.gather_turns.next_turn(record)))
 
