@@ -48,12 +48,27 @@ def twilio_error_status(exc: TwilioRestException) -> int:
     return status if 400 <= status < 500 else 502
 
 
+def twilio_request_form() -> Any:
+    """A Twilio request's form, or {} for a request with no body type (the relay socket's upgrade): werkzeug would
+    still build an empty form (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form
+    to parse). On the socket the request lives as long as the call: an empty form, files and input stream kept per
+    idle call, too."""
+    return request.form if request.want_form_data_parsed else {}
+
+
+def ids_named_by_request(form: Any) -> tuple[str | None, str | None]:
+    """The (trackingId, CallSid) a Twilio request names, in the query or its form: unverified until its signature
+    is checked against that call."""
+    return (request.args.get("trackingId") or form.get("trackingId"),
+            form.get("CallSid") or request.args.get("CallSid"))
+
+
 def call_named_by_request() -> dict[str, str]:
     """The call a failed request named, for its log line when the call could not be read (the store down): as much
     of each id as an id can be, since the request may be unsigned (its signature is checked against the call)."""
-    form = request.form if request.want_form_data_parsed else {}
-    named = {"tracking_id": request.args.get("trackingId") or form.get("trackingId"),
-             "call_sid": form.get("CallSid") or request.args.get("CallSid"), "call_status": form.get("CallStatus")}
+    form = twilio_request_form()
+    tracking_id, call_sid = ids_named_by_request(form)
+    named = {"tracking_id": tracking_id, "call_sid": call_sid, "call_status": form.get("CallStatus")}
     return {key: value[:LOGGED_ID_CHARS] for key, value in named.items() if value}
 
 

@@ -19,12 +19,12 @@ from typing import Any, Callable
 
 import structlog
 
-from .store import CallRecord, Store, StoreError, call_is_live
+from .store import GATHER_REPLY_META, CallRecord, Store, StoreError, call_is_live
 
 log = structlog.get_logger()
 
 TURN_PARAM = "turn"          # the action URL's query parameter naming the turn a Gather answers
-REPLY_META = "gatherReply"   # meta: {"turn": N, "said": digest, "twiml": "<Response>…"} — the latest answer
+REPLY_META = GATHER_REPLY_META  # meta: {"turn": N, "said": digest, "twiml": "<Response>…"} — the latest answer
 CLAIMS_META = "gatherClaims"  # meta: {"N": requests that claimed turn N} (atomic counts: the first request is 1)
 GATHER_META_KEYS = (REPLY_META, CLAIMS_META)
 WAIT_POLL_S = 0.1  # how often a retry waiting for the first attempt's answer reads the call again

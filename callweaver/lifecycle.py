@@ -22,7 +22,7 @@ from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import API_END, END_REASON_META, ERROR_END, TERMINAL_STATUSES, CallRecord, Store
+from .store import API_END, END_REASON_META, ERROR_END, SILENCE_END, TERMINAL_STATUSES, CallRecord, Store
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -378,9 +378,10 @@ class CallLifecycle:
 
     def ended_on_silence(self, record: CallRecord) -> None:
         """The caller stayed silent through a Gather call's re-prompt: the call ends (goodbye, hang-up) on silence,
-        recorded as a relay call's is (meta endReason; the call log's outcome)."""
+        recorded as a relay call's is (meta endReason; the call log's outcome). A failed write is logged, and the
+        goodbye is said all the same (never the apology)."""
         log.info("gather_silence_ending", tracking_id=record.tracking_id)
-        self.store.update_meta(record.tracking_id, {"endReason": "silence"})
+        self._write_end_reason(record, SILENCE_END, "silent through the re-prompt")
 
     def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
         """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed

@@ -13,7 +13,7 @@ from tests.conftest import PUBLIC, Signer
 from tests.fakes.fake_llm import Reply
 from tests.helpers import make_call_body
 from tests.scripted_brain import real_estate_brain
-from tests.test_gather_flow import GatherCall, _twiml, said
+from tests.test_gather_flow import GatherCall, _twiml, boom, said
 
 
 @pytest.fixture
@@ -248,6 +248,52 @@ def test_a_caller_silent_through_both_listens_is_ended_as_silence_in_the_call_lo
     call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
                      {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "3"})
     assert client.get(f"/api/call-log/{call.tracking_id}").get_json()["call"]["outcome"] == "silence"
+
+
+def test_the_listen_after_an_apology_names_the_turn_after_the_one_that_failed(env, fake_twilio, fake_llm,
+                                                                              monkeypatch):
+    """An action URL used again with other words runs the call's next turn (GatherTurns.turn_for), not the one it
+    names. When that turn fails, the apology's listen must name the turn after the one claimed: naming the turn
+    after the URL's would claim the failed turn again, wait GATHER_REPLY_TIMEOUT_S for an answer that never comes,
+    and apologise a second time."""
+    fake_llm.responder = real_estate_brain
+    app = create_app({**env, "GATHER_REPLY_TIMEOUT_S": "1"})
+    client = app.test_client()
+    call = GatherCall(app, client, Signer(client), fake_twilio)
+    root = call.answer()
+    action = _action(root)
+    call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "I want to buy a house"})
+    engine = app.extensions["callweaver"].engine
+    real_turn = engine.answer_whole_turn
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    apology = _twiml(call.twilio.post(action, {"CallSid": call.call_sid, "SpeechResult": "something else"}))
+    monkeypatch.setattr(engine, "answer_whole_turn", real_turn)
+    english = app.extensions["callweaver"].languages.get("en-US")
+    assert said(apology).startswith(english.line("apology"))
+    answered = call.say(apology, "A three bedroom house near good schools")
+    assert english.line("apology") not in said(answered), said(answered)
+    assert call.record.current_node == "contact_details_node"
+
+
+def test_a_silence_ending_whose_record_fails_still_says_goodbye(call, app, monkeypatch):
+    """The end reason only labels the call: a store write that fails there (a full disk, a locked file) must not
+    turn the silence goodbye into the apology (as on a relay call, where the write failing is logged only)."""
+    from callweaver.store import StoreError
+
+    root = call.answer()
+    store = app.extensions["callweaver"].store
+    real_update_meta = store.update_meta
+
+    def failing(tracking_id, changes=None, **kwargs):
+        if changes and "endReason" in changes:
+            raise StoreError("injected: disk full")
+        return real_update_meta(tracking_id, changes, **kwargs)
+
+    monkeypatch.setattr(store, "update_meta", failing)
+    end = _twiml(call.twilio.post(root.find("Redirect").text[len(PUBLIC):],
+                                  {"CallSid": call.call_sid, "CallStatus": "in-progress"}))
+    english = app.extensions["callweaver"].languages.get("en-US")
+    assert [c.tag for c in end] == ["Say", "Hangup"] and said(end) == english.line("goodbye"), said(end)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The traditional <Gather> flow end to end through signed webhooks, and the one-request-per-turn rule."""
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from urllib.parse import parse_qsl, urlsplit
 
@@ -145,6 +146,11 @@ def test_every_provider_down_speaks_apology_and_the_call_goes_on(call, fake_llm,
     assert call.record.current_node == "buyer_requirements_node"
 
 
+def boom(*args, **kwargs):
+    """A step of a webhook that fails (monkeypatched in): what a bug does."""
+    raise RuntimeError("injected failure")
+
+
 def _query(url: str) -> dict[str, str]:
     return dict(parse_qsl(urlsplit(url).query))
 
@@ -160,9 +166,6 @@ def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_
     asked = _query(root.find("Gather").get("action"))
     engine = app.extensions["callweaver"].engine
     real_turn = engine.answer_whole_turn
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected failure")
 
     monkeypatch.setattr(engine, "answer_whole_turn", boom)
     with structlog.testing.capture_logs() as logs:
@@ -193,16 +196,28 @@ def test_a_turn_that_fails_is_apologised_for_in_the_calls_voice_and_listened_to_
         ended = call.say(root, "three bedrooms")
     assert [c.tag for c in ended] == ["Say", "Hangup"] and ended.find("Say").text == spanish.line("apology")
     assert [e["answer"] for e in logs if e["event"] == "twiml_error_answered"] == ["hangup"]
+    # CallWeaver ended it with an apology: the call log says error, not that the caller hung up.
+    assert call.record.meta.get("endReason") == "error"
+
+
+def test_a_blank_listen_between_two_failures_does_not_restart_the_apologies(call, app, monkeypatch):
+    """The listen after an apology may hear nothing it can transcribe (a blank SpeechResult): its re-prompt is still
+    the listen after that apology, so the next failure hangs up rather than apologising again, for ever."""
+    engine = app.extensions["callweaver"].engine
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    root = call.say(call.answer(), "I want to buy a house")
+    assert _query(root.find("Gather").get("action"))["apologised"] == "1"
+    reprompt = call.say(root, "")
+    assert _query(reprompt.find("Gather").get("action")).get("apologised") == "1", ET.tostring(reprompt)
+    ended = call.say(reprompt, "I want to buy a house")
+    assert [c.tag for c in ended] == ["Say", "Hangup"]
 
 
 def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, client, twilio, fake_twilio,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     data = client.post("/api/make-call-optimized", json=make_call_body(language="es-ES")).get_json()
     tracking_id = data["optimization"]["trackingId"]
     lifecycle = app.extensions["callweaver"].lifecycle
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("injected failure")
 
     monkeypatch.setattr(lifecycle, "attach_call_sid", boom)
     monkeypatch.setattr(lifecycle, "try_resume", boom)
@@ -216,6 +231,14 @@ def test_relay_webhooks_that_fail_apologise_in_the_calls_voice_and_hang_up(app, 
         assert (root.find("Say").text, root.find("Say").get("voice")) == (spanish.line("apology"), spanish.say_voice)
         [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
         assert line["error"] == "RuntimeError" and line["answer"] == "hangup"
+        store = app.extensions["callweaver"].store
+        assert store.get_call(tracking_id).meta.get("endReason") == "error", path
+        store.update_meta(tracking_id, remove=["endReason"])
+    # As written to the log: whether the request's signature was checked is readable, never redacted as a secret.
+    capsys.readouterr()
+    twilio.post(f"/api/twiml-optimized?id=wf_x&trackingId={tracking_id}", {"CallSid": data["callSid"]})
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "twiml_error_answered" in line]
+    assert line["call_verified"] is True, line
 
 
 def test_turn_timings_are_stored_per_turn(call, app):

@@ -15,7 +15,7 @@ import pytest
 from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange
 from callweaver.engine.providers import ChainSettings, ProviderChain
 from callweaver.engine.vendors import ProviderConfig
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, splice
 from tests.fakes.tls import localhost_tls
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
@@ -31,20 +31,6 @@ def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
         data += more
     head, _, rest = data.partition(b"\r\n\r\n")
     return head, rest
-
-
-def pipe(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class ProxyStandIn(LoopbackServer):
@@ -76,8 +62,7 @@ class ProxyStandIn(LoopbackServer):
             kept = [line for line in lines[1:] if not line.lower().startswith("proxy-")]
             upstream.sendall(("\r\n".join([f"{method} /{path} {version}", *kept]) + "\r\n\r\n").encode("latin-1")
                              + rest)
-        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
-        pipe(conn, upstream)
+        splice(conn, upstream)
 
 
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from callweaver.store import CallRecord, StoreError, build_store
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, splice
 from tests.fakes.redis_server import RedisServer
 
 
@@ -23,23 +23,7 @@ class SwitchableProxy(LoopbackServer):
         super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.target_port))
-
-        def pump(source: socket.socket, sink: socket.socket) -> None:
-            try:
-                while data := source.recv(65536):
-                    sink.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for sock in (source, sink):
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
-        pump(conn, upstream)
+        splice(conn, socket.create_connection(("127.0.0.1", self.target_port)))
 
 
 @pytest.fixture
@@ -52,15 +36,20 @@ def failover():
     new.close()
 
 
-def fail_over(old: RedisServer, new: RedisServer, proxy: SwitchableProxy) -> None:
-    """The old primary becomes a replica of the new one, and the name points at the new one."""
-    admin = redis.Redis(port=old.port)
-    admin.replicaof("127.0.0.1", new.port)
+def make_replica(replica: RedisServer, primary: RedisServer) -> None:
+    """`replica` becomes a read-only copy of `primary`, synced before this returns."""
+    admin = redis.Redis(port=replica.port)
+    admin.replicaof("127.0.0.1", primary.port)
     deadline = time.monotonic() + 10
     while admin.info("replication").get("master_link_status") != "up":
         assert time.monotonic() < deadline, "the replica never synced"
         time.sleep(0.05)
     admin.close()
+
+
+def fail_over(old: RedisServer, new: RedisServer, proxy: SwitchableProxy) -> None:
+    """The old primary becomes a replica of the new one, and the name points at the new one."""
+    make_replica(old, new)
     proxy.target_port = new.port
 
 
@@ -110,13 +99,7 @@ def test_a_read_only_redis_fails_watched_writes_instead_of_looping(failover):
     old, new, proxy = failover
     store = build_store("", f"redis://127.0.0.1:{proxy.port}/0")
     store.create_call(CallRecord(tracking_id="ended", ended_at=1.0, messages=[{"role": "user", "content": "hi"}]))
-    admin = redis.Redis(port=new.port)
-    admin.replicaof("127.0.0.1", old.port)  # `new` is a read-only copy of the primary the proxy still names
-    deadline = time.monotonic() + 10
-    while admin.info("replication").get("master_link_status") != "up":
-        assert time.monotonic() < deadline, "the replica never synced"
-        time.sleep(0.05)
-    admin.close()
+    make_replica(new, old)  # `new` is a read-only copy of the primary the proxy still names
     proxy.target_port = new.port
     store.close()  # the read-only copy only from now on
     outcomes: dict[str, str] = {}

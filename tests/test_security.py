@@ -341,17 +341,22 @@ OPERATOR_PATHS = ("/dashboard", "/api/dashboard-data", "/metrics", "/dashboard/c
                   "/api/call-latency", "/dashboard/calls/call_secret", "/api/call-log/call_secret")
 
 
-def test_without_ops_token_a_development_server_answers_operator_surfaces_only_on_this_machine(env):
-    """No NODE_ENV=production and no OPS_TOKEN (a VPS, a container, an ngrok tunnel to a laptop): the public URL
-    must not serve the call log, where what callers said is. Only a request from this machine that no proxy or
-    tunnel relayed (the simulator's and the demo's browser) is answered."""
+def _app_with_a_secret_call(env):
+    """An app whose store holds one ended call, "call_secret", with something private said on it ("4111")."""
     from callweaver.store import CallRecord
     app = create_app(env)
     app.extensions["callweaver"].store.create_call(CallRecord(
         tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
         created_at=time.time() - 60, ended_at=time.time(),
         transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
-    client = app.test_client()
+    return app
+
+
+def test_without_ops_token_a_development_server_answers_operator_surfaces_only_on_this_machine(env):
+    """No NODE_ENV=production and no OPS_TOKEN (a VPS, a container, an ngrok tunnel to a laptop): the public URL
+    must not serve the call log, where what callers said is. Only a request from this machine that no proxy or
+    tunnel relayed (the simulator's and the demo's browser) is answered."""
+    client = _app_with_a_secret_call(env).test_client()
 
     for path in OPERATOR_PATHS:
         for environ, headers in (({"REMOTE_ADDR": "203.0.113.7"}, {}),                      # straight from outside
@@ -373,13 +378,7 @@ def test_operator_surfaces_refuse_other_sites_pages_in_this_machines_browser(env
     another site names its Origin (CORS_ORIGINS lets listed pages read API answers, with the browser's cached
     basic-auth password for the dashboard too); one that rebinds its own name to 127.0.0.1 (DNS rebinding) is
     same-origin to the browser, and names itself in Host."""
-    from callweaver.store import CallRecord
-    app = create_app(env)
-    app.extensions["callweaver"].store.create_call(CallRecord(
-        tracking_id="call_secret", path="optimized", status="completed", to="+14155550123",
-        created_at=time.time() - 60, ended_at=time.time(),
-        transcript=[{"said": "my card number is 4111", "heard": "Thanks.", "spoken": "Thanks."}]))
-    client = app.test_client()
+    client = _app_with_a_secret_call(env).test_client()
     local = {"REMOTE_ADDR": "127.0.0.1"}
 
     for path in OPERATOR_PATHS:
@@ -538,6 +537,7 @@ def test_a_forged_webhook_cannot_write_its_own_fields_at_length_into_the_log(env
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "twilio_signature_rejected" in line]
     assert len(line) < 1000
     assert '"call_sid": "CA999' in line and '"tracking_id": "ttt' in line  # still says what was named
+    assert json.loads(line)["unsigned"] is True  # a field the secret-name redaction leaves readable
 
 
 @pytest.mark.parametrize("value, scrubbed", [

@@ -188,7 +188,7 @@ def test_twiml_webhooks_during_an_outage_apologise_in_twiml_and_a_gather_call_is
                                                                      int(asked["turn"]) + 1)
     [line] = [e for e in logs if e["event"] == "twiml_error_answered"]
     assert line["state_unavailable"] is True and line["answer"] == "listen" and line["error"].endswith("Error")
-    assert line["tracking_id"] == gather_call["trackingId"] and line["signature_checked"] is False
+    assert line["tracking_id"] == gather_call["trackingId"] and line["call_verified"] is False
     assert "Traceback" not in str(line)  # an outage is no bug: no stack trace per webhook
 
     # Still down at the next turn: the apology again, then the call ends rather than looping.

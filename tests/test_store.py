@@ -644,6 +644,18 @@ def test_a_call_whose_end_was_never_recorded_is_purged_once_no_call_could_still_
     assert store.count_live_calls() == 1
 
 
+def test_emptying_a_transcript_also_empties_the_words_kept_in_the_calls_meta(store):
+    """A Gather call's last answer (the TwiML the caller heard) and words carried over a handover (what the caller
+    said) live in the call's meta until its terminal status removes them; when that callback was lost, emptying the
+    transcript must empty them too, or what the caller said and heard outlives TRANSCRIPT_RETENTION_DAYS."""
+    store.create_call(make_record("lost", created_at=10.0, messages=[{"role": "user", "content": CANTONESE}], meta={
+        "gatherReply": {"turn": 0, "twiml": "<Response><Say>your card ends in 4111</Say></Response>"},
+        "carriedOver": {"text": CANTONESE, "lang": "yue-HK"}, "setup": {"direction": "inbound"}}))
+
+    assert store.purge_transcripts(older_than=10.0 + MAX_CALL_DURATION_LIMIT_S + 1.0) == 1
+    assert set(store.get_call("lost").meta) == {"setup", "transcriptPurgedAt"}
+
+
 def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):
     """SQLite purges PURGE_BATCH calls per write transaction (a backlog in one held the write lock and the worker's
     loop for its whole length); every ended call older than the cut-off still goes, and only those."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitS
 from .continuation import ContinuationJoiner, continuation_messages
 from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
                        StatusError)
+from .metrics import nearest_rank
 from .speech import MAX_TURN_REPLY_BYTES, begins_speech, has_words
 from .sse import ChatCompletionsStream, StreamReportedError
 from .vendors import ProviderConfig, build_sdk_client, chat_endpoint, provider_configs, request_model
@@ -556,10 +556,10 @@ class ProviderChain:
             return None
         if setting != HEDGE_P95:
             return float(setting)
-        recent = sorted(self._recent_ttft_ms.get(provider.name, ()))
+        recent = list(self._recent_ttft_ms.get(provider.name, ()))
         if len(recent) < HEDGE_MIN_SAMPLES:
             return None  # no p95 to speak of yet
-        return recent[math.ceil(0.95 * len(recent)) - 1] / 1000
+        return nearest_rank(recent, 95) / 1000
 
     def hedge_partner(self, provider: _Provider, state: _TurnState, skip: set[str]) -> _Provider | None:
         """The provider a hedge would start: the next one in the chain, only before any text was spoken."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from ..store import END_REASON_META, SILENCE_END
+from ..store import CARRIED_OVER_META, END_REASON_META, SILENCE_END
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
                            SpeculativeTurn, Turn, heard_of, speculation_row, spoken_length)
@@ -62,7 +62,7 @@ HANDOVER = "handover"
 # Call meta key: what the caller said (or typed) while the call was being handed over, which the stopping worker no
 # longer answers; the resumed session answers it at its `setup`, after its welcome greeting. Kept to its latest
 # MAX_CARRIED_OVER_CHARS.
-CARRIED_OVER = "carriedOver"
+CARRIED_OVER = CARRIED_OVER_META
 MAX_CARRIED_OVER_CHARS = 1000
 _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 

@@ -11,7 +11,7 @@ import structlog
 from flask import Response, after_this_request, g, jsonify, request
 
 from ..engine import valid_json
-from ..errors import LOGGED_ID_CHARS, ApiError
+from ..errors import LOGGED_ID_CHARS, ApiError, ids_named_by_request, twilio_request_form
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
 from ..services import services
@@ -132,12 +132,7 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
     Returns (ok, record); a failure is logged with what is known about the request, never the token.
     """
     svc = services()
-    # A request with no body type (the relay socket's upgrade) has an empty form; werkzeug would still build one
-    # (~12 µs), so it is not asked (`want_form_data_parsed` is werkzeug's own test for a form to parse). On the socket
-    # the request lives as long as the call: an empty form, files and input stream kept per idle call, too.
-    form = request.form if request.want_form_data_parsed else {}
-    tracking_id = request.args.get("trackingId") or form.get("trackingId")
-    call_sid = form.get("CallSid") or request.args.get("CallSid")
+    tracking_id, call_sid = ids_named_by_request(twilio_request_form())
     record = svc.lifecycle.find(tracking_id, call_sid) if (tracking_id or call_sid) else None
     ok = signature_ok(svc.lifecycle.auth_token_for(record), url=url, params=params)
     if not ok:
@@ -145,7 +140,8 @@ def verify_twilio(*, url: str | None = None, params: Any = None):
         log.warning("twilio_signature_rejected", path=request.path,
                     tracking_id=tracking_id and tracking_id[:LOGGED_ID_CHARS],
                     call_sid=call_sid and call_sid[:LOGGED_ID_CHARS],
-                    has_signature=bool(request.headers.get("X-Twilio-Signature")))
+                    # not "has_signature": a field named like a secret is redacted (logging._SECRET_KEY_RE)
+                    unsigned=not request.headers.get("X-Twilio-Signature"))
     elif tracking_id or call_sid:
         bind_call(tracking_id or (record and record.tracking_id), call_sid)
     return ok, record

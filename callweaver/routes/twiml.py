@@ -52,13 +52,19 @@ def _error_answer(exc: Exception) -> str:
             answer = str(vr)
         except Exception:  # noqa: BLE001  (whatever broke the turn may break this too: then hang up)
             log.exception("twiml_error_listen_failed")
+    # `call_verified`: the request's signature was checked against its call (no field name with "signature" in it:
+    # the log's secret-name redaction would hide the value).
     fields = {"path": request.path, "error": type(exc).__name__, "state_unavailable": state_unavailable(exc),
-              "answer": "listen" if answer else "hangup", "signature_checked": "twilio_call" in g,
+              "answer": "listen" if answer else "hangup", "call_verified": "twilio_call" in g,
               **call_named_by_request()}
     if state_unavailable(exc):
         log.error("twiml_error_answered", detail=str(exc)[:300], **fields)
     else:
         log.exception("twiml_error_answered", **fields)
+    if answer is None and record is not None and call_is_live(record) and not state_unavailable(exc):
+        # CallWeaver hangs up with an apology: the call log's outcome is error, not the caller's hang-up (the store
+        # that just failed is not written to again).
+        services().lifecycle.ended_by_error(record, f"TwiML webhook failed: {type(exc).__name__}")
     return answer or _hang_up(entry.line("apology"), entry)
 
 
@@ -71,8 +77,9 @@ def _may_listen_again(record: CallRecord | None) -> bool:
 
 def _apology_listen_url(record: CallRecord | None) -> str:
     """The failed turn's action URL, naming the next turn (the failed one may have been claimed: its number again
-    would wait for an answer that never comes) and that an apology was said."""
-    turn = turn_param(request.args.get(TURN_PARAM))
+    would wait for an answer that never comes) and that an apology was said. The turn is the one the request ran
+    (`g.gather_turn`, set once claimed), else the one its URL names."""
+    turn = g.get("gather_turn", turn_param(request.args.get(TURN_PARAM)))
     turn = services().gather_turns.next_turn(record) if turn is None else turn + 1
     return _gather_url(record, request.args.get("id"), turn, tracking_id=request.args.get("trackingId"),
                        apologised=True)
@@ -148,11 +155,12 @@ def _say_and_listen(vr: VoiceResponse, text: str, entry: LanguageEntry, action: 
 
 
 def _listening(record: CallRecord, workflow_id: str | None, text: str, entry: LanguageEntry, turn: int | None,
-               vr: VoiceResponse | None = None) -> str:
-    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds)."""
+               vr: VoiceResponse | None = None, apologised: bool = False) -> str:
+    """`text`, then the Gather pattern answering `turn` (after what `vr` already holds); `apologised`: still the
+    listen after an error answer (`_error_answer`)."""
     vr = vr or VoiceResponse()
-    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn), _gather_timeout_s(record),
-                    silence_url=_gather_url(record, workflow_id, silence=True))
+    _say_and_listen(vr, text, entry, _gather_url(record, workflow_id, turn, apologised=apologised),
+                    _gather_timeout_s(record), silence_url=_gather_url(record, workflow_id, silence=True))
     return str(vr)
 
 
@@ -199,8 +207,10 @@ def twiml_ai(record=None):
     speech = (params.get("SpeechResult") or "").strip()
     if not speech:
         if turn is not None or any(m.get("role") == "user" for m in record.messages or ()):
-            # A Gather that heard nothing it could transcribe, mid-call: ask again, never greet again.
-            return twiml_response(_listening(record, workflow_id, entry.line("reprompt"), entry, turn))
+            # A Gather that heard nothing it could transcribe, mid-call: ask again, never greet again (a listen after
+            # an apology stays one: a failure next still hangs up).
+            return twiml_response(_listening(record, workflow_id, entry.line("reprompt"), entry, turn,
+                                             apologised=request.args.get(APOLOGISED_PARAM) == "1"))
         return twiml_response(_listening(record, workflow_id, record.greeting or entry.line("fallbackGreeting"),
                                          entry, svc.gather_turns.next_turn(record)))
 
@@ -208,7 +218,7 @@ def twiml_ai(record=None):
     budget_s = svc.settings.gather_reply_timeout_s
     if turn is not None:
         start = gather.start(record, turn, speech, until=received_at + budget_s)
-        turn = start.turn
+        turn = g.gather_turn = start.turn  # may be past the URL's (turn_for): an error answer listens after it
         if start.sent is not None:
             return twiml_response(start.sent)
         if start.busy:  # the first attempt is still running: ask again, never run the turn twice

@@ -19,6 +19,9 @@ __all__ = [
     "CALL_LOG_FIELDS",
     "CALL_LOG_META_KEYS",
     "END_REASON_META",
+    "GATHER_REPLY_META",
+    "CARRIED_OVER_META",
+    "SAID_META_KEYS",
     "ERROR_END",
     "API_END",
     "SILENCE_END",
@@ -107,8 +110,15 @@ CALL_LOG_FIELDS = ("tracking_id", "path", "call_sid", "workflow_id", "language",
 # `completed`, like one the caller hung up.
 END_REASON_META = "endReason"
 SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
-ERROR_END = "error"      # an apology, then a hang-up: the session failed and was not reconnected, a refused transfer
+# An apology, then a hang-up: the session failed and was not reconnected, a refused transfer, a failed TwiML webhook.
+ERROR_END = "error"
 API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
+# Meta keys holding words said on the call: a Gather call's latest answer (its TwiML, gather_turns.py) and what the
+# caller said while the call was handed over (relay_session.py). The call's end removes them (lifecycle); emptying its
+# transcript (purge_transcripts) does too, for a call whose end was never recorded.
+GATHER_REPLY_META = "gatherReply"
+CARRIED_OVER_META = "carriedOver"
+SAID_META_KEYS = (GATHER_REPLY_META, CARRIED_OVER_META)
 # The meta keys a call-log row also carries: how the call ended depends on them (call_report.call_outcome).
 CALL_LOG_META_KEYS = (END_REASON_META,)
 # Fields update_call may write: the tracking id is the identity, never rewritten; `meta` has several writers at

@@ -20,6 +20,7 @@ from callweaver.store import (
     CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
+    SAID_META_KEYS,
     CallRecord,
     TURN_FIELDS,
     StoreError,
@@ -785,7 +786,7 @@ class RedisStore:
                 return False
             pipe.multi()
             pipe.hset(call_key, mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(merge_meta(
-                json.loads(meta) if meta else {}, {"transcriptPurgedAt": purged_at}))})
+                json.loads(meta) if meta else {}, {"transcriptPurgedAt": purged_at}, remove=SAID_META_KEYS))})
             return True
 
         purged = 0

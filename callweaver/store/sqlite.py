@@ -20,6 +20,7 @@ from callweaver.store import (
     CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
+    SAID_META_KEYS,
     CallRecord,
     TURN_FIELDS,
     StoreError,
@@ -41,10 +42,12 @@ CALL_FILTER_COLUMNS = ("status", "path", "language")
 BUSY_TIMEOUT_MS = 5000
 WAL_SWITCH_RETRY_S = 0.01
 PURGE_BATCH = 200  # calls deleted per write transaction by purge()
-# The calls created since a time that have not ended (live_calls, count_live_calls).
 # The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long enough
 # before it (unended_created_before). Parameters: the cutoff, then unended_created_before(cutoff).
 _EXPIRED = "ended_at < ? OR (ended_at IS NULL AND created_at < ?)"
+# The meta keys emptied with a transcript, as json_remove paths.
+_SAID_META_PATHS = ", ".join(f"'$.meta.{key}'" for key in SAID_META_KEYS)
+# The calls created since a time that have not ended (live_calls, count_live_calls).
 _LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
 SCHEMA = """
@@ -696,8 +699,8 @@ class SQLiteStore:
     def purge_transcripts(self, older_than: float) -> int:
         with self._write() as conn:
             return conn.execute(
-                "UPDATE cw_calls SET data = json_set(data, '$.messages', json('[]'), '$.transcript', json('[]'),"
-                " '$.meta.transcriptPurgedAt', ?)"
+                "UPDATE cw_calls SET data = json_set(json_remove(data, " + _SAID_META_PATHS + "),"
+                " '$.messages', json('[]'), '$.transcript', json('[]'), '$.meta.transcriptPurgedAt', ?)"
                 f" WHERE ({_EXPIRED})"
                 " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
                 (time.time(), older_than, unended_created_before(older_than)),

@@ -29,3 +29,24 @@ class LoopbackServer:
 
     def stop(self) -> None:
         self.listener.close()
+
+
+def pipe(source: socket.socket, sink: socket.socket) -> None:
+    """Copy `source` into `sink` until either closes, then shut both down (the other direction's copy ends too)."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def splice(conn: socket.socket, upstream: socket.socket) -> None:
+    """Forward both ways between an accepted connection and its upstream (a TCP proxy's body), until one closes."""
+    threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+    pipe(conn, upstream)
