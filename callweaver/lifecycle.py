@@ -13,9 +13,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
+from .background import spawn
 from .config import (E164_RE, MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_AUTH_TOKEN_RE, Settings,
                      to_e164)
-from .background import spawn
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
 from .engine.relay_session import CARRIED_OVER
@@ -421,8 +421,9 @@ class CallLifecycle:
         self._write_end_reason(record, SILENCE_END, "silent through the re-prompt")
 
     def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
-        """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed
-        call of its flow gets (MAX_CALL_DURATION_S, shortened by the flow's maxCallDuration)."""
+        """Whether a call that rang in has lasted past the cap a placed call of its flow gets (MAX_CALL_DURATION_S,
+        shortened by the flow's maxCallDuration): the fallback for when Twilio did not take watch_inbound's
+        TimeLimit."""
         if not (record.meta or {}).get(INBOUND_META):
             return False  # a placed call: Twilio keeps its TimeLimit
         return time.time() - record.created_at >= self.time_limit_s(workflow)
