@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import structlog
 
+from .background import spawn
 from .config import (E164_RE, MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_AUTH_TOKEN_RE, Settings,
                      to_e164)
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
@@ -39,7 +40,9 @@ RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
-INBOUND_META = "inbound"  # meta: the call rang in (inbound_call), so it carries no TimeLimit of ours
+# meta: the call rang in (inbound_call): its TimeLimit is ours only once Twilio took watch_inbound's update, so its
+# webhooks keep the cap too (past_time_limit)
+INBOUND_META = "inbound"
 # Meta that goes when the call ends: the call's own LLM account, words kept for a resume that never came (no
 # transcript, so never purged with one), and a Gather call's latest answer and claims.
 ENDED_CALL_META = ("llm", CARRIED_OVER, *GATHER_META_KEYS)
@@ -74,6 +77,13 @@ def normalize_phone(raw: Any) -> str:
     if not number:
         raise CallRequestError("Invalid phone number format. Use E.164 format, e.g. +15551234567")
     return number
+
+
+def status_callback_url(base_url: str, path: str, tracking_id: str) -> str:
+    """Where Twilio sends a call's status callbacks: one route per path ("optimized" or the Gather flow), naming
+    the call."""
+    status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
+    return f"{base_url}{status_path}?{urlencode({'trackingId': tracking_id})}"
 
 
 def new_tracking_id() -> str:
@@ -186,8 +196,7 @@ class CallLifecycle:
                                 "TWILIO_AUTH_TOKEN and TWILIO_PHONE_NUMBER")
         from_number = self._from_number(body, creds)
         timeout_s = self._timeout(body.get("timeout"))
-        # the flow's maxCallDuration shortens the operator's MAX_CALL_DURATION_S, never lengthens it
-        time_limit_s = workflow.limits.time_limit_s(self.settings.max_call_duration_s)
+        time_limit_s = self.time_limit_s(workflow)
         # RECORD_CALLS is the operator's ceiling: a request may turn recording off, never on.
         record = self.settings.record_calls and body.get("record") is not False
         language = self._call_language(body, workflow)
@@ -216,9 +225,8 @@ class CallLifecycle:
         )
         query = {"id": workflow_id or "", "trackingId": tracking_id}
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
-        status_path = "/api/call-status-optimized" if path == "optimized" else "/api/call-status"
         url = twiml_url or f"{base_url}{twiml_path}?{urlencode(query)}"
-        status_callback = f"{base_url}{status_path}?{urlencode({'trackingId': tracking_id})}"
+        status_callback = status_callback_url(base_url, path, tracking_id)
         if self.take_call_slot is not None:  # last, once nothing can refuse the request: refusals use no slot
             self.take_call_slot()
         self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
@@ -357,9 +365,16 @@ class CallLifecycle:
             self.on_call_ended(record.tracking_id)
         return current
 
+    def time_limit_s(self, workflow: Workflow) -> int:
+        """Twilio's TimeLimit for a call of this flow: the flow's maxCallDuration shortens the operator's
+        MAX_CALL_DURATION_S, never lengthens it."""
+        return workflow.limits.time_limit_s(self.settings.max_call_duration_s)
+
     def inbound_call(self, workflow_id: str | None, call_sid: str | None, to: str | None,
-                     from_number: str | None) -> CallRecord:
-        """A Gather-flow webhook for a call we have no record of (placed by an old URL): start one for it."""
+                     from_number: str | None, base_url: str) -> CallRecord:
+        """A Gather-flow webhook for a call we have no record of (it rang in, or was placed by an old URL): start one
+        for it, and ask Twilio, off the request path (the caller waits for the greeting), for its status callbacks
+        and our TimeLimit (watch_inbound)."""
         snapshot = self.store.get_workflow(workflow_id) if workflow_id else None
         workflow = Workflow.from_snapshot(snapshot) if snapshot else default_workflow()
         language = self.languages.resolve(workflow.default_language)
@@ -374,7 +389,29 @@ class CallLifecycle:
                             to=to, from_number=from_number, current_node=workflow.entry_node_id(),
                             messages=[{"role": "assistant", "content": greeting}], meta={INBOUND_META: True})
         self.store.create_call(record)
+        if call_sid:
+            spawn(self.watch_inbound, record, base_url, self.time_limit_s(workflow))
         return record
+
+    def watch_inbound(self, record: CallRecord, base_url: str, time_limit_s: int) -> bool:
+        """Ask Twilio to send a call that rang in its final status to our status callback (so its end is recorded:
+        the call log's outcome, the live calls, the ended call's meta cleanup) and to hang it up at `time_limit_s`,
+        as a placed call is. A failure is logged (its class, no secrets) and False: the call goes on, its end
+        unrecorded, its duration capped by its webhooks only (past_time_limit)."""
+        try:
+            if not self.twilio.configured:
+                raise NotConfigured("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are not set")
+            status = self.twilio.watch_call(record.call_sid,
+                                            status_callback=status_callback_url(base_url, record.path,
+                                                                                record.tracking_id),
+                                            time_limit_s=time_limit_s)
+        except Exception as exc:  # noqa: BLE001  (whatever Twilio or the network answered, the call goes on)
+            log.warning("inbound_call_watch_failed", tracking_id=record.tracking_id, call_sid=record.call_sid,
+                        error=type(exc).__name__, code=getattr(exc, "code", None))
+            return False
+        log.info("inbound_call_watched", tracking_id=record.tracking_id, call_sid=record.call_sid,
+                 time_limit_s=time_limit_s, status=status)
+        return True
 
     def ended_on_silence(self, record: CallRecord) -> None:
         """The caller stayed silent through a Gather call's re-prompt: the call ends (goodbye, hang-up) on silence,
@@ -384,11 +421,12 @@ class CallLifecycle:
         self._write_end_reason(record, SILENCE_END, "silent through the re-prompt")
 
     def past_time_limit(self, record: CallRecord, workflow: Workflow) -> bool:
-        """Whether a call that rang in (no TimeLimit of ours: we never placed it) has lasted past the cap a placed
-        call of its flow gets (MAX_CALL_DURATION_S, shortened by the flow's maxCallDuration)."""
+        """Whether a call that rang in has lasted past the cap a placed call of its flow gets (MAX_CALL_DURATION_S,
+        shortened by the flow's maxCallDuration): the fallback for when Twilio did not take watch_inbound's
+        TimeLimit."""
         if not (record.meta or {}).get(INBOUND_META):
             return False  # a placed call: Twilio keeps its TimeLimit
-        return time.time() - record.created_at >= workflow.limits.time_limit_s(self.settings.max_call_duration_s)
+        return time.time() - record.created_at >= self.time_limit_s(workflow)
 
     def attach_call_sid(self, record: CallRecord, call_sid: str | None) -> CallRecord:
         if call_sid and record.call_sid != call_sid:

@@ -234,6 +234,14 @@ class TwilioGateway:
         )
         return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number)
 
+    def watch_call(self, call_sid: str, *, status_callback: str, time_limit_s: int) -> str:
+        """Ask Twilio to send the final status of a call we did not place (it rang in) to `status_callback` and to
+        hang it up after `time_limit_s`: what create_call asks of a placed call. The server's account (a call that
+        rang in has no request credentials). Twilio sends such a callback its `completed` event only."""
+        call = self.client().calls(call_sid).update(status_callback=status_callback, status_callback_method="POST",
+                                                   time_limit=time_limit_s)
+        return call.status or ""
+
     def end_call(self, call_sid: str, credentials: tuple[str, str] | None = None) -> str:
         call = self.client(credentials).calls(call_sid).update(status="completed")
         log.info("twilio_call_ended", call_sid=call_sid, status=call.status)

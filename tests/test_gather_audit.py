@@ -196,6 +196,74 @@ def test_an_inbound_gather_call_ends_at_the_call_duration_cap(env, fake_twilio, 
     assert len(fake_llm.requests) == 1
 
 
+def _updates_of(fake_twilio, call_sid: str, timeout_s: float = 5.0) -> list:
+    """The call updates the Twilio stand-in received for `call_sid`, once there is one (they are sent off the
+    request path), or [] after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [u for u in fake_twilio.updates() if u.path.endswith(f"/Calls/{call_sid}.json")]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
+def test_an_inbound_gather_call_gets_our_status_callback_and_time_limit_so_its_end_is_recorded(
+        env, fake_twilio, fake_llm):
+    """A call that rang in on a number pointed at /api/twiml-ai was never placed by us, so Twilio had neither our
+    status callback nor our TimeLimit for it: its end was never recorded (in progress for a day in the call log,
+    counted live, its meta never cleaned up). When it is first seen, Twilio is asked for both (the server's
+    account), and the final status Twilio then sends ends the call in the store."""
+    app = create_app({**env, "MAX_CALL_DURATION_S": "60"})
+    client = app.test_client()
+    twilio = Signer(client)
+    sid = fake_twilio.ring_in(to="+15005550006", from_number="+15551230000")
+    root = _twiml(twilio.post("/api/twiml-ai", {"CallSid": sid, "From": "+15551230000", "To": "+15005550006"}))
+    assert root.find("Gather") is not None and "Hello" in said(root)
+    tracking_id = _store(app).find_tracking_id(sid)
+    (update,) = _updates_of(fake_twilio, sid)
+    assert update.auth_ok  # the server's own account
+    callback = update.one("StatusCallback")
+    assert callback == f"{PUBLIC}/api/call-status?trackingId={tracking_id}"  # a placed Gather call's callback
+    assert update.one("StatusCallbackMethod") == "POST" and update.one("TimeLimit") == "60"
+    assert update.one("Status") is None and update.one("Url") is None  # the call itself is left alone
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] == "in_progress"
+    # Twilio's final status to that URL, signed with the server's token, ends the call.
+    status = twilio.post(callback[len(PUBLIC):], {"CallSid": sid, "CallStatus": "completed", "CallDuration": "42",
+                                                  "SequenceNumber": "0"})
+    assert status.status_code == 200
+    record = _store(app).get_call(tracking_id)
+    assert record.status == "completed" and record.ended_at is not None
+    assert client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"] not in ("in_progress", "unknown")
+
+
+def test_the_inbound_greeting_does_not_wait_for_twilio_and_a_failed_watch_is_logged(app, twilio, fake_twilio,
+                                                                                   fake_llm):
+    """The caller waits for the greeting: Twilio is asked off the request path (here it is slow, then refuses: a
+    SID it does not know). The refusal is logged with its class, no secrets; the webhook-time cap stays."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from tests.conftest import AUTH_TOKEN
+    sid = "CA" + "8" * 32  # not a call the stand-in knows: Twilio answers the update with a 404
+    fake_twilio.hold = threading.Event()
+    with capture_logs() as logs:
+        started = time.monotonic()
+        root = _twiml(twilio.post("/api/twiml-ai", {"CallSid": sid, "From": "+15551230000", "To": "+15005550006"}))
+        assert time.monotonic() - started < 5  # answered while Twilio still holds the update
+        assert root.find("Gather") is not None and "Hello" in said(root)
+        assert _updates_of(fake_twilio, sid), "no update sent"
+        fake_twilio.hold.set()
+        deadline = time.monotonic() + 5
+        while not any(e["event"] == "inbound_call_watch_failed" for e in logs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    (line,) = [e for e in logs if e["event"] == "inbound_call_watch_failed"]
+    assert line["error"] == "TwilioRestException" and line["log_level"] == "warning", line
+    assert AUTH_TOKEN not in repr(line)
+    record = _store(app).get_call(_store(app).find_tracking_id(sid))
+    assert record is not None and record.ended_at is None
+
+
 def test_a_runaway_reply_is_capped_for_say_and_an_empty_one_is_an_apology(call, fake_llm, fake_llm2):
     from callweaver.engine.conversation import MAX_TURN_REPLY_BYTES
     root = call.answer()

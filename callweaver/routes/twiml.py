@@ -184,7 +184,7 @@ def twiml_ai(record=None):
     turn = turn_param(request.args.get(TURN_PARAM))
     if record is None:
         record = svc.lifecycle.inbound_call(workflow_id if workflow_id != "fallback" else None,
-                                            call_sid, params.get("To"), params.get("From"))
+                                            call_sid, params.get("To"), params.get("From"), base_url())
         g.twilio_call = record  # an error answer from here on speaks its language and names it (`_error_answer`)
     elif call_sid and record.call_sid and call_sid != record.call_sid:
         # A signed URL of one call requested for another: neither call's state may be touched.

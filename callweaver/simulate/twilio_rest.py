@@ -1,5 +1,8 @@
 """A stand-in for Twilio's REST API (Calls.json create/update/fetch) on loopback, recording what it received.
 
+A call that rings in is made known to it with `ring_in` (Twilio knows every call on the account; an update of a
+SID it does not know is a 404, as Twilio answers).
+
 The simulator points CallWeaver at it (TWILIO_API_BASE_URL) so a call can be tried with no Twilio account;
 the tests use it as their fake Twilio.
 """
@@ -40,7 +43,8 @@ class TwilioError:
 
 
 class TwilioRestStandIn:
-    """Set `error` to make the next create fail the way Twilio does; read `requests` to assert parameters."""
+    """Set `error` to make the next create fail the way Twilio does; read `requests` to assert parameters. Set
+    `hold` (an Event) to keep every call update's answer back until it is set (a slow Twilio)."""
 
     def __init__(self, account_sid: str, auth_token: str):
         self.account_sid = account_sid
@@ -48,6 +52,7 @@ class TwilioRestStandIn:
         self.requests: list[TwilioRequest] = []
         self.calls: dict[str, dict] = {}
         self.error: TwilioError | None = None
+        self.hold: threading.Event | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._tls = False
@@ -63,6 +68,15 @@ class TwilioRestStandIn:
 
     def updates(self) -> list[TwilioRequest]:
         return [r for r in self.requests if r.method == "POST" and not r.path.endswith("/Calls.json")]
+
+    def ring_in(self, to: str, from_number: str) -> str:
+        """A call ringing in on the account's number `to`: its SID, as Twilio's webhooks will name it."""
+        call_sid = "CA" + secrets.token_hex(16)
+        with self._lock:
+            self.calls[call_sid] = {"sid": call_sid, "account_sid": self.account_sid, "to": to, "from": from_number,
+                                    "status": "in-progress", "direction": "inbound", "duration": None,
+                                    "price": None, "price_unit": "USD"}
+        return call_sid
 
     def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> "TwilioRestStandIn":
         """Serve on 127.0.0.1 (`port` 0: a free one); over HTTPS for `localhost` with `tls` (a server context), as
@@ -116,6 +130,8 @@ class TwilioRestStandIn:
                     return self._reply(201, call)
                 if len(segs) == 5 and segs[3] == "Calls" and segs[4].endswith(".json"):
                     call_sid = segs[4][:-5]
+                    if method == "POST" and fake.hold is not None:
+                        fake.hold.wait(10)
                     call = fake.calls.get(call_sid)
                     if call is None:
                         return self._reply(404, {"code": 20404, "message": f"The requested resource {parts.path} was not found", "status": 404})
