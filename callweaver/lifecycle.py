@@ -23,7 +23,8 @@ from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import API_END, END_REASON_META, ERROR_END, SILENCE_END, TERMINAL_STATUSES, CallRecord, Store
+from .store import (API_END, END_REASON_META, ERROR_END, LLM_ACCOUNT_META, SILENCE_END, TERMINAL_STATUSES, CallRecord,
+                    Store)
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -43,9 +44,10 @@ MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and lo
 # meta: the call rang in (inbound_call): its TimeLimit is ours only once Twilio took watch_inbound's update, so its
 # webhooks keep the cap too (past_time_limit)
 INBOUND_META = "inbound"
-# Meta that goes when the call ends: the call's own LLM account, words kept for a resume that never came (no
-# transcript, so never purged with one), and a Gather call's latest answer and claims.
-ENDED_CALL_META = ("llm", CARRIED_OVER, *GATHER_META_KEYS)
+# Meta that goes when the call ends: the call's own LLM account, words kept for a resume that never came, and a
+# Gather call's latest answer and claims. When that final status is lost, the transcript purge drops the account and
+# the words with the credentials instead (store.PURGED_META_KEYS).
+ENDED_CALL_META = (LLM_ACCOUNT_META, CARRIED_OVER, *GATHER_META_KEYS)
 
 
 class CallRequestError(Exception):

@@ -656,6 +656,28 @@ def test_emptying_a_transcript_also_empties_the_words_kept_in_the_calls_meta(sto
     assert set(store.get_call("lost").meta) == {"setup", "transcriptPurgedAt"}
 
 
+@pytest.mark.parametrize("said", [[{"role": "user", "content": CANTONESE}], []])
+def test_emptying_transcripts_drops_the_secrets_of_a_call_whose_end_was_never_recorded(store, said):
+    """A call's request Twilio credentials and its own LLM account (meta "llm") went only with its terminal status
+    callback; when that was lost they outlived the call's transcript until RETENTION_DAYS. The transcript purge
+    drops them too, also for a call with no transcript to empty (RECORD_TRANSCRIPTS=0, or emptied before), and
+    leaves a call that may still be live alone."""
+    secrets = {"credentials": "gAAAAB-opaque", "meta": {"llm": "gAAAAB-sealed", "setup": {"direction": "inbound"}}}
+    store.create_call(make_record("lost", created_at=10.0, messages=said, **secrets))
+    store.create_call(make_record("running", created_at=1000.0, messages=said, **secrets))
+
+    emptied = store.purge_transcripts(older_than=10.0 + MAX_CALL_DURATION_LIMIT_S + 1.0)
+
+    assert emptied == (1 if said else 0)  # the count is of transcripts emptied
+    lost = store.get_call("lost")
+    assert lost.credentials is None and "llm" not in lost.meta
+    assert lost.meta["setup"] == {"direction": "inbound"}
+    assert ("transcriptPurgedAt" in lost.meta) == bool(said)  # no purge mark where there was nothing to empty
+    running = store.get_call("running")
+    assert running.credentials == secrets["credentials"] and running.meta == secrets["meta"]
+    assert running.messages == said
+
+
 def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several_transactions(store, monkeypatch):
     """SQLite purges PURGE_BATCH calls per write transaction (a backlog in one held the write lock and the worker's
     loop for its whole length); every ended call older than the cut-off still goes, and only those."""

@@ -22,6 +22,8 @@ __all__ = [
     "GATHER_REPLY_META",
     "CARRIED_OVER_META",
     "SAID_META_KEYS",
+    "LLM_ACCOUNT_META",
+    "PURGED_META_KEYS",
     "ERROR_END",
     "API_END",
     "SILENCE_END",
@@ -119,6 +121,11 @@ API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end but
 GATHER_REPLY_META = "gatherReply"
 CARRIED_OVER_META = "carriedOver"
 SAID_META_KEYS = (GATHER_REPLY_META, CARRIED_OVER_META)
+LLM_ACCOUNT_META = "llm"  # the call's own LLM account from its request, sealed like its credentials
+# What emptying a transcript (purge_transcripts) drops from the meta of an expired call, with its request
+# credentials: the words kept there and its own LLM account. The call's end removes them (lifecycle); a call whose
+# end was never recorded keeps them until the purge, which drops them even where there is no transcript to empty.
+PURGED_META_KEYS = (*SAID_META_KEYS, LLM_ACCOUNT_META)
 # The meta keys a call-log row also carries: how the call ended depends on them (call_report.call_outcome).
 CALL_LOG_META_KEYS = (END_REASON_META,)
 # Fields update_call may write: the tracking id is the identity, never rewritten; `meta` has several writers at
@@ -376,7 +383,8 @@ class Store(Protocol):
 
     def purge_transcripts(self, older_than: float) -> int:
         """Empty the history and transcript of calls that ended before this epoch (or never recorded an end: as
-        purge), timings staying; returns the count."""
+        purge), timings staying; returns the count. Those calls also lose their request credentials and
+        PURGED_META_KEYS, transcript or not (their terminal status, which removes them, may have been lost)."""
         ...
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:

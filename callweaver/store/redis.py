@@ -20,7 +20,7 @@ from callweaver.store import (
     CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
-    SAID_META_KEYS,
+    PURGED_META_KEYS,
     CallRecord,
     TURN_FIELDS,
     StoreError,
@@ -776,18 +776,31 @@ class RedisStore:
 
     def purge_transcripts(self, older_than: float) -> int:
         purged_at = time.time()
+        fields = ["messages", "transcript", "credentials", "meta"]
+
+        def said(messages: str | None, transcript: str | None) -> bool:
+            return any(value not in (None, "[]", "null") for value in (messages, transcript))
+
+        def holds_secrets(credentials: str | None, meta: str | None) -> bool:
+            kept = json.loads(meta) if meta else None
+            return credentials not in (None, "null") or any(key in (kept or {}) for key in PURGED_META_KEYS)
 
         def empty(pipe, call_key: str) -> bool:
-            """One call, as SQLite's UPDATE: history, transcript and the purge mark in one write (WATCH/MULTI),
-            nothing else (updated_at stays the call's last activity)."""
-            exists, messages, transcript, meta = pipe.hmget(call_key, ["tracking_id", "messages", "transcript",
-                                                                       "meta"])
-            if exists is None or all(value in (None, "[]", "null") for value in (messages, transcript)):
+            """One call, as SQLite's UPDATEs: its credentials and PURGED_META_KEYS go, and any history and
+            transcript with the purge mark, in one write (WATCH/MULTI), nothing else (updated_at stays the call's
+            last activity); True when a transcript was emptied."""
+            exists, messages, transcript, credentials, meta = pipe.hmget(call_key, ["tracking_id", *fields])
+            emptied = exists is not None and said(messages, transcript)
+            if exists is None or not (emptied or holds_secrets(credentials, meta)):
                 return False
+            changes = {"transcriptPurgedAt": purged_at} if emptied else {}
+            mapping = {"credentials": "null", "meta": _dumps(merge_meta(json.loads(meta) if meta else {}, changes,
+                                                                        remove=PURGED_META_KEYS))}
+            if emptied:
+                mapping.update(messages="[]", transcript="[]")
             pipe.multi()
-            pipe.hset(call_key, mapping={"messages": "[]", "transcript": "[]", "meta": _dumps(merge_meta(
-                json.loads(meta) if meta else {}, {"transcriptPurgedAt": purged_at}, remove=SAID_META_KEYS))})
-            return True
+            pipe.hset(call_key, mapping=mapping)
+            return emptied
 
         purged = 0
         with self._backend() as client:
@@ -796,9 +809,9 @@ class RedisStore:
                 chunk = tracking_ids[start:start + PAGE_SCAN_CHUNK]
                 pipe = client.pipeline(transaction=False)
                 for tracking_id in chunk:
-                    pipe.hmget(self._key("call", tracking_id), ["messages", "transcript"])
+                    pipe.hmget(self._key("call", tracking_id), fields)
                 for tracking_id, values in zip(chunk, pipe.execute()):
-                    if any(value not in (None, "[]", "null") for value in values):  # only these are read again
+                    if said(*values[:2]) or holds_secrets(*values[2:]):  # only these are read again
                         call_key = self._key("call", tracking_id)
                         purged += self._transaction(client, functools.partial(empty, call_key=call_key),
                                                     call_key)

@@ -20,7 +20,7 @@ from callweaver.store import (
     CALL_LOG_META_KEYS,
     CALLS_ENDED_COUNTER,
     TERMINAL_STATUSES,
-    SAID_META_KEYS,
+    PURGED_META_KEYS,
     CallRecord,
     TURN_FIELDS,
     StoreError,
@@ -45,8 +45,11 @@ PURGE_BATCH = 200  # calls deleted per write transaction by purge()
 # The calls retention deletes (or empties) for a cutoff: ended before it, or never ended and created long enough
 # before it (unended_created_before). Parameters: the cutoff, then unended_created_before(cutoff).
 _EXPIRED = "ended_at < ? OR (ended_at IS NULL AND created_at < ?)"
-# The meta keys emptied with a transcript, as json_remove paths.
-_SAID_META_PATHS = ", ".join(f"'$.meta.{key}'" for key in SAID_META_KEYS)
+# The meta keys dropped with a transcript, as json_remove paths, and the test for a call that still has any of them
+# or its request credentials.
+_PURGED_META_PATHS = ", ".join(f"'$.meta.{key}'" for key in PURGED_META_KEYS)
+_HOLDS_SECRETS = " OR ".join(["json_extract(data, '$.credentials') IS NOT NULL",
+                              *(f"json_type(data, '$.meta.{key}') IS NOT NULL" for key in PURGED_META_KEYS)])
 # The calls created since a time that have not ended (live_calls, count_live_calls).
 _LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
@@ -697,13 +700,19 @@ class SQLiteStore:
             time.sleep(0)  # under gevent, live calls' greenlets run between two batches
 
     def purge_transcripts(self, older_than: float) -> int:
+        """One write transaction: the secrets and kept words of every expired call that still has any (a call
+        with no transcript too, and without the purge mark), then the transcripts, counted."""
+        expired = (older_than, unended_created_before(older_than))
         with self._write() as conn:
+            conn.execute(
+                f"UPDATE cw_calls SET data = json_set(json_remove(data, {_PURGED_META_PATHS}), '$.credentials', NULL)"
+                f" WHERE ({_EXPIRED}) AND ({_HOLDS_SECRETS})", expired)
             return conn.execute(
-                "UPDATE cw_calls SET data = json_set(json_remove(data, " + _SAID_META_PATHS + "),"
+                "UPDATE cw_calls SET data = json_set(data,"
                 " '$.messages', json('[]'), '$.transcript', json('[]'), '$.meta.transcriptPurgedAt', ?)"
                 f" WHERE ({_EXPIRED})"
                 " AND (json_array_length(data, '$.messages') > 0 OR json_array_length(data, '$.transcript') > 0)",
-                (time.time(), older_than, unended_created_before(older_than)),
+                (time.time(), *expired),
             ).rowcount
 
     def try_lease(self, name: str, holder: str, ttl_s: float) -> bool:
