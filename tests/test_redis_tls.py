@@ -35,12 +35,17 @@ def secret_free(text: str, secret: str) -> None:
     assert secret not in text, f"{secret!r} leaked: {text[:500]}"
 
 
+def tls_client(tmp_path, fake_twilio, tls_port: int, password: str):
+    """An app whose store, rate limits and cache reach the TLS redis-server with `password`."""
+    env = {**base_env(tmp_path, fake_twilio), "REDIS_URL": f"rediss://:{password}@localhost:{tls_port}/0",
+           "LOG_LEVEL": "INFO"}
+    return create_app(env).test_client()
+
+
 def test_a_rediss_url_with_a_password_serves_the_store_the_rate_limits_and_the_cache(tls_redis, tmp_path,
                                                                                       fake_twilio, capsys):
     server, tls_port = tls_redis
-    env = {**base_env(tmp_path, fake_twilio), "REDIS_URL": f"rediss://:{PASSWORD}@localhost:{tls_port}/0",
-           "LOG_LEVEL": "INFO"}
-    client = create_app(env).test_client()
+    client = tls_client(tmp_path, fake_twilio, tls_port, PASSWORD)
     with structlog.testing.capture_logs() as logs:
         placed = client.post("/api/make-call-optimized", json=make_call_body())
         health = client.get("/health")
@@ -61,9 +66,7 @@ def test_a_rediss_url_with_a_password_serves_the_store_the_rate_limits_and_the_c
 def test_a_wrong_password_is_a_503_that_names_no_password(tls_redis, tmp_path, fake_twilio, capsys):
     _server, tls_port = tls_redis
     wrong = "Wrong-pa55word-typed-in-the-dashboard"
-    env = {**base_env(tmp_path, fake_twilio), "REDIS_URL": f"rediss://:{wrong}@localhost:{tls_port}/0",
-           "LOG_LEVEL": "INFO"}
-    client = create_app(env).test_client()
+    client = tls_client(tmp_path, fake_twilio, tls_port, wrong)
     with structlog.testing.capture_logs() as logs:
         placed = client.post("/api/make-call-optimized", json=make_call_body())
         health = client.get("/health")
