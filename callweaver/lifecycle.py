@@ -18,13 +18,12 @@ from .config import (E164_RE, MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_
                      to_e164)
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
-from .engine.relay_session import CARRIED_OVER
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import (API_END, END_REASON_META, ERROR_END, LLM_ACCOUNT_META, SILENCE_END, TERMINAL_STATUSES, CallRecord,
-                    Store)
+from .store import (API_END, CARRIED_OVER_META, END_REASON_META, ERROR_END, LLM_ACCOUNT_META, SILENCE_END,
+                    TERMINAL_STATUSES, CallRecord, Store)
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -47,7 +46,7 @@ INBOUND_META = "inbound"
 # Meta that goes when the call ends: the call's own LLM account, words kept for a resume that never came, and a
 # Gather call's latest answer and claims. When that final status is lost, the transcript purge drops the account and
 # the words with the credentials instead (store.PURGED_META_KEYS).
-ENDED_CALL_META = (LLM_ACCOUNT_META, CARRIED_OVER, *GATHER_META_KEYS)
+ENDED_CALL_META = (LLM_ACCOUNT_META, CARRIED_OVER_META, *GATHER_META_KEYS)
 
 
 class CallRequestError(Exception):

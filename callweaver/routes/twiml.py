@@ -173,6 +173,12 @@ def _hang_up(text: str | None = None, entry: LanguageEntry | None = None) -> str
     return str(vr)
 
 
+def _apologise_and_hang_up(record: CallRecord | None, entry: LanguageEntry, reason: str) -> str:
+    """The apology, then <Hangup>: a call CallWeaver could not carry on, recorded as ended by an error (`reason`)."""
+    services().lifecycle.ended_by_error(record, reason)
+    return _hang_up(entry.line("apology"), entry)
+
+
 @bp.route(TWIML_AI_PATH, methods=["GET", "POST"])
 @twilio_webhook
 def twiml_ai(record=None):
@@ -227,23 +233,19 @@ def twiml_ai(record=None):
     text, result = svc.engine.answer_whole_turn(record, speech, path="traditional", received_at=received_at,
                                                 budget_s=budget_s)
     entry = svc.languages.get(result.language)
-    say = {"voice": entry.say_voice, "language": entry.say_language}
-    vr = VoiceResponse()
     if result.action == "end":
-        vr.say(text or entry.line("goodbye"), **say)
-        vr.hangup()
+        xml = _hang_up(text or entry.line("goodbye"), entry)
     elif result.action == "transfer" and svc.lifecycle.destination_allowed(result.destination):
-        vr.say(text, **say)
+        vr = VoiceResponse()
+        vr.say(text, voice=entry.say_voice, language=entry.say_language)
         vr.dial(result.destination)
+        xml = str(vr)
     elif result.action == "transfer":
         log.error("transfer_blocked", destination_allowed=False)
-        svc.lifecycle.ended_by_error(record, "transfer refused")
-        vr.say(entry.line("apology"), **say)
-        vr.hangup()
+        xml = _apologise_and_hang_up(record, entry, "transfer refused")
     else:
         next_turn = gather.next_turn(record) if turn is None else turn + 1
-        _listening(record, workflow_id, text or entry.line("apology"), entry, next_turn, vr)
-    xml = str(vr)
+        xml = _listening(record, workflow_id, text or entry.line("apology"), entry, next_turn)
     if turn is not None:
         gather.remember(record.tracking_id, turn, speech, xml)
     return twiml_response(xml)
@@ -365,9 +367,8 @@ def connect_action(record=None):
         # Carry on from the store, on whichever instance took this request.
         _connect_relay(vr, resumed, entry, entry.line("resumed"), resumed=True)
     elif reconnect or handoff.get("reason") == "transfer":
-        svc.lifecycle.ended_by_error(record, "not reconnected" if reconnect else "transfer refused")
-        vr.say(entry.line("apology"), **say)
-        vr.hangup()
+        return twiml_response(_apologise_and_hang_up(record, entry,
+                                                     "not reconnected" if reconnect else "transfer refused"))
     elif handoff.get("reason") in ("end", "error", "silence"):
         if handoff.get("reason") == "error":
             svc.lifecycle.ended_by_error(record, str(handoff.get("detail") or "relay error")[:100])
