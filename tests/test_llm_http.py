@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from callweaver.engine.llm_http import (ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint, Exchange,
-                                        ReadTimedOut, StatusError)
+from callweaver.engine.llm_http import (MAX_LINE_BYTES, ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint,
+                                        Exchange, ReadTimedOut, StatusError)
 from tests.fakes.loopback import LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,10 @@ class ScriptedServer(LoopbackServer):
                     if isinstance(piece, float):
                         time.sleep(piece)
                         continue
-                    conn.sendall(piece)
+                    try:
+                        conn.sendall(piece)
+                    except OSError:  # the client hung up mid-answer (as it should, on a line without an end)
+                        return
                     time.sleep(0.005)
 
 
@@ -179,6 +182,43 @@ def test_a_body_cut_off_mid_stream_is_a_dropped_connection(server_factory):
     exchange.start(b"{}", time.monotonic() + 5, 2.0)
     with pytest.raises(ConnectionDropped):
         read_lines(exchange)
+    exchange.close()
+
+
+ENDLESS_LINE = b"data: " + b"x" * (4 * MAX_LINE_BYTES)  # no line end: what a hostile LLM server may send
+
+
+@pytest.mark.parametrize("framing", ["close-delimited", "chunked", "chunk size"])
+def test_a_line_that_never_ends_is_dropped_at_the_line_cap_not_buffered_until_the_deadline(server_factory, framing):
+    """A request may bring its own LLM server (ALLOW_REQUEST_CREDENTIALS=1): one that streams bytes with no line end
+    had every byte held in the worker's memory until the turn's deadline (several seconds at link speed is
+    gigabytes: the worker, with every call on it, was killed for memory). Now at most MAX_LINE_BYTES wait for a line
+    end (a chunk size line for one: a few bytes) before the connection is dropped (found by the outbound audit)."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    pieces = {"close-delimited": [head + b"\r\n", ENDLESS_LINE],
+              "chunked": [head + b"Transfer-Encoding: chunked\r\n\r\n", b"%x\r\n" % len(ENDLESS_LINE), ENDLESS_LINE],
+              "chunk size": [head + b"Transfer-Encoding: chunked\r\n\r\n", b"f" * len(ENDLESS_LINE)]}[framing]
+    server = server_factory(pieces + [3.0])
+    exchange = Exchange(pool_for(server))
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    started = time.monotonic()
+    with pytest.raises(ConnectionDropped, match="too long"):
+        exchange.next_lines(time.monotonic() + 2.5)
+    assert time.monotonic() - started < 1.5  # at the cap, not at the deadline (a ReadTimedOut before)
+    exchange.close()
+    exchange = Exchange(pool_for(server_factory(pieces + [3.0])))
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    with pytest.raises(ConnectionDropped, match="too long"):
+        exchange.next_line(time.monotonic() + 2.5)
+    exchange.close()
+
+
+def test_lines_up_to_the_cap_still_come_back_whole(server_factory):
+    line = b"data: " + b"y" * (MAX_LINE_BYTES - 6)
+    server = server_factory([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(line) + 1), line + b"\n"])
+    exchange = Exchange(pool_for(server))
+    exchange.start(b"{}", time.monotonic() + 5, 2.0)
+    assert exchange.next_lines(time.monotonic() + 5) == [line]
     exchange.close()
 
 

@@ -35,6 +35,9 @@ from urllib.request import getproxies, proxy_bypass
 
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536
+# The longest body line (an SSE event line) held while waiting for its end: a chat-completions chunk is a few KB at
+# most, and a server that never ends a line (a request's own LLM server may be hostile) must not fill the worker.
+MAX_LINE_BYTES = 1 << 20
 # The deadline timer may fire this much before the deadline (libev's clock is the loop's cached time).
 DEADLINE_SLACK_S = 0.001
 
@@ -517,9 +520,7 @@ class Exchange:
                     self._body.clear()
                     return line
                 return None
-            if not self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
-                continue
-            self._decode()
+            self._read_more_of_a_line(deadline)
 
     def next_lines(self, deadline: float) -> list[bytes] | None:
         """Every complete body line already received (at least one; read from the network only when none is),
@@ -541,8 +542,14 @@ class Exchange:
                     body.clear()
                     return [line]
                 return None
-            if not self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
-                continue
+            self._read_more_of_a_line(deadline)
+
+    def _read_more_of_a_line(self, deadline: float) -> None:
+        """Read and decode more of the body while no line end has come; a line past MAX_LINE_BYTES drops the
+        connection, so a server that never ends one holds at most that much here, not all it sends by the deadline."""
+        if len(self._body) > MAX_LINE_BYTES:
+            raise ConnectionDropped("body line too long")
+        if self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
             self._decode()
 
     def read_body(self, deadline: float) -> bytes:
@@ -654,6 +661,8 @@ class Exchange:
             elif state in ("size", "trailer"):
                 end = raw.find(b"\r\n")
                 if end < 0:
+                    if len(raw) > MAX_HEAD_BYTES:  # a chunk size or trailer line: a few bytes, never megabytes
+                        raise ConnectionDropped("chunk size line too long")
                     return
                 line = bytes(raw[:end])
                 del raw[:end + 2]
