@@ -119,3 +119,39 @@ def test_a_request_supplied_llm_host_is_checked_again_when_a_connection_is_made(
         own = chains(record)._providers[0]
         assert own.name == "workflow-openai" and own.config.public_only is public_only
         assert own.pool().public_only is public_only
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure_openai"])
+def test_a_calls_own_llm_account_gets_nothing_of_the_servers_environment(env, fake_twilio, fake_llm, own_llm,
+                                                                          monkeypatch, provider):
+    """The openai SDK fills what its client is not given from the environment: the server's OPENAI_ORG_ID and
+    OPENAI_PROJECT_ID went out as `OpenAI-Organization`/`OpenAI-Project` headers to whatever URL a make-call body
+    named, and an own OpenAI account with no `baseUrl` sent the body's key to the server's OPENAI_BASE_URL (the
+    operator's gateway) instead of OpenAI. A request's account now gets only what the request gave (found by the
+    outbound audit)."""
+    from callweaver.engine.vendors import OPENAI_API_BASE_URL, build_sdk_client, call_account_config, chat_endpoint
+
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-server-own-organization")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj_server_own_project")
+    monkeypatch.setenv("OPENAI_BASE_URL", own_llm.url)  # the operator's gateway, as the SDK would read it
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1", "ALLOW_PRIVATE_LLM_URLS": "1"})  # fake LLM: http://127.0.0.1
+    body = _body(own_llm)
+    if provider == "openai":
+        body["config"]["llm"] = {"provider": "openai", "openai": {"apiKey": WORKFLOW_KEY, "baseUrl": own_llm.url}}
+    own_llm.push(Reply(text="From the workflow's own account."))
+    _data, root, _ = _one_turn(app, fake_twilio, body)
+    assert "workflow's own account" in root.find("Say").text
+    (req,) = own_llm.requests
+    assert "openai-organization" not in req.headers and "openai-project" not in req.headers
+    assert "server-own" not in json.dumps(req.headers)
+
+    config = call_account_config({"kind": "openai", "apiKey": WORKFLOW_KEY}, "gpt-4o-mini")
+    endpoint = chat_endpoint(config, build_sdk_client(config))
+    assert f"https://{endpoint.host}/v1/" == OPENAI_API_BASE_URL + "/" and endpoint.port == 443
+    server = app.extensions["callweaver"].providers._providers[-1]  # the server's own: still read as configured
+    assert server.name == "openai" and server.pool().endpoint.port == fake_llm2_port(env)
+
+
+def fake_llm2_port(env: dict) -> int:
+    from urllib.parse import urlsplit
+    return urlsplit(env["OPENAI_BASE_URL"]).port

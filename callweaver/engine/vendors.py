@@ -23,6 +23,9 @@ log = structlog.get_logger()
 
 DEFAULT_AZURE_API_VERSION = "2025-01-01-preview"
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+# Where an OpenAI account goes when it names no base URL (the SDK's documented default, written out so that a
+# request's own account never picks up the server's OPENAI_BASE_URL).
+OPENAI_API_BASE_URL = "https://api.openai.com/v1"
 SELF_HOSTED_API_KEY = "not-needed"
 
 
@@ -38,6 +41,8 @@ class ProviderConfig:
     azure_endpoint: str | None = None
     api_version: str | None = None
     public_only: bool = False  # a URL a request supplied: connect to public addresses only (llm_http.ConnectionPool)
+    # A call's own account from a request: its client takes nothing from the server's environment (see build_sdk_client)
+    request_account: bool = False
 
     def __repr__(self) -> str:  # never let the key reach a log line or a traceback
         return (f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, model={self.model!r}, "
@@ -83,16 +88,24 @@ def _openai_sdk():
 
 
 def build_sdk_client(config: ProviderConfig) -> "openai.OpenAI":
-    """The SDK client: the configuration surface (base URL, keys, api-version, headers)."""
+    """The SDK client: the configuration surface (base URL, keys, api-version, headers).
+
+    The SDK fills what it is not given from the environment (OPENAI_BASE_URL, OPENAI_ORG_ID, OPENAI_PROJECT_ID):
+    right for the server's providers, never for a request's own account, whose URL the request chose: the server's
+    organization and project would go there as headers, and an account naming no URL would go to the server's."""
     openai = _openai_sdk()
+    isolated: dict[str, Any] = {}
+    if config.request_account:
+        isolated["default_headers"] = {"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit}
     if config.kind == "azure":
         return openai.AzureOpenAI(
             azure_endpoint=config.azure_endpoint or "",
             api_key=config.api_key,
             api_version=config.api_version or DEFAULT_AZURE_API_VERSION,
-            max_retries=0,
+            max_retries=0, **isolated,
         )
-    return openai.OpenAI(base_url=config.base_url, api_key=config.api_key or SELF_HOSTED_API_KEY, max_retries=0)
+    base_url = config.base_url or (OPENAI_API_BASE_URL if config.request_account else None)
+    return openai.OpenAI(base_url=base_url, api_key=config.api_key or SELF_HOSTED_API_KEY, max_retries=0, **isolated)
 
 
 def chat_endpoint(config: ProviderConfig, client: Any) -> Endpoint:
@@ -165,7 +178,7 @@ def call_account_config(credentials: Mapping[str, Any], default_openai_model: st
                               model=credentials.get("deployment") or deployment or "",
                               azure_endpoint=resource,
                               api_version=credentials.get("apiVersion") or version or DEFAULT_AZURE_API_VERSION,
-                              public_only=public_only)
+                              public_only=public_only, request_account=True)
     return ProviderConfig(name="workflow-openai", kind="openai", api_key=credentials["apiKey"],
                           model=credentials.get("model") or default_openai_model,
-                          base_url=credentials.get("baseUrl"), public_only=public_only)
+                          base_url=credentials.get("baseUrl"), public_only=public_only, request_account=True)
