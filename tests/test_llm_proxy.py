@@ -254,3 +254,31 @@ def test_a_pooled_https_connection_closed_here_is_not_reused(clean_env, tls_llm)
     assert not reused and again is not sock
     again.close()
     pool.close()
+
+
+def test_a_request_supplied_llm_host_is_checked_and_pinned_through_a_proxy_too(clean_env, proxy, tls_llm,
+                                                                              monkeypatch):
+    """With HTTPS_PROXY set, a request's own LLM account (public_only) skipped the connect-time address check: the
+    proxy was asked for a tunnel to the host *name*, resolved it itself, and so reached whatever the name answered
+    by then (DNS rebinding to 127.0.0.1 or 169.254.169.254, the server's own network as the proxy sees it). Now the
+    name is checked here first and the tunnel asked for the address checked; TLS is still verified for the name
+    (found by the outbound audit)."""
+    from callweaver.engine import llm_http
+
+    clean_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    clean_env.setenv("SSL_CERT_FILE", str(tls_llm.cert_file))
+    endpoint = Endpoint(f"https://localhost:{tls_llm.port}/v1/chat/completions", {})
+    with pytest.raises(ConnectFailed, match="non-public"):
+        ConnectionPool(endpoint, public_only=True).take(time.monotonic() + 5)
+    assert proxy.seen == [] and tls_llm.requests == []  # the proxy was never asked
+
+    monkeypatch.setattr(llm_http, "is_public_address", lambda address: address == "127.0.0.1")  # as if public
+    config = ProviderConfig("workflow-openai", "openai", "sk-test", "gpt-4o-mini",
+                            base_url=f"https://localhost:{tls_llm.port}/v1", public_only=True)
+    chain = ProviderChain([config], ChainSettings(first_token_timeout_s=5.0))
+    try:
+        reply = chain.complete([{"role": "user", "content": "hi"}])
+    finally:
+        chain.close()
+    assert reply.text == "Through the tunnel." and not reply.failovers
+    assert proxy.seen == [(f"CONNECT 127.0.0.1:{tls_llm.port} HTTP/1.1", None)]  # the address checked, not the name

@@ -124,9 +124,11 @@ class Endpoint:
         lines += ["Accept-Encoding: identity", "Connection: keep-alive", *extra]
         return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
-    def connect_request(self) -> bytes:
-        """The CONNECT request that opens a tunnel to this endpoint through its proxy (HTTPS endpoints)."""
-        authority = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+    def connect_request(self, address: str | None = None) -> bytes:
+        """The CONNECT request that opens a tunnel to this endpoint through its proxy (HTTPS endpoints); to `address`
+        instead of the host name when given (one already checked, so the proxy cannot resolve the name otherwise)."""
+        host = address or self.host
+        authority = f"{host}:{self.port}" if ":" not in host else f"[{host}]:{self.port}"
         lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
         if self.proxy is not None and self.proxy.authorization:
             lines.append(f"Proxy-Authorization: {self.proxy.authorization}")
@@ -206,15 +208,20 @@ class ConnectionPool:
         if proxy is not None and proxy.scheme != "http":
             raise ConnectFailed("unsupported proxy scheme")  # never silently around the proxy
         address = (proxy.host, proxy.port) if proxy is not None else (endpoint.host, endpoint.port)
+        checked = None  # public_only: the address just found public, the one connected to or tunnelled to
         sock = None
         try:
-            if self.public_only and proxy is None:
-                address = _public_address(endpoint.host, endpoint.port)
+            if self.public_only:
+                if proxy is not None and not endpoint.tls:  # the proxy would resolve the name itself
+                    raise ConnectFailed("a plain-http URL from a request cannot go through a proxy")
+                checked = _public_address(endpoint.host, endpoint.port)[0]
+                if proxy is None:
+                    address = (checked, endpoint.port)
             sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:
                 if proxy is not None:
-                    _open_tunnel(sock, endpoint.connect_request(), deadline)
+                    _open_tunnel(sock, endpoint.connect_request(checked), deadline)
                 sock.settimeout(_remaining(deadline, ConnectFailed))
                 sock = self._tls().wrap_socket(sock, server_hostname=endpoint.host)
         except UpstreamError:
