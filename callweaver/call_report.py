@@ -146,18 +146,22 @@ class CallReporter:
                        SIGNATURE_HEADER: sign(self.secret, body, int(time.time()))}
             retry_after = None
             try:
-                resp = self._session.post(self.url, data=body, headers=headers, timeout=ATTEMPT_TIMEOUT_S)
-                result.last_status, result.last_error = resp.status_code, None
-                if 200 <= resp.status_code < 300:
+                # Only the answer's status and Retry-After are read: its body (which a receiver could drip forever)
+                # never is, and a redirect is an answer, not followed (it would re-send the transcript elsewhere).
+                with self._session.post(self.url, data=body, headers=headers, timeout=ATTEMPT_TIMEOUT_S,
+                                        allow_redirects=False, stream=True) as resp:
+                    status, retry_after = resp.status_code, resp.headers.get("Retry-After")
+                result.last_status, result.last_error = status, None
+                if 200 <= status < 300:
                     result.delivered = True
                     log.info("call_report_delivered", tracking_id=tracking_id, attempts=result.attempts,
-                             status=resp.status_code)
+                             status=status)
                     return result
-                if resp.status_code not in RETRYABLE_STATUS:
-                    log.error("call_report_rejected", tracking_id=tracking_id, status=resp.status_code,
-                              attempts=result.attempts)
+                if status not in RETRYABLE_STATUS:
+                    log.error("call_report_rejected", tracking_id=tracking_id, status=status,
+                              attempts=result.attempts, **({"reason": "redirects are not followed"}
+                                                           if 300 <= status < 400 else {}))
                     return result
-                retry_after = resp.headers.get("Retry-After")
             except requests.RequestException as exc:
                 result.last_status, result.last_error = None, type(exc).__name__
             if result.attempts < self.max_attempts:

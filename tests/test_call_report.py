@@ -3,6 +3,7 @@ is down, and never holds up the call."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -15,6 +16,7 @@ from callweaver.store import CallRecord, build_store
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
 from tests.fakes.fake_llm import Reply
 from tests.fakes.live_server import LiveServer, free_port
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.report_receiver import ReportReceiver
 from tests.helpers import make_call_body
 
@@ -122,6 +124,67 @@ def test_bounded_retries_and_no_retry_on_a_rejection(tmp_path):
     assert not rejected.delivered and rejected.attempts == 1 and rejected.last_status == 400
     assert [dead.backoff(n) <= 0.01 * 2 ** (n - 1) for n in (1, 2, 3)] == [True] * 3
     assert CallReporter(store, "http://x", SECRET, spawn=spawn_thread, backoff_s=2).backoff(30) <= 300
+
+
+class RawReceiver(LoopbackServer):
+    """Answers every request with `head`, then `drip` one byte every 0.2 s for up to 20 s (a receiver that never
+    finishes its answer)."""
+
+    def __init__(self, head: bytes, drip: bool = False) -> None:
+        self.head, self.drip = head, drip
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                more = conn.recv(65536)
+                if not more:
+                    return
+                data += more
+            try:
+                conn.sendall(self.head)
+                for _ in range(100 if self.drip else 0):
+                    time.sleep(0.2)
+                    conn.sendall(b"x")
+            except OSError:
+                return
+
+
+def test_a_receiver_redirect_is_not_followed_with_the_report(tmp_path):
+    """requests follows redirects by default, and a 307/308 sends the POST again, body and signature included, to
+    wherever `Location` says (another host, plain http, an internal address): the transcript and phone numbers went
+    there. A redirect is now a rejection, logged with its status (found by the outbound audit)."""
+    store = build_store(str(tmp_path / "cw.sqlite3"))
+    store.create_call(CallRecord(tracking_id="call_3", status="completed", to="+14155550100"))
+    elsewhere = ReportReceiver().start()
+    redirecting = RawReceiver(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n"
+                              % elsewhere.url.encode())
+    try:
+        delivery = CallReporter(store, f"http://127.0.0.1:{redirecting.port}/hook", SECRET, spawn=spawn_thread,
+                                max_attempts=2, backoff_s=0.01).deliver("call_3")
+    finally:
+        redirecting.stop()
+        elsewhere.stop()
+    assert elsewhere.reports == []
+    assert not delivery.delivered and delivery.attempts == 1 and delivery.last_status == 307
+
+
+def test_a_receiver_that_never_finishes_its_answer_does_not_hold_the_delivery(tmp_path):
+    """Only the status (and Retry-After) of the receiver's answer matters, but its whole body was read: an answer
+    that declares a gigabyte and drips it a byte at a time (each read within the 10 s timeout) held the delivery
+    greenlet, and its pending slot, for as long as the receiver liked. The body is no longer read (found by the
+    outbound audit)."""
+    store = build_store(str(tmp_path / "cw.sqlite3"))
+    store.create_call(CallRecord(tracking_id="call_4", status="completed"))
+    dripping = RawReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\nx", drip=True)
+    results: list = []
+    reporter = CallReporter(store, f"http://127.0.0.1:{dripping.port}/hook", SECRET, spawn=spawn_thread,
+                            max_attempts=1)
+    worker = spawn_thread(lambda: results.append(reporter.deliver("call_4")))
+    worker.join(timeout=5)
+    dripping.stop()
+    assert results and results[0].delivered and results[0].last_status == 200
 
 
 def test_outcomes():
