@@ -196,6 +196,8 @@ class Settings:
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     secret_key: str = ""
     max_body_bytes: int = 1024 * 1024
+    # /api/chat's client messages and globalPrompt together, in characters: what one open request may spend
+    chat_max_chars: int = 80_000
     # Transport limits (README "Security"): slow bodies and the relay socket
     body_read_timeout_s: float = 10.0        # whole body within this, else 408
     max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
@@ -433,6 +435,7 @@ class Settings:
             problems.append(f"ALLOW_REQUEST_CREDENTIALS=1 needs SECRET_KEY of {MIN_SECRET_CHARS}+ characters (request "
                             "credentials are kept encrypted with it)")
         values["max_body_bytes"] = number("MAX_BODY_BYTES", 1024 * 1024, int, 1024)
+        values["chat_max_chars"] = number("CHAT_MAX_CHARS", 80_000, int, 1)
         values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
         values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
         values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)

@@ -459,6 +459,27 @@ def test_oversized_chat_requests_get_a_clear_400(client, fake_llm):
     assert fake_llm.requests == []
 
 
+def test_a_chat_request_spends_at_most_chat_max_chars_of_input(env, fake_llm):
+    """/api/chat is open (the web app's playground) and bills the server's LLM account per input token. Each message
+    was capped, not their sum: 200 messages of 20,000 characters, or as many as fit in MAX_BODY_BYTES (~1 MB,
+    ~250k tokens: up to the model's whole context), went to the LLM in one request, 60 a minute per client. The
+    client's messages and globalPrompt together now stay within CHAT_MAX_CHARS (found by the outbound audit)."""
+    from callweaver import create_app
+
+    client = create_app(env).test_client()
+    words = "word " * 3_999
+    many = [{"role": "user", "content": words}] * 5  # 5 x 19,995 = 99,975 characters, each message within its cap
+    resp = client.post("/api/chat", json={"messages": many})
+    assert resp.status_code == 400 and "CHAT_MAX_CHARS" in resp.get_json()["error"]
+    resp = client.post("/api/chat", json={"messages": many[:4], "globalPrompt": "g" * 20_000})  # 79,980 + 20,000
+    assert resp.status_code == 400 and resp.get_json()["success"] is False
+    assert fake_llm.requests == []
+    assert client.post("/api/chat", json={"messages": many[:4]}).status_code == 200  # 79,980: within the default
+    small = create_app({**env, "CHAT_MAX_CHARS": "1000"}).test_client()
+    resp = small.post("/api/chat", json={"messages": [{"role": "user", "content": "x" * 1_001}]})
+    assert resp.status_code == 400 and "1001 characters (at most 1000" in resp.get_json()["error"]
+
+
 # ---- 9. hostile input and log lines ---------------------------------------------------------------------
 
 def test_deeply_nested_json_gets_400_not_500(client):

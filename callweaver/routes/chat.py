@@ -45,6 +45,12 @@ def chat():
     # reply goes on without them, as the original's did.
     node_id = body.get("currentNodeId") if isinstance(body.get("currentNodeId"), str) else None
     svc = services()
+    # Each message is capped, and so is their sum: the request is open and every character is billed input.
+    total = sum(len(m["content"]) for m in client_messages) + (len(global_prompt) if isinstance(global_prompt, str)
+                                                                else 0)
+    if total > svc.settings.chat_max_chars:
+        raise ApiError(400, f"messages and globalPrompt have {total} characters "
+                            f"(at most {svc.settings.chat_max_chars}, CHAT_MAX_CHARS)")
     workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
     stored = svc.store.get_workflow(workflow_id) if workflow_id else None
     messages = playground_messages(client_messages, stored_workflow=stored, global_prompt=body.get("globalPrompt"),
