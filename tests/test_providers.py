@@ -249,6 +249,23 @@ def test_circuit_opens_after_consecutive_failures_and_the_primary_is_skipped(mak
     assert chain.health()[0]["consecutiveFailures"] == 2
 
 
+@pytest.mark.parametrize("hedged", [False, True])
+def test_a_refused_request_fails_over_without_charging_the_providers_circuit(make_chain, azure_fake, openai_fake,
+                                                                             hedged):
+    """A 400 is the provider's verdict on one request (Azure's content filter on what a caller said, a parameter a
+    make-call body chose), not on its health. Every provider's breaker is shared by all calls, so three refused
+    turns of one call (or one hostile caller) opened it and every other call lost that provider for the cooldown.
+    The turn still fails over; the breaker is not charged (found by the outbound audit)."""
+    chain = make_chain(circuit_failures=2, **({"hedge_after_s": 0.0} if hedged else {}))
+    azure_fake.fault = "400"
+    openai_fake.ttft_s = 0.3 if hedged else 0.0  # hedged: Azure's refusal comes first, while both are asked
+    for _ in range(4):
+        reply = make_and_finish(chain)
+        assert reply.provider == "openai" and [f["reason"] for f in reply.failovers] == ["http_400"]
+    assert len(azure_fake.requests) == 4  # never skipped
+    assert chain.health()[0]["state"] == "closed" and chain.health()[0]["consecutiveFailures"] == 0
+
+
 def test_half_open_probe_after_cooldown_closes_the_circuit_on_success(make_chain, azure_fake, openai_fake, clock):
     chain = make_chain(circuit_failures=2, circuit_cooldown_s=30.0)
     azure_fake.fault = "500"

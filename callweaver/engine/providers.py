@@ -69,6 +69,21 @@ def _status_kind(status_code: int) -> str:
     return "rate_limited" if status_code == 429 else f"http_{status_code}"
 
 
+# A provider refusing one request (its content or its parameters: Azure's content filter on what a caller said, a
+# prompt too long, a value a workflow chose) says nothing of its health. The turn fails over, but the breaker, which
+# every call shares, is not charged: one call's refused turns must not take the provider from every other call.
+REQUEST_REFUSED = frozenset({"http_400", "http_413", "http_422"})
+
+
+def _charge_failure(chain: "ProviderChain", provider: "_Provider", kind: str, seen: CircuitRecord) -> None:
+    """Count a failed attempt against the provider's breaker, unless the provider only refused this request."""
+    if kind in REQUEST_REFUSED:
+        if seen.probe_until is not None:  # this turn held the half-open probe: let the next turn probe
+            provider.circuit.release_probe()
+        return
+    provider.circuit.record_failure(chain._clock())
+
+
 # --------------------------------------------------------------------------- one provider + its breaker
 
 
@@ -258,7 +273,7 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
                 return
             if error.kind == "hedge_failed":
                 continue  # the race recorded both providers' outcomes
-            provider.circuit.record_failure(chain._clock())
+            _charge_failure(chain, provider, error.kind, seen)
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
             continue
@@ -350,7 +365,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                 if len(racers) == 1:
                     raise value  # no hedge was started: the chain's own failover handles it
                 failed += 1
-                racer.provider.circuit.record_failure(chain._clock())
+                _charge_failure(chain, racer.provider, value.kind, racer.seen)
                 settled.add(racer)
                 state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
                                         "spoken_chars": len(state.text)})

@@ -34,7 +34,7 @@ class Reply:
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
     ttft_s: float | None = None
     token_interval_s: float | None = None
-    fault: str | None = None  # None | "500" | "429" | "hang" | "drop"
+    fault: str | None = None  # None | "500" | "429" | "400" (the request refused: a content filter) | "hang" | "drop"
     drop_after_tokens: int = 3
     # Extra (not in the original brief): send SSE comment lines at this interval while waiting for the
     # first token (and during "hang"), the way real gateways keep idle streams alive.
@@ -150,6 +150,10 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         if reply.fault == "500":
             self._send_json(500, {"error": {"message": "fake upstream error", "type": "server_error"}})
+            return
+        if reply.fault == "400":  # as Azure's content filter or a parameter out of range refuses a request
+            self._send_json(400, {"error": {"message": "The request was refused", "type": "invalid_request_error",
+                                            "code": "content_filter"}})
             return
         if reply.fault == "429":
             self._send_json(
