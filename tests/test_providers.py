@@ -439,14 +439,20 @@ def test_tool_calls_with_unparseable_arguments_are_skipped():
     assert _parse_tool_calls("azure", parts) == [("good", {"a": 1})]
 
 
-def test_model_override_applies_to_openai_kind_and_azure_keeps_its_deployment(make_chain, azure_fake, openai_fake):
+def test_a_workflows_model_applies_to_its_own_openai_account_only(make_chain, azure_fake, openai_fake):
+    """The server's providers run their configured model and deployment whatever a flow asks for (a public request
+    must not choose what the operator's key pays for); a call's own OpenAI account runs the flow's choice."""
     chain = make_chain()
     make_and_finish(chain, model="gpt-4.1-mini")
     azure_fake.fault = "500"
     make_and_finish(chain, model="gpt-4.1-mini")
 
     assert "/deployments/gpt4omini/" in azure_fake.requests[0].path
-    assert openai_fake.requests[0].body["model"] == "gpt-4.1-mini"
+    assert openai_fake.requests[0].body["model"] == "gpt-4o-mini"
+    own = chain.with_first(ProviderConfig("workflow-openai", "openai", OPENAI_KEY, "gpt-4o-mini",
+                                          base_url=openai_fake.url, request_account=True))
+    assert make_and_finish(own, model="gpt-4.1-mini").provider == "workflow-openai"
+    assert openai_fake.requests[1].body["model"] == "gpt-4.1-mini"
 
 
 def test_complete_runs_the_whole_turn(make_chain, azure_fake):

@@ -155,3 +155,21 @@ def test_a_calls_own_llm_account_gets_nothing_of_the_servers_environment(env, fa
 def fake_llm2_port(env: dict) -> int:
     from urllib.parse import urlsplit
     return urlsplit(env["OPENAI_BASE_URL"]).port
+
+
+def test_a_make_call_body_cannot_choose_what_the_servers_llm_account_runs(env, fake_twilio, fake_llm, fake_llm2):
+    """make-call is open, and its flow's `config.llm.model` went to the server's own OpenAI-kind provider: any public
+    request could pick the most expensive model the operator's key (or gateway: OPENAI_BASE_URL) can reach, a
+    thousand times gpt-4o-mini's price per token, or a name it refuses. The server's providers now run their
+    configured models; a temperature outside 0–2 or a max_tokens below 1 (refused by every provider) is ignored
+    (found by the outbound audit)."""
+    app = create_app({**env, "LLM_PROVIDERS": "openai"})
+    body = make_call_body()
+    body["config"] = {**body["config"], "llm": {"provider": "openai", "model": "o1-pro", "temperature": 7,
+                                                "maxTokens": 0, "openai": {"model": "o1-pro"}}}
+    fake_llm2.push(Reply(text="Server account."))
+    _data, root, _ = _one_turn(app, fake_twilio, body)
+    assert "Server account." in root.find("Say").text
+    (req,) = fake_llm2.requests
+    assert req.body["model"] == "gpt-4o-mini" and "temperature" not in req.body and "max_tokens" not in req.body
+    assert fake_llm.requests == []

@@ -604,7 +604,7 @@ class ProviderChain:
                max_tokens: int | None = None, model: str | None = None, apology: str = DEFAULT_APOLOGY) -> ReplyStream:
         """Start a turn (lazily: nothing is sent until iterated).
 
-        `model` overrides the model of "openai"-kind providers only; an Azure provider always uses its deployment.
+        `model` overrides the model of a call's own OpenAI account only (vendors.request_model).
         """
         request = _TurnRequest(list(messages), tools, temperature, max_tokens, model, apology)
         return ReplyStream(self, request)

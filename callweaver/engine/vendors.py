@@ -114,9 +114,10 @@ def chat_endpoint(config: ProviderConfig, client: Any) -> Endpoint:
 
 
 def request_model(config: ProviderConfig, requested: str | None) -> str:
-    """The model a request names: a workflow's own choice for OpenAI-compatible providers; an Azure provider
-    always uses its deployment."""
-    return requested if (requested and config.kind != "azure") else config.model
+    """The model a turn asks for: a workflow's own choice only on its own OpenAI account (a request's); the server's
+    providers always run their configured model (a public make-call body must not pick what the operator's key
+    pays for), and an Azure provider its deployment."""
+    return requested if (requested and config.kind != "azure" and config.request_account) else config.model
 
 
 def unconfigured_providers(settings: Any) -> dict[str, str]:

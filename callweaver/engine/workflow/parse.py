@@ -216,14 +216,20 @@ def _call_limits(config: Mapping) -> CallLimits:
     )
 
 
+MAX_TEMPERATURE = 2  # OpenAI's and Azure OpenAI's documented range is 0 to 2
+
+
 def _llm_options(config: Mapping) -> LlmOptions:
     """config.llm's settings: the active provider's sub-config, azure, then the top level."""
     llm = config.get("llm")
     llm = llm if isinstance(llm, Mapping) else {}
     sources = [*_llm_sub_configs(llm), llm]
+    # Values every provider refuses (a 400 for the whole turn) are ignored: the provider's default applies.
+    temperature = _first(sources, ("temperature",), as_number)
+    max_tokens = _first(sources, ("maxTokens", "max_tokens"), _as_int)
     return LlmOptions(
-        temperature=_first(sources, ("temperature",), as_number),
-        max_tokens=_first(sources, ("maxTokens", "max_tokens"), _as_int),
+        temperature=temperature if temperature is not None and 0 <= temperature <= MAX_TEMPERATURE else None,
+        max_tokens=max_tokens if max_tokens is not None and max_tokens >= 1 else None,
         model=_first(sources, ("model", "deploymentName"), lambda v: _text(v) or None),
     )
 
