@@ -74,6 +74,13 @@ def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, 
     ("https://169.254.169.254/openai/deployments/d", "non-public address"),
     ("https://[::1]/openai/deployments/d", "non-public address"),
     ("https://localhost/openai/deployments/d", "non-public address"),
+    # IPv6 addresses that carry an IPv4 one, which Python's ipaddress calls global: NAT64 (the well-known prefix: an
+    # IPv6-only host's NAT64 gateway reaches 10.0.0.5 and the like), IPv4-compatible, 6to4 (found by the outbound audit)
+    ("https://[64:ff9b::a00:5]/openai/deployments/d", "non-public address"),
+    ("https://[64:ff9b::a9fe:a9fe]/openai/deployments/d", "non-public address"),
+    ("https://[::127.0.0.1]/openai/deployments/d", "non-public address"),
+    ("https://[2002:7f00:1::]/openai/deployments/d", "non-public address"),
+    ("https://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/openai/deployments/d", "non-public address"),  # Teredo: 10.0.0.1
     # not URLs at all: urlsplit or its port raised ValueError, a 500
     ("https://llm.example.com:99999/openai/deployments/d", "must be an absolute https URL"),
     ("https://llm.example.com:port/openai/deployments/d", "must be an absolute https URL"),

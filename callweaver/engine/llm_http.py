@@ -151,10 +151,24 @@ class Endpoint:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
 
 
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix: the last 32 bits are IPv4
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")      # deprecated IPv4-compatible addresses (RFC 4291 §2.5.5.1)
+
+
 def is_public_address(address: str) -> bool:
-    """An address on the public internet: not loopback, private, link-local, reserved or multicast."""
+    """An address on the public internet: not loopback, private, link-local, reserved or multicast, nor an IPv6
+    address carrying one of those IPv4 addresses (NAT64, 6to4, Teredo, IPv4-compatible or -mapped), which the
+    `ipaddress` module may call global but a NAT64 gateway or tunnel delivers to the IPv4 address inside."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
+    if not ip.is_global or ip.is_multicast:
+        return False
+    if ip.version == 6:
+        teredo = ip.teredo
+        inside = [ip.ipv4_mapped, ip.sixtofour, *(teredo or ())]
+        if ip in NAT64_PREFIX or ip in IPV4_COMPATIBLE:
+            inside.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        return all(is_public_address(str(v4)) for v4 in inside if v4 is not None)
+    return True
 
 
 def _public_address(host: str, port: int) -> tuple[str, int]:
