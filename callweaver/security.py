@@ -93,12 +93,15 @@ def outbound_url_refusal(url: str, *, allow_private: bool = False) -> str | None
         return None
     if parts.scheme != "https":
         return "must use https"
+    # One answer whether the name has no address or a private one: which names the server's own DNS knows (an
+    # internal network's) is not the request's business.
+    refusal = f"host {parts.hostname!r} must resolve to public addresses only (it has none, or a non-public address)"
     try:
         infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
-        return f"host {parts.hostname!r} does not resolve"
-    if not all(is_public_address(info[4][0]) for info in infos):
-        return f"host {parts.hostname!r} resolves to a non-public address"
+        return refusal
+    if not infos or not all(is_public_address(info[4][0]) for info in infos):
+        return refusal
     return None
 
 

@@ -180,3 +180,19 @@ def test_a_make_call_body_cannot_choose_what_the_servers_llm_account_runs(env, f
     (req,) = fake_llm2.requests
     assert req.body["model"] == "gpt-4o-mini" and "temperature" not in req.body and "max_tokens" not in req.body
     assert fake_llm.requests == []
+
+
+def test_a_refused_llm_host_does_not_say_whether_it_resolved(env, fake_twilio, own_llm):
+    """The refusal said "does not resolve" for a name with no address and "resolves to a non-public address" for one
+    with a private address: a public make-call could map which names the server's own (internal) DNS knows. Both
+    now get the same answer (found by the outbound audit)."""
+    app = create_app({**env, "ALLOW_REQUEST_CREDENTIALS": "1"})
+    errors = []
+    for host in ("localhost", "no-such-host.invalid"):
+        body = _body(own_llm)
+        body["config"]["llm"]["azure"]["endpoint"] = f"https://{host}/openai/deployments/d/chat/completions"
+        resp = app.test_client().post("/api/make-call", json=body)
+        assert resp.status_code == 400
+        errors.append(resp.get_json()["error"].replace(host, "HOST"))
+    assert errors[0] == errors[1] and "public" in errors[0]
+    assert fake_twilio.creates() == []
