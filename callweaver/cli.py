@@ -1,9 +1,12 @@
 """Operator commands (`flask --app wsgi <command>`): the same jobs the workers run, on demand."""
 from __future__ import annotations
 
+import json
+
 import click
 from flask import Flask
 
+from .lifecycle import CallRequestError
 from .retention import purge_ended_calls
 from .store import StoreError
 
@@ -22,3 +25,24 @@ def register_cli(app: Flask) -> None:
         except StoreError as exc:  # the store is down or unwritable: the operator's to fix, said in one line
             raise click.ClickException(f"nothing purged: {exc}") from None
         click.echo(f"purged {purged} call(s) that ended more than {days} day(s) ago")
+
+    @app.cli.command("save-workflow")
+    @click.argument("workflow_id")
+    @click.argument("flow", type=click.File("r"))
+    def save_workflow(workflow_id: str, flow) -> None:
+        """Store FLOW (a make-call body's JSON: nodes, edges, globalPrompt, config) as WORKFLOW_ID's flow, validated
+        as make-call validates it: the way to write an id listed in PINNED_WORKFLOW_IDS, which make-call does not."""
+        svc = app.extensions["callweaver"]
+        try:
+            body = json.load(flow)
+            workflow = svc.lifecycle.callable_workflow(body if isinstance(body, dict) else {})
+            svc.store.save_workflow(workflow_id, workflow.snapshot)
+        except ValueError as exc:
+            raise click.ClickException(f"not saved: {flow.name} is not JSON ({exc})") from None
+        except CallRequestError as exc:
+            raise click.ClickException(f"not saved: {exc.message}") from None
+        except StoreError as exc:
+            raise click.ClickException(f"not saved: {exc}") from None
+        unpinned = workflow_id not in svc.settings.pinned_workflow_ids
+        click.echo(f"saved workflow {workflow_id!r}: {len(workflow.nodes)} node(s)"
+                   + (" (not in PINNED_WORKFLOW_IDS: a make-call may replace it)" if unpinned else ""))

@@ -138,6 +138,8 @@ class Settings:
     allow_request_credentials: bool = False
     allow_private_llm_urls: bool = False
     allowed_destination_prefixes: tuple[str, ...] = ("+1",)
+    # Workflow ids whose stored flow (what a call ringing in on /api/twiml-ai?id=… runs) only the operator writes
+    pinned_workflow_ids: frozenset[str] = frozenset()
     blocked_destination_prefixes: tuple[str, ...] = DEFAULT_BLOCKED_DESTINATION_PREFIXES
     record_calls: bool = False
     call_timeout_s: int = 30
@@ -341,6 +343,8 @@ class Settings:
             if not re.fullmatch(r"\+[0-9]{1,8}", p):
                 problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876, got {p!r}")
         values["blocked_destination_prefixes"] = blocked
+        values["pinned_workflow_ids"] = frozenset(i.strip() for i in text("PINNED_WORKFLOW_IDS").split(",")
+                                                  if i.strip())
         values["record_calls"] = flag("RECORD_CALLS", False)
         values["call_timeout_s"] = number("CALL_TIMEOUT_S", 30, int, 5, MAX_RING_TIMEOUT_S)
         values["max_call_duration_s"] = number("MAX_CALL_DURATION_S", 3600, int, 60, MAX_CALL_DURATION_LIMIT_S)

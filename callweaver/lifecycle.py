@@ -185,12 +185,7 @@ class CallLifecycle:
         refusal = self.destination_refusal(to)
         if refusal:
             raise CallRequestError(f"Destination {to} is not allowed: {refusal}")
-        workflow = self._workflow_from(body)
-        blocked = [f"transfer node '{n.id}' destination {n.destination} is not allowed: "
-                   f"{self.destination_refusal(n.destination)}" for n in workflow.nodes.values()
-                   if n.kind == "transfer" and not self.destination_allowed(n.destination)]
-        if blocked:
-            raise CallRequestError("Invalid workflow: " + "; ".join(blocked), problems=blocked)
+        workflow = self.callable_workflow(body)
         creds = self.request_credentials(body)
         if creds is None and not self.twilio.configured:
             raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID, "
@@ -230,7 +225,12 @@ class CallLifecycle:
         status_callback = status_callback_url(base_url, path, tracking_id)
         if self.take_call_slot is not None:  # last, once nothing can refuse the request: refusals use no slot
             self.take_call_slot()
-        self.store.create_call(call, workflow_id=workflow_id)  # the flow saved as the id's latest, in the same write
+        # The flow is saved as the id's latest in the same write, unless the operator pinned the id: a public request
+        # must not replace the flow an inbound line runs (its prompt, its transfer numbers).
+        pinned = workflow_id in self.settings.pinned_workflow_ids
+        if pinned:
+            log.info("workflow_not_saved", workflow_id=workflow_id, reason="pinned (PINNED_WORKFLOW_IDS)")
+        self.store.create_call(call, workflow_id=None if pinned else workflow_id)
         try:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,
@@ -257,6 +257,17 @@ class CallLifecycle:
         if entry is None:
             raise CallRequestError(self.languages.refusal(requested, field))
         return entry
+
+    def callable_workflow(self, body: Mapping[str, Any]) -> Workflow:
+        """The body's flow, validated, with every transfer destination allowed (CallRequestError otherwise): what
+        make-call places and what `flask save-workflow` stores."""
+        workflow = self._workflow_from(body)
+        blocked = [f"transfer node '{n.id}' destination {n.destination} is not allowed: "
+                   f"{self.destination_refusal(n.destination)}" for n in workflow.nodes.values()
+                   if n.kind == "transfer" and not self.destination_allowed(n.destination)]
+        if blocked:
+            raise CallRequestError("Invalid workflow: " + "; ".join(blocked), problems=blocked)
+        return workflow
 
     def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
         if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():
