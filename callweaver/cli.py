@@ -30,12 +30,13 @@ def register_cli(app: Flask) -> None:
     @click.argument("workflow_id")
     @click.argument("flow", type=click.File("r"))
     def save_workflow(workflow_id: str, flow) -> None:
-        """Store FLOW (a make-call body's JSON: nodes, edges, globalPrompt, config) as WORKFLOW_ID's flow, validated
-        as make-call validates it: the way to write an id listed in PINNED_WORKFLOW_IDS, which make-call does not."""
+        """Store FLOW (a make-call body's JSON or the web app's export: nodes, edges, globalPrompt, config) as
+        WORKFLOW_ID's flow, validated as make-call validates it (and refused when it names no flow): the way to write
+        an id listed in PINNED_WORKFLOW_IDS, which make-call does not."""
         svc = app.extensions["callweaver"]
         try:
             body = json.load(flow)
-            workflow = svc.lifecycle.callable_workflow(body if isinstance(body, dict) else {})
+            workflow = svc.lifecycle.storable_workflow(body)
             svc.store.save_workflow(workflow_id, workflow.snapshot)
         except ValueError as exc:
             raise click.ClickException(f"not saved: {flow.name} is not JSON ({exc})") from None

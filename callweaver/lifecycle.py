@@ -269,8 +269,25 @@ class CallLifecycle:
             raise CallRequestError("Invalid workflow: " + "; ".join(blocked), problems=blocked)
         return workflow
 
+    def storable_workflow(self, body: Any) -> Workflow:
+        """What `flask save-workflow` stores under an id for calls ringing in: a callable flow that is really there
+        (make-call's generic stand-in for a body without nodes or globalPrompt would silently replace the id's flow)
+        in a language the server speaks (make-call refuses any other; an inbound call would hear the default one)."""
+        if not isinstance(body, Mapping) or not self._names_a_flow(body):
+            raise CallRequestError("the file names no flow: no nodes and no globalPrompt at its top level (the web "
+                                   "app's export or a make-call body)")
+        workflow = self.callable_workflow(body)
+        if self.languages.resolve(workflow.default_language) is None:
+            raise CallRequestError(self.languages.refusal(workflow.default_language,
+                                                          "config.globalSettings.defaultLanguage"))
+        return workflow
+
+    @staticmethod
+    def _names_a_flow(body: Mapping[str, Any]) -> bool:
+        return bool(body.get("nodes") or str(body.get("globalPrompt") or "").strip())
+
     def _workflow_from(self, body: Mapping[str, Any]) -> Workflow:
-        if not body.get("nodes") and not str(body.get("globalPrompt") or "").strip():
+        if not self._names_a_flow(body):
             return default_workflow()  # the original placed such calls with a generic prompt
         try:
             workflow = self.workflows.get(body)

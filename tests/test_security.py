@@ -528,6 +528,35 @@ def test_a_make_call_cannot_replace_a_pinned_flow_that_an_inbound_line_runs(env,
     assert store.get_workflow("other") is None
 
 
+
+def test_save_workflow_refuses_a_file_that_names_no_flow_or_a_language_it_cannot_speak(env, fake_twilio, fake_llm,
+                                                                                      tmp_path):
+    """`flask save-workflow` stored make-call's stand-in for a body without nodes or globalPrompt: a file that is
+    not a flow (`{}`, `[]`, an export wrapped in another object) silently replaced a pinned id's flow with the generic
+    prompt, reported as saved. A flow whose default language the server cannot speak was stored too (make-call
+    refuses it with a 400), and the inbound line then answered in the default language. Both are refused now, and
+    nothing is stored (found by the outbound review)."""
+    from callweaver import create_app
+
+    app = create_app({**env, "PINNED_WORKFLOW_IDS": "front-desk"})
+    store = app.extensions["callweaver"].store
+    runner = app.test_cli_runner()
+    wrapped = {"workflow": make_call_body(globalPrompt="You are the front desk.")}
+    for name, content in (("empty", {}), ("list", []), ("wrapped", wrapped)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        result = runner.invoke(args=["save-workflow", "front-desk", str(path)])
+        assert result.exit_code != 0 and "not saved" in result.output and "no flow" in result.output, name
+    assert store.get_workflow("front-desk") is None
+
+    body = make_call_body(globalPrompt="You are the front desk.")
+    body["config"]["globalSettings"]["defaultLanguage"] = "tlh-XX"
+    path = tmp_path / "klingon.json"
+    path.write_text(json.dumps(body))
+    result = runner.invoke(args=["save-workflow", "front-desk", str(path)])
+    assert result.exit_code != 0 and "not saved" in result.output and "defaultLanguage" in result.output
+    assert store.get_workflow("front-desk") is None
+
 # ---- 9. hostile input and log lines ---------------------------------------------------------------------
 
 def test_deeply_nested_json_gets_400_not_500(client):
