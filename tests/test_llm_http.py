@@ -156,6 +156,31 @@ def test_content_length_error_status_raises_status_error(server_factory):
     exchange.close()
 
 
+
+def test_an_error_answers_body_is_read_briefly_and_capped(server_factory):
+    """Why a provider refused a request is in its error body (a content filter, or an api-version every request
+    gets refused for): read what comes within a short budget, never more than MAX_ERROR_BODY_BYTES, and drop the
+    connection (found by the outbound review)."""
+    from callweaver.engine.llm_http import FINISH_BUDGET_S, MAX_ERROR_BODY_BYTES
+
+    body = b'{"error":{"code":"BadRequest","message":"API version not supported"}}'
+    whole = b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    never = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 500\r\n\r\n"
+    huge = b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n" + b"x" * 0x100000
+    server = server_factory([whole[:30], whole[30:60], whole[60:]], [never, 5.0], [huge, 5.0])
+    for expected in (body, b"", b"x" * MAX_ERROR_BODY_BYTES):
+        pool = pool_for(server)
+        exchange = Exchange(pool)
+        with pytest.raises(StatusError):
+            exchange.start(b"{}", time.monotonic() + 5, 2.0)
+        started = time.monotonic()
+        assert exchange.error_body() == expected
+        assert time.monotonic() - started < FINISH_BUDGET_S + 0.2
+        sock, reused = pool.take(time.monotonic() + 2)
+        assert not reused  # the refused request's connection was dropped, not pooled
+        sock.close()
+        pool.close()
+
 @pytest.mark.parametrize("length", [b"abc", b"-5", b"5, 6"])
 def test_an_invalid_content_length_is_a_broken_response_not_a_value_error_or_a_body_read_forever(server_factory,
                                                                                                length):

@@ -266,6 +266,22 @@ def test_a_refused_request_fails_over_without_charging_the_providers_circuit(mak
     assert chain.health()[0]["state"] == "closed" and chain.health()[0]["consecutiveFailures"] == 0
 
 
+@pytest.mark.parametrize("fault", ["400-api-version", "400-unsupported-parameter"])
+def test_a_provider_refusing_every_request_still_opens_its_circuit(make_chain, azure_fake, openai_fake, fault):
+    """Not every 400 is about one request: Azure answers a wrong AZURE_OPENAI_API_VERSION with 400 BadRequest "API
+    version not supported", and a model that takes no `max_tokens` refuses every turn with `unsupported_parameter`.
+    With no 400 charged, such a provider stayed first in the chain for good: every turn of every call paid its round
+    trip before failing over, and /health called it healthy. Its error code tells it apart from a refusal of one
+    request (a content filter, a prompt too long), which still charges nothing (found by the outbound review)."""
+    chain = make_chain(circuit_failures=2)
+    azure_fake.fault = fault
+    for _ in range(2):
+        reply = make_and_finish(chain)
+        assert reply.provider == "openai" and [f["reason"] for f in reply.failovers] == ["http_400"]
+    assert make_and_finish(chain).failovers == []  # skipped, not tried
+    assert len(azure_fake.requests) == 2
+    assert chain.health()[0]["state"] == "open"
+
 def test_half_open_probe_after_cooldown_closes_the_circuit_on_success(make_chain, azure_fake, openai_fake, clock):
     chain = make_chain(circuit_failures=2, circuit_cooldown_s=30.0)
     azure_fake.fault = "500"

@@ -38,6 +38,9 @@ MAX_HEAD_BYTES = 65536
 # The longest body line (an SSE event line) held while waiting for its end: a chat-completions chunk is a few KB at
 # most, and a server that never ends a line (a request's own LLM server may be hostile) must not fill the worker.
 MAX_LINE_BYTES = 1 << 20
+# The most of an error answer's body read to learn why a request was refused (an OpenAI-style error object is a few
+# hundred bytes).
+MAX_ERROR_BODY_BYTES = 8192
 # The deadline timer may fire this much before the deadline (libev's clock is the loop's cached time).
 DEADLINE_SLACK_S = 0.001
 
@@ -585,6 +588,20 @@ class Exchange:
         body = bytes(self._body)
         self._body.clear()
         self._release()
+        return body
+
+    def error_body(self, budget_s: float = FINISH_BUDGET_S) -> bytes:
+        """The start of an error answer's body (at most MAX_ERROR_BODY_BYTES), read for at most `budget_s`: why the
+        provider refused the request, never waited on for long; the connection is then dropped (not pooled)."""
+        deadline = time.monotonic() + budget_s
+        try:
+            while not self._complete and len(self._body) < MAX_ERROR_BODY_BYTES:
+                if self._recv(deadline, eof_ends_body=not self._chunked and self._length_left is None):
+                    self._decode()
+        except UpstreamError:
+            pass  # what came is all there is
+        body = bytes(self._body[:MAX_ERROR_BODY_BYTES])
+        self.close()
         return body
 
     def finish(self, budget_s: float = FINISH_BUDGET_S) -> None:

@@ -60,9 +60,10 @@ class ChainSettings:
 class ProviderError(Exception):
     """One provider attempt failed; `kind` says how (it is what failover logs and counts)."""
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    def __init__(self, kind: str, detail: str = "", *, request_refused: bool = False) -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
+        self.request_refused = request_refused  # the provider refused this request only (_charge_failure)
 
 
 def _status_kind(status_code: int) -> str:
@@ -72,12 +73,38 @@ def _status_kind(status_code: int) -> str:
 # A provider refusing one request (its content or its parameters: Azure's content filter on what a caller said, a
 # prompt too long, a value a workflow chose) says nothing of its health. The turn fails over, but the breaker, which
 # every call shares, is not charged: one call's refused turns must not take the provider from every other call.
-REQUEST_REFUSED = frozenset({"http_400", "http_413", "http_422"})
+REFUSAL_STATUSES = frozenset({400, 413, 422})
+# ...unless its error says every request is refused, whatever it holds: the provider's own configuration (an
+# api-version its resource does not serve, a parameter or value its model never takes, a deployment that does no
+# chat completions). Those codes are charged; any other refusal (content_filter, context_length_exceeded, a
+# self-hosted server's own wording, no JSON at all) is taken as the request's.
+CONFIGURATION_ERROR_CODES = frozenset({"unsupported_parameter", "unsupported_value", "OperationNotSupported"})
 
 
-def _charge_failure(chain: "ProviderChain", provider: "_Provider", kind: str, seen: CircuitRecord) -> None:
+def _refused_whatever_the_request(body: bytes) -> bool:
+    """An error body (OpenAI's and Azure's `{"error": {"code", "message"}}`) that says the provider refuses every
+    request: one of CONFIGURATION_ERROR_CODES, or Azure's BadRequest about its api-version."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    if not isinstance(error, dict):
+        return False
+    code, message = error.get("code"), error.get("message")
+    if code in CONFIGURATION_ERROR_CODES:
+        return True
+    return code == "BadRequest" and isinstance(message, str) and "api version" in message.lower()
+
+
+def _status_failure(status: int, exchange: Exchange) -> ProviderError:
+    """The failover for an HTTP error status; a refusal's error body (read briefly) says whose it is."""
+    refused = status in REFUSAL_STATUSES and not _refused_whatever_the_request(exchange.error_body())
+    return ProviderError(_status_kind(status), request_refused=refused)
+
+
+def _charge_failure(chain: "ProviderChain", provider: "_Provider", error: ProviderError, seen: CircuitRecord) -> None:
     """Count a failed attempt against the provider's breaker, unless the provider only refused this request."""
-    if kind in REQUEST_REFUSED:
+    if error.request_refused:
         if seen.probe_until is not None:  # this turn held the half-open probe: let the next turn probe
             provider.circuit.release_probe()
         return
@@ -273,7 +300,7 @@ def _run_turn(chain: "ProviderChain", state: _TurnState, request: _TurnRequest) 
                 return
             if error.kind == "hedge_failed":
                 continue  # the race recorded both providers' outcomes
-            _charge_failure(chain, provider, error.kind, seen)
+            _charge_failure(chain, provider, error, seen)
             state.failovers.append({"provider": provider.name, "reason": error.kind, "spoken_chars": len(state.text)})
             log.warning("provider_failover", provider=provider.name, reason=error.kind, spoken_chars=len(state.text))
             continue
@@ -365,7 +392,7 @@ def _hedged_attempt(chain: "ProviderChain", state: _TurnState, request: _TurnReq
                 if len(racers) == 1:
                     raise value  # no hedge was started: the chain's own failover handles it
                 failed += 1
-                _charge_failure(chain, racer.provider, value.kind, racer.seen)
+                _charge_failure(chain, racer.provider, value, racer.seen)
                 settled.add(racer)
                 state.failovers.append({"provider": racer.provider.name, "reason": value.kind,
                                         "spoken_chars": len(state.text)})
@@ -446,7 +473,10 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
         exchange = Exchange(pool)
         state.active_exchange = exchange
         try:
-            exchange.start(_request_body(provider, request, messages), deadline, settings.connect_timeout_s)
+            try:
+                exchange.start(_request_body(provider, request, messages), deadline, settings.connect_timeout_s)
+            except StatusError as error:
+                raise _status_failure(error.status, exchange) from None
             if state.cancelled:  # close() ran while we waited for the headers
                 raise ProviderError("cancelled")
             sse = ChatCompletionsStream()

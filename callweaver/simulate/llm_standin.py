@@ -26,6 +26,17 @@ _OPENAI_PATH = re.compile(r"^(?:/v1)?/chat/completions/?$")
 _AZURE_PATH = re.compile(r"^/openai/deployments/(?P<deployment>[^/]+)/chat/completions/?$")
 
 
+# 400s a provider gives every request, whatever it says, as Azure and OpenAI word them: an api-version the resource
+# does not serve, a parameter the configured model does not take.
+CONFIGURATION_REFUSALS = {
+    "400-api-version": {"code": "BadRequest", "message": "API version not supported"},
+    "400-unsupported-parameter": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                                             "Use 'max_completion_tokens' instead.",
+                                  "type": "invalid_request_error", "param": "max_tokens",
+                                  "code": "unsupported_parameter"},
+}
+
+
 @dataclass
 class Reply:
     """One scripted answer; unset timings fall back to the server defaults."""
@@ -34,7 +45,9 @@ class Reply:
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
     ttft_s: float | None = None
     token_interval_s: float | None = None
-    fault: str | None = None  # None | "500" | "429" | "400" (the request refused: a content filter) | "hang" | "drop"
+    # None | "500" | "429" | "400" (the request refused: a content filter) | a CONFIGURATION_REFUSALS key | "hang"
+    # | "drop"
+    fault: str | None = None
     drop_after_tokens: int = 3
     # Extra (not in the original brief): send SSE comment lines at this interval while waiting for the
     # first token (and during "hang"), the way real gateways keep idle streams alive.
@@ -154,6 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.fault == "400":  # as Azure's content filter or a parameter out of range refuses a request
             self._send_json(400, {"error": {"message": "The request was refused", "type": "invalid_request_error",
                                             "code": "content_filter"}})
+            return
+        if reply.fault in CONFIGURATION_REFUSALS:  # refusals every request gets: the provider's configuration
+            self._send_json(400, {"error": CONFIGURATION_REFUSALS[reply.fault]})
             return
         if reply.fault == "429":
             self._send_json(
