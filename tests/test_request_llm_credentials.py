@@ -81,6 +81,10 @@ def test_workflow_llm_account_is_ignored_by_default(env, fake_twilio, fake_llm, 
     ("https://[::127.0.0.1]/openai/deployments/d", "non-public address"),
     ("https://[2002:7f00:1::]/openai/deployments/d", "non-public address"),
     ("https://[2001:0:4136:e378:8000:63bf:f5ff:fffe]/openai/deployments/d", "non-public address"),  # Teredo: 10.0.0.1
+    # RFC 8215's local-use NAT64 prefix 64:ff9b:1::/48 (IANA: not globally reachable; Python before 3.12.4 calls it
+    # global): a site's own NAT64 gateway maps it to its IPv4 network, 10.0.0.1 here (found by the outbound review)
+    ("https://[64:ff9b:1:a00:1::]/openai/deployments/d", "non-public address"),
+    ("https://[64:ff9b:1::a00:1]/openai/deployments/d", "non-public address"),
     # not URLs at all: urlsplit or its port raised ValueError, a 500
     ("https://llm.example.com:99999/openai/deployments/d", "must be an absolute https URL"),
     ("https://llm.example.com:port/openai/deployments/d", "must be an absolute https URL"),
