@@ -33,11 +33,11 @@ def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = fl
         if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
             raise ValueError(raw)
     except ValueError:
-        return default, f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}"
+        return default, f"{name} must be a {'whole ' if kind is int else ''}number (the value is not shown)"
     if low is not None and val < low:
-        return default, f"{name} must be >= {low}, got {raw!r}"
+        return default, f"{name} must be >= {low}"
     if high is not None and val > high:
-        return default, f"{name} must be <= {high}, got {val}"
+        return default, f"{name} must be <= {high}"
     return val, None
 
 
