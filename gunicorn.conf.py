@@ -3,10 +3,32 @@ import gc
 import json
 import os
 
-from callweaver.server_config import ConfigError, server_settings  # import-light: the standard library only
+from callweaver.config import Settings  # import-light: the standard library only (no `limits`, no Flask)
+from callweaver.server_config import ConfigError, server_settings
+
+
+def checked_server_settings(environ):
+    """gunicorn's own variables (server_settings), once every setting a worker's app would refuse has been checked
+    too (Settings.from_env, ~15 ms of CPU): a refusal then stops gunicorn before it listens. Checked only in the
+    worker, it came after the worker's loader had answered /health 200 (callweaver/boot.py), and Render, having seen
+    the deploy healthy, routed traffic to a service that was gone: an outage instead of a failed deploy."""
+    problems = []
+    server = None
+    try:
+        server = server_settings(environ)
+    except ConfigError as bad:
+        problems.extend(bad.problems)
+    try:
+        Settings.from_env(environ)
+    except ConfigError as bad:
+        problems.extend(p for p in bad.problems if p not in problems)  # PORT is read by both, in the same words
+    if problems:
+        raise ConfigError(problems)
+    return server
+
 
 try:
-    SERVER = server_settings(os.environ)
+    SERVER = checked_server_settings(os.environ)
 except ConfigError as bad:
     # SystemExit passes gunicorn's "Failed to read config file" (which prints a traceback): one line, exit status 1.
     raise SystemExit(f"gunicorn.conf.py: {bad}") from None

@@ -1,0 +1,117 @@
+"""A setting the app refuses stops the service before anything answers 200: Render switches traffic to a new deploy
+once its `/health` answers 200, so a refusal after that (the worker's loader answers while the app loads) is an
+outage, not a failed deploy. The refusal is one line naming the variable, never its value."""
+from __future__ import annotations
+
+import http.client
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.fakes.live_server import REPO, free_port, stop_process
+
+# A value an operator might have pasted into the wrong variable: it must never be printed.
+PASTED = "sk-Pasted-Secret-4242"
+START_TIMEOUT_S = 60.0
+
+
+def serve_and_probe(env: dict[str, str], tmp_path) -> tuple[list[int], subprocess.CompletedProcess]:
+    """Starts the real `gunicorn -c gunicorn.conf.py wsgi:app` and asks /health as fast as it can until the process
+    ends; returns every status it answered, and how it ended."""
+    port = free_port()
+    full = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+            "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "-c",
+                             "gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    statuses: list[int] = []
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            try:
+                conn.request("GET", "/health")
+                statuses.append(conn.getresponse().status)
+            except OSError:
+                time.sleep(0.01)
+            finally:
+                conn.close()
+    finally:
+        stop_process(proc)
+    out, err = proc.communicate()
+    return statuses, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("CALL_TIMEOUT_S", PASTED),                  # a number the app reads
+    ("RATE_LIMIT_CHAT", f"{PASTED} per minute"),  # a rate limit
+    ("CORS_ORIGINS", f"https://{PASTED}.example/path"),
+])
+def test_a_refused_setting_stops_the_service_before_any_200(tmp_path, name, value):
+    """Before: gunicorn listened, the worker's loader answered /health 200 ("starting"), then the worker's app refused
+    the setting and the worker exited (gunicorn halted): Render had already seen the deploy healthy."""
+    statuses, done = serve_and_probe({name: value}, tmp_path)
+    assert 200 not in statuses, f"/health answered {statuses.count(200)} 200(s) before the refusal"
+    assert done.returncode not in (0, None)
+    refusal = [line for line in done.stderr.splitlines() if name in line]
+    assert len(refusal) == 1, done.stderr
+    assert "Traceback" not in done.stderr and PASTED not in done.stdout + done.stderr, done.stderr
+
+
+def start_command(options: list[str] = ()) -> list[str]:
+    """render.yaml's startCommand, run by this interpreter (`gunicorn …` as `python -m gunicorn …`)."""
+    words = shlex.split(yaml.safe_load((REPO / "render.yaml").read_text())["services"][0]["startCommand"])
+    runner = {"gunicorn": [sys.executable, "-m", "gunicorn"], "python": [sys.executable]}[words[0]]
+    return [*runner, *words[1:], *options]
+
+
+@pytest.mark.parametrize("value", ["two", "4 workers", PASTED])
+def test_the_start_command_names_a_non_numeric_web_concurrency_in_one_line(value):
+    """gunicorn reads WEB_CONCURRENCY as it is imported, before gunicorn.conf.py can check it: `WEB_CONCURRENCY=two`
+    stopped the service with gunicorn's traceback, which printed the value (`invalid literal for int()`)."""
+    done = subprocess.run(start_command(), cwd=REPO, env={**os.environ, "WEB_CONCURRENCY": value, "PORT": "0"},
+                          capture_output=True, text=True, timeout=60)
+    out = done.stdout + done.stderr
+    assert done.returncode not in (0, None)
+    assert "Traceback" not in out and value not in out, out
+    assert [line for line in out.splitlines() if line.strip()] == [
+        line for line in out.splitlines() if "WEB_CONCURRENCY" in line] and "WEB_CONCURRENCY" in out, out
+
+
+def test_the_start_command_serves(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": ""}
+    proc = subprocess.Popen(start_command(["--bind", f"127.0.0.1:{port}"]), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        status = None
+        while status != 200 and proc.poll() is None and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/ping")
+                status = conn.getresponse().status
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                conn.close()
+        assert status == 200
+    finally:
+        stop_process(proc)
+
+
+def test_the_masters_settings_check_imports_neither_limits_nor_flask():
+    """gunicorn's master reads gunicorn.conf.py before it listens, so every module it imports delays the first
+    /health 200 of a cold start (at 0.1 CPU, ~1 s for `limits`, which imports asyncio)."""
+    probe = ("import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+             "print(sorted(m for m in ('limits', 'asyncio', 'flask', 'werkzeug', 'openai', 'twilio', 'gevent') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
