@@ -27,11 +27,23 @@ def checked_server_settings(environ):
     return server
 
 
-try:
-    SERVER = checked_server_settings(os.environ)
-except ConfigError as bad:
-    # SystemExit passes gunicorn's "Failed to read config file" (which prints a traceback): one line, exit status 1.
-    raise SystemExit(f"gunicorn.conf.py: {bad}") from None
+def refused_in_one_line(check, environ):
+    """`check(environ)`, or a ConfigError as one line and exit status 1 (a SystemExit passes gunicorn's "Failed to
+    read config file", which prints a traceback)."""
+    try:
+        return check(environ)
+    except ConfigError as bad:
+        raise SystemExit(f"gunicorn.conf.py: {bad}") from None
+
+
+SERVER = refused_in_one_line(checked_server_settings, os.environ)
+
+
+def on_starting(server):
+    """Values given as gunicorn's `-e`/`--env` option (its raw_env setting) reach os.environ, and so the workers, only
+    after this file was read: they are checked too, before gunicorn listens."""
+    if server.cfg.env:
+        refused_in_one_line(Settings.from_env, os.environ)
 
 bind = f"0.0.0.0:{SERVER['port']}"
 worker_class = "gevent"

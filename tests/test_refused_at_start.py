@@ -20,14 +20,15 @@ PASTED = "sk-Pasted-Secret-4242"
 START_TIMEOUT_S = 60.0
 
 
-def serve_and_probe(env: dict[str, str], tmp_path) -> tuple[list[int], subprocess.CompletedProcess]:
+def serve_and_probe(env: dict[str, str], tmp_path, options: tuple[str, ...] = ()
+                    ) -> tuple[list[int], subprocess.CompletedProcess]:
     """Starts the real `gunicorn -c gunicorn.conf.py wsgi:app` and asks /health as fast as it can until the process
     ends; returns every status it answered, and how it ended."""
     port = free_port()
     full = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
             "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", **env}
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "-c",
-                             "gunicorn.conf.py", "wsgi:app"], cwd=REPO, env=full, stdout=subprocess.PIPE,
+                             "gunicorn.conf.py", *options, "wsgi:app"], cwd=REPO, env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     statuses: list[int] = []
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -60,6 +61,14 @@ def test_a_refused_setting_stops_the_service_before_any_200(tmp_path, name, valu
     assert done.returncode not in (0, None)
     refusal = [line for line in done.stderr.splitlines() if name in line]
     assert len(refusal) == 1, done.stderr
+    assert "Traceback" not in done.stderr and PASTED not in done.stdout + done.stderr, done.stderr
+
+
+def test_a_setting_given_as_gunicorns_env_option_is_checked_before_it_listens(tmp_path):
+    """gunicorn's `-e NAME=value` sets the variable after gunicorn.conf.py was read, for the workers only."""
+    statuses, done = serve_and_probe({}, tmp_path, ("-e", f"CALL_TIMEOUT_S={PASTED}"))
+    assert 200 not in statuses and done.returncode not in (0, None)
+    assert len([line for line in done.stderr.splitlines() if "CALL_TIMEOUT_S" in line]) == 1, done.stderr
     assert "Traceback" not in done.stderr and PASTED not in done.stdout + done.stderr, done.stderr
 
 
