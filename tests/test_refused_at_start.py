@@ -124,3 +124,23 @@ def test_the_masters_settings_check_imports_neither_limits_nor_flask():
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("CALL_TIMEOUT_S", PASTED), ("MAX_BODY_BYTES", PASTED), ("RECORD_CALLS", PASTED),
+    ("TWILIO_PHONE_NUMBER", PASTED), ("ALLOWED_DESTINATION_PREFIXES", f"+1,{PASTED}"),
+    ("BLOCKED_DESTINATION_PREFIXES", f"+1900,{PASTED}"), ("LLM_PROVIDERS", f"openai,{PASTED}"),
+    ("CACHE_TYPE", PASTED), ("CORS_ORIGINS", PASTED), ("CORS_ORIGINS", f"https://*.{PASTED}.example"),
+    ("CORS_ORIGINS", ","), ("RATE_LIMIT_CHAT", PASTED), ("RATE_LIMIT_CHAT", "0 per minute"),
+    ("RATE_LIMIT_CHAT", "1 per 9999 days"), ("WORKER_CONNECTIONS", PASTED), ("PORT", "4242424242"),
+])
+def test_a_refusal_names_the_variable_never_its_value(name, value):
+    """A value pasted into the wrong variable (a key into a number) was printed back in the start-up log."""
+    from callweaver.config import ConfigError, Settings
+    from callweaver.server_config import server_settings
+
+    check = server_settings if name in ("WORKER_CONNECTIONS",) else Settings.from_env
+    with pytest.raises(ConfigError) as err:
+        check({name: value})
+    assert name in str(err.value)
+    assert PASTED.lower() not in str(err.value).lower() and value.lower() not in str(err.value).lower()
