@@ -1,5 +1,6 @@
 """Settings: every environment variable the app reads, typed and validated in one place (gunicorn.conf.py's own are
-checked in gunicorn's master by server_config.py)."""
+read by server_config.py). gunicorn's master runs Settings.from_env before it listens (gunicorn.conf.py), so this
+module stays import-light: the standard library and the package's own import-light modules, no `limits`, no Flask."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""What gunicorn.conf.py reads in gunicorn's master, before any worker (and so before config.Settings) exists, and the
+"""What gunicorn.conf.py reads in gunicorn's master for gunicorn itself (it checks config.Settings there too), and the
 one way a numeric variable is read (config.Settings reads every other one with it). Import-light on purpose: the
 standard library only, since the master imports it before forking the workers."""
 from __future__ import annotations
