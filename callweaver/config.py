@@ -115,9 +115,12 @@ def rate_limit_items(value: str) -> tuple[tuple[int, int], ...] | None:
     items = []
     for part in RATE_SEPARATORS_RE.split(value):
         match = RATE_ITEM_RE.fullmatch(part)
-        if match is None or int(match[2] or 1) == 0:
+        try:  # int() refuses more than sys.get_int_max_str_digits() digits (ValueError), as it does in `limits`
+            if match is None or int(match[2] or 1) == 0:
+                return None
+            items.append((int(match[1]), RATE_WINDOWS_S[match[3].lower()] * int(match[2] or 1)))
+        except ValueError:
             return None
-        items.append((int(match[1]), RATE_WINDOWS_S[match[3].lower()] * int(match[2] or 1)))
     return tuple(items)
 
 

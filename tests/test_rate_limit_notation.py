@@ -56,7 +56,9 @@ HAND_PICKED = ["30 per minute", "60 per minute", "10/second", "1 per 2 hours", "
                "5/second|100/day", "10 PER Minutes", "30per minute", "30 perminute", "30/2minutes", "1 per year",
                "1 per 2 years", "0 per minute", "1 per 0 minutes", "1 per 05 minutes", " 30 per minute ", "30 per week",
                "30", "per minute", "30 per", "", ";", "30 per minute;", "1/second:;2/minute", "1 per \u017fecond",
-               "1\u00a0per minute", "\uff13\uff10 per minute", "30 per minute\n"]
+               "1\u00a0per minute", "\uff13\uff10 per minute", "30 per minute\n",
+               # more digits than Python's int() reads (4300): both must refuse it, neither may raise otherwise
+               "1" * 5000 + " per minute", "1 per " + "2" * 5000 + " minutes"]
 
 
 def test_every_string_the_start_check_accepts_limits_reads_the_same_way():

@@ -144,3 +144,16 @@ def test_a_refusal_names_the_variable_never_its_value(name, value):
         check({name: value})
     assert name in str(err.value)
     assert PASTED.lower() not in str(err.value).lower() and value.lower() not in str(err.value).lower()
+
+
+def test_a_rate_limit_with_too_many_digits_is_refused_in_one_line():
+    """Python refuses to read a number of more than 4300 digits (ValueError from int()): the start check let that
+    escape as a plain ValueError, a traceback from gunicorn's master instead of the one line naming the variable
+    (`limits` itself refuses the string, and main refused it with its usual message)."""
+    from callweaver.config import ConfigError, Settings
+
+    value = "1" * 5000 + " per minute"
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"RATE_LIMIT_CHAT": value})
+    assert "RATE_LIMIT_CHAT" in str(err.value) and "1" * 50 not in str(err.value)
+
