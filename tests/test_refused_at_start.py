@@ -157,3 +157,29 @@ def test_a_rate_limit_with_too_many_digits_is_refused_in_one_line():
         Settings.from_env({"RATE_LIMIT_CHAT": value})
     assert "RATE_LIMIT_CHAT" in str(err.value) and "1" * 50 not in str(err.value)
 
+
+@pytest.mark.parametrize("variables", [
+    # the reply cache's directory cannot be made (on Render: a disk path with no disk mounted)
+    {"CACHE_TYPE": "FileSystemCache", "CACHE_DIR": "/proc/callweaver-no-such-dir/cache"},
+    {"CACHE_TYPE": "FileSystemCache", "CACHE_DIR": "/etc/hostname"},
+    # OpenTelemetry SDK variables its tracer provider refuses (read by the SDK, not by Settings)
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_BSP_SCHEDULE_DELAY": "0"},
+    {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "many"},
+])
+def test_what_the_masters_check_accepts_never_stops_the_worker(tmp_path, monkeypatch, variables):
+    """What Settings.from_env (gunicorn's master) accepts must not make create_app raise in the worker: by then the
+    worker's loader has answered /health 200, and Render has switched traffic to a deploy that then crash-loops.
+    An optional part that cannot be built (the reply cache's directory, the tracer) is reported, and the worker
+    serves without it, as the SQLite store and SQLiteCache already do with a directory they cannot make."""
+    from callweaver.app import create_app
+    from callweaver.config import Settings
+
+    env = {"CALLWEAVER_DB": str(tmp_path / "cw.sqlite3"), "CACHE_DIR": str(tmp_path / "cache"), "REDIS_URL": "",
+           "PUBLIC_BASE_URL": "", "LOG_LEVEL": "WARNING", **variables}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the OTEL_* variables are read by the SDK from the environment
+    Settings.from_env(env)  # accepted by the master's check
+    app = create_app()
+    assert app.test_client().get("/health").status_code in (200, 503)
+    cache = app.extensions["callweaver"].reply_cache.health()
+    assert cache["ok"] is ("CACHE_TYPE" not in variables), cache  # the cache that could not be built is reported
