@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
 from .engine.addresses import is_public_address
@@ -67,6 +67,41 @@ DEFAULT_BLOCKED_DESTINATION_PREFIXES = NANP_PREMIUM_PREFIXES + tuple(
     "+1" + code for code in NANP_NON_US_CANADA_AREA_CODES)
 
 
+def _ssl_verify_flags(value: str) -> None:
+    """redis-py's reading of ssl_include_verify_flags / ssl_exclude_verify_flags: names of ssl.VerifyFlags."""
+    import ssl  # only for a URL naming these flags (~5 ms of CPU)
+
+    for flag in value.replace("[", "").replace("]", "").split(","):
+        if not hasattr(ssl.VerifyFlags, flag.strip()):
+            raise ValueError("not an ssl.VerifyFlags name")
+
+
+# The query arguments redis-py reads from a Redis URL with a function that may refuse the value (its parse_url; the
+# others it passes on as text or reads as flags, which never fails). The worker's rate limiter builds its Redis
+# client from the URL as it starts, so a value refused there stopped the worker after its /health 200: read here
+# with the same functions, without importing redis (~0.2 s of CPU, asyncio included). Compared with redis-py's own
+# parse_url in tests/test_refused_at_start.py.
+REDIS_URL_ARGUMENT_READERS = {
+    "db": int, "socket_read_size": int, "max_connections": int, "health_check_interval": int, "ssl_min_version": int,
+    "protocol": int, "socket_timeout": float, "socket_connect_timeout": float, "timeout": float,
+    "ssl_include_verify_flags": _ssl_verify_flags, "ssl_exclude_verify_flags": _ssl_verify_flags,
+}
+
+
+def _redis_query_problem(name: str, query: str) -> str | None:
+    """What redis-py would refuse in a Redis URL's query (as its parse_url reads it: the first value of each)."""
+    for argument, values in parse_qs(query).items():
+        reader = REDIS_URL_ARGUMENT_READERS.get(argument)
+        if reader is None or not values:
+            continue
+        try:
+            reader(values[0])
+        except ValueError:
+            return (f"{name} must be a Redis URL whose {argument} Redis can read; redis-py refuses its value (the "
+                    "value is not shown)")
+    return None
+
+
 def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
     """What is wrong with a URL setting, said without its value: a URL may carry a password (`redis://:pw@host`) or
     a secret path (a webhook), and this message is printed before any secret is registered for redaction."""
@@ -83,6 +118,8 @@ def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; it names no host"
     if port == 0:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; port 0 is no port"
+    if parsed.scheme in ("redis", "rediss", "unix"):
+        return _redis_query_problem(name, parsed.query)
     return None
 
 

@@ -183,3 +183,43 @@ def test_what_the_masters_check_accepts_never_stops_the_worker(tmp_path, monkeyp
     assert app.test_client().get("/health").status_code in (200, 503)
     cache = app.extensions["callweaver"].reply_cache.health()
     assert cache["ok"] is ("CACHE_TYPE" not in variables), cache  # the cache that could not be built is reported
+
+
+REDIS_URLS = [
+    "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/2", "redis://h/abc", "rediss://:pw@h:6380/0?ssl_cert_reqs=none",
+    "redis://h/0?socket_timeout=abc", "redis://h/0?socket_timeout=1.5", "redis://h/0?socket_timeout=nan",
+    "redis://h/0?socket_timeout=", "redis://h/0?db=abc", "redis://h/0?db=3", "redis://h/0?db=%C3%A9",
+    "redis://h/0?db=\u0663", "redis://h/0?db=+1", "redis://h/0?db=1_0", "redis://h/0?db=" + "1" * 5000,
+    "redis://h/0?max_connections=ten", "redis://h/0?health_check_interval=1.5", "redis://h/0?protocol=three",
+    "redis://h/0?socket_connect_timeout=1e3", "redis://h/0?timeout=x", "redis://h/0?socket_read_size=1k",
+    "redis://h/0?ssl_min_version=x", "redis://h/0?retry_on_timeout=maybe", "redis://h/0?socket_keepalive=x",
+    "redis://h/0?db=1&db=x", "redis://h/0?db=x&db=1", "redis://h/0?foo=bar",
+    "rediss://h/0?ssl_include_verify_flags=VERIFY_X509_STRICT", "rediss://h/0?ssl_include_verify_flags=NOPE",
+    "rediss://h/0?ssl_exclude_verify_flags=[VERIFY_X509_STRICT,%20VERIFY_X509_PARTIAL_CHAIN]",
+    "rediss://h/0?ssl_exclude_verify_flags=[VERIFY_X509_STRICT,]", "unix://localhost/tmp/r.sock?db=x",
+]
+
+
+@pytest.mark.parametrize("url", REDIS_URLS)
+def test_a_redis_url_is_refused_at_start_exactly_when_redis_py_refuses_it(url):
+    """The worker's rate limiter builds its Redis client from REDIS_URL as the app is built (limits' storage calls
+    redis-py's from_url): a query value redis-py refuses (`?socket_timeout=abc`) stopped the worker after its /health
+    200. The master's check reads the query as redis-py does, never refusing a URL it reads."""
+    from redis.connection import parse_url
+
+    from callweaver.config import ConfigError, Settings
+
+    try:
+        parse_url(url)
+        redis_refuses = False
+    except ValueError:
+        redis_refuses = True
+    for name in ("REDIS_URL", "CACHE_REDIS_URL"):
+        try:
+            Settings.from_env({name: url})
+            refused = None
+        except ConfigError as err:
+            refused = str(err)
+        assert (refused is not None) == redis_refuses, (name, url, refused)
+        if refused:
+            assert name in refused and "abc" not in refused and "pw" not in refused
