@@ -223,3 +223,46 @@ def test_a_redis_url_is_refused_at_start_exactly_when_redis_py_refuses_it(url):
         assert (refused is not None) == redis_refuses, (name, url, refused)
         if refused:
             assert name in refused and "abc" not in refused and "pw" not in refused
+
+
+def test_the_start_command_survives_gunicorns_usr2_upgrade(tmp_path):
+    """gunicorn's USR2 re-executes its master as `sys.executable` + the master's `sys.argv`. Run through runpy, that
+    argv[0] was gunicorn/__main__.py: re-executed as a script, its own folder came first on sys.path, where its
+    `http` package hides the standard library's, and the new master stopped ("class uri 'gevent' invalid"), so an
+    upgrade in place never happened (it did with the `gunicorn` command the start command replaced)."""
+    import re
+    import signal
+
+    port = free_port()
+    stderr = tmp_path / "stderr"
+    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": ""}
+    with stderr.open("w") as log:
+        proc = subprocess.Popen(start_command(["--bind", f"127.0.0.1:{port}"]), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    new_masters: set[int] = set()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "Booting worker" not in stderr.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)
+        booted = False
+        while not booted and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = stderr.read_text().split("Handling signal: usr2", 1)[-1]
+            new_masters = {int(pid) for pid in re.findall(r"Listening at: \S+ \((\d+)\)", after)} - {proc.pid}
+            booted = bool(new_masters) and "Booting worker" in after.split("Listening at:", 1)[-1]
+        assert booted, stderr.read_text()[-2000:]
+        for pid in new_masters:
+            os.kill(pid, 0)  # the new master runs
+    finally:
+        stop_process(proc)
+        for pid in new_masters:  # not this test's child: signalled, then waited for by polling
+            try:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(300):
+                    time.sleep(0.1)
+                    os.kill(pid, 0)
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
