@@ -8,23 +8,18 @@ from callweaver.server_config import ConfigError, server_settings
 
 
 def checked_server_settings(environ):
-    """gunicorn's own variables (server_settings), once every setting a worker's app would refuse has been checked
-    too (Settings.from_env: ~8 ms of CPU with its import), so a refusal stops gunicorn before it listens. Checked only
-    in the worker, it came after the worker's loader had answered /health 200 (callweaver/boot.py), and Render, having
-    seen the deploy healthy, routed traffic to a service that was gone: an outage instead of a failed deploy."""
-    problems = []
-    server = None
+    """gunicorn's own variables (server_settings), needed now. Should one be bad, the settings a worker's app would
+    refuse (Settings.from_env) are named in the same line; otherwise they are checked in on_starting, where the
+    environment is the workers' own."""
     try:
-        server = server_settings(environ)
+        return server_settings(environ)
     except ConfigError as bad:
-        problems.extend(bad.problems)
+        problems = list(bad.problems)
     try:
         Settings.from_env(environ)
     except ConfigError as bad:
         problems.extend(p for p in bad.problems if p not in problems)  # PORT is read by both, in the same words
-    if problems:
-        raise ConfigError(problems)
-    return server
+    raise ConfigError(problems)
 
 
 def refused_in_one_line(check, environ):
@@ -40,10 +35,12 @@ SERVER = refused_in_one_line(checked_server_settings, os.environ)
 
 
 def on_starting(server):
-    """Values given as gunicorn's `-e`/`--env` option (its raw_env setting) reach os.environ, and so the workers, only
-    after this file was read: they are checked too, before gunicorn listens."""
-    if server.cfg.env:
-        refused_in_one_line(Settings.from_env, os.environ)
+    """Every setting a worker's app would refuse (Settings.from_env: ~8 ms of CPU with its import) stops gunicorn
+    here, before it listens. Checked only in the worker, it came after the worker's loader had answered /health 200
+    (callweaver/boot.py), and Render, having seen the deploy healthy, routed traffic to a service that was gone: an
+    outage instead of a failed deploy. Here, not as this file is read: values given as gunicorn's `-e`/`--env` option
+    (its raw_env setting) are in os.environ only from now on, and they win over the environment in every worker."""
+    refused_in_one_line(Settings.from_env, os.environ)
 
 
 bind = f"0.0.0.0:{SERVER['port']}"

@@ -266,3 +266,32 @@ def test_the_start_command_survives_gunicorns_usr2_upgrade(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_value_gunicorns_env_option_replaces_is_not_refused(tmp_path):
+    """`-e NAME=value` wins over the environment in every worker (gunicorn puts it in os.environ before it forks):
+    the check must read the environment the workers get. It read os.environ as gunicorn.conf.py was loaded, before
+    gunicorn applied `-e`, and so refused a value no worker would ever see."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", "CALL_TIMEOUT_S": PASTED}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "-c", "gunicorn.conf.py",
+                             "-e", "CALL_TIMEOUT_S=30", "wsgi:app"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    status = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while status != 200 and proc.poll() is None and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/ping")
+                status = conn.getresponse().status
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                conn.close()
+    finally:
+        stop_process(proc)
+    err = proc.stderr.read()
+    assert status == 200, err[-2000:]
+    assert PASTED not in err
