@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import sysconfig
 
 from .server_config import ConfigError, server_settings
 
@@ -21,7 +20,7 @@ def gunicorn_script() -> str:
     master as `sys.executable` + `sys.argv`, so argv[0] must be a script that runs gunicorn: its package's
     __main__.py (what `python -m gunicorn` and runpy put there) does not, since run as a script its own folder comes
     first on sys.path and its `http` package hides the standard library's."""
-    script = os.path.join(sysconfig.get_path("scripts"), "gunicorn")
+    script = os.path.join(os.path.dirname(sys.executable), "gunicorn")  # a venv's (or pyenv's) bin, where pip put it
     return script if os.path.isfile(script) else shutil.which("gunicorn") or "gunicorn"
 
 
