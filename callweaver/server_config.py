@@ -34,6 +34,8 @@ def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = fl
             raise ValueError(raw)
     except ValueError:
         return default, f"{name} must be a {'whole ' if kind is int else ''}number (the value is not shown)"
+    except OverflowError:  # a whole number too large for math.isfinite's float
+        return default, f"{name} is too large"
     if low is not None and val < low:
         return default, f"{name} must be >= {low}"
     if high is not None and val > high:

@@ -133,6 +133,8 @@ def test_the_masters_settings_check_imports_neither_limits_nor_flask():
     ("CACHE_TYPE", PASTED), ("CORS_ORIGINS", PASTED), ("CORS_ORIGINS", f"https://*.{PASTED}.example"),
     ("CORS_ORIGINS", ","), ("RATE_LIMIT_CHAT", PASTED), ("RATE_LIMIT_CHAT", "0 per minute"),
     ("RATE_LIMIT_CHAT", "1 per 9999 days"), ("WORKER_CONNECTIONS", PASTED), ("PORT", "4242424242"),
+    # a whole number too large for a float: math.isfinite raised OverflowError, a traceback instead of one line
+    ("MAX_CALLS_PER_DAY", "9" * 400), ("WORKER_CONNECTIONS", "9" * 400), ("CALL_TIMEOUT_S", "9" * 400),
 ])
 def test_a_refusal_names_the_variable_never_its_value(name, value):
     """A value pasted into the wrong variable (a key into a number) was printed back in the start-up log."""
