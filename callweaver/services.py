@@ -137,7 +137,15 @@ class Services:
 
     @cached_property
     def tracer(self) -> NullTracer | CallTracer:
-        return build_tracer(self.settings.otel_exporter_otlp_endpoint)
+        """The calls' tracer. The OpenTelemetry SDK reads its own OTEL_* variables as it is built, and refuses some
+        (OTEL_BSP_SCHEDULE_DELAY=0, a non-numeric OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT): gunicorn's master does not check
+        those, so a refusal here comes after the worker's loader answered /health 200. Tracing is optional: the
+        worker serves untraced and says why (`tracing_not_started`) rather than stopping."""
+        try:
+            return build_tracer(self.settings.otel_exporter_otlp_endpoint)
+        except Exception as exc:
+            log.error("tracing_not_started", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return NullTracer()
 
     @cached_property
     def chain_for(self):

@@ -22,7 +22,6 @@ deadlines and cross-thread cancellation would need a `gevent.Timeout` per read a
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
 import select
 import socket
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, unquote, urlencode, urlsplit
 from urllib.request import getproxies, proxy_bypass
+
+from .addresses import is_public_address
 
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 65536
@@ -144,12 +145,6 @@ class Endpoint:
 
     def request(self, body: bytes) -> bytes:
         return b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
-
-
-def is_public_address(address: str) -> bool:
-    """An address on the public internet: not loopback, private, link-local, reserved or multicast."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return ip.is_global and not ip.is_multicast
 
 
 def _public_address(host: str, port: int) -> tuple[str, int]:
