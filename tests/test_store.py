@@ -695,6 +695,116 @@ def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several
     assert all(store.turns(f"old{n}") == [] for n in range(8))
 
 
+# -- workflow versions outlive no call -----------------------------------------------------------------------------
+
+
+def stored_versions(store) -> set[str]:
+    """The workflow versions the store keeps (its own table or keys), read past any per-worker cache."""
+    if isinstance(store, RedisStore):
+        prefix = store._key("workflow_version", "")
+        with store._backend() as client:
+            return {key[len(prefix):] for key in client.scan_iter(match=prefix + "*")}
+    with store._connection() as conn:
+        return {row[0] for row in conn.execute("SELECT version_hash FROM cw_workflow_versions")}
+
+
+def test_purge_deletes_the_workflow_versions_no_remaining_call_references(store):
+    """A version (11-15 KB) is stored once per edited flow: kept for ever, a small Redis (Render Key Value's free
+    plan, 25 MB) filled up with the versions of flows no call used any more. Retention deletes a version with the
+    last call that references it, and keeps every version a remaining call (live or not yet expired) reads, and the
+    flow saved under its id (what an inbound call to `?id=` and the chat playground read)."""
+    edited, kept = {"nodes": [{"id": "before_the_edit"}]}, {"nodes": [{"id": "after_the_edit"}]}
+    store.create_call(make_record("old_a", workflow=edited, workflow_hash="v_edited", created_at=10.0),
+                      workflow_id="wf_1")
+    store.create_call(make_record("old_b", workflow=edited, workflow_hash="v_edited", created_at=11.0))
+    store.create_call(make_record("old_c", workflow=kept, workflow_hash="v_kept", created_at=12.0),
+                      workflow_id="wf_1")
+    store.create_call(make_record("live", workflow=kept, workflow_hash="v_kept", created_at=30.0))
+    for tracking_id in ("old_a", "old_b", "old_c"):
+        store.append_status(tracking_id, "completed", 1, {}, received_at=100.0)
+    assert stored_versions(store) == {"v_edited", "v_kept"}
+
+    assert store.purge(older_than=150.0) == 3
+
+    assert stored_versions(store) == {"v_kept"}
+    assert store.get_workflow("wf_1") == kept
+    store.create_call(make_record("later", workflow=edited, workflow_hash="v_edited", created_at=200.0))
+    assert stored_versions(store) == {"v_edited", "v_kept"}  # a later call of that version stores it again
+    assert store.purge(older_than=150.0) == 0 and stored_versions(store) == {"v_edited", "v_kept"}
+    fresh = build_store(**store_spec_of(store))  # no per-worker copy of any version
+    try:
+        assert fresh.get_call("live").workflow == kept and fresh.get_call("later").workflow == edited
+    finally:
+        fresh.close()
+
+
+def store_spec_of(store) -> dict:
+    """build_store arguments for another handle on the same store (another worker)."""
+    if isinstance(store, RedisStore):
+        return {"db_path": "", "redis_url": store.url, "key_prefix": store.key_prefix}
+    return {"db_path": store.path}
+
+
+def test_purge_also_deletes_versions_left_by_calls_purged_before(store):
+    """Versions whose calls were purged by an earlier release (which kept every version) go with the next purge."""
+    store.create_call(make_record("old", workflow={"nodes": []}, workflow_hash="v_orphan", created_at=10.0))
+    store.append_status("old", "completed", 1, {}, received_at=100.0)
+    store.purge(older_than=150.0)
+    if isinstance(store, RedisStore):  # as that release left it
+        with store._backend() as client:
+            client.set(store._key("workflow_version", "v_orphan"), '{"nodes":[]}')
+    else:
+        with store._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO cw_workflow_versions VALUES ('v_orphan', '{\"nodes\":[]}', 0)")
+    assert stored_versions(store) == {"v_orphan"}
+
+    assert store.purge(older_than=150.0) == 0
+    assert stored_versions(store) == set()
+
+
+def test_a_call_created_while_the_purge_drops_its_version_keeps_its_workflow(redis_server):
+    """Redis: the purge finds the versions no call references (reads), then deletes them in one script that looks
+    again at every call. A call of such a version created between the two (another instance) must still read its
+    workflow: either the script sees the call and keeps the version, or the call's own write stores it again."""
+    flow = {"nodes": [{"id": "only"}]}
+    prefix = f"cwtest:{uuid.uuid4().hex}:"
+    purger, creator = (RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2))
+    try:
+        purger.create_call(make_record("old", workflow=flow, workflow_hash="v_1", created_at=10.0))
+        purger.append_status("old", "completed", 1, {}, received_at=100.0)
+        purger._redis()
+        drop = purger._scripts["drop_workflow_versions"]
+
+        def racing(*args, **kwargs):
+            creator.create_call(make_record("new", workflow=flow, workflow_hash="v_1"))
+            return drop(*args, **kwargs)
+
+        purger._scripts["drop_workflow_versions"] = racing
+        assert purger.purge(older_than=150.0) == 1
+        assert stored_versions(purger) == {"v_1"}
+        assert RedisStore(redis_server.url, key_prefix=prefix).get_call("new").workflow == flow
+    finally:
+        purger.close()
+        creator.close()
+
+
+def test_sqlite_keeps_a_version_referenced_by_a_row_an_older_worker_wrote(tmp_path):
+    """During a reload, a worker of the previous release may still insert calls without the workflow_hash column:
+    the purge reads such a row's hash from its JSON, so its version stays."""
+    store = SQLiteStore(str(tmp_path / "cw.sqlite3"))
+    try:
+        store.create_call(make_record("old", workflow={"nodes": []}, workflow_hash="v_1", created_at=10.0))
+        store.append_status("old", "completed", 1, {}, received_at=100.0)
+        with store._write() as conn:
+            conn.execute("INSERT INTO cw_calls (tracking_id, created_at, data) VALUES ('by_old_worker', 200.0, ?)",
+                         (json.dumps({"tracking_id": "by_old_worker", "workflow_hash": "v_1", "created_at": 200.0}),))
+        assert store.purge(older_than=150.0) == 1
+        assert stored_versions(store) == {"v_1"}
+        assert SQLiteStore(store.path).get_call("by_old_worker").workflow == {"nodes": []}
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork, as gunicorn does")
 def test_a_store_used_before_a_fork_keeps_working_in_parent_and_child(store):
     store.create_call(make_record())  # the parent now holds an open connection

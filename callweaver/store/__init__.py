@@ -377,8 +377,8 @@ class Store(Protocol):
     def purge(self, older_than: float) -> int:
         """Delete calls that ended before this epoch (or never recorded an end and were created more than
         MAX_CALL_DURATION_LIMIT_S before it: unended_created_before), with their turns and statuses; returns the
-        count. Workflow snapshots stay: one per version (not per call), and a live or later call of that version
-        reads it."""
+        count. Then the workflow versions no remaining call references go; a call created meanwhile never ends up
+        without its version (it is seen and keeps it, or stores it again). The flow saved under each id stays."""
         ...
 
     def purge_transcripts(self, older_than: float) -> int:

@@ -63,7 +63,8 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   calls:ended      zset tracking id by ended_at (purge)
 #   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
 #   workflow:<id>    string, snapshot JSON
-#   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash)
+#   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash); purged with
+#                    the last call that references it
 #   relay:<tid>      hash {owner, generation, expires_at} (the live relay socket), kept a day past its lease
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
@@ -240,6 +241,26 @@ redis.call('ZREM', KEYS[6], ARGV[1])
 return existed
 """
 
+# KEYS: calls:created, then the versions' keys. ARGV: the call key prefix, then each version's hash as a call stores
+# it (JSON), in KEYS' order (ARGV[i] names KEYS[i]). Deletes those versions no call references, looking at every call
+# in this one script: a call created concurrently (its own script stores its version if absent) is either seen
+# here, or comes after and stores its version again. Only reads and DEL, so it runs at `maxmemory` too (_PURGE_CALL).
+_DROP_WORKFLOW_VERSIONS = """
+local wanted, left = {}, #ARGV - 1
+for i = 2, #ARGV do wanted[ARGV[i]] = i end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local version = redis.call('HGET', ARGV[1] .. id, 'workflow_hash')
+  if version and wanted[version] then
+    wanted[version] = nil
+    left = left - 1
+    if left == 0 then return 0 end
+  end
+end
+local deleted = 0
+for version, i in pairs(wanted) do deleted = deleted + redis.call('DEL', KEYS[i]) end
+return deleted
+"""
+
 # A claim's hash outlives its lease (as SQLite's row does), so its owner's late renewal (a store outage or a
 # stalled worker longer than the lease) keeps the call while no other socket took it; the lease itself is
 # `expires_at`, in ms on Redis's own clock (TIME), so instances with skewed clocks agree on it.
@@ -279,6 +300,11 @@ def _dumps(value: Any) -> str:
 def _json_number(value: float) -> str:
     """A float as both a JSON number and a Redis score."""
     return repr(float(value))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a SCAN/KEYS pattern (a key prefix may hold glob characters)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 def _increments(counters: Mapping[str, float] | None) -> list[str]:
@@ -327,6 +353,7 @@ class RedisStore:
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
                     "purge_call": client.register_script(_PURGE_CALL),
+                    "drop_workflow_versions": client.register_script(_DROP_WORKFLOW_VERSIONS),
                 }
                 self._client = client
             return self._client
@@ -772,7 +799,31 @@ class RedisStore:
                 self._key("call", tracking_id), self._key("turns", tracking_id), self._key("statuses", tracking_id),
                 self._key("relay", tracking_id), self._key("calls", "created"), ended_key,
                 self._key("turns", "by_time")], [tracking_id, self._key("sid", "")]))
+        self._drop_unreferenced_workflow_versions()
         return purged
+
+    def _drop_unreferenced_workflow_versions(self) -> int:
+        """Delete the workflow versions no call references (those of purged calls, and any an earlier release
+        left): found by reads in chunks, then confirmed and deleted by one script that looks at every call again
+        (_DROP_WORKFLOW_VERSIONS), run only when there is a version to delete. Returns how many went."""
+        version_prefix = self._key("workflow_version", "")
+        with self._backend() as client:
+            versions = {key[len(version_prefix):]
+                        for key in client.scan_iter(match=_glob_escape(version_prefix) + "*", count=1000)}
+            if not versions:
+                return 0
+            tracking_ids = client.zrange(self._key("calls", "created"), 0, -1)
+            for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for tracking_id in tracking_ids[start:start + PAGE_SCAN_CHUNK]:
+                    pipe.hget(self._key("call", tracking_id), "workflow_hash")
+                versions.difference_update(json.loads(version) for version in pipe.execute() if version)
+                if not versions:
+                    return 0
+        unreferenced = sorted(versions)
+        return int(self._script("drop_workflow_versions",
+                                [self._key("calls", "created"), *(version_prefix + v for v in unreferenced)],
+                                [self._key("call", ""), *map(_dumps, unreferenced)]))
 
     def purge_transcripts(self, older_than: float) -> int:
         purged_at = time.time()
