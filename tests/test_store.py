@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 from callweaver.store import CallRecord, Store, StoreError, build_store
@@ -924,6 +925,61 @@ def test_redis_prefixes_keep_stores_apart(redis_server):
 
     assert second.get_call("call_1") is None
     second.create_call(make_record())  # no clash with the first prefix's record
+
+
+def redis_values(store: RedisStore) -> list[str]:
+    """Every string the store keeps in Redis: values, list items, hash values, set and sorted-set members."""
+    admin = redis.Redis.from_url(store.url, decode_responses=True)
+    read = {"string": admin.get, "list": lambda key: admin.lrange(key, 0, -1), "hash": admin.hvals,
+            "set": admin.smembers, "zset": lambda key: admin.zrange(key, 0, -1)}
+    values: list[str] = []
+    for key in admin.scan_iter(match=store.key_prefix + "*"):
+        found = read[admin.type(key)](key)
+        values += [found] if isinstance(found, str) else list(found)
+    admin.close()
+    return values
+
+
+def test_redis_stores_each_turn_row_once(redis_server):
+    """The time index (recent_turns) held a second whole copy of every turn row, beside the call's turn list: a
+    turn row (~0.6 KB) twice per turn. It now names the row; every reader returns what it did."""
+    store = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    store.create_call(make_record("call_1"))
+    store.create_call(make_record("call_2"))
+    store.commit_turn("call_1", {"current_node": "n1"}, {"note": "row-one", "at": 50.0},
+                      transcript_entry={"said": "hello"})
+    store.append_turn("call_2", {"note": "row-two", "at": 50.0})
+    store.append_turn("call_1", {"note": "row-three", "action": "end", "at": 60.0})
+    store.amend_last_turn("call_1", {"action": None})
+
+    values = redis_values(store)
+    assert [sum(note in value for value in values) for note in ("row-one", "row-two", "row-three")] == [1, 1, 1]
+    assert [(t["trackingId"], t["note"], t["index"], t.get("action")) for t in store.recent_turns(0.0)] == [
+        ("call_1", "row-one", 0, None), ("call_2", "row-two", 0, None), ("call_1", "row-three", 1, None)]
+    store.close()
+
+
+def test_redis_reads_amends_and_purges_turn_rows_an_earlier_release_indexed(redis_server):
+    """Calls stored before turn rows were kept once: their time-index members hold the whole row. They are still
+    read, amended and purged."""
+    from callweaver.store import stored_turn
+    from callweaver.store.redis import _dumps
+
+    store = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    store.create_call(make_record("old", created_at=10.0))
+    row = _dumps(stored_turn("old", {"n": 0, "action": "end", "at": 50.0}))
+    admin = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    admin.rpush(store._key("turns", "old"), row)  # as that release wrote it
+    admin.zadd(store._key("turns", "by_time"), {"0000000000:" + row: 50.0})
+
+    assert store.amend_last_turn("old", {"action": None}) is True
+    store.append_turn("old", {"n": 1, "at": 60.0})
+    assert [(t["n"], t.get("action"), t["index"]) for t in store.recent_turns(0.0)] == [(0, None, 0), (1, None, 1)]
+    store.append_status("old", "completed", 1, {}, received_at=100.0)
+    assert store.purge(older_than=150.0) == 1
+    assert admin.zcard(store._key("turns", "by_time")) == 0 and store.recent_turns(0.0) == []
+    admin.close()
+    store.close()
 
 
 def test_stopped_redis_raises_store_error_quickly_and_recovers_after_restart():

@@ -61,7 +61,9 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   sid:<call_sid>   string -> tracking id
 #   calls:created    zset tracking id by created_at (list_calls)
 #   calls:ended      zset tracking id by ended_at (purge)
-#   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
+#   turns:by_time    zset "<10-digit index>/<tid>" by at (recent_turns reads the row from turns:<tid>; ties stay in
+#                    turn order). An earlier release's members are "<10-digit index>:<turn JSON>", a second copy of
+#                    the row: still read, amended and purged.
 #   workflow:<id>    string, snapshot JSON
 #   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash); purged with
 #                    the last call that references it
@@ -146,8 +148,8 @@ end
 return out
 """
 
-# KEYS: turns list, turns:by_time. ARGV: the last turn's JSON as read, its amended JSON. Replaces the row in both
-# (the time index's member is "<index>:<turn JSON>") unless another write changed it since: then 0.
+# KEYS: turns list, turns:by_time. ARGV: the last turn's JSON as read, its amended JSON. Replaces the row (and an
+# earlier release's time-index member holding it, "<index>:<turn JSON>") unless another write changed it since: then 0.
 _AMEND_LAST_TURN = """
 local index = redis.call('LLEN', KEYS[1]) - 1
 if index < 0 or redis.call('LINDEX', KEYS[1], -1) ~= ARGV[1] then return 0 end
@@ -190,32 +192,39 @@ redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, then series/increment pairs
+# The time index's member naming a call's turn row (ARGV[3]: the tracking id): the row itself is stored once, in the
+# call's turn list.
+_INDEX_TURN = """
+redis.call('ZADD', KEYS[TIME_INDEX], ARGV[2], string.format('%010d', index) .. '/' .. ARGV[3])
+"""
+
+# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, tracking id, then series/increment pairs
 _APPEND_TURN = """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
-redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
-for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
+""" + _INDEX_TURN.replace("TIME_INDEX", "2") + """
+for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 return index
 """
 
 # KEYS: call, turns list, turns:by_time, counters
-# ARGV: turn JSON, at, transcript entry JSON or "", number of field/value pairs, the pairs, then series/increment
-# pairs. The transcript entry is spliced into the stored JSON array as text: nothing is decoded. -1: unknown call.
+# ARGV: turn JSON, at, tracking id, transcript entry JSON or "", number of field/value pairs, the pairs, then
+# series/increment pairs. The transcript entry is spliced into the stored JSON array as text: nothing is decoded.
+# -1: unknown call.
 _COMMIT_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local pairs_end = 4 + 2 * tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, pairs_end))
-if ARGV[3] ~= '' then
+local pairs_end = 5 + 2 * tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, pairs_end))
+if ARGV[4] ~= '' then
   local transcript = redis.call('HGET', KEYS[1], 'transcript')
   if (not transcript) or transcript == 'null' or transcript == '[]' then
-    transcript = '[' .. ARGV[3] .. ']'
+    transcript = '[' .. ARGV[4] .. ']'
   else
-    transcript = string.sub(transcript, 1, -2) .. ',' .. ARGV[3] .. ']'
+    transcript = string.sub(transcript, 1, -2) .. ',' .. ARGV[4] .. ']'
   end
   redis.call('HSET', KEYS[1], 'transcript', transcript)
 end
 local index = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
-redis.call('ZADD', KEYS[3], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+""" + _INDEX_TURN.replace("TIME_INDEX", "3") + """
 for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]) end
 return index
 """
@@ -232,7 +241,8 @@ if sid and sid ~= 'null' then
 end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 for index, item in ipairs(items) do
-  redis.call('ZREM', KEYS[7], string.format('%010d', index - 1) .. ':' .. item)
+  local position = string.format('%010d', index - 1)
+  redis.call('ZREM', KEYS[7], position .. '/' .. ARGV[1], position .. ':' .. item)
 end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
@@ -641,7 +651,7 @@ class RedisStore:
         index = self._script(
             "append_turn",
             [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
-            [_dumps(stored), _json_number(stored["at"]), *_increments(counters)],
+            [_dumps(stored), _json_number(stored["at"]), tracking_id, *_increments(counters)],
         )
         return int(index)
 
@@ -656,7 +666,7 @@ class RedisStore:
             "commit_turn",
             [self._key("call", tracking_id), self._key("turns", tracking_id), self._key("turns", "by_time"),
              self._key("counters")],
-            [_dumps(stored), _json_number(stored["at"]),
+            [_dumps(stored), _json_number(stored["at"]), tracking_id,
              "" if transcript_entry is None else _dumps(transcript_entry), str(len(pairs) // 2), *pairs,
              *_increments(counters)],
         ))
@@ -704,14 +714,32 @@ class RedisStore:
         return {tracking_id: [json.loads(item) for item in items] for tracking_id, items in zip(tracking_ids, lists)}
 
     def recent_turns(self, since: float) -> list[dict]:
+        """The time index's members in the window, then their rows from the calls' turn lists, one range per call,
+        in one pipelined round trip (a row purged in between is left out, as if read a moment later)."""
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
-        # A member is "<index>:<turn JSON>": the turn's index within its call, which also keeps identical turns
-        # distinct.
+            # A member is "<index>/<tracking id>" (an earlier release's: "<index>:<turn JSON>"); the index is the
+            # turn's within its call.
+            spans: dict[str, list[int]] = {}
+            for member in members:
+                if member[10] == "/":
+                    span = spans.setdefault(member[11:], [int(member[:10])] * 2)
+                    span[0], span[1] = min(span[0], int(member[:10])), max(span[1], int(member[:10]))
+            pipe = client.pipeline(transaction=False)
+            for tracking_id, (first, last) in spans.items():
+                pipe.lrange(self._key("turns", tracking_id), first, last)
+            ranges = pipe.execute() if spans else []
+        rows = {tracking_id: (first, items) for (tracking_id, (first, _)), items in zip(spans.items(), ranges)}
         out = []
         for member in members:
-            index, turn_json = member.split(":", 1)
-            out.append({**json.loads(turn_json), "index": int(index)})
+            index = int(member[:10])
+            if member[10] == "/":
+                first, items = rows[member[11:]]
+                turn_json = items[index - first] if index - first < len(items) else None
+            else:
+                turn_json = member[11:]
+            if turn_json is not None:
+                out.append({**json.loads(turn_json), "index": index})
         return out
 
     # -- workflows --------------------------------------------------------------
