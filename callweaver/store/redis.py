@@ -510,10 +510,11 @@ class RedisStore:
         return bool(reply)
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
-                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
         """WATCH the call, read its meta, MULTI/EXEC the merge: `apply` is replayed if any other writer touched the
         call in between (_transaction), so the merge always starts from what is stored."""
-        check_meta_keys(changes, remove, add)
+        check_meta_keys(changes, remove, add, first)
         remove = list(remove)
         call_key = self._key("call", tracking_id)
 
@@ -521,7 +522,7 @@ class RedisStore:
             stored = pipe.hmget(call_key, ["tracking_id", "meta"])
             if stored[0] is None:
                 return None
-            meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add)
+            meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add, first)
             pipe.multi()
             pipe.hset(call_key, mapping={"meta": _dumps(meta), "updated_at": _dumps(time.time())})
             return meta

@@ -366,15 +366,16 @@ class SQLiteStore:
         return changed > 0
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
-                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
-        check_meta_keys(changes, remove, add)
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
+        check_meta_keys(changes, remove, add, first)
         with self._write() as conn:  # the write lock is held from the read on: no writer lands in between
             row = conn.execute(
                 "SELECT json_extract(data, '$.meta') FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
             ).fetchone()
             if row is None:
                 return None
-            meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add)
+            meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add, first)
             # Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL.
             conn.execute(
                 "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?)"
