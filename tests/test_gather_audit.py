@@ -406,59 +406,6 @@ def test_exactly_one_of_many_simultaneous_requests_claims_a_turn_in_either_store
     assert turns.wait_for_answer("call_race", 3, "yes please", until=0) == "<Response/>"
 
 
-class ReplyLosingProxy:
-    """A TCP forwarder to a redis-server that, once armed, passes one command on and loses its reply (closes the
-    connection instead): the write lands, its sender never hears so (a network cut, a failover at that moment)."""
-
-    def __init__(self, target_port: int) -> None:
-        from tests.fakes.loopback import LoopbackServer
-
-        self.target_port, self.lose_after, self.lost = target_port, None, 0
-        proxy = self
-
-        class Listener(LoopbackServer):
-            def handle(self, conn):
-                proxy.serve(conn)
-
-        self.listener = Listener()
-        self.port = self.listener.port
-
-    def serve(self, conn) -> None:
-        import socket
-
-        upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        dropping = threading.Event()
-
-        def replies() -> None:
-            try:
-                while (data := upstream.recv(65536)) and not dropping.is_set():
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-        threading.Thread(target=replies, daemon=True).start()
-        try:
-            while data := conn.recv(65536):
-                if self.lose_after is not None and self.lose_after in data:
-                    self.lose_after = None
-                    dropping.set()  # whatever Redis answers from now on is never passed back
-                    upstream.sendall(data)
-                    time.sleep(0.2)  # Redis runs it
-                    self.lost += 1
-                    break
-                upstream.sendall(data)
-        except OSError:
-            pass
-        for sock in (conn, upstream):
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        self.listener.stop()
-
-
 def test_a_claim_whose_reply_was_lost_is_still_the_claim_of_the_request_that_made_it(redis_server):
     """redis-py sends a write again when its connection fails before the reply (one retry, so a failover heals):
     a claim that landed but whose reply was lost was counted twice, and the request that made it took it for
@@ -468,6 +415,7 @@ def test_a_claim_whose_reply_was_lost_is_still_the_claim_of_the_request_that_mad
 
     from callweaver.gather_turns import GatherTurns
     from callweaver.store import CallRecord, build_store
+    from tests.fakes.loopback import ReplyLosingProxy
 
     proxy = ReplyLosingProxy(redis_server.port)
     store = build_store("", f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
