@@ -982,6 +982,47 @@ def test_redis_reads_amends_and_purges_turn_rows_an_earlier_release_indexed(redi
     store.close()
 
 
+def test_redis_writes_whose_reply_was_lost_are_applied_once(redis_server):
+    """redis-py sends a command again when its connection fails before the reply (one retry, so a restart or
+    failover heals). For a write that had landed, a script ran twice: the turn row, its counters and transcript
+    entry twice; a new call refused as "already exists" (make-call failed though the call was stored); the terminal
+    status reported as a duplicate (not current), so the end of the call was never acted on."""
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(make_record("warm"))  # every script below is loaded: a lost reply is the script's own
+        store.commit_turn("warm", {"current_node": "n"}, {"n": 0})
+        store.append_turn("warm", {"n": 1})
+        store.append_status("warm", "ringing", 1, {})
+
+        writes = [lambda: store.create_call(make_record("c", created_at=1000.0)),
+                  lambda: store.commit_turn("c", {"current_node": "n1"}, {"n": 0}, {"s": 1.0},
+                                            transcript_entry={"said": "hi"}),
+                  lambda: store.append_turn("c", {"n": 1}, {"s": 1.0}),
+                  lambda: store.append_status("c", "completed", 5, {"CallStatus": "completed"})]
+        answers = []
+        for write in writes:
+            proxy.lose_after = b"EVALSHA"
+            answers.append(write())
+        assert proxy.lost == 4
+        assert answers == [None, 0, 1, True]
+        assert [turn["n"] for turn in store.turns("c")] == [0, 1]
+        assert [turn["n"] for turn in store.recent_turns(0.0) if turn["trackingId"] == "c"] == [0, 1]
+        assert store.counters()["s"] == 2.0
+        record = store.get_call("c")
+        assert record.transcript == [{"said": "hi"}] and record.current_node == "n1" and record.status == "completed"
+        assert [entry["sequence"] for entry in store.status_history("c")] == [5]
+        # Writes that are no retry are refused or reported as before.
+        with pytest.raises(StoreError):
+            store.create_call(make_record("c", created_at=2000.0))
+        assert store.append_status("c", "completed", 5, {"CallStatus": "completed"}) is False
+    finally:
+        store.close()
+        proxy.stop()
+
+
 def test_stopped_redis_raises_store_error_quickly_and_recovers_after_restart():
     with RedisServer() as server:
         store = RedisStore(server.url, key_prefix="cwtest:outage:")

@@ -71,10 +71,20 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
+# Every write script below answers a write sent again after its reply was lost (redis-py sends a command once more
+# when its connection fails before the reply: RECONNECT_ON) as it answered the first time, changing nothing: the
+# write is recognised by what it stores (a call's exact fields, a turn row or status entry with its own time).
+
 # KEYS: call, sid index (or call again), calls:created, calls:ended, workflow version (or call again)
 # ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", snapshot JSON or "", then field/value pairs
+# Returns 1 created (or this very call already stored: sent again), 0 another call has the tracking id.
 _CREATE_CALL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for i = 6, #ARGV, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end
+  end
+  return 1
+end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'NX') end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
@@ -166,10 +176,17 @@ return 1
 # KEYS: call, statuses, calls:ended, counters
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
 #       ended-calls series of this status
-# Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
+# Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current. This same entry already stored
+# (sent again; a callback Twilio retries has another receivedAt) answers 1 if it is the current one.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1
+local sent = current
+if ARGV[3] ~= '' then sent = tonumber(ARGV[3]) end
+if redis.call('HGET', KEYS[2], tostring(sent)) == ARGV[4] then
+  if sent == current then return 1 end
+  return 0
+end
 local sequence
 if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
 if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then return 0 end
@@ -192,6 +209,11 @@ redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
+# A turn row that is already the call's last (the same row, with its own time: sent again) is answered with its index.
+_TURN_SENT_AGAIN = """
+if redis.call('LINDEX', KEYS[TURNS], -1) == ARGV[1] then return redis.call('LLEN', KEYS[TURNS]) - 1 end
+"""
+
 # The time index's member naming a call's turn row (ARGV[3]: the tracking id): the row itself is stored once, in the
 # call's turn list.
 _INDEX_TURN = """
@@ -199,7 +221,7 @@ redis.call('ZADD', KEYS[TIME_INDEX], ARGV[2], string.format('%010d', index) .. '
 """
 
 # KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, tracking id, then series/increment pairs
-_APPEND_TURN = """
+_APPEND_TURN = _TURN_SENT_AGAIN.replace("TURNS", "1") + """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
 """ + _INDEX_TURN.replace("TIME_INDEX", "2") + """
 for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
@@ -212,6 +234,7 @@ return index
 # -1: unknown call.
 _COMMIT_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+""" + _TURN_SENT_AGAIN.replace("TURNS", "2") + """
 local pairs_end = 5 + 2 * tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], unpack(ARGV, 6, pairs_end))
 if ARGV[4] ~= '' then
