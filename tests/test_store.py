@@ -789,6 +789,23 @@ def test_a_call_created_while_the_purge_drops_its_version_keeps_its_workflow(red
         creator.close()
 
 
+def test_a_sqlite_file_from_before_the_workflow_hash_column_gets_it_filled_once_and_keeps_its_versions(tmp_path):
+    path = str(tmp_path / "cw.sqlite3")
+    store = SQLiteStore(path)
+    store.create_call(make_record("live", workflow={"nodes": []}, workflow_hash="v_1", created_at=10.0))
+    with store._write() as conn:  # as an earlier release left the file
+        conn.execute("DROP INDEX cw_calls_workflow_hash")
+        conn.execute("ALTER TABLE cw_calls DROP COLUMN workflow_hash")
+    store.close()
+
+    reopened = SQLiteStore(path)
+    try:
+        with reopened._connection() as conn:
+            assert conn.execute("SELECT workflow_hash FROM cw_calls").fetchall() == [("v_1",)]
+        assert reopened.purge(older_than=150.0) == 0 and stored_versions(reopened) == {"v_1"}
+    finally:
+        reopened.close()
+
 def test_sqlite_keeps_a_version_referenced_by_a_row_an_older_worker_wrote(tmp_path):
     """During a reload, a worker of the previous release may still insert calls without the workflow_hash column:
     the purge reads such a row's hash from its JSON, so its version stays."""
