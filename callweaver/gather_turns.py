@@ -31,7 +31,8 @@ REPLY_META = GATHER_REPLY_META  # meta: {"turn": N, "said": digest, "twiml": "<R
 # fails) is still that request's, where a count would have said 2 and sent it waiting for itself.
 CLAIMS_META = "gatherTurnClaims"
 ANSWERED_CLAIM = "answered"  # the claim `remember` leaves: no request's mark, so a request still claiming waits
-# An earlier release's claims (counts): a call that spans the upgrade still has them removed when it ends.
+# An earlier release's claims (counts): a turn one of its instances counted is taken (a rolling deploy on one Redis
+# runs both releases at once), and a call that spans the upgrade still has them removed when it ends.
 COUNTED_CLAIMS_META = "gatherClaims"
 GATHER_META_KEYS = (REPLY_META, CLAIMS_META, COUNTED_CLAIMS_META)
 WAIT_POLL_S = 0.1  # how often a retry waiting for the first attempt's answer reads the call again
@@ -112,7 +113,10 @@ class GatherTurns:
             # Degrade, never drop the call: a retry may then run twice, the caller is answered either way.
             log.warning("gather_claim_failed", tracking_id=tracking_id, turn=turn)
             return True
-        return meta is None or (meta.get(CLAIMS_META) or {}).get(str(turn)) == mark
+        if meta is None:
+            return True
+        return ((meta.get(CLAIMS_META) or {}).get(str(turn)) == mark
+                and not (meta.get(COUNTED_CLAIMS_META) or {}).get(str(turn)))
 
     def remember(self, tracking_id: str, turn: int, speech: str, twiml: str) -> None:
         """Keep `turn`'s answer to `speech` for a retry (the words as a digest: only a retry's equality matters);

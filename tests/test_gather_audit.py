@@ -433,6 +433,20 @@ def test_a_claim_whose_reply_was_lost_is_still_the_claim_of_the_request_that_mad
         proxy.stop()
 
 
+def test_a_turn_an_earlier_release_counted_as_claimed_is_not_claimed_again(any_store):
+    """A rolling deploy on one Redis: an instance of the earlier release took turn 3 (its claim a count, 1, under
+    `gatherClaims`) and still runs it; Twilio's retry reaches an instance of this release. It must wait for that
+    answer, not run the turn a second time (a second LLM request, maybe another reply)."""
+    from callweaver.gather_turns import COUNTED_CLAIMS_META, GatherTurns
+    from callweaver.store import CallRecord
+
+    any_store.create_call(CallRecord(tracking_id="call_span", path="traditional",
+                                     meta={COUNTED_CLAIMS_META: {"3": 1}}))
+    turns = GatherTurns(any_store)
+    assert turns.claim("call_span", 3) is False
+    assert turns.claim("call_span", 4) is True  # a turn the earlier release never counted is claimed as before
+
+
 def test_speech_with_confidence_zero_is_answered(call, fake_llm):
     """Twilio does not guarantee a Confidence (some speech models always report 0): the words are answered."""
     root = call.answer()
