@@ -46,6 +46,9 @@ MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
 TWILIO_ACCOUNT_SID_RE = re.compile(r"AC[0-9a-fA-F]{32}")
+# REDIS_KEY_PREFIX: what every key CallWeaver writes to Redis starts with (one Redis, several deployments).
+DEFAULT_REDIS_KEY_PREFIX = "cw:"
+REDIS_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 E164_RE = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
@@ -243,6 +246,7 @@ class Settings:
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
+    redis_key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
     cache_type: str = ""
     cache_redis_url: str | None = None
     cache_dir: str = "instance/cache"
@@ -473,6 +477,10 @@ class Settings:
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+        values["redis_key_prefix"] = text("REDIS_KEY_PREFIX") or DEFAULT_REDIS_KEY_PREFIX
+        if not REDIS_KEY_PREFIX_RE.fullmatch(values["redis_key_prefix"]):
+            problems.append("REDIS_KEY_PREFIX must be 1-64 letters, digits or _ . : { } -")
+            values["redis_key_prefix"] = DEFAULT_REDIS_KEY_PREFIX
         cache_type = text("CACHE_TYPE")
         if cache_type and cache_type not in CACHE_TYPES:
             problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)} (the value is not shown)")

@@ -15,7 +15,7 @@ from flask import current_app
 from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
-from .engine.cache import ReplyCache
+from .engine.cache import ReplyCache, reply_cache_prefix
 from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.metrics import MetricsReader, RecentTurns
@@ -83,7 +83,7 @@ class Services:
     def store(self) -> Store:
         # (A SQLite store makes its directory when it first opens: a directory that cannot be made is then a
         # StoreError, which /health reports and the API answers with 503, rather than a worker that cannot start.)
-        return build_store(self.settings.db_path, self.settings.redis_url)
+        return build_store(self.settings.db_path, self.settings.redis_url, self.settings.redis_key_prefix)
 
     @cached_property
     def twilio(self) -> TwilioGateway:
@@ -127,7 +127,7 @@ class Services:
         s = self.settings
         backend = build_cache_backend(s.cache_type, redis_url=s.cache_redis_url, cache_dir=s.cache_dir,
                                       default_timeout=s.cache_ttl_s)
-        return ReplyCache(backend, ttl_s=s.cache_ttl_s)
+        return ReplyCache(backend, ttl_s=s.cache_ttl_s, key_prefix=reply_cache_prefix(s.redis_key_prefix))
 
     @cached_property
     def metrics(self) -> MetricsReader:
