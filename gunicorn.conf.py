@@ -3,13 +3,45 @@ import gc
 import json
 import os
 
-from callweaver.server_config import ConfigError, server_settings  # import-light: the standard library only
+from callweaver.config import Settings  # import-light: the standard library only (no `limits`, no Flask)
+from callweaver.server_config import ConfigError, server_settings
 
-try:
-    SERVER = server_settings(os.environ)
-except ConfigError as bad:
-    # SystemExit passes gunicorn's "Failed to read config file" (which prints a traceback): one line, exit status 1.
-    raise SystemExit(f"gunicorn.conf.py: {bad}") from None
+
+def checked_server_settings(environ):
+    """gunicorn's own variables (server_settings), needed now. Should one be bad, the settings a worker's app would
+    refuse (Settings.from_env) are named in the same line; otherwise they are checked in on_starting, where the
+    environment is the workers' own."""
+    try:
+        return server_settings(environ)
+    except ConfigError as bad:
+        problems = list(bad.problems)
+    try:
+        Settings.from_env(environ)
+    except ConfigError as bad:
+        problems.extend(p for p in bad.problems if p not in problems)  # PORT is read by both, in the same words
+    raise ConfigError(problems)
+
+
+def refused_in_one_line(check, environ):
+    """`check(environ)`, or a ConfigError as one line and exit status 1 (a SystemExit passes gunicorn's "Failed to
+    read config file", which prints a traceback)."""
+    try:
+        return check(environ)
+    except ConfigError as bad:
+        raise SystemExit(f"gunicorn.conf.py: {bad}") from None
+
+
+SERVER = refused_in_one_line(checked_server_settings, os.environ)
+
+
+def on_starting(server):
+    """Every setting a worker's app would refuse (Settings.from_env: ~8 ms of CPU with its import) stops gunicorn
+    here, before it listens. Checked only in the worker, it came after the worker's loader had answered /health 200
+    (callweaver/boot.py), and Render, having seen the deploy healthy, routed traffic to a service that was gone: an
+    outage instead of a failed deploy. Here, not as this file is read: values given as gunicorn's `-e`/`--env` option
+    (its raw_env setting) are in os.environ only from now on, and they win over the environment in every worker."""
+    refused_in_one_line(Settings.from_env, os.environ)
+
 
 bind = f"0.0.0.0:{SERVER['port']}"
 worker_class = "gevent"

@@ -163,6 +163,22 @@ class SQLiteCache(BaseCache):
                           "ORDER BY expires_at LIMIT ?)", (surplus,))
 
 
+class UnavailableCache(BaseCache):
+    """A backend that could not be built (FileSystemCache whose CACHE_DIR cannot be made or read). Every operation
+    fails with that error, which the reply cache counts as a miss and its health check reports, as SQLiteCache does
+    with a directory it cannot make: the worker serves without the cache rather than stopping after its loader has
+    answered /health 200 (gunicorn's master checks the settings, not the file system)."""
+
+    def __init__(self, kind: str, error: OSError) -> None:
+        super().__init__()
+        self.reason = f"{kind} could not be built in CACHE_DIR: {type(error).__name__}: {error.strerror or error}"
+
+    def _unavailable(self, *_args: Any, **_kwargs: Any) -> Any:
+        raise OSError(self.reason)
+
+    get = set = add = delete = has = clear = _unavailable
+
+
 def build_cache_backend(cache_type: str, *, redis_url: str | None, cache_dir: str, default_timeout: int) -> Any:
     """The reply cache's backend from settings.
 
@@ -182,7 +198,10 @@ def build_cache_backend(cache_type: str, *, redis_url: str | None, cache_dir: st
     if kind == "SimpleCache":
         return SimpleCache(threshold=LOCAL_CACHE_MAX_ENTRIES, default_timeout=default_timeout)
     if kind == "FileSystemCache":
-        return FileSystemCache(cache_dir, threshold=LOCAL_CACHE_MAX_ENTRIES, default_timeout=default_timeout)
+        try:  # it makes and lists CACHE_DIR as it is built
+            return FileSystemCache(cache_dir, threshold=LOCAL_CACHE_MAX_ENTRIES, default_timeout=default_timeout)
+        except OSError as exc:
+            return UnavailableCache(kind, exc)
     if kind == "NullCache":
         return NullCache(default_timeout=default_timeout)
     if kind == "RedisCache":

@@ -1,5 +1,6 @@
 """Settings: every environment variable the app reads, typed and validated in one place (gunicorn.conf.py's own are
-checked in gunicorn's master by server_config.py)."""
+read by server_config.py). gunicorn's master runs Settings.from_env before it listens (gunicorn.conf.py), so this
+module stays import-light: the standard library and the package's own import-light modules, no `limits`, no Flask."""
 from __future__ import annotations
 
 import os
@@ -7,12 +8,10 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping
-from urllib.parse import urlparse
-
-from limits import parse_many
+from urllib.parse import parse_qs, urlparse
 
 from .cors import DEFAULT_CORS_ORIGINS, CorsPolicy, read_cors_origins
-from .engine.llm_http import is_public_address
+from .engine.addresses import is_public_address
 from .server_config import MAX_TCP_PORT, ConfigError, read_log_level, read_number
 from .units import MAX_CALL_DURATION_LIMIT_S, SECONDS_PER_DAY
 
@@ -31,11 +30,25 @@ NODE_ENV_PRODUCTION_ALIASES = ("prod",)
 MAX_CACHE_TTL_S = 365 * SECONDS_PER_DAY
 MAX_RETENTION_INTERVAL_S = 30 * SECONDS_PER_DAY
 MAX_RATE_WINDOW_S = 366 * SECONDS_PER_DAY  # a rate limit's window is a store expiry too
+# RATE_LIMIT_* values are the `limits` notation ("30 per minute", "10/second", "1 per 2 hours", "5/second;100/day"),
+# read here without importing `limits`: it imports asyncio, ~1 s of a cold start at Render's 0.1 CPU, and gunicorn's
+# master checks every setting before it listens (gunicorn.conf.py). Never wider than `limits.parse_many`: what is
+# read here it reads as the same amounts and windows (tests/test_rate_limit_notation.py compares both over many
+# strings), so the limiter a worker builds from a setting checked here cannot refuse it. Narrower only in what no one
+# writes: ASCII spaces only, no window of 0 units (`limits` reads it as 1), no ':' before a separator.
+RATE_WINDOWS_S = {"second": 1, "minute": 60, "hour": 3600, "day": SECONDS_PER_DAY, "month": 30 * SECONDS_PER_DAY,
+                  "year": 360 * SECONDS_PER_DAY}  # `limits`' own lengths (its year is 12 of its 30-day months)
+RATE_SEPARATORS_RE = re.compile(r"[,;|]")
+RATE_ITEM_RE = re.compile(r"\s*([0-9]+)\s*(?:/|per)\s*([0-9]+)?\s*(second|minute|hour|day|month|year)s?\s*",
+                          re.ASCII | re.IGNORECASE)
 MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim this long at most
 MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
 TWILIO_AUTH_TOKEN_RE = re.compile(r"[0-9a-fA-F]{32}")
 TWILIO_ACCOUNT_SID_RE = re.compile(r"AC[0-9a-fA-F]{32}")
+# REDIS_KEY_PREFIX: what every key CallWeaver writes to Redis starts with (one Redis, several deployments).
+DEFAULT_REDIS_KEY_PREFIX = "cw:"
+REDIS_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:{}-]{1,64}")
 E164_RE = re.compile(r"\+[1-9][0-9]{7,14}")  # ASCII digits only: "\d" would accept full-width ones
 
 # NANP (+1) destinations that are not domestic US/Canada calls. +1900 is the NANP premium-rate code; +1976 is
@@ -57,6 +70,41 @@ DEFAULT_BLOCKED_DESTINATION_PREFIXES = NANP_PREMIUM_PREFIXES + tuple(
     "+1" + code for code in NANP_NON_US_CANADA_AREA_CODES)
 
 
+def _ssl_verify_flags(value: str) -> None:
+    """redis-py's reading of ssl_include_verify_flags / ssl_exclude_verify_flags: names of ssl.VerifyFlags."""
+    import ssl  # only for a URL naming these flags (~5 ms of CPU)
+
+    for flag in value.replace("[", "").replace("]", "").split(","):
+        if not hasattr(ssl.VerifyFlags, flag.strip()):
+            raise ValueError("not an ssl.VerifyFlags name")
+
+
+# The query arguments redis-py reads from a Redis URL with a function that may refuse the value (its parse_url; the
+# others it passes on as text or reads as flags, which never fails). The worker's rate limiter builds its Redis
+# client from the URL as it starts, so a value refused there stopped the worker after its /health 200: read here
+# with the same functions, without importing redis (~0.2 s of CPU, asyncio included). Compared with redis-py's own
+# parse_url in tests/test_refused_at_start.py.
+REDIS_URL_ARGUMENT_READERS = {
+    "db": int, "socket_read_size": int, "max_connections": int, "health_check_interval": int, "ssl_min_version": int,
+    "protocol": int, "socket_timeout": float, "socket_connect_timeout": float, "timeout": float,
+    "ssl_include_verify_flags": _ssl_verify_flags, "ssl_exclude_verify_flags": _ssl_verify_flags,
+}
+
+
+def _redis_query_problem(name: str, query: str) -> str | None:
+    """What redis-py would refuse in a Redis URL's query (as its parse_url reads it: the first value of each)."""
+    for argument, values in parse_qs(query).items():
+        reader = REDIS_URL_ARGUMENT_READERS.get(argument)
+        if reader is None or not values:
+            continue
+        try:
+            reader(values[0])
+        except ValueError:
+            return (f"{name} must be a Redis URL whose {argument} Redis can read; redis-py refuses its value (the "
+                    "value is not shown)")
+    return None
+
+
 def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
     """What is wrong with a URL setting, said without its value: a URL may carry a password (`redis://:pw@host`) or
     a secret path (a webhook), and this message is printed before any secret is registered for redaction."""
@@ -73,6 +121,8 @@ def _url_problem(name: str, raw: str, schemes: tuple[str, ...]) -> str | None:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; it names no host"
     if port == 0:
         return f"{name} must be an absolute {'/'.join(schemes)} URL; port 0 is no port"
+    if parsed.scheme in ("redis", "rediss", "unix"):
+        return _redis_query_problem(name, parsed.query)
     return None
 
 
@@ -99,6 +149,21 @@ def _public_url_problem(public: str | None) -> tuple[str, str] | None:
     return None
 
 
+def rate_limit_items(value: str) -> tuple[tuple[int, int], ...] | None:
+    """A rate limit in the `limits` notation as its (amount, window in seconds) items, or None when it is not one
+    (see RATE_ITEM_RE): how a RATE_LIMIT_* setting is checked without importing `limits`."""
+    items = []
+    for part in RATE_SEPARATORS_RE.split(value):
+        match = RATE_ITEM_RE.fullmatch(part)
+        try:  # int() refuses more than sys.get_int_max_str_digits() digits (ValueError), as it does in `limits`
+            if match is None or int(match[2] or 1) == 0:
+                return None
+            items.append((int(match[1]), RATE_WINDOWS_S[match[3].lower()] * int(match[2] or 1)))
+        except ValueError:
+            return None
+    return tuple(items)
+
+
 def to_e164(raw: str) -> str | None:
     """A phone number as the original normalised it (formatting stripped, 00 for +, +1 before 10 US digits, +
     otherwise), or None when that is no E.164 number. TWILIO_PHONE_NUMBER and a request's numbers alike: Twilio
@@ -119,7 +184,7 @@ def _flag(value: str | None, default: bool) -> bool:
         return True
     if v in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"expected a boolean (1/0/true/false), got {value!r}")
+    raise ValueError("expected a boolean (1/0/true/false; the value is not shown)")
 
 
 @dataclass(frozen=True)
@@ -183,6 +248,7 @@ class Settings:
     # State
     db_path: str = "instance/callweaver.sqlite3"
     redis_url: str | None = None
+    redis_key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
     cache_type: str = ""
     cache_redis_url: str | None = None
     cache_dir: str = "instance/cache"
@@ -321,7 +387,7 @@ class Settings:
         if phone:
             values["twilio_phone_number"] = to_e164(phone) or ""
             if not values["twilio_phone_number"]:
-                problems.append(f"TWILIO_PHONE_NUMBER must be E.164 (+15551234567), got {phone[:40]!r}")
+                problems.append("TWILIO_PHONE_NUMBER must be E.164 (+15551234567; the value is not shown)")
         values["twilio_validate_signatures"] = flag("TWILIO_VALIDATE_SIGNATURES", True)
         if not values["twilio_validate_signatures"]:
             warnings.append("TWILIO_VALIDATE_SIGNATURES is 0: Twilio webhook signatures are NOT checked "
@@ -330,18 +396,20 @@ class Settings:
         values["allow_request_credentials"] = flag("ALLOW_REQUEST_CREDENTIALS", False)
         values["allow_private_llm_urls"] = flag("ALLOW_PRIVATE_LLM_URLS", False)
         prefixes = tuple(p.strip() for p in text("ALLOWED_DESTINATION_PREFIXES", "+1").split(",") if p.strip())
-        for p in prefixes:
+        for entry, p in enumerate(prefixes, 1):
             if p != "*" and not re.fullmatch(r"\+[0-9]{1,6}", p):
-                problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *), got {p!r}")
+                problems.append(f"ALLOWED_DESTINATION_PREFIXES entries must look like +1 or +44 (or *); entry {entry} "
+                                "does not (the value is not shown)")
         values["allowed_destination_prefixes"] = prefixes or ("+1",)
         # Empty reads as unset, as everywhere else (a blank dashboard field must not turn the blocklist off): `none`
         # blocks nothing.
         raw_blocked = text("BLOCKED_DESTINATION_PREFIXES")
         blocked = (DEFAULT_BLOCKED_DESTINATION_PREFIXES if not raw_blocked else () if raw_blocked.lower() == "none"
                    else tuple(p.strip() for p in raw_blocked.split(",") if p.strip()))
-        for p in blocked:
+        for entry, p in enumerate(blocked, 1):
             if not re.fullmatch(r"\+[0-9]{1,8}", p):
-                problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876, got {p!r}")
+                problems.append(f"BLOCKED_DESTINATION_PREFIXES entries must look like +1900 or +1876; entry {entry} "
+                                "does not (the value is not shown)")
         values["blocked_destination_prefixes"] = blocked
         values["pinned_workflow_ids"] = frozenset(i.strip() for i in text("PINNED_WORKFLOW_IDS").split(",")
                                                   if i.strip())
@@ -353,16 +421,16 @@ class Settings:
 
         def rate(name: str, default: str) -> str:
             value = text(name, default) or default
-            try:
-                items = parse_many(value)
-            except ValueError:
-                problems.append(f"{name} must be a rate limit such as '30 per minute' or '10/second', got {value!r}")
+            items = rate_limit_items(value)
+            if items is None:
+                problems.append(f"{name} must be a rate limit such as '30 per minute', '10/second' or "
+                                "'5/second;100/day' (the value is not shown)")
                 return default
-            if any(item.amount < 1 for item in items):
-                problems.append(f"{name} allows no request at all ({value!r}): every one would be refused (429)")
+            if any(amount < 1 for amount, _window in items):
+                problems.append(f"{name} allows no request at all: every one would be refused (429)")
                 return default
-            if any(item.get_expiry() > MAX_RATE_WINDOW_S for item in items):
-                problems.append(f"{name} has a window longer than a year ({value!r})")
+            if any(window > MAX_RATE_WINDOW_S for _amount, window in items):
+                problems.append(f"{name} has a window longer than a year")
                 return default
             return value
 
@@ -380,9 +448,10 @@ class Settings:
             problems.append("OPS_TOKEN must be at least 16 characters (it guards live-call data)")
 
         providers = tuple(p.strip().lower() for p in text("LLM_PROVIDERS", "azure,openai").split(",") if p.strip())
-        for p in providers:
+        for entry, p in enumerate(providers, 1):
             if p not in {"azure", "openai"}:
-                problems.append(f"LLM_PROVIDERS entries must be azure or openai, got {p!r}")
+                problems.append(f"LLM_PROVIDERS entries must be azure or openai; entry {entry} is neither (the value "
+                                "is not shown)")
         values["llm_providers"] = providers or ("azure", "openai")
         values["azure_openai_api_key"] = text("AZURE_OPENAI_API_KEY")
         values["azure_openai_endpoint"] = url("AZURE_OPENAI_ENDPOINT") or ""
@@ -414,9 +483,13 @@ class Settings:
 
         values["db_path"] = text("CALLWEAVER_DB", "instance/callweaver.sqlite3") or "instance/callweaver.sqlite3"
         values["redis_url"] = url("REDIS_URL", schemes=("redis", "rediss", "unix"))
+        values["redis_key_prefix"] = text("REDIS_KEY_PREFIX") or DEFAULT_REDIS_KEY_PREFIX
+        if not REDIS_KEY_PREFIX_RE.fullmatch(values["redis_key_prefix"]):
+            problems.append("REDIS_KEY_PREFIX must be 1-64 letters, digits or _ . : { } -")
+            values["redis_key_prefix"] = DEFAULT_REDIS_KEY_PREFIX
         cache_type = text("CACHE_TYPE")
         if cache_type and cache_type not in CACHE_TYPES:
-            problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)}, got {cache_type!r}")
+            problems.append(f"CACHE_TYPE must be one of {', '.join(CACHE_TYPES)} (the value is not shown)")
         values["cache_type"] = cache_type
         values["cache_redis_url"] = url("CACHE_REDIS_URL", schemes=("redis", "rediss", "unix")) or values["redis_url"]
         if cache_type == "RedisCache" and not values["cache_redis_url"]:

@@ -45,18 +45,19 @@ def read_cors_origins(env: Mapping[str, object]) -> tuple[tuple[str, ...], list[
     origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
     problems = []
     if not origins:
-        problems.append(f"CORS_ORIGINS names no origin, got {text!r}")
+        problems.append("CORS_ORIGINS names no origin (the value is not shown)")
     elif ANY_ORIGIN in origins and len(origins) > 1:
         problems.append("CORS_ORIGINS is either * (any origin, served without credentials) or a list of origins, "
                         "not both")
-    for origin in origins:
+    for entry, origin in enumerate(origins, 1):
         if origin != ANY_ORIGIN and PATTERN_CHARACTERS.intersection(origin):
-            problems.append(f"CORS_ORIGINS entries are exact origins such as https://app.example.com (no patterns), "
-                            f"got {origin!r}")
+            problems.append(f"CORS_ORIGINS entries are exact origins such as https://app.example.com (no patterns); "
+                            f"entry {entry} is not (the value is not shown)")
         elif origin != ANY_ORIGIN and not ORIGIN_RE.fullmatch(origin):
             # It would never equal a browser's Origin: the web app's requests would all be refused, with no word.
             problems.append(f"CORS_ORIGINS entries are origins: http:// or https://, a host and an optional port, "
-                            f"nothing after it (such as https://app.example.com), got {origin[:100]!r}")
+                            f"nothing after it (such as https://app.example.com); entry {entry} is not (the value is "
+                            "not shown)")
     return origins, problems
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,8 +26,15 @@ log = structlog.get_logger()
 
 TURN_PARAM = "turn"          # the action URL's query parameter naming the turn a Gather answers
 REPLY_META = GATHER_REPLY_META  # meta: {"turn": N, "said": digest, "twiml": "<Response>…"} — the latest answer
-CLAIMS_META = "gatherClaims"  # meta: {"N": requests that claimed turn N} (atomic counts: the first request is 1)
-GATHER_META_KEYS = (REPLY_META, CLAIMS_META)
+# meta: {"N": the mark of the request that claimed turn N}, written only where turn N has none (Store.update_meta's
+# `first`): a claim written again after its reply was lost (redis-py sends a write once more when its connection
+# fails) is still that request's, where a count would have said 2 and sent it waiting for itself.
+CLAIMS_META = "gatherTurnClaims"
+ANSWERED_CLAIM = "answered"  # the claim `remember` leaves: no request's mark, so a request still claiming waits
+# An earlier release's claims (counts): a turn one of its instances counted is taken (a rolling deploy on one Redis
+# runs both releases at once), and a call that spans the upgrade still has them removed when it ends.
+COUNTED_CLAIMS_META = "gatherClaims"
+GATHER_META_KEYS = (REPLY_META, CLAIMS_META, COUNTED_CLAIMS_META)
 WAIT_POLL_S = 0.1  # how often a retry waiting for the first attempt's answer reads the call again
 
 
@@ -96,22 +104,27 @@ class GatherTurns:
         return TurnStart(turn, sent)
 
     def claim(self, tracking_id: str, turn: int) -> bool:
-        """Whether this request is the first for `turn` (one atomic count in the store, whichever worker took it)."""
+        """Whether this request is the first for `turn`: its own mark written where the turn has none, in one
+        atomic write in the store (whichever worker took it), and read back."""
+        mark = uuid.uuid4().hex
         try:
-            meta = self.store.update_meta(tracking_id, add={CLAIMS_META: {str(turn): 1}})
+            meta = self.store.update_meta(tracking_id, first={CLAIMS_META: {str(turn): mark}})
         except StoreError:
             # Degrade, never drop the call: a retry may then run twice, the caller is answered either way.
             log.warning("gather_claim_failed", tracking_id=tracking_id, turn=turn)
             return True
-        return meta is None or (meta.get(CLAIMS_META) or {}).get(str(turn)) == 1
+        if meta is None:
+            return True
+        return ((meta.get(CLAIMS_META) or {}).get(str(turn)) == mark
+                and not (meta.get(COUNTED_CLAIMS_META) or {}).get(str(turn)))
 
     def remember(self, tracking_id: str, turn: int, speech: str, twiml: str) -> None:
         """Keep `turn`'s answer to `speech` for a retry (the words as a digest: only a retry's equality matters);
         the claims of earlier turns go (a retry of `turn` from now on finds the answer before it claims, and one
-        already claiming sees its count above 1)."""
+        already claiming finds no mark of its own)."""
         try:
             self.store.update_meta(tracking_id, {REPLY_META: {"turn": turn, "said": _digest(speech), "twiml": twiml},
-                                                 CLAIMS_META: {str(turn): 1}})
+                                                 CLAIMS_META: {str(turn): ANSWERED_CLAIM}})
             # The caller may have hung up while the turn ran: the terminal status callback dropped these keys
             # before this write. Read after it, the end is seen either way, and the answer goes with the call.
             if not call_is_live(self.store.get_call(tracking_id)):

@@ -46,6 +46,11 @@ def storage_uri(settings: Settings) -> str:
     return f"{SQLITE_SCHEME}://{base}-ratelimits.sqlite3"
 
 
+def redis_limits_prefix(redis_key_prefix: str) -> str:
+    """limits' key prefix (it adds ":" itself) under the deployment's REDIS_KEY_PREFIX."""
+    return f"{redis_key_prefix}LIMITS"
+
+
 def storage_full(exc: StorageError) -> bool:
     """Whether the limits' storage refused a write for want of space (Redis at `maxmemory`, a full disk)."""
     cause = exc.storage_error
@@ -84,7 +89,9 @@ def limit_windows(settings: Settings) -> MovingWindowRateLimiter:
         # (redis-py's default waited 5 s), and a failover's read-only old primary is left for the new one.
         from .store.redis import client_options
 
-        options = client_options()
+        # limits' own key prefix option: the windows are `<REDIS_KEY_PREFIX>LIMITS:LIMITER/...`, apart from another
+        # deployment's on the same Redis.
+        options = {**client_options(), "key_prefix": redis_limits_prefix(settings.redis_key_prefix)}
     return MovingWindowRateLimiter(storage_from_string(storage_uri(settings), wrap_exceptions=True, **options))
 
 

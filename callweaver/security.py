@@ -13,7 +13,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from twilio.request_validator import (SIGNATURE_SETTINGS_HEADER, RequestValidator,
                                       get_signature_algorithm)
 
-from .engine.llm_http import is_public_address
+from .engine.addresses import is_public_address
 
 
 def public_base_url(configured: str | None, headers: Mapping[str, str], scheme: str, host: str) -> str:

@@ -1,4 +1,4 @@
-"""What gunicorn.conf.py reads in gunicorn's master, before any worker (and so before config.Settings) exists, and the
+"""What gunicorn.conf.py reads in gunicorn's master for gunicorn itself (it checks config.Settings there too), and the
 one way a numeric variable is read (config.Settings reads every other one with it). Import-light on purpose: the
 standard library only, since the master imports it before forking the workers."""
 from __future__ import annotations
@@ -33,11 +33,13 @@ def read_number(env: Mapping[str, Any], name: str, default: Any, kind: type = fl
         if not math.isfinite(val):  # "nan" passed every bound below; "inf" is no duration or size
             raise ValueError(raw)
     except ValueError:
-        return default, f"{name} must be a {'whole ' if kind is int else ''}number, got {raw!r}"
+        return default, f"{name} must be a {'whole ' if kind is int else ''}number (the value is not shown)"
+    except OverflowError:  # a whole number too large for math.isfinite's float
+        return default, f"{name} is too large"
     if low is not None and val < low:
-        return default, f"{name} must be >= {low}, got {raw!r}"
+        return default, f"{name} must be >= {low}"
     if high is not None and val > high:
-        return default, f"{name} must be <= {high}, got {val}"
+        return default, f"{name} must be <= {high}"
     return val, None
 
 

@@ -15,7 +15,7 @@ from flask import current_app
 from .call_report import CallReporter
 from .config import Settings
 from .cache_backends import build_cache_backend
-from .engine.cache import ReplyCache
+from .engine.cache import ReplyCache, reply_cache_prefix
 from .engine.conversation import ConversationEngine, SpeculationPolicy
 from .engine.languages import LanguageTable
 from .engine.metrics import MetricsReader, RecentTurns
@@ -83,7 +83,7 @@ class Services:
     def store(self) -> Store:
         # (A SQLite store makes its directory when it first opens: a directory that cannot be made is then a
         # StoreError, which /health reports and the API answers with 503, rather than a worker that cannot start.)
-        return build_store(self.settings.db_path, self.settings.redis_url)
+        return build_store(self.settings.db_path, self.settings.redis_url, self.settings.redis_key_prefix)
 
     @cached_property
     def twilio(self) -> TwilioGateway:
@@ -127,7 +127,7 @@ class Services:
         s = self.settings
         backend = build_cache_backend(s.cache_type, redis_url=s.cache_redis_url, cache_dir=s.cache_dir,
                                       default_timeout=s.cache_ttl_s)
-        return ReplyCache(backend, ttl_s=s.cache_ttl_s)
+        return ReplyCache(backend, ttl_s=s.cache_ttl_s, key_prefix=reply_cache_prefix(s.redis_key_prefix))
 
     @cached_property
     def metrics(self) -> MetricsReader:
@@ -137,7 +137,15 @@ class Services:
 
     @cached_property
     def tracer(self) -> NullTracer | CallTracer:
-        return build_tracer(self.settings.otel_exporter_otlp_endpoint)
+        """The calls' tracer. The OpenTelemetry SDK reads its own OTEL_* variables as it is built, and refuses some
+        (OTEL_BSP_SCHEDULE_DELAY=0, a non-numeric OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT): gunicorn's master does not check
+        those, so a refusal here comes after the worker's loader answered /health 200. Tracing is optional: the
+        worker serves untraced and says why (`tracing_not_started`) rather than stopping."""
+        try:
+            return build_tracer(self.settings.otel_exporter_otlp_endpoint)
+        except Exception as exc:
+            log.error("tracing_not_started", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            return NullTracer()
 
     @cached_property
     def chain_for(self):

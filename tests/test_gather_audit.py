@@ -406,6 +406,47 @@ def test_exactly_one_of_many_simultaneous_requests_claims_a_turn_in_either_store
     assert turns.wait_for_answer("call_race", 3, "yes please", until=0) == "<Response/>"
 
 
+def test_a_claim_whose_reply_was_lost_is_still_the_claim_of_the_request_that_made_it(redis_server):
+    """redis-py sends a write again when its connection fails before the reply (one retry, so a failover heals):
+    a claim that landed but whose reply was lost was counted twice, and the request that made it took it for
+    another's, waited for an answer nobody was writing and gave the caller the apology. The claim is now the
+    request's own mark, written only where none is: written again, it is still that request's."""
+    import uuid
+
+    from callweaver.gather_turns import GatherTurns
+    from callweaver.store import CallRecord, build_store
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = build_store("", f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(CallRecord(tracking_id="call_lost", path="traditional"))
+        turns = GatherTurns(store)
+        proxy.lose_after = b"EXEC"  # the claim's MULTI/EXEC
+        assert turns.claim("call_lost", 0) is True
+        assert proxy.lost == 1  # the claim really landed with its reply lost
+        assert turns.claim("call_lost", 0) is False  # any other request for that turn (a retried webhook) waits
+        turns.remember("call_lost", 0, "yes please", "<Response/>")
+        assert turns.claim("call_lost", 1) is True
+    finally:
+        store.close()
+        proxy.stop()
+
+
+def test_a_turn_an_earlier_release_counted_as_claimed_is_not_claimed_again(any_store):
+    """A rolling deploy on one Redis: an instance of the earlier release took turn 3 (its claim a count, 1, under
+    `gatherClaims`) and still runs it; Twilio's retry reaches an instance of this release. It must wait for that
+    answer, not run the turn a second time (a second LLM request, maybe another reply)."""
+    from callweaver.gather_turns import COUNTED_CLAIMS_META, GatherTurns
+    from callweaver.store import CallRecord
+
+    any_store.create_call(CallRecord(tracking_id="call_span", path="traditional",
+                                     meta={COUNTED_CLAIMS_META: {"3": 1}}))
+    turns = GatherTurns(any_store)
+    assert turns.claim("call_span", 3) is False
+    assert turns.claim("call_span", 4) is True  # a turn the earlier release never counted is claimed as before
+
+
 def test_speech_with_confidence_zero_is_answered(call, fake_llm):
     """Twilio does not guarantee a Confidence (some speech models always report 0): the words are answered."""
     root = call.answer()

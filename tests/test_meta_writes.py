@@ -156,6 +156,17 @@ def test_update_meta_sets_removes_and_adds_only_the_named_keys(store):
     assert stored.meta == expected and stored.updated_at >= before
 
 
+def test_update_meta_first_sets_an_entry_only_where_there_is_none_so_writing_it_again_changes_nothing(store):
+    """A claim's mark: the first writer's stays, and the same write sent again (its reply lost) leaves it as it is."""
+    store.create_call(CallRecord(tracking_id="c", meta={"claims": {"0": "a"}}))
+
+    assert store.update_meta("c", first={"claims": {"0": "b", "1": "b"}}) == {"claims": {"0": "a", "1": "b"}}
+    assert store.update_meta("c", first={"claims": {"1": "b"}, "other": {"x": 1}}) == {
+        "claims": {"0": "a", "1": "b"}, "other": {"x": 1}}
+    assert store.get_call("c").meta == {"claims": {"0": "a", "1": "b"}, "other": {"x": 1}}
+    with pytest.raises(ValueError):
+        store.update_meta("c", first={"a.b": {"x": 1}})
+
 def test_update_meta_of_an_unknown_call_writes_nothing(store):
     assert store.update_meta("nobody", {"a": 1}) is None
     assert store.get_call("nobody") is None

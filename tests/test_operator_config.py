@@ -483,3 +483,17 @@ def test_open_operator_pages_behind_a_public_url_are_a_warning_in_development():
     assert not any("OPS_TOKEN" in w for w in Settings.from_env({"PUBLIC_BASE_URL": "https://cw.example.com",
                                                                  "OPS_TOKEN": "o" * 16}).warnings)
     assert not any("OPS_TOKEN" in w for w in Settings.from_env({}).warnings)
+
+
+@pytest.mark.parametrize("value", ["staging prod:", "x" * 65, "café:", "a*b:"])
+def test_a_redis_key_prefix_that_is_no_plain_name_is_refused_at_start(value):
+    """REDIS_KEY_PREFIX starts every key: spaces, glob characters or a very long one are a typo, not a namespace."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"REDIS_KEY_PREFIX": value})
+    assert "REDIS_KEY_PREFIX" in str(err.value)
+
+
+def test_redis_key_prefix_defaults_to_cw_and_an_empty_value_means_the_default():
+    assert Settings.from_env({}).redis_key_prefix == "cw:"
+    assert Settings.from_env({"REDIS_KEY_PREFIX": " "}).redis_key_prefix == "cw:"
+    assert Settings.from_env({"REDIS_KEY_PREFIX": "staging:"}).redis_key_prefix == "staging:"

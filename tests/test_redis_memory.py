@@ -173,4 +173,36 @@ def test_purging_every_call_leaves_only_what_is_kept_by_design():
         left = sorted(admin.keys("*"))
         admin.close()
         store.close()
-    assert left == ["cw:counters", "cw:workflow:wf_1", "cw:workflow_version:v1"], left
+    # The version went with its last call; the flow saved under its id stays (an inbound call to `?id=` reads it).
+    assert left == ["cw:counters", "cw:workflow:wf_1"], left
+
+
+def test_a_full_redis_drops_the_workflow_versions_of_the_calls_it_purges(full_redis):
+    """Each edited flow stores its version once (11-15 KB): on a full Redis the purge must free those of the calls
+    it deletes too, with the delete-only script, while the version of a remaining call stays."""
+    server, admin = full_redis
+    store = build_store("", server.url)
+    now = time.time()
+    store.create_call(CallRecord(tracking_id="live", workflow=WORKFLOW, workflow_hash="v_live"))
+    count = 0
+    while True:
+        ended_at = now - 90 * SECONDS_PER_DAY
+        flow = {**WORKFLOW, "edit": count}
+        try:
+            store.create_call(CallRecord(tracking_id=f"call_{count}", workflow=flow, workflow_hash=f"v_{count}",
+                                         created_at=ended_at - 60))
+            store.append_status(f"call_{count}", "completed", 5, {}, received_at=ended_at)
+        except StoreError as exc:
+            assert "maxmemory" in str(exc), exc
+            break
+        count += 1
+        assert count < 10_000, "maxmemory was never reached"
+    assert count > 0
+    pin_full(admin)
+    with pytest.raises(StoreError):
+        store.create_call(CallRecord(tracking_id="refused", workflow=WORKFLOW, workflow_hash="v_refused"))
+
+    assert store.purge(now - 30 * SECONDS_PER_DAY) >= count
+    assert sorted(admin.keys("cw:workflow_version:*")) == [b"cw:workflow_version:v_live"]
+    assert store.get_call("live").workflow == WORKFLOW
+    store.close()

@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+import redis
 
 from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 from callweaver.store import CallRecord, Store, StoreError, build_store
@@ -695,6 +696,133 @@ def test_a_purge_of_a_backlog_larger_than_one_batch_deletes_all_of_it_in_several
     assert all(store.turns(f"old{n}") == [] for n in range(8))
 
 
+# -- workflow versions outlive no call -----------------------------------------------------------------------------
+
+
+def stored_versions(store) -> set[str]:
+    """The workflow versions the store keeps (its own table or keys), read past any per-worker cache."""
+    if isinstance(store, RedisStore):
+        prefix = store._key("workflow_version", "")
+        with store._backend() as client:
+            return {key[len(prefix):] for key in client.scan_iter(match=prefix + "*")}
+    with store._connection() as conn:
+        return {row[0] for row in conn.execute("SELECT version_hash FROM cw_workflow_versions")}
+
+
+def test_purge_deletes_the_workflow_versions_no_remaining_call_references(store):
+    """A version (11-15 KB) is stored once per edited flow: kept for ever, a small Redis (Render Key Value's free
+    plan, 25 MB) filled up with the versions of flows no call used any more. Retention deletes a version with the
+    last call that references it, and keeps every version a remaining call (live or not yet expired) reads, and the
+    flow saved under its id (what an inbound call to `?id=` and the chat playground read)."""
+    edited, kept = {"nodes": [{"id": "before_the_edit"}]}, {"nodes": [{"id": "after_the_edit"}]}
+    store.create_call(make_record("old_a", workflow=edited, workflow_hash="v_edited", created_at=10.0),
+                      workflow_id="wf_1")
+    store.create_call(make_record("old_b", workflow=edited, workflow_hash="v_edited", created_at=11.0))
+    store.create_call(make_record("old_c", workflow=kept, workflow_hash="v_kept", created_at=12.0),
+                      workflow_id="wf_1")
+    store.create_call(make_record("live", workflow=kept, workflow_hash="v_kept", created_at=30.0))
+    for tracking_id in ("old_a", "old_b", "old_c"):
+        store.append_status(tracking_id, "completed", 1, {}, received_at=100.0)
+    assert stored_versions(store) == {"v_edited", "v_kept"}
+
+    assert store.purge(older_than=150.0) == 3
+
+    assert stored_versions(store) == {"v_kept"}
+    assert store.get_workflow("wf_1") == kept
+    store.create_call(make_record("later", workflow=edited, workflow_hash="v_edited", created_at=200.0))
+    assert stored_versions(store) == {"v_edited", "v_kept"}  # a later call of that version stores it again
+    assert store.purge(older_than=150.0) == 0 and stored_versions(store) == {"v_edited", "v_kept"}
+    fresh = build_store(**store_spec_of(store))  # no per-worker copy of any version
+    try:
+        assert fresh.get_call("live").workflow == kept and fresh.get_call("later").workflow == edited
+    finally:
+        fresh.close()
+
+
+def store_spec_of(store) -> dict:
+    """build_store arguments for another handle on the same store (another worker)."""
+    if isinstance(store, RedisStore):
+        return {"db_path": "", "redis_url": store.url, "key_prefix": store.key_prefix}
+    return {"db_path": store.path}
+
+
+def test_purge_also_deletes_versions_left_by_calls_purged_before(store):
+    """Versions whose calls were purged by an earlier release (which kept every version) go with the next purge."""
+    store.create_call(make_record("old", workflow={"nodes": []}, workflow_hash="v_orphan", created_at=10.0))
+    store.append_status("old", "completed", 1, {}, received_at=100.0)
+    store.purge(older_than=150.0)
+    if isinstance(store, RedisStore):  # as that release left it
+        with store._backend() as client:
+            client.set(store._key("workflow_version", "v_orphan"), '{"nodes":[]}')
+    else:
+        with store._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO cw_workflow_versions VALUES ('v_orphan', '{\"nodes\":[]}', 0)")
+    assert stored_versions(store) == {"v_orphan"}
+
+    assert store.purge(older_than=150.0) == 0
+    assert stored_versions(store) == set()
+
+
+def test_a_call_created_while_the_purge_drops_its_version_keeps_its_workflow(redis_server):
+    """Redis: the purge finds the versions no call references (reads), then deletes them in one script that looks
+    again at every call. A call of such a version created between the two (another instance) must still read its
+    workflow: either the script sees the call and keeps the version, or the call's own write stores it again."""
+    flow = {"nodes": [{"id": "only"}]}
+    prefix = f"cwtest:{uuid.uuid4().hex}:"
+    purger, creator = (RedisStore(redis_server.url, key_prefix=prefix) for _ in range(2))
+    try:
+        purger.create_call(make_record("old", workflow=flow, workflow_hash="v_1", created_at=10.0))
+        purger.append_status("old", "completed", 1, {}, received_at=100.0)
+        purger._redis()
+        drop = purger._scripts["drop_workflow_versions"]
+
+        def racing(*args, **kwargs):
+            creator.create_call(make_record("new", workflow=flow, workflow_hash="v_1"))
+            return drop(*args, **kwargs)
+
+        purger._scripts["drop_workflow_versions"] = racing
+        assert purger.purge(older_than=150.0) == 1
+        assert stored_versions(purger) == {"v_1"}
+        assert RedisStore(redis_server.url, key_prefix=prefix).get_call("new").workflow == flow
+    finally:
+        purger.close()
+        creator.close()
+
+
+def test_a_sqlite_file_from_before_the_workflow_hash_column_gets_it_filled_once_and_keeps_its_versions(tmp_path):
+    path = str(tmp_path / "cw.sqlite3")
+    store = SQLiteStore(path)
+    store.create_call(make_record("live", workflow={"nodes": []}, workflow_hash="v_1", created_at=10.0))
+    with store._write() as conn:  # as an earlier release left the file
+        conn.execute("DROP INDEX cw_calls_workflow_hash")
+        conn.execute("ALTER TABLE cw_calls DROP COLUMN workflow_hash")
+    store.close()
+
+    reopened = SQLiteStore(path)
+    try:
+        with reopened._connection() as conn:
+            assert conn.execute("SELECT workflow_hash FROM cw_calls").fetchall() == [("v_1",)]
+        assert reopened.purge(older_than=150.0) == 0 and stored_versions(reopened) == {"v_1"}
+    finally:
+        reopened.close()
+
+def test_sqlite_keeps_a_version_referenced_by_a_row_an_older_worker_wrote(tmp_path):
+    """During a reload, a worker of the previous release may still insert calls without the workflow_hash column:
+    the purge reads such a row's hash from its JSON, so its version stays."""
+    store = SQLiteStore(str(tmp_path / "cw.sqlite3"))
+    try:
+        store.create_call(make_record("old", workflow={"nodes": []}, workflow_hash="v_1", created_at=10.0))
+        store.append_status("old", "completed", 1, {}, received_at=100.0)
+        with store._write() as conn:
+            conn.execute("INSERT INTO cw_calls (tracking_id, created_at, data) VALUES ('by_old_worker', 200.0, ?)",
+                         (json.dumps({"tracking_id": "by_old_worker", "workflow_hash": "v_1", "created_at": 200.0}),))
+        assert store.purge(older_than=150.0) == 1
+        assert stored_versions(store) == {"v_1"}
+        assert SQLiteStore(store.path).get_call("by_old_worker").workflow == {"nodes": []}
+    finally:
+        store.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork, as gunicorn does")
 def test_a_store_used_before_a_fork_keeps_working_in_parent_and_child(store):
     store.create_call(make_record())  # the parent now holds an open connection
@@ -814,6 +942,102 @@ def test_redis_prefixes_keep_stores_apart(redis_server):
 
     assert second.get_call("call_1") is None
     second.create_call(make_record())  # no clash with the first prefix's record
+
+
+def redis_values(store: RedisStore) -> list[str]:
+    """Every string the store keeps in Redis: values, list items, hash values, set and sorted-set members."""
+    admin = redis.Redis.from_url(store.url, decode_responses=True)
+    read = {"string": admin.get, "list": lambda key: admin.lrange(key, 0, -1), "hash": admin.hvals,
+            "set": admin.smembers, "zset": lambda key: admin.zrange(key, 0, -1)}
+    values: list[str] = []
+    for key in admin.scan_iter(match=store.key_prefix + "*"):
+        found = read[admin.type(key)](key)
+        values += [found] if isinstance(found, str) else list(found)
+    admin.close()
+    return values
+
+
+def test_redis_stores_each_turn_row_once(redis_server):
+    """The time index (recent_turns) held a second whole copy of every turn row, beside the call's turn list: a
+    turn row (~0.6 KB) twice per turn. It now names the row; every reader returns what it did."""
+    store = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    store.create_call(make_record("call_1"))
+    store.create_call(make_record("call_2"))
+    store.commit_turn("call_1", {"current_node": "n1"}, {"note": "row-one", "at": 50.0},
+                      transcript_entry={"said": "hello"})
+    store.append_turn("call_2", {"note": "row-two", "at": 50.0})
+    store.append_turn("call_1", {"note": "row-three", "action": "end", "at": 60.0})
+    store.amend_last_turn("call_1", {"action": None})
+
+    values = redis_values(store)
+    assert [sum(note in value for value in values) for note in ("row-one", "row-two", "row-three")] == [1, 1, 1]
+    assert [(t["trackingId"], t["note"], t["index"], t.get("action")) for t in store.recent_turns(0.0)] == [
+        ("call_1", "row-one", 0, None), ("call_2", "row-two", 0, None), ("call_1", "row-three", 1, None)]
+    store.close()
+
+
+def test_redis_reads_amends_and_purges_turn_rows_an_earlier_release_indexed(redis_server):
+    """Calls stored before turn rows were kept once: their time-index members hold the whole row. They are still
+    read, amended and purged."""
+    from callweaver.store import stored_turn
+    from callweaver.store.redis import _dumps
+
+    store = RedisStore(redis_server.url, key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    store.create_call(make_record("old", created_at=10.0))
+    row = _dumps(stored_turn("old", {"n": 0, "action": "end", "at": 50.0}))
+    admin = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    admin.rpush(store._key("turns", "old"), row)  # as that release wrote it
+    admin.zadd(store._key("turns", "by_time"), {"0000000000:" + row: 50.0})
+
+    assert store.amend_last_turn("old", {"action": None}) is True
+    store.append_turn("old", {"n": 1, "at": 60.0})
+    assert [(t["n"], t.get("action"), t["index"]) for t in store.recent_turns(0.0)] == [(0, None, 0), (1, None, 1)]
+    store.append_status("old", "completed", 1, {}, received_at=100.0)
+    assert store.purge(older_than=150.0) == 1
+    assert admin.zcard(store._key("turns", "by_time")) == 0 and store.recent_turns(0.0) == []
+    admin.close()
+    store.close()
+
+
+def test_redis_writes_whose_reply_was_lost_are_applied_once(redis_server):
+    """redis-py sends a command again when its connection fails before the reply (one retry, so a restart or
+    failover heals). For a write that had landed, a script ran twice: the turn row, its counters and transcript
+    entry twice; a new call refused as "already exists" (make-call failed though the call was stored); the terminal
+    status reported as a duplicate (not current), so the end of the call was never acted on."""
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(make_record("warm"))  # every script below is loaded: a lost reply is the script's own
+        store.commit_turn("warm", {"current_node": "n"}, {"n": 0})
+        store.append_turn("warm", {"n": 1})
+        store.append_status("warm", "ringing", 1, {})
+
+        writes = [lambda: store.create_call(make_record("c", created_at=1000.0)),
+                  lambda: store.commit_turn("c", {"current_node": "n1"}, {"n": 0}, {"s": 1.0},
+                                            transcript_entry={"said": "hi"}),
+                  lambda: store.append_turn("c", {"n": 1}, {"s": 1.0}),
+                  lambda: store.append_status("c", "completed", 5, {"CallStatus": "completed"})]
+        answers = []
+        for write in writes:
+            proxy.lose_after = b"EVALSHA"
+            answers.append(write())
+        assert proxy.lost == 4
+        assert answers == [None, 0, 1, True]
+        assert [turn["n"] for turn in store.turns("c")] == [0, 1]
+        assert [turn["n"] for turn in store.recent_turns(0.0) if turn["trackingId"] == "c"] == [0, 1]
+        assert store.counters()["s"] == 2.0
+        record = store.get_call("c")
+        assert record.transcript == [{"said": "hi"}] and record.current_node == "n1" and record.status == "completed"
+        assert [entry["sequence"] for entry in store.status_history("c")] == [5]
+        # Writes that are no retry are refused or reported as before.
+        with pytest.raises(StoreError):
+            store.create_call(make_record("c", created_at=2000.0))
+        assert store.append_status("c", "completed", 5, {"CallStatus": "completed"}) is False
+    finally:
+        store.close()
+        proxy.stop()
 
 
 def test_stopped_redis_raises_store_error_quickly_and_recovers_after_restart():

@@ -181,6 +181,11 @@ def _echoes_proper_names(utterance: str, reply_text: str) -> bool:
                and folded not in {"i", "i'm", "i'd", "i'll"} for i, w in enumerate(_WORD.findall(utterance)))
 
 
+def reply_cache_prefix(redis_key_prefix: str) -> str:
+    """The reply cache's keys (entries, prewarm markers, health probe) under the deployment's REDIS_KEY_PREFIX."""
+    return f"{redis_key_prefix}reply:"
+
+
 class ReplyCache:
     """Reply cache over a cachelib-style backend; every backend failure degrades to a miss, never an exception."""
 

@@ -146,9 +146,12 @@ def check_update_fields(fields: dict[str, Any], allowed: frozenset[str] = UPDATA
 
 
 def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None = None,
-               remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict:
-    """`meta` with `changes` set, `remove` deleted and `add[key][name]` added to the counts in `meta[key]`; the
-    backends apply it inside one atomic write, so writers of different keys never undo each other."""
+               remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+               first: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """`meta` with `changes` set, `remove` deleted, `add[key][name]` added to the counts in `meta[key]` and
+    `first[key][name]` set in `meta[key]` only where it has no `name` yet (the first writer keeps it: writing the same
+    again, as a write retried after its reply was lost, changes nothing); the backends apply it inside one atomic
+    write, so writers of different keys never undo each other."""
     merged = dict(meta or {})
     for key in merged.keys() & set(remove):
         del merged[key]
@@ -158,13 +161,17 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
         for name, value in increments.items():
             counts[name] = (counts.get(name) or 0) + value
         merged[key] = counts
+    for key, values in (first or {}).items():
+        merged[key] = {**values, **(merged.get(key) or {})}
     return merged
 
 
 def check_meta_keys(changes: Mapping[str, Any] | None, remove: Iterable[str],
-                    add: Mapping[str, Mapping[str, float]] | None) -> None:
+                    add: Mapping[str, Mapping[str, float]] | None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Reject a meta key that is not one plain top-level name before writing anything."""
-    bad = [key for key in [*(changes or {}), *remove, *(add or {})] if not META_KEY.fullmatch(str(key))]
+    bad = [key for key in [*(changes or {}), *remove, *(add or {}), *(first or {})]
+           if not META_KEY.fullmatch(str(key))]
     if bad:
         raise ValueError(f"meta keys must be plain top-level names: {bad}")
 
@@ -257,9 +264,10 @@ class Store(Protocol):
         ...
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
-                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
         """Merge into the call's `meta` in ONE atomic write (see merge_meta): set `changes`, delete `remove`, add
-        to counts in `add`; other keys, whoever wrote them, are kept. The only way meta changes after creation.
+        to counts in `add`, set `first`'s entries where absent; other keys, whoever wrote them, are kept. The only way meta changes after creation.
         Returns the meta now stored, or None (and writes nothing) when the call is unknown."""
         ...
 
@@ -377,8 +385,8 @@ class Store(Protocol):
     def purge(self, older_than: float) -> int:
         """Delete calls that ended before this epoch (or never recorded an end and were created more than
         MAX_CALL_DURATION_LIMIT_S before it: unended_created_before), with their turns and statuses; returns the
-        count. Workflow snapshots stay: one per version (not per call), and a live or later call of that version
-        reads it."""
+        count. Then the workflow versions no remaining call references go; a call created meanwhile never ends up
+        without its version (it is seen and keeps it, or stores it again). The flow saved under each id stays."""
         ...
 
     def purge_transcripts(self, older_than: float) -> int:

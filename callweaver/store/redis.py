@@ -61,17 +61,30 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   sid:<call_sid>   string -> tracking id
 #   calls:created    zset tracking id by created_at (list_calls)
 #   calls:ended      zset tracking id by ended_at (purge)
-#   turns:by_time    zset "<10-digit index>:<turn JSON>" by at (recent_turns; ties stay in turn order)
+#   turns:by_time    zset "<10-digit index>/<tid>" by at (recent_turns reads the row from turns:<tid>; ties stay in
+#                    turn order). An earlier release's members are "<10-digit index>:<turn JSON>", a second copy of
+#                    the row: still read, amended and purged.
 #   workflow:<id>    string, snapshot JSON
-#   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash)
+#   workflow_version:<hash>  string, snapshot JSON of one workflow version (calls hold only the hash); purged with
+#                    the last call that references it
 #   relay:<tid>      hash {owner, generation, expires_at} (the live relay socket), kept a day past its lease
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
 
+# Every write script below answers a write sent again after its reply was lost (redis-py sends a command once more
+# when its connection fails before the reply: RECONNECT_ON) as it answered the first time, changing nothing: the
+# write is recognised by what it stores (a call's exact fields, a turn row or status entry with its own time).
+
 # KEYS: call, sid index (or call again), calls:created, calls:ended, workflow version (or call again)
 # ARGV: tracking id, has sid "1"/"0", created_at, ended_at or "", snapshot JSON or "", then field/value pairs
+# Returns 1 created (or this very call already stored: sent again), 0 another call has the tracking id.
 _CREATE_CALL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for i = 6, #ARGV, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then return 0 end
+  end
+  return 1
+end
 if ARGV[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5], 'NX') end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[2] == '1' then redis.call('SET', KEYS[2], ARGV[1]) end
@@ -145,8 +158,8 @@ end
 return out
 """
 
-# KEYS: turns list, turns:by_time. ARGV: the last turn's JSON as read, its amended JSON. Replaces the row in both
-# (the time index's member is "<index>:<turn JSON>") unless another write changed it since: then 0.
+# KEYS: turns list, turns:by_time. ARGV: the last turn's JSON as read, its amended JSON. Replaces the row (and an
+# earlier release's time-index member holding it, "<index>:<turn JSON>") unless another write changed it since: then 0.
 _AMEND_LAST_TURN = """
 local index = redis.call('LLEN', KEYS[1]) - 1
 if index < 0 or redis.call('LINDEX', KEYS[1], -1) ~= ARGV[1] then return 0 end
@@ -163,10 +176,17 @@ return 1
 # KEYS: call, statuses, calls:ended, counters
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
 #       ended-calls series of this status
-# Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current.
+# Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current. This same entry already stored
+# (sent again; a callback Twilio retries has another receivedAt) answers 1 if it is the current one.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1
+local sent = current
+if ARGV[3] ~= '' then sent = tonumber(ARGV[3]) end
+if redis.call('HGET', KEYS[2], tostring(sent)) == ARGV[4] then
+  if sent == current then return 1 end
+  return 0
+end
 local sequence
 if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
 if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then return 0 end
@@ -189,32 +209,45 @@ redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, then series/increment pairs
-_APPEND_TURN = """
+# A turn row that is already the call's last (the same row, with its own time: sent again) is answered with its index.
+_TURN_SENT_AGAIN = """
+if redis.call('LINDEX', KEYS[TURNS], -1) == ARGV[1] then return redis.call('LLEN', KEYS[TURNS]) - 1 end
+"""
+
+# The time index's member naming a call's turn row (ARGV[3]: the tracking id): the row itself is stored once, in the
+# call's turn list.
+_INDEX_TURN = """
+redis.call('ZADD', KEYS[TIME_INDEX], ARGV[2], string.format('%010d', index) .. '/' .. ARGV[3])
+"""
+
+# KEYS: turns list, turns:by_time, counters   ARGV: turn JSON, at, tracking id, then series/increment pairs
+_APPEND_TURN = _TURN_SENT_AGAIN.replace("TURNS", "1") + """
 local index = redis.call('RPUSH', KEYS[1], ARGV[1]) - 1
-redis.call('ZADD', KEYS[2], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
-for i = 3, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
+""" + _INDEX_TURN.replace("TIME_INDEX", "2") + """
+for i = 4, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[3], ARGV[i], ARGV[i + 1]) end
 return index
 """
 
 # KEYS: call, turns list, turns:by_time, counters
-# ARGV: turn JSON, at, transcript entry JSON or "", number of field/value pairs, the pairs, then series/increment
-# pairs. The transcript entry is spliced into the stored JSON array as text: nothing is decoded. -1: unknown call.
+# ARGV: turn JSON, at, tracking id, transcript entry JSON or "", number of field/value pairs, the pairs, then
+# series/increment pairs. The transcript entry is spliced into the stored JSON array as text: nothing is decoded.
+# -1: unknown call.
 _COMMIT_TURN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local pairs_end = 4 + 2 * tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5, pairs_end))
-if ARGV[3] ~= '' then
+""" + _TURN_SENT_AGAIN.replace("TURNS", "2") + """
+local pairs_end = 5 + 2 * tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, pairs_end))
+if ARGV[4] ~= '' then
   local transcript = redis.call('HGET', KEYS[1], 'transcript')
   if (not transcript) or transcript == 'null' or transcript == '[]' then
-    transcript = '[' .. ARGV[3] .. ']'
+    transcript = '[' .. ARGV[4] .. ']'
   else
-    transcript = string.sub(transcript, 1, -2) .. ',' .. ARGV[3] .. ']'
+    transcript = string.sub(transcript, 1, -2) .. ',' .. ARGV[4] .. ']'
   end
   redis.call('HSET', KEYS[1], 'transcript', transcript)
 end
 local index = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
-redis.call('ZADD', KEYS[3], ARGV[2], string.format('%010d', index) .. ':' .. ARGV[1])
+""" + _INDEX_TURN.replace("TIME_INDEX", "3") + """
 for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]) end
 return index
 """
@@ -231,13 +264,34 @@ if sid and sid ~= 'null' then
 end
 local items = redis.call('LRANGE', KEYS[2], 0, -1)
 for index, item in ipairs(items) do
-  redis.call('ZREM', KEYS[7], string.format('%010d', index - 1) .. ':' .. item)
+  local position = string.format('%010d', index - 1)
+  redis.call('ZREM', KEYS[7], position .. '/' .. ARGV[1], position .. ':' .. item)
 end
 local existed = redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 return existed
+"""
+
+# KEYS: calls:created, then the versions' keys. ARGV: the call key prefix, then each version's hash as a call stores
+# it (JSON), in KEYS' order (ARGV[i] names KEYS[i]). Deletes those versions no call references, looking at every call
+# in this one script: a call created concurrently (its own script stores its version if absent) is either seen
+# here, or comes after and stores its version again. Only reads and DEL, so it runs at `maxmemory` too (_PURGE_CALL).
+_DROP_WORKFLOW_VERSIONS = """
+local wanted, left = {}, #ARGV - 1
+for i = 2, #ARGV do wanted[ARGV[i]] = i end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local version = redis.call('HGET', ARGV[1] .. id, 'workflow_hash')
+  if version and wanted[version] then
+    wanted[version] = nil
+    left = left - 1
+    if left == 0 then return 0 end
+  end
+end
+local deleted = 0
+for version, i in pairs(wanted) do deleted = deleted + redis.call('DEL', KEYS[i]) end
+return deleted
 """
 
 # A claim's hash outlives its lease (as SQLite's row does), so its owner's late renewal (a store outage or a
@@ -279,6 +333,11 @@ def _dumps(value: Any) -> str:
 def _json_number(value: float) -> str:
     """A float as both a JSON number and a Redis score."""
     return repr(float(value))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a SCAN/KEYS pattern (a key prefix may hold glob characters)."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 def _increments(counters: Mapping[str, float] | None) -> list[str]:
@@ -327,6 +386,7 @@ class RedisStore:
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
                     "purge_call": client.register_script(_PURGE_CALL),
+                    "drop_workflow_versions": client.register_script(_DROP_WORKFLOW_VERSIONS),
                 }
                 self._client = client
             return self._client
@@ -473,10 +533,11 @@ class RedisStore:
         return bool(reply)
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
-                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
         """WATCH the call, read its meta, MULTI/EXEC the merge: `apply` is replayed if any other writer touched the
         call in between (_transaction), so the merge always starts from what is stored."""
-        check_meta_keys(changes, remove, add)
+        check_meta_keys(changes, remove, add, first)
         remove = list(remove)
         call_key = self._key("call", tracking_id)
 
@@ -484,7 +545,7 @@ class RedisStore:
             stored = pipe.hmget(call_key, ["tracking_id", "meta"])
             if stored[0] is None:
                 return None
-            meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add)
+            meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add, first)
             pipe.multi()
             pipe.hset(call_key, mapping={"meta": _dumps(meta), "updated_at": _dumps(time.time())})
             return meta
@@ -614,7 +675,7 @@ class RedisStore:
         index = self._script(
             "append_turn",
             [self._key("turns", tracking_id), self._key("turns", "by_time"), self._key("counters")],
-            [_dumps(stored), _json_number(stored["at"]), *_increments(counters)],
+            [_dumps(stored), _json_number(stored["at"]), tracking_id, *_increments(counters)],
         )
         return int(index)
 
@@ -629,7 +690,7 @@ class RedisStore:
             "commit_turn",
             [self._key("call", tracking_id), self._key("turns", tracking_id), self._key("turns", "by_time"),
              self._key("counters")],
-            [_dumps(stored), _json_number(stored["at"]),
+            [_dumps(stored), _json_number(stored["at"]), tracking_id,
              "" if transcript_entry is None else _dumps(transcript_entry), str(len(pairs) // 2), *pairs,
              *_increments(counters)],
         ))
@@ -677,14 +738,32 @@ class RedisStore:
         return {tracking_id: [json.loads(item) for item in items] for tracking_id, items in zip(tracking_ids, lists)}
 
     def recent_turns(self, since: float) -> list[dict]:
+        """The time index's members in the window, then their rows from the calls' turn lists, one range per call,
+        in one pipelined round trip (a row purged in between is left out, as if read a moment later)."""
         with self._backend() as client:
             members = client.zrangebyscore(self._key("turns", "by_time"), since, "+inf")
-        # A member is "<index>:<turn JSON>": the turn's index within its call, which also keeps identical turns
-        # distinct.
+            # A member is "<index>/<tracking id>" (an earlier release's: "<index>:<turn JSON>"); the index is the
+            # turn's within its call.
+            spans: dict[str, list[int]] = {}
+            for member in members:
+                if member[10] == "/":
+                    span = spans.setdefault(member[11:], [int(member[:10])] * 2)
+                    span[0], span[1] = min(span[0], int(member[:10])), max(span[1], int(member[:10]))
+            pipe = client.pipeline(transaction=False)
+            for tracking_id, (first, last) in spans.items():
+                pipe.lrange(self._key("turns", tracking_id), first, last)
+            ranges = pipe.execute() if spans else []
+        rows = {tracking_id: (first, items) for (tracking_id, (first, _)), items in zip(spans.items(), ranges)}
         out = []
         for member in members:
-            index, turn_json = member.split(":", 1)
-            out.append({**json.loads(turn_json), "index": int(index)})
+            index = int(member[:10])
+            if member[10] == "/":
+                first, items = rows[member[11:]]
+                turn_json = items[index - first] if index - first < len(items) else None
+            else:
+                turn_json = member[11:]
+            if turn_json is not None:
+                out.append({**json.loads(turn_json), "index": index})
         return out
 
     # -- workflows --------------------------------------------------------------
@@ -772,7 +851,31 @@ class RedisStore:
                 self._key("call", tracking_id), self._key("turns", tracking_id), self._key("statuses", tracking_id),
                 self._key("relay", tracking_id), self._key("calls", "created"), ended_key,
                 self._key("turns", "by_time")], [tracking_id, self._key("sid", "")]))
+        self._drop_unreferenced_workflow_versions()
         return purged
+
+    def _drop_unreferenced_workflow_versions(self) -> int:
+        """Delete the workflow versions no call references (those of purged calls, and any an earlier release
+        left): found by reads in chunks, then confirmed and deleted by one script that looks at every call again
+        (_DROP_WORKFLOW_VERSIONS), run only when there is a version to delete. Returns how many went."""
+        version_prefix = self._key("workflow_version", "")
+        with self._backend() as client:
+            versions = {key[len(version_prefix):]
+                        for key in client.scan_iter(match=_glob_escape(version_prefix) + "*", count=1000)}
+            if not versions:
+                return 0
+            tracking_ids = client.zrange(self._key("calls", "created"), 0, -1)
+            for start in range(0, len(tracking_ids), PAGE_SCAN_CHUNK):
+                pipe = client.pipeline(transaction=False)
+                for tracking_id in tracking_ids[start:start + PAGE_SCAN_CHUNK]:
+                    pipe.hget(self._key("call", tracking_id), "workflow_hash")
+                versions.difference_update(json.loads(version) for version in pipe.execute() if version)
+                if not versions:
+                    return 0
+        unreferenced = sorted(versions)
+        return int(self._script("drop_workflow_versions",
+                                [self._key("calls", "created"), *(version_prefix + v for v in unreferenced)],
+                                [self._key("call", ""), *map(_dumps, unreferenced)]))
 
     def purge_transcripts(self, older_than: float) -> int:
         purged_at = time.time()

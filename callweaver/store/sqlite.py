@@ -37,6 +37,9 @@ from callweaver.store import (
 
 # Call-log filters, kept as columns beside the JSON so filtering never parses a row's workflow snapshot.
 CALL_FILTER_COLUMNS = ("status", "path", "language")
+# Record fields also kept as indexed columns: the filters, and the workflow version, so retention finds the versions
+# no call references without parsing any row's JSON.
+CALL_JSON_COLUMNS = (*CALL_FILTER_COLUMNS, "workflow_hash")
 
 # How long a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_MS = 5000
@@ -50,6 +53,12 @@ _EXPIRED = "ended_at < ? OR (ended_at IS NULL AND created_at < ?)"
 _PURGED_META_PATHS = ", ".join(f"'$.meta.{key}'" for key in PURGED_META_KEYS)
 _HOLDS_SECRETS = " OR ".join(["json_extract(data, '$.credentials') IS NOT NULL",
                               *(f"json_type(data, '$.meta.{key}') IS NOT NULL" for key in PURGED_META_KEYS)])
+# The workflow versions no call references (a row that a worker of an earlier release inserted has no
+# workflow_hash column: its JSON is read instead).
+_UNREFERENCED_VERSIONS = (
+    "NOT EXISTS (SELECT 1 FROM cw_calls WHERE workflow_hash = version_hash)"
+    " AND NOT EXISTS (SELECT 1 FROM cw_calls WHERE workflow_hash IS NULL"
+    " AND json_extract(data, '$.workflow_hash') = version_hash)")
 # The calls created since a time that have not ended (live_calls, count_live_calls).
 _LIVE_CALLS = "FROM cw_calls INDEXED BY cw_calls_ended_at WHERE ended_at IS NULL AND created_at >= ?"
 
@@ -209,14 +218,15 @@ class SQLiteStore:
 
     @staticmethod
     def _add_filter_columns(conn: sqlite3.Connection) -> None:
-        """Stores made before the call log get its filter columns, filled from the rows' JSON (once)."""
+        """Stores made before a column (CALL_JSON_COLUMNS) get it, filled from the rows' JSON (once)."""
         present = {row[1] for row in conn.execute("PRAGMA table_info(cw_calls)")}
-        for name in CALL_FILTER_COLUMNS:
+        for name in CALL_JSON_COLUMNS:
             if name not in present:
                 conn.execute(f"ALTER TABLE cw_calls ADD COLUMN {name} TEXT")
                 conn.execute(f"UPDATE cw_calls SET {name} = json_extract(data, '$.{name}')")
         # Covering index: a filtered page and its count never read the rows (whose JSON may be large).
         conn.execute("CREATE INDEX IF NOT EXISTS cw_calls_log ON cw_calls (created_at, status, path, language)")
+        conn.execute("CREATE INDEX IF NOT EXISTS cw_calls_workflow_hash ON cw_calls (workflow_hash)")
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -272,8 +282,8 @@ class SQLiteStore:
                              " VALUES (?, ?, ?)", (*version, time.time()))
             try:
                 conn.execute(
-                    "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data, status, path, language)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO cw_calls (tracking_id, call_sid, created_at, ended_at, data, status, path, language,"
+                    " workflow_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.tracking_id,
                         record.call_sid,
@@ -283,6 +293,7 @@ class SQLiteStore:
                         record.status,
                         record.path,
                         record.language,
+                        record.workflow_hash,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -355,15 +366,16 @@ class SQLiteStore:
         return changed > 0
 
     def update_meta(self, tracking_id: str, changes: Mapping[str, Any] | None = None, *,
-                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None) -> dict | None:
-        check_meta_keys(changes, remove, add)
+                    remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
+                    first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
+        check_meta_keys(changes, remove, add, first)
         with self._write() as conn:  # the write lock is held from the read on: no writer lands in between
             row = conn.execute(
                 "SELECT json_extract(data, '$.meta') FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
             ).fetchone()
             if row is None:
                 return None
-            meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add)
+            meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add, first)
             # Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL.
             conn.execute(
                 "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?)"
@@ -378,9 +390,9 @@ class SQLiteStore:
         stored_json = _dumps(data)
         conn.execute(
             "UPDATE cw_calls SET call_sid = ?, created_at = ?, ended_at = ?, data = ?, status = ?, path = ?,"
-            " language = ? WHERE tracking_id = ?",
+            " language = ?, workflow_hash = ? WHERE tracking_id = ?",
             (data.get("call_sid"), data["created_at"], data.get("ended_at"), stored_json, data.get("status"),
-             data.get("path"), data.get("language"), tracking_id),
+             data.get("path"), data.get("language"), data.get("workflow_hash"), tracking_id),
         )
         return stored_json
 
@@ -683,7 +695,9 @@ class SQLiteStore:
 
     def purge(self, older_than: float) -> int:
         """In transactions of PURGE_BATCH calls: one transaction over a backlog (the first purge of a large store)
-        would hold the write lock, and the worker's event loop, for its whole length while calls are live."""
+        would hold the write lock, and the worker's event loop, for its whole length while calls are live. Then the
+        workflow versions no call references any more go, in one write transaction: a call created meanwhile
+        (its version inserted in its own write transaction) either came first and keeps it, or stores it again."""
         deleted = 0
         while True:
             with self._write() as conn:
@@ -696,8 +710,11 @@ class SQLiteStore:
                         conn.execute(f"DELETE FROM {table} WHERE tracking_id IN ({marks})", batch)
             deleted += len(batch)
             if len(batch) < PURGE_BATCH:
-                return deleted
+                break
             time.sleep(0)  # under gevent, live calls' greenlets run between two batches
+        with self._write() as conn:  # one indexed look-up per version
+            conn.execute(f"DELETE FROM cw_workflow_versions WHERE {_UNREFERENCED_VERSIONS}")
+        return deleted
 
     def purge_transcripts(self, older_than: float) -> int:
         """One write transaction: the secrets and kept words of every expired call that still has any (a call

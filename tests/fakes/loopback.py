@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class LoopbackServer:
@@ -50,3 +51,40 @@ def splice(conn: socket.socket, upstream: socket.socket) -> None:
     """Forward both ways between an accepted connection and its upstream (a TCP proxy's body), until one closes."""
     threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
     pipe(conn, upstream)
+
+
+class ReplyLosingProxy(LoopbackServer):
+    """A TCP forwarder to a redis-server that, once armed (`lose_after`: bytes of the command), passes that command on
+    and loses its reply (closes the connection instead): the write lands, its sender never hears so (a network cut,
+    a failover at that moment). `lost` counts the replies lost."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.lose_after, self.lost = target_port, None, 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        dropping = threading.Event()
+
+        def replies() -> None:
+            try:
+                while (data := upstream.recv(65536)) and not dropping.is_set():
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=replies, daemon=True).start()
+        try:
+            while data := conn.recv(65536):
+                if self.lose_after is not None and self.lose_after in data:
+                    self.lose_after = None
+                    dropping.set()  # whatever Redis answers from now on is never passed back
+                    upstream.sendall(data)
+                    time.sleep(0.2)  # Redis runs it
+                    self.lost += 1
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        for sock in (conn, upstream):
+            sock.close()
