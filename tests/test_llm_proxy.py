@@ -282,3 +282,12 @@ def test_a_request_supplied_llm_host_is_checked_and_pinned_through_a_proxy_too(c
         chain.close()
     assert reply.text == "Through the tunnel." and not reply.failovers
     assert proxy.seen == [(f"CONNECT 127.0.0.1:{tls_llm.port} HTTP/1.1", None)]  # the address checked, not the name
+
+
+def test_a_tunnel_to_a_checked_ipv6_address_is_asked_for_in_brackets():
+    """The tunnel goes to the address just checked (a request's own LLM host), an IPv6 one written as RFC 9110's
+    authority wants it: `[addr]:port` in the CONNECT line and its Host header; the name itself is left for TLS."""
+    endpoint = Endpoint("https://llm.example.com/v1/chat/completions", {})
+    assert endpoint.connect_request("2001:db8::1").split(b"\r\n")[:2] == [b"CONNECT [2001:db8::1]:443 HTTP/1.1",
+                                                                          b"Host: [2001:db8::1]:443"]
+    assert endpoint.connect_request().startswith(b"CONNECT llm.example.com:443 HTTP/1.1\r\n")
