@@ -26,6 +26,13 @@ __all__ = [
     "PURGED_META_KEYS",
     "ERROR_END",
     "API_END",
+    "END_CALL_META",
+    "QUEUED_END_REASON_META",
+    "MetaChange",
+    "end_reason_claimed",
+    "end_call_claimed",
+    "end_call_answered",
+    "end_call_refused",
     "SILENCE_END",
     "counter_series",
     "CallRecord",
@@ -115,6 +122,12 @@ SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
 # An apology, then a hang-up: the session failed and was not reconnected, a refused transfer, a failed TwiML webhook.
 ERROR_END = "error"
 API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
+# The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token} while Twilio is
+# asked, then {"by", "status": Twilio's answer}. A second end-call answers from it instead of asking Twilio again.
+END_CALL_META = "endCall"
+# An end reason recorded while API_END stood but Twilio had not yet taken the hang-up: it takes API_END's place if
+# Twilio refuses (END_REASON_RULE).
+QUEUED_END_REASON_META = "endReasonQueued"
 # Meta keys holding words said on the call: a Gather call's latest answer (its TwiML, gather_turns.py) and what the
 # caller said while the call was handed over (relay_session.py). The call's end removes them (lifecycle); emptying its
 # transcript (purge_transcripts) does too, for a call whose end was never recorded.
@@ -159,6 +172,75 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
             counts[name] = (counts.get(name) or 0) + value
         merged[key] = counts
     return merged
+
+
+# END_REASON_RULE: how a call's end is recorded when several things end it at once. Each writer applies its change
+# below inside one atomic write (Store.change_meta), so no interleaving of workers or instances breaks it.
+# - The first end reason recorded wins: a later one (an error after the end button, a silence goodbye after an
+#   apology) never overwrites it.
+# - POST /api/end-call records API_END (if no reason stands and the call has not ended) before asking Twilio, whose
+#   final status callback may come before its answer; and it holds the call's one hang-up (END_CALL_META). Only the
+#   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
+#   (QUEUED_END_REASON_META) then takes API_END's place. Once Twilio took the hang-up, API_END stands.
+# - Twilio's final status is the caller's truth: busy, no-answer, canceled and failed outrank any end reason
+#   (call_report.call_outcome), and an ended call stays ended: a late non-terminal callback, whatever its
+#   SequenceNumber, is kept in the history but never becomes the call's status (append_status).
+MetaChange = Callable[[dict, bool], "dict | None"]  # (meta, whether the call has ended) -> new meta, or None: no write
+
+
+def end_reason_claimed(reason: str) -> MetaChange:
+    """Record `reason` as how our side ended the call, unless a reason was recorded first (END_REASON_RULE)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        current = meta.get(END_REASON_META)
+        if current is None:
+            return {**meta, END_REASON_META: reason}
+        hang_up = meta.get(END_CALL_META)
+        if current == API_END and not (isinstance(hang_up, dict) and hang_up.get("status")) \
+                and QUEUED_END_REASON_META not in meta:
+            return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
+        return None
+    return change
+
+
+def end_call_claimed(token: str) -> MetaChange:
+    """End-call's request `token` takes the call's one hang-up, and records API_END when no reason stands and the
+    call has not ended; no write when another request holds the hang-up (END_REASON_RULE)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        if meta.get(END_CALL_META) is not None:
+            return None
+        claimed = {**meta, END_CALL_META: {"by": token}}
+        if not ended and meta.get(END_REASON_META) is None:
+            claimed[END_REASON_META] = API_END
+        return claimed
+    return change
+
+
+def end_call_answered(token: str, status: str) -> MetaChange:
+    """Twilio took the hang-up `token` asked for: its answer is kept for a repeated end-call, and API_END stands."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        hang_up = meta.get(END_CALL_META)
+        if not (isinstance(hang_up, dict) and hang_up.get("by") == token):
+            return None
+        answered = {key: value for key, value in meta.items() if key != QUEUED_END_REASON_META}
+        answered[END_CALL_META] = {**hang_up, "status": status}
+        return answered
+    return change
+
+
+def end_call_refused(token: str) -> MetaChange:
+    """Twilio refused the hang-up `token` asked for: the hang-up is free again, and API_END gives way to the reason
+    recorded meanwhile, or to none (the caller's own hang-up)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        hang_up = meta.get(END_CALL_META)
+        if not (isinstance(hang_up, dict) and hang_up.get("by") == token):
+            return None
+        refused = {key: value for key, value in meta.items() if key not in (END_CALL_META, QUEUED_END_REASON_META)}
+        if meta.get(END_REASON_META) == API_END:
+            refused.pop(END_REASON_META)
+            if meta.get(QUEUED_END_REASON_META) is not None:
+                refused[END_REASON_META] = meta[QUEUED_END_REASON_META]
+        return refused
+    return change
 
 
 def check_meta_keys(changes: Mapping[str, Any] | None, remove: Iterable[str],
@@ -263,6 +345,12 @@ class Store(Protocol):
         Returns the meta now stored, or None (and writes nothing) when the call is unknown."""
         ...
 
+    def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
+        """Apply `change` to the call's meta atomically (no other writer in between), given the meta and whether the
+        call has ended; `change` returns the new meta, or None to leave it. Returns (meta now, whether `change`
+        wrote it); (None, False) when the call is unknown. For writes that depend on what is stored (END_REASON_RULE)."""
+        ...
+
     def append_status(
         self,
         tracking_id: str,
@@ -271,7 +359,8 @@ class Store(Protocol):
         payload: dict,
         received_at: float | None = None,
     ) -> bool:
-        """Record a status callback; the highest SequenceNumber wins. True if it became current."""
+        """Record a status callback; the highest SequenceNumber wins, except that once the call has ended only a
+        terminal status may become current (END_REASON_RULE). True if it became current."""
         ...
 
     def status_history(self, tracking_id: str) -> list[dict]: ...

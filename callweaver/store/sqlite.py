@@ -22,6 +22,7 @@ from callweaver.store import (
     TERMINAL_STATUSES,
     PURGED_META_KEYS,
     CallRecord,
+    MetaChange,
     TURN_FIELDS,
     StoreError,
     StoreFull,
@@ -364,13 +365,30 @@ class SQLiteStore:
             if row is None:
                 return None
             meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add)
-            # Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL.
-            conn.execute(
-                "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?)"
-                " WHERE tracking_id = ?",
-                (_dumps(meta), time.time(), tracking_id),
-            )
+            self._write_meta(conn, tracking_id, meta)
         return meta
+
+    def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
+        with self._write() as conn:  # the write lock is held from the read on: no writer lands in between
+            row = conn.execute(
+                "SELECT json_extract(data, '$.meta'), ended_at FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is None:
+                return None, False
+            meta = _loads(row[0]) if row[0] else {}
+            new = change(copy.deepcopy(meta), row[1] is not None)
+            if new is None:
+                return meta, False
+            self._write_meta(conn, tracking_id, new)
+        return new, True
+
+    @staticmethod
+    def _write_meta(conn: sqlite3.Connection, tracking_id: str, meta: dict) -> None:
+        """Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL."""
+        conn.execute(
+            "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?) WHERE tracking_id = ?",
+            (_dumps(meta), time.time(), tracking_id),
+        )
 
     @staticmethod
     def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
@@ -468,7 +486,8 @@ class SQLiteStore:
             ).rowcount
             if not inserted:
                 return False  # a retried callback: already recorded
-            became_current = sequence > current_sequence
+            # An ended call stays ended: a late non-terminal status is history only (END_REASON_RULE).
+            became_current = sequence > current_sequence and (status in TERMINAL_STATUSES or row[1] is None)
             ends_now = status in TERMINAL_STATUSES and row[1] is None
             # Times go in as JSON text (json(?)): SQLite would print a REAL with 15 digits, Python's float round-trips.
             paths, params = ["'$.updated_at', json(?)"], [_dumps(time.time())]

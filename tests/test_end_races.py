@@ -1,0 +1,211 @@
+"""How a call's end and its end reason are recorded when several things end it at once, on both stores.
+
+The rule (store.END_REASON_RULE): the first end reason recorded wins; POST /api/end-call's reason is withdrawn
+only by the request that recorded it, and only when Twilio refused the hang-up, the reason recorded meanwhile
+then taking its place; one Twilio hang-up per call; an ended call stays ended. The interleavings are forced: the
+Twilio stand-in holds end-call's hang-up (`hold`) while the other event is delivered."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from callweaver import create_app
+from tests.conftest import Signer, base_env
+from tests.fakes.redis_server import RedisServer
+from tests.helpers import make_call_body
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    with RedisServer() as server:
+        yield server.url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def app(request, tmp_path, fake_twilio):
+    env = base_env(tmp_path, fake_twilio)
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        import redis
+        redis.Redis.from_url(url).flushdb()  # a fresh store per test (the key prefix is fixed)
+        env["REDIS_URL"] = url
+    return create_app(env)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def twilio(client):
+    return Signer(client)
+
+
+def place(client) -> tuple[str, str]:
+    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
+    return data["callSid"], data["optimization"]["trackingId"]
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class HeldEndCall:
+    """POST /api/end-call on its own thread, its Twilio hang-up held by the stand-in until `release`."""
+
+    def __init__(self, app, fake_twilio, call_sid: str, updates_before: int = 0):
+        self.fake, self.hold = fake_twilio, threading.Event()
+        fake_twilio.hold = self.hold
+        self.response = None
+        client = app.test_client()
+
+        def run() -> None:
+            self.response = client.post("/api/end-call", json={"callSid": call_sid})
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: len(fake_twilio.updates()) > updates_before)  # Twilio has the request; the answer is held
+
+    def release(self, refuse: str | None = None):
+        if refuse:
+            del self.fake.calls[refuse]  # Twilio no longer knows the call: the held hang-up is refused (404)
+        self.hold.set()
+        self.thread.join(timeout=20)
+        self.fake.hold = None
+        return self.response
+
+
+def final_status(twilio, tracking_id: str, call_sid: str, status: str = "completed", sequence: str = "5"):
+    return twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                       {"CallSid": call_sid, "CallStatus": status, "SequenceNumber": sequence, "CallDuration": "42"})
+
+
+def relay_ended_with_error(twilio, tracking_id: str, call_sid: str):
+    return twilio.post(f"/api/connect-action?trackingId={tracking_id}", {
+        "CallSid": call_sid, "SessionStatus": "ended",
+        "HandoffData": json.dumps({"reason": "error", "detail": "repeated Twilio errors"})})
+
+
+def outcome(client, tracking_id: str) -> str:
+    detail = client.get(f"/api/call-log/{tracking_id}").get_json()["call"]["outcome"]
+    row = next(r for r in client.get("/api/call-log").get_json()["calls"] if r["trackingId"] == tracking_id)
+    assert row["outcome"] == detail  # the list and the detail agree
+    return detail
+
+
+def test_an_error_while_end_call_waits_on_twilio_survives_its_refusal(app, client, twilio, fake_twilio):
+    """The socket ends with an error while Twilio is asked to hang up; Twilio then refuses: the call ended on the
+    error. The take-back removed whatever reason was stored, the error's included."""
+    call_sid, tracking_id = place(client)
+    end = HeldEndCall(app, fake_twilio, call_sid)
+
+    assert relay_ended_with_error(twilio, tracking_id, call_sid).status_code == 200
+    assert end.release(refuse=call_sid).status_code == 404
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "error"
+
+
+def test_the_first_end_reason_wins_over_an_error_that_follows(app, client, twilio, fake_twilio):
+    """end-call came first and Twilio took it: the call was ended through the API, not by the error after it."""
+    call_sid, tracking_id = place(client)
+    end = HeldEndCall(app, fake_twilio, call_sid)
+
+    relay_ended_with_error(twilio, tracking_id, call_sid)
+    assert end.release().status_code == 200
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "ended_by_api"
+
+
+def test_end_call_after_an_error_keeps_the_error(app, client, twilio, fake_twilio):
+    call_sid, tracking_id = place(client)
+    relay_ended_with_error(twilio, tracking_id, call_sid)
+
+    assert client.post("/api/end-call", json={"callSid": call_sid}).status_code == 200
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "error"
+
+
+def test_two_end_calls_at_once_hang_up_once_and_agree(app, client, twilio, fake_twilio):
+    """A double click: one Twilio hang-up, both answered as the first was, one outcome."""
+    call_sid, tracking_id = place(client)
+    end = HeldEndCall(app, fake_twilio, call_sid)
+    second: dict = {}
+    thread = threading.Thread(target=lambda: second.update(
+        response=app.test_client().post("/api/end-call", json={"callSid": call_sid})), daemon=True)
+    thread.start()
+    time.sleep(0.3)  # the second request is in (it waits on the first, or has asked Twilio itself)
+
+    first = end.release()
+    thread.join(timeout=20)
+    final_status(twilio, tracking_id, call_sid)
+
+    assert len(fake_twilio.updates()) == 1
+    assert first.status_code == second["response"].status_code == 200
+    assert first.get_data() == second["response"].get_data()
+    assert outcome(client, tracking_id) == "ended_by_api"
+
+
+def test_a_second_end_call_refused_by_twilio_keeps_the_first_ones_reason(app, client, twilio, fake_twilio):
+    """The second end-call comes after the first was taken; if it reached Twilio, Twilio refused it (the call had
+    gone), and its take-back removed the first request's reason."""
+    call_sid, tracking_id = place(client)
+    assert client.post("/api/end-call", json={"callSid": call_sid}).status_code == 200
+    del fake_twilio.calls[call_sid]  # the call has gone: Twilio refuses any further update
+
+    again = client.post("/api/end-call", json={"callSid": call_sid})
+    final_status(twilio, tracking_id, call_sid)
+
+    assert again.status_code == 200 and again.get_json()["callSid"] == call_sid
+    assert len(fake_twilio.updates()) == 1
+    assert outcome(client, tracking_id) == "ended_by_api"
+
+
+def test_end_call_after_the_final_status_leaves_the_outcome(app, client, twilio, fake_twilio):
+    call_sid, tracking_id = place(client)
+    final_status(twilio, tracking_id, call_sid)
+
+    client.post("/api/end-call", json={"callSid": call_sid})
+
+    assert outcome(client, tracking_id) == "hang_up"
+
+
+def test_the_callers_hang_up_during_end_call_is_the_callers(app, client, twilio, fake_twilio):
+    """The caller hangs up while Twilio is asked to: Twilio reports `completed`, then refuses the hang-up."""
+    call_sid, tracking_id = place(client)
+    end = HeldEndCall(app, fake_twilio, call_sid)
+
+    final_status(twilio, tracking_id, call_sid)
+    assert end.release(refuse=call_sid).status_code == 404
+
+    assert outcome(client, tracking_id) == "hang_up"
+
+
+@pytest.mark.parametrize("sequence", ["13", None])
+def test_a_late_in_progress_does_not_revive_an_ended_call(app, client, twilio, sequence):
+    """Twilio delivers out of order; a callback without a SequenceNumber counts as the newest, and even one with a
+    higher number than the final status's leaves an ended call ended."""
+    call_sid, tracking_id = place(client)
+    final_status(twilio, tracking_id, call_sid, "busy", "3")
+
+    form = {"CallSid": call_sid, "CallStatus": "in-progress"}
+    if sequence is not None:
+        form["SequenceNumber"] = sequence
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}", form)
+
+    record = app.extensions["callweaver"].store.get_call(tracking_id)
+    assert record.status == "busy" and record.ended_at is not None
+    assert outcome(client, tracking_id) == "busy"
+    row = next(r for r in client.get("/api/call-log").get_json()["calls"] if r["trackingId"] == tracking_id)
+    assert row["status"] == "busy" and row["live"] is False
+    assert client.get("/api/call-log?status=busy").get_json()["calls"][0]["trackingId"] == tracking_id
+    assert app.extensions["callweaver"].store.count_live_calls() == 0
