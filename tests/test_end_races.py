@@ -14,21 +14,17 @@ import pytest
 
 from callweaver import create_app
 from tests.conftest import Signer, base_env
-from tests.fakes.redis_server import RedisServer
+from callweaver.store import (API_END, END_REASON_META, ERROR_END, SILENCE_END, CallRecord, end_call_answered,
+                              end_call_claimed, end_call_refused, end_reason_claimed)
 from tests.helpers import make_call_body
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    with RedisServer() as server:
-        yield server.url
+from tests.test_store import redis_server, store, store_spec  # noqa: F401  (both-backend fixtures)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 def app(request, tmp_path, fake_twilio):
     env = base_env(tmp_path, fake_twilio)
     if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
+        url = request.getfixturevalue("redis_server").url
         import redis
         redis.Redis.from_url(url).flushdb()  # a fresh store per test (the key prefix is fixed)
         env["REDIS_URL"] = url
@@ -209,3 +205,75 @@ def test_a_late_in_progress_does_not_revive_an_ended_call(app, client, twilio, s
     assert row["status"] == "busy" and row["live"] is False
     assert client.get("/api/call-log?status=busy").get_json()["calls"][0]["trackingId"] == tracking_id
     assert app.extensions["callweaver"].store.count_live_calls() == 0
+
+
+# -- the rule in the store, on both backends ---------------------------------------------------------------------
+
+
+def test_a_later_end_reason_never_overwrites_the_first(store):
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_reason_claimed(ERROR_END))
+
+    meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))  # the relay's silence goodbye
+
+    assert (meta[END_REASON_META], written) == (ERROR_END, False)
+    assert store.change_meta("ghost", end_reason_claimed(ERROR_END)) == (None, False)
+
+
+def test_a_reason_recorded_while_twilio_is_asked_is_kept_for_its_refusal(store):
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("a"))
+    store.change_meta("call_1", end_reason_claimed(SILENCE_END))
+    assert store.get_call("call_1").meta[END_REASON_META] == API_END
+
+    assert store.change_meta("call_1", end_call_refused("b"))[1] is False  # not b's to withdraw
+    store.change_meta("call_1", end_call_refused("a"))
+
+    assert store.get_call("call_1").meta == {END_REASON_META: SILENCE_END}
+
+
+def test_twilios_answer_makes_the_api_end_stand(store):
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("a"))
+    store.change_meta("call_1", end_reason_claimed(ERROR_END))
+    store.change_meta("call_1", end_call_answered("a", "completed"))
+
+    meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
+
+    assert written is False
+    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "status": "completed"}}
+
+
+def test_end_calls_claiming_at_once_get_one_hang_up(store):
+    """change_meta is one atomic write: of requests claiming together (threads, each with its own connection on
+    Redis, the write lock on SQLite), exactly one holds the hang-up."""
+    store.create_call(CallRecord(tracking_id="call_1"))
+    start, claimed = threading.Barrier(6), []
+
+    def claim(token: str) -> None:
+        start.wait()
+        claimed.append(store.change_meta("call_1", end_call_claimed(token))[1])
+
+    threads = [threading.Thread(target=claim, args=(f"t{n}",)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert sorted(claimed) == [False] * 5 + [True]
+
+
+def test_a_final_status_numbered_as_an_unnumbered_callback_was_still_ends_the_call(store):
+    """A callback without a SequenceNumber takes the next number; Twilio's own final status may then carry that
+    number, and was dropped as a redelivery: the call stayed live (the gauge, the call log) until the horizon."""
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.append_status("call_1", "ringing", 1, {})
+    store.append_status("call_1", "in-progress", None, {})  # numbered 2 by the store
+
+    store.append_status("call_1", "completed", 2, {"CallDuration": "42"}, received_at=1000.0)
+
+    record = store.get_call("call_1")
+    assert (record.status, record.ended_at) == ("completed", 1000.0)
+    assert store.count_live_calls() == 0
+    assert store.append_status("call_1", "completed", 2, {}) is False  # a real redelivery changes nothing
+    assert store.get_call("call_1").ended_at == 1000.0

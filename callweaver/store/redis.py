@@ -171,18 +171,25 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1
 local sequence
 if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
-if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then return 0 end
-local changes = {'updated_at', ARGV[7]}
-local became = 0
 local ended = redis.call('HGET', KEYS[1], 'ended_at')
 local has_ended = ended and ended ~= 'null'
--- an ended call stays ended: a late non-terminal status is history only (END_REASON_RULE)
-if sequence > current and (ARGV[6] == '1' or not has_ended) then
+local ends_now = ARGV[6] == '1' and not has_ended
+if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then
+  if not ends_now then return 0 end
+  -- the number was taken by a callback that came without one: the final status goes after it, and ends the call
+  sequence = math.max(sequence, current) + 1
+  redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4])
+end
+local changes = {'updated_at', ARGV[7]}
+local became = 0
+-- the status that ends the call becomes its status; an ended call stays ended: a late non-terminal status is
+-- history only (END_REASON_RULE)
+if ends_now or (sequence > current and (ARGV[6] == '1' or not has_ended)) then
   table.insert(changes, 'status'); table.insert(changes, ARGV[2])
-  table.insert(changes, 'status_sequence'); table.insert(changes, tostring(sequence))
+  table.insert(changes, 'status_sequence'); table.insert(changes, tostring(math.max(sequence, current)))
   became = 1
 end
-if ARGV[6] == '1' and not has_ended then
+if ends_now then
   table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
   redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)

@@ -479,16 +479,21 @@ class SQLiteStore:
                 return False
             current_sequence = -1 if row[0] is None else int(row[0])
             sequence = current_sequence + 1 if sequence is None else int(sequence)
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO cw_statuses"
-                " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)",
-                (tracking_id, sequence, status, received_at, _dumps(payload)),
-            ).rowcount
-            if not inserted:
-                return False  # a retried callback: already recorded
-            # An ended call stays ended: a late non-terminal status is history only (END_REASON_RULE).
-            became_current = sequence > current_sequence and (status in TERMINAL_STATUSES or row[1] is None)
             ends_now = status in TERMINAL_STATUSES and row[1] is None
+            insert = ("INSERT OR IGNORE INTO cw_statuses"
+                      " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)")
+            if not conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload))).rowcount:
+                if not ends_now:
+                    return False  # a retried callback: already recorded
+                # The number was taken by a callback that came without one (numbered by the store): the final status
+                # is recorded after it, and ends the call all the same (END_REASON_RULE).
+                sequence = max(sequence, current_sequence) + 1
+                conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload)))
+            # The status that ends the call becomes its status; an ended call stays ended: a late non-terminal
+            # status is history only (END_REASON_RULE).
+            became_current = ends_now or (sequence > current_sequence
+                                          and (status in TERMINAL_STATUSES or row[1] is None))
+            sequence = max(sequence, current_sequence)
             # Times go in as JSON text (json(?)): SQLite would print a REAL with 15 digits, Python's float round-trips.
             paths, params = ["'$.updated_at', json(?)"], [_dumps(time.time())]
             if became_current:
