@@ -22,7 +22,7 @@ from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import (API_END, CARRIED_OVER_META, END_CALL_META, ERROR_END, LLM_ACCOUNT_META, SILENCE_END,
+from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META, SILENCE_END,
                     TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered, end_call_claimed,
                     end_call_refused, end_reason_claimed)
 from .twilio_client import PlacedCall, TwilioGateway
@@ -38,7 +38,6 @@ RECONNECTS_META = "relayReconnects"  # meta counts of the call's reconnects by c
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
-END_CALL_POLL_S = 0.05  # how often an end-call waiting on another one's hang-up reads the store
 END_CALL_WAIT_MARGIN_S = 1.0  # past the Twilio request's deadline: the asking request has stored its answer by then
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
@@ -508,6 +507,11 @@ class CallLifecycle:
         if not CALL_SID.fullmatch(call_sid):
             raise CallRequestError("Invalid Call SID: expected CA followed by 32 hex characters")
 
+    @property
+    def end_call_wait_s(self) -> float:
+        """How long an end-call's hang-up may be pending: a Twilio request's deadline, and the answer's write."""
+        return self.twilio.timeout_s + END_CALL_WAIT_MARGIN_S
+
     def end_call(self, call_sid: str) -> str:
         """Hang up a call through Twilio (POST /api/end-call), with the call's own credentials when it has them;
         a call we placed is labelled ended_by_api (its end reason), since Twilio will report it `completed`.
@@ -522,7 +526,7 @@ class CallLifecycle:
         if record is None:
             return self.twilio.end_call(call_sid, credentials=creds)
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + self.twilio.timeout_s + END_CALL_WAIT_MARGIN_S
+        deadline = time.monotonic() + self.end_call_wait_s
         while True:
             # Said before Twilio is asked: its final status callback (which reports the call) may come before its
             # answer. A call that already ended, or that our side is ending for a reason of its own, keeps its reason.

@@ -207,6 +207,29 @@ def test_a_late_in_progress_does_not_revive_an_ended_call(app, client, twilio, s
     assert app.extensions["callweaver"].store.count_live_calls() == 0
 
 
+def test_the_report_of_a_caller_who_hung_up_during_end_call_says_so(tmp_path, fake_twilio):
+    """The final status comes while Twilio is asked to hang up (the caller left first; Twilio then refuses): the
+    end-of-call report, queued by that status, was built with end-call's provisional reason."""
+    from tests.fakes.report_receiver import ReportReceiver
+    receiver = ReportReceiver().start()
+    try:
+        app = create_app({**base_env(tmp_path, fake_twilio), "CALL_REPORT_URL": receiver.url,
+                          "CALL_REPORT_SECRET": "report-secret-0123456789"})
+        client = app.test_client()
+        call_sid, tracking_id = place(client)
+        end = HeldEndCall(app, fake_twilio, call_sid)
+
+        final_status(Signer(client), tracking_id, call_sid)
+        time.sleep(0.3)  # the report's delivery has started meanwhile
+        assert end.release(refuse=call_sid).status_code == 404
+
+        [report] = receiver.wait_for(1)
+        assert json.loads(report.body)["outcome"] == "hang_up"
+        assert outcome(client, tracking_id) == "hang_up"
+    finally:
+        receiver.stop()
+
+
 # -- the rule in the store, on both backends ---------------------------------------------------------------------
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "QUEUED_END_REASON_META",
     "MetaChange",
     "end_reason_claimed",
+    "end_call_pending",
+    "END_CALL_POLL_S",
     "end_call_claimed",
     "end_call_answered",
     "end_call_refused",
@@ -185,7 +187,15 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
 # - Twilio's final status is the caller's truth: busy, no-answer, canceled and failed outrank any end reason
 #   (call_report.call_outcome), and an ended call stays ended: a late non-terminal callback, whatever its
 #   SequenceNumber, is kept in the history but never becomes the call's status (append_status).
+END_CALL_POLL_S = 0.05  # how often a reader waiting on a pending end-call's hang-up (end_call_pending) reads the store
 MetaChange = Callable[[dict, bool], "dict | None"]  # (meta, whether the call has ended) -> new meta, or None: no write
+
+
+def end_call_pending(meta: Mapping[str, Any] | None) -> bool:
+    """Whether an end-call request is asking Twilio to hang the call up: its API_END stands or falls with the
+    answer (END_REASON_RULE), so the call's outcome is not settled yet."""
+    hang_up = (meta or {}).get(END_CALL_META)
+    return isinstance(hang_up, dict) and not hang_up.get("status")
 
 
 def end_reason_claimed(reason: str) -> MetaChange:
@@ -194,9 +204,7 @@ def end_reason_claimed(reason: str) -> MetaChange:
         current = meta.get(END_REASON_META)
         if current is None:
             return {**meta, END_REASON_META: reason}
-        hang_up = meta.get(END_CALL_META)
-        if current == API_END and not (isinstance(hang_up, dict) and hang_up.get("status")) \
-                and QUEUED_END_REASON_META not in meta:
+        if current == API_END and end_call_pending(meta) and QUEUED_END_REASON_META not in meta:
             return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
         return None
     return change
