@@ -715,12 +715,14 @@ class ConversationEngine:
 
     def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
                    utterance: str) -> str | None:
-        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and the
-        conversation the model is sent before the utterance too (plan.messages: system prompt, history, utterance)."""
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and
+        everything the model is sent before the utterance (plan.messages: system prompt, history, utterance). The
+        system prompt tells the call's own tools apart: a call offered the keypad (may_press_keys) is told how to
+        use it, and a reply another call gave without it is not its answer."""
         return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                               heard_before=last_assistant_line(state.messages), utterance=utterance,
                               prompt_variables=plan.prompt_variables, fillers=entry.fillers,
-                              history=plan.messages[1:-1])
+                              history=plan.messages[:-1])
 
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
@@ -884,7 +886,10 @@ class ConversationEngine:
         entry = self.language_of(record)
         # Once per flow, language and greeting (the context the replies are keyed to) per PREWARM_INTERVAL_S, for
         # every worker sharing the cache (one machine's, or with Redis every instance's).
-        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or ""))
+        # A relay call we placed: Twilio's setup will say outbound, and its turns are offered the keypad
+        # (may_press_keys), which is part of what the model is sent and so of the replies' keys.
+        keypad = record.path == "optimized"
+        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or "", str(keypad)))
         if not self.cache.claim_prewarm(marker, PREWARM_INTERVAL_S):
             return 0  # another call of this flow warmed it, or is warming it
         node_id = workflow.entry_node_id()
@@ -903,7 +908,7 @@ class ConversationEngine:
                 return stored
             # The same pipeline as a caller's turn (termination, plan, cache lookup, stream, routing, what is safe
             # to cache), from the state a caller answering the greeting would be in; only the cache write is here.
-            turn = self._turn(workflow, state, entry, utterance, chain)
+            turn = self._turn(workflow, state, entry, utterance, chain, keypad=keypad)
             for _token in turn:
                 if call_over():
                     turn.close()
