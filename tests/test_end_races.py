@@ -131,6 +131,21 @@ def test_end_call_after_an_error_keeps_the_error(app, client, twilio, fake_twili
     assert outcome(client, tracking_id) == "error"
 
 
+def test_end_call_during_the_goodbye_keeps_the_goodbye(app, client, twilio, fake_twilio):
+    """The caller said goodbye and the closing line is playing (its end is recorded, the call is ending on its own)
+    when the end button is pressed: the call ended at its end node, the first decisive end."""
+    call_sid, tracking_id = place(client)
+    svc = app.extensions["callweaver"]
+    _, result = svc.engine.answer_whole_turn(svc.store.get_call(tracking_id), "Okay, goodbye.", path="relay",
+                                             received_at=svc.engine.clock())
+    assert result.action == "end"
+
+    assert client.post("/api/end-call", json={"callSid": call_sid}).status_code == 200
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "end_node"
+
+
 def test_two_end_calls_at_once_hang_up_once_and_agree(app, client, twilio, fake_twilio):
     """A double click: one Twilio hang-up, both answered as the first was, one outcome."""
     call_sid, tracking_id = place(client)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
-from ..store import TERMINAL_STATUSES
+from ..store import PENDING_ACTION_META, TERMINAL_STATUSES
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
@@ -800,7 +800,7 @@ class ConversationEngine:
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback
             # stripping credentials, hang-up accounting) may have changed it since the session read its record.
-            meta = self.store.update_meta(record.tracking_id, {"pendingAction": action,
+            meta = self.store.update_meta(record.tracking_id, {PENDING_ACTION_META: action,
                                                                "destination": r.destination}) or meta
         updated = None if index is None else dataclasses.replace(
             record, **fields, meta=meta, transcript=[*(record.transcript or []), entry] if entry else record.transcript,
@@ -833,13 +833,13 @@ class ConversationEngine:
 
         logged("closing_action_node_not_restored", lambda: store.update_call(tracking_id, current_node=node))
         meta = logged("closing_action_not_removed",
-                      lambda: store.update_meta(tracking_id, remove=("pendingAction", "destination")))
+                      lambda: store.update_meta(tracking_id, remove=(PENDING_ACTION_META, "destination")))
         # Only the closing turn's own row: if its write failed, the last row is an earlier turn's.
         logged("closing_turn_row_not_amended", lambda: store.amend_last_turn(
             tracking_id, {"interrupted": True, "action": None, "nextNodeId": node},
             expect={"action": turn.result.action, "interrupted": False}))
         if meta is None:
-            meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
+            meta = {k: v for k, v in (record.meta or {}).items() if k not in (PENDING_ACTION_META, "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float,

@@ -27,6 +27,7 @@ __all__ = [
     "ERROR_END",
     "API_END",
     "END_CALL_META",
+    "PENDING_ACTION_META",
     "QUEUED_END_REASON_META",
     "MetaChange",
     "end_reason_claimed",
@@ -124,6 +125,10 @@ SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
 # An apology, then a hang-up: the session failed and was not reconnected, a refused transfer, a failed TwiML webhook.
 ERROR_END = "error"
 API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
+# A committed closing turn's action (its end or transfer), removed only if the caller talks over its line (the
+# action then never fires): the call is ending on its own, at its end node or in a transfer (call_report.call_outcome
+# reads the turn), which end-call leaves as it is.
+PENDING_ACTION_META = "pendingAction"
 # The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token} while Twilio is
 # asked, then {"by", "status": Twilio's answer}. A second end-call answers from it instead of asking Twilio again.
 END_CALL_META = "endCall"
@@ -179,7 +184,8 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
 # END_REASON_RULE: how a call's end is recorded when several things end it at once. Each writer applies its change
 # below inside one atomic write (Store.change_meta), so no interleaving of workers or instances breaks it.
 # - The first end reason recorded wins: a later one (an error after the end button, a silence goodbye after an
-#   apology) never overwrites it.
+#   apology) never overwrites it. A closing turn (goodbye, transfer) whose line is playing (PENDING_ACTION_META)
+#   came first too: end-call then records nothing, and the outcome is the turn's.
 # - POST /api/end-call records API_END (if no reason stands and the call has not ended) before asking Twilio, whose
 #   final status callback may come before its answer; and it holds the call's one hang-up (END_CALL_META). Only the
 #   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
@@ -211,13 +217,14 @@ def end_reason_claimed(reason: str) -> MetaChange:
 
 
 def end_call_claimed(token: str) -> MetaChange:
-    """End-call's request `token` takes the call's one hang-up, and records API_END when no reason stands and the
-    call has not ended; no write when another request holds the hang-up (END_REASON_RULE)."""
+    """End-call's request `token` takes the call's one hang-up, and records API_END when the call has not ended and
+    is not ending for a reason of its own (an end reason, a closing line playing); no write when another request
+    holds the hang-up (END_REASON_RULE)."""
     def change(meta: dict, ended: bool) -> dict | None:
         if meta.get(END_CALL_META) is not None:
             return None
         claimed = {**meta, END_CALL_META: {"by": token}}
-        if not ended and meta.get(END_REASON_META) is None:
+        if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
             claimed[END_REASON_META] = API_END
         return claimed
     return change
