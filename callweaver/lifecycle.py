@@ -517,7 +517,8 @@ class CallLifecycle:
         a call we placed is labelled ended_by_api (its end reason), since Twilio will report it `completed`.
 
         One hang-up per call (store.END_REASON_RULE): a request finding another one's hang-up answers as Twilio
-        answered that one, waiting for it (up to a Twilio request's deadline) while it is asked."""
+        answered that one, waiting while it is asked; one asking for longer than a Twilio request's deadline died
+        with its worker, and its hang-up is taken over."""
         self._require_call_sid(call_sid)
         record = self.find(None, call_sid)
         creds = self.credentials_for(record)
@@ -526,20 +527,18 @@ class CallLifecycle:
         if record is None:
             return self.twilio.end_call(call_sid, credentials=creds)
         token = secrets.token_hex(8)
-        deadline = time.monotonic() + self.end_call_wait_s
         while True:
             # Said before Twilio is asked: its final status callback (which reports the call) may come before its
             # answer. A call that already ended, or that our side is ending for a reason of its own, keeps its reason.
-            meta, claimed = self._change_end(record.tracking_id, end_call_claimed(token), reason=API_END,
-                                             why="POST /api/end-call")
-            hang_up = (meta or {}).get(END_CALL_META) if not claimed else None
-            if not isinstance(hang_up, dict):
+            meta, claimed = self._change_end(record.tracking_id,
+                                             end_call_claimed(token, time.time(), self.end_call_wait_s),
+                                             reason=API_END, why="POST /api/end-call")
+            hang_up = (meta or {}).get(END_CALL_META)
+            if claimed or not isinstance(hang_up, dict):
                 break  # ours, or the store could not say: Twilio is asked
             if hang_up.get("status"):
                 log.info("end_call_repeated", tracking_id=record.tracking_id, status=hang_up["status"])
                 return str(hang_up["status"])
-            if time.monotonic() >= deadline:
-                break  # its request died with its worker: Twilio is asked again
             time.sleep(END_CALL_POLL_S)  # another request is asking Twilio: its answer is this one's
         try:
             # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.

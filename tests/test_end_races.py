@@ -260,7 +260,7 @@ def test_a_later_end_reason_never_overwrites_the_first(store):
 
 def test_a_reason_recorded_while_twilio_is_asked_is_kept_for_its_refusal(store):
     store.create_call(CallRecord(tracking_id="call_1"))
-    store.change_meta("call_1", end_call_claimed("a"))
+    store.change_meta("call_1", end_call_claimed("a", 100.0, 11.0))
     store.change_meta("call_1", end_reason_claimed(SILENCE_END))
     assert store.get_call("call_1").meta[END_REASON_META] == API_END
 
@@ -272,14 +272,25 @@ def test_a_reason_recorded_while_twilio_is_asked_is_kept_for_its_refusal(store):
 
 def test_twilios_answer_makes_the_api_end_stand(store):
     store.create_call(CallRecord(tracking_id="call_1"))
-    store.change_meta("call_1", end_call_claimed("a"))
+    store.change_meta("call_1", end_call_claimed("a", 100.0, 11.0))
     store.change_meta("call_1", end_reason_claimed(ERROR_END))
     store.change_meta("call_1", end_call_answered("a", "completed"))
 
     meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
 
     assert written is False
-    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "status": "completed"}}
+    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "at": 100.0, "status": "completed"}}
+
+
+def test_a_hang_up_asked_for_longer_than_twilio_answers_is_taken_over(store):
+    """Its request died with its worker: later end-calls do not wait on it for ever."""
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("dead", 100.0, 11.0))
+
+    assert store.change_meta("call_1", end_call_claimed("b", 110.0, 11.0))[1] is False  # still being asked
+    meta, written = store.change_meta("call_1", end_call_claimed("b", 112.0, 11.0))
+
+    assert written and meta == {END_REASON_META: API_END, "endCall": {"by": "b", "at": 112.0}}
 
 
 def test_end_calls_claiming_at_once_get_one_hang_up(store):
@@ -290,7 +301,7 @@ def test_end_calls_claiming_at_once_get_one_hang_up(store):
 
     def claim(token: str) -> None:
         start.wait()
-        claimed.append(store.change_meta("call_1", end_call_claimed(token))[1])
+        claimed.append(store.change_meta("call_1", end_call_claimed(token, 100.0, 11.0))[1])
 
     threads = [threading.Thread(target=claim, args=(f"t{n}",)) for n in range(6)]
     for thread in threads:

@@ -129,8 +129,8 @@ API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end but
 # action then never fires): the call is ending on its own, at its end node or in a transfer (call_report.call_outcome
 # reads the turn), which end-call leaves as it is.
 PENDING_ACTION_META = "pendingAction"
-# The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token} while Twilio is
-# asked, then {"by", "status": Twilio's answer}. A second end-call answers from it instead of asking Twilio again.
+# The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token, "at": when} while
+# Twilio is asked, then with "status": Twilio's answer. A second end-call answers from it instead of asking Twilio again.
 END_CALL_META = "endCall"
 # An end reason recorded while API_END stood but Twilio had not yet taken the hang-up: it takes API_END's place if
 # Twilio refuses (END_REASON_RULE).
@@ -216,14 +216,16 @@ def end_reason_claimed(reason: str) -> MetaChange:
     return change
 
 
-def end_call_claimed(token: str) -> MetaChange:
-    """End-call's request `token` takes the call's one hang-up, and records API_END when the call has not ended and
-    is not ending for a reason of its own (an end reason, a closing line playing); no write when another request
-    holds the hang-up (END_REASON_RULE)."""
+def end_call_claimed(token: str, now: float, abandoned_s: float) -> MetaChange:
+    """End-call's request `token` takes the call's one hang-up at `now` (epoch seconds), and records API_END when the
+    call has not ended and is not ending for a reason of its own (an end reason, a closing line playing); no write
+    while another request holds the hang-up, unless that request has been asking for over `abandoned_s` (it died
+    with its worker: its hang-up is taken over). END_REASON_RULE."""
     def change(meta: dict, ended: bool) -> dict | None:
-        if meta.get(END_CALL_META) is not None:
+        held = meta.get(END_CALL_META)
+        if held is not None and not (end_call_pending(meta) and now - float(held.get("at") or 0) > abandoned_s):
             return None
-        claimed = {**meta, END_CALL_META: {"by": token}}
+        claimed = {**meta, END_CALL_META: {"by": token, "at": now}}
         if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
             claimed[END_REASON_META] = API_END
         return claimed
