@@ -131,6 +131,8 @@ class CallReporter:
         return min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
 
     def _await_end_call(self, tracking_id: str) -> None:
+        """Until an end-call asking Twilio to hang the call up has its answer (at most settle_s): the report says
+        ended_by_api only if Twilio took it. Polled at the store's pace, not the retries' injected sleep."""
         deadline = time.monotonic() + self.settle_s
         while time.monotonic() < deadline:
             record = self.store.get_call(tracking_id)

@@ -22,9 +22,9 @@ from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META, SILENCE_END,
-                    TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered, end_call_claimed,
-                    end_call_refused, end_reason_claimed)
+from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META,
+                    SILENCE_END, TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered,
+                    end_call_claimed, end_call_refused, end_reason_claimed)
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
