@@ -130,7 +130,8 @@ API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end but
 # reads the turn), which end-call leaves as it is.
 PENDING_ACTION_META = "pendingAction"
 # The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token, "at": when} while
-# Twilio is asked, then with "status": Twilio's answer. A second end-call answers from it instead of asking Twilio again.
+# Twilio is asked, then with "status": Twilio's answer. A second end-call answers from it instead of asking Twilio
+# again.
 END_CALL_META = "endCall"
 # An end reason recorded while API_END stood but Twilio had not yet taken the hang-up: it takes API_END's place if
 # Twilio refuses (END_REASON_RULE).
@@ -365,7 +366,8 @@ class Store(Protocol):
     def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
         """Apply `change` to the call's meta atomically (no other writer in between), given the meta and whether the
         call has ended; `change` returns the new meta, or None to leave it. Returns (meta now, whether `change`
-        wrote it); (None, False) when the call is unknown. For writes that depend on what is stored (END_REASON_RULE)."""
+        wrote it); (None, False) when the call is unknown. For writes that depend on what is stored
+        (END_REASON_RULE)."""
         ...
 
     def append_status(
