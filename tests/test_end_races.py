@@ -293,23 +293,28 @@ def test_a_hang_up_asked_for_longer_than_twilio_answers_is_taken_over(store):
     assert written and meta == {END_REASON_META: API_END, "endCall": {"by": "b", "at": 112.0}}
 
 
-def test_end_calls_claiming_at_once_get_one_hang_up(store):
-    """change_meta is one atomic write: of requests claiming together (threads, each with its own connection on
-    Redis, the write lock on SQLite), exactly one holds the hang-up."""
+def test_end_calls_claiming_at_once_get_one_hang_up(store, store_spec):
+    """change_meta is one atomic write: of requests claiming together, each on its own store (a worker's SQLite
+    connection, an instance's Redis client), exactly one holds the hang-up."""
+    from callweaver.store import build_store
     store.create_call(CallRecord(tracking_id="call_1"))
-    start, claimed = threading.Barrier(6), []
+    workers = [build_store(**store_spec) for _ in range(6)]
+    start, claimed = threading.Barrier(len(workers)), []
 
-    def claim(token: str) -> None:
+    def claim(worker, token: str) -> None:
         start.wait()
-        claimed.append(store.change_meta("call_1", end_call_claimed(token, 100.0, 11.0))[1])
+        claimed.append(worker.change_meta("call_1", end_call_claimed(token, 100.0, 11.0))[1])
 
-    threads = [threading.Thread(target=claim, args=(f"t{n}",)) for n in range(6)]
+    threads = [threading.Thread(target=claim, args=(worker, f"t{n}")) for n, worker in enumerate(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=20)
+    for worker in workers:
+        worker.close()
 
     assert sorted(claimed) == [False] * 5 + [True]
+    assert store.get_call("call_1").meta["endCall"]["by"] in {f"t{n}" for n in range(6)}
 
 
 def test_a_final_status_numbered_as_an_unnumbered_callback_was_still_ends_the_call(store):
