@@ -20,7 +20,8 @@ import requests
 import structlog
 
 from .engine.metrics import MetricsReader
-from .store import API_END, END_CALL_POLL_S, END_REASON_META, ERROR_END, SILENCE_END, Store, end_call_pending
+from .store import (API_END, END_CALL_POLL_S, END_REASON_META, ERROR_END, SILENCE_END, Store, end_call_abandoned,
+                    end_call_pending)
 
 log = structlog.get_logger()
 
@@ -132,11 +133,12 @@ class CallReporter:
 
     def _await_end_call(self, tracking_id: str) -> None:
         """Until an end-call asking Twilio to hang the call up has its answer (at most settle_s): the report says
-        ended_by_api only if Twilio took it. Polled at the store's pace, not the retries' injected sleep."""
+        ended_by_api only if Twilio took it; never for a request past its deadline, which died with its worker.
+        Polled at the store's pace, not the retries' injected sleep."""
         deadline = time.monotonic() + self.settle_s
         while time.monotonic() < deadline:
             record = self.store.get_call(tracking_id)
-            if record is None or not end_call_pending(record.meta):
+            if record is None or not end_call_pending(record.meta) or end_call_abandoned(record.meta, time.time()):
                 return
             time.sleep(END_CALL_POLL_S)
 

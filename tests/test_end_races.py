@@ -261,7 +261,7 @@ def test_a_later_end_reason_never_overwrites_the_first(store):
 def test_a_reason_recorded_while_twilio_is_asked_is_kept_for_its_refusal(store):
     store.create_call(CallRecord(tracking_id="call_1"))
     store.change_meta("call_1", end_call_claimed("a", 100.0, 11.0))
-    store.change_meta("call_1", end_reason_claimed(SILENCE_END))
+    store.change_meta("call_1", end_reason_claimed(SILENCE_END, now=105.0))  # while Twilio is asked
     assert store.get_call("call_1").meta[END_REASON_META] == API_END
 
     assert store.change_meta("call_1", end_call_refused("b"))[1] is False  # not b's to withdraw
@@ -273,13 +273,13 @@ def test_a_reason_recorded_while_twilio_is_asked_is_kept_for_its_refusal(store):
 def test_twilios_answer_makes_the_api_end_stand(store):
     store.create_call(CallRecord(tracking_id="call_1"))
     store.change_meta("call_1", end_call_claimed("a", 100.0, 11.0))
-    store.change_meta("call_1", end_reason_claimed(ERROR_END))
+    store.change_meta("call_1", end_reason_claimed(ERROR_END, now=105.0))  # while Twilio is asked
     store.change_meta("call_1", end_call_answered("a", "completed"))
 
     meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
 
     assert written is False
-    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "at": 100.0, "status": "completed"}}
+    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "at": 100.0, "until": 111.0, "status": "completed"}}
 
 
 def test_a_hang_up_asked_for_longer_than_twilio_answers_is_taken_over(store):
@@ -290,7 +290,7 @@ def test_a_hang_up_asked_for_longer_than_twilio_answers_is_taken_over(store):
     assert store.change_meta("call_1", end_call_claimed("b", 110.0, 11.0))[1] is False  # still being asked
     meta, written = store.change_meta("call_1", end_call_claimed("b", 112.0, 11.0))
 
-    assert written and meta == {END_REASON_META: API_END, "endCall": {"by": "b", "at": 112.0}}
+    assert written and meta == {END_REASON_META: API_END, "endCall": {"by": "b", "at": 112.0, "until": 123.0}}
 
 
 def test_end_calls_claiming_at_once_get_one_hang_up(store, store_spec):
@@ -331,3 +331,51 @@ def test_a_final_status_numbered_as_an_unnumbered_callback_was_still_ends_the_ca
     assert store.count_live_calls() == 0
     assert store.append_status("call_1", "completed", 2, {}) is False  # a real redelivery changes nothing
     assert store.get_call("call_1").ended_at == 1000.0
+
+
+def test_a_reason_after_an_abandoned_end_call_is_the_calls(store):
+    """End-call's request died with its worker after recording ended_by_api, before Twilio answered; the call went
+    on past Twilio's deadline, so its hang-up was never taken, and the call's own end (the silence goodbye, an
+    error) is how it ended: it was queued behind ended_by_api for ever, as only the dead request could withdraw it."""
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("dead", time.time() - 60, 11.0))
+
+    meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
+
+    assert written and meta == {END_REASON_META: SILENCE_END}  # and the hang-up is free for the next end-call
+
+
+def test_a_reason_queued_before_end_call_was_abandoned_stays_first(store):
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("dead", time.time() - 60, 11.0))
+    store.change_meta("call_1", lambda meta, ended: {**meta, "endReasonQueued": ERROR_END})  # queued while asked
+
+    meta, _ = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
+
+    assert meta == {END_REASON_META: ERROR_END}
+
+
+def test_an_abandoned_end_call_after_the_calls_end_stands(store):
+    """Once the call has ended, Twilio may have taken the dead request's hang-up: ended_by_api is kept."""
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("dead", time.time() - 60, 11.0))
+    store.append_status("call_1", "completed", 3, {})
+
+    meta, _ = store.change_meta("call_1", end_reason_claimed(ERROR_END))
+
+    assert meta[END_REASON_META] == API_END
+
+
+def test_the_report_does_not_wait_for_an_abandoned_end_call(store):
+    """The report waits for a pending end-call's answer only while its request can still get one."""
+    from callweaver.call_report import CallReporter
+    store.create_call(CallRecord(tracking_id="call_1"))
+    store.change_meta("call_1", end_call_claimed("dead", time.time() - 60, 11.0))
+    store.append_status("call_1", "completed", 3, {})
+    reporter = CallReporter(store, "http://127.0.0.1:9/unused", "secret", spawn=None, max_attempts=1,
+                            settle_s=11.0)
+
+    started = time.monotonic()
+    reporter.deliver("call_1")
+
+    assert time.monotonic() - started < 3.0

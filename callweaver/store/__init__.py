@@ -32,6 +32,7 @@ __all__ = [
     "MetaChange",
     "end_reason_claimed",
     "end_call_pending",
+    "end_call_abandoned",
     "END_CALL_POLL_S",
     "end_call_claimed",
     "end_call_answered",
@@ -190,7 +191,9 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
 # - POST /api/end-call records API_END (if no reason stands and the call has not ended) before asking Twilio, whose
 #   final status callback may come before its answer; and it holds the call's one hang-up (END_CALL_META). Only the
 #   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
-#   (QUEUED_END_REASON_META) then takes API_END's place. Once Twilio took the hang-up, API_END stands.
+#   (QUEUED_END_REASON_META) then takes API_END's place. Once Twilio took the hang-up, API_END stands. A request
+#   still asking past Twilio's deadline (end_call_abandoned) died with its worker: a call still live then was never
+#   hung up by it, so the next end reason withdraws API_END as a refusal would, and the next end-call takes over.
 # - Twilio's final status is the caller's truth: busy, no-answer, canceled and failed outrank any end reason
 #   (call_report.call_outcome), and an ended call stays ended: a late non-terminal callback, whatever its
 #   SequenceNumber, is kept in the history but never becomes the call's status (append_status).
@@ -205,14 +208,27 @@ def end_call_pending(meta: Mapping[str, Any] | None) -> bool:
     return isinstance(hang_up, dict) and not hang_up.get("status")
 
 
-def end_reason_claimed(reason: str) -> MetaChange:
-    """Record `reason` as how our side ended the call, unless a reason was recorded first (END_REASON_RULE)."""
+def end_call_abandoned(meta: Mapping[str, Any] | None, now: float) -> bool:
+    """Whether a pending end-call's request is past its deadline (Twilio's, and the answer's write) at `now` (epoch
+    seconds): it died with its worker and will never record Twilio's answer (END_REASON_RULE)."""
+    return end_call_pending(meta) and now > float((meta or {})[END_CALL_META].get("until") or 0)
+
+
+def end_reason_claimed(reason: str, now: float | None = None) -> MetaChange:
+    """Record `reason` as how our side ended the call, unless a reason was recorded first (END_REASON_RULE).
+    `now`: epoch seconds, for an abandoned end-call (the clock when None)."""
     def change(meta: dict, ended: bool) -> dict | None:
         current = meta.get(END_REASON_META)
         if current is None:
             return {**meta, END_REASON_META: reason}
-        if current == API_END and end_call_pending(meta) and QUEUED_END_REASON_META not in meta:
-            return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
+        if current == API_END and end_call_pending(meta):
+            if not ended and end_call_abandoned(meta, time.time() if now is None else now):
+                # The call went on past the hang-up's deadline: Twilio never took it. Withdrawn as if refused.
+                freed = end_call_refused(str(meta[END_CALL_META].get("by")))(meta, ended)
+                if freed is not None:
+                    return freed if freed.get(END_REASON_META) is not None else {**freed, END_REASON_META: reason}
+            if QUEUED_END_REASON_META not in meta:
+                return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
         return None
     return change
 
@@ -223,10 +239,9 @@ def end_call_claimed(token: str, now: float, abandoned_s: float) -> MetaChange:
     while another request holds the hang-up, unless that request has been asking for over `abandoned_s` (it died
     with its worker: its hang-up is taken over). END_REASON_RULE."""
     def change(meta: dict, ended: bool) -> dict | None:
-        held = meta.get(END_CALL_META)
-        if held is not None and not (end_call_pending(meta) and now - float(held.get("at") or 0) > abandoned_s):
+        if meta.get(END_CALL_META) is not None and not end_call_abandoned(meta, now):
             return None
-        claimed = {**meta, END_CALL_META: {"by": token, "at": now}}
+        claimed = {**meta, END_CALL_META: {"by": token, "at": now, "until": now + abandoned_s}}
         if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
             claimed[END_REASON_META] = API_END
         return claimed
