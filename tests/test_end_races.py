@@ -279,7 +279,8 @@ def test_twilios_answer_makes_the_api_end_stand(store):
     meta, written = store.change_meta("call_1", end_reason_claimed(SILENCE_END))
 
     assert written is False
-    assert meta == {END_REASON_META: API_END, "endCall": {"by": "a", "at": 100.0, "until": 111.0, "status": "completed"}}
+    assert meta == {END_REASON_META: API_END,
+                    "endCall": {"by": "a", "at": 100.0, "until": 111.0, "status": "completed"}}
 
 
 def test_a_hang_up_asked_for_longer_than_twilio_answers_is_taken_over(store):
