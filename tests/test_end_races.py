@@ -146,6 +146,47 @@ def test_end_call_during_the_goodbye_keeps_the_goodbye(app, client, twilio, fake
     assert outcome(client, tracking_id) == "end_node"
 
 
+@pytest.mark.parametrize("twilio_answers_first", [True, False])
+def test_end_call_during_a_goodbye_the_caller_talked_over_is_the_end_calls(app, client, twilio, fake_twilio,
+                                                                            twilio_answers_first):
+    """End-call left the call to its goodbye; the caller then talked over the goodbye (its end never fires), before
+    or after Twilio took the hang-up: nothing but end-call ended the call, which was logged as the caller's hang-up."""
+    from types import SimpleNamespace
+    call_sid, tracking_id = place(client)
+    svc = app.extensions["callweaver"]
+    _, result = svc.engine.answer_whole_turn(svc.store.get_call(tracking_id), "Okay, goodbye.", path="relay",
+                                             received_at=svc.engine.clock())
+    assert result.action == "end"
+
+    def talked_over() -> None:
+        svc.engine.drop_closing_action(svc.store.get_call(tracking_id), SimpleNamespace(result=result))
+
+    if twilio_answers_first:
+        assert client.post("/api/end-call", json={"callSid": call_sid}).status_code == 200
+        talked_over()
+    else:
+        end = HeldEndCall(app, fake_twilio, call_sid)
+        talked_over()
+        assert end.release().status_code == 200
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "ended_by_api"
+
+
+def test_a_goodbye_talked_over_while_end_call_is_refused_is_the_callers(app, client, twilio, fake_twilio):
+    from types import SimpleNamespace
+    call_sid, tracking_id = place(client)
+    svc = app.extensions["callweaver"]
+    _, result = svc.engine.answer_whole_turn(svc.store.get_call(tracking_id), "Okay, goodbye.", path="relay",
+                                             received_at=svc.engine.clock())
+    end = HeldEndCall(app, fake_twilio, call_sid)
+    svc.engine.drop_closing_action(svc.store.get_call(tracking_id), SimpleNamespace(result=result))
+    assert end.release(refuse=call_sid).status_code == 404
+    final_status(twilio, tracking_id, call_sid)
+
+    assert outcome(client, tracking_id) == "hang_up"
+
+
 def test_two_end_calls_at_once_hang_up_once_and_agree(app, client, twilio, fake_twilio):
     """A double click: one Twilio hang-up, both answered as the first was, one outcome."""
     call_sid, tracking_id = place(client)

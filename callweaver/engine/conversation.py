@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
-from ..store import PENDING_ACTION_META, TERMINAL_STATUSES
+from ..store import PENDING_ACTION_META, TERMINAL_STATUSES, closing_action_dropped
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
@@ -832,8 +832,9 @@ class ConversationEngine:
                 return None
 
         logged("closing_action_node_not_restored", lambda: store.update_call(tracking_id, current_node=node))
+        # One atomic write (store.END_REASON_RULE): an end-call that left the call to this line now ends it.
         meta = logged("closing_action_not_removed",
-                      lambda: store.update_meta(tracking_id, remove=(PENDING_ACTION_META, "destination")))
+                      lambda: store.change_meta(tracking_id, closing_action_dropped())[0])
         # Only the closing turn's own row: if its write failed, the last row is an earlier turn's.
         logged("closing_turn_row_not_amended", lambda: store.amend_last_turn(
             tracking_id, {"interrupted": True, "action": None, "nextNodeId": node},

@@ -33,6 +33,7 @@ __all__ = [
     "end_reason_claimed",
     "end_call_pending",
     "end_call_abandoned",
+    "closing_action_dropped",
     "END_CALL_POLL_S",
     "end_call_claimed",
     "end_call_answered",
@@ -187,7 +188,8 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
 # below inside one atomic write (Store.change_meta), so no interleaving of workers or instances breaks it.
 # - The first end reason recorded wins: a later one (an error after the end button, a silence goodbye after an
 #   apology) never overwrites it. A closing turn (goodbye, transfer) whose line is playing (PENDING_ACTION_META)
-#   came first too: end-call then records nothing, and the outcome is the turn's.
+#   came first too: end-call then records nothing, and the outcome is the turn's; but if the caller talks over that
+#   line (its action never fires), end-call's hang-up is what ends the call: API_END (closing_action_dropped).
 # - POST /api/end-call records API_END (if no reason stands and the call has not ended) before asking Twilio, whose
 #   final status callback may come before its answer; and it holds the call's one hang-up (END_CALL_META). Only the
 #   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
@@ -230,6 +232,20 @@ def end_reason_claimed(reason: str, now: float | None = None) -> MetaChange:
             if QUEUED_END_REASON_META not in meta:
                 return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
         return None
+    return change
+
+
+def closing_action_dropped(now: float | None = None) -> MetaChange:
+    """The caller talked over a closing line: its end or transfer never fires (PENDING_ACTION_META and its
+    destination go). An end-call that left the call to that line (its hang-up held or taken, no reason recorded)
+    is then what ends the live call: API_END, withdrawn if Twilio refuses it (END_REASON_RULE). `now`: epoch
+    seconds, for an abandoned end-call (the clock when None)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        dropped = {key: value for key, value in meta.items() if key not in (PENDING_ACTION_META, "destination")}
+        if (meta.get(END_CALL_META) is not None and meta.get(END_REASON_META) is None and not ended
+                and not end_call_abandoned(meta, time.time() if now is None else now)):
+            dropped[END_REASON_META] = API_END
+        return dropped
     return change
 
 
