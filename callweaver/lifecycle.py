@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -24,7 +25,7 @@ from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META,
                     SILENCE_END, TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered,
-                    end_call_claimed, end_call_refused, end_reason_claimed)
+                    end_call_claimed, end_call_lapsed, end_call_pending, end_call_refused, end_reason_claimed)
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -97,6 +98,17 @@ def new_tracking_id() -> str:
 class StartedCall:
     record: CallRecord
     placed: PlacedCall
+
+
+def event_time(timestamp: str | None) -> float | None:
+    """A status callback's `Timestamp` (RFC 2822: when the event happened) in epoch seconds; None if absent or
+    unreadable."""
+    if not timestamp:
+        return None
+    try:
+        return parsedate_to_datetime(timestamp).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 class CallLifecycle:
@@ -364,6 +376,10 @@ class CallLifecycle:
         report = log.info if status in TERMINAL_STATUSES or not current else log.debug
         report("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                status=status, sequence=sequence, current=current)
+        if status in TERMINAL_STATUSES and end_call_pending(meta):
+            # Before the report: an end-call whose request died has its answer in when Twilio says the call ended.
+            self._change_end(record.tracking_id, end_call_lapsed(event_time(form.get("Timestamp"))),
+                             why="Twilio ended the call after the hang-up's deadline")
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
             self.on_call_ended(record.tracking_id)
         return current

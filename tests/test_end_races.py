@@ -421,3 +421,39 @@ def test_the_report_does_not_wait_for_an_abandoned_end_call(store):
     reporter.deliver("call_1")
 
     assert time.monotonic() - started < 3.0
+
+
+def rfc2822(epoch: float) -> str:
+    """Twilio's Timestamp field: when the event happened."""
+    from email.utils import formatdate
+    return formatdate(epoch, usegmt=True)
+
+
+def test_a_call_twilio_ended_after_a_dead_end_calls_deadline_is_not_ended_by_api(app, client, twilio, fake_twilio):
+    """End-call's request died with its worker after recording ended_by_api and before Twilio answered; the caller
+    hung up a minute later. Twilio's final status says when the call ended: after that request's deadline, so its
+    hang-up is not what ended it. The call log said ended_by_api for ever."""
+    call_sid, tracking_id = place(client)
+    store = app.extensions["callweaver"].store
+    store.change_meta(tracking_id, end_call_claimed("dead", time.time() - 60, 11.0))
+
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": call_sid, "CallStatus": "completed", "SequenceNumber": "5", "CallDuration": "90",
+                 "Timestamp": rfc2822(time.time())})
+
+    assert outcome(client, tracking_id) == "hang_up"
+    assert client.post("/api/end-call", json={"callSid": call_sid}).status_code in (200, 404)  # asks Twilio again
+
+
+def test_a_call_twilio_ended_within_end_calls_deadline_keeps_ended_by_api(app, client, twilio, fake_twilio):
+    """Twilio may have taken the hang-up before the request died: the call ended within its deadline."""
+    call_sid, tracking_id = place(client)
+    store = app.extensions["callweaver"].store
+    claimed_at = time.time() - 60
+    store.change_meta(tracking_id, end_call_claimed("dead", claimed_at, 11.0))
+
+    twilio.post(f"/api/call-status-optimized?trackingId={tracking_id}",
+                {"CallSid": call_sid, "CallStatus": "completed", "SequenceNumber": "5", "CallDuration": "90",
+                 "Timestamp": rfc2822(claimed_at + 3)})
+
+    assert outcome(client, tracking_id) == "ended_by_api"

@@ -37,6 +37,7 @@ __all__ = [
     "END_CALL_POLL_S",
     "end_call_claimed",
     "end_call_answered",
+    "end_call_lapsed",
     "end_call_refused",
     "SILENCE_END",
     "counter_series",
@@ -195,7 +196,8 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
 #   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
 #   (QUEUED_END_REASON_META) then takes API_END's place. Once Twilio took the hang-up, API_END stands. A request
 #   still asking past Twilio's deadline (end_call_abandoned) died with its worker: a call still live then was never
-#   hung up by it, so the next end reason withdraws API_END as a refusal would, and the next end-call takes over.
+#   hung up by it, so the next end reason withdraws API_END as a refusal would, and the next end-call takes over;
+#   so does Twilio's final status saying the call ended after that deadline (end_call_lapsed).
 # - Twilio's final status is the caller's truth: busy, no-answer, canceled and failed outrank any end reason
 #   (call_report.call_outcome), and an ended call stays ended: a late non-terminal callback, whatever its
 #   SequenceNumber, is kept in the history but never becomes the call's status (append_status).
@@ -261,6 +263,17 @@ def end_call_claimed(token: str, now: float, abandoned_s: float) -> MetaChange:
         if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
             claimed[END_REASON_META] = API_END
         return claimed
+    return change
+
+
+def end_call_lapsed(ended_at: float | None) -> MetaChange:
+    """Twilio's final status says the call ended at `ended_at` (epoch seconds; None: it did not say): after a pending
+    end-call's deadline, that request died with its worker and its hang-up is not what ended the call. Withdrawn as
+    a refusal would be (END_REASON_RULE)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        if ended_at is None or not end_call_abandoned(meta, ended_at):
+            return None
+        return end_call_refused(str(meta[END_CALL_META].get("by")))(meta, ended)
     return change
 
 
