@@ -20,7 +20,8 @@ import requests
 import structlog
 
 from .engine.metrics import MetricsReader
-from .store import API_END, END_REASON_META, ERROR_END, SILENCE_END, Store
+from .store import (API_END, END_CALL_POLL_S, END_REASON_META, ERROR_END, SILENCE_END, Store, end_call_abandoned,
+                    end_call_pending)
 
 log = structlog.get_logger()
 
@@ -99,8 +100,11 @@ class CallReporter:
     """Sends one report per ended call; `call_ended` returns at once, delivery happens on a spawned greenlet."""
 
     def __init__(self, store: Store, url: str, secret: str, *, spawn: Callable, max_attempts: int = 10,
-                 backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep):
+                 backoff_s: float = 2.0, sleep: Callable[[float], None] = time.sleep, settle_s: float = 0.0):
         self.store = store
+        # Up to how long a report waits for an end-call asking Twilio to hang up (lifecycle.end_call_wait_s): the
+        # final status may come first, and the outcome stands or falls with Twilio's answer (store.END_REASON_RULE).
+        self.settle_s = settle_s
         self.url = url
         self.secret = secret
         self.spawn = spawn
@@ -127,10 +131,22 @@ class CallReporter:
         """Exponential (backoff_s · 2^(attempt-1), capped) with jitter, so many reports don't retry in lockstep."""
         return min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0)
 
+    def _await_end_call(self, tracking_id: str) -> None:
+        """Until an end-call asking Twilio to hang the call up has its answer (at most settle_s): the report says
+        ended_by_api only if Twilio took it; never for a request past its deadline, which died with its worker.
+        Polled at the store's pace, not the retries' injected sleep."""
+        deadline = time.monotonic() + self.settle_s
+        while time.monotonic() < deadline:
+            record = self.store.get_call(tracking_id)
+            if record is None or not end_call_pending(record.meta) or end_call_abandoned(record.meta, time.time()):
+                return
+            time.sleep(END_CALL_POLL_S)
+
     def deliver(self, tracking_id: str) -> Delivery:
         """POST the report until the receiver answers 2xx, a non-retryable status, or attempts run out."""
         result = Delivery(tracking_id)
         try:
+            self._await_end_call(tracking_id)
             report = build_report(self.store, tracking_id)
         except Exception:
             log.exception("call_report_failed", tracking_id=tracking_id, reason="could not read the call")

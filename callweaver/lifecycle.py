@@ -8,6 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Any, Callable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -22,8 +23,9 @@ from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import GATHER_META_KEYS
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
-from .store import (API_END, CARRIED_OVER_META, END_REASON_META, ERROR_END, LLM_ACCOUNT_META, SILENCE_END,
-                    TERMINAL_STATUSES, CallRecord, Store)
+from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META,
+                    SILENCE_END, TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered,
+                    end_call_claimed, end_call_lapsed, end_call_pending, end_call_refused, end_reason_claimed)
 from .twilio_client import PlacedCall, TwilioGateway
 
 log = structlog.get_logger()
@@ -37,6 +39,7 @@ RECONNECTS_META = "relayReconnects"  # meta counts of the call's reconnects by c
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
+END_CALL_WAIT_MARGIN_S = 1.0  # past the Twilio request's deadline: the asking request has stored its answer by then
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
 MAX_ERROR_TEXT_CHARS = 300  # a provider's or Twilio's error text is kept and logged up to this length
@@ -95,6 +98,17 @@ def new_tracking_id() -> str:
 class StartedCall:
     record: CallRecord
     placed: PlacedCall
+
+
+def event_time(timestamp: str | None) -> float | None:
+    """A status callback's `Timestamp` (RFC 2822: when the event happened) in epoch seconds; None if absent or
+    unreadable."""
+    if not timestamp:
+        return None
+    try:
+        return parsedate_to_datetime(timestamp).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 class CallLifecycle:
@@ -390,6 +404,10 @@ class CallLifecycle:
         report = log.info if status in TERMINAL_STATUSES or not current else log.debug
         report("call_status", tracking_id=record.tracking_id, call_sid=form.get("CallSid"),
                status=status, sequence=sequence, current=current)
+        if status in TERMINAL_STATUSES and end_call_pending(meta):
+            # Before the report: an end-call whose request died has its answer in when Twilio says the call ended.
+            self._change_end(record.tracking_id, end_call_lapsed(event_time(form.get("Timestamp"))),
+                             why="Twilio ended the call after the hang-up's deadline")
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
             self.on_call_ended(record.tracking_id)
         return current
@@ -503,18 +521,18 @@ class CallLifecycle:
         if record is not None:
             self._write_end_reason(record, ERROR_END, why)
 
-    def _write_end_reason(self, record: CallRecord, reason: str | None, why: str) -> bool:
-        """Set the call's end reason (None takes it back). It only labels the call: a failed write (a full disk, a
-        locked file) is logged and False, and the hang-up or Twilio's answer goes on as if it had been written."""
+    def _write_end_reason(self, record: CallRecord, reason: str, why: str) -> bool:
+        """Record the call's end reason unless one was recorded first (store.END_REASON_RULE). It only labels the
+        call: a failed write (a full disk, a locked file) is logged and False, and the hang-up goes on."""
+        return self._change_end(record.tracking_id, end_reason_claimed(reason), reason=reason, why=why)[1]
+
+    def _change_end(self, tracking_id: str, change: MetaChange, **context: Any) -> tuple[dict | None, bool]:
+        """One END_REASON_RULE write; a failed one is logged and (None, False): the call's end goes on without it."""
         try:
-            if reason is None:
-                self.store.update_meta(record.tracking_id, remove=[END_REASON_META])
-            else:
-                self.store.update_meta(record.tracking_id, {END_REASON_META: reason})
+            return self.store.change_meta(tracking_id, change)
         except Exception:
-            log.exception("end_reason_write_failed", tracking_id=record.tracking_id, reason=reason, why=why)
-            return False
-        return True
+            log.exception("end_reason_write_failed", tracking_id=tracking_id, **context)
+            return None, False
 
     def fetch_status(self, call_sid: str) -> dict:
         """Twilio's view of a call plus, when we placed it, our tracking id and stored status history."""
@@ -533,22 +551,46 @@ class CallLifecycle:
         if not CALL_SID.fullmatch(call_sid):
             raise CallRequestError("Invalid Call SID: expected CA followed by 32 hex characters")
 
+    @property
+    def end_call_wait_s(self) -> float:
+        """How long an end-call's hang-up may be pending: a Twilio request's deadline, and the answer's write."""
+        return self.twilio.timeout_s + END_CALL_WAIT_MARGIN_S
+
     def end_call(self, call_sid: str) -> str:
         """Hang up a call through Twilio (POST /api/end-call), with the call's own credentials when it has them;
-        a call we placed is labelled ended_by_api (its end reason), since Twilio will report it `completed`."""
+        a call we placed is labelled ended_by_api (its end reason), since Twilio will report it `completed`.
+
+        One hang-up per call (store.END_REASON_RULE): a request finding another one's hang-up answers as Twilio
+        answered that one, waiting while it is asked; one asking for longer than a Twilio request's deadline died
+        with its worker, and its hang-up is taken over."""
         self._require_call_sid(call_sid)
         record = self.find(None, call_sid)
         creds = self.credentials_for(record)
         if creds is None and not self.twilio.configured:
             raise NotConfigured("Twilio is not configured on the server: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
-        # Said before Twilio is asked: its final status callback (which reports the call) may come before its answer.
-        # A call that already ended, or that our side is already ending for a reason of its own, keeps its reason.
-        marked = (record is not None and record.ended_at is None and not (record.meta or {}).get(END_REASON_META)
-                  and self._write_end_reason(record, API_END, "POST /api/end-call"))
+        if record is None:
+            return self.twilio.end_call(call_sid, credentials=creds)
+        token = secrets.token_hex(8)
+        while True:
+            # Said before Twilio is asked: its final status callback (which reports the call) may come before its
+            # answer. A call that already ended, or that our side is ending for a reason of its own, keeps its reason.
+            meta, claimed = self._change_end(record.tracking_id,
+                                             end_call_claimed(token, time.time(), self.end_call_wait_s),
+                                             reason=API_END, why="POST /api/end-call")
+            hang_up = (meta or {}).get(END_CALL_META)
+            if claimed or not isinstance(hang_up, dict):
+                break  # ours, or the store could not say: Twilio is asked
+            if hang_up.get("status"):
+                log.info("end_call_repeated", tracking_id=record.tracking_id, status=hang_up["status"])
+                return str(hang_up["status"])
+            time.sleep(END_CALL_POLL_S)  # another request is asking Twilio: its answer is this one's
         try:
             # The call's own credentials stay until Twilio's terminal status callback (signed with them) arrives.
-            return self.twilio.end_call(call_sid, credentials=creds)
+            status = self.twilio.end_call(call_sid, credentials=creds)
         except Exception:
-            if marked:
-                self._write_end_reason(record, None, "Twilio refused the hang-up")
+            if claimed:
+                self._change_end(record.tracking_id, end_call_refused(token), why="Twilio refused the hang-up")
             raise
+        if claimed:
+            self._change_end(record.tracking_id, end_call_answered(token, status), why="Twilio took the hang-up")
+        return status

@@ -115,7 +115,8 @@ class Services:
         if not s.call_report_url:
             return None
         return CallReporter(self.store, s.call_report_url, s.call_report_secret, spawn=spawn,
-                            max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s)
+                            max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s,
+                            settle_s=self.lifecycle.end_call_wait_s)
 
     @cached_property
     def providers(self):

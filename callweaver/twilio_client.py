@@ -192,6 +192,7 @@ class TwilioGateway:
         self._account_sid = account_sid
         self._auth_token = auth_token
         self._api_base_url = api_base_url
+        self.timeout_s = timeout_s  # one request's deadline (the whole exchange)
         self._http = PooledTwilioHttpClient(timeout=timeout_s)
         self._client: Client | None = None
 

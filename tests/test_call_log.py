@@ -376,17 +376,20 @@ def test_end_call_hangs_up_even_when_its_end_reason_cannot_be_written(app, clien
     second = client.post("/api/make-call-optimized", json=make_call_body()).get_json()["callSid"]
     store = app.extensions["callweaver"].store
 
-    writes = store.update_meta
+    writes, marked = store.change_meta, []
 
     def full_disk(*args, **kwargs):
         raise StoreError("database or disk is full")
 
-    def full_disk_once_marked(tracking_id, changes=None, **kwargs):
-        return full_disk() if kwargs.get("remove") else writes(tracking_id, changes, **kwargs)
+    def full_disk_once_marked(tracking_id, change):
+        if marked:
+            full_disk()
+        marked.append(tracking_id)
+        return writes(tracking_id, change)
 
-    monkeypatch.setattr(store, "update_meta", full_disk)
+    monkeypatch.setattr(store, "change_meta", full_disk)
     ended = client.post("/api/end-call", json={"callSid": first})
-    monkeypatch.setattr(store, "update_meta", full_disk_once_marked)
+    monkeypatch.setattr(store, "change_meta", full_disk_once_marked)
     del fake_twilio.calls[second]  # Twilio no longer knows the call: it refuses with 404
     refused = client.post("/api/end-call", json={"callSid": second})
 

@@ -290,3 +290,28 @@ def test_the_call_log_says_what_the_caller_heard_not_the_tool_error_the_model_re
     assert stored.transcript[-1]["heard"] == "Noted."
     assert "not applied" in stored.transcript[-1]["toolCalls"][0]["error"]
     assert stored.messages[-1]["role"] == "assistant" and "not applied" in stored.messages[-1]["content"]
+
+
+def menu_brain(body: dict) -> Reply:
+    """At a phone menu, a model offered the keypad presses the key; one that is not says what it wants."""
+    offered = {tool["function"]["name"] for tool in body.get("tools") or ()}
+    if "press_keys" in offered:
+        return Reply(text="", tool_calls=[("press_keys", {"digits": "1"})])
+    return Reply(text="I would like sales, please.")
+
+
+def test_a_reply_cached_on_a_call_without_the_keypad_is_never_served_to_one_that_has_it(app, client, fake_llm):
+    """A call we placed (Twilio's setup says outbound) is offered the keypad: its request differs in its tools and
+    system prompt from another call's at the same step with the same history. The cache key held neither, so a
+    phone menu's "press 1" got the other call's spoken answer and no key was pressed."""
+    fake_llm.responder = menu_brain
+    svc = app.extensions["callweaver"]
+    first = place_call(app, client)
+    heard, _ = say(app, first, "For sales press one.")
+    assert heard == "I would like sales, please."
+
+    placed = place_call(app, client)
+    svc.store.update_meta(placed, {"setup": {"direction": "outbound-api"}})
+    _, result = say(app, placed, "For sales press one.")
+
+    assert not result.cache_hit and result.keys == "1"

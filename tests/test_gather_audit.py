@@ -350,14 +350,11 @@ def test_a_silence_ending_whose_record_fails_still_says_goodbye(call, app, monke
 
     root = call.answer()
     store = app.extensions["callweaver"].store
-    real_update_meta = store.update_meta
 
-    def failing(tracking_id, changes=None, **kwargs):
-        if changes and "endReason" in changes:
-            raise StoreError("injected: disk full")
-        return real_update_meta(tracking_id, changes, **kwargs)
+    def failing(tracking_id, change):  # the end reason's write (store.END_REASON_RULE)
+        raise StoreError("injected: disk full")
 
-    monkeypatch.setattr(store, "update_meta", failing)
+    monkeypatch.setattr(store, "change_meta", failing)
     end = _twiml(call.twilio.post(root.find("Redirect").text[len(PUBLIC):],
                                   {"CallSid": call.call_sid, "CallStatus": "in-progress"}))
     english = app.extensions["callweaver"].languages.get("en-US")

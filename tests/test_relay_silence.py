@@ -133,8 +133,19 @@ def silent_session(script=(("Sure", 0.0), (" thing.", 0.0)), **turn_options):
     session, engine, sent = session_for(list(script), **turn_options)
     session.silence_timeout_s = SILENCE_S
     engine.speculation = SimpleNamespace(enabled=False, speaker_events=False)
-    engine.store = SimpleNamespace(meta={}, update_meta=lambda tracking_id, meta: engine.store.meta.update(meta))
+    engine.store = SimpleNamespace(meta={})
+    recording(engine, lambda tracking_id, meta: engine.store.meta.update(meta))
     return session, engine, sent
+
+
+def recording(engine, write) -> None:
+    """The stand-in store's meta writes (change_meta, store.END_REASON_RULE) go through `write(tracking_id, meta)`."""
+    def change_meta(tracking_id, change):
+        new = change(dict(engine.store.meta), False)
+        if new is not None:
+            write(tracking_id, new)
+        return engine.store.meta, new is not None
+    engine.store.change_meta = change_meta
 
 
 def info(session, name: str, value: str) -> None:
@@ -353,7 +364,7 @@ def test_a_handover_during_the_goodbyes_store_write_does_not_turn_the_silence_en
         wait_until(lambda: session._forced_end is not None)
         engine.store.meta.update(meta)
     fall_silent(session)
-    engine.store.update_meta = update_meta
+    recording(engine, update_meta)
     fall_silent(session)
     info(session, "agentSpeaking", "off")  # the goodbye played
     wait_until(lambda: sent[-1]["type"] == "end")
@@ -398,7 +409,7 @@ def test_the_silence_goodbyes_playback_is_waited_for_from_before_it_is_sent():
         writes.append(meta)
         info(session, "agentSpeaking", "off")  # Twilio has played the goodbye meanwhile
 
-    engine.store.update_meta = reported_off_during_the_write
+    recording(engine, reported_off_during_the_write)
     fall_silent(session)   # the goodbye
     assert writes and session._fell_silent.is_set()
 

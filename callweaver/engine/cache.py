@@ -229,9 +229,10 @@ class ReplyCache:
 
         The same words answer different questions ("Yes." to the morning slot or to the evening slot), so the key
         holds the last assistant line the caller heard (normalised) next to the workflow version, node, language,
-        the normalised utterance and the values of the variables the node's prompt uses. `history` is the rest of
-        the conversation the model is sent with the utterance: a reply may repeat anything said in it (a name the
-        caller gave two turns ago), so it is only ever served to a caller whose conversation was the same. It is
+        the normalised utterance and the values of the variables the node's prompt uses. `history` is everything
+        the model is sent before the utterance, its system prompt first: a reply may repeat anything said in it (a
+        name the caller gave two turns ago) or follow what only that call was told (the keypad's use), so it is
+        only ever served to a caller whose conversation was the same. It is
         hashed as sent, not normalised: the key is built on every turn and normalising twenty lines cost ~45 µs.
         """
         normalized = normalize_utterance(utterance or "", fillers)

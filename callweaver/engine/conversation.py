@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
-from ..store import TERMINAL_STATUSES
+from ..store import PENDING_ACTION_META, TERMINAL_STATUSES, closing_action_dropped
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
@@ -715,12 +715,14 @@ class ConversationEngine:
 
     def _cache_key(self, workflow: Workflow, plan, entry: LanguageEntry, state: ConversationState,
                    utterance: str) -> str | None:
-        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and the
-        conversation the model is sent before the utterance too (plan.messages: system prompt, history, utterance)."""
+        """The reply cache key of this turn: what the caller answers (the last assistant line they heard) and
+        everything the model is sent before the utterance (plan.messages: system prompt, history, utterance). The
+        system prompt tells the call's own tools apart: a call offered the keypad (may_press_keys) is told how to
+        use it, and a reply another call gave without it is not its answer."""
         return self.cache.key(workflow_hash=workflow.version_hash, node_id=plan.node_id, language=entry.code,
                               heard_before=last_assistant_line(state.messages), utterance=utterance,
                               prompt_variables=plan.prompt_variables, fillers=entry.fillers,
-                              history=plan.messages[1:-1])
+                              history=plan.messages[:-1])
 
     @staticmethod
     def _caller_texts(state: ConversationState) -> list[str]:
@@ -798,7 +800,7 @@ class ConversationEngine:
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback
             # stripping credentials, hang-up accounting) may have changed it since the session read its record.
-            meta = self.store.update_meta(record.tracking_id, {"pendingAction": action,
+            meta = self.store.update_meta(record.tracking_id, {PENDING_ACTION_META: action,
                                                                "destination": r.destination}) or meta
         updated = None if index is None else dataclasses.replace(
             record, **fields, meta=meta, transcript=[*(record.transcript or []), entry] if entry else record.transcript,
@@ -830,14 +832,15 @@ class ConversationEngine:
                 return None
 
         logged("closing_action_node_not_restored", lambda: store.update_call(tracking_id, current_node=node))
+        # One atomic write (store.END_REASON_RULE): an end-call that left the call to this line now ends it.
         meta = logged("closing_action_not_removed",
-                      lambda: store.update_meta(tracking_id, remove=("pendingAction", "destination")))
+                      lambda: store.change_meta(tracking_id, closing_action_dropped())[0])
         # Only the closing turn's own row: if its write failed, the last row is an earlier turn's.
         logged("closing_turn_row_not_amended", lambda: store.amend_last_turn(
             tracking_id, {"interrupted": True, "action": None, "nextNodeId": node},
             expect={"action": turn.result.action, "interrupted": False}))
         if meta is None:
-            meta = {k: v for k, v in (record.meta or {}).items() if k not in ("pendingAction", "destination")}
+            meta = {k: v for k, v in (record.meta or {}).items() if k not in (PENDING_ACTION_META, "destination")}
         return dataclasses.replace(record, current_node=node, meta=meta)
 
     def answer_whole_turn(self, record, utterance: str, *, path: str, received_at: float,
@@ -884,7 +887,10 @@ class ConversationEngine:
         entry = self.language_of(record)
         # Once per flow, language and greeting (the context the replies are keyed to) per PREWARM_INTERVAL_S, for
         # every worker sharing the cache (one machine's, or with Redis every instance's).
-        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or ""))
+        # A relay call we placed: Twilio's setup will say outbound, and its turns are offered the keypad
+        # (may_press_keys), which is part of what the model is sent and so of the replies' keys.
+        keypad = record.path == "optimized"
+        marker = "\n".join((workflow.version_hash, entry.code, record.greeting or "", str(keypad)))
         if not self.cache.claim_prewarm(marker, PREWARM_INTERVAL_S):
             return 0  # another call of this flow warmed it, or is warming it
         node_id = workflow.entry_node_id()
@@ -903,7 +909,7 @@ class ConversationEngine:
                 return stored
             # The same pipeline as a caller's turn (termination, plan, cache lookup, stream, routing, what is safe
             # to cache), from the state a caller answering the greeting would be in; only the cache write is here.
-            turn = self._turn(workflow, state, entry, utterance, chain)
+            turn = self._turn(workflow, state, entry, utterance, chain, keypad=keypad)
             for _token in turn:
                 if call_over():
                     turn.close()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import structlog
 
-from ..store import CARRIED_OVER_META, END_REASON_META, SILENCE_END
+from ..store import CARRIED_OVER_META, SILENCE_END, end_reason_claimed
 from . import relay_protocol as protocol
 from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STABLE, ConversationEngine,
                            SpeculativeTurn, Turn, heard_of, speculation_row, spoken_length)
@@ -1061,7 +1061,7 @@ class RelaySession:
         self._fell_silent.clear()  # from here on "fell silent" means the goodbye played (an off in the write too)
         self._speak_canned("goodbye")
         try:
-            self.engine.store.update_meta(self.record.tracking_id, {END_REASON_META: SILENCE_END})
+            self.engine.store.change_meta(self.record.tracking_id, end_reason_claimed(SILENCE_END))
         except Exception:  # the call ends anyway; the log says why
             log.exception("relay_end_reason_write_failed")
         self._end_soon(ending, self._canned("goodbye"), cleared=True)

@@ -26,6 +26,19 @@ __all__ = [
     "PURGED_META_KEYS",
     "ERROR_END",
     "API_END",
+    "END_CALL_META",
+    "PENDING_ACTION_META",
+    "QUEUED_END_REASON_META",
+    "MetaChange",
+    "end_reason_claimed",
+    "end_call_pending",
+    "end_call_abandoned",
+    "closing_action_dropped",
+    "END_CALL_POLL_S",
+    "end_call_claimed",
+    "end_call_answered",
+    "end_call_lapsed",
+    "end_call_refused",
     "SILENCE_END",
     "counter_series",
     "CallRecord",
@@ -115,6 +128,17 @@ SILENCE_END = "silence"  # the caller stayed silent after a re-prompt
 # An apology, then a hang-up: the session failed and was not reconnected, a refused transfer, a failed TwiML webhook.
 ERROR_END = "error"
 API_END = "ended_by_api"  # POST /api/end-call hung it up (the web app's end button)
+# A committed closing turn's action (its end or transfer), removed only if the caller talks over its line (the
+# action then never fires): the call is ending on its own, at its end node or in a transfer (call_report.call_outcome
+# reads the turn), which end-call leaves as it is.
+PENDING_ACTION_META = "pendingAction"
+# The call's one hang-up through Twilio (POST /api/end-call): {"by": the asking request's token, "at": when} while
+# Twilio is asked, then with "status": Twilio's answer. A second end-call answers from it instead of asking Twilio
+# again.
+END_CALL_META = "endCall"
+# An end reason recorded while API_END stood but Twilio had not yet taken the hang-up: it takes API_END's place if
+# Twilio refuses (END_REASON_RULE).
+QUEUED_END_REASON_META = "endReasonQueued"
 # Meta keys holding words said on the call: a Gather call's latest answer (its TwiML, gather_turns.py) and what the
 # caller said while the call was handed over (relay_session.py). The call's end removes them (lifecycle); emptying its
 # transcript (purge_transcripts) does too, for a call whose end was never recorded.
@@ -164,6 +188,126 @@ def merge_meta(meta: Mapping[str, Any] | None, changes: Mapping[str, Any] | None
     for key, values in (first or {}).items():
         merged[key] = {**values, **(merged.get(key) or {})}
     return merged
+
+
+# END_REASON_RULE: how a call's end is recorded when several things end it at once. Each writer applies its change
+# below inside one atomic write (Store.change_meta), so no interleaving of workers or instances breaks it.
+# - The first end reason recorded wins: a later one (an error after the end button, a silence goodbye after an
+#   apology) never overwrites it. A closing turn (goodbye, transfer) whose line is playing (PENDING_ACTION_META)
+#   came first too: end-call then records nothing, and the outcome is the turn's; but if the caller talks over that
+#   line (its action never fires), end-call's hang-up is what ends the call: API_END (closing_action_dropped).
+# - POST /api/end-call records API_END (if no reason stands and the call has not ended) before asking Twilio, whose
+#   final status callback may come before its answer; and it holds the call's one hang-up (END_CALL_META). Only the
+#   request holding it withdraws it, and only when Twilio refused: the reason recorded meanwhile
+#   (QUEUED_END_REASON_META) then takes API_END's place. Once Twilio took the hang-up, API_END stands. A request
+#   still asking past Twilio's deadline (end_call_abandoned) died with its worker: a call still live then was never
+#   hung up by it, so the next end reason withdraws API_END as a refusal would, and the next end-call takes over;
+#   so does Twilio's final status saying the call ended after that deadline (end_call_lapsed).
+# - Twilio's final status is the caller's truth: busy, no-answer, canceled and failed outrank any end reason
+#   (call_report.call_outcome), and an ended call stays ended: a late non-terminal callback, whatever its
+#   SequenceNumber, is kept in the history but never becomes the call's status (append_status).
+END_CALL_POLL_S = 0.05  # how often a reader waiting on a pending end-call's hang-up (end_call_pending) reads the store
+MetaChange = Callable[[dict, bool], "dict | None"]  # (meta, whether the call has ended) -> new meta, or None: no write
+
+
+def end_call_pending(meta: Mapping[str, Any] | None) -> bool:
+    """Whether an end-call request is asking Twilio to hang the call up: its API_END stands or falls with the
+    answer (END_REASON_RULE), so the call's outcome is not settled yet."""
+    hang_up = (meta or {}).get(END_CALL_META)
+    return isinstance(hang_up, dict) and not hang_up.get("status")
+
+
+def end_call_abandoned(meta: Mapping[str, Any] | None, now: float) -> bool:
+    """Whether a pending end-call's request is past its deadline (Twilio's, and the answer's write) at `now` (epoch
+    seconds): it died with its worker and will never record Twilio's answer (END_REASON_RULE)."""
+    return end_call_pending(meta) and now > float((meta or {})[END_CALL_META].get("until") or 0)
+
+
+def end_reason_claimed(reason: str, now: float | None = None) -> MetaChange:
+    """Record `reason` as how our side ended the call, unless a reason was recorded first (END_REASON_RULE).
+    `now`: epoch seconds, for an abandoned end-call (the clock when None)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        current = meta.get(END_REASON_META)
+        if current is None:
+            return {**meta, END_REASON_META: reason}
+        if current == API_END and end_call_pending(meta):
+            if not ended and end_call_abandoned(meta, time.time() if now is None else now):
+                # The call went on past the hang-up's deadline: Twilio never took it. Withdrawn as if refused.
+                freed = end_call_refused(str(meta[END_CALL_META].get("by")))(meta, ended)
+                if freed is not None:
+                    return freed if freed.get(END_REASON_META) is not None else {**freed, END_REASON_META: reason}
+            if QUEUED_END_REASON_META not in meta:
+                return {**meta, QUEUED_END_REASON_META: reason}  # Twilio may yet refuse end-call's hang-up
+        return None
+    return change
+
+
+def closing_action_dropped(now: float | None = None) -> MetaChange:
+    """The caller talked over a closing line: its end or transfer never fires (PENDING_ACTION_META and its
+    destination go). An end-call that left the call to that line (its hang-up held or taken, no reason recorded)
+    is then what ends the live call: API_END, withdrawn if Twilio refuses it (END_REASON_RULE). `now`: epoch
+    seconds, for an abandoned end-call (the clock when None)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        dropped = {key: value for key, value in meta.items() if key not in (PENDING_ACTION_META, "destination")}
+        if (meta.get(END_CALL_META) is not None and meta.get(END_REASON_META) is None and not ended
+                and not end_call_abandoned(meta, time.time() if now is None else now)):
+            dropped[END_REASON_META] = API_END
+        return dropped
+    return change
+
+
+def end_call_claimed(token: str, now: float, abandoned_s: float) -> MetaChange:
+    """End-call's request `token` takes the call's one hang-up at `now` (epoch seconds), and records API_END when the
+    call has not ended and is not ending for a reason of its own (an end reason, a closing line playing); no write
+    while another request holds the hang-up, unless that request has been asking for over `abandoned_s` (it died
+    with its worker: its hang-up is taken over). END_REASON_RULE."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        if meta.get(END_CALL_META) is not None and not end_call_abandoned(meta, now):
+            return None
+        claimed = {**meta, END_CALL_META: {"by": token, "at": now, "until": now + abandoned_s}}
+        if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
+            claimed[END_REASON_META] = API_END
+        return claimed
+    return change
+
+
+def end_call_lapsed(ended_at: float | None) -> MetaChange:
+    """Twilio's final status says the call ended at `ended_at` (epoch seconds; None: it did not say): after a pending
+    end-call's deadline, that request died with its worker and its hang-up is not what ended the call. Withdrawn as
+    a refusal would be (END_REASON_RULE)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        if ended_at is None or not end_call_abandoned(meta, ended_at):
+            return None
+        return end_call_refused(str(meta[END_CALL_META].get("by")))(meta, ended)
+    return change
+
+
+def end_call_answered(token: str, status: str) -> MetaChange:
+    """Twilio took the hang-up `token` asked for: its answer is kept for a repeated end-call, and API_END stands."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        hang_up = meta.get(END_CALL_META)
+        if not (isinstance(hang_up, dict) and hang_up.get("by") == token):
+            return None
+        answered = {key: value for key, value in meta.items() if key != QUEUED_END_REASON_META}
+        answered[END_CALL_META] = {**hang_up, "status": status}
+        return answered
+    return change
+
+
+def end_call_refused(token: str) -> MetaChange:
+    """Twilio refused the hang-up `token` asked for: the hang-up is free again, and API_END gives way to the reason
+    recorded meanwhile, or to none (the caller's own hang-up)."""
+    def change(meta: dict, ended: bool) -> dict | None:
+        hang_up = meta.get(END_CALL_META)
+        if not (isinstance(hang_up, dict) and hang_up.get("by") == token):
+            return None
+        refused = {key: value for key, value in meta.items() if key not in (END_CALL_META, QUEUED_END_REASON_META)}
+        if meta.get(END_REASON_META) == API_END:
+            refused.pop(END_REASON_META)
+            if meta.get(QUEUED_END_REASON_META) is not None:
+                refused[END_REASON_META] = meta[QUEUED_END_REASON_META]
+        return refused
+    return change
 
 
 def check_meta_keys(changes: Mapping[str, Any] | None, remove: Iterable[str],
@@ -271,6 +415,13 @@ class Store(Protocol):
         Returns the meta now stored, or None (and writes nothing) when the call is unknown."""
         ...
 
+    def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
+        """Apply `change` to the call's meta atomically (no other writer in between), given the meta and whether the
+        call has ended; `change` returns the new meta, or None to leave it. Returns (meta now, whether `change`
+        wrote it); (None, False) when the call is unknown. For writes that depend on what is stored
+        (END_REASON_RULE)."""
+        ...
+
     def append_status(
         self,
         tracking_id: str,
@@ -279,7 +430,8 @@ class Store(Protocol):
         payload: dict,
         received_at: float | None = None,
     ) -> bool:
-        """Record a status callback; the highest SequenceNumber wins. True if it became current."""
+        """Record a status callback; the highest SequenceNumber wins, except that once the call has ended only a
+        terminal status may become current (END_REASON_RULE). True if it became current."""
         ...
 
     def status_history(self, tracking_id: str) -> list[dict]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -22,6 +23,7 @@ from callweaver.store import (
     TERMINAL_STATUSES,
     PURGED_META_KEYS,
     CallRecord,
+    MetaChange,
     TURN_FIELDS,
     StoreError,
     StoreFull,
@@ -189,21 +191,28 @@ if redis.call('HGET', KEYS[2], tostring(sent)) == ARGV[4] then
 end
 local sequence
 if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
-if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then return 0 end
+local ended = redis.call('HGET', KEYS[1], 'ended_at')
+local has_ended = ended and ended ~= 'null'
+local ends_now = ARGV[6] == '1' and not has_ended
+if redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4]) == 0 then
+  if not ends_now then return 0 end
+  -- the number was taken by a callback that came without one: the final status goes after it, and ends the call
+  sequence = math.max(sequence, current) + 1
+  redis.call('HSETNX', KEYS[2], tostring(sequence), ARGV[4])
+end
 local changes = {'updated_at', ARGV[7]}
 local became = 0
-if sequence > current then
+-- the status that ends the call becomes its status; an ended call stays ended: a late non-terminal status is
+-- history only (END_REASON_RULE)
+if ends_now or (sequence > current and (ARGV[6] == '1' or not has_ended)) then
   table.insert(changes, 'status'); table.insert(changes, ARGV[2])
-  table.insert(changes, 'status_sequence'); table.insert(changes, tostring(sequence))
+  table.insert(changes, 'status_sequence'); table.insert(changes, tostring(math.max(sequence, current)))
   became = 1
 end
-if ARGV[6] == '1' then
-  local ended = redis.call('HGET', KEYS[1], 'ended_at')
-  if (not ended) or ended == 'null' then
-    table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
-    redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
-    redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
-  end
+if ends_now then
+  table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
 end
 redis.call('HSET', KEYS[1], unpack(changes))
 return became
@@ -549,6 +558,27 @@ class RedisStore:
             pipe.multi()
             pipe.hset(call_key, mapping={"meta": _dumps(meta), "updated_at": _dumps(time.time())})
             return meta
+
+        with self._backend() as client:
+            return self._transaction(client, apply, call_key)
+
+    def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
+        """WATCH the call, read its meta and end, MULTI/EXEC `change`'s meta: replayed if any other writer touched the
+        call in between (_transaction), a terminal status callback included."""
+        call_key = self._key("call", tracking_id)
+
+        def apply(pipe) -> tuple[dict | None, bool]:
+            stored = pipe.hmget(call_key, ["tracking_id", "meta", "ended_at"])
+            if stored[0] is None:
+                return None, False
+            meta = json.loads(stored[1]) if stored[1] else {}
+            ended = stored[2] is not None and json.loads(stored[2]) is not None
+            new = change(copy.deepcopy(meta), ended)
+            if new is None:
+                return meta, False
+            pipe.multi()
+            pipe.hset(call_key, mapping={"meta": _dumps(new), "updated_at": _dumps(time.time())})
+            return new, True
 
         with self._backend() as client:
             return self._transaction(client, apply, call_key)

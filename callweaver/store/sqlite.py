@@ -22,6 +22,7 @@ from callweaver.store import (
     TERMINAL_STATUSES,
     PURGED_META_KEYS,
     CallRecord,
+    MetaChange,
     TURN_FIELDS,
     StoreError,
     StoreFull,
@@ -376,13 +377,30 @@ class SQLiteStore:
             if row is None:
                 return None
             meta = merge_meta(_loads(row[0]) if row[0] else {}, changes, remove, add, first)
-            # Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL.
-            conn.execute(
-                "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?)"
-                " WHERE tracking_id = ?",
-                (_dumps(meta), time.time(), tracking_id),
-            )
+            self._write_meta(conn, tracking_id, meta)
         return meta
+
+    def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
+        with self._write() as conn:  # the write lock is held from the read on: no writer lands in between
+            row = conn.execute(
+                "SELECT json_extract(data, '$.meta'), ended_at FROM cw_calls WHERE tracking_id = ?", (tracking_id,)
+            ).fetchone()
+            if row is None:
+                return None, False
+            meta = _loads(row[0]) if row[0] else {}
+            new = change(copy.deepcopy(meta), row[1] is not None)
+            if new is None:
+                return meta, False
+            self._write_meta(conn, tracking_id, new)
+        return new, True
+
+    @staticmethod
+    def _write_meta(conn: sqlite3.Connection, tracking_id: str, meta: dict) -> None:
+        """Only the meta is decoded and re-encoded; the rest of the record (its workflow snapshot) stays in SQL."""
+        conn.execute(
+            "UPDATE cw_calls SET data = json_set(data, '$.meta', json(?), '$.updated_at', ?) WHERE tracking_id = ?",
+            (_dumps(meta), time.time(), tracking_id),
+        )
 
     @staticmethod
     def _write_data(conn: sqlite3.Connection, tracking_id: str, data: dict) -> str:
@@ -473,15 +491,21 @@ class SQLiteStore:
                 return False
             current_sequence = -1 if row[0] is None else int(row[0])
             sequence = current_sequence + 1 if sequence is None else int(sequence)
-            inserted = conn.execute(
-                "INSERT OR IGNORE INTO cw_statuses"
-                " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)",
-                (tracking_id, sequence, status, received_at, _dumps(payload)),
-            ).rowcount
-            if not inserted:
-                return False  # a retried callback: already recorded
-            became_current = sequence > current_sequence
             ends_now = status in TERMINAL_STATUSES and row[1] is None
+            insert = ("INSERT OR IGNORE INTO cw_statuses"
+                      " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)")
+            if not conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload))).rowcount:
+                if not ends_now:
+                    return False  # a retried callback: already recorded
+                # The number was taken by a callback that came without one (numbered by the store): the final status
+                # is recorded after it, and ends the call all the same (END_REASON_RULE).
+                sequence = max(sequence, current_sequence) + 1
+                conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload)))
+            # The status that ends the call becomes its status; an ended call stays ended: a late non-terminal
+            # status is history only (END_REASON_RULE).
+            became_current = ends_now or (sequence > current_sequence
+                                          and (status in TERMINAL_STATUSES or row[1] is None))
+            sequence = max(sequence, current_sequence)
             # Times go in as JSON text (json(?)): SQLite would print a REAL with 15 digits, Python's float round-trips.
             paths, params = ["'$.updated_at', json(?)"], [_dumps(time.time())]
             if became_current:
