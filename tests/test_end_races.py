@@ -457,3 +457,28 @@ def test_a_call_twilio_ended_within_end_calls_deadline_keeps_ended_by_api(app, c
                  "Timestamp": rfc2822(claimed_at + 3)})
 
     assert outcome(client, tracking_id) == "ended_by_api"
+
+
+def test_an_end_call_claim_whose_reply_was_lost_is_still_that_requests(redis_server):
+    """redis-py sends a command again when its connection fails before the reply; under change_meta's WATCH that
+    replays the change on what it had already written. End-call's claim then read its own hang-up as another
+    request's: it reported no claim, and the request waited Twilio's whole deadline on itself before asking for the
+    hang-up it already held."""
+    import uuid
+
+    from callweaver.store import build_store
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = build_store("", f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(CallRecord(tracking_id="call_1"))
+        proxy.lose_after = b"EXEC"  # the claim's MULTI/EXEC
+        meta, claimed = store.change_meta("call_1", end_call_claimed("a", 100.0, 11.0))
+        assert proxy.lost == 1  # the claim landed, its reply lost
+
+        assert claimed and meta == {END_REASON_META: API_END, "endCall": {"by": "a", "at": 100.0, "until": 111.0}}
+        assert store.change_meta("call_1", end_call_claimed("b", 101.0, 11.0))[1] is False  # still one hang-up
+    finally:
+        store.close()
+        proxy.stop()

@@ -262,7 +262,12 @@ def end_call_claimed(token: str, now: float, abandoned_s: float) -> MetaChange:
     while another request holds the hang-up, unless that request has been asking for over `abandoned_s` (it died
     with its worker: its hang-up is taken over). END_REASON_RULE."""
     def change(meta: dict, ended: bool) -> dict | None:
-        if meta.get(END_CALL_META) is not None and not end_call_abandoned(meta, now):
+        hang_up = meta.get(END_CALL_META)
+        if isinstance(hang_up, dict) and hang_up.get("by") == token:
+            # Its own claim: the write was sent again after its reply was lost (a Redis reconnect replays the WATCH
+            # and this change on what it wrote), so it is still this request's.
+            return meta
+        if hang_up is not None and not end_call_abandoned(meta, now):
             return None
         claimed = {**meta, END_CALL_META: {"by": token, "at": now, "until": now + abandoned_s}}
         if not ended and meta.get(END_REASON_META) is None and meta.get(PENDING_ACTION_META) is None:
