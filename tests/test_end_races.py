@@ -482,3 +482,33 @@ def test_an_end_call_claim_whose_reply_was_lost_is_still_that_requests(redis_ser
     finally:
         store.close()
         proxy.stop()
+
+
+def test_a_final_status_renumbered_after_an_unnumbered_callback_is_current_when_its_reply_was_lost(redis_server):
+    """Twilio's final status carrying the number an unnumbered callback took is stored after it (END_REASON_RULE);
+    sent again after its reply was lost, it was not recognised (looked for under the number it came with) and
+    answered "not current": the end of the call was never acted on (no end-of-call report)."""
+    import uuid
+
+    from callweaver.store import build_store
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = build_store("", f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(CallRecord(tracking_id="call_1"))
+        store.append_status("call_1", "ringing", 1, {})
+        store.append_status("call_1", "in-progress", None, {})  # numbered 2 by the store
+        proxy.lose_after = b"EVALSHA"
+        current = store.append_status("call_1", "completed", 2, {"CallDuration": "42"}, received_at=1000.0)
+        assert proxy.lost == 1
+
+        assert current is True
+        record = store.get_call("call_1")
+        assert (record.status, record.ended_at) == ("completed", 1000.0)
+        assert [entry["status"] for entry in store.status_history("call_1")] == ["ringing", "in-progress",
+                                                                                   "completed"]
+        assert store.append_status("call_1", "completed", 2, {}) is False  # a real redelivery changes nothing
+    finally:
+        store.close()
+        proxy.stop()

@@ -179,7 +179,8 @@ return 1
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
 #       ended-calls series of this status
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current. This same entry already stored
-# (sent again; a callback Twilio retries has another receivedAt) answers 1 if it is the current one.
+# (sent again; a callback Twilio retries has another receivedAt), under its number or as the current entry (a final
+# status renumbered below), answers 1 if it is the current one.
 _APPEND_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'status_sequence') or '-1') or -1
@@ -189,6 +190,8 @@ if redis.call('HGET', KEYS[2], tostring(sent)) == ARGV[4] then
   if sent == current then return 1 end
   return 0
 end
+-- a final status stored after the number it came with (taken by an unnumbered callback) is the current entry
+if sent ~= current and redis.call('HGET', KEYS[2], tostring(current)) == ARGV[4] then return 1 end
 local sequence
 if ARGV[3] == '' then sequence = current + 1 else sequence = tonumber(ARGV[3]) end
 local ended = redis.call('HGET', KEYS[1], 'ended_at')
