@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import structlog
 
+from ..config import DEFAULT_REDIS_KEY_PREFIX
 from .speech import fold, is_cjk, speech_words
 
 log = structlog.get_logger()
@@ -194,7 +195,7 @@ class ReplyCache:
         backend: Any,
         *,
         ttl_s: int = 86400,
-        key_prefix: str = "cw:reply:",
+        key_prefix: str = reply_cache_prefix(DEFAULT_REDIS_KEY_PREFIX),
         clock: Callable[[], float] = time.time,
         max_utterance_chars: int = 80,
     ) -> None:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
+from callweaver.config import DEFAULT_REDIS_KEY_PREFIX
 from callweaver.units import MAX_CALL_DURATION_LIMIT_S
 
 __all__ = [
@@ -558,7 +559,7 @@ class Store(Protocol):
         ...
 
 
-def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = "cw:") -> Store:
+def build_store(db_path: str, redis_url: str | None = None, key_prefix: str = DEFAULT_REDIS_KEY_PREFIX) -> Store:
     """Redis when a URL is configured (shared by many instances), else SQLite (shared by one machine's workers)."""
     # Imported here: the backends import this module, and a SQLite-only deploy never loads redis.
     if redis_url:

@@ -16,6 +16,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from callweaver.config import DEFAULT_REDIS_KEY_PREFIX
 from callweaver.store import (
     CALL_LOG_FIELDS,
     CALL_LOG_META_KEYS,
@@ -363,7 +364,7 @@ def _increments(counters: Mapping[str, float] | None) -> list[str]:
 class RedisStore:
     """Call state in Redis; the client is built on first use so no socket crosses a fork."""
 
-    def __init__(self, url: str, key_prefix: str = "cw:") -> None:
+    def __init__(self, url: str, key_prefix: str = DEFAULT_REDIS_KEY_PREFIX) -> None:
         self.url = url
         self.key_prefix = key_prefix
         self._pid = os.getpid()
