@@ -20,13 +20,34 @@ PASTED = "sk-Pasted-Secret-4242"
 START_TIMEOUT_S = 60.0
 
 
+def server_env(tmp_path, port: int, **env: str) -> dict[str, str]:
+    """The environment a test server starts with: one worker on `port`, its state under `tmp_path`, no Redis."""
+    return {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
+            "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", **env}
+
+
+def ping_until_200(proc: subprocess.Popen, port: int) -> int | None:
+    """GET /ping until it answers 200, the server ends or START_TIMEOUT_S passes; the last status (None: none)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    status = None
+    while status != 200 and proc.poll() is None and time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/ping")
+            status = conn.getresponse().status
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    return status
+
+
 def serve_and_probe(env: dict[str, str], tmp_path, options: tuple[str, ...] = ()
                     ) -> tuple[list[int], subprocess.CompletedProcess]:
     """Starts the real `gunicorn -c gunicorn.conf.py wsgi:app` and asks /health as fast as it can until the process
     ends; returns every status it answered, and how it ended."""
     port = free_port()
-    full = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
-            "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", **env}
+    full = server_env(tmp_path, port, **env)
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "-c",
                              "gunicorn.conf.py", *options, "wsgi:app"], cwd=REPO, env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -94,23 +115,11 @@ def test_the_start_command_names_a_non_numeric_web_concurrency_in_one_line(value
 
 def test_the_start_command_serves(tmp_path):
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
-           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": ""}
+    env = server_env(tmp_path, port)
     proc = subprocess.Popen(start_command(["--bind", f"127.0.0.1:{port}"]), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        status = None
-        while status != 200 and proc.poll() is None and time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/ping")
-                status = conn.getresponse().status
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                conn.close()
-        assert status == 200
+        assert ping_until_200(proc, port) == 200
     finally:
         stop_process(proc)
 
@@ -135,6 +144,9 @@ def test_the_masters_settings_check_imports_neither_limits_nor_flask():
     ("RATE_LIMIT_CHAT", "1 per 9999 days"), ("WORKER_CONNECTIONS", PASTED), ("PORT", "4242424242"),
     # a whole number too large for a float: math.isfinite raised OverflowError, a traceback instead of one line
     ("MAX_CALLS_PER_DAY", "9" * 400), ("WORKER_CONNECTIONS", "9" * 400), ("CALL_TIMEOUT_S", "9" * 400),
+    # settings the same change added
+    ("REDIS_KEY_PREFIX", f"{PASTED}/app"), ("REDIS_KEY_PREFIX", PASTED * 4), ("CHAT_MAX_CHARS", PASTED),
+    ("CHAT_MAX_CHARS", "9" * 400),
 ])
 def test_a_refusal_names_the_variable_never_its_value(name, value):
     """A value pasted into the wrong variable (a key into a number) was printed back in the start-up log."""
@@ -237,8 +249,7 @@ def test_the_start_command_survives_gunicorns_usr2_upgrade(tmp_path):
 
     port = free_port()
     stderr = tmp_path / "stderr"
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
-           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": ""}
+    env = server_env(tmp_path, port)
     with stderr.open("w") as log:
         proc = subprocess.Popen(start_command(["--bind", f"127.0.0.1:{port}"]), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)
@@ -275,23 +286,12 @@ def test_a_value_gunicorns_env_option_replaces_is_not_refused(tmp_path):
     the check must read the environment the workers get. It read os.environ as gunicorn.conf.py was loaded, before
     gunicorn applied `-e`, and so refused a value no worker would ever see."""
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "WEB_CONCURRENCY": "1", "CALLWEAVER_DB": str(tmp_path / "db"),
-           "CACHE_DIR": str(tmp_path / "cache"), "PUBLIC_BASE_URL": "", "REDIS_URL": "", "CALL_TIMEOUT_S": PASTED}
+    env = server_env(tmp_path, port, CALL_TIMEOUT_S=PASTED)
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "-c", "gunicorn.conf.py",
                              "-e", "CALL_TIMEOUT_S=30", "wsgi:app"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    status = None
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while status != 200 and proc.poll() is None and time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request("GET", "/ping")
-                status = conn.getresponse().status
-            except OSError:
-                time.sleep(0.05)
-            finally:
-                conn.close()
+        status = ping_until_200(proc, port)
     finally:
         stop_process(proc)
     err = proc.stderr.read()
