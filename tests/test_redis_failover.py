@@ -94,8 +94,8 @@ def test_make_call_works_again_after_a_failover(failover, tmp_path, fake_twilio)
 def test_a_read_only_redis_fails_watched_writes_instead_of_looping(failover):
     """A connection dropped under a WATCH (READONLY included) is a WatchError in redis-py, whose transaction() then
     replays forever: on a Redis that stays read-only (the name not moved yet, or a REDIS_URL naming a replica) the
-    circuit breakers' update, a call's meta merge and the transcript purge must fail as StoreError, as every other
-    write does."""
+    circuit breakers' update, a call's meta merge or change (END_REASON_RULE) and the transcript purge must fail as
+    StoreError, as every other write does."""
     old, new, proxy = failover
     store = build_store("", f"redis://127.0.0.1:{proxy.port}/0")
     store.create_call(CallRecord(tracking_id="ended", ended_at=1.0, messages=[{"role": "user", "content": "hi"}]))
@@ -113,6 +113,7 @@ def test_a_read_only_redis_fails_watched_writes_instead_of_looping(failover):
 
     for name, write in (("update_shared", lambda: store.update_shared("breaker", lambda current: {"failures": 1})),
                         ("update_meta", lambda: store.update_meta("ended", {"note": 1})),
+                        ("change_meta", lambda: store.change_meta("ended", lambda meta, ended: {**meta, "n": 1})),
                         ("purge_transcripts", lambda: store.purge_transcripts(time.time()))):
         worker = threading.Thread(target=attempt, args=(name, write), daemon=True)
         worker.start()

@@ -206,3 +206,18 @@ def test_a_full_redis_drops_the_workflow_versions_of_the_calls_it_purges(full_re
     assert sorted(admin.keys("cw:workflow_version:*")) == [b"cw:workflow_version:v_live"]
     assert store.get_call("live").workflow == WORKFLOW
     store.close()
+
+
+def test_a_full_redis_refuses_an_end_reason_change_as_full(full_redis):
+    """change_meta (END_REASON_RULE's writes: end-call's claim, an end reason) at `maxmemory` is a StoreFull, as
+    every other write: the API's 503 says the store is full, and the call's meta is left as it was."""
+    from callweaver.store import StoreFull, end_call_claimed
+
+    server, admin = full_redis
+    store = build_store("", server.url)
+    store.create_call(CallRecord(tracking_id="call_1"))
+    fill_with_other_keys(admin)
+    with pytest.raises(StoreFull):
+        store.change_meta("call_1", end_call_claimed("a", time.time(), 11.0))
+    assert store.get_call("call_1").meta == {}
+    store.close()
