@@ -16,7 +16,7 @@ from callweaver.store import CallRecord, build_store
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, base_env
 from tests.fakes.fake_llm import Reply
 from tests.fakes.live_server import LiveServer, free_port
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, read_head
 from tests.fakes.report_receiver import ReportReceiver
 from tests.helpers import make_call_body
 
@@ -136,12 +136,8 @@ class RawReceiver(LoopbackServer):
 
     def handle(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = conn.recv(65536)
-                if not more:
-                    return
-                data += more
+            if not read_head(conn)[0]:
+                return
             try:
                 conn.sendall(self.head)
                 for _ in range(100 if self.drip else 0):

@@ -13,7 +13,7 @@ import pytest
 
 from callweaver.engine.llm_http import (MAX_LINE_BYTES, ConnectFailed, ConnectionDropped, ConnectionPool, Endpoint,
                                         Exchange, ReadTimedOut, StatusError)
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, read_head
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,13 +30,9 @@ class ScriptedServer(LoopbackServer):
     def handle(self, conn: socket.socket) -> None:
         with conn:
             while self.responses:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    more = conn.recv(65536)
-                    if not more:
-                        return
-                    data += more
-                head, _, body = data.partition(b"\r\n\r\n")
+                head, body = read_head(conn)
+                if not head:
+                    return
                 length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
                 while len(body) < length:
                     body += conn.recv(65536)

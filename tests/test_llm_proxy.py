@@ -15,22 +15,11 @@ import pytest
 from callweaver.engine.llm_http import ConnectFailed, ConnectionPool, Endpoint, Exchange
 from callweaver.engine.providers import ChainSettings, ProviderChain
 from callweaver.engine.vendors import ProviderConfig
-from tests.fakes.loopback import LoopbackServer, splice
+from tests.fakes.loopback import LoopbackServer, read_head, splice
 from tests.fakes.tls import localhost_tls
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                    "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
-
-
-def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        more = conn.recv(65536)
-        if not more:
-            return b"", b""
-        data += more
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
 
 
 class ProxyStandIn(LoopbackServer):

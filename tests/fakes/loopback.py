@@ -32,6 +32,18 @@ class LoopbackServer:
         self.listener.close()
 
 
+def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP message's head (up to the blank line) and what came after it; (b"", b"") if the peer closed first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return b"", b""
+        data += more
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def pipe(source: socket.socket, sink: socket.socket) -> None:
     """Copy `source` into `sink` until either closes, then shut both down (the other direction's copy ends too)."""
     try:
