@@ -221,3 +221,21 @@ def test_a_full_redis_refuses_an_end_reason_change_as_full(full_redis):
         store.change_meta("call_1", end_call_claimed("a", time.time(), 11.0))
     assert store.get_call("call_1").meta == {}
     store.close()
+
+
+def test_a_full_redis_refusal_never_carries_what_the_write_held(full_redis):
+    """redis-py names a refused pipelined command with its arguments (`Command # 1 (HSET cw:call:… meta {…})`): the
+    StoreFull of a meta write at `maxmemory` carried the call's meta (a Gather call's last answer, what the caller
+    said) into the `state_unavailable` log line."""
+    from callweaver.store import StoreFull
+
+    server, admin = full_redis
+    store = build_store("", server.url)
+    store.create_call(CallRecord(tracking_id="call_1"))
+    fill_with_other_keys(admin)
+    for write in (lambda: store.update_meta("call_1", {"said": "my card number is 4242"}),
+                  lambda: store.change_meta("call_1", lambda meta, ended: {**meta, "said": "my card number is 4242"})):
+        with pytest.raises(StoreFull) as refused:
+            write()
+        assert "maxmemory" in str(refused.value) and "4242" not in str(refused.value), refused.value
+    store.close()

@@ -348,6 +348,13 @@ def _json_number(value: float) -> str:
     return repr(float(value))
 
 
+def _refusal(exc: redis.ResponseError) -> str:
+    """Redis's refusal without the command it refused: redis-py names a pipelined command with its arguments
+    ("Command # 1 (HSET <key> meta {...}) of pipeline caused error: ..."), a call's meta included (what the caller
+    said). Raised `from None`, so a logged traceback does not carry it either."""
+    return str(exc).split(" of pipeline caused error: ", 1)[-1]
+
+
 def _glob_escape(text: str) -> str:
     """`text` matched literally by a SCAN/KEYS pattern (a key prefix may hold glob characters)."""
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
@@ -410,7 +417,9 @@ class RedisStore:
         try:
             yield self._redis()
         except redis.OutOfMemoryError as exc:
-            raise StoreFull(f"redis store: {type(exc).__name__}: {exc}") from exc
+            raise StoreFull(f"redis store: {type(exc).__name__}: {_refusal(exc)}") from None
+        except redis.ResponseError as exc:
+            raise StoreError(f"redis store: {type(exc).__name__}: {_refusal(exc)}") from None
         except (redis.RedisError, OSError) as exc:
             raise StoreError(f"redis store: {type(exc).__name__}: {exc}") from exc
 
