@@ -417,7 +417,8 @@ class Store(Protocol):
                     remove: Iterable[str] = (), add: Mapping[str, Mapping[str, float]] | None = None,
                     first: Mapping[str, Mapping[str, Any]] | None = None) -> dict | None:
         """Merge into the call's `meta` in ONE atomic write (see merge_meta): set `changes`, delete `remove`, add
-        to counts in `add`, set `first`'s entries where absent; other keys, whoever wrote them, are kept. The only way meta changes after creation.
+        to counts in `add`, set `first`'s entries where absent; other keys, whoever wrote them, are kept. With
+        change_meta, the only way meta changes after creation.
         Returns the meta now stored, or None (and writes nothing) when the call is unknown."""
         ...
 
