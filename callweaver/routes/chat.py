@@ -52,7 +52,10 @@ def chat():
         raise ApiError(400, f"messages and globalPrompt have {total} characters "
                             f"(at most {svc.settings.chat_max_chars}, CHAT_MAX_CHARS)")
     workflow_id = body.get("workflowId") if isinstance(body.get("workflowId"), str) else None
-    stored = svc.store.get_workflow(workflow_id) if workflow_id else None
+    # A pinned id's flow is the operator's inbound line (its prompt, its transfer numbers): the public playground
+    # reads it as an unknown id, or anyone who knew the id could ask the model to repeat it.
+    readable = workflow_id and workflow_id not in svc.settings.pinned_workflow_ids
+    stored = svc.store.get_workflow(workflow_id) if readable else None
     messages = playground_messages(client_messages, stored_workflow=stored, global_prompt=body.get("globalPrompt"),
                                    node_id=node_id)
     started = time.perf_counter()
