@@ -1151,3 +1151,34 @@ def test_a_full_sqlite_file_is_store_full_and_reads_still_work(tmp_path):
             store.create_call(make_record(f"call_{number}", messages=[{"content": "x" * 4000}]))
     assert store.get_call("first") is not None
     store.close()
+
+
+def test_redis_counts_whose_reply_was_lost_are_added_once(redis_server):
+    """A WATCH/MULTI write whose EXEC landed but whose reply was lost is replayed (_transaction: a connection that
+    fails under the WATCH is retried once). For a merge that sets values that is harmless; for one that ADDS, the
+    replay added again: a handover counted two reconnects, a speculation's cost twice, a circuit breaker charged two
+    failures for one (found by the session's final review)."""
+    from tests.fakes.loopback import ReplyLosingProxy
+
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        store.create_call(make_record("c"))
+        store.update_meta("c", add={"counts": {"relayReconnects": 1}})
+        proxy.lose_after = b"EXEC"
+        meta = store.update_meta("c", add={"counts": {"relayReconnects": 1}})
+        assert proxy.lost == 1
+        assert store.get_call("c").meta["counts"] == {"relayReconnects": 2}
+        assert meta["counts"] == {"relayReconnects": 2}
+
+        def charge(current):
+            return {"failures": (current or {}).get("failures", 0) + 1}
+
+        store.update_shared("breaker", charge)
+        proxy.lose_after = b"EXEC"
+        assert store.update_shared("breaker", charge) == ({"failures": 2}, True)
+        assert proxy.lost == 2
+        assert store.read_shared("breaker") == {"failures": 2}
+    finally:
+        store.close()
+        proxy.stop()

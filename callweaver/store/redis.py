@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Iterable, Mapping
@@ -40,6 +41,15 @@ from callweaver.store import (
 
 # Calls read per round trip while a filtered call-log page walks the created-at index.
 PAGE_SCAN_CHUNK = 500
+
+# How long a counting write's "applied" marker outlives it: a lost reply is replayed at once (_transaction).
+APPLIED_MARKER_TTL_S = 60
+
+
+def _mark_applied(pipe: Any, marker: str | None) -> None:
+    """Queue, inside a write's MULTI, the marker _transaction looks for before replaying it after a lost reply."""
+    if marker is not None:
+        pipe.set(marker, "1", ex=APPLIED_MARKER_TTL_S)
 
 # Short, so an outage turns into a StoreError the hot path can degrade on instead of a hung turn.
 SOCKET_TIMEOUT_S = 1.0
@@ -437,17 +447,25 @@ class RedisStore:
         return self.key_prefix + ":".join(parts)
 
     @staticmethod
-    def _transaction(client: redis.Redis, apply: Callable[[Any], Any], key: str) -> Any:
+    def _transaction(client: redis.Redis, apply: Callable[[Any], Any], key: str,
+                     applied_marker: str | None = None) -> Any:
         """As client.transaction(apply, key, value_from_callable=True): WATCH, `apply` (reads, then MULTI and its
         writes), EXEC, replayed while another client writes the key in between. But a connection failing under the
         WATCH (RECONNECT_ON, READONLY included) is replayed once, as any other command: redis-py reports it as a
         WatchError too, and its transaction() replays that forever, so a Redis that stays read-only (a failover's
-        old primary, a REDIS_URL naming a replica) would never let the caller return."""
+        old primary, a REDIS_URL naming a replica) would never let the caller return.
+
+        A write that ADDS (counts) passes `applied_marker`, a key its `apply` sets with its write (_mark_applied):
+        after a lost reply the replay first looks for it, and a write that landed is not added again."""
         failed = 0
+        value = None
         with client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
+                    if failed and applied_marker is not None and pipe.exists(applied_marker):
+                        pipe.unwatch()
+                        return value  # the EXEC whose reply was lost landed: this attempt's answer stands
                     value = apply(pipe)
                     pipe.execute()
                     return value
@@ -570,10 +588,12 @@ class RedisStore:
             meta = merge_meta(json.loads(stored[1]) if stored[1] else {}, changes, remove, add, first)
             pipe.multi()
             pipe.hset(call_key, mapping={"meta": _dumps(meta), "updated_at": _dumps(time.time())})
+            _mark_applied(pipe, marker)
             return meta
 
+        marker = self._key("applied", uuid.uuid4().hex) if add else None  # counts must not be added twice
         with self._backend() as client:
-            return self._transaction(client, apply, call_key)
+            return self._transaction(client, apply, call_key, marker)
 
     def change_meta(self, tracking_id: str, change: MetaChange) -> tuple[dict | None, bool]:
         """WATCH the call, read its meta and end, MULTI/EXEC `change`'s meta: replayed if any other writer touched the
@@ -854,10 +874,12 @@ class RedisStore:
                 return current, False
             pipe.multi()
             pipe.set(name, _dumps(new))
+            _mark_applied(pipe, marker)
             return new, True
 
+        marker = self._key("applied", uuid.uuid4().hex)  # a breaker's change counts failures: never twice
         with self._backend() as client:
-            return self._transaction(client, apply, name)
+            return self._transaction(client, apply, name, marker)
 
     def ping(self) -> float:
         with self._backend() as client:
