@@ -1,0 +1,472 @@
+"""Randomized, seeded conversations: many relay calls (and some <Gather> calls) on the real flow and on small random
+flows, a random caller and a random model each turn, and the call's invariants checked after every step.
+
+Bounded by default (CONVO_FUZZ_CALLS relay calls, well under a minute); a longer local run:
+    CONVO_FUZZ_SEED=7 CONVO_FUZZ_CALLS=200 python -m pytest -q tests/test_conversation_fuzz.py
+A violation names the seed, call and turn that reproduce it (the whole run is a function of the seed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import time
+import unicodedata
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import pytest
+
+from callweaver.simulate import RelayCaller, http
+from callweaver.simulate.bodies import make_call_body as build_body
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, Signer, base_env
+from tests.fakes.fake_llm import FakeLLM, Reply
+from tests.fakes.fake_twilio import FakeTwilio
+from tests.fakes.live_server import LiveServer
+from tests.helpers import load_workflow
+
+SEED = int(os.environ.get("CONVO_FUZZ_SEED") or random.SystemRandom().randrange(1, 10 ** 6))
+RELAY_CALLS = int(os.environ.get("CONVO_FUZZ_CALLS") or 14)
+GATHER_CALLS = max(2, RELAY_CALLS // 3)
+MAX_TURNS = 6
+STALL_S = 0.6        # LLM_STALL_TIMEOUT_S of the server under test: a slower token fails over
+FIRST_TOKEN_S = 1.0  # LLM_FIRST_TOKEN_TIMEOUT_S (conftest.base_env)
+
+UTTERANCES = {
+    "en-US": ["I want to buy a house", "Can you tell me more about renting?", "My name is Ann Lee",
+              "I'd like to sell my flat", "What are your opening hours?", "Hmm, let me think.",
+              "I need a human agent please", "That's everything, thank you"],
+    "es-ES": ["Quiero comprar una casa", "¿Cuánto cuesta un piso en el centro?", "Me llamo Ana"],
+    "fr-FR": ["Je voudrais louer un appartement", "Pouvez-vous répéter s'il vous plaît ?"],
+    "de-DE": ["Ich möchte ein Haus kaufen", "Wie viel kostet das?"],
+    "zh-HK": ["我想買樓", "唔該你講多次", "我想租一個兩房單位", "我叫陳大文"],
+    "cmn-CN": ["我想买房子", "请再说一遍"],
+    "ja-JP": ["家を買いたいです", "もう一度お願いします"],
+    "hi-IN": ["मैं एक घर खरीदना चाहता हूँ"],
+    "ar-SA": ["أريد شراء منزل"],
+}
+GOODBYES = [("en-US", "ok that's all, thanks bye"), ("en-US", "Goodbye!"), ("zh-HK", "唔該，拜拜"),
+            ("es-ES", "gracias, adiós"), ("fr-FR", "merci, au revoir")]
+REPLIES = {"en-US": ["Sure, I can help with that.", "Could you tell me a bit more?",
+                     "Great. What budget do you have in mind?"],
+           "es-ES": ["Claro, le ayudo con eso."], "zh-HK": ["好呀，我幫你睇吓。", "請問你嘅預算大概係幾多？"],
+           "fr-FR": ["Bien sûr, je vous aide."], "de-DE": ["Gern, ich helfe Ihnen."]}
+
+
+# ---- flows ---------------------------------------------------------------------------------------------------------
+def random_flow(rng: random.Random, index: int) -> dict:
+    """A small valid flow: start → conversation steps joined by ai_based (and some logical) edges → end/transfer."""
+    steps = [f"step_{i}" for i in range(rng.randint(1, 4))]
+    nodes = [{"id": "start", "type": "startNode", "data": {
+        "label": "Start", "firstMessage": f"Hello, this is flow {index}. How can I help?",
+        "globalPrompt": "You are a helpful phone assistant."}}]
+    nodes += [{"id": s, "type": "conversationNode", "data": {"label": f"Step {s}", "prompt": f"Talk about {s}."}}
+              for s in steps]
+    exits = []
+    if rng.random() < 0.8:
+        nodes.append({"id": "end", "type": "endCall", "data": {"label": "End", **(
+            {"endMessage": "Thanks for calling, goodbye."} if rng.random() < 0.8 else {})}})
+        exits.append("end")
+    if rng.random() < 0.6:
+        nodes.append({"id": "transfer", "type": "transferCall", "data": {
+            "label": "Transfer", "destination": f"+1555123{index % 10000:04d}",
+            "transferMessage": "Connecting you to a colleague now."}})
+        exits.append("transfer")
+    edges = [{"id": "e_start", "source": "start", "target": steps[0], "type": "conditional",
+              "data": {"type": "none", "isDefault": True}}]
+    n = 0
+    for i, source in enumerate(steps):
+        targets = set(rng.sample(steps + exits, k=min(len(steps + exits), rng.randint(1, 3))))
+        targets |= {steps[i + 1]} if i + 1 < len(steps) else set(exits)  # every step and exit is reachable
+        for target in sorted(targets - {source}):
+            n += 1
+            edges.append({"id": f"e{n}", "source": source, "target": target, "type": "conditional",
+                          "data": {"type": "ai_based", "aiCondition": f"The caller wants {target}"}})
+    variables = [{"name": "wants_human", "type": "boolean", "description": "Caller asked for a person",
+                  "nodeId": steps[-1]}]
+    if "transfer" in exits and rng.random() < 0.5:
+        edges.append({"id": "e_logic", "source": steps[-1], "target": "transfer", "type": "conditional",
+                      "data": {"type": "logical", "logicalConditions": [
+                          {"variable": "wants_human", "operator": "==", "value": True}]}})
+    config = {"globalSettings": {"defaultLanguage": "en-US", "silenceTimeout": 30, "maxCallDuration": 15}}
+    return {"name": f"Random flow {index}", "config": config, "nodes": nodes, "edges": edges,
+            "variables": variables}
+
+
+class Flow:
+    """The graph the invariants are checked against (from the export, not the engine's parser)."""
+
+    def __init__(self, export: dict):
+        self.export = export
+        self.kinds = {n["id"]: n["type"] for n in export["nodes"]}
+        self.data = {n["id"]: n.get("data", {}) for n in export["nodes"]}
+        self.out: dict[str, list[dict]] = {}
+        for e in export["edges"]:
+            self.out.setdefault(e["source"], []).append(e)
+
+    def ends(self) -> set[str]:
+        return {i for i, k in self.kinds.items() if k == "endCall"}
+
+    def next_allowed(self, node: str) -> set[str]:
+        """The same node, or one an edge from it leads to (through pass-through start nodes)."""
+        allowed, todo = {node}, [e["target"] for e in self.out.get(node, [])]
+        while todo:
+            target = todo.pop()
+            if target in allowed or target not in self.kinds:
+                continue
+            allowed.add(target)
+            if self.kinds[target] == "startNode":
+                todo += [e["target"] for e in self.out.get(target, [])]
+        return allowed
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+def offered(body: dict) -> tuple[list[str], set[str]]:
+    edges, tools = [], set()
+    for tool in body.get("tools") or []:
+        fn = tool.get("function", {})
+        tools.add(fn.get("name"))
+        if fn.get("name") == "transition":
+            edges = list(fn["parameters"]["properties"]["edge_id"].get("enum", []))
+    return edges, tools
+
+
+@dataclass
+class Brain:
+    """The model's behaviour for the current turn: a queue of per-request behaviours, then plain replies."""
+
+    rng: random.Random
+    lang: str = "en-US"
+    queue: list = field(default_factory=list)
+
+    def __call__(self, body: dict) -> Reply:
+        if self.queue:
+            step = self.queue.pop(0)
+            return step(body) if callable(step) else step
+        return Reply(text=self.text())
+
+    def text(self) -> str:
+        return self.rng.choice(REPLIES.get(self.lang, REPLIES["en-US"]))
+
+
+def model_behaviour(rng: random.Random, brain: Brain, backup: Brain, flow: Flow) -> str:
+    """Choose and queue what the model does this turn; returns its name (for the report)."""
+    kind = rng.choices(["plain", "transition", "tool_only", "bad_tools", "keys", "record", "wordless",
+                        "fault_first", "fault_mid", "slow", "outage"],
+                       weights=[5, 4, 2, 2, 1, 1, 1, 2, 2, 1, 1])[0]
+    text = brain.text()
+
+    def transition(words: str):
+        def reply(body: dict) -> Reply:
+            edges, _ = offered(body)
+            calls = [("transition", {"edge_id": rng.choice(edges)})] if edges else []
+            return Reply(text=words, tool_calls=calls)
+        return reply
+
+    if kind == "plain":
+        brain.queue.append(Reply(text=text))
+    elif kind == "transition":
+        brain.queue.append(transition(text))
+    elif kind == "tool_only":
+        brain.queue.append(transition(""))
+    elif kind == "bad_tools":
+        bogus = rng.choice([{"edge_id": "edge_999"}, {"edge_id": 12}, {}, {"edge_id": None},
+                            {"edge_id": "e_start"}, {"edge_id": "edge_1", "destination": "+19005550100"}])
+        brain.queue.append(Reply(text=text, tool_calls=[("transition", bogus), ("transfer_call", {"to": "+1900"}),
+                                                        ("no_such_tool", {"x": 1})]))
+    elif kind == "keys":
+        brain.queue.append(Reply(text=rng.choice(["", text]), tool_calls=[
+            ("press_keys", {"digits": rng.choice(["1", "12#", "abc", "1" * 40, ""])})]))
+    elif kind == "record":
+        brain.queue.append(Reply(text=text, tool_calls=[("record_variables", {
+            "wants_human": rng.choice([True, False, "yes", None]), "unknown": 1})]))
+    elif kind == "wordless":
+        brain.queue.append(Reply(text=rng.choice(["", "   ", '<break time="1s"/>'])))
+        backup.queue.append(Reply(text=rng.choice(["", backup.text()])))
+    elif kind == "fault_first":
+        brain.queue.append(Reply(fault=rng.choice(["500", "429", "hang"])))
+        backup.queue.append(Reply(text=backup.text()))
+    elif kind == "fault_mid":
+        long = "Let me explain how this works in a few words for you today."
+        brain.queue.append(Reply(text=long, fault="drop", drop_after_tokens=rng.randint(1, 6)))
+        backup.queue.append(Reply(text="and that is how it works."))
+    elif kind == "slow":
+        brain.queue.append(Reply(text="One moment please while I check that for you.", token_interval_s=STALL_S + 0.3))
+        backup.queue.append(Reply(text="I checked, it is available."))
+    elif kind == "outage":
+        brain.queue.append(Reply(fault="500"))
+        backup.queue.append(Reply(fault="500"))
+    return kind
+
+
+# ---- checks --------------------------------------------------------------------------------------------------------
+def fold(text: str) -> str:
+    """Text as compared between what was heard and what was stored: letters and digits only."""
+    text = re.sub(r"<[^>]*>", "", text or "")
+    return "".join(ch.lower() for ch in unicodedata.normalize("NFKC", text) if ch.isalnum())
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass
+class Context:
+    seed: int
+    call: int
+    steps: list = field(default_factory=list)
+
+    def fail(self, what: str) -> None:
+        raise Violation(f"seed={self.seed} call={self.call}: {what}\nsteps so far: {self.steps}")
+
+
+def call_detail(server_url: str, tracking_id: str) -> dict:
+    return http("GET", f"{server_url}/api/call-log/{tracking_id}?mask=0").json()
+
+
+def wait_turns(server_url: str, tracking_id: str, count: int, timeout_s: float = 8.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        detail = call_detail(server_url, tracking_id)
+        if len(detail.get("turns") or []) >= count or time.monotonic() > deadline:
+            return detail
+        time.sleep(0.05)
+
+
+def check_turn_rows(ctx: Context, flow: Flow, detail: dict, start_node: str) -> None:
+    """Every committed turn: a node reachable from the one before, metrics non-negative or null."""
+    node = start_node
+    for i, turn in enumerate(detail["turns"]):
+        if turn["nodeId"] != node and flow.kinds.get(node) != "startNode":
+            ctx.fail(f"turn {i} ran on {turn['nodeId']} but the call was on {node}")
+        nxt = turn["nextNodeId"]
+        termination = turn.get("action") == "end" and nxt in flow.ends()
+        if nxt not in flow.next_allowed(turn["nodeId"]) and not termination:
+            ctx.fail(f"turn {i} moved {turn['nodeId']} -> {nxt}, not along an edge")
+        for key in ("firstTokenMs", "lastTokenMs", "providerTtftMs", "addedLatencyMs"):
+            value = turn.get(key)
+            if value is not None and value < 0:
+                ctx.fail(f"turn {i} {key}={value} is negative")
+        if turn.get("firstTokenMs") is not None and turn.get("lastTokenMs") is not None \
+                and turn["lastTokenMs"] < turn["firstTokenMs"]:
+            ctx.fail(f"turn {i} lastTokenMs < firstTokenMs: {turn}")
+        if turn.get("action") == "end" and flow.ends() and nxt not in flow.ends():
+            ctx.fail(f"turn {i} ended the call on {nxt}, not an end node")
+        if turn.get("action") == "transfer" and flow.kinds.get(nxt) != "transferCall":
+            ctx.fail(f"turn {i} transferred from {nxt}, not a transfer node")
+        node = nxt
+
+
+# ---- the relay stack -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
+    env = base_env(tmp, twilio, primary, secondary)
+    env.pop("PUBLIC_BASE_URL")
+    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S))
+    server = LiveServer(env, workers=1).start()
+    yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary}
+    server.stop()
+    for fake in (twilio, primary, secondary):
+        fake.stop()
+
+
+ALLOWED_ERROR_EVENTS = {"all_llm_providers_failed"}  # error-level events a random conversation rightly causes (outage)
+
+
+def server_errors(logs: str) -> list[dict]:
+    found = []
+    for line in logs.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if "Traceback" in line:
+                found.append({"event": "traceback", "line": line})
+            continue
+        if not isinstance(event, dict):
+            continue
+        if event.get("exception") or (event.get("level") in ("error", "critical")
+                                      and event.get("event") not in ALLOWED_ERROR_EVENTS):
+            found.append(event)
+    return found
+
+
+def relay_call(stack, seed: int, index: int) -> list:
+    rng = random.Random(f"{seed}:{index}")
+    ctx = Context(seed, index)
+    export = load_workflow() if rng.random() < 0.4 else random_flow(rng, index)
+    flow = Flow(export)
+    body = build_body(export, "+15551234567", **{"from": "+15005550006", "record": False, "timeout": 30})
+    brain, backup = Brain(rng), Brain(rng)
+    stack["llm"].reset()
+    stack["llm2"].reset()
+    stack["llm"].responder, stack["llm2"].responder = brain, backup
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, speaking_rate_cps=1500,
+                         closing_quiet_s=0.25)
+    caller.place_call(body)
+    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.connect()
+    url = stack["server"].url
+    start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
+    expected_turns, ended, outcome = 0, None, "hang_up"
+    for turn in range(rng.randint(1, MAX_TURNS)):
+        lang, said = rng.choice(list(UTTERANCES.items()))
+        said = rng.choice(said)
+        brain.lang = backup.lang = lang if lang in REPLIES else "en-US"
+        action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over"],
+                             weights=[8, 1, 1, 1, 2, 2, 1, 1])[0]
+        behaviour = "-" if action in ("empty", "goodbye") else model_behaviour(rng, brain, backup, flow)
+        if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
+            long_slow = Reply(text=" ".join(f"word{i}" for i in range(40)) + ".", token_interval_s=0.03)
+            brain.queue[:], backup.queue[:] = [long_slow], [long_slow]  # (the primary's circuit may be open)
+            behaviour = "long_slow"
+        ctx.steps.append((turn, action, lang, said if action == "say" else "", behaviour))
+        before = len(caller.received)
+        if action == "empty":
+            caller.prompt("   ")
+            stray = caller.recv(timeout_s=0.4)
+            if stray is not None:
+                ctx.fail(f"an empty prompt was answered: {stray}")
+            continue
+        if action == "dtmf":
+            digits = "".join(rng.choice("0123456789*") for _ in range(rng.randint(1, 4)))
+            for d in digits + "#":
+                caller.send({"type": "dtmf", "digit": d})
+            from callweaver.simulate.caller import Reply as Heard
+            reply = caller.read_reply(Heard(sent_at=time.monotonic()))
+        elif action == "long":
+            reply = caller.say(("I have a very long story to tell you about my house. " * 60).strip(), lang="en-US")
+        elif action == "goodbye":
+            lang, said = rng.choice(GOODBYES)
+            ctx.steps[-1] = (turn, action, lang, said, behaviour)
+            reply = caller.say(said, lang=lang)
+        elif action == "barge":
+            words = rng.randint(1, 6)
+            partial = caller.say(said, lang=lang, stop_after_words=words)
+            reported = partial.first_words(words)
+            caller.interrupt(reported)
+            caller.drain()
+            expected_turns += 1
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            row = detail["turns"][-1]
+            if not row["interrupted"]:
+                ctx.fail(f"barge-in turn not marked interrupted: {row}")
+            if fold(row["heard"]) != fold(reported):
+                ctx.fail(f"stored heard {row['heard']!r} but the caller heard {reported!r}")
+            check_turn_rows(ctx, flow, detail, start)
+            continue
+        elif action == "barge_late":  # the whole reply was sent; Twilio was still speaking it
+            reply = caller.say(said, lang=lang)
+            expected_turns += 1
+            if reply.end is not None:
+                ended = json.loads(reply.end["handoffData"])
+                outcome = {"end": "end_node", "transfer": "transfer"}.get(ended["reason"], "error")
+                break
+            words = reply.text.split()
+            reported = " ".join(words[:rng.randint(1, max(1, len(words) - 1))])
+            caller.interrupt(reported, played_ms=500)
+            caller.drain(0.2)
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            row = detail["turns"][-1]
+            if fold(row["heard"]) != fold(reported) and "[pressed" not in (row["heard"] or ""):
+                ctx.fail(f"late barge-in: stored heard {row['heard']!r} but the caller heard {reported!r}")
+            if fold(reported) != fold(reply.text) and not row["interrupted"]:
+                ctx.fail(f"late barge-in: the turn cut to {row['heard']!r} is not marked interrupted")
+            check_turn_rows(ctx, flow, detail, start)
+            continue
+        elif action == "talk_over":
+            caller.prompt(said, lang=lang)
+            first = caller.recv(timeout_s=5)
+            caller.prompt("Sorry, one more thing", lang="en-US")
+            from callweaver.simulate.caller import Reply as Heard
+            cycles, tokens = [], [first.get("token", "")] if first and first.get("type") == "text" else []
+            if first and first.get("last"):
+                cycles.append("".join(tokens))
+                tokens = []
+            while len(cycles) < 2:
+                msg = caller.recv(timeout_s=10)
+                if msg is None:
+                    ctx.fail(f"talk-over: only {len(cycles)} talk cycles closed")
+                if msg.get("type") == "text":
+                    tokens.append(msg.get("token") or "")
+                    if msg.get("last"):
+                        cycles.append("".join(tokens))
+                        tokens = []
+                if msg.get("type") == "end":
+                    break
+            expected_turns += 2
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            rows = detail["turns"][-2:]
+            if len(detail["turns"]) != expected_turns:
+                ctx.fail(f"talk-over: {len(detail['turns'])} turns stored, expected {expected_turns}")
+            for row, heard in zip(rows, cycles):
+                if fold(row["heard"]) != fold(heard):
+                    ctx.fail(f"talk-over: stored heard {row['heard']!r}, caller heard {heard!r}")
+            check_turn_rows(ctx, flow, detail, start)
+            if caller.drain(0.3):
+                ctx.fail("talk-over: more frames after both replies")
+            continue
+        else:
+            reply = caller.say(said, lang=lang)
+        expected_turns += 1
+        # every prompt is answered, with words; never a second reply to the same prompt
+        if not reply.text.strip() and reply.end is None:
+            ctx.fail(f"silence after {action}: {reply.messages}")
+        if not reply.text.strip():
+            ctx.fail(f"an end with no words before it: {reply.messages}")
+        extra = [m for m in caller.drain(0.25) if m.get("type") == "text" and m.get("token")]
+        if extra:
+            ctx.fail(f"a second reply to one prompt: {extra}")
+        detail = wait_turns(url, caller.tracking_id, expected_turns)
+        if len(detail["turns"]) != expected_turns:
+            ctx.fail(f"{len(detail['turns'])} turns stored, expected {expected_turns}")
+        row = detail["turns"][-1]
+        if row["interrupted"] or fold(row["heard"]) != fold(reply.text) and "[pressed" not in (row["heard"] or ""):
+            ctx.fail(f"stored heard {row['heard']!r} but the caller heard {reply.text!r}")
+        apology_words = row["source"] == "apology"
+        if behaviour == "outage" and not apology_words:
+            ctx.fail(f"outage turn not an apology: {row}")
+        check_turn_rows(ctx, flow, detail, start)
+        ends = [m for m in caller.received[before:] if m.get("type") == "end"]
+        if len(ends) > 1:
+            ctx.fail(f"{len(ends)} end messages in one turn")
+        if row["action"] in ("end", "transfer") and not ends:
+            ctx.fail(f"turn action {row['action']} but no end message")
+        if ends:
+            handoff = json.loads(ends[0]["handoffData"])
+            if handoff["reason"] != row["action"]:
+                ctx.fail(f"end reason {handoff['reason']} but the turn's action is {row['action']}")
+            if handoff["reason"] == "transfer":
+                node = handoff.get("node")
+                if handoff.get("destination") != flow.data.get(node, {}).get("destination"):
+                    ctx.fail(f"transfer to {handoff.get('destination')} from node {node}")
+            ended, outcome = handoff, {"end": "end_node", "transfer": "transfer"}.get(handoff["reason"], "error")
+            break
+    caller.hangup()
+    if ended is None and caller.closed_by_server:
+        ctx.fail("the server closed the socket without an end")
+    total_ends = [m for m in caller.received if m.get("type") == "end"]
+    if len(total_ends) > 1:
+        ctx.fail(f"{len(total_ends)} end messages on one call")
+    caller.status("completed", 5)
+    deadline = time.monotonic() + 5
+    while (detail := call_detail(url, caller.tracking_id))["call"]["outcome"] == "in_progress" \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if detail["call"]["outcome"] != outcome:
+        ctx.fail(f"call log outcome {detail['call']['outcome']}, expected {outcome}")
+    if detail["call"]["firstTokenP50Ms"] is None and "firstTokenP50Ms" not in (detail["call"].get("reasons") or {}):
+        ctx.fail(f"null firstTokenP50Ms without a reason: {detail['call']}")
+    return ctx.steps
+
+
+def test_random_relay_conversations_keep_every_invariant(stack):
+    started = time.monotonic()
+    for index in range(RELAY_CALLS):
+        relay_call(stack, SEED, index)
+    errors = server_errors(stack["server"].logs())
+    assert not errors, f"seed={SEED}: error events in the server log: {errors[:5]}"
+    print(f"seed={SEED}: {RELAY_CALLS} relay calls in {time.monotonic() - started:.1f}s")
