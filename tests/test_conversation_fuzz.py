@@ -258,6 +258,28 @@ def check_turn_rows(ctx: Context, flow: Flow, detail: dict, start_node: str) -> 
         node = nxt
 
 
+def read_cycles(ctx: Context, caller: RelayCaller, already: list, count: int) -> list[str]:
+    """The text of the next `count` talk cycles (closed by last: true), `already` read included."""
+    cycles, tokens = [], []
+    pending = [m for m in already if m is not None]
+    while len(cycles) < count:
+        msg = pending.pop(0) if pending else caller.recv(timeout_s=10)
+        if msg is None:
+            ctx.fail(f"only {len(cycles)} of {count} talk cycles closed: {tokens}")
+        if msg.get("type") == "text":
+            tokens.append(msg.get("token") or "")
+            if msg.get("last"):
+                cycles.append("".join(tokens))
+                tokens = []
+        if msg.get("type") == "end":
+            break
+    return cycles
+
+
+def read_cycle(ctx: Context, caller: RelayCaller) -> str:
+    return read_cycles(ctx, caller, [], 1)[0]
+
+
 # ---- the relay stack -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
@@ -266,7 +288,8 @@ def stack(tmp_path_factory):
     primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
     env = base_env(tmp, twilio, primary, secondary)
     env.pop("PUBLIC_BASE_URL")
-    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S))
+    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second",
+               MAX_CALLS_PER_DAY="100000")
     server = LiveServer(env, workers=1).start()
     yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary}
     server.stop()
@@ -316,9 +339,12 @@ def relay_call(stack, seed: int, index: int) -> list:
         lang, said = rng.choice(list(UTTERANCES.items()))
         said = rng.choice(said)
         brain.lang = backup.lang = lang if lang in REPLIES else "en-US"
-        action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over"],
-                             weights=[8, 1, 1, 1, 2, 2, 1, 1])[0]
-        behaviour = "-" if action in ("empty", "goodbye") else model_behaviour(rng, brain, backup, flow)
+        brain.queue.clear()
+        backup.queue.clear()
+        action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over",
+                              "barge_goodbye", "dtmf_over"], weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1])[0]
+        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye") else model_behaviour(rng, brain, backup,
+                                                                                                 flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
             long_slow = Reply(text=" ".join(f"word{i}" for i in range(40)) + ".", token_interval_s=0.03)
             brain.queue[:], backup.queue[:] = [long_slow], [long_slow]  # (the primary's circuit may be open)
@@ -352,7 +378,7 @@ def relay_call(stack, seed: int, index: int) -> list:
             expected_turns += 1
             detail = wait_turns(url, caller.tracking_id, expected_turns)
             row = detail["turns"][-1]
-            if not row["interrupted"]:
+            if not row["interrupted"] and fold(reported) != fold(row["spoken"]):
                 ctx.fail(f"barge-in turn not marked interrupted: {row}")
             if fold(row["heard"]) != fold(reported):
                 ctx.fail(f"stored heard {row['heard']!r} but the caller heard {reported!r}")
@@ -377,26 +403,52 @@ def relay_call(stack, seed: int, index: int) -> list:
                 ctx.fail(f"late barge-in: the turn cut to {row['heard']!r} is not marked interrupted")
             check_turn_rows(ctx, flow, detail, start)
             continue
+        elif action == "barge_goodbye":  # the caller talks over the goodbye before it has played: no end
+            lang, said = rng.choice(GOODBYES)
+            ctx.steps[-1] = (turn, action, lang, said, behaviour)
+            node_before = call_detail(url, caller.tracking_id)["call"]["currentNode"]
+            caller.prompt(said, lang=lang)
+            heard = read_cycle(ctx, caller)
+            caller.interrupt(heard.split()[0] if heard.split() else "", played_ms=300)
+            expected_turns += 1
+            if any(m.get("type") == "end" for m in caller.drain(0.6)):
+                ctx.fail("an end after the caller talked over the goodbye")
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            row = detail["turns"][-1]
+            if row["action"] is not None or not row["interrupted"] or detail["call"]["currentNode"] != node_before:
+                ctx.fail(f"a goodbye talked over still moved the call: {row} now on {detail['call']['currentNode']}")
+            check_turn_rows(ctx, flow, detail, start)
+            continue
+        elif action == "dtmf_over":  # keys typed while a reply streams: it stops, the keys are one new turn
+            caller.prompt(said, lang=lang)
+            first = caller.recv(timeout_s=5)
+            for d in "12#":
+                caller.send({"type": "dtmf", "digit": d})
+            cycles = read_cycles(ctx, caller, [first], 2)
+            expected_turns += 2
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            if len(detail["turns"]) != expected_turns:
+                ctx.fail(f"keys over a reply: {len(detail['turns'])} turns stored, expected {expected_turns}")
+            for row, heard in zip(detail["turns"][-2:], cycles):
+                if fold(row["heard"]) != fold(heard) and "[pressed" not in (row["heard"] or ""):
+                    ctx.fail(f"keys over a reply: stored heard {row['heard']!r}, caller heard {heard!r}")
+            if not cycles[1].strip() and not [m for m in caller.received[before:] if m.get("type") == "sendDigits"]:
+                ctx.fail("keys over a reply: the keys were not answered")
+            check_turn_rows(ctx, flow, detail, start)
+            if detail["turns"][-1]["action"]:
+                caller.drain(0.5)
+                ends = [m for m in caller.received[before:] if m.get("type") == "end"]
+                if len(ends) != 1:
+                    ctx.fail(f"keys over a reply: the turn's {detail['turns'][-1]['action']} sent {len(ends)} ends")
+                ended = json.loads(ends[0]["handoffData"])
+                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+                break
+            continue
         elif action == "talk_over":
             caller.prompt(said, lang=lang)
             first = caller.recv(timeout_s=5)
             caller.prompt("Sorry, one more thing", lang="en-US")
-            from callweaver.simulate.caller import Reply as Heard
-            cycles, tokens = [], [first.get("token", "")] if first and first.get("type") == "text" else []
-            if first and first.get("last"):
-                cycles.append("".join(tokens))
-                tokens = []
-            while len(cycles) < 2:
-                msg = caller.recv(timeout_s=10)
-                if msg is None:
-                    ctx.fail(f"talk-over: only {len(cycles)} talk cycles closed")
-                if msg.get("type") == "text":
-                    tokens.append(msg.get("token") or "")
-                    if msg.get("last"):
-                        cycles.append("".join(tokens))
-                        tokens = []
-                if msg.get("type") == "end":
-                    break
+            cycles = read_cycles(ctx, caller, [first], 2)
             expected_turns += 2
             detail = wait_turns(url, caller.tracking_id, expected_turns)
             rows = detail["turns"][-2:]
@@ -412,14 +464,16 @@ def relay_call(stack, seed: int, index: int) -> list:
         else:
             reply = caller.say(said, lang=lang)
         expected_turns += 1
-        # every prompt is answered, with words; never a second reply to the same prompt
-        if not reply.text.strip() and reply.end is None:
-            ctx.fail(f"silence after {action}: {reply.messages}")
-        if not reply.text.strip():
-            ctx.fail(f"an end with no words before it: {reply.messages}")
-        extra = [m for m in caller.drain(0.25) if m.get("type") == "text" and m.get("token")]
+        # every prompt is answered, with words (or, at a phone menu, with keys only); never a second reply
+        late = caller.drain(0.25)
+        extra = [m for m in late if m.get("type") == "text" and m.get("token")]
         if extra:
             ctx.fail(f"a second reply to one prompt: {extra}")
+        pressed = [m for m in caller.received[before:] if m.get("type") == "sendDigits"]
+        if not reply.text.strip() and not pressed:
+            ctx.fail(f"silence after {action}: {reply.messages + late}")
+        if reply.end is not None and not reply.text.strip():
+            ctx.fail(f"an end with no words before it: {reply.messages}")
         detail = wait_turns(url, caller.tracking_id, expected_turns)
         if len(detail["turns"]) != expected_turns:
             ctx.fail(f"{len(detail['turns'])} turns stored, expected {expected_turns}")
@@ -427,7 +481,7 @@ def relay_call(stack, seed: int, index: int) -> list:
         if row["interrupted"] or fold(row["heard"]) != fold(reply.text) and "[pressed" not in (row["heard"] or ""):
             ctx.fail(f"stored heard {row['heard']!r} but the caller heard {reply.text!r}")
         apology_words = row["source"] == "apology"
-        if behaviour == "outage" and not apology_words:
+        if behaviour == "outage" and not apology_words and not row["cacheHit"]:
             ctx.fail(f"outage turn not an apology: {row}")
         check_turn_rows(ctx, flow, detail, start)
         ends = [m for m in caller.received[before:] if m.get("type") == "end"]
@@ -465,8 +519,110 @@ def relay_call(stack, seed: int, index: int) -> list:
 
 def test_random_relay_conversations_keep_every_invariant(stack):
     started = time.monotonic()
+    seen: dict[str, int] = {}
     for index in range(RELAY_CALLS):
-        relay_call(stack, SEED, index)
+        for step in relay_call(stack, SEED, index):
+            for name in (step[1], step[4]):
+                seen[name] = seen.get(name, 0) + 1
     errors = server_errors(stack["server"].logs())
     assert not errors, f"seed={SEED}: error events in the server log: {errors[:5]}"
-    print(f"seed={SEED}: {RELAY_CALLS} relay calls in {time.monotonic() - started:.1f}s")
+    print(f"seed={SEED}: {RELAY_CALLS} relay calls in {time.monotonic() - started:.1f}s, steps: {sorted(seen.items())}")
+
+
+# ---- <Gather> calls ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def gather_env(env):
+    return {**env, "LLM_STALL_TIMEOUT_S": str(STALL_S), "RATE_LIMIT_MAKE_CALL": "1000 per minute",
+            "MAX_CALLS_PER_DAY": "100000"}
+
+
+def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index: int, logs: list) -> list:
+    from tests.test_gather_flow import GatherCall
+
+    rng = random.Random(f"gather:{seed}:{index}")
+    ctx = Context(seed, index)
+    export = load_workflow() if rng.random() < 0.4 else random_flow(rng, 1000 + index)
+    flow = Flow(export)
+    body = build_body(export, "+15551234567", **{"from": "+15005550006", "record": False, "timeout": 30})
+    brain, backup = Brain(rng), Brain(rng)
+    fake_llm.reset()
+    fake_llm2.reset()
+    fake_llm.responder, fake_llm2.responder = brain, backup
+    call = GatherCall(app, client, Signer(client), fake_twilio, body)
+    root = call.answer()
+    store = app.extensions["callweaver"].store
+    start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
+    outcome, expected_turns = "hang_up", 0
+    for turn in range(rng.randint(1, MAX_TURNS)):
+        brain.queue.clear()
+        backup.queue.clear()
+        lang, said = rng.choice(list(UTTERANCES.items()))
+        said = rng.choice(said)
+        action = rng.choices(["say", "goodbye", "unheard", "long"], weights=[8, 1, 1, 1])[0]
+        if action == "goodbye":
+            lang, said = rng.choice(GOODBYES)
+        elif action == "long":
+            said = ("I have a very long story to tell you about my house. " * 60).strip()
+        behaviour = "-" if action in ("goodbye", "unheard") else model_behaviour(rng, brain, backup, flow)
+        ctx.steps.append((turn, action, lang, said if action != "unheard" else "", behaviour))
+        gather = root.find("Gather")
+        if gather is None:
+            ctx.fail(f"the call still listens but the TwiML has no <Gather>: {ET.tostring(root)}")
+        params = {"CallSid": call.call_sid, "Confidence": "0.9"}
+        params.update(SpeechResult="" if action == "unheard" else said)  # (the Gather is speech only)
+        resp = call.twilio.post(gather.get("action")[len(PUBLIC):], params)
+        if resp.status_code != 200:
+            ctx.fail(f"turn answered {resp.status_code}")
+        root = ET.fromstring(resp.data)
+        spoken = " ".join((s.text or "") for s in root.iter("Say")).strip()
+        tags = [c.tag for c in root]
+        turns = store.turns(call.tracking_id)
+        expected_turns += action != "unheard"
+        if len(turns) != expected_turns:
+            ctx.fail(f"{len(turns)} turns stored, expected {expected_turns}")
+        if action == "unheard":  # nothing transcribed: asked again, no turn
+            if not spoken or root.find("Gather") is None:
+                ctx.fail(f"nothing heard was not asked again: {resp.data!r}")
+            continue
+        row = turns[-1]
+        if not spoken:
+            ctx.fail(f"nothing said to the caller: {resp.data!r}")
+        entry = store.get_call(call.tracking_id).transcript[-1]
+        if fold(entry["heard"]) != fold(spoken) and not fold(spoken).startswith(fold(entry["heard"])):
+            ctx.fail(f"transcript heard {entry['heard']!r} but the caller heard {spoken!r}")
+        if behaviour == "outage" and row["source"] != "apology" and not row["cacheHit"]:
+            ctx.fail(f"outage turn not an apology: {row}")
+        check_turn_rows(ctx, flow, {"turns": turns}, start)
+        if row["action"] == "end":
+            if tags[-1] != "Hangup":
+                ctx.fail(f"an end turn that does not hang up: {tags}")
+            outcome = "end_node"
+            break
+        if row["action"] == "transfer":
+            dial = root.find("Dial")
+            if dial is None or dial.text != flow.data[row["nextNodeId"]].get("destination"):
+                ctx.fail(f"a transfer that does not dial the node's number: {resp.data!r}")
+            outcome = "transfer"
+            break
+        if "Hangup" in tags or root.find("Dial") is not None:
+            ctx.fail(f"the call ended without an end or transfer turn: {tags} {row}")
+    call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
+                     {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "5"})
+    detail = client.get(f"/api/call-log/{call.tracking_id}").get_json()
+    if detail["call"]["outcome"] != outcome:
+        ctx.fail(f"call log outcome {detail['call']['outcome']}, expected {outcome}")
+    return ctx.steps
+
+
+def test_random_gather_conversations_keep_every_invariant(gather_env, fake_twilio, fake_llm, fake_llm2):
+    from structlog.testing import capture_logs
+
+    from callweaver import create_app
+
+    app = create_app(gather_env)
+    client = app.test_client()
+    with capture_logs() as logs:
+        for index in range(GATHER_CALLS):
+            gather_call(app, client, fake_twilio, fake_llm, fake_llm2, SEED, index, logs)
+    errors = [e for e in logs if e.get("log_level") in ("error", "critical") and e["event"] not in ALLOWED_ERROR_EVENTS]
+    assert not errors, f"seed={SEED}: error events: {errors[:5]}"
