@@ -342,7 +342,7 @@ def relay_call(stack, seed: int, index: int) -> list:
         brain.queue.clear()
         backup.queue.clear()
         action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over",
-                              "barge_goodbye", "dtmf_over"], weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1])[0]
+                              "barge_goodbye", "dtmf_over", "speak"], weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4])[0]
         behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye") else model_behaviour(rng, brain, backup,
                                                                                                  flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
@@ -425,6 +425,18 @@ def relay_call(stack, seed: int, index: int) -> list:
             for d in "12#":
                 caller.send({"type": "dtmf", "digit": d})
             cycles = read_cycles(ctx, caller, [first], 2)
+            late = caller.drain(0.5)
+            ends = [m for m in caller.received[before:] if m.get("type") == "end"]
+            if ends and len(cycles) == 1:  # the reply was a closing line, fully sent before the keys: they end with it
+                expected_turns += 1
+                detail = wait_turns(url, caller.tracking_id, expected_turns)
+                if len(ends) != 1 or detail["turns"][-1]["action"] != json.loads(ends[0]["handoffData"])["reason"]:
+                    ctx.fail(f"keys over a closing line: ends {ends}, turn {detail['turns'][-1]}")
+                ended = json.loads(ends[0]["handoffData"])
+                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+                break
+            if [m for m in late if m.get("type") == "text" and m.get("token")]:
+                ctx.fail(f"keys over a reply: a third reply {late}")
             expected_turns += 2
             detail = wait_turns(url, caller.tracking_id, expected_turns)
             if len(detail["turns"]) != expected_turns:
@@ -437,7 +449,6 @@ def relay_call(stack, seed: int, index: int) -> list:
             check_turn_rows(ctx, flow, detail, start)
             if detail["turns"][-1]["action"]:
                 caller.drain(0.5)
-                ends = [m for m in caller.received[before:] if m.get("type") == "end"]
                 if len(ends) != 1:
                     ctx.fail(f"keys over a reply: the turn's {detail['turns'][-1]['action']} sent {len(ends)} ends")
                 ended = json.loads(ends[0]["handoffData"])
@@ -449,6 +460,18 @@ def relay_call(stack, seed: int, index: int) -> list:
             first = caller.recv(timeout_s=5)
             caller.prompt("Sorry, one more thing", lang="en-US")
             cycles = read_cycles(ctx, caller, [first], 2)
+            late = caller.drain(0.5)
+            ends = [m for m in caller.received[before:] if m.get("type") == "end"]
+            if ends and len(cycles) == 1:  # the reply was a closing line, fully sent before the keys: they end with it
+                expected_turns += 1
+                detail = wait_turns(url, caller.tracking_id, expected_turns)
+                if len(ends) != 1 or detail["turns"][-1]["action"] != json.loads(ends[0]["handoffData"])["reason"]:
+                    ctx.fail(f"keys over a closing line: ends {ends}, turn {detail['turns'][-1]}")
+                ended = json.loads(ends[0]["handoffData"])
+                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+                break
+            if [m for m in late if m.get("type") == "text" and m.get("token")]:
+                ctx.fail(f"keys over a reply: a third reply {late}")
             expected_turns += 2
             detail = wait_turns(url, caller.tracking_id, expected_turns)
             rows = detail["turns"][-2:]
@@ -461,6 +484,12 @@ def relay_call(stack, seed: int, index: int) -> list:
             if caller.drain(0.3):
                 ctx.fail("talk-over: more frames after both replies")
             continue
+        elif action == "speak":  # interim transcripts word by word, voice activity: speculations start early
+            final = rng.choice([None, None, said + " please", "something else entirely"])
+            ctx.steps[-1] = (turn, action, lang, f"{said} -> {final}", behaviour)
+            reply = caller.speak(said, lang=lang, words_per_minute=rng.choice([300, 900]),
+                                 end_of_speech_ms=rng.choice([150, 400]), final=final,
+                                 punctuated_partials=rng.random() < 0.5)
         else:
             reply = caller.say(said, lang=lang)
         expected_turns += 1
@@ -481,7 +510,7 @@ def relay_call(stack, seed: int, index: int) -> list:
         if row["interrupted"] or fold(row["heard"]) != fold(reply.text) and "[pressed" not in (row["heard"] or ""):
             ctx.fail(f"stored heard {row['heard']!r} but the caller heard {reply.text!r}")
         apology_words = row["source"] == "apology"
-        if behaviour == "outage" and not apology_words and not row["cacheHit"]:
+        if behaviour == "outage" and not apology_words and not row["cacheHit"] and action != "speak":
             ctx.fail(f"outage turn not an apology: {row}")
         check_turn_rows(ctx, flow, detail, start)
         ends = [m for m in caller.received[before:] if m.get("type") == "end"]
