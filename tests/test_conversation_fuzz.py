@@ -89,7 +89,8 @@ def random_flow(rng: random.Random, index: int) -> dict:
         edges.append({"id": "e_logic", "source": steps[-1], "target": "transfer", "type": "conditional",
                       "data": {"type": "logical", "logicalConditions": [
                           {"variable": "wants_human", "operator": "==", "value": True}]}})
-    config = {"globalSettings": {"defaultLanguage": "en-US", "silenceTimeout": 30, "maxCallDuration": 15}}
+    silence_s = 1.5 if rng.random() < 0.3 else 30  # short: the caller's silence is handled within the run
+    config = {"globalSettings": {"defaultLanguage": "en-US", "silenceTimeout": silence_s, "maxCallDuration": 15}}
     return {"name": f"Random flow {index}", "config": config, "nodes": nodes, "edges": edges,
             "variables": variables}
 
@@ -251,6 +252,8 @@ def check_turn_rows(ctx: Context, flow: Flow, detail: dict, start_node: str) -> 
         if turn.get("firstTokenMs") is not None and turn.get("lastTokenMs") is not None \
                 and turn["lastTokenMs"] < turn["firstTokenMs"]:
             ctx.fail(f"turn {i} lastTokenMs < firstTokenMs: {turn}")
+        if turn.get("interrupted") and (turn.get("action") or nxt != turn["nodeId"] and turn.get("source") == "apology"):
+            ctx.fail(f"turn {i} was interrupted yet fired {turn.get('action')} / moved to {nxt}")
         if turn.get("action") == "end" and flow.ends() and nxt not in flow.ends():
             ctx.fail(f"turn {i} ended the call on {nxt}, not an end node")
         if turn.get("action") == "transfer" and flow.kinds.get(nxt) != "transferCall":
@@ -327,7 +330,10 @@ def relay_call(stack, seed: int, index: int) -> list:
     stack["llm"].reset()
     stack["llm2"].reset()
     stack["llm"].responder, stack["llm2"].responder = brain, backup
-    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, speaking_rate_cps=1500,
+    silence_s = export["config"].get("globalSettings", {}).get("silenceTimeout", 10)
+    # Twilio speaking fast (replies play at once) or at a voice's pace (a closing line still plays when talked over)
+    rate = 1500 if silence_s < 5 or rng.random() < 0.7 else 150
+    caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, speaking_rate_cps=rate,
                          closing_quiet_s=0.25)
     caller.place_call(body)
     caller.answer(stack["twilio"].creates()[-1].one("Url"))
@@ -342,13 +348,20 @@ def relay_call(stack, seed: int, index: int) -> list:
         brain.queue.clear()
         backup.queue.clear()
         action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over",
-                              "barge_goodbye", "dtmf_over", "speak"], weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4])[0]
-        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye") else model_behaviour(rng, brain, backup,
+                              "barge_goodbye", "dtmf_over", "speak", "silence", "hangup"],
+                             weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4, 2 if silence_s < 5 else 0, 1])[0]
+        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye", "silence") else model_behaviour(rng, brain, backup,
                                                                                                  flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
-            long_slow = Reply(text=" ".join(f"word{i}" for i in range(40)) + ".", token_interval_s=0.03)
+            words = " ".join(f"word{i}" for i in range(40)) + "."
+            moving = rng.random() < 0.4  # the reply also takes an edge (perhaps to an end or transfer)
+
+            def long_slow(body: dict) -> Reply:
+                edges, _ = offered(body)
+                calls = [("transition", {"edge_id": rng.choice(edges)})] if moving and edges else []
+                return Reply(text=words, token_interval_s=0.03, tool_calls=calls)
             brain.queue[:], backup.queue[:] = [long_slow], [long_slow]  # (the primary's circuit may be open)
-            behaviour = "long_slow"
+            behaviour = "long_slow_moving" if moving else "long_slow"
         ctx.steps.append((turn, action, lang, said if action == "say" else "", behaviour))
         before = len(caller.received)
         if action == "empty":
@@ -403,6 +416,41 @@ def relay_call(stack, seed: int, index: int) -> list:
                 ctx.fail(f"late barge-in: the turn cut to {row['heard']!r} is not marked interrupted")
             check_turn_rows(ctx, flow, detail, start)
             continue
+        elif action == "silence":  # the caller says nothing: "are you still there?", then goodbye and end
+            # (counted from when the last line has played: Twilio's agentSpeaking off, else a slow-speech estimate)
+            reprompt = caller.recv(timeout_s=silence_s + 10)
+            lines = [reprompt]
+            while reprompt is not None and not (reprompt.get("type") == "text" and reprompt.get("last")):
+                reprompt = caller.recv(timeout_s=3)
+                lines.append(reprompt)
+            heard = "".join((m or {}).get("token") or "" for m in lines)
+            if not heard.strip() or lines[-1] is None:
+                ctx.fail(f"no reprompt after {silence_s}s of silence: {lines}")
+            if rng.random() < 0.5:
+                continue  # the caller answers the reprompt: the next turn
+            goodbye = [caller.recv(timeout_s=silence_s + 10)]
+            while goodbye[-1] is not None and goodbye[-1].get("type") != "end":
+                goodbye.append(caller.recv(timeout_s=8))
+            if goodbye[-1] is None or json.loads(goodbye[-1]["handoffData"])["reason"] != "silence":
+                ctx.fail(f"no goodbye and end after a second silence: {goodbye}")
+            ended, outcome = json.loads(goodbye[-1]["handoffData"]), "silence"
+            break
+        elif action == "hangup":  # the caller hangs up while the reply streams
+            long_slow = Reply(text=" ".join(f"word{i}" for i in range(40)) + ".", token_interval_s=0.03)
+            brain.queue[:], backup.queue[:] = [long_slow], [long_slow]
+            ctx.steps[-1] = (turn, action, lang, said, "long_slow")
+            partial = caller.say(said, lang=lang, stop_after_tokens=rng.randint(1, 4))
+            caller.hangup()
+            expected_turns += 1
+            detail = wait_turns(url, caller.tracking_id, expected_turns)
+            if len(detail["turns"]) != expected_turns:
+                ctx.fail(f"hang-up mid-reply: {len(detail['turns'])} turns stored, expected {expected_turns}")
+            row = detail["turns"][-1]
+            if not fold(row["heard"]).startswith(fold(partial.text)) or not fold(row["spoken"]).startswith(
+                    fold(row["heard"])):
+                ctx.fail(f"hang-up mid-reply: stored heard {row['heard']!r}, caller had {partial.text!r}")
+            check_turn_rows(ctx, flow, detail, start)
+            break
         elif action == "barge_goodbye":  # the caller talks over the goodbye before it has played: no end
             lang, said = rng.choice(GOODBYES)
             ctx.steps[-1] = (turn, action, lang, said, behaviour)
@@ -528,7 +576,7 @@ def relay_call(stack, seed: int, index: int) -> list:
                     ctx.fail(f"transfer to {handoff.get('destination')} from node {node}")
             ended, outcome = handoff, {"end": "end_node", "transfer": "transfer"}.get(handoff["reason"], "error")
             break
-    caller.hangup()
+    caller.hangup()  # (again, after a hang-up mid-reply: nothing)
     if ended is None and caller.closed_by_server:
         ctx.fail("the server closed the socket without an end")
     total_ends = [m for m in caller.received if m.get("type") == "end"]
