@@ -95,6 +95,29 @@ def random_flow(rng: random.Random, index: int) -> dict:
             "variables": variables}
 
 
+def pick_flow(rng: random.Random, index: int) -> dict:
+    """The real estate flow, the Cantonese clinic flow, or a small random one."""
+    draw = rng.random()
+    if draw < 0.3:
+        return load_workflow()
+    if draw < 0.45:
+        return load_workflow("clinic_cantonese_transfer")
+    return random_flow(rng, index)
+
+
+def utterance(rng: random.Random, cantonese: bool) -> tuple[str, str]:
+    """A language and something said in it; on a Cantonese call mostly Cantonese (recognition is fixed to it)."""
+    if cantonese and rng.random() < 0.8:
+        return "zh-HK", rng.choice(UTTERANCES["zh-HK"])
+    lang, said = rng.choice(list(UTTERANCES.items()))
+    return lang, rng.choice(said)
+
+
+def goodbye(rng: random.Random, cantonese: bool) -> tuple[str, str]:
+    """A goodbye the call's recognition can hear: Cantonese on a Cantonese call, else one of the others."""
+    return rng.choice([g for g in GOODBYES if (g[0] == "zh-HK") == cantonese])
+
+
 class Flow:
     """The graph the invariants are checked against (from the export, not the engine's parser)."""
 
@@ -105,6 +128,11 @@ class Flow:
         self.out: dict[str, list[dict]] = {}
         for e in export["edges"]:
             self.out.setdefault(e["source"], []).append(e)
+
+    def destination(self, node: str) -> str | None:
+        """The transfer node's number, as written in the flow (E.164 once separators are dropped)."""
+        raw = self.data.get(node, {}).get("destination")
+        return re.sub(r"[\s().\-]", "", raw) if raw else None
 
     def ends(self) -> set[str]:
         return {i for i, k in self.kinds.items() if k == "endCall"}
@@ -261,6 +289,23 @@ def check_turn_rows(ctx: Context, flow: Flow, detail: dict, start_node: str) -> 
         node = nxt
 
 
+def check_history_matches_transcript(ctx: Context, record) -> None:
+    """What the model is told it said (the stored history) is what the caller heard (the transcript), turn by turn."""
+    messages = list(record.messages or [])
+    told = []
+    for i, message in enumerate(messages):
+        if message["role"] == "user":
+            after = messages[i + 1] if i + 1 < len(messages) else None
+            told.append((message["content"], after["content"] if after and after["role"] == "assistant" else ""))
+    heard = [(entry["said"], entry["heard"]) for entry in record.transcript or []]
+    if len(told) != len(heard):
+        ctx.fail(f"{len(told)} caller turns in the history, {len(heard)} in the transcript")
+    for (said, history), (said_t, heard_t) in zip(told, heard):
+        if said != said_t or not fold(history).startswith(fold(heard_t)) or (
+                fold(history) != fold(heard_t) and "[" not in history):  # (a tool refusal note, keys pressed)
+            ctx.fail(f"history says {said!r} -> {history!r}; transcript {said_t!r} -> {heard_t!r}")
+
+
 def read_cycles(ctx: Context, caller: RelayCaller, already: list, count: int) -> list[str]:
     """The text of the next `count` talk cycles (closed by last: true), `already` read included."""
     cycles, tokens = [], []
@@ -291,16 +336,19 @@ def stack(tmp_path_factory):
     primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
     env = base_env(tmp, twilio, primary, secondary)
     env.pop("PUBLIC_BASE_URL")
-    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second",
+    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second", ALLOWED_DESTINATION_PREFIXES="+1,+852",
                MAX_CALLS_PER_DAY="100000")
     server = LiveServer(env, workers=1).start()
-    yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary}
+    from callweaver import create_app
+    store = create_app(env).extensions["callweaver"].store  # the server's database, read from here
+    yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary, "store": store}
     server.stop()
     for fake in (twilio, primary, secondary):
         fake.stop()
 
 
-ALLOWED_ERROR_EVENTS = {"all_llm_providers_failed"}  # error-level events a random conversation rightly causes (outage)
+# error-level events a random conversation rightly causes: an outage, Twilio refusing frames (twilio_errors)
+ALLOWED_ERROR_EVENTS = {"all_llm_providers_failed", "relay_twilio_error", "relay_ending_after_errors"}
 
 
 def server_errors(logs: str) -> list[dict]:
@@ -321,10 +369,21 @@ def server_errors(logs: str) -> list[dict]:
 
 
 def relay_call(stack, seed: int, index: int) -> list:
+    steps: list = []
+    try:
+        return relay_call_steps(stack, seed, index, steps)
+    except Violation:
+        raise
+    except Exception as exc:
+        raise Violation(f"seed={seed} call={index}: {exc!r}\nsteps so far: {steps}") from exc
+
+
+def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
     rng = random.Random(f"{seed}:{index}")
-    ctx = Context(seed, index)
-    export = load_workflow() if rng.random() < 0.4 else random_flow(rng, index)
+    ctx = Context(seed, index, steps)
+    export = pick_flow(rng, index)
     flow = Flow(export)
+    cantonese = export["config"].get("globalSettings", {}).get("defaultLanguage") == "zh-HK"
     body = build_body(export, "+15551234567", **{"from": "+15005550006", "record": False, "timeout": 30})
     brain, backup = Brain(rng), Brain(rng)
     stack["llm"].reset()
@@ -342,15 +401,15 @@ def relay_call(stack, seed: int, index: int) -> list:
     start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
     expected_turns, ended, outcome = 0, None, "hang_up"
     for turn in range(rng.randint(1, MAX_TURNS)):
-        lang, said = rng.choice(list(UTTERANCES.items()))
-        said = rng.choice(said)
+        lang, said = utterance(rng, cantonese)
         brain.lang = backup.lang = lang if lang in REPLIES else "en-US"
         brain.queue.clear()
         backup.queue.clear()
         action = rng.choices(["say", "empty", "long", "goodbye", "dtmf", "barge", "barge_late", "talk_over",
-                              "barge_goodbye", "dtmf_over", "speak", "silence", "hangup"],
-                             weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4, 2 if silence_s < 5 else 0, 1])[0]
-        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye", "silence") else model_behaviour(rng, brain, backup,
+                              "barge_goodbye", "dtmf_over", "speak", "silence", "hangup", "keys_then_words",
+                              "twilio_errors"],
+                             weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4, 2 if silence_s < 5 else 0, 1, 1, 0.3])[0]
+        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye", "silence", "twilio_errors") else model_behaviour(rng, brain, backup,
                                                                                                  flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
             words = " ".join(f"word{i}" for i in range(40)) + "."
@@ -379,9 +438,11 @@ def relay_call(stack, seed: int, index: int) -> list:
         elif action == "long":
             reply = caller.say(("I have a very long story to tell you about my house. " * 60).strip(), lang="en-US")
         elif action == "goodbye":
-            lang, said = rng.choice(GOODBYES)
+            lang, said = goodbye(rng, cantonese)
             ctx.steps[-1] = (turn, action, lang, said, behaviour)
             reply = caller.say(said, lang=lang)
+            if reply.end is None or json.loads(reply.end["handoffData"])["reason"] != "end":
+                ctx.fail(f"a goodbye did not end the call: {reply.messages}")
         elif action == "barge":
             words = rng.randint(1, 6)
             partial = caller.say(said, lang=lang, stop_after_words=words)
@@ -428,12 +489,12 @@ def relay_call(stack, seed: int, index: int) -> list:
                 ctx.fail(f"no reprompt after {silence_s}s of silence: {lines}")
             if rng.random() < 0.5:
                 continue  # the caller answers the reprompt: the next turn
-            goodbye = [caller.recv(timeout_s=silence_s + 10)]
-            while goodbye[-1] is not None and goodbye[-1].get("type") != "end":
-                goodbye.append(caller.recv(timeout_s=8))
-            if goodbye[-1] is None or json.loads(goodbye[-1]["handoffData"])["reason"] != "silence":
-                ctx.fail(f"no goodbye and end after a second silence: {goodbye}")
-            ended, outcome = json.loads(goodbye[-1]["handoffData"]), "silence"
+            closing = [caller.recv(timeout_s=silence_s + 10)]
+            while closing[-1] is not None and closing[-1].get("type") != "end":
+                closing.append(caller.recv(timeout_s=8))
+            if closing[-1] is None or json.loads(closing[-1]["handoffData"])["reason"] != "silence":
+                ctx.fail(f"no goodbye and end after a second silence: {closing}")
+            ended, outcome = json.loads(closing[-1]["handoffData"]), "silence"
             break
         elif action == "hangup":  # the caller hangs up while the reply streams
             long_slow = Reply(text=" ".join(f"word{i}" for i in range(40)) + ".", token_interval_s=0.03)
@@ -451,13 +512,43 @@ def relay_call(stack, seed: int, index: int) -> list:
                 ctx.fail(f"hang-up mid-reply: stored heard {row['heard']!r}, caller had {partial.text!r}")
             check_turn_rows(ctx, flow, detail, start)
             break
+        elif action == "twilio_errors":  # Twilio refuses what we send, three times in a row: apology, end (error)
+            for _ in range(3):
+                caller.send({"type": "error", "description": "Invalid message received (64107)"})
+            got = [caller.recv(timeout_s=8)]
+            while got[-1] is not None and got[-1].get("type") != "end":
+                got.append(caller.recv(timeout_s=8))
+            if got[-1] is None or json.loads(got[-1]["handoffData"])["reason"] != "error":
+                ctx.fail(f"three Twilio errors did not end the call with an apology: {got}")
+            if not "".join(m.get("token") or "" for m in got[:-1]).strip():
+                ctx.fail(f"an error ending with no apology: {got}")
+            ended, outcome = json.loads(got[-1]["handoffData"]), "error"
+            break
+        elif action == "keys_then_words":  # the caller types, then speaks before the entry ended: one turn
+            for d in "42":
+                caller.send({"type": "dtmf", "digit": d})
+            reply = caller.say(said, lang=lang)
+            expected_turns += 1
+            if not reply.text.strip() and not [m for m in caller.received[before:] if m.get("type") == "sendDigits"]:
+                ctx.fail(f"keys then words: no reply {reply.messages}")
+            caller.drain(0.25)
+            detail = wait_turns(url, caller.tracking_id, expected_turns, timeout_s=4)
+            if len(detail["turns"]) != expected_turns or "42" not in (detail["turns"][-1]["said"] or ""):
+                ctx.fail(f"keys then words: turns {[(t['said'], t['heard']) for t in detail['turns']]}")
+            check_turn_rows(ctx, flow, detail, start)
+            if reply.end is not None:
+                ended = json.loads(reply.end["handoffData"])
+                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+                break
+            continue
         elif action == "barge_goodbye":  # the caller talks over the goodbye before it has played: no end
-            lang, said = rng.choice(GOODBYES)
+            lang, said = goodbye(rng, cantonese)
             ctx.steps[-1] = (turn, action, lang, said, behaviour)
             node_before = call_detail(url, caller.tracking_id)["call"]["currentNode"]
             caller.prompt(said, lang=lang)
             heard = read_cycle(ctx, caller)
-            caller.interrupt(heard.split()[0] if heard.split() else "", played_ms=300)
+            words = heard.split()
+            caller.interrupt(words[0] if len(words) > 1 else heard.strip()[:2], played_ms=300)  # (CJK: 2 characters)
             expected_turns += 1
             if any(m.get("type") == "end" for m in caller.drain(0.6)):
                 ctx.fail("an end after the caller talked over the goodbye")
@@ -572,16 +663,22 @@ def relay_call(stack, seed: int, index: int) -> list:
                 ctx.fail(f"end reason {handoff['reason']} but the turn's action is {row['action']}")
             if handoff["reason"] == "transfer":
                 node = handoff.get("node")
-                if handoff.get("destination") != flow.data.get(node, {}).get("destination"):
+                if handoff.get("destination") != flow.destination(node):
                     ctx.fail(f"transfer to {handoff.get('destination')} from node {node}")
             ended, outcome = handoff, {"end": "end_node", "transfer": "transfer"}.get(handoff["reason"], "error")
             break
     caller.hangup()  # (again, after a hang-up mid-reply: nothing)
+    if ended is not None:  # Twilio closes the session and asks the action URL what next
+        root = ET.fromstring(caller.connect_action("ended", ended).text)
+        want = ["Dial"] if ended["reason"] == "transfer" else ["Hangup"]
+        if [c.tag for c in root] != want or (want == ["Dial"] and root.find("Dial").text != ended["destination"]):
+            ctx.fail(f"the action URL answered {ET.tostring(root)} to {ended}")
     if ended is None and caller.closed_by_server:
         ctx.fail("the server closed the socket without an end")
     total_ends = [m for m in caller.received if m.get("type") == "end"]
     if len(total_ends) > 1:
         ctx.fail(f"{len(total_ends)} end messages on one call")
+    check_history_matches_transcript(ctx, stack["store"].get_call(caller.tracking_id))
     caller.status("completed", 5)
     deadline = time.monotonic() + 5
     while (detail := call_detail(url, caller.tracking_id))["call"]["outcome"] == "in_progress" \
@@ -610,7 +707,7 @@ def test_random_relay_conversations_keep_every_invariant(stack):
 @pytest.fixture
 def gather_env(env):
     return {**env, "LLM_STALL_TIMEOUT_S": str(STALL_S), "RATE_LIMIT_MAKE_CALL": "1000 per minute",
-            "MAX_CALLS_PER_DAY": "100000"}
+            "MAX_CALLS_PER_DAY": "100000", "ALLOWED_DESTINATION_PREFIXES": "+1,+852"}
 
 
 def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index: int, logs: list) -> list:
@@ -618,7 +715,8 @@ def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index:
 
     rng = random.Random(f"gather:{seed}:{index}")
     ctx = Context(seed, index)
-    export = load_workflow() if rng.random() < 0.4 else random_flow(rng, 1000 + index)
+    export = pick_flow(rng, 1000 + index)
+    cantonese = export["config"].get("globalSettings", {}).get("defaultLanguage") == "zh-HK"
     flow = Flow(export)
     body = build_body(export, "+15551234567", **{"from": "+15005550006", "record": False, "timeout": 30})
     brain, backup = Brain(rng), Brain(rng)
@@ -633,11 +731,10 @@ def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index:
     for turn in range(rng.randint(1, MAX_TURNS)):
         brain.queue.clear()
         backup.queue.clear()
-        lang, said = rng.choice(list(UTTERANCES.items()))
-        said = rng.choice(said)
+        lang, said = utterance(rng, cantonese)
         action = rng.choices(["say", "goodbye", "unheard", "long"], weights=[8, 1, 1, 1])[0]
         if action == "goodbye":
-            lang, said = rng.choice(GOODBYES)
+            lang, said = goodbye(rng, cantonese)
         elif action == "long":
             said = ("I have a very long story to tell you about my house. " * 60).strip()
         behaviour = "-" if action in ("goodbye", "unheard") else model_behaviour(rng, brain, backup, flow)
@@ -677,7 +774,7 @@ def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index:
             break
         if row["action"] == "transfer":
             dial = root.find("Dial")
-            if dial is None or dial.text != flow.data[row["nextNodeId"]].get("destination"):
+            if dial is None or dial.text != flow.destination(row["nextNodeId"]):
                 ctx.fail(f"a transfer that does not dial the node's number: {resp.data!r}")
             outcome = "transfer"
             break
@@ -685,6 +782,7 @@ def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index:
             ctx.fail(f"the call ended without an end or transfer turn: {tags} {row}")
     call.twilio.post(f"/api/call-status?trackingId={call.tracking_id}",
                      {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "5"})
+    check_history_matches_transcript(ctx, store.get_call(call.tracking_id))
     detail = client.get(f"/api/call-log/{call.tracking_id}").get_json()
     if detail["call"]["outcome"] != outcome:
         ctx.fail(f"call log outcome {detail['call']['outcome']}, expected {outcome}")
