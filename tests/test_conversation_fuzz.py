@@ -28,6 +28,7 @@ from tests.helpers import load_workflow
 
 SEED = int(os.environ.get("CONVO_FUZZ_SEED") or random.SystemRandom().randrange(1, 10 ** 6))
 RELAY_CALLS = int(os.environ.get("CONVO_FUZZ_CALLS") or 14)
+ONLY_CALL = os.environ.get("CONVO_FUZZ_CALL")  # replay one call of the seed (its index, as a failure names it)
 GATHER_CALLS = max(2, RELAY_CALLS // 3)
 MAX_TURNS = 6
 STALL_S = 0.6        # LLM_STALL_TIMEOUT_S of the server under test: a slower token fails over
@@ -245,8 +246,11 @@ class Context:
     seed: int
     call: int
     steps: list = field(default_factory=list)
+    dump: object = lambda: ""  # what to print on a violation with CONVO_FUZZ_DUMP=1 (the server log)
 
     def fail(self, what: str) -> None:
+        if os.environ.get("CONVO_FUZZ_DUMP"):
+            print(self.dump())
         raise Violation(f"seed={self.seed} call={self.call}: {what}\nsteps so far: {self.steps}")
 
 
@@ -337,7 +341,7 @@ def stack(tmp_path_factory):
     env = base_env(tmp, twilio, primary, secondary)
     env.pop("PUBLIC_BASE_URL")
     env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second", ALLOWED_DESTINATION_PREFIXES="+1,+852",
-               MAX_CALLS_PER_DAY="100000")
+               MAX_CALLS_PER_DAY="100000", LOG_LEVEL=os.environ.get("CONVO_FUZZ_LOG_LEVEL", "WARNING"))
     server = LiveServer(env, workers=1).start()
     from callweaver import create_app
     store = create_app(env).extensions["callweaver"].store  # the server's database, read from here
@@ -380,7 +384,7 @@ def relay_call(stack, seed: int, index: int) -> list:
 
 def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
     rng = random.Random(f"{seed}:{index}")
-    ctx = Context(seed, index, steps)
+    ctx = Context(seed, index, steps, dump=stack["server"].logs)
     export = pick_flow(rng, index)
     flow = Flow(export)
     cantonese = export["config"].get("globalSettings", {}).get("defaultLanguage") == "zh-HK"
@@ -587,7 +591,11 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
                 ctx.fail("keys over a reply: the keys were not answered")
             check_turn_rows(ctx, flow, detail, start)
             if detail["turns"][-1]["action"]:
-                caller.drain(0.5)
+                # its end follows once Twilio has played both replies (the one cut, then the closing line)
+                while not [m for m in caller.received[before:] if m.get("type") == "end"] and caller.recv(8):
+                    pass
+                caller.drain(0.3)
+                ends = [m for m in caller.received[before:] if m.get("type") == "end"]
                 if len(ends) != 1:
                     ctx.fail(f"keys over a reply: the turn's {detail['turns'][-1]['action']} sent {len(ends)} ends")
                 ended = json.loads(ends[0]["handoffData"])
@@ -691,10 +699,11 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
     return ctx.steps
 
 
+@pytest.mark.timeout(max(120, RELAY_CALLS * 6))  # (a longer run: CONVO_FUZZ_CALLS)
 def test_random_relay_conversations_keep_every_invariant(stack):
     started = time.monotonic()
     seen: dict[str, int] = {}
-    for index in range(RELAY_CALLS):
+    for index in [int(ONLY_CALL)] if ONLY_CALL else range(RELAY_CALLS):
         for step in relay_call(stack, SEED, index):
             for name in (step[1], step[4]):
                 seen[name] = seen.get(name, 0) + 1
@@ -789,6 +798,7 @@ def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index:
     return ctx.steps
 
 
+@pytest.mark.timeout(max(120, GATHER_CALLS * 6))
 def test_random_gather_conversations_keep_every_invariant(gather_env, fake_twilio, fake_llm, fake_llm2):
     from structlog.testing import capture_logs
 
