@@ -416,13 +416,13 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
         behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye", "silence", "twilio_errors") else model_behaviour(rng, brain, backup,
                                                                                                  flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
-            words = " ".join(f"word{i}" for i in range(40)) + "."
+            long_text = " ".join(f"word{i}" for i in range(40)) + "."
             moving = rng.random() < 0.4  # the reply also takes an edge (perhaps to an end or transfer)
 
-            def long_slow(body: dict) -> Reply:
+            def long_slow(body: dict, long_text=long_text, moving=moving) -> Reply:
                 edges, _ = offered(body)
                 calls = [("transition", {"edge_id": rng.choice(edges)})] if moving and edges else []
-                return Reply(text=words, token_interval_s=0.03, tool_calls=calls)
+                return Reply(text=long_text, token_interval_s=0.03, tool_calls=calls)
             brain.queue[:], backup.queue[:] = [long_slow], [long_slow]  # (the primary's circuit may be open)
             behaviour = "long_slow_moving" if moving else "long_slow"
         ctx.steps.append((turn, action, lang, said if action == "say" else "", behaviour))
