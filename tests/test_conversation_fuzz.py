@@ -51,7 +51,8 @@ GOODBYES = [("en-US", "ok that's all, thanks bye"), ("en-US", "Goodbye!"), ("zh-
             ("es-ES", "gracias, adiós"), ("fr-FR", "merci, au revoir")]
 REPLIES = {"en-US": ["Sure, I can help with that.", "Could you tell me a bit more?",
                      "Great. What budget do you have in mind?"],
-           "es-ES": ["Claro, le ayudo con eso."], "zh-HK": ["好呀，我幫你睇吓。", "請問你嘅預算大概係幾多？"],
+           "es-ES": ["Claro, le ayudo con eso."],
+           "zh-HK": ["好呀，我幫你睇吓。", "請問你嘅預算大概係幾多？"],
            "fr-FR": ["Bien sûr, je vous aide."], "de-DE": ["Gern, ich helfe Ihnen."]}
 
 
@@ -284,7 +285,8 @@ def check_turn_rows(ctx: Context, flow: Flow, detail: dict, start_node: str) -> 
         if turn.get("firstTokenMs") is not None and turn.get("lastTokenMs") is not None \
                 and turn["lastTokenMs"] < turn["firstTokenMs"]:
             ctx.fail(f"turn {i} lastTokenMs < firstTokenMs: {turn}")
-        if turn.get("interrupted") and (turn.get("action") or nxt != turn["nodeId"] and turn.get("source") == "apology"):
+        if turn.get("interrupted") and (turn.get("action")
+                                        or nxt != turn["nodeId"] and turn.get("source") == "apology"):
             ctx.fail(f"turn {i} was interrupted yet fired {turn.get('action')} / moved to {nxt}")
         if turn.get("action") == "end" and flow.ends() and nxt not in flow.ends():
             ctx.fail(f"turn {i} ended the call on {nxt}, not an end node")
@@ -340,7 +342,8 @@ def stack(tmp_path_factory):
     primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
     env = base_env(tmp, twilio, primary, secondary)
     env.pop("PUBLIC_BASE_URL")
-    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second", ALLOWED_DESTINATION_PREFIXES="+1,+852",
+    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute",
+               RATE_LIMIT_METRICS="1000/second", ALLOWED_DESTINATION_PREFIXES="+1,+852",
                MAX_CALLS_PER_DAY="100000", LOG_LEVEL=os.environ.get("CONVO_FUZZ_LOG_LEVEL", "WARNING"))
     server = LiveServer(env, workers=1).start()
     from callweaver import create_app
@@ -413,8 +416,8 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
                               "barge_goodbye", "dtmf_over", "speak", "silence", "hangup", "keys_then_words",
                               "twilio_errors"],
                              weights=[8, 1, 1, 1, 2, 2, 1, 1, 1, 1, 4, 2 if silence_s < 5 else 0, 1, 1, 0.3])[0]
-        behaviour = "-" if action in ("empty", "goodbye", "barge_goodbye", "silence", "twilio_errors") else model_behaviour(rng, brain, backup,
-                                                                                                 flow)
+        quiet = ("empty", "goodbye", "barge_goodbye", "silence", "twilio_errors")  # no model turn to script
+        behaviour = "-" if action in quiet else model_behaviour(rng, brain, backup, flow)
         if action in ("barge", "talk_over"):  # a reply long and slow enough to be talked over
             long_text = " ".join(f"word{i}" for i in range(40)) + "."
             moving = rng.random() < 0.4  # the reply also takes an edge (perhaps to an end or transfer)
@@ -719,7 +722,7 @@ def gather_env(env):
             "MAX_CALLS_PER_DAY": "100000", "ALLOWED_DESTINATION_PREFIXES": "+1,+852"}
 
 
-def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index: int, logs: list) -> list:
+def gather_call(app, client, fake_twilio, fake_llm, fake_llm2, seed: int, index: int) -> list:
     from tests.test_gather_flow import GatherCall
 
     rng = random.Random(f"gather:{seed}:{index}")
@@ -808,6 +811,6 @@ def test_random_gather_conversations_keep_every_invariant(gather_env, fake_twili
     client = app.test_client()
     with capture_logs() as logs:
         for index in range(GATHER_CALLS):
-            gather_call(app, client, fake_twilio, fake_llm, fake_llm2, SEED, index, logs)
+            gather_call(app, client, fake_twilio, fake_llm, fake_llm2, SEED, index)
     errors = [e for e in logs if e.get("log_level") in ("error", "critical") and e["event"] not in ALLOWED_ERROR_EVENTS]
     assert not errors, f"seed={SEED}: error events: {errors[:5]}"

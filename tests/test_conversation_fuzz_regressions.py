@@ -21,5 +21,6 @@ def test_a_barge_in_after_the_reply_was_sent_marks_its_turn_interrupted(call, fa
 def test_a_barge_in_after_the_whole_reply_was_heard_leaves_its_turn_uninterrupted(call, fake_llm):
     fake_llm.push(Reply(text="It has three bedrooms."))
     call.say("How many bedrooms")
-    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has three bedrooms.", "durationUntilInterruptMs": 900})
+    call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has three bedrooms.",
+               "durationUntilInterruptMs": 900})
     assert call.turns()[-1]["interrupted"] is False
