@@ -670,7 +670,8 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
         while row["action"] in ("end", "transfer") and not ends and time.monotonic() - waited < 10:
             caller.recv(timeout_s=1)  # its end waits for Twilio to report the closing line played (or a bound)
             ends = [m for m in caller.received[before:] if m.get("type") == "end"]
-        if row["action"] in ("end", "transfer") and ends and time.monotonic() - waited > 1 and os.environ.get("CONVO_FUZZ_DUMP"):
+        if (row["action"] in ("end", "transfer") and ends and time.monotonic() - waited > 1
+                and os.environ.get("CONVO_FUZZ_DUMP")):
             print(f"seed={ctx.seed} call={ctx.call}: the end came {time.monotonic() - waited:.1f}s after the reply")
             print(ctx.dump())
         if len(ends) > 1:
