@@ -621,6 +621,13 @@ class RelaySession:
             log.exception("relay_history_trim_failed")
             return
         self.record = self.engine.sharing_snapshot(updated) or self.record
+        try:
+            # Its row says so too (the call log's timeline, the call's interrupted count), as for a barge-in
+            # mid-stream. A closing line's row is left to _drop_closing_action, which also clears its action.
+            self.engine.store.amend_last_turn(self.record.tracking_id, {"interrupted": True},
+                                              expect={"interrupted": False, "action": None})
+        except Exception:  # the history and transcript are trimmed; only the row's flag is stale
+            log.exception("relay_interrupted_turn_row_not_amended")
         log.info("relay_history_trimmed", heard_chars=len(cut))
 
     def _heard(self, spoken: str, message: protocol.Interrupt, language: str | None = None) -> str:
