@@ -259,6 +259,18 @@ def call_detail(server_url: str, tracking_id: str) -> dict:
     return http("GET", f"{server_url}/api/call-log/{tracking_id}?mask=0").json()
 
 
+
+def closing_line_outcome(ctx, caller, url: str, before: int, cycles: list, turns: int) -> str | None:
+    """When the reply talked over (by keys or words) was a closing line fully sent first, its `end` came and the
+    input ends with it: check the one end matches the stored turn's action, and return the call's outcome."""
+    ends = [m for m in caller.received[before:] if m.get("type") == "end"]
+    if not ends or len(cycles) != 1:
+        return None
+    detail = wait_turns(url, caller.tracking_id, turns)
+    if len(ends) != 1 or detail["turns"][-1]["action"] != json.loads(ends[0]["handoffData"])["reason"]:
+        ctx.fail(f"input over a closing line: ends {ends}, turn {detail['turns'][-1]}")
+    return {"end": "end_node", "transfer": "transfer"}[json.loads(ends[0]["handoffData"])["reason"]]
+
 def wait_turns(server_url: str, tracking_id: str, count: int, timeout_s: float = 8.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -572,14 +584,9 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
                 caller.send({"type": "dtmf", "digit": d})
             cycles = read_cycles(ctx, caller, [first], 2)
             late = caller.drain(0.5)
-            ends = [m for m in caller.received[before:] if m.get("type") == "end"]
-            if ends and len(cycles) == 1:  # the reply was a closing line, fully sent before the keys: they end with it
-                expected_turns += 1
-                detail = wait_turns(url, caller.tracking_id, expected_turns)
-                if len(ends) != 1 or detail["turns"][-1]["action"] != json.loads(ends[0]["handoffData"])["reason"]:
-                    ctx.fail(f"keys over a closing line: ends {ends}, turn {detail['turns'][-1]}")
-                ended = json.loads(ends[0]["handoffData"])
-                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+            closed = closing_line_outcome(ctx, caller, url, before, cycles, expected_turns + 1)
+            if closed is not None:  # the reply was a closing line, fully sent before the keys: they end with it
+                outcome = closed
                 break
             if [m for m in late if m.get("type") == "text" and m.get("token")]:
                 ctx.fail(f"keys over a reply: a third reply {late}")
@@ -611,14 +618,9 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
             caller.prompt("Sorry, one more thing", lang="en-US")
             cycles = read_cycles(ctx, caller, [first], 2)
             late = caller.drain(0.5)
-            ends = [m for m in caller.received[before:] if m.get("type") == "end"]
-            if ends and len(cycles) == 1:  # the reply was a closing line, fully sent before the keys: they end with it
-                expected_turns += 1
-                detail = wait_turns(url, caller.tracking_id, expected_turns)
-                if len(ends) != 1 or detail["turns"][-1]["action"] != json.loads(ends[0]["handoffData"])["reason"]:
-                    ctx.fail(f"keys over a closing line: ends {ends}, turn {detail['turns'][-1]}")
-                ended = json.loads(ends[0]["handoffData"])
-                outcome = {"end": "end_node", "transfer": "transfer"}[ended["reason"]]
+            closed = closing_line_outcome(ctx, caller, url, before, cycles, expected_turns + 1)
+            if closed is not None:  # the reply was a closing line, fully sent before the keys: they end with it
+                outcome = closed
                 break
             if [m for m in late if m.get("type") == "text" and m.get("token")]:
                 ctx.fail(f"keys over a reply: a third reply {late}")
