@@ -494,13 +494,14 @@ class SQLiteStore:
             ends_now = status in TERMINAL_STATUSES and row[1] is None
             insert = ("INSERT OR IGNORE INTO cw_statuses"
                       " (tracking_id, sequence, status, received_at, payload) VALUES (?, ?, ?, ?, ?)")
-            if not conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload))).rowcount:
+            payload_json = _dumps(payload)
+            if not conn.execute(insert, (tracking_id, sequence, status, received_at, payload_json)).rowcount:
                 if not ends_now:
                     return False  # a retried callback: already recorded
                 # The number was taken by a callback that came without one (numbered by the store): the final status
                 # is recorded after it, and ends the call all the same (END_REASON_RULE).
                 sequence = max(sequence, current_sequence) + 1
-                conn.execute(insert, (tracking_id, sequence, status, received_at, _dumps(payload)))
+                conn.execute(insert, (tracking_id, sequence, status, received_at, payload_json))
             # The status that ends the call becomes its status; an ended call stays ended: a late non-terminal
             # status is history only (END_REASON_RULE).
             became_current = ends_now or (sequence > current_sequence
