@@ -521,10 +521,10 @@ class CallLifecycle:
         if record is not None:
             self._write_end_reason(record, ERROR_END, why)
 
-    def _write_end_reason(self, record: CallRecord, reason: str, why: str) -> bool:
+    def _write_end_reason(self, record: CallRecord, reason: str, why: str) -> None:
         """Record the call's end reason unless one was recorded first (store.END_REASON_RULE). It only labels the
-        call: a failed write (a full disk, a locked file) is logged and False, and the hang-up goes on."""
-        return self._change_end(record.tracking_id, end_reason_claimed(reason), reason=reason, why=why)[1]
+        call: a failed write (a full disk, a locked file) is logged, and the hang-up goes on."""
+        self._change_end(record.tracking_id, end_reason_claimed(reason), reason=reason, why=why)
 
     def _change_end(self, tracking_id: str, change: MetaChange, **context: Any) -> tuple[dict | None, bool]:
         """One END_REASON_RULE write; a failed one is logged and (None, False): the call's end goes on without it."""
