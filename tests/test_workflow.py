@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from callweaver.engine import workflow as workflow_module
+from callweaver.engine.speech import MAX_TURN_REPLY_BYTES
+from callweaver.engine.workflow.parse import MAX_TURN_TOKENS
 from callweaver.engine.workflow import (
     RECORD_VARIABLES_TOOL,
     TRANSITION_TOOL,
@@ -118,6 +120,18 @@ def test_real_estate_greeting_language_prompt_and_llm_options(real_estate):
     assert real_estate.global_prompt.startswith("You are a professional real estate AI assistant for Premier Properties.")
     assert real_estate.llm_options == {"temperature": 0.7, "max_tokens": 1000, "model": "gpt-4o-mini"}
     assert real_estate.name == "Real Estate Property Dealer Workflow"
+
+
+def test_a_max_tokens_larger_than_any_turn_can_use_is_capped(real_estate_payload):
+    """A flow's `maxTokens` went to the provider as written: 100000 is above every chat model's output limit
+    (gpt-4o 16384, gpt-35-turbo 4096), so every turn of the call got a 400 and the caller heard only apologies. A turn
+    never speaks more than MAX_TURN_REPLY_BYTES (each token is at least one byte), so a larger value is capped to
+    one every model takes, without changing what any reply can say."""
+    payload = copy.deepcopy(real_estate_payload)
+    for value, expected in ((100000, MAX_TURN_TOKENS), (MAX_TURN_TOKENS, MAX_TURN_TOKENS), (300, 300)):
+        payload["config"]["llm"]["azure"]["maxTokens"] = value
+        assert Workflow.from_payload(payload).llm_options["max_tokens"] == expected
+    assert MAX_TURN_TOKENS >= MAX_TURN_REPLY_BYTES
 
 
 def test_version_hash_is_stable_and_ignores_canvas_layout(real_estate_payload):

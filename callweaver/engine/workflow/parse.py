@@ -217,6 +217,10 @@ def _call_limits(config: Mapping) -> CallLimits:
 
 
 MAX_TEMPERATURE = 2  # OpenAI's and Azure OpenAI's documented range is 0 to 2
+# A flow's maxTokens above this is capped to it. Above a model's output limit (gpt-35-turbo 4096, gpt-4o 16384) every
+# turn is refused with a 400; a turn never speaks more than speech.MAX_TURN_REPLY_BYTES and a token is at least one
+# byte, so 4096 leaves every reply, and room for a tool call's arguments, as a larger value would.
+MAX_TURN_TOKENS = 4096
 
 
 def _llm_options(config: Mapping) -> LlmOptions:
@@ -229,7 +233,7 @@ def _llm_options(config: Mapping) -> LlmOptions:
     max_tokens = _first(sources, ("maxTokens", "max_tokens"), _as_int)
     return LlmOptions(
         temperature=temperature if temperature is not None and 0 <= temperature <= MAX_TEMPERATURE else None,
-        max_tokens=max_tokens if max_tokens is not None and max_tokens >= 1 else None,
+        max_tokens=min(max_tokens, MAX_TURN_TOKENS) if max_tokens is not None and max_tokens >= 1 else None,
         model=_first(sources, ("model", "deploymentName"), lambda v: _text(v) or None),
     )
 
