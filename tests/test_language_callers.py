@@ -47,6 +47,16 @@ def test_a_japanese_closing_said_as_one_still_ends_the_call(said):
     assert goodbye("ja-JP", said)
 
 
+@pytest.mark.parametrize("said", ["안으로 들어가세요", "홈페이지에 들어가세요.", "2층으로 들어가세요", "사이트에서 들어가세요"])
+def test_korean_directions_to_go_in_are_no_goodbye(said):
+    assert not goodbye("ko-KR", said)
+
+
+@pytest.mark.parametrize("said", ["들어가세요", "네, 들어가세요.", "조심히 들어가세요", "네 들어가세요"])
+def test_korean_goodbye_go_in_safely_still_ends_the_call(said):
+    assert goodbye("ko-KR", said)
+
+
 # ---- 2. Negated closings ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, said", [

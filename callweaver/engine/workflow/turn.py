@@ -266,7 +266,7 @@ def _ends_with_goodbye(text: str, phrase: str, unspaced: bool) -> bool:
         before = _before_last(text, len(phrase))
         if is_thai(phrase[0]) and not _thai_word_starts(before, phrase):
             return False
-        if _inside_japanese_sentence(before, phrase):
+        if _inside_japanese_sentence(before, phrase) or _korean_directions(before, phrase):
             return False
         return not _mentioned(before, phrase)
     if text != phrase:
@@ -398,6 +398,17 @@ def _inside_japanese_sentence(before: str, phrase: str) -> bool:
     if phrase.startswith("失礼"):
         return bool(_JAPANESE_A_MOMENT.search(before.rstrip()))
     return False
+
+
+# Korean 들어가세요 is "goodbye" (literally "go in", home, safely) but also a direction: 안으로 들어가세요 "go inside",
+# 홈페이지에 들어가세요 "go to the website". After a place (a word ending in the particles 에, 로/으로, 에서, or 안/속
+# "inside") it is a direction, not a goodbye.
+_KOREAN_PLACE_BEFORE = re.compile(r"(?:에|로|에서|안|속)\s*$")
+
+
+def _korean_directions(before: str, phrase: str) -> bool:
+    """Whether a Korean 들어가세요 found after `before` gives directions rather than says goodbye."""
+    return phrase.startswith("들어가") and bool(_KOREAN_PLACE_BEFORE.search(before))
 
 
 # Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase also
