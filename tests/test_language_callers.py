@@ -25,7 +25,7 @@ from tests.helpers import make_call_body
 from tests.scripted_brain import real_estate_brain
 
 TABLE = LanguageTable.load()
-ENGINE = Path(__file__).resolve().parents[1] / "callweaver" / "engine"
+PACKAGE = Path(__file__).resolve().parents[1] / "callweaver"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -107,7 +107,7 @@ def test_a_semicolon_after_latin_words_is_no_question():
 
 def test_question_marks_are_defined_once_in_the_speech_module():
     """Every place that asks "is this a question?" reads speech.QUESTION_MARKS (or ends_as_question)."""
-    for source in ENGINE.rglob("*.py"):
+    for source in PACKAGE.rglob("*.py"):
         if source.name == "speech.py":
             continue
         text = source.read_text(encoding="utf-8")
