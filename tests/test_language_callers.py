@@ -47,6 +47,14 @@ def test_a_japanese_closing_said_as_one_still_ends_the_call(said):
     assert goodbye("ja-JP", said)
 
 
+@pytest.mark.parametrize("said", ["ありがとうございます以上です", "大丈夫です以上です", "分かりました以上です",
+                                  "よろしくお願いします以上です", "ありがとうございました以上です"])
+def test_a_japanese_closing_after_a_finished_sentence_without_punctuation_ends_the_call(said):
+    """Recognisers often leave out 。 between sentences: 以上です after a polite sentence ending (です, ます, ました)
+    closes as it does after 。 (it was "or more" only after a number or a noun: 三人以上です)."""
+    assert goodbye("ja-JP", said)
+
+
 @pytest.mark.parametrize("said", ["안으로 들어가세요", "홈페이지에 들어가세요.", "2층으로 들어가세요", "사이트에서 들어가세요"])
 def test_korean_directions_to_go_in_are_no_goodbye(said):
     assert not goodbye("ko-KR", said)
@@ -60,7 +68,8 @@ def test_korean_goodbye_go_in_safely_still_ends_the_call(said):
 # ---- 2. Negated closings ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("code, said", [
-    ("it-IT", "non è tutto"), ("it-IT", "No, non è tutto."), ("pt-BR", "não é só isso"),
+    ("it-IT", "non è tutto"), ("it-IT", "No, non è tutto."), ("it-IT", "non e tutto"),
+    ("it-IT", "Non basta così, grazie."), ("pt-BR", "não é só isso"),
     ("pt-BR", "Não é só isso, obrigado"), ("pt-PT", "Não é tudo."), ("pt-PT", "nao e so isso obrigado"),
     ("es-MX", "No es todo, gracias."), ("es-US", "no es todo gracias"), ("id-ID", "Bukan itu saja."),
     ("ms-MY", "bukan itu sahaja"), ("fil-PH", "Hindi yun lang po."), ("ar-SA", "ليس هذا كل شيء"),
@@ -80,6 +89,16 @@ def test_a_negated_closing_is_no_goodbye(code, said):
 ])
 def test_no_then_a_closing_is_still_a_goodbye(code, said):
     """"No, that's all": the comma tells the interjection from the negation."""
+    assert goodbye(code, said)
+
+
+@pytest.mark.parametrize("code, said", [
+    ("fr-FR", "non c'est tout"), ("fr-FR", "Non c'est tout."), ("fr-FR", "non non c'est tout"),
+    ("fr-CA", "Non c'est beau, merci"), ("fr-CA", "non c'est tout merci bye"),
+])
+def test_a_french_non_before_a_closing_is_an_interjection_even_without_a_comma(code, said):
+    """French negates inside the phrase ("ce n'est pas tout"); "non" before "c'est tout" is always "No, that's all".
+    Italian "non" negates only the words it negates there ("non è tutto", "non basta così")."""
     assert goodbye(code, said)
 
 

@@ -334,11 +334,12 @@ def _mentioned(before: str, phrase: str) -> bool:
 # "that's not all", "não é só isso" "it's not only that", "bukan itu saja" "not only that", "ليس هذا كل شيء"). Only
 # directly before it, in the same clause: "No, è tutto" and "Não, é só isso, obrigado" ("No, that's all") are
 # goodbyes, which the recogniser's comma tells apart. A word that is also an interjection in another language of the
-# table ("no": Spanish negation, English "no") counts only before the words it negates there: "no es todo".
+# table counts only before the words it negates there: "no" (Spanish negation, English "no") in "no es todo", "non"
+# (Italian negation, French "non") in "non è tutto", "non basta così"; French "non c'est tout" is "No, that's all".
 # Languages that negate inside the phrase ("eso no es todo", "c'est pas tout", "это не всё", "to nije sve") or after
 # it (Japanese, Turkish, Hindi) need nothing here: the phrase is not the end of what they said.
 _NEGATIONS_BEFORE: Mapping[str, frozenset[str] | None] = {
-    "non": None,                            # Italian
+    "non": frozenset({"è", "e", "basta"}),  # Italian "non è tutto"; French "non c'est tout" stays a goodbye
     "não": None, "nao": None,               # Portuguese (a recogniser may drop the tilde)
     "no": frozenset({"es", "era", "fue"}),  # Spanish "no es todo"; English "no, that's all" stays a goodbye
     "bukan": None,                          # Indonesian, Malay
@@ -385,9 +386,10 @@ def _negated(utterance: str, phrase: str, unspaced: bool) -> bool:
 # Japanese says some closing phrases inside sentences too: 以上です ("that's all") is also "... or more" (三人以上です
 # "three people or more"), 失礼します ("goodbye") also "excuse me" (ちょっと失礼します "excuse me a moment", said before
 # stepping away). A phrase beginning with 以上 closes only at the start of what was said, after a clause break or
-# after a word that leads into a closing (はい、では、これで, a topic 私からは); one beginning with 失礼 never after
-# a word of "a moment".
-_JAPANESE_CLOSING_LEAD_INS = ("はい", "では", "じゃあ", "じゃ", "それでは", "それじゃ", "これで", "ええ", "うん", "は")
+# after a word that leads into a closing (はい、では、これで, a topic 私からは) or a finished polite sentence, whose 。 the
+# recogniser may leave out (ありがとうございます以上です); one beginning with 失礼 never after a word of "a moment".
+_JAPANESE_CLOSING_LEAD_INS = ("はい", "では", "じゃあ", "じゃ", "それでは", "それじゃ", "これで", "ええ", "うん", "は",
+                              "です", "ます", "でした", "ました", "ません")
 _JAPANESE_A_MOMENT = re.compile(r"(?:ちょっと|ちょっとだけ|少々|少し|一旦|いったん|一度)$")
 
 
