@@ -95,10 +95,14 @@ def test_no_then_a_closing_is_still_a_goodbye(code, said):
 @pytest.mark.parametrize("code, said", [
     ("fr-FR", "non c'est tout"), ("fr-FR", "Non c'est tout."), ("fr-FR", "non non c'est tout"),
     ("fr-CA", "Non c'est beau, merci"), ("fr-CA", "non c'est tout merci bye"),
+    # "não", "hindi", "bukan" are also "No" in their own language: they negate only what they negate there
+    ("pt-BR", "não tchau"), ("pt-BR", "Não até logo."), ("pt-PT", "nao adeus"), ("pt-BR", "não tchau tchau"),
+    ("fil-PH", "hindi sige po salamat"), ("fil-PH", "Hindi paalam."), ("ms-MY", "bukan selamat tinggal"),
 ])
-def test_a_french_non_before_a_closing_is_an_interjection_even_without_a_comma(code, said):
+def test_no_before_a_closing_it_cannot_negate_is_an_interjection_even_without_a_comma(code, said):
     """French negates inside the phrase ("ce n'est pas tout"); "non" before "c'est tout" is always "No, that's all".
-    Italian "non" negates only the words it negates there ("non è tutto", "non basta così")."""
+    Italian "non" negates only the words it negates there ("non è tutto", "non basta così"); Portuguese "não" a verb
+    or "só" ("não é tudo", "não só isso"), never "tchau" or "até logo" (recognisers often drop the comma)."""
     assert goodbye(code, said)
 
 

@@ -333,17 +333,19 @@ def _mentioned(before: str, phrase: str) -> bool:
 # Negations that come right before a goodbye phrase, in languages that negate by a word in front ("non è tutto" is
 # "that's not all", "não é só isso" "it's not only that", "bukan itu saja" "not only that", "ليس هذا كل شيء"). Only
 # directly before it, in the same clause: "No, è tutto" and "Não, é só isso, obrigado" ("No, that's all") are
-# goodbyes, which the recogniser's comma tells apart. A word that is also an interjection in another language of the
-# table counts only before the words it negates there: "no" (Spanish negation, English "no") in "no es todo", "non"
-# (Italian negation, French "non") in "non è tutto", "non basta così"; French "non c'est tout" is "No, that's all".
+# goodbyes, which the recogniser's comma tells apart. A word that is also an interjection ("No") counts only before
+# the words it negates, as recognisers often drop that comma: "no" in "no es todo" (English "no that's all" is a
+# goodbye), "non" in "non è tutto" (French "non c'est tout" is one), "não" before a verb or "só" (not "não tchau"),
+# "hindi"/"bukan" before "that" or "only" (not "hindi paalam"). Arabic's words here are negations only.
 # Languages that negate inside the phrase ("eso no es todo", "c'est pas tout", "это не всё", "to nije sve") or after
 # it (Japanese, Turkish, Hindi) need nothing here: the phrase is not the end of what they said.
+_NAO = frozenset({"é", "e", "era", "foi", "só", "so"})  # Portuguese "não é tudo", "não só isso"
 _NEGATIONS_BEFORE: Mapping[str, frozenset[str] | None] = {
     "non": frozenset({"è", "e", "basta"}),  # Italian "non è tutto"; French "non c'est tout" stays a goodbye
-    "não": None, "nao": None,               # Portuguese (a recogniser may drop the tilde)
+    "não": _NAO, "nao": _NAO,               # Portuguese (a recogniser may drop the tilde)
     "no": frozenset({"es", "era", "fue"}),  # Spanish "no es todo"; English "no, that's all" stays a goodbye
-    "bukan": None,                          # Indonesian, Malay
-    "hindi": None,                          # Filipino
+    "bukan": frozenset({"itu", "ini", "cuma", "hanya"}),  # Indonesian, Malay "bukan itu saja"
+    "hindi": frozenset({"yun", "iyon", "ito", "lang"}),   # Filipino "hindi yun lang"
     "ليس": None, "ليست": None, "مش": None, "مو": None,  # Arabic: Modern Standard, Egyptian/Levantine, Gulf
 }
 # "is" between a negation and a phrase that starts after it: pt-BR "só isso, obrigado" in "não é só isso, obrigado".
