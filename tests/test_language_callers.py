@@ -203,6 +203,9 @@ def test_the_demo_call_is_placed_and_spoken_in_the_language_given(tmp_path):
     ("No.", False), ("OK", False), ("Si", False), ("Sí.", False), ("好的", False), ("はい", False),
     ("Sí, claro.", True), ("Quiero comprar una casa", True), ("ありがとう", True), ("我想买房子", True),
     ("ขอบคุณครับ", True),
+    # one word said twice or thrice says no more than once
+    ("No, no.", False), ("Sí, sí.", False), ("OK OK", False), ("si si si", False), ("はいはい", False),
+    ("好的好的", False), ("No, no, claro.", True),
 ])
 def test_how_much_an_utterance_must_say_to_switch(said, enough):
     assert speech.long_enough_to_switch(said) is enough
@@ -240,7 +243,7 @@ def relay(app, client):
     return say
 
 
-@pytest.mark.parametrize("word", ["Si", "No.", "OK"])
+@pytest.mark.parametrize("word", ["Si", "No.", "OK", "No, no.", "Sí, sí."])
 def test_one_short_word_recognised_in_spanish_does_not_switch_an_english_call(relay, fake_llm, word):
     fake_llm.responder = real_estate_brain
     frames = relay(word, "es")

@@ -113,21 +113,21 @@ def ends_as_question(text: str) -> bool:
     return bool(before) and _is_greek(before[-1])
 
 
-# A call switches its language only for an utterance with this much to go on: one short word ("No.", "OK", "Si")
-# is recognised in the wrong language too often. Words where a script spaces them; characters where it does not
-# (Chinese, Japanese, Thai: 好的 is two characters, ありがとう five).
+# A call switches its language only for an utterance with this much to go on: one short word ("No.", "OK", "Si"),
+# even said twice ("No, no.", "Sí, sí", はいはい), is recognised in the wrong language too often. Different words where
+# a script spaces them; different characters where it does not (Chinese, Japanese, Thai: 好的 is two, ありがとう five).
 MIN_WORDS_TO_SWITCH = 2
 MIN_UNSPACED_CHARS_TO_SWITCH = 3
 
 
 def long_enough_to_switch(text: str) -> bool:
-    """Whether an utterance says enough to tell its language: at least MIN_WORDS_TO_SWITCH words, or one word of
-    at least MIN_UNSPACED_CHARS_TO_SWITCH characters of a script written without spaces."""
-    words = speech_words(text)
+    """Whether an utterance says enough to tell its language: at least MIN_WORDS_TO_SWITCH different words, or at
+    least MIN_UNSPACED_CHARS_TO_SWITCH different characters of a script written without spaces."""
+    words = set(speech_words(text))
     if len(words) >= MIN_WORDS_TO_SWITCH:
         return True
-    unspaced = sum(1 for word in words for char in word if is_cjk(char) or is_thai(char))
-    return unspaced >= MIN_UNSPACED_CHARS_TO_SWITCH
+    unspaced = {char for word in words for char in word if is_cjk(char) or is_thai(char)}
+    return len(unspaced) >= MIN_UNSPACED_CHARS_TO_SWITCH
 
 
 # A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model
