@@ -520,33 +520,32 @@ class ConversationEngine:
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
         switched = False
-        other_goodbyes: tuple[str, ...] = ()
+        goodbye_elsewhere = False
         if lang:
             target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
-                if detect_termination(utterance, target.termination_phrases):
-                    # A goodbye in another language ends the call; the closing stays in the call's own language
-                    # (switching the voice to say one line and hang up would only sound odd).
-                    other_goodbyes = target.termination_phrases
-                elif long_enough_to_switch(utterance):  # one short word ("No.", "OK") says too little
+                # A goodbye in another language ends the call; the closing stays in the call's own language
+                # (switching the voice to say one line and hang up would only sound odd).
+                goodbye_elsewhere = detect_termination(utterance, target.termination_phrases)
+                if not goodbye_elsewhere and long_enough_to_switch(utterance):  # one word ("No.") says too little
                     entry, switched = target, True
         state = self.state_of(record, workflow)
         span = self.tracer.start_turn(record.tracking_id, node=state.current_node, language=entry.code,
                                       path=record.path)
         return self._turn(workflow, state, entry, utterance, self.chain_for(record),
                           keypad=self.may_press_keys(record), language_switched=switched, trace_span=span,
-                          other_goodbyes=other_goodbyes)
+                          goodbye_elsewhere=goodbye_elsewhere)
 
     def _turn(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str, chain, *,
               keypad: bool = False, language_switched: bool = False, trace_span: Any = NULL_SPAN,
-              other_goodbyes: tuple[str, ...] = ()) -> Turn:
-        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm). `other_goodbyes`:
-        goodbye phrases of the language the caller was recognised in, when the call stays in its own."""
+              goodbye_elsewhere: bool = False) -> Turn:
+        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm). `goodbye_elsewhere`:
+        the caller said goodbye in the language they were recognised in, while the call stays in its own."""
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=language_switched,
                             variables=dict(state.variables), trace_span=trace_span)
         control = TurnControl()
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad,
-                                      other_goodbyes), utterance, control)
+                                      goodbye_elsewhere), utterance, control)
 
     def speculate(self, record, utterance: str, *, lang: str | None = None,
                   signal: str = SIGNAL_STABLE) -> SpeculativeTurn:
@@ -577,9 +576,8 @@ class ConversationEngine:
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
              result: TurnResult, control: TurnControl, chain, keypad: bool = False,
-             other_goodbyes: tuple[str, ...] = ()) -> Iterator[str]:
-        if (detect_termination(utterance, entry.termination_phrases)
-                or other_goodbyes and detect_termination(utterance, other_goodbyes)):
+             goodbye_elsewhere: bool = False) -> Iterator[str]:
+        if goodbye_elsewhere or detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome, workflow)
             result.source = "canned"
