@@ -47,6 +47,20 @@ def test_a_japanese_closing_said_as_one_still_ends_the_call(said):
     assert goodbye("ja-JP", said)
 
 
+@pytest.mark.parametrize("said", ["三人 以上です", "3 人 以上 です", "1万円 以上です", "半分 以上です。", "それ 以上です",
+                                  "5 メートル 以上です", "二つ、以上です"])
+def test_a_quantity_or_more_spaced_by_the_recogniser_is_no_goodbye(said):
+    """Recognisers may space Japanese words (or put a comma where the caller paused): 以上 right after a number, a
+    counted quantity or それ is still "or more", wherever the space came from."""
+    assert not goodbye("ja-JP", said)
+
+
+@pytest.mark.parametrize("said", ["えっと、以上です", "とりあえず、以上です", "今のところ 以上です", "はい 以上です",
+                                  "ありがとうございます 以上です", "大丈夫です、以上です"])
+def test_a_japanese_closing_after_a_pause_still_ends_the_call(said):
+    assert goodbye("ja-JP", said)
+
+
 @pytest.mark.parametrize("said", ["ありがとうございます以上です", "大丈夫です以上です", "分かりました以上です",
                                   "よろしくお願いします以上です", "ありがとうございました以上です"])
 def test_a_japanese_closing_after_a_finished_sentence_without_punctuation_ends_the_call(said):

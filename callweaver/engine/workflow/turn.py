@@ -387,18 +387,26 @@ def _negated(utterance: str, phrase: str, unspaced: bool) -> bool:
 
 # Japanese says some closing phrases inside sentences too: 以上です ("that's all") is also "... or more" (三人以上です
 # "three people or more"), 失礼します ("goodbye") also "excuse me" (ちょっと失礼します "excuse me a moment", said before
-# stepping away). A phrase beginning with 以上 closes only at the start of what was said, after a clause break or
-# after a word that leads into a closing (はい、では、これで, a topic 私からは) or a finished polite sentence, whose 。 the
+# stepping away). A phrase beginning with 以上 closes only at the start of what was said, after a clause break (not
+# one after a quantity: see _JAPANESE_QUANTITY) or after a word that leads into a closing (はい、では、これで, a topic 私からは) or a finished polite sentence, whose 。 the
 # recogniser may leave out (ありがとうございます以上です); one beginning with 失礼 never after a word of "a moment".
 _JAPANESE_CLOSING_LEAD_INS = ("はい", "では", "じゃあ", "じゃ", "それでは", "それじゃ", "これで", "ええ", "うん", "は",
                               "です", "ます", "でした", "ました", "ません")
+# A quantity that 以上 makes "... or more": a number with its counter or unit (三人, 1万円, 二つ, 5メートル, 半分), or
+# "that" (それ以上 "more than that").
+_JAPANESE_QUANTITY = re.compile(r"(?:[0-9０-９〇一二三四五六七八九十百千万億半]\S{0,4}|それ|これ|あれ)$")
 _JAPANESE_A_MOMENT = re.compile(r"(?:ちょっと|ちょっとだけ|少々|少し|一旦|いったん|一度)$")
 
 
 def _inside_japanese_sentence(before: str, phrase: str) -> bool:
     """Whether a Japanese closing phrase found after `before` is part of a sentence rather than a closing."""
     if phrase.startswith("以上"):
-        return not (not before or before.endswith(" ") or before.endswith(_JAPANESE_CLOSING_LEAD_INS))
+        said = before.replace(" ", "")
+        if not said or said.endswith(_JAPANESE_CLOSING_LEAD_INS):
+            return False
+        # after a break (a pause, a comma, or a space the recogniser put between words), unless what comes before
+        # is a quantity: 三人 以上です is "three or more" however it was spaced
+        return not before.endswith(" ") or bool(_JAPANESE_QUANTITY.search(said))
     if phrase.startswith("失礼"):
         return bool(_JAPANESE_A_MOMENT.search(before.rstrip()))
     return False
