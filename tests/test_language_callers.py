@@ -282,3 +282,15 @@ def test_a_goodbye_in_another_language_ends_the_call_with_its_own_languages_clos
     assert turn["language"] == "en-GB" and relay.record().language == "en-GB"
     assert turn["source"] == "canned" and turn["action"] == "end", turn
     assert spoken and not re.search(r"[áéíóúñ¡]|adiós|gracias", spoken, re.IGNORECASE), spoken
+
+
+@pytest.mark.parametrize("said", ["Thanks, bye.", "That's all, thanks.", "Cheers, bye then, goodbye."])
+def test_a_goodbye_in_the_calls_own_language_tagged_as_another_ends_the_call_without_switching(relay, fake_llm, said):
+    """Deepgram `multi` tags a short English goodbye as Spanish now and then: the call's own goodbye still ends it,
+    in its own language, rather than switching to Spanish for an LLM turn."""
+    fake_llm.responder = real_estate_brain
+    frames = relay(said, "es")
+    assert not [f for f in frames if f.get("type") == "language"], frames
+    turn = relay.turns()[-1]
+    assert turn["language"] == "en-GB" and relay.record().language == "en-GB"
+    assert turn["source"] == "canned" and turn["action"] == "end", turn

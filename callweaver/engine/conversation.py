@@ -520,32 +520,34 @@ class ConversationEngine:
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
         switched = False
-        goodbye_elsewhere = False
+        goodbye: bool | None = None  # decided in _run unless decided here
         if lang:
             target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
-                # A goodbye in another language ends the call; the closing stays in the call's own language
-                # (switching the voice to say one line and hang up would only sound odd).
-                goodbye_elsewhere = detect_termination(utterance, target.termination_phrases)
-                if not goodbye_elsewhere and long_enough_to_switch(utterance):  # one word ("No.") says too little
+                # A goodbye, in the call's language (recognition tags a short one wrongly now and then) or the other,
+                # ends the call; the closing stays in the call's own language (switching the voice to say one line
+                # and hang up would only sound odd).
+                goodbye = (detect_termination(utterance, entry.termination_phrases)
+                           or detect_termination(utterance, target.termination_phrases))
+                if not goodbye and long_enough_to_switch(utterance):  # one word ("No.") says too little
                     entry, switched = target, True
         state = self.state_of(record, workflow)
         span = self.tracer.start_turn(record.tracking_id, node=state.current_node, language=entry.code,
                                       path=record.path)
         return self._turn(workflow, state, entry, utterance, self.chain_for(record),
                           keypad=self.may_press_keys(record), language_switched=switched, trace_span=span,
-                          goodbye_elsewhere=goodbye_elsewhere)
+                          goodbye=goodbye)
 
     def _turn(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str, chain, *,
               keypad: bool = False, language_switched: bool = False, trace_span: Any = NULL_SPAN,
-              goodbye_elsewhere: bool = False) -> Turn:
-        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm). `goodbye_elsewhere`:
-        the caller said goodbye in the language they were recognised in, while the call stays in its own."""
+              goodbye: bool | None = None) -> Turn:
+        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm). `goodbye`: whether
+        the caller said goodbye, when start_turn already knows (in either of two languages); None: matched here."""
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=language_switched,
                             variables=dict(state.variables), trace_span=trace_span)
         control = TurnControl()
         return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad,
-                                      goodbye_elsewhere), utterance, control)
+                                      goodbye), utterance, control)
 
     def speculate(self, record, utterance: str, *, lang: str | None = None,
                   signal: str = SIGNAL_STABLE) -> SpeculativeTurn:
@@ -576,8 +578,8 @@ class ConversationEngine:
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
              result: TurnResult, control: TurnControl, chain, keypad: bool = False,
-             goodbye_elsewhere: bool = False) -> Iterator[str]:
-        if goodbye_elsewhere or detect_termination(utterance, entry.termination_phrases):
+             goodbye: bool | None = None) -> Iterator[str]:
+        if goodbye if goodbye is not None else detect_termination(utterance, entry.termination_phrases):
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome, workflow)
             result.source = "canned"
