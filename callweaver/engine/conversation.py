@@ -579,7 +579,9 @@ class ConversationEngine:
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
              result: TurnResult, control: TurnControl, chain, keypad: bool = False,
              goodbye: bool | None = None) -> Iterator[str]:
-        if goodbye if goodbye is not None else detect_termination(utterance, entry.termination_phrases):
+        if goodbye is None:
+            goodbye = detect_termination(utterance, entry.termination_phrases)
+        if goodbye:
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome, workflow)
             result.source = "canned"
