@@ -388,8 +388,9 @@ def _negated(utterance: str, phrase: str, unspaced: bool) -> bool:
 # Japanese says some closing phrases inside sentences too: 以上です ("that's all") is also "... or more" (三人以上です
 # "three people or more"), 失礼します ("goodbye") also "excuse me" (ちょっと失礼します "excuse me a moment", said before
 # stepping away). A phrase beginning with 以上 closes only at the start of what was said, after a clause break (not
-# one after a quantity: see _JAPANESE_QUANTITY) or after a word that leads into a closing (はい、では、これで, a topic 私からは) or a finished polite sentence, whose 。 the
-# recogniser may leave out (ありがとうございます以上です); one beginning with 失礼 never after a word of "a moment".
+# one after a quantity: see _JAPANESE_QUANTITY), or after a word that leads into a closing (はい、では、これで, a
+# topic 私からは) or a finished polite sentence, whose 。 the recogniser may leave out (ありがとうございます以上です);
+# one beginning with 失礼 never after a word of "a moment".
 _JAPANESE_CLOSING_LEAD_INS = ("はい", "では", "じゃあ", "じゃ", "それでは", "それじゃ", "これで", "ええ", "うん", "は",
                               "です", "ます", "でした", "ました", "ません")
 # A quantity that 以上 makes "... or more": a number with its counter or unit (三人, 1万円, 二つ, 5メートル, 半分), or
