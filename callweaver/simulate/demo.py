@@ -118,7 +118,7 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
         caller.place_call(make_call_body(export, DEMO_TO))
         caller.status("initiated", 0)
         caller.status("ringing", 1)
-        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.answer_placed(twilio.creates()[-1])
         caller.status("in-progress", 2)
         say(f"call {caller.tracking_id} answered; ConversationRelay socket {caller.twiml.url}")
         say(f"agent (greeting): {caller.twiml.attributes.get('welcomeGreeting')}")
