@@ -62,7 +62,7 @@ def test_a_twiml_over_twilios_limit_is_placed_with_the_url(client, fake_twilio):
     assert len(answer) > MAX_INLINE_TWIML_CHARS and greeting in answer
 
 
-def test_a_greeting_just_under_the_limit_still_goes_inline(client, fake_twilio):
+def test_a_twiml_of_exactly_4000_characters_goes_inline_and_one_more_does_not(client, fake_twilio):
     data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
     size = len(fake_twilio.creates()[-1].one("Twiml"))
     base = "Hello! Thank you for calling Premier Properties. I'm your AI assistant here to help you find your " \
@@ -107,7 +107,7 @@ def test_the_limit_counts_what_twilio_counts_and_the_gateway_falls_back():
         twilio.stop()
 
 
-def test_the_stand_in_refuses_what_twilio_refuses(client, fake_twilio):
+def test_the_stand_in_refuses_what_twilio_refuses(fake_twilio):
     """Twilio's answers to a create with no TwiML to run (21205) and to one with too long a Twiml (32018)."""
     import requests
 
