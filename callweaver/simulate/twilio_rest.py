@@ -49,8 +49,9 @@ class TwilioRestStandIn:
     """Set `error` to make the next create fail the way Twilio does; read `requests` to assert parameters. Set
     `hold` (an Event) to keep every call update's answer back until it is set (a slow Twilio).
 
-    A create needs `Url`, `Twiml` or `ApplicationSid`, as Twilio's does; a `Twiml` longer than 4000 characters is
-    refused with Twilio's error 32018. `placed` maps each call created to its create request: what Twilio runs when
+    A create needs `Url`, `Twiml` or `ApplicationSid`, as Twilio's does; a `Twiml` longer than `max_twiml_chars`
+    (Twilio's 4000 characters; set it lower for a Twilio that counts a TwiML longer than CallWeaver does) is refused
+    with Twilio's error 32018. `placed` maps each call created to its create request: what Twilio runs when
     the call is answered (`RelayCaller.answer_placed`) is that request's `Url`, else its `Twiml`, run as given
     (nothing fetched)."""
 
@@ -60,6 +61,7 @@ class TwilioRestStandIn:
         self.requests: list[TwilioRequest] = []
         self.calls: dict[str, dict] = {}
         self.placed: dict[str, TwilioRequest] = {}
+        self.max_twiml_chars = MAX_TWIML_CHARS
         self.error: TwilioError | None = None
         self.hold: threading.Event | None = None
         self._lock = threading.Lock()
@@ -78,12 +80,11 @@ class TwilioRestStandIn:
     def updates(self) -> list[TwilioRequest]:
         return [r for r in self.requests if r.method == "POST" and not r.path.endswith("/Calls.json")]
 
-    @staticmethod
-    def refusal(create: TwilioRequest) -> TwilioError | None:
+    def refusal(self, create: TwilioRequest) -> TwilioError | None:
         """Twilio's answer to a create that tells it no TwiML to run, or too long a `Twiml`."""
         if not (create.one("Url") or create.one("Twiml") or create.one("ApplicationSid")):
             return TwilioError(400, 21205, "A 'Url', 'Twiml' or 'ApplicationSid' parameter is required.")
-        if create.one("Twiml") is not None and len(create.one("Twiml")) > MAX_TWIML_CHARS:
+        if create.one("Twiml") is not None and len(create.one("Twiml")) > self.max_twiml_chars:
             return TwilioError(400, 32018, "Twiml size exceeded maximum allowed value of 4000 characters")
         return None
 
