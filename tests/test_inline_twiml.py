@@ -14,7 +14,7 @@ from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, Signer, base_env
 from tests.fakes.fake_llm import FakeLLM, Reply
 from tests.fakes.fake_twilio import FakeTwilio
 from tests.fakes.live_server import LiveServer
-from tests.helpers import make_call_body
+from tests.helpers import make_call_body, twiml_optimized_path
 
 
 def _with_greeting(body: dict, greeting: str) -> dict:
@@ -59,7 +59,7 @@ def test_a_twiml_over_twilios_limit_is_placed_with_the_url(client, fake_twilio):
     assert create.one("Twiml") is None and create.one("Method") == "POST"
     # The URL exactly as make-call gave it before the TwiML went inline: PUBLIC_BASE_URL's, naming flow and call.
     tracking_id = data["optimization"]["trackingId"]
-    assert create.one("Url") == f"{PUBLIC}/api/twiml-optimized?id=wf_real_estate_property_dealer&trackingId={tracking_id}"
+    assert create.one("Url") == PUBLIC + twiml_optimized_path(tracking_id)
     assert create.one("StatusCallback") == f"{PUBLIC}/api/call-status-optimized?trackingId={tracking_id}"
     answer = _webhook_answer(client, data["callSid"], data["optimization"]["trackingId"])
     assert len(answer) > MAX_INLINE_TWIML_CHARS and greeting in answer
@@ -75,7 +75,7 @@ def test_a_twiml_twilio_refuses_as_too_long_is_placed_again_with_the_url(app, cl
     refused, placed = fake_twilio.creates()
     assert refused.one("Twiml") and refused.one("Url") is None
     assert placed.one("Twiml") is None and placed.one("Method") == "POST"
-    assert placed.one("Url") == f"{PUBLIC}/api/twiml-optimized?id=wf_real_estate_property_dealer&trackingId={tracking_id}"
+    assert placed.one("Url") == PUBLIC + twiml_optimized_path(tracking_id)
     assert {k: v for k, v in placed.params.items() if k not in ("Url", "Method")} == \
         {k: v for k, v in refused.params.items() if k != "Twiml"}  # every other parameter as sent the first time
     assert list(fake_twilio.placed) == [data["callSid"]]
