@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(1, f"{PROG}: {exc}\n")
         print(f"call placed: {placed['callSid']}  trackingId={caller.tracking_id}")
         create = standin.creates()[-1]
-        caller.answer(create.one("Url"))
+        caller.answer_placed(create)
         print(f"relay: {caller.twiml.url}  language={caller.twiml.attributes.get('language')}")
         print(f"agent (welcome greeting): {caller.twiml.attributes.get('welcomeGreeting')}")
         caller.connect()

@@ -119,7 +119,7 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
         caller.place_call(make_call_body(export, DEMO_TO, language=lang))
         caller.status("initiated", 0)
         caller.status("ringing", 1)
-        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.answer_placed(twilio.creates()[-1])
         caller.status("in-progress", 2)
         say(f"call {caller.tracking_id} answered in {caller.twiml.attributes.get('language')}; "
             f"ConversationRelay socket {caller.twiml.url}")
