@@ -217,6 +217,7 @@ class Settings:
     rate_limit_end_call: str = "60 per minute"
     rate_limit_call_status: str = "60 per minute"
     rate_limit_metrics: str = "30 per minute"
+    rate_limit_ops_auth: str = "10 per minute"  # requests presenting an OPS_TOKEN guess, per client
     max_calls_per_day: int = 1000
     trusted_proxy_hops: int = 0
     ops_token: str = ""
@@ -439,6 +440,7 @@ class Settings:
         values["rate_limit_end_call"] = rate("RATE_LIMIT_END_CALL", "60 per minute")
         values["rate_limit_call_status"] = rate("RATE_LIMIT_CALL_STATUS", values["rate_limit_end_call"])
         values["rate_limit_metrics"] = rate("RATE_LIMIT_METRICS", "30 per minute")
+        values["rate_limit_ops_auth"] = rate("RATE_LIMIT_OPS_AUTH", "10 per minute")
         values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
         values["on_render"] = bool(text("RENDER"))
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.

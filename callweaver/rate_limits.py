@@ -115,6 +115,33 @@ class CallsPerDay:
             raise limit_reached(self.windows, self.item, DAILY_KEY, self.message)
 
 
+class OpsTokenGuesses:
+    """Guesses at OPS_TOKEN, per client (RATE_LIMIT_OPS_AUTH): every request presenting a token takes a slot of its
+    client's window first, in one atomic hit, so past the limit even the right token is refused and a guess there
+    tells nothing. The right token then clears its client's window: an operator's Prometheus scraping every 15 s, or
+    a dashboard refreshing, never adds up; only wrong guesses in a row do. While the storage is down every token is
+    refused (503), as every limited request is (the operator's pages read the same store then down)."""
+
+    SCOPE = "ops-auth"
+
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
+        self.windows = windows
+        self.items = sorted(parse_many(settings.rate_limit_ops_auth))  # the shortest window first
+        self.message = (f"at most {settings.rate_limit_ops_auth} operator token attempts per client "
+                        "(RATE_LIMIT_OPS_AUTH)")
+
+    def presented(self, client: str, right: bool) -> None:
+        """A request from `client` presented a token (`right`: it is OPS_TOKEN); raise LimitReached when the client's
+        window is full."""
+        identifiers = (KEY_PREFIX, client, self.SCOPE)
+        for item in self.items:
+            if not self.windows.hit(item, *identifiers):
+                raise limit_reached(self.windows, item, identifiers, self.message)
+        if right:
+            for item in self.items:
+                self.windows.clear(item, *identifiers)
+
+
 class RateLimits:
     """The per-client windows of one app: per client and scope (make-call, llm, end-call, call-status, metrics).
 
