@@ -100,8 +100,8 @@ class ResponseWriteTimeout(BrokenPipeError):
     """The client did not take a piece of its answer in time: the connection is given up as broken (errno EPIPE,
     so gunicorn closes it as it does for a client that left, without a traceback)."""
 
-    def __init__(self, deadline_s: float):
-        super().__init__(errno.EPIPE, f"answer not taken by the client within {deadline_s:g} s")
+    def __init__(self) -> None:  # made by gevent only when a deadline passes (the Timeout is given the class)
+        super().__init__(errno.EPIPE, "answer not taken by the client within RESPONSE_WRITE_TIMEOUT_S")
 
 
 class WriteDeadline:
@@ -127,10 +127,8 @@ class WriteDeadline:
         return next(self.pieces)
 
     def _arm(self) -> None:
-        import gevent
-
-        deadline_s = self.guard.write_timeout_s
-        self.timer = gevent.Timeout.start_new(deadline_s, ResponseWriteTimeout(deadline_s))
+        self.timer = self.guard.timeout(self.guard.write_timeout_s, ResponseWriteTimeout)
+        self.timer.start()
 
     def _disarm(self) -> None:
         self.timer.cancel()
@@ -172,6 +170,7 @@ class RequestBodyGuard:
     def __init__(self, app: Callable, *, max_body_bytes: int, read_timeout_s: float, max_uploads_per_client: int,
                  trusted_proxy_hops: int, write_timeout_s: float = 10.0, max_answers_per_client: int = 20,
                  cors: CorsPolicy | None = None):
+        import gevent
         from gevent import monkey
 
         self.app = app
@@ -185,6 +184,7 @@ class RequestBodyGuard:
         # Only gevent can interrupt a blocked write without threads: elsewhere (the Flask test client, a debugger)
         # answers are handed over as the app made them.
         self.bounds_answers = monkey.is_module_patched("socket")
+        self.timeout = gevent.Timeout
         self.uploads: Counter[str] = Counter()  # client → bodies being received right now
         self.answers: Counter[str] = Counter()  # client → answers being written right now
         self.refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}  # (event, client) → (logged at, since)
