@@ -100,63 +100,96 @@ class ResponseWriteTimeout(BrokenPipeError):
     """The client did not take a piece of its answer in time: the connection is given up as broken (errno EPIPE,
     so gunicorn closes it as it does for a client that left, without a traceback)."""
 
-    def __init__(self) -> None:  # made by gevent only when a deadline passes (the Timeout is given the class)
+    def __init__(self) -> None:
         super().__init__(errno.EPIPE, "answer not taken by the client within RESPONSE_WRITE_TIMEOUT_S")
 
 
+class WriteWatch:
+    """The write deadlines of one worker's answers, checked by one repeating timer on gevent's hub every
+    `deadline_s / 4` (at most every second): an answer whose piece has been with the server longer than `deadline_s`
+    gets ResponseWriteTimeout thrown into the greenlet writing it, from the hub, as gevent's own Timeout does. A
+    Timeout per piece cost ~5-7 µs of CPU to make, start and cancel, on every answer of every request
+    (bench/request_guard_cost.py); marking a piece's hand-over costs a clock read. A deadline is met within a
+    quarter of itself (at most 1 s) after it passes."""
+
+    def __init__(self, deadline_s: float):
+        self.deadline_s = deadline_s
+        self.period_s = min(1.0, deadline_s / 4)
+        self.writing: dict["WriteDeadline", None] = {}  # answers handed to the server and not yet closed
+        self.timer: Any = None
+
+    def add(self, answer: "WriteDeadline") -> None:
+        self.writing[answer] = None
+        if self.timer is None:  # first answer of this worker (after the fork): start checking
+            import gevent
+
+            self.timer = gevent.get_hub().loop.timer(self.period_s, self.period_s)
+            self.timer.ref = False  # never what keeps a process's hub running
+            self.timer.start(self.check)
+
+    def check(self) -> None:
+        """On the hub: give up every answer whose piece is overdue."""
+        now = time.monotonic()
+        for answer in [a for a in self.writing if a.piece_since is not None and now - a.piece_since >= self.deadline_s]:
+            if answer.piece_since is not None and not answer.greenlet.dead:
+                answer.piece_since = None
+                answer.timed_out = True
+                answer.greenlet.throw(ResponseWriteTimeout)
+
+
 class WriteDeadline:
-    """The app's answer (its WSGI iterable), handed to the server in pieces of at most WRITE_PIECE bytes; each
-    piece gets a fresh gevent Timeout of `deadline_s`, armed as the piece is handed over and cancelled when the
-    server asks for the next one, so it covers the server's write of that piece and never the app's time making the
-    next. The last one stays armed until the server closes the answer (gunicorn's closing write, the end of a
-    chunked body, comes between). Counted as one of its client's answers being written until closed."""
+    """The app's answer (its WSGI iterable), handed to the server in pieces of at most WRITE_PIECE bytes, each under
+    the write deadline (WriteWatch): its clock starts as the piece is handed over and stops when the server asks for
+    the next one, so it covers the server's write of that piece and never the app's time making the next. After the
+    last piece it runs until the server closes the answer (gunicorn's closing write, the end of a chunked body,
+    comes between). Counted as one of its client's answers being written until closed."""
+
+    __slots__ = ("guard", "answer", "environ", "client", "greenlet", "piece_since", "timed_out", "pieces")
 
     def __init__(self, guard: "RequestBodyGuard", answer: Iterable[bytes], environ: dict, client: str):
         self.guard = guard
         self.answer = answer
         self.environ = environ
         self.client = client
-        self.pieces = self._pieces()
-        self.timer: Any = None
-        guard.answers[client] += 1
+        self.greenlet = guard.getcurrent()
+        self.piece_since: float | None = None
+        self.timed_out = False
+        self.pieces: Any = None
+        answers = guard.answers
+        answers[client] = answers.get(client, 0) + 1
+        guard.watch.add(self)
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        return next(self.pieces)
-
-    def _arm(self) -> None:
-        self.timer = self.guard.timeout(self.guard.write_timeout_s, ResponseWriteTimeout)
-        self.timer.start()
-
-    def _disarm(self) -> None:
-        self.timer.cancel()
-        self.timer = None
+        """The pieces themselves: the server iterates them directly (no call through this object per piece)."""
+        self.pieces = self._pieces()
+        return self.pieces
 
     def _pieces(self):
         for item in self.answer:
             if len(item) <= WRITE_PIECE:
-                self._arm()
+                self.piece_since = time.monotonic()
                 yield item
-                self._disarm()
+                self.piece_since = None
                 continue
             for start in range(0, len(item), WRITE_PIECE):
-                self._arm()
+                self.piece_since = time.monotonic()
                 yield item[start:start + WRITE_PIECE]
-                self._disarm()
-        self._arm()
+                self.piece_since = None
+        self.piece_since = time.monotonic()
 
     def close(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            if not timer.pending:  # armed and no longer pending: it fired, the connection was given up
-                self.guard.log_throttled("response_write_timeout", self.environ, self.client)
-            timer.cancel()
-        self.pieces.close()
-        self.guard.answers[self.client] -= 1
-        if self.guard.answers[self.client] <= 0:
-            del self.guard.answers[self.client]
+        self.piece_since = None
+        self.guard.watch.writing.pop(self, None)
+        if self.timed_out:
+            self.guard.log_throttled("response_write_timeout", self.environ, self.client)
+        if self.pieces is not None:
+            self.pieces.close()
+        answers = self.guard.answers
+        left = answers.get(self.client, 1) - 1
+        if left > 0:
+            answers[self.client] = left
+        else:
+            answers.pop(self.client, None)
         close = getattr(self.answer, "close", None)
         if close is not None:
             close()
@@ -184,9 +217,10 @@ class RequestBodyGuard:
         # Only gevent can interrupt a blocked write without threads: elsewhere (the Flask test client, a debugger)
         # answers are handed over as the app made them.
         self.bounds_answers = monkey.is_module_patched("socket")
-        self.timeout = gevent.Timeout
+        self.getcurrent = gevent.getcurrent
+        self.watch = WriteWatch(write_timeout_s)
         self.uploads: Counter[str] = Counter()  # client → bodies being received right now
-        self.answers: Counter[str] = Counter()  # client → answers being written right now
+        self.answers: dict[str, int] = {}  # client → answers being written right now
         self.refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}  # (event, client) → (logged at, since)
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
@@ -197,7 +231,7 @@ class RequestBodyGuard:
                 return self.app(environ, start_response)
             return self._body_first(environ, start_response, client_address(environ, self.trusted_proxy_hops))
         client = client_address(environ, self.trusted_proxy_hops)
-        if self.max_answers_per_client and self.answers[client] >= self.max_answers_per_client:
+        if self.max_answers_per_client and self.answers.get(client, 0) >= self.max_answers_per_client:
             return self._refuse(environ, "429 Too Many Requests", "client_answer_limit",
                                 "Too many answers to this client are still being written",
                                 client=client)(start_response)
