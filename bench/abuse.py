@@ -315,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-s", type=float, default=5.0, help="attack connections open within this time")
     parser.add_argument("--byte-interval-s", type=float, default=5.0,
                         help="slow body: seconds between bytes; slow read: seconds between requests")
-    parser.add_argument("--pipelined", type=int, default=20, help="slow read: requests sent at once per connection")
+    parser.add_argument("--pipelined", type=int, default=100,
+                        help="slow read: requests sent at once per connection (~50 KB answers each: 100 outgrow the "
+                             "4 MiB a socket may buffer, so the server's writes block)")
     parser.add_argument("--attacks", default="slow-body,replay,slow-read",
                         help="comma-separated: slow-body, replay, slow-read")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle /health probing before the attacks")

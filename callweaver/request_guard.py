@@ -40,13 +40,16 @@ REFUSAL_LOG_INTERVAL_S = 10.0
 
 class _Refusal:
     """A small JSON answer; when the server is gunicorn, reading stops afterwards so the connection closes
-    instead of waiting for (and draining) a body that the client may never finish."""
+    instead of waiting for (and draining) a body that the client may never finish (`shutdown`: SHUT_RDWR stops
+    writing too, once the answer is queued)."""
 
-    def __init__(self, environ: dict, status: str, error: str, headers: list[tuple[str, str]]):
+    def __init__(self, environ: dict, status: str, error: str, headers: list[tuple[str, str]],
+                 shutdown: int = socket.SHUT_RD):
         self.environ = environ
         self.status = status
         self.body = json.dumps({"success": False, "error": error}).encode()
         self.headers = headers
+        self.shutdown = shutdown
 
     def __call__(self, start_response: Callable) -> Iterable[bytes]:
         start_response(self.status, [("Content-Type", "application/json"),
@@ -60,7 +63,7 @@ class _Refusal:
         sock = self.environ.get("gunicorn.socket")
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RD)
+                sock.shutdown(self.shutdown)
             except OSError:
                 pass
 
@@ -232,9 +235,12 @@ class RequestBodyGuard:
             return self._body_first(environ, start_response, client_address(environ, self.trusted_proxy_hops))
         client = client_address(environ, self.trusted_proxy_hops)
         if self.max_answers_per_client and self.answers.get(client, 0) >= self.max_answers_per_client:
-            return self._refuse(environ, "429 Too Many Requests", "client_answer_limit",
-                                "Too many answers to this client are still being written",
-                                client=client)(start_response)
+            # Its writing side is shut too, once the answer is queued: the requests such a client pipelined behind
+            # this one (gunicorn has them buffered) are then never run, each for another refusal and access line.
+            refusal = self._refuse(environ, "429 Too Many Requests", "client_answer_limit",
+                                   "Too many answers to this client are still being written", client=client,
+                                   shutdown=socket.SHUT_RDWR)
+            return WriteDeadline(self, refusal(start_response), environ, client)
         # A bodyless request calls the app from here, one frame less: a relay socket's request greenlet keeps its
         # stack for the whole call (flask-sock serves the socket inside this call and ends it with StopIteration
         # under gunicorn, so a socket's answer is never wrapped).
@@ -273,12 +279,13 @@ class RequestBodyGuard:
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         return self.app(environ, start_response)
 
-    def _refuse(self, environ: dict, status: str, event: str, error: str, client: str = "") -> _Refusal:
+    def _refuse(self, environ: dict, status: str, event: str, error: str, client: str = "",
+                shutdown: int = socket.SHUT_RD) -> _Refusal:
         """Answer and log (log_throttled)."""
         self.log_throttled(event, environ, client, status=int(status[:3]))
         cors = (self.cors.headers(environ.get("REQUEST_METHOD", ""), cors_request_headers(environ))
                 if self.cors is not None and "HTTP_ORIGIN" in environ else [])
-        return _Refusal(environ, status, error, cors)
+        return _Refusal(environ, status, error, cors, shutdown)
 
     def log_throttled(self, event: str, environ: dict, client: str, **fields: Any) -> None:
         """Log a refusal; one client's repeated ones are logged once per REFUSAL_LOG_INTERVAL_S with a count, so an
