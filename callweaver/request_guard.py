@@ -9,11 +9,11 @@ answering. This WSGI middleware reads the body itself first:
 These refusals also close the connection's reading side, so gunicorn does not keep the slot to drain the rest.
 The app then reads the buffered body as usual. WebSocket upgrades carry no body and pass straight through.
 
-Answers are bounded the other way (WriteDeadline): gunicorn writes an answer with no time limit either, so a client
-that asks and never reads held the connection, and the greenlet writing to it, for ever. Each piece of an answer
-(at most WRITE_PIECE bytes) must be taken within RESPONSE_WRITE_TIMEOUT_S, else the connection is closed; and a
-client with MAX_ANSWERS_PER_CLIENT answers being written at once (this worker) gets 429 at once. A relay socket is
-served inside the app call itself (flask-sock under gunicorn ends it there), so neither applies to it.
+Answers are bounded the other way (WriteDeadline, WriteWatch): gunicorn writes an answer with no time limit either,
+so a client that asks and never reads held the connection, and the greenlet writing to it, for ever. Each piece of
+an answer (at most WRITE_PIECE bytes) must be taken within RESPONSE_WRITE_TIMEOUT_S, else the connection is closed;
+and a client with MAX_ANSWERS_PER_CLIENT answers being written at once (this worker) gets 429 at once. A relay
+socket is served inside the app call itself (flask-sock under gunicorn ends it there), so neither applies to it.
 """
 from __future__ import annotations
 
@@ -111,9 +111,9 @@ class WriteWatch:
     """The write deadlines of one worker's answers, checked by one repeating timer on gevent's hub every
     `deadline_s / 4` (at most every second): an answer whose piece has been with the server longer than `deadline_s`
     gets ResponseWriteTimeout thrown into the greenlet writing it, from the hub, as gevent's own Timeout does. A
-    Timeout per piece cost ~5-7 µs of CPU to make, start and cancel, on every answer of every request
-    (bench/request_guard_cost.py); marking a piece's hand-over costs a clock read. A deadline is met within a
-    quarter of itself (at most 1 s) after it passes."""
+    gevent Timeout per piece (made, started and cancelled, and one more for the server's closing write) cost ~15 µs
+    of CPU per request (bench/request_guard_cost.py); marking a piece's hand-over costs a clock read. A deadline is
+    met within a quarter of itself (at most 1 s) after it passes."""
 
     def __init__(self, deadline_s: float):
         self.deadline_s = deadline_s
@@ -133,8 +133,9 @@ class WriteWatch:
     def check(self) -> None:
         """On the hub: give up every answer whose piece is overdue."""
         now = time.monotonic()
-        for answer in [a for a in self.writing if a.piece_since is not None and now - a.piece_since >= self.deadline_s]:
-            if answer.piece_since is not None and not answer.greenlet.dead:
+        overdue = [a for a in self.writing if a.piece_since is not None and now - a.piece_since >= self.deadline_s]
+        for answer in overdue:
+            if answer.piece_since is not None and not answer.greenlet.dead:  # an earlier throw may have closed it
                 answer.piece_since = None
                 answer.timed_out = True
                 answer.greenlet.throw(ResponseWriteTimeout)
