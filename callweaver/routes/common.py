@@ -264,7 +264,7 @@ def operator_only(view: Callable) -> Callable:
         right = token_matches(settings.ops_token, presented)
         if presented is not None:  # a guess at OPS_TOKEN: counted per client before it is answered (429 past it)
             services().ops_token_guesses.presented(
-                client_address(request.environ, settings.trusted_proxy_hops), right)
+                client_address(request.environ, settings.trusted_proxy_hops), presented, right)
         if right:
             return view(*args, **kwargs)
         log.warning("operator_auth_refused", path=request.path, scheme=auth.type if auth else None)
