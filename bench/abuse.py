@@ -148,6 +148,9 @@ def run_slow_body(port: int, args: argparse.Namespace) -> tuple[Probes, AttackSt
 
 
 SLOW_READ_PATH = "/static/uplot/uPlot.iife.min.js"  # public, ~50 KB: a few answers fill a small receive buffer
+# Every slow-read connection makes the server's socket buffer up to ~4 MiB of kernel memory (on the baseline, whose
+# writes never give up, for the whole window): 200 of them are ~800 MiB of the shared machine.
+MAX_SLOW_READ_CONNECTIONS = 200
 
 
 def slow_read_connection(port: int, until: float, tick_s: float, pipelined: int, stats: AttackStats) -> None:
@@ -318,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipelined", type=int, default=100,
                         help="slow read: requests sent at once per connection (~50 KB answers each: 100 outgrow the "
                              "4 MiB a socket may buffer, so the server's writes block)")
-    parser.add_argument("--attacks", default="slow-body,replay,slow-read",
-                        help="comma-separated: slow-body, replay, slow-read")
+    parser.add_argument("--attacks", default="slow-body,replay",
+                        help="comma-separated: slow-body, replay, slow-read (only when named: at most "
+                             f"{MAX_SLOW_READ_CONNECTIONS} connections)")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle /health probing before the attacks")
     parser.add_argument("--settle-s", type=float, default=3.0, help="pause between the two attacks")
     parser.add_argument("--probe-interval-s", type=float, default=0.1)
@@ -336,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     args.attacks = {a.strip() for a in args.attacks.split(",") if a.strip()}
     if not args.attacks or args.attacks - {"slow-body", "replay", "slow-read"}:
         parser.error("--attacks: slow-body, replay and/or slow-read")
+    if "slow-read" in args.attacks and args.connections > MAX_SLOW_READ_CONNECTIONS:
+        parser.error(f"bounded by design: slow-read with at most {MAX_SLOW_READ_CONNECTIONS} --connections (each "
+                     "makes the server's socket buffer up to ~4 MiB of kernel memory)")
     env = parse_env_pairs(args.server_env)
     env.setdefault("LOG_LEVEL", "WARNING")
     baseline, tmp = baseline_checkout(args)
