@@ -59,6 +59,11 @@ keepalive = 5
 preload_app = False          # clients (SQLite, Redis, httpx pools) must be built per worker, after the fork
 control_socket_disable = True
 forwarded_allow_ips = SERVER["forwarded_allow_ips"]
+# gunicorn maps these request headers into the WSGI environ for peers in forwarded_allow_ips (`*` by default: every
+# client). Its default, SCRIPT_NAME and PATH_INFO, let a request header move the app's root (the same routes answered
+# under any prefix a client chose, and URLs built from the root followed it): no proxy in front of CallWeaver sets
+# them, so none is honoured (X-Forwarded-For/-Proto are read as before).
+forwarder_headers = ""
 accesslog = "-"
 logger_class = "callweaver.logging.AccessLogger"   # redacts secret query parameters, escapes every value
 errorlog = "-"

@@ -1,11 +1,14 @@
 """Abuse benchmark: /health latency while the real server is attacked, this checkout next to a baseline checkout.
 
-Two attacks, each against a fresh `gunicorn -c gunicorn.conf.py wsgi:app` on 127.0.0.1 and bounded in time:
+Three attacks, each against a fresh `gunicorn -c gunicorn.conf.py wsgi:app` on 127.0.0.1 and bounded in time:
 - slow bodies: N connections each declare a 1 MB JSON body on POST /api/chat and send one byte every few
   seconds; a connection the server answers or closes is reopened at its next tick, so each of the N attackers
   keeps one connection going for the whole window at one network action per tick (slow, not a flood);
 - socket replay: one captured signed ConversationRelay upgrade (URL + X-Twilio-Signature of a live call)
-  replayed N times; every socket that opens is held open, silent, until the window ends.
+  replayed N times; every socket that opens is held open, silent, until the window ends;
+- slow reads: N connections each with a small receive buffer pipeline `--pipelined` GETs of a public static file
+  (~50 KB) and never read the answers; each tick a connection sends one more request, and one the server has
+  closed (the send fails) is reopened at the next tick.
 During each window a probe opens a new connection every `--probe-interval-s` and times GET /health to the last
 byte. The attackers use source address 127.0.0.2 (all of 127/8 is loopback on Linux), the probe 127.0.0.1, as an
 attacker and a health checker would be two clients. The baseline is the original code (`git archive` of
@@ -144,6 +147,68 @@ def run_slow_body(port: int, args: argparse.Namespace) -> tuple[Probes, AttackSt
     return probes, stats
 
 
+SLOW_READ_PATH = "/static/uplot/uPlot.iife.min.js"  # public, ~50 KB: a few answers fill a small receive buffer
+# Every slow-read connection makes the server's socket buffer up to ~4 MiB of kernel memory (on the baseline, whose
+# writes never give up, for the whole window): 200 of them are ~800 MiB of the shared machine.
+MAX_SLOW_READ_CONNECTIONS = 200
+
+
+def slow_read_connection(port: int, until: float, tick_s: float, pipelined: int, stats: AttackStats) -> None:
+    """Ask for `pipelined` answers on a connection with a 4 KiB receive buffer and never read them; each tick send
+    one more request. The first answer's status line is peeked at (nothing is read); a connection the server has
+    closed (the send fails) is counted and reopened at the next tick."""
+    request = f"GET {SLOW_READ_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    while time.monotonic() < until:
+        tick = time.monotonic()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        status = None
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(5)
+            sock.bind((ATTACKER_ADDRESS, 0))
+            sock.connect(("127.0.0.1", port))
+        except OSError as exc:
+            stats.count(stats.errors, describe(exc))
+            sock.close()
+            gevent.sleep(max(0.0, min(tick + tick_s, until) - time.monotonic()))
+            continue
+        try:
+            sock.sendall(request * pipelined)
+            stats.opened += 1
+            while time.monotonic() < until:
+                gevent.sleep(max(0.0, min(tick + tick_s, until) - time.monotonic()))
+                tick = time.monotonic()
+                if status is None:
+                    try:
+                        status = sock.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT)[:12] or None
+                    except (BlockingIOError, socket.timeout):
+                        pass
+                sock.send(request)
+        except OSError as exc:
+            kind = describe(exc)
+            stats.count(stats.answers, f"closed by the server (first answer {status.decode('latin-1')[9:12]})"
+                        if status else f"closed by the server, no answer seen ({kind})")
+        finally:
+            sock.close()
+        gevent.sleep(max(0.0, min(tick + tick_s, until) - time.monotonic()))
+
+
+def run_slow_read(port: int, args: argparse.Namespace) -> tuple[Probes, AttackStats]:
+    stats = AttackStats()
+    until = time.monotonic() + args.ramp_s + args.window_s
+    attackers = gevent.pool.Group()
+    for i in range(args.connections):
+        attackers.spawn(slow_read_connection, port, until, args.byte_interval_s, args.pipelined, stats)
+        if i % 50 == 49:
+            gevent.sleep(args.ramp_s * 50 / args.connections)
+    progress(f"slow reads: {stats.opened} connections opened; probing /health for {args.window_s:g} s")
+    probes = Probes(args.probe_timeout_s)
+    probe_health(port, probes, until, args.probe_interval_s)
+    attackers.join(timeout=15)
+    attackers.kill(block=True, timeout=5)
+    return probes, stats
+
+
 def replay_upgrade(url: str, headers: list[str], until: float, stats: AttackStats) -> None:
     """One replay of the captured upgrade; an accepted socket is held open, silent, until the window ends."""
     import websocket
@@ -218,12 +283,18 @@ def measure(stack: BenchStack, name: str, repo: Path, args: argparse.Namespace, 
     with stack.server(workers=args.workers, repo=repo, **env) as server:
         progress(f"{name}: server on port {server.port} ({args.workers} workers)")
         rows.append(["none (idle)", name, *idle_probes(server.port, args).cells(), "—"])
-        probes, stats = run_slow_body(server.port, args)
-        rows.append([f"slow bodies ×{args.connections}", name, *probes.cells(), stats.outcome()])
-        gevent.sleep(args.settle_s)
-        probes, stats, real_call = run_replay(stack, server.port, args)
-        rows.append([f"signed-upgrade replay ×{args.connections}", name, *probes.cells(),
-                     f"{stats.outcome()}; the real call: {real_call}"])
+        if "slow-body" in args.attacks:
+            probes, stats = run_slow_body(server.port, args)
+            rows.append([f"slow bodies ×{args.connections}", name, *probes.cells(), stats.outcome()])
+            gevent.sleep(args.settle_s)
+        if "replay" in args.attacks:
+            probes, stats, real_call = run_replay(stack, server.port, args)
+            rows.append([f"signed-upgrade replay ×{args.connections}", name, *probes.cells(),
+                         f"{stats.outcome()}; the real call: {real_call}"])
+            gevent.sleep(args.settle_s)
+        if "slow-read" in args.attacks:
+            probes, stats = run_slow_read(server.port, args)
+            rows.append([f"slow reads ×{args.connections}", name, *probes.cells(), stats.outcome()])
     return rows
 
 
@@ -245,7 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=1000, help="attack connections (at most 1000)")
     parser.add_argument("--window-s", type=float, default=30.0, help="probe window per attack, after the ramp")
     parser.add_argument("--ramp-s", type=float, default=5.0, help="attack connections open within this time")
-    parser.add_argument("--byte-interval-s", type=float, default=5.0, help="slow body: seconds between bytes")
+    parser.add_argument("--byte-interval-s", type=float, default=5.0,
+                        help="slow body: seconds between bytes; slow read: seconds between requests")
+    parser.add_argument("--pipelined", type=int, default=100,
+                        help="slow read: requests sent at once per connection (~50 KB answers each: 100 outgrow the "
+                             "4 MiB a socket may buffer, so the server's writes block)")
+    parser.add_argument("--attacks", default="slow-body,replay",
+                        help="comma-separated: slow-body, replay, slow-read (only when named: at most "
+                             f"{MAX_SLOW_READ_CONNECTIONS} connections)")
     parser.add_argument("--idle-s", type=float, default=5.0, help="idle /health probing before the attacks")
     parser.add_argument("--settle-s", type=float, default=3.0, help="pause between the two attacks")
     parser.add_argument("--probe-interval-s", type=float, default=0.1)
@@ -257,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for both servers (repeatable)")
     args = parser.parse_args(argv)
-    if not 1 <= args.connections <= 1000 or args.window_s > 120:
-        parser.error("bounded by design: --connections 1..1000, --window-s at most 120")
+    if not 1 <= args.connections <= 1000 or args.window_s > 120 or not 1 <= args.pipelined <= 200:
+        parser.error("bounded by design: --connections 1..1000, --window-s at most 120, --pipelined 1..200")
+    args.attacks = {a.strip() for a in args.attacks.split(",") if a.strip()}
+    if not args.attacks or args.attacks - {"slow-body", "replay", "slow-read"}:
+        parser.error("--attacks: slow-body, replay and/or slow-read")
+    if "slow-read" in args.attacks and args.connections > MAX_SLOW_READ_CONNECTIONS:
+        parser.error(f"bounded by design: slow-read with at most {MAX_SLOW_READ_CONNECTIONS} --connections (each "
+                     "makes the server's socket buffer up to ~4 MiB of kernel memory)")
     env = parse_env_pairs(args.server_env)
     env.setdefault("LOG_LEVEL", "WARNING")
     baseline, tmp = baseline_checkout(args)
@@ -277,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {machine_summary()}. {args.connections} attack connections from {ATTACKER_ADDRESS}, opened "
           f"within {args.ramp_s:g} s; /health probed from {PROBE_ADDRESS} every {args.probe_interval_s:g} s for "
           f"{args.window_s:g} s (new connection each, {args.probe_timeout_s:g} s timeout). Slow bodies: 1 MB "
-          f"declared on POST /api/chat, one byte every {args.byte_interval_s:g} s.\n")
+          f"declared on POST /api/chat, one byte every {args.byte_interval_s:g} s. Slow reads: {args.pipelined} "
+          f"pipelined GETs of {SLOW_READ_PATH} per connection (4 KiB receive buffer, never read), one more every "
+          f"{args.byte_interval_s:g} s.\n")
     print(markdown_table(["attack", "code", "/health probes", "failed", "p50 ms", "p99 ms", "attack outcome"],
                          rows))
     met = all(r[5] not in {"—"} and not r[5].startswith("no answer") and float(r[5]) < TARGET_P99_MS

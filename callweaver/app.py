@@ -86,6 +86,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.wsgi_app = RequestBodyGuard(  # type: ignore[method-assign]
         app.wsgi_app, max_body_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
         max_uploads_per_client=settings.max_uploads_per_client, trusted_proxy_hops=settings.trusted_proxy_hops,
+        write_timeout_s=settings.response_write_timeout_s, max_answers_per_client=settings.max_answers_per_client,
         cors=settings.cors,
     ).__call__
     # Last, once every route is compiled: warm_up starts an OS thread, and on CPython 3.11 `ast.parse` in two threads

@@ -41,6 +41,9 @@ RATE_WINDOWS_S = {"second": 1, "minute": 60, "hour": 3600, "day": SECONDS_PER_DA
 RATE_SEPARATORS_RE = re.compile(r"[,;|]")
 RATE_ITEM_RE = re.compile(r"\s*([0-9]+)\s*(?:/|per)\s*([0-9]+)?\s*(second|minute|hour|day|month|year)s?\s*",
                           re.ASCII | re.IGNORECASE)
+# A client that takes longer than this over 64 KiB of an answer is not reading it: a longer deadline would let each
+# such connection hold its worker's slot for minutes again.
+MAX_RESPONSE_WRITE_TIMEOUT_S = 300
 MAX_RELAY_SOCKET_LEASE_S = 3600  # a killed worker's call keeps its socket claim this long at most
 MIN_SECRET_CHARS = 16  # OPS_TOKEN, CALL_REPORT_SECRET, SECRET_KEY (with request credentials): none guessable
 # Twilio's Auth Token: 32 hexadecimal characters (what its console shows); anything else fails at the first REST call.
@@ -217,6 +220,7 @@ class Settings:
     rate_limit_end_call: str = "60 per minute"
     rate_limit_call_status: str = "60 per minute"
     rate_limit_metrics: str = "30 per minute"
+    rate_limit_ops_auth: str = "10 per minute"  # requests presenting an OPS_TOKEN guess, per client
     max_calls_per_day: int = 1000
     trusted_proxy_hops: int = 0
     ops_token: str = ""
@@ -269,6 +273,8 @@ class Settings:
     # Transport limits (README "Security"): slow bodies and the relay socket
     body_read_timeout_s: float = 10.0        # whole body within this, else 408
     max_uploads_per_client: int = 20         # bodies one client may be sending at once, per worker (0 = no cap)
+    response_write_timeout_s: float = 10.0   # each 64 KiB of an answer taken within this, else the connection closes
+    max_answers_per_client: int = 20         # answers being written to one client at once, per worker (0 = no cap)
     relay_setup_timeout_s: float = 5.0       # socket closed (1008) without a valid setup by then
     relay_max_message_bytes: int = 64 * 1024 # larger relay message → close 1009
     relay_socket_lease_s: float = 30.0       # a call's live-socket claim expires after this unless renewed
@@ -439,6 +445,7 @@ class Settings:
         values["rate_limit_end_call"] = rate("RATE_LIMIT_END_CALL", "60 per minute")
         values["rate_limit_call_status"] = rate("RATE_LIMIT_CALL_STATUS", values["rate_limit_end_call"])
         values["rate_limit_metrics"] = rate("RATE_LIMIT_METRICS", "30 per minute")
+        values["rate_limit_ops_auth"] = rate("RATE_LIMIT_OPS_AUTH", "10 per minute")
         values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
         values["on_render"] = bool(text("RENDER"))
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
@@ -515,6 +522,9 @@ class Settings:
         values["chat_max_chars"] = number("CHAT_MAX_CHARS", 80_000, int, 1)
         values["body_read_timeout_s"] = number("BODY_READ_TIMEOUT_S", 10.0, float, 0.1)
         values["max_uploads_per_client"] = number("MAX_UPLOADS_PER_CLIENT", 20, int, 0)
+        values["response_write_timeout_s"] = number("RESPONSE_WRITE_TIMEOUT_S", 10.0, float, 0.1,
+                                                    MAX_RESPONSE_WRITE_TIMEOUT_S)
+        values["max_answers_per_client"] = number("MAX_ANSWERS_PER_CLIENT", 20, int, 0)
         values["relay_setup_timeout_s"] = number("RELAY_SETUP_TIMEOUT_S", 5.0, float, 0.1)
         values["relay_max_message_bytes"] = number("RELAY_MAX_MESSAGE_BYTES", 64 * 1024, int, 1024)
         values["relay_socket_lease_s"] = number("RELAY_SOCKET_LEASE_S", 30.0, float, 1.0, MAX_RELAY_SOCKET_LEASE_S)

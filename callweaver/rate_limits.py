@@ -8,6 +8,7 @@ limiter code at all (flask-limiter's app-wide hooks cost ~50 µs on each of them
 from __future__ import annotations
 
 import functools
+import hmac
 import os
 import sqlite3
 import threading
@@ -113,6 +114,45 @@ class CallsPerDay:
         """Take one slot of today's calls, or raise LimitReached when none is left."""
         if not self.windows.hit(self.item, *DAILY_KEY):
             raise limit_reached(self.windows, self.item, DAILY_KEY, self.message)
+
+
+class OpsTokenGuesses:
+    """Guesses at OPS_TOKEN, per client (RATE_LIMIT_OPS_AUTH): every request presenting a token takes a slot of its
+    client's window first, in one atomic hit, so past the limit even the right token is refused and a guess there
+    tells nothing. The right token then clears its client's window: an operator's Prometheus scraping every 15 s, or
+    a dashboard refreshing, never adds up; only wrong guesses in a row do. The same wrong token again is no new guess:
+    it takes a slot once per the limit's longest window (`once`), else a stale password (a dashboard tab polling every
+    2 s with the one its browser cached before OPS_TOKEN was rotated) kept its client's window full, and the right
+    token got 429 from that address for as long as the tab was open. While the storage is down every token is
+    refused (503), as every limited request is (the operator's pages read the same store then down)."""
+
+    SCOPE = "ops-auth"
+
+    def __init__(self, settings: Settings, windows: MovingWindowRateLimiter) -> None:
+        self.windows = windows
+        self.items = sorted(parse_many(settings.rate_limit_ops_auth))  # the shortest window first
+        longest = max(self.items, key=lambda item: item.get_expiry())
+        self.once = type(longest)(1, longest.multiples)  # one slot per wrong token within the longest window
+        self.key = settings.ops_token.encode()
+        self.message = (f"at most {settings.rate_limit_ops_auth} operator token attempts per client "
+                        "(RATE_LIMIT_OPS_AUTH)")
+
+    def presented(self, client: str, token: str, right: bool) -> None:
+        """A request from `client` presented `token` (`right`: it is OPS_TOKEN); raise LimitReached when the client's
+        window is full. A wrong token is remembered by its HMAC under OPS_TOKEN (never as itself), and only once it
+        took a slot, so a flood of refused guesses stores nothing."""
+        identifiers = (KEY_PREFIX, client, self.SCOPE)
+        this_token = None if right else (*identifiers, hmac.new(
+            self.key, token.encode("utf-8", "surrogatepass"), "sha256").hexdigest()[:32])
+        again = this_token is not None and not self.windows.test(self.once, *this_token)
+        for item in self.items:
+            if not (self.windows.test(item, *identifiers) if again else self.windows.hit(item, *identifiers)):
+                raise limit_reached(self.windows, item, identifiers, self.message)
+        if this_token is not None and not again:
+            self.windows.hit(self.once, *this_token)
+        if right:
+            for item in self.items:
+                self.windows.clear(item, *identifiers)
 
 
 class RateLimits:

@@ -23,7 +23,7 @@ from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .heap import HeapTrimmer, glibc_malloc_trim
 from .gather_turns import GatherTurns
 from .lifecycle import CallLifecycle
-from .rate_limits import CallsPerDay, limit_windows
+from .rate_limits import CallsPerDay, OpsTokenGuesses, limit_windows
 from .background import OsThreadWork, Task, spawn
 from .retention import run_periodically
 from .store import Store, build_store
@@ -108,6 +108,11 @@ class Services:
     def limit_windows(self) -> MovingWindowRateLimiter:
         """The rate limits' windows (per client, and the calls-per-day cap), in the storage every worker shares."""
         return limit_windows(self.settings)
+
+    @cached_property
+    def ops_token_guesses(self) -> OpsTokenGuesses:
+        """Requests presenting an OPS_TOKEN, limited per client (RATE_LIMIT_OPS_AUTH)."""
+        return OpsTokenGuesses(self.settings, self.limit_windows)
 
     @cached_property
     def call_reporter(self) -> CallReporter | None:

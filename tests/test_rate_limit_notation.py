@@ -94,3 +94,19 @@ def test_the_windows_are_limits_own():
     """A month is 30 days and a year 12 of them in `limits`: the year-long window check must use its lengths."""
     for unit, seconds in RATE_WINDOWS_S.items():
         assert their_items(f"1 per {unit}") == ((1, seconds),)
+
+
+def test_every_rate_limit_setting_is_checked_in_this_notation():
+    """Each RATE_LIMIT_* setting (RATE_LIMIT_OPS_AUTH included) is read by the start check: a value `limits` cannot
+    read stops the service naming it, and each default is one `limits` reads as the start check does."""
+    from dataclasses import fields
+
+    from callweaver.config import ConfigError
+
+    names = [f.name for f in fields(Settings) if f.name.startswith("rate_limit_")]
+    assert "rate_limit_ops_auth" in names
+    defaults = Settings.from_env({})
+    for name in names:
+        assert rate_limit_items(getattr(defaults, name)) == their_items(getattr(defaults, name))
+        with pytest.raises(ConfigError, match=name.upper()):
+            Settings.from_env({name.upper(): "ten per minute"})

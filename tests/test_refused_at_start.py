@@ -73,6 +73,7 @@ def serve_and_probe(env: dict[str, str], tmp_path, options: tuple[str, ...] = ()
     ("CALL_TIMEOUT_S", PASTED),                  # a number the app reads
     ("RATE_LIMIT_CHAT", f"{PASTED} per minute"),  # a rate limit
     ("CORS_ORIGINS", f"https://{PASTED}.example/path"),
+    ("RESPONSE_WRITE_TIMEOUT_S", "301"),          # above its upper bound
 ])
 def test_a_refused_setting_stops_the_service_before_any_200(tmp_path, name, value):
     """Before: gunicorn listened, the worker's loader answered /health 200 ("starting"), then the worker's app refused
@@ -147,6 +148,8 @@ def test_the_masters_settings_check_imports_neither_limits_nor_flask():
     # settings the same change added
     ("REDIS_KEY_PREFIX", f"{PASTED}/app"), ("REDIS_KEY_PREFIX", PASTED * 4), ("CHAT_MAX_CHARS", PASTED),
     ("CHAT_MAX_CHARS", "9" * 400),
+    ("RESPONSE_WRITE_TIMEOUT_S", PASTED), ("RESPONSE_WRITE_TIMEOUT_S", "9" * 400),
+    ("MAX_ANSWERS_PER_CLIENT", PASTED), ("MAX_ANSWERS_PER_CLIENT", "-1"), ("RATE_LIMIT_OPS_AUTH", PASTED),
 ])
 def test_a_refusal_names_the_variable_never_its_value(name, value):
     """A value pasted into the wrong variable (a key into a number) was printed back in the start-up log."""

@@ -339,6 +339,85 @@ def test_operator_surfaces_need_ops_token(env):
     assert client.get("/dashboard", headers={"Authorization": f"Basic {basic}"}).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_ops_token_guesses_are_limited_per_client(tmp_path, fake_twilio, backend):
+    """Nothing bounded the guesses at OPS_TOKEN: a client could try tokens on /metrics as fast as it could send them.
+    Each request presenting a token takes a slot of its client's RATE_LIMIT_OPS_AUTH window first, so past the limit
+    even the right token is refused (a guess there tells nothing); other clients are unaffected."""
+    env = {**base_env(tmp_path, fake_twilio), "OPS_TOKEN": OPS, "RATE_LIMIT_OPS_AUTH": "3 per minute"}
+    with RedisServer() if backend == "redis" else contextlib.nullcontext() as redis:
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        client = create_app(env).test_client()
+        guesses = [client.get(path, headers={"Authorization": f"Bearer guess-{i:020d}"}).status_code
+                   for i, path in enumerate(["/metrics", "/api/dashboard-data", "/api/call-log", "/metrics"])]
+        assert guesses == [401, 401, 401, 429]
+        basic = base64.b64encode(b"ops:another-guess-0000000").decode()
+        refused = client.get("/dashboard", headers={"Authorization": f"Basic {basic}"})
+        assert refused.status_code == 429 and refused.get_json()["success"] is False
+        assert "RATE_LIMIT_OPS_AUTH" in refused.get_json()["error"] and 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {OPS}"}).status_code == 429
+        other = {"REMOTE_ADDR": "127.0.0.9"}
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong-guess-000000"},
+                          environ_base=other).status_code == 401
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {OPS}"},
+                          environ_base=other).status_code == 200
+        # a second worker sharing the storage counts the same guesses
+        second = create_app(env).test_client()
+        assert second.get("/metrics", headers={"Authorization": f"Bearer {OPS}"}).status_code == 429
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_the_right_ops_token_clears_its_clients_guesses(tmp_path, fake_twilio, backend):
+    """An operator's Prometheus scraping every 15 s, or the dashboard refreshing, is never limited: the right token
+    clears its client's window, so only wrong guesses in a row add up."""
+    env = {**base_env(tmp_path, fake_twilio), "OPS_TOKEN": OPS, "RATE_LIMIT_OPS_AUTH": "3 per minute"}
+    with RedisServer() if backend == "redis" else contextlib.nullcontext() as redis:
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        client = create_app(env).test_client()
+        right = {"Authorization": f"Bearer {OPS}"}
+        assert [client.get("/metrics", headers=right).status_code for _ in range(10)] == [200] * 10
+        for _ in range(3):
+            assert client.get("/metrics", headers={"Authorization": "Bearer wrong-guess-000000"}).status_code == 401
+            assert client.get("/metrics", headers={"Authorization": "Bearer wrong-guess-000001"}).status_code == 401
+            assert client.get("/metrics", headers=right).status_code == 200
+        assert client.get("/metrics").status_code == 401  # no token presented: nothing to count
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_stale_token_repeated_does_not_lock_the_operator_out(tmp_path, fake_twilio, backend):
+    """The dashboard polls /api/dashboard-data every 2 s with the browser's cached basic-auth password: once OPS_TOKEN
+    is rotated (what a leaked token calls for), a tab left open kept presenting the old one, 30 times a minute, each
+    taking a RATE_LIMIT_OPS_AUTH slot, so its client's window stayed full and the right token got 429 from that
+    address for as long as the tab stayed open (a 429 carries no WWW-Authenticate, so no browser asked for the new
+    one). The same wrong token again tells an attacker nothing new: it takes a slot once per window."""
+    env = {**base_env(tmp_path, fake_twilio), "OPS_TOKEN": OPS, "RATE_LIMIT_OPS_AUTH": "3 per minute"}
+    with RedisServer() if backend == "redis" else contextlib.nullcontext() as redis:
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        client = create_app(env).test_client()
+        stale = base64.b64encode(b"ops:the-token-before-rotation").decode()
+        polls = [client.get("/api/dashboard-data", headers={"Authorization": f"Basic {stale}"}).status_code
+                 for _ in range(10)]
+        assert polls == [401] * 10
+        assert client.get("/dashboard", headers={"Authorization": f"Bearer {OPS}"}).status_code == 200
+        # distinct guesses still take a slot each, a repeated one among them included once
+        guesses = [client.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code
+                   for token in ["guess-a-0000000000", "guess-a-0000000000", "guess-b-0000000000",
+                                 "guess-c-0000000000", "guess-d-0000000000", "guess-a-0000000000"]]
+        assert guesses == [401, 401, 401, 401, 429, 429]
+        assert client.get("/metrics", headers={"Authorization": f"Bearer {OPS}"}).status_code == 429
+
+
+def test_an_ops_auth_limit_that_is_no_rate_limit_is_refused_at_start():
+    with pytest.raises(ConfigError, match="RATE_LIMIT_OPS_AUTH"):
+        Settings.from_env({"RATE_LIMIT_OPS_AUTH": "ten per minute"})
+    with pytest.raises(ConfigError, match="RATE_LIMIT_OPS_AUTH"):
+        Settings.from_env({"RATE_LIMIT_OPS_AUTH": "0 per minute"})
+    assert Settings.from_env({}).rate_limit_ops_auth == "10 per minute"
+
+
 def test_a_short_ops_token_is_refused_at_start():
     with pytest.raises(ConfigError, match="OPS_TOKEN"):
         Settings.from_env({"OPS_TOKEN": "short"})

@@ -118,3 +118,24 @@ def test_the_web_apps_own_requests_work_from_an_allowed_origin(live, fake_twilio
     assert end.status == 200 and end.json()["success"] is True, end.text
     assert end.headers["Access-Control-Allow-Origin"] == WEB_APP
     assert [u.one("Status") for u in fake_twilio.updates()] == ["completed"]
+
+
+def _raw_status(port: int, request_line: str, *headers: str) -> int:
+    """The status of one raw HTTP/1.1 request (headers exactly as given)."""
+    extra = "".join(f"{h}\r\n" for h in headers)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{request_line}\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_a_request_header_cannot_move_the_apps_root(live):
+    """gunicorn maps a SCRIPT_NAME (or PATH_INFO) request header into the WSGI environ for peers in
+    FORWARDED_ALLOW_IPS (`*` by default: every client): a header would have moved the app's root, so the same routes
+    answered under any prefix a client chose and URLs built from the root followed it (gunicorn.conf.py
+    forwarder_headers)."""
+    assert _raw_status(live.port, "GET /moved/ping HTTP/1.1", "SCRIPT_NAME: /moved") == 404
+    assert _raw_status(live.port, "GET /ping HTTP/1.1", "SCRIPT_NAME: /elsewhere") == 200
+    assert _raw_status(live.port, "GET /ping HTTP/1.1", "PATH_INFO: /health") == 200

@@ -233,3 +233,70 @@ def test_slow_uploads_from_one_client_cannot_take_every_connection_slot(body_ser
     assert answer(other, trickle=True)[0] == 408  # each client has its own count
     for sock in uploads + [other]:
         sock.close()
+
+
+# ---- answers the client does not read ----------------------------------------------------------------
+
+STATIC = "/static/uplot/uPlot.iife.min.js"  # ~50 KB, public: a few dozen unread fill the socket's buffers
+
+
+@pytest.fixture(scope="module")
+def reader_server(tmp_path_factory, fakes):
+    """One worker with few connection slots, so a handful of clients that never read could hold them all."""
+    server = start_server(tmp_path_factory.mktemp("write-limits"), fakes, 1, RESPONSE_WRITE_TIMEOUT_S="1",
+                          MAX_ANSWERS_PER_CLIENT="3", WORKER_CONNECTIONS="20")
+    yield server
+    server.stop()
+
+
+def unread_requests(server: LiveServer, count: int = 200, source: str = ATTACKER) -> socket.socket:
+    """`count` pipelined GETs of a static file on one connection whose receive buffer is small and never read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(WAIT_S)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(f"GET {STATIC} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() * count)
+    return sock
+
+
+def drain(sock: socket.socket) -> bytes:
+    """Everything the server sent until it closed the connection (bounded by WAIT_S per read)."""
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_an_answer_the_client_does_not_read_is_given_up_after_the_deadline(reader_server):
+    """A client that asks and never reads held its connection (and the greenlet writing to it) for ever: each piece
+    of an answer must be taken within RESPONSE_WRITE_TIMEOUT_S, else the connection is closed."""
+    size = len(urllib.request.urlopen(reader_server.url + STATIC, timeout=WAIT_S).read())
+    sock = unread_requests(reader_server, count=200)
+    time.sleep(3)  # the deadline (1 s) passes while nothing is read
+    received = drain(sock)
+    sock.close()
+    assert 0 < len(received) < 100 * size, "the server kept writing to a client that did not read"
+    deadline = time.monotonic() + WAIT_S
+    while "response_write_timeout" not in reader_server.logs():
+        assert time.monotonic() < deadline, "the abandoned answer must be logged"
+        time.sleep(0.05)
+
+
+def test_clients_that_do_not_read_cannot_take_every_connection_slot(reader_server):
+    """20 connection slots; 30 connections from one client that never read: beyond 3 answers being written at once
+    the client's requests are refused (429) and their connections closed, and another client is served."""
+    readers = [unread_requests(reader_server, count=100) for _ in range(30)]
+    time.sleep(0.5)
+    assert health_ok(reader_server)
+    firsts = []
+    for sock in readers:
+        firsts.append(drain(sock)[:12])
+        sock.close()
+    assert firsts.count(b"HTTP/1.1 429") >= 20, firsts
+    other = unread_requests(reader_server, count=1, source="127.0.0.3")  # a client of its own
+    assert drain(other).startswith(b"HTTP/1.1 200")
+    other.close()

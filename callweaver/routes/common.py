@@ -14,6 +14,7 @@ from ..engine import valid_json
 from ..errors import LOGGED_ID_CHARS, ApiError, ids_named_by_request, twilio_request_form
 from ..security import (SIGNATURE_SETTINGS_HEADER, public_base_url, request_public_url, signature_is_valid,
                         token_matches)
+from ..rate_limits import client_address
 from ..services import services
 from ..units import SECONDS_PER_DAY
 
@@ -260,7 +261,11 @@ def operator_only(view: Callable) -> Callable:
             return view(*args, **kwargs)
         auth = request.authorization
         presented = None if auth is None else (auth.token if auth.type == "bearer" else auth.password)
-        if token_matches(settings.ops_token, presented):
+        right = token_matches(settings.ops_token, presented)
+        if presented is not None:  # a guess at OPS_TOKEN: counted per client before it is answered (429 past it)
+            services().ops_token_guesses.presented(
+                client_address(request.environ, settings.trusted_proxy_hops), presented, right)
+        if right:
             return view(*args, **kwargs)
         log.warning("operator_auth_refused", path=request.path, scheme=auth.type if auth else None)
         response = Response('{"success": false, "error": "OPS_TOKEN required (Authorization: Bearer <token>)"}',
