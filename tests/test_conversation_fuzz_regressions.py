@@ -24,3 +24,32 @@ def test_a_barge_in_after_the_whole_reply_was_heard_leaves_its_turn_uninterrupte
     call.send({"type": "interrupt", "utteranceUntilInterrupt": "It has three bedrooms.",
                "durationUntilInterruptMs": 900})
     assert call.turns()[-1]["interrupted"] is False
+
+
+GEVENT_JOIN_FINISHED_TASK_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from callweaver.background import spawn
+
+task = spawn(lambda: None)
+gevent.sleep(0.01)  # the reply's greenlet has finished
+assert task.dead
+task.join(timeout=1.0)  # the relay's close() joins it: a finished greenlet is falsy, never the (absent) thread
+task.kill(timeout=1.0)
+print("ok")
+"""
+
+
+def test_joining_a_reply_task_that_already_finished_under_gevent_does_not_raise():
+    """Fuzz seed=4 call=9 (Redis, CONVO_FUZZ_END_CALLS=12): end-call mid-reply; the relay socket closed just as the
+    reply's greenlet ended, and RelaySession.close() joined it: `(greenlet or thread).join` took the dead greenlet
+    as false and called None.join, an AttributeError out of the socket's handler (unhandled_error), and the turn
+    cut by the hang-up was never committed (one turn row for two caller turns). gevent's patching is process-wide,
+    hence the subprocess."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", GEVENT_JOIN_FINISHED_TASK_SCRIPT], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
