@@ -913,6 +913,12 @@ class Hooks:
     def end_call(self, how: str) -> None:
         sent = time.monotonic()
         sid = self.caller.call_sid
+        if how in ("empty", "tracking"):  # no call SID (an empty body; the tracking id only): a JSON 400, no hang-up
+            resp = http("POST", f"{self.url}/api/end-call",
+                        json_body={} if how == "empty" else {"trackingId": self.caller.tracking_id})
+            ok = resp.status == 400 and json.loads(resp.text).get("success") is False
+            self.answers.append((f"end-call {how}", 200 if ok else resp.status, resp.text))
+            return
         if how == "json":
             resp = http("POST", f"{self.url}/api/end-call", json_body={"callSid": sid})
         else:  # the web app's hangupCall: the SID in the query, an empty JSON body
@@ -985,6 +991,8 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
         """End-call from the web app now (or twice at once), and Twilio's reaction: the final status callback, at
         a random moment around end-call's answer, and the relay socket closed."""
         hows = [rng.choice(END_BODIES) for _ in range(2 if moment == "twice" else 1)]
+        if rng.random() < 0.2:
+            hows.insert(0, rng.choice(["empty", "tracking"]))
         steps.append(("end-call", hows, round(delay_s, 2)))
         for how in hows:
             hooks.soon(hooks.end_call, how, delay_s=delay_s)
@@ -1112,6 +1120,13 @@ def check_ended_call(ctx: Context, stack, caller: RelayCaller, hooks: Hooks, flo
         ctx.fail(f"{len(record.transcript or [])} transcript entries, {len(rows)} turn rows")
     check_history_matches_transcript(ctx, record)
     check_turn_rows(ctx, flow, {"turns": rows}, start)
+    # the report is the call as stored once it ended: its turn count and its transcript are the stored ones
+    report = reports[0]
+    if report["metrics"]["totalProcessedRequests"] != len(rows):
+        ctx.fail(f"the report counts {report['metrics']['totalProcessedRequests']} turns, {len(rows)} stored")
+    said = [m["content"] for m in report["transcript"] if m["role"] == "user"]
+    if said != [m["content"] for m in record.messages or [] if m["role"] == "user"]:
+        ctx.fail(f"the report's transcript {report['transcript']} is not the stored history {record.messages}")
 
 
 def calls_ended_count(store) -> float:
