@@ -996,7 +996,9 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
         steps.append(("end-call", hows, round(delay_s, 2)))
         for how in hows:
             hooks.soon(hooks.end_call, how, delay_s=delay_s)
-        hooks.soon(hooks.status, "completed", 3, delay_s=delay_s + rng.uniform(0.05, 0.4))
+        final_at = delay_s + rng.uniform(0.05, 0.4)
+        for _ in range(rng.choice([1, 1, 2])):  # twice at once: Twilio retried while the first was answered
+            hooks.soon(hooks.status, "completed", 3, delay_s=final_at)
 
     for turn in range(turns + (1 if moment in ("mid_reply", "goodbye") else 0)):
         last = turn == turns
@@ -1020,16 +1022,29 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
             first = caller.recv(timeout_s=8)
             if first is None:
                 ctx.fail(f"no reply to {said!r} ({behaviour})")
-            end_now(rng.uniform(0, 0.3))
-            caller.drain(rng.uniform(0.1, 0.6))
+            if rng.random() < 0.3:  # the socket closes first (the caller hung up), end-call and Twilio's status race it
+                caller.drain(rng.uniform(0, 0.2))
+                caller.hangup()
+                end_now(rng.uniform(0, 0.1))
+            else:
+                end_now(rng.uniform(0, 0.3))
+                caller.drain(rng.uniform(0.1, 0.6))
             live = False
             got_end = [m for m in caller.received[before:] if m.get("type") == "end"]
             if got_end:
                 ended = json.loads(got_end[0]["handoffData"])
             break
+        before = len(caller.received)
         reply = caller.say(said, lang=lang)
         expected_turns += 1
         caller.drain(0.2)
+        row = wait_turns(url, caller.tracking_id, expected_turns)["turns"][-1]
+        # a closing line: its end once Twilio has played it, or at the playback bound (relay_call_steps' open finding,
+        # seed=81: 11.6 s for a 32-character Cantonese transfer line at seed=31 call=5 here)
+        waited = time.monotonic()
+        while row["action"] in ("end", "transfer") and reply.end is None and time.monotonic() - waited < 15:
+            caller.recv(timeout_s=1)
+            reply.end = next((m for m in caller.received[before:] if m.get("type") == "end"), None)
         pressed = [m for m in caller.received if m.get("type") == "sendDigits"]
         if not reply.text.strip() and not pressed:
             ctx.fail(f"turn {turn} ({behaviour}): no reply and no apology: {reply.messages}")
