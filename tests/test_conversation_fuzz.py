@@ -836,7 +836,7 @@ def test_random_gather_conversations_keep_every_invariant(gather_env, fake_twili
 # socket closed. The call's end must be recorded once: one end reason, one final status that never reverts, one
 # end-of-call report, one count of the ended call, and the turns stored once each.
 END_CALLS = int(os.environ.get("CONVO_FUZZ_END_CALLS") or 6)  # per store (about 3 s a call)
-END_MOMENTS = ["greeting", "mid_reply", "goodbye", "after_end", "twice", "none"]
+END_MOMENTS = ["ringing", "greeting", "mid_reply", "goodbye", "after_end", "twice", "none"]
 END_BODIES = ["json", "query"]  # what the web app sends: {callSid}, or ?callSid= with an empty JSON body
 PROGRESS = [("initiated", 0), ("ringing", 1), ("in-progress", 2)]
 REPORT_SECRET = "fuzz-report-secret-0123"
@@ -978,6 +978,15 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
     early = progress[:rng.randint(0, len(progress))]
     for status, sequence in early:  # before the call is answered (out of order)
         hooks.status(status, sequence)
+    if moment == "ringing":  # hung up before it was answered: no TwiML, no socket
+        steps.append(("moment", moment, "turns", 0))
+        hooks.end_call(rng.choice(END_BODIES))
+        hooks.status("completed", 3)
+        for status, sequence in rng.sample(PROGRESS + [("completed", 3)], k=rng.randint(1, 3)):
+            hooks.status(status, sequence)
+        start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
+        check_ended_call(ctx, stack, caller, hooks, Flow(export), start, 0, None)
+        return steps
     caller.answer(stack["twilio"].creates()[-1].one("Url"))
     caller.connect()
     for status, sequence in progress[len(early):]:  # the rest while the call is live, at once
