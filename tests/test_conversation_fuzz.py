@@ -1091,6 +1091,8 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
 def check_ended_call(ctx: Context, stack, caller: RelayCaller, hooks: Hooks, flow: Flow, start: str,
                      expected_turns: int, ended: dict | None) -> None:
     url, store, tid = stack["server"].url, stack["store"], caller.tracking_id
+    if len([m for m in caller.received if m.get("type") == "end"]) > 1:
+        ctx.fail(f"more than one end message on the socket: {[m for m in caller.received if m.get('type') == 'end']}")
     for what, status, text in hooks.answers:
         if status >= 500:
             ctx.fail(f"{what} answered {status}: {text[:300]}")
