@@ -161,3 +161,16 @@ def test_a_report_is_not_held_for_a_socket_that_already_closed(report_env, fake_
     reports = reports_of(receiver, live.tracking_id)
     assert len(reports) == 1 and time.monotonic() - started < 2.0
     assert reports[0]["metrics"]["totalProcessedRequests"] == 1
+
+
+def test_a_report_waiting_for_a_socket_whose_worker_died_goes_when_its_lease_lapses(report_env, fake_llm, receiver):
+    """A killed worker never closes its socket nor releases its claim: the report waits only until the lease lapses."""
+    from callweaver import create_app
+    app = create_app(report_env)
+    client = app.test_client()
+    live = ClosingRelayCall(app, client)
+    live.store.claim_relay_socket(live.tracking_id, "socket-1", 0, 1.0)  # its last renewal: a second's lease left
+    started = time.monotonic()
+    live.completed(client)
+    reports = reports_of(receiver, live.tracking_id, timeout_s=10)
+    assert len(reports) == 1 and 0.8 < time.monotonic() - started < 5
