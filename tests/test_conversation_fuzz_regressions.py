@@ -47,11 +47,11 @@ print("ok")
 
 
 def test_joining_a_reply_task_that_already_finished_under_gevent_does_not_raise():
-    """Fuzz seed=4 call=9 (Redis; the ending harness as first committed, 15cb4d9): end-call mid-reply; the relay socket closed just as the
-    reply's greenlet ended, and RelaySession.close() joined it: `(greenlet or thread).join` took the dead greenlet
-    as false and called None.join, an AttributeError out of the socket's handler (unhandled_error), and the turn
-    cut by the hang-up was never committed (one turn row for two caller turns). gevent's patching is process-wide,
-    hence the subprocess."""
+    """Fuzz seed=4 call=9 (Redis; the ending harness as first committed, 15cb4d9): end-call mid-reply; the relay
+    socket closed just as the reply's greenlet ended, and RelaySession.close() joined it: `(greenlet or thread).join`
+    took the dead greenlet as false and called None.join, an AttributeError out of the socket's handler
+    (unhandled_error), and the turn cut by the hang-up was never committed (one turn row for two caller turns).
+    gevent's patching is process-wide, hence the subprocess."""
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "-c", GEVENT_JOIN_FINISHED_TASK_SCRIPT], capture_output=True, text=True,
@@ -116,9 +116,10 @@ def reports_of(receiver, tracking_id: str, timeout_s: float = 5.0) -> list[dict]
 
 def test_the_report_of_a_call_hung_up_mid_reply_counts_the_turn_the_socket_close_committed(report_env, fake_llm,
                                                                                              receiver):
-    """Fuzz seed=12 call=1 (SQLite; the ending harness at fc1818b): end-call mid-reply; Twilio's final status came
-    before the relay socket's close, and the end-of-call report was built at once: without the turn the close then
-    committed (the report counted 1 turn, the store held 2; its transcript lacked the caller's last words)."""
+    """Fuzz seed=12 call=1 (SQLite; the harness of 581259a, whose report check found it): end-call mid-reply;
+    Twilio's final status came before the relay socket's close, and the end-of-call report was built at once:
+    without the turn the close then committed (the report counted 1 turn, the store held 2; its transcript lacked the
+    caller's last words)."""
     from callweaver import create_app
     app = create_app(report_env)
     client = app.test_client()
