@@ -181,7 +181,7 @@ def run_replay(stack: BenchStack, port: int, args: argparse.Namespace) -> tuple[
     to = destination(1, 7)
     caller = RelayCaller(base, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(call_body(to))
-    caller.answer(stack.twiml_url_for(to))
+    caller.answer_placed(stack.create_for(to))
     caller.connect()  # the real call's own socket, with its setup
     url = caller.twiml.url
     headers = [f"X-Twilio-Signature: {twilio_signature(AUTH_TOKEN, url, {})}"]

@@ -192,7 +192,7 @@ class RelayCall:
         self.caller.place_call(call_body(self.to, self.workflow))
 
     def answer_and_connect(self) -> None:
-        self.caller.answer(self.stack.twiml_url_for(self.to))
+        self.caller.answer_placed(self.stack.create_for(self.to))
         self.caller.connect()
 
     def set_up(self) -> None:
@@ -276,7 +276,7 @@ class GatherCall:
         if resp.status != 200:
             raise RuntimeError(f"make-call failed ({resp.status}): {data.get('error')}")
         self.call_sid, self.tracking_id = data["callSid"], data.get("trackingId")
-        answer = self.hooks.post(self.stack.twiml_url_for(self.to), self._params(CallStatus="in-progress"))
+        answer = self.hooks.post(self.stack.create_for(self.to).one("Url"), self._params(CallStatus="in-progress"))
         if answer.status != 200:
             raise RuntimeError(f"twiml-ai failed ({answer.status})")
         self.action = self._next_action(answer.text)

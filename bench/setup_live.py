@@ -1,6 +1,7 @@
 """Set-up CPU per call on the real server, by step: the gunicorn gevent worker's CPU (utime+stime) while N calls
 each make one step, 20 at a time, ÷ N. Steps: make-call-optimized (with the twilio SDK's REST call to the stand-in),
-the signed TwiML webhook, the signed socket upgrade + `setup`, and the signed status callbacks Twilio sends while a
+the signed TwiML webhook (none when the checkout placed the call with its TwiML inline: the step then costs the
+worker nothing), the signed socket upgrade + `setup`, and the signed status callbacks Twilio sends while a
 call is set up: one per event the checkout subscribes to before `completed` (its `callweaver/twilio_client.py`
 STATUS_CALLBACK_EVENTS), in Twilio's order and with Twilio's CallStatus (`answered` arrives as `in-progress`);
 `GET /ping` first, as the floor any request pays (gunicorn, gevent, Flask, the access line).
@@ -67,7 +68,7 @@ def measure(stack: BenchStack, root: Path, calls: int, first_number: int) -> dic
                 raise RuntimeError("/ping failed")
 
         actions: tuple[Callable[[RelayCall], None], ...] = (
-            ping, RelayCall.place, lambda call: call.caller.answer(stack.twiml_url_for(call.to)),
+            ping, RelayCall.place, lambda call: call.caller.answer_placed(stack.create_for(call.to)),
             lambda call: call.caller.connect(), statuses)
         spent: dict[str, float] = {}
         pool = Pool(CONCURRENCY)

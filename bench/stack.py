@@ -20,7 +20,7 @@ from typing import Iterator
 
 import gevent
 
-from callweaver.simulate.twilio_rest import TwilioRestStandIn
+from callweaver.simulate.twilio_rest import TwilioRequest, TwilioRestStandIn
 from tests.fakes.live_server import LiveServer, stop_process
 
 
@@ -231,9 +231,10 @@ class BenchStack:
             raise RuntimeError(f"expected one gunicorn worker, found {pids}")
         return pids[0]
 
-    def twiml_url_for(self, to: str) -> str:
-        """The TwiML URL the service gave Twilio for the newest call to `to` (each bench call has its own number)."""
+    def create_for(self, to: str) -> TwilioRequest:
+        """The Twilio create the service sent for the newest call to `to` (each bench call has its own number): its
+        `Url` for Twilio to fetch, or its TwiML inline (`RelayCaller.answer_placed`)."""
         for request in reversed(self.twilio.creates()):
             if request.one("To") == to:
-                return request.one("Url")
+                return request
         raise RuntimeError(f"no Twilio create for {to}")

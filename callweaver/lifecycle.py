@@ -196,7 +196,10 @@ class CallLifecycle:
         return creds[1] if creds else self.settings.twilio_auth_token
 
     # ---- make-call -----------------------------------------------------------------------
-    def start_call(self, body: Mapping[str, Any], *, path: str, base_url: str) -> StartedCall:
+    def start_call(self, body: Mapping[str, Any], *, path: str, base_url: str,
+                   relay_twiml: Callable[[CallRecord], str | None] | None = None) -> StartedCall:
+        """`relay_twiml`: builds an optimized call's TwiML from its record now (None when it cannot), for Twilio to
+        run on answer without our TwiML webhook; a call placed with a request's `twimlUrl` keeps that URL."""
         to = normalize_phone(body.get("to"))
         refusal = self.destination_refusal(to)
         if refusal:
@@ -239,6 +242,7 @@ class CallLifecycle:
         twiml_path = "/api/twiml-optimized" if path == "optimized" else "/api/twiml-ai"
         url = twiml_url or f"{base_url}{twiml_path}?{urlencode(query)}"
         status_callback = status_callback_url(base_url, path, tracking_id)
+        twiml = relay_twiml(call) if relay_twiml is not None and path == "optimized" and not twiml_url else None
         if self.take_call_slot is not None:  # last, once nothing can refuse the request: refusals use no slot
             self.take_call_slot()
         # The flow is saved as the id's latest in the same write, unless the operator pinned the id: a public request
@@ -251,7 +255,7 @@ class CallLifecycle:
             placed = self.twilio.create_call(to=to, from_number=from_number, url=url,
                                              status_callback=status_callback, timeout_s=timeout_s,
                                              time_limit_s=time_limit_s,
-                                             record=record, credentials=creds)
+                                             record=record, credentials=creds, twiml=twiml)
         except Exception as exc:
             self.store.update_meta(tracking_id, {"error": str(getattr(exc, "msg", exc))[:MAX_ERROR_TEXT_CHARS]},
                                    remove=["llm"])
@@ -260,7 +264,7 @@ class CallLifecycle:
         status = placed.status or "queued"
         self.store.record_placed(tracking_id, placed.sid, status)  # writes, reads nothing back
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
-                 language=language.code, nodes=len(workflow.nodes))
+                 language=language.code, nodes=len(workflow.nodes), twiml="inline" if placed.inline_twiml else "url")
         return StartedCall(record=dataclasses.replace(call, call_sid=placed.sid, status=status), placed=placed)
 
     def _call_language(self, body: Mapping[str, Any], workflow: Workflow) -> LanguageEntry:

@@ -24,6 +24,7 @@ import structlog
 from requests import certs
 from requests.structures import CaseInsensitiveDict
 from twilio.http import HttpClient
+from twilio.base.exceptions import TwilioRestException
 from twilio.http.response import Response
 from twilio.rest import Client
 
@@ -37,6 +38,12 @@ STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
 # in a path the SDK formatted from a caller-supplied call SID are escaped, never written raw into the request line.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 _IDLE_CONNECTIONS_PER_ORIGIN = 32
+# A create's `Twiml` parameter: at most 4000 characters (Twilio's Call resource; error 32018 beyond). Counted in
+# UTF-16 code units (a character outside the BMP is two), stricter than code points; Twilio does not document its
+# count (UTF-8 bytes would be stricter still for non-ASCII text), so a create it refuses with 32018 is placed again
+# with the URL (`TwilioGateway.create_call`).
+MAX_INLINE_TWIML_CHARS = 4000
+TWIML_TOO_LONG = 32018  # Twilio's error for a create's `Twiml` over its limit: no call was created
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,12 @@ class PlacedCall:
     status: str
     to: str
     from_number: str
+    inline_twiml: bool = False  # Twilio was given the call's TwiML itself, not the URL to fetch it from
+
+
+def fits_inline(twiml: str) -> bool:
+    """Twilio takes `twiml` as a create's `Twiml` parameter (MAX_INLINE_TWIML_CHARS)."""
+    return len(twiml.encode("utf-16-le")) // 2 <= MAX_INLINE_TWIML_CHARS
 
 
 def _requests_trust() -> ssl.SSLContext:
@@ -224,16 +237,30 @@ class TwilioGateway:
 
     def create_call(self, *, to: str, from_number: str, url: str, status_callback: str,
                     timeout_s: int, time_limit_s: int, record: bool,
-                    credentials: tuple[str, str] | None = None) -> PlacedCall:
+                    credentials: tuple[str, str] | None = None, twiml: str | None = None) -> PlacedCall:
         """`time_limit_s`: Twilio hangs up after this long, whatever the call does (a caller keeping the line open
-        would otherwise be billed for up to Twilio's default of 4 hours)."""
-        call = self.client(credentials).calls.create(
-            to=to, from_=from_number, url=url, method="POST",
-            status_callback=status_callback, status_callback_method="POST",
-            status_callback_event=STATUS_CALLBACK_EVENTS,
-            timeout=timeout_s, time_limit=time_limit_s, record=record,
-        )
-        return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number)
+        would otherwise be billed for up to Twilio's default of 4 hours). `twiml`: the call's TwiML when it is known
+        now; sent inline when it fits Twilio's limit (`fits_inline`), so Twilio runs it on answer without
+        requesting `url` (sent only otherwise: Twilio ignores `Twiml` beside a `Url`); placed with `url` after all
+        when Twilio refuses the TwiML as too long (32018, which creates no call)."""
+        inline = twiml is not None and fits_inline(twiml)
+        common = {"to": to, "from_": from_number, "status_callback": status_callback,
+                  "status_callback_method": "POST", "status_callback_event": STATUS_CALLBACK_EVENTS,
+                  "timeout": timeout_s, "time_limit": time_limit_s, "record": record}
+        calls = self.client(credentials).calls
+        try:
+            call = calls.create(twiml=twiml, **common) if inline else calls.create(url=url, method="POST", **common)
+        except TwilioRestException as exc:
+            # Twilio documents "4000 characters", not how it counts them: a TwiML it counts as longer (32018)
+            # places no call, so place it with the URL, as a TwiML over our own count is.
+            if not inline or exc.code != TWIML_TOO_LONG:
+                raise
+            log.warning("inline_twiml_refused", code=exc.code, twiml_chars=len(twiml),
+                        twiml_utf8_bytes=len(twiml.encode()))
+            inline = False
+            call = calls.create(url=url, method="POST", **common)
+        return PlacedCall(sid=call.sid, status=call.status or "queued", to=to, from_number=from_number,
+                          inline_twiml=inline)
 
     def watch_call(self, call_sid: str, *, status_callback: str, time_limit_s: int) -> str:
         """Ask Twilio to send the final status of a call we did not place (it rang in) to `status_callback` and to

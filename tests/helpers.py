@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlencode
 
 from callweaver.simulate.bodies import make_call_body as build_body
 
@@ -23,3 +24,9 @@ def make_call_body(to: str = "+15551234567", workflow: str | None = "real_estate
         body["workflowId"] = "wf_" + workflow
     body.update(extra)
     return body
+
+
+def twiml_optimized_path(tracking_id: str, workflow_id: str = "wf_real_estate_property_dealer") -> str:
+    """/api/twiml-optimized for a call: the URL make-call gives Twilio when the TwiML cannot go inline, and the one a
+    test posts to for the webhook's answer (an optimized call is placed with its TwiML inline, test_inline_twiml)."""
+    return f"/api/twiml-optimized?{urlencode({'id': workflow_id, 'trackingId': tracking_id})}"

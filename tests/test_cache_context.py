@@ -60,7 +60,7 @@ def _call(stack, lines: list[str]) -> list[dict]:
     """One call; per turn what the caller heard and the server's record of it."""
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(make_call_body())
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     caller.connect()
     heard = [caller.say(line).text for line in lines]
     caller.hangup()

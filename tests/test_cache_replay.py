@@ -53,7 +53,7 @@ def run_calls(stack) -> list[dict]:
     for name in NAMES:
         caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
         caller.place_call(make_call_body())
-        caller.answer(stack["twilio"].creates()[-1].one("Url"))
+        caller.answer_placed(stack["twilio"].creates()[-1])
         caller.connect()
         heard = [caller.say(u).text for u in script(name)]
         caller.hangup()
@@ -96,7 +96,7 @@ def test_redis_cache_stopped_mid_run_calls_go_on_as_misses(cache_stack):
     redis = cache_stack["redis"]
     caller = RelayCaller(cache_stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(make_call_body())
-    caller.answer(cache_stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(cache_stack["twilio"].creates()[-1])
     caller.connect()
     caller.say("hello?")  # warm: may hit from the previous test
     redis.stop()

@@ -45,7 +45,7 @@ def test_relay_call_report_is_signed_complete_and_sent_after_the_status_callback
     try:
         caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
         caller.place_call(make_call_body(workflow="loan_prequalification_logical"))
-        caller.answer(fake_twilio.creates()[-1].one("Url"))
+        caller.answer_placed(fake_twilio.creates()[-1])
         caller.connect()
         fake_llm.push(Reply(text="I see.", tool_calls=[("record_variables", {"employment_status": "unemployed"})]))
         reply = caller.say("I'm between jobs right now")

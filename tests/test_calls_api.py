@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import flask
 
@@ -26,10 +26,9 @@ def test_make_call_optimized_sends_exact_twilio_parameters_and_stores_the_call(a
     (create,) = fake_twilio.creates()
     assert create.auth_ok and create.account_sid == ACCOUNT_SID  # server creds, stale body creds ignored
     assert create.one("To") == "+15551234567" and create.one("From") == PHONE
-    url = urlsplit(create.one("Url"))
-    assert f"{url.scheme}://{url.netloc}" == PUBLIC and url.path == "/api/twiml-optimized"
-    assert parse_qs(url.query) == {"id": ["wf_real_estate_property_dealer"], "trackingId": [tracking_id]}
-    assert create.one("Method") == "POST"
+    # The relay TwiML goes inline (tests/test_inline_twiml.py): no Url, no Method for Twilio to fetch it with.
+    assert create.one("Twiml").count("<ConversationRelay ") == 1
+    assert create.one("Url") is None and create.one("Method") is None
     assert create.one("StatusCallback") == f"{PUBLIC}/api/call-status-optimized?trackingId={tracking_id}"
     assert create.one("StatusCallbackMethod") == "POST"
     assert create.params["StatusCallbackEvent"] == ["initiated", "ringing", "answered", "completed"]

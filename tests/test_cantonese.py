@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import PUBLIC, base_env
 from tests.fakes.fake_llm import Reply
-from tests.helpers import make_call_body
+from tests.helpers import make_call_body, twiml_optimized_path
 
 
 @pytest.fixture
@@ -19,9 +19,14 @@ def env(tmp_path, fake_twilio, fake_llm, fake_llm2):
 def _call(client, twilio, fake_twilio, route="/api/make-call-optimized"):
     data = client.post(route, json=make_call_body(workflow="clinic_cantonese_transfer", to="+15551230000")).get_json()
     assert data["success"], data
-    url = fake_twilio.creates()[-1].one("Url")
-    root = ET.fromstring(twilio.post(url[len(PUBLIC):], {"CallSid": data["callSid"]}).data)
-    return data, root
+    create = fake_twilio.creates()[-1]
+    if route == "/api/make-call":
+        return data, ET.fromstring(twilio.post(create.one("Url")[len(PUBLIC):], {"CallSid": data["callSid"]}).data)
+    # A relay call goes out with its TwiML inline (Twilio runs it on answer): the same text as the webhook's answer.
+    answer = twilio.post(twiml_optimized_path(data["optimization"]["trackingId"], "wf_clinic_cantonese_transfer"),
+                         {"CallSid": data["callSid"]}).get_data(as_text=True)
+    assert create.one("Url") is None and create.one("Twiml") == answer
+    return data, ET.fromstring(answer)
 
 
 def test_cantonese_relay_attributes(client, twilio, fake_twilio, fake_llm):

@@ -415,7 +415,7 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, speaking_rate_cps=rate,
                          closing_quiet_s=0.25)
     caller.place_call(body)
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     caller.connect()
     url = stack["server"].url
     start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")

@@ -46,7 +46,7 @@ def _sigterm_mid_reply(tmp_path, twilio, llm, redis_url: str) -> None:
     try:
         caller = RelayCaller(old.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=10)
         caller.place_call(make_call_body())
-        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.answer_placed(twilio.creates()[-1])
         caller.connect()
         words = " ".join(f"word{i}" for i in range(20)) + "."
         llm.push(Reply(text=words, ttft_s=0.05, token_interval_s=0.1))

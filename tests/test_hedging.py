@@ -33,7 +33,7 @@ def test_slow_primary_is_hedged_and_the_extra_request_is_counted(stack):
     backup.push(Reply(text="The backup answers first."))
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(make_call_body(workflow=None, globalPrompt="You answer questions."))
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     caller.connect()
     reply = caller.say("Are you open on Sunday?")
     caller.hangup()

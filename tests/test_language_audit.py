@@ -244,9 +244,10 @@ def test_a_sentence_final_particle_alone_is_no_goodbye(code, utterance):
 
 
 def test_a_goodbye_in_a_switched_language_waits_for_playback_at_that_languages_rate(app, client, fake_llm, monkeypatch):
-    """The caller switches to Japanese and says goodbye in one turn; the turn's store write fails, so the stored call
+    """The caller switches to Japanese, then says goodbye; the switching turn's store write fails, so the stored call
     is still English: `end` must still wait for the Japanese goodbye at Japanese speed (5, not 15 characters a second),
-    or Twilio closes the session before the line has played."""
+    or Twilio closes the session before the line has played. (A goodbye in the very turn that would switch does not
+    switch: it is said in the call's language, tests/test_language_callers.py.)"""
     from callweaver.engine import relay_session
     from callweaver.store import StoreError
 
@@ -263,6 +264,9 @@ def test_a_goodbye_in_a_switched_language_waits_for_playback_at_that_languages_r
     try:
         monkeypatch.setattr(call.svc.store, "commit_turn",
                             lambda *a, **k: (_ for _ in ()).throw(StoreError("database is locked")))
+        call.send({"type": "prompt", "voicePrompt": "予約を変更したいのですが", "lang": "ja", "last": True})
+        call.wait(lambda: any(f.get("type") == "language" for f in call.sent)
+                  and any(f.get("type") == "text" and f.get("last") for f in call.sent))
         call.send({"type": "prompt", "voicePrompt": "ありがとうございました、失礼します", "lang": "ja", "last": True})
         call.wait(lambda: rates)
         assert rates == [TABLE.get("ja-JP").speech_chars_per_s]

@@ -12,8 +12,7 @@ import pytest
 
 from callweaver.engine.languages import LanguageTable, primary_subtag
 from callweaver.simulate.relay_model import TwilioRelayModel
-from tests.conftest import PUBLIC
-from tests.helpers import make_call_body
+from tests.helpers import make_call_body, twiml_optimized_path
 
 TABLE = LanguageTable.load()
 MULTILINGUAL_HOMES = [entry.code for entry in TABLE if len(TABLE.switch_targets(entry)) > 1]
@@ -51,9 +50,10 @@ def test_languages_outside_the_declared_set_are_never_targets(home):
 def _relay_twiml(client, twilio, fake_twilio, language):
     data = client.post("/api/make-call-optimized", json=make_call_body(language=language)).get_json()
     assert data["success"], data
-    url = fake_twilio.creates()[-1].one("Url")
-    return ET.fromstring(twilio.post(url[len(PUBLIC):], {"CallSid": data["callSid"]}).data).find(
-        "Connect/ConversationRelay")
+    inline = fake_twilio.creates()[-1].one("Twiml")  # what Twilio runs on answer
+    answer = twilio.post(twiml_optimized_path(data["optimization"]["trackingId"]), {"CallSid": data["callSid"]})
+    assert inline == answer.get_data(as_text=True)  # the same TwiML as the webhook's (a reconnect's source)
+    return ET.fromstring(inline).find("Connect/ConversationRelay")
 
 
 @pytest.mark.parametrize("home", MULTILINGUAL_HOMES)
@@ -131,9 +131,9 @@ def test_make_call_stores_what_the_relay_twiml_declares_so_the_webhook_writes_no
     placed_meta = store.get_call(tracking_id).meta
     writes = []
     monkeypatch.setattr(store, "update_meta", lambda *args, **kwargs: writes.append(args))
-    url = fake_twilio.creates()[-1].one("Url")
-    relay = ET.fromstring(twilio.post(url[len(PUBLIC):], {"CallSid": data["callSid"]}).data).find(
-        "Connect/ConversationRelay")
+    answer = twilio.post(twiml_optimized_path(tracking_id), {"CallSid": data["callSid"]}).data
+    assert fake_twilio.creates()[-1].one("Twiml").encode() == answer  # placed inline: Twilio asks for nothing
+    relay = ET.fromstring(answer).find("Connect/ConversationRelay")
     targets = TABLE.switch_targets(TABLE.get(home))
     declared = [element.get("code") for element in relay.iter("Language")] or [relay.get("language")]
     assert placed_meta == {"multilingualStt": len(targets) > 1, "homeLanguage": TABLE.get(home).code,

@@ -78,7 +78,7 @@ def test_per_call_and_aggregate_figures_match_the_callers_timings(stack):
     for _ in range(2):
         caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
         caller.place_call(make_call_body())
-        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.answer_placed(twilio.creates()[-1])
         caller.connect()
         optimized_client[caller.tracking_id] = [caller.say(f"Question number {i}, please?").first_token_ms
                                                 for i in range(3)]

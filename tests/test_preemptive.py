@@ -59,7 +59,7 @@ def new_call(stack, body=None, *, client_speaking_events: bool = False, **option
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15,
                          client_speaking_events=client_speaking_events, **options)
     caller.place_call(body or make_call_body(workflow=None, globalPrompt="You answer questions about the shop."))
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     caller.connect()
     return caller
 

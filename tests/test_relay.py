@@ -43,7 +43,7 @@ def llm(stack):
 def new_call(stack, body=None) -> RelayCaller:
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(body or make_call_body())
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     return caller
 
 

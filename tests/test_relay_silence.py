@@ -56,7 +56,7 @@ def body_with(**global_settings) -> dict:
 def new_call(stack, body=None, **caller_options) -> RelayCaller:
     caller = RelayCaller(stack["server"].url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, **caller_options)
     caller.place_call(body or body_with(silenceTimeout=SILENCE_S))
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])
     caller.connect()
     caller.send(AGENT_SILENT)  # Twilio has spoken the welcome greeting (the caller model does not play it)
     return caller

@@ -293,7 +293,20 @@ def test_production_callbacks_never_follow_request_headers(env, fake_twilio):
                        headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"})
     assert resp.status_code == 200
     placed = fake_twilio.creates()[-1]
-    assert placed.one("Url").startswith(PUBLIC + "/") and placed.one("StatusCallback").startswith(PUBLIC + "/")
+    assert placed.one("StatusCallback").startswith(PUBLIC + "/")
+    # The TwiML sent inline names only PUBLIC_BASE_URL's host: the relay socket and the <Connect action>.
+    twiml = placed.one("Twiml")
+    assert "evil" not in twiml and f'action="{PUBLIC}/api/connect-action?' in twiml
+    assert f'url="{PUBLIC.replace("https://", "wss://").replace("http://", "ws://")}/api/conversationrelay-ws?' in twiml
+    # A call placed with the TwiML URL (a relay TwiML too long to go inline, the Gather flow): PUBLIC_BASE_URL's too.
+    long_greeting = make_call_body()
+    next(n for n in long_greeting["nodes"] if n["type"] == "startNode")["data"]["firstMessage"] = "Welcome. " * 500
+    for path, body in (("/api/make-call-optimized", long_greeting), ("/api/make-call", make_call_body())):
+        assert client.post(path, json=body, headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"}
+                           ).status_code == 200
+        placed = fake_twilio.creates()[-1]
+        assert placed.one("Twiml") is None and placed.one("Url").startswith(PUBLIC + "/")
+        assert placed.one("StatusCallback").startswith(PUBLIC + "/")
 
 
 # ---- 5. signatures fail closed --------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def one_turn_call(service, server: LiveServer, body: dict, utterance: str) -> di
     """A whole short call: place, answer, open the relay socket, say one thing, hang up; the stored turn."""
     caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
     caller.place_call(body)
-    caller.answer(service["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(service["twilio"].creates()[-1])
     caller.connect()
     heard = caller.say(utterance).text
     caller.hangup()

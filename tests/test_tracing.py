@@ -151,7 +151,7 @@ def test_relay_call_on_the_production_server_exports_its_trace_over_otlp(tmp_pat
     try:
         caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
         caller.place_call(make_call_body())
-        caller.answer(fake_twilio.creates()[-1].one("Url"))
+        caller.answer_placed(fake_twilio.creates()[-1])
         caller.connect()
         caller.say("I want to buy a house")
         caller.say("A three bedroom house, please")

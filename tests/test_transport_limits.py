@@ -59,7 +59,7 @@ def body_server(tmp_path_factory, fakes):
 def new_call(server: LiveServer, twilio: FakeTwilio) -> RelayCaller:
     caller = RelayCaller(server.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=WAIT_S)
     caller.place_call(make_call_body())
-    caller.answer(twilio.creates()[-1].one("Url"))
+    caller.answer_placed(twilio.creates()[-1])
     return caller
 
 

@@ -9,8 +9,8 @@ import pytest
 from callweaver import create_app
 from callweaver import security
 from callweaver.config import ConfigError
-from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC
-from tests.helpers import make_call_body
+from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+from tests.helpers import make_call_body, twiml_optimized_path
 
 ORIGINAL_ORIGINS = ("http://localhost:8080", "http://localhost:3000", "https://kimiya-ai.vercel.app",
                     "https://kimiyi-ai.onrender.com")
@@ -136,8 +136,8 @@ def test_twilios_answers_carry_no_cors_headers_and_the_web_apps_still_do(client,
     data = client.post("/api/make-call-optimized", json=make_call_body(),
                        headers={"Origin": "http://localhost:8080"})
     assert data.headers["Access-Control-Allow-Origin"] == "http://localhost:8080"
-    url = fake_twilio.creates()[-1].one("Url")
-    twiml = twilio.post(url[len(PUBLIC):], {"CallSid": data.get_json()["callSid"]})
+    twiml = twilio.post(twiml_optimized_path(data.get_json()["optimization"]["trackingId"]),
+                        {"CallSid": data.get_json()["callSid"]})
     assert twiml.status_code == 200 and b"<ConversationRelay" in twiml.data
     assert not [name for name in twiml.headers.keys() if name.startswith("Access-Control-") or name == "Vary"]
     poll = client.get("/api/call-status?callSid=" + data.get_json()["callSid"], headers={"Origin": "http://localhost:3000"})

@@ -20,7 +20,8 @@ from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
 from .metrics import elapsed_ms
 from .prometheus import turn_counters, unanswered_speculation_counters
-from .speech import MAX_TURN_REPLY_BYTES, SSML_TAG as _SSML_TAG, has_words, is_thai, normalise_speech
+from .speech import (MAX_TURN_REPLY_BYTES, SSML_TAG as _SSML_TAG, has_words, is_thai, long_enough_to_switch,
+                     normalise_speech)
 from .sse import tool_error_note
 from .tracing import NULL_SPAN, NullTracer
 from .workflow.model import NodeAudio
@@ -519,24 +520,34 @@ class ConversationEngine:
         workflow = self.workflow_for(record)
         entry = self.language_of(record)
         switched = False
+        goodbye: bool | None = None  # decided in _run unless decided here
         if lang:
             target = self.languages.switch_target(entry.code, lang, declared=self.declared_languages(record))
             if target is not None:
-                entry, switched = target, True
+                # A goodbye, in the call's language (recognition tags a short one wrongly now and then) or the other,
+                # ends the call; the closing stays in the call's own language (switching the voice to say one line
+                # and hang up would only sound odd).
+                goodbye = (detect_termination(utterance, entry.termination_phrases)
+                           or detect_termination(utterance, target.termination_phrases))
+                if not goodbye and long_enough_to_switch(utterance):  # one word ("No.") says too little
+                    entry, switched = target, True
         state = self.state_of(record, workflow)
         span = self.tracer.start_turn(record.tracking_id, node=state.current_node, language=entry.code,
                                       path=record.path)
         return self._turn(workflow, state, entry, utterance, self.chain_for(record),
-                          keypad=self.may_press_keys(record), language_switched=switched, trace_span=span)
+                          keypad=self.may_press_keys(record), language_switched=switched, trace_span=span,
+                          goodbye=goodbye)
 
     def _turn(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str, chain, *,
-              keypad: bool = False, language_switched: bool = False, trace_span: Any = NULL_SPAN) -> Turn:
-        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm)."""
+              keypad: bool = False, language_switched: bool = False, trace_span: Any = NULL_SPAN,
+              goodbye: bool | None = None) -> Turn:
+        """A turn from an explicit state: a call's (start_turn) or the ringing phone's (prewarm). `goodbye`: whether
+        the caller said goodbye, when start_turn already knows (in either of two languages); None: matched here."""
         result = TurnResult(node_id=state.current_node, language=entry.code, language_switched=language_switched,
                             variables=dict(state.variables), trace_span=trace_span)
         control = TurnControl()
-        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad),
-                    utterance, control)
+        return Turn(result, self._run(workflow, state, entry, utterance, result, control, chain, keypad,
+                                      goodbye), utterance, control)
 
     def speculate(self, record, utterance: str, *, lang: str | None = None,
                   signal: str = SIGNAL_STABLE) -> SpeculativeTurn:
@@ -566,8 +577,11 @@ class ConversationEngine:
         return str(((record.meta or {}).get("setup") or {}).get("direction", "")).startswith("outbound")
 
     def _run(self, workflow: Workflow, state: ConversationState, entry: LanguageEntry, utterance: str,
-             result: TurnResult, control: TurnControl, chain, keypad: bool = False) -> Iterator[str]:
-        if detect_termination(utterance, entry.termination_phrases):
+             result: TurnResult, control: TurnControl, chain, keypad: bool = False,
+             goodbye: bool | None = None) -> Iterator[str]:
+        if goodbye is None:
+            goodbye = detect_termination(utterance, entry.termination_phrases)
+        if goodbye:
             outcome = termination_outcome(workflow, state)
             self._apply_outcome(result, outcome, workflow)
             result.source = "canned"

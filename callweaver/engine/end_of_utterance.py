@@ -28,7 +28,7 @@ from enum import Enum
 
 from .languages import normalise_code, primary_subtag
 from .metrics import nearest_rank
-from .speech import APOSTROPHES, CLAUSE_MARKS, SENTENCE_END_MARKS, fold
+from .speech import APOSTROPHES, CLAUSE_MARKS, SENTENCE_END_MARKS, ends_as_question, fold
 
 SENTENCE_MARKS = tuple(SENTENCE_END_MARKS)
 # The caller is mid-sentence: trailing off, a clause mark, a dash, or a sentence just opened (Spanish "¿", "¡").
@@ -112,6 +112,8 @@ def _is_mark(char: str) -> bool:
 def completeness(text: str, lang: str | None) -> Completeness:
     """How the transcript ends: a sentence mark, a continuation word, another word, or a language we do not know."""
     stripped = text.rstrip()
+    if ends_as_question(stripped):  # before the clause marks: a Greek question ends with ";"
+        return Completeness.SENTENCE_END
     if stripped.endswith(TRAILING_OFF):
         return Completeness.INCOMPLETE
     if stripped.endswith(SENTENCE_MARKS):

@@ -9,9 +9,15 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Marks that end a sentence: Latin, CJK full-width, Arabic, Urdu, Devanagari. One definition for both directions:
-# the caller's transcript (have they finished?) and the reply text (where a sentence can be spoken).
-SENTENCE_END_MARKS = ".!?\u3002\uff01\uff1f\u061f\u06d4\u0964"
+# Marks that make a sentence a question: ASCII, CJK full-width, Arabic (also Persian and Urdu) and the Greek
+# question mark U+037E. Unicode folds U+037E into the ASCII semicolon (NFC and NFKC alike), so Greek transcripts
+# usually carry ";": see `ends_as_question`. The one definition of a question for the whole engine (a goodbye asked as
+# a question is none, a question ends the caller's sentence).
+QUESTION_MARKS = "?\uff1f\u061f\u037e"
+# Marks that end a sentence: Latin, CJK full-width, Arabic, Urdu, Devanagari, and every question mark. One definition
+# for both directions: the caller's transcript (have they finished?) and the reply text (where a sentence can be
+# spoken).
+SENTENCE_END_MARKS = ".!\u3002\uff01\u06d4\u0964" + QUESTION_MARKS
 # Marks that end a clause inside a sentence (a pause, not an ending): Latin, CJK full-width, Arabic.
 CLAUSE_MARKS = ",;:\u3001\uff0c\uff1b\uff1a\u060c"
 
@@ -89,6 +95,39 @@ def is_cjk(char: str) -> bool:
 def is_thai(char: str) -> bool:
     """True for a character of the Thai script, which is written without spaces between words too."""
     return "\u0e00" <= char <= "\u0e7f"
+
+
+def _is_greek(char: str) -> bool:
+    return "\u0370" <= char <= "\u03ff" or "\u1f00" <= char <= "\u1fff"
+
+
+def ends_as_question(text: str) -> bool:
+    """Whether `text` ends with a question mark (QUESTION_MARKS), or, written in Greek, with ";" (the Greek question
+    mark as Unicode normalises it)."""
+    stripped = (text or "").rstrip()
+    if stripped.endswith(tuple(QUESTION_MARKS)):
+        return True
+    if not stripped.endswith(";"):
+        return False
+    before = stripped.rstrip(";").rstrip()
+    return bool(before) and _is_greek(before[-1])
+
+
+# A call switches its language only for an utterance with this much to go on: one short word ("No.", "OK", "Si"),
+# even said twice ("No, no.", "Sí, sí", はいはい), is recognised in the wrong language too often. Different words where
+# a script spaces them; different characters where it does not (Chinese, Japanese, Thai: 好的 is two, ありがとう five).
+MIN_WORDS_TO_SWITCH = 2
+MIN_UNSPACED_CHARS_TO_SWITCH = 3
+
+
+def long_enough_to_switch(text: str) -> bool:
+    """Whether an utterance says enough to tell its language: at least MIN_WORDS_TO_SWITCH different words, or at
+    least MIN_UNSPACED_CHARS_TO_SWITCH different characters of a script written without spaces."""
+    words = set(speech_words(text))
+    if len(words) >= MIN_WORDS_TO_SWITCH:
+        return True
+    unspaced = {char for word in words for char in word if is_cjk(char) or is_thai(char)}
+    return len(unspaced) >= MIN_UNSPACED_CHARS_TO_SWITCH
 
 
 # A turn's model text stops at this many UTF-8 bytes (about two minutes of speech, in any script): a runaway model

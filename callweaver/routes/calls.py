@@ -8,6 +8,7 @@ from ..call_log import mask_phone
 from ..errors import ApiError, twilio_error_status
 from ..services import services
 from .common import FEATURES, base_url, bind_call, body_params, twilio_webhook
+from .twiml import inline_relay_twiml
 
 bp = Blueprint("calls", __name__)
 
@@ -26,7 +27,8 @@ def make_call():
 def make_call_optimized():
     svc = services()
     try:
-        started = svc.lifecycle.start_call(body_params(), path="optimized", base_url=base_url())
+        started = svc.lifecycle.start_call(body_params(), path="optimized", base_url=base_url(),
+                                           relay_twiml=inline_relay_twiml)
     except TwilioRestException as exc:
         return jsonify(success=False, error=str(exc.msg), code=exc.code,
                        optimization={"enabled": False, "fallbackUsed": True}), twilio_error_status(exc)

@@ -282,11 +282,11 @@ def _language_declarations() -> RelayLanguageDeclarations:
 
 
 def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, greeting: str,
-                   resumed: bool = False) -> None:
+                   resumed: bool = False) -> dict:
     """<Connect><ConversationRelay> in the call's current language, declaring every language it may switch to.
 
-    The languages declared are merged into the call's meta key by key (never a whole copy of meta, which other
-    writers change at the same time)."""
+    Returns the relay's language keys when the call's meta does not hold them yet (else {}): the caller merges them
+    into meta key by key (never a whole copy of meta, which other writers change at the same time)."""
     base = base_url()
     svc = services()
     connect = vr.connect(action=f"{base}/api/connect-action?{urlencode({'trackingId': record.tracking_id})}",
@@ -314,8 +314,29 @@ def _connect_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, 
         relay.parameter(name="resumed", value="1")
     wanted = svc.languages.relay_language_meta(home, entry, targets)
     # make-call already stored them for the call's own language (CallLifecycle.start_call): usually nothing to write
-    if any(meta.get(key) != value for key, value in wanted.items()):
-        svc.store.update_meta(record.tracking_id, wanted)  # only these keys: meta has other writers
+    return wanted if any(meta.get(key) != value for key, value in wanted.items()) else {}
+
+
+def _answer_relay(vr: VoiceResponse, record: CallRecord, entry: LanguageEntry, greeting: str,
+                  resumed: bool = False) -> str:
+    """`_connect_relay`'s TwiML, with the language keys it declares stored first (only these keys: meta has other
+    writers)."""
+    missing = _connect_relay(vr, record, entry, greeting, resumed=resumed)
+    if missing:
+        services().store.update_meta(record.tracking_id, missing)
+    return str(vr)
+
+
+def inline_relay_twiml(record: CallRecord) -> str | None:
+    """The relay TwiML of a call make-call-optimized is placing, for Twilio to run on answer without fetching
+    /api/twiml-optimized (`TwilioGateway.create_call` sends it inline when it fits Twilio's limit): the same text
+    the webhook would answer for this record. None when that answer would have to store something first (the
+    language keys declared are not yet in the call's meta): then the call is placed with the webhook's URL."""
+    entry = services().languages.get(record.language)
+    vr = VoiceResponse()
+    if _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting")):
+        return None
+    return str(vr)
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])
@@ -333,8 +354,7 @@ def twiml_optimized(record=None):
         return twiml_response(str(vr))
     record = svc.lifecycle.attach_call_sid(record, params.get("CallSid"))
     entry = svc.languages.get(record.language)
-    _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting"))
-    return twiml_response(str(vr))
+    return twiml_response(_answer_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting")))
 
 
 @bp.route("/api/connect-action", methods=["GET", "POST"])
@@ -365,7 +385,7 @@ def connect_action(record=None):
         vr.dial(handoff["destination"])
     elif resumed is not None:
         # Carry on from the store, on whichever instance took this request.
-        _connect_relay(vr, resumed, entry, entry.line("resumed"), resumed=True)
+        return twiml_response(_answer_relay(vr, resumed, entry, entry.line("resumed"), resumed=True))
     elif reconnect or handoff.get("reason") == "transfer":
         return twiml_response(_apologise_and_hang_up(record, entry,
                                                      "not reconnected" if reconnect else "transfer refused"))

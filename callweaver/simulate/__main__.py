@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--to", default="+15551234567")
     p.add_argument("--script", help="file with one caller utterance per line (default: type them; with --demo, "
                                     "a line ending in '[barge in]' talks over the agent's reply to it)")
-    p.add_argument("--lang", default="en-US", help="language reported with each utterance (prompt.lang)")
+    p.add_argument("--lang", default="en-US",
+                   help="language reported with each utterance (prompt.lang); with --demo, the call's language too")
     p.add_argument("--partials", action="store_true",
                    help="speak word by word as interim transcripts (partialPrompts), then the final one")
     p.add_argument("--words-per-minute", type=float, default=NORMAL_WORDS_PER_MINUTE,
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                       "or leave --port out for a free one\n")
         try:
             result = run_demo(script=script, llm_ttft_ms=args.llm_ttft_ms, llm_token_ms=args.llm_token_ms,
-                              db_path=args.db, port=args.port, keep_serving=keep)
+                              db_path=args.db, port=args.port, keep_serving=keep, lang=args.lang)
         except RuntimeError as exc:  # the server did not start (its log's tail names why) or refused the call
             p.exit(1, f"{PROG} --demo: {exc}\n")
         return 0 if result.outcome == "end_node" else 1
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(1, f"{PROG}: {exc}\n")
         print(f"call placed: {placed['callSid']}  trackingId={caller.tracking_id}")
         create = standin.creates()[-1]
-        caller.answer(create.one("Url"))
+        caller.answer_placed(create)
         print(f"relay: {caller.twiml.url}  language={caller.twiml.attributes.get('language')}")
         print(f"agent (welcome greeting): {caller.twiml.attributes.get('welcomeGreeting')}")
         caller.connect()

@@ -12,6 +12,7 @@ import websocket  # websocket-client
 
 from ..engine.speech import SENTENCE_END_MARKS
 from .relay_model import TwilioRelayModel
+from .twilio_rest import TwilioRequest
 from .webhooks import HttpResult, TwilioWebhooks, http, new_call_sid, twilio_signature
 
 NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a second)
@@ -118,6 +119,14 @@ class RelayCaller:
         if resp.status != 200:
             raise RuntimeError(f"twiml-optimized failed ({resp.status}): {resp.text[:300]}")
         self.twiml = RelayTwiml.parse(resp.text)
+        return self.twiml
+
+    def answer_placed(self, create: TwilioRequest) -> RelayTwiml:
+        """Twilio answering the call `create` placed: it fetches the create's `Url` (`answer`), or, with none, runs
+        the create's `Twiml` as given, requesting nothing from CallWeaver (Twilio ignores `Twiml` beside a `Url`)."""
+        if create.one("Url") or not create.one("Twiml"):
+            return self.answer(create.one("Url"))
+        self.twiml = RelayTwiml.parse(create.one("Twiml"))
         return self.twiml
 
     def setup_message(self) -> dict:

@@ -89,8 +89,9 @@ class DemoResult:
 
 def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm_token_ms: float = 45.0,
              db_path: str = "instance/demo.sqlite3", port: int | None = None, keep_serving: bool = False,
-             out: TextIO = sys.stdout, wait: Callable[[], None] | None = None) -> DemoResult:
-    """Play one whole call; print each turn with its timings and the call's dashboard URL."""
+             out: TextIO = sys.stdout, wait: Callable[[], None] | None = None, lang: str = "en-US") -> DemoResult:
+    """Play one whole call in `lang` (the call's language and each utterance's prompt.lang; the caller's lines are
+    the script's, English by default); print each turn with its timings and the call's dashboard URL."""
 
     def say(text: str) -> None:
         print(f"{LABEL} {text}", file=out, flush=True)
@@ -115,12 +116,13 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
         server.start()
         say(f"real CallWeaver server (gunicorn, gevent) at {server.url}; workflow: {export.get('name')}")
         caller = RelayCaller(server.url, auth_token, account_sid)
-        caller.place_call(make_call_body(export, DEMO_TO))
+        caller.place_call(make_call_body(export, DEMO_TO, language=lang))
         caller.status("initiated", 0)
         caller.status("ringing", 1)
-        caller.answer(twilio.creates()[-1].one("Url"))
+        caller.answer_placed(twilio.creates()[-1])
         caller.status("in-progress", 2)
-        say(f"call {caller.tracking_id} answered; ConversationRelay socket {caller.twiml.url}")
+        say(f"call {caller.tracking_id} answered in {caller.twiml.attributes.get('language')}; "
+            f"ConversationRelay socket {caller.twiml.url}")
         say(f"agent (greeting): {caller.twiml.attributes.get('welcomeGreeting')}")
         caller.connect()
         ended = None
@@ -128,13 +130,13 @@ def run_demo(*, script: list[str] | None = None, llm_ttft_ms: float = 350.0, llm
             text, barge_in = line.removesuffix(BARGE_IN).strip(), line.endswith(BARGE_IN)
             say(f"caller: {text}")
             if barge_in:
-                reply = caller.say(text, stop_after_words=BARGE_IN_AFTER_WORDS)
+                reply = caller.say(text, lang, stop_after_words=BARGE_IN_AFTER_WORDS)
                 heard = reply.first_words(BARGE_IN_AFTER_WORDS)
                 caller.interrupt(heard)
                 caller.drain()
                 say(f"agent:  {heard} … (the caller barged in here)")
             else:
-                reply = caller.say(text)
+                reply = caller.say(text, lang)
                 say(f"agent:  {reply.text}")
             turn = _server_turn(server.url, caller.tracking_id, index)
             say("        " + _timings(reply.first_token_ms, reply.last_token_ms, turn))

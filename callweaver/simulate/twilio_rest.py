@@ -42,15 +42,26 @@ class TwilioError:
     message: str = "The 'To' number is not a valid phone number."
 
 
+MAX_TWIML_CHARS = 4000  # a create's `Twiml`: Twilio refuses a longer one (error 32018)
+
+
 class TwilioRestStandIn:
     """Set `error` to make the next create fail the way Twilio does; read `requests` to assert parameters. Set
-    `hold` (an Event) to keep every call update's answer back until it is set (a slow Twilio)."""
+    `hold` (an Event) to keep every call update's answer back until it is set (a slow Twilio).
+
+    A create needs `Url`, `Twiml` or `ApplicationSid`, as Twilio's does; a `Twiml` longer than `max_twiml_chars`
+    (Twilio's 4000 characters; set it lower for a Twilio that counts a TwiML longer than CallWeaver does) is refused
+    with Twilio's error 32018. `placed` maps each call created to its create request: what Twilio runs when
+    the call is answered (`RelayCaller.answer_placed`) is that request's `Url`, else its `Twiml`, run as given
+    (nothing fetched)."""
 
     def __init__(self, account_sid: str, auth_token: str):
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.requests: list[TwilioRequest] = []
         self.calls: dict[str, dict] = {}
+        self.placed: dict[str, TwilioRequest] = {}
+        self.max_twiml_chars = MAX_TWIML_CHARS
         self.error: TwilioError | None = None
         self.hold: threading.Event | None = None
         self._lock = threading.Lock()
@@ -68,6 +79,14 @@ class TwilioRestStandIn:
 
     def updates(self) -> list[TwilioRequest]:
         return [r for r in self.requests if r.method == "POST" and not r.path.endswith("/Calls.json")]
+
+    def refusal(self, create: TwilioRequest) -> TwilioError | None:
+        """Twilio's answer to a create that tells it no TwiML to run, or too long a `Twiml`."""
+        if not (create.one("Url") or create.one("Twiml") or create.one("ApplicationSid")):
+            return TwilioError(400, 21205, "A 'Url', 'Twiml' or 'ApplicationSid' parameter is required.")
+        if create.one("Twiml") is not None and len(create.one("Twiml")) > self.max_twiml_chars:
+            return TwilioError(400, 32018, "Twiml size exceeded maximum allowed value of 4000 characters")
+        return None
 
     def ring_in(self, to: str, from_number: str) -> str:
         """A call ringing in on the account's number `to`: its SID, as Twilio's webhooks will name it."""
@@ -116,8 +135,8 @@ class TwilioRestStandIn:
                 segs = parts.path.strip("/").split("/")
                 # 2010-04-01/Accounts/{sid}/Calls.json  or  .../Calls/{CallSid}.json
                 if len(segs) == 4 and segs[3] == "Calls.json" and method == "POST":
-                    if fake.error:
-                        err = fake.error
+                    err = fake.error or fake.refusal(req)
+                    if err:
                         return self._reply(err.status, {"code": err.code, "message": err.message,
                                                         "more_info": f"https://www.twilio.com/docs/errors/{err.code}",
                                                         "status": err.status})
@@ -127,6 +146,7 @@ class TwilioRestStandIn:
                             "price": None, "price_unit": "USD"}
                     with fake._lock:
                         fake.calls[call_sid] = call
+                        fake.placed[call_sid] = req
                     return self._reply(201, call)
                 if len(segs) == 5 and segs[3] == "Calls" and segs[4].endswith(".json"):
                     call_sid = segs[4][:-5]

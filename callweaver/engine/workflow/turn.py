@@ -8,10 +8,11 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, replace as replace_fields
 from typing import Any, Iterable, Iterator, Mapping
 
-from ..speech import fold_chinese_script, is_cjk, is_thai, normalise_speech
+from ..speech import APOSTROPHES, ends_as_question, fold_chinese_script, is_cjk, is_thai, normalise_speech
 from .conditions import coerce_variable, first_true_logical_edge, plain
 from .model import PLACEHOLDER_RE, Edge, VariableSpec, Workflow
 
@@ -238,19 +239,22 @@ def detect_termination(utterance: str, phrases: Iterable[str]) -> bool:
     Matching only at the end keeps "I'll call back about the bye-law tomorrow" on the line while
     "ok, that's all, thanks bye" ends the call. Phrases of scripts written without spaces (CJK, Thai) match as plain
     suffixes, a Thai one only where a word starts (see _thai_word_starts); Chinese matches in either script (再见 is
-    再見) and before sentence-final particles the caller added (拜拜啦). A question ("bye?", 再见？) is never a
-    goodbye: the caller is checking, not leaving. A goodbye negated or only mentioned ("I never said goodbye",
-    "before I say bye", 先别说再见) is none (see _mentioned).
+    再見) and before sentence-final particles the caller added (拜拜啦). A question ("bye?", 再见？, وداعا؟, αντίο;)
+    is never a goodbye: the caller is checking, not leaving (speech.ends_as_question). A goodbye negated or only
+    mentioned ("I never said goodbye", "before I say bye", 先别说再见, "non è tutto", "não é só isso") is none (see
+    _mentioned and _negated), nor is a Japanese phrase said inside a sentence (三人以上です "three or more",
+    ちょっと失礼します "excuse me a moment"; see _inside_japanese_sentence).
     """
     text = _goodbye_form(utterance)
     if not text:
         return False
-    if utterance.rstrip().endswith(_QUESTION_MARKS):
+    if ends_as_question(utterance):
         return False
     phrases_normalised = _termination_phrases(tuple(phrases))
     for candidate in _without_final_particles(text):
-        if any(_ends_with_goodbye(candidate, phrase, unspaced) for phrase, unspaced in phrases_normalised):
-            return True
+        for phrase, unspaced in phrases_normalised:
+            if _ends_with_goodbye(candidate, phrase, unspaced) and not _negated(utterance, phrase, unspaced):
+                return True
     return False
 
 
@@ -261,6 +265,8 @@ def _ends_with_goodbye(text: str, phrase: str, unspaced: bool) -> bool:
             return False
         before = _before_last(text, len(phrase))
         if is_thai(phrase[0]) and not _thai_word_starts(before, phrase):
+            return False
+        if _inside_japanese_sentence(before, phrase) or _korean_directions(before, phrase):
             return False
         return not _mentioned(before, phrase)
     if text != phrase:
@@ -285,7 +291,6 @@ def _before_last(text: str, chars: int) -> str:
 # goodbyes; a particle the caller added closes the sentence. A phrase's own particle stays part of it: 冇其他嘢喇
 # ("nothing else", closing) is a goodbye, 仲有冇其他嘢呀 ("anything else?") is not.
 _FINAL_PARTICLES = "啦喇囉咯喎呀吖啊嘞了吧哦喔嘛"
-_QUESTION_MARKS = ("?", "？")
 # Spellings of one particle (喇/啦 are both laa3, 囉/咯 both lo3): folded together for comparison.
 _PARTICLE_SPELLINGS = str.maketrans("喇囉", "啦咯")
 
@@ -323,6 +328,100 @@ def _mentioned(before: str, phrase: str) -> bool:
     return bool(_MENTIONED_IN_ENGLISH.search(before.rstrip()) or _MENTIONED_IN_CHINESE.search(before)
                 or _MENTIONED_IN_KOREAN.search(before)
                 or phrase.startswith("拜拜") and _WORSHIP_BAI_BAI.search(before))
+
+
+# Negations that come right before a goodbye phrase, in languages that negate by a word in front ("non è tutto" is
+# "that's not all", "não é só isso" "it's not only that", "bukan itu saja" "not only that", "ليس هذا كل شيء"). Only
+# directly before it, in the same clause: "No, è tutto" and "Não, é só isso, obrigado" ("No, that's all") are
+# goodbyes, which the recogniser's comma tells apart. A word that is also an interjection ("No") counts only before
+# the words it negates, as recognisers often drop that comma: "no" in "no es todo" (English "no that's all" is a
+# goodbye), "non" in "non è tutto" (French "non c'est tout" is one), "não" before a verb or "só" (not "não tchau"),
+# "hindi"/"bukan" before "that" or "only" (not "hindi paalam"). Arabic's words here are negations only.
+# Languages that negate inside the phrase ("eso no es todo", "c'est pas tout", "это не всё", "to nije sve") or after
+# it (Japanese, Turkish, Hindi) need nothing here: the phrase is not the end of what they said.
+_NAO = frozenset({"é", "e", "era", "foi", "só", "so"})  # Portuguese "não é tudo", "não só isso"
+_NEGATIONS_BEFORE: Mapping[str, frozenset[str] | None] = {
+    "non": frozenset({"è", "e", "basta"}),  # Italian "non è tutto"; French "non c'est tout" stays a goodbye
+    "não": _NAO, "nao": _NAO,               # Portuguese (a recogniser may drop the tilde)
+    "no": frozenset({"es", "era", "fue"}),  # Spanish "no es todo"; English "no, that's all" stays a goodbye
+    "bukan": frozenset({"itu", "ini", "cuma", "hanya"}),  # Indonesian, Malay "bukan itu saja"
+    "hindi": frozenset({"yun", "iyon", "ito", "lang"}),   # Filipino "hindi yun lang"
+    "ليس": None, "ليست": None, "مش": None, "مو": None,  # Arabic: Modern Standard, Egyptian/Levantine, Gulf
+}
+# "is" between a negation and a phrase that starts after it: pt-BR "só isso, obrigado" in "não é só isso, obrigado".
+_COPULAS_AFTER_NEGATION = frozenset({"é", "e", "è", "es"})
+# A clause break kept as a word while looking for a negation: a letter no language of the table writes.
+_CLAUSE_BREAK = "\u01c1"
+
+
+def _clause_marked(utterance: str) -> list[str]:
+    """The words of `utterance` in _goodbye_form, with _CLAUSE_BREAK where it had punctuation."""
+    marked = "".join(f" {_CLAUSE_BREAK} " if unicodedata.category(char)[0] == "P" and char not in APOSTROPHES
+                     else char for char in utterance)
+    return _goodbye_form(marked).split()
+
+
+def _negated(utterance: str, phrase: str, unspaced: bool) -> bool:
+    """Whether the word right before a (spaced) goodbye phrase that ends `utterance`, in the same clause, negates
+    it (_NEGATIONS_BEFORE)."""
+    if unspaced:
+        return False
+    words = _clause_marked(utterance)
+    while words and words[-1] == _CLAUSE_BREAK:
+        words.pop()
+    phrase_words = phrase.split()
+    left = len(phrase_words)
+    while words and left:  # the phrase's own words (and any clause break inside it: "grazie, ciao")
+        left -= words.pop() != _CLAUSE_BREAK
+    following = phrase_words[0]
+    if len(words) > 1 and words[-1] in _COPULAS_AFTER_NEGATION:  # "não é | só isso, obrigado"
+        following = words.pop()
+    if left or not words:
+        return False
+    word = words[-1]
+    if word not in _NEGATIONS_BEFORE:
+        return False
+    negates = _NEGATIONS_BEFORE[word]
+    return negates is None or following in negates
+
+
+# Japanese says some closing phrases inside sentences too: 以上です ("that's all") is also "... or more" (三人以上です
+# "three people or more"), 失礼します ("goodbye") also "excuse me" (ちょっと失礼します "excuse me a moment", said before
+# stepping away). A phrase beginning with 以上 closes only at the start of what was said, after a clause break (not
+# one after a quantity: see _JAPANESE_QUANTITY), or after a word that leads into a closing (はい、では、これで, a
+# topic 私からは) or a finished polite sentence, whose 。 the recogniser may leave out (ありがとうございます以上です);
+# one beginning with 失礼 never after a word of "a moment".
+_JAPANESE_CLOSING_LEAD_INS = ("はい", "では", "じゃあ", "じゃ", "それでは", "それじゃ", "これで", "ええ", "うん", "は",
+                              "です", "ます", "でした", "ました", "ません")
+# A quantity that 以上 makes "... or more": a number with its counter or unit (三人, 1万円, 二つ, 5メートル, 半分), or
+# "that" (それ以上 "more than that").
+_JAPANESE_QUANTITY = re.compile(r"(?:[0-9０-９〇一二三四五六七八九十百千万億半]\S{0,4}|それ|これ|あれ)$")
+_JAPANESE_A_MOMENT = re.compile(r"(?:ちょっと|ちょっとだけ|少々|少し|一旦|いったん|一度)$")
+
+
+def _inside_japanese_sentence(before: str, phrase: str) -> bool:
+    """Whether a Japanese closing phrase found after `before` is part of a sentence rather than a closing."""
+    if phrase.startswith("以上"):
+        said = before.replace(" ", "")
+        if not said or said.endswith(_JAPANESE_CLOSING_LEAD_INS):
+            return False
+        # after a break (a pause, a comma, or a space the recogniser put between words), unless what comes before
+        # is a quantity: 三人 以上です is "three or more" however it was spaced
+        return not before.endswith(" ") or bool(_JAPANESE_QUANTITY.search(said))
+    if phrase.startswith("失礼"):
+        return bool(_JAPANESE_A_MOMENT.search(before.rstrip()))
+    return False
+
+
+# Korean 들어가세요 is "goodbye" (literally "go in", home, safely) but also a direction: 안으로 들어가세요 "go inside",
+# 홈페이지에 들어가세요 "go to the website". After a place (a word ending in the particles 에, 로/으로, 에서, or 안/속
+# "inside") it is a direction, not a goodbye.
+_KOREAN_PLACE_BEFORE = re.compile(r"(?:에|로|에서|안|속)\s*$")
+
+
+def _korean_directions(before: str, phrase: str) -> bool:
+    """Whether a Korean 들어가세요 found after `before` gives directions rather than says goodbye."""
+    return phrase.startswith("들어가") and bool(_KOREAN_PLACE_BEFORE.search(before))
 
 
 # Thai writes no spaces between words, so a goodbye usually ends an unspaced run ("ขอบคุณครับบาย"); but a phrase also
