@@ -29,7 +29,8 @@ class Task:
         return self._greenlet.dead if self._greenlet is not None else not self._thread.is_alive()
 
     def join(self, timeout: float | None = None) -> None:
-        (self._greenlet or self._thread).join(timeout=timeout)
+        # (`is not None`: a greenlet that has finished is false, and a dead reply is joined when the socket closes)
+        (self._greenlet if self._greenlet is not None else self._thread).join(timeout=timeout)
 
     def kill(self, timeout: float | None = None) -> None:
         """Stop it now: a greenlet is killed; a thread cannot be interrupted from outside, so it is given up to

@@ -39,6 +39,8 @@ RECONNECTS_META = "relayReconnects"  # meta counts of the call's reconnects by c
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
+# How often an ended call's report, waiting for its relay socket to close (CallLifecycle._call_over), reads the store
+RELAY_CLOSE_POLL_S = 0.1
 END_CALL_WAIT_MARGIN_S = 1.0  # past the Twilio request's deadline: the asking request has stored its answer by then
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
@@ -413,8 +415,31 @@ class CallLifecycle:
             self._change_end(record.tracking_id, end_call_lapsed(event_time(form.get("Timestamp"))),
                              why="Twilio ended the call after the hang-up's deadline")
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
-            self.on_call_ended(record.tracking_id)
+            self._call_over(record.tracking_id)
         return current
+
+    def _call_over(self, tracking_id: str) -> None:
+        """The call's final status is in: its span and report (on_call_ended) once its relay socket has closed.
+        Twilio's final callback may come before that close, which commits the reply the hang-up cut (RelaySession
+        .close): built before it, the report would lack that turn, and with RECORD_TRANSCRIPTS=0 the commit would
+        write back the history just emptied. Waited for off the request path, for at most the socket's lease (a
+        killed worker never closes its socket)."""
+        if self._relay_socket_held(tracking_id):
+            spawn(self._call_over_once_closed, tracking_id, time.monotonic() + self.settings.relay_socket_lease_s)
+        else:
+            self.on_call_ended(tracking_id)
+
+    def _call_over_once_closed(self, tracking_id: str, deadline: float) -> None:
+        while time.monotonic() < deadline and self._relay_socket_held(tracking_id):
+            time.sleep(RELAY_CLOSE_POLL_S)
+        self.on_call_ended(tracking_id)
+
+    def _relay_socket_held(self, tracking_id: str) -> bool:
+        try:
+            return self.store.relay_socket_held(tracking_id)
+        except Exception:  # noqa: BLE001  (the store is out: the report goes now, as before)
+            log.warning("relay_socket_read_failed", tracking_id=tracking_id)
+            return False
 
     def time_limit_s(self, workflow: Workflow) -> int:
         """Twilio's TimeLimit for a call of this flow: the flow's maxCallDuration shortens the operator's

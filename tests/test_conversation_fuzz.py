@@ -1,8 +1,9 @@
 """Randomized, seeded conversations: many relay calls (and some <Gather> calls) on the real flow and on small random
 flows, a random caller and a random model each turn, and the call's invariants checked after every step.
 
-Bounded by default (CONVO_FUZZ_CALLS relay calls, well under a minute); a longer local run:
-    CONVO_FUZZ_SEED=7 CONVO_FUZZ_CALLS=200 python -m pytest -q tests/test_conversation_fuzz.py
+Bounded by default (CONVO_FUZZ_CALLS relay calls, well under a minute; CONVO_FUZZ_END_CALLS calls ended by end-call,
+status callbacks and LLM faults on each store, SQLite and Redis, about half a minute each); a longer local run:
+    CONVO_FUZZ_SEED=7 CONVO_FUZZ_CALLS=200 CONVO_FUZZ_END_CALLS=60 python -m pytest -q tests/test_conversation_fuzz.py
 A violation names the seed, call and turn that reproduce it (the whole run is a function of the seed).
 """
 from __future__ import annotations
@@ -826,3 +827,353 @@ def test_random_gather_conversations_keep_every_invariant(gather_env, fake_twili
             gather_call(app, client, fake_twilio, fake_llm, fake_llm2, SEED, index)
     errors = [e for e in logs if e.get("log_level") in ("error", "critical") and e["event"] not in ALLOWED_ERROR_EVENTS]
     assert not errors, f"seed={SEED}: error events: {errors[:5]}"
+
+
+# ---- ends: end-call, Twilio's status callbacks and LLM faults, on SQLite and on Redis -----------------------------
+# Each call runs a few turns (the model failing over, stalling, refusing), then ends while something else races it:
+# POST /api/end-call (as the web app sends it) during the greeting, mid-reply, during the goodbye or after the call
+# ended, once or twice at once; Twilio's signed status callbacks out of order, duplicated, and late after the relay
+# socket closed. The call's end must be recorded once: one end reason, one final status that never reverts, one
+# end-of-call report, one count of the ended call, and the turns stored once each.
+END_CALLS = int(os.environ.get("CONVO_FUZZ_END_CALLS") or 6)  # per store (about 3 s a call)
+END_MOMENTS = ["ringing", "greeting", "mid_reply", "goodbye", "after_end", "twice", "none"]
+END_BODIES = ["json", "query"]  # what the web app sends: {callSid}, or ?callSid= with an empty JSON body
+PROGRESS = [("initiated", 0), ("ringing", 1), ("in-progress", 2)]
+REPORT_SECRET = "fuzz-report-secret-0123"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def end_stack(request, tmp_path_factory):
+    from tests.fakes.redis_server import RedisServer
+    from tests.fakes.report_receiver import ReportReceiver
+
+    tmp = tmp_path_factory.mktemp(f"ends-{request.param}")
+    redis = RedisServer().start() if request.param == "redis" else None
+    twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN).start()
+    primary, secondary = FakeLLM("primary").start(), FakeLLM("secondary").start()
+    receiver = ReportReceiver().start()
+    env = base_env(tmp, twilio, primary, secondary)
+    env.pop("PUBLIC_BASE_URL")
+    env.update(LLM_STALL_TIMEOUT_S=str(STALL_S), RATE_LIMIT_MAKE_CALL="1000 per minute",
+               RATE_LIMIT_END_CALL="1000 per minute", RATE_LIMIT_METRICS="1000/second",
+               ALLOWED_DESTINATION_PREFIXES="+1,+852", MAX_CALLS_PER_DAY="100000",
+               CALL_REPORT_URL=receiver.url, CALL_REPORT_SECRET=REPORT_SECRET,
+               LOG_LEVEL=os.environ.get("CONVO_FUZZ_LOG_LEVEL", "WARNING"))
+    if redis is not None:
+        env["REDIS_URL"] = redis.url
+    server = LiveServer(env, workers=2).start()
+    from callweaver import create_app
+    store = create_app(env).extensions["callweaver"].store  # the server's store, read from here
+    yield {"server": server, "twilio": twilio, "llm": primary, "llm2": secondary, "store": store,
+           "receiver": receiver, "kind": request.param}
+    server.stop()
+    for fake in (twilio, primary, secondary, receiver):
+        fake.stop()
+    if redis is not None:
+        redis.close()
+
+
+def fault_behaviour(rng: random.Random, brain: Brain, backup: Brain, flow: Flow) -> str:
+    """What the model does this turn: a fault (5xx, a stall mid-stream, a slow first token, both down) or, half the
+    time, anything the relay calls do (model_behaviour)."""
+    kind = rng.choice(["5xx", "stall_mid", "slow_first", "outage", "other", "other"])
+    if kind == "5xx":
+        brain.queue.append(Reply(fault=rng.choice(["500", "429"])))
+        backup.queue.append(Reply(text=backup.text()))
+    elif kind == "stall_mid":  # a first token, then a pause past the stall bound: the backup goes on
+        brain.queue.append(Reply(text="Let me look that up for you right now.", token_interval_s=STALL_S + 0.4))
+        backup.queue.append(Reply(text="It is available."))
+    elif kind == "slow_first":
+        brain.queue.append(Reply(text=brain.text(), ttft_s=FIRST_TOKEN_S + rng.choice([0.2, 0.6])))
+        backup.queue.append(Reply(text=backup.text()))
+    elif kind == "outage":
+        brain.queue.append(Reply(fault="500"))
+        backup.queue.append(Reply(fault=rng.choice(["500", "hang"])))
+    else:
+        return model_behaviour(rng, brain, backup, flow)
+    return kind
+
+
+class Hooks:
+    """Twilio's side of one call's end, each answer kept: status callbacks and end-call requests, some at once."""
+
+    def __init__(self, ctx: Context, caller: RelayCaller, url: str):
+        self.ctx, self.caller, self.url = ctx, caller, url
+        self.answers: list[tuple[str, int, str]] = []
+        self.threads: list = []
+        self.completed_sent: float | None = None  # when the final status callback went out
+        self.ended_by_api: list[tuple[float, float]] = []  # (sent, answered) of each end-call Twilio took
+
+    def status(self, status: str, sequence: int) -> None:
+        if status == "completed" and self.completed_sent is None:
+            self.completed_sent = time.monotonic()
+        resp = self.caller.status(status, sequence)
+        self.answers.append((f"status {status}/{sequence}", resp.status, resp.text))
+
+    def end_call(self, how: str) -> None:
+        sent = time.monotonic()
+        sid = self.caller.call_sid
+        if how in ("empty", "tracking"):  # no call SID (an empty body; the tracking id only): a JSON 400, no hang-up
+            resp = http("POST", f"{self.url}/api/end-call",
+                        json_body={} if how == "empty" else {"trackingId": self.caller.tracking_id})
+            ok = resp.status == 400 and json.loads(resp.text).get("success") is False
+            self.answers.append((f"end-call {how}", 200 if ok else resp.status, resp.text))
+            return
+        if how == "json":
+            resp = http("POST", f"{self.url}/api/end-call", json_body={"callSid": sid})
+        else:  # the web app's hangupCall: the SID in the query, an empty JSON body
+            resp = http("POST", f"{self.url}/api/end-call?callSid={sid}",
+                        headers={"Content-Type": "application/json"})
+        self.answers.append((f"end-call {how}", resp.status, resp.text))
+        if resp.status == 200:
+            self.ended_by_api.append((sent, time.monotonic()))
+
+    def soon(self, fn, *args, delay_s: float = 0.0) -> None:
+        import threading
+
+        def run():
+            time.sleep(delay_s)
+            fn(*args)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=20)
+        if any(t.is_alive() for t in self.threads):
+            self.ctx.fail("a webhook or end-call request did not return within 20 s")
+
+
+def ended_call(stack, seed: int, index: int) -> list:
+    steps: list = []
+    try:
+        return ended_call_steps(stack, seed, index, steps)
+    except Violation:
+        raise
+    except Exception as exc:
+        raise Violation(f"seed={seed} call={index} ({stack['kind']}): {exc!r}\nsteps so far: {steps}") from exc
+
+
+def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
+    rng = random.Random(f"ends:{stack['kind']}:{seed}:{index}")  # (each store its own calls)
+    ctx = Context(seed, index, steps, dump=stack["server"].logs)
+    steps.append(("store", stack["kind"]))  # (a violation names the store: replay with -k and [sqlite] / [redis])
+    export = pick_flow(rng, index)
+    export.setdefault("config", {}).setdefault("globalSettings", {})["silenceTimeout"] = 30  # no silence ending
+    flow = Flow(export)
+    cantonese = export["config"]["globalSettings"].get("defaultLanguage") == "zh-HK"
+    body = build_body(export, "+15551234567", **{"from": "+15005550006", "record": False, "timeout": 30})
+    brain, backup = Brain(rng), Brain(rng)
+    stack["llm"].reset()
+    stack["llm2"].reset()
+    stack["llm"].responder, stack["llm2"].responder = brain, backup
+    url = stack["server"].url
+    caller = RelayCaller(url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15, speaking_rate_cps=1500, closing_quiet_s=0.25)
+    caller.place_call(body)
+    hooks = Hooks(ctx, caller, url)
+    moment = rng.choice(END_MOMENTS)
+    progress = [p for p in PROGRESS for _ in range(rng.choice([1, 1, 2]))]  # some sent twice (Twilio retries)
+    rng.shuffle(progress)
+    early = progress[:rng.randint(0, len(progress))]
+    for status, sequence in early:  # before the call is answered (out of order)
+        hooks.status(status, sequence)
+    if moment == "ringing":  # hung up before it was answered: no TwiML, no socket
+        steps.append(("moment", moment, "turns", 0))
+        hooks.end_call(rng.choice(END_BODIES))
+        hooks.status("completed", 3)
+        for status, sequence in rng.sample(PROGRESS + [("completed", 3)], k=rng.randint(1, 3)):
+            hooks.status(status, sequence)
+        start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
+        check_ended_call(ctx, stack, caller, hooks, Flow(export), start, 0, None)
+        return steps
+    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.connect()
+    for status, sequence in progress[len(early):]:  # the rest while the call is live, at once
+        hooks.soon(hooks.status, status, sequence, delay_s=rng.uniform(0, 0.3))
+    start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
+    turns = rng.randint(0, 3) if moment != "greeting" else 0
+    steps.append(("moment", moment, "turns", turns))
+    expected_turns, ended, live = 0, None, True
+
+    def end_now(delay_s: float = 0.0) -> None:
+        """End-call from the web app now (or twice at once), and Twilio's reaction: the final status callback, at
+        a random moment around end-call's answer, and the relay socket closed."""
+        hows = [rng.choice(END_BODIES) for _ in range(2 if moment == "twice" else 1)]
+        if rng.random() < 0.2:
+            hows.insert(0, rng.choice(["empty", "tracking"]))
+        steps.append(("end-call", hows, round(delay_s, 2)))
+        for how in hows:
+            hooks.soon(hooks.end_call, how, delay_s=delay_s)
+        final_at = delay_s + rng.uniform(0.05, 0.4)
+        for _ in range(rng.choice([1, 1, 2])):  # twice at once: Twilio retried while the first was answered
+            hooks.soon(hooks.status, "completed", 3, delay_s=final_at)
+
+    for turn in range(turns + (1 if moment in ("mid_reply", "goodbye") else 0)):
+        last = turn == turns
+        lang, said = utterance(rng, cantonese)
+        if last and moment == "goodbye":
+            lang, said = goodbye(rng, cantonese)
+        brain.lang = backup.lang = lang if lang in REPLIES else "en-US"
+        brain.queue.clear()
+        backup.queue.clear()
+        behaviour = "-" if last and moment == "goodbye" else fault_behaviour(rng, brain, backup, flow)
+        if last and moment == "mid_reply":  # a reply long and slow enough to be ended mid-stream
+            long_text = " ".join(f"word{i}" for i in range(30)) + "."
+            brain.queue[:] = [Reply(text=long_text, token_interval_s=0.03)]
+            backup.queue[:] = [Reply(text=long_text, token_interval_s=0.03)]
+            behaviour = "long_slow"
+        steps.append((turn, lang, said, behaviour))
+        if last:  # the end-call comes while this reply streams (or the goodbye plays)
+            before = len(caller.received)
+            caller.prompt(said, lang=lang)
+            expected_turns += 1
+            first = caller.recv(timeout_s=8)
+            if first is None:
+                ctx.fail(f"no reply to {said!r} ({behaviour})")
+            if rng.random() < 0.3:  # the socket closes first (the caller hung up), end-call and Twilio's status race it
+                caller.drain(rng.uniform(0, 0.2))
+                caller.hangup()
+                end_now(rng.uniform(0, 0.1))
+            else:
+                end_now(rng.uniform(0, 0.3))
+                caller.drain(rng.uniform(0.1, 0.6))
+            live = False
+            got_end = [m for m in caller.received[before:] if m.get("type") == "end"]
+            if got_end:
+                ended = json.loads(got_end[0]["handoffData"])
+            break
+        before = len(caller.received)
+        reply = caller.say(said, lang=lang)
+        expected_turns += 1
+        caller.drain(0.2)
+        row = wait_turns(url, caller.tracking_id, expected_turns)["turns"][-1]
+        # a closing line: its end once Twilio has played it, or at the playback bound (relay_call_steps' open finding,
+        # seed=81: 11.6 s for a 32-character Cantonese transfer line at seed=31 call=5 here)
+        waited = time.monotonic()
+        while row["action"] in ("end", "transfer") and reply.end is None and time.monotonic() - waited < 15:
+            caller.recv(timeout_s=1)
+            reply.end = next((m for m in caller.received[before:] if m.get("type") == "end"), None)
+        pressed = [m for m in caller.received if m.get("type") == "sendDigits"]
+        if not reply.text.strip() and not pressed:
+            ctx.fail(f"turn {turn} ({behaviour}): no reply and no apology: {reply.messages}")
+        if reply.end is not None:  # the flow ended the call (an end node, a transfer)
+            ended = json.loads(reply.end["handoffData"])
+            break
+    if moment == "greeting":
+        end_now(rng.uniform(0, 0.2))
+        live = False
+        caller.drain(rng.uniform(0.05, 0.3))
+    if live and ended is None and moment in ("twice",):
+        end_now(rng.uniform(0, 0.3))
+        live = False
+        caller.drain(0.3)
+    if ended is not None and moment != "none" and live:  # end-call while the closing line plays, or just after
+        end_now(rng.uniform(0, 0.3))
+        live = False
+    if ended is not None:  # Twilio asks the action URL what next, once the session ended
+        resp = caller.connect_action("ended", ended)
+        hooks.answers.append(("connect-action", resp.status, resp.text))
+    caller.hangup()
+    hooks.join()
+    if hooks.completed_sent is None:  # the caller hung up (or the flow ended the call): Twilio reports it
+        hooks.status("completed", 3)
+    if moment == "after_end" or (moment == "none" and rng.random() < 0.5):
+        end_now(rng.uniform(0, 0.1))  # too late: the call has ended
+        hooks.join()
+    # late and repeated callbacks after the socket closed: history at most, never the call's status
+    for status, sequence in rng.sample(PROGRESS + [("completed", 3)], k=rng.randint(1, 3)):
+        hooks.status(status, sequence)
+    check_ended_call(ctx, stack, caller, hooks, flow, start, expected_turns, ended)
+    return steps
+
+
+def check_ended_call(ctx: Context, stack, caller: RelayCaller, hooks: Hooks, flow: Flow, start: str,
+                     expected_turns: int, ended: dict | None) -> None:
+    url, store, tid = stack["server"].url, stack["store"], caller.tracking_id
+    if len([m for m in caller.received if m.get("type") == "end"]) > 1:
+        ctx.fail(f"more than one end message on the socket: {[m for m in caller.received if m.get('type') == 'end']}")
+    for what, status, text in hooks.answers:
+        if status >= 500:
+            ctx.fail(f"{what} answered {status}: {text[:300]}")
+        if what.startswith("end-call") and status != 200:
+            ctx.fail(f"{what} answered {status}: {text[:300]}")
+    # one end-of-call report (it may wait for a pending hang-up's answer)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        reports = [json.loads(r.body) for r in stack["receiver"].reports if json.loads(r.body)["trackingId"] == tid]
+        if reports:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # a second report would be sent by now
+    reports = [json.loads(r.body) for r in stack["receiver"].reports if json.loads(r.body)["trackingId"] == tid]
+    if len(reports) != 1:
+        ctx.fail(f"{len(reports)} end-of-call reports: {[(r['status'], r['outcome']) for r in reports]}")
+    detail = call_detail(url, tid)
+    record = store.get_call(tid)
+    if detail["call"]["status"] != "completed" or record.status != "completed":
+        ctx.fail(f"final status {detail['call']['status']} / {record.status}, Twilio said completed last")
+    history = store.status_history(tid)
+    if [h["status"] for h in history].count("completed") != 1:
+        ctx.fail(f"the final status stored {[h['status'] for h in history].count('completed')} times: {history}")
+    meta = record.meta or {}
+    from callweaver.store import END_CALL_META, QUEUED_END_REASON_META, end_call_pending
+    if end_call_pending(meta) or QUEUED_END_REASON_META in meta:
+        ctx.fail(f"the call's end is still unsettled: {meta}")
+    outcome = detail["call"]["outcome"]
+    if reports[0]["outcome"] != outcome or reports[0]["status"] != "completed":
+        ctx.fail(f"the report says {reports[0]['outcome']}/{reports[0]['status']}, the call log {outcome}")
+    # the outcome: the flow's end when it ended the call first; end-call's when Twilio took it while the call was live
+    rows = store.turns(tid)
+    flow_end = {"end": "end_node", "transfer": "transfer", "error": "error"}.get((ended or {}).get("reason"))
+    closing = {"end": "end_node", "transfer": "transfer"}.get(rows[-1]["action"] if rows else None)
+    api_first = [s for s, answered in hooks.ended_by_api if hooks.completed_sent and answered < hooks.completed_sent]
+    if flow_end:
+        allowed = {flow_end}
+    elif closing:  # a closing turn, its line cut by the hang-up: its outcome if committed before end-call's claim
+        allowed = {closing, "ended_by_api"} if hooks.ended_by_api else {closing}
+    elif api_first:
+        allowed = {"ended_by_api"}
+    else:
+        allowed = {"hang_up", "ended_by_api"} if hooks.ended_by_api else {"hang_up"}
+    if outcome not in allowed:
+        ctx.fail(f"outcome {outcome}, expected one of {allowed} (endReason {meta.get('endReason')}, "
+                 f"end-call {meta.get(END_CALL_META)})")
+    # the turns: each stored once, the transcript and the history agree with them
+    if len(rows) != expected_turns or detail["call"]["turns"] != expected_turns:
+        ctx.fail(f"{len(rows)} turn rows ({detail['call']['turns']} in the call log), {expected_turns} caller turns")
+    if len(record.transcript or []) != len(rows):
+        ctx.fail(f"{len(record.transcript or [])} transcript entries, {len(rows)} turn rows")
+    check_history_matches_transcript(ctx, record)
+    check_turn_rows(ctx, flow, {"turns": rows}, start)
+    # the report is the call as stored once it ended: its turn count and its transcript are the stored ones
+    report = reports[0]
+    if report["metrics"]["totalProcessedRequests"] != len(rows):
+        ctx.fail(f"the report counts {report['metrics']['totalProcessedRequests']} turns, {len(rows)} stored")
+    said = [m["content"] for m in report["transcript"] if m["role"] == "user"]
+    if said != [m["content"] for m in record.messages or [] if m["role"] == "user"]:
+        ctx.fail(f"the report's transcript {report['transcript']} is not the stored history {record.messages}")
+
+
+def calls_ended_count(store) -> float:
+    from callweaver.store import CALLS_ENDED_COUNTER
+    return sum(v for k, v in store.counters().items() if json.loads(k)[0] == CALLS_ENDED_COUNTER)
+
+
+@pytest.mark.timeout(max(150, END_CALLS * 12))
+def test_random_call_ends_keep_every_invariant(end_stack):
+    started = time.monotonic()
+    ended_before = calls_ended_count(end_stack["store"])
+    seen: dict[str, int] = {}
+    for index in [int(ONLY_CALL)] if ONLY_CALL else range(END_CALLS):
+        for step in ended_call(end_stack, SEED, index):
+            name = {"moment": lambda: step[1], "end-call": lambda: "end-call " + "+".join(step[1]),
+                    "store": lambda: None}.get(step[0], lambda: step[3])()
+            if name:
+                seen[name] = seen.get(name, 0) + 1
+    calls = 1 if ONLY_CALL else END_CALLS
+    if calls_ended_count(end_stack["store"]) - ended_before != calls:
+        pytest.fail(f"seed={SEED}: {calls} calls ended, counted {calls_ended_count(end_stack['store']) - ended_before}")
+    errors = server_errors(end_stack["server"].logs())
+    assert not errors, f"seed={SEED} ({end_stack['kind']}): error events in the server log: {errors[:5]}"
+    print(f"seed={SEED} ({end_stack['kind']}): {calls} ended calls in {time.monotonic() - started:.1f}s, {seen}")

@@ -1081,6 +1081,23 @@ def test_relay_socket_claim_one_owner_newer_generation_takes_over_and_leases_exp
         time.sleep(0.05)
 
 
+def test_relay_socket_held_while_claimed_within_its_lease(store):
+    """What an ended call's report waits on (lifecycle._call_over): a live socket, not a released or lapsed claim."""
+    store.create_call(make_record("call_held"))
+    assert not store.relay_socket_held("call_held")
+    assert store.claim_relay_socket("call_held", "socket-a", 0, 30)
+    assert store.relay_socket_held("call_held")
+    store.release_relay_socket("call_held", "socket-b")  # not the owner: still held
+    assert store.relay_socket_held("call_held")
+    store.release_relay_socket("call_held", "socket-a")
+    assert not store.relay_socket_held("call_held")
+    assert store.claim_relay_socket("call_held", "socket-c", 0, 0.2)
+    deadline = time.monotonic() + 10
+    while store.relay_socket_held("call_held"):  # a killed worker's socket: its lease runs out
+        assert time.monotonic() < deadline, "a lapsed lease must not hold the call"
+        time.sleep(0.05)
+
+
 def test_relay_socket_lease_that_ran_out_unclaimed_is_still_renewed_by_its_owner(store):
     """A renewal that comes late (a store outage or a stalled worker longer than the lease) while no other socket
     took the call keeps the live call on both backends; it used to end it on Redis only ("another socket took

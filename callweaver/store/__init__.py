@@ -532,6 +532,10 @@ class Store(Protocol):
         """Drop the claim if `owner` still holds it."""
         ...
 
+    def relay_socket_held(self, tracking_id: str) -> bool:
+        """Whether a live relay socket holds the call: a claim not released and within its lease."""
+        ...
+
     def ping(self) -> float:
         """Round trip to the backend in ms; StoreError when it is unreachable."""
         ...

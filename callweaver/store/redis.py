@@ -348,6 +348,15 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]))
 return 1
 """
 
+# KEYS: relay claim.  Returns 1 while an owner holds it within its lease (on Redis's clock, as the claim is made).
+_RELAY_HELD = """
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_at') or '')
+if expires == nil then return 0 end
+local time = redis.call('TIME')
+if expires > tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) then return 1 end
+return 0
+"""
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -415,6 +424,7 @@ class RedisStore:
                     "filter_calls": client.register_script(_FILTER_CALLS),
                     "claim_relay": client.register_script(_CLAIM_RELAY),
                     "renew_relay": client.register_script(_RENEW_RELAY),
+                    "relay_held": client.register_script(_RELAY_HELD),
                     "purge_call": client.register_script(_PURGE_CALL),
                     "drop_workflow_versions": client.register_script(_DROP_WORKFLOW_VERSIONS),
                 }
@@ -852,6 +862,9 @@ class RedisStore:
 
     def release_relay_socket(self, tracking_id: str, owner: str) -> None:
         self._script("renew_relay", [self._key("relay", tracking_id)], [owner, "0", RELAY_CLAIM_KEPT_MS])
+
+    def relay_socket_held(self, tracking_id: str) -> bool:
+        return self._script("relay_held", [self._key("relay", tracking_id)], []) == 1
 
     # -- operations -------------------------------------------------------------
 

@@ -688,6 +688,12 @@ class SQLiteStore:
         with self._write() as conn:
             conn.execute("DELETE FROM cw_relay_sockets WHERE tracking_id = ? AND owner = ?", (tracking_id, owner))
 
+    def relay_socket_held(self, tracking_id: str) -> bool:
+        with self._connection() as conn:
+            row = conn.execute("SELECT expires_at FROM cw_relay_sockets WHERE tracking_id = ?",
+                               (tracking_id,)).fetchone()
+        return row is not None and row[0] > time.time()
+
     # -- operations -------------------------------------------------------------
 
     # -- small shared records (circuit breakers) -------------------------------
