@@ -24,6 +24,7 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -131,15 +132,18 @@ def slow_body_connection(port: int, until: float, byte_interval_s: float, declar
         gevent.sleep(max(0.0, min(tick + byte_interval_s, until) - time.monotonic()))
 
 
-def run_slow_body(port: int, args: argparse.Namespace) -> tuple[Probes, AttackStats]:
+def run_connection_attack(port: int, args: argparse.Namespace, label: str, connection: Callable[..., None],
+                          *extra: object) -> tuple[Probes, AttackStats]:
+    """Open `args.connections` attacker connections (`connection(port, until, byte_interval_s, *extra, stats)`) over
+    the ramp, then probe `/health` through the window while they run."""
     stats = AttackStats()
     until = time.monotonic() + args.ramp_s + args.window_s
     attackers = gevent.pool.Group()
     for i in range(args.connections):
-        attackers.spawn(slow_body_connection, port, until, args.byte_interval_s, 1024 * 1024, stats)
+        attackers.spawn(connection, port, until, args.byte_interval_s, *extra, stats)
         if i % 50 == 49:
             gevent.sleep(args.ramp_s * 50 / args.connections)  # all connections open within the ramp
-    progress(f"slow bodies: {stats.opened} connections opened; probing /health for {args.window_s:g} s")
+    progress(f"{label}: {stats.opened} connections opened; probing /health for {args.window_s:g} s")
     probes = Probes(args.probe_timeout_s)
     probe_health(port, probes, until, args.probe_interval_s)
     attackers.join(timeout=15)
@@ -191,22 +195,6 @@ def slow_read_connection(port: int, until: float, tick_s: float, pipelined: int,
         finally:
             sock.close()
         gevent.sleep(max(0.0, min(tick + tick_s, until) - time.monotonic()))
-
-
-def run_slow_read(port: int, args: argparse.Namespace) -> tuple[Probes, AttackStats]:
-    stats = AttackStats()
-    until = time.monotonic() + args.ramp_s + args.window_s
-    attackers = gevent.pool.Group()
-    for i in range(args.connections):
-        attackers.spawn(slow_read_connection, port, until, args.byte_interval_s, args.pipelined, stats)
-        if i % 50 == 49:
-            gevent.sleep(args.ramp_s * 50 / args.connections)
-    progress(f"slow reads: {stats.opened} connections opened; probing /health for {args.window_s:g} s")
-    probes = Probes(args.probe_timeout_s)
-    probe_health(port, probes, until, args.probe_interval_s)
-    attackers.join(timeout=15)
-    attackers.kill(block=True, timeout=5)
-    return probes, stats
 
 
 def replay_upgrade(url: str, headers: list[str], until: float, stats: AttackStats) -> None:
@@ -284,7 +272,8 @@ def measure(stack: BenchStack, name: str, repo: Path, args: argparse.Namespace, 
         progress(f"{name}: server on port {server.port} ({args.workers} workers)")
         rows.append(["none (idle)", name, *idle_probes(server.port, args).cells(), "—"])
         if "slow-body" in args.attacks:
-            probes, stats = run_slow_body(server.port, args)
+            probes, stats = run_connection_attack(server.port, args, "slow bodies", slow_body_connection,
+                                                  1024 * 1024)
             rows.append([f"slow bodies ×{args.connections}", name, *probes.cells(), stats.outcome()])
             gevent.sleep(args.settle_s)
         if "replay" in args.attacks:
@@ -293,7 +282,8 @@ def measure(stack: BenchStack, name: str, repo: Path, args: argparse.Namespace, 
                          f"{stats.outcome()}; the real call: {real_call}"])
             gevent.sleep(args.settle_s)
         if "slow-read" in args.attacks:
-            probes, stats = run_slow_read(server.port, args)
+            probes, stats = run_connection_attack(server.port, args, "slow reads", slow_read_connection,
+                                                  args.pipelined)
             rows.append([f"slow reads ×{args.connections}", name, *probes.cells(), stats.outcome()])
     return rows
 
