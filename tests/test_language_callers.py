@@ -6,22 +6,18 @@ speaks the language it is given; and one short word recognised in another langua
 """
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from callweaver.engine.end_of_utterance import Completeness, completeness
 from callweaver.engine.languages import LanguageTable
-from callweaver.engine.relay_session import RelaySession
 from callweaver.engine import speech
 from callweaver.engine.workflow import detect_termination
-from callweaver.services import spawn
 from callweaver.simulate import __main__ as simulate_main
 from callweaver.simulate import demo as demo_module
-from tests.helpers import make_call_body
+from tests.helpers import InProcessRelayCall, make_call_body
 from tests.scripted_brain import real_estate_brain
 
 TABLE = LanguageTable.load()
@@ -228,32 +224,13 @@ def test_how_much_an_utterance_must_say_to_switch(said, enough):
 @pytest.fixture
 def relay(app, client):
     """A relay call placed in en-GB (Deepgram `multi`: Spanish and others declared), and a way to talk on it."""
-    data = client.post("/api/make-call-optimized", json=make_call_body(language="en-GB")).get_json()
-    assert data["success"], data
-    svc = app.extensions["callweaver"]
-    tracking_id = data["optimization"]["trackingId"]
-    sent: list[dict] = []
-
-    class Sender:
-        def send_json(self, *messages: dict) -> None:
-            sent.extend(messages)
-
-    session = RelaySession(svc.engine, Sender(), spawn=spawn)
-    session.handle(json.dumps({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
-                               "customParameters": {"trackingId": tracking_id}}))
+    call = InProcessRelayCall(app, client, make_call_body(language="en-GB"))
 
     def say(text: str, lang: str) -> list[dict]:
-        before, number = len(sent), len(svc.store.turns(tracking_id)) + 1
-        session.handle(json.dumps({"type": "prompt", "voicePrompt": text, "lang": lang, "last": True}))
-        deadline = time.monotonic() + 10
-        while len(svc.store.turns(tracking_id)) < number and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(svc.store.turns(tracking_id)) == number, sent
-        time.sleep(0.05)
-        return sent[before:]
+        return call.say(text, lang, settle_s=0.05)
 
-    say.turns = lambda: svc.store.turns(tracking_id)
-    say.record = lambda: svc.store.get_call(tracking_id)
+    say.turns = call.turns
+    say.record = lambda: call.svc.store.get_call(call.tracking_id)
     return say
 
 

@@ -5,16 +5,12 @@ the <Gather> webhooks, must leave the same turn records: only the path and the m
 """
 from __future__ import annotations
 
-import json
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from callweaver.engine.relay_session import RelaySession
-from callweaver.services import spawn
 from tests.conftest import PUBLIC
-from tests.helpers import make_call_body
+from tests.helpers import InProcessRelayCall, make_call_body
 from tests.scripted_brain import real_estate_brain
 
 CONVERSATION = ["I want to buy a house", "A three bedroom house", "My name is Ann"]
@@ -54,26 +50,10 @@ def gather_call(client, twilio, fake_twilio) -> str:
 
 
 def relay_call(app, client) -> str:
-    data = client.post("/api/make-call-optimized", json=make_call_body()).get_json()
-    assert data["success"], data
-    svc = app.extensions["callweaver"]
-    tracking_id = data["optimization"]["trackingId"]
-    sent: list[dict] = []
-
-    class Sender:
-        def send_json(self, *messages: dict) -> None:
-            sent.extend(messages)
-
-    session = RelaySession(svc.engine, Sender(), spawn=spawn)
-    session.handle(json.dumps({"type": "setup", "callSid": data["callSid"], "direction": "outbound-api",
-                               "customParameters": {"trackingId": tracking_id}}))
-    for number, speech in enumerate(CONVERSATION, start=1):
-        session.handle(json.dumps({"type": "prompt", "voicePrompt": speech, "lang": "en-US", "last": True}))
-        deadline = time.monotonic() + 10
-        while len(svc.store.turns(tracking_id)) < number and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(svc.store.turns(tracking_id)) == number, sent
-    return tracking_id
+    call = InProcessRelayCall(app, client)
+    for speech in CONVERSATION:
+        call.say(speech, "en-US")
+    return call.tracking_id
 
 
 def test_relay_and_gather_paths_commit_identical_turn_records(app, client, twilio, fake_twilio, fake_llm, commits):
