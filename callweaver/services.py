@@ -183,7 +183,7 @@ class Services:
         With RECORD_TRANSCRIPTS=0 the history the call needed while live is emptied first: timings only."""
         if not self.settings.record_transcripts:
             try:
-                self.store.update_call(tracking_id, messages=[])
+                self.engine.forget_history(tracking_id)
             except Exception:
                 log.exception("transcript_drop_failed", tracking_id=tracking_id)
         if self.tracer.enabled:

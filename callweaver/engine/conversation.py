@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import structlog
 
-from ..store import PENDING_ACTION_META, TERMINAL_STATUSES, closing_action_dropped
+from ..store import PENDING_ACTION_META, TERMINAL_STATUSES, call_is_live, closing_action_dropped
 from .cache import CachedReply, ReplyCache, reply_is_safe_to_cache
 from .end_of_utterance import Completeness
 from .languages import SPEECH_CHARS_PER_S, LanguageEntry, LanguageTable
@@ -810,6 +810,8 @@ class ConversationEngine:
             # The store has no such call any more (a Redis restarted without its data, a purge): nothing was written.
             log.error("turn_not_stored", tracking_id=record.tracking_id, reason="the call is not in the store",
                       node=r.node_id, first_token_ms=timings.get("firstTokenMs"))
+        elif not self.record_transcripts:
+            self._forget_history_if_ended(record.tracking_id)
         meta = record.meta
         if action and index is not None:
             # Merged key by key, never this session's copy of meta: other writers (the terminal status callback
@@ -828,6 +830,21 @@ class ConversationEngine:
         # `updated` is `record` with the turn's fields replaced: a relay session's record was shared when the
         # session read it (sharing_snapshot), so the turn does not walk its history again to share it.
         return updated
+
+    def forget_history(self, tracking_id: str) -> None:
+        """RECORD_TRANSCRIPTS=0: an ended call's history (which the LLM needed while the call was live) goes."""
+        self.store.update_call(tracking_id, messages=[])
+
+    def _forget_history_if_ended(self, tracking_id: str) -> None:
+        """After a turn's commit with RECORD_TRANSCRIPTS=0: a call that ended meanwhile (its final status came while
+        the reply was made, as a <Gather> webhook's may: no socket to wait for) had its history emptied before the
+        commit wrote it back. Read after the write, the end is seen either way (the final status is stored before
+        the history is emptied)."""
+        try:
+            if not call_is_live(self.store.get_call(tracking_id)):
+                self.forget_history(tracking_id)
+        except Exception:
+            log.exception("transcript_drop_failed", tracking_id=tracking_id)
 
     def drop_closing_action(self, record, turn: Turn):
         """The caller talked over a committed closing line before its end: the end/transfer was not heard, so it never
