@@ -23,6 +23,7 @@ from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STA
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
+from .speech import ssml_pause_s
 
 log = structlog.get_logger()
 
@@ -68,10 +69,10 @@ _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
 def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False, capped: bool = True) -> float:
-    """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly; the
-    longest wait when a recording of unknown length plays too. `capped=False`: the whole of a long line (and the
+    """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly, with the
+    pauses its SSML writes; the longest wait when a recording of unknown length plays too. `capped=False`: the whole of a long line (and the
     longest wait for a recording on top), where waiting too long costs nothing but a later re-prompt."""
-    speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR)
+    speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR) + ssml_pause_s(spoken)
     if not capped:
         return speech_s + (PLAYBACK_WAIT_MAX_S if with_audio else 0.0)
     if with_audio:
