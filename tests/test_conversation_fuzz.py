@@ -464,7 +464,8 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
             lang, said = goodbye(rng, cantonese)
             ctx.steps[-1] = (turn, action, lang, said, behaviour)
             reply = caller.say(said, lang=lang)
-            if reply.end is None or json.loads(reply.end["handoffData"])["reason"] != "end":
+            end = caller.wait_for_end(reply, LATE_END_S)  # (it may come that long after the goodbye played)
+            if end is None or json.loads(end["handoffData"])["reason"] != "end":
                 ctx.fail(f"a goodbye did not end the call: {reply.messages}")
         elif action == "barge":
             words = rng.randint(1, 6)
@@ -554,6 +555,7 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
             expected_turns += 1
             if not reply.text.strip() and not [m for m in caller.received[before:] if m.get("type") == "sendDigits"]:
                 ctx.fail(f"keys then words: no reply {reply.messages}")
+            caller.wait_for_end(reply, LATE_END_S)  # (a closing line's end may come that long after it played)
             caller.drain(0.25)
             detail = wait_turns(url, caller.tracking_id, expected_turns, timeout_s=4)
             if len(detail["turns"]) != expected_turns or "42" not in (detail["turns"][-1]["said"] or ""):

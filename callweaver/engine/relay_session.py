@@ -78,8 +78,9 @@ _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False, capped: bool = True) -> float:
     """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly, with the
-    pauses its SSML writes; the longest wait when a recording of unknown length plays too. `capped=False`: the whole of a long line (and the
-    longest wait for a recording on top), where waiting too long costs nothing but a later re-prompt."""
+    pauses its SSML writes; the longest wait when a recording of unknown length plays too. `capped=False`: the whole
+    of a long line (and the longest wait for a recording on top), where waiting too long costs nothing but a later
+    re-prompt."""
     speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR) + ssml_pause_s(spoken)
     if not capped:
         return speech_s + (PLAYBACK_WAIT_MAX_S if with_audio else 0.0)
@@ -851,9 +852,9 @@ class RelaySession:
             return  # a goodbye or transfer is playing: its own `end` follows
         self._force_end(protocol.end(HANDOVER))  # the one `end` sent (an error ending already decided stays)
         log.info("relay_handing_over", agent_speaking=self._agent_speaking)
-        # Twilio has played everything it was given (an "off" or an interrupt after our last words): at once; still
-        # speaking: its next "off"; never reported agentSpeaking: the next event, or the bounded wait for what it was
-        # given (_wait_for_playback).
+        # Twilio has played everything it was given (an "off" or an interrupt after our last words): at once (an "off"
+        # that may have crossed them, once held); still speaking: its next "off"; never reported agentSpeaking: the
+        # next event, or the bounded wait for what it was given (_wait_for_playback).
         # What Twilio may still be speaking: this socket's last reply, else (no turn yet) its welcome greeting.
         spoken = self._sent if self._turn is not None else (self._stored_cycle or "")
         with_audio = self._turn is not None and self._turn.result.entered_audio is not None  # a node's recording

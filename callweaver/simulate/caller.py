@@ -335,18 +335,20 @@ class RelayCaller:
 
     def _read_closing(self, reply: Reply) -> None:
         """After `last: true`: an `end` may follow once the closing line has played; wait that long, then a bit."""
-        while True:
-            playing_until = self.twilio.playback.next_event_at()
-            quiet_s = self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic())
-            follow = self.recv(timeout_s=quiet_s)
-            if follow is None:
-                return
-            if follow.get("type") != "end":
-                self._unread.append(follow)  # the start of something else: leave it for the next read
-                return
-            reply.messages.append(follow)
-            reply.end, reply.unheard_at_end = follow, follow.get("unheard")
-            return
+        playing_until = self.twilio.playback.next_event_at()
+        self.wait_for_end(reply, self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic()))
+
+    def wait_for_end(self, reply: Reply, timeout_s: float) -> dict | None:
+        """The `end` that followed `reply`: already read with it, or coming within `timeout_s` (kept in `reply`).
+        Anything else that comes first is the start of something else: left for the next read."""
+        if reply.end is None:
+            follow = self.recv(timeout_s=timeout_s)
+            if follow is not None and follow.get("type") != "end":
+                self._unread.append(follow)
+            elif follow is not None:
+                reply.messages.append(follow)
+                reply.end, reply.unheard_at_end = follow, follow.get("unheard")
+        return reply.end
 
     def interrupt(self, heard: str | None = None, played_ms: int | None = None, *,
                   silent_first_s: float | None = None) -> None:
