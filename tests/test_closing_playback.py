@@ -11,9 +11,10 @@ import threading
 import time
 from types import SimpleNamespace
 
-from callweaver.engine.relay_session import RelaySession, playback_wait_bound_s
+from callweaver.engine.relay_session import (CLOSING_INTERRUPT_GRACE_S, CROSSING_HOLD_MAX_S, RelaySession,
+                                             playback_wait_bound_s)
 from callweaver.services import spawn
-from tests.test_reply_text import HOLD_S, _Clock, _Engine, say
+from tests.test_reply_text import HOLD_S, _Clock, _Engine, say, session_for
 
 EN_RATE = _Engine.languages.get("en-US").speech_chars_per_s
 
@@ -130,3 +131,69 @@ def test_an_off_that_may_have_crossed_the_last_frame_counts_once_the_calls_react
     agent(session, "off")
     waited = wait_for(lambda: ended(sent))
     assert 0.3 + 0.2 - 0.05 <= waited < 1.5
+
+
+def test_before_any_reaction_time_is_measured_an_off_right_after_the_last_words_is_held_the_full_cap():
+    """No "on" was ever reported on the call (no reaction time measured): an "off" that came right after the last
+    frame may be about the words before it, and is held CROSSING_HOLD_MAX_S, never longer (then the grace)."""
+    turn = TwoPartGoodbye("Sure thing.", " Thanks for calling, goodbye.")
+    session, sent = goodbye_session(turn)
+    say(session)
+    wait_for(lambda: sent)
+    turn.gate.set()
+    wait_for(lambda: closed(sent))
+    agent(session, "off")
+    waited = wait_for(lambda: ended(sent))
+    assert CROSSING_HOLD_MAX_S - 0.05 <= waited < CROSSING_HOLD_MAX_S + CLOSING_INTERRUPT_GRACE_S + 0.4
+
+
+def test_a_handovers_deadline_cuts_the_hold_of_an_off_that_may_have_crossed_the_last_words():
+    """The worker is stopping: its `end` (handover) goes out by the deadline, however long an "off" right after the
+    last words would otherwise be held (2 s here: no reaction time measured)."""
+    session, engine, sent = session_for([("Let me check that for you.", 0.0)])
+    say(session)
+    assert engine.done.wait(5)
+    agent(session, "off")  # right after the last words: held
+    session.hand_over(deadline=session.clock() + 0.5)
+    waited = wait_for(lambda: ended(sent))
+    assert 0.4 <= waited < 1.2
+    assert json.loads(sent[-1]["handoffData"])["reason"] == "handover"
+
+
+def test_an_interrupt_during_the_hold_releases_the_wait_at_once():
+    """The caller talked just after the goodbye, all of which they heard (docs/twilio.md 4: a barge-in releases the
+    wait at once): the end is not held for the "off" that came just before it."""
+    line_first, line_rest = "Sure thing.", " Bye."
+    turn = TwoPartGoodbye(line_first, line_rest)
+    session, sent = goodbye_session(turn)
+    say(session)
+    wait_for(lambda: sent)
+    turn.gate.set()
+    wait_for(lambda: closed(sent))
+    agent(session, "off")  # held up to 2 s: no reaction time measured
+    time.sleep(0.1)
+    session.handle(json.dumps({"type": "interrupt", "utteranceUntilInterrupt": line_first + line_rest,
+                               "durationUntilInterruptMs": 5000}))
+    waited = wait_for(lambda: ended(sent))
+    assert waited < 0.6, "the interrupt should release the wait for playback at once"
+    assert json.loads(sent[-1]["handoffData"])["reason"] == "end"
+
+
+def test_an_on_that_never_came_does_not_stretch_the_reaction_time_measured_later():
+    """Twilio's "on" for the first words was lost (its "off" came): the wait for an "on" ends there, so the "on" for
+    words sent ten seconds later measures its own reaction time (0.3 s), not ten seconds since the lost one, and a
+    later "off" right after the last words is held that long, not the whole 2 s."""
+    turn = TwoPartGoodbye("Sure thing.", " Thanks for calling, goodbye.")
+    session, sent = goodbye_session(turn)
+    say(session)
+    wait_for(lambda: sent)
+    session.clock.now += 1.0
+    agent(session, "off")  # the first words played; their "on" was lost
+    session.clock.now += 10.0
+    turn.gate.set()
+    wait_for(lambda: closed(sent))
+    session.clock.now += 0.3
+    agent(session, "on")   # Twilio speaks the last frame: 0.3 s after it was sent
+    agent(session, "off")  # (at the same moment on the test's clock: held until 0.5 s after the last words)
+    waited = wait_for(lambda: ended(sent))
+    assert waited < 0.2 + CLOSING_INTERRUPT_GRACE_S + 0.4
