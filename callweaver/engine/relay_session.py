@@ -124,7 +124,7 @@ class RelaySession:
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
                  "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
                  "_twilio_speaking", "_client_speaking", "_agent_on_until", "_client_on_until", "_words_at",
-                 "_off_at", "_on_awaited_at", "_reaction_s", "_speaker_seq")
+                 "_off_at", "_on_awaited_at", "_reaction_s", "_speaker_seq", "_cut_off_event")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -148,6 +148,9 @@ class RelaySession:
         self._fell_silent_event: threading.Event | None = None
         self._reply_stopped_event: threading.Event | None = None  # set when the current reply is cancelled
         self._barged_in_event: threading.Event | None = None      # set by `interrupt`
+        # Set when an interrupt or the socket closing stopped Twilio's speech, cleared by our next words: ends the hold
+        # of an "off" (_wait_for_playback) at once. Made by the first hold.
+        self._cut_off_event: threading.Event | None = None
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
@@ -215,6 +218,13 @@ class RelaySession:
     def _closing(self) -> bool:
         """A closing line is playing or the call is being ended (an error, a handover): new input is not answered."""
         return self._closing_end is not None or self._forced_end is not None or self._handing_over
+
+    @property
+    def _cut_off(self) -> threading.Event:
+        """Set when an interrupt or the socket closing stopped Twilio's speech since our last words."""
+        if self._cut_off_event is None:
+            self._cut_off_event = threading.Event()
+        return self._cut_off_event
 
     @property
     def _reply_stopped(self) -> threading.Event:
@@ -587,6 +597,8 @@ class RelaySession:
             self._speaker_seq += 1
             if self._barged_in_event is not None:  # made when a closing line starts: only its waiter reads it
                 self._barged_in_event.set()
+            if self._cut_off_event is not None:  # made by a hold: it ends now
+                self._cut_off_event.set()
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
@@ -694,8 +706,9 @@ class RelaySession:
                     self._fell_silent.clear()  # an earlier "off" is over: it speaks again
             else:  # everything queued has played (a recording's unbounded trust ends here)
                 self._agent_on_until = 0.0
-                if self._on_awaited_at is not None and now - self._on_awaited_at > CROSSING_HOLD_MAX_S:
-                    self._on_awaited_at = None  # its "on" was lost (or merged into speech under way): measure no more
+                # An "on" still awaited for words sent while Twilio was silent was lost (or merged into speech under
+                # way): measure no more, or a later "on" would count from those words (a reaction time of seconds).
+                self._on_awaited_at = None
                 self._off_at = now
                 self._fell_silent.set()
             if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
@@ -874,6 +887,8 @@ class RelaySession:
         self._speaker_seq += 1
         if not self.ended:
             self._fell_silent.clear()
+            if self._cut_off_event is not None:
+                self._cut_off_event.clear()
 
     def _crossing_hold_s(self) -> float:
         """How much longer the "off" that set _fell_silent is held because it may have crossed our last words on the
@@ -902,7 +917,8 @@ class RelaySession:
             if hold <= 0:
                 return True
             seq = self._speaker_seq
-            time.sleep(min(hold, left))
+            if self._cut_off.wait(timeout=min(hold, left)):
+                return True  # an interrupt or the socket closing: nothing of ours plays on (at once, as ever)
             if self._speaker_seq == seq:
                 return True  # nothing new was reported or sent meanwhile: that "off" is about everything
             if hold >= left:
@@ -1163,6 +1179,8 @@ class RelaySession:
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         if self._barged_in_event is not None:
             self._barged_in_event.set()  # nor for an interrupt
+        if self._cut_off_event is not None:
+            self._cut_off_event.set()  # nor for a hold
         self._digit_batch += 1
         self._partial_seq += 1
         self._settle_unanswered("hangup")
