@@ -1076,7 +1076,7 @@ def test_a_goodbye_playing_at_sigterm_still_ends_the_call(waited_call, fake_llm)
     call = waited_call
     call.say("goodbye")
     call.session.hand_over()
-    call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+    agent_fell_silent(call)
     call.wait(lambda: any(m["type"] == "end" for m in call.sent))
     call.waiters.join()
     assert [json.loads(m["handoffData"])["reason"] for m in call.sent if m["type"] == "end"] == ["end"]
