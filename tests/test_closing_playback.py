@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from callweaver.engine.relay_session import (CLOSING_INTERRUPT_GRACE_S, CROSSING_HOLD_MAX_S, RelaySession,
                                              playback_wait_bound_s)
 from callweaver.services import spawn
-from tests.test_reply_text import HOLD_S, _Clock, _Engine, say, session_for
+from tests.test_reply_text import HOLD_S, _Clock, _Engine, _ScriptedTurn, say, session_for
 
 EN_RATE = _Engine.languages.get("en-US").speech_chars_per_s
 
@@ -197,3 +197,45 @@ def test_an_on_that_never_came_does_not_stretch_the_reaction_time_measured_later
     agent(session, "off")  # (at the same moment on the test's clock: held until 0.5 s after the last words)
     waited = wait_for(lambda: ended(sent))
     assert waited < 0.2 + CLOSING_INTERRUPT_GRACE_S + 0.4
+
+
+class _Turns(_Engine):
+    """One scripted turn per prompt, in order."""
+
+    def __init__(self, *turns) -> None:
+        super().__init__(turns[0])
+        self.turns = list(turns)
+
+    def start_turn(self, record, utterance, lang=None):
+        return self.turns.pop(0)
+
+
+def test_a_recordings_start_does_not_count_as_the_calls_reaction_time():
+    """Twilio starts a node's recording only once it has fetched it (1.5 s here): that is no measure of how soon it
+    reports "on" for our words. The goodbye's own "on" (0.3 s) is: its "off" 0.7 s after its words counts at once,
+    rather than being held as one that may have crossed them."""
+    clock = _Clock()
+    tour = _ScriptedTurn([("AUDIO", 0.0), ("Here is the house.", 0.0)], clock,
+                         entered_audio=SimpleNamespace(url="https://example.com/tour.mp3", interruptible=True))
+    goodbye = TwoPartGoodbye("Goodbye now.")
+    goodbye.gate.set()
+    engine = _Turns(tour, goodbye)
+    sent: list[dict] = []
+    session = RelaySession(engine, SimpleNamespace(send_json=lambda *messages: sent.extend(messages)), spawn=spawn,
+                           clock=clock, text_hold_s=HOLD_S)
+    session.record = SimpleNamespace(tracking_id="call_1", messages=[], meta={}, language="en-US")
+    say(session)
+    assert engine.done.wait(5)
+    assert [m["type"] for m in sent][0] == "play"
+    clock.now += 1.5
+    agent(session, "on")   # the recording starts, once fetched
+    clock.now += 8.0
+    agent(session, "off")  # it and the words after it played
+    say(session, "bye")
+    wait_for(lambda: closed(sent))
+    clock.now += 0.3
+    agent(session, "on")   # Twilio speaks the goodbye
+    clock.now += 0.4
+    agent(session, "off")
+    waited = wait_for(lambda: ended(sent))
+    assert waited < CLOSING_INTERRUPT_GRACE_S + 0.4
