@@ -192,7 +192,8 @@ class RelaySession:
         self._client_on_until = 0.0  # on `clock`: a clientSpeaking "on" with no caller input since, likewise
         # What a closing line's `end` waits for (_wait_for_playback), on `clock`: when our last words (or a recording)
         # were written, when the agentSpeaking "off" that set _fell_silent came (None: an interrupt or the socket set
-        # it), since when an "on" for words sent while Twilio was silent is awaited, and the slowest such "on" measured.
+        # it), since when an "on" for words sent while Twilio was silent is awaited (math.inf: for a recording, which
+        # measures nothing), and the slowest such "on" measured.
         self._words_at: float | None = None
         self._off_at: float | None = None
         self._on_awaited_at: float | None = None
@@ -699,8 +700,8 @@ class RelaySession:
             if message.agent_speaking:  # trusted while the last talk cycle may still play, and the margin from now
                 self._agent_on_until = max(self._agent_on_until, now + AGENT_SPEAKING_MARGIN_S)
                 if self._on_awaited_at is not None:  # Twilio started speaking what we sent while it was silent
-                    reaction_s = now - self._on_awaited_at
-                    self._reaction_s = max(self._reaction_s or 0.0, reaction_s)
+                    if math.isfinite(self._on_awaited_at):  # (not a recording: its start waits for its fetch)
+                        self._reaction_s = max(self._reaction_s or 0.0, now - self._on_awaited_at)
                     self._on_awaited_at = None
                 if not self.ended:
                     self._fell_silent.clear()  # an earlier "off" is over: it speaks again
@@ -874,14 +875,15 @@ class RelaySession:
         self._end_after_playback(protocol.end(HANDOVER), spoken, with_audio=with_audio,
                                  deadline=self._handover_deadline)
 
-    def _words_going_out(self) -> None:
-        """Words (or a recording) are about to be written: Twilio speaks them until it reports agentSpeaking off, so
-        an "off" from before does not say they were heard (the wait for playback is re-armed). Before the write: an
+    def _words_going_out(self, recording: bool = False) -> None:
+        """Words (or a `recording`) are about to be written: Twilio speaks them until it reports agentSpeaking off,
+        so an "off" from before does not say they were heard (the wait for playback is re-armed). Before the write: an
         "off" read while it is under way counts (held while it may have crossed them: _crossing_hold_s). Twilio's
-        "on" for words sent while it was silent measures the call's reaction time."""
+        "on" for words sent while it was silent measures the call's reaction time; not for a recording, which Twilio
+        starts only once it has fetched it (its "on" is awaited, math.inf, and measures nothing)."""
         now = self.clock()
         if self._twilio_speaking is not True and self._on_awaited_at is None:
-            self._on_awaited_at = now
+            self._on_awaited_at = math.inf if recording else now
         self._agent_speaking = True
         self._words_at = now
         self._speaker_seq += 1
@@ -955,7 +957,7 @@ class RelaySession:
         if audio is None:
             return False
         log.info("relay_playing_node_audio", node=turn.result.next_node)
-        self._words_going_out()  # Twilio plays it, until it reports agentSpeaking off
+        self._words_going_out(recording=True)  # Twilio plays it, until it reports agentSpeaking off
         self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
         return True
 
