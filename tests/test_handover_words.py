@@ -12,7 +12,7 @@ from callweaver.engine import relay_session
 from callweaver.engine.relay_session import RelaySession
 from callweaver.services import spawn
 from tests.fakes.fake_llm import Reply
-from tests.test_call_audit import Call
+from tests.test_call_audit import Call, agent_fell_silent
 
 CARRIED_OVER = getattr(relay_session, "CARRIED_OVER", "carriedOver")  # (a name the code before it lacked)
 
@@ -41,7 +41,7 @@ def test_words_said_during_a_handover_are_logged_kept_and_answered_by_the_resume
     try:
         fake_llm.push(Reply(text="It has three bedrooms."))
         call.say("How many bedrooms")
-        call.send({"type": "info", "name": "agentSpeaking", "value": "off"})
+        agent_fell_silent(call)
         call.session.hand_over()
         with capture_logs() as logs:
             call.send({"type": "prompt", "voicePrompt": "And the garden?", "lang": "en-US", "last": True})

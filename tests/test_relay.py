@@ -16,7 +16,7 @@ from tests.fakes.fake_llm import FakeLLM, Reply
 from tests.fakes.fake_twilio import FakeTwilio
 from tests.fakes.live_server import LiveServer
 from tests.helpers import load_workflow, make_call_body
-from tests.scripted_brain import real_estate_brain
+from tests.scripted_brain import REAL_ESTATE_SCRIPT, real_estate_brain
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,32 @@ def test_end_node_speaks_end_message_then_end_and_connect_action_hangs_up(stack,
     twiml = caller.connect_action("ended", handoff)
     root = ET.fromstring(twiml.text)
     assert [c.tag for c in root] == ["Hangup"]
+
+
+def test_a_goodbye_heard_before_the_model_moved_to_the_end_node_hangs_up_without_dead_air(stack, llm):
+    """Fuzz seed=81 call=26: the model spoke, and only later called its tool to an end node with no closing message.
+    Twilio had spoken the words (agentSpeaking off) before the reply's last frame, which said nothing more: the end
+    then waited for an "off" that was never coming, seconds of silence before the hang-up."""
+    import json
+    export = load_workflow()
+    for node in export["nodes"]:
+        if node["type"] == "endCall":
+            node["data"].pop("endMessage", None)
+
+    def brain(body: dict) -> Reply:
+        reply = real_estate_brain(body)
+        if reply.tool_calls == [("transition", {"edge_id": "edge_12"})]:  # "that's everything": to the end node
+            reply.tool_call_delay_s = 1.0  # Twilio speaks the words (0.3 s at 80 characters a second) meanwhile
+        return reply
+    llm.responder = brain
+    caller = new_call(stack, body=make_call_body(nodes=export["nodes"]))
+    caller.connect()
+    drive_to_summary(caller)
+    reply = caller.say("That's everything, thank you")
+    assert reply.text == REAL_ESTATE_SCRIPT["that's everything"][0]
+    assert reply.end is not None and json.loads(reply.end["handoffData"])["reason"] == "end", reply.messages
+    assert caller.end_after_silent_s is not None and caller.end_after_silent_s < 1.0
+    caller.hangup()
 
 
 def test_entering_a_node_with_audio_url_plays_it_before_the_node_speaks(stack, llm):

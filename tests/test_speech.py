@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from callweaver.engine import speech
 from callweaver.engine.cache import normalize_utterance
 from callweaver.engine.workflow import detect_termination
@@ -43,3 +45,20 @@ def test_speech_words_reads_every_character_as_the_unicode_categories_say():
     for start in range(0, len(samples), 50):
         text = "a".join(samples[start:start + 50])
         assert speech_words(text) == by_category(text)
+
+
+def test_ssml_pauses_count_their_written_time_in_seconds_or_milliseconds_each_at_most_ten_seconds():
+    assert speech.ssml_pause_s("Hello.") == 0.0
+    assert speech.ssml_pause_s('One <break time="1.5s"/> two <break time=\'300ms\' /> three') == 1.8
+    assert speech.ssml_pause_s('<BREAK TIME="2S"/>') == 2.0
+    assert speech.ssml_pause_s('<break time="25s"/><break time="12000ms"/>') == 20.0  # (SSML's own cap: 10 s each)
+    assert speech.ssml_pause_s('<break strength="strong"/><break time="soon"/><break time="-3s"/>') == 0.0
+
+
+def test_a_closing_lines_playback_bound_counts_its_ssml_pauses():
+    """A goodbye with a written pause takes that much longer to play: its `end` must wait for it too."""
+    from callweaver.engine.relay_session import playback_wait_bound_s
+
+    plain = playback_wait_bound_s("Thank you. Goodbye.", chars_per_s=15.0, capped=False)
+    paused = playback_wait_bound_s('Thank you.<break time="3s"/> Goodbye.', chars_per_s=15.0, capped=False)
+    assert paused - plain == pytest.approx(3.0)

@@ -23,6 +23,7 @@ from .conversation import (SIGNAL_END_OF_SPEECH, SIGNAL_SENTENCE_END, SIGNAL_STA
 from .end_of_utterance import Completeness, SpeechCadence, completeness
 from .metrics import elapsed_ms
 from .reply_text import WAITED_S, ReplyText
+from .speech import ssml_pause_s
 
 log = structlog.get_logger()
 
@@ -41,6 +42,14 @@ SLOW_SPEECH_FACTOR = 2 / 3      # a slow voice speaks at two thirds of the langu
 # one WebSocket across the internet (tens of milliseconds; a delayed TCP segment takes longer and no grace covers it
 # all). 200 ms is several times that jitter and costs a goodbye heard to its end 200 ms of silence before the hang-up.
 CLOSING_INTERRUPT_GRACE_S = 0.2
+# Twilio's agentSpeaking "off" and our next words cross on the wire: an "off" that left Twilio before our last words
+# reached it is about the words before them, and Twilio then speaks the last ones ("on", later their own "off"). So an
+# "off" that comes sooner after our last words than Twilio could have reported "on" for them counts only once that
+# time has passed with no "on" (no new report) since: the call's reaction time (from sending words while Twilio was
+# silent to its "on" for them: a round trip plus the start of speech synthesis; the slowest measured on the call) plus
+# REACTION_GRACE_S for the jitter of a round trip, never more than CROSSING_HOLD_MAX_S (also before any was measured).
+REACTION_GRACE_S = 0.2
+CROSSING_HOLD_MAX_S = 2.0
 # Twilio does not guarantee its speaker events (a socket hiccup loses a frame), and the silence count waits for the
 # "off" of an agentSpeaking/clientSpeaking "on": one lost would leave the call unprompted until its TimeLimit (up to an
 # hour, billed). So a report is trusted only so long. Agent: the whole playback estimate of the last talk cycle
@@ -68,10 +77,11 @@ _ERROR_CODE = re.compile(r"\b(6\d{4})\b")
 
 
 def playback_wait_bound_s(spoken: str, *, chars_per_s: float, with_audio: bool = False, capped: bool = True) -> float:
-    """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly; the
-    longest wait when a recording of unknown length plays too. `capped=False`: the whole of a long line (and the
-    longest wait for a recording on top), where waiting too long costs nothing but a later re-prompt."""
-    speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR)
+    """How long a closing line may take to play (`chars_per_s`: its language's typical rate), spoken slowly, with the
+    pauses its SSML writes; the longest wait when a recording of unknown length plays too. `capped=False`: the whole
+    of a long line (and the longest wait for a recording on top), where waiting too long costs nothing but a later
+    re-prompt."""
+    speech_s = PLAYBACK_WAIT_MIN_S + spoken_length(spoken) / (chars_per_s * SLOW_SPEECH_FACTOR) + ssml_pause_s(spoken)
     if not capped:
         return speech_s + (PLAYBACK_WAIT_MAX_S if with_audio else 0.0)
     if with_audio:
@@ -113,7 +123,8 @@ class RelaySession:
                  "_setup_unread", "_setup_retries", "_stored_cycle", "_closing_turn", "_writing", "_forced_end",
                  "_barged_in_event", "_handing_over", "_agent_speaking", "_reading_setup",
                  "_handover_deadline", "silence_timeout_s", "on_quiet", "_silence_from", "_reprompted",
-                 "_twilio_speaking", "_client_speaking", "_agent_on_until", "_client_on_until")
+                 "_twilio_speaking", "_client_speaking", "_agent_on_until", "_client_on_until", "_words_at",
+                 "_off_at", "_on_awaited_at", "_reaction_s", "_speaker_seq", "_cut_off_event")
 
     def __init__(self, engine: ConversationEngine, sender: Sender, *, spawn: Callable, clock=time.monotonic,
                  inter_digit_s: float = DTMF_INTER_DIGIT_S, text_hold_s: float = 0.0, silence_timeout_s: float = 0.0):
@@ -133,9 +144,13 @@ class RelaySession:
         self._committed = True
         self._timings: dict[str, Any] = {}
         # Made on first use (the properties below), like the cadence: an idle call holds none of them.
-        self._fell_silent_event: threading.Event | None = None    # set by `info` agentSpeaking off
+        # Set by `info` agentSpeaking off (and an interrupt, the socket closing); cleared by our words and by "on".
+        self._fell_silent_event: threading.Event | None = None
         self._reply_stopped_event: threading.Event | None = None  # set when the current reply is cancelled
         self._barged_in_event: threading.Event | None = None      # set by `interrupt`
+        # Set when an interrupt or the socket closing stopped Twilio's speech, cleared by our next words: ends the hold
+        # of an "off" (_wait_for_playback) at once. Made by the first hold.
+        self._cut_off_event: threading.Event | None = None
         self._digits = ""
         self._digit_batch = 0        # bumps on every digit so a stale inter-digit timer does nothing
         self._errors_in_a_row = 0
@@ -175,10 +190,20 @@ class RelaySession:
         # playback estimate from when it closed, plus AGENT_SPEAKING_MARGIN_S).
         self._agent_on_until = 0.0
         self._client_on_until = 0.0  # on `clock`: a clientSpeaking "on" with no caller input since, likewise
+        # What a closing line's `end` waits for (_wait_for_playback), on `clock`: when our last words (or a recording)
+        # were written, when the agentSpeaking "off" that set _fell_silent came (None: an interrupt or the socket set
+        # it), since when an "on" for words sent while Twilio was silent is awaited (math.inf: for a recording, which
+        # measures nothing), and the slowest such "on" measured.
+        self._words_at: float | None = None
+        self._off_at: float | None = None
+        self._on_awaited_at: float | None = None
+        self._reaction_s: float | None = None
+        self._speaker_seq = 0  # bumps on our words and on every agentSpeaking report or interrupt
 
     @property
     def _fell_silent(self) -> threading.Event:
-        """Set by `info` agentSpeaking off (a gevent Event under gevent)."""
+        """Set when Twilio reports agentSpeaking off, or stopped at an interrupt, after our last words (a gevent Event
+        under gevent)."""
         if self._fell_silent_event is None:
             self._fell_silent_event = threading.Event()
         return self._fell_silent_event
@@ -194,6 +219,13 @@ class RelaySession:
     def _closing(self) -> bool:
         """A closing line is playing or the call is being ended (an error, a handover): new input is not answered."""
         return self._closing_end is not None or self._forced_end is not None or self._handing_over
+
+    @property
+    def _cut_off(self) -> threading.Event:
+        """Set when an interrupt or the socket closing stopped Twilio's speech since our last words."""
+        if self._cut_off_event is None:
+            self._cut_off_event = threading.Event()
+        return self._cut_off_event
 
     @property
     def _reply_stopped(self) -> threading.Event:
@@ -562,8 +594,12 @@ class RelaySession:
         finally:
             # Twilio stopped speaking. Set last: a closing line's waiter then sees whether its end was dropped.
             self._agent_speaking = self._twilio_speaking = False
+            self._off_at = self._on_awaited_at = None  # (an interrupt counts at once: nothing of ours plays on)
+            self._speaker_seq += 1
             if self._barged_in_event is not None:  # made when a closing line starts: only its waiter reads it
                 self._barged_in_event.set()
+            if self._cut_off_event is not None:  # made by a hold: it ends now
+                self._cut_off_event.set()
             self._fell_silent.set()
 
     def _cut_short(self, turn: Turn, message: protocol.Interrupt) -> bool:
@@ -658,15 +694,26 @@ class RelaySession:
 
     def _on_info(self, message: protocol.Info) -> None:
         if message.agent_speaking is not None:
+            now = self.clock()
             self._agent_speaking = self._twilio_speaking = message.agent_speaking
+            self._speaker_seq += 1
             if message.agent_speaking:  # trusted while the last talk cycle may still play, and the margin from now
-                self._agent_on_until = max(self._agent_on_until, self.clock() + AGENT_SPEAKING_MARGIN_S)
+                self._agent_on_until = max(self._agent_on_until, now + AGENT_SPEAKING_MARGIN_S)
+                if self._on_awaited_at is not None:  # Twilio started speaking what we sent while it was silent
+                    if math.isfinite(self._on_awaited_at):  # (not a recording: its start waits for its fetch)
+                        self._reaction_s = max(self._reaction_s or 0.0, now - self._on_awaited_at)
+                    self._on_awaited_at = None
+                if not self.ended:
+                    self._fell_silent.clear()  # an earlier "off" is over: it speaks again
             else:  # everything queued has played (a recording's unbounded trust ends here)
                 self._agent_on_until = 0.0
-            if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
-                self._silence_from = self.clock()  # (while the agent speaks, nothing is due: silence_due_at)
-            if message.agent_fell_silent:
+                # An "on" still awaited for words sent while Twilio was silent was lost (or merged into speech under
+                # way): measure no more, or a later "on" would count from those words (a reaction time of seconds).
+                self._on_awaited_at = None
+                self._off_at = now
                 self._fell_silent.set()
+            if not self._streaming:  # (a reply still streaming starts the silence when its talk cycle closes)
+                self._silence_from = now  # (while the agent speaks, nothing is due: silence_due_at)
         elif message.client_speaking is not None:
             self._client_speaking = message.client_speaking
             self._heard_caller(self.clock())
@@ -728,9 +775,11 @@ class RelaySession:
             closing = turn.result.completed and turn.result.action in ("end", "transfer")
             if closing:
                 announced = self._closing_message(turn)
+                # Its end waits for Twilio to play the last words sent (an "off" after them, even one that came
+                # before the turn chose to end the call: every word sent re-armed that wait). An interrupt from here
+                # on is about this line.
                 self._closing_turn, self._closing_end = turn, announced
-                self._fell_silent.clear()  # from here on, "agent fell silent" means the closing line played
-                self._barged_in.clear()    # and an interrupt is about it
+                self._barged_in.clear()
             try:
                 self._send_text(tail, close_cycle=True)
             except Exception:
@@ -781,8 +830,7 @@ class RelaySession:
             self._notify_quiet()
             return
         # On a greenlet of its own: this reply's task ends with its commit (a barge-in waits for that, not playback).
-        self.spawn(self._end_after_playback, announced, turn.result.reply_text, True, audio_sent,
-                   turn.result.language)
+        self.spawn(self._end_after_playback, announced, turn.result.reply_text, audio_sent, turn.result.language)
 
     @staticmethod
     def _closing_message(turn: Turn) -> dict:
@@ -818,16 +866,66 @@ class RelaySession:
             return  # a goodbye or transfer is playing: its own `end` follows
         self._force_end(protocol.end(HANDOVER))  # the one `end` sent (an error ending already decided stays)
         log.info("relay_handing_over", agent_speaking=self._agent_speaking)
-        if self._agent_speaking is False:
-            self._fell_silent.set()  # Twilio has played everything it was given: at once
-        elif self._agent_speaking:
-            self._fell_silent.clear()  # its next agentSpeaking off
-        # (Twilio never reported agentSpeaking: the next event, or the bounded wait for what it was given)
+        # Twilio has played everything it was given (an "off" or an interrupt after our last words): at once (an "off"
+        # that may have crossed them, once held); still speaking: its next "off"; never reported agentSpeaking: the
+        # next event, or the bounded wait for what it was given (_wait_for_playback).
         # What Twilio may still be speaking: this socket's last reply, else (no turn yet) its welcome greeting.
         spoken = self._sent if self._turn is not None else (self._stored_cycle or "")
         with_audio = self._turn is not None and self._turn.result.entered_audio is not None  # a node's recording
-        self._end_after_playback(protocol.end(HANDOVER), spoken, cleared=self._agent_speaking is not None,
-                                 with_audio=with_audio, deadline=self._handover_deadline)
+        self._end_after_playback(protocol.end(HANDOVER), spoken, with_audio=with_audio,
+                                 deadline=self._handover_deadline)
+
+    def _words_going_out(self, recording: bool = False) -> None:
+        """Words (or a `recording`) are about to be written: Twilio speaks them until it reports agentSpeaking off,
+        so an "off" from before does not say they were heard (the wait for playback is re-armed). Before the write: an
+        "off" read while it is under way counts (held while it may have crossed them: _crossing_hold_s). Twilio's
+        "on" for words sent while it was silent measures the call's reaction time; not for a recording, which Twilio
+        starts only once it has fetched it (its "on" is awaited, math.inf, and measures nothing)."""
+        now = self.clock()
+        if self._twilio_speaking is not True and self._on_awaited_at is None:
+            self._on_awaited_at = math.inf if recording else now
+        self._agent_speaking = True
+        self._words_at = now
+        self._speaker_seq += 1
+        if not self.ended:
+            self._fell_silent.clear()
+            if self._cut_off_event is not None:
+                self._cut_off_event.clear()
+
+    def _crossing_hold_s(self) -> float:
+        """How much longer the "off" that set _fell_silent is held because it may have crossed our last words on the
+        wire (0: it counts now). An interrupt or a closed socket counts at once, as does an "off" that came once
+        Twilio could have reported "on" for our last words (none came since: it is about them too)."""
+        if self._off_at is None or self._words_at is None:
+            return 0.0
+        window = CROSSING_HOLD_MAX_S if self._reaction_s is None else min(
+            CROSSING_HOLD_MAX_S, self._reaction_s + REACTION_GRACE_S)
+        if self._off_at - self._words_at >= window:
+            return 0.0
+        return max(0.0, self._words_at + window - self.clock())
+
+    def _wait_for_playback(self, bound: float) -> bool:
+        """Until Twilio has played everything we sent: agentSpeaking off after our last words (held while it may have
+        crossed them), an interrupt, or the socket closed. False when `bound` (seconds) ran out first; a hold is cut
+        to what is left of it."""
+        until = self.clock() + bound
+        while not self.ended:
+            left = max(0.0, until - self.clock())
+            if not self._fell_silent.is_set():
+                if not self._fell_silent.wait(timeout=left):
+                    return False
+                continue  # (re-read: an "on" or new words may have cleared it again)
+            hold = self._crossing_hold_s()
+            if hold <= 0:
+                return True
+            seq = self._speaker_seq
+            if self._cut_off.wait(timeout=min(hold, left)):
+                return True  # an interrupt or the socket closing: nothing of ours plays on (at once, as ever)
+            if self._speaker_seq == seq:
+                return True  # nothing new was reported or sent meanwhile: that "off" is about everything
+            if hold >= left:
+                return False
+        return True
 
     def _within_deadline(self, wait_s: float, deadline: float | None) -> float:
         """`wait_s`, cut to what is left before `deadline` (on `clock`; None: no deadline)."""
@@ -843,7 +941,8 @@ class RelaySession:
                 self.sender.send_json(protocol.close_cycle())
             return
         self._writing = chunk
-        self._agent_speaking = True  # Twilio speaks it, until it reports agentSpeaking off
+        if chunk.strip():
+            self._words_going_out()  # Twilio speaks it, until it reports agentSpeaking off
         if close_cycle:
             self.sender.send_json(protocol.text(chunk), protocol.close_cycle())
         else:
@@ -858,7 +957,7 @@ class RelaySession:
         if audio is None:
             return False
         log.info("relay_playing_node_audio", node=turn.result.next_node)
-        self._agent_speaking = True  # Twilio plays it, until it reports agentSpeaking off
+        self._words_going_out(recording=True)  # Twilio plays it, until it reports agentSpeaking off
         self.sender.send_json(protocol.play(audio.url, loop=1, interruptible=audio.interruptible))
         return True
 
@@ -867,33 +966,29 @@ class RelaySession:
         if self._forced_end is None:
             self._forced_end = message
 
-    def _end_soon(self, message: dict, spoken: str, cleared: bool = False) -> None:
-        """From the socket's greenlet: end after playback on another greenlet, so `info` can still be read. An
-        ending for an error is never dropped by a barge-in (only a closing turn's end is). `cleared`: the wait for
-        playback was armed before `spoken` was sent."""
+    def _end_soon(self, message: dict, spoken: str) -> None:
+        """From the socket's greenlet, once `spoken` was sent: end after playback on another greenlet, so `info` can
+        still be read. An ending for an error is never dropped by a barge-in (only a closing turn's end is)."""
         self._force_end(message)
-        if not cleared:
-            self._fell_silent.clear()
-        self.spawn(self._end_after_playback, message, spoken, True)
+        self.spawn(self._end_after_playback, message, spoken)
 
-    def _end_after_playback(self, message: dict, spoken: str, cleared: bool = False,
-                            with_audio: bool = False, language: str | None = None,
+    def _end_after_playback(self, message: dict, spoken: str, with_audio: bool = False, language: str | None = None,
                             deadline: float | None = None) -> None:
-        """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's): Twilio closes the
-        session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off, bounded by a slow
-        speaking rate (by the longest wait when a recording of unknown length plays too); then, while a closing line
-        could still be talked over, up to CLOSING_INTERRUPT_GRACE_S for an interrupt that drops its end.
+        """Send `end` once Twilio has finished speaking `spoken` (in `language`, else the call's), the last words sent:
+        Twilio closes the session at `end`, and anything still unspoken is lost. Waits for agentSpeaking off after
+        those words (_wait_for_playback: re-armed by every word sent, so an "off" about earlier ones does not count,
+        nor, for a while, one that may have crossed them), bounded by a slow speaking rate (by the longest wait when
+        a recording of unknown length plays too); then, while a closing line could still be talked over, up to
+        CLOSING_INTERRUPT_GRACE_S for an interrupt that drops its end.
 
         `deadline` (on `clock`, a handover's) cuts the wait for playback short.
 
         Whichever waiter wakes first sends the one `end`, and always the same one (`_pending_end`), so the reason
         Twilio gets and the log records never depend on which greenlet ran first."""
-        if not cleared:
-            self._fell_silent.clear()
         bound = self._within_deadline(playback_wait_bound_s(spoken, chars_per_s=self._speech_rate(language),
                                                             with_audio=with_audio), deadline)
         started = self.clock()
-        if not self._fell_silent.wait(timeout=bound):
+        if not self._wait_for_playback(bound):
             log.warning("relay_playback_wait_timed_out", waited_s=bound, spoken_chars=len(spoken))
         if self._closing_turn is not None:
             self._barged_in.wait(timeout=CLOSING_INTERRUPT_GRACE_S)  # set at once when the interrupt came first
@@ -977,7 +1072,7 @@ class RelaySession:
 
     def _speak_canned(self, key: str) -> None:
         self._stored_cycle = None  # a talk cycle of its own, not in the history
-        self._agent_speaking = True
+        self._words_going_out()
         line = self._canned(key)
         self._send(protocol.text(line, last=True))
         self._quiet_after(line)
@@ -1065,13 +1160,12 @@ class RelaySession:
         # once the goodbye has played.
         ending = protocol.end("silence")
         self._force_end(ending)
-        self._fell_silent.clear()  # from here on "fell silent" means the goodbye played (an off in the write too)
-        self._speak_canned("goodbye")
+        self._speak_canned("goodbye")  # (its words re-arm the wait for playback: an off in the write below counts)
         try:
             self.engine.store.change_meta(self.record.tracking_id, end_reason_claimed(SILENCE_END))
         except Exception:  # the call ends anyway; the log says why
             log.exception("relay_end_reason_write_failed")
-        self._end_soon(ending, self._canned("goodbye"), cleared=True)
+        self._end_soon(ending, self._canned("goodbye"))
 
     def _send(self, message: dict) -> None:
         try:
@@ -1087,6 +1181,8 @@ class RelaySession:
         self._fell_silent.set()  # nobody is listening any more: stop waiting for playback
         if self._barged_in_event is not None:
             self._barged_in_event.set()  # nor for an interrupt
+        if self._cut_off_event is not None:
+            self._cut_off_event.set()  # nor for a hold
         self._digit_batch += 1
         self._partial_seq += 1
         self._settle_unanswered("hangup")

@@ -139,6 +139,23 @@ SSML_TAG = re.compile(r"<[^<>]*>")
 _OPEN_TAG_AT_END = re.compile(r"<[^<>]*$")
 
 
+# An SSML pause with a written length (<break time="1.5s"/>, "300ms"): Twilio's voice stays silent that long, at most
+# 10 s for one break (Amazon Polly's limit for a pause; a longer one is counted as 10 s). A break given only a strength
+# has no written length and is not counted.
+_SSML_BREAK_TIME = re.compile(r"""<break\b[^<>]*?\btime\s*=\s*["']\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s)\s*["']""",
+                              re.IGNORECASE)
+MAX_SSML_BREAK_S = 10.0
+
+
+def ssml_pause_s(text: str) -> float:
+    """Seconds of silence the SSML breaks written in `text` add to its playback (each capped at 10 s, as in SSML)."""
+    total = 0.0
+    for value, unit in _SSML_BREAK_TIME.findall(text):
+        seconds = float(value) / (1000.0 if unit.lower() == "ms" else 1.0)
+        total += min(seconds, MAX_SSML_BREAK_S)
+    return total
+
+
 def has_words(text: str) -> bool:
     """Whether `text` says anything aloud: not only whitespace and SSML tags (a lone <break/> is silence)."""
     return bool(SSML_TAG.sub("", text).strip())

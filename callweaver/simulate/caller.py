@@ -19,6 +19,7 @@ NORMAL_WORDS_PER_MINUTE = 160.0   # conversational English (about 2.7 words a se
 END_OF_SPEECH_MS = 500.0          # what a recogniser's end-pointing waits after the last word
 # Silence after which Twilio's voice activity detection reports clientSpeaking off (assumed: not documented).
 VAD_HANGOVER_MS = 200.0
+AGENT_FELL_SILENT = {"type": "info", "name": "agentSpeaking", "value": "off"}
 _SENTENCE_MARKS = re.compile(f"[{re.escape(SENTENCE_END_MARKS)}]")
 
 
@@ -99,6 +100,15 @@ class RelayCaller:
         self.received: list[dict] = []       # every message CallWeaver sent on the current socket
         self._unread: list[dict] = []        # messages read ahead while waiting for an `end`, not yet returned
         self.closed_by_server = False
+        # When Twilio (this caller) last reported agentSpeaking off after the last words it was sent (None: words
+        # came since, or no "off" yet), and how long after that report CallWeaver's `end` came: measured on the
+        # monotonic clock, less the time the caller was not reading the socket meanwhile (an `end` waiting unread
+        # counts from no later than when reading resumed). None: no `end`, or none after such an "off".
+        self.silent_at: float | None = None
+        self.end_after_silent_s: float | None = None
+        self.unheard_at_end: str | None = None  # what Twilio had not yet spoken when the `end` came (None: no end)
+        self._away_s = 0.0                    # time not spent reading the socket since `silent_at`
+        self._left_at: float | None = None    # when the last `recv` returned
         self.caller = {"from": "+15005550006", "to": "+15551234567", "direction": "outbound-api",
                        "callerName": "Ann Example", "forwardedFrom": "+15005550009", "callType": "PSTN",
                        "parentCallSid": ""}
@@ -151,6 +161,8 @@ class RelayCaller:
                                                   [lang["code"] for lang in self.twiml.languages],
                                                   self.speaking_rate_cps)
         self.received, self._unread, self.closed_by_server = [], [], False
+        self.silent_at = self.end_after_silent_s = self.unheard_at_end = self._left_at = None
+        self._away_s = 0.0
         if setup:
             self.send(self.setup_message())
 
@@ -162,6 +174,8 @@ class RelayCaller:
     # ---- talking --------------------------------------------------------------------------------
     def send(self, message: dict | str) -> None:
         self.ws.send(message if isinstance(message, str) else json.dumps(message))
+        if message == AGENT_FELL_SILENT:
+            self.silent_at, self._away_s = time.monotonic(), 0.0
 
     def _tick(self) -> None:
         for info in self.twilio.tick():
@@ -174,6 +188,14 @@ class RelayCaller:
         """
         if self._unread:
             return self._unread.pop(0)
+        if self._left_at is not None and self.silent_at is not None:
+            self._away_s += max(0.0, time.monotonic() - max(self._left_at, self.silent_at))
+        try:
+            return self._read(timeout_s)
+        finally:
+            self._left_at = time.monotonic()
+
+    def _read(self, timeout_s: float | None) -> dict | None:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         while True:
             self._tick()
@@ -199,10 +221,15 @@ class RelayCaller:
                 msg = raw
             self.received.append(msg)
             accepted, replies = self.twilio.receive(msg)
+            if accepted and (msg.get("type") == "play" or msg.get("type") == "text" and msg.get("token")):
+                self.silent_at = None  # words to speak: an earlier "off" is not about them
+            if accepted and msg.get("type") == "end" and self.silent_at is not None:
+                self.end_after_silent_s = time.monotonic() - self.silent_at - self._away_s
             for reply in replies:
                 self.send(reply)
             if accepted and msg.get("type") == "end":
-                msg = {**msg, "unheard": self.twilio.playback.stop()}  # Twilio closes the session: speech stops
+                self.unheard_at_end = self.twilio.playback.stop()  # Twilio closes the session: speech stops
+                msg = {**msg, "unheard": self.unheard_at_end}
             return msg if isinstance(msg, dict) else {"type": "invalid", "raw": raw}
 
     def prompt(self, text: str, lang: str = "en-US") -> float:
@@ -317,18 +344,20 @@ class RelayCaller:
 
     def _read_closing(self, reply: Reply) -> None:
         """After `last: true`: an `end` may follow once the closing line has played; wait that long, then a bit."""
-        while True:
-            playing_until = self.twilio.playback.next_event_at()
-            quiet_s = self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic())
-            follow = self.recv(timeout_s=quiet_s)
-            if follow is None:
-                return
-            if follow.get("type") != "end":
-                self._unread.append(follow)  # the start of something else: leave it for the next read
-                return
-            reply.messages.append(follow)
-            reply.end, reply.unheard_at_end = follow, follow.get("unheard")
-            return
+        playing_until = self.twilio.playback.next_event_at()
+        self.wait_for_end(reply, self.closing_quiet_s + max(0.0, (playing_until or 0.0) - time.monotonic()))
+
+    def wait_for_end(self, reply: Reply, timeout_s: float) -> dict | None:
+        """The `end` that followed `reply`: already read with it, or coming within `timeout_s` (kept in `reply`).
+        Anything else that comes first is the start of something else: left for the next read."""
+        if reply.end is None:
+            follow = self.recv(timeout_s=timeout_s)
+            if follow is not None and follow.get("type") != "end":
+                self._unread.append(follow)
+            elif follow is not None:
+                reply.messages.append(follow)
+                reply.end, reply.unheard_at_end = follow, follow.get("unheard")
+        return reply.end
 
     def interrupt(self, heard: str | None = None, played_ms: int | None = None, *,
                   silent_first_s: float | None = None) -> None:

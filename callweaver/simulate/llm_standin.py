@@ -45,6 +45,9 @@ class Reply:
     tool_calls: list[tuple[str, dict]] = field(default_factory=list)
     ttft_s: float | None = None
     token_interval_s: float | None = None
+    # After the text, before the first tool call (None: token_interval_s): a model that speaks, then decides to move
+    # (to an end or transfer node) a while later, when Twilio may already have spoken its words.
+    tool_call_delay_s: float | None = None
     # None | "500" | "429" | "400" (the request refused: a content filter) | a CONFIGURATION_REFUSALS key | "hang"
     # | "drop"
     fault: str | None = None
@@ -240,7 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop_connection()
             return
         for call_index, (name, arguments) in enumerate(reply.tool_calls):
-            if tokens or call_index > 0:
+            if call_index == 0 and tokens and reply.tool_call_delay_s is not None:
+                self._wait_watching(reply.tool_call_delay_s)
+            elif tokens or call_index > 0:
                 self._wait_watching(token_interval_s)
             opening = {"index": call_index, "id": f"call_{completion_id[-8:]}_{call_index}", "type": "function",
                        "function": {"name": name, "arguments": ""}}
