@@ -218,8 +218,9 @@ class RequestBodyGuard:
         self.trusted_proxy_hops = trusted_proxy_hops
         self.write_timeout_s = write_timeout_s
         self.max_answers_per_client = max_answers_per_client
-        # Only gevent can interrupt a blocked write without threads: elsewhere (the Flask test client, a debugger)
-        # answers are handed over as the app made them.
+        # Only gevent can interrupt a blocked write without threads, and only gunicorn is known to close every
+        # answer (which ends its count): elsewhere (the Flask test client, even under gevent as in the in-process
+        # benches; a debugger) answers are handed over as the app made them.
         self.bounds_answers = monkey.is_module_patched("socket")
         self.getcurrent = gevent.getcurrent
         self.watch = WriteWatch(write_timeout_s)
@@ -230,7 +231,7 @@ class RequestBodyGuard:
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         declared = environ.get("CONTENT_LENGTH") or ""
         bodyless = declared in ("", "0") and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-        if not self.bounds_answers:
+        if not self.bounds_answers or "gunicorn.socket" not in environ:
             if bodyless:
                 return self.app(environ, start_response)
             return self._body_first(environ, start_response, client_address(environ, self.trusted_proxy_hops))

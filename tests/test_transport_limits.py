@@ -300,3 +300,24 @@ def test_clients_that_do_not_read_cannot_take_every_connection_slot(reader_serve
     other = unread_requests(reader_server, count=1, source="127.0.0.3")  # a client of its own
     assert drain(other).startswith(b"HTTP/1.1 200")
     other.close()
+
+
+def test_answers_are_bounded_only_where_gunicorn_writes_them():
+    """The answer cap counts an answer until the server closes it, as gunicorn always does. Another WSGI caller
+    under gevent (the in-process benches drive the app through Flask's test client, which closes an answer only
+    when its response is closed) must not run up a count that refuses its 21st request (found by
+    bench/turn_cpu.py: 'Too many answers to this client are still being written')."""
+    from flask import Flask
+
+    from callweaver.request_guard import RequestBodyGuard
+
+    app = Flask(__name__)
+    app.add_url_rule("/ping", "ping", lambda: "pong")
+    guard = RequestBodyGuard(app.wsgi_app, max_body_bytes=1024, read_timeout_s=5, max_uploads_per_client=3,
+                             trusted_proxy_hops=0, max_answers_per_client=2)
+    guard.bounds_answers = True  # as under gevent's patched sockets
+    app.wsgi_app = guard
+    client = app.test_client()
+    statuses = [client.get("/ping", buffered=False).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    assert guard.answers == {}
