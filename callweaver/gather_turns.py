@@ -9,7 +9,8 @@ is still running waits for that answer.
 
 Only the latest turn's answer is kept (Twilio never retries an older one: the next turn exists only because it got
 the answer), in the call's meta, until the call ends (the terminal status callback removes it with the other
-per-call secrets, lifecycle.record_status; an answer finished after that goes at once, `remember`)."""
+per-call secrets, lifecycle.record_status; an answer finished after that goes at once, `remember`). A claim also
+says by when its turn will be committed (IN_FLIGHT_META): that outlives the final status, whose report waits for it."""
 from __future__ import annotations
 
 import hashlib
