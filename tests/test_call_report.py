@@ -224,7 +224,8 @@ def _end_relay_call(tmp_path, lease_s: float):
     store.create_call(CallRecord(tracking_id="call_wait", path="optimized", status="in-progress"))
     assert store.claim_relay_socket("call_wait", "socket-1", 0, lease_s)
     reported: list[float] = []
-    lifecycle = CallLifecycle(Settings(), store, None, None, on_call_ended=lambda tid: reported.append(time.monotonic()))
+    lifecycle = CallLifecycle(Settings(), store, None, None,
+                              on_call_ended=lambda tid: reported.append(time.monotonic()))
     ended_at = time.monotonic()
     lifecycle.record_status(store.get_call("call_wait"),
                             {"CallSid": "CA" + "6" * 32, "CallStatus": "completed", "SequenceNumber": "9"})
