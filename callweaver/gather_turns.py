@@ -144,6 +144,14 @@ class GatherTurns:
         except StoreError:
             log.warning("gather_answer_not_kept", tracking_id=tracking_id, turn=turn)  # a retry gets the apology
 
+    def abandoned(self, tracking_id: str, turn: int) -> None:
+        """The request that claimed `turn` failed (its webhook answered with the apology): nothing will commit the
+        turn, so an ended call's report need not wait for it (IN_FLIGHT_META). A failed write leaves it to lapse."""
+        try:
+            self.store.update_meta(tracking_id, remove=(IN_FLIGHT_META,))
+        except Exception:  # noqa: BLE001  (called while answering an error: the apology goes whatever fails here)
+            log.warning("gather_turn_due_not_dropped", tracking_id=tracking_id, turn=turn)
+
     @staticmethod
     def due(record: CallRecord | None) -> float | None:
         """The epoch by which the call's claimed turn still being answered (on any worker) is committed, or None
