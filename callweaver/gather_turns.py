@@ -9,7 +9,8 @@ is still running waits for that answer.
 
 Only the latest turn's answer is kept (Twilio never retries an older one: the next turn exists only because it got
 the answer), in the call's meta, until the call ends (the terminal status callback removes it with the other
-per-call secrets, lifecycle.record_status; an answer finished after that goes at once, `remember`)."""
+per-call secrets, lifecycle.record_status; an answer finished after that goes at once, `remember`). A claim also
+says by when its turn will be committed (IN_FLIGHT_META): that outlives the final status, whose report waits for it."""
 from __future__ import annotations
 
 import hashlib
@@ -35,6 +36,12 @@ ANSWERED_CLAIM = "answered"  # the claim `remember` leaves: no request's mark, s
 # runs both releases at once), and a call that spans the upgrade still has them removed when it ends.
 COUNTED_CLAIMS_META = "gatherClaims"
 GATHER_META_KEYS = (REPLY_META, CLAIMS_META, COUNTED_CLAIMS_META)
+# meta: {"N": epoch by which the request that claimed turn N has committed it or given up}, written with the claim
+# (the first request's time only, as the claim) and removed with the turn's answer (`remember`): a turn in flight,
+# which an ended call's report waits for (lifecycle.CallLifecycle._call_over). Not among GATHER_META_KEYS: the final
+# status, which drops those, may come while the turn is still being answered, on this worker or another.
+IN_FLIGHT_META = "gatherTurnsDue"
+COMMIT_MARGIN_S = 1.0  # past a turn's budget: its apology is committed and its answer kept by then
 WAIT_POLL_S = 0.1  # how often a retry waiting for the first attempt's answer reads the call again
 
 
@@ -95,7 +102,8 @@ class GatherTurns:
         sent = self.answered(record, turn, speech)
         if sent is None:
             turn = self.turn_for(record, turn)
-            if self.claim(record.tracking_id, turn):
+            due = time.time() + max(0.0, until - self.clock()) + COMMIT_MARGIN_S
+            if self.claim(record.tracking_id, turn, due):
                 return TurnStart(turn)
             sent = self.wait_for_answer(record.tracking_id, turn, speech, until)
             if sent is None:
@@ -103,12 +111,16 @@ class GatherTurns:
         log.info("gather_retry_answered", turn=turn)
         return TurnStart(turn, sent)
 
-    def claim(self, tracking_id: str, turn: int) -> bool:
+    def claim(self, tracking_id: str, turn: int, due: float | None = None) -> bool:
         """Whether this request is the first for `turn`: its own mark written where the turn has none, in one
-        atomic write in the store (whichever worker took it), and read back."""
+        atomic write in the store (whichever worker took it), and read back. With `due` (epoch), the same write
+        says by when the turn will be committed (IN_FLIGHT_META), unless an earlier request for it said so."""
         mark = uuid.uuid4().hex
+        first: dict[str, dict[str, Any]] = {CLAIMS_META: {str(turn): mark}}
+        if due is not None:
+            first[IN_FLIGHT_META] = {str(turn): round(due, 3)}
         try:
-            meta = self.store.update_meta(tracking_id, first={CLAIMS_META: {str(turn): mark}})
+            meta = self.store.update_meta(tracking_id, first=first)
         except StoreError:
             # Degrade, never drop the call: a retry may then run twice, the caller is answered either way.
             log.warning("gather_claim_failed", tracking_id=tracking_id, turn=turn)
@@ -124,13 +136,29 @@ class GatherTurns:
         already claiming finds no mark of its own)."""
         try:
             self.store.update_meta(tracking_id, {REPLY_META: {"turn": turn, "said": _digest(speech), "twiml": twiml},
-                                                 CLAIMS_META: {str(turn): ANSWERED_CLAIM}})
+                                                 CLAIMS_META: {str(turn): ANSWERED_CLAIM}}, remove=(IN_FLIGHT_META,))
             # The caller may have hung up while the turn ran: the terminal status callback dropped these keys
             # before this write. Read after it, the end is seen either way, and the answer goes with the call.
             if not call_is_live(self.store.get_call(tracking_id)):
                 self.store.update_meta(tracking_id, remove=GATHER_META_KEYS)
         except StoreError:
             log.warning("gather_answer_not_kept", tracking_id=tracking_id, turn=turn)  # a retry gets the apology
+
+    def abandoned(self, tracking_id: str, turn: int) -> None:
+        """The request that claimed `turn` failed (its webhook answered with the apology): nothing will commit the
+        turn, so an ended call's report need not wait for it (IN_FLIGHT_META). A failed write leaves it to lapse."""
+        try:
+            self.store.update_meta(tracking_id, remove=(IN_FLIGHT_META,))
+        except Exception:  # noqa: BLE001  (called while answering an error: the apology goes whatever fails here)
+            log.warning("gather_turn_due_not_dropped", tracking_id=tracking_id, turn=turn)
+
+    @staticmethod
+    def due(record: CallRecord | None) -> float | None:
+        """The epoch by which the call's claimed turn still being answered (on any worker) is committed, or None
+        when no turn is in flight. A request that died with its worker leaves its time behind: past it, none is."""
+        dues = [v for v in ((record.meta or {}).get(IN_FLIGHT_META) or {}).values()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)] if record is not None else []
+        return max(dues) if dues and max(dues) > time.time() else None
 
     def wait_for_answer(self, tracking_id: str, turn: int, speech: str, until: float) -> str | None:
         """A retry of a turn still being answered: the first attempt's TwiML once it is kept, or None by `until`

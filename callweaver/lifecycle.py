@@ -21,7 +21,7 @@ from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
-from .gather_turns import GATHER_META_KEYS
+from .gather_turns import COMMIT_MARGIN_S, GATHER_META_KEYS, GatherTurns
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META,
                     SILENCE_END, TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered,
@@ -39,8 +39,13 @@ RECONNECTS_META = "relayReconnects"  # meta counts of the call's reconnects by c
 # <Connect action> ErrorCodes a reconnect can cure: the WebSocket connection to us failed (a deploy, a crashed
 # worker). Any other code means the TwiML or its voices were refused, and a reconnect would repeat it.
 RECONNECTABLE_ERROR_CODES = frozenset({"39001"})
-# How often an ended call's report, waiting for its relay socket to close (CallLifecycle._call_over), reads the store
+# How often an ended call's report, waiting for a turn still to be committed (CallLifecycle._call_over), reads the
+# store: first after RELAY_CLOSE_POLL_S (a socket closes within ~0.1 s of the final status), then each pause
+# COMMIT_WAIT_GROWTH times longer, up to COMMIT_WAIT_MAX_POLL_S (a killed worker's socket is waited for its whole
+# lease: 200 such calls read the store ~200 times a second, not 2000).
 RELAY_CLOSE_POLL_S = 0.1
+COMMIT_WAIT_GROWTH = 1.5
+COMMIT_WAIT_MAX_POLL_S = 1.0
 END_CALL_WAIT_MARGIN_S = 1.0  # past the Twilio request's deadline: the asking request has stored its answer by then
 MIN_API_KEY_CHARS = 16  # shorter "keys" are placeholders left in an export, not an account
 MIN_RING_TIMEOUT_S = 5  # shorter rings end before most people can answer
@@ -419,27 +424,41 @@ class CallLifecycle:
         return current
 
     def _call_over(self, tracking_id: str) -> None:
-        """The call's final status is in: its span and report (on_call_ended) once its relay socket has closed.
-        Twilio's final callback may come before that close, which commits the reply the hang-up cut (RelaySession
-        .close): built before it, the report would lack that turn, and with RECORD_TRANSCRIPTS=0 the commit would
-        write back the history just emptied. Waited for off the request path, for at most the socket's lease (a
-        killed worker never closes its socket)."""
-        if self._relay_socket_held(tracking_id):
-            spawn(self._call_over_once_closed, tracking_id, time.monotonic() + self.settings.relay_socket_lease_s)
+        """The call's final status is in: its span and report (on_call_ended) once no turn of it is still to be
+        committed (`_turn_still_due_s`). Twilio's final callback may come before a relay socket's close, which
+        commits the reply the hang-up cut (RelaySession.close), or while a <Gather> turn's reply is still being
+        made: built before that commit, the report would lack the turn, and with RECORD_TRANSCRIPTS=0 the commit
+        would write back the history just emptied. Waited for off the request path, for at most the socket's lease
+        or the turn's budget (a killed worker never closes its socket nor finishes its turn)."""
+        due_s = self._turn_still_due_s(tracking_id)
+        if due_s > 0:
+            spawn(self._call_over_once_committed, tracking_id, time.monotonic() + due_s)
         else:
             self.on_call_ended(tracking_id)
 
-    def _call_over_once_closed(self, tracking_id: str, deadline: float) -> None:
-        while time.monotonic() < deadline and self._relay_socket_held(tracking_id):
-            time.sleep(RELAY_CLOSE_POLL_S)
+    def _call_over_once_committed(self, tracking_id: str, deadline: float) -> None:
+        pause = RELAY_CLOSE_POLL_S
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(pause, left))
+            pause = min(pause * COMMIT_WAIT_GROWTH, COMMIT_WAIT_MAX_POLL_S)
+            if self._turn_still_due_s(tracking_id) <= 0:
+                break
         self.on_call_ended(tracking_id)
 
-    def _relay_socket_held(self, tracking_id: str) -> bool:
+    def _turn_still_due_s(self, tracking_id: str) -> float:
+        """How long a turn of this call may still be committed, on any worker (0: none will be): a live relay
+        socket's lease (its close commits the reply a hang-up cut), else what is left of the budget of a Gather
+        turn still being answered (GatherTurns.due; at most a turn's budget, whatever a clock says)."""
         try:
-            return self.store.relay_socket_held(tracking_id)
+            if self.store.relay_socket_held(tracking_id):
+                return self.settings.relay_socket_lease_s
+            due = GatherTurns.due(self.store.get_call(tracking_id))
         except Exception:  # noqa: BLE001  (the store is out: the report goes now, as before)
-            log.warning("relay_socket_read_failed", tracking_id=tracking_id)
-            return False
+            log.warning("turn_commit_read_failed", tracking_id=tracking_id)
+            return 0.0
+        if due is None:
+            return 0.0
+        return min(due - time.time(), self.settings.gather_reply_timeout_s + COMMIT_MARGIN_S)
 
     def time_limit_s(self, workflow: Workflow) -> int:
         """Twilio's TimeLimit for a call of this flow: the flow's maxCallDuration shortens the operator's

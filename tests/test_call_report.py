@@ -196,3 +196,61 @@ def test_report_url_needs_a_secret():
         Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook"})
     settings = Settings.from_env({"CALL_REPORT_URL": "https://example.test/hook", "CALL_REPORT_SECRET": SECRET})
     assert settings.call_report_secret == SECRET
+
+
+class _ReadCountingStore:
+    """A store counting the reads an ended call's report makes while it waits (every other call passes through)."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, 0
+
+    def relay_socket_held(self, tracking_id):
+        self.reads += 1
+        return self.store.relay_socket_held(tracking_id)
+
+    def get_call(self, tracking_id):
+        self.reads += 1
+        return self.store.get_call(tracking_id)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def _end_relay_call(tmp_path, lease_s: float):
+    """A relay call whose socket a (killed) worker claimed for `lease_s`, then its final status; returns the
+    counting store, the reports asked for (their times) and when the status was recorded."""
+    from callweaver.lifecycle import CallLifecycle
+    store = _ReadCountingStore(build_store(str(tmp_path / "reads.sqlite3")))
+    store.create_call(CallRecord(tracking_id="call_wait", path="optimized", status="in-progress"))
+    assert store.claim_relay_socket("call_wait", "socket-1", 0, lease_s)
+    reported: list[float] = []
+    lifecycle = CallLifecycle(Settings(), store, None, None,
+                              on_call_ended=lambda tid: reported.append(time.monotonic()))
+    ended_at = time.monotonic()
+    lifecycle.record_status(store.get_call("call_wait"),
+                            {"CallSid": "CA" + "6" * 32, "CallStatus": "completed", "SequenceNumber": "9"})
+    return store, reported, ended_at
+
+
+def test_a_report_waiting_for_a_dead_workers_socket_reads_the_store_less_and_less_often(tmp_path):
+    """A killed worker's socket holds its call's report for the whole lease: polled every 0.1 s, 200 such calls
+    read the store 2000 times a second. The pause grows to 1 s: a 3 s lease costs ~8 reads, not ~30."""
+    store, reported, ended_at = _end_relay_call(tmp_path, lease_s=3.0)
+    reads_at_end = store.reads
+    deadline = time.monotonic() + 10
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reported and 2.8 < reported[0] - ended_at < 4.2  # the report goes once the lease lapsed
+    assert store.reads - reads_at_end <= 12, store.reads - reads_at_end
+
+
+def test_a_report_waiting_for_a_socket_that_closes_at_once_goes_as_promptly_as_before(tmp_path):
+    """The common case: the socket closes within ~0.1 s of the final status; the report's first look is still
+    0.1 s after it."""
+    store, reported, ended_at = _end_relay_call(tmp_path, lease_s=30.0)
+    time.sleep(0.05)
+    store.release_relay_socket("call_wait", "socket-1")
+    deadline = time.monotonic() + 5
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reported and reported[0] - ended_at < 0.4, reported[0] - ended_at

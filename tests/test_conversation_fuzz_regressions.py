@@ -210,9 +210,6 @@ def test_with_record_transcripts_off_a_gather_turn_committed_after_the_final_sta
     assert "Zebediah" not in json.dumps([record.to_dict(), store.turns(call.tracking_id)])
 
 
-@pytest.mark.xfail(strict=True, reason="open: a <Gather> call's report is built at Twilio's final status, before a turn "
-                                       "still being answered commits (no socket to wait for; its claim is dropped "
-                                       "with the final status)")
 def test_the_report_of_a_gather_call_hung_up_while_a_turn_was_answered_counts_that_turn(env, fake_twilio, fake_llm,
                                                                                          receiver):
     """The <Gather> side of the relay case above: the caller hangs up while a turn's reply is being made, Twilio's

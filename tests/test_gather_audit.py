@@ -587,3 +587,57 @@ def test_an_apology_after_a_tool_moved_the_call_keeps_no_recording_of_the_node_i
     assert "trouble" in "".join(turn).lower()
     assert turn.result.source == "apology" and turn.result.next_node == "inquiry_type_node"
     assert turn.result.entered_audio is None
+
+
+def _ended_call_watch(store, tracking_id: str):
+    """A lifecycle on `store` whose final status for `tracking_id` is recorded now; returns (when the report was
+    asked for, the turns stored then) as they come, and when the status was recorded."""
+    from callweaver.config import Settings
+    from callweaver.lifecycle import CallLifecycle
+    reported: list[tuple[float, int]] = []
+    lifecycle = CallLifecycle(Settings(), store, None, None,
+                              on_call_ended=lambda tid: reported.append((time.monotonic(), len(store.turns(tid)))))
+    ended_at = time.monotonic()
+    lifecycle.record_status(store.get_call(tracking_id),
+                            {"CallSid": "CA" + "7" * 32, "CallStatus": "completed", "SequenceNumber": "9"})
+    return reported, ended_at
+
+
+def _wait_for(reported: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not reported and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_an_ended_calls_report_waits_for_a_turn_another_worker_is_answering_in_either_store(any_store):
+    """Twilio's final status comes while a Gather turn is being answered by another worker (or instance): the
+    final status drops the turn's claim, and the report, built at once, lacked the turn the store then got. It
+    now waits for that turn's commit (its claim says by when), and goes as soon as it is in."""
+    from callweaver.gather_turns import GatherTurns
+    from callweaver.store import CallRecord
+    any_store.create_call(CallRecord(tracking_id="call_busy", path="traditional", status="in-progress"))
+    other_worker = GatherTurns(any_store)
+    started = other_worker.start(any_store.get_call("call_busy"), 0, "my name is Zeb", until=time.monotonic() + 5)
+    assert started.turn == 0 and started.sent is None and not started.busy  # it runs the turn
+    reported, _ = _ended_call_watch(any_store, "call_busy")
+    time.sleep(0.5)
+    assert reported == []  # the turn is still being answered: no report yet
+    any_store.append_turn("call_busy", {"path": "traditional", "firstTokenMs": 400})
+    other_worker.remember("call_busy", 0, "my name is Zeb", "<Response/>")
+    answered_at = time.monotonic()
+    _wait_for(reported, 5)
+    assert len(reported) == 1 and reported[0][1] == 1  # the report counts the committed turn
+    assert reported[0][0] - answered_at < 1.5  # polled at most once a second
+
+
+def test_an_ended_calls_report_waits_for_a_dead_workers_turn_only_until_its_budget_ran_out(any_store):
+    """The worker answering the turn was killed: its claim says by when it would have committed (its budget and a
+    margin), and the report goes then, not at the socket lease's end nor never."""
+    from callweaver.gather_turns import COMMIT_MARGIN_S, GatherTurns
+    from callweaver.store import CallRecord
+    any_store.create_call(CallRecord(tracking_id="call_dead", path="traditional", status="in-progress"))
+    GatherTurns(any_store).start(any_store.get_call("call_dead"), 0, "hello", until=time.monotonic() + 0.5)
+    reported, ended_at = _ended_call_watch(any_store, "call_dead")
+    _wait_for(reported, 10)
+    assert len(reported) == 1 and reported[0][1] == 0
+    assert 0.5 + COMMIT_MARGIN_S - 0.2 < reported[0][0] - ended_at < 0.5 + COMMIT_MARGIN_S + 1.2

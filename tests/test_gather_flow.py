@@ -284,3 +284,17 @@ def test_twiml_default_is_a_signed_twilio_route(client, twilio):
     root = _twiml(twilio.post("/api/twiml-default", {"CallSid": "CA" + "2" * 32}))
     assert [c.tag for c in root] == ["Say", "Pause", "Say"]
     assert _twiml(twilio.get("/api/twiml-default")).find("Say") is not None
+
+
+def test_a_turn_that_raised_is_no_longer_due_so_an_ended_calls_report_does_not_wait_for_it(call, app, monkeypatch):
+    """A claimed turn says by when it will be committed, and an ended call's report waits for it: a turn whose
+    webhook failed (answered with the apology) will never be committed, and says so."""
+    from callweaver.gather_turns import GatherTurns
+    engine = app.extensions["callweaver"].engine
+    monkeypatch.setattr(engine, "answer_whole_turn", boom)
+    root = call.say(call.answer(), "I want to buy a house")
+    assert _query(root.find("Gather").get("action"))["apologised"] == "1"
+    assert GatherTurns.due(call.record) is None
+    monkeypatch.undo()
+    call.say(root, "I want to buy a house")  # a turn that went well is not due either
+    assert GatherTurns.due(call.record) is None and len(app.extensions["callweaver"].store.turns(call.tracking_id)) == 1

@@ -42,6 +42,8 @@ def _error_answer(exc: Exception) -> str:
     bug, not for a store outage) and the ids the request named."""
     record: CallRecord | None = g.get("twilio_call")
     entry = services().languages.get(record.language if record else None)
+    if record is not None and g.get("gather_turn") is not None and not state_unavailable(exc):
+        services().gather_turns.abandoned(record.tracking_id, g.gather_turn)  # an ended call's report goes at once
     answer = None
     if _may_listen_again(record):
         try:
