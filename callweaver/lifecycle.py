@@ -420,17 +420,20 @@ class CallLifecycle:
             self._change_end(record.tracking_id, end_call_lapsed(event_time(form.get("Timestamp"))),
                              why="Twilio ended the call after the hang-up's deadline")
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
-            self._call_over(record.tracking_id)
+            self._call_over(record)
         return current
 
-    def _call_over(self, tracking_id: str) -> None:
+    def _call_over(self, record: CallRecord) -> None:
         """The call's final status is in: its span and report (on_call_ended) once no turn of it is still to be
         committed (`_turn_still_due_s`). Twilio's final callback may come before a relay socket's close, which
         commits the reply the hang-up cut (RelaySession.close), or while a <Gather> turn's reply is still being
         made: built before that commit, the report would lack the turn, and with RECORD_TRANSCRIPTS=0 the commit
         would write back the history just emptied. Waited for off the request path, for at most the socket's lease
-        or the turn's budget (a killed worker never closes its socket nor finishes its turn)."""
-        due_s = self._turn_still_due_s(tracking_id)
+        or the turn's budget (a killed worker never closes its socket nor finishes its turn). The first look takes
+        a Gather turn in flight from `record`, read by this callback (a turn is claimed before Twilio's final
+        status; no read more for every call's end)."""
+        tracking_id = record.tracking_id
+        due_s = self._turn_still_due_s(tracking_id, record)
         if due_s > 0:
             spawn(self._call_over_once_committed, tracking_id, time.monotonic() + due_s)
         else:
@@ -445,14 +448,15 @@ class CallLifecycle:
                 break
         self.on_call_ended(tracking_id)
 
-    def _turn_still_due_s(self, tracking_id: str) -> float:
+    def _turn_still_due_s(self, tracking_id: str, read: CallRecord | None = None) -> float:
         """How long a turn of this call may still be committed, on any worker (0: none will be): a live relay
         socket's lease (its close commits the reply a hang-up cut), else what is left of the budget of a Gather
-        turn still being answered (GatherTurns.due; at most a turn's budget, whatever a clock says)."""
+        turn still being answered (GatherTurns.due, in `read` when given, else read now; at most a turn's budget,
+        whatever a clock says)."""
         try:
             if self.store.relay_socket_held(tracking_id):
                 return self.settings.relay_socket_lease_s
-            due = GatherTurns.due(self.store.get_call(tracking_id))
+            due = GatherTurns.due(read if read is not None else self.store.get_call(tracking_id))
         except Exception:  # noqa: BLE001  (the store is out: the report goes now, as before)
             log.warning("turn_commit_read_failed", tracking_id=tracking_id)
             return 0.0
