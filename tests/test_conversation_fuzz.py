@@ -997,7 +997,7 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
         start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
         check_ended_call(ctx, stack, caller, hooks, Flow(export), start, 0, None)
         return steps
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])  # (the relay TwiML inline: Twilio fetches nothing)
     caller.connect()
     for status, sequence in progress[len(early):]:  # the rest while the call is live, at once
         hooks.soon(hooks.status, status, sequence, delay_s=rng.uniform(0, 0.3))
