@@ -997,7 +997,7 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
         start = next(n["id"] for n in export["nodes"] if n["type"] == "startNode")
         check_ended_call(ctx, stack, caller, hooks, Flow(export), start, 0, None)
         return steps
-    caller.answer(stack["twilio"].creates()[-1].one("Url"))
+    caller.answer_placed(stack["twilio"].creates()[-1])  # (the relay TwiML inline: Twilio fetches nothing)
     caller.connect()
     for status, sequence in progress[len(early):]:  # the rest while the call is live, at once
         hooks.soon(hooks.status, status, sequence, delay_s=rng.uniform(0, 0.3))
@@ -1058,12 +1058,19 @@ def ended_call_steps(stack, seed: int, index: int, steps: list) -> list:
         expected_turns += 1
         caller.drain(0.2)
         row = wait_turns(url, caller.tracking_id, expected_turns)["turns"][-1]
-        # a closing line: its end once Twilio has played it, or at the playback bound (relay_call_steps' open finding,
-        # seed=81: 11.6 s for a 32-character Cantonese transfer line at seed=31 call=5 here)
-        waited = time.monotonic()
-        while row["action"] in ("end", "transfer") and reply.end is None and time.monotonic() - waited < 15:
-            caller.recv(timeout_s=1)
+        if row["action"] in ("end", "transfer"):  # a closing line: its end at most LATE_END_S after Twilio played it
+            # (before the end waited for an "off" after the LAST words sent, a model speaking and only then calling
+            # its tool to an end or transfer node waited out the playback bound here: 11.6 s of dead air for a
+            # 32-character Cantonese transfer line at seed=31 call=5 of 79fc3a0's harness)
             reply.end = next((m for m in caller.received[before:] if m.get("type") == "end"), None)
+            if caller.wait_for_end(reply, LATE_END_S) is None:
+                ctx.fail(f"turn {turn}: no end within {LATE_END_S}s of the closing line {reply.text!r}")
+            if caller.end_after_silent_s is None:
+                ctx.fail(f"turn {turn}: the end came before Twilio reported the closing line {reply.text!r} heard "
+                         f"(unspoken: {caller.unheard_at_end!r})")
+            if caller.end_after_silent_s > LATE_END_S:
+                ctx.fail(f"turn {turn}: the end came {caller.end_after_silent_s:.1f}s after Twilio reported the "
+                         f"closing line {reply.text!r} heard (dead air before the hang-up)")
         pressed = [m for m in caller.received if m.get("type") == "sendDigits"]
         if not reply.text.strip() and not pressed:
             ctx.fail(f"turn {turn} ({behaviour}): no reply and no apology: {reply.messages}")

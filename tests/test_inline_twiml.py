@@ -4,6 +4,7 @@ characters, a request's own `twimlUrl`, the traditional <Gather> flow (whose eve
 from __future__ import annotations
 
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import pytest
 import websocket
@@ -181,3 +182,17 @@ def test_an_unsigned_upgrade_to_the_inline_relay_url_is_refused(live):
     with pytest.raises(websocket.WebSocketBadStatusException) as err:
         caller.connect(sign=False)
     assert err.value.status_code == 403
+
+
+def test_the_inline_twiml_drops_characters_xml_cannot_carry_as_the_webhook_does(client, fake_twilio):
+    """A flow's greeting is the web app's text: a vertical tab or U+FFFE pasted into it made the webhook's answer drop
+    them (twiml_response), but the TwiML sent inline carried them raw, a TwiML no XML parser (Twilio's) reads."""
+    greeting = "Welcome\x0b to Premier\ufffe Properties\x01. How can I help?"
+    data = client.post("/api/make-call-optimized", json=_with_greeting(make_call_body(), greeting)).get_json()
+    assert data["success"], data
+    (create,) = fake_twilio.creates()
+    twiml = create.one("Twiml")
+    assert twiml is not None
+    relay = ElementTree.fromstring(twiml).find("Connect/ConversationRelay")
+    assert relay.get("welcomeGreeting") == "Welcome to Premier Properties. How can I help?"
+    assert twiml == _webhook_answer(client, data["callSid"], data["optimization"]["trackingId"])

@@ -288,11 +288,15 @@ def _drop_surrogate_ref(match: re.Match) -> str:
     return "" if 0xD800 <= int(match[1]) <= 0xDFFF else match[0]
 
 
+def xml_text(xml: str) -> str:
+    """The SDK's TwiML with only characters XML allows (the others are dropped: none of them is spoken): what Twilio
+    is given, answered by a webhook or sent inline with a call."""
+    return _DECIMAL_REFS.sub(_drop_surrogate_ref, _NOT_XML_CHARS.sub("", xml))
+
+
 def twiml_response(xml: str) -> Response:
-    """The SDK's TwiML as Twilio needs it: 200, text/xml, never cached, and only characters XML allows (they are
-    dropped: none of them is spoken)."""
-    xml = _DECIMAL_REFS.sub(_drop_surrogate_ref, _NOT_XML_CHARS.sub("", xml))
-    resp = Response(xml, status=200, mimetype="text/xml")
+    """The SDK's TwiML as Twilio needs it: 200, text/xml, never cached, and only characters XML allows (xml_text)."""
+    resp = Response(xml_text(xml), status=200, mimetype="text/xml")
     resp.headers["Content-Type"] = "text/xml; charset=utf-8"
     resp.headers["Cache-Control"] = "no-cache"
     return resp

@@ -18,7 +18,7 @@ from ..gather_turns import TURN_PARAM, turn_param
 from ..security import websocket_url
 from ..services import services
 from ..store import CallRecord, call_is_live
-from .common import RELAY_PATH, base_url, twilio_params, twilio_webhook, twiml_response
+from .common import RELAY_PATH, base_url, twilio_params, twilio_webhook, twiml_response, xml_text
 
 bp = Blueprint("twiml", __name__)
 log = structlog.get_logger()
@@ -338,7 +338,7 @@ def inline_relay_twiml(record: CallRecord) -> str | None:
     vr = VoiceResponse()
     if _connect_relay(vr, record, entry, record.greeting or entry.line("fallbackGreeting")):
         return None
-    return str(vr)
+    return xml_text(str(vr))
 
 
 @bp.route("/api/twiml-optimized", methods=["GET", "POST"])
