@@ -177,17 +177,15 @@ def test_a_report_waiting_for_a_socket_whose_worker_died_goes_when_its_lease_lap
     assert len(reports) == 1 and 0.8 < time.monotonic() - started < 5
 
 
-def test_with_record_transcripts_off_a_gather_turn_committed_after_the_final_status_keeps_no_words(
-        env, fake_twilio, fake_llm):
-    """RECORD_TRANSCRIPTS=0 on a <Gather> call (no relay socket to wait for): the caller hangs up while a turn's
-    reply is being made, and Twilio's final status (which empties the history) comes before the turn's commit. The
-    commit wrote the whole history back: the caller's words kept for good."""
+def hang_up_while_a_gather_turn_is_answered(settings: dict, fake_twilio, fake_llm):
+    """An in-process <Gather> call whose caller says their name, then hangs up while the turn's reply is being made:
+    Twilio's final status comes before the turn's commit. Returns the app and the call, once the turn has ended."""
     import threading
 
     from callweaver import create_app
     from tests.conftest import Signer
     from tests.test_gather_flow import GatherCall
-    app = create_app({**env, "RECORD_TRANSCRIPTS": "0", "CACHE_TYPE": "NullCache"})
+    app = create_app(settings)
     client = app.test_client()
     call = GatherCall(app, client, Signer(client), fake_twilio)
     root = call.answer()
@@ -203,6 +201,16 @@ def test_with_record_transcripts_off_a_gather_turn_committed_after_the_final_sta
     assert resp.status_code == 200
     turn.join(timeout=15)
     assert not turn.is_alive()
+    return app, call
+
+
+def test_with_record_transcripts_off_a_gather_turn_committed_after_the_final_status_keeps_no_words(
+        env, fake_twilio, fake_llm):
+    """RECORD_TRANSCRIPTS=0 on a <Gather> call (no relay socket to wait for): the caller hangs up while a turn's
+    reply is being made, and Twilio's final status (which empties the history) comes before the turn's commit. The
+    commit wrote the whole history back: the caller's words kept for good."""
+    app, call = hang_up_while_a_gather_turn_is_answered(
+        {**env, "RECORD_TRANSCRIPTS": "0", "CACHE_TYPE": "NullCache"}, fake_twilio, fake_llm)
     store = app.extensions["callweaver"].store
     record = store.get_call(call.tracking_id)
     assert len(store.turns(call.tracking_id)) == 1  # its timings are kept
@@ -215,26 +223,9 @@ def test_the_report_of_a_gather_call_hung_up_while_a_turn_was_answered_counts_th
     """The <Gather> side of the relay case above: the caller hangs up while a turn's reply is being made, Twilio's
     final status comes before the turn's commit, and the report (counting 0 turns, the store 1) lacks the caller's
     last words."""
-    import threading
-
-    from callweaver import create_app
-    from tests.conftest import Signer
-    from tests.test_gather_flow import GatherCall
-    app = create_app({**env, "CACHE_TYPE": "NullCache", "CALL_REPORT_URL": receiver.url,
-                      "CALL_REPORT_SECRET": "fuzz-report-secret-0123"})
-    client = app.test_client()
-    call = GatherCall(app, client, Signer(client), fake_twilio)
-    root = call.answer()
-    fake_llm.push(Reply(text="Thank you, I have noted that.", ttft_s=0.5))
-    turn = threading.Thread(target=call.say, args=(root, "My name is Zebediah Quux"), daemon=True)
-    turn.start()
-    deadline = time.monotonic() + 5
-    while not fake_llm.requests:  # the turn is asking the model
-        assert time.monotonic() < deadline, "the turn never reached the model"
-        time.sleep(0.02)
-    Signer(client).post(f"/api/call-status?trackingId={call.tracking_id}",
-                        {"CallSid": call.call_sid, "CallStatus": "completed", "SequenceNumber": "9"})
-    turn.join(timeout=15)
+    app, call = hang_up_while_a_gather_turn_is_answered(
+        {**env, "CACHE_TYPE": "NullCache", "CALL_REPORT_URL": receiver.url,
+         "CALL_REPORT_SECRET": "fuzz-report-secret-0123"}, fake_twilio, fake_llm)
     reports = reports_of(receiver, call.tracking_id)
     assert len(reports) == 1
     assert reports[0]["metrics"]["totalProcessedRequests"] == len(app.extensions["callweaver"].store.turns(
