@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from callweaver.engine.languages import LanguageTable
 from callweaver.simulate import RelayCaller, http
 from callweaver.simulate.bodies import make_call_body as build_body
 from tests.conftest import ACCOUNT_SID, AUTH_TOKEN, PUBLIC, Signer, base_env
@@ -392,6 +393,19 @@ def server_errors(logs: str) -> list[dict]:
     return found
 
 
+def due_reprompt(message: dict, silent_since: float | None, silence_s: float, url: str, tracking_id: str) -> bool:
+    """`message`, just received, is the call's silence re-prompt and was due: its line, in the call's language (its
+    last turn's, else its own), at least `silence_s` after Twilio (the caller) reported it had played everything (the
+    server counts the silence from no earlier than it received that "off")."""
+    if silent_since is None or time.monotonic() - silent_since < silence_s:
+        return False
+    detail = call_detail(url, tracking_id)
+    turns = detail.get("turns") or []
+    lang = turns[-1]["language"] if turns and turns[-1].get("language") else detail["call"].get("language")
+    line = LanguageTable.load().get(lang).line("reprompt")
+    return message == {"type": "text", "token": line, "last": True}
+
+
 def relay_call(stack, seed: int, index: int) -> list:
     steps: list = []
     try:
@@ -448,8 +462,15 @@ def relay_call_steps(stack, seed: int, index: int, steps: list) -> list:
         ctx.steps.append((turn, action, lang, said if action == "say" else "", behaviour))
         before = len(caller.received)
         if action == "empty":
-            caller.prompt("   ")
+            silent_at = caller.silent_at  # (Twilio's last "off": the caller has been silent since, if not earlier)
+            sent = caller.prompt("   ")
             stray = caller.recv(timeout_s=0.4)
+            if stray is not None and due_reprompt(stray, silent_at, silence_s, url, caller.tracking_id):
+                # the silence before this prompt ran out as it was sent (a loaded machine: the steps before took
+                # longer than a short silenceTimeout): that "are you still there?" answers the silence, not the
+                # prompt, which must still go unanswered
+                ctx.steps[-1] = (*ctx.steps[-1][:4], "silence_reprompt_first")
+                stray = caller.recv(timeout_s=max(0.0, 0.4 - (time.monotonic() - sent)))
             if stray is not None:
                 ctx.fail(f"an empty prompt was answered: {stray}")
             continue
