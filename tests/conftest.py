@@ -89,3 +89,12 @@ class Signer:
 @pytest.fixture
 def twilio(client):
     return Signer(client)
+
+
+@pytest.fixture
+def receiver():
+    """A local end-of-call report receiver (CALL_REPORT_URL), answering at once."""
+    from tests.fakes.report_receiver import ReportReceiver
+    r = ReportReceiver().start()
+    yield r
+    r.stop()

@@ -90,14 +90,6 @@ class ClosingRelayCall:
 
 
 @pytest.fixture
-def receiver():
-    from tests.fakes.report_receiver import ReportReceiver
-    r = ReportReceiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
 def report_env(env, receiver):
     return {**env, "CACHE_TYPE": "NullCache", "CALL_REPORT_URL": receiver.url,
             "CALL_REPORT_SECRET": "fuzz-report-secret-0123"}

@@ -11,7 +11,6 @@ import pytest
 from callweaver import create_app
 from tests.conftest import Signer, base_env
 from tests.fakes.redis_server import RedisServer
-from tests.fakes.report_receiver import ReportReceiver
 from tests.helpers import make_call_body
 
 SECRET = "report-secret-0123456789"
@@ -21,13 +20,6 @@ SECRET = "report-secret-0123456789"
 def redis_server():
     with RedisServer() as server:
         yield server
-
-
-@pytest.fixture
-def receiver():
-    r = ReportReceiver().start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture
