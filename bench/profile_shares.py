@@ -63,7 +63,7 @@ def read_raw(path: Path, talk_only: bool = False) -> list[tuple[list[str], int]]
     `talk_only`, HTTP requests other than the relay sockets (set-up, the bench reading metrics at the end) are
     left out, so the shares describe the talking calls."""
     stacks = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():  # py-spy may record a torn name
         frames, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
