@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import structlog
 from flask import current_app
 
-from .call_report import CallReporter
+from .call_report import CallReporter, default_holder
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache, reply_cache_prefix
@@ -97,7 +97,13 @@ class Services:
     @cached_property
     def lifecycle(self) -> CallLifecycle:
         return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended,
-                             take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot)
+                             take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot,
+                             report_holder=self.worker_name if self.settings.call_report_url else None)
+
+    @cached_property
+    def worker_name(self) -> str:
+        """This worker process in the end-of-call report outbox (built after the fork: its own pid)."""
+        return default_holder()
 
     @cached_property
     def gather_turns(self) -> GatherTurns:
@@ -121,7 +127,8 @@ class Services:
             return None
         return CallReporter(self.store, s.call_report_url, s.call_report_secret, spawn=spawn,
                             max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s,
-                            settle_s=self.lifecycle.end_call_wait_s)
+                            settle_s=self.lifecycle.end_call_wait_s, holder=self.worker_name,
+                            lease_s=s.call_report_lease_s)
 
     @cached_property
     def providers(self):
@@ -244,8 +251,11 @@ class Services:
         return spawn(work)
 
     def start_background_jobs(self) -> Task:
-        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval."""
+        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval; and, with
+        CALL_REPORT_URL, the sweep resuming the end-of-call reports a stopped worker left (CALL_REPORT_SWEEP_S)."""
         s = self.settings
+        if self.call_reporter is not None:
+            spawn(self.call_reporter.run_sweeps, s.call_report_sweep_s)
         return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,
                                        transcript_retention_days=s.transcript_retention_days,
                                        interval_s=s.retention_interval_s,

@@ -1,0 +1,243 @@
+"""End-of-call reports survive their worker: the write that ends a call records the report as due in the store (the
+outbox), and a worker sharing the store resumes what a stopped worker left, the attempt count going on."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from callweaver.call_report import CallReporter, verify_signature
+from callweaver.store import CallRecord, build_store
+from tests.conftest import base_env
+from tests.fakes.live_server import REPO
+from tests.fakes.redis_server import RedisServer
+from tests.fakes.report_receiver import ReportReceiver
+
+SECRET = "report-secret-0123456789"
+FAR = 1e12  # a `now` after every lease
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_env(request, tmp_path) -> dict[str, str]:
+    """The store settings of a fresh store: a new SQLite file, or a new key prefix on a real Redis."""
+    if request.param == "sqlite":
+        return {"CALLWEAVER_DB": str(tmp_path / "state" / "cw.sqlite3"), "REDIS_URL": ""}
+    return {"CALLWEAVER_DB": str(tmp_path / "unused.sqlite3"), "REDIS_URL": request.getfixturevalue("redis_server").url,
+            "REDIS_KEY_PREFIX": f"cwtest:{uuid.uuid4().hex}:"}
+
+
+@pytest.fixture
+def store(store_env):
+    built = build_store(store_env["CALLWEAVER_DB"], store_env["REDIS_URL"] or None,
+                        store_env.get("REDIS_KEY_PREFIX", "callweaver:"))
+    yield built
+    built.close()
+
+
+def spawned(into: list):
+    def spawn(fn, *args):
+        thread = threading.Thread(target=fn, args=args, daemon=True)
+        thread.start()
+        into.append(thread)
+        return thread
+    return spawn
+
+
+def ended_call(store, tracking_id: str = "call_1") -> str:
+    store.create_call(CallRecord(tracking_id=tracking_id, status="in-progress", call_sid="CA" + "0" * 32,
+                                 messages=[{"role": "assistant", "content": "Hi"}]))
+    store.append_status(tracking_id, "completed", 5, {"CallStatus": "completed"})
+    return tracking_id
+
+
+def left_by_a_stopped_worker(store, tracking_id: str, attempts: int = 0) -> None:
+    """A due report whose worker died after `attempts` attempts: its lease has run out."""
+    store.claim_report(tracking_id, "gone:1:abc", 0.0, create=True)
+    for _ in range(attempts):
+        store.claim_report(tracking_id, "gone:1:abc", 0.0, attempt=True)
+
+
+# -- the failing-first reproduction: a worker stops while its report waits for the receiver --------------------------
+
+WORKER_A = """
+import json, os, sys, time
+from callweaver import create_app
+from callweaver.store import CallRecord
+app = create_app(json.loads(os.environ["WORKER_A_ENV"]))
+services = app.extensions["callweaver"]
+tracking_id = os.environ["WORKER_A_CALL"]
+services.store.create_call(CallRecord(tracking_id=tracking_id, status="in-progress", call_sid="CA" + "1" * 32,
+                                      messages=[{"role": "assistant", "content": "Hello"}]))
+services.lifecycle.record_status(services.store.get_call(tracking_id),
+                                 {"CallStatus": "completed", "CallSid": "CA" + "1" * 32, "SequenceNumber": "3"})
+print("ended", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_report_whose_worker_was_killed_while_the_receiver_was_down_is_delivered_by_a_new_worker(
+        tmp_path, fake_twilio, store_env):
+    receiver = ReportReceiver(statuses=[503] * 50).start()
+    env = {**base_env(tmp_path, fake_twilio), **store_env, "CALL_REPORT_URL": receiver.url,
+           "CALL_REPORT_SECRET": SECRET, "CALL_REPORT_BACKOFF_S": "2", "CALL_REPORT_LEASE_S": "1",
+           "CALL_REPORT_SWEEP_S": "1", "RETENTION_INTERVAL_S": "3600"}
+    tracking_id = "call_" + uuid.uuid4().hex[:12]
+    worker_a = subprocess.Popen([sys.executable, "-c", WORKER_A], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "WORKER_A_ENV": json.dumps(env), "WORKER_A_CALL": tracking_id})
+    try:
+        for line in worker_a.stdout:  # its log lines first
+            if line.strip() == "ended":
+                break
+        else:
+            pytest.fail("worker A exited before the call ended")
+        assert receiver.request_started.wait(timeout=20)  # attempt 1: the receiver answered 503
+        time.sleep(0.5)  # the worker is now waiting to try again
+    finally:
+        worker_a.send_signal(signal.SIGKILL)  # killed: nothing of it runs again
+        worker_a.wait(timeout=10)
+    receiver.statuses.clear()  # the receiver is back
+    from callweaver import create_app
+    services = create_app(env).extensions["callweaver"]  # the next worker, on the same store
+    services.start_background_jobs()
+    try:
+        (report,) = receiver.wait_for(1, timeout_s=30)
+    finally:
+        receiver.stop()
+    assert json.loads(report.body)["reportId"] == tracking_id == report.headers["x-callweaver-delivery"]
+    assert report.headers["x-callweaver-attempt"] == "2"  # the count went on
+    assert verify_signature(SECRET, report.headers["x-callweaver-signature"], report.body)
+    assert services.store.due_reports(FAR, 10) == []
+
+
+# -- the outbox, on each store --------------------------------------------------------------------------------------
+
+def test_only_the_write_that_ends_the_call_records_its_report(store):
+    store.create_call(CallRecord(tracking_id="call_1", status="queued"))
+    store.append_status("call_1", "ringing", 1, {}, report_holder="w1", report_lease_s=0.0)
+    assert store.due_reports(FAR, 10) == []
+    store.append_status("call_1", "completed", 2, {}, report_holder="w1", report_lease_s=60.0)
+    assert store.due_reports(time.time(), 10) == []  # held by the worker that saw it end
+    assert store.due_reports(FAR, 10) == ["call_1"]
+    assert store.claim_report("call_1", "w2", 10.0) is None  # another worker waits for the lease
+    store.finish_report("call_1")
+    store.append_status("call_1", "completed", 3, {}, report_holder="w1", report_lease_s=0.0)  # a late repeat
+    assert store.due_reports(FAR, 10) == []
+
+
+def test_two_reporters_on_one_store_deliver_a_left_report_once(store, receiver):
+    tracking_id = ended_call(store)
+    left_by_a_stopped_worker(store, tracking_id)
+    threads: list = []
+    reporters = [CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder=f"w{i}", backoff_s=0.01)
+                 for i in range(2)]
+    start = threading.Barrier(2)
+    resumed: list[int] = []
+
+    def sweep(reporter):
+        start.wait()
+        resumed.append(reporter.resume_due())
+
+    sweeps = [threading.Thread(target=sweep, args=(r,)) for r in reporters]
+    for thread in sweeps:
+        thread.start()
+    for thread in sweeps:
+        thread.join(timeout=10)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(resumed) == [0, 1]
+    assert len(receiver.reports) == 1
+    assert store.due_reports(FAR, 10) == []
+    assert all(r.resume_due(now=FAR) == 0 for r in reporters)
+
+
+def test_a_resumed_report_goes_on_counting_its_attempts(store, receiver):
+    tracking_id = ended_call(store)
+    left_by_a_stopped_worker(store, tracking_id, attempts=3)  # died during its third attempt's POST
+    threads: list = []
+    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w1", max_attempts=10)
+    assert reporter.resume_due() == 1
+    threads[0].join(timeout=10)
+    (report,) = receiver.reports
+    assert report.headers["x-callweaver-attempt"] == "4"
+    assert store.due_reports(FAR, 10) == []
+
+
+def test_giving_up_removes_the_report_and_a_spent_one_is_not_sent_again(store):
+    down = ReportReceiver(statuses=[503] * 20).start()
+    try:
+        ended_call(store, "call_1")
+        left_by_a_stopped_worker(store, "call_1", attempts=2)
+        ended_call(store, "call_2")
+        left_by_a_stopped_worker(store, "call_2", attempts=3)  # its last attempt was cut short
+        threads: list = []
+        reporter = CallReporter(store, down.url, SECRET, spawn=spawned(threads), holder="w1", max_attempts=3,
+                                backoff_s=0.01)
+        assert reporter.resume_due() == 2
+        for thread in threads:
+            thread.join(timeout=10)
+        assert store.due_reports(FAR, 10) == []
+        assert store.claim_report("call_1", "w2", 10.0) is None
+        assert len(down.statuses) == 19  # only call_1's third attempt was made
+    finally:
+        down.stop()
+
+
+def test_the_worker_that_saw_the_call_end_holds_its_report_and_a_late_sweep_leaves_it(store, receiver):
+    store.create_call(CallRecord(tracking_id="call_1", status="in-progress"))
+    store.append_status("call_1", "completed", 2, {}, report_holder="w1", report_lease_s=0.0)
+    threads: list = []
+    other = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w2")
+    mine = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w1")
+    delivery = mine.deliver("call_1")
+    assert delivery.delivered and delivery.attempts == 1
+    assert other.resume_due(now=FAR) == 0
+    assert len(receiver.reports) == 1
+
+
+def test_a_worker_taken_over_stops_delivering(store, receiver):
+    tracking_id = ended_call(store)
+    store.claim_report(tracking_id, "w2", 600.0, create=True)  # another worker holds it, lease running
+    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawned([]), holder="w1")
+    assert not reporter.deliver(tracking_id).delivered
+    assert receiver.reports == []
+
+
+def test_a_dropped_report_leaves_the_outbox(store, receiver, monkeypatch):
+    import callweaver.call_report as call_report
+    monkeypatch.setattr(call_report, "MAX_PENDING_REPORTS", 0)
+    tracking_id = ended_call(store)
+    store.claim_report(tracking_id, "w1", 600.0, create=True)
+    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawned([]), holder="w1")
+    assert reporter.call_ended(tracking_id) is None
+    assert store.due_reports(FAR, 10) == []
+
+
+# -- retention -------------------------------------------------------------------------------------------------------
+
+def test_retention_drops_a_due_report_with_its_call_and_keeps_a_recent_one(store, receiver):
+    store.create_call(CallRecord(tracking_id="old", status="in-progress", created_at=time.time() - 10 * 86400))
+    store.append_status("old", "completed", 2, {}, received_at=time.time() - 9 * 86400, report_holder="w1")
+    store.create_call(CallRecord(tracking_id="new", status="in-progress"))
+    store.append_status("new", "completed", 2, {}, report_holder="w1")
+    assert sorted(store.due_reports(FAR, 10)) == ["new", "old"]
+    assert store.purge(time.time() - 86400) == 1
+    assert store.due_reports(FAR, 10) == ["new"]
+    threads: list = []
+    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w2")
+    assert reporter.resume_due(now=FAR) == 1
+    threads[0].join(timeout=10)
+    assert [json.loads(r.body)["trackingId"] for r in receiver.reports] == ["new"]
+    assert store.due_reports(FAR, 10) == []
