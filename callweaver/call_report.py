@@ -133,6 +133,7 @@ class CallReporter:
         self.lease_s = lease_s
         self._pending = threading.BoundedSemaphore(MAX_PENDING_REPORTS)
         self._delivering: set[str] = set()  # tracking ids this worker is delivering (a sweep leaves them alone)
+        self._waiting: set[str] = set()  # those of them waiting to try again (hand_back_waiting)
         self._session = requests.Session()
 
     def call_ended(self, tracking_id: str):
@@ -180,7 +181,22 @@ class CallReporter:
                 self._pending.release()
         return resumed
 
-    def run_sweeps(self, interval_s: float = DEFAULT_SWEEP_S) -> None:
+    def hand_back_waiting(self) -> int:
+        """The worker is stopping (SIGTERM): the reports it is only waiting to retry are left to other workers at
+        once (their hold ends now) rather than when it would have run out. Should this worker still wake before
+        it exits, it goes on only if no other worker took the report meanwhile (its next hold is refused then).
+        Returns how many were handed back."""
+        handed = 0
+        for tracking_id in list(self._waiting):
+            try:
+                if self.store.claim_report(tracking_id, self.holder, 0.0) is not None:
+                    handed += 1
+            except Exception as exc:  # noqa: BLE001  (its hold runs out as it would have)
+                log.warning("call_report_outbox_failed", tracking_id=tracking_id,
+                            error=str(exc)[:MAX_STORE_ERROR_CHARS])
+        return handed
+
+    def run_sweeps(self, interval_s: float = DEFAULT_SWEEP_S, sleep: Callable[[float], None] = time.sleep) -> None:
         """The worker's sweep loop (a background greenlet, started once the app is loaded): at start, then every
         interval (jittered, so workers do not sweep in step), one indexed read of the due reports whose lease ran
         out. Forever."""
@@ -191,7 +207,7 @@ class CallReporter:
                 log.error("call_report_sweep_failed", error=str(exc)[:MAX_STORE_ERROR_CHARS])
             except Exception:
                 log.exception("call_report_sweep_failed")
-            time.sleep(interval_s * random.uniform(0.8, 1.0))
+            sleep(interval_s * random.uniform(0.8, 1.0))
 
     def backoff(self, attempt: int) -> float:
         """Exponential (backoff_s · 2^(attempt-1), capped) with jitter, so many reports don't retry in lockstep."""
@@ -294,7 +310,11 @@ class CallReporter:
                 if self._hold(tracking_id, delay + self.lease_s) is False:
                     log.info("call_report_handed_off", tracking_id=tracking_id, attempts=result.attempts)
                     return result
-                self.sleep(delay)
+                self._waiting.add(tracking_id)
+                try:
+                    self.sleep(delay)
+                finally:
+                    self._waiting.discard(tracking_id)
         log.error("call_report_gave_up", tracking_id=tracking_id, attempts=result.attempts,
                   status=result.last_status, error=result.last_error)
         self._finish(tracking_id)

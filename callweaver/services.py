@@ -62,6 +62,7 @@ class Services:
         SQLite file (Render starts the new instance on a fresh disk): they keep this worker until they end or
         gunicorn's graceful_timeout runs out. `within_s`: every handover's `end` goes out within that many seconds
         (gunicorn.conf.py: its graceful_timeout less a margin), whatever is still playing."""
+        self.hand_back_reports()
         sessions = list(self.live_sessions)
         if not self.settings.redis_url:
             log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
@@ -78,6 +79,20 @@ class Services:
                 log.exception("relay_hand_over_failed", tracking_id=record.tracking_id if record else None,
                               call_sid=session.call_sid)
         return len(sessions)
+
+    def hand_back_reports(self) -> int:
+        """The worker is stopping: the end-of-call reports it only waits to retry go back to the store's outbox at
+        once, for a running worker (any instance with Redis; with SQLite, this machine's next worker) to resume."""
+        if not self.settings.call_report_url:
+            return 0
+        try:
+            handed = self.call_reporter.hand_back_waiting()
+        except Exception:
+            log.exception("call_reports_hand_back_failed")
+            return 0
+        if handed:
+            log.info("call_reports_handed_back", reports=handed)
+        return handed
 
     @cached_property
     def store(self) -> Store:

@@ -2,6 +2,7 @@
 outbox), and a worker sharing the store resumes what a stopped worker left, the attempt count going on."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,10 @@ from tests.fakes.report_receiver import ReportReceiver
 
 SECRET = "report-secret-0123456789"
 FAR = 1e12  # a `now` after every lease
+
+
+class Stopped(Exception):
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +116,23 @@ def test_a_report_whose_worker_was_killed_while_the_receiver_was_down_is_deliver
     receiver.statuses.clear()  # the receiver is back
     from callweaver import create_app
     services = create_app(env).extensions["callweaver"]  # the next worker, on the same store
-    services.start_background_jobs()
+    stop = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        if stop.wait(seconds):
+            raise Stopped  # ends the sweep loop (production's ends with its worker)
+
+    def run_sweeps() -> None:  # the worker's loop, as start_background_jobs runs it: at start, then every interval
+        with contextlib.suppress(Stopped):
+            services.call_reporter.run_sweeps(services.settings.call_report_sweep_s, sleep)
+
+    sweeps = threading.Thread(target=run_sweeps, daemon=True)
+    sweeps.start()
     try:
         (report,) = receiver.wait_for(1, timeout_s=30)
     finally:
+        stop.set()
+        sweeps.join(timeout=10)
         receiver.stop()
     assert json.loads(report.body)["reportId"] == tracking_id == report.headers["x-callweaver-delivery"]
     assert report.headers["x-callweaver-attempt"] == "2"  # the count went on
@@ -241,3 +259,35 @@ def test_retention_drops_a_due_report_with_its_call_and_keeps_a_recent_one(store
     threads[0].join(timeout=10)
     assert [json.loads(r.body)["trackingId"] for r in receiver.reports] == ["new"]
     assert store.due_reports(FAR, 10) == []
+
+
+def test_a_stopping_worker_hands_back_the_reports_it_waits_to_retry(store):
+    receiver = ReportReceiver(statuses=[503]).start()
+    try:
+        tracking_id = ended_call(store)
+        woken = threading.Event()
+        waiting = threading.Event()
+
+        def sleep(delay: float) -> None:
+            waiting.set()
+            woken.wait(timeout=30)
+
+        stopping = CallReporter(store, receiver.url, SECRET, spawn=spawned([]), holder="w1", backoff_s=100.0,
+                                lease_s=600.0, sleep=sleep)
+        first = threading.Thread(target=lambda: results.append(stopping.deliver(tracking_id)))
+        results: list = []
+        first.start()
+        assert waiting.wait(timeout=10)  # attempt 1 answered 503: held for the 75-100 s wait and the lease
+        assert store.due_reports(time.time(), 10) == []
+        assert stopping.hand_back_waiting() == 1  # SIGTERM
+        assert store.due_reports(time.time(), 10) == [tracking_id]
+        threads: list = []
+        running = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w2")
+        assert running.resume_due() == 1
+        threads[0].join(timeout=10)
+        woken.set()  # the stopping worker wakes before it exits: the report is no longer its own
+        first.join(timeout=10)
+        assert [r.headers["x-callweaver-attempt"] for r in receiver.reports] == ["2"]
+        assert not results[0].delivered and store.due_reports(FAR, 10) == []
+    finally:
+        receiver.stop()
