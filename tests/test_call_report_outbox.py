@@ -291,3 +291,35 @@ def test_a_stopping_worker_hands_back_the_reports_it_waits_to_retry(store):
         assert not results[0].delivered and store.due_reports(FAR, 10) == []
     finally:
         receiver.stop()
+
+
+# -- on the real server: a deploy's SIGTERM while a report waits to retry -------------------------------------------
+
+def test_gunicorn_stopped_by_sigterm_while_a_report_waits_then_started_again_delivers_it(
+        tmp_path, fake_twilio):
+    from callweaver.simulate import RelayCaller
+    from tests.conftest import ACCOUNT_SID, AUTH_TOKEN
+    from tests.fakes.live_server import LiveServer
+    from tests.helpers import make_call_body
+    receiver = ReportReceiver(statuses=[503] * 50).start()
+    env = {**base_env(tmp_path, fake_twilio), "CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": SECRET,
+           "CALL_REPORT_BACKOFF_S": "60", "CALL_REPORT_LEASE_S": "60", "CALL_REPORT_SWEEP_S": "60"}
+    env.pop("PUBLIC_BASE_URL")
+    try:
+        first = LiveServer(env, workers=1).start()
+        try:
+            caller = RelayCaller(first.url, AUTH_TOKEN, ACCOUNT_SID, timeout_s=15)
+            caller.place_call(make_call_body())
+            assert caller.status("no-answer", 1).status == 200
+            assert receiver.request_started.wait(timeout=20)  # attempt 1: 503; the next is 45-60 s away
+            time.sleep(0.5)
+        finally:
+            first.stop()  # SIGTERM, as Render's deploy sends
+        receiver.statuses.clear()
+        with LiveServer(env, workers=1):  # its worker's first sweep, at start, resumes it
+            (report,) = receiver.wait_for(1, timeout_s=20)
+    finally:
+        receiver.stop()
+    assert report.headers["x-callweaver-delivery"] == caller.tracking_id
+    assert report.headers["x-callweaver-attempt"] == "2"
+    assert json.loads(report.body)["outcome"] == "no_answer"
