@@ -137,18 +137,19 @@ class CallReporter:
         self._session = requests.Session()
 
     def call_ended(self, tracking_id: str):
-        """Queue the report; drop it (logged, and from the outbox) when too many are already waiting for a dead
-        receiver."""
+        """Queue the report, which the write that ended the call recorded as due (lifecycle.record_status). When too
+        many are already waiting for a dead receiver it is left due (logged): its hold runs out and a sweep with room
+        (this worker's or another's) resumes it, rather than losing a report the store keeps."""
         if not self._pending.acquire(blocking=False):
-            log.error("call_report_dropped", tracking_id=tracking_id, reason="too many pending reports")
-            self._finish(tracking_id)
+            log.warning("call_report_deferred", tracking_id=tracking_id, reason="too many pending reports")
             return None
         self._delivering.add(tracking_id)
-        return self.spawn(self._deliver_and_release, tracking_id, None)
+        return self.spawn(self._deliver_and_release, tracking_id, None, True)
 
-    def _deliver_and_release(self, tracking_id: str, resumed: ReportClaim | None) -> Delivery:
+    def _deliver_and_release(self, tracking_id: str, resumed: ReportClaim | None,
+                             recorded: bool = False) -> Delivery:
         try:
-            return self.deliver(tracking_id, resumed=resumed)
+            return self.deliver(tracking_id, resumed=resumed, recorded=recorded)
         finally:
             self._delivering.discard(tracking_id)
             self._pending.release()
@@ -242,9 +243,13 @@ class CallReporter:
         except Exception as exc:  # noqa: BLE001  (left due: a worker resumes it later, the receiver dedupes it)
             log.warning("call_report_outbox_failed", tracking_id=tracking_id, error=str(exc)[:MAX_STORE_ERROR_CHARS])
 
-    def deliver(self, tracking_id: str, resumed: ReportClaim | None = None) -> Delivery:
+    def deliver(self, tracking_id: str, resumed: ReportClaim | None = None, *, recorded: bool = False) -> Delivery:
         """POST the report until the receiver answers 2xx, a non-retryable status, or attempts run out (counted in
-        the outbox across workers: `resumed` is the claim of a delivery another worker left)."""
+        the outbox across workers: `resumed` is the claim of a delivery another worker left). `recorded`: the write
+        that ended the call recorded it as due (call_ended), so an entry gone means it was delivered or given up
+        already (the call seen ending twice, by two callbacks read before either wrote) or purged: nothing is sent.
+        Otherwise (a direct call) the first hold records it."""
+        create = resumed is None and not recorded
         result = Delivery(tracking_id, attempts=resumed.attempts if resumed is not None else 0)
         try:
             self._await_end_call(tracking_id)
@@ -254,7 +259,7 @@ class CallReporter:
             # Left due: a later sweep tries again, counted as an attempt so that a call that can never be read
             # is given up too.
             held = self._hold(tracking_id, self.backoff(result.attempts + 1) + self.lease_s, attempt=True,
-                              create=resumed is None)
+                              create=create)
             if isinstance(held, ReportClaim) and held.attempts >= self.max_attempts:
                 log.error("call_report_gave_up", tracking_id=tracking_id, attempts=held.attempts,
                           error="could not read the call")
@@ -265,7 +270,6 @@ class CallReporter:
             self._finish(tracking_id)
             return result
         body = json.dumps(report, ensure_ascii=False, separators=(",", ":")).encode()
-        create = resumed is None  # the first hold of the worker that saw the call end (its entry may predate none)
         while result.attempts < self.max_attempts:
             held = self._hold(tracking_id, ATTEMPT_HOLD_S + self.lease_s, attempt=True, create=create)
             create = False

@@ -233,16 +233,6 @@ def test_a_worker_taken_over_stops_delivering(store, receiver):
     assert receiver.reports == []
 
 
-def test_a_dropped_report_leaves_the_outbox(store, receiver, monkeypatch):
-    import callweaver.call_report as call_report
-    monkeypatch.setattr(call_report, "MAX_PENDING_REPORTS", 0)
-    tracking_id = ended_call(store)
-    store.claim_report(tracking_id, "w1", 600.0, create=True)
-    reporter = CallReporter(store, receiver.url, SECRET, spawn=spawned([]), holder="w1")
-    assert reporter.call_ended(tracking_id) is None
-    assert store.due_reports(FAR, 10) == []
-
-
 # -- retention -------------------------------------------------------------------------------------------------------
 
 def test_retention_drops_a_due_report_with_its_call_and_keeps_a_recent_one(store, receiver):
@@ -323,3 +313,40 @@ def test_gunicorn_stopped_by_sigterm_while_a_report_waits_then_started_again_del
     assert report.headers["x-callweaver-delivery"] == caller.tracking_id
     assert report.headers["x-callweaver-attempt"] == "2"
     assert json.loads(report.body)["outcome"] == "no_answer"
+
+
+# -- review: defects found on a-outbox -------------------------------------------------------------------------------
+
+def test_a_call_seen_ending_twice_is_not_reported_again_once_delivered(store, receiver):
+    """Two terminal callbacks of one call, each read before the other wrote (two workers), both see the call end and
+    both call `call_ended`. The report was due once (the write that ended the call); the second worker's first hold
+    recorded it anew when the first worker had already delivered it, and the receiver got it twice, no crash."""
+    store.create_call(CallRecord(tracking_id="call_1", status="in-progress"))
+    store.append_status("call_1", "completed", 5, {}, report_holder="w1", report_lease_s=60.0)
+    threads: list = []
+    first = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w1")
+    second = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w2")
+    first.call_ended("call_1")
+    threads[0].join(timeout=10)
+    assert len(receiver.reports) == 1
+    second.call_ended("call_1")  # the other worker's callback (stale read) saw the same end
+    threads[1].join(timeout=10)
+    assert len(receiver.reports) == 1
+    assert store.due_reports(FAR, 10) == []
+
+
+def test_a_report_beyond_the_pending_cap_stays_due_for_a_later_sweep(store, receiver, monkeypatch):
+    """With the outbox, a worker whose pending reports are full need not lose one more: it was dropped and removed
+    from the store, never sent, though a sweep (this worker's once there is room, or another's) could take it."""
+    import callweaver.call_report as call_report
+    monkeypatch.setattr(call_report, "MAX_PENDING_REPORTS", 0)
+    store.create_call(CallRecord(tracking_id="call_1", status="in-progress"))
+    store.append_status("call_1", "completed", 5, {}, report_holder="w1", report_lease_s=0.0)
+    full = CallReporter(store, receiver.url, SECRET, spawn=spawned([]), holder="w1")
+    assert full.call_ended("call_1") is None
+    monkeypatch.setattr(call_report, "MAX_PENDING_REPORTS", 1000)
+    threads: list = []
+    other = CallReporter(store, receiver.url, SECRET, spawn=spawned(threads), holder="w2")
+    assert other.resume_due(now=FAR) == 1
+    threads[0].join(timeout=10)
+    assert len(receiver.reports) == 1
