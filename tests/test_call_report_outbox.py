@@ -335,6 +335,26 @@ def test_a_call_seen_ending_twice_is_not_reported_again_once_delivered(store, re
     assert store.due_reports(FAR, 10) == []
 
 
+def test_redis_an_attempt_whose_claim_reply_was_lost_is_counted_once(redis_server):
+    """redis-py sends a script once more when its connection fails before the reply (RECONNECT_ON): the claim that
+    counts an attempt ran twice, so a report lost an attempt (given up one early) for every lost reply."""
+    from callweaver.store.redis import RedisStore
+    from tests.fakes.loopback import ReplyLosingProxy
+    proxy = ReplyLosingProxy(redis_server.port)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", key_prefix=f"cwtest:{uuid.uuid4().hex}:")
+    try:
+        ended_call(store)
+        assert store.claim_report("call_1", "w1", 60.0, create=True).attempts == 0  # the script is loaded
+        proxy.lose_after = b"EVALSHA"
+        claim = store.claim_report("call_1", "w1", 60.0, attempt=True)
+        assert proxy.lost == 1
+        assert claim is not None and claim.attempts == 1
+        assert store.claim_report("call_1", "w1", 60.0).attempts == 1
+    finally:
+        store.close()
+        proxy.stop()
+
+
 def test_a_report_beyond_the_pending_cap_stays_due_for_a_later_sweep(store, receiver, monkeypatch):
     """With the outbox, a worker whose pending reports are full need not lose one more: it was dropped and removed
     from the store, never sent, though a sweep (this worker's once there is room, or another's) could take it."""

@@ -84,7 +84,8 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   relay:<tid>      hash {owner, generation, expires_at} (the live relay socket), kept a day past its lease
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
-#   report:<tid>     hash {holder, attempts}: the call's end-of-call report, due (the report outbox)
+#   report:<tid>     hash {holder, attempts, claim, before}: the call's end-of-call report, due (the report outbox);
+#                    claim and before: the last claim's id and the holder it took over (a claim sent again)
 #   reports:due      zset tracking id by the epoch its holder's lease runs out (due_reports)
 
 # Every write script below answers a write sent again after its reply was lost (redis-py sends a command once more
@@ -239,14 +240,19 @@ redis.call('HSET', KEYS[1], unpack(changes))
 return became
 """
 
-# KEYS: report, reports:due   ARGV: holder, now, lease's end, attempts to add "1"/"0", create "1"/"0", tracking id.
+# KEYS: report, reports:due   ARGV: holder, now, lease's end, attempts to add "1"/"0", create "1"/"0", tracking id,
+# claim id (unique per call of claim_report: the same claim sent again after its reply was lost is recognised by it,
+# and answered as the first time, its attempt not counted twice).
 # Returns {attempts, holder before or ""}, or false: another holder's lease runs, or none is due (and not created).
 _CLAIM_REPORT = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+  return {tonumber(redis.call('HGET', KEYS[1], 'attempts')), redis.call('HGET', KEYS[1], 'before') or ''}
+end
 if not holder then
   redis.call('ZREM', KEYS[2], ARGV[6])
   if ARGV[5] ~= '1' then return false end
-  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'attempts', tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'attempts', tonumber(ARGV[4]), 'claim', ARGV[7], 'before', '')
   redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
   return {tonumber(ARGV[4]), ''}
 end
@@ -254,7 +260,7 @@ if holder ~= ARGV[1] and tonumber(redis.call('ZSCORE', KEYS[2], ARGV[6]) or '0')
   return false
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], 'holder', ARGV[1])
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'claim', ARGV[7], 'before', holder)
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
 return {attempts, holder}
 """
@@ -941,7 +947,7 @@ class RedisStore:
         now = time.time()
         claimed = self._script("claim_report", [self._key("report", tracking_id), self._key("reports", "due")],
                                [holder, _json_number(now), _json_number(now + lease_s), "1" if attempt else "0",
-                                "1" if create else "0", tracking_id])
+                                "1" if create else "0", tracking_id, uuid.uuid4().hex])
         if not claimed:
             return None
         return ReportClaim(int(claimed[0]), claimed[1] or None)
