@@ -134,6 +134,7 @@ class CallReporter:
         self._pending = threading.BoundedSemaphore(MAX_PENDING_REPORTS)
         self._delivering: set[str] = set()  # tracking ids this worker is delivering (a sweep leaves them alone)
         self._waiting: set[str] = set()  # those of them waiting to try again (hand_back_waiting)
+        self._stopping = False  # SIGTERM seen (hand_back_waiting): take no report over, hold none through a wait
         self._session = requests.Session()
 
     def call_ended(self, tracking_id: str):
@@ -157,7 +158,10 @@ class CallReporter:
     def resume_due(self, now: float | None = None) -> int:
         """Pick up the due reports whose lease ran out (their worker stopped, on this instance or, with Redis, any):
         each is claimed in one atomic write, so exactly one worker resumes it. Never more than the pending cap
-        leaves room for; the rest wait for a later sweep. Returns how many were resumed."""
+        leaves room for; the rest wait for a later sweep. Returns how many were resumed: none once the worker is
+        stopping (it would hold them past its exit)."""
+        if self._stopping:
+            return 0
         free = 0
         while free < SWEEP_BATCH and self._pending.acquire(blocking=False):
             free += 1
@@ -186,7 +190,9 @@ class CallReporter:
         """The worker is stopping (SIGTERM): the reports it is only waiting to retry are left to other workers at
         once (their hold ends now) rather than when it would have run out. Should this worker still wake before
         it exits, it goes on only if no other worker took the report meanwhile (its next hold is refused then).
-        Returns how many were handed back."""
+        Returns how many were handed back. From then on this worker takes no report over (resume_due), and one of
+        its attempts that fails is handed back at once rather than held through its wait."""
+        self._stopping = True
         handed = 0
         for tracking_id in list(self._waiting):
             try:
@@ -310,6 +316,10 @@ class CallReporter:
                     delay = min(MAX_BACKOFF_S, max(delay, float(retry_after)))
                 log.warning("call_report_retrying", tracking_id=tracking_id, attempt=result.attempts,
                             status=result.last_status, error=result.last_error, retry_in_s=round(delay, 3))
+                if self._stopping:  # SIGTERM came during the attempt: left to the running workers at once
+                    if self._hold(tracking_id, 0.0) is not False:
+                        log.info("call_report_handed_back", tracking_id=tracking_id, attempts=result.attempts)
+                    return result
                 # Held through the wait: a worker stopped meanwhile leaves it to others lease_s after it was due.
                 if self._hold(tracking_id, delay + self.lease_s) is False:
                     log.info("call_report_handed_off", tracking_id=tracking_id, attempts=result.attempts)

@@ -370,3 +370,28 @@ def test_a_report_beyond_the_pending_cap_stays_due_for_a_later_sweep(store, rece
     assert other.resume_due(now=FAR) == 1
     threads[0].join(timeout=10)
     assert len(receiver.reports) == 1
+
+
+def test_a_stopping_worker_takes_no_report_over_and_hands_back_one_it_fails_to_deliver(store):
+    """On a deploy every worker gets SIGTERM, and one with live calls runs on until graceful_timeout: its sweep went on
+    taking over the reports the others had just handed back, and a failed attempt (its own in flight at SIGTERM, or
+    one so taken) then held the report for the whole wait and the lease, past the worker's exit: the new workers
+    could resume it only minutes later. A stopping worker now sweeps no more, and an attempt failing after SIGTERM
+    leaves the report due at once."""
+    down = ReportReceiver(statuses=[503] * 20).start()
+    try:
+        left = ended_call(store, "call_1")
+        left_by_a_stopped_worker(store, left)  # handed back by a worker that stopped
+        store.create_call(CallRecord(tracking_id="call_2", status="in-progress"))
+        store.append_status("call_2", "completed", 5, {}, report_holder="w1", report_lease_s=600.0)
+        waits: list[float] = []
+        threads: list = []
+        stopping = CallReporter(store, down.url, SECRET, spawn=spawned(threads), holder="w1", backoff_s=100.0,
+                                lease_s=600.0, sleep=waits.append)
+        assert stopping.hand_back_waiting() == 0  # SIGTERM: nothing waiting yet
+        assert stopping.resume_due() == 0
+        delivery = stopping.deliver("call_2", recorded=True)  # its first attempt, after SIGTERM: 503
+        assert delivery.attempts == 1 and waits == []
+        assert sorted(store.due_reports(time.time(), 10)) == ["call_1", "call_2"]
+    finally:
+        down.stop()
