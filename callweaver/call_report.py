@@ -44,6 +44,7 @@ DEFAULT_SWEEP_S = 30.0
 ATTEMPT_HOLD_S = 2 * ATTEMPT_TIMEOUT_S
 SWEEP_BATCH = 100  # due reports picked up per sweep at most (and never more than the pending cap leaves room for)
 MAX_STORE_ERROR_CHARS = 300
+SWEEP_FAILURE_LOG_S = 600.0  # while the store stays down, one call_report_sweep_failed line this often (per worker)
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 NOT_ANSWERED = frozenset({"busy", "no-answer", "canceled"})
 
@@ -206,14 +207,23 @@ class CallReporter:
     def run_sweeps(self, interval_s: float = DEFAULT_SWEEP_S, sleep: Callable[[float], None] = time.sleep) -> None:
         """The worker's sweep loop (a background greenlet, started once the app is loaded): at start, then every
         interval (jittered, so workers do not sweep in step), one indexed read of the due reports whose lease ran
-        out. Forever."""
+        out. Forever. A store outage is logged when it starts, then once every SWEEP_FAILURE_LOG_S while it lasts
+        (`failed_sweeps` since the last line), not at every sweep."""
+        failed, logged_at = 0, None
         while True:
             try:
                 self.resume_due()
-            except StoreError as exc:
-                log.error("call_report_sweep_failed", error=str(exc)[:MAX_STORE_ERROR_CHARS])
-            except Exception:
-                log.exception("call_report_sweep_failed")
+                failed, logged_at = 0, None
+            except Exception as exc:  # noqa: BLE001  (the loop outlives any one sweep)
+                failed += 1
+                if logged_at is None or time.monotonic() - logged_at >= SWEEP_FAILURE_LOG_S:
+                    logged_at = time.monotonic()
+                    if isinstance(exc, StoreError):
+                        log.error("call_report_sweep_failed", error=str(exc)[:MAX_STORE_ERROR_CHARS],
+                                  failed_sweeps=failed)
+                    else:
+                        log.exception("call_report_sweep_failed", failed_sweeps=failed)
+                    failed = 0
             sleep(interval_s * random.uniform(0.8, 1.0))
 
     def backoff(self, attempt: int) -> float:

@@ -395,3 +395,29 @@ def test_a_stopping_worker_takes_no_report_over_and_hands_back_one_it_fails_to_d
         assert sorted(store.due_reports(time.time(), 10)) == ["call_1", "call_2"]
     finally:
         down.stop()
+
+
+def test_the_sweep_logs_a_store_outage_once_not_every_interval():
+    """While Redis is down every sweep failed and each logged an error line: with the default 30 s, two a minute per
+    worker for the whole outage, on top of what /health and the call path already report. The first failure of an
+    outage is logged, then one line every SWEEP_FAILURE_LOG_S while it lasts."""
+    from structlog.testing import capture_logs
+
+    from callweaver.store import StoreError
+
+    class Down:
+        def due_reports(self, now, limit):
+            raise StoreError("redis store: ConnectionError: refused")
+
+    reporter = CallReporter(Down(), "http://127.0.0.1:9/unused", SECRET, spawn=spawned([]), holder="w1")
+    sweeps = []
+
+    def sleep(seconds: float) -> None:
+        sweeps.append(seconds)
+        if len(sweeps) == 20:
+            raise Stopped
+
+    with capture_logs() as logs, contextlib.suppress(Stopped):
+        reporter.run_sweeps(30.0, sleep)
+    assert len(sweeps) == 20  # the loop went on
+    assert [entry["event"] for entry in logs] == ["call_report_sweep_failed"]
