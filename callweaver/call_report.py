@@ -326,15 +326,15 @@ class CallReporter:
                     delay = min(MAX_BACKOFF_S, max(delay, float(retry_after)))
                 log.warning("call_report_retrying", tracking_id=tracking_id, attempt=result.attempts,
                             status=result.last_status, error=result.last_error, retry_in_s=round(delay, 3))
-                if self._stopping:  # SIGTERM came during the attempt: left to the running workers at once
+                # Held through the wait: a worker stopped meanwhile leaves it to others lease_s after it was due.
+                if not self._stopping and self._hold(tracking_id, delay + self.lease_s) is False:
+                    log.info("call_report_handed_off", tracking_id=tracking_id, attempts=result.attempts)
+                    return result
+                if self._stopping:  # SIGTERM came during the attempt (or that hold): left to running workers at once
                     if self._hold(tracking_id, 0.0) is not False:
                         log.info("call_report_handed_back", tracking_id=tracking_id, attempts=result.attempts)
                     return result
-                # Held through the wait: a worker stopped meanwhile leaves it to others lease_s after it was due.
-                if self._hold(tracking_id, delay + self.lease_s) is False:
-                    log.info("call_report_handed_off", tracking_id=tracking_id, attempts=result.attempts)
-                    return result
-                self._waiting.add(tracking_id)
+                self._waiting.add(tracking_id)  # (no switch since the check: a hand-back now sees it)
                 try:
                     self.sleep(delay)
                 finally:
