@@ -302,9 +302,7 @@ class CallReporter:
             try:
                 # Only the answer's status and Retry-After are read: its body (which a receiver could drip forever)
                 # never is, and a redirect is an answer, not followed (it would re-send the transcript elsewhere).
-                with self._session.post(self.url, data=body, headers=headers, timeout=ATTEMPT_TIMEOUT_S,
-                                        allow_redirects=False, stream=True) as resp:
-                    status, retry_after = resp.status_code, resp.headers.get("Retry-After")
+                status, retry_after = self._post(body, headers)
                 result.last_status, result.last_error = status, None
                 if 200 <= status < 300:
                     result.delivered = True
@@ -343,6 +341,30 @@ class CallReporter:
                   status=result.last_status, error=result.last_error)
         self._finish(tracking_id)
         return result
+
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, str | None]:
+        """One attempt: the answer's status and Retry-After. requests' timeout bounds each socket operation, not the
+        request, so a receiver sending its answer a byte at a time could hold the attempt past the report's hold
+        (another worker would then take it over and send it again): under gevent (production) the whole attempt is
+        bounded by ATTEMPT_HOLD_S, and ends as a requests.Timeout. Without gevent (tests, CLI) only per operation."""
+        def post() -> tuple[int, str | None]:
+            with self._session.post(self.url, data=body, headers=headers, timeout=ATTEMPT_TIMEOUT_S,
+                                    allow_redirects=False, stream=True) as resp:
+                return resp.status_code, resp.headers.get("Retry-After")
+
+        from gevent import monkey
+        if not monkey.is_module_patched("socket"):
+            return post()
+        import gevent
+        bound = gevent.Timeout(ATTEMPT_HOLD_S)  # a BaseException: no library on the way turns it into another
+        try:
+            with bound:
+                return post()
+        except gevent.Timeout as exc:
+            if exc is not bound:
+                raise
+            raise requests.Timeout(f"no answer within {ATTEMPT_HOLD_S:g} s") from None
 
 
 def default_holder() -> str:

@@ -421,3 +421,53 @@ def test_the_sweep_logs_a_store_outage_once_not_every_interval():
         reporter.run_sweeps(30.0, sleep)
     assert len(sweeps) == 20  # the loop went on
     assert [entry["event"] for entry in logs] == ["call_report_sweep_failed"]
+
+
+SLOW_ATTEMPT = """
+from gevent import monkey
+monkey.patch_all()
+import sys, time
+import callweaver.call_report as call_report
+from callweaver.store import CallRecord, build_store
+call_report.ATTEMPT_HOLD_S = 1.0  # the attempt's share of the report's hold (20 s in production)
+store = build_store(sys.argv[1])
+store.create_call(CallRecord(tracking_id="call_1", status="completed"))
+reporter = call_report.CallReporter(store, sys.argv[2], "report-secret-0123456789", spawn=None, max_attempts=1,
+                                    lease_s=1.0)
+started = time.monotonic()
+delivery = reporter.deliver("call_1")
+print(delivery.last_error, time.monotonic() - started)
+"""
+
+
+def test_an_attempt_a_receiver_answers_a_byte_at_a_time_ends_within_its_hold(tmp_path):
+    """requests' timeout (10 s) bounds each socket operation, not the request: a receiver that sends its status line
+    and headers a byte at a time kept the attempt open as long as it liked, past the report's hold (an attempt's 20 s
+    and CALL_REPORT_LEASE_S), and another worker's sweep took the report over and sent it again while the first
+    attempt still ran. Under gevent (production) the whole attempt is now bounded by its share of the hold, and
+    counts as a timed-out attempt."""
+    from tests.fakes.loopback import LoopbackServer, read_head
+
+    class HeadersDripped(LoopbackServer):
+        def handle(self, conn) -> None:
+            with conn:
+                if not read_head(conn)[0]:
+                    return
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    for _ in range(75):  # 15 s of a header that never ends
+                        time.sleep(0.2)
+                        conn.sendall(b"x")
+                except OSError:
+                    return
+
+    receiver = HeadersDripped()
+    try:
+        done = subprocess.run([sys.executable, "-c", SLOW_ATTEMPT, str(tmp_path / "cw.sqlite3"),
+                               f"http://127.0.0.1:{receiver.port}/hook"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        receiver.stop()
+    error, elapsed = done.stdout.split()[-2:]
+    assert error == "Timeout", done.stdout + done.stderr
+    assert float(elapsed) < 10  # ended at its 1 s bound, not when the receiver stopped dripping (15 s)
