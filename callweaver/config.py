@@ -286,6 +286,8 @@ class Settings:
     call_report_secret: str = ""
     call_report_max_attempts: int = 10
     call_report_backoff_s: float = 2.0
+    call_report_lease_s: float = 60.0  # a stopped worker's report is resumed that long after its next attempt was due
+    call_report_sweep_s: float = 30.0  # how often each worker looks for reports a stopped worker left
     otel_exporter_otlp_endpoint: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     # Those of the warnings that name an opening a stranger could use (signature checks off, operator pages open):
@@ -543,6 +545,8 @@ class Settings:
             problems.append("CALL_REPORT_URL needs CALL_REPORT_SECRET (16+ characters): reports are HMAC-signed")
         values["call_report_max_attempts"] = number("CALL_REPORT_MAX_ATTEMPTS", 10, int, 1)
         values["call_report_backoff_s"] = number("CALL_REPORT_BACKOFF_S", 2.0, float, 0.01)
+        values["call_report_lease_s"] = number("CALL_REPORT_LEASE_S", 60.0, float, 1.0)
+        values["call_report_sweep_s"] = number("CALL_REPORT_SWEEP_S", 30.0, float, 1.0)
         values["otel_exporter_otlp_endpoint"] = url("OTEL_EXPORTER_OTLP_ENDPOINT")
 
         production = values["node_env"] == "production" or values["on_render"]

@@ -122,8 +122,11 @@ class CallLifecycle:
     """Everything make-call, status callbacks and end-call do, with no Flask in sight."""
 
     def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
-                 on_call_ended: Callable[[str], Any] | None = None, take_call_slot: Callable[[], None] | None = None):
+                 on_call_ended: Callable[[str], Any] | None = None, take_call_slot: Callable[[], None] | None = None,
+                 report_holder: str | None = None):
         self.settings = settings
+        # This worker in the end-of-call report outbox (call_report.py); None: no reports (CALL_REPORT_URL unset).
+        self.report_holder = report_holder
         # The calls-per-day cap (rate_limits.CallsPerDay): raises when no call may be placed today.
         self.take_call_slot = take_call_slot
         self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
@@ -400,7 +403,12 @@ class CallLifecycle:
             raise CallRequestError("SequenceNumber must be a whole number")
         payload = {k: form.get(k) for k in ("CallSid", "CallStatus", "CallDuration", "Timestamp",
                                              "SequenceNumber", "AnsweredBy", "Duration") if form.get(k) is not None}
-        current = self.store.append_status(record.tracking_id, status, sequence, payload)
+        # The write that ends the call also records its report as due (the outbox), so a worker stopped from here
+        # on cannot lose it: held by this worker through the waits before its first attempt (_call_over).
+        reported = self.report_holder is not None and status in TERMINAL_STATUSES
+        current = self.store.append_status(record.tracking_id, status, sequence, payload,
+                                           report_holder=self.report_holder if reported else None,
+                                           report_lease_s=self.report_hold_s if reported else 0.0)
         if record.call_sid is None and form.get("CallSid"):
             self.store.update_call(record.tracking_id, call_sid=form["CallSid"])
         meta = record.meta or {}
@@ -422,6 +430,14 @@ class CallLifecycle:
         if current and status in TERMINAL_STATUSES and record.status not in TERMINAL_STATUSES and self.on_call_ended:
             self._call_over(record)
         return current
+
+    @property
+    def report_hold_s(self) -> float:
+        """How long the worker that saw a call end holds its report before the first attempt: the longest wait for
+        a turn's commit (_turn_still_due_s) and for an end-call's answer (the reporter's settle), and the lease."""
+        s = self.settings
+        return (max(s.relay_socket_lease_s, s.gather_reply_timeout_s + COMMIT_MARGIN_S) + self.end_call_wait_s
+                + s.call_report_lease_s)
 
     def _call_over(self, record: CallRecord) -> None:
         """The call's final status is in: its span and report (on_call_ended) once no turn of it is still to be

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import structlog
 from flask import current_app
 
-from .call_report import CallReporter
+from .call_report import CallReporter, default_holder
 from .config import Settings
 from .cache_backends import build_cache_backend
 from .engine.cache import ReplyCache, reply_cache_prefix
@@ -62,6 +62,7 @@ class Services:
         SQLite file (Render starts the new instance on a fresh disk): they keep this worker until they end or
         gunicorn's graceful_timeout runs out. `within_s`: every handover's `end` goes out within that many seconds
         (gunicorn.conf.py: its graceful_timeout less a margin), whatever is still playing."""
+        self.hand_back_reports()
         sessions = list(self.live_sessions)
         if not self.settings.redis_url:
             log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
@@ -78,6 +79,20 @@ class Services:
                 log.exception("relay_hand_over_failed", tracking_id=record.tracking_id if record else None,
                               call_sid=session.call_sid)
         return len(sessions)
+
+    def hand_back_reports(self) -> int:
+        """The worker is stopping: the end-of-call reports it only waits to retry go back to the store's outbox at
+        once, for a running worker (any instance with Redis; with SQLite, this machine's next worker) to resume."""
+        if not self.settings.call_report_url:
+            return 0
+        try:
+            handed = self.call_reporter.hand_back_waiting()
+        except Exception:
+            log.exception("call_reports_hand_back_failed")
+            return 0
+        if handed:
+            log.info("call_reports_handed_back", reports=handed)
+        return handed
 
     @cached_property
     def store(self) -> Store:
@@ -97,7 +112,13 @@ class Services:
     @cached_property
     def lifecycle(self) -> CallLifecycle:
         return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended,
-                             take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot)
+                             take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot,
+                             report_holder=self.worker_name if self.settings.call_report_url else None)
+
+    @cached_property
+    def worker_name(self) -> str:
+        """This worker process in the end-of-call report outbox (built after the fork: its own pid)."""
+        return default_holder()
 
     @cached_property
     def gather_turns(self) -> GatherTurns:
@@ -121,7 +142,8 @@ class Services:
             return None
         return CallReporter(self.store, s.call_report_url, s.call_report_secret, spawn=spawn,
                             max_attempts=s.call_report_max_attempts, backoff_s=s.call_report_backoff_s,
-                            settle_s=self.lifecycle.end_call_wait_s)
+                            settle_s=self.lifecycle.end_call_wait_s, holder=self.worker_name,
+                            lease_s=s.call_report_lease_s)
 
     @cached_property
     def providers(self):
@@ -244,8 +266,11 @@ class Services:
         return spawn(work)
 
     def start_background_jobs(self) -> Task:
-        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval."""
+        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval; and, with
+        CALL_REPORT_URL, the sweep resuming the end-of-call reports a stopped worker left (CALL_REPORT_SWEEP_S)."""
         s = self.settings
+        if self.call_reporter is not None:
+            spawn(self.call_reporter.run_sweeps, s.call_report_sweep_s)
         return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,
                                        transcript_retention_days=s.transcript_retention_days,
                                        interval_s=s.retention_interval_s,

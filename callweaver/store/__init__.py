@@ -43,6 +43,7 @@ __all__ = [
     "SILENCE_END",
     "counter_series",
     "CallRecord",
+    "ReportClaim",
     "Store",
     "StoreError",
     "StoreFull",
@@ -116,6 +117,15 @@ class CallRecord:
         """Rebuild from `to_dict` output; unknown keys are ignored so older workers read newer rows."""
         known = {key: value for key, value in data.items() if key in CALL_RECORD_FIELDS}
         return cls(**known)
+
+
+@dataclass(frozen=True)
+class ReportClaim:
+    """A worker's hold on one call's due end-of-call report (the report outbox): the delivery attempts counted so far
+    (a resumed delivery continues the count) and who held it before (None: nobody, it was just recorded)."""
+
+    attempts: int
+    holder_before: str | None = None
 
 
 CALL_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(CallRecord))
@@ -436,9 +446,13 @@ class Store(Protocol):
         sequence: int | None,
         payload: dict,
         received_at: float | None = None,
+        report_holder: str | None = None,
+        report_lease_s: float = 0.0,
     ) -> bool:
         """Record a status callback; the highest SequenceNumber wins, except that once the call has ended only a
-        terminal status may become current (END_REASON_RULE). True if it became current."""
+        terminal status may become current (END_REASON_RULE). True if it became current. With `report_holder`, the
+        write that ends the call also records its end-of-call report as due in the report outbox (no attempt yet,
+        held by `report_holder` for `report_lease_s`): a worker stopped before it could deliver cannot lose it."""
         ...
 
     def status_history(self, tracking_id: str) -> list[dict]: ...
@@ -536,6 +550,23 @@ class Store(Protocol):
         """Whether a live relay socket holds the call: a claim not released and within its lease."""
         ...
 
+    def claim_report(self, tracking_id: str, holder: str, lease_s: float, *, attempt: bool = False,
+                     create: bool = False) -> ReportClaim | None:
+        """Hold the call's due report for `holder` until `lease_s` from now, counting one more delivery attempt when
+        `attempt`, in one atomic write: only while `holder` already holds it or its lease has run out (a stopped
+        worker's). None when another holder's lease runs, or no report is due (delivered, given up, purged with its
+        call; `create` records it then instead, with this claim)."""
+        ...
+
+    def due_reports(self, now: float, limit: int) -> list[str]:
+        """Up to `limit` tracking ids of due reports whose lease ran out by `now` (epoch seconds), oldest first:
+        what a worker picks up from a stopped one. An indexed read of those only."""
+        ...
+
+    def finish_report(self, tracking_id: str) -> None:
+        """The report was delivered, rejected or given up: it is no longer due."""
+        ...
+
     def ping(self) -> float:
         """Round trip to the backend in ms; StoreError when it is unreachable."""
         ...
@@ -547,7 +578,8 @@ class Store(Protocol):
 
     def purge(self, older_than: float) -> int:
         """Delete calls that ended before this epoch (or never recorded an end and were created more than
-        MAX_CALL_DURATION_LIMIT_S before it: unended_created_before), with their turns and statuses; returns the
+        MAX_CALL_DURATION_LIMIT_S before it: unended_created_before), with their turns, statuses and any report
+        still due (a report is built from its call: none is sent for a call no longer stored); returns the
         count. Then the workflow versions no remaining call references go; a call created meanwhile never ends up
         without its version (it is seen and keeps it, or stores it again). The flow saved under each id stays."""
         ...

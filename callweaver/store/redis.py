@@ -26,6 +26,7 @@ from callweaver.store import (
     PURGED_META_KEYS,
     CallRecord,
     MetaChange,
+    ReportClaim,
     TURN_FIELDS,
     StoreError,
     StoreFull,
@@ -83,6 +84,9 @@ def client_options(retries: int = 1) -> dict[str, Any]:
 #   relay:<tid>      hash {owner, generation, expires_at} (the live relay socket), kept a day past its lease
 #   counters         hash series -> cumulative value (incremented by the scripts that append a turn or end a call)
 #   lease:<name>     string holder, expiring (periodic jobs that must run once per store)
+#   report:<tid>     hash {holder, attempts, claim, before}: the call's end-of-call report, due (the report outbox);
+#                    claim and before: the last claim's id and the holder it took over (a claim sent again)
+#   reports:due      zset tracking id by the epoch its holder's lease runs out (due_reports)
 
 # Every write script below answers a write sent again after its reply was lost (redis-py sends a command once more
 # when its connection fails before the reply: RECONNECT_ON) as it answered the first time, changing nothing: the
@@ -186,9 +190,9 @@ end
 return 1
 """
 
-# KEYS: call, statuses, calls:ended, counters
+# KEYS: call, statuses, calls:ended, counters, report, reports:due
 # ARGV: tracking id, status JSON, sequence or "", entry JSON, received_at, terminal "1"/"0", updated_at,
-#       ended-calls series of this status
+#       ended-calls series of this status, report holder or "" (none recorded), its lease's end (epoch)
 # Returns -1 unknown call, 0 recorded-or-duplicate but not current, 1 became current. This same entry already stored
 # (sent again; a callback Twilio retries has another receivedAt), under its number or as the current entry (a final
 # status renumbered below), answers 1 if it is the current one.
@@ -227,9 +231,44 @@ if ends_now then
   table.insert(changes, 'ended_at'); table.insert(changes, ARGV[5])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1])
   redis.call('HINCRBYFLOAT', KEYS[4], ARGV[8], 1)
+  if ARGV[9] ~= '' and redis.call('HSETNX', KEYS[5], 'holder', ARGV[9]) == 1 then
+    redis.call('HSET', KEYS[5], 'attempts', 0)
+    redis.call('ZADD', KEYS[6], ARGV[10], ARGV[1])
+  end
 end
 redis.call('HSET', KEYS[1], unpack(changes))
 return became
+"""
+
+# KEYS: report, reports:due   ARGV: holder, now, lease's end, attempts to add "1"/"0", create "1"/"0", tracking id,
+# claim id (unique per call of claim_report: the same claim sent again after its reply was lost is recognised by it,
+# and answered as the first time, its attempt not counted twice).
+# Returns {attempts, holder before or ""}, or false: another holder's lease runs, or none is due (and not created).
+_CLAIM_REPORT = """
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder and redis.call('HGET', KEYS[1], 'claim') == ARGV[7] then
+  return {tonumber(redis.call('HGET', KEYS[1], 'attempts')), redis.call('HGET', KEYS[1], 'before') or ''}
+end
+if not holder then
+  redis.call('ZREM', KEYS[2], ARGV[6])
+  if ARGV[5] ~= '1' then return false end
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'attempts', tonumber(ARGV[4]), 'claim', ARGV[7], 'before', '')
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+  return {tonumber(ARGV[4]), ''}
+end
+if holder ~= ARGV[1] and tonumber(redis.call('ZSCORE', KEYS[2], ARGV[6]) or '0') > tonumber(ARGV[2]) then
+  return false
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'claim', ARGV[7], 'before', holder)
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+return {attempts, holder}
+"""
+
+# KEYS: report, reports:due   ARGV: tracking id.  Only DEL and ZREM: runs at `maxmemory` too (_PURGE_CALL).
+_FINISH_REPORT = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
 """
 
 # A turn row that is already the call's last (the same row, with its own time: sent again) is answered with its index.
@@ -275,7 +314,7 @@ for i = pairs_end + 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], 
 return index
 """
 
-# KEYS: call, turns list, statuses, relay claim, calls:created, calls:ended, turns:by_time
+# KEYS: call, turns list, statuses, relay claim, calls:created, calls:ended, turns:by_time, report, reports:due
 # ARGV: tracking id, sid index prefix.  Deletes one purged call with its index entries; returns 1 if it existed.
 # Only commands Redis runs at `maxmemory` (reads, DEL, ZREM; a MULTI is refused whole there), so retention still
 # frees a full Redis that refuses every other write (`noeviction`).
@@ -291,9 +330,10 @@ for index, item in ipairs(items) do
   redis.call('ZREM', KEYS[7], position .. '/' .. ARGV[1], position .. ':' .. item)
 end
 local existed = redis.call('DEL', KEYS[1])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[8])
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 return existed
 """
 
@@ -427,6 +467,8 @@ class RedisStore:
                     "relay_held": client.register_script(_RELAY_HELD),
                     "purge_call": client.register_script(_PURGE_CALL),
                     "drop_workflow_versions": client.register_script(_DROP_WORKFLOW_VERSIONS),
+                    "claim_report": client.register_script(_CLAIM_REPORT),
+                    "finish_report": client.register_script(_FINISH_REPORT),
                 }
                 self._client = client
             return self._client
@@ -703,6 +745,8 @@ class RedisStore:
         sequence: int | None,
         payload: dict,
         received_at: float | None = None,
+        report_holder: str | None = None,
+        report_lease_s: float = 0.0,
     ) -> bool:
         """Record a Twilio status callback; Twilio may deliver out of order, so SequenceNumber wins."""
         received_at = time.time() if received_at is None else float(received_at)
@@ -710,7 +754,7 @@ class RedisStore:
         result = self._script(
             "append_status",
             [self._key("call", tracking_id), self._key("statuses", tracking_id), self._key("calls", "ended"),
-             self._key("counters")],
+             self._key("counters"), self._key("report", tracking_id), self._key("reports", "due")],
             [
                 tracking_id,
                 _dumps(status),
@@ -720,6 +764,8 @@ class RedisStore:
                 "1" if status in TERMINAL_STATUSES else "0",
                 _json_number(time.time()),
                 counter_series(CALLS_ENDED_COUNTER, {"status": status}),
+                report_holder or "",
+                _json_number(time.time() + report_lease_s),
             ],
         )
         return result == 1
@@ -894,6 +940,26 @@ class RedisStore:
         with self._backend() as client:
             return self._transaction(client, apply, name, marker)
 
+    def claim_report(self, tracking_id: str, holder: str, lease_s: float, *, attempt: bool = False,
+                     create: bool = False) -> ReportClaim | None:
+        """Leases are on each instance's clock (time.time): a skewed instance may take a report over early, which
+        the receiver's dedupe key (the tracking id) covers, as any second delivery."""
+        now = time.time()
+        claimed = self._script("claim_report", [self._key("report", tracking_id), self._key("reports", "due")],
+                               [holder, _json_number(now), _json_number(now + lease_s), "1" if attempt else "0",
+                                "1" if create else "0", tracking_id, uuid.uuid4().hex])
+        if not claimed:
+            return None
+        return ReportClaim(int(claimed[0]), claimed[1] or None)
+
+    def due_reports(self, now: float, limit: int) -> list[str]:
+        with self._backend() as client:
+            return client.zrangebyscore(self._key("reports", "due"), "-inf", _json_number(now), start=0, num=limit)
+
+    def finish_report(self, tracking_id: str) -> None:
+        self._script("finish_report", [self._key("report", tracking_id), self._key("reports", "due")],
+                     [tracking_id])
+
     def ping(self) -> float:
         with self._backend() as client:
             started = time.perf_counter()
@@ -928,7 +994,8 @@ class RedisStore:
             purged += int(self._script("purge_call", [
                 self._key("call", tracking_id), self._key("turns", tracking_id), self._key("statuses", tracking_id),
                 self._key("relay", tracking_id), self._key("calls", "created"), ended_key,
-                self._key("turns", "by_time")], [tracking_id, self._key("sid", "")]))
+                self._key("turns", "by_time"), self._key("report", tracking_id), self._key("reports", "due")],
+                [tracking_id, self._key("sid", "")]))
         self._drop_unreferenced_workflow_versions()
         return purged
 

@@ -23,6 +23,7 @@ from callweaver.store import (
     PURGED_META_KEYS,
     CallRecord,
     MetaChange,
+    ReportClaim,
     TURN_FIELDS,
     StoreError,
     StoreFull,
@@ -112,6 +113,13 @@ CREATE TABLE IF NOT EXISTS cw_leases (
     holder     TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cw_report_outbox (
+    tracking_id TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    attempts    INTEGER NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cw_report_outbox_lease ON cw_report_outbox (lease_until);
 CREATE TABLE IF NOT EXISTS cw_workflow_versions (
     version_hash TEXT PRIMARY KEY,
     snapshot     TEXT NOT NULL,
@@ -477,6 +485,8 @@ class SQLiteStore:
         sequence: int | None,
         payload: dict,
         received_at: float | None = None,
+        report_holder: str | None = None,
+        report_lease_s: float = 0.0,
     ) -> bool:
         """Record a Twilio status callback; Twilio may deliver out of order, so SequenceNumber wins."""
         received_at = time.time() if received_at is None else float(received_at)
@@ -523,6 +533,9 @@ class SQLiteStore:
             )
             if ends_now:
                 _count_call_ended(conn, status)
+                if report_holder is not None:
+                    conn.execute("INSERT OR IGNORE INTO cw_report_outbox (tracking_id, holder, attempts, lease_until)"
+                                 " VALUES (?, ?, 0, ?)", (tracking_id, report_holder, time.time() + report_lease_s))
         return became_current
 
     def status_history(self, tracking_id: str) -> list[dict]:
@@ -694,6 +707,38 @@ class SQLiteStore:
                                (tracking_id,)).fetchone()
         return row is not None and row[0] > time.time()
 
+    # -- end-of-call report outbox ------------------------------------------------
+
+    def claim_report(self, tracking_id: str, holder: str, lease_s: float, *, attempt: bool = False,
+                     create: bool = False) -> ReportClaim | None:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT holder, attempts, lease_until FROM cw_report_outbox WHERE tracking_id = ?",
+                               (tracking_id,)).fetchone()
+            if row is None:
+                if not create:
+                    return None
+                claim = ReportClaim(int(attempt))
+                conn.execute("INSERT INTO cw_report_outbox (tracking_id, holder, attempts, lease_until)"
+                             " VALUES (?, ?, ?, ?)", (tracking_id, holder, claim.attempts, now + lease_s))
+                return claim
+            if row[0] != holder and row[2] > now:
+                return None
+            claim = ReportClaim(int(row[1]) + int(attempt), row[0])
+            conn.execute("UPDATE cw_report_outbox SET holder = ?, attempts = ?, lease_until = ? WHERE tracking_id = ?",
+                         (holder, claim.attempts, now + lease_s, tracking_id))
+        return claim
+
+    def due_reports(self, now: float, limit: int) -> list[str]:
+        with self._connection() as conn:
+            return [row[0] for row in conn.execute(
+                "SELECT tracking_id FROM cw_report_outbox WHERE lease_until <= ? ORDER BY lease_until LIMIT ?",
+                (now, limit))]
+
+    def finish_report(self, tracking_id: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM cw_report_outbox WHERE tracking_id = ?", (tracking_id,))
+
     # -- operations -------------------------------------------------------------
 
     # -- small shared records (circuit breakers) -------------------------------
@@ -736,7 +781,7 @@ class SQLiteStore:
                     f"SELECT tracking_id FROM cw_calls WHERE {_EXPIRED} LIMIT ?",
                     (older_than, unended_created_before(older_than), PURGE_BATCH))]
                 marks = ",".join("?" * len(batch))
-                for table in ("cw_turns", "cw_statuses", "cw_relay_sockets", "cw_calls"):
+                for table in ("cw_turns", "cw_statuses", "cw_relay_sockets", "cw_report_outbox", "cw_calls"):
                     if batch:
                         conn.execute(f"DELETE FROM {table} WHERE tracking_id IN ({marks})", batch)
             deleted += len(batch)
