@@ -44,6 +44,12 @@ MAX_LINE_BYTES = 1 << 20
 MAX_ERROR_BODY_BYTES = 8192
 # The deadline timer may fire this much before the deadline (libev's clock is the loop's cached time).
 DEADLINE_SLACK_S = 0.001
+# A deadline noticed later than this after it passed (its timer fired late, or the read began late) was missed by this
+# worker's busy event loop, not by the provider: the attempt still ends if nothing came, but is not the provider's
+# failure (providers.py leaves its circuit breaker alone). An idle worker's timers run late by a few ms at most.
+LOOP_LAG_MARGIN_S = 0.25
+# How long the one read past a deadline may take: its bytes are already readable (a TLS record may need the rest).
+LATE_READ_BUDGET_S = 0.05
 
 
 class UpstreamError(Exception):
@@ -59,7 +65,12 @@ class ConnectFailed(UpstreamError):
 
 
 class ReadTimedOut(UpstreamError):
-    """The turn's read deadline passed while waiting for bytes."""
+    """The turn's read deadline passed while waiting for bytes. `worker_late`: it was noticed more than
+    LOOP_LAG_MARGIN_S after it passed (this worker's loop was busy), so nothing proves the provider slow."""
+
+    def __init__(self, message: str = "", *, worker_late: bool = False) -> None:
+        super().__init__(message)
+        self.worker_late = worker_late
 
 
 class ConnectionDropped(UpstreamError):
@@ -285,6 +296,18 @@ def _is_tls(sock: socket.socket) -> bool:
     return hasattr(sock, "pending")
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    """Bytes (or the end of the stream) wait on `sock` now: decrypted ones in a TLS socket, or readable ones on its
+    connection. Never blocks."""
+    try:
+        if _is_tls(sock) and sock.pending():
+            return True
+        fd = sock.fileno()
+        return fd >= 0 and _readable_now(fd)
+    except (OSError, ValueError):
+        return False
+
+
 def _readable_now(fd: int) -> bool:
     """Whether `fd` has anything to read (or hung up), without waiting: the standard library's poll with timeout 0
     (gevent's cooperative one is not needed for a look that never blocks)."""
@@ -323,7 +346,7 @@ class ExchangeDeadline:
     exchange's readable watcher (`wait_readable`), on the same loop."""
 
     __slots__ = ("_loop", "_wait", "_timer", "_armed_for", "deadline", "blocked_on", "expired", "_readable",
-                 "_readable_on", "_tls")
+                 "_readable_on", "_tls", "late_s")
 
     def __init__(self, loop: Any) -> None:
         from gevent.socket import wait  # gevent's documented "block until this watcher is ready"
@@ -338,6 +361,7 @@ class ExchangeDeadline:
         self.deadline = float("inf")
         self.blocked_on: socket.socket | None = None  # the socket a call is blocked on, while it is
         self.expired = False
+        self.late_s = 0.0  # how long after the deadline the timer that expired it fired
 
     def set(self, deadline: float) -> None:
         """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
@@ -363,7 +387,12 @@ class ExchangeDeadline:
             return
         sock = self.blocked_on
         if sock is not None:
+            if _has_bytes(sock):
+                # The answer is here; this worker's loop is late to read it (the blocked read wakes on its own
+                # readiness and is the deadline's one late read: Exchange._recv).
+                return
             self.expired = True
+            self.late_s = -remaining
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -429,6 +458,8 @@ class Exchange:
         self._length_left: int | None = None  # Content-Length bodies
         self._keep_alive = True
         self._complete = False
+        self._late_read_for: float | None = None  # the deadline whose one late read was taken (may_read_late)
+        self.late_reads = 0  # reads past their deadline of bytes already there: this worker's loop lag
         loop = _cooperative_loop()
         self._deadline = ExchangeDeadline(loop) if loop is not None else None
 
@@ -613,16 +644,25 @@ class Exchange:
         sock = self._sock
         if sock is None or self._aborted:
             raise ConnectionDropped("cancelled")
+        read_until = deadline
+        now = time.monotonic()
+        if now >= deadline:  # passed before this read began: only bytes already here are read
+            if not self.may_read_late(deadline):
+                raise ReadTimedOut("read deadline passed", worker_late=now - deadline > LOOP_LAG_MARGIN_S)
+            read_until = now + LATE_READ_BUDGET_S
         try:
-            data = self._blocking_call(sock, deadline, sock.recv, RECV_BYTES, wait_readable=True)
+            data = self._blocking_call(sock, read_until, sock.recv, RECV_BYTES, wait_readable=True)
         except socket.timeout:
             raise ReadTimedOut("read deadline passed") from None
         except OSError as error:
             if self._deadline is not None and self._deadline.expired:
-                raise ReadTimedOut("read deadline passed") from None
+                raise self._expired() from None
             raise ConnectionDropped(type(error).__name__) from None
         if self._deadline is not None and self._deadline.expired:
-            raise ReadTimedOut("read deadline passed")
+            raise self._expired()
+        if time.monotonic() > deadline:  # read after its deadline, the bytes there already (else it had expired)
+            self._late_read_for = deadline
+            self.late_reads += 1
         if not data:
             if eof_ends_body:
                 self._complete = True
@@ -630,6 +670,17 @@ class Exchange:
             raise ConnectionDropped("connection closed mid-response")
         self._raw += data
         return True
+
+    def may_read_late(self, deadline: float) -> bool:
+        """`deadline` has passed, but bytes are already waiting on the socket and this deadline has not had its one
+        late read: this worker's loop was late to read them, the provider was not late to send them. One read per
+        deadline only, so a provider trickling bytes without a token still times out (providers.py)."""
+        sock = self._sock
+        return sock is not None and self._late_read_for != deadline and not self._aborted and _has_bytes(sock)
+
+    def _expired(self) -> ReadTimedOut:
+        late_s = self._deadline.late_s if self._deadline is not None else 0.0
+        return ReadTimedOut("read deadline passed", worker_late=late_s > LOOP_LAG_MARGIN_S)
 
     def _blocking_call(self, sock: socket.socket, deadline: float, call: Callable, argument: Any,
                        wait_readable: bool = False) -> Any:
