@@ -57,6 +57,11 @@ class WorkerLoad:
         self._arm()
         return True
 
+    @property
+    def probing(self) -> bool:
+        """Whether the probe runs (a gevent worker, once warm): without it the lag reads 0 and every call is admitted."""
+        return self._loop is not None
+
     def stop(self) -> None:
         timer, self._timer = self._timer, None
         if timer is not None:

@@ -277,7 +277,9 @@ class Services:
         retention, run once per store per interval; and, with CALL_REPORT_URL, the sweep resuming the end-of-call
         reports a stopped worker left (CALL_REPORT_SWEEP_S)."""
         s = self.settings
-        self.worker_load.start()  # on the worker's own loop (gunicorn.conf.py app_loaded); a no-op without gevent
+        # On the worker's own loop, once the SDK clients are built: the warm-up thread's imports (seconds at 0.1 CPU)
+        # hold the loop once, at boot, and must not refuse the first calls after it. A no-op without gevent.
+        self.when_warm(self.worker_load.start)
         if self.call_reporter is not None:
             spawn(self.call_reporter.run_sweeps, s.call_report_sweep_s)
         return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,

@@ -134,4 +134,4 @@ def test_overload_loop_lag_ms_zero_admits_calls_whatever_the_lag(env, fake_twili
 def test_health_optimized_reports_the_answering_workers_loop_lag(app, client):
     _lagging(app, 0.75)
     worker = client.get("/api/health-optimized").get_json()["worker"]
-    assert worker == {"loopLagMs": 750.0, "overloadLoopLagMs": 500.0, "admittingCalls": False}
+    assert worker == {"loopLagMs": 750.0, "overloadLoopLagMs": 500.0, "admittingCalls": False, "probing": False}

@@ -181,7 +181,7 @@ def health_optimized():
                      "memoryUsage": {"rssMB": round(used, 1)}},
         # the answering worker's event-loop lag and whether its make-call admits new calls (OVERLOAD_LOOP_LAG_MS)
         worker={"loopLagMs": round(load.lag_ms(), 1), "overloadLoopLagMs": load.threshold_ms,
-                "admittingCalls": load.overloaded() is None},
+                "admittingCalls": load.overloaded() is None, "probing": load.probing},
     ), (503 if status == "unhealthy" else 200)
 
 
