@@ -342,11 +342,13 @@ class ExchangeDeadline:
     fires before the current deadline it is re-armed for the rest. When it fires past the deadline while the
     exchange is blocked on its socket, the socket is shut down (as `Exchange.abort` does), which wakes the
     blocked call; the exchange then raises ReadTimedOut. Outside a blocking call it does nothing: the next call
-    checks the deadline itself before blocking, exactly as a per-call socket timeout would. It also holds the
-    exchange's readable watcher (`wait_readable`), on the same loop."""
+    checks the deadline itself before blocking, exactly as a per-call socket timeout would. A read whose socket
+    already holds bytes when the timer fires is not cut: a busy worker's loop was late to run it, the provider was
+    not late to answer (Exchange.may_read_late). It also holds the exchange's readable watcher (`wait_readable`), on
+    the same loop."""
 
     __slots__ = ("_loop", "_wait", "_timer", "_armed_for", "deadline", "blocked_on", "expired", "_readable",
-                 "_readable_on", "_tls", "late_s")
+                 "_readable_on", "_tls", "late_s", "reading")
 
     def __init__(self, loop: Any) -> None:
         from gevent.socket import wait  # gevent's documented "block until this watcher is ready"
@@ -362,6 +364,7 @@ class ExchangeDeadline:
         self.blocked_on: socket.socket | None = None  # the socket a call is blocked on, while it is
         self.expired = False
         self.late_s = 0.0  # how long after the deadline the timer that expired it fired
+        self.reading = False  # the blocked call is a read (not a write)
 
     def set(self, deadline: float) -> None:
         """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
@@ -387,9 +390,12 @@ class ExchangeDeadline:
             return
         sock = self.blocked_on
         if sock is not None:
-            if _has_bytes(sock):
-                # The answer is here; this worker's loop is late to read it (the blocked read wakes on its own
-                # readiness and is the deadline's one late read: Exchange._recv).
+            if self.reading and _has_bytes(sock):
+                # The answer is here; this worker's loop is late to read it. The blocked read wakes on its own
+                # readiness (the deadline's one late read: Exchange._recv), bounded by a short budget in case it
+                # needs more than what came (the rest of a TLS record).
+                self.deadline = time.monotonic() + LATE_READ_BUDGET_S
+                self._arm(LATE_READ_BUDGET_S)
                 return
             self.expired = True
             self.late_s = -remaining
@@ -691,7 +697,7 @@ class Exchange:
             sock.settimeout(_remaining(deadline, ReadTimedOut))
             return call(argument)
         watch.set(deadline)
-        watch.blocked_on = sock
+        watch.blocked_on, watch.reading = sock, wait_readable
         try:
             if wait_readable:
                 watch.wait_readable(sock)
