@@ -243,6 +243,35 @@ def test_lines_up_to_the_cap_still_come_back_whole(server_factory):
     exchange.close()
 
 
+def test_a_burst_of_new_connections_looks_the_host_up_once(monkeypatch):
+    """Under gevent every address lookup is a job for the hub's small threadpool: on a busy worker a burst of new
+    provider connections queued there for over a second each (bench.relay, 1500 calls arriving at 150/s), which
+    counted against the turns' first-token deadlines and opened a healthy provider's circuit. The pool keeps what
+    its host resolved to for a while; a failed connect looks it up again."""
+    lookups = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def counting_getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting_getaddrinfo)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pool = ConnectionPool(Endpoint(f"http://localhost:{listener.getsockname()[1]}/v1/chat/completions", {}))
+        taken = [pool.take(time.monotonic() + 5) for _ in range(3)]  # none given back: three new connections
+        assert [reused for _sock, reused in taken] == [False, False, False]
+        for sock, _reused in taken:
+            sock.close()
+        assert lookups == ["localhost"]
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectFailed):  # the listener is gone: the connect fails...
+        pool.take(time.monotonic() + 5)
+    with socket.create_server(("127.0.0.1", port)):
+        pool.take(time.monotonic() + 5)[0].close()  # ...and the next one looks the host up again
+    assert lookups[1:] == ["localhost"] * (len(lookups) - 1) and len(lookups) >= 2
+    pool.close()
+
+
 def test_refused_connection_is_a_connect_failure():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]

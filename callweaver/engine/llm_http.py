@@ -50,6 +50,11 @@ DEADLINE_SLACK_S = 0.001
 LOOP_LAG_MARGIN_S = 0.25
 # How long the one read past a deadline may take: its bytes are already readable (a TLS record may need the rest).
 LATE_READ_BUDGET_S = 0.05
+# How long a pool keeps what its host (or proxy) resolved to. Under gevent every lookup is a job for the hub's small
+# threadpool (getaddrinfo blocks): on a busy worker a burst of new connections queued there for over a second each,
+# which counted against the turns' first-token deadlines and opened a healthy provider's circuit (bench.relay, 1500
+# calls arriving at 150/s: 288 failovers and 2744 spoken apologies, none with one lookup per pool).
+ADDRESS_CACHE_S = 30.0
 
 
 class UpstreamError(Exception):
@@ -189,6 +194,8 @@ class ConnectionPool:
         self._idle: list[socket.socket] = []
         self._tls_context: ssl.SSLContext | None = None
         self._build_tls_context = tls_context or _openai_sdk_tls_context
+        # (host, port) → (looked up at, getaddrinfo's answer); one tuple swapped whole (OS threads may share a pool)
+        self._addresses: tuple[tuple[str, int], float, list] | None = None
 
     def take(self, connect_deadline: float) -> tuple[socket.socket, bool]:
         """(socket, reused): an idle connection the server has not closed, or a new one."""
@@ -226,7 +233,8 @@ class ConnectionPool:
                 checked = _public_address(endpoint.host, endpoint.port)[0]
                 if proxy is None:
                     address = (checked, endpoint.port)
-            sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
+            sock = (socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed)) if self.public_only
+                    else self._connect_to(address, deadline))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:
                 if proxy is not None:
@@ -242,6 +250,33 @@ class ConnectionPool:
                 sock.close()
             raise ConnectFailed(type(error).__name__) from None
         return sock
+
+    def _connect_to(self, address: tuple[str, int], deadline: float) -> socket.socket:
+        """A connection to `address` at the first of its resolved addresses that answers (as create_connection
+        does), with the lookup kept ADDRESS_CACHE_S; a failed connect forgets it, so the next one looks up afresh.
+        Not for public_only pools: those check the addresses of every connection (DNS rebinding)."""
+        now = time.monotonic()
+        cached = self._addresses
+        if cached is not None and cached[0] == address and now - cached[1] < ADDRESS_CACHE_S:
+            infos = cached[2]
+        else:
+            infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+            self._addresses = (address, now, infos)
+        error: OSError = OSError("no address to connect to")
+        for family, kind, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(_remaining(deadline, ConnectFailed))
+                sock.connect(sockaddr)
+                return sock
+            except UpstreamError:
+                sock.close()
+                raise
+            except OSError as failed:
+                sock.close()
+                error = failed
+        self._addresses = None
+        raise error
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
