@@ -404,8 +404,8 @@ class ExchangeDeadline:
     def set(self, deadline: float) -> None:
         """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ReadTimedOut("deadline passed")
+        if remaining <= 0:  # long past: this worker's loop got to the call late (ReadTimedOut.worker_late)
+            raise ReadTimedOut("deadline passed", worker_late=-remaining > LOOP_LAG_MARGIN_S)
         self.deadline = deadline
         if deadline < self._armed_for:  # first call, or an earlier deadline (finish()'s short budget)
             self._arm(remaining)
