@@ -76,7 +76,7 @@ class WorkerOverloaded(Exception):
     """This worker's event loop runs too late to take another call (overload.WorkerLoad): a 503 with Retry-After at
     the HTTP edge, before anything is stored or asked of Twilio, so the live calls keep their turns on time."""
 
-    def __init__(self, lag_ms: float, retry_after_s: int):
+    def __init__(self, lag_ms: float, retry_after_s: int) -> None:
         super().__init__("This server is at capacity; try again shortly")
         self.message = "This server is at capacity; try again shortly"
         self.lag_ms = lag_ms
