@@ -243,10 +243,12 @@ class ConnectionPool:
                 sock.settimeout(_remaining(deadline, ConnectFailed))
                 sock = self._tls().wrap_socket(sock, server_hostname=endpoint.host)
         except UpstreamError:
+            self._addresses = None  # a connect that timed out, or a tunnel refused: look the host up afresh
             if sock is not None:
                 sock.close()
             raise
         except (OSError, ssl.SSLError) as error:
+            self._addresses = None  # the address no longer serves the host (e.g. its TLS handshake fails)
             if sock is not None:
                 sock.close()
             raise ConnectFailed(type(error).__name__) from None
@@ -254,7 +256,8 @@ class ConnectionPool:
 
     def _connect_to(self, address: tuple[str, int], deadline: float) -> socket.socket:
         """A connection to `address` at the first of its resolved addresses that answers (as create_connection
-        does), with the lookup kept ADDRESS_CACHE_S; a failed connect forgets it, so the next one looks up afresh.
+        does), with the lookup kept ADDRESS_CACHE_S; any failed connect (refused, timed out, or its TLS handshake or
+        tunnel failing in _connect) forgets it, so the next one looks up afresh.
         Not for public_only pools: those check the addresses of every connection (DNS rebinding)."""
         now = time.monotonic()
         cached = self._addresses
