@@ -222,6 +222,8 @@ class Settings:
     rate_limit_metrics: str = "30 per minute"
     rate_limit_ops_auth: str = "10 per minute"  # requests presenting an OPS_TOKEN guess, per client
     max_calls_per_day: int = 1000
+    # make-call refuses (503) while this worker's event loop runs later than this (ms; 0 = never): overload.py
+    overload_loop_lag_ms: float = 500.0
     trusted_proxy_hops: int = 0
     ops_token: str = ""
     on_render: bool = False
@@ -449,6 +451,7 @@ class Settings:
         values["rate_limit_metrics"] = rate("RATE_LIMIT_METRICS", "30 per minute")
         values["rate_limit_ops_auth"] = rate("RATE_LIMIT_OPS_AUTH", "10 per minute")
         values["max_calls_per_day"] = number("MAX_CALLS_PER_DAY", 1000, int, 1)
+        values["overload_loop_lag_ms"] = number("OVERLOAD_LOOP_LAG_MS", 500.0, float, 0)
         values["on_render"] = bool(text("RENDER"))
         # Render's proxy appends the client's address to X-Forwarded-For; elsewhere the header is the client's own.
         values["trusted_proxy_hops"] = number("TRUSTED_PROXY_HOPS", 1 if values["on_render"] else 0, int, 0)

@@ -13,7 +13,7 @@ from limits.errors import StorageError
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .lifecycle import CallRequestError, NotConfigured
+from .lifecycle import CallRequestError, NotConfigured, WorkerOverloaded
 from .rate_limits import LimitReached, storage_full
 from .store import StoreError, StoreFull
 
@@ -107,6 +107,12 @@ def init_errors(app: Flask) -> None:
         response = jsonify(success=False, error=STATE_FULL if full else "Call state storage is unavailable; "
                                                                          "try again shortly")
         response.headers["Retry-After"] = str(STATE_RETRY_AFTER_S)
+        return response, 503
+
+    @app.errorhandler(WorkerOverloaded)
+    def _overloaded(e: WorkerOverloaded):
+        response = jsonify(success=False, error=e.message)
+        response.headers["Retry-After"] = str(e.retry_after_s)
         return response, 503
 
     @app.errorhandler(NotConfigured)

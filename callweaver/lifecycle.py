@@ -19,9 +19,11 @@ from .config import (E164_RE, MAX_RING_TIMEOUT_S, TWILIO_ACCOUNT_SID_RE, TWILIO_
                      to_e164)
 from .engine.conversation import MAX_KEPT_MESSAGES, default_workflow
 from .engine.languages import LanguageEntry, LanguageTable
+from .engine.prometheus import CALLS_REFUSED_OVERLOADED, series_key
 from .engine.workflow import Workflow, WorkflowError
 from .engine.workflow.parse import ValidatedWorkflows
 from .gather_turns import COMMIT_MARGIN_S, GATHER_META_KEYS, GatherTurns
+from .overload import RETRY_AFTER_S
 from .security import CredentialBox, is_bundle_fallback_credential, outbound_url_refusal
 from .store import (API_END, CARRIED_OVER_META, END_CALL_META, END_CALL_POLL_S, ERROR_END, LLM_ACCOUNT_META,
                     SILENCE_END, TERMINAL_STATUSES, CallRecord, MetaChange, Store, end_call_answered,
@@ -68,6 +70,17 @@ class CallRequestError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+
+class WorkerOverloaded(Exception):
+    """This worker's event loop runs too late to take another call (overload.WorkerLoad): a 503 with Retry-After at
+    the HTTP edge, before anything is stored or asked of Twilio, so the live calls keep their turns on time."""
+
+    def __init__(self, lag_ms: float, retry_after_s: int) -> None:
+        super().__init__("This server is at capacity; try again shortly")
+        self.message = "This server is at capacity; try again shortly"
+        self.lag_ms = lag_ms
+        self.retry_after_s = retry_after_s
 
 
 class NotConfigured(Exception):
@@ -123,12 +136,14 @@ class CallLifecycle:
 
     def __init__(self, settings: Settings, store: Store, twilio: TwilioGateway, languages: LanguageTable,
                  on_call_ended: Callable[[str], Any] | None = None, take_call_slot: Callable[[], None] | None = None,
-                 report_holder: str | None = None):
+                 report_holder: str | None = None, overloaded: Callable[[], float | None] | None = None):
         self.settings = settings
         # This worker in the end-of-call report outbox (call_report.py); None: no reports (CALL_REPORT_URL unset).
         self.report_holder = report_holder
         # The calls-per-day cap (rate_limits.CallsPerDay): raises when no call may be placed today.
         self.take_call_slot = take_call_slot
+        # This worker's admission check (overload.WorkerLoad.overloaded): the loop lag (ms) when a new call is refused.
+        self.overloaded = overloaded
         self.on_call_ended = on_call_ended  # call span and end-of-call report (services.py); returns at once
         self.store = store
         self.twilio = twilio
@@ -208,6 +223,8 @@ class CallLifecycle:
                    relay_twiml: Callable[[CallRecord], str | None] | None = None) -> StartedCall:
         """`relay_twiml`: builds an optimized call's TwiML from its record now (None when it cannot), for Twilio to
         run on answer without our TwiML webhook; a call placed with a request's `twimlUrl` keeps that URL."""
+        if self.overloaded is not None:
+            self.refuse_if_overloaded(path)
         to = normalize_phone(body.get("to"))
         refusal = self.destination_refusal(to)
         if refusal:
@@ -274,6 +291,20 @@ class CallLifecycle:
         log.info("call_placed", tracking_id=tracking_id, call_sid=placed.sid, status=placed.status, path=path,
                  language=language.code, nodes=len(workflow.nodes), twiml="inline" if placed.inline_twiml else "url")
         return StartedCall(record=dataclasses.replace(call, call_sid=placed.sid, status=status), placed=placed)
+
+    def refuse_if_overloaded(self, path: str) -> None:
+        """First of all (a few dozen floats read, nothing stored, no Twilio request): WorkerOverloaded while this
+        worker's loop lags past OVERLOAD_LOOP_LAG_MS. Logged `call_refused_overloaded` and counted in /metrics."""
+        lag_ms = self.overloaded() if self.overloaded is not None else None
+        if lag_ms is None:
+            return
+        log.warning("call_refused_overloaded", path=path, loop_lag_ms=round(lag_ms, 1),
+                    threshold_ms=self.settings.overload_loop_lag_ms)
+        try:
+            self.store.add_counters({series_key(CALLS_REFUSED_OVERLOADED, {"path": path}): 1})
+        except Exception as exc:  # the refusal stands whatever the counter's storage says
+            log.warning("refusal_count_failed", error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_TEXT_CHARS])
+        raise WorkerOverloaded(lag_ms, RETRY_AFTER_S)
 
     def _call_language(self, body: Mapping[str, Any], workflow: Workflow) -> LanguageEntry:
         """The body's `language`, else the flow's default; one the table cannot speak is refused (a 400), never

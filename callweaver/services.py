@@ -23,6 +23,7 @@ from .engine.tracing import CallTracer, NullTracer, build_tracer
 from .heap import HeapTrimmer, glibc_malloc_trim
 from .gather_turns import GatherTurns
 from .lifecycle import CallLifecycle
+from .overload import WorkerLoad
 from .rate_limits import CallsPerDay, OpsTokenGuesses, limit_windows
 from .background import OsThreadWork, Task, spawn
 from .retention import run_periodically
@@ -113,7 +114,13 @@ class Services:
     def lifecycle(self) -> CallLifecycle:
         return CallLifecycle(self.settings, self.store, self.twilio, self.languages, on_call_ended=self.call_ended,
                              take_call_slot=CallsPerDay(self.settings, self.limit_windows).take_slot,
+                             overloaded=self.worker_load.overloaded,
                              report_holder=self.worker_name if self.settings.call_report_url else None)
+
+    @cached_property
+    def worker_load(self) -> WorkerLoad:
+        """This worker's event-loop lag (probed once start_background_jobs ran) and make-call's admission check."""
+        return WorkerLoad(self.settings.overload_loop_lag_ms)
 
     @cached_property
     def worker_name(self) -> str:
@@ -266,9 +273,13 @@ class Services:
         return spawn(work)
 
     def start_background_jobs(self) -> Task:
-        """Per worker, at start (gunicorn's post_worker_init): retention, run once per store per interval; and, with
-        CALL_REPORT_URL, the sweep resuming the end-of-call reports a stopped worker left (CALL_REPORT_SWEEP_S)."""
+        """Per worker, at start (gunicorn's post_worker_init): the event-loop lag probe (OVERLOAD_LOOP_LAG_MS);
+        retention, run once per store per interval; and, with CALL_REPORT_URL, the sweep resuming the end-of-call
+        reports a stopped worker left (CALL_REPORT_SWEEP_S)."""
         s = self.settings
+        # On the worker's own loop, once the SDK clients are built: the warm-up thread's imports (seconds at 0.1 CPU)
+        # hold the loop once, at boot, and must not refuse the first calls after it. A no-op without gevent.
+        self.when_warm(self.worker_load.start)
         if self.call_reporter is not None:
             spawn(self.call_reporter.run_sweeps, s.call_report_sweep_s)
         return spawn(functools.partial(run_periodically, self.store, retention_days=s.retention_days,

@@ -62,3 +62,18 @@ def test_live_server_rejects_unsigned_callback_and_answers_health(live):
     health = http("GET", live.url + "/health")
     assert health.status == 200 and health.json()["status"] in {"healthy", "degraded"}
     assert health.json()["checks"]["store"]["ok"] is True
+
+
+def test_each_gevent_worker_probes_its_loop_and_admits_calls_while_responsive(live):
+    """The lag probe starts on each worker's own loop once it is warm (OVERLOAD_LOOP_LAG_MS, callweaver/overload.py):
+    after a make-call (which waits for the warm-up), the answering worker reports its lag and admits calls."""
+    import time
+
+    assert http("POST", live.url + "/api/make-call-optimized", json_body=make_call_body()).status == 200
+    for _ in range(100):
+        worker = http("GET", live.url + "/api/health-optimized").json()["worker"]
+        if worker["probing"]:
+            break
+        time.sleep(0.05)
+    assert worker["probing"] is True and worker["admittingCalls"] is True
+    assert worker["overloadLoopLagMs"] == 500.0 and worker["loopLagMs"] >= 0

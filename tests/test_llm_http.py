@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -241,6 +242,100 @@ def test_lines_up_to_the_cap_still_come_back_whole(server_factory):
     exchange.start(b"{}", time.monotonic() + 5, 2.0)
     assert exchange.next_lines(time.monotonic() + 5) == [line]
     exchange.close()
+
+
+def test_a_burst_of_new_connections_looks_the_host_up_once(monkeypatch):
+    """Under gevent every address lookup is a job for the hub's small threadpool: on a busy worker a burst of new
+    provider connections queued there for over a second each (bench.relay, 1500 calls arriving at 150/s), which
+    counted against the turns' first-token deadlines and opened a healthy provider's circuit. The pool keeps what
+    its host resolved to for a while; a failed connect looks it up again."""
+    lookups = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def counting_getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting_getaddrinfo)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        pool = ConnectionPool(Endpoint(f"http://localhost:{listener.getsockname()[1]}/v1/chat/completions", {}))
+        taken = [pool.take(time.monotonic() + 5) for _ in range(3)]  # none given back: three new connections
+        assert [reused for _sock, reused in taken] == [False, False, False]
+        for sock, _reused in taken:
+            sock.close()
+        assert lookups == ["localhost"]
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectFailed):  # the listener is gone: the connect fails...
+        pool.take(time.monotonic() + 5)
+    with socket.create_server(("127.0.0.1", port)):
+        pool.take(time.monotonic() + 5)[0].close()  # ...and the next one looks the host up again
+    assert lookups[1:] == ["localhost"] * (len(lookups) - 1) and len(lookups) >= 2
+    pool.close()
+
+
+def _answers_for(*addresses: tuple[str, int]) -> list:
+    return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address) for address in addresses]
+
+
+def test_a_cached_address_whose_connect_times_out_is_looked_up_again(monkeypatch):
+    """A host with several addresses whose first one went dark (connects hang): the attempt's deadline runs out on
+    it, and the pool must not keep that answer for ADDRESS_CACHE_S, or every turn for 30 s waits on the same dead
+    address and fails over (the name meanwhile points elsewhere)."""
+    lookups: list[str] = []
+    answers: list = []
+
+    def fake_getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        return list(answers)
+
+    with socket.socket() as dark, socket.create_server(("127.0.0.1", 0)) as good:
+        dark.bind(("127.0.0.1", 0))
+        dark.listen(0)
+        fillers = [socket.socket() for _ in range(4)]  # fill the accept queue: further SYNs are dropped
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(dark.getsockname())
+        time.sleep(0.1)
+        answers[:] = _answers_for(dark.getsockname(), good.getsockname())
+        monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+        pool = ConnectionPool(Endpoint("http://provider.test:8080/v1/chat/completions", {}))
+        with pytest.raises(ConnectFailed):
+            pool.take(time.monotonic() + 0.3)
+        answers[:] = _answers_for(good.getsockname())  # the name now resolves to the working address only
+        pool.take(time.monotonic() + 0.3)[0].close()
+        assert lookups == ["provider.test", "provider.test"]
+        for filler in fillers:
+            filler.close()
+        pool.close()
+
+
+def test_a_tls_handshake_failing_at_a_cached_address_looks_the_host_up_again(monkeypatch):
+    """The TCP connect succeeded but the address no longer serves the provider (the handshake fails): that is a
+    failed connect too, so the next connection looks the host up afresh instead of retrying it for 30 s."""
+    lookups: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as wrong:
+        def serve() -> None:
+            for _ in range(2):
+                try:
+                    conn, _ = wrong.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=serve, daemon=True).start()
+
+        def fake_getaddrinfo(host, *args, **kwargs):
+            lookups.append(host)
+            return _answers_for(wrong.getsockname())
+
+        monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+        pool = ConnectionPool(Endpoint("https://provider.test/v1/chat/completions", {}),
+                              tls_context=ssl.create_default_context)
+        for _ in range(2):
+            with pytest.raises(ConnectFailed):
+                pool.take(time.monotonic() + 2)
+        assert lookups == ["provider.test", "provider.test"]
 
 
 def test_refused_connection_is_a_connect_failure():

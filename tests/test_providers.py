@@ -136,12 +136,15 @@ def test_keepalive_comments_do_not_extend_the_first_token_deadline(make_chain, a
     openai_fake.push(Reply(text="Here I am."))
 
     started = time.monotonic()
-    reply = make_chain().stream(MESSAGES)
+    chain = make_chain()
+    reply = chain.stream(MESSAGES)
     text = "".join(reply)
 
     assert text == "Here I am."
     assert reply.failovers[0]["reason"] == "timeout_first_token"
     assert time.monotonic() - started < FIRST_TOKEN_TIMEOUT_S + 5
+    # a responsive worker noticed the deadline on time: the provider's failure, charged (not loop_lag's exemption)
+    assert chain.health()[0]["consecutiveFailures"] == 1
 
 
 def test_slow_but_steady_stream_within_the_stall_limit_is_not_abandoned(make_chain, azure_fake, openai_fake):

@@ -44,6 +44,18 @@ MAX_LINE_BYTES = 1 << 20
 MAX_ERROR_BODY_BYTES = 8192
 # The deadline timer may fire this much before the deadline (libev's clock is the loop's cached time).
 DEADLINE_SLACK_S = 0.001
+# A deadline noticed later than this after it passed (its timer fired late, or the read began late) was missed by this
+# worker's busy event loop, not by the provider: the attempt still ends if nothing came, but is not the provider's
+# failure (providers.py leaves its circuit breaker alone). An idle worker's timers run late by a few ms at most.
+LOOP_LAG_MARGIN_S = 0.25
+# How long the one read past a deadline may take: its bytes are already readable (a TLS record may need the rest).
+LATE_READ_BUDGET_S = 0.05
+# How long a pool keeps what its host (or proxy) resolved to. Under gevent every lookup is a job for the hub's small
+# threadpool (getaddrinfo blocks): on a busy worker a burst of new connections queued there for over a second each,
+# which counted against the turns' first-token deadlines and opened a healthy provider's circuit. `python -m bench.relay
+# --only callweaver --arrival steady --steady-rate 150 --calls 1500 --turns 3`: 2786-3198 of 4500 turns failed over or
+# ended in the apology with a lookup per connection, none in three runs with one lookup per pool (2026-12-02).
+ADDRESS_CACHE_S = 30.0
 
 
 class UpstreamError(Exception):
@@ -59,7 +71,12 @@ class ConnectFailed(UpstreamError):
 
 
 class ReadTimedOut(UpstreamError):
-    """The turn's read deadline passed while waiting for bytes."""
+    """The turn's read deadline passed while waiting for bytes. `worker_late`: it was noticed more than
+    LOOP_LAG_MARGIN_S after it passed (this worker's loop was busy), so nothing proves the provider slow."""
+
+    def __init__(self, message: str = "", *, worker_late: bool = False) -> None:
+        super().__init__(message)
+        self.worker_late = worker_late
 
 
 class ConnectionDropped(UpstreamError):
@@ -178,6 +195,8 @@ class ConnectionPool:
         self._idle: list[socket.socket] = []
         self._tls_context: ssl.SSLContext | None = None
         self._build_tls_context = tls_context or _openai_sdk_tls_context
+        # (host, port) → (looked up at, getaddrinfo's answer); one tuple swapped whole (OS threads may share a pool)
+        self._addresses: tuple[tuple[str, int], float, list] | None = None
 
     def take(self, connect_deadline: float) -> tuple[socket.socket, bool]:
         """(socket, reused): an idle connection the server has not closed, or a new one."""
@@ -215,7 +234,8 @@ class ConnectionPool:
                 checked = _public_address(endpoint.host, endpoint.port)[0]
                 if proxy is None:
                     address = (checked, endpoint.port)
-            sock = socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed))
+            sock = (socket.create_connection(address, timeout=_remaining(deadline, ConnectFailed)) if self.public_only
+                    else self._connect_to(address, deadline))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if endpoint.tls:
                 if proxy is not None:
@@ -223,14 +243,44 @@ class ConnectionPool:
                 sock.settimeout(_remaining(deadline, ConnectFailed))
                 sock = self._tls().wrap_socket(sock, server_hostname=endpoint.host)
         except UpstreamError:
+            self._addresses = None  # a connect that timed out, or a tunnel refused: look the host up afresh
             if sock is not None:
                 sock.close()
             raise
         except (OSError, ssl.SSLError) as error:
+            self._addresses = None  # the address no longer serves the host (e.g. its TLS handshake fails)
             if sock is not None:
                 sock.close()
             raise ConnectFailed(type(error).__name__) from None
         return sock
+
+    def _connect_to(self, address: tuple[str, int], deadline: float) -> socket.socket:
+        """A connection to `address` at the first of its resolved addresses that answers (as create_connection
+        does), with the lookup kept ADDRESS_CACHE_S; any failed connect (refused, timed out, or its TLS handshake or
+        tunnel failing in _connect) forgets it, so the next one looks up afresh.
+        Not for public_only pools: those check the addresses of every connection (DNS rebinding)."""
+        now = time.monotonic()
+        cached = self._addresses
+        if cached is not None and cached[0] == address and now - cached[1] < ADDRESS_CACHE_S:
+            infos = cached[2]
+        else:
+            infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+            self._addresses = (address, now, infos)
+        error: OSError = OSError("no address to connect to")
+        for family, kind, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(_remaining(deadline, ConnectFailed))
+                sock.connect(sockaddr)
+                return sock
+            except UpstreamError:
+                sock.close()
+                raise
+            except OSError as failed:
+                sock.close()
+                error = failed
+        self._addresses = None
+        raise error
 
     def _tls(self) -> ssl.SSLContext:
         if self._tls_context is None:
@@ -285,6 +335,18 @@ def _is_tls(sock: socket.socket) -> bool:
     return hasattr(sock, "pending")
 
 
+def _has_bytes(sock: socket.socket) -> bool:
+    """Bytes (or the end of the stream) wait on `sock` now: decrypted ones in a TLS socket, or readable ones on its
+    connection. Never blocks."""
+    try:
+        if _is_tls(sock) and sock.pending():
+            return True
+        fd = sock.fileno()
+        return fd >= 0 and _readable_now(fd)
+    except (OSError, ValueError):
+        return False
+
+
 def _readable_now(fd: int) -> bool:
     """Whether `fd` has anything to read (or hung up), without waiting: the standard library's poll with timeout 0
     (gevent's cooperative one is not needed for a look that never blocks)."""
@@ -319,11 +381,13 @@ class ExchangeDeadline:
     fires before the current deadline it is re-armed for the rest. When it fires past the deadline while the
     exchange is blocked on its socket, the socket is shut down (as `Exchange.abort` does), which wakes the
     blocked call; the exchange then raises ReadTimedOut. Outside a blocking call it does nothing: the next call
-    checks the deadline itself before blocking, exactly as a per-call socket timeout would. It also holds the
-    exchange's readable watcher (`wait_readable`), on the same loop."""
+    checks the deadline itself before blocking, exactly as a per-call socket timeout would. A read whose socket
+    already holds bytes when the timer fires is not cut: a busy worker's loop was late to run it, the provider was
+    not late to answer (Exchange.may_read_late). It also holds the exchange's readable watcher (`wait_readable`), on
+    the same loop."""
 
     __slots__ = ("_loop", "_wait", "_timer", "_armed_for", "deadline", "blocked_on", "expired", "_readable",
-                 "_readable_on", "_tls")
+                 "_readable_on", "_tls", "late_s", "reading")
 
     def __init__(self, loop: Any) -> None:
         from gevent.socket import wait  # gevent's documented "block until this watcher is ready"
@@ -338,12 +402,14 @@ class ExchangeDeadline:
         self.deadline = float("inf")
         self.blocked_on: socket.socket | None = None  # the socket a call is blocked on, while it is
         self.expired = False
+        self.late_s = 0.0  # how long after the deadline the timer that expired it fired
+        self.reading = False  # the blocked call is a read (not a write)
 
     def set(self, deadline: float) -> None:
         """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ReadTimedOut("deadline passed")
+        if remaining <= 0:  # long past: this worker's loop got to the call late (ReadTimedOut.worker_late)
+            raise ReadTimedOut("deadline passed", worker_late=-remaining > LOOP_LAG_MARGIN_S)
         self.deadline = deadline
         if deadline < self._armed_for:  # first call, or an earlier deadline (finish()'s short budget)
             self._arm(remaining)
@@ -363,7 +429,15 @@ class ExchangeDeadline:
             return
         sock = self.blocked_on
         if sock is not None:
+            if self.reading and _has_bytes(sock):
+                # The answer is here; this worker's loop is late to read it. The blocked read wakes on its own
+                # readiness (the deadline's one late read: Exchange._recv), bounded by a short budget in case it
+                # needs more than what came (the rest of a TLS record).
+                self.deadline = time.monotonic() + LATE_READ_BUDGET_S
+                self._arm(LATE_READ_BUDGET_S)
+                return
             self.expired = True
+            self.late_s = -remaining
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -429,6 +503,8 @@ class Exchange:
         self._length_left: int | None = None  # Content-Length bodies
         self._keep_alive = True
         self._complete = False
+        self._late_read_for: float | None = None  # the deadline whose one late read was taken (may_read_late)
+        self.late_reads = 0  # reads past their deadline of bytes already there: this worker's loop lag
         loop = _cooperative_loop()
         self._deadline = ExchangeDeadline(loop) if loop is not None else None
 
@@ -613,16 +689,25 @@ class Exchange:
         sock = self._sock
         if sock is None or self._aborted:
             raise ConnectionDropped("cancelled")
+        read_until = deadline
+        now = time.monotonic()
+        if now >= deadline:  # passed before this read began: only bytes already here are read
+            if not self.may_read_late(deadline):
+                raise ReadTimedOut("read deadline passed", worker_late=now - deadline > LOOP_LAG_MARGIN_S)
+            read_until = now + LATE_READ_BUDGET_S
         try:
-            data = self._blocking_call(sock, deadline, sock.recv, RECV_BYTES, wait_readable=True)
+            data = self._blocking_call(sock, read_until, sock.recv, RECV_BYTES, wait_readable=True)
         except socket.timeout:
             raise ReadTimedOut("read deadline passed") from None
         except OSError as error:
             if self._deadline is not None and self._deadline.expired:
-                raise ReadTimedOut("read deadline passed") from None
+                raise self._expired() from None
             raise ConnectionDropped(type(error).__name__) from None
         if self._deadline is not None and self._deadline.expired:
-            raise ReadTimedOut("read deadline passed")
+            raise self._expired()
+        if time.monotonic() > deadline:  # read after its deadline, the bytes there already (else it had expired)
+            self._late_read_for = deadline
+            self.late_reads += 1
         if not data:
             if eof_ends_body:
                 self._complete = True
@@ -630,6 +715,17 @@ class Exchange:
             raise ConnectionDropped("connection closed mid-response")
         self._raw += data
         return True
+
+    def may_read_late(self, deadline: float) -> bool:
+        """`deadline` has passed, but bytes are already waiting on the socket and this deadline has not had its one
+        late read: this worker's loop was late to read them, the provider was not late to send them. One read per
+        deadline only, so a provider trickling bytes without a token still times out (providers.py)."""
+        sock = self._sock
+        return sock is not None and self._late_read_for != deadline and not self._aborted and _has_bytes(sock)
+
+    def _expired(self) -> ReadTimedOut:
+        late_s = self._deadline.late_s if self._deadline is not None else 0.0
+        return ReadTimedOut("read deadline passed", worker_late=late_s > LOOP_LAG_MARGIN_S)
 
     def _blocking_call(self, sock: socket.socket, deadline: float, call: Callable, argument: Any,
                        wait_readable: bool = False) -> Any:
@@ -640,7 +736,7 @@ class Exchange:
             sock.settimeout(_remaining(deadline, ReadTimedOut))
             return call(argument)
         watch.set(deadline)
-        watch.blocked_on = sock
+        watch.blocked_on, watch.reading = sock, wait_readable
         try:
             if wait_readable:
                 watch.wait_readable(sock)

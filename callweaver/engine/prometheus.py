@@ -24,6 +24,7 @@ TURNS = "callweaver_turns"
 PROVIDER_FAILURES = "callweaver_provider_failures"
 SPECULATIONS = "callweaver_speculations"
 SPECULATION_SIGNALS = "callweaver_speculations_by_signal"
+CALLS_REFUSED_OVERLOADED = "callweaver_calls_refused_overloaded"
 # Per-turn fields summed into plain counters: the cost of preemptive generation and hedged first tokens.
 TURN_SUMS = {
     "callweaver_speculative_llm_requests": ("LLM requests of discarded speculations, with those of caller turns "
@@ -136,6 +137,9 @@ class StoreCollector:
                                            "outcome", labels=["outcome"])
         by_signal = CounterMetricFamily(SPECULATION_SIGNALS, "Speculative turns with a final transcript, by what "
                                         "started them and outcome", labels=["signal", "outcome"])
+        refused = CounterMetricFamily(CALLS_REFUSED_OVERLOADED, "make-call requests refused (503) because the "
+                                      "worker's event loop lagged past OVERLOAD_LOOP_LAG_MS, by path",
+                                      labels=["path"])
         sums = {name: CounterMetricFamily(name, doc) for name, (doc, _field) in TURN_SUMS.items()}
         sum_values = dict.fromkeys(TURN_SUMS, 0.0)  # always exposed, 0 until the first such turn
         # histogram name → label values → {"buckets": {le: n}, "count": n, "sum": s}
@@ -157,6 +161,8 @@ class StoreCollector:
                 speculations.add_metric([labels.get("outcome", "")], value)
             elif name == SPECULATION_SIGNALS:
                 by_signal.add_metric([labels.get("signal", ""), labels.get("outcome", "")], value)
+            elif name == CALLS_REFUSED_OVERLOADED:
+                refused.add_metric([labels.get("path", "")], value)
             elif name in sums:
                 sum_values[name] = value
             else:
@@ -173,6 +179,7 @@ class StoreCollector:
         yield calls
         yield speculations
         yield by_signal
+        yield refused
         for name, family in sums.items():
             family.add_metric([], sum_values[name])
             yield family

@@ -19,8 +19,8 @@ import structlog
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
 from .continuation import ContinuationJoiner, continuation_messages
-from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange, ReadTimedOut,
-                       StatusError)
+from .llm_http import (FINISH_BUDGET_S, LOOP_LAG_MARGIN_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange,
+                       ReadTimedOut, StatusError)
 from .metrics import nearest_rank
 from .speech import MAX_TURN_REPLY_BYTES, begins_speech, has_words
 from .sse import ChatCompletionsStream, StreamReportedError
@@ -60,10 +60,13 @@ class ChainSettings:
 class ProviderError(Exception):
     """One provider attempt failed; `kind` says how (it is what failover logs and counts)."""
 
-    def __init__(self, kind: str, detail: str = "", *, request_refused: bool = False) -> None:
+    def __init__(self, kind: str, detail: str = "", *, request_refused: bool = False,
+                 worker_late: bool = False) -> None:
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.request_refused = request_refused  # the provider refused this request only (_charge_failure)
+        # the deadline was noticed late by this worker's busy loop (llm_http.ReadTimedOut.worker_late)
+        self.worker_late = worker_late
 
 
 def _status_kind(status_code: int) -> str:
@@ -103,8 +106,12 @@ def _status_failure(status: int, exchange: Exchange) -> ProviderError:
 
 
 def _charge_failure(chain: "ProviderChain", provider: "_Provider", error: ProviderError, seen: CircuitRecord) -> None:
-    """Count a failed attempt against the provider's breaker, unless the provider only refused this request."""
-    if error.request_refused:
+    """Count a failed attempt against the provider's breaker, unless the provider only refused this request, or the
+    deadline it missed was missed by this worker's busy event loop (a saturated worker must not open the breaker of
+    a healthy provider for every call, long after the load is gone)."""
+    if error.worker_late:
+        log.warning("loop_lag", provider=provider.name, reason=error.kind, outcome="failover_not_charged")
+    if error.request_refused or error.worker_late:
         if seen.probe_until is not None:  # this turn held the half-open probe: let the next turn probe
             provider.circuit.release_probe()
         return
@@ -483,10 +490,14 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
             while not sse.done:
                 if state.cancelled:
                     raise ProviderError("cancelled")
-                if time.monotonic() > deadline:  # e.g. keep-alive comments trickling in without tokens
+                now = time.monotonic()
+                # e.g. keep-alive comments trickling in without tokens; but bytes already waiting when this worker's
+                # loop gets here late get their one read (Exchange.may_read_late)
+                if now > deadline and not exchange.may_read_late(deadline):
                     if sse.finish_reason is not None:
                         break  # finished; its `[DONE]` tail is late
-                    raise ReadTimedOut("deadline passed between lines")
+                    raise ReadTimedOut("deadline passed between lines",
+                                       worker_late=now - deadline > LOOP_LAG_MARGIN_S)
                 try:
                     lines = exchange.next_lines(deadline)
                 except (ConnectionDropped, ReadTimedOut):
@@ -550,6 +561,8 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
             state.refused_tool_calls.extend(refused)
             state.provider = provider.name
         finally:
+            if exchange.late_reads:
+                log.info("loop_lag", provider=provider.name, late_reads=exchange.late_reads, outcome="read_late")
             state.active_exchange = None
             exchange.close()  # no-op once finish() pooled the connection
     except ProviderError:
@@ -560,8 +573,9 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
         raise ProviderError(_status_kind(error.status)) from None
     except ConnectFailed:
         raise ProviderError("connect") from None
-    except ReadTimedOut:
-        raise ProviderError("stalled" if first_token_seen else "timeout_first_token") from None
+    except ReadTimedOut as error:
+        raise ProviderError("stalled" if first_token_seen else "timeout_first_token",
+                            worker_late=error.worker_late) from None
     except ConnectionDropped:
         raise ProviderError("dropped") from None
     except ValueError:  # orjson.JSONDecodeError included

@@ -163,6 +163,7 @@ def health_optimized():
     cache_state = svc.reply_cache.health()
     summary = svc.metrics.summary(window_s=svc.settings.metrics_window_s) if checks["store"]["ok"] else None
     used, _total = memory_mb()
+    load = svc.worker_load
     return jsonify(
         status=status,
         timestamp=now_iso(),
@@ -178,6 +179,9 @@ def health_optimized():
         environment={"nodeVersion": f"python-{platform.python_version()}",
                      "uptime": uptime_s(),
                      "memoryUsage": {"rssMB": round(used, 1)}},
+        # the answering worker's event-loop lag and whether its make-call admits new calls (OVERLOAD_LOOP_LAG_MS)
+        worker={"loopLagMs": round(load.lag_ms(), 1), "overloadLoopLagMs": load.threshold_ms,
+                "admittingCalls": load.overloaded() is None, "probing": load.probing},
     ), (503 if status == "unhealthy" else 200)
 
 
