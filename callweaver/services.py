@@ -62,12 +62,13 @@ class Services:
         How many calls were told: none without Redis, as no other instance can read the call from this one's
         SQLite file (Render starts the new instance on a fresh disk): they keep this worker until they end or
         gunicorn's graceful_timeout runs out. `within_s`: every handover's `end` goes out within that many seconds
-        (gunicorn.conf.py: its graceful_timeout less a margin), whatever is still playing."""
-        self.hand_back_reports()
+        (gunicorn.conf.py: its graceful_timeout less a margin), whatever is still playing. The waiting end-of-call
+        reports are handed back after that: one store write each, which a slow store must not put before the calls."""
         sessions = list(self.live_sessions)
         if not self.settings.redis_url:
             log.warning("worker_stopping", live_calls=len(sessions), handed_over=0,
                         reason="no store shared with other instances (REDIS_URL)")
+            self.hand_back_reports()
             return 0
         self.handover_deadline = None if within_s is None else time.monotonic() + within_s
         self.stopping = True  # first: a session added from now on hands over itself (add_live_session)
@@ -79,6 +80,7 @@ class Services:
                 record = session.record  # (the task's log context is the SIGTERM's, empty)
                 log.exception("relay_hand_over_failed", tracking_id=record.tracking_id if record else None,
                               call_sid=session.call_sid)
+        self.hand_back_reports()
         return len(sessions)
 
     def hand_back_reports(self) -> int:

@@ -161,3 +161,30 @@ def test_a_call_whose_socket_opens_just_after_sigterm_is_handed_over_too(worker_
     assert late.told is shared
     if shared:  # both `end`s go out by the same deadline, 20 s after the SIGTERM
         assert late.deadline == live.deadline and before + 20.0 <= live.deadline <= time.monotonic() + 20.0
+
+
+class _SlowHandBack:
+    """A call reporter whose hand-back is slow (a hung Redis: each claim waits out its socket timeout)."""
+
+    def __init__(self, session: _LiveSession) -> None:
+        self.session = session
+        self.calls_told_first: bool | None = None
+
+    def hand_back_waiting(self) -> int:
+        self.calls_told_first = self.session.told
+        return 0
+
+
+def test_a_stopping_worker_tells_its_calls_before_handing_back_reports(worker_services, monkeypatch):
+    """The calls' `end`s are bounded by graceful_timeout from the SIGTERM; handing the waiting reports back writes
+    to the store once per report (up to the pending cap), so it must not delay them, nor push their deadline back."""
+    import dataclasses
+
+    svc = worker_services
+    monkeypatch.setattr(svc, "settings", dataclasses.replace(svc.settings, call_report_url="http://127.0.0.1:9/r"))
+    live = _LiveSession()
+    svc.live_sessions.add(live)
+    reporter = _SlowHandBack(live)
+    monkeypatch.setattr(svc, "call_reporter", reporter)
+    svc.hand_over_live_calls(within_s=20.0)
+    assert reporter.calls_told_first is bool(svc.settings.redis_url)
