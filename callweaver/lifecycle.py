@@ -77,8 +77,8 @@ class WorkerOverloaded(Exception):
     the HTTP edge, before anything is stored or asked of Twilio, so the live calls keep their turns on time."""
 
     def __init__(self, lag_ms: float, retry_after_s: int) -> None:
-        super().__init__("This server is at capacity; try again shortly")
         self.message = "This server is at capacity; try again shortly"
+        super().__init__(self.message)
         self.lag_ms = lag_ms
         self.retry_after_s = retry_after_s
 

@@ -12,19 +12,12 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from .engine.llm_http import cooperative_loop
+
 PROBE_INTERVAL_S = 0.1
 WINDOW_S = 3.0
 # What a refused make-call's Retry-After says: about the window's length, after which the probe has fresh samples.
 RETRY_AFTER_S = 5
-
-
-def _gevent_loop() -> Any:
-    """This thread's gevent loop when gevent has patched `socket` (a gunicorn gevent worker), else None."""
-    from gevent import monkey
-    if not monkey.is_module_patched("socket"):
-        return None
-    import gevent
-    return gevent.get_hub().loop
 
 
 class WorkerLoad:
@@ -50,7 +43,7 @@ class WorkerLoad:
         gevent (nothing to measure: a threaded server has no single loop to fall behind)."""
         if self._loop is not None:
             return True
-        loop = _gevent_loop()
+        loop = cooperative_loop()
         if loop is None:
             return False
         self._loop = loop

@@ -416,7 +416,7 @@ GEVENT_RUN = """
 from gevent import monkey; monkey.patch_all()
 import sys, pytest
 from callweaver.engine import llm_http
-assert llm_http._cooperative_loop() is not None  # the exchanges below run on the event-loop deadline timer
+assert llm_http.cooperative_loop() is not None  # the exchanges below run on the event-loop deadline timer
 sys.exit(pytest.main(sys.argv[1:]))
 """
 

@@ -71,12 +71,13 @@ class ConnectFailed(UpstreamError):
 
 
 class ReadTimedOut(UpstreamError):
-    """The turn's read deadline passed while waiting for bytes. `worker_late`: it was noticed more than
-    LOOP_LAG_MARGIN_S after it passed (this worker's loop was busy), so nothing proves the provider slow."""
+    """The turn's read deadline passed while waiting for bytes. `late_s`: how long after it passed this was noticed;
+    `worker_late` when that is more than LOOP_LAG_MARGIN_S (this worker's loop was busy), so nothing proves the
+    provider slow."""
 
-    def __init__(self, message: str = "", *, worker_late: bool = False) -> None:
+    def __init__(self, message: str = "", *, late_s: float = 0.0) -> None:
         super().__init__(message)
-        self.worker_late = worker_late
+        self.worker_late = late_s > LOOP_LAG_MARGIN_S
 
 
 class ConnectionDropped(UpstreamError):
@@ -364,7 +365,7 @@ def _remaining(deadline: float, error: type[UpstreamError]) -> float:
 
 
 
-def _cooperative_loop() -> Any:
+def cooperative_loop() -> Any:
     """The gevent event loop of this thread when gevent has patched `socket` (a gunicorn gevent worker), else None."""
     from gevent import monkey
     if not monkey.is_module_patched("socket"):
@@ -409,7 +410,7 @@ class ExchangeDeadline:
         """The deadline of the blocking call about to start (ReadTimedOut at once if it has passed)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:  # long past: this worker's loop got to the call late (ReadTimedOut.worker_late)
-            raise ReadTimedOut("deadline passed", worker_late=-remaining > LOOP_LAG_MARGIN_S)
+            raise ReadTimedOut("deadline passed", late_s=-remaining)
         self.deadline = deadline
         if deadline < self._armed_for:  # first call, or an earlier deadline (finish()'s short budget)
             self._arm(remaining)
@@ -505,7 +506,7 @@ class Exchange:
         self._complete = False
         self._late_read_for: float | None = None  # the deadline whose one late read was taken (may_read_late)
         self.late_reads = 0  # reads past their deadline of bytes already there: this worker's loop lag
-        loop = _cooperative_loop()
+        loop = cooperative_loop()
         self._deadline = ExchangeDeadline(loop) if loop is not None else None
 
     # ---- request and head -----------------------------------------------------------------------
@@ -693,7 +694,7 @@ class Exchange:
         now = time.monotonic()
         if now >= deadline:  # passed before this read began: only bytes already here are read
             if not self.may_read_late(deadline):
-                raise ReadTimedOut("read deadline passed", worker_late=now - deadline > LOOP_LAG_MARGIN_S)
+                raise ReadTimedOut("read deadline passed", late_s=now - deadline)
             read_until = now + LATE_READ_BUDGET_S
         try:
             data = self._blocking_call(sock, read_until, sock.recv, RECV_BYTES, wait_readable=True)
@@ -725,7 +726,7 @@ class Exchange:
 
     def _expired(self) -> ReadTimedOut:
         late_s = self._deadline.late_s if self._deadline is not None else 0.0
-        return ReadTimedOut("read deadline passed", worker_late=late_s > LOOP_LAG_MARGIN_S)
+        return ReadTimedOut("read deadline passed", late_s=late_s)
 
     def _blocking_call(self, sock: socket.socket, deadline: float, call: Callable, argument: Any,
                        wait_readable: bool = False) -> Any:

@@ -19,7 +19,7 @@ import structlog
 
 from .circuit import CircuitBreaker, CircuitRecord, CircuitStates, LocalCircuitStates
 from .continuation import ContinuationJoiner, continuation_messages
-from .llm_http import (FINISH_BUDGET_S, LOOP_LAG_MARGIN_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange,
+from .llm_http import (FINISH_BUDGET_S, ConnectFailed, ConnectionDropped, ConnectionPool, Exchange,
                        ReadTimedOut, StatusError)
 from .metrics import nearest_rank
 from .speech import MAX_TURN_REPLY_BYTES, begins_speech, has_words
@@ -496,8 +496,7 @@ def _stream_from_provider(provider: _Provider, settings: ChainSettings, state: _
                 if now > deadline and not exchange.may_read_late(deadline):
                     if sse.finish_reason is not None:
                         break  # finished; its `[DONE]` tail is late
-                    raise ReadTimedOut("deadline passed between lines",
-                                       worker_late=now - deadline > LOOP_LAG_MARGIN_S)
+                    raise ReadTimedOut("deadline passed between lines", late_s=now - deadline)
                 try:
                     lines = exchange.next_lines(deadline)
                 except (ConnectionDropped, ReadTimedOut):
